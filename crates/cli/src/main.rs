@@ -1,0 +1,64 @@
+//! `strongroom`: the one binary. Operator commands (keys, fernet) today; the server and the
+//! client join it as they land.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod commands;
+mod error;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Strongroom keeps users' third-party credentials (API keys, passwords, tokens) encrypted,
+/// bound to their owner, write-only for people and usable only by the services policy allows.
+#[derive(Parser, Debug)]
+#[command(
+    name = "strongroom",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+#[command(
+    after_help = "Run `strongroom <COMMAND> --help` for each command's options and examples."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage the key-encryption keys (KEKs) of the local keyring: generate, list, rotate.
+    #[command(subcommand)]
+    Keys(commands::keys::KeysCommand),
+    /// Fernet tokens, byte-compatible with pyca/cryptography and django-fernet-fields.
+    #[command(subcommand)]
+    Fernet(commands::fernet::FernetCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keys(cmd) => commands::keys::run(cmd),
+        Command::Fernet(cmd) => commands::fernet::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line on stderr, never a secret (CliError's messages are built to hold none).
+            eprintln!("strongroom: error: {err}");
+            err.exit_code()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,185 @@
+//! `strongroom keys generate|list|rotate` end to end.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::strongroom;
+use serde_json::Value;
+
+fn list_json(dir: &std::path::Path) -> Vec<Value> {
+    let out = strongroom()
+        .args(["keys", "list", "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn material(path: &std::path::Path) -> Vec<String> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["material"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn generate_list_rotate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+    let file = data.join("keyring.json");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let keys = list_json(&data);
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        (keys[0]["version"].as_u64(), keys[0]["state"].as_str()),
+        (Some(1), Some("active"))
+    );
+
+    strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+    let keys = list_json(&data);
+    let states: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            (
+                k["version"].as_u64().unwrap(),
+                k["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [(1, "decrypt-only".to_owned()), (2, "active".to_owned())]
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "rotate keeps 0600"
+    );
+
+    // Neither the table nor the JSON shows key material.
+    let secrets = material(&file);
+    assert_eq!(secrets.len(), 2);
+    let table = strongroom()
+        .args(["keys", "list", "--keyring"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let shown = [
+        String::from_utf8(table.stdout).unwrap(),
+        serde_json::to_string(&keys).unwrap(),
+    ];
+    for s in &secrets {
+        for out in &shown {
+            assert!(!out.contains(s.as_str()), "material shown");
+        }
+    }
+    assert!(shown[0].contains("decrypt-only") && shown[0].contains("active"));
+}
+
+#[test]
+fn generate_refuses_to_overwrite_and_env_picks_the_keyring() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ring.json");
+    strongroom()
+        .args(["keys", "generate", "--keyring"])
+        .arg(&file)
+        .assert()
+        .success();
+    let before = std::fs::read(&file).unwrap();
+    let out = strongroom()
+        .args(["keys", "generate", "--keyring"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    let out = strongroom()
+        .args(["keys", "list", "--json"])
+        .env("STRONGROOM_KEYRING", &file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn a_readable_keyring_is_refused_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ring.json");
+    strongroom()
+        .args(["keys", "generate", "--keyring"])
+        .arg(&file)
+        .assert()
+        .success();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for cmd in ["list", "rotate"] {
+        let out = strongroom()
+            .args(["keys", cmd, "--keyring"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("chmod 600") && err.contains("0644"),
+            "{cmd}: {err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn missing_keyring_says_how_to_make_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = strongroom()
+        .args(["keys", "list", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("strongroom keys generate"));
+}
+
+#[test]
+fn help_explains_every_command() {
+    for args in [
+        &["--help"][..],
+        &["keys", "--help"],
+        &["fernet", "--help"],
+        &["fernet", "decrypt", "--help"],
+        &["keys", "list", "--help"],
+    ] {
+        let out = strongroom().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8(out.stdout).unwrap().len() > 200,
+            "{args:?}: help too thin"
+        );
+    }
+}

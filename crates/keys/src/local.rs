@@ -1,0 +1,636 @@
+//! The local keyring provider: versioned KEKs in one JSON file.
+//!
+//! ```text
+//! { "format": "strongroom-keyring/1", "key_id": "kr-…", "created_at": "…",
+//!   "keys": [ { "version": 1, "state": "decrypt-only", "created_at": "…",
+//!               "state_changed_at": "…", "material": "<base64 of 32 bytes>" }, … ] }
+//! ```
+//!
+//! * Exactly one version is `active` (wraps new data keys); `decrypt-only` versions still
+//!   unwrap; `retired` versions have had their material erased from the file.
+//! * The file is written with mode 0600 and atomically: a temporary file in the same folder,
+//!   `fsync`, `rename`, `fsync` of the folder. Concurrent writers (two operators, or an operator
+//!   and a server) serialise on an advisory lock on `<file>.lock`.
+//! * Loading refuses a file that group or others may read or write, with a message saying
+//!   how to fix it.
+//! * A data key is wrapped with AES-256-GCM under the KEK: `nonce(12) ‖ ciphertext(32) ‖
+//!   tag(16)`, with the caller's associated data. Random 96-bit nonces keep the collision
+//!   risk negligible below 2^32 wraps per KEK version; rotate well before that.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use strongroom_crypto::{
+    KekRef, Key256, KeyProvider, ProviderError, ProviderErrorKind, SecureRandom, UnwrapError,
+    WrappedKey,
+};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+/// The provider kind in [`KekRef::provider`].
+pub const KIND: &str = "local";
+const FORMAT: &str = "strongroom-keyring/1";
+const NONCE_LEN: usize = 12;
+/// Largest keyring file read (a keyring of thousands of versions is still far below this).
+const MAX_FILE_LEN: u64 = 16 << 20;
+
+/// The life-cycle state of one KEK version.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyState {
+    /// Wraps new data keys (exactly one version) and unwraps old ones.
+    Active,
+    /// Unwraps only.
+    DecryptOnly,
+    /// Erased: neither wraps nor unwraps.
+    Retired,
+}
+
+impl KeyState {
+    /// The name used in the file and in `keys list`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Retired => "retired",
+        }
+    }
+}
+
+/// Public facts about one KEK version: never its material.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct KeyInfo {
+    /// The keyring's key id.
+    pub key_id: String,
+    /// Version number, from 1.
+    pub version: u32,
+    /// Life-cycle state.
+    pub state: KeyState,
+    /// When the version was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When its state last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub state_changed_at: OffsetDateTime,
+}
+
+/// Errors of the local keyring. Never carry key material or file contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringError {
+    /// Reading, writing or locking the file failed.
+    #[error("keyring {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is open to group or others.
+    #[error("keyring {path} has mode {mode:04o}, so group or others can reach the keys; run `chmod 600 {path}` (and check who may have read it)")]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file is not a valid keyring.
+    #[error("keyring {path} is not a valid keyring: {detail}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never the file's contents).
+        detail: String,
+    },
+    /// `generate` found a keyring already there.
+    #[error("keyring {0} already exists; use `keys rotate` to add a version")]
+    AlreadyExists(PathBuf),
+    /// No keyring file at the path.
+    #[error("no keyring at {0}; create one with `strongroom keys generate`")]
+    NotFound(PathBuf),
+    /// The version is not in the keyring.
+    #[error("key version {0} is not in the keyring")]
+    UnknownVersion(u32),
+    /// The requested state change is not allowed.
+    #[error("{0}")]
+    InvalidTransition(String),
+    /// The random source failed.
+    #[error(transparent)]
+    Random(#[from] strongroom_crypto::RandomError),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModel {
+    format: String,
+    key_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    keys: Vec<FileKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    version: u32,
+    state: KeyState,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    state_changed_at: OffsetDateTime,
+    /// Base64 of the 32 key bytes; absent once retired.
+    material: Option<Zeroizing<String>>,
+}
+
+/// One KEK version held in memory.
+struct Kek {
+    info: KeyInfo,
+    /// `None` once retired.
+    cipher: Option<Aes256Gcm>,
+}
+
+/// The loaded keyring: a [`KeyProvider`].
+pub struct LocalKeyring {
+    path: PathBuf,
+    key_id: String,
+    keks: RwLock<BTreeMap<u32, Kek>>,
+}
+
+impl std::fmt::Debug for LocalKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalKeyring")
+            .field("path", &self.path)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyringError + '_ {
+    move |source| KeyringError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, detail: impl Into<String>) -> KeyringError {
+    KeyringError::Invalid {
+        path: path.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+impl LocalKeyring {
+    /// Loads the keyring at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyringError::NotFound`], [`KeyringError::InsecurePermissions`],
+    /// [`KeyringError::Invalid`] or [`KeyringError::Io`].
+    pub fn open(path: &Path) -> Result<Self, KeyringError> {
+        let model = read_file(path)?;
+        let keks = build_keks(path, &model)?;
+        Ok(Self {
+            path: path.to_owned(),
+            key_id: model.key_id,
+            keks: RwLock::new(keks),
+        })
+    }
+
+    /// Re-reads the file, so a running server picks up a rotation made by `keys rotate`.
+    ///
+    /// # Errors
+    ///
+    /// As [`LocalKeyring::open`]; also when the file now holds another keyring.
+    pub fn reload(&self) -> Result<(), KeyringError> {
+        let model = read_file(&self.path)?;
+        if model.key_id != self.key_id {
+            return Err(invalid(
+                &self.path,
+                "the file now holds another keyring (key id changed)",
+            ));
+        }
+        let keks = build_keks(&self.path, &model)?;
+        *self.keks.write().unwrap_or_else(|e| e.into_inner()) = keks;
+        Ok(())
+    }
+
+    /// The keyring's key id.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Every version's public facts, oldest first.
+    pub fn list(&self) -> Vec<KeyInfo> {
+        let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
+        keks.values().map(|k| k.info.clone()).collect()
+    }
+
+    fn error(kind: ProviderErrorKind, message: impl Into<String>) -> ProviderError {
+        ProviderError::new(kind, KIND, message)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileModel, KeyringError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(KeyringError::NotFound(path.to_owned()))
+        }
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let meta = file.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(invalid(path, "not a regular file"));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyringError::InsecurePermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if meta.len() > MAX_FILE_LEN {
+        return Err(invalid(path, "file too large"));
+    }
+    let mut text = Zeroizing::new(String::new());
+    file.read_to_string(&mut text).map_err(io_err(path))?;
+    // serde_json's messages name positions and types, never the values of strings.
+    let model: FileModel =
+        serde_json::from_str(&text).map_err(|e| invalid(path, format!("{e}")))?;
+    if model.format != FORMAT {
+        return Err(invalid(
+            path,
+            format!("unsupported format (expected {FORMAT})"),
+        ));
+    }
+    Ok(model)
+}
+
+fn build_keks(path: &Path, model: &FileModel) -> Result<BTreeMap<u32, Kek>, KeyringError> {
+    if model.key_id.is_empty() || model.key_id.len() > 255 {
+        return Err(invalid(path, "key_id must be 1 to 255 bytes"));
+    }
+    let mut keks = BTreeMap::new();
+    let mut active = 0;
+    for k in &model.keys {
+        if k.version == 0 {
+            return Err(invalid(path, "versions start at 1"));
+        }
+        let cipher = match (&k.material, k.state) {
+            (None, KeyState::Retired) => None,
+            (Some(_), KeyState::Retired) => {
+                return Err(invalid(
+                    path,
+                    format!("version {} is retired but still holds material", k.version),
+                ))
+            }
+            (None, _) => {
+                return Err(invalid(
+                    path,
+                    format!("version {} has no material", k.version),
+                ))
+            }
+            (Some(b64), _) => {
+                let bytes = Zeroizing::new(STANDARD.decode(b64.as_bytes()).map_err(|_| {
+                    invalid(
+                        path,
+                        format!("version {} material is not base64", k.version),
+                    )
+                })?);
+                let key = Key256::from_slice(&bytes).ok_or_else(|| {
+                    invalid(
+                        path,
+                        format!("version {} material is not 32 bytes", k.version),
+                    )
+                })?;
+                Some(Aes256Gcm::new(key.expose_secret().into()))
+            }
+        };
+        if k.state == KeyState::Active {
+            active += 1;
+        }
+        let info = KeyInfo {
+            key_id: model.key_id.clone(),
+            version: k.version,
+            state: k.state,
+            created_at: k.created_at,
+            state_changed_at: k.state_changed_at,
+        };
+        if keks.insert(k.version, Kek { info, cipher }).is_some() {
+            return Err(invalid(
+                path,
+                format!("version {} appears twice", k.version),
+            ));
+        }
+    }
+    if active != 1 {
+        return Err(invalid(
+            path,
+            format!("exactly one version must be active, found {active}"),
+        ));
+    }
+    Ok(keks)
+}
+
+#[async_trait]
+impl KeyProvider for LocalKeyring {
+    fn kind(&self) -> &str {
+        KIND
+    }
+
+    fn active_kek(&self) -> Result<KekRef, ProviderError> {
+        let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
+        keks.values()
+            .find(|k| k.info.state == KeyState::Active)
+            .map(|k| KekRef {
+                provider: KIND.to_owned(),
+                key_id: self.key_id.clone(),
+                version: k.info.version,
+            })
+            .ok_or_else(|| Self::error(ProviderErrorKind::Misconfigured, "no active key version"))
+    }
+
+    async fn wrap(
+        &self,
+        kek: &KekRef,
+        key: &Key256,
+        aad: &[u8],
+    ) -> Result<WrappedKey, ProviderError> {
+        if kek.provider != KIND || kek.key_id != self.key_id {
+            return Err(Self::error(
+                ProviderErrorKind::UnknownKek,
+                format!("key {kek} is not in this keyring"),
+            ));
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        strongroom_crypto::OsRandom.fill(&mut nonce).map_err(|e| {
+            Self::error(ProviderErrorKind::Other, "random source failed").with_source(e)
+        })?;
+        let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
+        let entry = keks.get(&kek.version).ok_or_else(|| {
+            Self::error(
+                ProviderErrorKind::UnknownKek,
+                format!("no version {}", kek.version),
+            )
+        })?;
+        if entry.info.state != KeyState::Active {
+            return Err(Self::error(
+                ProviderErrorKind::KekNotActive,
+                format!("version {} is {}", kek.version, entry.info.state.as_str()),
+            ));
+        }
+        let cipher = entry
+            .cipher
+            .as_ref()
+            .ok_or_else(|| Self::error(ProviderErrorKind::KekRetired, "retired"))?;
+        let ct = cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: key.expose_secret(),
+                    aad,
+                },
+            )
+            .map_err(|_| Self::error(ProviderErrorKind::Other, "wrap failed"))?;
+        let mut bytes = Vec::with_capacity(NONCE_LEN + ct.len());
+        bytes.extend_from_slice(&nonce);
+        bytes.extend_from_slice(&ct);
+        Ok(WrappedKey {
+            kek: kek.clone(),
+            bytes,
+        })
+    }
+
+    async fn unwrap(&self, wrapped: &WrappedKey, aad: &[u8]) -> Result<Key256, UnwrapError> {
+        let kek = &wrapped.kek;
+        if kek.provider != KIND || kek.key_id != self.key_id {
+            return Err(UnwrapError::NotMine(kek.clone()));
+        }
+        let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
+        let entry = keks.get(&kek.version).ok_or_else(|| {
+            Self::error(
+                ProviderErrorKind::UnknownKek,
+                format!("no version {} in the keyring", kek.version),
+            )
+        })?;
+        let cipher = entry.cipher.as_ref().ok_or_else(|| {
+            Self::error(
+                ProviderErrorKind::KekRetired,
+                format!("version {} is retired", kek.version),
+            )
+        })?;
+        let auth = || {
+            Self::error(
+                ProviderErrorKind::AuthenticationFailed,
+                "wrapped key does not authenticate",
+            )
+        };
+        if wrapped.bytes.len() != NONCE_LEN + Key256::LEN + 16 {
+            return Err(auth().into());
+        }
+        let (nonce, ct) = wrapped.bytes.split_at(NONCE_LEN);
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+                .map_err(|_| auth())?,
+        );
+        Key256::from_slice(&plain).ok_or_else(|| auth().into())
+    }
+}
+
+/// Creates a new keyring at `path` with one active version.
+///
+/// # Errors
+///
+/// [`KeyringError::AlreadyExists`] if a file is there; I/O and random errors.
+pub fn generate(
+    path: &Path,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<KeyInfo, KeyringError> {
+    let _lock = lock(path)?;
+    if path.exists() {
+        return Err(KeyringError::AlreadyExists(path.to_owned()));
+    }
+    let mut id = [0u8; 8];
+    rng.fill(&mut id)?;
+    let key_id = format!(
+        "kr-{}",
+        id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let model = FileModel {
+        format: FORMAT.to_owned(),
+        key_id,
+        created_at: now,
+        keys: vec![new_version(1, now, rng)?],
+    };
+    write_file(path, &model)?;
+    info_of(&model, 1)
+}
+
+/// Adds a new active version; the previous active one becomes decrypt-only.
+///
+/// # Errors
+///
+/// As [`LocalKeyring::open`], and I/O errors writing the file.
+pub fn rotate(
+    path: &Path,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<KeyInfo, KeyringError> {
+    let _lock = lock(path)?;
+    let mut model = read_file(path)?;
+    build_keks(path, &model)?;
+    let next = model.keys.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+    for k in &mut model.keys {
+        if k.state == KeyState::Active {
+            k.state = KeyState::DecryptOnly;
+            k.state_changed_at = now;
+        }
+    }
+    model.keys.push(new_version(next, now, rng)?);
+    write_file(path, &model)?;
+    info_of(&model, next)
+}
+
+/// Retires `version`: erases its material from the file, so nothing it wrapped opens again.
+/// The caller must first make sure no stored data key still uses it (`rewrap`).
+///
+/// # Errors
+///
+/// [`KeyringError::UnknownVersion`], [`KeyringError::InvalidTransition`] for the active
+/// version, and I/O errors.
+pub fn retire(path: &Path, version: u32, now: OffsetDateTime) -> Result<KeyInfo, KeyringError> {
+    let _lock = lock(path)?;
+    let mut model = read_file(path)?;
+    build_keks(path, &model)?;
+    let key = model
+        .keys
+        .iter_mut()
+        .find(|k| k.version == version)
+        .ok_or(KeyringError::UnknownVersion(version))?;
+    match key.state {
+        KeyState::Active => {
+            return Err(KeyringError::InvalidTransition(format!(
+                "version {version} is active; rotate first so another version takes over"
+            )))
+        }
+        KeyState::Retired => {
+            return Err(KeyringError::InvalidTransition(format!(
+                "version {version} is already retired"
+            )))
+        }
+        KeyState::DecryptOnly => {}
+    }
+    key.state = KeyState::Retired;
+    key.state_changed_at = now;
+    key.material = None;
+    write_file(path, &model)?;
+    info_of(&model, version)
+}
+
+fn new_version(
+    version: u32,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<FileKey, KeyringError> {
+    let key = Key256::generate(rng)?;
+    Ok(FileKey {
+        version,
+        state: KeyState::Active,
+        created_at: now,
+        state_changed_at: now,
+        material: Some(Zeroizing::new(STANDARD.encode(key.expose_secret()))),
+    })
+}
+
+fn info_of(model: &FileModel, version: u32) -> Result<KeyInfo, KeyringError> {
+    model
+        .keys
+        .iter()
+        .find(|k| k.version == version)
+        .map(|k| KeyInfo {
+            key_id: model.key_id.clone(),
+            version: k.version,
+            state: k.state,
+            created_at: k.created_at,
+            state_changed_at: k.state_changed_at,
+        })
+        .ok_or(KeyringError::UnknownVersion(version))
+}
+
+/// Holds the advisory lock on `<path>.lock` until dropped.
+struct LockGuard(File);
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+fn lock(path: &Path) -> Result<LockGuard, KeyringError> {
+    let lock_path = sibling(path, ".lock");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    file.lock().map_err(io_err(&lock_path))?;
+    Ok(LockGuard(file))
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Writes the whole file atomically with mode 0600: temp file, fsync, rename, fsync folder.
+fn write_file(path: &Path, model: &FileModel) -> Result<(), KeyringError> {
+    let json = Zeroizing::new(
+        serde_json::to_vec_pretty(model)
+            .map_err(|e| invalid(path, format!("cannot encode: {e}")))?,
+    );
+    let tmp = sibling(path, &format!(".tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&json)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests;

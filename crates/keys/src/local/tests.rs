@@ -1,0 +1,219 @@
+use std::sync::Arc;
+
+use strongroom_crypto::testing::{check_provider, check_rotation};
+use strongroom_crypto::{envelope, Binding, OsRandom, SecretBytes};
+use time::macros::datetime;
+
+use super::*;
+
+const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+
+fn fresh() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring.json");
+    generate(&path, T0, &OsRandom).unwrap();
+    (dir, path)
+}
+
+fn material_of(path: &Path, version: u32) -> Option<String> {
+    let model = read_file(path).unwrap();
+    let key = model.keys.into_iter().find(|k| k.version == version)?;
+    key.material.map(|m| m.to_string())
+}
+
+#[test]
+fn generate_writes_mode_0600_with_one_active_version() {
+    let (_dir, path) = fresh();
+    let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let ring = LocalKeyring::open(&path).unwrap();
+    let list = ring.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].version, list[0].state), (1, KeyState::Active));
+    assert!(ring.key_id().starts_with("kr-"));
+}
+
+#[test]
+fn generate_refuses_to_overwrite() {
+    let (_dir, path) = fresh();
+    let before = fs::read(&path).unwrap();
+    assert!(matches!(
+        generate(&path, T0, &OsRandom),
+        Err(KeyringError::AlreadyExists(_))
+    ));
+    assert_eq!(fs::read(&path).unwrap(), before, "file must be untouched");
+}
+
+#[test]
+fn refuses_a_keyring_group_or_others_can_read() {
+    let (_dir, path) = fresh();
+    for mode in [0o644, 0o640, 0o604, 0o660, 0o602] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        let err = LocalKeyring::open(&path).unwrap_err();
+        assert!(
+            matches!(err, KeyringError::InsecurePermissions { .. }),
+            "{mode:o}: {err}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+    LocalKeyring::open(&path).unwrap();
+}
+
+#[test]
+fn missing_and_malformed_files_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.json");
+    assert!(matches!(
+        LocalKeyring::open(&path),
+        Err(KeyringError::NotFound(_))
+    ));
+    let (_d, good) = fresh();
+    let secret = material_of(&good, 1).unwrap();
+    // Two active versions is invalid, and the message must not echo key material.
+    let text = fs::read_to_string(&good).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dup = v["keys"][0].clone();
+    let mut dup2 = dup.clone();
+    dup2["version"] = 2.into();
+    v["keys"] = serde_json::json!([dup, dup2]);
+    fs::write(&good, serde_json::to_vec(&v).unwrap()).unwrap();
+    fs::set_permissions(&good, fs::Permissions::from_mode(0o600)).unwrap();
+    let err = LocalKeyring::open(&good).unwrap_err().to_string();
+    assert!(err.contains("exactly one version must be active"), "{err}");
+    assert!(!err.contains(&secret));
+    // Garbage.
+    fs::write(&good, format!("{{\"format\": \"{secret}\"")).unwrap();
+    let err = LocalKeyring::open(&good).unwrap_err().to_string();
+    assert!(!err.contains(&secret), "{err}");
+}
+
+#[tokio::test]
+async fn passes_the_provider_conformance_kit() {
+    let (_dir, path) = fresh();
+    check_provider(Arc::new(LocalKeyring::open(&path).unwrap())).await;
+}
+
+#[tokio::test]
+async fn rotation_keeps_old_versions_for_decryption() {
+    let (_dir, path) = fresh();
+    let ring = Arc::new(LocalKeyring::open(&path).unwrap());
+    let (r, p) = (ring.clone(), path.clone());
+    check_rotation(ring, || async move {
+        rotate(&p, T0, &OsRandom).unwrap();
+        r.reload().unwrap();
+    })
+    .await;
+    let states: Vec<_> = LocalKeyring::open(&path)
+        .unwrap()
+        .list()
+        .iter()
+        .map(|k| (k.version, k.state))
+        .collect();
+    assert_eq!(states, [(1, KeyState::DecryptOnly), (2, KeyState::Active)]);
+}
+
+#[tokio::test]
+async fn envelope_round_trip_and_binding_through_the_keyring() {
+    let (_dir, path) = fresh();
+    let ring = LocalKeyring::open(&path).unwrap();
+    let b = Binding::new("alice", "zoom.api-key", 1).unwrap();
+    let sealed = envelope::seal(&ring, &b, &SecretBytes::from_slice(b"v"), &OsRandom)
+        .await
+        .unwrap();
+    assert_eq!(
+        envelope::open(&ring, &b, &sealed)
+            .await
+            .unwrap()
+            .expose_secret(),
+        b"v"
+    );
+    let other = Binding::new("bob", "zoom.api-key", 1).unwrap();
+    assert!(matches!(
+        envelope::open(&ring, &other, &sealed).await,
+        Err(envelope::EnvelopeError::Decrypt)
+    ));
+    // Another keyring (other key id) does not claim it.
+    let (_dir2, path2) = fresh();
+    let stranger = LocalKeyring::open(&path2).unwrap();
+    assert!(matches!(
+        envelope::open(&stranger, &b, &sealed).await,
+        Err(envelope::EnvelopeError::UnknownKek(_))
+    ));
+}
+
+#[tokio::test]
+async fn retire_erases_material_and_refuses_the_active_version() {
+    let (_dir, path) = fresh();
+    let ring = LocalKeyring::open(&path).unwrap();
+    let b = Binding::new("alice", "n", 1).unwrap();
+    let sealed = envelope::seal(&ring, &b, &SecretBytes::from_slice(b"v"), &OsRandom)
+        .await
+        .unwrap();
+    assert!(matches!(
+        retire(&path, 1, T0),
+        Err(KeyringError::InvalidTransition(_))
+    ));
+    assert!(matches!(
+        retire(&path, 9, T0),
+        Err(KeyringError::UnknownVersion(9))
+    ));
+    let old = material_of(&path, 1).unwrap();
+    rotate(&path, T0, &OsRandom).unwrap();
+    let info = retire(&path, 1, T0).unwrap();
+    assert_eq!(info.state, KeyState::Retired);
+    assert!(
+        !fs::read_to_string(&path).unwrap().contains(&old),
+        "retired material must be gone"
+    );
+    assert!(matches!(
+        retire(&path, 1, T0),
+        Err(KeyringError::InvalidTransition(_))
+    ));
+    ring.reload().unwrap();
+    match envelope::open(&ring, &b, &sealed).await {
+        Err(envelope::EnvelopeError::Provider(e)) => {
+            assert_eq!(e.kind(), ProviderErrorKind::KekRetired)
+        }
+        other => panic!("expected a retired-key error, got {other:?}"),
+    }
+}
+
+#[test]
+fn debug_and_list_never_show_material() {
+    let (_dir, path) = fresh();
+    let secret = material_of(&path, 1).unwrap();
+    let ring = LocalKeyring::open(&path).unwrap();
+    let debug = format!("{ring:?}");
+    let json = serde_json::to_string(&ring.list()).unwrap();
+    for shown in [debug, json] {
+        assert!(!shown.contains(&secret), "{shown}");
+    }
+}
+
+#[test]
+fn concurrent_rotations_serialise_on_the_lock() {
+    let (_dir, path) = fresh();
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let p = path.clone();
+            std::thread::spawn(move || rotate(&p, T0, &OsRandom).unwrap().version)
+        })
+        .collect();
+    let mut versions: Vec<u32> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    versions.sort_unstable();
+    assert_eq!(
+        versions,
+        (2..=9).collect::<Vec<_>>(),
+        "every rotation got its own version"
+    );
+    let ring = LocalKeyring::open(&path).unwrap();
+    assert_eq!(ring.list().len(), 9);
+    assert_eq!(
+        ring.list()
+            .iter()
+            .filter(|k| k.state == KeyState::Active)
+            .count(),
+        1
+    );
+}
