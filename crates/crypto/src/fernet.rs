@@ -184,6 +184,9 @@ impl FernetKey {
     }
 }
 
+// Marker: the Drop impl below zeroizes the key.
+impl zeroize::ZeroizeOnDrop for FernetKey {}
+
 impl Drop for FernetKey {
     fn drop(&mut self) {
         self.0.zeroize();

@@ -95,8 +95,32 @@ impl Drop for Key256 {
     }
 }
 
+// Marker: dropping a Key256 zeroizes it (see the Drop impl above).
+impl zeroize::ZeroizeOnDrop for Key256 {}
+
+// Marker: the inner `Zeroizing` wipes the buffer on drop.
+impl zeroize::ZeroizeOnDrop for SecretBytes {}
+
 impl fmt::Debug for Key256 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Key256([REDACTED])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+
+    #[test]
+    fn secrets_zeroize_on_drop_and_never_print() {
+        zeroized_on_drop::<Key256>();
+        zeroized_on_drop::<SecretBytes>();
+        zeroized_on_drop::<crate::fernet::FernetKey>();
+        let k = Key256::from_bytes([0x5a; 32]);
+        let s = SecretBytes::from_slice(b"plaintext-canary");
+        assert_eq!(format!("{k:?}"), "Key256([REDACTED])");
+        assert_eq!(format!("{s:?}"), "SecretBytes([REDACTED; 16 bytes])");
     }
 }
