@@ -1,0 +1,294 @@
+//! Strongroom's storage layer.
+//!
+//! Every credential version Strongroom keeps lives in exactly one [`Store`]: embedded
+//! [SQLite](crate::sqlite) (one file under the data dir, the default) or
+//! [PostgreSQL](crate::postgres) 15+ (shared by many stateless nodes). Both implement the
+//! same object-safe async trait, held as `Arc<dyn Store>`, and pass the same
+//! [conformance suite](crate::testing) (feature `testing`).
+//!
+//! # What the store knows
+//!
+//! The store holds **opaque bytes**: a version's sealed value and its wrapped data key are
+//! encrypted by the caller (`strongroom-crypto`) before they get here, and this crate does not
+//! depend on any crypto. Because a sealed value is bound through AEAD associated data to its
+//! place (owner, name, version number, KEK), the caller picks the version number *before* it
+//! seals: [`Store::put_version`] inserts version `N` only if `N` is `latest + 1` for that
+//! credential, atomically, and otherwise fails with [`StoreError::Conflict`] naming `latest`.
+//! Of two racing writers exactly one wins. Version numbers are **never reused** for a
+//! credential, not even after [`Store::destroy_credential`] (numbering continues), so a stale
+//! ciphertext can never be replayed into a reused slot.
+//!
+//! Errors and `Debug` output never contain sealed values or wrapped keys.
+//!
+//! # Durability
+//!
+//! A write is acknowledged (its future resolves `Ok`) only once it is durable:
+//!
+//! - **SQLite**: WAL journal with `synchronous=FULL` by default, so a commit is on disk
+//!   (fsync of the WAL) before it is acknowledged. Writes are *group-committed*: one writer
+//!   thread drains the queue of pending writes, runs each in its own savepoint (so a failing
+//!   request fails alone), commits them all with one fsync, and only then acknowledges each.
+//!   Reads use separate connections and never wait for the writer.
+//! - **PostgreSQL**: a write is acknowledged when its transaction's `COMMIT` returns (with the
+//!   server's `synchronous_commit` at its default `on`). PostgreSQL group-commits concurrent
+//!   transactions itself. Races are settled by row locks (`SELECT ... FOR UPDATE`) on the
+//!   credential row and backed by unique constraints.
+//!
+//! A crash (`kill -9` of the process, or of the database server for PostgreSQL) loses no
+//! acknowledged write; the crash test in `tests/crash.rs` checks this with repeated SIGKILLs.
+//!
+//! # Destroying
+//!
+//! Destroying a version overwrites its sealed value and wrapped key with empty byte strings
+//! in the same row (a tombstone keeps the version number, its KEK reference and metadata).
+//! SQLite runs with `secure_delete=ON`, so freed pages are zeroed. Old page images can
+//! survive for a while in the SQLite WAL (until it is checkpointed and overwritten), in
+//! PostgreSQL dead tuples (until `VACUUM`), and in backups and replicas taken earlier:
+//! crypto-shredding relies on the *wrapped data key* being gone, and on KEK rotation for
+//! copies made before.
+//!
+//! # Schema
+//!
+//! Migrations are embedded and applied when a store is opened; the `schema_version` table
+//! records the schema. A database written by a newer Strongroom is refused with
+//! [`StoreError::SchemaTooNew`]. Tables: `credentials`, `versions`, `provider_state`
+//! (what key providers keep, see [`Store::put_provider_state`]) and `schema_version`.
+//! The table name prefix `audit` is **reserved** for the audit log.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # #[cfg(feature = "sqlite")]
+//! # async fn demo() -> Result<(), strongroom_store::StoreError> {
+//! use std::sync::Arc;
+//! use strongroom_store::{sqlite::SqliteStore, KekRef, NewVersion, Store};
+//! use time::OffsetDateTime;
+//!
+//! let store: Arc<dyn Store> = Arc::new(SqliteStore::open_dir("./strongroom-data").await?);
+//! let next = store.latest_version("alice", "zoom.api-key").await? + 1;
+//! // ... seal the value for (owner, name, next, kek) with strongroom-crypto ...
+//! # let (sealed, wrapped) = (vec![1u8; 40], vec![2u8; 60]);
+//! let put = NewVersion::new(
+//!     "alice", "zoom.api-key", next, sealed, wrapped,
+//!     KekRef::new("local", "k1", 1), "user:alice", OffsetDateTime::now_utc(),
+//! );
+//! store.put_version(put).await?;
+//! let v = store.get_version("alice", "zoom.api-key", None).await?;
+//! assert_eq!(v.version, next);
+//! # Ok(()) }
+//! ```
+
+// Without a backend only the trait and types remain; their helpers go unused.
+#![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+
+mod error;
+mod types;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+pub use error::{BackendError, StoreError};
+pub use types::{
+    Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
+    RewrapItem, SealedVersion, VersionInfo, VersionState, DEFAULT_MAX_VERSIONS, MAX_NAME_LEN,
+    MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN, MAX_WRAPPED_KEY_LEN,
+};
+
+/// The newest database schema version this build knows (both backends).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Where credentials live. Every method is one atomic operation.
+///
+/// Every method fails with [`StoreError::InvalidInput`] for an empty or over-long owner or
+/// name, and with [`StoreError::Unavailable`] when the backend fails; the `# Errors` sections
+/// list the other outcomes. A credential that was destroyed as a whole
+/// ([`destroy_credential`](Store::destroy_credential)) is [`StoreError::NotFound`] everywhere
+/// until a new version is put.
+#[async_trait]
+pub trait Store: Send + Sync + Debug {
+    /// Stores a new version and makes it the credential's current one, creating the
+    /// credential if needed (or re-creating it, enabled, after a whole destroy).
+    ///
+    /// In the same transaction, retention: while the credential has more than
+    /// `new.max_versions` active versions, its oldest non-current active version is
+    /// destroyed (listed in [`PutOutcome::retired`]).
+    ///
+    /// # Errors
+    ///
+    /// - [`StoreError::Conflict`] if `new.version` is not `latest + 1`.
+    /// - [`StoreError::CurrentMismatch`] if `new.expected_current` is set and does not match
+    ///   (checked before the version number).
+    /// - [`StoreError::InvalidInput`] for version 0, `max_versions` 0, oversized bytes.
+    async fn put_version(&self, new: NewVersion) -> Result<PutOutcome, StoreError>;
+
+    /// The highest version number ever allocated for `(owner, name)`: 0 if it never existed.
+    /// Unlike the other reads, this also answers for a credential destroyed as a whole
+    /// (numbering continues after a destroy). The next put must use this plus one.
+    async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError>;
+
+    /// One page of `owner`'s credentials ordered by name (byte order), starting after
+    /// `cursor`. Never another owner's. `limit` is clamped to [`MAX_PAGE_LIMIT`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for `limit` 0 or a malformed cursor.
+    async fn list_credentials(
+        &self,
+        owner: &str,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<CredentialSummary>, StoreError>;
+
+    /// A credential's facts and all its versions (newest first), without secret bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`].
+    async fn get_credential(&self, owner: &str, name: &str) -> Result<Credential, StoreError>;
+
+    /// A version's sealed value and wrapped key; `version: None` means the current one.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] (also when `None` is asked and there is no current version),
+    /// [`StoreError::VersionDestroyed`].
+    async fn get_version(
+        &self,
+        owner: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<SealedVersion, StoreError>;
+
+    /// Makes `version` the current one.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], [`StoreError::VersionDestroyed`].
+    async fn set_current(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Disables (`false`) or enables (`true`) a credential; versions are kept either way.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`].
+    async fn set_enabled(
+        &self,
+        owner: &str,
+        name: &str,
+        enabled: bool,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Destroys one version: erases its sealed value and wrapped key, keeps a tombstone.
+    /// If it was current, the newest remaining active version becomes current (or none).
+    /// Returns `false` if it was already destroyed (idempotent).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`].
+    async fn destroy_version(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Destroys every version of a credential and marks the credential deleted: it is
+    /// [`NotFound`](StoreError::NotFound) from then on, until a new put re-creates it. Version
+    /// numbering **continues** (a new put must use [`latest_version`](Store::latest_version)
+    /// `+ 1`), so no version number is ever reused.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`].
+    async fn destroy_credential(
+        &self,
+        owner: &str,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Records that a value of the credential was used at `at` (never moves it backwards).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`].
+    async fn touch_last_used(
+        &self,
+        owner: &str,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// One batch of active versions matching `filter`, in a stable order, starting after
+    /// `after` (a cursor from a previous batch; persist it to resume a rewrap). `limit` is
+    /// clamped to [`MAX_PAGE_LIMIT`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for `limit` 0 or a malformed cursor.
+    async fn versions_for_rewrap(
+        &self,
+        filter: &KekFilter,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<RewrapItem>, StoreError>;
+
+    /// Compare-and-swap of a version's wrapped key: replaces it with `new_wrapped_key`
+    /// (wrapped by `new_kek`) only if the version is still active and still wrapped by
+    /// `expected_old_kek`. Returns `false`, changing nothing, if it changed meanwhile (or was
+    /// destroyed, or does not exist).
+    async fn replace_wrapped_key(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        expected_old_kek: &KekRef,
+        new_wrapped_key: Vec<u8>,
+        new_kek: &KekRef,
+    ) -> Result<bool, StoreError>;
+
+    /// How many **active** versions each KEK wraps (KEKs with none are absent), ordered by
+    /// KEK. A KEK can be retired when its count is 0.
+    async fn count_versions_by_kek(&self) -> Result<Vec<(KekRef, u64)>, StoreError>;
+
+    /// A value a key provider stored under `key`, if any.
+    async fn get_provider_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores (inserts or replaces) a key provider's value under `key`. Keys are
+    /// namespaced by the caller, e.g. `"aws-kms/…"`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for an empty key, a key over 255 bytes, or a value over
+    /// 1 MiB.
+    async fn put_provider_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+}
+
+/// Largest provider-state value, in bytes.
+pub(crate) const MAX_PROVIDER_STATE_LEN: usize = 1024 * 1024;
+
+pub(crate) fn validate_provider_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() || key.len() > 255 {
+        return Err(StoreError::InvalidInput(
+            "provider state key empty or longer than 255 bytes",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,1129 @@
+//! The PostgreSQL 15+ backend, for many stateless nodes sharing one cluster.
+//!
+//! - `tokio-postgres` with a `deadpool` connection pool, runtime queries only (prepared and
+//!   cached per connection), no TLS yet (connect over a trusted network or a local socket).
+//! - A put locks its credential row (`SELECT ... FOR UPDATE`; a new credential is created
+//!   with `INSERT ... ON CONFLICT DO NOTHING`), so racing writers serialize on that row and
+//!   the loser sees the winner's version number. `UNIQUE (credential_id, version)` backs it
+//!   up: a unique violation is reported as [`StoreError::Conflict`].
+//! - A write is acknowledged when its `COMMIT` returns. With the server's default
+//!   `synchronous_commit = on` and `fsync = on`, that means flushed to the server's WAL.
+//!   PostgreSQL group-commits concurrent transactions by itself.
+//! - Migrations run at connect, serialized across nodes by an advisory lock.
+//! - [`PostgresOptions::schema`] puts every table in a schema of its own (set as the
+//!   connections' `search_path`), e.g. one per test.
+
+mod schema;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use time::OffsetDateTime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+use crate::error::BackendError;
+use crate::types::{
+    clamp_limit, from_millis, to_millis, validate_kek, validate_owner, validate_owner_name,
+    validate_version, version_from_db,
+};
+use crate::{
+    validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
+    Page, PutOutcome, RewrapItem, SealedVersion, Store, StoreError, VersionInfo, VersionState,
+    MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
+};
+
+const _: () = assert!(schema::MIGRATIONS.len() == SCHEMA_VERSION as usize);
+
+/// The advisory lock key that serializes migrations ("strongrm" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7374_726f_6e67_726d;
+
+/// Tuning for [`PostgresStore::connect`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PostgresOptions {
+    /// Most pooled connections (default 16).
+    pub max_connections: usize,
+    /// Put the tables in this schema (created if absent) instead of the connection's
+    /// default. Lowercase ASCII letters, digits and `_`, starting with a letter or `_`.
+    pub schema: Option<String>,
+    /// How long to wait for a pooled connection or a new one (default 10 s).
+    pub timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            max_connections: 16,
+            schema: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The PostgreSQL [`Store`]. Cheap to clone (clones share the pool).
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    schema: Option<String>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the connection string: it may hold a password.
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.schema)
+            .field("pool", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Classifies a tokio-postgres error by kind, wrapping it opaquely.
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
+            StoreError::corrupt(format!("postgres: {e}"))
+        }
+        _ => StoreError::Unavailable(BackendError::new(e)),
+    }
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
+        other => StoreError::Unavailable(BackendError::new(other)),
+    }
+}
+
+fn valid_schema_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 63
+}
+
+impl PostgresStore {
+    /// Connects to `url` (a libpq-style URL or key/value string, e.g.
+    /// `postgresql://user@127.0.0.1:5432/strongroom`), creates the schema if
+    /// [`PostgresOptions::schema`] names one, and applies migrations.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a malformed URL or schema name;
+    /// [`StoreError::Unavailable`] if the server cannot be reached;
+    /// [`StoreError::SchemaTooNew`] for a database written by a newer Strongroom.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|_| StoreError::InvalidInput("malformed PostgreSQL connection string"))?;
+        if let Some(schema) = &options.schema {
+            if !valid_schema_name(schema) {
+                return Err(StoreError::InvalidInput("malformed schema name"));
+            }
+            // Create it on a plain connection first: the pool's connections use it.
+            let mut plain = config.clone();
+            plain.connect_timeout(options.timeout);
+            let (client, conn) = plain.connect(NoTls).await.map_err(pg_err)?;
+            let task = tokio::spawn(conn);
+            let created = client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                .await;
+            drop(client);
+            let _ = task.await;
+            if let Err(e) = created {
+                // Racing creators: the loser's unique violation means it exists now.
+                if !is_unique_violation(&e) {
+                    return Err(pg_err(e));
+                }
+            }
+            config.options(format!("-c search_path={schema}"));
+        }
+        config.connect_timeout(options.timeout);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .wait_timeout(Some(options.timeout))
+            .create_timeout(Some(options.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
+        let store = PostgresStore {
+            pool,
+            schema: options.schema,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg_err)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (
+                 id      INTEGER PRIMARY KEY CHECK (id = 1),
+                 version INTEGER NOT NULL
+             )",
+        )
+        .await
+        .map_err(pg_err)?;
+        let found: i32 = tx
+            .query_opt("SELECT version FROM schema_version WHERE id = 1", &[])
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(pg_err)?
+            .unwrap_or(0);
+        let found =
+            u32::try_from(found).map_err(|_| StoreError::corrupt("schema version out of range"))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for sql in schema::MIGRATIONS.iter().skip(found as usize) {
+            tx.batch_execute(sql).await.map_err(pg_err)?;
+        }
+        let v = SCHEMA_VERSION as i32;
+        tx.execute(
+            "INSERT INTO schema_version (id, version) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+            &[&v],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+}
+
+// ---- row helpers -------------------------------------------------------------------------
+
+fn ver_param(v: u32) -> i32 {
+    // Invariant: every version number was checked by `validate_version` (or
+    // `NewVersion::validate`) to be at most i32::MAX before it reaches SQL.
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+fn ver_from(v: i32) -> Result<u32, StoreError> {
+    version_from_db(i64::from(v))
+}
+
+fn kek_from(provider: String, key_id: String, version: i64) -> Result<KekRef, StoreError> {
+    Ok(KekRef {
+        provider,
+        key_id,
+        version: u32::try_from(version)
+            .map_err(|_| StoreError::corrupt("KEK version out of range"))?,
+    })
+}
+
+struct CredRow {
+    id: i64,
+    latest: u32,
+    current: Option<u32>,
+    deleted: bool,
+}
+
+fn cred_row(r: &Row) -> Result<CredRow, StoreError> {
+    Ok(CredRow {
+        id: r.try_get(0).map_err(pg_err)?,
+        latest: ver_from(r.try_get(1).map_err(pg_err)?)?,
+        current: r
+            .try_get::<_, Option<i32>>(2)
+            .map_err(pg_err)?
+            .map(ver_from)
+            .transpose()?,
+        deleted: r.try_get(3).map_err(pg_err)?,
+    })
+}
+
+const LOCK_CREDENTIAL: &str = "SELECT id, latest_version, current_version, deleted
+     FROM credentials WHERE owner = $1 AND name = $2 FOR UPDATE";
+
+/// Locks the live credential row, or `NotFound`.
+async fn lock_live(
+    tx: &deadpool_postgres::Transaction<'_>,
+    owner: &str,
+    name: &str,
+) -> Result<CredRow, StoreError> {
+    let stmt = tx.prepare_cached(LOCK_CREDENTIAL).await.map_err(pg_err)?;
+    match tx
+        .query_opt(&stmt, &[&owner, &name])
+        .await
+        .map_err(pg_err)?
+    {
+        Some(r) => {
+            let c = cred_row(&r)?;
+            if c.deleted {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(c)
+            }
+        }
+        None => Err(StoreError::NotFound),
+    }
+}
+
+async fn version_state(
+    tx: &deadpool_postgres::Transaction<'_>,
+    credential_id: i64,
+    version: u32,
+) -> Result<Option<VersionState>, StoreError> {
+    let stmt = tx
+        .prepare_cached("SELECT state FROM versions WHERE credential_id = $1 AND version = $2")
+        .await
+        .map_err(pg_err)?;
+    tx.query_opt(&stmt, &[&credential_id, &ver_param(version)])
+        .await
+        .map_err(pg_err)?
+        .map(|r| {
+            r.try_get::<_, i16>(0)
+                .map_err(pg_err)
+                .and_then(|s| VersionState::from_db(i64::from(s)))
+        })
+        .transpose()
+}
+
+const SUMMARY_COLS: &str = "c.owner, c.name, c.enabled, c.current_version, c.latest_version,
+     c.created_at, c.updated_at, c.last_used_at, cv.metadata";
+const SUMMARY_FROM: &str = "FROM credentials c
+     LEFT JOIN versions cv ON cv.credential_id = c.id AND cv.version = c.current_version";
+
+fn summary(r: &Row) -> Result<CredentialSummary, StoreError> {
+    Ok(CredentialSummary {
+        owner: r.try_get(0).map_err(pg_err)?,
+        name: r.try_get(1).map_err(pg_err)?,
+        enabled: r.try_get(2).map_err(pg_err)?,
+        current_version: r
+            .try_get::<_, Option<i32>>(3)
+            .map_err(pg_err)?
+            .map(ver_from)
+            .transpose()?,
+        latest_version: ver_from(r.try_get(4).map_err(pg_err)?)?,
+        created_at: from_millis(r.try_get(5).map_err(pg_err)?)?,
+        updated_at: from_millis(r.try_get(6).map_err(pg_err)?)?,
+        last_used_at: r
+            .try_get::<_, Option<i64>>(7)
+            .map_err(pg_err)?
+            .map(from_millis)
+            .transpose()?,
+        current_metadata: r.try_get(8).map_err(pg_err)?,
+    })
+}
+
+const DESTROY_SET: &str =
+    "state = 1, sealed_value = ''::bytea, wrapped_key = ''::bytea, destroyed_at = $1";
+
+async fn put_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    nv: &NewVersion,
+) -> Result<PutOutcome, StoreError> {
+    let now = to_millis(nv.created_at)?;
+    let version = ver_param(nv.version);
+    let lock = tx.prepare_cached(LOCK_CREDENTIAL).await.map_err(pg_err)?;
+    let mut existing = tx
+        .query_opt(&lock, &[&nv.owner, &nv.name])
+        .await
+        .map_err(pg_err)?
+        .map(|r| cred_row(&r))
+        .transpose()?;
+    loop {
+        let (latest, current) = match &existing {
+            Some(c) if c.deleted => (c.latest, None),
+            Some(c) => (c.latest, c.current),
+            None => (0, None),
+        };
+        if let Some(expected) = nv.expected_current {
+            if current.unwrap_or(0) != expected {
+                return Err(StoreError::CurrentMismatch { current });
+            }
+        }
+        if u64::from(nv.version) != u64::from(latest) + 1 {
+            return Err(StoreError::Conflict { latest });
+        }
+        if existing.is_some() {
+            break;
+        }
+        // A new credential. If a racing writer creates it first, ON CONFLICT waits for its
+        // commit and inserts nothing; we then lock its row and check again.
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO credentials (owner, name, enabled, deleted, current_version,
+                     latest_version, created_at, updated_at)
+                 VALUES ($1, $2, TRUE, FALSE, NULL, 0, $3, $3)
+                 ON CONFLICT (owner, name) DO NOTHING
+                 RETURNING id, latest_version, current_version, deleted",
+            )
+            .await
+            .map_err(pg_err)?;
+        match tx
+            .query_opt(&insert, &[&nv.owner, &nv.name, &now])
+            .await
+            .map_err(pg_err)?
+        {
+            Some(r) => {
+                existing = Some(cred_row(&r)?);
+            }
+            None => {
+                existing = tx
+                    .query_opt(&lock, &[&nv.owner, &nv.name])
+                    .await
+                    .map_err(pg_err)?
+                    .map(|r| cred_row(&r))
+                    .transpose()?;
+                if existing.is_none() {
+                    return Err(StoreError::unavailable(
+                        "credential row vanished during put",
+                    ));
+                }
+            }
+        }
+    }
+    let Some(cred) = existing else {
+        return Err(StoreError::unavailable(
+            "credential row vanished during put",
+        ));
+    };
+    let latest = cred.latest;
+    let update = tx
+        .prepare_cached(
+            "UPDATE credentials SET
+                 latest_version = $2, current_version = $2, updated_at = $3,
+                 enabled = enabled OR deleted,
+                 created_at = CASE WHEN deleted THEN $3 ELSE created_at END,
+                 last_used_at = CASE WHEN deleted THEN NULL ELSE last_used_at END,
+                 deleted = FALSE
+             WHERE id = $1",
+        )
+        .await
+        .map_err(pg_err)?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO versions (credential_id, version, state, kek_provider, kek_key_id,
+                 kek_version, metadata, created_by, created_at, wrapped_key, sealed_value)
+             VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .await
+        .map_err(pg_err)?;
+    let retain = tx
+        .prepare_cached(&format!(
+            "UPDATE versions SET {DESTROY_SET}
+             WHERE id IN (SELECT id FROM versions
+                          WHERE credential_id = $2 AND state = 0 AND version <> $3
+                          ORDER BY version DESC OFFSET $4)
+             RETURNING version"
+        ))
+        .await
+        .map_err(pg_err)?;
+    let kek_version = i64::from(nv.kek.version);
+    let keep = i64::from(nv.max_versions) - 1;
+    // The three statements are independent of each other's results: send them pipelined
+    // (tokio-postgres keeps their order on the wire) and wait once.
+    let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&cred.id, &version, &now];
+    let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        &cred.id,
+        &version,
+        &nv.kek.provider,
+        &nv.kek.key_id,
+        &kek_version,
+        &nv.metadata,
+        &nv.created_by,
+        &now,
+        &nv.wrapped_key,
+        &nv.sealed_value,
+    ];
+    let retain_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&now, &cred.id, &version, &keep];
+    let (updated, inserted, retired) = tokio::join!(
+        tx.execute(&update, &update_params),
+        tx.execute(&insert, &insert_params),
+        tx.query(&retain, &retain_params),
+    );
+    updated.map_err(pg_err)?;
+    match inserted {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict { latest }),
+        Err(e) => return Err(pg_err(e)),
+    }
+    let mut retired = retired
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| r.try_get::<_, i32>(0).map_err(pg_err).and_then(ver_from))
+        .collect::<Result<Vec<u32>, _>>()?;
+    retired.sort_unstable();
+    Ok(PutOutcome {
+        version: nv.version,
+        retired,
+    })
+}
+
+/// Commits on `Ok`, rolls back on `Err` (dropping the transaction would roll back too, but
+/// lazily; rolling back now returns the connection to the pool clean).
+async fn finish<T>(
+    tx: deadpool_postgres::Transaction<'_>,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => {
+            tx.commit().await.map_err(pg_err)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+async fn set_current_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    owner: &str,
+    name: &str,
+    version: u32,
+    at: i64,
+) -> Result<(), StoreError> {
+    let c = lock_live(tx, owner, name).await?;
+    match version_state(tx, c.id, version).await? {
+        None => Err(StoreError::NotFound),
+        Some(VersionState::Destroyed) => Err(StoreError::VersionDestroyed),
+        Some(VersionState::Active) => {
+            tx.execute(
+                "UPDATE credentials SET current_version = $2, updated_at = $3 WHERE id = $1",
+                &[&c.id, &ver_param(version), &at],
+            )
+            .await
+            .map_err(pg_err)?;
+            Ok(())
+        }
+    }
+}
+
+async fn destroy_version_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    owner: &str,
+    name: &str,
+    version: u32,
+    at: i64,
+) -> Result<bool, StoreError> {
+    let c = lock_live(tx, owner, name).await?;
+    match version_state(tx, c.id, version).await? {
+        None => Err(StoreError::NotFound),
+        Some(VersionState::Destroyed) => Ok(false),
+        Some(VersionState::Active) => {
+            tx.execute(
+                &format!(
+                    "UPDATE versions SET {DESTROY_SET} WHERE credential_id = $2 AND version = $3"
+                ),
+                &[&at, &c.id, &ver_param(version)],
+            )
+            .await
+            .map_err(pg_err)?;
+            let new_current: Option<i32> = if c.current == Some(version) {
+                tx.query_one(
+                    "SELECT max(version) FROM versions WHERE credential_id = $1 AND state = 0",
+                    &[&c.id],
+                )
+                .await
+                .map_err(pg_err)?
+                .try_get(0)
+                .map_err(pg_err)?
+            } else {
+                c.current.map(ver_param)
+            };
+            tx.execute(
+                "UPDATE credentials SET current_version = $2, updated_at = $3 WHERE id = $1",
+                &[&c.id, &new_current, &at],
+            )
+            .await
+            .map_err(pg_err)?;
+            Ok(true)
+        }
+    }
+}
+
+async fn destroy_credential_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    owner: &str,
+    name: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    let c = lock_live(tx, owner, name).await?;
+    tx.execute(
+        &format!("UPDATE versions SET {DESTROY_SET} WHERE credential_id = $2 AND state = 0"),
+        &[&at, &c.id],
+    )
+    .await
+    .map_err(pg_err)?;
+    tx.execute(
+        "UPDATE credentials SET deleted = TRUE, current_version = NULL, updated_at = $2
+         WHERE id = $1",
+        &[&c.id, &at],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+// ---- the Store implementation ------------------------------------------------------------
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn put_version(&self, new: NewVersion) -> Result<PutOutcome, StoreError> {
+        new.validate()?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = put_tx(&tx, &new).await;
+        finish(tx, result).await
+    }
+
+    async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError> {
+        validate_owner_name(owner, name)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT latest_version FROM credentials WHERE owner = $1 AND name = $2")
+            .await
+            .map_err(pg_err)?;
+        match client
+            .query_opt(&stmt, &[&owner, &name])
+            .await
+            .map_err(pg_err)?
+        {
+            Some(r) => ver_from(r.try_get(0).map_err(pg_err)?),
+            None => Ok(0),
+        }
+    }
+
+    async fn list_credentials(
+        &self,
+        owner: &str,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<CredentialSummary>, StoreError> {
+        validate_owner(owner)?;
+        let limit = clamp_limit(limit)?;
+        let after = cursor
+            .map(Cursor::list_after)
+            .transpose()?
+            .unwrap_or_default();
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {SUMMARY_COLS} {SUMMARY_FROM}
+                 WHERE c.owner = $1 AND NOT c.deleted AND c.name > $2
+                 ORDER BY c.name LIMIT $3"
+            ))
+            .await
+            .map_err(pg_err)?;
+        let rows = client
+            .query(&stmt, &[&owner, &after, &i64::from(limit)])
+            .await
+            .map_err(pg_err)?;
+        let items = rows.iter().map(summary).collect::<Result<Vec<_>, _>>()?;
+        let next = match items.last() {
+            Some(last) if items.len() == limit as usize => Some(Cursor::for_list(&last.name)),
+            _ => None,
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn get_credential(&self, owner: &str, name: &str) -> Result<Credential, StoreError> {
+        validate_owner_name(owner, name)?;
+        let client = self.client().await?;
+        // One statement, so the credential and its versions come from one snapshot.
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {SUMMARY_COLS}, v.version, v.state, v.kek_provider, v.kek_key_id,
+                        v.kek_version, v.metadata, v.created_by, v.created_at, v.destroyed_at
+                 {SUMMARY_FROM}
+                 LEFT JOIN versions v ON v.credential_id = c.id
+                 WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted
+                 ORDER BY v.version DESC"
+            ))
+            .await
+            .map_err(pg_err)?;
+        let rows = client
+            .query(&stmt, &[&owner, &name])
+            .await
+            .map_err(pg_err)?;
+        let first = rows.first().ok_or(StoreError::NotFound)?;
+        let summary = summary(first)?;
+        let mut versions = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let Some(v) = r.try_get::<_, Option<i32>>(9).map_err(pg_err)? else {
+                continue;
+            };
+            versions.push(VersionInfo {
+                version: ver_from(v)?,
+                state: VersionState::from_db(i64::from(r.try_get::<_, i16>(10).map_err(pg_err)?))?,
+                kek: kek_from(
+                    r.try_get(11).map_err(pg_err)?,
+                    r.try_get(12).map_err(pg_err)?,
+                    r.try_get(13).map_err(pg_err)?,
+                )?,
+                metadata: r.try_get(14).map_err(pg_err)?,
+                created_by: r.try_get(15).map_err(pg_err)?,
+                created_at: from_millis(r.try_get(16).map_err(pg_err)?)?,
+                destroyed_at: r
+                    .try_get::<_, Option<i64>>(17)
+                    .map_err(pg_err)?
+                    .map(from_millis)
+                    .transpose()?,
+            });
+        }
+        Ok(Credential { summary, versions })
+    }
+
+    async fn get_version(
+        &self,
+        owner: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<SealedVersion, StoreError> {
+        validate_owner_name(owner, name)?;
+        if let Some(v) = version {
+            validate_version(v)?;
+        }
+        let asked: Option<i32> = version.map(ver_param);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
+                        v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
+                        v.wrapped_key, v.sealed_value
+                 FROM credentials c
+                 JOIN versions v ON v.credential_id = c.id
+                      AND v.version = coalesce($3::integer, c.current_version)
+                 WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted",
+            )
+            .await
+            .map_err(pg_err)?;
+        let r = client
+            .query_opt(&stmt, &[&owner, &name, &asked])
+            .await
+            .map_err(pg_err)?
+            .ok_or(StoreError::NotFound)?;
+        let state = VersionState::from_db(i64::from(r.try_get::<_, i16>(3).map_err(pg_err)?))?;
+        if state == VersionState::Destroyed {
+            return Err(StoreError::VersionDestroyed);
+        }
+        let current: Option<i32> = r.try_get(1).map_err(pg_err)?;
+        let v: i32 = r.try_get(2).map_err(pg_err)?;
+        Ok(SealedVersion {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            version: ver_from(v)?,
+            credential_enabled: r.try_get(0).map_err(pg_err)?,
+            is_current: current == Some(v),
+            kek: kek_from(
+                r.try_get(4).map_err(pg_err)?,
+                r.try_get(5).map_err(pg_err)?,
+                r.try_get(6).map_err(pg_err)?,
+            )?,
+            metadata: r.try_get(7).map_err(pg_err)?,
+            created_by: r.try_get(8).map_err(pg_err)?,
+            created_at: from_millis(r.try_get(9).map_err(pg_err)?)?,
+            wrapped_key: r.try_get(10).map_err(pg_err)?,
+            sealed_value: r.try_get(11).map_err(pg_err)?,
+        })
+    }
+
+    async fn set_current(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        validate_version(version)?;
+        let at = to_millis(at)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = set_current_tx(&tx, owner, name, version, at).await;
+        finish(tx, result).await
+    }
+
+    async fn set_enabled(
+        &self,
+        owner: &str,
+        name: &str,
+        enabled: bool,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        let at = to_millis(at)?;
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE credentials SET enabled = $3, updated_at = $4
+                 WHERE owner = $1 AND name = $2 AND NOT deleted",
+                &[&owner, &name, &enabled, &at],
+            )
+            .await
+            .map_err(pg_err)?;
+        if n == 0 {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn destroy_version(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        validate_owner_name(owner, name)?;
+        validate_version(version)?;
+        let at = to_millis(at)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = destroy_version_tx(&tx, owner, name, version, at).await;
+        finish(tx, result).await
+    }
+
+    async fn destroy_credential(
+        &self,
+        owner: &str,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        let at = to_millis(at)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = destroy_credential_tx(&tx, owner, name, at).await;
+        finish(tx, result).await
+    }
+
+    async fn touch_last_used(
+        &self,
+        owner: &str,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        let at = to_millis(at)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE credentials SET last_used_at = greatest(last_used_at, $3)
+                 WHERE owner = $1 AND name = $2 AND NOT deleted",
+            )
+            .await
+            .map_err(pg_err)?;
+        let n = client
+            .execute(&stmt, &[&owner, &name, &at])
+            .await
+            .map_err(pg_err)?;
+        if n == 0 {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn versions_for_rewrap(
+        &self,
+        filter: &KekFilter,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<RewrapItem>, StoreError> {
+        let limit = clamp_limit(limit)?;
+        let after = after.map(Cursor::rewrap_after).transpose()?.unwrap_or(0);
+        let (cond, p, k, kv): (&str, &str, &str, i64) = match filter {
+            KekFilter::Exactly(kek) => (
+                "v.kek_provider = $3 AND v.kek_key_id = $4 AND v.kek_version = $5",
+                &kek.provider,
+                &kek.key_id,
+                i64::from(kek.version),
+            ),
+            KekFilter::AnyVersionOf { provider, key_id } => (
+                "v.kek_provider = $3 AND v.kek_key_id = $4 AND $5::bigint IS NOT NULL",
+                provider,
+                key_id,
+                0,
+            ),
+            KekFilter::Not(kek) => (
+                "NOT (v.kek_provider = $3 AND v.kek_key_id = $4 AND v.kek_version = $5)",
+                &kek.provider,
+                &kek.key_id,
+                i64::from(kek.version),
+            ),
+        };
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT v.id, c.owner, c.name, v.version, v.kek_provider, v.kek_key_id,
+                        v.kek_version, v.wrapped_key
+                 FROM versions v JOIN credentials c ON c.id = v.credential_id
+                 WHERE v.state = 0 AND v.id > $1 AND {cond}
+                 ORDER BY v.id LIMIT $2"
+            ))
+            .await
+            .map_err(pg_err)?;
+        let rows = client
+            .query(&stmt, &[&after, &i64::from(limit), &p, &k, &kv])
+            .await
+            .map_err(pg_err)?;
+        let mut last_id = None;
+        let mut items = Vec::with_capacity(rows.len());
+        for r in &rows {
+            last_id = Some(r.try_get::<_, i64>(0).map_err(pg_err)?);
+            items.push(RewrapItem {
+                owner: r.try_get(1).map_err(pg_err)?,
+                name: r.try_get(2).map_err(pg_err)?,
+                version: ver_from(r.try_get(3).map_err(pg_err)?)?,
+                kek: kek_from(
+                    r.try_get(4).map_err(pg_err)?,
+                    r.try_get(5).map_err(pg_err)?,
+                    r.try_get(6).map_err(pg_err)?,
+                )?,
+                wrapped_key: r.try_get(7).map_err(pg_err)?,
+            });
+        }
+        let next = match last_id {
+            Some(id) if items.len() == limit as usize => Some(Cursor::for_rewrap(id)),
+            _ => None,
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn replace_wrapped_key(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        expected_old_kek: &KekRef,
+        new_wrapped_key: Vec<u8>,
+        new_kek: &KekRef,
+    ) -> Result<bool, StoreError> {
+        validate_owner_name(owner, name)?;
+        validate_version(version)?;
+        validate_kek(new_kek)?;
+        if new_wrapped_key.len() > MAX_WRAPPED_KEY_LEN {
+            return Err(StoreError::InvalidInput("wrapped key too large"));
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE versions SET wrapped_key = $1, kek_provider = $2, kek_key_id = $3,
+                        kek_version = $4
+                 WHERE credential_id = (SELECT id FROM credentials
+                                        WHERE owner = $5 AND name = $6 AND NOT deleted)
+                   AND version = $7 AND state = 0
+                   AND kek_provider = $8 AND kek_key_id = $9 AND kek_version = $10",
+            )
+            .await
+            .map_err(pg_err)?;
+        let n = client
+            .execute(
+                &stmt,
+                &[
+                    &new_wrapped_key,
+                    &new_kek.provider,
+                    &new_kek.key_id,
+                    &i64::from(new_kek.version),
+                    &owner,
+                    &name,
+                    &ver_param(version),
+                    &expected_old_kek.provider,
+                    &expected_old_kek.key_id,
+                    &i64::from(expected_old_kek.version),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n == 1)
+    }
+
+    async fn count_versions_by_kek(&self) -> Result<Vec<(KekRef, u64)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT kek_provider, kek_key_id, kek_version, count(*) FROM versions
+                 WHERE state = 0
+                 GROUP BY kek_provider, kek_key_id, kek_version
+                 ORDER BY kek_provider, kek_key_id, kek_version",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    kek_from(
+                        r.try_get(0).map_err(pg_err)?,
+                        r.try_get(1).map_err(pg_err)?,
+                        r.try_get(2).map_err(pg_err)?,
+                    )?,
+                    u64::try_from(r.try_get::<_, i64>(3).map_err(pg_err)?)
+                        .map_err(|_| StoreError::corrupt("negative count"))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn get_provider_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        validate_provider_key(key)?;
+        let client = self.client().await?;
+        client
+            .query_opt("SELECT value FROM provider_state WHERE key = $1", &[&key])
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.try_get(0).map_err(pg_err))
+            .transpose()
+    }
+
+    async fn put_provider_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        validate_provider_key(key)?;
+        if value.len() > MAX_PROVIDER_STATE_LEN {
+            return Err(StoreError::InvalidInput("provider state value too large"));
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO provider_state (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&key, &value],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+}
+
+// ---- test and benchmark hooks ------------------------------------------------------------
+
+#[cfg(feature = "testing")]
+impl PostgresStore {
+    /// Test hook: reads a version's `(sealed_value, wrapped_key)` columns straight from the
+    /// table (`None` if there is no such row).
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_raw_secret_columns(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let client = self.client().await?;
+        client
+            .query_opt(
+                "SELECT v.sealed_value, v.wrapped_key FROM versions v
+                 JOIN credentials c ON c.id = v.credential_id
+                 WHERE c.owner = $1 AND c.name = $2 AND v.version = $3",
+                &[&owner, &name, &ver_param(version)],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
+            .transpose()
+    }
+
+    /// Test hook: overwrites the recorded schema version.
+    ///
+    /// # Errors
+    ///
+    /// As any write.
+    pub async fn testing_set_schema_version(&self, version: u32) -> Result<(), StoreError> {
+        let v = i32::try_from(version).map_err(|_| StoreError::InvalidInput("version"))?;
+        let client = self.client().await?;
+        client
+            .execute("UPDATE schema_version SET version = $1 WHERE id = 1", &[&v])
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
+    /// Test hook: drops this store's schema (see [`PostgresOptions::schema`]) and everything
+    /// in it.
+    ///
+    /// # Errors
+    ///
+    /// As any write; [`StoreError::InvalidInput`] if the store has no schema of its own.
+    pub async fn testing_drop_schema(&self) -> Result<(), StoreError> {
+        let schema = self
+            .schema
+            .as_deref()
+            .ok_or(StoreError::InvalidInput("no schema of its own"))?;
+        let client = self.client().await?;
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .map_err(pg_err)
+    }
+
+    /// Benchmark hook: inserts `spec.credentials` synthetic credentials with
+    /// `spec.versions_per_credential` versions each (see [`crate::testing::BulkSpec`]) with
+    /// set-based SQL in large transactions, without the per-put checks. Only for an empty
+    /// store.
+    ///
+    /// # Errors
+    ///
+    /// As any write.
+    pub async fn testing_bulk_load(
+        &self,
+        spec: crate::testing::BulkSpec,
+    ) -> Result<(), StoreError> {
+        const CHUNK: i64 = 50_000;
+        let total = i64::try_from(spec.credentials)
+            .map_err(|_| StoreError::InvalidInput("too many credentials"))?;
+        let per = i32::try_from(spec.versions_per_credential)
+            .map_err(|_| StoreError::InvalidInput("too many versions"))?;
+        let value = vec![0xA5u8; spec.value_len];
+        let wrapped = vec![0x5Au8; 40];
+        let client = self.client().await?;
+        let mut start = 0i64;
+        while start < total {
+            let end = (start + CHUNK).min(total);
+            client
+                .execute(
+                    "WITH c AS (
+                         INSERT INTO credentials (owner, name, enabled, deleted,
+                             current_version, latest_version, created_at, updated_at)
+                         SELECT 'bench-owner-' || (g / 100), 'cred-' || lpad(g::text, 8, '0'),
+                                TRUE, FALSE, $3, $3, 0, 0
+                         FROM generate_series($1::bigint, $2::bigint - 1) g
+                         RETURNING id)
+                     INSERT INTO versions (credential_id, version, state, kek_provider,
+                         kek_key_id, kek_version, metadata, created_by, created_at,
+                         wrapped_key, sealed_value)
+                     SELECT c.id, v, 0, 'bench', 'k1', 1, '{}'::jsonb, 'bench', 0, $4, $5
+                     FROM c CROSS JOIN generate_series(1, $3::integer) v",
+                    &[&start, &end, &per, &wrapped, &value],
+                )
+                .await
+                .map_err(pg_err)?;
+            start = end;
+        }
+        client
+            .batch_execute("ANALYZE credentials; ANALYZE versions;")
+            .await
+            .map_err(pg_err)
+    }
+}

@@ -1,0 +1,50 @@
+//! PostgreSQL migrations, embedded. Index `i` holds the migration to schema version `i + 1`.
+//!
+//! Text columns that are compared or ordered use `COLLATE "C"`, so names sort by bytes,
+//! as in SQLite, whatever the database's locale. The table name prefix `audit` is reserved
+//! for the audit log.
+
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    r#"
+CREATE TABLE credentials (
+    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    owner           TEXT COLLATE "C" NOT NULL CHECK (octet_length(owner) BETWEEN 1 AND 255),
+    name            TEXT COLLATE "C" NOT NULL CHECK (octet_length(name) BETWEEN 1 AND 128),
+    enabled         BOOLEAN NOT NULL DEFAULT TRUE,
+    deleted         BOOLEAN NOT NULL DEFAULT FALSE,
+    current_version INTEGER,
+    latest_version  INTEGER NOT NULL,
+    created_at      BIGINT NOT NULL,
+    updated_at      BIGINT NOT NULL,
+    last_used_at    BIGINT,
+    UNIQUE (owner, name)
+);
+CREATE TABLE versions (
+    id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    credential_id BIGINT NOT NULL REFERENCES credentials (id),
+    version       INTEGER NOT NULL CHECK (version > 0),
+    state         SMALLINT NOT NULL,
+    kek_provider  TEXT COLLATE "C" NOT NULL,
+    kek_key_id    TEXT COLLATE "C" NOT NULL,
+    kek_version   BIGINT NOT NULL,
+    metadata      JSONB NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at    BIGINT NOT NULL,
+    destroyed_at  BIGINT,
+    wrapped_key   BYTEA NOT NULL,
+    sealed_value  BYTEA NOT NULL,
+    UNIQUE (credential_id, version)
+);
+-- Retention and "newest active version" read only active versions, never the tombstones
+-- that pile up over a credential's life.
+CREATE INDEX versions_active_by_credential ON versions (credential_id, version)
+    WHERE state = 0;
+CREATE INDEX versions_active_by_kek ON versions (kek_provider, kek_key_id, kek_version, id)
+    WHERE state = 0;
+CREATE TABLE provider_state (
+    key   TEXT COLLATE "C" PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+"#,
+];

@@ -1,0 +1,1303 @@
+//! The embedded SQLite backend: one database file under the data dir.
+//!
+//! - WAL journal, `synchronous=FULL` by default (a commit is fsynced before it is
+//!   acknowledged), `foreign_keys=ON`, `secure_delete=ON` (freed pages are zeroed).
+//! - **Group commit**: one writer thread owns the only read-write connection; see the
+//!   `writer` module docs. Writers never wait for each other's fsync.
+//! - Checkpoints run on a separate thread (passive, at most every 200 ms; a `RESTART`
+//!   checkpoint if the WAL passes 64 MiB), so the writer never stalls on them.
+//! - Reads run on a small pool of `query_only` connections on tokio's blocking threads; in
+//!   WAL mode they see the last committed state and never wait for the writer.
+//! - The file (and its `-wal` / `-shm` companions) is created with mode 0600, and
+//!   [`SqliteStore::open_dir`] creates the data dir with mode 0700.
+
+mod schema;
+mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use crate::error::BackendError;
+use crate::types::{
+    clamp_limit, from_millis, to_millis, validate_kek, validate_owner, validate_owner_name,
+    validate_version, version_from_db,
+};
+use crate::{
+    validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
+    Page, PutOutcome, RewrapItem, SealedVersion, Store, StoreError, VersionInfo, VersionState,
+    MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
+};
+use writer::{Job, WriteJob};
+
+const _: () = assert!(schema::MIGRATIONS.len() == SCHEMA_VERSION as usize);
+
+/// The database file's name inside the data dir.
+pub const DB_FILE_NAME: &str = "strongroom.db";
+
+/// SQLite's `synchronous` setting for the write connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `FULL` (the default): the WAL is fsynced at every commit. Durable against process
+    /// crashes and power loss.
+    #[default]
+    Full,
+    /// `EXTRA`: like `FULL`, and also fsyncs the directory when the WAL is reset.
+    Extra,
+    /// `NORMAL`: the WAL is only fsynced at checkpoints. Survives a process crash, but
+    /// acknowledged writes **can be lost on power loss**. For benchmarks and throwaway data.
+    DangerNormal,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+            Synchronous::DangerNormal => "NORMAL",
+        }
+    }
+}
+
+/// Tuning for [`SqliteStore::open`]; `Default` is right for production.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// The `synchronous` setting (default [`Synchronous::Full`]).
+    pub synchronous: Synchronous,
+    /// Most writes committed in one transaction (default 512).
+    pub max_batch: usize,
+    /// Most read connections, and so most reads running at once (default 8); further
+    /// reads wait for one to be free.
+    pub max_readers: usize,
+    /// How long a connection waits on a lock held by another process (default 5 s).
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Full,
+            max_batch: 512,
+            max_readers: 8,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The SQLite [`Store`]. Cheap to clone (all clones share one writer thread).
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    options: SqliteOptions,
+    writer: Mutex<Option<mpsc::Sender<Box<dyn WriteJob>>>>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    read_permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Classifies a rusqlite error by kind, wrapping it opaquely.
+pub(crate) fn db_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
+        {
+            StoreError::corrupt(format!("sqlite: {e}"))
+        }
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..) => StoreError::corrupt(format!("sqlite: {e}")),
+        _ => StoreError::Unavailable(BackendError::new(e)),
+    }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+fn join_err(_: tokio::task::JoinError) -> StoreError {
+    StoreError::unavailable("sqlite worker task failed")
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/strongroom.db` with default options, creating `dir`
+    /// with mode 0700 if it does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::SchemaTooNew`] for a database written by a newer Strongroom;
+    /// [`StoreError::Unavailable`] if the directory or file cannot be created or opened;
+    /// [`StoreError::Corrupt`] if the file is not a database.
+    pub async fn open_dir(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || create_private_dir(&d))
+            .await
+            .map_err(join_err)??;
+        Self::open(dir.join(DB_FILE_NAME), SqliteOptions::default()).await
+    }
+
+    /// Opens (creating if needed) the database file at `path` and applies migrations.
+    ///
+    /// # Errors
+    ///
+    /// As [`open_dir`](Self::open_dir).
+    pub async fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(path, options))
+            .await
+            .map_err(join_err)?
+    }
+
+    fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<Self, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
+        restrict_file_mode(&path)?;
+        conn.busy_timeout(options.busy_timeout).map_err(db_err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(db_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::unavailable(format!(
+                "sqlite refused WAL mode (got {mode})"
+            )));
+        }
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;
+             PRAGMA cache_size = -32768;",
+            options.synchronous.pragma()
+        ))
+        .map_err(db_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        migrate(&conn)?;
+
+        // Checkpoints run on their own thread and connection (see `writer::checkpointer`).
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(db_err)?;
+        let ckpt_conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)?;
+        ckpt_conn
+            .busy_timeout(options.busy_timeout)
+            .map_err(db_err)?;
+        ckpt_conn
+            .execute_batch(&format!(
+                "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0;",
+                options.synchronous.pragma()
+            ))
+            .map_err(db_err)?;
+        let (poke, pokes) = mpsc::sync_channel::<()>(1);
+        let ckpt = std::thread::Builder::new()
+            .name("strongroom-sqlite-checkpoint".into())
+            .spawn(move || writer::checkpointer(ckpt_conn, pokes))
+            .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
+
+        let (tx, rx) = mpsc::channel::<Box<dyn WriteJob>>();
+        let max_batch = options.max_batch.max(1);
+        let handle = std::thread::Builder::new()
+            .name("strongroom-sqlite-writer".into())
+            .spawn(move || writer::run(conn, rx, max_batch, Some((poke, ckpt))))
+            .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(Some(tx)),
+                writer_thread: Mutex::new(Some(handle)),
+                readers: Mutex::new(Vec::new()),
+                read_permits: Arc::new(tokio::sync::Semaphore::new(options.max_readers.max(1))),
+                options,
+            }),
+        })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Stops the writer thread after it has finished every write already queued, and closes
+    /// every connection (the last close checkpoints the WAL into the main file). Later calls
+    /// on any clone of this store fail with [`StoreError::Unavailable`].
+    pub async fn close(&self) {
+        let sender = self.inner.writer.lock().ok().and_then(|mut w| w.take());
+        drop(sender);
+        let handle = self
+            .inner
+            .writer_thread
+            .lock()
+            .ok()
+            .and_then(|mut h| h.take());
+        self.inner.read_permits.close();
+        if let Ok(mut readers) = self.inner.readers.lock() {
+            readers.clear();
+        }
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    /// Runs SQLite's `PRAGMA integrity_check` and returns its report (`"ok"` when healthy).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] or [`StoreError::Corrupt`] if the check cannot run.
+    pub async fn integrity_check(&self) -> Result<String, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("PRAGMA integrity_check").map_err(db_err)?;
+            let lines = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            Ok(lines.join("\n"))
+        })
+        .await
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job: Box<dyn WriteJob> = Box::new(Job { f, reply });
+        {
+            let guard = self
+                .inner
+                .writer
+                .lock()
+                .map_err(|_| StoreError::unavailable("sqlite writer lock poisoned"))?;
+            let sender = guard
+                .as_ref()
+                .ok_or_else(|| StoreError::unavailable("sqlite store closed"))?;
+            sender
+                .send(job)
+                .map_err(|_| StoreError::unavailable("sqlite writer thread stopped"))?;
+        }
+        rx.await
+            .map_err(|_| StoreError::unavailable("sqlite writer thread stopped"))?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        // At most `max_readers` reads at once, so every read finds a pooled connection
+        // instead of opening one.
+        let permit = Arc::clone(&inner.read_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::unavailable("sqlite store closed"))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut conn = inner.take_reader()?;
+            let result = f(&mut conn);
+            inner.give_reader(conn);
+            result
+        })
+        .await
+        .map_err(join_err)?
+    }
+}
+
+impl Inner {
+    fn take_reader(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.readers.lock().ok().and_then(|mut r| r.pop()) {
+            return Ok(conn);
+        }
+        if self.writer.lock().map(|w| w.is_none()).unwrap_or(true) {
+            return Err(StoreError::unavailable("sqlite store closed"));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&self.path, flags).map_err(db_err)?;
+        conn.busy_timeout(self.options.busy_timeout)
+            .map_err(db_err)?;
+        conn.execute_batch(
+            "PRAGMA query_only = ON; PRAGMA foreign_keys = ON; PRAGMA cache_size = -8192;",
+        )
+        .map_err(db_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(conn)
+    }
+
+    fn give_reader(&self, conn: Connection) {
+        if let Ok(mut readers) = self.readers.lock() {
+            if readers.len() < self.options.max_readers {
+                readers.push(conn);
+            }
+        }
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(BackendError::new(e))),
+    }
+}
+
+fn restrict_file_mode(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| StoreError::Unavailable(BackendError::new(e)))
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+    let result = (|| {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_version (
+                 id      INTEGER PRIMARY KEY CHECK (id = 1),
+                 version INTEGER NOT NULL
+             )",
+        )
+        .map_err(db_err)?;
+        let found: i64 = conn
+            .query_row("SELECT version FROM schema_version WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err)?
+            .unwrap_or(0);
+        let found =
+            u32::try_from(found).map_err(|_| StoreError::corrupt("schema version out of range"))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for sql in schema::MIGRATIONS.iter().skip(found as usize) {
+            conn.execute_batch(sql).map_err(db_err)?;
+        }
+        conn.execute(
+            "INSERT INTO schema_version (id, version) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+            [SCHEMA_VERSION],
+        )
+        .map_err(db_err)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT").map_err(db_err),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+// ---- row helpers -------------------------------------------------------------------------
+
+struct CredRow {
+    id: i64,
+    latest: u32,
+    current: Option<u32>,
+    deleted: bool,
+}
+
+/// The credential row, deleted or not.
+fn find_credential(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+) -> Result<Option<CredRow>, StoreError> {
+    let raw = conn
+        .prepare_cached(
+            "SELECT id, latest_version, current_version, deleted FROM credentials
+             WHERE owner = ?1 AND name = ?2",
+        )
+        .map_err(db_err)?
+        .query_row(params![owner, name], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, bool>(3)?,
+            ))
+        })
+        .optional()
+        .map_err(db_err)?;
+    raw.map(|(id, latest, current, deleted)| {
+        Ok(CredRow {
+            id,
+            latest: version_from_db(latest)?,
+            current: current.map(version_from_db).transpose()?,
+            deleted,
+        })
+    })
+    .transpose()
+}
+
+/// The live (not deleted) credential row, or `NotFound`.
+fn live_credential(conn: &Connection, owner: &str, name: &str) -> Result<CredRow, StoreError> {
+    match find_credential(conn, owner, name)? {
+        Some(c) if !c.deleted => Ok(c),
+        _ => Err(StoreError::NotFound),
+    }
+}
+
+const SUMMARY_SELECT: &str = "SELECT c.owner, c.name, c.enabled, c.current_version,
+        c.latest_version, c.created_at, c.updated_at, c.last_used_at, v.metadata, c.id
+    FROM credentials c
+    LEFT JOIN versions v ON v.credential_id = c.id AND v.version = c.current_version";
+
+struct RawSummary {
+    owner: String,
+    name: String,
+    enabled: bool,
+    current: Option<i64>,
+    latest: i64,
+    created: i64,
+    updated: i64,
+    last_used: Option<i64>,
+    metadata: Option<String>,
+    id: i64,
+}
+
+impl RawSummary {
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawSummary {
+            owner: r.get(0)?,
+            name: r.get(1)?,
+            enabled: r.get(2)?,
+            current: r.get(3)?,
+            latest: r.get(4)?,
+            created: r.get(5)?,
+            updated: r.get(6)?,
+            last_used: r.get(7)?,
+            metadata: r.get(8)?,
+            id: r.get(9)?,
+        })
+    }
+
+    fn into_summary(self) -> Result<CredentialSummary, StoreError> {
+        Ok(CredentialSummary {
+            owner: self.owner,
+            name: self.name,
+            enabled: self.enabled,
+            current_version: self.current.map(version_from_db).transpose()?,
+            latest_version: version_from_db(self.latest)?,
+            current_metadata: self.metadata.as_deref().map(parse_json).transpose()?,
+            created_at: from_millis(self.created)?,
+            updated_at: from_millis(self.updated)?,
+            last_used_at: self.last_used.map(from_millis).transpose()?,
+        })
+    }
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(s).map_err(|_| StoreError::corrupt("metadata is not valid JSON"))
+}
+
+fn kek_from_db(provider: String, key_id: String, version: i64) -> Result<KekRef, StoreError> {
+    Ok(KekRef {
+        provider,
+        key_id,
+        version: u32::try_from(version)
+            .map_err(|_| StoreError::corrupt("KEK version out of range"))?,
+    })
+}
+
+/// Erases the secret columns of the given credential's active versions matching `extra`.
+const DESTROY_SET: &str = "state = 1, sealed_value = X'', wrapped_key = X'', destroyed_at = ?1";
+
+// ---- write transactions (run on the writer thread, inside a savepoint) -------------------
+
+fn put_tx(conn: &Connection, nv: &NewVersion) -> Result<PutOutcome, StoreError> {
+    let now = to_millis(nv.created_at)?;
+    let existing = find_credential(conn, &nv.owner, &nv.name)?;
+    let (latest, current) = match &existing {
+        Some(c) if c.deleted => (c.latest, None),
+        Some(c) => (c.latest, c.current),
+        None => (0, None),
+    };
+    if let Some(expected) = nv.expected_current {
+        if current.unwrap_or(0) != expected {
+            return Err(StoreError::CurrentMismatch { current });
+        }
+    }
+    if u64::from(nv.version) != u64::from(latest) + 1 {
+        return Err(StoreError::Conflict { latest });
+    }
+    let id = match &existing {
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO credentials (owner, name, enabled, deleted, current_version,
+                     latest_version, created_at, updated_at)
+                 VALUES (?1, ?2, 1, 0, ?3, ?3, ?4, ?4)",
+            )
+            .map_err(db_err)?
+            .execute(params![nv.owner, nv.name, nv.version, now])
+            .map_err(db_err)?;
+            conn.last_insert_rowid()
+        }
+        Some(c) => {
+            // A deleted credential starts a new life: enabled, fresh timestamps, numbering
+            // continues.
+            conn.prepare_cached(
+                "UPDATE credentials SET
+                     latest_version = ?2, current_version = ?2, updated_at = ?3,
+                     enabled = CASE WHEN deleted THEN 1 ELSE enabled END,
+                     created_at = CASE WHEN deleted THEN ?3 ELSE created_at END,
+                     last_used_at = CASE WHEN deleted THEN NULL ELSE last_used_at END,
+                     deleted = 0
+                 WHERE id = ?1",
+            )
+            .map_err(db_err)?
+            .execute(params![c.id, nv.version, now])
+            .map_err(db_err)?;
+            c.id
+        }
+    };
+    let metadata = nv.metadata.to_string();
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO versions (credential_id, version, state, kek_provider, kek_key_id,
+                 kek_version, metadata, created_by, created_at, wrapped_key, sealed_value)
+             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(db_err)?
+        .execute(params![
+            id,
+            nv.version,
+            nv.kek.provider,
+            nv.kek.key_id,
+            nv.kek.version,
+            metadata,
+            nv.created_by,
+            now,
+            nv.wrapped_key,
+            nv.sealed_value
+        ]);
+    match inserted {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict { latest }),
+        Err(e) => return Err(db_err(e)),
+    }
+    // Retention: keep the newest `max_versions - 1` non-current active versions.
+    let mut retired = conn
+        .prepare_cached(&format!(
+            "UPDATE versions SET {DESTROY_SET}
+             WHERE id IN (SELECT id FROM versions
+                          WHERE credential_id = ?2 AND state = 0 AND version <> ?3
+                          ORDER BY version DESC LIMIT -1 OFFSET ?4)
+             RETURNING version"
+        ))
+        .map_err(db_err)?
+        .query_map(
+            params![now, id, nv.version, i64::from(nv.max_versions) - 1],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(db_err)?
+        .map(|v| v.map_err(db_err).and_then(version_from_db))
+        .collect::<Result<Vec<u32>, _>>()?;
+    retired.sort_unstable();
+    Ok(PutOutcome {
+        version: nv.version,
+        retired,
+    })
+}
+
+fn version_state(
+    conn: &Connection,
+    credential_id: i64,
+    version: u32,
+) -> Result<Option<VersionState>, StoreError> {
+    conn.prepare_cached("SELECT state FROM versions WHERE credential_id = ?1 AND version = ?2")
+        .map_err(db_err)?
+        .query_row(params![credential_id, version], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(db_err)?
+        .map(VersionState::from_db)
+        .transpose()
+}
+
+fn set_current_tx(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+    version: u32,
+    at: i64,
+) -> Result<(), StoreError> {
+    let c = live_credential(conn, owner, name)?;
+    match version_state(conn, c.id, version)? {
+        None => Err(StoreError::NotFound),
+        Some(VersionState::Destroyed) => Err(StoreError::VersionDestroyed),
+        Some(VersionState::Active) => {
+            conn.prepare_cached(
+                "UPDATE credentials SET current_version = ?2, updated_at = ?3 WHERE id = ?1",
+            )
+            .map_err(db_err)?
+            .execute(params![c.id, version, at])
+            .map_err(db_err)?;
+            Ok(())
+        }
+    }
+}
+
+fn destroy_version_tx(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+    version: u32,
+    at: i64,
+) -> Result<bool, StoreError> {
+    let c = live_credential(conn, owner, name)?;
+    match version_state(conn, c.id, version)? {
+        None => Err(StoreError::NotFound),
+        Some(VersionState::Destroyed) => Ok(false),
+        Some(VersionState::Active) => {
+            conn.prepare_cached(&format!(
+                "UPDATE versions SET {DESTROY_SET} WHERE credential_id = ?2 AND version = ?3"
+            ))
+            .map_err(db_err)?
+            .execute(params![at, c.id, version])
+            .map_err(db_err)?;
+            let new_current = if c.current == Some(version) {
+                conn.prepare_cached(
+                    "SELECT max(version) FROM versions WHERE credential_id = ?1 AND state = 0",
+                )
+                .map_err(db_err)?
+                .query_row([c.id], |r| r.get::<_, Option<i64>>(0))
+                .map_err(db_err)?
+            } else {
+                c.current.map(i64::from)
+            };
+            conn.prepare_cached(
+                "UPDATE credentials SET current_version = ?2, updated_at = ?3 WHERE id = ?1",
+            )
+            .map_err(db_err)?
+            .execute(params![c.id, new_current, at])
+            .map_err(db_err)?;
+            Ok(true)
+        }
+    }
+}
+
+fn destroy_credential_tx(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    let c = live_credential(conn, owner, name)?;
+    conn.prepare_cached(&format!(
+        "UPDATE versions SET {DESTROY_SET} WHERE credential_id = ?2 AND state = 0"
+    ))
+    .map_err(db_err)?
+    .execute(params![at, c.id])
+    .map_err(db_err)?;
+    conn.prepare_cached(
+        "UPDATE credentials SET deleted = 1, current_version = NULL, updated_at = ?2
+         WHERE id = ?1",
+    )
+    .map_err(db_err)?
+    .execute(params![c.id, at])
+    .map_err(db_err)?;
+    Ok(())
+}
+
+// ---- the Store implementation ------------------------------------------------------------
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_version(&self, new: NewVersion) -> Result<PutOutcome, StoreError> {
+        new.validate()?;
+        self.write(move |conn| put_tx(conn, &new)).await
+    }
+
+    async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError> {
+        validate_owner_name(owner, name)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.read(move |conn| Ok(find_credential(conn, &owner, &name)?.map_or(0, |c| c.latest)))
+            .await
+    }
+
+    async fn list_credentials(
+        &self,
+        owner: &str,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<CredentialSummary>, StoreError> {
+        validate_owner(owner)?;
+        let limit = clamp_limit(limit)?;
+        let after = cursor
+            .map(Cursor::list_after)
+            .transpose()?
+            .unwrap_or_default();
+        let owner = owner.to_owned();
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(&format!(
+                    "{SUMMARY_SELECT}
+                     WHERE c.owner = ?1 AND c.deleted = 0 AND c.name > ?2
+                     ORDER BY c.name LIMIT ?3"
+                ))
+                .map_err(db_err)?
+                .query_map(params![owner, after, limit], RawSummary::from_row)
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            let items = rows
+                .into_iter()
+                .map(RawSummary::into_summary)
+                .collect::<Result<Vec<_>, _>>()?;
+            let next = match items.last() {
+                Some(last) if items.len() == limit as usize => Some(Cursor::for_list(&last.name)),
+                _ => None,
+            };
+            Ok(Page { items, next })
+        })
+        .await
+    }
+
+    async fn get_credential(&self, owner: &str, name: &str) -> Result<Credential, StoreError> {
+        validate_owner_name(owner, name)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.read(move |conn| {
+            let tx = conn.transaction().map_err(db_err)?;
+            let raw = tx
+                .prepare_cached(&format!(
+                    "{SUMMARY_SELECT} WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0"
+                ))
+                .map_err(db_err)?
+                .query_row(params![owner, name], RawSummary::from_row)
+                .optional()
+                .map_err(db_err)?
+                .ok_or(StoreError::NotFound)?;
+            let id = raw.id;
+            let summary = raw.into_summary()?;
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, state, kek_provider, kek_key_id, kek_version, metadata,
+                            created_by, created_at, destroyed_at
+                     FROM versions WHERE credential_id = ?1 ORDER BY version DESC",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, i64>(7)?,
+                        r.get::<_, Option<i64>>(8)?,
+                    ))
+                })
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            let versions = rows
+                .into_iter()
+                .map(|(v, st, p, k, kv, md, by, at, dat)| {
+                    Ok(VersionInfo {
+                        version: version_from_db(v)?,
+                        state: VersionState::from_db(st)?,
+                        kek: kek_from_db(p, k, kv)?,
+                        metadata: parse_json(&md)?,
+                        created_by: by,
+                        created_at: from_millis(at)?,
+                        destroyed_at: dat.map(from_millis).transpose()?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Credential { summary, versions })
+        })
+        .await
+    }
+
+    async fn get_version(
+        &self,
+        owner: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<SealedVersion, StoreError> {
+        validate_owner_name(owner, name)?;
+        if let Some(v) = version {
+            validate_version(v)?;
+        }
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
+                            v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
+                            v.wrapped_key, v.sealed_value
+                     FROM credentials c
+                     JOIN versions v ON v.credential_id = c.id
+                          AND v.version = coalesce(?3, c.current_version)
+                     WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0",
+                )
+                .map_err(db_err)?
+                .query_row(params![owner, name, version], |r| {
+                    Ok((
+                        r.get::<_, bool>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, String>(8)?,
+                        r.get::<_, i64>(9)?,
+                        r.get::<_, Vec<u8>>(10)?,
+                        r.get::<_, Vec<u8>>(11)?,
+                    ))
+                })
+                .optional()
+                .map_err(db_err)?
+                .ok_or(StoreError::NotFound)?;
+            let (enabled, current, v, state, p, k, kv, md, by, at, wrapped, sealed) = row;
+            if VersionState::from_db(state)? == VersionState::Destroyed {
+                return Err(StoreError::VersionDestroyed);
+            }
+            Ok(SealedVersion {
+                owner,
+                name,
+                version: version_from_db(v)?,
+                credential_enabled: enabled,
+                is_current: current == Some(v),
+                sealed_value: sealed,
+                wrapped_key: wrapped,
+                kek: kek_from_db(p, k, kv)?,
+                metadata: parse_json(&md)?,
+                created_by: by,
+                created_at: from_millis(at)?,
+            })
+        })
+        .await
+    }
+
+    async fn set_current(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        validate_version(version)?;
+        let at = to_millis(at)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.write(move |conn| set_current_tx(conn, &owner, &name, version, at))
+            .await
+    }
+
+    async fn set_enabled(
+        &self,
+        owner: &str,
+        name: &str,
+        enabled: bool,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        let at = to_millis(at)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE credentials SET enabled = ?3, updated_at = ?4
+                     WHERE owner = ?1 AND name = ?2 AND deleted = 0",
+                )
+                .map_err(db_err)?
+                .execute(params![owner, name, enabled, at])
+                .map_err(db_err)?;
+            if n == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn destroy_version(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        at: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        validate_owner_name(owner, name)?;
+        validate_version(version)?;
+        let at = to_millis(at)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.write(move |conn| destroy_version_tx(conn, &owner, &name, version, at))
+            .await
+    }
+
+    async fn destroy_credential(
+        &self,
+        owner: &str,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        let at = to_millis(at)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.write(move |conn| destroy_credential_tx(conn, &owner, &name, at))
+            .await
+    }
+
+    async fn touch_last_used(
+        &self,
+        owner: &str,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        validate_owner_name(owner, name)?;
+        let at = to_millis(at)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE credentials SET last_used_at = max(coalesce(last_used_at, ?3), ?3)
+                     WHERE owner = ?1 AND name = ?2 AND deleted = 0",
+                )
+                .map_err(db_err)?
+                .execute(params![owner, name, at])
+                .map_err(db_err)?;
+            if n == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn versions_for_rewrap(
+        &self,
+        filter: &KekFilter,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Page<RewrapItem>, StoreError> {
+        let limit = clamp_limit(limit)?;
+        let after = after.map(Cursor::rewrap_after).transpose()?.unwrap_or(0);
+        let (cond, p, k, kv) = match filter {
+            KekFilter::Exactly(kek) => (
+                "v.kek_provider = ?3 AND v.kek_key_id = ?4 AND v.kek_version = ?5",
+                kek.provider.clone(),
+                kek.key_id.clone(),
+                i64::from(kek.version),
+            ),
+            KekFilter::AnyVersionOf { provider, key_id } => (
+                "v.kek_provider = ?3 AND v.kek_key_id = ?4 AND ?5 = ?5",
+                provider.clone(),
+                key_id.clone(),
+                0,
+            ),
+            KekFilter::Not(kek) => (
+                "NOT (v.kek_provider = ?3 AND v.kek_key_id = ?4 AND v.kek_version = ?5)",
+                kek.provider.clone(),
+                kek.key_id.clone(),
+                i64::from(kek.version),
+            ),
+        };
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(&format!(
+                    "SELECT v.id, c.owner, c.name, v.version, v.kek_provider, v.kek_key_id,
+                            v.kek_version, v.wrapped_key
+                     FROM versions v JOIN credentials c ON c.id = v.credential_id
+                     WHERE v.state = 0 AND v.id > ?1 AND {cond}
+                     ORDER BY v.id LIMIT ?2"
+                ))
+                .map_err(db_err)?
+                .query_map(params![after, limit, p, k, kv], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, Vec<u8>>(7)?,
+                    ))
+                })
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            let last_id = rows.last().map(|r| r.0);
+            let items = rows
+                .into_iter()
+                .map(|(_, owner, name, v, p, k, kv, wrapped)| {
+                    Ok(RewrapItem {
+                        owner,
+                        name,
+                        version: version_from_db(v)?,
+                        wrapped_key: wrapped,
+                        kek: kek_from_db(p, k, kv)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let next = match last_id {
+                Some(id) if items.len() == limit as usize => Some(Cursor::for_rewrap(id)),
+                _ => None,
+            };
+            Ok(Page { items, next })
+        })
+        .await
+    }
+
+    async fn replace_wrapped_key(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+        expected_old_kek: &KekRef,
+        new_wrapped_key: Vec<u8>,
+        new_kek: &KekRef,
+    ) -> Result<bool, StoreError> {
+        validate_owner_name(owner, name)?;
+        validate_version(version)?;
+        validate_kek(new_kek)?;
+        if new_wrapped_key.len() > MAX_WRAPPED_KEY_LEN {
+            return Err(StoreError::InvalidInput("wrapped key too large"));
+        }
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        let (old, new) = (expected_old_kek.clone(), new_kek.clone());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE versions SET wrapped_key = ?1, kek_provider = ?2, kek_key_id = ?3,
+                            kek_version = ?4
+                     WHERE credential_id = (SELECT id FROM credentials
+                                            WHERE owner = ?5 AND name = ?6 AND deleted = 0)
+                       AND version = ?7 AND state = 0
+                       AND kek_provider = ?8 AND kek_key_id = ?9 AND kek_version = ?10",
+                )
+                .map_err(db_err)?
+                .execute(params![
+                    new_wrapped_key,
+                    new.provider,
+                    new.key_id,
+                    new.version,
+                    owner,
+                    name,
+                    version,
+                    old.provider,
+                    old.key_id,
+                    old.version
+                ])
+                .map_err(db_err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn count_versions_by_kek(&self) -> Result<Vec<(KekRef, u64)>, StoreError> {
+        self.read(|conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT kek_provider, kek_key_id, kek_version, count(*) FROM versions
+                     WHERE state = 0
+                     GROUP BY kek_provider, kek_key_id, kek_version
+                     ORDER BY kek_provider, kek_key_id, kek_version",
+                )
+                .map_err(db_err)?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            rows.into_iter()
+                .map(|(p, k, kv, n)| {
+                    Ok((
+                        kek_from_db(p, k, kv)?,
+                        u64::try_from(n).map_err(|_| StoreError::corrupt("negative count"))?,
+                    ))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn get_provider_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        validate_provider_key(key)?;
+        let key = key.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT value FROM provider_state WHERE key = ?1")
+                .map_err(db_err)?
+                .query_row([key], |r| r.get::<_, Vec<u8>>(0))
+                .optional()
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn put_provider_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        validate_provider_key(key)?;
+        if value.len() > MAX_PROVIDER_STATE_LEN {
+            return Err(StoreError::InvalidInput("provider state value too large"));
+        }
+        let key = key.to_owned();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO provider_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .map_err(db_err)?
+            .execute(params![key, value])
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+// ---- test and benchmark hooks ------------------------------------------------------------
+
+#[cfg(feature = "testing")]
+impl SqliteStore {
+    /// Test hook: reads a version's `(sealed_value, wrapped_key)` columns straight from the
+    /// file, bypassing the store's logic (`None` if there is no such row).
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_raw_secret_columns(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let path = self.inner.path.clone();
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(db_err)?;
+            conn.query_row(
+                "SELECT v.sealed_value, v.wrapped_key FROM versions v
+                 JOIN credentials c ON c.id = v.credential_id
+                 WHERE c.owner = ?1 AND c.name = ?2 AND v.version = ?3",
+                params![owner, name, version],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)),
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+        .map_err(join_err)?
+    }
+
+    /// Test hook: overwrites the recorded schema version of the database at `path` (to test
+    /// the refusal of a schema that is too new).
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be opened or written.
+    pub fn testing_set_schema_version(path: &Path, version: u32) -> Result<(), StoreError> {
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.execute(
+            "UPDATE schema_version SET version = ?1 WHERE id = 1",
+            [version],
+        )
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Benchmark hook: inserts `spec.credentials` synthetic credentials with
+    /// `spec.versions_per_credential` versions each (see [`crate::testing::BulkSpec`]),
+    /// in large transactions, without the per-put checks. Only for an empty store.
+    ///
+    /// # Errors
+    ///
+    /// As any write.
+    pub async fn testing_bulk_load(
+        &self,
+        spec: crate::testing::BulkSpec,
+    ) -> Result<(), StoreError> {
+        const CHUNK: u64 = 20_000;
+        let mut start = 0;
+        while start < spec.credentials {
+            let end = (start + CHUNK).min(spec.credentials);
+            let spec = spec.clone();
+            self.write(move |conn| {
+                let value = vec![0xA5u8; spec.value_len];
+                let wrapped = vec![0x5Au8; 40];
+                let mut cred = conn
+                    .prepare_cached(
+                        "INSERT INTO credentials (id, owner, name, enabled, deleted,
+                             current_version, latest_version, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, 1, 0, ?4, ?4, 0, 0)",
+                    )
+                    .map_err(db_err)?;
+                let mut ver = conn
+                    .prepare_cached(
+                        "INSERT INTO versions (credential_id, version, state, kek_provider,
+                             kek_key_id, kek_version, metadata, created_by, created_at,
+                             wrapped_key, sealed_value)
+                         VALUES (?1, ?2, 0, 'bench', 'k1', 1, '{}', 'bench', 0, ?3, ?4)",
+                    )
+                    .map_err(db_err)?;
+                for i in start..end {
+                    let id = i64::try_from(i + 1)
+                        .map_err(|_| StoreError::InvalidInput("too many credentials"))?;
+                    cred.execute(params![
+                        id,
+                        crate::testing::bulk_owner(i),
+                        crate::testing::bulk_name(i),
+                        spec.versions_per_credential
+                    ])
+                    .map_err(db_err)?;
+                    for v in 1..=spec.versions_per_credential {
+                        ver.execute(params![id, v, wrapped, value])
+                            .map_err(db_err)?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            start = end;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,52 @@
+//! SQLite migrations, embedded. Index `i` holds the migration to schema version `i + 1`.
+//!
+//! Column order matters in SQLite: a row's columns are stored in order and a large blob
+//! spills into overflow pages, so the blobs (`wrapped_key`, `sealed_value`) come last and
+//! reading a version's metadata never walks a 64 KiB value.
+//!
+//! The table name prefix `audit` is reserved for the audit log.
+
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    r#"
+CREATE TABLE credentials (
+    id              INTEGER PRIMARY KEY,
+    owner           TEXT NOT NULL CHECK (length(CAST(owner AS BLOB)) BETWEEN 1 AND 255),
+    name            TEXT NOT NULL CHECK (length(CAST(name AS BLOB)) BETWEEN 1 AND 128),
+    enabled         INTEGER NOT NULL DEFAULT 1,
+    deleted         INTEGER NOT NULL DEFAULT 0,
+    current_version INTEGER,
+    latest_version  INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_used_at    INTEGER,
+    UNIQUE (owner, name)
+);
+CREATE TABLE versions (
+    id            INTEGER PRIMARY KEY,
+    credential_id INTEGER NOT NULL REFERENCES credentials (id),
+    version       INTEGER NOT NULL CHECK (version > 0),
+    state         INTEGER NOT NULL,
+    kek_provider  TEXT NOT NULL,
+    kek_key_id    TEXT NOT NULL,
+    kek_version   INTEGER NOT NULL,
+    metadata      TEXT NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    destroyed_at  INTEGER,
+    wrapped_key   BLOB NOT NULL,
+    sealed_value  BLOB NOT NULL,
+    UNIQUE (credential_id, version)
+);
+-- Retention and "newest active version" read only active versions, never the tombstones
+-- that pile up over a credential's life.
+CREATE INDEX versions_active_by_credential ON versions (credential_id, version)
+    WHERE state = 0;
+CREATE INDEX versions_active_by_kek ON versions (kek_provider, kek_key_id, kek_version, id)
+    WHERE state = 0;
+CREATE TABLE provider_state (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"#,
+];

@@ -1,0 +1,218 @@
+//! The group-commit writer thread.
+//!
+//! One thread owns the only read-write connection. It blocks for the first pending job,
+//! opens a transaction (`BEGIN IMMEDIATE`), runs that job and every job queued meanwhile
+//! (each inside its own savepoint, so a job that fails rolls back alone), commits once (one
+//! fsync of the WAL with `synchronous=FULL`), and only then acknowledges every job of the
+//! batch. While it commits, new jobs queue up and form the next batch: N concurrent
+//! writers share one fsync instead of each waiting for its own.
+//!
+//! Checkpoints (copying the WAL back into the database file, with random writes and an
+//! fsync of their own) run on a separate checkpointer thread, so they never stall the
+//! writer.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::db_err;
+use crate::StoreError;
+
+/// A write waiting for the writer thread.
+pub(super) trait WriteJob: Send {
+    /// Runs the job inside the open transaction; returns what acknowledges it after commit.
+    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ack>;
+    /// Fails the job without running it.
+    fn abort(self: Box<Self>, err: StoreError);
+}
+
+/// Acknowledges one job once its batch's fate is known.
+pub(super) trait Ack: Send {
+    fn ack(self: Box<Self>, commit: Result<(), StoreError>);
+}
+
+pub(super) struct Job<F, T> {
+    pub(super) f: F,
+    pub(super) reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+struct Done<T> {
+    result: Result<T, StoreError>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<F, T> WriteJob for Job<F, T>
+where
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+    T: Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ack> {
+        let result = in_savepoint(conn, self.f);
+        Box::new(Done {
+            result,
+            reply: self.reply,
+        })
+    }
+
+    fn abort(self: Box<Self>, err: StoreError) {
+        // The caller may have gone away (its future dropped); nothing to do then.
+        let _ = self.reply.send(Err(err));
+    }
+}
+
+impl<T: Send> Ack for Done<T> {
+    fn ack(self: Box<Self>, commit: Result<(), StoreError>) {
+        let outcome = match commit {
+            Ok(()) => self.result,
+            Err(e) => Err(e),
+        };
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// Runs `f` inside a savepoint: released on success, rolled back on error. If the rollback
+/// itself fails, the error is still `f`'s; the writer notices the broken transaction through
+/// `is_autocommit` or the final `COMMIT`.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT job").map_err(db_err)?;
+    match f(conn) {
+        Ok(v) => match conn.execute_batch("RELEASE job") {
+            Ok(()) => Ok(v),
+            Err(e) => Err(db_err(e)),
+        },
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
+        }
+    }
+}
+
+/// The writer thread's loop; returns when every sender is gone. After each commit it pokes
+/// the checkpointer (see [`checkpointer`]); when it returns, the checkpointer has stopped.
+pub(super) fn run(
+    conn: Connection,
+    rx: mpsc::Receiver<Box<dyn WriteJob>>,
+    max_batch: usize,
+    checkpoints: Option<(mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+) {
+    let mut queue: VecDeque<Box<dyn WriteJob>> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match rx.recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => break,
+            }
+        }
+        if run_batch(&conn, &rx, &mut queue, max_batch) {
+            if let Some((poke, _)) = &checkpoints {
+                let _ = poke.try_send(());
+            }
+        }
+    }
+    if let Some((poke, handle)) = checkpoints {
+        drop(poke);
+        let _ = handle.join();
+    }
+    // `conn` closes last: the last connection to close checkpoints the WAL into the file.
+    drop(conn);
+}
+
+/// WAL size (in 4 KiB frames, so 64 MiB) past which the checkpointer also resets the WAL,
+/// briefly holding up the writer, because passive checkpoints alone did not keep up.
+const WAL_RESTART_FRAMES: i64 = 16 * 1024;
+/// Least time between two checkpoints.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The checkpointer thread: copies committed WAL frames into the database file on its own
+/// connection, so the writer (whose `wal_autocheckpoint` is off) never stalls on the
+/// checkpoint's random writes and fsync. Passive checkpoints never block the writer; if the
+/// WAL still grows past [`WAL_RESTART_FRAMES`], a `RESTART` checkpoint resets it. Returns
+/// when the writer stops poking.
+pub(super) fn checkpointer(conn: Connection, pokes: mpsc::Receiver<()>) {
+    while pokes.recv().is_ok() {
+        let started = std::time::Instant::now();
+        let frames = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+            .unwrap_or(0);
+        if frames > WAL_RESTART_FRAMES {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+        }
+        if let Some(rest) = CHECKPOINT_INTERVAL.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        // Commits made meanwhile are covered by the next checkpoint.
+        while pokes.try_recv().is_ok() {}
+    }
+}
+
+fn drain(
+    rx: &mpsc::Receiver<Box<dyn WriteJob>>,
+    queue: &mut VecDeque<Box<dyn WriteJob>>,
+    max: usize,
+) {
+    while queue.len() < max {
+        match rx.try_recv() {
+            Ok(job) => queue.push_back(job),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Runs one batch; returns whether it committed anything.
+fn run_batch(
+    conn: &Connection,
+    rx: &mpsc::Receiver<Box<dyn WriteJob>>,
+    queue: &mut VecDeque<Box<dyn WriteJob>>,
+    max_batch: usize,
+) -> bool {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        // Cannot even start: fail what is queued now; later jobs get a fresh try.
+        let err = db_err(e);
+        for job in queue.drain(..) {
+            job.abort(err.clone());
+        }
+        return false;
+    }
+    let mut acks: Vec<Box<dyn Ack>> = Vec::new();
+    loop {
+        drain(rx, queue, max_batch.saturating_sub(acks.len()));
+        let Some(job) = queue.pop_front() else { break };
+        acks.push(job.run(conn));
+        if conn.is_autocommit() {
+            // The database rolled the whole transaction back (disk full, I/O error, ...):
+            // every job of this batch so far is lost. Fail them; the rest of the queue is
+            // retried in the next batch.
+            let err = StoreError::unavailable("the database aborted the write transaction");
+            for ack in acks.drain(..) {
+                ack.ack(Err(err.clone()));
+            }
+            return false;
+        }
+        if acks.len() >= max_batch {
+            break;
+        }
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => {
+            for ack in acks {
+                ack.ack(Ok(()));
+            }
+            true
+        }
+        Err(e) => {
+            let err = db_err(e);
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            for ack in acks {
+                ack.ack(Err(err.clone()));
+            }
+            false
+        }
+    }
+}

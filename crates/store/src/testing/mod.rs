@@ -1,0 +1,113 @@
+//! The one conformance suite every [`Store`] backend must pass, plus helpers for tests and
+//! benchmarks. Enabled by the `testing` feature.
+//!
+//! A backend's integration test implements [`TestBackend`] (one fresh, empty database per
+//! instance) and expands [`conformance_tests!`](crate::conformance_tests) with an async
+//! expression that makes one:
+//!
+//! ```ignore
+//! strongroom_store::conformance_tests!(make_backend());
+//! async fn make_backend() -> Option<Box<dyn TestBackend>> { ... }
+//! ```
+//!
+//! Each suite function panics (with a message) on a violation, like any test.
+
+mod suite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{Store, StoreError};
+
+pub use suite::*;
+
+/// One fresh database of one backend, for one conformance test.
+#[async_trait]
+pub trait TestBackend: Send + Sync {
+    /// Opens this backend's database (the same database on every call; the first call
+    /// creates the schema). Several stores may be open on it at once.
+    async fn open(&self) -> Result<Arc<dyn Store>, StoreError>;
+
+    /// Reads a version's raw `(sealed_value, wrapped_key)` columns straight from the
+    /// database, bypassing the store (`None` if there is no such row).
+    async fn raw_secret_columns(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Overwrites the schema version recorded in the database (every store opened before
+    /// has been dropped).
+    async fn set_schema_version(&self, version: u32) -> Result<(), StoreError>;
+}
+
+/// What a backend's `testing_bulk_load` inserts: credential `i` (for `i` in
+/// `0..credentials`) is `(bulk_owner(i), bulk_name(i))` with versions
+/// `1..=versions_per_credential`, each holding a `value_len`-byte sealed value and KEK
+/// `bench/k1/1`.
+#[derive(Debug, Clone)]
+pub struct BulkSpec {
+    /// How many credentials.
+    pub credentials: u64,
+    /// How many versions each.
+    pub versions_per_credential: u32,
+    /// Sealed value length, in bytes.
+    pub value_len: usize,
+}
+
+/// The owner of bulk-loaded credential `i` (100 credentials per owner).
+pub fn bulk_owner(i: u64) -> String {
+    format!("bench-owner-{}", i / 100)
+}
+
+/// The name of bulk-loaded credential `i`.
+pub fn bulk_name(i: u64) -> String {
+    format!("cred-{i:08}")
+}
+
+/// Expands to one `#[tokio::test]` per conformance check. `$make` is an async expression
+/// of type `Option<Box<dyn TestBackend>>` evaluated once per test (`None` skips the test:
+/// the expression should say loudly why).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            put_and_get_round_trip,
+            version_must_be_latest_plus_one,
+            racing_writers_exactly_one_wins,
+            expected_current_check_and_set,
+            racing_check_and_set_exactly_one_wins,
+            pagination_is_stable_and_owner_isolated,
+            get_credential_lists_versions_without_secrets,
+            set_current_version,
+            disable_and_enable,
+            destroy_version_erases_bytes,
+            destroy_credential_continues_numbering,
+            retention_destroys_oldest_first,
+            rewrap_iteration_and_compare_and_swap,
+            counts_by_kek_cover_active_versions_only,
+            schema_too_new_is_refused,
+            reopen_keeps_everything,
+            unicode_and_long_owner_ids,
+            values_of_64_kib_round_trip,
+            touch_last_used_never_goes_back,
+            provider_state_round_trips,
+            missing_credentials_are_not_found,
+            invalid_input_is_rejected,
+            random_operations_match_a_model,
+        );
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let backend: Option<Box<dyn $crate::testing::TestBackend>> = $make.await;
+                if let Some(backend) = backend {
+                    $crate::testing::$name(&*backend).await;
+                }
+            }
+        )*
+    };
+}

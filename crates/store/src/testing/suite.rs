@@ -1,0 +1,1134 @@
+//! The conformance checks. Each takes a fresh [`TestBackend`] and panics on a violation.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use time::{Duration, OffsetDateTime};
+
+use super::TestBackend;
+use crate::{
+    Cursor, KekFilter, KekRef, NewVersion, Store, StoreError, VersionState, MAX_OWNER_LEN,
+    MAX_SEALED_LEN, SCHEMA_VERSION,
+};
+
+/// The fixed clock of the suite.
+pub fn t0() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("valid timestamp")
+}
+
+/// Deterministic, distinct bytes for a version's sealed value.
+pub fn test_value(owner: &str, name: &str, version: u32, len: usize) -> Vec<u8> {
+    let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in owner.bytes().chain([0xff]).chain(name.bytes()) {
+        x = (x ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    x ^= u64::from(version).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn kek(n: u32) -> KekRef {
+    KekRef::new("local", "k1", n)
+}
+
+fn new_version(owner: &str, name: &str, version: u32) -> NewVersion {
+    let mut nv = NewVersion::new(
+        owner,
+        name,
+        version,
+        test_value(owner, name, version, 100),
+        test_value(name, owner, version, 40),
+        kek(1),
+        "user:test",
+        t0() + Duration::seconds(i64::from(version)),
+    );
+    nv.metadata = serde_json::json!({ "host": "api.example.com", "v": version });
+    nv
+}
+
+async fn put(store: &dyn Store, owner: &str, name: &str, version: u32) {
+    let out = store
+        .put_version(new_version(owner, name, version))
+        .await
+        .unwrap_or_else(|e| panic!("put {owner}/{name} v{version}: {e}"));
+    assert_eq!(out.version, version);
+}
+
+async fn open(b: &dyn TestBackend) -> Arc<dyn Store> {
+    b.open().await.expect("open the store")
+}
+
+fn assert_conflict(r: Result<impl std::fmt::Debug, StoreError>, want_latest: u32) {
+    match r {
+        Err(StoreError::Conflict { latest }) => assert_eq!(latest, want_latest),
+        other => panic!("expected Conflict {{ latest: {want_latest} }}, got {other:?}"),
+    }
+}
+
+fn assert_not_found(r: Result<impl std::fmt::Debug, StoreError>) {
+    match r {
+        Err(StoreError::NotFound) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+}
+
+fn assert_invalid(r: Result<impl std::fmt::Debug, StoreError>) {
+    match r {
+        Err(StoreError::InvalidInput(_)) => {}
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+}
+
+pub async fn put_and_get_round_trip(b: &dyn TestBackend) {
+    let s = open(b).await;
+    assert_eq!(s.latest_version("alice", "zoom.api-key").await.unwrap(), 0);
+    let nv = new_version("alice", "zoom.api-key", 1);
+    let out = s.put_version(nv.clone()).await.unwrap();
+    assert_eq!(out.version, 1);
+    assert!(out.retired.is_empty());
+    assert_eq!(s.latest_version("alice", "zoom.api-key").await.unwrap(), 1);
+
+    for asked in [None, Some(1)] {
+        let got = s.get_version("alice", "zoom.api-key", asked).await.unwrap();
+        assert_eq!(got.owner, "alice");
+        assert_eq!(got.name, "zoom.api-key");
+        assert_eq!(got.version, 1);
+        assert!(got.is_current && got.credential_enabled);
+        assert_eq!(got.sealed_value, nv.sealed_value);
+        assert_eq!(got.wrapped_key, nv.wrapped_key);
+        assert_eq!(got.kek, nv.kek);
+        assert_eq!(got.metadata, nv.metadata);
+        assert_eq!(got.created_by, "user:test");
+        assert_eq!(got.created_at, nv.created_at);
+    }
+    put(&*s, "alice", "zoom.api-key", 2).await;
+    let cur = s.get_version("alice", "zoom.api-key", None).await.unwrap();
+    assert_eq!(cur.version, 2);
+    let old = s
+        .get_version("alice", "zoom.api-key", Some(1))
+        .await
+        .unwrap();
+    assert!(!old.is_current);
+    assert_eq!(old.sealed_value, nv.sealed_value);
+    assert_not_found(s.get_version("alice", "zoom.api-key", Some(3)).await);
+    // Milliseconds are kept.
+    let mut nv = new_version("alice", "ms", 1);
+    nv.created_at = t0() + Duration::milliseconds(1234);
+    s.put_version(nv).await.unwrap();
+    let got = s.get_version("alice", "ms", None).await.unwrap();
+    assert_eq!(got.created_at, t0() + Duration::milliseconds(1234));
+}
+
+pub async fn version_must_be_latest_plus_one(b: &dyn TestBackend) {
+    let s = open(b).await;
+    assert_conflict(s.put_version(new_version("o", "n", 2)).await, 0);
+    put(&*s, "o", "n", 1).await;
+    assert_conflict(s.put_version(new_version("o", "n", 1)).await, 1);
+    assert_conflict(s.put_version(new_version("o", "n", 3)).await, 1);
+    put(&*s, "o", "n", 2).await;
+    // A failed put changes nothing.
+    assert_eq!(s.latest_version("o", "n").await.unwrap(), 2);
+    assert_eq!(s.get_credential("o", "n").await.unwrap().versions.len(), 2);
+}
+
+pub async fn racing_writers_exactly_one_wins(b: &dyn TestBackend) {
+    let s = open(b).await;
+    for round in 1..=5u32 {
+        let mut tasks = Vec::new();
+        for w in 0..16u32 {
+            let s = Arc::clone(&s);
+            tasks.push(tokio::spawn(async move {
+                let mut nv = new_version("race", "cred", round);
+                nv.sealed_value = test_value("race", &format!("writer{w}"), round, 64);
+                (w, s.put_version(nv).await)
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            let (w, r) = t.await.unwrap();
+            match r {
+                Ok(out) => {
+                    assert_eq!(out.version, round);
+                    winners.push(w);
+                }
+                Err(StoreError::Conflict { latest }) => assert_eq!(latest, round),
+                Err(e) => panic!("unexpected error in a race: {e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let got = s.get_version("race", "cred", Some(round)).await.unwrap();
+        let want = test_value("race", &format!("writer{}", winners[0]), round, 64);
+        assert_eq!(got.sealed_value, want, "the winner's bytes are stored");
+    }
+    assert_eq!(
+        s.get_credential("race", "cred")
+            .await
+            .unwrap()
+            .versions
+            .len(),
+        5
+    );
+}
+
+pub async fn expected_current_check_and_set(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let mut nv = new_version("o", "n", 1);
+    nv.expected_current = Some(0);
+    s.put_version(nv.clone()).await.unwrap();
+
+    let mut nv = new_version("o", "n", 2);
+    nv.expected_current = Some(0);
+    match s.put_version(nv).await {
+        Err(StoreError::CurrentMismatch { current: Some(1) }) => {}
+        other => panic!("expected CurrentMismatch(Some(1)), got {other:?}"),
+    }
+    let mut nv = new_version("o", "n", 2);
+    nv.expected_current = Some(1);
+    s.put_version(nv).await.unwrap();
+    // The check compares the *current* version: after choosing v1, expecting 2 fails.
+    s.set_current("o", "n", 1, t0()).await.unwrap();
+    let mut nv = new_version("o", "n", 3);
+    nv.expected_current = Some(2);
+    match s.put_version(nv).await {
+        Err(StoreError::CurrentMismatch { current: Some(1) }) => {}
+        other => panic!("expected CurrentMismatch(Some(1)), got {other:?}"),
+    }
+    // The check is made before the version number.
+    let mut nv = new_version("o", "n", 7);
+    nv.expected_current = Some(5);
+    match s.put_version(nv).await {
+        Err(StoreError::CurrentMismatch { current: Some(1) }) => {}
+        other => panic!("expected CurrentMismatch, got {other:?}"),
+    }
+    // None = no check.
+    put(&*s, "o", "n", 3).await;
+    // Some(0) on a credential that never existed succeeds; Some(1) fails with current None.
+    let mut nv = new_version("o", "other", 1);
+    nv.expected_current = Some(1);
+    match s.put_version(nv).await {
+        Err(StoreError::CurrentMismatch { current: None }) => {}
+        other => panic!("expected CurrentMismatch(None), got {other:?}"),
+    }
+    assert_eq!(s.latest_version("o", "other").await.unwrap(), 0);
+}
+
+pub async fn racing_check_and_set_exactly_one_wins(b: &dyn TestBackend) {
+    let s = open(b).await;
+    put(&*s, "o", "n", 1).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let s = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            // Each writer read latest = 1 and current = 1, and races to make version 2.
+            let mut nv = new_version("o", "n", 2);
+            nv.expected_current = Some(1);
+            s.put_version(nv).await
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(StoreError::Conflict { latest: 2 })
+            | Err(StoreError::CurrentMismatch { current: Some(2) }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(wins, 1);
+}
+
+pub async fn pagination_is_stable_and_owner_isolated(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let mut want = BTreeSet::new();
+    for i in 0..25u32 {
+        let name = format!("svc{:02}.key", (i * 7) % 25);
+        put(&*s, "alice", &name, 1).await;
+        want.insert(name);
+    }
+    for i in 0..10u32 {
+        put(&*s, "bob", &format!("svc{i:02}.key"), 1).await;
+        put(&*s, "bob", &format!("bob-only{i}"), 1).await;
+    }
+    put(&*s, "alice2", "svc00.key", 1).await;
+    put(&*s, "alic", "svc00.key", 1).await;
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    let mut pages = 0;
+    loop {
+        let page = s
+            .list_credentials("alice", cursor.as_ref(), 7)
+            .await
+            .unwrap();
+        pages += 1;
+        assert!(page.items.len() <= 7);
+        for item in &page.items {
+            assert_eq!(item.owner, "alice");
+            assert_eq!(item.current_version, Some(1));
+            assert_eq!(item.latest_version, 1);
+            assert!(item.current_metadata.is_some());
+            seen.push(item.name.clone());
+        }
+        if pages == 2 {
+            // A credential created behind the cursor mid-listing is not listed twice, and
+            // one ahead of it is listed once.
+            put(&*s, "alice", "aaa.new", 1).await;
+            put(&*s, "alice", "zzz.new", 1).await;
+            want.insert("zzz.new".into());
+        }
+        // The cursor's text form round-trips.
+        cursor = page.next.map(|c| Cursor::parse(c.as_str()).unwrap());
+        if cursor.is_none() {
+            break;
+        }
+        assert!(pages < 100, "pagination does not end");
+    }
+    let sorted: Vec<String> = want.iter().cloned().collect();
+    assert_eq!(seen, sorted, "every name once, in byte order");
+
+    // Bob's cursor is useless for reading Alice's credentials beyond her own.
+    let bob_page = s.list_credentials("bob", None, 3).await.unwrap();
+    let page = s
+        .list_credentials("alice", bob_page.next.as_ref(), 1000)
+        .await
+        .unwrap();
+    assert!(page.items.iter().all(|c| c.owner == "alice"));
+    let all_bob = s.list_credentials("bob", None, 1000).await.unwrap();
+    assert_eq!(all_bob.items.len(), 20);
+    assert!(all_bob.next.is_none());
+    assert!(s
+        .list_credentials("nobody", None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    // Exact fit: a full last page may return a cursor to an empty page, never an error.
+    let page = s.list_credentials("alic", None, 1).await.unwrap();
+    assert_eq!(page.items.len(), 1);
+    if let Some(c) = page.next {
+        let rest = s.list_credentials("alic", Some(&c), 1).await.unwrap();
+        assert!(rest.items.is_empty() && rest.next.is_none());
+    }
+    // A rewrap cursor is not a list cursor.
+    let bogus = Cursor::parse("r1.5").unwrap();
+    assert_invalid(s.list_credentials("alice", Some(&bogus), 5).await);
+    assert_invalid(s.list_credentials("alice", None, 0).await);
+}
+
+pub async fn get_credential_lists_versions_without_secrets(b: &dyn TestBackend) {
+    let s = open(b).await;
+    for v in 1..=3 {
+        put(&*s, "o", "n", v).await;
+    }
+    s.destroy_version("o", "n", 2, t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(c.summary.owner, "o");
+    assert_eq!(c.summary.name, "n");
+    assert!(c.summary.enabled);
+    assert_eq!(c.summary.current_version, Some(3));
+    assert_eq!(c.summary.latest_version, 3);
+    assert_eq!(c.summary.created_at, t0() + Duration::seconds(1));
+    assert_eq!(c.summary.updated_at, t0() + Duration::hours(1));
+    assert_eq!(c.summary.last_used_at, None);
+    assert_eq!(
+        c.summary.current_metadata,
+        Some(serde_json::json!({ "host": "api.example.com", "v": 3 }))
+    );
+    let versions: Vec<(u32, VersionState)> =
+        c.versions.iter().map(|v| (v.version, v.state)).collect();
+    assert_eq!(
+        versions,
+        vec![
+            (3, VersionState::Active),
+            (2, VersionState::Destroyed),
+            (1, VersionState::Active)
+        ]
+    );
+    assert_eq!(c.versions[1].destroyed_at, Some(t0() + Duration::hours(1)));
+    assert_eq!(c.versions[0].destroyed_at, None);
+    assert_eq!(c.versions[0].kek, kek(1));
+    assert_eq!(c.versions[0].created_by, "user:test");
+    assert_eq!(c.versions[2].metadata["v"], 1);
+    // Debug output of what carries secret bytes shows their length only.
+    let sealed = s.get_version("o", "n", None).await.unwrap();
+    let text = format!("{sealed:?}");
+    assert!(text.contains("100 bytes redacted"), "{text}");
+    let secret = test_value("o", "n", 3, 100);
+    let as_list = format!("{:?}", &secret[..4]);
+    assert!(!text.contains(as_list.trim_end_matches(']')), "{text}");
+}
+
+pub async fn set_current_version(b: &dyn TestBackend) {
+    let s = open(b).await;
+    for v in 1..=3 {
+        put(&*s, "o", "n", v).await;
+    }
+    s.set_current("o", "n", 1, t0() + Duration::hours(2))
+        .await
+        .unwrap();
+    let cur = s.get_version("o", "n", None).await.unwrap();
+    assert_eq!(cur.version, 1);
+    assert!(cur.is_current);
+    assert!(!s.get_version("o", "n", Some(3)).await.unwrap().is_current);
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(c.summary.current_version, Some(1));
+    assert_eq!(c.summary.updated_at, t0() + Duration::hours(2));
+    assert_eq!(c.summary.current_metadata.unwrap()["v"], 1);
+    // The latest number is unchanged: the next put is still 4, and becomes current.
+    assert_eq!(s.latest_version("o", "n").await.unwrap(), 3);
+    s.destroy_version("o", "n", 2, t0()).await.unwrap();
+    match s.set_current("o", "n", 2, t0()).await {
+        Err(StoreError::VersionDestroyed) => {}
+        other => panic!("expected VersionDestroyed, got {other:?}"),
+    }
+    assert_not_found(s.set_current("o", "n", 9, t0()).await);
+    assert_not_found(s.set_current("o", "missing", 1, t0()).await);
+    assert_not_found(s.set_current("other-owner", "n", 1, t0()).await);
+    put(&*s, "o", "n", 4).await;
+    assert_eq!(s.get_version("o", "n", None).await.unwrap().version, 4);
+}
+
+pub async fn disable_and_enable(b: &dyn TestBackend) {
+    let s = open(b).await;
+    put(&*s, "o", "n", 1).await;
+    s.set_enabled("o", "n", false, t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert!(!c.summary.enabled);
+    assert_eq!(c.summary.updated_at, t0() + Duration::hours(1));
+    let list = s.list_credentials("o", None, 10).await.unwrap();
+    assert!(!list.items[0].enabled);
+    // Versions are kept, and the caller sees the switch on every read.
+    let v = s.get_version("o", "n", None).await.unwrap();
+    assert!(!v.credential_enabled);
+    assert_eq!(v.sealed_value, test_value("o", "n", 1, 100));
+    s.set_enabled("o", "n", true, t0()).await.unwrap();
+    assert!(
+        s.get_version("o", "n", None)
+            .await
+            .unwrap()
+            .credential_enabled
+    );
+    assert_not_found(s.set_enabled("o", "missing", false, t0()).await);
+}
+
+pub async fn destroy_version_erases_bytes(b: &dyn TestBackend) {
+    let s = open(b).await;
+    for v in 1..=3 {
+        put(&*s, "o", "n", v).await;
+    }
+    let before = b.raw_secret_columns("o", "n", 3).await.unwrap().unwrap();
+    assert_eq!(before.0, test_value("o", "n", 3, 100));
+    assert!(s.destroy_version("o", "n", 3, t0()).await.unwrap());
+    let raw = b.raw_secret_columns("o", "n", 3).await.unwrap();
+    assert_eq!(
+        raw,
+        Some((Vec::new(), Vec::new())),
+        "the tombstone keeps no bytes"
+    );
+    match s.get_version("o", "n", Some(3)).await {
+        Err(StoreError::VersionDestroyed) => {}
+        other => panic!("expected VersionDestroyed, got {other:?}"),
+    }
+    // Destroying the current version makes the newest remaining active one current.
+    assert_eq!(s.get_version("o", "n", None).await.unwrap().version, 2);
+    assert!(
+        !s.destroy_version("o", "n", 3, t0()).await.unwrap(),
+        "idempotent"
+    );
+    // Destroying a non-current version leaves the current one alone.
+    assert!(s.destroy_version("o", "n", 1, t0()).await.unwrap());
+    assert_eq!(s.get_version("o", "n", None).await.unwrap().version, 2);
+    assert!(s.destroy_version("o", "n", 2, t0()).await.unwrap());
+    assert_not_found(s.get_version("o", "n", None).await);
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(c.summary.current_version, None);
+    assert!(c
+        .versions
+        .iter()
+        .all(|v| v.state == VersionState::Destroyed));
+    for v in 1..=3 {
+        let raw = b.raw_secret_columns("o", "n", v).await.unwrap();
+        assert_eq!(raw, Some((Vec::new(), Vec::new())));
+    }
+    assert_not_found(s.destroy_version("o", "n", 4, t0()).await);
+    // The next put continues at 4 and becomes current; Some(0) matches "no current".
+    let mut nv = new_version("o", "n", 4);
+    nv.expected_current = Some(0);
+    s.put_version(nv).await.unwrap();
+    assert_eq!(s.get_version("o", "n", None).await.unwrap().version, 4);
+}
+
+pub async fn destroy_credential_continues_numbering(b: &dyn TestBackend) {
+    let s = open(b).await;
+    for v in 1..=3 {
+        put(&*s, "o", "n", v).await;
+    }
+    put(&*s, "o", "keep", 1).await;
+    s.set_enabled("o", "n", false, t0()).await.unwrap();
+    s.touch_last_used("o", "n", t0()).await.unwrap();
+    s.destroy_credential("o", "n", t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    for v in 1..=3 {
+        let raw = b.raw_secret_columns("o", "n", v).await.unwrap();
+        assert_eq!(raw, Some((Vec::new(), Vec::new())));
+    }
+    assert_not_found(s.get_credential("o", "n").await);
+    assert_not_found(s.get_version("o", "n", Some(1)).await);
+    assert_not_found(s.destroy_credential("o", "n", t0()).await);
+    assert_not_found(s.set_enabled("o", "n", true, t0()).await);
+    let list = s.list_credentials("o", None, 10).await.unwrap();
+    let names: Vec<&str> = list.items.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, vec!["keep"]);
+    // Numbering continues: version numbers are never reused.
+    assert_eq!(s.latest_version("o", "n").await.unwrap(), 3);
+    assert_conflict(s.put_version(new_version("o", "n", 1)).await, 3);
+    let mut nv = new_version("o", "n", 4);
+    nv.expected_current = Some(0);
+    s.put_version(nv).await.unwrap();
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert!(c.summary.enabled, "a re-created credential starts enabled");
+    assert_eq!(c.summary.current_version, Some(4));
+    assert_eq!(c.summary.last_used_at, None);
+    assert_eq!(c.summary.created_at, t0() + Duration::seconds(4));
+    assert_eq!(c.versions.len(), 4);
+    assert_eq!(
+        s.get_version("o", "n", None).await.unwrap().sealed_value,
+        test_value("o", "n", 4, 100)
+    );
+}
+
+pub async fn retention_destroys_oldest_first(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let mut retired = Vec::new();
+    for v in 1..=5 {
+        let mut nv = new_version("o", "n", v);
+        nv.max_versions = 3;
+        retired.extend(s.put_version(nv).await.unwrap().retired);
+    }
+    assert_eq!(retired, vec![1, 2]);
+    for v in [1, 2] {
+        assert_eq!(
+            b.raw_secret_columns("o", "n", v).await.unwrap(),
+            Some((Vec::new(), Vec::new()))
+        );
+    }
+    // The current version is never the one retired: pick v3, then put v6 with max 2.
+    s.set_current("o", "n", 3, t0()).await.unwrap();
+    let mut nv = new_version("o", "n", 6);
+    nv.max_versions = 2;
+    let out = s.put_version(nv).await.unwrap();
+    assert_eq!(out.retired, vec![3, 4]);
+    let active: Vec<u32> = s
+        .get_credential("o", "n")
+        .await
+        .unwrap()
+        .versions
+        .iter()
+        .filter(|v| v.state == VersionState::Active)
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(active, vec![6, 5]);
+    // Default retention keeps 10.
+    for v in 1..=12 {
+        put(&*s, "o", "default", v).await;
+    }
+    let c = s.get_credential("o", "default").await.unwrap();
+    let active = c
+        .versions
+        .iter()
+        .filter(|v| v.state == VersionState::Active)
+        .count();
+    assert_eq!(active, crate::DEFAULT_MAX_VERSIONS as usize);
+    assert_eq!(c.versions.last().unwrap().state, VersionState::Destroyed);
+    // max_versions = 1 keeps just the new one.
+    let mut nv = new_version("o", "default", 13);
+    nv.max_versions = 1;
+    assert_eq!(
+        s.put_version(nv).await.unwrap().retired,
+        (3..=12).collect::<Vec<u32>>()
+    );
+}
+
+pub async fn rewrap_iteration_and_compare_and_swap(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let (a1, a2, b1) = (kek(1), kek(2), KekRef::new("transit", "k9", 1));
+    let mut all = BTreeSet::new();
+    for i in 0..25u32 {
+        let (name, k) = match i % 5 {
+            0..=2 => (format!("a1-{i}"), &a1),
+            3 => (format!("a2-{i}"), &a2),
+            _ => (format!("b1-{i}"), &b1),
+        };
+        let mut nv = new_version(&format!("owner{}", i % 3), &name, 1);
+        nv.kek = k.clone();
+        s.put_version(nv).await.unwrap();
+        all.insert((format!("owner{}", i % 3), name));
+    }
+    let collect = |filter: KekFilter, limit: u32| {
+        let s = Arc::clone(&s);
+        async move {
+            let mut out = Vec::new();
+            let mut cursor: Option<Cursor> = None;
+            loop {
+                let page = s
+                    .versions_for_rewrap(&filter, cursor.as_ref(), limit)
+                    .await
+                    .unwrap();
+                assert!(page.items.len() <= limit as usize);
+                out.extend(page.items);
+                match page.next {
+                    Some(c) => cursor = Some(Cursor::parse(c.as_str()).unwrap()),
+                    None => break,
+                }
+            }
+            out
+        }
+    };
+    let not_a2 = collect(KekFilter::Not(a2.clone()), 4).await;
+    assert_eq!(not_a2.len(), 20);
+    assert!(not_a2.iter().all(|i| i.kek != a2));
+    let distinct: BTreeSet<_> = not_a2
+        .iter()
+        .map(|i| (i.owner.clone(), i.name.clone()))
+        .collect();
+    assert_eq!(distinct.len(), 20, "no item twice");
+    let it = &not_a2[0];
+    assert_eq!(it.wrapped_key, test_value(&it.name, &it.owner, 1, 40));
+    assert_eq!(
+        collect(KekFilter::Exactly(a1.clone()), 1000).await.len(),
+        15
+    );
+    let any_local = collect(
+        KekFilter::AnyVersionOf {
+            provider: "local".into(),
+            key_id: "k1".into(),
+        },
+        7,
+    )
+    .await;
+    assert_eq!(any_local.len(), 20);
+
+    // Rewrap everything that is not under a2, with compare-and-swap.
+    for item in &not_a2 {
+        let new_wrapped = test_value("rewrapped", &item.name, 1, 48);
+        let ok = s
+            .replace_wrapped_key(
+                &item.owner,
+                &item.name,
+                item.version,
+                &item.kek,
+                new_wrapped,
+                &a2,
+            )
+            .await
+            .unwrap();
+        assert!(ok);
+        // A second swap from the old KEK fails: it changed meanwhile.
+        let again = s
+            .replace_wrapped_key(
+                &item.owner,
+                &item.name,
+                item.version,
+                &item.kek,
+                vec![1],
+                &a2,
+            )
+            .await
+            .unwrap();
+        assert!(!again);
+    }
+    assert!(collect(KekFilter::Not(a2.clone()), 10).await.is_empty());
+    let got = s
+        .get_version(&not_a2[0].owner, &not_a2[0].name, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(got.kek, a2);
+    assert_eq!(
+        got.wrapped_key,
+        test_value("rewrapped", &not_a2[0].name, 1, 48)
+    );
+    assert_eq!(
+        got.sealed_value,
+        test_value(&not_a2[0].owner, &not_a2[0].name, 1, 100)
+    );
+    // Destroyed or missing versions are never swapped.
+    let (o, n) = all.iter().next().unwrap();
+    s.destroy_version(o, n, 1, t0()).await.unwrap();
+    assert!(!s
+        .replace_wrapped_key(o, n, 1, &a2, vec![1], &a1)
+        .await
+        .unwrap());
+    assert!(!s
+        .replace_wrapped_key("ghost", "n", 1, &a2, vec![1], &a1)
+        .await
+        .unwrap());
+    assert_eq!(
+        b.raw_secret_columns(o, n, 1).await.unwrap(),
+        Some((Vec::new(), Vec::new()))
+    );
+    assert_eq!(collect(KekFilter::Exactly(a2.clone()), 3).await.len(), 24);
+    let bad = Cursor::parse("c1.61").unwrap();
+    assert_invalid(
+        s.versions_for_rewrap(&KekFilter::Not(a2), Some(&bad), 5)
+            .await,
+    );
+}
+
+pub async fn counts_by_kek_cover_active_versions_only(b: &dyn TestBackend) {
+    let s = open(b).await;
+    assert!(s.count_versions_by_kek().await.unwrap().is_empty());
+    let (a1, a2) = (kek(1), kek(2));
+    for v in 1..=4 {
+        let mut nv = new_version("o", "n", v);
+        nv.kek = if v <= 3 { a1.clone() } else { a2.clone() };
+        s.put_version(nv).await.unwrap();
+    }
+    put(&*s, "p", "m", 1).await; // a1
+    s.destroy_version("o", "n", 1, t0()).await.unwrap();
+    assert_eq!(
+        s.count_versions_by_kek().await.unwrap(),
+        vec![(a1.clone(), 3), (a2.clone(), 1)]
+    );
+    s.destroy_credential("o", "n", t0()).await.unwrap();
+    assert_eq!(s.count_versions_by_kek().await.unwrap(), vec![(a1, 1)]);
+}
+
+pub async fn schema_too_new_is_refused(b: &dyn TestBackend) {
+    {
+        let s = open(b).await;
+        put(&*s, "o", "n", 1).await;
+    }
+    b.set_schema_version(SCHEMA_VERSION + 1).await.unwrap();
+    match b.open().await {
+        Err(e @ StoreError::SchemaTooNew { found, supported }) => {
+            assert_eq!(found, SCHEMA_VERSION + 1);
+            assert_eq!(supported, SCHEMA_VERSION);
+            assert!(e.to_string().contains("refusing"), "{e}");
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    b.set_schema_version(SCHEMA_VERSION).await.unwrap();
+    let s = open(b).await;
+    assert_eq!(s.latest_version("o", "n").await.unwrap(), 1);
+}
+
+pub async fn reopen_keeps_everything(b: &dyn TestBackend) {
+    {
+        let s = open(b).await;
+        put(&*s, "o", "n", 1).await;
+        put(&*s, "o", "n", 2).await;
+        s.put_provider_state("local/keyring", b"state".to_vec())
+            .await
+            .unwrap();
+    }
+    // Opening again (migrations already applied) sees every write.
+    let s = open(b).await;
+    let again = open(b).await;
+    assert_eq!(s.get_version("o", "n", None).await.unwrap().version, 2);
+    assert_eq!(
+        again.get_provider_state("local/keyring").await.unwrap(),
+        Some(b"state".to_vec())
+    );
+    put(&*again, "o", "n", 3).await;
+    assert_eq!(s.latest_version("o", "n").await.unwrap(), 3);
+}
+
+pub async fn unicode_and_long_owner_ids(b: &dyn TestBackend) {
+    let s = open(b).await;
+    // 255 bytes of multi-byte UTF-8: 85 three-byte characters.
+    let long_owner: String = "€".repeat(85);
+    assert_eq!(long_owner.len(), MAX_OWNER_LEN);
+    let owners = [
+        long_owner.clone(),
+        "user@example.com".to_owned(),
+        "ü𝄞 with spaces/and%slashes".to_owned(),
+        "o'quote\"; DROP TABLE credentials; --".to_owned(),
+        "a".to_owned(),
+    ];
+    for owner in &owners {
+        put(&*s, owner, "zoom.api-key", 1).await;
+        let got = s.get_version(owner, "zoom.api-key", None).await.unwrap();
+        assert_eq!(&got.owner, owner);
+        assert_eq!(got.sealed_value, test_value(owner, "zoom.api-key", 1, 100));
+        let list = s.list_credentials(owner, None, 10).await.unwrap();
+        assert_eq!(list.items.len(), 1, "owner {owner:?} sees only their own");
+    }
+    let too_long = format!("{long_owner}x");
+    assert_invalid(s.put_version(new_version(&too_long, "n", 1)).await);
+    assert_invalid(s.list_credentials(&too_long, None, 10).await);
+    assert_invalid(s.put_version(new_version("", "n", 1)).await);
+    assert_invalid(s.get_credential("", "n").await);
+    // Names in byte order, including non-ASCII (the caller restricts the grammar).
+    for name in ["b", "a", "é", "z", "ab"] {
+        put(&*s, "names", name, 1).await;
+    }
+    let list = s.list_credentials("names", None, 2).await.unwrap();
+    let mut names: Vec<String> = list.items.iter().map(|c| c.name.clone()).collect();
+    let rest = s
+        .list_credentials("names", list.next.as_ref(), 10)
+        .await
+        .unwrap();
+    names.extend(rest.items.iter().map(|c| c.name.clone()));
+    assert_eq!(names, vec!["a", "ab", "b", "z", "é"]);
+}
+
+pub async fn values_of_64_kib_round_trip(b: &dyn TestBackend) {
+    let s = open(b).await;
+    for (i, len) in [0usize, 1, 64 * 1024, 64 * 1024 + 200, MAX_SEALED_LEN]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("big{i}");
+        let mut nv = new_version("o", &name, 1);
+        nv.sealed_value = test_value("o", &name, 1, len);
+        s.put_version(nv).await.unwrap();
+        let got = s.get_version("o", &name, None).await.unwrap();
+        assert_eq!(got.sealed_value.len(), len);
+        assert!(
+            got.sealed_value == test_value("o", &name, 1, len),
+            "bytes differ at len {len}"
+        );
+    }
+    let mut nv = new_version("o", "too-big", 1);
+    nv.sealed_value = vec![0; MAX_SEALED_LEN + 1];
+    assert_invalid(s.put_version(nv).await);
+    // Destroying a large value leaves no bytes.
+    s.destroy_version("o", "big2", 1, t0()).await.unwrap();
+    assert_eq!(
+        b.raw_secret_columns("o", "big2", 1).await.unwrap(),
+        Some((Vec::new(), Vec::new()))
+    );
+}
+
+pub async fn touch_last_used_never_goes_back(b: &dyn TestBackend) {
+    let s = open(b).await;
+    put(&*s, "o", "n", 1).await;
+    s.touch_last_used("o", "n", t0() + Duration::hours(2))
+        .await
+        .unwrap();
+    s.touch_last_used("o", "n", t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(c.summary.last_used_at, Some(t0() + Duration::hours(2)));
+    // Using a value is not a change of the credential.
+    assert_eq!(c.summary.updated_at, t0() + Duration::seconds(1));
+    assert_not_found(s.touch_last_used("o", "missing", t0()).await);
+}
+
+pub async fn provider_state_round_trips(b: &dyn TestBackend) {
+    let s = open(b).await;
+    assert_eq!(s.get_provider_state("aws-kms/cache").await.unwrap(), None);
+    s.put_provider_state("aws-kms/cache", vec![1, 2, 3])
+        .await
+        .unwrap();
+    s.put_provider_state("local/keyring", vec![9; 100_000])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_provider_state("aws-kms/cache").await.unwrap(),
+        Some(vec![1, 2, 3])
+    );
+    s.put_provider_state("aws-kms/cache", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_provider_state("aws-kms/cache").await.unwrap(),
+        Some(Vec::new())
+    );
+    assert_eq!(
+        s.get_provider_state("local/keyring").await.unwrap(),
+        Some(vec![9; 100_000])
+    );
+    assert_invalid(s.put_provider_state("", vec![1]).await);
+    assert_invalid(s.get_provider_state(&"k".repeat(256)).await);
+}
+
+pub async fn missing_credentials_are_not_found(b: &dyn TestBackend) {
+    let s = open(b).await;
+    put(&*s, "alice", "n", 1).await;
+    // Another owner's credential looks exactly like a missing one.
+    for owner in ["bob", "alice "] {
+        assert_not_found(s.get_credential(owner, "n").await);
+        assert_not_found(s.get_version(owner, "n", None).await);
+        assert_not_found(s.get_version(owner, "n", Some(1)).await);
+        assert_not_found(s.set_current(owner, "n", 1, t0()).await);
+        assert_not_found(s.set_enabled(owner, "n", false, t0()).await);
+        assert_not_found(s.destroy_version(owner, "n", 1, t0()).await);
+        assert_not_found(s.destroy_credential(owner, "n", t0()).await);
+        assert_not_found(s.touch_last_used(owner, "n", t0()).await);
+        assert_eq!(s.latest_version(owner, "n").await.unwrap(), 0);
+        assert!(!s
+            .replace_wrapped_key(owner, "n", 1, &kek(1), vec![1], &kek(2))
+            .await
+            .unwrap());
+    }
+    // Nothing of Alice's changed.
+    let v = s.get_version("alice", "n", None).await.unwrap();
+    assert!(v.credential_enabled);
+    assert_eq!(v.kek, kek(1));
+}
+
+pub async fn invalid_input_is_rejected(b: &dyn TestBackend) {
+    let s = open(b).await;
+    assert_invalid(s.put_version(new_version("o", "n", 0)).await);
+    let mut nv = new_version("o", "n", 1);
+    nv.max_versions = 0;
+    assert_invalid(s.put_version(nv).await);
+    assert_invalid(s.put_version(new_version("o", "", 1)).await);
+    assert_invalid(s.put_version(new_version("o", &"n".repeat(129), 1)).await);
+    let mut nv = new_version("o", "n", 1);
+    nv.kek = KekRef::new("", "k", 1);
+    assert_invalid(s.put_version(nv).await);
+    let mut nv = new_version("o", "n", 1);
+    nv.wrapped_key = vec![0; crate::MAX_WRAPPED_KEY_LEN + 1];
+    assert_invalid(s.put_version(nv).await);
+    assert_invalid(s.get_version("o", "n", Some(0)).await);
+    assert_invalid(s.set_current("o", "n", 0, t0()).await);
+    assert_invalid(
+        s.versions_for_rewrap(&KekFilter::Not(kek(1)), None, 0)
+            .await,
+    );
+    // Nothing was written.
+    assert_eq!(s.latest_version("o", "n").await.unwrap(), 0);
+}
+
+/// The reference model of one credential for [`random_operations_match_a_model`].
+#[derive(Debug, Clone, Default)]
+struct ModelCred {
+    latest: u32,
+    current: Option<u32>,
+    enabled: bool,
+    deleted: bool,
+    /// version -> active?
+    versions: std::collections::BTreeMap<u32, bool>,
+}
+
+impl ModelCred {
+    fn live(&self) -> bool {
+        self.latest > 0 && !self.deleted
+    }
+}
+
+/// What an operation returned, reduced to what the model predicts.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Retired(Vec<u32>),
+    Bool(bool),
+    NotFound,
+    Conflict(u32),
+    Mismatch(Option<u32>),
+    Destroyed,
+}
+
+fn outcome<T>(r: Result<T, StoreError>, ok: impl FnOnce(T) -> Outcome) -> Outcome {
+    match r {
+        Ok(v) => ok(v),
+        Err(StoreError::NotFound) => Outcome::NotFound,
+        Err(StoreError::Conflict { latest }) => Outcome::Conflict(latest),
+        Err(StoreError::CurrentMismatch { current }) => Outcome::Mismatch(current),
+        Err(StoreError::VersionDestroyed) => Outcome::Destroyed,
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+/// Seeded random sequences of puts (right and wrong version numbers, check-and-set,
+/// retention), current-version changes, enable/disable and destroys, checked after every
+/// step against a reference model: outcomes, and the credential as `get_credential` and
+/// `get_version` report it.
+pub async fn random_operations_match_a_model(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let mut rng: u64 = 0x5eed_0f5e_ed00_0001;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let keys = [("a", "x"), ("a", "y"), ("b", "x")];
+    let mut model: Vec<ModelCred> = vec![ModelCred::default(); keys.len()];
+    for step in 0..400 {
+        let k = next(keys.len() as u64) as usize;
+        let (owner, name) = keys[k];
+        let m = &mut model[k];
+        let current = if m.live() { m.current } else { None };
+        let (got, want) = match next(10) {
+            0..=4 => {
+                let version = match next(6) {
+                    0 => m.latest,
+                    1 => m.latest + 2,
+                    _ => m.latest + 1,
+                }
+                .max(1);
+                let expected = match next(4) {
+                    0 => Some(current.unwrap_or(0)),
+                    1 => Some(current.unwrap_or(0) + 1),
+                    _ => None,
+                };
+                let max_versions = 1 + next(4) as u32;
+                let mut nv = new_version(owner, name, version);
+                nv.expected_current = expected;
+                nv.max_versions = max_versions;
+                let got = outcome(s.put_version(nv).await, |o| Outcome::Retired(o.retired));
+                let want = if expected.is_some_and(|e| e != current.unwrap_or(0)) {
+                    Outcome::Mismatch(current)
+                } else if version != m.latest + 1 {
+                    Outcome::Conflict(m.latest)
+                } else {
+                    if m.deleted {
+                        m.enabled = true;
+                    }
+                    if m.latest == 0 {
+                        m.enabled = true;
+                    }
+                    m.deleted = false;
+                    m.latest = version;
+                    m.current = Some(version);
+                    m.versions.insert(version, true);
+                    let others: Vec<u32> = m
+                        .versions
+                        .iter()
+                        .rev()
+                        .filter(|(v, active)| **active && **v != version)
+                        .map(|(v, _)| *v)
+                        .collect();
+                    let mut retired: Vec<u32> =
+                        others.into_iter().skip(max_versions as usize - 1).collect();
+                    retired.sort_unstable();
+                    for v in &retired {
+                        m.versions.insert(*v, false);
+                    }
+                    Outcome::Retired(retired)
+                };
+                (got, want)
+            }
+            5 => {
+                let v = 1 + next(u64::from(m.latest) + 1) as u32;
+                let got = outcome(s.set_current(owner, name, v, t0()).await, |_| Outcome::Ok);
+                let want = if !m.live() {
+                    Outcome::NotFound
+                } else {
+                    match m.versions.get(&v) {
+                        None => Outcome::NotFound,
+                        Some(false) => Outcome::Destroyed,
+                        Some(true) => {
+                            m.current = Some(v);
+                            Outcome::Ok
+                        }
+                    }
+                };
+                (got, want)
+            }
+            6 => {
+                let on = next(2) == 0;
+                let got = outcome(s.set_enabled(owner, name, on, t0()).await, |_| Outcome::Ok);
+                let want = if m.live() {
+                    m.enabled = on;
+                    Outcome::Ok
+                } else {
+                    Outcome::NotFound
+                };
+                (got, want)
+            }
+            7 | 8 => {
+                let v = 1 + next(u64::from(m.latest) + 1) as u32;
+                let got = outcome(s.destroy_version(owner, name, v, t0()).await, Outcome::Bool);
+                let want = if !m.live() {
+                    Outcome::NotFound
+                } else {
+                    match m.versions.get(&v).copied() {
+                        None => Outcome::NotFound,
+                        Some(false) => Outcome::Bool(false),
+                        Some(true) => {
+                            m.versions.insert(v, false);
+                            if m.current == Some(v) {
+                                m.current =
+                                    m.versions.iter().rev().find(|(_, a)| **a).map(|(v, _)| *v);
+                            }
+                            Outcome::Bool(true)
+                        }
+                    }
+                };
+                (got, want)
+            }
+            _ => {
+                let got = outcome(s.destroy_credential(owner, name, t0()).await, |_| {
+                    Outcome::Ok
+                });
+                let want = if m.live() {
+                    m.deleted = true;
+                    m.current = None;
+                    for active in m.versions.values_mut() {
+                        *active = false;
+                    }
+                    Outcome::Ok
+                } else {
+                    Outcome::NotFound
+                };
+                (got, want)
+            }
+        };
+        assert_eq!(got, want, "step {step} on {owner}/{name}, model {m:?}");
+
+        // The store's view of the credential matches the model.
+        assert_eq!(s.latest_version(owner, name).await.unwrap(), m.latest);
+        match s.get_credential(owner, name).await {
+            Ok(c) => {
+                assert!(
+                    m.live(),
+                    "step {step}: store has a credential the model lacks"
+                );
+                assert_eq!(c.summary.current_version, m.current, "step {step}");
+                assert_eq!(c.summary.latest_version, m.latest, "step {step}");
+                assert_eq!(c.summary.enabled, m.enabled, "step {step}");
+                let states: Vec<(u32, bool)> = c
+                    .versions
+                    .iter()
+                    .rev()
+                    .map(|v| (v.version, v.state == VersionState::Active))
+                    .collect();
+                let want: Vec<(u32, bool)> = m.versions.iter().map(|(v, a)| (*v, *a)).collect();
+                assert_eq!(states, want, "step {step}");
+            }
+            Err(StoreError::NotFound) => assert!(!m.live(), "step {step}: credential lost"),
+            Err(e) => panic!("get_credential: {e}"),
+        }
+        match (
+            s.get_version(owner, name, None).await,
+            m.live().then_some(m.current).flatten(),
+        ) {
+            (Ok(v), Some(cur)) => {
+                assert_eq!(v.version, cur);
+                assert_eq!(v.sealed_value, test_value(owner, name, cur, 100));
+            }
+            (Err(StoreError::NotFound), None) => {}
+            (got, want) => panic!("step {step}: current {want:?}, store says {got:?}"),
+        }
+    }
+    // Destroyed versions hold no bytes.
+    for (k, m) in model.iter().enumerate() {
+        let (owner, name) = keys[k];
+        for (v, active) in &m.versions {
+            let raw = b
+                .raw_secret_columns(owner, name, *v)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(raw.0.is_empty(), !active, "{owner}/{name} v{v}");
+            assert_eq!(raw.1.is_empty(), !active, "{owner}/{name} v{v}");
+        }
+    }
+}

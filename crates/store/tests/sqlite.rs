@@ -1,0 +1,149 @@
+//! The conformance suite and SQLite-specific checks against the embedded SQLite backend.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use strongroom_store::sqlite::{SqliteOptions, SqliteStore, DB_FILE_NAME};
+use strongroom_store::testing::{test_value, TestBackend};
+use strongroom_store::{KekRef, NewVersion, Store, StoreError};
+use time::OffsetDateTime;
+
+/// One temp dir (one database file) per test.
+struct SqliteBackend {
+    dir: tempfile::TempDir,
+    opened: Mutex<Vec<SqliteStore>>,
+}
+
+impl SqliteBackend {
+    fn path(&self) -> PathBuf {
+        self.dir.path().join(DB_FILE_NAME)
+    }
+}
+
+#[async_trait]
+impl TestBackend for SqliteBackend {
+    async fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
+        let store = SqliteStore::open(self.path(), SqliteOptions::default()).await?;
+        self.opened.lock().unwrap().push(store.clone());
+        Ok(Arc::new(store))
+    }
+
+    async fn raw_secret_columns(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let store = SqliteStore::open(self.path(), SqliteOptions::default()).await?;
+        let raw = store.testing_raw_secret_columns(owner, name, version).await;
+        store.close().await;
+        raw
+    }
+
+    async fn set_schema_version(&self, version: u32) -> Result<(), StoreError> {
+        let opened: Vec<SqliteStore> = self.opened.lock().unwrap().drain(..).collect();
+        for s in opened {
+            s.close().await;
+        }
+        SqliteStore::testing_set_schema_version(&self.path(), version)
+    }
+}
+
+async fn backend() -> Option<Box<dyn TestBackend>> {
+    Some(Box::new(SqliteBackend {
+        dir: tempfile::tempdir().unwrap(),
+        opened: Mutex::new(Vec::new()),
+    }))
+}
+
+strongroom_store::conformance_tests!(backend());
+
+fn t0() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+}
+
+/// After destroy and close (which checkpoints the WAL), the value's bytes are nowhere in
+/// the database files: `secure_delete` zeroed the freed pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroyed_bytes_are_gone_from_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+    let value = test_value("o", "n", 1, 64 * 1024);
+    let wrapped = test_value("wrapped", "n", 1, 48);
+    let nv = NewVersion::new(
+        "o",
+        "n",
+        1,
+        value.clone(),
+        wrapped.clone(),
+        KekRef::new("local", "k", 1),
+        "t",
+        t0(),
+    );
+    store.put_version(nv).await.unwrap();
+    store.close().await;
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let all_files = || {
+        let mut bytes = Vec::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        bytes
+    };
+    assert!(
+        contains(&all_files(), &value[1000..1064]),
+        "sanity: the value is on disk"
+    );
+
+    let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+    assert!(store.destroy_version("o", "n", 1, t0()).await.unwrap());
+    store.close().await;
+    let files = all_files();
+    for chunk in [
+        &value[..32],
+        &value[30_000..30_032],
+        &value[65_000..65_032],
+        &wrapped[..32],
+    ] {
+        assert!(!contains(&files, chunk), "destroyed bytes still on disk");
+    }
+}
+
+#[tokio::test]
+async fn files_are_private_and_journal_is_wal() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = SqliteStore::open_dir(&data).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join(DB_FILE_NAME)), 0o600);
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+    let nv = NewVersion::new(
+        "o",
+        "n",
+        1,
+        vec![1],
+        vec![2],
+        KekRef::new("l", "k", 1),
+        "t",
+        t0(),
+    );
+    store.put_version(nv).await.unwrap();
+    assert!(data.join(format!("{DB_FILE_NAME}-wal")).exists());
+    store.close().await;
+    assert!(matches!(
+        store.latest_version("o", "n").await,
+        Err(StoreError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn not_a_database_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(DB_FILE_NAME), vec![0x42; 8192]).unwrap();
+    let err = SqliteStore::open_dir(dir.path()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+}
