@@ -1,0 +1,157 @@
+//! `ApiError`: every failure as a status, a stable code and a message that holds no secret.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use strongroom_core::CoreError;
+use utoipa::ToSchema;
+
+/// The error body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code (`not_found`, `forbidden`, `version_conflict`, ...).
+    pub code: &'static str,
+    /// Human-readable explanation; never contains a credential value or token.
+    pub message: String,
+}
+
+/// An API failure. The internal cause of a 5xx is logged once, by [`IntoResponse`], and not
+/// sent to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    internal: Option<String>,
+}
+
+impl ApiError {
+    /// A client error with a code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            internal: None,
+        }
+    }
+
+    /// 400 with code `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 401: no or bad credentials.
+    pub fn unauthenticated() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "missing, invalid or expired credentials",
+        )
+    }
+
+    /// 403: authenticated but not allowed.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 404, identical whether the credential does not exist or belongs to someone else.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such credential")
+    }
+
+    /// 429.
+    pub fn rate_limited() -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests; slow down",
+        )
+    }
+
+    /// A server-side fault: the client sees only the status and a generic message.
+    pub fn internal(status: StatusCode, code: &'static str, cause: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: match status {
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    "a backing service is unavailable; retry later".into()
+                }
+                _ => "internal error".into(),
+            },
+            internal: Some(cause.into()),
+        }
+    }
+
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        use StatusCode as S;
+        match e {
+            CoreError::InvalidName => Self::new(S::BAD_REQUEST, "invalid_name", e.to_string()),
+            CoreError::InvalidOwner => Self::new(S::BAD_REQUEST, "invalid_owner", e.to_string()),
+            CoreError::InvalidInput(_) => Self::new(S::BAD_REQUEST, "bad_request", e.to_string()),
+            CoreError::ValueTooLarge(_) => {
+                Self::new(S::PAYLOAD_TOO_LARGE, "value_too_large", e.to_string())
+            }
+            CoreError::NotFound => Self::not_found(),
+            CoreError::VersionDestroyed => Self::new(S::GONE, "version_destroyed", e.to_string()),
+            CoreError::VersionConflict { .. } => {
+                Self::new(S::CONFLICT, "version_conflict", e.to_string())
+            }
+            CoreError::Contended => Self::new(S::CONFLICT, "contended", e.to_string()),
+            CoreError::Disabled => Self::new(S::CONFLICT, "credential_disabled", e.to_string()),
+            CoreError::Unavailable(cause) => {
+                Self::internal(S::SERVICE_UNAVAILABLE, "unavailable", cause)
+            }
+            CoreError::Integrity => Self::internal(
+                S::INTERNAL_SERVER_ERROR,
+                "integrity_error",
+                "stored data failed its integrity check",
+            ),
+            other => Self::internal(S::INTERNAL_SERVER_ERROR, "internal", other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Some(cause) = &self.internal {
+            tracing::error!(status = self.status.as_u16(), code = self.code, cause = %cause, "request failed");
+        }
+        let mut response = (
+            self.status,
+            axum::Json(ErrorBody {
+                error: ErrorDetail {
+                    code: self.code,
+                    message: self.message,
+                },
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

@@ -1,0 +1,193 @@
+//! Request extractors: who is calling, and JSON/path/query input with JSON errors.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::auth::{AuthFailure, PeerCertificate};
+use crate::{ApiError, AppState};
+
+/// The header a delegated service uses to present the owner's user token.
+pub const ON_BEHALF_OF: &str = "x-strongroom-on-behalf-of";
+
+fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
+    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| ApiError::unauthenticated())?;
+    match text.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(ApiError::unauthenticated()),
+    }
+}
+
+/// An authenticated end user; the string is their owner id (the token's `sub`).
+pub struct User(pub String);
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?.ok_or_else(ApiError::unauthenticated)?;
+        match state.auth().verify_user(token) {
+            Ok(sub) => Ok(User(sub)),
+            // A valid service or admin credential on a user route: known, but the wrong kind.
+            Err(_) if is_known_non_user(state, parts, token) => Err(ApiError::forbidden(
+                "this route is for users; services use /v1/owners/...",
+            )),
+            Err(_) => Err(ApiError::unauthenticated()),
+        }
+    }
+}
+
+fn is_known_non_user(state: &AppState, parts: &Parts, token: &str) -> bool {
+    let peer = parts.extensions.get::<PeerCertificate>();
+    state.auth().verify_service(Some(token), peer).is_ok()
+        || state.auth().verify_admin(Some(token), peer).is_ok()
+}
+
+/// An authenticated service, and the user it proved it acts for (delegated mode).
+pub struct Service {
+    /// The service name.
+    pub name: String,
+    /// The owner id from a valid `X-Strongroom-On-Behalf-Of` user token.
+    pub on_behalf_of: Option<String>,
+}
+
+impl FromRequestParts<AppState> for Service {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        let peer = parts.extensions.get::<PeerCertificate>();
+        let name = match state.auth().verify_service(token, peer) {
+            Ok(name) => name,
+            Err(AuthFailure::Invalid)
+                if token.is_some_and(|t| state.auth().verify_user(t).is_ok()) =>
+            {
+                return Err(ApiError::forbidden("users cannot use service routes"))
+            }
+            Err(AuthFailure::Invalid) if state.auth().verify_admin(token, peer).is_ok() => {
+                return Err(ApiError::forbidden("admins cannot use service routes"))
+            }
+            Err(_) => return Err(ApiError::unauthenticated()),
+        };
+        let on_behalf_of = match parts.headers.get(ON_BEHALF_OF) {
+            None => None,
+            Some(v) => {
+                let t = v.to_str().map_err(|_| ApiError::unauthenticated())?;
+                Some(
+                    state
+                        .auth()
+                        .verify_user(t.trim())
+                        .map_err(|_| ApiError::unauthenticated())?,
+                )
+            }
+        };
+        Ok(Service { name, on_behalf_of })
+    }
+}
+
+/// An authenticated admin.
+pub struct Admin(pub String);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        let peer = parts.extensions.get::<PeerCertificate>();
+        match state.auth().verify_admin(token, peer) {
+            Ok(name) => Ok(Admin(name)),
+            Err(AuthFailure::Invalid)
+                if token.is_some_and(|t| state.auth().verify_user(t).is_ok())
+                    || state.auth().verify_service(token, peer).is_ok() =>
+            {
+                Err(ApiError::forbidden("this route is for admins"))
+            }
+            Err(_) => Err(ApiError::unauthenticated()),
+        }
+    }
+}
+
+/// A JSON body whose rejections are JSON errors that never echo the input.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: &JsonRejection) -> ApiError {
+    // serde's messages can quote the offending input (which may be a value), so they are
+    // never passed on; the category is enough to fix the request.
+    match r {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("the body is not valid JSON"),
+        JsonRejection::JsonDataError(_) => ApiError::bad_request(
+            "the JSON body has missing, unknown or mistyped fields for this endpoint",
+        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body too large",
+        ),
+        _ => ApiError::bad_request("could not read the request body"),
+    }
+}
+
+/// Path parameters with JSON errors.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| ApiPath(v))
+            .map_err(|_| ApiError::bad_request("malformed path parameter"))
+    }
+}
+
+/// Query parameters with JSON errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| ApiQuery(v))
+            .map_err(|_| ApiError::bad_request("malformed query string"))
+    }
+}
+
+/// An optional JSON body: empty (or whitespace) means `T::default()`.
+pub fn optional_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|_| {
+        ApiError::bad_request(
+            "the JSON body has missing, unknown or mistyped fields for this endpoint",
+        )
+    })
+}

@@ -1,0 +1,129 @@
+//! # strongroom-api
+//!
+//! The HTTP API v1 as an axum [`Router`]: authentication extractors, the routes of
+//! `../shared/SPEC.md`, one [`ApiError`] type, Prometheus metrics and the OpenAPI document.
+//! TLS, sockets, configuration and signals belong to the server crate, which builds an
+//! [`AppState`] and serves [`router`].
+//!
+//! Rules every handler follows: users act only on their own owner id (taken from their token,
+//! never from the path); services act only where [`strongroom_core::policy::Policy`] allows;
+//! another owner's credential gets the same 404 as a missing one; only the service `reveal`
+//! route returns a value; no value, token or key is ever logged or used as a metric label.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod auth;
+mod error;
+mod extract;
+mod metrics;
+mod openapi;
+mod routes;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use strongroom_core::policy::Policy;
+use strongroom_core::Vault;
+
+pub use auth::{
+    hash_token, AuthConfigError, AuthSettings, Authenticator, JwtAlgorithm, JwtKeySource,
+    JwtSettings, PeerCertificate, TokenEntry,
+};
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use metrics::Metrics;
+pub use openapi::openapi_json;
+
+/// Limits the router enforces itself (the server adds connection and header limits).
+#[derive(Clone, Debug)]
+pub struct ApiLimits {
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest time a request may take before it is answered 408/503.
+    pub request_timeout: Duration,
+    /// `verify` calls allowed per owner per minute.
+    pub verify_per_minute: u32,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 512 * 1024,
+            request_timeout: Duration::from_secs(30),
+            verify_per_minute: 30,
+        }
+    }
+}
+
+type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+struct Shared {
+    vault: Arc<Vault>,
+    auth: Authenticator,
+    policy: RwLock<Arc<Policy>>,
+    limits: ApiLimits,
+    metrics: Metrics,
+    verify_limiter: KeyedLimiter,
+}
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// State over `vault`, authenticating with `auth` and authorising services with `policy`.
+    pub fn new(vault: Arc<Vault>, auth: Authenticator, policy: Policy, limits: ApiLimits) -> Self {
+        let per_minute = std::num::NonZeroU32::new(limits.verify_per_minute.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let verify_limiter = governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute));
+        Self(Arc::new(Shared {
+            vault,
+            auth,
+            policy: RwLock::new(Arc::new(policy)),
+            limits,
+            metrics: Metrics::new(),
+            verify_limiter,
+        }))
+    }
+
+    /// Swaps in a new policy (SIGHUP reload); requests in flight finish under the old one.
+    pub fn replace_policy(&self, policy: Policy) {
+        *self.0.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.0
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The use cases.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.0.vault
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    pub(crate) fn auth(&self) -> &Authenticator {
+        &self.0.auth
+    }
+
+    pub(crate) fn limits(&self) -> &ApiLimits {
+        &self.0.limits
+    }
+
+    pub(crate) fn verify_limiter(&self) -> &KeyedLimiter {
+        &self.0.verify_limiter
+    }
+}
+
+/// The whole API: `/v1/...`, `/healthz`, `/readyz`, `/metrics`, `/v1/openapi.json`.
+pub fn router(state: AppState) -> Router {
+    routes::router(state)
+}

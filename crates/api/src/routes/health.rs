@@ -1,0 +1,53 @@
+//! `/healthz`, `/readyz`, `/metrics`, `/v1/openapi.json`: unauthenticated, value-free.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+
+use super::views::HealthResponse;
+use crate::AppState;
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = HealthResponse)))]
+pub(crate) async fn healthz() -> Json<HealthResponse> {
+    Json(HealthResponse { status: "ok" })
+}
+
+/// The store and the key provider are reachable.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
+    match state.vault().health().await {
+        Ok(()) => (StatusCode::OK, Json(HealthResponse { status: "ok" })),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(HealthResponse {
+                    status: "unavailable",
+                }),
+            )
+        }
+    }
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics().encode(),
+    )
+}
+
+/// This document.
+pub(crate) async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi_json(),
+    )
+}

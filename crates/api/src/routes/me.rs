@@ -1,0 +1,211 @@
+//! `/v1/me/credentials...`: a user's own credentials. The owner is always the token's `sub`;
+//! no route here returns a value.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use strongroom_core::PutRequest;
+use strongroom_crypto::SecretBytes;
+
+use super::views::{
+    detail, item, CredentialDetail, CredentialList, CurrentBody, ListQuery, PutBody, PutResponse,
+    StateResponse, VerifyBody, VerifyResponse,
+};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, User};
+use crate::{ApiError, AppState, ErrorBody};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Store a new version of one of your credentials.
+#[utoipa::path(put, path = "/v1/me/credentials/{name}", tag = "user",
+    params(("name" = String, Path, description = "Credential name, [a-z0-9][a-z0-9._-]{0,127}")),
+    request_body = PutBody,
+    responses(
+        (status = 201, description = "Stored; the value is never returned", body = PutResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "expected_version is stale", body = ErrorBody),
+        (status = 413, body = ErrorBody)),
+    security(("user_jwt" = [])))]
+pub(crate) async fn put(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<PutBody>,
+) -> ApiResult<(StatusCode, Json<PutResponse>)> {
+    let created_by = format!("user:{owner}");
+    let outcome = state
+        .vault()
+        .put(PutRequest {
+            owner: &owner,
+            name: &name,
+            value: SecretBytes::new(body.value.into_bytes()),
+            metadata: body.metadata,
+            expected_version: body.expected_version,
+            created_by: &created_by,
+        })
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(PutResponse {
+            name,
+            version: outcome.version,
+            created_at: outcome.created_at,
+        }),
+    ))
+}
+
+/// List your credentials (metadata only), a page at a time.
+#[utoipa::path(get, path = "/v1/me/credentials", tag = "user", params(ListQuery),
+    responses((status = 200, body = CredentialList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("user_jwt" = [])))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<CredentialList>> {
+    let page = state
+        .vault()
+        .list(&owner, q.cursor.as_deref(), q.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(CredentialList {
+        items: page.items.into_iter().map(item).collect(),
+        next_cursor: page.next.map(|c| c.as_str().to_owned()),
+    }))
+}
+
+/// One credential's metadata and versions (never values).
+#[utoipa::path(get, path = "/v1/me/credentials/{name}", tag = "user",
+    params(("name" = String, Path, description = "Credential name")),
+    responses((status = 200, body = CredentialDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("user_jwt" = [])))]
+pub(crate) async fn describe(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<CredentialDetail>> {
+    Ok(Json(detail(state.vault().describe(&owner, &name).await?)))
+}
+
+async fn state_response(
+    state: &AppState,
+    owner: &str,
+    name: &str,
+) -> ApiResult<Json<StateResponse>> {
+    let c = state.vault().describe(owner, name).await?;
+    Ok(Json(StateResponse {
+        name: name.to_owned(),
+        state: super::views::state_of(c.summary.enabled),
+        current_version: c.summary.current_version,
+    }))
+}
+
+/// Choose which version is current.
+#[utoipa::path(post, path = "/v1/me/credentials/{name}/current", tag = "user",
+    params(("name" = String, Path, description = "Credential name")), request_body = CurrentBody,
+    responses((status = 200, body = StateResponse), (status = 404, body = ErrorBody), (status = 410, description = "that version was destroyed", body = ErrorBody)),
+    security(("user_jwt" = [])))]
+pub(crate) async fn set_current(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<CurrentBody>,
+) -> ApiResult<Json<StateResponse>> {
+    state
+        .vault()
+        .set_current(&owner, &name, body.version)
+        .await?;
+    state_response(&state, &owner, &name).await
+}
+
+/// Kill switch: keep every version but let no service use the credential.
+#[utoipa::path(post, path = "/v1/me/credentials/{name}/disable", tag = "user",
+    params(("name" = String, Path, description = "Credential name")),
+    responses((status = 200, body = StateResponse), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+pub(crate) async fn disable(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<StateResponse>> {
+    state.vault().set_enabled(&owner, &name, false).await?;
+    state_response(&state, &owner, &name).await
+}
+
+/// Undo a disable.
+#[utoipa::path(post, path = "/v1/me/credentials/{name}/enable", tag = "user",
+    params(("name" = String, Path, description = "Credential name")),
+    responses((status = 200, body = StateResponse), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+pub(crate) async fn enable(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<StateResponse>> {
+    state.vault().set_enabled(&owner, &name, true).await?;
+    state_response(&state, &owner, &name).await
+}
+
+/// Check a candidate against the current value, in constant time. Rate-limited per owner.
+#[utoipa::path(post, path = "/v1/me/credentials/{name}/verify", tag = "user",
+    params(("name" = String, Path, description = "Credential name")), request_body = VerifyBody,
+    responses((status = 200, body = VerifyResponse), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("user_jwt" = [])))]
+pub(crate) async fn verify(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<VerifyBody>,
+) -> ApiResult<Json<VerifyResponse>> {
+    if state.verify_limiter().check_key(&owner).is_err() {
+        return Err(ApiError::rate_limited());
+    }
+    let candidate = SecretBytes::new(body.value.into_bytes());
+    let matches = state.vault().verify(&owner, &name, &candidate).await?;
+    Ok(Json(VerifyResponse { matches }))
+}
+
+/// Who used the credential, when and how. Arrives with the audit log.
+#[utoipa::path(get, path = "/v1/me/credentials/{name}/usage", tag = "user",
+    params(("name" = String, Path, description = "Credential name")),
+    responses((status = 501, description = "not implemented until the audit log lands", body = ErrorBody)),
+    security(("user_jwt" = [])))]
+pub(crate) async fn usage(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<()>> {
+    // Existence first, so another owner still gets the 404 a missing credential gets.
+    state.vault().describe(&owner, &name).await?;
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "usage history arrives with the audit log; last_used_at is in the credential's metadata",
+    ))
+}
+
+/// Destroy one version (its data key is erased: crypto-shredding).
+#[utoipa::path(delete, path = "/v1/me/credentials/{name}/versions/{version}", tag = "user",
+    params(("name" = String, Path, description = "Credential name"), ("version" = u32, Path, description = "Version")),
+    responses((status = 204, description = "Destroyed"), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+pub(crate) async fn destroy_version(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath((name, version)): ApiPath<(String, u32)>,
+) -> ApiResult<StatusCode> {
+    state
+        .vault()
+        .destroy_version(&owner, &name, version)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Destroy a credential and every version.
+#[utoipa::path(delete, path = "/v1/me/credentials/{name}", tag = "user",
+    params(("name" = String, Path, description = "Credential name")),
+    responses((status = 204, description = "Destroyed"), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+pub(crate) async fn destroy(
+    State(state): State<AppState>,
+    User(owner): User,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    state.vault().destroy_credential(&owner, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

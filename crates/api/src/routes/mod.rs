@@ -1,0 +1,108 @@
+//! The routes and the middleware stack around them.
+
+pub(crate) mod admin;
+pub(crate) mod health;
+pub(crate) mod me;
+pub(crate) mod owners;
+pub(crate) mod views;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::extract::ON_BEHALF_OF;
+use crate::{ApiError, AppState};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request ids: a per-process random prefix and a counter (unique, cheap, not guessable
+/// across restarts).
+#[derive(Clone)]
+struct Ids {
+    prefix: String,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MakeRequestId for Ids {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    let mut seed = [0u8; 6];
+    let _ = strongroom_crypto::SecureRandom::fill(&strongroom_crypto::OsRandom, &mut seed);
+    let ids = Ids {
+        prefix: hex::encode(seed),
+        next: Default::default(),
+    };
+    let v1 = Router::new()
+        .route("/v1/me/credentials", get(me::list))
+        .route(
+            "/v1/me/credentials/{name}",
+            put(me::put).get(me::describe).delete(me::destroy),
+        )
+        .route("/v1/me/credentials/{name}/current", post(me::set_current))
+        .route("/v1/me/credentials/{name}/disable", post(me::disable))
+        .route("/v1/me/credentials/{name}/enable", post(me::enable))
+        .route("/v1/me/credentials/{name}/verify", post(me::verify))
+        .route("/v1/me/credentials/{name}/usage", get(me::usage))
+        .route(
+            "/v1/me/credentials/{name}/versions/{version}",
+            delete(me::destroy_version),
+        )
+        .route("/v1/owners/{owner}/credentials/{name}", put(owners::put))
+        .route(
+            "/v1/owners/{owner}/credentials/{name}/reveal",
+            post(owners::reveal),
+        )
+        .route(
+            "/v1/owners/{owner}/credentials/{name}/broker",
+            post(owners::broker),
+        )
+        .route("/v1/keys", get(admin::keys))
+        .route("/v1/audit", get(admin::audit))
+        // Nothing under /v1 may be cached by a proxy or browser.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/v1/openapi.json", get(health::openapi))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(state.limits().max_body_bytes))
+        .layer(TraceLayer::new_for_http())
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, ids))
+        // Before tracing sees them: tokens never reach a log line.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            HeaderName::from_static(ON_BEHALF_OF),
+        ]))
+        .with_state(state)
+}

@@ -1,0 +1,318 @@
+//! Every route × every kind of caller: the status, and that no body but the allowed service's
+//! reveal ever contains the value.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Who {
+    UserSelf,
+    UserOther,
+    ServiceAllowed,
+    ServiceDenied,
+    Admin,
+    Anonymous,
+    Expired,
+    Forged,
+    AlgNone,
+    WrongAudience,
+}
+
+const EVERYONE: [Who; 10] = [
+    Who::UserSelf,
+    Who::UserOther,
+    Who::ServiceAllowed,
+    Who::ServiceDenied,
+    Who::Admin,
+    Who::Anonymous,
+    Who::Expired,
+    Who::Forged,
+    Who::AlgNone,
+    Who::WrongAudience,
+];
+
+fn token(who: Who) -> Option<String> {
+    let t = now();
+    Some(match who {
+        Who::UserSelf => user_token("alice"),
+        Who::UserOther => user_token("bob"),
+        Who::ServiceAllowed => ALLOWED_SERVICE_TOKEN.into(),
+        Who::ServiceDenied => DENIED_SERVICE_TOKEN.into(),
+        Who::Admin => ADMIN_TOKEN.into(),
+        Who::Anonymous => return None,
+        Who::Expired => jwt_with("alice", t - 3600, SECRET, ISSUER, AUDIENCE),
+        Who::Forged => jwt_with(
+            "alice",
+            t + 600,
+            b"another-secret-that-is-long-enough-32b",
+            ISSUER,
+            AUDIENCE,
+        ),
+        Who::AlgNone => {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+            let claims = b64.encode(
+                json!({"sub": "alice", "exp": t + 600, "iss": ISSUER, "aud": AUDIENCE}).to_string(),
+            );
+            format!("{header}.{claims}.")
+        }
+        Who::WrongAudience => jwt_with("alice", t + 600, SECRET, ISSUER, "someone-else"),
+    })
+}
+
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    body: Option<serde_json::Value>,
+    /// Status for alice herself on user routes / the allowed service on service routes /
+    /// the admin on admin routes.
+    ok: u16,
+    kind: Kind,
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    User,
+    Service,
+    Admin,
+}
+
+fn routes() -> Vec<Route> {
+    use Kind::*;
+    let r = |method, path, body: Option<serde_json::Value>, ok, kind| Route {
+        method,
+        path,
+        body,
+        ok,
+        kind,
+    };
+    vec![
+        r(
+            "PUT",
+            "/v1/me/credentials/zoom.api-key",
+            Some(json!({"value": "new-value"})),
+            201,
+            User,
+        ),
+        r("GET", "/v1/me/credentials", None, 200, User),
+        r("GET", "/v1/me/credentials/zoom.api-key", None, 200, User),
+        r(
+            "POST",
+            "/v1/me/credentials/zoom.api-key/current",
+            Some(json!({"version": 1})),
+            200,
+            User,
+        ),
+        r(
+            "POST",
+            "/v1/me/credentials/zoom.api-key/disable",
+            None,
+            200,
+            User,
+        ),
+        r(
+            "POST",
+            "/v1/me/credentials/zoom.api-key/enable",
+            None,
+            200,
+            User,
+        ),
+        r(
+            "POST",
+            "/v1/me/credentials/zoom.api-key/verify",
+            Some(json!({"value": CANARY})),
+            200,
+            User,
+        ),
+        r(
+            "GET",
+            "/v1/me/credentials/zoom.api-key/usage",
+            None,
+            501,
+            User,
+        ),
+        r(
+            "DELETE",
+            "/v1/me/credentials/zoom.api-key/versions/1",
+            None,
+            204,
+            User,
+        ),
+        r("DELETE", "/v1/me/credentials/zoom.api-key", None, 204, User),
+        r(
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.api-key",
+            Some(json!({"value": "svc-value"})),
+            201,
+            Service,
+        ),
+        r(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(json!({})),
+            200,
+            Service,
+        ),
+        r(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/broker",
+            Some(json!({})),
+            501,
+            Service,
+        ),
+        r("GET", "/v1/keys", None, 200, Admin),
+        r("GET", "/v1/audit", None, 501, Admin),
+    ]
+}
+
+fn expected(route: &Route, who: Who) -> u16 {
+    use Who::*;
+    match who {
+        Anonymous | Expired | Forged | AlgNone | WrongAudience => 401,
+        _ => match route.kind {
+            Kind::User => match who {
+                UserSelf => route.ok,
+                // Bob's own namespace: alice's credential is invisible to him.
+                UserOther => match (route.method, route.path) {
+                    ("PUT", _) => 201,
+                    ("GET", "/v1/me/credentials") => 200,
+                    _ => 404,
+                },
+                _ => 403,
+            },
+            Kind::Service => match who {
+                ServiceAllowed => route.ok,
+                _ => 403,
+            },
+            Kind::Admin => match who {
+                Admin => route.ok,
+                _ => 403,
+            },
+        },
+    }
+}
+
+#[tokio::test]
+async fn every_route_for_every_caller() {
+    let mut cases = 0;
+    for route in routes() {
+        for who in EVERYONE {
+            let api = api().await;
+            api.seed().await;
+            let r = api
+                .call(
+                    route.method,
+                    route.path,
+                    token(who).as_deref(),
+                    route.body.clone(),
+                )
+                .await;
+            let want = expected(&route, who);
+            assert_eq!(
+                r.status.as_u16(),
+                want,
+                "{} {} as {who:?}: {}",
+                route.method,
+                route.path,
+                r.body
+            );
+            let may_see_value = route.path.ends_with("/reveal") && who == Who::ServiceAllowed;
+            if may_see_value {
+                assert_eq!(r.json()["value"], CANARY);
+            } else {
+                assert!(
+                    !r.body.contains(CANARY),
+                    "{} {} as {who:?} leaked the value",
+                    route.method,
+                    route.path
+                );
+            }
+            if !r.body.is_empty() && r.status != StatusCode::NO_CONTENT {
+                let v = r.json();
+                if !r.status.is_success() {
+                    assert!(
+                        v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+                        "{}",
+                        r.body
+                    );
+                }
+            }
+            if r.status == StatusCode::UNAUTHORIZED {
+                assert_eq!(r.headers["www-authenticate"], "Bearer");
+            }
+            // Whatever happened, alice's value is intact unless she (or retention) changed it.
+            if who != Who::UserSelf && who != Who::ServiceAllowed {
+                let rev = api
+                    .call(
+                        "POST",
+                        "/v1/owners/alice/credentials/zoom.api-key/reveal",
+                        Some(ALLOWED_SERVICE_TOKEN),
+                        None,
+                    )
+                    .await;
+                assert_eq!(
+                    rev.json()["value"],
+                    CANARY,
+                    "{} {} as {who:?} changed alice's value",
+                    route.method,
+                    route.path
+                );
+            }
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 150);
+}
+
+#[tokio::test]
+async fn another_owners_credential_gets_the_same_404_as_a_missing_one() {
+    let api = api().await;
+    api.seed().await;
+    let bob = user_token("bob");
+    let theirs = api
+        .call("GET", "/v1/me/credentials/zoom.api-key", Some(&bob), None)
+        .await;
+    let missing = api
+        .call("GET", "/v1/me/credentials/nothing-here", Some(&bob), None)
+        .await;
+    assert_eq!(
+        (theirs.status, &theirs.body),
+        (missing.status, &missing.body)
+    );
+    let list = api
+        .call("GET", "/v1/me/credentials", Some(&bob), None)
+        .await;
+    assert_eq!(list.json()["items"], json!([]));
+}
+
+#[tokio::test]
+async fn delegated_services_reach_only_the_user_they_act_for() {
+    let api = api().await;
+    api.seed().await;
+    let reveal = |on_behalf: Option<String>| {
+        let mut req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/owners/alice/credentials/zoom.api-key/reveal")
+            .header("authorization", format!("Bearer {DELEGATED_SERVICE_TOKEN}"));
+        if let Some(t) = on_behalf {
+            req = req.header("x-strongroom-on-behalf-of", t);
+        }
+        req.body(axum::body::Body::empty()).unwrap()
+    };
+    assert_eq!(api.send(reveal(None)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        api.send(reveal(Some(user_token("bob")))).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        api.send(reveal(token(Who::Expired))).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let ok = api.send(reveal(Some(user_token("alice")))).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+    assert_eq!(ok.json()["value"], CANARY);
+}

@@ -1,0 +1,540 @@
+//! Bad input, limits, versions, pagination, metrics and the OpenAPI document.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use serde_json::json;
+use strongroom_api::ApiLimits;
+
+const KEY: &str = "/v1/me/credentials/zoom.api-key";
+
+fn code(r: &Reply) -> String {
+    r.json()["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
+    let api = api().await;
+    let alice = user_token("alice");
+    let raw = |body: &str, ctype: Option<&str>| {
+        let mut b = Request::builder()
+            .method("PUT")
+            .uri(KEY)
+            .header("authorization", format!("Bearer {alice}"));
+        if let Some(c) = ctype {
+            b = b.header("content-type", c);
+        }
+        b.body(Body::from(body.to_owned())).unwrap()
+    };
+    let cases: Vec<(Request<Body>, u16, &str)> = vec![
+        (
+            raw("{not json", Some("application/json")),
+            400,
+            "bad_request",
+        ),
+        (
+            raw(
+                &json!({"value": CANARY, "expected_verison": 1}).to_string(),
+                Some("application/json"),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            raw(
+                &json!({"value": 12345}).to_string(),
+                Some("application/json"),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            raw(
+                &json!({"valu": CANARY}).to_string(),
+                Some("application/json"),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            raw(&json!({"value": CANARY}).to_string(), None),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            raw(
+                &json!({"value": CANARY, "metadata": [1]}).to_string(),
+                Some("application/json"),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            raw(
+                &json!({"value": "x".repeat(64 * 1024 + 1)}).to_string(),
+                Some("application/json"),
+            ),
+            413,
+            "value_too_large",
+        ),
+        (
+            raw(
+                &json!({"value": "x".repeat(600 * 1024)}).to_string(),
+                Some("application/json"),
+            ),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (req, status, want) in cases {
+        let r = api.send(req).await;
+        assert_eq!(
+            (r.status.as_u16(), code(&r).as_str()),
+            (status, want),
+            "{}",
+            r.body
+        );
+        assert!(
+            !r.body.contains(CANARY) && !r.body.contains("12345"),
+            "error echoes input: {}",
+            r.body
+        );
+    }
+    for bad in [
+        "/v1/me/credentials/Zoom",
+        "/v1/me/credentials/.hidden",
+        "/v1/me/credentials/a%2Fb",
+        "/v1/me/credentials/%FF",
+    ] {
+        let r = api
+            .call("PUT", bad, Some(&alice), Some(json!({"value": "v"})))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+    }
+    let long = format!("/v1/me/credentials/{}", "a".repeat(129));
+    assert_eq!(
+        api.call("PUT", &long, Some(&alice), Some(json!({"value": "v"})))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    // Nothing was written by any of them.
+    let list = api
+        .call("GET", "/v1/me/credentials", Some(&alice), None)
+        .await;
+    assert_eq!(list.json()["items"], json!([]));
+    // Exactly 64 KiB is fine.
+    let ok = api
+        .call(
+            "PUT",
+            KEY,
+            Some(&alice),
+            Some(json!({"value": "x".repeat(64 * 1024)})),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let api = api().await;
+    let r = api.call("GET", "/v1/nothing", None, None).await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let r = api
+        .call("PATCH", KEY, Some(&user_token("alice")), None)
+        .await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    let r = api
+        .call("GET", "/v1/me/credentials", Some("Basic abc"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn versions_check_and_set_current_and_destroy() {
+    let api = api().await;
+    let alice = user_token("alice");
+    let put = |body: serde_json::Value| api.call("PUT", KEY, Some(&alice), Some(body));
+    let r = put(json!({"value": "v1", "expected_version": 0, "metadata": {"host": "api.zoom.us"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        (r.json()["name"].as_str(), r.json()["version"].as_u64()),
+        (Some("zoom.api-key"), Some(1))
+    );
+    assert!(r.json()["created_at"].is_string() && r.json().get("value").is_none());
+    assert_eq!(
+        code(&put(json!({"value": "v2", "expected_version": 0})).await),
+        "version_conflict"
+    );
+    assert_eq!(
+        put(json!({"value": "v2", "expected_version": 1}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        code(&put(json!({"value": "v3", "expected_version": 1})).await),
+        "version_conflict"
+    );
+    assert_eq!(
+        put(json!({"value": "v3"})).await.status,
+        StatusCode::CREATED
+    );
+
+    let d = api.call("GET", KEY, Some(&alice), None).await.json();
+    assert_eq!(
+        (
+            d["name"].as_str(),
+            d["current_version"].as_u64(),
+            d["state"].as_str()
+        ),
+        (Some("zoom.api-key"), Some(3), Some("enabled"))
+    );
+    let versions = d["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 3);
+    for v in versions {
+        assert!(
+            v["version"].is_u64()
+                && v["state"] == "active"
+                && v["created_at"].is_string()
+                && v["metadata"].is_object()
+        );
+    }
+    assert_eq!(
+        versions.iter().find(|v| v["version"] == 1).unwrap()["metadata"]["host"],
+        "api.zoom.us"
+    );
+
+    let cur = api
+        .call(
+            "POST",
+            &format!("{KEY}/current"),
+            Some(&alice),
+            Some(json!({"version": 1})),
+        )
+        .await;
+    assert_eq!(cur.json()["current_version"], 1);
+    let reveal = |body| {
+        api.call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            body,
+        )
+    };
+    assert_eq!(
+        reveal(None).await.json(),
+        json!({"value": "v1", "version": 1})
+    );
+    assert_eq!(
+        reveal(Some(json!({"version": 2}))).await.json()["value"],
+        "v2"
+    );
+
+    assert_eq!(
+        api.call("DELETE", &format!("{KEY}/versions/2"), Some(&alice), None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    let gone = reveal(Some(json!({"version": 2}))).await;
+    assert_eq!(
+        (gone.status, code(&gone).as_str()),
+        (StatusCode::GONE, "version_destroyed")
+    );
+    let r = api
+        .call(
+            "POST",
+            &format!("{KEY}/current"),
+            Some(&alice),
+            Some(json!({"version": 2})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::GONE);
+    assert_eq!(
+        reveal(Some(json!({"version": 9}))).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        reveal(Some(json!({"verson": 1}))).await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    assert_eq!(
+        api.call("POST", &format!("{KEY}/disable"), Some(&alice), None)
+            .await
+            .json()["state"],
+        "disabled"
+    );
+    let r = reveal(None).await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::CONFLICT, "credential_disabled")
+    );
+    assert!(!r.body.contains("v1"));
+    api.call("POST", &format!("{KEY}/enable"), Some(&alice), None)
+        .await;
+    assert_eq!(reveal(None).await.status, StatusCode::OK);
+
+    assert_eq!(
+        api.call("DELETE", KEY, Some(&alice), None).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(reveal(None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        api.call("GET", KEY, Some(&alice), None).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn verify_is_rate_limited_per_owner() {
+    let api = api_with(ApiLimits {
+        verify_per_minute: 3,
+        ..ApiLimits::default()
+    })
+    .await;
+    api.seed().await;
+    let alice = user_token("alice");
+    let verify = |who: String, value: &'static str| {
+        let api = &api;
+        async move {
+            api.call(
+                "POST",
+                &format!("{KEY}/verify"),
+                Some(&who),
+                Some(json!({"value": value})),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        verify(alice.clone(), CANARY).await.json(),
+        json!({"matches": true})
+    );
+    assert_eq!(
+        verify(alice.clone(), "wrong").await.json(),
+        json!({"matches": false})
+    );
+    assert_eq!(
+        verify(alice.clone(), "").await.json(),
+        json!({"matches": false})
+    );
+    let limited = verify(alice.clone(), CANARY).await;
+    assert_eq!(
+        (limited.status, code(&limited).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
+    // Another owner has their own budget.
+    assert_eq!(
+        verify(user_token("bob"), "x").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn list_pages_are_stable_and_owner_scoped() {
+    let api = api().await;
+    let alice = user_token("alice");
+    for i in 0..5 {
+        api.call(
+            "PUT",
+            &format!("/v1/me/credentials/svc-{i}.key"),
+            Some(&alice),
+            Some(json!({"value": format!("v{i}")})),
+        )
+        .await;
+    }
+    api.call(
+        "PUT",
+        "/v1/me/credentials/bobs.key",
+        Some(&user_token("bob")),
+        Some(json!({"value": "b"})),
+    )
+    .await;
+    let mut names = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/me/credentials?limit=2&cursor={c}"),
+            None => "/v1/me/credentials?limit=2".to_owned(),
+        };
+        let page = api.call("GET", &path, Some(&alice), None).await.json();
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["name"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        names,
+        [
+            "svc-0.key",
+            "svc-1.key",
+            "svc-2.key",
+            "svc-3.key",
+            "svc-4.key"
+        ]
+    );
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "cursor=%00garbage",
+        "limit=x",
+        "foo=1",
+    ] {
+        let r = api
+            .call(
+                "GET",
+                &format!("/v1/me/credentials?{bad}"),
+                Some(&alice),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn owner_ids_are_percent_encoded_in_paths() {
+    let api = api().await;
+    let owner = "tenant a/ü";
+    let r = api
+        .call(
+            "PUT",
+            "/v1/owners/tenant%20a%2F%C3%BC/credentials/zoom.x",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(json!({"value": "v"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let list = api
+        .call("GET", "/v1/me/credentials", Some(&user_token(owner)), None)
+        .await
+        .json();
+    assert_eq!(list["items"][0]["name"], "zoom.x");
+    let r = api
+        .call(
+            "PUT",
+            "/v1/owners/a/credentials/stripe.key",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(json!({"value": "v"})),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "outside the policy's name patterns"
+    );
+}
+
+#[tokio::test]
+async fn metrics_use_route_templates_never_owners_names_or_values() {
+    let api = api().await;
+    api.seed().await;
+    api.call(
+        "POST",
+        "/v1/owners/alice/credentials/zoom.api-key/reveal",
+        Some(ALLOWED_SERVICE_TOKEN),
+        None,
+    )
+    .await;
+    api.call(
+        "GET",
+        "/v1/me/credentials/zoom.api-key",
+        Some(&user_token("mallory")),
+        None,
+    )
+    .await;
+    let m = api.call("GET", "/metrics", None, None).await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert!(
+        m.body
+            .contains(r#"route="/v1/owners/{owner}/credentials/{name}/reveal""#),
+        "{}",
+        m.body
+    );
+    assert!(m.body.contains(r#"status="404""#));
+    assert!(m
+        .body
+        .contains("strongroom_http_request_duration_seconds_bucket"));
+    for leak in ["alice", "mallory", "zoom.api-key", CANARY] {
+        assert!(!m.body.contains(leak), "metrics contain {leak}");
+    }
+}
+
+#[tokio::test]
+async fn health_openapi_and_headers() {
+    let api = api().await;
+    assert_eq!(
+        api.call("GET", "/healthz", None, None).await.json(),
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        api.call("GET", "/readyz", None, None).await.json(),
+        json!({"status": "ok"})
+    );
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/v1/me/credentials",
+        "/v1/me/credentials/{name}",
+        "/v1/me/credentials/{name}/current",
+        "/v1/me/credentials/{name}/disable",
+        "/v1/me/credentials/{name}/enable",
+        "/v1/me/credentials/{name}/verify",
+        "/v1/me/credentials/{name}/usage",
+        "/v1/me/credentials/{name}/versions/{version}",
+        "/v1/owners/{owner}/credentials/{name}",
+        "/v1/owners/{owner}/credentials/{name}/reveal",
+        "/v1/owners/{owner}/credentials/{name}/broker",
+        "/v1/keys",
+        "/v1/audit",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(paths.contains_key(p), "OpenAPI misses {p}");
+    }
+    assert!(doc["components"]["securitySchemes"]["user_jwt"].is_object());
+    let r = api
+        .call(
+            "GET",
+            "/v1/me/credentials",
+            Some(&user_token("alice")),
+            None,
+        )
+        .await;
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert!(r.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn admins_see_key_usage_not_values() {
+    let api = api().await;
+    api.seed().await;
+    let r = api.call("GET", "/v1/keys", Some(ADMIN_TOKEN), None).await;
+    let v = r.json();
+    assert_eq!(v["active"]["provider"], "fake");
+    assert_eq!(v["active"]["credential_versions"], 1);
+    assert!(!r.body.contains(CANARY));
+}

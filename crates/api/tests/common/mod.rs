@@ -1,0 +1,171 @@
+//! An in-process API over SQLite and the fake key provider, with tokens for every principal.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use jsonwebtoken::{EncodingKey, Header};
+use strongroom_api::{
+    hash_token, ApiLimits, AppState, AuthSettings, Authenticator, JwtKeySource, JwtSettings,
+    TokenEntry,
+};
+use strongroom_core::policy::Policy;
+use strongroom_core::{SystemClock, Vault, VaultConfig};
+use strongroom_crypto::testing::FakeProvider;
+use strongroom_crypto::OsRandom;
+use strongroom_store::sqlite::SqliteStore;
+use tower::ServiceExt;
+
+pub const SECRET: &[u8] = b"test-hs256-secret-of-at-least-32-bytes!!";
+pub const ISSUER: &str = "https://app.test";
+pub const AUDIENCE: &str = "strongroom";
+pub const ALLOWED_SERVICE_TOKEN: &str = "srv-allowed-0123456789abcdef";
+pub const DENIED_SERVICE_TOKEN: &str = "srv-denied-0123456789abcdef";
+pub const DELEGATED_SERVICE_TOKEN: &str = "srv-delegated-0123456789abcdef";
+pub const ADMIN_TOKEN: &str = "adm-0123456789abcdef";
+pub const CANARY: &str = "CANARY-sk_live_9f8e7d6c5b4a";
+
+pub const POLICY: &str = r#"
+[[rule]]
+service = "allowed"
+operations = ["write", "reveal", "broker"]
+credentials = ["zoom.*"]
+
+[[rule]]
+service = "delegated"
+operations = ["reveal"]
+credentials = ["*"]
+delegated = true
+"#;
+
+pub struct TestApi {
+    pub state: AppState,
+    pub router: axum::Router,
+    _dir: tempfile::TempDir,
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn jwt_with(sub: &str, exp: u64, secret: &[u8], iss: &str, aud: &str) -> String {
+    let claims = serde_json::json!({"sub": sub, "exp": exp, "iat": now(), "iss": iss, "aud": aud});
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+pub fn user_token(sub: &str) -> String {
+    jwt_with(sub, now() + 600, SECRET, ISSUER, AUDIENCE)
+}
+
+pub async fn api_with(limits: ApiLimits) -> TestApi {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let vault = Arc::new(Vault::new(
+        store,
+        Arc::new(FakeProvider::new("api-tests", 1)),
+        Arc::new(OsRandom),
+        Arc::new(SystemClock),
+        VaultConfig::default(),
+    ));
+    let entry = |name: &str, token: &str| TokenEntry {
+        name: name.into(),
+        sha256: hash_token(token),
+    };
+    let auth = Authenticator::new(AuthSettings {
+        jwt: Some(JwtSettings {
+            issuer: Some(ISSUER.into()),
+            audience: Some(AUDIENCE.into()),
+            leeway_seconds: 5,
+            keys: JwtKeySource::Hs256Secret(zeroize::Zeroizing::new(SECRET.to_vec())),
+        }),
+        service_tokens: vec![
+            entry("allowed", ALLOWED_SERVICE_TOKEN),
+            entry("denied", DENIED_SERVICE_TOKEN),
+            entry("delegated", DELEGATED_SERVICE_TOKEN),
+        ],
+        admin_tokens: vec![entry("root", ADMIN_TOKEN)],
+        ..Default::default()
+    })
+    .unwrap();
+    let state = AppState::new(vault, auth, Policy::from_toml(POLICY).unwrap(), limits);
+    let router = strongroom_api::router(state.clone());
+    TestApi {
+        state,
+        router,
+        _dir: dir,
+    }
+}
+
+pub async fn api() -> TestApi {
+    api_with(ApiLimits::default()).await
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+impl TestApi {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        self.send(req).await
+    }
+
+    pub async fn send(&self, req: Request<Body>) -> Reply {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    /// Alice stores `CANARY` as `zoom.api-key` version 1.
+    pub async fn seed(&self) {
+        let r = self
+            .call(
+                "PUT",
+                "/v1/me/credentials/zoom.api-key",
+                Some(&user_token("alice")),
+                Some(serde_json::json!({"value": CANARY})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+}

@@ -1,0 +1,133 @@
+use time::macros::datetime;
+
+use super::*;
+
+fn event(i: u32) -> Event {
+    Event {
+        time: datetime!(2026-11-27 12:00 UTC) + time::Duration::seconds(i.into()),
+        principal_kind: "service".into(),
+        principal_id: "billing".into(),
+        action: "reveal".into(),
+        owner: Some(format!("user-{i}")),
+        name: Some("zoom.api-key".into()),
+        version: Some(i),
+        outcome: "ok".into(),
+        status: 200,
+        request_id: Some(format!("req-{i}")),
+        client_addr: Some("127.0.0.1:5000".into()),
+        on_behalf_of: None,
+        destination: None,
+        error_code: None,
+    }
+}
+
+fn log(n: u32) -> (Vec<Record>, Head, HeadKey) {
+    let key = HeadKey::new([7; 32]);
+    let mut records: Vec<Record> = Vec::new();
+    for i in 1..=n {
+        let prev = records.last().map(|r| (r.seq, r.hash));
+        records.push(Record::next(prev, event(i)));
+    }
+    let last = records.last().map_or(GENESIS, |r| r.hash);
+    let head = key.head(n.into(), last);
+    (records, head, key)
+}
+
+fn verify(records: &[Record], head: &Head, key: &HeadKey) -> Result<u64, VerifyError> {
+    let mut v = Verifier::new();
+    for r in records {
+        v.push(r)?;
+    }
+    v.finish(head, key)
+}
+
+#[test]
+fn an_honest_log_verifies() {
+    for n in [0, 1, 10] {
+        let (records, head, key) = log(n);
+        assert_eq!(verify(&records, &head, &key), Ok(n.into()));
+    }
+}
+
+#[test]
+fn an_edited_field_is_named_by_record() {
+    let (mut records, head, key) = log(10);
+    records[4].event.owner = Some("mallory".into());
+    assert_eq!(verify(&records, &head, &key), Err(VerifyError::Tampered(5)));
+    let (mut records, head, key) = log(10);
+    records[6].event.outcome = "denied".into();
+    assert_eq!(verify(&records, &head, &key), Err(VerifyError::Tampered(7)));
+}
+
+#[test]
+fn an_edited_and_rehashed_record_breaks_the_next_link() {
+    let (mut records, head, key) = log(10);
+    records[4].event.action = "list".into();
+    records[4].hash = record_hash(5, &records[4].event, &records[4].prev_hash);
+    assert_eq!(verify(&records, &head, &key), Err(VerifyError::Chain(6)));
+}
+
+#[test]
+fn deleted_inserted_and_swapped_records_are_found() {
+    let (mut records, head, key) = log(10);
+    records.remove(3);
+    assert_eq!(
+        verify(&records, &head, &key),
+        Err(VerifyError::Sequence {
+            expected: 4,
+            found: 5
+        })
+    );
+    let (mut records, head, key) = log(10);
+    records.swap(2, 3);
+    assert_eq!(
+        verify(&records, &head, &key),
+        Err(VerifyError::Sequence {
+            expected: 3,
+            found: 4
+        })
+    );
+    let (mut records, head, key) = log(10);
+    let mut fake = records[2].clone();
+    fake.seq = 4;
+    records.insert(3, fake);
+    assert_eq!(verify(&records, &head, &key), Err(VerifyError::Chain(4)));
+}
+
+#[test]
+fn truncation_and_rollback_need_the_head() {
+    let (mut records, head, key) = log(10);
+    records.truncate(8);
+    assert_eq!(
+        verify(&records, &head, &key),
+        Err(VerifyError::Length { found: 8, head: 10 })
+    );
+    // Rolled back with a head recomputed without the key: the MAC fails.
+    let forged = Head {
+        count: 8,
+        hash: records[7].hash,
+        mac: head.mac,
+    };
+    assert_eq!(verify(&records, &forged, &key), Err(VerifyError::HeadMac));
+    // The wrong key.
+    let (records, head, _) = log(3);
+    assert_eq!(
+        verify(&records, &head, &HeadKey::new([8; 32])),
+        Err(VerifyError::HeadMac)
+    );
+}
+
+#[test]
+fn records_round_trip_through_json_and_hold_no_extra_fields() {
+    let (records, _, _) = log(2);
+    let text = serde_json::to_string(&records[1]).unwrap();
+    let back: Record = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, records[1]);
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["value"] = "smuggled".into();
+    assert!(
+        serde_json::from_value::<Record>(v).is_err(),
+        "unknown fields are refused"
+    );
+    assert!(!format!("{:?}", HeadKey::new([9; 32])).contains('9'));
+}

@@ -1,0 +1,78 @@
+//! The use cases' error type.
+
+/// What went wrong, and whose fault it is. Never carries a value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// The credential name does not match `[a-z0-9][a-z0-9._-]{0,127}`.
+    #[error("credential name must match [a-z0-9][a-z0-9._-]{{0,127}}")]
+    InvalidName,
+    /// The owner id is empty or longer than 255 bytes.
+    #[error("owner id must be 1 to 255 bytes of UTF-8")]
+    InvalidOwner,
+    /// Another malformed input; the message names the field.
+    #[error("{0}")]
+    InvalidInput(&'static str),
+    /// The value is larger than the limit.
+    #[error("value larger than {0} bytes")]
+    ValueTooLarge(usize),
+    /// No such credential or version for this owner (also for another owner's).
+    #[error("credential not found")]
+    NotFound,
+    /// The version was destroyed.
+    #[error("that version was destroyed")]
+    VersionDestroyed,
+    /// Check-and-set failed: the current version is not the expected one.
+    #[error("the credential changed: current version is {}", .current.map_or("none".to_owned(), |v| v.to_string()))]
+    VersionConflict {
+        /// The actual current version.
+        current: Option<u32>,
+    },
+    /// Too many concurrent writers kept winning the race; retry.
+    #[error("too many concurrent writes to this credential; retry")]
+    Contended,
+    /// The credential is disabled (kill switch): it is not used.
+    #[error("the credential is disabled")]
+    Disabled,
+    /// The store or the key provider cannot be reached.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data failed to decrypt or parse: tampering or corruption. A server-side fault.
+    #[error("stored data failed its integrity check")]
+    Integrity,
+    /// Another server-side fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<strongroom_store::StoreError> for CoreError {
+    fn from(e: strongroom_store::StoreError) -> Self {
+        use strongroom_store::StoreError as S;
+        match e {
+            S::NotFound => CoreError::NotFound,
+            S::VersionDestroyed => CoreError::VersionDestroyed,
+            S::CurrentMismatch { current } => CoreError::VersionConflict { current },
+            S::Conflict { .. } => CoreError::Contended,
+            S::InvalidInput(what) => CoreError::InvalidInput(what),
+            S::Unavailable(_) => CoreError::Unavailable(e.to_string()),
+            S::Corrupt { .. } => CoreError::Integrity,
+            other => CoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<strongroom_crypto::EnvelopeError> for CoreError {
+    fn from(e: strongroom_crypto::EnvelopeError) -> Self {
+        use strongroom_crypto::{EnvelopeError as E, ProviderErrorKind as K};
+        match e {
+            E::Decrypt | E::Malformed(_) | E::UnsupportedFormat(_) | E::UnsupportedAlgorithm(_) => {
+                CoreError::Integrity
+            }
+            E::TooLarge => CoreError::ValueTooLarge(crate::MAX_VALUE_LEN),
+            E::Provider(p) if matches!(p.kind(), K::Unavailable | K::Denied) => {
+                CoreError::Unavailable(p.to_string())
+            }
+            other => CoreError::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! # strongroom-core
+//!
+//! Strongroom's use cases — put, list, describe, choose the current version, disable/enable,
+//! verify, destroy, reveal — and the service authorization [`policy`]. It sees only the
+//! [`strongroom_crypto::KeyProvider`] and [`strongroom_store::Store`] traits; the server
+//! picks the implementations.
+//!
+//! Who may call what is decided in two places: the API layer maps a user to their own owner
+//! id (a user never names an owner), and [`policy::Policy`] decides for services. This crate
+//! never returns a value except from [`Vault::reveal`], and the value never appears in an
+//! error.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod error;
+pub mod policy;
+mod vault;
+
+pub use error::CoreError;
+pub use vault::{
+    Clock, PutOutcome, PutRequest, Revealed, SystemClock, Vault, VaultConfig, MAX_METADATA_LEN,
+    MAX_VALUE_LEN,
+};

@@ -1,0 +1,438 @@
+//! The use cases over a store and a key provider.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use strongroom_crypto::binding::{is_valid_name, is_valid_owner};
+use strongroom_crypto::{
+    envelope, Binding, KeyProvider, Sealed, SecretBytes, SecureRandom, WrappedKey,
+};
+use strongroom_store::{
+    Credential, CredentialSummary, Cursor, NewVersion, Page, Store, StoreError,
+};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+use crate::CoreError;
+
+/// Largest credential value, in bytes.
+pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// Largest metadata document (serialized JSON), in bytes.
+pub const MAX_METADATA_LEN: usize = 8 * 1024;
+/// How often a put re-seals after losing the version-number race to a writer on another node
+/// (writers on this node queue on a stripe lock instead).
+const PUT_ATTEMPTS: u32 = 8;
+/// Stripe locks serialising puts to one credential within this process.
+const PUT_STRIPES: usize = 256;
+
+/// The time source, injected so tests can pin it.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Now, in UTC.
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct VaultConfig {
+    /// Active versions kept per credential; older ones are destroyed on put.
+    pub max_versions: u32,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        Self {
+            max_versions: strongroom_store::DEFAULT_MAX_VERSIONS,
+        }
+    }
+}
+
+/// A new value for a credential.
+pub struct PutRequest<'a> {
+    /// Whose credential.
+    pub owner: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// The value; zeroized when dropped.
+    pub value: SecretBytes,
+    /// Non-secret metadata: a JSON object, or `None` for `{}`.
+    pub metadata: Option<serde_json::Value>,
+    /// Check-and-set: the version the caller believes is current (`0`: must not exist).
+    pub expected_version: Option<u32>,
+    /// Who writes it (`user:alice`, `service:billing`).
+    pub created_by: &'a str,
+}
+
+/// What a put created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The new version, now current.
+    pub version: u32,
+    /// When it was written.
+    pub created_at: OffsetDateTime,
+}
+
+/// A revealed value and the version it came from.
+#[derive(Debug)]
+pub struct Revealed {
+    /// The plaintext.
+    pub value: SecretBytes,
+    /// Its version.
+    pub version: u32,
+}
+
+/// The use cases. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Vault {
+    store: Arc<dyn Store>,
+    keys: Arc<dyn KeyProvider>,
+    rng: Arc<dyn SecureRandom>,
+    clock: Arc<dyn Clock>,
+    config: VaultConfig,
+    put_stripes: Box<[tokio::sync::Mutex<()>]>,
+    stripe_hasher: std::collections::hash_map::RandomState,
+}
+
+fn check(owner: &str, name: &str) -> Result<(), CoreError> {
+    if !is_valid_owner(owner) {
+        return Err(CoreError::InvalidOwner);
+    }
+    if !is_valid_name(name) {
+        return Err(CoreError::InvalidName);
+    }
+    Ok(())
+}
+
+fn to_store_kek(k: &strongroom_crypto::KekRef) -> strongroom_store::KekRef {
+    strongroom_store::KekRef::new(k.provider.clone(), k.key_id.clone(), k.version)
+}
+
+fn to_crypto_kek(k: &strongroom_store::KekRef) -> strongroom_crypto::KekRef {
+    strongroom_crypto::KekRef {
+        provider: k.provider.clone(),
+        key_id: k.key_id.clone(),
+        version: k.version,
+    }
+}
+
+impl Vault {
+    /// A vault over `store`, sealing with `keys`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Arc<dyn KeyProvider>,
+        rng: Arc<dyn SecureRandom>,
+        clock: Arc<dyn Clock>,
+        config: VaultConfig,
+    ) -> Self {
+        Self {
+            store,
+            keys,
+            rng,
+            clock,
+            config,
+            put_stripes: (0..PUT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            // Random keys, so nobody can aim many credentials at one stripe.
+            stripe_hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn put_stripe(&self, owner: &str, name: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::BuildHasher;
+        let h = self.stripe_hasher.hash_one((owner, name)) as usize;
+        &self.put_stripes[h % self.put_stripes.len()]
+    }
+
+    /// The store (for operator tasks such as rewrap).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The key provider.
+    pub fn keys(&self) -> &Arc<dyn KeyProvider> {
+        &self.keys
+    }
+
+    /// Now, by the injected clock.
+    pub fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    /// Seals and stores a new version, which becomes current.
+    ///
+    /// # Errors
+    ///
+    /// Input errors, [`CoreError::VersionConflict`] when `expected_version` is stale,
+    /// [`CoreError::Contended`], store and provider errors.
+    pub async fn put(&self, req: PutRequest<'_>) -> Result<PutOutcome, CoreError> {
+        check(req.owner, req.name)?;
+        if req.value.len() > MAX_VALUE_LEN {
+            return Err(CoreError::ValueTooLarge(MAX_VALUE_LEN));
+        }
+        let metadata = match req.metadata {
+            None => serde_json::Value::Object(serde_json::Map::new()),
+            Some(m @ serde_json::Value::Object(_)) => m,
+            Some(_) => return Err(CoreError::InvalidInput("metadata must be a JSON object")),
+        };
+        if serde_json::to_vec(&metadata)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX)
+            > MAX_METADATA_LEN
+        {
+            return Err(CoreError::InvalidInput("metadata larger than 8 KiB"));
+        }
+        // Writers to one credential on this node take turns, so they never race each other
+        // for a version number; the retry below settles races with other nodes.
+        let _turn = self.put_stripe(req.owner, req.name).lock().await;
+        for _ in 0..PUT_ATTEMPTS {
+            let latest = self.store.latest_version(req.owner, req.name).await?;
+            let version = latest
+                .checked_add(1)
+                .filter(|v| *v <= i32::MAX as u32)
+                .ok_or(CoreError::InvalidInput("version numbers exhausted"))?;
+            let binding =
+                Binding::new(req.owner, req.name, version).map_err(|_| CoreError::InvalidName)?;
+            let sealed =
+                envelope::seal(self.keys.as_ref(), &binding, &req.value, self.rng.as_ref()).await?;
+            let created_at = self.clock.now();
+            let mut new = NewVersion::new(
+                req.owner,
+                req.name,
+                version,
+                sealed.value_bytes(),
+                sealed.wrapped_key.bytes.clone(),
+                to_store_kek(&sealed.wrapped_key.kek),
+                req.created_by,
+                created_at,
+            );
+            new.expected_current = req.expected_version;
+            new.metadata = metadata.clone();
+            new.max_versions = self.config.max_versions;
+            match self.store.put_version(new).await {
+                Ok(outcome) => {
+                    return Ok(PutOutcome {
+                        version: outcome.version,
+                        created_at,
+                    })
+                }
+                // Another writer took this version number: seal again for the next one.
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoreError::Contended)
+    }
+
+    /// One page of `owner`'s credentials, metadata only.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::InvalidInput`] for a bad cursor or limit; store errors.
+    pub async fn list(
+        &self,
+        owner: &str,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<CredentialSummary>, CoreError> {
+        if !is_valid_owner(owner) {
+            return Err(CoreError::InvalidOwner);
+        }
+        if limit == 0 || limit > strongroom_store::MAX_PAGE_LIMIT {
+            return Err(CoreError::InvalidInput("limit must be 1 to 1000"));
+        }
+        let cursor = cursor
+            .map(Cursor::parse)
+            .transpose()
+            .map_err(|_| CoreError::InvalidInput("malformed cursor"))?;
+        Ok(self
+            .store
+            .list_credentials(owner, cursor.as_ref(), limit)
+            .await?)
+    }
+
+    /// A credential's metadata and versions, no values.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::NotFound`] and input/store errors.
+    pub async fn describe(&self, owner: &str, name: &str) -> Result<Credential, CoreError> {
+        check(owner, name)?;
+        Ok(self.store.get_credential(owner, name).await?)
+    }
+
+    /// Chooses the current version.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::NotFound`], [`CoreError::VersionDestroyed`], input/store errors.
+    pub async fn set_current(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<(), CoreError> {
+        check(owner, name)?;
+        if version == 0 {
+            return Err(CoreError::InvalidInput("version numbers start at 1"));
+        }
+        Ok(self
+            .store
+            .set_current(owner, name, version, self.clock.now())
+            .await?)
+    }
+
+    /// The kill switch: disable (`false`) or enable (`true`), keeping every version.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::NotFound`], input/store errors.
+    pub async fn set_enabled(
+        &self,
+        owner: &str,
+        name: &str,
+        enabled: bool,
+    ) -> Result<(), CoreError> {
+        check(owner, name)?;
+        Ok(self
+            .store
+            .set_enabled(owner, name, enabled, self.clock.now())
+            .await?)
+    }
+
+    /// Destroys one version (crypto-shredding its data key).
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::NotFound`], input/store errors.
+    pub async fn destroy_version(
+        &self,
+        owner: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<(), CoreError> {
+        check(owner, name)?;
+        if version == 0 {
+            return Err(CoreError::NotFound);
+        }
+        self.store
+            .destroy_version(owner, name, version, self.clock.now())
+            .await?;
+        Ok(())
+    }
+
+    /// Destroys every version of a credential.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::NotFound`], input/store errors.
+    pub async fn destroy_credential(&self, owner: &str, name: &str) -> Result<(), CoreError> {
+        check(owner, name)?;
+        Ok(self
+            .store
+            .destroy_credential(owner, name, self.clock.now())
+            .await?)
+    }
+
+    async fn open(
+        &self,
+        owner: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<(Revealed, bool), CoreError> {
+        check(owner, name)?;
+        if version == Some(0) {
+            return Err(CoreError::NotFound);
+        }
+        let row = self.store.get_version(owner, name, version).await?;
+        let wrapped = WrappedKey {
+            kek: to_crypto_kek(&row.kek),
+            bytes: row.wrapped_key,
+        };
+        let sealed = Sealed::from_parts(&row.sealed_value, wrapped)?;
+        let binding = Binding::new(owner, name, row.version).map_err(|_| CoreError::Integrity)?;
+        let value = envelope::open(self.keys.as_ref(), &binding, &sealed).await?;
+        Ok((
+            Revealed {
+                value,
+                version: row.version,
+            },
+            row.credential_enabled,
+        ))
+    }
+
+    /// Whether `candidate` equals the current value. Compares SHA-256 digests in constant
+    /// time, so neither the content nor the length of the stored value leaks through timing.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::NotFound`] when there is no current version; input/store/provider errors.
+    pub async fn verify(
+        &self,
+        owner: &str,
+        name: &str,
+        candidate: &SecretBytes,
+    ) -> Result<bool, CoreError> {
+        if candidate.len() > MAX_VALUE_LEN {
+            return Err(CoreError::ValueTooLarge(MAX_VALUE_LEN));
+        }
+        let (revealed, _) = self.open(owner, name, None).await?;
+        let stored: [u8; 32] = Sha256::digest(revealed.value.expose_secret()).into();
+        let given: [u8; 32] = Sha256::digest(candidate.expose_secret()).into();
+        Ok(bool::from(stored.ct_eq(&given)))
+    }
+
+    /// Decrypts a version (`None`: the current one) for a service that policy allows.
+    /// A disabled credential is never revealed.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::Disabled`], [`CoreError::NotFound`], [`CoreError::VersionDestroyed`],
+    /// input/store/provider errors.
+    pub async fn reveal(
+        &self,
+        owner: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Revealed, CoreError> {
+        let (revealed, enabled) = self.open(owner, name, version).await?;
+        if !enabled {
+            return Err(CoreError::Disabled);
+        }
+        // Usage bookkeeping must not fail a reveal that already succeeded.
+        let _ = self
+            .store
+            .touch_last_used(owner, name, self.clock.now())
+            .await;
+        Ok(revealed)
+    }
+
+    /// Whether the store and the key provider are usable (for `/readyz`).
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::Unavailable`] naming what is down.
+    pub async fn health(&self) -> Result<(), CoreError> {
+        self.store
+            .get_provider_state("strongroom/health")
+            .await
+            .map_err(|e| CoreError::Unavailable(format!("store: {e}")))?;
+        self.keys
+            .health()
+            .await
+            .map_err(|e| CoreError::Unavailable(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+use std::sync::Arc;
+
+use strongroom_crypto::testing::FakeProvider;
+use strongroom_crypto::OsRandom;
+use strongroom_store::sqlite::SqliteStore;
+
+use super::*;
+
+async fn vault() -> (tempfile::TempDir, Arc<Vault>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let v = Vault::new(
+        store,
+        Arc::new(FakeProvider::new("core", 1)),
+        Arc::new(OsRandom),
+        Arc::new(SystemClock),
+        VaultConfig::default(),
+    );
+    (dir, Arc::new(v))
+}
+
+fn put<'a>(owner: &'a str, name: &'a str, value: &[u8]) -> PutRequest<'a> {
+    PutRequest {
+        owner,
+        name,
+        value: SecretBytes::from_slice(value),
+        metadata: None,
+        expected_version: None,
+        created_by: "user:test",
+    }
+}
+
+#[tokio::test]
+async fn put_reveal_and_owner_isolation() {
+    let (_d, v) = vault().await;
+    assert_eq!(
+        v.put(put("alice", "zoom.api-key", b"one"))
+            .await
+            .unwrap()
+            .version,
+        1
+    );
+    assert_eq!(
+        v.put(put("alice", "zoom.api-key", b"two"))
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    let r = v.reveal("alice", "zoom.api-key", None).await.unwrap();
+    assert_eq!((r.value.expose_secret(), r.version), (&b"two"[..], 2));
+    let r1 = v.reveal("alice", "zoom.api-key", Some(1)).await.unwrap();
+    assert_eq!(r1.value.expose_secret(), b"one");
+    for (owner, name) in [("bob", "zoom.api-key"), ("alice", "zoom.other")] {
+        assert!(matches!(
+            v.reveal(owner, name, None).await,
+            Err(CoreError::NotFound)
+        ));
+        assert!(matches!(
+            v.describe(owner, name).await,
+            Err(CoreError::NotFound)
+        ));
+    }
+    let listed = v.list("bob", None, 100).await.unwrap();
+    assert!(listed.items.is_empty());
+    let described = v.describe("alice", "zoom.api-key").await.unwrap();
+    assert_eq!(described.summary.current_version, Some(2));
+    assert_eq!(described.versions.len(), 2);
+    assert!(!format!("{described:?}").contains("two"));
+}
+
+#[tokio::test]
+async fn check_and_set() {
+    let (_d, v) = vault().await;
+    let mut first = put("alice", "n", b"a");
+    first.expected_version = Some(0);
+    assert_eq!(v.put(first).await.unwrap().version, 1);
+    let mut again = put("alice", "n", b"b");
+    again.expected_version = Some(0);
+    assert!(matches!(
+        v.put(again).await,
+        Err(CoreError::VersionConflict { current: Some(1) })
+    ));
+    let mut stale = put("alice", "n", b"c");
+    stale.expected_version = Some(7);
+    assert!(matches!(
+        v.put(stale).await,
+        Err(CoreError::VersionConflict { .. })
+    ));
+    let mut fresh = put("alice", "n", b"d");
+    fresh.expected_version = Some(1);
+    assert_eq!(v.put(fresh).await.unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn concurrent_puts_each_get_their_own_version() {
+    let (_d, v) = vault().await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let v = v.clone();
+            tokio::spawn(async move {
+                v.put(put("alice", "race", format!("v{i}").as_bytes()))
+                    .await
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.push(t.await.unwrap().unwrap().version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=16).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn disabled_is_never_revealed_and_verify_compares() {
+    let (_d, v) = vault().await;
+    v.put(put("alice", "n", b"secret")).await.unwrap();
+    assert!(v
+        .verify("alice", "n", &SecretBytes::from_slice(b"secret"))
+        .await
+        .unwrap());
+    assert!(!v
+        .verify("alice", "n", &SecretBytes::from_slice(b"secreT"))
+        .await
+        .unwrap());
+    assert!(!v
+        .verify("alice", "n", &SecretBytes::from_slice(b""))
+        .await
+        .unwrap());
+    v.set_enabled("alice", "n", false).await.unwrap();
+    assert!(matches!(
+        v.reveal("alice", "n", None).await,
+        Err(CoreError::Disabled)
+    ));
+    v.set_enabled("alice", "n", true).await.unwrap();
+    assert!(v.reveal("alice", "n", None).await.is_ok());
+}
+
+#[tokio::test]
+async fn destroyed_versions_and_current_choice() {
+    let (_d, v) = vault().await;
+    for val in [b"1", b"2", b"3"] {
+        v.put(put("alice", "n", val)).await.unwrap();
+    }
+    v.set_current("alice", "n", 1).await.unwrap();
+    assert_eq!(
+        v.reveal("alice", "n", None)
+            .await
+            .unwrap()
+            .value
+            .expose_secret(),
+        b"1"
+    );
+    v.destroy_version("alice", "n", 2).await.unwrap();
+    assert!(matches!(
+        v.reveal("alice", "n", Some(2)).await,
+        Err(CoreError::VersionDestroyed)
+    ));
+    assert!(matches!(
+        v.set_current("alice", "n", 2).await,
+        Err(CoreError::VersionDestroyed)
+    ));
+    v.destroy_credential("alice", "n").await.unwrap();
+    assert!(matches!(
+        v.reveal("alice", "n", None).await,
+        Err(CoreError::NotFound)
+    ));
+    // Numbering continues: no slot is reused.
+    assert_eq!(v.put(put("alice", "n", b"4")).await.unwrap().version, 4);
+}
+
+#[tokio::test]
+async fn a_value_moved_to_another_row_fails_its_integrity_check() {
+    let (_d, v) = vault().await;
+    v.put(put("alice", "n", b"alice's")).await.unwrap();
+    let row = v.store().get_version("alice", "n", None).await.unwrap();
+    // Graft alice's sealed bytes into bob's row, version 1.
+    let mut graft = NewVersion::new(
+        "bob",
+        "n",
+        1,
+        row.sealed_value,
+        row.wrapped_key,
+        row.kek,
+        "attacker",
+        v.now(),
+    );
+    graft.max_versions = 10;
+    v.store().put_version(graft).await.unwrap();
+    assert!(matches!(
+        v.reveal("bob", "n", None).await,
+        Err(CoreError::Integrity)
+    ));
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_any_write() {
+    let (_d, v) = vault().await;
+    assert!(matches!(
+        v.put(put("alice", "Bad/Name", b"x")).await,
+        Err(CoreError::InvalidName)
+    ));
+    assert!(matches!(
+        v.put(put("", "n", b"x")).await,
+        Err(CoreError::InvalidOwner)
+    ));
+    let big = vec![0u8; MAX_VALUE_LEN + 1];
+    assert!(matches!(
+        v.put(put("alice", "n", &big)).await,
+        Err(CoreError::ValueTooLarge(_))
+    ));
+    let mut arr = put("alice", "n", b"x");
+    arr.metadata = Some(serde_json::json!([1, 2]));
+    assert!(matches!(v.put(arr).await, Err(CoreError::InvalidInput(_))));
+    let mut huge = put("alice", "n", b"x");
+    huge.metadata = Some(serde_json::json!({"k": "x".repeat(MAX_METADATA_LEN)}));
+    assert!(matches!(v.put(huge).await, Err(CoreError::InvalidInput(_))));
+    assert!(
+        matches!(v.describe("alice", "n").await, Err(CoreError::NotFound)),
+        "nothing was written"
+    );
+    let exact = vec![1u8; MAX_VALUE_LEN];
+    v.put(put("alice", "n", &exact)).await.unwrap();
+}
