@@ -1,5 +1,5 @@
-//! `strongroom`: the one binary. Operator commands (keys, fernet) today; the server and the
-//! client join it as they land.
+//! `strongroom`: the one binary. The HTTPS server (`serve`), operator commands (keys, token,
+//! fernet); the client joins it as it lands.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
@@ -29,6 +29,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the HTTPS server: `--config FILE` for production, `--dev` to try it with zero
+    /// configuration.
+    Serve(commands::serve::ServeArgs),
+    /// User tokens for the dev server (`token mint --dev SUBJECT`).
+    #[command(subcommand)]
+    Token(commands::token::TokenCommand),
     /// Manage the key-encryption keys (KEKs) of the local keyring: generate, list, rotate.
     #[command(subcommand)]
     Keys(commands::keys::KeysCommand),
@@ -40,13 +46,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Token(cmd) => commands::token::run(cmd),
         Command::Keys(cmd) => commands::keys::run(cmd),
-        Command::Fernet(cmd) => commands::fernet::run(cmd),
+        Command::Fernet(cmd) => commands::fernet::run(cmd).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // One line on stderr, never a secret (CliError's messages are built to hold none).
+            // One line on stderr, never a secret (the error types' messages are built to
+            // hold none).
             eprintln!("strongroom: error: {err}");
             err.exit_code()
         }

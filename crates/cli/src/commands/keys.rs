@@ -8,29 +8,52 @@ use strongroom_keys::local::{self, KeyInfo, LocalKeyring};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use strongroom_server::config::{Config, Overrides, DEFAULT_DATA_DIR};
+
+use super::Failure;
 use crate::error::CliError;
 
-/// Where the keyring is.
+/// Where the keyring is: `--keyring`, else the `keys.keyring` of `--config`, else
+/// `DATA_DIR/keyring.json` (the `serve --dev` layout).
 #[derive(Args, Debug)]
 pub struct KeyringLocation {
-    /// Keyring file. Defaults to DATA_DIR/keyring.json.
+    /// Keyring file. Defaults to the server configuration's keyring, else
+    /// DATA_DIR/keyring.json.
     #[arg(long, value_name = "PATH", env = "STRONGROOM_KEYRING")]
     keyring: Option<PathBuf>,
-    /// Data directory of the dev layout; the keyring is DATA_DIR/keyring.json.
+    /// The server's configuration file (TOML, as for `strongroom serve --config`); its
+    /// `keys.keyring` (default `data_dir/keyring.json`) is used, with the same
+    /// STRONGROOM_* environment overrides as the server.
     #[arg(
         long,
-        value_name = "DIR",
-        env = "STRONGROOM_DATA_DIR",
-        default_value = "strongroom-data"
+        value_name = "FILE",
+        env = "STRONGROOM_CONFIG",
+        conflicts_with = "keyring"
     )]
-    data_dir: PathBuf,
+    config: Option<PathBuf>,
+    /// Data directory of the dev layout (`serve --dev --data-dir DIR`); the keyring is
+    /// DATA_DIR/keyring.json. [default: strongroom-data]
+    #[arg(long, value_name = "DIR", env = "STRONGROOM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 impl KeyringLocation {
-    fn path(&self) -> PathBuf {
-        self.keyring
+    fn path(&self) -> Result<PathBuf, Failure> {
+        if let Some(k) = &self.keyring {
+            return Ok(k.clone());
+        }
+        if let Some(file) = &self.config {
+            let overrides = Overrides {
+                data_dir: self.data_dir.clone(),
+                ..Overrides::default()
+            };
+            return Ok(Config::load(Some(file), &overrides)?.keyring_path());
+        }
+        Ok(self
+            .data_dir
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("keyring.json"))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+            .join("keyring.json"))
     }
 }
 
@@ -53,17 +76,20 @@ pub enum KeysCommand {
     },
     /// Add a new active KEK version; the previous active version becomes decrypt-only, so
     /// everything it wrapped still opens.
+    ///
+    /// Safe while the server runs (writers serialise on a lock file); send the server SIGHUP
+    /// (`kill -HUP PID`) so it wraps new data keys with the new version.
     Rotate {
         #[command(flatten)]
         location: KeyringLocation,
     },
 }
 
-pub fn run(cmd: KeysCommand) -> Result<(), CliError> {
+pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
     let now = OffsetDateTime::now_utc();
     match cmd {
         KeysCommand::Generate { location } => {
-            let path = location.path();
+            let path = location.path()?;
             let info = local::generate(&path, now, &OsRandom)?;
             println!(
                 "created keyring {} (key id {}, version {} active)",
@@ -73,7 +99,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), CliError> {
             );
         }
         KeysCommand::Rotate { location } => {
-            let path = location.path();
+            let path = location.path()?;
             let info = local::rotate(&path, now, &OsRandom)?;
             println!(
                 "key {} version {} is now active; earlier versions stay decrypt-only",
@@ -81,7 +107,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), CliError> {
             );
         }
         KeysCommand::List { location, json } => {
-            let ring = LocalKeyring::open(&location.path())?;
+            let ring = LocalKeyring::open(&location.path()?)?;
             let keys = ring.list();
             if json {
                 let text = serde_json::to_string_pretty(&keys)

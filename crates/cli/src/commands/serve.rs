@@ -1,0 +1,134 @@
+//! `strongroom serve`: the HTTPS server, from a configuration file or in `--dev` mode.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use strongroom_server::config::{Config, Overrides, DEFAULT_DATA_DIR};
+use strongroom_server::dev::{self, DevOptions, DEV_LISTEN};
+use strongroom_server::{logging, Server, ServerError};
+use zeroize::Zeroizing;
+
+use super::Failure;
+use crate::error::CliError;
+
+/// Lifetime of the user token `serve --dev` prints.
+const DEV_USER_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The user the printed token and curl commands are for.
+const DEV_USER: &str = "alice";
+
+/// `strongroom serve` options.
+#[derive(Args, Debug)]
+#[command(after_long_help = "\
+Production: `strongroom serve --config /etc/strongroom/strongroom.toml`. Every key of the file \
+can also come from the environment: STRONGROOM_LISTEN, STRONGROOM_DATA_DIR, \
+STRONGROOM_LIMITS__MAX_CONNECTIONS, STRONGROOM_AUTH__JWT__ISSUER, ... (`__` between levels); \
+strongroom.example.toml lists every key. Without --config the environment alone configures the \
+server.
+
+Development: `strongroom serve --dev` needs nothing else. It creates ./strongroom-data (or \
+--data-dir) with a SQLite store, a keyring, a dev CA and a certificate it signs for localhost and \
+127.0.0.1, a JWT secret and dev tokens (all mode 0600, reused on restart), listens on \
+127.0.0.1:8443, and prints the tokens and curl commands to try it.
+
+Signals: SIGTERM or SIGINT stop accepting and let in-flight requests finish (exit status 0); \
+SIGHUP reloads the policy file, the keyring and the TLS certificate. Logs go to stderr (JSON, \
+or text in --dev); the --dev instructions go to stdout.")]
+pub struct ServeArgs {
+    /// Configuration file (TOML); STRONGROOM_* environment variables override its keys.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "STRONGROOM_CONFIG",
+        conflicts_with = "dev"
+    )]
+    config: Option<PathBuf>,
+    /// Zero-configuration development server: SQLite, a local keyring, a dev TLS
+    /// certificate and dev tokens under the data directory. Not for production.
+    #[arg(long)]
+    dev: bool,
+    /// Address and port to listen on [default: 127.0.0.1:8443, or the config's `listen`].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./strongroom-data, or the config's `data_dir`].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// With --dev: use this admin token (16+ characters) instead of the generated one.
+    #[arg(long, value_name = "TOKEN", requires = "dev")]
+    dev_admin_token: Option<String>,
+    /// With --dev: use this token for the service `dev-service` instead of the generated one.
+    #[arg(long, value_name = "TOKEN", requires = "dev")]
+    dev_service_token: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("strongroom")
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))?;
+    let result = runtime.block_on(async move {
+        if args.dev {
+            serve_dev(args).await
+        } else {
+            serve_config(args).await
+        }
+    });
+    // Connections cut at the end of the grace period may leave tasks behind: don't wait.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve_config(args: ServeArgs) -> Result<(), Failure> {
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
+    let server = Server::start(config).await?;
+    server.run_until_signal().await?;
+    Ok(())
+}
+
+fn env_or<T: std::str::FromStr>(flag: Option<T>, var: &str, default: &str) -> Result<T, Failure>
+where
+    T::Err: std::fmt::Display,
+{
+    if let Some(v) = flag {
+        return Ok(v);
+    }
+    let (text, from) = match std::env::var(var) {
+        Ok(v) if !v.is_empty() => (v, var),
+        _ => (default.to_owned(), "default"),
+    };
+    text.parse()
+        .map_err(|e| Failure::Cli(CliError::Usage(format!("{from} {text:?}: {e}"))))
+}
+
+async fn serve_dev(args: ServeArgs) -> Result<(), Failure> {
+    let listen: SocketAddr = env_or(args.listen, "STRONGROOM_LISTEN", DEV_LISTEN)?;
+    let data_dir: PathBuf = env_or(args.data_dir, "STRONGROOM_DATA_DIR", DEFAULT_DATA_DIR)?;
+    let options = DevOptions {
+        data_dir,
+        listen,
+        admin_token: args.dev_admin_token.map(Zeroizing::new),
+        service_token: args.dev_service_token.map(Zeroizing::new),
+    };
+    let setup = dev::bootstrap(&options)?;
+    let config = setup.config(listen)?;
+    logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
+    let server = Server::start_with_policy(config, dev::policy()).await?;
+    let user_token = dev::mint_user_token(&setup.data_dir, DEV_USER, DEV_USER_TOKEN_TTL)?;
+    let banner = dev::banner(&setup, server.local_addr(), &user_token, DEV_USER);
+    {
+        let mut out = std::io::stdout().lock();
+        // A closed stdout must not stop the server.
+        let _ = writeln!(out, "{banner}");
+        let _ = out.flush();
+    }
+    server.run_until_signal().await?;
+    Ok(())
+}

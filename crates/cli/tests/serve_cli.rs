@@ -1,0 +1,639 @@
+//! `strongroom serve`, `token mint` and `keys --config` as a user runs them: a child process,
+//! a temp data dir, a free port, real TLS.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::strongroom;
+use serde_json::json;
+use strongroom_server::testing::{ClientOptions, TestClient};
+
+/// A `strongroom serve --dev` child: its address, the lines it printed, and the process.
+struct DevServer {
+    child: Child,
+    addr: SocketAddr,
+    banner: String,
+    stderr: std::path::PathBuf,
+}
+
+fn binary() -> std::path::PathBuf {
+    assert_cmd::cargo::cargo_bin("strongroom")
+}
+
+fn start_dev(data: &Path, extra: &[&str]) -> DevServer {
+    start_dev_env(data, extra, &[])
+}
+
+fn start_dev_env(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> DevServer {
+    let stderr = data.with_extension("stderr.log");
+    let mut child = Command::new(binary())
+        .envs(envs.iter().copied())
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_LISTEN")
+        .env_remove("STRONGROOM_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                banner.push_str(&line);
+                banner.push('\n');
+                if line.starts_with("Stop with Ctrl-C") {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no banner; stdout so far:\n{banner}\nstderr:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        }
+    }
+    let url = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listening on"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no listen line in:\n{banner}"));
+    let addr: SocketAddr = url.strip_prefix("https://").unwrap().parse().unwrap();
+    DevServer {
+        child,
+        addr,
+        banner,
+        stderr,
+    }
+}
+
+impl DevServer {
+    fn client(&self, data: &Path) -> TestClient {
+        let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+        TestClient::new(self.addr, ClientOptions::new(ca)).unwrap()
+    }
+
+    /// The value of `export NAME='...'` in the banner.
+    fn export(&self, name: &str) -> String {
+        let prefix = format!("export {name}='");
+        self.banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("no {name} in banner:\n{}", self.banner))
+            .to_owned()
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("no exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mint(data: &Path, subject: &str) -> String {
+    let out = strongroom()
+        .args(["token", "mint", "--dev", "--ttl", "600", "--data-dir"])
+        .arg(data)
+        .arg(subject)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn dev_server_end_to_end_then_sigterm_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    // Debug logs: still no value and no token in them.
+    let server = start_dev_env(&data, &[], &[("STRONGROOM_LOG__LEVEL", "debug")]);
+    assert!(server.banner.contains("--cacert"), "{}", server.banner);
+    for f in [
+        "keyring.json",
+        "dev-jwt-secret",
+        "dev-tokens.json",
+        "tls/key.pem",
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let client = server.client(&data);
+    let service = server.export("SERVICE");
+    let alice_from_banner = server.export("ALICE");
+    let bob = mint(&data, "bob");
+    let canary = "canary-e2e-7f3a9c";
+
+    rt().block_on(async {
+        // As the user: store, then list (metadata only).
+        let r = client
+            .json(
+                "PUT",
+                "/v1/me/credentials/zoom.api-key",
+                Some(&bob),
+                &json!({"value": canary, "metadata": {"host": "api.zoom.us"}}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(r.json()["version"], 1);
+        assert!(!r.text().contains(canary));
+        let r = client.get("/v1/me/credentials", Some(&bob)).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(
+            r.text().contains("zoom.api-key") && !r.text().contains(canary),
+            "{}",
+            r.text()
+        );
+        let r = client
+            .get("/v1/me/credentials/zoom.api-key", Some(&bob))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert!(!r.text().contains(canary));
+
+        // As the dev service: reveal.
+        let r = client
+            .json(
+                "POST",
+                "/v1/owners/bob/credentials/zoom.api-key/reveal",
+                Some(&service),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["value"], canary);
+
+        // The user cannot reveal (a service route), and another user sees nothing.
+        let r = client
+            .json(
+                "POST",
+                "/v1/owners/bob/credentials/zoom.api-key/reveal",
+                Some(&bob),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r.status, 401 | 403 | 404), "{}", r.status);
+        assert!(!r.text().contains(canary));
+        let r = client
+            .get("/v1/me/credentials/zoom.api-key", Some(&alice_from_banner))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{}", r.text());
+        let r = client
+            .get("/v1/me/credentials", Some("not-a-token"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+    });
+
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    let logs = std::fs::read_to_string(data.with_extension("stderr.log")).unwrap();
+    assert!(
+        logs.contains("/v1/me/credentials"),
+        "debug request logs expected:\n{logs}"
+    );
+    assert!(
+        logs.contains("stopped"),
+        "graceful shutdown logged:\n{logs}"
+    );
+    for secret in [
+        canary,
+        service.as_str(),
+        bob.as_str(),
+        alice_from_banner.as_str(),
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "a secret reached the logs: {secret}"
+        );
+    }
+}
+
+#[test]
+fn a_restart_reuses_the_certificate_tokens_and_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let first = start_dev(&data, &[]);
+    let service = first.export("SERVICE");
+    let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+    let alice = mint(&data, "alice");
+    rt().block_on(async {
+        let r = first
+            .client(&data)
+            .json(
+                "PUT",
+                "/v1/me/credentials/k",
+                Some(&alice),
+                &json!({"value": "persisted"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+    });
+    assert_eq!(first.terminate().code(), Some(0));
+
+    let second = start_dev(&data, &[]);
+    assert_eq!(
+        std::fs::read(data.join("tls/ca.pem")).unwrap(),
+        ca,
+        "certificate reused"
+    );
+    assert_eq!(second.export("SERVICE"), service, "token reused");
+    rt().block_on(async {
+        // A token minted before the restart still works, and the value survived.
+        let client = second.client(&data);
+        let r = client
+            .get("/v1/me/credentials/k", Some(&alice))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = client
+            .json(
+                "POST",
+                "/v1/owners/alice/credentials/k/reveal",
+                Some(&service),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.json()["value"], "persisted");
+    });
+    assert_eq!(second.terminate().code(), Some(0));
+}
+
+#[test]
+fn fixed_dev_tokens_from_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev(
+        &data,
+        &[
+            "--dev-admin-token",
+            "admin-token-for-tests",
+            "--dev-service-token",
+            "service-token-for-tests",
+        ],
+    );
+    assert_eq!(server.export("SERVICE"), "service-token-for-tests");
+    rt().block_on(async {
+        let client = server.client(&data);
+        let r = client
+            .get("/v1/keys", Some("admin-token-for-tests"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = client
+            .json(
+                "PUT",
+                "/v1/owners/carol/credentials/x",
+                Some("service-token-for-tests"),
+                &json!({"value": "v"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+    });
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+fn one_line_failure(out: &std::process::Output) -> String {
+    assert!(!out.status.success());
+    assert_ne!(out.status.code(), Some(101), "panicked");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(err.starts_with("strongroom: error: "), "{err}");
+    err
+}
+
+#[test]
+fn startup_failures_are_one_line_and_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // A bad key in the config file.
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[limits]\nmax_connections = 0\n",
+    )
+    .unwrap();
+    let out = strongroom()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains("key `limits.max_connections`"), "{err}");
+
+    // An environment override that does not parse.
+    std::fs::write(&cfg, "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap();
+    let out = strongroom()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("STRONGROOM_LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains("STRONGROOM_LISTEN"), "{err}");
+
+    // Valid config, missing certificate file.
+    let out = strongroom()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains("c.pem"), "{err}");
+
+    // No such config file.
+    let out = strongroom()
+        .args(["serve", "--config", "/nonexistent/strongroom.toml"])
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains("/nonexistent/strongroom.toml"), "{err}");
+
+    // The port is taken: nothing starts, and the data dir's files are still fine to reuse.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = strongroom()
+        .args(["serve", "--dev", "--listen", &addr, "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "printed instructions for a server that did not start"
+    );
+
+    // --dev and --config together: a usage error.
+    let out = strongroom()
+        .args(["serve", "--dev", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn token_mint_needs_dev_and_an_existing_dev_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = strongroom()
+        .args(["token", "mint", "alice"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("identity provider"));
+    let out = strongroom()
+        .args(["token", "mint", "--dev", "--data-dir"])
+        .arg(tmp.path())
+        .arg("alice")
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains("serve --dev"), "{err}");
+}
+
+#[test]
+fn keys_commands_follow_the_server_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ring = tmp.path().join("keys/ring.json");
+    std::fs::create_dir_all(ring.parent().unwrap()).unwrap();
+    let cfg = tmp.path().join("strongroom.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[keys]\nkeyring = {:?}\n",
+            ring.display().to_string()
+        ),
+    )
+    .unwrap();
+    strongroom()
+        .args(["keys", "generate", "--config"])
+        .arg(&cfg)
+        .assert()
+        .success();
+    assert!(ring.is_file());
+    strongroom()
+        .args(["keys", "rotate", "--config"])
+        .arg(&cfg)
+        .assert()
+        .success();
+    let out = strongroom()
+        .args(["keys", "list", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+
+    // Without keys.keyring: DATA_DIR/keyring.json, with data_dir from the file or the env.
+    let data = tmp.path().join("data");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    strongroom()
+        .args(["keys", "generate", "--config"])
+        .arg(&cfg)
+        .assert()
+        .success();
+    assert!(data.join("keyring.json").is_file());
+    let data2 = tmp.path().join("data2");
+    std::fs::create_dir(&data2).unwrap();
+    strongroom()
+        .args(["keys", "generate", "--config"])
+        .arg(&cfg)
+        .env("STRONGROOM_DATA_DIR", &data2)
+        .assert()
+        .success();
+    assert!(data2.join("keyring.json").is_file());
+
+    // A broken config is reported as such.
+    std::fs::write(&cfg, "[keys]\nkeyring = 3\n").unwrap();
+    let out = strongroom()
+        .args(["keys", "list", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains("keys.keyring"), "{err}");
+
+    // --config and --keyring together: a usage error.
+    let out = strongroom()
+        .args(["keys", "list", "--config"])
+        .arg(&cfg)
+        .arg("--keyring")
+        .arg(&ring)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn keys_work_on_the_dev_layout_while_the_server_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev(&data, &[]);
+    strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+    // SIGHUP: the server reloads the keyring and keeps serving.
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let alice = mint(&data, "alice");
+    let service = server.export("SERVICE");
+    rt().block_on(async {
+        let client = server.client(&data);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = client.get("/v1/keys", Some(&service)).await.unwrap();
+            // The service token is not an admin's: 403. What matters is the reload below.
+            assert!(matches!(r.status, 401 | 403));
+            if server.stderr().contains("keyring reloaded") || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = client
+            .json(
+                "PUT",
+                "/v1/me/credentials/after-rotation",
+                Some(&alice),
+                &json!({"value": "v2"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+    });
+    assert!(
+        server.stderr().contains("keyring reloaded"),
+        "{}",
+        server.stderr()
+    );
+    let out = strongroom()
+        .args(["keys", "list", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn help_explains_serve_and_token() {
+    for args in [
+        &["serve", "--help"][..],
+        &["token", "mint", "--help"],
+        &["keys", "generate", "--help"],
+    ] {
+        let out = strongroom().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.len() > 400, "{args:?}: help too thin");
+    }
+    let out = strongroom().args(["serve", "--help"]).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "--config",
+        "--dev",
+        "--listen",
+        "--data-dir",
+        "--dev-admin-token",
+        "STRONGROOM_",
+        "SIGTERM",
+    ] {
+        assert!(text.contains(want), "serve --help lacks {want}");
+    }
+    let out = strongroom()
+        .args(["keys", "list", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stdout).unwrap().contains("--config"));
+}

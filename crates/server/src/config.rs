@@ -1,0 +1,711 @@
+//! The server's configuration: a TOML file, overridden by `STRONGROOM_*` environment
+//! variables, checked as a whole before anything starts.
+//!
+//! # Keys
+//!
+//! Every key, its default and its meaning (`strongroom.example.toml` at the repository root is
+//! a commented example):
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `listen` | `127.0.0.1:8443` | address and port to serve HTTPS on |
+//! | `data_dir` | `strongroom-data` | folder for the SQLite database and the default keyring |
+//! | `store.kind` | `"sqlite"` | `"sqlite"` (`DATA_DIR/strongroom.db`) or `"postgres"` |
+//! | `store.url` | — | PostgreSQL connection string (`kind = "postgres"` only) |
+//! | `store.max_connections` | 16 | PostgreSQL pool size |
+//! | `store.schema` | — | PostgreSQL schema for the tables (created if absent) |
+//! | `keys.provider` | `"local"` | key provider; `"local"` is the keyring file |
+//! | `keys.keyring` | `DATA_DIR/keyring.json` | the local keyring file (mode 0600) |
+//! | `tls.cert` | **required** | PEM certificate chain, leaf first |
+//! | `tls.key` | **required** | PEM private key (PKCS#8, PKCS#1 or SEC1) |
+//! | `tls.client_ca` | — | PEM CA certificate(s) for client certificates: turns on mutual TLS |
+//! | `tls.client_auth` | `"optional"` | with `client_ca`: `"optional"` or `"required"` |
+//! | `auth.jwt.issuer` | — | required `iss` of user tokens |
+//! | `auth.jwt.audience` | — | required `aud` of user tokens |
+//! | `auth.jwt.leeway_seconds` | 30 | clock leeway for `exp` and `nbf` |
+//! | `auth.jwt.hs256_secret_file` | — | HS256 secret (the file's bytes, trailing whitespace removed; 32+ bytes) |
+//! | `auth.jwt.public_key_file` | — | PEM public key; needs `auth.jwt.algorithm` |
+//! | `auth.jwt.algorithm` | — | `"RS256"`, `"ES256"` or `"EdDSA"` (with `public_key_file`) |
+//! | `auth.jwt.jwks_file` | — | a JWKS document (JSON) |
+//! | `[[auth.service]]` `name`, `token_sha256` | — | a service bearer token, by its SHA-256 (hex) |
+//! | `[[auth.admin]]` `name`, `token_sha256` | — | an admin bearer token, by its SHA-256 (hex) |
+//! | `[[auth.mtls]]` `san`, `service` or `admin` | — | a client-certificate SAN (DNS name or URI) and who it is |
+//! | `policy_file` | — (deny all) | service policy (TOML, see `policy.example.toml`); reloaded on SIGHUP |
+//! | `limits.max_connections` | 1024 | concurrent connections; more wait in the listen backlog |
+//! | `limits.request_timeout_seconds` | 30 | longest time a request may take |
+//! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
+//! | `limits.max_body_bytes` | 524288 | request body |
+//! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute |
+//! | `limits.handshake_timeout_seconds` | 10 | TLS handshake, and reading a request's headers |
+//! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
+//! | `log.format` | `"json"` | `"json"` or `"text"` (logs go to stderr) |
+//! | `log.level` | `"info"` | a level or `tracing` filter directives (`info,strongroom_api=debug`) |
+//!
+//! Exactly one of `hs256_secret_file`, `public_key_file` or `jwks_file` is set in
+//! `[auth.jwt]`. Relative paths are relative to the server's working directory.
+//!
+//! # Environment
+//!
+//! `STRONGROOM_<KEY>` overrides a key, with `__` between nesting levels:
+//! `STRONGROOM_LISTEN=0.0.0.0:8443`, `STRONGROOM_LIMITS__MAX_CONNECTIONS=4096`,
+//! `STRONGROOM_STORE__URL=postgresql://…`, `STRONGROOM_AUTH__JWT__ISSUER=https://idp`. Lists
+//! take inline TOML: `STRONGROOM_AUTH__SERVICE='[{name="billing",token_sha256="…"}]'`. Only
+//! variables whose first segment is a key above are read (`STRONGROOM_KEYRING` and
+//! `STRONGROOM_CONFIG` belong to the command line); an unknown key below one of them is an
+//! error, as in the file.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+use crate::error::ServerError;
+
+/// Top-level keys read from `STRONGROOM_*` variables.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "store",
+    "keys",
+    "tls",
+    "auth",
+    "policy_file",
+    "limits",
+    "log",
+];
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// The default data directory (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = "strongroom-data";
+
+/// The whole configuration. See the [module docs](self) for every key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// Address to serve HTTPS on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Folder for the SQLite database and the default keyring.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where credentials are stored.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// The key provider.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Certificate and key; required.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Who can authenticate, and how.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The service policy file; none means services may do nothing.
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+
+/// `[store]`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StoreConfig {
+    /// Which backend.
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// PostgreSQL connection string (may hold a password: never logged).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PostgreSQL pool size.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// PostgreSQL schema.
+    #[serde(default)]
+    pub schema: Option<String>,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("kind", &self.kind)
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("max_connections", &self.max_connections)
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+/// `store.kind`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded SQLite under `data_dir`.
+    #[default]
+    Sqlite,
+    /// PostgreSQL 15+ at `store.url`.
+    Postgres,
+}
+
+/// `[keys]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct KeysConfig {
+    /// Which provider.
+    #[serde(default)]
+    pub provider: KeyProviderKind,
+    /// The local keyring file (default `DATA_DIR/keyring.json`).
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+}
+
+/// `keys.provider`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum KeyProviderKind {
+    /// The local keyring file.
+    #[default]
+    Local,
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA certificates that client certificates must chain to (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client certificate is required (with `client_ca`).
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// `tls.client_auth`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Clients may present a certificate; those without one use tokens.
+    #[default]
+    Optional,
+    /// Every client must present a certificate the CA signed.
+    Required,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// User tokens.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    /// Service bearer tokens.
+    #[serde(default)]
+    pub service: Vec<TokenConfig>,
+    /// Admin bearer tokens.
+    #[serde(default)]
+    pub admin: Vec<TokenConfig>,
+    /// Client-certificate SANs.
+    #[serde(default)]
+    pub mtls: Vec<MtlsConfig>,
+}
+
+/// `[auth.jwt]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct JwtConfig {
+    /// Required `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Leeway for `exp`/`nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// HS256 secret file.
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public key file.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// The algorithm of `public_key_file`.
+    #[serde(default)]
+    pub algorithm: Option<JwtAlgorithmName>,
+    /// JWKS file.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// `auth.jwt.algorithm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithmName {
+    /// HMAC-SHA256 (use `hs256_secret_file`).
+    #[serde(rename = "HS256", alias = "hs256")]
+    Hs256,
+    /// RSA PKCS#1 v1.5 SHA-256.
+    #[serde(rename = "RS256", alias = "rs256")]
+    Rs256,
+    /// ECDSA P-256 SHA-256.
+    #[serde(rename = "ES256", alias = "es256")]
+    Es256,
+    /// Ed25519.
+    #[serde(rename = "EdDSA", alias = "eddsa", alias = "EDDSA")]
+    EdDsa,
+}
+
+/// `[[auth.service]]` and `[[auth.admin]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TokenConfig {
+    /// Service or admin name.
+    pub name: String,
+    /// SHA-256 of the token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`).
+    pub token_sha256: String,
+}
+
+impl TokenConfig {
+    /// An entry for `name` with the token's SHA-256 in hex.
+    pub fn new(name: impl Into<String>, token_sha256: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            token_sha256: token_sha256.into(),
+        }
+    }
+}
+
+/// `[[auth.mtls]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MtlsConfig {
+    /// A DNS or URI subject alternative name of the client certificate.
+    pub san: String,
+    /// The service it authenticates.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The admin it authenticates.
+    #[serde(default)]
+    pub admin: Option<String>,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct LimitsConfig {
+    /// Concurrent connections.
+    pub max_connections: usize,
+    /// Longest request, in seconds.
+    pub request_timeout_seconds: u64,
+    /// Request line plus headers, in bytes.
+    pub max_header_bytes: usize,
+    /// Request body, in bytes.
+    pub max_body_bytes: usize,
+    /// `verify` calls per owner per minute.
+    pub verify_per_minute: u32,
+    /// TLS handshake and request-header read timeout, in seconds.
+    pub handshake_timeout_seconds: u64,
+    /// Grace period for in-flight requests on shutdown, in seconds.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            request_timeout_seconds: 30,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 512 * 1024,
+            verify_per_minute: 30,
+            handshake_timeout_seconds: 10,
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The limits the router enforces.
+    pub fn api_limits(&self) -> strongroom_api::ApiLimits {
+        strongroom_api::ApiLimits {
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_secs(self.request_timeout_seconds),
+            verify_per_minute: self.verify_per_minute,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// Level or filter directives.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Values from the command line, which beat the file and the environment.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `file` (if any), then `STRONGROOM_*` variables, then `overrides`, and
+    /// [validates](Config::validate) the result.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Config`] naming the key (and the file or variable it came from), or
+    /// [`ServerError::File`] when `file` cannot be read.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ServerError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            // Check it ourselves for a clear error on a missing file; `file_exact` never
+            // searches parent folders (as figment's `Toml::file` would).
+            std::fs::File::open(file).map_err(ServerError::file("config file", file))?;
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config = Self::from_figment(figment.merge(env_provider(ENV_KEYS)), overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Extracts a configuration from `figment` with `overrides` on top, without validating.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Config`] naming the key.
+    pub fn from_figment(figment: Figment, overrides: &Overrides) -> Result<Self, ServerError> {
+        let mut config: Config = figment.extract().map_err(config_error)?;
+        if let Some(listen) = overrides.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.data_dir = dir.clone();
+        }
+        Ok(config)
+    }
+
+    /// The local keyring file: `keys.keyring`, or `DATA_DIR/keyring.json`.
+    pub fn keyring_path(&self) -> PathBuf {
+        self.keys
+            .keyring
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keyring.json"))
+    }
+
+    /// Checks everything that can be checked without opening files, so a mistake stops the
+    /// server before it starts.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Config`] naming the first key at fault.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |key: &str, msg: &str| Err(ServerError::Config(format!("key `{key}`: {msg}")));
+
+        match (self.store.kind, &self.store.url) {
+            (StoreKind::Postgres, None) => {
+                return bad(
+                    "store.url",
+                    "is required with store.kind = \"postgres\" (e.g. postgresql://user@host/db)",
+                )
+            }
+            (StoreKind::Sqlite, Some(_)) => {
+                return bad(
+                    "store.url",
+                    "is only used with store.kind = \"postgres\"; SQLite lives in data_dir",
+                )
+            }
+            _ => {}
+        }
+        if self.store.max_connections == Some(0) {
+            return bad("store.max_connections", "must be at least 1");
+        }
+
+        let Some(tls) = &self.tls else {
+            return bad(
+                "tls",
+                "is required: set tls.cert and tls.key (PEM files), or run `strongroom serve --dev`",
+            );
+        };
+        if tls.client_auth == ClientAuth::Required && tls.client_ca.is_none() {
+            return bad(
+                "tls.client_auth",
+                "\"required\" needs tls.client_ca (the CA client certificates chain to)",
+            );
+        }
+
+        if let Some(jwt) = &self.auth.jwt {
+            let sources = [
+                jwt.hs256_secret_file.is_some(),
+                jwt.public_key_file.is_some(),
+                jwt.jwks_file.is_some(),
+            ];
+            match sources.iter().filter(|s| **s).count() {
+                0 => {
+                    return bad(
+                        "auth.jwt",
+                        "set one of hs256_secret_file, public_key_file or jwks_file",
+                    )
+                }
+                1 => {}
+                _ => {
+                    return bad(
+                        "auth.jwt",
+                        "set only one of hs256_secret_file, public_key_file or jwks_file",
+                    )
+                }
+            }
+            match (jwt.public_key_file.is_some(), jwt.algorithm) {
+                (true, None) => {
+                    return bad(
+                        "auth.jwt.algorithm",
+                        "is required with public_key_file: RS256, ES256 or EdDSA",
+                    )
+                }
+                (true, Some(JwtAlgorithmName::Hs256)) => {
+                    return bad(
+                        "auth.jwt.algorithm",
+                        "HS256 takes hs256_secret_file, not a public key",
+                    )
+                }
+                (false, Some(a))
+                    if !(a == JwtAlgorithmName::Hs256 && jwt.hs256_secret_file.is_some()) =>
+                {
+                    return bad("auth.jwt.algorithm", "is only used with public_key_file")
+                }
+                _ => {}
+            }
+            if jwt.leeway_seconds > 300 {
+                return bad("auth.jwt.leeway_seconds", "must be at most 300");
+            }
+            if matches!(&jwt.issuer, Some(s) if s.is_empty()) {
+                return bad(
+                    "auth.jwt.issuer",
+                    "must not be empty (leave it out to accept any issuer)",
+                );
+            }
+            if matches!(&jwt.audience, Some(s) if s.is_empty()) {
+                return bad(
+                    "auth.jwt.audience",
+                    "must not be empty (leave it out to accept any audience)",
+                );
+            }
+        }
+
+        let mut digests = HashSet::new();
+        for (section, list) in [
+            ("auth.service", &self.auth.service),
+            ("auth.admin", &self.auth.admin),
+        ] {
+            let mut names = HashSet::new();
+            for (i, t) in list.iter().enumerate() {
+                let at = |field: &str| format!("{section}[{i}].{field}");
+                if !valid_principal_name(&t.name) {
+                    return bad(&at("name"), "must be 1 to 128 characters of [A-Za-z0-9._-]");
+                }
+                if !names.insert(t.name.as_str()) {
+                    return bad(&at("name"), &format!("{:?} is listed twice", t.name));
+                }
+                let Some(digest) = parse_sha256_hex(&t.token_sha256) else {
+                    return bad(
+                        &at("token_sha256"),
+                        "must be 64 hex digits: the SHA-256 of the token (`printf %s \"$TOKEN\" | sha256sum`)",
+                    );
+                };
+                if !digests.insert(digest) {
+                    return bad(&at("token_sha256"), "the same token is configured twice");
+                }
+            }
+        }
+
+        let mut sans = HashSet::new();
+        for (i, m) in self.auth.mtls.iter().enumerate() {
+            let at = |field: &str| format!("auth.mtls[{i}].{field}");
+            if m.san.is_empty() || m.san.len() > 1024 {
+                return bad(
+                    &at("san"),
+                    "must be a DNS name or URI of 1 to 1024 characters",
+                );
+            }
+            if !sans.insert(m.san.as_str()) {
+                return bad(&at("san"), &format!("{:?} is listed twice", m.san));
+            }
+            match (&m.service, &m.admin) {
+                (Some(n), None) | (None, Some(n)) => {
+                    if !valid_principal_name(n) {
+                        let field = if m.service.is_some() {
+                            "service"
+                        } else {
+                            "admin"
+                        };
+                        return bad(&at(field), "must be 1 to 128 characters of [A-Za-z0-9._-]");
+                    }
+                }
+                _ => return bad(&at("service"), "set exactly one of `service` or `admin`"),
+            }
+            if tls.client_ca.is_none() {
+                return bad(&at("san"), "client certificates need tls.client_ca");
+            }
+        }
+
+        let l = &self.limits;
+        if !(1..=1_000_000).contains(&l.max_connections) {
+            return bad("limits.max_connections", "must be 1 to 1000000");
+        }
+        if !(1..=3600).contains(&l.request_timeout_seconds) {
+            return bad("limits.request_timeout_seconds", "must be 1 to 3600");
+        }
+        if !(8192..=1024 * 1024).contains(&l.max_header_bytes) {
+            return bad("limits.max_header_bytes", "must be 8192 to 1048576");
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&l.max_body_bytes) {
+            return bad("limits.max_body_bytes", "must be 4096 to 67108864");
+        }
+        if l.verify_per_minute == 0 {
+            return bad("limits.verify_per_minute", "must be at least 1");
+        }
+        if !(1..=300).contains(&l.handshake_timeout_seconds) {
+            return bad("limits.handshake_timeout_seconds", "must be 1 to 300");
+        }
+        if l.shutdown_grace_seconds > 3600 {
+            return bad("limits.shutdown_grace_seconds", "must be at most 3600");
+        }
+        if let Err(e) = crate::logging::filter(&self.log.level) {
+            return bad("log.level", &e);
+        }
+        Ok(())
+    }
+
+    /// The `[[auth.mtls]]` entries as two maps: SAN → service, SAN → admin.
+    pub(crate) fn mtls_maps(&self) -> (HashMap<String, String>, HashMap<String, String>) {
+        let (mut services, mut admins) = (HashMap::new(), HashMap::new());
+        for m in &self.auth.mtls {
+            if let Some(s) = &m.service {
+                services.insert(m.san.clone(), s.clone());
+            } else if let Some(a) = &m.admin {
+                admins.insert(m.san.clone(), a.clone());
+            }
+        }
+        (services, admins)
+    }
+}
+
+fn valid_principal_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// 64 hex digits → 32 bytes.
+pub(crate) fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+/// `STRONGROOM_*` variables whose first segment is in `keys`, split on `__`.
+pub(crate) fn env_provider(keys: &'static [&'static str]) -> Env {
+    Env::prefixed("STRONGROOM_")
+        .filter(move |k| {
+            let first = k.as_str().split("__").next().unwrap_or_default();
+            keys.iter().any(|want| first.eq_ignore_ascii_case(want))
+        })
+        .split("__")
+}
+
+/// One line per problem, naming the key and where its value came from.
+fn config_error(err: figment::Error) -> ServerError {
+    let lines: Vec<String> = err
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let from = match &e.metadata {
+                Some(md) if md.name.contains("environment") => {
+                    if e.path.is_empty() {
+                        " (from a STRONGROOM_ environment variable)".to_owned()
+                    } else {
+                        format!(
+                            " (from environment variable STRONGROOM_{})",
+                            e.path.join("__").to_ascii_uppercase()
+                        )
+                    }
+                }
+                Some(md) => match &md.source {
+                    Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+                    Some(figment::Source::Custom(s)) => format!(" (in {s})"),
+                    _ => String::new(),
+                },
+                None => String::new(),
+            };
+            let kind = crate::error::one_line(&e.kind.to_string());
+            if key.is_empty() {
+                format!("{kind}{from}")
+            } else {
+                format!("key `{key}`{from}: {kind}")
+            }
+        })
+        .collect();
+    ServerError::Config(lines.join("; "))
+}

@@ -1,0 +1,503 @@
+//! `strongroom serve --dev`: a working server with zero configuration.
+//!
+//! Everything lives under one data directory (default `./strongroom-data`, mode 0700) and is
+//! created on first start, then reused:
+//!
+//! | file | what |
+//! |---|---|
+//! | `strongroom.db` | the SQLite store |
+//! | `keyring.json` | the local keyring (one active KEK) |
+//! | `tls/ca.pem` | a dev CA certificate (its key is thrown away once it signed the server certificate) |
+//! | `tls/cert.pem`, `tls/key.pem` | the server certificate for `localhost`, `127.0.0.1` and `::1`, and its key |
+//! | `dev-jwt-secret` | the HS256 secret for user tokens (`iss` `strongroom-dev`, `aud` `strongroom`) |
+//! | `dev-tokens.json` | the dev admin and service tokens |
+//!
+//! Every file is written with mode 0600, atomically (temporary file, `fsync`, `rename`). A
+//! secret file that group or others can read is refused, with the `chmod` that fixes it. The
+//! certificates are made again when the server certificate is within a day of expiring.
+//!
+//! Nothing here is fit for production: the tokens and the JWT secret sit next to the data.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::Serialized;
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use strongroom_crypto::{OsRandom, SecureRandom};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::config::{env_provider, Config, Overrides};
+use crate::error::ServerError;
+
+/// The dev service principal: may write, reveal and broker any credential of any owner.
+pub const DEV_SERVICE: &str = "dev-service";
+/// The dev admin principal.
+pub const DEV_ADMIN: &str = "dev-admin";
+/// `iss` of dev user tokens.
+pub const DEV_ISSUER: &str = "strongroom-dev";
+/// `aud` of dev user tokens.
+pub const DEV_AUDIENCE: &str = "strongroom";
+/// The listen address of `--dev` unless `--listen` says otherwise.
+pub const DEV_LISTEN: &str = "127.0.0.1:8443";
+/// The dev JWT secret's file name under the data directory.
+pub const JWT_SECRET_FILE: &str = "dev-jwt-secret";
+/// Longest lifetime `mint_user_token` accepts.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Environment keys honoured in dev mode (the rest of the configuration is the dev layout).
+const DEV_ENV_KEYS: &[&str] = &["policy_file", "limits", "log"];
+
+/// The dev policy: [`DEV_SERVICE`] may write, reveal and broker any credential of any owner.
+pub fn policy() -> strongroom_core::policy::Policy {
+    strongroom_core::policy::Policy::dev(DEV_SERVICE)
+}
+
+/// What `--dev` was asked for.
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The listen address.
+    pub listen: SocketAddr,
+    /// A fixed admin token instead of the stored random one.
+    pub admin_token: Option<Zeroizing<String>>,
+    /// A fixed service token instead of the stored random one.
+    pub service_token: Option<Zeroizing<String>>,
+}
+
+/// The dev layout, ready: paths and tokens.
+pub struct DevSetup {
+    /// The data directory, absolute.
+    pub data_dir: PathBuf,
+    /// The keyring file.
+    pub keyring: PathBuf,
+    /// The CA certificate clients should trust (`curl --cacert`).
+    pub ca_cert: PathBuf,
+    /// The server certificate.
+    pub cert: PathBuf,
+    /// The server key.
+    pub key: PathBuf,
+    /// The HS256 secret file.
+    pub jwt_secret: PathBuf,
+    /// The admin token (a secret).
+    pub admin_token: Zeroizing<String>,
+    /// The service token (a secret).
+    pub service_token: Zeroizing<String>,
+    /// Files created by this bootstrap (empty on a restart).
+    pub created: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for DevSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevSetup")
+            .field("data_dir", &self.data_dir)
+            .field("created", &self.created)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    admin_token: Zeroizing<String>,
+    service_token: Zeroizing<String>,
+}
+
+/// Creates (or finds) the dev layout under `options.data_dir`.
+///
+/// # Errors
+///
+/// [`ServerError::File`] for I/O problems, [`ServerError::Dev`] for a file open to group or
+/// others or malformed, [`ServerError::Keyring`], [`ServerError::Tls`].
+pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
+    let data_dir = absolute(&options.data_dir)?;
+    create_private_dir(&data_dir)?;
+    let mut created = Vec::new();
+
+    let keyring = data_dir.join("keyring.json");
+    if !keyring.exists() {
+        strongroom_keys::local::generate(&keyring, OffsetDateTime::now_utc(), &OsRandom)?;
+        created.push(keyring.clone());
+    }
+
+    let tls_dir = data_dir.join("tls");
+    create_private_dir(&tls_dir)?;
+    let (ca_cert, cert, key) = (
+        tls_dir.join("ca.pem"),
+        tls_dir.join("cert.pem"),
+        tls_dir.join("key.pem"),
+    );
+    if !(ca_cert.exists() && key.exists() && cert_valid_for_a_day(&cert)) {
+        let (ca_pem, cert_pem, key_pem) = generate_certificates(&data_dir)?;
+        write_private(&key, key_pem.as_bytes())?;
+        write_private(&cert, cert_pem.as_bytes())?;
+        write_private(&ca_cert, ca_pem.as_bytes())?;
+        created.extend([ca_cert.clone(), cert.clone(), key.clone()]);
+    } else {
+        check_private(&key)?;
+    }
+
+    let jwt_secret = data_dir.join(JWT_SECRET_FILE);
+    if jwt_secret.exists() {
+        check_private(&jwt_secret)?;
+    } else {
+        write_private(&jwt_secret, random_hex(32)?.as_bytes())?;
+        created.push(jwt_secret.clone());
+    }
+
+    let tokens_path = data_dir.join("dev-tokens.json");
+    let stored: TokenFile = if tokens_path.exists() {
+        check_private(&tokens_path)?;
+        let text = Zeroizing::new(
+            fs::read_to_string(&tokens_path)
+                .map_err(ServerError::file("dev tokens", &tokens_path))?,
+        );
+        serde_json::from_str(&text).map_err(|e| {
+            ServerError::Dev(format!(
+                "{} is not a dev token file ({e}); delete it to make new tokens",
+                tokens_path.display()
+            ))
+        })?
+    } else {
+        let t = TokenFile {
+            admin_token: Zeroizing::new(format!("sr-admin-{}", random_hex(24)?.as_str())),
+            service_token: Zeroizing::new(format!("sr-svc-{}", random_hex(24)?.as_str())),
+        };
+        let json = Zeroizing::new(
+            serde_json::to_vec_pretty(&t).map_err(|e| ServerError::Dev(e.to_string()))?,
+        );
+        write_private(&tokens_path, &json)?;
+        created.push(tokens_path.clone());
+        t
+    };
+    let pick = |flag: &Option<Zeroizing<String>>, stored: Zeroizing<String>, which: &str| match flag
+    {
+        Some(t)
+            if t.trim().len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            Err(ServerError::Dev(format!(
+                "--dev-{which}-token must be at least 16 characters without spaces"
+            )))
+        }
+        Some(t) => Ok(t.clone()),
+        None => Ok(stored),
+    };
+    let admin_token = pick(&options.admin_token, stored.admin_token, "admin")?;
+    let service_token = pick(&options.service_token, stored.service_token, "service")?;
+    if admin_token == service_token {
+        return Err(ServerError::Dev(
+            "the dev admin and service tokens must differ".into(),
+        ));
+    }
+
+    Ok(DevSetup {
+        data_dir,
+        keyring,
+        ca_cert,
+        cert,
+        key,
+        jwt_secret,
+        admin_token,
+        service_token,
+        created,
+    })
+}
+
+impl DevSetup {
+    /// The server configuration of the dev layout: SQLite and the keyring under the data
+    /// directory, the dev certificate, HS256 user tokens, the two dev tokens, text logs.
+    /// `STRONGROOM_POLICY_FILE`, `STRONGROOM_LIMITS__*` and `STRONGROOM_LOG__*` still apply.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Config`] for a bad environment override.
+    pub fn config(&self, listen: SocketAddr) -> Result<Config, ServerError> {
+        let sha = |t: &str| hex::encode(strongroom_api::hash_token(t));
+        let base = serde_json::json!({
+            "listen": listen.to_string(),
+            "data_dir": self.data_dir,
+            "store": { "kind": "sqlite" },
+            "keys": { "provider": "local", "keyring": self.keyring },
+            "tls": { "cert": self.cert, "key": self.key },
+            "auth": {
+                "jwt": {
+                    "issuer": DEV_ISSUER,
+                    "audience": DEV_AUDIENCE,
+                    "hs256_secret_file": self.jwt_secret,
+                },
+                "service": [{ "name": DEV_SERVICE, "token_sha256": sha(&self.service_token) }],
+                "admin": [{ "name": DEV_ADMIN, "token_sha256": sha(&self.admin_token) }],
+            },
+            "log": { "format": "text", "level": "info" },
+        });
+        let figment = Figment::from(Serialized::defaults(base)).merge(env_provider(DEV_ENV_KEYS));
+        let config = Config::from_figment(
+            figment,
+            &Overrides {
+                listen: Some(listen),
+                data_dir: Some(self.data_dir.clone()),
+            },
+        )?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Serialize)]
+struct DevClaims<'a> {
+    sub: &'a str,
+    iss: &'a str,
+    aud: &'a str,
+    iat: i64,
+    nbf: i64,
+    exp: i64,
+}
+
+/// A user token for `subject` that the dev server of `data_dir` accepts, valid for `ttl`.
+///
+/// # Errors
+///
+/// [`ServerError::Dev`] for a bad subject or lifetime, or when the data directory has no dev
+/// JWT secret yet (start `serve --dev` once first).
+pub fn mint_user_token(
+    data_dir: &Path,
+    subject: &str,
+    ttl: Duration,
+) -> Result<Zeroizing<String>, ServerError> {
+    if subject.is_empty() || subject.len() > 255 {
+        return Err(ServerError::Dev(
+            "the subject (owner id) must be 1 to 255 bytes".into(),
+        ));
+    }
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        return Err(ServerError::Dev(format!(
+            "--ttl must be 1 to {} seconds",
+            MAX_TOKEN_TTL.as_secs()
+        )));
+    }
+    let path = data_dir.join(JWT_SECRET_FILE);
+    if !path.exists() {
+        return Err(ServerError::Dev(format!(
+            "no dev JWT secret at {}: start `strongroom serve --dev --data-dir {}` once first",
+            path.display(),
+            data_dir.display()
+        )));
+    }
+    check_private(&path)?;
+    let secret = read_secret_file(&path)?;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let claims = DevClaims {
+        sub: subject,
+        iss: DEV_ISSUER,
+        aud: DEV_AUDIENCE,
+        iat: now,
+        nbf: now,
+        exp: now.saturating_add(ttl_secs),
+    };
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(&secret),
+    )
+    .map_err(|e| ServerError::Dev(format!("cannot sign the token: {e}")))?;
+    Ok(Zeroizing::new(token))
+}
+
+/// Reads a secret file: its bytes with trailing whitespace (a final newline) removed.
+pub(crate) fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, ServerError> {
+    let mut bytes = Zeroizing::new(fs::read(path).map_err(ServerError::file("secret file", path))?);
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, ServerError> {
+    std::path::absolute(path).map_err(ServerError::file("data directory", path))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(ServerError::file("data directory", dir))
+}
+
+/// Refuses a secret file that group or others may read or write.
+pub(crate) fn check_private(path: &Path) -> Result<(), ServerError> {
+    let meta = fs::metadata(path).map_err(ServerError::file("secret file", path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ServerError::Dev(format!(
+            "{} has mode {mode:04o}, so group or others can read a secret; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` with mode 0600, atomically.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(parent) = path.parent() {
+            fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(ServerError::file("dev file", path))
+}
+
+fn random_hex(bytes: usize) -> Result<Zeroizing<String>, ServerError> {
+    let mut buf = Zeroizing::new(vec![0u8; bytes]);
+    OsRandom.fill(&mut buf)?;
+    Ok(Zeroizing::new(hex::encode(&*buf)))
+}
+
+/// Whether `path` holds a certificate that is valid for at least another day.
+fn cert_valid_for_a_day(path: &Path) -> bool {
+    let Ok(certs) = crate::tls::load_certs("TLS certificate", path) else {
+        return false;
+    };
+    let Some(leaf) = certs.first() else {
+        return false;
+    };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        return false;
+    };
+    let tomorrow = OffsetDateTime::now_utc().unix_timestamp() + 24 * 3600;
+    parsed.validity().not_after.timestamp() > tomorrow
+}
+
+/// A throw-away dev CA and a server certificate it signs: (CA PEM, certificate PEM, key PEM).
+fn generate_certificates(
+    data_dir: &Path,
+) -> Result<(String, String, Zeroizing<String>), ServerError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let err = |e: rcgen::Error| ServerError::Tls(format!("cannot make the dev certificate: {e}"));
+    let now = OffsetDateTime::now_utc();
+
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        format!("Strongroom dev CA ({})", data_dir.display()),
+    );
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = now - time::Duration::hours(1);
+    ca.not_after = now + time::Duration::days(825);
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+
+    let mut leaf = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])
+    .map_err(err)?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.not_before = now - time::Duration::hours(1);
+    leaf.not_after = now + time::Duration::days(397);
+    let leaf_key = KeyPair::generate().map_err(err)?;
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).map_err(err)?;
+    // `ca_key` is dropped here and never written: nobody can sign more certificates under a
+    // CA that someone may have added to a trust store.
+    Ok((
+        ca_cert.pem(),
+        leaf_cert.pem(),
+        Zeroizing::new(leaf_key.serialize_pem()),
+    ))
+}
+
+/// The lines `serve --dev` prints on start: where it listens, what to trust, the tokens, and
+/// curl commands to paste.
+pub fn banner(setup: &DevSetup, addr: SocketAddr, user_token: &str, user: &str) -> String {
+    let host = match addr {
+        SocketAddr::V4(_) => format!("127.0.0.1:{}", addr.port()),
+        SocketAddr::V6(_) => format!("[::1]:{}", addr.port()),
+    };
+    let url = format!("https://{host}");
+    let ca = shell_quote(&setup.ca_cert.display().to_string());
+    let dir = shell_quote(&setup.data_dir.display().to_string());
+    format!(
+        "\
+Strongroom dev server — for trying things out only: keys, tokens and certificates live in {dir}
+
+  listening on    {url}   (HTTPS only; TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2)
+  CA certificate  {ca}
+  admin token     {admin}   (admin \"{DEV_ADMIN}\")
+  service token   {service}   (service \"{DEV_SERVICE}\": may write, reveal and broker any credential)
+  user token      {user_token}
+                  (user \"{user}\", valid 12 hours; more with `strongroom token mint --dev --data-dir {dir} SUBJECT`)
+
+Try it (paste into a shell):
+
+  export SR={url} CA={ca}
+  export ALICE='{user_token}'
+  export SERVICE='{service}'
+
+  # 1. store a credential as {user} (write-only: {user} can never read it back)
+  curl --cacert \"$CA\" -X PUT \"$SR/v1/me/credentials/zoom.api-key\" -H \"Authorization: Bearer $ALICE\" -H 'Content-Type: application/json' -d '{{\"value\": \"zoom-secret-123\"}}'
+
+  # 2. list {user}'s credentials (names and metadata, never values)
+  curl --cacert \"$CA\" \"$SR/v1/me/credentials\" -H \"Authorization: Bearer $ALICE\"
+
+  # 3. reveal it as the dev service
+  curl --cacert \"$CA\" -X POST \"$SR/v1/owners/{user}/credentials/zoom.api-key/reveal\" -H \"Authorization: Bearer $SERVICE\" -H 'Content-Type: application/json' -d '{{}}'
+
+API description: $SR/v1/openapi.json · health: $SR/healthz · metrics: $SR/metrics
+Stop with Ctrl-C (graceful).",
+        admin = setup.admin_token.as_str(),
+        service = setup.service_token.as_str(),
+    )
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-:@%+=,".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}

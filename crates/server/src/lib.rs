@@ -1,0 +1,587 @@
+//! # strongroom-server
+//!
+//! The Strongroom daemon around the [`strongroom_api`] router: it reads the
+//! [configuration](config), opens the store and the key provider the configuration names,
+//! terminates TLS, limits connections, and handles signals.
+//!
+//! * **HTTPS only.** rustls with the `ring` provider ([`tls`]), TLS 1.2 and 1.3, ALPN `h2` and
+//!   `http/1.1`, served by hyper's auto (HTTP/1.1 + HTTP/2) connection builder. A plain-HTTP
+//!   request on the port fails the TLS handshake and is never answered.
+//! * **Mutual TLS** when `tls.client_ca` is set: the chain is verified during the handshake
+//!   and the certificate's DNS and URI SANs reach every request as a
+//!   [`strongroom_api::PeerCertificate`] extension.
+//! * **Limits**: concurrent connections (further clients wait in the listen backlog),
+//!   handshake and header-read timeout, header size (HTTP/1 buffer, HTTP/2 header list),
+//!   HTTP/2 streams per connection; body size and request time are enforced by the router.
+//! * **Signals** ([`Server::run_until_signal`]): SIGTERM or SIGINT stop accepting, let
+//!   in-flight requests finish within `limits.shutdown_grace_seconds`, close the store and
+//!   return `Ok`. SIGHUP reloads the policy file, the local keyring and the TLS certificate;
+//!   whatever fails to load is logged and the old one kept.
+//! * **Start-up is all or nothing.** [`Server::start`] checks the configuration, loads every
+//!   file, opens the keyring and the store, and binds the socket last; any failure is one
+//!   [`ServerError`] whose message names the key or file at fault.
+//!
+//! `--dev` ([`dev`]) builds a whole configuration from a data directory.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), strongroom_server::ServerError> {
+//! use strongroom_server::{config::Config, config::Overrides, Server};
+//!
+//! let config = Config::load(Some("strongroom.toml".as_ref()), &Overrides::default())?;
+//! let server = Server::start(config).await?;
+//! println!("listening on {}", server.local_addr());
+//! server.run_until_signal().await
+//! # }
+//! ```
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod config;
+pub mod dev;
+mod error;
+pub mod logging;
+pub mod tls;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use strongroom_api::{
+    AppState, AuthSettings, Authenticator, JwtKeySource, JwtSettings, PeerCertificate, TokenEntry,
+};
+use strongroom_core::policy::Policy;
+use strongroom_core::{SystemClock, Vault, VaultConfig};
+use strongroom_crypto::OsRandom;
+use strongroom_keys::local::LocalKeyring;
+use strongroom_store::postgres::{PostgresOptions, PostgresStore};
+use strongroom_store::sqlite::SqliteStore;
+use strongroom_store::Store;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::config::{Config, JwtAlgorithmName, LimitsConfig, StoreKind, TlsConfig};
+pub use crate::error::ServerError;
+use crate::tls::CertSlot;
+
+/// HTTP/2 streams one connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+enum StoreHandle {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl StoreHandle {
+    fn as_dyn(&self) -> Arc<dyn Store> {
+        match self {
+            StoreHandle::Sqlite(s) => Arc::new(s.clone()),
+            StoreHandle::Postgres(s) => Arc::new(s.clone()),
+        }
+    }
+
+    async fn close(&self) {
+        if let StoreHandle::Sqlite(s) = self {
+            s.close().await;
+        }
+    }
+}
+
+/// A started server: everything loaded and the socket bound, not yet accepting.
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: AppState,
+    limits: LimitsConfig,
+    reloader: Reloader,
+    store: StoreHandle,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reloads what SIGHUP reloads. Cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    inner: Arc<ReloaderInner>,
+}
+
+struct ReloaderInner {
+    state: AppState,
+    policy_file: Option<PathBuf>,
+    keyring: Arc<LocalKeyring>,
+    tls: TlsConfig,
+    cert: Arc<CertSlot>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("policy_file", &self.inner.policy_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Reloads the policy file (if configured), the local keyring and the TLS certificate.
+    /// Each part that loads replaces the old one; each that fails is logged and the old one
+    /// stays in force.
+    ///
+    /// # Errors
+    ///
+    /// The messages of the parts that failed (the others were still reloaded).
+    pub fn reload(&self) -> Result<(), Vec<String>> {
+        let inner = &self.inner;
+        let mut failed = Vec::new();
+        if let Some(path) = &inner.policy_file {
+            match load_policy(path) {
+                Ok(policy) => {
+                    let rules = policy.rules().len();
+                    inner.state.replace_policy(policy);
+                    tracing::info!(path = %path.display(), rules, "policy reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+                    failed.push(e.to_string());
+                }
+            }
+        }
+        match inner.keyring.reload() {
+            Ok(()) => tracing::info!(versions = inner.keyring.list().len(), "keyring reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "keyring reload failed; keeping the keys loaded before");
+                failed.push(e.to_string());
+            }
+        }
+        match tls::load_certified_key(&inner.tls, &tls::provider()) {
+            Ok(ck) => {
+                inner.cert.replace(ck);
+                tracing::info!(cert = %inner.tls.cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one");
+                failed.push(e.to_string());
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed)
+        }
+    }
+}
+
+fn load_policy(path: &Path) -> Result<Policy, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(ServerError::file("policy file", path))?;
+    Policy::from_toml(&text).map_err(|source| ServerError::Policy {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn token_entries(list: &[config::TokenConfig]) -> Vec<TokenEntry> {
+    list.iter()
+        .filter_map(|t| {
+            config::parse_sha256_hex(&t.token_sha256).map(|sha256| TokenEntry {
+                name: t.name.clone(),
+                sha256,
+            })
+        })
+        .collect()
+}
+
+fn auth_settings(config: &Config) -> Result<AuthSettings, ServerError> {
+    let jwt = match &config.auth.jwt {
+        None => None,
+        Some(j) => {
+            let keys = if let Some(path) = &j.hs256_secret_file {
+                let secret = dev::read_secret_file(path)?;
+                if secret.len() < 32 {
+                    return Err(ServerError::Config(format!(
+                        "key `auth.jwt.hs256_secret_file`: {} holds {} bytes; an HS256 secret needs at least 32",
+                        path.display(),
+                        secret.len()
+                    )));
+                }
+                JwtKeySource::Hs256Secret(secret)
+            } else if let Some(path) = &j.public_key_file {
+                let pem = std::fs::read(path).map_err(ServerError::file("JWT public key", path))?;
+                let algorithm = match j.algorithm {
+                    Some(JwtAlgorithmName::Rs256) => strongroom_api::JwtAlgorithm::Rs256,
+                    Some(JwtAlgorithmName::Es256) => strongroom_api::JwtAlgorithm::Es256,
+                    Some(JwtAlgorithmName::EdDsa) => strongroom_api::JwtAlgorithm::EdDsa,
+                    // `validate` requires an asymmetric algorithm with a public key.
+                    Some(JwtAlgorithmName::Hs256) | None => {
+                        return Err(ServerError::Config(
+                            "key `auth.jwt.algorithm`: RS256, ES256 or EdDSA is required with public_key_file".into(),
+                        ))
+                    }
+                };
+                JwtKeySource::PublicKeyPem { algorithm, pem }
+            } else if let Some(path) = &j.jwks_file {
+                let json =
+                    std::fs::read_to_string(path).map_err(ServerError::file("JWKS file", path))?;
+                JwtKeySource::Jwks(json)
+            } else {
+                return Err(ServerError::Config(
+                    "key `auth.jwt`: set one of hs256_secret_file, public_key_file or jwks_file"
+                        .into(),
+                ));
+            };
+            Some(JwtSettings {
+                issuer: j.issuer.clone(),
+                audience: j.audience.clone(),
+                leeway_seconds: j.leeway_seconds,
+                keys,
+            })
+        }
+    };
+    let (mtls_services, mtls_admins) = config.mtls_maps();
+    Ok(AuthSettings {
+        jwt,
+        service_tokens: token_entries(&config.auth.service),
+        admin_tokens: token_entries(&config.auth.admin),
+        mtls_services,
+        mtls_admins,
+    })
+}
+
+async fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
+    match config.store.kind {
+        StoreKind::Sqlite => Ok(StoreHandle::Sqlite(
+            SqliteStore::open_dir(&config.data_dir).await?,
+        )),
+        StoreKind::Postgres => {
+            let url = config.store.url.as_deref().ok_or_else(|| {
+                ServerError::Config(
+                    "key `store.url`: is required with store.kind = \"postgres\"".into(),
+                )
+            })?;
+            let mut options = PostgresOptions::default();
+            if let Some(n) = config.store.max_connections {
+                options.max_connections = n;
+            }
+            options.schema = config.store.schema.clone();
+            Ok(StoreHandle::Postgres(
+                PostgresStore::connect(url, options).await?,
+            ))
+        }
+    }
+}
+
+impl Server {
+    /// Starts a server for `config`: services may do nothing unless `policy_file` says so.
+    ///
+    /// # Errors
+    ///
+    /// As [`Server::start_with_policy`].
+    pub async fn start(config: Config) -> Result<Self, ServerError> {
+        Self::start_with_policy(config, Policy::default()).await
+    }
+
+    /// Validates `config`, loads the TLS material, the policy (`policy_file`, or `fallback`
+    /// when none is configured), the authentication keys and the keyring, opens the store,
+    /// and binds the socket. Nothing is served until [`Server::run`].
+    ///
+    /// # Errors
+    ///
+    /// A [`ServerError`] naming the key or file at fault; nothing is left running.
+    pub async fn start_with_policy(config: Config, fallback: Policy) -> Result<Self, ServerError> {
+        config.validate()?;
+        let tls_config = config
+            .tls
+            .clone()
+            .ok_or_else(|| ServerError::Config("key `tls`: is required".into()))?;
+        let cert = Arc::new(CertSlot::new(tls::load_certified_key(
+            &tls_config,
+            &tls::provider(),
+        )?));
+        let server_tls = tls::server_config(&tls_config, cert.clone())?;
+
+        let policy = match &config.policy_file {
+            Some(path) => load_policy(path)?,
+            None => fallback,
+        };
+        let authenticator = Authenticator::new(auth_settings(&config)?)?;
+        if config.auth.jwt.is_none() {
+            tracing::warn!("no [auth.jwt]: users cannot authenticate");
+        }
+        if config.policy_file.is_none() && policy.rules().is_empty() {
+            tracing::warn!("no policy_file: services are denied every operation");
+        }
+
+        let keyring_path = config.keyring_path();
+        let keyring = {
+            let path = keyring_path.clone();
+            tokio::task::spawn_blocking(move || LocalKeyring::open(&path))
+                .await
+                .map_err(|e| ServerError::Runtime(e.to_string()))??
+        };
+        let keyring = Arc::new(keyring);
+        let store = open_store(&config).await?;
+
+        let vault = Arc::new(Vault::new(
+            store.as_dyn(),
+            keyring.clone(),
+            Arc::new(OsRandom),
+            Arc::new(SystemClock),
+            VaultConfig::default(),
+        ));
+        let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());
+
+        let listener = match TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(source) => {
+                store.close().await;
+                return Err(ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                });
+            }
+        };
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        tracing::info!(
+            listen = %local_addr,
+            store = ?config.store.kind,
+            keyring = %keyring_path.display(),
+            key_id = keyring.key_id(),
+            mtls = tls_config.client_ca.is_some(),
+            "strongroom ready"
+        );
+
+        let reloader = Reloader {
+            inner: Arc::new(ReloaderInner {
+                state: state.clone(),
+                policy_file: config.policy_file.clone(),
+                keyring,
+                tls: tls_config,
+                cert,
+            }),
+        };
+        Ok(Self {
+            listener,
+            local_addr,
+            acceptor: TlsAcceptor::from(Arc::new(server_tls)),
+            state,
+            limits: config.limits.clone(),
+            reloader,
+            store,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The router's state (policy, vault, metrics).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// What SIGHUP does, callable directly.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Serves until a SIGTERM or SIGINT, reloading on SIGHUP; then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Runtime`] if the signal handlers cannot be installed.
+    pub async fn run_until_signal(self) -> Result<(), ServerError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handler = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| ServerError::Runtime(format!("cannot handle {name}: {e}")))
+        };
+        let mut term = handler(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = handler(SignalKind::interrupt(), "SIGINT")?;
+        let mut hup = handler(SignalKind::hangup(), "SIGHUP")?;
+        let reloader = self.reloader();
+        let shutdown = async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+                    _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading");
+                        let r = reloader.clone();
+                        // File reads: keep them off the async workers.
+                        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                    }
+                }
+            }
+        };
+        self.run(shutdown).await
+    }
+
+    /// Serves until `shutdown` completes; then stops accepting, gives in-flight requests
+    /// `limits.shutdown_grace_seconds` to finish, closes the rest and the store.
+    ///
+    /// # Errors
+    ///
+    /// None today; the `Result` leaves room for fatal accept errors.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let Server {
+            listener,
+            acceptor,
+            state,
+            limits,
+            store,
+            ..
+        } = self;
+        let router = strongroom_api::router(state);
+        let builder = Arc::new(http_builder(&limits));
+        let handshake_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let graceful = GracefulShutdown::new();
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break, // never closed
+                },
+            };
+            let (tcp, remote) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let conn = Connection {
+                acceptor: acceptor.clone(),
+                builder: builder.clone(),
+                router: router.clone(),
+                watcher: graceful.watcher(),
+                handshake_timeout,
+            };
+            tasks.spawn(async move {
+                conn.serve(tcp, remote).await;
+                drop(permit);
+            });
+        }
+
+        drop(listener);
+        let grace = Duration::from_secs(limits.shutdown_grace_seconds);
+        tracing::info!(
+            connections = graceful.count(),
+            grace_seconds = grace.as_secs(),
+            "stopped accepting; finishing in-flight requests"
+        );
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; closing the remaining connections");
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let header_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        // Bounds the request line plus headers (`validate` keeps it >= 8192, hyper's floor);
+        // a larger head is answered 431.
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+struct Connection {
+    acceptor: TlsAcceptor,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    router: axum::Router,
+    watcher: Watcher,
+    handshake_timeout: Duration,
+}
+
+impl Connection {
+    async fn serve(self, tcp: TcpStream, remote: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let stream =
+            match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+        // Only a certificate the verifier accepted gets this far.
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| PeerCertificate {
+                subject_alt_names: tls::subject_alt_names(leaf),
+            });
+        let router = self.router;
+        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            if let Some(peer) = &peer {
+                req.extensions_mut().insert(peer.clone());
+            }
+            req.extensions_mut().insert(ConnectInfo(remote));
+            router.clone().oneshot(req)
+        });
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        }
+    }
+}

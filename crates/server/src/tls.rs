@@ -1,0 +1,166 @@
+//! TLS with rustls and its `ring` provider only: TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`,
+//! optional or required client certificates, and a certificate that SIGHUP can replace.
+//!
+//! The crypto provider is chosen explicitly for every config this crate builds (never the
+//! process default), so a second provider elsewhere in the dependency graph cannot make rustls
+//! panic or switch algorithms behind our back.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::{ClientAuth, TlsConfig};
+use crate::error::ServerError;
+
+/// The one crypto provider: rustls' `ring` provider.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// ALPN protocols offered, in preference order.
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// Reads every certificate in a PEM file.
+///
+/// # Errors
+///
+/// [`ServerError::File`] if it cannot be read; [`ServerError::Tls`] if it holds no
+/// certificate or a malformed one.
+pub fn load_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, ServerError> {
+    let pem = std::fs::read(path).map_err(ServerError::file(what, path))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServerError::Tls(format!("{what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "{what} {}: no PEM \"CERTIFICATE\" block found",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+///
+/// # Errors
+///
+/// [`ServerError::File`] if it cannot be read; [`ServerError::Tls`] if it holds no key.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read(path).map_err(ServerError::file("TLS private key", path))?,
+    );
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        ServerError::Tls(format!(
+            "TLS private key {}: {e} (expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)",
+            path.display()
+        ))
+    })
+}
+
+/// Loads `tls.cert` and `tls.key` and checks that they belong together.
+///
+/// # Errors
+///
+/// As [`load_certs`] and [`load_key`], and [`ServerError::Tls`] for an unsupported or
+/// mismatched key.
+pub fn load_certified_key(
+    tls: &TlsConfig,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, ServerError> {
+    let certs = load_certs("TLS certificate", &tls.cert)?;
+    let key = load_key(&tls.key)?;
+    let ck = CertifiedKey::from_der(certs, key, provider).map_err(|e| {
+        ServerError::Tls(format!(
+            "TLS key {} does not fit certificate {}: {e}",
+            tls.key.display(),
+            tls.cert.display()
+        ))
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// The server certificate, replaceable while connections are served (SIGHUP).
+#[derive(Debug)]
+pub struct CertSlot(RwLock<Arc<CertifiedKey>>);
+
+impl CertSlot {
+    /// A slot holding `key`.
+    pub fn new(key: Arc<CertifiedKey>) -> Self {
+        Self(RwLock::new(key))
+    }
+
+    /// Swaps in a new certificate; handshakes already under way keep the old one.
+    pub fn replace(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// Builds the rustls server configuration.
+///
+/// # Errors
+///
+/// [`ServerError::Tls`] or [`ServerError::File`] naming the file at fault.
+pub fn server_config(tls: &TlsConfig, cert: Arc<CertSlot>) -> Result<ServerConfig, ServerError> {
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ServerError::Tls(format!("protocol versions: {e}")))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in load_certs("TLS client CA", ca)? {
+                roots.add(c).map_err(|e| {
+                    ServerError::Tls(format!("TLS client CA {}: {e}", ca.display()))
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = match tls.client_auth {
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+                ClientAuth::Required => verifier,
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| ServerError::Tls(format!("TLS client CA {}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(cert);
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// The DNS-name and URI subject alternative names of a (verified) certificate, as text.
+/// A certificate that does not parse yields none.
+pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(s) | GeneralName::URI(s) => Some((*s).to_owned()),
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,270 @@
+//! The configuration: file, `STRONGROOM_*` overrides, command-line overrides, and the errors
+//! a mistake produces (each naming the key and where it came from).
+
+// figment's `Jail` closures return its (large) error type.
+#![allow(clippy::result_large_err)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Jail;
+use strongroom_server::config::{ClientAuth, Config, LogFormat, Overrides, StoreKind};
+use strongroom_server::ServerError;
+
+const MINIMAL: &str = r#"
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+"#;
+
+fn load(file: &str, overrides: &Overrides) -> Result<Config, ServerError> {
+    Config::load(Some(Path::new(file)), overrides)
+}
+
+fn err_of(r: Result<Config, ServerError>) -> String {
+    match r {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn defaults_fill_everything_but_tls() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file("s.toml", MINIMAL)?;
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8443".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("strongroom-data"));
+        assert_eq!(
+            c.keyring_path(),
+            PathBuf::from("strongroom-data/keyring.json")
+        );
+        assert_eq!(c.store.kind, StoreKind::Sqlite);
+        assert_eq!(c.tls.as_ref().unwrap().client_auth, ClientAuth::Optional);
+        assert_eq!(c.limits.max_connections, 1024);
+        assert_eq!(c.limits.max_header_bytes, 16384);
+        assert_eq!(c.limits.request_timeout_seconds, 30);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(c.auth.jwt.is_none() && c.policy_file.is_none());
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_overrides_the_file_and_flags_override_both() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file(
+            "s.toml",
+            &format!(
+                "listen = \"0.0.0.0:9000\"\ndata_dir = \"/var/lib/a\"\n{MINIMAL}\n\
+                 [limits]\nmax_connections = 10\nverify_per_minute = 5\n[log]\nformat = \"text\"\n"
+            ),
+        )?;
+        jail.set_env("STRONGROOM_LIMITS__MAX_CONNECTIONS", "77");
+        jail.set_env("STRONGROOM_DATA_DIR", "/var/lib/b");
+        jail.set_env("STRONGROOM_KEYS__KEYRING", "/etc/strongroom/ring.json");
+        jail.set_env("STRONGROOM_TLS__CLIENT_CA", "ca.pem");
+        jail.set_env(
+            "STRONGROOM_AUTH__SERVICE",
+            format!(
+                "[{{name=\"billing\",token_sha256=\"{}\"}}]",
+                "ab".repeat(32)
+            ),
+        );
+        // Variables that are not configuration keys are left to the command line.
+        jail.set_env("STRONGROOM_KEYRING", "/elsewhere.json");
+        jail.set_env("STRONGROOM_CONFIG", "s.toml");
+
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        assert_eq!(
+            c.listen,
+            "0.0.0.0:9000".parse::<SocketAddr>().unwrap(),
+            "file"
+        );
+        assert_eq!(c.limits.max_connections, 77, "env beats file");
+        assert_eq!(
+            c.limits.verify_per_minute, 5,
+            "file kept where env is silent"
+        );
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/b"));
+        assert_eq!(c.keyring_path(), PathBuf::from("/etc/strongroom/ring.json"));
+        assert_eq!(
+            c.tls.as_ref().unwrap().client_ca.as_deref(),
+            Some(Path::new("ca.pem"))
+        );
+        assert_eq!(
+            c.tls.as_ref().unwrap().cert,
+            PathBuf::from("cert.pem"),
+            "nested keys merge"
+        );
+        assert_eq!(c.auth.service.len(), 1);
+        assert_eq!(c.log.format, LogFormat::Text);
+
+        let flags = Overrides {
+            listen: Some("127.0.0.1:1234".parse().unwrap()),
+            data_dir: Some("/var/lib/c".into()),
+        };
+        let c = load("s.toml", &flags).unwrap();
+        assert_eq!(c.listen.port(), 1234);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/c"));
+        assert_eq!(c.keyring_path(), PathBuf::from("/etc/strongroom/ring.json"));
+        Ok(())
+    });
+}
+
+#[test]
+fn the_environment_alone_can_configure_the_server() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.set_env("STRONGROOM_TLS__CERT", "/etc/c.pem");
+        jail.set_env("STRONGROOM_TLS__KEY", "/etc/k.pem");
+        jail.set_env("STRONGROOM_STORE__KIND", "postgres");
+        jail.set_env("STRONGROOM_STORE__URL", "postgresql://u:pw@127.0.0.1/db");
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.store.kind, StoreKind::Postgres);
+        assert_eq!(
+            c.store.url.as_deref(),
+            Some("postgresql://u:pw@127.0.0.1/db")
+        );
+        // The URL may hold a password: Debug never shows it.
+        assert!(!format!("{c:?}").contains("pw@"));
+        Ok(())
+    });
+}
+
+#[test]
+fn mistakes_are_named_by_key_and_source() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        let cases: &[(&str, &str)] = &[
+            ("listen = \"nonsense\"", "key `listen` (in "),
+            (
+                "[limits]\nmax_conections = 3",
+                "key `limits.max_conections` (in ",
+            ),
+            (
+                "[limits]\nmax_connections = \"many\"",
+                "key `limits.max_connections`",
+            ),
+            (
+                "[limits]\nmax_connections = 0",
+                "key `limits.max_connections`: must be 1 to 1000000",
+            ),
+            (
+                "[limits]\nmax_header_bytes = 100",
+                "key `limits.max_header_bytes`: must be 8192",
+            ),
+            (
+                "[store]\nkind = \"postgres\"",
+                "key `store.url`: is required",
+            ),
+            ("[store]\nkind = \"mysql\"", "key `store.kind`"),
+            (
+                "[store]\nurl = \"postgresql://x\"",
+                "key `store.url`: is only used",
+            ),
+            (
+                "[[auth.service]]\nname = \"b\"\ntoken_sha256 = \"xyz\"",
+                "key `auth.service[0].token_sha256`: must be 64 hex",
+            ),
+            (
+                "[[auth.admin]]\nname = \"\"\ntoken_sha256 = \"00\"",
+                "key `auth.admin[0].name`",
+            ),
+            (
+                "[[auth.mtls]]\nsan = \"a.test\"\nservice = \"s\"",
+                "key `auth.mtls[0].san`: client certificates need tls.client_ca",
+            ),
+            ("[auth.jwt]\nissuer = \"x\"", "key `auth.jwt`: set one of"),
+            (
+                "[auth.jwt]\nhs256_secret_file = \"a\"\njwks_file = \"b\"",
+                "key `auth.jwt`: set only one",
+            ),
+            (
+                "[auth.jwt]\npublic_key_file = \"a\"",
+                "key `auth.jwt.algorithm`: is required",
+            ),
+            (
+                "[auth.jwt]\npublic_key_file = \"a\"\nalgorithm = \"none\"",
+                "key `auth.jwt.algorithm`",
+            ),
+            ("[log]\nlevel = \"loud=[\"", "key `log.level`"),
+            ("[log]\nformat = \"xml\"", "key `log.format`"),
+            ("[limits\nmax_connections = 3", "bad.toml"),
+        ];
+        for (extra, want) in cases {
+            // Top-level keys must come before the [tls] table.
+            let text = if extra.starts_with('[') {
+                format!("{MINIMAL}\n{extra}\n")
+            } else {
+                format!("{extra}\n{MINIMAL}")
+            };
+            jail.create_file("bad.toml", &text)?;
+            let e = err_of(load("bad.toml", &Overrides::default()));
+            assert!(e.contains(want), "{extra:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+
+        jail.create_file("notls.toml", "listen = \"127.0.0.1:1\"\n")?;
+        let e = err_of(load("notls.toml", &Overrides::default()));
+        assert!(e.contains("key `tls`: is required"), "{e}");
+
+        jail.create_file(
+            "req.toml",
+            &format!("{MINIMAL}client_auth = \"required\"\n"),
+        )?;
+        let e = err_of(load("req.toml", &Overrides::default()));
+        assert!(e.contains("key `tls.client_auth`"), "{e}");
+
+        let e = err_of(load("missing.toml", &Overrides::default()));
+        assert!(
+            e.contains("config file missing.toml") && e.contains("No such file"),
+            "{e}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file("s.toml", MINIMAL)?;
+        jail.set_env("STRONGROOM_LIMITS__REQUEST_TIMEOUT_SECONDS", "soon");
+        let e = err_of(load("s.toml", &Overrides::default()));
+        assert!(
+            e.contains("limits.request_timeout_seconds")
+                && e.contains("STRONGROOM_LIMITS__REQUEST_TIMEOUT_SECONDS"),
+            "{e}"
+        );
+        jail.set_env("STRONGROOM_LIMITS__REQUEST_TIMEOUT_SECONDS", "20");
+        jail.set_env("STRONGROOM_LIMITS__TYPO", "1");
+        let e = err_of(load("s.toml", &Overrides::default()));
+        assert!(
+            e.contains("STRONGROOM_LIMITS__TYPO") && e.contains("unknown field"),
+            "{e}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn the_example_config_at_the_repository_root_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        let c = Config::load(
+            Some(&root.join("strongroom.example.toml")),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.auth.jwt.is_some());
+        assert!(c.policy_file.is_some());
+        Ok(())
+    });
+    let policy = std::fs::read_to_string(root.join("policy.example.toml")).unwrap();
+    let p = strongroom_core::policy::Policy::from_toml(&policy).unwrap();
+    assert!(!p.rules().is_empty());
+}

@@ -1,0 +1,183 @@
+//! `--dev` bootstrap: the files it writes, their modes, their reuse, and a server built from
+//! them that accepts the tokens it prints.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use strongroom_server::dev::{self, DevOptions};
+use strongroom_server::testing::{ClientOptions, TestClient};
+use strongroom_server::Server;
+use zeroize::Zeroizing;
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn options(dir: &Path) -> DevOptions {
+    DevOptions {
+        data_dir: dir.to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: None,
+        service_token: None,
+    }
+}
+
+#[test]
+fn bootstrap_writes_private_files_and_reuses_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nested/strongroom-data");
+    let first = dev::bootstrap(&options(&dir)).unwrap();
+    assert!(first.data_dir.is_absolute());
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("tls")), 0o700);
+    let files = [
+        "keyring.json",
+        "dev-jwt-secret",
+        "dev-tokens.json",
+        "tls/ca.pem",
+        "tls/cert.pem",
+        "tls/key.pem",
+    ];
+    for f in files {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(first.created.len(), files.len());
+    let secret = std::fs::read(dir.join("dev-jwt-secret")).unwrap();
+    assert!(secret.len() >= 32);
+    assert_ne!(first.admin_token.as_str(), first.service_token.as_str());
+
+    let snapshot: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    let second = dev::bootstrap(&options(&dir)).unwrap();
+    assert!(
+        second.created.is_empty(),
+        "restart created {:?}",
+        second.created
+    );
+    let again: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    assert_eq!(snapshot, again, "restart changed a file");
+    assert_eq!(first.admin_token.as_str(), second.admin_token.as_str());
+    assert_eq!(first.service_token.as_str(), second.service_token.as_str());
+
+    // Fixed tokens from the command line win, without rewriting the stored ones.
+    let mut fixed = options(&dir);
+    fixed.admin_token = Some(Zeroizing::new("admin-fixed-token-123".into()));
+    fixed.service_token = Some(Zeroizing::new("service-fixed-token-123".into()));
+    let third = dev::bootstrap(&fixed).unwrap();
+    assert_eq!(third.admin_token.as_str(), "admin-fixed-token-123");
+    assert_eq!(third.service_token.as_str(), "service-fixed-token-123");
+    assert_eq!(
+        std::fs::read(dir.join("dev-tokens.json")).unwrap(),
+        snapshot[2]
+    );
+
+    let mut short = options(&dir);
+    short.service_token = Some(Zeroizing::new("short".into()));
+    let e = dev::bootstrap(&short).unwrap_err().to_string();
+    assert!(e.contains("--dev-service-token"), "{e}");
+}
+
+#[test]
+fn secrets_open_to_others_are_refused_with_advice() {
+    let tmp = tempfile::tempdir().unwrap();
+    dev::bootstrap(&options(tmp.path())).unwrap();
+    for f in ["dev-jwt-secret", "tls/key.pem", "dev-tokens.json"] {
+        let p = tmp.path().join(f);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = dev::bootstrap(&options(tmp.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("chmod 600") && e.contains(f), "{f}: {e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let p = tmp.path().join("dev-jwt-secret");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let e = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("chmod 600"), "{e}");
+}
+
+#[test]
+fn minting_needs_a_dev_data_dir_and_sane_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("serve --dev"), "{e}");
+    dev::bootstrap(&options(tmp.path())).unwrap();
+    assert!(dev::mint_user_token(tmp.path(), "", Duration::from_secs(60)).is_err());
+    assert!(dev::mint_user_token(tmp.path(), &"x".repeat(256), Duration::from_secs(60)).is_err());
+    assert!(dev::mint_user_token(tmp.path(), "alice", Duration::ZERO).is_err());
+    assert!(
+        dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(31 * 24 * 3600)).is_err()
+    );
+    assert!(dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(60)).is_ok());
+}
+
+#[tokio::test]
+async fn the_dev_server_accepts_its_tokens_and_serves_the_dev_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let setup = dev::bootstrap(&options(tmp.path())).unwrap();
+    let config = setup.config("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = Server::start_with_policy(config, dev::policy())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let alice = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(60)).unwrap();
+    let banner = dev::banner(&setup, addr, &alice, "alice");
+    assert!(banner.contains(&format!("https://127.0.0.1:{}", addr.port())));
+    assert!(banner.contains("--cacert") && banner.contains(setup.service_token.as_str()));
+    let running = common::spawn_started(server);
+
+    let ca = std::fs::read(&setup.ca_cert).unwrap();
+    let client = TestClient::new(addr, ClientOptions::new(ca.clone())).unwrap();
+    let r = client
+        .json(
+            "PUT",
+            "/v1/me/credentials/zoom.api-key",
+            Some(&alice),
+            &json!({"value": "canary-dev"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = client
+        .json(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(setup.service_token.as_str()),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["value"].as_str()),
+        (200, Some("canary-dev"))
+    );
+    let r = client
+        .get("/v1/keys", Some(setup.admin_token.as_str()))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The certificate is for 127.0.0.1 as well as localhost.
+    let mut by_ip = ClientOptions::new(ca);
+    by_ip.server_name = "127.0.0.1".into();
+    let r = TestClient::new(addr, by_ip)
+        .unwrap()
+        .get("/healthz", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    running.stop().await.unwrap();
+}

@@ -1,0 +1,222 @@
+//! Start-up is all or nothing, with one clear error; SIGHUP's reload keeps what fails to load.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::{spawn, Fixture, SERVICE_TOKEN};
+use serde_json::json;
+use strongroom_core::policy::{Decision, Operation};
+use strongroom_server::config::Config;
+use strongroom_server::Server;
+
+async fn start_err(config: Config) -> String {
+    match Server::start(config).await {
+        Ok(s) => panic!("started on {}", s.local_addr()),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "one line: {text}");
+            text
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_one_clear_error() {
+    let fx = Fixture::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = fx.config();
+    config.listen = taken.local_addr().unwrap();
+    let e = start_err(config).await;
+    assert!(
+        e.starts_with("cannot listen on 127.0.0.1:") && e.contains("in use"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn missing_or_broken_files_are_named() {
+    let fx = Fixture::new();
+
+    let mut c = fx.config();
+    c.tls.as_mut().unwrap().cert = fx.dir.path().join("nope.pem");
+    let e = start_err(c).await;
+    assert!(
+        e.contains("TLS certificate") && e.contains("nope.pem"),
+        "{e}"
+    );
+
+    let garbage = fx.dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a pem").unwrap();
+    let mut c = fx.config();
+    c.tls.as_mut().unwrap().cert = garbage.clone();
+    let e = start_err(c).await;
+    assert!(
+        e.starts_with("tls: TLS certificate") && e.contains("garbage.pem"),
+        "{e}"
+    );
+
+    // A key that belongs to another certificate.
+    let (_, other_key) = fx.pki.leaf(&["localhost"], true);
+    let wrong = fx.dir.path().join("wrong-key.pem");
+    common::write_private(&wrong, other_key.as_bytes());
+    let mut c = fx.config();
+    c.tls.as_mut().unwrap().key = wrong;
+    let e = start_err(c).await;
+    assert!(e.contains("does not fit certificate"), "{e}");
+
+    std::fs::write(
+        &fx.policy,
+        "[[rule]]\nservice = \"s\"\noperations = [\"read\"]\ncredentials = [\"*\"]\n",
+    )
+    .unwrap();
+    let e = start_err(fx.config()).await;
+    assert!(
+        e.starts_with("policy file") && e.contains("policy.toml"),
+        "{e}"
+    );
+    std::fs::write(&fx.policy, common::POLICY).unwrap();
+
+    std::fs::write(&fx.jwt_secret, "short\n").unwrap();
+    let e = start_err(fx.config()).await;
+    assert!(
+        e.contains("auth.jwt.hs256_secret_file") && e.contains("at least 32"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn keyring_problems_stop_the_start() {
+    let fx = Fixture::new();
+    let ring = fx.data_dir.join("keyring.json");
+    std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = start_err(fx.config()).await;
+    assert!(e.contains("chmod 600"), "{e}");
+    std::fs::remove_file(&ring).unwrap();
+    let e = start_err(fx.config()).await;
+    assert!(
+        e.contains("no keyring at") && e.contains("keys generate"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_store_schema_from_the_future_is_refused() {
+    let fx = Fixture::new();
+    // Create the database, then stamp it with a schema version this build does not know.
+    let store = strongroom_store::sqlite::SqliteStore::open_dir(&fx.data_dir)
+        .await
+        .unwrap();
+    let path = store.path().to_owned();
+    store.close().await;
+    strongroom_store::sqlite::SqliteStore::testing_set_schema_version(&path, 9999).unwrap();
+    let e = start_err(fx.config()).await;
+    assert!(
+        e.starts_with("store:") && e.contains("9999") && e.contains("upgrade"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn reload_swaps_the_policy_and_keeps_it_when_the_new_one_is_broken() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options());
+    let put = |name: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .json(
+                    "PUT",
+                    &format!("/v1/owners/alice/credentials/{name}"),
+                    Some(SERVICE_TOKEN),
+                    &json!({"value": "v"}),
+                )
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(put("slack.token").await, 403);
+
+    std::fs::write(
+        &fx.policy,
+        "[[rule]]\nservice = \"billing\"\noperations = [\"write\"]\ncredentials = [\"slack.*\"]\n",
+    )
+    .unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(put("slack.token").await, 201);
+    assert_eq!(put("zoom.key").await, 403);
+
+    std::fs::write(&fx.policy, "[[rule]]\nservice = 7\n").unwrap();
+    let errors = server.reloader.reload().unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.contains("policy file")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        server
+            .state
+            .policy()
+            .decide("billing", Operation::Write, "alice", "slack.x", None),
+        Decision::Allow,
+        "the previous policy stays in force"
+    );
+    assert_eq!(put("slack.other").await, 201);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reload_picks_up_a_keyring_rotation() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options());
+    let alice = fx.user_token("alice");
+    let r = client
+        .json(
+            "PUT",
+            "/v1/me/credentials/zoom.a",
+            Some(&alice),
+            &json!({"value": "before"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    strongroom_keys::local::rotate(
+        &fx.data_dir.join("keyring.json"),
+        time::OffsetDateTime::now_utc(),
+        &strongroom_crypto::OsRandom,
+    )
+    .unwrap();
+    server.reloader.reload().unwrap();
+    let r = client
+        .json(
+            "PUT",
+            "/v1/me/credentials/zoom.b",
+            Some(&alice),
+            &json!({"value": "after"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let keys = client
+        .get("/v1/keys", Some(common::ADMIN_TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(keys.status, 200, "{}", keys.text());
+    assert_eq!(keys.json()["active"]["version"], 2, "{}", keys.text());
+    // Both values still reveal.
+    for (name, want) in [("zoom.a", "before"), ("zoom.b", "after")] {
+        let r = client
+            .json(
+                "POST",
+                &format!("/v1/owners/alice/credentials/{name}/reveal"),
+                Some(SERVICE_TOKEN),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.json()["value"], want);
+    }
+    server.stop().await.unwrap();
+}

@@ -1,0 +1,374 @@
+//! Real sockets, real TLS: an in-process server on 127.0.0.1:0 and a rustls (ring) client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{spawn, Fixture, SERVICE_TOKEN};
+use serde_json::json;
+use strongroom_server::testing::{plain_http_exchange, ClientOptions, TestClient};
+
+#[tokio::test]
+async fn http1_and_http2_are_both_served() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+
+    let h1 = server.client(fx.client_options().http1());
+    assert_eq!(
+        h1.handshake().await.unwrap().1.as_deref(),
+        Some(&b"http/1.1"[..])
+    );
+    let r = h1.get("/healthz", None).await.unwrap();
+    assert_eq!((r.status, r.version), (200, http::Version::HTTP_11));
+
+    let h2 = server.client(fx.client_options().http2());
+    assert_eq!(h2.handshake().await.unwrap().1.as_deref(), Some(&b"h2"[..]));
+    let r = h2.get("/healthz", None).await.unwrap();
+    assert_eq!((r.status, r.version), (200, http::Version::HTTP_2));
+
+    // Both ALPN offers: the server prefers h2.
+    let both = server.client(fx.client_options());
+    assert_eq!(
+        both.handshake().await.unwrap().1.as_deref(),
+        Some(&b"h2"[..])
+    );
+
+    // A whole user round trip over HTTP/2 and then HTTP/1.1.
+    let alice = fx.user_token("alice");
+    let r = h2
+        .json(
+            "PUT",
+            "/v1/me/credentials/zoom.api-key",
+            Some(&alice),
+            &json!({"value": "canary-h2"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = h1.get("/v1/me/credentials", Some(&alice)).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("zoom.api-key") && !r.text().contains("canary-h2"));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tls12_only_and_tls13_only_clients_connect() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    for (version, want) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        for options in [fx.client_options().http1(), fx.client_options().http2()] {
+            let client = server.client(options.only(version));
+            assert_eq!(client.handshake().await.unwrap().0, want);
+            let r = client.get("/healthz", None).await.unwrap();
+            assert_eq!(r.status, 200, "{want:?}");
+        }
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn plain_http_gets_no_http_response() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let reply = plain_http_exchange(server.addr, Duration::from_secs(3)).await;
+    assert!(
+        !reply.windows(5).any(|w| w == b"HTTP/"),
+        "plain HTTP was answered with HTTP: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    // Whatever came back is at most a TLS alert record (content type 21).
+    assert!(reply.is_empty() || reply[0] == 21, "{reply:?}");
+    // And the server still serves TLS afterwards.
+    let r = server
+        .client(fx.client_options())
+        .get("/healthz", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_server_fails_the_handshake() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let other = common::Pki::new("someone else");
+    let client = server.client(ClientOptions::new(other.ca_pem.clone()));
+    assert!(client.get("/healthz", None).await.is_err());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn mtls_required_maps_the_certificate_san_to_a_service_and_refuses_others() {
+    let fx = Fixture::new();
+    let server = spawn(fx.mtls_config("required")).await;
+    let (billing_cert, billing_key) = fx
+        .client_pki
+        .leaf(&["spiffe://example.test/billing"], false);
+    let billing = server.client(
+        fx.client_options()
+            .with_client_cert(billing_cert.clone(), billing_key.clone()),
+    );
+
+    // The certificate alone authenticates the service "billing", which the policy lets write
+    // and reveal zoom.* credentials of any owner.
+    let r = billing
+        .json(
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.api-key",
+            None,
+            &json!({"value": "canary-mtls"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = billing
+        .json(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            None,
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["value"], "canary-mtls");
+    // Outside its policy: 403.
+    let r = billing
+        .json(
+            "PUT",
+            "/v1/owners/alice/credentials/slack.token",
+            None,
+            &json!({"value": "x"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    // Over HTTP/2 too.
+    let billing_h2 = server.client(
+        fx.client_options()
+            .http2()
+            .with_client_cert(billing_cert, billing_key),
+    );
+    let r = billing_h2
+        .json(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            None,
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.version), (200, http::Version::HTTP_2));
+
+    // A valid certificate whose SAN is not mapped authenticates nobody.
+    let (c, k) = fx
+        .client_pki
+        .leaf(&["spiffe://example.test/stranger"], false);
+    let stranger = server.client(fx.client_options().with_client_cert(c, k));
+    let r = stranger
+        .json(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            None,
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(!r.text().contains("canary-mtls"));
+
+    // No certificate, or one from an unknown CA: refused during the handshake, for every
+    // TLS version (with TLS 1.3 the refusal arrives on the first read).
+    let rogue = common::Pki::new("rogue CA");
+    let (rc, rk) = rogue.leaf(&["spiffe://example.test/billing"], false);
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let none = server.client(fx.client_options().only(version));
+        assert!(
+            none.get("/healthz", None).await.is_err(),
+            "no client certificate accepted"
+        );
+        let bad = server.client(
+            fx.client_options()
+                .only(version)
+                .with_client_cert(rc.clone(), rk.clone()),
+        );
+        let err = bad.get("/healthz", None).await.unwrap_err();
+        assert!(!err.is_empty());
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn mtls_optional_lets_token_clients_in_and_maps_admin_certificates() {
+    let fx = Fixture::new();
+    let server = spawn(fx.mtls_config("optional")).await;
+    let plain = server.client(fx.client_options());
+    assert_eq!(plain.get("/healthz", None).await.unwrap().status, 200);
+    let r = plain
+        .json(
+            "PUT",
+            "/v1/owners/bob/credentials/zoom.key",
+            Some(SERVICE_TOKEN),
+            &json!({"value": "v"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // The admin certificate reaches the admin routes; no certificate and no token does not.
+    let (c, k) = fx.client_pki.leaf(&["ops.example.test"], false);
+    let ops = server.client(fx.client_options().with_client_cert(c, k));
+    assert_eq!(ops.get("/v1/keys", None).await.unwrap().status, 200);
+    assert_eq!(plain.get("/v1/keys", None).await.unwrap().status, 401);
+    // A certificate from an unknown CA is still refused at the handshake.
+    let rogue = common::Pki::new("rogue CA");
+    let (rc, rk) = rogue.leaf(&["ops.example.test"], false);
+    let bad = server.client(fx.client_options().with_client_cert(rc, rk));
+    assert!(bad.get("/healthz", None).await.is_err());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_on_http1() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options().http1());
+    let big = "a".repeat(20 * 1024); // limits.max_header_bytes defaults to 16 KiB
+    let r = client
+        .request("GET", "/healthz", &[("x-big", big.as_str())], None)
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status, 431),
+        Err(e) => panic!("expected a 431, got {e}"),
+    }
+    let small = "a".repeat(4 * 1024);
+    let r = client
+        .request("GET", "/healthz", &[("x-small", small.as_str())], None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn max_connections_holds_further_clients_until_a_slot_frees() {
+    let fx = Fixture::new();
+    let mut config = fx.config_from(
+        &fx.toml("", "")
+            .replace("[limits]", "[limits]\nmax_connections = 1"),
+    );
+    config.limits.handshake_timeout_seconds = 30;
+    let server = spawn(config).await;
+
+    // Hold the only slot with an idle TCP connection (mid-handshake).
+    let held = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client: TestClient = server.client(fx.client_options());
+    let waiting = tokio::spawn(async move { client.get("/healthz", None).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second connection was served past max_connections = 1"
+    );
+    drop(held);
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client was never served")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_run_returns_ok() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let addr = server.addr;
+    let client = server.client(fx.client_options());
+    assert_eq!(client.get("/healthz", None).await.unwrap().status, 200);
+    server.stop().await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+/// Writes the head of a PUT and half its body on a raw HTTP/1.1 connection.
+async fn half_sent_put(
+    client: &TestClient,
+    token: &str,
+    body: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = client.connect_raw().await.unwrap();
+    let head = format!(
+        "PUT /v1/me/credentials/zoom.slow HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body[..body.len() / 2]).await.unwrap();
+    s.flush().await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new();
+    let mut server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options().http1());
+    let alice = fx.user_token("alice");
+    let body = br#"{"value": "finished-after-sigterm"}"#;
+    let mut s = half_sent_put(&client, &alice, body).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    server.signal_stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !server.is_finished(),
+        "stopped while a request was in flight"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(server.addr).await.is_err(),
+        "still accepting after the shutdown signal"
+    );
+
+    s.write_all(&body[body.len() / 2..]).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_a_stalled_request_after_the_grace_period() {
+    let fx = Fixture::new();
+    let mut config = fx.config();
+    config.limits.shutdown_grace_seconds = 1;
+    config.limits.request_timeout_seconds = 60;
+    let mut server = spawn(config).await;
+    let client = server.client(fx.client_options().http1());
+    let _stalled = half_sent_put(
+        &client,
+        &fx.user_token("alice"),
+        br#"{"value": "never-finished"}"#,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    server.signal_stop();
+    server.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
