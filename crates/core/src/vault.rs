@@ -409,11 +409,13 @@ impl Vault {
         if !enabled {
             return Err(CoreError::Disabled);
         }
-        // Usage bookkeeping must not fail a reveal that already succeeded.
-        let _ = self
-            .store
-            .touch_last_used(owner, name, self.clock.now())
-            .await;
+        // Usage bookkeeping must neither fail nor slow a reveal: it is a durable write, so it
+        // runs in the background (the audit log is the authoritative record of use).
+        let (store, at) = (self.store.clone(), self.clock.now());
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        tokio::spawn(async move {
+            let _ = store.touch_last_used(&owner, &name, at).await;
+        });
         Ok(revealed)
     }
 

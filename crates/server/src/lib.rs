@@ -99,6 +99,53 @@ impl StoreHandle {
     }
 }
 
+/// The store and key provider a configuration names, opened for an operator command
+/// (`rewrap`, `import`, `audit verify`, ...) that runs beside, or instead of, a server.
+pub struct Backends {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The local keyring (the key provider), also for rotation bookkeeping.
+    pub keyring: Arc<LocalKeyring>,
+    handle: StoreHandle,
+}
+
+impl Backends {
+    /// Opens the store and the keyring of `config` (validated first).
+    ///
+    /// # Errors
+    ///
+    /// A [`ServerError`] naming the key or file at fault.
+    pub async fn open(config: &Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let path = config.keyring_path();
+        let keyring = tokio::task::spawn_blocking(move || LocalKeyring::open(&path))
+            .await
+            .map_err(|e| ServerError::Runtime(e.to_string()))??;
+        let handle = open_store(config).await?;
+        Ok(Self {
+            store: handle.as_dyn(),
+            keyring: Arc::new(keyring),
+            handle,
+        })
+    }
+
+    /// The use cases over these backends.
+    pub fn vault(&self) -> Arc<Vault> {
+        Arc::new(Vault::new(
+            self.store.clone(),
+            self.keyring.clone(),
+            Arc::new(OsRandom),
+            Arc::new(SystemClock),
+            VaultConfig::default(),
+        ))
+    }
+
+    /// Flushes and closes the store.
+    pub async fn close(self) {
+        self.handle.close().await;
+    }
+}
+
 /// A started server: everything loaded and the socket bound, not yet accepting.
 pub struct Server {
     listener: TcpListener,
