@@ -1,15 +1,23 @@
 //! Structured logs with `tracing`: JSON lines (production default) or text (dev), on stderr.
 //!
 //! Nothing here logs request headers or bodies; the transport crates (`h2`, `hyper`,
-//! `rustls`) are held at `info` unless `log.level` names them, so their debug output (frame
-//! dumps, handshake details) stays out of production logs.
+//! `rustls`) are held at `info` (`rustls` at `error`) unless `log.level` names them, so their
+//! debug output (frame dumps, handshake details) stays out of production logs.
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Transport crates capped at `info` unless the directives name them.
-const QUIET: &[&str] = &["h2", "hyper", "hyper_util", "rustls", "tokio_rustls"];
+/// Transport crates capped unless the directives name them. rustls is held at `error`: it
+/// warns "Illegal SNI extension: ignoring IP address" on every connection from OpenSSL-based
+/// clients (curl, wrk) that send an IP as SNI; handshake failures reach us as errors anyway.
+const QUIET: &[(&str, &str)] = &[
+    ("h2", "info"),
+    ("hyper", "info"),
+    ("hyper_util", "info"),
+    ("rustls", "error"),
+    ("tokio_rustls", "info"),
+];
 
 /// Parses `log.level` (a level or `tracing` filter directives).
 ///
@@ -21,9 +29,9 @@ pub(crate) fn filter(level: &str) -> Result<EnvFilter, String> {
     if directives.is_empty() {
         return Err("must not be empty (e.g. \"info\")".to_owned());
     }
-    for target in QUIET {
+    for (target, cap) in QUIET {
         if !directives.contains(target) {
-            directives.push_str(&format!(",{target}=info"));
+            directives.push_str(&format!(",{target}={cap}"));
         }
     }
     EnvFilter::builder()
