@@ -147,6 +147,9 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
+        response
+            .extensions_mut()
+            .insert(crate::audit::ErrorCode(self.code));
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

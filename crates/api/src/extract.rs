@@ -36,7 +36,13 @@ impl FromRequestParts<AppState> for User {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?.ok_or_else(ApiError::unauthenticated)?;
         match state.auth().verify_user(token) {
-            Ok(sub) => Ok(User(sub)),
+            Ok(sub) => {
+                if let Some(slot) = crate::audit::slot(&parts.extensions) {
+                    slot.principal("user", &sub);
+                    slot.owner_if_unset(&sub);
+                }
+                Ok(User(sub))
+            }
             // A valid service or admin credential on a user route: known, but the wrong kind.
             Err(_) if is_known_non_user(state, parts, token) => Err(ApiError::forbidden(
                 "this route is for users; services use /v1/owners/...",
@@ -90,6 +96,10 @@ impl FromRequestParts<AppState> for Service {
                 )
             }
         };
+        if let Some(slot) = crate::audit::slot(&parts.extensions) {
+            slot.principal("service", &name);
+            slot.on_behalf_of(on_behalf_of.as_deref());
+        }
         Ok(Service { name, on_behalf_of })
     }
 }
@@ -104,7 +114,12 @@ impl FromRequestParts<AppState> for Admin {
         let token = bearer(parts)?;
         let peer = parts.extensions.get::<PeerCertificate>();
         match state.auth().verify_admin(token, peer) {
-            Ok(name) => Ok(Admin(name)),
+            Ok(name) => {
+                if let Some(slot) = crate::audit::slot(&parts.extensions) {
+                    slot.principal("admin", &name);
+                }
+                Ok(Admin(name))
+            }
             Err(AuthFailure::Invalid)
                 if token.is_some_and(|t| state.auth().verify_user(t).is_ok())
                     || state.auth().verify_service(token, peer).is_ok() =>

@@ -12,6 +12,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod audit;
 pub mod auth;
 mod error;
 mod extract;
@@ -26,6 +27,7 @@ use axum::Router;
 use strongroom_core::policy::Policy;
 use strongroom_core::Vault;
 
+pub use audit::ClientAddr;
 pub use auth::{
     hash_token, AuthConfigError, AuthSettings, Authenticator, JwtAlgorithm, JwtKeySource,
     JwtSettings, PeerCertificate, TokenEntry,
@@ -33,6 +35,7 @@ pub use auth::{
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use metrics::Metrics;
 pub use openapi::openapi_json;
+pub use strongroom_core::audit::Auditor;
 
 /// Limits the router enforces itself (the server adds connection and header limits).
 #[derive(Clone, Debug)]
@@ -64,6 +67,7 @@ struct Shared {
     limits: ApiLimits,
     metrics: Metrics,
     verify_limiter: KeyedLimiter,
+    auditor: std::sync::OnceLock<Auditor>,
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -83,6 +87,7 @@ impl AppState {
             limits,
             metrics: Metrics::new(),
             verify_limiter,
+            auditor: std::sync::OnceLock::new(),
         }))
     }
 
@@ -98,6 +103,18 @@ impl AppState {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Turns auditing on: from now on every request is recorded through `auditor`, and a
+    /// reveal whose record cannot be written answers 503 without the value. Only the first
+    /// call has an effect (returns `false` after).
+    pub fn set_auditor(&self, auditor: Auditor) -> bool {
+        self.0.auditor.set(auditor).is_ok()
+    }
+
+    /// The auditor, when auditing is on.
+    pub fn auditor(&self) -> Option<&Auditor> {
+        self.0.auditor.get()
     }
 
     /// The use cases.

@@ -14,6 +14,9 @@ pub enum CliError {
     /// A Fernet key or token was rejected.
     #[error("{0}")]
     Fernet(#[from] strongroom_crypto::fernet::FernetError),
+    /// An operation could not be done, or stopped; the message says why and what to do.
+    #[error("{0}")]
+    Operation(String),
     /// Reading input or writing output failed.
     #[error("{context}: {source}")]
     Io {

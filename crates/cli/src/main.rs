@@ -41,6 +41,15 @@ enum Command {
     /// Fernet tokens, byte-compatible with pyca/cryptography and django-fernet-fields.
     #[command(subcommand)]
     Fernet(commands::fernet::FernetCommand),
+    /// Re-wrap every stored data key under the active KEK, online and resumable (after
+    /// `keys rotate`, or to move to another key provider).
+    Rewrap(commands::rewrap::RewrapArgs),
+    /// Import credentials from other systems (`import django-fernet-fields`).
+    #[command(subcommand)]
+    Import(commands::import::ImportCommand),
+    /// The tamper-evident audit log: `verify` it, print its `head`, `export` it.
+    #[command(subcommand)]
+    Audit(commands::audit::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +59,9 @@ fn main() -> ExitCode {
         Command::Token(cmd) => commands::token::run(cmd),
         Command::Keys(cmd) => commands::keys::run(cmd),
         Command::Fernet(cmd) => commands::fernet::run(cmd).map_err(Into::into),
+        Command::Rewrap(args) => commands::rewrap::run(args),
+        Command::Import(cmd) => commands::import::run(cmd),
+        Command::Audit(cmd) => commands::audit::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

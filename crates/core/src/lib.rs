@@ -12,11 +12,14 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod audit;
 mod error;
 pub mod policy;
+pub mod rewrap;
 mod vault;
 
 pub use error::CoreError;
+pub use rewrap::{rewrap, RewrapOptions, RewrapReport};
 pub use vault::{
     Clock, PutOutcome, PutRequest, Revealed, SystemClock, Vault, VaultConfig, MAX_METADATA_LEN,
     MAX_VALUE_LEN,

@@ -14,8 +14,19 @@
 //! | `store.url` | — | PostgreSQL connection string (`kind = "postgres"` only) |
 //! | `store.max_connections` | 16 | PostgreSQL pool size |
 //! | `store.schema` | — | PostgreSQL schema for the tables (created if absent) |
-//! | `keys.provider` | `"local"` | key provider; `"local"` is the keyring file |
+//! | `keys.provider` | `"local"` | key provider: `"local"` (keyring file), `"aws-kms"`, `"pkcs11"` or `"transit"` |
 //! | `keys.keyring` | `DATA_DIR/keyring.json` | the local keyring file (mode 0600) |
+//! | `keys.aws_kms.key_id` | — | KMS key ARN, id or alias (`provider = "aws-kms"`); credentials from the AWS default chain |
+//! | `keys.aws_kms.region`, `.endpoint_url` | AWS default chain / region endpoint | region; another endpoint (VPC, emulator) |
+//! | `keys.aws_kms.connect_timeout_seconds`, `.operation_timeout_seconds`, `.max_attempts` | 5, 30, 3 | KMS client limits |
+//! | `keys.pkcs11.module`, `.token_label`, `.key_label` | — | PKCS#11 module path, token label, KEK label prefix (`LABEL.vN`) |
+//! | `keys.pkcs11.pin_file` / `.pin_env` | — | where the user PIN comes from (exactly one) |
+//! | `keys.pkcs11.sessions` | 4 | sessions kept open |
+//! | `keys.transit.address`, `.key`, `.mount` | —, —, `transit` | Vault/OpenBao address, transit key, engine mount |
+//! | `keys.transit.token_file` / `.token_env` | — | token source; or `approle_role_id` with `approle_secret_id_file` / `_env` (`approle_mount`, default `approle`) |
+//! | `keys.transit.ca_file`, `.namespace` | —, — | CA to trust; namespace |
+//! | `keys.transit.connect_timeout_seconds`, `.request_timeout_seconds` | 5, 30 | client limits |
+//! | `keys.transit.danger_allow_plain_http` | false | allow `http://` to loopback (development only) |
 //! | `tls.cert` | **required** | PEM certificate chain, leaf first |
 //! | `tls.key` | **required** | PEM private key (PKCS#8, PKCS#1 or SEC1) |
 //! | `tls.client_ca` | — | PEM CA certificate(s) for client certificates: turns on mutual TLS |
@@ -77,6 +88,7 @@ const ENV_KEYS: &[&str] = &[
     "policy_file",
     "limits",
     "log",
+    "audit",
 ];
 
 /// The default listen address.
@@ -116,6 +128,20 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`. Records always go to the store; this adds a copy as JSON lines.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuditConfig {
+    /// Also write each record, once committed, as one JSON line to this file (appended,
+    /// created with mode 0600) or to stdout (`"-"`).
+    #[serde(default)]
+    pub jsonl: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -178,6 +204,15 @@ pub struct KeysConfig {
     /// The local keyring file (default `DATA_DIR/keyring.json`).
     #[serde(default)]
     pub keyring: Option<PathBuf>,
+    /// `[keys.aws_kms]`, with `provider = "aws-kms"`.
+    #[serde(default)]
+    pub aws_kms: Option<AwsKmsSettings>,
+    /// `[keys.pkcs11]`, with `provider = "pkcs11"`.
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Settings>,
+    /// `[keys.transit]`, with `provider = "transit"`.
+    #[serde(default)]
+    pub transit: Option<TransitSettings>,
 }
 
 /// `keys.provider`.
@@ -188,6 +223,120 @@ pub enum KeyProviderKind {
     /// The local keyring file.
     #[default]
     Local,
+    /// AWS KMS (`[keys.aws_kms]`): each data key is wrapped by KMS.
+    #[serde(rename = "aws-kms", alias = "aws_kms")]
+    AwsKms,
+    /// A PKCS#11 HSM (`[keys.pkcs11]`): each data key is wrapped inside the token.
+    Pkcs11,
+    /// Vault/OpenBao Transit (`[keys.transit]`): each data key is wrapped by Transit.
+    Transit,
+}
+
+impl KeyProviderKind {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyProviderKind::Local => "local",
+            KeyProviderKind::AwsKms => "aws-kms",
+            KeyProviderKind::Pkcs11 => "pkcs11",
+            KeyProviderKind::Transit => "transit",
+        }
+    }
+}
+
+/// `[keys.aws_kms]`. Credentials come from the AWS default chain (environment, profile,
+/// instance role), never from this file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AwsKmsSettings {
+    /// Key ARN (recommended), key id or alias.
+    pub key_id: String,
+    /// Region (default: the AWS default chain).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Another endpoint: a VPC endpoint, or an emulator such as `http://127.0.0.1:PORT`.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// TCP connect timeout (default 5).
+    #[serde(default)]
+    pub connect_timeout_seconds: Option<u64>,
+    /// One KMS call, retries included (default 30).
+    #[serde(default)]
+    pub operation_timeout_seconds: Option<u64>,
+    /// Attempts per call (default 3).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+/// `[keys.pkcs11]`. The PIN comes from `pin_file` or `pin_env`, never from this file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module (shared library).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// Label prefix of the KEKs (`LABEL.v1`, `LABEL.v2`, ...).
+    pub key_label: String,
+    /// A file holding the user PIN (not readable by others).
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN.
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// Sessions kept open (default 4).
+    #[serde(default)]
+    pub sessions: Option<usize>,
+}
+
+/// `[keys.transit]`. Authenticates with a token (`token_file` / `token_env`) or AppRole
+/// (`approle_role_id` plus `approle_secret_id_file` / `approle_secret_id_env`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TransitSettings {
+    /// Server address, e.g. `https://vault.internal:8200`.
+    pub address: String,
+    /// Name of the transit key.
+    pub key: String,
+    /// Mount of the transit engine (default `transit`).
+    #[serde(default)]
+    pub mount: Option<String>,
+    /// A file holding the token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// AppRole role id.
+    #[serde(default)]
+    pub approle_role_id: Option<String>,
+    /// A file holding the AppRole secret id.
+    #[serde(default)]
+    pub approle_secret_id_file: Option<PathBuf>,
+    /// An environment variable holding the AppRole secret id.
+    #[serde(default)]
+    pub approle_secret_id_env: Option<String>,
+    /// Mount of the approle auth method (default `approle`).
+    #[serde(default)]
+    pub approle_mount: Option<String>,
+    /// PEM CA file to trust instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Namespace (`X-Vault-Namespace`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// TCP and TLS connect timeout (default 5).
+    #[serde(default)]
+    pub connect_timeout_seconds: Option<u64>,
+    /// One request (default 30).
+    #[serde(default)]
+    pub request_timeout_seconds: Option<u64>,
+    /// Allow `http://` to a loopback address (development only).
+    #[serde(default)]
+    pub danger_allow_plain_http: bool,
 }
 
 /// `[tls]`.
@@ -453,15 +602,34 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("keyring.json"))
     }
 
-    /// Checks everything that can be checked without opening files, so a mistake stops the
-    /// server before it starts.
+    /// Like [`Config::load`], but checks only what operator commands (`rewrap`, `keys`,
+    /// imports) need: the store and keys sections. TLS and auth may be absent, as in the
+    /// `serve --dev` layout addressed by `--data-dir` alone.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::load`].
+    pub fn load_for_operator(
+        file: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<Self, ServerError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            std::fs::File::open(file).map_err(ServerError::file("config file", file))?;
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config = Self::from_figment(figment.merge(env_provider(ENV_KEYS)), overrides)?;
+        config.validate_backends()?;
+        Ok(config)
+    }
+
+    /// Checks the store and keys sections alone (part of [`Config::validate`]).
     ///
     /// # Errors
     ///
     /// [`ServerError::Config`] naming the first key at fault.
-    pub fn validate(&self) -> Result<(), ServerError> {
+    pub fn validate_backends(&self) -> Result<(), ServerError> {
         let bad = |key: &str, msg: &str| Err(ServerError::Config(format!("key `{key}`: {msg}")));
-
         match (self.store.kind, &self.store.url) {
             (StoreKind::Postgres, None) => {
                 return bad(
@@ -480,6 +648,76 @@ impl Config {
         if self.store.max_connections == Some(0) {
             return bad("store.max_connections", "must be at least 1");
         }
+        let keys = &self.keys;
+        let one_of = |a: bool, b: bool| a as u8 + b as u8 == 1;
+        match keys.provider {
+            KeyProviderKind::Local => {}
+            KeyProviderKind::AwsKms => match &keys.aws_kms {
+                None => {
+                    return bad(
+                        "keys.aws_kms",
+                        "is required with keys.provider = \"aws-kms\"",
+                    )
+                }
+                Some(k) if k.key_id.is_empty() => {
+                    return bad("keys.aws_kms.key_id", "must not be empty")
+                }
+                Some(_) => {}
+            },
+            KeyProviderKind::Pkcs11 => match &keys.pkcs11 {
+                None => return bad("keys.pkcs11", "is required with keys.provider = \"pkcs11\""),
+                Some(p) if !one_of(p.pin_file.is_some(), p.pin_env.is_some()) => {
+                    return bad("keys.pkcs11", "set exactly one of pin_file or pin_env")
+                }
+                Some(p) if p.sessions == Some(0) => {
+                    return bad("keys.pkcs11.sessions", "must be at least 1")
+                }
+                Some(_) => {}
+            },
+            KeyProviderKind::Transit => match &keys.transit {
+                None => {
+                    return bad(
+                        "keys.transit",
+                        "is required with keys.provider = \"transit\"",
+                    )
+                }
+                Some(t) => {
+                    let token = t.token_file.is_some() || t.token_env.is_some();
+                    let approle = t.approle_role_id.is_some();
+                    if !one_of(token, approle) || (t.token_file.is_some() && t.token_env.is_some())
+                    {
+                        return bad(
+                            "keys.transit",
+                            "set exactly one of token_file, token_env or approle_role_id",
+                        );
+                    }
+                    if approle
+                        && !one_of(
+                            t.approle_secret_id_file.is_some(),
+                            t.approle_secret_id_env.is_some(),
+                        )
+                    {
+                        return bad(
+                            "keys.transit",
+                            "approle_role_id needs exactly one of approle_secret_id_file or approle_secret_id_env",
+                        );
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without opening files, so a mistake stops the
+    /// server before it starts.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Config`] naming the first key at fault.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |key: &str, msg: &str| Err(ServerError::Config(format!("key `{key}`: {msg}")));
+
+        self.validate_backends()?;
 
         let Some(tls) = &self.tls else {
             return bad(

@@ -69,6 +69,11 @@ pub enum ServerError {
     /// The async runtime or a signal handler could not be set up.
     #[error("runtime: {0}")]
     Runtime(String),
+
+    /// The configured key provider cannot be used (unreachable, wrong key id or PIN,
+    /// disabled key); the message names the provider and what failed.
+    #[error(transparent)]
+    Provider(#[from] strongroom_crypto::ProviderError),
 }
 
 impl ServerError {

@@ -16,7 +16,12 @@
 //! * **Signals** ([`Server::run_until_signal`]): SIGTERM or SIGINT stop accepting, let
 //!   in-flight requests finish within `limits.shutdown_grace_seconds`, close the store and
 //!   return `Ok`. SIGHUP reloads the policy file, the local keyring and the TLS certificate;
-//!   whatever fails to load is logged and the old one kept.
+//!   whatever fails to load is logged and the old one kept. The local keyring is also
+//!   reloaded within a second of its file changing (`keys rotate`, `keys retire`), so every
+//!   running node wraps new data keys with a new KEK at once, without a signal.
+//! * **Key providers** (`keys.provider`): the local keyring, AWS KMS, a PKCS#11 HSM or
+//!   Vault/OpenBao Transit ([`open_key_provider`]); a remote provider is reached and
+//!   self-tested before anything is served, and wraps each data key itself.
 //! * **Start-up is all or nothing.** [`Server::start`] checks the configuration, loads every
 //!   file, opens the keyring and the store, and binds the socket last; any failure is one
 //!   [`ServerError`] whose message names the key or file at fault.
@@ -61,7 +66,7 @@ use strongroom_api::{
 };
 use strongroom_core::policy::Policy;
 use strongroom_core::{SystemClock, Vault, VaultConfig};
-use strongroom_crypto::OsRandom;
+use strongroom_crypto::{KeyProvider, OsRandom};
 use strongroom_keys::local::LocalKeyring;
 use strongroom_store::postgres::{PostgresOptions, PostgresStore};
 use strongroom_store::sqlite::SqliteStore;
@@ -104,8 +109,11 @@ impl StoreHandle {
 pub struct Backends {
     /// The store.
     pub store: Arc<dyn Store>,
-    /// The local keyring (the key provider), also for rotation bookkeeping.
-    pub keyring: Arc<LocalKeyring>,
+    /// The key provider the configuration names (`keys.provider`; the local keyring by
+    /// default).
+    pub keyring: Arc<dyn KeyProvider>,
+    /// The local keyring, when it is the provider (for rotation bookkeeping).
+    pub local_keyring: Option<Arc<LocalKeyring>>,
     handle: StoreHandle,
 }
 
@@ -116,15 +124,13 @@ impl Backends {
     ///
     /// A [`ServerError`] naming the key or file at fault.
     pub async fn open(config: &Config) -> Result<Self, ServerError> {
-        config.validate()?;
-        let path = config.keyring_path();
-        let keyring = tokio::task::spawn_blocking(move || LocalKeyring::open(&path))
-            .await
-            .map_err(|e| ServerError::Runtime(e.to_string()))??;
+        config.validate_backends()?;
+        let (keyring, local_keyring) = open_key_provider(config).await?;
         let handle = open_store(config).await?;
         Ok(Self {
             store: handle.as_dyn(),
-            keyring: Arc::new(keyring),
+            keyring,
+            local_keyring,
             handle,
         })
     }
@@ -155,6 +161,7 @@ pub struct Server {
     limits: LimitsConfig,
     reloader: Reloader,
     store: StoreHandle,
+    keyring_path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Server {
@@ -174,7 +181,7 @@ pub struct Reloader {
 struct ReloaderInner {
     state: AppState,
     policy_file: Option<PathBuf>,
-    keyring: Arc<LocalKeyring>,
+    keyring: Option<Arc<LocalKeyring>>,
     tls: TlsConfig,
     cert: Arc<CertSlot>,
 }
@@ -211,11 +218,13 @@ impl Reloader {
                 }
             }
         }
-        match inner.keyring.reload() {
-            Ok(()) => tracing::info!(versions = inner.keyring.list().len(), "keyring reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "keyring reload failed; keeping the keys loaded before");
-                failed.push(e.to_string());
+        if let Some(keyring) = &inner.keyring {
+            match keyring.reload() {
+                Ok(()) => tracing::info!(versions = keyring.list().len(), "keyring reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "keyring reload failed; keeping the keys loaded before");
+                    failed.push(e.to_string());
+                }
             }
         }
         match tls::load_certified_key(&inner.tls, &tls::provider()) {
@@ -228,12 +237,122 @@ impl Reloader {
                 failed.push(e.to_string());
             }
         }
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if let (Some(auditor), Some(runtime)) = (inner.state.auditor(), runtime) {
+            let event = operator_event(
+                "reload",
+                if failed.is_empty() { "ok" } else { "error" },
+                (!failed.is_empty()).then_some("reload_failed"),
+            );
+            let auditor = auditor.clone();
+            runtime.spawn(async move {
+                if let Err(e) = auditor.record(event).await {
+                    tracing::error!(error = %e, "audit record of the reload not written");
+                }
+            });
+        }
         if failed.is_empty() {
             Ok(())
         } else {
             Err(failed)
         }
     }
+}
+
+/// An operator action's audit event (principal `operator`, the OS user running it).
+fn operator_event(
+    action: &str,
+    outcome: &str,
+    error_code: Option<&str>,
+) -> strongroom_store::audit::Event {
+    let who = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    strongroom_store::audit::Event {
+        time: time::OffsetDateTime::now_utc(),
+        principal_kind: "operator".into(),
+        principal_id: who.chars().take(64).collect(),
+        action: action.into(),
+        owner: None,
+        name: None,
+        version: None,
+        outcome: outcome.into(),
+        status: 0,
+        request_id: None,
+        client_addr: None,
+        on_behalf_of: None,
+        destination: None,
+        error_code: error_code.map(str::to_owned),
+    }
+}
+
+/// Appends one audit record for an operator action run outside a server (`keys rotate`,
+/// `rewrap`, `keys retire`, `import`, ...): principal `operator` (the OS user), `action` as
+/// given (e.g. `"keys.rotate"`), `outcome` `ok` or `error` with a stable `error_code`. The
+/// record is durable when this returns. Creates the audit head key on first use.
+///
+/// # Errors
+///
+/// [`ServerError::Runtime`] when the record cannot be written.
+pub async fn audit_operator_action(
+    backends: &Backends,
+    action: &str,
+    outcome: &str,
+    error_code: Option<&str>,
+) -> Result<(), ServerError> {
+    let err = |e: strongroom_core::CoreError| ServerError::Runtime(format!("audit: {e}"));
+    let log = strongroom_core::audit::audit_log(backends.store.as_ref()).map_err(err)?;
+    let key = strongroom_core::audit::load_or_create_head_key(
+        backends.store.as_ref(),
+        backends.keyring.as_ref(),
+        &OsRandom,
+    )
+    .await
+    .map_err(err)?;
+    log.audit_append(
+        Arc::new(key),
+        vec![operator_event(action, outcome, error_code)],
+    )
+    .await
+    .map_err(|e| ServerError::Runtime(format!("audit: {e}")))?;
+    Ok(())
+}
+
+/// Opens where `[audit] jsonl` says records are also written.
+fn open_audit_sink(
+    config: &Config,
+) -> Result<Option<strongroom_core::audit::RecordSink>, ServerError> {
+    let Some(path) = &config.audit.jsonl else {
+        return Ok(None);
+    };
+    if path.as_os_str() == "-" {
+        return Ok(Some(Box::new(std::io::stdout())));
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(ServerError::file("audit jsonl file", path))?;
+    Ok(Some(Box::new(std::io::LineWriter::new(file))))
+}
+
+/// Starts auditing on `state`: unwraps (or creates) the head key and starts the writer.
+async fn start_auditor(
+    config: &Config,
+    state: &AppState,
+    keys: &dyn KeyProvider,
+) -> Result<(), ServerError> {
+    let err = |e: strongroom_core::CoreError| ServerError::Runtime(format!("audit: {e}"));
+    let store = state.vault().store().clone();
+    let log = strongroom_core::audit::audit_log(store.as_ref()).map_err(err)?;
+    let key = strongroom_core::audit::load_or_create_head_key(store.as_ref(), keys, &OsRandom)
+        .await
+        .map_err(err)?;
+    let sink = open_audit_sink(config)?;
+    state.set_auditor(strongroom_core::audit::Auditor::start(log, key, sink));
+    Ok(())
 }
 
 fn load_policy(path: &Path) -> Result<Policy, ServerError> {
@@ -375,14 +494,8 @@ impl Server {
             tracing::warn!("no policy_file: services are denied every operation");
         }
 
-        let keyring_path = config.keyring_path();
-        let keyring = {
-            let path = keyring_path.clone();
-            tokio::task::spawn_blocking(move || LocalKeyring::open(&path))
-                .await
-                .map_err(|e| ServerError::Runtime(e.to_string()))??
-        };
-        let keyring = Arc::new(keyring);
+        let (keyring, local_keyring) = open_key_provider(&config).await?;
+        let keyring_path = local_keyring.as_ref().map(|_| config.keyring_path());
         let store = open_store(&config).await?;
 
         let vault = Arc::new(Vault::new(
@@ -393,6 +506,10 @@ impl Server {
             VaultConfig::default(),
         ));
         let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());
+        if let Err(e) = start_auditor(&config, &state, keyring.as_ref()).await {
+            store.close().await;
+            return Err(e);
+        }
 
         let listener = match TcpListener::bind(config.listen).await {
             Ok(l) => l,
@@ -411,8 +528,10 @@ impl Server {
         tracing::info!(
             listen = %local_addr,
             store = ?config.store.kind,
-            keyring = %keyring_path.display(),
-            key_id = keyring.key_id(),
+            key_provider = config.keys.provider.as_str(),
+            active_kek = %keyring
+                .active_kek()
+                .map_or_else(|e| e.to_string(), |k| k.to_string()),
             mtls = tls_config.client_ca.is_some(),
             "strongroom ready"
         );
@@ -421,7 +540,7 @@ impl Server {
             inner: Arc::new(ReloaderInner {
                 state: state.clone(),
                 policy_file: config.policy_file.clone(),
-                keyring,
+                keyring: local_keyring,
                 tls: tls_config,
                 cert,
             }),
@@ -434,6 +553,7 @@ impl Server {
             limits: config.limits.clone(),
             reloader,
             store,
+            keyring_path,
         })
     }
 
@@ -496,8 +616,20 @@ impl Server {
             state,
             limits,
             store,
+            reloader,
+            keyring_path,
             ..
         } = self;
+        // A `keys rotate` on this host (or a shared keyring file) takes effect within a
+        // second, without SIGHUP: new writes use the new KEK at once.
+        let keyring_watch = match (&reloader.inner.keyring, keyring_path) {
+            (Some(ring), Some(path)) => Some(tokio::spawn(watch_keyring(
+                ring.clone(),
+                path,
+                KEYRING_POLL,
+            ))),
+            _ => None,
+        };
         let router = strongroom_api::router(state);
         let builder = Arc::new(http_builder(&limits));
         let handshake_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
@@ -557,9 +689,204 @@ impl Server {
         }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        if let Some(watch) = keyring_watch {
+            watch.abort();
+        }
         store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Opens the key provider `keys.provider` names: the local keyring (also returned on its own,
+/// for reloads and rotation), or a remote provider, reached and checked before anything is
+/// served (its constructor ends with a wrap/unwrap self-test).
+///
+/// # Errors
+///
+/// [`ServerError::Keyring`] for the local keyring, [`ServerError::Provider`] naming the
+/// provider and what failed, [`ServerError::Config`] for a missing section.
+pub async fn open_key_provider(
+    config: &Config,
+) -> Result<(Arc<dyn KeyProvider>, Option<Arc<LocalKeyring>>), ServerError> {
+    use crate::config::KeyProviderKind;
+    match config.keys.provider {
+        KeyProviderKind::Local => {
+            let path = config.keyring_path();
+            let ring = tokio::task::spawn_blocking(move || LocalKeyring::open(&path))
+                .await
+                .map_err(|e| ServerError::Runtime(e.to_string()))??;
+            let ring = Arc::new(ring);
+            Ok((ring.clone(), Some(ring)))
+        }
+        KeyProviderKind::AwsKms => {
+            let p = strongroom_keys::AwsKmsProvider::connect(aws_kms_config(config)?).await?;
+            Ok((Arc::new(p), None))
+        }
+        KeyProviderKind::Pkcs11 => {
+            let p = strongroom_keys::Pkcs11Provider::connect(pkcs11_config(config)?).await?;
+            Ok((Arc::new(p), None))
+        }
+        KeyProviderKind::Transit => {
+            let p = strongroom_keys::TransitProvider::connect(transit_config(config)?).await?;
+            Ok((Arc::new(p), None))
+        }
+    }
+}
+
+fn missing_key(what: &str) -> ServerError {
+    ServerError::Config(format!("key `keys.{what}`: is required"))
+}
+
+fn seconds(v: Option<u64>, default: u64) -> Duration {
+    Duration::from_secs(v.unwrap_or(default))
+}
+
+fn secret_source(
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+) -> Option<strongroom_keys::SecretSource> {
+    match (file, env) {
+        (Some(f), _) => Some(strongroom_keys::SecretSource::File(f.clone())),
+        (None, Some(e)) => Some(strongroom_keys::SecretSource::Env(e.clone())),
+        (None, None) => None,
+    }
+}
+
+/// The AWS KMS provider settings of `[keys.aws_kms]`.
+///
+/// # Errors
+///
+/// [`ServerError::Config`] when the section is missing.
+pub fn aws_kms_config(config: &Config) -> Result<strongroom_keys::AwsKmsConfig, ServerError> {
+    let s = config
+        .keys
+        .aws_kms
+        .as_ref()
+        .ok_or_else(|| missing_key("aws_kms"))?;
+    let mut c = strongroom_keys::AwsKmsConfig::new(s.key_id.clone());
+    c.region = s.region.clone();
+    c.endpoint_url = s.endpoint_url.clone();
+    c.connect_timeout = seconds(s.connect_timeout_seconds, 5);
+    c.operation_timeout = seconds(s.operation_timeout_seconds, 30);
+    c.max_attempts = s.max_attempts.unwrap_or(3);
+    Ok(c)
+}
+
+/// The PKCS#11 provider settings of `[keys.pkcs11]`.
+///
+/// # Errors
+///
+/// [`ServerError::Config`] when the section or the PIN source is missing.
+pub fn pkcs11_config(config: &Config) -> Result<strongroom_keys::Pkcs11Config, ServerError> {
+    let s = config
+        .keys
+        .pkcs11
+        .as_ref()
+        .ok_or_else(|| missing_key("pkcs11"))?;
+    let pin =
+        secret_source(&s.pin_file, &s.pin_env).ok_or_else(|| missing_key("pkcs11.pin_file"))?;
+    let mut c = strongroom_keys::Pkcs11Config::new(
+        s.module.clone(),
+        s.token_label.clone(),
+        pin,
+        s.key_label.clone(),
+    );
+    if let Some(n) = s.sessions {
+        c.sessions = n;
+    }
+    Ok(c)
+}
+
+/// The Transit provider settings of `[keys.transit]`.
+///
+/// # Errors
+///
+/// [`ServerError::Config`] when the section or the credentials are missing.
+pub fn transit_config(config: &Config) -> Result<strongroom_keys::TransitConfig, ServerError> {
+    let s = config
+        .keys
+        .transit
+        .as_ref()
+        .ok_or_else(|| missing_key("transit"))?;
+    let auth = match (
+        &s.approle_role_id,
+        secret_source(&s.token_file, &s.token_env),
+    ) {
+        (None, Some(token)) => strongroom_keys::TransitAuth::Token(token),
+        (Some(role), None) => strongroom_keys::TransitAuth::AppRole {
+            mount: s.approle_mount.clone().unwrap_or_else(|| "approle".into()),
+            role_id: role.clone(),
+            secret_id: secret_source(&s.approle_secret_id_file, &s.approle_secret_id_env)
+                .ok_or_else(|| missing_key("transit.approle_secret_id_file"))?,
+        },
+        _ => return Err(missing_key("transit.token_file")),
+    };
+    let mut c = strongroom_keys::TransitConfig::new(s.address.clone(), s.key.clone(), auth);
+    if let Some(m) = &s.mount {
+        c.mount = m.clone();
+    }
+    c.ca_file = s.ca_file.clone();
+    c.namespace = s.namespace.clone();
+    c.connect_timeout = seconds(s.connect_timeout_seconds, 5);
+    c.request_timeout = seconds(s.request_timeout_seconds, 30);
+    c.danger_allow_plain_http = s.danger_allow_plain_http;
+    Ok(c)
+}
+
+/// How often a running server looks at its keyring file for a rotation.
+const KEYRING_POLL: Duration = Duration::from_secs(1);
+
+/// What identifies one version of the keyring file: an atomic rewrite (as `keys rotate` and
+/// `keys retire` do) changes the inode, and any edit the length or modification time.
+fn file_stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.len(), meta.modified().ok()?))
+}
+
+/// Reloads `keyring` whenever its file changes (checked every `every`). A file that fails to
+/// load is logged and the keys loaded before stay in force, as for SIGHUP.
+async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duration) {
+    let mut seen = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || file_stamp(&path))
+            .await
+            .ok()
+            .flatten()
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (ring, p, before) = (keyring.clone(), path.clone(), seen);
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = file_stamp(&p);
+            if now.is_none() || now == before {
+                return (now, None);
+            }
+            (now, Some(ring.reload()))
+        })
+        .await;
+        let Ok((stamp, reloaded)) = checked else {
+            continue;
+        };
+        match reloaded {
+            None => {}
+            Some(Ok(())) => {
+                seen = stamp;
+                tracing::info!(
+                    versions = keyring.list().len(),
+                    active = ?keyring.active_kek().ok().map(|k| k.version),
+                    "keyring file changed; reloaded"
+                );
+            }
+            Some(Err(e)) => {
+                // Logged once per change of the file; the keys loaded before stay in force.
+                seen = stamp;
+                tracing::error!(error = %e, "keyring file changed but does not load; keeping the keys loaded before");
+            }
+        }
     }
 }
 
@@ -621,6 +948,8 @@ impl Connection {
                 req.extensions_mut().insert(peer.clone());
             }
             req.extensions_mut().insert(ConnectInfo(remote));
+            req.extensions_mut()
+                .insert(strongroom_api::ClientAddr(remote));
             router.clone().oneshot(req)
         });
         let conn = self

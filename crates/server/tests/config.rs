@@ -268,3 +268,83 @@ fn the_example_config_at_the_repository_root_loads() {
     let p = strongroom_core::policy::Policy::from_toml(&policy).unwrap();
     assert!(!p.rules().is_empty());
 }
+
+#[test]
+fn key_providers_are_chosen_with_their_settings() {
+    use strongroom_server::config::KeyProviderKind;
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file(
+            "kms.toml",
+            &format!(
+                "{MINIMAL}[keys]\nprovider = \"aws-kms\"\n[keys.aws_kms]\nkey_id = \"alias/sr\"\n\
+                 region = \"eu-west-1\"\nendpoint_url = \"http://127.0.0.1:4566\"\n"
+            ),
+        )?;
+        let c = load("kms.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.keys.provider, KeyProviderKind::AwsKms);
+        let kms = strongroom_server::aws_kms_config(&c).unwrap();
+        assert_eq!(kms.key_id, "alias/sr");
+        assert_eq!(kms.region.as_deref(), Some("eu-west-1"));
+
+        jail.create_file(
+            "hsm.toml",
+            &format!(
+                "{MINIMAL}[keys]\nprovider = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"/m.so\"\n\
+                 token_label = \"t\"\nkey_label = \"sr\"\npin_env = \"HSM_PIN\"\nsessions = 2\n"
+            ),
+        )?;
+        let c = load("hsm.toml", &Overrides::default()).unwrap();
+        let hsm = strongroom_server::pkcs11_config(&c).unwrap();
+        assert_eq!((hsm.key_label.as_str(), hsm.sessions), ("sr", 2));
+
+        jail.create_file(
+            "bao.toml",
+            &format!(
+                "{MINIMAL}[keys]\nprovider = \"transit\"\n[keys.transit]\n\
+                 address = \"https://bao:8200\"\nkey = \"sr\"\napprole_role_id = \"r\"\n\
+                 approle_secret_id_file = \"/run/secret-id\"\n"
+            ),
+        )?;
+        let c = load("bao.toml", &Overrides::default()).unwrap();
+        let t = strongroom_server::transit_config(&c).unwrap();
+        assert_eq!((t.mount.as_str(), t.key.as_str()), ("transit", "sr"));
+
+        // The environment picks the provider too.
+        jail.set_env("STRONGROOM_KEYS__PROVIDER", "transit");
+        let err = err_of(load("kms.toml", &Overrides::default()));
+        assert!(err.contains("keys.transit"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn provider_mistakes_are_named() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        for (body, key) in [
+            ("[keys]\nprovider = \"pkcs11\"\n", "keys.pkcs11"),
+            (
+                "[keys]\nprovider = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"/m.so\"\n\
+                 token_label = \"t\"\nkey_label = \"sr\"\n",
+                "pin_file or pin_env",
+            ),
+            (
+                "[keys]\nprovider = \"transit\"\n[keys.transit]\naddress = \"https://b\"\n\
+                 key = \"k\"\ntoken_env = \"T\"\napprole_role_id = \"r\"\n",
+                "exactly one of token_file, token_env or approle_role_id",
+            ),
+            ("[keys]\nprovider = \"aws-kms\"\n", "keys.aws_kms"),
+            ("[keys]\nprovider = \"hsm\"\n", "keys.provider"),
+            (
+                "[keys]\nprovider = \"aws-kms\"\n[keys.aws_kms]\nkey_id = \"k\"\nregion_name = \"x\"\n",
+                "region_name",
+            ),
+        ] {
+            jail.create_file("s.toml", &format!("{MINIMAL}{body}"))?;
+            let err = err_of(load("s.toml", &Overrides::default()));
+            assert!(err.contains(key), "{body}: {err}");
+        }
+        Ok(())
+    });
+}

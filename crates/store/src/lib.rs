@@ -52,8 +52,9 @@
 //! Migrations are embedded and applied when a store is opened; the `schema_version` table
 //! records the schema. A database written by a newer Strongroom is refused with
 //! [`StoreError::SchemaTooNew`]. Tables: `credentials`, `versions`, `provider_state`
-//! (what key providers keep, see [`Store::put_provider_state`]) and `schema_version`.
-//! The table name prefix `audit` is **reserved** for the audit log.
+//! (what key providers keep, see [`Store::put_provider_state`]) and `schema_version`
+//! (schema 1), and the audit log's `audit_records` and `audit_head` (schema 2, see
+//! [`audit`]). The table name prefix `audit` is **reserved** for the audit log.
 //!
 //! # Example
 //!
@@ -81,6 +82,7 @@
 // Without a backend only the trait and types remain; their helpers go unused.
 #![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 
+pub mod audit;
 mod error;
 mod types;
 
@@ -92,10 +94,12 @@ pub mod sqlite;
 pub mod testing;
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+pub use audit::{AuditFilter, AuditLog};
 pub use error::{BackendError, StoreError};
 pub use types::{
     Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
@@ -104,7 +108,7 @@ pub use types::{
 };
 
 /// The newest database schema version this build knows (both backends).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Where credentials live. Every method is one atomic operation.
 ///
@@ -279,6 +283,12 @@ pub trait Store: Send + Sync + Debug {
     /// [`StoreError::InvalidInput`] for an empty key, a key over 255 bytes, or a value over
     /// 1 MiB.
     async fn put_provider_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+
+    /// The audit log kept in the same database, if this store keeps one (both built-in
+    /// backends do; see [`audit`]).
+    fn audit_log(&self) -> Option<Arc<dyn AuditLog>> {
+        None
+    }
 }
 
 /// Largest provider-state value, in bytes.

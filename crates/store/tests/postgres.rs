@@ -141,3 +141,101 @@ async fn unreachable_server_is_unavailable() {
     assert!(err.is_transient(), "{err:?}");
     assert!(!format!("{err:?}").contains("password"));
 }
+
+/// Tampering with the PostgreSQL tables directly is caught, naming the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_tampering_in_postgres_is_detected() {
+    use strongroom_store::audit::{HeadKey, VerifyError};
+    use strongroom_store::testing::{audit_event, audit_verify_all};
+    let Some(url) = postgres_url() else { return };
+    let cases: Vec<(&str, VerifyError)> = vec![
+        (
+            "UPDATE audit_records SET principal_id = 'mallory' WHERE seq = 17",
+            VerifyError::Tampered(17),
+        ),
+        (
+            "DELETE FROM audit_records WHERE seq = 17",
+            VerifyError::Sequence {
+                expected: 17,
+                found: 18,
+            },
+        ),
+        (
+            "UPDATE audit_records SET seq = 1000 WHERE seq = 10;
+             UPDATE audit_records SET seq = 10 WHERE seq = 11;
+             UPDATE audit_records SET seq = 11 WHERE seq = 1000;",
+            VerifyError::Chain(10),
+        ),
+        (
+            "DELETE FROM audit_records WHERE seq > 45",
+            VerifyError::Length {
+                found: 45,
+                head: 50,
+            },
+        ),
+        (
+            "UPDATE audit_head SET mac = decode(repeat('00', 32), 'hex')",
+            VerifyError::HeadMac,
+        ),
+        (
+            "ROLLBACK_HEAD",
+            VerifyError::Length {
+                found: 50,
+                head: 30,
+            },
+        ),
+    ];
+    for (n, (sql, expected)) in cases.into_iter().enumerate() {
+        let schema = format!("tamper_{}_{n}", std::process::id());
+        let b = PgBackend {
+            url: url.clone(),
+            schema: schema.clone(),
+            helper: Mutex::new(None),
+        };
+        let s = b.open().await.unwrap();
+        let log = s.audit_log().unwrap();
+        let key = Arc::new(HeadKey::new([3; 32]));
+        log.audit_append(
+            key.clone(),
+            (1..=30)
+                .map(|i| audit_event(i, "alice", "n", "reveal"))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        let old = log.audit_head().await.unwrap().unwrap();
+        log.audit_append(
+            key.clone(),
+            (31..=50)
+                .map(|i| audit_event(i, "alice", "n", "put"))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(audit_verify_all(&*log, &key).await, Ok(50));
+        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        config.options(format!("-c search_path={schema}"));
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        let task = tokio::spawn(conn);
+        if sql == "ROLLBACK_HEAD" {
+            client
+                .execute(
+                    "UPDATE audit_head SET count = $1, hash = $2, mac = $3",
+                    &[&(old.count as i64), &&old.hash[..], &&old.mac[..]],
+                )
+                .await
+                .unwrap();
+        } else {
+            client.batch_execute(sql).await.unwrap();
+        }
+        assert_eq!(audit_verify_all(&*log, &key).await, Err(expected), "{sql}");
+        drop(log);
+        drop(s);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .ok();
+        drop(client);
+        let _ = task.await;
+    }
+}

@@ -4,8 +4,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::views::{KekUsage, KeysResponse};
-use crate::extract::Admin;
+use strongroom_store::AuditFilter;
+
+use super::views::{AuditPage, AuditQuery, AuditRecordView, KekUsage, KeysResponse};
+use crate::extract::{Admin, ApiQuery};
 use crate::{ApiError, AppState, ErrorBody};
 
 /// The active KEK and how many credential versions each KEK wraps.
@@ -57,14 +59,67 @@ pub(crate) async fn keys(
     }))
 }
 
-/// Audit queries. Arrive with the audit log.
-#[utoipa::path(get, path = "/v1/audit", tag = "admin",
-    responses((status = 501, description = "not implemented until the audit log lands", body = ErrorBody)),
+/// Parses a cursor (a record's `seq`).
+fn parse_cursor(c: Option<&str>) -> Result<Option<u64>, ApiError> {
+    c.map(|c| {
+        c.parse::<u64>()
+            .map_err(|_| ApiError::bad_request("malformed cursor"))
+    })
+    .transpose()
+}
+
+fn parse_time(t: Option<&str>, what: &str) -> Result<Option<time::OffsetDateTime>, ApiError> {
+    t.map(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map_err(|_| ApiError::bad_request(format!("{what}: expected an RFC 3339 time")))
+    })
+    .transpose()
+}
+
+/// One page of records matching `filter`, newest first, and the next page's cursor.
+pub(crate) async fn audit_page(
+    state: &AppState,
+    filter: &AuditFilter,
+    cursor: Option<&str>,
+    limit: Option<u32>,
+) -> Result<(Vec<strongroom_store::audit::Record>, Option<String>), ApiError> {
+    let before = parse_cursor(cursor)?;
+    let limit = limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request("limit must be 1..=1000"));
+    }
+    let log = strongroom_core::audit::audit_log(state.vault().store().as_ref())?;
+    let records = log
+        .audit_query(filter, before, limit)
+        .await
+        .map_err(|e| ApiError::from(strongroom_core::CoreError::from(e)))?;
+    let next = if records.len() == limit as usize {
+        records.last().map(|r| r.seq.to_string())
+    } else {
+        None
+    };
+    Ok((records, next))
+}
+
+/// Audit records, newest first, filtered by owner, credential name, principal and time.
+#[utoipa::path(get, path = "/v1/audit", tag = "admin", params(AuditQuery),
+    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
     security(("admin_token" = [])))]
-pub(crate) async fn audit(_admin: Admin) -> Result<Json<()>, ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "the audit log is not implemented yet",
-    ))
+pub(crate) async fn audit(
+    State(state): State<AppState>,
+    _admin: Admin,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let mut filter = AuditFilter::default();
+    filter.owner = q.owner;
+    filter.name = q.name;
+    filter.principal_id = q.principal;
+    filter.since = parse_time(q.since.as_deref(), "since")?;
+    filter.until = parse_time(q.until.as_deref(), "until")?;
+    let (records, next_cursor) = audit_page(&state, &filter, q.cursor.as_deref(), q.limit).await?;
+    Ok(Json(AuditPage {
+        items: records.into_iter().map(AuditRecordView::from).collect(),
+        next_cursor,
+    }))
 }

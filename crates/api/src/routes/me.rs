@@ -7,10 +7,13 @@ use axum::Json;
 use strongroom_core::PutRequest;
 use strongroom_crypto::SecretBytes;
 
+use strongroom_store::AuditFilter;
+
 use super::views::{
     detail, item, CredentialDetail, CredentialList, CurrentBody, ListQuery, PutBody, PutResponse,
-    StateResponse, VerifyBody, VerifyResponse,
+    StateResponse, UsageItem, UsageQuery, UsageResponse, VerifyBody, VerifyResponse,
 };
+use crate::audit::Audit;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, User};
 use crate::{ApiError, AppState, ErrorBody};
 
@@ -28,6 +31,7 @@ type ApiResult<T> = Result<T, ApiError>;
     security(("user_jwt" = [])))]
 pub(crate) async fn put(
     State(state): State<AppState>,
+    audit: Audit,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<PutBody>,
@@ -44,6 +48,7 @@ pub(crate) async fn put(
             created_by: &created_by,
         })
         .await?;
+    audit.version(outcome.version);
     Ok((
         StatusCode::CREATED,
         Json(PutResponse {
@@ -106,10 +111,12 @@ async fn state_response(
     security(("user_jwt" = [])))]
 pub(crate) async fn set_current(
     State(state): State<AppState>,
+    audit: Audit,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<CurrentBody>,
 ) -> ApiResult<Json<StateResponse>> {
+    audit.version(body.version);
     state
         .vault()
         .set_current(&owner, &name, body.version)
@@ -162,23 +169,45 @@ pub(crate) async fn verify(
     Ok(Json(VerifyResponse { matches }))
 }
 
-/// Who used the credential, when and how. Arrives with the audit log.
+/// Who used the credential, when and how (reveals and brokered calls, newest first).
 #[utoipa::path(get, path = "/v1/me/credentials/{name}/usage", tag = "user",
-    params(("name" = String, Path, description = "Credential name")),
-    responses((status = 501, description = "not implemented until the audit log lands", body = ErrorBody)),
+    params(("name" = String, Path, description = "Credential name"), UsageQuery),
+    responses((status = 200, body = UsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
     security(("user_jwt" = [])))]
 pub(crate) async fn usage(
     State(state): State<AppState>,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
-) -> ApiResult<Json<()>> {
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> ApiResult<Json<UsageResponse>> {
     // Existence first, so another owner still gets the 404 a missing credential gets.
-    state.vault().describe(&owner, &name).await?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "usage history arrives with the audit log; last_used_at is in the credential's metadata",
-    ))
+    let credential = state.vault().describe(&owner, &name).await?;
+    let mut filter = AuditFilter::default();
+    filter.owner = Some(owner);
+    filter.name = Some(name.clone());
+    filter.actions = vec!["reveal".into(), "broker".into()];
+    let (records, next_cursor) =
+        super::admin::audit_page(&state, &filter, q.cursor.as_deref(), q.limit).await?;
+    Ok(Json(UsageResponse {
+        name,
+        last_used_at: credential.summary.last_used_at,
+        items: records
+            .into_iter()
+            .map(|r| UsageItem {
+                time: r.event.time,
+                action: r.event.action,
+                principal_kind: r.event.principal_kind,
+                principal_id: r.event.principal_id,
+                on_behalf_of: r.event.on_behalf_of,
+                destination: r.event.destination,
+                version: r.event.version,
+                outcome: r.event.outcome,
+                status: r.event.status,
+            })
+            .collect(),
+        next_cursor,
+    }))
 }
 
 /// Destroy one version (its data key is erased: crypto-shredding).

@@ -72,6 +72,12 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v1/keys", get(admin::keys))
         .route("/v1/audit", get(admin::audit))
+        // Every /v1 request is audited (route layer: the route template and path parameters
+        // are known).
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::track,
+        ))
         // Nothing under /v1 may be cached by a proxy or browser.
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,

@@ -10,6 +10,7 @@ use strongroom_crypto::SecretBytes;
 use zeroize::Zeroizing;
 
 use super::views::{PutBody, PutResponse, RevealBody, RevealResponse};
+use crate::audit::Audit;
 use crate::extract::{ApiJson, ApiPath, Service};
 use crate::{ApiError, AppState, ErrorBody};
 
@@ -49,6 +50,7 @@ fn authorize(
     security(("service_token" = [])))]
 pub(crate) async fn put(
     State(state): State<AppState>,
+    audit: Audit,
     service: Service,
     ApiPath((owner, name)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<PutBody>,
@@ -66,6 +68,7 @@ pub(crate) async fn put(
             created_by: &created_by,
         })
         .await?;
+    audit.version(outcome.version);
     Ok((
         StatusCode::CREATED,
         Json(PutResponse {
@@ -82,10 +85,12 @@ pub(crate) async fn put(
     request_body(content = Option<RevealBody>, description = "Optional: {\"version\": n}"),
     responses((status = 200, body = RevealResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "credential disabled", body = ErrorBody),
-        (status = 410, description = "version destroyed", body = ErrorBody)),
+        (status = 410, description = "version destroyed", body = ErrorBody),
+        (status = 503, description = "the audit record could not be written; no value is returned", body = ErrorBody)),
     security(("service_token" = [])))]
 pub(crate) async fn reveal(
     State(state): State<AppState>,
+    audit: Audit,
     service: Service,
     ApiPath((owner, name)): ApiPath<(String, String)>,
     body: axum::body::Bytes,
@@ -102,6 +107,10 @@ pub(crate) async fn reveal(
             )
         })?,
     );
+    // Fail closed: the record is durable before the value leaves; if it cannot be written,
+    // the value is dropped (zeroized) and the caller gets 503.
+    audit.version(revealed.version);
+    audit.record_now(&state, StatusCode::OK).await?;
     Ok(Json(RevealResponse {
         value: value.to_string(),
         version: revealed.version,

@@ -246,3 +246,150 @@ pub fn detail(c: Credential) -> CredentialDetail {
         versions: c.versions.into_iter().map(version_view).collect(),
     }
 }
+
+/// `GET /v1/audit` query.
+#[derive(Deserialize, IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Only records about this owner's credentials.
+    pub owner: Option<String>,
+    /// Only records about credentials of this name.
+    pub name: Option<String>,
+    /// Only records made by this principal id (user, service or admin name).
+    pub principal: Option<String>,
+    /// At or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Before this time (RFC 3339).
+    pub until: Option<String>,
+    /// From a previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size (1..=1000, default 100).
+    pub limit: Option<u32>,
+}
+
+/// `GET .../usage` query.
+#[derive(Deserialize, IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// From a previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size (1..=1000, default 100).
+    pub limit: Option<u32>,
+}
+
+/// One audit record (never a value, token or key).
+#[derive(Serialize, ToSchema)]
+pub struct AuditRecordView {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// When (RFC 3339, millisecond precision).
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub time: OffsetDateTime,
+    /// `user`, `service`, `admin`, `operator` or `anonymous`.
+    pub principal_kind: String,
+    /// The principal's id (empty if unauthenticated).
+    pub principal_id: String,
+    /// `put`, `reveal`, `broker`, `verify`, `list`, `describe`, `destroy`, ...
+    pub action: String,
+    /// Whose credential.
+    pub owner: Option<String>,
+    /// Which credential.
+    pub name: Option<String>,
+    /// Which version.
+    pub version: Option<u32>,
+    /// `ok`, `denied` or `error`.
+    pub outcome: String,
+    /// HTTP status (0 for operator actions).
+    pub status: u16,
+    /// The request id (`x-request-id`).
+    pub request_id: Option<String>,
+    /// The client's address.
+    pub client_addr: Option<String>,
+    /// For service use: the user the service acted for.
+    pub on_behalf_of: Option<String>,
+    /// For brokered use: the destination host.
+    pub destination: Option<String>,
+    /// The stable error code when the outcome is not `ok`.
+    pub error_code: Option<String>,
+    /// Hash of the previous record (hex).
+    pub prev_hash: String,
+    /// This record's hash (hex).
+    pub hash: String,
+}
+
+impl From<strongroom_store::audit::Record> for AuditRecordView {
+    fn from(r: strongroom_store::audit::Record) -> Self {
+        let e = r.event;
+        Self {
+            seq: r.seq,
+            time: e.time,
+            principal_kind: e.principal_kind,
+            principal_id: e.principal_id,
+            action: e.action,
+            owner: e.owner,
+            name: e.name,
+            version: e.version,
+            outcome: e.outcome,
+            status: e.status,
+            request_id: e.request_id,
+            client_addr: e.client_addr,
+            on_behalf_of: e.on_behalf_of,
+            destination: e.destination,
+            error_code: e.error_code,
+            prev_hash: hex::encode(r.prev_hash),
+            hash: hex::encode(r.hash),
+        }
+    }
+}
+
+/// A page of audit records, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct AuditPage {
+    /// The records.
+    pub items: Vec<AuditRecordView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One use of a credential, as its owner sees it.
+#[derive(Serialize, ToSchema)]
+pub struct UsageItem {
+    /// When (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub time: OffsetDateTime,
+    /// `reveal` or `broker`.
+    pub action: String,
+    /// Who: `service`, `user`, ... and their id.
+    pub principal_kind: String,
+    /// The service (or other principal) id.
+    pub principal_id: String,
+    /// The user the service said it acted for (delegated mode).
+    pub on_behalf_of: Option<String>,
+    /// For brokered use: the destination host.
+    pub destination: Option<String>,
+    /// The version used.
+    pub version: Option<u32>,
+    /// `ok`, `denied` or `error`.
+    pub outcome: String,
+    /// HTTP status.
+    pub status: u16,
+}
+
+/// `GET .../usage`: who used the credential, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct UsageResponse {
+    /// Credential name.
+    pub name: String,
+    /// When a value was last used (also in the credential's metadata).
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<OffsetDateTime>,
+    /// The uses.
+    pub items: Vec<UsageItem>,
+    /// Pass as `cursor` for the next (older) page.
+    pub next_cursor: Option<String>,
+}

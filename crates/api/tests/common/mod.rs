@@ -46,6 +46,13 @@ pub struct TestApi {
     _dir: tempfile::TempDir,
 }
 
+impl TestApi {
+    /// The SQLite database file.
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("strongroom.db")
+    }
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -67,12 +74,87 @@ pub fn user_token(sub: &str) -> String {
     jwt_with(sub, now() + 600, SECRET, ISSUER, AUDIENCE)
 }
 
+/// How a test API audits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auditing {
+    /// Into the SQLite store, as the server does.
+    On,
+    /// Not at all.
+    Off,
+    /// Into a log whose every append fails.
+    Failing,
+}
+
+/// An audit log that is always down.
+#[derive(Debug)]
+pub struct FailingLog;
+
+#[async_trait::async_trait]
+impl strongroom_store::AuditLog for FailingLog {
+    async fn audit_append(
+        &self,
+        _: Arc<strongroom_store::audit::HeadKey>,
+        _: Vec<strongroom_store::audit::Event>,
+    ) -> Result<Vec<strongroom_store::audit::Record>, strongroom_store::StoreError> {
+        Err(strongroom_store::StoreError::InvalidInput("audit log down"))
+    }
+    async fn audit_head(
+        &self,
+    ) -> Result<Option<strongroom_store::audit::Head>, strongroom_store::StoreError> {
+        Ok(None)
+    }
+    async fn audit_scan(
+        &self,
+        _: u64,
+        _: u32,
+    ) -> Result<Vec<strongroom_store::audit::Record>, strongroom_store::StoreError> {
+        Ok(Vec::new())
+    }
+    async fn audit_query(
+        &self,
+        _: &strongroom_store::AuditFilter,
+        _: Option<u64>,
+        _: u32,
+    ) -> Result<Vec<strongroom_store::audit::Record>, strongroom_store::StoreError> {
+        Ok(Vec::new())
+    }
+    async fn audit_init_head_key(
+        &self,
+        w: Vec<u8>,
+    ) -> Result<Vec<u8>, strongroom_store::StoreError> {
+        Ok(w)
+    }
+}
+
 pub async fn api_with(limits: ApiLimits) -> TestApi {
+    api_full(limits, Auditing::On).await
+}
+
+pub async fn api_audited(auditing: Auditing) -> TestApi {
+    api_full(ApiLimits::default(), auditing).await
+}
+
+pub async fn api_full(limits: ApiLimits, auditing: Auditing) -> TestApi {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let keys = Arc::new(FakeProvider::new("api-tests", 1));
+    let auditor = match auditing {
+        Auditing::Off => None,
+        Auditing::On | Auditing::Failing => {
+            let key = strongroom_core::audit::load_or_create_head_key(&*store, &*keys, &OsRandom)
+                .await
+                .unwrap();
+            let log: Arc<dyn strongroom_store::AuditLog> = if auditing == Auditing::On {
+                Arc::new((*store).clone())
+            } else {
+                Arc::new(FailingLog)
+            };
+            Some(strongroom_core::audit::Auditor::start(log, key, None))
+        }
+    };
     let vault = Arc::new(Vault::new(
         store,
-        Arc::new(FakeProvider::new("api-tests", 1)),
+        keys,
         Arc::new(OsRandom),
         Arc::new(SystemClock),
         VaultConfig::default(),
@@ -98,6 +180,9 @@ pub async fn api_with(limits: ApiLimits) -> TestApi {
     })
     .unwrap();
     let state = AppState::new(vault, auth, Policy::from_toml(POLICY).unwrap(), limits);
+    if let Some(a) = auditor {
+        state.set_auditor(a);
+    }
     let router = strongroom_api::router(state.clone());
     TestApi {
         state,

@@ -10,7 +10,11 @@ use time::OffsetDateTime;
 
 use strongroom_server::config::{Config, Overrides, DEFAULT_DATA_DIR};
 
-use super::Failure;
+use strongroom_crypto::KeyProvider;
+use strongroom_server::ServerError;
+use strongroom_store::{KekFilter, KekRef};
+
+use super::{Failure, OperatorTarget};
 use crate::error::CliError;
 
 /// Where the keyring is: `--keyring`, else the `keys.keyring` of `--config`, else
@@ -38,6 +42,46 @@ pub struct KeyringLocation {
 }
 
 impl KeyringLocation {
+    /// Whether --config / --data-dir name a store that exists (never creates one: a SQLite
+    /// store must already be there).
+    fn names_a_store(&self) -> Result<bool, Failure> {
+        if self.config.is_none() && self.data_dir.is_none() {
+            return Ok(false);
+        }
+        let config = self.operator_target().load()?;
+        Ok(
+            config.store.kind != strongroom_server::config::StoreKind::Sqlite
+                || config
+                    .data_dir
+                    .join(strongroom_store::sqlite::DB_FILE_NAME)
+                    .exists(),
+        )
+    }
+
+    /// The configuration, when --config names a provider other than the local keyring.
+    fn remote(&self) -> Result<Option<Config>, Failure> {
+        let Some(file) = &self.config else {
+            return Ok(None);
+        };
+        let overrides = Overrides {
+            data_dir: self.data_dir.clone(),
+            ..Overrides::default()
+        };
+        let config = Config::load_for_operator(Some(file), &overrides)?;
+        Ok(
+            (config.keys.provider != strongroom_server::config::KeyProviderKind::Local)
+                .then_some(config),
+        )
+    }
+
+    /// The store (and keys) of the same --config / --data-dir.
+    fn operator_target(&self) -> OperatorTarget {
+        OperatorTarget {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+        }
+    }
+
     fn path(&self) -> Result<PathBuf, Failure> {
         if let Some(k) = &self.keyring {
             return Ok(k.clone());
@@ -70,24 +114,56 @@ pub enum KeysCommand {
     List {
         #[command(flatten)]
         location: KeyringLocation,
-        /// Print a JSON array of {key_id, version, state, created_at, state_changed_at}.
+        /// Print a JSON array of {key_id, version, state, created_at, state_changed_at},
+        /// plus `credential_versions` (how many active credential versions each KEK wraps)
+        /// when the store is named by --config or --data-dir.
         #[arg(long)]
         json: bool,
     },
     /// Add a new active KEK version; the previous active version becomes decrypt-only, so
     /// everything it wrapped still opens.
     ///
-    /// Safe while the server runs (writers serialise on a lock file); send the server SIGHUP
-    /// (`kill -HUP PID`) so it wraps new data keys with the new version.
+    /// Safe while the server runs (writers serialise on a lock file): a running server
+    /// notices the file changed within a second and wraps new data keys with the new version.
+    /// Then run `strongroom rewrap` to move the stored data keys over.
     Rotate {
         #[command(flatten)]
         location: KeyringLocation,
+    },
+    /// Erase a decrypt-only KEK version's material. Refuses while any active credential
+    /// version still uses it (run `strongroom rewrap` first); afterwards a full scan of the
+    /// store confirms nothing is left under it.
+    Retire {
+        #[command(flatten)]
+        location: KeyringLocation,
+        /// The KEK version to retire.
+        #[arg(value_name = "VERSION")]
+        kek_version: u32,
     },
 }
 
 pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
     let now = OffsetDateTime::now_utc();
     match cmd {
+        KeysCommand::Generate { location } if location.remote()?.is_some() => {
+            let config = location.remote()?.unwrap_or_else(|| unreachable!());
+            block_on(remote_generate(config))?;
+        }
+        KeysCommand::Rotate { location } if location.remote()?.is_some() => {
+            let config = location.remote()?.unwrap_or_else(|| unreachable!());
+            block_on(remote_rotate(config))?;
+        }
+        KeysCommand::List { location, json } if location.remote()?.is_some() => {
+            let config = location.remote()?.unwrap_or_else(|| unreachable!());
+            block_on(remote_list(config, json))?;
+        }
+        KeysCommand::Retire {
+            location,
+            kek_version,
+        } if location.remote()?.is_some() => {
+            let config = location.remote()?.unwrap_or_else(|| unreachable!());
+            block_on(remote_retire(config, kek_version))?;
+        }
         KeysCommand::Generate { location } => {
             let path = location.path()?;
             let info = local::generate(&path, now, &OsRandom)?;
@@ -101,6 +177,14 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
         KeysCommand::Rotate { location } => {
             let path = location.path()?;
             let info = local::rotate(&path, now, &OsRandom)?;
+            if location.names_a_store()? {
+                block_on(async {
+                    let backends = location.operator_target().open().await?;
+                    super::rewrap::audit_action(&backends, "keys.rotate", "ok", None).await;
+                    backends.close().await;
+                    Ok(())
+                })?;
+            }
             println!(
                 "key {} version {} is now active; earlier versions stay decrypt-only",
                 info.key_id, info.version
@@ -109,15 +193,314 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
         KeysCommand::List { location, json } => {
             let ring = LocalKeyring::open(&location.path()?)?;
             let keys = ring.list();
+            let counts = if location.names_a_store()? {
+                Some(block_on(kek_counts(location.operator_target()))?)
+            } else {
+                None
+            };
+            let count_of = |k: &KeyInfo| {
+                counts.as_ref().map(|c| {
+                    c.iter()
+                        .filter(|(r, _)| {
+                            r.provider == local::KIND
+                                && r.key_id == k.key_id
+                                && r.version == k.version
+                        })
+                        .map(|(_, n)| *n)
+                        .sum::<u64>()
+                })
+            };
             if json {
-                let text = serde_json::to_string_pretty(&keys)
+                let rows: Vec<serde_json::Value> = keys
+                    .iter()
+                    .map(|k| {
+                        let mut v = serde_json::to_value(k).unwrap_or_default();
+                        if let (Some(n), Some(o)) = (count_of(k), v.as_object_mut()) {
+                            o.insert("credential_versions".into(), n.into());
+                        }
+                        v
+                    })
+                    .collect();
+                let text = serde_json::to_string_pretty(&rows)
                     .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
                 println!("{text}");
             } else {
                 print_table(&keys);
+                if counts.is_some() {
+                    for k in &keys {
+                        println!(
+                            "version {}: {} active credential versions",
+                            k.version,
+                            count_of(k).unwrap_or(0)
+                        );
+                    }
+                }
+            }
+        }
+        KeysCommand::Retire {
+            location,
+            kek_version: version,
+        } => {
+            let path = location.path()?;
+            let ring = LocalKeyring::open(&path)?;
+            let kek = KekRef::new(local::KIND, ring.key_id(), version);
+            if location.config.is_none() && location.data_dir.is_none() {
+                return Err(CliError::Usage(
+                    "keys retire needs --config or --data-dir, to check in the store that no \
+                     credential version still uses the key"
+                        .into(),
+                )
+                .into());
+            }
+            if location.names_a_store()? {
+                block_on(retire(&location, &path, kek, now))?;
+            } else {
+                let info = local::retire(&path, version, now)?;
+                println!(
+                    "key {} version {} retired: its material is erased (there is no store yet, \
+                     so nothing used it)",
+                    info.key_id, info.version
+                );
             }
         }
     }
+    Ok(())
+}
+
+async fn remote_generate(config: Config) -> Result<(), Failure> {
+    use strongroom_server::config::KeyProviderKind as K;
+    match config.keys.provider {
+        K::Pkcs11 => {
+            let provider = strongroom_keys::Pkcs11Provider::generate(
+                strongroom_server::pkcs11_config(&config)?,
+            )
+            .await
+            .map_err(ServerError::from)?;
+            let kek = provider.active_kek().map_err(ServerError::from)?;
+            println!("created {kek} in the token (never leaves it)");
+            Ok(())
+        }
+        K::Transit => Err(CliError::Operation(
+            "create the key in Vault/OpenBao itself: `bao write -f transit/keys/NAME` \
+             (type aes256-gcm96), then name it in keys.transit.key"
+                .into(),
+        )
+        .into()),
+        _ => Err(CliError::Operation(
+            "create the key in AWS KMS itself (a symmetric ENCRYPT_DECRYPT key), then name it \
+             in keys.aws_kms.key_id"
+                .into(),
+        )
+        .into()),
+    }
+}
+
+/// Active KEK and the KEKs in use, with counts, for a remote provider.
+async fn remote_list(config: Config, json: bool) -> Result<(), Failure> {
+    let backends = strongroom_server::Backends::open(&config).await?;
+    let active = backends.keyring.active_kek().map_err(ServerError::from);
+    let counts = backends.store.count_versions_by_kek().await;
+    backends.close().await;
+    let active = active?;
+    let counts =
+        counts.map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?;
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let is_active = |p: &str, k: &str, v: u32| {
+        p == active.provider && k == active.key_id && v == active.version
+    };
+    if !counts
+        .iter()
+        .any(|(k, _)| is_active(&k.provider, &k.key_id, k.version))
+    {
+        rows.push(
+            serde_json::json!({"provider": active.provider, "key_id": active.key_id,
+            "version": active.version, "state": "active", "credential_versions": 0}),
+        );
+    }
+    for (k, n) in &counts {
+        let state = if is_active(&k.provider, &k.key_id, k.version) {
+            "active"
+        } else {
+            "in-use"
+        };
+        rows.push(
+            serde_json::json!({"provider": k.provider, "key_id": k.key_id,
+            "version": k.version, "state": state, "credential_versions": n}),
+        );
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&rows)
+            .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        for r in &rows {
+            println!(
+                "{}:{}:v{}  {}  {} credential versions",
+                r["provider"].as_str().unwrap_or_default(),
+                r["key_id"].as_str().unwrap_or_default(),
+                r["version"],
+                r["state"].as_str().unwrap_or_default(),
+                r["credential_versions"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A remote KEK version is retired in the provider itself; this checks it is unused.
+async fn remote_retire(config: Config, version: u32) -> Result<(), Failure> {
+    let backends = strongroom_server::Backends::open(&config).await?;
+    let active = backends.keyring.active_kek().map_err(ServerError::from);
+    let counts = backends.store.count_versions_by_kek().await;
+    backends.close().await;
+    let active = active?;
+    let kek = KekRef::new(active.provider.clone(), active.key_id.clone(), version);
+    let in_use: u64 = counts
+        .map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?
+        .into_iter()
+        .filter(|(k, _)| *k == kek)
+        .map(|(_, n)| n)
+        .sum();
+    if in_use > 0 {
+        return Err(CliError::Operation(format!(
+            "refusing to retire key {} version {version}: {in_use} active credential versions \
+             still use it; run `strongroom rewrap` first, then retire again",
+            kek.key_id
+        ))
+        .into());
+    }
+    println!(
+        "no credential version uses {}:{}:v{version}; retire it in the provider itself \
+         (Transit: raise min_decryption_version; PKCS#11: destroy the token key; AWS KMS: \
+         disable or schedule deletion of an unused key)",
+        kek.provider, kek.key_id
+    );
+    Ok(())
+}
+
+async fn remote_rotate(config: Config) -> Result<(), Failure> {
+    use strongroom_server::config::KeyProviderKind as K;
+    let kek = match config.keys.provider {
+        K::Pkcs11 => {
+            strongroom_keys::Pkcs11Provider::connect(strongroom_server::pkcs11_config(&config)?)
+                .await
+                .map_err(ServerError::from)?
+                .rotate()
+                .await
+        }
+        K::Transit => {
+            strongroom_keys::TransitProvider::connect(strongroom_server::transit_config(&config)?)
+                .await
+                .map_err(ServerError::from)?
+                .rotate()
+                .await
+        }
+        _ => {
+            return Err(CliError::Operation(
+                "AWS KMS rotates a key's material itself (enable automatic rotation on the key); \
+                 to move to another KMS key, name it in a second configuration and run \
+                 `strongroom rewrap --to-config`"
+                    .into(),
+            )
+            .into())
+        }
+    }
+    .map_err(ServerError::from)?;
+    println!("{kek} is now active; run `strongroom rewrap` to move stored data keys to it");
+    if let Ok(backends) = strongroom_server::Backends::open(&config).await {
+        super::rewrap::audit_action(&backends, "keys.rotate", "ok", None).await;
+        backends.close().await;
+    }
+    Ok(())
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))?
+        .block_on(f)
+}
+
+async fn kek_counts(target: OperatorTarget) -> Result<Vec<(KekRef, u64)>, Failure> {
+    let config = target.load()?;
+    let store = strongroom_server::Backends::open(&config).await?;
+    let counts = store.store.count_versions_by_kek().await;
+    store.close().await;
+    counts.map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")).into())
+}
+
+async fn retire(
+    location: &KeyringLocation,
+    path: &std::path::Path,
+    kek: KekRef,
+    now: OffsetDateTime,
+) -> Result<(), Failure> {
+    let backends = location.operator_target().open().await?;
+    let result = retire_checked(&backends, path, &kek, now).await;
+    let (outcome, code) = match &result {
+        Ok(()) => ("ok", None),
+        Err(_) => ("error", Some("refused")),
+    };
+    super::rewrap::audit_action(&backends, "keys.retire", outcome, code).await;
+    backends.close().await;
+    result
+}
+
+async fn retire_checked(
+    backends: &strongroom_server::Backends,
+    path: &std::path::Path,
+    kek: &KekRef,
+    now: OffsetDateTime,
+) -> Result<(), Failure> {
+    let store = &backends.store;
+    let runtime = |e: strongroom_store::StoreError| CliError::Operation(e.to_string());
+    let in_use: u64 = store
+        .count_versions_by_kek()
+        .await
+        .map_err(runtime)?
+        .into_iter()
+        .filter(|(k, _)| k == kek)
+        .map(|(_, n)| n)
+        .sum();
+    if in_use > 0 {
+        return Err(CliError::Operation(format!(
+            "refusing to retire key {} version {}: {in_use} active credential versions still use it; run `strongroom rewrap` first (it moves them to the active version), then retire again",
+            kek.key_id, kek.version
+        ))
+        .into());
+    }
+    // The audit head key is wrapped by a KEK as well: make sure it is not under this one.
+    strongroom_core::audit::rewrap_head_key(store.as_ref(), backends.keyring.as_ref())
+        .await
+        .map_err(|e| CliError::Operation(format!("moving the audit head key first: {e}")))?;
+    let info = local::retire(path, kek.version, now)?;
+    // The count above is a snapshot: confirm with a full scan that nothing is left under it.
+    let mut left = 0u64;
+    let mut cursor = None;
+    let filter = KekFilter::Exactly(kek.clone());
+    loop {
+        let page = store
+            .versions_for_rewrap(&filter, cursor.as_ref(), 1000)
+            .await
+            .map_err(runtime)?;
+        left += page.items.len() as u64;
+        cursor = page.next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    if left > 0 {
+        return Err(CliError::Operation(format!(
+            "key {} version {} is retired, but a full scan found {left} credential versions still under it (written while retiring, by a server that had not reloaded its keyring); they no longer open",
+            info.key_id, info.version
+        ))
+        .into());
+    }
+    println!(
+        "key {} version {} retired: its material is erased; a full scan found 0 credential versions under it",
+        info.key_id, info.version
+    );
     Ok(())
 }
 

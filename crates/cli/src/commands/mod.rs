@@ -1,7 +1,10 @@
 //! One module per top-level subcommand.
 
+pub mod audit;
 pub mod fernet;
+pub mod import;
 pub mod keys;
+pub mod rewrap;
 pub mod serve;
 pub mod token;
 
@@ -19,6 +22,9 @@ pub enum Failure {
     /// A server error (configuration, TLS, store, bind, ...).
     #[error(transparent)]
     Server(#[from] strongroom_server::ServerError),
+    /// An import failed (source unreadable, target refused a write, or rows failed).
+    #[error(transparent)]
+    Import(#[from] strongroom_import::ImportError),
 }
 
 impl From<strongroom_keys::local::KeyringError> for Failure {
@@ -33,6 +39,42 @@ impl Failure {
         match self {
             Failure::Cli(e) => e.exit_code(),
             Failure::Server(_) => ExitCode::from(1),
+            Failure::Import(strongroom_import::ImportError::Usage(_)) => ExitCode::from(2),
+            Failure::Import(_) => ExitCode::from(1),
         }
+    }
+}
+
+/// Where an operator command finds the store and keys: the server's `--config`, or the
+/// `serve --dev` layout under `--data-dir`. Works while the server runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OperatorTarget {
+    /// The server's configuration file (TOML, as for `strongroom serve --config`), with the
+    /// same STRONGROOM_* environment overrides.
+    #[arg(long, value_name = "FILE", env = "STRONGROOM_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Data directory of the dev layout (`serve --dev --data-dir DIR`), or an override of
+    /// the configuration's `data_dir`. [default: strongroom-data]
+    #[arg(long, value_name = "DIR", env = "STRONGROOM_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl OperatorTarget {
+    /// The server configuration these flags name.
+    pub fn load(&self) -> Result<strongroom_server::config::Config, Failure> {
+        let overrides = strongroom_server::config::Overrides {
+            data_dir: self.data_dir.clone(),
+            ..Default::default()
+        };
+        Ok(strongroom_server::config::Config::load_for_operator(
+            self.config.as_deref(),
+            &overrides,
+        )?)
+    }
+
+    /// Opens the store and key provider.
+    pub async fn open(&self) -> Result<strongroom_server::Backends, Failure> {
+        let config = self.load()?;
+        Ok(strongroom_server::Backends::open(&config).await?)
     }
 }

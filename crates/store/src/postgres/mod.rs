@@ -1013,6 +1013,10 @@ impl Store for PostgresStore {
             .map_err(pg_err)?;
         Ok(())
     }
+
+    fn audit_log(&self) -> Option<std::sync::Arc<dyn crate::audit::AuditLog>> {
+        Some(std::sync::Arc::new(self.clone()))
+    }
 }
 
 // ---- test and benchmark hooks ------------------------------------------------------------
@@ -1124,6 +1128,239 @@ impl PostgresStore {
         client
             .batch_execute("ANALYZE credentials; ANALYZE versions;")
             .await
+            .map_err(pg_err)
+    }
+}
+
+// ---- the audit log -----------------------------------------------------------------------
+
+fn raw_audit_row(r: &Row) -> Result<crate::audit::RawRecord, StoreError> {
+    let status: i32 = r.try_get(9).map_err(pg_err)?;
+    Ok(crate::audit::RawRecord {
+        seq: r.try_get(0).map_err(pg_err)?,
+        time_ms: r.try_get(1).map_err(pg_err)?,
+        principal_kind: r.try_get(2).map_err(pg_err)?,
+        principal_id: r.try_get(3).map_err(pg_err)?,
+        action: r.try_get(4).map_err(pg_err)?,
+        owner: r.try_get(5).map_err(pg_err)?,
+        name: r.try_get(6).map_err(pg_err)?,
+        version: r.try_get(7).map_err(pg_err)?,
+        outcome: r.try_get(8).map_err(pg_err)?,
+        status: i64::from(status),
+        request_id: r.try_get(10).map_err(pg_err)?,
+        client_addr: r.try_get(11).map_err(pg_err)?,
+        on_behalf_of: r.try_get(12).map_err(pg_err)?,
+        destination: r.try_get(13).map_err(pg_err)?,
+        error_code: r.try_get(14).map_err(pg_err)?,
+        prev_hash: r.try_get(15).map_err(pg_err)?,
+        hash: r.try_get(16).map_err(pg_err)?,
+    })
+}
+
+async fn audit_append_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &crate::audit::HeadKey,
+    events: Vec<crate::audit::Event>,
+) -> Result<Vec<crate::audit::Record>, StoreError> {
+    use crate::audit::{chain, hash_from, seq_from, seq_param};
+    // The row lock serializes appends across every node sharing this database.
+    let row = tx
+        .query_one(
+            "SELECT count, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    let count: i64 = row.try_get(0).map_err(pg_err)?;
+    let hash: Vec<u8> = row.try_get(1).map_err(pg_err)?;
+    let chained = chain(seq_from(count)?, hash_from(hash)?, events)?;
+    let insert = tx
+        .prepare_cached(&format!(
+            "INSERT INTO audit_records ({}) SELECT * FROM UNNEST(\
+             $1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::text[], $8::bigint[], $9::text[], $10::int[], $11::text[], $12::text[], \
+             $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bytea[])",
+            crate::audit::COLUMNS
+        ))
+        .await
+        .map_err(pg_err)?;
+    let n = chained.len();
+    let mut seq = Vec::with_capacity(n);
+    let mut time = Vec::with_capacity(n);
+    let mut pk = Vec::with_capacity(n);
+    let mut pid = Vec::with_capacity(n);
+    let mut action = Vec::with_capacity(n);
+    let mut owner = Vec::with_capacity(n);
+    let mut name = Vec::with_capacity(n);
+    let mut version: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut outcome = Vec::with_capacity(n);
+    let mut status: Vec<i32> = Vec::with_capacity(n);
+    let mut rid = Vec::with_capacity(n);
+    let mut addr = Vec::with_capacity(n);
+    let mut obo = Vec::with_capacity(n);
+    let mut dest = Vec::with_capacity(n);
+    let mut code = Vec::with_capacity(n);
+    let mut prev = Vec::with_capacity(n);
+    let mut hashes = Vec::with_capacity(n);
+    let mut records = Vec::with_capacity(n);
+    for (r, ms) in chained {
+        let e = &r.event;
+        seq.push(seq_param(r.seq));
+        time.push(ms);
+        pk.push(e.principal_kind.clone());
+        pid.push(e.principal_id.clone());
+        action.push(e.action.clone());
+        owner.push(e.owner.clone());
+        name.push(e.name.clone());
+        version.push(e.version.map(i64::from));
+        outcome.push(e.outcome.clone());
+        status.push(i32::from(e.status));
+        rid.push(e.request_id.clone());
+        addr.push(e.client_addr.clone());
+        obo.push(e.on_behalf_of.clone());
+        dest.push(e.destination.clone());
+        code.push(e.error_code.clone());
+        prev.push(r.prev_hash.to_vec());
+        hashes.push(r.hash.to_vec());
+        records.push(r);
+    }
+    tx.execute(
+        &insert,
+        &[
+            &seq, &time, &pk, &pid, &action, &owner, &name, &version, &outcome, &status, &rid,
+            &addr, &obo, &dest, &code, &prev, &hashes,
+        ],
+    )
+    .await
+    .map_err(pg_err)?;
+    if let Some(last) = records.last() {
+        let head = key.head(last.seq, last.hash);
+        tx.execute(
+            "UPDATE audit_head SET count = $1, hash = $2, mac = $3 WHERE id = 1",
+            &[&seq_param(head.count), &&head.hash[..], &&head.mac[..]],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    Ok(records)
+}
+
+#[async_trait]
+impl crate::audit::AuditLog for PostgresStore {
+    async fn audit_append(
+        &self,
+        key: std::sync::Arc<crate::audit::HeadKey>,
+        events: Vec<crate::audit::Event>,
+    ) -> Result<Vec<crate::audit::Record>, StoreError> {
+        crate::audit::check_batch(events.len())?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = audit_append_tx(&tx, &key, events).await;
+        finish(tx, result).await
+    }
+
+    async fn audit_head(&self) -> Result<Option<crate::audit::Head>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT count, hash, mac FROM audit_head WHERE id = 1", &[])
+            .await
+            .map_err(pg_err)?
+            .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
+        crate::audit::head_from(
+            row.try_get(0).map_err(pg_err)?,
+            row.try_get(1).map_err(pg_err)?,
+            row.try_get(2).map_err(pg_err)?,
+        )
+    }
+
+    async fn audit_scan(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<crate::audit::Record>, StoreError> {
+        let limit = i64::from(limit.clamp(1, crate::audit::MAX_APPEND_BATCH as u32));
+        let after = crate::audit::seq_param(after);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {} FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    crate::audit::COLUMNS
+                ),
+                &[&after, &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| raw_audit_row(r)?.into_record())
+            .collect()
+    }
+
+    async fn audit_query(
+        &self,
+        filter: &crate::audit::AuditFilter,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<crate::audit::Record>, StoreError> {
+        let limit = i64::from(limit.clamp(1, crate::audit::MAX_QUERY_LIMIT));
+        let since = filter.since.map(to_millis).transpose()?;
+        let until = filter.until.map(to_millis).transpose()?;
+        let before = before.map(crate::audit::seq_param);
+        let actions: Option<&Vec<String>> = (!filter.actions.is_empty()).then_some(&filter.actions);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {} FROM audit_records
+                     WHERE ($1::text IS NULL OR owner = $1)
+                       AND ($2::text IS NULL OR name = $2)
+                       AND ($3::text IS NULL OR principal_id = $3)
+                       AND ($4::bigint IS NULL OR time_ms >= $4)
+                       AND ($5::bigint IS NULL OR time_ms < $5)
+                       AND ($6::bigint IS NULL OR seq < $6)
+                       AND ($7::text[] IS NULL OR action = ANY($7))
+                     ORDER BY seq DESC LIMIT $8",
+                    crate::audit::COLUMNS
+                ),
+                &[
+                    &filter.owner,
+                    &filter.name,
+                    &filter.principal_id,
+                    &since,
+                    &until,
+                    &before,
+                    &actions,
+                    &limit,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| raw_audit_row(r)?.into_record())
+            .collect()
+    }
+
+    async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO provider_state (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO NOTHING",
+                &[&crate::audit::HEAD_KEY_STATE, &wrapped],
+            )
+            .await
+            .map_err(pg_err)?;
+        client
+            .query_one(
+                "SELECT value FROM provider_state WHERE key = $1",
+                &[&crate::audit::HEAD_KEY_STATE],
+            )
+            .await
+            .map_err(pg_err)?
+            .try_get(0)
             .map_err(pg_err)
     }
 }

@@ -47,4 +47,36 @@ CREATE TABLE provider_state (
     value BYTEA NOT NULL
 );
 "#,
+    // 2: the audit log (see `crate::audit`); appends lock the one `audit_head` row
+    r#"
+CREATE TABLE audit_records (
+    seq            BIGINT PRIMARY KEY CHECK (seq > 0),
+    time_ms        BIGINT NOT NULL,
+    principal_kind TEXT NOT NULL,
+    principal_id   TEXT COLLATE "C" NOT NULL,
+    action         TEXT NOT NULL,
+    owner          TEXT COLLATE "C",
+    name           TEXT COLLATE "C",
+    version        BIGINT,
+    outcome        TEXT NOT NULL,
+    status         INTEGER NOT NULL,
+    request_id     TEXT,
+    client_addr    TEXT,
+    on_behalf_of   TEXT,
+    destination    TEXT,
+    error_code     TEXT,
+    prev_hash      BYTEA NOT NULL,
+    hash           BYTEA NOT NULL
+);
+CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
+CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
+CREATE INDEX audit_records_by_time ON audit_records (time_ms);
+CREATE TABLE audit_head (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    count BIGINT NOT NULL,
+    hash  BYTEA NOT NULL,
+    mac   BYTEA NOT NULL
+);
+INSERT INTO audit_head (id, count, hash, mac) VALUES (1, 0, decode(repeat('00', 32), 'hex'), ''::bytea);
+"#,
 ];

@@ -1191,6 +1191,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    fn audit_log(&self) -> Option<Arc<dyn crate::audit::AuditLog>> {
+        Some(Arc::new(self.clone()))
+    }
 }
 
 // ---- test and benchmark hooks ------------------------------------------------------------
@@ -1299,5 +1303,217 @@ impl SqliteStore {
             start = end;
         }
         Ok(())
+    }
+}
+
+// ---- the audit log -----------------------------------------------------------------------
+
+fn raw_audit_row(r: &Row<'_>) -> rusqlite::Result<crate::audit::RawRecord> {
+    Ok(crate::audit::RawRecord {
+        seq: r.get(0)?,
+        time_ms: r.get(1)?,
+        principal_kind: r.get(2)?,
+        principal_id: r.get(3)?,
+        action: r.get(4)?,
+        owner: r.get(5)?,
+        name: r.get(6)?,
+        version: r.get(7)?,
+        outcome: r.get(8)?,
+        status: r.get(9)?,
+        request_id: r.get(10)?,
+        client_addr: r.get(11)?,
+        on_behalf_of: r.get(12)?,
+        destination: r.get(13)?,
+        error_code: r.get(14)?,
+        prev_hash: r.get(15)?,
+        hash: r.get(16)?,
+    })
+}
+
+fn audit_append_tx(
+    conn: &Connection,
+    key: &crate::audit::HeadKey,
+    events: Vec<crate::audit::Event>,
+) -> Result<Vec<crate::audit::Record>, StoreError> {
+    use crate::audit::{chain, hash_from, seq_from, seq_param};
+    let (count, hash): (i64, Vec<u8>) = conn
+        .prepare_cached("SELECT count, hash FROM audit_head WHERE id = 1")
+        .map_err(db_err)?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db_err)?;
+    let chained = chain(seq_from(count)?, hash_from(hash)?, events)?;
+    let mut insert = conn
+        .prepare_cached(&format!(
+            "INSERT INTO audit_records ({}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            crate::audit::COLUMNS
+        ))
+        .map_err(db_err)?;
+    let mut records = Vec::with_capacity(chained.len());
+    for (r, ms) in chained {
+        let e = &r.event;
+        insert
+            .execute(params![
+                seq_param(r.seq),
+                ms,
+                e.principal_kind,
+                e.principal_id,
+                e.action,
+                e.owner,
+                e.name,
+                e.version,
+                e.outcome,
+                e.status,
+                e.request_id,
+                e.client_addr,
+                e.on_behalf_of,
+                e.destination,
+                e.error_code,
+                &r.prev_hash[..],
+                &r.hash[..],
+            ])
+            .map_err(db_err)?;
+        records.push(r);
+    }
+    if let Some(last) = records.last() {
+        let head = key.head(last.seq, last.hash);
+        conn.prepare_cached("UPDATE audit_head SET count = ?1, hash = ?2, mac = ?3 WHERE id = 1")
+            .map_err(db_err)?
+            .execute(params![
+                seq_param(head.count),
+                &head.hash[..],
+                &head.mac[..]
+            ])
+            .map_err(db_err)?;
+    }
+    Ok(records)
+}
+
+#[async_trait]
+impl crate::audit::AuditLog for SqliteStore {
+    async fn audit_append(
+        &self,
+        key: Arc<crate::audit::HeadKey>,
+        events: Vec<crate::audit::Event>,
+    ) -> Result<Vec<crate::audit::Record>, StoreError> {
+        crate::audit::check_batch(events.len())?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One job of the writer thread: it shares the group commit with other writes.
+        self.write(move |conn| audit_append_tx(conn, &key, events))
+            .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<crate::audit::Head>, StoreError> {
+        self.read(|conn| {
+            let (count, hash, mac): (i64, Vec<u8>, Vec<u8>) = conn
+                .prepare_cached("SELECT count, hash, mac FROM audit_head WHERE id = 1")
+                .map_err(db_err)?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+                .map_err(db_err)?
+                .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
+            crate::audit::head_from(count, hash, mac)
+        })
+        .await
+    }
+
+    async fn audit_scan(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<crate::audit::Record>, StoreError> {
+        let limit = i64::from(limit.clamp(1, crate::audit::MAX_APPEND_BATCH as u32));
+        let after = crate::audit::seq_param(after);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {} FROM audit_records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                    crate::audit::COLUMNS
+                ))
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![after, limit], raw_audit_row)
+                .map_err(db_err)?;
+            rows.map(|r| r.map_err(db_err)?.into_record()).collect()
+        })
+        .await
+    }
+
+    async fn audit_query(
+        &self,
+        filter: &crate::audit::AuditFilter,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<crate::audit::Record>, StoreError> {
+        let limit = i64::from(limit.clamp(1, crate::audit::MAX_QUERY_LIMIT));
+        let mut sql = format!(
+            "SELECT {} FROM audit_records WHERE 1 = 1",
+            crate::audit::COLUMNS
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut push = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+        };
+        use rusqlite::types::Value;
+        if let Some(o) = &filter.owner {
+            push(&mut sql, "owner =", Value::Text(o.clone()));
+        }
+        if let Some(n) = &filter.name {
+            push(&mut sql, "name =", Value::Text(n.clone()));
+        }
+        if let Some(p) = &filter.principal_id {
+            push(&mut sql, "principal_id =", Value::Text(p.clone()));
+        }
+        if let Some(t) = filter.since {
+            push(&mut sql, "time_ms >=", Value::Integer(to_millis(t)?));
+        }
+        if let Some(t) = filter.until {
+            push(&mut sql, "time_ms <", Value::Integer(to_millis(t)?));
+        }
+        if let Some(b) = before {
+            push(
+                &mut sql,
+                "seq <",
+                Value::Integer(crate::audit::seq_param(b)),
+            );
+        }
+        if !filter.actions.is_empty() {
+            let mut marks = Vec::new();
+            for a in &filter.actions {
+                args.push(Value::Text(a.clone()));
+                marks.push(format!("?{}", args.len()));
+            }
+            sql.push_str(&format!(" AND action IN ({})", marks.join(", ")));
+        }
+        args.push(Value::Integer(limit));
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT ?{}", args.len()));
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), raw_audit_row)
+                .map_err(db_err)?;
+            rows.map(|r| r.map_err(db_err)?.into_record()).collect()
+        })
+        .await
+    }
+
+    async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO provider_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .map_err(db_err)?
+            .execute(params![crate::audit::HEAD_KEY_STATE, wrapped])
+            .map_err(db_err)?;
+            conn.prepare_cached("SELECT value FROM provider_state WHERE key = ?1")
+                .map_err(db_err)?
+                .query_row([crate::audit::HEAD_KEY_STATE], |r| r.get::<_, Vec<u8>>(0))
+                .map_err(db_err)
+        })
+        .await
     }
 }

@@ -49,4 +49,36 @@ CREATE TABLE provider_state (
     value BLOB NOT NULL
 );
 "#,
+    // 2: the audit log (see `crate::audit`)
+    r#"
+CREATE TABLE audit_records (
+    seq            INTEGER PRIMARY KEY CHECK (seq > 0),
+    time_ms        INTEGER NOT NULL,
+    principal_kind TEXT NOT NULL,
+    principal_id   TEXT NOT NULL,
+    action         TEXT NOT NULL,
+    owner          TEXT,
+    name           TEXT,
+    version        INTEGER,
+    outcome        TEXT NOT NULL,
+    status         INTEGER NOT NULL,
+    request_id     TEXT,
+    client_addr    TEXT,
+    on_behalf_of   TEXT,
+    destination    TEXT,
+    error_code     TEXT,
+    prev_hash      BLOB NOT NULL,
+    hash           BLOB NOT NULL
+);
+CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
+CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
+CREATE INDEX audit_records_by_time ON audit_records (time_ms);
+CREATE TABLE audit_head (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    count INTEGER NOT NULL,
+    hash  BLOB NOT NULL,
+    mac   BLOB NOT NULL
+);
+INSERT INTO audit_head (id, count, hash, mac) VALUES (1, 0, zeroblob(32), X'');
+"#,
 ];

@@ -97,6 +97,10 @@ macro_rules! conformance_tests {
             missing_credentials_are_not_found,
             invalid_input_is_rejected,
             random_operations_match_a_model,
+            audit_append_chains_and_verifies,
+            audit_query_filters_and_pages,
+            audit_head_key_first_wins,
+            audit_concurrent_appends_one_chain,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

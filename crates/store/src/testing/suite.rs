@@ -1132,3 +1132,218 @@ pub async fn random_operations_match_a_model(b: &dyn TestBackend) {
         }
     }
 }
+
+// ---- the audit log -----------------------------------------------------------------------
+
+/// An audit event for the suite.
+pub fn audit_event(i: u64, owner: &str, name: &str, action: &str) -> crate::audit::Event {
+    crate::audit::Event {
+        // Sub-millisecond precision is cut by the store; the chain covers the stored time.
+        time: t0() + Duration::nanoseconds(i as i64 * 1_000_123),
+        principal_kind: "service".into(),
+        principal_id: format!("svc-{}", i % 3),
+        action: action.into(),
+        owner: Some(owner.into()),
+        name: Some(name.into()),
+        version: Some((i % 7) as u32 + 1),
+        outcome: "ok".into(),
+        status: 200,
+        request_id: Some(format!("req-{i}")),
+        client_addr: Some("127.0.0.1:4000".into()),
+        on_behalf_of: i.is_multiple_of(2).then(|| owner.to_owned()),
+        destination: None,
+        error_code: None,
+    }
+}
+
+fn audit_log(s: &dyn Store) -> Arc<dyn crate::AuditLog> {
+    s.audit_log().expect("backend keeps an audit log")
+}
+
+/// Reads the whole log back and verifies it against the head.
+pub async fn audit_verify_all(
+    log: &dyn crate::AuditLog,
+    key: &crate::audit::HeadKey,
+) -> Result<u64, crate::audit::VerifyError> {
+    let mut v = crate::audit::Verifier::new();
+    loop {
+        let batch = log.audit_scan(v.count(), 1000).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for r in &batch {
+            v.push(r)?;
+        }
+    }
+    match log.audit_head().await.unwrap() {
+        Some(head) => v.finish(&head, key),
+        None if v.count() == 0 => Ok(0),
+        None => Err(crate::audit::VerifyError::Length {
+            found: v.count(),
+            head: 0,
+        }),
+    }
+}
+
+pub async fn audit_append_chains_and_verifies(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    let key = Arc::new(crate::audit::HeadKey::new([7; 32]));
+    assert_eq!(log.audit_head().await.unwrap(), None);
+    assert_eq!(audit_verify_all(&*log, &key).await, Ok(0));
+    assert!(log
+        .audit_append(key.clone(), Vec::new())
+        .await
+        .unwrap()
+        .is_empty());
+    let first = log
+        .audit_append(key.clone(), vec![audit_event(1, "alice", "n", "reveal")])
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].seq, 1);
+    assert_eq!(first[0].prev_hash, crate::audit::GENESIS);
+    let events: Vec<_> = (2..=2500)
+        .map(|i| audit_event(i, "alice", &format!("n{}", i % 5), "put"))
+        .collect();
+    let more = log.audit_append(key.clone(), events).await.unwrap();
+    assert_eq!(more.first().unwrap().seq, 2);
+    assert_eq!(more.first().unwrap().prev_hash, first[0].hash);
+    assert_eq!(more.last().unwrap().seq, 2500);
+    let head = log.audit_head().await.unwrap().unwrap();
+    assert_eq!(head.count, 2500);
+    assert_eq!(head.hash, more.last().unwrap().hash);
+    assert!(key.check(&head));
+    // What is read back is what was returned (times at the stored precision).
+    let back = log.audit_scan(0, 10).await.unwrap();
+    assert_eq!(back[0], first[0]);
+    assert_eq!(back[1], more[0]);
+    assert_eq!(audit_verify_all(&*log, &key).await, Ok(2500));
+    // Reopening keeps the log.
+    drop(log);
+    let s2 = b.open().await.unwrap();
+    let log2 = audit_log(&*s2);
+    assert_eq!(audit_verify_all(&*log2, &key).await, Ok(2500));
+    // A wrong key fails the head.
+    let other = crate::audit::HeadKey::new([8; 32]);
+    assert_eq!(
+        audit_verify_all(&*log2, &other).await,
+        Err(crate::audit::VerifyError::HeadMac)
+    );
+    assert_invalid(
+        log2.audit_append(
+            key.clone(),
+            (0..crate::audit::MAX_APPEND_BATCH as u64 + 1)
+                .map(|i| audit_event(i, "a", "n", "put"))
+                .collect(),
+        )
+        .await,
+    );
+}
+
+pub async fn audit_query_filters_and_pages(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    let key = Arc::new(crate::audit::HeadKey::new([1; 32]));
+    let mut events = Vec::new();
+    for i in 1..=60u64 {
+        let owner = if i % 2 == 0 { "alice" } else { "bob" };
+        let action = if i % 3 == 0 { "reveal" } else { "put" };
+        events.push(audit_event(i, owner, "zoom.key", action));
+    }
+    log.audit_append(key.clone(), events).await.unwrap();
+    let mut f = crate::AuditFilter {
+        owner: Some("alice".into()),
+        ..Default::default()
+    };
+    let all = log.audit_query(&f, None, 1000).await.unwrap();
+    assert_eq!(all.len(), 30);
+    assert!(all
+        .iter()
+        .all(|r| r.event.owner.as_deref() == Some("alice")));
+    assert!(all.windows(2).all(|w| w[0].seq > w[1].seq), "newest first");
+    // Paging by seq.
+    let p1 = log.audit_query(&f, None, 7).await.unwrap();
+    let p2 = log
+        .audit_query(&f, Some(p1.last().unwrap().seq), 7)
+        .await
+        .unwrap();
+    assert_eq!(p1.len(), 7);
+    assert_eq!(p2[0].seq, all[7].seq);
+    // Actions, principal, time.
+    f.actions = vec!["reveal".into()];
+    let reveals = log.audit_query(&f, None, 1000).await.unwrap();
+    assert_eq!(reveals.len(), 10);
+    let g = crate::AuditFilter {
+        principal_id: Some("svc-0".into()),
+        ..Default::default()
+    };
+    assert_eq!(log.audit_query(&g, None, 1000).await.unwrap().len(), 20);
+    let h = crate::AuditFilter {
+        since: Some(t0() + Duration::milliseconds(10)),
+        until: Some(t0() + Duration::milliseconds(20)),
+        ..Default::default()
+    };
+    let window = log.audit_query(&h, None, 1000).await.unwrap();
+    assert_eq!(window.len(), 10, "{window:?}");
+    let none = crate::AuditFilter {
+        owner: Some("carol".into()),
+        ..Default::default()
+    };
+    assert!(log.audit_query(&none, None, 10).await.unwrap().is_empty());
+}
+
+pub async fn audit_head_key_first_wins(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    assert_eq!(
+        log.audit_init_head_key(vec![1, 2]).await.unwrap(),
+        vec![1, 2]
+    );
+    assert_eq!(
+        log.audit_init_head_key(vec![3, 4]).await.unwrap(),
+        vec![1, 2]
+    );
+    assert_eq!(
+        s.get_provider_state(crate::audit::HEAD_KEY_STATE)
+            .await
+            .unwrap(),
+        Some(vec![1, 2])
+    );
+}
+
+/// Several stores open on one database (as several server nodes) appending at once write
+/// one chain.
+pub async fn audit_concurrent_appends_one_chain(b: &dyn TestBackend) {
+    let key = Arc::new(crate::audit::HeadKey::new([5; 32]));
+    let a = open(b).await;
+    let c = b.open().await.unwrap();
+    let mut tasks = Vec::new();
+    for node in [a.clone(), c.clone()] {
+        for t in 0..8u64 {
+            let log = audit_log(&*node);
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25u64 {
+                    let n = (t * 100 + i) % 4 + 1;
+                    let events = (0..n)
+                        .map(|j| audit_event(t * 1000 + i * 10 + j, "alice", "n", "reveal"))
+                        .collect();
+                    log.audit_append(key.clone(), events).await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = audit_verify_all(&*audit_log(&*a), &key).await.unwrap();
+    let expected: u64 = (0..2u64)
+        .map(|_| {
+            (0..8u64)
+                .map(|t| (0..25u64).map(|i| (t * 100 + i) % 4 + 1).sum::<u64>())
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(total, expected);
+}

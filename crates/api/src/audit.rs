@@ -1,0 +1,271 @@
+//! Auditing every request: a middleware that records who did what to which credential,
+//! with what outcome, once the response is known; and the fail-closed path that reveal takes
+//! (its record is durable before the value is returned).
+//!
+//! The record is built from the matched route (the action), the path parameters (owner,
+//! name, version), what the auth extractors learned (principal, delegated user), the
+//! `x-request-id` header, the client address ([`ClientAddr`] or axum's `ConnectInfo`) and the
+//! response status and error code. Never from a body, a header value or a token, so it cannot
+//! hold a value.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use strongroom_store::audit::Event;
+
+use crate::{ApiError, AppState};
+
+/// The client's address, inserted as a request extension by the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The stable error code of an error response (set by [`ApiError`]'s `into_response`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ErrorCode(pub &'static str);
+
+/// What is known about the request so far.
+#[derive(Debug)]
+pub(crate) struct Partial {
+    event: Event,
+    recorded: bool,
+}
+
+/// The request's audit record in the making, as a request extension.
+#[derive(Clone, Debug)]
+pub(crate) struct AuditSlot(Arc<Mutex<Partial>>);
+
+impl AuditSlot {
+    fn with<T>(&self, f: impl FnOnce(&mut Partial) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Notes the authenticated principal.
+    pub(crate) fn principal(&self, kind: &str, id: &str) {
+        self.with(|p| {
+            p.event.principal_kind = kind.to_owned();
+            p.event.principal_id = id.to_owned();
+        });
+    }
+
+    /// Notes the owner (user routes: the token's subject).
+    pub(crate) fn owner_if_unset(&self, owner: &str) {
+        self.with(|p| {
+            if p.event.owner.is_none() {
+                p.event.owner = Some(owner.to_owned());
+            }
+        });
+    }
+
+    /// Notes the delegated user of a service.
+    pub(crate) fn on_behalf_of(&self, user: Option<&str>) {
+        self.with(|p| p.event.on_behalf_of = user.map(str::to_owned));
+    }
+
+    /// Notes the version acted on.
+    pub(crate) fn version(&self, v: u32) {
+        self.with(|p| p.event.version = Some(v));
+    }
+
+    /// Records the request now as a success with `status`, and waits until it is durable
+    /// (fail-closed: the caller returns nothing it guards on error). The middleware then
+    /// records nothing more for this request.
+    pub(crate) async fn record_now(
+        &self,
+        state: &AppState,
+        status: StatusCode,
+    ) -> Result<(), ApiError> {
+        let Some(auditor) = state.auditor() else {
+            return Ok(());
+        };
+        let event = self.with(|p| {
+            p.recorded = true;
+            p.event.status = status.as_u16();
+            p.event.outcome = "ok".into();
+            p.event.time = state.vault().now();
+            p.event.clone()
+        });
+        auditor.record(event).await.map(|_| ()).map_err(|e| {
+            ApiError::internal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                format!("audit record not written: {e}"),
+            )
+        })
+    }
+}
+
+/// The audit slot of a request (`None` when auditing is off).
+pub(crate) fn slot(ext: &http::Extensions) -> Option<&AuditSlot> {
+    ext.get::<AuditSlot>()
+}
+
+/// The action a route template and method stand for.
+fn action(method: &Method, route: &str) -> &'static str {
+    let m = method.as_str();
+    match (m, route) {
+        ("GET", "/v1/me/credentials") => "list",
+        ("PUT", "/v1/me/credentials/{name}") => "put",
+        ("GET", "/v1/me/credentials/{name}") => "describe",
+        ("DELETE", "/v1/me/credentials/{name}") => "destroy",
+        (_, "/v1/me/credentials/{name}/current") => "set_current",
+        (_, "/v1/me/credentials/{name}/disable") => "disable",
+        (_, "/v1/me/credentials/{name}/enable") => "enable",
+        (_, "/v1/me/credentials/{name}/verify") => "verify",
+        (_, "/v1/me/credentials/{name}/usage") => "usage",
+        (_, "/v1/me/credentials/{name}/versions/{version}") => "destroy_version",
+        (_, "/v1/owners/{owner}/credentials/{name}") => "put",
+        (_, "/v1/owners/{owner}/credentials/{name}/reveal") => "reveal",
+        (_, "/v1/owners/{owner}/credentials/{name}/broker") => "broker",
+        (_, "/v1/keys") => "keys",
+        (_, "/v1/audit") => "audit_query",
+        _ => "other",
+    }
+}
+
+/// `ok`, `denied` or `error` for a status.
+pub(crate) fn outcome(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        0..=399 => "ok",
+        401 | 403 | 429 => "denied",
+        _ => "error",
+    }
+}
+
+/// Bounded copy of request-controlled text kept in a record.
+fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// The middleware (a route layer, so the route template and path parameters are known).
+pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(auditor) = state.auditor().cloned() else {
+        return next.run(req).await;
+    };
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let mut event = Event {
+        time: state.vault().now(),
+        principal_kind: "anonymous".into(),
+        principal_id: String::new(),
+        action: action(req.method(), &route).into(),
+        owner: None,
+        name: None,
+        version: None,
+        outcome: String::new(),
+        status: 0,
+        request_id: req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| bounded(v, 128)),
+        client_addr: req
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|a| a.0)
+            .or_else(|| {
+                req.extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0)
+            })
+            .map(|a| a.to_string()),
+        on_behalf_of: None,
+        destination: None,
+        error_code: None,
+    };
+    let (mut parts, body) = req.into_parts();
+    if let Ok(params) =
+        <RawPathParams as axum::extract::FromRequestParts<()>>::from_request_parts(&mut parts, &())
+            .await
+    {
+        for (k, v) in &params {
+            match k {
+                "owner" => event.owner = Some(bounded(v, 255)),
+                "name" => event.name = Some(bounded(v, 128)),
+                "version" => event.version = v.parse().ok(),
+                _ => {}
+            }
+        }
+    }
+    req = Request::from_parts(parts, body);
+    let slot = AuditSlot(Arc::new(Mutex::new(Partial {
+        event,
+        recorded: false,
+    })));
+    req.extensions_mut().insert(slot.clone());
+    let response = next.run(req).await;
+    let status = response.status();
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    let event = slot.with(|p| {
+        if p.recorded {
+            return None;
+        }
+        p.event.status = status.as_u16();
+        p.event.outcome = outcome(status).into();
+        p.event.error_code = code.map(str::to_owned);
+        Some(p.event.clone())
+    });
+    let Some(event) = event else {
+        return response;
+    };
+    if let Err(e) = auditor.record(event).await {
+        // The request already happened (a write is committed): answer as it went, and
+        // raise the operator alarm. Only reveal is fail-closed (see `AuditSlot::record_now`).
+        tracing::error!(error = %e, "audit record not written");
+    }
+    response
+}
+
+/// The request's audit slot, for handlers that add to the record or record fail-closed.
+pub(crate) struct Audit(pub Option<AuditSlot>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Audit {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Audit(parts.extensions.get::<AuditSlot>().cloned()))
+    }
+}
+
+impl Audit {
+    /// Notes the version acted on.
+    pub(crate) fn version(&self, v: u32) {
+        if let Some(s) = &self.0 {
+            s.version(v);
+        }
+    }
+
+    /// Fail-closed recording (see [`AuditSlot::record_now`]); with auditing on but no slot
+    /// (a route outside the audit layer), refuses.
+    pub(crate) async fn record_now(
+        &self,
+        state: &AppState,
+        status: StatusCode,
+    ) -> Result<(), ApiError> {
+        match (&self.0, state.auditor()) {
+            (Some(slot), _) => slot.record_now(state, status).await,
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(ApiError::internal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "route outside the audit layer",
+            )),
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! The audit log through the API: every request recorded (never a value), the owner's usage
+//! view, admin queries, and fail-closed reveal.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::{json, Value};
+
+async fn audit_items(api: &TestApi, query: &str) -> Vec<Value> {
+    let r = api
+        .call("GET", &format!("/v1/audit{query}"), Some(ADMIN_TOKEN), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.json()["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn every_request_is_recorded_with_who_what_and_outcome() {
+    let api = api().await;
+    api.seed().await;
+    let put = api
+        .call(
+            "PUT",
+            "/v1/me/credentials/zoom.api-key",
+            Some(&user_token("alice")),
+            Some(json!({"value": "v2"})),
+        )
+        .await;
+    let rid = put.headers["x-request-id"].to_str().unwrap().to_owned();
+    let reveal = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(reveal.status, StatusCode::OK);
+    let denied = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(DENIED_SERVICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    let anon = api
+        .call("GET", "/v1/me/credentials/zoom.api-key", None, None)
+        .await;
+    assert_eq!(anon.status, StatusCode::UNAUTHORIZED);
+    let bad = api
+        .call("GET", "/v1/me/credentials", Some("forged.token.here"), None)
+        .await;
+    assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
+
+    let items = audit_items(&api, "").await;
+    // Newest first: the two 401s, the denial, the reveal, the puts.
+    let actions: Vec<_> = items
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["principal_kind"].as_str().unwrap().to_owned(),
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let s = |a: &str, k: &str, o: &str, st| (a.to_owned(), k.to_owned(), o.to_owned(), st);
+    assert_eq!(
+        actions,
+        vec![
+            s("list", "anonymous", "denied", 401),
+            s("describe", "anonymous", "denied", 401),
+            s("reveal", "service", "denied", 403),
+            s("reveal", "service", "ok", 200),
+            s("put", "user", "ok", 201),
+            s("put", "user", "ok", 201),
+        ]
+    );
+    let reveal_rec = &items[3];
+    assert_eq!(reveal_rec["principal_id"], "allowed");
+    assert_eq!(reveal_rec["owner"], "alice");
+    assert_eq!(reveal_rec["name"], "zoom.api-key");
+    assert_eq!(reveal_rec["version"], 2);
+    assert_eq!(items[2]["principal_id"], "denied");
+    assert_eq!(items[2]["error_code"], "forbidden");
+    assert_eq!(items[1]["error_code"], "unauthenticated");
+    assert_eq!(items[1]["owner"], Value::Null);
+    assert_eq!(items[4]["request_id"], rid.as_str());
+    assert_eq!(items[4]["version"], 2);
+    assert_eq!(items[4]["owner"], "alice");
+
+    // Filters and cursor paging.
+    let alice = audit_items(&api, "?owner=alice&limit=2").await;
+    assert_eq!(alice.len(), 2);
+    let r = api
+        .call(
+            "GET",
+            "/v1/audit?owner=alice&limit=2",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    let cursor = r.json()["next_cursor"].as_str().unwrap().to_owned();
+    let next = audit_items(&api, &format!("?owner=alice&limit=2&cursor={cursor}")).await;
+    assert_eq!(next.len(), 2);
+    assert!(next[0]["seq"].as_u64() < alice[1]["seq"].as_u64());
+    let by_service = audit_items(&api, "?principal=allowed").await;
+    assert_eq!(by_service.len(), 1);
+    let future = audit_items(&api, "?since=2999-01-01T00:00:00Z").await;
+    assert!(future.is_empty());
+    let bad = api
+        .call("GET", "/v1/audit?since=yesterday", Some(ADMIN_TOKEN), None)
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    // Admin queries are themselves audited.
+    let latest = audit_items(&api, "?limit=1").await;
+    assert_eq!(latest[0]["action"], "audit_query");
+    assert_eq!(latest[0]["principal_kind"], "admin");
+}
+
+#[tokio::test]
+async fn owners_see_who_used_their_credential_and_nothing_of_others() {
+    let api = api().await;
+    api.seed().await;
+    // Bob has a credential of the same name; a service reveals both.
+    let bob = user_token("bob");
+    api.call(
+        "PUT",
+        "/v1/me/credentials/zoom.api-key",
+        Some(&bob),
+        Some(json!({"value": "bobs"})),
+    )
+    .await;
+    for owner in ["alice", "bob"] {
+        let r = api
+            .call(
+                "POST",
+                &format!("/v1/owners/{owner}/credentials/zoom.api-key/reveal"),
+                Some(ALLOWED_SERVICE_TOKEN),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let delegated = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/owners/alice/credentials/zoom.api-key/reveal")
+        .header("authorization", format!("Bearer {DELEGATED_SERVICE_TOKEN}"))
+        .header("x-strongroom-on-behalf-of", user_token("alice"))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    assert_eq!(api.send(delegated).await.status, StatusCode::OK);
+
+    let alice = user_token("alice");
+    let usage = api
+        .call(
+            "GET",
+            "/v1/me/credentials/zoom.api-key/usage",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(usage.status, StatusCode::OK, "{}", usage.body);
+    let v = usage.json();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{v}");
+    assert_eq!(items[0]["action"], "reveal");
+    assert_eq!(items[0]["principal_kind"], "service");
+    assert_eq!(items[0]["principal_id"], "delegated");
+    assert_eq!(items[0]["on_behalf_of"], "alice");
+    assert_eq!(items[1]["principal_id"], "allowed");
+    assert_eq!(items[1]["version"], 1);
+    assert_eq!(items[1]["outcome"], "ok");
+    assert!(!usage.body.contains("bob"), "{}", usage.body);
+    assert!(!usage.body.contains(CANARY));
+
+    // Bob sees only the one reveal of his own credential.
+    let bobs = api
+        .call(
+            "GET",
+            "/v1/me/credentials/zoom.api-key/usage",
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(bobs.json()["items"].as_array().unwrap().len(), 1);
+    // A credential bob does not have: the same 404 as a missing one.
+    let theirs = api
+        .call(
+            "GET",
+            "/v1/me/credentials/zoom.other/usage",
+            Some(&bob),
+            None,
+        )
+        .await;
+    api.call(
+        "PUT",
+        "/v1/me/credentials/zoom.other",
+        Some(&alice),
+        Some(json!({"value": "x"})),
+    )
+    .await;
+    let alices_other = api
+        .call(
+            "GET",
+            "/v1/me/credentials/zoom.other/usage",
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        (alices_other.status, alices_other.body),
+        (theirs.status, theirs.body)
+    );
+
+    // last_used_at stays in the metadata (written in the background after a reveal).
+    let mut last_used = Value::Null;
+    for _ in 0..50 {
+        last_used = api
+            .call("GET", "/v1/me/credentials/zoom.api-key", Some(&alice), None)
+            .await
+            .json()["last_used_at"]
+            .clone();
+        if !last_used.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(last_used.is_string(), "last_used_at not set");
+}
+
+#[tokio::test]
+async fn reveal_fails_closed_when_the_audit_record_cannot_be_written() {
+    let api = api_audited(Auditing::Failing).await;
+    api.seed().await;
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "audit_unavailable");
+    assert!(!r.body.contains(CANARY));
+    // With auditing off altogether, reveal works (no auditor configured).
+    let off = api_audited(Auditing::Off).await;
+    off.seed().await;
+    let r = off
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["value"], CANARY);
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The canary goes in as a value (puts, verify), as a token and as the on-behalf-of header;
+/// it must appear in no audit column, no query answer, no export line, no log line and no
+/// metric.
+#[tokio::test]
+async fn a_canary_value_appears_nowhere_in_the_audit_trail_logs_or_metrics() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let api = api().await;
+    api.seed().await;
+    let alice = user_token("alice");
+    let calls: Vec<(&str, &str, Option<String>, Option<Value>)> = vec![
+        (
+            "PUT",
+            "/v1/me/credentials/zoom.b",
+            Some(alice.clone()),
+            Some(json!({"value": CANARY})),
+        ),
+        (
+            "POST",
+            "/v1/me/credentials/zoom.api-key/verify",
+            Some(alice.clone()),
+            Some(json!({"value": CANARY})),
+        ),
+        (
+            "POST",
+            "/v1/me/credentials/zoom.api-key/verify",
+            Some(alice.clone()),
+            Some(json!({"value": "wrong"})),
+        ),
+        ("GET", "/v1/me/credentials", Some(alice.clone()), None),
+        (
+            "GET",
+            "/v1/me/credentials/zoom.api-key",
+            Some(alice.clone()),
+            None,
+        ),
+        (
+            "GET",
+            "/v1/me/credentials/zoom.api-key/usage",
+            Some(alice.clone()),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/me/credentials/zoom.api-key/current",
+            Some(alice.clone()),
+            Some(json!({"version": 1})),
+        ),
+        (
+            "POST",
+            "/v1/me/credentials/zoom.api-key/disable",
+            Some(alice.clone()),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/me/credentials/zoom.api-key/enable",
+            Some(alice.clone()),
+            None,
+        ),
+        (
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.c",
+            Some(ALLOWED_SERVICE_TOKEN.into()),
+            Some(json!({"value": CANARY})),
+        ),
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN.into()),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.c/reveal",
+            Some(ALLOWED_SERVICE_TOKEN.into()),
+            Some(json!({"version": 1})),
+        ),
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/broker",
+            Some(ALLOWED_SERVICE_TOKEN.into()),
+            Some(json!({"value": CANARY})),
+        ),
+        (
+            "PUT",
+            "/v1/me/credentials/zoom.d",
+            Some(CANARY.into()),
+            Some(json!({"value": CANARY})),
+        ),
+        (
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.e",
+            Some(DENIED_SERVICE_TOKEN.into()),
+            Some(json!({"value": CANARY})),
+        ),
+        (
+            "PUT",
+            "/v1/me/credentials/zoom.f",
+            Some(alice.clone()),
+            Some(json!({"value": CANARY, "bogus": CANARY})),
+        ),
+        ("GET", "/v1/keys", Some(ADMIN_TOKEN.into()), None),
+        (
+            "DELETE",
+            "/v1/me/credentials/zoom.b/versions/1",
+            Some(alice.clone()),
+            None,
+        ),
+        (
+            "DELETE",
+            "/v1/me/credentials/zoom.b",
+            Some(alice.clone()),
+            None,
+        ),
+    ];
+    for (method, path, token, body) in calls {
+        let r = api.call(method, path, token.as_deref(), body).await;
+        if !path.ends_with("/reveal") {
+            assert!(!r.body.contains(CANARY), "{method} {path}: {}", r.body);
+        }
+    }
+    let delegated = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/owners/alice/credentials/zoom.api-key/reveal")
+        .header("authorization", format!("Bearer {DELEGATED_SERVICE_TOKEN}"))
+        .header("x-strongroom-on-behalf-of", CANARY)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    assert_eq!(api.send(delegated).await.status, StatusCode::UNAUTHORIZED);
+
+    // The audit table, every column of every row, as text and bytes.
+    let conn = rusqlite::Connection::open(api.db_path()).unwrap();
+    let mut stmt = conn.prepare("SELECT * FROM audit_records").unwrap();
+    let columns = stmt.column_count();
+    let mut rows = stmt.query([]).unwrap();
+    let mut n = 0;
+    while let Some(row) = rows.next().unwrap() {
+        n += 1;
+        for i in 0..columns {
+            let v: rusqlite::types::Value = row.get(i).unwrap();
+            let text = format!("{v:?}");
+            assert!(!text.contains(CANARY), "audit column {i}: {text}");
+            if let rusqlite::types::Value::Blob(b) = v {
+                assert!(!b.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()));
+            }
+        }
+    }
+    assert!(n >= 21, "only {n} records");
+    // Queries (the export path serializes the same records).
+    let everything = api
+        .call("GET", "/v1/audit?limit=1000", Some(ADMIN_TOKEN), None)
+        .await;
+    assert!(!everything.body.contains(CANARY));
+    let log = strongroom_store::Store::audit_log(
+        &strongroom_store::sqlite::SqliteStore::open_dir(api.db_path().parent().unwrap())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    for r in log.audit_scan(0, 4096).await.unwrap() {
+        assert!(!serde_json::to_string(&r).unwrap().contains(CANARY));
+    }
+    let metrics = api.call("GET", "/metrics", None, None).await;
+    assert!(!metrics.body.contains(CANARY));
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(!logs.is_empty());
+    assert!(!logs.contains(CANARY), "a log line holds the canary");
+}

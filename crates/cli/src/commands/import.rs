@@ -1,0 +1,283 @@
+//! `strongroom import django-fernet-fields`: moves a Django app's encrypted columns into the
+//! vault. The logic lives in `strongroom-import`; this is flags, progress and the report.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use strongroom_import::{DatabaseUrl, ImportError, Mapping, Plan, Report, Source};
+use zeroize::Zeroizing;
+
+use super::{Failure, OperatorTarget};
+use crate::error::CliError;
+
+/// Importers from other systems.
+#[derive(clap::Subcommand, Debug)]
+pub enum ImportCommand {
+    /// Import the values of django-fernet-fields columns (EncryptedTextField, ...), decrypted
+    /// with the app's FERNET_KEYS (or SECRET_KEY) and stored as credential versions.
+    /// Idempotent: a rerun skips what is already imported and continues an interrupted run.
+    #[command(
+        after_help = "Example:\n  strongroom import django-fernet-fields --config \
+        strongroom.toml \\\n    --database sqlite:db.sqlite3 --table app_account --owner-column \
+        user_id \\\n    --map zoom_key=zoom.api-key --map slack_token=slack.token \\\n    \
+        --key-file fernet_keys.txt"
+    )]
+    DjangoFernetFields(DjangoArgs),
+}
+
+/// A secret flag value: `Debug` never shows it.
+#[derive(Clone)]
+pub struct SecretArg(Zeroizing<String>);
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretArg(Zeroizing::new(s.to_owned())))
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+/// `COLUMN=CREDENTIAL_NAME`.
+#[derive(Clone, Debug)]
+pub struct ColumnMap(String, String);
+
+impl std::str::FromStr for ColumnMap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            Some((c, n)) if !c.is_empty() && !n.is_empty() => Ok(ColumnMap(c.into(), n.into())),
+            _ => Err("expected COLUMN=CREDENTIAL_NAME".into()),
+        }
+    }
+}
+
+/// Flags of `import django-fernet-fields`.
+#[derive(clap::Args, Debug)]
+pub struct DjangoArgs {
+    #[command(flatten)]
+    target: OperatorTarget,
+    /// The Django database: `sqlite:PATH` or `postgresql://user@host/db` (read only).
+    #[arg(long, value_name = "URL")]
+    database: String,
+    /// The model's table, e.g. `app_account` (`schema.table` on PostgreSQL).
+    #[arg(long, value_name = "TABLE")]
+    table: String,
+    /// The column whose value (as text; integers in decimal) is the credential's owner.
+    #[arg(long, value_name = "COLUMN")]
+    owner_column: String,
+    /// The row id column (unique; the import reads in its order and records it).
+    #[arg(long, value_name = "COLUMN", default_value = "id")]
+    id_column: String,
+    /// An encrypted column and the credential name its values become; repeat per column.
+    #[arg(long = "map", value_name = "COLUMN=NAME", required_unless_present = "name_column",
+          conflicts_with_all = ["name_column", "value_column"])]
+    map: Vec<ColumnMap>,
+    /// Instead of --map: the column holding each row's credential name...
+    #[arg(long, value_name = "COLUMN", requires = "value_column")]
+    name_column: Option<String>,
+    /// ...and the encrypted column holding its value.
+    #[arg(long, value_name = "COLUMN", requires = "name_column")]
+    value_column: Option<String>,
+    /// A FERNET_KEYS entry; repeat in FERNET_KEYS order (the first is the newest). Prefer
+    /// --key-file: command lines are visible to other local users.
+    #[arg(long = "key", value_name = "KEY", conflicts_with_all = ["key_file", "secret_key"])]
+    keys: Vec<SecretArg>,
+    /// A file holding the FERNET_KEYS entries, one per line, in order.
+    #[arg(long, value_name = "FILE", conflicts_with = "secret_key")]
+    key_file: Option<PathBuf>,
+    /// Django's SECRET_KEY, for apps without FERNET_KEYS (the library's fallback).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "STRONGROOM_IMPORT_SECRET_KEY",
+        hide_env_values = true
+    )]
+    secret_key: Option<SecretArg>,
+    /// FERNET_USE_HKDF = False: the keys are Fernet keys, used as they are.
+    #[arg(long)]
+    no_hkdf: bool,
+    /// Decrypt and count only; write nothing (the target is not even opened).
+    #[arg(long)]
+    dry_run: bool,
+    /// Rows read per batch.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    batch: u32,
+}
+
+/// Runs an import command.
+pub fn run(cmd: ImportCommand) -> Result<(), Failure> {
+    let ImportCommand::DjangoFernetFields(args) = cmd;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))?;
+    runtime.block_on(django(args))
+}
+
+fn usage(e: ImportError) -> Failure {
+    match e {
+        ImportError::Usage(m) => CliError::Usage(m).into(),
+        other => Failure::Import(other),
+    }
+}
+
+fn read_key_file(path: &std::path::Path) -> Result<Vec<Zeroizing<String>>, Failure> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(CliError::io("cannot read --key-file"))?,
+    );
+    Ok(text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.is_empty())
+        .map(|l| Zeroizing::new(l.to_owned()))
+        .collect())
+}
+
+async fn django(args: DjangoArgs) -> Result<(), Failure> {
+    let entries: Vec<Zeroizing<String>> = if let Some(path) = &args.key_file {
+        read_key_file(path)?
+    } else if !args.keys.is_empty() {
+        args.keys.iter().map(|k| k.0.clone()).collect()
+    } else if let Some(secret) = &args.secret_key {
+        vec![secret.0.clone()]
+    } else {
+        return Err(CliError::Usage(
+            "give the Django keys: --key (repeat in FERNET_KEYS order), --key-file or \
+             --secret-key"
+                .into(),
+        )
+        .into());
+    };
+    let refs: Vec<&str> = entries.iter().map(|e| e.as_str()).collect();
+    let fernet = strongroom_crypto::django::keys_from_strings(&refs, !args.no_hkdf)
+        .map_err(|e| CliError::Usage(format!("Django keys: {e}")))?;
+
+    let mapping = match (args.name_column, args.value_column) {
+        (Some(name_column), Some(value_column)) => Mapping::NameValue {
+            name_column,
+            value_column,
+        },
+        _ => Mapping::Columns(args.map.into_iter().map(|m| (m.0, m.1)).collect()),
+    };
+    let plan = Plan {
+        table: args.table,
+        id_column: args.id_column,
+        owner_column: args.owner_column,
+        mapping,
+        batch: args.batch,
+    };
+    plan.columns().map_err(usage)?;
+    let url: DatabaseUrl = args.database.parse().map_err(usage)?;
+
+    // Open the target first: a bad configuration should fail before any reading.
+    let backends = if args.dry_run {
+        None
+    } else {
+        Some(args.target.open().await?)
+    };
+    let vault = backends.as_ref().map(|b| b.vault());
+
+    let mut source = Source::open(&url).await.map_err(usage)?;
+    let mut progress = Bar::new();
+    let result = strongroom_import::run(&mut source, &plan, &fernet, vault.as_deref(), &mut |p| {
+        progress.update(p)
+    })
+    .await;
+    progress.finish();
+    source.close().await;
+    drop(vault);
+    if let Some(b) = backends {
+        let (outcome, code) = match &result {
+            Ok(r) if r.rows_failed == 0 => ("ok", None),
+            Ok(_) => ("error", Some("rows_failed")),
+            Err(_) => ("error", Some("import_failed")),
+        };
+        super::rewrap::audit_action(&b, "import.django-fernet-fields", outcome, code).await;
+        b.close().await;
+    }
+    let report = result.map_err(Failure::Import)?;
+    print_report(&report);
+    if report.rows_failed > 0 {
+        return Err(Failure::Import(ImportError::RowsFailed(report.rows_failed)));
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report) {
+    let mut out = String::new();
+    if r.dry_run {
+        out.push_str("dry run: nothing was written\n");
+    }
+    out.push_str(&format!("rows read:                {}\n", r.rows_read));
+    out.push_str(&format!(
+        "values decrypted:         {}\n",
+        r.values_decrypted
+    ));
+    if !r.dry_run {
+        out.push_str(&format!(
+            "values imported:          {}\n",
+            r.values_imported
+        ));
+        out.push_str(&format!(
+            "already imported:         {}\n",
+            r.already_imported
+        ));
+    }
+    out.push_str(&format!("NULLs skipped:            {}\n", r.nulls_skipped));
+    out.push_str(&format!("rows failed:              {}\n", r.rows_failed));
+    for f in &r.failures {
+        out.push_str(&format!(
+            "  row {} column {}: {}\n",
+            f.row_id, f.column, f.reason
+        ));
+    }
+    print!("{out}");
+}
+
+/// A progress bar on a terminal, plain lines otherwise (on stderr either way).
+struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Bar {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} importing [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Self { bar }
+    }
+
+    fn update(&mut self, p: strongroom_import::Progress) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(p.rows_total);
+                bar.set_position(p.rows_done);
+                bar.set_message(format!("{} imported, {} failed", p.imported, p.failed));
+            }
+            None => eprintln!(
+                "import: {}/{} rows, {} imported, {} failed",
+                p.rows_done, p.rows_total, p.imported, p.failed
+            ),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! `strongroom rewrap`: move every stored data key under the active KEK, online.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use strongroom_core::{RewrapOptions, RewrapReport};
+use strongroom_crypto::KeyProvider;
+
+use super::{Failure, OperatorTarget};
+use crate::error::CliError;
+
+/// `strongroom rewrap` options.
+#[derive(Args, Debug)]
+#[command(after_long_help = "\
+Re-wraps the data key of every active credential version that is not yet under the active KEK \
+(after `strongroom keys rotate`), without decrypting any value. Safe while servers run: each \
+version is replaced by compare-and-swap, so a version written, rewrapped or destroyed meanwhile \
+is skipped, never clobbered.
+
+Resumable: the position is saved in the store after every batch; if the command is killed, run \
+it again and it continues. When it finishes, `strongroom keys retire VERSION` can erase the old \
+KEK version.
+
+Moving to another key provider is a rewrap too: `--to-config NEW.toml` unwraps with the \
+provider of --config and wraps with the provider NEW.toml names (same store).")]
+pub struct RewrapArgs {
+    #[command(flatten)]
+    target: OperatorTarget,
+    /// Versions per batch (1 to 1000); the resume point is saved after each.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    batch: u32,
+    /// At most this many versions per second (e.g. `500` or `500/s`) [default: unlimited].
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    rate: Option<u32>,
+    /// Count what would be rewrapped (checking each data key unwraps); change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Data keys re-wrapped at once (raise it for remote providers).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    concurrency: usize,
+    /// Wrap with the key provider of this configuration instead (moving providers).
+    #[arg(long, value_name = "FILE")]
+    to_config: Option<PathBuf>,
+}
+
+fn parse_rate(s: &str) -> Result<u32, String> {
+    let n = s.strip_suffix("/s").unwrap_or(s);
+    match n.trim().parse::<u32>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a positive rate (e.g. 500 or 500/s)")),
+        Ok(n) => Ok(n),
+    }
+}
+
+pub fn run(args: RewrapArgs) -> Result<(), Failure> {
+    if args.batch == 0 || args.batch > 1000 {
+        return Err(CliError::Usage("--batch must be 1 to 1000".into()).into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))?;
+    runtime.block_on(rewrap(args))
+}
+
+async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
+    let backends = args.target.open().await?;
+    let from: Arc<dyn KeyProvider> = backends.keyring.clone();
+    let to: Arc<dyn KeyProvider> = match &args.to_config {
+        None => from.clone(),
+        Some(file) => {
+            let other = OperatorTarget {
+                config: Some(file.clone()),
+                data_dir: None,
+            }
+            .open()
+            .await?;
+            let keys: Arc<dyn KeyProvider> = other.keyring.clone();
+            other.close().await;
+            keys
+        }
+    };
+    let options = RewrapOptions {
+        batch_size: args.batch,
+        max_per_second: args.rate,
+        dry_run: args.dry_run,
+        concurrency: args.concurrency.max(1),
+    };
+    let mut progress = Progress::new();
+    let result = strongroom_core::rewrap(
+        backends.store.clone(),
+        from.clone(),
+        to.clone(),
+        &options,
+        &mut |r| progress.update(r),
+    )
+    .await;
+    progress.finish();
+    if !args.dry_run {
+        let (outcome, code) = match &result {
+            Ok(r) if r.failed == 0 => ("ok", None),
+            Ok(_) => ("error", Some("unwrap_failed")),
+            Err(_) => ("error", Some("stopped")),
+        };
+        // Recorded while the audit head key is still under `from`.
+        audit_action(&backends, "rewrap", outcome, code).await;
+    }
+    if !args.dry_run && result.is_ok() {
+        // The audit log's head key is wrapped by a KEK too: move it with the data keys, so
+        // retiring the old KEK never strands the audit chain.
+        let moving = strongroom_core::rewrap::Moving { from, to };
+        match strongroom_core::audit::rewrap_head_key(backends.store.as_ref(), &moving).await {
+            Ok(true) => eprintln!("rewrap: the audit head key moved to the target KEK too"),
+            Ok(false) => {}
+            Err(e) => {
+                backends.close().await;
+                return Err(CliError::Operation(format!(
+                    "data keys rewrapped, but the audit head key was not: {e}; run it again"
+                ))
+                .into());
+            }
+        }
+    }
+    backends.close().await;
+    let report = result.map_err(|e| {
+        CliError::Operation(format!("rewrap stopped: {e}; run it again to continue"))
+    })?;
+    let verb = if args.dry_run {
+        "would rewrap"
+    } else {
+        "rewrapped"
+    };
+    println!(
+        "{verb} {}, skipped {}, failed {} (target {}{})",
+        report.rewrapped,
+        report.skipped,
+        report.failed,
+        report.target,
+        if report.resumed { ", resumed" } else { "" }
+    );
+    if report.failed > 0 {
+        return Err(CliError::Operation(format!(
+            "{} versions did not unwrap (their KEK is retired or unknown to this provider, or \
+             they are damaged); they were left as they are",
+            report.failed
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Appends an operator record to the audit log; a failure is a warning (the action itself
+/// already happened and is reported on stdout).
+pub(crate) async fn audit_action(
+    backends: &strongroom_server::Backends,
+    action: &str,
+    outcome: &str,
+    code: Option<&str>,
+) {
+    if let Err(e) = strongroom_server::audit_operator_action(backends, action, outcome, code).await
+    {
+        eprintln!("strongroom: warning: {action} not recorded in the audit log: {e}");
+    }
+}
+
+/// A progress bar on a terminal; plain lines every few seconds otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    last_line: Instant,
+    started: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} ({per_sec}, eta {eta}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Self {
+            bar,
+            last_line: Instant::now(),
+            started: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, r: &RewrapReport) {
+        let done = r.rewrapped + r.skipped + r.failed;
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(r.total.max(done));
+                bar.set_position(done);
+                bar.set_message(format!("skipped {} failed {}", r.skipped, r.failed));
+            }
+            None if self.last_line.elapsed() >= Duration::from_secs(2) => {
+                self.last_line = Instant::now();
+                let secs = self.started.elapsed().as_secs_f64().max(0.001);
+                eprintln!(
+                    "rewrap: {done}/{} ({:.0}/s): rewrapped {}, skipped {}, failed {}",
+                    r.total.max(done),
+                    done as f64 / secs,
+                    r.rewrapped,
+                    r.skipped,
+                    r.failed
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates_parse() {
+        assert_eq!(super::parse_rate("500"), Ok(500));
+        assert_eq!(super::parse_rate("500/s"), Ok(500));
+        assert!(super::parse_rate("0").is_err());
+        assert!(super::parse_rate("fast").is_err());
+    }
+}

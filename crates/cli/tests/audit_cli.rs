@@ -1,0 +1,269 @@
+//! `strongroom audit verify|head|export` on an honest log and on logs tampered with directly
+//! in the SQLite database (change a field, delete, swap, truncate, roll back the head).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use assert_cmd::Command;
+use strongroom_crypto::OsRandom;
+use strongroom_server::config::{Config, Overrides};
+use strongroom_store::audit::Event;
+
+fn event(i: u64) -> Event {
+    Event {
+        time: time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+            + time::Duration::seconds(i as i64),
+        principal_kind: "service".into(),
+        principal_id: "billing".into(),
+        action: if i.is_multiple_of(2) { "reveal" } else { "put" }.into(),
+        owner: Some("alice".into()),
+        name: Some("zoom.api-key".into()),
+        version: Some(1),
+        outcome: "ok".into(),
+        status: 200,
+        request_id: Some(format!("req-{i}")),
+        client_addr: Some("127.0.0.1:5000".into()),
+        on_behalf_of: None,
+        destination: None,
+        error_code: None,
+    }
+}
+
+/// A dev-layout data dir holding a keyring and a log of 50 records; returns the dir and the
+/// raw head row after the first 30 records (a genuine, older head).
+fn populate() -> (tempfile::TempDir, (i64, Vec<u8>, Vec<u8>)) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    strongroom_keys::local::generate(
+        &data.join("keyring.json"),
+        time::OffsetDateTime::now_utc(),
+        &OsRandom,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let old_head = rt.block_on(async {
+        let config = Config::load_for_operator(
+            None,
+            &Overrides {
+                data_dir: Some(data.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let backends = strongroom_server::Backends::open(&config).await.unwrap();
+        let key = strongroom_core::audit::load_or_create_head_key(
+            backends.store.as_ref(),
+            backends.keyring.as_ref(),
+            &OsRandom,
+        )
+        .await
+        .unwrap();
+        let key = Arc::new(key);
+        let log = backends.store.audit_log().unwrap();
+        log.audit_append(key.clone(), (1..=30).map(event).collect())
+            .await
+            .unwrap();
+        let old = raw_head(&db(&data));
+        for i in 31..=50 {
+            log.audit_append(key.clone(), vec![event(i)]).await.unwrap();
+        }
+        backends.close().await;
+        old
+    });
+    (dir, old_head)
+}
+
+fn db(data: &Path) -> PathBuf {
+    data.join("strongroom.db")
+}
+
+fn raw_head(path: &Path) -> (i64, Vec<u8>, Vec<u8>) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("SELECT count, hash, mac FROM audit_head", [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
+    .unwrap()
+}
+
+fn tamper(data: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(db(data)).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+fn strongroom() -> Command {
+    let mut c = Command::cargo_bin("strongroom").unwrap();
+    c.env_remove("STRONGROOM_CONFIG")
+        .env_remove("STRONGROOM_DATA_DIR");
+    c
+}
+
+fn verify(data: &Path) -> (bool, String) {
+    let out = strongroom()
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn copy_of(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn expect_failure(data: &Path, sql: &str, needle: &str) {
+    let copy = copy_of(data);
+    tamper(copy.path(), sql);
+    let (ok, text) = verify(copy.path());
+    assert!(!ok, "verify passed after `{sql}`: {text}");
+    assert!(
+        text.contains(needle),
+        "after `{sql}` expected {needle:?} in: {text}"
+    );
+}
+
+#[test]
+fn honest_log_verifies_and_every_tampering_is_named() {
+    let (dir, (old_count, old_hash, old_mac)) = populate();
+    let data = dir.path().join("data");
+
+    let (ok, text) = verify(&data);
+    assert!(ok, "{text}");
+    assert!(text.contains("50 records"), "{text}");
+
+    // head: JSON with count, hash, mac.
+    let out = strongroom()
+        .args(["audit", "head", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let head: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(head["count"], 50);
+    assert_eq!(head["hash"].as_str().unwrap().len(), 64);
+    assert_eq!(head["mac"].as_str().unwrap().len(), 64);
+    let pinned = dir.path().join("head.json");
+    std::fs::write(&pinned, &out.stdout).unwrap();
+
+    // export: 50 JSON lines in order.
+    let out = strongroom()
+        .args(["audit", "export", "--format", "jsonl", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 50);
+    assert_eq!(lines[0]["seq"], 1);
+    assert_eq!(lines[49]["seq"], 50);
+    assert_eq!(lines[49]["hash"], head["hash"]);
+
+    // Each kind of tampering fails at the right record.
+    expect_failure(
+        &data,
+        "UPDATE audit_records SET principal_id = 'mallory' WHERE seq = 17",
+        "record 17: contents do not match its hash",
+    );
+    expect_failure(
+        &data,
+        "UPDATE audit_records SET status = 404 WHERE seq = 1",
+        "record 1: contents do not match its hash",
+    );
+    expect_failure(
+        &data,
+        "DELETE FROM audit_records WHERE seq = 17",
+        "record 17: found record numbered 18",
+    );
+    expect_failure(
+        &data,
+        "UPDATE audit_records SET seq = 1000 WHERE seq = 10;
+         UPDATE audit_records SET seq = 10 WHERE seq = 11;
+         UPDATE audit_records SET seq = 11 WHERE seq = 1000;",
+        "record 10: does not follow the previous record",
+    );
+    expect_failure(
+        &data,
+        "DELETE FROM audit_records WHERE seq > 45",
+        "the log has 45 records but the head says 50",
+    );
+    expect_failure(
+        &data,
+        "DELETE FROM audit_records WHERE seq = 50",
+        "the log has 49 records but the head says 50",
+    );
+    expect_failure(
+        &data,
+        "UPDATE audit_head SET mac = zeroblob(32)",
+        "MAC does not verify",
+    );
+    expect_failure(
+        &data,
+        "UPDATE audit_head SET count = 0, mac = X''",
+        "no chain head",
+    );
+    // The head rolled back to a genuine older head: the records after it are extra.
+    expect_failure(
+        &data,
+        &format!(
+            "UPDATE audit_head SET count = {old_count}, hash = X'{}', mac = X'{}'",
+            hex(&old_hash),
+            hex(&old_mac)
+        ),
+        "the log has 50 records but the head says 30",
+    );
+
+    // The whole log rolled back consistently (records and head) verifies on its own; the
+    // head pinned elsewhere catches it.
+    let copy = copy_of(&data);
+    tamper(
+        copy.path(),
+        &format!(
+            "DELETE FROM audit_records WHERE seq > 30;
+             UPDATE audit_head SET count = {old_count}, hash = X'{}', mac = X'{}'",
+            hex(&old_hash),
+            hex(&old_mac)
+        ),
+    );
+    let (ok, text) = verify(copy.path());
+    assert!(ok, "{text}");
+    let out = strongroom()
+        .args(["audit", "verify", "--data-dir"])
+        .arg(copy.path())
+        .arg("--expect-head")
+        .arg(&pinned)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("30 records but the expected head counts 50"),
+        "{err}"
+    );
+    // And against the honest log the pinned head is fine.
+    strongroom()
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data)
+        .arg("--expect-head")
+        .arg(&pinned)
+        .assert()
+        .success();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,884 @@
+//! `strongroom import django-fernet-fields` end to end: the real Django databases in
+//! shared/vectors (both library versions, all four key setups), the same rows in PostgreSQL,
+//! a database built here (integer owners, text columns, name-column mode), and an import into
+//! the store of a running `serve --dev`, revealed over HTTPS as the dev service.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{read_json, strongroom, vectors_dir};
+use serde_json::{json, Value};
+use strongroom_server::testing::{ClientOptions, TestClient};
+
+const FOLDERS: [&str; 2] = ["dff-0.6_django-3.2", "dff-v2-0.9_django-6.1"];
+const SETUPS: [&str; 4] = [
+    "a_single_key_hkdf",
+    "b_hkdf_off",
+    "c_secret_key_fallback",
+    "d_rotation",
+];
+const COLUMNS: [&str; 6] = [
+    "enc_text",
+    "enc_char",
+    "enc_email",
+    "enc_int",
+    "enc_date",
+    "enc_datetime",
+];
+
+fn cred_name(column: &str) -> String {
+    column.replace('_', "-")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `--key ...`/`--secret-key`/`--no-hkdf` for a setup's final settings.
+fn key_args(settings: &Value) -> Vec<String> {
+    let mut args = Vec::new();
+    match settings["FERNET_KEYS"].as_array() {
+        Some(keys) => {
+            for k in keys {
+                args.push("--key".to_owned());
+                args.push(k.as_str().unwrap().to_owned());
+            }
+        }
+        None => {
+            args.push("--secret-key".to_owned());
+            args.push(settings["SECRET_KEY"].as_str().unwrap().to_owned());
+        }
+    }
+    if settings["FERNET_USE_HKDF"] == json!(false) {
+        args.push("--no-hkdf".to_owned());
+    }
+    args
+}
+
+fn map_args() -> Vec<String> {
+    COLUMNS
+        .iter()
+        .flat_map(|c| ["--map".to_owned(), format!("{c}={}", cred_name(c))])
+        .collect()
+}
+
+/// Runs the import; returns (success, stdout, stderr).
+fn import(data: &Path, database: &str, table: &str, extra: &[String]) -> (bool, String, String) {
+    let out = strongroom()
+        .args(["import", "django-fernet-fields", "--data-dir"])
+        .arg(data)
+        .args(["--database", database, "--table", table])
+        .args(["--owner-column", "label"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// The number after `label:` in the report.
+fn count(report: &str, label: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{label}` in report:\n{report}"))
+}
+
+fn new_target(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+    data
+}
+
+async fn backends(data: &Path) -> strongroom_server::Backends {
+    let config = strongroom_server::config::Config::load_for_operator(
+        None,
+        &strongroom_server::config::Overrides {
+            data_dir: Some(data.to_owned()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    strongroom_server::Backends::open(&config).await.unwrap()
+}
+
+/// Per (owner, name): (number of versions, current value) in the target, for the given
+/// owners and names; missing credentials are absent from the map.
+fn contents(
+    data: &Path,
+    owners: &[String],
+    names: &[String],
+) -> BTreeMap<(String, String), (usize, Vec<u8>, Value)> {
+    let mut found = BTreeMap::new();
+    rt().block_on(async {
+        let b = backends(data).await;
+        let vault = b.vault();
+        for owner in owners {
+            for name in names {
+                match vault.describe(owner, name).await {
+                    Ok(cred) => {
+                        let revealed = vault.reveal(owner, name, None).await.unwrap();
+                        found.insert(
+                            (owner.clone(), name.clone()),
+                            (
+                                cred.versions.len(),
+                                revealed.value.expose_secret().to_vec(),
+                                cred.versions[0].metadata.clone(),
+                            ),
+                        );
+                    }
+                    Err(strongroom_core::CoreError::NotFound) => {}
+                    Err(e) => panic!("{owner}/{name}: {e}"),
+                }
+            }
+        }
+        drop(vault);
+        b.close().await;
+    });
+    found
+}
+
+struct Vectors {
+    json: Value,
+    sqlite: PathBuf,
+}
+
+fn vectors(folder: &str, setup: &str) -> Vectors {
+    let dir = vectors_dir().join("django-fernet-fields").join(folder);
+    let json = read_json(&dir.join(format!("{setup}.json")));
+    let sqlite = dir.join(format!("{setup}.sqlite3"));
+    assert!(sqlite.is_file(), "missing {}", sqlite.display());
+    Vectors { json, sqlite }
+}
+
+fn labels(json: &Value) -> Vec<String> {
+    let mut l: Vec<String> = json["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["label"].as_str().unwrap().to_owned())
+        .collect();
+    l.sort();
+    l.dedup();
+    l
+}
+
+fn names() -> Vec<String> {
+    COLUMNS.iter().map(|c| cred_name(c)).collect()
+}
+
+/// Checks the target holds exactly the non-NULL vectors whose row is not in `failed_rows`,
+/// one version each, byte for byte, with the source recorded.
+fn check_target(data: &Path, json: &Value, table: &str, failed_rows: &[u64]) {
+    let found = contents(data, &labels(json), &names());
+    let mut expected = 0;
+    for v in json["vectors"].as_array().unwrap() {
+        let (label, column) = (v["label"].as_str().unwrap(), v["column"].as_str().unwrap());
+        let row_id = v["row_id"].as_u64().unwrap();
+        let key = (label.to_owned(), cred_name(column));
+        let got = found.get(&key);
+        if v["token"].is_null() || failed_rows.contains(&row_id) {
+            assert!(got.is_none(), "{key:?} should not exist");
+            continue;
+        }
+        expected += 1;
+        let (versions, value, metadata) = got.unwrap_or_else(|| panic!("{key:?} was not imported"));
+        assert_eq!(*versions, 1, "{key:?}");
+        assert!(
+            value.as_slice() == v["plaintext_utf8"].as_str().unwrap().as_bytes(),
+            "{key:?}: value differs"
+        );
+        assert_eq!(
+            metadata["imported_from"],
+            json!({"table": table, "row_id": row_id, "column": column}),
+            "{key:?}"
+        );
+    }
+    assert_eq!(found.len(), expected);
+}
+
+#[test]
+fn imports_every_vector_setup_idempotently() {
+    for folder in FOLDERS {
+        for setup in SETUPS {
+            let what = format!("{folder}/{setup}");
+            let v = vectors(folder, setup);
+            let tmp = tempfile::tempdir().unwrap();
+            let db = tmp.path().join("django.sqlite3");
+            std::fs::copy(&v.sqlite, &db).unwrap();
+            let database = format!("sqlite:{}", db.display());
+            let data = new_target(tmp.path());
+            let mut args = key_args(&v.json["settings"]);
+            args.extend(map_args());
+            args.extend(["--batch".to_owned(), "4".to_owned()]);
+
+            let non_null = v.json["vectors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| !x["token"].is_null())
+                .count() as u64;
+            let nulls = v.json["vectors"].as_array().unwrap().len() as u64 - non_null;
+            let rows = labels(&v.json).len() as u64;
+
+            // Dry run: decrypts everything, writes nothing.
+            let mut dry = args.clone();
+            dry.push("--dry-run".to_owned());
+            let (ok, out, err) = import(&data, &database, "vault_secret", &dry);
+            assert!(ok, "{what}: {out}\n{err}");
+            assert!(out.contains("dry run"), "{what}: {out}");
+            assert_eq!(count(&out, "values decrypted:"), non_null, "{what}");
+            assert_eq!(count(&out, "rows failed:"), 0, "{what}");
+            assert!(
+                contents(&data, &labels(&v.json), &names()).is_empty(),
+                "{what}: dry run wrote"
+            );
+
+            // The import.
+            let (ok, out, err) = import(&data, &database, "vault_secret", &args);
+            assert!(ok, "{what}: {out}\n{err}");
+            assert_eq!(count(&out, "rows read:"), rows, "{what}");
+            assert_eq!(count(&out, "values imported:"), non_null, "{what}");
+            assert_eq!(count(&out, "NULLs skipped:"), nulls, "{what}");
+            assert_eq!(count(&out, "already imported:"), 0, "{what}");
+            assert!(
+                err.contains("import: "),
+                "{what}: no plain progress lines: {err}"
+            );
+            check_target(&data, &v.json, "vault_secret", &[]);
+
+            // A rerun adds nothing.
+            let (ok, out, err) = import(&data, &database, "vault_secret", &args);
+            assert!(ok, "{what}: {out}\n{err}");
+            assert_eq!(count(&out, "values imported:"), 0, "{what}");
+            assert_eq!(count(&out, "already imported:"), non_null, "{what}");
+            check_target(&data, &v.json, "vault_secret", &[]);
+
+            // Nothing of any value leaks into the output.
+            for x in v.json["vectors"].as_array().unwrap() {
+                let p = x["plaintext_utf8"].as_str().unwrap_or("");
+                if p.len() >= 8 {
+                    assert!(
+                        !out.contains(p) && !err.contains(p),
+                        "{what}: value in output"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rotation_with_only_the_new_key_fails_the_old_rows_and_writes_none_of_them() {
+    for folder in FOLDERS {
+        let v = vectors(folder, "d_rotation");
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("django.sqlite3");
+        std::fs::copy(&v.sqlite, &db).unwrap();
+        let database = format!("sqlite:{}", db.display());
+        let data = new_target(tmp.path());
+        let new_key = v.json["settings"]["FERNET_KEYS"][0].as_str().unwrap();
+        let mut args = vec!["--key".to_owned(), new_key.to_owned()];
+        args.extend(map_args());
+
+        // Rows whose tokens only the old key (index 1) opens.
+        let mut old: Vec<(u64, String)> = v.json["vectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["key_index"] == json!(1))
+            .map(|x| {
+                (
+                    x["row_id"].as_u64().unwrap(),
+                    x["column"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        old.sort();
+        let mut old_rows: Vec<u64> = old.iter().map(|(r, _)| *r).collect();
+        old_rows.dedup();
+        assert!(!old_rows.is_empty());
+
+        for _ in 0..2 {
+            let (ok, out, err) = import(&data, &database, "vault_secret", &args);
+            assert!(!ok, "{folder}: must fail: {out}");
+            assert!(err.contains("could not be imported"), "{folder}: {err}");
+            assert_eq!(
+                count(&out, "rows failed:"),
+                old_rows.len() as u64,
+                "{folder}"
+            );
+            for (row, column) in &old {
+                assert!(
+                    out.contains(&format!(
+                        "row {row} column {column}: no key opens the token"
+                    )),
+                    "{folder}: row {row} {column} not listed:\n{out}"
+                );
+            }
+            check_target(&data, &v.json, "vault_secret", &old_rows);
+        }
+
+        // With both keys, the rest follows and nothing is duplicated.
+        let mut all = key_args(&v.json["settings"]);
+        all.extend(map_args());
+        let (ok, out, err) = import(&data, &database, "vault_secret", &all);
+        assert!(ok, "{folder}: {out}\n{err}");
+        assert_eq!(
+            count(&out, "values imported:"),
+            old.len() as u64,
+            "{folder}"
+        );
+        check_target(&data, &v.json, "vault_secret", &[]);
+
+        // Each run left an operator record in the audit log: two failed, one clean.
+        let export = strongroom()
+            .args(["audit", "export", "--format", "jsonl", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(export.status.success());
+        let outcomes: Vec<String> = String::from_utf8(export.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["action"] == "import.django-fernet-fields")
+            .map(|r| r["outcome"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(outcomes, ["error", "error", "ok"], "{folder}");
+    }
+}
+
+/// A database built here: integer owners, tokens in TEXT and BLOB columns, names from a
+/// column, a NULL, a non-token and a row id that is not an integer.
+#[test]
+fn name_column_mode_with_integer_owners_and_text_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.sqlite3");
+    let fernet = strongroom_crypto::django::keys_from_strings(&["app passphrase"], true).unwrap();
+    let rng = strongroom_crypto::OsRandom;
+    let enc = |s: &str| fernet.encrypt(s.as_bytes(), 1_700_000_000, &rng).unwrap();
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE accounts (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL,
+                 service TEXT, token TEXT, blob_token BLOB)",
+        )
+        .unwrap();
+        let rows: [(i64, i64, &str, Option<String>); 5] = [
+            (1, 42, "zoom.api-key", Some(enc("zoom-secret"))),
+            (
+                2,
+                42,
+                "slack.token",
+                Some(enc("2024-01-02 03:04:05.123456+05:30")),
+            ),
+            (3, 7, "zoom.api-key", Some(enc(""))),
+            (4, 7, "github.token", None),
+            (5, 9, "broken", Some("not-a-token".to_owned())),
+        ];
+        for (id, user, service, token) in rows {
+            conn.execute(
+                "INSERT INTO accounts VALUES (?1, ?2, ?3, ?4, CAST(?4 AS BLOB))",
+                rusqlite::params![id, user, service, token],
+            )
+            .unwrap();
+        }
+    }
+    let database = format!("sqlite:{}", db.display());
+    for column in ["token", "blob_token"] {
+        let target = tempfile::tempdir().unwrap();
+        let data = new_target(target.path());
+        // The keys by flag, or from a file (blank lines ignored).
+        let key_file = target.path().join("keys.txt");
+        std::fs::write(&key_file, "app passphrase\n\n").unwrap();
+        let key_flags: Vec<String> = if column == "token" {
+            vec!["--key".into(), "app passphrase".into()]
+        } else {
+            vec!["--key-file".into(), key_file.display().to_string()]
+        };
+        for run in 0..2 {
+            let out = strongroom()
+                .args(["import", "django-fernet-fields", "--data-dir"])
+                .arg(&data)
+                .args(["--database", &database, "--table", "accounts"])
+                .args(["--owner-column", "user_id", "--name-column", "service"])
+                .args(["--value-column", column])
+                .args(key_flags.iter().map(String::as_str))
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert_eq!(out.status.code(), Some(1), "{stdout}");
+            assert!(
+                stdout.contains(&format!("row 5 column {column}: not a valid Fernet token")),
+                "{stdout}"
+            );
+            assert_eq!(count(&stdout, "NULLs skipped:"), 1);
+            assert!(!stdout.contains("not-a-token") && !stdout.contains("zoom-secret"));
+            let imported = count(&stdout, "values imported:");
+            assert_eq!(imported, if run == 0 { 3 } else { 0 }, "{stdout}");
+            assert_eq!(count(&stdout, "already imported:"), 3 - imported);
+        }
+        let found = contents(
+            &data,
+            &["42".to_owned(), "7".to_owned(), "9".to_owned()],
+            &[
+                "zoom.api-key".to_owned(),
+                "slack.token".to_owned(),
+                "github.token".to_owned(),
+                "broken".to_owned(),
+            ],
+        );
+        let values: Vec<_> = found
+            .iter()
+            .map(|((o, n), (versions, v, meta))| {
+                (
+                    o.as_str(),
+                    n.as_str(),
+                    *versions,
+                    String::from_utf8(v.clone()).unwrap(),
+                    meta["imported_from"]["column"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let c = column.to_owned();
+        assert_eq!(
+            values,
+            [
+                (
+                    "42",
+                    "slack.token",
+                    1,
+                    "2024-01-02 03:04:05.123456+05:30".to_owned(),
+                    c.clone()
+                ),
+                ("42", "zoom.api-key", 1, "zoom-secret".to_owned(), c.clone()),
+                ("7", "zoom.api-key", 1, String::new(), c),
+            ]
+        );
+    }
+}
+
+/// SIGKILL in the middle of an import, then a rerun: every value ends up exactly once.
+#[test]
+fn an_interrupted_import_continues_without_duplicates() {
+    const ROWS: i64 = 400;
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("big.sqlite3");
+    let fernet = strongroom_crypto::django::keys_from_strings(&["k"], true).unwrap();
+    let rng = strongroom_crypto::OsRandom;
+    {
+        let mut conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("CREATE TABLE s (id INTEGER PRIMARY KEY, label TEXT, v BLOB)")
+            .unwrap();
+        let tx = conn.transaction().unwrap();
+        for id in 1..=ROWS {
+            let token = fernet
+                .encrypt(format!("value-{id}").as_bytes(), 1_700_000_000, &rng)
+                .unwrap();
+            tx.execute(
+                "INSERT INTO s VALUES (?1, ?2, ?3)",
+                rusqlite::params![id, format!("user-{}", id % 37), token.into_bytes()],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let data = new_target(tmp.path());
+    let database = format!("sqlite:{}", db.display());
+    let args = |cmd: &mut Command| {
+        cmd.args(["import", "django-fernet-fields", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--database",
+                &database,
+                "--table",
+                "s",
+                "--owner-column",
+                "label",
+            ])
+            .args(["--map", "v=api-key", "--key", "k", "--batch", "1"])
+            .env_remove("STRONGROOM_DATA_DIR")
+            .env_remove("STRONGROOM_CONFIG");
+    };
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("strongroom"));
+    args(&mut cmd);
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill it once some rows are in.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.starts_with("import: 20/") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("strongroom"));
+    args(&mut cmd);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    let imported = count(&stdout, "values imported:");
+    let already = count(&stdout, "already imported:");
+    assert!(already >= 20 && imported < ROWS as u64, "{stdout}");
+    assert_eq!(imported + already, ROWS as u64, "{stdout}");
+
+    // Every row's value is a version of its owner's credential, exactly once.
+    rt().block_on(async {
+        let b = backends(&data).await;
+        let vault = b.vault();
+        let mut seen = std::collections::BTreeSet::new();
+        for owner in 0..37 {
+            let owner = format!("user-{owner}");
+            let cred = vault.describe(&owner, "api-key").await.unwrap();
+            for v in &cred.versions {
+                let row = v.metadata["imported_from"]["row_id"].as_i64().unwrap();
+                assert!(seen.insert(row), "row {row} imported twice");
+                assert_eq!(row % 37, owner[5..].parse::<i64>().unwrap());
+            }
+            // The current version is the highest row of this owner.
+            let current = vault.reveal(&owner, "api-key", None).await.unwrap();
+            let last = (1..=ROWS)
+                .filter(|i| format!("user-{}", i % 37) == owner)
+                .max();
+            assert_eq!(
+                current.value.expose_secret(),
+                format!("value-{}", last.unwrap()).as_bytes()
+            );
+        }
+        assert_eq!(seen.len(), ROWS as usize);
+        drop(vault);
+        b.close().await;
+    });
+}
+
+#[test]
+fn usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = |extra: &[&str]| {
+        strongroom()
+            .args(["import", "django-fernet-fields", "--data-dir"])
+            .arg(tmp.path().join("data"))
+            .args(["--table", "t", "--owner-column", "o"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // No keys.
+    let out = base(&["--database", "sqlite:/nonexistent", "--map", "c=n"]);
+    assert_eq!(out.status.code(), Some(2));
+    // Bad credential name.
+    let out = base(&[
+        "--database",
+        "sqlite:/x",
+        "--map",
+        "c=Bad Name",
+        "--key",
+        "k",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    // Unknown database scheme.
+    let out = base(&["--database", "mysql://x", "--map", "c=n", "--key", "k"]);
+    assert_eq!(out.status.code(), Some(2));
+    // HKDF off needs real Fernet keys; the key is never echoed.
+    let out = base(&[
+        "--database",
+        "sqlite:/x",
+        "--map",
+        "c=n",
+        "--key",
+        "passphrase-canary",
+        "--no-hkdf",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("passphrase-canary"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Online: into the store of a running `serve --dev`, revealed over HTTPS by the dev service.
+
+struct DevServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+    banner: String,
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dev(data: &Path) -> DevServer {
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_LISTEN")
+        .env_remove("STRONGROOM_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut banner = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                banner.push_str(&line);
+                banner.push('\n');
+                if line.starts_with("Stop with Ctrl-C") {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no banner; stdout so far:\n{banner}");
+            }
+        }
+    }
+    let url = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listening on"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no listen line in:\n{banner}"));
+    let addr: SocketAddr = url.strip_prefix("https://").unwrap().parse().unwrap();
+    DevServer {
+        child,
+        addr,
+        banner,
+    }
+}
+
+impl DevServer {
+    fn export(&self, name: &str) -> String {
+        let prefix = format!("export {name}='");
+        self.banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("no {name} in banner:\n{}", self.banner))
+            .to_owned()
+    }
+}
+
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn imports_into_a_running_server_and_reveals_over_https() {
+    let v = vectors("dff-v2-0.9_django-6.1", "a_single_key_hkdf");
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("django.sqlite3");
+    std::fs::copy(&v.sqlite, &db).unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev(&data);
+    let service = server.export("SERVICE");
+
+    let mut args = key_args(&v.json["settings"]);
+    args.extend(map_args());
+    let database = format!("sqlite:{}", db.display());
+    let (ok, out, err) = import(&data, &database, "vault_secret", &args);
+    assert!(ok, "{out}\n{err}");
+    let (ok, out, err) = import(&data, &database, "vault_secret", &args);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(count(&out, "values imported:"), 0);
+
+    let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+    let client = TestClient::new(server.addr, ClientOptions::new(ca)).unwrap();
+    rt().block_on(async {
+        for x in v.json["vectors"].as_array().unwrap() {
+            let (label, column) = (x["label"].as_str().unwrap(), x["column"].as_str().unwrap());
+            let path = format!(
+                "/v1/owners/{}/credentials/{}/reveal",
+                percent(label),
+                cred_name(column)
+            );
+            let r = client
+                .json("POST", &path, Some(&service), &json!({}))
+                .await
+                .unwrap();
+            if x["token"].is_null() {
+                assert_eq!(r.status, 404, "{label}/{column}");
+                continue;
+            }
+            assert_eq!(r.status, 200, "{label}/{column}: {}", r.text());
+            assert_eq!(r.json()["version"], 1, "{label}/{column}");
+            assert!(
+                r.json()["value"] == x["plaintext_utf8"],
+                "{label}/{column}: value differs"
+            );
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL: the same rows in bytea (and text) columns.
+
+fn postgres_url() -> Option<String> {
+    match std::env::var("STRONGROOM_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("STRONGROOM_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "STRONGROOM_REQUIRE_POSTGRES=1 but STRONGROOM_TEST_POSTGRES_URL is unset"
+            );
+            eprintln!(
+                "SKIPPED (loudly): STRONGROOM_TEST_POSTGRES_URL is unset; the PostgreSQL \
+                 import test did not run (scripts/lib/postgres.sh pg_start sets it)"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn imports_the_vectors_from_postgres_bytea_and_text_columns() {
+    let Some(url) = postgres_url() else { return };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("dff_import_{}_{nanos}", std::process::id());
+    let rt = rt();
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .unwrap();
+    rt.spawn(async move {
+        let _ = conn.await;
+    });
+    rt.block_on(client.batch_execute(&format!("CREATE SCHEMA {schema}")))
+        .unwrap();
+
+    for folder in FOLDERS {
+        for setup in SETUPS {
+            for column_type in ["bytea", "text"] {
+                let what = format!("{folder}/{setup}/{column_type}");
+                let v = vectors(folder, setup);
+                let table = format!("{schema}.t_{}_{setup}_{column_type}", folder.len());
+                // Django's DDL for the model on PostgreSQL (columns `bytea NULL`).
+                let cols: Vec<String> = COLUMNS
+                    .iter()
+                    .map(|c| format!("\"{c}\" {column_type} NULL"))
+                    .collect();
+                rt.block_on(client.batch_execute(&format!(
+                    "CREATE TABLE {table} (\"id\" integer NOT NULL PRIMARY KEY \
+                     GENERATED BY DEFAULT AS IDENTITY, \"label\" varchar(100) NOT NULL, {})",
+                    cols.join(", ")
+                )))
+                .unwrap();
+                let mut rows: BTreeMap<u64, (String, BTreeMap<String, Option<String>>)> =
+                    BTreeMap::new();
+                for x in v.json["vectors"].as_array().unwrap() {
+                    let e = rows
+                        .entry(x["row_id"].as_u64().unwrap())
+                        .or_insert_with(|| {
+                            (x["label"].as_str().unwrap().to_owned(), BTreeMap::new())
+                        });
+                    e.1.insert(
+                        x["column"].as_str().unwrap().to_owned(),
+                        x["token"].as_str().map(str::to_owned),
+                    );
+                }
+                let placeholders: Vec<String> =
+                    (3..3 + COLUMNS.len()).map(|i| format!("${i}")).collect();
+                let insert = format!(
+                    "INSERT INTO {table} (id, label, {}) VALUES ($1, $2, {})",
+                    COLUMNS
+                        .iter()
+                        .map(|c| format!("\"{c}\""))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    placeholders.join(", ")
+                );
+                rt.block_on(async {
+                    for (id, (label, tokens)) in &rows {
+                        let id = *id as i32;
+                        let bytes: Vec<Option<Vec<u8>>> = COLUMNS
+                            .iter()
+                            .map(|c| tokens[*c].as_ref().map(|t| t.as_bytes().to_vec()))
+                            .collect();
+                        let texts: Vec<Option<String>> =
+                            COLUMNS.iter().map(|c| tokens[*c].clone()).collect();
+                        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                            vec![&id, label];
+                        if column_type == "bytea" {
+                            params.extend(
+                                bytes
+                                    .iter()
+                                    .map(|b| b as &(dyn tokio_postgres::types::ToSql + Sync)),
+                            );
+                        } else {
+                            params.extend(
+                                texts
+                                    .iter()
+                                    .map(|t| t as &(dyn tokio_postgres::types::ToSql + Sync)),
+                            );
+                        }
+                        client.execute(&insert, &params).await.unwrap();
+                    }
+                });
+
+                let tmp = tempfile::tempdir().unwrap();
+                let data = new_target(tmp.path());
+                let mut args = key_args(&v.json["settings"]);
+                args.extend(map_args());
+                args.extend(["--batch".to_owned(), "5".to_owned()]);
+                let (ok, out, err) = import(&data, &url, &table, &args);
+                assert!(ok, "{what}: {out}\n{err}");
+                check_target(&data, &v.json, &table, &[]);
+                let (ok, out, err) = import(&data, &url, &table, &args);
+                assert!(ok, "{what}: {out}\n{err}");
+                assert_eq!(count(&out, "values imported:"), 0, "{what}");
+            }
+        }
+    }
+    rt.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")))
+        .unwrap();
+}

@@ -1,0 +1,421 @@
+//! Choosing the key provider in the configuration, and moving providers with
+//! `rewrap --to-config`: local keyring → Transit (OpenBao), AWS KMS (moto) and PKCS#11
+//! (SoftHSM2), against the real peers started by `scripts/lib/{openbao,moto,softhsm}.sh`.
+//! A test whose peer is absent says SKIP loudly (and fails with STRONGROOM_REQUIRE_PEERS=1).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::strongroom;
+use strongroom_server::config::{Config, Overrides};
+use strongroom_server::Backends;
+
+fn peer(var: &str, script: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            let msg = format!("{var} is not set: start the peer with `. scripts/lib/{script}`");
+            if std::env::var("STRONGROOM_REQUIRE_PEERS").as_deref() == Ok("1") {
+                panic!("STRONGROOM_REQUIRE_PEERS=1 but {msg}");
+            }
+            let _ = std::io::stderr()
+                .lock()
+                .write_all(format!("\n*** SKIP: {msg} ***\n").as_bytes());
+            None
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{:x}-{}", nanos, std::process::id())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn operator_config(file: Option<&Path>, data: &Path) -> Config {
+    Config::load_for_operator(
+        file,
+        &Overrides {
+            data_dir: Some(data.to_owned()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap()
+}
+
+fn put_req<'a>(name: &'a str, value: &'a str) -> strongroom_core::PutRequest<'a> {
+    strongroom_core::PutRequest {
+        owner: "alice",
+        name,
+        value: strongroom_crypto::SecretBytes::from_slice(value.as_bytes()),
+        metadata: None,
+        expected_version: None,
+        created_by: "user:alice",
+    }
+}
+
+fn run(args: &[&str], extra: &[&std::ffi::OsStr]) -> std::process::Output {
+    strongroom()
+        .args(args)
+        .args(extra)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_CONFIG")
+        .output()
+        .unwrap()
+}
+
+/// Local keyring → `keys_section` by rewrap; then everything opens through the remote
+/// provider, new writes go to it, and a second rewrap finds nothing to do.
+fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    assert!(run(&["keys", "generate"], &dd).status.success());
+    let rt = rt();
+    const N: usize = 30;
+    rt.block_on(async {
+        let b = Backends::open(&operator_config(None, &data)).await.unwrap();
+        let vault = b.vault();
+        for i in 0..N {
+            vault
+                .put(put_req(&format!("cred-{i}"), &format!("value-{i}")))
+                .await
+                .unwrap();
+        }
+        b.close().await;
+    });
+
+    let remote = tmp.path().join("remote.toml");
+    std::fs::write(
+        &remote,
+        format!(
+            "data_dir = {:?}\n{keys_section}",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = run(
+        &["rewrap", "--concurrency", "8", "--to-config"],
+        &[remote.as_os_str(), dd[0], dd[1]],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("rewrapped {N}, skipped 0, failed 0")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("(target {provider}:")), "{stdout}");
+
+    rt.block_on(async {
+        let b = Backends::open(&operator_config(Some(&remote), &data))
+            .await
+            .unwrap();
+        assert_eq!(b.keyring.kind(), provider);
+        assert!(b.local_keyring.is_none());
+        let vault = b.vault();
+        for i in 0..N {
+            let r = vault
+                .reveal("alice", &format!("cred-{i}"), None)
+                .await
+                .unwrap();
+            assert_eq!(r.value.expose_secret(), format!("value-{i}").as_bytes());
+        }
+        vault
+            .put(put_req("written-remotely", "remote"))
+            .await
+            .unwrap();
+        let r = vault
+            .reveal("alice", "written-remotely", None)
+            .await
+            .unwrap();
+        assert_eq!(r.value.expose_secret(), b"remote");
+        let counts = b.store.count_versions_by_kek().await.unwrap();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        assert_eq!(counts[0].0.provider, provider);
+        assert_eq!(counts[0].1, N as u64 + 1);
+        b.close().await;
+    });
+    let out = run(&["rewrap", "--config"], &[remote.as_os_str()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("rewrapped 0, skipped 0, failed 0"),
+        "{stdout}"
+    );
+    (tmp, remote)
+}
+
+fn stdout_ok(args: &[&str], cfg: &Path) -> String {
+    let out = run(args, &[std::ffi::OsStr::new("--config"), cfg.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `keys rotate`, `list`, `retire` and `rewrap` on a remote provider (Transit, PKCS#11).
+fn rotate_rewrap_retire_remote(remote: &Path) {
+    let out = stdout_ok(&["keys", "rotate"], remote);
+    assert!(out.contains(":v2 is now active"), "{out}");
+    let out = run(&["keys", "retire", "1", "--config"], &[remote.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("31 active credential versions"), "{err}");
+    let out = stdout_ok(&["rewrap"], remote);
+    assert!(out.contains("rewrapped 31, skipped 0, failed 0"), "{out}");
+    let out = stdout_ok(&["keys", "retire", "1"], remote);
+    assert!(out.contains("no credential version uses"), "{out}");
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout_ok(&["keys", "list", "--json"], remote)).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["version"], 2);
+    assert_eq!(list[0]["state"], "active");
+    assert_eq!(list[0]["credential_versions"], 31);
+}
+
+/// The configuration naming a key the provider does not have: one clear error naming the
+/// provider, no panic.
+fn wrong_key_is_one_clear_error(provider: &str, keys_section: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n{keys_section}",
+            tmp.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = run(&["rewrap", "--config"], &[cfg.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("key provider '{provider}'")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn bao(args: &[&str]) {
+    let bin = std::env::var("OPENBAO_BIN").unwrap_or_else(|_| "bao".into());
+    let out = Command::new(bin)
+        .args(args)
+        .env(
+            "BAO_ADDR",
+            std::env::var("STRONGROOM_TEST_OPENBAO_ADDR").unwrap(),
+        )
+        .env(
+            "BAO_CACERT",
+            std::env::var("STRONGROOM_TEST_OPENBAO_CACERT").unwrap(),
+        )
+        .env(
+            "BAO_TOKEN",
+            std::env::var("STRONGROOM_TEST_OPENBAO_TOKEN").unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bao {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn transit_section(key: &str) -> String {
+    format!(
+        "[keys]\nprovider = \"transit\"\n[keys.transit]\naddress = {:?}\nkey = {key:?}\n\
+         token_env = \"STRONGROOM_TEST_OPENBAO_TOKEN\"\nca_file = {:?}\n",
+        std::env::var("STRONGROOM_TEST_OPENBAO_ADDR").unwrap(),
+        std::env::var("STRONGROOM_TEST_OPENBAO_CACERT").unwrap(),
+    )
+}
+
+#[test]
+fn local_to_transit_by_rewrap() {
+    if peer("STRONGROOM_TEST_OPENBAO_ADDR", "openbao.sh").is_none() {
+        return;
+    }
+    let key = unique("rewrap");
+    bao(&["write", "-f", &format!("transit/keys/{key}")]);
+    let (_tmp, remote) = move_to("transit", &transit_section(&key));
+    rotate_rewrap_retire_remote(&remote);
+    wrong_key_is_one_clear_error("transit", &transit_section("no-such-key"));
+}
+
+fn kms_section(key_id: &str) -> String {
+    format!(
+        "[keys]\nprovider = \"aws-kms\"\n[keys.aws_kms]\nkey_id = {key_id:?}\n\
+         region = \"us-east-1\"\nendpoint_url = {:?}\nmax_attempts = 1\n",
+        std::env::var("STRONGROOM_TEST_KMS_ENDPOINT").unwrap(),
+    )
+}
+
+#[test]
+fn local_to_aws_kms_by_rewrap() {
+    let Some(endpoint) = peer("STRONGROOM_TEST_KMS_ENDPOINT", "moto.sh") else {
+        return;
+    };
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, boto3; print(boto3.client('kms', endpoint_url=sys.argv[1], \
+             region_name='us-east-1').create_key()['KeyMetadata']['Arn'])",
+            &endpoint,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let arn = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    move_to("aws-kms", &kms_section(&arn));
+    wrong_key_is_one_clear_error(
+        "aws-kms",
+        &kms_section("arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000"),
+    );
+}
+
+fn pkcs11_section(label: &str) -> String {
+    format!(
+        "[keys]\nprovider = \"pkcs11\"\n[keys.pkcs11]\nmodule = {:?}\ntoken_label = {:?}\n\
+         key_label = {label:?}\npin_file = {:?}\n",
+        std::env::var("STRONGROOM_TEST_SOFTHSM_MODULE").unwrap(),
+        std::env::var("STRONGROOM_TEST_SOFTHSM_TOKEN").unwrap(),
+        std::env::var("STRONGROOM_TEST_SOFTHSM_PIN_FILE").unwrap(),
+    )
+}
+
+#[test]
+fn local_to_pkcs11_by_rewrap() {
+    if peer("STRONGROOM_TEST_SOFTHSM_MODULE", "softhsm.sh").is_none() {
+        return;
+    }
+    let label = unique("rewrap");
+    let gen = tempfile::tempdir().unwrap();
+    let cfg = gen.path().join("gen.toml");
+    std::fs::write(&cfg, pkcs11_section(&label)).unwrap();
+    let out = stdout_ok(&["keys", "generate"], &cfg);
+    assert!(out.contains(&format!("pkcs11:{label}")), "{out}");
+    let (_tmp, remote) = move_to("pkcs11", &pkcs11_section(&label));
+    rotate_rewrap_retire_remote(&remote);
+    wrong_key_is_one_clear_error("pkcs11", &pkcs11_section("no-such-label"));
+}
+
+/// `serve --config` with `keys.provider = "transit"`: ready, `/v1/keys` names the Transit KEK;
+/// a wrong key name stops the server at start with one line naming the provider.
+#[test]
+fn serve_with_transit_as_the_key_provider() {
+    use std::time::{Duration, Instant};
+    if peer("STRONGROOM_TEST_OPENBAO_ADDR", "openbao.sh").is_none() {
+        return;
+    }
+    let key = unique("serve");
+    bao(&["write", "-f", &format!("transit/keys/{key}")]);
+    let tmp = tempfile::tempdir().unwrap();
+    let admin = "admin-token-for-provider-tests";
+    let setup = strongroom_server::dev::bootstrap(&strongroom_server::dev::DevOptions {
+        data_dir: tmp.path().join("dev"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: Some(zeroize::Zeroizing::new(admin.to_owned())),
+        service_token: None,
+    })
+    .unwrap();
+    let sha = Command::new("sh")
+        .args([
+            "-c",
+            &format!("printf %s '{admin}' | sha256sum | cut -d' ' -f1"),
+        ])
+        .output()
+        .unwrap();
+    let sha = String::from_utf8(sha.stdout).unwrap().trim().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = |key: &str| {
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n[tls]\ncert = {:?}\nkey = {:?}\n\
+             [[auth.admin]]\nname = \"ops\"\ntoken_sha256 = \"{sha}\"\n{}",
+            tmp.path().join("data").display().to_string(),
+            setup.cert.display().to_string(),
+            setup.key.display().to_string(),
+            transit_section(key)
+        )
+    };
+    let cfg = tmp.path().join("s.toml");
+    std::fs::write(&cfg, config(&key)).unwrap();
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ca = std::fs::read(&setup.ca_cert).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = strongroom_server::testing::TestClient::new(
+        addr,
+        strongroom_server::testing::ClientOptions::new(ca),
+    )
+    .unwrap();
+    let result = rt().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get("/readyz", None).await {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("not ready within 30 s".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = client.get("/v1/keys", Some(admin)).await?;
+        Ok(r.json())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let keys = result.unwrap();
+    assert_eq!(keys["active"]["provider"], "transit", "{keys}");
+    assert_eq!(keys["active"]["key_id"], format!("transit/{key}"), "{keys}");
+
+    std::fs::write(&cfg, config("no-such-key")).unwrap();
+    let out = strongroom()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_CONFIG")
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("strongroom: error: key provider 'transit'"),
+        "{err}"
+    );
+}

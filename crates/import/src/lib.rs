@@ -1,0 +1,420 @@
+//! # strongroom-import
+//!
+//! Moves credentials out of a Django app's `django-fernet-fields` columns into Strongroom:
+//! each token is decrypted with the app's keys (as django-fernet-fields builds them: see
+//! [`strongroom_crypto::django`]) and stored as a new version through [`Vault::put`], sealed
+//! under the current KEK and bound to `(owner, name)`.
+//!
+//! The import is idempotent and resumable: every version it writes records its source in
+//! its metadata, `{"imported_from": {"table", "row_id", "column"}}`, and a value whose source
+//! is already among the credential's versions is skipped. A row is all or nothing: when any of
+//! its values fails (no key opens it, bad owner, too large), none of its values is written.
+//! Nothing here logs or returns a plaintext; failures name the row id and column only.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod source;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use strongroom_core::{CoreError, PutRequest, Vault, MAX_VALUE_LEN};
+use strongroom_crypto::binding::{is_valid_name, is_valid_owner};
+use strongroom_crypto::fernet::MultiFernet;
+use strongroom_crypto::SecretBytes;
+
+pub use source::{Cell, Columns, DatabaseUrl, Source, SourceRow};
+
+/// `created_by` of the versions an import writes.
+pub const CREATED_BY: &str = "import:django-fernet-fields";
+
+/// How many times a put is retried when another writer changes the credential between the
+/// "already imported?" check and the put.
+const PUT_ATTEMPTS: u32 = 8;
+
+/// What an import fails with as a whole (per-row problems go into the [`Report`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// The source database could not be read.
+    #[error("source database: {0}")]
+    Source(String),
+    /// Writing to the vault failed; rerun to continue where the import stopped.
+    #[error("target vault: {0} (rerun the import to continue)")]
+    Target(#[from] CoreError),
+    /// Some rows failed (the report lists them); nothing was written for those rows.
+    #[error(
+        "{0} row(s) could not be imported (listed in the report); nothing was written for them"
+    )]
+    RowsFailed(u64),
+}
+
+/// Where each value goes.
+#[derive(Debug, Clone)]
+pub enum Mapping {
+    /// `--map COLUMN=NAME`: each listed column becomes the credential NAME of the row's owner.
+    Columns(Vec<(String, String)>),
+    /// `--name-column N --value-column V`: one credential per row, named by column N.
+    NameValue {
+        /// Column holding the credential name.
+        name_column: String,
+        /// Column holding the token.
+        value_column: String,
+    },
+}
+
+/// What to import.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The source table.
+    pub table: String,
+    /// Its row-id column.
+    pub id_column: String,
+    /// The column holding the owner id.
+    pub owner_column: String,
+    /// Which columns become which credentials.
+    pub mapping: Mapping,
+    /// Rows read per batch.
+    pub batch: u32,
+}
+
+impl Plan {
+    /// Checks names and builds the column list.
+    ///
+    /// # Errors
+    ///
+    /// [`ImportError::Usage`] for an empty mapping or an invalid credential name.
+    pub fn columns(&self) -> Result<Columns, ImportError> {
+        let (name, values) = match &self.mapping {
+            Mapping::Columns(pairs) => {
+                if pairs.is_empty() {
+                    return Err(ImportError::Usage("give at least one --map".into()));
+                }
+                for (col, name) in pairs {
+                    if !is_valid_name(name) {
+                        return Err(ImportError::Usage(format!(
+                            "--map {col}={name}: credential names must match \
+                             [a-z0-9][a-z0-9._-]{{0,127}}"
+                        )));
+                    }
+                }
+                (None, pairs.iter().map(|(c, _)| c.clone()).collect())
+            }
+            Mapping::NameValue {
+                name_column,
+                value_column,
+            } => (Some(name_column.clone()), vec![value_column.clone()]),
+        };
+        if self.batch == 0 {
+            return Err(ImportError::Usage("--batch must be at least 1".into()));
+        }
+        Ok(Columns {
+            table: self.table.clone(),
+            id: self.id_column.clone(),
+            owner: self.owner_column.clone(),
+            name,
+            values,
+        })
+    }
+}
+
+/// One value that could not be imported: where it is and why, never what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFailure {
+    /// The row id, as text.
+    pub row_id: String,
+    /// The column at fault (the owner or name column for those problems).
+    pub column: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// The outcome of an import (or a dry run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Whether nothing was written.
+    pub dry_run: bool,
+    /// Rows read from the source.
+    pub rows_read: u64,
+    /// Values decrypted (in a dry run: values that would be imported or skipped).
+    pub values_decrypted: u64,
+    /// New versions written.
+    pub values_imported: u64,
+    /// NULL cells skipped.
+    pub nulls_skipped: u64,
+    /// Values whose source is already recorded in a version (skipped).
+    pub already_imported: u64,
+    /// Rows that failed (none of their values was written).
+    pub rows_failed: u64,
+    /// Each failing value, by row id and column.
+    pub failures: Vec<RowFailure>,
+}
+
+/// Progress after each batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Rows handled so far.
+    pub rows_done: u64,
+    /// Rows in the table when the import started.
+    pub rows_total: u64,
+    /// Versions written so far.
+    pub imported: u64,
+    /// Failed rows so far.
+    pub failed: u64,
+}
+
+/// A decrypted value ready to store.
+struct Ready {
+    column: String,
+    name: String,
+    plaintext: SecretBytes,
+}
+
+/// The `imported_from` record of one value.
+pub fn source_record(table: &str, row_id: &str, column: &str) -> Value {
+    let row_id = match row_id.parse::<i64>() {
+        Ok(n) if n.to_string() == row_id => json!(n),
+        _ => json!(row_id),
+    };
+    json!({ "table": table, "row_id": row_id, "column": column })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn token_text(cell: &Cell) -> Result<Option<&str>, &'static str> {
+    match cell {
+        Cell::Null => Ok(None),
+        Cell::Bytes(b) => std::str::from_utf8(b)
+            .map(Some)
+            .map_err(|_| "not a Fernet token (bytes are not ASCII)"),
+        Cell::Text(s) => Ok(Some(s.as_str())),
+        Cell::Int(_) | Cell::Real(_) => Err("not a Fernet token (the column holds a number)"),
+    }
+}
+
+/// Decrypts one row. `Err` lists the row's failures; `Ok` its values (NULLs counted).
+fn decrypt_row(
+    row: &SourceRow,
+    row_id: &str,
+    plan: &Plan,
+    cols: &Columns,
+    fernet: &MultiFernet,
+    nulls: &mut u64,
+) -> Result<(String, Vec<Ready>), Vec<RowFailure>> {
+    let mut failures = Vec::new();
+    let fail = |column: &str, reason: &'static str| RowFailure {
+        row_id: row_id.to_owned(),
+        column: column.to_owned(),
+        reason,
+    };
+    let owner = match row.owner.to_text() {
+        None if row.owner == Cell::Null => {
+            failures.push(fail(&cols.owner, "owner is NULL"));
+            String::new()
+        }
+        None => {
+            failures.push(fail(&cols.owner, "owner is not UTF-8 text"));
+            String::new()
+        }
+        Some(o) if !is_valid_owner(&o) => {
+            failures.push(fail(&cols.owner, "owner must be 1 to 255 bytes of UTF-8"));
+            String::new()
+        }
+        Some(o) => o,
+    };
+    let names: Vec<Option<String>> = match &plan.mapping {
+        Mapping::Columns(pairs) => pairs.iter().map(|(_, n)| Some(n.clone())).collect(),
+        Mapping::NameValue { name_column, .. } => {
+            let cell = row.name.as_ref().unwrap_or(&Cell::Null);
+            match cell.to_text() {
+                Some(n) if is_valid_name(&n) => vec![Some(n)],
+                Some(_) => {
+                    failures.push(fail(
+                        name_column,
+                        "credential name must match [a-z0-9][a-z0-9._-]{0,127}",
+                    ));
+                    vec![None]
+                }
+                None => {
+                    failures.push(fail(name_column, "credential name is NULL or not text"));
+                    vec![None]
+                }
+            }
+        }
+    };
+    let now = unix_now();
+    let mut ready = Vec::new();
+    let mut row_nulls = 0;
+    for ((column, cell), name) in cols.values.iter().zip(&row.values).zip(names) {
+        let token = match token_text(cell) {
+            Ok(None) => {
+                row_nulls += 1;
+                continue;
+            }
+            Ok(Some(t)) => t,
+            Err(reason) => {
+                failures.push(fail(column, reason));
+                continue;
+            }
+        };
+        match fernet.decrypt_with_index(token, None, now) {
+            Ok((plaintext, _)) if plaintext.len() > MAX_VALUE_LEN => {
+                failures.push(fail(column, "value larger than 64 KiB"));
+            }
+            Ok((plaintext, _)) => ready.push(Ready {
+                column: column.clone(),
+                name: name.unwrap_or_default(),
+                plaintext,
+            }),
+            Err(strongroom_crypto::fernet::FernetError::InvalidToken) => {
+                failures.push(fail(column, "no key opens the token"));
+            }
+            Err(_) => failures.push(fail(column, "not a valid Fernet token")),
+        }
+    }
+    *nulls += row_nulls;
+    if failures.is_empty() {
+        Ok((owner, ready))
+    } else {
+        Err(failures)
+    }
+}
+
+/// Whether it was written or already there.
+enum Put {
+    Imported,
+    AlreadyThere,
+}
+
+async fn put_once(
+    vault: &Vault,
+    owner: &str,
+    name: &str,
+    plaintext: &SecretBytes,
+    record: &Value,
+) -> Result<Put, ImportError> {
+    for _ in 0..PUT_ATTEMPTS {
+        let current = match vault.describe(owner, name).await {
+            Ok(cred) => {
+                if cred
+                    .versions
+                    .iter()
+                    .any(|v| v.metadata.get("imported_from") == Some(record))
+                {
+                    return Ok(Put::AlreadyThere);
+                }
+                cred.summary.current_version.unwrap_or(0)
+            }
+            Err(CoreError::NotFound) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        // Check-and-set against the version seen above: if anyone (another import, a user)
+        // wrote in between, look again rather than risk a duplicate.
+        let req = PutRequest {
+            owner,
+            name,
+            value: SecretBytes::from_slice(plaintext.expose_secret()),
+            metadata: Some(json!({ "imported_from": record })),
+            expected_version: Some(current),
+            created_by: CREATED_BY,
+        };
+        match vault.put(req).await {
+            Ok(_) => return Ok(Put::Imported),
+            Err(CoreError::VersionConflict { .. }) | Err(CoreError::Contended) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(CoreError::Contended.into())
+}
+
+/// Runs the import: reads `source` in batches, decrypts with `fernet`, and (unless `vault` is
+/// `None`, a dry run) writes each value. `progress` is called after every batch.
+///
+/// # Errors
+///
+/// [`ImportError`] when the source cannot be read or the vault refuses a write; the
+/// import can be rerun and continues where it stopped. Row failures are in the [`Report`].
+pub async fn run(
+    source: &mut Source,
+    plan: &Plan,
+    fernet: &MultiFernet,
+    vault: Option<&Vault>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report, ImportError> {
+    let cols = plan.columns()?;
+    let rows_total = source.count(&cols).await?;
+    let mut report = Report {
+        dry_run: vault.is_none(),
+        ..Report::default()
+    };
+    loop {
+        let batch = source.next_batch(&cols, plan.batch).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for row in &batch {
+            report.rows_read += 1;
+            let row_id = row.id.to_text().unwrap_or_else(|| "?".into());
+            let (owner, values) =
+                match decrypt_row(row, &row_id, plan, &cols, fernet, &mut report.nulls_skipped) {
+                    Ok(v) => v,
+                    Err(failures) => {
+                        report.rows_failed += 1;
+                        report.failures.extend(failures);
+                        continue;
+                    }
+                };
+            report.values_decrypted += values.len() as u64;
+            let Some(vault) = vault else { continue };
+            for v in values {
+                let record = source_record(&plan.table, &row_id, &v.column);
+                match put_once(vault, &owner, &v.name, &v.plaintext, &record).await? {
+                    Put::Imported => report.values_imported += 1,
+                    Put::AlreadyThere => report.already_imported += 1,
+                }
+            }
+        }
+        progress(Progress {
+            rows_done: report.rows_read,
+            rows_total: rows_total.max(report.rows_read),
+            imported: report.values_imported,
+            failed: report.rows_failed,
+        });
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_records_keep_integer_ids_as_numbers() {
+        assert_eq!(
+            source_record("t", "17", "c"),
+            json!({"table": "t", "row_id": 17, "column": "c"})
+        );
+        assert_eq!(source_record("t", "007", "c")["row_id"], json!("007"));
+        assert_eq!(source_record("t", "a-uuid", "c")["row_id"], json!("a-uuid"));
+    }
+
+    #[test]
+    fn mapping_names_are_checked() {
+        let plan = Plan {
+            table: "t".into(),
+            id_column: "id".into(),
+            owner_column: "o".into(),
+            mapping: Mapping::Columns(vec![("c".into(), "Bad Name".into())]),
+            batch: 10,
+        };
+        assert!(matches!(plan.columns(), Err(ImportError::Usage(_))));
+    }
+}

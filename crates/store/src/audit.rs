@@ -1,0 +1,206 @@
+//! The audit log's storage: the [`AuditLog`] capability both backends implement.
+//!
+//! Tables (migration 2): `audit_records` (one row per record: `seq`, the event's fields as
+//! columns, `prev_hash`, `hash`) and `audit_head` (one row: `count`, `hash`, `mac`). An
+//! append reads the head, chains the new records after it, stores them and the new head
+//! (with its MAC) in **one transaction**: on SQLite inside the writer thread's group commit,
+//! on PostgreSQL under a row lock on the head (`SELECT ... FOR UPDATE`), so several nodes
+//! sharing one database still write one chain.
+//!
+//! The store never sees a value: an [`Event`] has no field that could hold one.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+pub use strongroom_audit::{Event, Head, HeadKey, Record, Verifier, VerifyError, GENESIS};
+use time::OffsetDateTime;
+
+use crate::types::{from_millis, to_millis};
+use crate::StoreError;
+
+/// The `provider_state` key under which the wrapped head key is kept.
+pub const HEAD_KEY_STATE: &str = "audit/head-key";
+
+/// Most records one append may carry.
+pub const MAX_APPEND_BATCH: usize = 4096;
+
+/// What [`AuditLog::audit_query`] selects; every set field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuditFilter {
+    /// Records about this owner's credentials.
+    pub owner: Option<String>,
+    /// Records about credentials of this name.
+    pub name: Option<String>,
+    /// Records made by this principal id.
+    pub principal_id: Option<String>,
+    /// Only these actions (empty: any).
+    pub actions: Vec<String>,
+    /// At or after this time.
+    pub since: Option<OffsetDateTime>,
+    /// Before this time.
+    pub until: Option<OffsetDateTime>,
+}
+
+/// The audit log's storage, beside the credentials in the same database.
+#[async_trait]
+pub trait AuditLog: Send + Sync + Debug {
+    /// Appends `events` as consecutive records, atomically, and moves the head (MAC'd with
+    /// `key`). Event times are stored with millisecond precision (the returned records
+    /// carry the stored time, as the chain does).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for more than [`MAX_APPEND_BATCH`] events,
+    /// [`StoreError::Unavailable`] when the backend fails (nothing was appended).
+    async fn audit_append(
+        &self,
+        key: Arc<HeadKey>,
+        events: Vec<Event>,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    /// The head, or `None` while nothing was ever appended.
+    async fn audit_head(&self) -> Result<Option<Head>, StoreError>;
+
+    /// Up to `limit` records with `seq > after`, in `seq` order (for verify and export).
+    /// `limit` is clamped to [`MAX_APPEND_BATCH`].
+    async fn audit_scan(&self, after: u64, limit: u32) -> Result<Vec<Record>, StoreError>;
+
+    /// Up to `limit` records matching `filter`, newest first, with `seq < before` when set
+    /// (pass the last `seq` of a page to get the next). `limit` is clamped to 1000.
+    async fn audit_query(
+        &self,
+        filter: &AuditFilter,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    /// Stores `wrapped` under [`HEAD_KEY_STATE`] unless a value is there already, and
+    /// returns the value that is there now (so racing nodes agree on one key).
+    async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+}
+
+/// Most records one query page returns.
+pub(crate) const MAX_QUERY_LIMIT: u32 = 1000;
+
+/// The event with its time cut to what the database keeps (milliseconds, UTC).
+pub(crate) fn normalize(mut e: Event) -> Result<(Event, i64), StoreError> {
+    let ms = to_millis(e.time)?;
+    e.time = from_millis(ms)?;
+    Ok((e, ms))
+}
+
+pub(crate) fn hash_from(bytes: Vec<u8>) -> Result<[u8; 32], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::corrupt("audit hash is not 32 bytes"))
+}
+
+pub(crate) fn seq_from(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::corrupt("audit seq out of range"))
+}
+
+pub(crate) fn seq_param(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The columns, in order, of a stored record (both backends).
+pub(crate) const COLUMNS: &str = "seq, time_ms, principal_kind, principal_id, action, owner, \
+     name, version, outcome, status, request_id, client_addr, on_behalf_of, destination, \
+     error_code, prev_hash, hash";
+
+/// A record as raw column values, shared by both backends' row decoding.
+pub(crate) struct RawRecord {
+    pub seq: i64,
+    pub time_ms: i64,
+    pub principal_kind: String,
+    pub principal_id: String,
+    pub action: String,
+    pub owner: Option<String>,
+    pub name: Option<String>,
+    pub version: Option<i64>,
+    pub outcome: String,
+    pub status: i64,
+    pub request_id: Option<String>,
+    pub client_addr: Option<String>,
+    pub on_behalf_of: Option<String>,
+    pub destination: Option<String>,
+    pub error_code: Option<String>,
+    pub prev_hash: Vec<u8>,
+    pub hash: Vec<u8>,
+}
+
+impl RawRecord {
+    pub(crate) fn into_record(self) -> Result<Record, StoreError> {
+        Ok(Record {
+            seq: seq_from(self.seq)?,
+            event: Event {
+                time: from_millis(self.time_ms)?,
+                principal_kind: self.principal_kind,
+                principal_id: self.principal_id,
+                action: self.action,
+                owner: self.owner,
+                name: self.name,
+                version: self
+                    .version
+                    .map(|v| {
+                        u32::try_from(v).map_err(|_| StoreError::corrupt("audit version range"))
+                    })
+                    .transpose()?,
+                outcome: self.outcome,
+                status: u16::try_from(self.status)
+                    .map_err(|_| StoreError::corrupt("audit status out of range"))?,
+                request_id: self.request_id,
+                client_addr: self.client_addr,
+                on_behalf_of: self.on_behalf_of,
+                destination: self.destination,
+                error_code: self.error_code,
+            },
+            prev_hash: hash_from(self.prev_hash)?,
+            hash: hash_from(self.hash)?,
+        })
+    }
+}
+
+pub(crate) fn head_from(
+    count: i64,
+    hash: Vec<u8>,
+    mac: Vec<u8>,
+) -> Result<Option<Head>, StoreError> {
+    if count == 0 && mac.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Head {
+        count: seq_from(count)?,
+        hash: hash_from(hash)?,
+        mac: hash_from(mac)?,
+    }))
+}
+
+/// Chains `events` after `(count, hash)`; returns the records and their time columns.
+pub(crate) fn chain(
+    count: u64,
+    hash: [u8; 32],
+    events: Vec<Event>,
+) -> Result<Vec<(Record, i64)>, StoreError> {
+    let mut prev = (count > 0).then_some((count, hash));
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let (e, ms) = normalize(e)?;
+        let r = Record::next(prev, e);
+        prev = Some((r.seq, r.hash));
+        out.push((r, ms));
+    }
+    Ok(out)
+}
+
+/// Checks a batch size.
+pub(crate) fn check_batch(n: usize) -> Result<(), StoreError> {
+    if n > MAX_APPEND_BATCH {
+        return Err(StoreError::InvalidInput(
+            "too many audit events in one append",
+        ));
+    }
+    Ok(())
+}
