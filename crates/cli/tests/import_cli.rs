@@ -7,11 +7,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::dev::start_dev;
 use common::{read_json, strongroom, vectors_dir};
 use serde_json::{json, Value};
 use strongroom_server::testing::{ClientOptions, TestClient};
@@ -621,84 +620,6 @@ fn usage_errors() {
 // ---------------------------------------------------------------------------------------
 // Online: into the store of a running `serve --dev`, revealed over HTTPS by the dev service.
 
-struct DevServer {
-    child: std::process::Child,
-    addr: SocketAddr,
-    banner: String,
-}
-
-impl Drop for DevServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_dev(data: &Path) -> DevServer {
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
-        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .env_remove("STRONGROOM_DATA_DIR")
-        .env_remove("STRONGROOM_LISTEN")
-        .env_remove("STRONGROOM_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut banner = String::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                banner.push_str(&line);
-                banner.push('\n');
-                if line.starts_with("Stop with Ctrl-C") {
-                    break;
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no banner; stdout so far:\n{banner}");
-            }
-        }
-    }
-    let url = banner
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("listening on"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no listen line in:\n{banner}"));
-    let addr: SocketAddr = url.strip_prefix("https://").unwrap().parse().unwrap();
-    DevServer {
-        child,
-        addr,
-        banner,
-    }
-}
-
-impl DevServer {
-    fn export(&self, name: &str) -> String {
-        let prefix = format!("export {name}='");
-        self.banner
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-            .and_then(|rest| rest.strip_suffix('\''))
-            .unwrap_or_else(|| panic!("no {name} in banner:\n{}", self.banner))
-            .to_owned()
-    }
-}
-
 fn percent(s: &str) -> String {
     s.bytes()
         .map(|b| {
@@ -718,7 +639,7 @@ fn imports_into_a_running_server_and_reveals_over_https() {
     let db = tmp.path().join("django.sqlite3");
     std::fs::copy(&v.sqlite, &db).unwrap();
     let data = tmp.path().join("data");
-    let server = start_dev(&data);
+    let server = start_dev(&data, &[]);
     let service = server.export("SERVICE");
 
     let mut args = key_args(&v.json["settings"]);

@@ -5,104 +5,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::dev::start_dev;
 use common::strongroom;
 use serde_json::json;
 use strongroom_server::config::{Config, Overrides};
-use strongroom_server::testing::{ClientOptions, TestClient};
+use strongroom_server::testing::TestClient;
 use strongroom_server::Backends;
 
 const ADMIN: &str = "admin-token-for-rewrap-tests";
-
-struct DevServer {
-    child: Child,
-    addr: SocketAddr,
-    banner: String,
-}
-
-fn start_dev(data: &Path) -> DevServer {
-    let stderr = data.with_extension("stderr.log");
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
-        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args(["--dev-admin-token", ADMIN])
-        .env_remove("STRONGROOM_DATA_DIR")
-        .env_remove("STRONGROOM_LISTEN")
-        .env_remove("STRONGROOM_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut banner = String::new();
-    while !banner.contains("Stop with Ctrl-C") {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => {
-                banner.push_str(&line);
-                banner.push('\n');
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "no banner: {banner}\n{}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
-            }
-        }
-    }
-    let url = banner
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("listening on"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap();
-    let addr = url.strip_prefix("https://").unwrap().parse().unwrap();
-    DevServer {
-        child,
-        addr,
-        banner,
-    }
-}
-
-impl DevServer {
-    fn client(&self, data: &Path) -> TestClient {
-        let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
-        TestClient::new(self.addr, ClientOptions::new(ca)).unwrap()
-    }
-
-    fn export(&self, name: &str) -> String {
-        let prefix = format!("export {name}='");
-        self.banner
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-            .and_then(|rest| rest.strip_suffix('\''))
-            .unwrap()
-            .to_owned()
-    }
-}
-
-impl Drop for DevServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -209,7 +124,7 @@ async fn reveal(client: &TestClient, service: &str, name: &str) -> String {
 fn rotate_rewrap_retire_through_data_dir_and_config_while_the_server_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let server = start_dev(&data);
+    let server = start_dev(&data, &["--dev-admin-token", ADMIN]);
     let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
     let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
     let rt = rt();
@@ -323,7 +238,7 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
     let mut rng = Lcg(seed);
 
     // Seed the store in-process (the dev server creates the data dir and keyring).
-    let server = start_dev(&data);
+    let server = start_dev(&data, &["--dev-admin-token", ADMIN]);
     let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
     const SEEDED: u32 = 4000;
     let rt = rt();

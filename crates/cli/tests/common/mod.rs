@@ -1,6 +1,8 @@
 //! Shared helpers for the CLI tests.
 #![allow(dead_code)]
 
+pub mod dev;
+
 use std::path::PathBuf;
 
 /// `../shared/vectors` beside the clone (or `STRONGROOM_VECTORS_DIR`). Missing vectors fail the

@@ -1,0 +1,137 @@
+//! A `strongroom serve --dev` child process for end-to-end tests: a temp data dir, a free
+//! port, real TLS; killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use strongroom_server::testing::{ClientOptions, TestClient};
+
+/// A `strongroom serve --dev` child: its address, the lines it printed, and the process.
+pub struct DevServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub banner: String,
+    stderr: std::path::PathBuf,
+}
+
+fn binary() -> std::path::PathBuf {
+    assert_cmd::cargo::cargo_bin("strongroom")
+}
+
+pub fn start_dev(data: &Path, extra: &[&str]) -> DevServer {
+    start_dev_env(data, extra, &[])
+}
+
+pub fn start_dev_env(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> DevServer {
+    let stderr = data.with_extension("stderr.log");
+    let mut child = Command::new(binary())
+        .envs(envs.iter().copied())
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_LISTEN")
+        .env_remove("STRONGROOM_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                banner.push_str(&line);
+                banner.push('\n');
+                if line.starts_with("Stop with Ctrl-C") {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no banner; stdout so far:\n{banner}\nstderr:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        }
+    }
+    let url = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listening on"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no listen line in:\n{banner}"));
+    let addr: SocketAddr = url.strip_prefix("https://").unwrap().parse().unwrap();
+    DevServer {
+        child,
+        addr,
+        banner,
+        stderr,
+    }
+}
+
+impl DevServer {
+    pub fn client(&self, data: &Path) -> TestClient {
+        let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+        TestClient::new(self.addr, ClientOptions::new(ca)).unwrap()
+    }
+
+    /// The value of `export NAME='...'` in the banner.
+    pub fn export(&self, name: &str) -> String {
+        let prefix = format!("export {name}='");
+        self.banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("no {name} in banner:\n{}", self.banner))
+            .to_owned()
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("no exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
