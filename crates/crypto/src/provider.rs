@@ -186,3 +186,56 @@ impl std::error::Error for ProviderError {
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
+
+/// The start-up check every provider runs: wrap and unwrap a fresh key under the active KEK,
+/// and make sure the peer refuses other associated data. A peer that does not authenticate
+/// the binding (an old Vault ignoring `associated_data`, say) stops the server here with one
+/// clear error instead of silently weakening every envelope.
+///
+/// # Errors
+///
+/// The provider's own error, or [`ProviderErrorKind::Misconfigured`] naming what failed.
+pub async fn self_test(provider: &dyn KeyProvider) -> Result<(), ProviderError> {
+    const AAD: &[u8] = b"strongroom self-test";
+    let kind = provider.kind().to_owned();
+    let misconfigured =
+        |msg: &str| ProviderError::new(ProviderErrorKind::Misconfigured, &kind, msg);
+    let kek = provider.active_kek()?;
+    let key = Key256::generate(&crate::OsRandom).map_err(|e| {
+        ProviderError::new(ProviderErrorKind::Other, &kind, "random source failed").with_source(e)
+    })?;
+    let wrapped = provider.wrap(&kek, &key, AAD).await?;
+    let back = provider.unwrap(&wrapped, AAD).await.map_err(|e| match e {
+        UnwrapError::Failed(e) => e,
+        other => ProviderError::new(ProviderErrorKind::Other, &kind, other.to_string()),
+    })?;
+    if back.expose_secret() != key.expose_secret() {
+        return Err(misconfigured(
+            "self-test: unwrapping returned another key than the one wrapped",
+        ));
+    }
+    match provider
+        .unwrap(&wrapped, b"strongroom self-test, other")
+        .await
+    {
+        Err(UnwrapError::Failed(e)) if e.kind() == ProviderErrorKind::AuthenticationFailed => {
+            Ok(())
+        }
+        Err(UnwrapError::Failed(e)) => Err(e),
+        _ => Err(misconfigured(
+            "self-test: the key unwrapped under other associated data, so the provider does not \
+             authenticate it (for Vault Transit: version 1.15 or later is needed)",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeProvider;
+
+    #[tokio::test]
+    async fn the_fake_provider_passes_the_self_test() {
+        self_test(&FakeProvider::new("k", 1)).await.unwrap();
+    }
+}

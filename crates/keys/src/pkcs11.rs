@@ -827,7 +827,7 @@ impl Pkcs11Provider {
                 ),
             ));
         }
-        provider.self_test().await?;
+        strongroom_crypto::provider::self_test(&provider).await?;
         Ok(provider)
     }
 
@@ -851,7 +851,7 @@ impl Pkcs11Provider {
         }
         let inner = provider.inner.clone();
         blocking(move || inner.create_version(1)).await?;
-        provider.self_test().await?;
+        strongroom_crypto::provider::self_test(&provider).await?;
         Ok(provider)
     }
 
@@ -910,30 +910,6 @@ impl Pkcs11Provider {
         Ok(Self {
             inner: Arc::new(inner),
         })
-    }
-
-    /// Wraps and unwraps a random key, and checks that other associated data is refused.
-    async fn self_test(&self) -> Result<(), ProviderError> {
-        let kek = self.active_kek()?;
-        let key = Key256::generate(&strongroom_crypto::OsRandom)
-            .map_err(|e| error(ProviderErrorKind::Other, "random source failed").with_source(e))?;
-        let wrapped = self.wrap(&kek, &key, b"strongroom self-test").await?;
-        let back = self
-            .unwrap(&wrapped, b"strongroom self-test")
-            .await
-            .map_err(|e| match e {
-                UnwrapError::Failed(e) => e,
-                other => error(ProviderErrorKind::Other, other.to_string()),
-            })?;
-        let other = self.unwrap(&wrapped, b"strongroom self-test, other").await;
-        if back.expose_secret() != key.expose_secret() || other.is_ok() {
-            return Err(error(
-                ProviderErrorKind::Misconfigured,
-                "self-test: the token's AES-GCM does not round-trip or ignores the associated \
-                 data",
-            ));
-        }
-        Ok(())
     }
 
     /// The key label prefix (the [`KekRef::key_id`]).

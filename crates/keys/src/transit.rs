@@ -477,7 +477,7 @@ impl TransitProvider {
         let state = provider.authenticate().await?;
         *provider.token.write().await = state;
         provider.refresh_facts(true).await?;
-        provider.self_test().await?;
+        strongroom_crypto::provider::self_test(&provider).await?;
         Ok(provider)
     }
 
@@ -602,41 +602,6 @@ impl TransitProvider {
         }
         *current = facts;
         Ok(facts)
-    }
-
-    /// Wraps and unwraps a random key, and checks that other associated data is refused.
-    async fn self_test(&self) -> Result<(), ProviderError> {
-        let kek = self.active_kek()?;
-        let key = Key256::generate(&strongroom_crypto::OsRandom)
-            .map_err(|e| error(ProviderErrorKind::Other, "random source failed").with_source(e))?;
-        let wrapped = self.wrap(&kek, &key, b"strongroom self-test").await?;
-        let back = self
-            .unwrap(&wrapped, b"strongroom self-test")
-            .await
-            .map_err(|e| match e {
-                UnwrapError::Failed(e) => e,
-                other => error(ProviderErrorKind::Other, other.to_string()),
-            })?;
-        if back.expose_secret() != key.expose_secret() {
-            return Err(error(
-                ProviderErrorKind::Misconfigured,
-                "self-test: Transit returned another key than the one encrypted",
-            ));
-        }
-        match self.unwrap(&wrapped, b"strongroom self-test, other").await {
-            Err(UnwrapError::Failed(e)) if e.kind() == ProviderErrorKind::AuthenticationFailed => {
-                Ok(())
-            }
-            Err(UnwrapError::Failed(e)) => Err(e),
-            _ => Err(error(
-                ProviderErrorKind::Misconfigured,
-                format!(
-                    "self-test: {} decrypted under other associated data, so it does not \
-                     authenticate it (Vault before 1.15?)",
-                    self.address
-                ),
-            )),
-        }
     }
 
     // --- authentication -------------------------------------------------------------------
