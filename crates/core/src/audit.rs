@@ -4,19 +4,30 @@
 //! value leaves), so appends are **group-committed**: [`Auditor::record`] hands the event to
 //! one background task per process, which appends everything queued meanwhile in one
 //! [`AuditLog::audit_append`] (one transaction) and then acknowledges each caller. While one
-//! batch commits, the next one fills, so N concurrent requests share one commit.
+//! batch commits, the next one fills, so N concurrent requests share one commit. Up to
+//! [`PIPELINE`] appends are in flight at once, started in order, so the next batch is
+//! already queued at the store when the previous commit ends (with one append in flight,
+//! every batch also waited for a round trip through this task after the previous commit).
+//! Callers are answered and the sink is written batch by batch in the order the appends
+//! started. On SQLite (one writer thread, first come first served) that is `seq` order; on
+//! PostgreSQL two appends in flight may take the head's row lock in either order, and the
+//! sink may then hold two adjacent batches swapped (every line carries its `seq`).
 //!
 //! The head key (which MACs the chain head) is a random 256-bit key wrapped by the key
 //! provider under the associated data [`HEAD_KEY_AAD`] and kept in the store's
 //! `provider_state` under `audit/head-key`; it is created on first use (racing nodes agree on
 //! the first one stored) and unwrapped once at start.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io::Write;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use serde::{Deserialize, Serialize};
 use strongroom_crypto::{KekRef, Key256, KeyProvider, SecureRandom, WrappedKey};
-use strongroom_store::audit::{Event, HeadKey, HEAD_KEY_STATE};
+use strongroom_store::audit::{Event, HeadKey, Record, HEAD_KEY_STATE};
 use strongroom_store::{AuditLog, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,6 +40,8 @@ pub const HEAD_KEY_AAD: &[u8] = b"strongroom audit head key v1";
 const MAX_BATCH: usize = 1024;
 /// Events waiting for the writer task before callers wait to enqueue.
 const QUEUE: usize = 16 * 1024;
+/// Most appends in flight at once.
+pub const PIPELINE: usize = 2;
 
 #[derive(Serialize, Deserialize)]
 struct StoredHeadKey {
@@ -169,6 +182,33 @@ impl Auditor {
     }
 }
 
+type Append = Pin<Box<dyn Future<Output = Result<Vec<Record>, StoreError>> + Send>>;
+
+/// One append in flight: its future (until it finishes), its outcome, its callers.
+struct InFlight {
+    append: Option<Append>,
+    outcome: Option<Result<Vec<Record>, StoreError>>,
+    acks: Vec<oneshot::Sender<Result<u64, StoreError>>>,
+}
+
+/// Polls every append in flight, oldest first (so a new one is started after those before
+/// it: the SQLite store queues its job at the first poll, and the chain follows that order);
+/// ready when the oldest has finished.
+fn poll_oldest(flights: &mut VecDeque<InFlight>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    for f in flights.iter_mut() {
+        if let Some(append) = &mut f.append {
+            if let Poll::Ready(outcome) = append.as_mut().poll(cx) {
+                f.append = None;
+                f.outcome = Some(outcome);
+            }
+        }
+    }
+    match flights.front() {
+        Some(f) if f.outcome.is_some() => Poll::Ready(()),
+        _ => Poll::Pending,
+    }
+}
+
 async fn run(
     log: Arc<dyn AuditLog>,
     key: Arc<HeadKey>,
@@ -176,31 +216,60 @@ async fn run(
     sink: Option<Mutex<RecordSink>>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (events, acks): (Vec<Event>, Vec<_>) =
-            batch.drain(..).map(|p| (p.event, p.ack)).unzip();
-        match log.audit_append(key.clone(), events).await {
-            Ok(records) => {
-                for (ack, r) in acks.into_iter().zip(&records) {
-                    let _ = ack.send(Ok(r.seq));
-                }
-                if let Some(sink) = &sink {
-                    let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
-                    for r in &records {
-                        if let Ok(line) = serde_json::to_string(r) {
-                            let _ = writeln!(w, "{line}");
-                        }
-                    }
-                    let _ = w.flush();
+    let mut flights: VecDeque<InFlight> = VecDeque::with_capacity(PIPELINE);
+    let mut open = true;
+    while open || !flights.is_empty() {
+        tokio::select! {
+            biased;
+            () = std::future::poll_fn(|cx| poll_oldest(&mut flights, cx)), if !flights.is_empty() => {
+                if let Some(done) = flights.pop_front() {
+                    finish(done, sink.as_ref());
                 }
             }
-            Err(e) => {
-                // Every caller gets the error; the API layer logs it.
-                for ack in acks {
-                    let _ = ack.send(Err(e.clone()));
+            n = rx.recv_many(&mut batch, MAX_BATCH), if open && flights.len() < PIPELINE => {
+                if n == 0 {
+                    open = false;
+                    continue;
                 }
+                let (events, acks): (Vec<Event>, Vec<_>) =
+                    batch.drain(..).map(|p| (p.event, p.ack)).unzip();
+                let (log, key) = (log.clone(), key.clone());
+                flights.push_back(InFlight {
+                    append: Some(Box::pin(async move { log.audit_append(key, events).await })),
+                    outcome: None,
+                    acks,
+                });
             }
         }
+    }
+}
+
+/// Acknowledges the callers of a finished append and copies its records to the sink.
+fn finish(done: InFlight, sink: Option<&Mutex<RecordSink>>) {
+    match done.outcome {
+        Some(Ok(records)) => {
+            for (ack, r) in done.acks.into_iter().zip(&records) {
+                let _ = ack.send(Ok(r.seq));
+            }
+            if let Some(sink) = sink {
+                let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
+                for r in &records {
+                    if let Ok(line) = serde_json::to_string(r) {
+                        let _ = writeln!(w, "{line}");
+                    }
+                }
+                let _ = w.flush();
+            }
+        }
+        Some(Err(e)) => {
+            // Every caller gets the error; the API layer logs it.
+            for ack in done.acks {
+                let _ = ack.send(Err(e.clone()));
+            }
+        }
+        // Not reached (only finished appends are popped); dropping the acks fails the
+        // callers ("audit writer stopped").
+        None => {}
     }
 }
 
@@ -321,5 +390,104 @@ mod tests {
         }
         let head = log.audit_head().await.unwrap().unwrap();
         assert_eq!(v.finish(&head, &k2).unwrap(), 200);
+    }
+
+    #[derive(Clone, Default)]
+    struct SharedSink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// With several appends in flight, callers still get consecutive seqs, the chain
+    /// verifies, and the sink gets every record once, in seq order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_appends_keep_the_chain_and_the_sink_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+        let keys = FakeProvider::new("audit-tests", 1);
+        let key = load_or_create_head_key(&*store, &keys, &OsRandom)
+            .await
+            .unwrap();
+        let check = key.head(1, [9; 32]);
+        let sink = SharedSink::default();
+        let auditor = Auditor::start(
+            Arc::new((*store).clone()),
+            key,
+            Some(Box::new(sink.clone())),
+        );
+        let mut tasks = Vec::new();
+        for i in 0..2000u32 {
+            let a = auditor.clone();
+            tasks.push(tokio::spawn(async move {
+                if i % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                a.record(Event {
+                    time: time::OffsetDateTime::now_utc(),
+                    principal_kind: "service".into(),
+                    principal_id: "s".into(),
+                    action: "reveal".into(),
+                    owner: Some("o".into()),
+                    name: Some("n".into()),
+                    version: Some(i + 1),
+                    outcome: "ok".into(),
+                    status: 200,
+                    request_id: None,
+                    client_addr: None,
+                    on_behalf_of: None,
+                    destination: None,
+                    error_code: None,
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=2000).collect::<Vec<u64>>());
+        drop(auditor);
+        let log = store.audit_log().unwrap();
+        let mut v = strongroom_store::audit::Verifier::new();
+        let mut after = 0;
+        loop {
+            let page = log.audit_scan(after, 1000).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for r in &page {
+                v.push(r).unwrap();
+            }
+        }
+        let head = log.audit_head().await.unwrap().unwrap();
+        let key2 = load_head_key(&*store, &keys).await.unwrap().unwrap();
+        assert!(key2.check(&check));
+        assert_eq!(v.finish(&head, &key2).unwrap(), 2000);
+        // The sink is written after the callers are answered: wait for the last lines.
+        let mut text = String::new();
+        for _ in 0..250 {
+            text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+            if text.lines().count() >= 2000 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let sunk: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(sunk, (1..=2000).collect::<Vec<u64>>());
     }
 }

@@ -147,3 +147,107 @@ async fn not_a_database_is_reported() {
     let err = SqliteStore::open_dir(dir.path()).await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 }
+
+/// Concurrent `touch_last_used` calls are applied as shared write jobs: every caller still
+/// gets its own answer (`NotFound` for a missing credential), every credential ends with
+/// the latest time given, and a touch after close fails instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_touches_are_batched_and_each_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+    for i in 0..8 {
+        let nv = NewVersion::new(
+            "o",
+            format!("n{i}"),
+            1,
+            vec![1],
+            vec![2],
+            KekRef::new("l", "k", 1),
+            "t",
+            t0(),
+        );
+        store.put_version(nv).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for k in 0..400i64 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = format!("n{}", k % 10); // n8 and n9 do not exist
+            let at = t0() + time::Duration::seconds(k);
+            (k, s.touch_last_used("o", &name, at).await)
+        }));
+    }
+    for t in tasks {
+        let (k, result) = t.await.unwrap();
+        if k % 10 >= 8 {
+            assert!(
+                matches!(result, Err(StoreError::NotFound)),
+                "{k}: {result:?}"
+            );
+        } else {
+            result.unwrap();
+        }
+    }
+    for i in 0..8i64 {
+        let c = store.get_credential("o", &format!("n{i}")).await.unwrap();
+        // The largest k with k % 10 == i below 400.
+        let last = 390 + i;
+        assert_eq!(
+            c.summary.last_used_at,
+            Some(t0() + time::Duration::seconds(last))
+        );
+    }
+    store.close().await;
+    assert!(matches!(
+        store.touch_last_used("o", "n1", t0()).await,
+        Err(StoreError::Unavailable(_))
+    ));
+}
+
+/// The writer waits out a write lock held elsewhere (another process, a checkpoint) with
+/// fine-grained retries, and gives up after `busy_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_waits_for_a_held_lock_then_gives_up_after_busy_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE_NAME);
+    let mut options = SqliteOptions::default();
+    options.busy_timeout = std::time::Duration::from_millis(300);
+    let store = SqliteStore::open(&path, options).await.unwrap();
+    let nv = |v: u32| {
+        NewVersion::new(
+            "o",
+            "n",
+            v,
+            vec![1],
+            vec![2],
+            KekRef::new("l", "k", 1),
+            "t",
+            t0(),
+        )
+    };
+
+    // Held for 50 ms: the put waits and succeeds.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        other.execute_batch("COMMIT").unwrap();
+        other
+    });
+    store.put_version(nv(1)).await.unwrap();
+    let other = release.join().unwrap();
+
+    // Held past the busy timeout: the put fails (and the lock is still held when it does).
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = std::time::Instant::now();
+    let err = store.put_version(nv(2)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(250),
+        "gave up after {waited:?}"
+    );
+    other.execute_batch("COMMIT").unwrap();
+    store.put_version(nv(2)).await.unwrap();
+    store.close().await;
+}

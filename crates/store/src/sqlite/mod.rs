@@ -7,7 +7,12 @@
 //! - Checkpoints run on a separate thread (passive, at most every 200 ms; a `RESTART`
 //!   checkpoint if the WAL passes 64 MiB), so the writer never stalls on them.
 //! - Reads run on a small pool of `query_only` connections on tokio's blocking threads; in
-//!   WAL mode they see the last committed state and never wait for the writer.
+//!   WAL mode they see the last committed state and never wait for the writer. The two point
+//!   lookups on the request hot path (`get_version`, `latest_version`: one indexed row, tens
+//!   of microseconds) run on the calling thread instead, because the hand-off to a blocking
+//!   thread and back (two context switches) cost more than the query itself.
+//! - `touch_last_used` calls queued while the writer is busy are applied as one write job
+//!   (one savepoint for all of them) instead of one job each.
 //! - The file (and its `-wal` / `-shm` companions) is created with mode 0600, and
 //!   [`SqliteStore::open_dir`] creates the data dir with mode 0700.
 
@@ -106,6 +111,22 @@ struct Inner {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     read_permits: Arc<tokio::sync::Semaphore>,
+    touches: Mutex<TouchQueue>,
+}
+
+/// `touch_last_used` calls waiting for the writer (see [`SqliteStore::touch_last_used`]).
+#[derive(Default)]
+struct TouchQueue {
+    pending: Vec<Touch>,
+    /// A write job that will take `pending` is queued and has not started yet.
+    scheduled: bool,
+}
+
+struct Touch {
+    owner: String,
+    name: String,
+    at: i64,
+    reply: TouchReply,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -152,12 +173,24 @@ impl SqliteStore {
     /// [`StoreError::Unavailable`] if the directory or file cannot be created or opened;
     /// [`StoreError::Corrupt`] if the file is not a database.
     pub async fn open_dir(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_dir_with(dir, SqliteOptions::default()).await
+    }
+
+    /// As [`open_dir`](Self::open_dir), with `options`.
+    ///
+    /// # Errors
+    ///
+    /// As [`open_dir`](Self::open_dir).
+    pub async fn open_dir_with(
+        dir: impl AsRef<Path>,
+        options: SqliteOptions,
+    ) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         let d = dir.clone();
         tokio::task::spawn_blocking(move || create_private_dir(&d))
             .await
             .map_err(join_err)??;
-        Self::open(dir.join(DB_FILE_NAME), SqliteOptions::default()).await
+        Self::open(dir.join(DB_FILE_NAME), options).await
     }
 
     /// Opens (creating if needed) the database file at `path` and applies migrations.
@@ -178,7 +211,7 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
         restrict_file_mode(&path)?;
-        conn.busy_timeout(options.busy_timeout).map_err(db_err)?;
+        writer::set_busy_handler(&conn, options.busy_timeout).map_err(db_err)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(db_err)?;
@@ -189,7 +222,7 @@ impl SqliteStore {
         }
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;
-             PRAGMA cache_size = -32768;",
+             PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
             options.synchronous.pragma()
         ))
         .map_err(db_err)?;
@@ -204,9 +237,9 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(db_err)?;
-        ckpt_conn
-            .busy_timeout(options.busy_timeout)
-            .map_err(db_err)?;
+        // The same fine-grained busy handler as the writer: a `RESTART` checkpoint waits for
+        // readers while it holds the write lock, so its retry spacing stalls the writer too.
+        writer::set_busy_handler(&ckpt_conn, options.busy_timeout).map_err(db_err)?;
         ckpt_conn
             .execute_batch(&format!(
                 "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0;",
@@ -216,14 +249,15 @@ impl SqliteStore {
         let (poke, pokes) = mpsc::sync_channel::<()>(1);
         let ckpt = std::thread::Builder::new()
             .name("strongroom-sqlite-checkpoint".into())
-            .spawn(move || writer::checkpointer(ckpt_conn, pokes))
+            .spawn(move || writer::checkpointer(ckpt_conn, pokes, options.busy_timeout))
             .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
 
         let (tx, rx) = mpsc::channel::<Box<dyn WriteJob>>();
         let max_batch = options.max_batch.max(1);
+        let busy_limit = options.busy_timeout;
         let handle = std::thread::Builder::new()
             .name("strongroom-sqlite-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch, Some((poke, ckpt))))
+            .spawn(move || writer::run(conn, rx, max_batch, busy_limit, Some((poke, ckpt))))
             .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -232,6 +266,7 @@ impl SqliteStore {
                 writer_thread: Mutex::new(Some(handle)),
                 readers: Mutex::new(Vec::new()),
                 read_permits: Arc::new(tokio::sync::Semaphore::new(options.max_readers.max(1))),
+                touches: Mutex::new(TouchQueue::default()),
                 options,
             }),
         })
@@ -287,20 +322,7 @@ impl SqliteStore {
         T: Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        let job: Box<dyn WriteJob> = Box::new(Job { f, reply });
-        {
-            let guard = self
-                .inner
-                .writer
-                .lock()
-                .map_err(|_| StoreError::unavailable("sqlite writer lock poisoned"))?;
-            let sender = guard
-                .as_ref()
-                .ok_or_else(|| StoreError::unavailable("sqlite store closed"))?;
-            sender
-                .send(job)
-                .map_err(|_| StoreError::unavailable("sqlite writer thread stopped"))?;
-        }
+        self.send_job(Box::new(Job { f, reply }))?;
         rx.await
             .map_err(|_| StoreError::unavailable("sqlite writer thread stopped"))?
     }
@@ -327,6 +349,110 @@ impl SqliteStore {
         .await
         .map_err(join_err)?
     }
+
+    /// A short point read on the calling thread, with a pooled connection (see the module
+    /// docs: for one indexed row the hand-off to a blocking thread costs more than the
+    /// query). Only for queries that touch a handful of pages.
+    fn read_inline<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.inner.read_permits.is_closed() {
+            return Err(StoreError::unavailable("sqlite store closed"));
+        }
+        let mut conn = self.inner.take_reader()?;
+        let result = f(&mut conn);
+        self.inner.give_reader(conn);
+        result
+    }
+
+    /// Queues a job on the writer thread without waiting for its acknowledgement.
+    fn send_job(&self, job: Box<dyn WriteJob>) -> Result<(), StoreError> {
+        let guard = self
+            .inner
+            .writer
+            .lock()
+            .map_err(|_| StoreError::unavailable("sqlite writer lock poisoned"))?;
+        let sender = guard
+            .as_ref()
+            .ok_or_else(|| StoreError::unavailable("sqlite store closed"))?;
+        sender
+            .send(job)
+            .map_err(|_| StoreError::unavailable("sqlite writer thread stopped"))
+    }
+}
+
+/// The write job that applies every queued `touch_last_used` (see
+/// [`SqliteStore::touch_last_used`]): one savepoint, one cached `UPDATE` per touch, and each
+/// caller answered after the batch's commit.
+struct TouchJob {
+    inner: Arc<Inner>,
+}
+
+type TouchReply = oneshot::Sender<Result<(), StoreError>>;
+
+struct TouchAck {
+    results: Vec<(TouchReply, Result<(), StoreError>)>,
+}
+
+impl writer::WriteJob for TouchJob {
+    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn writer::Ack> {
+        let touches = {
+            let mut q = self.inner.touches.lock().unwrap_or_else(|e| e.into_inner());
+            q.scheduled = false;
+            std::mem::take(&mut q.pending)
+        };
+        let (replies, items): (Vec<_>, Vec<_>) = touches
+            .into_iter()
+            .map(|t| (t.reply, (t.owner, t.name, t.at)))
+            .unzip();
+        let outcome = writer::in_savepoint(conn, |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE credentials SET last_used_at = max(coalesce(last_used_at, ?3), ?3)
+                     WHERE owner = ?1 AND name = ?2 AND deleted = 0",
+                )
+                .map_err(db_err)?;
+            items
+                .iter()
+                .map(|(owner, name, at)| {
+                    let n = stmt.execute(params![owner, name, at]).map_err(db_err)?;
+                    Ok(if n == 0 {
+                        Err(StoreError::NotFound)
+                    } else {
+                        Ok(())
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        });
+        let results = match outcome {
+            Ok(each) => replies.into_iter().zip(each).collect(),
+            Err(e) => replies.into_iter().map(|r| (r, Err(e.clone()))).collect(),
+        };
+        Box::new(TouchAck { results })
+    }
+
+    fn abort(self: Box<Self>, err: StoreError) {
+        let touches = {
+            let mut q = self.inner.touches.lock().unwrap_or_else(|e| e.into_inner());
+            q.scheduled = false;
+            std::mem::take(&mut q.pending)
+        };
+        for t in touches {
+            let _ = t.reply.send(Err(err.clone()));
+        }
+    }
+}
+
+impl writer::Ack for TouchAck {
+    fn ack(self: Box<Self>, commit: Result<(), StoreError>) {
+        for (reply, result) in self.results {
+            let _ = reply.send(match &commit {
+                Ok(()) => result,
+                Err(e) => Err(e.clone()),
+            });
+        }
+    }
 }
 
 impl Inner {
@@ -351,7 +477,9 @@ impl Inner {
 
     fn give_reader(&self, conn: Connection) {
         if let Ok(mut readers) = self.readers.lock() {
-            if readers.len() < self.options.max_readers {
+            // Inline point reads take connections without a permit, one per tokio worker
+            // at most: keep room for them too.
+            if readers.len() < self.options.max_readers * 2 {
                 readers.push(conn);
             }
         }
@@ -743,9 +871,7 @@ impl Store for SqliteStore {
 
     async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError> {
         validate_owner_name(owner, name)?;
-        let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.read(move |conn| Ok(find_credential(conn, &owner, &name)?.map_or(0, |c| c.latest)))
-            .await
+        self.read_inline(|conn| Ok(find_credential(conn, owner, name)?.map_or(0, |c| c.latest)))
     }
 
     async fn list_credentials(
@@ -855,8 +981,7 @@ impl Store for SqliteStore {
         if let Some(v) = version {
             validate_version(v)?;
         }
-        let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.read(move |conn| {
+        self.read_inline(|conn| {
             let row = conn
                 .prepare_cached(
                     "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
@@ -892,8 +1017,8 @@ impl Store for SqliteStore {
                 return Err(StoreError::VersionDestroyed);
             }
             Ok(SealedVersion {
-                owner,
-                name,
+                owner: owner.to_owned(),
+                name: name.to_owned(),
                 version: version_from_db(v)?,
                 credential_enabled: enabled,
                 is_current: current == Some(v),
@@ -905,7 +1030,6 @@ impl Store for SqliteStore {
                 created_at: from_millis(at)?,
             })
         })
-        .await
     }
 
     async fn set_current(
@@ -979,6 +1103,8 @@ impl Store for SqliteStore {
             .await
     }
 
+    /// Touches queued while the writer is busy are applied together: the first one queues
+    /// a write job, later ones join its list until the writer starts it.
     async fn touch_last_used(
         &self,
         owner: &str,
@@ -987,23 +1113,35 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         validate_owner_name(owner, name)?;
         let at = to_millis(at)?;
-        let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.write(move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE credentials SET last_used_at = max(coalesce(last_used_at, ?3), ?3)
-                     WHERE owner = ?1 AND name = ?2 AND deleted = 0",
-                )
-                .map_err(db_err)?
-                .execute(params![owner, name, at])
-                .map_err(db_err)?;
-            if n == 0 {
-                Err(StoreError::NotFound)
-            } else {
-                Ok(())
+        let (reply, rx) = oneshot::channel();
+        let schedule = {
+            let mut q = self.inner.touches.lock().unwrap_or_else(|e| e.into_inner());
+            q.pending.push(Touch {
+                owner: owner.to_owned(),
+                name: name.to_owned(),
+                at,
+                reply,
+            });
+            !std::mem::replace(&mut q.scheduled, true)
+        };
+        if schedule {
+            let job = TouchJob {
+                inner: Arc::clone(&self.inner),
+            };
+            if let Err(e) = self.send_job(Box::new(job)) {
+                // Nothing will take the list: fail it (this call's touch included).
+                let touches = {
+                    let mut q = self.inner.touches.lock().unwrap_or_else(|e| e.into_inner());
+                    q.scheduled = false;
+                    std::mem::take(&mut q.pending)
+                };
+                for t in touches {
+                    let _ = t.reply.send(Err(e.clone()));
+                }
             }
-        })
-        .await
+        }
+        rx.await
+            .map_err(|_| StoreError::unavailable("sqlite writer thread stopped"))?
     }
 
     async fn versions_for_rewrap(
