@@ -45,6 +45,7 @@ pub mod binding;
 pub mod django;
 pub mod envelope;
 pub mod fernet;
+pub mod keywrap;
 pub mod provider;
 mod random;
 mod secret;

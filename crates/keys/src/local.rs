@@ -13,9 +13,8 @@
 //!   and a server) serialise on an advisory lock on `<file>.lock`.
 //! * Loading refuses a file that group or others may read or write, with a message saying
 //!   how to fix it.
-//! * A data key is wrapped with AES-256-GCM under the KEK: `nonce(12) ‖ ciphertext(32) ‖
-//!   tag(16)`, with the caller's associated data. Random 96-bit nonces keep the collision
-//!   risk negligible below 2^32 wraps per KEK version; rotate well before that.
+//! * A data key is wrapped under the KEK by [`strongroom_crypto::keywrap`] (AES-256-GCM,
+//!   `nonce(12) ‖ ciphertext(32) ‖ tag(16)`, with the caller's associated data).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -24,12 +23,11 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use strongroom_crypto::keywrap::KeyWrapper;
 use strongroom_crypto::{
     KekRef, Key256, KeyProvider, ProviderError, ProviderErrorKind, SecureRandom, UnwrapError,
     WrappedKey,
@@ -40,7 +38,6 @@ use zeroize::Zeroizing;
 /// The provider kind in [`KekRef::provider`].
 pub const KIND: &str = "local";
 const FORMAT: &str = "strongroom-keyring/1";
-const NONCE_LEN: usize = 12;
 /// Largest keyring file read (a keyring of thousands of versions is still far below this).
 const MAX_FILE_LEN: u64 = 16 << 20;
 
@@ -156,7 +153,7 @@ struct FileKey {
 struct Kek {
     info: KeyInfo,
     /// `None` once retired.
-    cipher: Option<Aes256Gcm>,
+    wrapper: Option<KeyWrapper>,
 }
 
 /// The loaded keyring: a [`KeyProvider`].
@@ -286,7 +283,7 @@ fn build_keks(path: &Path, model: &FileModel) -> Result<BTreeMap<u32, Kek>, Keyr
         if k.version == 0 {
             return Err(invalid(path, "versions start at 1"));
         }
-        let cipher = match (&k.material, k.state) {
+        let wrapper = match (&k.material, k.state) {
             (None, KeyState::Retired) => None,
             (Some(_), KeyState::Retired) => {
                 return Err(invalid(
@@ -313,7 +310,7 @@ fn build_keks(path: &Path, model: &FileModel) -> Result<BTreeMap<u32, Kek>, Keyr
                         format!("version {} material is not 32 bytes", k.version),
                     )
                 })?;
-                Some(Aes256Gcm::new(key.expose_secret().into()))
+                Some(KeyWrapper::new(&key))
             }
         };
         if k.state == KeyState::Active {
@@ -326,7 +323,7 @@ fn build_keks(path: &Path, model: &FileModel) -> Result<BTreeMap<u32, Kek>, Keyr
             created_at: k.created_at,
             state_changed_at: k.state_changed_at,
         };
-        if keks.insert(k.version, Kek { info, cipher }).is_some() {
+        if keks.insert(k.version, Kek { info, wrapper }).is_some() {
             return Err(invalid(
                 path,
                 format!("version {} appears twice", k.version),
@@ -372,10 +369,6 @@ impl KeyProvider for LocalKeyring {
                 format!("key {kek} is not in this keyring"),
             ));
         }
-        let mut nonce = [0u8; NONCE_LEN];
-        strongroom_crypto::OsRandom.fill(&mut nonce).map_err(|e| {
-            Self::error(ProviderErrorKind::Other, "random source failed").with_source(e)
-        })?;
         let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
         let entry = keks.get(&kek.version).ok_or_else(|| {
             Self::error(
@@ -389,22 +382,13 @@ impl KeyProvider for LocalKeyring {
                 format!("version {} is {}", kek.version, entry.info.state.as_str()),
             ));
         }
-        let cipher = entry
-            .cipher
+        let wrapper = entry
+            .wrapper
             .as_ref()
             .ok_or_else(|| Self::error(ProviderErrorKind::KekRetired, "retired"))?;
-        let ct = cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: key.expose_secret(),
-                    aad,
-                },
-            )
-            .map_err(|_| Self::error(ProviderErrorKind::Other, "wrap failed"))?;
-        let mut bytes = Vec::with_capacity(NONCE_LEN + ct.len());
-        bytes.extend_from_slice(&nonce);
-        bytes.extend_from_slice(&ct);
+        let bytes = wrapper
+            .wrap(key, aad, &strongroom_crypto::OsRandom)
+            .map_err(|e| Self::error(ProviderErrorKind::Other, "wrap failed").with_source(e))?;
         Ok(WrappedKey {
             kek: kek.clone(),
             bytes,
@@ -423,28 +407,19 @@ impl KeyProvider for LocalKeyring {
                 format!("no version {} in the keyring", kek.version),
             )
         })?;
-        let cipher = entry.cipher.as_ref().ok_or_else(|| {
+        let wrapper = entry.wrapper.as_ref().ok_or_else(|| {
             Self::error(
                 ProviderErrorKind::KekRetired,
                 format!("version {} is retired", kek.version),
             )
         })?;
-        let auth = || {
+        wrapper.unwrap(&wrapped.bytes, aad).ok_or_else(|| {
             Self::error(
                 ProviderErrorKind::AuthenticationFailed,
                 "wrapped key does not authenticate",
             )
-        };
-        if wrapped.bytes.len() != NONCE_LEN + Key256::LEN + 16 {
-            return Err(auth().into());
-        }
-        let (nonce, ct) = wrapped.bytes.split_at(NONCE_LEN);
-        let plain = Zeroizing::new(
-            cipher
-                .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-                .map_err(|_| auth())?,
-        );
-        Key256::from_slice(&plain).ok_or_else(|| auth().into())
+            .into()
+        })
     }
 }
 
