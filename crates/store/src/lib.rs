@@ -284,6 +284,21 @@ pub trait Store: Send + Sync + Debug {
     /// 1 MiB.
     async fn put_provider_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
 
+    /// Compare-and-swap on a key provider's value: stores `value` under `key` only if the
+    /// value there is still `expected` (`None`: only if there is none), and says whether it
+    /// did. What several processes that share one store (servers and operator commands) use
+    /// to change one record without losing each other's changes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::put_provider_state`].
+    async fn swap_provider_state(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError>;
+
     /// The audit log kept in the same database, if this store keeps one (both built-in
     /// backends do; see [`audit`]).
     fn audit_log(&self) -> Option<Arc<dyn AuditLog>> {

@@ -331,6 +331,9 @@ pub struct RewrapItem {
     /// The KEK that wrapped it (pass it as `expected_old_kek` to
     /// [`Store::replace_wrapped_key`](crate::Store::replace_wrapped_key)).
     pub kek: KekRef,
+    /// The version's non-secret metadata (parts of it, such as the bound host, are in the
+    /// associated data).
+    pub metadata: serde_json::Value,
 }
 
 impl fmt::Debug for RewrapItem {

@@ -877,7 +877,7 @@ impl Store for PostgresStore {
         let stmt = client
             .prepare_cached(&format!(
                 "SELECT v.id, c.owner, c.name, v.version, v.kek_provider, v.kek_key_id,
-                        v.kek_version, v.wrapped_key
+                        v.kek_version, v.wrapped_key, v.metadata
                  FROM versions v JOIN credentials c ON c.id = v.credential_id
                  WHERE v.state = 0 AND v.id > $1 AND {cond}
                  ORDER BY v.id LIMIT $2"
@@ -902,6 +902,7 @@ impl Store for PostgresStore {
                     r.try_get(6).map_err(pg_err)?,
                 )?,
                 wrapped_key: r.try_get(7).map_err(pg_err)?,
+                metadata: r.try_get(8).map_err(pg_err)?,
             });
         }
         let next = match last_id {
@@ -1012,6 +1013,37 @@ impl Store for PostgresStore {
             .await
             .map_err(pg_err)?;
         Ok(())
+    }
+
+    async fn swap_provider_state(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        validate_provider_key(key)?;
+        if value.len() > MAX_PROVIDER_STATE_LEN {
+            return Err(StoreError::InvalidInput("provider state value too large"));
+        }
+        let client = self.client().await?;
+        let changed = match expected {
+            None => client
+                .execute(
+                    "INSERT INTO provider_state (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                    &[&key, &value],
+                )
+                .await
+                .map_err(pg_err)?,
+            Some(old) => client
+                .execute(
+                    "UPDATE provider_state SET value = $3 WHERE key = $1 AND value = $2",
+                    &[&key, &old, &value],
+                )
+                .await
+                .map_err(pg_err)?,
+        };
+        Ok(changed == 1)
     }
 
     fn audit_log(&self) -> Option<std::sync::Arc<dyn crate::audit::AuditLog>> {

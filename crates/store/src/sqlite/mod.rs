@@ -1176,7 +1176,7 @@ impl Store for SqliteStore {
             let rows = conn
                 .prepare_cached(&format!(
                     "SELECT v.id, c.owner, c.name, v.version, v.kek_provider, v.kek_key_id,
-                            v.kek_version, v.wrapped_key
+                            v.kek_version, v.wrapped_key, v.metadata
                      FROM versions v JOIN credentials c ON c.id = v.credential_id
                      WHERE v.state = 0 AND v.id > ?1 AND {cond}
                      ORDER BY v.id LIMIT ?2"
@@ -1192,6 +1192,7 @@ impl Store for SqliteStore {
                         r.get::<_, String>(5)?,
                         r.get::<_, i64>(6)?,
                         r.get::<_, Vec<u8>>(7)?,
+                        r.get::<_, String>(8)?,
                     ))
                 })
                 .map_err(db_err)?
@@ -1200,13 +1201,14 @@ impl Store for SqliteStore {
             let last_id = rows.last().map(|r| r.0);
             let items = rows
                 .into_iter()
-                .map(|(_, owner, name, v, p, k, kv, wrapped)| {
+                .map(|(_, owner, name, v, p, k, kv, wrapped, md)| {
                     Ok(RewrapItem {
                         owner,
                         name,
                         version: version_from_db(v)?,
                         wrapped_key: wrapped,
                         kek: kek_from_db(p, k, kv)?,
+                        metadata: parse_json(&md)?,
                     })
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
@@ -1326,6 +1328,41 @@ impl Store for SqliteStore {
             .execute(params![key, value])
             .map_err(db_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn swap_provider_state(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        validate_provider_key(key)?;
+        if value.len() > MAX_PROVIDER_STATE_LEN {
+            return Err(StoreError::InvalidInput("provider state value too large"));
+        }
+        let key = key.to_owned();
+        let expected = expected.map(<[u8]>::to_vec);
+        // The one writer thread serialises this read-compare-write with every other write.
+        self.write(move |conn| {
+            let current = conn
+                .prepare_cached("SELECT value FROM provider_state WHERE key = ?1")
+                .map_err(db_err)?
+                .query_row([&key], |r| r.get::<_, Vec<u8>>(0))
+                .optional()
+                .map_err(db_err)?;
+            if current != expected {
+                return Ok(false);
+            }
+            conn.prepare_cached(
+                "INSERT INTO provider_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .map_err(db_err)?
+            .execute(params![key, value])
+            .map_err(db_err)?;
+            Ok(true)
         })
         .await
     }

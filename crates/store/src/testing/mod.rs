@@ -94,6 +94,7 @@ macro_rules! conformance_tests {
             values_of_64_kib_round_trip,
             touch_last_used_never_goes_back,
             provider_state_round_trips,
+            provider_state_compare_and_swap,
             missing_credentials_are_not_found,
             invalid_input_is_rejected,
             random_operations_match_a_model,

@@ -856,6 +856,52 @@ pub async fn provider_state_round_trips(b: &dyn TestBackend) {
     assert_invalid(s.get_provider_state(&"k".repeat(256)).await);
 }
 
+pub async fn provider_state_compare_and_swap(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let k = "kek/ring";
+    assert!(s
+        .swap_provider_state(k, None, b"one".to_vec())
+        .await
+        .unwrap());
+    // Not absent any more, and a stale expectation loses.
+    assert!(!s
+        .swap_provider_state(k, None, b"two".to_vec())
+        .await
+        .unwrap());
+    assert!(!s
+        .swap_provider_state(k, Some(b"zero"), b"two".to_vec())
+        .await
+        .unwrap());
+    assert_eq!(
+        s.get_provider_state(k).await.unwrap(),
+        Some(b"one".to_vec())
+    );
+    assert!(s
+        .swap_provider_state(k, Some(b"one"), b"two".to_vec())
+        .await
+        .unwrap());
+    assert_eq!(
+        s.get_provider_state(k).await.unwrap(),
+        Some(b"two".to_vec())
+    );
+
+    // Racing swaps from one starting value: exactly one wins.
+    let tasks: Vec<_> = (0..16u8)
+        .map(|i| {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move { s.swap_provider_state(k, Some(b"two"), vec![i]).await })
+        })
+        .collect();
+    let mut wins = Vec::new();
+    for t in tasks {
+        wins.push(t.await.unwrap().unwrap());
+    }
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1, "{wins:?}");
+    let winner = wins.iter().position(|w| *w).unwrap() as u8;
+    assert_eq!(s.get_provider_state(k).await.unwrap(), Some(vec![winner]));
+    assert_invalid(s.swap_provider_state("", None, vec![1]).await);
+}
+
 pub async fn missing_credentials_are_not_found(b: &dyn TestBackend) {
     let s = open(b).await;
     put(&*s, "alice", "n", 1).await;
