@@ -70,6 +70,17 @@ impl AuditSlot {
         self.with(|p| p.event.version = Some(v));
     }
 
+    /// Notes a brokered call's destination (`https://host:port`, never a path or query).
+    pub(crate) fn destination(&self, d: &str) {
+        self.with(|p| p.event.destination = Some(bounded(d, 300)));
+    }
+
+    /// After [`AuditSlot::record_now`]: lets the middleware record the request once more
+    /// with its final status (a brokered call recorded before it was made, then failed).
+    pub(crate) fn reopen(&self) {
+        self.with(|p| p.recorded = false);
+    }
+
     /// Records the request now as a success with `status`, and waits until it is durable
     /// (fail-closed: the caller returns nothing it guards on error). The middleware then
     /// records nothing more for this request.
@@ -248,6 +259,20 @@ impl Audit {
     pub(crate) fn version(&self, v: u32) {
         if let Some(s) = &self.0 {
             s.version(v);
+        }
+    }
+
+    /// Notes a brokered call's destination.
+    pub(crate) fn destination(&self, d: &str) {
+        if let Some(s) = &self.0 {
+            s.destination(d);
+        }
+    }
+
+    /// See [`AuditSlot::reopen`].
+    pub(crate) fn reopen(&self) {
+        if let Some(s) = &self.0 {
+            s.reopen();
         }
     }
 

@@ -24,6 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
+use strongroom_core::broker::Broker;
 use strongroom_core::policy::Policy;
 use strongroom_core::Vault;
 
@@ -68,6 +69,7 @@ struct Shared {
     metrics: Metrics,
     verify_limiter: KeyedLimiter,
     auditor: std::sync::OnceLock<Auditor>,
+    broker: std::sync::OnceLock<Arc<Broker>>,
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -80,14 +82,17 @@ impl AppState {
         let per_minute = std::num::NonZeroU32::new(limits.verify_per_minute.max(1))
             .unwrap_or(std::num::NonZeroU32::MIN);
         let verify_limiter = governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute));
+        let metrics = Metrics::new();
+        auth.bind_metrics(metrics.jwks());
         Self(Arc::new(Shared {
             vault,
-            auth,
+            auth: RwLock::new(Arc::new(auth)),
             policy: RwLock::new(Arc::new(policy)),
             limits,
-            metrics: Metrics::new(),
+            metrics,
             verify_limiter,
             auditor: std::sync::OnceLock::new(),
+            broker: std::sync::OnceLock::new(),
         }))
     }
 
@@ -115,6 +120,17 @@ impl AppState {
     /// The auditor, when auditing is on.
     pub fn auditor(&self) -> Option<&Auditor> {
         self.0.auditor.get()
+    }
+
+    /// Turns brokered use on (`POST .../broker`); without it that route answers 503. Only
+    /// the first call has an effect (returns `false` after).
+    pub fn set_broker(&self, broker: Arc<Broker>) -> bool {
+        self.0.broker.set(broker).is_ok()
+    }
+
+    /// The broker, when brokered use is on.
+    pub fn broker(&self) -> Option<&Arc<Broker>> {
+        self.0.broker.get()
     }
 
     /// The use cases.

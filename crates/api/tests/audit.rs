@@ -294,7 +294,43 @@ async fn a_canary_value_appears_nowhere_in_the_audit_trail_logs_or_metrics() {
     let api = api().await;
     api.seed().await;
     let alice = user_token("alice");
+    // Brokered calls to a real upstream that echoes the injected value back in its headers
+    // and body.
+    let up = common::upstream::start().await;
+    api.state.set_broker(up.broker(up.settings()));
+    let r = api
+        .call(
+            "PUT",
+            "/v1/me/credentials/zoom.brokered",
+            Some(&alice),
+            Some(json!({"value": CANARY, "metadata": {"host": "localhost:*"}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let calls: Vec<(&str, &str, Option<String>, Option<Value>)> = vec![
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.brokered/broker",
+            Some(ALLOWED_SERVICE_TOKEN.into()),
+            Some(
+                json!({"method": "POST", "url": up.url("/echo"), "body": "hello",
+                        "inject": {"header": "Authorization", "format": "Bearer {value}"}}),
+            ),
+        ),
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.brokered/broker",
+            Some(ALLOWED_SERVICE_TOKEN.into()),
+            Some(json!({"method": "GET", "url": up.url("/echo"), "inject": {"query": "key"}})),
+        ),
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.brokered/broker",
+            Some(ALLOWED_SERVICE_TOKEN.into()),
+            Some(
+                json!({"method": "GET", "url": up.url("/slow"), "inject": {"basic": {"username": "u"}}}),
+            ),
+        ),
         (
             "PUT",
             "/v1/me/credentials/zoom.b",
@@ -406,6 +442,11 @@ async fn a_canary_value_appears_nowhere_in_the_audit_trail_logs_or_metrics() {
             assert!(!r.body.contains(CANARY), "{method} {path}: {}", r.body);
         }
     }
+    assert!(up.hits() >= 3, "the brokered calls reached the upstream");
+    assert!(up.seen.lock().unwrap().iter().any(|r| r
+        .headers
+        .get("authorization")
+        .is_some_and(|v| v.as_bytes().ends_with(CANARY.as_bytes()))));
     let delegated = axum::http::Request::builder()
         .method("POST")
         .uri("/v1/owners/alice/credentials/zoom.api-key/reveal")

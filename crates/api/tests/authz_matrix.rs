@@ -81,7 +81,7 @@ enum Kind {
     Admin,
 }
 
-fn routes() -> Vec<Route> {
+fn routes(broker_url: &str) -> Vec<Route> {
     use Kind::*;
     let r = |method, path, body: Option<serde_json::Value>, ok, kind| Route {
         method,
@@ -160,8 +160,9 @@ fn routes() -> Vec<Route> {
         r(
             "POST",
             "/v1/owners/alice/credentials/zoom.api-key/broker",
-            Some(json!({})),
-            501,
+            Some(json!({"method": "GET", "url": broker_url,
+                        "inject": {"header": "Authorization", "format": "Bearer {value}"}})),
+            200,
             Service,
         ),
         r("GET", "/v1/keys", None, 200, Admin),
@@ -199,10 +200,25 @@ fn expected(route: &Route, who: Who) -> u16 {
 #[tokio::test]
 async fn every_route_for_every_caller() {
     let mut cases = 0;
-    for route in routes() {
+    // A real HTTPS upstream that echoes what it receives (the injected header included).
+    let up = common::upstream::start().await;
+    for route in routes(&up.url("/echo")) {
         for who in EVERYONE {
             let api = api().await;
             api.seed().await;
+            if route.path.ends_with("/broker") {
+                api.state.set_broker(up.broker(up.settings()));
+                // Version 2, the same value, bound to the upstream's host.
+                let r = api
+                    .call(
+                        "PUT",
+                        "/v1/me/credentials/zoom.api-key",
+                        Some(&user_token("alice")),
+                        Some(json!({"value": CANARY, "metadata": {"host": "localhost:*"}})),
+                    )
+                    .await;
+                assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+            }
             let r = api
                 .call(
                     route.method,
@@ -220,6 +236,7 @@ async fn every_route_for_every_caller() {
                 route.path,
                 r.body
             );
+            // The broker's answer holds the upstream's echo of the injected header, redacted.
             let may_see_value = route.path.ends_with("/reveal") && who == Who::ServiceAllowed;
             if may_see_value {
                 assert_eq!(r.json()["value"], CANARY);

@@ -1,7 +1,7 @@
 //! # strongroom-core
 //!
 //! Strongroom's use cases — put, list, describe, choose the current version, disable/enable,
-//! verify, destroy, reveal — and the service authorization [`policy`]. It sees only the
+//! verify, destroy, reveal, brokered use ([`broker`]) — and the service authorization [`policy`]. It sees only the
 //! [`strongroom_crypto::KeyProvider`] and [`strongroom_store::Store`] traits; the server
 //! picks the implementations.
 //!
@@ -13,6 +13,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod audit;
+pub mod broker;
 mod error;
 pub mod policy;
 pub mod rewrap;

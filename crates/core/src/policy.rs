@@ -9,15 +9,21 @@
 //! owners = ["*"]                      # globs over owner ids (default: every owner)
 //! delegated = true                    # also require the owner's user token
 //!                                     # (X-Strongroom-On-Behalf-Of); default false
+//! destinations = ["api.zoom.us", "*.stripe.com"]   # where broker may call (required
+//!                                     # with broker; "*" any host on 443, "*:*" anything)
 //! ```
 //!
 //! A request is allowed when at least one rule names the service, the operation, a pattern
-//! matching the credential name and one matching the owner. If every matching rule is
+//! matching the credential name and one matching the owner. A brokered call also needs such
+//! a rule whose `destinations` match its destination ([`Policy::allows_destination`]),
+//! besides the credential version's own bound host. If every matching rule is
 //! `delegated`, the service must act on behalf of that very owner. Policies are validated when
 //! loaded; errors name the rule and field, so a typo stops the server at start instead of
 //! silently denying.
 
 use serde::Deserialize;
+
+use crate::broker::{Destination, DestinationPattern};
 
 /// An operation a service can be allowed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Deserialize)]
@@ -59,6 +65,8 @@ struct RuleFile {
     owners: Vec<String>,
     #[serde(default)]
     delegated: bool,
+    #[serde(default)]
+    destinations: Option<Vec<String>>,
 }
 
 fn every_owner() -> Vec<String> {
@@ -78,6 +86,8 @@ pub struct Rule {
     pub owners: Vec<Glob>,
     /// Whether the service must act on behalf of the owner.
     pub delegated: bool,
+    /// Where `broker` may call (empty when the rule does not allow broker).
+    pub destinations: Vec<DestinationPattern>,
 }
 
 /// A validated policy.
@@ -143,12 +153,33 @@ impl Policy {
                 .iter()
                 .map(|p| Glob::owner_pattern(p).map_err(|m| at("owners", &m)))
                 .collect::<Result<_, _>>()?;
+            let brokers = r.operations.contains(&Operation::Broker);
+            let destinations = match (brokers, r.destinations) {
+                (true, None) => {
+                    return Err(at(
+                        "destinations",
+                        "a rule allowing broker must list the destinations it may call, e.g. [\"api.zoom.us\", \"*.stripe.com\"] (\"*\": any host on port 443)",
+                    ))
+                }
+                (true, Some(d)) if d.is_empty() => {
+                    return Err(at("destinations", "must list at least one destination"))
+                }
+                (false, Some(_)) => {
+                    return Err(at("destinations", "is only used with the broker operation"))
+                }
+                (true, Some(d)) => d
+                    .iter()
+                    .map(|p| DestinationPattern::parse(p).map_err(|m| at("destinations", &m)))
+                    .collect::<Result<_, _>>()?,
+                (false, None) => Vec::new(),
+            };
             rules.push(Rule {
                 service: r.service,
                 operations: r.operations,
                 credentials,
                 owners,
                 delegated: r.delegated,
+                destinations,
             });
         }
         Ok(Self { rules })
@@ -160,7 +191,8 @@ impl Policy {
     }
 
     /// The `--dev` policy: service `service` may write, reveal and broker any credential of
-    /// any owner.
+    /// any owner, brokering to any destination (`*:*`; each version's bound host still
+    /// applies).
     pub fn dev(service: &str) -> Self {
         Self {
             rules: vec![Rule {
@@ -169,6 +201,7 @@ impl Policy {
                 credentials: vec![Glob("*".into())],
                 owners: vec![Glob("*".into())],
                 delegated: false,
+                destinations: vec![DestinationPattern::any()],
             }],
         }
     }
@@ -207,6 +240,28 @@ impl Policy {
         } else {
             Decision::Deny
         }
+    }
+}
+
+impl Policy {
+    /// May `service` broker `owner`'s credential `name` to `dest`? True when a rule that
+    /// allows the brokered use (see [`Policy::decide`]) lists a matching destination.
+    pub fn allows_destination(
+        &self,
+        service: &str,
+        owner: &str,
+        name: &str,
+        on_behalf_of: Option<&str>,
+        dest: &Destination,
+    ) -> bool {
+        self.rules.iter().any(|rule| {
+            rule.service == service
+                && rule.operations.contains(&Operation::Broker)
+                && rule.credentials.iter().any(|g| g.matches(name))
+                && rule.owners.iter().any(|g| g.matches(owner))
+                && (!rule.delegated || on_behalf_of == Some(owner))
+                && rule.destinations.iter().any(|d| d.matches(dest))
+        })
     }
 }
 
@@ -280,6 +335,12 @@ mod tests {
         credentials = ["*"]
         owners = ["tenant-a:*"]
         delegated = true
+
+        [[rule]]
+        service = "billing"
+        operations = ["broker"]
+        credentials = ["zoom.*"]
+        destinations = ["api.zoom.us", "*.zoom.us:8443"]
     "#;
 
     #[test]
@@ -324,7 +385,7 @@ mod tests {
             Deny
         );
         assert_eq!(
-            p.decide("billing", Operation::Broker, "alice", "zoom.api-key", None),
+            p.decide("billing", Operation::Broker, "alice", "stripe.secret", None),
             Deny
         );
         assert_eq!(
@@ -339,6 +400,29 @@ mod tests {
             Policy::default().decide("billing", Operation::Reveal, "a", "b", None),
             Deny
         );
+    }
+
+    #[test]
+    fn broker_destinations_come_from_the_allowing_rules() {
+        let p = Policy::from_toml(EXAMPLE).unwrap();
+        let d = |u: &str| Destination::of(&url::Url::parse(u).unwrap()).unwrap();
+        let ok =
+            |svc: &str, name: &str, u: &str| p.allows_destination(svc, "alice", name, None, &d(u));
+        assert!(ok(
+            "billing",
+            "zoom.api-key",
+            "https://api.zoom.us/v2/users"
+        ));
+        assert!(ok("billing", "zoom.api-key", "https://eu.zoom.us:8443/"));
+        assert!(!ok("billing", "zoom.api-key", "https://eu.zoom.us/"));
+        assert!(!ok("billing", "zoom.api-key", "https://zoom.us:8443/"));
+        assert!(!ok("billing", "zoom.api-key", "https://api.zoom.us:444/"));
+        assert!(!ok("billing", "zoom.api-key", "https://evil.example/"));
+        assert!(!ok("billing", "stripe.secret", "https://api.zoom.us/"));
+        assert!(!ok("assistant", "zoom.api-key", "https://api.zoom.us/"));
+        let dev = Policy::dev("dev");
+        assert!(dev.allows_destination("dev", "o", "n", None, &d("https://x.example:9/")));
+        assert!(!dev.allows_destination("other", "o", "n", None, &d("https://x.example/")));
     }
 
     #[test]
@@ -390,6 +474,22 @@ mod tests {
                 "rule 1 (owners)",
             ),
             ("[[rule]\n", "TOML"),
+            (
+                "[[rule]]\nservice='s'\noperations=['broker']\ncredentials=['*']",
+                "rule 1 (destinations): a rule allowing broker must list",
+            ),
+            (
+                "[[rule]]\nservice='s'\noperations=['broker']\ncredentials=['*']\ndestinations=[]",
+                "rule 1 (destinations)",
+            ),
+            (
+                "[[rule]]\nservice='s'\noperations=['reveal']\ncredentials=['*']\ndestinations=['*']",
+                "rule 1 (destinations): is only used with the broker",
+            ),
+            (
+                "[[rule]]\nservice='s'\noperations=['broker']\ncredentials=['*']\ndestinations=['https://x.example/']",
+                "rule 1 (destinations)",
+            ),
         ];
         for (text, want) in cases {
             let err = Policy::from_toml(text).unwrap_err().to_string();

@@ -36,6 +36,8 @@ pub(crate) async fn put(
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<PutBody>,
 ) -> ApiResult<(StatusCode, Json<PutResponse>)> {
+    strongroom_core::broker::check_bound_host(body.metadata.as_ref())
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
     let created_by = format!("user:{owner}");
     let outcome = state
         .vault()

@@ -1,15 +1,19 @@
 //! `/v1/owners/{owner}/credentials/{name}...`: services acting on an owner's credentials,
-//! only where policy allows. `reveal` is the one route that returns a value.
+//! only where policy allows. `reveal` is the one route that returns a value; `broker` uses it
+//! for an outbound call and returns only the upstream's (scrubbed) answer.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use strongroom_core::broker::{BrokerError, BrokerRequest, Injection};
 use strongroom_core::policy::{Decision, Operation};
 use strongroom_core::PutRequest;
 use strongroom_crypto::SecretBytes;
 use zeroize::Zeroizing;
 
-use super::views::{PutBody, PutResponse, RevealBody, RevealResponse};
+use super::views::{
+    BrokerBody, BrokerResponseView, PutBody, PutResponse, RevealBody, RevealResponse,
+};
 use crate::audit::Audit;
 use crate::extract::{ApiJson, ApiPath, Service};
 use crate::{ApiError, AppState, ErrorBody};
@@ -56,6 +60,8 @@ pub(crate) async fn put(
     ApiJson(body): ApiJson<PutBody>,
 ) -> ApiResult<(StatusCode, Json<PutResponse>)> {
     authorize(&state, &service, Operation::Write, &owner, &name)?;
+    strongroom_core::broker::check_bound_host(body.metadata.as_ref())
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
     let created_by = format!("service:{}", service.name);
     let outcome = state
         .vault()
@@ -117,20 +123,184 @@ pub(crate) async fn reveal(
     }))
 }
 
-/// Brokered use: Strongroom makes the outbound HTTPS call with the credential injected.
+/// Brokered use: Strongroom makes the outbound HTTPS call with the credential injected, and
+/// returns the upstream's answer with the value scrubbed from it. The destination must match
+/// the version's bound host (`metadata.host`) and the policy's `destinations`, and resolve to
+/// public addresses only; the audit record (with the destination) is durable before the call.
 #[utoipa::path(post, path = "/v1/owners/{owner}/credentials/{name}/broker", tag = "service",
     params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name")),
-    responses((status = 403, body = ErrorBody), (status = 501, description = "not implemented yet", body = ErrorBody)),
+    request_body = BrokerBody,
+    responses((status = 200, description = "the upstream answered (any status, 3xx included)", body = BrokerResponseView),
+        (status = 400, description = "malformed request, non-https URL", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "policy, destination, bound host or address refused", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "credential disabled", body = ErrorBody),
+        (status = 410, description = "version destroyed", body = ErrorBody),
+        (status = 413, description = "body to forward too large", body = ErrorBody),
+        (status = 422, description = "the value cannot be injected as asked", body = ErrorBody),
+        (status = 502, description = "upstream unreachable, TLS failure, broken HTTP, response too large or content-encoded", body = ErrorBody),
+        (status = 503, description = "the audit record could not be written; no call was made", body = ErrorBody),
+        (status = 504, description = "upstream timed out", body = ErrorBody)),
     security(("service_token" = [])))]
 pub(crate) async fn broker(
     State(state): State<AppState>,
+    audit: Audit,
     service: Service,
     ApiPath((owner, name)): ApiPath<(String, String)>,
-) -> ApiResult<Json<()>> {
+    body: axum::body::Bytes,
+) -> ApiResult<Json<BrokerResponseView>> {
     authorize(&state, &service, Operation::Broker, &owner, &name)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "brokered use is not implemented yet",
-    ))
+    let body: BrokerBody = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_request(
+            "the JSON body has missing, unknown or mistyped fields for this endpoint (method, url and inject are required)",
+        )
+    })?;
+    let broker = state.broker().ok_or_else(|| {
+        ApiError::internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            "brokered use is not configured on this server",
+        )
+    })?;
+    let prepared = broker
+        .prepare(broker_request(body)?)
+        .map_err(broker_error)?;
+    audit.destination(&prepared.destination().to_string());
+    if !state.policy().allows_destination(
+        &service.name,
+        &owner,
+        &name,
+        service.on_behalf_of.as_deref(),
+        prepared.destination(),
+    ) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            format!(
+                "policy does not allow service '{}' to broker this credential to {}",
+                service.name,
+                prepared.destination()
+            ),
+        ));
+    }
+    let loaded = broker
+        .load(state.vault(), &owner, &name, &prepared)
+        .await
+        .map_err(broker_error)?;
+    audit.version(loaded.version());
+    let target = broker.resolve(&prepared).await.map_err(broker_error)?;
+    // Fail closed: the record is durable before the value leaves; if it cannot be written,
+    // no call is made and the caller gets 503.
+    audit.record_now(&state, StatusCode::OK).await?;
+    match broker.send(prepared, loaded, &target).await {
+        Ok(r) => {
+            let (body, body_base64) = match String::from_utf8(r.body) {
+                Ok(text) => (Some(text), None),
+                Err(e) => {
+                    use base64::Engine;
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(e.as_bytes());
+                    (None, Some(b64))
+                }
+            };
+            Ok(Json(BrokerResponseView {
+                status: r.status,
+                headers: r.headers.into_iter().collect(),
+                body,
+                body_base64,
+                version: r.version,
+                redacted: r.redacted,
+            }))
+        }
+        Err(e) => {
+            // The call was recorded as made; record its failure too.
+            audit.reopen();
+            Err(broker_error(e))
+        }
+    }
+}
+
+fn broker_request(body: BrokerBody) -> ApiResult<BrokerRequest> {
+    let payload = match (body.body, body.body_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("send body or body_base64, not both"))
+        }
+        (Some(text), None) => text.into_bytes(),
+        (None, Some(b64)) => {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|_| ApiError::bad_request("body_base64 is not base64"))?
+        }
+        (None, None) => Vec::new(),
+    };
+    let i = body.inject;
+    let inject = match (i.header, i.query, i.basic) {
+        (Some(name), None, None) => Injection::Header {
+            name,
+            format: i.format,
+        },
+        (None, Some(name), None) => Injection::Query {
+            name,
+            format: i.format,
+        },
+        (None, None, Some(basic)) if i.format.is_none() => Injection::Basic {
+            username: basic.username,
+        },
+        (None, None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "inject.format is not used with inject.basic",
+            ))
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "inject must name exactly one of header, query or basic",
+            ))
+        }
+    };
+    Ok(BrokerRequest {
+        method: body.method,
+        url: body.url,
+        headers: body.headers.into_iter().collect(),
+        body: payload,
+        inject,
+        version: body.version,
+    })
+}
+
+fn broker_error(e: BrokerError) -> ApiError {
+    use StatusCode as S;
+    match e {
+        BrokerError::BadRequest(m) => ApiError::bad_request(m),
+        BrokerError::BodyTooLarge(_) => {
+            ApiError::new(S::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
+        }
+        BrokerError::DestinationForbidden(m) => {
+            ApiError::new(S::FORBIDDEN, "destination_not_allowed", m)
+        }
+        BrokerError::Unbound(m) => ApiError::new(S::FORBIDDEN, "destination_not_bound", m),
+        BrokerError::ValueUnusable(m) => {
+            ApiError::new(S::UNPROCESSABLE_ENTITY, "value_unusable", m)
+        }
+        BrokerError::Core(c) => c.into(),
+        BrokerError::Upstream(cause) => {
+            tracing::warn!(cause = %cause, "brokered call failed");
+            ApiError::new(
+                S::BAD_GATEWAY,
+                "upstream_unreachable",
+                "the upstream could not be reached, failed TLS verification or broke HTTP",
+            )
+        }
+        BrokerError::Timeout => ApiError::new(
+            S::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "the upstream did not answer in time",
+        ),
+        BrokerError::TooLarge(_) => {
+            ApiError::new(S::BAD_GATEWAY, "upstream_response_too_large", e.to_string())
+        }
+        BrokerError::Encoded(_) => {
+            ApiError::new(S::BAD_GATEWAY, "upstream_encoded_body", e.to_string())
+        }
+        other => ApiError::internal(S::INTERNAL_SERVER_ERROR, "internal", other.to_string()),
+    }
 }

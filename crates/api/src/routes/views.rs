@@ -393,3 +393,70 @@ pub struct UsageResponse {
     /// Pass as `cursor` for the next (older) page.
     pub next_cursor: Option<String>,
 }
+
+/// `POST .../broker`: the outbound call to make with the credential injected.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerBody {
+    /// `GET`, `POST`, `PUT`, `PATCH` or `DELETE`.
+    pub method: String,
+    /// `https://host[:port]/path?query`. The host must match the version's bound host
+    /// (`metadata.host`) and the policy's `destinations`; `http://` is refused.
+    pub url: String,
+    /// Non-secret headers to send. Framing and hop-by-hop headers, `Accept-Encoding` and the
+    /// header the credential goes into are refused.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// A UTF-8 body to send.
+    pub body: Option<String>,
+    /// Or a binary body, base64 (standard alphabet).
+    pub body_base64: Option<String>,
+    /// Where the credential goes.
+    pub inject: InjectBody,
+    /// A specific version; the current one when absent.
+    pub version: Option<u32>,
+}
+
+/// Where the credential goes: exactly one of `header` (with an optional `format`), `query`
+/// (with an optional `format`) or `basic`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InjectBody {
+    /// A header name, e.g. `Authorization`.
+    pub header: Option<String>,
+    /// A query parameter name, e.g. `api_key` (the value is form-encoded).
+    pub query: Option<String>,
+    /// HTTP Basic authentication with the credential as the password.
+    pub basic: Option<BasicBody>,
+    /// The header or parameter value, holding `{value}` exactly once (default `{value}`),
+    /// e.g. `Bearer {value}`.
+    pub format: Option<String>,
+}
+
+/// `inject.basic`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasicBody {
+    /// The user name (no `:`).
+    pub username: String,
+}
+
+/// The upstream's answer, with the credential value (and its usual encodings) replaced by
+/// `[REDACTED]` wherever the upstream echoed it.
+#[derive(Serialize, ToSchema)]
+pub struct BrokerResponseView {
+    /// The upstream's status. Redirects are not followed: a 3xx comes back as is.
+    pub status: u16,
+    /// The upstream's headers (hop-by-hop ones dropped; repeated names joined with `, `).
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The body, when it is UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The body in base64, when it is not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+    /// The version whose value was injected.
+    pub version: u32,
+    /// Whether anything was redacted from the headers or body.
+    pub redacted: bool,
+}

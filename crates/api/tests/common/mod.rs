@@ -1,6 +1,8 @@
 //! An in-process API over SQLite and the fake key provider, with tokens for every principal.
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -32,6 +34,7 @@ pub const POLICY: &str = r#"
 service = "allowed"
 operations = ["write", "reveal", "broker"]
 credentials = ["zoom.*"]
+destinations = ["localhost:*", "127.0.0.1:*"]
 
 [[rule]]
 service = "delegated"

@@ -1,0 +1,580 @@
+//! Brokered use against a real HTTPS upstream (tests/common/upstream.rs) on 127.0.0.1: the
+//! value reaches the upstream as asked, never comes back to the service, and every refusal
+//! happens before the upstream sees a request.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use base64::Engine;
+use common::upstream::{self, Upstream};
+use common::*;
+use serde_json::{json, Value};
+
+const PATH: &str = "/v1/owners/alice/credentials/zoom.api-key/broker";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// An audited API with a broker trusting the upstream's CA (private networks allowed), and
+/// alice's `zoom.api-key` = CANARY bound to `localhost` on any port.
+async fn setup() -> (TestApi, Upstream) {
+    let up = upstream::start().await;
+    let api = api().await;
+    assert!(api.state.set_broker(up.broker(up.settings())));
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    (api, up)
+}
+
+async fn store(api: &TestApi, name: &str, metadata: Value) {
+    let r = api
+        .call(
+            "PUT",
+            &format!("/v1/me/credentials/{name}"),
+            Some(&user_token("alice")),
+            Some(json!({"value": CANARY, "metadata": metadata})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+}
+
+fn bearer(url: &str) -> Value {
+    json!({"method": "GET", "url": url, "inject": {"header": "Authorization", "format": "Bearer {value}"}})
+}
+
+async fn broker(api: &TestApi, body: Value) -> Reply {
+    api.call("POST", PATH, Some(ALLOWED_SERVICE_TOKEN), Some(body))
+        .await
+}
+
+/// The value in none of its usual forms.
+fn assert_no_value(text: &str) {
+    assert!(!text.contains(CANARY), "the value leaked: {text}");
+    assert!(
+        !text.contains("9f8e7d6c5b4a"),
+        "part of the value leaked: {text}"
+    );
+    for form in [
+        B64.encode(CANARY),
+        B64.encode(format!("Bearer {CANARY}")),
+        B64.encode(format!("bob:{CANARY}")),
+    ] {
+        assert!(!text.contains(&form), "a base64 form leaked: {text}");
+    }
+}
+
+fn code(r: &Reply) -> String {
+    r.json()["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_value_goes_into_the_header_and_never_comes_back() {
+    let (api, up) = setup().await;
+    let mut req = bearer(&up.url("/echo?page=2"));
+    req["headers"] = json!({"X-Trace": "t-1", "Accept": "application/json"});
+    let r = broker(&api, req).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // What the upstream received.
+    assert_eq!(up.hits(), 1);
+    let seen = up.last();
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.uri, "/echo?page=2");
+    assert_eq!(seen.headers["authorization"], format!("Bearer {CANARY}"));
+    assert_eq!(seen.headers["x-trace"], "t-1");
+    assert_eq!(seen.headers["accept-encoding"], "identity");
+    assert_eq!(seen.headers["host"], format!("localhost:{}", up.port()));
+    // What the service got: the upstream's answer, with every echo of the value redacted.
+    assert_no_value(&r.body);
+    let v = r.json();
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["redacted"], true);
+    assert_eq!(v["headers"]["x-echo-authorization"], "Bearer [REDACTED]");
+    let echo: Value = serde_json::from_str(v["body"].as_str().unwrap()).unwrap();
+    assert_eq!(echo["headers"]["authorization"], "Bearer [REDACTED]");
+    assert_eq!(echo["headers"]["x-trace"], "t-1");
+    assert!(echo["authorization_base64"]
+        .as_str()
+        .unwrap()
+        .contains("[REDACTED]"));
+}
+
+#[tokio::test]
+async fn query_and_basic_injection_and_request_bodies() {
+    let (api, up) = setup().await;
+    let r = broker(
+        &api,
+        json!({"method": "POST", "url": up.url("/echo?a=b"), "body": "{\"q\": 1}",
+               "headers": {"content-type": "application/json"},
+               "inject": {"query": "api_key"}}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let seen = up.last();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.uri, format!("/echo?a=b&api_key={CANARY}"));
+    assert_eq!(seen.body, b"{\"q\": 1}");
+    assert!(seen.headers.get("authorization").is_none());
+    assert_no_value(&r.body);
+
+    let r = broker(
+        &api,
+        json!({"method": "PUT", "url": up.url("/echo"), "body_base64": B64.encode(b"\x00\x01binary"),
+               "inject": {"basic": {"username": "bob"}}}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let seen = up.last();
+    assert_eq!(seen.method, "PUT");
+    assert_eq!(seen.body, b"\x00\x01binary");
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Basic {}", B64.encode(format!("bob:{CANARY}")))
+    );
+    assert_no_value(&r.body);
+
+    // A non-UTF-8 answer comes back in base64.
+    let r = broker(&api, bearer(&up.url("/binary"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        B64.decode(r.json()["body_base64"].as_str().unwrap())
+            .unwrap(),
+        b"\xff\xfe\x00bin"
+    );
+    assert!(r.json().get("body").is_none());
+}
+
+#[tokio::test]
+async fn only_the_bound_host_and_https_are_called() {
+    let (api, up) = setup().await;
+    // Another host than the bound one (same upstream, by IP): refused before any request.
+    let r = broker(
+        &api,
+        bearer(&format!("https://127.0.0.1:{}/echo", up.port())),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(code(&r), "destination_not_allowed");
+    // Bound to port 443 only.
+    store(&api, "zoom.port443", json!({"host": "localhost"})).await;
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.port443/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // No bound host at all: never brokered.
+    store(&api, "zoom.unbound", json!({"label": "x"})).await;
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.unbound/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(code(&r), "destination_not_bound");
+    // Plain HTTP, user info, other schemes: malformed.
+    for url in [
+        format!("http://localhost:{}/echo", up.port()),
+        format!("https://user:pw@localhost:{}/echo", up.port()),
+        "ftp://localhost/".to_owned(),
+        "localhost/echo".to_owned(),
+    ] {
+        let r = broker(&api, bearer(&url)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{url}: {}", r.body);
+    }
+    assert_eq!(up.hits(), 0, "a refused call reached the upstream");
+    assert_no_value(&r.body);
+    // A bound host that is not a destination is refused when stored, not when used.
+    for host in [
+        json!("https://api.zoom.us/"),
+        json!(["api.zoom.us"]),
+        json!(""),
+    ] {
+        let r = api
+            .call(
+                "PUT",
+                "/v1/me/credentials/zoom.bad-host",
+                Some(&user_token("alice")),
+                Some(json!({"value": "v", "metadata": {"host": host}})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{host}: {}", r.body);
+        assert_eq!(code(&r), "invalid_metadata");
+    }
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_unless_allowed() {
+    let up = upstream::start().await;
+    let api = api().await;
+    let mut settings = up.settings();
+    settings.allow_private_networks = false;
+    api.state.set_broker(up.broker(settings));
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    store(&api, "zoom.by-ip", json!({"host": "127.0.0.1:*"})).await;
+    // By name (localhost resolves to loopback) and by IP literal.
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(code(&r), "destination_not_allowed");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("loopback"));
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.by-ip/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&format!("https://127.0.0.1:{}/echo", up.port()))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn policy_decides_who_may_broker_and_where() {
+    let (api, up) = setup().await;
+    // A service without broker in its policy.
+    let r = api
+        .call(
+            "POST",
+            PATH,
+            Some(DENIED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // The delegated service may reveal, not broker.
+    let r = api
+        .call(
+            "POST",
+            PATH,
+            Some(DELEGATED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // The credential is bound to anything, but the policy lists only localhost.
+    store(&api, "zoom.anywhere", json!({"host": "*:*"})).await;
+    api.state.replace_policy(
+        strongroom_core::policy::Policy::from_toml(
+            "[[rule]]\nservice='allowed'\noperations=['broker']\ncredentials=['zoom.*']\ndestinations=['localhost:*']",
+        )
+        .unwrap(),
+    );
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.anywhere/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&format!("https://127.0.0.1:{}/echo", up.port()))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(code(&r), "destination_not_allowed");
+    assert_eq!(up.hits(), 0);
+    // ... and there it goes.
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.anywhere/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn missing_foreign_disabled_and_destroyed_credentials_are_refused_like_reveal() {
+    let (api, up) = setup().await;
+    let other = api
+        .call(
+            "POST",
+            "/v1/owners/bob/credentials/zoom.api-key/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    let missing = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.nothing/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::NOT_FOUND, "{}", other.body);
+    assert_eq!((other.status, &other.body), (missing.status, &missing.body));
+    let alice = user_token("alice");
+    let r = api
+        .call(
+            "POST",
+            "/v1/me/credentials/zoom.api-key/disable",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(code(&r), "credential_disabled");
+    api.call(
+        "POST",
+        "/v1/me/credentials/zoom.api-key/enable",
+        Some(&alice),
+        None,
+    )
+    .await;
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    api.call(
+        "DELETE",
+        "/v1/me/credentials/zoom.api-key/versions/1",
+        Some(&alice),
+        None,
+    )
+    .await;
+    let mut req = bearer(&up.url("/echo"));
+    req["version"] = json!(1);
+    let r = broker(&api, req).await;
+    assert_eq!(r.status, StatusCode::GONE, "{}", r.body);
+    assert_eq!(up.hits(), 0);
+    // Version 2 is current and works.
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["version"], 2);
+}
+
+#[tokio::test]
+async fn redirects_come_back_unfollowed_and_bad_upstreams_are_gateway_errors() {
+    let (api, up) = setup().await;
+    let r = broker(&api, bearer(&up.url("/redirect"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["status"], 302);
+    assert_eq!(
+        r.json()["headers"]["location"],
+        "https://elsewhere.example/landing"
+    );
+    assert_eq!(up.hits(), 1, "the redirect was followed");
+
+    let r = broker(&api, bearer(&up.url("/big"))).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert_eq!(code(&r), "upstream_response_too_large");
+
+    let r = broker(&api, bearer(&up.url("/big-chunked"))).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert_eq!(code(&r), "upstream_response_too_large");
+
+    let r = broker(&api, bearer(&up.url("/gzip"))).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert_eq!(code(&r), "upstream_encoded_body");
+
+    let started = std::time::Instant::now();
+    let r = broker(&api, bearer(&up.url("/slow"))).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.body);
+    assert_eq!(code(&r), "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    // Nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let r = broker(&api, bearer(&format!("https://localhost:{port}/"))).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert_eq!(code(&r), "upstream_unreachable");
+    assert_no_value(&r.body);
+}
+
+#[tokio::test]
+async fn an_untrusted_upstream_certificate_is_refused() {
+    let up = upstream::start().await;
+    let api = api().await;
+    let mut settings = up.settings();
+    settings.ca_file = None;
+    api.state.set_broker(up.broker(settings));
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400_before_anything_is_called() {
+    let (api, up) = setup().await;
+    let url = up.url("/echo");
+    let cases = [
+        json!({"method": "GET", "url": url}),
+        json!({"method": "TRACE", "url": url, "inject": {"header": "Authorization"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "Authorization", "format": "Bearer"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "Authorization", "format": "{value}{value}"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "Authorization", "query": "k"}}),
+        json!({"method": "GET", "url": url, "inject": {}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "Host"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "Authorization"},
+               "headers": {"authorization": "Bearer mine"}}),
+        json!({"method": "GET", "url": url, "inject": {"basic": {"username": "bob"}},
+               "headers": {"Authorization": "x"}}),
+        json!({"method": "GET", "url": url, "inject": {"basic": {"username": "a:b"}}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"transfer-encoding": "chunked"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "body": "a", "body_base64": "YQ=="}),
+        json!({"method": "GET", "url": format!("{url}?api_key=1"), "inject": {"query": "api_key"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "value": CANARY}),
+    ];
+    for body in cases {
+        let r = broker(&api, body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.body);
+        assert_no_value(&r.body);
+    }
+    let r = broker(
+        &api,
+        json!({"method": "POST", "url": url, "inject": {"header": "X-Key"}, "body": "x".repeat(65 * 1024)}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn every_call_is_audited_with_its_destination_and_shown_in_usage() {
+    let (api, up) = setup().await;
+    let r = broker(&api, bearer(&up.url("/echo?secret-path=1"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = broker(&api, bearer(&up.url("/slow"))).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.body);
+    let dest = format!("https://localhost:{}", up.port());
+    let audit = api
+        .call("GET", "/v1/audit?limit=100", Some(ADMIN_TOKEN), None)
+        .await;
+    let items = audit.json()["items"].as_array().unwrap().clone();
+    let brokered: Vec<&Value> = items.iter().filter(|i| i["action"] == "broker").collect();
+    // Newest first: the timed-out call (recorded before it was made, then its failure),
+    // then the successful one.
+    assert_eq!(brokered.len(), 3, "{brokered:?}");
+    for i in &brokered {
+        assert_eq!(i["destination"], dest.as_str());
+        assert_eq!(i["principal_id"], "allowed");
+        assert_eq!(i["version"], 1);
+    }
+    assert_eq!(
+        (
+            brokered[0]["outcome"].as_str(),
+            brokered[0]["status"].as_u64()
+        ),
+        (Some("error"), Some(504))
+    );
+    assert_eq!(brokered[0]["error_code"], "upstream_timeout");
+    assert_eq!(
+        (
+            brokered[1]["outcome"].as_str(),
+            brokered[1]["status"].as_u64()
+        ),
+        (Some("ok"), Some(200))
+    );
+    assert_eq!(brokered[1]["request_id"], brokered[0]["request_id"]);
+    assert_eq!(brokered[2]["outcome"], "ok");
+    assert!(!audit.body.contains("secret-path"));
+    assert_no_value(&audit.body);
+
+    let usage = api
+        .call(
+            "GET",
+            "/v1/me/credentials/zoom.api-key/usage",
+            Some(&user_token("alice")),
+            None,
+        )
+        .await;
+    let items = usage.json()["items"].as_array().unwrap().clone();
+    assert!(items
+        .iter()
+        .any(|i| i["action"] == "broker" && i["destination"] == dest.as_str()));
+
+    // Refusals are audited too (the middleware records them).
+    let r = broker(&api, bearer(&format!("https://127.0.0.1:{}/", up.port()))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let audit = api
+        .call("GET", "/v1/audit?limit=1", Some(ADMIN_TOKEN), None)
+        .await;
+    let last = &audit.json()["items"][0];
+    assert_eq!(last["action"], "broker");
+    assert_eq!(last["outcome"], "denied");
+    assert_eq!(
+        last["destination"],
+        format!("https://127.0.0.1:{}", up.port()).as_str()
+    );
+}
+
+#[tokio::test]
+async fn no_audit_record_no_call() {
+    let up = upstream::start().await;
+    let api = api_audited(Auditing::Failing).await;
+    api.state.set_broker(up.broker(up.settings()));
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(code(&r), "audit_unavailable");
+    assert_eq!(up.hits(), 0, "the call was made without its audit record");
+    assert_no_value(&r.body);
+}
+
+#[tokio::test]
+async fn without_a_broker_the_route_is_unavailable() {
+    let api = api().await;
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    let r = broker(&api, bearer("https://localhost:1/")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_broker_route() {
+    let api = api().await;
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    let op = &doc["paths"]["/v1/owners/{owner}/credentials/{name}/broker"]["post"];
+    assert_eq!(
+        op["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/BrokerBody"
+    );
+    for status in ["200", "400", "403", "404", "502", "503", "504"] {
+        assert!(op["responses"][status].is_object(), "{status}: {op}");
+    }
+    let schemas = &doc["components"]["schemas"];
+    for s in [
+        "BrokerBody",
+        "InjectBody",
+        "BasicBody",
+        "BrokerResponseView",
+    ] {
+        assert!(schemas[s].is_object(), "{s}");
+    }
+    assert!(schemas["BrokerBody"]["required"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("inject")));
+}
+
+#[tokio::test]
+async fn the_binding_is_per_version() {
+    let (api, up) = setup().await;
+    // Version 2 is current and bound nowhere: refused; version 1 is still bound.
+    store(&api, "zoom.api-key", json!({"label": "rotated"})).await;
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(code(&r), "destination_not_bound");
+    assert_eq!(up.hits(), 0);
+    let mut req = bearer(&up.url("/echo"));
+    req["version"] = json!(1);
+    let r = broker(&api, req).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["version"], 1);
+    assert_eq!(up.hits(), 1);
+}

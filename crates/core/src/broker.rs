@@ -1,0 +1,689 @@
+//! Brokered use: Strongroom makes the outbound HTTPS call with the credential injected, so
+//! the service never holds the value.
+//!
+//! The API layer runs the steps in this order, each refusing before the next:
+//!
+//! 1. [`Broker::prepare`]: the request's shape — method, `https` URL without user info,
+//!    headers the caller may set, the injection (`{value}` exactly once), body size.
+//! 2. The policy's `destinations` for the service ([`crate::policy::Policy::allows_destination`]).
+//! 3. [`Broker::load`]: the credential and version (404, disabled, destroyed as for reveal)
+//!    and its **bound host**, the version's `metadata.host` (a [`DestinationPattern`]); a
+//!    version without one is never brokered. Only then is the value decrypted.
+//! 4. [`Broker::resolve`]: DNS, and every address checked against private, loopback,
+//!    link-local, multicast and unspecified ranges (unless `allow_private_networks`); the call
+//!    connects only to these addresses, so a DNS answer cannot change between check and use.
+//! 5. The audit record, durable before anything leaves (the API layer's job).
+//! 6. [`Broker::send`]: inject, send (no redirects followed, connect and total timeouts,
+//!    response-size cap), and scrub the value and its usual encodings from the response.
+
+mod client;
+mod dest;
+mod net;
+mod scrub;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method};
+use strongroom_crypto::SecretBytes;
+use strongroom_store::VersionState;
+use zeroize::Zeroizing;
+
+pub use client::{HttpsClient, Target, Transport, TransportError, UpstreamResponse};
+pub use dest::{Destination, DestinationPattern};
+
+use crate::{CoreError, Vault};
+
+/// The metadata key naming the host a version is for.
+pub const BOUND_HOST_KEY: &str = "host";
+/// The placeholder an injection format holds exactly once.
+pub const PLACEHOLDER: &str = "{value}";
+/// Most headers a caller may send.
+const MAX_HEADERS: usize = 64;
+/// Longest URL.
+const MAX_URL_LEN: usize = 8 * 1024;
+
+/// `[broker]` settings.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// Let calls reach private, loopback, link-local, shared and unique-local addresses.
+    pub allow_private_networks: bool,
+    /// PEM CA certificates trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// DNS, TCP connect and TLS handshake.
+    pub connect_timeout: Duration,
+    /// Connecting, sending and reading the whole response (DNS has `connect_timeout`).
+    pub timeout: Duration,
+    /// Largest upstream response body.
+    pub max_response_bytes: usize,
+    /// Largest body the caller may have sent.
+    pub max_request_body_bytes: usize,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            allow_private_networks: false,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(20),
+            max_response_bytes: 1024 * 1024,
+            max_request_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Why a brokered call was refused or failed. Messages never hold the value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The request is malformed; the message says which field.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request body to forward is larger than allowed.
+    #[error("body larger than {0} bytes")]
+    BodyTooLarge(usize),
+    /// The destination is not allowed (policy, bound host, or address).
+    #[error("{0}")]
+    DestinationForbidden(String),
+    /// The version names no bound host (`metadata.host`), or an unusable one.
+    #[error("{0}")]
+    Unbound(String),
+    /// The value cannot be injected as asked (e.g. it is not a valid header value).
+    #[error("{0}")]
+    ValueUnusable(&'static str),
+    /// The credential could not be used (not found, disabled, destroyed, unavailable).
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The upstream could not be reached or broke HTTP.
+    #[error("upstream: {0}")]
+    Upstream(String),
+    /// The upstream took too long.
+    #[error("upstream timed out")]
+    Timeout,
+    /// The upstream's response is larger than allowed.
+    #[error("upstream response larger than {0} bytes")]
+    TooLarge(usize),
+    /// The upstream's body is content-encoded, so it cannot be checked for the value.
+    #[error("upstream response is content-encoded ({0}); it cannot be checked for the value")]
+    Encoded(String),
+}
+
+/// How the value goes into the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Injection {
+    /// A header; `format` holds `{value}` once (`Bearer {value}`); `None` means the value.
+    Header {
+        /// Header name.
+        name: String,
+        /// The header value with `{value}` in it.
+        format: Option<String>,
+    },
+    /// A query parameter (form-encoded); `format` as for headers.
+    Query {
+        /// Parameter name.
+        name: String,
+        /// The parameter value with `{value}` in it.
+        format: Option<String>,
+    },
+    /// `Authorization: Basic base64(username:value)`.
+    Basic {
+        /// The user name (no `:`).
+        username: String,
+    },
+}
+
+/// What the caller asks for.
+#[derive(Clone, Debug)]
+pub struct BrokerRequest {
+    /// `GET`, `POST`, `PUT`, `PATCH` or `DELETE`.
+    pub method: String,
+    /// `https://host[:port]/path?query`.
+    pub url: String,
+    /// Non-secret headers to send.
+    pub headers: Vec<(String, String)>,
+    /// The body to send.
+    pub body: Vec<u8>,
+    /// Where the value goes.
+    pub inject: Injection,
+    /// A version; the current one when `None`.
+    pub version: Option<u32>,
+}
+
+/// A checked request, ready for a destination and a value.
+#[derive(Debug)]
+pub struct Prepared {
+    method: Method,
+    url: url::Url,
+    destination: Destination,
+    headers: HeaderMap,
+    body: Bytes,
+    inject: Injection,
+    version: Option<u32>,
+}
+
+impl Prepared {
+    /// Where it goes.
+    pub fn destination(&self) -> &Destination {
+        &self.destination
+    }
+}
+
+/// The value to inject, and its version.
+pub struct Loaded {
+    value: SecretBytes,
+    version: u32,
+}
+
+impl Loaded {
+    /// The version used.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The upstream's answer, scrubbed.
+#[derive(Debug)]
+pub struct BrokerResponse {
+    /// Upstream status (a 3xx is returned as is: redirects are never followed).
+    pub status: u16,
+    /// Upstream headers (hop-by-hop ones dropped), repeated names joined with `, `.
+    pub headers: Vec<(String, String)>,
+    /// Upstream body.
+    pub body: Vec<u8>,
+    /// The version whose value was injected.
+    pub version: u32,
+    /// Whether anything was redacted.
+    pub redacted: bool,
+}
+
+/// Headers a caller may not set: framing, hop-by-hop, proxy, and `accept-encoding` (the
+/// broker asks for an identity body so it can scrub it).
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "proxy-connection",
+    "accept-encoding",
+    "x-strongroom-on-behalf-of",
+];
+
+/// Response headers not passed back.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-connection",
+];
+
+/// The use case. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Broker {
+    settings: BrokerSettings,
+    transport: Arc<dyn Transport>,
+}
+
+impl Broker {
+    /// A broker with the real HTTPS client.
+    ///
+    /// # Errors
+    ///
+    /// A message when the CA file cannot be used.
+    pub fn new(settings: BrokerSettings) -> Result<Self, String> {
+        let client = HttpsClient::new(settings.ca_file.as_deref(), settings.connect_timeout)?;
+        Ok(Self::with_transport(settings, Arc::new(client)))
+    }
+
+    /// A broker over another transport.
+    pub fn with_transport(settings: BrokerSettings, transport: Arc<dyn Transport>) -> Self {
+        Self {
+            settings,
+            transport,
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
+    /// Checks the request's shape (step 1).
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::BadRequest`] naming the field, [`BrokerError::BodyTooLarge`].
+    pub fn prepare(&self, req: BrokerRequest) -> Result<Prepared, BrokerError> {
+        let bad = |m: &str| Err(BrokerError::BadRequest(m.to_owned()));
+        let method = match req.method.as_str() {
+            "GET" => Method::GET,
+            "POST" => Method::POST,
+            "PUT" => Method::PUT,
+            "PATCH" => Method::PATCH,
+            "DELETE" => Method::DELETE,
+            _ => return bad("method must be GET, POST, PUT, PATCH or DELETE"),
+        };
+        if req.url.len() > MAX_URL_LEN {
+            return bad("url longer than 8 KiB");
+        }
+        let Ok(mut url) = url::Url::parse(&req.url) else {
+            return bad("url is not an absolute URL");
+        };
+        if url.scheme() != "https" {
+            return bad("url must use https (brokered calls never go over plain HTTP)");
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return bad("url must not hold a user name or password");
+        }
+        url.set_fragment(None);
+        let Some(destination) = Destination::of(&url) else {
+            return bad("url has no host");
+        };
+        // The request line must hold the path and query exactly as parsed.
+        let origin = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        if http::uri::PathAndQuery::try_from(origin.as_str()).is_err() {
+            return bad("url path or query holds characters that cannot be sent");
+        }
+        if req.body.len() > self.settings.max_request_body_bytes {
+            return Err(BrokerError::BodyTooLarge(
+                self.settings.max_request_body_bytes,
+            ));
+        }
+
+        let injected_header = match &req.inject {
+            Injection::Header { name, format } => {
+                check_format(format.as_deref())?;
+                let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    BrokerError::BadRequest("inject.header is not a header name".into())
+                })?;
+                if RESERVED_HEADERS.contains(&name.as_str()) {
+                    return bad("inject.header names a header Strongroom sets itself");
+                }
+                Some(name)
+            }
+            Injection::Query { name, format } => {
+                check_format(format.as_deref())?;
+                let ok = !name.is_empty()
+                    && name.len() <= 128
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~[]".contains(&b));
+                if !ok {
+                    return bad("inject.query must be 1 to 128 of [A-Za-z0-9-._~[]]");
+                }
+                if url.query_pairs().any(|(k, _)| k == name.as_str()) {
+                    return bad("url already has the query parameter inject.query names");
+                }
+                None
+            }
+            Injection::Basic { username } => {
+                if username.contains(':') || username.len() > 256 {
+                    return bad("inject.basic.username must not contain ':' (at most 256 bytes)");
+                }
+                Some(http::header::AUTHORIZATION)
+            }
+        };
+
+        if req.headers.len() > MAX_HEADERS {
+            return bad("at most 64 headers");
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &req.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| BrokerError::BadRequest("headers: not a header name".into()))?;
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(BrokerError::BadRequest(format!(
+                    "headers: {name} is set by Strongroom"
+                )));
+            }
+            if injected_header.as_ref() == Some(&name) {
+                return Err(BrokerError::BadRequest(format!(
+                    "headers: {name} is where the credential is injected; the caller may not set it"
+                )));
+            }
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                BrokerError::BadRequest(format!("headers: the value of {name} is not valid"))
+            })?;
+            headers.append(name, value);
+        }
+        Ok(Prepared {
+            method,
+            url,
+            destination,
+            headers,
+            body: Bytes::from(req.body),
+            inject: req.inject,
+            version: req.version,
+        })
+    }
+
+    /// The credential version to use, checked against its bound host, and its value (step 3).
+    /// Nothing is decrypted unless the destination matches the bound host.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::NotFound`], [`CoreError::Disabled`], [`CoreError::VersionDestroyed`] (as
+    /// for reveal), [`BrokerError::Unbound`], [`BrokerError::DestinationForbidden`], and
+    /// store/provider errors.
+    pub async fn load(
+        &self,
+        vault: &Vault,
+        owner: &str,
+        name: &str,
+        prepared: &Prepared,
+    ) -> Result<Loaded, BrokerError> {
+        if prepared.version == Some(0) {
+            return Err(CoreError::NotFound.into());
+        }
+        let credential = vault.describe(owner, name).await?;
+        if !credential.summary.enabled {
+            return Err(CoreError::Disabled.into());
+        }
+        let version = prepared
+            .version
+            .or(credential.summary.current_version)
+            .ok_or(CoreError::NotFound)?;
+        let info = credential
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or(CoreError::NotFound)?;
+        if info.state == VersionState::Destroyed {
+            return Err(CoreError::VersionDestroyed.into());
+        }
+        let bound = match info.metadata.get(BOUND_HOST_KEY) {
+            None | Some(serde_json::Value::Null) => {
+                return Err(BrokerError::Unbound(format!(
+                    "version {version} names no host it is for (metadata.{BOUND_HOST_KEY}); a credential is brokered only to the host its owner bound it to"
+                )))
+            }
+            Some(serde_json::Value::String(s)) => DestinationPattern::parse(s).map_err(|e| {
+                BrokerError::Unbound(format!("version {version}: metadata.{BOUND_HOST_KEY}: {e}"))
+            })?,
+            Some(_) => {
+                return Err(BrokerError::Unbound(format!(
+                    "version {version}: metadata.{BOUND_HOST_KEY} must be a string such as \"api.zoom.us\""
+                )))
+            }
+        };
+        if !bound.matches(&prepared.destination) {
+            return Err(BrokerError::DestinationForbidden(format!(
+                "{} is not the host version {version} of this credential is bound to",
+                prepared.destination
+            )));
+        }
+        // Versions are immutable: the one checked is the one opened.
+        let revealed = vault.reveal(owner, name, Some(version)).await?;
+        Ok(Loaded {
+            value: revealed.value,
+            version: revealed.version,
+        })
+    }
+
+    /// Resolves the destination and checks every address (step 4).
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::DestinationForbidden`] for a refused address,
+    /// [`BrokerError::Upstream`] when the name does not resolve, [`BrokerError::Timeout`].
+    pub async fn resolve(&self, prepared: &Prepared) -> Result<Target, BrokerError> {
+        let dest = &prepared.destination;
+        let server_name = match dest.ip() {
+            Some(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
+            None => rustls::pki_types::ServerName::try_from(dest.bare_host().to_owned())
+                .map_err(|_| BrokerError::BadRequest("url host is not a valid name".into()))?,
+        };
+        let addrs: Vec<SocketAddr> = match dest.ip() {
+            Some(ip) => vec![SocketAddr::new(ip, dest.port())],
+            None => {
+                let lookup = tokio::net::lookup_host((dest.bare_host(), dest.port()));
+                tokio::time::timeout(self.settings.connect_timeout, lookup)
+                    .await
+                    .map_err(|_| BrokerError::Timeout)?
+                    .map_err(|e| {
+                        BrokerError::Upstream(format!("{} does not resolve: {e}", dest.host()))
+                    })?
+                    .collect()
+            }
+        };
+        if addrs.is_empty() {
+            return Err(BrokerError::Upstream(format!(
+                "{} has no address",
+                dest.host()
+            )));
+        }
+        // Every address must pass: a name that also points inside is refused as a whole.
+        for a in &addrs {
+            if let Some(why) = net::refused(a.ip(), self.settings.allow_private_networks) {
+                return Err(BrokerError::DestinationForbidden(format!(
+                    "{} resolves to {why}; brokered calls go only to public addresses",
+                    dest.host()
+                )));
+            }
+        }
+        Ok(Target { server_name, addrs })
+    }
+
+    /// Injects the value, sends, and scrubs the answer (step 6).
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::ValueUnusable`], [`BrokerError::Upstream`], [`BrokerError::Timeout`],
+    /// [`BrokerError::TooLarge`], [`BrokerError::Encoded`].
+    pub async fn send(
+        &self,
+        prepared: Prepared,
+        loaded: Loaded,
+        target: &Target,
+    ) -> Result<BrokerResponse, BrokerError> {
+        let version = loaded.version;
+        let value = loaded.value.expose_secret();
+        let render = |format: &Option<String>| -> Zeroizing<Vec<u8>> {
+            let format = format.as_deref().unwrap_or(PLACEHOLDER);
+            let (before, after) = format.split_once(PLACEHOLDER).unwrap_or((format, ""));
+            let mut out = Zeroizing::new(Vec::with_capacity(format.len() + value.len()));
+            out.extend_from_slice(before.as_bytes());
+            out.extend_from_slice(value);
+            out.extend_from_slice(after.as_bytes());
+            out
+        };
+        let mut path = prepared.url.path().to_owned();
+        if let Some(q) = prepared.url.query() {
+            path.push('?');
+            path.push_str(q);
+        }
+        let mut path = Zeroizing::new(path);
+        let mut headers = prepared.headers;
+        let mut extra: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+        match &prepared.inject {
+            Injection::Header { name, format } => {
+                let rendered = render(format);
+                let mut v = HeaderValue::from_bytes(&rendered).map_err(|_| {
+                    BrokerError::ValueUnusable("the value cannot be sent in a header")
+                })?;
+                v.set_sensitive(true);
+                let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    BrokerError::BadRequest("inject.header is not a header name".into())
+                })?;
+                headers.insert(name, v);
+                extra.push(rendered);
+            }
+            Injection::Query { name, format } => {
+                let rendered = render(format);
+                path.push(if prepared.url.query().is_some() {
+                    '&'
+                } else {
+                    '?'
+                });
+                path.push_str(name);
+                path.push('=');
+                path.extend(url::form_urlencoded::byte_serialize(&rendered));
+                extra.push(rendered);
+            }
+            Injection::Basic { username } => {
+                use base64::Engine;
+                let mut pair = Zeroizing::new(Vec::with_capacity(username.len() + 1 + value.len()));
+                pair.extend_from_slice(username.as_bytes());
+                pair.push(b':');
+                pair.extend_from_slice(value);
+                let header = Zeroizing::new(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(&*pair)
+                ));
+                let mut v = HeaderValue::from_str(&header).map_err(|_| {
+                    BrokerError::ValueUnusable("the value cannot be sent in a header")
+                })?;
+                v.set_sensitive(true);
+                headers.insert(http::header::AUTHORIZATION, v);
+                extra.push(pair);
+            }
+        }
+        let needles = scrub::Needles::new(
+            value,
+            &extra.iter().map(|e| e.as_slice()).collect::<Vec<_>>(),
+        );
+        drop(extra);
+
+        let dest = &prepared.destination;
+        let host = if dest.port() == 443 {
+            dest.host().to_owned()
+        } else {
+            format!("{}:{}", dest.host(), dest.port())
+        };
+        headers.insert(
+            http::header::HOST,
+            HeaderValue::from_str(&host)
+                .map_err(|_| BrokerError::BadRequest("url host is not valid".into()))?,
+        );
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        if !headers.contains_key(http::header::USER_AGENT) {
+            headers.insert(
+                http::header::USER_AGENT,
+                HeaderValue::from_static(concat!("strongroom-broker/", env!("CARGO_PKG_VERSION"))),
+            );
+        }
+        let mut request = http::Request::builder()
+            .method(prepared.method)
+            .uri(path.as_str())
+            .body(prepared.body)
+            .map_err(|_| BrokerError::BadRequest("url path is not valid".into()))?;
+        *request.headers_mut() = headers;
+        drop(path);
+        drop(loaded);
+
+        let response = tokio::time::timeout(
+            self.settings.timeout,
+            self.transport
+                .send(target, request, self.settings.max_response_bytes),
+        )
+        .await
+        .map_err(|_| BrokerError::Timeout)?
+        .map_err(|e| match e {
+            TransportError::Timeout => BrokerError::Timeout,
+            TransportError::TooLarge(n) => BrokerError::TooLarge(n),
+            other => BrokerError::Upstream(other.to_string()),
+        })?;
+
+        if let Some(enc) = response.headers.get(http::header::CONTENT_ENCODING) {
+            let enc = String::from_utf8_lossy(enc.as_bytes())
+                .trim()
+                .to_ascii_lowercase();
+            let checkable = enc.is_empty() || enc == "identity" || response.body.is_empty();
+            if !checkable {
+                return Err(BrokerError::Encoded(enc.chars().take(32).collect()));
+            }
+        }
+        let mut redacted = false;
+        let mut out_headers: Vec<(String, String)> = Vec::new();
+        for name in response.headers.keys() {
+            if HOP_BY_HOP.contains(&name.as_str()) {
+                continue;
+            }
+            let joined = response
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect::<Vec<_>>()
+                .join(&b", "[..]);
+            let (value, a) = needles.scrub(&joined);
+            let (name, b) = needles.scrub(name.as_str().as_bytes());
+            redacted |= a || b;
+            out_headers.push((
+                String::from_utf8_lossy(&name).into_owned(),
+                String::from_utf8_lossy(&value).into_owned(),
+            ));
+        }
+        let (body, changed) = needles.scrub(&response.body);
+        redacted |= changed;
+        Ok(BrokerResponse {
+            status: response.status.as_u16(),
+            headers: out_headers,
+            body,
+            version,
+            redacted,
+        })
+    }
+}
+
+/// Checks a new version's `metadata.host` (when present): a [`DestinationPattern`], so a
+/// mistake such as `"https://api.zoom.us/"` is refused when stored rather than when used.
+///
+/// # Errors
+///
+/// A message naming the key and the expected form.
+pub fn check_bound_host(metadata: Option<&serde_json::Value>) -> Result<(), String> {
+    match metadata.and_then(|m| m.get(BOUND_HOST_KEY)) {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::String(s)) => DestinationPattern::parse(s)
+            .map(|_| ())
+            .map_err(|e| format!("metadata.{BOUND_HOST_KEY}: {e}")),
+        Some(_) => Err(format!(
+            "metadata.{BOUND_HOST_KEY} must be a string such as \"api.zoom.us\""
+        )),
+    }
+}
+
+fn check_format(format: Option<&str>) -> Result<(), BrokerError> {
+    let Some(f) = format else { return Ok(()) };
+    if f.len() > 256 {
+        return Err(BrokerError::BadRequest(
+            "inject.format longer than 256 bytes".into(),
+        ));
+    }
+    if f.matches(PLACEHOLDER).count() != 1 {
+        return Err(BrokerError::BadRequest(
+            "inject.format must hold {value} exactly once".into(),
+        ));
+    }
+    Ok(())
+}

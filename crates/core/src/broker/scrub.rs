@@ -1,0 +1,182 @@
+//! Taking the credential value (and its usual encodings) out of what an upstream returns.
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine;
+use zeroize::Zeroizing;
+
+/// What replaces each occurrence.
+pub(crate) const REDACTED: &[u8] = b"[REDACTED]";
+
+/// Base64 runs shorter than this are not searched for out of alignment (too many false
+/// positives); the full encodings always are.
+const MIN_SHIFTED_B64: usize = 8;
+
+/// The byte strings to remove: the value itself, every injected rendering of it, and their
+/// percent-encoded, form-encoded, base64 (standard and URL-safe, padded or not, at each of
+/// the three byte alignments), hex and JSON-escaped forms. Zeroized on drop.
+pub(crate) struct Needles(Vec<Zeroizing<Vec<u8>>>);
+
+impl Needles {
+    /// Needles for `value` and the strings it was injected as (`extra`, e.g. the header
+    /// value `Bearer …` or `user:value` before base64): a plain echo of those comes back as
+    /// `Bearer [REDACTED]`.
+    pub(crate) fn new(value: &[u8], extra: &[&[u8]]) -> Self {
+        let mut out: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+        let mut push = |n: Vec<u8>| {
+            let n = Zeroizing::new(n);
+            if !n.is_empty() && !out.iter().any(|o| **o == *n) {
+                out.push(n);
+            }
+        };
+        // The injected renderings (`Bearer …`, `user:…`) hold the value, so their plain,
+        // percent-encoded and JSON forms hold its forms; only their base64 forms differ.
+        for s in extra {
+            for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+                push(engine.encode(s).into_bytes());
+            }
+        }
+        {
+            let s = value;
+            push(s.to_vec());
+            push(percent(s, true));
+            push(percent(s, false));
+            push(
+                url::form_urlencoded::byte_serialize(s)
+                    .collect::<String>()
+                    .into_bytes(),
+            );
+            push(hex::encode(s).into_bytes());
+            push(hex::encode_upper(s).into_bytes());
+            if let Ok(text) = std::str::from_utf8(s) {
+                if let Ok(json) = serde_json::to_string(text) {
+                    let inner = &json[1..json.len() - 1];
+                    push(inner.as_bytes().to_vec());
+                    push(inner.replace('/', "\\/").into_bytes());
+                }
+            }
+            for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+                push(engine.encode(s).into_bytes());
+            }
+            // Embedded in a longer base64 string, the value's bytes start at offset 0, 1 or 2
+            // of a 3-byte group: the characters that depend only on the value are those of
+            // the whole groups after the first partial one.
+            for skip in 1..3 {
+                if s.len() > skip {
+                    let rest = &s[skip..];
+                    let whole = &rest[..rest.len() - rest.len() % 3];
+                    for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+                        let enc = engine.encode(whole);
+                        if enc.len() >= MIN_SHIFTED_B64 {
+                            push(enc.into_bytes());
+                        }
+                    }
+                }
+            }
+            let whole = &s[..s.len() - s.len() % 3];
+            let enc = STANDARD_NO_PAD.encode(whole);
+            if enc.len() >= MIN_SHIFTED_B64 {
+                push(enc.into_bytes());
+                push(URL_SAFE_NO_PAD.encode(whole).into_bytes());
+            }
+        }
+        // Longest first, so a long form is replaced whole before a shorter one inside it.
+        out.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        Self(out)
+    }
+
+    /// `haystack` with every needle replaced by [`REDACTED`]; `true` when anything was.
+    pub(crate) fn scrub(&self, haystack: &[u8]) -> (Vec<u8>, bool) {
+        let mut current = haystack.to_vec();
+        let mut changed = false;
+        for needle in &self.0 {
+            let finder = memchr::memmem::Finder::new(needle.as_slice());
+            if finder.find(&current).is_none() {
+                continue;
+            }
+            changed = true;
+            let mut next = Vec::with_capacity(current.len());
+            let mut at = 0;
+            for i in finder.find_iter(&current) {
+                if i < at {
+                    continue;
+                }
+                next.extend_from_slice(&current[at..i]);
+                next.extend_from_slice(REDACTED);
+                at = i + needle.len();
+            }
+            next.extend_from_slice(&current[at..]);
+            zeroize::Zeroize::zeroize(&mut current);
+            current = next;
+        }
+        (current, changed)
+    }
+}
+
+/// Percent-encodes every byte outside RFC 3986's unreserved set.
+fn percent(s: &[u8], upper: bool) -> Vec<u8> {
+    let digits: &[u8; 16] = if upper {
+        b"0123456789ABCDEF"
+    } else {
+        b"0123456789abcdef"
+    };
+    let mut out = Vec::with_capacity(s.len() * 3);
+    for &b in s {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', digits[(b >> 4) as usize], digits[(b & 15) as usize]]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_usual_encoding_is_removed() {
+        let value = b"sk_live/9f8e+7d6c 5b4a\"x";
+        let n = Needles::new(value, &[b"alice:sk_live/9f8e+7d6c 5b4a\"x"]);
+        let raw = String::from_utf8_lossy(value).into_owned();
+        let forms = [
+            raw.clone(),
+            percent(value, true).iter().map(|b| *b as char).collect(),
+            percent(value, false).iter().map(|b| *b as char).collect(),
+            url::form_urlencoded::byte_serialize(value).collect(),
+            STANDARD.encode(value),
+            URL_SAFE_NO_PAD.encode(value),
+            hex::encode(value),
+            serde_json::to_string(&raw).unwrap(),
+            format!(
+                "Basic {}",
+                STANDARD.encode(b"alice:sk_live/9f8e+7d6c 5b4a\"x")
+            ),
+            // The value inside a longer base64 string, at each alignment.
+            STANDARD.encode(format!("x{raw}y")),
+            STANDARD.encode(format!("xy{raw}")),
+            STANDARD.encode(format!("bob:{raw}")),
+        ];
+        for form in forms {
+            let body = format!("{{\"echo\": \"before {form} after\"}}");
+            let (out, changed) = n.scrub(body.as_bytes());
+            let out = String::from_utf8(out).unwrap();
+            assert!(changed, "{form}");
+            assert!(out.starts_with("{\"echo\": \"before ") && out.ends_with(" after\"}"));
+            assert!(!out.contains("9f8e"), "{form} → {out}");
+            assert!(out.contains("[REDACTED]"));
+        }
+        let (same, changed) = n.scrub(b"nothing to see");
+        assert!(!changed);
+        assert_eq!(same, b"nothing to see");
+    }
+
+    #[test]
+    fn overlapping_and_repeated_occurrences() {
+        let n = Needles::new(b"aa", &[]);
+        assert_eq!(n.scrub(b"aaaaa").0, b"[REDACTED][REDACTED]a");
+        let n = Needles::new(b"abcabc", &[]);
+        let (out, _) = n.scrub(b"xabcabcabcabcy");
+        assert!(!out.windows(6).any(|w| w == b"abcabc"));
+    }
+}
