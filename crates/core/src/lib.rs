@@ -15,6 +15,7 @@
 pub mod audit;
 pub mod broker;
 mod error;
+pub mod hierarchy;
 pub mod policy;
 pub mod rewrap;
 mod vault;

@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use strongroom_crypto::envelope::{self, Algorithm};
-use strongroom_crypto::{
-    Binding, EnvelopeError, KeyProvider, ProviderErrorKind, Sealed, WrappedKey,
-};
+use strongroom_crypto::{EnvelopeError, KeyProvider, ProviderErrorKind, Sealed, WrappedKey};
 use strongroom_store::{Cursor, KekFilter, KekRef, RewrapItem, Store};
 use tokio::task::JoinSet;
 
@@ -114,7 +112,9 @@ async fn rewrap_one(
     item: RewrapItem,
     dry_run: bool,
 ) -> Result<Outcome, CoreError> {
-    let Ok(binding) = Binding::new(&item.owner, &item.name, item.version) else {
+    let Ok(binding) =
+        crate::vault::binding_for(&item.owner, &item.name, item.version, &item.metadata)
+    else {
         return Ok(Outcome::Failed);
     };
     // Only the wrapped key matters to a rewrap: the value layer is left as it is, so an

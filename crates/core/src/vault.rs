@@ -113,6 +113,24 @@ fn check(owner: &str, name: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// The associated data of a version: its place, plus the third-party host its metadata binds
+/// it to (`metadata.host`, where brokered calls may take it). So a host edited in the
+/// database makes the version fail to open instead of sending the value elsewhere.
+pub(crate) fn binding_for(
+    owner: &str,
+    name: &str,
+    version: u32,
+    metadata: &serde_json::Value,
+) -> Result<Binding, strongroom_crypto::BindingError> {
+    let binding = Binding::new(owner, name, version)?;
+    match metadata.get(crate::broker::BOUND_HOST_KEY) {
+        Some(serde_json::Value::String(host)) => binding.with_field("host", host.as_bytes()),
+        // Not a string: a put refuses it; a stored one no longer matches what was bound.
+        Some(other) => binding.with_field("host-json", other.to_string().as_bytes()),
+        None => Ok(binding),
+    }
+}
+
 fn to_store_kek(k: &strongroom_crypto::KekRef) -> strongroom_store::KekRef {
     strongroom_store::KekRef::new(k.provider.clone(), k.key_id.clone(), k.version)
 }
@@ -201,8 +219,9 @@ impl Vault {
                 .checked_add(1)
                 .filter(|v| *v <= i32::MAX as u32)
                 .ok_or(CoreError::InvalidInput("version numbers exhausted"))?;
-            let binding =
-                Binding::new(req.owner, req.name, version).map_err(|_| CoreError::InvalidName)?;
+            // The owner and name are checked above: only the bound host can fail here.
+            let binding = binding_for(req.owner, req.name, version, &metadata)
+                .map_err(|_| CoreError::InvalidInput("metadata.host is too long"))?;
             let sealed =
                 envelope::seal(self.keys.as_ref(), &binding, &req.value, self.rng.as_ref()).await?;
             let created_at = self.clock.now();
@@ -360,7 +379,8 @@ impl Vault {
             bytes: row.wrapped_key,
         };
         let sealed = Sealed::from_parts(&row.sealed_value, wrapped)?;
-        let binding = Binding::new(owner, name, row.version).map_err(|_| CoreError::Integrity)?;
+        let binding = binding_for(owner, name, row.version, &row.metadata)
+            .map_err(|_| CoreError::Integrity)?;
         let value = envelope::open(self.keys.as_ref(), &binding, &sealed).await?;
         Ok((
             Revealed {

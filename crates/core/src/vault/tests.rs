@@ -223,3 +223,66 @@ async fn bad_input_is_refused_before_any_write() {
     let exact = vec![1u8; MAX_VALUE_LEN];
     v.put(put("alice", "n", &exact)).await.unwrap();
 }
+
+/// The host a version is bound to (`metadata.host`, where brokered calls may send it) is in
+/// the associated data: the same bytes under an edited host do not open, so editing the
+/// database cannot redirect a value. Rewrap keeps the binding.
+#[tokio::test]
+async fn the_bound_host_is_part_of_the_associated_data() {
+    let (_a, source) = vault().await;
+    let mut req = put("alice", "zoom.api-key", b"zoom secret");
+    req.metadata = Some(serde_json::json!({"host": "api.zoom.us", "label": "work"}));
+    source.put(req).await.unwrap();
+    let row = source
+        .store()
+        .get_version("alice", "zoom.api-key", None)
+        .await
+        .unwrap();
+    assert_eq!(row.metadata["host"], "api.zoom.us");
+
+    // The same row copied into another store (same provider), once as it was and once with
+    // only the host edited.
+    for (host, opens) in [("api.zoom.us", true), ("evil.example", false)] {
+        let (_b, copy) = vault().await;
+        let mut graft = NewVersion::new(
+            "alice",
+            "zoom.api-key",
+            1,
+            row.sealed_value.clone(),
+            row.wrapped_key.clone(),
+            row.kek.clone(),
+            "attacker",
+            copy.now(),
+        );
+        graft.metadata = serde_json::json!({"host": host, "label": "work"});
+        copy.store().put_version(graft).await.unwrap();
+        let revealed = copy.reveal("alice", "zoom.api-key", None).await;
+        match (opens, revealed) {
+            (true, Ok(r)) => assert_eq!(r.value.expose_secret(), b"zoom secret"),
+            (false, Err(CoreError::Integrity)) => {}
+            (_, other) => panic!("host {host}: {:?}", other.map(|r| r.version)),
+        }
+    }
+
+    // A rewrap (here to another provider) re-wraps hosted versions under the same binding.
+    let to: Arc<dyn strongroom_crypto::KeyProvider> = Arc::new(FakeProvider::new("other", 1));
+    let report = crate::rewrap(
+        source.store().clone(),
+        source.keys().clone(),
+        to.clone(),
+        &crate::RewrapOptions::default(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.rewrapped, report.failed), (1, 0));
+    let moved = Vault::new(
+        source.store().clone(),
+        to,
+        Arc::new(OsRandom),
+        Arc::new(SystemClock),
+        VaultConfig::default(),
+    );
+    let r = moved.reveal("alice", "zoom.api-key", None).await.unwrap();
+    assert_eq!(r.value.expose_secret(), b"zoom secret");
+}
