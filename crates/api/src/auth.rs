@@ -7,11 +7,16 @@
 //!   algorithm confusion (an RSA public key used as an HMAC secret) cannot pass: the header's
 //!   `alg` must equal the algorithm of the key that verifies it. `exp` is required; `nbf`,
 //!   `iss` and `aud` are checked (the last two when configured) with a small leeway.
+//! * Keys come from an HS256 secret, a PEM public key, a JWKS document, or a JWKS URL
+//!   ([`RemoteJwks`](crate::jwks::RemoteJwks): cached, refreshed in the background and,
+//!   rate-limited, when a token names an unknown `kid`; see
+//!   [`Authenticator::authenticate_user`]).
 //! * Certificates: the server verifies the chain during the TLS handshake and hands the
 //!   client certificate's subject alternative names to the router as a [`PeerCertificate`]
 //!   extension; a SAN mapped in the configuration names the service or admin.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -67,8 +72,11 @@ pub enum JwtKeySource {
         /// PEM text.
         pem: Vec<u8>,
     },
-    /// A JWKS document (JSON); each key's algorithm comes from its `alg` or key type.
+    /// A JWKS document (JSON); each key's algorithm comes from its key type (a declared
+    /// `alg` must agree); keys that cannot verify user tokens are skipped.
     Jwks(String),
+    /// A JWKS fetched from a URL and kept fresh.
+    Remote(Arc<crate::jwks::RemoteJwks>),
 }
 
 /// User-token settings.
@@ -110,15 +118,28 @@ pub struct PeerCertificate {
 #[error("auth configuration: {0}")]
 pub struct AuthConfigError(pub String);
 
-struct VerifyKey {
-    kid: Option<String>,
-    algorithm: Algorithm,
-    key: DecodingKey,
+pub(crate) struct VerifyKey {
+    pub(crate) kid: Option<String>,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) key: DecodingKey,
+}
+
+enum Keys {
+    Static(Vec<VerifyKey>),
+    Remote(Arc<crate::jwks::RemoteJwks>),
+}
+
+/// What checking a user token found.
+enum UserCheck {
+    Valid(String),
+    Invalid,
+    /// The token names a `kid` the remote key set lacks (a refresh may bring it).
+    UnknownKid,
 }
 
 /// Verifies bearer tokens and certificates.
 pub struct Authenticator {
-    keys: Vec<VerifyKey>,
+    keys: Keys,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
@@ -130,8 +151,12 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let jwt_keys = match &self.keys {
+            Keys::Static(k) => k.len(),
+            Keys::Remote(r) => r.key_count(),
+        };
         f.debug_struct("Authenticator")
-            .field("jwt_keys", &self.keys.len())
+            .field("jwt_keys", &jwt_keys)
             .field("service_tokens", &self.service_tokens.len())
             .field("admin_tokens", &self.admin_tokens.len())
             .finish_non_exhaustive()
@@ -160,6 +185,7 @@ impl Authenticator {
     /// [`AuthConfigError`] for an unusable key, a short HMAC secret or duplicate names.
     pub fn new(settings: AuthSettings) -> Result<Self, AuthConfigError> {
         let mut keys = Vec::new();
+        let mut remote = None;
         let (mut issuer, mut audience, mut leeway) = (None, None, 30);
         if let Some(jwt) = settings.jwt {
             issuer = jwt.issuer;
@@ -197,26 +223,23 @@ impl Authenticator {
                     });
                 }
                 JwtKeySource::Jwks(json) => {
-                    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&json)
-                        .map_err(|e| AuthConfigError(format!("JWKS: {e}")))?;
-                    for jwk in &set.keys {
-                        let algorithm = jwk_algorithm(jwk)?;
-                        let key = DecodingKey::from_jwk(jwk)
-                            .map_err(|e| AuthConfigError(format!("JWKS key: {e}")))?;
-                        keys.push(VerifyKey {
-                            kid: jwk.common.key_id.clone(),
-                            algorithm,
-                            key,
-                        });
+                    let (parsed, skipped) = crate::jwks::parse_jwks(&json)?;
+                    if skipped > 0 {
+                        tracing::warn!(
+                            skipped,
+                            "JWKS: keys that cannot verify user tokens were skipped"
+                        );
                     }
-                    if keys.is_empty() {
-                        return Err(AuthConfigError("the JWKS holds no keys".into()));
-                    }
+                    keys = parsed;
                 }
+                JwtKeySource::Remote(r) => remote = Some(r),
             }
         }
         Ok(Self {
-            keys,
+            keys: match remote {
+                Some(r) => Keys::Remote(r),
+                None => Keys::Static(keys),
+            },
             issuer,
             audience,
             leeway,
@@ -234,8 +257,65 @@ impl Authenticator {
     /// [`AuthFailure::Invalid`] for anything but a valid, unexpired token signed by a
     /// configured key with that key's algorithm.
     pub fn verify_user(&self, token: &str) -> Result<String, AuthFailure> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Invalid)?;
-        for k in &self.keys {
+        match self.check_user(token) {
+            UserCheck::Valid(sub) => Ok(sub),
+            UserCheck::Invalid | UserCheck::UnknownKid => Err(AuthFailure::Invalid),
+        }
+    }
+
+    /// As [`Authenticator::verify_user`], but a token naming a `kid` that the JWKS fetched
+    /// from a URL lacks first makes it refresh (at most once per cooldown, whatever the
+    /// tokens say; a refresh already in flight is waited for), so keys the identity
+    /// provider has just rotated in are accepted at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`Authenticator::verify_user`].
+    pub async fn authenticate_user(&self, token: &str) -> Result<String, AuthFailure> {
+        match self.check_user(token) {
+            UserCheck::Valid(sub) => Ok(sub),
+            UserCheck::Invalid => Err(AuthFailure::Invalid),
+            UserCheck::UnknownKid => {
+                let Keys::Remote(remote) = &self.keys else {
+                    return Err(AuthFailure::Invalid);
+                };
+                if !remote.refresh_for_unknown_kid().await {
+                    return Err(AuthFailure::Invalid);
+                }
+                self.verify_user(token)
+            }
+        }
+    }
+
+    /// The JWKS fetched from a URL, when user keys come from one.
+    pub fn remote_jwks(&self) -> Option<&Arc<crate::jwks::RemoteJwks>> {
+        match &self.keys {
+            Keys::Remote(r) => Some(r),
+            Keys::Static(_) => None,
+        }
+    }
+
+    pub(crate) fn bind_metrics(&self, metrics: &crate::jwks::JwksMetrics) {
+        if let Keys::Remote(r) = &self.keys {
+            r.bind_metrics(metrics);
+        }
+    }
+
+    fn check_user(&self, token: &str) -> UserCheck {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return UserCheck::Invalid;
+        };
+        let remote_keys;
+        let keys: &[VerifyKey] = match &self.keys {
+            Keys::Static(k) => k,
+            Keys::Remote(r) => {
+                // Older than max_stale: no key is trusted; a token naming a kid may still
+                // cause a (rate-limited) refresh.
+                remote_keys = r.keys();
+                remote_keys.as_deref().unwrap_or(&[])
+            }
+        };
+        for k in keys {
             if k.algorithm != header.alg {
                 continue;
             }
@@ -263,12 +343,23 @@ impl Authenticator {
             if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
                 let sub = data.claims.sub;
                 if sub.is_empty() || sub.len() > 255 {
-                    return Err(AuthFailure::Invalid);
+                    return UserCheck::Invalid;
                 }
-                return Ok(sub);
+                return UserCheck::Valid(sub);
             }
         }
-        Err(AuthFailure::Invalid)
+        // Not verified. A remote key set may lack the token's `kid` because the identity
+        // provider has rotated keys since the last fetch.
+        if let (Keys::Remote(_), Some(kid)) = (&self.keys, &header.kid) {
+            let asymmetric = matches!(
+                header.alg,
+                Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+            );
+            if asymmetric && !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str())) {
+                return UserCheck::UnknownKid;
+            }
+        }
+        UserCheck::Invalid
     }
 
     /// The service a bearer token or certificate belongs to.
@@ -327,23 +418,7 @@ impl Authenticator {
     }
 }
 
-fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Result<Algorithm, AuthConfigError> {
-    use jsonwebtoken::jwk::{AlgorithmParameters, KeyAlgorithm};
-    let declared = jwk.common.key_algorithm.map(|a| match a {
-        KeyAlgorithm::RS256 => Ok(Algorithm::RS256),
-        KeyAlgorithm::ES256 => Ok(Algorithm::ES256),
-        KeyAlgorithm::EdDSA => Ok(Algorithm::EdDSA),
-        other => Err(AuthConfigError(format!(
-            "JWKS key algorithm {other:?} is not accepted (RS256, ES256, EdDSA)"
-        ))),
-    });
-    match (declared, &jwk.algorithm) {
-        (Some(alg), _) => alg,
-        (None, AlgorithmParameters::RSA(_)) => Ok(Algorithm::RS256),
-        (None, AlgorithmParameters::EllipticCurve(_)) => Ok(Algorithm::ES256),
-        (None, AlgorithmParameters::OctetKeyPair(_)) => Ok(Algorithm::EdDSA),
-        (None, AlgorithmParameters::OctetKey(_)) => Err(AuthConfigError(
-            "symmetric keys in a JWKS are not accepted; configure an HS256 secret instead".into(),
-        )),
-    }
+/// `text` on one line (serde messages may span several).
+pub(crate) fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

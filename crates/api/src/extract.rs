@@ -35,7 +35,7 @@ impl FromRequestParts<AppState> for User {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?.ok_or_else(ApiError::unauthenticated)?;
-        match state.auth().verify_user(token) {
+        match state.auth().authenticate_user(token).await {
             Ok(sub) => {
                 if let Some(slot) = crate::audit::slot(&parts.extensions) {
                     slot.principal("user", &sub);
@@ -91,7 +91,8 @@ impl FromRequestParts<AppState> for Service {
                 Some(
                     state
                         .auth()
-                        .verify_user(t.trim())
+                        .authenticate_user(t.trim())
+                        .await
                         .map_err(|_| ApiError::unauthenticated())?,
                 )
             }

@@ -16,6 +16,7 @@ mod audit;
 pub mod auth;
 mod error;
 mod extract;
+pub mod jwks;
 mod metrics;
 mod openapi;
 mod routes;
@@ -34,6 +35,7 @@ pub use auth::{
     JwtSettings, PeerCertificate, TokenEntry,
 };
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use jwks::{JwksFetchFuture, JwksFetcher, JwksOptions, RemoteJwks};
 pub use metrics::Metrics;
 pub use openapi::openapi_json;
 pub use strongroom_core::audit::Auditor;
@@ -63,7 +65,7 @@ type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
 
 struct Shared {
     vault: Arc<Vault>,
-    auth: Authenticator,
+    auth: RwLock<Arc<Authenticator>>,
     policy: RwLock<Arc<Policy>>,
     limits: ApiLimits,
     metrics: Metrics,
@@ -99,6 +101,18 @@ impl AppState {
     /// Swaps in a new policy (SIGHUP reload); requests in flight finish under the old one.
     pub fn replace_policy(&self, policy: Policy) {
         *self.0.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Swaps in new authentication settings (SIGHUP reload); requests in flight finish
+    /// under the old ones.
+    pub fn replace_auth(&self, auth: Authenticator) {
+        auth.bind_metrics(self.0.metrics.jwks());
+        *self.0.auth.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(auth);
+    }
+
+    /// The authentication settings in force.
+    pub fn authenticator(&self) -> Arc<Authenticator> {
+        self.auth()
     }
 
     /// The policy in force.
@@ -143,8 +157,12 @@ impl AppState {
         &self.0.metrics
     }
 
-    pub(crate) fn auth(&self) -> &Authenticator {
-        &self.0.auth
+    pub(crate) fn auth(&self) -> Arc<Authenticator> {
+        self.0
+            .auth
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn limits(&self) -> &ApiLimits {

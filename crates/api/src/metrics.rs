@@ -33,6 +33,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
+    jwks: crate::jwks::JwksMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,11 +62,18 @@ impl Metrics {
             "HTTP request latency by route template",
             latency.clone(),
         );
+        let jwks = crate::jwks::JwksMetrics::default();
+        jwks.register(&mut registry);
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
+            jwks,
         }
+    }
+
+    pub(crate) fn jwks(&self) -> &crate::jwks::JwksMetrics {
+        &self.jwks
     }
 
     /// The text exposition format.

@@ -508,3 +508,154 @@ fn help_explains_serve_and_token() {
         .unwrap();
     assert!(String::from_utf8(out.stdout).unwrap().contains("--config"));
 }
+
+/// `serve --config`: SIGHUP re-reads the file's `[auth]`; a broken one is refused and the
+/// settings in force stay.
+#[test]
+fn sighup_reloads_the_auth_settings_of_the_config_file() {
+    use strongroom_server::dev::{bootstrap, DevOptions};
+
+    const TOKEN_A: &str = "service-token-A-for-reload-tests";
+    const TOKEN_B: &str = "service-token-B-for-reload-tests";
+    // printf %s "$TOKEN" | sha256sum
+    const SHA_A: &str = "b6afe863a2e033ceeb30ff424869d0c1e773f78450b62f9961e1624d6937552c";
+    const SHA_B: &str = "0639dac0e734398c855d29cb1841abe21b259e0d28cfa78f39fe867d7de05ee2";
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let setup = bootstrap(&DevOptions {
+        data_dir: data.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: None,
+        service_token: None,
+    })
+    .unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let policy = tmp.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nservice = \"billing\"\noperations = [\"write\"]\ncredentials = [\"*\"]\n",
+    )
+    .unwrap();
+    let cfg = tmp.path().join("strongroom.toml");
+    let write_cfg = |token_sha256: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\npolicy_file = {:?}\n\
+                 [tls]\ncert = {:?}\nkey = {:?}\n\
+                 [[auth.service]]\nname = \"billing\"\ntoken_sha256 = \"{token_sha256}\"\n\
+                 [log]\nformat = \"text\"\n",
+                data.display().to_string(),
+                policy.display().to_string(),
+                setup.cert.display().to_string(),
+                setup.key.display().to_string(),
+            ),
+        )
+        .unwrap();
+    };
+    write_cfg(SHA_A);
+    /// Kills the server if the test fails half-way.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = tmp.path().join("serve.stderr");
+    let mut child = Child(
+        Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env_remove("STRONGROOM_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = strongroom_server::testing::TestClient::new(
+        addr,
+        strongroom_server::testing::ClientOptions::new(ca),
+    )
+    .unwrap();
+    let put = |token: &str| {
+        let client = client.clone();
+        let token = token.to_owned();
+        rt().block_on(async move {
+            client
+                .json(
+                    "PUT",
+                    "/v1/owners/alice/credentials/zoom.key",
+                    Some(&token),
+                    &json!({"value": "v"}),
+                )
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0)
+        })
+    };
+    // Until it listens, then until a reload has taken effect.
+    let wait_for = |token: &str, want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = put(token);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still {got} (want {want}); stderr:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(TOKEN_A, 201);
+    assert_eq!(put(TOKEN_B), 401);
+
+    write_cfg(SHA_B);
+    hup();
+    wait_for(TOKEN_B, 201);
+    assert_eq!(put(TOKEN_A), 401);
+
+    // A broken [auth]: refused (logged), token B stays in force.
+    write_cfg("not-a-digest");
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&stderr)
+        .unwrap_or_default()
+        .contains("authentication reload failed")
+    {
+        assert!(Instant::now() < deadline, "no reload failure logged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(log.contains("auth.service[0].token_sha256"), "{log}");
+    assert_eq!(put(TOKEN_B), 201);
+    assert_eq!(put(TOKEN_A), 401);
+
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -34,8 +34,10 @@ Development: `strongroom serve --dev` needs nothing else. It creates ./strongroo
 127.0.0.1:8443, and prints the tokens and curl commands to try it.
 
 Signals: SIGTERM or SIGINT stop accepting and let in-flight requests finish (exit status 0); \
-SIGHUP reloads the policy file, the keyring and the TLS certificate. Logs go to stderr (JSON, \
-or text in --dev); the --dev instructions go to stdout.")]
+SIGHUP reloads the policy file, the keyring, the TLS certificate and the authentication settings \
+([auth] of the configuration, read again with the files it names; an invalid one is refused and the \
+previous settings stay). Logs go to stderr (JSON, or text in --dev); the --dev instructions go to \
+stdout.")]
 pub struct ServeArgs {
     /// Configuration file (TOML); STRONGROOM_* environment variables override its keys.
     #[arg(
@@ -89,6 +91,10 @@ async fn serve_config(args: ServeArgs) -> Result<(), Failure> {
     let config = Config::load(args.config.as_deref(), &overrides)?;
     logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
     let server = Server::start(config).await?;
+    // SIGHUP reads the file and the environment again for the [auth] settings.
+    server
+        .reloader()
+        .set_config_file(args.config.clone(), overrides);
     server.run_until_signal().await?;
     Ok(())
 }
