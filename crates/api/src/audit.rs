@@ -146,6 +146,23 @@ pub(crate) fn outcome(status: StatusCode) -> &'static str {
     }
 }
 
+/// The `request_id` of a record: this server's id (the response's `x-request-id`), then the
+/// id the client sent (if any, bounded to 64 printable ASCII characters) after `client=`, so
+/// a client can neither choose nor collide with the id a record is found by.
+fn request_id(own: &str, client: Option<&str>) -> String {
+    match client {
+        None => own.to_owned(),
+        Some(c) => {
+            let clean: String = c
+                .chars()
+                .filter(|ch| ch.is_ascii_graphic())
+                .take(64)
+                .collect();
+            format!("{own} client={clean}")
+        }
+    }
+}
+
 /// Bounded copy of request-controlled text kept in a record.
 fn bounded(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -182,7 +199,14 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
             .headers()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .map(|v| bounded(v, 128)),
+            .map(|own| {
+                request_id(
+                    own,
+                    req.headers()
+                        .get(crate::routes::CLIENT_REQUEST_ID)
+                        .and_then(|v| v.to_str().ok()),
+                )
+            }),
         client_addr: req
             .extensions()
             .get::<ClientAddr>()

@@ -494,3 +494,38 @@ async fn a_canary_value_appears_nowhere_in_the_audit_trail_logs_or_metrics() {
     assert!(!logs.is_empty());
     assert!(!logs.contains(CANARY), "a log line holds the canary");
 }
+
+/// A client's `x-request-id` cannot become the id a record is found by: the server answers
+/// with an id of its own, and the record keeps the client's after it.
+#[tokio::test]
+async fn the_server_chooses_request_ids_and_keeps_the_clients_aside() {
+    let api = api().await;
+    let mut ids = Vec::new();
+    for client_id in ["forged-id", "forged-id"] {
+        let req = axum::http::Request::builder()
+            .method("GET")
+            .uri("/v1/me/credentials")
+            .header("authorization", format!("Bearer {}", user_token("alice")))
+            .header("x-request-id", client_id)
+            .header("x-strongroom-client-request-id", "also-forged")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let r = api.send(req).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let own = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        assert_ne!(own, client_id);
+        ids.push(own);
+    }
+    assert_ne!(ids[0], ids[1], "two requests, two ids");
+    let items = audit_items(&api, "").await;
+    let recorded: Vec<&str> = items
+        .iter()
+        .filter_map(|i| i["request_id"].as_str())
+        .collect();
+    for own in &ids {
+        assert!(
+            recorded.contains(&format!("{own} client=forged-id").as_str()),
+            "{recorded:?}"
+        );
+    }
+}

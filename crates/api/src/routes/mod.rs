@@ -21,6 +21,19 @@ use crate::extract::ON_BEHALF_OF;
 use crate::{ApiError, AppState};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Where a client's own `x-request-id` is kept: every request gets an id of the server's
+/// (returned in `x-request-id`), so a client cannot choose the id its audit record carries.
+pub(crate) const CLIENT_REQUEST_ID: &str = "x-strongroom-client-request-id";
+
+/// Moves a client's `x-request-id` aside (see [`CLIENT_REQUEST_ID`]).
+fn set_client_request_id_aside(mut req: axum::extract::Request) -> axum::extract::Request {
+    let headers = req.headers_mut();
+    headers.remove(CLIENT_REQUEST_ID);
+    if let Some(v) = headers.remove(REQUEST_ID) {
+        headers.insert(CLIENT_REQUEST_ID, v);
+    }
+    req
+}
 
 /// Request ids: a per-process random prefix and a counter (unique, cheap, not guessable
 /// across restarts).
@@ -105,6 +118,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, ids))
+        .layer(tower::util::MapRequestLayer::new(
+            set_client_request_id_aside,
+        ))
         // Before tracing sees them: tokens never reach a log line.
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
