@@ -35,7 +35,8 @@ enum Command {
     /// User tokens for the dev server (`token mint --dev SUBJECT`).
     #[command(subcommand)]
     Token(commands::token::TokenCommand),
-    /// Manage the key-encryption keys (KEKs) of the local keyring: generate, list, rotate.
+    /// Manage the key-encryption keys (KEKs): generate, list, rotate, retire (the local
+    /// keyring, or the KEK ring of a remote provider named by --config).
     #[command(subcommand)]
     Keys(commands::keys::KeysCommand),
     /// Fernet tokens, byte-compatible with pyca/cryptography and django-fernet-fields.
@@ -50,6 +51,10 @@ enum Command {
     /// The tamper-evident audit log: `verify` it, print its `head`, `export` it.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
+    /// A client of a running server: put, list, show, disable, destroy your credentials;
+    /// reveal one as a service. The token comes from STRONGROOM_TOKEN or --token-file.
+    #[command(subcommand)]
+    Credential(commands::credential::CredentialCommand),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Command::Rewrap(args) => commands::rewrap::run(args),
         Command::Import(cmd) => commands::import::run(cmd),
         Command::Audit(cmd) => commands::audit::run(cmd),
+        Command::Credential(cmd) => commands::credential::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -164,3 +164,41 @@ pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
         })
         .collect()
 }
+
+/// A client TLS configuration (ring, TLS 1.2 and 1.3) trusting `ca_pem` alone when given,
+/// else the system's CA certificates. For the HTTPS clients Strongroom runs itself: the JWKS
+/// fetcher and the `strongroom credential` client. `what` names the caller in errors.
+///
+/// # Errors
+///
+/// A one-line message: invalid or empty PEM, no system CA certificates.
+pub fn client_config(ca_pem: Option<&[u8]>, what: &str) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{what} is not valid PEM: {e}"))?;
+            if certs.is_empty() {
+                return Err(format!("{what} holds no certificate"));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{what} holds an unusable certificate: {e}"))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+            if roots.is_empty() {
+                return Err(format!("no system CA certificates found; set {what}"));
+            }
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("{what}: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

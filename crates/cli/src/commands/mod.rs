@@ -1,6 +1,7 @@
 //! One module per top-level subcommand.
 
 pub mod audit;
+pub mod credential;
 pub mod fernet;
 pub mod import;
 pub mod keys;

@@ -1,0 +1,410 @@
+//! `strongroom credential …`: a small client of a running server's `/v1` API.
+//!
+//! The bearer token comes from `STRONGROOM_TOKEN` or `--token-file`, never from the command
+//! line (where `ps` would show it); a value to store comes from standard input. Only
+//! `reveal` (a service token) ever prints a value.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use zeroize::Zeroizing;
+
+use super::Failure;
+use crate::error::CliError;
+
+/// Largest value read from standard input (the server's limit).
+const MAX_VALUE_LEN: u64 = 64 * 1024;
+
+/// Which server, and how to authenticate.
+#[derive(Args, Debug)]
+pub struct ClientOptions {
+    /// Server base URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "STRONGROOM_SERVER",
+        default_value = "https://127.0.0.1:8443"
+    )]
+    server: String,
+    /// CA certificate (PEM) to trust for the server. [default: DATA_DIR/tls/ca.pem when it
+    /// exists (the `serve --dev` layout), else the system's CA certificates]
+    #[arg(long, value_name = "FILE", env = "STRONGROOM_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Data directory of a `serve --dev` server, for its CA certificate.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "STRONGROOM_DATA_DIR",
+        default_value = "strongroom-data"
+    )]
+    data_dir: PathBuf,
+    /// File holding the bearer token (a user JWT, or a service token for `put --owner` and
+    /// `reveal`). [default: the STRONGROOM_TOKEN environment variable]
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CredentialCommand {
+    /// Store a new version; the value is read from standard input (one trailing newline is
+    /// removed). Prints the new version.
+    Put {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name, e.g. `zoom.api-key`.
+        name: String,
+        /// Non-secret metadata, a JSON object (e.g. '{"host": "api.zoom.us"}').
+        #[arg(long, value_name = "JSON")]
+        metadata: Option<String>,
+        /// Check-and-set: fail with a conflict unless this is the current version (0: the
+        /// credential must not exist yet).
+        #[arg(long, value_name = "N")]
+        expected_version: Option<u32>,
+        /// Store on this owner's behalf (a service token; policy must allow `write`).
+        #[arg(long, value_name = "OWNER")]
+        owner: Option<String>,
+    },
+    /// List your credentials (names and metadata, never values).
+    List {
+        #[command(flatten)]
+        client: ClientOptions,
+    },
+    /// Show one credential: its state and versions (never values).
+    Show {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name.
+        name: String,
+    },
+    /// Choose the current version.
+    Current {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name.
+        name: String,
+        /// The version to make current.
+        #[arg(value_name = "VERSION")]
+        chosen: u32,
+    },
+    /// Disable a credential (kill switch: nothing reveals it; every version is kept).
+    Disable {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name.
+        name: String,
+    },
+    /// Enable a disabled credential again.
+    Enable {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name.
+        name: String,
+    },
+    /// Destroy a credential, or one version of it (crypto-shredding: its data key is erased).
+    #[command(disable_version_flag = true)]
+    Destroy {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name.
+        name: String,
+        /// Only this version.
+        #[arg(long = "version", value_name = "N")]
+        only: Option<u32>,
+    },
+    /// Who used a credential, when and how (from the audit log).
+    Usage {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name.
+        name: String,
+    },
+    /// As a service: print an owner's credential value (where policy allows `reveal`).
+    #[command(disable_version_flag = true)]
+    Reveal {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// The owner.
+        owner: String,
+        /// Credential name.
+        name: String,
+        /// A version other than the current one.
+        #[arg(long = "version", value_name = "N")]
+        at: Option<u32>,
+    },
+}
+
+/// Percent-encodes one path segment (owner ids are any UTF-8).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Zeroizing<String>,
+}
+
+impl Client {
+    fn new(o: &ClientOptions) -> Result<Self, Failure> {
+        let token = match &o.token_file {
+            Some(path) => Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => Zeroizing::new(std::env::var("STRONGROOM_TOKEN").map_err(|_| {
+                CliError::Usage(
+                    "no token: set STRONGROOM_TOKEN or pass --token-file (`strongroom token \
+                     mint --dev SUBJECT` prints a user token for a dev server)"
+                        .into(),
+                )
+            })?),
+        };
+        let dev_ca = o.data_dir.join("tls/ca.pem");
+        let ca = match &o.cacert {
+            Some(path) => Some(path.clone()),
+            None => dev_ca.exists().then_some(dev_ca),
+        };
+        let pem = ca
+            .as_ref()
+            .map(|p| {
+                std::fs::read(p)
+                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))
+            })
+            .transpose()?;
+        let what = ca.as_ref().map_or_else(
+            || "--cacert".to_owned(),
+            |p| format!("--cacert {}", p.display()),
+        );
+        let tls = strongroom_server::tls::client_config(pem.as_deref(), &what)
+            .map_err(CliError::Usage)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .user_agent(concat!("strongroom-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CliError::Operation(format!("HTTPS client: {e}")))?;
+        Ok(Self {
+            http,
+            base: o.server.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    /// Sends one request; returns the JSON body of a success, or the server's error as one
+    /// line (`403 forbidden: …`).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, Failure> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.token.as_str());
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|e| {
+            let mut msg = format!("cannot reach {}: {e}", self.base);
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            CliError::Operation(msg)
+        })?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| CliError::Operation(format!("reading the response: {e}")))?;
+        let json: serde_json::Value = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+        };
+        if status.is_success() {
+            return Ok(json);
+        }
+        let code = json["error"]["code"].as_str().unwrap_or("error");
+        let message = json["error"]["message"].as_str().unwrap_or("");
+        Err(CliError::Operation(format!("{} {code}: {message}", status.as_u16())).into())
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| CliError::Operation(format!("cannot encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn read_value() -> Result<Zeroizing<String>, Failure> {
+    let mut raw = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .take(MAX_VALUE_LEN + 2)
+        .read_to_end(&mut raw)
+        .map_err(CliError::io("cannot read the value from standard input"))?;
+    let mut end = raw.len();
+    if raw[..end].ends_with(b"\n") {
+        end -= 1;
+        if raw[..end].ends_with(b"\r") {
+            end -= 1;
+        }
+    }
+    if end as u64 > MAX_VALUE_LEN {
+        return Err(CliError::Usage("the value is larger than 64 KiB".into()).into());
+    }
+    if end == 0 {
+        return Err(CliError::Usage("the value on standard input is empty".into()).into());
+    }
+    let text = std::str::from_utf8(&raw[..end])
+        .map_err(|_| CliError::Usage("the value must be UTF-8 text".into()))?;
+    Ok(Zeroizing::new(text.to_owned()))
+}
+
+pub fn run(cmd: CredentialCommand) -> Result<(), Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))?
+        .block_on(run_async(cmd))
+}
+
+async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
+    use reqwest::Method;
+    let me = |name: &str| format!("/v1/me/credentials/{}", segment(name));
+    match cmd {
+        CredentialCommand::Put {
+            client,
+            name,
+            metadata,
+            expected_version,
+            owner,
+        } => {
+            let c = Client::new(&client)?;
+            let mut body = serde_json::json!({});
+            if let Some(m) = metadata {
+                let m: serde_json::Value = serde_json::from_str(&m)
+                    .map_err(|e| CliError::Usage(format!("--metadata is not JSON: {e}")))?;
+                body["metadata"] = m;
+            }
+            if let Some(v) = expected_version {
+                body["expected_version"] = v.into();
+            }
+            let path = match &owner {
+                Some(o) => format!("/v1/owners/{}/credentials/{}", segment(o), segment(&name)),
+                None => me(&name),
+            };
+            // The value goes into the body last, in a buffer zeroized when dropped.
+            let value = read_value()?;
+            body["value"] = serde_json::Value::String(value.as_str().to_owned());
+            let result = c.call(Method::PUT, &path, Some(&body)).await;
+            if let Some(serde_json::Value::String(v)) = body.get_mut("value") {
+                zeroize::Zeroize::zeroize(v);
+            }
+            let out = result?;
+            println!("{} version {}", name, out["version"]);
+        }
+        CredentialCommand::List { client } => {
+            print_json(
+                &Client::new(&client)?
+                    .call(Method::GET, "/v1/me/credentials", None)
+                    .await?,
+            )?;
+        }
+        CredentialCommand::Show { client, name } => {
+            print_json(
+                &Client::new(&client)?
+                    .call(Method::GET, &me(&name), None)
+                    .await?,
+            )?;
+        }
+        CredentialCommand::Current {
+            client,
+            name,
+            chosen: version,
+        } => {
+            let path = format!("{}/current", me(&name));
+            let body = serde_json::json!({ "version": version });
+            Client::new(&client)?
+                .call(Method::POST, &path, Some(&body))
+                .await?;
+            println!("{name}: version {version} is current");
+        }
+        CredentialCommand::Disable { client, name } => {
+            let path = format!("{}/disable", me(&name));
+            Client::new(&client)?
+                .call(Method::POST, &path, None)
+                .await?;
+            println!("{name}: disabled");
+        }
+        CredentialCommand::Enable { client, name } => {
+            let path = format!("{}/enable", me(&name));
+            Client::new(&client)?
+                .call(Method::POST, &path, None)
+                .await?;
+            println!("{name}: enabled");
+        }
+        CredentialCommand::Destroy {
+            client,
+            name,
+            only: version,
+        } => {
+            let path = match version {
+                Some(v) => format!("{}/versions/{v}", me(&name)),
+                None => me(&name),
+            };
+            Client::new(&client)?
+                .call(Method::DELETE, &path, None)
+                .await?;
+            match version {
+                Some(v) => println!("{name}: version {v} destroyed"),
+                None => println!("{name}: destroyed"),
+            }
+        }
+        CredentialCommand::Usage { client, name } => {
+            let path = format!("{}/usage", me(&name));
+            print_json(&Client::new(&client)?.call(Method::GET, &path, None).await?)?;
+        }
+        CredentialCommand::Reveal {
+            client,
+            owner,
+            name,
+            at: version,
+        } => {
+            let path = format!(
+                "/v1/owners/{}/credentials/{}/reveal",
+                segment(&owner),
+                segment(&name)
+            );
+            let body = match version {
+                Some(v) => serde_json::json!({ "version": v }),
+                None => serde_json::json!({}),
+            };
+            let mut out = Client::new(&client)?
+                .call(Method::POST, &path, Some(&body))
+                .await?;
+            if let Some(serde_json::Value::String(v)) = out.get_mut("value") {
+                let value = Zeroizing::new(std::mem::take(v));
+                println!("{}", value.as_str());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! `strongroom credential …` against a real `serve --dev` child over TLS: a user stores and
+//! manages a credential without ever reading it back; the dev service reveals it; tokens
+//! never need to be on the command line.
+
+mod common;
+
+use std::path::Path;
+
+use common::dev::start_dev;
+use common::strongroom;
+
+const VALUE: &str = "sk_live_cli-client-value-0123456789";
+
+fn client(data: &Path, addr: std::net::SocketAddr, token: &str) -> assert_cmd::Command {
+    let mut cmd = strongroom();
+    cmd.env("STRONGROOM_SERVER", format!("https://{addr}"))
+        .env("STRONGROOM_TOKEN", token)
+        .env("STRONGROOM_DATA_DIR", data)
+        .env_remove("STRONGROOM_CACERT");
+    cmd
+}
+
+fn ok(cmd: &mut assert_cmd::Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains(VALUE) || stdout.trim() == VALUE,
+        "{stdout}"
+    );
+    stdout
+}
+
+#[test]
+fn a_user_stores_and_manages_and_the_service_reveals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let server = start_dev(&data, &[]);
+    let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
+    let addr = server.addr;
+
+    let out = ok(client(&data, addr, &alice)
+        .args(["credential", "put", "zoom.api-key", "--metadata"])
+        .arg(r#"{"host": "api.zoom.us"}"#)
+        .write_stdin(format!("{VALUE}\n")));
+    assert_eq!(out.trim(), "zoom.api-key version 1");
+    let out = ok(client(&data, addr, &alice)
+        .args([
+            "credential",
+            "put",
+            "zoom.api-key",
+            "--expected-version",
+            "1",
+        ])
+        .write_stdin("second value"));
+    assert_eq!(out.trim(), "zoom.api-key version 2");
+
+    // A stale check-and-set is a conflict, reported in one line.
+    let out = client(&data, addr, &alice)
+        .args([
+            "credential",
+            "put",
+            "zoom.api-key",
+            "--expected-version",
+            "1",
+        ])
+        .write_stdin("third")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("409"), "{err}");
+
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(client(&data, addr, &alice).args(["credential", "list"])))
+            .unwrap();
+    assert!(list.to_string().contains("zoom.api-key"), "{list}");
+    let show: serde_json::Value = serde_json::from_str(&ok(client(&data, addr, &alice).args([
+        "credential",
+        "show",
+        "zoom.api-key",
+    ])))
+    .unwrap();
+    assert_eq!(show["current_version"], 2, "{show}");
+    assert_eq!(show["versions"].as_array().unwrap().len(), 2, "{show}");
+
+    ok(client(&data, addr, &alice).args(["credential", "current", "zoom.api-key", "1"]));
+
+    // The service reveals the current version (1, chosen above) to stdout, nothing else.
+    let out =
+        ok(client(&data, addr, &service).args(["credential", "reveal", "alice", "zoom.api-key"]));
+    assert_eq!(out, format!("{VALUE}\n"));
+    // A user token cannot reveal.
+    let out = client(&data, addr, &alice)
+        .args(["credential", "reveal", "alice", "zoom.api-key"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(VALUE));
+
+    // Disabled: the service gets nothing; enabled again: it does.
+    ok(client(&data, addr, &alice).args(["credential", "disable", "zoom.api-key"]));
+    let out = client(&data, addr, &service)
+        .args(["credential", "reveal", "alice", "zoom.api-key"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    ok(client(&data, addr, &alice).args(["credential", "enable", "zoom.api-key"]));
+    ok(client(&data, addr, &service).args(["credential", "reveal", "alice", "zoom.api-key"]));
+
+    let usage = ok(client(&data, addr, &alice).args(["credential", "usage", "zoom.api-key"]));
+    assert!(usage.contains("reveal"), "{usage}");
+
+    ok(client(&data, addr, &alice).args(["credential", "destroy", "zoom.api-key"]));
+    let out = client(&data, addr, &alice)
+        .args(["credential", "show", "zoom.api-key"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+}
+
+#[test]
+fn bad_tokens_certificates_and_input_are_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let server = start_dev(&data, &[]);
+    let addr = server.addr;
+
+    let out = client(&data, addr, "not-a-token")
+        .args(["credential", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Without the dev CA the server's certificate is not trusted.
+    let other = tmp.path().join("elsewhere");
+    std::fs::create_dir(&other).unwrap();
+    let out = client(&other, addr, &server.export("ALICE"))
+        .args(["credential", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach"), "{err}");
+
+    let out = strongroom()
+        .env_remove("STRONGROOM_TOKEN")
+        .args(["credential", "list", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("STRONGROOM_TOKEN"));
+
+    let out = client(&data, addr, &server.export("ALICE"))
+        .args(["credential", "put", "empty"])
+        .write_stdin("")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = client(&data, addr, &server.export("ALICE"))
+        .args(["credential", "put", "big"])
+        .write_stdin(vec![b'x'; 64 * 1024 + 1])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("64 KiB"));
+}
