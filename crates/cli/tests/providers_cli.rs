@@ -77,9 +77,25 @@ fn run(args: &[&str], extra: &[&std::ffi::OsStr]) -> std::process::Output {
         .unwrap()
 }
 
+/// `keys.mode = "strict"` in a `[keys]` section (the default is the KEK hierarchy).
+fn strict(keys_section: &str) -> String {
+    keys_section.replacen("[keys]\n", "[keys]\nmode = \"strict\"\n", 1)
+}
+
+/// The KEK kind data keys end up under: the remote provider itself in strict mode, else
+/// Strongroom's KEK ring.
+fn kek_kind<'a>(provider: &'a str, keys_section: &str) -> &'a str {
+    if keys_section.contains("mode = \"strict\"") {
+        provider
+    } else {
+        "kek"
+    }
+}
+
 /// Local keyring → `keys_section` by rewrap; then everything opens through the remote
 /// provider, new writes go to it, and a second rewrap finds nothing to do.
 fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
+    let kind = kek_kind(provider, keys_section);
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -122,13 +138,18 @@ fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
         stdout.contains(&format!("rewrapped {N}, skipped 0, failed 0")),
         "{stdout}"
     );
-    assert!(stdout.contains(&format!("(target {provider}:")), "{stdout}");
+    assert!(stdout.contains(&format!("(target {kind}:")), "{stdout}");
 
     rt.block_on(async {
         let b = Backends::open(&operator_config(Some(&remote), &data))
             .await
             .unwrap();
-        assert_eq!(b.keyring.kind(), provider);
+        assert_eq!(b.keyring.kind(), kind);
+        assert_eq!(b.hierarchy.is_some(), kind == "kek");
+        // The provider as configured (the KEK ring over the real peer, or the peer itself
+        // in strict mode) passes the conformance kit: round trip, bound associated data,
+        // tampering refused.
+        strongroom_crypto::testing::check_provider(b.keyring.clone()).await;
         assert!(b.local_keyring.is_none());
         let vault = b.vault();
         for i in 0..N {
@@ -149,7 +170,7 @@ fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
         assert_eq!(r.value.expose_secret(), b"remote");
         let counts = b.store.count_versions_by_kek().await.unwrap();
         assert_eq!(counts.len(), 1, "{counts:?}");
-        assert_eq!(counts[0].0.provider, provider);
+        assert_eq!(counts[0].0.provider, kind);
         assert_eq!(counts[0].1, N as u64 + 1);
         b.close().await;
     });
@@ -173,7 +194,93 @@ fn stdout_ok(args: &[&str], cfg: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// `keys rotate`, `list`, `retire` and `rewrap` on a remote provider (Transit, PKCS#11).
+/// `keys rotate`, `list`, `retire` and `rewrap` with a remote provider over the KEK ring:
+/// the provider wraps Strongroom's KEK versions, which `keys` manages in the store.
+fn rotate_rewrap_retire_ring(remote: &Path, provider: &str) {
+    let out = stdout_ok(&["keys", "rotate"], remote);
+    assert!(out.contains("kek:strongroom:v2 is now active"), "{out}");
+    assert!(out.contains(&format!("(wrapped by {provider}:")), "{out}");
+    let out = run(&["keys", "retire", "2", "--config"], &[remote.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("active version"), "{err}");
+    let out = run(&["keys", "retire", "1", "--config"], &[remote.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("31 active credential versions"), "{err}");
+    let out = stdout_ok(&["rewrap"], remote);
+    assert!(out.contains("rewrapped 31, skipped 0, failed 0"), "{out}");
+    assert!(out.contains("(target kek:strongroom:v2)"), "{out}");
+    let out = stdout_ok(&["keys", "retire", "1"], remote);
+    assert!(
+        out.contains("a full scan found 0 credential versions under it"),
+        "{out}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout_ok(&["keys", "list", "--json"], remote)).unwrap();
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert_eq!(
+        (rows[0]["version"].as_u64(), rows[0]["state"].as_str()),
+        (Some(1), Some("retired"))
+    );
+    assert_eq!(rows[0]["credential_versions"], 0);
+    assert_eq!(rows[0]["wrapped_by"], serde_json::Value::Null);
+    assert_eq!(
+        (rows[1]["version"].as_u64(), rows[1]["state"].as_str()),
+        (Some(2), Some("active"))
+    );
+    assert_eq!(rows[1]["credential_versions"], 31);
+    assert!(
+        rows[1]["wrapped_by"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{provider}:")),
+        "{list}"
+    );
+    // `--root` rotates the provider's own key too (Transit, PKCS#11) and re-wraps every live
+    // ring KEK under it; AWS KMS rotates its material itself and says so.
+    let out = run(
+        &["keys", "rotate", "--root", "--config"],
+        &[remote.as_os_str()],
+    );
+    if provider == "aws-kms" {
+        assert_eq!(out.status.code(), Some(1));
+    } else {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("kek:strongroom:v3 is now active"),
+            "{stdout}"
+        );
+        let list: serde_json::Value =
+            serde_json::from_str(&stdout_ok(&["keys", "list", "--json"], remote)).unwrap();
+        let live: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["wrapped_by"].as_str())
+            .collect();
+        assert_eq!(live.len(), 2, "{list}");
+        assert!(live.iter().all(|w| w.ends_with(":v2")), "{list}");
+    }
+    // Everything still opens through the provider, from a fresh start.
+    let data = remote.parent().unwrap().join("data");
+    rt().block_on(async {
+        let b = Backends::open(&operator_config(Some(remote), &data))
+            .await
+            .unwrap();
+        let r = b.vault().reveal("alice", "cred-7", None).await.unwrap();
+        assert_eq!(r.value.expose_secret(), b"value-7");
+        b.close().await;
+    });
+}
+
+/// `keys rotate`, `list`, `retire` and `rewrap` on a remote provider in strict mode
+/// (Transit, PKCS#11): the provider's own key versions.
 fn rotate_rewrap_retire_remote(remote: &Path) {
     let out = stdout_ok(&["keys", "rotate"], remote);
     assert!(out.contains(":v2 is now active"), "{out}");
@@ -255,8 +362,14 @@ fn local_to_transit_by_rewrap() {
     let key = unique("rewrap");
     bao(&["write", "-f", &format!("transit/keys/{key}")]);
     let (_tmp, remote) = move_to("transit", &transit_section(&key));
-    rotate_rewrap_retire_remote(&remote);
+    rotate_rewrap_retire_ring(&remote, "transit");
     wrong_key_is_one_clear_error("transit", &transit_section("no-such-key"));
+
+    let key = unique("strict");
+    bao(&["write", "-f", &format!("transit/keys/{key}")]);
+    let (_tmp, remote) = move_to("transit", &strict(&transit_section(&key)));
+    rotate_rewrap_retire_remote(&remote);
+    wrong_key_is_one_clear_error("transit", &strict(&transit_section("no-such-key")));
 }
 
 fn kms_section(key_id: &str) -> String {
@@ -287,7 +400,9 @@ fn local_to_aws_kms_by_rewrap() {
         String::from_utf8_lossy(&out.stderr)
     );
     let arn = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    move_to("aws-kms", &kms_section(&arn));
+    let (_tmp, remote) = move_to("aws-kms", &kms_section(&arn));
+    rotate_rewrap_retire_ring(&remote, "aws-kms");
+    move_to("aws-kms", &strict(&kms_section(&arn)));
     wrong_key_is_one_clear_error(
         "aws-kms",
         &kms_section("arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000"),
@@ -316,12 +431,19 @@ fn local_to_pkcs11_by_rewrap() {
     let out = stdout_ok(&["keys", "generate"], &cfg);
     assert!(out.contains(&format!("pkcs11:{label}")), "{out}");
     let (_tmp, remote) = move_to("pkcs11", &pkcs11_section(&label));
-    rotate_rewrap_retire_remote(&remote);
+    rotate_rewrap_retire_ring(&remote, "pkcs11");
     wrong_key_is_one_clear_error("pkcs11", &pkcs11_section("no-such-label"));
+
+    let label = unique("strict");
+    std::fs::write(&cfg, pkcs11_section(&label)).unwrap();
+    stdout_ok(&["keys", "generate"], &cfg);
+    let (_tmp, remote) = move_to("pkcs11", &strict(&pkcs11_section(&label)));
+    rotate_rewrap_retire_remote(&remote);
 }
 
-/// `serve --config` with `keys.provider = "transit"`: ready, `/v1/keys` names the Transit KEK;
-/// a wrong key name stops the server at start with one line naming the provider.
+/// `serve --config` with `keys.provider = "transit"`: ready, `/v1/keys` names the KEK ring's
+/// version that Transit wraps; `keys rotate` reaches the running server within seconds; a
+/// wrong key name stops the server at start with one line naming the provider.
 #[test]
 fn serve_with_transit_as_the_key_provider() {
     use std::time::{Duration, Instant};
@@ -393,14 +515,37 @@ fn serve_with_transit_as_the_key_provider() {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let r = client.get("/v1/keys", Some(admin)).await?;
-        Ok(r.json())
+        let first = client.get("/v1/keys", Some(admin)).await?.json();
+        // `keys rotate` beside the running server: it wraps new data keys with the new KEK
+        // version within a second, without a restart or SIGHUP.
+        let out = run(&["keys", "rotate", "--config"], &[cfg.as_os_str()]);
+        if !out.status.success() {
+            return Err(format!(
+                "keys rotate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = client.get("/v1/keys", Some(admin)).await?.json();
+            if now["active"]["version"] == 2 {
+                return Ok((first, now));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the running server still uses {now} 10 s after keys rotate"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
     let _ = child.kill();
     let _ = child.wait();
-    let keys = result.unwrap();
-    assert_eq!(keys["active"]["provider"], "transit", "{keys}");
-    assert_eq!(keys["active"]["key_id"], format!("transit/{key}"), "{keys}");
+    let (keys, rotated) = result.unwrap();
+    assert_eq!(keys["active"]["provider"], "kek", "{keys}");
+    assert_eq!(keys["active"]["key_id"], "strongroom", "{keys}");
+    assert_eq!(keys["active"]["version"], 1, "{keys}");
+    assert_eq!(rotated["active"]["provider"], "kek", "{rotated}");
 
     std::fs::write(&cfg, config("no-such-key")).unwrap();
     let out = strongroom()

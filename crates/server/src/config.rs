@@ -14,7 +14,9 @@
 //! | `store.url` | — | PostgreSQL connection string (`kind = "postgres"` only) |
 //! | `store.max_connections` | 16 | PostgreSQL pool size |
 //! | `store.schema` | — | PostgreSQL schema for the tables (created if absent) |
+//! | `store.sync` | `"full"` | SQLite only. `"full"`: every commit (each put, each audit record a reveal waits for) is fsynced before it is acknowledged, so it survives power loss. `"normal"`: **relaxed**, commits are only written to the WAL (fsynced at checkpoints): survives a crash of the process (kill -9), but the last acknowledged writes and audit records **can be lost on power loss or an OS crash** |
 //! | `keys.provider` | `"local"` | key provider: `"local"` (keyring file), `"aws-kms"`, `"pkcs11"` or `"transit"` |
+//! | `keys.mode` | `"hierarchy"` | remote providers: `"hierarchy"` (the provider wraps Strongroom's KEKs, unwrapped once at start) or `"strict"` (the provider wraps every data key: one provider call per put and reveal) |
 //! | `keys.keyring` | `DATA_DIR/keyring.json` | the local keyring file (mode 0600) |
 //! | `keys.aws_kms.key_id` | — | KMS key ARN, id or alias (`provider = "aws-kms"`); credentials from the AWS default chain |
 //! | `keys.aws_kms.region`, `.endpoint_url` | AWS default chain / region endpoint | region; another endpoint (VPC, emulator) |
@@ -38,6 +40,12 @@
 //! | `auth.jwt.public_key_file` | — | PEM public key; needs `auth.jwt.algorithm` |
 //! | `auth.jwt.algorithm` | — | `"RS256"`, `"ES256"` or `"EdDSA"` (with `public_key_file`) |
 //! | `auth.jwt.jwks_file` | — | a JWKS document (JSON) |
+//! | `auth.jwt.jwks_url` | — | an `https://` URL of the identity provider's JWKS: fetched at start (the server does not start without it), cached, refreshed in the background and when a token names an unknown `kid` |
+//! | `auth.jwt.jwks_ca_file` | system roots | PEM CA certificate(s) to trust, alone, for `jwks_url` |
+//! | `auth.jwt.jwks_refresh_seconds` | 300 | background refresh interval (60 to 86400); after a failure, retried every 30 s |
+//! | `auth.jwt.jwks_unknown_kid_cooldown_seconds` | 30 | least time between refreshes caused by unknown `kid`s (1 to 3600) |
+//! | `auth.jwt.jwks_max_stale_seconds` | 86400 | how long the last good keys are used while refreshes fail (at least `jwks_refresh_seconds`, at most 30 days); then user tokens get 401 until a refresh succeeds |
+//! | `auth.jwt.jwks_timeout_seconds` | 10 | one fetch, connecting included (1 to 60); documents over 512 KiB are refused |
 //! | `[[auth.service]]` `name`, `token_sha256` | — | a service bearer token, by its SHA-256 (hex) |
 //! | `[[auth.admin]]` `name`, `token_sha256` | — | an admin bearer token, by its SHA-256 (hex) |
 //! | `[[auth.mtls]]` `san`, `service` or `admin` | — | a client-certificate SAN (DNS name or URI) and who it is |
@@ -49,11 +57,23 @@
 //! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute |
 //! | `limits.handshake_timeout_seconds` | 10 | TLS handshake, and reading a request's headers |
 //! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
+//! | `broker.allow_private_networks` | false | let brokered calls reach private, loopback, link-local and unique-local addresses (tests, internal APIs) |
+//! | `broker.ca_file` | — | PEM CA certificates trusted for brokered calls besides the system roots |
+//! | `broker.connect_timeout_seconds` | 5 | DNS, TCP connect and TLS handshake of a brokered call |
+//! | `broker.timeout_seconds` | 20 (at most `limits.request_timeout_seconds` − 1) | a whole brokered call; must be below `limits.request_timeout_seconds` |
+//! | `broker.max_response_bytes` | 1048576 | largest upstream response body (502 beyond) |
+//! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
 //! | `log.format` | `"json"` | `"json"` or `"text"` (logs go to stderr) |
 //! | `log.level` | `"info"` | a level or `tracing` filter directives (`info,strongroom_api=debug`) |
 //!
-//! Exactly one of `hs256_secret_file`, `public_key_file` or `jwks_file` is set in
-//! `[auth.jwt]`. Relative paths are relative to the server's working directory.
+//! Exactly one of `hs256_secret_file`, `public_key_file`, `jwks_file` or `jwks_url` is set
+//! in `[auth.jwt]`. JWKS keys are used by key type (RSA: RS256, EC P-256: ES256, Ed25519:
+//! EdDSA); keys with another `use`, a non-fitting `alg` or a symmetric type are skipped.
+//! Relative paths are relative to the server's working directory.
+//!
+//! SIGHUP re-reads the configuration's `[auth]` section (with the files it names) and swaps
+//! it in as a whole, or keeps the previous one if anything in the new configuration is
+//! invalid; other sections need a restart.
 //!
 //! # Environment
 //!
@@ -89,6 +109,7 @@ const ENV_KEYS: &[&str] = &[
     "limits",
     "log",
     "audit",
+    "broker",
 ];
 
 /// The default listen address.
@@ -131,6 +152,61 @@ pub struct Config {
     /// The audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Brokered calls.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+}
+
+/// `[broker]`: the outbound calls of `POST .../broker`. Where a call may go is decided by
+/// the policy's `destinations` and each version's bound host (`metadata.host`); these keys
+/// set how calls are made.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// Let calls reach private, loopback, link-local, shared and unique-local addresses.
+    pub allow_private_networks: bool,
+    /// PEM CA certificates trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// DNS, TCP connect and TLS handshake, in seconds.
+    pub connect_timeout_seconds: u64,
+    /// A whole call, in seconds (default: 20, or less to stay below the request timeout).
+    pub timeout_seconds: Option<u64>,
+    /// Largest upstream response body, in bytes.
+    pub max_response_bytes: usize,
+    /// Largest body a service may have forwarded, in bytes.
+    pub max_request_body_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            allow_private_networks: false,
+            ca_file: None,
+            connect_timeout_seconds: 5,
+            timeout_seconds: None,
+            max_response_bytes: 1024 * 1024,
+            max_request_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The broker's settings under `limits` (the call must end before the request does).
+    pub fn settings(&self, limits: &LimitsConfig) -> strongroom_core::broker::BrokerSettings {
+        let timeout = self.timeout_seconds.unwrap_or_else(|| {
+            20.min(limits.request_timeout_seconds.saturating_sub(1))
+                .max(1)
+        });
+        strongroom_core::broker::BrokerSettings {
+            allow_private_networks: self.allow_private_networks,
+            ca_file: self.ca_file.clone(),
+            connect_timeout: Duration::from_secs(self.connect_timeout_seconds),
+            timeout: Duration::from_secs(timeout),
+            max_response_bytes: self.max_response_bytes,
+            max_request_body_bytes: self.max_request_body_bytes,
+        }
+    }
 }
 
 /// `[audit]`. Records always go to the store; this adds a copy as JSON lines.
@@ -169,6 +245,21 @@ pub struct StoreConfig {
     /// PostgreSQL schema.
     #[serde(default)]
     pub schema: Option<String>,
+    /// SQLite durability of a commit (see [`StoreSync`]).
+    #[serde(default)]
+    pub sync: StoreSync,
+}
+
+/// `store.sync`: how durable an acknowledged SQLite commit is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreSync {
+    /// `synchronous = FULL` (WAL): fsync at every commit; survives power loss.
+    #[default]
+    Full,
+    /// `synchronous = NORMAL` (WAL): no fsync at commit. Survives a process crash, **not**
+    /// power loss or an OS crash (the last acknowledged commits can be lost).
+    Normal,
 }
 
 impl fmt::Debug for StoreConfig {
@@ -178,6 +269,7 @@ impl fmt::Debug for StoreConfig {
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("max_connections", &self.max_connections)
             .field("schema", &self.schema)
+            .field("sync", &self.sync)
             .finish()
     }
 }
@@ -201,6 +293,10 @@ pub struct KeysConfig {
     /// Which provider.
     #[serde(default)]
     pub provider: KeyProviderKind,
+    /// How a remote provider is used: it wraps Strongroom's KEKs (`hierarchy`, the default) or
+    /// every data key (`strict`).
+    #[serde(default)]
+    pub mode: KeyMode,
     /// The local keyring file (default `DATA_DIR/keyring.json`).
     #[serde(default)]
     pub keyring: Option<PathBuf>,
@@ -213,6 +309,30 @@ pub struct KeysConfig {
     /// `[keys.transit]`, with `provider = "transit"`.
     #[serde(default)]
     pub transit: Option<TransitSettings>,
+}
+
+/// `keys.mode`: how a remote provider protects the data keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum KeyMode {
+    /// The provider wraps Strongroom's KEKs (kept wrapped in the store, unwrapped once at
+    /// start); the KEKs wrap the data keys in process, so no request waits on the provider.
+    #[default]
+    Hierarchy,
+    /// The provider wraps every data key itself: each put and reveal is one provider call,
+    /// and shows in the provider's own audit log.
+    Strict,
+}
+
+impl KeyMode {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyMode::Hierarchy => "hierarchy",
+            KeyMode::Strict => "strict",
+        }
+    }
 }
 
 /// `keys.provider`.
@@ -412,10 +532,44 @@ pub struct JwtConfig {
     /// JWKS file.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
+    /// JWKS URL (`https://` only).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// PEM CA certificates trusted (alone) for `jwks_url`.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Background refresh interval of `jwks_url`, in seconds.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_seconds: u64,
+    /// Least time between refreshes caused by tokens naming an unknown `kid`, in seconds.
+    #[serde(default = "default_jwks_cooldown")]
+    pub jwks_unknown_kid_cooldown_seconds: u64,
+    /// How long the last good JWKS is used while refreshes fail, in seconds.
+    #[serde(default = "default_jwks_max_stale")]
+    pub jwks_max_stale_seconds: u64,
+    /// One JWKS fetch, in seconds.
+    #[serde(default = "default_jwks_timeout")]
+    pub jwks_timeout_seconds: u64,
 }
 
 fn default_leeway() -> u64 {
     30
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+
+fn default_jwks_cooldown() -> u64 {
+    30
+}
+
+fn default_jwks_max_stale() -> u64 {
+    24 * 3600
+}
+
+fn default_jwks_timeout() -> u64 {
+    10
 }
 
 /// `auth.jwt.algorithm`.
@@ -648,8 +802,20 @@ impl Config {
         if self.store.max_connections == Some(0) {
             return bad("store.max_connections", "must be at least 1");
         }
+        if self.store.kind == StoreKind::Postgres && self.store.sync != StoreSync::Full {
+            return bad(
+                "store.sync",
+                "is SQLite only; PostgreSQL durability is its own synchronous_commit",
+            );
+        }
         let keys = &self.keys;
         let one_of = |a: bool, b: bool| a as u8 + b as u8 == 1;
+        if keys.provider == KeyProviderKind::Local && keys.mode == KeyMode::Strict {
+            return bad(
+                "keys.mode",
+                "\"strict\" applies to remote providers; the local keyring wraps every data key itself",
+            );
+        }
         match keys.provider {
             KeyProviderKind::Local => {}
             KeyProviderKind::AwsKms => match &keys.aws_kms {
@@ -737,21 +903,56 @@ impl Config {
                 jwt.hs256_secret_file.is_some(),
                 jwt.public_key_file.is_some(),
                 jwt.jwks_file.is_some(),
+                jwt.jwks_url.is_some(),
             ];
             match sources.iter().filter(|s| **s).count() {
                 0 => {
                     return bad(
                         "auth.jwt",
-                        "set one of hs256_secret_file, public_key_file or jwks_file",
+                        "set one of hs256_secret_file, public_key_file, jwks_file or jwks_url",
                     )
                 }
                 1 => {}
                 _ => {
                     return bad(
                         "auth.jwt",
-                        "set only one of hs256_secret_file, public_key_file or jwks_file",
+                        "set only one of hs256_secret_file, public_key_file, jwks_file or jwks_url",
                     )
                 }
+            }
+            if let Some(url) = &jwt.jwks_url {
+                match reqwest::Url::parse(url) {
+                    Ok(u) if u.scheme() == "https" && u.host_str().is_some() => {}
+                    Ok(_) => {
+                        return bad(
+                            "auth.jwt.jwks_url",
+                            "must be an https:// URL (the identity provider's JWKS endpoint)",
+                        )
+                    }
+                    Err(e) => return bad("auth.jwt.jwks_url", &format!("not a URL: {e}")),
+                }
+            } else if jwt.jwks_ca_file.is_some() {
+                return bad("auth.jwt.jwks_ca_file", "is only used with jwks_url");
+            }
+            if !(60..=86_400).contains(&jwt.jwks_refresh_seconds) {
+                return bad("auth.jwt.jwks_refresh_seconds", "must be 60 to 86400");
+            }
+            if !(1..=3600).contains(&jwt.jwks_unknown_kid_cooldown_seconds) {
+                return bad(
+                    "auth.jwt.jwks_unknown_kid_cooldown_seconds",
+                    "must be 1 to 3600",
+                );
+            }
+            if jwt.jwks_max_stale_seconds < jwt.jwks_refresh_seconds
+                || jwt.jwks_max_stale_seconds > 30 * 86_400
+            {
+                return bad(
+                    "auth.jwt.jwks_max_stale_seconds",
+                    "must be at least jwks_refresh_seconds and at most 2592000 (30 days)",
+                );
+            }
+            if !(1..=60).contains(&jwt.jwks_timeout_seconds) {
+                return bad("auth.jwt.jwks_timeout_seconds", "must be 1 to 60");
             }
             match (jwt.public_key_file.is_some(), jwt.algorithm) {
                 (true, None) => {
@@ -867,6 +1068,24 @@ impl Config {
         }
         if l.shutdown_grace_seconds > 3600 {
             return bad("limits.shutdown_grace_seconds", "must be at most 3600");
+        }
+        let b = &self.broker;
+        if !(1..=300).contains(&b.connect_timeout_seconds) {
+            return bad("broker.connect_timeout_seconds", "must be 1 to 300");
+        }
+        if let Some(t) = b.timeout_seconds {
+            if t == 0 || t >= l.request_timeout_seconds {
+                return bad(
+                    "broker.timeout_seconds",
+                    "must be at least 1 and below limits.request_timeout_seconds",
+                );
+            }
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&b.max_response_bytes) {
+            return bad("broker.max_response_bytes", "must be 1024 to 67108864");
+        }
+        if b.max_request_body_bytes > 64 * 1024 * 1024 {
+            return bad("broker.max_request_body_bytes", "must be at most 67108864");
         }
         if let Err(e) = crate::logging::filter(&self.log.level) {
             return bad("log.level", &e);

@@ -51,7 +51,7 @@ pub const JWT_SECRET_FILE: &str = "dev-jwt-secret";
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Environment keys honoured in dev mode (the rest of the configuration is the dev layout).
-const DEV_ENV_KEYS: &[&str] = &["policy_file", "limits", "log"];
+const DEV_ENV_KEYS: &[&str] = &["policy_file", "limits", "log", "broker", "store"];
 
 /// The dev policy: [`DEV_SERVICE`] may write, reveal and broker any credential of any owner.
 pub fn policy() -> strongroom_core::policy::Policy {
@@ -212,7 +212,10 @@ pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
 impl DevSetup {
     /// The server configuration of the dev layout: SQLite and the keyring under the data
     /// directory, the dev certificate, HS256 user tokens, the two dev tokens, text logs.
-    /// `STRONGROOM_POLICY_FILE`, `STRONGROOM_LIMITS__*` and `STRONGROOM_LOG__*` still apply.
+    /// `STRONGROOM_POLICY_FILE`, `STRONGROOM_LIMITS__*`, `STRONGROOM_LOG__*`,
+    /// `STRONGROOM_STORE__*` (e.g. `STRONGROOM_STORE__SYNC=normal` for benchmarks) and
+    /// `STRONGROOM_BROKER__*` (e.g. `STRONGROOM_BROKER__ALLOW_PRIVATE_NETWORKS=true` to broker
+    /// to a local test server) still apply.
     ///
     /// # Errors
     ///
@@ -245,6 +248,11 @@ impl DevSetup {
             },
         )?;
         config.validate()?;
+        if config.store.kind != crate::config::StoreKind::Sqlite {
+            return Err(ServerError::Config(
+                "--dev always uses SQLite under the data dir (only `store.sync` may be set)".into(),
+            ));
+        }
         Ok(config)
     }
 }

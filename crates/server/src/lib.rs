@@ -15,7 +15,9 @@
 //!   HTTP/2 streams per connection; body size and request time are enforced by the router.
 //! * **Signals** ([`Server::run_until_signal`]): SIGTERM or SIGINT stop accepting, let
 //!   in-flight requests finish within `limits.shutdown_grace_seconds`, close the store and
-//!   return `Ok`. SIGHUP reloads the policy file, the local keyring and the TLS certificate;
+//!   return `Ok`. SIGHUP reloads the policy file, the local keyring, the TLS certificate and
+//!   the authentication settings (`[auth]` of the configuration, re-read when
+//!   [`Reloader::set_config_file`] named it, with the secret, key and JWKS files it names);
 //!   whatever fails to load is logged and the old one kept. The local keyring is also
 //!   reloaded within a second of its file changing (`keys rotate`, `keys retire`), so every
 //!   running node wraps new data keys with a new KEK at once, without a signal.
@@ -44,6 +46,7 @@
 pub mod config;
 pub mod dev;
 mod error;
+mod jwks;
 pub mod logging;
 pub mod tls;
 
@@ -53,7 +56,7 @@ pub mod testing;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -64,12 +67,13 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use strongroom_api::{
     AppState, AuthSettings, Authenticator, JwtKeySource, JwtSettings, PeerCertificate, TokenEntry,
 };
+use strongroom_core::hierarchy::KekHierarchy;
 use strongroom_core::policy::Policy;
 use strongroom_core::{SystemClock, Vault, VaultConfig};
 use strongroom_crypto::{KeyProvider, OsRandom};
 use strongroom_keys::local::LocalKeyring;
 use strongroom_store::postgres::{PostgresOptions, PostgresStore};
-use strongroom_store::sqlite::SqliteStore;
+use strongroom_store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use strongroom_store::Store;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -77,8 +81,9 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::config::{Config, JwtAlgorithmName, LimitsConfig, StoreKind, TlsConfig};
+use crate::config::{Config, JwtAlgorithmName, LimitsConfig, Overrides, StoreKind, TlsConfig};
 pub use crate::error::ServerError;
+use crate::jwks::JwksSpec;
 use crate::tls::CertSlot;
 
 /// HTTP/2 streams one connection may have open at once.
@@ -114,6 +119,9 @@ pub struct Backends {
     pub keyring: Arc<dyn KeyProvider>,
     /// The local keyring, when it is the provider (for rotation bookkeeping).
     pub local_keyring: Option<Arc<LocalKeyring>>,
+    /// The KEK hierarchy, when a remote provider wraps Strongroom's KEKs (`keys.mode =
+    /// "hierarchy"`); its root is the remote provider.
+    pub hierarchy: Option<Arc<KekHierarchy>>,
     handle: StoreHandle,
 }
 
@@ -125,12 +133,19 @@ impl Backends {
     /// A [`ServerError`] naming the key or file at fault.
     pub async fn open(config: &Config) -> Result<Self, ServerError> {
         config.validate_backends()?;
-        let (keyring, local_keyring) = open_key_provider(config).await?;
         let handle = open_store(config).await?;
+        let keys = match open_keys(config, handle.as_dyn()).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                handle.close().await;
+                return Err(e);
+            }
+        };
         Ok(Self {
             store: handle.as_dyn(),
-            keyring,
-            local_keyring,
+            keyring: keys.provider,
+            local_keyring: keys.local_keyring,
+            hierarchy: keys.hierarchy,
             handle,
         })
     }
@@ -162,6 +177,7 @@ pub struct Server {
     reloader: Reloader,
     store: StoreHandle,
     keyring_path: Option<PathBuf>,
+    hierarchy: Option<Arc<KekHierarchy>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -184,6 +200,22 @@ struct ReloaderInner {
     keyring: Option<Arc<LocalKeyring>>,
     tls: TlsConfig,
     cert: Arc<CertSlot>,
+    /// Where a reload takes the `[auth]` settings from.
+    config_source: Mutex<ConfigSource>,
+    /// The JWKS fetched from `auth.jwt.jwks_url` and what it was built from.
+    jwks: Mutex<Option<(JwksSpec, Arc<strongroom_api::RemoteJwks>)>>,
+    /// Where JWKS refresh tasks run.
+    runtime: tokio::runtime::Handle,
+}
+
+enum ConfigSource {
+    /// The configuration the server started with (its files are read again).
+    Fixed(Box<Config>),
+    /// Read the file (if any), the environment and the overrides again, as at start.
+    Load {
+        file: Option<PathBuf>,
+        overrides: Overrides,
+    },
 }
 
 impl std::fmt::Debug for Reloader {
@@ -195,9 +227,65 @@ impl std::fmt::Debug for Reloader {
 }
 
 impl Reloader {
-    /// Reloads the policy file (if configured), the local keyring and the TLS certificate.
-    /// Each part that loads replaces the old one; each that fails is logged and the old one
-    /// stays in force.
+    /// From now on, each reload takes the authentication settings from the configuration
+    /// `file` (if any), the `STRONGROOM_*` environment and `overrides`, read and validated
+    /// again as a whole (as [`Config::load`] does). Without this call a reload re-reads the
+    /// files the start-up configuration names (HS256 secret, public key, JWKS) only.
+    pub fn set_config_file(&self, file: Option<PathBuf>, overrides: Overrides) {
+        *self
+            .inner
+            .config_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = ConfigSource::Load { file, overrides };
+    }
+
+    /// Reloads the authentication settings alone: see [`Reloader::reload`].
+    ///
+    /// # Errors
+    ///
+    /// The [`ServerError`] naming the key or file at fault; the settings in force stay.
+    pub fn reload_auth(&self) -> Result<(), ServerError> {
+        let inner = &self.inner;
+        let config = match &*inner
+            .config_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            ConfigSource::Fixed(c) => (**c).clone(),
+            ConfigSource::Load { file, overrides } => Config::load(file.as_deref(), overrides)?,
+        };
+        let spec = JwksSpec::of(&config)?;
+        let current = inner.jwks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let remote = match (&spec, current) {
+            (None, _) => None,
+            // Same URL, CA and timings: keep the cache and its refresh task.
+            (Some(spec), Some((was, remote))) if *spec == was => Some(remote),
+            (Some(spec), _) => {
+                // Reloads are synchronous (SIGHUP runs them on a blocking thread, tests call
+                // them directly): fetch on a runtime of our own; the refresh task goes to
+                // the server's.
+                let runtime = inner.runtime.clone();
+                Some(block_on_own_runtime(spec.connect(&runtime))??)
+            }
+        };
+        let authenticator = Authenticator::new(auth_settings(&config, remote.clone())?)?;
+        let (services, admins) = (config.auth.service.len(), config.auth.admin.len());
+        inner.state.replace_auth(authenticator);
+        *inner.jwks.lock().unwrap_or_else(|e| e.into_inner()) = spec.zip(remote);
+        tracing::info!(
+            services,
+            admins,
+            mtls = config.auth.mtls.len(),
+            user_tokens = config.auth.jwt.is_some(),
+            "authentication settings reloaded"
+        );
+        Ok(())
+    }
+
+    /// Reloads the policy file (if configured), the local keyring, the TLS certificate and
+    /// the authentication settings ([`Reloader::reload_auth`]). Each part that loads
+    /// replaces the old one as a whole; each that fails is logged and the old one stays in
+    /// force. Requests in flight finish under the settings they started with.
     ///
     /// # Errors
     ///
@@ -236,6 +324,10 @@ impl Reloader {
                 tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one");
                 failed.push(e.to_string());
             }
+        }
+        if let Err(e) = self.reload_auth() {
+            tracing::error!(error = %e, "authentication reload failed; keeping the previous settings");
+            failed.push(e.to_string());
         }
         let runtime = tokio::runtime::Handle::try_current().ok();
         if let (Some(auditor), Some(runtime)) = (inner.state.auditor(), runtime) {
@@ -374,7 +466,33 @@ fn token_entries(list: &[config::TokenConfig]) -> Vec<TokenEntry> {
         .collect()
 }
 
-fn auth_settings(config: &Config) -> Result<AuthSettings, ServerError> {
+/// Runs `fut` to completion on a current-thread runtime of its own, on a thread of its own,
+/// so that it works from any context (async or not) without blocking a runtime's workers.
+fn block_on_own_runtime<F>(fut: F) -> Result<F::Output, ServerError>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| rt.block_on(fut))
+                    .map_err(|e| ServerError::Runtime(format!("reload runtime: {e}")))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ServerError::Runtime("reload thread panicked".into())))
+    })
+}
+
+/// The authentication settings of `config`; `remote` is the JWKS of `auth.jwt.jwks_url`
+/// (fetched by the caller).
+fn auth_settings(
+    config: &Config,
+    remote: Option<Arc<strongroom_api::RemoteJwks>>,
+) -> Result<AuthSettings, ServerError> {
     let jwt = match &config.auth.jwt {
         None => None,
         Some(j) => {
@@ -406,9 +524,11 @@ fn auth_settings(config: &Config) -> Result<AuthSettings, ServerError> {
                 let json =
                     std::fs::read_to_string(path).map_err(ServerError::file("JWKS file", path))?;
                 JwtKeySource::Jwks(json)
+            } else if let Some(remote) = remote {
+                JwtKeySource::Remote(remote)
             } else {
                 return Err(ServerError::Config(
-                    "key `auth.jwt`: set one of hs256_secret_file, public_key_file or jwks_file"
+                    "key `auth.jwt`: set one of hs256_secret_file, public_key_file, jwks_file or jwks_url"
                         .into(),
                 ));
             };
@@ -432,9 +552,19 @@ fn auth_settings(config: &Config) -> Result<AuthSettings, ServerError> {
 
 async fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
     match config.store.kind {
-        StoreKind::Sqlite => Ok(StoreHandle::Sqlite(
-            SqliteStore::open_dir(&config.data_dir).await?,
-        )),
+        StoreKind::Sqlite => {
+            let mut options = SqliteOptions::default();
+            if config.store.sync == config::StoreSync::Normal {
+                options.synchronous = Synchronous::DangerNormal;
+                tracing::warn!(
+                    "store.sync = \"normal\": commits are not fsynced; acknowledged writes and \
+                     audit records survive a process crash but not power loss"
+                );
+            }
+            Ok(StoreHandle::Sqlite(
+                SqliteStore::open_dir_with(&config.data_dir, options).await?,
+            ))
+        }
         StoreKind::Postgres => {
             let url = config.store.url.as_deref().ok_or_else(|| {
                 ServerError::Config(
@@ -486,17 +616,36 @@ impl Server {
             Some(path) => load_policy(path)?,
             None => fallback,
         };
-        let authenticator = Authenticator::new(auth_settings(&config)?)?;
+        let runtime = tokio::runtime::Handle::current();
+        // `auth.jwt.jwks_url`: the first fetch must succeed (else one clear error).
+        let jwks_spec = JwksSpec::of(&config)?;
+        let remote = match &jwks_spec {
+            Some(spec) => Some(spec.connect(&runtime).await?),
+            None => None,
+        };
+        let authenticator = Authenticator::new(auth_settings(&config, remote.clone())?)?;
         if config.auth.jwt.is_none() {
             tracing::warn!("no [auth.jwt]: users cannot authenticate");
         }
         if config.policy_file.is_none() && policy.rules().is_empty() {
             tracing::warn!("no policy_file: services are denied every operation");
         }
+        let broker = strongroom_core::broker::Broker::new(config.broker.settings(&config.limits))
+            .map_err(|e| ServerError::Config(format!("key `broker.ca_file`: {e}")))?;
 
-        let (keyring, local_keyring) = open_key_provider(&config).await?;
-        let keyring_path = local_keyring.as_ref().map(|_| config.keyring_path());
         let store = open_store(&config).await?;
+        let Keys {
+            provider: keyring,
+            local_keyring,
+            hierarchy,
+        } = match open_keys(&config, store.as_dyn()).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        };
+        let keyring_path = local_keyring.as_ref().map(|_| config.keyring_path());
 
         let vault = Arc::new(Vault::new(
             store.as_dyn(),
@@ -506,6 +655,7 @@ impl Server {
             VaultConfig::default(),
         ));
         let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());
+        state.set_broker(Arc::new(broker));
         if let Err(e) = start_auditor(&config, &state, keyring.as_ref()).await {
             store.close().await;
             return Err(e);
@@ -529,6 +679,7 @@ impl Server {
             listen = %local_addr,
             store = ?config.store.kind,
             key_provider = config.keys.provider.as_str(),
+            key_mode = if hierarchy.is_some() { "hierarchy" } else { "direct" },
             active_kek = %keyring
                 .active_kek()
                 .map_or_else(|e| e.to_string(), |k| k.to_string()),
@@ -543,6 +694,9 @@ impl Server {
                 keyring: local_keyring,
                 tls: tls_config,
                 cert,
+                config_source: Mutex::new(ConfigSource::Fixed(Box::new(config.clone()))),
+                jwks: Mutex::new(jwks_spec.zip(remote)),
+                runtime,
             }),
         };
         Ok(Self {
@@ -554,6 +708,7 @@ impl Server {
             reloader,
             store,
             keyring_path,
+            hierarchy,
         })
     }
 
@@ -618,6 +773,7 @@ impl Server {
             store,
             reloader,
             keyring_path,
+            hierarchy,
             ..
         } = self;
         // A `keys rotate` on this host (or a shared keyring file) takes effect within a
@@ -630,6 +786,8 @@ impl Server {
             ))),
             _ => None,
         };
+        // Likewise a `keys rotate` of the KEK hierarchy, on any node sharing the store.
+        let ring_watch = hierarchy.map(|h| tokio::spawn(watch_ring(h, KEYRING_POLL)));
         let router = strongroom_api::router(state);
         let builder = Arc::new(http_builder(&limits));
         let handshake_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
@@ -692,6 +850,9 @@ impl Server {
         if let Some(watch) = keyring_watch {
             watch.abort();
         }
+        if let Some(watch) = ring_watch {
+            watch.abort();
+        }
         store.close().await;
         tracing::info!("stopped");
         Ok(())
@@ -730,6 +891,70 @@ pub async fn open_key_provider(
         KeyProviderKind::Transit => {
             let p = strongroom_keys::TransitProvider::connect(transit_config(config)?).await?;
             Ok((Arc::new(p), None))
+        }
+    }
+}
+
+/// The key providers a configuration names, opened.
+pub struct Keys {
+    /// What seals and opens data keys: the local keyring, the KEK hierarchy over a remote
+    /// provider, or (`keys.mode = "strict"`) the remote provider itself.
+    pub provider: Arc<dyn KeyProvider>,
+    /// The local keyring, when it is the provider.
+    pub local_keyring: Option<Arc<LocalKeyring>>,
+    /// The KEK hierarchy, in `hierarchy` mode with a remote provider.
+    pub hierarchy: Option<Arc<KekHierarchy>>,
+}
+
+/// Opens the key provider of `config` ([`open_key_provider`]) and, for a remote provider in
+/// `hierarchy` mode, the KEK hierarchy over it: Strongroom's KEKs are loaded from `store`
+/// and unwrapped once here (made on first start).
+///
+/// # Errors
+///
+/// As [`open_key_provider`]; a KEK the provider cannot unwrap stops the start with the
+/// provider's error naming the KEK.
+pub async fn open_keys(config: &Config, store: Arc<dyn Store>) -> Result<Keys, ServerError> {
+    let (provider, local_keyring) = open_key_provider(config).await?;
+    if local_keyring.is_some() || config.keys.mode == crate::config::KeyMode::Strict {
+        return Ok(Keys {
+            provider,
+            local_keyring,
+            hierarchy: None,
+        });
+    }
+    let hierarchy =
+        Arc::new(KekHierarchy::open(store, provider, time::OffsetDateTime::now_utc()).await?);
+    Ok(Keys {
+        provider: hierarchy.clone(),
+        local_keyring: None,
+        hierarchy: Some(hierarchy),
+    })
+}
+
+/// Reloads the KEK ring every `every`: a `keys rotate` or `keys retire` on any node takes
+/// effect here within that time. A failed reload is logged; the keys loaded before stay.
+async fn watch_ring(hierarchy: Arc<KekHierarchy>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match hierarchy.refresh().await {
+            Ok(false) => failing = false,
+            Ok(true) => {
+                failing = false;
+                tracing::info!(
+                    active = ?hierarchy.active_kek().ok().map(|k| k.version),
+                    "KEK ring changed; reloaded"
+                );
+            }
+            Err(e) if !failing => {
+                // Logged once per outage; the keys loaded before stay in force.
+                failing = true;
+                tracing::error!(error = %e, "cannot reload the KEK ring; keeping the keys loaded before");
+            }
+            Err(_) => {}
         }
     }
 }

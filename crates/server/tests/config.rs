@@ -348,3 +348,142 @@ fn provider_mistakes_are_named() {
         Ok(())
     });
 }
+
+#[test]
+fn the_broker_section_has_defaults_and_reads_the_environment() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file("s.toml", MINIMAL)?;
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        let s = c.broker.settings(&c.limits);
+        assert!(!s.allow_private_networks && s.ca_file.is_none());
+        assert_eq!(s.timeout.as_secs(), 20);
+        assert_eq!(s.connect_timeout.as_secs(), 5);
+        assert_eq!(s.max_response_bytes, 1024 * 1024);
+
+        jail.create_file(
+            "b.toml",
+            &format!("{MINIMAL}[broker]\nca_file = \"ca.pem\"\nmax_response_bytes = 4096\n"),
+        )?;
+        jail.set_env("STRONGROOM_BROKER__ALLOW_PRIVATE_NETWORKS", "true");
+        jail.set_env("STRONGROOM_BROKER__TIMEOUT_SECONDS", "7");
+        let c = load("b.toml", &Overrides::default()).unwrap();
+        let s = c.broker.settings(&c.limits);
+        assert!(s.allow_private_networks);
+        assert_eq!(s.ca_file.as_deref(), Some(Path::new("ca.pem")));
+        assert_eq!(s.timeout.as_secs(), 7);
+        assert_eq!(s.max_response_bytes, 4096);
+
+        // The call must end before the request does.
+        jail.set_env("STRONGROOM_BROKER__TIMEOUT_SECONDS", "30");
+        let e = err_of(load("b.toml", &Overrides::default()));
+        assert!(e.contains("broker.timeout_seconds"), "{e}");
+        jail.set_env("STRONGROOM_BROKER__TIMEOUT_SECONDS", "5");
+        jail.set_env("STRONGROOM_BROKER__TYPO", "1");
+        let e = err_of(load("b.toml", &Overrides::default()));
+        assert!(e.contains("STRONGROOM_BROKER__TYPO"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn jwks_url_settings_come_from_the_file_or_the_environment_and_mistakes_are_named() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file(
+            "s.toml",
+            &format!("{MINIMAL}[auth.jwt]\njwks_url = \"https://idp.test/jwks\"\n"),
+        )?;
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(jwt.jwks_url.as_deref(), Some("https://idp.test/jwks"));
+        assert_eq!(
+            (
+                jwt.jwks_refresh_seconds,
+                jwt.jwks_unknown_kid_cooldown_seconds,
+                jwt.jwks_max_stale_seconds,
+                jwt.jwks_timeout_seconds
+            ),
+            (300, 30, 86_400, 10)
+        );
+
+        jail.set_env("STRONGROOM_AUTH__JWT__JWKS_URL", "https://other.test/keys");
+        jail.set_env("STRONGROOM_AUTH__JWT__JWKS_CA_FILE", "/etc/idp-ca.pem");
+        jail.set_env("STRONGROOM_AUTH__JWT__JWKS_REFRESH_SECONDS", "120");
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(jwt.jwks_url.as_deref(), Some("https://other.test/keys"));
+        assert_eq!(
+            jwt.jwks_ca_file.as_deref(),
+            Some(Path::new("/etc/idp-ca.pem"))
+        );
+        assert_eq!(jwt.jwks_refresh_seconds, 120);
+        jail.clear_env();
+
+        for (jwt, want) in [
+            (
+                "jwks_url = \"http://idp.test/jwks\"",
+                "key `auth.jwt.jwks_url`: must be an https:// URL",
+            ),
+            (
+                "jwks_url = \"not a url\"",
+                "key `auth.jwt.jwks_url`: not a URL",
+            ),
+            (
+                "jwks_url = \"https://idp.test/k\"\njwks_file = \"k.json\"",
+                "key `auth.jwt`: set only one of",
+            ),
+            (
+                "jwks_file = \"k.json\"\njwks_ca_file = \"ca.pem\"",
+                "key `auth.jwt.jwks_ca_file`: is only used with jwks_url",
+            ),
+            (
+                "jwks_url = \"https://idp.test/k\"\njwks_refresh_seconds = 1",
+                "key `auth.jwt.jwks_refresh_seconds`: must be 60 to 86400",
+            ),
+            (
+                "jwks_url = \"https://idp.test/k\"\njwks_unknown_kid_cooldown_seconds = 0",
+                "key `auth.jwt.jwks_unknown_kid_cooldown_seconds`",
+            ),
+            (
+                "jwks_url = \"https://idp.test/k\"\njwks_max_stale_seconds = 10",
+                "key `auth.jwt.jwks_max_stale_seconds`",
+            ),
+            (
+                "jwks_url = \"https://idp.test/k\"\njwks_timeout_seconds = 0",
+                "key `auth.jwt.jwks_timeout_seconds`: must be 1 to 60",
+            ),
+        ] {
+            jail.create_file("bad.toml", &format!("{MINIMAL}[auth.jwt]\n{jwt}\n"))?;
+            let e = err_of(load("bad.toml", &Overrides::default()));
+            assert!(e.contains(want), "{jwt}: {e}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn store_sync_defaults_to_full_and_normal_is_sqlite_only() {
+    use strongroom_server::config::StoreSync;
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file("s.toml", MINIMAL)?;
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.store.sync, StoreSync::Full);
+        jail.create_file("n.toml", &format!("{MINIMAL}[store]\nsync = \"normal\"\n"))?;
+        let c = load("n.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.store.sync, StoreSync::Normal);
+        jail.set_env("STRONGROOM_STORE__SYNC", "full");
+        let c = load("n.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.store.sync, StoreSync::Full);
+        jail.create_file(
+            "pg.toml",
+            &format!(
+                "{MINIMAL}[store]\nkind = \"postgres\"\nurl = \"postgresql://x\"\nsync = \"normal\"\n"
+            ),
+        )?;
+        jail.set_env("STRONGROOM_STORE__SYNC", "normal");
+        assert!(err_of(load("pg.toml", &Overrides::default())).contains("key `store.sync`"));
+        Ok(())
+    });
+}

@@ -8,7 +8,10 @@ use strongroom_keys::local::{self, KeyInfo, LocalKeyring};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use strongroom_server::config::{Config, Overrides, DEFAULT_DATA_DIR};
+use std::sync::Arc;
+
+use strongroom_core::hierarchy::{self, KekHierarchy, KekState};
+use strongroom_server::config::{Config, KeyMode, Overrides, DEFAULT_DATA_DIR};
 
 use strongroom_crypto::KeyProvider;
 use strongroom_server::ServerError;
@@ -126,9 +129,18 @@ pub enum KeysCommand {
     /// Safe while the server runs (writers serialise on a lock file): a running server
     /// notices the file changed within a second and wraps new data keys with the new version.
     /// Then run `strongroom rewrap` to move the stored data keys over.
+    ///
+    /// With a remote provider in `hierarchy` mode (the default) this adds a Strongroom KEK
+    /// version, wrapped by the provider, to the ring in the store; every running server
+    /// uses it within a second. `--root` first rotates the provider's own key (Transit,
+    /// PKCS#11), then re-wraps the ring under it.
     Rotate {
         #[command(flatten)]
         location: KeyringLocation,
+        /// Also rotate the remote provider's own key (Transit, PKCS#11; with `keys.mode =
+        /// "strict"` that is what rotate always does).
+        #[arg(long)]
+        root: bool,
     },
     /// Erase a decrypt-only KEK version's material. Refuses while any active credential
     /// version still uses it (run `strongroom rewrap` first); afterwards a full scan of the
@@ -149,20 +161,32 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
             let config = location.remote()?.unwrap_or_else(|| unreachable!());
             block_on(remote_generate(config))?;
         }
-        KeysCommand::Rotate { location } if location.remote()?.is_some() => {
+        KeysCommand::Rotate { location, root } if location.remote()?.is_some() => {
             let config = location.remote()?.unwrap_or_else(|| unreachable!());
-            block_on(remote_rotate(config))?;
+            if hierarchy_mode(&config) {
+                block_on(ring_rotate(config, root))?;
+            } else {
+                block_on(remote_rotate(config))?;
+            }
         }
         KeysCommand::List { location, json } if location.remote()?.is_some() => {
             let config = location.remote()?.unwrap_or_else(|| unreachable!());
-            block_on(remote_list(config, json))?;
+            if hierarchy_mode(&config) {
+                block_on(ring_list(config, json))?;
+            } else {
+                block_on(remote_list(config, json))?;
+            }
         }
         KeysCommand::Retire {
             location,
             kek_version,
         } if location.remote()?.is_some() => {
             let config = location.remote()?.unwrap_or_else(|| unreachable!());
-            block_on(remote_retire(config, kek_version))?;
+            if hierarchy_mode(&config) {
+                block_on(ring_retire(config, kek_version))?;
+            } else {
+                block_on(remote_retire(config, kek_version))?;
+            }
         }
         KeysCommand::Generate { location } => {
             let path = location.path()?;
@@ -174,7 +198,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 info.version
             );
         }
-        KeysCommand::Rotate { location } => {
+        KeysCommand::Rotate { location, .. } => {
             let path = location.path()?;
             let info = local::rotate(&path, now, &OsRandom)?;
             if location.names_a_store()? {
@@ -278,6 +302,23 @@ async fn remote_generate(config: Config) -> Result<(), Failure> {
             .map_err(ServerError::from)?;
             let kek = provider.active_kek().map_err(ServerError::from)?;
             println!("created {kek} in the token (never leaves it)");
+            Ok(())
+        }
+        _ if hierarchy_mode(&config) => {
+            // Opening the backends makes the KEK ring if the store has none.
+            let backends = strongroom_server::Backends::open(&config).await?;
+            let ring = strongroom_core::hierarchy::list(backends.store.as_ref()).await;
+            backends.close().await;
+            let ring = ring.map_err(ServerError::from)?;
+            for k in ring.iter().filter(|k| k.state == KekState::Active) {
+                println!(
+                    "KEK ring ready: {}:{}:v{} active, wrapped by {}",
+                    hierarchy::KIND,
+                    hierarchy::KEY_ID,
+                    k.version,
+                    k.wrapped_by.as_deref().unwrap_or("-")
+                );
+            }
             Ok(())
         }
         K::Transit => Err(CliError::Operation(
@@ -414,6 +455,140 @@ async fn remote_rotate(config: Config) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Whether `config` puts a remote provider over Strongroom's KEK ring.
+fn hierarchy_mode(config: &Config) -> bool {
+    config.keys.mode == KeyMode::Hierarchy
+        && config.keys.provider != strongroom_server::config::KeyProviderKind::Local
+}
+
+fn ring_of(backends: &strongroom_server::Backends) -> Result<Arc<KekHierarchy>, Failure> {
+    backends.hierarchy.clone().ok_or_else(|| {
+        CliError::Operation("the configuration has no KEK hierarchy (keys.mode)".into()).into()
+    })
+}
+
+/// `keys rotate` in hierarchy mode: a new Strongroom KEK version wrapped by the provider.
+async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
+    if root {
+        remote_rotate(config.clone()).await?;
+    }
+    let backends = strongroom_server::Backends::open(&config).await?;
+    let result = async {
+        let ring = ring_of(&backends)?;
+        let version = hierarchy::rotate(
+            backends.store.as_ref(),
+            ring.root().as_ref(),
+            &OsRandom,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .map_err(ServerError::from)?;
+        Ok::<_, Failure>((
+            version,
+            ring.root().active_kek().map_err(ServerError::from)?,
+        ))
+    }
+    .await;
+    let (outcome, code) = match &result {
+        Ok(_) => ("ok", None),
+        Err(_) => ("error", Some("failed")),
+    };
+    super::rewrap::audit_action(&backends, "keys.rotate", outcome, code).await;
+    backends.close().await;
+    let (version, root_kek) = result?;
+    println!(
+        "{}:{}:v{version} is now active (wrapped by {root_kek}); running servers use it within \
+         a second; run `strongroom rewrap` to move stored data keys to it",
+        hierarchy::KIND,
+        hierarchy::KEY_ID
+    );
+    Ok(())
+}
+
+/// `keys list` in hierarchy mode: the ring's versions and, per KEK, the credential versions
+/// it wraps (plus any data keys the provider wrapped directly, from strict mode).
+async fn ring_list(config: Config, json: bool) -> Result<(), Failure> {
+    let backends = strongroom_server::Backends::open(&config).await?;
+    let ring = hierarchy::list(backends.store.as_ref()).await;
+    let counts = backends.store.count_versions_by_kek().await;
+    backends.close().await;
+    let ring = ring.map_err(ServerError::from)?;
+    let counts =
+        counts.map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?;
+    let count_of = |provider: &str, key_id: &str, version: u32| {
+        counts
+            .iter()
+            .filter(|(k, _)| k.provider == provider && k.key_id == key_id && k.version == version)
+            .map(|(_, n)| *n)
+            .sum::<u64>()
+    };
+    let date = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string());
+    let mut rows: Vec<serde_json::Value> = ring
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "provider": hierarchy::KIND, "key_id": hierarchy::KEY_ID,
+                "version": k.version, "state": k.state.as_str(),
+                "created_at": date(k.created_at), "state_changed_at": date(k.state_changed_at),
+                "wrapped_by": k.wrapped_by,
+                "credential_versions": count_of(hierarchy::KIND, hierarchy::KEY_ID, k.version),
+            })
+        })
+        .collect();
+    for (k, n) in counts.iter().filter(|(k, _)| k.provider != hierarchy::KIND) {
+        rows.push(serde_json::json!({
+            "provider": k.provider, "key_id": k.key_id, "version": k.version,
+            "state": "direct", "credential_versions": n,
+        }));
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&rows)
+            .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        for r in &rows {
+            println!(
+                "{}:{}:v{}  {:<12}  {} credential versions{}",
+                r["provider"].as_str().unwrap_or_default(),
+                r["key_id"].as_str().unwrap_or_default(),
+                r["version"],
+                r["state"].as_str().unwrap_or_default(),
+                r["credential_versions"],
+                r["wrapped_by"]
+                    .as_str()
+                    .map(|w| format!("  (wrapped by {w})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `keys retire` in hierarchy mode: refuses while any credential version uses the KEK,
+/// erases it from the ring, then scans.
+async fn ring_retire(config: Config, version: u32) -> Result<(), Failure> {
+    let backends = strongroom_server::Backends::open(&config).await?;
+    let kek = KekRef::new(
+        hierarchy::KIND.to_owned(),
+        hierarchy::KEY_ID.to_owned(),
+        version,
+    );
+    let store = backends.store.clone();
+    let result = retire_checked(&backends, &kek, async || {
+        hierarchy::retire(store.as_ref(), version, OffsetDateTime::now_utc())
+            .await
+            .map_err(|e| ServerError::from(e).into())
+    })
+    .await;
+    let (outcome, code) = match &result {
+        Ok(()) => ("ok", None),
+        Err(_) => ("error", Some("refused")),
+    };
+    super::rewrap::audit_action(&backends, "keys.retire", outcome, code).await;
+    backends.close().await;
+    result
+}
+
 fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -437,7 +612,11 @@ async fn retire(
     now: OffsetDateTime,
 ) -> Result<(), Failure> {
     let backends = location.operator_target().open().await?;
-    let result = retire_checked(&backends, path, &kek, now).await;
+    let result = retire_checked(&backends, &kek, async || {
+        local::retire(path, kek.version, now)?;
+        Ok(())
+    })
+    .await;
     let (outcome, code) = match &result {
         Ok(()) => ("ok", None),
         Err(_) => ("error", Some("refused")),
@@ -447,11 +626,12 @@ async fn retire(
     result
 }
 
+/// Retires `kek` with `erase` once no active credential version uses it, then confirms with
+/// a full scan.
 async fn retire_checked(
     backends: &strongroom_server::Backends,
-    path: &std::path::Path,
     kek: &KekRef,
-    now: OffsetDateTime,
+    erase: impl AsyncFnOnce() -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let store = &backends.store;
     let runtime = |e: strongroom_store::StoreError| CliError::Operation(e.to_string());
@@ -474,7 +654,7 @@ async fn retire_checked(
     strongroom_core::audit::rewrap_head_key(store.as_ref(), backends.keyring.as_ref())
         .await
         .map_err(|e| CliError::Operation(format!("moving the audit head key first: {e}")))?;
-    let info = local::retire(path, kek.version, now)?;
+    erase().await?;
     // The count above is a snapshot: confirm with a full scan that nothing is left under it.
     let mut left = 0u64;
     let mut cursor = None;
@@ -492,14 +672,14 @@ async fn retire_checked(
     }
     if left > 0 {
         return Err(CliError::Operation(format!(
-            "key {} version {} is retired, but a full scan found {left} credential versions still under it (written while retiring, by a server that had not reloaded its keyring); they no longer open",
-            info.key_id, info.version
+            "key {} version {} is retired, but a full scan found {left} credential versions still under it (written while retiring, by a server that had not reloaded its keys); they no longer open",
+            kek.key_id, kek.version
         ))
         .into());
     }
     println!(
         "key {} version {} retired: its material is erased; a full scan found 0 credential versions under it",
-        info.key_id, info.version
+        kek.key_id, kek.version
     );
     Ok(())
 }

@@ -10,6 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use strongroom_core::{RewrapOptions, RewrapReport};
 use strongroom_crypto::KeyProvider;
 
+use strongroom_server::config::{KeyMode, KeyProviderKind};
+
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
 
@@ -75,9 +77,32 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
             let other = OperatorTarget {
                 config: Some(file.clone()),
                 data_dir: None,
+            };
+            if let Some(ring) = &backends.hierarchy {
+                // Both sides keep a KEK ring: move the ring itself to the new provider first
+                // (a handful of KEKs); data keys under the ring's KEKs then need no change.
+                let target = other.load()?;
+                if target.keys.mode == KeyMode::Hierarchy
+                    && target.keys.provider != KeyProviderKind::Local
+                {
+                    let (new_root, _) = strongroom_server::open_key_provider(&target).await?;
+                    let moving = strongroom_core::rewrap::Moving {
+                        from: ring.root().clone(),
+                        to: new_root,
+                    };
+                    let moved =
+                        strongroom_core::hierarchy::rewrap_ring(backends.store.as_ref(), &moving)
+                            .await
+                            .map_err(strongroom_server::ServerError::from)?;
+                    if moved > 0 {
+                        eprintln!(
+                            "rewrap: the KEK ring moved to key provider '{}' ({moved} KEK versions re-wrapped)",
+                            target.keys.provider.as_str()
+                        );
+                    }
+                }
             }
-            .open()
-            .await?;
+            let other = other.open().await?;
             let keys: Arc<dyn KeyProvider> = other.keyring.clone();
             other.close().await;
             keys
