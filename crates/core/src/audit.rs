@@ -336,6 +336,26 @@ mod tests {
 
     use super::*;
 
+    /// A service's reveal of version `version` of `o`/`n`.
+    fn reveal_event(version: u32) -> Event {
+        Event {
+            time: time::OffsetDateTime::now_utc(),
+            principal_kind: "service".into(),
+            principal_id: "s".into(),
+            action: "reveal".into(),
+            owner: Some("o".into()),
+            name: Some("n".into()),
+            version: Some(version),
+            outcome: "ok".into(),
+            status: 200,
+            request_id: None,
+            client_addr: None,
+            on_behalf_of: None,
+            destination: None,
+            error_code: None,
+        }
+    }
+
     #[tokio::test]
     async fn head_key_is_created_once_and_group_commits_verify() {
         let dir = tempfile::tempdir().unwrap();
@@ -357,24 +377,7 @@ mod tests {
         for i in 0..200u32 {
             let a = auditor.clone();
             tasks.push(tokio::spawn(async move {
-                a.record(Event {
-                    time: time::OffsetDateTime::now_utc(),
-                    principal_kind: "service".into(),
-                    principal_id: "s".into(),
-                    action: "reveal".into(),
-                    owner: Some("o".into()),
-                    name: Some("n".into()),
-                    version: Some(i + 1),
-                    outcome: "ok".into(),
-                    status: 200,
-                    request_id: None,
-                    client_addr: None,
-                    on_behalf_of: None,
-                    destination: None,
-                    error_code: None,
-                })
-                .await
-                .unwrap()
+                a.record(reveal_event(i + 1)).await.unwrap()
             }));
         }
         let mut seqs = Vec::new();
@@ -429,24 +432,7 @@ mod tests {
                 if i % 7 == 0 {
                     tokio::task::yield_now().await;
                 }
-                a.record(Event {
-                    time: time::OffsetDateTime::now_utc(),
-                    principal_kind: "service".into(),
-                    principal_id: "s".into(),
-                    action: "reveal".into(),
-                    owner: Some("o".into()),
-                    name: Some("n".into()),
-                    version: Some(i + 1),
-                    outcome: "ok".into(),
-                    status: 200,
-                    request_id: None,
-                    client_addr: None,
-                    on_behalf_of: None,
-                    destination: None,
-                    error_code: None,
-                })
-                .await
-                .unwrap()
+                a.record(reveal_event(i + 1)).await.unwrap()
             }));
         }
         let mut seqs = Vec::new();

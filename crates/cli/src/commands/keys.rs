@@ -369,21 +369,30 @@ async fn remote_list(config: Config, json: bool) -> Result<(), Failure> {
             "version": k.version, "state": state, "credential_versions": n}),
         );
     }
+    print_kek_rows(&rows, json)
+}
+
+/// Prints `keys list` rows of a remote provider or the KEK ring: JSON, or one line each.
+fn print_kek_rows(rows: &[serde_json::Value], json: bool) -> Result<(), Failure> {
     if json {
-        let text = serde_json::to_string_pretty(&rows)
+        let text = serde_json::to_string_pretty(rows)
             .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
         println!("{text}");
-    } else {
-        for r in &rows {
-            println!(
-                "{}:{}:v{}  {}  {} credential versions",
-                r["provider"].as_str().unwrap_or_default(),
-                r["key_id"].as_str().unwrap_or_default(),
-                r["version"],
-                r["state"].as_str().unwrap_or_default(),
-                r["credential_versions"]
-            );
-        }
+        return Ok(());
+    }
+    for r in rows {
+        println!(
+            "{}:{}:v{}  {:<12}  {} credential versions{}",
+            r["provider"].as_str().unwrap_or_default(),
+            r["key_id"].as_str().unwrap_or_default(),
+            r["version"],
+            r["state"].as_str().unwrap_or_default(),
+            r["credential_versions"],
+            r["wrapped_by"]
+                .as_str()
+                .map(|w| format!("  (wrapped by {w})"))
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -541,27 +550,7 @@ async fn ring_list(config: Config, json: bool) -> Result<(), Failure> {
             "state": "direct", "credential_versions": n,
         }));
     }
-    if json {
-        let text = serde_json::to_string_pretty(&rows)
-            .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
-        println!("{text}");
-    } else {
-        for r in &rows {
-            println!(
-                "{}:{}:v{}  {:<12}  {} credential versions{}",
-                r["provider"].as_str().unwrap_or_default(),
-                r["key_id"].as_str().unwrap_or_default(),
-                r["version"],
-                r["state"].as_str().unwrap_or_default(),
-                r["credential_versions"],
-                r["wrapped_by"]
-                    .as_str()
-                    .map(|w| format!("  (wrapped by {w})"))
-                    .unwrap_or_default()
-            );
-        }
-    }
-    Ok(())
+    print_kek_rows(&rows, json)
 }
 
 /// `keys retire` in hierarchy mode: refuses while any credential version uses the KEK,
