@@ -277,6 +277,23 @@ fn rotate_rewrap_retire_ring(remote: &Path, provider: &str) {
         assert_eq!(r.value.expose_secret(), b"value-7");
         b.close().await;
     });
+    // Switching the same store to strict mode: ring-wrapped data keys still open, new ones
+    // go to the provider, and a rewrap moves the rest there.
+    let section = std::fs::read_to_string(remote).unwrap();
+    let strict_cfg = remote.with_file_name("strict.toml");
+    std::fs::write(&strict_cfg, strict(&section)).unwrap();
+    rt().block_on(async {
+        let b = Backends::open(&operator_config(Some(&strict_cfg), &data))
+            .await
+            .unwrap();
+        assert_eq!(b.keyring.active_kek().unwrap().provider, provider);
+        let r = b.vault().reveal("alice", "cred-8", None).await.unwrap();
+        assert_eq!(r.value.expose_secret(), b"value-8");
+        b.close().await;
+    });
+    let out = stdout_ok(&["rewrap"], &strict_cfg);
+    assert!(out.contains("rewrapped 31, skipped 0, failed 0"), "{out}");
+    assert!(out.contains(&format!("(target {provider}:")), "{out}");
 }
 
 /// `keys rotate`, `list`, `retire` and `rewrap` on a remote provider in strict mode

@@ -916,10 +916,35 @@ pub struct Keys {
 /// provider's error naming the KEK.
 pub async fn open_keys(config: &Config, store: Arc<dyn Store>) -> Result<Keys, ServerError> {
     let (provider, local_keyring) = open_key_provider(config).await?;
-    if local_keyring.is_some() || config.keys.mode == crate::config::KeyMode::Strict {
+    if local_keyring.is_some() {
         return Ok(Keys {
             provider,
             local_keyring,
+            hierarchy: None,
+        });
+    }
+    if config.keys.mode == crate::config::KeyMode::Strict {
+        // New data keys go to the provider itself. Those still under a KEK ring (written in
+        // hierarchy mode) keep opening through it until a rewrap moves them to the provider.
+        let has_ring = !strongroom_core::hierarchy::list(store.as_ref())
+            .await?
+            .is_empty();
+        if has_ring {
+            let ring = KekHierarchy::open(store, provider.clone(), time::OffsetDateTime::now_utc())
+                .await?;
+            let moving = strongroom_core::rewrap::Moving {
+                from: Arc::new(ring),
+                to: provider,
+            };
+            return Ok(Keys {
+                provider: Arc::new(moving),
+                local_keyring: None,
+                hierarchy: None,
+            });
+        }
+        return Ok(Keys {
+            provider,
+            local_keyring: None,
             hierarchy: None,
         });
     }
