@@ -157,12 +157,12 @@ struct Client {
 impl Client {
     fn new(o: &ClientOptions) -> Result<Self, Failure> {
         let token = match &o.token_file {
-            Some(path) => Zeroizing::new(
-                std::fs::read_to_string(path)
-                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
-                    .trim()
-                    .to_owned(),
-            ),
+            Some(path) => {
+                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                    CliError::Usage(format!("cannot read {}: {e}", path.display()))
+                })?);
+                Zeroizing::new(text.trim().to_owned())
+            }
             None => Zeroizing::new(std::env::var("STRONGROOM_TOKEN").map_err(|_| {
                 CliError::Usage(
                     "no token: set STRONGROOM_TOKEN or pass --token-file (`strongroom token \

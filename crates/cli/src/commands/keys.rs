@@ -563,19 +563,12 @@ async fn ring_retire(config: Config, version: u32) -> Result<(), Failure> {
         version,
     );
     let store = backends.store.clone();
-    let result = retire_checked(&backends, &kek, async || {
+    retire_audited(backends, &kek, async || {
         hierarchy::retire(store.as_ref(), version, OffsetDateTime::now_utc())
             .await
             .map_err(|e| ServerError::from(e).into())
     })
-    .await;
-    let (outcome, code) = match &result {
-        Ok(()) => ("ok", None),
-        Err(_) => ("error", Some("refused")),
-    };
-    super::rewrap::audit_action(&backends, "keys.retire", outcome, code).await;
-    backends.close().await;
-    result
+    .await
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
@@ -601,11 +594,20 @@ async fn retire(
     now: OffsetDateTime,
 ) -> Result<(), Failure> {
     let backends = location.operator_target().open().await?;
-    let result = retire_checked(&backends, &kek, async || {
+    retire_audited(backends, &kek, async || {
         local::retire(path, kek.version, now)?;
         Ok(())
     })
-    .await;
+    .await
+}
+
+/// [`retire_checked`], recorded in the audit log (`keys.retire`), then closes the backends.
+async fn retire_audited(
+    backends: strongroom_server::Backends,
+    kek: &KekRef,
+    erase: impl AsyncFnOnce() -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let result = retire_checked(&backends, kek, erase).await;
     let (outcome, code) = match &result {
         Ok(()) => ("ok", None),
         Err(_) => ("error", Some("refused")),
