@@ -81,6 +81,18 @@ impl AuditSlot {
         self.with(|p| p.recorded = false);
     }
 
+    /// The request's record as a success with `status`, for a write that commits it in its
+    /// own transaction; the middleware records nothing more unless [`AuditSlot::reopen`]ed.
+    fn take_for_commit(&self, state: &AppState, status: StatusCode) -> Event {
+        self.with(|p| {
+            p.recorded = true;
+            p.event.status = status.as_u16();
+            p.event.outcome = "ok".into();
+            p.event.time = state.vault().now();
+            p.event.clone()
+        })
+    }
+
     /// Records the request now as a success with `status`, and waits until it is durable
     /// (fail-closed: the caller returns nothing it guards on error). The middleware then
     /// records nothing more for this request.
@@ -297,6 +309,35 @@ impl Audit {
     pub(crate) fn reopen(&self) {
         if let Some(s) = &self.0 {
             s.reopen();
+        }
+    }
+
+    /// A put whose 201 record commits in the same transaction as the new version (one
+    /// durable commit instead of two in a row). If the put fails, nothing was written and the
+    /// middleware records the failure as for any request.
+    pub(crate) async fn put(
+        &self,
+        state: &AppState,
+        req: strongroom_core::PutRequest<'_>,
+    ) -> Result<strongroom_core::PutOutcome, ApiError> {
+        let (Some(slot), Some(auditor)) = (&self.0, state.auditor()) else {
+            return Ok(state.vault().put(req).await?);
+        };
+        let event = slot.take_for_commit(state, StatusCode::CREATED);
+        match state
+            .vault()
+            .put_audited(req, auditor.head_key(), event)
+            .await
+        {
+            Ok((outcome, record)) => {
+                slot.version(outcome.version);
+                auditor.committed(&record);
+                Ok(outcome)
+            }
+            Err(e) => {
+                slot.reopen();
+                Err(e.into())
+            }
         }
     }
 

@@ -151,9 +151,19 @@ pub type RecordSink = Box<dyn Write + Send>;
 
 /// The group-committing audit writer. Cheap to clone; the task stops when the last clone is
 /// dropped.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<Pending>,
+    key: Arc<HeadKey>,
+    sink: Option<Arc<Mutex<RecordSink>>>,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("sink", &self.sink.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Auditor {
@@ -161,8 +171,24 @@ impl Auditor {
     /// written to `sink` (if any) as a JSON line, after the commit.
     pub fn start(log: Arc<dyn AuditLog>, key: HeadKey, sink: Option<RecordSink>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(log, Arc::new(key), rx, sink.map(Mutex::new)));
-        Self { tx }
+        let key = Arc::new(key);
+        let sink = sink.map(|s| Arc::new(Mutex::new(s)));
+        tokio::spawn(run(log, key.clone(), rx, sink.clone()));
+        Self { tx, key, sink }
+    }
+
+    /// The key that MACs the chain head, for a write that commits its own record in its
+    /// own transaction (a put: [`Store::put_version_audited`]).
+    pub fn head_key(&self) -> Arc<HeadKey> {
+        self.key.clone()
+    }
+
+    /// Copies a record committed outside this writer (a put's) to the sink. It may land
+    /// beside a batch committed at the same moment in either order; each line has its `seq`.
+    pub fn committed(&self, record: &Record) {
+        if let Some(sink) = &self.sink {
+            write_lines(sink, std::slice::from_ref(record));
+        }
     }
 
     /// Appends `event` and waits until its record is durable; returns its `seq`.
@@ -213,7 +239,7 @@ async fn run(
     log: Arc<dyn AuditLog>,
     key: Arc<HeadKey>,
     mut rx: mpsc::Receiver<Pending>,
-    sink: Option<Mutex<RecordSink>>,
+    sink: Option<Arc<Mutex<RecordSink>>>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     let mut flights: VecDeque<InFlight> = VecDeque::with_capacity(PIPELINE);
@@ -223,7 +249,7 @@ async fn run(
             biased;
             () = std::future::poll_fn(|cx| poll_oldest(&mut flights, cx)), if !flights.is_empty() => {
                 if let Some(done) = flights.pop_front() {
-                    finish(done, sink.as_ref());
+                    finish(done, sink.as_deref());
                 }
             }
             n = rx.recv_many(&mut batch, MAX_BATCH), if open && flights.len() < PIPELINE => {
@@ -252,13 +278,7 @@ fn finish(done: InFlight, sink: Option<&Mutex<RecordSink>>) {
                 let _ = ack.send(Ok(r.seq));
             }
             if let Some(sink) = sink {
-                let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
-                for r in &records {
-                    if let Ok(line) = serde_json::to_string(r) {
-                        let _ = writeln!(w, "{line}");
-                    }
-                }
-                let _ = w.flush();
+                write_lines(sink, &records);
             }
         }
         Some(Err(e)) => {
@@ -271,6 +291,17 @@ fn finish(done: InFlight, sink: Option<&Mutex<RecordSink>>) {
         // callers ("audit writer stopped").
         None => {}
     }
+}
+
+/// Writes `records` to the sink as JSON lines, in one locked run.
+fn write_lines(sink: &Mutex<RecordSink>, records: &[Record]) {
+    let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
+    for r in records {
+        if let Ok(line) = serde_json::to_string(r) {
+            let _ = writeln!(w, "{line}");
+        }
+    }
+    let _ = w.flush();
 }
 
 /// Re-wraps the stored head key under the provider's active KEK (for `rewrap` after a

@@ -8,6 +8,7 @@ use strongroom_crypto::binding::{is_valid_name, is_valid_owner};
 use strongroom_crypto::{
     envelope, Binding, KeyProvider, Sealed, SecretBytes, SecureRandom, WrappedKey,
 };
+use strongroom_store::audit::{Event, HeadKey, Record};
 use strongroom_store::{
     Credential, CredentialSummary, Cursor, NewVersion, Page, Store, StoreError,
 };
@@ -194,6 +195,32 @@ impl Vault {
     /// Input errors, [`CoreError::VersionConflict`] when `expected_version` is stale,
     /// [`CoreError::Contended`], store and provider errors.
     pub async fn put(&self, req: PutRequest<'_>) -> Result<PutOutcome, CoreError> {
+        self.put_inner(req, None).await.map(|(outcome, _)| outcome)
+    }
+
+    /// [`Vault::put`] with the put's audit record committed in the same transaction
+    /// ([`Store::put_version_audited`]): `event` gets the new version number and is chained
+    /// with `key`. On any error neither the version nor the record is written.
+    ///
+    /// # Errors
+    ///
+    /// As [`Vault::put`].
+    pub async fn put_audited(
+        &self,
+        req: PutRequest<'_>,
+        key: Arc<HeadKey>,
+        event: Event,
+    ) -> Result<(PutOutcome, Record), CoreError> {
+        let (outcome, record) = self.put_inner(req, Some((key, event))).await?;
+        let record = record.ok_or_else(|| CoreError::Unavailable("audit record missing".into()))?;
+        Ok((outcome, record))
+    }
+
+    async fn put_inner(
+        &self,
+        req: PutRequest<'_>,
+        audit: Option<(Arc<HeadKey>, Event)>,
+    ) -> Result<(PutOutcome, Option<Record>), CoreError> {
         check(req.owner, req.name)?;
         if req.value.len() > MAX_VALUE_LEN {
             return Err(CoreError::ValueTooLarge(MAX_VALUE_LEN));
@@ -238,12 +265,24 @@ impl Vault {
             new.expected_current = req.expected_version;
             new.metadata = metadata.clone();
             new.max_versions = self.config.max_versions;
-            match self.store.put_version(new).await {
-                Ok(outcome) => {
-                    return Ok(PutOutcome {
+            let stored = match &audit {
+                None => self.store.put_version(new).await.map(|o| (o, None)),
+                Some((key, event)) => {
+                    let mut event = event.clone();
+                    event.version = Some(version);
+                    self.store
+                        .put_version_audited(new, key.clone(), event)
+                        .await
+                        .map(|(o, r)| (o, Some(r)))
+                }
+            };
+            match stored {
+                Ok((outcome, record)) => {
+                    let outcome = PutOutcome {
                         version: outcome.version,
                         created_at,
-                    })
+                    };
+                    return Ok((outcome, record));
                 }
                 // Another writer took this version number: seal again for the next one.
                 Err(StoreError::Conflict { .. }) => continue,

@@ -134,6 +134,22 @@ pub trait Store: Send + Sync + Debug {
     /// - [`StoreError::InvalidInput`] for version 0, `max_versions` 0, oversized bytes.
     async fn put_version(&self, new: NewVersion) -> Result<PutOutcome, StoreError>;
 
+    /// [`put_version`](Store::put_version) and its audit record in **one transaction**:
+    /// both are committed or neither (one durable commit per put instead of two in a row).
+    /// `event` is chained as the next record of the audit log (see [`audit`]) with the head
+    /// MAC'd by `key`; the caller fills in the version it puts. Returns the put's outcome and
+    /// the committed record.
+    ///
+    /// # Errors
+    ///
+    /// As [`put_version`](Store::put_version); nothing is written on any error.
+    async fn put_version_audited(
+        &self,
+        new: NewVersion,
+        key: Arc<audit::HeadKey>,
+        event: audit::Event,
+    ) -> Result<(PutOutcome, audit::Record), StoreError>;
+
     /// The highest version number ever allocated for `(owner, name)`: 0 if it never existed.
     /// Unlike the other reads, this also answers for a credential destroyed as a whole
     /// (numbering continues after a destroy). The next put must use this plus one.

@@ -39,18 +39,19 @@ pub(crate) async fn put(
     strongroom_core::broker::check_bound_host(body.metadata.as_ref())
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
     let created_by = format!("user:{owner}");
-    let outcome = state
-        .vault()
-        .put(PutRequest {
-            owner: &owner,
-            name: &name,
-            value: SecretBytes::new(body.value.into_bytes()),
-            metadata: body.metadata,
-            expected_version: body.expected_version,
-            created_by: &created_by,
-        })
+    let outcome = audit
+        .put(
+            &state,
+            PutRequest {
+                owner: &owner,
+                name: &name,
+                value: SecretBytes::new(body.value.into_bytes()),
+                metadata: body.metadata,
+                expected_version: body.expected_version,
+                created_by: &created_by,
+            },
+        )
         .await?;
-    audit.version(outcome.version);
     Ok((
         StatusCode::CREATED,
         Json(PutResponse {

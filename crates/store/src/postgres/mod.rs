@@ -596,6 +596,29 @@ impl Store for PostgresStore {
         finish(tx, result).await
     }
 
+    async fn put_version_audited(
+        &self,
+        new: NewVersion,
+        key: std::sync::Arc<crate::audit::HeadKey>,
+        event: crate::audit::Event,
+    ) -> Result<(PutOutcome, crate::audit::Record), StoreError> {
+        new.validate()?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        // The version row first, then the audit head's row lock: the lock is held only
+        // for the rest of this transaction, as for any other append.
+        let result = async {
+            let outcome = put_tx(&tx, &new).await?;
+            let record = audit_append_tx(&tx, &key, vec![event])
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+            Ok((outcome, record))
+        }
+        .await;
+        finish(tx, result).await
+    }
+
     async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError> {
         validate_owner_name(owner, name)?;
         let client = self.client().await?;

@@ -869,6 +869,24 @@ impl Store for SqliteStore {
         self.write(move |conn| put_tx(conn, &new)).await
     }
 
+    async fn put_version_audited(
+        &self,
+        new: NewVersion,
+        key: Arc<crate::audit::HeadKey>,
+        event: crate::audit::Event,
+    ) -> Result<(PutOutcome, crate::audit::Record), StoreError> {
+        new.validate()?;
+        // One write job, so one savepoint: an error in either part rolls back both.
+        self.write(move |conn| {
+            let outcome = put_tx(conn, &new)?;
+            let record = audit_append_tx(conn, &key, vec![event])?
+                .pop()
+                .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+            Ok((outcome, record))
+        })
+        .await
+    }
+
     async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError> {
         validate_owner_name(owner, name)?;
         self.read_inline(|conn| Ok(find_credential(conn, owner, name)?.map_or(0, |c| c.latest)))

@@ -102,6 +102,7 @@ macro_rules! conformance_tests {
             audit_query_filters_and_pages,
             audit_head_key_first_wins,
             audit_concurrent_appends_one_chain,
+            audited_put_is_one_transaction,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

@@ -1393,3 +1393,85 @@ pub async fn audit_concurrent_appends_one_chain(b: &dyn TestBackend) {
         .sum();
     assert_eq!(total, expected);
 }
+
+/// A put and its audit record commit together, chained with the other appends, and a put
+/// that fails writes neither.
+pub async fn audited_put_is_one_transaction(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    let key = Arc::new(crate::audit::HeadKey::new([3; 32]));
+    log.audit_append(key.clone(), vec![audit_event(1, "alice", "n", "reveal")])
+        .await
+        .unwrap();
+    let mut event = audit_event(2, "alice", "zoom.key", "put");
+    event.version = Some(1);
+    let (out, record) = s
+        .put_version_audited(
+            new_version("alice", "zoom.key", 1),
+            key.clone(),
+            event.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.version, 1);
+    assert_eq!(record.seq, 2);
+    assert_eq!(record.event.action, "put");
+    assert_eq!(record.event.version, Some(1));
+    assert_eq!(s.latest_version("alice", "zoom.key").await.unwrap(), 1);
+    assert_eq!(log.audit_scan(1, 10).await.unwrap(), vec![record.clone()]);
+    let head = log.audit_head().await.unwrap().unwrap();
+    assert_eq!((head.count, head.hash), (2, record.hash));
+
+    // A stale version number: no version, no record, the head unchanged.
+    assert_conflict(
+        s.put_version_audited(
+            new_version("alice", "zoom.key", 1),
+            key.clone(),
+            event.clone(),
+        )
+        .await,
+        1,
+    );
+    // A failed check-and-set: the same.
+    let mut stale = new_version("alice", "zoom.key", 2);
+    stale.expected_current = Some(7);
+    assert!(matches!(
+        s.put_version_audited(stale, key.clone(), event.clone())
+            .await,
+        Err(StoreError::CurrentMismatch { .. })
+    ));
+    // Invalid input: the same.
+    assert_invalid(
+        s.put_version_audited(new_version("alice", "", 2), key.clone(), event.clone())
+            .await,
+    );
+    assert_eq!(s.latest_version("alice", "zoom.key").await.unwrap(), 1);
+    assert_eq!(log.audit_head().await.unwrap().unwrap().count, 2);
+    assert_eq!(log.audit_scan(2, 10).await.unwrap(), Vec::new());
+
+    // Concurrent audited puts and plain appends still form one verifiable chain.
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let (s, put_key) = (s.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut e = audit_event(u64::from(i), "bob", &format!("k{i}"), "put");
+            e.version = Some(1);
+            s.put_version_audited(new_version("bob", &format!("k{i}"), 1), put_key, e)
+                .await
+                .map(|_| ())
+        }));
+        let (log, append_key) = (log.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            log.audit_append(
+                append_key,
+                vec![audit_event(u64::from(i), "bob", "x", "reveal")],
+            )
+            .await
+            .map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(audit_verify_all(&*log, &key).await, Ok(34));
+}
