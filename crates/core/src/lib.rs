@@ -18,6 +18,7 @@ mod error;
 pub mod hierarchy;
 pub mod policy;
 pub mod rewrap;
+mod usage;
 mod vault;
 
 pub use error::CoreError;

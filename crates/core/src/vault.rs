@@ -15,6 +15,7 @@ use strongroom_store::{
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
+use crate::usage::UsageLog;
 use crate::CoreError;
 
 /// Largest credential value, in bytes.
@@ -102,6 +103,7 @@ pub struct Vault {
     config: VaultConfig,
     put_stripes: Box<[tokio::sync::Mutex<()>]>,
     stripe_hasher: std::collections::hash_map::RandomState,
+    usage: Arc<UsageLog>,
 }
 
 fn check(owner: &str, name: &str) -> Result<(), CoreError> {
@@ -154,6 +156,7 @@ impl Vault {
         config: VaultConfig,
     ) -> Self {
         Self {
+            usage: UsageLog::new(store.clone(), crate::usage::FLUSH_INTERVAL),
             store,
             keys,
             rng,
@@ -468,14 +471,16 @@ impl Vault {
         if !enabled {
             return Err(CoreError::Disabled);
         }
-        // Usage bookkeeping must neither fail nor slow a reveal: it is a durable write, so it
-        // runs in the background (the audit log is the authoritative record of use).
-        let (store, at) = (self.store.clone(), self.clock.now());
-        let (owner, name) = (owner.to_owned(), name.to_owned());
-        tokio::spawn(async move {
-            let _ = store.touch_last_used(&owner, &name, at).await;
-        });
+        // Usage bookkeeping must neither fail nor slow a reveal: it is noted in memory and
+        // written in the background, coalesced (the audit log is the authoritative record).
+        self.usage.note(owner, name, self.clock.now());
         Ok(revealed)
+    }
+
+    /// Writes the pending last-used times now (they are otherwise written within a second;
+    /// the server calls this on shutdown).
+    pub async fn flush_usage(&self) {
+        self.usage.flush().await;
     }
 
     /// Whether the store and the key provider are usable (for `/readyz`).

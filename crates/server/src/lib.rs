@@ -788,6 +788,7 @@ impl Server {
         };
         // Likewise a `keys rotate` of the KEK hierarchy, on any node sharing the store.
         let ring_watch = hierarchy.map(|h| tokio::spawn(watch_ring(h, KEYRING_POLL)));
+        let vault = state.vault().clone();
         let router = strongroom_api::router(state);
         let builder = Arc::new(http_builder(&limits));
         let handshake_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
@@ -853,6 +854,7 @@ impl Server {
         if let Some(watch) = ring_watch {
             watch.abort();
         }
+        vault.flush_usage().await;
         store.close().await;
         tracing::info!("stopped");
         Ok(())

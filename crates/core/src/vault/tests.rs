@@ -286,3 +286,41 @@ async fn the_bound_host_is_part_of_the_associated_data() {
     let r = moved.reveal("alice", "zoom.api-key", None).await.unwrap();
     assert_eq!(r.value.expose_secret(), b"zoom secret");
 }
+
+#[tokio::test]
+async fn reveals_note_last_use_and_one_flush_writes_the_newest() {
+    let (_d, v) = vault().await;
+    v.put(put("alice", "a", b"1")).await.unwrap();
+    v.put(put("alice", "b", b"2")).await.unwrap();
+    let last_used = |c: Credential| c.summary.last_used_at;
+    for _ in 0..20 {
+        v.reveal("alice", "a", None).await.unwrap();
+    }
+    v.reveal("alice", "b", None).await.unwrap();
+    // Coalesced in memory: one note per credential, nothing written yet.
+    assert_eq!(v.usage.pending(), 2);
+    assert_eq!(last_used(v.describe("alice", "a").await.unwrap()), None);
+    let before_flush = v.clock.now();
+    v.flush_usage().await;
+    assert_eq!(v.usage.pending(), 0);
+    for name in ["a", "b"] {
+        let at = last_used(v.describe("alice", name).await.unwrap()).expect("written");
+        assert!(at <= before_flush);
+    }
+    // Without an explicit flush, the background one writes within the interval.
+    let first = last_used(v.describe("alice", "a").await.unwrap()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    v.reveal("alice", "a", None).await.unwrap();
+    let mut later = first;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        later = last_used(v.describe("alice", "a").await.unwrap()).unwrap();
+        if later > first {
+            break;
+        }
+    }
+    assert!(
+        later > first,
+        "background flush did not write the newer use"
+    );
+}
