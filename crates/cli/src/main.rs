@@ -10,6 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Strongroom keeps users' third-party credentials (API keys, passwords, tokens) encrypted,
 /// bound to their owner, write-only for people and usable only by the services policy allows.
 #[derive(Parser, Debug)]
