@@ -251,3 +251,166 @@ async fn the_writer_waits_for_a_held_lock_then_gives_up_after_busy_timeout() {
     store.put_version(nv(2)).await.unwrap();
     store.close().await;
 }
+
+fn audit_event(i: u64, owner: Option<&str>, name: Option<&str>) -> strongroom_store::audit::Event {
+    strongroom_store::audit::Event {
+        time: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_000 + i as i64),
+        principal_kind: "service".into(),
+        principal_id: "billing".into(),
+        action: "reveal".into(),
+        owner: owner.map(str::to_owned),
+        name: name.map(str::to_owned),
+        version: Some(1),
+        outcome: "ok".into(),
+        status: 200,
+        request_id: Some(format!("req-{i}")),
+        client_addr: None,
+        on_behalf_of: None,
+        destination: None,
+        error_code: None,
+    }
+}
+
+/// The per-credential audit index lags the appends (appends write no index page) and is
+/// brought up to date in the background past a threshold and before every query by owner or
+/// name, so queries never miss a record, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_index_lags_appends_but_queries_see_every_record() {
+    use strongroom_store::audit::HeadKey;
+    use strongroom_store::sqlite::AUDIT_INDEX_EVERY;
+    use strongroom_store::{AuditFilter, AuditLog};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE_NAME);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let key = Arc::new(HeadKey::new([9; 32]));
+    let owners = ["alice", "bob"];
+    let mut events = Vec::new();
+    for i in 0..10u64 {
+        events.push(audit_event(
+            i,
+            Some(owners[(i % 2) as usize]),
+            Some("zoom.key"),
+        ));
+    }
+    events.push(audit_event(10, None, None)); // an anonymous 401: no owner, never indexed
+    events.push(audit_event(11, Some("alice"), None)); // alice's list: no name
+    store.audit_append(key.clone(), events).await.unwrap();
+    assert_eq!(store.testing_audit_unindexed().await.unwrap(), 12);
+
+    let filter = |owner: Option<&str>, name: Option<&str>| {
+        let mut f = AuditFilter::default();
+        f.owner = owner.map(str::to_owned);
+        f.name = name.map(str::to_owned);
+        f
+    };
+    let alice = |name: Option<&str>| filter(Some("alice"), name);
+    let seqs =
+        |rs: Vec<strongroom_store::audit::Record>| rs.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(store.audit_query(&alice(None), None, 100).await.unwrap()),
+        vec![12, 9, 7, 5, 3, 1]
+    );
+    assert_eq!(store.testing_audit_unindexed().await.unwrap(), 0);
+    assert_eq!(
+        seqs(
+            store
+                .audit_query(&alice(Some("zoom.key")), Some(7), 2)
+                .await
+                .unwrap()
+        ),
+        vec![5, 3]
+    );
+    let by_name = filter(None, Some("zoom.key"));
+    assert_eq!(
+        store.audit_query(&by_name, None, 100).await.unwrap().len(),
+        10
+    );
+    let empty_name = filter(None, Some(""));
+    assert!(store
+        .audit_query(&empty_name, None, 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Past the threshold a background job indexes without any query.
+    let more: Vec<_> = (0..AUDIT_INDEX_EVERY)
+        .map(|i| audit_event(100 + i, Some("carol"), Some("k")))
+        .collect();
+    store.audit_append(key.clone(), more).await.unwrap();
+    let mut left = u64::MAX;
+    for _ in 0..200 {
+        left = store.testing_audit_unindexed().await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(left, 0, "the background index job did not run");
+
+    // Records appended and not yet indexed survive a restart and are found after it.
+    store
+        .audit_append(
+            key.clone(),
+            vec![audit_event(9000, Some("dave"), Some("k"))],
+        )
+        .await
+        .unwrap();
+    store.close().await;
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.testing_audit_unindexed().await.unwrap(), 1);
+    let dave = filter(Some("dave"), None);
+    let found = store.audit_query(&dave, None, 10).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].seq, 12 + AUDIT_INDEX_EVERY + 1);
+    store.close().await;
+}
+
+/// A database written at schema 2 (the per-credential audit index on `audit_records`) is
+/// migrated: every existing record is found by owner afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_2_audit_records_are_indexed_by_the_migration() {
+    use strongroom_store::audit::HeadKey;
+    use strongroom_store::{AuditFilter, AuditLog};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE_NAME);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let key = Arc::new(HeadKey::new([5; 32]));
+    let events = (0..30u64)
+        .map(|i| {
+            audit_event(
+                i,
+                Some(if i % 3 == 0 { "erin" } else { "frank" }),
+                Some("k"),
+            )
+        })
+        .collect();
+    store.audit_append(key, events).await.unwrap();
+    store.close().await;
+    // Back to schema 2's layout, as an older Strongroom left it.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP TABLE audit_by_credential; DROP TABLE audit_index_state;
+         CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
+         UPDATE schema_version SET version = 2;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.testing_audit_unindexed().await.unwrap(), 0);
+    let mut erin = AuditFilter::default();
+    erin.owner = Some("erin".into());
+    let found = store.audit_query(&erin, None, 100).await.unwrap();
+    assert_eq!(found.len(), 10);
+    assert!(found
+        .iter()
+        .all(|r| r.event.owner.as_deref() == Some("erin")));
+    store.close().await;
+}

@@ -79,4 +79,7 @@ CREATE TABLE audit_head (
 );
 INSERT INTO audit_head (id, count, hash, mac) VALUES (1, 0, decode(repeat('00', 32), 'hex'), ''::bytea);
 "#,
+    // 3: nothing here. (The schema version is shared by both backends; version 3 moved
+    // SQLite's per-credential audit index behind the appends.)
+    "SELECT 1;",
 ];

@@ -13,6 +13,14 @@
 //!   thread and back (two context switches) cost more than the query itself.
 //! - `touch_last_used` calls queued while the writer is busy are applied as one write job
 //!   (one savepoint for all of them) instead of one job each.
+//! - The audit log's per-credential index (`audit_by_credential`) is filled **behind** the
+//!   appends: an index on `audit_records` itself put one random leaf page into every
+//!   append's commit (most of a reveal's WAL traffic). Each append only adds its rows and
+//!   moves the head; once [`AUDIT_INDEX_EVERY`] records have piled up, a background run
+//!   sorts them by credential and writes them in small write jobs (many entries per leaf
+//!   page, and no long job holding up a commit), and every query that filters by owner or
+//!   name first indexes whatever is left, so answers are always complete. The records
+//!   themselves, the chain and the head are durable with the append, as before.
 //! - The file (and its `-wal` / `-shm` companions) is created with mode 0600, and
 //!   [`SqliteStore::open_dir`] creates the data dir with mode 0700.
 
@@ -21,6 +29,7 @@ mod writer;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -112,7 +121,14 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     read_permits: Arc<tokio::sync::Semaphore>,
     touches: Mutex<TouchQueue>,
+    /// Audit records appended by this process since its last index run started.
+    audit_unindexed: AtomicU64,
+    /// A background index run is under way.
+    audit_indexing: AtomicBool,
 }
+
+/// Records appended before a background job indexes them by credential.
+pub const AUDIT_INDEX_EVERY: u64 = 4096;
 
 /// `touch_last_used` calls waiting for the writer (see [`SqliteStore::touch_last_used`]).
 #[derive(Default)]
@@ -267,6 +283,8 @@ impl SqliteStore {
                 readers: Mutex::new(Vec::new()),
                 read_permits: Arc::new(tokio::sync::Semaphore::new(options.max_readers.max(1))),
                 touches: Mutex::new(TouchQueue::default()),
+                audit_unindexed: AtomicU64::new(0),
+                audit_indexing: AtomicBool::new(false),
                 options,
             }),
         })
@@ -877,14 +895,19 @@ impl Store for SqliteStore {
     ) -> Result<(PutOutcome, crate::audit::Record), StoreError> {
         new.validate()?;
         // One write job, so one savepoint: an error in either part rolls back both.
-        self.write(move |conn| {
-            let outcome = put_tx(conn, &new)?;
-            let record = audit_append_tx(conn, &key, vec![event])?
-                .pop()
-                .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
-            Ok((outcome, record))
-        })
-        .await
+        let result = self
+            .write(move |conn| {
+                let outcome = put_tx(conn, &new)?;
+                let record = audit_append_tx(conn, &key, vec![event])?
+                    .pop()
+                    .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+                Ok((outcome, record))
+            })
+            .await;
+        if result.is_ok() {
+            self.audit_appended(1);
+        }
+        result
     }
 
     async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError> {
@@ -1582,6 +1605,114 @@ fn audit_append_tx(
     Ok(records)
 }
 
+/// Index entries written per write job: small enough that a job adds little to the commit
+/// it shares with requests, and, sorted by credential, many entries per leaf page.
+const AUDIT_INDEX_CHUNK: usize = 512;
+
+/// One index entry: owner, name ('' for none), seq.
+type IndexEntry = (String, String, i64);
+
+impl SqliteStore {
+    /// Counts appended records; past [`AUDIT_INDEX_EVERY`], starts a background index run
+    /// unless one is running (not waited for: if it fails, the next run or a query's
+    /// catch-up indexes the same records).
+    fn audit_appended(&self, n: u64) {
+        let before = self.inner.audit_unindexed.fetch_add(n, Ordering::AcqRel);
+        if before + n < AUDIT_INDEX_EVERY || self.inner.audit_indexing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.inner.audit_unindexed.store(0, Ordering::Release);
+        let store = self.clone();
+        tokio::spawn(async move {
+            // A failed run changes nothing durable; the next run or query retries it.
+            let _ = store.index_audit().await;
+            store.inner.audit_indexing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Indexes every record appended so far by credential: reads the unindexed window on a
+    /// reader, sorts it by `(owner, name, seq)`, writes it in [`AUDIT_INDEX_CHUNK`]-entry
+    /// write jobs (each one shares a group commit with whatever requests are queued), then
+    /// moves `indexed_upto`. A run stopped half-way (crash, error) leaves `indexed_upto`
+    /// where it was; the next run writes the same entries again (`INSERT OR IGNORE`).
+    async fn index_audit(&self) -> Result<(), StoreError> {
+        let (upto, to, mut entries) = self
+            .read(|conn| {
+                let (upto, to): (i64, i64) = conn
+                    .prepare_cached(
+                        "SELECT s.indexed_upto, h.count FROM audit_index_state s, audit_head h
+                         WHERE s.id = 1 AND h.id = 1",
+                    )
+                    .map_err(db_err)?
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(db_err)?;
+                let entries = conn
+                    .prepare_cached(
+                        "SELECT owner, coalesce(name, ''), seq FROM audit_records
+                         WHERE seq > ?1 AND seq <= ?2 AND owner IS NOT NULL",
+                    )
+                    .map_err(db_err)?
+                    .query_map(params![upto, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<IndexEntry>, _>>()
+                    .map_err(db_err)?;
+                Ok((upto, to, entries))
+            })
+            .await?;
+        if to <= upto {
+            return Ok(());
+        }
+        entries.sort_unstable();
+        let mut entries = entries.into_iter();
+        loop {
+            let chunk: Vec<IndexEntry> = entries.by_ref().take(AUDIT_INDEX_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            self.write(move |conn| {
+                let mut insert = conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO audit_by_credential (owner, name, seq)
+                         VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(db_err)?;
+                for (owner, name, seq) in &chunk {
+                    insert.execute(params![owner, name, seq]).map_err(db_err)?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE audit_index_state SET indexed_upto = max(indexed_upto, ?1) WHERE id = 1",
+            )
+            .map_err(db_err)?
+            .execute([to])
+            .map_err(db_err)
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// How many records wait for the per-credential index (for tests).
+    #[doc(hidden)]
+    pub async fn testing_audit_unindexed(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT h.count - s.indexed_upto FROM audit_index_state s, audit_head h
+                 WHERE s.id = 1 AND h.id = 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(db_err)
+            .map(|n| u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl crate::audit::AuditLog for SqliteStore {
     async fn audit_append(
@@ -1594,8 +1725,11 @@ impl crate::audit::AuditLog for SqliteStore {
             return Ok(Vec::new());
         }
         // One job of the writer thread: it shares the group commit with other writes.
-        self.write(move |conn| audit_append_tx(conn, &key, events))
-            .await
+        let records = self
+            .write(move |conn| audit_append_tx(conn, &key, events))
+            .await?;
+        self.audit_appended(records.len() as u64);
+        Ok(records)
     }
 
     async fn audit_head(&self) -> Result<Option<crate::audit::Head>, StoreError> {
@@ -1641,10 +1775,24 @@ impl crate::audit::AuditLog for SqliteStore {
         limit: u32,
     ) -> Result<Vec<crate::audit::Record>, StoreError> {
         let limit = i64::from(limit.clamp(1, crate::audit::MAX_QUERY_LIMIT));
-        let mut sql = format!(
-            "SELECT {} FROM audit_records WHERE 1 = 1",
-            crate::audit::COLUMNS
-        );
+        let by_credential = filter.owner.is_some() || filter.name.is_some();
+        if filter.name.as_deref() == Some("") || filter.owner.as_deref() == Some("") {
+            return Ok(Vec::new()); // no credential has an empty owner or name
+        }
+        let columns = crate::audit::COLUMNS
+            .split(", ")
+            .map(|c| format!("r.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut sql = if by_credential {
+            self.index_audit().await?;
+            format!(
+                "SELECT {columns} FROM audit_by_credential x \
+                 JOIN audit_records r ON r.seq = x.seq WHERE 1 = 1"
+            )
+        } else {
+            format!("SELECT {columns} FROM audit_records r WHERE 1 = 1")
+        };
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         let mut push = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
             args.push(v);
@@ -1652,24 +1800,25 @@ impl crate::audit::AuditLog for SqliteStore {
         };
         use rusqlite::types::Value;
         if let Some(o) = &filter.owner {
-            push(&mut sql, "owner =", Value::Text(o.clone()));
+            push(&mut sql, "x.owner =", Value::Text(o.clone()));
         }
         if let Some(n) = &filter.name {
-            push(&mut sql, "name =", Value::Text(n.clone()));
+            push(&mut sql, "x.name =", Value::Text(n.clone()));
         }
         if let Some(p) = &filter.principal_id {
-            push(&mut sql, "principal_id =", Value::Text(p.clone()));
+            push(&mut sql, "r.principal_id =", Value::Text(p.clone()));
         }
         if let Some(t) = filter.since {
-            push(&mut sql, "time_ms >=", Value::Integer(to_millis(t)?));
+            push(&mut sql, "r.time_ms >=", Value::Integer(to_millis(t)?));
         }
         if let Some(t) = filter.until {
-            push(&mut sql, "time_ms <", Value::Integer(to_millis(t)?));
+            push(&mut sql, "r.time_ms <", Value::Integer(to_millis(t)?));
         }
+        let seq = if by_credential { "x.seq" } else { "r.seq" };
         if let Some(b) = before {
             push(
                 &mut sql,
-                "seq <",
+                &format!("{seq} <"),
                 Value::Integer(crate::audit::seq_param(b)),
             );
         }
@@ -1679,10 +1828,10 @@ impl crate::audit::AuditLog for SqliteStore {
                 args.push(Value::Text(a.clone()));
                 marks.push(format!("?{}", args.len()));
             }
-            sql.push_str(&format!(" AND action IN ({})", marks.join(", ")));
+            sql.push_str(&format!(" AND r.action IN ({})", marks.join(", ")));
         }
         args.push(Value::Integer(limit));
-        sql.push_str(&format!(" ORDER BY seq DESC LIMIT ?{}", args.len()));
+        sql.push_str(&format!(" ORDER BY {seq} DESC LIMIT ?{}", args.len()));
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
             let rows = stmt
