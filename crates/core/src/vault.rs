@@ -1,5 +1,6 @@
 //! The use cases over a store and a key provider.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ pub const MAX_METADATA_LEN: usize = 8 * 1024;
 const PUT_ATTEMPTS: u32 = 8;
 /// Stripe locks serialising puts to one credential within this process.
 const PUT_STRIPES: usize = 256;
+/// Owners whose latest version numbers a node remembers before it starts over.
+const MAX_LATEST_HINTS: usize = 65_536;
 
 /// The time source, injected so tests can pin it.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -104,6 +107,18 @@ pub struct Vault {
     put_stripes: Box<[tokio::sync::Mutex<()>]>,
     stripe_hasher: std::collections::hash_map::RandomState,
     usage: Arc<UsageLog>,
+    latest_hints: LatestHints,
+}
+
+/// owner → name → the latest version this node wrote (see [`Vault::put`]).
+#[derive(Default)]
+struct LatestHints(std::sync::Mutex<HashMap<String, HashMap<String, u32>>>);
+
+impl fmt::Debug for LatestHints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let owners = self.0.lock().map(|h| h.len()).unwrap_or(0);
+        write!(f, "LatestHints({owners} owners)")
+    }
 }
 
 fn check(owner: &str, name: &str) -> Result<(), CoreError> {
@@ -157,6 +172,7 @@ impl Vault {
     ) -> Self {
         Self {
             usage: UsageLog::new(store.clone(), crate::usage::FLUSH_INTERVAL),
+            latest_hints: LatestHints::default(),
             store,
             keys,
             rng,
@@ -168,6 +184,31 @@ impl Vault {
             // Random keys, so nobody can aim many credentials at one stripe.
             stripe_hasher: std::collections::hash_map::RandomState::new(),
         }
+    }
+
+    /// The latest version number this node wrote for `(owner, name)`, if it remembers one.
+    fn latest_hint(&self, owner: &str, name: &str) -> Option<u32> {
+        let hints = self
+            .latest_hints
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        hints.get(owner).and_then(|names| names.get(name)).copied()
+    }
+
+    fn note_latest(&self, owner: &str, name: &str, version: u32) {
+        let mut hints = self
+            .latest_hints
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if hints.len() >= MAX_LATEST_HINTS && !hints.contains_key(owner) {
+            hints.clear(); // bounded memory; the hints are only guesses
+        }
+        hints
+            .entry(owner.to_owned())
+            .or_default()
+            .insert(name.to_owned(), version);
     }
 
     fn put_stripe(&self, owner: &str, name: &str) -> &tokio::sync::Mutex<()> {
@@ -243,8 +284,14 @@ impl Vault {
         // Writers to one credential on this node take turns, so they never race each other
         // for a version number; the retry below settles races with other nodes.
         let _turn = self.put_stripe(req.owner, req.name).lock().await;
+        // The version number is sealed into the value, so it is chosen before the write: the
+        // number this node last wrote (a guess the store checks; a conflict answers with the
+        // real one), else a read.
+        let mut latest = match self.latest_hint(req.owner, req.name) {
+            Some(v) => v,
+            None => self.store.latest_version(req.owner, req.name).await?,
+        };
         for _ in 0..PUT_ATTEMPTS {
-            let latest = self.store.latest_version(req.owner, req.name).await?;
             let version = latest
                 .checked_add(1)
                 .filter(|v| *v <= i32::MAX as u32)
@@ -281,14 +328,19 @@ impl Vault {
             };
             match stored {
                 Ok((outcome, record)) => {
+                    self.note_latest(req.owner, req.name, outcome.version);
                     let outcome = PutOutcome {
                         version: outcome.version,
                         created_at,
                     };
                     return Ok((outcome, record));
                 }
-                // Another writer took this version number: seal again for the next one.
-                Err(StoreError::Conflict { .. }) => continue,
+                // Another writer took this version number (or the guess was stale): seal
+                // again for the one after the store's latest.
+                Err(StoreError::Conflict { latest: actual }) => {
+                    latest = actual;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

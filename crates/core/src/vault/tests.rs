@@ -324,3 +324,32 @@ async fn reveals_note_last_use_and_one_flush_writes_the_newest() {
         "background flush did not write the newer use"
     );
 }
+
+#[tokio::test]
+async fn a_stale_version_guess_costs_one_retry_and_never_a_wrong_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let vault = |store: &Arc<dyn Store>| {
+        Vault::new(
+            store.clone(),
+            Arc::new(FakeProvider::new("core", 1)),
+            Arc::new(OsRandom),
+            Arc::new(SystemClock),
+            VaultConfig::default(),
+        )
+    };
+    // Two nodes over one store: each remembers the numbers it wrote, not the other's.
+    let (a, b) = (vault(&store), vault(&store));
+    assert_eq!(a.put(put("alice", "k", b"a1")).await.unwrap().version, 1);
+    assert_eq!(b.put(put("alice", "k", b"b2")).await.unwrap().version, 2);
+    assert_eq!(b.put(put("alice", "k", b"b3")).await.unwrap().version, 3);
+    // a's guess (1) is stale: the store's conflict answer sets it right.
+    assert_eq!(a.put(put("alice", "k", b"a4")).await.unwrap().version, 4);
+    for (v, value) in [(1, &b"a1"[..]), (2, b"b2"), (3, b"b3"), (4, b"a4")] {
+        let r = b.reveal("alice", "k", Some(v)).await.unwrap();
+        assert_eq!(r.value.expose_secret(), value);
+    }
+    // Numbering continues after a destroy, so the guess stays a lower bound.
+    a.destroy_credential("alice", "k").await.unwrap();
+    assert_eq!(a.put(put("alice", "k", b"a5")).await.unwrap().version, 5);
+}
