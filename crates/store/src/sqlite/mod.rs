@@ -684,7 +684,8 @@ const DESTROY_SET: &str = "state = 1, sealed_value = X'', wrapped_key = X'', des
 
 // ---- write transactions (run on the writer thread, inside a savepoint) -------------------
 
-fn put_tx(conn: &Connection, nv: &NewVersion) -> Result<PutOutcome, StoreError> {
+/// `metadata` is `nv.metadata` as JSON text, serialized by the caller (off the writer thread).
+fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutcome, StoreError> {
     let now = to_millis(nv.created_at)?;
     let existing = find_credential(conn, &nv.owner, &nv.name)?;
     let (latest, current) = match &existing {
@@ -730,7 +731,6 @@ fn put_tx(conn: &Connection, nv: &NewVersion) -> Result<PutOutcome, StoreError> 
             c.id
         }
     };
-    let metadata = nv.metadata.to_string();
     let inserted = conn
         .prepare_cached(
             "INSERT INTO versions (credential_id, version, state, kek_provider, kek_key_id,
@@ -884,7 +884,8 @@ fn destroy_credential_tx(
 impl Store for SqliteStore {
     async fn put_version(&self, new: NewVersion) -> Result<PutOutcome, StoreError> {
         new.validate()?;
-        self.write(move |conn| put_tx(conn, &new)).await
+        let metadata = new.metadata.to_string();
+        self.write(move |conn| put_tx(conn, &new, &metadata)).await
     }
 
     async fn put_version_audited(
@@ -894,10 +895,11 @@ impl Store for SqliteStore {
         event: crate::audit::Event,
     ) -> Result<(PutOutcome, crate::audit::Record), StoreError> {
         new.validate()?;
+        let metadata = new.metadata.to_string();
         // One write job, so one savepoint: an error in either part rolls back both.
         let result = self
             .write(move |conn| {
-                let outcome = put_tx(conn, &new)?;
+                let outcome = put_tx(conn, &new, &metadata)?;
                 let record = audit_append_tx(conn, &key, vec![event])?
                     .pop()
                     .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
