@@ -31,8 +31,8 @@ use strongroom_core::Vault;
 
 pub use audit::ClientAddr;
 pub use auth::{
-    hash_token, AuthConfigError, AuthSettings, Authenticator, JwtAlgorithm, JwtKeySource,
-    JwtSettings, PeerCertificate, TokenEntry,
+    hash_token, AuthConfigError, AuthFailure, AuthSettings, Authenticator, JwtAlgorithm,
+    JwtKeySource, JwtSettings, PeerCertificate, TokenEntry,
 };
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use jwks::{JwksFetchFuture, JwksFetcher, JwksOptions, RemoteJwks};
