@@ -4,7 +4,7 @@
 //!   acknowledged), `foreign_keys=ON`, `secure_delete=ON` (freed pages are zeroed).
 //! - **Group commit**: one writer thread owns the only read-write connection; see the
 //!   `writer` module docs. Writers never wait for each other's fsync.
-//! - Checkpoints run on a separate thread (passive, at most every 200 ms; a `RESTART`
+//! - Checkpoints run on a separate thread (passive, at most every 50 ms; a `RESTART`
 //!   checkpoint if the WAL passes 64 MiB), so the writer never stalls on them.
 //! - Reads run on a small pool of `query_only` connections on tokio's blocking threads; in
 //!   WAL mode they see the last committed state and never wait for the writer. The two point
