@@ -4,7 +4,6 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use strongroom_core::PutRequest;
 use strongroom_crypto::SecretBytes;
 
 use strongroom_store::AuditFilter;
@@ -36,30 +35,8 @@ pub(crate) async fn put(
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<PutBody>,
 ) -> ApiResult<(StatusCode, Json<PutResponse>)> {
-    strongroom_core::broker::check_bound_host(body.metadata.as_ref())
-        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
     let created_by = format!("user:{owner}");
-    let outcome = audit
-        .put(
-            &state,
-            PutRequest {
-                owner: &owner,
-                name: &name,
-                value: SecretBytes::new(body.value.into_bytes()),
-                metadata: body.metadata,
-                expected_version: body.expected_version,
-                created_by: &created_by,
-            },
-        )
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(PutResponse {
-            name,
-            version: outcome.version,
-            created_at: outcome.created_at,
-        }),
-    ))
+    super::put_version(&state, &audit, &owner, name, body, &created_by).await
 }
 
 /// List your credentials (metadata only), a page at a time.

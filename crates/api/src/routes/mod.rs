@@ -52,6 +52,38 @@ impl MakeRequestId for Ids {
     }
 }
 
+/// A put through either route (user or service): the bound-host check, then the new version
+/// with its audit record in one commit ([`crate::audit::Audit::put`]); 201 with the version,
+/// never the value.
+pub(crate) async fn put_version(
+    state: &AppState,
+    audit: &crate::audit::Audit,
+    owner: &str,
+    name: String,
+    body: views::PutBody,
+    created_by: &str,
+) -> Result<(StatusCode, axum::Json<views::PutResponse>), ApiError> {
+    strongroom_core::broker::check_bound_host(body.metadata.as_ref())
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
+    let request = strongroom_core::PutRequest {
+        owner,
+        name: &name,
+        value: strongroom_crypto::SecretBytes::new(body.value.into_bytes()),
+        metadata: body.metadata,
+        expected_version: body.expected_version,
+        created_by,
+    };
+    let outcome = audit.put(state, request).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(views::PutResponse {
+            name,
+            version: outcome.version,
+            created_at: outcome.created_at,
+        }),
+    ))
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let mut seed = [0u8; 6];
     let _ = strongroom_crypto::SecureRandom::fill(&strongroom_crypto::OsRandom, &mut seed);

@@ -7,8 +7,6 @@ use axum::http::StatusCode;
 use axum::Json;
 use strongroom_core::broker::{BrokerError, BrokerRequest, Injection};
 use strongroom_core::policy::{Decision, Operation};
-use strongroom_core::PutRequest;
-use strongroom_crypto::SecretBytes;
 use zeroize::Zeroizing;
 
 use super::views::{
@@ -60,30 +58,8 @@ pub(crate) async fn put(
     ApiJson(body): ApiJson<PutBody>,
 ) -> ApiResult<(StatusCode, Json<PutResponse>)> {
     authorize(&state, &service, Operation::Write, &owner, &name)?;
-    strongroom_core::broker::check_bound_host(body.metadata.as_ref())
-        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
     let created_by = format!("service:{}", service.name);
-    let outcome = audit
-        .put(
-            &state,
-            PutRequest {
-                owner: &owner,
-                name: &name,
-                value: SecretBytes::new(body.value.into_bytes()),
-                metadata: body.metadata,
-                expected_version: body.expected_version,
-                created_by: &created_by,
-            },
-        )
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(PutResponse {
-            name,
-            version: outcome.version,
-            created_at: outcome.created_at,
-        }),
-    ))
+    super::put_version(&state, &audit, &owner, name, body, &created_by).await
 }
 
 /// Receive the value (current version unless one is named). Never for a disabled credential.
