@@ -44,7 +44,7 @@
 //! | `auth.jwt.jwks_ca_file` | system roots | PEM CA certificate(s) to trust, alone, for `jwks_url` |
 //! | `auth.jwt.jwks_refresh_seconds` | 300 | background refresh interval (60 to 86400); after a failure, retried every 30 s |
 //! | `auth.jwt.jwks_unknown_kid_cooldown_seconds` | 30 | least time between refreshes caused by unknown `kid`s (1 to 3600) |
-//! | `auth.jwt.jwks_max_stale_seconds` | 86400 | how long the last good keys are used while refreshes fail (at least `jwks_refresh_seconds`, at most 30 days); then user tokens get 401 until a refresh succeeds |
+//! | `auth.jwt.jwks_max_stale_seconds` | 86400 | how long the last good keys are used while refreshes fail (at least `jwks_refresh_seconds`, at most 30 days); then user tokens get 401 and `/readyz` 503 until a refresh succeeds |
 //! | `auth.jwt.jwks_timeout_seconds` | 10 | one fetch, connecting included (1 to 60); documents over 512 KiB are refused |
 //! | `[[auth.service]]` `name`, `token_sha256` | — | a service bearer token, by its SHA-256 (hex) |
 //! | `[[auth.admin]]` `name`, `token_sha256` | — | an admin bearer token, by its SHA-256 (hex) |

@@ -14,11 +14,23 @@ pub(crate) async fn healthz() -> Json<HealthResponse> {
     Json(HealthResponse { status: "ok" })
 }
 
-/// The store and the key provider are reachable.
+/// The store and the key provider are reachable, and, when user-token keys come from a JWKS
+/// URL, the key set in force is not older than `jwks_max_stale_seconds` (past that, every user
+/// token is refused, so the server is not ready to serve users).
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
-    match state.vault().health().await {
+    let ready = match state.vault().health().await {
+        Err(e) => Err(e.to_string()),
+        Ok(()) => match state.auth().remote_jwks() {
+            Some(jwks) if jwks.keys().is_none() => Err(format!(
+                "the user-token key set from {} is older than its allowed staleness",
+                jwks.source()
+            )),
+            _ => Ok(()),
+        },
+    };
+    match ready {
         Ok(()) => (StatusCode::OK, Json(HealthResponse { status: "ok" })),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");

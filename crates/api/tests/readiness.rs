@@ -1,0 +1,96 @@
+//! `/readyz` with user-token keys from a JWKS URL: ready while the key set in force is fresh
+//! enough, not ready once every refresh has failed for longer than the allowed staleness (all
+//! user tokens are refused then), and ready again after a refresh succeeds.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::*;
+use strongroom_api::{
+    AuthSettings, Authenticator, JwksFetchFuture, JwksFetcher, JwksOptions, JwtKeySource,
+    JwtSettings, RemoteJwks,
+};
+
+const JWKS: &str = include_str!("fixtures/jwt-rs256-test-jwks.json");
+
+/// An identity provider that answers with whatever the test sets.
+struct Idp(Arc<Mutex<Result<String, String>>>);
+
+impl JwksFetcher for Idp {
+    fn fetch(&self) -> JwksFetchFuture<'_> {
+        let answer = self.0.lock().unwrap().clone();
+        Box::pin(async move { answer })
+    }
+    fn source(&self) -> &str {
+        "https://idp.test/.well-known/jwks.json"
+    }
+}
+
+async fn ready(api: &TestApi) -> (StatusCode, String) {
+    let r = api.call("GET", "/readyz", None, None).await;
+    (
+        r.status,
+        r.json()["status"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn readyz_fails_while_the_jwks_is_older_than_its_allowed_staleness() {
+    let api = api().await;
+    let answer = Arc::new(Mutex::new(Ok(JWKS.to_owned())));
+    let jwks = RemoteJwks::connect(
+        Box::new(Idp(answer.clone())),
+        JwksOptions {
+            refresh: Duration::from_millis(50),
+            unknown_kid_cooldown: Duration::from_secs(3600),
+            max_stale: Duration::from_millis(400),
+        },
+        &tokio::runtime::Handle::current(),
+    )
+    .await
+    .unwrap();
+    api.state.replace_auth(
+        Authenticator::new(AuthSettings {
+            jwt: Some(JwtSettings {
+                issuer: None,
+                audience: None,
+                leeway_seconds: 5,
+                keys: JwtKeySource::Remote(jwks),
+            }),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    assert_eq!(ready(&api).await, (StatusCode::OK, "ok".into()));
+
+    // The provider goes down: the last good keys stay in force for max_stale, then not.
+    *answer.lock().unwrap() = Err("connection refused".into());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(ready(&api).await, (StatusCode::OK, "ok".into()));
+    let mut state = ready(&api).await;
+    for _ in 0..40 {
+        if state.0 != StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        state = ready(&api).await;
+    }
+    assert_eq!(
+        state,
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable".into())
+    );
+
+    // It comes back: the next refresh makes the server ready again.
+    *answer.lock().unwrap() = Ok(JWKS.to_owned());
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        state = ready(&api).await;
+        if state.0 == StatusCode::OK {
+            break;
+        }
+    }
+    assert_eq!(state, (StatusCode::OK, "ok".into()));
+}
