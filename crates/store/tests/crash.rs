@@ -1,7 +1,9 @@
 //! Crash test: a child process writes under load with 8 concurrent writers and prints each
 //! acknowledged version *after* its acknowledgement; the parent SIGKILLs it at random
 //! moments, many times. After each kill the database must pass its integrity check and
-//! every acknowledged version must be present with exactly its bytes.
+//! every acknowledged version must be present with exactly its bytes. Half the writers put
+//! with the audit record in the same transaction (`put_version_audited`): after each kill
+//! the audit chain must verify, and their versions and put records must match one for one.
 //!
 //! The child is this test binary re-invoked with `STRONGROOM_CRASH_CHILD` set (the test
 //! `crash_child_entry_point` is a no-op otherwise).
@@ -135,7 +137,18 @@ fn crash_child_entry_point() {
                         OffsetDateTime::now_utc(),
                     );
                     nv.max_versions = 1_000_000;
-                    match store.put_version(nv).await {
+                    // Odd writers put with the audit record in the same transaction.
+                    let put = if w % 2 == 1 {
+                        let mut e = audit_event(&owner, &name, version);
+                        e.principal_id = format!("writer{w}");
+                        store
+                            .put_version_audited(nv, Arc::new(audit_key()), e)
+                            .await
+                            .map(|_| ())
+                    } else {
+                        store.put_version(nv).await.map(|_| ())
+                    };
+                    match put {
                         Ok(_) => {
                             let mut out = stdout.lock().unwrap();
                             writeln!(out, "ACK {owner} {name} {version} {hash:016x}").unwrap();
@@ -234,7 +247,71 @@ fn run_and_kill_with(target: &str, rng: &mut Rng, at_crash: impl FnOnce()) -> Ve
     reader.join().unwrap()
 }
 
+fn audit_key() -> strongroom_store::audit::HeadKey {
+    strongroom_store::audit::HeadKey::new([4; 32])
+}
+
+fn audit_event(owner: &str, name: &str, version: u32) -> strongroom_store::audit::Event {
+    strongroom_store::audit::Event {
+        time: OffsetDateTime::now_utc(),
+        principal_kind: "user".into(),
+        principal_id: String::new(),
+        action: "put".into(),
+        owner: Some(owner.into()),
+        name: Some(name.into()),
+        version: Some(version),
+        outcome: "ok".into(),
+        status: 201,
+        request_id: None,
+        client_addr: None,
+        on_behalf_of: None,
+        destination: None,
+        error_code: None,
+    }
+}
+
+/// The audit chain verifies, and the audited writers' versions and their put records match
+/// one for one: neither was ever committed without the other.
+async fn verify_audited_puts(store: &dyn Store) {
+    let log = store.audit_log().unwrap();
+    let records = strongroom_store::testing::audit_verify_all(&*log, &audit_key())
+        .await
+        .expect("the audit chain verifies after the kill");
+    let mut recorded = std::collections::BTreeSet::new();
+    let mut after = 0;
+    loop {
+        let batch = log.audit_scan(after, 1000).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        after = last.seq;
+        for r in &batch {
+            let e = &r.event;
+            recorded.insert((
+                e.owner.clone().unwrap(),
+                e.name.clone().unwrap(),
+                e.version.unwrap(),
+                e.principal_id.clone(),
+            ));
+        }
+    }
+    assert_eq!(recorded.len() as u64, records);
+    let mut stored = std::collections::BTreeSet::new();
+    for i in 0..CREDENTIALS {
+        let (owner, name) = (owner_of(i), name_of(i));
+        let Ok(c) = store.get_credential(&owner, &name).await else {
+            continue;
+        };
+        for v in c.versions {
+            let w: usize = v.created_by.trim_start_matches("writer").parse().unwrap();
+            if w % 2 == 1 {
+                stored.insert((owner.clone(), name.clone(), v.version, v.created_by.clone()));
+            }
+        }
+    }
+    assert_eq!(stored, recorded, "audited puts and their records differ");
+}
+
 async fn verify(store: &dyn Store, acks: &[Ack]) {
+    verify_audited_puts(store).await;
     for a in acks {
         let got = store
             .get_version(&a.owner, &a.name, Some(a.version))
@@ -272,7 +349,7 @@ fn report(backend: &str, kills: usize, all: &BTreeMap<(String, String, u32), u64
     let _ = writeln!(
         std::io::stderr(),
         "crash test ({backend}): {kills} SIGKILLs, {} acknowledged versions verified, 0 lost, \
-         {:.1} s",
+         audit chain verified, audited puts and their records one for one, {:.1} s",
         all.len(),
         t.elapsed().as_secs_f64()
     );
