@@ -298,6 +298,25 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
     events.push(audit_event(11, Some("alice"), None)); // alice's list: no name
     store.audit_append(key.clone(), events).await.unwrap();
     assert_eq!(store.testing_audit_unindexed().await.unwrap(), 12);
+    // By principal and by time first: these queries catch the index up themselves.
+    let seqs =
+        |rs: Vec<strongroom_store::audit::Record>| rs.iter().map(|r| r.seq).collect::<Vec<_>>();
+    let mut billing = AuditFilter::default();
+    billing.principal_id = Some("billing".into());
+    billing.since = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_005));
+    billing.until = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_008));
+    assert_eq!(
+        seqs(store.audit_query(&billing, None, 100).await.unwrap()),
+        vec![8, 7, 6]
+    );
+    assert_eq!(store.testing_audit_unindexed().await.unwrap(), 0);
+    let mut window = AuditFilter::default();
+    window.since = billing.since;
+    window.until = billing.until;
+    assert_eq!(
+        seqs(store.audit_query(&window, Some(8), 100).await.unwrap()),
+        vec![7, 6]
+    );
 
     let filter = |owner: Option<&str>, name: Option<&str>| {
         let mut f = AuditFilter::default();
@@ -306,8 +325,6 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
         f
     };
     let alice = |name: Option<&str>| filter(Some("alice"), name);
-    let seqs =
-        |rs: Vec<strongroom_store::audit::Record>| rs.iter().map(|r| r.seq).collect::<Vec<_>>();
     assert_eq!(
         seqs(store.audit_query(&alice(None), None, 100).await.unwrap()),
         vec![12, 9, 7, 5, 3, 1]
@@ -396,7 +413,10 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "DROP TABLE audit_by_credential; DROP TABLE audit_index_state;
+         DROP TABLE audit_by_principal; DROP TABLE audit_by_time;
          CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
+         CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
+         CREATE INDEX audit_records_by_time ON audit_records (time_ms);
          UPDATE schema_version SET version = 2;",
     )
     .unwrap();
@@ -412,5 +432,14 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     assert!(found
         .iter()
         .all(|r| r.event.owner.as_deref() == Some("erin")));
+    let mut billing = AuditFilter::default();
+    billing.principal_id = Some("billing".into());
+    assert_eq!(
+        store.audit_query(&billing, None, 100).await.unwrap().len(),
+        30
+    );
+    let mut late = AuditFilter::default();
+    late.since = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_020));
+    assert_eq!(store.audit_query(&late, None, 100).await.unwrap().len(), 10);
     store.close().await;
 }

@@ -82,4 +82,6 @@ INSERT INTO audit_head (id, count, hash, mac) VALUES (1, 0, decode(repeat('00', 
     // 3: nothing here. (The schema version is shared by both backends; version 3 moved
     // SQLite's per-credential audit index behind the appends.)
     "SELECT 1;",
+    // 4: nothing here either (SQLite's by-principal and by-time audit indexes, likewise).
+    "SELECT 1;",
 ];

@@ -13,13 +13,15 @@
 //!   thread and back (two context switches) cost more than the query itself.
 //! - `touch_last_used` calls queued while the writer is busy are applied as one write job
 //!   (one savepoint for all of them) instead of one job each.
-//! - The audit log's per-credential index (`audit_by_credential`) is filled **behind** the
-//!   appends: an index on `audit_records` itself put one random leaf page into every
-//!   append's commit (most of a reveal's WAL traffic). Each append only adds its rows and
+//! - The audit log's indexes (`audit_by_credential`, `audit_by_principal`, `audit_by_time`)
+//!   are filled **behind** the appends: indexes on `audit_records` itself put random leaf
+//!   pages into every append's commit (most of a reveal's WAL traffic, and of a put's: its
+//!   principal is its user). Each append only adds its rows and
 //!   moves the head; once [`AUDIT_INDEX_EVERY`] records have piled up, a background run
-//!   sorts them by credential and writes them in small write jobs (many entries per leaf
-//!   page, and no long job holding up a commit), and every query that filters by owner or
-//!   name first indexes whatever is left, so answers are always complete. The records
+//!   sorts them by key and writes them in small write jobs (many entries per leaf
+//!   page, and no long job holding up a commit), and every query that filters by owner,
+//!   name, principal or time first indexes whatever is left, so answers are always complete.
+//!   The records
 //!   themselves, the chain and the head are durable with the append, as before.
 //! - The file (and its `-wal` / `-shm` companions) is created with mode 0600, and
 //!   [`SqliteStore::open_dir`] creates the data dir with mode 0700.
@@ -1608,11 +1610,73 @@ fn audit_append_tx(
 }
 
 /// Index entries written per write job: small enough that a job adds little to the commit
-/// it shares with requests, and, sorted by credential, many entries per leaf page.
+/// it shares with requests, and, sorted by key, many entries per leaf page.
 const AUDIT_INDEX_CHUNK: usize = 512;
 
-/// One index entry: owner, name ('' for none), seq.
-type IndexEntry = (String, String, i64);
+/// What the deferred audit indexes need of one record.
+struct IndexRow {
+    seq: i64,
+    time_ms: i64,
+    principal_id: String,
+    /// Owner and name ('' for none); `None` for a record without an owner.
+    credential: Option<(String, String)>,
+}
+
+/// One deferred index: its table and the entries of a window, sorted by key.
+enum IndexEntries {
+    Credential(Vec<(String, String, i64)>),
+    Principal(Vec<(String, i64)>),
+    Time(Vec<(i64, i64)>),
+}
+
+impl IndexEntries {
+    fn len(&self) -> usize {
+        match self {
+            IndexEntries::Credential(v) => v.len(),
+            IndexEntries::Principal(v) => v.len(),
+            IndexEntries::Time(v) => v.len(),
+        }
+    }
+
+    /// Writes entries `range` (each `INSERT OR IGNORE`, so a rerun after a crash is harmless).
+    fn insert(&self, conn: &Connection, range: std::ops::Range<usize>) -> Result<(), StoreError> {
+        match self {
+            IndexEntries::Credential(v) => {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO audit_by_credential (owner, name, seq)
+                         VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(db_err)?;
+                for (owner, name, seq) in &v[range] {
+                    stmt.execute(params![owner, name, seq]).map_err(db_err)?;
+                }
+            }
+            IndexEntries::Principal(v) => {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO audit_by_principal (principal_id, seq)
+                         VALUES (?1, ?2)",
+                    )
+                    .map_err(db_err)?;
+                for (principal, seq) in &v[range] {
+                    stmt.execute(params![principal, seq]).map_err(db_err)?;
+                }
+            }
+            IndexEntries::Time(v) => {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO audit_by_time (time_ms, seq) VALUES (?1, ?2)",
+                    )
+                    .map_err(db_err)?;
+                for (time_ms, seq) in &v[range] {
+                    stmt.execute(params![time_ms, seq]).map_err(db_err)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 impl SqliteStore {
     /// Counts appended records; past [`AUDIT_INDEX_EVERY`], starts a background index run
@@ -1633,13 +1697,13 @@ impl SqliteStore {
         });
     }
 
-    /// Indexes every record appended so far by credential: reads the unindexed window on a
-    /// reader, sorts it by `(owner, name, seq)`, writes it in [`AUDIT_INDEX_CHUNK`]-entry
-    /// write jobs (each one shares a group commit with whatever requests are queued), then
-    /// moves `indexed_upto`. A run stopped half-way (crash, error) leaves `indexed_upto`
-    /// where it was; the next run writes the same entries again (`INSERT OR IGNORE`).
+    /// Indexes every record appended so far (by credential, principal and time): reads the
+    /// unindexed window on a reader, sorts each index's entries by key, writes them in
+    /// [`AUDIT_INDEX_CHUNK`]-entry write jobs (each one shares a group commit with whatever
+    /// requests are queued), then moves `indexed_upto`. A run stopped half-way (crash, error)
+    /// leaves `indexed_upto` where it was; the next run writes the same entries again.
     async fn index_audit(&self) -> Result<(), StoreError> {
-        let (upto, to, mut entries) = self
+        let (upto, to, rows) = self
             .read(|conn| {
                 let (upto, to): (i64, i64) = conn
                     .prepare_cached(
@@ -1649,42 +1713,56 @@ impl SqliteStore {
                     .map_err(db_err)?
                     .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
                     .map_err(db_err)?;
-                let entries = conn
+                let rows = conn
                     .prepare_cached(
-                        "SELECT owner, coalesce(name, ''), seq FROM audit_records
-                         WHERE seq > ?1 AND seq <= ?2 AND owner IS NOT NULL",
+                        "SELECT seq, time_ms, principal_id, owner, coalesce(name, '')
+                         FROM audit_records WHERE seq > ?1 AND seq <= ?2",
                     )
                     .map_err(db_err)?
-                    .query_map(params![upto, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .query_map(params![upto, to], |r| {
+                        let owner: Option<String> = r.get(3)?;
+                        let name: String = r.get(4)?;
+                        Ok(IndexRow {
+                            seq: r.get(0)?,
+                            time_ms: r.get(1)?,
+                            principal_id: r.get(2)?,
+                            credential: owner.map(|o| (o, name)),
+                        })
+                    })
                     .map_err(db_err)?
-                    .collect::<Result<Vec<IndexEntry>, _>>()
+                    .collect::<Result<Vec<IndexRow>, _>>()
                     .map_err(db_err)?;
-                Ok((upto, to, entries))
+                Ok((upto, to, rows))
             })
             .await?;
         if to <= upto {
             return Ok(());
         }
-        entries.sort_unstable();
-        let mut entries = entries.into_iter();
-        loop {
-            let chunk: Vec<IndexEntry> = entries.by_ref().take(AUDIT_INDEX_CHUNK).collect();
-            if chunk.is_empty() {
-                break;
+        let mut by_credential = Vec::with_capacity(rows.len());
+        let mut by_principal = Vec::with_capacity(rows.len());
+        let mut by_time = Vec::with_capacity(rows.len());
+        for r in rows {
+            by_time.push((r.time_ms, r.seq));
+            if let Some((owner, name)) = r.credential {
+                by_credential.push((owner, name, r.seq));
             }
-            self.write(move |conn| {
-                let mut insert = conn
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO audit_by_credential (owner, name, seq)
-                         VALUES (?1, ?2, ?3)",
-                    )
-                    .map_err(db_err)?;
-                for (owner, name, seq) in &chunk {
-                    insert.execute(params![owner, name, seq]).map_err(db_err)?;
-                }
-                Ok(())
-            })
-            .await?;
+            by_principal.push((r.principal_id, r.seq));
+        }
+        by_credential.sort_unstable();
+        by_principal.sort_unstable();
+        by_time.sort_unstable();
+        let indexes = Arc::new([
+            IndexEntries::Credential(by_credential),
+            IndexEntries::Principal(by_principal),
+            IndexEntries::Time(by_time),
+        ]);
+        for i in 0..indexes.len() {
+            let len = indexes[i].len();
+            for start in (0..len).step_by(AUDIT_INDEX_CHUNK) {
+                let (indexes, end) = (indexes.clone(), (start + AUDIT_INDEX_CHUNK).min(len));
+                self.write(move |conn| indexes[i].insert(conn, start..end))
+                    .await?;
+            }
         }
         self.write(move |conn| {
             conn.prepare_cached(
@@ -1698,7 +1776,7 @@ impl SqliteStore {
         .await
     }
 
-    /// How many records wait for the per-credential index (for tests).
+    /// How many records wait for the deferred audit indexes (for tests).
     #[doc(hidden)]
     pub async fn testing_audit_unindexed(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
@@ -1777,23 +1855,41 @@ impl crate::audit::AuditLog for SqliteStore {
         limit: u32,
     ) -> Result<Vec<crate::audit::Record>, StoreError> {
         let limit = i64::from(limit.clamp(1, crate::audit::MAX_QUERY_LIMIT));
-        let by_credential = filter.owner.is_some() || filter.name.is_some();
         if filter.name.as_deref() == Some("") || filter.owner.as_deref() == Some("") {
             return Ok(Vec::new()); // no credential has an empty owner or name
         }
+        // The deferred index that narrows the query most drives it (`x`); the other filters
+        // apply to the record (`r`). Every such query first indexes what is left.
+        let driver = if filter.owner.is_some() || filter.name.is_some() {
+            Some("audit_by_credential")
+        } else if filter.principal_id.is_some() {
+            Some("audit_by_principal")
+        } else if filter.since.is_some() || filter.until.is_some() {
+            Some("audit_by_time")
+        } else {
+            None
+        };
         let columns = crate::audit::COLUMNS
             .split(", ")
             .map(|c| format!("r.{c}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut sql = if by_credential {
-            self.index_audit().await?;
-            format!(
-                "SELECT {columns} FROM audit_by_credential x \
-                 JOIN audit_records r ON r.seq = x.seq WHERE 1 = 1"
-            )
-        } else {
-            format!("SELECT {columns} FROM audit_records r WHERE 1 = 1")
+        let mut sql = match driver {
+            Some(table) => {
+                self.index_audit().await?;
+                format!(
+                    "SELECT {columns} FROM {table} x \
+                     JOIN audit_records r ON r.seq = x.seq WHERE 1 = 1"
+                )
+            }
+            None => format!("SELECT {columns} FROM audit_records r WHERE 1 = 1"),
+        };
+        let on = |table: &str, column: &str| {
+            if driver == Some(table) {
+                format!("x.{column}")
+            } else {
+                format!("r.{column}")
+            }
         };
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         let mut push = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
@@ -1808,15 +1904,18 @@ impl crate::audit::AuditLog for SqliteStore {
             push(&mut sql, "x.name =", Value::Text(n.clone()));
         }
         if let Some(p) = &filter.principal_id {
-            push(&mut sql, "r.principal_id =", Value::Text(p.clone()));
+            let c = on("audit_by_principal", "principal_id");
+            push(&mut sql, &format!("{c} ="), Value::Text(p.clone()));
         }
         if let Some(t) = filter.since {
-            push(&mut sql, "r.time_ms >=", Value::Integer(to_millis(t)?));
+            let c = on("audit_by_time", "time_ms");
+            push(&mut sql, &format!("{c} >="), Value::Integer(to_millis(t)?));
         }
         if let Some(t) = filter.until {
-            push(&mut sql, "r.time_ms <", Value::Integer(to_millis(t)?));
+            let c = on("audit_by_time", "time_ms");
+            push(&mut sql, &format!("{c} <"), Value::Integer(to_millis(t)?));
         }
-        let seq = if by_credential { "x.seq" } else { "r.seq" };
+        let seq = if driver.is_some() { "x.seq" } else { "r.seq" };
         if let Some(b) = before {
             push(
                 &mut sql,
