@@ -330,7 +330,6 @@ impl Audit {
             .await
         {
             Ok((outcome, record)) => {
-                slot.version(outcome.version);
                 auditor.committed(&record);
                 Ok(outcome)
             }

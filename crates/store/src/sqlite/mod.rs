@@ -1898,10 +1898,12 @@ impl crate::audit::AuditLog for SqliteStore {
         };
         use rusqlite::types::Value;
         if let Some(o) = &filter.owner {
-            push(&mut sql, "x.owner =", Value::Text(o.clone()));
+            let c = on("audit_by_credential", "owner");
+            push(&mut sql, &format!("{c} ="), Value::Text(o.clone()));
         }
         if let Some(n) = &filter.name {
-            push(&mut sql, "x.name =", Value::Text(n.clone()));
+            let c = on("audit_by_credential", "name");
+            push(&mut sql, &format!("{c} ="), Value::Text(n.clone()));
         }
         if let Some(p) = &filter.principal_id {
             let c = on("audit_by_principal", "principal_id");
