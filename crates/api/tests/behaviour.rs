@@ -538,3 +538,58 @@ async fn admins_see_key_usage_not_values() {
     assert_eq!(v["active"]["credential_versions"], 1);
     assert!(!r.body.contains(CANARY));
 }
+
+/// An operator command (another process on the same database file) disables a credential
+/// the server answers reveals for from memory: the very next reveal does not release the
+/// value, with the audit log on or off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disable_by_another_process_stops_the_next_reveal() {
+    const VALUE: &str = "sk_live_disabled_behind_the_cache";
+    for auditing in [Auditing::On, Auditing::Off] {
+        let api = api_audited(auditing).await;
+        let alice = user_token("alice");
+        let put = api
+            .call("PUT", KEY, Some(&alice), Some(json!({"value": VALUE})))
+            .await;
+        assert_eq!(put.status, StatusCode::CREATED);
+        let reveal = || {
+            api.call(
+                "POST",
+                "/v1/owners/alice/credentials/zoom.api-key/reveal",
+                Some(ALLOWED_SERVICE_TOKEN),
+                None,
+            )
+        };
+        for _ in 0..2 {
+            assert_eq!(reveal().await.json()["value"], VALUE);
+        }
+        let operator =
+            strongroom_store::sqlite::SqliteStore::open_dir(api.db_path().parent().unwrap())
+                .await
+                .unwrap();
+        strongroom_store::Store::set_enabled(
+            &operator,
+            "alice",
+            "zoom.api-key",
+            false,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+        let first = reveal().await;
+        assert!(
+            first.status == StatusCode::SERVICE_UNAVAILABLE || first.status == StatusCode::CONFLICT,
+            "{auditing:?}: {} {}",
+            first.status,
+            first.body
+        );
+        assert!(!first.body.contains(VALUE));
+        let then = reveal().await;
+        assert_eq!(
+            (then.status, code(&then).as_str()),
+            (StatusCode::CONFLICT, "credential_disabled"),
+            "{auditing:?}"
+        );
+        operator.close().await;
+    }
+}

@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 pub use client::{HttpsClient, Target, Transport, TransportError, UpstreamResponse};
 pub use dest::{Destination, DestinationPattern};
 
-use crate::{CoreError, Vault};
+use crate::{CoreError, ReadCheck, Vault};
 
 /// The metadata key naming the host a version is for.
 pub const BOUND_HOST_KEY: &str = "host";
@@ -177,9 +177,15 @@ impl Prepared {
 pub struct Loaded {
     value: SecretBytes,
     version: u32,
+    read: ReadCheck,
 }
 
 impl Loaded {
+    /// What the read saw: pass it to [`Vault::confirm_read`] once the use is recorded.
+    pub fn read(&self) -> &ReadCheck {
+        &self.read
+    }
+
     /// The version used.
     pub fn version(&self) -> u32 {
         self.version
@@ -443,6 +449,7 @@ impl Broker {
         Ok(Loaded {
             value: revealed.value,
             version: revealed.version,
+            read: revealed.read,
         })
     }
 

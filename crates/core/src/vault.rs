@@ -11,7 +11,8 @@ use strongroom_crypto::{
 };
 use strongroom_store::audit::{Event, HeadKey, Record};
 use strongroom_store::{
-    Credential, CredentialSummary, Cursor, NewVersion, Page, Store, StoreError,
+    Credential, CredentialSummary, Cursor, NewVersion, Page, ReadMark, ServedVersion, Store,
+    StoreError,
 };
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
@@ -94,6 +95,15 @@ pub struct Revealed {
     pub value: SecretBytes,
     /// Its version.
     pub version: u32,
+    /// What the read saw; pass it to [`Vault::confirm_read`] before the value leaves.
+    pub read: ReadCheck,
+}
+
+/// What a reveal read, for [`Vault::confirm_read`]. No secret bytes.
+#[derive(Debug, Clone)]
+pub struct ReadCheck {
+    mark: ReadMark,
+    served: ServedVersion,
 }
 
 /// The use cases. Cheap to share behind an `Arc`.
@@ -467,7 +477,12 @@ impl Vault {
         if version == Some(0) {
             return Err(CoreError::NotFound);
         }
+        let mark = self.store.read_mark();
         let row = self.store.get_version(owner, name, version).await?;
+        let read = ReadCheck {
+            mark,
+            served: row.served(version),
+        };
         let wrapped = WrappedKey {
             kek: to_crypto_kek(&row.kek),
             bytes: row.wrapped_key,
@@ -480,6 +495,7 @@ impl Vault {
             Revealed {
                 value,
                 version: row.version,
+                read,
             },
             row.credential_enabled,
         ))
@@ -527,6 +543,22 @@ impl Vault {
         // written in the background, coalesced (the audit log is the authoritative record).
         self.usage.note(owner, name, self.clock.now());
         Ok(revealed)
+    }
+
+    /// Confirms that what a reveal read may still be released: call it after the use's audit
+    /// record is committed and before the value leaves. It only does work when the store
+    /// answered from memory and another process changed the store meanwhile (see
+    /// [`Store::confirm_unchanged`]).
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::Unavailable`] when the credential changed behind the read (the caller
+    /// answers "retry"; the value must not leave) or the check could not run.
+    pub async fn confirm_read(&self, read: &ReadCheck) -> Result<(), CoreError> {
+        self.store
+            .confirm_unchanged(read.mark, &read.served)
+            .await
+            .map_err(CoreError::from)
     }
 
     /// Writes the pending last-used times now (they are otherwise written within a second;

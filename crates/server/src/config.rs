@@ -15,6 +15,7 @@
 //! | `store.max_connections` | 16 | PostgreSQL pool size |
 //! | `store.schema` | — | PostgreSQL schema for the tables (created if absent) |
 //! | `store.sync` | `"full"` | SQLite only. `"full"`: every commit (each put, each audit record a reveal waits for) is fsynced before it is acknowledged, so it survives power loss. `"normal"`: **relaxed**, commits are only written to the WAL (fsynced at checkpoints): survives a crash of the process (kill -9), but the last acknowledged writes and audit records **can be lost on power loss or an OS crash** |
+//! | `store.reveal_cache_mb` | 32 | SQLite only. MiB of sealed current versions kept in memory so a reveal needs no database read; it holds what the file holds (never a plaintext), every write of this server drops what it changed before it is acknowledged, and a write by another process (an operator command) is caught before a value leaves. `0` turns it off |
 //! | `keys.provider` | `"local"` | key provider: `"local"` (keyring file), `"aws-kms"`, `"pkcs11"` or `"transit"` |
 //! | `keys.mode` | `"hierarchy"` | remote providers: `"hierarchy"` (the provider wraps Strongroom's KEKs, unwrapped once at start) or `"strict"` (the provider wraps every data key: one provider call per put and reveal) |
 //! | `keys.keyring` | `DATA_DIR/keyring.json` | the local keyring file (mode 0600) |
@@ -248,6 +249,10 @@ pub struct StoreConfig {
     /// SQLite durability of a commit (see [`StoreSync`]).
     #[serde(default)]
     pub sync: StoreSync,
+    /// SQLite: MiB of sealed current versions kept in memory for reveals (default 32; 0 turns
+    /// the cache off). It holds what the database holds, never a plaintext.
+    #[serde(default)]
+    pub reveal_cache_mb: Option<u32>,
 }
 
 /// `store.sync`: how durable an acknowledged SQLite commit is.
@@ -270,6 +275,7 @@ impl fmt::Debug for StoreConfig {
             .field("max_connections", &self.max_connections)
             .field("schema", &self.schema)
             .field("sync", &self.sync)
+            .field("reveal_cache_mb", &self.reveal_cache_mb)
             .finish()
     }
 }
@@ -807,6 +813,15 @@ impl Config {
                 "store.sync",
                 "is SQLite only; PostgreSQL durability is its own synchronous_commit",
             );
+        }
+        if self.store.kind == StoreKind::Postgres && self.store.reveal_cache_mb.is_some() {
+            return bad(
+                "store.reveal_cache_mb",
+                "is SQLite only: with PostgreSQL, other servers write too, so every reveal reads the database",
+            );
+        }
+        if self.store.reveal_cache_mb.is_some_and(|mb| mb > 4096) {
+            return bad("store.reveal_cache_mb", "must be at most 4096");
         }
         let keys = &self.keys;
         let one_of = |a: bool, b: bool| a as u8 + b as u8 == 1;

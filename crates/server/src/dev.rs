@@ -250,7 +250,7 @@ impl DevSetup {
         config.validate()?;
         if config.store.kind != crate::config::StoreKind::Sqlite {
             return Err(ServerError::Config(
-                "--dev always uses SQLite under the data dir (only `store.sync` may be set)".into(),
+                "--dev always uses SQLite under the data dir (only `store.sync` and `store.reveal_cache_mb` may be set)".into(),
             ));
         }
         Ok(config)

@@ -554,6 +554,9 @@ async fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
     match config.store.kind {
         StoreKind::Sqlite => {
             let mut options = SqliteOptions::default();
+            if let Some(mb) = config.store.reveal_cache_mb {
+                options.reveal_cache_bytes = usize::try_from(mb).unwrap_or(usize::MAX) << 20;
+            }
             if config.store.sync == config::StoreSync::Normal {
                 options.synchronous = Synchronous::DangerNormal;
                 tracing::warn!(

@@ -487,3 +487,37 @@ fn store_sync_defaults_to_full_and_normal_is_sqlite_only() {
         Ok(())
     });
 }
+
+#[test]
+fn the_reveal_cache_size_is_sqlite_only_and_bounded() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file("s.toml", MINIMAL)?;
+        assert_eq!(
+            load("s.toml", &Overrides::default())
+                .unwrap()
+                .store
+                .reveal_cache_mb,
+            None
+        );
+        jail.set_env("STRONGROOM_STORE__REVEAL_CACHE_MB", "0");
+        assert_eq!(
+            load("s.toml", &Overrides::default())
+                .unwrap()
+                .store
+                .reveal_cache_mb,
+            Some(0)
+        );
+        jail.set_env("STRONGROOM_STORE__REVEAL_CACHE_MB", "5000");
+        assert!(err_of(load("s.toml", &Overrides::default()))
+            .contains("key `store.reveal_cache_mb`: must be at most 4096"));
+        jail.set_env("STRONGROOM_STORE__REVEAL_CACHE_MB", "8");
+        jail.create_file(
+            "pg.toml",
+            &format!("{MINIMAL}[store]\nkind = \"postgres\"\nurl = \"postgresql://x\"\n"),
+        )?;
+        assert!(err_of(load("pg.toml", &Overrides::default()))
+            .contains("key `store.reveal_cache_mb`: is SQLite only"));
+        Ok(())
+    });
+}

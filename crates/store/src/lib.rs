@@ -103,8 +103,9 @@ pub use audit::{AuditFilter, AuditLog};
 pub use error::{BackendError, StoreError};
 pub use types::{
     Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
-    RewrapItem, SealedVersion, VersionInfo, VersionState, DEFAULT_MAX_VERSIONS, MAX_NAME_LEN,
-    MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN, MAX_WRAPPED_KEY_LEN,
+    ReadMark, RewrapItem, SealedVersion, ServedVersion, VersionInfo, VersionState,
+    DEFAULT_MAX_VERSIONS, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN,
+    MAX_WRAPPED_KEY_LEN,
 };
 
 /// The newest database schema version this build knows (both backends).
@@ -187,6 +188,33 @@ pub trait Store: Send + Sync + Debug {
         name: &str,
         version: Option<u32>,
     ) -> Result<SealedVersion, StoreError>;
+
+    /// A mark to take right before a [`get_version`](Store::get_version) whose answer will
+    /// be released; pass it to [`confirm_unchanged`](Store::confirm_unchanged).
+    fn read_mark(&self) -> ReadMark {
+        ReadMark::default()
+    }
+
+    /// Confirms that what [`get_version`](Store::get_version) served after `mark` may still
+    /// be released. Call it after the use's audit record is committed and before the value
+    /// leaves. A store that answers a read from memory (the SQLite reveal cache) checks here
+    /// that no other process changed the credential behind it; when one did, the credential
+    /// is read again and the answer stands only if the same version, equally enabled (and,
+    /// for `requested: None`, still current), is what the database holds now. Stores that
+    /// read their database every time have nothing to check.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the credential changed (the caller answers "retry",
+    /// and the value never leaves) or the check could not run.
+    async fn confirm_unchanged(
+        &self,
+        mark: ReadMark,
+        served: &ServedVersion,
+    ) -> Result<(), StoreError> {
+        let _ = (mark, served);
+        Ok(())
+    }
 
     /// Makes `version` the current one.
     ///

@@ -313,6 +313,43 @@ impl fmt::Debug for SealedVersion {
     }
 }
 
+/// Taken before a read whose answer will be released (a reveal, a brokered use); see
+/// [`Store::confirm_unchanged`](crate::Store::confirm_unchanged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadMark {
+    pub(crate) epoch: u64,
+    pub(crate) checked: u64,
+}
+
+/// What [`Store::get_version`](crate::Store::get_version) served, for
+/// [`Store::confirm_unchanged`](crate::Store::confirm_unchanged). No secret bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedVersion {
+    /// The owner.
+    pub owner: String,
+    /// The credential name.
+    pub name: String,
+    /// The version asked for (`None`: the current one).
+    pub requested: Option<u32>,
+    /// The version served.
+    pub version: u32,
+    /// Whether the credential was enabled.
+    pub enabled: bool,
+}
+
+impl SealedVersion {
+    /// What this answer to a `get_version(.., requested)` served.
+    pub fn served(&self, requested: Option<u32>) -> ServedVersion {
+        ServedVersion {
+            owner: self.owner.clone(),
+            name: self.name.clone(),
+            requested,
+            version: self.version,
+            enabled: self.credential_enabled,
+        }
+    }
+}
+
 /// One version to rewrap, as yielded by
 /// [`Store::versions_for_rewrap`](crate::Store::versions_for_rewrap).
 ///

@@ -443,3 +443,175 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     assert_eq!(store.audit_query(&late, None, 100).await.unwrap().len(), 10);
     store.close().await;
 }
+
+fn cached_version(owner: &str, name: &str, version: u32) -> NewVersion {
+    NewVersion::new(
+        owner,
+        name,
+        version,
+        test_value(owner, name, version, 64),
+        vec![version as u8; 40],
+        KekRef::new("local", "k1", 1),
+        "user:test",
+        t0(),
+    )
+}
+
+/// The reveal cache never answers with a row this process has changed: every write drops
+/// what it touched before it is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reveal_cache_follows_every_write_of_this_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open_dir(dir.path()).await.unwrap();
+    let get = |v: Option<u32>| s.get_version("alice", "k", v);
+    s.put_version(cached_version("alice", "k", 1))
+        .await
+        .unwrap();
+    assert_eq!(get(None).await.unwrap().version, 1);
+    assert_eq!(get(None).await.unwrap().version, 1); // answered from memory
+    s.put_version(cached_version("alice", "k", 2))
+        .await
+        .unwrap();
+    assert_eq!(get(None).await.unwrap().version, 2);
+    assert_eq!(get(Some(1)).await.unwrap().version, 1);
+    s.set_current("alice", "k", 1, t0()).await.unwrap();
+    let cur = get(None).await.unwrap();
+    assert_eq!((cur.version, cur.is_current), (1, true));
+    s.set_enabled("alice", "k", false, t0()).await.unwrap();
+    assert!(!get(None).await.unwrap().credential_enabled);
+    s.set_enabled("alice", "k", true, t0()).await.unwrap();
+    assert!(get(None).await.unwrap().credential_enabled);
+    let old = KekRef::new("local", "k1", 1);
+    let new = KekRef::new("local", "k1", 2);
+    assert!(s
+        .replace_wrapped_key("alice", "k", 1, &old, vec![9; 40], &new)
+        .await
+        .unwrap());
+    let rewrapped = get(None).await.unwrap();
+    assert_eq!((rewrapped.wrapped_key, rewrapped.kek), (vec![9; 40], new));
+    s.destroy_version("alice", "k", 1, t0()).await.unwrap();
+    assert_eq!(get(None).await.unwrap().version, 2); // the newest left became current
+    assert!(matches!(
+        get(Some(1)).await,
+        Err(StoreError::VersionDestroyed)
+    ));
+    s.set_current("alice", "k", 2, t0()).await.unwrap();
+    assert_eq!(get(None).await.unwrap().version, 2);
+    s.destroy_credential("alice", "k", t0()).await.unwrap();
+    assert!(matches!(get(None).await, Err(StoreError::NotFound)));
+    // Another owner's credential of the same name is another entry.
+    s.put_version(cached_version("alice", "k", 3))
+        .await
+        .unwrap();
+    s.put_version(cached_version("bob", "k", 1)).await.unwrap();
+    assert_eq!(get(None).await.unwrap().version, 3);
+    assert!(matches!(
+        s.get_version("carol", "k", None).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(s.get_version("bob", "k", None).await.unwrap().version, 1);
+    s.close().await;
+}
+
+async fn marked_read(
+    s: &SqliteStore,
+    requested: Option<u32>,
+) -> (
+    strongroom_store::ReadMark,
+    strongroom_store::ServedVersion,
+    strongroom_store::SealedVersion,
+) {
+    let mark = s.read_mark();
+    let row = s.get_version("alice", "k", requested).await.unwrap();
+    (mark, row.served(requested), row)
+}
+
+/// Another process (here, a second store on the same file: its own connections) writing
+/// behind the cache: the served answer is released only if the database still says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_from_memory_is_confirmed_against_other_processes_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = SqliteStore::open_dir(dir.path()).await.unwrap();
+    let operator = SqliteStore::open_dir(dir.path()).await.unwrap();
+    server
+        .put_version(cached_version("alice", "k", 1))
+        .await
+        .unwrap();
+
+    // Nothing changed: confirmed (an empty write transaction does the check).
+    let (mark, served, _) = marked_read(&server, None).await;
+    server.confirm_unchanged(mark, &served).await.unwrap();
+
+    // A rewrap by the operator changes no value: the answer stands.
+    let (mark, served, _) = marked_read(&server, None).await;
+    let (old, new) = (KekRef::new("local", "k1", 1), KekRef::new("local", "k1", 2));
+    assert!(operator
+        .replace_wrapped_key("alice", "k", 1, &old, vec![7; 40], &new)
+        .await
+        .unwrap());
+    server.confirm_unchanged(mark, &served).await.unwrap();
+    // ... and the next read sees the new wrapping (the check dropped the cache).
+    assert_eq!(marked_read(&server, None).await.2.kek, new);
+
+    // The operator disables it behind a read from memory: not confirmed.
+    let (mark, served, row) = marked_read(&server, None).await;
+    assert!(row.credential_enabled);
+    operator
+        .set_enabled("alice", "k", false, t0())
+        .await
+        .unwrap();
+    let e = server.confirm_unchanged(mark, &served).await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(!marked_read(&server, None).await.2.credential_enabled);
+    operator
+        .set_enabled("alice", "k", true, t0())
+        .await
+        .unwrap();
+
+    // A new version from the operator: "the current one" no longer holds, version 1 does.
+    let (mark_cur, served_cur, _) = marked_read(&server, None).await;
+    let (mark_v1, served_v1, _) = marked_read(&server, Some(1)).await;
+    operator
+        .put_version(cached_version("alice", "k", 2))
+        .await
+        .unwrap();
+    // The server's own writes see the operator's commit first (audit appends, here a put).
+    server
+        .put_version(cached_version("alice", "other", 1))
+        .await
+        .unwrap();
+    assert!(server
+        .confirm_unchanged(mark_cur, &served_cur)
+        .await
+        .is_err());
+    server.confirm_unchanged(mark_v1, &served_v1).await.unwrap();
+    assert_eq!(marked_read(&server, None).await.2.version, 2);
+
+    // With the cache off every read goes to the database, and there is nothing to confirm.
+    let mut opts = SqliteOptions::default();
+    opts.reveal_cache_bytes = 0;
+    let uncached = SqliteStore::open(dir.path().join(DB_FILE_NAME), opts)
+        .await
+        .unwrap();
+    let mark = uncached.read_mark();
+    let served = uncached
+        .get_version("alice", "k", None)
+        .await
+        .unwrap()
+        .served(None);
+    operator
+        .set_enabled("alice", "k", false, t0())
+        .await
+        .unwrap();
+    uncached.confirm_unchanged(mark, &served).await.unwrap();
+    assert!(
+        !uncached
+            .get_version("alice", "k", None)
+            .await
+            .unwrap()
+            .credential_enabled
+    );
+    for s in [server, operator, uncached] {
+        s.close().await;
+    }
+}

@@ -94,6 +94,12 @@ pub(crate) async fn reveal(
     // the value is dropped (zeroized) and the caller gets 503.
     audit.version(revealed.version);
     audit.record_now(&state, StatusCode::OK).await?;
+    if let Err(e) = state.vault().confirm_read(&revealed.read).await {
+        // Another process changed the credential behind the read: no value leaves, and the
+        // middleware records this request once more with its final status.
+        audit.reopen();
+        return Err(e.into());
+    }
     Ok(Json(RevealResponse {
         value: value.to_string(),
         version: revealed.version,
@@ -169,6 +175,10 @@ pub(crate) async fn broker(
     // Fail closed: the record is durable before the value leaves; if it cannot be written,
     // no call is made and the caller gets 503.
     audit.record_now(&state, StatusCode::OK).await?;
+    if let Err(e) = state.vault().confirm_read(loaded.read()).await {
+        audit.reopen();
+        return Err(e.into());
+    }
     match broker.send(prepared, loaded, &target).await {
         Ok(r) => {
             let (body, body_base64) = match String::from_utf8(r.body) {

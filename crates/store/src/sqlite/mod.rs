@@ -11,6 +11,11 @@
 //!   lookups on the request hot path (`get_version`, `latest_version`: one indexed row, tens
 //!   of microseconds) run on the calling thread instead, because the hand-off to a blocking
 //!   thread and back (two context switches) cost more than the query itself.
+//! - **Reveal cache** (`cache` module): `get_version` answers the current version of an
+//!   enabled credential from memory once read, because every commit empties the read
+//!   connections' page caches. Write jobs name what they change and the writer drops it
+//!   after the commit, before the acknowledgement; commits by other processes are caught by
+//!   [`Store::confirm_unchanged`]. [`SqliteOptions::reveal_cache_bytes`] bounds it.
 //! - `touch_last_used` calls queued while the writer is busy are applied as one write job
 //!   (one savepoint for all of them) instead of one job each.
 //! - The audit log's indexes (`audit_by_credential`, `audit_by_principal`, `audit_by_time`)
@@ -26,6 +31,7 @@
 //! - The file (and its `-wal` / `-shm` companions) is created with mode 0600, and
 //!   [`SqliteStore::open_dir`] creates the data dir with mode 0700.
 
+mod cache;
 mod schema;
 mod writer;
 
@@ -48,9 +54,10 @@ use crate::types::{
 };
 use crate::{
     validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
-    Page, PutOutcome, RewrapItem, SealedVersion, Store, StoreError, VersionInfo, VersionState,
-    MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
+    Page, PutOutcome, ReadMark, RewrapItem, SealedVersion, ServedVersion, Store, StoreError,
+    VersionInfo, VersionState, MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
 };
+use cache::{Changes, Freshness, VersionCache};
 use writer::{Job, WriteJob};
 
 const _: () = assert!(schema::MIGRATIONS.len() == SCHEMA_VERSION as usize);
@@ -96,6 +103,10 @@ pub struct SqliteOptions {
     pub max_readers: usize,
     /// How long a connection waits on a lock held by another process (default 5 s).
     pub busy_timeout: Duration,
+    /// Bytes of sealed current versions kept in memory for reveals (default 32 MiB; 0 turns
+    /// the cache off). It holds only what the database holds, and stays exact (see
+    /// [`Store::confirm_unchanged`]).
+    pub reveal_cache_bytes: usize,
 }
 
 impl Default for SqliteOptions {
@@ -105,6 +116,7 @@ impl Default for SqliteOptions {
             max_batch: 512,
             max_readers: 8,
             busy_timeout: Duration::from_secs(5),
+            reveal_cache_bytes: 32 << 20,
         }
     }
 }
@@ -127,6 +139,8 @@ struct Inner {
     audit_unindexed: AtomicU64,
     /// A background index run is under way.
     audit_indexing: AtomicBool,
+    /// Current versions of recently read credentials (see the `cache` module).
+    cache: Arc<VersionCache>,
 }
 
 /// Records appended before a background job indexes them by credential.
@@ -153,6 +167,14 @@ impl fmt::Debug for SqliteStore {
             .field("path", &self.inner.path)
             .field("options", &self.inner.options)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a write to one credential may change, for the reveal cache.
+fn changed(owner: &str, name: &str) -> Changes {
+    Changes::Credential {
+        owner: owner.to_owned(),
+        name: name.to_owned(),
     }
 }
 
@@ -273,9 +295,24 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Box<dyn WriteJob>>();
         let max_batch = options.max_batch.max(1);
         let busy_limit = options.busy_timeout;
+        let cache = Arc::new(VersionCache::new(options.reveal_cache_bytes));
+        // Taken before any read can fill the cache: a commit by another process after this
+        // point is noticed by the writer's first transaction.
+        let data_version = writer::data_version(&conn).map_err(db_err)?;
+        let writer_cache = Arc::clone(&cache);
         let handle = std::thread::Builder::new()
             .name("strongroom-sqlite-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch, busy_limit, Some((poke, ckpt))))
+            .spawn(move || {
+                writer::run(
+                    conn,
+                    rx,
+                    max_batch,
+                    busy_limit,
+                    Some((poke, ckpt)),
+                    &writer_cache,
+                    data_version,
+                );
+            })
             .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -287,6 +324,7 @@ impl SqliteStore {
                 touches: Mutex::new(TouchQueue::default()),
                 audit_unindexed: AtomicU64::new(0),
                 audit_indexing: AtomicBool::new(false),
+                cache,
                 options,
             }),
         })
@@ -336,13 +374,15 @@ impl SqliteStore {
         .await
     }
 
-    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` on the writer thread in the next group commit; `changes` names what it may
+    /// change for the reveal cache (see the `cache` module).
+    async fn write<T, F>(&self, changes: Changes, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        self.send_job(Box::new(Job { f, reply }))?;
+        self.send_job(Box::new(Job { changes, f, reply }))?;
         rx.await
             .map_err(|_| StoreError::unavailable("sqlite writer thread stopped"))?
     }
@@ -416,6 +456,11 @@ struct TouchAck {
 }
 
 impl writer::WriteJob for TouchJob {
+    fn changes(&self) -> Changes {
+        // Last-used times are not part of a cached version.
+        Changes::NoCredential
+    }
+
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn writer::Ack> {
         let touches = {
             let mut q = self.inner.touches.lock().unwrap_or_else(|e| e.into_inner());
@@ -880,6 +925,62 @@ fn destroy_credential_tx(
     Ok(())
 }
 
+/// The version row `get_version` answers with, read from the database.
+fn read_version(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+    version: Option<u32>,
+) -> Result<SealedVersion, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
+                            v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
+                            v.wrapped_key, v.sealed_value
+                     FROM credentials c
+                     JOIN versions v ON v.credential_id = c.id
+                          AND v.version = coalesce(?3, c.current_version)
+                     WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0",
+        )
+        .map_err(db_err)?
+        .query_row(params![owner, name, version], |r| {
+            Ok((
+                r.get::<_, bool>(0)?,
+                r.get::<_, Option<i64>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, String>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, Vec<u8>>(10)?,
+                r.get::<_, Vec<u8>>(11)?,
+            ))
+        })
+        .optional()
+        .map_err(db_err)?
+        .ok_or(StoreError::NotFound)?;
+    let (enabled, current, v, state, p, k, kv, md, by, at, wrapped, sealed) = row;
+    if VersionState::from_db(state)? == VersionState::Destroyed {
+        return Err(StoreError::VersionDestroyed);
+    }
+    Ok(SealedVersion {
+        owner: owner.to_owned(),
+        name: name.to_owned(),
+        version: version_from_db(v)?,
+        credential_enabled: enabled,
+        is_current: current == Some(v),
+        sealed_value: sealed,
+        wrapped_key: wrapped,
+        kek: kek_from_db(p, k, kv)?,
+        metadata: parse_json(&md)?,
+        created_by: by,
+        created_at: from_millis(at)?,
+    })
+}
+
 // ---- the Store implementation ------------------------------------------------------------
 
 #[async_trait]
@@ -887,7 +988,10 @@ impl Store for SqliteStore {
     async fn put_version(&self, new: NewVersion) -> Result<PutOutcome, StoreError> {
         new.validate()?;
         let metadata = new.metadata.to_string();
-        self.write(move |conn| put_tx(conn, &new, &metadata)).await
+        self.write(changed(&new.owner, &new.name), move |conn| {
+            put_tx(conn, &new, &metadata)
+        })
+        .await
     }
 
     async fn put_version_audited(
@@ -900,7 +1004,7 @@ impl Store for SqliteStore {
         let metadata = new.metadata.to_string();
         // One write job, so one savepoint: an error in either part rolls back both.
         let result = self
-            .write(move |conn| {
+            .write(changed(&new.owner, &new.name), move |conn| {
                 let outcome = put_tx(conn, &new, &metadata)?;
                 let record = audit_append_tx(conn, &key, vec![event])?
                     .pop()
@@ -1026,55 +1130,55 @@ impl Store for SqliteStore {
         if let Some(v) = version {
             validate_version(v)?;
         }
-        self.read_inline(|conn| {
-            let row = conn
-                .prepare_cached(
-                    "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
-                            v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
-                            v.wrapped_key, v.sealed_value
-                     FROM credentials c
-                     JOIN versions v ON v.credential_id = c.id
-                          AND v.version = coalesce(?3, c.current_version)
-                     WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0",
-                )
-                .map_err(db_err)?
-                .query_row(params![owner, name, version], |r| {
-                    Ok((
-                        r.get::<_, bool>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, i64>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, String>(8)?,
-                        r.get::<_, i64>(9)?,
-                        r.get::<_, Vec<u8>>(10)?,
-                        r.get::<_, Vec<u8>>(11)?,
-                    ))
-                })
-                .optional()
-                .map_err(db_err)?
-                .ok_or(StoreError::NotFound)?;
-            let (enabled, current, v, state, p, k, kv, md, by, at, wrapped, sealed) = row;
-            if VersionState::from_db(state)? == VersionState::Destroyed {
-                return Err(StoreError::VersionDestroyed);
+        let cache = &self.inner.cache;
+        if let Some(hit) = cache.get(owner, name) {
+            if version.is_none_or(|v| v == hit.version) {
+                return Ok(hit);
             }
-            Ok(SealedVersion {
-                owner: owner.to_owned(),
-                name: name.to_owned(),
-                version: version_from_db(v)?,
-                credential_enabled: enabled,
-                is_current: current == Some(v),
-                sealed_value: sealed,
-                wrapped_key: wrapped,
-                kek: kek_from_db(p, k, kv)?,
-                metadata: parse_json(&md)?,
-                created_by: by,
-                created_at: from_millis(at)?,
-            })
-        })
+        }
+        let generation = cache.generation();
+        let row = self.read_inline(|conn| read_version(conn, owner, name, version))?;
+        cache.fill(generation, &row);
+        Ok(row)
+    }
+
+    fn read_mark(&self) -> ReadMark {
+        self.inner.cache.mark()
+    }
+
+    async fn confirm_unchanged(
+        &self,
+        mark: ReadMark,
+        served: &ServedVersion,
+    ) -> Result<(), StoreError> {
+        let cache = &self.inner.cache;
+        if !cache.enabled() {
+            // Every read went to the database.
+            return Ok(());
+        }
+        let mut freshness = cache.freshness(mark);
+        if freshness == Freshness::Unknown {
+            // No write transaction (the one that checks for other processes' commits)
+            // began since the read: run an empty one.
+            self.write(Changes::NoCredential, |_| Ok(())).await?;
+            freshness = cache.freshness(mark);
+        }
+        if freshness == Freshness::Current {
+            return Ok(());
+        }
+        // Another process committed meanwhile (an operator command: often a rewrap, which
+        // changes no value). The answer stands if the database still says the same.
+        let now = self
+            .read_inline(|conn| read_version(conn, &served.owner, &served.name, served.requested));
+        match now {
+            Ok(row) if row.served(served.requested) == *served => Ok(()),
+            Ok(_) | Err(StoreError::NotFound | StoreError::VersionDestroyed) => {
+                Err(StoreError::unavailable(
+                    "the credential was changed by another process during this request; retry",
+                ))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn set_current(
@@ -1088,8 +1192,10 @@ impl Store for SqliteStore {
         validate_version(version)?;
         let at = to_millis(at)?;
         let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.write(move |conn| set_current_tx(conn, &owner, &name, version, at))
-            .await
+        self.write(changed(&owner, &name), move |conn| {
+            set_current_tx(conn, &owner, &name, version, at)
+        })
+        .await
     }
 
     async fn set_enabled(
@@ -1102,7 +1208,7 @@ impl Store for SqliteStore {
         validate_owner_name(owner, name)?;
         let at = to_millis(at)?;
         let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.write(move |conn| {
+        self.write(changed(&owner, &name), move |conn| {
             let n = conn
                 .prepare_cached(
                     "UPDATE credentials SET enabled = ?3, updated_at = ?4
@@ -1131,8 +1237,10 @@ impl Store for SqliteStore {
         validate_version(version)?;
         let at = to_millis(at)?;
         let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.write(move |conn| destroy_version_tx(conn, &owner, &name, version, at))
-            .await
+        self.write(changed(&owner, &name), move |conn| {
+            destroy_version_tx(conn, &owner, &name, version, at)
+        })
+        .await
     }
 
     async fn destroy_credential(
@@ -1144,8 +1252,10 @@ impl Store for SqliteStore {
         validate_owner_name(owner, name)?;
         let at = to_millis(at)?;
         let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.write(move |conn| destroy_credential_tx(conn, &owner, &name, at))
-            .await
+        self.write(changed(&owner, &name), move |conn| {
+            destroy_credential_tx(conn, &owner, &name, at)
+        })
+        .await
     }
 
     /// Touches queued while the writer is busy are applied together: the first one queues
@@ -1283,7 +1393,7 @@ impl Store for SqliteStore {
         }
         let (owner, name) = (owner.to_owned(), name.to_owned());
         let (old, new) = (expected_old_kek.clone(), new_kek.clone());
-        self.write(move |conn| {
+        self.write(changed(&owner, &name), move |conn| {
             let n = conn
                 .prepare_cached(
                     "UPDATE versions SET wrapped_key = ?1, kek_provider = ?2, kek_key_id = ?3,
@@ -1364,7 +1474,7 @@ impl Store for SqliteStore {
             return Err(StoreError::InvalidInput("provider state value too large"));
         }
         let key = key.to_owned();
-        self.write(move |conn| {
+        self.write(Changes::NoCredential, move |conn| {
             conn.prepare_cached(
                 "INSERT INTO provider_state (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -1390,7 +1500,7 @@ impl Store for SqliteStore {
         let key = key.to_owned();
         let expected = expected.map(<[u8]>::to_vec);
         // The one writer thread serialises this read-compare-write with every other write.
-        self.write(move |conn| {
+        self.write(Changes::NoCredential, move |conn| {
             let current = conn
                 .prepare_cached("SELECT value FROM provider_state WHERE key = ?1")
                 .map_err(db_err)?
@@ -1484,7 +1594,7 @@ impl SqliteStore {
         while start < spec.credentials {
             let end = (start + CHUNK).min(spec.credentials);
             let spec = spec.clone();
-            self.write(move |conn| {
+            self.write(Changes::AnyCredential, move |conn| {
                 let value = vec![0xA5u8; spec.value_len];
                 let wrapped = vec![0x5Au8; 40];
                 let mut cred = conn
@@ -1760,11 +1870,13 @@ impl SqliteStore {
             let len = indexes[i].len();
             for start in (0..len).step_by(AUDIT_INDEX_CHUNK) {
                 let (indexes, end) = (indexes.clone(), (start + AUDIT_INDEX_CHUNK).min(len));
-                self.write(move |conn| indexes[i].insert(conn, start..end))
-                    .await?;
+                self.write(Changes::NoCredential, move |conn| {
+                    indexes[i].insert(conn, start..end)
+                })
+                .await?;
             }
         }
-        self.write(move |conn| {
+        self.write(Changes::NoCredential, move |conn| {
             conn.prepare_cached(
                 "UPDATE audit_index_state SET indexed_upto = max(indexed_upto, ?1) WHERE id = 1",
             )
@@ -1806,7 +1918,9 @@ impl crate::audit::AuditLog for SqliteStore {
         }
         // One job of the writer thread: it shares the group commit with other writes.
         let records = self
-            .write(move |conn| audit_append_tx(conn, &key, events))
+            .write(Changes::NoCredential, move |conn| {
+                audit_append_tx(conn, &key, events)
+            })
             .await?;
         self.audit_appended(records.len() as u64);
         Ok(records)
@@ -1946,7 +2060,7 @@ impl crate::audit::AuditLog for SqliteStore {
     }
 
     async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
-        self.write(move |conn| {
+        self.write(Changes::NoCredential, move |conn| {
             conn.prepare_cached(
                 "INSERT INTO provider_state (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO NOTHING",

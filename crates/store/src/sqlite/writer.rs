@@ -19,11 +19,14 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+use super::cache::{Changes, VersionCache};
 use super::db_err;
 use crate::StoreError;
 
 /// A write waiting for the writer thread.
 pub(super) trait WriteJob: Send {
+    /// What the job may change, for the reveal cache (dropped after the commit).
+    fn changes(&self) -> Changes;
     /// Runs the job inside the open transaction; returns what acknowledges it after commit.
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ack>;
     /// Fails the job without running it.
@@ -36,6 +39,7 @@ pub(super) trait Ack: Send {
 }
 
 pub(super) struct Job<F, T> {
+    pub(super) changes: Changes,
     pub(super) f: F,
     pub(super) reply: oneshot::Sender<Result<T, StoreError>>,
 }
@@ -50,6 +54,10 @@ where
     F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
     T: Send + 'static,
 {
+    fn changes(&self) -> Changes {
+        self.changes.clone()
+    }
+
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ack> {
         let result = in_savepoint(conn, self.f);
         Box::new(Done {
@@ -147,6 +155,8 @@ pub(super) fn run(
     max_batch: usize,
     busy_limit: Duration,
     checkpoints: Option<(mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+    cache: &VersionCache,
+    mut data_version: i64,
 ) {
     BUSY_LIMIT.with(|l| l.set(busy_limit));
     let mut queue: VecDeque<Box<dyn WriteJob>> = VecDeque::new();
@@ -157,7 +167,7 @@ pub(super) fn run(
                 Err(_) => break,
             }
         }
-        if run_batch(&conn, &rx, &mut queue, max_batch) {
+        if run_batch(&conn, &rx, &mut queue, max_batch, cache, &mut data_version) {
             if let Some((poke, _)) = &checkpoints {
                 let _ = poke.try_send(());
             }
@@ -215,31 +225,58 @@ fn drain(
     }
 }
 
+/// `PRAGMA data_version` of the writer's connection: it moves only when another
+/// connection (another process: the writer is this process's only one) committed.
+pub(super) fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))
+}
+
 /// Runs one batch; returns whether it committed anything.
 fn run_batch(
     conn: &Connection,
     rx: &mpsc::Receiver<Box<dyn WriteJob>>,
     queue: &mut VecDeque<Box<dyn WriteJob>>,
     max_batch: usize,
+    cache: &VersionCache,
+    seen_version: &mut i64,
 ) -> bool {
-    if let Err(e) = exec_cached(conn, "BEGIN IMMEDIATE") {
-        // Cannot even start: fail what is queued now; later jobs get a fresh try.
-        let err = db_err(e);
-        for job in queue.drain(..) {
-            job.abort(err.clone());
+    let begun = exec_cached(conn, "BEGIN IMMEDIATE").and_then(|()| data_version(conn));
+    let version = match begun {
+        Ok(v) => v,
+        Err(e) => {
+            // Cannot even start: fail what is queued now; later jobs get a fresh try.
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            let err = db_err(e);
+            for job in queue.drain(..) {
+                job.abort(err.clone());
+            }
+            return false;
         }
-        return false;
+    };
+    // Holding the write lock: every other process's commit so far is visible now.
+    if version != *seen_version {
+        *seen_version = version;
+        cache.external_change();
     }
     let mut acks: Vec<Box<dyn Ack>> = Vec::new();
+    let mut changes: Vec<Changes> = Vec::new();
     loop {
         drain(rx, queue, max_batch.saturating_sub(acks.len()));
         let Some(job) = queue.pop_front() else { break };
+        let change = job.changes();
+        if change != Changes::NoCredential {
+            changes.push(change);
+        }
         acks.push(job.run(conn));
         if conn.is_autocommit() {
             // The database rolled the whole transaction back (disk full, I/O error, ...):
             // every job of this batch so far is lost. Fail them; the rest of the queue is
             // retried in the next batch.
             let err = StoreError::unavailable("the database aborted the write transaction");
+            drop_changed(cache, &changes);
             for ack in acks.drain(..) {
                 ack.ack(Err(err.clone()));
             }
@@ -249,7 +286,11 @@ fn run_batch(
             break;
         }
     }
-    match exec_cached(conn, "COMMIT") {
+    cache.checked();
+    let committed = exec_cached(conn, "COMMIT");
+    // Whatever the commit's fate, drop what the jobs named before anyone hears back.
+    drop_changed(cache, &changes);
+    match committed {
         Ok(()) => {
             for ack in acks {
                 ack.ack(Ok(()));
@@ -266,5 +307,11 @@ fn run_batch(
             }
             false
         }
+    }
+}
+
+fn drop_changed(cache: &VersionCache, changes: &[Changes]) {
+    for c in changes {
+        cache.apply(c);
     }
 }
