@@ -9,9 +9,15 @@
 //! already queued at the store when the previous commit ends (with one append in flight,
 //! every batch also waited for a round trip through this task after the previous commit).
 //! Callers are answered and the sink is written batch by batch in the order the appends
-//! started. On SQLite (one writer thread, first come first served) that is `seq` order; on
-//! PostgreSQL two appends in flight may take the head's row lock in either order, and the
-//! sink may then hold two adjacent batches swapped (every line carries its `seq`).
+//! started. On PostgreSQL two appends in flight may take the head's row lock in either
+//! order, and the sink may then hold two adjacent batches swapped (every line carries its
+//! `seq`).
+//!
+//! A log that already group-commits concurrent appends itself ([`AuditLog::groups_appends`]:
+//! SQLite, whose one writer thread folds every queued job into one commit) gets each event
+//! straight from [`Auditor::record`] and no task is started: one hand-off fewer per
+//! request. Each caller then writes its own sink line after its commit, so lines of one
+//! commit may come in any order.
 //!
 //! The head key (which MACs the chain head) is a random 256-bit key wrapped by the key
 //! provider under the associated data [`HEAD_KEY_AAD`] and kept in the store's
@@ -156,6 +162,9 @@ pub struct Auditor {
     tx: mpsc::Sender<Pending>,
     key: Arc<HeadKey>,
     sink: Option<Arc<Mutex<RecordSink>>>,
+    /// The log itself, when it group-commits concurrent appends (SQLite): a record then goes
+    /// straight to it instead of through the task (one hand-off fewer per request).
+    direct: Option<Arc<dyn AuditLog>>,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -173,8 +182,16 @@ impl Auditor {
         let (tx, rx) = mpsc::channel(QUEUE);
         let key = Arc::new(key);
         let sink = sink.map(|s| Arc::new(Mutex::new(s)));
-        tokio::spawn(run(log, key.clone(), rx, sink.clone()));
-        Self { tx, key, sink }
+        let direct = log.groups_appends().then(|| log.clone());
+        if direct.is_none() {
+            tokio::spawn(run(log, key.clone(), rx, sink.clone()));
+        }
+        Self {
+            tx,
+            key,
+            sink,
+            direct,
+        }
     }
 
     /// The key that MACs the chain head, for a write that commits its own record in its
@@ -197,6 +214,16 @@ impl Auditor {
     ///
     /// [`CoreError::Unavailable`] when the record could not be written.
     pub async fn record(&self, event: Event) -> Result<u64, CoreError> {
+        if let Some(log) = &self.direct {
+            let record = log
+                .audit_append(self.key.clone(), vec![event])
+                .await
+                .map_err(|e| unavailable("append", e))?
+                .pop()
+                .ok_or_else(|| CoreError::Unavailable("audit append returned no record".into()))?;
+            self.committed(&record);
+            return Ok(record.seq);
+        }
         let (ack, rx) = oneshot::channel();
         self.tx
             .send(Pending { event, ack })
@@ -439,10 +466,50 @@ mod tests {
         }
     }
 
-    /// With several appends in flight, callers still get consecutive seqs, the chain
-    /// verifies, and the sink gets every record once, in seq order.
+    /// The SQLite log as a log that does not group-commit by itself (as PostgreSQL), so the
+    /// batching task runs in front of it.
+    #[derive(Debug)]
+    struct Ungrouped(SqliteStore);
+
+    #[async_trait::async_trait]
+    impl AuditLog for Ungrouped {
+        async fn audit_append(
+            &self,
+            key: Arc<HeadKey>,
+            events: Vec<Event>,
+        ) -> Result<Vec<Record>, StoreError> {
+            self.0.audit_append(key, events).await
+        }
+        async fn audit_head(&self) -> Result<Option<strongroom_store::audit::Head>, StoreError> {
+            self.0.audit_head().await
+        }
+        async fn audit_scan(&self, after: u64, limit: u32) -> Result<Vec<Record>, StoreError> {
+            self.0.audit_scan(after, limit).await
+        }
+        async fn audit_query(
+            &self,
+            filter: &strongroom_store::AuditFilter,
+            before: Option<u64>,
+            limit: u32,
+        ) -> Result<Vec<Record>, StoreError> {
+            self.0.audit_query(filter, before, limit).await
+        }
+        async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+            self.0.audit_init_head_key(wrapped).await
+        }
+    }
+
+    /// Through the batching task (a log that does not group-commit by itself) with several
+    /// appends in flight, and straight to the SQLite log: callers get consecutive seqs, the
+    /// chain verifies, and the sink gets every record once (in seq order through the task).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pipelined_appends_keep_the_chain_and_the_sink_in_order() {
+        for grouped in [false, true] {
+            concurrent_appends(grouped).await;
+        }
+    }
+
+    async fn concurrent_appends(grouped: bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
         let keys = FakeProvider::new("audit-tests", 1);
@@ -451,11 +518,13 @@ mod tests {
             .unwrap();
         let check = key.head(1, [9; 32]);
         let sink = SharedSink::default();
-        let auditor = Auditor::start(
-            Arc::new((*store).clone()),
-            key,
-            Some(Box::new(sink.clone())),
-        );
+        let log: Arc<dyn AuditLog> = if grouped {
+            Arc::new((*store).clone())
+        } else {
+            Arc::new(Ungrouped((*store).clone()))
+        };
+        assert_eq!(log.groups_appends(), grouped);
+        let auditor = Auditor::start(log, key, Some(Box::new(sink.clone())));
         let mut tasks = Vec::new();
         for i in 0..2000u32 {
             let a = auditor.clone();
@@ -497,7 +566,7 @@ mod tests {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let sunk: Vec<u64> = text
+        let mut sunk: Vec<u64> = text
             .lines()
             .map(|l| {
                 serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
@@ -505,6 +574,10 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        assert_eq!(sunk, (1..=2000).collect::<Vec<u64>>());
+        if grouped {
+            // Each caller writes its own line after its commit.
+            sunk.sort_unstable();
+        }
+        assert_eq!(sunk, (1..=2000).collect::<Vec<u64>>(), "grouped: {grouped}");
     }
 }

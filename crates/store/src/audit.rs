@@ -60,6 +60,13 @@ pub trait AuditLog: Send + Sync + Debug {
         events: Vec<Event>,
     ) -> Result<Vec<Record>, StoreError>;
 
+    /// Whether concurrent [`audit_append`](AuditLog::audit_append) calls already share one
+    /// commit inside the log (the SQLite writer thread's group commit), so that callers may
+    /// append one event each, without a batching task in front of the log.
+    fn groups_appends(&self) -> bool {
+        false
+    }
+
     /// The head, or `None` while nothing was ever appended.
     async fn audit_head(&self) -> Result<Option<Head>, StoreError>;
 

@@ -1926,6 +1926,10 @@ impl crate::audit::AuditLog for SqliteStore {
         Ok(records)
     }
 
+    fn groups_appends(&self) -> bool {
+        true
+    }
+
     async fn audit_head(&self) -> Result<Option<crate::audit::Head>, StoreError> {
         self.read(|conn| {
             let (count, hash, mac): (i64, Vec<u8>, Vec<u8>) = conn
