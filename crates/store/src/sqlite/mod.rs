@@ -802,23 +802,35 @@ fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutco
         Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict { latest }),
         Err(e) => return Err(db_err(e)),
     }
-    // Retention: keep the newest `max_versions - 1` non-current active versions.
-    let mut retired = conn
-        .prepare_cached(&format!(
-            "UPDATE versions SET {DESTROY_SET}
-             WHERE id IN (SELECT id FROM versions
-                          WHERE credential_id = ?2 AND state = 0 AND version <> ?3
-                          ORDER BY version DESC LIMIT -1 OFFSET ?4)
-             RETURNING version"
-        ))
-        .map_err(db_err)?
-        .query_map(
-            params![now, id, nv.version, i64::from(nv.max_versions) - 1],
-            |r| r.get::<_, i64>(0),
+    // Retention: keep the newest `max_versions - 1` non-current active versions. The
+    // versions to retire are read first, in index order off the partial index of active
+    // versions, then destroyed one by one by rowid: as one `UPDATE ... WHERE id IN (SELECT
+    // ... OFFSET) RETURNING`, SQLite built two temporary tables (each with a pager of its own)
+    // per put, a sixth of the writer's time once every put retires a version.
+    let doomed = conn
+        .prepare_cached(
+            "SELECT id, version FROM versions
+             WHERE credential_id = ?1 AND state = 0 AND version <> ?2
+             ORDER BY version DESC LIMIT -1 OFFSET ?3",
         )
         .map_err(db_err)?
-        .map(|v| v.map_err(db_err).and_then(version_from_db))
-        .collect::<Result<Vec<u32>, _>>()?;
+        .query_map(
+            params![id, nv.version, i64::from(nv.max_versions) - 1],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .map_err(db_err)?
+        .collect::<Result<Vec<(i64, i64)>, _>>()
+        .map_err(db_err)?;
+    let mut retired = Vec::with_capacity(doomed.len());
+    if !doomed.is_empty() {
+        let mut destroy = conn
+            .prepare_cached(&format!("UPDATE versions SET {DESTROY_SET} WHERE id = ?2"))
+            .map_err(db_err)?;
+        for (row, version) in doomed {
+            destroy.execute(params![now, row]).map_err(db_err)?;
+            retired.push(version_from_db(version)?);
+        }
+    }
     retired.sort_unstable();
     Ok(PutOutcome {
         version: nv.version,
