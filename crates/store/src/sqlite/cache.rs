@@ -20,7 +20,7 @@
 //!   so if the epoch did not move, the row read was still current. When no write
 //!   transaction covered the reveal (no audit record), `confirm` runs an empty one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -52,12 +52,74 @@ pub(super) enum Freshness {
 struct Entry {
     version: SealedVersion,
     bytes: usize,
+    /// When it was cached (its place in [`Map::order`]).
+    seq: u64,
 }
 
 #[derive(Default)]
 struct Map {
     entries: HashMap<String, Entry>,
     bytes: usize,
+    /// Keys in the order they were cached, oldest first, with the `seq` of the entry each
+    /// one stood for: an item whose entry was dropped or cached again since is skipped when
+    /// it reaches the front, and [`Map::compact`] clears such items out.
+    order: VecDeque<(String, u64)>,
+    next_seq: u64,
+}
+
+impl Map {
+    fn remove(&mut self, key: &str) {
+        if let Some(old) = self.entries.remove(key) {
+            self.bytes -= old.bytes;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
+        self.bytes = 0;
+    }
+
+    fn current(&self, item: &(String, u64)) -> bool {
+        self.entries.get(&item.0).is_some_and(|e| e.seq == item.1)
+    }
+
+    /// Evicts the oldest entries until `bytes` more fit in `max`.
+    fn make_room(&mut self, bytes: usize, max: usize) {
+        while self.bytes + bytes > max {
+            let Some(item) = self.order.pop_front() else {
+                break;
+            };
+            if self.current(&item) {
+                self.remove(&item.0);
+            }
+        }
+    }
+
+    fn insert(&mut self, key: String, version: SealedVersion, bytes: usize) {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.entries.insert(
+            key.clone(),
+            Entry {
+                version,
+                bytes,
+                seq,
+            },
+        );
+        self.bytes += bytes;
+        self.order.push_back((key, seq));
+        self.compact();
+    }
+
+    /// Clears out items of entries dropped or cached again once they outnumber the
+    /// entries, so `order` stays within twice the entries (plus a constant), amortized O(1).
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.entries.len() + 1024 {
+            let order = std::mem::take(&mut self.order);
+            self.order = order.into_iter().filter(|i| self.current(i)).collect();
+        }
+    }
 }
 
 pub(super) struct VersionCache {
@@ -123,11 +185,13 @@ impl VersionCache {
         if !self.enabled() || !version.is_current || !version.credential_enabled {
             return;
         }
+        // The metadata is at most a few KiB of JSON; its text length stands for its size.
         let bytes = ENTRY_OVERHEAD
             + version.sealed_value.len()
             + version.wrapped_key.len()
-            + version.owner.len()
-            + version.name.len();
+            + 2 * (version.owner.len() + version.name.len())
+            + version.created_by.len()
+            + version.metadata.to_string().len();
         if bytes > self.max_bytes / 4 {
             return;
         }
@@ -135,26 +199,10 @@ impl VersionCache {
         if self.generation.load(Ordering::Acquire) != generation {
             return;
         }
-        // Evict arbitrary entries (the map's own order) until the new one fits.
-        while map.bytes + bytes > self.max_bytes {
-            let Some(k) = map.entries.keys().next().cloned() else {
-                break;
-            };
-            if let Some(old) = map.entries.remove(&k) {
-                map.bytes -= old.bytes;
-            }
-        }
-        let old = map.entries.insert(
-            key(&version.owner, &version.name),
-            Entry {
-                version: version.clone(),
-                bytes,
-            },
-        );
-        map.bytes += bytes;
-        if let Some(old) = old {
-            map.bytes -= old.bytes;
-        }
+        let k = key(&version.owner, &version.name);
+        map.remove(&k);
+        map.make_room(bytes, self.max_bytes);
+        map.insert(k, version.clone(), bytes);
     }
 
     /// Drops what `changes` names (the writer calls this after the commit, before the acks).
@@ -166,23 +214,17 @@ impl VersionCache {
         match changes {
             Changes::NoCredential => return,
             Changes::Credential { owner, name } => {
-                if let Some(old) = map.entries.remove(&key(owner, name)) {
-                    map.bytes -= old.bytes;
-                }
+                map.remove(&key(owner, name));
+                map.compact();
             }
-            Changes::AnyCredential => {
-                map.entries.clear();
-                map.bytes = 0;
-            }
+            Changes::AnyCredential => map.clear(),
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The writer saw another process's commit: drop everything.
     pub(super) fn external_change(&self) {
-        let mut map = self.lock();
-        map.entries.clear();
-        map.bytes = 0;
+        self.lock().clear();
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -299,6 +341,35 @@ mod tests {
         let off = VersionCache::new(0);
         off.fill(off.generation(), &version("alice", "k", 1, 10));
         assert!(off.get("alice", "k").is_none());
+    }
+
+    #[test]
+    fn the_oldest_entries_go_first_and_dropped_keys_do_not_pile_up() {
+        let one = {
+            let c = VersionCache::new(1 << 20);
+            c.fill(c.generation(), &version("alice", "k0", 1, 1000));
+            let bytes = c.lock().bytes;
+            bytes
+        };
+        let c = VersionCache::new(4 * one);
+        for i in 0..5 {
+            c.fill(c.generation(), &version("alice", &format!("k{i}"), 1, 1000));
+        }
+        assert!(c.get("alice", "k0").is_none(), "the oldest was evicted");
+        for i in 1..5 {
+            assert!(c.get("alice", &format!("k{i}")).is_some());
+        }
+        // Refilling one credential again and again keeps one entry and a bounded order.
+        let c = VersionCache::new(1 << 20);
+        for v in 1..10_000 {
+            c.fill(c.generation(), &version("alice", "k", v, 10));
+            c.apply(&Changes::Credential {
+                owner: "bob".into(),
+                name: "x".into(),
+            });
+        }
+        assert_eq!(c.len(), 1);
+        assert!(c.lock().order.len() <= 2 + 1024 + 1);
     }
 
     #[test]
