@@ -13,7 +13,11 @@
 # its output in "$PG_TMP/postgres.log" (never on the caller's stdout). Extra server settings
 # can be passed as `-c name=value ...` in PG_EXTRA_OPTS.
 #
-# Exports: STRONGROOM_TEST_POSTGRES_URL, PG_TMP, PG_PORT, PG_PID, PG_BIN.
+# The server also speaks TLS (ssl=on) with a throwaway certificate for 127.0.0.1 and
+# localhost, signed by a throwaway CA (STRONGROOM_TEST_POSTGRES_CA).
+#
+# Exports: STRONGROOM_TEST_POSTGRES_URL, STRONGROOM_TEST_POSTGRES_CA, PG_TMP, PG_PORT, PG_PID,
+# PG_BIN.
 
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 
@@ -48,12 +52,34 @@ pg_start() {
         _pg_log "initdb failed:"; cat "$PG_TMP/initdb.log" >&2; rm -rf "$PG_TMP"; return 1
     fi
     touch "$PG_TMP/postgres.log" && chown postgres:postgres "$PG_TMP/postgres.log"
+    # TLS for tests that ask for it (sslmode=require): a throwaway CA and a server
+    # certificate for 127.0.0.1 and localhost.
+    if ! command -v openssl >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null ||
+            { _pg_log "apt-get install openssl failed"; rm -rf "$PG_TMP"; return 1; }
+    fi
+    mkdir "$PG_TMP/tls"
+    if ! (
+        cd "$PG_TMP/tls" &&
+        openssl ecparam -name prime256v1 -genkey -noout -out ca.key &&
+        openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=strongroom-test-pg CA" -out ca.pem &&
+        openssl ecparam -name prime256v1 -genkey -noout -out server.key &&
+        openssl req -new -key server.key -subj "/CN=localhost" -out server.csr &&
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >ext.cnf &&
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -sha256 -extfile ext.cnf -out server.crt
+    ) >"$PG_TMP/openssl.log" 2>&1; then
+        _pg_log "making the test certificate failed:"; cat "$PG_TMP/openssl.log" >&2
+        rm -rf "$PG_TMP"; return 1
+    fi
+    chown postgres:postgres "$PG_TMP/tls/server.key" "$PG_TMP/tls/server.crt"
+    chmod 600 "$PG_TMP/tls/server.key"
 
     local attempt port opts
     for attempt in 1 2 3 4 5 6 7 8 9 10; do
         port=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
         _pg_port_free "$port" || continue
-        opts="-c listen_addresses=127.0.0.1 -p $port -k $PG_TMP/sock -c fsync=$fsync -c max_connections=200 ${PG_EXTRA_OPTS:-}"
+        opts="-c listen_addresses=127.0.0.1 -p $port -k $PG_TMP/sock -c fsync=$fsync -c max_connections=200 -c ssl=on -c ssl_cert_file=$PG_TMP/tls/server.crt -c ssl_key_file=$PG_TMP/tls/server.key ${PG_EXTRA_OPTS:-}"
         echo "$opts" >"$PG_TMP/options"
         if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_TMP/data" -w -t 60 \
                 -l "$PG_TMP/postgres.log" -o "$opts" \
@@ -62,6 +88,7 @@ pg_start() {
             PG_PID=$(head -n 1 "$PG_TMP/data/postmaster.pid")
             export PG_TMP PG_PORT PG_PID PG_BIN
             export STRONGROOM_TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres"
+            export STRONGROOM_TEST_POSTGRES_CA="$PG_TMP/tls/ca.pem"
             _pg_log "PostgreSQL up on 127.0.0.1:$port (pid $PG_PID, fsync=$fsync, dir $PG_TMP)"
             return 0
         fi

@@ -178,9 +178,14 @@ impl Source {
                 })
             }
             DatabaseUrl::Postgres(url) => {
-                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                    .await
-                    .map_err(src_err)?;
+                // The store's TLS rule: a server not on this host only over TLS verified
+                // against the platform's roots.
+                let (config, tls) = strongroom_store::postgres::client_config(
+                    url,
+                    &strongroom_store::postgres::PostgresTls::SystemRoots,
+                )
+                .map_err(|e| ImportError::Source(e.to_string()))?;
+                let (client, connection) = config.connect(tls).await.map_err(src_err)?;
                 let task = tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -405,6 +410,16 @@ fn pg_row(row: &tokio_postgres::Row, cols: &Columns) -> Result<SourceRow, Import
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The store's TLS rule holds for the importer's own connection too.
+    #[tokio::test]
+    async fn a_remote_django_database_in_the_clear_is_refused() {
+        let url = DatabaseUrl::Postgres("postgresql://u@db.example.com/app?sslmode=disable".into());
+        match Source::open(&url).await {
+            Err(ImportError::Source(m)) => assert!(m.contains("sslmode=disable"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
 
     #[test]
     fn database_urls() {

@@ -14,6 +14,7 @@
 //! | `store.url` | — | PostgreSQL connection string (`kind = "postgres"` only) |
 //! | `store.max_connections` | 16 | PostgreSQL pool size |
 //! | `store.schema` | — | PostgreSQL schema for the tables (created if absent) |
+//! | `store.tls_ca_file` | — | PostgreSQL: CA certificates (PEM) the server's certificate must chain to, instead of the platform's trust store. A server that is not on this host is reached over verified TLS only (`sslmode=disable` is refused for it); on this host `sslmode=require` in `store.url` asks for TLS too |
 //! | `store.sync` | `"full"` | SQLite only. `"full"`: every commit (each put, each audit record a reveal waits for) is fsynced before it is acknowledged, so it survives power loss. `"normal"`: **relaxed**, commits are only written to the WAL (fsynced at checkpoints): survives a crash of the process (kill -9), but the last acknowledged writes and audit records **can be lost on power loss or an OS crash** |
 //! | `store.reveal_cache_mb` | 32 | SQLite only. MiB of sealed current versions kept in memory so a reveal needs no database read; it holds what the file holds (never a plaintext), every write of this server drops what it changed before it is acknowledged, and a write by another process (an operator command) is caught before a value leaves. `0` turns it off |
 //! | `keys.provider` | `"local"` | key provider: `"local"` (keyring file), `"aws-kms"`, `"pkcs11"` or `"transit"` |
@@ -246,6 +247,10 @@ pub struct StoreConfig {
     /// PostgreSQL schema.
     #[serde(default)]
     pub schema: Option<String>,
+    /// PostgreSQL: the CA certificates (PEM) the server's TLS certificate must chain to
+    /// (default: the platform's trust store).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// SQLite durability of a commit (see [`StoreSync`]).
     #[serde(default)]
     pub sync: StoreSync,
@@ -274,6 +279,7 @@ impl fmt::Debug for StoreConfig {
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("max_connections", &self.max_connections)
             .field("schema", &self.schema)
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("sync", &self.sync)
             .field("reveal_cache_mb", &self.reveal_cache_mb)
             .finish()
@@ -812,6 +818,12 @@ impl Config {
             return bad(
                 "store.sync",
                 "is SQLite only; PostgreSQL durability is its own synchronous_commit",
+            );
+        }
+        if self.store.kind == StoreKind::Sqlite && self.store.tls_ca_file.is_some() {
+            return bad(
+                "store.tls_ca_file",
+                "is only used with store.kind = \"postgres\"",
             );
         }
         if self.store.kind == StoreKind::Postgres && self.store.reveal_cache_mb.is_some() {

@@ -72,7 +72,7 @@ use strongroom_core::policy::Policy;
 use strongroom_core::{SystemClock, Vault, VaultConfig};
 use strongroom_crypto::{KeyProvider, OsRandom};
 use strongroom_keys::local::LocalKeyring;
-use strongroom_store::postgres::{PostgresOptions, PostgresStore};
+use strongroom_store::postgres::{PostgresOptions, PostgresStore, PostgresTls};
 use strongroom_store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use strongroom_store::Store;
 use tokio::net::{TcpListener, TcpStream};
@@ -579,6 +579,9 @@ async fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
                 options.max_connections = n;
             }
             options.schema = config.store.schema.clone();
+            if let Some(ca) = &config.store.tls_ca_file {
+                options.tls = PostgresTls::CaFile(ca.clone());
+            }
             Ok(StoreHandle::Postgres(
                 PostgresStore::connect(url, options).await?,
             ))

@@ -518,6 +518,10 @@ fn the_reveal_cache_size_is_sqlite_only_and_bounded() {
         )?;
         assert!(err_of(load("pg.toml", &Overrides::default()))
             .contains("key `store.reveal_cache_mb`: is SQLite only"));
+        jail.clear_env();
+        jail.set_env("STRONGROOM_STORE__TLS_CA_FILE", "/etc/pg-ca.pem");
+        assert!(err_of(load("s.toml", &Overrides::default()))
+            .contains("key `store.tls_ca_file`: is only used with store.kind = \"postgres\""));
         Ok(())
     });
 }

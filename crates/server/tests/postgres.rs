@@ -27,13 +27,24 @@ fn postgres_url() -> Option<String> {
     }
 }
 
+/// Over TLS when the cluster offers it (`pg_start` does): `sslmode=require` and the test CA
+/// as `store.tls_ca_file`.
 #[tokio::test]
 async fn serves_over_postgres() {
     let Some(url) = postgres_url() else { return };
     let fx = Fixture::new();
     let schema = format!("srv_{}", std::process::id());
+    let tls = match std::env::var("STRONGROOM_TEST_POSTGRES_CA") {
+        Ok(ca) => format!("tls_ca_file = {ca:?}\n"),
+        Err(_) => String::new(),
+    };
+    let url = if tls.is_empty() {
+        url
+    } else {
+        format!("{url}?sslmode=require")
+    };
     let extra = format!(
-        "[store]\nkind = \"postgres\"\nurl = {url:?}\nschema = \"{schema}\"\nmax_connections = 4\n"
+        "[store]\nkind = \"postgres\"\nurl = {url:?}\nschema = \"{schema}\"\nmax_connections = 4\n{tls}"
     );
     let server = spawn(fx.config_from(&fx.toml("", &extra))).await;
     let client = server.client(fx.client_options());

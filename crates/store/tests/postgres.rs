@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
 use async_trait::async_trait;
-use strongroom_store::postgres::{PostgresOptions, PostgresStore};
+use strongroom_store::postgres::{PostgresOptions, PostgresStore, PostgresTls};
 use strongroom_store::testing::TestBackend;
 use strongroom_store::{Store, StoreError};
 use tokio::sync::Mutex;
@@ -140,6 +140,104 @@ async fn unreachable_server_is_unavailable() {
         .unwrap_err();
     assert!(err.is_transient(), "{err:?}");
     assert!(!format!("{err:?}").contains("password"));
+}
+
+fn with_sslmode(url: &str, mode: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslmode={mode}")
+}
+
+/// A server that is not on this host is reached over TLS only: `sslmode=disable` is refused
+/// before any connection is made.
+#[tokio::test]
+async fn a_remote_server_in_the_clear_is_refused() {
+    for url in [
+        "postgresql://u@db.example.com:5432/x?sslmode=disable",
+        "host=10.0.0.7 user=u dbname=x sslmode=disable",
+    ] {
+        let err = PostgresStore::connect(url, PostgresOptions::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidInput(m) if m.contains("sslmode=disable")),
+            "{err:?}"
+        );
+    }
+}
+
+/// With `sslmode=require` the connection is TLS, verified against the configured CA: the
+/// test CA works (and the store over it), the platform's roots and another CA are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_used_and_the_server_certificate_verified() {
+    let Some(url) = postgres_url() else { return };
+    let Ok(ca) = std::env::var("STRONGROOM_TEST_POSTGRES_CA") else {
+        assert!(
+            std::env::var("STRONGROOM_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+            "STRONGROOM_TEST_POSTGRES_CA is unset: start the cluster with pg_start"
+        );
+        return;
+    };
+    let schema = format!("t_tls_{}", std::process::id());
+    let options = |tls: PostgresTls| {
+        let mut o = PostgresOptions::default();
+        o.schema = Some(schema.clone());
+        o.timeout = std::time::Duration::from_secs(5);
+        o.tls = tls;
+        o
+    };
+    // On this host the default (`prefer`) connects in the clear.
+    let plain = PostgresStore::connect(&url, options(PostgresTls::SystemRoots))
+        .await
+        .unwrap();
+    assert!(!plain.testing_connection_is_tls().await.unwrap());
+
+    let require = with_sslmode(&url, "require");
+    let tls = PostgresStore::connect(&require, options(PostgresTls::CaFile(ca.clone().into())))
+        .await
+        .unwrap();
+    assert!(tls.testing_connection_is_tls().await.unwrap());
+    let nv = strongroom_store::NewVersion::new(
+        "alice",
+        "k",
+        1,
+        vec![1; 48],
+        vec![2; 40],
+        strongroom_store::KekRef::new("local", "k1", 1),
+        "user:test",
+        time::OffsetDateTime::now_utc(),
+    );
+    tls.put_version(nv).await.unwrap();
+    assert_eq!(
+        tls.get_version("alice", "k", None)
+            .await
+            .unwrap()
+            .sealed_value,
+        vec![1; 48]
+    );
+
+    // The platform's roots do not hold the test CA.
+    let err = PostgresStore::connect(&require, options(PostgresTls::SystemRoots))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    // Nor does another CA.
+    let other = rcgen::generate_simple_self_signed(vec!["other-ca.invalid".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let other_pem = dir.path().join("other.pem");
+    std::fs::write(&other_pem, other.cert.pem()).unwrap();
+    let err = PostgresStore::connect(&require, options(PostgresTls::CaFile(other_pem)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    // A CA file that holds no certificate is a configuration error.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let err = PostgresStore::connect(&require, options(PostgresTls::CaFile(empty)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+
+    tls.testing_drop_schema().await.unwrap();
 }
 
 /// Tampering with the PostgreSQL tables directly is caught, naming the record.

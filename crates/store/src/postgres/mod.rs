@@ -1,7 +1,13 @@
 //! The PostgreSQL 15+ backend, for many stateless nodes sharing one cluster.
 //!
 //! - `tokio-postgres` with a `deadpool` connection pool, runtime queries only (prepared and
-//!   cached per connection), no TLS yet (connect over a trusted network or a local socket).
+//!   cached per connection).
+//! - **TLS** (rustls): a server that is not on this host is reached over TLS only, its
+//!   certificate verified against [`PostgresOptions::tls`] (the platform's roots, or a CA
+//!   file), whatever the connection string's `sslmode` says short of `disable`, and
+//!   `sslmode=disable` is refused for it. On this host (loopback or a Unix socket) the
+//!   default `sslmode=prefer` connects in the clear; `sslmode=require` asks for verified TLS
+//!   there too.
 //! - A put locks its credential row (`SELECT ... FOR UPDATE`; a new credential is created
 //!   with `INSERT ... ON CONFLICT DO NOTHING`), so racing writers serialize on that row and
 //!   the loser sees the winner's version number. `UNIQUE (credential_id, version)` backs it
@@ -16,13 +22,17 @@
 mod schema;
 
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use time::OffsetDateTime;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::BackendError;
 use crate::types::{
@@ -51,6 +61,115 @@ pub struct PostgresOptions {
     pub schema: Option<String>,
     /// How long to wait for a pooled connection or a new one (default 10 s).
     pub timeout: Duration,
+    /// Whom to trust for the server's TLS certificate (default: the platform's roots).
+    pub tls: PostgresTls,
+}
+
+/// Whom the PostgreSQL connections trust for the server's certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PostgresTls {
+    /// The platform's trust store.
+    #[default]
+    SystemRoots,
+    /// The CA certificates (PEM) in this file, and only them.
+    CaFile(PathBuf),
+}
+
+impl PostgresTls {
+    fn connector(&self) -> Result<MakeRustlsConnect, StoreError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match self {
+            PostgresTls::SystemRoots => {
+                // Unreadable entries are skipped: an empty store then fails every handshake.
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+            PostgresTls::CaFile(path) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                    .map_err(|_| StoreError::InvalidInput("unreadable PostgreSQL CA file"))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| StoreError::InvalidInput("malformed PostgreSQL CA file"))?;
+                for cert in certs {
+                    roots.add(cert).map_err(|_| {
+                        StoreError::InvalidInput("unusable PostgreSQL CA certificate")
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(StoreError::InvalidInput(
+                        "the PostgreSQL CA file holds no certificate",
+                    ));
+                }
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(MakeRustlsConnect::new(config))
+    }
+}
+
+/// Whether every host of `config` is on this machine (loopback or a Unix socket).
+fn local_only(config: &tokio_postgres::Config) -> bool {
+    config.get_hosts().iter().all(|h| match h {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    }) && config
+        .get_hostaddrs()
+        .iter()
+        .all(std::net::IpAddr::is_loopback)
+}
+
+/// Parses `url` and applies this module's TLS rule to it, and builds the connector that
+/// verifies the server against `tls`: for every PostgreSQL client of Strongroom (the store,
+/// the Django importer).
+///
+/// # Errors
+///
+/// [`StoreError::InvalidInput`] for a malformed connection string, `sslmode=disable` to a
+/// server not on this host, or an unusable CA file.
+pub fn client_config(
+    url: &str,
+    tls: &PostgresTls,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect), StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| StoreError::InvalidInput("malformed PostgreSQL connection string"))?;
+    enforce_tls(&mut config)?;
+    Ok((config, tls.connector()?))
+}
+
+/// Applies the TLS rule (module docs): remote servers only over verified TLS.
+fn enforce_tls(config: &mut tokio_postgres::Config) -> Result<(), StoreError> {
+    let local = local_only(config);
+    match config.get_ssl_mode() {
+        SslMode::Disable if !local => Err(StoreError::InvalidInput(
+            "sslmode=disable is refused for a PostgreSQL server that is not on this host: \
+             sealed values and the password would cross the network in the clear",
+        )),
+        SslMode::Prefer if local => {
+            config.ssl_mode(SslMode::Disable);
+            Ok(())
+        }
+        SslMode::Disable | SslMode::Require => Ok(()),
+        _ => {
+            config.ssl_mode(SslMode::Require);
+            Ok(())
+        }
+    }
 }
 
 impl Default for PostgresOptions {
@@ -59,6 +178,7 @@ impl Default for PostgresOptions {
             max_connections: 16,
             schema: None,
             timeout: Duration::from_secs(10),
+            tls: PostgresTls::default(),
         }
     }
 }
@@ -119,9 +239,7 @@ impl PostgresStore {
     /// [`StoreError::Unavailable`] if the server cannot be reached;
     /// [`StoreError::SchemaTooNew`] for a database written by a newer Strongroom.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|_| StoreError::InvalidInput("malformed PostgreSQL connection string"))?;
+        let (mut config, tls) = client_config(url, &options.tls)?;
         if let Some(schema) = &options.schema {
             if !valid_schema_name(schema) {
                 return Err(StoreError::InvalidInput("malformed schema name"));
@@ -129,7 +247,7 @@ impl PostgresStore {
             // Create it on a plain connection first: the pool's connections use it.
             let mut plain = config.clone();
             plain.connect_timeout(options.timeout);
-            let (client, conn) = plain.connect(NoTls).await.map_err(pg_err)?;
+            let (client, conn) = plain.connect(tls.clone()).await.map_err(pg_err)?;
             let task = tokio::spawn(conn);
             let created = client
                 .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
@@ -147,7 +265,7 @@ impl PostgresStore {
         config.connect_timeout(options.timeout);
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -1104,6 +1222,24 @@ impl PostgresStore {
             .transpose()
     }
 
+    /// Test hook: whether a pooled connection runs over TLS (`pg_stat_ssl`).
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_connection_is_tls(&self) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        client
+            .query_one(
+                "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .try_get(0)
+            .map_err(pg_err)
+    }
+
     /// Test hook: overwrites the recorded schema version.
     ///
     /// # Errors
@@ -1417,5 +1553,48 @@ impl crate::audit::AuditLog for PostgresStore {
             .map_err(pg_err)?
             .try_get(0)
             .map_err(pg_err)
+    }
+}
+
+#[cfg(test)]
+mod tls_rule_tests {
+    use super::*;
+
+    fn mode_after(url: &str) -> Result<SslMode, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        enforce_tls(&mut config).map(|()| config.get_ssl_mode())
+    }
+
+    #[test]
+    fn remote_servers_get_tls_and_local_ones_may_go_without() {
+        // Not on this host: TLS whatever `prefer` or `require` says; `disable` refused.
+        for url in [
+            "postgresql://u@db.example.com/x",
+            "postgresql://u@db.example.com/x?sslmode=prefer",
+            "postgresql://u@db.example.com/x?sslmode=require",
+            "host=10.1.2.3 user=u",
+            "host=localhost,db.example.com user=u",
+            "host=localhost hostaddr=10.1.2.3 user=u",
+        ] {
+            assert!(matches!(mode_after(url), Ok(SslMode::Require)), "{url}");
+        }
+        assert!(matches!(
+            mode_after("postgresql://u@db.example.com/x?sslmode=disable"),
+            Err(StoreError::InvalidInput(_))
+        ));
+        // On this host: the default goes in the clear, `require` still asks for TLS.
+        for url in [
+            "postgresql://u@127.0.0.1/x",
+            "postgresql://u@localhost/x",
+            "postgresql://u@[::1]/x",
+            "host=/var/run/postgresql user=u",
+            "postgresql://u@127.0.0.1/x?sslmode=disable",
+        ] {
+            assert!(matches!(mode_after(url), Ok(SslMode::Disable)), "{url}");
+        }
+        assert!(matches!(
+            mode_after("postgresql://u@127.0.0.1/x?sslmode=require"),
+            Ok(SslMode::Require)
+        ));
     }
 }
