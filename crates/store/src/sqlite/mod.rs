@@ -947,12 +947,12 @@ fn read_version(
     let row = conn
         .prepare_cached(
             "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
-                            v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
-                            v.wrapped_key, v.sealed_value
-                     FROM credentials c
-                     JOIN versions v ON v.credential_id = c.id
-                          AND v.version = coalesce(?3, c.current_version)
-                     WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0",
+                    v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
+                    v.wrapped_key, v.sealed_value
+             FROM credentials c
+             JOIN versions v ON v.credential_id = c.id
+                  AND v.version = coalesce(?3, c.current_version)
+             WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0",
         )
         .map_err(db_err)?
         .query_row(params![owner, name, version], |r| {
