@@ -71,7 +71,7 @@ struct Shared {
     metrics: Metrics,
     verify_limiter: KeyedLimiter,
     auditor: std::sync::OnceLock<Auditor>,
-    broker: std::sync::OnceLock<Arc<Broker>>,
+    broker: RwLock<Option<Arc<Broker>>>,
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -94,7 +94,7 @@ impl AppState {
             metrics,
             verify_limiter,
             auditor: std::sync::OnceLock::new(),
-            broker: std::sync::OnceLock::new(),
+            broker: RwLock::new(None),
         }))
     }
 
@@ -136,15 +136,20 @@ impl AppState {
         self.0.auditor.get()
     }
 
-    /// Turns brokered use on (`POST .../broker`); without it that route answers 503. Only
-    /// the first call has an effect (returns `false` after).
-    pub fn set_broker(&self, broker: Arc<Broker>) -> bool {
-        self.0.broker.set(broker).is_ok()
+    /// Turns brokered use on (`POST .../broker`; without it that route answers 503), or
+    /// replaces the broker in force (a reload): calls in flight finish with the one they
+    /// started with.
+    pub fn set_broker(&self, broker: Arc<Broker>) {
+        *self.0.broker.write().unwrap_or_else(|e| e.into_inner()) = Some(broker);
     }
 
     /// The broker, when brokered use is on.
-    pub fn broker(&self) -> Option<&Arc<Broker>> {
-        self.0.broker.get()
+    pub fn broker(&self) -> Option<Arc<Broker>> {
+        self.0
+            .broker
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The use cases.

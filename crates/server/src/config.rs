@@ -73,9 +73,9 @@
 //! EdDSA); keys with another `use`, a non-fitting `alg` or a symmetric type are skipped.
 //! Relative paths are relative to the server's working directory.
 //!
-//! SIGHUP re-reads the configuration's `[auth]` section (with the files it names) and swaps
-//! it in as a whole, or keeps the previous one if anything in the new configuration is
-//! invalid; other sections need a restart.
+//! SIGHUP re-reads the configuration's `[auth]` and `[broker]` sections (with the files they
+//! name) and swaps each in as a whole, or keeps the previous ones if anything in the new
+//! configuration is invalid; other sections need a restart.
 //!
 //! # Environment
 //!

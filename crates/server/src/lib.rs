@@ -15,8 +15,8 @@
 //!   HTTP/2 streams per connection; body size and request time are enforced by the router.
 //! * **Signals** ([`Server::run_until_signal`]): SIGTERM or SIGINT stop accepting, let
 //!   in-flight requests finish within `limits.shutdown_grace_seconds`, close the store and
-//!   return `Ok`. SIGHUP reloads the policy file, the local keyring, the TLS certificate and
-//!   the authentication settings (`[auth]` of the configuration, re-read when
+//!   return `Ok`. SIGHUP reloads the policy file, the local keyring, the TLS certificate, the
+//!   `[broker]` settings and the authentication settings (`[auth]`; both re-read when
 //!   [`Reloader::set_config_file`] named it, with the secret, key and JWKS files it names);
 //!   whatever fails to load is logged and the old one kept. The local keyring is also
 //!   reloaded within a second of its file changing (`keys rotate`, `keys retire`), so every
@@ -239,22 +239,52 @@ impl Reloader {
             .unwrap_or_else(|e| e.into_inner()) = ConfigSource::Load { file, overrides };
     }
 
+    /// The configuration a reload takes its settings from (see [`Reloader::set_config_file`]).
+    fn config(&self) -> Result<Config, ServerError> {
+        match &*self
+            .inner
+            .config_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            ConfigSource::Fixed(c) => Ok((**c).clone()),
+            ConfigSource::Load { file, overrides } => Config::load(file.as_deref(), overrides),
+        }
+    }
+
+    /// Reloads the `[broker]` settings (and the CA file they name): calls in flight finish
+    /// with the broker they started with.
+    ///
+    /// # Errors
+    ///
+    /// The [`ServerError`] naming the key or file at fault; the broker in force stays.
+    pub fn reload_broker(&self) -> Result<(), ServerError> {
+        self.apply_broker(&self.config()?)
+    }
+
+    fn apply_broker(&self, config: &Config) -> Result<(), ServerError> {
+        let broker = build_broker(config)?;
+        let allow_private = broker.settings().allow_private_networks;
+        self.inner.state.set_broker(Arc::new(broker));
+        tracing::info!(
+            allow_private_networks = allow_private,
+            "broker settings reloaded"
+        );
+        Ok(())
+    }
+
     /// Reloads the authentication settings alone: see [`Reloader::reload`].
     ///
     /// # Errors
     ///
     /// The [`ServerError`] naming the key or file at fault; the settings in force stay.
     pub fn reload_auth(&self) -> Result<(), ServerError> {
+        self.apply_auth(&self.config()?)
+    }
+
+    fn apply_auth(&self, config: &Config) -> Result<(), ServerError> {
         let inner = &self.inner;
-        let config = match &*inner
-            .config_source
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
-            ConfigSource::Fixed(c) => (**c).clone(),
-            ConfigSource::Load { file, overrides } => Config::load(file.as_deref(), overrides)?,
-        };
-        let spec = JwksSpec::of(&config)?;
+        let spec = JwksSpec::of(config)?;
         let current = inner.jwks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let remote = match (&spec, current) {
             (None, _) => None,
@@ -268,7 +298,7 @@ impl Reloader {
                 Some(block_on_own_runtime(spec.connect(&runtime))??)
             }
         };
-        let authenticator = Authenticator::new(auth_settings(&config, remote.clone())?)?;
+        let authenticator = Authenticator::new(auth_settings(config, remote.clone())?)?;
         let (services, admins) = (config.auth.service.len(), config.auth.admin.len());
         inner.state.replace_auth(authenticator);
         *inner.jwks.lock().unwrap_or_else(|e| e.into_inner()) = spec.zip(remote);
@@ -282,8 +312,9 @@ impl Reloader {
         Ok(())
     }
 
-    /// Reloads the policy file (if configured), the local keyring, the TLS certificate and
-    /// the authentication settings ([`Reloader::reload_auth`]). Each part that loads
+    /// Reloads the policy file (if configured), the local keyring, the TLS certificate, the
+    /// broker settings ([`Reloader::reload_broker`]) and the authentication settings
+    /// ([`Reloader::reload_auth`]). Each part that loads
     /// replaces the old one as a whole; each that fails is logged and the old one stays in
     /// force. Requests in flight finish under the settings they started with.
     ///
@@ -325,9 +356,23 @@ impl Reloader {
                 failed.push(e.to_string());
             }
         }
-        if let Err(e) = self.reload_auth() {
-            tracing::error!(error = %e, "authentication reload failed; keeping the previous settings");
-            failed.push(e.to_string());
+        // One reading of the configuration for both sections; a configuration that does not
+        // load keeps both as they are.
+        match self.config() {
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the previous broker and authentication settings");
+                failed.push(e.to_string());
+            }
+            Ok(config) => {
+                if let Err(e) = self.apply_broker(&config) {
+                    tracing::error!(error = %e, "broker reload failed; keeping the previous settings");
+                    failed.push(e.to_string());
+                }
+                if let Err(e) = self.apply_auth(&config) {
+                    tracing::error!(error = %e, "authentication reload failed; keeping the previous settings");
+                    failed.push(e.to_string());
+                }
+            }
         }
         let runtime = tokio::runtime::Handle::try_current().ok();
         if let (Some(auditor), Some(runtime)) = (inner.state.auditor(), runtime) {
@@ -550,6 +595,11 @@ fn auth_settings(
     })
 }
 
+fn build_broker(config: &Config) -> Result<strongroom_core::broker::Broker, ServerError> {
+    strongroom_core::broker::Broker::new(config.broker.settings(&config.limits))
+        .map_err(|e| ServerError::Config(format!("key `broker.ca_file`: {e}")))
+}
+
 async fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
     match config.store.kind {
         StoreKind::Sqlite => {
@@ -636,8 +686,7 @@ impl Server {
         if config.policy_file.is_none() && policy.rules().is_empty() {
             tracing::warn!("no policy_file: services are denied every operation");
         }
-        let broker = strongroom_core::broker::Broker::new(config.broker.settings(&config.limits))
-            .map_err(|e| ServerError::Config(format!("key `broker.ca_file`: {e}")))?;
+        let broker = build_broker(&config)?;
 
         let store = open_store(&config).await?;
         let Keys {

@@ -495,6 +495,47 @@ async fn reload_swaps_the_auth_settings_and_keeps_them_when_the_new_ones_are_bro
     server.stop().await.unwrap();
 }
 
+/// SIGHUP swaps the `[broker]` settings in as a whole, and keeps them when the new ones
+/// do not load.
+#[tokio::test]
+async fn reload_swaps_the_broker_settings_and_keeps_them_when_the_new_ones_are_broken() {
+    let fx = Fixture::new();
+    let path = fx.dir.path().join("strongroom.toml");
+    let text = fx.toml("", "");
+    std::fs::write(&path, &text).unwrap();
+    let server = spawn(Config::load(Some(&path), &Overrides::default()).unwrap()).await;
+    server
+        .reloader
+        .set_config_file(Some(path.clone()), Overrides::default());
+    let settings = || server.state.broker().unwrap().settings().clone();
+    assert!(!settings().allow_private_networks);
+    assert_eq!(settings().timeout, std::time::Duration::from_secs(20));
+
+    std::fs::write(
+        &path,
+        format!("{text}\n[broker]\nallow_private_networks = true\ntimeout_seconds = 7\n"),
+    )
+    .unwrap();
+    server.reloader.reload().unwrap();
+    assert!(settings().allow_private_networks);
+    assert_eq!(settings().timeout, std::time::Duration::from_secs(7));
+
+    // A CA file that does not exist: refused, naming the key; the settings in force stay.
+    std::fs::write(
+        &path,
+        format!("{text}\n[broker]\nca_file = \"/nonexistent/ca.pem\"\n"),
+    )
+    .unwrap();
+    let errors = server.reloader.reload().unwrap_err();
+    assert!(
+        errors.iter().any(|e| e.contains("broker.ca_file")),
+        "{errors:?}"
+    );
+    assert!(settings().allow_private_networks);
+    assert_eq!(settings().timeout, std::time::Duration::from_secs(7));
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn reload_can_switch_user_keys_to_a_jwks_url_and_refuses_an_unreachable_one() {
     let fx = Fixture::new();
