@@ -541,7 +541,8 @@ async fn admins_see_key_usage_not_values() {
 
 /// An operator command (another process on the same database file) disables a credential
 /// the server answers reveals for from memory: the very next reveal does not release the
-/// value, with the audit log on or off.
+/// value, with the audit log on or off; a verify after the operator destroyed the value does
+/// not answer from the remembered one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disable_by_another_process_stops_the_next_reveal() {
     const VALUE: &str = "sk_live_disabled_behind_the_cache";
@@ -590,6 +591,40 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
             (StatusCode::CONFLICT, "credential_disabled"),
             "{auditing:?}"
         );
+
+        // The owner's verify answers about the current value, not a remembered one: after
+        // the operator destroys it, the old value no longer "matches".
+        strongroom_store::Store::set_enabled(
+            &operator,
+            "alice",
+            "zoom.api-key",
+            true,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+        let verify_path = format!("{KEY}/verify");
+        let verify = || {
+            api.call(
+                "POST",
+                &verify_path,
+                Some(&alice),
+                Some(json!({"value": VALUE})),
+            )
+        };
+        assert_eq!(verify().await.json()["matches"], true);
+        assert_eq!(verify().await.json()["matches"], true);
+        strongroom_store::Store::destroy_version(
+            &operator,
+            "alice",
+            "zoom.api-key",
+            1,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+        let after = verify().await;
+        assert_ne!(after.status, StatusCode::OK, "{auditing:?}: {}", after.body);
         operator.close().await;
     }
 }

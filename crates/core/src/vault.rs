@@ -519,6 +519,10 @@ impl Vault {
         let (revealed, _) = self.open(owner, name, None).await?;
         let stored: [u8; 32] = Sha256::digest(revealed.value.expose_secret()).into();
         let given: [u8; 32] = Sha256::digest(candidate.expose_secret()).into();
+        // The answer says something about the value: it must be about the current one even
+        // when another process changed it behind a read from memory (no audit record
+        // precedes this answer, so the store may run an empty write transaction to know).
+        self.confirm_read(&revealed.read).await?;
         Ok(bool::from(stored.ct_eq(&given)))
     }
 
