@@ -159,12 +159,19 @@ pub type RecordSink = Box<dyn Write + Send>;
 /// dropped.
 #[derive(Clone)]
 pub struct Auditor {
-    tx: mpsc::Sender<Pending>,
+    route: Route,
     key: Arc<HeadKey>,
     sink: Option<Arc<Mutex<RecordSink>>>,
-    /// The log itself, when it group-commits concurrent appends (SQLite): a record then goes
-    /// straight to it instead of through the task (one hand-off fewer per request).
-    direct: Option<Arc<dyn AuditLog>>,
+}
+
+/// Where [`Auditor::record`] sends an event.
+#[derive(Clone)]
+enum Route {
+    /// Straight to a log that group-commits concurrent appends itself (SQLite): one
+    /// hand-off fewer per request.
+    Direct(Arc<dyn AuditLog>),
+    /// To the batching task.
+    Task(mpsc::Sender<Pending>),
 }
 
 impl std::fmt::Debug for Auditor {
@@ -179,19 +186,16 @@ impl Auditor {
     /// Starts the writer task on the current tokio runtime. Each committed record is also
     /// written to `sink` (if any) as a JSON line, after the commit.
     pub fn start(log: Arc<dyn AuditLog>, key: HeadKey, sink: Option<RecordSink>) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
         let key = Arc::new(key);
         let sink = sink.map(|s| Arc::new(Mutex::new(s)));
-        let direct = log.groups_appends().then(|| log.clone());
-        if direct.is_none() {
+        let route = if log.groups_appends() {
+            Route::Direct(log)
+        } else {
+            let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(run(log, key.clone(), rx, sink.clone()));
-        }
-        Self {
-            tx,
-            key,
-            sink,
-            direct,
-        }
+            Route::Task(tx)
+        };
+        Self { route, key, sink }
     }
 
     /// The key that MACs the chain head, for a write that commits its own record in its
@@ -214,19 +218,23 @@ impl Auditor {
     ///
     /// [`CoreError::Unavailable`] when the record could not be written.
     pub async fn record(&self, event: Event) -> Result<u64, CoreError> {
-        if let Some(log) = &self.direct {
-            let record = log
-                .audit_append(self.key.clone(), vec![event])
-                .await
-                .map_err(|e| unavailable("append", e))?
-                .pop()
-                .ok_or_else(|| CoreError::Unavailable("audit append returned no record".into()))?;
-            self.committed(&record);
-            return Ok(record.seq);
-        }
+        let tx = match &self.route {
+            Route::Direct(log) => {
+                let record = log
+                    .audit_append(self.key.clone(), vec![event])
+                    .await
+                    .map_err(|e| unavailable("append", e))?
+                    .pop()
+                    .ok_or_else(|| {
+                        CoreError::Unavailable("audit append returned no record".into())
+                    })?;
+                self.committed(&record);
+                return Ok(record.seq);
+            }
+            Route::Task(tx) => tx,
+        };
         let (ack, rx) = oneshot::channel();
-        self.tx
-            .send(Pending { event, ack })
+        tx.send(Pending { event, ack })
             .await
             .map_err(|_| CoreError::Unavailable("audit writer stopped".into()))?;
         rx.await

@@ -456,7 +456,7 @@ struct TouchAck {
 }
 
 impl writer::WriteJob for TouchJob {
-    fn changes(&self) -> Changes {
+    fn take_changes(&mut self) -> Changes {
         // Last-used times are not part of a cached version.
         Changes::NoCredential
     }

@@ -25,8 +25,9 @@ use crate::StoreError;
 
 /// A write waiting for the writer thread.
 pub(super) trait WriteJob: Send {
-    /// What the job may change, for the reveal cache (dropped after the commit).
-    fn changes(&self) -> Changes;
+    /// What the job may change, for the reveal cache (dropped after the commit); the writer
+    /// takes it once, before running the job.
+    fn take_changes(&mut self) -> Changes;
     /// Runs the job inside the open transaction; returns what acknowledges it after commit.
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ack>;
     /// Fails the job without running it.
@@ -54,8 +55,8 @@ where
     F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
     T: Send + 'static,
 {
-    fn changes(&self) -> Changes {
-        self.changes.clone()
+    fn take_changes(&mut self) -> Changes {
+        std::mem::replace(&mut self.changes, Changes::NoCredential)
     }
 
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ack> {
@@ -265,8 +266,10 @@ fn run_batch(
     let mut changes: Vec<Changes> = Vec::new();
     loop {
         drain(rx, queue, max_batch.saturating_sub(acks.len()));
-        let Some(job) = queue.pop_front() else { break };
-        let change = job.changes();
+        let Some(mut job) = queue.pop_front() else {
+            break;
+        };
+        let change = job.take_changes();
         if change != Changes::NoCredential {
             changes.push(change);
         }
