@@ -389,6 +389,88 @@ fn local_to_transit_by_rewrap() {
     wrong_key_is_one_clear_error("transit", &strict(&transit_section("no-such-key")));
 }
 
+/// Operator commands never make a store or a KEK ring by accident. Pointed at a data dir
+/// with no database, they fail and leave it as it was. On a store without a ring (made in
+/// strict mode), `keys list` fails and makes none, until `keys generate` makes it on purpose.
+#[test]
+fn operator_commands_never_make_a_store_or_a_ring() {
+    if peer("STRONGROOM_TEST_OPENBAO_ADDR", "openbao.sh").is_none() {
+        return;
+    }
+    let key = unique("existing");
+    bao(&["write", "-f", &format!("transit/keys/{key}")]);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let write_cfg = |file: &str, keys_section: &str| {
+        let cfg = tmp.path().join(file);
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\n{keys_section}",
+                data.display().to_string()
+            ),
+        )
+        .unwrap();
+        cfg
+    };
+    let cfg = write_cfg("ring.toml", &transit_section(&key));
+    let strict_cfg = write_cfg("strict.toml", &strict(&transit_section(&key)));
+    let with_cfg =
+        |args: &[&str], cfg: &Path| run(args, &[std::ffi::OsStr::new("--config"), cfg.as_os_str()]);
+
+    for args in [
+        &["keys", "list"][..],
+        &["keys", "rotate"],
+        &["audit", "verify"],
+    ] {
+        for cfg in [&cfg, &strict_cfg] {
+            let out = with_cfg(args, cfg);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(err.contains("no Strongroom database at"), "{args:?}: {err}");
+            assert!(!data.exists(), "{args:?} made the data dir");
+        }
+    }
+
+    // A store without a ring: strict mode puts data keys under the provider itself.
+    std::fs::create_dir(&data).unwrap();
+    let rt = rt();
+    let ring_versions = || {
+        rt.block_on(async {
+            let b = Backends::open(&operator_config(Some(&strict_cfg), &data))
+                .await
+                .unwrap();
+            let ring = strongroom_core::hierarchy::list(b.store.as_ref())
+                .await
+                .unwrap();
+            b.close().await;
+            ring.len()
+        })
+    };
+    assert_eq!(ring_versions(), 0);
+    assert!(with_cfg(&["keys", "list"], &strict_cfg).status.success());
+    for args in [
+        &["keys", "list"][..],
+        &["keys", "rotate"],
+        &["audit", "verify"],
+    ] {
+        let out = with_cfg(args, &cfg);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("no KEK ring yet"), "{args:?}: {err}");
+        assert_eq!(ring_versions(), 0, "{args:?} made a ring");
+    }
+
+    let out = stdout_ok(&["keys", "generate"], &cfg);
+    assert!(
+        out.contains("KEK ring ready: kek:strongroom:v1 active"),
+        "{out}"
+    );
+    assert_eq!(ring_versions(), 1);
+    let out = stdout_ok(&["keys", "list"], &cfg);
+    assert!(out.contains("kek:strongroom"), "{out}");
+}
+
 fn kms_section(key_id: &str) -> String {
     format!(
         "[keys]\nprovider = \"aws-kms\"\n[keys.aws_kms]\nkey_id = {key_id:?}\n\

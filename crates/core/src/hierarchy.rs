@@ -353,6 +353,35 @@ impl KekHierarchy {
                 }
             }
         };
+        Self::from_record(store, root, raw).await
+    }
+
+    /// As [`open`](Self::open), but never makes a ring: an operator command pointed at the
+    /// wrong store must not start a new ring there.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open); [`ProviderErrorKind::Misconfigured`] when the store has no
+    /// ring yet.
+    pub async fn open_existing(
+        store: Arc<dyn Store>,
+        root: Arc<dyn KeyProvider>,
+    ) -> Result<Self, ProviderError> {
+        let raw = get_ring(store.as_ref()).await?.ok_or_else(|| {
+            misconfigured(
+                "this store has no KEK ring yet: the server makes one on its first start with \
+                 this configuration, as does `strongroom keys generate`; check that the \
+                 configuration names the right store",
+            )
+        })?;
+        Self::from_record(store, root, raw).await
+    }
+
+    async fn from_record(
+        store: Arc<dyn Store>,
+        root: Arc<dyn KeyProvider>,
+        raw: Vec<u8>,
+    ) -> Result<Self, ProviderError> {
         let ring = load(root.as_ref(), raw, None).await?;
         Ok(Self {
             root,

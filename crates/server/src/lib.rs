@@ -132,9 +132,37 @@ impl Backends {
     ///
     /// A [`ServerError`] naming the key or file at fault.
     pub async fn open(config: &Config) -> Result<Self, ServerError> {
+        Self::open_as(config, FirstStart::Allowed).await
+    }
+
+    /// As [`open`](Self::open), for operator commands that manage an existing store: with a
+    /// remote key provider, a missing SQLite database or (`hierarchy` mode) a store without
+    /// a KEK ring is an error instead of being made, so a command pointed at the wrong data
+    /// dir or database does not start an empty store (and a new ring at the provider)
+    /// there. With the local keyring the keyring file itself already fails a wrong data dir.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open); [`ServerError::Config`] naming the missing database or ring.
+    pub async fn open_existing(config: &Config) -> Result<Self, ServerError> {
+        Self::open_as(config, FirstStart::Refused).await
+    }
+
+    async fn open_as(config: &Config, first_start: FirstStart) -> Result<Self, ServerError> {
         config.validate_backends()?;
+        let remote = config.keys.provider != config::KeyProviderKind::Local;
+        if first_start == FirstStart::Refused && remote && config.store.kind == StoreKind::Sqlite {
+            let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
+            if !db.exists() {
+                return Err(ServerError::Config(format!(
+                    "key `data_dir`: no Strongroom database at {}; this command works on an \
+                     existing store (the server makes it on its first start)",
+                    db.display()
+                )));
+            }
+        }
         let handle = open_store(config).await?;
-        let keys = match open_keys(config, handle.as_dyn()).await {
+        let keys = match open_keys_as(config, handle.as_dyn(), first_start).await {
             Ok(keys) => keys,
             Err(e) => {
                 handle.close().await;
@@ -972,6 +1000,22 @@ pub struct Keys {
 /// As [`open_key_provider`]; a KEK the provider cannot unwrap stops the start with the
 /// provider's error naming the KEK.
 pub async fn open_keys(config: &Config, store: Arc<dyn Store>) -> Result<Keys, ServerError> {
+    open_keys_as(config, store, FirstStart::Allowed).await
+}
+
+/// Whether opening may make what a server's first start makes (see
+/// [`Backends::open_existing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstStart {
+    Allowed,
+    Refused,
+}
+
+async fn open_keys_as(
+    config: &Config,
+    store: Arc<dyn Store>,
+    first_start: FirstStart,
+) -> Result<Keys, ServerError> {
     let (provider, local_keyring) = open_key_provider(config).await?;
     if local_keyring.is_some() {
         return Ok(Keys {
@@ -1005,8 +1049,12 @@ pub async fn open_keys(config: &Config, store: Arc<dyn Store>) -> Result<Keys, S
             hierarchy: None,
         });
     }
-    let hierarchy =
-        Arc::new(KekHierarchy::open(store, provider, time::OffsetDateTime::now_utc()).await?);
+    let hierarchy = Arc::new(match first_start {
+        FirstStart::Allowed => {
+            KekHierarchy::open(store, provider, time::OffsetDateTime::now_utc()).await?
+        }
+        FirstStart::Refused => KekHierarchy::open_existing(store, provider).await?,
+    });
     Ok(Keys {
         provider: hierarchy.clone(),
         local_keyring: None,

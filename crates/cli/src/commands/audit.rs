@@ -91,7 +91,7 @@ async fn verify(target: &OperatorTarget, expect_head: Option<PathBuf>) -> Result
         }
         None => None,
     };
-    let backends = target.open().await?;
+    let backends = target.open_existing().await?;
     let result = verify_log(&backends, expected.as_ref()).await;
     backends.close().await;
     let n = result?;
@@ -175,7 +175,7 @@ async fn verify_log(
 }
 
 async fn head(target: &OperatorTarget) -> Result<(), Failure> {
-    let backends = target.open().await?;
+    let backends = target.open_existing().await?;
     let log = strongroom_core::audit::audit_log(backends.store.as_ref()).map_err(op);
     let head = match log {
         Ok(log) => log.audit_head().await.map_err(op),
@@ -195,7 +195,7 @@ fn hex_zero() -> String {
 }
 
 async fn export(target: &OperatorTarget, after: u64) -> Result<(), Failure> {
-    let backends = target.open().await?;
+    let backends = target.open_existing().await?;
     let result = export_records(&backends, after).await;
     backends.close().await;
     result

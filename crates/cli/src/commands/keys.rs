@@ -203,7 +203,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
             let info = local::rotate(&path, now, &OsRandom)?;
             if location.names_a_store()? {
                 block_on(async {
-                    let backends = location.operator_target().open().await?;
+                    let backends = location.operator_target().open_existing().await?;
                     super::rewrap::audit_action(&backends, "keys.rotate", "ok", None).await;
                     backends.close().await;
                     Ok(())
@@ -338,7 +338,7 @@ async fn remote_generate(config: Config) -> Result<(), Failure> {
 
 /// Active KEK and the KEKs in use, with counts, for a remote provider.
 async fn remote_list(config: Config, json: bool) -> Result<(), Failure> {
-    let backends = strongroom_server::Backends::open(&config).await?;
+    let backends = strongroom_server::Backends::open_existing(&config).await?;
     let active = backends.keyring.active_kek().map_err(ServerError::from);
     let counts = backends.store.count_versions_by_kek().await;
     backends.close().await;
@@ -399,7 +399,7 @@ fn print_kek_rows(rows: &[serde_json::Value], json: bool) -> Result<(), Failure>
 
 /// A remote KEK version is retired in the provider itself; this checks it is unused.
 async fn remote_retire(config: Config, version: u32) -> Result<(), Failure> {
-    let backends = strongroom_server::Backends::open(&config).await?;
+    let backends = strongroom_server::Backends::open_existing(&config).await?;
     let active = backends.keyring.active_kek().map_err(ServerError::from);
     let counts = backends.store.count_versions_by_kek().await;
     backends.close().await;
@@ -430,37 +430,50 @@ async fn remote_retire(config: Config, version: u32) -> Result<(), Failure> {
 
 async fn remote_rotate(config: Config) -> Result<(), Failure> {
     use strongroom_server::config::KeyProviderKind as K;
-    let kek = match config.keys.provider {
-        K::Pkcs11 => {
-            strongroom_keys::Pkcs11Provider::connect(strongroom_server::pkcs11_config(&config)?)
+    // The store first: the rotation is audited there, and a configuration that names no
+    // existing store is refused before the provider changes anything.
+    let backends = strongroom_server::Backends::open_existing(&config).await?;
+    let rotated: Result<_, Failure> = async {
+        let kek = match config.keys.provider {
+            K::Pkcs11 => {
+                strongroom_keys::Pkcs11Provider::connect(strongroom_server::pkcs11_config(&config)?)
+                    .await
+                    .map_err(ServerError::from)?
+                    .rotate()
+                    .await
+            }
+            K::Transit => {
+                strongroom_keys::TransitProvider::connect(strongroom_server::transit_config(
+                    &config,
+                )?)
                 .await
                 .map_err(ServerError::from)?
                 .rotate()
                 .await
-        }
-        K::Transit => {
-            strongroom_keys::TransitProvider::connect(strongroom_server::transit_config(&config)?)
-                .await
-                .map_err(ServerError::from)?
-                .rotate()
-                .await
-        }
-        _ => {
-            return Err(CliError::Operation(
-                "AWS KMS rotates a key's material itself (enable automatic rotation on the key); \
-                 to move to another KMS key, name it in a second configuration and run \
-                 `strongroom rewrap --to-config`"
-                    .into(),
-            )
-            .into())
-        }
+            }
+            _ => {
+                return Err(CliError::Operation(
+                    "AWS KMS rotates a key's material itself (enable automatic rotation on the \
+                     key); to move to another KMS key, name it in a second configuration and \
+                     run `strongroom rewrap --to-config`"
+                        .into(),
+                )
+                .into())
+            }
+        };
+        Ok(kek.map_err(ServerError::from)?)
     }
-    .map_err(ServerError::from)?;
-    println!("{kek} is now active; run `strongroom rewrap` to move stored data keys to it");
-    if let Ok(backends) = strongroom_server::Backends::open(&config).await {
-        super::rewrap::audit_action(&backends, "keys.rotate", "ok", None).await;
-        backends.close().await;
-    }
+    .await;
+    let (outcome, code) = match &rotated {
+        Ok(_) => ("ok", None),
+        Err(_) => ("error", Some("failed")),
+    };
+    super::rewrap::audit_action(&backends, "keys.rotate", outcome, code).await;
+    backends.close().await;
+    println!(
+        "{} is now active; run `strongroom rewrap` to move stored data keys to it",
+        rotated?
+    );
     Ok(())
 }
 
@@ -481,7 +494,7 @@ async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
     if root {
         remote_rotate(config.clone()).await?;
     }
-    let backends = strongroom_server::Backends::open(&config).await?;
+    let backends = strongroom_server::Backends::open_existing(&config).await?;
     let result = async {
         let ring = ring_of(&backends)?;
         let version = hierarchy::rotate(
@@ -517,7 +530,7 @@ async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
 /// `keys list` in hierarchy mode: the ring's versions and, per KEK, the credential versions
 /// it wraps (plus any data keys the provider wrapped directly, from strict mode).
 async fn ring_list(config: Config, json: bool) -> Result<(), Failure> {
-    let backends = strongroom_server::Backends::open(&config).await?;
+    let backends = strongroom_server::Backends::open_existing(&config).await?;
     let ring = hierarchy::list(backends.store.as_ref()).await;
     let counts = backends.store.count_versions_by_kek().await;
     backends.close().await;
@@ -556,7 +569,7 @@ async fn ring_list(config: Config, json: bool) -> Result<(), Failure> {
 /// `keys retire` in hierarchy mode: refuses while any credential version uses the KEK,
 /// erases it from the ring, then scans.
 async fn ring_retire(config: Config, version: u32) -> Result<(), Failure> {
-    let backends = strongroom_server::Backends::open(&config).await?;
+    let backends = strongroom_server::Backends::open_existing(&config).await?;
     let kek = KekRef::new(
         hierarchy::KIND.to_owned(),
         hierarchy::KEY_ID.to_owned(),
@@ -581,7 +594,7 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Resu
 
 async fn kek_counts(target: OperatorTarget) -> Result<Vec<(KekRef, u64)>, Failure> {
     let config = target.load()?;
-    let store = strongroom_server::Backends::open(&config).await?;
+    let store = strongroom_server::Backends::open_existing(&config).await?;
     let counts = store.store.count_versions_by_kek().await;
     store.close().await;
     counts.map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")).into())
@@ -593,7 +606,7 @@ async fn retire(
     kek: KekRef,
     now: OffsetDateTime,
 ) -> Result<(), Failure> {
-    let backends = location.operator_target().open().await?;
+    let backends = location.operator_target().open_existing().await?;
     retire_audited(backends, &kek, async || {
         local::retire(path, kek.version, now)?;
         Ok(())

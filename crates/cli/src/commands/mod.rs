@@ -73,9 +73,17 @@ impl OperatorTarget {
         )?)
     }
 
-    /// Opens the store and key provider.
+    /// Opens the store and key provider, making them as a server's first start would when
+    /// missing (`import` and `rewrap` may run before the server ever started).
     pub async fn open(&self) -> Result<strongroom_server::Backends, Failure> {
         let config = self.load()?;
         Ok(strongroom_server::Backends::open(&config).await?)
+    }
+
+    /// Opens an existing store and its key provider (see
+    /// [`strongroom_server::Backends::open_existing`]).
+    pub async fn open_existing(&self) -> Result<strongroom_server::Backends, Failure> {
+        let config = self.load()?;
+        Ok(strongroom_server::Backends::open_existing(&config).await?)
     }
 }
