@@ -128,7 +128,7 @@ pub(crate) fn router(state: AppState) -> Router {
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
-    Router::new()
+    let routes = Router::new()
         .merge(v1)
         .route("/v1/openapi.json", get(health::openapi))
         .route("/healthz", get(health::healthz))
@@ -142,21 +142,27 @@ pub(crate) fn router(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
+        // Inside the router: it labels requests by the matched route template.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::metrics::track,
-        ))
-        .layer(DefaultBodyLimit::max(state.limits().max_body_bytes))
-        .layer(TraceLayer::new_for_http())
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, ids))
-        .layer(tower::util::MapRequestLayer::new(
-            set_client_request_id_aside,
-        ))
+        ));
+    let body_limit = state.limits().max_body_bytes;
+    // The layers that need no route go around the router once, not around every route
+    // (`Router::layer` boxes each route once per layer, cloned for every request).
+    let around = tower::ServiceBuilder::new()
         // Before tracing sees them: tokens never reach a log line.
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
             HeaderName::from_static(ON_BEHALF_OF),
         ]))
-        .with_state(state)
+        .layer(tower::util::MapRequestLayer::new(
+            set_client_request_id_aside,
+        ))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, ids))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http())
+        .layer(DefaultBodyLimit::max(body_limit))
+        .service(routes.with_state(state));
+    Router::new().fallback_service(around)
 }
