@@ -464,17 +464,22 @@ async fn remote_rotate(config: Config) -> Result<(), Failure> {
         Ok(kek.map_err(ServerError::from)?)
     }
     .await;
-    let (outcome, code) = match &rotated {
-        Ok(_) => ("ok", None),
-        Err(_) => ("error", Some("failed")),
-    };
-    super::rewrap::audit_action(&backends, "keys.rotate", outcome, code).await;
-    backends.close().await;
+    audit_rotation(backends, &rotated).await;
     println!(
         "{} is now active; run `strongroom rewrap` to move stored data keys to it",
         rotated?
     );
     Ok(())
+}
+
+/// Records a `keys rotate` and how it ended in the audit log, then closes the store.
+async fn audit_rotation<T>(backends: strongroom_server::Backends, result: &Result<T, Failure>) {
+    let (outcome, code) = match result {
+        Ok(_) => ("ok", None),
+        Err(_) => ("error", Some("failed")),
+    };
+    super::rewrap::audit_action(&backends, "keys.rotate", outcome, code).await;
+    backends.close().await;
 }
 
 /// Whether `config` puts a remote provider over Strongroom's KEK ring.
@@ -511,12 +516,7 @@ async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
         ))
     }
     .await;
-    let (outcome, code) = match &result {
-        Ok(_) => ("ok", None),
-        Err(_) => ("error", Some("failed")),
-    };
-    super::rewrap::audit_action(&backends, "keys.rotate", outcome, code).await;
-    backends.close().await;
+    audit_rotation(backends, &result).await;
     let (version, root_kek) = result?;
     println!(
         "{}:{}:v{version} is now active (wrapped by {root_kek}); running servers use it within \
