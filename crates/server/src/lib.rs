@@ -135,15 +135,17 @@ impl Backends {
         Self::open_as(config, FirstStart::Allowed).await
     }
 
-    /// As [`open`](Self::open), for operator commands that manage an existing store: with a
-    /// remote key provider, a missing SQLite database or (`hierarchy` mode) a store without
-    /// a KEK ring is an error instead of being made, so a command pointed at the wrong data
-    /// dir or database does not start an empty store (and a new ring at the provider)
-    /// there. With the local keyring the keyring file itself already fails a wrong data dir.
+    /// As [`open`](Self::open), for operator commands that manage an existing store: a
+    /// PostgreSQL database (or schema) without Strongroom's tables, and with a remote key
+    /// provider a missing SQLite database or (`hierarchy` mode) a store without a KEK ring,
+    /// is an error instead of being made. A command pointed at the wrong data dir or
+    /// database then does not start an empty store (and a new ring at the provider) there.
+    /// With the local keyring, the keyring file itself already fails a wrong data dir.
     ///
     /// # Errors
     ///
-    /// As [`open`](Self::open); [`ServerError::Config`] naming the missing database or ring.
+    /// As [`open`](Self::open); [`ServerError::Config`] or [`ServerError::Store`] naming the
+    /// missing database, tables or ring.
     pub async fn open_existing(config: &Config) -> Result<Self, ServerError> {
         Self::open_as(config, FirstStart::Refused).await
     }
@@ -161,7 +163,7 @@ impl Backends {
                 )));
             }
         }
-        let handle = open_store(config).await?;
+        let handle = open_store(config, first_start).await?;
         let keys = match open_keys_as(config, handle.as_dyn(), first_start).await {
             Ok(keys) => keys,
             Err(e) => {
@@ -628,7 +630,7 @@ fn build_broker(config: &Config) -> Result<strongroom_core::broker::Broker, Serv
         .map_err(|e| ServerError::Config(format!("key `broker.ca_file`: {e}")))
 }
 
-async fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
+async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHandle, ServerError> {
     match config.store.kind {
         StoreKind::Sqlite => {
             let mut options = SqliteOptions::default();
@@ -657,6 +659,7 @@ async fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
                 options.max_connections = n;
             }
             options.schema = config.store.schema.clone();
+            options.create = first_start == FirstStart::Allowed;
             if let Some(ca) = &config.store.tls_ca_file {
                 options.tls = PostgresTls::CaFile(ca.clone());
             }
@@ -716,7 +719,7 @@ impl Server {
         }
         let broker = build_broker(&config)?;
 
-        let store = open_store(&config).await?;
+        let store = open_store(&config, FirstStart::Allowed).await?;
         let Keys {
             provider: keyring,
             local_keyring,

@@ -75,6 +75,38 @@ async fn serves_over_postgres() {
     assert!(!fx.data_dir.join("strongroom.db").exists());
 }
 
+/// Operator commands open an existing store only. On a schema without Strongroom's tables,
+/// `Backends::open_existing` fails and makes nothing (a second try fails the same way). Once
+/// the server's own open has made them, it opens.
+#[tokio::test]
+async fn operator_open_makes_no_tables() {
+    let Some(url) = postgres_url() else { return };
+    let fx = Fixture::new();
+    let schema = format!("srv_existing_{}", std::process::id());
+    let store = format!(
+        "[store]\nkind = \"postgres\"\nurl = {url:?}\nschema = \"{schema}\"\nmax_connections = 2\n"
+    );
+    let config = fx.config_from(&fx.toml("", &store));
+    for _ in 0..2 {
+        let err = strongroom_server::Backends::open_existing(&config)
+            .await
+            .err()
+            .expect("there are no tables yet")
+            .to_string();
+        assert!(err.contains("no Strongroom tables"), "{err}");
+    }
+    strongroom_server::Backends::open(&config)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    strongroom_server::Backends::open_existing(&config)
+        .await
+        .unwrap()
+        .close()
+        .await;
+}
+
 /// Two server nodes sharing one PostgreSQL, under concurrent load on both, write one audit
 /// chain that verifies; node B's `[audit] jsonl` copy holds exactly its records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

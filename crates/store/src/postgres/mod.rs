@@ -63,6 +63,10 @@ pub struct PostgresOptions {
     pub timeout: Duration,
     /// Whom to trust for the server's TLS certificate (default: the platform's roots).
     pub tls: PostgresTls,
+    /// Create the schema and Strongroom's tables when they are missing (default `true`).
+    /// With `false` a database (or schema) without them is an error, so an operator command
+    /// pointed at the wrong database does not start an empty store there.
+    pub create: bool,
 }
 
 /// Whom the PostgreSQL connections trust for the server's certificate.
@@ -179,6 +183,7 @@ impl Default for PostgresOptions {
             schema: None,
             timeout: Duration::from_secs(10),
             tls: PostgresTls::default(),
+            create: true,
         }
     }
 }
@@ -244,6 +249,8 @@ impl PostgresStore {
             if !valid_schema_name(schema) {
                 return Err(StoreError::InvalidInput("malformed schema name"));
             }
+        }
+        if let Some(schema) = options.schema.as_ref().filter(|_| options.create) {
             // Create it on a plain connection first: the pool's connections use it.
             let mut plain = config.clone();
             plain.connect_timeout(options.timeout);
@@ -260,6 +267,8 @@ impl PostgresStore {
                     return Err(pg_err(e));
                 }
             }
+        }
+        if let Some(schema) = &options.schema {
             config.options(format!("-c search_path={schema}"));
         }
         config.connect_timeout(options.timeout);
@@ -281,7 +290,7 @@ impl PostgresStore {
             pool,
             schema: options.schema,
         };
-        store.migrate().await?;
+        store.migrate(options.create).await?;
         Ok(store)
     }
 
@@ -289,12 +298,27 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_err)
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
+    async fn migrate(&self, create: bool) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(pg_err)?;
+        if !create {
+            // Looked up through the search path, as every later query is.
+            let found: bool = tx
+                .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+                .await
+                .map_err(pg_err)?
+                .try_get(0)
+                .map_err(pg_err)?;
+            if !found {
+                return Err(StoreError::unavailable(
+                    "no Strongroom tables in this database (or schema); this command works on \
+                     an existing store (the server makes them on its first start)",
+                ));
+            }
+        }
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_version (
                  id      INTEGER PRIMARY KEY CHECK (id = 1),
