@@ -144,25 +144,14 @@ impl Backends {
     ///
     /// # Errors
     ///
-    /// As [`open`](Self::open); [`ServerError::Config`] or [`ServerError::Store`] naming the
-    /// missing database, tables or ring.
+    /// As [`open`](Self::open); [`ServerError::Store`] naming the missing database or
+    /// tables, [`ServerError::Provider`] naming the missing ring.
     pub async fn open_existing(config: &Config) -> Result<Self, ServerError> {
         Self::open_as(config, FirstStart::Refused).await
     }
 
     async fn open_as(config: &Config, first_start: FirstStart) -> Result<Self, ServerError> {
         config.validate_backends()?;
-        let remote = config.keys.provider != config::KeyProviderKind::Local;
-        if first_start == FirstStart::Refused && remote && config.store.kind == StoreKind::Sqlite {
-            let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
-            if !db.exists() {
-                return Err(ServerError::Config(format!(
-                    "key `data_dir`: no Strongroom database at {}; this command works on an \
-                     existing store (the server makes it on its first start)",
-                    db.display()
-                )));
-            }
-        }
         let handle = open_store(config, first_start).await?;
         let keys = match open_keys_as(config, handle.as_dyn(), first_start).await {
             Ok(keys) => keys,
@@ -637,6 +626,10 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             if let Some(mb) = config.store.reveal_cache_mb {
                 options.reveal_cache_bytes = usize::try_from(mb).unwrap_or(usize::MAX) << 20;
             }
+            // With the local keyring, a wrong data dir already fails on the missing keyring
+            // file, and `keys generate` then `keys list` before a first start must work.
+            options.create = first_start == FirstStart::Allowed
+                || config.keys.provider == config::KeyProviderKind::Local;
             if config.store.sync == config::StoreSync::Normal {
                 options.synchronous = Synchronous::DangerNormal;
                 tracing::warn!(

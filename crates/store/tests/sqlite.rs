@@ -148,6 +148,32 @@ async fn not_a_database_is_reported() {
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 }
 
+/// `create: false` (operator commands) opens an existing database only: a missing one is
+/// an error naming it, and neither the data dir nor the file appears.
+#[tokio::test]
+async fn without_create_a_missing_database_is_an_error_and_nothing_is_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut existing_only = SqliteOptions::default();
+    existing_only.create = false;
+    let err = match SqliteStore::open_dir_with(&dir, existing_only.clone()).await {
+        Ok(_) => panic!("opened a database that does not exist"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("no Strongroom database at"),
+        "{err}"
+    );
+    assert!(!dir.exists());
+
+    SqliteStore::open_dir(&dir).await.unwrap().close().await;
+    let store = SqliteStore::open_dir_with(&dir, existing_only)
+        .await
+        .unwrap();
+    store.close().await;
+}
+
 /// Concurrent `touch_last_used` calls are applied as shared write jobs: every caller still
 /// gets its own answer (`NotFound` for a missing credential), every credential ends with
 /// the latest time given, and a touch after close fails instead of hanging.

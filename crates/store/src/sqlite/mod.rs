@@ -107,6 +107,10 @@ pub struct SqliteOptions {
     /// the cache off). It holds only what the database holds, and stays exact (see
     /// [`Store::confirm_unchanged`]).
     pub reveal_cache_bytes: usize,
+    /// Create the data dir and the database file when they are missing (default `true`).
+    /// With `false` a missing file is an error, so an operator command pointed at the wrong
+    /// data dir does not start an empty store there.
+    pub create: bool,
 }
 
 impl Default for SqliteOptions {
@@ -117,6 +121,7 @@ impl Default for SqliteOptions {
             max_readers: 8,
             busy_timeout: Duration::from_secs(5),
             reveal_cache_bytes: 32 << 20,
+            create: true,
         }
     }
 }
@@ -226,14 +231,17 @@ impl SqliteStore {
         options: SqliteOptions,
     ) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || create_private_dir(&d))
-            .await
-            .map_err(join_err)??;
+        if options.create {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || create_private_dir(&d))
+                .await
+                .map_err(join_err)??;
+        }
         Self::open(dir.join(DB_FILE_NAME), options).await
     }
 
-    /// Opens (creating if needed) the database file at `path` and applies migrations.
+    /// Opens (creating if needed, unless [`SqliteOptions::create`] is off) the database file
+    /// at `path` and applies migrations.
     ///
     /// # Errors
     ///
@@ -246,9 +254,16 @@ impl SqliteStore {
     }
 
     fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<Self, StoreError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if options.create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        } else if !path.exists() {
+            return Err(StoreError::unavailable(format!(
+                "no Strongroom database at {}; this command works on an existing store (the \
+                 server makes it on its first start)",
+                path.display()
+            )));
+        }
         let conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
         restrict_file_mode(&path)?;
         writer::set_busy_handler(&conn, options.busy_timeout).map_err(db_err)?;
