@@ -57,7 +57,7 @@
 //! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
 //! | `limits.max_body_bytes` | 524288 | request body |
 //! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute |
-//! | `limits.handshake_timeout_seconds` | 10 | TLS handshake, and reading a request's headers |
+//! | `limits.handshake_timeout_seconds` | 10 | TLS handshake; then the first byte of the first request; then each request's headers |
 //! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
 //! | `broker.allow_private_networks` | false | let brokered calls reach private, loopback, link-local and unique-local addresses (tests, internal APIs) |
 //! | `broker.ca_file` | — | PEM CA certificates trusted for brokered calls besides the system roots |
@@ -652,7 +652,7 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// `verify` calls per owner per minute.
     pub verify_per_minute: u32,
-    /// TLS handshake and request-header read timeout, in seconds.
+    /// TLS handshake, first-byte (after the handshake) and request-header read timeout, in seconds.
     pub handshake_timeout_seconds: u64,
     /// Grace period for in-flight requests on shutdown, in seconds.
     pub shutdown_grace_seconds: u64,

@@ -46,6 +46,7 @@
 pub mod config;
 pub mod dev;
 mod error;
+mod first_byte;
 mod jwks;
 pub mod logging;
 pub mod tls;
@@ -83,6 +84,7 @@ use tower::ServiceExt;
 
 use crate::config::{Config, JwtAlgorithmName, LimitsConfig, Overrides, StoreKind, TlsConfig};
 pub use crate::error::ServerError;
+use crate::first_byte::FirstByteDeadline;
 use crate::jwks::JwksSpec;
 use crate::tls::CertSlot;
 
@@ -1303,6 +1305,10 @@ impl Connection {
                 .insert(strongroom_api::ClientAddr(remote));
             router.clone().oneshot(req)
         });
+        let stream = FirstByteDeadline::new(
+            stream,
+            tokio::time::Instant::now() + self.handshake_timeout,
+        );
         let conn = self
             .builder
             .serve_connection(TokioIo::new(stream), service)

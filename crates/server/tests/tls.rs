@@ -286,6 +286,46 @@ async fn max_connections_holds_further_clients_until_a_slot_frees() {
 }
 
 #[tokio::test]
+async fn a_connection_that_sends_nothing_after_the_handshake_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let fx = Fixture::new();
+    let mut config = fx.config_from(
+        &fx.toml("", "")
+            .replace("[limits]", "[limits]\nmax_connections = 2"),
+    );
+    config.limits.handshake_timeout_seconds = 1;
+    let server = spawn(config).await;
+    // Both slots held by clients that finish the handshake (one per protocol) and go
+    // silent: each must be closed, or nobody else is ever served.
+    for options in [fx.client_options().http1(), fx.client_options().http2()] {
+        let mut idle = server.client(options).connect_raw().await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+            .await
+            .expect("the server kept a silent connection open past its handshake timeout");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the server sent something to a client that asked nothing: {read:?}"
+        );
+    }
+    // Both slots filled by silent connections again: once the timeout has passed, a third
+    // client is served.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(server.client(fx.client_options()).connect_raw().await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let client = server.client(fx.client_options());
+    let r = tokio::time::timeout(Duration::from_secs(5), client.get("/healthz", None))
+        .await
+        .expect("silent connections kept every slot")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    drop(held);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_stops_accepting_and_run_returns_ok() {
     let fx = Fixture::new();
     let server = spawn(fx.config()).await;
