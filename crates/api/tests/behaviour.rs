@@ -482,6 +482,33 @@ async fn metrics_use_route_templates_never_owners_names_or_values() {
 }
 
 #[tokio::test]
+async fn metrics_label_unknown_methods_other_so_clients_cannot_grow_them() {
+    let api = api().await;
+    for i in 0..20 {
+        let r = api
+            .call(&format!("ZZMETHOD{i}"), "/v1/me/credentials", None, None)
+            .await;
+        assert!(r.status.is_client_error(), "{}", r.status);
+    }
+    api.call("GET", "/healthz", None, None).await;
+    let m = api.call("GET", "/metrics", None, None).await;
+    assert!(
+        !m.body.contains("ZZMETHOD"),
+        "a client-chosen method became a label"
+    );
+    assert!(m.body.contains(r#"method="other""#), "{}", m.body);
+    assert!(m.body.contains(r#"method="GET""#), "{}", m.body);
+    let series = m
+        .body
+        .lines()
+        .filter(|l| {
+            l.starts_with("strongroom_http_requests_total{") && l.contains("method=\"other\"")
+        })
+        .count();
+    assert_eq!(series, 1, "twenty unknown methods, one series:\n{}", m.body);
+}
+
+#[tokio::test]
 async fn health_openapi_and_headers() {
     let api = api().await;
     assert_eq!(

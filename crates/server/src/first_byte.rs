@@ -113,6 +113,10 @@ mod tests {
         assert_eq!(spoke.read(&mut buf).await.unwrap(), 1);
         tokio::time::sleep(Duration::from_millis(100)).await;
         client.write_all(b"ET").await.unwrap();
-        assert_eq!(spoke.read(&mut buf).await.unwrap(), 2, "timed out after a byte came");
+        assert_eq!(
+            spoke.read(&mut buf).await.unwrap(),
+            2,
+            "timed out after a byte came"
+        );
     }
 }

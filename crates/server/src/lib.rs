@@ -1305,10 +1305,8 @@ impl Connection {
                 .insert(strongroom_api::ClientAddr(remote));
             router.clone().oneshot(req)
         });
-        let stream = FirstByteDeadline::new(
-            stream,
-            tokio::time::Instant::now() + self.handshake_timeout,
-        );
+        let stream =
+            FirstByteDeadline::new(stream, tokio::time::Instant::now() + self.handshake_timeout);
         let conn = self
             .builder
             .serve_connection(TokioIo::new(stream), service)

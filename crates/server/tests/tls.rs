@@ -312,7 +312,13 @@ async fn a_connection_that_sends_nothing_after_the_handshake_is_closed() {
     // client is served.
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(server.client(fx.client_options()).connect_raw().await.unwrap());
+        held.push(
+            server
+                .client(fx.client_options())
+                .connect_raw()
+                .await
+                .unwrap(),
+        );
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let client = server.client(fx.client_options());
