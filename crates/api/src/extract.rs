@@ -159,13 +159,17 @@ fn json_rejection(r: &JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(_) => ApiError::bad_request(
             "the JSON body has missing, unknown or mistyped fields for this endpoint",
         ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "request body too large",
-        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
         _ => ApiError::bad_request("could not read the request body"),
     }
+}
+
+fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "request body too large",
+    )
 }
 
 /// Path parameters with JSON errors.
@@ -193,6 +197,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             .await
             .map(|axum::extract::Query(v)| ApiQuery(v))
             .map_err(|_| ApiError::bad_request("malformed query string"))
+    }
+}
+
+/// A raw body (read for [`optional_json`] or a handler's own parsing), with axum's plain-text
+/// rejections (length limit, broken body) turned into JSON errors.
+pub struct ApiBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(ApiBytes(b)),
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(payload_too_large()),
+            Err(_) => Err(ApiError::bad_request("could not read the request body")),
+        }
     }
 }
 

@@ -447,6 +447,50 @@ async fn owner_ids_are_percent_encoded_in_paths() {
 }
 
 #[tokio::test]
+async fn every_body_over_the_limit_gets_the_json_413() {
+    let api = api().await;
+    api.seed().await;
+    let alice = user_token("alice");
+    let big = format!("{{\"value\": \"{}\"}}", "x".repeat(600 * 1024));
+    for (method, path, token) in [
+        ("PUT", KEY, alice.as_str()),
+        ("POST", "/v1/me/credentials/zoom.api-key/current", &alice),
+        ("POST", "/v1/me/credentials/zoom.api-key/verify", &alice),
+        (
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.api-key",
+            ALLOWED_SERVICE_TOKEN,
+        ),
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            ALLOWED_SERVICE_TOKEN,
+        ),
+        (
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/broker",
+            ALLOWED_SERVICE_TOKEN,
+        ),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Body::from(big.clone()))
+            .unwrap();
+        let r = api.send(req).await;
+        assert_eq!(
+            r.status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{method} {path}: {}",
+            r.body
+        );
+        assert_eq!(code(&r), "payload_too_large", "{method} {path}: {}", r.body);
+    }
+}
+
+#[tokio::test]
 async fn metrics_use_route_templates_never_owners_names_or_values() {
     let api = api().await;
     api.seed().await;

@@ -13,7 +13,7 @@ use super::views::{
     BrokerBody, BrokerResponseView, PutBody, PutResponse, RevealBody, RevealResponse,
 };
 use crate::audit::Audit;
-use crate::extract::{ApiJson, ApiPath, Service};
+use crate::extract::{ApiBytes, ApiJson, ApiPath, Service};
 use crate::{ApiError, AppState, ErrorBody};
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -76,7 +76,7 @@ pub(crate) async fn reveal(
     audit: Audit,
     service: Service,
     ApiPath((owner, name)): ApiPath<(String, String)>,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Json<RevealResponse>> {
     authorize(&state, &service, Operation::Reveal, &owner, &name)?;
     let version = crate::extract::optional_json::<RevealBody>(&body)?.version;
@@ -130,7 +130,7 @@ pub(crate) async fn broker(
     audit: Audit,
     service: Service,
     ApiPath((owner, name)): ApiPath<(String, String)>,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Json<BrokerResponseView>> {
     authorize(&state, &service, Operation::Broker, &owner, &name)?;
     let body: BrokerBody = serde_json::from_slice(&body).map_err(|_| {
