@@ -333,3 +333,51 @@ async fn delegated_services_reach_only_the_user_they_act_for() {
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
     assert_eq!(ok.json()["value"], CANARY);
 }
+
+/// A service that needs no delegation may still say whom it acts for; it must then be the
+/// owner, or the audit trail (and the owner's usage view) would name another user.
+#[tokio::test]
+async fn an_on_behalf_of_token_for_another_user_is_refused() {
+    let api = api().await;
+    api.seed().await;
+    let call = |method: &str, path: &str, on_behalf: String, body: &str| {
+        axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {ALLOWED_SERVICE_TOKEN}"))
+            .header("content-type", "application/json")
+            .header("x-strongroom-on-behalf-of", on_behalf)
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap()
+    };
+    let reveal = "/v1/owners/alice/credentials/zoom.api-key/reveal";
+    let put = "/v1/owners/alice/credentials/zoom.api-key";
+    for (method, path, body) in [("POST", reveal, "{}"), ("PUT", put, r#"{"value":"v2"}"#)] {
+        let r = api.send(call(method, path, user_token("bob"), body)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "{method} {path}: {}",
+            r.body
+        );
+        assert!(!r.body.contains(CANARY));
+    }
+    let r = api
+        .send(call("POST", reveal, user_token("alice"), "{}"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["value"], CANARY, "bob's refused put wrote nothing");
+    let usage = api
+        .call(
+            "GET",
+            "/v1/me/credentials/zoom.api-key/usage",
+            Some(&user_token("alice")),
+            None,
+        )
+        .await;
+    assert!(
+        !usage.body.contains("bob"),
+        "alice's usage names bob: {}",
+        usage.body
+    );
+}

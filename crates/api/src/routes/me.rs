@@ -164,7 +164,7 @@ pub(crate) async fn usage(
     // Existence first, so another owner still gets the 404 a missing credential gets.
     let credential = state.vault().describe(&owner, &name).await?;
     let mut filter = AuditFilter::default();
-    filter.owner = Some(owner);
+    filter.owner = Some(owner.clone());
     filter.name = Some(name.clone());
     filter.actions = vec!["reveal".into(), "broker".into()];
     let (records, next_cursor) =
@@ -179,7 +179,9 @@ pub(crate) async fn usage(
                 action: r.event.action,
                 principal_kind: r.event.principal_kind,
                 principal_id: r.event.principal_id,
-                on_behalf_of: r.event.on_behalf_of,
+                // Only ever the owner: a refused call that named another user keeps that
+                // user in the admin's audit log, not in this owner's view.
+                on_behalf_of: r.event.on_behalf_of.filter(|user| *user == owner),
                 destination: r.event.destination,
                 version: r.event.version,
                 outcome: r.event.outcome,

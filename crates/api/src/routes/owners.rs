@@ -26,6 +26,17 @@ fn authorize(
     owner: &str,
     name: &str,
 ) -> ApiResult<()> {
+    // A service acts for the owner or for nobody: another user's token would put that
+    // user in the audit record (and in the owner's usage view) of this owner's credential.
+    if service
+        .on_behalf_of
+        .as_deref()
+        .is_some_and(|user| user != owner)
+    {
+        return Err(ApiError::forbidden(
+            "the X-Strongroom-On-Behalf-Of token is not the owner's: a service acts only for the owner of the credential",
+        ));
+    }
     match state
         .policy()
         .decide(&service.name, op, owner, name, service.on_behalf_of.as_deref())
