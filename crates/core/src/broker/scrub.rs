@@ -13,7 +13,8 @@ const MIN_SHIFTED_B64: usize = 8;
 
 /// The byte strings to remove: the value itself, every injected rendering of it, and their
 /// percent-encoded, form-encoded, base64 (standard and URL-safe, padded or not, at each of
-/// the three byte alignments), hex and JSON-escaped forms. Zeroized on drop.
+/// the three byte alignments), hex, JSON-escaped (as the common serializers escape) and
+/// HTML-escaped forms. Zeroized on drop.
 pub(crate) struct Needles(Vec<Zeroizing<Vec<u8>>>);
 
 impl Needles {
@@ -48,10 +49,11 @@ impl Needles {
             push(hex::encode(s).into_bytes());
             push(hex::encode_upper(s).into_bytes());
             if let Ok(text) = std::str::from_utf8(s) {
-                if let Ok(json) = serde_json::to_string(text) {
-                    let inner = &json[1..json.len() - 1];
-                    push(inner.as_bytes().to_vec());
-                    push(inner.replace('/', "\\/").into_bytes());
+                for style in JsonStyle::ALL {
+                    push(json_escaped(text, style));
+                }
+                for style in HtmlStyle::ALL {
+                    push(html_escaped(text, style));
                 }
             }
             for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
@@ -112,13 +114,143 @@ impl Needles {
     }
 }
 
-/// Percent-encodes every byte outside RFC 3986's unreserved set.
-fn percent(s: &[u8], upper: bool) -> Vec<u8> {
-    let digits: &[u8; 16] = if upper {
+/// How a JSON serializer escapes a string. Serializers differ in four independent choices:
+/// `<`, `>`, `&`, U+2028 and U+2029 as `\u` escapes (Go's `encoding/json`), every non-ASCII
+/// character as `\u` escapes, UTF-16 surrogate pairs beyond the BMP (Python's
+/// `ensure_ascii`, PHP), `/` as `\/` (PHP), and upper- or lower-case hex digits.
+#[derive(Clone, Copy)]
+struct JsonStyle {
+    html: bool,
+    ascii: bool,
+    slash: bool,
+    upper: bool,
+}
+
+impl JsonStyle {
+    const ALL: [JsonStyle; 16] = {
+        let mut all = [JsonStyle {
+            html: false,
+            ascii: false,
+            slash: false,
+            upper: false,
+        }; 16];
+        let mut i = 0;
+        while i < 16 {
+            all[i] = JsonStyle {
+                html: i & 1 != 0,
+                ascii: i & 2 != 0,
+                slash: i & 4 != 0,
+                upper: i & 8 != 0,
+            };
+            i += 1;
+        }
+        all
+    };
+}
+
+/// The inside of a JSON string holding `text`, escaped in `style` (serde_json's own output is
+/// the style with every choice off).
+fn json_escaped(text: &str, style: JsonStyle) -> Vec<u8> {
+    fn unit(out: &mut String, u: u16, upper: bool) {
+        let digits = hex_digits(upper);
+        out.push_str("\\u");
+        for shift in [12, 8, 4, 0] {
+            out.push(char::from(digits[usize::from((u >> shift) & 15)]));
+        }
+    }
+    // No byte takes more than six (a control character as `\u0000`), so the buffer never
+    // grows, leaving no copy of the value behind in a freed allocation.
+    let mut out = String::with_capacity(text.len() * 6);
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '/' if style.slash => out.push_str("\\/"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => unit(&mut out, c as u16, style.upper),
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' if style.html => {
+                unit(&mut out, c as u16, style.upper);
+            }
+            c if style.ascii && (c as u32) >= 0x7f => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    unit(&mut out, *u, style.upper);
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.into_bytes()
+}
+
+/// How an HTML template escapes text: `"` as `&quot;` or `&#34;`, `'` as `&#39;`, `&#x27;`
+/// or left alone.
+#[derive(Clone, Copy)]
+struct HtmlStyle {
+    quot: &'static str,
+    apos: &'static str,
+}
+
+impl HtmlStyle {
+    const ALL: [HtmlStyle; 6] = [
+        HtmlStyle {
+            quot: "&quot;",
+            apos: "&#39;",
+        },
+        HtmlStyle {
+            quot: "&quot;",
+            apos: "&#x27;",
+        },
+        HtmlStyle {
+            quot: "&quot;",
+            apos: "'",
+        },
+        HtmlStyle {
+            quot: "&#34;",
+            apos: "&#39;",
+        },
+        HtmlStyle {
+            quot: "&#34;",
+            apos: "&#x27;",
+        },
+        HtmlStyle {
+            quot: "&#34;",
+            apos: "'",
+        },
+    ];
+}
+
+fn html_escaped(text: &str, style: HtmlStyle) -> Vec<u8> {
+    // At most six bytes per byte (`&quot;`): the buffer never grows (see `json_escaped`).
+    let mut out = String::with_capacity(text.len() * 6);
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str(style.quot),
+            '\'' => out.push_str(style.apos),
+            c => out.push(c),
+        }
+    }
+    out.into_bytes()
+}
+
+fn hex_digits(upper: bool) -> &'static [u8; 16] {
+    if upper {
         b"0123456789ABCDEF"
     } else {
         b"0123456789abcdef"
-    };
+    }
+}
+
+/// Percent-encodes every byte outside RFC 3986's unreserved set.
+fn percent(s: &[u8], upper: bool) -> Vec<u8> {
+    let digits = hex_digits(upper);
     let mut out = Vec::with_capacity(s.len() * 3);
     for &b in s {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -169,6 +301,48 @@ mod tests {
         let (same, changed) = n.scrub(b"nothing to see");
         assert!(!changed);
         assert_eq!(same, b"nothing to see");
+    }
+
+    /// The value as other serializers escape it inside JSON, and as HTML templates escape it:
+    /// each written out by hand here, as those libraries print it.
+    #[test]
+    fn json_and_html_escapes_of_other_serializers_are_removed() {
+        let cases: [(&str, &[&str]); 4] = [
+            (
+                "CANARY&pw<9>x",
+                &[
+                    r"CANARY\u0026pw\u003c9\u003ex", // Go encoding/json
+                    r"CANARY\u0026pw\u003C9\u003Ex", // upper-case hex
+                    "CANARY&amp;pw&lt;9&gt;x",       // HTML
+                ],
+            ),
+            (
+                "CANARYwörd-ü9x",
+                &[
+                    r"CANARYw\u00f6rd-\u00fc9x", // Python json.dumps (ensure_ascii)
+                    r"CANARYw\u00F6rd-\u00FC9x",
+                ],
+            ),
+            (
+                "CANARY\u{1F600}/9x'\"",
+                &[
+                    r#"CANARY\ud83d\ude00/9x'\""#,  // surrogate pair
+                    r#"CANARY\ud83d\ude00\/9x'\""#, // PHP json_encode
+                    "CANARY\u{1F600}/9x&#39;&quot;",
+                    "CANARY\u{1F600}/9x&#x27;&#34;",
+                ],
+            ),
+            ("CANARY\u{7}\u{2028}9x", &[r"CANARY\u0007\u20289x"]),
+        ];
+        for (value, forms) in cases {
+            let n = Needles::new(value.as_bytes(), &[]);
+            for form in forms {
+                let body = format!("{{\"error\": \"invalid key: {form}\"}}");
+                let (out, changed) = n.scrub(body.as_bytes());
+                let out = String::from_utf8(out).unwrap();
+                assert!(changed && !out.contains("CANARY"), "{form} -> {out}");
+            }
+        }
     }
 
     #[test]
