@@ -12,8 +12,25 @@ use crate::{ApiError, AppState};
 /// The header a delegated service uses to present the owner's user token.
 pub const ON_BEHALF_OF: &str = "x-strongroom-on-behalf-of";
 
+/// The one value of a credential-carrying header. Two are refused: proxies and servers
+/// disagree on which one counts, so a proxy could vet one principal while this server
+/// served another.
+fn single_header<'a>(
+    parts: &'a Parts,
+    name: &str,
+) -> Result<Option<&'a header::HeaderValue>, ApiError> {
+    let mut values = parts.headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(format!(
+            "send at most one {name} header"
+        )));
+    }
+    Ok(first)
+}
+
 fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
-    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+    let Some(value) = single_header(parts, header::AUTHORIZATION.as_str())? else {
         return Ok(None);
     };
     let text = value.to_str().map_err(|_| ApiError::unauthenticated())?;
@@ -84,7 +101,7 @@ impl FromRequestParts<AppState> for Service {
             }
             Err(_) => return Err(ApiError::unauthenticated()),
         };
-        let on_behalf_of = match parts.headers.get(ON_BEHALF_OF) {
+        let on_behalf_of = match single_header(parts, ON_BEHALF_OF)? {
             None => None,
             Some(v) => {
                 let t = v.to_str().map_err(|_| ApiError::unauthenticated())?;

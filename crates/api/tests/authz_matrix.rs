@@ -381,3 +381,54 @@ async fn an_on_behalf_of_token_for_another_user_is_refused() {
         usage.body
     );
 }
+
+/// Two Authorization (or On-Behalf-Of) headers are refused outright, whichever order they
+/// come in: a proxy in front may read the other one.
+#[tokio::test]
+async fn a_repeated_credential_header_is_refused() {
+    let api = api().await;
+    api.seed().await;
+    let (alice, bob) = (user_token("alice"), user_token("bob"));
+    let (alice, bob) = (alice.as_str(), bob.as_str());
+    let send = |method: &str, path: &str, auths: &[&str], on_behalf: &[&str]| {
+        let mut req = axum::http::Request::builder().method(method).uri(path);
+        for a in auths {
+            req = req.header("authorization", format!("Bearer {a}"));
+        }
+        for t in on_behalf {
+            req = req.header("x-strongroom-on-behalf-of", *t);
+        }
+        req.header("content-type", "application/json")
+            .body(axum::body::Body::from("{}"))
+            .unwrap()
+    };
+    let reveal = "/v1/owners/alice/credentials/zoom.api-key/reveal";
+    let svc = ALLOWED_SERVICE_TOKEN;
+    for (method, path, auths, on_behalf) in [
+        (
+            "GET",
+            "/v1/me/credentials",
+            [bob, alice].as_slice(),
+            [].as_slice(),
+        ),
+        ("GET", "/v1/me/credentials", &[alice, alice], &[]),
+        ("GET", "/v1/keys", &[ADMIN_TOKEN, svc], &[]),
+        ("GET", "/v1/keys", &[svc, ADMIN_TOKEN], &[]),
+        ("POST", reveal, &[svc, ADMIN_TOKEN], &[]),
+        ("POST", reveal, &[svc, svc], &[]),
+        ("POST", reveal, &[svc], &[alice, bob]),
+        ("POST", reveal, &[svc], &[alice, alice]),
+    ] {
+        let r = api.send(send(method, path, auths, on_behalf)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::BAD_REQUEST,
+            "{method} {path}: {}",
+            r.body
+        );
+        assert!(!r.body.contains(CANARY));
+    }
+    // One of each is served.
+    let r = api.send(send("POST", reveal, &[svc], &[alice])).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
