@@ -305,6 +305,9 @@ impl Authenticator {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return UserCheck::Invalid;
         };
+        if names_critical_extensions(token) {
+            return UserCheck::Invalid;
+        }
         let remote_keys;
         let keys: &[VerifyKey] = match &self.keys {
             Keys::Static(k) => k,
@@ -421,4 +424,23 @@ impl Authenticator {
 /// `text` on one line (serde messages may span several).
 pub(crate) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Whether the token's header has a `crit` member. It lists extensions the recipient must
+/// understand or reject the token (RFC 7515, 4.1.11); this verifier understands none, and
+/// the JWT library ignores the member, so a token relying on one is refused here.
+fn names_critical_extensions(token: &str) -> bool {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        crit: Option<serde::de::IgnoredAny>,
+    }
+    let Some((header, _)) = token.split_once('.') else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|json| serde_json::from_slice::<Probe>(&json).ok())
+        .is_some_and(|probe| probe.crit.is_some())
 }

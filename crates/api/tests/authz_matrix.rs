@@ -432,3 +432,37 @@ async fn a_repeated_credential_header_is_refused() {
     let r = api.send(send("POST", reveal, &[svc], &[alice])).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
+
+/// A correctly signed token whose header lists a critical extension is refused (RFC 7515
+/// 4.1.11): this server understands none. Without `crit`, the same token is served.
+#[tokio::test]
+async fn a_token_with_a_critical_header_extension_is_refused() {
+    use base64::Engine;
+    let api = api().await;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let t = now();
+    let claims = b64.encode(
+        json!({"sub": "alice", "exp": t + 600, "iss": ISSUER, "aud": AUDIENCE}).to_string(),
+    );
+    let signed = |header: serde_json::Value| {
+        let message = format!("{}.{claims}", b64.encode(header.to_string()));
+        let signature = jsonwebtoken::crypto::sign(
+            message.as_bytes(),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+            jsonwebtoken::Algorithm::HS256,
+        )
+        .unwrap();
+        format!("{message}.{signature}")
+    };
+    let with_crit =
+        signed(json!({"alg": "HS256", "typ": "JWT", "crit": ["exp-bound"], "exp-bound": 1}));
+    let plain = signed(json!({"alg": "HS256", "typ": "JWT"}));
+    let r = api
+        .call("GET", "/v1/me/credentials", Some(&with_crit), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let r = api
+        .call("GET", "/v1/me/credentials", Some(&plain), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
