@@ -196,11 +196,27 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let malformed = || ApiError::bad_request("malformed path parameter");
+        // The decoder passes a `%` without two hex digits through as it is, so `%zz` and
+        // `%25zz` would name the same owner: one spelling per id, or none.
+        if !well_formed_escapes(parts.uri.path().as_bytes()) {
+            return Err(malformed());
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(v)| ApiPath(v))
-            .map_err(|_| ApiError::bad_request("malformed path parameter"))
+            .map_err(|_| malformed())
     }
+}
+
+/// Whether every `%` in `path` starts a `%XX` escape.
+fn well_formed_escapes(path: &[u8]) -> bool {
+    path.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || path
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    })
 }
 
 /// Query parameters with JSON errors.

@@ -490,6 +490,40 @@ async fn every_body_over_the_limit_gets_the_json_413() {
     }
 }
 
+/// An owner id has one spelling in a path: a `%` that starts no escape is refused rather
+/// than taken literally, where it would alias the escaped `%25` form.
+#[tokio::test]
+async fn a_stray_percent_in_a_path_is_refused_not_aliased() {
+    let api = api().await;
+    let put = |owner: &str| {
+        let path = format!("/v1/owners/{owner}/credentials/zoom.key");
+        let api = &api;
+        async move {
+            api.call(
+                "PUT",
+                &path,
+                Some(ALLOWED_SERVICE_TOKEN),
+                Some(json!({"value": CANARY})),
+            )
+            .await
+        }
+    };
+    for bad in ["%zz", "a%2", "a%", "%%41"] {
+        let r = put(bad).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+    }
+    assert_eq!(put("%25zz").await.status, StatusCode::CREATED);
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/%25zz/credentials/zoom.key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["version"], 1, "a refused spelling wrote a version");
+}
+
 #[tokio::test]
 async fn metrics_use_route_templates_never_owners_names_or_values() {
     let api = api().await;
