@@ -61,18 +61,45 @@ impl FromRequestParts<AppState> for User {
                 Ok(User(sub))
             }
             // A valid service or admin credential on a user route: known, but the wrong kind.
-            Err(_) if is_known_non_user(state, parts, token) => Err(ApiError::forbidden(
-                "this route is for users; services use /v1/owners/...",
-            )),
-            Err(_) => Err(ApiError::unauthenticated()),
+            Err(_) => match other_principal(state, parts, Some(token)) {
+                Some(who) => Err(wrong_kind(
+                    parts,
+                    who,
+                    "this route is for users; services use /v1/owners/...",
+                )),
+                None => Err(ApiError::unauthenticated()),
+            },
         }
     }
 }
 
-fn is_known_non_user(state: &AppState, parts: &Parts, token: &str) -> bool {
+/// The principal a valid credential of another kind than the route's belongs to (a user
+/// token, a service token or certificate, an admin token or certificate), if any.
+fn other_principal(
+    state: &AppState,
+    parts: &Parts,
+    token: Option<&str>,
+) -> Option<(&'static str, String)> {
+    let auth = state.auth();
     let peer = parts.extensions.get::<PeerCertificate>();
-    state.auth().verify_service(Some(token), peer).is_ok()
-        || state.auth().verify_admin(Some(token), peer).is_ok()
+    if let Some(sub) = token.and_then(|t| auth.verify_user(t).ok()) {
+        return Some(("user", sub));
+    }
+    if let Ok(name) = auth.verify_service(token, peer) {
+        return Some(("service", name));
+    }
+    auth.verify_admin(token, peer)
+        .ok()
+        .map(|name| ("admin", name))
+}
+
+/// A 403 for a known principal on a route of another kind, recorded under that principal
+/// (not as anonymous) in the request's audit record.
+fn wrong_kind(parts: &Parts, (kind, id): (&'static str, String), message: &str) -> ApiError {
+    if let Some(slot) = crate::audit::slot(&parts.extensions) {
+        slot.principal(kind, &id);
+    }
+    ApiError::forbidden(message.to_owned())
 }
 
 /// An authenticated service, and the user it proved it acts for (delegated mode).
@@ -91,15 +118,16 @@ impl FromRequestParts<AppState> for Service {
         let peer = parts.extensions.get::<PeerCertificate>();
         let name = match state.auth().verify_service(token, peer) {
             Ok(name) => name,
-            Err(AuthFailure::Invalid)
-                if token.is_some_and(|t| state.auth().verify_user(t).is_ok()) =>
-            {
-                return Err(ApiError::forbidden("users cannot use service routes"))
+            Err(AuthFailure::Invalid) => {
+                return Err(match other_principal(state, parts, token) {
+                    Some(who @ ("user", _)) => {
+                        wrong_kind(parts, who, "users cannot use service routes")
+                    }
+                    Some(who) => wrong_kind(parts, who, "admins cannot use service routes"),
+                    None => ApiError::unauthenticated(),
+                })
             }
-            Err(AuthFailure::Invalid) if state.auth().verify_admin(token, peer).is_ok() => {
-                return Err(ApiError::forbidden("admins cannot use service routes"))
-            }
-            Err(_) => return Err(ApiError::unauthenticated()),
+            Err(AuthFailure::Missing) => return Err(ApiError::unauthenticated()),
         };
         let on_behalf_of = match single_header(parts, ON_BEHALF_OF)? {
             None => None,
@@ -138,13 +166,11 @@ impl FromRequestParts<AppState> for Admin {
                 }
                 Ok(Admin(name))
             }
-            Err(AuthFailure::Invalid)
-                if token.is_some_and(|t| state.auth().verify_user(t).is_ok())
-                    || state.auth().verify_service(token, peer).is_ok() =>
-            {
-                Err(ApiError::forbidden("this route is for admins"))
-            }
-            Err(_) => Err(ApiError::unauthenticated()),
+            Err(AuthFailure::Invalid) => match other_principal(state, parts, token) {
+                Some(who) => Err(wrong_kind(parts, who, "this route is for admins")),
+                None => Err(ApiError::unauthenticated()),
+            },
+            Err(AuthFailure::Missing) => Err(ApiError::unauthenticated()),
         }
     }
 }

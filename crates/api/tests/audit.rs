@@ -593,3 +593,79 @@ async fn a_put_is_recorded_once_with_its_version_and_a_failed_put_once_as_failed
         .await;
     assert_eq!(detail.json()["current_version"], 1);
 }
+
+/// A valid credential of the wrong kind for a route is refused with 403 and audited under
+/// the principal it belongs to, not as anonymous.
+#[tokio::test]
+async fn a_refusal_for_the_wrong_kind_of_caller_names_the_caller() {
+    let api = api().await;
+    api.seed().await;
+    let alice = user_token("alice");
+    let reveal = "/v1/owners/alice/credentials/zoom.api-key/reveal";
+    for (path, token, method) in [
+        (reveal, alice.as_str(), "POST"),
+        (reveal, ADMIN_TOKEN, "POST"),
+        ("/v1/me/credentials", ALLOWED_SERVICE_TOKEN, "GET"),
+        ("/v1/keys", alice.as_str(), "GET"),
+    ] {
+        let r = api.call(method, path, Some(token), None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.body);
+    }
+    let log = api
+        .call("GET", "/v1/audit?limit=100", Some(ADMIN_TOKEN), None)
+        .await;
+    assert_eq!(log.status, StatusCode::OK, "{}", log.body);
+    let refused: Vec<(String, String)> = log.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == 403)
+        .map(|r| {
+            (
+                r["principal_kind"].as_str().unwrap_or_default().to_owned(),
+                r["principal_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let mut want = vec![
+        ("user".to_owned(), "alice".to_owned()),
+        ("admin".to_owned(), "root".to_owned()),
+        ("service".to_owned(), "allowed".to_owned()),
+        ("user".to_owned(), "alice".to_owned()),
+    ];
+    let mut got = refused.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "{}", log.body);
+
+    // Bob's view of a refused attempt by alice on his credential does not name her.
+    let bob = user_token("bob");
+    api.call(
+        "PUT",
+        "/v1/me/credentials/zoom.api-key",
+        Some(&bob),
+        Some(json!({"value": "bobs"})),
+    )
+    .await;
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/bob/credentials/zoom.api-key/reveal",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let usage = api
+        .call(
+            "GET",
+            "/v1/me/credentials/zoom.api-key/usage",
+            Some(&bob),
+            None,
+        )
+        .await;
+    let items = usage.json()["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 1, "{}", usage.body);
+    assert_eq!(items[0]["principal_kind"], "user");
+    assert!(!usage.body.contains("alice"), "{}", usage.body);
+}

@@ -177,10 +177,14 @@ pub(crate) async fn usage(
             .map(|r| UsageItem {
                 time: r.event.time,
                 action: r.event.action,
+                // Another user's id (a refused attempt by them, or a token of theirs a
+                // service presented) stays in the admin's audit log, out of this owner's view.
+                principal_id: if r.event.principal_kind == "user" && r.event.principal_id != owner {
+                    String::new()
+                } else {
+                    r.event.principal_id
+                },
                 principal_kind: r.event.principal_kind,
-                principal_id: r.event.principal_id,
-                // Only ever the owner: a refused call that named another user keeps that
-                // user in the admin's audit log, not in this owner's view.
                 on_behalf_of: r.event.on_behalf_of.filter(|user| *user == owner),
                 destination: r.event.destination,
                 version: r.event.version,

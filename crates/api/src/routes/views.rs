@@ -365,9 +365,9 @@ pub struct UsageItem {
     pub action: String,
     /// Who: `service`, `user`, ... and their id.
     pub principal_kind: String,
-    /// The service (or other principal) id.
+    /// The service (or other principal) id; empty for another user (a refused attempt).
     pub principal_id: String,
-    /// The user the service said it acted for (delegated mode).
+    /// The user the service acted for (delegated mode): only ever the owner.
     pub on_behalf_of: Option<String>,
     /// For brokered use: the destination host.
     pub destination: Option<String>,
