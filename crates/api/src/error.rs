@@ -30,6 +30,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     internal: Option<String>,
+    /// Seconds for a `Retry-After` header (429).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -40,6 +42,7 @@ impl ApiError {
             code,
             message: message.into(),
             internal: None,
+            retry_after: None,
         }
     }
 
@@ -68,12 +71,16 @@ impl ApiError {
     }
 
     /// 429.
-    pub fn rate_limited() -> Self {
-        Self::new(
+    pub fn rate_limited(retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "too many requests; slow down",
-        )
+        );
+        // Whole seconds, rounded up: retrying at the advertised time must succeed.
+        let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+        e.retry_after = Some(ms.div_ceil(1000).max(1));
+        e
     }
 
     /// A server-side fault: the client sees only the status and a generic message.
@@ -88,6 +95,7 @@ impl ApiError {
                 _ => "internal error".into(),
             },
             internal: Some(cause.into()),
+            retry_after: None,
         }
     }
 
@@ -150,6 +158,11 @@ impl IntoResponse for ApiError {
         response
             .extensions_mut()
             .insert(crate::audit::ErrorCode(self.code));
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -337,6 +337,13 @@ async fn verify_is_rate_limited_per_owner() {
         (limited.status, code(&limited).as_str()),
         (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
     );
+    // 3 a minute: the next one is due within 20 s.
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry), "Retry-After: {retry}");
     // Another owner has their own budget.
     assert_eq!(
         verify(user_token("bob"), "x").await.status,

@@ -133,7 +133,7 @@ pub(crate) async fn enable(
 /// Check a candidate against the current value, in constant time. Rate-limited per owner.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/verify", tag = "user",
     params(("name" = String, Path, description = "Credential name")), request_body = VerifyBody,
-    responses((status = 200, body = VerifyResponse), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)),
+    responses((status = 200, body = VerifyResponse), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may verify again")))),
     security(("user_jwt" = [])))]
 pub(crate) async fn verify(
     State(state): State<AppState>,
@@ -141,8 +141,12 @@ pub(crate) async fn verify(
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<VerifyBody>,
 ) -> ApiResult<Json<VerifyResponse>> {
-    if state.verify_limiter().check_key(&owner).is_err() {
-        return Err(ApiError::rate_limited());
+    let limiter = state.verify_limiter();
+    if let Err(not_until) = limiter.check_key(&owner) {
+        use governor::clock::Clock;
+        return Err(ApiError::rate_limited(
+            not_until.wait_time_from(limiter.clock().now()),
+        ));
     }
     let candidate = SecretBytes::new(body.value.into_bytes());
     let matches = state.vault().verify(&owner, &name, &candidate).await?;
