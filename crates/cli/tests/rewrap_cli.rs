@@ -152,6 +152,53 @@ fn rotate_rewrap_retire_through_data_dir_and_config_while_the_server_runs() {
     assert!(err.contains("20 active credential versions"), "{err}");
     assert!(err.contains("strongroom rewrap"), "{err}");
 
+    // The real keyring, named apart from a mistyped data dir: no store there must never
+    // read as "nothing uses version 1" (retire) or as an intact, empty log (audit).
+    let typo = tmp.path().join("typo-data");
+    let keyring = data.join("keyring.json");
+    let typo_cfg = tmp.path().join("typo.toml");
+    std::fs::write(
+        &typo_cfg,
+        format!(
+            "data_dir = {:?}\n[keys]\nkeyring = {:?}\n",
+            typo.display().to_string(),
+            keyring.display().to_string()
+        ),
+    )
+    .unwrap();
+    for (args, target) in [
+        (
+            &["keys", "retire", "1"][..],
+            vec![
+                std::ffi::OsStr::new("--keyring"),
+                keyring.as_os_str(),
+                std::ffi::OsStr::new("--data-dir"),
+                typo.as_os_str(),
+            ],
+        ),
+        (
+            &["keys", "retire", "1"][..],
+            vec![std::ffi::OsStr::new("--config"), typo_cfg.as_os_str()],
+        ),
+        (
+            &["audit", "verify"][..],
+            vec![std::ffi::OsStr::new("--config"), typo_cfg.as_os_str()],
+        ),
+        (
+            &["audit", "head"][..],
+            vec![std::ffi::OsStr::new("--config"), typo_cfg.as_os_str()],
+        ),
+    ] {
+        let err = run_err(args, &target);
+        assert!(err.contains("no Strongroom database"), "{args:?}: {err}");
+        assert!(!typo.exists(), "{args:?} made {}", typo.display());
+    }
+    assert_eq!(
+        key_counts(&dd),
+        vec![(1, "decrypt-only".into(), 20), (2, "active".into(), 1)],
+        "version 1 was retired through the mistyped data dir"
+    );
+
     let out = run_ok(&["rewrap"], &dd);
     assert!(out.contains("rewrapped 20, skipped 0, failed 0"), "{out}");
     // Idempotent: nothing left to do.

@@ -138,11 +138,10 @@ impl Backends {
     }
 
     /// As [`open`](Self::open), for operator commands that manage an existing store: a
-    /// PostgreSQL database (or schema) without Strongroom's tables, and with a remote key
-    /// provider a missing SQLite database or (`hierarchy` mode) a store without a KEK ring,
-    /// is an error instead of being made. A command pointed at the wrong data dir or
+    /// missing SQLite database, a PostgreSQL database (or schema) without Strongroom's
+    /// tables, and with a remote key provider in `hierarchy` mode a store without a KEK
+    /// ring, is an error instead of being made. A command pointed at the wrong data dir or
     /// database then does not start an empty store (and a new ring at the provider) there.
-    /// With the local keyring, the keyring file itself already fails a wrong data dir.
     ///
     /// # Errors
     ///
@@ -628,10 +627,10 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             if let Some(mb) = config.store.reveal_cache_mb {
                 options.reveal_cache_bytes = usize::try_from(mb).unwrap_or(usize::MAX) << 20;
             }
-            // With the local keyring, a wrong data dir already fails on the missing keyring
-            // file, and `keys generate` then `keys list` before a first start must work.
-            options.create = first_start == FirstStart::Allowed
-                || config.keys.provider == config::KeyProviderKind::Local;
+            // Never for an operator command, whatever the provider: a keyring named apart
+            // from the data dir opens fine when the data dir is mistyped, and an empty store
+            // made there would answer "nothing uses this key" or "the log is intact".
+            options.create = first_start == FirstStart::Allowed;
             if config.store.sync == config::StoreSync::Normal {
                 options.synchronous = Synchronous::DangerNormal;
                 tracing::warn!(

@@ -46,19 +46,26 @@ pub struct KeyringLocation {
 
 impl KeyringLocation {
     /// Whether --config / --data-dir name a store that exists (never creates one: a SQLite
-    /// store must already be there).
-    fn names_a_store(&self) -> Result<bool, Failure> {
+    /// store must already be there). When they name a SQLite store that is not there, says
+    /// so on standard error with what is skipped (`skipped`), since a mistyped data dir
+    /// looks just like a keyring that no server has used yet.
+    fn names_a_store(&self, skipped: &str) -> Result<bool, Failure> {
         if self.config.is_none() && self.data_dir.is_none() {
             return Ok(false);
         }
         let config = self.operator_target().load()?;
-        Ok(
-            config.store.kind != strongroom_server::config::StoreKind::Sqlite
-                || config
-                    .data_dir
-                    .join(strongroom_store::sqlite::DB_FILE_NAME)
-                    .exists(),
-        )
+        if config.store.kind != strongroom_server::config::StoreKind::Sqlite {
+            return Ok(true);
+        }
+        let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
+        if db.exists() {
+            return Ok(true);
+        }
+        eprintln!(
+            "note: no Strongroom database at {} (no server has used this data dir yet, or it is mistyped): {skipped}",
+            db.display()
+        );
+        Ok(false)
     }
 
     /// The configuration, when --config names a provider other than the local keyring.
@@ -94,7 +101,7 @@ impl KeyringLocation {
                 data_dir: self.data_dir.clone(),
                 ..Overrides::default()
             };
-            return Ok(Config::load(Some(file), &overrides)?.keyring_path());
+            return Ok(Config::load_for_operator(Some(file), &overrides)?.keyring_path());
         }
         Ok(self
             .data_dir
@@ -201,7 +208,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
         KeysCommand::Rotate { location, .. } => {
             let path = location.path()?;
             let info = local::rotate(&path, now, &OsRandom)?;
-            if location.names_a_store()? {
+            if location.names_a_store("this rotation is not recorded in an audit log")? {
                 block_on(async {
                     let backends = location.operator_target().open_existing().await?;
                     super::rewrap::audit_action(&backends, "keys.rotate", "ok", None).await;
@@ -217,7 +224,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
         KeysCommand::List { location, json } => {
             let ring = LocalKeyring::open(&location.path()?)?;
             let keys = ring.list();
-            let counts = if location.names_a_store()? {
+            let counts = if location.names_a_store("credential version counts not shown")? {
                 Some(block_on(kek_counts(location.operator_target()))?)
             } else {
                 None
@@ -276,16 +283,10 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 )
                 .into());
             }
-            if location.names_a_store()? {
-                block_on(retire(&location, &path, kek, now))?;
-            } else {
-                let info = local::retire(&path, version, now)?;
-                println!(
-                    "key {} version {} retired: its material is erased (there is no store yet, \
-                     so nothing used it)",
-                    info.key_id, info.version
-                );
-            }
+            // Only the store can say that nothing uses the version; a data dir or config
+            // without one (a typo, most likely) is never taken to mean "nothing does".
+            // `open_existing` names the missing database.
+            block_on(retire(&location, &path, kek, now))?;
         }
     }
     Ok(())
