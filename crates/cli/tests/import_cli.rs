@@ -476,6 +476,80 @@ fn name_column_mode_with_integer_owners_and_text_columns() {
     }
 }
 
+/// A mistyped column fails the import with SQLite's "no such column" before anything is
+/// written: SQLite would otherwise read `"uid"` as the string 'uid' (one owner for every
+/// row, or every credential named after the typo).
+#[test]
+fn a_mistyped_column_is_an_error_not_a_string() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.sqlite3");
+    let fernet = strongroom_crypto::django::keys_from_strings(&["app passphrase"], true).unwrap();
+    let token = fernet
+        .encrypt(b"zoom-secret", 1_700_000_000, &strongroom_crypto::OsRandom)
+        .unwrap();
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE accounts (id INTEGER PRIMARY KEY, user_id INTEGER, service TEXT, token TEXT)",
+        )
+        .unwrap();
+        for (id, user) in [(1, 42), (2, 7)] {
+            conn.execute(
+                "INSERT INTO accounts VALUES (?1, ?2, 'zoom.api-key', ?3)",
+                rusqlite::params![id, user, token],
+            )
+            .unwrap();
+        }
+    }
+    let database = format!("sqlite:{}", db.display());
+    let target = tempfile::tempdir().unwrap();
+    let data = new_target(target.path());
+    let good = [
+        "--owner-column",
+        "user_id",
+        "--name-column",
+        "service",
+        "--value-column",
+        "token",
+    ];
+    for (flag, typo) in [
+        ("--owner-column", "uid"),
+        ("--name-column", "cnme"),
+        ("--value-column", "tokn"),
+        ("--id-column", "idd"),
+    ] {
+        let mut args: Vec<&str> = good.to_vec();
+        match args.iter().position(|a| *a == flag) {
+            Some(i) => args[i + 1] = typo,
+            None => args.extend([flag, typo]),
+        }
+        let out = strongroom()
+            .args(["import", "django-fernet-fields", "--data-dir"])
+            .arg(&data)
+            .args(["--database", &database, "--table", "accounts"])
+            .args(&args)
+            .args(["--key", "app passphrase"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{flag} {typo}: {text}");
+        assert!(
+            text.contains(&format!("no such column: \"{typo}\"")),
+            "{flag} {typo}: {text}"
+        );
+    }
+    let names = ["zoom.api-key".to_owned(), "cnme".to_owned()];
+    let owners = ["42".to_owned(), "7".to_owned(), "uid".to_owned()];
+    assert!(
+        contents(&data, &owners, &names).is_empty(),
+        "a mistyped import wrote"
+    );
+}
+
 /// SIGKILL in the middle of an import, then a rerun: every value ends up exactly once.
 #[test]
 fn an_interrupted_import_continues_without_duplicates() {

@@ -168,6 +168,11 @@ impl Source {
                     .map_err(|e| ImportError::Source(format!("{}: {e}", path.display())))?;
                     conn.busy_timeout(std::time::Duration::from_secs(30))
                         .map_err(src_err)?;
+                    // Off, SQLite's double-quoted-string fallback: with it, a mistyped
+                    // `"column"` silently reads as the string 'column' (every row owned by
+                    // "uid", every credential named after the typo) instead of failing.
+                    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DQS_DML, false)
+                        .map_err(src_err)?;
                     Ok::<_, ImportError>(conn)
                 })
                 .await
