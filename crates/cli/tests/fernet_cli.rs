@@ -283,6 +283,36 @@ fn encrypt_then_decrypt_round_trips_exact_bytes() {
     );
 }
 
+/// One urlsafe-base64 Fernet key in 64 starts with `-`: `--key KEY` (a separate word, as
+/// the README writes it) must take it as the key, not as an unknown flag.
+#[test]
+fn a_key_that_starts_with_a_hyphen_is_a_key() {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::URL_SAFE.encode([0xf8u8; 32]);
+    assert!(key.starts_with('-'), "{key}");
+    let out = strongroom()
+        .args(["fernet", "encrypt", "--key", &key])
+        .write_stdin("hyphen-key plaintext")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let out = strongroom()
+        .args(["fernet", "decrypt", "--key", &key, token.trim()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"hyphen-key plaintext");
+}
+
 #[test]
 fn errors_name_no_secret() {
     let key = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";

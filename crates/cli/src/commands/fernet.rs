@@ -20,7 +20,8 @@ pub struct FernetKeys {
     /// A key, repeatable: the first encrypts, all are tried in order to decrypt (MultiFernet,
     /// like FERNET_KEYS). A urlsafe-base64 Fernet key, or with --django-hkdf any passphrase.
     /// Keys given here show in process listings: prefer --key-file on shared machines.
-    #[arg(long = "key", value_name = "KEY")]
+    // Hyphen values allowed: one urlsafe-base64 key in 64 starts with `-`.
+    #[arg(long = "key", value_name = "KEY", allow_hyphen_values = true)]
     keys: Vec<String>,
     /// A file holding keys, one per line, appended after any --key.
     #[arg(long, value_name = "FILE")]

@@ -86,7 +86,13 @@ pub struct DjangoArgs {
     value_column: Option<String>,
     /// A FERNET_KEYS entry; repeat in FERNET_KEYS order (the first is the newest). Prefer
     /// --key-file: command lines are visible to other local users.
-    #[arg(long = "key", value_name = "KEY", conflicts_with_all = ["key_file", "secret_key"])]
+    // Hyphen values allowed: keys and Django secret keys may start with `-`.
+    #[arg(
+        long = "key",
+        value_name = "KEY",
+        allow_hyphen_values = true,
+        conflicts_with_all = ["key_file", "secret_key"]
+    )]
     keys: Vec<SecretArg>,
     /// A file holding the FERNET_KEYS entries, one per line, in order.
     #[arg(long, value_name = "FILE", conflicts_with = "secret_key")]
@@ -95,6 +101,7 @@ pub struct DjangoArgs {
     #[arg(
         long,
         value_name = "KEY",
+        allow_hyphen_values = true,
         env = "STRONGROOM_IMPORT_SECRET_KEY",
         hide_env_values = true
     )]
