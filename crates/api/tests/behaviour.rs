@@ -593,6 +593,59 @@ async fn metrics_label_unknown_methods_other_so_clients_cannot_grow_them() {
     assert_eq!(series, 1, "twenty unknown methods, one series:\n{}", m.body);
 }
 
+/// The OpenAPI document is consistent: every `{variable}` of a path is a required path
+/// parameter of each of its operations and no other parameter claims to be in the path;
+/// every operation that needs credentials documents the 401 and every one that takes a body
+/// or a path parameter the 400.
+#[tokio::test]
+async fn openapi_parameters_and_error_responses_match_the_routes() {
+    let api = api().await;
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    let mut problems = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let vars: Vec<&str> = path
+            .split('{')
+            .skip(1)
+            .filter_map(|rest| rest.split_once('}').map(|(v, _)| v))
+            .collect();
+        for (method, op) in item.as_object().unwrap() {
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let in_path: Vec<&str> = params
+                .iter()
+                .filter(|p| p["in"] == "path")
+                .map(|p| p["name"].as_str().unwrap())
+                .collect();
+            for p in &params {
+                if p["in"] == "path" && p["required"] != true {
+                    problems.push(format!(
+                        "{method} {path}: path parameter {} optional",
+                        p["name"]
+                    ));
+                }
+            }
+            let mut want = vars.clone();
+            let mut got = in_path.clone();
+            want.sort_unstable();
+            got.sort_unstable();
+            if want != got {
+                problems.push(format!(
+                    "{method} {path}: path parameters {got:?}, want {want:?}"
+                ));
+            }
+            let responses = op["responses"].as_object().unwrap();
+            let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+            if secured && !responses.contains_key("401") {
+                problems.push(format!("{method} {path}: no 401"));
+            }
+            let takes_input = op.get("requestBody").is_some() || !vars.is_empty();
+            if takes_input && !responses.contains_key("400") {
+                problems.push(format!("{method} {path}: no 400"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[tokio::test]
 async fn health_openapi_and_headers() {
     let api = api().await;

@@ -61,7 +61,7 @@ pub(crate) async fn list(
 /// One credential's metadata and versions (never values).
 #[utoipa::path(get, path = "/v1/me/credentials/{name}", tag = "user",
     params(("name" = String, Path, description = "Credential name")),
-    responses((status = 200, body = CredentialDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = CredentialDetail), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("user_jwt" = [])))]
 pub(crate) async fn describe(
     State(state): State<AppState>,
@@ -87,7 +87,7 @@ async fn state_response(
 /// Choose which version is current.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/current", tag = "user",
     params(("name" = String, Path, description = "Credential name")), request_body = CurrentBody,
-    responses((status = 200, body = StateResponse), (status = 404, body = ErrorBody), (status = 410, description = "that version was destroyed", body = ErrorBody)),
+    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, description = "that version was destroyed", body = ErrorBody)),
     security(("user_jwt" = [])))]
 pub(crate) async fn set_current(
     State(state): State<AppState>,
@@ -107,7 +107,7 @@ pub(crate) async fn set_current(
 /// Kill switch: keep every version but let no service use the credential.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/disable", tag = "user",
     params(("name" = String, Path, description = "Credential name")),
-    responses((status = 200, body = StateResponse), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn disable(
     State(state): State<AppState>,
     User(owner): User,
@@ -120,7 +120,7 @@ pub(crate) async fn disable(
 /// Undo a disable.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/enable", tag = "user",
     params(("name" = String, Path, description = "Credential name")),
-    responses((status = 200, body = StateResponse), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn enable(
     State(state): State<AppState>,
     User(owner): User,
@@ -133,7 +133,7 @@ pub(crate) async fn enable(
 /// Check a candidate against the current value, in constant time. Rate-limited per owner.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/verify", tag = "user",
     params(("name" = String, Path, description = "Credential name")), request_body = VerifyBody,
-    responses((status = 200, body = VerifyResponse), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may verify again")))),
+    responses((status = 200, body = VerifyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may verify again")))),
     security(("user_jwt" = [])))]
 pub(crate) async fn verify(
     State(state): State<AppState>,
@@ -203,7 +203,7 @@ pub(crate) async fn usage(
 /// Destroy one version (its data key is erased: crypto-shredding).
 #[utoipa::path(delete, path = "/v1/me/credentials/{name}/versions/{version}", tag = "user",
     params(("name" = String, Path, description = "Credential name"), ("version" = u32, Path, description = "Version")),
-    responses((status = 204, description = "Destroyed"), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn destroy_version(
     State(state): State<AppState>,
     User(owner): User,
@@ -219,7 +219,7 @@ pub(crate) async fn destroy_version(
 /// Destroy a credential and every version.
 #[utoipa::path(delete, path = "/v1/me/credentials/{name}", tag = "user",
     params(("name" = String, Path, description = "Credential name")),
-    responses((status = 204, description = "Destroyed"), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn destroy(
     State(state): State<AppState>,
     User(owner): User,

@@ -77,7 +77,7 @@ pub(crate) async fn put(
 #[utoipa::path(post, path = "/v1/owners/{owner}/credentials/{name}/reveal", tag = "service",
     params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name")),
     request_body(content = Option<RevealBody>, description = "Optional: {\"version\": n}"),
-    responses((status = 200, body = RevealResponse), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 200, body = RevealResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "credential disabled", body = ErrorBody),
         (status = 410, description = "version destroyed", body = ErrorBody),
         (status = 503, description = "the audit record could not be written; no value is returned", body = ErrorBody)),

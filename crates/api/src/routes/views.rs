@@ -75,6 +75,7 @@ pub struct RevealResponse {
 /// Paging for lists.
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
