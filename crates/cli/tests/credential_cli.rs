@@ -171,3 +171,59 @@ fn bad_tokens_certificates_and_input_are_one_clear_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("64 KiB"));
 }
+
+/// `credential list` prints one page (100); `--cursor` continues, `--all` takes them all.
+#[test]
+fn list_pages_with_cursor_and_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let server = start_dev(&data, &[]);
+    let alice = server.export("ALICE");
+    let addr = server.addr;
+    let http = server.client(&data);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            for i in 0..130 {
+                let r = http
+                    .json(
+                        "PUT",
+                        &format!("/v1/me/credentials/bulk-{i:03}"),
+                        Some(&alice),
+                        &serde_json::json!({"value": "v"}),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 201, "{}", r.text());
+            }
+        });
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(client(&data, addr, &alice).args(args))).unwrap()
+    };
+    let first = json(&["credential", "list"]);
+    assert_eq!(names(&first).len(), 100);
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next_cursor")
+        .to_owned();
+    let second = json(&["credential", "list", "--cursor", &cursor]);
+    assert_eq!(names(&second).len(), 30);
+    assert!(second["next_cursor"].is_null(), "{second}");
+    let all = json(&["credential", "list", "--all"]);
+    let mut want: Vec<String> = (0..130).map(|i| format!("bulk-{i:03}")).collect();
+    let mut got = names(&all);
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    assert_eq!([names(&first), names(&second)].concat().len(), 130);
+}

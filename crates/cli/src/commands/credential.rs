@@ -66,10 +66,13 @@ pub enum CredentialCommand {
         #[arg(long, value_name = "OWNER")]
         owner: Option<String>,
     },
-    /// List your credentials (names and metadata, never values).
+    /// List your credentials (names and metadata, never values), one page (100) at a time:
+    /// follow `next_cursor` with --cursor, or take every page with --all.
     List {
         #[command(flatten)]
         client: ClientOptions,
+        #[command(flatten)]
+        paging: Paging,
     },
     /// Show one credential: its state and versions (never values).
     Show {
@@ -113,10 +116,13 @@ pub enum CredentialCommand {
         #[arg(long = "version", value_name = "N")]
         only: Option<u32>,
     },
-    /// Who used a credential, when and how (from the audit log).
+    /// Who used a credential, when and how (from the audit log), newest first, a page at a
+    /// time (--cursor, --all as for list).
     Usage {
         #[command(flatten)]
         client: ClientOptions,
+        #[command(flatten)]
+        paging: Paging,
         /// Credential name.
         name: String,
     },
@@ -136,6 +142,44 @@ pub enum CredentialCommand {
 }
 
 /// Percent-encodes one path segment (owner ids are any UTF-8).
+/// Which page(s) of a list to print.
+#[derive(clap::Args, Debug)]
+pub struct Paging {
+    /// Start at this page: the `next_cursor` of the previous one.
+    #[arg(long, value_name = "CURSOR", conflicts_with = "all")]
+    cursor: Option<String>,
+    /// Every page, printed as one `items` list.
+    #[arg(long)]
+    all: bool,
+}
+
+impl Paging {
+    /// GETs `path` page by page as asked; with --all, one object holding every page's items.
+    async fn fetch(&self, client: &Client, path: &str) -> Result<serde_json::Value, Failure> {
+        let page = |cursor: Option<&str>| match cursor {
+            Some(c) => format!("{path}?cursor={}", segment(c)),
+            None => path.to_owned(),
+        };
+        let mut out = client
+            .call(reqwest::Method::GET, &page(self.cursor.as_deref()), None)
+            .await?;
+        if !self.all {
+            return Ok(out);
+        }
+        while let Some(next) = out["next_cursor"].as_str().map(str::to_owned) {
+            let more = client
+                .call(reqwest::Method::GET, &page(Some(&next)), None)
+                .await?;
+            let items = more["items"].as_array().cloned().unwrap_or_default();
+            if let Some(all) = out["items"].as_array_mut() {
+                all.extend(items);
+            }
+            out["next_cursor"] = more["next_cursor"].clone();
+        }
+        Ok(out)
+    }
+}
+
 fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -321,10 +365,10 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
             let out = result?;
             println!("{} version {}", name, out["version"]);
         }
-        CredentialCommand::List { client } => {
+        CredentialCommand::List { client, paging } => {
             print_json(
-                &Client::new(&client)?
-                    .call(Method::GET, "/v1/me/credentials", None)
+                &paging
+                    .fetch(&Client::new(&client)?, "/v1/me/credentials")
                     .await?,
             )?;
         }
@@ -378,9 +422,13 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                 None => println!("{name}: destroyed"),
             }
         }
-        CredentialCommand::Usage { client, name } => {
+        CredentialCommand::Usage {
+            client,
+            paging,
+            name,
+        } => {
             let path = format!("{}/usage", me(&name));
-            print_json(&Client::new(&client)?.call(Method::GET, &path, None).await?)?;
+            print_json(&paging.fetch(&Client::new(&client)?, &path).await?)?;
         }
         CredentialCommand::Reveal {
             client,
