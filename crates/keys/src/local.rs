@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -433,6 +433,14 @@ pub fn generate(
     now: OffsetDateTime,
     rng: &dyn SecureRandom,
 ) -> Result<KeyInfo, KeyringError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Private like the file: it will hold the store and its backups too (dev layout).
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+    }
     let _lock = lock(path)?;
     if path.exists() {
         return Err(KeyringError::AlreadyExists(path.to_owned()));
@@ -553,10 +561,14 @@ impl Drop for LockGuard {
     }
 }
 
+/// Locks the keyring at `path`, whose folder must exist: only [`generate`] makes it, so that
+/// a command given a mistyped path fails without leaving an empty folder behind.
 fn lock(path: &Path) -> Result<LockGuard, KeyringError> {
     let lock_path = sibling(path, ".lock");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if !dir.is_dir() {
+            return Err(KeyringError::NotFound(path.to_owned()));
+        }
     }
     let file = OpenOptions::new()
         .create(true)

@@ -33,6 +33,35 @@ fn generate_writes_mode_0600_with_one_active_version() {
     assert!(ring.key_id().starts_with("kr-"));
 }
 
+/// `generate` makes the keyring's folder private; every other operation on a keyring whose
+/// folder does not exist fails with NotFound and makes nothing.
+#[test]
+fn only_generate_makes_the_folder_and_makes_it_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo").join("keyring.json");
+    assert!(matches!(
+        rotate(&typo, T0, &OsRandom),
+        Err(KeyringError::NotFound(_))
+    ));
+    assert!(matches!(
+        retire(&typo, 1, T0),
+        Err(KeyringError::NotFound(_))
+    ));
+    assert!(
+        !dir.path().join("typo").exists(),
+        "a failed operation made the folder"
+    );
+
+    let path = dir.path().join("new").join("deeper").join("keyring.json");
+    generate(&path, T0, &OsRandom).unwrap();
+    let mode = fs::metadata(path.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
 #[test]
 fn generate_refuses_to_overwrite() {
     let (_dir, path) = fresh();
