@@ -297,7 +297,6 @@ pub fn mint_user_token(
             data_dir.display()
         )));
     }
-    check_private(&path)?;
     let secret = read_secret_file(&path)?;
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
@@ -318,8 +317,11 @@ pub fn mint_user_token(
     Ok(Zeroizing::new(token))
 }
 
-/// Reads a secret file: its bytes with trailing whitespace (a final newline) removed.
+/// Reads a secret file (refused when group or others may read it, like the keyring: an
+/// HS256 secret lets whoever reads it mint any user's token): its bytes with trailing
+/// whitespace (a final newline) removed.
 pub(crate) fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, ServerError> {
+    check_private(path)?;
     let mut bytes = Zeroizing::new(fs::read(path).map_err(ServerError::file("secret file", path))?);
     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
         bytes.pop();
@@ -347,8 +349,8 @@ pub(crate) fn check_private(path: &Path) -> Result<(), ServerError> {
     let meta = fs::metadata(path).map_err(ServerError::file("secret file", path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(ServerError::Dev(format!(
-            "{} has mode {mode:04o}, so group or others can read a secret; run `chmod 600 {}`",
+        return Err(ServerError::Config(format!(
+            "secret file {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
             path.display(),
             path.display()
         )));

@@ -55,6 +55,19 @@ pub fn load_certs(
 ///
 /// [`ServerError::File`] if it cannot be read; [`ServerError::Tls`] if it holds no key.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    // Warned, not refused: certificate tooling often leaves keys group-readable on purpose
+    // (a `ssl-cert` group), and whoever reads it can impersonate the server, not the users.
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                "the TLS private key is readable by every local user; run `chmod 600` on it"
+            );
+        }
+    }
     let pem = zeroize::Zeroizing::new(
         std::fs::read(path).map_err(ServerError::file("TLS private key", path))?,
     );

@@ -83,6 +83,17 @@ async fn missing_or_broken_files_are_named() {
         e.contains("auth.jwt.hs256_secret_file") && e.contains("at least 32"),
         "{e}"
     );
+
+    // Whoever reads the HS256 secret can mint any user's token: refused like the keyring.
+    std::fs::write(
+        &fx.jwt_secret,
+        "0123456789abcdef0123456789abcdef-long-enough\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fx.jwt_secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = start_err(fx.config()).await;
+    assert!(e.contains("secret file") && e.contains("chmod 600"), "{e}");
+    std::fs::set_permissions(&fx.jwt_secret, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 #[tokio::test]
