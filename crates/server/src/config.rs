@@ -65,6 +65,7 @@
 //! | `broker.timeout_seconds` | 20 (at most `limits.request_timeout_seconds` − 1) | a whole brokered call; must be below `limits.request_timeout_seconds` |
 //! | `broker.max_response_bytes` | 1048576 | largest upstream response body (502 beyond) |
 //! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
+//! | `audit.jsonl` | — | also append each committed audit record as a JSON line to this file (mode 0600), or `"-"` for stdout |
 //! | `log.format` | `"json"` | `"json"` or `"text"` (logs go to stderr) |
 //! | `log.level` | `"info"` | a level or `tracing` filter directives (`info,strongroom_api=debug`) |
 //!

@@ -34,9 +34,9 @@ Development: `strongroom serve --dev` needs nothing else. It creates ./strongroo
 127.0.0.1:8443, and prints the tokens and curl commands to try it.
 
 Signals: SIGTERM or SIGINT stop accepting and let in-flight requests finish (exit status 0); \
-SIGHUP reloads the policy file, the keyring, the TLS certificate and the authentication settings \
-([auth] of the configuration, read again with the files it names; an invalid one is refused and the \
-previous settings stay). Logs go to stderr (JSON, or text in --dev); the --dev instructions go to \
+SIGHUP reloads the policy file, the keyring, the TLS certificate, the authentication settings \
+([auth]) and the brokered-call settings ([broker]) of the configuration, read again with the files \
+they name; an invalid one is refused and the previous settings stay. Logs go to stderr (JSON, or text in --dev); the --dev instructions go to \
 stdout.")]
 pub struct ServeArgs {
     /// Configuration file (TOML); STRONGROOM_* environment variables override its keys.
@@ -57,10 +57,12 @@ pub struct ServeArgs {
     /// Data directory [default: ./strongroom-data, or the config's `data_dir`].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// With --dev: use this admin token (16+ characters) instead of the generated one.
+    /// With --dev: use this admin token (16+ characters, no spaces) instead of the generated
+    /// one.
     #[arg(long, value_name = "TOKEN", requires = "dev")]
     dev_admin_token: Option<String>,
-    /// With --dev: use this token for the service `dev-service` instead of the generated one.
+    /// With --dev: use this token (16+ characters, no spaces) for the service `dev-service`
+    /// instead of the generated one.
     #[arg(long, value_name = "TOKEN", requires = "dev")]
     dev_service_token: Option<String>,
 }
