@@ -126,6 +126,21 @@ fn generate_refuses_to_overwrite_and_env_picks_the_keyring() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    // --root means a remote provider's key: with the local keyring it is refused, not
+    // silently ignored, and nothing rotates.
+    let out = strongroom()
+        .args(["keys", "rotate", "--root", "--keyring"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--root"));
+    assert_eq!(std::fs::read(&file).unwrap(), before);
 }
 
 #[test]

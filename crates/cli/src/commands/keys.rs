@@ -205,7 +205,16 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 info.version
             );
         }
-        KeysCommand::Rotate { location, .. } => {
+        KeysCommand::Rotate { location, root } => {
+            if root {
+                return Err(CliError::Usage(
+                    "--root rotates a remote provider's own key beneath the KEK ring \
+                     (keys.mode = \"hierarchy\"); the local keyring has no separate root: \
+                     `keys rotate` alone rotates it"
+                        .into(),
+                )
+                .into());
+            }
             let path = location.path()?;
             let info = local::rotate(&path, now, &OsRandom)?;
             if location.names_a_store("this rotation is not recorded in an audit log")? {
