@@ -147,6 +147,10 @@ fn bad_tokens_certificates_and_input_are_one_clear_line() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach"), "{err}");
+    assert!(
+        err.contains("--data-dir") && err.contains("--cacert"),
+        "no hint: {err}"
+    );
 
     let out = strongroom()
         .env_remove("STRONGROOM_TOKEN")

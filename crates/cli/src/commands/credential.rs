@@ -270,6 +270,13 @@ impl Client {
                 msg.push_str(&format!(": {s}"));
                 source = s.source();
             }
+            if msg.contains("UnknownIssuer") {
+                msg.push_str(
+                    " (the server's certificate is not trusted: for a `serve --dev` server, \
+                     pass its --data-dir or set STRONGROOM_DATA_DIR, which holds tls/ca.pem; \
+                     otherwise --cacert FILE)",
+                );
+            }
             CliError::Operation(msg)
         })?;
         let status = resp.status();
