@@ -262,6 +262,18 @@ fn honest_log_verifies_and_every_tampering_is_named() {
         .arg(&pinned)
         .assert()
         .success();
+    // A head file that is not there is named.
+    let missing = copy.path().join("no-such-head.json");
+    let out = strongroom()
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data)
+        .arg("--expect-head")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-head.json"), "{err}");
 }
 
 fn hex(b: &[u8]) -> String {

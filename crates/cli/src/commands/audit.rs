@@ -84,7 +84,7 @@ async fn verify(target: &OperatorTarget, expect_head: Option<PathBuf>) -> Result
     let expected: Option<Head> = match &expect_head {
         Some(path) => {
             let text = std::fs::read_to_string(path)
-                .map_err(CliError::io("cannot read the --expect-head file"))?;
+                .map_err(|e| CliError::Usage(format!("--expect-head {}: {e}", path.display())))?;
             Some(serde_json::from_str(&text).map_err(|_| {
                 CliError::Usage("--expect-head: not a head printed by `audit head`".into())
             })?)
