@@ -536,7 +536,8 @@ fn sighup_reloads_the_auth_settings_of_the_config_file() {
     let policy = tmp.path().join("policy.toml");
     std::fs::write(
         &policy,
-        "[[rule]]\nservice = \"billing\"\noperations = [\"write\"]\ncredentials = [\"*\"]\n",
+        "[[rule]]\nservice = \"billing\"\noperations = [\"write\"]\ncredentials = [\"*\"]\n\
+         [[rule]]\nservice = \"imprter\"\noperations = [\"write\"]\ncredentials = [\"*\"]\n",
     )
     .unwrap();
     let cfg = tmp.path().join("strongroom.toml");
@@ -626,6 +627,16 @@ fn sighup_reloads_the_auth_settings_of_the_config_file() {
     };
     wait_for(TOKEN_A, 201);
     assert_eq!(put(TOKEN_B), 401);
+    // A rule for a service nothing authenticates (a typo) is pointed out at start.
+    let started = std::fs::read_to_string(&stderr).unwrap();
+    let warned: Vec<&str> = started
+        .lines()
+        .filter(|l| l.contains("no [[auth.service]] or [[auth.mtls]] entry"))
+        .collect();
+    assert!(
+        warned.len() == 1 && warned[0].contains("imprter"),
+        "{started}"
+    );
 
     write_cfg(SHA_B);
     hup();

@@ -512,6 +512,26 @@ async fn start_auditor(
     Ok(())
 }
 
+/// Warns about each policy rule whose service no `[[auth.service]]` or `[[auth.mtls]]` entry
+/// authenticates: most likely a typo, whose service would then be refused everything it was
+/// meant to be allowed. (A warning, not an error: a rule may be staged before its service.)
+fn warn_unknown_services(policy: &Policy, auth: &config::AuthConfig) {
+    let known = |name: &str| {
+        auth.service.iter().any(|t| t.name == name)
+            || auth.mtls.iter().any(|m| m.service.as_deref() == Some(name))
+    };
+    let mut warned: Vec<&str> = Vec::new();
+    for rule in policy.rules() {
+        if !known(&rule.service) && !warned.contains(&rule.service.as_str()) {
+            warned.push(&rule.service);
+            tracing::warn!(
+                service = %rule.service,
+                "the policy names a service that no [[auth.service]] or [[auth.mtls]] entry authenticates; check the spelling"
+            );
+        }
+    }
+}
+
 fn load_policy(path: &Path) -> Result<Policy, ServerError> {
     let text = std::fs::read_to_string(path).map_err(ServerError::file("policy file", path))?;
     Policy::from_toml(&text).map_err(|source| ServerError::Policy {
@@ -711,6 +731,7 @@ impl Server {
         if config.policy_file.is_none() && policy.rules().is_empty() {
             tracing::warn!("no policy_file: services are denied every operation");
         }
+        warn_unknown_services(&policy, &config.auth);
         let broker = build_broker(&config)?;
 
         let store = open_store(&config, FirstStart::Allowed).await?;
