@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{read_json, strongroom, unix, vectors_dir};
+use common::{read_json, stdout_of, strongroom, unix, vectors_dir};
 use serde_json::Value;
 
 struct Run {
@@ -290,27 +290,14 @@ fn a_key_that_starts_with_a_hyphen_is_a_key() {
     use base64::Engine;
     let key = base64::engine::general_purpose::URL_SAFE.encode([0xf8u8; 32]);
     assert!(key.starts_with('-'), "{key}");
-    let out = strongroom()
-        .args(["fernet", "encrypt", "--key", &key])
-        .write_stdin("hyphen-key plaintext")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let token = stdout_of(
+        strongroom()
+            .args(["fernet", "encrypt", "--key", &key])
+            .write_stdin("hyphen-key plaintext"),
     );
-    let token = String::from_utf8(out.stdout).unwrap();
-    let out = strongroom()
-        .args(["fernet", "decrypt", "--key", &key, token.trim()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.stdout, b"hyphen-key plaintext");
+    let token = String::from_utf8(token).unwrap();
+    let plain = stdout_of(strongroom().args(["fernet", "decrypt", "--key", &key, token.trim()]));
+    assert_eq!(plain, b"hyphen-key plaintext");
 }
 
 #[test]

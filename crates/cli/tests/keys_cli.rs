@@ -4,21 +4,16 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::strongroom;
+use common::{stdout_of, strongroom};
 use serde_json::Value;
 
 fn list_json(dir: &std::path::Path) -> Vec<Value> {
-    let out = strongroom()
-        .args(["keys", "list", "--json", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        strongroom()
+            .args(["keys", "list", "--json", "--data-dir"])
+            .arg(dir),
     );
-    serde_json::from_slice::<Value>(&out.stdout)
+    serde_json::from_slice::<Value>(&out)
         .unwrap()
         .as_array()
         .unwrap()

@@ -8,22 +8,17 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::dev::{start_dev, start_dev_env};
-use common::strongroom;
+use common::{stdout_of, strongroom};
 use serde_json::json;
 
 fn mint(data: &Path, subject: &str) -> String {
-    let out = strongroom()
-        .args(["token", "mint", "--dev", "--ttl", "600", "--data-dir"])
-        .arg(data)
-        .arg(subject)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        strongroom()
+            .args(["token", "mint", "--dev", "--ttl", "600", "--data-dir"])
+            .arg(data)
+            .arg(subject),
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    String::from_utf8(out).unwrap().trim().to_owned()
 }
 
 fn rt() -> tokio::runtime::Runtime {

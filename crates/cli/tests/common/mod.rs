@@ -36,6 +36,17 @@ pub fn strongroom() -> assert_cmd::Command {
     cmd
 }
 
+/// Runs `cmd`, which must succeed (else the test fails showing its stderr); its stdout.
+pub fn stdout_of(cmd: &mut assert_cmd::Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// RFC 3339 time as Unix seconds.
 pub fn unix(rfc3339: &str) -> u64 {
     let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
