@@ -121,14 +121,14 @@ impl DestinationPattern {
             HostPattern::Any
         } else if let Some(suffix) = host.strip_prefix("*.") {
             match url::Host::parse(suffix) {
-                Ok(url::Host::Domain(d)) if !d.contains('*') && d.contains('.') => {
+                Ok(url::Host::Domain(d)) if is_dns_name(&d) && d.contains('.') => {
                     HostPattern::Subdomains(format!(".{}", d.to_ascii_lowercase()))
                 }
                 _ => return Err(bad()),
             }
         } else {
             match url::Host::parse(&host) {
-                Ok(url::Host::Domain(d)) if !d.contains('*') => {
+                Ok(url::Host::Domain(d)) if is_dns_name(&d) => {
                     HostPattern::Exact(d.to_ascii_lowercase())
                 }
                 Ok(url::Host::Domain(_)) | Err(_) => return Err(bad()),
@@ -167,6 +167,16 @@ impl DestinationPattern {
     }
 }
 
+/// Whether `name` (already IDNA-normalized) is a DNS name a URL can reach: labels of 1 to 63
+/// characters, 253 in all, no `*`. The URL parser accepts `a..b`, a trailing dot or a
+/// 300-character name, which no destination would ever match: refused where they are
+/// written (a policy, a version's `metadata.host`) instead.
+fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && !name.contains('*')
+        && name.split('.').all(|label| (1..=63).contains(&label.len()))
+}
+
 impl fmt::Display for DestinationPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -203,6 +213,8 @@ mod tests {
         assert!(p("127.0.0.1:*").matches(&dest("https://0x7f.1:9/")));
         assert!(p("[::1]:8443").matches(&dest("https://[0:0::1]:8443/")));
         assert!(p("bücher.example").matches(&dest("https://xn--bcher-kva.example/")));
+        let longest_label = format!("{}.example", "a".repeat(63));
+        assert!(p(&longest_label).matches(&dest(&format!("https://{longest_label}/"))));
         for bad in [
             "",
             "https://api.zoom.us",
@@ -214,6 +226,12 @@ mod tests {
             "a*b.example",
             "*.com",
             "[::1",
+            "a..b.example",
+            "api.zoom.us.",
+            ".api.zoom.us",
+            "*.a..b.example",
+            &format!("{}.example", "a".repeat(64)),
+            &format!("{}example", "a.".repeat(125)),
         ] {
             assert!(DestinationPattern::parse(bad).is_err(), "{bad}");
         }
