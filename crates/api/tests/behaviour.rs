@@ -288,6 +288,25 @@ async fn versions_check_and_set_current_and_destroy() {
         .await;
     assert_eq!(reveal(None).await.status, StatusCode::OK);
 
+    // Every version destroyed: the credential is still there (listed, described), its
+    // current value is gone, not missing.
+    for v in [1, 3] {
+        let path = format!("{KEY}/versions/{v}");
+        let r = api.call("DELETE", &path, Some(&alice), None).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    }
+    let r = reveal(None).await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::GONE, "version_destroyed"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        api.call("GET", KEY, Some(&alice), None).await.json()["current_version"],
+        json!(null)
+    );
+
     assert_eq!(
         api.call("DELETE", KEY, Some(&alice), None).await.status,
         StatusCode::NO_CONTENT

@@ -506,7 +506,8 @@ impl Vault {
     ///
     /// # Errors
     ///
-    /// [`CoreError::NotFound`] when there is no current version; input/store/provider errors.
+    /// [`CoreError::NotFound`] for no such credential, [`CoreError::VersionDestroyed`] when every
+    /// version was destroyed; input/store/provider errors.
     pub async fn verify(
         &self,
         owner: &str,

@@ -180,8 +180,9 @@ pub trait Store: Send + Sync + Debug {
     ///
     /// # Errors
     ///
-    /// [`StoreError::NotFound`] (also when `None` is asked and there is no current version),
-    /// [`StoreError::VersionDestroyed`].
+    /// [`StoreError::NotFound`] (no such credential or version),
+    /// [`StoreError::VersionDestroyed`] (that version, or with `None` every version, was
+    /// destroyed).
     async fn get_version(
         &self,
         owner: &str,

@@ -882,11 +882,27 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg_err)?;
-        let r = client
+        let row = client
             .query_opt(&stmt, &[&owner, &name, &asked])
             .await
-            .map_err(pg_err)?
-            .ok_or(StoreError::NotFound)?;
+            .map_err(pg_err)?;
+        let Some(r) = row else {
+            // No current version of a credential that exists: every version is destroyed.
+            if version.is_none() {
+                let exists = client
+                    .query_opt(
+                        "SELECT 1 FROM credentials WHERE owner = $1 AND name = $2 AND NOT deleted",
+                        &[&owner, &name],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .is_some();
+                if exists {
+                    return Err(StoreError::VersionDestroyed);
+                }
+            }
+            return Err(StoreError::NotFound);
+        };
         let state = VersionState::from_db(i64::from(r.try_get::<_, i16>(3).map_err(pg_err)?))?;
         if state == VersionState::Destroyed {
             return Err(StoreError::VersionDestroyed);

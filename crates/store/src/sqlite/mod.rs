@@ -953,6 +953,30 @@ fn destroy_credential_tx(
 }
 
 /// The version row `get_version` answers with, read from the database.
+/// Why [`read_version`] found no row: the current version was asked of a credential whose
+/// every version is destroyed ([`StoreError::VersionDestroyed`]), or there is no such
+/// credential or version ([`StoreError::NotFound`]).
+fn missing_version(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+    version: Option<u32>,
+) -> Result<StoreError, StoreError> {
+    if version.is_some() {
+        return Ok(StoreError::NotFound);
+    }
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM credentials WHERE owner = ?1 AND name = ?2 AND deleted = 0")
+        .map_err(db_err)?
+        .exists(params![owner, name])
+        .map_err(db_err)?;
+    Ok(if exists {
+        StoreError::VersionDestroyed
+    } else {
+        StoreError::NotFound
+    })
+}
+
 fn read_version(
     conn: &Connection,
     owner: &str,
@@ -987,8 +1011,10 @@ fn read_version(
             ))
         })
         .optional()
-        .map_err(db_err)?
-        .ok_or(StoreError::NotFound)?;
+        .map_err(db_err)?;
+    let Some(row) = row else {
+        return Err(missing_version(conn, owner, name, version)?);
+    };
     let (enabled, current, v, state, p, k, kv, md, by, at, wrapped, sealed) = row;
     if VersionState::from_db(state)? == VersionState::Destroyed {
         return Err(StoreError::VersionDestroyed);
