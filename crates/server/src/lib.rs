@@ -153,8 +153,9 @@ impl Backends {
 
     async fn open_as(config: &Config, first_start: FirstStart) -> Result<Self, ServerError> {
         config.validate_backends()?;
+        let opened = open_key_provider(config).await?;
         let handle = open_store(config, first_start).await?;
-        let keys = match open_keys_as(config, handle.as_dyn(), first_start).await {
+        let keys = match open_keys_as(config, handle.as_dyn(), opened, first_start).await {
             Ok(keys) => keys,
             Err(e) => {
                 handle.close().await;
@@ -734,12 +735,13 @@ impl Server {
         warn_unknown_services(&policy, &config.auth);
         let broker = build_broker(&config)?;
 
+        let opened = open_key_provider(&config).await?;
         let store = open_store(&config, FirstStart::Allowed).await?;
         let Keys {
             provider: keyring,
             local_keyring,
             hierarchy,
-        } = match open_keys(&config, store.as_dyn()).await {
+        } = match open_keys(&config, store.as_dyn(), opened).await {
             Ok(keys) => keys,
             Err(e) => {
                 store.close().await;
@@ -1009,16 +1011,20 @@ pub struct Keys {
     pub hierarchy: Option<Arc<KekHierarchy>>,
 }
 
-/// Opens the key provider of `config` ([`open_key_provider`]) and, for a remote provider in
-/// `hierarchy` mode, the KEK hierarchy over it: Strongroom's KEKs are loaded from `store`
-/// and unwrapped once here (made on first start).
+/// Over the key provider `opened` ([`open_key_provider`], called before the store is opened,
+/// so that a missing keyring or an unreachable provider leaves no new database behind):
+/// for a remote provider in `hierarchy` mode, the KEK hierarchy, whose KEKs are loaded from
+/// `store` and unwrapped once here (made on first start).
 ///
 /// # Errors
 ///
-/// As [`open_key_provider`]; a KEK the provider cannot unwrap stops the start with the
-/// provider's error naming the KEK.
-pub async fn open_keys(config: &Config, store: Arc<dyn Store>) -> Result<Keys, ServerError> {
-    open_keys_as(config, store, FirstStart::Allowed).await
+/// A KEK the provider cannot unwrap stops the start with the provider's error naming it.
+pub async fn open_keys(
+    config: &Config,
+    store: Arc<dyn Store>,
+    opened: (Arc<dyn KeyProvider>, Option<Arc<LocalKeyring>>),
+) -> Result<Keys, ServerError> {
+    open_keys_as(config, store, opened, FirstStart::Allowed).await
 }
 
 /// Whether opening may make what a server's first start makes (see
@@ -1032,9 +1038,9 @@ enum FirstStart {
 async fn open_keys_as(
     config: &Config,
     store: Arc<dyn Store>,
+    (provider, local_keyring): (Arc<dyn KeyProvider>, Option<Arc<LocalKeyring>>),
     first_start: FirstStart,
 ) -> Result<Keys, ServerError> {
-    let (provider, local_keyring) = open_key_provider(config).await?;
     if local_keyring.is_some() {
         return Ok(Keys {
             provider,

@@ -109,6 +109,13 @@ async fn keyring_problems_stop_the_start() {
         e.contains("no keyring at") && e.contains("keys generate"),
         "{e}"
     );
+    // The keyring is opened before the store: a start that fails on it makes no database.
+    assert!(
+        !fx.data_dir
+            .join(strongroom_store::sqlite::DB_FILE_NAME)
+            .exists(),
+        "a failed start left a new database behind"
+    );
 }
 
 #[tokio::test]
