@@ -67,7 +67,7 @@
 //! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
 //! | `audit.jsonl` | — | also append each committed audit record as a JSON line to this file (mode 0600), or `"-"` for stdout |
 //! | `log.format` | `"json"` | `"json"` or `"text"` (logs go to stderr) |
-//! | `log.level` | `"info"` | a level or `tracing` filter directives (`info,strongroom_api=debug`) |
+//! | `log.level` | `"info"` | a level or `tracing` filter directives (`info,strongroom_api=debug`); a bare `debug` or `trace` applies to Strongroom's own crates only, dependencies stay at `info` unless named (their debug output can hold request bodies, e.g. KMS data keys) |
 //!
 //! Exactly one of `hs256_secret_file`, `public_key_file`, `jwks_file` or `jwks_url` is set
 //! in `[auth.jwt]`. JWKS keys are used by key type (RSA: RS256, EC P-256: ES256, Ed25519:

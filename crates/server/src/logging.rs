@@ -1,23 +1,56 @@
 //! Structured logs with `tracing`: JSON lines (production default) or text (dev), on stderr.
 //!
-//! Nothing here logs request headers or bodies; the transport crates (`h2`, `hyper`,
-//! `rustls`) are held at `info` (`rustls` at `error`) unless `log.level` names them, so their
-//! debug output (frame dumps, handshake details) stays out of production logs.
+//! Nothing here logs request headers or bodies. A bare level more verbose than `info`
+//! (`debug`, `trace`) applies to Strongroom's own crates and to its request trace layer only;
+//! every dependency stays at `info` unless the directives name it. Dependencies' debug and
+//! trace output dumps what they carry: hyper and h2 frames, and the AWS SDK's requests with
+//! their bodies, which for KMS hold plaintext data keys.
 
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Transport crates capped unless the directives name them. rustls is held at `error`: it
-/// warns "Illegal SNI extension: ignoring IP address" on every connection from OpenSSL-based
-/// clients (curl, wrk) that send an IP as SNI; handshake failures reach us as errors anyway.
-const QUIET: &[(&str, &str)] = &[
-    ("h2", "info"),
-    ("hyper", "info"),
-    ("hyper_util", "info"),
-    ("rustls", "error"),
-    ("tokio_rustls", "info"),
-];
+/// Targets a bare `debug`/`trace` reaches: Strongroom's crates (`strongroom`,
+/// `strongroom_api`, ...: targets match by prefix) and the request trace layer, configured
+/// in `strongroom_api` to record no headers or bodies.
+const OWN: &[&str] = &["strongroom", "tower_http::trace"];
+
+/// Held at `error` unless named: it warns "Illegal SNI extension: ignoring IP address" on
+/// every connection from OpenSSL-based clients (curl, wrk) that send an IP as SNI;
+/// handshake failures reach us as errors anyway.
+const RUSTLS_CAP: &str = "rustls=error";
+
+/// The filter directives for `log.level` (see the module documentation).
+fn directives(level: &str) -> Result<String, String> {
+    let items: Vec<&str> = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if items.is_empty() {
+        return Err("must not be empty (e.g. \"info\")".to_owned());
+    }
+    let mut out: Vec<String> = Vec::new();
+    for item in &items {
+        match item.parse::<LevelFilter>() {
+            Ok(l) if l > LevelFilter::INFO => {
+                out.push("info".to_owned());
+                out.extend(OWN.iter().map(|t| format!("{t}={item}")));
+            }
+            _ => out.push((*item).to_owned()),
+        }
+    }
+    let names_rustls = items.iter().any(|d| {
+        d.split(['=', '['])
+            .next()
+            .is_some_and(|t| t == "rustls" || t.starts_with("rustls::"))
+    });
+    if !names_rustls {
+        out.push(RUSTLS_CAP.to_owned());
+    }
+    Ok(out.join(","))
+}
 
 /// Parses `log.level` (a level or `tracing` filter directives).
 ///
@@ -25,18 +58,9 @@ const QUIET: &[(&str, &str)] = &[
 ///
 /// A message saying what is wrong with the directives.
 pub(crate) fn filter(level: &str) -> Result<EnvFilter, String> {
-    let mut directives = level.trim().to_owned();
-    if directives.is_empty() {
-        return Err("must not be empty (e.g. \"info\")".to_owned());
-    }
-    for (target, cap) in QUIET {
-        if !directives.contains(target) {
-            directives.push_str(&format!(",{target}={cap}"));
-        }
-    }
     EnvFilter::builder()
         .with_regex(false)
-        .parse(&directives)
+        .parse(directives(level)?)
         .map_err(|e| format!("{e} (use a level such as \"info\", or directives such as \"info,strongroom_api=debug\")"))
 }
 
@@ -63,4 +87,58 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
         LogFormat::Text => builder.compact().try_init(),
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbose_levels_reach_our_crates_only_unless_a_dependency_is_named() {
+        assert_eq!(directives("info").unwrap(), "info,rustls=error");
+        assert_eq!(
+            directives("trace").unwrap(),
+            "info,strongroom=trace,tower_http::trace=trace,rustls=error"
+        );
+        assert_eq!(
+            directives(" debug , hyper=debug ").unwrap(),
+            "info,strongroom=debug,tower_http::trace=debug,hyper=debug,rustls=error"
+        );
+        assert_eq!(directives("warn,rustls=warn").unwrap(), "warn,rustls=warn");
+        assert!(directives(" , ").is_err());
+    }
+
+    /// At `trace`, what the AWS SDK logs at trace (its requests, bodies included: KMS
+    /// plaintext data keys) is not written; Strongroom's own trace events are.
+    #[test]
+    fn trace_does_not_let_dependencies_dump_what_they_carry() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter("trace").unwrap())
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "aws_smithy_runtime::client::orchestrator", "Plaintext KEY-CANARY");
+            tracing::debug!(target: "hyper::proto::h1", "frame KEY-CANARY");
+            tracing::trace!(target: "strongroom_keys::aws_kms", "our own trace event");
+            tracing::info!(target: "aws_config", "an info line");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("KEY-CANARY"), "{text}");
+        assert!(text.contains("our own trace event"), "{text}");
+        assert!(text.contains("an info line"), "{text}");
+    }
 }
