@@ -1160,6 +1160,49 @@ pub(crate) fn env_provider(keys: &'static [&'static str]) -> Env {
         .split("__")
 }
 
+/// What is wrong, without the offending value: figment's own text quotes it (`found string
+/// "postgresql://user:PASSWORD@…"`), and a misplaced secret must not reach stderr or the
+/// journal. Key names and the expected forms are kept.
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    fn found(actual: &Actual) -> String {
+        match actual {
+            Actual::Bool(b) => format!("boolean `{b}`"),
+            Actual::Unsigned(n) => format!("integer `{n}`"),
+            Actual::Signed(n) => format!("integer `{n}`"),
+            Actual::Float(f) => format!("number `{f}`"),
+            Actual::Str(_) | Actual::Char(_) => "a string".to_owned(),
+            Actual::Bytes(_) => "bytes".to_owned(),
+            Actual::Seq => "a list".to_owned(),
+            Actual::Map => "a table".to_owned(),
+            _ => "another kind of value".to_owned(),
+        }
+    }
+    match kind {
+        Kind::InvalidType(actual, expected) => {
+            format!("invalid type: found {}, expected {expected}", found(actual))
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!(
+                "invalid value: found {}, expected {expected}",
+                found(actual)
+            )
+        }
+        Kind::UnknownVariant(_, expected) => {
+            format!("unknown variant, expected one of: {}", expected.join(", "))
+        }
+        Kind::Unsupported(actual) => format!("unsupported value: {}", found(actual)),
+        Kind::UnsupportedKey(actual, expected) => {
+            format!(
+                "unsupported key: found {}, expected {expected}",
+                found(actual)
+            )
+        }
+        // Key names, lengths and our own messages: no value in them.
+        other => other.to_string(),
+    }
+}
+
 /// One line per problem, naming the key and where its value came from.
 fn config_error(err: figment::Error) -> ServerError {
     let lines: Vec<String> = err
@@ -1184,7 +1227,7 @@ fn config_error(err: figment::Error) -> ServerError {
                 },
                 None => String::new(),
             };
-            let kind = crate::error::one_line(&e.kind.to_string());
+            let kind = crate::error::one_line(&describe_kind(&e.kind));
             if key.is_empty() {
                 format!("{kind}{from}")
             } else {

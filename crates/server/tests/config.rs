@@ -239,6 +239,21 @@ fn a_bad_environment_value_names_the_variable() {
                 && e.contains("STRONGROOM_LIMITS__REQUEST_TIMEOUT_SECONDS"),
             "{e}"
         );
+        // A secret put where it does not belong is named by its key, never quoted.
+        jail.set_env(
+            "STRONGROOM_LIMITS__REQUEST_TIMEOUT_SECONDS",
+            "pw-SECRET-CANARY",
+        );
+        jail.set_env("STRONGROOM_STORE", "postgresql://app:SECRET-CANARY@db/app");
+        jail.set_env("STRONGROOM_LOG__FORMAT", "SECRET-CANARY");
+        let e = err_of(load("s.toml", &Overrides::default()));
+        assert!(!e.contains("SECRET-CANARY"), "{e}");
+        assert!(
+            e.contains("STRONGROOM_STORE")
+                || e.contains("STRONGROOM_LIMITS__REQUEST_TIMEOUT_SECONDS"),
+            "{e}"
+        );
+        jail.clear_env();
         jail.set_env("STRONGROOM_LIMITS__REQUEST_TIMEOUT_SECONDS", "20");
         jail.set_env("STRONGROOM_LIMITS__TYPO", "1");
         let e = err_of(load("s.toml", &Overrides::default()));
