@@ -50,6 +50,19 @@ pub mod pkcs11;
 #[cfg(feature = "transit")]
 pub mod transit;
 
+/// Where and what kind of JSON problem `e` is, without its text: serde_json's messages quote
+/// the offending string (`invalid type: string "…"`), which in a keyring file or a provider's
+/// answer can be key material.
+pub(crate) fn json_problem(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "a field is missing, unknown or of the wrong type",
+        serde_json::error::Category::Eof => "cut short",
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
 #[cfg(feature = "aws-kms")]
 pub use aws_kms::{AwsKmsConfig, AwsKmsProvider};
 #[cfg(feature = "pkcs11")]

@@ -261,9 +261,8 @@ fn read_file(path: &Path) -> Result<FileModel, KeyringError> {
     }
     let mut text = Zeroizing::new(String::new());
     file.read_to_string(&mut text).map_err(io_err(path))?;
-    // serde_json's messages name positions and types, never the values of strings.
     let model: FileModel =
-        serde_json::from_str(&text).map_err(|e| invalid(path, format!("{e}")))?;
+        serde_json::from_str(&text).map_err(|e| invalid(path, crate::json_problem(&e)))?;
     if model.format != FORMAT {
         return Err(invalid(
             path,

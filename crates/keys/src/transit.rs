@@ -886,8 +886,12 @@ fn parse<T: for<'de> Deserialize<'de>>(
             format!("unexpected {what} response"),
         )
     };
-    // serde_json messages name positions and types, never string values.
-    let env: Envelope<T> = serde_json::from_slice(body).map_err(|e| bad().with_source(e))?;
+    let env: Envelope<T> = serde_json::from_slice(body).map_err(|e| {
+        error(
+            ProviderErrorKind::Other,
+            format!("unexpected {what} response: {}", crate::json_problem(&e)),
+        )
+    })?;
     if let Some(warnings) = &env.warnings {
         if warnings
             .iter()

@@ -115,6 +115,13 @@ fn missing_and_malformed_files_give_clear_errors() {
     fs::write(&good, format!("{{\"format\": \"{secret}\"")).unwrap();
     let err = LocalKeyring::open(&good).unwrap_err().to_string();
     assert!(!err.contains(&secret), "{err}");
+    // Key material in a field of the wrong type: serde_json's own message would quote it.
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["keys"][0]["version"] = secret.clone().into();
+    fs::write(&good, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = LocalKeyring::open(&good).unwrap_err().to_string();
+    assert!(err.contains("wrong type") && err.contains("line"), "{err}");
+    assert!(!err.contains(&secret), "{err}");
 }
 
 #[tokio::test]
