@@ -62,12 +62,22 @@ pub struct SourceRow {
 }
 
 /// Where the Django database is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
     /// A SQLite file, `sqlite:PATH` (also `sqlite://PATH`).
     Sqlite(PathBuf),
     /// A PostgreSQL connection string (`postgres://` or `postgresql://`, or key=value form).
     Postgres(String),
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            // A connection string can hold the password.
+            DatabaseUrl::Postgres(_) => f.write_str("Postgres([REDACTED])"),
+        }
+    }
 }
 
 impl std::str::FromStr for DatabaseUrl {
@@ -424,6 +434,12 @@ mod tests {
             Err(ImportError::Source(m)) => assert!(m.contains("sslmode=disable"), "{m}"),
             other => panic!("{:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn a_database_url_debug_hides_the_password() {
+        let url: DatabaseUrl = "postgresql://app:PW-CANARY@db/app".parse().unwrap();
+        assert!(!format!("{url:?}").contains("PW-CANARY"));
     }
 
     #[test]

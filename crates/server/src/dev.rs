@@ -59,7 +59,7 @@ pub fn policy() -> strongroom_core::policy::Policy {
 }
 
 /// What `--dev` was asked for.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DevOptions {
     /// The data directory.
     pub data_dir: PathBuf,
@@ -69,6 +69,19 @@ pub struct DevOptions {
     pub admin_token: Option<Zeroizing<String>>,
     /// A fixed service token instead of the stored random one.
     pub service_token: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for DevOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `Zeroizing`'s own Debug would print the tokens.
+        let fixed = |t: &Option<Zeroizing<String>>| t.as_ref().map(|_| "[REDACTED]");
+        f.debug_struct("DevOptions")
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("admin_token", &fixed(&self.admin_token))
+            .field("service_token", &fixed(&self.service_token))
+            .finish()
+    }
 }
 
 /// The dev layout, ready: paths and tokens.
@@ -509,5 +522,25 @@ fn shell_quote(s: &str) -> String {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn dev_options_debug_hides_the_tokens() {
+        let o = DevOptions {
+            data_dir: PathBuf::from("d"),
+            listen: "127.0.0.1:1".parse().unwrap(),
+            admin_token: Some(Zeroizing::new("adm-TOKEN-CANARY".into())),
+            service_token: Some(Zeroizing::new("svc-TOKEN-CANARY".into())),
+        };
+        let text = format!("{o:?}");
+        assert!(
+            !text.contains("TOKEN-CANARY") && text.contains("REDACTED"),
+            "{text}"
+        );
     }
 }

@@ -22,7 +22,7 @@ pub struct FernetKeys {
     /// Keys given here show in process listings: prefer --key-file on shared machines.
     // Hyphen values allowed: one urlsafe-base64 key in 64 starts with `-`.
     #[arg(long = "key", value_name = "KEY", allow_hyphen_values = true)]
-    keys: Vec<String>,
+    keys: Vec<super::SecretArg>,
     /// A file holding keys, one per line, appended after any --key.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
@@ -106,11 +106,7 @@ pub fn run(cmd: FernetCommand) -> Result<(), CliError> {
 }
 
 fn build(keys: &FernetKeys) -> Result<MultiFernet, CliError> {
-    let mut all: Vec<Zeroizing<String>> = keys
-        .keys
-        .iter()
-        .map(|k| Zeroizing::new(k.clone()))
-        .collect();
+    let mut all: Vec<Zeroizing<String>> = keys.keys.iter().map(|k| k.expose().clone()).collect();
     if let Some(path) = &keys.key_file {
         let text = Zeroizing::new(
             std::fs::read_to_string(path).map_err(CliError::io("reading --key-file"))?,

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use strongroom_import::{DatabaseUrl, ImportError, Mapping, Plan, Report, Source};
 use zeroize::Zeroizing;
 
-use super::{Failure, OperatorTarget};
+use super::{Failure, OperatorTarget, SecretArg};
 use crate::error::CliError;
 
 /// Importers from other systems.
@@ -24,23 +24,6 @@ pub enum ImportCommand {
         --key-file fernet_keys.txt"
     )]
     DjangoFernetFields(DjangoArgs),
-}
-
-/// A secret flag value: `Debug` never shows it.
-#[derive(Clone)]
-pub struct SecretArg(Zeroizing<String>);
-
-impl std::str::FromStr for SecretArg {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(SecretArg(Zeroizing::new(s.to_owned())))
-    }
-}
-
-impl std::fmt::Debug for SecretArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[REDACTED]")
-    }
 }
 
 /// `COLUMN=CREDENTIAL_NAME`.
@@ -151,9 +134,9 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
     let entries: Vec<Zeroizing<String>> = if let Some(path) = &args.key_file {
         read_key_file(path)?
     } else if !args.keys.is_empty() {
-        args.keys.iter().map(|k| k.0.clone()).collect()
+        args.keys.iter().map(|k| k.expose().clone()).collect()
     } else if let Some(secret) = &args.secret_key {
-        vec![secret.0.clone()]
+        vec![secret.expose().clone()]
     } else {
         return Err(CliError::Usage(
             "give the Django keys: --key (repeat in FERNET_KEYS order), --key-file or \

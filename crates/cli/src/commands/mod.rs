@@ -13,6 +13,30 @@ use std::process::ExitCode;
 
 use crate::error::CliError;
 
+/// A secret flag value: `Debug` never shows it.
+#[derive(Clone)]
+pub struct SecretArg(zeroize::Zeroizing<String>);
+
+impl SecretArg {
+    /// The value.
+    pub fn expose(&self) -> &zeroize::Zeroizing<String> {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretArg(zeroize::Zeroizing::new(s.to_owned())))
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
 /// What a command fails with: the CLI's own errors, or the server's (configuration, TLS,
 /// keyring, store, socket). Every message is one line and holds no secret.
 #[derive(Debug, thiserror::Error)]

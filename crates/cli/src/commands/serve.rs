@@ -9,7 +9,6 @@ use clap::Args;
 use strongroom_server::config::{Config, Overrides, DEFAULT_DATA_DIR};
 use strongroom_server::dev::{self, DevOptions, DEV_LISTEN};
 use strongroom_server::{logging, Server, ServerError};
-use zeroize::Zeroizing;
 
 use super::Failure;
 use crate::error::CliError;
@@ -60,11 +59,11 @@ pub struct ServeArgs {
     /// With --dev: use this admin token (16+ characters, no spaces) instead of the generated
     /// one.
     #[arg(long, value_name = "TOKEN", requires = "dev")]
-    dev_admin_token: Option<String>,
+    dev_admin_token: Option<super::SecretArg>,
     /// With --dev: use this token (16+ characters, no spaces) for the service `dev-service`
     /// instead of the generated one.
     #[arg(long, value_name = "TOKEN", requires = "dev")]
-    dev_service_token: Option<String>,
+    dev_service_token: Option<super::SecretArg>,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), Failure> {
@@ -122,8 +121,8 @@ async fn serve_dev(args: ServeArgs) -> Result<(), Failure> {
     let options = DevOptions {
         data_dir,
         listen,
-        admin_token: args.dev_admin_token.map(Zeroizing::new),
-        service_token: args.dev_service_token.map(Zeroizing::new),
+        admin_token: args.dev_admin_token.map(|t| t.expose().clone()),
+        service_token: args.dev_service_token.map(|t| t.expose().clone()),
     };
     let setup = dev::bootstrap(&options)?;
     let config = setup.config(listen)?;
