@@ -543,6 +543,9 @@ impl Broker {
             }
             Injection::Query { name, format } => {
                 let rendered = render(format);
+                // Room for the worst case (every byte percent-encoded) first: a `String`
+                // that grows while the value goes in leaves copies in what it frees.
+                path.reserve(2 + name.len() + 3 * rendered.len());
                 path.push(if prepared.url.query().is_some() {
                     '&'
                 } else {
@@ -559,11 +562,18 @@ impl Broker {
                 pair.extend_from_slice(username.as_bytes());
                 pair.push(b':');
                 pair.extend_from_slice(value);
-                let header = Zeroizing::new(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(&*pair)
-                ));
-                let mut v = HeaderValue::from_str(&header).map_err(|_| {
+                // Encoded straight into a buffer of its final size, zeroized on drop (a
+                // temporary `String` from `encode` would be freed as it is).
+                let prefix = b"Basic ";
+                let mut header = Zeroizing::new(vec![0u8; prefix.len() + (pair.len() + 2) / 3 * 4]);
+                header[..prefix.len()].copy_from_slice(prefix);
+                let written = base64::engine::general_purpose::STANDARD
+                    .encode_slice(&*pair, &mut header[prefix.len()..])
+                    .map_err(|_| {
+                        BrokerError::ValueUnusable("the value cannot be sent in a header")
+                    })?;
+                header.truncate(prefix.len() + written);
+                let mut v = HeaderValue::from_bytes(&header).map_err(|_| {
                     BrokerError::ValueUnusable("the value cannot be sent in a header")
                 })?;
                 v.set_sensitive(true);

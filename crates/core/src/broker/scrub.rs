@@ -41,11 +41,10 @@ impl Needles {
             push(s.to_vec());
             push(percent(s, true));
             push(percent(s, false));
-            push(
-                url::form_urlencoded::byte_serialize(s)
-                    .collect::<String>()
-                    .into_bytes(),
-            );
+            // Sized up front (at most three bytes per byte), so it never reallocates.
+            let mut form = String::with_capacity(3 * s.len());
+            form.extend(url::form_urlencoded::byte_serialize(s));
+            push(form.into_bytes());
             push(hex::encode(s).into_bytes());
             push(hex::encode_upper(s).into_bytes());
             if let Ok(text) = std::str::from_utf8(s) {
