@@ -238,10 +238,9 @@ async fn versions_check_and_set_current_and_destroy() {
         reveal(None).await.json(),
         json!({"value": "v1", "version": 1})
     );
-    assert_eq!(
-        reveal(Some(json!({"version": 2}))).await.json()["value"],
-        "v2"
-    );
+    let r = reveal(Some(json!({"version": 2}))).await;
+    assert_eq!(r.json(), json!({"value": "v2", "version": 2}));
+    assert_eq!(r.headers["content-type"], "application/json");
 
     assert_eq!(
         api.call("DELETE", &format!("{KEY}/versions/2"), Some(&alice), None)

@@ -4,6 +4,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use strongroom_core::broker::{BrokerError, BrokerRequest, Injection};
 use strongroom_core::policy::{Decision, Operation};
@@ -88,19 +89,18 @@ pub(crate) async fn reveal(
     service: Service,
     ApiPath((owner, name)): ApiPath<(String, String)>,
     ApiBytes(body): ApiBytes,
-) -> ApiResult<Json<RevealResponse>> {
+) -> ApiResult<Response> {
     authorize(&state, &service, Operation::Reveal, &owner, &name)?;
     let version = crate::extract::optional_json::<RevealBody>(&body)?.version;
     let revealed = state.vault().reveal(&owner, &name, version).await?;
-    let value = Zeroizing::new(
-        String::from_utf8(revealed.value.expose_secret().to_vec()).map_err(|_| {
-            ApiError::internal(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "stored value is not UTF-8",
-            )
-        })?,
-    );
+    // Checked in place: no copy of the value is made (or dropped unzeroized) here.
+    let value = std::str::from_utf8(revealed.value.expose_secret()).map_err(|_| {
+        ApiError::internal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "stored value is not UTF-8",
+        )
+    })?;
     // Fail closed: the record is durable before the value leaves; if it cannot be written,
     // the value is dropped (zeroized) and the caller gets 503.
     audit.version(revealed.version);
@@ -111,10 +111,30 @@ pub(crate) async fn reveal(
         audit.reopen();
         return Err(e.into());
     }
-    Ok(Json(RevealResponse {
-        value: value.to_string(),
-        version: revealed.version,
-    }))
+    secret_json(
+        &RevealResponse {
+            value,
+            version: revealed.version,
+        },
+        value.len(),
+    )
+}
+
+/// A JSON answer holding a secret of `secret_len` bytes, serialized into one zeroizing buffer
+/// sized for the worst case up front (JSON escapes a byte in at most six), so that it never
+/// reallocates, and handed to hyper as it is: it is wiped when the body is dropped, where
+/// `Json` would have grown and freed plain buffers holding the value.
+fn secret_json<T: serde::Serialize>(body: &T, secret_len: usize) -> ApiResult<Response> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(secret_len * 6 + 256));
+    serde_json::to_writer(&mut *buf, body).map_err(|e| {
+        ApiError::internal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    })?;
+    let mut response = Response::new(axum::body::Body::from(axum::body::Bytes::from_owner(buf)));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
 }
 
 /// Brokered use: Strongroom makes the outbound HTTPS call with the credential injected, and

@@ -63,11 +63,12 @@ pub struct RevealBody {
     pub version: Option<u32>,
 }
 
-/// A revealed value. Only the service reveal route returns this.
+/// A revealed value. Only the service reveal route returns this. It borrows the value, so
+/// the answer is written straight from the zeroizing buffer that holds it.
 #[derive(Serialize, ToSchema)]
-pub struct RevealResponse {
+pub struct RevealResponse<'a> {
     /// The plaintext value.
-    pub value: String,
+    pub value: &'a str,
     /// Its version.
     pub version: u32,
 }
