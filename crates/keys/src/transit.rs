@@ -785,9 +785,11 @@ impl TransitProvider {
             req = req.header("X-Vault-Namespace", ns.clone());
         }
         if let Some(body) = body {
+            // Handed over as it is (wiped when reqwest drops it), not copied into a plain
+            // `Vec`: the body holds a data key in strict mode, a KEK in hierarchy mode.
             req = req
                 .header(CONTENT_TYPE, "application/json")
-                .body(body.to_vec());
+                .body(reqwest::Body::from(bytes::Bytes::from_owner(body)));
         }
         let transport = |e: reqwest::Error| {
             let addr = &self.address;
@@ -826,7 +828,12 @@ impl TransitProvider {
                 ),
             ));
         }
-        let mut buf = Zeroizing::new(Vec::new());
+        // Sized up front so it does not reallocate (leaving copies of an unwrapped key) as
+        // chunks come in; a response without a length is small (this API's answers are).
+        let expected = resp.content_length().map_or(16 * 1024, |n| {
+            usize::try_from(n).unwrap_or(MAX_RESPONSE_LEN)
+        });
+        let mut buf = Zeroizing::new(Vec::with_capacity(expected.min(MAX_RESPONSE_LEN)));
         while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if buf.len() + chunk.len() > MAX_RESPONSE_LEN {
                 return Err(error(
@@ -859,14 +866,24 @@ impl TransitProvider {
     ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
         let associated_data = STANDARD.encode(aad);
         let context = derived.then(|| STANDARD.encode(Sha256::digest(aad)));
-        serde_json::to_vec(&CryptRequest {
-            plaintext,
-            ciphertext,
-            associated_data: &associated_data,
-            context: context.as_deref(),
-        })
-        .map(Zeroizing::new)
-        .map_err(|e| error(ProviderErrorKind::Other, "cannot encode the request").with_source(e))
+        // Sized for all of it up front: growing would free a buffer holding the key.
+        let capacity = 128
+            + plaintext.map_or(0, str::len)
+            + ciphertext.map_or(0, str::len)
+            + associated_data.len()
+            + context.as_ref().map_or(0, String::len);
+        let mut body = Zeroizing::new(Vec::with_capacity(capacity));
+        serde_json::to_writer(
+            &mut *body,
+            &CryptRequest {
+                plaintext,
+                ciphertext,
+                associated_data: &associated_data,
+                context: context.as_deref(),
+            },
+        )
+        .map_err(|e| error(ProviderErrorKind::Other, "cannot encode the request").with_source(e))?;
+        Ok(body)
     }
 }
 
