@@ -565,7 +565,8 @@ impl Broker {
                 // Encoded straight into a buffer of its final size, zeroized on drop (a
                 // temporary `String` from `encode` would be freed as it is).
                 let prefix = b"Basic ";
-                let mut header = Zeroizing::new(vec![0u8; prefix.len() + (pair.len() + 2) / 3 * 4]);
+                let mut header =
+                    Zeroizing::new(vec![0u8; prefix.len() + pair.len().div_ceil(3) * 4]);
                 header[..prefix.len()].copy_from_slice(prefix);
                 let written = base64::engine::general_purpose::STANDARD
                     .encode_slice(&*pair, &mut header[prefix.len()..])
