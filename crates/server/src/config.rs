@@ -722,6 +722,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--keyring` (the `keys` commands): the local keyring file, instead of `keys.keyring`.
+    pub keyring: Option<PathBuf>,
 }
 
 impl Config {
@@ -757,6 +759,9 @@ impl Config {
         }
         if let Some(dir) = &overrides.data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(keyring) = &overrides.keyring {
+            config.keys.keyring = Some(keyring.clone());
         }
         Ok(config)
     }

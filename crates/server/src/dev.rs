@@ -258,6 +258,7 @@ impl DevSetup {
             &Overrides {
                 listen: Some(listen),
                 data_dir: Some(self.data_dir.clone()),
+                keyring: None,
             },
         )?;
         config.validate()?;

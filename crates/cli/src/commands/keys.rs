@@ -89,6 +89,7 @@ impl KeyringLocation {
         OperatorTarget {
             config: self.config.clone(),
             data_dir: self.data_dir.clone(),
+            keyring: self.keyring.clone(),
         }
     }
 

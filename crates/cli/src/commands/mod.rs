@@ -82,6 +82,9 @@ pub struct OperatorTarget {
     /// the configuration's `data_dir`. [default: strongroom-data]
     #[arg(long, value_name = "DIR", env = "STRONGROOM_DATA_DIR")]
     pub data_dir: Option<std::path::PathBuf>,
+    /// A keyring named apart (`keys … --keyring FILE`), instead of the configuration's.
+    #[arg(skip)]
+    pub keyring: Option<std::path::PathBuf>,
 }
 
 impl OperatorTarget {
@@ -89,6 +92,7 @@ impl OperatorTarget {
     pub fn load(&self) -> Result<strongroom_server::config::Config, Failure> {
         let overrides = strongroom_server::config::Overrides {
             data_dir: self.data_dir.clone(),
+            keyring: self.keyring.clone(),
             ..Default::default()
         };
         Ok(strongroom_server::config::Config::load_for_operator(

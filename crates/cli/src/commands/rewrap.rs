@@ -77,6 +77,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
             let other = OperatorTarget {
                 config: Some(file.clone()),
                 data_dir: None,
+                keyring: None,
             };
             if let Some(ring) = &backends.hierarchy {
                 // Both sides keep a KEK ring: move the ring itself to the new provider first

@@ -88,6 +88,7 @@ async fn serve_config(args: ServeArgs) -> Result<(), Failure> {
     let overrides = Overrides {
         listen: args.listen,
         data_dir: args.data_dir,
+        ..Overrides::default()
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
