@@ -102,16 +102,19 @@ fn environment_overrides_the_file_and_flags_override_both() {
         assert_eq!(c.auth.service.len(), 1);
         assert_eq!(c.log.format, LogFormat::Text);
 
-        let flags = Overrides {
+        let mut flags = Overrides {
             listen: Some("127.0.0.1:1234".parse().unwrap()),
             data_dir: Some("/var/lib/c".into()),
-            keyring: Some("/etc/ring.json".into()),
+            keyring: None,
         };
         let c = load("s.toml", &flags).unwrap();
         assert_eq!(c.listen.port(), 1234);
-        assert_eq!(c.keyring_path(), Path::new("/etc/ring.json"));
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/c"));
         assert_eq!(c.keyring_path(), PathBuf::from("/etc/strongroom/ring.json"));
+        // `keys … --keyring FILE` beats the file and the environment too.
+        flags.keyring = Some("/etc/ring.json".into());
+        let c = load("s.toml", &flags).unwrap();
+        assert_eq!(c.keyring_path(), PathBuf::from("/etc/ring.json"));
         Ok(())
     });
 }
