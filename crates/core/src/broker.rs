@@ -215,8 +215,9 @@ pub struct BrokerResponse {
     pub redacted: bool,
 }
 
-/// Headers a caller may not set: framing, hop-by-hop, proxy, and `accept-encoding` (the
-/// broker asks for an identity body so it can scrub it).
+/// Headers a caller may not set: framing, hop-by-hop, proxy, `accept-encoding` (the broker
+/// asks for an identity body so it can scrub it) and `range`/`if-range` (slices of an echoed
+/// value are too short to recognise, and a few of them rebuild it).
 const RESERVED_HEADERS: &[&str] = &[
     "host",
     "content-length",
@@ -231,11 +232,15 @@ const RESERVED_HEADERS: &[&str] = &[
     "proxy-authenticate",
     "proxy-connection",
     "accept-encoding",
+    "range",
+    "if-range",
     "x-strongroom-on-behalf-of",
 ];
 
-/// Response headers not passed back.
+/// Response headers not passed back: hop-by-hop ones, and `content-length` (the body handed
+/// back is the scrubbed one; the upstream's length would tell the value's).
 const HOP_BY_HOP: &[&str] = &[
+    "content-length",
     "connection",
     "keep-alive",
     "transfer-encoding",
@@ -631,13 +636,25 @@ impl Broker {
             other => BrokerError::Upstream(other.to_string()),
         })?;
 
-        if let Some(enc) = response.headers.get(http::header::CONTENT_ENCODING) {
-            let enc = String::from_utf8_lossy(enc.as_bytes())
-                .trim()
-                .to_ascii_lowercase();
-            let checkable = enc.is_empty() || enc == "identity" || response.body.is_empty();
-            if !checkable {
-                return Err(BrokerError::Encoded(enc.chars().take(32).collect()));
+        // The body must be what it looks like, or the value inside it cannot be found: every
+        // `Content-Encoding` header (a second one must not hide a gzip behind "identity")
+        // and every transfer coding but `chunked` (which hyper removes; `gzip, chunked`
+        // would come through compressed).
+        let coding = response
+            .headers
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .chain(response.headers.get_all(http::header::TRANSFER_ENCODING))
+            .flat_map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .split(',')
+                    .map(|c| c.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .find(|c| !c.is_empty() && c != "identity" && c != "chunked");
+        if let Some(coding) = coding {
+            if !response.body.is_empty() {
+                return Err(BrokerError::Encoded(coding.chars().take(32).collect()));
             }
         }
         let mut redacted = false;

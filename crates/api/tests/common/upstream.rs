@@ -7,7 +7,8 @@
 //! * `/redirect`: 302 to `https://elsewhere.example/`;
 //! * `/big`: a 2 MiB body; `/big-chunked`: the same without a `Content-Length`;
 //! * `/slow`: answers after 5 s;
-//! * `/gzip`: a `Content-Encoding: gzip` body;
+//! * `/gzip`: a `Content-Encoding: gzip` body; `/gzip2`: the same behind a first
+//!   `Content-Encoding: identity`; `/tegzip`: `Transfer-Encoding: gzip, chunked`;
 //! * `/binary`: non-UTF-8 bytes.
 
 use std::collections::BTreeMap;
@@ -179,6 +180,13 @@ async fn handle(
         }
         "/gzip" => response(200)
             .header("content-encoding", "gzip")
+            .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00not-really"))),
+        "/gzip2" => response(200)
+            .header("content-encoding", "identity")
+            .header("content-encoding", "gzip")
+            .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00not-really"))),
+        "/tegzip" => response(200)
+            .header("transfer-encoding", "gzip, chunked")
             .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00not-really"))),
         "/binary" => response(200).body(Full::new(Bytes::from_static(b"\xff\xfe\x00bin"))),
         _ => {
