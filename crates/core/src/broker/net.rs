@@ -73,6 +73,10 @@ fn v6_class(a: Ipv6Addr) -> Class {
         // IPv4-compatible (deprecated).
         return v4_class(embedded(s[6], s[7]));
     }
+    if s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0 {
+        // IPv4-translated (::ffff:0:0/96, RFC 2765).
+        return v4_class(embedded(s[6], s[7]));
+    }
     if s[0] == 0x64 && s[1] == 0xff9b {
         // NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48).
         return v4_class(embedded(s[6], s[7]));
@@ -134,6 +138,8 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "::127.0.0.1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
             "64:ff9b::a00:1",
             "2002:7f00:1::",
             "2001::1",
