@@ -434,6 +434,7 @@ async fn malformed_requests_are_400_before_anything_is_called() {
                "headers": {"transfer-encoding": "chunked"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
                "headers": {"Range": "bytes=72-79"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key", "format": "a\r\nX-Evil: {value}"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
                "headers": {"if-range": "x"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "body": "a", "body_base64": "YQ=="}),

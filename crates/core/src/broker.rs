@@ -720,5 +720,12 @@ fn check_format(format: Option<&str>) -> Result<(), BrokerError> {
             "inject.format must hold {value} exactly once".into(),
         ));
     }
+    // Refused with the request's shape, before the value is opened (and the use audited),
+    // rather than later as a value that "cannot be sent in a header".
+    if f.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(BrokerError::BadRequest(
+            "inject.format must not hold control characters (CR, LF, ...)".into(),
+        ));
+    }
     Ok(())
 }
