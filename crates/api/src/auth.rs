@@ -305,7 +305,7 @@ impl Authenticator {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return UserCheck::Invalid;
         };
-        if names_critical_extensions(token) {
+        if !well_formed(token) {
             return UserCheck::Invalid;
         }
         let remote_keys;
@@ -426,21 +426,45 @@ pub(crate) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Whether the token's header has a `crit` member. It lists extensions the recipient must
-/// understand or reject the token (RFC 7515, 4.1.11); this verifier understands none, and
-/// the JWT library ignores the member, so a token relying on one is refused here.
-fn names_critical_extensions(token: &str) -> bool {
+/// The checks the JWT library leaves out: it ignores a `crit` header member (extensions the
+/// recipient must understand or reject the token, RFC 7515 4.1.11; this verifier understands
+/// none), takes an `iss` array as matching when one element does, and treats an `exp`,
+/// `nbf` or `iat` that is not a number as absent (a string `nbf` in the far future passed).
+fn well_formed(token: &str) -> bool {
     use base64::Engine;
+    use serde_json::Value;
     #[derive(serde::Deserialize)]
-    struct Probe {
+    struct Header {
         crit: Option<serde::de::IgnoredAny>,
     }
-    let Some((header, _)) = token.split_once('.') else {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        iss: Option<Value>,
+        exp: Option<Value>,
+        nbf: Option<Value>,
+        iat: Option<Value>,
+    }
+    let mut parts = token.split('.');
+    let (Some(header), Some(claims)) = (parts.next(), parts.next()) else {
         return false;
     };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(header)
-        .ok()
-        .and_then(|json| serde_json::from_slice::<Probe>(&json).ok())
-        .is_some_and(|probe| probe.crit.is_some())
+    let decode = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+    };
+    let Some(header) = decode(header).and_then(|j| serde_json::from_slice::<Header>(&j).ok())
+    else {
+        return false;
+    };
+    let Some(claims) = decode(claims).and_then(|j| serde_json::from_slice::<Claims>(&j).ok())
+    else {
+        return false;
+    };
+    let number = |v: &Option<Value>| v.as_ref().is_none_or(Value::is_number);
+    header.crit.is_none()
+        && claims.iss.as_ref().is_none_or(Value::is_string)
+        && number(&claims.exp)
+        && number(&claims.nbf)
+        && number(&claims.iat)
 }

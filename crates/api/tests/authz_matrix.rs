@@ -433,19 +433,22 @@ async fn a_repeated_credential_header_is_refused() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
 
-/// A correctly signed token whose header lists a critical extension is refused (RFC 7515
-/// 4.1.11): this server understands none. Without `crit`, the same token is served.
+/// Correctly signed tokens the JWT library would let through are refused: a header listing a
+/// critical extension (RFC 7515 4.1.11: this server understands none), an `iss` array that
+/// holds the right issuer among others, and time claims that are not numbers (a string
+/// `nbf` in the far future counted as absent). The same token, well formed, is served.
 #[tokio::test]
-async fn a_token_with_a_critical_header_extension_is_refused() {
+async fn tokens_the_jwt_library_would_misread_are_refused() {
     use base64::Engine;
     let api = api().await;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let t = now();
-    let claims = b64.encode(
-        json!({"sub": "alice", "exp": t + 600, "iss": ISSUER, "aud": AUDIENCE}).to_string(),
-    );
-    let signed = |header: serde_json::Value| {
-        let message = format!("{}.{claims}", b64.encode(header.to_string()));
+    let signed = |header: serde_json::Value, claims: serde_json::Value| {
+        let message = format!(
+            "{}.{}",
+            b64.encode(header.to_string()),
+            b64.encode(claims.to_string())
+        );
         let signature = jsonwebtoken::crypto::sign(
             message.as_bytes(),
             &jsonwebtoken::EncodingKey::from_secret(SECRET),
@@ -454,15 +457,33 @@ async fn a_token_with_a_critical_header_extension_is_refused() {
         .unwrap();
         format!("{message}.{signature}")
     };
-    let with_crit =
-        signed(json!({"alg": "HS256", "typ": "JWT", "crit": ["exp-bound"], "exp-bound": 1}));
-    let plain = signed(json!({"alg": "HS256", "typ": "JWT"}));
+    let header = json!({"alg": "HS256", "typ": "JWT"});
+    let claims = json!({"sub": "alice", "exp": t + 600, "iss": ISSUER, "aud": AUDIENCE});
+    let with = |key: &str, value: serde_json::Value| {
+        let mut c = claims.clone();
+        c[key] = value;
+        signed(header.clone(), c)
+    };
+    let refused = [
+        signed(
+            json!({"alg": "HS256", "typ": "JWT", "crit": ["exp-bound"], "exp-bound": 1}),
+            claims.clone(),
+        ),
+        with("iss", json!(["https://evil.example", ISSUER])),
+        with("iss", json!([ISSUER])),
+        with("nbf", json!((t + 100_000).to_string())),
+        with("exp", json!((t + 600).to_string())),
+        with("iat", json!("yesterday")),
+    ];
+    for token in &refused {
+        let r = api
+            .call("GET", "/v1/me/credentials", Some(token), None)
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token}: {}", r.body);
+    }
+    let fine = with("nbf", json!(t - 10));
     let r = api
-        .call("GET", "/v1/me/credentials", Some(&with_crit), None)
-        .await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
-    let r = api
-        .call("GET", "/v1/me/credentials", Some(&plain), None)
+        .call("GET", "/v1/me/credentials", Some(&fine), None)
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
