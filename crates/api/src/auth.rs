@@ -205,6 +205,15 @@ impl Authenticator {
                     });
                 }
                 JwtKeySource::PublicKeyPem { algorithm, pem } => {
+                    // The RSA parser takes a private key too, then verifies nothing: every
+                    // user would get 401 with nothing said. A private key on the server is a
+                    // mistake in any case.
+                    if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+                        return Err(AuthConfigError(
+                            "public_key_file holds a private key: give the identity provider's public key (`openssl pkey -pubout`)"
+                                .into(),
+                        ));
+                    }
                     let key = match algorithm {
                         JwtAlgorithm::Rs256 => DecodingKey::from_rsa_pem(&pem),
                         JwtAlgorithm::Es256 => DecodingKey::from_ec_pem(&pem),

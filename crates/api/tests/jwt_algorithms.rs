@@ -141,6 +141,27 @@ fn rs256_from_a_pem_public_key() {
     assert_eq!(auth.verify_user(&no_kid).as_deref(), Ok("bob"));
 }
 
+/// The RSA parser would take the private key too and then verify nothing (every user 401,
+/// nothing said): refused when the settings are built, at start or on reload.
+#[test]
+fn a_private_key_given_as_the_public_key_is_refused() {
+    let err = Authenticator::new(AuthSettings {
+        jwt: Some(JwtSettings {
+            issuer: None,
+            audience: None,
+            leeway_seconds: 5,
+            keys: JwtKeySource::PublicKeyPem {
+                algorithm: JwtAlgorithm::Rs256,
+                pem: RSA_KEY.as_bytes().to_vec(),
+            },
+        }),
+        ..Default::default()
+    })
+    .err()
+    .expect("a private key was accepted as the public key");
+    assert!(err.to_string().contains("private key"), "{err}");
+}
+
 #[test]
 fn eddsa_from_a_pem_public_key() {
     let (ed, pair) = ed25519();
