@@ -39,17 +39,24 @@ impl Needles {
         {
             let s = value;
             push(s.to_vec());
-            push(percent(s, true));
-            push(percent(s, false));
-            // Sized up front (at most three bytes per byte), so it never reallocates.
-            let mut form = String::with_capacity(3 * s.len());
-            form.extend(url::form_urlencoded::byte_serialize(s));
-            push(form.into_bytes());
+            for style in PercentStyle::ALL {
+                push(percent(s, style));
+            }
+            // Encoded twice (a URL carried inside another URL's query).
+            push(percent(
+                &percent(s, PercentStyle::ALL[0]),
+                PercentStyle::ALL[0],
+            ));
             push(hex::encode(s).into_bytes());
             push(hex::encode_upper(s).into_bytes());
             if let Ok(text) = std::str::from_utf8(s) {
                 for style in JsonStyle::ALL {
                     push(json_escaped(text, style));
+                }
+                // JSON inside a JSON string (an error body quoting a request body).
+                let once = json_escaped(text, JsonStyle::ALL[0]);
+                if let Ok(once) = std::str::from_utf8(&once) {
+                    push(json_escaped(once, JsonStyle::ALL[0]));
                 }
                 for style in HtmlStyle::ALL {
                     push(html_escaped(text, style));
@@ -247,13 +254,70 @@ fn hex_digits(upper: bool) -> &'static [u8; 16] {
     }
 }
 
-/// Percent-encodes every byte outside RFC 3986's unreserved set.
-fn percent(s: &[u8], upper: bool) -> Vec<u8> {
-    let digits = hex_digits(upper);
+/// How an encoder percent-encodes: which bytes besides ASCII letters and digits it leaves as
+/// they are, whether a space becomes `+`, and the case of its hex digits. Encoders differ
+/// here, and an upstream echoing the value in a link uses whichever its language has.
+#[derive(Clone, Copy)]
+struct PercentStyle {
+    safe: &'static [u8],
+    plus: bool,
+    upper: bool,
+}
+
+impl PercentStyle {
+    const ALL: [PercentStyle; 7] = [
+        // RFC 3986 unreserved (Go's url.QueryEscape aside, most "encode everything" code).
+        PercentStyle {
+            safe: b"-._~",
+            plus: false,
+            upper: true,
+        },
+        PercentStyle {
+            safe: b"-._~",
+            plus: false,
+            upper: false,
+        },
+        // Python urllib.parse.quote (keeps `/` by default).
+        PercentStyle {
+            safe: b"-._~/",
+            plus: false,
+            upper: true,
+        },
+        // JavaScript encodeURIComponent and encodeURI.
+        PercentStyle {
+            safe: b"-_.!~*'()",
+            plus: false,
+            upper: true,
+        },
+        PercentStyle {
+            safe: b"-_.!~*'();/?:@&=+$,#",
+            plus: false,
+            upper: true,
+        },
+        // Python quote_plus / urlencode.
+        PercentStyle {
+            safe: b"-._~",
+            plus: true,
+            upper: true,
+        },
+        // HTML forms (application/x-www-form-urlencoded, WHATWG), Go's QueryEscape.
+        PercentStyle {
+            safe: b"*-._",
+            plus: true,
+            upper: true,
+        },
+    ];
+}
+
+/// Percent-encodes `s` in `style`.
+fn percent(s: &[u8], style: PercentStyle) -> Vec<u8> {
+    let digits = hex_digits(style.upper);
     let mut out = Vec::with_capacity(s.len() * 3);
     for &b in s {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if b.is_ascii_alphanumeric() || style.safe.contains(&b) {
             out.push(b);
+        } else if b == b' ' && style.plus {
+            out.push(b'+');
         } else {
             out.extend_from_slice(&[b'%', digits[(b >> 4) as usize], digits[(b & 15) as usize]]);
         }
@@ -272,8 +336,14 @@ mod tests {
         let raw = String::from_utf8_lossy(value).into_owned();
         let forms = [
             raw.clone(),
-            percent(value, true).iter().map(|b| *b as char).collect(),
-            percent(value, false).iter().map(|b| *b as char).collect(),
+            percent(value, PercentStyle::ALL[0])
+                .iter()
+                .map(|b| *b as char)
+                .collect(),
+            percent(value, PercentStyle::ALL[1])
+                .iter()
+                .map(|b| *b as char)
+                .collect(),
             url::form_urlencoded::byte_serialize(value).collect(),
             STANDARD.encode(value),
             URL_SAFE_NO_PAD.encode(value),
@@ -340,6 +410,40 @@ mod tests {
                 let (out, changed) = n.scrub(body.as_bytes());
                 let out = String::from_utf8(out).unwrap();
                 assert!(changed && !out.contains("CANARY"), "{form} -> {out}");
+            }
+        }
+    }
+
+    /// The value as other encoders write it into URLs and forms, and nested in JSON: each
+    /// written out by hand here, as those libraries print it.
+    #[test]
+    fn other_encoders_percent_forms_are_removed() {
+        let cases: [(&str, &[&str]); 4] = [
+            (
+                "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                &[
+                    "wJalrXUtnFEMI/K7MDENG%2BbPxRfiCYEXAMPLEKEY", // Python quote
+                    "wJalrXUtnFEMI%252FK7MDENG%252BbPxRfiCYEXAMPLEKEY", // twice
+                ],
+            ),
+            ("P@ss!word(2024)", &["P%40ss!word(2024)"]), // encodeURIComponent
+            (
+                "tok en~with*stars",
+                &[
+                    "tok+en~with%2Astars", // Python quote_plus
+                    "tok+en%7Ewith*stars", // HTML form
+                ],
+            ),
+            ("say \"hi\"", &[r#"say \\\"hi\\\""#]), // JSON in JSON
+        ];
+        for (value, forms) in cases {
+            let n = Needles::new(value.as_bytes(), &[]);
+            for form in forms {
+                let body = format!("{{\"next\": \"https://x.example/?k={form}&p=2\"}}");
+                let (out, changed) = n.scrub(body.as_bytes());
+                let out = String::from_utf8(out).unwrap();
+                assert!(changed && out.contains("[REDACTED]"), "{form} -> {out}");
+                assert!(!out.contains(form), "{form} -> {out}");
             }
         }
     }
