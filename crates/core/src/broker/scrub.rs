@@ -403,13 +403,20 @@ mod tests {
             ),
             ("CANARY\u{7}\u{2028}9x", &[r"CANARY\u0007\u20289x"]),
         ];
+        assert_scrubbed(&cases, |form| {
+            format!("{{\"error\": \"invalid key: {form}\"}}")
+        });
+    }
+
+    /// Each form of each value, echoed inside `wrap(form)`, is replaced whole.
+    fn assert_scrubbed(cases: &[(&str, &[&str])], wrap: impl Fn(&str) -> String) {
         for (value, forms) in cases {
             let n = Needles::new(value.as_bytes(), &[]);
-            for form in forms {
-                let body = format!("{{\"error\": \"invalid key: {form}\"}}");
-                let (out, changed) = n.scrub(body.as_bytes());
+            for form in *forms {
+                let (out, changed) = n.scrub(wrap(form).as_bytes());
                 let out = String::from_utf8(out).unwrap();
-                assert!(changed && !out.contains("CANARY"), "{form} -> {out}");
+                assert!(changed && out.contains("[REDACTED]"), "{form} -> {out}");
+                assert!(!out.contains(form), "{form} -> {out}");
             }
         }
     }
@@ -436,16 +443,9 @@ mod tests {
             ),
             ("say \"hi\"", &[r#"say \\\"hi\\\""#]), // JSON in JSON
         ];
-        for (value, forms) in cases {
-            let n = Needles::new(value.as_bytes(), &[]);
-            for form in forms {
-                let body = format!("{{\"next\": \"https://x.example/?k={form}&p=2\"}}");
-                let (out, changed) = n.scrub(body.as_bytes());
-                let out = String::from_utf8(out).unwrap();
-                assert!(changed && out.contains("[REDACTED]"), "{form} -> {out}");
-                assert!(!out.contains(form), "{form} -> {out}");
-            }
-        }
+        assert_scrubbed(&cases, |form| {
+            format!("{{\"next\": \"https://x.example/?k={form}&p=2\"}}")
+        });
     }
 
     #[test]
