@@ -39,6 +39,9 @@ impl Needles {
         {
             let s = value;
             push(s.to_vec());
+            // Lower-cased too: HTTP/2 and hyper lower-case header names, so a value echoed
+            // into a header's name comes back that way.
+            push(s.to_ascii_lowercase());
             for style in PercentStyle::ALL {
                 push(percent(s, style));
             }
@@ -446,6 +449,14 @@ mod tests {
         assert_scrubbed(&cases, |form| {
             format!("{{\"next\": \"https://x.example/?k={form}&p=2\"}}")
         });
+    }
+
+    #[test]
+    fn a_lower_cased_echo_is_removed() {
+        let n = Needles::new(b"ASCIIsecretVALUE1234", &[]);
+        let (out, changed) = n.scrub(b"x-asciisecretvalue1234: 1");
+        assert!(changed, "{}", String::from_utf8_lossy(&out));
+        assert_eq!(out, b"x-[REDACTED]: 1");
     }
 
     #[test]
