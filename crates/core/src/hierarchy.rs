@@ -298,9 +298,13 @@ struct Loaded {
     wrapper: Option<Arc<KeyWrapper>>,
 }
 
+/// `Ring::active` when this node cannot seal: the record's active version is not unwrapped.
+const NO_ACTIVE: u32 = 0;
+
 struct Ring {
     /// The record these keys came from, to skip reloads that change nothing.
     raw: Vec<u8>,
+    /// The version new data keys are sealed under, or [`NO_ACTIVE`].
     active: u32,
     keks: BTreeMap<u32, Loaded>,
 }
@@ -422,9 +426,53 @@ impl KekHierarchy {
                 .filter_map(|(v, l)| l.wrapper.clone().map(|w| (*v, w)))
                 .collect()
         };
-        let ring = load(self.root.as_ref(), raw, Some(&known)).await?;
+        let ring = match load(self.root.as_ref(), raw.clone(), Some(&known)).await {
+            Ok(ring) => ring,
+            Err(e) => {
+                self.apply_states_only(&raw, &known)?;
+                return Err(e);
+            }
+        };
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring;
         Ok(true)
+    }
+
+    /// When the root cannot unwrap what the ring record now holds (usually: it is
+    /// unreachable), the record's states still apply, since they need no provider: versions
+    /// retired are dropped, and if the active version is one this node cannot unwrap, it
+    /// seals nothing until it can ([`KeyProvider::active_kek`] is unavailable). Sealing on
+    /// under the version loaded before would write under a version the store no longer calls
+    /// active, which an operator may rewrap and retire meanwhile: an acknowledged write
+    /// that then never opens again. The old record stays the one "loaded", so the next
+    /// refresh tries the unwrap again.
+    fn apply_states_only(
+        &self,
+        raw: &[u8],
+        known: &BTreeMap<u32, Arc<KeyWrapper>>,
+    ) -> Result<(), ProviderError> {
+        let file = RingFile::parse(raw)?;
+        let mut ring = self.ring.write().unwrap_or_else(|e| e.into_inner());
+        let mut active = NO_ACTIVE;
+        let mut keks = BTreeMap::new();
+        for e in &file.keks {
+            let wrapper = match e.state {
+                KekState::Retired => None,
+                _ => known.get(&e.version).cloned(),
+            };
+            if e.state == KekState::Active && wrapper.is_some() {
+                active = e.version;
+            }
+            keks.insert(
+                e.version,
+                Loaded {
+                    state: e.state,
+                    wrapper,
+                },
+            );
+        }
+        ring.active = active;
+        ring.keks = keks;
+        Ok(())
     }
 
     /// Reloads after meeting an unknown version, at most once per [`MISS_RELOAD_EVERY`].
@@ -441,12 +489,15 @@ impl KekHierarchy {
         let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
         match ring.keks.get(&version) {
             None => Ok(None),
-            Some(l) => l.wrapper.clone().map(Some).ok_or_else(|| {
-                error(
+            Some(l) => match &l.wrapper {
+                Some(w) => Ok(Some(w.clone())),
+                None if l.state == KekState::Retired => Err(error(
                     ProviderErrorKind::KekRetired,
                     format!("KEK v{version} is retired"),
-                )
-            }),
+                )),
+                // In the record but not unwrapped here yet (see `apply_states_only`).
+                None => Ok(None),
+            },
         }
     }
 }
@@ -532,6 +583,13 @@ impl KeyProvider for KekHierarchy {
 
     fn active_kek(&self) -> Result<KekRef, ProviderError> {
         let ring = self.ring.read().unwrap_or_else(|e| e.into_inner());
+        if ring.active == NO_ACTIVE {
+            return Err(error(
+                ProviderErrorKind::Unavailable,
+                "the KEK ring's active version is not unwrapped on this node yet (the root \
+                 provider is unreachable); nothing is sealed until it is",
+            ));
+        }
         Ok(kek_ref(ring.active))
     }
 

@@ -1104,9 +1104,10 @@ async fn watch_ring(hierarchy: Arc<KekHierarchy>, every: Duration) {
                 );
             }
             Err(e) if !failing => {
-                // Logged once per outage; the keys loaded before stay in force.
+                // Logged once per outage. The keys loaded before still open what they
+                // wrapped, but if the active version changed, puts wait (503) for it.
                 failing = true;
-                tracing::error!(error = %e, "cannot reload the KEK ring; keeping the keys loaded before");
+                tracing::error!(error = %e, "cannot reload the KEK ring: versions the store retired are dropped, and if its active version is new, nothing is sealed until the root provider unwraps it");
             }
             Err(_) => {}
         }

@@ -178,6 +178,80 @@ async fn nodes_starting_together_on_an_empty_store_agree_on_one_ring() {
     assert_eq!(list(s.as_ref()).await.unwrap().len(), 1);
 }
 
+/// A root provider that can be taken down (unwraps fail as unavailable).
+#[derive(Debug)]
+struct Switchable {
+    inner: FakeProvider,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl KeyProvider for Switchable {
+    fn kind(&self) -> &str {
+        self.inner.kind()
+    }
+    fn active_kek(&self) -> Result<KekRef, ProviderError> {
+        self.inner.active_kek()
+    }
+    async fn wrap(
+        &self,
+        kek: &KekRef,
+        key: &Key256,
+        aad: &[u8],
+    ) -> Result<WrappedKey, ProviderError> {
+        self.inner.wrap(kek, key, aad).await
+    }
+    async fn unwrap(&self, wrapped: &WrappedKey, aad: &[u8]) -> Result<Key256, UnwrapError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(error(ProviderErrorKind::Unavailable, "root down").into());
+        }
+        self.inner.unwrap(wrapped, aad).await
+    }
+}
+
+/// A node that cannot reach the root while an operator rotates, rewraps and retires must
+/// not go on sealing under the version it loaded before: the store no longer calls it
+/// active, and once retired anything sealed under it would never open again.
+#[tokio::test]
+async fn a_node_that_cannot_unwrap_the_new_active_kek_seals_nothing_until_it_can() {
+    let (_d, s) = store().await;
+    let root = Arc::new(Switchable {
+        inner: FakeProvider::new("root", 1),
+        down: std::sync::atomic::AtomicBool::new(false),
+    });
+    let node = open(&s, root.clone()).await;
+    assert_eq!(node.active_kek().unwrap().version, 1);
+
+    // The operator (who reaches the root) rotates while this node cannot.
+    rotate(s.as_ref(), root.as_ref(), &OsRandom, now())
+        .await
+        .unwrap();
+    root.down.store(true, Ordering::SeqCst);
+    assert!(node.refresh().await.is_err());
+    let e = node.active_kek().unwrap_err();
+    assert_eq!(e.kind(), ProviderErrorKind::Unavailable, "{e}");
+    let e = node.wrap(&kek_ref(1), &key(), b"x").await.unwrap_err();
+    assert_eq!(e.kind(), ProviderErrorKind::KekNotActive, "{e}");
+
+    // v1 is retired meanwhile: this node drops it too, still without the root.
+    retire(s.as_ref(), 1, now()).await.unwrap();
+    assert!(node.refresh().await.is_err());
+    let e = node.wrapper(1).unwrap_err();
+    assert_eq!(e.kind(), ProviderErrorKind::KekRetired, "{e}");
+
+    // The root is back: the next refresh unwraps v2 and sealing resumes under it.
+    root.down.store(false, Ordering::SeqCst);
+    assert!(node.refresh().await.unwrap());
+    assert_eq!(node.active_kek().unwrap().version, 2);
+    let k = key();
+    let w = node
+        .wrap(&node.active_kek().unwrap(), &k, b"x")
+        .await
+        .unwrap();
+    let back = node.unwrap(&w, b"x").await.unwrap();
+    assert_eq!(back.expose_secret(), k.expose_secret());
+}
+
 #[tokio::test]
 async fn retire_erases_the_kek_and_refuses_the_active_one() {
     let (_d, s) = store().await;
