@@ -193,3 +193,37 @@ fn help_explains_every_command() {
         );
     }
 }
+
+/// A store that cannot be opened fails `keys rotate` before the keyring changes (it rotated
+/// first and then reported the store's error, so each retry added a version).
+#[test]
+fn rotate_fails_before_touching_the_keyring_when_the_store_cannot_open() {
+    let dir = tempfile::tempdir().unwrap();
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(dir.path())
+        .assert()
+        .success();
+    std::fs::write(
+        dir.path().join("strongroom.db"),
+        b"this is not a SQLite database, not at all",
+    )
+    .unwrap();
+    let before = std::fs::read(dir.path().join("keyring.json")).unwrap();
+    let out = strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("keyring.json")).unwrap(),
+        before,
+        "the keyring rotated although the command failed"
+    );
+}

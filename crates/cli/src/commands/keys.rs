@@ -217,15 +217,20 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 .into());
             }
             let path = location.path()?;
-            let info = local::rotate(&path, now, &OsRandom)?;
-            if location.names_a_store("this rotation is not recorded in an audit log")? {
+            let info = if location.names_a_store("this rotation is not recorded in an audit log")? {
+                // The store first: when it cannot be opened (no tables, database down), the
+                // command fails before the keyring changes, not after.
                 block_on(async {
                     let backends = location.operator_target().open_existing().await?;
-                    super::rewrap::audit_action(&backends, "keys.rotate", "ok", None).await;
+                    let rotated = local::rotate(&path, now, &OsRandom);
+                    let outcome = if rotated.is_ok() { "ok" } else { "error" };
+                    super::rewrap::audit_action(&backends, "keys.rotate", outcome, None).await;
                     backends.close().await;
-                    Ok(())
-                })?;
-            }
+                    Ok::<_, Failure>(rotated?)
+                })?
+            } else {
+                local::rotate(&path, now, &OsRandom)?
+            };
             println!(
                 "key {} version {} is now active; earlier versions stay decrypt-only",
                 info.key_id, info.version
