@@ -130,6 +130,11 @@ impl From<CoreError> for ApiError {
             CoreError::Unavailable(cause) => {
                 Self::internal(S::SERVICE_UNAVAILABLE, "unavailable", cause)
             }
+            // Server-side state, not the caller's doing, and not a crash: named apart from an
+            // outage so an operator can tell "provider down" from "key not configured here".
+            CoreError::KeyUnavailable(cause) => {
+                Self::internal(S::SERVICE_UNAVAILABLE, "key_unavailable", cause)
+            }
             CoreError::Integrity => Self::internal(
                 S::INTERNAL_SERVER_ERROR,
                 "integrity_error",

@@ -37,6 +37,11 @@ pub enum CoreError {
     /// The store or the key provider cannot be reached.
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// The key that wrapped the version's data key is not available to this server: retired,
+    /// or held by a provider this server is not configured with (after `rewrap
+    /// --to-config`, until the servers move to the new configuration).
+    #[error("key unavailable: {0}")]
+    KeyUnavailable(String),
     /// Stored data failed to decrypt or parse: tampering or corruption. A server-side fault.
     #[error("stored data failed its integrity check")]
     Integrity,
@@ -71,6 +76,10 @@ impl From<strongroom_crypto::EnvelopeError> for CoreError {
             E::TooLarge => CoreError::ValueTooLarge(crate::MAX_VALUE_LEN),
             E::Provider(p) if matches!(p.kind(), K::Unavailable | K::Denied) => {
                 CoreError::Unavailable(p.to_string())
+            }
+            E::UnknownKek(_) => CoreError::KeyUnavailable(e.to_string()),
+            E::Provider(p) if matches!(p.kind(), K::KekRetired | K::UnknownKek) => {
+                CoreError::KeyUnavailable(p.to_string())
             }
             other => CoreError::Internal(other.to_string()),
         }

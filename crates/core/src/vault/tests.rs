@@ -353,3 +353,29 @@ async fn a_stale_version_guess_costs_one_retry_and_never_a_wrong_version() {
     a.destroy_credential("alice", "k").await.unwrap();
     assert_eq!(a.put(put("alice", "k", b"a5")).await.unwrap().version, 5);
 }
+
+/// A version whose key no configured provider holds (a server left on the old configuration
+/// after `rewrap --to-config`) is `KeyUnavailable` (503 `key_unavailable`), not an internal
+/// error.
+#[tokio::test]
+async fn a_version_under_a_key_no_provider_here_holds_is_key_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let vault = |key_id: &str| {
+        Vault::new(
+            store.clone(),
+            Arc::new(FakeProvider::new(key_id, 1)),
+            Arc::new(OsRandom),
+            Arc::new(SystemClock),
+            VaultConfig::default(),
+        )
+    };
+    vault("old").put(put("alice", "k", b"v")).await.unwrap();
+    match vault("new").reveal("alice", "k", None).await {
+        Err(CoreError::KeyUnavailable(msg)) => assert!(msg.contains("old"), "{msg}"),
+        other => panic!(
+            "expected KeyUnavailable, got {:?}",
+            other.map(|r| r.version)
+        ),
+    }
+}
