@@ -142,6 +142,21 @@ async fn unreachable_server_is_unavailable() {
     assert!(!format!("{err:?}").contains("password"));
 }
 
+/// What the server refused is said, not just "db error": here PostgreSQL's own reason for
+/// refusing a schema it reserves.
+#[tokio::test]
+async fn the_servers_reason_is_in_the_error() {
+    let Some(url) = postgres_url() else { return };
+    let mut o = PostgresOptions::default();
+    o.schema = Some("pg_strongroom_reserved".into());
+    let err = PostgresStore::connect(&url, o).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("42939") && text.contains("unacceptable schema name"),
+        "{text}"
+    );
+}
+
 fn with_sslmode(url: &str, mode: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}sslmode={mode}")

@@ -209,10 +209,33 @@ impl fmt::Debug for PostgresStore {
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(c) if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
-            StoreError::corrupt(format!("postgres: {e}"))
+            StoreError::corrupt(describe(&e))
         }
-        _ => StoreError::Unavailable(BackendError::new(e)),
+        _ => StoreError::Unavailable(BackendError::msg(describe(&e))),
     }
+}
+
+/// What went wrong, for operators: tokio-postgres itself says only "db error" for anything
+/// the server refused. The server's severity, SQLSTATE and message name the problem
+/// ("permission denied for table versions"); its DETAIL and WHERE parts, which can quote row
+/// values, are left out. Other errors (connection, TLS, I/O) are their chain of causes.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "postgres {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        );
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
