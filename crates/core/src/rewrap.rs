@@ -328,6 +328,11 @@ impl KeyProvider for Moving {
         self.from.health().await?;
         self.to.health().await
     }
+
+    /// New keys are sealed by `to`: its rotations are the ones that matter.
+    async fn reload_keks(&self) -> Result<bool, strongroom_crypto::ProviderError> {
+        self.to.reload_keks().await
+    }
 }
 
 /// How many active versions each KEK wraps, as `(kek, count)`.

@@ -95,6 +95,18 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     async fn health(&self) -> Result<(), ProviderError> {
         self.active_kek().map(|_| ())
     }
+
+    /// Looks again at which KEK versions exist, to see another process's rotation (a
+    /// `keys rotate` while the server runs); returns whether the active KEK changed. For a
+    /// provider that learns of rotations by itself (or never rotates), there is nothing to
+    /// do: the default.
+    ///
+    /// # Errors
+    ///
+    /// The [`ProviderError`] of the lookup; the KEKs known before stay in force.
+    async fn reload_keks(&self) -> Result<bool, ProviderError> {
+        Ok(false)
+    }
 }
 
 /// The outcome of an unwrap that did not give a key.

@@ -1073,6 +1073,15 @@ impl KeyProvider for Pkcs11Provider {
     async fn health(&self) -> Result<(), ProviderError> {
         self.refresh().await.map(|_| ())
     }
+
+    /// The token holds the versions: a rotation by another process shows only on a rescan
+    /// (strict mode seals under the active version without ever asking the token which
+    /// one that is).
+    async fn reload_keks(&self) -> Result<bool, ProviderError> {
+        let before = self.inner.active_version();
+        self.refresh().await?;
+        Ok(self.inner.active_version() != before)
+    }
 }
 
 #[cfg(test)]

@@ -113,6 +113,11 @@ async fn another_node_sees_a_rotation() {
     a.rotate().await.unwrap();
     b.health().await.unwrap();
     assert_eq!(b.active_kek().unwrap().version, 3);
+    // What the server polls in strict mode: it reports the change once.
+    a.rotate().await.unwrap();
+    assert!(b.reload_keks().await.unwrap());
+    assert_eq!(b.active_kek().unwrap().version, 4);
+    assert!(!b.reload_keks().await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

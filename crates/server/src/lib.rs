@@ -199,6 +199,8 @@ pub struct Server {
     store: StoreHandle,
     keyring_path: Option<PathBuf>,
     hierarchy: Option<Arc<KekHierarchy>>,
+    /// The remote provider in strict mode (no local keyring, no hierarchy).
+    strict_provider: Option<Arc<dyn KeyProvider>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -748,6 +750,9 @@ impl Server {
                 return Err(e);
             }
         };
+        // Strict mode: the remote provider seals each data key itself.
+        let strict_provider =
+            (hierarchy.is_none() && local_keyring.is_none()).then(|| keyring.clone());
         let keyring_path = local_keyring.as_ref().map(|_| config.keyring_path());
 
         let vault = Arc::new(Vault::new(
@@ -812,6 +817,7 @@ impl Server {
             store,
             keyring_path,
             hierarchy,
+            strict_provider,
         })
     }
 
@@ -877,6 +883,7 @@ impl Server {
             reloader,
             keyring_path,
             hierarchy,
+            strict_provider,
             ..
         } = self;
         // A `keys rotate` on this host (or a shared keyring file) takes effect within a
@@ -890,7 +897,12 @@ impl Server {
             _ => None,
         };
         // Likewise a `keys rotate` of the KEK hierarchy, on any node sharing the store.
-        let ring_watch = hierarchy.map(|h| tokio::spawn(watch_ring(h, KEYRING_POLL)));
+        // In strict mode, the provider's own versions.
+        let ring_watch = match (hierarchy, strict_provider) {
+            (Some(h), _) => Some(tokio::spawn(watch_ring(h, KEYRING_POLL))),
+            (None, Some(p)) => Some(tokio::spawn(watch_provider(p, KEYRING_POLL))),
+            (None, None) => None,
+        };
         let vault = state.vault().clone();
         let router = strongroom_api::router(state);
         let builder = Arc::new(http_builder(&limits));
@@ -1108,6 +1120,34 @@ async fn watch_ring(hierarchy: Arc<KekHierarchy>, every: Duration) {
                 // wrapped, but if the active version changed, puts wait (503) for it.
                 failing = true;
                 tracing::error!(error = %e, "cannot reload the KEK ring: versions the store retired are dropped, and if its active version is new, nothing is sealed until the root provider unwraps it");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Strict mode: asks the provider every `every` whether its KEK versions changed (a
+/// `keys rotate` by an operator), so this server seals under the new version within that
+/// time instead of at its next restart.
+async fn watch_provider(provider: Arc<dyn KeyProvider>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match provider.reload_keks().await {
+            Ok(changed) => {
+                failing = false;
+                if changed {
+                    tracing::info!(
+                        active = ?provider.active_kek().ok().map(|k| k.to_string()),
+                        "the key provider's active KEK changed"
+                    );
+                }
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "cannot look up the key provider's KEK versions; keeping the ones known before");
             }
             Err(_) => {}
         }
