@@ -94,3 +94,79 @@ async fn readyz_fails_while_the_jwks_is_older_than_its_allowed_staleness() {
     }
     assert_eq!(state, (StatusCode::OK, "ok".into()));
 }
+
+/// A key provider that never answers its health check.
+#[derive(Debug)]
+struct Hung(strongroom_crypto::testing::FakeProvider);
+
+#[async_trait::async_trait]
+impl strongroom_crypto::KeyProvider for Hung {
+    fn kind(&self) -> &str {
+        self.0.kind()
+    }
+    fn active_kek(&self) -> Result<strongroom_crypto::KekRef, strongroom_crypto::ProviderError> {
+        self.0.active_kek()
+    }
+    async fn wrap(
+        &self,
+        kek: &strongroom_crypto::KekRef,
+        key: &strongroom_crypto::Key256,
+        aad: &[u8],
+    ) -> Result<strongroom_crypto::WrappedKey, strongroom_crypto::ProviderError> {
+        self.0.wrap(kek, key, aad).await
+    }
+    async fn unwrap(
+        &self,
+        wrapped: &strongroom_crypto::WrappedKey,
+        aad: &[u8],
+    ) -> Result<strongroom_crypto::Key256, strongroom_crypto::UnwrapError> {
+        self.0.unwrap(wrapped, aad).await
+    }
+    async fn health(&self) -> Result<(), strongroom_crypto::ProviderError> {
+        std::future::pending().await
+    }
+}
+
+/// A hung provider (or store) makes `/readyz` answer "unavailable" within its own deadline,
+/// not time out with the request 30 s later.
+#[tokio::test]
+async fn readyz_answers_unavailable_in_time_when_a_backend_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        strongroom_store::sqlite::SqliteStore::open_dir(dir.path())
+            .await
+            .unwrap(),
+    );
+    let vault = Arc::new(strongroom_core::Vault::new(
+        store,
+        Arc::new(Hung(strongroom_crypto::testing::FakeProvider::new(
+            "hung", 1,
+        ))),
+        Arc::new(strongroom_crypto::OsRandom),
+        Arc::new(strongroom_core::SystemClock),
+        strongroom_core::VaultConfig::default(),
+    ));
+    let state = strongroom_api::AppState::new(
+        vault,
+        Authenticator::new(AuthSettings::default()).unwrap(),
+        strongroom_core::policy::Policy::from_toml("").unwrap(),
+        strongroom_api::ApiLimits::default(),
+    );
+    let router = strongroom_api::router(state);
+    let started = std::time::Instant::now();
+    let response = tower::ServiceExt::oneshot(
+        router,
+        axum::http::Request::get("/readyz")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    drop(dir);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

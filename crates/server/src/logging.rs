@@ -16,10 +16,12 @@ use crate::config::{LogConfig, LogFormat};
 /// in `strongroom_api` to record no headers or bodies.
 const OWN: &[&str] = &["strongroom", "tower_http::trace"];
 
-/// Held at `error` unless named: it warns "Illegal SNI extension: ignoring IP address" on
-/// every connection from OpenSSL-based clients (curl, wrk) that send an IP as SNI;
-/// handshake failures reach us as errors anyway.
-const RUSTLS_CAP: &str = "rustls=error";
+/// Caps applied unless the directives name the target. rustls warns "Illegal SNI
+/// extension: ignoring IP address" on every connection from OpenSSL-based clients (curl,
+/// wrk) that send an IP as SNI (handshake failures reach us as errors anyway); cryptoki logs
+/// an ERROR line for every mechanism of the token it has no name for, some thirty at each
+/// PKCS#11 start, none of them a fault.
+const CAPS: &[(&str, &str)] = &[("rustls", "error"), ("cryptoki::mechanism", "off")];
 
 /// The filter directives for `log.level` (see the module documentation).
 fn directives(level: &str) -> Result<String, String> {
@@ -41,13 +43,21 @@ fn directives(level: &str) -> Result<String, String> {
             _ => out.push((*item).to_owned()),
         }
     }
-    let names_rustls = items.iter().any(|d| {
-        d.split(['=', '['])
-            .next()
-            .is_some_and(|t| t == "rustls" || t.starts_with("rustls::"))
-    });
-    if !names_rustls {
-        out.push(RUSTLS_CAP.to_owned());
+    for (target, cap) in CAPS {
+        let named = items.iter().any(|d| {
+            d.split(['=', '['])
+                .next()
+                // The target itself, one below it, or a parent (`cryptoki` names
+                // `cryptoki::mechanism` too).
+                .is_some_and(|t| {
+                    t == *target
+                        || t.starts_with(&format!("{target}::"))
+                        || target.starts_with(&format!("{t}::"))
+                })
+        });
+        if !named {
+            out.push(format!("{target}={cap}"));
+        }
     }
     Ok(out.join(","))
 }
@@ -95,16 +105,20 @@ mod tests {
 
     #[test]
     fn verbose_levels_reach_our_crates_only_unless_a_dependency_is_named() {
-        assert_eq!(directives("info").unwrap(), "info,rustls=error");
+        let caps = "rustls=error,cryptoki::mechanism=off";
+        assert_eq!(directives("info").unwrap(), format!("info,{caps}"));
         assert_eq!(
             directives("trace").unwrap(),
-            "info,strongroom=trace,tower_http::trace=trace,rustls=error"
+            format!("info,strongroom=trace,tower_http::trace=trace,{caps}")
         );
         assert_eq!(
             directives(" debug , hyper=debug ").unwrap(),
-            "info,strongroom=debug,tower_http::trace=debug,hyper=debug,rustls=error"
+            format!("info,strongroom=debug,tower_http::trace=debug,hyper=debug,{caps}")
         );
-        assert_eq!(directives("warn,rustls=warn").unwrap(), "warn,rustls=warn");
+        assert_eq!(
+            directives("warn,rustls=warn,cryptoki=info").unwrap(),
+            "warn,rustls=warn,cryptoki=info"
+        );
         assert!(directives(" , ").is_err());
     }
 

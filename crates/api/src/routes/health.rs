@@ -8,6 +8,9 @@ use axum::Json;
 use super::views::HealthResponse;
 use crate::AppState;
 
+/// How long `/readyz` waits for the store and the key provider.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = HealthResponse)))]
 pub(crate) async fn healthz() -> Json<HealthResponse> {
@@ -20,7 +23,15 @@ pub(crate) async fn healthz() -> Json<HealthResponse> {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
-    let ready = match state.vault().health().await {
+    // A hung store or provider is "not ready" within a probe's usual timeout, not a request
+    // timeout 30 s later.
+    let checked = tokio::time::timeout(READY_WITHIN, state.vault().health()).await;
+    let ready = match checked.unwrap_or_else(|_| {
+        Err(strongroom_core::CoreError::Unavailable(format!(
+            "the store or the key provider did not answer within {} s",
+            READY_WITHIN.as_secs()
+        )))
+    }) {
         Err(e) => Err(e.to_string()),
         Ok(()) => match state.auth().remote_jwks() {
             Some(jwks) if jwks.keys().is_none() => Err(format!(
