@@ -10,12 +10,14 @@ fn now() -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
 }
 
-/// A root provider that counts the calls that reach it.
+/// A root provider that counts the calls that reach it, and can be taken down (its unwraps
+/// then fail as unavailable).
 #[derive(Debug)]
 struct Counting {
     inner: FakeProvider,
     wraps: AtomicUsize,
     unwraps: AtomicUsize,
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl Counting {
@@ -24,6 +26,7 @@ impl Counting {
             inner: FakeProvider::new(key_id, 1),
             wraps: AtomicUsize::new(0),
             unwraps: AtomicUsize::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -47,6 +50,9 @@ impl KeyProvider for Counting {
     }
     async fn unwrap(&self, wrapped: &WrappedKey, aad: &[u8]) -> Result<Key256, UnwrapError> {
         self.unwraps.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(error(ProviderErrorKind::Unavailable, "root down").into());
+        }
         self.inner.unwrap(wrapped, aad).await
     }
 }
@@ -178,47 +184,13 @@ async fn nodes_starting_together_on_an_empty_store_agree_on_one_ring() {
     assert_eq!(list(s.as_ref()).await.unwrap().len(), 1);
 }
 
-/// A root provider that can be taken down (unwraps fail as unavailable).
-#[derive(Debug)]
-struct Switchable {
-    inner: FakeProvider,
-    down: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl KeyProvider for Switchable {
-    fn kind(&self) -> &str {
-        self.inner.kind()
-    }
-    fn active_kek(&self) -> Result<KekRef, ProviderError> {
-        self.inner.active_kek()
-    }
-    async fn wrap(
-        &self,
-        kek: &KekRef,
-        key: &Key256,
-        aad: &[u8],
-    ) -> Result<WrappedKey, ProviderError> {
-        self.inner.wrap(kek, key, aad).await
-    }
-    async fn unwrap(&self, wrapped: &WrappedKey, aad: &[u8]) -> Result<Key256, UnwrapError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(error(ProviderErrorKind::Unavailable, "root down").into());
-        }
-        self.inner.unwrap(wrapped, aad).await
-    }
-}
-
 /// A node that cannot reach the root while an operator rotates, rewraps and retires must
 /// not go on sealing under the version it loaded before: the store no longer calls it
 /// active, and once retired anything sealed under it would never open again.
 #[tokio::test]
 async fn a_node_that_cannot_unwrap_the_new_active_kek_seals_nothing_until_it_can() {
     let (_d, s) = store().await;
-    let root = Arc::new(Switchable {
-        inner: FakeProvider::new("root", 1),
-        down: std::sync::atomic::AtomicBool::new(false),
-    });
+    let root = Counting::new("root");
     let node = open(&s, root.clone()).await;
     assert_eq!(node.active_kek().unwrap().version, 1);
 
