@@ -222,11 +222,9 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 // command fails before the keyring changes, not after.
                 block_on(async {
                     let backends = location.operator_target().open_existing().await?;
-                    let rotated = local::rotate(&path, now, &OsRandom);
-                    let outcome = if rotated.is_ok() { "ok" } else { "error" };
-                    super::rewrap::audit_action(&backends, "keys.rotate", outcome, None).await;
-                    backends.close().await;
-                    Ok::<_, Failure>(rotated?)
+                    let rotated = local::rotate(&path, now, &OsRandom).map_err(Failure::from);
+                    audit_rotation(backends, &rotated).await;
+                    rotated
                 })?
             } else {
                 local::rotate(&path, now, &OsRandom)?
