@@ -46,10 +46,8 @@ impl Needles {
                 push(percent(s, style));
             }
             // Encoded twice (a URL carried inside another URL's query).
-            push(percent(
-                &percent(s, PercentStyle::ALL[0]),
-                PercentStyle::ALL[0],
-            ));
+            let once = Zeroizing::new(percent(s, PercentStyle::ALL[0]));
+            push(percent(&once, PercentStyle::ALL[0]));
             push(hex::encode(s).into_bytes());
             push(hex::encode_upper(s).into_bytes());
             if let Ok(text) = std::str::from_utf8(s) {
@@ -57,7 +55,7 @@ impl Needles {
                     push(json_escaped(text, style));
                 }
                 // JSON inside a JSON string (an error body quoting a request body).
-                let once = json_escaped(text, JsonStyle::ALL[0]);
+                let once = Zeroizing::new(json_escaped(text, JsonStyle::ALL[0]));
                 if let Ok(once) = std::str::from_utf8(&once) {
                     push(json_escaped(once, JsonStyle::ALL[0]));
                 }
