@@ -163,9 +163,22 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+/// The claims as this verifier reads them, typed strictly: the JWT library takes an `iss`
+/// array as matching when one element does, and an `exp`, `nbf` or `iat` that is not a
+/// number as absent (a string `nbf` in the far future passed). Here either fails to decode,
+/// and the token is refused.
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    // Checked by the library; typed here so that anything but a string or a number fails.
+    #[serde(rename = "iss")]
+    _iss: Option<String>,
+    #[serde(rename = "exp")]
+    _exp: Option<serde_json::Number>,
+    #[serde(rename = "nbf")]
+    _nbf: Option<serde_json::Number>,
+    #[serde(rename = "iat")]
+    _iat: Option<serde_json::Number>,
 }
 
 /// Why a credential was not accepted. Deliberately coarse in what reaches the client.
@@ -314,7 +327,7 @@ impl Authenticator {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return UserCheck::Invalid;
         };
-        if !well_formed(token) {
+        if names_critical_extensions(token) {
             return UserCheck::Invalid;
         }
         let remote_keys;
@@ -435,45 +448,21 @@ pub(crate) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The checks the JWT library leaves out: it ignores a `crit` header member (extensions the
-/// recipient must understand or reject the token, RFC 7515 4.1.11; this verifier understands
-/// none), takes an `iss` array as matching when one element does, and treats an `exp`,
-/// `nbf` or `iat` that is not a number as absent (a string `nbf` in the far future passed).
-fn well_formed(token: &str) -> bool {
+/// Whether the token's header has a `crit` member: extensions the recipient must understand
+/// or reject the token (RFC 7515, 4.1.11). This verifier understands none, and the JWT
+/// library ignores the member.
+fn names_critical_extensions(token: &str) -> bool {
     use base64::Engine;
-    use serde_json::Value;
     #[derive(serde::Deserialize)]
     struct Header {
         crit: Option<serde::de::IgnoredAny>,
     }
-    #[derive(serde::Deserialize)]
-    struct Claims {
-        iss: Option<Value>,
-        exp: Option<Value>,
-        nbf: Option<Value>,
-        iat: Option<Value>,
-    }
-    let mut parts = token.split('.');
-    let (Some(header), Some(claims)) = (parts.next(), parts.next()) else {
+    let Some((header, _)) = token.split_once('.') else {
         return false;
     };
-    let decode = |part: &str| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(part)
-            .ok()
-    };
-    let Some(header) = decode(header).and_then(|j| serde_json::from_slice::<Header>(&j).ok())
-    else {
-        return false;
-    };
-    let Some(claims) = decode(claims).and_then(|j| serde_json::from_slice::<Claims>(&j).ok())
-    else {
-        return false;
-    };
-    let number = |v: &Option<Value>| v.as_ref().is_none_or(Value::is_number);
-    header.crit.is_none()
-        && claims.iss.as_ref().is_none_or(Value::is_string)
-        && number(&claims.exp)
-        && number(&claims.nbf)
-        && number(&claims.iat)
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|json| serde_json::from_slice::<Header>(&json).ok())
+        .is_some_and(|h| h.crit.is_some())
 }
