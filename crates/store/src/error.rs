@@ -46,6 +46,12 @@ pub enum StoreError {
     #[error("invalid input: {0}")]
     InvalidInput(&'static str),
 
+    /// The store's own configuration is unusable (a connection string, a CA file, a schema
+    /// name), found before any data is touched. The message says which setting and why, for
+    /// the operator; it may name a file path, never a password or key.
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+
     /// The database's schema was written by a newer Strongroom than this one. Refusing to
     /// touch it; upgrade this binary (or restore a backup).
     #[error(

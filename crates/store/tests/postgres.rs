@@ -117,17 +117,20 @@ async fn backend() -> Option<Box<dyn TestBackend>> {
 strongroom_store::conformance_tests!(backend());
 
 #[tokio::test]
-async fn malformed_urls_and_schema_names_are_invalid_input() {
+async fn malformed_urls_and_schema_names_are_configuration_errors() {
     let err = PostgresStore::connect("postgresql://[bad", PostgresOptions::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
     let mut o = PostgresOptions::default();
     o.schema = Some("x\"; DROP".into());
     let err = PostgresStore::connect("postgresql://u@127.0.0.1:1/db", o)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    assert!(
+        matches!(&err, StoreError::Config(m) if m.contains("lowercase")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -143,16 +146,18 @@ async fn unreachable_server_is_unavailable() {
 }
 
 /// What the server refused is said, not just "db error": here PostgreSQL's own reason for
-/// refusing a schema it reserves.
+/// refusing a database that does not exist.
 #[tokio::test]
 async fn the_servers_reason_is_in_the_error() {
     let Some(url) = postgres_url() else { return };
-    let mut o = PostgresOptions::default();
-    o.schema = Some("pg_strongroom_reserved".into());
-    let err = PostgresStore::connect(&url, o).await.unwrap_err();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{sep}dbname=strongroom_no_such_db");
+    let err = PostgresStore::connect(&url, PostgresOptions::default())
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(
-        text.contains("42939") && text.contains("unacceptable schema name"),
+        text.contains("3D000") && text.contains("does not exist"),
         "{text}"
     );
 }
@@ -174,7 +179,7 @@ async fn a_remote_server_in_the_clear_is_refused() {
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, StoreError::InvalidInput(m) if m.contains("sslmode=disable")),
+            matches!(&err, StoreError::Config(m) if m.contains("sslmode=disable")),
             "{err:?}"
         );
     }
@@ -244,13 +249,18 @@ async fn tls_is_used_and_the_server_certificate_verified() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    // And says why, for the operator.
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
     // A CA file that holds no certificate is a configuration error.
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
     let err = PostgresStore::connect(&require, options(PostgresTls::CaFile(empty)))
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
 
     tls.testing_drop_schema().await.unwrap();
 }

@@ -92,18 +92,21 @@ impl PostgresTls {
             }
             PostgresTls::CaFile(path) => {
                 use rustls::pki_types::pem::PemObject;
+                let ca_error = |why: String| {
+                    StoreError::Config(format!("PostgreSQL CA file {}: {why}", path.display()))
+                };
                 let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-                    .map_err(|_| StoreError::InvalidInput("unreadable PostgreSQL CA file"))?
+                    .map_err(|e| ca_error(format!("cannot be read ({})", pem_reason(&e))))?
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| StoreError::InvalidInput("malformed PostgreSQL CA file"))?;
+                    .map_err(|e| ca_error(format!("is not valid PEM ({})", pem_reason(&e))))?;
                 for cert in certs {
-                    roots.add(cert).map_err(|_| {
-                        StoreError::InvalidInput("unusable PostgreSQL CA certificate")
-                    })?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| ca_error(format!("holds an unusable certificate ({e})")))?;
                 }
                 if roots.is_empty() {
-                    return Err(StoreError::InvalidInput(
-                        "the PostgreSQL CA file holds no certificate",
+                    return Err(ca_error(
+                        "holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)".into(),
                     ));
                 }
             }
@@ -143,26 +146,96 @@ fn local_only(config: &tokio_postgres::Config) -> bool {
 ///
 /// # Errors
 ///
-/// [`StoreError::InvalidInput`] for a malformed connection string, `sslmode=disable` to a
-/// server not on this host, or an unusable CA file.
+/// [`StoreError::Config`] for a malformed connection string, `sslmode=disable` to a server
+/// not on this host, or an unusable CA file.
 pub fn client_config(
     url: &str,
     tls: &PostgresTls,
 ) -> Result<(tokio_postgres::Config, MakeRustlsConnect), StoreError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|_| StoreError::InvalidInput("malformed PostgreSQL connection string"))?;
+    let mut config: tokio_postgres::Config =
+        with_verify_modes_as_require(url).parse().map_err(|e| {
+            StoreError::Config(format!(
+                "malformed PostgreSQL connection string: {}",
+                parse_reason(&e)
+            ))
+        })?;
     enforce_tls(&mut config)?;
     Ok((config, tls.connector()?))
+}
+
+/// libpq's `sslmode=verify-full` and `verify-ca`, which tokio-postgres does not know, as
+/// `require`: Strongroom's TLS always verifies the certificate chain and the host name, so
+/// `require` here already means `verify-full` (and is stricter than `verify-ca`). Handles
+/// both the URL form (`?sslmode=verify-full&...`) and the key/value form
+/// (`sslmode = verify-ca`).
+fn with_verify_modes_as_require(url: &str) -> std::borrow::Cow<'_, str> {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let mut from = 0;
+    while let Some(found) = url[from..].find("sslmode") {
+        let key = from + found;
+        from = key + "sslmode".len();
+        let boundary = if is_url { ['?', '&'] } else { [' ', '\t'] };
+        if key > 0 && !url[..key].ends_with(boundary) {
+            continue;
+        }
+        let rest = &url[from..];
+        let after_eq = if is_url {
+            rest.strip_prefix('=')
+        } else {
+            rest.trim_start().strip_prefix('=').map(str::trim_start)
+        };
+        let Some(value) = after_eq else { continue };
+        for mode in ["verify-full", "verify-ca"] {
+            let ends =
+                |tail: &str| tail.is_empty() || tail.starts_with(if is_url { '&' } else { ' ' });
+            if value.strip_prefix(mode).is_some_and(ends) {
+                let value_at = url.len() - value.len();
+                return format!(
+                    "{}require{}",
+                    &url[..value_at],
+                    &url[value_at + mode.len()..]
+                )
+                .into();
+            }
+        }
+    }
+    url.into()
+}
+
+/// Why tokio-postgres refused a connection string, without the string: its own messages
+/// name an option ("invalid value for option `port`") but one quotes a character of the
+/// input, which could be part of a password, so that one is cut short.
+fn parse_reason(e: &tokio_postgres::Error) -> String {
+    let Some(cause) = std::error::Error::source(e) else {
+        return e.to_string();
+    };
+    let cause = cause.to_string();
+    match cause.find(": expected") {
+        Some(cut) if cause.starts_with("unexpected character") => cause[..cut].to_owned(),
+        _ => cause,
+    }
+}
+
+/// A PEM reading error, without the file's contents.
+fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::Io(io) => io.to_string(),
+        E::MissingSectionEnd { .. } => "a BEGIN line without its END line".to_owned(),
+        E::IllegalSectionStart { .. } => "a malformed BEGIN line".to_owned(),
+        E::Base64Decode(_) => "bad base64".to_owned(),
+        _ => "unreadable PEM".to_owned(),
+    }
 }
 
 /// Applies the TLS rule (module docs): remote servers only over verified TLS.
 fn enforce_tls(config: &mut tokio_postgres::Config) -> Result<(), StoreError> {
     let local = local_only(config);
     match config.get_ssl_mode() {
-        SslMode::Disable if !local => Err(StoreError::InvalidInput(
+        SslMode::Disable if !local => Err(StoreError::Config(
             "sslmode=disable is refused for a PostgreSQL server that is not on this host: \
-             sealed values and the password would cross the network in the clear",
+             sealed values and the password would cross the network in the clear"
+                .to_owned(),
         )),
         SslMode::Prefer if local => {
             config.ssl_mode(SslMode::Disable);
@@ -249,11 +322,18 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
+/// What a schema name may be, as said to the operator who chose a wrong one.
+const SCHEMA_NAME_RULE: &str = "a schema name is 1 to 63 lowercase ASCII letters, digits \
+    and underscores, not starting with a digit, and neither `information_schema` nor `pg_*` \
+    (PostgreSQL's own)";
+
 fn valid_schema_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && s.len() <= 63
+        && !s.starts_with("pg_")
+        && s != "information_schema"
 }
 
 impl PostgresStore {
@@ -263,14 +343,14 @@ impl PostgresStore {
     ///
     /// # Errors
     ///
-    /// [`StoreError::InvalidInput`] for a malformed URL or schema name;
+    /// [`StoreError::Config`] for a malformed URL or schema name or an unusable CA file;
     /// [`StoreError::Unavailable`] if the server cannot be reached;
     /// [`StoreError::SchemaTooNew`] for a database written by a newer Strongroom.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
         let (mut config, tls) = client_config(url, &options.tls)?;
         if let Some(schema) = &options.schema {
             if !valid_schema_name(schema) {
-                return Err(StoreError::InvalidInput("malformed schema name"));
+                return Err(StoreError::Config(SCHEMA_NAME_RULE.to_owned()));
             }
         }
         if let Some(schema) = options.schema.as_ref().filter(|_| options.create) {
@@ -1643,7 +1723,7 @@ mod tls_rule_tests {
         }
         assert!(matches!(
             mode_after("postgresql://u@db.example.com/x?sslmode=disable"),
-            Err(StoreError::InvalidInput(_))
+            Err(StoreError::Config(_))
         ));
         // On this host: the default goes in the clear, `require` still asks for TLS.
         for url in [
@@ -1659,5 +1739,96 @@ mod tls_rule_tests {
             mode_after("postgresql://u@127.0.0.1/x?sslmode=require"),
             Ok(SslMode::Require)
         ));
+    }
+
+    /// libpq's verifying modes are accepted and mean verified TLS, on this host too.
+    #[test]
+    fn verify_full_and_verify_ca_mean_verified_tls() {
+        for url in [
+            "postgresql://u@127.0.0.1/x?sslmode=verify-full",
+            "postgresql://u@127.0.0.1/x?connect_timeout=3&sslmode=verify-ca",
+            "postgres://u@db.example.com/x?sslmode=verify-full&application_name=a",
+            "host=127.0.0.1 user=u sslmode=verify-full",
+            "host=127.0.0.1 sslmode = verify-ca user=u",
+        ] {
+            let (config, _) = client_config(url, &PostgresTls::SystemRoots)
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(config.get_ssl_mode(), SslMode::Require, "{url}");
+        }
+        // Other values are left to tokio-postgres, which refuses them by name.
+        let err = client_config(
+            "postgresql://u@h/x?sslmode=verify",
+            &PostgresTls::SystemRoots,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("option `sslmode`"), "{err}");
+    }
+
+    /// A malformed connection string says why, and never quotes the string (a password).
+    #[test]
+    fn connection_string_errors_say_why_without_the_string() {
+        for (url, why) in [
+            ("postgresql://u@h:port/x", "option `port`"),
+            (
+                "host=h user=u nosuchoption=1",
+                "unknown option `nosuchoption`",
+            ),
+            ("host=h user S3cretPw", "unexpected character at byte"),
+            ("host=h password='S3cretPw", "unterminated"),
+        ] {
+            let text = client_config(url, &PostgresTls::SystemRoots)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(text.contains(why), "{url}: {text}");
+            assert!(!text.contains("S3cret") && !text.contains("`S`"), "{text}");
+        }
+    }
+
+    #[test]
+    fn schema_names_follow_the_stated_rule() {
+        for ok in ["strongroom", "_x", "t_tls_123", "public"] {
+            assert!(valid_schema_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1x",
+            "X",
+            "a-b",
+            "pg_catalog",
+            "pg_x",
+            "information_schema",
+        ] {
+            assert!(!valid_schema_name(bad), "{bad}");
+        }
+        assert!(valid_schema_name(&"a".repeat(63)) && !valid_schema_name(&"a".repeat(64)));
+    }
+
+    /// A CA file problem names the file and the reason.
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing-ca.pem");
+        let text = PostgresTls::CaFile(missing.clone())
+            .connector()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            text.contains(&missing.display().to_string()) && text.contains("cannot be read"),
+            "{text}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let text = PostgresTls::CaFile(empty)
+            .connector()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            text.contains("empty.pem") && text.contains("no certificate"),
+            "{text}"
+        );
     }
 }
