@@ -472,6 +472,98 @@ fn keys_work_on_the_dev_layout_while_the_server_runs() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
+/// Versions sealed by a key provider this server does not use (left behind by a move between
+/// providers that missed late writes) answer 503; the server says so at start, and `keys
+/// list` shows them.
+#[test]
+fn versions_under_another_key_provider_are_pointed_out() {
+    use strongroom_store::{KekRef, NewVersion, Store};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev(&data, &[]);
+    let alice = mint(&data, "alice");
+    rt().block_on(async {
+        let r = server
+            .client(&data)
+            .json(
+                "PUT",
+                "/v1/me/credentials/here.key",
+                Some(&alice),
+                &json!({"value": "v"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+    });
+    assert_eq!(server.terminate().code(), Some(0));
+    assert!(!server_warned_of_other_providers(&data));
+    rt().block_on(async {
+        let store = strongroom_store::sqlite::SqliteStore::open_dir(&data)
+            .await
+            .unwrap();
+        let moved = NewVersion::new(
+            "alice",
+            "moved.key",
+            1,
+            vec![1; 48],
+            vec![2; 40],
+            KekRef::new("transit", "app-key", 3),
+            "user:alice",
+            time::OffsetDateTime::now_utc(),
+        );
+        store.put_version(moved).await.unwrap();
+        store.close().await;
+    });
+
+    let server = start_dev(&data, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server_warned_of_other_providers(&data) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stderr = server.stderr();
+    let warned: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("sealed by another key provider"))
+        .collect();
+    assert!(
+        warned.len() == 1
+            && warned[0].contains("transit:app-key:v3")
+            && warned[0].contains("credential_versions=1"),
+        "{stderr}"
+    );
+    let list = |json: bool| {
+        let mut cmd = strongroom();
+        cmd.args(["keys", "list", "--data-dir"]).arg(&data);
+        if json {
+            cmd.arg("--json");
+        }
+        String::from_utf8(stdout_of(&mut cmd)).unwrap()
+    };
+    let text = list(false);
+    assert!(
+        text.contains(
+            "transit:app-key:v3: 1 active credential versions sealed by another key provider"
+        ),
+        "{text}"
+    );
+    let rows: serde_json::Value = serde_json::from_str(&list(true)).unwrap();
+    let other: Vec<&serde_json::Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "other-provider")
+        .collect();
+    assert_eq!(other.len(), 1, "{rows}");
+    assert_eq!(other[0]["credential_versions"], 1);
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+fn server_warned_of_other_providers(data: &Path) -> bool {
+    std::fs::read_to_string(data.with_extension("stderr.log"))
+        .unwrap_or_default()
+        .contains("sealed by another key provider")
+}
+
 #[test]
 fn help_explains_serve_and_token() {
     for args in [

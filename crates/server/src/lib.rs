@@ -75,7 +75,7 @@ use strongroom_crypto::{KeyProvider, OsRandom};
 use strongroom_keys::local::LocalKeyring;
 use strongroom_store::postgres::{PostgresOptions, PostgresStore, PostgresTls};
 use strongroom_store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
-use strongroom_store::Store;
+use strongroom_store::{KekRef, Store};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -896,6 +896,10 @@ impl Server {
             ))),
             _ => None,
         };
+        let foreign_check = tokio::spawn(warn_about_foreign_versions(
+            state.vault().store().clone(),
+            openable_kinds(state.vault().keys().as_ref(), hierarchy.as_deref()),
+        ));
         // Likewise a `keys rotate` of the KEK hierarchy, on any node sharing the store.
         // In strict mode, the provider's own versions.
         let ring_watch = match (hierarchy, strict_provider) {
@@ -969,6 +973,7 @@ impl Server {
         if let Some(watch) = ring_watch {
             watch.abort();
         }
+        foreign_check.abort();
         vault.flush_usage().await;
         store.close().await;
         tracing::info!("stopped");
@@ -1123,6 +1128,48 @@ async fn watch_ring(hierarchy: Arc<KekHierarchy>, every: Duration) {
             }
             Err(_) => {}
         }
+    }
+}
+
+/// The credential versions, by KEK, that a server whose key providers are of the kinds
+/// `openable` cannot open because another provider sealed them: left behind by a move
+/// between providers (`rewrap --to-config`) that missed versions written after it ran. They
+/// answer 503 `key_unavailable` until rewrapped.
+pub fn foreign_versions(counts: &[(KekRef, u64)], openable: &[String]) -> Vec<(KekRef, u64)> {
+    counts
+        .iter()
+        .filter(|(kek, n)| *n > 0 && !openable.contains(&kek.provider))
+        .cloned()
+        .collect()
+}
+
+/// The provider kinds this server opens: its provider's, and in hierarchy mode also the root
+/// provider's (versions it sealed directly, before the hierarchy).
+fn openable_kinds(provider: &dyn KeyProvider, hierarchy: Option<&KekHierarchy>) -> Vec<String> {
+    let mut kinds = vec![provider.kind().to_owned()];
+    kinds.extend(hierarchy.map(|h| h.root().kind().to_owned()));
+    kinds
+}
+
+/// Says at start, once, if the store holds versions this server's key provider cannot open
+/// (see [`foreign_versions`]). In the background: counting reads every active version.
+async fn warn_about_foreign_versions(store: Arc<dyn Store>, openable: Vec<String>) {
+    let counts = match store.count_versions_by_kek().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not count versions by KEK");
+            return;
+        }
+    };
+    for (kek, n) in foreign_versions(&counts, &openable) {
+        tracing::warn!(
+            kek = format_args!("{}:{}:v{}", kek.provider, kek.key_id, kek.version),
+            credential_versions = n,
+            key_providers = openable.join(",").as_str(),
+            "credential versions are sealed by another key provider than this server's: \
+             they answer 503 key_unavailable until moved with `strongroom rewrap --config \
+             OLD.toml --to-config THIS.toml`"
+        );
     }
 }
 

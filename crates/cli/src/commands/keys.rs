@@ -254,8 +254,11 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                         .sum::<u64>()
                 })
             };
+            let foreign = counts.as_deref().map_or_else(Vec::new, |c| {
+                strongroom_server::foreign_versions(c, &[local::KIND.to_owned()])
+            });
             if json {
-                let rows: Vec<serde_json::Value> = keys
+                let mut rows: Vec<serde_json::Value> = keys
                     .iter()
                     .map(|k| {
                         let mut v = serde_json::to_value(k).unwrap_or_default();
@@ -265,6 +268,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                         v
                     })
                     .collect();
+                rows.extend(foreign.iter().map(other_provider_row));
                 let text = serde_json::to_string_pretty(&rows)
                     .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
                 println!("{text}");
@@ -278,6 +282,9 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                             count_of(k).unwrap_or(0)
                         );
                     }
+                }
+                for (k, n) in &foreign {
+                    println!("{}", other_provider_line(k, *n));
                 }
             }
         }
@@ -375,6 +382,8 @@ async fn remote_list(config: Config, json: bool) -> Result<(), Failure> {
     for (k, n) in &counts {
         let state = if is_active(&k.provider, &k.key_id, k.version) {
             "active"
+        } else if k.provider != active.provider {
+            OTHER_PROVIDER
         } else {
             "in-use"
         };
@@ -384,6 +393,26 @@ async fn remote_list(config: Config, json: bool) -> Result<(), Failure> {
         );
     }
     print_kek_rows(&rows, json)
+}
+
+/// The `keys list` state of versions sealed by a key provider this configuration does not
+/// use: they answer 503 until moved (`rewrap --to-config`).
+const OTHER_PROVIDER: &str = "other-provider";
+
+fn other_provider_row((k, n): &(KekRef, u64)) -> serde_json::Value {
+    serde_json::json!({
+        "provider": k.provider, "key_id": k.key_id, "version": k.version,
+        "state": OTHER_PROVIDER, "credential_versions": n,
+    })
+}
+
+fn other_provider_line(k: &KekRef, n: u64) -> String {
+    format!(
+        "{}:{}:v{}: {n} active credential versions sealed by another key provider, which this \
+         configuration cannot open (move them with `strongroom rewrap --config OLD.toml \
+         --to-config THIS.toml`)",
+        k.provider, k.key_id, k.version
+    )
 }
 
 /// Prints `keys list` rows of a remote provider or the KEK ring: JSON, or one line each.
@@ -545,6 +574,7 @@ async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
 /// it wraps (plus any data keys the provider wrapped directly, from strict mode).
 async fn ring_list(config: Config, json: bool) -> Result<(), Failure> {
     let backends = strongroom_server::Backends::open_existing(&config).await?;
+    let root_kind = ring_of(&backends)?.root().kind().to_owned();
     let ring = hierarchy::list(backends.store.as_ref()).await;
     let counts = backends.store.count_versions_by_kek().await;
     backends.close().await;
@@ -572,9 +602,15 @@ async fn ring_list(config: Config, json: bool) -> Result<(), Failure> {
         })
         .collect();
     for (k, n) in counts.iter().filter(|(k, _)| k.provider != hierarchy::KIND) {
+        // Sealed by the root provider itself (before the hierarchy) opens; by another not.
+        let state = if k.provider == root_kind {
+            "direct"
+        } else {
+            OTHER_PROVIDER
+        };
         rows.push(serde_json::json!({
             "provider": k.provider, "key_id": k.key_id, "version": k.version,
-            "state": "direct", "credential_versions": n,
+            "state": state, "credential_versions": n,
         }));
     }
     print_kek_rows(&rows, json)
