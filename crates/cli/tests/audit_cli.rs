@@ -133,6 +133,79 @@ fn expect_failure(data: &Path, sql: &str, needle: &str) {
     );
 }
 
+/// Starts `serve --dev` on `data` and returns its failure output; panics if it stays up.
+fn start_fails(data: &Path) -> String {
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(assert_cmd::cargo::cargo_bin("strongroom"))
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env_remove("STRONGROOM_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "the server started: {text}"
+    );
+    text
+}
+
+/// A writer of the database without the head key cannot make a server re-seal a forged
+/// head: it refuses to start, and appends refuse it too. An empty log is sealed as well, so
+/// wiping it is caught.
+#[test]
+fn a_forged_head_is_never_sealed_again() {
+    let (dir, _) = populate();
+    let data = dir.path().join("data");
+
+    // Truncated to 21 records, the head's count and hash fixed up, the MAC zeroed.
+    let forged = copy_of(&data);
+    tamper(
+        forged.path(),
+        "DELETE FROM audit_records WHERE seq > 21; \
+         UPDATE audit_head SET count = 21, hash = (SELECT hash FROM audit_records WHERE seq = 21), \
+         mac = zeroblob(32);",
+    );
+    let text = start_fails(forged.path());
+    assert!(
+        text.contains("audit log failed its integrity check") && text.contains("MAC"),
+        "{text}"
+    );
+    let (ok, text) = verify(forged.path());
+    assert!(!ok && text.contains("MAC does not verify"), "{text}");
+
+    // The head key removed: no new key is made over a sealed head.
+    let keyless = copy_of(&data);
+    tamper(
+        keyless.path(),
+        "DELETE FROM provider_state WHERE key = 'audit/head-key';",
+    );
+    let text = start_fails(keyless.path());
+    assert!(text.contains("head key is missing"), "{text}");
+
+    // The whole log wiped and its head reset to the unsealed empty head.
+    let wiped = copy_of(&data);
+    tamper(
+        wiped.path(),
+        "DELETE FROM audit_records; UPDATE audit_head SET count = 0, hash = zeroblob(32), mac = X'';",
+    );
+    let (ok, text) = verify(wiped.path());
+    assert!(!ok && text.contains("not sealed"), "{text}");
+    // With credential versions in the store, a server does not seal such a log anew. (With
+    // none, a wiped log cannot be told from a new one that crashed before its sealing.)
+    tamper(
+        wiped.path(),
+        "INSERT INTO credentials (id, owner, name, latest_version, created_at, updated_at) \
+             VALUES (1, 'alice', 'k', 1, 0, 0); \
+         INSERT INTO versions (credential_id, version, state, kek_provider, kek_key_id, \
+             kek_version, metadata, created_by, created_at, wrapped_key, sealed_value) \
+             VALUES (1, 1, 0, 'local', 'k', 1, '{}', 'user:alice', 0, X'00', X'00');",
+    );
+    let text = start_fails(wiped.path());
+    assert!(text.contains("reset outside Strongroom"), "{text}");
+}
+
 #[test]
 fn honest_log_verifies_and_every_tampering_is_named() {
     let (dir, (old_count, old_hash, old_mac)) = populate();

@@ -184,7 +184,12 @@ fn names() -> Vec<String> {
     COLUMNS.iter().map(|c| cred_name(c)).collect()
 }
 
-/// Checks the target holds exactly the non-NULL vectors whose row is not in `failed_rows`,
+/// Whether the import skips this vector: a NULL, or an empty value (no credential).
+fn skipped(v: &Value) -> bool {
+    v["token"].is_null() || v["plaintext_utf8"] == ""
+}
+
+/// Checks the target holds exactly the non-empty vectors whose row is not in `failed_rows`,
 /// one version each, byte for byte, with the source recorded.
 fn check_target(data: &Path, json: &Value, table: &str, failed_rows: &[u64]) {
     let found = contents(data, &labels(json), &names());
@@ -194,7 +199,7 @@ fn check_target(data: &Path, json: &Value, table: &str, failed_rows: &[u64]) {
         let row_id = v["row_id"].as_u64().unwrap();
         let key = (label.to_owned(), cred_name(column));
         let got = found.get(&key);
-        if v["token"].is_null() || failed_rows.contains(&row_id) {
+        if skipped(v) || failed_rows.contains(&row_id) {
             assert!(got.is_none(), "{key:?} should not exist");
             continue;
         }
@@ -205,9 +210,16 @@ fn check_target(data: &Path, json: &Value, table: &str, failed_rows: &[u64]) {
             value.as_slice() == v["plaintext_utf8"].as_str().unwrap().as_bytes(),
             "{key:?}: value differs"
         );
+        let from = &metadata["imported_from"];
         assert_eq!(
-            metadata["imported_from"],
-            json!({"table": table, "row_id": row_id, "column": column}),
+            (&from["table"], &from["row_id"], &from["column"]),
+            (&json!(table), &json!(row_id), &json!(column)),
+            "{key:?}"
+        );
+        // The token's fingerprint: a re-run after the app saved the field again imports anew.
+        assert_eq!(
+            from["token_sha256"].as_str().map(str::len),
+            Some(32),
             "{key:?}"
         );
     }
@@ -233,7 +245,7 @@ fn imports_every_vector_setup_idempotently() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|x| !x["token"].is_null())
+                .filter(|x| !skipped(x))
                 .count() as u64;
             let nulls = v.json["vectors"].as_array().unwrap().len() as u64 - non_null;
             let rows = labels(&v.json).len() as u64;
@@ -256,7 +268,7 @@ fn imports_every_vector_setup_idempotently() {
             assert!(ok, "{what}: {out}\n{err}");
             assert_eq!(count(&out, "rows read:"), rows, "{what}");
             assert_eq!(count(&out, "values imported:"), non_null, "{what}");
-            assert_eq!(count(&out, "NULLs skipped:"), nulls, "{what}");
+            assert_eq!(count(&out, "NULL or empty, skipped:"), nulls, "{what}");
             assert_eq!(count(&out, "already imported:"), 0, "{what}");
             assert!(
                 err.contains("import: "),
@@ -341,9 +353,15 @@ fn rotation_with_only_the_new_key_fails_the_old_rows_and_writes_none_of_them() {
         all.extend(map_args());
         let (ok, out, err) = import(&data, &database, "vault_secret", &all);
         assert!(ok, "{folder}: {out}\n{err}");
+        let old_non_empty = v.json["vectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["key_index"] == json!(1) && !skipped(x))
+            .count();
         assert_eq!(
             count(&out, "values imported:"),
-            old.len() as u64,
+            old_non_empty as u64,
             "{folder}"
         );
         check_target(&data, &v.json, "vault_secret", &[]);
@@ -430,11 +448,12 @@ fn name_column_mode_with_integer_owners_and_text_columns() {
                 stdout.contains(&format!("row 5 column {column}: not a valid Fernet token")),
                 "{stdout}"
             );
-            assert_eq!(count(&stdout, "NULLs skipped:"), 1);
+            // Row 4's NULL and row 3's empty value; row 5 failed, so its cells are not counted.
+            assert_eq!(count(&stdout, "NULL or empty, skipped:"), 2);
             assert!(!stdout.contains("not-a-token") && !stdout.contains("zoom-secret"));
             let imported = count(&stdout, "values imported:");
-            assert_eq!(imported, if run == 0 { 3 } else { 0 }, "{stdout}");
-            assert_eq!(count(&stdout, "already imported:"), 3 - imported);
+            assert_eq!(imported, if run == 0 { 2 } else { 0 }, "{stdout}");
+            assert_eq!(count(&stdout, "already imported:"), 2 - imported);
         }
         let found = contents(
             &data,
@@ -469,11 +488,111 @@ fn name_column_mode_with_integer_owners_and_text_columns() {
                     "2024-01-02 03:04:05.123456+05:30".to_owned(),
                     c.clone()
                 ),
-                ("42", "zoom.api-key", 1, "zoom-secret".to_owned(), c.clone()),
-                ("7", "zoom.api-key", 1, String::new(), c),
+                ("42", "zoom.api-key", 1, "zoom-secret".to_owned(), c),
             ]
         );
     }
+}
+
+/// The app saving a field again (a new token) makes a re-run import the new value; every
+/// version written is audited with it; a value that is not UTF-8 fails its row; an id
+/// column that is not unique is refused before anything is read.
+#[test]
+fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.sqlite3");
+    let fernet = strongroom_crypto::django::keys_from_strings(&["app passphrase"], true).unwrap();
+    let enc = |s: &[u8]| {
+        fernet
+            .encrypt(s, 1_700_000_000, &strongroom_crypto::OsRandom)
+            .unwrap()
+    };
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE accounts (id INTEGER PRIMARY KEY, user_id INTEGER, token TEXT, dup INTEGER)",
+    )
+    .unwrap();
+    for (id, user, value) in [(1, 42, &b"first-value"[..]), (2, 7, b"\xff\xfe not text")] {
+        conn.execute(
+            "INSERT INTO accounts VALUES (?1, ?2, ?3, 1)",
+            rusqlite::params![id, user, enc(value)],
+        )
+        .unwrap();
+    }
+    let database = format!("sqlite:{}", db.display());
+    let data = new_target(tmp.path());
+    let run = |extra: &[&str]| {
+        let out = strongroom()
+            .args(["import", "django-fernet-fields", "--data-dir"])
+            .arg(&data)
+            .args(["--database", &database, "--table", "accounts"])
+            .args(["--owner-column", "user_id", "--map", "token=zoom.api-key"])
+            .args(["--key", "app passphrase"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("row 2 column token: value is not UTF-8 text"),
+        "{out}"
+    );
+    assert_eq!(count(&out, "values imported:"), 1, "{out}");
+
+    // The app saves row 1 again: a new token, a new value.
+    conn.execute(
+        "UPDATE accounts SET token = ?1 WHERE id = 1",
+        rusqlite::params![enc(b"second-value")],
+    )
+    .unwrap();
+    let (_, out, _) = run(&[]);
+    assert_eq!(count(&out, "values imported:"), 1, "{out}");
+    assert_eq!(count(&out, "already imported:"), 0, "{out}");
+    let owners = ["42".to_owned(), "7".to_owned()];
+    let found = contents(&data, &owners, &["zoom.api-key".to_owned()]);
+    let (versions, value, _) = &found[&("42".to_owned(), "zoom.api-key".to_owned())];
+    assert_eq!((*versions, value.as_slice()), (2, &b"second-value"[..]));
+    assert!(!found.contains_key(&("7".to_owned(), "zoom.api-key".to_owned())));
+    let (_, out, _) = run(&[]);
+    assert_eq!(count(&out, "already imported:"), 1, "{out}");
+
+    // Each version has its own record, committed with it; the chain verifies.
+    let export = strongroom()
+        .args(["audit", "export", "--format", "jsonl", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let puts: Vec<Value> = String::from_utf8(export.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["action"] == "put")
+        .collect();
+    assert_eq!(puts.len(), 2, "{puts:?}");
+    for (r, version) in puts.iter().zip([1, 2]) {
+        assert_eq!(r["principal_kind"], "operator");
+        assert_eq!(
+            (&r["owner"], &r["name"]),
+            (&json!("42"), &json!("zoom.api-key"))
+        );
+        assert_eq!(r["version"], version);
+    }
+    strongroom()
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+
+    // Paging by a column that is not unique would skip rows: refused, nothing read.
+    let (code, _, err) = run(&["--id-column", "dup"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--id-column dup is not unique"), "{err}");
 }
 
 /// A mistyped column fails the import with SQLite's "no such column" before anything is
@@ -739,7 +858,7 @@ fn imports_into_a_running_server_and_reveals_over_https() {
                 .json("POST", &path, Some(&service), &json!({}))
                 .await
                 .unwrap();
-            if x["token"].is_null() {
+            if skipped(x) {
                 assert_eq!(r.status, 404, "{label}/{column}");
                 continue;
             }

@@ -33,7 +33,7 @@ use std::task::Poll;
 
 use serde::{Deserialize, Serialize};
 use strongroom_crypto::{KekRef, Key256, KeyProvider, SecureRandom, WrappedKey};
-use strongroom_store::audit::{Event, HeadKey, Record, HEAD_KEY_STATE};
+use strongroom_store::audit::{Event, HeadKey, Record, GENESIS, HEAD_KEY_STATE};
 use strongroom_store::{AuditLog, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -119,10 +119,49 @@ pub async fn load_or_create_head_key(
     keys: &dyn KeyProvider,
     rng: &dyn SecureRandom,
 ) -> Result<HeadKey, CoreError> {
-    if let Some(key) = load_head_key(store, keys).await? {
-        return Ok(key);
-    }
     let log = audit_log(store)?;
+    let key = match load_head_key(store, keys).await? {
+        Some(key) => key,
+        None => {
+            // A sealed head without its key: the key was removed. A new one would re-seal
+            // whatever the log holds now.
+            if log
+                .audit_head()
+                .await
+                .map_err(|e| unavailable("head", e))?
+                .is_some()
+            {
+                return Err(CoreError::AuditIntegrity(
+                    "the audit head key is missing from provider_state although the log has a \
+                     sealed head: it was removed outside Strongroom (restore it from a backup)"
+                        .into(),
+                ));
+            }
+            create_head_key(log.as_ref(), keys, rng).await?
+        }
+    };
+    // A new log's empty head is sealed before its first append (refused over existing data).
+    log.audit_seal_genesis(key.head(0, GENESIS))
+        .await
+        .map_err(|e| CoreError::AuditIntegrity(e.to_string()))?;
+    // Appends refuse a head whose MAC fails: say so at start rather than at every request.
+    let head = log.audit_head().await.map_err(|e| unavailable("head", e))?;
+    if !head.is_some_and(|h| key.check(&h)) {
+        return Err(CoreError::AuditIntegrity(
+            "the audit chain head's MAC does not verify (the log was truncated or rewritten \
+             outside Strongroom): run `strongroom audit verify`"
+                .into(),
+        ));
+    }
+    Ok(key)
+}
+
+/// Creates the head key, wrapped by `keys`; racing nodes all end up with the first stored.
+async fn create_head_key(
+    log: &dyn AuditLog,
+    keys: &dyn KeyProvider,
+    rng: &dyn SecureRandom,
+) -> Result<HeadKey, CoreError> {
     let key = Key256::generate(rng).map_err(|e| unavailable("head key", e))?;
     let kek = keys
         .active_kek()
@@ -504,6 +543,12 @@ mod tests {
         }
         async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
             self.0.audit_init_head_key(wrapped).await
+        }
+        async fn audit_seal_genesis(
+            &self,
+            genesis: strongroom_store::audit::Head,
+        ) -> Result<(), StoreError> {
+            self.0.audit_seal_genesis(genesis).await
         }
     }
 

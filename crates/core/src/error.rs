@@ -45,6 +45,10 @@ pub enum CoreError {
     /// Stored data failed to decrypt or parse: tampering or corruption. A server-side fault.
     #[error("stored data failed its integrity check")]
     Integrity,
+    /// The audit log was changed outside Strongroom (a forged or unsealed head, a removed
+    /// head key): nothing is appended to it until an operator restores it.
+    #[error("the audit log failed its integrity check: {0}")]
+    AuditIntegrity(String),
     /// Another server-side fault.
     #[error("internal error: {0}")]
     Internal(String),

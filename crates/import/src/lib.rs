@@ -6,8 +6,12 @@
 //! under the current KEK and bound to `(owner, name)`.
 //!
 //! The import is idempotent and resumable: every version it writes records its source in
-//! its metadata, `{"imported_from": {"table", "row_id", "column"}}`, and a value whose source
-//! is already among the credential's versions is skipped. A row is all or nothing: when any of
+//! its metadata, `{"imported_from": {"table", "row_id", "column", "token_sha256"}}` (a
+//! fingerprint of the Fernet token, which changes whenever the app saves the field again),
+//! and a value whose source is already among the credential's versions is skipped. A re-run
+//! after the app changed a value therefore imports the new value as a new version. Each
+//! version written is audited with it (action `put`, principal `operator`), in the same
+//! transaction. A row is all or nothing: when any of
 //! its values fails (no key opens it, bad owner, too large), none of its values is written.
 //! Nothing here logs or returns a plaintext; failures name the row id and column only.
 
@@ -15,6 +19,7 @@
 
 pub mod source;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -22,6 +27,7 @@ use strongroom_core::{CoreError, PutRequest, Vault, MAX_VALUE_LEN};
 use strongroom_crypto::binding::{is_valid_name, is_valid_owner};
 use strongroom_crypto::fernet::MultiFernet;
 use strongroom_crypto::SecretBytes;
+use strongroom_store::audit::{Event, HeadKey};
 
 pub use source::{Cell, Columns, DatabaseUrl, Source, SourceRow};
 
@@ -170,15 +176,43 @@ struct Ready {
     column: String,
     name: String,
     plaintext: SecretBytes,
+    /// [`token_fingerprint`] of the token it came from.
+    token: String,
 }
 
-/// The `imported_from` record of one value.
-pub fn source_record(table: &str, row_id: &str, column: &str) -> Value {
+/// Where an import writes.
+pub struct Target<'a> {
+    /// The vault the versions are written through.
+    pub vault: &'a Vault,
+    /// The audit head key: each version is written with its own audit record.
+    pub audit_key: Arc<HeadKey>,
+    /// Who runs the import (the OS user), the records' principal.
+    pub operator: String,
+}
+
+/// The `imported_from` record of one value. `table` is kept as the database folds it
+/// (lower case, without the default schema), so that `main.T` and `t` are one source.
+pub fn source_record(table: &str, row_id: &str, column: &str, token: &str) -> Value {
     let row_id = match row_id.parse::<i64>() {
         Ok(n) if n.to_string() == row_id => json!(n),
         _ => json!(row_id),
     };
-    json!({ "table": table, "row_id": row_id, "column": column })
+    let table = table.to_lowercase();
+    let table = table
+        .strip_prefix("main.")
+        .or_else(|| table.strip_prefix("public."))
+        .unwrap_or(&table);
+    json!({ "table": table, "row_id": row_id, "column": column, "token_sha256": token })
+}
+
+/// The first 128 bits of the token's SHA-256, in hex: it says whether the app saved the
+/// field again since, and nothing about the value (the token is ciphertext).
+fn token_fingerprint(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn unix_now() -> u64 {
@@ -268,10 +302,17 @@ fn decrypt_row(
             Ok((plaintext, _)) if plaintext.len() > MAX_VALUE_LEN => {
                 failures.push(fail(column, "value larger than 64 KiB"));
             }
+            // Values are text (the API's JSON strings); Django could not read these either.
+            Ok((plaintext, _)) if std::str::from_utf8(plaintext.expose_secret()).is_err() => {
+                failures.push(fail(column, "value is not UTF-8 text"));
+            }
+            // An empty secret is no credential: skipped, as a NULL is.
+            Ok((plaintext, _)) if plaintext.expose_secret().is_empty() => row_nulls += 1,
             Ok((plaintext, _)) => ready.push(Ready {
                 column: column.clone(),
                 name: name.unwrap_or_default(),
                 plaintext,
+                token: token_fingerprint(token),
             }),
             Err(strongroom_crypto::fernet::FernetError::InvalidToken) => {
                 failures.push(fail(column, "no key opens the token"));
@@ -279,8 +320,8 @@ fn decrypt_row(
             Err(_) => failures.push(fail(column, "not a valid Fernet token")),
         }
     }
-    *nulls += row_nulls;
     if failures.is_empty() {
+        *nulls += row_nulls;
         Ok((owner, ready))
     } else {
         Err(failures)
@@ -294,12 +335,13 @@ enum Put {
 }
 
 async fn put_once(
-    vault: &Vault,
+    target: &Target<'_>,
     owner: &str,
     name: &str,
     plaintext: &SecretBytes,
     record: &Value,
 ) -> Result<Put, ImportError> {
+    let vault = target.vault;
     for _ in 0..PUT_ATTEMPTS {
         let current = match vault.describe(owner, name).await {
             Ok(cred) => {
@@ -325,7 +367,26 @@ async fn put_once(
             expected_version: Some(current),
             created_by: CREATED_BY,
         };
-        match vault.put(req).await {
+        let event = Event {
+            time: vault.now(),
+            principal_kind: "operator".into(),
+            principal_id: target.operator.clone(),
+            action: "put".into(),
+            owner: Some(owner.to_owned()),
+            name: Some(name.to_owned()),
+            version: None, // set by the put
+            outcome: "ok".into(),
+            status: 0,
+            request_id: Some(CREATED_BY.into()),
+            client_addr: None,
+            on_behalf_of: None,
+            destination: None,
+            error_code: None,
+        };
+        match vault
+            .put_audited(req, target.audit_key.clone(), event)
+            .await
+        {
             Ok(_) => return Ok(Put::Imported),
             Err(CoreError::VersionConflict { .. }) | Err(CoreError::Contended) => continue,
             Err(e) => return Err(e.into()),
@@ -334,8 +395,8 @@ async fn put_once(
     Err(CoreError::Contended.into())
 }
 
-/// Runs the import: reads `source` in batches, decrypts with `fernet`, and (unless `vault` is
-/// `None`, a dry run) writes each value. `progress` is called after every batch.
+/// Runs the import: reads `source` in batches, decrypts with `fernet`, and (unless `target`
+/// is `None`, a dry run) writes each value. `progress` is called after every batch.
 ///
 /// # Errors
 ///
@@ -345,13 +406,13 @@ pub async fn run(
     source: &mut Source,
     plan: &Plan,
     fernet: &MultiFernet,
-    vault: Option<&Vault>,
+    target: Option<&Target<'_>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, ImportError> {
     let cols = plan.columns()?;
     let rows_total = source.count(&cols).await?;
     let mut report = Report {
-        dry_run: vault.is_none(),
+        dry_run: target.is_none(),
         ..Report::default()
     };
     loop {
@@ -372,10 +433,10 @@ pub async fn run(
                     }
                 };
             report.values_decrypted += values.len() as u64;
-            let Some(vault) = vault else { continue };
+            let Some(target) = target else { continue };
             for v in values {
-                let record = source_record(&plan.table, &row_id, &v.column);
-                match put_once(vault, &owner, &v.name, &v.plaintext, &record).await? {
+                let record = source_record(&plan.table, &row_id, &v.column, &v.token);
+                match put_once(target, &owner, &v.name, &v.plaintext, &record).await? {
                     Put::Imported => report.values_imported += 1,
                     Put::AlreadyThere => report.already_imported += 1,
                 }
@@ -399,11 +460,43 @@ mod tests {
     #[test]
     fn source_records_keep_integer_ids_as_numbers() {
         assert_eq!(
-            source_record("t", "17", "c"),
-            json!({"table": "t", "row_id": 17, "column": "c"})
+            source_record("t", "17", "c", "ab"),
+            json!({"table": "t", "row_id": 17, "column": "c", "token_sha256": "ab"})
         );
-        assert_eq!(source_record("t", "007", "c")["row_id"], json!("007"));
-        assert_eq!(source_record("t", "a-uuid", "c")["row_id"], json!("a-uuid"));
+        assert_eq!(source_record("t", "007", "c", "")["row_id"], json!("007"));
+        assert_eq!(
+            source_record("t", "a-uuid", "c", "")["row_id"],
+            json!("a-uuid")
+        );
+    }
+
+    /// One table however it is spelled: the record is what re-runs compare.
+    #[test]
+    fn source_records_fold_the_table_name() {
+        for spelled in [
+            "accounts_profile",
+            "ACCOUNTS_PROFILE",
+            "main.accounts_profile",
+        ] {
+            assert_eq!(
+                source_record(spelled, "1", "c", "")["table"],
+                "accounts_profile",
+                "{spelled}"
+            );
+        }
+        assert_eq!(
+            source_record("public.Accounts_Profile", "1", "c", "")["table"],
+            "accounts_profile"
+        );
+        assert_eq!(source_record("app.t", "1", "c", "")["table"], "app.t");
+    }
+
+    #[test]
+    fn token_fingerprints_differ_per_token() {
+        let a = token_fingerprint("gAAAAAB-one");
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, token_fingerprint("gAAAAAB-one"));
+        assert_ne!(a, token_fingerprint("gAAAAAB-two"));
     }
 
     #[test]

@@ -219,24 +219,42 @@ impl Source {
     ///
     /// [`ImportError::Source`], e.g. for a missing table.
     pub async fn count(&mut self, cols: &Columns) -> Result<u64, ImportError> {
-        let sql = format!("SELECT count(*) FROM {}", quote_path(&cols.table));
-        match self {
+        // Rows are paged by id (`WHERE id > last`): rows sharing an id, or with none, would
+        // be skipped at a page boundary, so such an id column is refused up front.
+        let sql = format!(
+            "SELECT count(*), count(*) - count(DISTINCT {}) FROM {}",
+            quote(&cols.id),
+            quote_path(&cols.table)
+        );
+        let (rows, shared) = match self {
             Source::Sqlite { conn, .. } => {
                 let c = conn.take().ok_or_else(|| src_err("connection lost"))?;
                 let (c, n) = tokio::task::spawn_blocking(move || {
-                    let n = c.query_row(&sql, [], |r| r.get::<_, i64>(0));
+                    let n =
+                        c.query_row(&sql, [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)));
                     (c, n)
                 })
                 .await
                 .map_err(src_err)?;
                 *conn = Some(c);
-                Ok(u64::try_from(n.map_err(src_err)?).unwrap_or(0))
+                n.map_err(src_err)?
             }
             Source::Postgres { client, .. } => {
                 let row = client.query_one(&sql, &[]).await.map_err(src_err)?;
-                Ok(u64::try_from(row.try_get::<_, i64>(0).map_err(src_err)?).unwrap_or(0))
+                (
+                    row.try_get::<_, i64>(0).map_err(src_err)?,
+                    row.try_get::<_, i64>(1).map_err(src_err)?,
+                )
             }
+        };
+        if shared > 0 {
+            return Err(ImportError::Usage(format!(
+                "--id-column {} is not unique in {} ({shared} rows share an id or have none): \
+                 rows would be skipped; name a unique column such as the primary key",
+                cols.id, cols.table
+            )));
         }
+        Ok(u64::try_from(rows).unwrap_or(0))
     }
 
     /// The next at most `limit` rows in row-id order; empty at the end.

@@ -420,18 +420,26 @@ impl Reloader {
 }
 
 /// An operator action's audit event (principal `operator`, the OS user running it).
+/// Who runs an operator command, as audit records name them: the OS user (`USER`, else
+/// `LOGNAME`), at most 64 characters.
+pub fn operator_name() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default()
+        .chars()
+        .take(64)
+        .collect()
+}
+
 fn operator_event(
     action: &str,
     outcome: &str,
     error_code: Option<&str>,
 ) -> strongroom_store::audit::Event {
-    let who = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_default();
     strongroom_store::audit::Event {
         time: time::OffsetDateTime::now_utc(),
         principal_kind: "operator".into(),
-        principal_id: who.chars().take(64).collect(),
+        principal_id: operator_name(),
         action: action.into(),
         owner: None,
         name: None,

@@ -86,6 +86,17 @@ pub trait AuditLog: Send + Sync + Debug {
     /// Stores `wrapped` under [`HEAD_KEY_STATE`] unless a value is there already, and
     /// returns the value that is there now (so racing nodes agree on one key).
     async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+
+    /// Seals the head of a new, empty log with `genesis` (`key.head(0, GENESIS)`), so that
+    /// an empty log is authenticated too and appends, which refuse an unsealed head, may
+    /// begin. Does nothing when a head is sealed already (appends and `audit verify` check
+    /// its MAC).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] when the head is not sealed but the store holds audit records
+    /// or credential versions: the log was reset outside Strongroom.
+    async fn audit_seal_genesis(&self, genesis: Head) -> Result<(), StoreError>;
 }
 
 /// Most records one query page returns.
@@ -183,6 +194,41 @@ pub(crate) fn head_from(
         hash: hash_from(hash)?,
         mac: hash_from(mac)?,
     }))
+}
+
+/// The head an append continues from, as `(count, hash)`, once its MAC verifies under `key`.
+/// A head changed outside Strongroom (a truncated or rewritten log, a zeroed MAC) or never
+/// sealed refuses every append: appending would re-seal a forged head with a genuine MAC.
+pub(crate) fn checked_head(
+    key: &HeadKey,
+    count: i64,
+    hash: Vec<u8>,
+    mac: Vec<u8>,
+) -> Result<(u64, [u8; 32]), StoreError> {
+    let refused = || {
+        StoreError::corrupt(
+            "the audit chain head's MAC does not verify (the log was changed outside \
+             Strongroom, or its head was never sealed): appends are refused; run `strongroom \
+             audit verify`",
+        )
+    };
+    let head = Head {
+        count: seq_from(count)?,
+        hash: hash_from(hash)?,
+        mac: mac.try_into().map_err(|_| refused())?,
+    };
+    if !key.check(&head) {
+        return Err(refused());
+    }
+    Ok((head.count, head.hash))
+}
+
+/// What [`AuditLog::audit_seal_genesis`] says when an unsealed head sits over data.
+pub(crate) fn reset_log() -> StoreError {
+    StoreError::corrupt(
+        "the audit head is not sealed although the store holds audit records or credential \
+         versions: the audit log was reset outside Strongroom",
+    )
 }
 
 /// Chains `events` after `(count, hash)`; returns the records and their time columns.

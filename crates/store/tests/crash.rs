@@ -99,6 +99,13 @@ fn crash_child_entry_point() {
         .unwrap();
     rt.block_on(async move {
         let store = open_target(&target).await;
+        // Sealed before any write, as a server does at start (a no-op once sealed).
+        store
+            .audit_log()
+            .unwrap()
+            .audit_seal_genesis(audit_key().head(0, strongroom_store::audit::GENESIS))
+            .await
+            .unwrap();
         let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         {
             // Start on a fresh line: the test harness may have printed a partial line.

@@ -318,6 +318,9 @@ async fn audit_tampering_in_postgres_is_detected() {
         let s = b.open().await.unwrap();
         let log = s.audit_log().unwrap();
         let key = Arc::new(HeadKey::new([3; 32]));
+        log.audit_seal_genesis(key.head(0, strongroom_store::audit::GENESIS))
+            .await
+            .unwrap();
         log.audit_append(
             key.clone(),
             (1..=30)

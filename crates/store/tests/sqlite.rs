@@ -311,6 +311,10 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
         .await
         .unwrap();
     let key = Arc::new(HeadKey::new([9; 32]));
+    store
+        .audit_seal_genesis(key.head(0, strongroom_store::audit::GENESIS))
+        .await
+        .unwrap();
     let owners = ["alice", "bob"];
     let mut events = Vec::new();
     for i in 0..10u64 {
@@ -410,6 +414,52 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].seq, 12 + AUDIT_INDEX_EVERY + 1);
     store.close().await;
+
+    // The index tables are outside the hash chain: rows planted there by a writer of the
+    // database (here: dave's record filed under mallory, and under another principal and
+    // time) return nothing that does not match the record itself.
+    let seq = (12 + AUDIT_INDEX_EVERY + 1) as i64;
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute(
+        "INSERT INTO audit_by_credential (owner, name, seq) VALUES ('mallory', 'k', ?1)",
+        [seq],
+    )
+    .unwrap();
+    raw.execute(
+        "INSERT INTO audit_by_principal (principal_id, seq) VALUES ('planted', ?1)",
+        [seq],
+    )
+    .unwrap();
+    raw.execute(
+        "INSERT INTO audit_by_time (time_ms, seq) VALUES (5, ?1)",
+        [seq],
+    )
+    .unwrap();
+    drop(raw);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let mut planted = filter(Some("mallory"), None);
+    assert!(store
+        .audit_query(&planted, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    planted = AuditFilter::default();
+    planted.principal_id = Some("planted".into());
+    assert!(store
+        .audit_query(&planted, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    planted = AuditFilter::default();
+    planted.until = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1));
+    assert!(store
+        .audit_query(&planted, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    store.close().await;
 }
 
 /// A database written at schema 2 (the per-credential audit index on `audit_records`) is
@@ -424,6 +474,10 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
         .await
         .unwrap();
     let key = Arc::new(HeadKey::new([5; 32]));
+    store
+        .audit_seal_genesis(key.head(0, strongroom_store::audit::GENESIS))
+        .await
+        .unwrap();
     let events = (0..30u64)
         .map(|i| {
             audit_event(

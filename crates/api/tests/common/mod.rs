@@ -127,6 +127,12 @@ impl strongroom_store::AuditLog for FailingLog {
     ) -> Result<Vec<u8>, strongroom_store::StoreError> {
         Ok(w)
     }
+    async fn audit_seal_genesis(
+        &self,
+        _: strongroom_store::audit::Head,
+    ) -> Result<(), strongroom_store::StoreError> {
+        Ok(())
+    }
 }
 
 pub async fn api_with(limits: ApiLimits) -> TestApi {

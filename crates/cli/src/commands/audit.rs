@@ -124,6 +124,16 @@ async fn verify_log(
     let mut pinned_seen = false;
     let failed =
         |e: String| -> Failure { CliError::Operation(format!("audit verify FAILED: {e}")).into() };
+    // A saved head is only evidence if this log's key sealed it.
+    if let (Some(exp), Some(key)) = (expected, &key) {
+        if !key.check(exp) {
+            return Err(failed(
+                "the expected head's MAC does not verify (it is not a head of this log, or it \
+                 was edited)"
+                    .into(),
+            ));
+        }
+    }
     loop {
         let batch = log.audit_scan(verifier.count(), BATCH).await.map_err(op)?;
         if batch.is_empty() {
@@ -160,7 +170,27 @@ async fn verify_log(
         }
     }
     match (head, key) {
-        (None, _) if verifier.count() == 0 => Ok(0),
+        // Never started: no key, no sealed head, no records. Unless credentials exist, which
+        // a server or an import only writes after sealing the log.
+        (None, None) if verifier.count() == 0 => {
+            let versions: u64 = store
+                .count_versions_by_kek()
+                .await
+                .map_err(op)?
+                .iter()
+                .map(|(_, n)| n)
+                .sum();
+            if versions > 0 {
+                return Err(failed(format!(
+                    "the store holds {versions} credential versions but no audit log and no \
+                     head key (the log and its key were removed)"
+                )));
+            }
+            Ok(0)
+        }
+        (None, Some(_)) if verifier.count() == 0 => Err(failed(
+            "the head key exists but the chain head is not sealed (the log was reset)".into(),
+        )),
         (None, _) => Err(failed(format!(
             "the log has {} records but no chain head (the head was removed)",
             verifier.count()

@@ -3,6 +3,7 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use strongroom_import::{DatabaseUrl, ImportError, Mapping, Plan, Report, Source};
@@ -77,7 +78,7 @@ pub struct DjangoArgs {
         conflicts_with_all = ["key_file", "secret_key"]
     )]
     keys: Vec<SecretArg>,
-    /// A file holding the FERNET_KEYS entries, one per line, in order.
+    /// A file holding the FERNET_KEYS entries, one per line, in order (`-`: standard input).
     #[arg(long, value_name = "FILE", conflicts_with = "secret_key")]
     key_file: Option<PathBuf>,
     /// Django's SECRET_KEY, for apps without FERNET_KEYS (the library's fallback).
@@ -118,16 +119,39 @@ fn usage(e: ImportError) -> Failure {
     }
 }
 
+/// One key per line, `-` for standard input. A byte-order mark and trailing whitespace
+/// (an editor's, never part of a Django key in practice) are dropped.
 fn read_key_file(path: &std::path::Path) -> Result<Vec<Zeroizing<String>>, Failure> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).map_err(CliError::io("cannot read --key-file"))?,
-    );
+    let text = if path.as_os_str() == "-" {
+        let mut text = Zeroizing::new(String::new());
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(CliError::io("cannot read the keys from standard input"))?;
+        text
+    } else {
+        warn_if_readable_by_others(path);
+        Zeroizing::new(
+            std::fs::read_to_string(path).map_err(CliError::io("cannot read --key-file"))?,
+        )
+    };
     Ok(text
+        .trim_start_matches('\u{feff}')
         .lines()
-        .map(|l| l.trim_end_matches('\r'))
+        .map(str::trim_end)
         .filter(|l| !l.is_empty())
         .map(|l| Zeroizing::new(l.to_owned()))
         .collect())
+}
+
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o044 != 0 {
+            eprintln!(
+                "warning: --key-file {} is readable by group or others (chmod 600 it)",
+                path.display()
+            );
+        }
+    }
 }
 
 async fn django(args: DjangoArgs) -> Result<(), Failure> {
@@ -173,15 +197,39 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
         Some(args.target.open().await?)
     };
     let vault = backends.as_ref().map(|b| b.vault());
+    // Every version is audited with it; the head key is created (and a new log sealed)
+    // before anything is written.
+    let audit_key = match &backends {
+        Some(b) => Some(Arc::new(
+            strongroom_core::audit::load_or_create_head_key(
+                b.store.as_ref(),
+                b.keyring.as_ref(),
+                &strongroom_crypto::OsRandom,
+            )
+            .await
+            .map_err(|e| CliError::Operation(format!("audit: {e}")))?,
+        )),
+        None => None,
+    };
+    let target =
+        vault
+            .as_deref()
+            .zip(audit_key)
+            .map(|(vault, audit_key)| strongroom_import::Target {
+                vault,
+                audit_key,
+                operator: strongroom_server::operator_name(),
+            });
 
     let mut source = Source::open(&url).await.map_err(usage)?;
     let mut progress = Bar::new();
-    let result = strongroom_import::run(&mut source, &plan, &fernet, vault.as_deref(), &mut |p| {
+    let result = strongroom_import::run(&mut source, &plan, &fernet, target.as_ref(), &mut |p| {
         progress.update(p)
     })
     .await;
     progress.finish();
     source.close().await;
+    drop(target);
     drop(vault);
     if let Some(b) = backends {
         let (outcome, code) = match &result {
@@ -220,7 +268,7 @@ fn print_report(r: &Report) {
             r.already_imported
         ));
     }
-    out.push_str(&format!("NULLs skipped:            {}\n", r.nulls_skipped));
+    out.push_str(&format!("NULL or empty, skipped:   {}\n", r.nulls_skipped));
     out.push_str(&format!("rows failed:              {}\n", r.rows_failed));
     for f in &r.failures {
         out.push_str(&format!(

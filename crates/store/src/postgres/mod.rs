@@ -1496,18 +1496,22 @@ async fn audit_append_tx(
     key: &crate::audit::HeadKey,
     events: Vec<crate::audit::Event>,
 ) -> Result<Vec<crate::audit::Record>, StoreError> {
-    use crate::audit::{chain, hash_from, seq_from, seq_param};
+    use crate::audit::{chain, checked_head, seq_param};
     // The row lock serializes appends across every node sharing this database.
     let row = tx
         .query_one(
-            "SELECT count, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            "SELECT count, hash, mac FROM audit_head WHERE id = 1 FOR UPDATE",
             &[],
         )
         .await
         .map_err(pg_err)?;
-    let count: i64 = row.try_get(0).map_err(pg_err)?;
-    let hash: Vec<u8> = row.try_get(1).map_err(pg_err)?;
-    let chained = chain(seq_from(count)?, hash_from(hash)?, events)?;
+    let (count, hash) = checked_head(
+        key,
+        row.try_get(0).map_err(pg_err)?,
+        row.try_get(1).map_err(pg_err)?,
+        row.try_get(2).map_err(pg_err)?,
+    )?;
+    let chained = chain(count, hash, events)?;
     let insert = tx
         .prepare_cached(&format!(
             "INSERT INTO audit_records ({}) SELECT * FROM UNNEST(\
@@ -1675,6 +1679,48 @@ impl crate::audit::AuditLog for PostgresStore {
         rows.iter()
             .map(|r| raw_audit_row(r)?.into_record())
             .collect()
+    }
+
+    async fn audit_seal_genesis(&self, genesis: crate::audit::Head) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = async {
+            let row = tx
+                .query_opt(
+                    "SELECT count, mac FROM audit_head WHERE id = 1 FOR UPDATE",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)?
+                .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
+            let count: i64 = row.try_get(0).map_err(pg_err)?;
+            let mac: Vec<u8> = row.try_get(1).map_err(pg_err)?;
+            if !mac.is_empty() {
+                return Ok(());
+            }
+            let has_data: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM audit_records) \
+                     OR EXISTS (SELECT 1 FROM versions)",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)?
+                .try_get(0)
+                .map_err(pg_err)?;
+            if count != 0 || has_data {
+                return Err(crate::audit::reset_log());
+            }
+            tx.execute(
+                "UPDATE audit_head SET hash = $1, mac = $2 WHERE id = 1",
+                &[&&genesis.hash[..], &&genesis.mac[..]],
+            )
+            .await
+            .map_err(pg_err)?;
+            Ok(())
+        }
+        .await;
+        finish(tx, result).await
     }
 
     async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {

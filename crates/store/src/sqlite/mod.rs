@@ -1718,13 +1718,14 @@ fn audit_append_tx(
     key: &crate::audit::HeadKey,
     events: Vec<crate::audit::Event>,
 ) -> Result<Vec<crate::audit::Record>, StoreError> {
-    use crate::audit::{chain, hash_from, seq_from, seq_param};
-    let (count, hash): (i64, Vec<u8>) = conn
-        .prepare_cached("SELECT count, hash FROM audit_head WHERE id = 1")
+    use crate::audit::{chain, checked_head, seq_param};
+    let (count, hash, mac): (i64, Vec<u8>, Vec<u8>) = conn
+        .prepare_cached("SELECT count, hash, mac FROM audit_head WHERE id = 1")
         .map_err(db_err)?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .map_err(db_err)?;
-    let chained = chain(seq_from(count)?, hash_from(hash)?, events)?;
+    let (count, hash) = checked_head(key, count, hash, mac)?;
+    let chained = chain(count, hash, events)?;
     let mut insert = conn
         .prepare_cached(&format!(
             "INSERT INTO audit_records ({}) VALUES \
@@ -2055,46 +2056,46 @@ impl crate::audit::AuditLog for SqliteStore {
             }
             None => format!("SELECT {columns} FROM audit_records r WHERE 1 = 1"),
         };
-        let on = |table: &str, column: &str| {
+        // Each filter applies to the record itself, and also to the driving index so that
+        // the index narrows the scan. The index tables are outside the hash chain: a row
+        // planted there must not return a record that does not match.
+        let on = |table: &str, column: &str, op: &str, n: usize| {
             if driver == Some(table) {
-                format!("x.{column}")
+                format!("x.{column} {op} ?{n} AND r.{column} {op} ?{n}")
             } else {
-                format!("r.{column}")
+                format!("r.{column} {op} ?{n}")
             }
         };
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        let mut push = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+        let mut push = |sql: &mut String, (table, column, op): (&str, &str, &str), v| {
             args.push(v);
-            sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+            sql.push_str(&format!(" AND {}", on(table, column, op, args.len())));
         };
         use rusqlite::types::Value;
         if let Some(o) = &filter.owner {
-            let c = on("audit_by_credential", "owner");
-            push(&mut sql, &format!("{c} ="), Value::Text(o.clone()));
+            let c = ("audit_by_credential", "owner", "=");
+            push(&mut sql, c, Value::Text(o.clone()));
         }
         if let Some(n) = &filter.name {
-            let c = on("audit_by_credential", "name");
-            push(&mut sql, &format!("{c} ="), Value::Text(n.clone()));
+            let c = ("audit_by_credential", "name", "=");
+            push(&mut sql, c, Value::Text(n.clone()));
         }
         if let Some(p) = &filter.principal_id {
-            let c = on("audit_by_principal", "principal_id");
-            push(&mut sql, &format!("{c} ="), Value::Text(p.clone()));
+            let c = ("audit_by_principal", "principal_id", "=");
+            push(&mut sql, c, Value::Text(p.clone()));
         }
         if let Some(t) = filter.since {
-            let c = on("audit_by_time", "time_ms");
-            push(&mut sql, &format!("{c} >="), Value::Integer(to_millis(t)?));
+            let c = ("audit_by_time", "time_ms", ">=");
+            push(&mut sql, c, Value::Integer(to_millis(t)?));
         }
         if let Some(t) = filter.until {
-            let c = on("audit_by_time", "time_ms");
-            push(&mut sql, &format!("{c} <"), Value::Integer(to_millis(t)?));
+            let c = ("audit_by_time", "time_ms", "<");
+            push(&mut sql, c, Value::Integer(to_millis(t)?));
         }
         let seq = if driver.is_some() { "x.seq" } else { "r.seq" };
         if let Some(b) = before {
-            push(
-                &mut sql,
-                &format!("{seq} <"),
-                Value::Integer(crate::audit::seq_param(b)),
-            );
+            args.push(Value::Integer(crate::audit::seq_param(b)));
+            sql.push_str(&format!(" AND {seq} < ?{}", args.len()));
         }
         if !filter.actions.is_empty() {
             let mut marks = Vec::new();
@@ -2112,6 +2113,38 @@ impl crate::audit::AuditLog for SqliteStore {
                 .query_map(rusqlite::params_from_iter(args), raw_audit_row)
                 .map_err(db_err)?;
             rows.map(|r| r.map_err(db_err)?.into_record()).collect()
+        })
+        .await
+    }
+
+    async fn audit_seal_genesis(&self, genesis: crate::audit::Head) -> Result<(), StoreError> {
+        self.write(Changes::NoCredential, move |conn| {
+            let (count, mac): (i64, Vec<u8>) = conn
+                .prepare_cached("SELECT count, mac FROM audit_head WHERE id = 1")
+                .map_err(db_err)?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(db_err)?
+                .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
+            if !mac.is_empty() {
+                return Ok(());
+            }
+            let has_data: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM audit_records) \
+                     OR EXISTS (SELECT 1 FROM versions)",
+                )
+                .map_err(db_err)?
+                .query_row([], |r| r.get(0))
+                .map_err(db_err)?;
+            if count != 0 || has_data {
+                return Err(crate::audit::reset_log());
+            }
+            conn.prepare_cached("UPDATE audit_head SET hash = ?1, mac = ?2 WHERE id = 1")
+                .map_err(db_err)?
+                .execute(params![&genesis.hash[..], &genesis.mac[..]])
+                .map_err(db_err)?;
+            Ok(())
         })
         .await
     }

@@ -99,6 +99,7 @@ macro_rules! conformance_tests {
             invalid_input_is_rejected,
             random_operations_match_a_model,
             audit_append_chains_and_verifies,
+            audit_genesis_is_not_sealed_over_data,
             audit_query_filters_and_pages,
             audit_head_key_first_wins,
             audit_concurrent_appends_one_chain,

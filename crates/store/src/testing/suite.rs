@@ -1237,11 +1237,33 @@ pub async fn audit_verify_all(
     }
 }
 
+/// A head key, with the empty log's head sealed by it (as the server does at start).
+async fn sealed_key(log: &dyn crate::AuditLog, byte: u8) -> Arc<crate::audit::HeadKey> {
+    let key = Arc::new(crate::audit::HeadKey::new([byte; 32]));
+    log.audit_seal_genesis(key.head(0, crate::audit::GENESIS))
+        .await
+        .unwrap();
+    key
+}
+
 pub async fn audit_append_chains_and_verifies(b: &dyn TestBackend) {
     let s = open(b).await;
     let log = audit_log(&*s);
-    let key = Arc::new(crate::audit::HeadKey::new([7; 32]));
     assert_eq!(log.audit_head().await.unwrap(), None);
+    // Nothing is appended to a head that is not sealed.
+    let unsealed = Arc::new(crate::audit::HeadKey::new([7; 32]));
+    assert!(matches!(
+        log.audit_append(unsealed, vec![audit_event(1, "alice", "n", "reveal")])
+            .await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    let key = sealed_key(&*log, 7).await;
+    let genesis = log.audit_head().await.unwrap().unwrap();
+    assert_eq!(genesis.count, 0);
+    assert!(key.check(&genesis));
+    // Sealing again changes nothing.
+    sealed_key(&*log, 7).await;
+    assert_eq!(log.audit_head().await.unwrap(), Some(genesis));
     assert_eq!(audit_verify_all(&*log, &key).await, Ok(0));
     assert!(log
         .audit_append(key.clone(), Vec::new())
@@ -1282,6 +1304,14 @@ pub async fn audit_append_chains_and_verifies(b: &dyn TestBackend) {
         audit_verify_all(&*log2, &other).await,
         Err(crate::audit::VerifyError::HeadMac)
     );
+    // And an append under a head whose MAC does not verify is refused, writing nothing:
+    // appending would re-seal a forged head.
+    assert!(matches!(
+        log2.audit_append(Arc::new(other), vec![audit_event(9, "a", "n", "put")])
+            .await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(log2.audit_head().await.unwrap().unwrap().count, 2500);
     assert_invalid(
         log2.audit_append(
             key.clone(),
@@ -1293,10 +1323,25 @@ pub async fn audit_append_chains_and_verifies(b: &dyn TestBackend) {
     );
 }
 
+/// A log that is not sealed while the store holds credential versions was reset outside
+/// Strongroom: it is not sealed anew (which would start a clean-looking log).
+pub async fn audit_genesis_is_not_sealed_over_data(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    put(&*s, "alice", "k", 1).await;
+    let key = crate::audit::HeadKey::new([2; 32]);
+    assert!(matches!(
+        log.audit_seal_genesis(key.head(0, crate::audit::GENESIS))
+            .await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(log.audit_head().await.unwrap(), None);
+}
+
 pub async fn audit_query_filters_and_pages(b: &dyn TestBackend) {
     let s = open(b).await;
     let log = audit_log(&*s);
-    let key = Arc::new(crate::audit::HeadKey::new([1; 32]));
+    let key = sealed_key(&*log, 1).await;
     let mut events = Vec::new();
     for i in 1..=60u64 {
         let owner = if i % 2 == 0 { "alice" } else { "bob" };
@@ -1367,9 +1412,9 @@ pub async fn audit_head_key_first_wins(b: &dyn TestBackend) {
 /// Several stores open on one database (as several server nodes) appending at once write
 /// one chain.
 pub async fn audit_concurrent_appends_one_chain(b: &dyn TestBackend) {
-    let key = Arc::new(crate::audit::HeadKey::new([5; 32]));
     let a = open(b).await;
     let c = b.open().await.unwrap();
+    let key = sealed_key(&*audit_log(&*a), 5).await;
     let mut tasks = Vec::new();
     for node in [a.clone(), c.clone()] {
         for t in 0..8u64 {
@@ -1405,7 +1450,7 @@ pub async fn audit_concurrent_appends_one_chain(b: &dyn TestBackend) {
 pub async fn audited_put_is_one_transaction(b: &dyn TestBackend) {
     let s = open(b).await;
     let log = audit_log(&*s);
-    let key = Arc::new(crate::audit::HeadKey::new([3; 32]));
+    let key = sealed_key(&*log, 3).await;
     log.audit_append(key.clone(), vec![audit_event(1, "alice", "n", "reveal")])
         .await
         .unwrap();
