@@ -10,9 +10,11 @@
 //!   where `body` is the record's canonical JSON without its hash. Editing, inserting,
 //!   deleting or reordering a record breaks the chain at that record.
 //! * The head `(count, hash)` is kept beside the log with an HMAC-SHA256 under a key held by
-//!   the key provider, updated with each append; truncating the tail (or rolling the whole
-//!   log back to an earlier state) no longer matches the head, and the head cannot be forged
-//!   without the provider. `audit head` prints it so it can also be kept elsewhere.
+//!   the key provider, updated with each append (which refuses a head whose MAC fails); the
+//!   empty log's head is sealed too. Truncating the tail no longer matches the head, and the
+//!   head cannot be forged without the provider. Restoring an older copy of the whole
+//!   database (log and head together) is not caught by the log itself: `audit head` prints
+//!   the head so it can be kept elsewhere and checked with `audit verify --expect-head`.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 

@@ -161,7 +161,13 @@ pub struct LocalKeyring {
     path: PathBuf,
     key_id: String,
     keks: RwLock<BTreeMap<u32, Kek>>,
+    /// When a version this keyring did not know last made it read the file again.
+    last_miss_reload: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// At most one re-read of the keyring file per this interval for versions it does not know,
+/// so requests naming a version that never existed cannot make every request read the file.
+const MISS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl std::fmt::Debug for LocalKeyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,7 +206,28 @@ impl LocalKeyring {
             path: path.to_owned(),
             key_id: model.key_id,
             keks: RwLock::new(keks),
+            last_miss_reload: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A version met in the store that this keyring does not hold was most likely made by
+    /// a `keys rotate` on this host since the last reload (the server's poll runs every
+    /// second, a `rewrap` may already have moved data under it): read the file again now,
+    /// at most once per [`MISS_RELOAD_INTERVAL`].
+    fn reload_on_miss(&self) {
+        let now = std::time::Instant::now();
+        {
+            let mut last = self
+                .last_miss_reload
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| now.duration_since(t) < MISS_RELOAD_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        // A failed read keeps the keys loaded; the server's poll reports it.
+        let _ = self.reload();
     }
 
     /// Re-reads the file, so a running server picks up a rotation made by `keys rotate`.
@@ -398,6 +425,14 @@ impl KeyProvider for LocalKeyring {
         let kek = &wrapped.kek;
         if kek.provider != KIND || kek.key_id != self.key_id {
             return Err(UnwrapError::NotMine(kek.clone()));
+        }
+        let known = self
+            .keks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&kek.version);
+        if !known {
+            self.reload_on_miss();
         }
         let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
         let entry = keks.get(&kek.version).ok_or_else(|| {

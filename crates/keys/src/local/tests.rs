@@ -149,6 +149,31 @@ async fn rotation_keeps_old_versions_for_decryption() {
     assert_eq!(states, [(1, KeyState::DecryptOnly), (2, KeyState::Active)]);
 }
 
+/// A data key wrapped by another process under a version rotated in after this keyring was
+/// loaded (a `keys rotate` then a `rewrap`, before the server's poll) opens at once: the
+/// miss makes the keyring read its file again.
+#[tokio::test]
+async fn a_version_rotated_in_by_another_process_opens_without_waiting_for_a_reload() {
+    let (_dir, path) = fresh();
+    let server = LocalKeyring::open(&path).unwrap();
+    rotate(&path, T0, &OsRandom).unwrap();
+    let operator = LocalKeyring::open(&path).unwrap();
+    let kek = operator.active_kek().unwrap();
+    assert_eq!(kek.version, 2);
+    let key = Key256::generate(&OsRandom).unwrap();
+    let wrapped = operator.wrap(&kek, &key, b"aad").await.unwrap();
+    let opened = server.unwrap(&wrapped, b"aad").await.unwrap();
+    assert_eq!(opened.expose_secret(), key.expose_secret());
+    // A version that does not exist is still refused (and reads the file at most once per
+    // interval).
+    let mut missing = wrapped.clone();
+    missing.kek.version = 9;
+    assert!(matches!(
+        server.unwrap(&missing, b"aad").await,
+        Err(UnwrapError::Failed(e)) if e.kind() == ProviderErrorKind::UnknownKek
+    ));
+}
+
 #[tokio::test]
 async fn envelope_round_trip_and_binding_through_the_keyring() {
     let (_dir, path) = fresh();
