@@ -140,6 +140,97 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
     assert_eq!(ok.status, StatusCode::CREATED);
 }
 
+/// Each number in a request has one spelling and one range, in paths, queries and bodies;
+/// bodies are JSON objects; an empty value is no credential; a bad bound host is refused
+/// without being quoted back.
+#[tokio::test]
+async fn numbers_bodies_and_values_are_validated_one_way_everywhere() {
+    let api = api().await;
+    let alice = user_token("alice");
+    let put = |body: serde_json::Value| api.call("PUT", KEY, Some(&alice), Some(body));
+    assert_eq!(
+        put(json!({"value": "v1"})).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        put(json!({"value": "v2"})).await.status,
+        StatusCode::CREATED
+    );
+
+    let bad = |r: &Reply, what: &str| {
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {}", r.body);
+        assert!(r.json()["error"]["code"].is_string(), "{what}: {}", r.body);
+    };
+    for v in ["+1", "01", "0", "1.0", "-1", "4294967296", "2147483648"] {
+        let path = format!("{KEY}/versions/{}", v.replace('+', "%2B"));
+        bad(&api.call("DELETE", &path, Some(&alice), None).await, v);
+    }
+    for (what, body) in [
+        ("reveal 0", json!({"version": 0})),
+        ("reveal 2^31", json!({"version": 2_147_483_648_u64})),
+    ] {
+        let r = api
+            .call(
+                "POST",
+                "/v1/owners/alice/credentials/zoom.api-key/reveal",
+                Some(ALLOWED_SERVICE_TOKEN),
+                Some(body),
+            )
+            .await;
+        bad(&r, what);
+    }
+    let current = format!("{KEY}/current");
+    bad(
+        &api.call("POST", &current, Some(&alice), Some(json!({"version": 0})))
+            .await,
+        "current 0",
+    );
+    bad(
+        &put(json!({"value": "v", "expected_version": 2_147_483_648_u64})).await,
+        "expected_version 2^31",
+    );
+    for q in ["limit=05", "limit=%2B5", "limit=", "cursor=c1.%2B6"] {
+        let r = api
+            .call(
+                "GET",
+                &format!("/v1/me/credentials?{q}"),
+                Some(&alice),
+                None,
+            )
+            .await;
+        bad(&r, q);
+    }
+    // Arrays are not objects, whatever serde would make of them.
+    for body in [json!(["v3"]), json!(["v3", {"label": "x"}, null])] {
+        bad(&put(body).await, "array body");
+    }
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(json!([1])),
+        )
+        .await;
+    bad(&r, "array reveal body");
+    assert!(!r.body.contains("v1"), "{}", r.body);
+    // An empty value is refused; a malformed bound host is not quoted back.
+    bad(&put(json!({"value": ""})).await, "empty value");
+    let host = format!("https://{}.example/", "h".repeat(4000));
+    let r = put(json!({"value": "v3", "metadata": {"host": host}})).await;
+    bad(&r, "bad host");
+    assert!(r.body.len() < 400 && !r.body.contains("hhhh"), "{}", r.body);
+    // None of them wrote anything: still two versions, v2 current.
+    let d = api.call("GET", KEY, Some(&alice), None).await.json();
+    assert_eq!(
+        (
+            d["current_version"].clone(),
+            d["versions"].as_array().unwrap().len()
+        ),
+        (json!(2), 2)
+    );
+}
+
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json() {
     let api = api().await;

@@ -699,9 +699,15 @@ impl Broker {
 pub fn check_bound_host(metadata: Option<&serde_json::Value>) -> Result<(), String> {
     match metadata.and_then(|m| m.get(BOUND_HOST_KEY)) {
         None | Some(serde_json::Value::Null) => Ok(()),
-        Some(serde_json::Value::String(s)) => DestinationPattern::parse(s)
-            .map(|_| ())
-            .map_err(|e| format!("metadata.{BOUND_HOST_KEY}: {e}")),
+        // Not the parser's message: it quotes the text, which is the caller's own input here.
+        Some(serde_json::Value::String(s)) => {
+            DestinationPattern::parse(s).map(|_| ()).map_err(|_| {
+                format!(
+                    "metadata.{BOUND_HOST_KEY} is not a destination: use host, host:port, host:*, \
+                 *.domain or * (no scheme or path)"
+                )
+            })
+        }
         Some(_) => Err(format!(
             "metadata.{BOUND_HOST_KEY} must be a string such as \"api.zoom.us\""
         )),

@@ -141,6 +141,16 @@ fn check(owner: &str, name: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// Version numbers run from 1 to 2^31 − 1 (what both stores keep).
+fn check_version(version: u32) -> Result<(), CoreError> {
+    if version == 0 || version > i32::MAX as u32 {
+        return Err(CoreError::InvalidInput(
+            "version numbers are 1 to 2147483647",
+        ));
+    }
+    Ok(())
+}
+
 /// The associated data of a version: its place, plus the third-party host its metadata binds
 /// it to (`metadata.host`, where brokered calls may take it). So a host edited in the
 /// database makes the version fail to open instead of sending the value elsewhere.
@@ -279,6 +289,16 @@ impl Vault {
         if req.value.len() > MAX_VALUE_LEN {
             return Err(CoreError::ValueTooLarge(MAX_VALUE_LEN));
         }
+        // An empty secret is no credential: a broker would inject nothing, and verify("")
+        // would match it.
+        if req.value.is_empty() {
+            return Err(CoreError::InvalidInput("value must not be empty"));
+        }
+        // 0 means "no current version"; above the largest version number it can only be a
+        // mistake, not a stale view.
+        if let Some(v) = req.expected_version.filter(|&v| v != 0) {
+            check_version(v)?;
+        }
         let metadata = match req.metadata {
             None => serde_json::Value::Object(serde_json::Map::new()),
             Some(m @ serde_json::Value::Object(_)) => m,
@@ -406,9 +426,7 @@ impl Vault {
         version: u32,
     ) -> Result<(), CoreError> {
         check(owner, name)?;
-        if version == 0 {
-            return Err(CoreError::InvalidInput("version numbers start at 1"));
-        }
+        check_version(version)?;
         Ok(self
             .store
             .set_current(owner, name, version, self.clock.now())
@@ -445,9 +463,7 @@ impl Vault {
         version: u32,
     ) -> Result<(), CoreError> {
         check(owner, name)?;
-        if version == 0 {
-            return Err(CoreError::NotFound);
-        }
+        check_version(version)?;
         self.store
             .destroy_version(owner, name, version, self.clock.now())
             .await?;
@@ -474,9 +490,7 @@ impl Vault {
         version: Option<u32>,
     ) -> Result<(Revealed, bool), CoreError> {
         check(owner, name)?;
-        if version == Some(0) {
-            return Err(CoreError::NotFound);
-        }
+        version.map(check_version).transpose()?;
         let mark = self.store.read_mark();
         let row = self.store.get_version(owner, name, version).await?;
         let read = ReadCheck {

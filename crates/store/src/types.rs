@@ -444,6 +444,7 @@ impl Cursor {
             .step_by(2)
             .map(|i| {
                 hex.get(i..i + 2)
+                    .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or(BAD)
             })

@@ -62,8 +62,13 @@ pub(crate) async fn keys(
 /// Parses a cursor (a record's `seq`).
 fn parse_cursor(c: Option<&str>) -> Result<Option<u64>, ApiError> {
     c.map(|c| {
-        c.parse::<u64>()
-            .map_err(|_| ApiError::bad_request("malformed cursor"))
+        // One spelling per cursor, as for every number in a URL.
+        let canonical =
+            !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && !c.starts_with('0');
+        canonical
+            .then(|| c.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| ApiError::bad_request("malformed cursor"))
     })
     .transpose()
 }
@@ -86,7 +91,7 @@ pub(crate) async fn audit_page(
     let before = parse_cursor(cursor)?;
     let limit = limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
-        return Err(ApiError::bad_request("limit must be 1..=1000"));
+        return Err(ApiError::bad_request("limit must be 1 to 1000"));
     }
     let log = strongroom_core::audit::audit_log(state.vault().store().as_ref())?;
     let records = log

@@ -9,8 +9,8 @@ use strongroom_crypto::SecretBytes;
 use strongroom_store::AuditFilter;
 
 use super::views::{
-    detail, item, CredentialDetail, CredentialList, CurrentBody, ListQuery, PutBody, PutResponse,
-    StateResponse, UsageItem, UsageQuery, UsageResponse, VerifyBody, VerifyResponse,
+    detail, item, CredentialDetail, CredentialList, CurrentBody, ListQuery, PathVersion, PutBody,
+    PutResponse, StateResponse, UsageItem, UsageQuery, UsageResponse, VerifyBody, VerifyResponse,
 };
 use crate::audit::Audit;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, User};
@@ -207,11 +207,11 @@ pub(crate) async fn usage(
 pub(crate) async fn destroy_version(
     State(state): State<AppState>,
     User(owner): User,
-    ApiPath((name, version)): ApiPath<(String, u32)>,
+    ApiPath((name, version)): ApiPath<(String, PathVersion)>,
 ) -> ApiResult<StatusCode> {
     state
         .vault()
-        .destroy_version(&owner, &name, version)
+        .destroy_version(&owner, &name, version.0)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

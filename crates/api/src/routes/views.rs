@@ -5,6 +5,35 @@ use strongroom_store::{Credential, CredentialSummary, VersionInfo, VersionState}
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
+/// A number in a path or a query string: decimal digits only, without a sign or leading
+/// zeros, so each number has one spelling (`+1`, `01` and `1` are not three ways to say 1).
+pub(crate) fn canonical_u32(text: &str) -> Option<u32> {
+    let canonical = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    canonical.then(|| text.parse().ok()).flatten()
+}
+
+/// A version number in a path ([`canonical_u32`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PathVersion(pub u32);
+
+impl<'de> Deserialize<'de> for PathVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        canonical_u32(&text)
+            .map(PathVersion)
+            .ok_or_else(|| serde::de::Error::custom("not a version number"))
+    }
+}
+
+/// An optional `limit` in a query string ([`canonical_u32`]).
+fn canonical_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|text| canonical_u32(&text).ok_or_else(|| serde::de::Error::custom("not a number")))
+        .transpose()
+}
+
 /// `PUT .../credentials/{name}`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -14,8 +43,9 @@ pub struct PutBody {
     /// Non-secret metadata (labels, the third-party host, an expiry...): a JSON object.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
-    /// Check-and-set: the version you believe is current (`0`: the credential must not exist).
-    /// A stale value gets 409 `version_conflict`.
+    /// Check-and-set: the version you believe is current (`0`: there must be no current
+    /// version: a new credential, or one whose versions were all destroyed). A stale value gets
+    /// 409 `version_conflict`.
     pub expected_version: Option<u32>,
 }
 
@@ -81,6 +111,7 @@ pub struct ListQuery {
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// Page size, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "canonical_limit")]
     pub limit: Option<u32>,
 }
 
@@ -266,7 +297,8 @@ pub struct AuditQuery {
     pub until: Option<String>,
     /// From a previous page's `next_cursor`.
     pub cursor: Option<String>,
-    /// Page size (1..=1000, default 100).
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "canonical_limit")]
     pub limit: Option<u32>,
 }
 
@@ -277,7 +309,8 @@ pub struct AuditQuery {
 pub struct UsageQuery {
     /// From a previous page's `next_cursor`.
     pub cursor: Option<String>,
-    /// Page size (1..=1000, default 100).
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "canonical_limit")]
     pub limit: Option<u32>,
 }
 

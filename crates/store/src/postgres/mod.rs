@@ -819,6 +819,14 @@ async fn destroy_credential_tx(
     )
     .await
     .map_err(pg_err)?;
+    // The whole credential goes: its versions' metadata too (labels, hosts), so a credential
+    // created again under the name shows nothing of the one destroyed.
+    tx.execute(
+        "UPDATE versions SET metadata = '{}' WHERE credential_id = $1",
+        &[&c.id],
+    )
+    .await
+    .map_err(pg_err)?;
     tx.execute(
         "UPDATE credentials SET deleted = TRUE, current_version = NULL, updated_at = $2
          WHERE id = $1",

@@ -942,6 +942,12 @@ fn destroy_credential_tx(
     .map_err(db_err)?
     .execute(params![at, c.id])
     .map_err(db_err)?;
+    // The whole credential goes: its versions' metadata too (labels, hosts), so a credential
+    // created again under the name shows nothing of the one destroyed.
+    conn.prepare_cached("UPDATE versions SET metadata = '{}' WHERE credential_id = ?1")
+        .map_err(db_err)?
+        .execute(params![c.id])
+        .map_err(db_err)?;
     conn.prepare_cached(
         "UPDATE credentials SET deleted = 1, current_version = NULL, updated_at = ?2
          WHERE id = ?1",

@@ -511,6 +511,16 @@ pub async fn destroy_credential_continues_numbering(b: &dyn TestBackend) {
         s.get_version("o", "n", None).await.unwrap().sealed_value,
         test_value("o", "n", 4, 100)
     );
+    // Nothing of the destroyed credential shows through the new one: its versions are
+    // tombstones without their metadata (labels, hosts).
+    for v in &c.versions {
+        if v.version == 4 {
+            assert_eq!(v.metadata["v"], 4);
+        } else {
+            assert_eq!(v.state, VersionState::Destroyed, "{v:?}");
+            assert_eq!(v.metadata, serde_json::json!({}), "{v:?}");
+        }
+    }
 }
 
 pub async fn retention_destroys_oldest_first(b: &dyn TestBackend) {
