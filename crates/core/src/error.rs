@@ -82,10 +82,40 @@ impl From<strongroom_crypto::EnvelopeError> for CoreError {
                 CoreError::Unavailable(p.to_string())
             }
             E::UnknownKek(_) => CoreError::KeyUnavailable(e.to_string()),
-            E::Provider(p) if matches!(p.kind(), K::KekRetired | K::UnknownKek) => {
+            E::Provider(p)
+                if matches!(p.kind(), K::KekRetired | K::UnknownKek | K::Misconfigured) =>
+            {
                 CoreError::KeyUnavailable(p.to_string())
+            }
+            // A wrapped key that does not authenticate was tampered with or moved.
+            E::Provider(p) if p.kind() == K::AuthenticationFailed => CoreError::Integrity,
+            // Rotated between choosing the KEK and wrapping, or a provider's passing fault
+            // (an HSM session error): the caller may retry, and no 500 claims a bug of ours.
+            E::Provider(p) if matches!(p.kind(), K::KekNotActive | K::Other) => {
+                CoreError::Unavailable(p.to_string())
             }
             other => CoreError::Internal(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strongroom_crypto::{EnvelopeError, ProviderError, ProviderErrorKind as K};
+
+    /// Every provider failure is a 503 (retry, or an operator's key problem) or an integrity
+    /// error; none is reported as an internal bug.
+    #[test]
+    fn provider_failures_map_to_what_a_caller_can_act_on() {
+        let of =
+            |kind| CoreError::from(EnvelopeError::Provider(ProviderError::new(kind, "p", "m")));
+        for kind in [K::Unavailable, K::Denied, K::KekNotActive, K::Other] {
+            assert!(matches!(of(kind), CoreError::Unavailable(_)), "{kind:?}");
+        }
+        for kind in [K::KekRetired, K::UnknownKek, K::Misconfigured] {
+            assert!(matches!(of(kind), CoreError::KeyUnavailable(_)), "{kind:?}");
+        }
+        assert!(matches!(of(K::AuthenticationFailed), CoreError::Integrity));
     }
 }
