@@ -252,6 +252,12 @@ fn honest_log_verifies_and_every_tampering_is_named() {
         "UPDATE audit_records SET principal_id = 'mallory' WHERE seq = 17",
         "record 17: contents do not match its hash",
     );
+    // A row that cannot even be read is named too.
+    expect_failure(
+        &data,
+        "UPDATE audit_records SET status = 70000 WHERE seq = 23",
+        "audit record 23: audit status out of range",
+    );
     expect_failure(
         &data,
         "UPDATE audit_records SET status = 404 WHERE seq = 1",

@@ -150,7 +150,18 @@ pub(crate) struct RawRecord {
 }
 
 impl RawRecord {
+    /// The record, or an error naming it (`audit verify` and queries say which row is bad).
     pub(crate) fn into_record(self) -> Result<Record, StoreError> {
+        let seq = self.seq;
+        self.decode().map_err(|e| match e {
+            StoreError::Corrupt { what } => {
+                StoreError::corrupt(format!("audit record {seq}: {what}"))
+            }
+            other => other,
+        })
+    }
+
+    fn decode(self) -> Result<Record, StoreError> {
         Ok(Record {
             seq: seq_from(self.seq)?,
             event: Event {
