@@ -562,6 +562,42 @@ fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
     let (_, out, _) = run(&[]);
     assert_eq!(count(&out, "already imported:"), 1, "{out}");
 
+    // Once the value is set in Strongroom, the Django copy is the stale one: a later run
+    // (after the app saved the field once more) keeps Strongroom's.
+    rt().block_on(async {
+        let b = backends(&data).await;
+        b.vault()
+            .put(strongroom_core::PutRequest {
+                owner: "42",
+                name: "zoom.api-key",
+                value: strongroom_crypto::SecretBytes::from_slice(b"set-in-strongroom"),
+                metadata: None,
+                expected_version: None,
+                created_by: "user:42",
+            })
+            .await
+            .unwrap();
+        b.close().await;
+    });
+    conn.execute(
+        "UPDATE accounts SET token = ?1 WHERE id = 1",
+        rusqlite::params![enc(b"third-value")],
+    )
+    .unwrap();
+    let (_, out, _) = run(&[]);
+    assert_eq!(count(&out, "values imported:"), 0, "{out}");
+    assert_eq!(
+        count(&out, "kept (changed in Strongroom since):"),
+        1,
+        "{out}"
+    );
+    let found = contents(&data, &owners, &["zoom.api-key".to_owned()]);
+    let (versions, value, _) = &found[&("42".to_owned(), "zoom.api-key".to_owned())];
+    assert_eq!(
+        (*versions, value.as_slice()),
+        (3, &b"set-in-strongroom"[..])
+    );
+
     // Each version has its own record, committed with it; the chain verifies.
     let export = strongroom()
         .args(["audit", "export", "--format", "jsonl", "--data-dir"])
@@ -808,6 +844,30 @@ fn usage_errors() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("passphrase-canary"));
+    // SECRET_KEY in the environment does not get in the way of explicit keys (a dry run:
+    // the source below is missing, so the run fails on it, not on the arguments).
+    let out = strongroom()
+        .args(["import", "django-fernet-fields", "--dry-run"])
+        .args(["--database", "sqlite:/nonexistent.sqlite3", "--table", "t"])
+        .args(["--owner-column", "o", "--map", "c=n", "--key", "k"])
+        .env("STRONGROOM_IMPORT_SECRET_KEY", "env-secret-canary")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("cannot be used with"), "{err}");
+    assert!(!err.contains("env-secret-canary"), "{err}");
+    // An unreachable PostgreSQL source says why.
+    let out = base(&[
+        "--database",
+        "postgresql://u@127.0.0.1:1/db",
+        "--map",
+        "c=n",
+        "--key",
+        "k",
+        "--dry-run",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.to_lowercase().contains("connection refused"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------

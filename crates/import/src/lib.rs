@@ -152,6 +152,9 @@ pub struct Report {
     pub nulls_skipped: u64,
     /// Values whose source is already recorded in a version (skipped).
     pub already_imported: u64,
+    /// Values not written because the credential changed in Strongroom since: its current
+    /// version was set there (not imported), or it is disabled. Strongroom's copy is kept.
+    pub kept_in_strongroom: u64,
     /// Rows that failed (none of their values was written).
     pub rows_failed: u64,
     /// Each failing value, by row id and column.
@@ -328,10 +331,12 @@ fn decrypt_row(
     }
 }
 
-/// Whether it was written or already there.
+/// Whether it was written, already there, or left alone.
 enum Put {
     Imported,
     AlreadyThere,
+    /// The credential's current version was set in Strongroom, or it is disabled.
+    KeptInStrongroom,
 }
 
 async fn put_once(
@@ -351,6 +356,16 @@ async fn put_once(
                     .any(|v| v.metadata.get("imported_from") == Some(record))
                 {
                     return Ok(Put::AlreadyThere);
+                }
+                // Once the app writes through Strongroom (or the owner set a value, or
+                // disabled the credential), the Django copy is the stale one.
+                let current = cred
+                    .versions
+                    .iter()
+                    .find(|v| Some(v.version) == cred.summary.current_version);
+                let set_here = current.is_some_and(|v| v.metadata.get("imported_from").is_none());
+                if !cred.summary.enabled || set_here {
+                    return Ok(Put::KeptInStrongroom);
                 }
                 cred.summary.current_version.unwrap_or(0)
             }
@@ -439,6 +454,7 @@ pub async fn run(
                 match put_once(target, &owner, &v.name, &v.plaintext, &record).await? {
                     Put::Imported => report.values_imported += 1,
                     Put::AlreadyThere => report.already_imported += 1,
+                    Put::KeptInStrongroom => report.kept_in_strongroom += 1,
                 }
             }
         }

@@ -159,6 +159,22 @@ fn src_err(e: impl std::fmt::Display) -> ImportError {
     ImportError::Source(e.to_string())
 }
 
+/// The error with its causes ("error connecting to server: Connection refused"), as
+/// tokio-postgres keeps the reason in the source chain.
+fn src_chain(e: impl std::error::Error) -> ImportError {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    ImportError::Source(text)
+}
+
 impl Source {
     /// Opens the source database (SQLite read-only; it must exist).
     ///
@@ -200,7 +216,7 @@ impl Source {
                     &strongroom_store::postgres::PostgresTls::SystemRoots,
                 )
                 .map_err(|e| ImportError::Source(e.to_string()))?;
-                let (client, connection) = config.connect(tls).await.map_err(src_err)?;
+                let (client, connection) = config.connect(tls).await.map_err(src_chain)?;
                 let task = tokio::spawn(async move {
                     let _ = connection.await;
                 });

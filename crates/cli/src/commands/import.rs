@@ -75,13 +75,15 @@ pub struct DjangoArgs {
         long = "key",
         value_name = "KEY",
         allow_hyphen_values = true,
-        conflicts_with_all = ["key_file", "secret_key"]
+        conflicts_with = "key_file"
     )]
     keys: Vec<SecretArg>,
     /// A file holding the FERNET_KEYS entries, one per line, in order (`-`: standard input).
-    #[arg(long, value_name = "FILE", conflicts_with = "secret_key")]
+    #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
-    /// Django's SECRET_KEY, for apps without FERNET_KEYS (the library's fallback).
+    /// Django's SECRET_KEY, for apps without FERNET_KEYS (the library's fallback). Used only
+    /// when neither --key nor --key-file is given (so the environment variable never gets in
+    /// their way).
     #[arg(
         long,
         value_name = "KEY",
@@ -266,6 +268,10 @@ fn print_report(r: &Report) {
         out.push_str(&format!(
             "already imported:         {}\n",
             r.already_imported
+        ));
+        out.push_str(&format!(
+            "kept (changed in Strongroom since): {}\n",
+            r.kept_in_strongroom
         ));
     }
     out.push_str(&format!("NULL or empty, skipped:   {}\n", r.nulls_skipped));
