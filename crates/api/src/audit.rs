@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use strongroom_store::audit::Event;
 
 use crate::{ApiError, AppState};
@@ -242,7 +242,8 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
             match k {
                 "owner" => event.owner = Some(bounded(v, 255)),
                 "name" => event.name = Some(bounded(v, 128)),
-                "version" => event.version = v.parse().ok(),
+                // Only the spelling the route accepts: `+2` or `002` was refused, not version 2.
+                "version" => event.version = crate::routes::views::canonical_u32(v),
                 _ => {}
             }
         }
@@ -253,7 +254,19 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
         recorded: false,
     })));
     req.extensions_mut().insert(slot.clone());
-    let response = next.run(req).await;
+    // While the log refuses appends (changed outside Strongroom), nothing is changed or
+    // revealed unaudited: only reads run. The refusal itself is still offered to the log,
+    // and the first append it takes again lifts this.
+    let response = if auditor.intact() || matches!(*req.method(), Method::GET | Method::HEAD) {
+        next.run(req).await
+    } else {
+        ApiError::internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log refuses appends (changed outside Strongroom)",
+        )
+        .into_response()
+    };
     let status = response.status();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
     let event = slot.with(|p| {
@@ -330,10 +343,12 @@ impl Audit {
             .await
         {
             Ok((outcome, record)) => {
+                auditor.note_append(Ok(()));
                 auditor.committed(&record);
                 Ok(outcome)
             }
             Err(e) => {
+                auditor.note_append(Err(&e));
                 slot.reopen();
                 Err(e.into())
             }

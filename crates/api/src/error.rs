@@ -135,6 +135,10 @@ impl From<CoreError> for ApiError {
             CoreError::KeyUnavailable(cause) => {
                 Self::internal(S::SERVICE_UNAVAILABLE, "key_unavailable", cause)
             }
+            // The log refuses appends: nothing is done unaudited.
+            CoreError::AuditIntegrity(cause) => {
+                Self::internal(S::SERVICE_UNAVAILABLE, "audit_unavailable", cause)
+            }
             CoreError::Integrity => Self::internal(
                 S::INTERNAL_SERVER_ERROR,
                 "integrity_error",

@@ -216,7 +216,7 @@ fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
 
 /// Every request body is a JSON object: serde would also read a struct from an array of its
 /// fields in order (`["value", {...}]`), a form no client means and no schema allows.
-fn require_object(body: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn require_object(body: &[u8]) -> Result<(), ApiError> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => Ok(()),
         None => Err(ApiError::bad_request("the body is not valid JSON")),

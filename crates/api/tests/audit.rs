@@ -266,6 +266,71 @@ async fn reveal_fails_closed_when_the_audit_record_cannot_be_written() {
     assert_eq!(r.json()["value"], CANARY);
 }
 
+/// A head changed outside Strongroom while the server runs: the next append is refused, and
+/// from then on nothing is revealed or changed unaudited (503) and `/readyz` says so; reads
+/// go on. Putting the genuine head back lifts it at the next append.
+#[tokio::test]
+async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
+    let api = api().await;
+    api.seed().await;
+    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+    let genuine: Vec<u8> = raw
+        .query_row("SELECT mac FROM audit_head", [], |r| r.get(0))
+        .unwrap();
+    raw.execute("UPDATE audit_head SET mac = zeroblob(32)", [])
+        .unwrap();
+    let reveal = || {
+        api.call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+    };
+    let r = reveal().await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "audit_unavailable");
+    assert!(!r.body.contains(CANARY));
+    let alice = user_token("alice");
+    let key = "/v1/me/credentials/zoom.api-key";
+    let put = api
+        .call("PUT", key, Some(&alice), Some(json!({"value": "v2"})))
+        .await;
+    assert_eq!(put.status, StatusCode::SERVICE_UNAVAILABLE, "{}", put.body);
+    let delete = api.call("DELETE", key, Some(&alice), None).await;
+    assert_eq!(
+        delete.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        delete.body
+    );
+    assert_eq!(
+        api.call("GET", "/readyz", None, None).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // Reads still answer, and nothing was changed.
+    let d = api.call("GET", key, Some(&alice), None).await;
+    assert_eq!(d.status, StatusCode::OK);
+    assert_eq!(d.json()["current_version"], 1);
+
+    raw.execute("UPDATE audit_head SET mac = ?1", [&genuine])
+        .unwrap();
+    // The next read's record is taken: the log is intact again.
+    assert_eq!(
+        api.call("GET", key, Some(&alice), None).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(reveal().await.json()["value"], CANARY);
+    assert_eq!(
+        api.call("DELETE", key, Some(&alice), None).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.call("GET", "/readyz", None, None).await.status,
+        StatusCode::OK
+    );
+}
+
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 

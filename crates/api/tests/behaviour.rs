@@ -189,7 +189,13 @@ async fn numbers_bodies_and_values_are_validated_one_way_everywhere() {
         &put(json!({"value": "v", "expected_version": 2_147_483_648_u64})).await,
         "expected_version 2^31",
     );
-    for q in ["limit=05", "limit=%2B5", "limit=", "cursor=c1.%2B6"] {
+    for q in [
+        "limit=05",
+        "limit=%2B5",
+        "limit=",
+        "cursor=c1.%2B6",
+        "cursor=c1.7A",
+    ] {
         let r = api
             .call(
                 "GET",
@@ -220,6 +226,18 @@ async fn numbers_bodies_and_values_are_validated_one_way_everywhere() {
     let r = put(json!({"value": "v3", "metadata": {"host": host}})).await;
     bad(&r, "bad host");
     assert!(r.body.len() < 400 && !r.body.contains("hhhh"), "{}", r.body);
+    // The document says so too.
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["PutBody"]["properties"]["value"]["minLength"], 1);
+    assert_eq!(
+        schemas["CurrentBody"]["properties"]["version"]["maximum"],
+        2_147_483_647
+    );
+    assert_eq!(
+        schemas["CurrentBody"]["properties"]["version"]["minimum"],
+        1
+    );
     // None of them wrote anything: still two versions, v2 current.
     let d = api.call("GET", KEY, Some(&alice), None).await.json();
     assert_eq!(

@@ -204,6 +204,26 @@ fn a_forged_head_is_never_sealed_again() {
     );
     let text = start_fails(wiped.path());
     assert!(text.contains("reset outside Strongroom"), "{text}");
+
+    // More versions than put records (the log cut back to an earlier genuine head, down to
+    // the sealed empty one, while versions were hidden): the chain verifies, the count not.
+    // The log holds 25 puts; the store gets 30 versions.
+    let hidden = copy_of(&data);
+    tamper(
+        hidden.path(),
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 30) \
+         INSERT INTO credentials (id, owner, name, latest_version, created_at, updated_at) \
+             SELECT i, 'alice', 'k' || i, 1, 0, 0 FROM n; \
+         INSERT INTO versions (credential_id, version, state, kek_provider, kek_key_id, \
+             kek_version, metadata, created_by, created_at, wrapped_key, sealed_value) \
+             SELECT id, 1, 0, 'local', 'k', 1, '{}', 'user:alice', 0, X'00', X'00' \
+             FROM credentials;",
+    );
+    let (ok, text) = verify(hidden.path());
+    assert!(
+        !ok && text.contains("30 active credential versions but the log records only 25 puts"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -561,20 +561,55 @@ fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
     assert!(!found.contains_key(&("7".to_owned(), "zoom.api-key".to_owned())));
     let (_, out, _) = run(&[]);
     assert_eq!(count(&out, "already imported:"), 1, "{out}");
+    // Another (unique) id column finds the same tokens: nothing is imported twice.
+    let (_, out, _) = run(&["--id-column", "user_id"]);
+    assert_eq!(count(&out, "values imported:"), 0, "{out}");
+    assert_eq!(count(&out, "already imported:"), 1, "{out}");
+    // A token column as the row id would copy tokens into metadata owners read: refused.
+    let (code, _, err) = run(&["--id-column", "token"]);
+    assert_eq!(code, Some(2), "{err}");
 
     // Once the value is set in Strongroom, the Django copy is the stale one: a later run
     // (after the app saved the field once more) keeps Strongroom's.
     rt().block_on(async {
+        // As the API writes it: the version with its put record.
         let b = backends(&data).await;
+        let key = strongroom_core::audit::load_or_create_head_key(
+            b.store.as_ref(),
+            b.keyring.as_ref(),
+            &strongroom_crypto::OsRandom,
+        )
+        .await
+        .unwrap();
+        let event = strongroom_store::audit::Event {
+            time: time::OffsetDateTime::now_utc(),
+            principal_kind: "user".into(),
+            principal_id: "42".into(),
+            action: "put".into(),
+            owner: Some("42".into()),
+            name: Some("zoom.api-key".into()),
+            version: None,
+            outcome: "ok".into(),
+            status: 201,
+            request_id: None,
+            client_addr: None,
+            on_behalf_of: None,
+            destination: None,
+            error_code: None,
+        };
         b.vault()
-            .put(strongroom_core::PutRequest {
-                owner: "42",
-                name: "zoom.api-key",
-                value: strongroom_crypto::SecretBytes::from_slice(b"set-in-strongroom"),
-                metadata: None,
-                expected_version: None,
-                created_by: "user:42",
-            })
+            .put_audited(
+                strongroom_core::PutRequest {
+                    owner: "42",
+                    name: "zoom.api-key",
+                    value: strongroom_crypto::SecretBytes::from_slice(b"set-in-strongroom"),
+                    metadata: None,
+                    expected_version: None,
+                    created_by: "user:42",
+                },
+                std::sync::Arc::new(key),
+                event,
+            )
             .await
             .unwrap();
         b.close().await;
@@ -610,9 +645,12 @@ fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|r| r["action"] == "put")
         .collect();
+    let puts: Vec<&Value> = puts
+        .iter()
+        .filter(|r| r["principal_kind"] == "operator")
+        .collect();
     assert_eq!(puts.len(), 2, "{puts:?}");
     for (r, version) in puts.iter().zip([1, 2]) {
-        assert_eq!(r["principal_kind"], "operator");
         assert_eq!(
             (&r["owner"], &r["name"]),
             (&json!("42"), &json!("zoom.api-key"))

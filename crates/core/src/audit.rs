@@ -120,30 +120,28 @@ pub async fn load_or_create_head_key(
     rng: &dyn SecureRandom,
 ) -> Result<HeadKey, CoreError> {
     let log = audit_log(store)?;
+    // The head first, then the key: a key is always stored before the head is sealed with
+    // it, so a head found sealed here has a key stored before, unless it was removed (a node
+    // that made both in between is no alarm).
+    let sealed = log
+        .audit_head()
+        .await
+        .map_err(|e| unavailable("head", e))?
+        .is_some();
     let key = match load_head_key(store, keys).await? {
         Some(key) => key,
-        None => {
-            // A sealed head without its key: the key was removed. A new one would re-seal
-            // whatever the log holds now.
-            if log
-                .audit_head()
-                .await
-                .map_err(|e| unavailable("head", e))?
-                .is_some()
-            {
-                return Err(CoreError::AuditIntegrity(
-                    "the audit head key is missing from provider_state although the log has a \
-                     sealed head: it was removed outside Strongroom (restore it from a backup)"
-                        .into(),
-                ));
-            }
-            create_head_key(log.as_ref(), keys, rng).await?
+        // A new key would re-seal whatever the log holds now.
+        None if sealed => {
+            return Err(CoreError::AuditIntegrity(
+                "the audit head key is missing from provider_state although the log has a \
+                 sealed head: it was removed outside Strongroom (restore it from a backup)"
+                    .into(),
+            ))
         }
+        None => create_head_key(log.as_ref(), keys, rng).await?,
     };
     // A new log's empty head is sealed before its first append (refused over existing data).
-    log.audit_seal_genesis(key.head(0, GENESIS))
-        .await
-        .map_err(|e| CoreError::AuditIntegrity(e.to_string()))?;
+    log.audit_seal_genesis(key.head(0, GENESIS)).await?;
     // Appends refuse a head whose MAC fails: say so at start rather than at every request.
     let head = log.audit_head().await.map_err(|e| unavailable("head", e))?;
     if !head.is_some_and(|h| key.check(&h)) {
@@ -201,6 +199,8 @@ pub struct Auditor {
     route: Route,
     key: Arc<HeadKey>,
     sink: Option<Arc<Mutex<RecordSink>>>,
+    /// False since an append found the log changed outside Strongroom, until one succeeds.
+    intact: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where [`Auditor::record`] sends an event.
@@ -234,7 +234,42 @@ impl Auditor {
             tokio::spawn(run(log, key.clone(), rx, sink.clone()));
             Route::Task(tx)
         };
-        Self { route, key, sink }
+        Self {
+            route,
+            key,
+            sink,
+            intact: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        }
+    }
+
+    /// Whether the log took the last append: false after one was refused because the log was
+    /// changed outside Strongroom ([`StoreError::AuditIntegrity`]), until one succeeds again.
+    /// The server then refuses writes and reports not ready, rather than act unaudited.
+    pub fn intact(&self) -> bool {
+        self.intact.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes how an append that went around [`Auditor::record`] (a put's own transaction)
+    /// ended.
+    pub fn note_append(&self, outcome: Result<(), &CoreError>) {
+        match outcome {
+            Ok(()) => self.set_intact(true),
+            Err(CoreError::AuditIntegrity(_)) => self.set_intact(false),
+            Err(_) => {}
+        }
+    }
+
+    fn set_intact(&self, intact: bool) {
+        self.intact
+            .store(intact, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn note_store_append<T>(&self, outcome: &Result<T, StoreError>) {
+        match outcome {
+            Ok(_) => self.set_intact(true),
+            Err(StoreError::AuditIntegrity { .. }) => self.set_intact(false),
+            Err(_) => {}
+        }
     }
 
     /// The key that MACs the chain head, for a write that commits its own record in its
@@ -259,9 +294,9 @@ impl Auditor {
     pub async fn record(&self, event: Event) -> Result<u64, CoreError> {
         let tx = match &self.route {
             Route::Direct(log) => {
-                let record = log
-                    .audit_append(self.key.clone(), vec![event])
-                    .await
+                let appended = log.audit_append(self.key.clone(), vec![event]).await;
+                self.note_store_append(&appended);
+                let record = appended
                     .map_err(|e| unavailable("append", e))?
                     .pop()
                     .ok_or_else(|| {
@@ -276,9 +311,11 @@ impl Auditor {
         tx.send(Pending { event, ack })
             .await
             .map_err(|_| CoreError::Unavailable("audit writer stopped".into()))?;
-        rx.await
-            .map_err(|_| CoreError::Unavailable("audit writer stopped".into()))?
-            .map_err(|e| unavailable("append", e))
+        let appended = rx
+            .await
+            .map_err(|_| CoreError::Unavailable("audit writer stopped".into()))?;
+        self.note_store_append(&appended);
+        appended.map_err(|e| unavailable("append", e))
     }
 }
 
@@ -458,6 +495,37 @@ mod tests {
             on_behalf_of: None,
             destination: None,
             error_code: None,
+        }
+    }
+
+    /// Nodes starting together on a new store (each its own connection) all start: one makes
+    /// the key and seals the head, and a node that looked for the key before then, and finds
+    /// the head sealed after, takes that key instead of calling the log tampered with.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_agree_on_one_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            SqliteStore::open_dir(dir.path())
+                .await
+                .unwrap()
+                .close()
+                .await;
+            let mut nodes = Vec::new();
+            for _ in 0..6 {
+                let path = dir.path().to_owned();
+                nodes.push(tokio::spawn(async move {
+                    let store = SqliteStore::open_dir(&path).await.unwrap();
+                    let keys = FakeProvider::new("audit-tests", 1);
+                    let key = load_or_create_head_key(&store, &keys, &OsRandom).await;
+                    store.close().await;
+                    key.map(|k| k.head(1, [1; 32]))
+                }));
+            }
+            let mut heads = Vec::new();
+            for n in nodes {
+                heads.push(n.await.unwrap().expect("every node starts"));
+            }
+            assert!(heads.windows(2).all(|w| w[0] == w[1]), "one key");
         }
     }
 

@@ -409,8 +409,8 @@ impl Broker {
         name: &str,
         prepared: &Prepared,
     ) -> Result<Loaded, BrokerError> {
-        if prepared.version == Some(0) {
-            return Err(CoreError::NotFound.into());
+        if let Some(v) = prepared.version {
+            crate::vault::check_version(v)?;
         }
         let credential = vault.describe(owner, name).await?;
         if !credential.summary.enabled {

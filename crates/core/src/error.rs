@@ -65,6 +65,7 @@ impl From<strongroom_store::StoreError> for CoreError {
             S::InvalidInput(what) => CoreError::InvalidInput(what),
             S::Unavailable(_) => CoreError::Unavailable(e.to_string()),
             S::Corrupt { .. } => CoreError::Integrity,
+            S::AuditIntegrity { what } => CoreError::AuditIntegrity(what),
             other => CoreError::Internal(other.to_string()),
         }
     }

@@ -142,7 +142,7 @@ fn check(owner: &str, name: &str) -> Result<(), CoreError> {
 }
 
 /// Version numbers run from 1 to 2^31 − 1 (what both stores keep).
-fn check_version(version: u32) -> Result<(), CoreError> {
+pub(crate) fn check_version(version: u32) -> Result<(), CoreError> {
     if version == 0 || version > i32::MAX as u32 {
         return Err(CoreError::InvalidInput(
             "version numbers are 1 to 2147483647",

@@ -116,6 +116,19 @@ impl Plan {
         if self.batch == 0 {
             return Err(ImportError::Usage("--batch must be at least 1".into()));
         }
+        // The row id and the owner are recorded in each version's metadata, which its owner
+        // reads: never a column of tokens.
+        for (flag, column) in [
+            ("--id-column", &self.id_column),
+            ("--owner-column", &self.owner_column),
+        ] {
+            if values.iter().any(|v| v.eq_ignore_ascii_case(column)) {
+                return Err(ImportError::Usage(format!(
+                    "{flag} {column} is an encrypted column; name the table's primary key or \
+                     owner column"
+                )));
+            }
+        }
         Ok(Columns {
             table: self.table.clone(),
             id: self.id_column.clone(),
@@ -350,11 +363,14 @@ async fn put_once(
     for _ in 0..PUT_ATTEMPTS {
         let current = match vault.describe(owner, name).await {
             Ok(cred) => {
-                if cred
-                    .versions
-                    .iter()
-                    .any(|v| v.metadata.get("imported_from") == Some(record))
-                {
+                // The same source, or the same token reached by another row id (a run with
+                // another --id-column): already there either way.
+                let token = &record["token_sha256"];
+                if cred.versions.iter().any(|v| {
+                    v.metadata
+                        .get("imported_from")
+                        .is_some_and(|from| from == record || from["token_sha256"] == *token)
+                }) {
                     return Ok(Put::AlreadyThere);
                 }
                 // Once the app writes through Strongroom (or the owner set a value, or
@@ -513,6 +529,23 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert_eq!(a, token_fingerprint("gAAAAAB-one"));
         assert_ne!(a, token_fingerprint("gAAAAAB-two"));
+    }
+
+    #[test]
+    fn the_id_and_owner_columns_are_never_token_columns() {
+        for (id, owner) in [("secret", "o"), ("id", "SECRET")] {
+            let plan = Plan {
+                table: "t".into(),
+                id_column: id.into(),
+                owner_column: owner.into(),
+                mapping: Mapping::Columns(vec![("secret".into(), "n".into())]),
+                batch: 10,
+            };
+            assert!(
+                matches!(plan.columns(), Err(ImportError::Usage(_))),
+                "{id} {owner}"
+            );
+        }
     }
 
     #[test]

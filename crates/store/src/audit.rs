@@ -216,16 +216,15 @@ pub(crate) fn checked_head(
     hash: Vec<u8>,
     mac: Vec<u8>,
 ) -> Result<(u64, [u8; 32]), StoreError> {
-    let refused = || {
-        StoreError::corrupt(
-            "the audit chain head's MAC does not verify (the log was changed outside \
-             Strongroom, or its head was never sealed): appends are refused; run `strongroom \
-             audit verify`",
-        )
+    let refused = || StoreError::AuditIntegrity {
+        what: "the audit chain head's MAC does not verify (the log was changed outside \
+               Strongroom, or its head was never sealed): appends are refused; run `strongroom \
+               audit verify`"
+            .into(),
     };
     let head = Head {
-        count: seq_from(count)?,
-        hash: hash_from(hash)?,
+        count: seq_from(count).map_err(|_| refused())?,
+        hash: hash_from(hash).map_err(|_| refused())?,
         mac: mac.try_into().map_err(|_| refused())?,
     };
     if !key.check(&head) {
@@ -236,10 +235,11 @@ pub(crate) fn checked_head(
 
 /// What [`AuditLog::audit_seal_genesis`] says when an unsealed head sits over data.
 pub(crate) fn reset_log() -> StoreError {
-    StoreError::corrupt(
-        "the audit head is not sealed although the store holds audit records or credential \
-         versions: the audit log was reset outside Strongroom",
-    )
+    StoreError::AuditIntegrity {
+        what: "the audit head is not sealed although the store holds audit records or \
+               credential versions: the audit log was reset outside Strongroom"
+            .into(),
+    }
 }
 
 /// Chains `events` after `(count, hash)`; returns the records and their time columns.

@@ -71,6 +71,15 @@ pub enum StoreError {
     #[error("storage unavailable: {0}")]
     Unavailable(#[source] BackendError),
 
+    /// The audit log was changed outside Strongroom: its head's MAC does not verify, or an
+    /// unsealed head sits over existing data. Nothing is appended until an operator restores
+    /// the database. `what` says what was found, never a value.
+    #[error("{what}")]
+    AuditIntegrity {
+        /// What was found.
+        what: String,
+    },
+
     /// The database holds something this code cannot interpret (a corrupt file, a value out
     /// of range, an unknown state). `what` says what, never a value.
     #[error("storage corrupt: {what}")]

@@ -444,7 +444,8 @@ impl Cursor {
             .step_by(2)
             .map(|i| {
                 hex.get(i..i + 2)
-                    .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    // Lower case only, as the cursors are written: one spelling each.
+                    .filter(|h| h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or(BAD)
             })

@@ -33,6 +33,11 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
         )))
     }) {
         Err(e) => Err(e.to_string()),
+        Ok(()) if state.auditor().is_some_and(|a| !a.intact()) => Err(
+            "the audit log refuses appends: it was changed outside Strongroom (run `strongroom \
+             audit verify`)"
+                .to_owned(),
+        ),
         Ok(()) => match state.auth().remote_jwks() {
             Some(jwks) if jwks.keys().is_none() => Err(format!(
                 "the user-token key set from {} is older than its allowed staleness",

@@ -202,7 +202,7 @@ pub(crate) async fn usage(
 
 /// Destroy one version (its data key is erased: crypto-shredding).
 #[utoipa::path(delete, path = "/v1/me/credentials/{name}/versions/{version}", tag = "user",
-    params(("name" = String, Path, description = "Credential name"), ("version" = u32, Path, description = "Version")),
+    params(("name" = String, Path, description = "Credential name"), ("version" = u32, Path, minimum = 1, maximum = 2147483647, description = "Version")),
     responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn destroy_version(
     State(state): State<AppState>,

@@ -164,6 +164,16 @@ pub(crate) async fn broker(
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<Json<BrokerResponseView>> {
     authorize(&state, &service, Operation::Broker, &owner, &name)?;
+    crate::extract::require_object(&body)?;
+    // Nested structs too are objects only (serde would read them from arrays as well).
+    let shape: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("the body is not valid JSON"))?;
+    let inject = &shape["inject"];
+    if !inject.is_object() || !(inject["basic"].is_object() || inject["basic"].is_null()) {
+        return Err(ApiError::bad_request(
+            "inject (and inject.basic) must be JSON objects",
+        ));
+    }
     let body: BrokerBody = serde_json::from_slice(&body).map_err(|_| {
         ApiError::bad_request(
             "the JSON body has missing, unknown or mistyped fields for this endpoint (method, url and inject are required)",

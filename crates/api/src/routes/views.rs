@@ -38,7 +38,8 @@ fn canonical_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutBody {
-    /// The secret value (at most 64 KiB of UTF-8). Never returned by user routes.
+    /// The secret value (1 byte to 64 KiB of UTF-8). Never returned by user routes.
+    #[schema(min_length = 1)]
     pub value: String,
     /// Non-secret metadata (labels, the third-party host, an expiry...): a JSON object.
     #[schema(value_type = Option<Object>)]
@@ -46,6 +47,7 @@ pub struct PutBody {
     /// Check-and-set: the version you believe is current (`0`: there must be no current
     /// version: a new credential, or one whose versions were all destroyed). A stale value gets
     /// 409 `version_conflict`.
+    #[schema(minimum = 0, maximum = 2147483647)]
     pub expected_version: Option<u32>,
 }
 
@@ -67,6 +69,7 @@ pub struct PutResponse {
 #[serde(deny_unknown_fields)]
 pub struct CurrentBody {
     /// The version to make current.
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub version: u32,
 }
 
@@ -90,6 +93,7 @@ pub struct VerifyResponse {
 #[serde(deny_unknown_fields)]
 pub struct RevealBody {
     /// A specific version; the current one when absent.
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub version: Option<u32>,
 }
 
@@ -112,6 +116,7 @@ pub struct ListQuery {
     pub cursor: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     #[serde(default, deserialize_with = "canonical_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -299,6 +304,7 @@ pub struct AuditQuery {
     pub cursor: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     #[serde(default, deserialize_with = "canonical_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -311,6 +317,7 @@ pub struct UsageQuery {
     pub cursor: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     #[serde(default, deserialize_with = "canonical_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -449,6 +456,7 @@ pub struct BrokerBody {
     /// Where the credential goes.
     pub inject: InjectBody,
     /// A specific version; the current one when absent.
+    #[schema(minimum = 1, maximum = 2147483647)]
     pub version: Option<u32>,
 }
 

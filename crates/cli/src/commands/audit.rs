@@ -122,6 +122,8 @@ async fn verify_log(
         });
     let mut verifier = Verifier::new();
     let mut pinned_seen = false;
+    // Every credential version is written with its `put` record, in one transaction.
+    let mut puts = 0u64;
     let failed =
         |e: String| -> Failure { CliError::Operation(format!("audit verify FAILED: {e}")).into() };
     // A saved head is only evidence if this log's key sealed it.
@@ -141,6 +143,9 @@ async fn verify_log(
         }
         for r in &batch {
             verifier.push(r).map_err(|e| failed(e.to_string()))?;
+            if r.event.action == "put" && r.event.outcome == "ok" {
+                puts += 1;
+            }
             if let Some(exp) = expected {
                 if r.seq == exp.count {
                     if r.hash != exp.hash {
@@ -169,25 +174,25 @@ async fn verify_log(
             )));
         }
     }
+    // A log cut back to an earlier genuine head (down to the sealed empty one) verifies as a
+    // chain, but it no longer covers the versions the store holds.
+    let versions: u64 = store
+        .count_versions_by_kek()
+        .await
+        .map_err(op)?
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    if versions > puts {
+        return Err(failed(format!(
+            "the store holds {versions} active credential versions but the log records only \
+             {puts} puts (records were removed, or the log was rolled back)"
+        )));
+    }
     match (head, key) {
-        // Never started: no key, no sealed head, no records. Unless credentials exist, which
-        // a server or an import only writes after sealing the log.
-        (None, None) if verifier.count() == 0 => {
-            let versions: u64 = store
-                .count_versions_by_kek()
-                .await
-                .map_err(op)?
-                .iter()
-                .map(|(_, n)| n)
-                .sum();
-            if versions > 0 {
-                return Err(failed(format!(
-                    "the store holds {versions} credential versions but no audit log and no \
-                     head key (the log and its key were removed)"
-                )));
-            }
-            Ok(0)
-        }
+        // Never started: no key, no sealed head, no records (and, checked above, no versions:
+        // a server or an import only writes them after sealing the log).
+        (None, None) if verifier.count() == 0 => Ok(0),
         (None, Some(_)) if verifier.count() == 0 => Err(failed(
             "the head key exists but the chain head is not sealed (the log was reset)".into(),
         )),

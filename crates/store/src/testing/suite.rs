@@ -1265,7 +1265,7 @@ pub async fn audit_append_chains_and_verifies(b: &dyn TestBackend) {
     assert!(matches!(
         log.audit_append(unsealed, vec![audit_event(1, "alice", "n", "reveal")])
             .await,
-        Err(StoreError::Corrupt { .. })
+        Err(StoreError::AuditIntegrity { .. })
     ));
     let key = sealed_key(&*log, 7).await;
     let genesis = log.audit_head().await.unwrap().unwrap();
@@ -1319,7 +1319,7 @@ pub async fn audit_append_chains_and_verifies(b: &dyn TestBackend) {
     assert!(matches!(
         log2.audit_append(Arc::new(other), vec![audit_event(9, "a", "n", "put")])
             .await,
-        Err(StoreError::Corrupt { .. })
+        Err(StoreError::AuditIntegrity { .. })
     ));
     assert_eq!(log2.audit_head().await.unwrap().unwrap().count, 2500);
     assert_invalid(
@@ -1343,7 +1343,7 @@ pub async fn audit_genesis_is_not_sealed_over_data(b: &dyn TestBackend) {
     assert!(matches!(
         log.audit_seal_genesis(key.head(0, crate::audit::GENESIS))
             .await,
-        Err(StoreError::Corrupt { .. })
+        Err(StoreError::AuditIntegrity { .. })
     ));
     assert_eq!(log.audit_head().await.unwrap(), None);
 }
