@@ -501,13 +501,13 @@ Try it (paste into a shell):
   export SERVICE='{service}'
 
   # 1. store a credential as {user} (write-only: {user} can never read it back)
-  curl --cacert \"$CA\" -X PUT \"$SR/v1/me/credentials/zoom.api-key\" -H \"Authorization: Bearer $ALICE\" -H 'Content-Type: application/json' -d '{{\"value\": \"zoom-secret-123\"}}'
+  curl -sS -w '\\n' --cacert \"$CA\" -X PUT \"$SR/v1/me/credentials/zoom.api-key\" -H \"Authorization: Bearer $ALICE\" -H 'Content-Type: application/json' -d '{{\"value\": \"zoom-secret-123\"}}'
 
   # 2. list {user}'s credentials (names and metadata, never values)
-  curl --cacert \"$CA\" \"$SR/v1/me/credentials\" -H \"Authorization: Bearer $ALICE\"
+  curl -sS -w '\\n' --cacert \"$CA\" \"$SR/v1/me/credentials\" -H \"Authorization: Bearer $ALICE\"
 
   # 3. reveal it as the dev service
-  curl --cacert \"$CA\" -X POST \"$SR/v1/owners/{user}/credentials/zoom.api-key/reveal\" -H \"Authorization: Bearer $SERVICE\" -H 'Content-Type: application/json' -d '{{}}'
+  curl -sS -w '\\n' --cacert \"$CA\" -X POST \"$SR/v1/owners/{user}/credentials/zoom.api-key/reveal\" -H \"Authorization: Bearer $SERVICE\" -H 'Content-Type: application/json' -d '{{}}'
 
 API description: $SR/v1/openapi.json · health: $SR/healthz · metrics: $SR/metrics
 Stop with Ctrl-C (graceful).",
