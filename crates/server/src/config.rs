@@ -57,7 +57,8 @@
 //! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
 //! | `limits.max_body_bytes` | 524288 | request body |
 //! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute |
-//! | `limits.handshake_timeout_seconds` | 10 | TLS handshake; then the first byte of the first request; then each request's headers |
+//! | `limits.handshake_timeout_seconds` | 10 | TLS handshake; then the start of the first request; then each request's headers |
+//! | `limits.idle_timeout_seconds` | 60 | a connection with no request in flight for this long is closed (HTTP/1.1 keep-alive and HTTP/2 alike) |
 //! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
 //! | `broker.allow_private_networks` | false | let brokered calls reach private, loopback, link-local and unique-local addresses (tests, internal APIs) |
 //! | `broker.ca_file` | — | PEM CA certificates trusted for brokered calls besides the system roots |
@@ -653,8 +654,11 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// `verify` calls per owner per minute.
     pub verify_per_minute: u32,
-    /// TLS handshake, first-byte (after the handshake) and request-header read timeout, in seconds.
+    /// TLS handshake, first-request (after the handshake) and request-header read timeout, in
+    /// seconds.
     pub handshake_timeout_seconds: u64,
+    /// A connection with no request in flight for this long is closed, in seconds.
+    pub idle_timeout_seconds: u64,
     /// Grace period for in-flight requests on shutdown, in seconds.
     pub shutdown_grace_seconds: u64,
 }
@@ -668,6 +672,7 @@ impl Default for LimitsConfig {
             max_body_bytes: 512 * 1024,
             verify_per_minute: 30,
             handshake_timeout_seconds: 10,
+            idle_timeout_seconds: 60,
             shutdown_grace_seconds: 30,
         }
     }
@@ -1098,6 +1103,9 @@ impl Config {
         }
         if !(1..=300).contains(&l.handshake_timeout_seconds) {
             return bad("limits.handshake_timeout_seconds", "must be 1 to 300");
+        }
+        if !(1..=3600).contains(&l.idle_timeout_seconds) {
+            return bad("limits.idle_timeout_seconds", "must be 1 to 3600");
         }
         if l.shutdown_grace_seconds > 3600 {
             return bad("limits.shutdown_grace_seconds", "must be at most 3600");

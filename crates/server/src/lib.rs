@@ -46,7 +46,7 @@
 pub mod config;
 pub mod dev;
 mod error;
-mod first_byte;
+mod idle;
 mod jwks;
 pub mod logging;
 pub mod tls;
@@ -84,7 +84,7 @@ use tower::ServiceExt;
 
 use crate::config::{Config, JwtAlgorithmName, LimitsConfig, Overrides, StoreKind, TlsConfig};
 pub use crate::error::ServerError;
-use crate::first_byte::FirstByteDeadline;
+use crate::idle::Activity;
 use crate::jwks::JwksSpec;
 use crate::tls::CertSlot;
 
@@ -919,6 +919,7 @@ impl Server {
         let router = strongroom_api::router(state);
         let builder = Arc::new(http_builder(&limits));
         let handshake_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
+        let idle_timeout = Duration::from_secs(limits.idle_timeout_seconds);
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let graceful = GracefulShutdown::new();
         let mut tasks = JoinSet::new();
@@ -953,6 +954,7 @@ impl Server {
                 router: router.clone(),
                 watcher: graceful.watcher(),
                 handshake_timeout,
+                idle_timeout,
             };
             tasks.spawn(async move {
                 conn.serve(tcp, remote).await;
@@ -1391,6 +1393,7 @@ struct Connection {
     router: axum::Router,
     watcher: Watcher,
     handshake_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl Connection {
@@ -1418,6 +1421,8 @@ impl Connection {
                 subject_alt_names: tls::subject_alt_names(leaf),
             });
         let router = self.router;
+        let activity = Activity::new();
+        let requests = activity.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             if let Some(peer) = &peer {
                 req.extensions_mut().insert(peer.clone());
@@ -1425,16 +1430,28 @@ impl Connection {
             req.extensions_mut().insert(ConnectInfo(remote));
             req.extensions_mut()
                 .insert(strongroom_api::ClientAddr(remote));
-            router.clone().oneshot(req)
+            let in_flight = requests.begin();
+            let response = router.clone().oneshot(req);
+            async move {
+                let response = response.await;
+                drop(in_flight);
+                response
+            }
         });
-        let stream =
-            FirstByteDeadline::new(stream, tokio::time::Instant::now() + self.handshake_timeout);
         let conn = self
             .builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        if let Err(e) = self.watcher.watch(conn).await {
-            tracing::debug!(%remote, error = %e, "connection ended with an error");
+        tokio::select! {
+            served = self.watcher.watch(conn) => {
+                if let Err(e) = served {
+                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+                }
+            }
+            // Dropping the connection closes it.
+            () = activity.expired(self.handshake_timeout, self.idle_timeout) => {
+                tracing::debug!(%remote, "connection closed: no request within its time");
+            }
         }
     }
 }

@@ -331,6 +331,61 @@ async fn a_connection_that_sends_nothing_after_the_handshake_is_closed() {
     server.stop().await.unwrap();
 }
 
+/// A client that sends a byte that could begin either protocol (`P`), or the HTTP/2 preface
+/// and its SETTINGS, and then no request, is closed at the handshake timeout like a silent
+/// one; a connection idle after its requests is closed too.
+#[tokio::test]
+async fn a_connection_that_never_makes_a_request_or_stops_making_them_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new();
+    let mut config = fx.config_from(&fx.toml("", ""));
+    config.limits.handshake_timeout_seconds = 1;
+    config.limits.idle_timeout_seconds = 2;
+    let server = spawn(config).await;
+    let closed_within = |mut stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+                         secs: u64| async move {
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(Duration::from_secs(secs), async {
+            // Whatever the server sends (HTTP/2 SETTINGS) until it closes.
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+        .await
+        .is_ok()
+    };
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    for (options, first) in [
+        (fx.client_options().http1(), &b"P"[..]),
+        (fx.client_options().http2(), preface),
+    ] {
+        let mut stream = server.client(options).connect_raw().await.unwrap();
+        stream.write_all(first).await.unwrap();
+        stream.flush().await.unwrap();
+        assert!(
+            closed_within(stream, 5).await,
+            "a connection that began no request stayed open past the handshake timeout"
+        );
+    }
+    // One request, then silence: open for the idle timeout, closed after it.
+    let mut stream = server
+        .client(fx.client_options().http1())
+        .connect_raw()
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    // (hyper's HTTP/1 header timeout, the handshake timeout, may close it first.)
+    assert!(
+        closed_within(stream, 8).await,
+        "an idle connection was never closed"
+    );
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_stops_accepting_and_run_returns_ok() {
     let fx = Fixture::new();
