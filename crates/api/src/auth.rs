@@ -419,12 +419,18 @@ impl Authenticator {
         bearer: Option<&str>,
         peer: Option<&PeerCertificate>,
     ) -> Result<String, AuthFailure> {
+        // One credential per request, and one identity per certificate: a certificate whose
+        // names map to two identities, or a mapped certificate plus a bearer token, would
+        // leave which one acts to an order nobody wrote down.
         if let Some(peer) = peer {
-            if let Some(name) = peer
+            let mut names = peer
                 .subject_alt_names
                 .iter()
-                .find_map(|san| by_san.get(san))
-            {
+                .filter_map(|san| by_san.get(san));
+            if let Some(name) = names.next() {
+                if names.any(|other| other != name) || bearer.is_some() {
+                    return Err(AuthFailure::Invalid);
+                }
                 return Ok(name.clone());
             }
         }

@@ -192,7 +192,7 @@ impl Backends {
 pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: SharedAcceptor,
     state: AppState,
     limits: LimitsConfig,
     reloader: Reloader,
@@ -217,12 +217,18 @@ pub struct Reloader {
     inner: Arc<ReloaderInner>,
 }
 
+/// The TLS acceptor new connections take (a reload may swap it).
+type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;
+
 struct ReloaderInner {
     state: AppState,
     policy_file: Option<PathBuf>,
     keyring: Option<Arc<LocalKeyring>>,
     tls: TlsConfig,
     cert: Arc<CertSlot>,
+    /// What new connections handshake with; a reload swaps in one built with the client CA
+    /// and `client_auth` the configuration names then.
+    acceptor: SharedAcceptor,
     /// Where a reload takes the `[auth]` settings from.
     config_source: Mutex<ConfigSource>,
     /// The JWKS fetched from `auth.jwt.jwks_url` and what it was built from.
@@ -303,6 +309,30 @@ impl Reloader {
     /// The [`ServerError`] naming the key or file at fault; the settings in force stay.
     pub fn reload_auth(&self) -> Result<(), ServerError> {
         self.apply_auth(&self.config()?)
+    }
+
+    /// New connections verify client certificates against the `tls.client_ca` and
+    /// `tls.client_auth` of `config` (the server certificate stays the one of the start
+    /// configuration's files, reloaded separately). Connections already open keep theirs.
+    fn apply_client_auth(&self, config: &Config) -> Result<(), ServerError> {
+        let inner = &self.inner;
+        let Some(new) = &config.tls else {
+            return Ok(());
+        };
+        let tls = TlsConfig {
+            client_ca: new.client_ca.clone(),
+            client_auth: new.client_auth,
+            ..inner.tls.clone()
+        };
+        let server_tls = tls::server_config(&tls, inner.cert.clone())?;
+        *inner.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
+            TlsAcceptor::from(Arc::new(server_tls));
+        tracing::info!(
+            client_ca = ?tls.client_ca,
+            client_auth = ?tls.client_auth,
+            "TLS client authentication reloaded"
+        );
+        Ok(())
     }
 
     fn apply_auth(&self, config: &Config) -> Result<(), ServerError> {
@@ -387,6 +417,10 @@ impl Reloader {
                 failed.push(e.to_string());
             }
             Ok(config) => {
+                if let Err(e) = self.apply_client_auth(&config) {
+                    tracing::error!(error = %e, "TLS client authentication reload failed; keeping the previous settings");
+                    failed.push(e.to_string());
+                }
                 if let Err(e) = self.apply_broker(&config) {
                     tracing::error!(error = %e, "broker reload failed; keeping the previous settings");
                     failed.push(e.to_string());
@@ -803,6 +837,9 @@ impl Server {
             "strongroom ready"
         );
 
+        let acceptor: SharedAcceptor = Arc::new(std::sync::RwLock::new(TlsAcceptor::from(
+            Arc::new(server_tls),
+        )));
         let reloader = Reloader {
             inner: Arc::new(ReloaderInner {
                 state: state.clone(),
@@ -810,6 +847,7 @@ impl Server {
                 keyring: local_keyring,
                 tls: tls_config,
                 cert,
+                acceptor: acceptor.clone(),
                 config_source: Mutex::new(ConfigSource::Fixed(Box::new(config.clone()))),
                 jwks: Mutex::new(jwks_spec.zip(remote)),
                 runtime,
@@ -818,7 +856,7 @@ impl Server {
         Ok(Self {
             listener,
             local_addr,
-            acceptor: TlsAcceptor::from(Arc::new(server_tls)),
+            acceptor,
             state,
             limits: config.limits.clone(),
             reloader,
@@ -949,7 +987,7 @@ impl Server {
                 },
             };
             let conn = Connection {
-                acceptor: acceptor.clone(),
+                acceptor: acceptor.read().unwrap_or_else(|e| e.into_inner()).clone(),
                 builder: builder.clone(),
                 router: router.clone(),
                 watcher: graceful.watcher(),

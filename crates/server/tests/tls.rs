@@ -386,6 +386,128 @@ async fn a_connection_that_never_makes_a_request_or_stops_making_them_is_closed(
     server.stop().await.unwrap();
 }
 
+/// One credential per request: a mapped client certificate plus a bearer token, or a
+/// certificate whose names map to two services, authenticate nobody (401).
+#[tokio::test]
+async fn a_certificate_with_a_token_or_two_identities_is_refused() {
+    let fx = Fixture::new();
+    let tls_extra = format!(
+        "client_ca = {:?}\nclient_auth = \"optional\"",
+        fx.client_ca.display().to_string()
+    );
+    let extra = "[[auth.mtls]]\nsan = \"spiffe://example.test/billing\"\nservice = \"billing\"\n\
+                 [[auth.mtls]]\nsan = \"spiffe://example.test/reports\"\nservice = \"reports\"\n";
+    let server = spawn(fx.config_from(&fx.toml(&tls_extra, extra))).await;
+    let put = |cert: (String, String), token: Option<&'static str>| {
+        let client = server.client(fx.client_options().with_client_cert(cert.0, cert.1));
+        async move {
+            client
+                .json(
+                    "PUT",
+                    "/v1/owners/alice/credentials/zoom.api-key",
+                    token,
+                    &json!({"value": "v"}),
+                )
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    let billing = fx
+        .client_pki
+        .leaf(&["spiffe://example.test/billing"], false);
+    assert_eq!(put(billing.clone(), None).await, 201);
+    assert_eq!(put(billing, Some(SERVICE_TOKEN)).await, 401);
+    let both = fx.client_pki.leaf(
+        &[
+            "spiffe://example.test/billing",
+            "spiffe://example.test/reports",
+        ],
+        false,
+    );
+    assert_eq!(put(both, None).await, 401);
+    // The token alone still works.
+    let r = server
+        .client(fx.client_options())
+        .json(
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.api-key",
+            Some(SERVICE_TOKEN),
+            &json!({"value": "v"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    server.stop().await.unwrap();
+}
+
+/// SIGHUP takes a new client CA (and `client_auth`) for new connections: an operator who
+/// replaces a compromised client CA is not left trusting it until a restart.
+#[tokio::test]
+async fn a_reload_swaps_the_client_ca() {
+    let fx = Fixture::new();
+    let path = fx.dir.path().join("strongroom.toml");
+    let extra = "[[auth.mtls]]\nsan = \"spiffe://example.test/billing\"\nservice = \"billing\"\n";
+    let write = |ca: &std::path::Path| {
+        let tls_extra = format!(
+            "client_ca = {:?}\nclient_auth = \"required\"",
+            ca.display().to_string()
+        );
+        std::fs::write(&path, fx.toml(&tls_extra, extra)).unwrap();
+    };
+    write(&fx.client_ca);
+    let server = spawn(
+        strongroom_server::config::Config::load(
+            Some(&path),
+            &strongroom_server::config::Overrides::default(),
+        )
+        .unwrap(),
+    )
+    .await;
+    server.reloader.set_config_file(
+        Some(path.clone()),
+        strongroom_server::config::Overrides::default(),
+    );
+    let reveal = |cert: (String, String)| {
+        let client = server.client(fx.client_options().with_client_cert(cert.0, cert.1));
+        async move {
+            client
+                .json(
+                    "PUT",
+                    "/v1/owners/alice/credentials/zoom.api-key",
+                    None,
+                    &json!({"value": "v"}),
+                )
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0)
+        }
+    };
+    let old_cert = fx
+        .client_pki
+        .leaf(&["spiffe://example.test/billing"], false);
+    let new_pki = common::Pki::new("replacement client CA");
+    let new_cert = new_pki.leaf(&["spiffe://example.test/billing"], false);
+    assert_eq!(reveal(old_cert.clone()).await, 201);
+    assert_eq!(
+        reveal(new_cert.clone()).await,
+        0,
+        "refused at the handshake"
+    );
+
+    let new_ca = fx.dir.path().join("new-client-ca.pem");
+    std::fs::write(&new_ca, &new_pki.ca_pem).unwrap();
+    write(&new_ca);
+    server.reloader.reload().unwrap();
+    assert_eq!(reveal(new_cert).await, 201);
+    assert_eq!(
+        reveal(old_cert).await,
+        0,
+        "the replaced CA is still trusted"
+    );
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_stops_accepting_and_run_returns_ok() {
     let fx = Fixture::new();
