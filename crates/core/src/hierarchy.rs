@@ -317,6 +317,8 @@ pub struct KekHierarchy {
     ring: RwLock<Ring>,
     /// Serialises reloads, and remembers the last one forced by an unknown version.
     reload: tokio::sync::Mutex<Option<Instant>>,
+    /// When a root provider outage was last logged by [`KeyProvider::health`].
+    root_outage_logged: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for KekHierarchy {
@@ -392,6 +394,7 @@ impl KekHierarchy {
             store,
             ring: RwLock::new(ring),
             reload: tokio::sync::Mutex::new(None),
+            root_outage_logged: std::sync::Mutex::new(None),
         })
     }
 
@@ -666,8 +669,31 @@ impl KeyProvider for KekHierarchy {
         })
     }
 
+    /// Ready while this node holds the ring's active KEK unwrapped: puts and reveals need
+    /// nothing else, so a root provider outage (which stops rotations and rewraps, and is
+    /// logged here at most once a minute) does not take every node out of rotation.
     async fn health(&self) -> Result<(), ProviderError> {
-        self.root.health().await
+        let root = self.root.health().await;
+        match root {
+            Err(e) if self.active_kek().is_ok() => {
+                let now = std::time::Instant::now();
+                let mut last = self
+                    .root_outage_logged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if last.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(60))
+                {
+                    *last = Some(now);
+                    tracing::warn!(
+                        error = %e,
+                        "the root key provider is unavailable; serving with the KEK ring \
+                         unwrapped at start (rotations and rewraps wait for it)"
+                    );
+                }
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 

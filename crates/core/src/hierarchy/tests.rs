@@ -55,6 +55,31 @@ impl KeyProvider for Counting {
         }
         self.inner.unwrap(wrapped, aad).await
     }
+    async fn health(&self) -> Result<(), ProviderError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(error(ProviderErrorKind::Unavailable, "root down"));
+        }
+        self.inner.health().await
+    }
+}
+
+/// A node holding the ring's active KEK is ready (puts and reveals need nothing else) while
+/// the root provider is down; a node that could not unwrap it is not.
+#[tokio::test]
+async fn health_follows_the_ring_not_the_root_provider() {
+    let (_d, s) = store().await;
+    let root = Counting::new("root");
+    let ring = open(&s, root.clone()).await;
+    ring.health().await.unwrap();
+    root.down.store(true, Ordering::SeqCst);
+    ring.health().await.expect("ready with the active KEK held");
+    let sealed = ring.wrap(&ring.active_kek().unwrap(), &key(), b"aad").await;
+    assert!(sealed.is_ok(), "serving through the outage");
+    // A node started while the root is down cannot unwrap the ring: not ready (if it
+    // starts at all).
+    if let Ok(cold) = KekHierarchy::open(s.clone(), root.clone(), now()).await {
+        assert!(cold.health().await.is_err());
+    }
 }
 
 async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
