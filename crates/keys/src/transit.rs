@@ -717,10 +717,15 @@ impl TransitProvider {
         Ok(state.token.clone())
     }
 
-    /// After a 403 with AppRole: log in again (once), unless another task already did.
+    /// After a 403: with AppRole, log in again (once), unless another task already did; with
+    /// a token, take the token source's current token if it changed (a token file rewritten
+    /// by Vault Agent or an operator after the old token was revoked).
     async fn relogin(&self, used: &SecretString) -> Result<bool, ProviderError> {
-        if !matches!(self.auth, TransitAuth::AppRole { .. }) {
-            return Ok(false);
+        if let TransitAuth::Token(source) = &self.auth {
+            let now = source.read(KIND, "Vault/OpenBao token")?;
+            if now.expose_secret() == used.expose_secret() {
+                return Ok(false);
+            }
         }
         let mut state = self.token.write().await;
         if state.token.expose_secret() == used.expose_secret() {
@@ -731,7 +736,8 @@ impl TransitProvider {
 
     // --- HTTP -----------------------------------------------------------------------------
 
-    /// One authenticated request; with AppRole, a 403 triggers one login and retry.
+    /// One authenticated request; a 403 triggers one login (AppRole) or token re-read and
+    /// a retry.
     async fn request(
         &self,
         method: Method,

@@ -289,6 +289,53 @@ path "transit/keys/{key}" {{ capabilities = ["read"] }}"#
     assert!(!e.to_string().contains(&secret_id));
 }
 
+/// A new token (root policy, an hour) from the test server.
+async fn child_token(bao: &Bao) -> String {
+    bao.api(
+        reqwest::Method::POST,
+        "auth/token/create",
+        json!({"policies": ["root"], "ttl": "1h"}),
+    )
+    .await["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A token file rewritten after its token was revoked (Vault Agent's sink, an operator) is
+/// read again at the next refusal: no restart needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_token_file_is_picked_up_after_a_refusal() {
+    let bao = bao!();
+    let key = common::unique("tokfile");
+    bao.create_key(&key, json!({})).await;
+    let first = child_token(&bao).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = secret_file(&dir, "token", &first);
+    let p = TransitProvider::connect(
+        bao.config(&key, TransitAuth::Token(SecretSource::File(file.clone()))),
+    )
+    .await
+    .unwrap();
+    let k = Key256::generate(&OsRandom).unwrap();
+    let w = p.wrap(&p.active_kek().unwrap(), &k, b"a").await.unwrap();
+    bao.api(
+        reqwest::Method::POST,
+        "auth/token/revoke",
+        json!({ "token": first }),
+    )
+    .await;
+    // Revoked, the file not yet rewritten: refused.
+    let e = p.unwrap(&w, b"a").await.unwrap_err();
+    assert!(e.to_string().contains("403"), "{e}");
+    let second = child_token(&bao).await;
+    secret_file(&dir, "token", &second);
+    assert_eq!(
+        p.unwrap(&w, b"a").await.unwrap().expose_secret(),
+        k.expose_secret()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_is_denied() {
     let bao = bao!();
