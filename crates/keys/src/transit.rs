@@ -407,9 +407,18 @@ impl TransitProvider {
         if key_id.len() > MAX_KEK_ID_LEN {
             return Err(misconfigured("mount and key name are too long".into()));
         }
-        let mut base = Url::parse(config.address.trim_end_matches('/')).map_err(|e| {
-            misconfigured(format!("address '{}' is not a URL", config.address)).with_source(e)
-        })?;
+        // Not quoted: a malformed address may still hold a password.
+        let mut base = Url::parse(config.address.trim_end_matches('/'))
+            .map_err(|e| misconfigured("address is not a URL".into()).with_source(e))?;
+        // Credentials belong in token_file or AppRole, not in a URL that errors and logs
+        // quote.
+        if !base.username().is_empty() || base.password().is_some() {
+            return Err(misconfigured(
+                "address must not hold a user name or password (give the token with \
+                 token_file, token_env or AppRole)"
+                    .into(),
+            ));
+        }
         match base.scheme() {
             "https" => {}
             "http" if config.danger_allow_plain_http => {
@@ -1222,5 +1231,22 @@ mod tests {
         c.danger_allow_plain_http = true;
         let e = TransitProvider::connect(c).await.unwrap_err();
         assert!(e.to_string().contains("loopback addresses only"), "{e}");
+    }
+
+    /// A password in the address would be quoted by every error that names the address.
+    #[tokio::test]
+    async fn credentials_in_the_address_are_refused_unquoted() {
+        let auth = TransitAuth::Token(SecretSource::Env("UNUSED".into()));
+        for address in [
+            "https://u:S3cretPw@127.0.0.1:1",
+            "https://S3cretPw@127.0.0.1:1",
+            "https://u:S3cretPw@[::1",
+        ] {
+            let e = TransitProvider::connect(TransitConfig::new(address, "k", auth.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ProviderErrorKind::Misconfigured, "{address}");
+            assert!(!e.to_string().contains("S3cretPw"), "{e}");
+        }
     }
 }

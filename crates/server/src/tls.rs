@@ -90,6 +90,9 @@ pub fn load_certified_key(
     provider: &CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, ServerError> {
     let certs = load_certs("TLS certificate", &tls.cert)?;
+    if let Some(leaf) = certs.first() {
+        check_validity(leaf, &tls.cert)?;
+    }
     let key = load_key(&tls.key)?;
     let ck = CertifiedKey::from_der(certs, key, provider).map_err(|e| {
         ServerError::Tls(format!(
@@ -99,6 +102,31 @@ pub fn load_certified_key(
         ))
     })?;
     Ok(Arc::new(ck))
+}
+
+/// Refuses a leaf certificate outside its validity period: every client would refuse it
+/// anyway, and at a reload the certificate in service is better kept.
+fn check_validity(leaf: &CertificateDer<'_>, path: &std::path::Path) -> Result<(), ServerError> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        return Ok(()); // rustls judges the encoding
+    };
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > validity.not_after {
+        return Err(ServerError::Tls(format!(
+            "TLS certificate {} expired on {}",
+            path.display(),
+            validity.not_after
+        )));
+    }
+    if now < validity.not_before {
+        return Err(ServerError::Tls(format!(
+            "TLS certificate {} is not valid before {}",
+            path.display(),
+            validity.not_before
+        )));
+    }
+    Ok(())
 }
 
 /// The server certificate, replaceable while connections are served (SIGHUP).

@@ -65,6 +65,40 @@ async fn missing_or_broken_files_are_named() {
     let e = start_err(c).await;
     assert!(e.contains("does not fit certificate"), "{e}");
 
+    // A certificate outside its validity period: every client would refuse it.
+    for (name, from, until) in [
+        (
+            "expired",
+            rcgen::date_time_ymd(2019, 1, 1),
+            rcgen::date_time_ymd(2020, 1, 1),
+        ),
+        (
+            "future",
+            rcgen::date_time_ymd(2090, 1, 1),
+            rcgen::date_time_ymd(2091, 1, 1),
+        ),
+    ] {
+        let (cert, key) = fx.pki.leaf_with(&["localhost"], true, |p| {
+            p.not_before = from;
+            p.not_after = until;
+        });
+        let (cert_path, key_path) = (
+            fx.dir.path().join(format!("{name}.pem")),
+            fx.dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert).unwrap();
+        common::write_private(&key_path, key.as_bytes());
+        let mut c = fx.config();
+        c.tls.as_mut().unwrap().cert = cert_path;
+        c.tls.as_mut().unwrap().key = key_path;
+        let e = start_err(c).await;
+        assert!(
+            e.contains(&format!("{name}.pem"))
+                && (e.contains("expired on") || e.contains("not valid before")),
+            "{e}"
+        );
+    }
+
     std::fs::write(
         &fx.policy,
         "[[rule]]\nservice = \"s\"\noperations = [\"read\"]\ncredentials = [\"*\"]\n",

@@ -48,6 +48,16 @@ impl Pki {
 
     /// (certificate PEM, key PEM) for `sans`, for a server or a client.
     pub fn leaf(&self, sans: &[&str], server: bool) -> (String, String) {
+        self.leaf_with(sans, server, |_| {})
+    }
+
+    /// As [`Pki::leaf`], with `adjust` applied to the parameters (validity dates...).
+    pub fn leaf_with(
+        &self,
+        sans: &[&str],
+        server: bool,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (String, String) {
         let mut p =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         p.distinguished_name.push(DnType::CommonName, sans[0]);
@@ -57,6 +67,7 @@ impl Pki {
         } else {
             ExtendedKeyUsagePurpose::ClientAuth
         }];
+        adjust(&mut p);
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         (cert.pem(), key.serialize_pem())
