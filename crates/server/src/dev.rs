@@ -131,6 +131,9 @@ struct TokenFile {
 pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
     let data_dir = absolute(&options.data_dir)?;
     create_private_dir(&data_dir)?;
+    // Servers started together on a new folder take turns: the first makes the layout, the
+    // others find it (unlocked, two could write a certificate and a key of different pairs).
+    let _layout = lock_layout(&data_dir)?;
     let mut created = Vec::new();
 
     let keyring = data_dir.join("keyring.json");
@@ -370,6 +373,21 @@ pub(crate) fn check_private(path: &Path) -> Result<(), ServerError> {
         )));
     }
     Ok(())
+}
+
+/// An exclusive lock on `DIR/.dev.lock`, held while the layout is made or checked.
+fn lock_layout(data_dir: &Path) -> Result<fs::File, ServerError> {
+    let path = data_dir.join(".dev.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(ServerError::file("dev layout lock", &path))?;
+    file.lock()
+        .map_err(ServerError::file("dev layout lock", &path))?;
+    Ok(file)
 }
 
 /// Writes `bytes` to `path` with mode 0600, atomically.

@@ -86,6 +86,35 @@ fn bootstrap_writes_private_files_and_reuses_them() {
     assert!(e.contains("--dev-service-token"), "{e}");
 }
 
+/// Servers started together on a new folder take turns making the layout: all of them
+/// start, with one keyring, and the certificate fits its key.
+#[test]
+fn bootstraps_racing_on_a_new_folder_agree_on_one_layout() {
+    for _ in 0..10 {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || dev::bootstrap(&options(&dir)))
+            })
+            .collect();
+        let setups: Vec<_> = runs
+            .into_iter()
+            .map(|r| r.join().unwrap().expect("every racing bootstrap succeeds"))
+            .collect();
+        assert!(setups
+            .windows(2)
+            .all(|w| w[0].service_token == w[1].service_token));
+        let config = setups[0].config("127.0.0.1:0".parse().unwrap()).unwrap();
+        strongroom_server::tls::load_certified_key(
+            config.tls.as_ref().unwrap(),
+            &strongroom_server::tls::provider(),
+        )
+        .expect("the certificate fits its key");
+    }
+}
+
 #[test]
 fn secrets_open_to_others_are_refused_with_advice() {
     let tmp = tempfile::tempdir().unwrap();
