@@ -97,10 +97,15 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
     let started = Instant::now();
     let response = match tokio::time::timeout(state.limits().request_timeout, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => ApiError::new(
+        // Logged with the route: a hung store or key provider shows up here first.
+        Err(_) => ApiError::internal(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "timeout",
-            "the request took too long",
+            format!(
+                "{method} {route} took longer than limits.request_timeout_seconds ({} s): the \
+                 store or the key provider did not answer in time",
+                state.limits().request_timeout.as_secs()
+            ),
         )
         .into_response(),
     };

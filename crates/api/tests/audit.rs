@@ -331,6 +331,55 @@ async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
     );
 }
 
+/// A request the store holds up past `limits.request_timeout` gets 503 `timeout`, and the
+/// operator's log says which route and why (not only the status).
+#[tokio::test]
+async fn a_request_past_its_timeout_is_answered_and_logged_with_its_route() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let api = api_with(strongroom_api::ApiLimits {
+        request_timeout: std::time::Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let alice = user_token("alice");
+    // Another process holds the database's write lock for two seconds.
+    let db = api.db_path();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let r = api
+        .call(
+            "PUT",
+            "/v1/me/credentials/zoom.api-key",
+            Some(&alice),
+            Some(json!({"value": CANARY})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    holder.join().unwrap();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains(
+            "PUT /v1/me/credentials/{name} took longer than limits.request_timeout_seconds"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains(CANARY));
+}
+
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 

@@ -22,14 +22,14 @@
 //! | `keys.keyring` | `DATA_DIR/keyring.json` | the local keyring file (mode 0600) |
 //! | `keys.aws_kms.key_id` | — | KMS key ARN, id or alias (`provider = "aws-kms"`); credentials from the AWS default chain |
 //! | `keys.aws_kms.region`, `.endpoint_url` | AWS default chain / region endpoint | region; another endpoint (VPC, emulator) |
-//! | `keys.aws_kms.connect_timeout_seconds`, `.operation_timeout_seconds`, `.max_attempts` | 5, 30, 3 | KMS client limits |
+//! | `keys.aws_kms.connect_timeout_seconds`, `.operation_timeout_seconds`, `.max_attempts` | 5, 10, 3 | KMS client limits (below `limits.request_timeout_seconds`, so that a slow KMS is reported as such) |
 //! | `keys.pkcs11.module`, `.token_label`, `.key_label` | — | PKCS#11 module path, token label, KEK label prefix (`LABEL.vN`) |
 //! | `keys.pkcs11.pin_file` / `.pin_env` | — | where the user PIN comes from (exactly one) |
 //! | `keys.pkcs11.sessions` | 4 | sessions kept open |
 //! | `keys.transit.address`, `.key`, `.mount` | —, —, `transit` | Vault/OpenBao address, transit key, engine mount |
 //! | `keys.transit.token_file` / `.token_env` | — | token source; or `approle_role_id` with `approle_secret_id_file` / `_env` (`approle_mount`, default `approle`) |
 //! | `keys.transit.ca_file`, `.namespace` | —, — | CA to trust; namespace |
-//! | `keys.transit.connect_timeout_seconds`, `.request_timeout_seconds` | 5, 30 | client limits |
+//! | `keys.transit.connect_timeout_seconds`, `.request_timeout_seconds` | 5, 10 | client limits (below `limits.request_timeout_seconds`, so that a slow server is reported as such) |
 //! | `keys.transit.danger_allow_plain_http` | false | allow `http://` to loopback (development only) |
 //! | `tls.cert` | **required** | PEM certificate chain, leaf first |
 //! | `tls.key` | **required** | PEM private key (PKCS#8, PKCS#1 or SEC1) |
@@ -395,7 +395,7 @@ pub struct AwsKmsSettings {
     /// TCP connect timeout (default 5).
     #[serde(default)]
     pub connect_timeout_seconds: Option<u64>,
-    /// One KMS call, retries included (default 30).
+    /// One KMS call, retries included (default 10).
     #[serde(default)]
     pub operation_timeout_seconds: Option<u64>,
     /// Attempts per call (default 3).
@@ -465,7 +465,7 @@ pub struct TransitSettings {
     /// TCP and TLS connect timeout (default 5).
     #[serde(default)]
     pub connect_timeout_seconds: Option<u64>,
-    /// One request (default 30).
+    /// One request (default 10).
     #[serde(default)]
     pub request_timeout_seconds: Option<u64>,
     /// Allow `http://` to a loopback address (development only).

@@ -1283,7 +1283,7 @@ pub fn aws_kms_config(config: &Config) -> Result<strongroom_keys::AwsKmsConfig, 
     c.region = s.region.clone();
     c.endpoint_url = s.endpoint_url.clone();
     c.connect_timeout = seconds(s.connect_timeout_seconds, 5);
-    c.operation_timeout = seconds(s.operation_timeout_seconds, 30);
+    c.operation_timeout = seconds(s.operation_timeout_seconds, 10);
     c.max_attempts = s.max_attempts.unwrap_or(3);
     Ok(c)
 }
@@ -1344,7 +1344,7 @@ pub fn transit_config(config: &Config) -> Result<strongroom_keys::TransitConfig,
     c.ca_file = s.ca_file.clone();
     c.namespace = s.namespace.clone();
     c.connect_timeout = seconds(s.connect_timeout_seconds, 5);
-    c.request_timeout = seconds(s.request_timeout_seconds, 30);
+    c.request_timeout = seconds(s.request_timeout_seconds, 10);
     c.danger_allow_plain_http = s.danger_allow_plain_http;
     Ok(c)
 }
