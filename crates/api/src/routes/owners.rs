@@ -169,7 +169,10 @@ pub(crate) async fn broker(
     let shape: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|_| ApiError::bad_request("the body is not valid JSON"))?;
     let inject = &shape["inject"];
-    if !inject.is_object() || !(inject["basic"].is_object() || inject["basic"].is_null()) {
+    // (A missing `inject` is left to the field check below, which names the required ones.)
+    if !(inject.is_object() || inject.is_null())
+        || !(inject["basic"].is_object() || inject["basic"].is_null())
+    {
         return Err(ApiError::bad_request(
             "inject (and inject.basic) must be JSON objects",
         ));
