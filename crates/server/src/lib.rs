@@ -1441,7 +1441,23 @@ impl Connection {
             match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    // A client certificate refused is an operator's business (a wrong or
+                    // revoked CA, an expired certificate); other failures are mostly scanners.
+                    let refused_certificate = e
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                        .is_some_and(|r| {
+                            matches!(
+                                r,
+                                rustls::Error::InvalidCertificate(_)
+                                    | rustls::Error::NoCertificatesPresented
+                            )
+                        });
+                    if refused_certificate {
+                        tracing::warn!(%remote, error = %e, "client certificate refused");
+                    } else {
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    }
                     return;
                 }
                 Err(_) => {

@@ -60,11 +60,11 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
     // (a `ssl-cert` group), and whoever reads it can impersonate the server, not the users.
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o007 != 0 {
+        if mode & 0o006 != 0 {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{mode:04o}"),
-                "the TLS private key is readable by every local user; run `chmod 600` on it"
+                "every local user can read or replace the TLS private key; run `chmod 600` on it"
             );
         }
     }

@@ -103,6 +103,8 @@ async fn a_client_that_does_not_trust_the_server_fails_the_handshake() {
 
 #[tokio::test]
 async fn mtls_required_maps_the_certificate_san_to_a_service_and_refuses_others() {
+    let logs = common::LogCapture::default();
+    let _guard = logs.install();
     let fx = Fixture::new();
     let server = spawn(fx.mtls_config("required")).await;
     let (billing_cert, billing_key) = fx
@@ -201,6 +203,12 @@ async fn mtls_required_maps_the_certificate_san_to_a_service_and_refuses_others(
         assert!(!err.is_empty());
     }
     server.stop().await.unwrap();
+    // Refused client certificates are the operator's business: logged as warnings.
+    let text = logs.text();
+    assert!(
+        text.contains("WARN") && text.contains("client certificate refused"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
