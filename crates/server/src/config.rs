@@ -1164,6 +1164,39 @@ pub(crate) fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
 }
 
 /// `STRONGROOM_*` variables whose first segment is in `keys`, split on `__`.
+/// `STRONGROOM_*` variables other commands read (the CLI client, operator commands), and the
+/// prefixes of the test suites' own: none of them is a misspelt setting.
+const OTHER_ENV: &[&str] = &[
+    "CONFIG",
+    "TOKEN",
+    "SERVER",
+    "CACERT",
+    "KEYRING",
+    "IMPORT_SECRET_KEY",
+    "BIN",
+    "APT_UPDATED",
+    "FUZZ_SECONDS",
+    "VECTORS_DIR",
+];
+const OTHER_ENV_PREFIXES: &[&str] = &["TEST_", "REQUIRE_", "BENCH_"];
+
+/// The `STRONGROOM_*` variables in `vars` that name no setting (a typo such as
+/// `STRONGROOM_LISTN` or `STRONGROOM_TLS_CLIENT_AUTH` with one underscore), which the
+/// configuration would otherwise ignore without a word.
+pub fn unknown_env_names(vars: impl IntoIterator<Item = String>) -> Vec<String> {
+    vars.into_iter()
+        .filter(|name| {
+            let Some(rest) = name.strip_prefix("STRONGROOM_") else {
+                return false;
+            };
+            let first = rest.split("__").next().unwrap_or_default();
+            !ENV_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
+                && !OTHER_ENV.iter().any(|k| rest.eq_ignore_ascii_case(k))
+                && !OTHER_ENV_PREFIXES.iter().any(|p| rest.starts_with(p))
+        })
+        .collect()
+}
+
 pub(crate) fn env_provider(keys: &'static [&'static str]) -> Env {
     Env::prefixed("STRONGROOM_")
         .filter(move |k| {

@@ -777,6 +777,14 @@ impl Server {
             tracing::warn!("no policy_file: services are denied every operation");
         }
         warn_unknown_services(&policy, &config.auth);
+        let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+        for name in config::unknown_env_names(names) {
+            tracing::warn!(
+                variable = name.as_str(),
+                "environment variable names no setting and is ignored (a typo? nested keys \
+                 use two underscores: STRONGROOM_TLS__CLIENT_AUTH)"
+            );
+        }
         let broker = build_broker(&config)?;
 
         let opened = open_key_provider(&config).await?;

@@ -545,3 +545,27 @@ fn the_reveal_cache_size_is_sqlite_only_and_bounded() {
         Ok(())
     });
 }
+
+/// `STRONGROOM_*` names that set nothing are found (to be warned about), and none of the
+/// settings, the other commands' variables or the test suites' own is.
+#[test]
+fn misspelt_environment_variables_are_found() {
+    let names = [
+        "STRONGROOM_LISTN",
+        "STRONGROOM_TLS_CLIENT_AUTH",
+        "STRONGROOM_LISTEN",
+        "STRONGROOM_TLS__CLIENT_AUTH",
+        "STRONGROOM_LIMITS__MAX_CONNECTIONS",
+        "STRONGROOM_CONFIG",
+        "STRONGROOM_TOKEN",
+        "STRONGROOM_IMPORT_SECRET_KEY",
+        "STRONGROOM_TEST_POSTGRES_URL",
+        "STRONGROOM_REQUIRE_POSTGRES",
+        "PATH",
+    ]
+    .map(str::to_owned);
+    assert_eq!(
+        strongroom_server::config::unknown_env_names(names),
+        ["STRONGROOM_LISTN", "STRONGROOM_TLS_CLIENT_AUTH"]
+    );
+}
