@@ -335,13 +335,7 @@ async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
 /// operator's log says which route and why (not only the status).
 #[tokio::test]
 async fn a_request_past_its_timeout_is_answered_and_logged_with_its_route() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::install(tracing::Level::INFO);
     let api = api_with(strongroom_api::ApiLimits {
         request_timeout: std::time::Duration::from_millis(500),
         ..Default::default()
@@ -383,6 +377,20 @@ async fn a_request_past_its_timeout_is_answered_and_logged_with_its_route() {
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
+impl Captured {
+    /// Captures this thread's log lines up to `level` while the guard lives (the tests'
+    /// runtime runs the router on the test's thread).
+    fn install(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -398,13 +406,7 @@ impl std::io::Write for Captured {
 /// metric.
 #[tokio::test]
 async fn a_canary_value_appears_nowhere_in_the_audit_trail_logs_or_metrics() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::install(tracing::Level::TRACE);
 
     let api = api().await;
     api.seed().await;
