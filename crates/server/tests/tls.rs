@@ -394,6 +394,27 @@ async fn a_connection_that_never_makes_a_request_or_stops_making_them_is_closed(
     server.stop().await.unwrap();
 }
 
+/// A service put presenting the client certificate `cert` (and the bearer `token`): its
+/// status, 0 when the handshake refused the certificate.
+async fn put_with_cert(
+    server: &common::Running,
+    fx: &Fixture,
+    cert: (String, String),
+    token: Option<&str>,
+) -> u16 {
+    server
+        .client(fx.client_options().with_client_cert(cert.0, cert.1))
+        .json(
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.api-key",
+            token,
+            &json!({"value": "v"}),
+        )
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
 /// One credential per request: a mapped client certificate plus a bearer token, or a
 /// certificate whose names map to two services, authenticate nobody (401).
 #[tokio::test]
@@ -406,26 +427,17 @@ async fn a_certificate_with_a_token_or_two_identities_is_refused() {
     let extra = "[[auth.mtls]]\nsan = \"spiffe://example.test/billing\"\nservice = \"billing\"\n\
                  [[auth.mtls]]\nsan = \"spiffe://example.test/reports\"\nservice = \"reports\"\n";
     let server = spawn(fx.config_from(&fx.toml(&tls_extra, extra))).await;
-    let put = |cert: (String, String), token: Option<&'static str>| {
-        let client = server.client(fx.client_options().with_client_cert(cert.0, cert.1));
-        async move {
-            client
-                .json(
-                    "PUT",
-                    "/v1/owners/alice/credentials/zoom.api-key",
-                    token,
-                    &json!({"value": "v"}),
-                )
-                .await
-                .unwrap()
-                .status
-        }
-    };
     let billing = fx
         .client_pki
         .leaf(&["spiffe://example.test/billing"], false);
-    assert_eq!(put(billing.clone(), None).await, 201);
-    assert_eq!(put(billing, Some(SERVICE_TOKEN)).await, 401);
+    assert_eq!(
+        put_with_cert(&server, &fx, billing.clone(), None).await,
+        201
+    );
+    assert_eq!(
+        put_with_cert(&server, &fx, billing, Some(SERVICE_TOKEN)).await,
+        401
+    );
     let both = fx.client_pki.leaf(
         &[
             "spiffe://example.test/billing",
@@ -433,7 +445,7 @@ async fn a_certificate_with_a_token_or_two_identities_is_refused() {
         ],
         false,
     );
-    assert_eq!(put(both, None).await, 401);
+    assert_eq!(put_with_cert(&server, &fx, both, None).await, 401);
     // The token alone still works.
     let r = server
         .client(fx.client_options())
@@ -476,29 +488,17 @@ async fn a_reload_swaps_the_client_ca() {
         Some(path.clone()),
         strongroom_server::config::Overrides::default(),
     );
-    let reveal = |cert: (String, String)| {
-        let client = server.client(fx.client_options().with_client_cert(cert.0, cert.1));
-        async move {
-            client
-                .json(
-                    "PUT",
-                    "/v1/owners/alice/credentials/zoom.api-key",
-                    None,
-                    &json!({"value": "v"}),
-                )
-                .await
-                .map(|r| r.status)
-                .unwrap_or(0)
-        }
-    };
     let old_cert = fx
         .client_pki
         .leaf(&["spiffe://example.test/billing"], false);
     let new_pki = common::Pki::new("replacement client CA");
     let new_cert = new_pki.leaf(&["spiffe://example.test/billing"], false);
-    assert_eq!(reveal(old_cert.clone()).await, 201);
     assert_eq!(
-        reveal(new_cert.clone()).await,
+        put_with_cert(&server, &fx, old_cert.clone(), None).await,
+        201
+    );
+    assert_eq!(
+        put_with_cert(&server, &fx, new_cert.clone(), None).await,
         0,
         "refused at the handshake"
     );
@@ -507,9 +507,9 @@ async fn a_reload_swaps_the_client_ca() {
     std::fs::write(&new_ca, &new_pki.ca_pem).unwrap();
     write(&new_ca);
     server.reloader.reload().unwrap();
-    assert_eq!(reveal(new_cert).await, 201);
+    assert_eq!(put_with_cert(&server, &fx, new_cert, None).await, 201);
     assert_eq!(
-        reveal(old_cert).await,
+        put_with_cert(&server, &fx, old_cert, None).await,
         0,
         "the replaced CA is still trusted"
     );
