@@ -443,6 +443,7 @@ async fn malformed_requests_are_400_before_anything_is_called() {
         // Bodies are objects, versions 1 to 2^31 - 1, as on every route.
         json!(["GET", url, {}, null, null, {"header": "X-Api-Key"}, 1]),
         json!({"method": "GET", "url": url, "inject": ["X-Key", null, null, null]}),
+        json!({"method": "GET", "url": url, "inject": {"basic": ["bob"]}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "version": 0}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "version": 2_147_483_648_u64}),
     ];

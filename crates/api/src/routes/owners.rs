@@ -165,18 +165,6 @@ pub(crate) async fn broker(
 ) -> ApiResult<Json<BrokerResponseView>> {
     authorize(&state, &service, Operation::Broker, &owner, &name)?;
     crate::extract::require_object(&body)?;
-    // Nested structs too are objects only (serde would read them from arrays as well).
-    let shape: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::bad_request("the body is not valid JSON"))?;
-    let inject = &shape["inject"];
-    // (A missing `inject` is left to the field check below, which names the required ones.)
-    if !(inject.is_object() || inject.is_null())
-        || !(inject["basic"].is_object() || inject["basic"].is_null())
-    {
-        return Err(ApiError::bad_request(
-            "inject (and inject.basic) must be JSON objects",
-        ));
-    }
     let body: BrokerBody = serde_json::from_slice(&body).map_err(|_| {
         ApiError::bad_request(
             "the JSON body has missing, unknown or mistyped fields for this endpoint (method, url and inject are required)",

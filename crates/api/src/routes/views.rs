@@ -34,6 +34,39 @@ fn canonical_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>
         .transpose()
 }
 
+/// A nested struct read from a JSON object only: serde's derived structs also read an array
+/// of their fields in order, a form no client means and no schema allows. (Top-level bodies
+/// are checked by [`crate::extract::require_object`].) Duplicate and unknown fields are still
+/// the struct's to refuse.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Object::deserialize(d).map(|o| o.0)
+}
+
+fn optional_object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Ok(Option::<Object<T>>::deserialize(d)?.map(|o| o.0))
+}
+
 /// `PUT .../credentials/{name}`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -454,6 +487,7 @@ pub struct BrokerBody {
     /// Or a binary body, base64 (standard alphabet).
     pub body_base64: Option<String>,
     /// Where the credential goes.
+    #[serde(deserialize_with = "object")]
     pub inject: InjectBody,
     /// A specific version; the current one when absent.
     #[schema(minimum = 1, maximum = 2147483647)]
@@ -470,6 +504,7 @@ pub struct InjectBody {
     /// A query parameter name, e.g. `api_key` (the value is form-encoded).
     pub query: Option<String>,
     /// HTTP Basic authentication with the credential as the password.
+    #[serde(default, deserialize_with = "optional_object")]
     pub basic: Option<BasicBody>,
     /// The header or parameter value, holding `{value}` exactly once (default `{value}`),
     /// e.g. `Bearer {value}`.
