@@ -243,7 +243,7 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
                 "owner" => event.owner = Some(bounded(v, 255)),
                 "name" => event.name = Some(bounded(v, 128)),
                 // Only the spelling the route accepts: `+2` or `002` was refused, not version 2.
-                "version" => event.version = crate::routes::views::canonical_u32(v),
+                "version" => event.version = crate::routes::views::canonical_number(v),
                 _ => {}
             }
         }

@@ -61,13 +61,10 @@ pub(crate) async fn keys(
 
 /// Parses a cursor (a record's `seq`).
 fn parse_cursor(c: Option<&str>) -> Result<Option<u64>, ApiError> {
+    // One spelling per cursor, as for every number in a URL (and no seq is 0).
     c.map(|c| {
-        // One spelling per cursor, as for every number in a URL.
-        let canonical =
-            !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && !c.starts_with('0');
-        canonical
-            .then(|| c.parse::<u64>().ok())
-            .flatten()
+        super::views::canonical_number::<u64>(c)
+            .filter(|&seq| seq > 0)
             .ok_or_else(|| ApiError::bad_request("malformed cursor"))
     })
     .transpose()

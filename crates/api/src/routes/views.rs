@@ -7,30 +7,30 @@ use utoipa::{IntoParams, ToSchema};
 
 /// A number in a path or a query string: decimal digits only, without a sign or leading
 /// zeros, so each number has one spelling (`+1`, `01` and `1` are not three ways to say 1).
-pub(crate) fn canonical_u32(text: &str) -> Option<u32> {
+pub(crate) fn canonical_number<T: std::str::FromStr>(text: &str) -> Option<T> {
     let canonical = !text.is_empty()
         && text.bytes().all(|b| b.is_ascii_digit())
         && (text == "0" || !text.starts_with('0'));
     canonical.then(|| text.parse().ok()).flatten()
 }
 
-/// A version number in a path ([`canonical_u32`]).
+/// A version number in a path ([`canonical_number`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PathVersion(pub u32);
 
 impl<'de> Deserialize<'de> for PathVersion {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        canonical_u32(&text)
+        canonical_number(&text)
             .map(PathVersion)
             .ok_or_else(|| serde::de::Error::custom("not a version number"))
     }
 }
 
-/// An optional `limit` in a query string ([`canonical_u32`]).
+/// An optional `limit` in a query string ([`canonical_number`]).
 fn canonical_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     Option::<String>::deserialize(d)?
-        .map(|text| canonical_u32(&text).ok_or_else(|| serde::de::Error::custom("not a number")))
+        .map(|text| canonical_number(&text).ok_or_else(|| serde::de::Error::custom("not a number")))
         .transpose()
 }
 
