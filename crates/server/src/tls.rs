@@ -39,7 +39,7 @@ pub fn load_certs(
     let pem = std::fs::read(path).map_err(ServerError::file(what, path))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ServerError::Tls(format!("{what} {}: {e}", path.display())))?;
+        .map_err(|e| ServerError::Tls(format!("{what} {}: {}", path.display(), pem_problem(&e))))?;
     if certs.is_empty() {
         return Err(ServerError::Tls(format!(
             "{what} {}: no PEM \"CERTIFICATE\" block found",
@@ -73,10 +73,29 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
     );
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         ServerError::Tls(format!(
-            "TLS private key {}: {e} (expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)",
-            path.display()
+            "TLS private key {}: {} (expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)",
+            path.display(),
+            pem_problem(&e)
         ))
     })
+}
+
+/// Says what is wrong with a PEM file in words, quoting none of it: the parser's own message
+/// prints lines as byte arrays, and its base64 error names a character of what may be a key.
+fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "its PEM \"{}\" block has no END line (is the file cut short?)",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        Error::IllegalSectionStart { .. } => "a PEM \"-----BEGIN\" line is malformed".to_owned(),
+        Error::Base64Decode(_) => "the base64 inside a PEM block is malformed".to_owned(),
+        Error::NoItemsFound => "no PEM block found".to_owned(),
+        Error::SectionTooLarge => "a PEM block is too large".to_owned(),
+        Error::Io(io) => format!("cannot be read: {io}"),
+        _ => "not valid PEM".to_owned(),
+    }
 }
 
 /// Loads `tls.cert` and `tls.key` and checks that they belong together.
@@ -219,7 +238,7 @@ pub fn client_config(ca_pem: Option<&[u8]>, what: &str) -> Result<rustls::Client
         Some(pem) => {
             let certs = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{what} is not valid PEM: {e}"))?;
+                .map_err(|e| format!("{what} is not valid PEM: {}", pem_problem(&e)))?;
             if certs.is_empty() {
                 return Err(format!("{what} holds no certificate"));
             }

@@ -56,8 +56,34 @@ async fn missing_or_broken_files_are_named() {
         "{e}"
     );
 
-    // A key that belongs to another certificate.
+    // A key file cut short, and one with a damaged byte: the error says what is wrong in
+    // words and quotes nothing of the key.
     let (_, other_key) = fx.pki.leaf(&["localhost"], true);
+    let body: String = other_key
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let cut = fx.dir.path().join("cut-key.pem");
+    let half = &other_key[..other_key.len() / 2];
+    common::write_private(&cut, half.as_bytes());
+    let damaged = fx.dir.path().join("damaged-key.pem");
+    common::write_private(
+        &damaged,
+        other_key.replacen(&body[10..14], "!!!!", 1).as_bytes(),
+    );
+    for (file, says) in [(cut, "is the file cut short?"), (damaged, "base64")] {
+        let mut c = fx.config();
+        c.tls.as_mut().unwrap().key = file;
+        let e = start_err(c).await;
+        assert!(e.contains("TLS private key") && e.contains(says), "{e}");
+        assert!(!e.contains("[45, 45"), "bytes printed: {e}");
+        for window in body.as_bytes().windows(6) {
+            let piece = std::str::from_utf8(window).unwrap();
+            assert!(!e.contains(piece), "key material in the error: {e}");
+        }
+    }
+
+    // A key that belongs to another certificate.
     let wrong = fx.dir.path().join("wrong-key.pem");
     common::write_private(&wrong, other_key.as_bytes());
     let mut c = fx.config();
