@@ -242,7 +242,7 @@ fn json_rejection(r: &JsonRejection) -> ApiError {
     }
 }
 
-fn payload_too_large() -> ApiError {
+pub(crate) fn payload_too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload_too_large",

@@ -603,3 +603,42 @@ async fn shutdown_gives_up_on_a_stalled_request_after_the_grace_period() {
         "{took:?}"
     );
 }
+
+#[tokio::test]
+async fn a_body_declared_over_the_limit_gets_413_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options().http1());
+    let alice = fx.user_token("alice");
+    let mut s = client.connect_raw().await.unwrap();
+    // 100 MB declared, 20 bytes sent: nothing more will come.
+    let head = format!(
+        "PUT /v1/me/credentials/zoom.huge HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{{\"value\": \"aaaaa"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut reply))
+        .await
+        .expect("no answer within 3 s: the server waited for the declared body")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("\"payload_too_large\""), "{reply}");
+
+    // Nothing was written.
+    let r = server
+        .client(fx.client_options())
+        .request(
+            "GET",
+            "/v1/me/credentials/zoom.huge",
+            &[("authorization", &format!("Bearer {alice}"))],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    server.stop().await.unwrap();
+}

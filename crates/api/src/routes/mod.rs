@@ -84,6 +84,25 @@ pub(crate) async fn put_version(
     ))
 }
 
+/// A body whose declared length is over the limit gets its 413 at once. The body extractor
+/// alone would first read up to the limit, or wait out the request timeout for bytes a client
+/// declared and never sends.
+async fn refuse_declared_oversize(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.limits().max_body_bytes as u64) {
+        return axum::response::IntoResponse::into_response(crate::extract::payload_too_large());
+    }
+    next.run(req).await
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let mut seed = [0u8; 6];
     let _ = strongroom_crypto::SecureRandom::fill(&strongroom_crypto::OsRandom, &mut seed);
@@ -117,6 +136,10 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v1/keys", get(admin::keys))
         .route("/v1/audit", get(admin::audit))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refuse_declared_oversize,
+        ))
         // Every /v1 request is audited (route layer: the route template and path parameters
         // are known).
         .route_layer(axum::middleware::from_fn_with_state(
