@@ -84,7 +84,7 @@ use tower::ServiceExt;
 
 use crate::config::{Config, JwtAlgorithmName, LimitsConfig, Overrides, StoreKind, TlsConfig};
 pub use crate::error::ServerError;
-use crate::idle::Activity;
+use crate::idle::{Activity, Watched};
 use crate::jwks::JwksSpec;
 use crate::tls::CertSlot;
 
@@ -1415,11 +1415,12 @@ async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duratio
 
 fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    let header_timeout = Duration::from_secs(limits.handshake_timeout_seconds);
+    // No `header_read_timeout`: `idle::Activity` bounds each head from its first byte
+    // (hyper's timer started while the connection idled between requests).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(None)
         // Bounds the request line plus headers (`validate` keeps it >= 8192, hyper's floor);
         // a larger head is answered 431.
         .max_buf_size(limits.max_header_bytes);
@@ -1500,6 +1501,9 @@ impl Connection {
                 response
             }
         });
+        // Over TLS a client speaks HTTP/2 only after choosing it by ALPN.
+        let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let stream = Watched::new(stream, (!http2).then(|| activity.clone()));
         let conn = self
             .builder
             .serve_connection(TokioIo::new(stream), service)
@@ -1511,7 +1515,7 @@ impl Connection {
                 }
             }
             // Dropping the connection closes it.
-            () = activity.expired(self.handshake_timeout, self.idle_timeout) => {
+            () = activity.expired(self.handshake_timeout, self.handshake_timeout, self.idle_timeout) => {
                 tracing::debug!(%remote, "connection closed: no request within its time");
             }
         }

@@ -386,10 +386,66 @@ async fn a_connection_that_never_makes_a_request_or_stops_making_them_is_closed(
     let mut buf = [0u8; 1024];
     let n = stream.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
-    // (hyper's HTTP/1 header timeout, the handshake timeout, may close it first.)
     assert!(
         closed_within(stream, 8).await,
         "an idle connection was never closed"
+    );
+    server.stop().await.unwrap();
+}
+
+/// An HTTP/1 keep-alive connection stays usable between requests for the idle timeout (not
+/// just the handshake timeout), while a head begun and not finished is closed at the
+/// handshake timeout, counted from its first byte.
+#[tokio::test]
+async fn keep_alive_lasts_the_idle_timeout_and_a_slow_head_does_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new();
+    let mut config = fx.config_from(&fx.toml("", ""));
+    config.limits.handshake_timeout_seconds = 1;
+    config.limits.idle_timeout_seconds = 6;
+    let server = spawn(config).await;
+    let mut stream = server
+        .client(fx.client_options().http1())
+        .connect_raw()
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    for pause in [0, 2500] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "after {pause} ms idle: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    // The next head trickles in a byte at a time: closed about a second after its first
+    // byte, well before the idle timeout.
+    let started = std::time::Instant::now();
+    let trickle = async {
+        for b in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" {
+            if stream.write_all(&[*b]).await.is_err() || stream.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Then wait for the close.
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::time::timeout(Duration::from_secs(5), trickle)
+        .await
+        .expect("a trickled head held the connection");
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "closed only after {:?}",
+        started.elapsed()
     );
     server.stop().await.unwrap();
 }
