@@ -77,7 +77,8 @@
 //!
 //! SIGHUP re-reads the configuration's `[auth]` and `[broker]` sections (with the files they
 //! name) and swaps each in as a whole, or keeps the previous ones if anything in the new
-//! configuration is invalid; other sections need a restart.
+//! configuration is invalid; it reads the policy from the `policy_file` named now. Other
+//! sections need a restart, and a reload warns about those that changed.
 //!
 //! # Environment
 //!

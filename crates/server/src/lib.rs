@@ -222,7 +222,11 @@ type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;
 
 struct ReloaderInner {
     state: AppState,
-    policy_file: Option<PathBuf>,
+    /// The policy file in force: the configuration's `policy_file` as last reloaded.
+    policy_file: Mutex<Option<PathBuf>>,
+    /// The configuration the server started with: what a reload cannot change is compared
+    /// against it.
+    started: Box<Config>,
     keyring: Option<Arc<LocalKeyring>>,
     tls: TlsConfig,
     cert: Arc<CertSlot>,
@@ -250,7 +254,14 @@ enum ConfigSource {
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reloader")
-            .field("policy_file", &self.inner.policy_file)
+            .field(
+                "policy_file",
+                &*self
+                    .inner
+                    .policy_file
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -377,18 +388,22 @@ impl Reloader {
     pub fn reload(&self) -> Result<(), Vec<String>> {
         let inner = &self.inner;
         let mut failed = Vec::new();
-        if let Some(path) = &inner.policy_file {
-            match load_policy(path) {
-                Ok(policy) => {
-                    let rules = policy.rules().len();
-                    inner.state.replace_policy(policy);
-                    tracing::info!(path = %path.display(), rules, "policy reloaded");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
-                    failed.push(e.to_string());
-                }
+        // One reading of the configuration for every section; one that does not load keeps
+        // the broker, authentication and policy file in force (the policy file is read again).
+        let config = match self.config() {
+            Ok(config) => {
+                self.warn_restart_only(&config);
+                Some(config)
             }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the previous broker and authentication settings and policy file");
+                failed.push(e.to_string());
+                None
+            }
+        };
+        if let Err(e) = self.reload_policy(config.as_ref()) {
+            tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
+            failed.push(e.to_string());
         }
         if let Some(keyring) = &inner.keyring {
             match keyring.reload() {
@@ -409,26 +424,18 @@ impl Reloader {
                 failed.push(e.to_string());
             }
         }
-        // One reading of the configuration for both sections; a configuration that does not
-        // load keeps both as they are.
-        match self.config() {
-            Err(e) => {
-                tracing::error!(error = %e, "configuration reload failed; keeping the previous broker and authentication settings");
+        if let Some(config) = &config {
+            if let Err(e) = self.apply_client_auth(config) {
+                tracing::error!(error = %e, "TLS client authentication reload failed; keeping the previous settings");
                 failed.push(e.to_string());
             }
-            Ok(config) => {
-                if let Err(e) = self.apply_client_auth(&config) {
-                    tracing::error!(error = %e, "TLS client authentication reload failed; keeping the previous settings");
-                    failed.push(e.to_string());
-                }
-                if let Err(e) = self.apply_broker(&config) {
-                    tracing::error!(error = %e, "broker reload failed; keeping the previous settings");
-                    failed.push(e.to_string());
-                }
-                if let Err(e) = self.apply_auth(&config) {
-                    tracing::error!(error = %e, "authentication reload failed; keeping the previous settings");
-                    failed.push(e.to_string());
-                }
+            if let Err(e) = self.apply_broker(config) {
+                tracing::error!(error = %e, "broker reload failed; keeping the previous settings");
+                failed.push(e.to_string());
+            }
+            if let Err(e) = self.apply_auth(config) {
+                tracing::error!(error = %e, "authentication reload failed; keeping the previous settings");
+                failed.push(e.to_string());
             }
         }
         let runtime = tokio::runtime::Handle::try_current().ok();
@@ -449,6 +456,85 @@ impl Reloader {
             Ok(())
         } else {
             Err(failed)
+        }
+    }
+}
+
+impl Reloader {
+    /// Reads the policy file the configuration names now (the one in force when `config`
+    /// did not load) and puts it in force.
+    fn reload_policy(&self, config: Option<&Config>) -> Result<(), ServerError> {
+        let inner = &self.inner;
+        let mut in_force = inner.policy_file.lock().unwrap_or_else(|e| e.into_inner());
+        let path = match (config.map(|c| &c.policy_file), &*in_force) {
+            (Some(Some(named)), _) => named.clone(),
+            (None, Some(current)) => current.clone(),
+            // No policy file at start (dev's policy, or deny-all) and none now.
+            (Some(None) | None, None) => return Ok(()),
+            (Some(None), Some(current)) => {
+                tracing::warn!(
+                    path = %current.display(),
+                    "policy_file was removed from the configuration; the policy in force stays until a restart"
+                );
+                return Ok(());
+            }
+        };
+        let policy = load_policy(&path)?;
+        warn_unknown_services(&policy, &config.unwrap_or(&inner.started).auth);
+        let rules = policy.rules().len();
+        if rules == 0 {
+            tracing::warn!(path = %path.display(), "the reloaded policy has no rules: every service is now denied every operation");
+        }
+        if in_force.as_ref() != Some(&path) {
+            tracing::info!(path = %path.display(), "policy_file changed in the configuration");
+        }
+        inner.state.replace_policy(policy);
+        tracing::info!(path = %path.display(), rules, "policy reloaded");
+        *in_force = Some(path);
+        Ok(())
+    }
+
+    /// Warns about each setting `config` changes that only a restart applies: a reload
+    /// that says nothing of them would leave an operator believing them in force.
+    fn warn_restart_only(&self, config: &Config) {
+        let was = &self.inner.started;
+        let tls_files = |c: &Config| c.tls.as_ref().map(|t| (t.cert.clone(), t.key.clone()));
+        let changed: Vec<&str> = [
+            ("listen", was.listen != config.listen),
+            ("data_dir", was.data_dir != config.data_dir),
+            (
+                "store",
+                format!("{:?}", was.store) != format!("{:?}", config.store),
+            ),
+            (
+                "keys",
+                format!("{:?}", was.keys) != format!("{:?}", config.keys),
+            ),
+            (
+                "limits",
+                format!("{:?}", was.limits) != format!("{:?}", config.limits),
+            ),
+            (
+                "log",
+                format!("{:?}", was.log) != format!("{:?}", config.log),
+            ),
+            (
+                "audit",
+                format!("{:?}", was.audit) != format!("{:?}", config.audit),
+            ),
+            (
+                "tls.cert and tls.key paths",
+                tls_files(was) != tls_files(config),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect();
+        if !changed.is_empty() {
+            tracing::warn!(
+                settings = changed.join(", "),
+                "these settings changed in the configuration but take effect only at a restart"
+            );
         }
     }
 }
@@ -851,7 +937,8 @@ impl Server {
         let reloader = Reloader {
             inner: Arc::new(ReloaderInner {
                 state: state.clone(),
-                policy_file: config.policy_file.clone(),
+                policy_file: Mutex::new(config.policy_file.clone()),
+                started: Box::new(config.clone()),
                 keyring: local_keyring,
                 tls: tls_config,
                 cert,

@@ -244,6 +244,72 @@ async fn reload_swaps_the_policy_and_keeps_it_when_the_new_one_is_broken() {
     server.stop().await.unwrap();
 }
 
+/// A reload reads the policy file the configuration names now, warns about a rule for a
+/// service nobody authenticates and about a policy that grants nothing, and names the
+/// settings that only a restart applies.
+#[tokio::test]
+async fn reload_follows_a_moved_policy_file_and_warns_about_what_it_cannot_apply() {
+    let fx = Fixture::new();
+    let logs = common::LogCapture::default();
+    let _guard = logs.install();
+    let path = fx.dir.path().join("strongroom.toml");
+    let text = fx.toml("", "");
+    std::fs::write(&path, &text).unwrap();
+    let overrides = strongroom_server::config::Overrides::default();
+    let server = spawn(Config::load(Some(&path), &overrides).unwrap()).await;
+    server
+        .reloader
+        .set_config_file(Some(path.clone()), overrides);
+    let decide = |service: &str| {
+        server
+            .state
+            .policy()
+            .decide(service, Operation::Write, "alice", "slack.x", None)
+    };
+    assert_eq!(decide("billing"), Decision::Deny);
+
+    // The configuration now names another file (and a new limit).
+    let moved = fx.dir.path().join("policy-2.toml");
+    std::fs::write(
+        &moved,
+        "[[rule]]\nservice = \"billing\"\noperations = [\"write\"]\ncredentials = [\"slack.*\"]\n\n\
+         [[rule]]\nservice = \"biling\"\noperations = [\"write\"]\ncredentials = [\"*\"]\n",
+    )
+    .unwrap();
+    let policy_line = format!("policy_file = {:?}", fx.policy.display().to_string());
+    assert!(text.contains(&policy_line));
+    let moved_text = text
+        .replace(
+            &policy_line,
+            &format!("policy_file = {:?}", moved.display().to_string()),
+        )
+        .replace("[limits]", "[limits]\nverify_per_minute = 5");
+    std::fs::write(&path, &moved_text).unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(
+        decide("billing"),
+        Decision::Allow,
+        "the moved file is in force"
+    );
+    let text_now = logs.text();
+    assert!(
+        text_now.contains("no [[auth.service]] or [[auth.mtls]] entry")
+            && text_now.contains("biling"),
+        "{text_now}"
+    );
+    assert!(
+        text_now.contains("take effect only at a restart") && text_now.contains("limits"),
+        "{text_now}"
+    );
+
+    // A policy emptied (a save cut short): in force, fail closed, and said loudly.
+    std::fs::write(&moved, "").unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(decide("billing"), Decision::Deny);
+    assert!(logs.text().contains("has no rules"), "{}", logs.text());
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn reload_picks_up_a_keyring_rotation() {
     let fx = Fixture::new();
