@@ -50,6 +50,7 @@ mod idle;
 mod jwks;
 pub mod logging;
 pub mod tls;
+mod unread_body;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -87,6 +88,7 @@ pub use crate::error::ServerError;
 use crate::idle::{Activity, Watched};
 use crate::jwks::JwksSpec;
 use crate::tls::CertSlot;
+use crate::unread_body::SharedBody;
 
 /// HTTP/2 streams one connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -1088,6 +1090,7 @@ impl Server {
                 watcher: graceful.watcher(),
                 handshake_timeout,
                 idle_timeout,
+                max_body_bytes: limits.max_body_bytes,
             };
             tasks.spawn(async move {
                 conn.serve(tcp, remote).await;
@@ -1528,7 +1531,11 @@ struct Connection {
     watcher: Watcher,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    max_body_bytes: usize,
 }
+
+/// How long an HTTP/2 answer waits for the rest of a body its handler did not read.
+const UNREAD_BODY_WAIT: Duration = Duration::from_secs(1);
 
 impl Connection {
     async fn serve(self, tcp: TcpStream, remote: SocketAddr) {
@@ -1573,6 +1580,9 @@ impl Connection {
         let router = self.router;
         let activity = Activity::new();
         let requests = activity.clone();
+        // Over TLS a client speaks HTTP/2 only after choosing it by ALPN.
+        let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let max_body_bytes = self.max_body_bytes;
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             if let Some(peer) = &peer {
                 req.extensions_mut().insert(peer.clone());
@@ -1581,15 +1591,26 @@ impl Connection {
             req.extensions_mut()
                 .insert(strongroom_api::ClientAddr(remote));
             let in_flight = requests.begin();
+            let (req, leftover) = if http2 {
+                let (parts, body) = req.into_parts();
+                let (body, leftover) = SharedBody::new(body);
+                (
+                    http::Request::from_parts(parts, axum::body::Body::new(body)),
+                    Some(leftover),
+                )
+            } else {
+                (req.map(axum::body::Body::new), None)
+            };
             let response = router.clone().oneshot(req);
             async move {
                 let response = response.await;
+                if let Some(leftover) = leftover {
+                    leftover.drain(max_body_bytes, UNREAD_BODY_WAIT).await;
+                }
                 drop(in_flight);
                 response
             }
         });
-        // Over TLS a client speaks HTTP/2 only after choosing it by ALPN.
-        let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
         let stream = Watched::new(stream, (!http2).then(|| activity.clone()));
         let conn = self
             .builder

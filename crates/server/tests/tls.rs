@@ -698,3 +698,52 @@ async fn a_body_declared_over_the_limit_gets_413_at_once() {
     assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
     server.stop().await.unwrap();
 }
+
+/// An HTTP/2 answer decided from the head alone (a 404, a 401) waits for the body the client
+/// is still sending, so the stream ends cleanly: after a `RST_STREAM(NO_ERROR)` some clients
+/// (curl 7.88) drop the answer.
+#[tokio::test]
+async fn an_http2_answer_given_before_the_body_is_read_ends_without_a_reset() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let tls = server
+        .client(fx.client_options().http2())
+        .connect_raw()
+        .await
+        .unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    for (method, path, auth, want) in [
+        ("POST", "/nope", None, 404),
+        (
+            "PUT",
+            "/v1/me/credentials/zoom.key",
+            Some("Bearer wrong"),
+            401,
+        ),
+    ] {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("https://localhost{path}"))
+            .header("content-type", "application/json");
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let (response, mut body) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+        // The body follows the head a little later, as it does on a real network.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = body.send_data(bytes::Bytes::from_static(br#"{"value": "v"}"#), true);
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(response.status(), want, "{method} {path}");
+        let reset = tokio::time::timeout(
+            Duration::from_millis(300),
+            std::future::poll_fn(|cx| body.poll_reset(cx)),
+        )
+        .await;
+        assert!(reset.is_err(), "{method} {path}: stream reset: {reset:?}");
+    }
+    server.stop().await.unwrap();
+}
