@@ -175,16 +175,28 @@ fn request_id(own: &str, client: Option<&str>) -> String {
     }
 }
 
-/// Bounded copy of request-controlled text kept in a record.
+/// A request's text as the record keeps it: at most `max` bytes, control characters written
+/// as escapes (`\u{0}`). A path may carry any of them (the request is then refused), and
+/// neither a NUL, which PostgreSQL's text cannot hold and which would fail the append of
+/// every record in its batch, nor a line break belongs in a log line.
 fn bounded(s: &str, max: usize) -> String {
-    if s.len() <= max {
+    if s.len() <= max && !s.chars().any(char::is_control) {
         return s.to_owned();
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    let mut out = String::with_capacity(max);
+    for c in s.chars() {
+        let before = out.len();
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+        if out.len() > max {
+            out.truncate(before);
+            break;
+        }
     }
-    s[..end].to_owned()
+    out
 }
 
 /// The middleware (a route layer, so the route template and path parameters are known).

@@ -367,7 +367,8 @@ impl Authenticator {
             v.set_required_spec_claims(&required);
             if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
                 let sub = data.claims.sub;
-                if sub.is_empty() || sub.len() > 255 {
+                // The subject is the owner id: one that could own nothing is no user.
+                if !strongroom_crypto::binding::is_valid_owner(&sub) {
                     return UserCheck::Invalid;
                 }
                 return UserCheck::Valid(sub);

@@ -578,6 +578,27 @@ async fn owner_ids_are_percent_encoded_in_paths() {
         StatusCode::FORBIDDEN,
         "outside the policy's name patterns"
     );
+    // A malformed name or owner is the same 400 for a service granted it and one granted
+    // nothing: the answer does not depend on the caller's grant.
+    for token in [ALLOWED_SERVICE_TOKEN, DENIED_SERVICE_TOKEN] {
+        for path in [
+            "/v1/owners/alice/credentials/ZOOM.x/reveal",
+            "/v1/owners/%00/credentials/zoom.x/reveal",
+        ] {
+            let r = api.call("POST", path, Some(token), None).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
+        }
+    }
+    // A token whose subject could own nothing (a control character) is no user's.
+    let r = api
+        .call(
+            "GET",
+            "/v1/me/credentials",
+            Some(&user_token("a\u{0}b")),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
 }
 
 #[tokio::test]

@@ -24,6 +24,6 @@ mod vault;
 pub use error::CoreError;
 pub use rewrap::{rewrap, RewrapOptions, RewrapReport};
 pub use vault::{
-    Clock, PutOutcome, PutRequest, ReadCheck, Revealed, SystemClock, Vault, VaultConfig,
-    MAX_METADATA_LEN, MAX_VALUE_LEN,
+    check_place, Clock, PutOutcome, PutRequest, ReadCheck, Revealed, SystemClock, Vault,
+    VaultConfig, MAX_METADATA_LEN, MAX_VALUE_LEN,
 };

@@ -131,7 +131,13 @@ impl fmt::Debug for LatestHints {
     }
 }
 
-fn check(owner: &str, name: &str) -> Result<(), CoreError> {
+/// Whether `owner` and `name` are well formed (every operation checks them first; the API
+/// also before its policy check, so a malformed name gets the same 400 from every caller).
+///
+/// # Errors
+///
+/// [`CoreError::InvalidOwner`] or [`CoreError::InvalidName`].
+pub fn check_place(owner: &str, name: &str) -> Result<(), CoreError> {
     if !is_valid_owner(owner) {
         return Err(CoreError::InvalidOwner);
     }
@@ -139,6 +145,18 @@ fn check(owner: &str, name: &str) -> Result<(), CoreError> {
         return Err(CoreError::InvalidName);
     }
     Ok(())
+}
+
+/// Whether a JSON value holds U+0000 in a key or string: PostgreSQL's JSONB refuses it, so
+/// both stores refuse it up front (one rule, and a 400 rather than a store error).
+fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 /// Version numbers run from 1 to 2^31 − 1 (what both stores keep).
@@ -285,7 +303,7 @@ impl Vault {
         req: PutRequest<'_>,
         audit: Option<(Arc<HeadKey>, Event)>,
     ) -> Result<(PutOutcome, Option<Record>), CoreError> {
-        check(req.owner, req.name)?;
+        check_place(req.owner, req.name)?;
         if req.value.len() > MAX_VALUE_LEN {
             return Err(CoreError::ValueTooLarge(MAX_VALUE_LEN));
         }
@@ -304,6 +322,11 @@ impl Vault {
             Some(m @ serde_json::Value::Object(_)) => m,
             Some(_) => return Err(CoreError::InvalidInput("metadata must be a JSON object")),
         };
+        if holds_nul(&metadata) {
+            return Err(CoreError::InvalidInput(
+                "metadata must not hold the character U+0000",
+            ));
+        }
         if serde_json::to_vec(&metadata)
             .map(|v| v.len())
             .unwrap_or(usize::MAX)
@@ -410,7 +433,7 @@ impl Vault {
     ///
     /// [`CoreError::NotFound`] and input/store errors.
     pub async fn describe(&self, owner: &str, name: &str) -> Result<Credential, CoreError> {
-        check(owner, name)?;
+        check_place(owner, name)?;
         Ok(self.store.get_credential(owner, name).await?)
     }
 
@@ -425,7 +448,7 @@ impl Vault {
         name: &str,
         version: u32,
     ) -> Result<(), CoreError> {
-        check(owner, name)?;
+        check_place(owner, name)?;
         check_version(version)?;
         Ok(self
             .store
@@ -444,7 +467,7 @@ impl Vault {
         name: &str,
         enabled: bool,
     ) -> Result<(), CoreError> {
-        check(owner, name)?;
+        check_place(owner, name)?;
         Ok(self
             .store
             .set_enabled(owner, name, enabled, self.clock.now())
@@ -462,7 +485,7 @@ impl Vault {
         name: &str,
         version: u32,
     ) -> Result<(), CoreError> {
-        check(owner, name)?;
+        check_place(owner, name)?;
         check_version(version)?;
         self.store
             .destroy_version(owner, name, version, self.clock.now())
@@ -476,7 +499,7 @@ impl Vault {
     ///
     /// [`CoreError::NotFound`], input/store errors.
     pub async fn destroy_credential(&self, owner: &str, name: &str) -> Result<(), CoreError> {
-        check(owner, name)?;
+        check_place(owner, name)?;
         Ok(self
             .store
             .destroy_credential(owner, name, self.clock.now())
@@ -489,7 +512,7 @@ impl Vault {
         name: &str,
         version: Option<u32>,
     ) -> Result<(Revealed, bool), CoreError> {
-        check(owner, name)?;
+        check_place(owner, name)?;
         version.map(check_version).transpose()?;
         let mark = self.store.read_mark();
         let row = self.store.get_version(owner, name, version).await?;

@@ -81,9 +81,10 @@ pub fn is_valid_name(name: &str) -> bool {
         })
 }
 
-/// Whether `owner` is a valid owner id: 1 to 255 bytes of UTF-8.
+/// Whether `owner` is a valid owner id: 1 to 255 bytes of UTF-8 without control characters
+/// (an identity provider's `sub` has none; a NUL would not even fit PostgreSQL's text).
 pub fn is_valid_owner(owner: &str) -> bool {
-    !owner.is_empty() && owner.len() <= MAX_OWNER_LEN
+    !owner.is_empty() && owner.len() <= MAX_OWNER_LEN && !owner.chars().any(char::is_control)
 }
 
 fn is_valid_label(label: &str) -> bool {
@@ -226,6 +227,14 @@ mod tests {
             Err(BindingError::InvalidOwner)
         );
         assert_eq!(Binding::new("o", "n", 0), Err(BindingError::InvalidVersion));
+        for control in ["a\0b", "tab\there", "line\n", "del\u{7f}", "c1\u{85}"] {
+            assert_eq!(
+                Binding::new(control, "n", 1),
+                Err(BindingError::InvalidOwner),
+                "{control:?}"
+            );
+        }
+        assert!(Binding::new("tenant a:bob@example.com", "n", 1).is_ok());
     }
 
     #[test]

@@ -70,6 +70,69 @@ async fn serves_over_postgres() {
         .await
         .unwrap();
     assert_eq!(r.json()["value"], "in-postgres");
+
+    // PostgreSQL's text and JSONB cannot hold U+0000. A NUL in a path (even from nobody:
+    // every /v1 request is audited) or in metadata is a 400 or 401, and the audit log
+    // keeps taking records: the reveal after them still works.
+    for (method, path, token, body) in [
+        (
+            "POST",
+            "/v1/owners/a%00b/credentials/zoom.pg/reveal",
+            None,
+            json!({}),
+        ),
+        (
+            "POST",
+            "/v1/owners/a%00b/credentials/zoom.pg/reveal",
+            Some(SERVICE_TOKEN),
+            json!({}),
+        ),
+        (
+            "PUT",
+            "/v1/owners/a%00b/credentials/zoom.pg",
+            Some(SERVICE_TOKEN),
+            json!({"value": "v"}),
+        ),
+        (
+            "PUT",
+            "/v1/me/credentials/zoom.pg",
+            Some(alice.as_str()),
+            json!({"value": "v", "metadata": {"k": "a\u{0}b"}}),
+        ),
+    ] {
+        let r = client.json(method, path, token, &body).await.unwrap();
+        assert!(
+            r.status == 400 || r.status == 401,
+            "{method} {path}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    let r = client
+        .json(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.pg/reveal",
+            Some(SERVICE_TOKEN),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(client.get("/readyz", None).await.unwrap().status, 200);
+    let r = client
+        .get("/v1/audit?owner=a%00b", Some(common::ADMIN_TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = client
+        .get("/v1/audit", Some(common::ADMIN_TOKEN))
+        .await
+        .unwrap();
+    assert!(
+        r.text().contains(r"a\\u{0}b"),
+        "the refused request is recorded, its NUL escaped: {}",
+        r.text()
+    );
     server.stop().await.unwrap();
     // Nothing was written under data_dir: SQLite was never opened.
     assert!(!fx.data_dir.join("strongroom.db").exists());

@@ -113,6 +113,17 @@ pub(crate) async fn audit(
     _admin: Admin,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
+    // Records keep a request's control characters escaped (`\u{0}`), so a filter holding
+    // one matches nothing, and PostgreSQL's text cannot even hold a NUL.
+    if [&q.owner, &q.name, &q.principal]
+        .into_iter()
+        .flatten()
+        .any(|f| f.chars().any(char::is_control))
+    {
+        return Err(ApiError::bad_request(
+            "owner, name and principal filters must not hold control characters (records keep them escaped as \\u{..})",
+        ));
+    }
     let mut filter = AuditFilter::default();
     filter.owner = q.owner;
     filter.name = q.name;

@@ -19,7 +19,8 @@ use crate::{ApiError, AppState, ErrorBody};
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Policy first: a refusal does not depend on whether the credential exists.
+/// Policy first: a refusal does not depend on whether the credential exists. (A malformed
+/// owner or name is refused before it, the same 400 for every caller.)
 fn authorize(
     state: &AppState,
     service: &Service,
@@ -27,6 +28,7 @@ fn authorize(
     owner: &str,
     name: &str,
 ) -> ApiResult<()> {
+    strongroom_core::check_place(owner, name)?;
     // A service acts for the owner or for nobody: another user's token would put that
     // user in the audit record (and in the owner's usage view) of this owner's credential.
     if service

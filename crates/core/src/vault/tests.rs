@@ -216,6 +216,22 @@ async fn bad_input_is_refused_before_any_write() {
     let mut huge = put("alice", "n", b"x");
     huge.metadata = Some(serde_json::json!({"k": "x".repeat(MAX_METADATA_LEN)}));
     assert!(matches!(v.put(huge).await, Err(CoreError::InvalidInput(_))));
+    for nul in [
+        serde_json::json!({"k": "a\0b"}),
+        serde_json::json!({"k\0": 1}),
+        serde_json::json!({"k": [{"deep": "\0"}]}),
+    ] {
+        let mut m = put("alice", "n", b"x");
+        m.metadata = Some(nul.clone());
+        assert!(
+            matches!(v.put(m).await, Err(CoreError::InvalidInput(_))),
+            "{nul}"
+        );
+    }
+    let mut escaped = put("alice", "n2", b"x");
+    escaped.metadata = Some(serde_json::json!({"k": "a backslash then u0000: \\u0000"}));
+    v.put(escaped).await.unwrap();
+    v.destroy_credential("alice", "n2").await.unwrap();
     assert!(
         matches!(v.describe("alice", "n").await, Err(CoreError::NotFound)),
         "nothing was written"
