@@ -1582,7 +1582,8 @@ impl Connection {
         let requests = activity.clone();
         // Over TLS a client speaks HTTP/2 only after choosing it by ALPN.
         let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        let max_body_bytes = self.max_body_bytes;
+        // Enough for a body a few times over the limit to still get its 413 whole.
+        let drain_bytes = self.max_body_bytes.saturating_mul(4);
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             if let Some(peer) = &peer {
                 req.extensions_mut().insert(peer.clone());
@@ -1605,7 +1606,7 @@ impl Connection {
             async move {
                 let response = response.await;
                 if let Some(leftover) = leftover {
-                    leftover.drain(max_body_bytes, UNREAD_BODY_WAIT).await;
+                    leftover.drain(drain_bytes, UNREAD_BODY_WAIT).await;
                 }
                 drop(in_flight);
                 response

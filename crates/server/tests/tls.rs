@@ -747,3 +747,60 @@ async fn an_http2_answer_given_before_the_body_is_read_ends_without_a_reset() {
     }
     server.stop().await.unwrap();
 }
+
+/// A body a little over the limit still gets its 413 whole over HTTP/2.
+#[tokio::test]
+async fn an_http2_body_over_the_limit_gets_its_413_without_a_reset() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let tls = server
+        .client(fx.client_options().http2())
+        .connect_raw()
+        .await
+        .unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let alice = fx.user_token("alice");
+    let big = vec![b'a'; 2_000_000]; // limits.max_body_bytes defaults to 512 KiB
+    let request = http::Request::builder()
+        .method("PUT")
+        .uri("https://localhost/v1/me/credentials/zoom.big")
+        .header("content-type", "application/json")
+        .header("content-length", big.len())
+        .header("authorization", format!("Bearer {alice}"))
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    let sender = tokio::spawn(async move {
+        for chunk in big.chunks(16 * 1024) {
+            body.reserve_capacity(chunk.len());
+            while body.capacity() < chunk.len() {
+                match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    _ => return body,
+                }
+            }
+            if body
+                .send_data(bytes::Bytes::copy_from_slice(chunk), false)
+                .is_err()
+            {
+                return body;
+            }
+        }
+        let _ = body.send_data(bytes::Bytes::new(), true);
+        body
+    });
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let mut body = sender.await.unwrap();
+    let reset = tokio::time::timeout(
+        Duration::from_millis(300),
+        std::future::poll_fn(|cx| body.poll_reset(cx)),
+    )
+    .await;
+    assert!(reset.is_err(), "stream reset: {reset:?}");
+    server.stop().await.unwrap();
+}
