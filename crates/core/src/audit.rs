@@ -72,10 +72,26 @@ async fn unwrap_head_key(keys: &dyn KeyProvider, stored: &[u8]) -> Result<HeadKe
         },
         bytes: s.wrapped,
     };
+    let kek = wrapped.kek.clone();
     let key = keys
         .unwrap(&wrapped, HEAD_KEY_AAD)
         .await
-        .map_err(|e| unavailable("head key unwrap", e))?;
+        .map_err(|e| match &e {
+            // Not an outage: the key that sealed it is gone, and waiting will not help.
+            strongroom_crypto::UnwrapError::Failed(p)
+                if p.kind() == strongroom_crypto::ProviderErrorKind::AuthenticationFailed =>
+            {
+                unavailable(
+                    "head key unwrap",
+                    format!(
+                        "{kek} does not open the audit head key this store holds: a key of \
+                         that name was deleted and recreated since, the store belongs to another \
+                         deployment, or its copy of the head key was altered ({e})"
+                    ),
+                )
+            }
+            _ => unavailable("head key unwrap", e),
+        })?;
     Ok(HeadKey::new(*key.expose_secret()))
 }
 
@@ -527,6 +543,40 @@ mod tests {
             }
             assert!(heads.windows(2).all(|w| w[0] == w[1]), "one key");
         }
+    }
+
+    /// A head key the provider's key no longer opens (the key recreated under its name, or
+    /// the stored copy altered) stops the start with a message saying so, not a bare
+    /// "does not authenticate".
+    #[tokio::test]
+    async fn a_head_key_the_provider_does_not_open_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+        let keys = FakeProvider::new("audit-tests", 1);
+        load_or_create_head_key(&store, &keys, &OsRandom)
+            .await
+            .unwrap();
+        let stored = store
+            .get_provider_state(HEAD_KEY_STATE)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut s: StoredHeadKey = serde_json::from_slice(&stored).unwrap();
+        s.wrapped[20] ^= 1;
+        store
+            .put_provider_state(HEAD_KEY_STATE, serde_json::to_vec(&s).unwrap())
+            .await
+            .unwrap();
+        let e = load_or_create_head_key(&store, &keys, &OsRandom)
+            .await
+            .err()
+            .expect("the altered head key was accepted")
+            .to_string();
+        assert!(
+            e.contains("fake:audit-tests:v1 does not open the audit head key")
+                && e.contains("recreated"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
