@@ -569,8 +569,7 @@ mod tests {
             .unwrap();
         let e = load_or_create_head_key(&store, &keys, &OsRandom)
             .await
-            .err()
-            .expect("the altered head key was accepted")
+            .expect_err("the altered head key was accepted")
             .to_string();
         assert!(
             e.contains("fake:audit-tests:v1 does not open the audit head key")
