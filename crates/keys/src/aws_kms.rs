@@ -276,18 +276,34 @@ impl AwsKmsProvider {
     }
 
     /// Turns an SDK error into an opaque [`ProviderError`], by the SDK's error kinds.
-    fn classify<E, R>(
+    fn classify<E>(
         &self,
-        err: SdkError<E, R>,
+        err: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
         op: &str,
         service_kind: fn(&E) -> Option<ProviderErrorKind>,
     ) -> ProviderError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
     {
         let key = &self.key_id;
         let (kind, message) = match &err {
+            SdkError::ServiceError(s) if s.err().code().is_none() => {
+                // No AWS error in the answer: usually a proxy or load balancer between us
+                // and KMS, whose status says more than "unknown error".
+                let status = s.raw().status().as_u16();
+                let kind = match status {
+                    401 | 403 => ProviderErrorKind::Denied,
+                    429 | 500..=599 => ProviderErrorKind::Unavailable,
+                    _ => ProviderErrorKind::Other,
+                };
+                (
+                    kind,
+                    format!(
+                        "{op} with key {key} failed: HTTP {status} with no AWS error code \
+                         (is something other than KMS answering at the endpoint?)"
+                    ),
+                )
+            }
             SdkError::ServiceError(s) => {
                 let e = s.err();
                 let code = e.code().unwrap_or("unknown error");

@@ -175,3 +175,40 @@ async fn an_unreachable_endpoint_stops_start_up_quickly() {
     assert!(msg.contains("cannot reach KMS"), "{msg}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// Something other than KMS at the endpoint (a proxy's HTML error page): the error gives the
+/// HTTP status and says so, where it said "unknown error", and a 5xx is an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_an_aws_error_code_names_its_status() {
+    // Needs the dummy credentials moto.sh exports; the endpoint is a stand-in proxy.
+    let _ = require_peer!(ENDPOINT, SCRIPT);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let page = "<html><body>502 Bad Gateway</body></html>";
+                let answer = format!(
+                    "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let mut c = config(
+        &format!("http://{addr}"),
+        "11111111-2222-3333-4444-555555555555",
+    );
+    c.max_attempts = 1;
+    let e = AwsKmsProvider::connect(c).await.unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(e.kind(), ProviderErrorKind::Unavailable, "{msg}");
+    assert!(
+        msg.contains("HTTP 502") && !msg.contains("unknown error"),
+        "{msg}"
+    );
+}
