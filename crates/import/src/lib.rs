@@ -98,11 +98,24 @@ impl Plan {
                 if pairs.is_empty() {
                     return Err(ImportError::Usage("give at least one --map".into()));
                 }
-                for (col, name) in pairs {
+                for (i, (col, name)) in pairs.iter().enumerate() {
                     if !is_valid_name(name) {
                         return Err(ImportError::Usage(format!(
                             "--map {col}={name}: credential names must match \
                              [a-z0-9][a-z0-9._-]{{0,127}}"
+                        )));
+                    }
+                    // Two columns into one credential would stack their values as versions
+                    // of it, in no order a user chose; one column twice imports it twice.
+                    if let Some((other, _)) = pairs[..i].iter().find(|(_, n)| n == name) {
+                        return Err(ImportError::Usage(format!(
+                            "--map {other}={name} and --map {col}={name}: each credential \
+                             name takes one column"
+                        )));
+                    }
+                    if pairs[..i].iter().any(|(c, _)| c.eq_ignore_ascii_case(col)) {
+                        return Err(ImportError::Usage(format!(
+                            "--map {col}=...: the column is mapped twice"
                         )));
                     }
                 }
@@ -546,6 +559,34 @@ mod tests {
                 "{id} {owner}"
             );
         }
+    }
+
+    #[test]
+    fn a_name_takes_one_column_and_a_column_maps_once() {
+        let plan = |pairs: &[(&str, &str)]| Plan {
+            table: "t".into(),
+            id_column: "id".into(),
+            owner_column: "o".into(),
+            mapping: Mapping::Columns(
+                pairs
+                    .iter()
+                    .map(|(c, n)| ((*c).to_owned(), (*n).to_owned()))
+                    .collect(),
+            ),
+            batch: 10,
+        };
+        for pairs in [
+            &[("zoom_key", "zoom.key"), ("old_zoom_key", "zoom.key")][..],
+            &[("zoom_key", "zoom.key"), ("ZOOM_KEY", "zoom.other")][..],
+        ] {
+            match plan(pairs).columns() {
+                Err(ImportError::Usage(m)) => assert!(m.contains("--map"), "{m}"),
+                other => panic!("{pairs:?}: {:?}", other.map(|_| ())),
+            }
+        }
+        assert!(plan(&[("zoom_key", "zoom.key"), ("slack", "slack.token")])
+            .columns()
+            .is_ok());
     }
 
     #[test]
