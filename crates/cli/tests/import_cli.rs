@@ -743,7 +743,8 @@ fn a_mistyped_column_is_an_error_not_a_string() {
     );
 }
 
-/// SIGKILL in the middle of an import, then a rerun: every value ends up exactly once.
+/// Ctrl-C, then SIGKILL in the middle of an import, then a rerun: every value ends up
+/// exactly once.
 #[test]
 fn an_interrupted_import_continues_without_duplicates() {
     const ROWS: i64 = 400;
@@ -785,6 +786,35 @@ fn an_interrupted_import_continues_without_duplicates() {
             .env_remove("STRONGROOM_DATA_DIR")
             .env_remove("STRONGROOM_CONFIG");
     };
+    // Ctrl-C once some rows are in: it stops after the batch in hand, prints its report
+    // and exits 130.
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("strongroom"));
+    args(&mut cmd);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 && !line.starts_with("import: 10/") {
+        line.clear();
+    }
+    let interrupt = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupt.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(130), "{stdout}\n{rest}");
+    assert!(rest.contains("interrupted after"), "{rest}");
+    let first = count(&stdout, "values imported:");
+    assert!((10..ROWS as u64).contains(&first), "{stdout}");
+    assert_eq!(count(&stdout, "rows read:"), first, "{stdout}");
+
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("strongroom"));
     args(&mut cmd);
     let mut child = cmd

@@ -55,6 +55,12 @@ pub enum ImportError {
         "{0} row(s) could not be imported (listed in the report); nothing was written for them"
     )]
     RowsFailed(u64),
+    /// Stopped when asked to, after a whole batch.
+    #[error(
+        "interrupted after {0} row(s); run the same command again to go on (values already \
+         imported are skipped)"
+    )]
+    Interrupted(u64),
 }
 
 /// Where each value goes.
@@ -185,6 +191,8 @@ pub struct Report {
     pub rows_failed: u64,
     /// Each failing value, by row id and column.
     pub failures: Vec<RowFailure>,
+    /// Whether the import stopped early, when asked to, after a whole batch.
+    pub interrupted: bool,
 }
 
 /// Progress after each batch.
@@ -451,7 +459,7 @@ pub async fn run(
     plan: &Plan,
     fernet: &MultiFernet,
     target: Option<&Target<'_>>,
-    progress: &mut dyn FnMut(Progress),
+    progress: &mut dyn FnMut(Progress) -> std::ops::ControlFlow<()>,
 ) -> Result<Report, ImportError> {
     let cols = plan.columns()?;
     let rows_total = source.count(&cols).await?;
@@ -487,12 +495,19 @@ pub async fn run(
                 }
             }
         }
-        progress(Progress {
+        // Asked to stop (an interrupt): after a whole batch, so the report counts every
+        // write, and a re-run picks up where this one ended (what is there is skipped).
+        if progress(Progress {
             rows_done: report.rows_read,
             rows_total: rows_total.max(report.rows_read),
             imported: report.values_imported,
             failed: report.rows_failed,
-        });
+        })
+        .is_break()
+        {
+            report.interrupted = true;
+            break;
+        }
     }
     Ok(report)
 }

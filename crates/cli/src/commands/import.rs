@@ -225,16 +225,38 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
 
     let mut source = Source::open(&url).await.map_err(usage)?;
     let mut progress = Bar::new();
+    // The first Ctrl-C stops after the batch in hand (and the report is printed); a second
+    // one exits at once.
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_interrupt = {
+        let interrupted = interrupted.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("\ninterrupted: stopping after this batch (Ctrl-C again to quit now)");
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        })
+    };
     let result = strongroom_import::run(&mut source, &plan, &fernet, target.as_ref(), &mut |p| {
-        progress.update(p)
+        progress.update(p);
+        if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
     })
     .await;
+    on_interrupt.abort();
     progress.finish();
     source.close().await;
     drop(target);
     drop(vault);
     if let Some(b) = backends {
         let (outcome, code) = match &result {
+            Ok(r) if r.interrupted => ("error", Some("interrupted")),
             Ok(r) if r.rows_failed == 0 => ("ok", None),
             Ok(_) => ("error", Some("rows_failed")),
             Err(_) => ("error", Some("import_failed")),
@@ -244,6 +266,9 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
     }
     let report = result.map_err(Failure::Import)?;
     print_report(&report);
+    if report.interrupted {
+        return Err(Failure::Import(ImportError::Interrupted(report.rows_read)));
+    }
     if report.rows_failed > 0 {
         return Err(Failure::Import(ImportError::RowsFailed(report.rows_failed)));
     }

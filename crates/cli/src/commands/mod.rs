@@ -65,6 +65,8 @@ impl Failure {
             Failure::Cli(e) => e.exit_code(),
             Failure::Server(_) => ExitCode::from(1),
             Failure::Import(strongroom_import::ImportError::Usage(_)) => ExitCode::from(2),
+            // As a shell reports a process ended by SIGINT.
+            Failure::Import(strongroom_import::ImportError::Interrupted(_)) => ExitCode::from(130),
             Failure::Import(_) => ExitCode::from(1),
         }
     }
