@@ -264,6 +264,16 @@ impl Verifier {
     ///
     /// [`VerifyError::HeadMac`], [`VerifyError::Length`] or [`VerifyError::HeadHash`].
     pub fn finish(self, head: &Head, key: &HeadKey) -> Result<u64, VerifyError> {
+        self.check_head(head, key)
+    }
+
+    /// Checks the records so far against `head`, and goes on: for a log still being
+    /// appended to, whose head was read before its records.
+    ///
+    /// # Errors
+    ///
+    /// As [`Verifier::finish`].
+    pub fn check_head(&self, head: &Head, key: &HeadKey) -> Result<u64, VerifyError> {
         if !key.check(head) {
             return Err(VerifyError::HeadMac);
         }

@@ -2,6 +2,7 @@
 //! in the SQLite database (change a field, delete, swap, truncate, roll back the head).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -377,4 +378,80 @@ fn honest_log_verifies_and_every_tampering_is_named() {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `audit verify` next to a server that keeps appending: the head it reads and the records
+/// after it are one consistent view, so it passes (it used to report the records appended
+/// meanwhile as a truncation), while a log cut short still fails.
+#[test]
+fn verify_passes_while_a_server_appends_and_still_catches_a_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = common::dev::start_dev(&data, &[]);
+    let service = server.export("SERVICE");
+    let alice = server.export("ALICE");
+    let client = server.client(&data);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Eight clients, so that records land while verify scans.
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            let client = client.clone();
+            let (alice, service) = (alice.clone(), service.clone());
+            rt.spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = client
+                        .json(
+                            "PUT",
+                            &format!("/v1/me/credentials/k{}", n % 20),
+                            Some(&alice),
+                            &serde_json::json!({"value": "v"}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 201);
+                    let r = client
+                        .json(
+                            "POST",
+                            &format!("/v1/owners/alice/credentials/k{}/reveal", n % 20),
+                            Some(&service),
+                            &serde_json::json!({}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    for round in 0..5 {
+        let (ok, text) = verify(&data);
+        assert!(ok, "round {round}, under load: {text}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut requests = 0;
+    for task in load {
+        requests += rt.block_on(task).unwrap();
+    }
+    assert!(requests > 200, "the load made only {requests} rounds");
+    drop(server);
+
+    // Still caught: the last record gone.
+    let (ok, text) = verify(&data);
+    assert!(ok, "{text}");
+    tamper(
+        &data,
+        "DELETE FROM audit_records WHERE seq = (SELECT MAX(seq) FROM audit_records)",
+    );
+    let (ok, text) = verify(&data);
+    assert!(!ok && text.contains("truncated"), "{text}");
 }

@@ -105,6 +105,17 @@ async fn verify_log(
 ) -> Result<u64, Failure> {
     let store = backends.store.as_ref();
     let log = strongroom_core::audit::audit_log(store).map_err(op)?;
+    // A server may be appending while this runs. So, in this order: the versions (each put
+    // commits with its record, so the records read later cover at least these), then the
+    // head, then the records, checked against the head where they reach its count; those
+    // appended after it are checked as a chain going on from it.
+    let versions: u64 = store
+        .count_versions_by_kek()
+        .await
+        .map_err(op)?
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
     let head = log.audit_head().await.map_err(op)?;
     let key = strongroom_core::audit::load_head_key(store, backends.keyring.as_ref())
         .await
@@ -136,6 +147,17 @@ async fn verify_log(
             ));
         }
     }
+    // Whether the records so far end exactly at the head, and it checks.
+    let at_head = |verifier: &Verifier| -> Result<bool, Failure> {
+        match (&head, &key) {
+            (Some(head), Some(key)) if verifier.count() == head.count => verifier
+                .check_head(head, key)
+                .map(|_| true)
+                .map_err(|e| failed(e.to_string())),
+            _ => Ok(false),
+        }
+    };
+    let mut head_checked = at_head(&verifier)?;
     loop {
         let batch = log.audit_scan(verifier.count(), BATCH).await.map_err(op)?;
         if batch.is_empty() {
@@ -143,6 +165,7 @@ async fn verify_log(
         }
         for r in &batch {
             verifier.push(r).map_err(|e| failed(e.to_string()))?;
+            head_checked |= at_head(&verifier)?;
             if r.event.action == "put" && r.event.outcome == "ok" {
                 puts += 1;
             }
@@ -176,13 +199,6 @@ async fn verify_log(
     }
     // A log cut back to an earlier genuine head (down to the sealed empty one) verifies as a
     // chain, but it no longer covers the versions the store holds.
-    let versions: u64 = store
-        .count_versions_by_kek()
-        .await
-        .map_err(op)?
-        .iter()
-        .map(|(_, n)| n)
-        .sum();
     if versions > puts {
         return Err(failed(format!(
             "the store holds {versions} active credential versions but the log records only \
@@ -203,9 +219,34 @@ async fn verify_log(
         (Some(_), None) => Err(failed(
             "the chain head exists but the head key is missing from provider_state".into(),
         )),
-        (Some(head), Some(key)) => verifier
+        // Fewer records than the head counts: the scan never reached it.
+        (Some(head), Some(key)) if !head_checked => verifier
             .finish(&head, &key)
             .map_err(|e| failed(e.to_string())),
+        (Some(_), Some(key)) => {
+            // Records past the first head are appends made meanwhile only if a head read now
+            // covers them all: else the head was rolled back under records kept, and those
+            // could have been rewritten as a chain no MAC covers.
+            let now = log.audit_head().await.map_err(op)?;
+            let Some(now) = now else {
+                return Err(failed("the chain head was removed during the check".into()));
+            };
+            if verifier.count() > now.count {
+                return Err(failed(
+                    strongroom_store::audit::VerifyError::Length {
+                        found: verifier.count(),
+                        head: now.count,
+                    }
+                    .to_string(),
+                ));
+            }
+            if verifier.count() == now.count {
+                verifier
+                    .check_head(&now, &key)
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+            Ok(verifier.count())
+        }
     }
 }
 
