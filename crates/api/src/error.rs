@@ -125,7 +125,13 @@ impl From<CoreError> for ApiError {
             CoreError::VersionConflict { .. } => {
                 Self::new(S::CONFLICT, "version_conflict", e.to_string())
             }
-            CoreError::Contended => Self::new(S::CONFLICT, "contended", e.to_string()),
+            // Writers on other nodes kept taking the next version number: nothing the caller
+            // got wrong (409 means a stale expected_version), so retryable.
+            CoreError::Contended => {
+                let mut e = Self::new(S::SERVICE_UNAVAILABLE, "contended", e.to_string());
+                e.retry_after = Some(1);
+                e
+            }
             CoreError::Disabled => Self::new(S::CONFLICT, "credential_disabled", e.to_string()),
             CoreError::Unavailable(cause) => {
                 Self::internal(S::SERVICE_UNAVAILABLE, "unavailable", cause)
@@ -178,5 +184,22 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Losing the version-number race to other nodes is no fault of the caller's: 503 with
+    /// Retry-After, not the 409 of a stale `expected_version`.
+    #[test]
+    fn contention_is_retryable_and_a_stale_version_is_a_conflict() {
+        let r = ApiError::from(CoreError::Contended).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = ApiError::from(CoreError::VersionConflict { current: Some(3) }).into_response();
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
     }
 }

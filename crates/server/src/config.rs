@@ -16,6 +16,7 @@
 //! | `store.schema` | — | PostgreSQL schema for the tables (created if absent) |
 //! | `store.tls_ca_file` | — | PostgreSQL: CA certificates (PEM) the server's certificate must chain to, instead of the platform's trust store. A server that is not on this host is reached over verified TLS only (`sslmode=disable` is refused for it); on this host `sslmode=require` in `store.url` asks for TLS too. `require`, `verify-ca` and `verify-full` all verify the certificate chain and the host name |
 //! | `store.sync` | `"full"` | SQLite only. `"full"`: every commit (each put, each audit record a reveal waits for) is fsynced before it is acknowledged, so it survives power loss. `"normal"`: **relaxed**, commits are only written to the WAL (fsynced at checkpoints): survives a crash of the process (kill -9), but the last acknowledged writes and audit records **can be lost on power loss or an OS crash** |
+//! | `store.max_versions` | 10 | active versions kept per credential; a put beyond it destroys (crypto-shreds) the oldest version that is not current, recorded by that put's audit record. 1 to 1000 |
 //! | `store.reveal_cache_mb` | 32 | SQLite only. MiB of sealed current versions kept in memory so a reveal needs no database read; it holds what the file holds (never a plaintext), every write of this server drops what it changed before it is acknowledged, and a write by another process (an operator command) is caught before a value leaves. `0` turns it off |
 //! | `keys.provider` | `"local"` | key provider: `"local"` (keyring file), `"aws-kms"`, `"pkcs11"` or `"transit"` |
 //! | `keys.mode` | `"hierarchy"` | remote providers: `"hierarchy"` (the provider wraps Strongroom's KEKs, unwrapped once at start) or `"strict"` (the provider wraps every data key: one provider call per put and reveal) |
@@ -261,6 +262,18 @@ pub struct StoreConfig {
     /// the cache off). It holds what the database holds, never a plaintext.
     #[serde(default)]
     pub reveal_cache_mb: Option<u32>,
+    /// Active versions kept per credential (default 10): a put beyond it destroys
+    /// (crypto-shreds) the oldest version that is not current.
+    #[serde(default)]
+    pub max_versions: Option<u32>,
+}
+
+impl StoreConfig {
+    /// `store.max_versions`, or its default.
+    pub fn max_versions(&self) -> u32 {
+        self.max_versions
+            .unwrap_or(strongroom_store::DEFAULT_MAX_VERSIONS)
+    }
 }
 
 /// `store.sync`: how durable an acknowledged SQLite commit is.
@@ -285,6 +298,7 @@ impl fmt::Debug for StoreConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("sync", &self.sync)
             .field("reveal_cache_mb", &self.reveal_cache_mb)
+            .field("max_versions", &self.max_versions)
             .finish()
     }
 }
@@ -843,6 +857,13 @@ impl Config {
                 "store.reveal_cache_mb",
                 "is SQLite only: with PostgreSQL, other servers write too, so every reveal reads the database",
             );
+        }
+        if self
+            .store
+            .max_versions
+            .is_some_and(|n| !(1..=1000).contains(&n))
+        {
+            return bad("store.max_versions", "must be 1 to 1000");
         }
         if self.store.reveal_cache_mb.is_some_and(|mb| mb > 4096) {
             return bad("store.reveal_cache_mb", "must be at most 4096");

@@ -267,7 +267,7 @@ impl DevSetup {
         config.validate()?;
         if config.store.kind != crate::config::StoreKind::Sqlite {
             return Err(ServerError::Config(
-                "--dev always uses SQLite under the data dir (only `store.sync` and `store.reveal_cache_mb` may be set)".into(),
+                "--dev always uses SQLite under the data dir (only `store.sync`, `store.reveal_cache_mb` and `store.max_versions` may be set)".into(),
             ));
         }
         Ok(config)

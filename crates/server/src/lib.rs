@@ -126,6 +126,8 @@ pub struct Backends {
     /// The KEK hierarchy, when a remote provider wraps Strongroom's KEKs (`keys.mode =
     /// "hierarchy"`); its root is the remote provider.
     pub hierarchy: Option<Arc<KekHierarchy>>,
+    /// `store.max_versions`, for the [`Vault`] made over these backends.
+    max_versions: u32,
     handle: StoreHandle,
 }
 
@@ -169,6 +171,7 @@ impl Backends {
             keyring: keys.provider,
             local_keyring: keys.local_keyring,
             hierarchy: keys.hierarchy,
+            max_versions: config.store.max_versions(),
             handle,
         })
     }
@@ -180,7 +183,9 @@ impl Backends {
             self.keyring.clone(),
             Arc::new(OsRandom),
             Arc::new(SystemClock),
-            VaultConfig::default(),
+            VaultConfig {
+                max_versions: self.max_versions,
+            },
         ))
     }
 
@@ -898,7 +903,9 @@ impl Server {
             keyring.clone(),
             Arc::new(OsRandom),
             Arc::new(SystemClock),
-            VaultConfig::default(),
+            VaultConfig {
+                max_versions: config.store.max_versions(),
+            },
         ));
         let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());
         state.set_broker(Arc::new(broker));

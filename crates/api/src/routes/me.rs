@@ -23,10 +23,11 @@ type ApiResult<T> = Result<T, ApiError>;
     params(("name" = String, Path, description = "Credential name, [a-z0-9][a-z0-9._-]{0,127}")),
     request_body = PutBody,
     responses(
-        (status = 201, description = "Stored; the value is never returned", body = PutResponse),
+        (status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed", body = PutResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 409, description = "expected_version is stale", body = ErrorBody),
-        (status = 413, body = ErrorBody)),
+        (status = 413, body = ErrorBody),
+        (status = 503, description = "contended: writers on other nodes kept taking the next version number; retry after Retry-After", body = ErrorBody)),
     security(("user_jwt" = [])))]
 pub(crate) async fn put(
     State(state): State<AppState>,

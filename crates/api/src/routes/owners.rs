@@ -61,8 +61,10 @@ fn authorize(
 #[utoipa::path(put, path = "/v1/owners/{owner}/credentials/{name}", tag = "service",
     params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name")),
     request_body = PutBody,
-    responses((status = 201, body = PutResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+    responses((status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed", body = PutResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, description = "expected_version is stale", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 503, description = "contended: writers on other nodes kept taking the next version number; retry after Retry-After", body = ErrorBody)),
     security(("service_token" = [])))]
 pub(crate) async fn put(
     State(state): State<AppState>,

@@ -370,6 +370,69 @@ async fn a_stale_version_guess_costs_one_retry_and_never_a_wrong_version() {
     assert_eq!(a.put(put("alice", "k", b"a5")).await.unwrap().version, 5);
 }
 
+/// Unconditional puts to one credential from several nodes at once all succeed, each with
+/// its own version number: losers of a race back off and try again rather than give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_racing_from_several_nodes_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let nodes: Vec<Arc<Vault>> = (0..4)
+        .map(|_| {
+            Arc::new(Vault::new(
+                store.clone(),
+                Arc::new(FakeProvider::new("core", 1)),
+                Arc::new(OsRandom),
+                Arc::new(SystemClock),
+                VaultConfig { max_versions: 1000 },
+            ))
+        })
+        .collect();
+    const EACH: u32 = 60;
+    let tasks: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(n, node)| {
+            (0..2).map(move |w| {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    for i in 0..EACH {
+                        let value = format!("n{n}w{w}i{i}");
+                        let r = node.put(put("alice", "hot", value.as_bytes())).await;
+                        got.push((r.map(|o| o.version), value));
+                        // A client's round trip before its next request.
+                        tokio::time::sleep(std::time::Duration::from_micros(300)).await;
+                    }
+                    got
+                })
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    let mut failed = Vec::new();
+    for t in tasks {
+        for (r, value) in t.await.unwrap() {
+            match r {
+                Ok(version) => versions.push((version, value)),
+                Err(e) => failed.push(format!("{value}: {e}")),
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    versions.sort();
+    assert_eq!(
+        versions.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+        (1..=8 * EACH).collect::<Vec<_>>()
+    );
+    for (version, value) in versions.iter().step_by(37) {
+        let r = nodes[0]
+            .reveal("alice", "hot", Some(*version))
+            .await
+            .unwrap();
+        assert_eq!(r.value.expose_secret(), value.as_bytes());
+    }
+}
+
 /// A version whose key no configured provider holds (a server left on the old configuration
 /// after `rewrap --to-config`) is `KeyUnavailable` (503 `key_unavailable`), not an internal
 /// error.
