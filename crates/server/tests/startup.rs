@@ -364,3 +364,61 @@ async fn reload_picks_up_a_keyring_rotation() {
     }
     server.stop().await.unwrap();
 }
+
+/// `store.max_versions` is what a credential keeps: with 2, the third put destroys the
+/// first version. Out of range, the server does not start.
+#[tokio::test]
+async fn store_max_versions_sets_retention() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config_from(&fx.toml("", "[store]\nmax_versions = 2\n"))).await;
+    let client = server.client(fx.client_options());
+    let alice = fx.user_token("alice");
+    for i in 1..=3 {
+        let r = client
+            .json(
+                "PUT",
+                "/v1/me/credentials/zoom.kept",
+                Some(&alice),
+                &json!({"value": format!("v{i}")}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+    }
+    let d = client
+        .get("/v1/me/credentials/zoom.kept", Some(&alice))
+        .await
+        .unwrap()
+        .json();
+    let states: Vec<(u64, String)> = d["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_u64().unwrap(),
+                v["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        states.contains(&(1, "destroyed".into()))
+            && states.contains(&(2, "active".into()))
+            && states.contains(&(3, "active".into())),
+        "{states:?}"
+    );
+    server.stop().await.unwrap();
+
+    for bad in [0, 1001] {
+        let text = fx.toml("", &format!("[store]\nmax_versions = {bad}\n"));
+        let config = Config::from_figment(
+            figment::Figment::from(
+                <figment::providers::Toml as figment::providers::Format>::string(&text),
+            ),
+            &strongroom_server::config::Overrides::default(),
+        )
+        .unwrap();
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("store.max_versions"), "{e}");
+    }
+}
