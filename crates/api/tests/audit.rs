@@ -241,6 +241,7 @@ async fn owners_see_who_used_their_credential_and_nothing_of_others() {
 async fn reveal_fails_closed_when_the_audit_record_cannot_be_written() {
     let api = api_audited(Auditing::Failing).await;
     api.seed().await;
+    assert_eq!(api.call("GET", "/readyz", None, None).await.status, 200);
     let r = api
         .call(
             "POST",
@@ -252,6 +253,11 @@ async fn reveal_fails_closed_when_the_audit_record_cannot_be_written() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "audit_unavailable");
     assert!(!r.body.contains(CANARY));
+    // Every write and reveal fails now: the node says it is not ready.
+    assert_eq!(
+        api.call("GET", "/readyz", None, None).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     // With auditing off altogether, reveal works (no auditor configured).
     let off = api_audited(Auditing::Off).await;
     off.seed().await;

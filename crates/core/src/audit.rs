@@ -217,7 +217,16 @@ pub struct Auditor {
     sink: Option<Arc<Mutex<RecordSink>>>,
     /// False since an append found the log changed outside Strongroom, until one succeeds.
     intact: Arc<std::sync::atomic::AtomicBool>,
+    /// When the last append failed for want of the store (a full disk, an outage), in
+    /// milliseconds after `started` plus one; 0 once one has succeeded since.
+    failed_at: Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
 }
+
+/// How long after a failed append, with none succeeding since, [`Auditor::failing`] holds:
+/// long enough for a load balancer to take the node out, short enough that a node with no
+/// traffic to prove it has recovered is tried again.
+const FAILING_FOR: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Where [`Auditor::record`] sends an event.
 #[derive(Clone)]
@@ -255,7 +264,28 @@ impl Auditor {
             key,
             sink,
             intact: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            failed_at: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// Whether an append failed for want of the store (a full disk, an outage) within the
+    /// last 15 s with none succeeding since: every write and reveal then fails, so the
+    /// node reports not ready.
+    pub fn failing(&self) -> bool {
+        let failed_at = self.failed_at.load(std::sync::atomic::Ordering::Relaxed);
+        failed_at != 0
+            && self.elapsed_ms().saturating_sub(failed_at - 1) < FAILING_FOR.as_millis() as u64
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn set_failed(&self, failed: bool) {
+        let value = if failed { self.elapsed_ms() + 1 } else { 0 };
+        self.failed_at
+            .store(value, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the log took the last append: false after one was refused because the log was
@@ -269,8 +299,12 @@ impl Auditor {
     /// ended.
     pub fn note_append(&self, outcome: Result<(), &CoreError>) {
         match outcome {
-            Ok(()) => self.set_intact(true),
+            Ok(()) => {
+                self.set_intact(true);
+                self.set_failed(false);
+            }
             Err(CoreError::AuditIntegrity(_)) => self.set_intact(false),
+            Err(CoreError::Unavailable(_)) => self.set_failed(true),
             Err(_) => {}
         }
     }
@@ -282,8 +316,12 @@ impl Auditor {
 
     fn note_store_append<T>(&self, outcome: &Result<T, StoreError>) {
         match outcome {
-            Ok(_) => self.set_intact(true),
+            Ok(_) => {
+                self.set_intact(true);
+                self.set_failed(false);
+            }
             Err(StoreError::AuditIntegrity { .. }) => self.set_intact(false),
+            Err(StoreError::Unavailable(_)) => self.set_failed(true),
             Err(_) => {}
         }
     }
@@ -543,6 +581,85 @@ mod tests {
             }
             assert!(heads.windows(2).all(|w| w[0] == w[1]), "one key");
         }
+    }
+
+    /// An audit log that fails its appends while `down` is set (a full disk), else is the
+    /// SQLite store's.
+    #[derive(Debug)]
+    struct FlakyLog {
+        store: SqliteStore,
+        down: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl AuditLog for FlakyLog {
+        async fn audit_append(
+            &self,
+            key: Arc<HeadKey>,
+            events: Vec<Event>,
+        ) -> Result<Vec<Record>, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Unavailable(
+                    strongroom_store::BackendError::msg("database or disk is full"),
+                ));
+            }
+            self.store.audit_append(key, events).await
+        }
+        async fn audit_head(&self) -> Result<Option<strongroom_store::audit::Head>, StoreError> {
+            self.store.audit_head().await
+        }
+        async fn audit_scan(&self, after: u64, limit: u32) -> Result<Vec<Record>, StoreError> {
+            self.store.audit_scan(after, limit).await
+        }
+        async fn audit_query(
+            &self,
+            filter: &strongroom_store::AuditFilter,
+            before: Option<u64>,
+            limit: u32,
+        ) -> Result<Vec<Record>, StoreError> {
+            self.store.audit_query(filter, before, limit).await
+        }
+        async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+            self.store.audit_init_head_key(wrapped).await
+        }
+        async fn audit_seal_genesis(
+            &self,
+            genesis: strongroom_store::audit::Head,
+        ) -> Result<(), StoreError> {
+            self.store.audit_seal_genesis(genesis).await
+        }
+    }
+
+    /// A failed append marks the writer failing (the node reports not ready) until one
+    /// succeeds; a failure long past no longer counts.
+    #[tokio::test]
+    async fn a_failed_append_marks_the_auditor_failing_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+        let keys = FakeProvider::new("audit-tests", 1);
+        let key = load_or_create_head_key(&store, &keys, &OsRandom)
+            .await
+            .unwrap();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let log = Arc::new(FlakyLog {
+            store,
+            down: down.clone(),
+        });
+        let auditor = Auditor::start(log, key, None);
+        auditor.record(reveal_event(1)).await.unwrap();
+        assert!(!auditor.failing());
+        down.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(auditor.record(reveal_event(2)).await.is_err());
+        assert!(auditor.failing());
+        assert!(auditor.intact(), "a full disk is no tampering");
+        down.store(false, std::sync::atomic::Ordering::Relaxed);
+        auditor.record(reveal_event(3)).await.unwrap();
+        assert!(!auditor.failing());
+        // A put's own append reports the same way.
+        auditor.note_append(Err(&CoreError::Unavailable("disk full".into())));
+        assert!(auditor.failing());
+        auditor.note_append(Ok(()));
+        assert!(!auditor.failing());
     }
 
     /// A head key the provider's key no longer opens (the key recreated under its name, or

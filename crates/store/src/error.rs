@@ -106,7 +106,8 @@ impl BackendError {
         BackendError(Arc::new(e))
     }
 
-    pub(crate) fn msg(m: impl Into<String>) -> Self {
+    /// An error carrying only a message (for a backend outside this crate, or a test).
+    pub fn msg(m: impl Into<String>) -> Self {
         BackendError(Arc::new(Message(m.into())))
     }
 }

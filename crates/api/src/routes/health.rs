@@ -38,6 +38,11 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
              audit verify`)"
                 .to_owned(),
         ),
+        Ok(()) if state.auditor().is_some_and(|a| a.failing()) => Err(
+            "the audit log's last append failed (a full disk or a store fault?): writes and \
+             reveals fail until one succeeds"
+                .to_owned(),
+        ),
         Ok(()) => match state.auth().remote_jwks() {
             Some(jwks) if jwks.keys().is_none() => Err(format!(
                 "the user-token key set from {} is older than its allowed staleness",

@@ -99,7 +99,9 @@ impl strongroom_store::AuditLog for FailingLog {
         _: Arc<strongroom_store::audit::HeadKey>,
         _: Vec<strongroom_store::audit::Event>,
     ) -> Result<Vec<strongroom_store::audit::Record>, strongroom_store::StoreError> {
-        Err(strongroom_store::StoreError::InvalidInput("audit log down"))
+        Err(strongroom_store::StoreError::Unavailable(
+            strongroom_store::BackendError::msg("audit log down"),
+        ))
     }
     async fn audit_head(
         &self,
