@@ -138,6 +138,18 @@ pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
 
     let keyring = data_dir.join("keyring.json");
     if !keyring.exists() {
+        // A store without its keyring holds values nothing here can open: a new keyring
+        // would not bring them back, and would sit where the real one must be restored.
+        let db = data_dir.join("strongroom.db");
+        if db.exists() {
+            return Err(ServerError::Dev(format!(
+                "{} is missing but {} exists: its values are sealed under that keyring. \
+                 Restore keyring.json from a backup (or move strongroom.db aside to start \
+                 with an empty store)",
+                keyring.display(),
+                db.display()
+            )));
+        }
         strongroom_keys::local::generate(&keyring, OffsetDateTime::now_utc(), &OsRandom)?;
         created.push(keyring.clone());
     }

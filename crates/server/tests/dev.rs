@@ -115,6 +115,26 @@ fn bootstraps_racing_on_a_new_folder_agree_on_one_layout() {
     }
 }
 
+/// A keyring gone from beside a store is not silently replaced by a new one (which could
+/// open nothing in it, and would sit where the real one must be restored).
+#[test]
+fn a_lost_keyring_beside_a_store_is_not_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    dev::bootstrap(&options(tmp.path())).unwrap();
+    std::fs::write(tmp.path().join("strongroom.db"), b"").unwrap();
+    let keyring = tmp.path().join("keyring.json");
+    let kept = std::fs::read(&keyring).unwrap();
+    std::fs::remove_file(&keyring).unwrap();
+    let e = dev::bootstrap(&options(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Restore keyring.json"), "{e}");
+    assert!(!keyring.exists(), "a new keyring was made");
+    std::fs::write(&keyring, kept).unwrap();
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    dev::bootstrap(&options(tmp.path())).unwrap();
+}
+
 #[test]
 fn secrets_open_to_others_are_refused_with_advice() {
     let tmp = tempfile::tempdir().unwrap();
