@@ -1,12 +1,14 @@
 //! Prometheus metrics: requests by route template and status, and latency histograms.
 //! Labels are route templates (`/v1/me/credentials/{name}`), never owner ids or names.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body::Body as _;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -95,8 +97,19 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = method_label(req.method());
     let started = Instant::now();
+    let (req, body_done) = watch_body(req);
     let response = match tokio::time::timeout(state.limits().request_timeout, next.run(req)).await {
         Ok(r) => r,
+        // The client's doing: its body never came in whole.
+        Err(_) if !body_done.load(Ordering::Relaxed) => ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within limits.request_timeout_seconds ({} s)",
+                state.limits().request_timeout.as_secs()
+            ),
+        )
+        .into_response(),
         // Logged with the route: a hung store or key provider shows up here first.
         Err(_) => ApiError::internal(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -121,6 +134,54 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
         .get_or_create(&RouteLabels { method, route })
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The request with its body watched: the flag turns true once the body has been read to its
+/// end (at once for a request without one).
+fn watch_body(req: Request) -> (Request, Arc<AtomicBool>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let watched = done.clone();
+    let req = req.map(|inner| {
+        if inner.is_end_stream() {
+            watched.store(true, Ordering::Relaxed);
+            inner
+        } else {
+            axum::body::Body::new(WatchedBody {
+                inner,
+                done: watched,
+            })
+        }
+    });
+    (req, done)
+}
+
+struct WatchedBody {
+    inner: axum::body::Body,
+    done: Arc<AtomicBool>,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.done.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The `method` label: the standard methods by name, anything else as `other`. hyper accepts

@@ -378,6 +378,40 @@ async fn a_request_past_its_timeout_is_answered_and_logged_with_its_route() {
         "{text}"
     );
     assert!(!text.contains(CANARY));
+
+    // A body that never arrives whole is the client's doing: 408, and the store is not
+    // blamed.
+    let body = axum::body::Body::new(Stalled(Some(axum::body::Bytes::from_static(
+        b"{\"value\": \"half",
+    ))));
+    let req = axum::http::Request::builder()
+        .method("PUT")
+        .uri("/v1/me/credentials/zoom.slow")
+        .header("authorization", format!("Bearer {alice}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let r = api.send(req).await;
+    assert_eq!(r.status, StatusCode::REQUEST_TIMEOUT, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "request_timeout");
+}
+
+/// A body that sends its first bytes and then nothing more, ever.
+struct Stalled(Option<axum::body::Bytes>);
+
+impl http_body::Body for Stalled {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.0.take() {
+            Some(bytes) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes)))),
+            None => std::task::Poll::Pending,
+        }
+    }
 }
 
 #[derive(Clone, Default)]
