@@ -1066,6 +1066,8 @@ impl Server {
         let graceful = GracefulShutdown::new();
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
+        let mut accept_failures = 0u64;
+        let mut last_accept_warning: Option<std::time::Instant> = None;
 
         loop {
             while tasks.try_join_next().is_some() {}
@@ -1083,8 +1085,14 @@ impl Server {
                 r = listener.accept() => match r {
                     Ok(pair) => pair,
                     Err(e) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        // Usually out of file descriptors: back off instead of spinning, and
+                        // say so once every 10 s, not every 50 ms.
+                        accept_failures += 1;
+                        if last_accept_warning.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10)) {
+                            tracing::warn!(error = %e, failures = accept_failures, "accept failed (out of file descriptors? see `ulimit -n`)");
+                            last_accept_warning = Some(std::time::Instant::now());
+                            accept_failures = 0;
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }

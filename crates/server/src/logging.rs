@@ -20,8 +20,13 @@ const OWN: &[&str] = &["strongroom", "tower_http::trace"];
 /// extension: ignoring IP address" on every connection from OpenSSL-based clients (curl,
 /// wrk) that send an IP as SNI (handshake failures reach us as errors anyway); cryptoki logs
 /// an ERROR line for every mechanism of the token it has no name for, some thirty at each
-/// PKCS#11 start, none of them a fault.
-const CAPS: &[(&str, &str)] = &[("rustls", "error"), ("cryptoki::mechanism", "off")];
+/// PKCS#11 start, none of them a fault; tokio-postgres logs every server NOTICE at info
+/// ("schema ... already exists, skipping" at each start).
+const CAPS: &[(&str, &str)] = &[
+    ("rustls", "error"),
+    ("cryptoki::mechanism", "off"),
+    ("tokio_postgres", "warn"),
+];
 
 /// The filter directives for `log.level` (see the module documentation).
 fn directives(level: &str) -> Result<String, String> {
@@ -105,7 +110,7 @@ mod tests {
 
     #[test]
     fn verbose_levels_reach_our_crates_only_unless_a_dependency_is_named() {
-        let caps = "rustls=error,cryptoki::mechanism=off";
+        let caps = "rustls=error,cryptoki::mechanism=off,tokio_postgres=warn";
         assert_eq!(directives("info").unwrap(), format!("info,{caps}"));
         assert_eq!(
             directives("trace").unwrap(),
@@ -116,8 +121,8 @@ mod tests {
             format!("info,strongroom=debug,tower_http::trace=debug,hyper=debug,{caps}")
         );
         assert_eq!(
-            directives("warn,rustls=warn,cryptoki=info").unwrap(),
-            "warn,rustls=warn,cryptoki=info"
+            directives("warn,rustls=warn,cryptoki=info,tokio_postgres=info").unwrap(),
+            "warn,rustls=warn,cryptoki=info,tokio_postgres=info"
         );
         assert!(directives(" , ").is_err());
     }

@@ -184,7 +184,9 @@ pub(crate) fn router(state: AppState) -> Router {
         ))
         .layer(SetRequestIdLayer::new(REQUEST_ID, ids))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http())
+        // No failure line of its own: a 5xx is logged once, with its cause, where it is
+        // made (`ApiError`), not three times per request through an outage.
+        .layer(TraceLayer::new_for_http().on_failure(()))
         .layer(DefaultBodyLimit::max(body_limit))
         .service(routes.with_state(state));
     Router::new().fallback_service(around)
