@@ -57,7 +57,7 @@
 //! | `limits.request_timeout_seconds` | 30 | longest time a request may take |
 //! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
 //! | `limits.max_body_bytes` | 524288 | request body |
-//! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute |
+//! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute, counted by each server process (N nodes allow N times this; a restart resets the count) |
 //! | `limits.handshake_timeout_seconds` | 10 | TLS handshake; then the start of the first request; then each HTTP/1 head, from its first byte |
 //! | `limits.idle_timeout_seconds` | 60 | a connection with no request in flight for this long is closed (HTTP/1.1 keep-alive and HTTP/2 alike) |
 //! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
