@@ -1066,6 +1066,9 @@ impl Server {
         let graceful = GracefulShutdown::new();
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
+        // Tells connections still in their TLS handshake that the server is stopping: they
+        // hold a shutdown watcher, and would hold the shutdown for their handshake timeout.
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let mut accept_failures = 0u64;
         let mut last_accept_warning: Option<std::time::Instant> = None;
 
@@ -1106,6 +1109,7 @@ impl Server {
                 handshake_timeout,
                 idle_timeout,
                 max_body_bytes: limits.max_body_bytes,
+                stopping: stopping.clone(),
             };
             tasks.spawn(async move {
                 conn.serve(tcp, remote).await;
@@ -1114,6 +1118,7 @@ impl Server {
         }
 
         drop(listener);
+        let _ = stopping_tx.send(true);
         let grace = Duration::from_secs(limits.shutdown_grace_seconds);
         tracing::info!(
             connections = graceful.count(),
@@ -1547,42 +1552,48 @@ struct Connection {
     handshake_timeout: Duration,
     idle_timeout: Duration,
     max_body_bytes: usize,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How long an HTTP/2 answer waits for the rest of a body its handler did not read.
 const UNREAD_BODY_WAIT: Duration = Duration::from_secs(1);
 
 impl Connection {
-    async fn serve(self, tcp: TcpStream, remote: SocketAddr) {
+    async fn serve(mut self, tcp: TcpStream, remote: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let stream =
-            match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    // A client certificate refused is an operator's business (a wrong or
-                    // revoked CA, an expired certificate); other failures are mostly scanners.
-                    let refused_certificate = e
-                        .get_ref()
-                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                        .is_some_and(|r| {
-                            matches!(
-                                r,
-                                rustls::Error::InvalidCertificate(_)
-                                    | rustls::Error::NoCertificatesPresented
-                            )
-                        });
-                    if refused_certificate {
-                        tracing::warn!(%remote, error = %e, "client certificate refused");
-                    } else {
-                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                    }
-                    return;
+        let handshake = tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp));
+        let stopping = self.stopping.wait_for(|stop| *stop);
+        let handshake = tokio::select! {
+            done = handshake => done,
+            _ = stopping => return,
+        };
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                // A client certificate refused is an operator's business (a wrong or
+                // revoked CA, an expired certificate); other failures are mostly scanners.
+                let refused_certificate = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| {
+                        matches!(
+                            r,
+                            rustls::Error::InvalidCertificate(_)
+                                | rustls::Error::NoCertificatesPresented
+                        )
+                    });
+                if refused_certificate {
+                    tracing::warn!(%remote, error = %e, "client certificate refused");
+                } else {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
                 }
-                Err(_) => {
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            };
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake timed out");
+                return;
+            }
+        };
         // Only a certificate the verifier accepted gets this far.
         let peer = stream
             .get_ref()

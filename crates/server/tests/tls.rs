@@ -586,6 +586,32 @@ async fn shutdown_stops_accepting_and_run_returns_ok() {
     );
 }
 
+/// Connections that never begin their TLS handshake do not hold the shutdown for their
+/// handshake timeout.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_connections_still_in_their_handshake() {
+    let fx = Fixture::new();
+    let mut config = fx.config();
+    config.limits.handshake_timeout_seconds = 30;
+    let server = spawn(config).await;
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), server.stop())
+        .await
+        .expect("the shutdown waited for handshakes that never came")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
+
 /// Writes the head of a PUT and half its body on a raw HTTP/1.1 connection.
 async fn half_sent_put(
     client: &TestClient,
