@@ -204,6 +204,15 @@ fn rotate_rewrap_retire_through_data_dir_and_config_while_the_server_runs() {
     // Idempotent: nothing left to do.
     let out = run_ok(&["rewrap"], &dd);
     assert!(out.contains("rewrapped 0, skipped 0, failed 0"), "{out}");
+    // Each run is recorded as it starts (so one cut short leaves a mark) and as it ends.
+    let export = run_ok(&["audit", "export"], &dd);
+    let rewraps: Vec<String> = export
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["action"] == "rewrap")
+        .map(|r| r["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(rewraps, ["started", "ok", "started", "ok"], "{export}");
     assert_eq!(
         key_counts(&dd),
         vec![(1, "decrypt-only".into(), 0), (2, "active".into(), 21)]

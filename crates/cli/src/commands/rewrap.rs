@@ -115,6 +115,19 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
         dry_run: args.dry_run,
         concurrency: args.concurrency.max(1),
     };
+    // Recorded before any key moves too: a run cut short (the store gone mid-way) then
+    // still leaves its mark, though its closing record cannot be written.
+    if !args.dry_run {
+        if let Err(e) =
+            strongroom_server::audit_operator_action(&backends, "rewrap", "started", None).await
+        {
+            backends.close().await;
+            return Err(CliError::Operation(format!(
+                "the audit log does not take the rewrap's record, so nothing was moved: {e}"
+            ))
+            .into());
+        }
+    }
     let mut progress = Progress::new();
     let result = strongroom_core::rewrap(
         backends.store.clone(),
