@@ -233,7 +233,10 @@ fn json_rejection(r: &JsonRejection) -> ApiError {
             "unsupported_media_type",
             "send the body as JSON with Content-Type: application/json",
         ),
-        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("the body is not valid JSON"),
+        // serde_json also stops at 128 levels of nesting, with the same kind of error.
+        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request(
+            "the body is not valid JSON, or nests arrays and objects more than 128 levels deep",
+        ),
         JsonRejection::JsonDataError(_) => ApiError::bad_request(
             "the JSON body has missing, unknown or mistyped fields for this endpoint",
         ),
