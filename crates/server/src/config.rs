@@ -86,7 +86,8 @@
 //! `STRONGROOM_<KEY>` overrides a key, with `__` between nesting levels:
 //! `STRONGROOM_LISTEN=0.0.0.0:8443`, `STRONGROOM_LIMITS__MAX_CONNECTIONS=4096`,
 //! `STRONGROOM_STORE__URL=postgresql://…`, `STRONGROOM_AUTH__JWT__ISSUER=https://idp`. Lists
-//! take inline TOML: `STRONGROOM_AUTH__SERVICE='[{name="billing",token_sha256="…"}]'`. Only
+//! take inline TOML: `STRONGROOM_AUTH__SERVICE='[{name="billing",token_sha256="…"}]'`, and
+//! such a list replaces the file's list as a whole (entries are not merged). Only
 //! variables whose first segment is a key above are read (`STRONGROOM_KEYRING` and
 //! `STRONGROOM_CONFIG` belong to the command line); an unknown key below one of them is an
 //! error, as in the file.
