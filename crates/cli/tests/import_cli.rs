@@ -667,6 +667,28 @@ fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
     let (code, _, err) = run(&["--id-column", "dup"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--id-column dup is not unique"), "{err}");
+
+    // Deleted in Strongroom (its owner deleted it): a later run does not bring it back.
+    rt().block_on(async {
+        let b = backends(&data).await;
+        b.vault()
+            .destroy_credential("42", "zoom.api-key")
+            .await
+            .unwrap();
+        b.close().await;
+    });
+    let (_, out, _) = run(&[]);
+    assert_eq!(count(&out, "values imported:"), 0, "{out}");
+    assert_eq!(
+        count(&out, "deleted in Strongroom since, not re-created:"),
+        1,
+        "{out}"
+    );
+    let found = contents(&data, &owners, &["zoom.api-key".to_owned()]);
+    assert!(
+        !found.contains_key(&("42".to_owned(), "zoom.api-key".to_owned())),
+        "re-created: {found:?}"
+    );
 }
 
 /// A mistyped column fails the import with SQLite's "no such column" before anything is

@@ -187,6 +187,9 @@ pub struct Report {
     /// Values not written because the credential changed in Strongroom since: its current
     /// version was set there (not imported), or it is disabled. Strongroom's copy is kept.
     pub kept_in_strongroom: u64,
+    /// Values not written because their credential was deleted in Strongroom since (by its
+    /// owner, say): a deletion is not undone by a re-run.
+    pub deleted_in_strongroom: u64,
     /// Rows that failed (none of their values was written).
     pub rows_failed: u64,
     /// Each failing value, by row id and column.
@@ -371,6 +374,8 @@ enum Put {
     AlreadyThere,
     /// The credential's current version was set in Strongroom, or it is disabled.
     KeptInStrongroom,
+    /// The credential was deleted in Strongroom since: not re-created.
+    DeletedInStrongroom,
 }
 
 async fn put_once(
@@ -406,7 +411,15 @@ async fn put_once(
                 }
                 cred.summary.current_version.unwrap_or(0)
             }
-            Err(CoreError::NotFound) => 0,
+            // Never there, or deleted in Strongroom since: numbering outlives a deletion,
+            // and a credential its owner deleted is not brought back from the Django copy.
+            Err(CoreError::NotFound) => {
+                let latest = vault.store().latest_version(owner, name).await;
+                if latest.map_err(CoreError::from)? > 0 {
+                    return Ok(Put::DeletedInStrongroom);
+                }
+                0
+            }
             Err(e) => return Err(e.into()),
         };
         // Check-and-set against the version seen above: if anyone (another import, a user)
@@ -492,6 +505,7 @@ pub async fn run(
                     Put::Imported => report.values_imported += 1,
                     Put::AlreadyThere => report.already_imported += 1,
                     Put::KeptInStrongroom => report.kept_in_strongroom += 1,
+                    Put::DeletedInStrongroom => report.deleted_in_strongroom += 1,
                 }
             }
         }

@@ -298,6 +298,10 @@ fn print_report(r: &Report) {
             "kept (changed in Strongroom since): {}\n",
             r.kept_in_strongroom
         ));
+        out.push_str(&format!(
+            "deleted in Strongroom since, not re-created: {}\n",
+            r.deleted_in_strongroom
+        ));
     }
     out.push_str(&format!("NULL or empty, skipped:   {}\n", r.nulls_skipped));
     out.push_str(&format!("rows failed:              {}\n", r.rows_failed));

@@ -116,17 +116,11 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
         concurrency: args.concurrency.max(1),
     };
     // Recorded before any key moves too: a run cut short (the store gone mid-way) then
-    // still leaves its mark, though its closing record cannot be written.
+    // still leaves its mark, though its closing record cannot be written. As for every
+    // operator action, a log that does not take it is a warning, not a refusal: moving keys
+    // off a compromised KEK must not wait for the log to be repaired.
     if !args.dry_run {
-        if let Err(e) =
-            strongroom_server::audit_operator_action(&backends, "rewrap", "started", None).await
-        {
-            backends.close().await;
-            return Err(CliError::Operation(format!(
-                "the audit log does not take the rewrap's record, so nothing was moved: {e}"
-            ))
-            .into());
-        }
+        audit_action(&backends, "rewrap", "started", None).await;
     }
     let mut progress = Progress::new();
     let result = strongroom_core::rewrap(
