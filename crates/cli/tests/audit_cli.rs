@@ -455,3 +455,46 @@ fn verify_passes_while_a_server_appends_and_still_catches_a_cut() {
     let (ok, text) = verify(&data);
     assert!(!ok && text.contains("truncated"), "{text}");
 }
+
+/// A writer of the database that swaps the head row between two genuine heads (an older one
+/// and the newest) while verify runs, over a log cut back between them, never gets a pass:
+/// whichever heads verify reads, the records must reach each of them.
+#[test]
+fn swapping_genuine_heads_over_a_cut_log_never_passes() {
+    let (dir, (old_count, old_hash, old_mac)) = populate();
+    let data = dir.path().join("data");
+    let (new_count, new_hash, new_mac) = raw_head(&db(&data));
+    assert_eq!((old_count, new_count), (30, 50));
+    tamper(&data, "DELETE FROM audit_records WHERE seq > 40");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let stop = stop.clone();
+        let path = db(&data);
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+                .unwrap();
+            let heads = [
+                (old_count, old_hash, old_mac),
+                (new_count, new_hash, new_mac),
+            ];
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (count, hash, mac) = &heads[i % 2];
+                conn.execute(
+                    "UPDATE audit_head SET count = ?1, hash = ?2, mac = ?3",
+                    rusqlite::params![count, hash, mac],
+                )
+                .unwrap();
+                i += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    for run in 0..40 {
+        let (ok, text) = verify(&data);
+        assert!(!ok, "run {run}: a cut log passed: {text}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+}

@@ -225,26 +225,41 @@ async fn verify_log(
             .map_err(|e| failed(e.to_string())),
         (Some(_), Some(key)) => {
             // Records past the first head are appends made meanwhile only if a head read now
-            // covers them all: else the head was rolled back under records kept, and those
+            // covers them, and the records reach it: else the head was rolled back under
+            // records kept (or swapped between two genuine heads while this ran), and those
             // could have been rewritten as a chain no MAC covers.
             let now = log.audit_head().await.map_err(op)?;
             let Some(now) = now else {
                 return Err(failed("the chain head was removed during the check".into()));
             };
-            if verifier.count() > now.count {
-                return Err(failed(
+            let length = |found: u64| {
+                failed(
                     strongroom_store::audit::VerifyError::Length {
-                        found: verifier.count(),
+                        found,
                         head: now.count,
                     }
                     .to_string(),
-                ));
+                )
+            };
+            if verifier.count() > now.count {
+                return Err(length(verifier.count()));
             }
-            if verifier.count() == now.count {
-                verifier
-                    .check_head(&now, &key)
-                    .map_err(|e| failed(e.to_string()))?;
+            // Every record up to the head read now was committed before it was read.
+            while verifier.count() < now.count {
+                let want = u32::try_from(now.count - verifier.count())
+                    .unwrap_or(u32::MAX)
+                    .min(BATCH);
+                let batch = log.audit_scan(verifier.count(), want).await.map_err(op)?;
+                if batch.is_empty() {
+                    return Err(length(verifier.count()));
+                }
+                for r in batch.iter().take_while(|r| r.seq <= now.count) {
+                    verifier.push(r).map_err(|e| failed(e.to_string()))?;
+                }
             }
+            verifier
+                .check_head(&now, &key)
+                .map_err(|e| failed(e.to_string()))?;
             Ok(verifier.count())
         }
     }
