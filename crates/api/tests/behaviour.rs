@@ -589,6 +589,32 @@ async fn owner_ids_are_percent_encoded_in_paths() {
             assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
         }
     }
+    // A query on a route that reads none is refused, not ignored: `?version=1` on a reveal
+    // would otherwise answer with the current version.
+    for (method, path) in [
+        (
+            "POST",
+            "/v1/owners/tenant%20a%2F%C3%BC/credentials/zoom.x/reveal?version=1",
+        ),
+        ("GET", "/v1/keys?x=1"),
+    ] {
+        let token = if method == "GET" {
+            ADMIN_TOKEN
+        } else {
+            ALLOWED_SERVICE_TOKEN
+        };
+        let r = api.call(method, path, Some(token), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
+    }
+    let r = api
+        .call(
+            "GET",
+            "/v1/me/credentials?limit=1",
+            Some(&user_token(owner)),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     // A token whose subject could own nothing (a control character) is no user's.
     let r = api
         .call(

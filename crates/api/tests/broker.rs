@@ -355,6 +355,27 @@ async fn missing_foreign_disabled_and_destroyed_credentials_are_refused_like_rev
     let r = broker(&api, bearer(&up.url("/echo"))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.json()["version"], 2);
+    let hits = up.hits();
+    // Every version destroyed: 410 without a version named, as a reveal answers.
+    api.call(
+        "DELETE",
+        "/v1/me/credentials/zoom.api-key/versions/2",
+        Some(&alice),
+        None,
+    )
+    .await;
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::GONE, "{}", r.body);
+    let reveal = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!((reveal.status, code(&reveal)), (r.status, code(&r)));
+    assert_eq!(up.hits(), hits);
 }
 
 #[tokio::test]

@@ -416,10 +416,15 @@ impl Broker {
         if !credential.summary.enabled {
             return Err(CoreError::Disabled.into());
         }
+        // No current version: every version was destroyed (410, as a reveal answers).
         let version = prepared
             .version
             .or(credential.summary.current_version)
-            .ok_or(CoreError::NotFound)?;
+            .ok_or(if credential.versions.is_empty() {
+                CoreError::NotFound
+            } else {
+                CoreError::VersionDestroyed
+            })?;
         let info = credential
             .versions
             .iter()

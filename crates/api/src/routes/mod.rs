@@ -103,6 +103,31 @@ async fn refuse_declared_oversize(
     next.run(req).await
 }
 
+/// The routes that read query parameters (each refuses the ones it does not know).
+const QUERY_ROUTES: &[&str] = &[
+    "/v1/me/credentials",
+    "/v1/me/credentials/{name}/usage",
+    "/v1/audit",
+];
+
+/// A query string on a route that reads none is refused: `reveal?version=2` would otherwise
+/// answer with the current version, not the one asked for.
+async fn refuse_unread_query(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let reads_query = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some_and(|p| QUERY_ROUTES.contains(&p.as_str()));
+    if !reads_query && req.uri().query().is_some_and(|q| !q.is_empty()) {
+        return axum::response::IntoResponse::into_response(ApiError::bad_request(
+            "this route takes no query parameters (a reveal's version goes in the body)",
+        ));
+    }
+    next.run(req).await
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let mut seed = [0u8; 6];
     let _ = strongroom_crypto::SecureRandom::fill(&strongroom_crypto::OsRandom, &mut seed);
@@ -140,6 +165,7 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             refuse_declared_oversize,
         ))
+        .route_layer(axum::middleware::from_fn(refuse_unread_query))
         // Every /v1 request is audited (route layer: the route template and path parameters
         // are known).
         .route_layer(axum::middleware::from_fn_with_state(
