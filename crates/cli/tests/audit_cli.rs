@@ -498,3 +498,68 @@ fn swapping_genuine_heads_over_a_cut_log_never_passes() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flipper.join().unwrap();
 }
+
+/// An append never seals over a gap: not after the last record was deleted (the head names a
+/// record that is gone), and not after the head was rolled back to an earlier genuine one
+/// with later records kept. Either is refused as an integrity failure (the server then
+/// stays not ready), not taken as a passing store fault.
+#[test]
+fn appends_refuse_a_head_that_does_not_end_the_records() {
+    let append = |data: &Path| -> Result<(), strongroom_store::StoreError> {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let config = Config::load_for_operator(
+                None,
+                &Overrides {
+                    data_dir: Some(data.to_owned()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let backends = strongroom_server::Backends::open_existing(&config)
+                .await
+                .unwrap();
+            let key = strongroom_core::audit::load_head_key(
+                backends.store.as_ref(),
+                backends.keyring.as_ref(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            let log = backends.store.audit_log().unwrap();
+            let result = log
+                .audit_append(Arc::new(key), vec![event(99)])
+                .await
+                .map(|_| ());
+            backends.close().await;
+            result
+        })
+    };
+    // The last record deleted: the head names a record that is gone.
+    let (dir, _) = populate();
+    let data = dir.path().join("data");
+    tamper(&data, "DELETE FROM audit_records WHERE seq = 50");
+    let e = append(&data).unwrap_err();
+    assert!(
+        matches!(e, strongroom_store::StoreError::AuditIntegrity { .. }),
+        "{e}"
+    );
+    // The head rolled back to an earlier genuine one, later records kept.
+    let (dir, (count, hash, mac)) = populate();
+    let data = dir.path().join("data");
+    let conn = rusqlite::Connection::open(db(&data)).unwrap();
+    conn.execute(
+        "UPDATE audit_head SET count = ?1, hash = ?2, mac = ?3",
+        rusqlite::params![count, hash, mac],
+    )
+    .unwrap();
+    drop(conn);
+    let e = append(&data).unwrap_err();
+    assert!(
+        matches!(e, strongroom_store::StoreError::AuditIntegrity { .. }),
+        "{e}"
+    );
+    // An honest log takes the append.
+    let (dir, _) = populate();
+    append(&dir.path().join("data")).unwrap();
+}

@@ -233,6 +233,33 @@ pub(crate) fn checked_head(
     Ok((head.count, head.hash))
 }
 
+/// Refuses an append whose verified head does not end the records: the record it names is
+/// missing or differs (the log was cut, or its last records rewritten), or records lie past
+/// it (the head was rolled back to an earlier genuine one). `tail` is the records from seq
+/// `count` on, at most two, as `(seq, hash)`. Appending would otherwise seal a chain over the
+/// gap with a genuine MAC.
+pub(crate) fn checked_tail(
+    count: u64,
+    hash: &[u8; 32],
+    tail: &[(i64, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let ends_here = match (count, tail) {
+        (0, []) => true,
+        (_, [(seq, h)]) => u64::try_from(*seq).ok() == Some(count) && h.as_slice() == hash,
+        _ => false,
+    };
+    if ends_here {
+        Ok(())
+    } else {
+        Err(StoreError::AuditIntegrity {
+            what: "the audit chain head does not end the records (records were deleted or \
+                   rewritten, or the head was rolled back): appends are refused; run \
+                   `strongroom audit verify`"
+                .into(),
+        })
+    }
+}
+
 /// What [`AuditLog::audit_seal_genesis`] says when an unsealed head sits over data.
 pub(crate) fn reset_log() -> StoreError {
     StoreError::AuditIntegrity {

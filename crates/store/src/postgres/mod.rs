@@ -1504,7 +1504,7 @@ async fn audit_append_tx(
     key: &crate::audit::HeadKey,
     events: Vec<crate::audit::Event>,
 ) -> Result<Vec<crate::audit::Record>, StoreError> {
-    use crate::audit::{chain, checked_head, seq_param};
+    use crate::audit::{chain, checked_head, checked_tail, seq_param};
     // The row lock serializes appends across every node sharing this database.
     let row = tx
         .query_one(
@@ -1519,6 +1519,18 @@ async fn audit_append_tx(
         row.try_get(1).map_err(pg_err)?,
         row.try_get(2).map_err(pg_err)?,
     )?;
+    let tail = tx
+        .query(
+            "SELECT seq, hash FROM audit_records WHERE seq >= $1 ORDER BY seq LIMIT 2",
+            &[&seq_param(count)],
+        )
+        .await
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<Vec<(i64, Vec<u8>)>, tokio_postgres::Error>>()
+        .map_err(pg_err)?;
+    checked_tail(count, &hash, &tail)?;
     let chained = chain(count, hash, events)?;
     let insert = tx
         .prepare_cached(&format!(

@@ -1724,13 +1724,21 @@ fn audit_append_tx(
     key: &crate::audit::HeadKey,
     events: Vec<crate::audit::Event>,
 ) -> Result<Vec<crate::audit::Record>, StoreError> {
-    use crate::audit::{chain, checked_head, seq_param};
+    use crate::audit::{chain, checked_head, checked_tail, seq_param};
     let (count, hash, mac): (i64, Vec<u8>, Vec<u8>) = conn
         .prepare_cached("SELECT count, hash, mac FROM audit_head WHERE id = 1")
         .map_err(db_err)?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .map_err(db_err)?;
     let (count, hash) = checked_head(key, count, hash, mac)?;
+    let tail = conn
+        .prepare_cached("SELECT seq, hash FROM audit_records WHERE seq >= ?1 ORDER BY seq LIMIT 2")
+        .map_err(db_err)?
+        .query_map(params![seq_param(count)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db_err)?
+        .collect::<Result<Vec<(i64, Vec<u8>)>, _>>()
+        .map_err(db_err)?;
+    checked_tail(count, &hash, &tail)?;
     let chained = chain(count, hash, events)?;
     let mut insert = conn
         .prepare_cached(&format!(
