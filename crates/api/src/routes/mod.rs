@@ -84,10 +84,22 @@ pub(crate) async fn put_version(
     ))
 }
 
-/// A body whose declared length is over the limit gets its 413 at once. The body extractor
-/// alone would first read up to the limit, or wait out the request timeout for bytes a client
-/// declared and never sends.
-async fn refuse_declared_oversize(
+/// The routes that read query parameters (each refuses the ones it does not know).
+const QUERY_ROUTES: &[&str] = &[
+    "/v1/me/credentials",
+    "/v1/me/credentials/{name}/usage",
+    "/v1/audit",
+];
+
+/// What is refused from the request line and headers alone, before any handler runs (one
+/// layer for both, as they run for every request):
+///
+/// - a body whose declared length is over the limit gets its 413 at once: the body
+///   extractor would first read up to the limit, or wait out the request timeout for bytes
+///   a client declared and never sends;
+/// - a query string on a route that reads none is refused: `reveal?version=2` would
+///   otherwise answer with the current version, not the one asked for.
+async fn check_request_shape(
     axum::extract::State(state): axum::extract::State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -100,30 +112,16 @@ async fn refuse_declared_oversize(
     if declared.is_some_and(|n| n > state.limits().max_body_bytes as u64) {
         return axum::response::IntoResponse::into_response(crate::extract::payload_too_large());
     }
-    next.run(req).await
-}
-
-/// The routes that read query parameters (each refuses the ones it does not know).
-const QUERY_ROUTES: &[&str] = &[
-    "/v1/me/credentials",
-    "/v1/me/credentials/{name}/usage",
-    "/v1/audit",
-];
-
-/// A query string on a route that reads none is refused: `reveal?version=2` would otherwise
-/// answer with the current version, not the one asked for.
-async fn refuse_unread_query(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let reads_query = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .is_some_and(|p| QUERY_ROUTES.contains(&p.as_str()));
-    if !reads_query && req.uri().query().is_some_and(|q| !q.is_empty()) {
-        return axum::response::IntoResponse::into_response(ApiError::bad_request(
-            "this route takes no query parameters (a reveal's version goes in the body)",
-        ));
+    if req.uri().query().is_some_and(|q| !q.is_empty()) {
+        let reads_query = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .is_some_and(|p| QUERY_ROUTES.contains(&p.as_str()));
+        if !reads_query {
+            return axum::response::IntoResponse::into_response(ApiError::bad_request(
+                "this route takes no query parameters (a reveal's version goes in the body)",
+            ));
+        }
     }
     next.run(req).await
 }
@@ -163,9 +161,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/audit", get(admin::audit))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            refuse_declared_oversize,
+            check_request_shape,
         ))
-        .route_layer(axum::middleware::from_fn(refuse_unread_query))
         // Every /v1 request is audited (route layer: the route template and path parameters
         // are known).
         .route_layer(axum::middleware::from_fn_with_state(
