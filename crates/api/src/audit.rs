@@ -143,6 +143,7 @@ fn action(method: &Method, route: &str) -> &'static str {
         (_, "/v1/owners/{owner}/credentials/{name}") => "put",
         (_, "/v1/owners/{owner}/credentials/{name}/reveal") => "reveal",
         (_, "/v1/owners/{owner}/credentials/{name}/broker") => "broker",
+        (_, "/v1/keys/rotate") => "keys.rotate",
         (_, "/v1/keys") => "keys",
         (_, "/v1/audit") => "audit_query",
         _ => "other",

@@ -19,6 +19,7 @@ mod extract;
 pub mod jwks;
 mod metrics;
 mod openapi;
+mod rotation;
 mod routes;
 
 use std::sync::{Arc, RwLock};
@@ -38,6 +39,7 @@ pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use jwks::{JwksFetchFuture, JwksFetcher, JwksOptions, RemoteJwks};
 pub use metrics::Metrics;
 pub use openapi::openapi_json;
+pub use rotation::{KeyRotation, RotationError};
 pub use strongroom_core::audit::Auditor;
 
 /// Limits the router enforces itself (the server adds connection and header limits).
@@ -72,6 +74,7 @@ struct Shared {
     verify_limiter: KeyedLimiter,
     auditor: std::sync::OnceLock<Auditor>,
     broker: RwLock<Option<Arc<Broker>>>,
+    rotation: std::sync::OnceLock<Arc<dyn KeyRotation>>,
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -95,6 +98,7 @@ impl AppState {
             verify_limiter,
             auditor: std::sync::OnceLock::new(),
             broker: RwLock::new(None),
+            rotation: std::sync::OnceLock::new(),
         }))
     }
 
@@ -150,6 +154,16 @@ impl AppState {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Lets admins rotate the active key through `POST /v1/keys/rotate` (without it that
+    /// route answers 503). Only the first call has an effect (returns `false` after).
+    pub fn set_key_rotation(&self, rotation: Arc<dyn KeyRotation>) -> bool {
+        self.0.rotation.set(rotation).is_ok()
+    }
+
+    pub(crate) fn key_rotation(&self) -> Option<&Arc<dyn KeyRotation>> {
+        self.0.rotation.get()
     }
 
     /// The use cases.

@@ -49,6 +49,7 @@ mod error;
 mod idle;
 mod jwks;
 pub mod logging;
+mod rotation;
 pub mod tls;
 mod unread_body;
 
@@ -909,6 +910,18 @@ impl Server {
         ));
         let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());
         state.set_broker(Arc::new(broker));
+        let rotation = match (&local_keyring, &hierarchy) {
+            (Some(keyring), _) => rotation::ServerRotation::Local {
+                path: config.keyring_path(),
+                keyring: keyring.clone(),
+            },
+            (None, Some(ring)) => rotation::ServerRotation::Ring {
+                store: store.as_dyn(),
+                ring: ring.clone(),
+            },
+            (None, None) => rotation::ServerRotation::Remote(Box::new(config.clone())),
+        };
+        state.set_key_rotation(Arc::new(rotation));
         if let Err(e) = start_auditor(&config, &state, keyring.as_ref()).await {
             store.close().await;
             return Err(e);

@@ -6,7 +6,9 @@ use axum::Json;
 
 use strongroom_store::AuditFilter;
 
-use super::views::{AuditPage, AuditQuery, AuditRecordView, KekUsage, KeysResponse};
+use super::views::{
+    AuditPage, AuditQuery, AuditRecordView, KekUsage, KeyVersion, KeysResponse, RotatedKey,
+};
 use crate::extract::{Admin, ApiQuery};
 use crate::{ApiError, AppState, ErrorBody};
 
@@ -57,6 +59,50 @@ pub(crate) async fn keys(
             })
             .collect(),
     }))
+}
+
+/// Makes a new active key version: new data keys are sealed under it from now on, on every
+/// server within about a second; earlier versions still open what they sealed (`strongroom
+/// rewrap` moves it, then `strongroom keys retire` retires them).
+#[utoipa::path(post, path = "/v1/keys/rotate", tag = "admin",
+    responses((status = 200, body = RotatedKey), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, description = "rotation_unsupported: this key provider rotates by itself (AWS KMS)", body = ErrorBody),
+        (status = 503, description = "the key provider or the store refused or is unavailable", body = ErrorBody)),
+    security(("admin_token" = [])))]
+pub(crate) async fn rotate(
+    State(state): State<AppState>,
+    Admin(admin): Admin,
+) -> Result<Json<RotatedKey>, ApiError> {
+    let Some(rotation) = state.key_rotation() else {
+        return Err(ApiError::internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this server has no key rotation configured",
+        ));
+    };
+    match rotation.rotate().await {
+        Ok(kek) => {
+            tracing::info!(admin = %admin, active = %kek, "key rotated through the API");
+            Ok(Json(RotatedKey {
+                active: KeyVersion {
+                    provider: kek.provider,
+                    key_id: kek.key_id,
+                    version: kek.version,
+                },
+                next: "run `strongroom rewrap` to move stored data keys to it, then `strongroom keys retire` for the old version",
+            }))
+        }
+        Err(crate::RotationError::Unsupported(m)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "rotation_unsupported",
+            m,
+        )),
+        Err(crate::RotationError::Failed(m)) => Err(ApiError::internal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("key rotation failed: {m}"),
+        )),
+    }
 }
 
 /// Parses a cursor (a record's `seq`).

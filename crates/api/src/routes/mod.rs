@@ -158,6 +158,7 @@ pub(crate) fn router(state: AppState) -> Router {
             post(owners::broker),
         )
         .route("/v1/keys", get(admin::keys))
+        .route("/v1/keys/rotate", post(admin::rotate))
         .route("/v1/audit", get(admin::audit))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

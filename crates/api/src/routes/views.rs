@@ -271,6 +271,26 @@ pub struct KeysResponse {
     pub in_use: Vec<KekUsage>,
 }
 
+/// A key version, by provider, key id and version.
+#[derive(Serialize, ToSchema)]
+pub struct KeyVersion {
+    /// Provider kind.
+    pub provider: String,
+    /// Key id within the provider.
+    pub key_id: String,
+    /// KEK version.
+    pub version: u32,
+}
+
+/// What `POST /v1/keys/rotate` made.
+#[derive(Serialize, ToSchema)]
+pub struct RotatedKey {
+    /// The new active key version.
+    pub active: KeyVersion,
+    /// What is left to do.
+    pub next: &'static str,
+}
+
 pub fn state_of(enabled: bool) -> &'static str {
     if enabled {
         "enabled"

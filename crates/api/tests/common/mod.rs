@@ -137,6 +137,22 @@ impl strongroom_store::AuditLog for FailingLog {
     }
 }
 
+/// Rotation for the routes' tests: the fake provider's next version (the servers' real
+/// rotations are tested in the server crate).
+struct FakeRotation(Arc<FakeProvider>);
+
+#[async_trait::async_trait]
+impl strongroom_api::KeyRotation for FakeRotation {
+    async fn rotate(&self) -> Result<strongroom_crypto::KekRef, strongroom_api::RotationError> {
+        let version = self.0.rotate();
+        Ok(strongroom_crypto::KekRef {
+            provider: FakeProvider::KIND.into(),
+            key_id: "api-tests".into(),
+            version,
+        })
+    }
+}
+
 pub async fn api_with(limits: ApiLimits) -> TestApi {
     api_full(limits, Auditing::On).await
 }
@@ -149,6 +165,7 @@ pub async fn api_full(limits: ApiLimits, auditing: Auditing) -> TestApi {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
     let keys = Arc::new(FakeProvider::new("api-tests", 1));
+    let rotating = keys.clone();
     let auditor = match auditing {
         Auditing::Off => None,
         Auditing::On | Auditing::Failing => {
@@ -191,6 +208,7 @@ pub async fn api_full(limits: ApiLimits, auditing: Auditing) -> TestApi {
     })
     .unwrap();
     let state = AppState::new(vault, auth, Policy::from_toml(POLICY).unwrap(), limits);
+    state.set_key_rotation(Arc::new(FakeRotation(rotating)));
     if let Some(a) = auditor {
         state.set_auditor(a);
     }
