@@ -628,6 +628,23 @@ fn serve_with_transit_as_the_key_provider() {
         loop {
             let now = client.get("/v1/keys", Some(admin)).await?.json();
             if now["active"]["version"] == 2 {
+                // And through the API, by an admin: the ring's next version, in force at
+                // once on this server.
+                let r = client
+                    .json(
+                        "POST",
+                        "/v1/keys/rotate",
+                        Some(admin),
+                        &serde_json::json!({}),
+                    )
+                    .await?;
+                if r.status != 200 || r.json()["active"]["version"] != 3 {
+                    return Err(format!("POST /v1/keys/rotate: {} {}", r.status, r.text()));
+                }
+                let after = client.get("/v1/keys", Some(admin)).await?.json();
+                if after["active"]["version"] != 3 {
+                    return Err(format!("after the API rotation: {after}"));
+                }
                 return Ok((first, now));
             }
             if Instant::now() > deadline {
