@@ -228,11 +228,7 @@ fn json_rejection(r: &JsonRejection) -> ApiError {
     // serde's messages can quote the offending input (which may be a value), so they are
     // never passed on; the category is enough to fix the request.
     match r {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as JSON with Content-Type: application/json",
-        ),
+        JsonRejection::MissingJsonContentType(_) => unsupported_media_type(),
         // serde_json also stops at 128 levels of nesting, with the same kind of error.
         JsonRejection::JsonSyntaxError(_) => ApiError::bad_request(
             "the body is not valid JSON, or nests arrays and objects more than 128 levels deep",
@@ -243,6 +239,14 @@ fn json_rejection(r: &JsonRejection) -> ApiError {
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
         _ => ApiError::bad_request("could not read the request body"),
     }
+}
+
+fn unsupported_media_type() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "send the body as JSON with Content-Type: application/json",
+    )
 }
 
 pub(crate) fn payload_too_large() -> ApiError {
@@ -305,10 +309,39 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::body::Bytes::from_request(req, state).await {
-            Ok(b) => Ok(ApiBytes(b)),
-            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(payload_too_large()),
-            Err(_) => Err(ApiError::bad_request("could not read the request body")),
+        // A body, when there is one, is JSON here as on every route.
+        let json = json_content_type(req.headers());
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(payload_too_large())
+            }
+            Err(_) => return Err(ApiError::bad_request("could not read the request body")),
+        };
+        if !json && !bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(unsupported_media_type());
+        }
+        Ok(ApiBytes(bytes))
+    }
+}
+
+/// For a route that takes no body: nothing, or an empty JSON object, is accepted; anything
+/// else is refused rather than ignored.
+pub struct NoBody;
+
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let ApiBytes(body) = ApiBytes::from_request(req, state).await?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(NoBody);
+        }
+        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
+            Ok(fields) if fields.is_empty() => Ok(NoBody),
+            _ => Err(ApiError::bad_request(
+                "this route takes no body (send none, or {})",
+            )),
         }
     }
 }

@@ -34,9 +34,82 @@ impl Modify for Security {
     }
 }
 
+/// The responses every route of a kind can give, whatever its handler's own list says: added
+/// once here, so the document cannot forget one on a route (the behaviour tests check it).
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in &mut openapi.paths.paths {
+            if !path.starts_with("/v1/") || path == "/v1/openapi.json" {
+                continue;
+            }
+            let user_route = path.starts_with("/v1/me/");
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let takes_body = op.request_body.is_some();
+                let responses = &mut op.responses.responses;
+                let mut add = |status: &str, description: &str| {
+                    responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error(description).into());
+                };
+                add(
+                    "401",
+                    "unauthenticated: no credential, or an invalid or expired one",
+                );
+                if user_route {
+                    add(
+                        "403",
+                        "forbidden: a service or admin credential on a user route",
+                    );
+                }
+                if takes_body {
+                    add(
+                        "408",
+                        "request_timeout: the body did not arrive within limits.request_timeout_seconds",
+                    );
+                    add(
+                        "413",
+                        "payload_too_large: the body is over limits.max_body_bytes",
+                    );
+                    add(
+                        "415",
+                        "unsupported_media_type: a body is sent as JSON, with Content-Type: application/json",
+                    );
+                }
+                add(
+                    "503",
+                    "unavailable, key_unavailable, audit_unavailable or timeout: a backing service \
+                     (store, key provider, audit log) did not answer or refused; retry later",
+                );
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Strongroom API", description = "A vault for users' third-party credentials: write-only for people, usable by the services policy allows. Errors are `{\"error\": {\"code\", \"message\"}}`."),
+    info(title = "Strongroom API", description = "A vault for users' third-party credentials: write-only for people, usable by the services policy allows. Errors are `{\"error\": {\"code\", \"message\"}}`. A method a path does not offer answers 405 `method_not_allowed` with an `Allow` header; a query string on a route that reads none, 400."),
     paths(
         me::put, me::list, me::describe, me::set_current, me::disable, me::enable, me::verify, me::usage,
         me::destroy_version, me::destroy,
@@ -50,7 +123,7 @@ impl Modify for Security {
         views::HealthResponse, views::KekUsage, views::KeysResponse, views::KeyVersion, views::RotatedKey, views::AuditRecordView, views::AuditPage,
         views::UsageItem, views::UsageResponse, views::BrokerBody, views::InjectBody, views::BasicBody,
         views::BrokerResponseView)),
-    modifiers(&Security),
+    modifiers(&Security, &CommonResponses),
     tags((name = "user", description = "A user's own credentials (never values)"),
          (name = "service", description = "Services, where policy allows"),
          (name = "admin", description = "Keys and audit"),

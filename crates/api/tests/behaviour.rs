@@ -615,6 +615,46 @@ async fn owner_ids_are_percent_encoded_in_paths() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // A body is JSON on every route, and a route that takes none refuses one.
+    let raw = |method: &str, path: &str, token: &str, ctype: Option<&str>, body: &str| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"));
+        if let Some(c) = ctype {
+            b = b.header("content-type", c);
+        }
+        b.body(Body::from(body.to_owned())).unwrap()
+    };
+    let reveal = "/v1/owners/tenant%20a%2F%C3%BC/credentials/zoom.x/reveal";
+    let r = api
+        .send(raw(
+            "POST",
+            reveal,
+            ALLOWED_SERVICE_TOKEN,
+            Some("text/plain"),
+            r#"{"version":1}"#,
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", r.body);
+    let r = api
+        .send(raw("POST", reveal, ALLOWED_SERVICE_TOKEN, None, ""))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "no body, no type: {}", r.body);
+    let owner_token = user_token(owner);
+    let disable = "/v1/me/credentials/zoom.x/disable";
+    for (body, want) in [(r#"{"x": 1}"#, 400), ("[]", 400), ("{}", 200), ("", 200)] {
+        let r = api
+            .send(raw(
+                "POST",
+                disable,
+                &owner_token,
+                Some("application/json"),
+                body,
+            ))
+            .await;
+        assert_eq!(r.status.as_u16(), want, "{body}: {}", r.body);
+    }
     // A token whose subject could own nothing (a control character) is no user's.
     let r = api
         .call(
@@ -814,6 +854,22 @@ async fn openapi_parameters_and_error_responses_match_the_routes() {
             let takes_input = op.get("requestBody").is_some() || !vars.is_empty();
             if takes_input && !responses.contains_key("400") {
                 problems.push(format!("{method} {path}: no 400"));
+            }
+            // What every route of a kind can answer, whatever its handler does.
+            let mut must = Vec::new();
+            if path.starts_with("/v1/") && path != "/v1/openapi.json" {
+                must.push("503");
+            }
+            if path.starts_with("/v1/me/") {
+                must.push("403");
+            }
+            if op.get("requestBody").is_some() {
+                must.extend(["408", "413", "415"]);
+            }
+            for status in must {
+                if !responses.contains_key(status) {
+                    problems.push(format!("{method} {path}: no {status}"));
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use strongroom_store::AuditFilter;
 use super::views::{
     AuditPage, AuditQuery, AuditRecordView, KekUsage, KeyVersion, KeysResponse, RotatedKey,
 };
-use crate::extract::{Admin, ApiQuery};
+use crate::extract::{Admin, ApiQuery, NoBody};
 use crate::{ApiError, AppState, ErrorBody};
 
 /// The active KEK and how many credential versions each KEK wraps.
@@ -72,6 +72,7 @@ pub(crate) async fn keys(
 pub(crate) async fn rotate(
     State(state): State<AppState>,
     Admin(admin): Admin,
+    _: NoBody,
 ) -> Result<Json<RotatedKey>, ApiError> {
     let Some(rotation) = state.key_rotation() else {
         return Err(ApiError::internal(

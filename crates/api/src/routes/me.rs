@@ -13,7 +13,7 @@ use super::views::{
     PutResponse, StateResponse, UsageItem, UsageQuery, UsageResponse, VerifyBody, VerifyResponse,
 };
 use crate::audit::Audit;
-use crate::extract::{ApiJson, ApiPath, ApiQuery, User};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, NoBody, User};
 use crate::{ApiError, AppState, ErrorBody};
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -113,6 +113,7 @@ pub(crate) async fn disable(
     State(state): State<AppState>,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
+    _: NoBody,
 ) -> ApiResult<Json<StateResponse>> {
     state.vault().set_enabled(&owner, &name, false).await?;
     state_response(&state, &owner, &name).await
@@ -126,6 +127,7 @@ pub(crate) async fn enable(
     State(state): State<AppState>,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
+    _: NoBody,
 ) -> ApiResult<Json<StateResponse>> {
     state.vault().set_enabled(&owner, &name, true).await?;
     state_response(&state, &owner, &name).await
@@ -134,7 +136,7 @@ pub(crate) async fn enable(
 /// Check a candidate against the current value, in constant time. Rate-limited per owner.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/verify", tag = "user",
     params(("name" = String, Path, description = "Credential name")), request_body = VerifyBody,
-    responses((status = 200, body = VerifyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may verify again")))),
+    responses((status = 200, body = VerifyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, description = "version_destroyed: no version is left to compare with", body = ErrorBody), (status = 429, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may verify again")))),
     security(("user_jwt" = [])))]
 pub(crate) async fn verify(
     State(state): State<AppState>,
