@@ -8,7 +8,7 @@ pub enum CoreError {
     #[error("credential name must match [a-z0-9][a-z0-9._-]{{0,127}}")]
     InvalidName,
     /// The owner id is empty or longer than 255 bytes.
-    #[error("owner id must be 1 to 255 bytes of UTF-8")]
+    #[error("owner id must be 1 to 255 bytes of UTF-8 without control characters")]
     InvalidOwner,
     /// Another malformed input; the message names the field.
     #[error("{0}")]

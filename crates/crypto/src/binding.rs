@@ -55,7 +55,7 @@ pub struct Binding {
 #[non_exhaustive]
 pub enum BindingError {
     /// The owner id is empty or longer than 255 bytes.
-    #[error("owner id must be 1 to 255 bytes of UTF-8")]
+    #[error("owner id must be 1 to 255 bytes of UTF-8 without control characters")]
     InvalidOwner,
     /// The name does not match `[a-z0-9][a-z0-9._-]{0,127}`.
     #[error("credential name must match [a-z0-9][a-z0-9._-]{{0,127}}")]

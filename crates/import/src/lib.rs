@@ -298,7 +298,10 @@ fn decrypt_row(
             String::new()
         }
         Some(o) if !is_valid_owner(&o) => {
-            failures.push(fail(&cols.owner, "owner must be 1 to 255 bytes of UTF-8"));
+            failures.push(fail(
+                &cols.owner,
+                "owner must be 1 to 255 bytes of UTF-8 without control characters",
+            ));
             String::new()
         }
         Some(o) => o,

@@ -307,9 +307,10 @@ pub fn mint_user_token(
     subject: &str,
     ttl: Duration,
 ) -> Result<Zeroizing<String>, ServerError> {
-    if subject.is_empty() || subject.len() > 255 {
+    // What the server accepts as an owner id, or the token would be refused.
+    if !strongroom_crypto::binding::is_valid_owner(subject) {
         return Err(ServerError::Dev(
-            "the subject (owner id) must be 1 to 255 bytes".into(),
+            "the subject (owner id) must be 1 to 255 bytes without control characters".into(),
         ));
     }
     if ttl.is_zero() || ttl > MAX_TOKEN_TTL {

@@ -166,6 +166,8 @@ fn minting_needs_a_dev_data_dir_and_sane_arguments() {
     dev::bootstrap(&options(tmp.path())).unwrap();
     assert!(dev::mint_user_token(tmp.path(), "", Duration::from_secs(60)).is_err());
     assert!(dev::mint_user_token(tmp.path(), &"x".repeat(256), Duration::from_secs(60)).is_err());
+    // A subject the server would refuse as an owner id (a line break).
+    assert!(dev::mint_user_token(tmp.path(), "a\nb", Duration::from_secs(60)).is_err());
     assert!(dev::mint_user_token(tmp.path(), "alice", Duration::ZERO).is_err());
     assert!(
         dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(31 * 24 * 3600)).is_err()
