@@ -356,7 +356,12 @@ impl Vault {
                 .map_err(|_| CoreError::InvalidInput("metadata.host is too long"))?;
             let sealed =
                 envelope::seal(self.keys.as_ref(), &binding, &req.value, self.rng.as_ref()).await?;
-            let created_at = self.clock.now();
+            // At the precision the stores keep, so that the put's answer and every later
+            // read give the same time.
+            let now = self.clock.now();
+            let created_at = now
+                .replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+                .unwrap_or(now);
             let mut new = NewVersion::new(
                 req.owner,
                 req.name,

@@ -92,6 +92,17 @@ async fn check_and_set() {
     assert_eq!(v.put(fresh).await.unwrap().version, 2);
 }
 
+/// A put answers with the creation time the stores keep (milliseconds), the one every later
+/// read gives.
+#[tokio::test]
+async fn a_put_answers_with_the_time_reads_give() {
+    let (_d, v) = vault().await;
+    let outcome = v.put(put("alice", "timed", b"x")).await.unwrap();
+    assert_eq!(outcome.created_at.nanosecond() % 1_000_000, 0);
+    let cred = v.describe("alice", "timed").await.unwrap();
+    assert_eq!(cred.versions[0].created_at, outcome.created_at);
+}
+
 #[tokio::test]
 async fn concurrent_puts_each_get_their_own_version() {
     let (_d, v) = vault().await;
