@@ -37,6 +37,24 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
             400,
             "bad_request",
         ),
+        // A key twice in metadata, at the top or deeper: which one counts would depend on
+        // the parser.
+        (
+            raw(
+                r#"{"value": "v", "metadata": {"host": "a.example", "host": "b.example"}}"#,
+                Some("application/json"),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            raw(
+                r#"{"value": "v", "metadata": {"labels": [{"k": 1, "k": 2}]}}"#,
+                Some("application/json"),
+            ),
+            400,
+            "bad_request",
+        ),
         (
             raw(
                 &json!({"value": CANARY, "expected_verison": 1}).to_string(),

@@ -67,6 +67,70 @@ fn optional_object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     Ok(Option::<Object<T>>::deserialize(d)?.map(|o| o.0))
 }
 
+/// JSON read with every object's keys unique, at any depth: serde_json keeps the last of a
+/// repeated key silently, and what a later reader of the metadata sees would depend on its
+/// parser.
+struct UniqueKeys(serde_json::Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, SeqAccess, Visitor};
+        use serde_json::Value;
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Value;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> Result<Value, E> {
+                Ok(Value::Bool(v))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<Value, E> {
+                Ok(Value::from(v))
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<Value, E> {
+                Ok(Value::from(v))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<Value, E> {
+                Ok(Value::from(v))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Value, E> {
+                Ok(Value::String(v.to_owned()))
+            }
+            fn visit_string<E: Error>(self, v: String) -> Result<Value, E> {
+                Ok(Value::String(v))
+            }
+            fn visit_unit<E: Error>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(UniqueKeys(v)) = seq.next_element()? {
+                    items.push(v);
+                }
+                Ok(Value::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let UniqueKeys(v) = map.next_value()?;
+                    if out.insert(key, v).is_some() {
+                        return Err(A::Error::custom("a key appears twice in one object"));
+                    }
+                }
+                Ok(Value::Object(out))
+            }
+        }
+        d.deserialize_any(V).map(UniqueKeys)
+    }
+}
+
+fn unique_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    Ok(Option::<UniqueKeys>::deserialize(d)?.map(|u| u.0))
+}
+
 /// `PUT .../credentials/{name}`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -74,8 +138,10 @@ pub struct PutBody {
     /// The secret value (1 byte to 64 KiB of UTF-8). Never returned by user routes.
     #[schema(min_length = 1)]
     pub value: String,
-    /// Non-secret metadata (labels, the third-party host, an expiry...): a JSON object.
+    /// Non-secret metadata (labels, the third-party host, an expiry...): a JSON object, each
+    /// key once.
     #[schema(value_type = Option<Object>)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub metadata: Option<serde_json::Value>,
     /// Check-and-set: the version you believe is current (`0`: there must be no current
     /// version: a new credential, or one whose versions were all destroyed). A stale value gets
