@@ -250,7 +250,7 @@ pub struct CredentialItem {
 pub struct CredentialList {
     /// This page.
     pub items: Vec<CredentialItem>,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
 
@@ -511,7 +511,7 @@ impl From<strongroom_store::audit::Record> for AuditRecordView {
 pub struct AuditPage {
     /// The records.
     pub items: Vec<AuditRecordView>,
-    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    /// Pass as `cursor` for the next (older) page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
 
