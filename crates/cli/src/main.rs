@@ -54,8 +54,9 @@ enum Command {
     /// The tamper-evident audit log: `verify` it, print its `head`, `export` it.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
-    /// A client of a running server: put, list, show, disable, destroy your credentials;
-    /// reveal one as a service. The token comes from STRONGROOM_TOKEN or --token-file.
+    /// A client of a running server: put, list, show, current, disable, enable, destroy and
+    /// usage of your credentials; reveal one as a service. The token comes from
+    /// STRONGROOM_TOKEN or --token-file.
     #[command(subcommand)]
     Credential(commands::credential::CredentialCommand),
 }

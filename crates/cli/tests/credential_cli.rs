@@ -160,6 +160,28 @@ fn bad_tokens_certificates_and_input_are_one_clear_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("STRONGROOM_TOKEN"));
+    // An empty token file is no token, and plain HTTP is refused here, both before any call.
+    let empty = tmp.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = strongroom()
+        .env_remove("STRONGROOM_TOKEN")
+        .args(["credential", "list", "--token-file"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no token"));
+    let out = client(&data, addr, &server.export("ALICE"))
+        .env("STRONGROOM_SERVER", format!("http://{addr}"))
+        .args(["credential", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTPS only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = client(&data, addr, &server.export("ALICE"))
         .args(["credential", "put", "empty"])

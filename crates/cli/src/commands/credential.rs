@@ -207,14 +207,24 @@ impl Client {
                 })?);
                 Zeroizing::new(text.trim().to_owned())
             }
-            None => Zeroizing::new(std::env::var("STRONGROOM_TOKEN").map_err(|_| {
-                CliError::Usage(
-                    "no token: set STRONGROOM_TOKEN or pass --token-file (`strongroom token \
-                     mint --dev SUBJECT` prints a user token for a dev server)"
-                        .into(),
-                )
-            })?),
+            None => Zeroizing::new(std::env::var("STRONGROOM_TOKEN").unwrap_or_default()),
         };
+        if token.is_empty() {
+            return Err(CliError::Usage(
+                "no token: set STRONGROOM_TOKEN or pass --token-file (`strongroom token mint \
+                 --dev SUBJECT` prints a user token for a dev server)"
+                    .into(),
+            )
+            .into());
+        }
+        // The server answers HTTPS only; say so here rather than as a client builder error.
+        if !o.server.to_ascii_lowercase().starts_with("https://") {
+            return Err(CliError::Usage(format!(
+                "--server {}: Strongroom serves HTTPS only (https://HOST:PORT)",
+                o.server
+            ))
+            .into());
+        }
         let dev_ca = o.data_dir.join("tls/ca.pem");
         let ca = match &o.cacert {
             Some(path) => Some(path.clone()),
