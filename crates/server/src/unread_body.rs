@@ -7,6 +7,11 @@
 //! HTTP/2 framing layer" instead of the 401. So on HTTP/2 the service keeps a handle on the
 //! body and, once the handler has answered, reads what is left of it (bounded in bytes and
 //! time) before the response goes out; only a body past those bounds still gets the reset.
+//!
+//! HTTP/1.1 has the same problem with bodies larger than what hyper reads ahead: it answers,
+//! then closes the connection with the rest of the body unread, and a client still sending
+//! it sees "broken pipe" instead of the answer. So a large HTTP/1 body is drained the same
+//! way (small ones, most requests, are in hyper's buffer already and cost nothing here).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -15,6 +20,22 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// Bodies up to this size arrive with their HTTP/1 head, or nearly: hyper deals with what
+/// is left of them itself.
+const SMALL_HTTP1_BODY: u64 = 16 * 1024;
+
+/// Whether an HTTP/1 request's body may be too large for hyper to drop quietly: declared
+/// over [`SMALL_HTTP1_BODY`], or chunked (of unknown length).
+pub(crate) fn large_http1_body<B>(req: &http::Request<B>) -> bool {
+    let headers = req.headers();
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > SMALL_HTTP1_BODY)
+}
 
 /// A request body shared between the handler and the service that drains what it left.
 pub(crate) struct SharedBody(Arc<Mutex<Incoming>>);

@@ -830,3 +830,38 @@ async fn an_http2_body_over_the_limit_gets_its_413_without_a_reset() {
     assert!(reset.is_err(), "stream reset: {reset:?}");
     server.stop().await.unwrap();
 }
+
+/// Over HTTP/1.1 too, an answer decided before a large body is read (here a 404) waits for
+/// the body: the client gets to send all of it and then reads the answer, where the
+/// connection used to be closed under it ("broken pipe" in curl).
+#[tokio::test]
+async fn an_http1_answer_before_a_large_body_is_read_lets_the_client_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options().http1());
+    let mut s = client.connect_raw().await.unwrap();
+    let body = vec![b'a'; 64 * 1024];
+    let head = format!(
+        "POST /nope HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for chunk in body.chunks(4096) {
+        s.write_all(chunk)
+            .await
+            .expect("the server closed the connection while the body was being sent");
+        s.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut reply))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    server.stop().await.unwrap();
+}
