@@ -583,16 +583,25 @@ mod tests {
         }
     }
 
-    /// An audit log that fails its appends while `down` is set (a full disk), else is the
-    /// SQLite store's.
+    /// The SQLite log as a log that does not group-commit by itself (as PostgreSQL), so the
+    /// batching task runs in front of it; its appends fail while `down` is set (a full disk).
     #[derive(Debug)]
-    struct FlakyLog {
+    struct TestLog {
         store: SqliteStore,
         down: Arc<std::sync::atomic::AtomicBool>,
     }
 
+    impl TestLog {
+        fn new(store: SqliteStore) -> Self {
+            Self {
+                store,
+                down: Arc::default(),
+            }
+        }
+    }
+
     #[async_trait::async_trait]
-    impl AuditLog for FlakyLog {
+    impl AuditLog for TestLog {
         async fn audit_append(
             &self,
             key: Arc<HeadKey>,
@@ -640,11 +649,8 @@ mod tests {
         let key = load_or_create_head_key(&store, &keys, &OsRandom)
             .await
             .unwrap();
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let log = Arc::new(FlakyLog {
-            store,
-            down: down.clone(),
-        });
+        let log = Arc::new(TestLog::new(store));
+        let down = log.down.clone();
         let auditor = Auditor::start(log, key, None);
         auditor.record(reveal_event(1)).await.unwrap();
         assert!(!auditor.failing());
@@ -747,45 +753,6 @@ mod tests {
         }
     }
 
-    /// The SQLite log as a log that does not group-commit by itself (as PostgreSQL), so the
-    /// batching task runs in front of it.
-    #[derive(Debug)]
-    struct Ungrouped(SqliteStore);
-
-    #[async_trait::async_trait]
-    impl AuditLog for Ungrouped {
-        async fn audit_append(
-            &self,
-            key: Arc<HeadKey>,
-            events: Vec<Event>,
-        ) -> Result<Vec<Record>, StoreError> {
-            self.0.audit_append(key, events).await
-        }
-        async fn audit_head(&self) -> Result<Option<strongroom_store::audit::Head>, StoreError> {
-            self.0.audit_head().await
-        }
-        async fn audit_scan(&self, after: u64, limit: u32) -> Result<Vec<Record>, StoreError> {
-            self.0.audit_scan(after, limit).await
-        }
-        async fn audit_query(
-            &self,
-            filter: &strongroom_store::AuditFilter,
-            before: Option<u64>,
-            limit: u32,
-        ) -> Result<Vec<Record>, StoreError> {
-            self.0.audit_query(filter, before, limit).await
-        }
-        async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
-            self.0.audit_init_head_key(wrapped).await
-        }
-        async fn audit_seal_genesis(
-            &self,
-            genesis: strongroom_store::audit::Head,
-        ) -> Result<(), StoreError> {
-            self.0.audit_seal_genesis(genesis).await
-        }
-    }
-
     /// Through the batching task (a log that does not group-commit by itself) with several
     /// appends in flight, and straight to the SQLite log: callers get consecutive seqs, the
     /// chain verifies, and the sink gets every record once (in seq order through the task).
@@ -808,7 +775,7 @@ mod tests {
         let log: Arc<dyn AuditLog> = if grouped {
             Arc::new((*store).clone())
         } else {
-            Arc::new(Ungrouped((*store).clone()))
+            Arc::new(TestLog::new((*store).clone()))
         };
         assert_eq!(log.groups_appends(), grouped);
         let auditor = Auditor::start(log, key, Some(Box::new(sink.clone())));
