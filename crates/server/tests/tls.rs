@@ -725,6 +725,28 @@ async fn a_body_declared_over_the_limit_gets_413_at_once() {
     server.stop().await.unwrap();
 }
 
+/// A raw HTTP/2 client connection (the `h2` crate: it shows stream resets).
+async fn raw_h2(server: &common::Running, fx: &Fixture) -> h2::client::SendRequest<bytes::Bytes> {
+    let tls = server
+        .client(fx.client_options().http2())
+        .connect_raw()
+        .await
+        .unwrap();
+    let (h2, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    h2
+}
+
+/// The stream of `body` ended without the server resetting it.
+async fn assert_no_reset(body: &mut h2::SendStream<bytes::Bytes>, what: &str) {
+    let reset = tokio::time::timeout(
+        Duration::from_millis(300),
+        std::future::poll_fn(|cx| body.poll_reset(cx)),
+    )
+    .await;
+    assert!(reset.is_err(), "{what}: stream reset: {reset:?}");
+}
+
 /// An HTTP/2 answer decided from the head alone (a 404, a 401) waits for the body the client
 /// is still sending, so the stream ends cleanly: after a `RST_STREAM(NO_ERROR)` some clients
 /// (curl 7.88) drop the answer.
@@ -732,13 +754,7 @@ async fn a_body_declared_over_the_limit_gets_413_at_once() {
 async fn an_http2_answer_given_before_the_body_is_read_ends_without_a_reset() {
     let fx = Fixture::new();
     let server = spawn(fx.config()).await;
-    let tls = server
-        .client(fx.client_options().http2())
-        .connect_raw()
-        .await
-        .unwrap();
-    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(connection);
+    let mut h2 = raw_h2(&server, &fx).await;
     for (method, path, auth, want) in [
         ("POST", "/nope", None, 404),
         (
@@ -764,12 +780,7 @@ async fn an_http2_answer_given_before_the_body_is_read_ends_without_a_reset() {
             .expect("no answer")
             .unwrap();
         assert_eq!(response.status(), want, "{method} {path}");
-        let reset = tokio::time::timeout(
-            Duration::from_millis(300),
-            std::future::poll_fn(|cx| body.poll_reset(cx)),
-        )
-        .await;
-        assert!(reset.is_err(), "{method} {path}: stream reset: {reset:?}");
+        assert_no_reset(&mut body, &format!("{method} {path}")).await;
     }
     server.stop().await.unwrap();
 }
@@ -779,13 +790,7 @@ async fn an_http2_answer_given_before_the_body_is_read_ends_without_a_reset() {
 async fn an_http2_body_over_the_limit_gets_its_413_without_a_reset() {
     let fx = Fixture::new();
     let server = spawn(fx.config()).await;
-    let tls = server
-        .client(fx.client_options().http2())
-        .connect_raw()
-        .await
-        .unwrap();
-    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(connection);
+    let mut h2 = raw_h2(&server, &fx).await;
     let alice = fx.user_token("alice");
     let big = vec![b'a'; 2_000_000]; // limits.max_body_bytes defaults to 512 KiB
     let request = http::Request::builder()
@@ -822,12 +827,7 @@ async fn an_http2_body_over_the_limit_gets_its_413_without_a_reset() {
         .unwrap();
     assert_eq!(response.status(), 413);
     let mut body = sender.await.unwrap();
-    let reset = tokio::time::timeout(
-        Duration::from_millis(300),
-        std::future::poll_fn(|cx| body.poll_reset(cx)),
-    )
-    .await;
-    assert!(reset.is_err(), "stream reset: {reset:?}");
+    assert_no_reset(&mut body, "PUT 2 MB").await;
     server.stop().await.unwrap();
 }
 
