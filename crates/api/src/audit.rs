@@ -368,6 +368,39 @@ impl Audit {
         }
     }
 
+    /// A change other than a put, committed with its audit record (as [`Audit::put`]): a
+    /// change whose record cannot be written is not made. `status` is the one the route
+    /// answers with when it succeeds.
+    pub(crate) async fn change(
+        &self,
+        state: &AppState,
+        owner: &str,
+        name: &str,
+        change: strongroom_core::Change,
+        status: StatusCode,
+    ) -> Result<(), ApiError> {
+        let (Some(slot), Some(auditor)) = (&self.0, state.auditor()) else {
+            return Ok(state.vault().change(owner, name, change).await?);
+        };
+        let event = slot.take_for_commit(state, status);
+        match state
+            .vault()
+            .change_audited(owner, name, change, auditor.head_key(), event)
+            .await
+        {
+            Ok(record) => {
+                auditor.note_append(Ok(()));
+                auditor.committed(&record);
+                Ok(())
+            }
+            Err(e) => {
+                auditor.note_append(Err(&e));
+                slot.reopen();
+                Err(e.into())
+            }
+        }
+    }
+
     /// Fail-closed recording (see [`AuditSlot::record_now`]); with auditing on but no slot
     /// (a route outside the audit layer), refuses.
     pub(crate) async fn record_now(

@@ -337,6 +337,67 @@ async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
     );
 }
 
+/// Each change, and a verify's answer, as the very first request after the log was changed
+/// behind the server: refused with 503, and not made (the record and the change commit
+/// together, or the record comes first), where the change used to stand unaudited.
+#[tokio::test]
+async fn the_first_change_after_a_tamper_is_not_made_unaudited() {
+    let alice = user_token("alice");
+    let key = "/v1/me/credentials/zoom.api-key";
+    let cases: [(&str, String, Option<Value>); 6] = [
+        ("POST", format!("{key}/disable"), None),
+        (
+            "POST",
+            format!("{key}/current"),
+            Some(json!({"version": 1})),
+        ),
+        ("DELETE", format!("{key}/versions/1"), None),
+        ("DELETE", key.to_owned(), None),
+        (
+            "POST",
+            format!("{key}/verify"),
+            Some(json!({"value": CANARY})),
+        ),
+        ("POST", "/v1/keys/rotate".to_owned(), None),
+    ];
+    for (method, path, body) in cases {
+        let api = api().await;
+        api.seed().await;
+        let before = api.call("GET", key, Some(&alice), None).await.body;
+        let keys_before = api
+            .call("GET", "/v1/keys", Some(ADMIN_TOKEN), None)
+            .await
+            .body;
+        let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+        raw.execute(
+            "DELETE FROM audit_records WHERE seq = (SELECT MAX(seq) FROM audit_records)",
+            [],
+        )
+        .unwrap();
+        let token = if path.starts_with("/v1/keys") {
+            ADMIN_TOKEN.to_owned()
+        } else {
+            alice.clone()
+        };
+        let r = api.call(method, &path, Some(&token), body).await;
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {path}: {}",
+            r.body
+        );
+        assert!(!r.body.contains("matches"), "{path}: {}", r.body);
+        // Nothing changed (the reads themselves are answered: reads go on).
+        let after = api.call("GET", key, Some(&alice), None).await.body;
+        assert_eq!(after, before, "{method} {path} changed the credential");
+        let keys_after = api
+            .call("GET", "/v1/keys", Some(ADMIN_TOKEN), None)
+            .await
+            .body;
+        assert_eq!(keys_after, keys_before, "{method} {path} rotated the key");
+    }
+}
+
 /// A request the store holds up past `limits.request_timeout` gets 503 `timeout`, and the
 /// operator's log says which route and why (not only the status).
 #[tokio::test]

@@ -23,6 +23,7 @@ mod vault;
 
 pub use error::CoreError;
 pub use rewrap::{rewrap, RewrapOptions, RewrapReport};
+pub use strongroom_store::Change;
 pub use vault::{
     check_place, Clock, PutOutcome, PutRequest, ReadCheck, Revealed, SystemClock, Vault,
     VaultConfig, MAX_METADATA_LEN, MAX_VALUE_LEN,

@@ -11,8 +11,8 @@ use strongroom_crypto::{
 };
 use strongroom_store::audit::{Event, HeadKey, Record};
 use strongroom_store::{
-    Credential, CredentialSummary, Cursor, NewVersion, Page, ReadMark, ServedVersion, Store,
-    StoreError,
+    Change, Credential, CredentialSummary, Cursor, NewVersion, Page, ReadMark, ServedVersion,
+    Store, StoreError,
 };
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
@@ -511,6 +511,46 @@ impl Vault {
             .store
             .destroy_credential(owner, name, self.clock.now())
             .await?)
+    }
+
+    /// Makes `change` and commits `event`'s audit record with it, in one transaction: a
+    /// change whose record cannot be written is not made (as [`Vault::put_audited`]).
+    ///
+    /// # Errors
+    ///
+    /// As the plain operation ([`Vault::set_current`], [`Vault::set_enabled`],
+    /// [`Vault::destroy_version`], [`Vault::destroy_credential`]), and the audit append's.
+    pub async fn change_audited(
+        &self,
+        owner: &str,
+        name: &str,
+        change: Change,
+        key: Arc<HeadKey>,
+        event: Event,
+    ) -> Result<Record, CoreError> {
+        check_place(owner, name)?;
+        if let Change::SetCurrent(v) | Change::DestroyVersion(v) = change {
+            check_version(v)?;
+        }
+        let (_, record) = self
+            .store
+            .change_audited(owner, name, change, self.clock.now(), key, event)
+            .await?;
+        Ok(record)
+    }
+
+    /// Makes `change` without an audit record (auditing off).
+    ///
+    /// # Errors
+    ///
+    /// As the plain operation.
+    pub async fn change(&self, owner: &str, name: &str, change: Change) -> Result<(), CoreError> {
+        match change {
+            Change::SetCurrent(v) => self.set_current(owner, name, v).await,
+            Change::SetEnabled(e) => self.set_enabled(owner, name, e).await,
+            Change::DestroyVersion(v) => self.destroy_version(owner, name, v).await,
+            Change::DestroyCredential => self.destroy_credential(owner, name).await,
+        }
     }
 
     async fn open(

@@ -102,7 +102,7 @@ use time::OffsetDateTime;
 pub use audit::{AuditFilter, AuditLog};
 pub use error::{BackendError, StoreError};
 pub use types::{
-    Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
+    Change, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
     ReadMark, RewrapItem, SealedVersion, ServedVersion, VersionInfo, VersionState,
     DEFAULT_MAX_VERSIONS, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN,
     MAX_WRAPPED_KEY_LEN,
@@ -272,6 +272,25 @@ pub trait Store: Send + Sync + Debug {
         name: &str,
         at: OffsetDateTime,
     ) -> Result<(), StoreError>;
+
+    /// Makes `change` to `(owner, name)` at `at` and appends `event` to the audit log (as
+    /// [`put_version_audited`](Store::put_version_audited) does) in one transaction: a change
+    /// whose record cannot be written is not made. Returns what the plain operation returns
+    /// (for [`Change::DestroyVersion`], whether a version was destroyed; else `true`) and the
+    /// committed record.
+    ///
+    /// # Errors
+    ///
+    /// As the plain operation, and the audit append's; nothing is written on any error.
+    async fn change_audited(
+        &self,
+        owner: &str,
+        name: &str,
+        change: Change,
+        at: OffsetDateTime,
+        key: Arc<audit::HeadKey>,
+        event: audit::Event,
+    ) -> Result<(bool, audit::Record), StoreError>;
 
     /// Records that a value of the credential was used at `at` (never moves it backwards).
     ///

@@ -591,3 +591,16 @@ mod tests {
         assert_eq!(from_millis(to_millis(t).unwrap()).unwrap(), t);
     }
 }
+
+/// A change to a credential other than a new version (see [`crate::Store::change_audited`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Make this version the current one ([`crate::Store::set_current`]).
+    SetCurrent(u32),
+    /// Disable (`false`) or enable (`true`) ([`crate::Store::set_enabled`]).
+    SetEnabled(bool),
+    /// Destroy one version ([`crate::Store::destroy_version`]).
+    DestroyVersion(u32),
+    /// Destroy every version ([`crate::Store::destroy_credential`]).
+    DestroyCredential,
+}

@@ -71,6 +71,7 @@ pub(crate) async fn keys(
     security(("admin_token" = [])))]
 pub(crate) async fn rotate(
     State(state): State<AppState>,
+    audit: crate::audit::Audit,
     Admin(admin): Admin,
     _: NoBody,
 ) -> Result<Json<RotatedKey>, ApiError> {
@@ -81,7 +82,15 @@ pub(crate) async fn rotate(
             "this server has no key rotation configured",
         ));
     };
-    match rotation.rotate().await {
+    // The key provider is outside the store's transactions, so the rotation is recorded
+    // first: one whose record cannot be written is not made. If it then fails, the
+    // failure is recorded too.
+    audit.record_now(&state, StatusCode::OK).await?;
+    let rotated = rotation.rotate().await;
+    if rotated.is_err() {
+        audit.reopen();
+    }
+    match rotated {
         Ok(kek) => {
             tracing::info!(admin = %admin, active = %kek, "key rotated through the API");
             Ok(Json(RotatedKey {

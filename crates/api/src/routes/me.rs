@@ -4,6 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use strongroom_core::Change;
 use strongroom_crypto::SecretBytes;
 
 use strongroom_store::AuditFilter;
@@ -98,9 +99,14 @@ pub(crate) async fn set_current(
     ApiJson(body): ApiJson<CurrentBody>,
 ) -> ApiResult<Json<StateResponse>> {
     audit.version(body.version);
-    state
-        .vault()
-        .set_current(&owner, &name, body.version)
+    audit
+        .change(
+            &state,
+            &owner,
+            &name,
+            Change::SetCurrent(body.version),
+            StatusCode::OK,
+        )
         .await?;
     state_response(&state, &owner, &name).await
 }
@@ -111,11 +117,20 @@ pub(crate) async fn set_current(
     responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn disable(
     State(state): State<AppState>,
+    audit: Audit,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
     _: NoBody,
 ) -> ApiResult<Json<StateResponse>> {
-    state.vault().set_enabled(&owner, &name, false).await?;
+    audit
+        .change(
+            &state,
+            &owner,
+            &name,
+            Change::SetEnabled(false),
+            StatusCode::OK,
+        )
+        .await?;
     state_response(&state, &owner, &name).await
 }
 
@@ -125,11 +140,20 @@ pub(crate) async fn disable(
     responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn enable(
     State(state): State<AppState>,
+    audit: Audit,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
     _: NoBody,
 ) -> ApiResult<Json<StateResponse>> {
-    state.vault().set_enabled(&owner, &name, true).await?;
+    audit
+        .change(
+            &state,
+            &owner,
+            &name,
+            Change::SetEnabled(true),
+            StatusCode::OK,
+        )
+        .await?;
     state_response(&state, &owner, &name).await
 }
 
@@ -140,6 +164,7 @@ pub(crate) async fn enable(
     security(("user_jwt" = [])))]
 pub(crate) async fn verify(
     State(state): State<AppState>,
+    audit: Audit,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<VerifyBody>,
@@ -153,6 +178,9 @@ pub(crate) async fn verify(
     }
     let candidate = SecretBytes::new(body.value.into_bytes());
     let matches = state.vault().verify(&owner, &name, &candidate).await?;
+    // An answer about the value is recorded before it leaves, as a reveal is: a guess
+    // whose record cannot be written gets 503, not its answer.
+    audit.record_now(&state, StatusCode::OK).await?;
     Ok(Json(VerifyResponse { matches }))
 }
 
@@ -209,12 +237,18 @@ pub(crate) async fn usage(
     responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn destroy_version(
     State(state): State<AppState>,
+    audit: Audit,
     User(owner): User,
     ApiPath((name, version)): ApiPath<(String, PathVersion)>,
 ) -> ApiResult<StatusCode> {
-    state
-        .vault()
-        .destroy_version(&owner, &name, version.0)
+    audit
+        .change(
+            &state,
+            &owner,
+            &name,
+            Change::DestroyVersion(version.0),
+            StatusCode::NO_CONTENT,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -225,9 +259,18 @@ pub(crate) async fn destroy_version(
     responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn destroy(
     State(state): State<AppState>,
+    audit: Audit,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    state.vault().destroy_credential(&owner, &name).await?;
+    audit
+        .change(
+            &state,
+            &owner,
+            &name,
+            Change::DestroyCredential,
+            StatusCode::NO_CONTENT,
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

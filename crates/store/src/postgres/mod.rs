@@ -37,7 +37,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::error::BackendError;
 use crate::types::{
     clamp_limit, from_millis, to_millis, validate_kek, validate_owner, validate_owner_name,
-    validate_version, version_from_db,
+    validate_version, version_from_db, Change,
 };
 use crate::{
     validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
@@ -740,6 +740,28 @@ async fn finish<T>(
     }
 }
 
+async fn set_enabled_tx<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    owner: &str,
+    name: &str,
+    enabled: bool,
+    at: i64,
+) -> Result<(), StoreError> {
+    let n = client
+        .execute(
+            "UPDATE credentials SET enabled = $3, updated_at = $4
+             WHERE owner = $1 AND name = $2 AND NOT deleted",
+            &[&owner, &name, &enabled, &at],
+        )
+        .await
+        .map_err(pg_err)?;
+    if n == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
+}
+
 async fn set_current_tx(
     tx: &deadpool_postgres::Transaction<'_>,
     owner: &str,
@@ -1065,19 +1087,47 @@ impl Store for PostgresStore {
         validate_owner_name(owner, name)?;
         let at = to_millis(at)?;
         let client = self.client().await?;
-        let n = client
-            .execute(
-                "UPDATE credentials SET enabled = $3, updated_at = $4
-                 WHERE owner = $1 AND name = $2 AND NOT deleted",
-                &[&owner, &name, &enabled, &at],
-            )
-            .await
-            .map_err(pg_err)?;
-        if n == 0 {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
+        set_enabled_tx(&client, owner, name, enabled, at).await
+    }
+
+    async fn change_audited(
+        &self,
+        owner: &str,
+        name: &str,
+        change: Change,
+        at: OffsetDateTime,
+        key: std::sync::Arc<crate::audit::HeadKey>,
+        event: crate::audit::Event,
+    ) -> Result<(bool, crate::audit::Record), StoreError> {
+        validate_owner_name(owner, name)?;
+        if let Change::SetCurrent(v) | Change::DestroyVersion(v) = change {
+            validate_version(v)?;
         }
+        let at = to_millis(at)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        // The change first, then the audit head's row lock, as for a put.
+        let result = async {
+            let done = match change {
+                Change::SetCurrent(v) => {
+                    set_current_tx(&tx, owner, name, v, at).await.map(|()| true)
+                }
+                Change::SetEnabled(e) => {
+                    set_enabled_tx(&tx, owner, name, e, at).await.map(|()| true)
+                }
+                Change::DestroyVersion(v) => destroy_version_tx(&tx, owner, name, v, at).await,
+                Change::DestroyCredential => destroy_credential_tx(&tx, owner, name, at)
+                    .await
+                    .map(|()| true),
+            }?;
+            let record = audit_append_tx(&tx, &key, vec![event])
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+            Ok((done, record))
+        }
+        .await;
+        finish(tx, result).await
     }
 
     async fn destroy_version(

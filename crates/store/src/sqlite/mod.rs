@@ -50,7 +50,7 @@ use tokio::sync::oneshot;
 use crate::error::BackendError;
 use crate::types::{
     clamp_limit, from_millis, to_millis, validate_kek, validate_owner, validate_owner_name,
-    validate_version, version_from_db,
+    validate_version, version_from_db, Change,
 };
 use crate::{
     validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
@@ -1268,21 +1268,51 @@ impl Store for SqliteStore {
         let at = to_millis(at)?;
         let (owner, name) = (owner.to_owned(), name.to_owned());
         self.write(changed(&owner, &name), move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE credentials SET enabled = ?3, updated_at = ?4
-                     WHERE owner = ?1 AND name = ?2 AND deleted = 0",
-                )
-                .map_err(db_err)?
-                .execute(params![owner, name, enabled, at])
-                .map_err(db_err)?;
-            if n == 0 {
-                Err(StoreError::NotFound)
-            } else {
-                Ok(())
-            }
+            set_enabled_tx(conn, &owner, &name, enabled, at)
         })
         .await
+    }
+
+    async fn change_audited(
+        &self,
+        owner: &str,
+        name: &str,
+        change: Change,
+        at: OffsetDateTime,
+        key: Arc<crate::audit::HeadKey>,
+        event: crate::audit::Event,
+    ) -> Result<(bool, crate::audit::Record), StoreError> {
+        validate_owner_name(owner, name)?;
+        if let Change::SetCurrent(v) | Change::DestroyVersion(v) = change {
+            validate_version(v)?;
+        }
+        let at = to_millis(at)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        // One write job, so one savepoint: an error in either part rolls back both.
+        let result = self
+            .write(changed(&owner, &name), move |conn| {
+                let done = match change {
+                    Change::SetCurrent(v) => {
+                        set_current_tx(conn, &owner, &name, v, at).map(|()| true)
+                    }
+                    Change::SetEnabled(e) => {
+                        set_enabled_tx(conn, &owner, &name, e, at).map(|()| true)
+                    }
+                    Change::DestroyVersion(v) => destroy_version_tx(conn, &owner, &name, v, at),
+                    Change::DestroyCredential => {
+                        destroy_credential_tx(conn, &owner, &name, at).map(|()| true)
+                    }
+                }?;
+                let record = audit_append_tx(conn, &key, vec![event])?
+                    .pop()
+                    .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+                Ok((done, record))
+            })
+            .await;
+        if result.is_ok() {
+            self.audit_appended(1);
+        }
+        result
     }
 
     async fn destroy_version(
@@ -1717,6 +1747,28 @@ fn raw_audit_row(r: &Row<'_>) -> rusqlite::Result<crate::audit::RawRecord> {
         prev_hash: r.get(15)?,
         hash: r.get(16)?,
     })
+}
+
+fn set_enabled_tx(
+    conn: &Connection,
+    owner: &str,
+    name: &str,
+    enabled: bool,
+    at: i64,
+) -> Result<(), StoreError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE credentials SET enabled = ?3, updated_at = ?4
+             WHERE owner = ?1 AND name = ?2 AND deleted = 0",
+        )
+        .map_err(db_err)?
+        .execute(params![owner, name, enabled, at])
+        .map_err(db_err)?;
+    if n == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
 }
 
 fn audit_append_tx(

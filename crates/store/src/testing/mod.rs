@@ -104,6 +104,7 @@ macro_rules! conformance_tests {
             audit_head_key_first_wins,
             audit_concurrent_appends_one_chain,
             audited_put_is_one_transaction,
+            audited_change_is_one_transaction,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

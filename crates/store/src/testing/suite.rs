@@ -1536,3 +1536,106 @@ pub async fn audited_put_is_one_transaction(b: &dyn TestBackend) {
     }
     assert_eq!(audit_verify_all(&*log, &key).await, Ok(34));
 }
+
+/// A change other than a put commits with its audit record: a change that fails writes no
+/// record, and a record that cannot be written (a head this key did not seal) leaves the
+/// change unmade.
+pub async fn audited_change_is_one_transaction(b: &dyn TestBackend) {
+    use crate::Change;
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    let key = sealed_key(&*log, 4).await;
+    let at = OffsetDateTime::from_unix_timestamp(1_700_000_100).unwrap();
+    for v in 1..=3 {
+        s.put_version(new_version("alice", "k", v)).await.unwrap();
+    }
+    let mut seq = 0;
+    for (change, action) in [
+        (Change::SetEnabled(false), "disable"),
+        (Change::SetEnabled(true), "enable"),
+        (Change::SetCurrent(2), "set_current"),
+        (Change::DestroyVersion(1), "destroy_version"),
+    ] {
+        seq += 1;
+        let (done, record) = s
+            .change_audited(
+                "alice",
+                "k",
+                change,
+                at,
+                key.clone(),
+                audit_event(seq, "alice", "k", action),
+            )
+            .await
+            .unwrap();
+        assert!(done, "{change:?}");
+        assert_eq!((record.seq, record.event.action.as_str()), (seq, action));
+    }
+    let cred = s.get_credential("alice", "k").await.unwrap();
+    assert_eq!(cred.summary.current_version, Some(2));
+    assert!(cred.summary.enabled);
+    let first = cred.versions.iter().find(|v| v.version == 1).unwrap();
+    assert_eq!(first.state, VersionState::Destroyed);
+
+    // A change that fails (no such credential, a destroyed version made current): no record.
+    assert!(matches!(
+        s.change_audited(
+            "alice",
+            "nope",
+            Change::SetEnabled(false),
+            at,
+            key.clone(),
+            audit_event(9, "alice", "nope", "disable")
+        )
+        .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(s
+        .change_audited(
+            "alice",
+            "k",
+            Change::SetCurrent(1),
+            at,
+            key.clone(),
+            audit_event(9, "alice", "k", "set_current")
+        )
+        .await
+        .is_err());
+    assert_eq!(log.audit_head().await.unwrap().unwrap().count, seq);
+
+    // The record refused (a key that did not seal the head): the change is not made.
+    let other = Arc::new(crate::audit::HeadKey::new([5; 32]));
+    assert!(matches!(
+        s.change_audited(
+            "alice",
+            "k",
+            Change::DestroyCredential,
+            at,
+            other,
+            audit_event(9, "alice", "k", "destroy")
+        )
+        .await,
+        Err(StoreError::AuditIntegrity { .. })
+    ));
+    assert!(
+        s.get_credential("alice", "k").await.is_ok(),
+        "destroyed unaudited"
+    );
+    let (_, record) = s
+        .change_audited(
+            "alice",
+            "k",
+            Change::DestroyCredential,
+            at,
+            key.clone(),
+            audit_event(seq + 1, "alice", "k", "destroy"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(record.seq, seq + 1);
+    assert!(matches!(
+        s.get_credential("alice", "k").await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(audit_verify_all(&*log, &key).await, Ok(seq + 1));
+}
