@@ -539,6 +539,8 @@ fn appends_refuse_a_head_that_does_not_end_the_records() {
     let (dir, _) = populate();
     let data = dir.path().join("data");
     tamper(&data, "DELETE FROM audit_records WHERE seq = 50");
+    let start = start_fails(&data);
+    assert!(start.contains("names record 50"), "{start}");
     let e = append(&data).unwrap_err();
     assert!(
         matches!(e, strongroom_store::StoreError::AuditIntegrity { .. }),

@@ -167,7 +167,43 @@ pub async fn load_or_create_head_key(
                 .into(),
         ));
     }
+    head_names_its_record(log.as_ref(), &key).await?;
     Ok(key)
+}
+
+/// Whether the chain head's MAC verifies under `key` and the record it names is there, the
+/// one it names: a last record deleted or rewritten under a genuine head is seen at start and
+/// by the readiness probe, not only at the next append. (Records past the head, which a
+/// concurrent append may have just added, are left to the append's own check.)
+///
+/// # Errors
+///
+/// [`CoreError::AuditIntegrity`] naming what is wrong; [`CoreError::Unavailable`] when the
+/// log cannot be read.
+pub async fn head_names_its_record(log: &dyn AuditLog, key: &HeadKey) -> Result<(), CoreError> {
+    let Some(head) = log.audit_head().await.map_err(|e| unavailable("head", e))? else {
+        return Ok(());
+    };
+    if !key.check(&head) {
+        return Err(CoreError::AuditIntegrity(
+            "the audit chain head's MAC does not verify: run `strongroom audit verify`".into(),
+        ));
+    }
+    if head.count == 0 {
+        return Ok(());
+    }
+    let last = log
+        .audit_scan(head.count - 1, 1)
+        .await
+        .map_err(|e| unavailable("scan", e))?;
+    match last.first() {
+        Some(r) if r.seq == head.count && r.hash == head.hash => Ok(()),
+        _ => Err(CoreError::AuditIntegrity(format!(
+            "the audit chain head names record {} but it is missing or differs (the log was \
+             cut or rewritten outside Strongroom): run `strongroom audit verify`",
+            head.count
+        ))),
+    }
 }
 
 /// Creates the head key, wrapped by `keys`; racing nodes all end up with the first stored.

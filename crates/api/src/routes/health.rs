@@ -25,7 +25,18 @@ pub(crate) async fn healthz() -> Json<HealthResponse> {
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
     // A hung store or provider is "not ready" within a probe's usual timeout, not a request
     // timeout 30 s later.
-    let checked = tokio::time::timeout(READY_WITHIN, state.vault().health()).await;
+    let checks = async {
+        state.vault().health().await?;
+        // The log's head names its last record (one deleted or rewritten is an alarm now,
+        // not at the next write).
+        if let Some(auditor) = state.auditor() {
+            let log = strongroom_core::audit::audit_log(state.vault().store().as_ref())?;
+            strongroom_core::audit::head_names_its_record(log.as_ref(), &auditor.head_key())
+                .await?;
+        }
+        Ok(())
+    };
+    let checked = tokio::time::timeout(READY_WITHIN, checks).await;
     let ready = match checked.unwrap_or_else(|_| {
         Err(strongroom_core::CoreError::Unavailable(format!(
             "the store or the key provider did not answer within {} s",
