@@ -1631,7 +1631,7 @@ impl Connection {
             req.extensions_mut()
                 .insert(strongroom_api::ClientAddr(remote));
             let in_flight = requests.begin();
-            let (req, leftover) = if http2 || unread_body::large_http1_body(&req) {
+            let (req, leftover) = if unread_body::worth_draining(&req, http2) {
                 let (parts, body) = req.into_parts();
                 let (body, leftover) = SharedBody::new(body);
                 (

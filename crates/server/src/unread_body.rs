@@ -25,11 +25,21 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 /// is left of them itself.
 const SMALL_HTTP1_BODY: u64 = 16 * 1024;
 
-/// Whether an HTTP/1 request's body may be too large for hyper to drop quietly: declared
-/// over [`SMALL_HTTP1_BODY`], or chunked (of unknown length).
-pub(crate) fn large_http1_body<B>(req: &http::Request<B>) -> bool {
+/// Whether what the handler leaves of this request's body should be read before the answer
+/// goes out: every HTTP/2 body, and an HTTP/1 body that may be too large for hyper to drop
+/// quietly (declared over [`SMALL_HTTP1_BODY`], or chunked). Never one sent only after
+/// `Expect: 100-continue`: reading it would invite a client the server has refused to upload
+/// it, and such a client waits for the answer instead of sending.
+pub(crate) fn worth_draining<B>(req: &http::Request<B>, http2: bool) -> bool {
     let headers = req.headers();
-    headers.contains_key(http::header::TRANSFER_ENCODING)
+    if headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        return false;
+    }
+    http2
+        || headers.contains_key(http::header::TRANSFER_ENCODING)
         || headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())

@@ -865,3 +865,38 @@ async fn an_http1_answer_before_a_large_body_is_read_lets_the_client_finish() {
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
     server.stop().await.unwrap();
 }
+
+/// A client that asks `Expect: 100-continue` and is refused from the head is not invited to
+/// upload (no `100 Continue`), and gets its answer at once.
+#[tokio::test]
+async fn a_refused_expect_continue_request_is_not_invited_to_send_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let mut s = server
+        .client(fx.client_options().http1())
+        .connect_raw()
+        .await
+        .unwrap();
+    s.write_all(
+        b"PUT /v1/me/credentials/zoom.x HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer nope\r\n\
+          Content-Type: application/json\r\nContent-Length: 40000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    s.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut reply))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    server.stop().await.unwrap();
+}

@@ -119,7 +119,7 @@ async fn check_request_shape(
             .is_some_and(|p| QUERY_ROUTES.contains(&p.as_str()));
         if !reads_query {
             return axum::response::IntoResponse::into_response(ApiError::bad_request(
-                "this route takes no query parameters (a reveal's version goes in the body)",
+                "this route takes no query parameters",
             ));
         }
     }
