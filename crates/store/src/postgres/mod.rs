@@ -884,10 +884,7 @@ impl Store for PostgresStore {
         // for the rest of this transaction, as for any other append.
         let result = async {
             let outcome = put_tx(&tx, &new).await?;
-            let record = audit_append_tx(&tx, &key, vec![event])
-                .await?
-                .pop()
-                .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+            let record = audit_append_one(&tx, &key, event).await?;
             Ok((outcome, record))
         }
         .await;
@@ -1120,10 +1117,7 @@ impl Store for PostgresStore {
                     .await
                     .map(|()| true),
             }?;
-            let record = audit_append_tx(&tx, &key, vec![event])
-                .await?
-                .pop()
-                .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+            let record = audit_append_one(&tx, &key, event).await?;
             Ok((done, record))
         }
         .await;
@@ -1547,6 +1541,18 @@ fn raw_audit_row(r: &Row) -> Result<crate::audit::RawRecord, StoreError> {
         prev_hash: r.try_get(15).map_err(pg_err)?,
         hash: r.try_get(16).map_err(pg_err)?,
     })
+}
+
+/// One event's record, appended in the caller's transaction (a change that commits with it).
+async fn audit_append_one(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &crate::audit::HeadKey,
+    event: crate::audit::Event,
+) -> Result<crate::audit::Record, StoreError> {
+    audit_append_tx(tx, key, vec![event])
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::corrupt("audit append returned no record"))
 }
 
 async fn audit_append_tx(

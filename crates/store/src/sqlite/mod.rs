@@ -1065,9 +1065,7 @@ impl Store for SqliteStore {
         let result = self
             .write(changed(&new.owner, &new.name), move |conn| {
                 let outcome = put_tx(conn, &new, &metadata)?;
-                let record = audit_append_tx(conn, &key, vec![event])?
-                    .pop()
-                    .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+                let record = audit_append_one(conn, &key, event)?;
                 Ok((outcome, record))
             })
             .await;
@@ -1303,9 +1301,7 @@ impl Store for SqliteStore {
                         destroy_credential_tx(conn, &owner, &name, at).map(|()| true)
                     }
                 }?;
-                let record = audit_append_tx(conn, &key, vec![event])?
-                    .pop()
-                    .ok_or_else(|| StoreError::corrupt("audit append returned no record"))?;
+                let record = audit_append_one(conn, &key, event)?;
                 Ok((done, record))
             })
             .await;
@@ -1769,6 +1765,17 @@ fn set_enabled_tx(
     } else {
         Ok(())
     }
+}
+
+/// One event's record, appended in the caller's transaction (a change that commits with it).
+fn audit_append_one(
+    conn: &Connection,
+    key: &crate::audit::HeadKey,
+    event: crate::audit::Event,
+) -> Result<crate::audit::Record, StoreError> {
+    audit_append_tx(conn, key, vec![event])?
+        .pop()
+        .ok_or_else(|| StoreError::corrupt("audit append returned no record"))
 }
 
 fn audit_append_tx(
