@@ -121,6 +121,32 @@ impl AuditSlot {
     }
 }
 
+impl AuditSlot {
+    /// Records that the request's action is starting (outcome `started`), durable before it
+    /// is made; the middleware records how it ended as for any request. For an action
+    /// outside the store's transactions (a key rotation): one that cannot be recorded is
+    /// not made, and one that fails is not logged as done.
+    pub(crate) async fn record_start(&self, state: &AppState) -> Result<(), ApiError> {
+        let Some(auditor) = state.auditor() else {
+            return Ok(());
+        };
+        let event = self.with(|p| {
+            let mut e = p.event.clone();
+            e.status = 0;
+            e.outcome = "started".into();
+            e.time = state.vault().now();
+            e
+        });
+        auditor.record(event).await.map(|_| ()).map_err(|e| {
+            ApiError::internal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                format!("audit record not written: {e}"),
+            )
+        })
+    }
+}
+
 /// The audit slot of a request (`None` when auditing is off).
 pub(crate) fn slot(ext: &http::Extensions) -> Option<&AuditSlot> {
     ext.get::<AuditSlot>()
@@ -328,6 +354,19 @@ impl Audit {
     pub(crate) fn destination(&self, d: &str) {
         if let Some(s) = &self.0 {
             s.destination(d);
+        }
+    }
+
+    /// See [`AuditSlot::record_start`]; with auditing on but no slot, refuses.
+    pub(crate) async fn record_start(&self, state: &AppState) -> Result<(), ApiError> {
+        match (&self.0, state.auditor()) {
+            (Some(slot), _) => slot.record_start(state).await,
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(ApiError::internal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "route outside the audit layer",
+            )),
         }
     }
 

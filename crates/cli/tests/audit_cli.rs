@@ -561,6 +561,15 @@ fn appends_refuse_a_head_that_does_not_end_the_records() {
         matches!(e, strongroom_store::StoreError::AuditIntegrity { .. }),
         "{e}"
     );
+    // The last record's contents edited (its stored hash kept): refused at start.
+    let (dir, _) = populate();
+    let data = dir.path().join("data");
+    tamper(
+        &data,
+        "UPDATE audit_records SET outcome = 'denied' WHERE seq = 50",
+    );
+    let start = start_fails(&data);
+    assert!(start.contains("names record 50"), "{start}");
     // An honest log takes the append.
     let (dir, _) = populate();
     append(&dir.path().join("data")).unwrap();

@@ -197,7 +197,15 @@ pub async fn head_names_its_record(log: &dyn AuditLog, key: &HeadKey) -> Result<
         .await
         .map_err(|e| unavailable("scan", e))?;
     match last.first() {
-        Some(r) if r.seq == head.count && r.hash == head.hash => Ok(()),
+        // Its contents too, not only its stored hash.
+        Some(r)
+            if r.seq == head.count
+                && r.hash == head.hash
+                && strongroom_store::audit::record_hash(r.seq, &r.event, &r.prev_hash)
+                    == r.hash =>
+        {
+            Ok(())
+        }
         _ => Err(CoreError::AuditIntegrity(format!(
             "the audit chain head names record {} but it is missing or differs (the log was \
              cut or rewritten outside Strongroom): run `strongroom audit verify`",

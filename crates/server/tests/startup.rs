@@ -505,15 +505,23 @@ async fn admins_rotate_the_key_through_the_api() {
         .await
         .unwrap()
         .json();
+    // Recorded as it started (before the key changed) and as it ended, with the version.
     let rotations: Vec<_> = audit["items"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|r| r["action"] == "keys.rotate")
-        .map(|r| (r["principal_kind"].clone(), r["status"].clone()))
+        .filter(|r| r["action"] == "keys.rotate" && r["principal_kind"] == "admin")
+        .map(|r| {
+            (
+                r["outcome"].clone(),
+                r["status"].clone(),
+                r["version"].clone(),
+            )
+        })
         .collect();
     assert!(
-        rotations.contains(&(json!("admin"), json!(200))),
+        rotations.contains(&(json!("started"), json!(0), json!(null)))
+            && rotations.contains(&(json!("ok"), json!(200), json!(before + 1))),
         "{rotations:?}"
     );
     server.stop().await.unwrap();

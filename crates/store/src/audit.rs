@@ -13,7 +13,9 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-pub use strongroom_audit::{Event, Head, HeadKey, Record, Verifier, VerifyError, GENESIS};
+pub use strongroom_audit::{
+    record_hash, Event, Head, HeadKey, Record, Verifier, VerifyError, GENESIS,
+};
 use time::OffsetDateTime;
 
 use crate::types::{from_millis, to_millis};

@@ -82,13 +82,13 @@ pub(crate) async fn rotate(
             "this server has no key rotation configured",
         ));
     };
-    // The key provider is outside the store's transactions, so the rotation is recorded
-    // first: one whose record cannot be written is not made. If it then fails, the
-    // failure is recorded too.
-    audit.record_now(&state, StatusCode::OK).await?;
+    // The key provider is outside the store's transactions, so the rotation's start is
+    // recorded first (one that cannot be recorded is not made), and how it ended after,
+    // with the new version.
+    audit.record_start(&state).await?;
     let rotated = rotation.rotate().await;
-    if rotated.is_err() {
-        audit.reopen();
+    if let Ok(kek) = &rotated {
+        audit.version(kek.version);
     }
     match rotated {
         Ok(kek) => {

@@ -73,16 +73,24 @@ pub(crate) async fn describe(
     Ok(Json(detail(state.vault().describe(&owner, &name).await?)))
 }
 
+/// The credential's state after a change that committed. A request racing it (a destroy)
+/// may have removed the credential since: the change still happened, and is answered as
+/// such, with the state it set and no current version.
 async fn state_response(
     state: &AppState,
     owner: &str,
     name: &str,
+    enabled_if_gone: bool,
 ) -> ApiResult<Json<StateResponse>> {
-    let c = state.vault().describe(owner, name).await?;
+    let (enabled, current_version) = match state.vault().describe(owner, name).await {
+        Ok(c) => (c.summary.enabled, c.summary.current_version),
+        Err(strongroom_core::CoreError::NotFound) => (enabled_if_gone, None),
+        Err(e) => return Err(e.into()),
+    };
     Ok(Json(StateResponse {
         name: name.to_owned(),
-        state: super::views::state_of(c.summary.enabled),
-        current_version: c.summary.current_version,
+        state: super::views::state_of(enabled),
+        current_version,
     }))
 }
 
@@ -108,7 +116,7 @@ pub(crate) async fn set_current(
             StatusCode::OK,
         )
         .await?;
-    state_response(&state, &owner, &name).await
+    state_response(&state, &owner, &name, true).await
 }
 
 /// Kill switch: keep every version but let no service use the credential.
@@ -131,7 +139,7 @@ pub(crate) async fn disable(
             StatusCode::OK,
         )
         .await?;
-    state_response(&state, &owner, &name).await
+    state_response(&state, &owner, &name, false).await
 }
 
 /// Undo a disable.
@@ -154,7 +162,7 @@ pub(crate) async fn enable(
             StatusCode::OK,
         )
         .await?;
-    state_response(&state, &owner, &name).await
+    state_response(&state, &owner, &name, true).await
 }
 
 /// Check a candidate against the current value, in constant time. Rate-limited per owner.
