@@ -301,6 +301,28 @@ async fn versions_check_and_set_current_and_destroy() {
         (Some("zoom.api-key"), Some(1))
     );
     assert!(r.json()["created_at"].is_string() && r.json().get("value").is_none());
+    // A version that does not exist, of a credential that does, is named as such.
+    for (method, path, body) in [
+        ("DELETE", format!("{KEY}/versions/99"), None),
+        (
+            "POST",
+            format!("{KEY}/current"),
+            Some(json!({"version": 7})),
+        ),
+    ] {
+        let r = api.call(method, &path, Some(&alice), body).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(r.json()["error"]["message"], "no such version", "{path}");
+    }
+    let r = api
+        .call(
+            "DELETE",
+            "/v1/me/credentials/zoom.none/versions/1",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["error"]["message"], "no such credential");
     assert_eq!(
         code(&put(json!({"value": "v2", "expected_version": 0})).await),
         "version_conflict"

@@ -73,6 +73,20 @@ pub(crate) async fn describe(
     Ok(Json(detail(state.vault().describe(&owner, &name).await?)))
 }
 
+/// A 404 for a version of a credential that exists says "no such version" (the owner's own
+/// credential: nothing leaks), not "no such credential".
+async fn name_a_missing_version(
+    state: &AppState,
+    owner: &str,
+    name: &str,
+    e: ApiError,
+) -> ApiError {
+    if e.code() == "not_found" && state.vault().describe(owner, name).await.is_ok() {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such version");
+    }
+    e
+}
+
 /// The credential's state after a change that committed. A request racing it (a destroy)
 /// may have removed the credential since: the change still happened, and is answered as
 /// such, with the state it set and no current version.
@@ -107,7 +121,7 @@ pub(crate) async fn set_current(
     ApiJson(body): ApiJson<CurrentBody>,
 ) -> ApiResult<Json<StateResponse>> {
     audit.version(body.version);
-    audit
+    if let Err(e) = audit
         .change(
             &state,
             &owner,
@@ -115,7 +129,10 @@ pub(crate) async fn set_current(
             Change::SetCurrent(body.version),
             StatusCode::OK,
         )
-        .await?;
+        .await
+    {
+        return Err(name_a_missing_version(&state, &owner, &name, e).await);
+    }
     state_response(&state, &owner, &name, true).await
 }
 
@@ -249,7 +266,7 @@ pub(crate) async fn destroy_version(
     User(owner): User,
     ApiPath((name, version)): ApiPath<(String, PathVersion)>,
 ) -> ApiResult<StatusCode> {
-    audit
+    if let Err(e) = audit
         .change(
             &state,
             &owner,
@@ -257,7 +274,10 @@ pub(crate) async fn destroy_version(
             Change::DestroyVersion(version.0),
             StatusCode::NO_CONTENT,
         )
-        .await?;
+        .await
+    {
+        return Err(name_a_missing_version(&state, &owner, &name, e).await);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
