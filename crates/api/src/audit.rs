@@ -299,6 +299,11 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
     let response = if auditor.intact() || matches!(*req.method(), Method::GET | Method::HEAD) {
         next.run(req).await
     } else {
+        // Refused before any handler runs; the record still names who asked.
+        let (parts, _) = req.into_parts();
+        if let Some((kind, id)) = crate::extract::identify(&state, &parts) {
+            slot.principal(kind, &id);
+        }
         ApiError::internal(
             StatusCode::SERVICE_UNAVAILABLE,
             "audit_unavailable",

@@ -93,6 +93,13 @@ fn other_principal(
         .map(|name| ("admin", name))
 }
 
+/// Who a request's credentials name (a user, service or admin), when they are valid: for a
+/// record of a request refused before its handler ran.
+pub(crate) fn identify(state: &AppState, parts: &Parts) -> Option<(&'static str, String)> {
+    let token = bearer(parts).ok()?;
+    other_principal(state, parts, token)
+}
+
 /// A 403 for a known principal on a route of another kind, recorded under that principal
 /// (not as anonymous) in the request's audit record.
 fn wrong_kind(parts: &Parts, (kind, id): (&'static str, String), message: &str) -> ApiError {

@@ -337,6 +337,42 @@ async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
     );
 }
 
+/// A request refused while the log refuses appends is recorded (once the log takes records
+/// again) under the caller its credentials name, not as anonymous.
+#[tokio::test]
+async fn a_refusal_while_the_log_is_refused_names_the_caller() {
+    let api = api().await;
+    api.seed().await;
+    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+    let genuine: Vec<u8> = raw
+        .query_row("SELECT mac FROM audit_head", [], |r| r.get(0))
+        .unwrap();
+    raw.execute("UPDATE audit_head SET mac = zeroblob(32)", [])
+        .unwrap();
+    let reveal = || {
+        api.call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+    };
+    assert_eq!(reveal().await.status, StatusCode::SERVICE_UNAVAILABLE);
+    raw.execute("UPDATE audit_head SET mac = ?1", [&genuine])
+        .unwrap();
+    // Still refused (the flag lifts with the first append taken), and this refusal's record
+    // is taken: under the service that asked.
+    let r = reveal().await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    let items = audit_items(&api, "?limit=1").await;
+    assert_eq!(items[0]["action"], "reveal", "{items:?}");
+    assert_eq!(items[0]["status"], 503);
+    assert_eq!(
+        (&items[0]["principal_kind"], &items[0]["principal_id"]),
+        (&json!("service"), &json!("allowed"))
+    );
+}
+
 /// Each change, and a verify's answer, as the very first request after the log was changed
 /// behind the server: refused with 503, and not made (the record and the change commit
 /// together, or the record comes first), where the change used to stand unaudited.
