@@ -272,6 +272,18 @@ async fn reveal_fails_closed_when_the_audit_record_cannot_be_written() {
     assert_eq!(r.json()["value"], CANARY);
 }
 
+/// Zeroes the audit head's MAC behind the server (a writer of the database without the
+/// key); returns the connection and the genuine MAC, to put back.
+fn zero_head_mac(api: &TestApi) -> (rusqlite::Connection, Vec<u8>) {
+    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+    let genuine: Vec<u8> = raw
+        .query_row("SELECT mac FROM audit_head", [], |r| r.get(0))
+        .unwrap();
+    raw.execute("UPDATE audit_head SET mac = zeroblob(32)", [])
+        .unwrap();
+    (raw, genuine)
+}
+
 /// A head changed outside Strongroom while the server runs: the next append is refused, and
 /// from then on nothing is revealed or changed unaudited (503) and `/readyz` says so; reads
 /// go on. Putting the genuine head back lifts it at the next append.
@@ -279,20 +291,8 @@ async fn reveal_fails_closed_when_the_audit_record_cannot_be_written() {
 async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
     let api = api().await;
     api.seed().await;
-    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
-    let genuine: Vec<u8> = raw
-        .query_row("SELECT mac FROM audit_head", [], |r| r.get(0))
-        .unwrap();
-    raw.execute("UPDATE audit_head SET mac = zeroblob(32)", [])
-        .unwrap();
-    let reveal = || {
-        api.call(
-            "POST",
-            "/v1/owners/alice/credentials/zoom.api-key/reveal",
-            Some(ALLOWED_SERVICE_TOKEN),
-            None,
-        )
-    };
+    let (raw, genuine) = zero_head_mac(&api);
+    let reveal = || api.reveal_alices_key();
     let r = reveal().await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "audit_unavailable");
@@ -343,20 +343,8 @@ async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
 async fn a_refusal_while_the_log_is_refused_names_the_caller() {
     let api = api().await;
     api.seed().await;
-    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
-    let genuine: Vec<u8> = raw
-        .query_row("SELECT mac FROM audit_head", [], |r| r.get(0))
-        .unwrap();
-    raw.execute("UPDATE audit_head SET mac = zeroblob(32)", [])
-        .unwrap();
-    let reveal = || {
-        api.call(
-            "POST",
-            "/v1/owners/alice/credentials/zoom.api-key/reveal",
-            Some(ALLOWED_SERVICE_TOKEN),
-            None,
-        )
-    };
+    let (raw, genuine) = zero_head_mac(&api);
+    let reveal = || api.reveal_alices_key();
     assert_eq!(reveal().await.status, StatusCode::SERVICE_UNAVAILABLE);
     raw.execute("UPDATE audit_head SET mac = ?1", [&genuine])
         .unwrap();

@@ -988,14 +988,7 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
             .call("PUT", KEY, Some(&alice), Some(json!({"value": VALUE})))
             .await;
         assert_eq!(put.status, StatusCode::CREATED);
-        let reveal = || {
-            api.call(
-                "POST",
-                "/v1/owners/alice/credentials/zoom.api-key/reveal",
-                Some(ALLOWED_SERVICE_TOKEN),
-                None,
-            )
-        };
+        let reveal = || api.reveal_alices_key();
         for _ in 0..2 {
             assert_eq!(reveal().await.json()["value"], VALUE);
         }

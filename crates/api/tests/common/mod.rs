@@ -271,6 +271,17 @@ impl TestApi {
     }
 
     /// Alice stores `CANARY` as `zoom.api-key` version 1.
+    /// The allowed service reveals alice's `zoom.api-key` (the credential `seed` stores).
+    pub async fn reveal_alices_key(&self) -> Reply {
+        self.call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+        .await
+    }
+
     pub async fn seed(&self) {
         let r = self
             .call(
