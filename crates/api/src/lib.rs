@@ -191,6 +191,17 @@ impl AppState {
     pub(crate) fn verify_limiter(&self) -> &KeyedLimiter {
         &self.0.verify_limiter
     }
+
+    /// Forgets the per-owner rate-limit state of owners whose allowance has refilled (the
+    /// state a new owner starts with), and gives the memory back. The limiter keeps one
+    /// entry per owner that ever called `verify` until then, so a server that never pruned
+    /// grew with its user base. Returns how many owners are still tracked.
+    pub fn prune_rate_limits(&self) -> usize {
+        let limiter = &self.0.verify_limiter;
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        limiter.len()
+    }
 }
 
 /// The whole API: `/v1/...`, `/healthz`, `/readyz`, `/metrics`, `/v1/openapi.json`.

@@ -518,6 +518,55 @@ async fn verify_is_rate_limited_per_owner() {
     );
 }
 
+/// The limiter keeps an entry per owner until pruned: pruning forgets the owners whose
+/// allowance has refilled and keeps the one still limited, whose budget is not reset.
+#[tokio::test]
+async fn pruning_the_verify_limiter_forgets_only_refilled_owners() {
+    // 600 a minute: one call's allowance refills in 100 ms.
+    let api = api_with(ApiLimits {
+        verify_per_minute: 600,
+        ..ApiLimits::default()
+    })
+    .await;
+    let verify = |who: String| {
+        let api = &api;
+        async move {
+            api.call(
+                "POST",
+                &format!("{KEY}/verify"),
+                Some(&who),
+                Some(json!({"value": "x"})),
+            )
+            .await
+            .status
+        }
+    };
+    for i in 0..50 {
+        assert_eq!(
+            verify(user_token(&format!("user-{i}"))).await,
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(api.state.prune_rate_limits(), 50, "none has refilled yet");
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    // One owner spends their whole allowance just before the pass.
+    let busy = user_token("busy");
+    let mut limited = false;
+    for _ in 0..700 {
+        if verify(busy.clone()).await == StatusCode::TOO_MANY_REQUESTS {
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "600 a minute was never reached");
+    assert_eq!(
+        api.state.prune_rate_limits(),
+        1,
+        "only the busy owner is kept"
+    );
+    assert_eq!(verify(busy).await, StatusCode::TOO_MANY_REQUESTS);
+}
+
 #[tokio::test]
 async fn list_pages_are_stable_and_owner_scoped() {
     let api = api().await;

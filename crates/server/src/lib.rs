@@ -1070,6 +1070,7 @@ impl Server {
             (None, Some(p)) => Some(tokio::spawn(watch_provider(p, KEYRING_POLL))),
             (None, None) => None,
         };
+        let pruning = tokio::spawn(prune_rate_limits(state.clone(), RATE_LIMIT_PRUNE));
         let vault = state.vault().clone();
         let router = strongroom_api::router(state);
         let builder = Arc::new(http_builder(&limits));
@@ -1153,6 +1154,7 @@ impl Server {
             watch.abort();
         }
         foreign_check.abort();
+        pruning.abort();
         vault.flush_usage().await;
         store.close().await;
         tracing::info!("stopped");
@@ -1482,6 +1484,22 @@ pub fn transit_config(config: &Config) -> Result<strongroom_keys::TransitConfig,
 
 /// How often a running server looks at its keyring file for a rotation.
 const KEYRING_POLL: Duration = Duration::from_secs(1);
+
+/// How often the per-owner rate limiters forget owners whose allowance has refilled.
+const RATE_LIMIT_PRUNE: Duration = Duration::from_secs(60);
+
+/// Prunes `state`'s rate limiters every `every`, on the blocking pool: a pass walks every
+/// tracked owner, which should not hold a request thread.
+async fn prune_rate_limits(state: AppState, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.prune_rate_limits()).await;
+    }
+}
 
 /// What identifies one version of the keyring file: an atomic rewrite (as `keys rotate` and
 /// `keys retire` do) changes the inode, and any edit the length or modification time.
