@@ -540,6 +540,204 @@ fn local_to_pkcs11_by_rewrap() {
     rotate_rewrap_retire_remote(&remote);
 }
 
+const ADMIN: &str = "admin-token-for-provider-tests";
+const SERVICE: &str = "service-token-for-provider-tests";
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// A configuration for `serve --config` on a free port in `dir`: TLS from the dev layout, an
+/// admin token, a service token allowed to write and reveal every credential, and
+/// `keys_section`. Returns the configuration for any `keys_section`, and the CA.
+fn serve_config(dir: &Path) -> (impl Fn(&str) -> String, Vec<u8>, std::net::SocketAddr) {
+    let setup = strongroom_server::dev::bootstrap(&strongroom_server::dev::DevOptions {
+        data_dir: dir.join("dev"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: Some(zeroize::Zeroizing::new(ADMIN.to_owned())),
+        service_token: None,
+    })
+    .unwrap();
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[[rule]]\nservice = \"app\"\noperations = [\"write\", \"reveal\"]\ncredentials = [\"*\"]\n",
+    )
+    .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (data, policy) = (dir.join("data"), dir.join("policy.toml"));
+    let (cert, key) = (setup.cert.clone(), setup.key.clone());
+    let config = move |keys_section: &str| {
+        format!(
+            "listen = \"{addr}\"\ndata_dir = {:?}\npolicy_file = {:?}\n[tls]\ncert = {:?}\nkey = {:?}\n\
+             [[auth.admin]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\n\
+             [[auth.service]]\nname = \"app\"\ntoken_sha256 = \"{}\"\n{keys_section}",
+            data.display().to_string(),
+            policy.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+            sha256_hex(ADMIN),
+            sha256_hex(SERVICE),
+        )
+    };
+    (config, std::fs::read(&setup.ca_cert).unwrap(), addr)
+}
+
+/// `strongroom serve --config cfg`, killed on drop.
+struct Served(std::process::Child);
+
+impl Served {
+    fn start(cfg: &Path) -> Self {
+        Self(
+            Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
+                .args(["serve", "--config"])
+                .arg(cfg)
+                .env_remove("STRONGROOM_DATA_DIR")
+                .env_remove("STRONGROOM_CONFIG")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_ready(client: &strongroom_server::testing::TestClient) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get("/readyz", None).await {
+            if r.status == 200 {
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("not ready within 30 s".to_owned());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Strict mode over `serve --config` (the provider seals every data key itself, here
+/// `keys_section`'s key, made by `make_key`): `POST /v1/keys/rotate` rotates the provider's
+/// own key, the server seals under the new version from the next request, and what the old
+/// version sealed still reveals.
+fn rotate_strict_through_the_api(provider: &str, keys_section: &str, key_id: &str) {
+    use serde_json::json;
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, ca, addr) = serve_config(tmp.path());
+    let cfg = tmp.path().join("s.toml");
+    std::fs::write(&cfg, config(&strict(keys_section))).unwrap();
+    let server = Served::start(&cfg);
+    let client = strongroom_server::testing::TestClient::new(
+        addr,
+        strongroom_server::testing::ClientOptions::new(ca),
+    )
+    .unwrap();
+    const CRED: &str = "/v1/owners/alice/credentials/api.key";
+    let result = rt().block_on(async {
+        wait_ready(&client).await?;
+        let put = |value: &'static str| {
+            let client = &client;
+            async move {
+                let r = client
+                    .json("PUT", CRED, Some(SERVICE), &json!({ "value": value }))
+                    .await?;
+                match r.status {
+                    201 => Ok(r.json()["version"].clone()),
+                    s => Err(format!("put: {s} {}", r.text())),
+                }
+            }
+        };
+        let reveal = |version: serde_json::Value| {
+            let client = &client;
+            async move {
+                let r = client
+                    .json(
+                        "POST",
+                        &format!("{CRED}/reveal"),
+                        Some(SERVICE),
+                        &json!({ "version": version }),
+                    )
+                    .await?;
+                Ok::<_, String>((r.status, r.json()["value"].clone()))
+            }
+        };
+        let v1 = put("sealed-before").await?;
+        let before = client.get("/v1/keys", Some(ADMIN)).await?.json();
+        let r = client
+            .json("POST", "/v1/keys/rotate", Some(ADMIN), &json!({}))
+            .await?;
+        let rotated = (r.status, r.json());
+        // At once, not after the once-a-second watch.
+        let v2 = put("sealed-after").await?;
+        let after = client.get("/v1/keys", Some(ADMIN)).await?.json();
+        Ok::<_, String>((before, rotated, after, reveal(v1).await?, reveal(v2).await?))
+    });
+    drop(server);
+    let (before, (status, rotated), after, old, new) = result.unwrap();
+    assert_eq!(before["active"]["provider"], provider, "{before}");
+    assert_eq!(before["active"]["key_id"], key_id, "{before}");
+    let v = before["active"]["version"].as_u64().unwrap();
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(rotated["active"]["provider"], provider, "{rotated}");
+    assert_eq!(rotated["active"]["version"], v + 1, "{rotated}");
+    assert_eq!(after["active"]["version"], v + 1, "{after}");
+    assert_eq!(
+        after["active"]["credential_versions"], 1,
+        "the put after the rotation was not sealed under the new version: {after}"
+    );
+    let in_use = after["in_use"].as_array().unwrap();
+    assert!(
+        in_use
+            .iter()
+            .any(|k| k["version"] == v && k["credential_versions"] == 1),
+        "{after}"
+    );
+    assert_eq!(old, (200, json!("sealed-before")));
+    assert_eq!(new, (200, json!("sealed-after")));
+}
+
+#[test]
+fn strict_pkcs11_rotates_through_the_api() {
+    if peer("STRONGROOM_TEST_SOFTHSM_MODULE", "softhsm.sh").is_none() {
+        return;
+    }
+    let label = unique("api-rotate");
+    let gen = tempfile::tempdir().unwrap();
+    let cfg = gen.path().join("gen.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n{}",
+            gen.path().display().to_string(),
+            strict(&pkcs11_section(&label))
+        ),
+    )
+    .unwrap();
+    stdout_ok(&["keys", "generate"], &cfg);
+    rotate_strict_through_the_api("pkcs11", &pkcs11_section(&label), &label);
+}
+
+#[test]
+fn strict_transit_rotates_through_the_api() {
+    if peer("STRONGROOM_TEST_OPENBAO_ADDR", "openbao.sh").is_none() {
+        return;
+    }
+    let key = unique("api-rotate");
+    bao(&["write", "-f", &format!("transit/keys/{key}")]);
+    rotate_strict_through_the_api("transit", &transit_section(&key), &format!("transit/{key}"));
+}
+
 /// `serve --config` with `keys.provider = "transit"`: ready, `/v1/keys` names the KEK ring's
 /// version that Transit wraps; `keys rotate` reaches the running server within seconds; a
 /// wrong key name stops the server at start with one line naming the provider.
@@ -552,68 +750,19 @@ fn serve_with_transit_as_the_key_provider() {
     let key = unique("serve");
     bao(&["write", "-f", &format!("transit/keys/{key}")]);
     let tmp = tempfile::tempdir().unwrap();
-    let admin = "admin-token-for-provider-tests";
-    let setup = strongroom_server::dev::bootstrap(&strongroom_server::dev::DevOptions {
-        data_dir: tmp.path().join("dev"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: Some(zeroize::Zeroizing::new(admin.to_owned())),
-        service_token: None,
-    })
-    .unwrap();
-    let sha = Command::new("sh")
-        .args([
-            "-c",
-            &format!("printf %s '{admin}' | sha256sum | cut -d' ' -f1"),
-        ])
-        .output()
-        .unwrap();
-    let sha = String::from_utf8(sha.stdout).unwrap().trim().to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = |key: &str| {
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n[tls]\ncert = {:?}\nkey = {:?}\n\
-             [[auth.admin]]\nname = \"ops\"\ntoken_sha256 = \"{sha}\"\n{}",
-            tmp.path().join("data").display().to_string(),
-            setup.cert.display().to_string(),
-            setup.key.display().to_string(),
-            transit_section(key)
-        )
-    };
+    let (config, ca, addr) = serve_config(tmp.path());
+    let config = |key: &str| config(&transit_section(key));
+    let admin = ADMIN;
     let cfg = tmp.path().join("s.toml");
     std::fs::write(&cfg, config(&key)).unwrap();
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env_remove("STRONGROOM_DATA_DIR")
-        .env_remove("STRONGROOM_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let ca = std::fs::read(&setup.ca_cert).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = Served::start(&cfg);
     let client = strongroom_server::testing::TestClient::new(
         addr,
         strongroom_server::testing::ClientOptions::new(ca),
     )
     .unwrap();
     let result = rt().block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = client.get("/readyz", None).await {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                return Err("not ready within 30 s".to_owned());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(&client).await?;
         let first = client.get("/v1/keys", Some(admin)).await?.json();
         // `keys rotate` beside the running server: it wraps new data keys with the new KEK
         // version within a second, without a restart or SIGHUP.
@@ -655,8 +804,7 @@ fn serve_with_transit_as_the_key_provider() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     let (keys, rotated) = result.unwrap();
     assert_eq!(keys["active"]["provider"], "kek", "{keys}");
     assert_eq!(keys["active"]["key_id"], "strongroom", "{keys}");

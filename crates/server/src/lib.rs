@@ -919,7 +919,10 @@ impl Server {
                 store: store.as_dyn(),
                 ring: ring.clone(),
             },
-            (None, None) => rotation::ServerRotation::Remote(Box::new(config.clone())),
+            (None, None) => rotation::ServerRotation::Remote {
+                config: Box::new(config.clone()),
+                provider: keyring.clone(),
+            },
         };
         state.set_key_rotation(Arc::new(rotation));
         if let Err(e) = start_auditor(&config, &state, keyring.as_ref()).await {

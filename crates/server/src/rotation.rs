@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use strongroom_api::{KeyRotation, RotationError};
 use strongroom_core::hierarchy::{self, KekHierarchy};
-use strongroom_crypto::{KekRef, OsRandom};
+use strongroom_crypto::{KekRef, KeyProvider, OsRandom};
 use strongroom_keys::local::LocalKeyring;
 use strongroom_store::Store;
 use time::OffsetDateTime;
@@ -25,8 +25,12 @@ pub(crate) enum ServerRotation {
         store: Arc<dyn Store>,
         ring: Arc<KekHierarchy>,
     },
-    /// The remote provider's own key (strict mode): PKCS#11 or Transit.
-    Remote(Box<Config>),
+    /// The remote provider's own key (strict mode): PKCS#11 or Transit. `provider` is the
+    /// one this server seals with, told at once (others see the new version within a second).
+    Remote {
+        config: Box<Config>,
+        provider: Arc<dyn KeyProvider>,
+    },
 }
 
 #[async_trait::async_trait]
@@ -78,30 +82,42 @@ impl KeyRotation for ServerRotation {
                     version,
                 })
             }
-            Self::Remote(config) => match config.keys.provider {
-                KeyProviderKind::Pkcs11 => {
-                    let provider = strongroom_keys::Pkcs11Provider::connect(
+            Self::Remote { config, provider } => {
+                let rotated = match config.keys.provider {
+                    KeyProviderKind::Pkcs11 => strongroom_keys::Pkcs11Provider::connect(
                         crate::pkcs11_config(config).map_err(|e| failed(&e))?,
                     )
                     .await
-                    .map_err(|e| failed(&e))?;
-                    provider.rotate().await.map_err(|e| failed(&e))
-                }
-                KeyProviderKind::Transit => {
-                    let provider = strongroom_keys::TransitProvider::connect(
+                    .map_err(|e| failed(&e))?
+                    .rotate()
+                    .await
+                    .map_err(|e| failed(&e))?,
+                    KeyProviderKind::Transit => strongroom_keys::TransitProvider::connect(
                         crate::transit_config(config).map_err(|e| failed(&e))?,
                     )
                     .await
-                    .map_err(|e| failed(&e))?;
-                    provider.rotate().await.map_err(|e| failed(&e))
+                    .map_err(|e| failed(&e))?
+                    .rotate()
+                    .await
+                    .map_err(|e| failed(&e))?,
+                    _ => return Err(unsupported()),
+                };
+                // Sealing under the new version from the next request; if the lookup fails,
+                // the once-a-second watch tries again.
+                if let Err(e) = provider.reload_keks().await {
+                    tracing::warn!(error = %e, "rotated, but could not load the new key version yet; retrying every second");
                 }
-                _ => Err(RotationError::Unsupported(
-                    "AWS KMS rotates a key's material itself (enable automatic rotation on the \
-                     key); to move to another KMS key, name it in a second configuration and \
-                     run `strongroom rewrap --to-config`"
-                        .into(),
-                )),
-            },
+                Ok(rotated)
+            }
         }
     }
+}
+
+fn unsupported() -> RotationError {
+    RotationError::Unsupported(
+        "AWS KMS rotates a key's material itself (enable automatic rotation on the \
+                     key); to move to another KMS key, name it in a second configuration and \
+                     run `strongroom rewrap --to-config`"
+            .into(),
+    )
 }
