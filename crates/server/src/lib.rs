@@ -816,9 +816,11 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             if let Some(ca) = &config.store.tls_ca_file {
                 options.tls = PostgresTls::CaFile(ca.clone());
             }
-            Ok(StoreHandle::Postgres(
-                PostgresStore::connect(url, options).await?,
-            ))
+            let store = PostgresStore::connect(url, options).await?;
+            for warning in store.durability_warnings() {
+                tracing::warn!("{warning}");
+            }
+            Ok(StoreHandle::Postgres(store))
         }
     }
 }

@@ -365,3 +365,71 @@ async fn audit_tampering_in_postgres_is_detected() {
         let _ = task.await;
     }
 }
+
+fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
+fn schema_options(tag: &str) -> PostgresOptions {
+    let mut o = PostgresOptions::default();
+    o.schema = Some(format!(
+        "t_{tag}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    o
+}
+
+/// `synchronous_commit = off` (here from the connection string; a database or role default
+/// works the same) would acknowledge commits before they are on disk: every connection of the
+/// pool turns it back on and the store says so. A stronger setting is left alone, and the
+/// connection string's other options survive the schema's `search_path`.
+#[tokio::test]
+async fn commits_are_durable_whatever_the_connection_defaults_say() {
+    let Some(url) = postgres_url() else { return };
+    let off = with_param(&url, "options=-c%20synchronous_commit%3Doff");
+    let store = PostgresStore::connect(&off, schema_options("sync_off"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.testing_setting("synchronous_commit").await.unwrap(),
+        "on"
+    );
+    assert!(
+        store
+            .durability_warnings()
+            .iter()
+            .any(|w| w.contains("synchronous_commit is off")),
+        "{:?}",
+        store.durability_warnings()
+    );
+    // The schema is still the one configured.
+    assert!(store
+        .testing_setting("search_path")
+        .await
+        .unwrap()
+        .starts_with("t_sync_off_"));
+    // The cluster's fsync setting is reported as it is (the test cluster may run without).
+    let fsync_off = store.testing_setting("fsync").await.unwrap() == "off";
+    assert_eq!(
+        store
+            .durability_warnings()
+            .iter()
+            .any(|w| w.contains("fsync = off")),
+        fsync_off
+    );
+
+    let stronger = with_param(&url, "options=-c%20synchronous_commit%3Dremote_apply");
+    let store = PostgresStore::connect(&stronger, schema_options("sync_strong"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.testing_setting("synchronous_commit").await.unwrap(),
+        "remote_apply"
+    );
+    assert!(!store
+        .durability_warnings()
+        .iter()
+        .any(|w| w.contains("synchronous_commit")));
+}

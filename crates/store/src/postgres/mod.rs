@@ -266,6 +266,7 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: Pool,
     schema: Option<String>,
+    durability: Arc<Vec<String>>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -322,6 +323,32 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
+/// A commit with `synchronous_commit = off` is answered before it reaches the server's WAL on
+/// disk, so a crash of the PostgreSQL server could lose a put already answered 201. The
+/// database, the role or the connection string may set it off; each new connection turns it
+/// back on (and sets `raised`). Stronger settings (`remote_write`, `remote_apply`) and
+/// `local` stay as they are.
+fn durable_commits(raised: Arc<std::sync::atomic::AtomicBool>) -> deadpool_postgres::Hook {
+    deadpool_postgres::Hook::async_fn(move |client, _| {
+        let raised = raised.clone();
+        Box::pin(async move {
+            let level: String = client
+                .query_one("SELECT current_setting('synchronous_commit')", &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(deadpool_postgres::HookError::Backend)?;
+            if level == "off" {
+                client
+                    .batch_execute("SET synchronous_commit = on")
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)?;
+                raised.store(true, std::sync::atomic::Ordering::Release);
+            }
+            Ok(())
+        })
+    })
+}
+
 /// What a schema name may be, as said to the operator who chose a wrong one.
 const SCHEMA_NAME_RULE: &str = "a schema name is 1 to 63 lowercase ASCII letters, digits \
     and underscores, not starting with a digit, and neither `information_schema` nor `pg_*` \
@@ -372,7 +399,12 @@ impl PostgresStore {
             }
         }
         if let Some(schema) = &options.schema {
-            config.options(format!("-c search_path={schema}"));
+            // After any options the connection string gives (`options=-c ...`), not instead.
+            let given = config
+                .get_options()
+                .map(|o| format!("{o} "))
+                .unwrap_or_default();
+            config.options(format!("{given}-c search_path={schema}"));
         }
         config.connect_timeout(options.timeout);
         let manager = Manager::from_config(
@@ -382,19 +414,71 @@ impl PostgresStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let raised = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pool = Pool::builder(manager)
+            .post_create(durable_commits(raised.clone()))
             .max_size(options.max_connections.max(1))
             .wait_timeout(Some(options.timeout))
             .create_timeout(Some(options.timeout))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
-        let store = PostgresStore {
+        let mut store = PostgresStore {
             pool,
             schema: options.schema,
+            durability: Arc::default(),
         };
         store.migrate(options.create).await?;
+        store.durability = Arc::new(store.durability_check(&raised).await?);
         Ok(store)
+    }
+
+    /// What in the server's settings would lose acknowledged writes on a crash, in words
+    /// for the operator (empty when nothing does). Read at connect.
+    pub fn durability_warnings(&self) -> &[String] {
+        &self.durability
+    }
+
+    async fn durability_check(
+        &self,
+        raised: &std::sync::atomic::AtomicBool,
+    ) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('fsync'), current_setting('full_page_writes')",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        let (fsync, full_pages): (String, String) = (
+            row.try_get(0).map_err(pg_err)?,
+            row.try_get(1).map_err(pg_err)?,
+        );
+        let mut warnings = Vec::new();
+        if raised.load(std::sync::atomic::Ordering::Acquire) {
+            warnings.push(
+                "the PostgreSQL server's synchronous_commit is off for this database, role or \
+                 connection string; Strongroom sets it on for its own connections, so a write \
+                 is acknowledged only once it is in the server's WAL on disk"
+                    .to_owned(),
+            );
+        }
+        if fsync == "off" {
+            warnings.push(
+                "the PostgreSQL server runs with fsync = off: a crash of its host can lose \
+                 acknowledged credential versions and audit records, or corrupt the database"
+                    .to_owned(),
+            );
+        }
+        if full_pages == "off" {
+            warnings.push(
+                "the PostgreSQL server runs with full_page_writes = off: a crash of its host \
+                 can corrupt the database"
+                    .to_owned(),
+            );
+        }
+        Ok(warnings)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -1432,6 +1516,20 @@ impl PostgresStore {
             .await
             .map_err(pg_err)?
             .try_get(0)
+            .map_err(pg_err)
+    }
+
+    /// Test hook: a server setting as one of the pool's connections sees it.
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_setting(&self, name: &str) -> Result<String, StoreError> {
+        self.client()
+            .await?
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .and_then(|row| row.try_get(0))
             .map_err(pg_err)
     }
 
