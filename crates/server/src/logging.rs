@@ -45,7 +45,17 @@ fn directives(level: &str) -> Result<String, String> {
                 out.push("info".to_owned());
                 out.extend(OWN.iter().map(|t| format!("{t}={item}")));
             }
-            _ => out.push((*item).to_owned()),
+            Ok(_) => out.push((*item).to_owned()),
+            // `tracing` reads a bare word as a target at `trace` and turns everything else
+            // off: a misspelt level ("warning", "verbose") would silence every log line,
+            // errors included.
+            Err(_) if !item.contains('=') => {
+                return Err(format!(
+                    "\"{item}\" is not a level (off, error, warn, info, debug, trace); name a \
+                     target with its level, as in \"info,strongroom_api=debug\""
+                ))
+            }
+            Err(_) => out.push((*item).to_owned()),
         }
     }
     for (target, cap) in CAPS {
@@ -125,6 +135,13 @@ mod tests {
             "warn,rustls=warn,cryptoki=info,tokio_postgres=info"
         );
         assert!(directives(" , ").is_err());
+        // A misspelt level is refused, not read as a target (which would log nothing else).
+        for bad in ["warning", "verbose", "info,strongroom_api"] {
+            let err = directives(bad).unwrap_err();
+            assert!(err.contains("is not a level"), "{bad}: {err}");
+        }
+        assert!(filter("warning").is_err());
+        assert!(directives("INFO").is_ok());
     }
 
     /// At `trace`, what the AWS SDK logs at trace (its requests, bodies included: KMS
