@@ -227,3 +227,56 @@ fn rotate_fails_before_touching_the_keyring_when_the_store_cannot_open() {
         "the keyring rotated although the command failed"
     );
 }
+
+fn rotations_recorded(dir: &std::path::Path) -> usize {
+    let out = stdout_of(
+        strongroom()
+            .current_dir(dir)
+            .env_remove("STRONGROOM_CONFIG")
+            .args(["audit", "export", "--data-dir", "strongroom-data"]),
+    );
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"keys.rotate\""))
+        .count()
+}
+
+/// With no flag at all, `keys rotate` works on the default data dir, the store included:
+/// it is audited as with `--data-dir strongroom-data` (it was not, and said nothing). A
+/// keyring named alone names no store, and the command says so.
+#[test]
+fn rotate_without_flags_is_audited_in_the_default_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = |args: &[&str]| {
+        strongroom()
+            .current_dir(dir.path())
+            .env_remove("STRONGROOM_CONFIG")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(bare(&["keys", "generate"]).status.success());
+    assert!(bare(&["rewrap"]).status.success(), "makes the store");
+    assert_eq!(rotations_recorded(dir.path()), 0);
+
+    let out = bare(&["keys", "rotate"]);
+    assert!(out.status.success());
+    assert_eq!(rotations_recorded(dir.path()), 1);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = bare(&[
+        "keys",
+        "rotate",
+        "--keyring",
+        "strongroom-data/keyring.json",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--keyring alone names no store"), "{err}");
+    assert_eq!(rotations_recorded(dir.path()), 1);
+}

@@ -50,9 +50,13 @@ impl KeyringLocation {
     /// so on standard error with what is skipped (`skipped`), since a mistyped data dir
     /// looks just like a keyring that no server has used yet.
     fn names_a_store(&self, skipped: &str) -> Result<bool, Failure> {
-        if self.config.is_none() && self.data_dir.is_none() {
+        if self.config.is_none() && self.data_dir.is_none() && self.keyring.is_some() {
+            eprintln!(
+                "note: --keyring alone names no store: {skipped} (name it with --data-dir or --config)"
+            );
             return Ok(false);
         }
+        // With no flag at all, the default data dir (`serve --dev`'s layout) is the store.
         let config = self.operator_target().load()?;
         if config.store.kind != strongroom_server::config::StoreKind::Sqlite {
             return Ok(true);
