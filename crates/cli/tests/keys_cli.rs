@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use common::{stdout_of, strongroom};
 use serde_json::Value;
@@ -252,6 +252,8 @@ fn rotate_without_flags_is_audited_in_the_default_data_dir() {
         strongroom()
             .current_dir(dir.path())
             .env_remove("STRONGROOM_CONFIG")
+            .env_remove("USER")
+            .env_remove("LOGNAME")
             .args(args)
             .output()
             .unwrap()
@@ -263,6 +265,23 @@ fn rotate_without_flags_is_audited_in_the_default_data_dir() {
     let out = bare(&["keys", "rotate"]);
     assert!(out.status.success());
     assert_eq!(rotations_recorded(dir.path()), 1);
+    // Named by user id, even where the environment has no user name (cron, containers).
+    let export = stdout_of(
+        strongroom()
+            .current_dir(dir.path())
+            .env_remove("STRONGROOM_CONFIG")
+            .args(["audit", "export", "--data-dir", "strongroom-data"]),
+    );
+    let record = String::from_utf8(export).unwrap();
+    let record = record
+        .lines()
+        .find(|l| l.contains("\"keys.rotate\""))
+        .unwrap();
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    assert!(
+        record.contains(&format!("\"principal_id\":\"uid {uid}\"")),
+        "{record}"
+    );
     assert!(
         out.stderr.is_empty(),
         "{}",

@@ -547,18 +547,30 @@ impl Reloader {
     }
 }
 
-/// An operator action's audit event (principal `operator`, the OS user running it).
-/// Who runs an operator command, as audit records name them: the OS user (`USER`, else
-/// `LOGNAME`), at most 64 characters.
+/// Who runs an operator command, as audit records name them: the environment's user name
+/// (`USER`, else `LOGNAME`; at most 32 characters) and the process's user id, as in
+/// `alice (uid 1000)`, or `uid 0` when the environment names nobody.
 pub fn operator_name() -> String {
-    std::env::var("USER")
+    use std::os::unix::fs::MetadataExt;
+    // The user id is what the kernel says; the name is the environment's (absent under
+    // cron, systemd or a bare container, where records used to say nobody).
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let name: String = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_default()
         .chars()
-        .take(64)
-        .collect()
+        .filter(|c| !c.is_control())
+        .take(32)
+        .collect();
+    match (name.is_empty(), uid) {
+        (false, Some(uid)) => format!("{name} (uid {uid})"),
+        (false, None) => name,
+        (true, Some(uid)) => format!("uid {uid}"),
+        (true, None) => "unknown".to_owned(),
+    }
 }
 
+/// An operator action's audit event (principal `operator`, the OS user running it).
 fn operator_event(
     action: &str,
     outcome: &str,
