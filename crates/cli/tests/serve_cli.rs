@@ -758,4 +758,19 @@ fn sighup_reloads_the_auth_settings_of_the_config_file() {
         assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A data dir served by --config is never taken over by --dev, whose dev service token
+    // may reveal every credential: refused before it writes anything there.
+    assert!(data.join("served-by-config").exists());
+    std::fs::remove_file(data.join("dev-tokens.json")).unwrap();
+    let out = strongroom()
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .timeout(Duration::from_secs(30))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_line_failure(&out);
+    assert!(err.contains("is served by `strongroom serve --config`"), "{err}");
+    assert!(!data.join("dev-tokens.json").exists());
 }

@@ -49,6 +49,9 @@ pub const DEV_LISTEN: &str = "127.0.0.1:8443";
 pub const JWT_SECRET_FILE: &str = "dev-jwt-secret";
 /// Longest lifetime `mint_user_token` accepts.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The file `serve --config` leaves in a SQLite data dir it serves: `serve --dev` refuses
+/// such a dir, whose every credential its dev service token could otherwise reveal.
+pub const SERVED_BY_CONFIG: &str = "served-by-config";
 
 /// Environment keys honoured in dev mode (the rest of the configuration is the dev layout).
 const DEV_ENV_KEYS: &[&str] = &["policy_file", "limits", "log", "broker", "store"];
@@ -134,6 +137,16 @@ pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
     // Servers started together on a new folder take turns: the first makes the layout, the
     // others find it (unlocked, two could write a certificate and a key of different pairs).
     let _layout = lock_layout(&data_dir)?;
+    let marker = data_dir.join(SERVED_BY_CONFIG);
+    if marker.exists() {
+        return Err(ServerError::Dev(format!(
+            "{} is served by `strongroom serve --config` ({} says so): --dev would give a dev \
+             service token every credential in it. Serve it with --config, or give --dev \
+             another --data-dir",
+            data_dir.display(),
+            marker.display()
+        )));
+    }
     let mut created = Vec::new();
 
     let keyring = data_dir.join("keyring.json");
@@ -404,6 +417,23 @@ fn lock_layout(data_dir: &Path) -> Result<fs::File, ServerError> {
 }
 
 /// Writes `bytes` to `path` with mode 0600, atomically.
+/// Marks `data_dir` as served by `serve --config` (see [`SERVED_BY_CONFIG`]), once; a
+/// failure is logged as a warning (the server serves on).
+pub fn mark_served_by_config(data_dir: &Path) {
+    let marker = data_dir.join(SERVED_BY_CONFIG);
+    if marker.exists() {
+        return;
+    }
+    if let Err(e) = write_private(
+        &marker,
+        b"This data dir is served by `strongroom serve --config`. `strongroom serve --dev`\n\
+          refuses it: its dev service token could reveal every credential in the store.\n\
+          Delete this file only to hand the store over to a development server.\n",
+    ) {
+        tracing::warn!(error = %e, "could not mark the data dir as served by --config (serve --dev would not refuse it)");
+    }
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));

@@ -92,7 +92,13 @@ async fn serve_config(args: ServeArgs) -> Result<(), Failure> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
+    let sqlite_dir = (config.store.kind == strongroom_server::config::StoreKind::Sqlite)
+        .then(|| config.data_dir.clone());
     let server = Server::start(config).await?;
+    if let Some(dir) = sqlite_dir {
+        // So that `serve --dev` never takes this store over with its all-powerful tokens.
+        dev::mark_served_by_config(&dir);
+    }
     // SIGHUP reads the file and the environment again for the [auth] settings.
     server
         .reloader()
