@@ -313,6 +313,19 @@ fn startup_failures_are_one_line_and_non_zero() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+
+    // A dev token without --dev (it was silently ignored: the operator believed it set).
+    for flag in ["--dev-admin-token", "--dev-service-token"] {
+        let out = strongroom()
+            .args(["serve", flag, "a-token-of-enough-length", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("apply to `serve --dev` only"), "{err}");
+        assert!(!err.contains("a-token-of-enough-length"), "{err}");
+    }
 }
 
 #[test]
@@ -771,6 +784,9 @@ fn sighup_reloads_the_auth_settings_of_the_config_file() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = one_line_failure(&out);
-    assert!(err.contains("is served by `strongroom serve --config`"), "{err}");
+    assert!(
+        err.contains("is served by `strongroom serve --config`"),
+        "{err}"
+    );
     assert!(!data.join("dev-tokens.json").exists());
 }

@@ -58,15 +58,25 @@ pub struct ServeArgs {
     data_dir: Option<PathBuf>,
     /// With --dev: use this admin token (16+ characters, no spaces) instead of the generated
     /// one.
-    #[arg(long, value_name = "TOKEN", requires = "dev")]
+    #[arg(long, value_name = "TOKEN")]
     dev_admin_token: Option<super::SecretArg>,
     /// With --dev: use this token (16+ characters, no spaces) for the service `dev-service`
     /// instead of the generated one.
-    #[arg(long, value_name = "TOKEN", requires = "dev")]
+    #[arg(long, value_name = "TOKEN")]
     dev_service_token: Option<super::SecretArg>,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), Failure> {
+    // clap's `requires = "dev"` holds for a flag with a default value, so it never fired: a
+    // token given without --dev was silently ignored.
+    if !args.dev && (args.dev_admin_token.is_some() || args.dev_service_token.is_some()) {
+        return Err(CliError::Usage(
+            "--dev-admin-token and --dev-service-token apply to `serve --dev` only; with \
+             --config, name tokens by their SHA-256 in [[auth.admin]] and [[auth.service]]"
+                .into(),
+        )
+        .into());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("strongroom")
