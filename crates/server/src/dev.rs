@@ -416,7 +416,6 @@ fn lock_layout(data_dir: &Path) -> Result<fs::File, ServerError> {
     Ok(file)
 }
 
-/// Writes `bytes` to `path` with mode 0600, atomically.
 /// Marks `data_dir` as served by `serve --config` (see [`SERVED_BY_CONFIG`]), once; a
 /// failure is logged as a warning (the server serves on).
 pub fn mark_served_by_config(data_dir: &Path) {
@@ -434,6 +433,7 @@ pub fn mark_served_by_config(data_dir: &Path) {
     }
 }
 
+/// Writes `bytes` to `path` with mode 0600, atomically.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));

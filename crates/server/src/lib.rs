@@ -684,6 +684,7 @@ fn warn_unknown_services(policy: &Policy, auth: &config::AuthConfig) {
 }
 
 fn load_policy(path: &Path) -> Result<Policy, ServerError> {
+    config::check_trusted(path, "policy file")?;
     let text = std::fs::read_to_string(path).map_err(ServerError::file("policy file", path))?;
     Policy::from_toml(&text).map_err(|source| ServerError::Policy {
         path: path.to_owned(),
@@ -802,6 +803,10 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             // from the data dir opens fine when the data dir is mistyped, and an empty store
             // made there would answer "nothing uses this key" or "the log is intact".
             options.create = first_start == FirstStart::Allowed;
+            if config.data_dir.exists() {
+                // Whoever can write here can swap the database or the keyring.
+                config::check_trusted(&config.data_dir, "data dir")?;
+            }
             if config.store.sync == config::StoreSync::Normal {
                 options.synchronous = Synchronous::DangerNormal;
                 tracing::warn!(

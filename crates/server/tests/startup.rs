@@ -156,6 +156,59 @@ async fn missing_or_broken_files_are_named() {
     std::fs::set_permissions(&fx.jwt_secret, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// Whoever may change the policy, the configuration or the data dir decides who may do
+/// what: each must be writable by its owner only, as sshd asks of `authorized_keys`.
+#[tokio::test]
+async fn files_others_could_change_stop_the_start() {
+    let fx = Fixture::new();
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    for (path, bad, good, what) in [
+        (&fx.policy, 0o666, 0o644, "policy file"),
+        (&fx.policy, 0o664, 0o640, "policy file"),
+        (&fx.data_dir, 0o777, 0o700, "data dir"),
+        (&fx.data_dir, 0o1777, 0o755, "data dir"),
+    ] {
+        mode(path, bad);
+        let e = start_err(fx.config()).await;
+        assert!(
+            e.contains(what) && e.contains("chmod go-w") && e.contains(&format!("{bad:04o}")),
+            "{e}"
+        );
+        mode(path, good);
+        let server = Server::start(fx.config()).await.unwrap();
+        drop(server);
+    }
+
+    // Owned by another user (only root can hand a file over, so only then).
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self").unwrap().uid();
+    if me == 0 {
+        std::os::unix::fs::chown(&fx.policy, Some(65534), None).unwrap();
+        let e = start_err(fx.config()).await;
+        assert!(
+            e.contains("policy file") && e.contains("owned by uid 65534"),
+            "{e}"
+        );
+        std::os::unix::fs::chown(&fx.policy, Some(0), None).unwrap();
+    }
+
+    let file = fx.dir.path().join("strongroom.toml");
+    std::fs::write(&file, "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap();
+    mode(&file, 0o646);
+    let e = Config::load(Some(&file), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config file") && e.contains("chmod go-w"), "{e}");
+    let e = Config::load_for_operator(Some(&file), &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config file") && e.contains("chmod go-w"), "{e}");
+    mode(&file, 0o600);
+    Config::load(Some(&file), &Default::default()).unwrap();
+}
+
 #[tokio::test]
 async fn keyring_problems_stop_the_start() {
     let fx = Fixture::new();
