@@ -288,6 +288,20 @@ fn rotate_without_flags_is_audited_in_the_default_data_dir() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A misspelt variable is pointed out, as the server does at start.
+    let out = strongroom()
+        .current_dir(dir.path())
+        .env_remove("STRONGROOM_CONFIG")
+        .env("STRONGROOM_DATADIR", "/elsewhere")
+        .args(["keys", "list"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("STRONGROOM_DATADIR names no setting"),
+        "{err}"
+    );
+
     let out = bare(&[
         "keys",
         "rotate",

@@ -113,7 +113,7 @@ pub enum KeyringError {
     #[error("keyring {0} already exists; use `keys rotate` to add a version")]
     AlreadyExists(PathBuf),
     /// No keyring file at the path.
-    #[error("no keyring at {0}; create one with `strongroom keys generate`")]
+    #[error("no keyring at {0}; create one with `strongroom keys generate`, given the same --config or --data-dir")]
     NotFound(PathBuf),
     /// The version is not in the keyring.
     #[error("key version {0} is not in the keyring")]

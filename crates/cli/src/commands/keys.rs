@@ -98,6 +98,7 @@ impl KeyringLocation {
     }
 
     fn path(&self) -> Result<PathBuf, Failure> {
+        super::warn_unknown_env_names();
         if let Some(k) = &self.keyring {
             return Ok(k.clone());
         }

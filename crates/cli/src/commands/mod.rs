@@ -72,6 +72,22 @@ impl Failure {
     }
 }
 
+/// Says once on standard error which `STRONGROOM_*` variables name no setting, as the
+/// server logs at start: `STRONGROOM_DATADIR=...` would otherwise send an operator command to
+/// the default data dir without a word.
+pub(crate) fn warn_unknown_env_names() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+        for name in strongroom_server::config::unknown_env_names(names) {
+            eprintln!(
+                "strongroom: warning: {name} names no setting and is ignored (a typo? nested \
+                 keys use two underscores: STRONGROOM_TLS__CLIENT_AUTH)"
+            );
+        }
+    });
+}
+
 /// Where an operator command finds the store and keys: the server's `--config`, or the
 /// `serve --dev` layout under `--data-dir`. Works while the server runs.
 #[derive(clap::Args, Debug, Clone)]
@@ -92,6 +108,7 @@ pub struct OperatorTarget {
 impl OperatorTarget {
     /// The server configuration these flags name.
     pub fn load(&self) -> Result<strongroom_server::config::Config, Failure> {
+        warn_unknown_env_names();
         let overrides = strongroom_server::config::Overrides {
             data_dir: self.data_dir.clone(),
             keyring: self.keyring.clone(),
