@@ -98,7 +98,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
@@ -797,7 +797,7 @@ impl Config {
             check_trusted(file, "config file")?;
             figment = figment.merge(Toml::file_exact(file));
         }
-        let config = Self::from_figment(figment.merge(env_provider(ENV_KEYS)), overrides)?;
+        let config = Self::from_figment(merge_env(figment, ENV_KEYS), overrides)?;
         config.validate()?;
         Ok(config)
     }
@@ -846,7 +846,7 @@ impl Config {
             check_trusted(file, "config file")?;
             figment = figment.merge(Toml::file_exact(file));
         }
-        let config = Self::from_figment(figment.merge(env_provider(ENV_KEYS)), overrides)?;
+        let config = Self::from_figment(merge_env(figment, ENV_KEYS), overrides)?;
         config.validate_backends()?;
         Ok(config)
     }
@@ -1255,6 +1255,75 @@ pub fn unknown_env_names(vars: impl IntoIterator<Item = String>) -> Vec<String> 
         .collect()
 }
 
+/// Settings that are text whatever they look like. figment reads `STRONGROOM_*` values as
+/// TOML-ish scalars, so `STRONGROOM_AUTH__JWT__AUDIENCE=12345` became a number (refused for a
+/// text setting) and `007` would lose its zeros: for these, the variable's text is taken as
+/// it is (a value figment reads as text, such as `"12345"` in quotes, stays as figment reads it).
+const TEXT_SETTINGS: &[&str] = &[
+    "data_dir",
+    "policy_file",
+    "store.url",
+    "store.schema",
+    "store.tls_ca_file",
+    "keys.keyring",
+    "keys.aws_kms.key_id",
+    "keys.aws_kms.region",
+    "keys.aws_kms.endpoint_url",
+    "keys.pkcs11.module",
+    "keys.pkcs11.token_label",
+    "keys.pkcs11.key_label",
+    "keys.pkcs11.pin_file",
+    "keys.pkcs11.pin_env",
+    "keys.transit.address",
+    "keys.transit.key",
+    "keys.transit.mount",
+    "keys.transit.token_file",
+    "keys.transit.token_env",
+    "keys.transit.approle_role_id",
+    "keys.transit.approle_secret_id_file",
+    "keys.transit.approle_secret_id_env",
+    "keys.transit.approle_mount",
+    "keys.transit.ca_file",
+    "keys.transit.namespace",
+    "tls.cert",
+    "tls.key",
+    "tls.client_ca",
+    "auth.jwt.issuer",
+    "auth.jwt.audience",
+    "auth.jwt.hs256_secret_file",
+    "auth.jwt.public_key_file",
+    "auth.jwt.jwks_file",
+    "auth.jwt.jwks_url",
+    "auth.jwt.jwks_ca_file",
+    "log.level",
+    "audit.jsonl",
+    "broker.ca_file",
+];
+
+/// `STRONGROOM_*` variables for the sections in `keys`, merged onto `figment`: figment's
+/// reading of them, then [`TEXT_SETTINGS`] as the text they hold.
+pub(crate) fn merge_env(figment: Figment, keys: &'static [&'static str]) -> Figment {
+    let mut figment = figment.merge(env_provider(keys));
+    for setting in TEXT_SETTINGS {
+        let first = setting.split('.').next().unwrap_or_default();
+        if !keys.contains(&first) {
+            continue;
+        }
+        let name = format!(
+            "STRONGROOM_{}",
+            setting.replace('.', "__").to_ascii_uppercase()
+        );
+        let Ok(raw) = std::env::var(&name) else {
+            continue;
+        };
+        let read: figment::value::Value = raw.parse().unwrap_or_else(|never| match never {});
+        if read.as_str().is_none() {
+            figment = figment.merge(Serialized::global(setting, raw));
+        }
+    }
+    figment
+}
+
 pub(crate) fn env_provider(keys: &'static [&'static str]) -> Env {
     Env::prefixed("STRONGROOM_")
         .filter(move |k| {
@@ -1340,4 +1409,26 @@ fn config_error(err: figment::Error) -> ServerError {
         })
         .collect();
     ServerError::Config(lines.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every text setting names a real key: a misspelt one would be an unknown field
+    /// whenever its variable is set.
+    #[test]
+    fn text_settings_are_keys_of_the_configuration() {
+        for setting in TEXT_SETTINGS {
+            let figment = Figment::new().merge(Serialized::global(setting, "x"));
+            if let Err(e) = figment.extract::<Config>() {
+                for e in e {
+                    assert!(
+                        !matches!(e.kind, figment::error::Kind::UnknownField(..)),
+                        "{setting}: {e}"
+                    );
+                }
+            }
+        }
+    }
 }

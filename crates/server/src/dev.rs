@@ -32,7 +32,7 @@ use strongroom_crypto::{OsRandom, SecureRandom};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::config::{env_provider, Config, Overrides};
+use crate::config::{merge_env, Config, Overrides};
 use crate::error::ServerError;
 
 /// The dev service principal: may write, reveal and broker any credential of any owner.
@@ -280,7 +280,7 @@ impl DevSetup {
             },
             "log": { "format": "text", "level": "info" },
         });
-        let figment = Figment::from(Serialized::defaults(base)).merge(env_provider(DEV_ENV_KEYS));
+        let figment = merge_env(Figment::from(Serialized::defaults(base)), DEV_ENV_KEYS);
         let config = Config::from_figment(
             figment,
             &Overrides {

@@ -569,3 +569,35 @@ fn misspelt_environment_variables_are_found() {
         ["STRONGROOM_LISTN", "STRONGROOM_TLS_CLIENT_AUTH"]
     );
 }
+
+/// Text settings keep the text of their variable: a numeric audience, a label that looks
+/// like a number (with its leading zeros) or like a boolean; a quoted value as before.
+#[test]
+fn text_settings_from_the_environment_stay_text() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file(
+            "s.toml",
+            &format!(
+                "{MINIMAL}\n[auth.jwt]\nhs256_secret_file = \"jwt\"\n[keys]\nprovider = \"pkcs11\"\n\
+                 [keys.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\n\
+                 token_label = \"t\"\nkey_label = \"k\"\npin_env = \"PIN\"\n"
+            ),
+        )?;
+        jail.set_env("STRONGROOM_AUTH__JWT__AUDIENCE", "12345");
+        jail.set_env("STRONGROOM_AUTH__JWT__ISSUER", "true");
+        jail.set_env("STRONGROOM_KEYS__PKCS11__TOKEN_LABEL", "007");
+        jail.set_env("STRONGROOM_KEYS__PKCS11__KEY_LABEL", "\"1.50\"");
+        jail.set_env("STRONGROOM_LIMITS__MAX_CONNECTIONS", "77");
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(jwt.audience.as_deref(), Some("12345"));
+        assert_eq!(jwt.issuer.as_deref(), Some("true"));
+        let pkcs11 = c.keys.pkcs11.as_ref().unwrap();
+        assert_eq!(pkcs11.token_label, "007");
+        assert_eq!(pkcs11.key_label, "1.50");
+        // Numbers stay numbers where the setting is one.
+        assert_eq!(c.limits.max_connections, 77);
+        Ok(())
+    });
+}
