@@ -313,6 +313,18 @@ fn startup_failures_are_one_line_and_non_zero() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // ... and with the file named by the environment, the message says so.
+    let out = strongroom()
+        .args(["serve", "--dev"])
+        .env("STRONGROOM_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("STRONGROOM_CONFIG is set in the environment"),
+        "{err}"
+    );
 
     // A dev token without --dev (it was silently ignored: the operator believed it set).
     for flag in ["--dev-admin-token", "--dev-service-token"] {

@@ -39,12 +39,7 @@ they name; an invalid one is refused and the previous settings stay. Logs go to 
 stdout.")]
 pub struct ServeArgs {
     /// Configuration file (TOML); STRONGROOM_* environment variables override its keys.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "STRONGROOM_CONFIG",
-        conflicts_with = "dev"
-    )]
+    #[arg(long, value_name = "FILE", env = "STRONGROOM_CONFIG")]
     config: Option<PathBuf>,
     /// Zero-configuration development server: SQLite, a local keyring, a dev TLS
     /// certificate and dev tokens under the data directory. Not for production.
@@ -67,6 +62,18 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<(), Failure> {
+    if args.dev && args.config.is_some() {
+        // Said apart from clap's own conflict message, which blamed a `--config` never typed.
+        let from_env = std::env::var_os("STRONGROOM_CONFIG").is_some_and(|v| !v.is_empty());
+        return Err(CliError::Usage(if from_env {
+            "--dev takes no configuration file, but STRONGROOM_CONFIG is set in the \
+             environment: unset it, or serve that file with `serve --config`"
+                .into()
+        } else {
+            "--dev and --config exclude each other: --dev makes its own configuration".into()
+        })
+        .into());
+    }
     // clap's `requires = "dev"` holds for a flag with a default value, so it never fired: a
     // token given without --dev was silently ignored.
     if !args.dev && (args.dev_admin_token.is_some() || args.dev_service_token.is_some()) {
