@@ -808,6 +808,17 @@ impl Config {
     ///
     /// [`ServerError::Config`] naming the key.
     pub fn from_figment(figment: Figment, overrides: &Overrides) -> Result<Self, ServerError> {
+        // An empty text (`STRONGROOM_POLICY_FILE=` left blank) would be read as a path to
+        // the working directory, or as a name no provider has.
+        for setting in TEXT_SETTINGS {
+            if let Ok(value) = figment.find_value(setting) {
+                if value.as_str().is_some_and(|v| v.trim().is_empty()) {
+                    return Err(ServerError::Config(format!(
+                        "key `{setting}`: must not be empty (leave it out for the default)"
+                    )));
+                }
+            }
+        }
         let mut config: Config = figment.extract().map_err(config_error)?;
         if let Some(listen) = overrides.listen {
             config.listen = listen;

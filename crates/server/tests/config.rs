@@ -601,3 +601,35 @@ fn text_settings_from_the_environment_stay_text() {
         Ok(())
     });
 }
+
+/// An empty text setting is refused by name, from the environment or the file, instead of
+/// being read as the working directory or a name nothing has.
+#[test]
+fn empty_text_settings_are_refused() {
+    for (var, key) in [
+        ("STRONGROOM_POLICY_FILE", "policy_file"),
+        ("STRONGROOM_DATA_DIR", "data_dir"),
+        ("STRONGROOM_TLS__CERT", "tls.cert"),
+        ("STRONGROOM_AUDIT__JSONL", "audit.jsonl"),
+        ("STRONGROOM_KEYS__KEYRING", "keys.keyring"),
+    ] {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("s.toml", MINIMAL)?;
+            jail.set_env(var, "");
+            let e = err_of(load("s.toml", &Overrides::default()));
+            assert!(
+                e.contains(&format!("key `{key}`: must not be empty")),
+                "{var}: {e}"
+            );
+            Ok(())
+        });
+    }
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file("s.toml", &format!("policy_file = \" \"\n{MINIMAL}"))?;
+        let e = err_of(load("s.toml", &Overrides::default()));
+        assert!(e.contains("key `policy_file`: must not be empty"), "{e}");
+        Ok(())
+    });
+}
