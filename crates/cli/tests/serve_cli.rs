@@ -326,6 +326,15 @@ fn startup_failures_are_one_line_and_non_zero() {
         "{err}"
     );
 
+    // A host name where an address belongs.
+    let out = strongroom()
+        .args(["serve", "--dev", "--listen", "localhost:9443"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("host names are not resolved"), "{err}");
+
     // A dev token without --dev (it was silently ignored: the operator believed it set).
     for flag in ["--dev-admin-token", "--dev-service-token"] {
         let out = strongroom()

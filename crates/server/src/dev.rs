@@ -380,6 +380,12 @@ fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
     if dir.is_dir() {
         return Ok(());
     }
+    if dir.exists() {
+        return Err(ServerError::Dev(format!(
+            "{} is not a directory; --data-dir names the folder that holds the store",
+            dir.display()
+        )));
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

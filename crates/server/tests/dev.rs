@@ -232,3 +232,12 @@ async fn the_dev_server_accepts_its_tokens_and_serves_the_dev_policy() {
     assert_eq!(r.status, 200);
     running.stop().await.unwrap();
 }
+
+#[test]
+fn a_data_dir_that_is_a_file_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let e = dev::bootstrap(&options(&file)).err().unwrap().to_string();
+    assert!(e.contains("afile is not a directory"), "{e}");
+}

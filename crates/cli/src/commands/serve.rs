@@ -46,7 +46,7 @@ pub struct ServeArgs {
     #[arg(long)]
     dev: bool,
     /// Address and port to listen on [default: 127.0.0.1:8443, or the config's `listen`].
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
     listen: Option<SocketAddr>,
     /// Data directory [default: ./strongroom-data, or the config's `data_dir`].
     #[arg(long, value_name = "DIR")]
@@ -59,6 +59,16 @@ pub struct ServeArgs {
     /// instead of the generated one.
     #[arg(long, value_name = "TOKEN")]
     dev_service_token: Option<super::SecretArg>,
+}
+
+/// An IP address and port; says so for a host name, which is not resolved.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "expected an IP address and port such as 127.0.0.1:8443, 0.0.0.0:8443 or [::1]:8443 \
+             (host names are not resolved), not {text:?}"
+        )
+    })
 }
 
 pub fn run(args: ServeArgs) -> Result<(), Failure> {
@@ -148,6 +158,12 @@ async fn serve_dev(args: ServeArgs) -> Result<(), Failure> {
         admin_token: args.dev_admin_token.map(|t| t.expose().clone()),
         service_token: args.dev_service_token.map(|t| t.expose().clone()),
     };
+    if !listen.ip().is_loopback() {
+        eprintln!(
+            "strongroom: warning: --dev listens on {listen}, reachable from other hosts, with \
+             printed tokens that reach every credential; use it on 127.0.0.1 or ::1 only"
+        );
+    }
     let setup = dev::bootstrap(&options)?;
     let config = setup.config(listen)?;
     logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
