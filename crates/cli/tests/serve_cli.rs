@@ -366,6 +366,20 @@ fn token_mint_needs_dev_and_an_existing_dev_data_dir() {
         .unwrap();
     let err = one_line_failure(&out);
     assert!(err.contains("serve --dev"), "{err}");
+    // Bad arguments are usage errors, exit 2, before the data dir is looked at.
+    for args in [
+        &["--ttl", "0", "alice"][..],
+        &["--ttl", "99999999", "alice"],
+        &[""],
+    ] {
+        let out = strongroom()
+            .args(["token", "mint", "--dev", "--data-dir"])
+            .arg(tmp.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
 }
 
 #[test]

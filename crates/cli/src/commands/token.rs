@@ -56,6 +56,21 @@ pub fn run(cmd: TokenCommand) -> Result<(), Failure> {
                 )
                 .into());
             }
+            // Bad arguments are usage errors (exit 2), as clap's own are.
+            if args.ttl == 0 || args.ttl > dev::MAX_TOKEN_TTL.as_secs() {
+                return Err(CliError::Usage(format!(
+                    "--ttl must be 1 to {} seconds (30 days)",
+                    dev::MAX_TOKEN_TTL.as_secs()
+                ))
+                .into());
+            }
+            if !strongroom_crypto::binding::is_valid_owner(&args.subject) {
+                return Err(CliError::Usage(
+                    "SUBJECT (the owner id) must be 1 to 255 bytes without control characters"
+                        .into(),
+                )
+                .into());
+            }
             let token =
                 dev::mint_user_token(&args.data_dir, &args.subject, Duration::from_secs(args.ttl))?;
             println!("{}", token.as_str());
