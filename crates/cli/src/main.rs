@@ -57,7 +57,13 @@ enum Command {
     /// A client of a running server: put, list, show, current, disable, enable, destroy and
     /// usage of your credentials; reveal one as a service. The token comes from
     /// STRONGROOM_TOKEN or --token-file.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  export STRONGROOM_SERVER=https://127.0.0.1:8443\n  \
+        printf %s 'zoom-secret-123' | STRONGROOM_TOKEN=$ALICE strongroom credential put zoom.api-key\n  \
+        STRONGROOM_TOKEN=$ALICE strongroom credential list --all\n  \
+        STRONGROOM_TOKEN=$SERVICE strongroom credential reveal alice zoom.api-key"
+    )]
     Credential(commands::credential::CredentialCommand),
 }
 

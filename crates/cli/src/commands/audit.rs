@@ -18,6 +18,10 @@ const BATCH: u32 = 4096;
 pub enum AuditCommand {
     /// Check the whole log: every record's hash, the chain, and the MAC'd head. Names the
     /// first bad record and exits non-zero on any tampering.
+    #[command(
+        after_help = "Examples:\n  strongroom audit verify --config /etc/strongroom/strongroom.toml\n  \
+        strongroom audit verify --config /etc/strongroom/strongroom.toml --expect-head head.json"
+    )]
     Verify {
         /// Where the store and keys are.
         #[command(flatten)]
@@ -28,12 +32,18 @@ pub enum AuditCommand {
         expect_head: Option<PathBuf>,
     },
     /// Print the chain head (count, hash, mac) as JSON, to keep it somewhere else.
+    #[command(after_help = "Example (keep the file away from the store's host):\n  \
+        strongroom audit head --config /etc/strongroom/strongroom.toml > head.json")]
     Head {
         /// Where the store and keys are.
         #[command(flatten)]
         target: OperatorTarget,
     },
     /// Stream records in order (for a SIEM).
+    #[command(
+        after_help = "Examples:\n  strongroom audit export --data-dir ./strongroom-data | jq .\n  \
+        strongroom audit export --config /etc/strongroom/strongroom.toml --after 1000"
+    )]
     Export {
         /// Where the store and keys are.
         #[command(flatten)]

@@ -58,6 +58,9 @@ pub enum FernetCommand {
         token: Option<String>,
     },
     /// Encrypt stdin (all of it, byte for byte) with the first key and print the token.
+    #[command(
+        after_help = "Example:\n  printf %s 'the value' | strongroom fernet encrypt --django-hkdf --key-file keys.txt"
+    )]
     Encrypt {
         #[command(flatten)]
         keys: FernetKeys,

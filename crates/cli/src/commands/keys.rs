@@ -122,11 +122,19 @@ pub enum KeysCommand {
     /// Create a new keyring file (mode 0600) with one active KEK version.
     ///
     /// Refuses to overwrite an existing keyring. The key material never leaves the file.
+    #[command(
+        after_help = "Examples:\n  strongroom keys generate --data-dir ./strongroom-data\n  \
+        strongroom keys generate --config /etc/strongroom/strongroom.toml"
+    )]
     Generate {
         #[command(flatten)]
         location: KeyringLocation,
     },
     /// List KEK versions: key id, version, state, dates. Never prints key material.
+    #[command(
+        after_help = "Examples:\n  strongroom keys list --data-dir ./strongroom-data\n  \
+        strongroom keys list --config /etc/strongroom/strongroom.toml --json"
+    )]
     List {
         #[command(flatten)]
         location: KeyringLocation,
@@ -147,6 +155,10 @@ pub enum KeysCommand {
     /// version, wrapped by the provider, to the ring in the store; every running server
     /// uses it within a second. `--root` first rotates the provider's own key (Transit,
     /// PKCS#11), then re-wraps the ring under it.
+    #[command(
+        after_help = "Examples:\n  strongroom keys rotate --config /etc/strongroom/strongroom.toml\n  \
+        strongroom rewrap --config /etc/strongroom/strongroom.toml   # then move the data keys"
+    )]
     Rotate {
         #[command(flatten)]
         location: KeyringLocation,
@@ -158,6 +170,8 @@ pub enum KeysCommand {
     /// Erase a decrypt-only KEK version's material. Refuses while any active credential
     /// version still uses it (run `strongroom rewrap` first); afterwards a full scan of the
     /// store confirms nothing is left under it.
+    #[command(after_help = "Example (after `keys rotate` and `rewrap`):\n  \
+        strongroom keys retire 1 --config /etc/strongroom/strongroom.toml")]
     Retire {
         #[command(flatten)]
         location: KeyringLocation,
