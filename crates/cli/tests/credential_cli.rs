@@ -113,7 +113,15 @@ fn a_user_stores_and_manages_and_the_service_reveals() {
     let usage = ok(client(&data, addr, &alice).args(["credential", "usage", "zoom.api-key"]));
     assert!(usage.contains("reveal"), "{usage}");
 
-    ok(client(&data, addr, &alice).args(["credential", "destroy", "zoom.api-key"]));
+    // Cannot be undone: refused without --yes when nobody can be asked.
+    let out = client(&data, addr, &alice)
+        .args(["credential", "destroy", "zoom.api-key"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add --yes"));
+    ok(client(&data, addr, &alice).args(["credential", "show", "zoom.api-key"]));
+    ok(client(&data, addr, &alice).args(["credential", "destroy", "zoom.api-key", "--yes"]));
     let out = client(&data, addr, &alice)
         .args(["credential", "show", "zoom.api-key"])
         .output()

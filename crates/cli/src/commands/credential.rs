@@ -115,6 +115,10 @@ pub enum CredentialCommand {
         /// Only this version.
         #[arg(long = "version", value_name = "N")]
         only: Option<u32>,
+        /// Do not ask: destroying cannot be undone, so without --yes the command asks for
+        /// the name on a terminal, and refuses elsewhere.
+        #[arg(long)]
+        yes: bool,
     },
     /// Who used a credential, when and how (from the audit log), newest first, a page at a
     /// time (--cursor, --all as for list).
@@ -426,7 +430,11 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
             client,
             name,
             only: version,
+            yes,
         } => {
+            if !yes {
+                confirm_destroy(&name, version)?;
+            }
             let path = match version {
                 Some(v) => format!("{}/versions/{v}", me(&name)),
                 None => me(&name),
@@ -470,6 +478,32 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                 println!("{}", value.as_str());
             }
         }
+    }
+    Ok(())
+}
+
+/// Asks for the credential's name on a terminal before an irreversible destroy; elsewhere
+/// (a script, a pipe) refuses without `--yes`.
+fn confirm_destroy(name: &str, version: Option<u32>) -> Result<(), Failure> {
+    use std::io::{BufRead, IsTerminal};
+    let what = match version {
+        Some(v) => format!("version {v} of {name}"),
+        None => format!("every version of {name}"),
+    };
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(format!(
+            "destroying {what} cannot be undone: add --yes to confirm"
+        ))
+        .into());
+    }
+    eprint!("Destroy {what}? Its data keys are erased; this cannot be undone. Type the name to confirm: ");
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(CliError::io("reading the confirmation"))?;
+    if answer.trim() != name {
+        return Err(CliError::Usage("not confirmed; nothing was destroyed".into()).into());
     }
     Ok(())
 }
