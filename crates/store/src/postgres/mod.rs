@@ -349,6 +349,28 @@ fn durable_commits(raised: Arc<std::sync::atomic::AtomicBool>) -> deadpool_postg
     })
 }
 
+/// The servers a configuration names, as `host:port` (or the socket folder), for errors.
+fn describe_target(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{} (port {port})", dir.display()),
+            }
+        })
+        .collect();
+    if hosts.is_empty() {
+        "the default host".to_owned()
+    } else {
+        hosts.join(", ")
+    }
+}
+
 /// What a schema name may be, as said to the operator who chose a wrong one.
 const SCHEMA_NAME_RULE: &str = "a schema name is 1 to 63 lowercase ASCII letters, digits \
     and underscores, not starting with a digit, and neither `information_schema` nor `pg_*` \
@@ -407,6 +429,7 @@ impl PostgresStore {
             config.options(format!("{given}-c search_path={schema}"));
         }
         config.connect_timeout(options.timeout);
+        let target = describe_target(&config);
         let manager = Manager::from_config(
             config,
             tls,
@@ -428,7 +451,13 @@ impl PostgresStore {
             schema: options.schema,
             durability: Arc::default(),
         };
-        store.migrate(options.create).await?;
+        // The first connection: say which server could not be reached (never the password).
+        store.migrate(options.create).await.map_err(|e| match e {
+            StoreError::Unavailable(inner) => StoreError::Unavailable(BackendError::msg(format!(
+                "PostgreSQL at {target}: {inner}"
+            ))),
+            other => other,
+        })?;
         store.durability = Arc::new(store.durability_check(&raised).await?);
         Ok(store)
     }
