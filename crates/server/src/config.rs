@@ -747,39 +747,6 @@ pub struct Overrides {
     pub keyring: Option<PathBuf>,
 }
 
-/// Refuses a file or folder that decides what Strongroom trusts (the configuration, the
-/// policy, the data dir) when someone other than root or the user running it could change
-/// it: writable by group or others, or owned by another user. As sshd does for
-/// `authorized_keys`: whoever can edit the policy can grant themselves reveals.
-///
-/// # Errors
-///
-/// [`ServerError::Config`] saying what to run, or [`ServerError::File`] when it cannot be read.
-pub(crate) fn check_trusted(path: &Path, what: &'static str) -> Result<(), ServerError> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = std::fs::metadata(path).map_err(ServerError::file(what, path))?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(ServerError::Config(format!(
-            "{what} {} has mode {mode:04o}, so group or others can change it (and with it what \
-             Strongroom trusts); run `chmod go-w {}`",
-            path.display(),
-            path.display()
-        )));
-    }
-    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
-    if meta.uid() != 0 && me.is_some_and(|me| me != meta.uid()) {
-        return Err(ServerError::Config(format!(
-            "{what} {} is owned by uid {}, neither root nor the user running Strongroom (uid \
-             {}); run `chown` to give it to one of them",
-            path.display(),
-            meta.uid(),
-            me.unwrap_or_default()
-        )));
-    }
-    Ok(())
-}
-
 impl Config {
     /// Reads `file` (if any), then `STRONGROOM_*` variables, then `overrides`, and
     /// [validates](Config::validate) the result.
@@ -794,7 +761,7 @@ impl Config {
             // Check it ourselves for a clear error on a missing file; `file_exact` never
             // searches parent folders (as figment's `Toml::file` would).
             std::fs::File::open(file).map_err(ServerError::file("config file", file))?;
-            check_trusted(file, "config file")?;
+            crate::trusted::check(file, "config file")?;
             figment = figment.merge(Toml::file_exact(file));
         }
         let config = Self::from_figment(merge_env(figment, ENV_KEYS), overrides)?;
@@ -854,7 +821,7 @@ impl Config {
         let mut figment = Figment::new();
         if let Some(file) = file {
             std::fs::File::open(file).map_err(ServerError::file("config file", file))?;
-            check_trusted(file, "config file")?;
+            crate::trusted::check(file, "config file")?;
             figment = figment.merge(Toml::file_exact(file));
         }
         let config = Self::from_figment(merge_env(figment, ENV_KEYS), overrides)?;

@@ -51,6 +51,7 @@ mod jwks;
 pub mod logging;
 mod rotation;
 pub mod tls;
+mod trusted;
 mod unread_body;
 
 #[cfg(feature = "testing")]
@@ -547,14 +548,13 @@ impl Reloader {
     }
 }
 
-/// Who runs an operator command, as audit records name them: the environment's user name
-/// (`USER`, else `LOGNAME`; at most 32 characters) and the process's user id, as in
-/// `alice (uid 1000)`, or `uid 0` when the environment names nobody.
+/// Who runs an operator command, as audit records name them: the process's effective user
+/// id and the environment's user name (`USER`, else `LOGNAME`; at most 32 characters), as in
+/// `uid 1000 (USER alice)`, or `uid 0` when the environment names nobody.
 pub fn operator_name() -> String {
-    use std::os::unix::fs::MetadataExt;
     // The user id is what the kernel says; the name is the environment's (absent under
     // cron, systemd or a bare container, where records used to say nobody).
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let uid = trusted::euid();
     let name: String = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_default()
@@ -562,11 +562,12 @@ pub fn operator_name() -> String {
         .filter(|c| !c.is_control())
         .take(32)
         .collect();
-    match (name.is_empty(), uid) {
-        (false, Some(uid)) => format!("{name} (uid {uid})"),
-        (false, None) => name,
-        (true, Some(uid)) => format!("uid {uid}"),
-        (true, None) => "unknown".to_owned(),
+    // The uid first and the name labelled as the environment's claim, so a USER of
+    // "root (uid 0)" cannot pass for the uid.
+    if name.is_empty() {
+        format!("uid {uid}")
+    } else {
+        format!("uid {uid} (USER {name})")
     }
 }
 
@@ -684,8 +685,8 @@ fn warn_unknown_services(policy: &Policy, auth: &config::AuthConfig) {
 }
 
 fn load_policy(path: &Path) -> Result<Policy, ServerError> {
-    config::check_trusted(path, "policy file")?;
-    let text = std::fs::read_to_string(path).map_err(ServerError::file("policy file", path))?;
+    // Checked through the handle it is read from: a policy swapped in between is never read.
+    let text = trusted::read_to_string(path, "policy file")?;
     Policy::from_toml(&text).map_err(|source| ServerError::Policy {
         path: path.to_owned(),
         source,
@@ -744,7 +745,8 @@ fn auth_settings(
                 }
                 JwtKeySource::Hs256Secret(secret)
             } else if let Some(path) = &j.public_key_file {
-                let pem = std::fs::read(path).map_err(ServerError::file("JWT public key", path))?;
+                // Whoever can change it can sign any user's token.
+                let pem = trusted::read_to_string(path, "JWT public key file")?.into_bytes();
                 let algorithm = match j.algorithm {
                     Some(JwtAlgorithmName::Rs256) => strongroom_api::JwtAlgorithm::Rs256,
                     Some(JwtAlgorithmName::Es256) => strongroom_api::JwtAlgorithm::Es256,
@@ -758,8 +760,7 @@ fn auth_settings(
                 };
                 JwtKeySource::PublicKeyPem { algorithm, pem }
             } else if let Some(path) = &j.jwks_file {
-                let json =
-                    std::fs::read_to_string(path).map_err(ServerError::file("JWKS file", path))?;
+                let json = trusted::read_to_string(path, "JWKS file")?;
                 JwtKeySource::Jwks(json)
             } else if let Some(remote) = remote {
                 JwtKeySource::Remote(remote)
@@ -805,7 +806,7 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             options.create = first_start == FirstStart::Allowed;
             if config.data_dir.exists() {
                 // Whoever can write here can swap the database or the keyring.
-                config::check_trusted(&config.data_dir, "data dir")?;
+                trusted::check(&config.data_dir, "data dir")?;
             }
             if config.store.sync == config::StoreSync::Normal {
                 options.synchronous = Synchronous::DangerNormal;

@@ -184,6 +184,8 @@ pub fn server_config(tls: &TlsConfig, cert: Arc<CertSlot>) -> Result<ServerConfi
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
+            // Whoever can add a CA here can present a certificate for any mapped service.
+            crate::trusted::check(ca, "TLS client CA")?;
             for c in load_certs("TLS client CA", ca)? {
                 roots.add(c).map_err(|e| {
                     ServerError::Tls(format!("TLS client CA {}: {e}", ca.display()))

@@ -181,10 +181,65 @@ async fn files_others_could_change_stop_the_start() {
         drop(server);
     }
 
+    // The client CA decides which certificates pass for mapped services and admins.
+    mode(&fx.client_ca, 0o666);
+    let e = start_err(fx.mtls_config("optional")).await;
+    assert!(
+        e.contains("TLS client CA") && e.contains("chmod go-w"),
+        "{e}"
+    );
+    mode(&fx.client_ca, 0o644);
+    drop(Server::start(fx.mtls_config("optional")).await.unwrap());
+
+    // Whoever can change the JWT public key can sign any user's token.
+    let public_key = fx.dir.path().join("jwt-public.pem");
+    std::fs::write(&public_key, &fx.pki.ca_pem).unwrap();
+    mode(&public_key, 0o666);
+    let text = fx.toml("", "").replace(
+        &format!(
+            "hs256_secret_file = {:?}",
+            fx.jwt_secret.display().to_string()
+        ),
+        &format!(
+            "public_key_file = {:?}\nalgorithm = \"ES256\"",
+            public_key.display().to_string()
+        ),
+    );
+    let e = start_err(fx.config_from(&text)).await;
+    assert!(
+        e.contains("JWT public key file") && e.contains("chmod go-w"),
+        "{e}"
+    );
+
+    // A folder above the policy that others may write: they could swap the file between
+    // the check and the read. With the sticky bit (as /tmp) they cannot.
+    let folder = fx.dir.path().join("shared");
+    std::fs::create_dir(&folder).unwrap();
+    let policy = folder.join("policy.toml");
+    std::fs::copy(&fx.policy, &policy).unwrap();
+    let mut c = fx.config();
+    c.policy_file = Some(policy.clone());
+    mode(&folder, 0o777);
+    let e = start_err(c.clone()).await;
+    assert!(
+        e.contains("shared above the policy file") && e.contains("0777"),
+        "{e}"
+    );
+    mode(&folder, 0o1777);
+    drop(Server::start(c.clone()).await.unwrap());
+    // ... also when the path reaches it through a symlink kept in a safe folder.
+    mode(&folder, 0o777);
+    let link = fx.dir.path().join("policy-link.toml");
+    std::os::unix::fs::symlink(&policy, &link).unwrap();
+    c.policy_file = Some(link);
+    let e = start_err(c).await;
+    assert!(e.contains("shared above the policy file"), "{e}");
+    mode(&folder, 0o755);
+
     // Owned by another user (only root can hand a file over, so only then).
+    // The fixture's folder is ours: its owner is who we run as.
     use std::os::unix::fs::MetadataExt;
-    let me = std::fs::metadata("/proc/self").unwrap().uid();
-    if me == 0 {
+    if std::fs::metadata(fx.dir.path()).unwrap().uid() == 0 {
         std::os::unix::fs::chown(&fx.policy, Some(65534), None).unwrap();
         let e = start_err(fx.config()).await;
         assert!(

@@ -148,6 +148,20 @@ async fn unreachable_server_is_unavailable() {
         "{err}"
     );
     assert!(!format!("{err:?}{err}").contains("hunter2"));
+    // Also when the first connection is the one that creates the schema, and for a
+    // key/value string naming the server by `hostaddr` alone.
+    let mut o = PostgresOptions::default();
+    o.timeout = std::time::Duration::from_secs(2);
+    o.schema = Some("srs".into());
+    o.create = true;
+    let err = PostgresStore::connect("hostaddr=127.0.0.1 port=1 user=u password=hunter2-pw", o)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("PostgreSQL at 127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(!format!("{err:?}{err}").contains("hunter2"));
 }
 
 /// What the server refused is said, not just "db error": here PostgreSQL's own reason for

@@ -352,18 +352,25 @@ fn durable_commits(raised: Arc<std::sync::atomic::AtomicBool>) -> deadpool_postg
 /// The servers a configuration names, as `host:port` (or the socket folder), for errors.
 fn describe_target(config: &tokio_postgres::Config) -> String {
     let ports = config.get_ports();
-    let hosts: Vec<String> = config
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let mut hosts: Vec<String> = config
         .get_hosts()
         .iter()
         .enumerate()
-        .map(|(i, host)| {
-            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            match host {
-                Host::Tcp(name) => format!("{name}:{port}"),
-                Host::Unix(dir) => format!("{} (port {port})", dir.display()),
-            }
+        .map(|(i, host)| match host {
+            Host::Tcp(name) => format!("{name}:{}", port(i)),
+            Host::Unix(dir) => format!("{} (port {})", dir.display(), port(i)),
         })
         .collect();
+    if hosts.is_empty() {
+        // `hostaddr=` alone names the server by address.
+        hosts = config
+            .get_hostaddrs()
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| std::net::SocketAddr::new(*addr, port(i)).to_string())
+            .collect();
+    }
     if hosts.is_empty() {
         "the default host".to_owned()
     } else {
@@ -402,11 +409,22 @@ impl PostgresStore {
                 return Err(StoreError::Config(SCHEMA_NAME_RULE.to_owned()));
             }
         }
+        let target = describe_target(&config);
+        // The first connection says which server could not be reached (never the password).
+        let naming = |e: StoreError| match e {
+            StoreError::Unavailable(inner) => StoreError::Unavailable(BackendError::msg(format!(
+                "PostgreSQL at {target}: {inner}"
+            ))),
+            other => other,
+        };
         if let Some(schema) = options.schema.as_ref().filter(|_| options.create) {
             // Create it on a plain connection first: the pool's connections use it.
             let mut plain = config.clone();
             plain.connect_timeout(options.timeout);
-            let (client, conn) = plain.connect(tls.clone()).await.map_err(pg_err)?;
+            let (client, conn) = plain
+                .connect(tls.clone())
+                .await
+                .map_err(|e| naming(pg_err(e)))?;
             let task = tokio::spawn(conn);
             let created = client
                 .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
@@ -429,7 +447,6 @@ impl PostgresStore {
             config.options(format!("{given}-c search_path={schema}"));
         }
         config.connect_timeout(options.timeout);
-        let target = describe_target(&config);
         let manager = Manager::from_config(
             config,
             tls,
@@ -451,13 +468,7 @@ impl PostgresStore {
             schema: options.schema,
             durability: Arc::default(),
         };
-        // The first connection: say which server could not be reached (never the password).
-        store.migrate(options.create).await.map_err(|e| match e {
-            StoreError::Unavailable(inner) => StoreError::Unavailable(BackendError::msg(format!(
-                "PostgreSQL at {target}: {inner}"
-            ))),
-            other => other,
-        })?;
+        store.migrate(options.create).await.map_err(naming)?;
         store.durability = Arc::new(store.durability_check(&raised).await?);
         Ok(store)
     }
@@ -488,8 +499,10 @@ impl PostgresStore {
         if raised.load(std::sync::atomic::Ordering::Acquire) {
             warnings.push(
                 "the PostgreSQL server's synchronous_commit is off for this database, role or \
-                 connection string; Strongroom sets it on for its own connections, so a write \
-                 is acknowledged only once it is in the server's WAL on disk"
+                 connection string; Strongroom sets it on for each of its sessions, so a write \
+                 is acknowledged only once it is in the server's WAL on disk (a transaction \
+                 pooler such as pgbouncer hands transactions to other sessions: set it on for \
+                 the role or database instead)"
                     .to_owned(),
             );
         }
