@@ -780,8 +780,19 @@ impl Config {
         for setting in TEXT_SETTINGS {
             if let Ok(value) = figment.find_value(setting) {
                 if value.as_str().is_some_and(|v| v.trim().is_empty()) {
+                    let from = match figment.find_metadata(setting) {
+                        Some(md) if md.name.contains("environment") => format!(
+                            " (from environment variable STRONGROOM_{})",
+                            setting.replace('.', "__").to_ascii_uppercase()
+                        ),
+                        Some(md) => match &md.source {
+                            Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+                            _ => String::new(),
+                        },
+                        None => String::new(),
+                    };
                     return Err(ServerError::Config(format!(
-                        "key `{setting}`: must not be empty (leave it out for the default)"
+                        "key `{setting}`{from}: must not be empty (leave it out for the default)"
                     )));
                 }
             }
@@ -1287,16 +1298,18 @@ pub(crate) fn merge_env(figment: Figment, keys: &'static [&'static str]) -> Figm
         if !keys.contains(&first) {
             continue;
         }
-        let name = format!(
-            "STRONGROOM_{}",
-            setting.replace('.', "__").to_ascii_uppercase()
-        );
-        let Ok(raw) = std::env::var(&name) else {
+        let name = format!("STRONGROOM_{}", setting.replace('.', "__"));
+        // figment matches names in any case; so does this.
+        let Some(raw) = std::env::vars()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&name))
+            .map(|(_, v)| v)
+        else {
             continue;
         };
         let read: figment::value::Value = raw.parse().unwrap_or_else(|never| match never {});
         if read.as_str().is_none() {
-            figment = figment.merge(Serialized::global(setting, raw));
+            // Trimmed as figment trims the text it reads.
+            figment = figment.merge(Serialized::global(setting, raw.trim()));
         }
     }
     figment

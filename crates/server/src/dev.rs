@@ -136,7 +136,6 @@ pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
     create_private_dir(&data_dir)?;
     // Servers started together on a new folder take turns: the first makes the layout, the
     // others find it (unlocked, two could write a certificate and a key of different pairs).
-    let _layout = lock_layout(&data_dir)?;
     let marker = data_dir.join(SERVED_BY_CONFIG);
     if marker.exists() {
         return Err(ServerError::Dev(format!(
@@ -147,6 +146,7 @@ pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
             marker.display()
         )));
     }
+    let _layout = lock_layout(&data_dir)?;
     let mut created = Vec::new();
 
     let keyring = data_dir.join("keyring.json");

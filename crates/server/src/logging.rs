@@ -39,6 +39,11 @@ fn directives(level: &str) -> Result<String, String> {
         return Err("must not be empty (e.g. \"info\")".to_owned());
     }
     let mut out: Vec<String> = Vec::new();
+    // Directives for some targets only would turn every other target off, errors included:
+    // the others stay at `info` unless a bare level says otherwise.
+    if !items.iter().any(|d| d.parse::<LevelFilter>().is_ok()) {
+        out.push("info".to_owned());
+    }
     for item in &items {
         match item.parse::<LevelFilter>() {
             Ok(l) if l > LevelFilter::INFO => {
@@ -49,7 +54,7 @@ fn directives(level: &str) -> Result<String, String> {
             // `tracing` reads a bare word as a target at `trace` and turns everything else
             // off: a misspelt level ("warning", "verbose") would silence every log line,
             // errors included.
-            Err(_) if !item.contains('=') => {
+            Err(_) if !item.contains('=') && !item.contains('[') => {
                 return Err(format!(
                     "\"{item}\" is not a level (off, error, warn, info, debug, trace); name a \
                      target with its level, as in \"info,strongroom_api=debug\""
@@ -141,6 +146,12 @@ mod tests {
             assert!(err.contains("is not a level"), "{bad}: {err}");
         }
         assert!(filter("warning").is_err());
+        // Targets alone keep the rest at info (they turned every other line off).
+        assert_eq!(
+            directives("strongroom_api=debug").unwrap(),
+            format!("info,strongroom_api=debug,{caps}")
+        );
+        assert!(directives("strongroom[span]").is_ok());
         assert!(directives("INFO").is_ok());
     }
 

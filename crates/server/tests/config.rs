@@ -584,7 +584,7 @@ fn text_settings_from_the_environment_stay_text() {
                  token_label = \"t\"\nkey_label = \"k\"\npin_env = \"PIN\"\n"
             ),
         )?;
-        jail.set_env("STRONGROOM_AUTH__JWT__AUDIENCE", "12345");
+        jail.set_env("strongroom_auth__jwt__audience", " 12345 ");
         jail.set_env("STRONGROOM_AUTH__JWT__ISSUER", "true");
         jail.set_env("STRONGROOM_KEYS__PKCS11__TOKEN_LABEL", "007");
         jail.set_env("STRONGROOM_KEYS__PKCS11__KEY_LABEL", "\"1.50\"");
@@ -619,7 +619,9 @@ fn empty_text_settings_are_refused() {
             jail.set_env(var, "");
             let e = err_of(load("s.toml", &Overrides::default()));
             assert!(
-                e.contains(&format!("key `{key}`: must not be empty")),
+                e.contains(&format!(
+                    "key `{key}` (from environment variable {var}): must not be empty"
+                )),
                 "{var}: {e}"
             );
             Ok(())
@@ -629,7 +631,10 @@ fn empty_text_settings_are_refused() {
         jail.clear_env();
         jail.create_file("s.toml", &format!("policy_file = \" \"\n{MINIMAL}"))?;
         let e = err_of(load("s.toml", &Overrides::default()));
-        assert!(e.contains("key `policy_file`: must not be empty"), "{e}");
+        assert!(
+            e.contains("key `policy_file` (in ") && e.contains("must not be empty"),
+            "{e}"
+        );
         Ok(())
     });
 }

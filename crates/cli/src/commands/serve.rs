@@ -158,7 +158,7 @@ async fn serve_dev(args: ServeArgs) -> Result<(), Failure> {
         admin_token: args.dev_admin_token.map(|t| t.expose().clone()),
         service_token: args.dev_service_token.map(|t| t.expose().clone()),
     };
-    if !listen.ip().is_loopback() {
+    if !listen.ip().to_canonical().is_loopback() {
         eprintln!(
             "strongroom: warning: --dev listens on {listen}, reachable from other hosts, with \
              printed tokens that reach every credential; use it on 127.0.0.1 or ::1 only"
