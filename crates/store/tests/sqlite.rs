@@ -695,3 +695,62 @@ async fn a_read_from_memory_is_confirmed_against_other_processes_writes() {
         s.close().await;
     }
 }
+
+/// A reader holding a snapshot (a backup, a long `audit verify`) lets the WAL grow by every
+/// write meanwhile; once it lets go, the WAL is cut back to the limit when it starts over
+/// instead of keeping that size for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_shrinks_back_after_a_long_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = SqliteOptions::default();
+    options.wal_size_limit = 256 << 10;
+    let store = SqliteStore::open_dir_with(dir.path(), options)
+        .await
+        .unwrap();
+    let wal = dir.path().join(format!("{DB_FILE_NAME}-wal"));
+    let put = |i: u32| {
+        let store = store.clone();
+        async move {
+            let nv = NewVersion::new(
+                "alice",
+                &format!("big-{i}"),
+                1,
+                test_value("alice", "big", i, 16 << 10),
+                vec![1; 40],
+                KekRef::new("local", "k1", 1),
+                "user:test",
+                t0(),
+            );
+            store.put_version(nv).await.unwrap();
+        }
+    };
+    let reader = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))
+        .unwrap();
+    for i in 0..200 {
+        put(i).await;
+    }
+    let grown = std::fs::metadata(&wal).unwrap().len();
+    assert!(grown > 2 << 20, "the WAL did not grow: {grown}");
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    // Checkpoints catch up, then the next writes start the WAL over and cut it back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut i = 1000;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        put(i).await;
+        i += 1;
+        let now = std::fs::metadata(&wal).unwrap().len();
+        if now <= 512 << 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL stayed at {now} bytes (grew to {grown})"
+        );
+    }
+    store.close().await;
+}

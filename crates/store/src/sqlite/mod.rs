@@ -111,6 +111,11 @@ pub struct SqliteOptions {
     /// With `false` a missing file is an error, so an operator command pointed at the wrong
     /// data dir does not start an empty store there.
     pub create: bool,
+    /// Size the WAL file is cut back to when it starts over (default 96 MiB, above what the
+    /// checkpointer lets it reach in steady use, so it is not cut and grown again all the
+    /// time). A reader that held a snapshot for long (a backup, `audit verify`) lets the WAL
+    /// grow by every write meanwhile; without a limit the file kept that size for good.
+    pub wal_size_limit: u64,
 }
 
 impl Default for SqliteOptions {
@@ -122,6 +127,7 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             reveal_cache_bytes: 32 << 20,
             create: true,
+            wal_size_limit: 96 << 20,
         }
     }
 }
@@ -277,8 +283,10 @@ impl SqliteStore {
         }
         conn.execute_batch(&format!(
             "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;
-             PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
-            options.synchronous.pragma()
+             PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;
+             PRAGMA journal_size_limit = {};",
+            options.synchronous.pragma(),
+            options.wal_size_limit
         ))
         .map_err(db_err)?;
         conn.set_prepared_statement_cache_capacity(64);
@@ -297,8 +305,10 @@ impl SqliteStore {
         writer::set_busy_handler(&ckpt_conn, options.busy_timeout).map_err(db_err)?;
         ckpt_conn
             .execute_batch(&format!(
-                "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0;",
-                options.synchronous.pragma()
+                "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0;
+                 PRAGMA journal_size_limit = {};",
+                options.synchronous.pragma(),
+                options.wal_size_limit
             ))
             .map_err(db_err)?;
         let (poke, pokes) = mpsc::sync_channel::<()>(1);
