@@ -31,8 +31,8 @@ pub const MAX_METADATA_LEN: usize = 8 * 1024;
 const PUT_ATTEMPTS: u32 = 64;
 /// Stripe locks serialising puts to one credential within this process.
 const PUT_STRIPES: usize = 256;
-/// Owners whose latest version numbers a node remembers before it starts over.
-const MAX_LATEST_HINTS: usize = 65_536;
+/// Credentials whose latest version numbers a node remembers before it starts over.
+const MAX_LATEST_HINTS: usize = if cfg!(test) { 64 } else { 65_536 };
 
 /// The time source, injected so tests can pin it.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -122,14 +122,15 @@ pub struct Vault {
     latest_hints: LatestHints,
 }
 
-/// owner → name → the latest version this node wrote (see [`Vault::put`]).
+/// owner → name → the latest version this node wrote (see [`Vault::put`]), with the number
+/// of (owner, name) entries.
 #[derive(Default)]
-struct LatestHints(std::sync::Mutex<HashMap<String, HashMap<String, u32>>>);
+struct LatestHints(std::sync::Mutex<(HashMap<String, HashMap<String, u32>>, usize)>);
 
 impl fmt::Debug for LatestHints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let owners = self.0.lock().map(|h| h.len()).unwrap_or(0);
-        write!(f, "LatestHints({owners} owners)")
+        let entries = self.0.lock().map(|h| h.1).unwrap_or(0);
+        write!(f, "LatestHints({entries} credentials)")
     }
 }
 
@@ -233,7 +234,11 @@ impl Vault {
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        hints.get(owner).and_then(|names| names.get(name)).copied()
+        hints
+            .0
+            .get(owner)
+            .and_then(|names| names.get(name))
+            .copied()
     }
 
     fn note_latest(&self, owner: &str, name: &str, version: u32) {
@@ -242,13 +247,26 @@ impl Vault {
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if hints.len() >= MAX_LATEST_HINTS && !hints.contains_key(owner) {
-            hints.clear(); // bounded memory; the hints are only guesses
+        let (map, entries) = &mut *hints;
+        if let Some(known) = map.get_mut(owner).and_then(|names| names.get_mut(name)) {
+            *known = version;
+            return;
         }
-        hints
-            .entry(owner.to_owned())
+        // Bounded by credentials, not owners (one owner's names are not capped otherwise);
+        // the hints are only guesses, so all go at once.
+        if *entries >= MAX_LATEST_HINTS {
+            map.clear();
+            *entries = 0;
+        }
+        map.entry(owner.to_owned())
             .or_default()
             .insert(name.to_owned(), version);
+        *entries += 1;
+    }
+
+    #[cfg(test)]
+    fn testing_latest_hints(&self) -> usize {
+        self.latest_hints.0.lock().map(|h| h.1).unwrap_or(0)
     }
 
     fn put_stripe(&self, owner: &str, name: &str) -> &tokio::sync::Mutex<()> {

@@ -469,3 +469,22 @@ async fn a_version_under_a_key_no_provider_here_holds_is_key_unavailable() {
         ),
     }
 }
+
+/// The put hints are bounded by credentials: one owner writing ever more names used to grow
+/// them without limit (the cap counted owners).
+#[tokio::test]
+async fn put_hints_are_bounded_by_credentials() {
+    let (_d, v) = vault().await;
+    for i in 0..MAX_LATEST_HINTS {
+        v.put(put("alice", &format!("k{i}"), b"v")).await.unwrap();
+    }
+    assert_eq!(v.testing_latest_hints(), MAX_LATEST_HINTS);
+    // A known credential is updated in place; a new one past the cap starts over.
+    v.put(put("alice", "k0", b"w")).await.unwrap();
+    assert_eq!(v.testing_latest_hints(), MAX_LATEST_HINTS);
+    v.put(put("alice", "one-more", b"v")).await.unwrap();
+    assert_eq!(v.testing_latest_hints(), 1);
+    // The hints are guesses: puts after starting over still number versions right.
+    let r = v.put(put("alice", "k0", b"x")).await.unwrap();
+    assert_eq!(r.version, 3);
+}
