@@ -248,6 +248,8 @@ struct ReloaderInner {
     jwks: Mutex<Option<(JwksSpec, Arc<strongroom_api::RemoteJwks>)>>,
     /// Where JWKS refresh tasks run.
     runtime: tokio::runtime::Handle,
+    /// The `[audit] jsonl` file, opened again by name on each reload.
+    audit_file: Option<AuditFile>,
 }
 
 enum ConfigSource {
@@ -419,6 +421,15 @@ impl Reloader {
                 Ok(()) => tracing::info!(versions = keyring.list().len(), "keyring reloaded"),
                 Err(e) => {
                     tracing::error!(error = %e, "keyring reload failed; keeping the keys loaded before");
+                    failed.push(e.to_string());
+                }
+            }
+        }
+        if let Some(file) = &inner.audit_file {
+            match file.reopen() {
+                Ok(()) => tracing::info!(path = %file.path.display(), "audit jsonl file reopened"),
+                Err(e) => {
+                    tracing::error!(error = %e, "audit jsonl file not reopened; writing on to the one open before");
                     failed.push(e.to_string());
                 }
             }
@@ -627,41 +638,93 @@ pub async fn audit_operator_action(
     Ok(())
 }
 
-/// Opens where `[audit] jsonl` says records are also written.
+/// The `[audit] jsonl` file, which SIGHUP opens again by name: logrotate (in its default
+/// `create` mode) moves the file away and signals, and records kept going to the moved file,
+/// which then grew without end.
+#[derive(Clone)]
+struct AuditFile {
+    path: PathBuf,
+    file: Arc<Mutex<std::io::LineWriter<std::fs::File>>>,
+}
+
+impl AuditFile {
+    fn open_file(path: &Path) -> Result<std::fs::File, ServerError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(ServerError::file("audit jsonl file", path))
+    }
+
+    fn open(path: &Path) -> Result<Self, ServerError> {
+        Ok(Self {
+            path: path.to_owned(),
+            file: Arc::new(Mutex::new(std::io::LineWriter::new(Self::open_file(path)?))),
+        })
+    }
+
+    /// Continues in a file opened anew under the configured name (after the lines written
+    /// so far are flushed to the old one).
+    fn reopen(&self) -> Result<(), ServerError> {
+        let fresh = Self::open_file(&self.path)?;
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = std::io::Write::flush(&mut *file);
+        *file = std::io::LineWriter::new(fresh);
+        Ok(())
+    }
+}
+
+impl std::io::Write for AuditFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+/// Opens where `[audit] jsonl` says records are also written; the file, when it is one.
 fn open_audit_sink(
     config: &Config,
-) -> Result<Option<strongroom_core::audit::RecordSink>, ServerError> {
+) -> Result<
+    (
+        Option<strongroom_core::audit::RecordSink>,
+        Option<AuditFile>,
+    ),
+    ServerError,
+> {
     let Some(path) = &config.audit.jsonl else {
-        return Ok(None);
+        return Ok((None, None));
     };
     if path.as_os_str() == "-" {
-        return Ok(Some(Box::new(std::io::stdout())));
+        return Ok((Some(Box::new(std::io::stdout())), None));
     }
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(ServerError::file("audit jsonl file", path))?;
-    Ok(Some(Box::new(std::io::LineWriter::new(file))))
+    let file = AuditFile::open(path)?;
+    Ok((Some(Box::new(file.clone())), Some(file)))
 }
 
 /// Starts auditing on `state`: unwraps (or creates) the head key and starts the writer.
+/// Returns the JSON-lines file, if one is configured.
 async fn start_auditor(
     config: &Config,
     state: &AppState,
     keys: &dyn KeyProvider,
-) -> Result<(), ServerError> {
+) -> Result<Option<AuditFile>, ServerError> {
     let err = |e: strongroom_core::CoreError| ServerError::Runtime(format!("audit: {e}"));
     let store = state.vault().store().clone();
     let log = strongroom_core::audit::audit_log(store.as_ref()).map_err(err)?;
     let key = strongroom_core::audit::load_or_create_head_key(store.as_ref(), keys, &OsRandom)
         .await
         .map_err(err)?;
-    let sink = open_audit_sink(config)?;
+    let (sink, file) = open_audit_sink(config)?;
     state.set_auditor(strongroom_core::audit::Auditor::start(log, key, sink));
-    Ok(())
+    Ok(file)
 }
 
 /// Warns about each policy rule whose service no `[[auth.service]]` or `[[auth.mtls]]` entry
@@ -945,10 +1008,13 @@ impl Server {
             },
         };
         state.set_key_rotation(Arc::new(rotation));
-        if let Err(e) = start_auditor(&config, &state, keyring.as_ref()).await {
-            store.close().await;
-            return Err(e);
-        }
+        let audit_file = match start_auditor(&config, &state, keyring.as_ref()).await {
+            Ok(file) => file,
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        };
 
         let listener = match TcpListener::bind(config.listen).await {
             Ok(l) => l,
@@ -991,6 +1057,7 @@ impl Server {
                 config_source: Mutex::new(ConfigSource::Fixed(Box::new(config.clone()))),
                 jwks: Mutex::new(jwks_spec.zip(remote)),
                 runtime,
+                audit_file,
             }),
         };
         Ok(Self {

@@ -352,6 +352,64 @@ async fn reload_swaps_the_policy_and_keeps_it_when_the_new_one_is_broken() {
     server.stop().await.unwrap();
 }
 
+/// logrotate's `create` mode: the `[audit] jsonl` file is moved away and the server signalled;
+/// records go on in a new file under the configured name, not into the moved one.
+#[tokio::test]
+async fn reload_reopens_the_audit_jsonl_file() {
+    let fx = Fixture::new();
+    let jsonl = fx.dir.path().join("audit.jsonl");
+    let text = format!(
+        "{}\n[audit]\njsonl = {:?}\n",
+        fx.toml("", ""),
+        jsonl.display().to_string()
+    );
+    let server = spawn(fx.config_from(&text)).await;
+    let client = server.client(fx.client_options());
+    let put = |name: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .json(
+                    "PUT",
+                    &format!("/v1/owners/alice/credentials/{name}"),
+                    Some(SERVICE_TOKEN),
+                    &json!({"value": "v"}),
+                )
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    // The sink is written after the answer: wait for the line.
+    let wait_for = |path: std::path::PathBuf, needle: &'static str| async move {
+        for _ in 0..100 {
+            if std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .contains(needle)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("{needle} never reached {}", path.display());
+    };
+    assert_eq!(put("zoom.before").await, 201);
+    wait_for(jsonl.clone(), "zoom.before").await;
+    let rotated = fx.dir.path().join("audit.jsonl.1");
+    std::fs::rename(&jsonl, &rotated).unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(put("zoom.after").await, 201);
+    wait_for(jsonl.clone(), "zoom.after").await;
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(!old.contains("zoom.after"), "{old}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&jsonl).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    server.stop().await.unwrap();
+}
+
 /// A reload reads the policy file the configuration names now, warns about a rule for a
 /// service nobody authenticates and about a policy that grants nothing, and names the
 /// settings that only a restart applies.
