@@ -435,6 +435,11 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
         [seq],
     )
     .unwrap();
+    raw.execute(
+        "INSERT INTO audit_by_name (name, seq) VALUES ('planted', ?1)",
+        [seq],
+    )
+    .unwrap();
     drop(raw);
     let store = SqliteStore::open(&path, SqliteOptions::default())
         .await
@@ -459,6 +464,39 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
         .await
         .unwrap()
         .is_empty());
+    planted = AuditFilter::default();
+    planted.name = Some("planted".into());
+    assert!(store
+        .audit_query(&planted, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // A name alone is looked up by name (the per-credential index starts with the owner,
+    // and scanned it whole): with dave's name entry gone, his record is not found by name,
+    // though it still is by owner and name.
+    let mut by_name = AuditFilter::default();
+    by_name.name = Some("k".into());
+    let before = store.audit_query(&by_name, None, 1000).await.unwrap();
+    assert!(before.iter().any(|r| r.seq == seq as u64), "{before:?}");
+    store.close().await;
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute("DELETE FROM audit_by_name WHERE seq = ?1", [seq])
+        .unwrap();
+    drop(raw);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let after = store.audit_query(&by_name, None, 1000).await.unwrap();
+    assert!(!after.is_empty());
+    assert!(!after.iter().any(|r| r.seq == seq as u64));
+    assert_eq!(
+        store
+            .audit_query(&filter(Some("dave"), Some("k")), None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     store.close().await;
 }
 
@@ -493,7 +531,7 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "DROP TABLE audit_by_credential; DROP TABLE audit_index_state;
-         DROP TABLE audit_by_principal; DROP TABLE audit_by_time;
+         DROP TABLE audit_by_principal; DROP TABLE audit_by_time; DROP TABLE audit_by_name;
          CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
          CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);

@@ -84,4 +84,7 @@ INSERT INTO audit_head (id, count, hash, mac) VALUES (1, 0, decode(repeat('00', 
     "SELECT 1;",
     // 4: nothing here either (SQLite's by-principal and by-time audit indexes, likewise).
     "SELECT 1;",
+    // 5: records by credential name across owners (`GET /v1/audit?name=`): the
+    // per-credential index starts with the owner, so a name alone scanned all of it.
+    "CREATE INDEX audit_records_by_name ON audit_records (name, seq);",
 ];

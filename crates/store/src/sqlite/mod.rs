@@ -18,7 +18,8 @@
 //!   [`Store::confirm_unchanged`]. [`SqliteOptions::reveal_cache_bytes`] bounds it.
 //! - `touch_last_used` calls queued while the writer is busy are applied as one write job
 //!   (one savepoint for all of them) instead of one job each.
-//! - The audit log's indexes (`audit_by_credential`, `audit_by_principal`, `audit_by_time`)
+//! - The audit log's indexes (`audit_by_credential`, `audit_by_name`, `audit_by_principal`,
+//!   `audit_by_time`)
 //!   are filled **behind** the appends: indexes on `audit_records` itself put random leaf
 //!   pages into every append's commit (most of a reveal's WAL traffic, and of a put's: its
 //!   principal is its user). Each append only adds its rows and
@@ -1867,11 +1868,14 @@ struct IndexRow {
     principal_id: String,
     /// Owner and name ('' for none); `None` for a record without an owner.
     credential: Option<(String, String)>,
+    /// The credential name, for a record that has one.
+    name: Option<String>,
 }
 
 /// One deferred index: its table and the entries of a window, sorted by key.
 enum IndexEntries {
     Credential(Vec<(String, String, i64)>),
+    Name(Vec<(String, i64)>),
     Principal(Vec<(String, i64)>),
     Time(Vec<(i64, i64)>),
 }
@@ -1880,7 +1884,7 @@ impl IndexEntries {
     fn len(&self) -> usize {
         match self {
             IndexEntries::Credential(v) => v.len(),
-            IndexEntries::Principal(v) => v.len(),
+            IndexEntries::Name(v) | IndexEntries::Principal(v) => v.len(),
             IndexEntries::Time(v) => v.len(),
         }
     }
@@ -1897,6 +1901,16 @@ impl IndexEntries {
                     .map_err(db_err)?;
                 for (owner, name, seq) in &v[range] {
                     stmt.execute(params![owner, name, seq]).map_err(db_err)?;
+                }
+            }
+            IndexEntries::Name(v) => {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO audit_by_name (name, seq) VALUES (?1, ?2)",
+                    )
+                    .map_err(db_err)?;
+                for (name, seq) in &v[range] {
+                    stmt.execute(params![name, seq]).map_err(db_err)?;
                 }
             }
             IndexEntries::Principal(v) => {
@@ -1962,18 +1976,19 @@ impl SqliteStore {
                     .map_err(db_err)?;
                 let rows = conn
                     .prepare_cached(
-                        "SELECT seq, time_ms, principal_id, owner, coalesce(name, '')
+                        "SELECT seq, time_ms, principal_id, owner, name
                          FROM audit_records WHERE seq > ?1 AND seq <= ?2",
                     )
                     .map_err(db_err)?
                     .query_map(params![upto, to], |r| {
                         let owner: Option<String> = r.get(3)?;
-                        let name: String = r.get(4)?;
+                        let name: Option<String> = r.get(4)?;
                         Ok(IndexRow {
                             seq: r.get(0)?,
                             time_ms: r.get(1)?,
                             principal_id: r.get(2)?,
-                            credential: owner.map(|o| (o, name)),
+                            credential: owner.map(|o| (o, name.clone().unwrap_or_default())),
+                            name,
                         })
                     })
                     .map_err(db_err)?
@@ -1986,6 +2001,7 @@ impl SqliteStore {
             return Ok(());
         }
         let mut by_credential = Vec::with_capacity(rows.len());
+        let mut by_name = Vec::with_capacity(rows.len());
         let mut by_principal = Vec::with_capacity(rows.len());
         let mut by_time = Vec::with_capacity(rows.len());
         for r in rows {
@@ -1993,13 +2009,18 @@ impl SqliteStore {
             if let Some((owner, name)) = r.credential {
                 by_credential.push((owner, name, r.seq));
             }
+            if let Some(name) = r.name {
+                by_name.push((name, r.seq));
+            }
             by_principal.push((r.principal_id, r.seq));
         }
         by_credential.sort_unstable();
+        by_name.sort_unstable();
         by_principal.sort_unstable();
         by_time.sort_unstable();
         let indexes = Arc::new([
             IndexEntries::Credential(by_credential),
+            IndexEntries::Name(by_name),
             IndexEntries::Principal(by_principal),
             IndexEntries::Time(by_time),
         ]);
@@ -2115,8 +2136,10 @@ impl crate::audit::AuditLog for SqliteStore {
         }
         // The deferred index that narrows the query most drives it (`x`); the other filters
         // apply to the record (`r`). Every such query first indexes what is left.
-        let driver = if filter.owner.is_some() || filter.name.is_some() {
+        let driver = if filter.owner.is_some() {
             Some("audit_by_credential")
+        } else if filter.name.is_some() {
+            Some("audit_by_name")
         } else if filter.principal_id.is_some() {
             Some("audit_by_principal")
         } else if filter.since.is_some() || filter.until.is_some() {
@@ -2160,7 +2183,12 @@ impl crate::audit::AuditLog for SqliteStore {
             push(&mut sql, c, Value::Text(o.clone()));
         }
         if let Some(n) = &filter.name {
-            let c = ("audit_by_credential", "name", "=");
+            let table = if driver == Some("audit_by_name") {
+                "audit_by_name"
+            } else {
+                "audit_by_credential"
+            };
+            let c = (table, "name", "=");
             push(&mut sql, c, Value::Text(n.clone()));
         }
         if let Some(p) = &filter.principal_id {

@@ -125,4 +125,18 @@ INSERT INTO audit_by_time (time_ms, seq)
     SELECT time_ms, seq FROM audit_records
     WHERE seq <= (SELECT indexed_upto FROM audit_index_state WHERE id = 1);
 "#,
+    // 5: records by credential name across owners (`GET /v1/audit?name=`), deferred like
+    // the others: `audit_by_credential` starts with the owner, so a name alone scanned it
+    // whole. Records without a name are not in it.
+    r#"
+CREATE TABLE audit_by_name (
+    name TEXT NOT NULL,
+    seq  INTEGER NOT NULL,
+    PRIMARY KEY (name, seq)
+) WITHOUT ROWID;
+INSERT INTO audit_by_name (name, seq)
+    SELECT name, seq FROM audit_records
+    WHERE name IS NOT NULL
+      AND seq <= (SELECT indexed_upto FROM audit_index_state WHERE id = 1);
+"#,
 ];
