@@ -125,7 +125,9 @@ pub struct Vault {
 /// owner → name → the latest version this node wrote (see [`Vault::put`]), with the number
 /// of (owner, name) entries.
 #[derive(Default)]
-struct LatestHints(std::sync::Mutex<(HashMap<String, HashMap<String, u32>>, usize)>);
+struct LatestHints(std::sync::Mutex<(HintMap, usize)>);
+
+type HintMap = HashMap<String, HashMap<String, u32>>;
 
 impl fmt::Debug for LatestHints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
