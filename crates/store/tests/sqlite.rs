@@ -751,7 +751,7 @@ async fn the_wal_shrinks_back_after_a_long_reader() {
         async move {
             let nv = NewVersion::new(
                 "alice",
-                &format!("big-{i}"),
+                format!("big-{i}"),
                 1,
                 test_value("alice", "big", i, 16 << 10),
                 vec![1; 40],
