@@ -236,6 +236,15 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
+    let client_ip = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|a| a.0.ip())
+        .or_else(|| {
+            req.extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip())
+        });
     let mut event = Event {
         time: state.vault().now(),
         principal_kind: "anonymous".into(),
@@ -325,6 +334,11 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
     let Some(event) = event else {
         return response;
     };
+    // Without valid credentials nobody is accountable, and the records would be anyone's
+    // to multiply: bounded per address and in all (see `AppState::admit_anonymous_record`).
+    if event.principal_kind == "anonymous" && !state.admit_anonymous_record(client_ip) {
+        return response;
+    }
     if let Err(e) = auditor.record(event).await {
         // The request already happened (a write is committed): answer as it went, and
         // raise the operator alarm. Only reveal is fail-closed (see `AuditSlot::record_now`).

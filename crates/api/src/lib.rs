@@ -65,6 +65,22 @@ impl Default for ApiLimits {
 
 type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
 
+/// Audit records of requests without valid credentials: per client address (an IPv6 /64 as
+/// one) and in all. Each such record is a durable write anyone who reaches the port could
+/// otherwise multiply without end (about 200 bytes each, and a commit); past the allowance
+/// they are counted (a metric, and a warning a minute) instead of recorded one by one.
+/// Requests with valid credentials are always recorded.
+struct AnonymousAudit {
+    per_address: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    total: governor::DefaultDirectRateLimiter,
+    unrecorded: std::sync::atomic::AtomicU64,
+}
+
+/// Records a minute per client address without valid credentials (burst: the same).
+const ANONYMOUS_PER_ADDRESS_PER_MINUTE: u32 = 60;
+/// Records a second from all addresses together without valid credentials (burst: 5 s).
+const ANONYMOUS_PER_SECOND: u32 = 50;
+
 struct Shared {
     vault: Arc<Vault>,
     auth: RwLock<Arc<Authenticator>>,
@@ -72,6 +88,7 @@ struct Shared {
     limits: ApiLimits,
     metrics: Metrics,
     verify_limiter: KeyedLimiter,
+    anonymous_audit: AnonymousAudit,
     auditor: std::sync::OnceLock<Auditor>,
     broker: RwLock<Option<Arc<Broker>>>,
     rotation: std::sync::OnceLock<Arc<dyn KeyRotation>>,
@@ -96,6 +113,23 @@ impl AppState {
             limits,
             metrics,
             verify_limiter,
+            anonymous_audit: AnonymousAudit {
+                per_address: governor::RateLimiter::keyed(governor::Quota::per_minute(
+                    std::num::NonZeroU32::new(ANONYMOUS_PER_ADDRESS_PER_MINUTE)
+                        .unwrap_or(std::num::NonZeroU32::MIN),
+                )),
+                total: governor::RateLimiter::direct(
+                    governor::Quota::per_second(
+                        std::num::NonZeroU32::new(ANONYMOUS_PER_SECOND)
+                            .unwrap_or(std::num::NonZeroU32::MIN),
+                    )
+                    .allow_burst(
+                        std::num::NonZeroU32::new(ANONYMOUS_PER_SECOND * 5)
+                            .unwrap_or(std::num::NonZeroU32::MIN),
+                    ),
+                ),
+                unrecorded: std::sync::atomic::AtomicU64::new(0),
+            },
             auditor: std::sync::OnceLock::new(),
             broker: RwLock::new(None),
             rotation: std::sync::OnceLock::new(),
@@ -197,10 +231,48 @@ impl AppState {
     /// entry per owner that ever called `verify` until then, so a server that never pruned
     /// grew with its user base. Returns how many owners are still tracked.
     pub fn prune_rate_limits(&self) -> usize {
+        let anonymous = &self.0.anonymous_audit.per_address;
+        anonymous.retain_recent();
+        anonymous.shrink_to_fit();
+        let unrecorded = self
+            .0
+            .anonymous_audit
+            .unrecorded
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        if unrecorded > 0 {
+            tracing::warn!(
+                requests = unrecorded,
+                "requests without valid credentials past the audit allowance were counted, not recorded one by one (strongroom_audit_unrecorded_anonymous_total)"
+            );
+        }
         let limiter = &self.0.verify_limiter;
         limiter.retain_recent();
         limiter.shrink_to_fit();
         limiter.len()
+    }
+
+    /// Whether to record one more request without valid credentials from `client` (see
+    /// [`AnonymousAudit`]); when not, it is counted.
+    pub(crate) fn admit_anonymous_record(&self, client: Option<std::net::IpAddr>) -> bool {
+        let audit = &self.0.anonymous_audit;
+        // One IPv6 host usually holds a whole /64.
+        let key = client.map(|ip| match ip.to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                let mut bits = v6.octets();
+                bits[8..].fill(0);
+                std::net::IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+            v4 => v4,
+        });
+        let admitted = key.is_none_or(|k| audit.per_address.check_key(&k).is_ok())
+            && audit.total.check().is_ok();
+        if !admitted {
+            audit
+                .unrecorded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.metrics.unrecorded_anonymous();
+        }
+        admitted
     }
 }
 

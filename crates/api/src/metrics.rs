@@ -36,6 +36,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
     jwks: crate::jwks::JwksMetrics,
+    unrecorded: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -66,12 +67,25 @@ impl Metrics {
         );
         let jwks = crate::jwks::JwksMetrics::default();
         jwks.register(&mut registry);
+        let unrecorded = Counter::default();
+        registry.register(
+            "audit_unrecorded_anonymous",
+            "Requests without valid credentials past the per-address audit allowance: counted \
+             here and in a warning, not recorded one by one",
+            unrecorded.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
             jwks,
+            unrecorded,
         }
+    }
+
+    /// Counts a request without valid credentials that was not recorded in the audit log.
+    pub(crate) fn unrecorded_anonymous(&self) {
+        self.unrecorded.inc();
     }
 
     pub(crate) fn jwks(&self) -> &crate::jwks::JwksMetrics {

@@ -410,6 +410,60 @@ async fn reload_reopens_the_audit_jsonl_file() {
     server.stop().await.unwrap();
 }
 
+/// Requests without valid credentials are recorded up to an allowance per client address;
+/// the rest are counted (a metric), so anyone reaching the port cannot grow the log without
+/// end. Requests with valid credentials are always recorded.
+#[tokio::test]
+async fn unauthenticated_requests_are_recorded_within_an_allowance() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options());
+    for _ in 0..100 {
+        let r = client
+            .get("/v1/me/credentials", Some("forged.jwt.token"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+    }
+    let r = client
+        .json(
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.key",
+            Some(SERVICE_TOKEN),
+            &json!({"value": "v"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let records = client
+        .get("/v1/audit?limit=1000", Some(common::ADMIN_TOKEN))
+        .await
+        .unwrap()
+        .json();
+    let records = records["items"].as_array().unwrap();
+    let anonymous = records
+        .iter()
+        .filter(|r| r["principal_kind"] == "anonymous")
+        .count();
+    // 60 a minute per address, and a second of the test may refill one or two.
+    assert!(
+        (60..=63).contains(&anonymous),
+        "{anonymous} anonymous records"
+    );
+    assert!(records
+        .iter()
+        .any(|r| r["principal_id"] == "billing" && r["name"] == "zoom.key"));
+    let metrics = client.get("/metrics", None).await.unwrap().text();
+    let counted: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("strongroom_audit_unrecorded_anonymous_total "))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(counted as usize + anonymous, 100, "{metrics}");
+    server.stop().await.unwrap();
+}
+
 /// A reload reads the policy file the configuration names now, warns about a rule for a
 /// service nobody authenticates and about a policy that grants nothing, and names the
 /// settings that only a restart applies.
