@@ -466,6 +466,17 @@ async fn versions_check_and_set_current_and_destroy() {
     );
 }
 
+/// `who` verifies `value` against the seeded key.
+async fn verify_as(api: &TestApi, who: String, value: &str) -> Reply {
+    api.call(
+        "POST",
+        &format!("{KEY}/verify"),
+        Some(&who),
+        Some(json!({"value": value})),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn verify_is_rate_limited_per_owner() {
     let api = api_with(ApiLimits {
@@ -475,18 +486,7 @@ async fn verify_is_rate_limited_per_owner() {
     .await;
     api.seed().await;
     let alice = user_token("alice");
-    let verify = |who: String, value: &'static str| {
-        let api = &api;
-        async move {
-            api.call(
-                "POST",
-                &format!("{KEY}/verify"),
-                Some(&who),
-                Some(json!({"value": value})),
-            )
-            .await
-        }
-    };
+    let verify = |who: String, value: &'static str| verify_as(&api, who, value);
     assert_eq!(
         verify(alice.clone(), CANARY).await.json(),
         json!({"matches": true})
@@ -530,16 +530,7 @@ async fn pruning_the_verify_limiter_forgets_only_refilled_owners() {
     .await;
     let verify = |who: String| {
         let api = &api;
-        async move {
-            api.call(
-                "POST",
-                &format!("{KEY}/verify"),
-                Some(&who),
-                Some(json!({"value": "x"})),
-            )
-            .await
-            .status
-        }
+        async move { verify_as(api, who, "x").await.status }
     };
     for i in 0..50 {
         assert_eq!(

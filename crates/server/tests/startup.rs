@@ -21,6 +21,20 @@ async fn start_err(config: Config) -> String {
     }
 }
 
+/// The billing service puts alice's credential `name`; the status.
+async fn service_put(client: &strongroom_server::testing::TestClient, name: &str) -> u16 {
+    client
+        .json(
+            "PUT",
+            &format!("/v1/owners/alice/credentials/{name}"),
+            Some(SERVICE_TOKEN),
+            &json!({"value": "v"}),
+        )
+        .await
+        .unwrap()
+        .status
+}
+
 #[tokio::test]
 async fn a_port_in_use_is_one_clear_error() {
     let fx = Fixture::new();
@@ -308,21 +322,7 @@ async fn reload_swaps_the_policy_and_keeps_it_when_the_new_one_is_broken() {
     let fx = Fixture::new();
     let server = spawn(fx.config()).await;
     let client = server.client(fx.client_options());
-    let put = |name: &'static str| {
-        let client = client.clone();
-        async move {
-            client
-                .json(
-                    "PUT",
-                    &format!("/v1/owners/alice/credentials/{name}"),
-                    Some(SERVICE_TOKEN),
-                    &json!({"value": "v"}),
-                )
-                .await
-                .unwrap()
-                .status
-        }
-    };
+    let put = |name: &'static str| service_put(&client, name);
     assert_eq!(put("slack.token").await, 403);
 
     std::fs::write(
@@ -365,21 +365,7 @@ async fn reload_reopens_the_audit_jsonl_file() {
     );
     let server = spawn(fx.config_from(&text)).await;
     let client = server.client(fx.client_options());
-    let put = |name: &'static str| {
-        let client = client.clone();
-        async move {
-            client
-                .json(
-                    "PUT",
-                    &format!("/v1/owners/alice/credentials/{name}"),
-                    Some(SERVICE_TOKEN),
-                    &json!({"value": "v"}),
-                )
-                .await
-                .unwrap()
-                .status
-        }
-    };
+    let put = |name: &'static str| service_put(&client, name);
     // The sink is written after the answer: wait for the line.
     let wait_for = |path: std::path::PathBuf, needle: &'static str| async move {
         for _ in 0..100 {
@@ -425,16 +411,7 @@ async fn unauthenticated_requests_are_recorded_within_an_allowance() {
             .unwrap();
         assert_eq!(r.status, 401);
     }
-    let r = client
-        .json(
-            "PUT",
-            "/v1/owners/alice/credentials/zoom.key",
-            Some(SERVICE_TOKEN),
-            &json!({"value": "v"}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201);
+    assert_eq!(service_put(&client, "zoom.key").await, 201);
     let records = client
         .get("/v1/audit?limit=1000", Some(common::ADMIN_TOKEN))
         .await
