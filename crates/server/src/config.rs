@@ -748,6 +748,101 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// Checks every file the store and key provider sections name (see [`crate::trusted`]):
+    /// owned by root or this user, writable by that owner only, and so every folder and
+    /// symlink on the way. A PKCS#11 module is code this process loads; a CA decides whom a
+    /// connection trusts; a keyring or a token opens everything.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Config`] naming the file and what to run.
+    pub fn check_backend_files(&self) -> Result<(), ServerError> {
+        // A file that is not there is left to its reader, which names it.
+        let check = |p: &Path, what: &'static str| {
+            if std::fs::symlink_metadata(p).is_ok() {
+                crate::trusted::check(p, what)
+            } else {
+                Ok(())
+            }
+        };
+        if self.store.kind == StoreKind::Sqlite {
+            // Whoever can write there can swap the database or the keyring.
+            check(&self.data_dir, "data dir")?;
+        }
+        if let Some(ca) = &self.store.tls_ca_file {
+            check(ca, "store.tls_ca_file")?;
+        }
+        let keyring = self.keyring_path();
+        if self.keys.provider == KeyProviderKind::Local {
+            check(&keyring, "keyring")?;
+        }
+        if let Some(p) = &self.keys.pkcs11 {
+            check(&p.module, "PKCS#11 module")?;
+            if let Some(pin) = &p.pin_file {
+                check(pin, "PKCS#11 PIN file")?;
+            }
+        }
+        if let Some(t) = &self.keys.transit {
+            for (file, what) in [
+                (&t.token_file, "Transit token file"),
+                (&t.approle_secret_id_file, "Transit AppRole secret id file"),
+                (&t.ca_file, "Transit CA file"),
+            ] {
+                if let Some(file) = file {
+                    check(file, what)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Config::check_backend_files`], and every file the server itself reads: TLS, the
+    /// authentication keys and CAs, the broker's CA, the folder of the audit file.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Config`] naming the file and what to run.
+    pub fn check_files(&self) -> Result<(), ServerError> {
+        // A file that is not there is left to its reader, which names it.
+        let check = |p: &Path, what: &'static str| {
+            if std::fs::symlink_metadata(p).is_ok() {
+                crate::trusted::check(p, what)
+            } else {
+                Ok(())
+            }
+        };
+        self.check_backend_files()?;
+        if let Some(tls) = &self.tls {
+            check(&tls.cert, "TLS certificate")?;
+            check(&tls.key, "TLS private key")?;
+            if let Some(ca) = &tls.client_ca {
+                check(ca, "TLS client CA")?;
+            }
+        }
+        if let Some(jwt) = &self.auth.jwt {
+            for (file, what) in [
+                (&jwt.hs256_secret_file, "JWT HS256 secret file"),
+                (&jwt.public_key_file, "JWT public key file"),
+                (&jwt.jwks_file, "JWKS file"),
+                (&jwt.jwks_ca_file, "JWKS CA file"),
+            ] {
+                if let Some(file) = file {
+                    check(file, what)?;
+                }
+            }
+        }
+        if let Some(ca) = &self.broker.ca_file {
+            check(ca, "broker CA file")?;
+        }
+        if let Some(jsonl) = self.audit.jsonl.as_deref().filter(|p| p.as_os_str() != "-") {
+            // Made by the server; its folder must not let others put a link in its place.
+            if let Some(dir) = jsonl.parent().filter(|d| !d.as_os_str().is_empty()) {
+                check(dir, "audit jsonl folder")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads `file` (if any), then `STRONGROOM_*` variables, then `overrides`, and
     /// [validates](Config::validate) the result.
     ///
@@ -766,6 +861,7 @@ impl Config {
         }
         let config = Self::from_figment(merge_env(figment, ENV_KEYS), overrides)?;
         config.validate()?;
+        config.check_files()?;
         Ok(config)
     }
 

@@ -159,6 +159,7 @@ impl Backends {
 
     async fn open_as(config: &Config, first_start: FirstStart) -> Result<Self, ServerError> {
         config.validate_backends()?;
+        config.check_backend_files()?;
         let opened = open_key_provider(config).await?;
         let handle = open_store(config, first_start).await?;
         let keys = match open_keys_as(config, handle.as_dyn(), opened, first_start).await {
@@ -298,7 +299,11 @@ impl Reloader {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
         {
-            ConfigSource::Fixed(c) => Ok((**c).clone()),
+            ConfigSource::Fixed(c) => {
+                // The files it names are read again: checked again.
+                c.check_files()?;
+                Ok((**c).clone())
+            }
             ConfigSource::Load { file, overrides } => Config::load(file.as_deref(), overrides),
         }
     }
@@ -650,6 +655,10 @@ struct AuditFile {
 impl AuditFile {
     fn open_file(path: &Path) -> Result<std::fs::File, ServerError> {
         use std::os::unix::fs::OpenOptionsExt;
+        // Opened again by name at each reload: nobody else may put a link there meanwhile.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            trusted::check(dir, "audit jsonl folder")?;
+        }
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -867,10 +876,6 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             // from the data dir opens fine when the data dir is mistyped, and an empty store
             // made there would answer "nothing uses this key" or "the log is intact".
             options.create = first_start == FirstStart::Allowed;
-            if config.data_dir.exists() {
-                // Whoever can write here can swap the database or the keyring.
-                trusted::check(&config.data_dir, "data dir")?;
-            }
             if config.store.sync == config::StoreSync::Normal {
                 options.synchronous = Synchronous::DangerNormal;
                 tracing::warn!(
@@ -925,6 +930,7 @@ impl Server {
     /// A [`ServerError`] naming the key or file at fault; nothing is left running.
     pub async fn start_with_policy(config: Config, fallback: Policy) -> Result<Self, ServerError> {
         config.validate()?;
+        config.check_files()?;
         let tls_config = config
             .tls
             .clone()

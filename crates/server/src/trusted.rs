@@ -77,20 +77,75 @@ fn check_meta(
     Ok(())
 }
 
-/// The folders above `path` as written (a symlink's own folder counts) and above where it
-/// leads.
+/// Walks `path` from the root as the kernel resolves it, checking every folder passed
+/// through and every symlink met (a link's owner decides where it leads; its mode does not
+/// matter), so nobody but root and this user can change what the path names between the
+/// check and a later open.
 fn check_folders_above(path: &Path, what: &str) -> Result<(), ServerError> {
+    use std::collections::VecDeque;
+    use std::path::Component;
     let absolute = std::path::absolute(path).map_err(ServerError::file("path", path))?;
-    let mut seen: Vec<PathBuf> = Vec::new();
-    let resolved = std::fs::canonicalize(path).ok();
-    for start in std::iter::once(absolute).chain(resolved) {
-        for folder in start.ancestors().skip(1) {
-            if folder.as_os_str().is_empty() || seen.iter().any(|s| s == folder) {
-                continue;
+    let mut todo: VecDeque<PathBuf> = VecDeque::new();
+    let push_front = |todo: &mut VecDeque<PathBuf>, p: &Path| {
+        for c in p.components().rev() {
+            todo.push_front(c.as_os_str().into());
+        }
+    };
+    push_front(&mut todo, &absolute);
+    let root = PathBuf::from("/");
+    let mut at = root.clone();
+    let mut links = 0;
+    let me = euid();
+    let mut checked_root = false;
+    while let Some(part) = todo.pop_front() {
+        let component = part.components().next();
+        match component {
+            Some(Component::RootDir) => {
+                at = root.clone();
+                if !checked_root {
+                    let meta =
+                        std::fs::metadata(&root).map_err(ServerError::file("folder", &root))?;
+                    check_meta(&root, &meta, what, true)?;
+                    checked_root = true;
+                }
             }
-            let meta = std::fs::metadata(folder).map_err(ServerError::file("folder", folder))?;
-            check_meta(folder, &meta, what, true)?;
-            seen.push(folder.to_owned());
+            Some(Component::ParentDir) => {
+                at.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let next = at.join(name);
+                let meta =
+                    std::fs::symlink_metadata(&next).map_err(ServerError::file("path", &next))?;
+                if meta.file_type().is_symlink() {
+                    links += 1;
+                    if links > 40 {
+                        return Err(ServerError::Config(format!(
+                            "{what} {}: too many symlinks",
+                            path.display()
+                        )));
+                    }
+                    if meta.uid() != 0 && meta.uid() != me {
+                        return Err(ServerError::Config(format!(
+                            "symlink {} on the way to the {what} {} is owned by uid {}, neither \
+                             root nor the user running Strongroom (uid {me}); whoever owns it \
+                             decides where it leads",
+                            next.display(),
+                            path.display(),
+                            meta.uid()
+                        )));
+                    }
+                    let target =
+                        std::fs::read_link(&next).map_err(ServerError::file("symlink", &next))?;
+                    push_front(&mut todo, &target);
+                    continue;
+                }
+                if !todo.is_empty() {
+                    // A folder on the way (the last component is checked by the caller).
+                    check_meta(&next, &meta, what, true)?;
+                }
+                at = next;
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -246,6 +246,15 @@ async fn files_others_could_change_stop_the_start() {
     let link = fx.dir.path().join("policy-link.toml");
     std::os::unix::fs::symlink(&policy, &link).unwrap();
     c.policy_file = Some(link);
+    let e = start_err(c.clone()).await;
+    assert!(e.contains("shared above the policy file"), "{e}");
+    // ... and when a link on the way passes through it, though the file it leads to is
+    // elsewhere (a link there could be swapped for another).
+    let hop = folder.join("hop");
+    std::os::unix::fs::symlink(&fx.policy, &hop).unwrap();
+    let first = fx.dir.path().join("first-link.toml");
+    std::os::unix::fs::symlink(&hop, &first).unwrap();
+    c.policy_file = Some(first);
     let e = start_err(c).await;
     assert!(e.contains("shared above the policy file"), "{e}");
     mode(&folder, 0o755);
@@ -261,6 +270,22 @@ async fn files_others_could_change_stop_the_start() {
             "{e}"
         );
         std::os::unix::fs::chown(&fx.policy, Some(0), None).unwrap();
+        // Whoever owns the HS256 secret can sign any user's token.
+        std::os::unix::fs::chown(&fx.jwt_secret, Some(65534), None).unwrap();
+        let e = start_err(fx.config()).await;
+        assert!(
+            e.contains("JWT HS256 secret file") && e.contains("owned by uid 65534"),
+            "{e}"
+        );
+        std::os::unix::fs::chown(&fx.jwt_secret, Some(0), None).unwrap();
+        // A link owned by another user decides where the path leads.
+        let link = fx.dir.path().join("their-link.toml");
+        std::os::unix::fs::symlink(&fx.policy, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+        let mut c = fx.config();
+        c.policy_file = Some(link);
+        let e = start_err(c).await;
+        assert!(e.contains("symlink") && e.contains("uid 65534"), "{e}");
     }
 
     let file = fx.dir.path().join("strongroom.toml");
