@@ -380,17 +380,21 @@ fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
     if dir.is_dir() {
         return Ok(());
     }
-    if dir.exists() {
-        return Err(ServerError::Dev(format!(
-            "{} is not a directory; --data-dir names the folder that holds the store",
-            dir.display()
-        )));
-    }
+    // Racing starts may make it meanwhile: a folder already there is fine.
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(ServerError::file("data directory", dir))
+        .map_err(|e| {
+            if dir.exists() && !dir.is_dir() {
+                ServerError::Dev(format!(
+                    "{} is not a directory; --data-dir names the folder that holds the store",
+                    dir.display()
+                ))
+            } else {
+                ServerError::file("data directory", dir)(e)
+            }
+        })
 }
 
 /// Refuses a secret file that group or others may read or write.
