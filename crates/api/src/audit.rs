@@ -302,6 +302,15 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
         recorded: false,
     })));
     req.extensions_mut().insert(slot.clone());
+    // A client that hangs up makes hyper drop this future mid-request: the guard records
+    // what is known then (status 499, `client_closed`) instead of nothing.
+    let mut guard = RecordOnDrop {
+        armed: true,
+        slot: slot.clone(),
+        auditor: auditor.clone(),
+        state: state.clone(),
+        client_ip,
+    };
     // While the log refuses appends (changed outside Strongroom), nothing is changed or
     // revealed unaudited: only reads run. The refusal itself is still offered to the log,
     // and the first append it takes again lifts this.
@@ -322,6 +331,9 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
     };
     let status = response.status();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    // The append below queues its job at its first poll, which follows at once: from here a
+    // drop no longer loses the record.
+    guard.armed = false;
     let event = slot.with(|p| {
         if p.recorded {
             return None;
@@ -345,6 +357,49 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
         tracing::error!(error = %e, "audit record not written");
     }
     response
+}
+
+/// Records a request whose future was dropped before its answer (the client hung up), with
+/// status 499 and error code `client_closed`: what it had done by then (a put, a reveal) was
+/// recorded on its own, and the slot says so.
+struct RecordOnDrop {
+    armed: bool,
+    slot: AuditSlot,
+    auditor: strongroom_core::audit::Auditor,
+    state: AppState,
+    client_ip: Option<std::net::IpAddr>,
+}
+
+impl Drop for RecordOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let event = self.slot.with(|p| {
+            if p.recorded {
+                return None;
+            }
+            p.recorded = true;
+            p.event.status = 499;
+            p.event.outcome = "error".into();
+            p.event.error_code = Some("client_closed".into());
+            Some(p.event.clone())
+        });
+        let Some(event) = event else { return };
+        if event.principal_kind == "anonymous" && !self.state.admit_anonymous_record(self.client_ip)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let auditor = self.auditor.clone();
+        runtime.spawn(async move {
+            if let Err(e) = auditor.record(event).await {
+                tracing::error!(error = %e, "audit record of a request cut short not written");
+            }
+        });
+    }
 }
 
 /// The request's audit slot, for handlers that add to the record or record fail-closed.

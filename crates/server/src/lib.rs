@@ -1658,6 +1658,10 @@ fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
+        // A client that closes (or half-closes) right after its request still has it carried
+        // out and recorded: by default hyper dropped a request whose connection reached end
+        // of file before its handler first ran, leaving no audit record of it.
+        .half_close(true)
         // Bounds the request line plus headers (`validate` keeps it >= 8192, hyper's floor);
         // a larger head is answered 431.
         .max_buf_size(limits.max_header_bytes);

@@ -466,6 +466,54 @@ async fn unauthenticated_requests_are_recorded_within_an_allowance() {
     server.stop().await.unwrap();
 }
 
+/// A client that hangs up right after its request makes hyper drop the request mid-way:
+/// it is still recorded, under the caller its credentials name (it used to leave no record
+/// most of the time). Here a reveal the policy refuses, 20 times over.
+#[tokio::test]
+async fn requests_cut_short_by_the_client_are_recorded() {
+    use tokio::io::AsyncWriteExt;
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options().http1());
+    for _ in 0..20 {
+        let mut raw = client.connect_raw().await.unwrap();
+        raw.write_all(
+            format!(
+                "POST /v1/owners/alice/credentials/slack.cut/reveal HTTP/1.1\r\nHost: localhost\r\n\
+                 Authorization: Bearer {SERVICE_TOKEN}\r\nContent-Type: application/json\r\n\
+                 Content-Length: 2\r\n\r\n{{}}"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        raw.flush().await.unwrap();
+        let _ = raw.shutdown().await;
+        drop(raw);
+    }
+    let mut records = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let page = client
+            .get("/v1/audit?name=slack.cut", Some(common::ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .json();
+        records = page["items"].as_array().cloned().unwrap_or_default();
+        if records.len() >= 20 {
+            break;
+        }
+    }
+    assert_eq!(records.len(), 20, "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["principal_id"] == "billing" && (r["status"] == 403 || r["status"] == 499)),
+        "{records:?}"
+    );
+    server.stop().await.unwrap();
+}
+
 /// A reload reads the policy file the configuration names now, warns about a rule for a
 /// service nobody authenticates and about a policy that grants nothing, and names the
 /// settings that only a restart applies.
