@@ -900,3 +900,45 @@ async fn a_refused_expect_continue_request_is_not_invited_to_send_its_body() {
     );
     server.stop().await.unwrap();
 }
+
+/// An HTTP/2 request the client resets while its handler waits (here for the body) is
+/// still recorded, under the caller its credentials name: as the 400 of its cut body, or as
+/// 499 `client_closed` when the server drops it mid-way.
+#[tokio::test]
+async fn an_http2_request_reset_by_the_client_is_recorded() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let mut h2 = raw_h2(&server, &fx).await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/v1/owners/alice/credentials/zoom.reset/reveal")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}", common::SERVICE_TOKEN))
+        .body(())
+        .unwrap();
+    let (_response, mut body) = h2.send_request(request, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    body.send_reset(h2::Reason::CANCEL);
+    let client = server.client(fx.client_options());
+    let mut found = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let page = client
+            .get("/v1/audit?name=zoom.reset", Some(common::ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .json();
+        if let Some(r) = page["items"].as_array().and_then(|a| a.first()) {
+            found = Some(r.clone());
+            break;
+        }
+    }
+    let record = found.expect("the reset request left no record");
+    assert!(
+        (record["status"] == 400 && record["error_code"] == "bad_request")
+            || (record["status"] == 499 && record["error_code"] == "client_closed"),
+        "{record}"
+    );
+    assert_eq!(record["principal_id"], "billing", "{record}");
+    server.stop().await.unwrap();
+}
