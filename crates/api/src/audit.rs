@@ -296,6 +296,12 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
             }
         }
     }
+    // What identifies the caller, kept for a request refused before any extractor named it
+    // (a 400 for its query, a 413 for its declared length): cheap copies, used only then.
+    let credentials = (
+        parts.headers.get(http::header::AUTHORIZATION).cloned(),
+        parts.extensions.get::<crate::PeerCertificate>().cloned(),
+    );
     req = Request::from_parts(parts, body);
     let slot = AuditSlot(Arc::new(Mutex::new(Partial {
         event,
@@ -343,9 +349,30 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
         p.event.error_code = code.map(str::to_owned);
         Some(p.event.clone())
     });
-    let Some(event) = event else {
+    let Some(mut event) = event else {
         return response;
     };
+    // Refused before an extractor looked at the credentials: name the caller they identify.
+    // (Not for a 401: its credentials did not verify.)
+    if event.principal_kind == "anonymous"
+        && status != StatusCode::UNAUTHORIZED
+        && (credentials.0.is_some() || credentials.1.is_some())
+    {
+        let mut probe = http::Request::new(());
+        if let Some(auth) = credentials.0 {
+            probe
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, auth);
+        }
+        if let Some(peer) = credentials.1 {
+            probe.extensions_mut().insert(peer);
+        }
+        let (probe, ()) = probe.into_parts();
+        if let Some((kind, id)) = crate::extract::identify(&state, &probe) {
+            event.principal_kind = kind.into();
+            event.principal_id = id;
+        }
+    }
     // Without valid credentials nobody is accountable, and the records would be anyone's
     // to multiply: bounded per address and in all (see `AppState::admit_anonymous_record`).
     if event.principal_kind == "anonymous" && !state.admit_anonymous_record(client_ip) {

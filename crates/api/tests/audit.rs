@@ -361,6 +361,42 @@ async fn a_refusal_while_the_log_is_refused_names_the_caller() {
     );
 }
 
+/// A request refused before any extractor read its credentials (a query string on a route
+/// that reads none) is recorded under the caller they name, not as anonymous (whose records
+/// are rationed per address).
+#[tokio::test]
+async fn a_request_refused_for_its_shape_names_the_caller() {
+    let api = api().await;
+    api.seed().await;
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal?version=2",
+            Some(ALLOWED_SERVICE_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let items = audit_items(&api, "?limit=1").await;
+    assert_eq!(items[0]["status"], 400, "{items:?}");
+    assert_eq!(
+        (&items[0]["principal_kind"], &items[0]["principal_id"]),
+        (&json!("service"), &json!("allowed"))
+    );
+    // A forged token stays anonymous (401: nothing verified).
+    let r = api
+        .call(
+            "GET",
+            "/v1/me/credentials?x=1",
+            Some("forged.token.here"),
+            None,
+        )
+        .await;
+    assert!(r.status.is_client_error(), "{}", r.status);
+    let items = audit_items(&api, "?limit=1").await;
+    assert_eq!(items[0]["principal_kind"], "anonymous", "{items:?}");
+}
+
 /// Each change, and a verify's answer, as the very first request after the log was changed
 /// behind the server: refused with 503, and not made (the record and the change commit
 /// together, or the record comes first), where the change used to stand unaudited.
