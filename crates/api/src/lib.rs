@@ -22,7 +22,7 @@ mod openapi;
 mod rotation;
 mod routes;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -74,7 +74,14 @@ struct AnonymousAudit {
     per_address: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
     total: governor::DefaultDirectRateLimiter,
     unrecorded: std::sync::atomic::AtomicU64,
+    /// Unrecorded requests by client address (at most [`UNRECORDED_ADDRESSES`] of them),
+    /// so the warning names who sent them: one party filling the shared allowance should
+    /// not hide others' failures without a trace.
+    by_address: Mutex<std::collections::HashMap<std::net::IpAddr, u64>>,
 }
+
+/// Addresses the unrecorded-request warning keeps counts for between two warnings.
+const UNRECORDED_ADDRESSES: usize = 4096;
 
 /// Records a minute per client address without valid credentials (burst: the same).
 const ANONYMOUS_PER_ADDRESS_PER_MINUTE: u32 = 60;
@@ -129,6 +136,7 @@ impl AppState {
                     ),
                 ),
                 unrecorded: std::sync::atomic::AtomicU64::new(0),
+                by_address: Mutex::default(),
             },
             auditor: std::sync::OnceLock::new(),
             broker: RwLock::new(None),
@@ -239,9 +247,25 @@ impl AppState {
             .anonymous_audit
             .unrecorded
             .swap(0, std::sync::atomic::Ordering::Relaxed);
+        let by_address = std::mem::take(
+            &mut *self
+                .0
+                .anonymous_audit
+                .by_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         if unrecorded > 0 {
+            let mut top: Vec<(std::net::IpAddr, u64)> = by_address.into_iter().collect();
+            top.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+            let top: Vec<String> = top
+                .iter()
+                .take(5)
+                .map(|(ip, n)| format!("{ip}: {n}"))
+                .collect();
             tracing::warn!(
                 requests = unrecorded,
+                busiest = %top.join(", "),
                 "requests without valid credentials past the audit allowance were counted, not recorded one by one (strongroom_audit_unrecorded_anonymous_total)"
             );
         }
@@ -271,6 +295,12 @@ impl AppState {
                 .unrecorded
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.0.metrics.unrecorded_anonymous();
+            if let Some(ip) = key {
+                let mut counts = audit.by_address.lock().unwrap_or_else(|e| e.into_inner());
+                if counts.len() < UNRECORDED_ADDRESSES || counts.contains_key(&ip) {
+                    *counts.entry(ip).or_default() += 1;
+                }
+            }
         }
         admitted
     }

@@ -463,6 +463,17 @@ async fn unauthenticated_requests_are_recorded_within_an_allowance() {
         .and_then(|n| n.parse().ok())
         .unwrap();
     assert_eq!(counted as usize + anonymous, 100, "{metrics}");
+    // The minute's warning says who sent them.
+    let logs = common::LogCapture::default();
+    let guard = logs.install();
+    server.state.prune_rate_limits();
+    drop(guard);
+    let text = logs.text();
+    assert!(
+        text.contains("past the audit allowance")
+            && text.contains(&format!("127.0.0.1: {counted}")),
+        "{text}"
+    );
     server.stop().await.unwrap();
 }
 
