@@ -257,7 +257,7 @@ impl AppState {
         );
         if unrecorded > 0 {
             let mut top: Vec<(std::net::IpAddr, u64)> = by_address.into_iter().collect();
-            top.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+            top.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
             let top: Vec<String> = top
                 .iter()
                 .take(5)
