@@ -54,6 +54,9 @@ enum Command {
     /// The tamper-evident audit log: `verify` it, print its `head`, `export` it.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
+    /// A consistent copy of the SQLite store (values sealed, never a key), taken while the
+    /// server runs, and checked.
+    Backup(commands::backup::BackupArgs),
     /// A client of a running server: put, list, show, current, disable, enable, destroy and
     /// usage of your credentials; reveal one as a service. The token comes from
     /// STRONGROOM_TOKEN or --token-file.
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Rewrap(args) => commands::rewrap::run(args),
         Command::Import(cmd) => commands::import::run(cmd),
         Command::Audit(cmd) => commands::audit::run(cmd),
+        Command::Backup(args) => commands::backup::run(args),
         Command::Credential(cmd) => commands::credential::run(cmd),
     };
     match result {

@@ -134,6 +134,14 @@ pub struct Backends {
 }
 
 impl Backends {
+    /// The SQLite store, when it is the one configured (for `backup`).
+    pub fn sqlite(&self) -> Option<&SqliteStore> {
+        match &self.handle {
+            StoreHandle::Sqlite(s) => Some(s),
+            StoreHandle::Postgres(_) => None,
+        }
+    }
+
     /// Opens the store and the keyring of `config` (validated first).
     ///
     /// # Errors

@@ -1,6 +1,7 @@
 //! One module per top-level subcommand.
 
 pub mod audit;
+pub mod backup;
 pub mod credential;
 pub mod fernet;
 pub mod import;

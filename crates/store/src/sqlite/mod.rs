@@ -400,6 +400,62 @@ impl SqliteStore {
         .await
     }
 
+    /// Writes a consistent copy of the database to `dest` (`VACUUM INTO` a new file of mode
+    /// 0600), while writers go on, and checks the copy (`PRAGMA integrity_check`). The copy
+    /// holds what the store holds: sealed values, wrapped data keys, the audit log; never a
+    /// key that opens them.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] if `dest` exists; [`StoreError::Unavailable`] for an I/O
+    /// failure (the partial copy is removed); [`StoreError::Corrupt`] if the copy does not pass
+    /// the check (it is kept, for inspection).
+    pub async fn backup_to(&self, dest: &Path) -> Result<BackupReport, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |e: std::io::Error| StoreError::Unavailable(BackendError::new(e));
+        // Made here, empty and private, so the copy is never readable by others, and never
+        // over an existing file.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => {
+                    StoreError::InvalidInput("the backup file already exists")
+                }
+                _ => io(e),
+            })?;
+        // On a connection of its own: the pooled readers are `query_only`, which refuses
+        // even a VACUUM INTO another file.
+        let (source, target) = (self.inner.path.clone(), dest.to_owned());
+        let busy = self.inner.options.busy_timeout;
+        let copied = tokio::task::spawn_blocking(move || {
+            let name = target
+                .to_str()
+                .ok_or(StoreError::InvalidInput("the backup path is not UTF-8"))?;
+            let conn = Connection::open_with_flags(
+                &source,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(db_err)?;
+            writer::set_busy_handler(&conn, busy).map_err(db_err)?;
+            conn.execute("VACUUM INTO ?1", [name]).map_err(db_err)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(BackendError::new(e)))
+        .and_then(|r| r);
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(dest);
+            return Err(e);
+        }
+        let target = dest.to_owned();
+        tokio::task::spawn_blocking(move || check_backup(&target))
+            .await
+            .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?
+    }
+
     /// Runs `f` on the writer thread in the next group commit; `changes` names what it may
     /// change for the reveal cache (see the `cache` module).
     async fn write<T, F>(&self, changes: Changes, f: F) -> Result<T, StoreError>
@@ -587,6 +643,55 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
         Ok(()) => Ok(()),
         Err(e) => Err(StoreError::Unavailable(BackendError::new(e))),
     }
+}
+
+/// What a backup holds, from the copy itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupReport {
+    /// Credentials (deleted ones included).
+    pub credentials: u64,
+    /// Credential versions (destroyed ones included).
+    pub versions: u64,
+    /// Audit records.
+    pub audit_records: u64,
+}
+
+/// Makes the copy durable, then checks it and counts what it holds.
+fn check_backup(dest: &Path) -> Result<BackupReport, StoreError> {
+    let io = |e: std::io::Error| StoreError::Unavailable(BackendError::new(e));
+    std::fs::File::open(dest)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    let copy = Connection::open_with_flags(
+        dest,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err)?;
+    let check: String = copy
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(db_err)?;
+    if check != "ok" {
+        return Err(StoreError::corrupt(format!(
+            "the backup copy fails its integrity check: {check}"
+        )));
+    }
+    let count = |table: &str| -> Result<u64, StoreError> {
+        copy.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(db_err)
+        .map(|n| u64::try_from(n).unwrap_or(0))
+    };
+    Ok(BackupReport {
+        credentials: count("credentials")?,
+        versions: count("versions")?,
+        audit_records: count("audit_records")?,
+    })
 }
 
 fn restrict_file_mode(path: &Path) -> Result<(), StoreError> {
