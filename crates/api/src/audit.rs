@@ -312,6 +312,7 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
     // what is known then (status 499, `client_closed`) instead of nothing.
     let mut guard = RecordOnDrop {
         armed: true,
+        cut_short: req.extensions().get::<CutShort>().cloned(),
         slot: slot.clone(),
         auditor: auditor.clone(),
         state: state.clone(),
@@ -386,11 +387,30 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
     response
 }
 
+/// The answer the server gave a request it dropped itself (its timeout), for that request's
+/// audit record; unset, a dropped request is one its client gave up.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CutShort(Arc<Mutex<Option<(u16, &'static str)>>>);
+
+impl CutShort {
+    /// Notes `error` as the request's answer, and gives it as a response.
+    pub(crate) fn answer(&self, error: ApiError) -> Response {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((error.status().as_u16(), error.code()));
+        error.into_response()
+    }
+
+    fn get(&self) -> Option<(u16, &'static str)> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Records a request whose future was dropped before its answer (the client hung up), with
 /// status 499 and error code `client_closed`: what it had done by then (a put, a reveal) was
 /// recorded on its own, and the slot says so.
 struct RecordOnDrop {
     armed: bool,
+    cut_short: Option<CutShort>,
     slot: AuditSlot,
     auditor: strongroom_core::audit::Auditor,
     state: AppState,
@@ -407,9 +427,14 @@ impl Drop for RecordOnDrop {
                 return None;
             }
             p.recorded = true;
-            p.event.status = 499;
+            let (status, code) = self
+                .cut_short
+                .as_ref()
+                .and_then(CutShort::get)
+                .unwrap_or((499, "client_closed"));
+            p.event.status = status;
             p.event.outcome = "error".into();
-            p.event.error_code = Some("client_closed".into());
+            p.event.error_code = Some(code.into());
             Some(p.event.clone())
         });
         let Some(event) = event else { return };

@@ -136,6 +136,12 @@ impl FromRequestParts<AppState> for Service {
             }
             Err(AuthFailure::Missing) => return Err(ApiError::unauthenticated()),
         };
+        // Named before the user token it presents is checked: a service whose on-behalf-of
+        // token is refused is recorded as itself, not as anonymous (whose records are
+        // rationed).
+        if let Some(slot) = crate::audit::slot(&parts.extensions) {
+            slot.principal("service", &name);
+        }
         let on_behalf_of = match single_header(parts, ON_BEHALF_OF)? {
             None => None,
             Some(v) => {
@@ -150,7 +156,6 @@ impl FromRequestParts<AppState> for Service {
             }
         };
         if let Some(slot) = crate::audit::slot(&parts.extensions) {
-            slot.principal("service", &name);
             slot.on_behalf_of(on_behalf_of.as_deref());
         }
         Ok(Service { name, on_behalf_of })

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use http_body::Body as _;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -111,21 +111,25 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = method_label(req.method());
     let started = Instant::now();
-    let (req, body_done) = watch_body(req);
-    let response = match tokio::time::timeout(state.limits().request_timeout, next.run(req)).await {
+    let (mut req, body_done) = watch_body(req);
+    // How the request ends if the timeout below cuts it short: its audit record says so.
+    // The request is held here, so it is dropped only after the answer is noted.
+    let cut_short = crate::audit::CutShort::default();
+    req.extensions_mut().insert(cut_short.clone());
+    let mut request = std::pin::pin!(next.run(req));
+    let response = match tokio::time::timeout(state.limits().request_timeout, &mut request).await {
         Ok(r) => r,
         // The client's doing: its body never came in whole.
-        Err(_) if !body_done.load(Ordering::Relaxed) => ApiError::new(
+        Err(_) if !body_done.load(Ordering::Relaxed) => cut_short.answer(ApiError::new(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             format!(
                 "the request body did not arrive within limits.request_timeout_seconds ({} s)",
                 state.limits().request_timeout.as_secs()
             ),
-        )
-        .into_response(),
+        )),
         // Logged with the route: a hung store or key provider shows up here first.
-        Err(_) => ApiError::internal(
+        Err(_) => cut_short.answer(ApiError::internal(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "timeout",
             format!(
@@ -133,8 +137,7 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
                  store or the key provider did not answer in time",
                 state.limits().request_timeout.as_secs()
             ),
-        )
-        .into_response(),
+        )),
     };
     let m = state.metrics();
     m.requests

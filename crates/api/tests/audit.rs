@@ -383,6 +383,22 @@ async fn a_request_refused_for_its_shape_names_the_caller() {
         (&items[0]["principal_kind"], &items[0]["principal_id"]),
         (&json!("service"), &json!("allowed"))
     );
+    // A valid service token with a user token it cannot present: refused, under the service.
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/owners/alice/credentials/zoom.api-key/reveal")
+        .header("authorization", format!("Bearer {ALLOWED_SERVICE_TOKEN}"))
+        .header("x-strongroom-on-behalf-of", "not-a-token")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let r = api.send(req).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let items = audit_items(&api, "?limit=1").await;
+    assert_eq!(
+        (&items[0]["status"], &items[0]["principal_id"]),
+        (&json!(401), &json!("allowed")),
+        "{items:?}"
+    );
     // A forged token stays anonymous (401: nothing verified).
     let r = api
         .call(
@@ -515,6 +531,26 @@ async fn a_request_past_its_timeout_is_answered_and_logged_with_its_route() {
     let r = api.send(req).await;
     assert_eq!(r.status, StatusCode::REQUEST_TIMEOUT, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "request_timeout");
+    // The records say what was answered (the timeout drops the request: not a 499 that
+    // blamed the client for the store's delay).
+    // Recorded from a task of its own as the request is dropped: wait for it.
+    let mut items = Vec::new();
+    for _ in 0..40 {
+        items = audit_items(&api, "?name=zoom.slow").await;
+        if !items.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        (&items[0]["status"], &items[0]["error_code"]),
+        (&json!(408), &json!("request_timeout")),
+        "{items:?}"
+    );
+    // The put cut short by the locked store was queued with its record, and committed once
+    // the lock went: its record says what the store did, never that the client gave up.
+    let items = audit_items(&api, "?name=zoom.api-key").await;
+    assert!(!items.iter().any(|r| r["status"] == 499), "{items:?}");
 }
 
 /// A body that sends its first bytes and then nothing more, ever.

@@ -757,14 +757,9 @@ impl Config {
     ///
     /// [`ServerError::Config`] naming the file and what to run.
     pub fn check_backend_files(&self) -> Result<(), ServerError> {
-        // A file that is not there is left to its reader, which names it.
-        let check = |p: &Path, what: &'static str| {
-            if std::fs::symlink_metadata(p).is_ok() {
-                crate::trusted::check(p, what)
-            } else {
-                Ok(())
-            }
-        };
+        // A file that is not there is left to its reader, which names it; the folders on its
+        // way are checked all the same, so nobody else can make it meanwhile.
+        let check = crate::trusted::check_if_present;
         if self.store.kind == StoreKind::Sqlite {
             // Whoever can write there can swap the database or the keyring.
             check(&self.data_dir, "data dir")?;
@@ -803,14 +798,9 @@ impl Config {
     ///
     /// [`ServerError::Config`] naming the file and what to run.
     pub fn check_files(&self) -> Result<(), ServerError> {
-        // A file that is not there is left to its reader, which names it.
-        let check = |p: &Path, what: &'static str| {
-            if std::fs::symlink_metadata(p).is_ok() {
-                crate::trusted::check(p, what)
-            } else {
-                Ok(())
-            }
-        };
+        // A file that is not there is left to its reader, which names it; the folders on its
+        // way are checked all the same, so nobody else can make it meanwhile.
+        let check = crate::trusted::check_if_present;
         self.check_backend_files()?;
         if let Some(tls) = &self.tls {
             check(&tls.cert, "TLS certificate")?;
@@ -833,12 +823,6 @@ impl Config {
         }
         if let Some(ca) = &self.broker.ca_file {
             check(ca, "broker CA file")?;
-        }
-        if let Some(jsonl) = self.audit.jsonl.as_deref().filter(|p| p.as_os_str() != "-") {
-            // Made by the server; its folder must not let others put a link in its place.
-            if let Some(dir) = jsonl.parent().filter(|d| !d.as_os_str().is_empty()) {
-                check(dir, "audit jsonl folder")?;
-            }
         }
         Ok(())
     }

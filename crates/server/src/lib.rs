@@ -661,18 +661,30 @@ struct AuditFile {
 }
 
 impl AuditFile {
+    /// Opens the file to append to, never through a link, and only a file of root or this
+    /// user that others cannot write and that has no other name: its folder may be a shared
+    /// log folder (`/var/log`, group-writable on some systems), where another user could
+    /// otherwise put a link to a file of root's, or a file of their own, in its place.
     fn open_file(path: &Path) -> Result<std::fs::File, ServerError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Opened again by name at each reload: nobody else may put a link there meanwhile.
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            trusted::check(dir, "audit jsonl folder")?;
-        }
-        std::fs::OpenOptions::new()
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(path)
-            .map_err(ServerError::file("audit jsonl file", path))
+            .map_err(ServerError::file("audit jsonl file", path))?;
+        let meta = file
+            .metadata()
+            .map_err(ServerError::file("audit jsonl file", path))?;
+        trusted::check_open_file(path, &meta, "audit jsonl file")?;
+        if meta.nlink() != 1 {
+            return Err(ServerError::Config(format!(
+                "audit jsonl file {} has other names (hard links); give it one",
+                path.display()
+            )));
+        }
+        Ok(file)
     }
 
     fn open(path: &Path) -> Result<Self, ServerError> {

@@ -24,9 +24,26 @@ pub(crate) fn euid() -> u32 {
 ///
 /// [`ServerError::Config`] saying what to run, or [`ServerError::File`] when it cannot be read.
 pub(crate) fn check(path: &Path, what: &'static str) -> Result<(), ServerError> {
+    // The folders first: once they are known to be nobody else's, the file cannot be
+    // swapped, made or removed by anyone else between this check and its reader's open.
+    check_folders_above(path, what)?;
     let meta = std::fs::metadata(path).map_err(ServerError::file(what, path))?;
-    check_meta(path, &meta, what, false)?;
-    check_folders_above(path, what)
+    check_meta(path, &meta, what, false)
+}
+
+/// As [`check`] for a file that may not exist yet (its reader names a missing one): the
+/// folders that do exist on its way are checked, so nobody else can make it meanwhile.
+///
+/// # Errors
+///
+/// As [`check`], but not for a missing file.
+pub(crate) fn check_if_present(path: &Path, what: &'static str) -> Result<(), ServerError> {
+    check_folders_above(path, what)?;
+    match std::fs::metadata(path) {
+        Ok(meta) => check_meta(path, &meta, what, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ServerError::file(what, path)(e)),
+    }
 }
 
 /// Reads a trusted text file: checked through the handle it is read from, and its folders.
@@ -43,6 +60,19 @@ pub(crate) fn read_to_string(path: &Path, what: &'static str) -> Result<String, 
     file.read_to_string(&mut text)
         .map_err(ServerError::file(what, path))?;
     Ok(text)
+}
+
+/// The owner and mode rule for a file already open (its folders are not looked at).
+///
+/// # Errors
+///
+/// As [`check`].
+pub(crate) fn check_open_file(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    what: &str,
+) -> Result<(), ServerError> {
+    check_meta(path, meta, what, false)
 }
 
 fn check_meta(
@@ -114,8 +144,13 @@ fn check_folders_above(path: &Path, what: &str) -> Result<(), ServerError> {
             }
             Some(Component::Normal(name)) => {
                 let next = at.join(name);
-                let meta =
-                    std::fs::symlink_metadata(&next).map_err(ServerError::file("path", &next))?;
+                let meta = match std::fs::symlink_metadata(&next) {
+                    Ok(meta) => meta,
+                    // Nothing past here exists; what leads to it was checked (only its
+                    // owners could make it).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(ServerError::file("path", &next)(e)),
+                };
                 if meta.file_type().is_symlink() {
                     links += 1;
                     if links > 40 {

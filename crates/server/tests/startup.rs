@@ -278,6 +278,26 @@ async fn files_others_could_change_stop_the_start() {
             "{e}"
         );
         std::os::unix::fs::chown(&fx.jwt_secret, Some(0), None).unwrap();
+        // A file not there yet, in a folder of another user's: they could make it between
+        // the check and its reader's open, so the folder is refused all the same.
+        let theirs = fx.dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let text = fx.toml("", "").replace(
+            &format!(
+                "hs256_secret_file = {:?}",
+                fx.jwt_secret.display().to_string()
+            ),
+            &format!(
+                "hs256_secret_file = {:?}",
+                theirs.join("later.secret").display().to_string()
+            ),
+        );
+        let e = start_err(fx.config_from(&text)).await;
+        assert!(
+            e.contains("theirs") && e.contains("owned by uid 65534"),
+            "{e}"
+        );
         // A link owned by another user decides where the path leads.
         let link = fx.dir.path().join("their-link.toml");
         std::os::unix::fs::symlink(&fx.policy, &link).unwrap();
@@ -287,6 +307,27 @@ async fn files_others_could_change_stop_the_start() {
         let e = start_err(c).await;
         assert!(e.contains("symlink") && e.contains("uid 65534"), "{e}");
     }
+
+    // The audit jsonl file: never through a link, never one others can write.
+    let jsonl = fx.dir.path().join("audit.jsonl");
+    let with_jsonl = format!(
+        "{}\n[audit]\njsonl = {:?}\n",
+        fx.toml("", ""),
+        jsonl.display().to_string()
+    );
+    std::os::unix::fs::symlink(&fx.policy, &jsonl).unwrap();
+    let e = start_err(fx.config_from(&with_jsonl)).await;
+    assert!(e.contains("audit jsonl file"), "{e}");
+    std::fs::remove_file(&jsonl).unwrap();
+    std::fs::write(&jsonl, "").unwrap();
+    mode(&jsonl, 0o666);
+    let e = start_err(fx.config_from(&with_jsonl)).await;
+    assert!(
+        e.contains("audit jsonl file") && e.contains("chmod go-w"),
+        "{e}"
+    );
+    mode(&jsonl, 0o600);
+    drop(Server::start(fx.config_from(&with_jsonl)).await.unwrap());
 
     let file = fx.dir.path().join("strongroom.toml");
     std::fs::write(&file, "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap();
