@@ -760,8 +760,9 @@ impl Config {
         // A file that is not there is left to its reader, which names it; the folders on its
         // way are checked all the same, so nobody else can make it meanwhile.
         let check = crate::trusted::check_if_present;
-        if self.store.kind == StoreKind::Sqlite {
-            // Whoever can write there can swap the database or the keyring.
+        if self.store.kind == StoreKind::Sqlite && self.data_dir.exists() {
+            // Whoever can write there can swap the database or the keyring. (One not there
+            // yet is made by the store, and checked once made.)
             check(&self.data_dir, "data dir")?;
         }
         if let Some(ca) = &self.store.tls_ca_file {

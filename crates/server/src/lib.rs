@@ -903,9 +903,14 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
                      audit records survive a process crash but not power loss"
                 );
             }
-            Ok(StoreHandle::Sqlite(
-                SqliteStore::open_dir_with(&config.data_dir, options).await?,
-            ))
+            let store = SqliteStore::open_dir_with(&config.data_dir, options).await?;
+            // Made just now, perhaps: in a folder anyone may write (/tmp), another user could
+            // have made it first.
+            if let Err(e) = trusted::check(&config.data_dir, "data dir") {
+                store.close().await;
+                return Err(e);
+            }
+            Ok(StoreHandle::Sqlite(store))
         }
         StoreKind::Postgres => {
             let url = config.store.url.as_deref().ok_or_else(|| {

@@ -127,6 +127,10 @@ fn check_folders_above(path: &Path, what: &str) -> Result<(), ServerError> {
     let mut links = 0;
     let me = euid();
     let mut checked_root = false;
+    // Whether the folder reached last lets anyone make entries (sticky, as /tmp): fine for
+    // what is there, not for a name that is not there yet.
+    let mut open_to_all = false;
+    let shared = |meta: &std::fs::Metadata| meta.permissions().mode() & 0o022 != 0;
     while let Some(part) = todo.pop_front() {
         let component = part.components().next();
         match component {
@@ -138,17 +142,31 @@ fn check_folders_above(path: &Path, what: &str) -> Result<(), ServerError> {
                     check_meta(&root, &meta, what, true)?;
                     checked_root = true;
                 }
+                open_to_all = std::fs::metadata(&root).is_ok_and(|m| shared(&m));
             }
             Some(Component::ParentDir) => {
                 at.pop();
+                open_to_all = std::fs::metadata(&at).is_ok_and(|m| shared(&m));
             }
             Some(Component::Normal(name)) => {
                 let next = at.join(name);
                 let meta = match std::fs::symlink_metadata(&next) {
                     Ok(meta) => meta,
-                    // Nothing past here exists; what leads to it was checked (only its
-                    // owners could make it).
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    // Nothing past here exists; what leads to it was checked, so only its
+                    // owners could make it -- unless anyone may make entries there.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        if open_to_all {
+                            return Err(ServerError::Config(format!(
+                                "{} (on the way to the {what} {}) does not exist, and anyone may \
+                                 make it in {}; make it first, or keep the {what} in a folder \
+                                 only root or this user can write",
+                                next.display(),
+                                path.display(),
+                                at.display()
+                            )));
+                        }
+                        return Ok(());
+                    }
                     Err(e) => return Err(ServerError::file("path", &next)(e)),
                 };
                 if meta.file_type().is_symlink() {
@@ -178,6 +196,7 @@ fn check_folders_above(path: &Path, what: &str) -> Result<(), ServerError> {
                     // A folder on the way (the last component is checked by the caller).
                     check_meta(&next, &meta, what, true)?;
                 }
+                open_to_all = meta.is_dir() && shared(&meta);
                 at = next;
             }
             _ => {}

@@ -308,6 +308,24 @@ async fn files_others_could_change_stop_the_start() {
         assert!(e.contains("symlink") && e.contains("uid 65534"), "{e}");
     }
 
+    // A file not there yet in a folder anyone may make entries in (sticky, as /tmp): fine
+    // for files there, not for a name another user could make first.
+    let sticky = fx.dir.path().join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    mode(&sticky, 0o1777);
+    let text = fx.toml("", "").replace(
+        &format!(
+            "hs256_secret_file = {:?}",
+            fx.jwt_secret.display().to_string()
+        ),
+        &format!(
+            "hs256_secret_file = {:?}",
+            sticky.join("not-yet.secret").display().to_string()
+        ),
+    );
+    let e = start_err(fx.config_from(&text)).await;
+    assert!(e.contains("anyone may make it"), "{e}");
+
     // The audit jsonl file: never through a link, never one others can write.
     let jsonl = fx.dir.path().join("audit.jsonl");
     let with_jsonl = format!(
