@@ -429,7 +429,9 @@ impl Reloader {
             tracing::error!(error = %e, "policy reload failed; keeping the previous policy");
             failed.push(e.to_string());
         }
-        if let Some(keyring) = &inner.keyring {
+        // The keyring and the certificate are read again only under a configuration whose
+        // files passed their checks.
+        if let (Some(keyring), Some(_)) = (&inner.keyring, &config) {
             match keyring.reload() {
                 Ok(()) => tracing::info!(versions = keyring.list().len(), "keyring reloaded"),
                 Err(e) => {
@@ -447,12 +449,16 @@ impl Reloader {
                 }
             }
         }
-        match tls::load_certified_key(&inner.tls, &tls::provider()) {
-            Ok(ck) => {
+        match config
+            .as_ref()
+            .map(|_| tls::load_certified_key(&inner.tls, &tls::provider()))
+        {
+            None => {}
+            Some(Ok(ck)) => {
                 inner.cert.replace(ck);
                 tracing::info!(cert = %inner.tls.cert.display(), "TLS certificate reloaded");
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous one");
                 failed.push(e.to_string());
             }
@@ -661,29 +667,76 @@ struct AuditFile {
 }
 
 impl AuditFile {
-    /// Opens the file to append to, never through a link, and only a file of root or this
-    /// user that others cannot write and that has no other name: its folder may be a shared
-    /// log folder (`/var/log`, group-writable on some systems), where another user could
-    /// otherwise put a link to a file of root's, or a file of their own, in its place.
+    /// Opens the file to append to, folder by folder from the root without following any
+    /// link, each folder root's or this user's (a shared log folder such as a group-writable
+    /// `/var/log` may hold it, but another user's folder swapped in for one on the way is
+    /// refused), and only a regular file of root's or this user's that others cannot write,
+    /// with one name. Never blocks (a FIFO put in its place is refused, not waited on).
     fn open_file(path: &Path) -> Result<std::fs::File, ServerError> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(path)
-            .map_err(ServerError::file("audit jsonl file", path))?;
+        use rustix::fs::{fcntl_getfl, fcntl_setfl, fstat, openat, Mode, OFlags, CWD};
+        use std::os::unix::fs::MetadataExt;
+        let refuse = |why: String| {
+            ServerError::Config(format!("audit jsonl file {}: {why}", path.display()))
+        };
+        let io = |e: rustix::io::Errno| ServerError::file("audit jsonl file", path)(e.into());
+        let absolute =
+            std::path::absolute(path).map_err(ServerError::file("audit jsonl file", path))?;
+        let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+            return Err(refuse("not a file path".into()));
+        };
+        let folder_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+        let me = trusted::euid();
+        let mut dir = openat(CWD, "/", folder_flags, Mode::empty()).map_err(io)?;
+        for part in parent.components() {
+            match part {
+                std::path::Component::RootDir => {}
+                std::path::Component::Normal(step) => {
+                    let next = openat(&dir, step, folder_flags, Mode::empty()).map_err(|e| {
+                        refuse(format!(
+                            "cannot open the folder {:?} on its way without following a link ({e})",
+                            step
+                        ))
+                    })?;
+                    let owner = fstat(&next).map_err(io)?.st_uid;
+                    if owner != 0 && owner != me {
+                        return Err(refuse(format!(
+                            "the folder {:?} on its way is owned by uid {owner}, neither root nor \
+                             uid {me}",
+                            step
+                        )));
+                    }
+                    dir = next;
+                }
+                _ => return Err(refuse("no `.` or `..` in the path, please".into())),
+            }
+        }
+        let fd = openat(
+            &dir,
+            name,
+            OFlags::WRONLY
+                | OFlags::APPEND
+                | OFlags::CREATE
+                | OFlags::NOFOLLOW
+                | OFlags::NONBLOCK
+                | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(io)?;
+        let file = std::fs::File::from(fd);
         let meta = file
             .metadata()
             .map_err(ServerError::file("audit jsonl file", path))?;
+        if !meta.file_type().is_file() {
+            return Err(refuse("not a regular file".into()));
+        }
         trusted::check_open_file(path, &meta, "audit jsonl file")?;
         if meta.nlink() != 1 {
-            return Err(ServerError::Config(format!(
-                "audit jsonl file {} has other names (hard links); give it one",
-                path.display()
-            )));
+            return Err(refuse(
+                "it has other names (hard links); give it one".into(),
+            ));
         }
+        let flags = fcntl_getfl(&file).map_err(io)?;
+        fcntl_setfl(&file, flags - OFlags::NONBLOCK).map_err(io)?;
         Ok(file)
     }
 

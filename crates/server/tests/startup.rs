@@ -346,6 +346,38 @@ async fn files_others_could_change_stop_the_start() {
     );
     mode(&jsonl, 0o600);
     drop(Server::start(fx.config_from(&with_jsonl)).await.unwrap());
+    // ... nor through a linked folder on its way (another user's folder swapped in there),
+    // nor into a FIFO (waiting for a reader hung the start).
+    let logs = fx.dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let linked = fx.dir.path().join("logs-link");
+    std::os::unix::fs::symlink(&logs, &linked).unwrap();
+    let via_link = format!(
+        "{}\n[audit]\njsonl = {:?}\n",
+        fx.toml("", ""),
+        linked.join("audit.jsonl").display().to_string()
+    );
+    let e = start_err(fx.config_from(&via_link)).await;
+    assert!(e.contains("without following a link"), "{e}");
+    let fifo = logs.join("audit.jsonl");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    mode(&fifo, 0o600);
+    let in_fifo = format!(
+        "{}\n[audit]\njsonl = {:?}\n",
+        fx.toml("", ""),
+        fifo.display().to_string()
+    );
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        start_err(fx.config_from(&in_fifo)),
+    )
+    .await
+    .expect("a FIFO as the audit file hung the start");
+    assert!(e.contains("audit jsonl file"), "{e}");
 
     let file = fx.dir.path().join("strongroom.toml");
     std::fs::write(&file, "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n").unwrap();
