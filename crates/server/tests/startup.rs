@@ -175,6 +175,16 @@ async fn missing_or_broken_files_are_named() {
 #[tokio::test]
 async fn files_others_could_change_stop_the_start() {
     let fx = Fixture::new();
+    // The fixture's configuration with another HS256 secret file.
+    let with_secret = |path: &std::path::Path| {
+        fx.toml("", "").replace(
+            &format!(
+                "hs256_secret_file = {:?}",
+                fx.jwt_secret.display().to_string()
+            ),
+            &format!("hs256_secret_file = {:?}", path.display().to_string()),
+        )
+    };
     let mode = |path: &std::path::Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     };
@@ -283,16 +293,7 @@ async fn files_others_could_change_stop_the_start() {
         let theirs = fx.dir.path().join("theirs");
         std::fs::create_dir(&theirs).unwrap();
         std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
-        let text = fx.toml("", "").replace(
-            &format!(
-                "hs256_secret_file = {:?}",
-                fx.jwt_secret.display().to_string()
-            ),
-            &format!(
-                "hs256_secret_file = {:?}",
-                theirs.join("later.secret").display().to_string()
-            ),
-        );
+        let text = with_secret(&theirs.join("later.secret"));
         let e = start_err(fx.config_from(&text)).await;
         assert!(
             e.contains("theirs") && e.contains("owned by uid 65534"),
@@ -313,16 +314,7 @@ async fn files_others_could_change_stop_the_start() {
     let sticky = fx.dir.path().join("sticky");
     std::fs::create_dir(&sticky).unwrap();
     mode(&sticky, 0o1777);
-    let text = fx.toml("", "").replace(
-        &format!(
-            "hs256_secret_file = {:?}",
-            fx.jwt_secret.display().to_string()
-        ),
-        &format!(
-            "hs256_secret_file = {:?}",
-            sticky.join("not-yet.secret").display().to_string()
-        ),
-    );
+    let text = with_secret(&sticky.join("not-yet.secret"));
     let e = start_err(fx.config_from(&text)).await;
     assert!(e.contains("anyone may make it"), "{e}");
 
