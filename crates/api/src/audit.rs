@@ -236,15 +236,16 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    let client_ip = req
+    let client = req
         .extensions()
         .get::<ClientAddr>()
-        .map(|a| a.0.ip())
+        .map(|a| a.0)
         .or_else(|| {
             req.extensions()
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip())
+                .map(|c| c.0)
         });
+    let client_ip = client.map(|a| a.ip());
     let mut event = Event {
         time: state.vault().now(),
         principal_kind: "anonymous".into(),
@@ -267,16 +268,7 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
                         .and_then(|v| v.to_str().ok()),
                 )
             }),
-        client_addr: req
-            .extensions()
-            .get::<ClientAddr>()
-            .map(|a| a.0)
-            .or_else(|| {
-                req.extensions()
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map(|c| c.0)
-            })
-            .map(|a| a.to_string()),
+        client_addr: client.map(|a| a.to_string()),
         on_behalf_of: None,
         destination: None,
         error_code: None,

@@ -234,10 +234,12 @@ impl AppState {
         &self.0.verify_limiter
     }
 
-    /// Forgets the per-owner rate-limit state of owners whose allowance has refilled (the
-    /// state a new owner starts with), and gives the memory back. The limiter keeps one
-    /// entry per owner that ever called `verify` until then, so a server that never pruned
-    /// grew with its user base. Returns how many owners are still tracked.
+    /// The server's once-a-minute upkeep of its rate limiters: forgets the owners (verify)
+    /// and client addresses (unauthenticated audit records) whose allowance has refilled
+    /// (the state a newcomer starts with) and gives the memory back, and warns about the
+    /// unauthenticated requests counted instead of recorded since the last call. Without
+    /// it the limiters grew with every owner and address ever seen. Returns how many owners
+    /// the verify limiter still tracks.
     pub fn prune_rate_limits(&self) -> usize {
         let anonymous = &self.0.anonymous_audit.per_address;
         anonymous.retain_recent();

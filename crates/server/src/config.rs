@@ -846,7 +846,6 @@ impl Config {
         }
         let config = Self::from_figment(merge_env(figment, ENV_KEYS), overrides)?;
         config.validate()?;
-        config.check_files()?;
         Ok(config)
     }
 

@@ -308,11 +308,15 @@ impl Reloader {
             .unwrap_or_else(|e| e.into_inner())
         {
             ConfigSource::Fixed(c) => {
-                // The files it names are read again: checked again.
+                // The files it names are read again: checked again (as at start).
                 c.check_files()?;
                 Ok((**c).clone())
             }
-            ConfigSource::Load { file, overrides } => Config::load(file.as_deref(), overrides),
+            ConfigSource::Load { file, overrides } => {
+                let config = Config::load(file.as_deref(), overrides)?;
+                config.check_files()?;
+                Ok(config)
+            }
         }
     }
 
@@ -667,90 +671,20 @@ struct AuditFile {
 }
 
 impl AuditFile {
-    /// Opens the file to append to, folder by folder from the root without following any
-    /// link, each folder root's or this user's (a shared log folder such as a group-writable
-    /// `/var/log` may hold it, but another user's folder swapped in for one on the way is
-    /// refused), and only a regular file of root's or this user's that others cannot write,
-    /// with one name. Never blocks (a FIFO put in its place is refused, not waited on).
-    fn open_file(path: &Path) -> Result<std::fs::File, ServerError> {
-        use rustix::fs::{fcntl_getfl, fcntl_setfl, fstat, openat, Mode, OFlags, CWD};
-        use std::os::unix::fs::MetadataExt;
-        let refuse = |why: String| {
-            ServerError::Config(format!("audit jsonl file {}: {why}", path.display()))
-        };
-        let io = |e: rustix::io::Errno| ServerError::file("audit jsonl file", path)(e.into());
-        let absolute =
-            std::path::absolute(path).map_err(ServerError::file("audit jsonl file", path))?;
-        let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
-            return Err(refuse("not a file path".into()));
-        };
-        let folder_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
-        let me = trusted::euid();
-        let mut dir = openat(CWD, "/", folder_flags, Mode::empty()).map_err(io)?;
-        for part in parent.components() {
-            match part {
-                std::path::Component::RootDir => {}
-                std::path::Component::Normal(step) => {
-                    let next = openat(&dir, step, folder_flags, Mode::empty()).map_err(|e| {
-                        refuse(format!(
-                            "cannot open the folder {:?} on its way without following a link ({e})",
-                            step
-                        ))
-                    })?;
-                    let owner = fstat(&next).map_err(io)?.st_uid;
-                    if owner != 0 && owner != me {
-                        return Err(refuse(format!(
-                            "the folder {:?} on its way is owned by uid {owner}, neither root nor \
-                             uid {me}",
-                            step
-                        )));
-                    }
-                    dir = next;
-                }
-                _ => return Err(refuse("no `.` or `..` in the path, please".into())),
-            }
-        }
-        let fd = openat(
-            &dir,
-            name,
-            OFlags::WRONLY
-                | OFlags::APPEND
-                | OFlags::CREATE
-                | OFlags::NOFOLLOW
-                | OFlags::NONBLOCK
-                | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(io)?;
-        let file = std::fs::File::from(fd);
-        let meta = file
-            .metadata()
-            .map_err(ServerError::file("audit jsonl file", path))?;
-        if !meta.file_type().is_file() {
-            return Err(refuse("not a regular file".into()));
-        }
-        trusted::check_open_file(path, &meta, "audit jsonl file")?;
-        if meta.nlink() != 1 {
-            return Err(refuse(
-                "it has other names (hard links); give it one".into(),
-            ));
-        }
-        let flags = fcntl_getfl(&file).map_err(io)?;
-        fcntl_setfl(&file, flags - OFlags::NONBLOCK).map_err(io)?;
-        Ok(file)
-    }
-
     fn open(path: &Path) -> Result<Self, ServerError> {
         Ok(Self {
             path: path.to_owned(),
-            file: Arc::new(Mutex::new(std::io::LineWriter::new(Self::open_file(path)?))),
+            file: Arc::new(Mutex::new(std::io::LineWriter::new(trusted::open_append(
+                path,
+                "audit jsonl file",
+            )?))),
         })
     }
 
     /// Continues in a file opened anew under the configured name (after the lines written
     /// so far are flushed to the old one).
     fn reopen(&self) -> Result<(), ServerError> {
-        let fresh = Self::open_file(&self.path)?;
+        let fresh = trusted::open_append(&self.path, "audit jsonl file")?;
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let _ = std::io::Write::flush(&mut *file);
         *file = std::io::LineWriter::new(fresh);

@@ -62,17 +62,74 @@ pub(crate) fn read_to_string(path: &Path, what: &'static str) -> Result<String, 
     Ok(text)
 }
 
-/// The owner and mode rule for a file already open (its folders are not looked at).
+/// Opens `path` to append to, creating it with mode 0600: folder by folder from the root
+/// without following any link, each folder root's or this user's (a shared folder such as a
+/// group-writable `/var/log` may hold it, but another user's folder swapped in on the way is
+/// refused); then only a regular file, with one name, under the owner and mode rule of
+/// [`check`]. Never blocks (a FIFO put in its place is refused, not waited on). For files
+/// Strongroom writes, whose folder it does not own.
 ///
 /// # Errors
 ///
-/// As [`check`].
-pub(crate) fn check_open_file(
-    path: &Path,
-    meta: &std::fs::Metadata,
-    what: &str,
-) -> Result<(), ServerError> {
-    check_meta(path, meta, what, false)
+/// [`ServerError::Config`] saying what is wrong, or [`ServerError::File`].
+pub(crate) fn open_append(path: &Path, what: &'static str) -> Result<File, ServerError> {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, fstat, openat, Mode, OFlags, CWD};
+    let refuse = |why: String| ServerError::Config(format!("{what} {}: {why}", path.display()));
+    let io = |e: rustix::io::Errno| ServerError::file(what, path)(e.into());
+    let absolute = std::path::absolute(path).map_err(ServerError::file(what, path))?;
+    let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+        return Err(refuse("not a file path".into()));
+    };
+    let folder_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+    let me = euid();
+    let mut dir = openat(CWD, "/", folder_flags, Mode::empty()).map_err(io)?;
+    for part in parent.components() {
+        match part {
+            std::path::Component::RootDir => {}
+            std::path::Component::Normal(step) => {
+                let next = openat(&dir, step, folder_flags, Mode::empty()).map_err(|e| {
+                    refuse(format!(
+                        "cannot open the folder {step:?} on its way without following a link ({e})"
+                    ))
+                })?;
+                let owner = fstat(&next).map_err(io)?.st_uid;
+                if owner != 0 && owner != me {
+                    return Err(refuse(format!(
+                        "the folder {step:?} on its way is owned by uid {owner}, neither root \
+                         nor uid {me}"
+                    )));
+                }
+                dir = next;
+            }
+            _ => return Err(refuse("no `.` or `..` in the path, please".into())),
+        }
+    }
+    let fd = openat(
+        &dir,
+        name,
+        OFlags::WRONLY
+            | OFlags::APPEND
+            | OFlags::CREATE
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(io)?;
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(ServerError::file(what, path))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    check_meta(path, &meta, what, false)?;
+    if meta.nlink() != 1 {
+        return Err(refuse(
+            "it has other names (hard links); give it one".into(),
+        ));
+    }
+    let flags = fcntl_getfl(&file).map_err(io)?;
+    fcntl_setfl(&file, flags - OFlags::NONBLOCK).map_err(io)?;
+    Ok(file)
 }
 
 fn check_meta(
