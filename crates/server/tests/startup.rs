@@ -585,19 +585,7 @@ async fn requests_cut_short_by_the_client_are_recorded() {
         let _ = raw.shutdown().await;
         drop(raw);
     }
-    let mut records = Vec::new();
-    for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let page = client
-            .get("/v1/audit?name=slack.cut", Some(common::ADMIN_TOKEN))
-            .await
-            .unwrap()
-            .json();
-        records = page["items"].as_array().cloned().unwrap_or_default();
-        if records.len() >= 20 {
-            break;
-        }
-    }
+    let records = common::wait_for_records(&client, "slack.cut", 20).await;
     assert_eq!(records.len(), 20, "{records:?}");
     assert!(
         records

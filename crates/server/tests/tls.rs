@@ -920,20 +920,8 @@ async fn an_http2_request_reset_by_the_client_is_recorded() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     body.send_reset(h2::Reason::CANCEL);
     let client = server.client(fx.client_options());
-    let mut found = None;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let page = client
-            .get("/v1/audit?name=zoom.reset", Some(common::ADMIN_TOKEN))
-            .await
-            .unwrap()
-            .json();
-        if let Some(r) = page["items"].as_array().and_then(|a| a.first()) {
-            found = Some(r.clone());
-            break;
-        }
-    }
-    let record = found.expect("the reset request left no record");
+    let records = common::wait_for_records(&client, "zoom.reset", 1).await;
+    let record = records.first().expect("the reset request left no record");
     assert!(
         (record["status"] == 400 && record["error_code"] == "bad_request")
             || (record["status"] == 499 && record["error_code"] == "client_closed"),

@@ -315,3 +315,27 @@ impl LogCapture {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
+
+/// The audit records about credentials named `name`, newest first, once there are at least
+/// `want` of them (records of requests cut short are written by a task of their own), or
+/// what there is after about 2.5 s.
+pub async fn wait_for_records(
+    client: &strongroom_server::testing::TestClient,
+    name: &str,
+    want: usize,
+) -> Vec<serde_json::Value> {
+    let mut records = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let page = client
+            .get(&format!("/v1/audit?name={name}"), Some(ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .json();
+        records = page["items"].as_array().cloned().unwrap_or_default();
+        if records.len() >= want {
+            break;
+        }
+    }
+    records
+}
