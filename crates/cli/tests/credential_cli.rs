@@ -179,6 +179,24 @@ fn bad_tokens_certificates_and_input_are_one_clear_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no token"));
+    // A token file others may read is named (whoever reads it holds the token); a private one
+    // is not.
+    use std::os::unix::fs::PermissionsExt;
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = strongroom()
+            .env_remove("STRONGROOM_TOKEN")
+            .args(["credential", "list", "--token-file"])
+            .arg(&empty)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.contains("--token-file") && err.contains("readable by group or others"),
+            warned,
+            "mode {mode:o}: {err}"
+        );
+    }
     let out = client(&data, addr, &server.export("ALICE"))
         .env("STRONGROOM_SERVER", format!("http://{addr}"))
         .args(["credential", "list"])

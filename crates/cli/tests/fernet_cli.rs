@@ -322,3 +322,28 @@ fn errors_name_no_secret() {
         .unwrap();
     assert_eq!(no_key.status.code(), Some(2));
 }
+
+#[test]
+fn a_key_file_others_may_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = stdout_of(strongroom().args(["fernet", "generate-key"]));
+    let file = tmp.path().join("keys");
+    std::fs::write(&file, &key).unwrap();
+    for (mode, warned) in [(0o640, true), (0o600, false)] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = strongroom()
+            .args(["fernet", "encrypt", "--key-file"])
+            .arg(&file)
+            .write_stdin("x")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.contains("--key-file") && err.contains("readable by group or others"),
+            warned,
+            "mode {mode:o}: {err}"
+        );
+    }
+}

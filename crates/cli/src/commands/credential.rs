@@ -206,6 +206,7 @@ impl Client {
     fn new(o: &ClientOptions) -> Result<Self, Failure> {
         let token = match &o.token_file {
             Some(path) => {
+                super::warn_if_readable_by_others(path, "--token-file");
                 let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
                     CliError::Usage(format!("cannot read {}: {e}", path.display()))
                 })?);

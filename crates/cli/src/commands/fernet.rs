@@ -111,6 +111,7 @@ pub fn run(cmd: FernetCommand) -> Result<(), CliError> {
 fn build(keys: &FernetKeys) -> Result<MultiFernet, CliError> {
     let mut all: Vec<Zeroizing<String>> = keys.keys.iter().map(|k| k.expose().clone()).collect();
     if let Some(path) = &keys.key_file {
+        super::warn_if_readable_by_others(path, "--key-file");
         let text = Zeroizing::new(
             std::fs::read_to_string(path).map_err(CliError::io("reading --key-file"))?,
         );

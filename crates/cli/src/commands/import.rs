@@ -130,7 +130,7 @@ fn read_key_file(path: &std::path::Path) -> Result<Vec<Zeroizing<String>>, Failu
             .map_err(CliError::io("cannot read the keys from standard input"))?;
         text
     } else {
-        warn_if_readable_by_others(path);
+        super::warn_if_readable_by_others(path, "--key-file");
         Zeroizing::new(
             std::fs::read_to_string(path).map_err(CliError::io("cannot read --key-file"))?,
         )
@@ -142,18 +142,6 @@ fn read_key_file(path: &std::path::Path) -> Result<Vec<Zeroizing<String>>, Failu
         .filter(|l| !l.is_empty())
         .map(|l| Zeroizing::new(l.to_owned()))
         .collect())
-}
-
-fn warn_if_readable_by_others(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o044 != 0 {
-            eprintln!(
-                "warning: --key-file {} is readable by group or others (chmod 600 it)",
-                path.display()
-            );
-        }
-    }
 }
 
 async fn django(args: DjangoArgs) -> Result<(), Failure> {

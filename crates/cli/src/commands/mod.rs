@@ -89,6 +89,21 @@ pub(crate) fn warn_unknown_env_names() {
     });
 }
 
+/// Warns on standard error when group or others may read a file holding a secret (a token
+/// or keys): whoever reads it holds the secret too. A warning, not a refusal, as the file is
+/// the caller's own choice and the harm is already done; the server refuses its own.
+pub(crate) fn warn_if_readable_by_others(path: &std::path::Path, flag: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o044 != 0 {
+            eprintln!(
+                "strongroom: warning: {flag} {} is readable by group or others (chmod 600 it)",
+                path.display()
+            );
+        }
+    }
+}
+
 /// Where an operator command finds the store and keys: the server's `--config`, or the
 /// `serve --dev` layout under `--data-dir`. Works while the server runs.
 #[derive(clap::Args, Debug, Clone)]
