@@ -364,8 +364,7 @@ pub fn mint_user_token(
 /// HS256 secret lets whoever reads it mint any user's token): its bytes with trailing
 /// whitespace (a final newline) removed.
 pub(crate) fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, ServerError> {
-    check_private(path)?;
-    let mut bytes = Zeroizing::new(fs::read(path).map_err(ServerError::file("secret file", path))?);
+    let mut bytes = crate::trusted::read_secret(path, "secret file")?;
     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
         bytes.pop();
     }

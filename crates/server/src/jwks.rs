@@ -38,9 +38,7 @@ impl JwksSpec {
             return Ok(None);
         };
         let ca_pem = match &jwt.jwks_ca_file {
-            Some(path) => {
-                Some(std::fs::read(path).map_err(ServerError::file("JWKS CA file", path))?)
-            }
+            Some(path) => Some(crate::trusted::read(path, "JWKS CA file")?.to_vec()),
             None => None,
         };
         Ok(Some(Self {

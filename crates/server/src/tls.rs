@@ -36,7 +36,7 @@ pub fn load_certs(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, ServerError> {
-    let pem = std::fs::read(path).map_err(ServerError::file(what, path))?;
+    let pem = crate::trusted::read(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ServerError::Tls(format!("{what} {}: {}", path.display(), pem_problem(&e))))?;
@@ -68,9 +68,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
             );
         }
     }
-    let pem = zeroize::Zeroizing::new(
-        std::fs::read(path).map_err(ServerError::file("TLS private key", path))?,
-    );
+    let pem = crate::trusted::read(path, "TLS private key")?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         ServerError::Tls(format!(
             "TLS private key {}: {} (expected a PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block)",

@@ -11,6 +11,8 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use zeroize::Zeroizing;
+
 use crate::ServerError;
 
 /// The effective user id (what the kernel checks; no `/proc` needed).
@@ -46,20 +48,62 @@ pub(crate) fn check_if_present(path: &Path, what: &'static str) -> Result<(), Se
     }
 }
 
+/// Reads a trusted file through the handle that was checked (owner and mode, as [`check`]),
+/// so the bytes read are those of the file checked, whatever happened to the path since its
+/// folders were walked ([`check`] at start or reload). Zeroized when dropped: some are keys.
+///
+/// # Errors
+///
+/// As [`check`].
+pub(crate) fn read(path: &Path, what: &'static str) -> Result<Zeroizing<Vec<u8>>, ServerError> {
+    read_private(path, what, false)
+}
+
+/// As [`read`] for a secret (an HS256 secret): also refused when group or others may read it.
+///
+/// # Errors
+///
+/// As [`read`].
+pub(crate) fn read_secret(
+    path: &Path,
+    what: &'static str,
+) -> Result<Zeroizing<Vec<u8>>, ServerError> {
+    read_private(path, what, true)
+}
+
+fn read_private(
+    path: &Path,
+    what: &'static str,
+    secret: bool,
+) -> Result<Zeroizing<Vec<u8>>, ServerError> {
+    let mut file = File::open(path).map_err(ServerError::file(what, path))?;
+    let meta = file.metadata().map_err(ServerError::file(what, path))?;
+    check_meta(path, &meta, what, false)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if secret && mode & 0o077 != 0 {
+        return Err(ServerError::Config(format!(
+            "{what} {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes)
+        .map_err(ServerError::file(what, path))?;
+    Ok(bytes)
+}
+
 /// Reads a trusted text file: checked through the handle it is read from, and its folders.
 ///
 /// # Errors
 ///
 /// As [`check`].
 pub(crate) fn read_to_string(path: &Path, what: &'static str) -> Result<String, ServerError> {
-    let mut file = File::open(path).map_err(ServerError::file(what, path))?;
-    let meta = file.metadata().map_err(ServerError::file(what, path))?;
-    check_meta(path, &meta, what, false)?;
     check_folders_above(path, what)?;
-    let mut text = String::new();
-    file.read_to_string(&mut text)
-        .map_err(ServerError::file(what, path))?;
-    Ok(text)
+    let mut bytes = read(path, what)?;
+    // Not secret (a policy, public keys): the text need not stay zeroizing.
+    String::from_utf8(std::mem::take(&mut *bytes))
+        .map_err(|_| ServerError::Config(format!("{what} {}: not UTF-8 text", path.display())))
 }
 
 /// Opens `path` to append to, creating it with mode 0600: folder by folder from the root
@@ -260,4 +304,47 @@ fn check_folders_above(path: &Path, what: &str) -> Result<(), ServerError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &Path, name: &str, mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, b"bytes\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn reads_check_the_handle_they_read_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let fine = file(dir.path(), "fine", 0o644);
+        assert_eq!(&read(&fine, "x").unwrap()[..], b"bytes\n");
+        assert_eq!(read_to_string(&fine, "x").unwrap(), "bytes\n");
+        let shared = file(dir.path(), "shared", 0o664);
+        let e = read(&shared, "CA file").unwrap_err().to_string();
+        assert!(e.contains("CA file") && e.contains("chmod go-w"), "{e}");
+        // A secret must not be readable by others either; a private one reads.
+        let e = read_secret(&fine, "secret file").unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        let private = file(dir.path(), "private", 0o600);
+        assert_eq!(&read_secret(&private, "x").unwrap()[..], b"bytes\n");
+        let text = file(dir.path(), "binary", 0o644);
+        std::fs::write(&text, [0xff, 0xfe]).unwrap();
+        let e = read_to_string(&text, "policy file")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+        if euid() == 0 {
+            // Another user's file, in a folder of ours.
+            rustix::fs::chown(&private, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+            let e = read_secret(&private, "secret file")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+            assert!(read(&private, "x").is_err());
+        }
+    }
 }
