@@ -174,11 +174,41 @@ struct Claims {
     #[serde(rename = "iss")]
     _iss: Option<String>,
     #[serde(rename = "exp")]
-    _exp: Option<serde_json::Number>,
+    _exp: Option<NumericDate>,
     #[serde(rename = "nbf")]
-    _nbf: Option<serde_json::Number>,
+    _nbf: Option<NumericDate>,
     #[serde(rename = "iat")]
-    _iat: Option<serde_json::Number>,
+    _iat: Option<NumericDate>,
+}
+
+/// A time claim the JWT library can check: a number of seconds from 0 to under 2^64. The
+/// library skips an `nbf` it cannot read as one (`1e20`, `-1`), so such a token was not
+/// held back at all; here it fails to decode.
+struct NumericDate;
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = NumericDate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("seconds since 1970 as a number from 0 to under 2^64")
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<NumericDate, E> {
+                Ok(NumericDate)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<NumericDate, E> {
+                // The library's own bounds for a fractional time.
+                #[allow(clippy::cast_precision_loss)]
+                if v.is_finite() && v >= 0.0 && v < u64::MAX as f64 {
+                    Ok(NumericDate)
+                } else {
+                    Err(E::custom("time claim out of range"))
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Why a credential was not accepted. Deliberately coarse in what reaches the client.
@@ -457,7 +487,8 @@ pub(crate) fn one_line(text: &str) -> String {
 
 /// Whether the token's header has a `crit` member: extensions the recipient must understand
 /// or reject the token (RFC 7515, 4.1.11). This verifier understands none, and the JWT
-/// library ignores the member.
+/// library ignores the member. A header that does not decode here (`crit` twice) counts as
+/// naming some: the library would read it and ignore both.
 fn names_critical_extensions(token: &str) -> bool {
     use base64::Engine;
     #[derive(serde::Deserialize)]
@@ -465,11 +496,11 @@ fn names_critical_extensions(token: &str) -> bool {
         crit: Option<serde::de::IgnoredAny>,
     }
     let Some((header, _)) = token.split_once('.') else {
-        return false;
+        return true;
     };
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header)
         .ok()
         .and_then(|json| serde_json::from_slice::<Header>(&json).ok())
-        .is_some_and(|h| h.crit.is_some())
+        .is_none_or(|h| h.crit.is_some())
 }

@@ -444,12 +444,8 @@ async fn tokens_the_jwt_library_would_misread_are_refused() {
     let api = api().await;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let t = now();
-    let signed = |header: serde_json::Value, claims: serde_json::Value| {
-        let message = format!(
-            "{}.{}",
-            b64.encode(header.to_string()),
-            b64.encode(claims.to_string())
-        );
+    let signed_raw = |header: &str, claims: &str| {
+        let message = format!("{}.{}", b64.encode(header), b64.encode(claims));
         let signature = jsonwebtoken::crypto::sign(
             message.as_bytes(),
             &jsonwebtoken::EncodingKey::from_secret(SECRET),
@@ -457,6 +453,9 @@ async fn tokens_the_jwt_library_would_misread_are_refused() {
         )
         .unwrap();
         format!("{message}.{signature}")
+    };
+    let signed = |header: serde_json::Value, claims: serde_json::Value| {
+        signed_raw(&header.to_string(), &claims.to_string())
     };
     let header = json!({"alg": "HS256", "typ": "JWT"});
     let claims = json!({"sub": "alice", "exp": t + 600, "iss": ISSUER, "aud": AUDIENCE});
@@ -475,6 +474,21 @@ async fn tokens_the_jwt_library_would_misread_are_refused() {
         with("nbf", json!((t + 100_000).to_string())),
         with("exp", json!((t + 600).to_string())),
         with("iat", json!("yesterday")),
+        // Out of the library's range, so it skipped the check: far in the future, or no time.
+        with("nbf", json!(1e20)),
+        with("nbf", json!(-1)),
+        signed_raw(
+            r#"{"alg":"HS256","typ":"JWT"}"#,
+            &format!(
+                r#"{{"sub":"alice","exp":{},"iss":"{ISSUER}","aud":"{AUDIENCE}","nbf":18446744073709551616}}"#,
+                t + 600
+            ),
+        ),
+        // `crit` twice: the library reads neither.
+        signed_raw(
+            r#"{"alg":"HS256","typ":"JWT","crit":["x"],"crit":["x"]}"#,
+            &claims.to_string(),
+        ),
     ];
     for token in &refused {
         let r = api
@@ -482,9 +496,14 @@ async fn tokens_the_jwt_library_would_misread_are_refused() {
             .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token}: {}", r.body);
     }
-    let fine = with("nbf", json!(t - 10));
-    let r = api
-        .call("GET", "/v1/me/credentials", Some(&fine), None)
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    for fine in [
+        with("nbf", json!(t - 10)),
+        with("nbf", json!(t as f64 - 10.5)),
+        with("iat", json!(t)),
+    ] {
+        let r = api
+            .call("GET", "/v1/me/credentials", Some(&fine), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
 }
