@@ -428,7 +428,7 @@ impl Authenticator {
         bearer: Option<&str>,
         peer: Option<&PeerCertificate>,
     ) -> Result<String, AuthFailure> {
-        Self::verify_holder(&self.service_tokens, &self.mtls_services, bearer, peer)
+        self.verify_holder("service", &self.service_tokens, bearer, peer)
     }
 
     /// The admin a bearer token or certificate belongs to.
@@ -441,29 +441,56 @@ impl Authenticator {
         bearer: Option<&str>,
         peer: Option<&PeerCertificate>,
     ) -> Result<String, AuthFailure> {
-        Self::verify_holder(&self.admin_tokens, &self.mtls_admins, bearer, peer)
+        self.verify_holder("admin", &self.admin_tokens, bearer, peer)
+    }
+
+    /// The identity a client certificate's names map to, of either kind (service or
+    /// admin): none when no name is mapped, [`AuthFailure::Invalid`] when they map to two.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthFailure::Invalid`] for a certificate of two identities.
+    pub fn certificate_identity(
+        &self,
+        peer: Option<&PeerCertificate>,
+    ) -> Result<Option<(&'static str, &str)>, AuthFailure> {
+        let Some(peer) = peer else {
+            return Ok(None);
+        };
+        let mut found = None;
+        for san in &peer.subject_alt_names {
+            let mapped = [
+                ("service", &self.mtls_services),
+                ("admin", &self.mtls_admins),
+            ]
+            .into_iter()
+            .filter_map(|(kind, map)| map.get(san).map(|name| (kind, name.as_str())));
+            for identity in mapped {
+                if found.is_some_and(|f| f != identity) {
+                    return Err(AuthFailure::Invalid);
+                }
+                found = Some(identity);
+            }
+        }
+        Ok(found)
     }
 
     fn verify_holder(
+        &self,
+        kind: &'static str,
         tokens: &[TokenEntry],
-        by_san: &HashMap<String, String>,
         bearer: Option<&str>,
         peer: Option<&PeerCertificate>,
     ) -> Result<String, AuthFailure> {
-        // One credential per request, and one identity per certificate: a certificate whose
-        // names map to two identities, or a mapped certificate plus a bearer token, would
-        // leave which one acts to an order nobody wrote down.
-        if let Some(peer) = peer {
-            let mut names = peer
-                .subject_alt_names
-                .iter()
-                .filter_map(|san| by_san.get(san));
-            if let Some(name) = names.next() {
-                if names.any(|other| other != name) || bearer.is_some() {
-                    return Err(AuthFailure::Invalid);
-                }
-                return Ok(name.clone());
+        // One credential per request, and one identity per certificate, whatever their
+        // kinds: a certificate whose names map to two identities, or a mapped certificate
+        // plus a bearer token, would leave which one acts to an order nobody wrote down (a
+        // service certificate with an admin's token was served as both).
+        if let Some((mapped_kind, name)) = self.certificate_identity(peer)? {
+            if bearer.is_some() || mapped_kind != kind {
+                return Err(AuthFailure::Invalid);
             }
+            return Ok(name.to_owned());
         }
         let Some(token) = bearer else {
             return Err(AuthFailure::Missing);

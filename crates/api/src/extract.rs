@@ -52,6 +52,12 @@ impl FromRequestParts<AppState> for User {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?.ok_or_else(ApiError::unauthenticated)?;
+        // One credential per request: a user token beside a certificate that names a service
+        // or an admin is refused, as two credentials of those kinds are.
+        let peer = parts.extensions.get::<PeerCertificate>();
+        if !matches!(state.auth().certificate_identity(peer), Ok(None)) {
+            return Err(ApiError::unauthenticated());
+        }
         match state.auth().authenticate_user(token).await {
             Ok(sub) => {
                 if let Some(slot) = crate::audit::slot(&parts.extensions) {

@@ -51,7 +51,7 @@
 //! | `auth.jwt.jwks_timeout_seconds` | 10 | one fetch, connecting included (1 to 60); documents over 512 KiB are refused |
 //! | `[[auth.service]]` `name`, `token_sha256` | — | a service bearer token, by its SHA-256 (hex) |
 //! | `[[auth.admin]]` `name`, `token_sha256` | — | an admin bearer token, by its SHA-256 (hex) |
-//! | `[[auth.mtls]]` `san`, `service` or `admin` | — | a client-certificate SAN (DNS name or URI) and who it is |
+//! | `[[auth.mtls]]` `san`, `service` or `admin` | — | a client-certificate SAN and who it is: a DNS name (matches DNS-name SANs only) or a URI with its scheme (URI SANs only); a certificate naming two identities, or one plus a bearer token, is refused |
 //! | `policy_file` | — (deny all) | service policy (TOML, see `policy.example.toml`); reloaded on SIGHUP |
 //! | `limits.max_connections` | 1024 | concurrent connections; more wait in the listen backlog |
 //! | `limits.request_timeout_seconds` | 30 | longest time a request may take |
@@ -1189,6 +1189,15 @@ impl Config {
                 return bad(
                     &at("san"),
                     "must be a DNS name or URI of 1 to 1024 characters",
+                );
+            }
+            // Which kind of SAN it maps (see `tls::subject_alt_names`): a text that is
+            // neither a DNS name nor a URI could never match.
+            if m.san.contains('/') && !m.san.contains(':') {
+                return bad(
+                    &at("san"),
+                    "must be a DNS name (no `:` or `/`, matched against DNS-name SANs) or a URI \
+                     with its scheme (`spiffe://...`, matched against URI SANs)",
                 );
             }
             if !sans.insert(m.san.as_str()) {

@@ -206,7 +206,10 @@ pub fn server_config(tls: &TlsConfig, cert: Arc<CertSlot>) -> Result<ServerConfi
 }
 
 /// The DNS-name and URI subject alternative names of a (verified) certificate, as text.
-/// A certificate that does not parse yields none.
+/// A certificate that does not parse yields none. The two kinds never share a text, so a
+/// `[[auth.mtls]] san` maps one kind only: a DNS name has neither `:` nor `/` (one that does
+/// is dropped), a URI always has its scheme's `:` (one without is dropped). A CA that vets
+/// URIs but not DNS names cannot then be used to claim a URI's identity through a DNS name.
 pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
@@ -219,7 +222,8 @@ pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            GeneralName::DNSName(s) | GeneralName::URI(s) => Some((*s).to_owned()),
+            GeneralName::DNSName(s) if !s.contains([':', '/']) => Some((*s).to_owned()),
+            GeneralName::URI(s) if s.contains(':') => Some((*s).to_owned()),
             _ => None,
         })
         .collect()

@@ -182,6 +182,10 @@ fn mistakes_are_named_by_key_and_source() {
                 "[[auth.mtls]]\nsan = \"a.test\"\nservice = \"s\"",
                 "key `auth.mtls[0].san`: client certificates need tls.client_ca",
             ),
+            (
+                "[[auth.mtls]]\nsan = \"example.test/billing\"\nservice = \"s\"",
+                "key `auth.mtls[0].san`: must be a DNS name (no `:` or `/`",
+            ),
             ("[auth.jwt]\nissuer = \"x\"", "key `auth.jwt`: set one of"),
             (
                 "[auth.jwt]\nhs256_secret_file = \"a\"\njwks_file = \"b\"",

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{spawn, Fixture, SERVICE_TOKEN};
+use common::{spawn, Fixture, ADMIN_TOKEN, SERVICE_TOKEN};
 use serde_json::json;
 use strongroom_server::testing::{plain_http_exchange, ClientOptions, TestClient};
 
@@ -472,7 +472,8 @@ async fn put_with_cert(
 }
 
 /// One credential per request: a mapped client certificate plus a bearer token, or a
-/// certificate whose names map to two services, authenticate nobody (401).
+/// certificate whose names map to two identities, of any kinds, authenticate nobody (401);
+/// and a mapping matches the kind of SAN it names (DNS name or URI) only.
 #[tokio::test]
 async fn a_certificate_with_a_token_or_two_identities_is_refused() {
     let fx = Fixture::new();
@@ -481,7 +482,8 @@ async fn a_certificate_with_a_token_or_two_identities_is_refused() {
         fx.client_ca.display().to_string()
     );
     let extra = "[[auth.mtls]]\nsan = \"spiffe://example.test/billing\"\nservice = \"billing\"\n\
-                 [[auth.mtls]]\nsan = \"spiffe://example.test/reports\"\nservice = \"reports\"\n";
+                 [[auth.mtls]]\nsan = \"spiffe://example.test/reports\"\nservice = \"reports\"\n\
+                 [[auth.mtls]]\nsan = \"ops.example.test\"\nadmin = \"ops-cert\"\n";
     let server = spawn(fx.config_from(&fx.toml(&tls_extra, extra))).await;
     let billing = fx
         .client_pki
@@ -502,6 +504,68 @@ async fn a_certificate_with_a_token_or_two_identities_is_refused() {
         false,
     );
     assert_eq!(put_with_cert(&server, &fx, both, None).await, 401);
+
+    // Whatever the kinds: a service's and an admin's name in one certificate, a service
+    // certificate with an admin's or a user's token, an admin certificate with a service
+    // token.
+    let get_with_cert = |cert: (String, String), path: &'static str, token: Option<String>| {
+        let client = server.client(fx.client_options().with_client_cert(cert.0, cert.1));
+        async move {
+            client
+                .get(path, token.as_deref())
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0)
+        }
+    };
+    let service_and_admin = fx.client_pki.leaf(
+        &["spiffe://example.test/billing", "ops.example.test"],
+        false,
+    );
+    assert_eq!(
+        put_with_cert(&server, &fx, service_and_admin.clone(), None).await,
+        401
+    );
+    assert_eq!(
+        get_with_cert(service_and_admin, "/v1/keys", None).await,
+        401
+    );
+    let billing = fx
+        .client_pki
+        .leaf(&["spiffe://example.test/billing"], false);
+    let ops = fx.client_pki.leaf(&["ops.example.test"], false);
+    assert_eq!(get_with_cert(ops.clone(), "/v1/keys", None).await, 200);
+    assert_eq!(
+        get_with_cert(billing.clone(), "/v1/keys", Some(ADMIN_TOKEN.into())).await,
+        401
+    );
+    assert_eq!(
+        get_with_cert(
+            billing.clone(),
+            "/v1/me/credentials",
+            Some(fx.user_token("alice"))
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        put_with_cert(&server, &fx, ops, Some(SERVICE_TOKEN)).await,
+        401
+    );
+
+    // A mapping names one kind of SAN: the service's URI written as a DNS name, or the
+    // admin's DNS name written as a URI, is nobody.
+    let as_kind = |san: rcgen::SanType| {
+        fx.client_pki.leaf_with(&["x.example.test"], false, |p| {
+            p.subject_alt_names = vec![san]
+        })
+    };
+    let uri_as_dns = as_kind(rcgen::SanType::DnsName(
+        "spiffe://example.test/billing".try_into().unwrap(),
+    ));
+    assert_eq!(put_with_cert(&server, &fx, uri_as_dns, None).await, 401);
+    let dns_as_uri = as_kind(rcgen::SanType::URI("ops.example.test".try_into().unwrap()));
+    assert_eq!(get_with_cert(dns_as_uri, "/v1/keys", None).await, 401);
     // The token alone still works.
     let r = server
         .client(fx.client_options())

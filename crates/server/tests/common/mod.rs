@@ -60,6 +60,12 @@ impl Pki {
     ) -> (String, String) {
         let mut p =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        // rcgen makes every name a DNS name (or an IP address): a name with a scheme is a URI.
+        for (san, name) in p.subject_alt_names.iter_mut().zip(sans) {
+            if name.contains("://") {
+                *san = rcgen::SanType::URI((*name).try_into().unwrap());
+            }
+        }
         p.distinguished_name.push(DnType::CommonName, sans[0]);
         p.is_ca = IsCa::ExplicitNoCa;
         p.extended_key_usages = vec![if server {
