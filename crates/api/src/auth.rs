@@ -227,6 +227,22 @@ impl Authenticator {
     ///
     /// [`AuthConfigError`] for an unusable key, a short HMAC secret or duplicate names.
     pub fn new(settings: AuthSettings) -> Result<Self, AuthConfigError> {
+        Self::build(settings, false)
+    }
+
+    /// As [`Authenticator::new`], for a configuration reloaded while serving: a JWKS file
+    /// that now holds no usable key is put in force (every user token is refused, with a
+    /// warning), not refused. Emptying the file is how an operator revokes its keys; at
+    /// start the same file is refused as a mistake.
+    ///
+    /// # Errors
+    ///
+    /// As [`Authenticator::new`].
+    pub fn reloaded(settings: AuthSettings) -> Result<Self, AuthConfigError> {
+        Self::build(settings, true)
+    }
+
+    fn build(settings: AuthSettings, reload: bool) -> Result<Self, AuthConfigError> {
         let mut keys = Vec::new();
         let mut remote = None;
         let (mut issuer, mut audience, mut leeway) = (None, None, 30);
@@ -275,7 +291,7 @@ impl Authenticator {
                     });
                 }
                 JwtKeySource::Jwks(json) => {
-                    let (parsed, skipped) = crate::jwks::parse_jwks(&json)?;
+                    let (parsed, skipped) = crate::jwks::parse_jwks(&json, reload)?;
                     if skipped > 0 {
                         tracing::warn!(
                             skipped,

@@ -62,10 +62,18 @@ impl Default for JwksOptions {
 /// algorithms other than RS256, ES256 and EdDSA, an `alg` that does not fit the key type or
 /// curve, and entries that do not parse. Returns the keys and how many were skipped.
 ///
+/// A JWKS without one usable key is refused when `allow_none` is false (loading it first is
+/// most likely a mistake); else it is returned, with a warning: a key set the identity
+/// provider or the operator has emptied revokes every key, and must not leave the last ones
+/// in force.
+///
 /// # Errors
 ///
-/// [`AuthConfigError`] when the document is not a JWKS or holds no usable key.
-pub(crate) fn parse_jwks(json: &str) -> Result<(Vec<VerifyKey>, usize), AuthConfigError> {
+/// [`AuthConfigError`] when the document is not a JWKS, or holds no usable key.
+pub(crate) fn parse_jwks(
+    json: &str,
+    allow_none: bool,
+) -> Result<(Vec<VerifyKey>, usize), AuthConfigError> {
     #[derive(serde::Deserialize)]
     struct Doc {
         keys: Vec<serde_json::Value>,
@@ -95,9 +103,13 @@ pub(crate) fn parse_jwks(json: &str) -> Result<(Vec<VerifyKey>, usize), AuthConf
         }
     }
     if keys.is_empty() {
-        return Err(AuthConfigError(format!(
+        let why = format!(
             "JWKS: no usable key (RS256, ES256 or EdDSA signature keys); {skipped} skipped"
-        )));
+        );
+        if !allow_none {
+            return Err(AuthConfigError(why));
+        }
+        tracing::warn!("{why}: every user token is refused until the key set holds one");
     }
     Ok((keys, skipped))
 }
@@ -242,7 +254,7 @@ impl RemoteJwks {
             .await
             .map_err(|e| AuthConfigError(format!("JWKS {source}: {e}")))?;
         let (keys, skipped) =
-            parse_jwks(&doc).map_err(|e| AuthConfigError(format!("{source}: {}", e.0)))?;
+            parse_jwks(&doc, false).map_err(|e| AuthConfigError(format!("{source}: {}", e.0)))?;
         tracing::info!(source = %source, keys = keys.len(), skipped, "JWKS loaded");
         let this = Arc::new(Self {
             fetcher,
@@ -302,7 +314,8 @@ impl RemoteJwks {
     pub async fn refresh(&self, reason: &'static str) -> bool {
         let _one_at_a_time = self.refreshing.lock().await;
         let result = match self.fetcher.fetch().await {
-            Ok(doc) => parse_jwks(&doc).map_err(|e| e.0),
+            // A well-formed set without a usable key is a revocation, not an outage.
+            Ok(doc) => parse_jwks(&doc, true).map_err(|e| e.0),
             Err(e) => Err(e),
         };
         let outcome = match result {
@@ -407,17 +420,20 @@ mod tests {
             r#"{"kty":"weird","kid":"weird"}"#,
             ec(r#","kid":"ops","key_ops":["sign"]"#),
         );
-        let (keys, skipped) = parse_jwks(&doc).unwrap();
+        let (keys, skipped) = parse_jwks(&doc, false).unwrap();
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].kid.as_deref(), Some("good"));
         assert_eq!(keys[0].algorithm, Algorithm::ES256);
         assert_eq!(skipped, 6);
-        let Err(e) = parse_jwks(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#) else {
+        let Err(e) = parse_jwks(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#, false) else {
             panic!("a JWKS without a usable key was accepted");
         };
         assert!(e.0.contains("no usable key"), "{e}");
-        assert!(parse_jwks("[]").is_err());
-        assert!(parse_jwks("not json").is_err());
+        assert!(parse_jwks("[]", true).is_err());
+        assert!(parse_jwks("not json", true).is_err());
+        let (none, skipped) =
+            parse_jwks(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#, true).unwrap();
+        assert!(none.is_empty() && skipped == 1);
     }
 
     struct Counting {

@@ -390,7 +390,7 @@ impl Reloader {
                 Some(block_on_own_runtime(spec.connect(&runtime))??)
             }
         };
-        let authenticator = Authenticator::new(auth_settings(config, remote.clone())?)?;
+        let authenticator = Authenticator::reloaded(auth_settings(config, remote.clone())?)?;
         let (services, admins) = (config.auth.service.len(), config.auth.admin.len());
         inner.state.replace_auth(authenticator);
         *inner.jwks.lock().unwrap_or_else(|e| e.into_inner()) = spec.zip(remote);

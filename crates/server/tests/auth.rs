@@ -302,6 +302,57 @@ async fn cached_keys_keep_working_while_the_jwks_server_is_down() {
     server.stop().await.unwrap();
 }
 
+/// A well-formed key set without a usable key revokes every key: the identity provider's
+/// (fetched after a token names a kid it lacks) and a JWKS file emptied before a SIGHUP.
+/// The last keys stayed in force (up to a day for the URL; until a restart for the file).
+#[tokio::test]
+async fn an_emptied_key_set_revokes_every_key() {
+    let fx = Fixture::new();
+    let a = SigningKey::new("a1");
+    let b = SigningKey::new("b1");
+    let idp = JwksServer::start(&fx, jwks(&[&a]));
+    let server = spawn(jwks_config(&fx, &idp)).await;
+    assert_eq!(list_status(&server, &fx, &a.token("alice")).await, 200);
+    idp.serve(r#"{"keys":[]}"#.into());
+    // An unknown kid makes the server fetch the emptied set.
+    assert_eq!(list_status(&server, &fx, &b.token("bob")).await, 401);
+    assert_eq!(idp.hits(), 2);
+    assert_eq!(list_status(&server, &fx, &a.token("alice")).await, 401);
+    server.stop().await.unwrap();
+
+    // A JWKS file: emptied, then given a key again, each in force after a reload.
+    let fx = Fixture::new();
+    let jwks_file = fx.dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[&a])).unwrap();
+    let hs256 = format!(
+        "hs256_secret_file = {:?}",
+        fx.jwt_secret.display().to_string()
+    );
+    let text = fx.toml("", "").replace(
+        &hs256,
+        &format!("jwks_file = {:?}", jwks_file.display().to_string()),
+    );
+    let path = fx.dir.path().join("strongroom.toml");
+    write_config(&fx, &path, &text, SERVICE_TOKEN);
+    let server = spawn(Config::load(Some(&path), &Overrides::default()).unwrap()).await;
+    server
+        .reloader
+        .set_config_file(Some(path.clone()), Overrides::default());
+    assert_eq!(list_status(&server, &fx, &a.token("alice")).await, 200);
+    std::fs::write(&jwks_file, r#"{"keys":[]}"#).unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(list_status(&server, &fx, &a.token("alice")).await, 401);
+    std::fs::write(&jwks_file, jwks(&[&b])).unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(list_status(&server, &fx, &a.token("alice")).await, 401);
+    assert_eq!(list_status(&server, &fx, &b.token("bob")).await, 200);
+    // Not a key set at all is still a mistake, and keeps what is in force.
+    std::fs::write(&jwks_file, "not json").unwrap();
+    assert!(server.reloader.reload().is_err());
+    assert_eq!(list_status(&server, &fx, &b.token("bob")).await, 200);
+    server.stop().await.unwrap();
+}
+
 async fn start_err(config: Config) -> String {
     match Server::start(config).await {
         Ok(s) => panic!("started on {}", s.local_addr()),
