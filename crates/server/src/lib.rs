@@ -514,11 +514,15 @@ impl Reloader {
             (None, Some(current)) => current.clone(),
             // No policy file at start (dev's policy, or deny-all) and none now.
             (Some(None) | None, None) => return Ok(()),
+            // As at a start without one: services may do nothing (the policy in force
+            // stayed until a restart, so removing the line revoked nothing).
             (Some(None), Some(current)) => {
                 tracing::warn!(
-                    path = %current.display(),
-                    "policy_file was removed from the configuration; the policy in force stays until a restart"
+                    was = %current.display(),
+                    "policy_file was removed from the configuration: every service is now denied every operation"
                 );
+                inner.state.replace_policy(Policy::default());
+                *in_force = None;
                 return Ok(());
             }
         };

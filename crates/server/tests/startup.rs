@@ -659,6 +659,28 @@ async fn reload_follows_a_moved_policy_file_and_warns_about_what_it_cannot_apply
     server.reloader.reload().unwrap();
     assert_eq!(decide("billing"), Decision::Deny);
     assert!(logs.text().contains("has no rules"), "{}", logs.text());
+
+    // The file allows again; then the configuration names none: as at a start without one,
+    // services may do nothing (the policy in force stayed until a restart).
+    std::fs::write(
+        &moved,
+        "[[rule]]\nservice = \"billing\"\noperations = [\"write\"]\ncredentials = [\"slack.*\"]\n",
+    )
+    .unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(decide("billing"), Decision::Allow);
+    std::fs::write(&path, text.replace(&policy_line, "")).unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(decide("billing"), Decision::Deny, "the removed policy_file");
+    assert!(
+        logs.text().contains("policy_file was removed"),
+        "{}",
+        logs.text()
+    );
+    // And named again: in force again.
+    std::fs::write(&path, &moved_text).unwrap();
+    server.reloader.reload().unwrap();
+    assert_eq!(decide("billing"), Decision::Allow);
     server.stop().await.unwrap();
 }
 
