@@ -215,6 +215,9 @@ impl RingFile {
     }
 }
 
+/// How long the health check waits for the root provider's own.
+const ROOT_HEALTH_WITHIN: Duration = Duration::from_secs(2);
+
 fn error(kind: ProviderErrorKind, message: impl Into<String>) -> ProviderError {
     ProviderError::new(kind, KIND, message)
 }
@@ -673,7 +676,20 @@ impl KeyProvider for KekHierarchy {
     /// nothing else, so a root provider outage (which stops rotations and rewraps, and is
     /// logged here at most once a minute) does not take every node out of rotation.
     async fn health(&self) -> Result<(), ProviderError> {
-        let root = self.root.health().await;
+        // Bounded well inside `/readyz`'s own 5 s: a root that hangs (a partition, a stuck
+        // load balancer) rather than refusing must be forgiven like one that is down, not
+        // hold the answer until the readiness check times out as unavailable.
+        let root = tokio::time::timeout(ROOT_HEALTH_WITHIN, self.root.health())
+            .await
+            .unwrap_or_else(|_| {
+                Err(error(
+                    ProviderErrorKind::Unavailable,
+                    format!(
+                        "the root key provider did not answer its health check within {} s",
+                        ROOT_HEALTH_WITHIN.as_secs()
+                    ),
+                ))
+            });
         match root {
             Err(e) if self.active_kek().is_ok() => {
                 let now = std::time::Instant::now();

@@ -18,6 +18,8 @@ struct Counting {
     wraps: AtomicUsize,
     unwraps: AtomicUsize,
     down: std::sync::atomic::AtomicBool,
+    /// Its health check never answers (a peer that hangs rather than refuses).
+    hangs: std::sync::atomic::AtomicBool,
 }
 
 impl Counting {
@@ -27,6 +29,7 @@ impl Counting {
             wraps: AtomicUsize::new(0),
             unwraps: AtomicUsize::new(0),
             down: std::sync::atomic::AtomicBool::new(false),
+            hangs: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -56,6 +59,9 @@ impl KeyProvider for Counting {
         self.inner.unwrap(wrapped, aad).await
     }
     async fn health(&self) -> Result<(), ProviderError> {
+        if self.hangs.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(error(ProviderErrorKind::Unavailable, "root down"));
         }
@@ -75,6 +81,14 @@ async fn health_follows_the_ring_not_the_root_provider() {
     ring.health().await.expect("ready with the active KEK held");
     let sealed = ring.wrap(&ring.active_kek().unwrap(), &key(), b"aad").await;
     assert!(sealed.is_ok(), "serving through the outage");
+    // A root that hangs is forgiven the same, within the readiness check's 5 s.
+    root.hangs.store(true, Ordering::SeqCst);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(4), ring.health()).await;
+    assert!(
+        matches!(answer, Ok(Ok(()))),
+        "ready, in time, while the root hangs"
+    );
+    root.hangs.store(false, Ordering::SeqCst);
     // A node started while the root is down cannot unwrap the ring: not ready (if it
     // starts at all).
     if let Ok(cold) = KekHierarchy::open(s.clone(), root.clone(), now()).await {
