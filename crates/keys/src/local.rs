@@ -154,6 +154,19 @@ struct Kek {
     info: KeyInfo,
     /// `None` once retired.
     wrapper: Option<KeyWrapper>,
+    /// A digest of the material (`None` once retired): a reload must not change the
+    /// material of a version already loaded.
+    fingerprint: Option<[u8; 32]>,
+}
+
+/// A one-way digest of a version's material, to tell whether a re-read file changed it.
+fn fingerprint(material: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::new()
+        .chain_update(b"strongroom keyring version fingerprint\x00")
+        .chain_update(material)
+        .finalize()
+        .into()
 }
 
 /// The loaded keyring: a [`KeyProvider`].
@@ -244,7 +257,37 @@ impl LocalKeyring {
             ));
         }
         let keks = build_keks(&self.path, &model)?;
-        *self.keks.write().unwrap_or_else(|e| e.into_inner()) = keks;
+        let mut loaded = self.keks.write().unwrap_or_else(|e| e.into_inner());
+        // Rotation adds versions and retirement erases material; nothing changes the
+        // material of a version or removes one. A file that does (a damaged or tampered
+        // copy) would seal new writes under a key no good copy holds, and fail every value
+        // sealed before: keep the keys loaded.
+        for (version, was) in loaded.iter() {
+            let Some(now) = keks.get(version) else {
+                return Err(invalid(
+                    &self.path,
+                    format!("version {version} is gone from the file; keeping the keys loaded"),
+                ));
+            };
+            if let (Some(was), Some(now)) = (was.fingerprint, now.fingerprint) {
+                if was != now {
+                    return Err(invalid(
+                        &self.path,
+                        format!(
+                            "version {version}'s material differs from the one loaded (a \
+                             damaged or replaced file?); keeping the keys loaded"
+                        ),
+                    ));
+                }
+            }
+            if was.fingerprint.is_none() && now.fingerprint.is_some() {
+                return Err(invalid(
+                    &self.path,
+                    format!("version {version} was retired and has material again"),
+                ));
+            }
+        }
+        *loaded = keks;
         Ok(())
     }
 
@@ -309,8 +352,8 @@ fn build_keks(path: &Path, model: &FileModel) -> Result<BTreeMap<u32, Kek>, Keyr
         if k.version == 0 {
             return Err(invalid(path, "versions start at 1"));
         }
-        let wrapper = match (&k.material, k.state) {
-            (None, KeyState::Retired) => None,
+        let (wrapper, fingerprint) = match (&k.material, k.state) {
+            (None, KeyState::Retired) => (None, None),
             (Some(_), KeyState::Retired) => {
                 return Err(invalid(
                     path,
@@ -336,7 +379,7 @@ fn build_keks(path: &Path, model: &FileModel) -> Result<BTreeMap<u32, Kek>, Keyr
                         format!("version {} material is not 32 bytes", k.version),
                     )
                 })?;
-                Some(KeyWrapper::new(&key))
+                (Some(KeyWrapper::new(&key)), Some(fingerprint(&bytes)))
             }
         };
         if k.state == KeyState::Active {
@@ -349,7 +392,12 @@ fn build_keks(path: &Path, model: &FileModel) -> Result<BTreeMap<u32, Kek>, Keyr
             created_at: k.created_at,
             state_changed_at: k.state_changed_at,
         };
-        if keks.insert(k.version, Kek { info, wrapper }).is_some() {
+        let kek = Kek {
+            info,
+            wrapper,
+            fingerprint,
+        };
+        if keks.insert(k.version, kek).is_some() {
             return Err(invalid(
                 path,
                 format!("version {} appears twice", k.version),

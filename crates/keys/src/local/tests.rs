@@ -278,3 +278,70 @@ fn concurrent_rotations_serialise_on_the_lock() {
         1
     );
 }
+
+/// A re-read file must keep every loaded version's material: one flipped bit in the active
+/// version (same key id and version) was taken in, so new writes were sealed under a key no
+/// good copy holds and every value sealed before failed. Rotation and retirement still load.
+#[tokio::test]
+async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
+    let (_dir, path) = fresh();
+    let ring = LocalKeyring::open(&path).unwrap();
+    let key = Key256::generate(&OsRandom).unwrap();
+    let sealed = ring
+        .wrap(&ring.active_kek().unwrap(), &key, b"aad")
+        .await
+        .unwrap();
+    let good = fs::read(&path).unwrap();
+    let set_material = |version: u32, material: Option<String>| {
+        let mut model = read_file(&path).unwrap();
+        for k in &mut model.keys {
+            if k.version == version {
+                k.material = material.clone().map(Into::into);
+            }
+        }
+        write_file(&path, &model).unwrap();
+    };
+
+    // Another 32 bytes for version 1.
+    let mut flipped = STANDARD.decode(material_of(&path, 1).unwrap()).unwrap();
+    flipped[0] ^= 1;
+    set_material(1, Some(STANDARD.encode(&flipped)));
+    let e = ring.reload().unwrap_err().to_string();
+    assert!(e.contains("version 1's material differs"), "{e}");
+    let opened = ring.unwrap(&sealed, b"aad").await.unwrap();
+    assert_eq!(opened.expose_secret(), key.expose_secret(), "old keys kept");
+
+    // A version gone from the file.
+    fs::write(&path, &good).unwrap();
+    ring.reload().unwrap();
+    rotate(&path, T0, &OsRandom).unwrap();
+    ring.reload().unwrap();
+    let rotated = fs::read(&path).unwrap();
+    let mut model = read_file(&path).unwrap();
+    model.keys.retain(|k| k.version != 1);
+    write_file(&path, &model).unwrap();
+    let e = ring.reload().unwrap_err().to_string();
+    assert!(e.contains("version 1 is gone"), "{e}");
+
+    // A restored older copy rotated again makes another version 2: refused as well.
+    fs::write(&path, &good).unwrap();
+    rotate(&path, T0, &OsRandom).unwrap();
+    let e = ring.reload().unwrap_err().to_string();
+    assert!(e.contains("version 2's material differs"), "{e}");
+
+    // Retiring version 1 (its material erased) loads; then bringing it back does not.
+    fs::write(&path, &rotated).unwrap();
+    ring.reload().unwrap();
+    retire(&path, 1, T0).unwrap();
+    ring.reload().unwrap();
+    let mut model = read_file(&path).unwrap();
+    for k in &mut model.keys {
+        if k.version == 1 {
+            k.state = KeyState::DecryptOnly;
+        }
+    }
+    write_file(&path, &model).unwrap();
+    set_material(1, Some(STANDARD.encode(&flipped)));
+    let e = ring.reload().unwrap_err().to_string();
+    assert!(e.contains("was retired and has material again"), "{e}");
+}
