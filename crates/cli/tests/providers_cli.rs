@@ -105,6 +105,10 @@ fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
     const N: usize = 30;
     rt.block_on(async {
         let b = Backends::open(&operator_config(None, &data)).await.unwrap();
+        // The audit log begins before any version, as under a server.
+        strongroom_server::audit_operator_action(&b, "test-setup", "ok", None)
+            .await
+            .unwrap();
         let vault = b.vault();
         for i in 0..N {
             vault
@@ -139,6 +143,22 @@ fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
         "{stdout}"
     );
     assert!(stdout.contains(&format!("(target {kind}:")), "{stdout}");
+    // The documented catch-up run (the same command again) finds nothing to move, and is
+    // audited although the head key now lives under the target's keys.
+    let out = run(
+        &["rewrap", "--to-config"],
+        &[remote.as_os_str(), dd[0], dd[1]],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("rewrapped 0, skipped 0, failed 0"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("not recorded"), "{stderr}");
 
     rt.block_on(async {
         let b = Backends::open(&operator_config(Some(&remote), &data))

@@ -647,15 +647,35 @@ pub async fn audit_operator_action(
     outcome: &str,
     error_code: Option<&str>,
 ) -> Result<(), ServerError> {
-    let err = |e: strongroom_core::CoreError| ServerError::Runtime(format!("audit: {e}"));
-    let log = strongroom_core::audit::audit_log(backends.store.as_ref()).map_err(err)?;
-    let key = strongroom_core::audit::load_or_create_head_key(
-        backends.store.as_ref(),
+    audit_operator_action_with(
+        backends,
         backends.keyring.as_ref(),
-        &OsRandom,
+        action,
+        outcome,
+        error_code,
     )
     .await
-    .map_err(err)?;
+}
+
+/// As [`audit_operator_action`], opening the audit head key with `keys` (a move to another
+/// provider moves the head key too, so a catch-up run finds it under the target's).
+///
+/// # Errors
+///
+/// As [`audit_operator_action`].
+pub async fn audit_operator_action_with(
+    backends: &Backends,
+    keys: &dyn strongroom_crypto::KeyProvider,
+    action: &str,
+    outcome: &str,
+    error_code: Option<&str>,
+) -> Result<(), ServerError> {
+    let err = |e: strongroom_core::CoreError| ServerError::Runtime(format!("audit: {e}"));
+    let log = strongroom_core::audit::audit_log(backends.store.as_ref()).map_err(err)?;
+    let key =
+        strongroom_core::audit::load_or_create_head_key(backends.store.as_ref(), keys, &OsRandom)
+            .await
+            .map_err(err)?;
     log.audit_append(
         Arc::new(key),
         vec![operator_event(action, outcome, error_code)],

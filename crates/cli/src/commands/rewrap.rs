@@ -28,7 +28,10 @@ it again and it continues. When it finishes, `strongroom keys retire VERSION` ca
 KEK version.
 
 Moving to another key provider is a rewrap too: `--to-config NEW.toml` unwraps with the \
-provider of --config and wraps with the provider NEW.toml names (same store).")]
+provider of --config and wraps with the provider NEW.toml names (same store). A move is not \
+online: servers still running the old configuration answer 503 key_unavailable for what has \
+moved. Stop them, run the move, start them with NEW.toml; if any wrote meanwhile, run the same \
+command again (it moves what is left, and is audited under the new provider's keys).")]
 pub struct RewrapArgs {
     #[command(flatten)]
     target: OperatorTarget,
@@ -119,8 +122,39 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
     // still leaves its mark, though its closing record cannot be written. As for every
     // operator action, a log that does not take it is a warning, not a refusal: moving keys
     // off a compromised KEK must not wait for the log to be repaired.
+    // A run after the head key moved to the target (a catch-up after a move) records with
+    // the target's keys.
+    let record = |outcome: &'static str, code: Option<&'static str>| {
+        let (backends, from, to) = (&backends, from.clone(), to.clone());
+        async move {
+            let first = strongroom_server::audit_operator_action_with(
+                backends,
+                from.as_ref(),
+                "rewrap",
+                outcome,
+                code,
+            )
+            .await;
+            let result = match first {
+                Err(_) if !Arc::ptr_eq(&from, &to) => {
+                    strongroom_server::audit_operator_action_with(
+                        backends,
+                        to.as_ref(),
+                        "rewrap",
+                        outcome,
+                        code,
+                    )
+                    .await
+                }
+                other => other,
+            };
+            if let Err(e) = result {
+                eprintln!("strongroom: warning: rewrap not recorded in the audit log: {e}");
+            }
+        }
+    };
     if !args.dry_run {
-        audit_action(&backends, "rewrap", "started", None).await;
+        record("started", None).await;
     }
     let mut progress = Progress::new();
     let result = strongroom_core::rewrap(
@@ -138,8 +172,8 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
             Ok(_) => ("error", Some("unwrap_failed")),
             Err(_) => ("error", Some("stopped")),
         };
-        // Recorded while the audit head key is still under `from`.
-        audit_action(&backends, "rewrap", outcome, code).await;
+        // Recorded while the audit head key is still under `from` (on a first move).
+        record(outcome, code).await;
     }
     if !args.dry_run && result.is_ok() {
         // The audit log's head key is wrapped by a KEK too: move it with the data keys, so
