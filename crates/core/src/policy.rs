@@ -301,12 +301,14 @@ impl Glob {
         let (mut pi, mut ti) = (0, 0);
         let mut star: Option<(usize, usize)> = None;
         while ti < t.len() {
-            if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-                pi += 1;
-                ti += 1;
-            } else if pi < p.len() && p[pi] == '*' {
+            // A `*` in the pattern is a wildcard even where the text holds a `*` (an owner id
+            // may): taken as a literal first, `tenant-a:*` refused `tenant-a:*x`.
+            if pi < p.len() && p[pi] == '*' {
                 star = Some((pi, ti));
                 pi += 1;
+            } else if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+                pi += 1;
+                ti += 1;
             } else if let Some((sp, st)) = star {
                 pi = sp + 1;
                 ti = st + 1;
@@ -356,6 +358,11 @@ mod tests {
         assert!(!g("abc").matches("abcd") && !g("abcd").matches("abc"));
         assert!(g("*a*a*a*a*b").matches(&format!("{}b", "a".repeat(200))));
         assert!(!g("*a*a*a*a*b").matches(&"a".repeat(5000)));
+        // A `*` in the text (owner ids may hold one) is matched by the pattern's wildcard.
+        assert!(g("tenant-a:*").matches("tenant-a:*x"));
+        assert!(g("tenant-a:*").matches("tenant-a:*"));
+        assert!(g("a*c").matches("a*c") && g("a*c").matches("a**c"));
+        assert!(!g("tenant-a:*").matches("tenant-b:*x"));
     }
 
     #[test]
