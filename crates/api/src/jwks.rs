@@ -128,7 +128,21 @@ fn usable_key(jwk: &Jwk) -> Result<VerifyKey, String> {
     }
     // The algorithm follows from the key type (and curve); a declared `alg` must agree.
     let by_type = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::RSA(rsa) => {
+            // The verifier refuses smaller moduli; skipped here, with the reason logged.
+            use base64::Engine;
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(rsa.n.trim_end_matches('='))
+                .map_err(|_| "RSA modulus is not base64url".to_owned())?;
+            let bytes = n.iter().skip_while(|b| **b == 0).count();
+            if bytes * 8 < 2048 {
+                return Err(format!(
+                    "RSA key of {} bits (at least 2048 are needed)",
+                    bytes * 8
+                ));
+            }
+            Algorithm::RS256
+        }
         AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
         AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
             Algorithm::EdDSA
@@ -406,6 +420,25 @@ mod tests {
 
     fn ec(extra: &str) -> String {
         format!(r#"{{"kty":"EC","crv":"P-256","x":"{EC_X}","y":"{EC_Y}"{extra}}}"#)
+    }
+
+    /// An RSA key under 2048 bits is skipped with its size named (the verifier refuses it,
+    /// so every token it signed got 401 with nothing said); one of 2048 bits is used.
+    #[test]
+    fn small_rsa_keys_are_skipped() {
+        use base64::Engine;
+        let rsa = |bytes: usize| {
+            let mut n = vec![0xc5u8; bytes];
+            n.insert(0, 0); // a DER-style leading zero does not count
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n);
+            serde_json::from_value::<Jwk>(serde_json::json!({"kty":"RSA","n":n,"e":"AQAB"}))
+                .unwrap()
+        };
+        let Err(why) = usable_key(&rsa(128)) else {
+            panic!("a 1024-bit RSA key was used");
+        };
+        assert!(why.contains("1024 bits"), "{why}");
+        assert_eq!(usable_key(&rsa(256)).unwrap().algorithm, Algorithm::RS256);
     }
 
     #[test]

@@ -861,6 +861,9 @@ fn auth_settings(
                         ))
                     }
                 };
+                if algorithm == strongroom_api::JwtAlgorithm::Rs256 {
+                    check_rsa_size(&pem, path)?;
+                }
                 JwtKeySource::PublicKeyPem { algorithm, pem }
             } else if let Some(path) = &j.jwks_file {
                 let json = trusted::read_to_string(path, "JWKS file")?;
@@ -889,6 +892,40 @@ fn auth_settings(
         mtls_services,
         mtls_admins,
     })
+}
+
+/// The fewest bits of an RSA key RS256 tokens are verified with (the verifier refuses
+/// smaller keys, so every token would get 401 with nothing said).
+const RSA_MIN_BITS: usize = 2048;
+
+/// Refuses an RSA public key (SPKI or PKCS#1 PEM) under [`RSA_MIN_BITS`]; one that does not
+/// parse here is left to the verifier, which names the problem.
+fn check_rsa_size(pem: &[u8], path: &Path) -> Result<(), ServerError> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::public_key::{PublicKey, RSAPublicKey};
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(pem) else {
+        return Ok(());
+    };
+    let bits = match block.label.as_str() {
+        "PUBLIC KEY" => x509_parser::x509::SubjectPublicKeyInfo::from_der(&block.contents)
+            .ok()
+            .and_then(|(_, spki)| match spki.parsed() {
+                Ok(PublicKey::RSA(rsa)) => Some(rsa.key_size()),
+                _ => None,
+            }),
+        "RSA PUBLIC KEY" => RSAPublicKey::from_der(&block.contents)
+            .ok()
+            .map(|(_, rsa)| rsa.key_size()),
+        _ => None,
+    };
+    match bits {
+        Some(bits) if bits < RSA_MIN_BITS => Err(ServerError::Config(format!(
+            "key `auth.jwt.public_key_file`: {} is a {bits}-bit RSA key; RS256 tokens are \
+             verified with keys of at least {RSA_MIN_BITS} bits",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn build_broker(config: &Config) -> Result<strongroom_core::broker::Broker, ServerError> {
@@ -989,8 +1026,13 @@ impl Server {
             None => None,
         };
         let authenticator = Authenticator::new(auth_settings(&config, remote.clone())?)?;
-        if config.auth.jwt.is_none() {
-            tracing::warn!("no [auth.jwt]: users cannot authenticate");
+        match &config.auth.jwt {
+            None => tracing::warn!("no [auth.jwt]: users cannot authenticate"),
+            Some(j) if j.issuer.is_none() || j.audience.is_none() => tracing::warn!(
+                "[auth.jwt] sets no issuer or no audience: tokens the same keys signed for \
+                 other applications are accepted as users; set both"
+            ),
+            Some(_) => {}
         }
         if config.policy_file.is_none() && policy.rules().is_empty() {
             tracing::warn!("no policy_file: services are denied every operation");

@@ -235,6 +235,18 @@ async fn files_others_could_change_stop_the_start() {
         "{e}"
     );
 
+    // An RSA key too small for the verifier, in either PEM form: refused at start (every
+    // token got 401 with nothing said).
+    mode(&public_key, 0o644);
+    for pem in [RSA_1024_SPKI, RSA_1024_PKCS1] {
+        std::fs::write(&public_key, pem).unwrap();
+        let e = start_err(fx.config_from(&text.replace("ES256", "RS256"))).await;
+        assert!(
+            e.contains("1024-bit RSA key") && e.contains("at least 2048"),
+            "{e}"
+        );
+    }
+
     // A folder above the policy that others may write: they could swap the file between
     // the check and the read. With the sticky bit (as /tmp) they cannot.
     let folder = fx.dir.path().join("shared");
@@ -596,6 +608,21 @@ async fn requests_cut_short_by_the_client_are_recorded() {
     server.stop().await.unwrap();
 }
 
+/// User keys without an issuer or an audience to check accept tokens those keys signed for
+/// other applications: said at start.
+#[tokio::test]
+async fn a_jwt_section_without_issuer_or_audience_is_warned_about() {
+    let fx = Fixture::new();
+    let logs = common::LogCapture::default();
+    let _guard = logs.install();
+    let warning = "sets no issuer or no audience";
+    drop(Server::start(fx.config()).await.unwrap());
+    assert!(!logs.text().contains(warning), "{}", logs.text());
+    let text = fx.toml("", "").replace("audience = \"strongroom\"\n", "");
+    drop(Server::start(fx.config_from(&text)).await.unwrap());
+    assert!(logs.text().contains(warning), "{}", logs.text());
+}
+
 /// A reload reads the policy file the configuration names now, warns about a rule for a
 /// service nobody authenticates and about a policy that grants nothing, and names the
 /// settings that only a restart applies.
@@ -900,3 +927,20 @@ async fn admins_rotate_the_key_through_the_api() {
     );
     server.stop().await.unwrap();
 }
+
+/// A 1024-bit RSA public key (made with `openssl genrsa 1024`; public, so it may sit here).
+const RSA_1024_SPKI: &str = "-----BEGIN PUBLIC KEY-----
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQCvc2V8DSC8/I5UwapmtjKV9eFr
+12DdWAe9Guh45+NSEWhW6yVCP9Ilta3yno0z/mONca3fwpNW+aI+V804aG/fESsS
+60HcpWpGS74KtJJR8ED/x3qUBxavA4VlbL9usXb9CgXn/lm4vPMpfsu/nq7QLkMr
+0DVD5BctZeNBPUgRiwIDAQAB
+-----END PUBLIC KEY-----
+";
+
+/// The same key as PKCS#1.
+const RSA_1024_PKCS1: &str = "-----BEGIN RSA PUBLIC KEY-----
+MIGJAoGBAK9zZXwNILz8jlTBqma2MpX14WvXYN1YB70a6Hjn41IRaFbrJUI/0iW1
+rfKejTP+Y41xrd/Ck1b5oj5XzThob98RKxLrQdylakZLvgq0klHwQP/HepQHFq8D
+hWVsv26xdv0KBef+Wbi88yl+y7+ertAuQyvQNUPkFy1l40E9SBGLAgMBAAE=
+-----END RSA PUBLIC KEY-----
+";
