@@ -85,6 +85,11 @@ pub struct JwtSettings {
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
+    /// The `aud` a user token presented by a delegated service
+    /// (`X-Strongroom-On-Behalf-Of`) must carry instead of `audience`, if set; a token
+    /// carrying it is refused on the user's own routes, so a service holding one reaches
+    /// only what its policy rule allows.
+    pub on_behalf_of_audience: Option<String>,
     /// Clock leeway for `exp` and `nbf`, in seconds.
     pub leeway_seconds: u64,
     /// Verification keys.
@@ -142,6 +147,7 @@ pub struct Authenticator {
     keys: Keys,
     issuer: Option<String>,
     audience: Option<String>,
+    on_behalf_of_audience: Option<String>,
     leeway: u64,
     service_tokens: Vec<TokenEntry>,
     admin_tokens: Vec<TokenEntry>,
@@ -170,6 +176,7 @@ impl std::fmt::Debug for Authenticator {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    aud: Option<Audience>,
     // Checked by the library; typed here so that anything but a string or a number fails.
     #[serde(rename = "iss")]
     _iss: Option<String>,
@@ -179,6 +186,32 @@ struct Claims {
     _nbf: Option<NumericDate>,
     #[serde(rename = "iat")]
     _iat: Option<NumericDate>,
+}
+
+/// What a user token is presented for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TokenUse {
+    /// The user's own requests (`Authorization` on `/v1/me`).
+    Own,
+    /// A delegated service's proof that it acts for the user (`X-Strongroom-On-Behalf-Of`).
+    OnBehalfOf,
+}
+
+/// `aud`: one audience or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn contains(&self, wanted: &str) -> bool {
+        match self {
+            Audience::One(a) => a == wanted,
+            Audience::Many(all) => all.iter().any(|a| a == wanted),
+        }
+    }
 }
 
 /// A time claim the JWT library can check: a number of seconds from 0 to under 2^64. The
@@ -246,9 +279,11 @@ impl Authenticator {
         let mut keys = Vec::new();
         let mut remote = None;
         let (mut issuer, mut audience, mut leeway) = (None, None, 30);
+        let mut on_behalf_of_audience = None;
         if let Some(jwt) = settings.jwt {
             issuer = jwt.issuer;
             audience = jwt.audience;
+            on_behalf_of_audience = jwt.on_behalf_of_audience;
             leeway = jwt.leeway_seconds;
             match jwt.keys {
                 JwtKeySource::Hs256Secret(secret) => {
@@ -310,6 +345,7 @@ impl Authenticator {
             },
             issuer,
             audience,
+            on_behalf_of_audience,
             leeway,
             service_tokens: settings.service_tokens,
             admin_tokens: settings.admin_tokens,
@@ -325,7 +361,11 @@ impl Authenticator {
     /// [`AuthFailure::Invalid`] for anything but a valid, unexpired token signed by a
     /// configured key with that key's algorithm.
     pub fn verify_user(&self, token: &str) -> Result<String, AuthFailure> {
-        match self.check_user(token) {
+        self.verify_user_for(token, TokenUse::Own)
+    }
+
+    fn verify_user_for(&self, token: &str, purpose: TokenUse) -> Result<String, AuthFailure> {
+        match self.check_user(token, purpose) {
             UserCheck::Valid(sub) => Ok(sub),
             UserCheck::Invalid | UserCheck::UnknownKid => Err(AuthFailure::Invalid),
         }
@@ -340,7 +380,27 @@ impl Authenticator {
     ///
     /// As [`Authenticator::verify_user`].
     pub async fn authenticate_user(&self, token: &str) -> Result<String, AuthFailure> {
-        match self.check_user(token) {
+        self.authenticate_user_for(token, TokenUse::Own).await
+    }
+
+    /// As [`Authenticator::authenticate_user`], for the user token a delegated service
+    /// presents (`X-Strongroom-On-Behalf-Of`): with `on_behalf_of_audience` set, it must
+    /// carry that audience.
+    ///
+    /// # Errors
+    ///
+    /// As [`Authenticator::verify_user`].
+    pub async fn authenticate_on_behalf_of(&self, token: &str) -> Result<String, AuthFailure> {
+        self.authenticate_user_for(token, TokenUse::OnBehalfOf)
+            .await
+    }
+
+    async fn authenticate_user_for(
+        &self,
+        token: &str,
+        purpose: TokenUse,
+    ) -> Result<String, AuthFailure> {
+        match self.check_user(token, purpose) {
             UserCheck::Valid(sub) => Ok(sub),
             UserCheck::Invalid => Err(AuthFailure::Invalid),
             UserCheck::UnknownKid => {
@@ -350,7 +410,7 @@ impl Authenticator {
                 if !remote.refresh_for_unknown_kid().await {
                     return Err(AuthFailure::Invalid);
                 }
-                self.verify_user(token)
+                self.verify_user_for(token, purpose)
             }
         }
     }
@@ -369,7 +429,7 @@ impl Authenticator {
         }
     }
 
-    fn check_user(&self, token: &str) -> UserCheck {
+    fn check_user(&self, token: &str, purpose: TokenUse) -> UserCheck {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return UserCheck::Invalid;
         };
@@ -403,7 +463,14 @@ impl Authenticator {
                 v.set_issuer(&[iss]);
                 required.push("iss");
             }
-            match &self.audience {
+            let audience = match purpose {
+                TokenUse::Own => self.audience.as_ref(),
+                TokenUse::OnBehalfOf => self
+                    .on_behalf_of_audience
+                    .as_ref()
+                    .or(self.audience.as_ref()),
+            };
+            match audience {
                 Some(aud) => {
                     v.set_audience(&[aud]);
                     required.push("aud");
@@ -412,6 +479,18 @@ impl Authenticator {
             }
             v.set_required_spec_claims(&required);
             if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
+                // A token for delegation is not the user's own: a service holding one would
+                // otherwise reach every user route, not only what its rule allows.
+                if let (TokenUse::Own, Some(delegation)) = (purpose, &self.on_behalf_of_audience) {
+                    if data
+                        .claims
+                        .aud
+                        .as_ref()
+                        .is_some_and(|a| a.contains(delegation))
+                    {
+                        return UserCheck::Invalid;
+                    }
+                }
                 let sub = data.claims.sub;
                 // The subject is the owner id: one that could own nothing is no user.
                 if !strongroom_crypto::binding::is_valid_owner(&sub) {

@@ -155,7 +155,7 @@ impl FromRequestParts<AppState> for Service {
                 Some(
                     state
                         .auth()
-                        .authenticate_user(t.trim())
+                        .authenticate_on_behalf_of(t.trim())
                         .await
                         .map_err(|_| ApiError::unauthenticated())?,
                 )

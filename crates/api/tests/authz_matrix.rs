@@ -335,6 +335,93 @@ async fn delegated_services_reach_only_the_user_they_act_for() {
     assert_eq!(ok.json()["value"], CANARY);
 }
 
+/// With `on_behalf_of_audience` set, the user token a delegated service presents must carry
+/// it, and such a token is refused on the user's own routes: a service holding one reaches
+/// only what its rule allows (with the user's own token it could list, verify, overwrite
+/// and destroy every credential of the user through /v1/me).
+#[tokio::test]
+async fn tokens_for_delegation_are_not_the_users_own() {
+    use strongroom_api::{AuthSettings, Authenticator, JwtKeySource, JwtSettings, TokenEntry};
+    const DELEGATION: &str = "strongroom-delegation";
+    let api = api().await;
+    api.seed().await;
+    api.state.replace_auth(
+        Authenticator::new(AuthSettings {
+            jwt: Some(JwtSettings {
+                issuer: Some(ISSUER.into()),
+                audience: Some(AUDIENCE.into()),
+                on_behalf_of_audience: Some(DELEGATION.into()),
+                leeway_seconds: 5,
+                keys: JwtKeySource::Hs256Secret(zeroize::Zeroizing::new(SECRET.to_vec())),
+            }),
+            service_tokens: vec![TokenEntry {
+                name: "delegated".into(),
+                sha256: strongroom_api::hash_token(DELEGATED_SERVICE_TOKEN),
+            }],
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let reveal = |on_behalf: String| {
+        axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/owners/alice/credentials/zoom.api-key/reveal")
+            .header("authorization", format!("Bearer {DELEGATED_SERVICE_TOKEN}"))
+            .header("x-strongroom-on-behalf-of", on_behalf)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let exp = now() + 600;
+    let for_delegation = jwt_with("alice", exp, SECRET, ISSUER, DELEGATION);
+    let ok = api.send(reveal(for_delegation.clone())).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+    // The user's own token is not one for delegation.
+    let own = user_token("alice");
+    let r = api.send(reveal(own.clone())).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    // A token for delegation on the user's routes, alone or with both audiences.
+    let both = {
+        let claims =
+            json!({"sub": "alice", "exp": exp, "iss": ISSUER, "aud": [AUDIENCE, DELEGATION]});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    };
+    for token in [&for_delegation, &both] {
+        for (method, path, body) in [
+            ("GET", "/v1/me/credentials", None),
+            (
+                "PUT",
+                "/v1/me/credentials/zoom.api-key",
+                Some(json!({"value": "overwritten"})),
+            ),
+            (
+                "POST",
+                "/v1/me/credentials/zoom.api-key/verify",
+                Some(json!({"value": CANARY})),
+            ),
+            ("DELETE", "/v1/me/credentials/zoom.api-key", None),
+        ] {
+            let r = api.call(method, path, Some(token), body).await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path}: {}",
+                r.body
+            );
+        }
+    }
+    let r = api
+        .call("GET", "/v1/me/credentials", Some(&own), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let ok = api.send(reveal(for_delegation)).await;
+    assert_eq!(ok.json()["value"], CANARY, "nothing was overwritten");
+}
+
 /// A service that needs no delegation may still say whom it acts for; it must then be the
 /// owner, or the audit trail (and the owner's usage view) would name another user.
 #[tokio::test]

@@ -32,6 +32,7 @@ fn authenticator(keys: JwtKeySource) -> Authenticator {
         jwt: Some(JwtSettings {
             issuer: Some("https://idp.test".into()),
             audience: Some("strongroom".into()),
+            on_behalf_of_audience: None,
             leeway_seconds: 5,
             keys,
         }),
@@ -149,6 +150,7 @@ fn a_private_key_given_as_the_public_key_is_refused() {
         jwt: Some(JwtSettings {
             issuer: None,
             audience: None,
+            on_behalf_of_audience: None,
             leeway_seconds: 5,
             keys: JwtKeySource::PublicKeyPem {
                 algorithm: JwtAlgorithm::Rs256,

@@ -57,6 +57,7 @@ async fn readyz_fails_while_the_jwks_is_older_than_its_allowed_staleness() {
             jwt: Some(JwtSettings {
                 issuer: None,
                 audience: None,
+                on_behalf_of_audience: None,
                 leeway_seconds: 5,
                 keys: JwtKeySource::Remote(jwks),
             }),

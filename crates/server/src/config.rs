@@ -38,6 +38,7 @@
 //! | `tls.client_auth` | `"optional"` | with `client_ca`: `"optional"` or `"required"` |
 //! | `auth.jwt.issuer` | — | required `iss` of user tokens |
 //! | `auth.jwt.audience` | — | required `aud` of user tokens |
+//! | `auth.jwt.on_behalf_of_audience` | — | the `aud` a user token presented by a delegated service (`X-Strongroom-On-Behalf-Of`) must carry instead; tokens carrying it are refused on the user's own routes, so the service reaches only what its policy rule allows. Unset, delegated services present the user's own tokens (a warning when the policy has delegated rules) |
 //! | `auth.jwt.leeway_seconds` | 30 | clock leeway for `exp` and `nbf` |
 //! | `auth.jwt.hs256_secret_file` | — | HS256 secret (the file's bytes, trailing whitespace removed; 32+ bytes) |
 //! | `auth.jwt.public_key_file` | — | PEM public key; needs `auth.jwt.algorithm` |
@@ -547,6 +548,10 @@ pub struct JwtConfig {
     /// Required `aud`.
     #[serde(default)]
     pub audience: Option<String>,
+    /// The `aud` of user tokens delegated services present (`X-Strongroom-On-Behalf-Of`),
+    /// refused on the user's own routes.
+    #[serde(default)]
+    pub on_behalf_of_audience: Option<String>,
     /// Leeway for `exp`/`nbf`.
     #[serde(default = "default_leeway")]
     pub leeway_seconds: u64,
@@ -1154,6 +1159,13 @@ impl Config {
                     "must not be empty (leave it out to accept any audience)",
                 );
             }
+            if jwt.on_behalf_of_audience.is_some() && jwt.on_behalf_of_audience == jwt.audience {
+                return bad(
+                    "auth.jwt.on_behalf_of_audience",
+                    "must differ from auth.jwt.audience (a token for delegation must not be one \
+                     for the user's own requests)",
+                );
+            }
         }
 
         let mut digests = HashSet::new();
@@ -1368,6 +1380,7 @@ const TEXT_SETTINGS: &[&str] = &[
     "tls.client_ca",
     "auth.jwt.issuer",
     "auth.jwt.audience",
+    "auth.jwt.on_behalf_of_audience",
     "auth.jwt.hs256_secret_file",
     "auth.jwt.public_key_file",
     "auth.jwt.jwks_file",

@@ -775,6 +775,19 @@ fn warn_unknown_services(policy: &Policy, auth: &config::AuthConfig) {
         auth.service.iter().any(|t| t.name == name)
             || auth.mtls.iter().any(|m| m.service.as_deref() == Some(name))
     };
+    if auth
+        .jwt
+        .as_ref()
+        .is_some_and(|j| j.on_behalf_of_audience.is_none())
+        && policy.rules().iter().any(|r| r.delegated)
+    {
+        tracing::warn!(
+            "the policy has delegated rules but [auth.jwt] sets no on_behalf_of_audience: a \
+             delegated service presents the user's own token, with which it could also call \
+             the user's routes (/v1/me) directly; set it, and have the identity provider issue \
+             tokens with that audience for delegation"
+        );
+    }
     let mut warned: Vec<&str> = Vec::new();
     for rule in policy.rules() {
         if !known(&rule.service) && !warned.contains(&rule.service.as_str()) {
@@ -879,6 +892,7 @@ fn auth_settings(
             Some(JwtSettings {
                 issuer: j.issuer.clone(),
                 audience: j.audience.clone(),
+                on_behalf_of_audience: j.on_behalf_of_audience.clone(),
                 leeway_seconds: j.leeway_seconds,
                 keys,
             })

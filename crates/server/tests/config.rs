@@ -188,6 +188,14 @@ fn mistakes_are_named_by_key_and_source() {
             ),
             ("[auth.jwt]\nissuer = \"x\"", "key `auth.jwt`: set one of"),
             (
+                "[auth.jwt]\njwks_file = \"j\"\naudience = \"a\"\non_behalf_of_audience = \"a\"",
+                "key `auth.jwt.on_behalf_of_audience`: must differ from auth.jwt.audience",
+            ),
+            (
+                "[auth.jwt]\njwks_file = \"j\"\non_behalf_of_audience = \"\"",
+                "key `auth.jwt.on_behalf_of_audience` (in ",
+            ),
+            (
                 "[auth.jwt]\nhs256_secret_file = \"a\"\njwks_file = \"b\"",
                 "key `auth.jwt`: set only one",
             ),

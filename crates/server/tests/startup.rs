@@ -621,6 +621,19 @@ async fn a_jwt_section_without_issuer_or_audience_is_warned_about() {
     let text = fx.toml("", "").replace("audience = \"strongroom\"\n", "");
     drop(Server::start(fx.config_from(&text)).await.unwrap());
     assert!(logs.text().contains(warning), "{}", logs.text());
+
+    // Delegated rules without an audience for delegation: the service could use the user's
+    // token on /v1/me.
+    let warning = "sets no on_behalf_of_audience";
+    assert!(!logs.text().contains(warning));
+    std::fs::write(
+        &fx.policy,
+        "[[rule]]\nservice = \"billing\"\noperations = [\"reveal\"]\ncredentials = [\"*\"]\n\
+         delegated = true\n",
+    )
+    .unwrap();
+    drop(Server::start(fx.config()).await.unwrap());
+    assert!(logs.text().contains(warning), "{}", logs.text());
 }
 
 /// A reload reads the policy file the configuration names now, warns about a rule for a

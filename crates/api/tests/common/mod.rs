@@ -195,6 +195,7 @@ pub async fn api_full(limits: ApiLimits, auditing: Auditing) -> TestApi {
         jwt: Some(JwtSettings {
             issuer: Some(ISSUER.into()),
             audience: Some(AUDIENCE.into()),
+            on_behalf_of_audience: None,
             leeway_seconds: 5,
             keys: JwtKeySource::Hs256Secret(zeroize::Zeroizing::new(SECRET.to_vec())),
         }),
