@@ -251,6 +251,11 @@ struct ReloaderInner {
     /// What new connections handshake with; a reload swaps in one built with the client CA
     /// and `client_auth` the configuration names then.
     acceptor: SharedAcceptor,
+    /// A digest of the client CA in force (its path, bytes and `client_auth`): when a
+    /// reload changes it, connections that presented a certificate are closed gracefully,
+    /// so a certificate the new CA refuses does not keep its identity on a kept-alive
+    /// connection.
+    client_trust: tokio::sync::watch::Sender<[u8; 32]>,
     /// Where a reload takes the `[auth]` settings from.
     config_source: Mutex<ConfigSource>,
     /// The JWKS fetched from `auth.jwt.jwks_url` and what it was built from.
@@ -364,12 +369,25 @@ impl Reloader {
             ..inner.tls.clone()
         };
         let server_tls = tls::server_config(&tls, inner.cert.clone())?;
+        let trust = client_trust_digest(&tls)?;
         *inner.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
             TlsAcceptor::from(Arc::new(server_tls));
+        let changed = inner.client_trust.send_if_modified(|was| {
+            let changed = *was != trust;
+            *was = trust;
+            changed
+        });
         tracing::info!(
             client_ca = ?tls.client_ca,
             client_auth = ?tls.client_auth,
-            "TLS client authentication reloaded"
+            changed,
+            "TLS client authentication reloaded{}",
+            if changed {
+                "; connections that presented a client certificate are closed after their \
+                 requests in flight"
+            } else {
+                ""
+            }
         );
         Ok(())
     }
@@ -942,6 +960,20 @@ fn check_rsa_size(pem: &[u8], path: &Path) -> Result<(), ServerError> {
     }
 }
 
+/// What decides which client certificates connections accept: the client CA's path and
+/// bytes, and `client_auth`.
+fn client_trust_digest(tls: &TlsConfig) -> Result<[u8; 32], ServerError> {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    digest.update(format!("{:?}\0", tls.client_auth));
+    if let Some(ca) = &tls.client_ca {
+        digest.update(ca.as_os_str().as_encoded_bytes());
+        digest.update([0]);
+        digest.update(&*trusted::read(ca, "TLS client CA")?);
+    }
+    Ok(digest.finalize().into())
+}
+
 fn build_broker(config: &Config) -> Result<strongroom_core::broker::Broker, ServerError> {
     strongroom_core::broker::Broker::new(config.broker.settings(&config.limits))
         .map_err(|e| ServerError::Config(format!("key `broker.ca_file`: {e}")))
@@ -1143,6 +1175,7 @@ impl Server {
         let acceptor: SharedAcceptor = Arc::new(std::sync::RwLock::new(TlsAcceptor::from(
             Arc::new(server_tls),
         )));
+        let (client_trust, _) = tokio::sync::watch::channel(client_trust_digest(&tls_config)?);
         let reloader = Reloader {
             inner: Arc::new(ReloaderInner {
                 state: state.clone(),
@@ -1152,6 +1185,7 @@ impl Server {
                 tls: tls_config,
                 cert,
                 acceptor: acceptor.clone(),
+                client_trust,
                 config_source: Mutex::new(ConfigSource::Fixed(Box::new(config.clone()))),
                 jwks: Mutex::new(jwks_spec.zip(remote)),
                 runtime,
@@ -1308,6 +1342,7 @@ impl Server {
                 builder: builder.clone(),
                 router: router.clone(),
                 watcher: graceful.watcher(),
+                client_trust: reloader.inner.client_trust.subscribe(),
                 handshake_timeout,
                 idle_timeout,
                 max_body_bytes: limits.max_body_bytes,
@@ -1772,6 +1807,8 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     router: axum::Router,
     watcher: Watcher,
+    /// Changes when a reload changes the client CA (see `ReloaderInner::client_trust`).
+    client_trust: tokio::sync::watch::Receiver<[u8; 32]>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
     max_body_bytes: usize,
@@ -1826,6 +1863,7 @@ impl Connection {
             .map(|leaf| PeerCertificate {
                 subject_alt_names: tls::subject_alt_names(leaf),
             });
+        let peer_presented = peer.is_some();
         let router = self.router;
         let activity = Activity::new();
         let requests = activity.clone();
@@ -1866,15 +1904,44 @@ impl Connection {
             .builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        tokio::select! {
-            served = self.watcher.watch(conn) => {
-                if let Err(e) = served {
-                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+        let mut conn = std::pin::pin!(conn);
+        // Held until the connection ends, so the server's shutdown waits for it; the shutdown
+        // itself comes through `stopping`, sent first.
+        let _watching = self.watcher;
+        let expired = activity.expired(
+            self.handshake_timeout,
+            self.handshake_timeout,
+            self.idle_timeout,
+        );
+        let mut expired = std::pin::pin!(expired);
+        let mut closing = false;
+        let mut client_trust = self.client_trust;
+        client_trust.mark_unchanged();
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => {
+                    if let Err(e) = served {
+                        tracing::debug!(%remote, error = %e, "connection ended with an error");
+                    }
+                    break;
                 }
-            }
-            // Dropping the connection closes it.
-            () = activity.expired(self.handshake_timeout, self.handshake_timeout, self.idle_timeout) => {
-                tracing::debug!(%remote, "connection closed: no request within its time");
+                // Dropping the connection closes it.
+                () = expired.as_mut() => {
+                    tracing::debug!(%remote, "connection closed: no request within its time");
+                    break;
+                }
+                _ = self.stopping.wait_for(|stop| *stop), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                // Its certificate was accepted under a client CA no longer in force.
+                changed = client_trust.changed(), if !closing && peer_presented => {
+                    if changed.is_ok() {
+                        tracing::debug!(%remote, "client CA changed: closing a connection that presented a certificate");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
             }
         }
     }

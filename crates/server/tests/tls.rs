@@ -623,10 +623,44 @@ async fn a_reload_swaps_the_client_ca() {
         "refused at the handshake"
     );
 
+    // A connection kept alive from before, with the old certificate.
+    let kept = server
+        .client(
+            fx.client_options()
+                .http1()
+                .with_client_cert(old_cert.0.clone(), old_cert.1.clone()),
+        )
+        .connect_raw()
+        .await
+        .unwrap();
+    let (mut kept, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(kept))
+            .await
+            .unwrap();
+    let kept_conn = tokio::spawn(conn);
+    let healthz = || {
+        http::Request::builder()
+            .uri("/healthz")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(kept.send_request(healthz()).await.unwrap().status(), 200);
+    // A reload that changes nothing keeps it.
+    server.reloader.reload().unwrap();
+    assert_eq!(kept.send_request(healthz()).await.unwrap().status(), 200);
+
     let new_ca = fx.dir.path().join("new-client-ca.pem");
     std::fs::write(&new_ca, &new_pki.ca_pem).unwrap();
     write(&new_ca);
     server.reloader.reload().unwrap();
+    // Its certificate was accepted under the replaced CA: the server closes it.
+    tokio::time::timeout(Duration::from_secs(5), kept_conn)
+        .await
+        .expect("the connection of the replaced CA's certificate is still open")
+        .unwrap()
+        .unwrap();
+    assert!(kept.send_request(healthz()).await.is_err());
     assert_eq!(put_with_cert(&server, &fx, new_cert, None).await, 201);
     assert_eq!(
         put_with_cert(&server, &fx, old_cert, None).await,
