@@ -103,6 +103,35 @@ async fn the_value_goes_into_the_header_and_never_comes_back() {
         .contains("[REDACTED]"));
 }
 
+/// An ETag or digest of the unscrubbed body tells a short value (guessed offline against it):
+/// never passed back, whether or not anything was redacted.
+#[tokio::test]
+async fn headers_computed_over_the_body_are_not_passed_back() {
+    let (api, up) = setup().await;
+    for inject in [
+        json!({"header": "Authorization"}),
+        json!({"header": "X-Unechoed"}),
+    ] {
+        let r = broker(
+            &api,
+            json!({"method": "GET", "url": up.url("/digests"), "inject": inject}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let headers = &r.json()["headers"];
+        assert_eq!(headers["content-type"], "application/json", "{headers}");
+        for name in [
+            "etag",
+            "content-md5",
+            "digest",
+            "content-digest",
+            "repr-digest",
+        ] {
+            assert!(headers.get(name).is_none(), "{name}: {headers}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn query_and_basic_injection_and_request_bodies() {
     let (api, up) = setup().await;
@@ -458,6 +487,17 @@ async fn malformed_requests_are_400_before_anything_is_called() {
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key", "format": "a\r\nX-Evil: {value}"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
                "headers": {"if-range": "x"}}),
+        // Answers that depend on the body's hash, or digests of it.
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"If-Match": "W/\"2a-x\""}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"If-None-Match": "W/\"2a-x\""}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"Want-Digest": "sha-256"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"Want-Content-Digest": "sha-256=1"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"Want-Repr-Digest": "sha-256=1"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "body": "a", "body_base64": "YQ=="}),
         json!({"method": "GET", "url": format!("{url}?api_key=1"), "inject": {"query": "api_key"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "value": CANARY}),

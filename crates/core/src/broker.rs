@@ -205,7 +205,8 @@ impl std::fmt::Debug for Loaded {
 pub struct BrokerResponse {
     /// Upstream status (a 3xx is returned as is: redirects are never followed).
     pub status: u16,
-    /// Upstream headers (hop-by-hop ones dropped), repeated names joined with `, `.
+    /// Upstream headers (hop-by-hop and body-derived ones dropped), repeated names joined
+    /// with `, `.
     pub headers: Vec<(String, String)>,
     /// Upstream body.
     pub body: Vec<u8>,
@@ -216,8 +217,10 @@ pub struct BrokerResponse {
 }
 
 /// Headers a caller may not set: framing, hop-by-hop, proxy, `accept-encoding` (the broker
-/// asks for an identity body so it can scrub it) and `range`/`if-range` (slices of an echoed
-/// value are too short to recognise, and a few of them rebuild it).
+/// asks for an identity body so it can scrub it), `range`/`if-range` (slices of an echoed
+/// value are too short to recognise, and a few of them rebuild it), and those asking for a
+/// digest of the body or an answer that depends on its hash (`want-*digest`, `if-match`,
+/// `if-none-match`): a yes/no on a guessed ETag, or a digest, tells the value.
 const RESERVED_HEADERS: &[&str] = &[
     "host",
     "content-length",
@@ -234,13 +237,26 @@ const RESERVED_HEADERS: &[&str] = &[
     "accept-encoding",
     "range",
     "if-range",
+    "if-match",
+    "if-none-match",
+    "want-digest",
+    "want-content-digest",
+    "want-repr-digest",
     "x-strongroom-on-behalf-of",
 ];
 
-/// Response headers not passed back: hop-by-hop ones, and `content-length` (the body handed
-/// back is the scrubbed one; the upstream's length would tell the value's).
-const HOP_BY_HOP: &[&str] = &[
+/// Response headers not passed back: hop-by-hop ones, and those computed over the body's
+/// bytes (the body handed back is the scrubbed one; the upstream's length, ETag or digest of
+/// the unscrubbed body would tell the value's length, or the value itself when it is short
+/// enough to guess offline). Dropped whether or not anything was redacted: the scrubber can
+/// miss an encoding.
+const NOT_PASSED_BACK: &[&str] = &[
     "content-length",
+    "etag",
+    "content-md5",
+    "digest",
+    "content-digest",
+    "repr-digest",
     "connection",
     "keep-alive",
     "transfer-encoding",
@@ -370,7 +386,7 @@ impl Broker {
                 .map_err(|_| BrokerError::BadRequest("headers: not a header name".into()))?;
             if RESERVED_HEADERS.contains(&name.as_str()) {
                 return Err(BrokerError::BadRequest(format!(
-                    "headers: {name} is set by Strongroom"
+                    "headers: {name} is set by Strongroom or not forwarded by it"
                 )));
             }
             if injected_header.as_ref() == Some(&name) {
@@ -665,7 +681,7 @@ impl Broker {
         let mut redacted = false;
         let mut out_headers: Vec<(String, String)> = Vec::new();
         for name in response.headers.keys() {
-            if HOP_BY_HOP.contains(&name.as_str()) {
+            if NOT_PASSED_BACK.contains(&name.as_str()) {
                 continue;
             }
             let joined = response

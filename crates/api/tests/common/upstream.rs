@@ -9,7 +9,9 @@
 //! * `/slow`: answers after 5 s;
 //! * `/gzip`: a `Content-Encoding: gzip` body; `/gzip2`: the same behind a first
 //!   `Content-Encoding: identity`; `/tegzip`: `Transfer-Encoding: gzip, chunked`;
-//! * `/binary`: non-UTF-8 bytes.
+//! * `/binary`: non-UTF-8 bytes;
+//! * `/digests`: the echo, with the headers servers compute over a body (`ETag`,
+//!   `Content-MD5`, `Digest`, `Content-Digest`, `Repr-Digest`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -215,6 +217,24 @@ async fn handle(
             let mut b = response(200).header("content-type", "application/json");
             if let Ok(v) = http::HeaderValue::from_str(&auth) {
                 b = b.header("x-echo-authorization", v);
+            }
+            if parts.uri.path() == "/digests" {
+                let body = echo.to_string();
+                b = b
+                    .header("etag", format!("W/\"{:x}-x\"", body.len()))
+                    .header("content-md5", "Q2hlY2sgSW50ZWdyaXR5IQ==")
+                    .header(
+                        "digest",
+                        "sha-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=",
+                    )
+                    .header(
+                        "content-digest",
+                        "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:",
+                    )
+                    .header(
+                        "repr-digest",
+                        "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:",
+                    );
             }
             b.body(Full::new(Bytes::from(echo.to_string())))
         }
