@@ -434,6 +434,25 @@ async fn redirects_come_back_unfollowed_and_bad_upstreams_are_gateway_errors() {
         assert_eq!(code(&r), "upstream_encoded_body", "{path}");
     }
 
+    // An upstream echoing the value as the coding: the error names the header, never its
+    // text.
+    for path in ["/ce-echo", "/te-echo"] {
+        let r = broker(&api, bearer(&up.url(path))).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}: {}", r.body);
+        assert_eq!(code(&r), "upstream_encoded_body", "{path}");
+        assert_no_value(&r.body);
+        assert!(
+            !r.body.to_lowercase().contains("bearer"),
+            "{path}: {}",
+            r.body
+        );
+        assert!(
+            !r.body.to_lowercase().contains("canary"),
+            "{path}: {}",
+            r.body
+        );
+    }
+
     let started = std::time::Instant::now();
     let r = broker(&api, bearer(&up.url("/slow"))).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.body);

@@ -108,9 +108,11 @@ pub enum BrokerError {
     /// The upstream's response is larger than allowed.
     #[error("upstream response larger than {0} bytes")]
     TooLarge(usize),
-    /// The upstream's body is content-encoded, so it cannot be checked for the value.
-    #[error("upstream response is content-encoded ({0}); it cannot be checked for the value")]
-    Encoded(String),
+    /// The upstream's body is content-encoded, so it cannot be checked for the value. Names
+    /// the header only: its text is the upstream's, and an echoing upstream may put the value
+    /// there.
+    #[error("upstream response is encoded (its {0} header); it cannot be checked for the value")]
+    Encoded(&'static str),
 }
 
 /// How the value goes into the request.
@@ -661,21 +663,22 @@ impl Broker {
         // `Content-Encoding` header (a second one must not hide a gzip behind "identity")
         // and every transfer coding but `chunked` (which hyper removes; `gzip, chunked`
         // would come through compressed).
-        let coding = response
-            .headers
-            .get_all(http::header::CONTENT_ENCODING)
-            .iter()
-            .chain(response.headers.get_all(http::header::TRANSFER_ENCODING))
-            .flat_map(|v| {
+        let encoded_by = [
+            (http::header::CONTENT_ENCODING, "Content-Encoding"),
+            (http::header::TRANSFER_ENCODING, "Transfer-Encoding"),
+        ]
+        .into_iter()
+        .find(|(name, _)| {
+            response.headers.get_all(name).iter().any(|v| {
                 String::from_utf8_lossy(v.as_bytes())
                     .split(',')
                     .map(|c| c.trim().to_ascii_lowercase())
-                    .collect::<Vec<_>>()
+                    .any(|c| !c.is_empty() && c != "identity" && c != "chunked")
             })
-            .find(|c| !c.is_empty() && c != "identity" && c != "chunked");
-        if let Some(coding) = coding {
+        });
+        if let Some((_, header)) = encoded_by {
             if !response.body.is_empty() {
-                return Err(BrokerError::Encoded(coding.chars().take(32).collect()));
+                return Err(BrokerError::Encoded(header));
             }
         }
         let mut redacted = false;

@@ -10,6 +10,8 @@
 //! * `/gzip`: a `Content-Encoding: gzip` body; `/gzip2`: the same behind a first
 //!   `Content-Encoding: identity`; `/tegzip`: `Transfer-Encoding: gzip, chunked`;
 //! * `/binary`: non-UTF-8 bytes;
+//! * `/ce-echo`, `/te-echo`: the `Authorization` header's value echoed as the body's
+//!   `Content-Encoding` or transfer coding (before `chunked`);
 //! * `/digests`: the echo, with the headers servers compute over a body (`ETag`,
 //!   `Content-MD5`, `Digest`, `Content-Digest`, `Repr-Digest`).
 
@@ -191,6 +193,17 @@ async fn handle(
             .header("transfer-encoding", "gzip, chunked")
             .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00not-really"))),
         "/binary" => response(200).body(Full::new(Bytes::from_static(b"\xff\xfe\x00bin"))),
+        "/ce-echo" | "/te-echo" => {
+            let auth = parts.headers.get("authorization").cloned();
+            let auth = auth.unwrap_or(http::HeaderValue::from_static("none"));
+            let r = if parts.uri.path() == "/ce-echo" {
+                response(200).header("content-encoding", auth)
+            } else {
+                let coding = format!("{}, chunked", String::from_utf8_lossy(auth.as_bytes()));
+                response(200).header("transfer-encoding", coding)
+            };
+            r.body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00not-really")))
+        }
         _ => {
             let headers: BTreeMap<String, String> = parts
                 .headers
