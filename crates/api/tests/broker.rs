@@ -217,6 +217,8 @@ async fn only_the_bound_host_and_https_are_called() {
         format!("https://user:pw@localhost:{}/echo", up.port()),
         "ftp://localhost/".to_owned(),
         "localhost/echo".to_owned(),
+        // Nothing can listen on port 0: a malformed destination, not an unreachable one.
+        "https://localhost:0/echo".to_owned(),
     ] {
         let r = broker(&api, bearer(&url)).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{url}: {}", r.body);
@@ -607,6 +609,53 @@ async fn every_call_is_audited_with_its_destination_and_shown_in_usage() {
     assert_eq!(
         last["destination"],
         format!("https://127.0.0.1:{}", up.port()).as_str()
+    );
+}
+
+/// A value that cannot go into a header (a line break) is refused before the call is recorded
+/// as made: the one record says 422.
+#[tokio::test]
+async fn an_unusable_value_is_refused_before_the_call_is_recorded() {
+    let (api, up) = setup().await;
+    let r = api
+        .call(
+            "PUT",
+            "/v1/me/credentials/zoom.multiline",
+            Some(&user_token("alice")),
+            Some(json!({"value": "line-one\nline-two", "metadata": {"host": "localhost:*"}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.multiline/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(code(&r), "value_unusable");
+    assert_eq!(up.hits(), 0);
+    let audit = api
+        .call(
+            "GET",
+            "/v1/audit?name=zoom.multiline&limit=10",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    let items: Vec<Value> = audit.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["action"] == "broker")
+        .cloned()
+        .collect();
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(
+        (&items[0]["status"], &items[0]["error_code"]),
+        (&json!(422), &json!("value_unusable"))
     );
 }
 

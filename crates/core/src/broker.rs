@@ -12,8 +12,10 @@
 //! 4. [`Broker::resolve`]: DNS, and every address checked against private, loopback,
 //!    link-local, multicast and unspecified ranges (unless `allow_private_networks`); the call
 //!    connects only to these addresses, so a DNS answer cannot change between check and use.
-//! 5. The audit record, durable before anything leaves (the API layer's job).
-//! 6. [`Broker::send`]: inject, send (no redirects followed, connect and total timeouts,
+//! 5. [`Broker::inject`]: the value into the request; one that cannot go there as asked
+//!    (a line break in a header) is refused here, while nothing was sent.
+//! 6. The audit record, durable before anything leaves (the API layer's job).
+//! 7. [`Broker::send`]: send (no redirects followed, connect and total timeouts,
 //!    response-size cap), and scrub the value and its usual encodings from the response.
 
 mod client;
@@ -202,6 +204,29 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
+/// A request with the value in it, ready to send once the call is recorded.
+pub struct Call {
+    request: http::Request<Bytes>,
+    needles: scrub::Needles,
+    version: u32,
+    read: ReadCheck,
+}
+
+impl Call {
+    /// What the read saw: pass it to [`Vault::confirm_read`] once the use is recorded.
+    pub fn read(&self) -> &ReadCheck {
+        &self.read
+    }
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The upstream's answer, scrubbed.
 #[derive(Debug)]
 pub struct BrokerResponse {
@@ -331,6 +356,9 @@ impl Broker {
         let Some(destination) = Destination::of(&url) else {
             return bad("url has no host");
         };
+        if destination.port() == 0 {
+            return bad("url port must be 1 to 65535");
+        }
         // The request line must hold the path and query exactly as parsed.
         let origin = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
@@ -525,18 +553,13 @@ impl Broker {
         Ok(Target { server_name, addrs })
     }
 
-    /// Injects the value, sends, and scrubs the answer (step 6).
+    /// Builds the request with the value in it (step 5), before the call is audited as made:
+    /// a value that cannot go where it was asked to is refused while nothing was sent.
     ///
     /// # Errors
     ///
-    /// [`BrokerError::ValueUnusable`], [`BrokerError::Upstream`], [`BrokerError::Timeout`],
-    /// [`BrokerError::TooLarge`], [`BrokerError::Encoded`].
-    pub async fn send(
-        &self,
-        prepared: Prepared,
-        loaded: Loaded,
-        target: &Target,
-    ) -> Result<BrokerResponse, BrokerError> {
+    /// [`BrokerError::ValueUnusable`], [`BrokerError::BadRequest`].
+    pub fn inject(&self, prepared: Prepared, loaded: Loaded) -> Result<Call, BrokerError> {
         let version = loaded.version;
         let value = loaded.value.expose_secret();
         let render = |format: &Option<String>| -> Zeroizing<Vec<u8>> {
@@ -643,9 +666,27 @@ impl Broker {
             .body(prepared.body)
             .map_err(|_| BrokerError::BadRequest("url path is not valid".into()))?;
         *request.headers_mut() = headers;
-        drop(path);
-        drop(loaded);
+        Ok(Call {
+            request,
+            needles,
+            version,
+            read: loaded.read,
+        })
+    }
 
+    /// Sends, and scrubs the answer (step 7).
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::Upstream`], [`BrokerError::Timeout`], [`BrokerError::TooLarge`],
+    /// [`BrokerError::Encoded`].
+    pub async fn send(&self, call: Call, target: &Target) -> Result<BrokerResponse, BrokerError> {
+        let Call {
+            request,
+            needles,
+            version,
+            ..
+        } = call;
         let response = tokio::time::timeout(
             self.settings.timeout,
             self.transport

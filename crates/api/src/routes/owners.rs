@@ -208,14 +208,15 @@ pub(crate) async fn broker(
         .map_err(broker_error)?;
     audit.version(loaded.version());
     let target = broker.resolve(&prepared).await.map_err(broker_error)?;
+    let call = broker.inject(prepared, loaded).map_err(broker_error)?;
     // Fail closed: the record is durable before the value leaves; if it cannot be written,
     // no call is made and the caller gets 503.
     audit.record_now(&state, StatusCode::OK).await?;
-    if let Err(e) = state.vault().confirm_read(loaded.read()).await {
+    if let Err(e) = state.vault().confirm_read(call.read()).await {
         audit.reopen();
         return Err(e.into());
     }
-    match broker.send(prepared, loaded, &target).await {
+    match broker.send(call, &target).await {
         Ok(r) => {
             let (body, body_base64) = match String::from_utf8(r.body) {
                 Ok(text) => (Some(text), None),
