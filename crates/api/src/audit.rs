@@ -81,6 +81,12 @@ impl AuditSlot {
         self.with(|p| p.recorded = false);
     }
 
+    /// Undoes [`AuditSlot::reopen`]: the record already written is the request's last (a
+    /// brokered call that went as recorded).
+    pub(crate) fn settle(&self) {
+        self.with(|p| p.recorded = true);
+    }
+
     /// The request's record as a success with `status`, for a write that commits it in its
     /// own transaction; the middleware records nothing more unless [`AuditSlot::reopen`]ed.
     fn take_for_commit(&self, state: &AppState, status: StatusCode) -> Event {
@@ -492,6 +498,13 @@ impl Audit {
     pub(crate) fn reopen(&self) {
         if let Some(s) = &self.0 {
             s.reopen();
+        }
+    }
+
+    /// See [`AuditSlot::settle`].
+    pub(crate) fn settle(&self) {
+        if let Some(s) = &self.0 {
+            s.settle();
         }
     }
 

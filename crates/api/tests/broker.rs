@@ -659,6 +659,93 @@ async fn an_unusable_value_is_refused_before_the_call_is_recorded() {
     );
 }
 
+/// The broker records of `name`, newest first, once there are `n` of them (a request cut
+/// short is recorded from a task of its own as it is dropped).
+async fn broker_records(api: &TestApi, name: &str, n: usize) -> Vec<Value> {
+    let mut items = Vec::new();
+    for _ in 0..60 {
+        let audit = api
+            .call(
+                "GET",
+                &format!("/v1/audit?name={name}&limit=10"),
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await;
+        items = audit.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["action"] == "broker")
+            .cloned()
+            .collect();
+        if items.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    items
+}
+
+/// A call cut short after it was recorded as made gets a second record saying how it ended.
+#[tokio::test]
+async fn a_call_cut_short_gets_a_second_record() {
+    // The client hangs up mid-call: its request future is dropped.
+    let (api, up) = setup().await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        broker(&api, bearer(&up.url("/slow"))),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    assert_eq!(up.hits(), 1);
+    let items = broker_records(&api, "zoom.api-key", 2).await;
+    assert_eq!(items.len(), 2, "{items:?}");
+    assert_eq!(
+        (&items[0]["status"], &items[0]["error_code"]),
+        (&json!(499), &json!("client_closed"))
+    );
+    assert_eq!(
+        (&items[1]["status"], &items[1]["outcome"]),
+        (&json!(200), &json!("ok"))
+    );
+    assert_eq!(items[0]["request_id"], items[1]["request_id"]);
+    assert_eq!(items[0]["destination"], items[1]["destination"]);
+
+    // The server's own timeout fires mid-call (below the broker's).
+    let up = upstream::start().await;
+    let api = api_full(
+        strongroom_api::ApiLimits {
+            request_timeout: Duration::from_secs(1),
+            ..strongroom_api::ApiLimits::default()
+        },
+        Auditing::On,
+    )
+    .await;
+    api.state.set_broker(up.broker(up.settings()));
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    let r = broker(&api, bearer(&up.url("/slow"))).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(code(&r), "timeout");
+    let items = broker_records(&api, "zoom.api-key", 2).await;
+    assert_eq!(items.len(), 2, "{items:?}");
+    assert_eq!(
+        (&items[0]["status"], &items[0]["error_code"]),
+        (&json!(503), &json!("timeout"))
+    );
+    assert_eq!(items[1]["status"], 200);
+
+    // A call that went as recorded keeps its one record.
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let items = broker_records(&api, "zoom.api-key", 3).await;
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert_eq!(
+        (&items[0]["status"], &items[1]["status"]),
+        (&json!(200), &json!(503))
+    );
+}
+
 #[tokio::test]
 async fn no_audit_record_no_call() {
     let up = upstream::start().await;

@@ -212,12 +212,14 @@ pub(crate) async fn broker(
     // Fail closed: the record is durable before the value leaves; if it cannot be written,
     // no call is made and the caller gets 503.
     audit.record_now(&state, StatusCode::OK).await?;
-    if let Err(e) = state.vault().confirm_read(call.read()).await {
-        audit.reopen();
-        return Err(e.into());
-    }
+    // That record says the call is being made; until it has gone as recorded, the request
+    // gets a second one saying how it ended: its error, or, cut short (the client hung up,
+    // or `limits.request_timeout_seconds`), 499 `client_closed` or the server's timeout.
+    audit.reopen();
+    state.vault().confirm_read(call.read()).await?;
     match broker.send(call, &target).await {
         Ok(r) => {
+            audit.settle();
             let (body, body_base64) = match String::from_utf8(r.body) {
                 Ok(text) => (Some(text), None),
                 Err(e) => {
@@ -235,11 +237,7 @@ pub(crate) async fn broker(
                 redacted: r.redacted,
             }))
         }
-        Err(e) => {
-            // The call was recorded as made; record its failure too.
-            audit.reopen();
-            Err(broker_error(e))
-        }
+        Err(e) => Err(broker_error(e)),
     }
 }
 
