@@ -56,9 +56,9 @@ pub struct BrokerSettings {
     pub allow_private_networks: bool,
     /// PEM CA certificates trusted besides the system roots.
     pub ca_file: Option<PathBuf>,
-    /// DNS, TCP connect and TLS handshake.
+    /// DNS, and then TCP connect and TLS handshake (each within `timeout`).
     pub connect_timeout: Duration,
-    /// Connecting, sending and reading the whole response (DNS has `connect_timeout`).
+    /// The whole call: DNS, connecting, sending and reading the whole response.
     pub timeout: Duration,
     /// Largest upstream response body.
     pub max_response_bytes: usize,
@@ -517,6 +517,23 @@ impl Broker {
     /// [`BrokerError::Upstream`] when the name does not resolve, [`BrokerError::Timeout`].
     pub async fn resolve(&self, prepared: &Prepared) -> Result<Target, BrokerError> {
         let dest = &prepared.destination;
+        let lookup = async {
+            tokio::net::lookup_host((dest.bare_host(), dest.port()))
+                .await
+                .map(Iterator::collect)
+        };
+        self.resolve_with(prepared, lookup).await
+    }
+
+    /// [`Broker::resolve`] with the name looked up by `lookup` (unused for an IP literal).
+    async fn resolve_with(
+        &self,
+        prepared: &Prepared,
+        lookup: impl std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
+    ) -> Result<Target, BrokerError> {
+        // The broker's timeout bounds the whole call, DNS included.
+        let started = tokio::time::Instant::now();
+        let dest = &prepared.destination;
         let server_name = match dest.ip() {
             Some(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
             None => rustls::pki_types::ServerName::try_from(dest.bare_host().to_owned())
@@ -525,14 +542,13 @@ impl Broker {
         let addrs: Vec<SocketAddr> = match dest.ip() {
             Some(ip) => vec![SocketAddr::new(ip, dest.port())],
             None => {
-                let lookup = tokio::net::lookup_host((dest.bare_host(), dest.port()));
-                tokio::time::timeout(self.settings.connect_timeout, lookup)
+                let limit = self.settings.connect_timeout.min(self.settings.timeout);
+                tokio::time::timeout(limit, lookup)
                     .await
                     .map_err(|_| BrokerError::Timeout)?
                     .map_err(|e| {
                         BrokerError::Upstream(format!("{} does not resolve: {e}", dest.host()))
                     })?
-                    .collect()
             }
         };
         if addrs.is_empty() {
@@ -550,7 +566,15 @@ impl Broker {
                 )));
             }
         }
-        Ok(Target { server_name, addrs })
+        let time_left = self.settings.timeout.saturating_sub(started.elapsed());
+        if time_left.is_zero() {
+            return Err(BrokerError::Timeout);
+        }
+        Ok(Target {
+            server_name,
+            addrs,
+            time_left,
+        })
     }
 
     /// Builds the request with the value in it (step 5), before the call is audited as made:
@@ -688,7 +712,7 @@ impl Broker {
             ..
         } = call;
         let response = tokio::time::timeout(
-            self.settings.timeout,
+            target.time_left,
             self.transport
                 .send(target, request, self.settings.max_response_bytes),
         )
@@ -799,4 +823,73 @@ fn check_format(format: Option<&str>) -> Result<(), BrokerError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct NoTransport;
+
+    #[async_trait::async_trait]
+    impl Transport for NoTransport {
+        async fn send(
+            &self,
+            _: &Target,
+            _: http::Request<Bytes>,
+            _: usize,
+        ) -> Result<UpstreamResponse, TransportError> {
+            Err(TransportError::Connect("not in these tests".into()))
+        }
+    }
+
+    /// A broker whose `timeout` is shorter than its `connect_timeout`, and a request for it.
+    fn broker_and_request(timeout: Duration) -> (Broker, Prepared) {
+        let settings = BrokerSettings {
+            connect_timeout: Duration::from_secs(300),
+            timeout,
+            ..BrokerSettings::default()
+        };
+        let broker = Broker::with_transport(settings, Arc::new(NoTransport));
+        let prepared = broker
+            .prepare(BrokerRequest {
+                method: "GET".into(),
+                url: "https://api.example.com/".into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+                inject: Injection::Header {
+                    name: "X-Api-Key".into(),
+                    format: None,
+                },
+                version: None,
+            })
+            .unwrap();
+        (broker, prepared)
+    }
+
+    async fn slow_lookup(delay: Duration) -> std::io::Result<Vec<SocketAddr>> {
+        tokio::time::sleep(delay).await;
+        Ok(vec!["93.184.216.34:443".parse().unwrap()])
+    }
+
+    #[tokio::test]
+    async fn the_name_lookup_counts_in_the_broker_timeout() {
+        // A lookup longer than the whole call's timeout (though within connect_timeout).
+        let (broker, prepared) = broker_and_request(Duration::from_millis(300));
+        let started = tokio::time::Instant::now();
+        let r = broker
+            .resolve_with(&prepared, slow_lookup(Duration::from_secs(5)))
+            .await;
+        assert!(matches!(r, Err(BrokerError::Timeout)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        // A slow one leaves only the rest of the timeout to the call.
+        let (broker, prepared) = broker_and_request(Duration::from_secs(1));
+        let target = broker
+            .resolve_with(&prepared, slow_lookup(Duration::from_millis(400)))
+            .await
+            .unwrap();
+        assert!(target.time_left <= Duration::from_millis(600), "{target:?}");
+    }
 }

@@ -64,8 +64,8 @@
 //! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
 //! | `broker.allow_private_networks` | false | let brokered calls reach private, loopback, link-local and unique-local addresses (tests, internal APIs) |
 //! | `broker.ca_file` | — | PEM CA certificates trusted for brokered calls besides the system roots |
-//! | `broker.connect_timeout_seconds` | 5 | DNS, TCP connect and TLS handshake of a brokered call |
-//! | `broker.timeout_seconds` | 20 (at most `limits.request_timeout_seconds` − 1) | a whole brokered call; must be below `limits.request_timeout_seconds` |
+//! | `broker.connect_timeout_seconds` | 5 | DNS, then TCP connect and TLS handshake of a brokered call (each within `broker.timeout_seconds`) |
+//! | `broker.timeout_seconds` | 20 (at most `limits.request_timeout_seconds` − 1) | a whole brokered call, DNS included; must be below `limits.request_timeout_seconds` |
 //! | `broker.max_response_bytes` | 1048576 | largest upstream response body (502 beyond) |
 //! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
 //! | `audit.jsonl` | — | also append each committed audit record as a JSON line to this file (mode 0600), or `"-"` for stdout |
@@ -178,7 +178,8 @@ pub struct BrokerConfig {
     pub ca_file: Option<PathBuf>,
     /// DNS, TCP connect and TLS handshake, in seconds.
     pub connect_timeout_seconds: u64,
-    /// A whole call, in seconds (default: 20, or less to stay below the request timeout).
+    /// A whole call, DNS included, in seconds (default: 20, or less to stay below the request
+    /// timeout).
     pub timeout_seconds: Option<u64>,
     /// Largest upstream response body, in bytes.
     pub max_response_bytes: usize,

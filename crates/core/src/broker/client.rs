@@ -21,6 +21,9 @@ pub struct Target {
     pub server_name: ServerName<'static>,
     /// Checked addresses, tried in order.
     pub addrs: Vec<SocketAddr>,
+    /// What is left of the broker's timeout once the name was resolved: connecting, sending
+    /// and reading the answer fit in it.
+    pub time_left: Duration,
 }
 
 /// What the upstream answered.
