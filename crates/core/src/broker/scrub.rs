@@ -685,22 +685,18 @@ mod tests {
         }
     }
 
-    /// A 1 MiB body is still searched quickly, even one where the anchor (`ord`) is common.
+    /// A 1 MiB body where the anchor (`ord`) is everywhere is searched to its end (the work
+    /// is bounded per body; its speed is for benchmarks, not this test).
     #[test]
-    fn a_large_body_is_scrubbed_quickly() {
+    fn a_large_body_full_of_the_anchor_is_scrubbed() {
         let n = Needles::new(b"p@ss'w\"ord+9/x=", &[]);
         let mut body = String::new();
         while body.len() < 1024 * 1024 {
             body.push_str("{\"word\": \"record\", \"order\": [1, 2, \"p@ss&#39;w&#34;ord\"]}, ");
         }
         body.push_str(r"p@ss\u0027w\u0022ord\u002B9/x=");
-        let started = std::time::Instant::now();
         let (out, changed) = n.scrub(body.as_bytes());
-        let took = started.elapsed();
-        eprintln!("1 MiB scrubbed in {took:?}");
         assert!(changed && out.ends_with(REDACTED));
-        // Debug builds are ten times slower than release ones; generous for a loaded machine.
-        assert!(took < std::time::Duration::from_secs(3), "{took:?}");
     }
 
     #[test]
