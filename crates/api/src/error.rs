@@ -158,7 +158,10 @@ impl From<CoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Some(cause) = &self.internal {
-            tracing::error!(status = self.status.as_u16(), code = self.code, cause = %cause, "request failed");
+            if let Some(similar) = ERROR_LINES.admit(self.code, std::time::Instant::now()) {
+                tracing::error!(status = self.status.as_u16(), code = self.code, cause = %cause,
+                    similar_not_logged = similar, "request failed");
+            }
         }
         let mut response = (
             self.status,
@@ -187,9 +190,57 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// At most one "request failed" line per error code per this interval: an outage (a key
+/// provider down) fails every request the same way, and logged one line each (10,000 in
+/// 25 s). The metrics count every request; the line says how many it stands for.
+const ERROR_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+static ERROR_LINES: ErrorLines = ErrorLines(std::sync::Mutex::new(Vec::new()));
+
+/// Per error code: when its last line was logged, and how many were not logged since.
+struct ErrorLines(std::sync::Mutex<Vec<(&'static str, std::time::Instant, u64)>>);
+
+impl ErrorLines {
+    /// `Some(n)` when a line for `code` may be logged at `now` (`n` like it were not since
+    /// the last); `None` when it is one of those.
+    fn admit(&self, code: &'static str, now: std::time::Instant) -> Option<u64> {
+        let mut codes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match codes.iter_mut().find(|(c, _, _)| *c == code) {
+            Some((_, last, skipped)) if now.duration_since(*last) < ERROR_LINE_EVERY => {
+                *skipped += 1;
+                None
+            }
+            Some((_, last, skipped)) => {
+                *last = now;
+                Some(std::mem::take(skipped))
+            }
+            // Error codes are a short fixed list of constants.
+            None => {
+                codes.push((code, now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_requests_are_logged_once_per_code_per_interval_with_a_count() {
+        let lines = ErrorLines(std::sync::Mutex::new(Vec::new()));
+        let t0 = std::time::Instant::now();
+        assert_eq!(lines.admit("key_unavailable", t0), Some(0));
+        for _ in 0..999 {
+            assert_eq!(lines.admit("key_unavailable", t0), None);
+        }
+        // Another code has its own allowance.
+        assert_eq!(lines.admit("integrity_error", t0), Some(0));
+        let later = t0 + ERROR_LINE_EVERY;
+        assert_eq!(lines.admit("key_unavailable", later), Some(999));
+        assert_eq!(lines.admit("key_unavailable", later), None);
+    }
 
     /// Losing the version-number race to other nodes is no fault of the caller's: 503 with
     /// Retry-After, not the 409 of a stale `expected_version`.
