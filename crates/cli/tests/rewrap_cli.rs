@@ -454,3 +454,60 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
         assert_eq!(reveal(&client, &service, "seed-0").await, "seed-value-0");
     });
 }
+
+/// A restored older copy of the keyring (it lacks version 2, which the store uses) is not
+/// rotated: that would make another version 2, with other material, and a server would seal
+/// under it what no good copy opens. The newest copy rotates.
+#[test]
+fn rotating_a_restored_older_keyring_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    run_ok(&["keys", "generate"], &dd);
+    run_ok(&["rewrap"], &dd); // makes the store
+    let keyring = data.join("keyring.json");
+    let backup = std::fs::read(&keyring).unwrap();
+    run_ok(&["keys", "rotate"], &dd);
+    let config = Config::load_for_operator(
+        None,
+        &Overrides {
+            data_dir: Some(data.clone()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    rt().block_on(async {
+        let backends = Backends::open(&config).await.unwrap();
+        strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)
+            .await
+            .unwrap();
+        backends
+            .vault()
+            .put(strongroom_core::PutRequest {
+                owner: "alice",
+                name: "under-v2",
+                value: strongroom_crypto::SecretBytes::from_slice(b"v"),
+                metadata: None,
+                expected_version: None,
+                created_by: "user:alice",
+            })
+            .await
+            .unwrap();
+        backends.close().await;
+    });
+    let newest = std::fs::read(&keyring).unwrap();
+    std::fs::write(&keyring, &backup).unwrap();
+    let err = run_err(&["keys", "rotate"], &dd);
+    assert!(
+        err.contains("sealed under version 2") && err.contains("restored older copy"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&keyring).unwrap(),
+        backup,
+        "the copy was rotated"
+    );
+    std::fs::write(&keyring, &newest).unwrap();
+    let out = run_ok(&["keys", "rotate"], &dd);
+    assert!(out.contains("version 3 is now active"), "{out}");
+}

@@ -176,6 +176,9 @@ pub struct LocalKeyring {
     keks: RwLock<BTreeMap<u32, Kek>>,
     /// When a version this keyring did not know last made it read the file again.
     last_miss_reload: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Why the file no longer holds the keys loaded (set by a refused [`LocalKeyring::reload`],
+    /// cleared by one that loads): while set, no new write is sealed (see `active_kek`).
+    diverged: std::sync::Mutex<Option<String>>,
 }
 
 /// At most one re-read of the keyring file per this interval for versions it does not know,
@@ -220,6 +223,7 @@ impl LocalKeyring {
             key_id: model.key_id,
             keks: RwLock::new(keks),
             last_miss_reload: std::sync::Mutex::new(None),
+            diverged: std::sync::Mutex::new(None),
         })
     }
 
@@ -251,10 +255,7 @@ impl LocalKeyring {
     pub fn reload(&self) -> Result<(), KeyringError> {
         let model = read_file(&self.path)?;
         if model.key_id != self.key_id {
-            return Err(invalid(
-                &self.path,
-                "the file now holds another keyring (key id changed)",
-            ));
+            return Err(self.diverge("the file now holds another keyring (key id changed)"));
         }
         let keks = build_keks(&self.path, &model)?;
         let mut loaded = self.keks.write().unwrap_or_else(|e| e.into_inner());
@@ -264,31 +265,40 @@ impl LocalKeyring {
         // sealed before: keep the keys loaded.
         for (version, was) in loaded.iter() {
             let Some(now) = keks.get(version) else {
-                return Err(invalid(
-                    &self.path,
-                    format!("version {version} is gone from the file; keeping the keys loaded"),
-                ));
+                return Err(self.diverge(format!("version {version} is gone from the file")));
             };
             if let (Some(was), Some(now)) = (was.fingerprint, now.fingerprint) {
                 if was != now {
-                    return Err(invalid(
-                        &self.path,
-                        format!(
-                            "version {version}'s material differs from the one loaded (a \
-                             damaged or replaced file?); keeping the keys loaded"
-                        ),
-                    ));
+                    return Err(self.diverge(format!(
+                        "version {version}'s material differs from the one loaded (a damaged \
+                         file, or a restored copy rotated again?)"
+                    )));
                 }
             }
             if was.fingerprint.is_none() && now.fingerprint.is_some() {
-                return Err(invalid(
-                    &self.path,
-                    format!("version {version} was retired and has material again"),
-                ));
+                return Err(self.diverge(format!(
+                    "version {version} was retired and has material again (a restored copy?)"
+                )));
             }
         }
         *loaded = keks;
+        *self.diverged.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
+    }
+
+    /// Notes that the file no longer holds the keys loaded, and says so: the keys stay
+    /// loaded for what they sealed, but nothing new is sealed (a write sealed under a key no
+    /// file holds is lost at the next restart) until the file holds them again.
+    fn diverge(&self, why: impl Into<String>) -> KeyringError {
+        let why = why.into();
+        *self.diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+        invalid(
+            &self.path,
+            format!(
+                "{why}; keeping the keys loaded, and sealing nothing new until the file holds \
+                 them again (restore the file this server loaded, or restart with the right one)"
+            ),
+        )
     }
 
     /// The keyring's key id.
@@ -420,6 +430,16 @@ impl KeyProvider for LocalKeyring {
     }
 
     fn active_kek(&self) -> Result<KekRef, ProviderError> {
+        if let Some(why) = &*self.diverged.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Err(Self::error(
+                ProviderErrorKind::Misconfigured,
+                format!(
+                    "the keyring file {} no longer holds the keys this server loaded ({why}): \
+                     no new write is sealed until it does",
+                    self.path.display()
+                ),
+            ));
+        }
         let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
         keks.values()
             .find(|k| k.info.state == KeyState::Active)

@@ -241,6 +241,10 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 // command fails before the keyring changes, not after.
                 block_on(async {
                     let backends = location.operator_target().open_existing().await?;
+                    if let Err(e) = refuse_a_version_the_store_uses(&backends, &path).await {
+                        backends.close().await;
+                        return Err(e);
+                    }
                     let rotated = local::rotate(&path, now, &OsRandom).map_err(Failure::from);
                     audit_rotation(backends, &rotated).await;
                     rotated
@@ -659,6 +663,41 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Resu
         .build()
         .map_err(CliError::io("cannot start the async runtime"))?
         .block_on(f)
+}
+
+/// Refuses to rotate a keyring file that lacks versions the store already uses: a restored
+/// older copy. Its rotation would make a second version of a number in use, with other
+/// material, and a server would seal under it what no good copy opens.
+async fn refuse_a_version_the_store_uses(
+    backends: &strongroom_server::Backends,
+    path: &std::path::Path,
+) -> Result<(), Failure> {
+    let ring = LocalKeyring::open(path)?;
+    let newest = ring.list().iter().map(|k| k.version).max().unwrap_or(0);
+    let counts = backends
+        .store
+        .count_versions_by_kek()
+        .await
+        .map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?;
+    let missing = counts
+        .iter()
+        .filter(|(k, n)| {
+            *n > 0 && k.provider == local::KIND && k.key_id == ring.key_id() && k.version > newest
+        })
+        .map(|(k, _)| k.version)
+        .max();
+    match missing {
+        Some(version) => Err(CliError::Operation(format!(
+            "the store holds credential versions sealed under version {version} of key {}, which \
+             {} does not have (a restored older copy?): restore the newest keyring file instead; \
+             rotating this one would make another version {} with other material",
+            ring.key_id(),
+            path.display(),
+            newest + 1
+        ))
+        .into()),
+        None => Ok(()),
+    }
 }
 
 async fn kek_counts(target: OperatorTarget) -> Result<Vec<(KekRef, u64)>, Failure> {

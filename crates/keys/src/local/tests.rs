@@ -310,10 +310,18 @@ async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
     assert!(e.contains("version 1's material differs"), "{e}");
     let opened = ring.unwrap(&sealed, b"aad").await.unwrap();
     assert_eq!(opened.expose_secret(), key.expose_secret(), "old keys kept");
-
-    // A version gone from the file.
+    // ... but nothing new is sealed under keys no file holds, and the keyring is not healthy
+    // until the file holds them again.
+    let e = ring.active_kek().unwrap_err();
+    assert_eq!(e.kind(), ProviderErrorKind::Misconfigured);
+    assert!(e.to_string().contains("no longer holds the keys"), "{e}");
+    assert!(ring.health().await.is_err());
     fs::write(&path, &good).unwrap();
     ring.reload().unwrap();
+    assert_eq!(ring.active_kek().unwrap().version, 1);
+    ring.health().await.unwrap();
+
+    // A version gone from the file.
     rotate(&path, T0, &OsRandom).unwrap();
     ring.reload().unwrap();
     let rotated = fs::read(&path).unwrap();
@@ -322,6 +330,7 @@ async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
     write_file(&path, &model).unwrap();
     let e = ring.reload().unwrap_err().to_string();
     assert!(e.contains("version 1 is gone"), "{e}");
+    assert!(ring.active_kek().is_err());
 
     // A restored older copy rotated again makes another version 2: refused as well.
     fs::write(&path, &good).unwrap();
