@@ -215,8 +215,13 @@ impl RingFile {
     }
 }
 
-/// How long the health check waits for the root provider's own.
+/// How long the health check waits for the root provider's own, when the node does not
+/// hold the active KEK (then it is not ready without the root anyway).
 const ROOT_HEALTH_WITHIN: Duration = Duration::from_secs(2);
+
+/// As [`ROOT_HEALTH_WITHIN`] when the node holds the active KEK: it is ready either way, and
+/// only waits to see an outage to log.
+const ROOT_HEALTH_WHILE_HELD: Duration = Duration::from_millis(200);
 
 fn error(kind: ProviderErrorKind, message: impl Into<String>) -> ProviderError {
     ProviderError::new(kind, KIND, message)
@@ -676,22 +681,14 @@ impl KeyProvider for KekHierarchy {
     /// nothing else, so a root provider outage (which stops rotations and rewraps, and is
     /// logged here at most once a minute) does not take every node out of rotation.
     async fn health(&self) -> Result<(), ProviderError> {
-        // Bounded well inside `/readyz`'s own 5 s: a root that hangs (a partition, a stuck
-        // load balancer) rather than refusing must be forgiven like one that is down, not
-        // hold the answer until the readiness check times out as unavailable.
-        let root = tokio::time::timeout(ROOT_HEALTH_WITHIN, self.root.health())
-            .await
-            .unwrap_or_else(|_| {
-                Err(error(
-                    ProviderErrorKind::Unavailable,
-                    format!(
-                        "the root key provider did not answer its health check within {} s",
-                        ROOT_HEALTH_WITHIN.as_secs()
-                    ),
-                ))
-            });
-        match root {
-            Err(e) if self.active_kek().is_ok() => {
+        // A node holding the ring's active KEK needs nothing else to serve: it is ready
+        // whatever the root says, and waits for the root only briefly (readiness probes
+        // time out after a second or so; a root that hangs rather than refusing, behind a
+        // partition or a stuck load balancer, held every answer), to log an outage it sees.
+        if self.active_kek().is_ok() {
+            if let Ok(Err(e)) =
+                tokio::time::timeout(ROOT_HEALTH_WHILE_HELD, self.root.health()).await
+            {
                 let now = std::time::Instant::now();
                 let mut last = self
                     .root_outage_logged
@@ -706,10 +703,21 @@ impl KeyProvider for KekHierarchy {
                          unwrapped at start (rotations and rewraps wait for it)"
                     );
                 }
-                Ok(())
             }
-            other => other,
+            return Ok(());
         }
+        tokio::time::timeout(ROOT_HEALTH_WITHIN, self.root.health())
+            .await
+            .unwrap_or_else(|_| {
+                Err(error(
+                    ProviderErrorKind::Unavailable,
+                    format!(
+                        "the root key provider did not answer its health check within {} s",
+                        ROOT_HEALTH_WITHIN.as_secs()
+                    ),
+                ))
+            })
+            .and_then(|()| self.active_kek().map(|_| ()))
     }
 }
 
