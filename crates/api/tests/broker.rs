@@ -519,6 +519,11 @@ async fn malformed_requests_are_400_before_anything_is_called() {
                "headers": {"Want-Content-Digest": "sha-256=1"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
                "headers": {"Want-Repr-Digest": "sha-256=1"}}),
+        // Answers in a form the scrubber cannot read: Apache's old Range, another charset.
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"Request-Range": "bytes=72-79"}}),
+        json!({"method": "GET", "url": url, "inject": {"header": "X-Key"},
+               "headers": {"Accept-Charset": "utf-16"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "body": "a", "body_base64": "YQ=="}),
         json!({"method": "GET", "url": format!("{url}?api_key=1"), "inject": {"query": "api_key"}}),
         json!({"method": "GET", "url": url, "inject": {"header": "X-Key"}, "value": CANARY}),

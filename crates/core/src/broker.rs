@@ -247,7 +247,10 @@ pub struct BrokerResponse {
 /// asks for an identity body so it can scrub it), `range`/`if-range` (slices of an echoed
 /// value are too short to recognise, and a few of them rebuild it), and those asking for a
 /// digest of the body or an answer that depends on its hash (`want-*digest`, `if-match`,
-/// `if-none-match`): a yes/no on a guessed ETag, or a digest, tells the value.
+/// `if-none-match`): a yes/no on a guessed ETag, or a digest, tells the value; and those
+/// that make an honest upstream answer in a form the scrubber cannot read
+/// (`request-range`, which Apache httpd takes as `range`; `accept-charset`, with which
+/// ASP.NET answers in UTF-16).
 const RESERVED_HEADERS: &[&str] = &[
     "host",
     "content-length",
@@ -269,6 +272,8 @@ const RESERVED_HEADERS: &[&str] = &[
     "want-digest",
     "want-content-digest",
     "want-repr-digest",
+    "request-range",
+    "accept-charset",
     "x-strongroom-on-behalf-of",
 ];
 
@@ -293,6 +298,19 @@ const NOT_PASSED_BACK: &[&str] = &[
     "proxy-authenticate",
     "proxy-connection",
 ];
+
+/// Parts of response header names that say the value is computed over the body (a length,
+/// a slice, a hash or a checksum, as cloud services name theirs: `x-amz-checksum-sha256`,
+/// `x-goog-hash`, `x-amzn-remapped-content-length`, `content-range`): not passed back either,
+/// whatever the exact name.
+const BODY_DERIVED_NAME_PARTS: &[&str] = &[
+    "length", "range", "etag", "digest", "checksum", "hash", "md5", "crc", "sha", "timing",
+];
+
+/// Whether a response header is not handed back to the service (see [`NOT_PASSED_BACK`]).
+fn not_passed_back(name: &str) -> bool {
+    NOT_PASSED_BACK.contains(&name) || BODY_DERIVED_NAME_PARTS.iter().any(|p| name.contains(p))
+}
 
 /// The use case. Cheap to share behind an `Arc`.
 #[derive(Debug)]
@@ -746,36 +764,43 @@ impl Broker {
                 return Err(BrokerError::Encoded(header));
             }
         }
-        let mut redacted = false;
-        let mut out_headers: Vec<(String, String)> = Vec::new();
-        for name in response.headers.keys() {
-            if NOT_PASSED_BACK.contains(&name.as_str()) {
-                continue;
+        // Scrubbing a large body is CPU work: off the async workers, so other requests (and
+        // other calls' timeouts) do not wait behind it.
+        let status = response.status.as_u16();
+        tokio::task::spawn_blocking(move || {
+            let mut redacted = false;
+            let mut out_headers: Vec<(String, String)> = Vec::new();
+            for name in response.headers.keys() {
+                if not_passed_back(name.as_str()) {
+                    continue;
+                }
+                let joined = response
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.as_bytes())
+                    .collect::<Vec<_>>()
+                    .join(&b", "[..]);
+                let (value, a) = needles.scrub(&joined);
+                let (name, b) = needles.scrub(name.as_str().as_bytes());
+                redacted |= a || b;
+                out_headers.push((
+                    String::from_utf8_lossy(&name).into_owned(),
+                    String::from_utf8_lossy(&value).into_owned(),
+                ));
             }
-            let joined = response
-                .headers
-                .get_all(name)
-                .iter()
-                .map(|v| v.as_bytes())
-                .collect::<Vec<_>>()
-                .join(&b", "[..]);
-            let (value, a) = needles.scrub(&joined);
-            let (name, b) = needles.scrub(name.as_str().as_bytes());
-            redacted |= a || b;
-            out_headers.push((
-                String::from_utf8_lossy(&name).into_owned(),
-                String::from_utf8_lossy(&value).into_owned(),
-            ));
-        }
-        let (body, changed) = needles.scrub(&response.body);
-        redacted |= changed;
-        Ok(BrokerResponse {
-            status: response.status.as_u16(),
-            headers: out_headers,
-            body,
-            version,
-            redacted,
+            let (body, changed) = needles.scrub(&response.body);
+            redacted |= changed;
+            BrokerResponse {
+                status,
+                headers: out_headers,
+                body,
+                version,
+                redacted,
+            }
         })
+        .await
+        .map_err(|_| BrokerError::Upstream("scrubbing the response failed".into()))
     }
 }
 
@@ -828,6 +853,38 @@ fn check_format(format: Option<&str>) -> Result<(), BrokerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Headers whose values come from the body's bytes (lengths, slices, hashes, checksums,
+    /// by cloud services' names too) are not handed back; others are.
+    #[test]
+    fn body_derived_headers_are_not_passed_back() {
+        for name in [
+            "content-length",
+            "etag",
+            "x-amz-checksum-sha256",
+            "x-goog-hash",
+            "x-amzn-remapped-content-length",
+            "x-original-content-length",
+            "content-range",
+            "content-crc32",
+            "x-content-sha256",
+            "x-etag",
+            "server-timing",
+            "content-md5",
+            "repr-digest",
+        ] {
+            assert!(not_passed_back(name), "{name}");
+        }
+        for name in [
+            "content-type",
+            "date",
+            "x-request-id",
+            "x-ratelimit-remaining",
+            "location",
+        ] {
+            assert!(!not_passed_back(name), "{name}");
+        }
+    }
 
     #[derive(Debug)]
     struct NoTransport;

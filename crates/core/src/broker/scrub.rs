@@ -46,6 +46,8 @@ impl Needles {
             // Lower-cased too: HTTP/2 and hyper lower-case header names, so a value echoed
             // into a header's name comes back that way.
             push(s.to_ascii_lowercase());
+            // Upper-cased (error messages that shout what they were sent).
+            push(s.to_ascii_uppercase());
             for style in PercentStyle::ALL {
                 push(percent(s, style));
             }
@@ -66,6 +68,10 @@ impl Needles {
                 for style in HtmlStyle::ALL {
                     push(html_escaped(text, style));
                 }
+                // UTF-16, either byte order (a text answer in a charset the service asked
+                // for, or a Windows service's default).
+                push(text.encode_utf16().flat_map(u16::to_le_bytes).collect());
+                push(text.encode_utf16().flat_map(u16::to_be_bytes).collect());
             }
             for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
                 push(engine.encode(s).into_bytes());
@@ -183,7 +189,9 @@ impl Spelled {
         let finder = memchr::memmem::Finder::new(self.anchor_bytes.as_slice());
         // Bounded work (an honest body never comes near it): beyond, only the fixed forms
         // are searched for.
-        let mut budget = 64 * haystack.len() + 64 * 1024;
+        // Counted in characters tried, each up to `MAX_SPELLING` spellings long: 64 per body
+        // byte let a repeating 4 KiB value take seconds of CPU on a 1 MiB body.
+        let mut budget = 4 * haystack.len() + 64 * 1024;
         let mut out = Vec::new();
         let mut copied = 0;
         let mut from = 0;
@@ -705,6 +713,29 @@ mod tests {
         let (out, changed) = n.scrub(b"x-asciisecretvalue1234: 1");
         assert!(changed, "{}", String::from_utf8_lossy(&out));
         assert_eq!(out, b"x-[REDACTED]: 1");
+    }
+
+    /// Shouted back, or in UTF-16 (either byte order).
+    #[test]
+    fn upper_cased_and_utf16_echoes_are_removed() {
+        let value = "sk_live_4eC39HqLyjWDarjt";
+        let n = Needles::new(value.as_bytes(), &[]);
+        let (out, changed) = n.scrub(b"INVALID KEY SK_LIVE_4EC39HQLYJWDARJT.");
+        assert!(changed);
+        assert_eq!(out, b"INVALID KEY [REDACTED].");
+        for utf16 in [
+            value
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes)
+                .collect::<Vec<u8>>(),
+            value.encode_utf16().flat_map(u16::to_be_bytes).collect(),
+        ] {
+            let mut body = b"\0k\0e\0y\0:".to_vec();
+            body.extend_from_slice(&utf16);
+            let (out, changed) = n.scrub(&body);
+            assert!(changed);
+            assert!(out.ends_with(REDACTED), "{out:?}");
+        }
     }
 
     #[test]
