@@ -948,6 +948,13 @@ fn check_rsa_size(pem: &[u8], path: &Path) -> Result<(), ServerError> {
         "RSA PUBLIC KEY" => RSAPublicKey::from_der(&block.contents)
             .ok()
             .map(|(_, rsa)| rsa.key_size()),
+        // The verifier takes a certificate's key too.
+        "CERTIFICATE" => x509_parser::parse_x509_certificate(&block.contents)
+            .ok()
+            .and_then(|(_, cert)| match cert.public_key().parsed() {
+                Ok(PublicKey::RSA(rsa)) => Some(rsa.key_size()),
+                _ => None,
+            }),
         _ => None,
     };
     match bits {
@@ -1337,12 +1344,16 @@ impl Server {
                     }
                 },
             };
+            // Subscribed before the acceptor is taken: a reload between the two is then seen
+            // as a change, and the connection handshaken under the old CA is closed.
+            let client_trust = reloader.inner.client_trust.subscribe();
             let conn = Connection {
                 acceptor: acceptor.read().unwrap_or_else(|e| e.into_inner()).clone(),
                 builder: builder.clone(),
                 router: router.clone(),
                 watcher: graceful.watcher(),
-                client_trust: reloader.inner.client_trust.subscribe(),
+                client_trust,
+                close_grace: Duration::from_secs(limits.request_timeout_seconds),
                 handshake_timeout,
                 idle_timeout,
                 max_body_bytes: limits.max_body_bytes,
@@ -1809,6 +1820,9 @@ struct Connection {
     watcher: Watcher,
     /// Changes when a reload changes the client CA (see `ReloaderInner::client_trust`).
     client_trust: tokio::sync::watch::Receiver<[u8; 32]>,
+    /// How long a connection asked to close may finish its requests in flight (an HTTP/2
+    /// client that never acknowledges the closing GOAWAY's PING would keep it open).
+    close_grace: Duration,
     handshake_timeout: Duration,
     idle_timeout: Duration,
     max_body_bytes: usize,
@@ -1864,6 +1878,11 @@ impl Connection {
                 subject_alt_names: tls::subject_alt_names(leaf),
             });
         let peer_presented = peer.is_some();
+        // Set once the client CA that accepted this certificate is replaced: requests from
+        // then on carry no certificate identity (HTTP/2 streams opened while the connection
+        // closes included).
+        let distrusted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let distrusted_in_service = distrusted.clone();
         let router = self.router;
         let activity = Activity::new();
         let requests = activity.clone();
@@ -1873,7 +1892,9 @@ impl Connection {
         let drain_bytes = self.max_body_bytes.saturating_mul(4);
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             if let Some(peer) = &peer {
-                req.extensions_mut().insert(peer.clone());
+                if !distrusted_in_service.load(std::sync::atomic::Ordering::Acquire) {
+                    req.extensions_mut().insert(peer.clone());
+                }
             }
             req.extensions_mut().insert(ConnectInfo(remote));
             req.extensions_mut()
@@ -1915,8 +1936,11 @@ impl Connection {
         );
         let mut expired = std::pin::pin!(expired);
         let mut closing = false;
+        // A change since the connection was accepted (during its handshake, under the old
+        // CA) counts too: not marked seen here.
         let mut client_trust = self.client_trust;
-        client_trust.mark_unchanged();
+        let closed_by = tokio::time::sleep(Duration::MAX / 4);
+        let mut closed_by = std::pin::pin!(closed_by);
         loop {
             tokio::select! {
                 served = conn.as_mut() => {
@@ -1937,10 +1961,18 @@ impl Connection {
                 // Its certificate was accepted under a client CA no longer in force.
                 changed = client_trust.changed(), if !closing && peer_presented => {
                     if changed.is_ok() {
+                        distrusted.store(true, std::sync::atomic::Ordering::Release);
                         tracing::debug!(%remote, "client CA changed: closing a connection that presented a certificate");
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                        closed_by
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + self.close_grace);
                     }
+                }
+                () = closed_by.as_mut(), if closing => {
+                    tracing::debug!(%remote, "connection closed: its requests outlasted the grace to close");
+                    break;
                 }
             }
         }

@@ -178,10 +178,30 @@ impl TestClient {
         self.connect().await
     }
 
+    /// As [`TestClient::connect_raw`], over a TCP connection opened earlier (to hold a
+    /// connection accepted before something changes, and handshake after).
+    ///
+    /// # Errors
+    ///
+    /// Handshake errors, as text.
+    pub async fn handshake_over(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        self.handshake_on(tcp).await
+    }
+
     async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        self.handshake_on(tcp).await
+    }
+
+    async fn handshake_on(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let connector = TlsConnector::from(self.config.clone());
         let fut = connector.connect(self.server_name.clone(), tcp);
         match tokio::time::timeout(Duration::from_secs(10), fut).await {

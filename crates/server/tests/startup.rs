@@ -238,7 +238,7 @@ async fn files_others_could_change_stop_the_start() {
     // An RSA key too small for the verifier, in either PEM form: refused at start (every
     // token got 401 with nothing said).
     mode(&public_key, 0o644);
-    for pem in [RSA_1024_SPKI, RSA_1024_PKCS1] {
+    for pem in [RSA_1024_SPKI, RSA_1024_PKCS1, RSA_1024_CERT] {
         std::fs::write(&public_key, pem).unwrap();
         let e = start_err(fx.config_from(&text.replace("ES256", "RS256"))).await;
         assert!(
@@ -956,4 +956,20 @@ MIGJAoGBAK9zZXwNILz8jlTBqma2MpX14WvXYN1YB70a6Hjn41IRaFbrJUI/0iW1
 rfKejTP+Y41xrd/Ck1b5oj5XzThob98RKxLrQdylakZLvgq0klHwQP/HepQHFq8D
 hWVsv26xdv0KBef+Wbi88yl+y7+ertAuQyvQNUPkFy1l40E9SBGLAgMBAAE=
 -----END RSA PUBLIC KEY-----
+";
+
+/// A self-signed certificate of the same key (the verifier takes a certificate's key too).
+const RSA_1024_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIB+DCCAWGgAwIBAgIUcxfliTEJGVPAkhmYdZJlb1pdNUswDQYJKoZIhvcNAQEL
+BQAwDjEMMAoGA1UEAwwDaWRwMB4XDTI2MTEyODAxMDIxMFoXDTM2MTEyNTAxMDIx
+MFowDjEMMAoGA1UEAwwDaWRwMIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQCv
+c2V8DSC8/I5UwapmtjKV9eFr12DdWAe9Guh45+NSEWhW6yVCP9Ilta3yno0z/mON
+ca3fwpNW+aI+V804aG/fESsS60HcpWpGS74KtJJR8ED/x3qUBxavA4VlbL9usXb9
+CgXn/lm4vPMpfsu/nq7QLkMr0DVD5BctZeNBPUgRiwIDAQABo1MwUTAdBgNVHQ4E
+FgQUCoz+iGKfI6O/gPUfjWqTKhmrvwQwHwYDVR0jBBgwFoAUCoz+iGKfI6O/gPUf
+jWqTKhmrvwQwDwYDVR0TAQH/BAUwAwEB/zANBgkqhkiG9w0BAQsFAAOBgQA02G/e
+Y+vKeHVmyMmsMRPDE7iYp6FKIDPVCxwVQbhElAEaJ6S1AQ7x5+d5qFOOCqIkhDjW
+efVNILCbHBKz0hl/t/5PYZcAWQVaLqxdfSKUpnUL6Stj0mIfYPuKPSy1jbMbfKAc
+qD+PLYIHVcC4iLcwKSy4hyelW34sWD62o9LvNQ==
+-----END CERTIFICATE-----
 ";

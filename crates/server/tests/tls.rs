@@ -650,10 +650,78 @@ async fn a_reload_swaps_the_client_ca() {
     server.reloader.reload().unwrap();
     assert_eq!(kept.send_request(healthz()).await.unwrap().status(), 200);
 
+    // An HTTP/2 connection, and a TCP connection accepted but not yet handshaken, both from
+    // before the change.
+    let h2 = server
+        .client(
+            fx.client_options()
+                .with_client_cert(old_cert.0.clone(), old_cert.1.clone()),
+        )
+        .connect_raw()
+        .await
+        .unwrap();
+    let (mut h2, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(h2),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(h2_conn);
+    let put = || {
+        http::Request::builder()
+            .method("PUT")
+            .uri(format!(
+                "https://localhost:{}/v1/owners/alice/credentials/zoom.api-key",
+                server.addr.port()
+            ))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"value":"v"}"#,
+            )))
+            .unwrap()
+    };
+    assert_eq!(h2.send_request(put()).await.unwrap().status(), 201);
+    let early = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // accepted
+
     let new_ca = fx.dir.path().join("new-client-ca.pem");
     std::fs::write(&new_ca, &new_pki.ca_pem).unwrap();
     write(&new_ca);
     server.reloader.reload().unwrap();
+    // No request after the reload is served under the replaced CA's certificate: not on a
+    // stream of the HTTP/2 connection (an HTTP/2 client may keep it open), not on a
+    // connection whose handshake ran against the old CA while the reload happened.
+    let status = h2.send_request(put()).await.map(|r| r.status().as_u16());
+    assert!(!matches!(status, Ok(201)), "{status:?}");
+    let old_client = server.client(
+        fx.client_options()
+            .http1()
+            .with_client_cert(old_cert.0.clone(), old_cert.1.clone()),
+    );
+    if let Ok(tls) = old_client.handshake_over(early).await {
+        let status = async {
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .method("PUT")
+                .uri("/v1/owners/alice/credentials/zoom.api-key")
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"value":"v"}"#,
+                )))
+                .unwrap();
+            send.send_request(req)
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        assert!(!matches!(status, Ok(201)), "{status:?}");
+    }
     // Its certificate was accepted under the replaced CA: the server closes it.
     tokio::time::timeout(Duration::from_secs(5), kept_conn)
         .await
