@@ -1347,12 +1347,14 @@ impl Server {
             // Subscribed before the acceptor is taken: a reload between the two is then seen
             // as a change, and the connection handshaken under the old CA is closed.
             let client_trust = reloader.inner.client_trust.subscribe();
+            let trust_at_accept = *client_trust.borrow();
             let conn = Connection {
                 acceptor: acceptor.read().unwrap_or_else(|e| e.into_inner()).clone(),
                 builder: builder.clone(),
                 router: router.clone(),
                 watcher: graceful.watcher(),
                 client_trust,
+                trust_at_accept,
                 close_grace: Duration::from_secs(limits.request_timeout_seconds),
                 handshake_timeout,
                 idle_timeout,
@@ -1820,6 +1822,8 @@ struct Connection {
     watcher: Watcher,
     /// Changes when a reload changes the client CA (see `ReloaderInner::client_trust`).
     client_trust: tokio::sync::watch::Receiver<[u8; 32]>,
+    /// The client CA digest when the connection was accepted (its handshake ran under it).
+    trust_at_accept: [u8; 32],
     /// How long a connection asked to close may finish its requests in flight (an HTTP/2
     /// client that never acknowledges the closing GOAWAY's PING would keep it open).
     close_grace: Duration,
@@ -1883,6 +1887,10 @@ impl Connection {
         // closes included).
         let distrusted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let distrusted_in_service = distrusted.clone();
+        // Checked at each request too, not only when this task next runs: a request read
+        // right after the reload returned must not slip in before the flag is set.
+        let trust_now = self.client_trust.clone();
+        let trust_at_accept = self.trust_at_accept;
         let router = self.router;
         let activity = Activity::new();
         let requests = activity.clone();
@@ -1892,7 +1900,9 @@ impl Connection {
         let drain_bytes = self.max_body_bytes.saturating_mul(4);
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             if let Some(peer) = &peer {
-                if !distrusted_in_service.load(std::sync::atomic::Ordering::Acquire) {
+                let distrusted = distrusted_in_service.load(std::sync::atomic::Ordering::Acquire)
+                    || *trust_now.borrow() != trust_at_accept;
+                if !distrusted {
                     req.extensions_mut().insert(peer.clone());
                 }
             }
