@@ -560,6 +560,28 @@ fn versions_under_another_key_provider_are_pointed_out() {
             time::OffsetDateTime::now_utc(),
         );
         store.put_version(moved).await.unwrap();
+        // Under a version this keyring file does not hold (an older copy restored), and
+        // under another keyring.
+        let keyring: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(data.join("keyring.json")).unwrap())
+                .unwrap();
+        let key_id = keyring["key_id"].as_str().unwrap();
+        for (name, kek) in [
+            ("later.key", KekRef::new("local", key_id, 7)),
+            ("elsewhere.key", KekRef::new("local", "kr-another", 1)),
+        ] {
+            let v = NewVersion::new(
+                "alice",
+                name,
+                1,
+                vec![1; 48],
+                vec![2; 40],
+                kek,
+                "user:alice",
+                time::OffsetDateTime::now_utc(),
+            );
+            store.put_version(v).await.unwrap();
+        }
         store.close().await;
     });
 
@@ -577,6 +599,16 @@ fn versions_under_another_key_provider_are_pointed_out() {
         warned.len() == 1
             && warned[0].contains("transit:app-key:v3")
             && warned[0].contains("credential_versions=1"),
+        "{stderr}"
+    );
+    let unheld: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("this keyring file does not hold"))
+        .collect();
+    assert!(
+        unheld.len() == 2
+            && unheld.iter().any(|l| l.contains(":v7"))
+            && unheld.iter().any(|l| l.contains("local:kr-another:v1")),
         "{stderr}"
     );
     let list = |json: bool| {
@@ -603,6 +635,14 @@ fn versions_under_another_key_provider_are_pointed_out() {
         .collect();
     assert_eq!(other.len(), 1, "{rows}");
     assert_eq!(other[0]["credential_versions"], 1);
+    let unheld = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "not-in-this-file")
+        .count();
+    assert_eq!(unheld, 2, "{rows}");
+    assert!(text.contains(":v7: 1 active credential versions sealed under a keyring version this file does not hold"), "{text}");
     assert_eq!(server.terminate().code(), Some(0));
 }
 

@@ -299,12 +299,37 @@ const NOT_PASSED_BACK: &[&str] = &[
     "proxy-connection",
 ];
 
-/// Parts of response header names that say the value is computed over the body (a length,
-/// a slice, a hash or a checksum, as cloud services name theirs: `x-amz-checksum-sha256`,
-/// `x-goog-hash`, `x-amzn-remapped-content-length`, `content-range`): not passed back either,
-/// whatever the exact name.
+/// Parts of response header names that say the value is computed over the body (a length or
+/// size, a slice, a hash, checksum, signature or MAC, a time that grows with it, as services
+/// name theirs: `x-amz-checksum-sha256`, `x-goog-hash`, `x-amzn-remapped-content-length`,
+/// `content-range`, `x-jws-signature`, `x-response-time`): not passed back either, whatever
+/// the exact name. A list of names cannot be complete; with an upstream that echoes the value,
+/// a service can test guesses of it anyway (see the README).
 const BODY_DERIVED_NAME_PARTS: &[&str] = &[
-    "length", "range", "etag", "digest", "checksum", "hash", "md5", "crc", "sha", "timing",
+    "length",
+    "size",
+    "bytes",
+    "range",
+    "etag",
+    "digest",
+    "checksum",
+    "hash",
+    "md5",
+    "crc",
+    "sha",
+    "blake",
+    "signature",
+    "-sig",
+    "hmac",
+    "-mac",
+    "jws",
+    "fingerprint",
+    "integrity",
+    "timing",
+    "time",
+    "took",
+    "elapsed",
+    "duration",
 ];
 
 /// Whether a response header is not handed back to the service (see [`NOT_PASSED_BACK`]).
@@ -872,6 +897,23 @@ mod tests {
             "server-timing",
             "content-md5",
             "repr-digest",
+            "x-request-signature",
+            "x-jws-signature",
+            "x-sig",
+            "x-hmac",
+            "x-content-hmac",
+            "x-mac",
+            "x-fingerprint",
+            "x-blake3",
+            "x-integrity",
+            "x-body-size",
+            "x-bytes",
+            "x-runtime",
+            "x-response-time",
+            "x-envoy-upstream-service-time",
+            "x-took",
+            "x-elapsed",
+            "x-duration",
         ] {
             assert!(not_passed_back(name), "{name}");
         }

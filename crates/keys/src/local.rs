@@ -301,6 +301,11 @@ impl LocalKeyring {
         )
     }
 
+    /// The keyring file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The keyring's key id.
     pub fn key_id(&self) -> &str {
         &self.key_id

@@ -1291,6 +1291,7 @@ impl Server {
         let foreign_check = tokio::spawn(warn_about_foreign_versions(
             state.vault().store().clone(),
             openable_kinds(state.vault().keys().as_ref(), hierarchy.as_deref()),
+            reloader.inner.keyring.clone(),
         ));
         // Likewise a `keys rotate` of the KEK hierarchy, on any node sharing the store.
         // In strict mode, the provider's own versions.
@@ -1560,6 +1561,26 @@ pub fn foreign_versions(counts: &[(KekRef, u64)], openable: &[String]) -> Vec<(K
         .collect()
 }
 
+/// The credential versions, by KEK, sealed by the local keyring but under a key id or a
+/// version the keyring file `key_id` with `held` versions does not have: an older copy of
+/// the file restored, or another keyring. They answer 503 `key_unavailable` until the file
+/// that has them is back.
+pub fn unheld_local_versions(
+    counts: &[(KekRef, u64)],
+    key_id: &str,
+    held: &[u32],
+) -> Vec<(KekRef, u64)> {
+    counts
+        .iter()
+        .filter(|(kek, n)| {
+            *n > 0
+                && kek.provider == strongroom_keys::local::KIND
+                && (kek.key_id != key_id || !held.contains(&kek.version))
+        })
+        .cloned()
+        .collect()
+}
+
 /// The provider kinds this server opens: its provider's, and in hierarchy mode also the root
 /// provider's (versions it sealed directly, before the hierarchy).
 fn openable_kinds(provider: &dyn KeyProvider, hierarchy: Option<&KekHierarchy>) -> Vec<String> {
@@ -1570,7 +1591,11 @@ fn openable_kinds(provider: &dyn KeyProvider, hierarchy: Option<&KekHierarchy>) 
 
 /// Says at start, once, if the store holds versions this server's key provider cannot open
 /// (see [`foreign_versions`]). In the background: counting reads every active version.
-async fn warn_about_foreign_versions(store: Arc<dyn Store>, openable: Vec<String>) {
+async fn warn_about_foreign_versions(
+    store: Arc<dyn Store>,
+    openable: Vec<String>,
+    keyring: Option<Arc<LocalKeyring>>,
+) {
     let counts = match store.count_versions_by_kek().await {
         Ok(c) => c,
         Err(e) => {
@@ -1578,6 +1603,19 @@ async fn warn_about_foreign_versions(store: Arc<dyn Store>, openable: Vec<String
             return;
         }
     };
+    if let Some(ring) = keyring {
+        let held: Vec<u32> = ring.list().iter().map(|k| k.version).collect();
+        for (kek, n) in unheld_local_versions(&counts, ring.key_id(), &held) {
+            tracing::warn!(
+                kek = format_args!("{}:{}:v{}", kek.provider, kek.key_id, kek.version),
+                credential_versions = n,
+                keyring = %ring.path().display(),
+                "credential versions are sealed under a keyring version this keyring file does \
+                 not hold (an older copy restored, or another keyring?): they answer 503 \
+                 key_unavailable until the file that holds it is back"
+            );
+        }
+    }
     for (kek, n) in foreign_versions(&counts, &openable) {
         tracing::warn!(
             kek = format_args!("{}:{}:v{}", kek.provider, kek.key_id, kek.version),

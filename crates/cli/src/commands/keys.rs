@@ -280,6 +280,12 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
             let foreign = counts.as_deref().map_or_else(Vec::new, |c| {
                 strongroom_server::foreign_versions(c, &[local::KIND.to_owned()])
             });
+            // Versions under a keyring version this file lacks (an older copy, another
+            // keyring): listed, not left out.
+            let held: Vec<u32> = keys.iter().map(|k| k.version).collect();
+            let unheld = counts.as_deref().map_or_else(Vec::new, |c| {
+                strongroom_server::unheld_local_versions(c, ring.key_id(), &held)
+            });
             if json {
                 let mut rows: Vec<serde_json::Value> = keys
                     .iter()
@@ -292,6 +298,12 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                     })
                     .collect();
                 rows.extend(foreign.iter().map(other_provider_row));
+                rows.extend(unheld.iter().map(|(k, n)| {
+                    serde_json::json!({
+                        "provider": k.provider, "key_id": k.key_id, "version": k.version,
+                        "state": NOT_IN_THIS_FILE, "credential_versions": n,
+                    })
+                }));
                 let text = serde_json::to_string_pretty(&rows)
                     .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
                 println!("{text}");
@@ -308,6 +320,14 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 }
                 for (k, n) in &foreign {
                     println!("{}", other_provider_line(k, *n));
+                }
+                for (k, n) in &unheld {
+                    println!(
+                        "{}:{}:v{}: {n} active credential versions sealed under a keyring \
+                         version this file does not hold (an older copy restored, or another \
+                         keyring?): they cannot be opened until the file that holds it is back",
+                        k.provider, k.key_id, k.version
+                    );
                 }
             }
         }
@@ -421,6 +441,9 @@ async fn remote_list(config: Config, json: bool) -> Result<(), Failure> {
 /// The `keys list` state of versions sealed by a key provider this configuration does not
 /// use: they answer 503 until moved (`rewrap --to-config`).
 const OTHER_PROVIDER: &str = "other-provider";
+
+/// The `state` of a `keys list --json` row for a keyring version the file lacks.
+const NOT_IN_THIS_FILE: &str = "not-in-this-file";
 
 fn other_provider_row((k, n): &(KekRef, u64)) -> serde_json::Value {
     serde_json::json!({
