@@ -27,6 +27,18 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The configuration operator commands use for the dev layout in `data`.
+fn operator_config(data: &std::path::Path) -> Config {
+    Config::load_for_operator(
+        None,
+        &Overrides {
+            data_dir: Some(data.to_owned()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap()
+}
+
 fn run_ok(args: &[&str], target: &[&std::ffi::OsStr]) -> String {
     let out = strongroom()
         .args(args)
@@ -298,14 +310,7 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
     let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
     const SEEDED: u32 = 4000;
     let rt = rt();
-    let config = Config::load_for_operator(
-        None,
-        &Overrides {
-            data_dir: Some(data.clone()),
-            ..Overrides::default()
-        },
-    )
-    .unwrap();
+    let config = operator_config(&data);
     rt.block_on(async {
         let backends = Backends::open(&config).await.unwrap();
         let vault = backends.vault();
@@ -468,14 +473,7 @@ fn rotating_a_restored_older_keyring_is_refused() {
     let keyring = data.join("keyring.json");
     let backup = std::fs::read(&keyring).unwrap();
     run_ok(&["keys", "rotate"], &dd);
-    let config = Config::load_for_operator(
-        None,
-        &Overrides {
-            data_dir: Some(data.clone()),
-            ..Overrides::default()
-        },
-    )
-    .unwrap();
+    let config = operator_config(&data);
     rt().block_on(async {
         let backends = Backends::open(&config).await.unwrap();
         strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)

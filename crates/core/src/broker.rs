@@ -277,18 +277,12 @@ const RESERVED_HEADERS: &[&str] = &[
     "x-strongroom-on-behalf-of",
 ];
 
-/// Response headers not passed back: hop-by-hop ones, and those computed over the body's
-/// bytes (the body handed back is the scrubbed one; the upstream's length, ETag or digest of
-/// the unscrubbed body would tell the value's length, or the value itself when it is short
-/// enough to guess offline). Dropped whether or not anything was redacted: the scrubber can
-/// miss an encoding.
+/// Hop-by-hop response headers, not passed back; nor are those computed over the body's
+/// bytes ([`BODY_DERIVED_NAME_PARTS`]: the body handed back is the scrubbed one, and the
+/// upstream's length, ETag or digest of the unscrubbed body would tell the value's length,
+/// or the value itself when it is short enough to guess offline), whether or not anything
+/// was redacted: the scrubber can miss an encoding.
 const NOT_PASSED_BACK: &[&str] = &[
-    "content-length",
-    "etag",
-    "content-md5",
-    "digest",
-    "content-digest",
-    "repr-digest",
     "connection",
     "keep-alive",
     "transfer-encoding",

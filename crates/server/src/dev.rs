@@ -21,7 +21,7 @@
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -399,15 +399,7 @@ fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
 /// Refuses a secret file that group or others may read or write.
 pub(crate) fn check_private(path: &Path) -> Result<(), ServerError> {
     let meta = fs::metadata(path).map_err(ServerError::file("secret file", path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(ServerError::Config(format!(
-            "secret file {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        )));
-    }
-    Ok(())
+    crate::trusted::refuse_readable_by_others(path, &meta, "secret file")
 }
 
 /// An exclusive lock on `DIR/.dev.lock`, held while the layout is made or checked.

@@ -1920,13 +1920,10 @@ impl Connection {
                 subject_alt_names: tls::subject_alt_names(leaf),
             });
         let peer_presented = peer.is_some();
-        // Set once the client CA that accepted this certificate is replaced: requests from
-        // then on carry no certificate identity (HTTP/2 streams opened while the connection
-        // closes included).
-        let distrusted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let distrusted_in_service = distrusted.clone();
-        // Checked at each request too, not only when this task next runs: a request read
-        // right after the reload returned must not slip in before the flag is set.
+        // Once the client CA that accepted this certificate is replaced, requests carry no
+        // certificate identity (HTTP/2 streams opened while the connection closes included).
+        // Checked at each request, not when this task next runs: a request read right after
+        // the reload returned must not slip in first.
         let trust_now = self.client_trust.clone();
         let trust_at_accept = self.trust_at_accept;
         let router = self.router;
@@ -1938,9 +1935,7 @@ impl Connection {
         let drain_bytes = self.max_body_bytes.saturating_mul(4);
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             if let Some(peer) = &peer {
-                let distrusted = distrusted_in_service.load(std::sync::atomic::Ordering::Acquire)
-                    || *trust_now.borrow() != trust_at_accept;
-                if !distrusted {
+                if *trust_now.borrow() == trust_at_accept {
                     req.extensions_mut().insert(peer.clone());
                 }
             }
@@ -2009,7 +2004,6 @@ impl Connection {
                 // Its certificate was accepted under a client CA no longer in force.
                 changed = client_trust.changed(), if !closing && peer_presented => {
                     if changed.is_ok() {
-                        distrusted.store(true, std::sync::atomic::Ordering::Release);
                         tracing::debug!(%remote, "client CA changed: closing a connection that presented a certificate");
                         conn.as_mut().graceful_shutdown();
                         closing = true;

@@ -79,18 +79,35 @@ fn read_private(
     let mut file = File::open(path).map_err(ServerError::file(what, path))?;
     let meta = file.metadata().map_err(ServerError::file(what, path))?;
     check_meta(path, &meta, what, false)?;
+    if secret {
+        refuse_readable_by_others(path, &meta, what)?;
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.read_to_end(&mut bytes)
+        .map_err(ServerError::file(what, path))?;
+    Ok(bytes)
+}
+
+/// Refuses a secret file (`meta` is its metadata) that group or others may read: whoever
+/// reads it holds the secret.
+///
+/// # Errors
+///
+/// [`ServerError::Config`] with the `chmod` that fixes it.
+pub(crate) fn refuse_readable_by_others(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    what: &str,
+) -> Result<(), ServerError> {
     let mode = meta.permissions().mode() & 0o777;
-    if secret && mode & 0o077 != 0 {
+    if mode & 0o077 != 0 {
         return Err(ServerError::Config(format!(
             "{what} {} has mode {mode:04o}, so group or others can read it; run `chmod 600 {}`",
             path.display(),
             path.display()
         )));
     }
-    let mut bytes = Zeroizing::new(Vec::new());
-    file.read_to_end(&mut bytes)
-        .map_err(ServerError::file(what, path))?;
-    Ok(bytes)
+    Ok(())
 }
 
 /// Reads a trusted text file: checked through the handle it is read from, and its folders.
