@@ -64,6 +64,8 @@ pub struct BrokerSettings {
     pub max_response_bytes: usize,
     /// Largest body the caller may have sent.
     pub max_request_body_bytes: usize,
+    /// Response headers passed back besides the default ones ([`PASSED_BACK`]).
+    pub pass_response_headers: Vec<PassedHeader>,
 }
 
 impl Default for BrokerSettings {
@@ -75,6 +77,7 @@ impl Default for BrokerSettings {
             timeout: Duration::from_secs(20),
             max_response_bytes: 1024 * 1024,
             max_request_body_bytes: 256 * 1024,
+            pass_response_headers: Vec::new(),
         }
     }
 }
@@ -277,12 +280,46 @@ const RESERVED_HEADERS: &[&str] = &[
     "x-strongroom-on-behalf-of",
 ];
 
-/// Hop-by-hop response headers, not passed back; nor are those computed over the body's
-/// bytes ([`BODY_DERIVED_NAME_PARTS`]: the body handed back is the scrubbed one, and the
-/// upstream's length, ETag or digest of the unscrubbed body would tell the value's length,
-/// or the value itself when it is short enough to guess offline), whether or not anything
-/// was redacted: the scrubber can miss an encoding.
-const NOT_PASSED_BACK: &[&str] = &[
+/// The response headers handed back to the service, unless `[broker]
+/// pass_response_headers` names more: what a client needs to read the answer, follow it
+/// up (a redirect, pagination, a retry, an authentication challenge) and correlate it, and
+/// nothing computed over the body. An allow-list, because the headers an upstream computes
+/// over its body (`Content-Length`, `ETag`, digests, checksums, signatures, timings) carry
+/// what the body held before it was scrubbed, under names no list of refusals can
+/// foresee (`x-adler32`, `x-len`, `x-latency`). `Set-Cookie` is not here: a session an
+/// upstream opens for the credential is as good as the credential while it lasts.
+const PASSED_BACK: &[&str] = &[
+    "content-type",
+    "content-language",
+    "content-location",
+    "location",
+    "link",
+    "cache-control",
+    "expires",
+    "pragma",
+    "vary",
+    "date",
+    "last-modified",
+    "retry-after",
+    "www-authenticate",
+    "allow",
+    "request-id",
+    "x-request-id",
+    "x-correlation-id",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-used",
+    "x-ratelimit-resource",
+];
+
+/// Hop-by-hop response headers: never passed back, even when an operator names them.
+const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "transfer-encoding",
@@ -296,9 +333,10 @@ const NOT_PASSED_BACK: &[&str] = &[
 /// Parts of response header names that say the value is computed over the body (a length or
 /// size, a slice, a hash, checksum, signature or MAC, a time that grows with it, as services
 /// name theirs: `x-amz-checksum-sha256`, `x-goog-hash`, `x-amzn-remapped-content-length`,
-/// `content-range`, `x-jws-signature`, `x-response-time`): not passed back either, whatever
-/// the exact name. A list of names cannot be complete; with an upstream that echoes the value,
-/// a service can test guesses of it anyway (see the README).
+/// `content-range`, `x-jws-signature`, `x-response-time`): an operator's
+/// `pass_response_headers` may not name such a header. The allow-list is what keeps the
+/// others out; with an upstream that echoes the value, a service can test guesses of it
+/// anyway (see the README).
 const BODY_DERIVED_NAME_PARTS: &[&str] = &[
     "length",
     "size",
@@ -326,9 +364,66 @@ const BODY_DERIVED_NAME_PARTS: &[&str] = &[
     "duration",
 ];
 
-/// Whether a response header is not handed back to the service (see [`NOT_PASSED_BACK`]).
-fn not_passed_back(name: &str) -> bool {
-    NOT_PASSED_BACK.contains(&name) || BODY_DERIVED_NAME_PARTS.iter().any(|p| name.contains(p))
+/// A response header name, or a prefix ending in `*`, that `[broker] pass_response_headers`
+/// adds to [`PASSED_BACK`]. Lower-case, as HTTP/2 and hyper give names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassedHeader(String);
+
+impl PassedHeader {
+    /// Checks an operator's entry: a header name or a prefix such as `x-github-*`, not a
+    /// hop-by-hop header nor one whose name says it is computed over the body.
+    ///
+    /// # Errors
+    ///
+    /// Why the entry is refused (the entry is the operator's, never a secret).
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        let lower = entry.to_ascii_lowercase();
+        let (name, prefix) = match lower.strip_suffix('*') {
+            Some(p) => (p, true),
+            None => (lower.as_str(), false),
+        };
+        if name.is_empty() {
+            return Err(format!(
+                "{entry:?} would pass back every header, including those computed over the body"
+            ));
+        }
+        let token = name.strip_suffix('-').unwrap_or(name);
+        if token.is_empty() || HeaderName::from_bytes(token.as_bytes()).is_err() {
+            return Err(format!(
+                "{entry:?} is not a header name (or a prefix of one ending in *)"
+            ));
+        }
+        if !prefix && HOP_BY_HOP.contains(&name) {
+            return Err(format!("{entry:?} is a hop-by-hop header"));
+        }
+        if prefix && HOP_BY_HOP.iter().any(|h| h.starts_with(name)) {
+            return Err(format!("{entry:?} would pass back a hop-by-hop header"));
+        }
+        if let Some(part) = BODY_DERIVED_NAME_PARTS.iter().find(|p| name.contains(*p)) {
+            return Err(format!(
+                "{entry:?} names a header computed over the body (its name holds {part:?}): \
+                 it would tell what the body held before the value was scrubbed out"
+            ));
+        }
+        Ok(Self(lower))
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == self.0,
+        }
+    }
+}
+
+/// Whether a response header is handed back to the service: on the allow-list
+/// ([`PASSED_BACK`] and the operator's `extra`), and neither hop-by-hop nor, by its name,
+/// computed over the body (a prefix such as `x-amz-*` must not let `x-amz-checksum-crc32`
+/// through).
+fn passed_back(name: &str, extra: &[PassedHeader]) -> bool {
+    (PASSED_BACK.contains(&name) || extra.iter().any(|e| e.matches(name)))
+        && !HOP_BY_HOP.contains(&name)
+        && !BODY_DERIVED_NAME_PARTS.iter().any(|p| name.contains(p))
 }
 
 /// The use case. Cheap to share behind an `Arc`.
@@ -786,11 +881,12 @@ impl Broker {
         // Scrubbing a large body is CPU work: off the async workers, so other requests (and
         // other calls' timeouts) do not wait behind it.
         let status = response.status.as_u16();
+        let pass_response_headers = self.settings.pass_response_headers.clone();
         tokio::task::spawn_blocking(move || {
             let mut redacted = false;
             let mut out_headers: Vec<(String, String)> = Vec::new();
             for name in response.headers.keys() {
-                if not_passed_back(name.as_str()) {
+                if !passed_back(name.as_str(), &pass_response_headers) {
                     continue;
                 }
                 let joined = response
@@ -873,52 +969,76 @@ fn check_format(format: Option<&str>) -> Result<(), BrokerError> {
 mod tests {
     use super::*;
 
-    /// Headers whose values come from the body's bytes (lengths, slices, hashes, checksums,
-    /// by cloud services' names too) are not handed back; others are.
+    /// Only the allow-listed response headers are handed back: not those computed over the
+    /// body (by whatever name), nor any other an upstream invents.
     #[test]
-    fn body_derived_headers_are_not_passed_back() {
+    fn only_allow_listed_headers_are_passed_back() {
         for name in [
             "content-length",
             "etag",
             "x-amz-checksum-sha256",
             "x-goog-hash",
-            "x-amzn-remapped-content-length",
-            "x-original-content-length",
             "content-range",
-            "content-crc32",
-            "x-content-sha256",
-            "x-etag",
-            "server-timing",
             "content-md5",
             "repr-digest",
-            "x-request-signature",
-            "x-jws-signature",
-            "x-sig",
-            "x-hmac",
-            "x-content-hmac",
-            "x-mac",
-            "x-fingerprint",
-            "x-blake3",
-            "x-integrity",
-            "x-body-size",
-            "x-bytes",
-            "x-runtime",
-            "x-response-time",
-            "x-envoy-upstream-service-time",
-            "x-took",
-            "x-elapsed",
-            "x-duration",
+            "server-timing",
+            // Body-derived names no refusal list caught.
+            "x-adler32",
+            "x-len",
+            "x-latency",
+            "x-anything",
+            "set-cookie",
+            "connection",
         ] {
-            assert!(not_passed_back(name), "{name}");
+            assert!(!passed_back(name, &[]), "{name}");
         }
         for name in [
             "content-type",
             "date",
+            "location",
+            "link",
+            "retry-after",
+            "www-authenticate",
             "x-request-id",
             "x-ratelimit-remaining",
-            "location",
         ] {
-            assert!(!not_passed_back(name), "{name}");
+            assert!(passed_back(name, &[]), "{name}");
+        }
+        // The defaults themselves are neither hop-by-hop nor body-derived by name.
+        for name in PASSED_BACK {
+            assert!(PassedHeader::parse(name).is_ok(), "{name}");
+        }
+    }
+
+    /// An operator's extra names and prefixes are passed back; a prefix does not let a
+    /// body-derived or hop-by-hop header through, and such names are refused as entries.
+    #[test]
+    fn operator_extras_are_passed_back_but_never_body_derived_ones() {
+        let extra: Vec<PassedHeader> = ["X-GitHub-Request-Id", "x-amz-*", "x-len"]
+            .iter()
+            .filter_map(|e| PassedHeader::parse(e).ok())
+            .collect();
+        assert_eq!(extra.len(), 3);
+        assert!(passed_back("x-github-request-id", &extra));
+        assert!(passed_back("x-amz-request-id", &extra));
+        assert!(passed_back("x-len", &extra));
+        assert!(!passed_back("x-amz-checksum-crc32", &extra));
+        assert!(!passed_back("x-amz-content-sha256", &extra));
+        assert!(!passed_back("x-github-other", &extra));
+
+        for refused in [
+            "etag",
+            "Content-Length",
+            "x-amz-checksum-*",
+            "x-response-time",
+            "connection",
+            "transfer-*",
+            "*",
+            "-*",
+            "x y",
+            "",
+        ] {
+            assert!(PassedHeader::parse(refused).is_err(), "{refused:?}");
         }
     }
 

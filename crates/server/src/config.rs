@@ -68,6 +68,7 @@
 //! | `broker.timeout_seconds` | 20 (at most `limits.request_timeout_seconds` − 1) | a whole brokered call, DNS included; must be below `limits.request_timeout_seconds` |
 //! | `broker.max_response_bytes` | 1048576 | largest upstream response body (502 beyond) |
 //! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
+//! | `broker.pass_response_headers` | `[]` | upstream response headers handed back besides the default ones (names, or prefixes ending in `*`: `["x-github-request-id", "x-stripe-*"]`); hop-by-hop headers and names that speak of a length, hash, digest, signature or time are refused |
 //! | `audit.jsonl` | — | also append each committed audit record as a JSON line to this file (mode 0600), or `"-"` for stdout |
 //! | `log.format` | `"json"` | `"json"` or `"text"` (logs go to stderr) |
 //! | `log.level` | `"info"` | a level or `tracing` filter directives (`info,strongroom_api=debug`); a bare `debug` or `trace` applies to Strongroom's own crates only, dependencies stay at `info` unless named (their debug output can hold request bodies, e.g. KMS data keys) |
@@ -102,6 +103,7 @@ use std::time::Duration;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::Deserialize;
+use strongroom_core::broker::PassedHeader;
 
 use crate::error::ServerError;
 
@@ -185,6 +187,9 @@ pub struct BrokerConfig {
     pub max_response_bytes: usize,
     /// Largest body a service may have forwarded, in bytes.
     pub max_request_body_bytes: usize,
+    /// Upstream response headers handed back besides the default ones: names, or prefixes
+    /// ending in `*`.
+    pub pass_response_headers: Vec<String>,
 }
 
 impl Default for BrokerConfig {
@@ -196,6 +201,7 @@ impl Default for BrokerConfig {
             timeout_seconds: None,
             max_response_bytes: 1024 * 1024,
             max_request_body_bytes: 256 * 1024,
+            pass_response_headers: Vec::new(),
         }
     }
 }
@@ -214,6 +220,12 @@ impl BrokerConfig {
             timeout: Duration::from_secs(timeout),
             max_response_bytes: self.max_response_bytes,
             max_request_body_bytes: self.max_request_body_bytes,
+            // Checked by `validate`; an entry refused there never reaches here.
+            pass_response_headers: self
+                .pass_response_headers
+                .iter()
+                .filter_map(|e| PassedHeader::parse(e).ok())
+                .collect(),
         }
     }
 }
@@ -1276,6 +1288,11 @@ impl Config {
         }
         if b.max_request_body_bytes > 64 * 1024 * 1024 {
             return bad("broker.max_request_body_bytes", "must be at most 67108864");
+        }
+        for entry in &b.pass_response_headers {
+            if let Err(e) = PassedHeader::parse(entry) {
+                return bad("broker.pass_response_headers", &e);
+            }
         }
         if let Err(e) = crate::logging::filter(&self.log.level) {
             return bad("log.level", &e);

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Jail;
+use strongroom_core::broker::PassedHeader;
 use strongroom_server::config::{ClientAuth, Config, LogFormat, Overrides, StoreKind};
 use strongroom_server::ServerError;
 
@@ -414,6 +415,46 @@ fn the_broker_section_has_defaults_and_reads_the_environment() {
         jail.set_env("STRONGROOM_BROKER__TYPO", "1");
         let e = err_of(load("b.toml", &Overrides::default()));
         assert!(e.contains("STRONGROOM_BROKER__TYPO"), "{e}");
+        Ok(())
+    });
+}
+
+/// Response headers to pass back besides the default ones come from the file or the
+/// environment; one computed over the body, a hop-by-hop one, or a bare `*` is refused with
+/// the key named.
+#[test]
+fn extra_response_headers_are_read_and_body_derived_ones_refused() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file(
+            "p.toml",
+            &format!(
+                "{MINIMAL}[broker]\npass_response_headers = [\"X-GitHub-Request-Id\", \"x-stripe-*\"]\n"
+            ),
+        )?;
+        let c = load("p.toml", &Overrides::default()).unwrap();
+        let s = c.broker.settings(&c.limits);
+        assert_eq!(
+            s.pass_response_headers,
+            [
+                PassedHeader::parse("x-github-request-id").unwrap(),
+                PassedHeader::parse("x-stripe-*").unwrap()
+            ]
+        );
+        jail.set_env("STRONGROOM_BROKER__PASS_RESPONSE_HEADERS", "[\"x-one\"]");
+        let c = load("p.toml", &Overrides::default()).unwrap();
+        assert_eq!(
+            c.broker.settings(&c.limits).pass_response_headers,
+            [PassedHeader::parse("x-one").unwrap()]
+        );
+        for refused in ["etag", "x-amz-checksum-*", "connection", "*"] {
+            jail.set_env(
+                "STRONGROOM_BROKER__PASS_RESPONSE_HEADERS",
+                format!("[\"{refused}\"]"),
+            );
+            let e = err_of(load("p.toml", &Overrides::default()));
+            assert!(e.contains("broker.pass_response_headers"), "{refused}: {e}");
+        }
         Ok(())
     });
 }

@@ -611,7 +611,10 @@ pub struct BasicBody {
 pub struct BrokerResponseView {
     /// The upstream's status. Redirects are not followed: a 3xx comes back as is.
     pub status: u16,
-    /// The upstream's headers (hop-by-hop ones dropped; repeated names joined with `, `).
+    /// The upstream's headers on the allow-list (`Content-Type`, `Location`, `Link`, caching,
+    /// `Date`, `Retry-After`, `WWW-Authenticate`, request ids, rate limits, and the
+    /// operator's `[broker] pass_response_headers`), never one computed over the body;
+    /// repeated names joined with `, `.
     pub headers: std::collections::BTreeMap<String, String>,
     /// The body, when it is UTF-8.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -13,7 +13,8 @@
 //! * `/ce-echo`, `/te-echo`: the `Authorization` header's value echoed as the body's
 //!   `Content-Encoding` or transfer coding (before `chunked`);
 //! * `/digests`: the echo, with the headers servers compute over a body (`ETag`,
-//!   `Content-MD5`, `Digest`, `Content-Digest`, `Repr-Digest`).
+//!   `Content-MD5`, `Digest`, `Content-Digest`, `Repr-Digest`, and by names no list
+//!   foresees: `x-adler32`, `x-len`, `x-latency`), a `Set-Cookie` and an `x-request-id`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -74,6 +75,10 @@ impl Upstream {
             timeout: Duration::from_secs(2),
             max_response_bytes: 1024 * 1024,
             max_request_body_bytes: 64 * 1024,
+            // The echo of the `Authorization` header, to see header values scrubbed.
+            pass_response_headers: vec![
+                strongroom_core::broker::PassedHeader::parse("x-echo-*").unwrap()
+            ],
         }
     }
 
@@ -247,7 +252,13 @@ async fn handle(
                     .header(
                         "repr-digest",
                         "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:",
-                    );
+                    )
+                    // Names no refusal list foresaw.
+                    .header("x-adler32", "0x1c2b03e7")
+                    .header("x-len", body.len().to_string())
+                    .header("x-latency", "3ms")
+                    .header("set-cookie", "session=opened-with-the-value")
+                    .header("x-request-id", "req-1");
             }
             b.body(Full::new(Bytes::from(echo.to_string())))
         }
