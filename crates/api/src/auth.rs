@@ -6,7 +6,8 @@
 //! * JWTs are checked against keys that each fix their algorithm, so `alg: none` and
 //!   algorithm confusion (an RSA public key used as an HMAC secret) cannot pass: the header's
 //!   `alg` must equal the algorithm of the key that verifies it. `exp` is required; `nbf`,
-//!   `iss` and `aud` are checked (the last two when configured) with a small leeway.
+//!   `iat` (not in the future), `iss` and `aud` are checked (the last two when configured)
+//!   with a small leeway.
 //! * Keys come from an HS256 secret, a PEM public key, a JWKS document, or a JWKS URL
 //!   ([`RemoteJwks`](crate::jwks::RemoteJwks): cached, refreshed in the background and,
 //!   rate-limited, when a token names an unknown `kid`; see
@@ -90,7 +91,7 @@ pub struct JwtSettings {
     /// carrying it is refused on the user's own routes, so a service holding one reaches
     /// only what its policy rule allows.
     pub on_behalf_of_audience: Option<String>,
-    /// Clock leeway for `exp` and `nbf`, in seconds.
+    /// Clock leeway for `exp`, `nbf` and `iat`, in seconds.
     pub leeway_seconds: u64,
     /// Verification keys.
     pub keys: JwtKeySource,
@@ -184,8 +185,8 @@ struct Claims {
     _exp: Option<NumericDate>,
     #[serde(rename = "nbf")]
     _nbf: Option<NumericDate>,
-    #[serde(rename = "iat")]
-    _iat: Option<NumericDate>,
+    /// Checked here: the library reads it only for a maximum age.
+    iat: Option<NumericDate>,
 }
 
 /// What a user token is presented for.
@@ -216,8 +217,8 @@ impl Audience {
 
 /// A time claim the JWT library can check: a number of seconds from 0 to under 2^64. The
 /// library skips an `nbf` it cannot read as one (`1e20`, `-1`), so such a token was not
-/// held back at all; here it fails to decode.
-struct NumericDate;
+/// held back at all; here it fails to decode. Holds the seconds.
+struct NumericDate(f64);
 
 impl<'de> Deserialize<'de> for NumericDate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -227,14 +228,15 @@ impl<'de> Deserialize<'de> for NumericDate {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("seconds since 1970 as a number from 0 to under 2^64")
             }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<NumericDate, E> {
-                Ok(NumericDate)
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NumericDate, E> {
+                #[allow(clippy::cast_precision_loss)]
+                Ok(NumericDate(v as f64))
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<NumericDate, E> {
                 // The library's own bounds for a fractional time.
                 #[allow(clippy::cast_precision_loss)]
                 if v.is_finite() && v >= 0.0 && v < u64::MAX as f64 {
-                    Ok(NumericDate)
+                    Ok(NumericDate(v))
                 } else {
                     Err(E::custom("time claim out of range"))
                 }
@@ -479,6 +481,16 @@ impl Authenticator {
             }
             v.set_required_spec_claims(&required);
             if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
+                // Issued in the future (beyond the leeway): a clock that cannot be trusted, or
+                // a token made to outlive its `exp` check elsewhere. Refused, like an `nbf`
+                // still to come.
+                if let Some(iat) = &data.claims.iat {
+                    #[allow(clippy::cast_precision_loss)]
+                    let latest = (jsonwebtoken::get_current_timestamp() + self.leeway) as f64;
+                    if iat.0 > latest {
+                        return UserCheck::Invalid;
+                    }
+                }
                 // A token for delegation is not the user's own: a service holding one would
                 // otherwise reach every user route, not only what its rule allows.
                 if let (TokenUse::Own, Some(delegation)) = (purpose, &self.on_behalf_of_audience) {

@@ -561,6 +561,9 @@ async fn tokens_the_jwt_library_would_misread_are_refused() {
         with("nbf", json!((t + 100_000).to_string())),
         with("exp", json!((t + 600).to_string())),
         with("iat", json!("yesterday")),
+        // Issued in the future, beyond the leeway.
+        with("iat", json!(t + 3600)),
+        with("iat", json!(t as f64 + 3600.5)),
         // Out of the library's range, so it skipped the check: far in the future, or no time.
         with("nbf", json!(1e20)),
         with("nbf", json!(-1)),
@@ -587,6 +590,8 @@ async fn tokens_the_jwt_library_would_misread_are_refused() {
         with("nbf", json!(t - 10)),
         with("nbf", json!(t as f64 - 10.5)),
         with("iat", json!(t)),
+        // Within the leeway (5 s here).
+        with("iat", json!(t + 2)),
     ] {
         let r = api
             .call("GET", "/v1/me/credentials", Some(&fine), None)

@@ -39,7 +39,7 @@
 //! | `auth.jwt.issuer` | — | required `iss` of user tokens |
 //! | `auth.jwt.audience` | — | required `aud` of user tokens |
 //! | `auth.jwt.on_behalf_of_audience` | — | the `aud` a user token presented by a delegated service (`X-Strongroom-On-Behalf-Of`) must carry instead; tokens carrying it are refused on the user's own routes, so the service reaches only what its policy rule allows. Unset, delegated services present the user's own tokens (a warning when the policy has delegated rules) |
-//! | `auth.jwt.leeway_seconds` | 30 | clock leeway for `exp` and `nbf` |
+//! | `auth.jwt.leeway_seconds` | 30 | clock leeway for `exp`, `nbf` and `iat` (a token issued further in the future is refused) |
 //! | `auth.jwt.hs256_secret_file` | — | HS256 secret (the file's bytes, trailing whitespace removed; 32+ bytes) |
 //! | `auth.jwt.public_key_file` | — | PEM public key; needs `auth.jwt.algorithm` |
 //! | `auth.jwt.algorithm` | — | `"RS256"`, `"ES256"` or `"EdDSA"` (with `public_key_file`) |
@@ -565,7 +565,7 @@ pub struct JwtConfig {
     /// refused on the user's own routes.
     #[serde(default)]
     pub on_behalf_of_audience: Option<String>,
-    /// Leeway for `exp`/`nbf`.
+    /// Leeway for `exp`/`nbf`/`iat`.
     #[serde(default = "default_leeway")]
     pub leeway_seconds: u64,
     /// HS256 secret file.
