@@ -52,7 +52,7 @@
 //! | `auth.jwt.jwks_timeout_seconds` | 10 | one fetch, connecting included (1 to 60); documents over 512 KiB are refused |
 //! | `[[auth.service]]` `name`, `token_sha256` | — | a service bearer token, by its SHA-256 (hex) |
 //! | `[[auth.admin]]` `name`, `token_sha256` | — | an admin bearer token, by its SHA-256 (hex) |
-//! | `[[auth.mtls]]` `san`, `service` or `admin` | — | a client-certificate SAN and who it is: a DNS name (matches DNS-name SANs only) or a URI with its scheme (URI SANs only); a certificate naming two identities, or one plus a bearer token, is refused |
+//! | `[[auth.mtls]]` `san`, `service` or `admin` | — | a client-certificate SAN and who it is: a DNS name (matches DNS-name SANs only, whatever their case or trailing dot) or a URI with its scheme (URI SANs only); a certificate naming two identities, or one plus a bearer token, is refused |
 //! | `policy_file` | — (deny all) | service policy (TOML, see `policy.example.toml`); reloaded on SIGHUP |
 //! | `limits.max_connections` | 1024 | concurrent connections; more wait in the listen backlog |
 //! | `limits.request_timeout_seconds` | 30 | longest time a request may take |
@@ -1225,7 +1225,7 @@ impl Config {
                      with its scheme (`spiffe://...`, matched against URI SANs)",
                 );
             }
-            if !sans.insert(m.san.as_str()) {
+            if !sans.insert(mtls_key(&m.san)) {
                 return bad(&at("san"), &format!("{:?} is listed twice", m.san));
             }
             match (&m.service, &m.admin) {
@@ -1305,12 +1305,22 @@ impl Config {
         let (mut services, mut admins) = (HashMap::new(), HashMap::new());
         for m in &self.auth.mtls {
             if let Some(s) = &m.service {
-                services.insert(m.san.clone(), s.clone());
+                services.insert(mtls_key(&m.san), s.clone());
             } else if let Some(a) = &m.admin {
-                admins.insert(m.san.clone(), a.clone());
+                admins.insert(mtls_key(&m.san), a.clone());
             }
         }
         (services, admins)
+    }
+}
+
+/// A `[[auth.mtls]] san` as certificates' SANs are matched against it: a DNS name in the
+/// form `tls::subject_alt_names` gives them, a URI as written.
+fn mtls_key(san: &str) -> String {
+    if san.contains(':') {
+        san.to_owned()
+    } else {
+        crate::tls::dns_san_key(san)
     }
 }
 

@@ -222,11 +222,18 @@ pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            GeneralName::DNSName(s) if !s.contains([':', '/']) => Some((*s).to_owned()),
+            GeneralName::DNSName(s) if !s.contains([':', '/']) => Some(dns_san_key(s)),
             GeneralName::URI(s) if s.contains(':') => Some((*s).to_owned()),
             _ => None,
         })
         .collect()
+}
+
+/// A DNS name as `[[auth.mtls]] san` entries and certificates are matched: DNS names are
+/// case-insensitive (RFC 4343) and `svc.example.` is `svc.example`, so a certificate whose CA
+/// spells the name otherwise is not refused as unknown.
+pub(crate) fn dns_san_key(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 /// A client TLS configuration (ring, TLS 1.2 and 1.3) trusting `ca_pem` alone when given,

@@ -419,6 +419,39 @@ fn the_broker_section_has_defaults_and_reads_the_environment() {
     });
 }
 
+/// A DNS-name `san` is matched whatever its case and trailing dot, so two spellings of one
+/// name are one entry listed twice.
+#[test]
+fn a_dns_san_spelled_twice_is_listed_twice() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        let mtls = |a: &str, b: &str| {
+            format!(
+                "{MINIMAL}client_ca = \"ca.pem\"\n[[auth.mtls]]\nsan = \"{a}\"\nservice = \"s\"\n\
+                 [[auth.mtls]]\nsan = \"{b}\"\nservice = \"t\"\n"
+            )
+        };
+        for (a, b) in [
+            ("svc.example.test", "SVC.Example.test"),
+            ("svc.example.test", "svc.example.test."),
+        ] {
+            jail.create_file("m.toml", &mtls(a, b))?;
+            let e = err_of(load("m.toml", &Overrides::default()));
+            assert!(
+                e.contains("auth.mtls[1].san") && e.contains("listed twice"),
+                "{e}"
+            );
+        }
+        // URIs are matched as written (their paths are case-sensitive).
+        jail.create_file(
+            "m.toml",
+            &mtls("spiffe://example.test/a", "spiffe://example.test/A"),
+        )?;
+        load("m.toml", &Overrides::default()).unwrap();
+        Ok(())
+    });
+}
+
 /// Response headers to pass back besides the default ones come from the file or the
 /// environment; one computed over the body, a hop-by-hop one, or a bare `*` is refused with
 /// the key named.

@@ -566,6 +566,12 @@ async fn a_certificate_with_a_token_or_two_identities_is_refused() {
     assert_eq!(put_with_cert(&server, &fx, uri_as_dns, None).await, 401);
     let dns_as_uri = as_kind(rcgen::SanType::URI("ops.example.test".try_into().unwrap()));
     assert_eq!(get_with_cert(dns_as_uri, "/v1/keys", None).await, 401);
+    // DNS names match whatever their case, with or without the root's dot (RFC 4343).
+    let spelled_otherwise = fx.client_pki.leaf(&["OPS.Example.Test."], false);
+    assert_eq!(
+        get_with_cert(spelled_otherwise, "/v1/keys", None).await,
+        200
+    );
     // The token alone still works.
     let r = server
         .client(fx.client_options())
