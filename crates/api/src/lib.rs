@@ -99,6 +99,7 @@ struct Shared {
     auditor: std::sync::OnceLock<Auditor>,
     broker: RwLock<Option<Arc<Broker>>>,
     rotation: std::sync::OnceLock<Arc<dyn KeyRotation>>,
+    backend_health: routes::health::BackendHealth,
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -141,6 +142,7 @@ impl AppState {
             auditor: std::sync::OnceLock::new(),
             broker: RwLock::new(None),
             rotation: std::sync::OnceLock::new(),
+            backend_health: routes::health::BackendHealth::default(),
         }))
     }
 
@@ -159,6 +161,11 @@ impl AppState {
     /// The authentication settings in force.
     pub fn authenticator(&self) -> Arc<Authenticator> {
         self.auth()
+    }
+
+    /// The last verdict on the store and the key provider (`/readyz`).
+    pub(crate) fn backend_health(&self) -> &routes::health::BackendHealth {
+        &self.0.backend_health
     }
 
     /// The policy in force.

@@ -96,9 +96,17 @@ async fn readyz_fails_while_the_jwks_is_older_than_its_allowed_staleness() {
     assert_eq!(state, (StatusCode::OK, "ok".into()));
 }
 
-/// A key provider that never answers its health check.
+/// A key provider whose health check never answers (`Hung`), or answers as the test says
+/// and counts the calls (`Probed`).
 #[derive(Debug)]
 struct Hung(strongroom_crypto::testing::FakeProvider);
+
+#[derive(Debug)]
+struct Probed {
+    inner: strongroom_crypto::testing::FakeProvider,
+    calls: std::sync::atomic::AtomicUsize,
+    down: std::sync::atomic::AtomicBool,
+}
 
 #[async_trait::async_trait]
 impl strongroom_crypto::KeyProvider for Hung {
@@ -126,6 +134,140 @@ impl strongroom_crypto::KeyProvider for Hung {
     async fn health(&self) -> Result<(), strongroom_crypto::ProviderError> {
         std::future::pending().await
     }
+}
+
+#[async_trait::async_trait]
+impl strongroom_crypto::KeyProvider for Probed {
+    fn kind(&self) -> &str {
+        self.inner.kind()
+    }
+    fn active_kek(&self) -> Result<strongroom_crypto::KekRef, strongroom_crypto::ProviderError> {
+        self.inner.active_kek()
+    }
+    async fn wrap(
+        &self,
+        kek: &strongroom_crypto::KekRef,
+        key: &strongroom_crypto::Key256,
+        aad: &[u8],
+    ) -> Result<strongroom_crypto::WrappedKey, strongroom_crypto::ProviderError> {
+        self.inner.wrap(kek, key, aad).await
+    }
+    async fn unwrap(
+        &self,
+        wrapped: &strongroom_crypto::WrappedKey,
+        aad: &[u8],
+    ) -> Result<strongroom_crypto::Key256, strongroom_crypto::UnwrapError> {
+        self.inner.unwrap(wrapped, aad).await
+    }
+    async fn health(&self) -> Result<(), strongroom_crypto::ProviderError> {
+        use std::sync::atomic::Ordering;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        // As long as a remote call takes: probes that arrive meanwhile wait for it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(strongroom_crypto::ProviderError::new(
+                strongroom_crypto::ProviderErrorKind::Unavailable,
+                "probed",
+                "the provider is down",
+            ));
+        }
+        self.inner.health().await
+    }
+}
+
+/// A router over a fresh SQLite store and `provider`.
+async fn router_over(
+    dir: &std::path::Path,
+    provider: Arc<dyn strongroom_crypto::KeyProvider>,
+) -> axum::Router {
+    let store = Arc::new(
+        strongroom_store::sqlite::SqliteStore::open_dir(dir)
+            .await
+            .unwrap(),
+    );
+    let vault = Arc::new(strongroom_core::Vault::new(
+        store,
+        provider,
+        Arc::new(strongroom_crypto::OsRandom),
+        Arc::new(strongroom_core::SystemClock),
+        strongroom_core::VaultConfig::default(),
+    ));
+    let state = strongroom_api::AppState::new(
+        vault,
+        Authenticator::new(AuthSettings::default()).unwrap(),
+        strongroom_core::policy::Policy::from_toml("").unwrap(),
+        strongroom_api::ApiLimits::default(),
+    );
+    strongroom_api::router(state)
+}
+
+/// `n` probes at once.
+async fn readyz_together(router: &axum::Router, n: usize) -> Vec<StatusCode> {
+    let mut probes = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let router = router.clone();
+        probes.spawn(async move { readyz_status(&router).await });
+    }
+    probes.join_all().await
+}
+
+async fn readyz_status(router: &axum::Router) -> StatusCode {
+    tower::ServiceExt::oneshot(
+        router.clone(),
+        axum::http::Request::get("/readyz")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+    .status()
+}
+
+/// `/readyz` is unauthenticated: a flood of probes must not become a flood of key provider
+/// calls (KMS quota and bill). Probes during a check wait for its verdict, and a verdict
+/// stands for a second; a provider that goes down shows once it is older.
+#[tokio::test]
+async fn a_flood_of_probes_checks_the_provider_about_once_a_second() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(Probed {
+        inner: strongroom_crypto::testing::FakeProvider::new("probed", 1),
+        calls: Default::default(),
+        down: Default::default(),
+    });
+    let router = router_over(dir.path(), provider.clone()).await;
+
+    let together = readyz_together(&router, 50).await;
+    assert!(
+        together.iter().all(|s| *s == StatusCode::OK),
+        "{together:?}"
+    );
+    for _ in 0..50 {
+        assert_eq!(readyz_status(&router).await, StatusCode::OK);
+    }
+    let calls = provider.calls.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&calls),
+        "{calls} health checks for 100 probes"
+    );
+
+    // Down: seen once the verdict before is older than a second, then checked again only
+    // about once a second.
+    provider.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = provider.calls.load(Ordering::SeqCst);
+    let together = readyz_together(&router, 50).await;
+    assert!(
+        together
+            .iter()
+            .all(|s| *s == StatusCode::SERVICE_UNAVAILABLE),
+        "{together:?}"
+    );
+    let calls = provider.calls.load(Ordering::SeqCst) - before;
+    assert!(
+        (1..=2).contains(&calls),
+        "{calls} health checks for 50 probes"
+    );
 }
 
 /// A hung provider (or store) makes `/readyz` answer "unavailable" within its own deadline,

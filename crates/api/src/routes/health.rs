@@ -1,5 +1,7 @@
 //! `/healthz`, `/readyz`, `/metrics`, `/v1/openapi.json`: unauthenticated, value-free.
 
+use std::time::{Duration, Instant};
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -9,7 +11,41 @@ use super::views::HealthResponse;
 use crate::AppState;
 
 /// How long `/readyz` waits for the store and the key provider.
-const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+const READY_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long a verdict on the store and the key provider stands for `/readyz`.
+const BACKENDS_CHECKED_EVERY: Duration = Duration::from_secs(1);
+
+/// The last verdict on the store and the key provider, shared by `/readyz` requests: at most
+/// one check runs at a time, and one at most [`BACKENDS_CHECKED_EVERY`] old answers for all.
+/// `/readyz` is unauthenticated and each check calls the key provider (a KMS `DescribeKey`,
+/// a Transit key read, a PKCS#11 token scan): anyone who reaches the port could otherwise
+/// multiply probes into calls that throttle the account's real key use, and bill for them.
+#[derive(Default)]
+pub(crate) struct BackendHealth(tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>);
+
+impl BackendHealth {
+    async fn check(&self, vault: &strongroom_core::Vault) -> Result<(), String> {
+        // Requests that arrive during a check wait for its verdict rather than start another.
+        let mut last = self.0.lock().await;
+        if let Some((at, verdict)) = last.as_ref() {
+            if at.elapsed() < BACKENDS_CHECKED_EVERY {
+                return verdict.clone();
+            }
+        }
+        // A hung store or provider is "not ready" within a probe's usual timeout, not a
+        // request timeout 30 s later; that verdict stands like any other.
+        let verdict = match tokio::time::timeout(READY_WITHIN, vault.health()).await {
+            Ok(checked) => checked.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the store or the key provider did not answer within {} s",
+                READY_WITHIN.as_secs()
+            )),
+        };
+        *last = Some((Instant::now(), verdict.clone()));
+        verdict
+    }
+}
 
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = HealthResponse)))]
@@ -17,33 +53,36 @@ pub(crate) async fn healthz() -> Json<HealthResponse> {
     Json(HealthResponse { status: "ok" })
 }
 
-/// The store and the key provider are reachable, and, when user-token keys come from a JWKS
+/// The store and the key provider are reachable (checked at most once a second, whatever
+/// the number of probes), and, when user-token keys come from a JWKS
 /// URL, the key set in force is not older than `jwks_max_stale_seconds` (past that, every user
 /// token is refused, so the server is not ready to serve users).
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
-    // A hung store or provider is "not ready" within a probe's usual timeout, not a request
-    // timeout 30 s later.
-    let checks = async {
-        state.vault().health().await?;
-        // The log's head names its last record (one deleted or rewritten is an alarm now,
-        // not at the next write).
+    let backends = state.backend_health().check(state.vault()).await;
+    // The log's head names its last record (one deleted or rewritten is an alarm now, not at
+    // the next write). A read of this server's own store, made by every request.
+    let head = async {
         if let Some(auditor) = state.auditor() {
             let log = strongroom_core::audit::audit_log(state.vault().store().as_ref())?;
             strongroom_core::audit::head_names_its_record(log.as_ref(), &auditor.head_key())
                 .await?;
         }
-        Ok(())
+        Ok::<_, strongroom_core::CoreError>(())
     };
-    let checked = tokio::time::timeout(READY_WITHIN, checks).await;
-    let ready = match checked.unwrap_or_else(|_| {
-        Err(strongroom_core::CoreError::Unavailable(format!(
-            "the store or the key provider did not answer within {} s",
-            READY_WITHIN.as_secs()
-        )))
-    }) {
-        Err(e) => Err(e.to_string()),
+    let checked = match backends {
+        Err(e) => Err(e),
+        Ok(()) => match tokio::time::timeout(READY_WITHIN, head).await {
+            Ok(head) => head.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the store did not answer within {} s",
+                READY_WITHIN.as_secs()
+            )),
+        },
+    };
+    let ready = match checked {
+        Err(e) => Err(e),
         Ok(()) if state.auditor().is_some_and(|a| !a.intact()) => Err(
             "the audit log refuses appends: it was changed outside Strongroom (run `strongroom \
              audit verify`)"
