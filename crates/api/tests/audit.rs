@@ -156,6 +156,25 @@ async fn owners_see_who_used_their_credential_and_nothing_of_others() {
         .body(axum::body::Body::empty())
         .unwrap();
     assert_eq!(api.send(delegated).await.status, StatusCode::OK);
+    // Attempts without valid credentials: recorded for the admin, not shown to alice (anyone
+    // could fill her view with them).
+    for token in [None, Some("forged")] {
+        let r = api
+            .call(
+                "POST",
+                "/v1/owners/alice/credentials/zoom.api-key/reveal",
+                token,
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let anonymous = audit_items(&api, "?owner=alice")
+        .await
+        .iter()
+        .filter(|r| r["principal_kind"] == "anonymous")
+        .count();
+    assert_eq!(anonymous, 2);
 
     let alice = user_token("alice");
     let usage = api

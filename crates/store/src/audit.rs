@@ -39,6 +39,9 @@ pub struct AuditFilter {
     pub principal_id: Option<String>,
     /// Only these actions (empty: any).
     pub actions: Vec<String>,
+    /// Only records made by these kinds of principal (`user`, `service`, `admin`,
+    /// `anonymous`; empty: any).
+    pub principal_kinds: Vec<String>,
     /// At or after this time.
     pub since: Option<OffsetDateTime>,
     /// Before this time.

@@ -209,7 +209,9 @@ pub(crate) async fn verify(
     Ok(Json(VerifyResponse { matches }))
 }
 
-/// Who used the credential, when and how (reveals and brokered calls, newest first).
+/// Who used the credential, when and how (reveals and brokered calls, newest first): by
+/// users, services and admins; attempts without valid credentials are in the admin's audit
+/// log only.
 #[utoipa::path(get, path = "/v1/me/credentials/{name}/usage", tag = "user",
     params(("name" = String, Path, description = "Credential name"), UsageQuery),
     responses((status = 200, body = UsageResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -227,6 +229,10 @@ pub(crate) async fn usage(
     filter.owner = Some(owner.clone());
     filter.name = Some(name.clone());
     filter.actions = vec!["reveal".into(), "broker".into()];
+    // Attempts without valid credentials stay in the admin's audit log: anyone who reaches
+    // the port could otherwise fill this owner's view with them (the newest first) and bury
+    // the uses that matter.
+    filter.principal_kinds = vec!["user".into(), "service".into(), "admin".into()];
     let (records, next_cursor) =
         super::admin::audit_page(&state, &filter, q.cursor.as_deref(), q.limit).await?;
     Ok(Json(UsageResponse {

@@ -1864,6 +1864,8 @@ impl crate::audit::AuditLog for PostgresStore {
         let until = filter.until.map(to_millis).transpose()?;
         let before = before.map(crate::audit::seq_param);
         let actions: Option<&Vec<String>> = (!filter.actions.is_empty()).then_some(&filter.actions);
+        let kinds: Option<&Vec<String>> =
+            (!filter.principal_kinds.is_empty()).then_some(&filter.principal_kinds);
         let client = self.client().await?;
         let rows = client
             .query(
@@ -1876,7 +1878,8 @@ impl crate::audit::AuditLog for PostgresStore {
                        AND ($5::bigint IS NULL OR time_ms < $5)
                        AND ($6::bigint IS NULL OR seq < $6)
                        AND ($7::text[] IS NULL OR action = ANY($7))
-                     ORDER BY seq DESC LIMIT $8",
+                       AND ($8::text[] IS NULL OR principal_kind = ANY($8))
+                     ORDER BY seq DESC LIMIT $9",
                     crate::audit::COLUMNS
                 ),
                 &[
@@ -1887,6 +1890,7 @@ impl crate::audit::AuditLog for PostgresStore {
                     &until,
                     &before,
                     &actions,
+                    &kinds,
                     &limit,
                 ],
             )

@@ -2321,6 +2321,14 @@ impl crate::audit::AuditLog for SqliteStore {
             }
             sql.push_str(&format!(" AND r.action IN ({})", marks.join(", ")));
         }
+        if !filter.principal_kinds.is_empty() {
+            let mut marks = Vec::new();
+            for k in &filter.principal_kinds {
+                args.push(Value::Text(k.clone()));
+                marks.push(format!("?{}", args.len()));
+            }
+            sql.push_str(&format!(" AND r.principal_kind IN ({})", marks.join(", ")));
+        }
         args.push(Value::Integer(limit));
         sql.push_str(&format!(" ORDER BY {seq} DESC LIMIT ?{}", args.len()));
         self.read(move |conn| {

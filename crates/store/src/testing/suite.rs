@@ -1356,7 +1356,11 @@ pub async fn audit_query_filters_and_pages(b: &dyn TestBackend) {
     for i in 1..=60u64 {
         let owner = if i % 2 == 0 { "alice" } else { "bob" };
         let action = if i % 3 == 0 { "reveal" } else { "put" };
-        events.push(audit_event(i, owner, "zoom.key", action));
+        let mut e = audit_event(i, owner, "zoom.key", action);
+        if i % 5 == 0 {
+            e.principal_kind = "anonymous".into();
+        }
+        events.push(e);
     }
     log.audit_append(key.clone(), events).await.unwrap();
     let mut f = crate::AuditFilter {
@@ -1381,6 +1385,16 @@ pub async fn audit_query_filters_and_pages(b: &dyn TestBackend) {
     f.actions = vec!["reveal".into()];
     let reveals = log.audit_query(&f, None, 1000).await.unwrap();
     assert_eq!(reveals.len(), 10);
+    // Kinds of principal: alice's reveals (i a multiple of 6) by services, not i = 30 or 60.
+    f.principal_kinds = vec!["service".into(), "user".into()];
+    let by_services = log.audit_query(&f, None, 1000).await.unwrap();
+    assert_eq!(by_services.len(), 8, "{by_services:?}");
+    assert!(by_services
+        .iter()
+        .all(|r| r.event.principal_kind == "service"));
+    f.principal_kinds = vec!["anonymous".into()];
+    assert_eq!(log.audit_query(&f, None, 1000).await.unwrap().len(), 2);
+    f.principal_kinds.clear();
     let g = crate::AuditFilter {
         principal_id: Some("svc-0".into()),
         ..Default::default()
