@@ -253,7 +253,12 @@ impl LocalKeyring {
     ///
     /// As [`LocalKeyring::open`]; also when the file now holds another keyring.
     pub fn reload(&self) -> Result<(), KeyringError> {
-        let model = read_file(&self.path)?;
+        // A file gone, unreadable or unparsable no longer holds the keys either: a write
+        // sealed now would be lost at the next start, which refuses such a file.
+        let model = match read_file(&self.path) {
+            Ok(model) => model,
+            Err(e) => return Err(self.diverge(format!("the file cannot be loaded: {e}"))),
+        };
         if model.key_id != self.key_id {
             return Err(self.diverge("the file now holds another keyring (key id changed)"));
         }

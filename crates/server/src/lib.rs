@@ -1777,14 +1777,17 @@ async fn prune_rate_limits(state: AppState, every: Duration) {
 
 /// What identifies one version of the keyring file: an atomic rewrite (as `keys rotate` and
 /// `keys retire` do) changes the inode, and any edit the length or modification time.
-fn file_stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+fn file_stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime, u32)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.ino(), meta.len(), meta.modified().ok()?))
+    // The mode too: a file restored with `cp` (refused: others may read it) and then
+    // `chmod 600` has changed although its bytes have not.
+    Some((meta.ino(), meta.len(), meta.modified().ok()?, meta.mode()))
 }
 
-/// Reloads `keyring` whenever its file changes (checked every `every`). A file that fails to
-/// load is logged and the keys loaded before stay in force, as for SIGHUP.
+/// Reloads `keyring` whenever its file changes or goes (checked every `every`). A file that
+/// fails to load is logged and the keys loaded before stay in force for what they sealed, as
+/// for SIGHUP; nothing new is sealed until the file holds them again.
 async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duration) {
     let mut seen = {
         let path = path.clone();
@@ -1799,8 +1802,9 @@ async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duratio
         tick.tick().await;
         let (ring, p, before) = (keyring.clone(), path.clone(), seen);
         let checked = tokio::task::spawn_blocking(move || {
+            // A file gone (`None`) is a change too: the keyring stops sealing until it is back.
             let now = file_stamp(&p);
-            if now.is_none() || now == before {
+            if now == before {
                 return (now, None);
             }
             (now, Some(ring.reload()))

@@ -779,6 +779,65 @@ async fn reload_picks_up_a_keyring_rotation() {
     server.stop().await.unwrap();
 }
 
+/// A keyring file deleted while the server runs: nothing new is sealed (a write acknowledged
+/// now would be lost at the next start, which refuses to run without the file) and the node
+/// says it is not ready, until the file is back.
+#[tokio::test]
+async fn a_keyring_file_gone_stops_new_writes_until_it_is_back() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options());
+    let alice = fx.user_token("alice");
+    let put = |name: &'static str| {
+        let (client, alice) = (&client, &alice);
+        async move {
+            let r = client
+                .json(
+                    "PUT",
+                    &format!("/v1/me/credentials/{name}"),
+                    Some(alice),
+                    &json!({"value": "v"}),
+                )
+                .await
+                .unwrap();
+            (r.status, r.json()["error"]["code"].clone())
+        }
+    };
+    assert_eq!(put("zoom.a").await.0, 201);
+    let path = fx.data_dir.join("keyring.json");
+    let kept = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    // The watcher looks every second; /readyz may answer from a verdict a second old.
+    let mut refused = None;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let r = put("zoom.b").await;
+        if r.0 != 201 {
+            refused = Some(r);
+            break;
+        }
+    }
+    assert_eq!(refused, Some((503, json!("key_unavailable"))));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(client.get("/readyz", None).await.unwrap().status, 503);
+
+    // Restored as operators do: a copy (readable by others, so still refused), then chmod.
+    std::fs::write(&path, &kept).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(put("zoom.c").await.0, 503);
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut back = false;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if put("zoom.c").await.0 == 201 {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "writes resume once the file is back");
+    server.stop().await.unwrap();
+}
+
 /// `store.max_versions` is what a credential keeps: with 2, the third put destroys the
 /// first version. Out of range, the server does not start.
 #[tokio::test]

@@ -338,6 +338,34 @@ async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
     let e = ring.reload().unwrap_err().to_string();
     assert!(e.contains("version 2's material differs"), "{e}");
 
+    // A file gone, or not a keyring any more: nothing new is sealed until it is back.
+    fs::write(&path, &rotated).unwrap();
+    ring.reload().unwrap();
+    fs::remove_file(&path).unwrap();
+    let e = ring.reload().unwrap_err().to_string();
+    assert!(e.contains("cannot be loaded"), "{e}");
+    assert!(ring.active_kek().is_err());
+    assert!(ring.health().await.is_err());
+    let private = |bytes: &[u8]| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    };
+    private(b"{ not json");
+    assert!(ring.reload().is_err());
+    assert!(ring.active_kek().is_err());
+    private(&rotated);
+    ring.reload().unwrap();
+    assert_eq!(ring.active_kek().unwrap().version, 2);
+
     // Retiring version 1 (its material erased) loads; then bringing it back does not.
     fs::write(&path, &rotated).unwrap();
     ring.reload().unwrap();
