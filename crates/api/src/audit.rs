@@ -128,6 +128,38 @@ impl AuditSlot {
 }
 
 impl AuditSlot {
+    /// Records now, durably, that what the request did so far ended in `error`, for a
+    /// handler that then tries again (a reveal overtaken by another process's write: the
+    /// record before said its value would leave, and it did not). The middleware records
+    /// nothing more unless the handler records again or is [`AuditSlot::reopen`]ed.
+    pub(crate) async fn record_failure_now(
+        &self,
+        state: &AppState,
+        error: &ApiError,
+    ) -> Result<(), ApiError> {
+        let Some(auditor) = state.auditor() else {
+            return Ok(());
+        };
+        let event = self.with(|p| {
+            p.recorded = true;
+            p.event.status = error.status().as_u16();
+            p.event.outcome = outcome(error.status()).into();
+            p.event.error_code = Some(error.code().into());
+            p.event.time = state.vault().now();
+            let event = p.event.clone();
+            // What comes next is another attempt, not this failure.
+            p.event.error_code = None;
+            event
+        });
+        auditor.record(event).await.map(|_| ()).map_err(|e| {
+            ApiError::internal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                format!("audit record not written: {e}"),
+            )
+        })
+    }
+
     /// Records that the request's action is starting (outcome `started`), durable before it
     /// is made; the middleware records how it ended as for any request. For an action
     /// outside the store's transactions (a key rotation): one that cannot be recorded is
@@ -491,6 +523,18 @@ impl Audit {
                 "audit_unavailable",
                 "route outside the audit layer",
             )),
+        }
+    }
+
+    /// See [`AuditSlot::record_failure_now`].
+    pub(crate) async fn record_failure_now(
+        &self,
+        state: &AppState,
+        error: &ApiError,
+    ) -> Result<(), ApiError> {
+        match &self.0 {
+            Some(slot) => slot.record_failure_now(state, error).await,
+            None => Ok(()),
         }
     }
 

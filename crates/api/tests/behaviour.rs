@@ -1014,6 +1014,118 @@ async fn admins_see_key_usage_not_values() {
     assert!(!r.body.contains(CANARY));
 }
 
+/// An operator's import or put (another process on the same database file) makes a new
+/// version of a credential the server answers reveals for from memory: the next reveal
+/// answers the new value (not a 503 to retry, nor the old value), and its records say what
+/// happened: the value read from memory was recorded, did not leave, and the new one did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_by_another_process_is_what_the_next_reveal_answers() {
+    let api = api_audited(Auditing::On).await;
+    let alice = user_token("alice");
+    let put = api
+        .call(
+            "PUT",
+            KEY,
+            Some(&alice),
+            Some(json!({"value": "old-value"})),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED);
+    for _ in 0..2 {
+        assert_eq!(api.reveal_alices_key().await.json()["value"], "old-value");
+    }
+    let operator = std::sync::Arc::new(
+        strongroom_store::sqlite::SqliteStore::open_dir(api.db_path().parent().unwrap())
+            .await
+            .unwrap(),
+    );
+    let operator_vault = strongroom_core::Vault::new(
+        operator.clone(),
+        std::sync::Arc::new(strongroom_crypto::testing::FakeProvider::new(
+            "api-tests",
+            1,
+        )),
+        std::sync::Arc::new(strongroom_crypto::OsRandom),
+        std::sync::Arc::new(strongroom_core::SystemClock),
+        strongroom_core::VaultConfig::default(),
+    );
+    operator_vault
+        .put(strongroom_core::PutRequest {
+            owner: "alice",
+            name: "zoom.api-key",
+            value: strongroom_crypto::SecretBytes::new(b"new-value".to_vec()),
+            metadata: None,
+            expected_version: None,
+            created_by: "operator:import",
+        })
+        .await
+        .unwrap();
+
+    let r = api.reveal_alices_key().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        (r.json()["value"].clone(), r.json()["version"].clone()),
+        (json!("new-value"), json!(2))
+    );
+    let request_id = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let audit = api
+        .call(
+            "GET",
+            "/v1/audit?owner=alice&limit=20",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json();
+    let mine: Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["request_id"] == request_id)
+        .map(|i| {
+            (
+                i["version"].clone(),
+                i["status"].clone(),
+                i["error_code"].clone(),
+            )
+        })
+        .collect();
+    // Newest first.
+    assert_eq!(
+        mine,
+        [
+            (json!(2), json!(200), serde_json::Value::Null),
+            (json!(1), json!(503), json!("unavailable")),
+            (json!(1), json!(200), serde_json::Value::Null),
+        ],
+        "{audit}"
+    );
+
+    // The owner's verify right after another write by the operator answers about it too.
+    operator_vault
+        .put(strongroom_core::PutRequest {
+            owner: "alice",
+            name: "zoom.api-key",
+            value: strongroom_crypto::SecretBytes::new(b"newer-value".to_vec()),
+            metadata: None,
+            expected_version: None,
+            created_by: "operator:import",
+        })
+        .await
+        .unwrap();
+    let verify = api
+        .call(
+            "POST",
+            &format!("{KEY}/verify"),
+            Some(&alice),
+            Some(json!({"value": "newer-value"})),
+        )
+        .await;
+    assert_eq!(verify.status, StatusCode::OK, "{}", verify.body);
+    assert_eq!(verify.json()["matches"], true);
+    operator.close().await;
+}
+
 /// An operator command (another process on the same database file) disables a credential
 /// the server answers reveals for from memory: the very next reveal does not release the
 /// value, with the audit log on or off; a verify after the operator destroyed the value does

@@ -63,7 +63,7 @@ impl From<strongroom_store::StoreError> for CoreError {
             S::CurrentMismatch { current } => CoreError::VersionConflict { current },
             S::Conflict { .. } => CoreError::Contended,
             S::InvalidInput(what) => CoreError::InvalidInput(what),
-            S::Unavailable(_) => CoreError::Unavailable(e.to_string()),
+            S::Unavailable(_) | S::Overtaken => CoreError::Unavailable(e.to_string()),
             S::Corrupt { .. } => CoreError::Integrity,
             S::AuditIntegrity { what } => CoreError::AuditIntegrity(what),
             other => CoreError::Internal(other.to_string()),

@@ -621,14 +621,23 @@ impl Vault {
         if candidate.len() > MAX_VALUE_LEN {
             return Err(CoreError::ValueTooLarge(MAX_VALUE_LEN));
         }
-        let (revealed, _) = self.open(owner, name, None).await?;
-        let stored: [u8; 32] = Sha256::digest(revealed.value.expose_secret()).into();
-        let given: [u8; 32] = Sha256::digest(candidate.expose_secret()).into();
         // The answer says something about the value: it must be about the current one even
         // when another process changed it behind a read from memory (no audit record
         // precedes this answer, so the store may run an empty write transaction to know).
-        self.confirm_read(&revealed.read).await?;
-        Ok(bool::from(stored.ct_eq(&given)))
+        // Overtaken once (an operator's import or put just before), it reads again.
+        let mut retried = false;
+        loop {
+            let (revealed, _) = self.open(owner, name, None).await?;
+            let stored: [u8; 32] = Sha256::digest(revealed.value.expose_secret()).into();
+            let given: [u8; 32] = Sha256::digest(candidate.expose_secret()).into();
+            if self.read_still_holds(&revealed.read).await? {
+                return Ok(bool::from(stored.ct_eq(&given)));
+            }
+            if retried {
+                return Err(strongroom_store::StoreError::Overtaken.into());
+            }
+            retried = true;
+        }
     }
 
     /// Decrypts a version (`None`: the current one) for a service that policy allows.
@@ -668,6 +677,21 @@ impl Vault {
             .confirm_unchanged(read.mark, &read.served)
             .await
             .map_err(CoreError::from)
+    }
+
+    /// [`Vault::confirm_read`], telling a read another process overtook (`Ok(false)`: the
+    /// value must not leave, and reading again gets what the database holds now) from a
+    /// check that could not run.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::Unavailable`] when the check could not run.
+    pub async fn read_still_holds(&self, read: &ReadCheck) -> Result<bool, CoreError> {
+        match self.store.confirm_unchanged(read.mark, &read.served).await {
+            Ok(()) => Ok(true),
+            Err(strongroom_store::StoreError::Overtaken) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Writes the pending last-used times now (they are otherwise written within a second;

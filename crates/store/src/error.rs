@@ -71,6 +71,12 @@ pub enum StoreError {
     #[error("storage unavailable: {0}")]
     Unavailable(#[source] BackendError),
 
+    /// What a read answered from memory was changed by another process before it could be
+    /// released ([`Store::confirm_unchanged`](crate::Store::confirm_unchanged)): the answer
+    /// must not leave; reading again gets what the database holds now.
+    #[error("the credential was changed by another process during this request; retry")]
+    Overtaken,
+
     /// The audit log was changed outside Strongroom: its head's MAC does not verify, or an
     /// unsealed head sits over existing data. Nothing is appended until an operator restores
     /// the database. `what` says what was found, never a value.

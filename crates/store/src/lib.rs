@@ -206,8 +206,8 @@ pub trait Store: Send + Sync + Debug {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`] when the credential changed (the caller answers "retry",
-    /// and the value never leaves) or the check could not run.
+    /// [`StoreError::Overtaken`] when the credential changed (the value never leaves; the
+    /// caller may read again), [`StoreError::Unavailable`] when the check could not run.
     async fn confirm_unchanged(
         &self,
         mark: ReadMark,

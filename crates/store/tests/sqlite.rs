@@ -679,7 +679,7 @@ async fn a_read_from_memory_is_confirmed_against_other_processes_writes() {
         .await
         .unwrap();
     let e = server.confirm_unchanged(mark, &served).await.unwrap_err();
-    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(matches!(e, StoreError::Overtaken), "{e:?}");
     assert!(!marked_read(&server, None).await.2.credential_enabled);
     operator
         .set_enabled("alice", "k", true, t0())

@@ -8,6 +8,8 @@ use axum::response::Response;
 use axum::Json;
 use strongroom_core::broker::{BrokerError, BrokerRequest, Injection};
 use strongroom_core::policy::{Decision, Operation};
+use strongroom_core::CoreError;
+use strongroom_store::StoreError;
 use zeroize::Zeroizing;
 
 use super::views::{
@@ -96,32 +98,42 @@ pub(crate) async fn reveal(
 ) -> ApiResult<Response> {
     authorize(&state, &service, Operation::Reveal, &owner, &name)?;
     let version = crate::extract::optional_json::<RevealBody>(&body)?.version;
-    let revealed = state.vault().reveal(&owner, &name, version).await?;
-    // Checked in place: no copy of the value is made (or dropped unzeroized) here.
-    let value = std::str::from_utf8(revealed.value.expose_secret()).map_err(|_| {
-        ApiError::internal(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "stored value is not UTF-8",
-        )
-    })?;
-    // Fail closed: the record is durable before the value leaves; if it cannot be written,
-    // the value is dropped (zeroized) and the caller gets 503.
-    audit.version(revealed.version);
-    audit.record_now(&state, StatusCode::OK).await?;
-    if let Err(e) = state.vault().confirm_read(&revealed.read).await {
-        // Another process changed the credential behind the read: no value leaves, and the
-        // middleware records this request once more with its final status.
-        audit.reopen();
-        return Err(e.into());
+    let mut retried = false;
+    loop {
+        let revealed = state.vault().reveal(&owner, &name, version).await?;
+        // Checked in place: no copy of the value is made (or dropped unzeroized) here.
+        let value = std::str::from_utf8(revealed.value.expose_secret()).map_err(|_| {
+            ApiError::internal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "stored value is not UTF-8",
+            )
+        })?;
+        // Fail closed: the record is durable before the value leaves; if it cannot be
+        // written, the value is dropped (zeroized) and the caller gets 503.
+        audit.version(revealed.version);
+        audit.record_now(&state, StatusCode::OK).await?;
+        if state.vault().read_still_holds(&revealed.read).await? {
+            return secret_json(
+                &RevealResponse {
+                    value,
+                    version: revealed.version,
+                },
+                value.len(),
+            );
+        }
+        // Another process (an operator's import, put or disable) changed the credential
+        // behind a read from memory: this value does not leave. The record just written
+        // says it would; one more says it did not. Read again once (the database now), and
+        // record that reveal as any other; overtaken twice, the caller retries.
+        let overtaken = ApiError::from(CoreError::from(StoreError::Overtaken));
+        if retried {
+            audit.reopen();
+            return Err(overtaken);
+        }
+        audit.record_failure_now(&state, &overtaken).await?;
+        retried = true;
     }
-    secret_json(
-        &RevealResponse {
-            value,
-            version: revealed.version,
-        },
-        value.len(),
-    )
 }
 
 /// A JSON answer holding a secret of `secret_len` bytes, serialized into one zeroizing buffer

@@ -1346,9 +1346,7 @@ impl Store for SqliteStore {
         match now {
             Ok(row) if row.served(served.requested) == *served => Ok(()),
             Ok(_) | Err(StoreError::NotFound | StoreError::VersionDestroyed) => {
-                Err(StoreError::unavailable(
-                    "the credential was changed by another process during this request; retry",
-                ))
+                Err(StoreError::Overtaken)
             }
             Err(e) => Err(e),
         }
