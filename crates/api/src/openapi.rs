@@ -57,16 +57,21 @@ impl Modify for CommonResponses {
                 continue;
             }
             let user_route = path.starts_with("/v1/me/");
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
+            // Routes that open a stored value: a version that fails its integrity check (a
+            // damaged or edited database) is named as such, not served.
+            let opens_a_value = ["/reveal", "/verify", "/broker"]
+                .iter()
+                .any(|end| path.ends_with(end));
+            for (method, op) in [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
             ]
             .into_iter()
-            .flatten()
+            .filter_map(|(m, op)| op.as_mut().map(|op| (m, op)))
             {
-                let takes_body = op.request_body.is_some();
+                let takes_body = op.request_body.is_some() || method == "post";
                 let responses = &mut op.responses.responses;
                 let mut add = |status: &str, description: &str| {
                     responses
@@ -74,9 +79,27 @@ impl Modify for CommonResponses {
                         .or_insert_with(|| error(description).into());
                 };
                 add(
+                    "400",
+                    "bad_request (or a more precise code): a malformed path parameter, a query \
+                     string on a route that reads none or with unknown parameters, or a body \
+                     this route does not take",
+                );
+                add(
                     "401",
                     "unauthenticated: no credential, or an invalid or expired one",
                 );
+                // The body limit holds on every route, whether or not it reads a body.
+                add(
+                    "413",
+                    "payload_too_large: the body is over limits.max_body_bytes",
+                );
+                if opens_a_value {
+                    add(
+                        "500",
+                        "integrity_error: the stored version failed its integrity check (a \
+                         damaged or edited database); nothing is returned",
+                    );
+                }
                 if user_route {
                     add(
                         "403",
@@ -87,10 +110,6 @@ impl Modify for CommonResponses {
                     add(
                         "408",
                         "request_timeout: the body did not arrive within limits.request_timeout_seconds",
-                    );
-                    add(
-                        "413",
-                        "payload_too_large: the body is over limits.max_body_bytes",
                     );
                     add(
                         "415",
@@ -107,15 +126,32 @@ impl Modify for CommonResponses {
     }
 }
 
+/// Request bodies a route takes but does not need: a reveal without one reveals the current
+/// version. (Declared as `Option<...>`, the schema would admit `null`, which is refused.)
+struct OptionalBodies;
+
+impl Modify for OptionalBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in &mut openapi.paths.paths {
+            if !path.ends_with("/reveal") {
+                continue;
+            }
+            if let Some(body) = item.post.as_mut().and_then(|op| op.request_body.as_mut()) {
+                body.required = Some(utoipa::openapi::Required::False);
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Strongroom API", description = "A vault for users' third-party credentials: write-only for people, usable by the services policy allows. Errors are `{\"error\": {\"code\", \"message\"}}`. A method a path does not offer answers 405 `method_not_allowed` with an `Allow` header; a query string on a route that reads none, 400."),
+    info(title = "Strongroom API", description = "A vault for users' third-party credentials: write-only for people, usable by the services policy allows. Errors are `{\"error\": {\"code\", \"message\"}}`. A method a path does not offer answers 405 `method_not_allowed` with an `Allow` header; a query string on a `/v1` route that reads none, 400."),
     paths(
         me::put, me::list, me::describe, me::set_current, me::disable, me::enable, me::verify, me::usage,
         me::destroy_version, me::destroy,
         owners::put, owners::reveal, owners::broker,
         admin::keys, admin::rotate, admin::audit,
-        health::healthz, health::readyz, health::metrics,
+        health::healthz, health::readyz, health::metrics, health::openapi,
     ),
     components(schemas(crate::ErrorBody, crate::ErrorDetail, views::PutBody, views::PutResponse, views::CurrentBody,
         views::VerifyBody, views::VerifyResponse, views::RevealBody, views::RevealResponse, views::CredentialItem,
@@ -123,7 +159,7 @@ impl Modify for CommonResponses {
         views::HealthResponse, views::KekUsage, views::KeysResponse, views::KeyVersion, views::RotatedKey, views::AuditRecordView, views::AuditPage,
         views::UsageItem, views::UsageResponse, views::BrokerBody, views::InjectBody, views::BasicBody,
         views::BrokerResponseView)),
-    modifiers(&Security, &CommonResponses),
+    modifiers(&Security, &CommonResponses, &OptionalBodies),
     tags((name = "user", description = "A user's own credentials (never values)"),
          (name = "service", description = "Services, where policy allows"),
          (name = "admin", description = "Keys and audit"),

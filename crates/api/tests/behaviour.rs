@@ -891,6 +891,75 @@ async fn metrics_label_unknown_methods_other_so_clients_cannot_grow_them() {
 /// parameter of each of its operations and no other parameter claims to be in the path;
 /// every operation that needs credentials documents the 401 and every one that takes a body
 /// or a path parameter the 400.
+/// What the routes answer to a query they do not read, a body over the limit, and a body
+/// that is not sent as JSON is documented on every `/v1` operation: the document is checked
+/// against what the server does, not against itself.
+#[tokio::test]
+async fn every_status_bad_input_gets_is_documented() {
+    let api = api().await;
+    api.seed().await;
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    let alice = user_token("alice");
+    let oversized = vec![b' '; ApiLimits::default().max_body_bytes + 1];
+    let mut problems = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/") || path == "/v1/openapi.json" {
+            continue;
+        }
+        let concrete = path
+            .replace("{owner}", "alice")
+            .replace("{name}", "zoom.api-key")
+            .replace("{version}", "1");
+        for (method, op) in item.as_object().unwrap() {
+            let token = match op["tags"][0].as_str() {
+                Some("user") => alice.as_str(),
+                Some("service") => ALLOWED_SERVICE_TOKEN,
+                _ => ADMIN_TOKEN,
+            };
+            let documented = op["responses"].as_object().unwrap();
+            let mut probes: Vec<(&str, String, Option<&str>, Vec<u8>)> = vec![
+                (
+                    "a query it does not read",
+                    format!("{concrete}?unexpected=1"),
+                    None,
+                    vec![],
+                ),
+                (
+                    "an oversized body",
+                    concrete.clone(),
+                    Some("application/json"),
+                    oversized.clone(),
+                ),
+            ];
+            if method == "post" || method == "put" {
+                probes.push((
+                    "a body not sent as JSON",
+                    concrete.clone(),
+                    Some("text/plain"),
+                    b"{}".to_vec(),
+                ));
+            }
+            for (what, uri, content_type, body) in probes {
+                let mut req = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&uri)
+                    .header("authorization", format!("Bearer {token}"));
+                if let Some(ct) = content_type {
+                    req = req.header("content-type", ct);
+                }
+                let r = api.send(req.body(Body::from(body)).unwrap()).await;
+                if !documented.contains_key(r.status.as_str()) {
+                    problems.push(format!(
+                        "{method} {path}: {what} answers {} ({}), not documented",
+                        r.status, r.body
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[tokio::test]
 async fn openapi_parameters_and_error_responses_match_the_routes() {
     let api = api().await;
@@ -987,8 +1056,28 @@ async fn health_openapi_and_headers() {
         "/healthz",
         "/readyz",
         "/metrics",
+        "/v1/openapi.json",
     ] {
         assert!(paths.contains_key(p), "OpenAPI misses {p}");
+    }
+    // A reveal's body is optional but never `null` (refused with 400).
+    let reveal = &paths["/v1/owners/{owner}/credentials/{name}/reveal"]["post"];
+    assert_eq!(reveal["requestBody"]["required"], false, "{reveal}");
+    let schema = &reveal["requestBody"]["content"]["application/json"]["schema"];
+    assert!(!schema.to_string().contains("null"), "{schema}");
+    // Delegated mode's header is a parameter of every service route.
+    for (path, item) in paths.iter().filter(|(p, _)| p.starts_with("/v1/owners/")) {
+        for (method, op) in item.as_object().unwrap() {
+            let header = op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "X-Strongroom-On-Behalf-Of");
+            assert!(
+                header.is_some_and(|h| h["in"] == "header" && h["required"] == false),
+                "{method} {path}: {op}"
+            );
+        }
     }
     assert!(doc["components"]["securitySchemes"]["user_jwt"].is_object());
     let r = api

@@ -128,6 +128,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
 }
 
 /// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "health", responses((status = 200, description = "This OpenAPI 3.1 document", content_type = "application/json")))]
 pub(crate) async fn openapi() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],

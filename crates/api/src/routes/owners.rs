@@ -61,7 +61,8 @@ fn authorize(
 
 /// Store a new version on the owner's behalf.
 #[utoipa::path(put, path = "/v1/owners/{owner}/credentials/{name}", tag = "service",
-    params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name")),
+    params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name"),
+        ("X-Strongroom-On-Behalf-Of" = Option<String>, Header, description = "Delegated mode: the owner's user token (a JWT whose sub is the owner, with auth.jwt.on_behalf_of_audience when set), required where the policy rule says delegated = true")),
     request_body = PutBody,
     responses((status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed", body = PutResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -82,8 +83,9 @@ pub(crate) async fn put(
 
 /// Receive the value (current version unless one is named). Never for a disabled credential.
 #[utoipa::path(post, path = "/v1/owners/{owner}/credentials/{name}/reveal", tag = "service",
-    params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name")),
-    request_body(content = Option<RevealBody>, description = "Optional: {\"version\": n}"),
+    params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name"),
+        ("X-Strongroom-On-Behalf-Of" = Option<String>, Header, description = "Delegated mode: the owner's user token (a JWT whose sub is the owner, with auth.jwt.on_behalf_of_audience when set), required where the policy rule says delegated = true")),
+    request_body(content = RevealBody, description = "Optional (no body, or {}, reveals the current version): {\"version\": n}"),
     responses((status = 200, body = RevealResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "credential disabled", body = ErrorBody),
         (status = 410, description = "version destroyed", body = ErrorBody),
@@ -158,7 +160,8 @@ fn secret_json<T: serde::Serialize>(body: &T, secret_len: usize) -> ApiResult<Re
 /// the version's bound host (`metadata.host`) and the policy's `destinations`, and resolve to
 /// public addresses only; the audit record (with the destination) is durable before the call.
 #[utoipa::path(post, path = "/v1/owners/{owner}/credentials/{name}/broker", tag = "service",
-    params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name")),
+    params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name"),
+        ("X-Strongroom-On-Behalf-Of" = Option<String>, Header, description = "Delegated mode: the owner's user token (a JWT whose sub is the owner, with auth.jwt.on_behalf_of_audience when set), required where the policy rule says delegated = true")),
     request_body = BrokerBody,
     responses((status = 200, description = "the upstream answered (any status, 3xx included)", body = BrokerResponseView),
         (status = 400, description = "malformed request, non-https URL", body = ErrorBody),
