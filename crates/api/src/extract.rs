@@ -282,7 +282,11 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let malformed = || ApiError::bad_request("malformed path parameter");
+        let malformed = || {
+            ApiError::bad_request(
+                "malformed path parameter: percent-encode it as UTF-8 (each % followed by two hex digits)",
+            )
+        };
         // The decoder passes a `%` without two hex digits through as it is, so `%zz` and
         // `%25zz` would name the same owner: one spelling per id, or none.
         if !well_formed_escapes(parts.uri.path().as_bytes()) {

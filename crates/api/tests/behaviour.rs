@@ -411,9 +411,10 @@ async fn versions_check_and_set_current_and_destroy() {
         )
         .await;
     assert_eq!(r.status, StatusCode::GONE);
+    let missing = reveal(Some(json!({"version": 9}))).await;
     assert_eq!(
-        reveal(Some(json!({"version": 9}))).await.status,
-        StatusCode::NOT_FOUND
+        (missing.status, missing.json()["error"]["message"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no such version"))
     );
     assert_eq!(
         reveal(Some(json!({"verson": 1}))).await.status,

@@ -180,6 +180,18 @@ pub(crate) async fn audit(
             "owner, name and principal filters must not hold control characters (records keep them escaped as \\u{..})",
         ));
     }
+    // An empty filter matches no record: a mistake (`?owner=` with the id left out), not an
+    // empty page. (Other values are searched as given: refused requests are recorded with
+    // the owner and name they named, valid or not.)
+    if [&q.owner, &q.name, &q.principal]
+        .into_iter()
+        .flatten()
+        .any(String::is_empty)
+    {
+        return Err(ApiError::bad_request(
+            "owner, name and principal filters must not be empty (leave the parameter out)",
+        ));
+    }
     let mut filter = AuditFilter::default();
     filter.owner = q.owner;
     filter.name = q.name;

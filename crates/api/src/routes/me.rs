@@ -73,20 +73,6 @@ pub(crate) async fn describe(
     Ok(Json(detail(state.vault().describe(&owner, &name).await?)))
 }
 
-/// A 404 for a version of a credential that exists says "no such version" (the owner's own
-/// credential: nothing leaks), not "no such credential".
-async fn name_a_missing_version(
-    state: &AppState,
-    owner: &str,
-    name: &str,
-    e: ApiError,
-) -> ApiError {
-    if e.code() == "not_found" && state.vault().describe(owner, name).await.is_ok() {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such version");
-    }
-    e
-}
-
 /// The credential's state after a change that committed. A request racing it (a destroy)
 /// may have removed the credential since: the change still happened, and is answered as
 /// such, with the state it set and no current version.
@@ -131,7 +117,7 @@ pub(crate) async fn set_current(
         )
         .await
     {
-        return Err(name_a_missing_version(&state, &owner, &name, e).await);
+        return Err(super::name_a_missing_version(&state, &owner, &name, e).await);
     }
     state_response(&state, &owner, &name, true).await
 }
@@ -282,7 +268,7 @@ pub(crate) async fn destroy_version(
         )
         .await
     {
-        return Err(name_a_missing_version(&state, &owner, &name, e).await);
+        return Err(super::name_a_missing_version(&state, &owner, &name, e).await);
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -215,3 +215,18 @@ pub(crate) fn router(state: AppState) -> Router {
         .service(routes.with_state(state));
     Router::new().fallback_service(around)
 }
+
+/// A 404 for a version of a credential that exists says "no such version", not "no such
+/// credential": for the owner's own credential, or for a service the policy lets reach it
+/// (which may learn that it exists anyway), nothing leaks.
+pub(super) async fn name_a_missing_version(
+    state: &AppState,
+    owner: &str,
+    name: &str,
+    e: ApiError,
+) -> ApiError {
+    if e.code() == "not_found" && state.vault().describe(owner, name).await.is_ok() {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such version");
+    }
+    e
+}

@@ -102,7 +102,13 @@ pub(crate) async fn reveal(
     let version = crate::extract::optional_json::<RevealBody>(&body)?.version;
     let mut retried = false;
     loop {
-        let revealed = state.vault().reveal(&owner, &name, version).await?;
+        let revealed = match state.vault().reveal(&owner, &name, version).await {
+            Ok(r) => r,
+            Err(e) if version.is_some() => {
+                return Err(super::name_a_missing_version(&state, &owner, &name, e.into()).await)
+            }
+            Err(e) => return Err(e.into()),
+        };
         // Checked in place: no copy of the value is made (or dropped unzeroized) here.
         let value = std::str::from_utf8(revealed.value.expose_secret()).map_err(|_| {
             ApiError::internal(

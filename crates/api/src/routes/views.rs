@@ -239,7 +239,9 @@ pub struct CredentialItem {
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
-    /// Last revealed or brokered (RFC 3339).
+    /// Last revealed or brokered (RFC 3339): a reveal or brokered call, whatever the
+    /// upstream answered; written within about a second of it (the audit log and the usage
+    /// view have each use at once).
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
@@ -289,7 +291,9 @@ pub struct CredentialDetail {
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
-    /// Last revealed or brokered (RFC 3339).
+    /// Last revealed or brokered (RFC 3339): a reveal or brokered call, whatever the
+    /// upstream answered; written within about a second of it (the audit log and the usage
+    /// view have each use at once).
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
@@ -545,7 +549,8 @@ pub struct UsageItem {
 pub struct UsageResponse {
     /// Credential name.
     pub name: String,
-    /// When a value was last used (also in the credential's metadata).
+    /// When a value was last used (also in the credential's metadata): written within about
+    /// a second of a use, so the newest item below may be newer.
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
