@@ -100,6 +100,8 @@ struct Shared {
     broker: RwLock<Option<Arc<Broker>>>,
     rotation: std::sync::OnceLock<Arc<dyn KeyRotation>>,
     backend_health: routes::health::BackendHealth,
+    /// Seals usage cursors (a key derived from the audit head key, so every node has it).
+    usage_cursors: std::sync::OnceLock<strongroom_crypto::opaque::OpaqueSealer>,
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -143,6 +145,7 @@ impl AppState {
             broker: RwLock::new(None),
             rotation: std::sync::OnceLock::new(),
             backend_health: routes::health::BackendHealth::default(),
+            usage_cursors: std::sync::OnceLock::new(),
         }))
     }
 
@@ -181,7 +184,40 @@ impl AppState {
     /// reveal whose record cannot be written answers 503 without the value. Only the first
     /// call has an effect (returns `false` after).
     pub fn set_auditor(&self, auditor: Auditor) -> bool {
-        self.0.auditor.set(auditor).is_ok()
+        let key = auditor.head_key().derive(b"usage-cursor/1");
+        let sealer = strongroom_crypto::opaque::OpaqueSealer::new(
+            &strongroom_crypto::Key256::from_bytes(*key),
+        );
+        let first = self.0.auditor.set(auditor).is_ok();
+        if first {
+            let _ = self.0.usage_cursors.set(sealer);
+        }
+        first
+    }
+
+    /// A usage cursor for record `seq`, bound to `aad` (the owner's credential); the number
+    /// itself when auditing is off (no key to seal with, and no records to hide).
+    pub(crate) fn seal_usage_cursor(&self, seq: u64, aad: &[u8]) -> Result<String, ApiError> {
+        match self.0.usage_cursors.get() {
+            None => Ok(seq.to_string()),
+            Some(sealer) => sealer
+                .seal_u64(seq, aad, &strongroom_crypto::OsRandom)
+                .map_err(|e| {
+                    ApiError::internal(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        format!("cannot seal a cursor: {e}"),
+                    )
+                }),
+        }
+    }
+
+    /// The record number in a usage cursor this server (or another node) gave for `aad`.
+    pub(crate) fn open_usage_cursor(&self, cursor: &str, aad: &[u8]) -> Option<u64> {
+        match self.0.usage_cursors.get() {
+            None => routes::views::canonical_number::<u64>(cursor).filter(|&s| s > 0),
+            Some(sealer) => sealer.open_u64(cursor, aad).filter(|&s| s > 0),
+        }
     }
 
     /// The auditor, when auditing is on.

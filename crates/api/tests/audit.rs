@@ -258,6 +258,77 @@ async fn owners_see_who_used_their_credential_and_nothing_of_others() {
     assert!(last_used.is_string(), "last_used_at not set");
 }
 
+/// A usage page's cursor is sealed: it does not tell the user the record's number in the
+/// log every client shares (how many requests the whole server recorded between two of
+/// theirs), works only for the view that gave it, and cannot be edited into another.
+#[tokio::test]
+async fn usage_cursors_are_opaque_and_bound_to_their_view() {
+    let api = api().await;
+    api.seed().await;
+    for _ in 0..3 {
+        assert_eq!(api.reveal_alices_key().await.status, StatusCode::OK);
+    }
+    let alice = user_token("alice");
+    api.call(
+        "PUT",
+        "/v1/me/credentials/zoom.other",
+        Some(&alice),
+        Some(json!({"value": "x"})),
+    )
+    .await;
+    let usage = |name: &'static str, query: String| {
+        let alice = alice.clone();
+        let api = &api;
+        async move {
+            api.call(
+                "GET",
+                &format!("/v1/me/credentials/{name}/usage{query}"),
+                Some(&alice),
+                None,
+            )
+            .await
+        }
+    };
+    let first = usage("zoom.api-key", "?limit=1".into()).await.json();
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    assert!(cursor.parse::<u64>().is_err(), "{cursor}");
+    let seqs: Vec<u64> = audit_items(&api, "?owner=alice&limit=10")
+        .await
+        .iter()
+        .filter_map(|r| r["seq"].as_u64())
+        .collect();
+    assert!(!seqs.is_empty());
+
+    // It pages through the view that gave it...
+    let mut seen = vec![first["items"][0]["time"].clone()];
+    let mut next = Some(cursor.clone());
+    while let Some(c) = next {
+        let page = usage("zoom.api-key", format!("?limit=1&cursor={c}")).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        let page = page.json();
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["time"].clone()),
+        );
+        next = page["next_cursor"].as_str().map(str::to_owned);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // ... and no other: another credential's view, an edited cursor, a record's number.
+    let mut edited = cursor.clone().into_bytes();
+    edited[30] = if edited[30] == b'A' { b'B' } else { b'A' };
+    for (name, c) in [
+        ("zoom.other", cursor.clone()),
+        ("zoom.api-key", String::from_utf8(edited).unwrap()),
+        ("zoom.api-key", seqs[0].to_string()),
+    ] {
+        let r = usage(name, format!("?cursor={c}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{name} {c}: {}", r.body);
+    }
+}
+
 #[tokio::test]
 async fn reveal_fails_closed_when_the_audit_record_cannot_be_written() {
     let api = api_audited(Auditing::Failing).await;

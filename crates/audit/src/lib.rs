@@ -25,6 +25,8 @@ use time::OffsetDateTime;
 
 const DOMAIN: &[u8] = b"strongroom-audit-v1\0";
 const HEAD_DOMAIN: &[u8] = b"strongroom-audit-head-v1\0";
+/// The domain of keys derived from the head key ([`HeadKey::derive`]).
+const DERIVE_DOMAIN: &[u8] = b"strongroom-audit-derive-v1\0";
 
 /// The hash before the first record.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -153,6 +155,17 @@ impl HeadKey {
         m.update(&count.to_be_bytes());
         m.update(hash);
         m
+    }
+
+    /// A key for another purpose named by `label`, derived from this one (HMAC-SHA256 under
+    /// a domain the head's MACs never use): every node that shares the log shares it, and it
+    /// tells nothing of this key.
+    pub fn derive(&self, label: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+            .unwrap_or_else(|_| unreachable!());
+        m.update(DERIVE_DOMAIN);
+        m.update(label);
+        zeroize::Zeroizing::new(m.finalize().into_bytes().into())
     }
 
     /// The head after `count` records ending in `hash`.

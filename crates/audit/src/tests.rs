@@ -131,3 +131,15 @@ fn records_round_trip_through_json_and_hold_no_extra_fields() {
     );
     assert!(!format!("{:?}", HeadKey::new([9; 32])).contains('9'));
 }
+
+/// Derived keys are stable for a key and label, differ by label and by key, and are not the
+/// key itself.
+#[test]
+fn derived_keys_depend_on_the_key_and_the_label() {
+    let k = HeadKey::new([7; 32]);
+    let a = k.derive(b"usage-cursor/1");
+    assert_eq!(*a, *HeadKey::new([7; 32]).derive(b"usage-cursor/1"));
+    assert_ne!(*a, *k.derive(b"usage-cursor/2"));
+    assert_ne!(*a, *HeadKey::new([8; 32]).derive(b"usage-cursor/1"));
+    assert_ne!(*a, [7; 32]);
+}

@@ -46,6 +46,7 @@ pub mod django;
 pub mod envelope;
 pub mod fernet;
 pub mod keywrap;
+pub mod opaque;
 pub mod provider;
 mod random;
 mod secret;

@@ -134,14 +134,14 @@ fn parse_time(t: Option<&str>, what: &str) -> Result<Option<time::OffsetDateTime
     .transpose()
 }
 
-/// One page of records matching `filter`, newest first, and the next page's cursor.
+/// One page of records matching `filter`, newest first, and the next page's cursor: the
+/// last record's number (`seal` turns it into what the caller is given).
 pub(crate) async fn audit_page(
     state: &AppState,
     filter: &AuditFilter,
-    cursor: Option<&str>,
+    before: Option<u64>,
     limit: Option<u32>,
-) -> Result<(Vec<strongroom_store::audit::Record>, Option<String>), ApiError> {
-    let before = parse_cursor(cursor)?;
+) -> Result<(Vec<strongroom_store::audit::Record>, Option<u64>), ApiError> {
     let limit = limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad_request("limit must be 1 to 1000"));
@@ -152,7 +152,7 @@ pub(crate) async fn audit_page(
         .await
         .map_err(|e| ApiError::from(strongroom_core::CoreError::from(e)))?;
     let next = if records.len() == limit as usize {
-        records.last().map(|r| r.seq.to_string())
+        records.last().map(|r| r.seq)
     } else {
         None
     };
@@ -198,9 +198,10 @@ pub(crate) async fn audit(
     filter.principal_id = q.principal;
     filter.since = parse_time(q.since.as_deref(), "since")?;
     filter.until = parse_time(q.until.as_deref(), "until")?;
-    let (records, next_cursor) = audit_page(&state, &filter, q.cursor.as_deref(), q.limit).await?;
+    let before = parse_cursor(q.cursor.as_deref())?;
+    let (records, next) = audit_page(&state, &filter, before, q.limit).await?;
     Ok(Json(AuditPage {
         items: records.into_iter().map(AuditRecordView::from).collect(),
-        next_cursor,
+        next_cursor: next.map(|seq| seq.to_string()),
     }))
 }

@@ -219,8 +219,22 @@ pub(crate) async fn usage(
     // the port could otherwise fill this owner's view with them (the newest first) and bury
     // the uses that matter.
     filter.principal_kinds = vec!["user".into(), "service".into(), "admin".into()];
-    let (records, next_cursor) =
-        super::admin::audit_page(&state, &filter, q.cursor.as_deref(), q.limit).await?;
+    // The cursor is sealed: a record's number would tell a user how many requests the whole
+    // server has recorded between two of theirs.
+    let aad = usage_cursor_aad(&owner, &name);
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            state.open_usage_cursor(c, &aad).ok_or_else(|| {
+                ApiError::bad_request("malformed cursor: pass a next_cursor this view gave")
+            })
+        })
+        .transpose()?;
+    let (records, next) = super::admin::audit_page(&state, &filter, before, q.limit).await?;
+    let next_cursor = next
+        .map(|seq| state.seal_usage_cursor(seq, &aad))
+        .transpose()?;
     Ok(Json(UsageResponse {
         name,
         last_used_at: credential.summary.last_used_at,
@@ -246,6 +260,16 @@ pub(crate) async fn usage(
             .collect(),
         next_cursor,
     }))
+}
+
+/// What a usage cursor is bound to: this owner's credential of this name.
+fn usage_cursor_aad(owner: &str, name: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(owner.len() + name.len() + 24);
+    aad.extend_from_slice(b"strongroom-usage-cursor\0");
+    aad.extend_from_slice(owner.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(name.as_bytes());
+    aad
 }
 
 /// Destroy one version (its data key is erased: crypto-shredding).

@@ -436,7 +436,7 @@ pub struct AuditQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
-    /// From a previous page's `next_cursor`.
+    /// From a previous page's `next_cursor` of this credential's usage view (an opaque token).
     pub cursor: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     #[serde(default, deserialize_with = "canonical_limit")]
