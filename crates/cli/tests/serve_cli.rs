@@ -305,6 +305,19 @@ fn startup_failures_are_one_line_and_non_zero() {
         out.stdout.is_empty(),
         "printed instructions for a server that did not start"
     );
+    // ... and a new data dir is not made for it (a mistyped second start left one behind).
+    let fresh = tmp.path().join("never-made");
+    let out = strongroom()
+        .args(["serve", "--dev", "--listen", &addr, "--data-dir"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    let err = one_line_failure(&out);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(
+        !fresh.exists(),
+        "a data dir was made for a server that did not start"
+    );
 
     // --dev and --config together: a usage error.
     let out = strongroom()

@@ -545,6 +545,14 @@ pub fn banner(setup: &DevSetup, addr: SocketAddr, user_token: &str, user: &str) 
     let url = format!("https://{host}");
     let ca = shell_quote(&setup.ca_cert.display().to_string());
     let dir = shell_quote(&setup.data_dir.display().to_string());
+    // Absolute in the paste block, so the `strongroom` commands it sets up for work from any
+    // folder.
+    let absolute_dir = shell_quote(
+        &std::fs::canonicalize(&setup.data_dir)
+            .unwrap_or_else(|_| setup.data_dir.clone())
+            .display()
+            .to_string(),
+    );
     format!(
         "\
 Strongroom dev server — for trying things out only: keys, tokens and certificates live in {dir}
@@ -561,6 +569,8 @@ Try it (paste into a shell):
   export SR={url} CA={ca}
   export ALICE='{user_token}'
   export SERVICE='{service}'
+  export ADMIN='{admin}'
+  export STRONGROOM_DATA_DIR={absolute_dir}   # for `strongroom credential`, `keys`, `audit`
 
   # 1. store a credential as {user} (write-only: {user} can never read it back)
   curl -sS -w '\\n' --cacert \"$CA\" -X PUT \"$SR/v1/me/credentials/zoom.api-key\" -H \"Authorization: Bearer $ALICE\" -H 'Content-Type: application/json' -d '{{\"value\": \"zoom-secret-123\"}}'

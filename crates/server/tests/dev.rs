@@ -188,6 +188,14 @@ async fn the_dev_server_accepts_its_tokens_and_serves_the_dev_policy() {
     let banner = dev::banner(&setup, addr, &alice, "alice");
     assert!(banner.contains(&format!("https://127.0.0.1:{}", addr.port())));
     assert!(banner.contains("--cacert") && banner.contains(setup.service_token.as_str()));
+    // The paste block sets up every token and the data folder the CLI reads.
+    let canonical = std::fs::canonicalize(tmp.path()).unwrap();
+    for line in [
+        format!("export ADMIN='{}'", setup.admin_token.as_str()),
+        format!("export STRONGROOM_DATA_DIR={}", canonical.display()),
+    ] {
+        assert!(banner.contains(&line), "{line} not in {banner}");
+    }
     let running = common::spawn_started(server);
 
     let ca = std::fs::read(&setup.ca_cert).unwrap();

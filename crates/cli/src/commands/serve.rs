@@ -164,6 +164,12 @@ async fn serve_dev(args: ServeArgs) -> Result<(), Failure> {
              printed tokens that reach every credential; use it on 127.0.0.1 or ::1 only"
         );
     }
+    // A port already taken fails before the data folder, its keyring and tokens are made
+    // (a mistyped second start left a new folder behind).
+    std::net::TcpListener::bind(listen).map_err(|source| ServerError::Bind {
+        addr: listen,
+        source,
+    })?;
     let setup = dev::bootstrap(&options)?;
     let config = setup.config(listen)?;
     logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
