@@ -71,7 +71,8 @@ impl Modify for CommonResponses {
             .into_iter()
             .filter_map(|(m, op)| op.as_mut().map(|op| (m, op)))
             {
-                let takes_body = op.request_body.is_some() || method == "post";
+                // Routes without a declared body still read one, to refuse it.
+                let takes_body = op.request_body.is_some() || method != "get";
                 let responses = &mut op.responses.responses;
                 let mut add = |status: &str, description: &str| {
                     responses

@@ -932,7 +932,7 @@ async fn every_status_bad_input_gets_is_documented() {
                     oversized.clone(),
                 ),
             ];
-            if method == "post" || method == "put" {
+            if method != "get" {
                 probes.push((
                     "a body not sent as JSON",
                     concrete.clone(),
@@ -959,6 +959,14 @@ async fn every_status_bad_input_gets_is_documented() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // None of that destroyed anything; nor does a destroy with a body, which is refused
+    // (`{"version": 1}` would otherwise destroy every version).
+    let r = api
+        .call("DELETE", KEY, Some(&alice), Some(json!({"version": 1})))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let kept = api.call("GET", KEY, Some(&alice), None).await;
+    assert_eq!(kept.json()["current_version"], 1, "{}", kept.body);
 }
 
 #[tokio::test]

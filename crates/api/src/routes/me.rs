@@ -281,6 +281,7 @@ pub(crate) async fn destroy_version(
     audit: Audit,
     User(owner): User,
     ApiPath((name, version)): ApiPath<(String, PathVersion)>,
+    _: NoBody,
 ) -> ApiResult<StatusCode> {
     if let Err(e) = audit
         .change(
@@ -306,6 +307,9 @@ pub(crate) async fn destroy(
     audit: Audit,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
+    // A body is refused, not ignored: `{"version": 3}` sent here would otherwise destroy
+    // every version.
+    _: NoBody,
 ) -> ApiResult<StatusCode> {
     audit
         .change(
