@@ -67,12 +67,31 @@ impl Needles {
                 }
                 for style in HtmlStyle::ALL {
                     push(html_escaped(text, style));
+                    // HTML inside HTML (a template escaping what another one escaped).
+                    let once = Zeroizing::new(html_escaped(text, style));
+                    if let Ok(once) = std::str::from_utf8(&once) {
+                        push(html_escaped(once, style));
+                    }
                 }
-                // UTF-16, either byte order (a text answer in a charset the service asked
-                // for, or a Windows service's default).
-                push(text.encode_utf16().flat_map(u16::to_le_bytes).collect());
-                push(text.encode_utf16().flat_map(u16::to_be_bytes).collect());
+                // Forms the character-by-character search also finds, whole here for the
+                // values it does not search (no anchor, over 4 KiB).
+                push(js_escape(text));
+                // UTF-16 and UTF-32, either byte order (a text answer in a charset the
+                // service asked for, or a Windows service's default). Sized up front (at most
+                // four bytes per byte) so no grown buffer leaves a copy behind.
+                let utf32 = text.len() * 4;
+                push(sized(utf32, text.encode_utf16().flat_map(u16::to_le_bytes)));
+                push(sized(utf32, text.encode_utf16().flat_map(u16::to_be_bytes)));
+                push(sized(
+                    utf32,
+                    text.chars().flat_map(|c| u32::from(c).to_le_bytes()),
+                ));
+                push(sized(
+                    utf32,
+                    text.chars().flat_map(|c| u32::from(c).to_be_bytes()),
+                ));
             }
+            push(python_bytes_repr(s));
             for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
                 push(engine.encode(s).into_bytes());
             }
@@ -602,6 +621,73 @@ fn html_escaped(text: &str, style: HtmlStyle) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// `bytes` in a buffer of `capacity`, which they must not exceed (a grown buffer would leave
+/// a copy behind in a freed allocation).
+fn sized(capacity: usize, bytes: impl Iterator<Item = u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    out.extend(bytes);
+    out
+}
+
+/// JavaScript's `escape()`: letters, digits and `@*_+-./` as they are, other characters up
+/// to U+00FF as `%XX` (`é` as `%E9`), the rest as `%uXXXX` (UTF-16 units).
+fn js_escape(text: &str) -> Vec<u8> {
+    let digits = hex_digits(true);
+    let hex = |out: &mut Vec<u8>, u: u16, width: u32| {
+        for shift in (0..width).rev() {
+            out.push(digits[usize::from((u >> (4 * shift)) & 15)]);
+        }
+    };
+    // At most three bytes per byte (`%uXXXX` for a two- or three-byte character, two of them
+    // for a four-byte one): the buffer never grows (see `json_escaped`).
+    let mut out = Vec::with_capacity(text.len() * 3);
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || "@*_+-./".contains(c) {
+            out.push(c as u8);
+        } else if let Ok(b) = u8::try_from(c) {
+            out.push(b'%');
+            hex(&mut out, u16::from(b), 2);
+        } else {
+            for u in c.encode_utf16(&mut [0u16; 2]) {
+                out.extend_from_slice(b"%u");
+                hex(&mut out, *u, 4);
+            }
+        }
+    }
+    out
+}
+
+/// Between the quotes of Python's `repr` of `bytes`: `\\`, the quote as `\'` (in `'…'`,
+/// chosen unless only `'` is present), `\t`, `\n`, `\r`, printable ASCII as it is, any other
+/// byte as `\xhh`.
+fn python_bytes_repr(s: &[u8]) -> Vec<u8> {
+    let quote = if s.contains(&b'\'') && !s.contains(&b'"') {
+        b'"'
+    } else {
+        b'\''
+    };
+    let digits = hex_digits(false);
+    // At most four bytes per byte: the buffer never grows (see `json_escaped`).
+    let mut out = Vec::with_capacity(s.len() * 4);
+    for &b in s {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b if b == quote => out.extend_from_slice(&[b'\\', b]),
+            b' '..=b'~' => out.push(b),
+            b => out.extend_from_slice(&[
+                b'\\',
+                b'x',
+                digits[usize::from(b >> 4)],
+                digits[usize::from(b & 15)],
+            ]),
+        }
+    }
+    out
+}
+
 fn hex_digits(upper: bool) -> &'static [u8; 16] {
     if upper {
         b"0123456789ABCDEF"
@@ -963,6 +1049,48 @@ mod tests {
         body.push_str(r"p@ss\u0027w\u0022ord\u002B9/x=");
         let (out, changed) = n.scrub(body.as_bytes());
         assert!(changed && out.ends_with(REDACTED));
+    }
+
+    /// Whole-value forms of a value the character-by-character search does not take (no run
+    /// of three letters or digits): each printed by the encoder named (Python 3.11, Node 18).
+    #[test]
+    fn whole_value_forms_are_removed_without_an_anchor() {
+        let value = "a+b/c=\"d'é<9>&€";
+        assert!(Spelled::new(value.as_bytes()).is_none());
+        let n = Needles::new(value.as_bytes(), &[]);
+        let forms = [
+            // Python repr(value.encode()), between the quotes
+            br#"a+b/c="d\'\xc3\xa9<9>&\xe2\x82\xac"#.to_vec(),
+            // JavaScript escape()
+            b"a+b/c%3D%22d%27%E9%3C9%3E%26%u20AC".to_vec(),
+            // Python html.escape(html.escape(value))
+            "a+b/c=&amp;quot;d&amp;#x27;é&amp;lt;9&amp;gt;&amp;amp;€".into(),
+            // Python value.encode("utf-32-le") and "utf-32-be"
+            hex::decode(
+                "610000002b000000620000002f000000630000003d000000220000006400000027000000\
+                 e90000003c000000390000003e00000026000000ac200000",
+            )
+            .unwrap(),
+            hex::decode(
+                "000000610000002b000000620000002f000000630000003d000000220000006400000027\
+                 000000e90000003c000000390000003e00000026000020ac",
+            )
+            .unwrap(),
+        ];
+        for form in forms {
+            let body = [&b"{\"echo\": \""[..], &form, b"\"}"].concat();
+            let (out, changed) = n.scrub(&body);
+            assert!(changed, "{}", String::from_utf8_lossy(&form));
+            assert_eq!(out, b"{\"echo\": \"[REDACTED]\"}");
+        }
+        // Nor does any of them take text that only resembles the value.
+        for near in [
+            &br#"a+b/c="d\'\xc3\xa9<9>&\xe2\x82\xad"#[..],
+            b"a+b/c%3D%22d%27%E9%3C9%3E%26%u20AD",
+            "a+b/c=&amp;quot;d&amp;#x27;é&amp;lt;9&amp;gt;&amp;amp;¢".as_bytes(),
+        ] {
+            assert_eq!(n.scrub(near), (near.to_vec(), false));
+        }
     }
 
     #[test]
