@@ -13,11 +13,14 @@ const MIN_SHIFTED_B64: usize = 8;
 
 /// The byte strings to remove: the value itself, every injected rendering of it, and their
 /// percent-encoded, form-encoded, base64 (standard and URL-safe, padded or not, at each of
-/// the three byte alignments), hex, JSON-escaped (as the common serializers escape) and
-/// HTML-escaped forms; and the value as text with any of its characters escaped
+/// the three byte alignments, also wrapped into lines), hex, JSON-escaped (as the common
+/// serializers escape), HTML-escaped (once or twice), JavaScript `escape()`, Python bytes
+/// `repr`, UTF-16 and UTF-32 forms; and the value as text with any of its characters escaped
 /// ([`Spelled`]). Zeroized on drop.
 pub(crate) struct Needles {
     fixed: Vec<Zeroizing<Vec<u8>>>,
+    /// The base64 ones, also searched for with line breaks inside (see [`Needles::unwrapped`]).
+    wrapped: Vec<Zeroizing<Vec<u8>>>,
     spelled: Option<Spelled>,
 }
 
@@ -33,11 +36,19 @@ impl Needles {
                 out.push(n);
             }
         };
+        // The base64 forms, searched for across line breaks too.
+        let mut base64: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+        let mut push_base64 = |n: String| {
+            let n = Zeroizing::new(n.into_bytes());
+            if !n.is_empty() && !base64.iter().any(|o| **o == *n) {
+                base64.push(n);
+            }
+        };
         // The injected renderings (`Bearer …`, `user:…`) hold the value, so their plain,
         // percent-encoded and JSON forms hold its forms; only their base64 forms differ.
         for s in extra {
             for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
-                push(engine.encode(s).into_bytes());
+                push_base64(engine.encode(s));
             }
         }
         {
@@ -93,7 +104,7 @@ impl Needles {
             }
             push(python_bytes_repr(s));
             for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
-                push(engine.encode(s).into_bytes());
+                push_base64(engine.encode(s));
             }
             // Embedded in a longer base64 string, the value's bytes start at offset 0, 1 or 2
             // of a 3-byte group: the characters that depend only on the value are those of
@@ -105,7 +116,7 @@ impl Needles {
                     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
                         let enc = engine.encode(whole);
                         if enc.len() >= MIN_SHIFTED_B64 {
-                            push(enc.into_bytes());
+                            push_base64(enc);
                         }
                     }
                 }
@@ -113,14 +124,22 @@ impl Needles {
             let whole = &s[..s.len() - s.len() % 3];
             let enc = STANDARD_NO_PAD.encode(whole);
             if enc.len() >= MIN_SHIFTED_B64 {
-                push(enc.into_bytes());
-                push(URL_SAFE_NO_PAD.encode(whole).into_bytes());
+                push_base64(enc);
+                push_base64(URL_SAFE_NO_PAD.encode(whole));
             }
+        }
+        for n in &base64 {
+            push(n.to_vec());
         }
         // Longest first, so a long form is replaced whole before a shorter one inside it.
         out.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        // As short as the shortest searched for out of alignment, no shorter: a few
+        // characters either side of a break would match unrelated base64 text.
+        base64.retain(|n| n.len() >= MIN_SHIFTED_B64);
+        base64.sort_by_key(|n| std::cmp::Reverse(n.len()));
         Self {
             fixed: out,
+            wrapped: base64,
             spelled: Spelled::new(value),
         }
     }
@@ -132,6 +151,11 @@ impl Needles {
             Some(spelled) => spelled.scrub(haystack),
             None => (haystack.to_vec(), false),
         };
+        if let Some(next) = self.unwrapped(&current) {
+            zeroize::Zeroize::zeroize(&mut current);
+            current = next;
+            changed = true;
+        }
         for needle in &self.fixed {
             let finder = memchr::memmem::Finder::new(needle.as_slice());
             if finder.find(&current).is_none() {
@@ -154,6 +178,91 @@ impl Needles {
         }
         (current, changed)
     }
+
+    /// `haystack` with each base64 form that has line breaks inside it (MIME's and Python's
+    /// `encodebytes` 76 columns, PEM's 64, any other width; `\n` or `\r\n`, or those
+    /// escaped in a JSON string) replaced; `None` when none has. Searched for in a copy
+    /// without those breaks, so the break may fall anywhere in it.
+    fn unwrapped(&self, haystack: &[u8]) -> Option<Vec<u8>> {
+        let breaks = base64_line_breaks(haystack);
+        if breaks.is_empty() || self.wrapped.is_empty() {
+            return None;
+        }
+        // Where each break was: its offset in `joined`, and the bytes removed up to it.
+        let mut joined = Zeroizing::new(Vec::with_capacity(haystack.len()));
+        let mut cuts = Vec::with_capacity(breaks.len());
+        let (mut at, mut removed) = (0, 0);
+        for b in breaks {
+            joined.extend_from_slice(&haystack[at..b.start]);
+            removed += b.len();
+            cuts.push((joined.len(), removed));
+            at = b.end;
+        }
+        joined.extend_from_slice(&haystack[at..]);
+        let original = |j: usize| {
+            let before = cuts.partition_point(|&(c, _)| c <= j);
+            j + before.checked_sub(1).map_or(0, |k| cuts[k].1)
+        };
+        let mut found = Vec::new();
+        for needle in &self.wrapped {
+            for i in memchr::memmem::find_iter(&joined, needle.as_slice()) {
+                let end = i + needle.len();
+                // Only across a break: the others are found as they are.
+                let next_cut = cuts.partition_point(|&(c, _)| c <= i);
+                if cuts.get(next_cut).is_some_and(|&(c, _)| c < end) {
+                    found.push(original(i)..original(end - 1) + 1);
+                }
+            }
+        }
+        if found.is_empty() {
+            return None;
+        }
+        found.sort_by_key(|r| r.start);
+        let mut out = Vec::with_capacity(haystack.len() + found.len() * REDACTED.len());
+        let mut copied = 0;
+        for r in found {
+            // Overlapping forms go under one replacement.
+            if r.start < copied {
+                copied = copied.max(r.end);
+                continue;
+            }
+            out.extend_from_slice(&haystack[copied..r.start]);
+            out.extend_from_slice(REDACTED);
+            copied = r.end;
+        }
+        out.extend_from_slice(&haystack[copied..]);
+        Some(out)
+    }
+}
+
+/// The line breaks in `haystack` between two base64 characters (standard or URL-safe, padding
+/// after): `\n`, `\r\n`, and the same escaped in a JSON string.
+fn base64_line_breaks(haystack: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_');
+    let mut breaks = Vec::new();
+    let mut seen = 0;
+    for i in memchr::memchr2_iter(b'\n', b'\\', haystack) {
+        // The second backslash of an escaped `\r\n`.
+        if i < seen {
+            continue;
+        }
+        let rest = &haystack[i + 1..];
+        let b = match haystack[i] {
+            b'\n' if i > 0 && haystack[i - 1] == b'\r' => i - 1..i + 1,
+            b'\n' => i..i + 1,
+            _ if rest.starts_with(b"n") => i..i + 2,
+            _ if rest.starts_with(b"r\\n") => i..i + 4,
+            _ => continue,
+        };
+        seen = b.end;
+        if b.start > 0
+            && base64(&haystack[b.start - 1])
+            && haystack.get(b.end).is_some_and(|n| base64(n) || *n == b'=')
+        {
+            breaks.push(b);
+        }
+    }
+    breaks
 }
 
 /// Values longer than this are not searched for escaped character by character (the fixed
@@ -1091,6 +1200,80 @@ mod tests {
         ] {
             assert_eq!(n.scrub(near), (near.to_vec(), false));
         }
+    }
+
+    /// The value inside base64 wrapped into lines, a break falling inside its part: each
+    /// printed by the encoder named (Python 3.11, OpenSSL 3), of
+    /// `{"user": "alice", "key": "<value>"}`.
+    #[test]
+    fn base64_wrapped_into_lines_is_removed() {
+        let value = b"sk_live_51H8xQ2eZvKYlo2C0aB3dE4fG5hI6jK7lM8nO9pQ0rS1tU2vW3xY4z";
+        let forms: [&[u8]; 5] = [
+            // Python base64.encodebytes (76 columns)
+            b"eyJ1c2VyIjogImFsaWNlIiwgImtleSI6ICJza19saXZlXzUxSDh4UTJlWnZLWWxvMkMwYUIzZEU0\n\
+              Zkc1aEk2aks3bE04bk85cFEwclMxdFUydlczeFk0eiJ9\n",
+            // Python email.base64mime.body_encode(eol="\r\n") (MIME)
+            b"eyJ1c2VyIjogImFsaWNlIiwgImtleSI6ICJza19saXZlXzUxSDh4UTJlWnZLWWxvMkMwYUIzZEU0\r\n\
+              Zkc1aEk2aks3bE04bk85cFEwclMxdFUydlczeFk0eiJ9\r\n",
+            // openssl base64 (64 columns, as PEM)
+            b"eyJ1c2VyIjogImFsaWNlIiwgImtleSI6ICJza19saXZlXzUxSDh4UTJlWnZLWWxv\n\
+              MkMwYUIzZEU0Zkc1aEk2aks3bE04bk85cFEwclMxdFUydlczeFk0eiJ9\n",
+            // json.dumps of the first two
+            br#"{"mail": "eyJ1c2VyIjogImFsaWNlIiwgImtleSI6ICJza19saXZlXzUxSDh4UTJlWnZLWWxvMkMwYUIzZEU0\nZkc1aEk2aks3bE04bk85cFEwclMxdFUydlczeFk0eiJ9\n"}"#,
+            br#"{"mail": "eyJ1c2VyIjogImFsaWNlIiwgImtleSI6ICJza19saXZlXzUxSDh4UTJlWnZLWWxvMkMwYUIzZEU0\r\nZkc1aEk2aks3bE04bk85cFEwclMxdFUydlczeFk0eiJ9\r\n"}"#,
+        ];
+        let joined = |b: &[u8]| {
+            String::from_utf8_lossy(b)
+                .replace("\\r\\n", "")
+                .replace("\\n", "")
+                .replace(['\r', '\n'], "")
+        };
+        // The value starts at byte 26, the third of a 3-byte group: its whole groups after.
+        let part = STANDARD_NO_PAD.encode(&value[1..61]);
+        let n = Needles::new(value, &[]);
+        for form in forms {
+            // A break falls inside the value's part.
+            assert!(joined(form).contains(&part));
+            assert!(!String::from_utf8_lossy(form).contains(&part));
+            let (out, changed) = n.scrub(form);
+            let text = String::from_utf8(out.clone()).unwrap();
+            assert!(changed, "{text}");
+            assert_eq!(text.matches("[REDACTED]").count(), 1, "{text}");
+            // Exactly the value's part is replaced, with the line breaks inside it.
+            let expected = joined(form).replacen(&part, "[REDACTED]", 1);
+            assert_eq!(joined(&out), expected, "{text}");
+        }
+    }
+
+    /// Base64 with line breaks that does not hold the value is left as it is: another value
+    /// (one character differs in the middle) and random bytes (Python base64.encodebytes),
+    /// and ordinary text broken into lines.
+    #[test]
+    fn other_base64_wrapped_into_lines_is_left() {
+        let n = Needles::new(
+            b"sk_live_51H8xQ2eZvKYlo2C0aB3dE4fG5hI6jK7lM8nO9pQ0rS1tU2vW3xY4z",
+            &[],
+        );
+        for body in [
+            // `…fG5hJ6…` instead of `…fG5hI6…`
+            &b"eyJ1c2VyIjogImFsaWNlIiwgImtleSI6ICJza19saXZlXzUxSDh4UTJlWnZLWWxvMkMwYUIzZEU0\n\
+               Zkc1aEo2aks3bE04bk85cFEwclMxdFUydlczeFk0eiJ9\n"[..],
+            b"pU3KGCUwux1tEyze1iN7LtkeP3IfyxlxF0SU1kk8nVw0YL4xIB5p/tqg7ui5mX9cfCmZ/a/lkyU8\n\
+              1lSvTfrXFCegrrP+6SMvivIhH57kkcWxC+y1Vjv8Hm+TQn7LyP4pVeXNjkbcjtS3wnZNKlpNdncG\n\
+              +F2GkAJK1r2jQBvpyMvMyTX2zR9hImrhUziuGjQATTO6DSRqwEyBsbryPjv57vX3nytJNK+H9VIL\n\
+              ablLDZguhbtVtnKocmN6zXRm/LYODo/xhGOw5LK6KXA0dPBkrGj3APWwKz3GZvRb3qosyu3NK1FX\n\
+              QQ5N7krys09DCgc0R95jbA6AbJV7poTWQx+16tdCTQnhXQJMWEjyPR+m9zYdf2GNFTLnDiDipmaN\n\
+              5/R+hGflRtU+yOKhJXvb\n",
+            b"sk_live\nkey\r\nsk\\nlive\\r\\n51H8xQ2eZvKYlo2C0aB3dE4f\nG5hI6jK7lM8nO9pQ0rS1tU2vW3xY4z",
+        ] {
+            let text = String::from_utf8_lossy(body);
+            assert_eq!(n.scrub(body), (body.to_vec(), false), "{text}");
+        }
+        // A form shorter than 8 characters is not searched for across a break (only as it
+        // is): `k9!` is `azkh`.
+        let n = Needles::new(b"k9!", &[]);
+        let body = b"TWFueSBoYW5kcyBtYWtlIGxpZ2h0IHdvcmsuaz\nkhTWFueSBoYW5kcyBtYWtl\n";
+        assert_eq!(n.scrub(body), (body.to_vec(), false));
     }
 
     #[test]
