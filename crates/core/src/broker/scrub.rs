@@ -385,6 +385,22 @@ const MAX_SPELLING: usize = 22;
 /// twice (`%2B`, `%252B`, `+` for a space), or as JavaScript's `escape()` writes it (`%E9`,
 /// `%u20AC`).
 fn spells(s: &[u8], next: Option<u8>, c: char) -> bool {
+    // Longer than four bytes, only an escape: ending in a reference's `;`, or in a hex digit
+    // (`\u002B`, `%C3%A9`, a reference's number that the next byte does not continue). Most
+    // lengths tried are neither, ruled out first (the search's hot path).
+    if s.len() > 4 {
+        let may = match (s[0], s[s.len() - 1]) {
+            (b'&', b';') => true,
+            (b'&', b) => {
+                b.is_ascii_hexdigit() && !next.is_some_and(|n| n.is_ascii_digit() || n == b';')
+            }
+            (b'\\' | b'%', b) => b.is_ascii_hexdigit(),
+            _ => false,
+        };
+        if !may {
+            return false;
+        }
+    }
     let mut utf8 = [0u8; 4];
     let utf8 = c.encode_utf8(&mut utf8).as_bytes();
     // Most tries are not escapes: decided here, on the hot path of the search.
@@ -477,16 +493,6 @@ fn backslash_escape_of(s: &[u8], c: char, utf8: &[u8]) -> bool {
 /// is U+01B7), or named as HTML5 and HTML 4 name it (`plus;`, `eacute;`, `QUOT;`).
 fn html_reference_to(body: &[u8], next: Option<u8>, code: u32) -> bool {
     let continues = |digit: fn(&u8) -> bool| next.is_some_and(|b| digit(&b) || b == b';');
-    // It ends at its `;` or where its number does: most lengths tried end elsewhere, ruled
-    // out first (the search's hot path).
-    let ends = match body.last() {
-        Some(b';') => true,
-        Some(b) => b.is_ascii_hexdigit() && !continues(u8::is_ascii_digit),
-        None => false,
-    };
-    if !ends {
-        return false;
-    }
     match body {
         [b'#', b'x' | b'X', h @ .., b';'] => hex(h) == Some(code),
         [b'#', b'x' | b'X', h @ ..] => !continues(u8::is_ascii_hexdigit) && hex(h) == Some(code),
