@@ -162,12 +162,20 @@ impl Needles {
                 continue;
             }
             changed = true;
-            let mut next = Vec::with_capacity(current.len());
+            // Where it is, first: the output is then allocated once, at its size (a buffer
+            // that grows leaves copies of the body, value included, in what it frees).
+            let mut hits = Vec::new();
             let mut at = 0;
             for i in finder.find_iter(&current) {
-                if i < at {
-                    continue;
+                if i >= at {
+                    hits.push(i);
+                    at = i + needle.len();
                 }
+            }
+            let size = current.len() - hits.len() * needle.len() + hits.len() * REDACTED.len();
+            let mut next = Vec::with_capacity(size);
+            let mut at = 0;
+            for i in hits {
                 next.extend_from_slice(&current[at..i]);
                 next.extend_from_slice(REDACTED);
                 at = i + needle.len();
@@ -235,6 +243,9 @@ impl Needles {
     }
 }
 
+/// The shortest line of base64 a break is looked for after.
+const MIN_WRAPPED_LINE: usize = 16;
+
 /// The line breaks in `haystack` between two base64 characters (standard or URL-safe, padding
 /// after): `\n`, `\r\n`, and the same escaped in a JSON string.
 fn base64_line_breaks(haystack: &[u8]) -> Vec<std::ops::Range<usize>> {
@@ -255,9 +266,16 @@ fn base64_line_breaks(haystack: &[u8]) -> Vec<std::ops::Range<usize>> {
             _ => continue,
         };
         seen = b.end;
-        if b.start > 0
-            && base64(&haystack[b.start - 1])
-            && haystack.get(b.end).is_some_and(|n| base64(n) || *n == b'=')
+        // After a line of base64 at least as wide as any encoder wraps (64 and 76 are the
+        // usual widths): a body of short lines does not make a break, and its bookkeeping,
+        // every few bytes.
+        let line = haystack[..b.start]
+            .iter()
+            .rev()
+            .take(MIN_WRAPPED_LINE)
+            .take_while(|b| base64(b))
+            .count();
+        if line == MIN_WRAPPED_LINE && haystack.get(b.end).is_some_and(|n| base64(n) || *n == b'=')
         {
             breaks.push(b);
         }
@@ -321,7 +339,7 @@ impl Spelled {
         // Counted in characters tried, each up to `MAX_SPELLING` spellings long: 64 per body
         // byte let a repeating 4 KiB value take seconds of CPU on a 1 MiB body.
         let mut budget = 4 * haystack.len() + 64 * 1024;
-        let mut out = Vec::new();
+        let mut found = Vec::new();
         let mut copied = 0;
         let mut from = 0;
         while let Some(i) = finder.find(&haystack[from..]).map(|i| i + from) {
@@ -330,17 +348,26 @@ impl Spelled {
             };
             budget = steps;
             match self.around(haystack, i, copied) {
-                Some(found) => {
-                    out.extend_from_slice(&haystack[copied..found.start]);
-                    out.extend_from_slice(REDACTED);
-                    copied = found.end;
-                    from = found.end;
+                Some(at) => {
+                    copied = at.end;
+                    from = at.end;
+                    found.push(at);
                 }
                 None => from = i + 1,
             }
         }
-        if copied == 0 && out.is_empty() {
+        if found.is_empty() {
             return (haystack.to_vec(), false);
+        }
+        // Allocated once, at its size (a buffer that grows leaves copies of the body in what
+        // it frees).
+        let removed: usize = found.iter().map(|r| r.len()).sum();
+        let mut out = Vec::with_capacity(haystack.len() - removed + found.len() * REDACTED.len());
+        let mut copied = 0;
+        for r in found {
+            out.extend_from_slice(&haystack[copied..r.start]);
+            out.extend_from_slice(REDACTED);
+            copied = r.end;
         }
         out.extend_from_slice(&haystack[copied..]);
         (out, true)
@@ -885,6 +912,20 @@ fn percent(s: &[u8], style: PercentStyle) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Breaks are looked for only after a line of base64 as wide as encoders wrap: a body
+    /// of short lines (a hostile upstream's, or ordinary text) makes none, and no
+    /// bookkeeping either.
+    #[test]
+    fn only_lines_of_base64_make_breaks() {
+        let short = "ab\ncd\n".repeat(1000);
+        assert!(base64_line_breaks(short.as_bytes()).is_empty());
+        let line = "QUJDREVGR0hJSktMTU5PUA==".trim_end_matches('=');
+        let wrapped = format!("{line}\n{line}\r\n{line}\\n{line}");
+        assert_eq!(base64_line_breaks(wrapped.as_bytes()).len(), 3);
+        let narrow = format!("{}\n{}", &line[..15], &line[..15]);
+        assert!(base64_line_breaks(narrow.as_bytes()).is_empty());
+    }
 
     #[test]
     fn every_usual_encoding_is_removed() {
