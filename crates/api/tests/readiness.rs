@@ -275,38 +275,13 @@ async fn a_flood_of_probes_checks_the_provider_about_once_a_second() {
 #[tokio::test]
 async fn readyz_answers_unavailable_in_time_when_a_backend_hangs() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        strongroom_store::sqlite::SqliteStore::open_dir(dir.path())
-            .await
-            .unwrap(),
-    );
-    let vault = Arc::new(strongroom_core::Vault::new(
-        store,
-        Arc::new(Hung(strongroom_crypto::testing::FakeProvider::new(
-            "hung", 1,
-        ))),
-        Arc::new(strongroom_crypto::OsRandom),
-        Arc::new(strongroom_core::SystemClock),
-        strongroom_core::VaultConfig::default(),
-    ));
-    let state = strongroom_api::AppState::new(
-        vault,
-        Authenticator::new(AuthSettings::default()).unwrap(),
-        strongroom_core::policy::Policy::from_toml("").unwrap(),
-        strongroom_api::ApiLimits::default(),
-    );
-    let router = strongroom_api::router(state);
+    let hung = Hung(strongroom_crypto::testing::FakeProvider::new("hung", 1));
+    let router = router_over(dir.path(), Arc::new(hung)).await;
     let started = std::time::Instant::now();
-    let response = tower::ServiceExt::oneshot(
-        router,
-        axum::http::Request::get("/readyz")
-            .body(axum::body::Body::empty())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    drop(dir);
+    assert_eq!(
+        readyz_status(&router).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
