@@ -25,15 +25,27 @@ pub enum CliError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Standard output was closed by its reader (`| head`): the command ends quietly with
+    /// status 141, as one stopped by SIGPIPE shows in a shell (see `crate::output`).
+    #[error("standard output was closed")]
+    StdoutClosed,
 }
 
 impl CliError {
-    /// Exit status: 2 for usage errors (as clap), 1 for everything else.
+    /// Exit status: 2 for usage errors (as clap), 141 for a closed standard output (128 +
+    /// SIGPIPE), 1 for everything else.
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CliError::Usage(_) => ExitCode::from(2),
+            CliError::StdoutClosed => ExitCode::from(141),
             _ => ExitCode::from(1),
         }
+    }
+
+    /// Whether the command ends without a message on standard error (a closed standard
+    /// output).
+    pub fn is_quiet(&self) -> bool {
+        matches!(self, CliError::StdoutClosed)
     }
 
     /// Wraps an I/O error with what was being done.

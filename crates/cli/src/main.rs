@@ -5,6 +5,7 @@
 
 mod commands;
 mod error;
+mod output;
 
 use std::process::ExitCode;
 
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is_quiet() => err.exit_code(),
         Err(err) => {
             // One line on stderr, never a secret (the error types' messages are built to
             // hold none).

@@ -574,3 +574,25 @@ fn appends_refuse_a_head_that_does_not_end_the_records() {
     let (dir, _) = populate();
     append(&dir.path().join("data")).unwrap();
 }
+
+/// `audit export | head -2`: once the reader has gone, export and head end as `cat` would
+/// (status 141, nothing on stderr), not with "error: Broken pipe".
+#[test]
+fn a_reader_that_goes_away_ends_the_export_quietly() {
+    let (dir, _) = populate();
+    let data = dir.path().join("data");
+    for args in [
+        &["audit", "export"][..],
+        &["audit", "head"],
+        &["audit", "verify"],
+    ] {
+        let out = common::with_stdout_closed(
+            common::strongroom_process()
+                .args(args)
+                .arg("--data-dir")
+                .arg(&data),
+            b"",
+        );
+        common::assert_ends_quietly(&out, &format!("{args:?}"));
+    }
+}

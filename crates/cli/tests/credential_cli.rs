@@ -20,6 +20,16 @@ fn client(data: &Path, addr: std::net::SocketAddr, token: &str) -> assert_cmd::C
     cmd
 }
 
+/// [`client`] as a `std::process::Command` (for `common::with_stdout_closed`).
+fn client_process(data: &Path, addr: std::net::SocketAddr, token: &str) -> std::process::Command {
+    let mut cmd = common::strongroom_process();
+    cmd.env("STRONGROOM_SERVER", format!("https://{addr}"))
+        .env("STRONGROOM_TOKEN", token)
+        .env("STRONGROOM_DATA_DIR", data)
+        .env_remove("STRONGROOM_CACERT");
+    cmd
+}
+
 fn ok(cmd: &mut assert_cmd::Command) -> String {
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -91,6 +101,17 @@ fn a_user_stores_and_manages_and_the_service_reveals() {
     let out =
         ok(client(&data, addr, &service).args(["credential", "reveal", "alice", "zoom.api-key"]));
     assert_eq!(out, format!("{VALUE}\n"));
+    // A reader that has gone away (`| head -c 0`) ends list, show and reveal quietly, as it
+    // would a Unix tool.
+    for (token, args) in [
+        (&alice, &["credential", "list"][..]),
+        (&alice, &["credential", "show", "zoom.api-key"]),
+        (&service, &["credential", "reveal", "alice", "zoom.api-key"]),
+    ] {
+        let out = common::with_stdout_closed(client_process(&data, addr, token).args(args), b"");
+        common::assert_ends_quietly(&out, &args.join(" "));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains(VALUE));
+    }
     // A user token cannot reveal.
     let out = client(&data, addr, &alice)
         .args(["credential", "reveal", "alice", "zoom.api-key"])

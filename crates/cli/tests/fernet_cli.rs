@@ -347,3 +347,26 @@ fn a_key_file_others_may_read_is_warned_about() {
         );
     }
 }
+
+/// A reader that has gone away (`| head -c 0`) ends every command quietly with 141, as it
+/// would a Unix tool, not with a panic or an error.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let key = String::from_utf8(stdout_of(strongroom().args(["fernet", "generate-key"]))).unwrap();
+    let key = key.trim();
+    let token = String::from_utf8(stdout_of(
+        strongroom()
+            .args(["fernet", "encrypt", "--key", key])
+            .write_stdin("v"),
+    ))
+    .unwrap();
+    for (args, stdin) in [
+        (vec!["fernet", "encrypt", "--key", key], "the value"),
+        (vec!["fernet", "decrypt", "--key", key], token.as_str()),
+        (vec!["fernet", "generate-key"], ""),
+    ] {
+        let out =
+            common::with_stdout_closed(common::strongroom_process().args(&args), stdin.as_bytes());
+        common::assert_ends_quietly(&out, &args[..2].join(" "));
+    }
+}

@@ -313,3 +313,29 @@ fn rotate_without_flags_is_audited_in_the_default_data_dir() {
     assert!(err.contains("--keyring alone names no store"), "{err}");
     assert_eq!(rotations_recorded(dir.path()), 1);
 }
+
+/// `keys list | head -1`: a reader that has gone away ends it quietly with 141, as it would
+/// a Unix tool, in both formats and for the commands that only report.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ring.json");
+    let out = common::with_stdout_closed(
+        common::strongroom_process()
+            .args(["keys", "generate", "--keyring"])
+            .arg(&file),
+        b"",
+    );
+    common::assert_ends_quietly(&out, "keys generate");
+    assert!(file.exists(), "the keyring is made before the report");
+    for args in [&["keys", "list"][..], &["keys", "list", "--json"]] {
+        let out = common::with_stdout_closed(
+            common::strongroom_process()
+                .args(args)
+                .arg("--keyring")
+                .arg(&file),
+            b"",
+        );
+        common::assert_ends_quietly(&out, &format!("{args:?}"));
+    }
+}

@@ -9,6 +9,7 @@ use strongroom_store::audit::{Head, Verifier};
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
+use crate::output::outln;
 
 /// Records read per batch.
 const BATCH: u32 = 4096;
@@ -105,7 +106,7 @@ async fn verify(target: &OperatorTarget, expect_head: Option<PathBuf>) -> Result
     let result = verify_log(&backends, expected.as_ref()).await;
     backends.close().await;
     let n = result?;
-    println!("audit log OK: {n} records, chain and head verified");
+    outln!("audit log OK: {n} records, chain and head verified")?;
     Ok(())
 }
 
@@ -287,7 +288,7 @@ async fn head(target: &OperatorTarget) -> Result<(), Failure> {
         Some(h) => serde_json::to_string(&h).map_err(op)?,
         None => serde_json::json!({ "count": 0, "hash": hex_zero(), "mac": null }).to_string(),
     };
-    println!("{text}");
+    outln!("{text}")?;
     Ok(())
 }
 
@@ -313,10 +314,10 @@ async fn export_records(backends: &strongroom_server::Backends, after: u64) -> R
         next = last.seq;
         for r in &batch {
             let line = serde_json::to_string(r).map_err(op)?;
-            writeln!(out, "{line}").map_err(CliError::io("cannot write the export"))?;
+            writeln!(out, "{line}").map_err(crate::output::error("cannot write the export"))?;
         }
     }
     out.flush()
-        .map_err(CliError::io("cannot write the export"))?;
+        .map_err(crate::output::error("cannot write the export"))?;
     Ok(())
 }

@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
+use crate::output::outln;
 
 /// Copy the SQLite store (credentials, versions, the audit log) into one new file, while
 /// the server runs, and check the copy.
@@ -52,13 +53,13 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
         super::rewrap::audit_action(&backends, "backup", outcome, code).await;
         backends.close().await;
         let report = copied.map_err(|e| CliError::Operation(format!("backup: {e}")))?;
-        println!(
+        outln!(
             "backup written to {} and checked: {} credentials, {} versions, {} audit records",
             args.output.display(),
             report.credentials,
             report.versions,
             report.audit_records
-        );
+        )?;
         eprintln!(
             "note: the backup holds no key; back the keyring (or the key provider's keys) up \
              apart, and keep them apart"

@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 
 use super::Failure;
 use crate::error::CliError;
+use crate::output::outln;
 
 /// Largest value read from standard input (the server's limit).
 const MAX_VALUE_LEN: u64 = 64 * 1024;
@@ -316,7 +317,7 @@ impl Client {
 fn print_json(v: &serde_json::Value) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::Operation(format!("cannot encode JSON: {e}")))?;
-    println!("{text}");
+    outln!("{text}")?;
     Ok(())
 }
 
@@ -385,7 +386,7 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                 zeroize::Zeroize::zeroize(v);
             }
             let out = result?;
-            println!("{} version {}", name, out["version"]);
+            outln!("{} version {}", name, out["version"])?;
         }
         CredentialCommand::List { client, paging } => {
             print_json(
@@ -411,21 +412,21 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
             Client::new(&client)?
                 .call(Method::POST, &path, Some(&body))
                 .await?;
-            println!("{name}: version {version} is current");
+            outln!("{name}: version {version} is current")?;
         }
         CredentialCommand::Disable { client, name } => {
             let path = format!("{}/disable", me(&name));
             Client::new(&client)?
                 .call(Method::POST, &path, None)
                 .await?;
-            println!("{name}: disabled");
+            outln!("{name}: disabled")?;
         }
         CredentialCommand::Enable { client, name } => {
             let path = format!("{}/enable", me(&name));
             Client::new(&client)?
                 .call(Method::POST, &path, None)
                 .await?;
-            println!("{name}: enabled");
+            outln!("{name}: enabled")?;
         }
         CredentialCommand::Destroy {
             client,
@@ -444,8 +445,8 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                 .call(Method::DELETE, &path, None)
                 .await?;
             match version {
-                Some(v) => println!("{name}: version {v} destroyed"),
-                None => println!("{name}: destroyed"),
+                Some(v) => outln!("{name}: version {v} destroyed")?,
+                None => outln!("{name}: destroyed")?,
             }
         }
         CredentialCommand::Usage {
@@ -476,7 +477,7 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                 .await?;
             if let Some(serde_json::Value::String(v)) = out.get_mut("value") {
                 let value = Zeroizing::new(std::mem::take(v));
-                println!("{}", value.as_str());
+                outln!("{}", value.as_str())?;
             }
         }
     }

@@ -1,7 +1,7 @@
 //! `strongroom fernet …`: Fernet tokens compatible with pyca/cryptography and
 //! django-fernet-fields (FERNET_KEYS, FERNET_USE_HKDF).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
@@ -10,6 +10,7 @@ use strongroom_crypto::{django, OsRandom};
 use zeroize::Zeroizing;
 
 use crate::error::CliError;
+use crate::output::outln;
 
 /// Largest token or plaintext read from stdin.
 const MAX_INPUT: u64 = 16 << 20;
@@ -89,20 +90,17 @@ pub fn run(cmd: FernetCommand) -> Result<(), CliError> {
             };
             let now = at.unwrap_or_else(now_unix);
             let plaintext = fernet.decrypt(token.trim_ascii(), ttl, now)?;
-            let mut out = std::io::stdout().lock();
-            out.write_all(plaintext.expose_secret())
-                .and_then(|()| out.flush())
-                .map_err(CliError::io("writing the plaintext"))?;
+            crate::output::write_all(plaintext.expose_secret(), "writing the plaintext")?;
         }
         FernetCommand::Encrypt { keys } => {
             let fernet = build(&keys)?;
             let plaintext = read_stdin()?;
             let token = fernet.encrypt(&plaintext, now_unix(), &OsRandom)?;
-            println!("{token}");
+            outln!("{token}")?;
         }
         FernetCommand::GenerateKey => {
             let key = FernetKey::generate(&OsRandom)?;
-            println!("{}", secrecy::ExposeSecret::expose_secret(&key.to_base64()));
+            outln!("{}", secrecy::ExposeSecret::expose_secret(&key.to_base64()))?;
         }
     }
     Ok(())

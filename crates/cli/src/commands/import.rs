@@ -253,17 +253,18 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
         b.close().await;
     }
     let report = result.map_err(Failure::Import)?;
-    print_report(&report);
+    // The outcome counts more than a reader that went away (`| head`).
+    let printed = print_report(&report);
     if report.interrupted {
         return Err(Failure::Import(ImportError::Interrupted(report.rows_read)));
     }
     if report.rows_failed > 0 {
         return Err(Failure::Import(ImportError::RowsFailed(report.rows_failed)));
     }
-    Ok(())
+    Ok(printed?)
 }
 
-fn print_report(r: &Report) {
+fn print_report(r: &Report) -> Result<(), CliError> {
     let mut out = String::new();
     if r.dry_run {
         out.push_str("dry run: nothing was written\n");
@@ -299,7 +300,7 @@ fn print_report(r: &Report) {
             f.row_id, f.column, f.reason
         ));
     }
-    print!("{out}");
+    crate::output::write_all(out.as_bytes(), "cannot write the report")
 }
 
 /// A progress bar on a terminal, plain lines otherwise (on stderr either way).

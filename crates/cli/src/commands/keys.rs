@@ -19,6 +19,7 @@ use strongroom_store::{KekFilter, KekRef};
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
+use crate::output::outln;
 
 /// Where the keyring is: `--keyring`, else the `keys.keyring` of `--config`, else
 /// `DATA_DIR/keyring.json` (the `serve --dev` layout).
@@ -218,12 +219,12 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
         KeysCommand::Generate { location } => {
             let path = location.path()?;
             let info = local::generate(&path, now, &OsRandom)?;
-            println!(
+            outln!(
                 "created keyring {} (key id {}, version {} active)",
                 path.display(),
                 info.key_id,
                 info.version
-            );
+            )?;
         }
         KeysCommand::Rotate { location, root } => {
             if root {
@@ -252,10 +253,11 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
             } else {
                 local::rotate(&path, now, &OsRandom)?
             };
-            println!(
+            outln!(
                 "key {} version {} is now active; earlier versions stay decrypt-only",
-                info.key_id, info.version
-            );
+                info.key_id,
+                info.version
+            )?;
         }
         KeysCommand::List { location, json } => {
             let ring = LocalKeyring::open(&location.path()?)?;
@@ -306,28 +308,30 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 }));
                 let text = serde_json::to_string_pretty(&rows)
                     .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
-                println!("{text}");
+                outln!("{text}")?;
             } else {
-                print_table(&keys);
+                print_table(&keys)?;
                 if counts.is_some() {
                     for k in &keys {
-                        println!(
+                        outln!(
                             "version {}: {} active credential versions",
                             k.version,
                             count_of(k).unwrap_or(0)
-                        );
+                        )?;
                     }
                 }
                 for (k, n) in &foreign {
-                    println!("{}", other_provider_line(k, *n));
+                    outln!("{}", other_provider_line(k, *n))?;
                 }
                 for (k, n) in &unheld {
-                    println!(
+                    outln!(
                         "{}:{}:v{}: {n} active credential versions sealed under a keyring \
                          version this file does not hold (an older copy restored, or another \
                          keyring?): they cannot be opened until the file that holds it is back",
-                        k.provider, k.key_id, k.version
-                    );
+                        k.provider,
+                        k.key_id,
+                        k.version
+                    )?;
                 }
             }
         }
@@ -365,7 +369,7 @@ async fn remote_generate(config: Config) -> Result<(), Failure> {
             .await
             .map_err(ServerError::from)?;
             let kek = provider.active_kek().map_err(ServerError::from)?;
-            println!("created {kek} in the token (never leaves it)");
+            outln!("created {kek} in the token (never leaves it)")?;
             Ok(())
         }
         _ if hierarchy_mode(&config) => {
@@ -375,13 +379,13 @@ async fn remote_generate(config: Config) -> Result<(), Failure> {
             backends.close().await;
             let ring = ring.map_err(ServerError::from)?;
             for k in ring.iter().filter(|k| k.state == KekState::Active) {
-                println!(
+                outln!(
                     "KEK ring ready: {}:{}:v{} active, wrapped by {}",
                     hierarchy::KIND,
                     hierarchy::KEY_ID,
                     k.version,
                     k.wrapped_by.as_deref().unwrap_or("-")
-                );
+                )?;
             }
             Ok(())
         }
@@ -466,11 +470,11 @@ fn print_kek_rows(rows: &[serde_json::Value], json: bool) -> Result<(), Failure>
     if json {
         let text = serde_json::to_string_pretty(rows)
             .map_err(|e| CliError::Usage(format!("cannot encode JSON: {e}")))?;
-        println!("{text}");
+        outln!("{text}")?;
         return Ok(());
     }
     for r in rows {
-        println!(
+        outln!(
             "{}:{}:v{}  {:<12}  {} credential versions{}",
             r["provider"].as_str().unwrap_or_default(),
             r["key_id"].as_str().unwrap_or_default(),
@@ -481,7 +485,7 @@ fn print_kek_rows(rows: &[serde_json::Value], json: bool) -> Result<(), Failure>
                 .as_str()
                 .map(|w| format!("  (wrapped by {w})"))
                 .unwrap_or_default()
-        );
+        )?;
     }
     Ok(())
 }
@@ -508,12 +512,13 @@ async fn remote_retire(config: Config, version: u32) -> Result<(), Failure> {
         ))
         .into());
     }
-    println!(
+    outln!(
         "no credential version uses {}:{}:v{version}; retire it in the provider itself \
          (Transit: raise min_decryption_version; PKCS#11: destroy the token key; AWS KMS: \
          disable or schedule deletion of an unused key)",
-        kek.provider, kek.key_id
-    );
+        kek.provider,
+        kek.key_id
+    )?;
     Ok(())
 }
 
@@ -554,10 +559,10 @@ async fn remote_rotate(config: Config) -> Result<(), Failure> {
     }
     .await;
     audit_rotation(backends, &rotated).await;
-    println!(
+    outln!(
         "{} is now active; run `strongroom rewrap` to move stored data keys to it",
         rotated?
-    );
+    )?;
     Ok(())
 }
 
@@ -607,12 +612,12 @@ async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
     .await;
     audit_rotation(backends, &result).await;
     let (version, root_kek) = result?;
-    println!(
+    outln!(
         "{}:{}:v{version} is now active (wrapped by {root_kek}); running servers use it within \
          a second; run `strongroom rewrap` to move stored data keys to it",
         hierarchy::KIND,
         hierarchy::KEY_ID
-    );
+    )?;
     Ok(())
 }
 
@@ -812,27 +817,31 @@ async fn retire_checked(
         ))
         .into());
     }
-    println!(
+    outln!(
         "key {} version {} retired: its material is erased; a full scan found 0 credential versions under it",
         kek.key_id, kek.version
-    );
+    )?;
     Ok(())
 }
 
-fn print_table(keys: &[KeyInfo]) {
+fn print_table(keys: &[KeyInfo]) -> Result<(), Failure> {
     let date = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string());
-    println!(
+    outln!(
         "{:<20} {:>7}  {:<12}  {:<25}  STATE CHANGED",
-        "KEY ID", "VERSION", "STATE", "CREATED"
-    );
+        "KEY ID",
+        "VERSION",
+        "STATE",
+        "CREATED"
+    )?;
     for k in keys {
-        println!(
+        outln!(
             "{:<20} {:>7}  {:<12}  {:<25}  {}",
             k.key_id,
             k.version,
             k.state.as_str(),
             date(k.created_at),
             date(k.state_changed_at)
-        );
+        )?;
     }
+    Ok(())
 }

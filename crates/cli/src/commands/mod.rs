@@ -60,6 +60,12 @@ impl From<strongroom_keys::local::KeyringError> for Failure {
 }
 
 impl Failure {
+    /// Whether the command ends without a message on standard error (see
+    /// [`CliError::is_quiet`]).
+    pub fn is_quiet(&self) -> bool {
+        matches!(self, Failure::Cli(e) if e.is_quiet())
+    }
+
     /// Exit status: 2 for usage errors (as clap), 1 for everything else.
     pub fn exit_code(&self) -> ExitCode {
         match self {

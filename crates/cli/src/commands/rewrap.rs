@@ -14,6 +14,7 @@ use strongroom_server::config::{KeyMode, KeyProviderKind};
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
+use crate::output::outln;
 
 /// `strongroom rewrap` options.
 #[derive(Args, Debug)]
@@ -200,14 +201,14 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
     } else {
         "rewrapped"
     };
-    println!(
+    outln!(
         "{verb} {}, skipped {}, failed {} (target {}{})",
         report.rewrapped,
         report.skipped,
         report.failed,
         report.target,
         if report.resumed { ", resumed" } else { "" }
-    );
+    )?;
     if report.failed > 0 {
         return Err(CliError::Operation(format!(
             "{} versions did not unwrap (their KEK is retired or unknown to this provider, or \

@@ -9,6 +9,7 @@ use strongroom_server::dev;
 
 use super::Failure;
 use crate::error::CliError;
+use crate::output::outln;
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
@@ -73,7 +74,7 @@ pub fn run(cmd: TokenCommand) -> Result<(), Failure> {
             }
             let token =
                 dev::mint_user_token(&args.data_dir, &args.subject, Duration::from_secs(args.ttl))?;
-            println!("{}", token.as_str());
+            outln!("{}", token.as_str())?;
             Ok(())
         }
     }

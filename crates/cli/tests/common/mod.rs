@@ -53,3 +53,42 @@ pub fn unix(rfc3339: &str) -> u64 {
         .unwrap();
     t.unix_timestamp() as u64
 }
+
+/// Runs `cmd` with its standard output a pipe whose reader is gone before it starts (as
+/// when `| head` has read all it wanted), `stdin` on its standard input.
+pub fn with_stdout_closed(cmd: &mut std::process::Command, stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    // The command may end before reading it all.
+    let _ = input.write_all(stdin);
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+/// `strongroom` as a `std::process::Command` (for [`with_stdout_closed`]).
+pub fn strongroom_process() -> std::process::Command {
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("strongroom"));
+    cmd.env_remove("STRONGROOM_KEYRING")
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_CONFIG");
+    cmd
+}
+
+/// A command whose reader went away ends as a Unix tool stopped by SIGPIPE shows in a shell:
+/// status 141, no error and no panic on stderr.
+pub fn assert_ends_quietly(out: &std::process::Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{what}: {stderr}");
+    assert!(
+        !stderr.contains("error") && !stderr.contains("panicked"),
+        "{what}: {stderr}"
+    );
+}
