@@ -100,7 +100,7 @@ fn a_user_stores_and_manages_and_the_service_reveals() {
     // The service reveals the current version (1, chosen above) to stdout, nothing else.
     let out =
         ok(client(&data, addr, &service).args(["credential", "reveal", "alice", "zoom.api-key"]));
-    assert_eq!(out, format!("{VALUE}\n"));
+    assert_eq!(out, VALUE, "exactly the value's bytes, no newline added");
     // A reader that has gone away (`| head -c 0`) ends list, show and reveal quietly, as it
     // would a Unix tool.
     for (token, args) in [
@@ -293,4 +293,107 @@ fn list_pages_with_cursor_and_all() {
     got.sort();
     assert_eq!(got, want);
     assert_eq!([names(&first), names(&second)].concat().len(), 130);
+}
+
+/// Runs the client with `token` with its standard output (and error) a terminal, through
+/// `script` (util-linux); its exit code and what the terminal got.
+fn on_a_terminal(
+    data: &Path,
+    addr: std::net::SocketAddr,
+    token: &str,
+    args: &[&str],
+) -> (Option<i32>, String) {
+    let bin = assert_cmd::cargo::cargo_bin("strongroom");
+    let line = std::iter::once(bin.to_str().unwrap())
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let client = client_process(data, addr, token);
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line, "/dev/null"]);
+    for (k, v) in client.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let out = script.stdin(std::process::Stdio::null()).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `reveal` writes the value's exact bytes to a pipe, whatever they are; to a terminal it
+/// prints a plain value, and refuses one whose control characters the terminal would act on
+/// (a value is whatever its owner set), without printing any of it.
+#[test]
+fn reveal_is_byte_exact_to_a_pipe_and_keeps_control_characters_off_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let server = start_dev(&data, &[]);
+    let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
+    let addr = server.addr;
+    // Retitles the terminal and clears the screen; put drops one trailing newline.
+    let tricky = "line one\n\x1b]0;pwned\x07\x1b[2J\tend\n";
+    ok(client(&data, addr, &alice)
+        .args(["credential", "put", "tricky"])
+        .write_stdin(format!("{tricky}\n")));
+    ok(client(&data, addr, &alice)
+        .args(["credential", "put", "plain"])
+        .write_stdin(VALUE));
+
+    let out = client(&data, addr, &service)
+        .args(["credential", "reveal", "alice", "tricky"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, tricky.as_bytes());
+    assert!(out.stderr.is_empty());
+
+    let (code, screen) = on_a_terminal(
+        &data,
+        addr,
+        &service,
+        &["credential", "reveal", "alice", "tricky"],
+    );
+    assert_eq!(code, Some(1), "{screen:?}");
+    assert!(
+        screen.contains("control characters") && screen.contains("redirect"),
+        "{screen:?}"
+    );
+    assert!(
+        !screen.contains("pwned") && !screen.contains("line one") && !screen.contains('\x1b'),
+        "part of the value reached the terminal: {screen:?}"
+    );
+    let (code, screen) = on_a_terminal(
+        &data,
+        addr,
+        &service,
+        &["credential", "reveal", "alice", "plain"],
+    );
+    assert_eq!(code, Some(0), "{screen:?}");
+    assert_eq!(screen, format!("{VALUE}\r\n"));
+}
+
+/// The help says what `reveal` writes where.
+#[test]
+fn help_says_what_reveal_writes() {
+    for args in [
+        &["credential", "--help"][..],
+        &["credential", "reveal", "--help"],
+    ] {
+        let out = strongroom().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            help.contains("exact") && help.contains("control characters"),
+            "{args:?}: {help}"
+        );
+    }
 }

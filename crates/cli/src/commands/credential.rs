@@ -2,7 +2,8 @@
 //!
 //! The bearer token comes from `STRONGROOM_TOKEN` or `--token-file`, never from the command
 //! line (where `ps` would show it); a value to store comes from standard input. Only
-//! `reveal` (a service token) ever prints a value.
+//! `reveal` (a service token) ever prints a value: its exact bytes to a pipe or a file, and
+//! to a terminal only a value without control characters.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -131,8 +132,21 @@ pub enum CredentialCommand {
         /// Credential name.
         name: String,
     },
-    /// As a service: print an owner's credential value (where policy allows `reveal`).
-    #[command(disable_version_flag = true)]
+    /// As a service: print an owner's credential value (where policy allows `reveal`): its
+    /// exact bytes to a pipe or a file; to a terminal, only a value without control characters.
+    ///
+    /// To a pipe or a file (`$(...)`, `| cmd`, `> file`) the value's exact bytes are written,
+    /// with no newline added. To a terminal the value is printed with a newline after it,
+    /// unless it holds control characters (a newline, a tab, an escape sequence, ...), which
+    /// the terminal would act on rather than show: then nothing is printed and the command
+    /// fails, asking for standard output to be redirected to a file or a pipe. The value is
+    /// never written anywhere else.
+    #[command(
+        disable_version_flag = true,
+        after_help = "Examples:\n  \
+        ZOOM_KEY=\"$(STRONGROOM_TOKEN=$SERVICE strongroom credential reveal alice zoom.api-key)\"\n  \
+        STRONGROOM_TOKEN=$SERVICE strongroom credential reveal alice zoom.api-key > value.bin"
+    )]
     Reveal {
         #[command(flatten)]
         client: ClientOptions,
@@ -475,13 +489,46 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
             let mut out = Client::new(&client)?
                 .call(Method::POST, &path, Some(&body))
                 .await?;
-            if let Some(serde_json::Value::String(v)) = out.get_mut("value") {
-                let value = Zeroizing::new(std::mem::take(v));
-                outln!("{}", value.as_str())?;
-            }
+            let Some(serde_json::Value::String(v)) = out.get_mut("value") else {
+                return Err(
+                    CliError::Operation("the server's answer holds no value".into()).into(),
+                );
+            };
+            let value = Zeroizing::new(std::mem::take(v));
+            write_value(&value)?;
         }
     }
     Ok(())
+}
+
+/// Writes a revealed value to standard output: its exact bytes to a pipe or a file; to a
+/// terminal, followed by a newline, and only when it holds no control character.
+fn write_value(value: &str) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return Ok(crate::output::write_all(
+            value.as_bytes(),
+            "cannot write the value",
+        )?);
+    }
+    // Refused rather than shown escaped: whoever set the value chose its bytes, and escape
+    // sequences written to a terminal act on it (retitle it, rewrite what is on screen,
+    // answer queries as typed input). An escaped rendering would be safe to show but is not
+    // the value: `\x1b` on screen cannot be told from those four characters in a value, and
+    // one copied from the screen is wrong without a sign. Refusing keeps one rule, what
+    // `reveal` prints is the value byte for byte, and the way out is one redirect.
+    if value.chars().any(char::is_control) {
+        return Err(CliError::Operation(
+            "the value holds control characters (a newline, a tab or an escape sequence), \
+             which a terminal would act on rather than show: nothing was printed; redirect \
+             standard output to a file or a pipe to get its exact bytes (`... > value.bin`, \
+             `... | od -c`)"
+                .into(),
+        )
+        .into());
+    }
+    crate::output::write_all(value.as_bytes(), "cannot write the value")?;
+    Ok(crate::output::write_all(b"\n", "cannot write the value")?)
 }
 
 /// Asks for the credential's name on a terminal before an irreversible destroy; elsewhere
