@@ -29,23 +29,28 @@ pub enum CliError {
     /// status 141, as one stopped by SIGPIPE shows in a shell (see `crate::output`).
     #[error("standard output was closed")]
     StdoutClosed,
+    /// The command has given its answer on standard output and exits with this status
+    /// without a message (`credential verify`: 1, does not match).
+    #[error("exit status {0}")]
+    Answer(u8),
 }
 
 impl CliError {
     /// Exit status: 2 for usage errors (as clap), 141 for a closed standard output (128 +
-    /// SIGPIPE), 1 for everything else.
+    /// SIGPIPE), an answer's own, 1 for everything else.
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CliError::Usage(_) => ExitCode::from(2),
             CliError::StdoutClosed => ExitCode::from(141),
+            CliError::Answer(code) => ExitCode::from(*code),
             _ => ExitCode::from(1),
         }
     }
 
     /// Whether the command ends without a message on standard error (a closed standard
-    /// output).
+    /// output, an answer given).
     pub fn is_quiet(&self) -> bool {
-        matches!(self, CliError::StdoutClosed)
+        matches!(self, CliError::StdoutClosed | CliError::Answer(_))
     }
 
     /// Wraps an I/O error with what was being done.

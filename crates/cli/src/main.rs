@@ -58,14 +58,15 @@ enum Command {
     /// A consistent copy of the SQLite store (values sealed, never a key), taken while the
     /// server runs, and checked.
     Backup(commands::backup::BackupArgs),
-    /// A client of a running server: put, list, show, current, disable, enable, destroy and
-    /// usage of your credentials; reveal one as a service. The token comes from
+    /// A client of a running server: put, list, show, verify, current, disable, enable,
+    /// destroy and usage of your credentials; reveal one as a service. The token comes from
     /// STRONGROOM_TOKEN or --token-file.
     #[command(
         subcommand,
         after_help = "Examples:\n  export STRONGROOM_SERVER=https://127.0.0.1:8443\n  \
         printf %s 'zoom-secret-123' | STRONGROOM_TOKEN=$ALICE strongroom credential put zoom.api-key\n  \
         STRONGROOM_TOKEN=$ALICE strongroom credential list --all\n  \
+        STRONGROOM_TOKEN=$ALICE strongroom credential verify zoom.api-key < candidate.txt\n  \
         STRONGROOM_TOKEN=$SERVICE strongroom credential reveal alice zoom.api-key"
     )]
     Credential(commands::credential::CredentialCommand),

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::dev::start_dev;
+use common::dev::{start_dev, start_dev_env};
 use common::strongroom;
 
 const VALUE: &str = "sk_live_cli-client-value-0123456789";
@@ -396,4 +396,56 @@ fn help_says_what_reveal_writes() {
             "{args:?}: {help}"
         );
     }
+}
+
+/// `credential verify` reads the value as `put` does and answers with its exit status: 0
+/// matches, 1 does not, 2 no answer (here a missing credential, an empty value, and the 429
+/// past the server's per-owner limit, which says when to try again).
+#[test]
+fn verify_answers_with_its_exit_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("dev");
+    let server = start_dev_env(&data, &[], &[("STRONGROOM_LIMITS__VERIFY_PER_MINUTE", "3")]);
+    let alice = server.export("ALICE");
+    let addr = server.addr;
+    ok(client(&data, addr, &alice)
+        .args(["credential", "put", "zoom.api-key"])
+        .write_stdin(VALUE));
+    let verify = |name: &str, candidate: &str| {
+        let out = client(&data, addr, &alice)
+            .args(["credential", "verify", name])
+            .write_stdin(candidate.to_owned())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        assert!(!stdout.contains(VALUE) && !stderr.contains(VALUE));
+        (out.status.code(), stdout, stderr)
+    };
+    // As put reads it: one trailing newline is not part of the value.
+    assert_eq!(
+        verify("zoom.api-key", &format!("{VALUE}\n")),
+        (Some(0), "matches\n".into(), String::new())
+    );
+    assert_eq!(
+        verify("zoom.api-key", "not-the-value"),
+        (Some(1), "does not match\n".into(), String::new())
+    );
+    // Refused before any call (the limit is not spent on it).
+    let (code, stdout, stderr) = verify("zoom.api-key", "");
+    assert_eq!((code, stdout.as_str()), (Some(2), ""), "{stderr}");
+    assert!(stderr.contains("empty"), "{stderr}");
+    let (code, stdout, stderr) = verify("no-such-credential", VALUE);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""), "{stderr}");
+    assert!(stderr.contains("404"), "{stderr}");
+    // The fourth call in the minute.
+    let (code, stdout, stderr) = verify("zoom.api-key", VALUE);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""), "{stderr}");
+    assert!(
+        stderr.contains("429") && stderr.contains("Retry-After: ") && stderr.contains("seconds"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }

@@ -132,6 +132,25 @@ pub enum CredentialCommand {
         /// Credential name.
         name: String,
     },
+    /// Check a value against the current version of your credential, never revealing it:
+    /// prints `matches` or `does not match`.
+    ///
+    /// The value is read from standard input as `put` reads it (never from the command line;
+    /// one trailing newline is removed). The server allows `limits.verify_per_minute` (30)
+    /// calls per owner per minute; past that it answers 429 with the seconds to wait.
+    #[command(after_help = "Exit status:\n  \
+        0  matches\n  \
+        1  does not match\n  \
+        2  no answer: a usage error, no such credential, too many calls (429), the server \
+        unreachable, ...\n\n\
+        Example:\n  \
+        STRONGROOM_TOKEN=$ALICE strongroom credential verify zoom.api-key < candidate.txt")]
+    Verify {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// Credential name.
+        name: String,
+    },
     /// As a service: print an owner's credential value (where policy allows `reveal`): its
     /// exact bytes to a pipe or a file; to a terminal, only a value without control characters.
     ///
@@ -310,6 +329,12 @@ impl Client {
             CliError::Operation(msg)
         })?;
         let status = resp.status();
+        // Whole seconds only (the server's form); anything else is not echoed.
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let bytes = resp
             .bytes()
             .await
@@ -324,7 +349,14 @@ impl Client {
         }
         let code = json["error"]["code"].as_str().unwrap_or("error");
         let message = json["error"]["message"].as_str().unwrap_or("");
-        Err(CliError::Operation(format!("{} {code}: {message}", status.as_u16())).into())
+        let mut line = format!("{} {code}: {message}", status.as_u16());
+        // 429 (too many `verify` calls) and 503 say when to try again.
+        if let Some(wait) = retry_after {
+            line.push_str(&format!(
+                " (Retry-After: {wait}: try again in {wait} seconds)"
+            ));
+        }
+        Err(CliError::Operation(line).into())
     }
 }
 
@@ -471,6 +503,16 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
             let path = format!("{}/usage", me(&name));
             print_json(&paging.fetch(&Client::new(&client)?, &path).await?)?;
         }
+        CredentialCommand::Verify { client, name } => {
+            // Status 1 is the answer "does not match": any failure exits 2 instead.
+            return verify(&client, &me(&name)).await.map_err(|e| {
+                if e.is_quiet() {
+                    e
+                } else {
+                    Failure::NoAnswer(Box::new(e))
+                }
+            });
+        }
         CredentialCommand::Reveal {
             client,
             owner,
@@ -499,6 +541,32 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// `credential verify`: sends the value read from standard input to `{path}/verify`; prints
+/// the answer, and fails with status 1 (quietly) when it does not match.
+async fn verify(client: &ClientOptions, path: &str) -> Result<(), Failure> {
+    let c = Client::new(client)?;
+    let value = read_value()?;
+    let mut body = serde_json::json!({ "value": value.as_str() });
+    let result = c
+        .call(
+            reqwest::Method::POST,
+            &format!("{path}/verify"),
+            Some(&body),
+        )
+        .await;
+    if let Some(serde_json::Value::String(v)) = body.get_mut("value") {
+        zeroize::Zeroize::zeroize(v);
+    }
+    match result?["matches"].as_bool() {
+        Some(true) => Ok(outln!("matches")?),
+        Some(false) => {
+            outln!("does not match")?;
+            Err(CliError::Answer(1).into())
+        }
+        None => Err(CliError::Operation("the server's answer holds no `matches`".into()).into()),
+    }
 }
 
 /// Writes a revealed value to standard output: its exact bytes to a pipe or a file; to a

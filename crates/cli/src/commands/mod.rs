@@ -51,6 +51,10 @@ pub enum Failure {
     /// An import failed (source unreadable, target refused a write, or rows failed).
     #[error(transparent)]
     Import(#[from] strongroom_import::ImportError),
+    /// A failure of a command whose status 1 is an answer (`credential verify`: does not
+    /// match), which therefore exits 2, as `cmp` and `grep` do on trouble.
+    #[error(transparent)]
+    NoAnswer(Box<Failure>),
 }
 
 impl From<strongroom_keys::local::KeyringError> for Failure {
@@ -71,6 +75,7 @@ impl Failure {
         match self {
             Failure::Cli(e) => e.exit_code(),
             Failure::Server(_) => ExitCode::from(1),
+            Failure::NoAnswer(_) => ExitCode::from(2),
             Failure::Import(strongroom_import::ImportError::Usage(_)) => ExitCode::from(2),
             // As a shell reports a process ended by SIGINT.
             Failure::Import(strongroom_import::ImportError::Interrupted(_)) => ExitCode::from(130),
