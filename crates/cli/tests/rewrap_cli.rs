@@ -509,3 +509,54 @@ fn rotating_a_restored_older_keyring_is_refused() {
     let out = run_ok(&["keys", "rotate"], &dd);
     assert!(out.contains("version 3 is now active"), "{out}");
 }
+
+/// `keys retire` of the active version says that the active version cannot be retired and to
+/// rotate first (rewrap alone moves nothing off it), whether or not data keys use it; a
+/// decrypt-only version still in use is still refused with "rewrap first".
+#[test]
+fn retiring_the_active_version_says_to_rotate_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    run_ok(&["keys", "generate"], &dd);
+    run_ok(&["rewrap"], &dd); // makes the store
+    let active = |version: &str| {
+        let err = run_err(&["keys", "retire", version], &dd);
+        assert!(
+            err.contains(&format!("version {version}: it is the active version"))
+                && err.contains("cannot be retired")
+                && err.contains("`strongroom keys rotate` first"),
+            "{err}"
+        );
+        assert!(!err.contains("run `strongroom rewrap` first"), "{err}");
+    };
+    active("1"); // no data key under it yet
+    rt().block_on(async {
+        let backends = Backends::open(&operator_config(&data)).await.unwrap();
+        backends
+            .vault()
+            .put(strongroom_core::PutRequest {
+                owner: "alice",
+                name: "under-v1",
+                value: strongroom_crypto::SecretBytes::from_slice(b"v"),
+                metadata: None,
+                expected_version: None,
+                created_by: "user:alice",
+            })
+            .await
+            .unwrap();
+        backends.close().await;
+    });
+    active("1"); // one under it
+    run_ok(&["keys", "rotate"], &dd);
+    let err = run_err(&["keys", "retire", "1"], &dd);
+    assert!(
+        err.contains("1 active credential versions still use it")
+            && err.contains("run `strongroom rewrap` first"),
+        "{err}"
+    );
+    active("2");
+    run_ok(&["rewrap"], &dd);
+    run_ok(&["keys", "retire", "1"], &dd);
+    active("2");
+}

@@ -168,9 +168,10 @@ pub enum KeysCommand {
         #[arg(long)]
         root: bool,
     },
-    /// Erase a decrypt-only KEK version's material. Refuses while any active credential
-    /// version still uses it (run `strongroom rewrap` first); afterwards a full scan of the
-    /// store confirms nothing is left under it.
+    /// Erase a decrypt-only KEK version's material. Refuses the active version (run `keys
+    /// rotate` first, then `rewrap`), and refuses while any active credential version still
+    /// uses it (run `strongroom rewrap` first); afterwards a full scan of the store confirms
+    /// nothing is left under it.
     #[command(after_help = "Example (after `keys rotate` and `rewrap`):\n  \
         strongroom keys retire 1 --config /etc/strongroom/strongroom.toml")]
     Retire {
@@ -353,7 +354,11 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
             // Only the store can say that nothing uses the version; a data dir or config
             // without one (a typo, most likely) is never taken to mean "nothing does".
             // `open_existing` names the missing database.
-            block_on(retire(&location, &path, kek, now))?;
+            let active = ring
+                .list()
+                .iter()
+                .any(|k| k.version == version && k.state == local::KeyState::Active);
+            block_on(retire(&location, &path, kek, active, now))?;
         }
     }
     Ok(())
@@ -498,6 +503,9 @@ async fn remote_retire(config: Config, version: u32) -> Result<(), Failure> {
     backends.close().await;
     let active = active?;
     let kek = KekRef::new(active.provider.clone(), active.key_id.clone(), version);
+    if version == active.version {
+        return Err(active_refusal(&kek));
+    }
     let in_use: u64 = counts
         .map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?
         .into_iter()
@@ -677,7 +685,16 @@ async fn ring_retire(config: Config, version: u32) -> Result<(), Failure> {
         version,
     );
     let store = backends.store.clone();
-    retire_audited(backends, &kek, async || {
+    let active = match hierarchy::list(store.as_ref()).await {
+        Ok(ring) => ring
+            .iter()
+            .any(|k| k.version == version && k.state == KekState::Active),
+        Err(e) => {
+            backends.close().await;
+            return Err(ServerError::from(e).into());
+        }
+    };
+    retire_audited(backends, &kek, active, async || {
         hierarchy::retire(store.as_ref(), version, OffsetDateTime::now_utc())
             .await
             .map_err(|e| ServerError::from(e).into())
@@ -740,10 +757,11 @@ async fn retire(
     location: &KeyringLocation,
     path: &std::path::Path,
     kek: KekRef,
+    active: bool,
     now: OffsetDateTime,
 ) -> Result<(), Failure> {
     let backends = location.operator_target().open_existing().await?;
-    retire_audited(backends, &kek, async || {
+    retire_audited(backends, &kek, active, async || {
         local::retire(path, kek.version, now)?;
         Ok(())
     })
@@ -754,9 +772,10 @@ async fn retire(
 async fn retire_audited(
     backends: strongroom_server::Backends,
     kek: &KekRef,
+    active: bool,
     erase: impl AsyncFnOnce() -> Result<(), Failure>,
 ) -> Result<(), Failure> {
-    let result = retire_checked(&backends, kek, erase).await;
+    let result = retire_checked(&backends, kek, active, erase).await;
     let (outcome, code) = match &result {
         Ok(()) => ("ok", None),
         Err(_) => ("error", Some("refused")),
@@ -767,12 +786,16 @@ async fn retire_audited(
 }
 
 /// Retires `kek` with `erase` once no active credential version uses it, then confirms with
-/// a full scan.
+/// a full scan. The `active` version is never retired.
 async fn retire_checked(
     backends: &strongroom_server::Backends,
     kek: &KekRef,
+    active: bool,
     erase: impl AsyncFnOnce() -> Result<(), Failure>,
 ) -> Result<(), Failure> {
+    if active {
+        return Err(active_refusal(kek));
+    }
     let store = &backends.store;
     let runtime = |e: strongroom_store::StoreError| CliError::Operation(e.to_string());
     let in_use: u64 = store
@@ -822,6 +845,19 @@ async fn retire_checked(
         kek.key_id, kek.version
     )?;
     Ok(())
+}
+
+/// Why the active version is not retired, and the way to get there: rewrap alone would
+/// move nothing off it, as it is what rewrap moves data keys to.
+fn active_refusal(kek: &KekRef) -> Failure {
+    CliError::Operation(format!(
+        "refusing to retire key {} version {}: it is the active version, which wraps every new \
+         data key, and the active version cannot be retired; run `strongroom keys rotate` \
+         first (a new version becomes active), then `strongroom rewrap` (it moves the data \
+         keys off version {}), then retire it",
+        kek.key_id, kek.version, kek.version
+    ))
+    .into()
 }
 
 fn print_table(keys: &[KeyInfo]) -> Result<(), Failure> {
