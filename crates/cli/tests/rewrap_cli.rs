@@ -519,7 +519,7 @@ fn retiring_the_active_version_says_to_rotate_first() {
     let data = tmp.path().join("data");
     let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
     run_ok(&["keys", "generate"], &dd);
-    run_ok(&["rewrap"], &dd); // makes the store
+    run_ok(&["rewrap"], &dd); // makes the store and seals its audit log
     let active = |version: &str| {
         let err = run_err(&["keys", "retire", version], &dd);
         assert!(
@@ -559,4 +559,86 @@ fn retiring_the_active_version_says_to_rotate_first() {
     run_ok(&["rewrap"], &dd);
     run_ok(&["keys", "retire", "1"], &dd);
     active("2");
+}
+
+/// Versions whose data key does not unwrap (damaged here) are left as they are, and the
+/// error names them: owner, name, version and KEK, never a key or a value; the first 20,
+/// then how many more.
+#[test]
+fn rewrap_names_the_versions_that_did_not_unwrap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    run_ok(&["keys", "generate"], &dd);
+    rt().block_on(async {
+        let backends = Backends::open(&operator_config(&data)).await.unwrap();
+        // Seals the audit log, as a server's first start does.
+        strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)
+            .await
+            .unwrap();
+        for i in 0..25 {
+            backends
+                .vault()
+                .put(strongroom_core::PutRequest {
+                    owner: "alice",
+                    name: &format!("cred-{i:02}"),
+                    value: strongroom_crypto::SecretBytes::from_slice(
+                        format!("secret-value-{i}").as_bytes(),
+                    ),
+                    metadata: None,
+                    expected_version: None,
+                    created_by: "user:alice",
+                })
+                .await
+                .unwrap();
+        }
+        backends.close().await;
+    });
+    let damage = |names: &str| {
+        let conn = rusqlite::Connection::open(data.join("strongroom.db")).unwrap();
+        conn.execute_batch(&format!(
+            "UPDATE versions SET wrapped_key = zeroblob(length(wrapped_key)) \
+             WHERE credential_id IN (SELECT id FROM credentials WHERE name LIKE '{names}')"
+        ))
+        .unwrap();
+    };
+    let rewrap = || {
+        let out = strongroom()
+            .args(["rewrap"])
+            .args(dd)
+            .env_remove("STRONGROOM_DATA_DIR")
+            .env_remove("STRONGROOM_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!err.contains("secret-value"), "{err}");
+        (String::from_utf8(out.stdout).unwrap(), err)
+    };
+
+    run_ok(&["keys", "rotate"], &dd);
+    damage("cred-07");
+    let (out, err) = rewrap();
+    assert!(out.contains("rewrapped 24, skipped 0, failed 1"), "{out}");
+    assert!(
+        err.contains("1 version did not unwrap (its KEK is")
+            && err.contains("it was left as it is: owner \"alice\" credential \"cred-07\" version 1 (under local:"),
+        "{err}"
+    );
+
+    run_ok(&["keys", "rotate"], &dd);
+    damage("cred-%");
+    let (out, err) = rewrap();
+    assert!(out.contains("rewrapped 0, skipped 0, failed 25"), "{out}");
+    assert!(
+        err.contains("25 versions did not unwrap (their KEK is"),
+        "{err}"
+    );
+    assert_eq!(err.matches("credential \"cred-").count(), 20, "{err}");
+    assert!(err.trim_end().ends_with("; and 5 more"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "{err}"
+    );
 }

@@ -22,7 +22,7 @@ mod usage;
 mod vault;
 
 pub use error::CoreError;
-pub use rewrap::{rewrap, RewrapOptions, RewrapReport};
+pub use rewrap::{rewrap, FailedVersion, RewrapOptions, RewrapReport, MAX_FAILURES_LISTED};
 pub use strongroom_store::Change;
 pub use vault::{
     check_place, Clock, PutOutcome, PutRequest, ReadCheck, Revealed, SystemClock, Vault,

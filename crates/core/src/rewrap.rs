@@ -72,6 +72,25 @@ pub struct RewrapReport {
     pub failed: u64,
     /// Whether this run continued a previous, interrupted one.
     pub resumed: bool,
+    /// Which versions did not unwrap: the first [`MAX_FAILURES_LISTED`] (`failed` counts
+    /// them all). Names only, never a key or value.
+    pub failures: Vec<FailedVersion>,
+}
+
+/// How many of the versions that did not unwrap a [`RewrapReport`] names.
+pub const MAX_FAILURES_LISTED: usize = 20;
+
+/// A version whose data key did not unwrap (none of it is secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FailedVersion {
+    /// The owner.
+    pub owner: String,
+    /// The credential name.
+    pub name: String,
+    /// The version number.
+    pub version: u32,
+    /// The KEK its data key was said to be wrapped by (`provider:key_id:vN`).
+    pub kek: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -99,7 +118,7 @@ fn to_store_kek(k: &strongroom_crypto::KekRef) -> KekRef {
 enum Outcome {
     Rewrapped,
     Skipped,
-    Failed,
+    Failed(FailedVersion),
 }
 
 /// Re-wraps one version's data key from `from` to `to`'s active KEK and stores it by
@@ -109,13 +128,21 @@ async fn rewrap_one(
     store: &dyn Store,
     from: &dyn KeyProvider,
     to: &dyn KeyProvider,
-    item: RewrapItem,
+    mut item: RewrapItem,
     dry_run: bool,
 ) -> Result<Outcome, CoreError> {
+    let failed = |item: &RewrapItem| {
+        Outcome::Failed(FailedVersion {
+            owner: item.owner.clone(),
+            name: item.name.clone(),
+            version: item.version,
+            kek: kek_text(&item.kek),
+        })
+    };
     let Ok(binding) =
         crate::vault::binding_for(&item.owner, &item.name, item.version, &item.metadata)
     else {
-        return Ok(Outcome::Failed);
+        return Ok(failed(&item));
     };
     // Only the wrapped key matters to a rewrap: the value layer is left as it is, so an
     // empty stand-in replaces it (the store never hands the sealed value to a rewrap).
@@ -123,7 +150,7 @@ async fn rewrap_one(
         alg: Algorithm::Aes256Gcm,
         wrapped_key: WrappedKey {
             kek: to_crypto_kek(&item.kek),
-            bytes: item.wrapped_key,
+            bytes: std::mem::take(&mut item.wrapped_key),
         },
         nonce: [0; 12],
         ciphertext: Vec::new(),
@@ -140,7 +167,7 @@ async fn rewrap_one(
         {
             return Err(CoreError::Unavailable(e.to_string()))
         }
-        Err(_) => return Ok(Outcome::Failed),
+        Err(_) => return Ok(failed(&item)),
     };
     if dry_run {
         return Ok(Outcome::Rewrapped);
@@ -273,7 +300,12 @@ fn tally(
     match done {
         Ok(Ok(Outcome::Rewrapped)) => report.rewrapped += 1,
         Ok(Ok(Outcome::Skipped)) => report.skipped += 1,
-        Ok(Ok(Outcome::Failed)) => report.failed += 1,
+        Ok(Ok(Outcome::Failed(version))) => {
+            report.failed += 1;
+            if report.failures.len() < MAX_FAILURES_LISTED {
+                report.failures.push(version);
+            }
+        }
         Ok(Err(e)) => {
             failure.get_or_insert(e);
         }

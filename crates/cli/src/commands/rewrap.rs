@@ -22,7 +22,9 @@ use crate::output::outln;
 Re-wraps the data key of every active credential version that is not yet under the active KEK \
 (after `strongroom keys rotate`), without decrypting any value. Safe while servers run: each \
 version is replaced by compare-and-swap, so a version written, rewrapped or destroyed meanwhile \
-is skipped, never clobbered.
+is skipped, never clobbered. A version whose data key does not unwrap (its KEK retired or \
+unknown to the provider, or the key damaged) is left as it is, and the command then fails \
+naming such versions: owner, credential and version, the first 20.
 
 Resumable: the position is saved in the store after every batch; if the command is killed, run \
 it again and it continues. When it finishes, `strongroom keys retire VERSION` can erase the old \
@@ -210,14 +212,46 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
         if report.resumed { ", resumed" } else { "" }
     )?;
     if report.failed > 0 {
-        return Err(CliError::Operation(format!(
-            "{} versions did not unwrap (their KEK is retired or unknown to this provider, or \
-             they are damaged); they were left as they are",
-            report.failed
-        ))
-        .into());
+        return Err(CliError::Operation(failed_message(&report)).into());
     }
     Ok(())
+}
+
+/// The versions that did not unwrap, named (the first
+/// [`strongroom_core::MAX_FAILURES_LISTED`]: owner, name, version and KEK, never a key or a
+/// value), in one line.
+fn failed_message(report: &RewrapReport) -> String {
+    let mut listed: Vec<String> = report
+        .failures
+        .iter()
+        .map(|f| {
+            format!(
+                "owner {:?} credential {:?} version {} (under {})",
+                f.owner, f.name, f.version, f.kek
+            )
+        })
+        .collect();
+    listed.sort();
+    let more = report.failed.saturating_sub(listed.len() as u64);
+    if more > 0 {
+        listed.push(format!("and {more} more"));
+    }
+    let (versions, their, they) = if report.failed == 1 {
+        ("version", "its KEK is", "it is damaged); it was")
+    } else {
+        ("versions", "their KEK is", "they are damaged); they were")
+    };
+    format!(
+        "{} {versions} did not unwrap ({their} retired or unknown to this provider, or {they} \
+         left as {}: {}",
+        report.failed,
+        if report.failed == 1 {
+            "it is"
+        } else {
+            "they are"
+        },
+        listed.join("; ")
+    )
 }
 
 /// Appends an operator record to the audit log; a failure is a warning (the action itself
@@ -299,5 +333,42 @@ mod tests {
         assert_eq!(super::parse_rate("500/s"), Ok(500));
         assert!(super::parse_rate("0").is_err());
         assert!(super::parse_rate("fast").is_err());
+    }
+
+    #[test]
+    fn failures_are_named_bounded_and_counted_in_the_right_number() {
+        let failed = |i: u32| strongroom_core::FailedVersion {
+            owner: "alice".into(),
+            name: format!("cred-{i:02}"),
+            version: 1,
+            kek: "local:kr-1:v1".into(),
+        };
+        let mut report = strongroom_core::RewrapReport {
+            failed: 1,
+            failures: vec![failed(0)],
+            ..Default::default()
+        };
+        assert_eq!(
+            super::failed_message(&report),
+            "1 version did not unwrap (its KEK is retired or unknown to this provider, or it is \
+             damaged); it was left as it is: owner \"alice\" credential \"cred-00\" version 1 \
+             (under local:kr-1:v1)"
+        );
+        report.failed = 25;
+        report.failures = (0..20).rev().map(failed).collect();
+        let m = super::failed_message(&report);
+        assert!(
+            m.starts_with("25 versions did not unwrap (their KEK is"),
+            "{m}"
+        );
+        assert!(
+            m.contains("they were left as they are: owner \"alice\" credential \"cred-00\""),
+            "{m}"
+        );
+        assert!(
+            m.contains("\"cred-19\" version 1 (under local:kr-1:v1); and 5 more"),
+            "{m}"
+        );
+        assert_eq!(m.matches("credential \"").count(), 20, "{m}");
     }
 }
