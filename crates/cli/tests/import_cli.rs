@@ -909,6 +909,28 @@ fn usage_errors() {
     // No keys.
     let out = base(&["--database", "sqlite:/nonexistent", "--map", "c=n"]);
     assert_eq!(out.status.code(), Some(2));
+    // No names: the error and usage show both ways to give them, each in full.
+    for extra in [&[][..], &["--value-column", "v"]] {
+        let out = base(&[&["--database", "sqlite:/x", "--key", "k"][..], extra].concat());
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--map <COLUMN=NAME>")
+                && err.contains("--name-column <COLUMN> --value-column <COLUMN>"),
+            "{err}"
+        );
+    }
+    let out = base(&[
+        "--database",
+        "sqlite:/x",
+        "--key",
+        "k",
+        "--name-column",
+        "n",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--value-column"), "{err}");
     // Bad credential name.
     let out = base(&[
         "--database",

@@ -19,10 +19,18 @@ pub enum ImportCommand {
     /// with the app's FERNET_KEYS (or SECRET_KEY) and stored as credential versions.
     /// Idempotent: a rerun skips what is already imported and continues an interrupted run.
     #[command(
-        after_help = "Example:\n  strongroom import django-fernet-fields --config \
+        // The two ways to name credentials, each in full (clap would show the group alone).
+        override_usage = "strongroom import django-fernet-fields [OPTIONS] --database <URL> \
+        --table <TABLE> --owner-column <COLUMN> --map <COLUMN=NAME>...\n       \
+        strongroom import django-fernet-fields [OPTIONS] --database <URL> --table <TABLE> \
+        --owner-column <COLUMN> --name-column <COLUMN> --value-column <COLUMN>",
+        after_help = "Examples:\n  strongroom import django-fernet-fields --config \
         strongroom.toml \\\n    --database sqlite:db.sqlite3 --table app_account --owner-column \
         user_id \\\n    --map zoom_key=zoom.api-key --map slack_token=slack.token \\\n    \
-        --key-file fernet_keys.txt"
+        --key-file fernet_keys.txt\n  \
+        strongroom import django-fernet-fields --config strongroom.toml \\\n    \
+        --database sqlite:db.sqlite3 --table app_secret --owner-column user_id \\\n    \
+        --name-column service --value-column token --key-file fernet_keys.txt"
     )]
     DjangoFernetFields(DjangoArgs),
 }
@@ -43,6 +51,13 @@ impl std::str::FromStr for ColumnMap {
 
 /// Flags of `import django-fernet-fields`.
 #[derive(clap::Args, Debug)]
+// Names come from --map, or from --name-column with --value-column: one of the two is
+// required, and the usage line shows both.
+#[command(group(
+    clap::ArgGroup::new("names")
+        .args(["map", "name_column"])
+        .required(true)
+))]
 pub struct DjangoArgs {
     #[command(flatten)]
     target: OperatorTarget,
@@ -59,7 +74,7 @@ pub struct DjangoArgs {
     #[arg(long, value_name = "COLUMN", default_value = "id")]
     id_column: String,
     /// An encrypted column and the credential name its values become; repeat per column.
-    #[arg(long = "map", value_name = "COLUMN=NAME", required_unless_present = "name_column",
+    #[arg(long = "map", value_name = "COLUMN=NAME",
           conflicts_with_all = ["name_column", "value_column"])]
     map: Vec<ColumnMap>,
     /// Instead of --map: the column holding each row's credential name...
