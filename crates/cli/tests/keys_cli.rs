@@ -339,3 +339,57 @@ fn a_closed_stdout_ends_quietly() {
         common::assert_ends_quietly(&out, &format!("{args:?}"));
     }
 }
+
+/// The `keys list` table: every header starts where its column does (right-aligned
+/// versions end where theirs does), whatever the widths of key ids and dates.
+#[test]
+fn the_table_header_is_aligned_with_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ring.json");
+    for command in ["generate", "rotate", "rotate"] {
+        strongroom()
+            .args(["keys", command, "--keyring"])
+            .arg(&file)
+            .assert()
+            .success();
+    }
+    let table = String::from_utf8(stdout_of(
+        strongroom().args(["keys", "list", "--keyring"]).arg(&file),
+    ))
+    .unwrap();
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    let starts = [
+        header.find("KEY ID").unwrap(),
+        header.find("STATE ").unwrap(),
+        header.find("CREATED").unwrap(),
+        header.find("STATE CHANGED").unwrap(),
+    ];
+    let version_end = header.find("VERSION").unwrap() + "VERSION".len();
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    for row in rows {
+        // The cells, with where each starts: key id, version, state, created, changed.
+        let cells: Vec<(usize, &str)> = row
+            .split(' ')
+            .scan(0, |at, cell| {
+                let start = *at;
+                *at += cell.len() + 1;
+                Some((start, cell))
+            })
+            .filter(|(_, cell)| !cell.is_empty())
+            .collect();
+        assert_eq!(cells.len(), 5, "{row}");
+        assert_eq!(
+            [cells[0].0, cells[2].0, cells[3].0, cells[4].0],
+            starts,
+            "\n{header}\n{row}"
+        );
+        assert_eq!(
+            cells[1].0 + cells[1].1.len(),
+            version_end,
+            "\n{header}\n{row}"
+        );
+        assert!(!row.ends_with(' '), "{row:?}");
+    }
+}

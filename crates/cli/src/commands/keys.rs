@@ -860,24 +860,33 @@ fn active_refusal(kek: &KekRef) -> Failure {
     .into()
 }
 
+/// The `keys list` table, each column as wide as its widest cell (dates carry nanoseconds,
+/// key ids vary in length), versions right-aligned.
 fn print_table(keys: &[KeyInfo]) -> Result<(), Failure> {
     let date = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string());
-    outln!(
-        "{:<20} {:>7}  {:<12}  {:<25}  STATE CHANGED",
-        "KEY ID",
-        "VERSION",
-        "STATE",
-        "CREATED"
-    )?;
-    for k in keys {
-        outln!(
-            "{:<20} {:>7}  {:<12}  {:<25}  {}",
-            k.key_id,
-            k.version,
-            k.state.as_str(),
-            date(k.created_at),
-            date(k.state_changed_at)
-        )?;
+    let header = ["KEY ID", "VERSION", "STATE", "CREATED", "STATE CHANGED"].map(str::to_owned);
+    let rows: Vec<[String; 5]> = keys
+        .iter()
+        .map(|k| {
+            [
+                k.key_id.clone(),
+                k.version.to_string(),
+                k.state.as_str().to_owned(),
+                date(k.created_at),
+                date(k.state_changed_at),
+            ]
+        })
+        .collect();
+    let width = |column: usize| {
+        std::iter::once(&header)
+            .chain(&rows)
+            .map(|r| r[column].chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    let (id, version, state, created) = (width(0), width(1), width(2), width(3));
+    for [a, b, c, d, e] in std::iter::once(&header).chain(&rows) {
+        outln!("{a:<id$}  {b:>version$}  {c:<state$}  {d:<created$}  {e}")?;
     }
     Ok(())
 }
