@@ -397,10 +397,12 @@ fn verify_passes_while_a_server_appends_and_still_catches_a_cut() {
         .build()
         .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Eight clients, so that records land while verify scans.
     let load: Vec<_> = (0..8)
         .map(|_| {
             let stop = stop.clone();
+            let rounds = rounds.clone();
             let client = client.clone();
             let (alice, service) = (alice.clone(), service.clone());
             rt.spawn(async move {
@@ -427,22 +429,25 @@ fn verify_passes_while_a_server_appends_and_still_catches_a_cut() {
                         .unwrap();
                     assert_eq!(r.status, 200);
                     n += 1;
+                    rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 n
             })
         })
         .collect();
     std::thread::sleep(std::time::Duration::from_millis(2000));
+    let before = rounds.load(std::sync::atomic::Ordering::Relaxed);
     for round in 0..5 {
         let (ok, text) = verify(&data);
         assert!(ok, "round {round}, under load: {text}");
     }
+    // What makes the test: records landed while verify scanned (however fast this machine).
+    let during = rounds.load(std::sync::atomic::Ordering::Relaxed) - before;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut requests = 0;
     for task in load {
-        requests += rt.block_on(task).unwrap();
+        rt.block_on(task).unwrap();
     }
-    assert!(requests > 200, "the load made only {requests} rounds");
+    assert!(during > 0, "no records landed while verify ran");
     drop(server);
 
     // Still caught: the last record gone.
