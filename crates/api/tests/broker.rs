@@ -103,6 +103,41 @@ async fn the_value_goes_into_the_header_and_never_comes_back() {
         .contains("[REDACTED]"));
 }
 
+/// An upstream answer full of near misses of the value (here the service's own body,
+/// echoed) costs more to search than the budget: 502, nothing passed back, rather than the
+/// rest of it searched only for the value's fixed forms.
+#[tokio::test]
+async fn an_answer_too_costly_to_check_is_refused() {
+    let (api, up) = setup().await;
+    let value = "ab1-".repeat(200);
+    let r = api
+        .call(
+            "PUT",
+            "/v1/me/credentials/zoom.long-key",
+            Some(&user_token("alice")),
+            Some(json!({"value": value, "metadata": {"host": "localhost:*"}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let call = json!({"method": "POST", "url": up.url("/echo"), "body": "ab1 ".repeat(12 * 1024),
+                      "inject": {"header": "Authorization", "format": "Bearer {value}"}});
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.long-key/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(call),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (StatusCode::BAD_GATEWAY, Some("upstream_response_unchecked")),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("ab1-ab1-"));
+}
+
 /// An ETag or digest of the unscrubbed body tells a short value (guessed offline against it):
 /// never passed back, whether or not anything was redacted. Only the allow-listed headers
 /// are (and the test upstream's `x-echo-*`, which its settings add).

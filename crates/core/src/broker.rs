@@ -118,6 +118,11 @@ pub enum BrokerError {
     /// there.
     #[error("upstream response is encoded (its {0} header); it cannot be checked for the value")]
     Encoded(&'static str),
+    /// The upstream's response holds so many near misses of the value that searching it
+    /// for the value's spellings would take more than its budget: refused rather than
+    /// passed back partly checked.
+    #[error("upstream response could not be checked for the value within its budget (it holds too many near misses of it)")]
+    Unchecked,
 }
 
 /// How the value goes into the request.
@@ -835,7 +840,7 @@ impl Broker {
     /// # Errors
     ///
     /// [`BrokerError::Upstream`], [`BrokerError::Timeout`], [`BrokerError::TooLarge`],
-    /// [`BrokerError::Encoded`].
+    /// [`BrokerError::Encoded`], [`BrokerError::Unchecked`].
     pub async fn send(&self, call: Call, target: &Target) -> Result<BrokerResponse, BrokerError> {
         let Call {
             request,
@@ -896,26 +901,27 @@ impl Broker {
                     .map(|v| v.as_bytes())
                     .collect::<Vec<_>>()
                     .join(&b", "[..]);
-                let (value, a) = needles.scrub(&joined);
-                let (name, b) = needles.scrub(name.as_str().as_bytes());
+                let (value, a) = needles.scrub_all(&joined)?;
+                let (name, b) = needles.scrub_all(name.as_str().as_bytes())?;
                 redacted |= a || b;
                 out_headers.push((
                     String::from_utf8_lossy(&name).into_owned(),
                     String::from_utf8_lossy(&value).into_owned(),
                 ));
             }
-            let (body, changed) = needles.scrub(&response.body);
+            let (body, changed) = needles.scrub_all(&response.body)?;
             redacted |= changed;
-            BrokerResponse {
+            Ok(BrokerResponse {
                 status,
                 headers: out_headers,
                 body,
                 version,
                 redacted,
-            }
+            })
         })
         .await
-        .map_err(|_| BrokerError::Upstream("scrubbing the response failed".into()))
+        .map_err(|_| BrokerError::Upstream("scrubbing the response failed".into()))?
+        .map_err(|_: scrub::Unchecked| BrokerError::Unchecked)
     }
 }
 

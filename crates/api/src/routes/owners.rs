@@ -177,7 +177,7 @@ fn secret_json<T: serde::Serialize>(body: &T, secret_len: usize) -> ApiResult<Re
         (status = 410, description = "version destroyed", body = ErrorBody),
         (status = 413, description = "body to forward too large", body = ErrorBody),
         (status = 422, description = "the value cannot be injected as asked", body = ErrorBody),
-        (status = 502, description = "upstream unreachable, TLS failure, broken HTTP, response too large or content-encoded", body = ErrorBody),
+        (status = 502, description = "upstream unreachable, TLS failure, broken HTTP, response too large, content-encoded, or too costly to check for the value", body = ErrorBody),
         (status = 503, description = "the audit record could not be written; no call was made", body = ErrorBody),
         (status = 504, description = "upstream timed out", body = ErrorBody)),
     security(("service_token" = [])))]
@@ -343,6 +343,9 @@ fn broker_error(e: BrokerError) -> ApiError {
         }
         BrokerError::Encoded(_) => {
             ApiError::new(S::BAD_GATEWAY, "upstream_encoded_body", e.to_string())
+        }
+        BrokerError::Unchecked => {
+            ApiError::new(S::BAD_GATEWAY, "upstream_response_unchecked", e.to_string())
         }
         other => ApiError::internal(S::INTERNAL_SERVER_ERROR, "internal", other.to_string()),
     }

@@ -4,6 +4,10 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use base64::Engine;
 use zeroize::Zeroizing;
 
+/// A response the search for the value's spellings could not finish within its budget.
+#[derive(Debug)]
+pub(crate) struct Unchecked;
+
 /// What replaces each occurrence.
 pub(crate) const REDACTED: &[u8] = b"[REDACTED]";
 
@@ -145,10 +149,17 @@ impl Needles {
     }
 
     /// `haystack` with every needle replaced by [`REDACTED`]; `true` when anything was.
-    pub(crate) fn scrub(&self, haystack: &[u8]) -> (Vec<u8>, bool) {
+    ///
+    /// # Errors
+    ///
+    /// [`Unchecked`] when the character-by-character search ran out of its budget before the
+    /// end: the rest could hold the value in a spelling nothing else looks for, and a service
+    /// that controls what an echoing upstream sends back could put its budget's worth of
+    /// near misses first.
+    pub(crate) fn scrub_all(&self, haystack: &[u8]) -> Result<(Vec<u8>, bool), Unchecked> {
         // The escaped text first: whole, before a fixed form takes a piece of it.
         let (mut current, mut changed) = match &self.spelled {
-            Some(spelled) => spelled.scrub(haystack),
+            Some(spelled) => spelled.search(haystack)?,
             None => (haystack.to_vec(), false),
         };
         if let Some(next) = self.unwrapped(&current) {
@@ -184,7 +195,14 @@ impl Needles {
             zeroize::Zeroize::zeroize(&mut current);
             current = next;
         }
-        (current, changed)
+        Ok((current, changed))
+    }
+
+    /// [`Needles::scrub_all`] for bodies that stay within the budget.
+    #[cfg(test)]
+    pub(crate) fn scrub(&self, haystack: &[u8]) -> (Vec<u8>, bool) {
+        self.scrub_all(haystack)
+            .unwrap_or_else(|_| panic!("the search ran out of its budget"))
     }
 
     /// `haystack` with each base64 form that has line breaks inside it (MIME's and Python's
@@ -332,10 +350,19 @@ impl Spelled {
         })
     }
 
+    /// [`Spelled::search`] for bodies that stay within the budget.
+    #[cfg(test)]
     fn scrub(&self, haystack: &[u8]) -> (Vec<u8>, bool) {
+        self.search(haystack)
+            .unwrap_or_else(|_| panic!("the search ran out of its budget"))
+    }
+
+    /// `haystack` with each spelling of the value replaced, or [`Unchecked`] when the work
+    /// it would take is past the budget.
+    fn search(&self, haystack: &[u8]) -> Result<(Vec<u8>, bool), Unchecked> {
         let finder = memchr::memmem::Finder::new(self.anchor_bytes.as_slice());
-        // Bounded work (an honest body never comes near it): beyond, only the fixed forms
-        // are searched for.
+        // Bounded work (an honest body never comes near it): beyond, the body is refused
+        // (see `Needles::scrub_all`).
         // Counted in characters tried, each up to `MAX_SPELLING` spellings long: 64 per body
         // byte let a repeating 4 KiB value take seconds of CPU on a 1 MiB body.
         let mut budget = 4 * haystack.len() + 64 * 1024;
@@ -344,7 +371,7 @@ impl Spelled {
         let mut from = 0;
         while let Some(i) = finder.find(&haystack[from..]).map(|i| i + from) {
             let Some(steps) = budget.checked_sub(self.chars.len()) else {
-                break;
+                return Err(Unchecked);
             };
             budget = steps;
             match self.around(haystack, i, copied) {
@@ -357,7 +384,7 @@ impl Spelled {
             }
         }
         if found.is_empty() {
-            return (haystack.to_vec(), false);
+            return Ok((haystack.to_vec(), false));
         }
         // Allocated once, at its size (a buffer that grows leaves copies of the body in what
         // it frees).
@@ -370,7 +397,7 @@ impl Spelled {
             copied = r.end;
         }
         out.extend_from_slice(&haystack[copied..]);
-        (out, true)
+        Ok((out, true))
     }
 
     /// Where the whole value is spelled around its anchor found at `at`, starting no
@@ -1206,6 +1233,27 @@ mod tests {
         body.push_str(r#"p@ss\u0027w\u0022ord\u002B9/x= p@ss\'w"ord&#43;9&amp;sol;x&#61"#);
         let (out, changed) = n.scrub(body.as_bytes());
         assert!(changed && out.ends_with(b"[REDACTED] [REDACTED]"));
+    }
+
+    /// A body of near misses costing more than the budget is refused as unchecked, not
+    /// passed back searched in part: a service that has an echoing upstream send them
+    /// first could otherwise have the value come back spelled after them.
+    #[test]
+    fn a_body_past_the_budget_is_unchecked() {
+        let value = "ab1-".repeat(200);
+        let n = Needles::new(value.as_bytes(), &[]);
+        let mut body = "ab1 ".repeat(64 * 1024);
+        body.push_str(&value.replace('-', "\\u002d"));
+        assert!(n.scrub_all(body.as_bytes()).is_err());
+        // The same near misses, fewer of them, are searched to the end.
+        let mut body = "ab1 ".repeat(64);
+        body.push_str(&value.replace('-', "\\u002d"));
+        let (out, changed) = n.scrub(body.as_bytes());
+        assert!(
+            changed && out.ends_with(REDACTED),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
     }
 
     /// Whole-value forms of a value the character-by-character search does not take (no run
