@@ -262,7 +262,12 @@ impl LocalKeyring {
         if model.key_id != self.key_id {
             return Err(self.diverge("the file now holds another keyring (key id changed)"));
         }
-        let keks = build_keks(&self.path, &model)?;
+        // Entries that do not make a keyring (material that is not base64 or not 32 bytes,
+        // a version twice or 0, retired with material) are a damaged file as well.
+        let keks = match build_keks(&self.path, &model) {
+            Ok(keks) => keks,
+            Err(e) => return Err(self.diverge(format!("the file cannot be loaded: {e}"))),
+        };
         let mut loaded = self.keks.write().unwrap_or_else(|e| e.into_inner());
         // Rotation adds versions and retirement erases material; nothing changes the
         // material of a version or removes one. A file that does (a damaged or tampered

@@ -362,6 +362,21 @@ async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
     private(b"{ not json");
     assert!(ring.reload().is_err());
     assert!(ring.active_kek().is_err());
+    // JSON, but not a keyring: material that is not base64.
+    let mut damaged = read_file(&path);
+    if damaged.is_err() {
+        private(&rotated);
+        damaged = read_file(&path);
+    }
+    let mut damaged = damaged.unwrap();
+    for k in &mut damaged.keys {
+        if k.version == 1 {
+            k.material = Some("not base64!".to_owned().into());
+        }
+    }
+    write_file(&path, &damaged).unwrap();
+    ring.reload().unwrap_err();
+    assert!(ring.active_kek().is_err(), "a damaged entry must stop new writes");
     private(&rotated);
     ring.reload().unwrap();
     assert_eq!(ring.active_kek().unwrap().version, 2);
