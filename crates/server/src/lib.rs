@@ -1777,12 +1777,22 @@ async fn prune_rate_limits(state: AppState, every: Duration) {
 
 /// What identifies one version of the keyring file: an atomic rewrite (as `keys rotate` and
 /// `keys retire` do) changes the inode, and any edit the length or modification time.
-fn file_stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime, u32)> {
+/// What says a file changed: inode, length, modification time, mode, change time.
+type FileStamp = (u64, u64, std::time::SystemTime, u32, (i64, i64));
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     // The mode too: a file restored with `cp` (refused: others may read it) and then
-    // `chmod 600` has changed although its bytes have not.
-    Some((meta.ino(), meta.len(), meta.modified().ok()?, meta.mode()))
+    // `chmod 600` has changed although its bytes have not. And the inode's change time,
+    // which no one can set back: a same-size edit in place with its mtime restored.
+    Some((
+        meta.ino(),
+        meta.len(),
+        meta.modified().ok()?,
+        meta.mode(),
+        (meta.ctime(), meta.ctime_nsec()),
+    ))
 }
 
 /// Reloads `keyring` whenever its file changes or goes (checked every `every`). A file that

@@ -835,6 +835,31 @@ async fn a_keyring_file_gone_stops_new_writes_until_it_is_back() {
         }
     }
     assert!(back, "writes resume once the file is back");
+
+    // Edited in place, the same size, its modification time put back: still seen.
+    let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+    let at = text.find("\"material\"").unwrap() + "\"material\": \"".len() + 2;
+    let mut edited = text.into_bytes();
+    edited[at] = if edited[at] == b'A' { b'B' } else { b'A' };
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(&edited).unwrap();
+        f.set_modified(modified).unwrap();
+    }
+    let mut refused = false;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if put("zoom.d").await.0 == 503 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "a same-size edit with its mtime put back went unseen"
+    );
     server.stop().await.unwrap();
 }
 

@@ -373,7 +373,10 @@ async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
     }
     write_file(&path, &damaged).unwrap();
     ring.reload().unwrap_err();
-    assert!(ring.active_kek().is_err(), "a damaged entry must stop new writes");
+    assert!(
+        ring.active_kek().is_err(),
+        "a damaged entry must stop new writes"
+    );
     private(&rotated);
     ring.reload().unwrap();
     assert_eq!(ring.active_kek().unwrap().version, 2);
