@@ -68,7 +68,7 @@
 //! | `broker.timeout_seconds` | 20 (at most `limits.request_timeout_seconds` − 1) | a whole brokered call, DNS included; must be below `limits.request_timeout_seconds` |
 //! | `broker.max_response_bytes` | 1048576 | largest upstream response body (502 beyond) |
 //! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
-//! | `broker.pass_response_headers` | `[]` | upstream response headers handed back besides the default ones (names, or prefixes ending in `*`: `["x-github-request-id", "x-stripe-*"]`); hop-by-hop headers and names that speak of a length, hash, digest, signature or time are refused |
+//! | `broker.pass_response_headers` | `[]` | upstream response headers handed back besides the default ones, each by its name (`["x-github-request-id", "stripe-version"]`; no patterns); hop-by-hop headers and names that speak of a length, hash, checksum, digest, signature or time are refused |
 //! | `audit.jsonl` | — | also append each committed audit record as a JSON line to this file (mode 0600), or `"-"` for stdout |
 //! | `log.format` | `"json"` | `"json"` or `"text"` (logs go to stderr) |
 //! | `log.level` | `"info"` | a level or `tracing` filter directives (`info,strongroom_api=debug`); a bare `debug` or `trace` applies to Strongroom's own crates only, dependencies stay at `info` unless named (their debug output can hold request bodies, e.g. KMS data keys) |
@@ -187,8 +187,7 @@ pub struct BrokerConfig {
     pub max_response_bytes: usize,
     /// Largest body a service may have forwarded, in bytes.
     pub max_request_body_bytes: usize,
-    /// Upstream response headers handed back besides the default ones: names, or prefixes
-    /// ending in `*`.
+    /// Upstream response headers handed back besides the default ones, each by its name.
     pub pass_response_headers: Vec<String>,
 }
 

@@ -618,7 +618,7 @@ pub struct BrokerResponseView {
     pub status: u16,
     /// The upstream's headers on the allow-list (`Content-Type`, `Location`, `Link`, caching,
     /// `Date`, `Retry-After`, `WWW-Authenticate`, request ids, rate limits, and the
-    /// operator's `[broker] pass_response_headers`), never one computed over the body;
+    /// operator's `[broker] pass_response_headers`, each by name);
     /// repeated names joined with `, `.
     pub headers: std::collections::BTreeMap<String, String>,
     /// The body, when it is UTF-8.
