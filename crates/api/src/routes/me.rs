@@ -195,8 +195,8 @@ pub(crate) async fn verify(
     Ok(Json(VerifyResponse { matches }))
 }
 
-/// Who used the credential, when and how (reveals and brokered calls, newest first): by
-/// users, services and admins; attempts without valid credentials are in the admin's audit
+/// Who used the credential, when and how (reveals and brokered calls, newest first): the
+/// services' uses and attempts; anyone else's attempts (refused) are in the admin's audit
 /// log only.
 #[utoipa::path(get, path = "/v1/me/credentials/{name}/usage", tag = "user",
     params(("name" = String, Path, description = "Credential name"), UsageQuery),
@@ -215,10 +215,11 @@ pub(crate) async fn usage(
     filter.owner = Some(owner.clone());
     filter.name = Some(name.clone());
     filter.actions = vec!["reveal".into(), "broker".into()];
-    // Attempts without valid credentials stay in the admin's audit log: anyone who reaches
-    // the port could otherwise fill this owner's view with them (the newest first) and bury
-    // the uses that matter.
-    filter.principal_kinds = vec!["user".into(), "service".into(), "admin".into()];
+    // Services' uses and attempts only: reveal and broker are theirs. Attempts by anyone
+    // else (no valid credentials, another user's or an admin's token, all refused) stay in
+    // the admin's audit log: they could otherwise fill this owner's view (the newest first)
+    // and bury the uses that matter.
+    filter.principal_kinds = vec!["service".into()];
     // The cursor is sealed: a record's number would tell a user how many requests the whole
     // server has recorded between two of theirs.
     let aad = usage_cursor_aad(&owner, &name);
@@ -243,13 +244,7 @@ pub(crate) async fn usage(
             .map(|r| UsageItem {
                 time: r.event.time,
                 action: r.event.action,
-                // Another user's id (a refused attempt by them, or a token of theirs a
-                // service presented) stays in the admin's audit log, out of this owner's view.
-                principal_id: if r.event.principal_kind == "user" && r.event.principal_id != owner {
-                    String::new()
-                } else {
-                    r.event.principal_id
-                },
+                principal_id: r.event.principal_id,
                 principal_kind: r.event.principal_kind,
                 on_behalf_of: r.event.on_behalf_of.filter(|user| *user == owner),
                 destination: r.event.destination,
