@@ -1099,6 +1099,21 @@ async fn health_openapi_and_headers() {
         .await;
     assert_eq!(r.headers["cache-control"], "no-store");
     assert!(r.headers.contains_key("x-request-id"));
+    // Request ids are unique and do not count: a counter in every response (`/healthz`
+    // included) told anyone how many requests the server had answered.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let r = api.call("GET", "/healthz", None, None).await;
+        let id = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        ids.push(u128::from_str_radix(&id, 16).unwrap_or_else(|_| panic!("{id}")));
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len());
+    let steps = ids
+        .windows(2)
+        .filter(|w| w[1].wrapping_sub(w[0]) < 1000)
+        .count();
+    assert!(steps < 3, "request ids count: {ids:x?}");
 }
 
 #[tokio::test]

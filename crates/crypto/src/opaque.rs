@@ -12,6 +12,38 @@ use base64::Engine;
 use crate::keywrap::WrapError;
 use crate::{Key256, SecureRandom};
 
+/// A keyed permutation of 128-bit numbers (one AES-256 block): distinct inputs give
+/// distinct outputs that, without the key, say nothing of the input. For identifiers that
+/// must be unique but must not count (a request id from a counter would tell anyone how
+/// many requests the server has answered).
+pub struct Permutation {
+    cipher: aes::Aes256,
+}
+
+impl std::fmt::Debug for Permutation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Permutation(..)")
+    }
+}
+
+impl Permutation {
+    /// A permutation under `key`.
+    pub fn new(key: &Key256) -> Self {
+        use aes::cipher::KeyInit;
+        Self {
+            cipher: aes::Aes256::new(key.expose_secret().into()),
+        }
+    }
+
+    /// `n`'s image.
+    pub fn apply(&self, n: u128) -> u128 {
+        use aes::cipher::BlockEncrypt;
+        let mut block = aes::Block::from(n.to_be_bytes());
+        self.cipher.encrypt_block(&mut block);
+        u128::from_be_bytes(block.into())
+    }
+}
+
 const NONCE_LEN: usize = 12;
 const SEALED_LEN: usize = NONCE_LEN + 8 + 16;
 
@@ -83,6 +115,17 @@ impl OpaqueSealer {
 mod tests {
     use super::*;
     use crate::OsRandom;
+
+    #[test]
+    fn a_permutation_is_distinct_and_keyed() {
+        let p = Permutation::new(&Key256::generate(&OsRandom).unwrap());
+        let images: std::collections::HashSet<u128> = (0..1000).map(|n| p.apply(n)).collect();
+        assert_eq!(images.len(), 1000);
+        assert!(images.iter().all(|&i| i > 1000), "counts show through");
+        let q = Permutation::new(&Key256::generate(&OsRandom).unwrap());
+        assert_ne!(p.apply(7), q.apply(7));
+        assert_eq!(p.apply(7), p.apply(7));
+    }
 
     #[test]
     fn round_trips_and_refuses_other_aad_other_key_and_edits() {

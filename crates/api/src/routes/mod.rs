@@ -35,18 +35,20 @@ fn set_client_request_id_aside(mut req: axum::extract::Request) -> axum::extract
     req
 }
 
-/// Request ids: a per-process random prefix and a counter (unique, cheap, not guessable
-/// across restarts).
+/// Request ids: a counter through a keyed permutation (random per process): unique, cheap,
+/// and telling no one how many requests came before (the counter itself, in every
+/// response's `x-request-id`, `/healthz` included, did).
 #[derive(Clone)]
 struct Ids {
-    prefix: String,
+    mask: std::sync::Arc<strongroom_crypto::opaque::Permutation>,
     next: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl MakeRequestId for Ids {
     fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
+        let id = self.mask.apply(u128::from(n));
+        HeaderValue::from_str(&format!("{id:032x}"))
             .ok()
             .map(RequestId::new)
     }
@@ -127,10 +129,12 @@ async fn check_request_shape(
 }
 
 pub(crate) fn router(state: AppState) -> Router {
-    let mut seed = [0u8; 6];
-    let _ = strongroom_crypto::SecureRandom::fill(&strongroom_crypto::OsRandom, &mut seed);
+    // A key the OS cannot give (it cannot fail on Linux) leaves an unkeyed but still
+    // unique permutation: request ids are not secrets, only not counters.
+    let key = strongroom_crypto::Key256::generate(&strongroom_crypto::OsRandom)
+        .unwrap_or_else(|_| strongroom_crypto::Key256::from_bytes([0; 32]));
     let ids = Ids {
-        prefix: hex::encode(seed),
+        mask: std::sync::Arc::new(strongroom_crypto::opaque::Permutation::new(&key)),
         next: Default::default(),
     };
     let v1 = Router::new()
