@@ -75,11 +75,18 @@ impl Needles {
                 for style in JsonStyle::ALL {
                     push(json_escaped(text, style));
                 }
-                // JSON inside a JSON string (an error body quoting a request body).
-                let once = Zeroizing::new(json_escaped(text, JsonStyle::ALL[0]));
-                if let Ok(once) = std::str::from_utf8(&once) {
-                    push(json_escaped(once, JsonStyle::ALL[0]));
+                // JSON inside a JSON string (an error body quoting a request body), by the same
+                // serializer twice (Python's `json.dumps` escapes non-ASCII both times, Go's
+                // `<>&`).
+                for style in JsonStyle::ALL {
+                    let once = Zeroizing::new(json_escaped(text, style));
+                    if let Ok(once) = std::str::from_utf8(&once) {
+                        push(json_escaped(once, style));
+                    }
                 }
+                // Upper- and lower-cased beyond ASCII (`CAFÉ`, `école`).
+                push(case_mapped(text, char::to_uppercase));
+                push(case_mapped(text, char::to_lowercase));
                 for style in HtmlStyle::ALL {
                     push(html_escaped(text, style));
                     // HTML inside HTML (a template escaping what another one escaped).
@@ -485,6 +492,17 @@ fn spells(s: &[u8], next: Option<u8>, c: char) -> bool {
         [b'%', ..] => percent_decodes_to(s, utf8) || escape_of(s, code),
         _ => false,
     }
+}
+
+/// `text` with every character mapped by `case` (`char::to_uppercase`), in a buffer sized
+/// for the worst case up front (a character maps to at most three, each at most as long in
+/// UTF-8 as three times it), so no grown copy is left behind.
+fn case_mapped<I: Iterator<Item = char>>(text: &str, case: fn(char) -> I) -> Vec<u8> {
+    let mut out = String::with_capacity(text.len() * 3);
+    for c in text.chars() {
+        out.extend(case(c));
+    }
+    out.into_bytes()
 }
 
 /// The number written in hex digits `h` (either case).
@@ -1242,6 +1260,45 @@ mod tests {
         body.push_str(r#"p@ss\u0027w\u0022ord\u002B9/x= p@ss\'w"ord&#43;9&amp;sol;x&#61"#);
         let (out, changed) = n.scrub(body.as_bytes());
         assert!(changed && out.ends_with(b"[REDACTED] [REDACTED]"));
+    }
+
+    /// JSON escaped twice by one serializer that escapes more than serde does (Python's
+    /// non-ASCII, Go's `<>&`), and case changes beyond ASCII.
+    #[test]
+    fn twice_escaped_json_of_other_serializers_and_unicode_case_are_removed() {
+        let cases: [(&str, &[&str]); 3] = [
+            (
+                "café Secret99",
+                // Python 3.11: json.dumps(json.dumps(v)); v.upper(); v.lower()
+                &[
+                    r#"\"caf\\u00e9 Secret99\""#,
+                    "CAFÉ SECRET99",
+                    "café secret99",
+                ],
+            ),
+            (
+                "pass<word>Xyz&123",
+                // Go 1.22: json.Marshal of json.Marshal(v) as a string
+                &[r#"\"pass\\u003cword\\u003eXyz\\u0026123\""#],
+            ),
+            ("ÉCOLEsecret99", &["écolesecret99", "ÉCOLESECRET99"]),
+        ];
+        for (value, forms) in cases {
+            let n = Needles::new(value.as_bytes(), &[]);
+            for form in forms {
+                let body = format!("{{\"error\": \"{form}\"}}");
+                let (out, changed) = n.scrub(body.as_bytes());
+                let rest = String::from_utf8_lossy(&out).replace("[REDACTED]", "");
+                assert!(
+                    changed
+                        && rest
+                            .replace("error", "")
+                            .chars()
+                            .all(|c| !c.is_alphanumeric()),
+                    "{value}: {rest}"
+                );
+            }
+        }
     }
 
     /// A body of near misses costing more than the budget is refused as unchecked, not
