@@ -1224,6 +1224,15 @@ impl Config {
                      with its scheme (`spiffe://...`, matched against URI SANs)",
                 );
             }
+            // Certificates carry internationalised names as A-labels (`xn--…`): a U-label here
+            // could never match one.
+            if !m.san.contains(':') && !m.san.is_ascii() {
+                return bad(
+                    &at("san"),
+                    "a DNS name must be ASCII: write an internationalised one as certificates \
+                     carry it, in its xn-- form",
+                );
+            }
             if !sans.insert(mtls_key(&m.san)) {
                 return bad(&at("san"), &format!("{:?} is listed twice", m.san));
             }
