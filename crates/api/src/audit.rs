@@ -130,8 +130,8 @@ impl AuditSlot {
 impl AuditSlot {
     /// Records now, durably, that what the request did so far ended in `error`, for a
     /// handler that then tries again (a reveal overtaken by another process's write: the
-    /// record before said its value would leave, and it did not). The middleware records
-    /// nothing more unless the handler records again or is [`AuditSlot::reopen`]ed.
+    /// record before said its value would leave, and it did not). Unless the handler records
+    /// again, the middleware then records how the request ended (the retry may fail too).
     pub(crate) async fn record_failure_now(
         &self,
         state: &AppState,
@@ -141,7 +141,6 @@ impl AuditSlot {
             return Ok(());
         };
         let event = self.with(|p| {
-            p.recorded = true;
             p.event.status = error.status().as_u16();
             p.event.outcome = outcome(error.status()).into();
             p.event.error_code = Some(error.code().into());
@@ -149,6 +148,7 @@ impl AuditSlot {
             let event = p.event.clone();
             // What comes next is another attempt, not this failure.
             p.event.error_code = None;
+            p.recorded = false;
             event
         });
         auditor.record(event).await.map(|_| ()).map_err(|e| {

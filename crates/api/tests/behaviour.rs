@@ -1278,6 +1278,28 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
             first.body
         );
         assert!(!first.body.contains(VALUE));
+        if auditing == Auditing::On {
+            // The request's last record says how it ended (read again once, the credential
+            // was disabled: 409), not the overtaken attempt's 503.
+            let id = first.headers["x-request-id"].to_str().unwrap().to_owned();
+            let log = api
+                .call(
+                    "GET",
+                    "/v1/audit?owner=alice&limit=20",
+                    Some(ADMIN_TOKEN),
+                    None,
+                )
+                .await
+                .json();
+            let newest = log["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["request_id"] == id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(newest["status"], first.status.as_u16(), "{log}");
+        }
         let then = reveal().await;
         assert_eq!(
             (then.status, code(&then).as_str()),
