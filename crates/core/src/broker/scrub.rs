@@ -1301,6 +1301,15 @@ mod tests {
         }
     }
 
+    /// The named references are sorted by code point: the lookup's binary search relies on
+    /// it (a name out of order would never be found).
+    #[test]
+    fn named_references_are_sorted_by_code_point() {
+        assert!(NAMED_REFERENCES.windows(2).all(|w| w[0].0 <= w[1].0));
+        assert!(html_reference_to(b"plus;", None, u32::from('+')));
+        assert!(html_reference_to(b"euro;", None, 0x20AC));
+    }
+
     /// A body of near misses costing more than the budget is refused as unchecked, not
     /// passed back searched in part: a service that has an echoing upstream send them
     /// first could otherwise have the value come back spelled after them.
