@@ -1224,13 +1224,13 @@ impl Config {
                      with its scheme (`spiffe://...`, matched against URI SANs)",
                 );
             }
-            // Certificates carry internationalised names as A-labels (`xn--…`): a U-label here
-            // could never match one.
-            if !m.san.contains(':') && !m.san.is_ascii() {
+            // Certificates carry SANs in ASCII (IA5String): internationalised names as
+            // A-labels (`xn--…`), URIs percent-encoded. Anything else could never match.
+            if !m.san.is_ascii() {
                 return bad(
                     &at("san"),
                     "a DNS name must be ASCII: write an internationalised one as certificates \
-                     carry it, in its xn-- form",
+                     carry it, in its xn-- form (and a URI percent-encoded)",
                 );
             }
             if !sans.insert(mtls_key(&m.san)) {

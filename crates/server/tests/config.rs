@@ -191,6 +191,10 @@ fn mistakes_are_named_by_key_and_source() {
                 "[[auth.mtls]]\nsan = \"bücher.example\"\nservice = \"s\"",
                 "key `auth.mtls[0].san`: a DNS name must be ASCII",
             ),
+            (
+                "[[auth.mtls]]\nsan = \"spiffe://bücher.example/svc\"\nservice = \"s\"",
+                "key `auth.mtls[0].san`: a DNS name must be ASCII",
+            ),
             ("[auth.jwt]\nissuer = \"x\"", "key `auth.jwt`: set one of"),
             (
                 "[auth.jwt]\njwks_file = \"j\"\naudience = \"a\"\non_behalf_of_audience = \"a\"",
