@@ -1127,6 +1127,27 @@ async fn admins_see_key_usage_not_values() {
     assert!(!r.body.contains(CANARY));
 }
 
+/// Alice's audit records of the request that got `reply`, newest first.
+async fn records_of_request(api: &TestApi, reply: &Reply) -> Vec<serde_json::Value> {
+    let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+    let log = api
+        .call(
+            "GET",
+            "/v1/audit?owner=alice&limit=50",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json();
+    log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["request_id"] == id.as_str())
+        .cloned()
+        .collect()
+}
+
 /// An operator's import or put (another process on the same database file) makes a new
 /// version of a credential the server answers reveals for from memory: the next reveal
 /// answers the new value (not a 503 to retry, nor the old value), and its records say what
@@ -1162,17 +1183,17 @@ async fn a_new_version_by_another_process_is_what_the_next_reveal_answers() {
         std::sync::Arc::new(strongroom_core::SystemClock),
         strongroom_core::VaultConfig::default(),
     );
-    operator_vault
-        .put(strongroom_core::PutRequest {
+    let operator_put = |value: &'static str| {
+        operator_vault.put(strongroom_core::PutRequest {
             owner: "alice",
             name: "zoom.api-key",
-            value: strongroom_crypto::SecretBytes::new(b"new-value".to_vec()),
+            value: strongroom_crypto::SecretBytes::new(value.as_bytes().to_vec()),
             metadata: None,
             expected_version: None,
             created_by: "operator:import",
         })
-        .await
-        .unwrap();
+    };
+    operator_put("new-value").await.unwrap();
 
     let r = api.reveal_alices_key().await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -1180,21 +1201,9 @@ async fn a_new_version_by_another_process_is_what_the_next_reveal_answers() {
         (r.json()["value"].clone(), r.json()["version"].clone()),
         (json!("new-value"), json!(2))
     );
-    let request_id = r.headers["x-request-id"].to_str().unwrap().to_owned();
-    let audit = api
-        .call(
-            "GET",
-            "/v1/audit?owner=alice&limit=20",
-            Some(ADMIN_TOKEN),
-            None,
-        )
+    let mine: Vec<_> = records_of_request(&api, &r)
         .await
-        .json();
-    let mine: Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> = audit["items"]
-        .as_array()
-        .unwrap()
         .iter()
-        .filter(|i| i["request_id"] == request_id)
         .map(|i| {
             (
                 i["version"].clone(),
@@ -1210,22 +1219,11 @@ async fn a_new_version_by_another_process_is_what_the_next_reveal_answers() {
             (json!(2), json!(200), serde_json::Value::Null),
             (json!(1), json!(503), json!("unavailable")),
             (json!(1), json!(200), serde_json::Value::Null),
-        ],
-        "{audit}"
+        ]
     );
 
     // The owner's verify right after another write by the operator answers about it too.
-    operator_vault
-        .put(strongroom_core::PutRequest {
-            owner: "alice",
-            name: "zoom.api-key",
-            value: strongroom_crypto::SecretBytes::new(b"newer-value".to_vec()),
-            metadata: None,
-            expected_version: None,
-            created_by: "operator:import",
-        })
-        .await
-        .unwrap();
+    operator_put("newer-value").await.unwrap();
     let verify = api
         .call(
             "POST",
@@ -1281,24 +1279,8 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
         if auditing == Auditing::On {
             // The request's last record says how it ended (read again once, the credential
             // was disabled: 409), not the overtaken attempt's 503.
-            let id = first.headers["x-request-id"].to_str().unwrap().to_owned();
-            let log = api
-                .call(
-                    "GET",
-                    "/v1/audit?owner=alice&limit=20",
-                    Some(ADMIN_TOKEN),
-                    None,
-                )
-                .await
-                .json();
-            let newest = log["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["request_id"] == id.as_str())
-                .cloned()
-                .unwrap_or_default();
-            assert_eq!(newest["status"], first.status.as_u16(), "{log}");
+            let records = records_of_request(&api, &first).await;
+            assert_eq!(records[0]["status"], first.status.as_u16(), "{records:?}");
         }
         let then = reveal().await;
         assert_eq!(
