@@ -87,6 +87,34 @@ fn key_counts(target: &[&std::ffi::OsStr]) -> Vec<(u64, String, u64)> {
         .collect()
 }
 
+/// Puts alice's `(name, value)` pairs through the operator's backends, as an import would;
+/// `seal` first seals the audit log, as a server's first start does.
+fn put_directly(data: &std::path::Path, seal: bool, puts: &[(String, String)]) {
+    rt().block_on(async {
+        let backends = Backends::open(&operator_config(data)).await.unwrap();
+        if seal {
+            strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)
+                .await
+                .unwrap();
+        }
+        for (name, value) in puts {
+            backends
+                .vault()
+                .put(strongroom_core::PutRequest {
+                    owner: "alice",
+                    name,
+                    value: strongroom_crypto::SecretBytes::from_slice(value.as_bytes()),
+                    metadata: None,
+                    expected_version: None,
+                    created_by: "user:alice",
+                })
+                .await
+                .unwrap();
+        }
+        backends.close().await;
+    });
+}
+
 async fn active_version(client: &TestClient) -> u64 {
     let r = client.get("/v1/keys", Some(ADMIN)).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -473,26 +501,7 @@ fn rotating_a_restored_older_keyring_is_refused() {
     let keyring = data.join("keyring.json");
     let backup = std::fs::read(&keyring).unwrap();
     run_ok(&["keys", "rotate"], &dd);
-    let config = operator_config(&data);
-    rt().block_on(async {
-        let backends = Backends::open(&config).await.unwrap();
-        strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)
-            .await
-            .unwrap();
-        backends
-            .vault()
-            .put(strongroom_core::PutRequest {
-                owner: "alice",
-                name: "under-v2",
-                value: strongroom_crypto::SecretBytes::from_slice(b"v"),
-                metadata: None,
-                expected_version: None,
-                created_by: "user:alice",
-            })
-            .await
-            .unwrap();
-        backends.close().await;
-    });
+    put_directly(&data, true, &[("under-v2".into(), "v".into())]);
     let newest = std::fs::read(&keyring).unwrap();
     std::fs::write(&keyring, &backup).unwrap();
     let err = run_err(&["keys", "rotate"], &dd);
@@ -531,22 +540,7 @@ fn retiring_the_active_version_says_to_rotate_first() {
         assert!(!err.contains("run `strongroom rewrap` first"), "{err}");
     };
     active("1"); // no data key under it yet
-    rt().block_on(async {
-        let backends = Backends::open(&operator_config(&data)).await.unwrap();
-        backends
-            .vault()
-            .put(strongroom_core::PutRequest {
-                owner: "alice",
-                name: "under-v1",
-                value: strongroom_crypto::SecretBytes::from_slice(b"v"),
-                metadata: None,
-                expected_version: None,
-                created_by: "user:alice",
-            })
-            .await
-            .unwrap();
-        backends.close().await;
-    });
+    put_directly(&data, false, &[("under-v1".into(), "v".into())]);
     active("1"); // one under it
     run_ok(&["keys", "rotate"], &dd);
     let err = run_err(&["keys", "retire", "1"], &dd);
@@ -570,30 +564,10 @@ fn rewrap_names_the_versions_that_did_not_unwrap() {
     let data = tmp.path().join("data");
     let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
     run_ok(&["keys", "generate"], &dd);
-    rt().block_on(async {
-        let backends = Backends::open(&operator_config(&data)).await.unwrap();
-        // Seals the audit log, as a server's first start does.
-        strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)
-            .await
-            .unwrap();
-        for i in 0..25 {
-            backends
-                .vault()
-                .put(strongroom_core::PutRequest {
-                    owner: "alice",
-                    name: &format!("cred-{i:02}"),
-                    value: strongroom_crypto::SecretBytes::from_slice(
-                        format!("secret-value-{i}").as_bytes(),
-                    ),
-                    metadata: None,
-                    expected_version: None,
-                    created_by: "user:alice",
-                })
-                .await
-                .unwrap();
-        }
-        backends.close().await;
-    });
+    let puts: Vec<(String, String)> = (0..25)
+        .map(|i| (format!("cred-{i:02}"), format!("secret-value-{i}")))
+        .collect();
+    put_directly(&data, true, &puts);
     let damage = |names: &str| {
         let conn = rusqlite::Connection::open(data.join("strongroom.db")).unwrap();
         conn.execute_batch(&format!(
