@@ -226,6 +226,25 @@ async fn two_nodes_write_one_audit_chain() {
     for t in tasks {
         t.await.unwrap();
     }
+    // A usage cursor one node gave works on the other: its key comes from the audit head key
+    // they share.
+    let first = a
+        .client(fx.client_options())
+        .get("/v1/me/credentials/zoom.n0t0/usage?limit=2", Some(&alice))
+        .await
+        .unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    let cursor = first.json()["next_cursor"].as_str().unwrap().to_owned();
+    let next = b
+        .client(fx.client_options())
+        .get(
+            &format!("/v1/me/credentials/zoom.n0t0/usage?limit=2&cursor={cursor}"),
+            Some(&alice),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(next.json()["items"].as_array().unwrap().len(), 2);
     // SIGHUP's reload is an operator action with a record of its own.
     a.reloader.reload().unwrap();
     let log = a.state.vault().store().audit_log().unwrap();
@@ -269,11 +288,12 @@ async fn two_nodes_write_one_audit_chain() {
     let total = v.finish(&head, &key).unwrap();
     assert_eq!(
         total,
-        2 * 4 * 15 * 2 + 1,
-        "one record per request, and the reload"
+        2 * 4 * 15 * 2 + 2 + 1,
+        "one record per request (the two usage queries too), and the reload"
     );
     let lines = std::fs::read_to_string(&jsonl).unwrap();
-    assert_eq!(lines.lines().count(), 4 * 15 * 2, "node B's JSON lines");
+    // Its requests and its usage query.
+    assert_eq!(lines.lines().count(), 4 * 15 * 2 + 1, "node B's JSON lines");
     for line in lines.lines() {
         let r: strongroom_store::audit::Record = serde_json::from_str(line).unwrap();
         assert!(!line.contains("\"value\""));
