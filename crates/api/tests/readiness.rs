@@ -180,10 +180,27 @@ async fn router_over(
     dir: &std::path::Path,
     provider: Arc<dyn strongroom_crypto::KeyProvider>,
 ) -> axum::Router {
+    router_with(
+        dir,
+        provider,
+        strongroom_store::sqlite::SqliteOptions::default(),
+    )
+    .await
+}
+
+/// [`router_over`] with the store opened with `options`.
+async fn router_with(
+    dir: &std::path::Path,
+    provider: Arc<dyn strongroom_crypto::KeyProvider>,
+    options: strongroom_store::sqlite::SqliteOptions,
+) -> axum::Router {
     let store = Arc::new(
-        strongroom_store::sqlite::SqliteStore::open_dir(dir)
-            .await
-            .unwrap(),
+        strongroom_store::sqlite::SqliteStore::open(
+            dir.join(strongroom_store::sqlite::DB_FILE_NAME),
+            options,
+        )
+        .await
+        .unwrap(),
     );
     let vault = Arc::new(strongroom_core::Vault::new(
         store,
@@ -287,4 +304,28 @@ async fn readyz_answers_unavailable_in_time_when_a_backend_hangs() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A store that reads but takes no write (another process holds the database locked; a
+/// PostgreSQL standby) is not ready: every request but a read needs a write (its audit
+/// record). Ready again once it takes writes.
+#[tokio::test]
+async fn a_store_that_takes_no_writes_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = strongroom_store::sqlite::SqliteOptions::default();
+    options.busy_timeout = Duration::from_millis(300);
+    let provider = Arc::new(strongroom_crypto::testing::FakeProvider::new("w", 1));
+    let router = router_with(dir.path(), provider, options).await;
+    assert_eq!(readyz_status(&router).await, StatusCode::OK);
+    let other = rusqlite::Connection::open(dir.path().join(strongroom_store::sqlite::DB_FILE_NAME))
+        .unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        readyz_status(&router).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    other.execute_batch("COMMIT").unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(readyz_status(&router).await, StatusCode::OK);
 }

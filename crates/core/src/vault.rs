@@ -710,6 +710,11 @@ impl Vault {
             .get_provider_state("strongroom/health")
             .await
             .map_err(|e| CoreError::Unavailable(format!("store: {e}")))?;
+        // Reads are not enough: every request but a read is written (its audit record).
+        self.store
+            .check_writable()
+            .await
+            .map_err(|e| CoreError::Unavailable(format!("store: {e}")))?;
         self.keys
             .health()
             .await

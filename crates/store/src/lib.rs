@@ -217,6 +217,17 @@ pub trait Store: Send + Sync + Debug {
         Ok(())
     }
 
+    /// Whether the store takes writes now, for readiness: an SQLite file another process holds
+    /// locked, or a PostgreSQL server that is a read-only standby (after a failover, say),
+    /// reads fine and refuses every write.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] saying why not.
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Makes `version` the current one.
     ///
     /// # Errors

@@ -452,3 +452,58 @@ async fn commits_are_durable_whatever_the_connection_defaults_say() {
         .iter()
         .any(|w| w.contains("synchronous_commit")));
 }
+
+/// A server that takes no writes after a failover (here: its database made read-only and
+/// the pool's connections cut, as a failover to a standby does) reads fine: `check_writable`
+/// says it is not writable, for readiness.
+#[tokio::test]
+async fn a_read_only_server_is_not_writable() {
+    let Some(url) = postgres_url() else { return };
+    let Some(base) = url.rsplit_once('/').map(|(b, _)| b.to_owned()) else {
+        panic!("{url}")
+    };
+    let db = format!("ro_{}", std::process::id());
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // One statement per call: neither may run in the implicit transaction of a batch.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let mut o = PostgresOptions::default();
+    o.max_connections = 1;
+    let store = PostgresStore::connect(&format!("{base}/{db}"), o)
+        .await
+        .unwrap();
+    store.check_writable().await.unwrap();
+    for sql in [
+        format!("ALTER DATABASE {db} SET default_transaction_read_only = on"),
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    // The pool notices the cut connection on its next use, then reconnects.
+    let mut readable = false;
+    for _ in 0..20 {
+        if store.get_provider_state("x").await.is_ok() {
+            readable = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(readable, "reads go on");
+    let e = store.check_writable().await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Unavailable(_)) && e.to_string().contains("takes no writes"),
+        "{e:?}"
+    );
+    drop(store);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

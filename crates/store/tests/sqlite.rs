@@ -792,3 +792,24 @@ async fn the_wal_shrinks_back_after_a_long_reader() {
     }
     store.close().await;
 }
+
+/// A file another process holds locked reads fine and takes no write: `check_writable` says
+/// so (for readiness) within the busy timeout, and says it is writable again once released.
+#[tokio::test]
+async fn a_file_locked_by_another_process_is_not_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = SqliteOptions::default();
+    opts.busy_timeout = std::time::Duration::from_millis(300);
+    let store = SqliteStore::open(dir.path().join(DB_FILE_NAME), opts)
+        .await
+        .unwrap();
+    store.check_writable().await.unwrap();
+    let other = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    assert!(store.get_provider_state("x").await.is_ok(), "reads go on");
+    let e = store.check_writable().await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    other.execute_batch("COMMIT").unwrap();
+    store.check_writable().await.unwrap();
+    store.close().await;
+}

@@ -1449,6 +1449,23 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let read_only: String = client
+            .query_one("SHOW transaction_read_only", &[])
+            .await
+            .map_err(pg_err)?
+            .try_get(0)
+            .map_err(pg_err)?;
+        if read_only == "on" {
+            return Err(StoreError::unavailable(
+                "the PostgreSQL server takes no writes (transaction_read_only is on: a standby, \
+                 or default_transaction_read_only)",
+            ));
+        }
+        Ok(())
+    }
+
     async fn get_provider_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         validate_provider_key(key)?;
         let client = self.client().await?;

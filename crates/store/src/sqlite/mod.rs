@@ -1352,6 +1352,12 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        // An empty job in the next group commit: it takes the write lock (waiting as long as
+        // a write would) and writes nothing.
+        self.write(Changes::NoCredential, |_| Ok(())).await
+    }
+
     async fn set_current(
         &self,
         owner: &str,
