@@ -1301,6 +1301,60 @@ mod tests {
         }
     }
 
+    /// Random bodies mixing pieces of the value's forms, escape starts, line breaks, stray
+    /// bytes and the value itself: the scrubber (its slicing around anchors, escapes and
+    /// line breaks is intricate) never panics, and the raw value never survives it.
+    #[test]
+    fn random_bodies_never_panic_and_never_keep_the_raw_value() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            usize::try_from(state % 1_000_003).unwrap()
+        };
+        let pieces: &[&[u8]] = &[
+            b"&#", b"&#x", b";", b"&amp;", b"\\u00", b"\\u", b"\\x", b"\\", b"%", b"%u", b"%25",
+            b"\n", b"\r\n", b"\\n", b"=", b"+", b"/", b"&", b"ab1", b"\xff", b"\xc3", b"&plus",
+            b"&#43", b"9", b"QUJD",
+        ];
+        for value in [
+            "p@ss'w\"ord+9/x=",
+            "ab1-",
+            "caf\u{e9} Secret99",
+            "x",
+            "AAAAAAAAAAAAAAAAAAAAAAAA",
+            "\u{e9}\u{20ac}\u{1f600}<>&ab1",
+        ] {
+            let n = Needles::new(value.as_bytes(), &[]);
+            let forms: Vec<Vec<u8>> = n.fixed.iter().map(|f| f.to_vec()).collect();
+            for _ in 0..1500 {
+                let mut body = Vec::new();
+                for _ in 0..next() % 40 {
+                    match next() % 4 {
+                        0 => body.extend_from_slice(pieces[next() % pieces.len()]),
+                        1 => {
+                            let f = &forms[next() % forms.len()];
+                            let a = next() % (f.len() + 1);
+                            let b = a + next() % (f.len() - a + 1);
+                            body.extend_from_slice(&f[a..b]);
+                        }
+                        2 => body.push(u8::try_from(next() % 256).unwrap()),
+                        _ => body.extend_from_slice(value.as_bytes()),
+                    }
+                }
+                if let Ok((out, _)) = n.scrub_all(&body) {
+                    assert!(
+                        memchr::memmem::find(&out, value.as_bytes()).is_none(),
+                        "{value:?} kept in {:?} from {:?}",
+                        String::from_utf8_lossy(&out),
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+            }
+        }
+    }
+
     /// The named references are sorted by code point: the lookup's binary search relies on
     /// it (a name out of order would never be found).
     #[test]
