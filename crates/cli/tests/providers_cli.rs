@@ -9,8 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::strongroom;
-use strongroom_server::config::{Config, Overrides};
+use common::{operator_config, put_req, strongroom};
 use strongroom_server::Backends;
 
 fn peer(var: &str, script: &str) -> Option<String> {
@@ -43,28 +42,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn operator_config(file: Option<&Path>, data: &Path) -> Config {
-    Config::load_for_operator(
-        file,
-        &Overrides {
-            data_dir: Some(data.to_owned()),
-            ..Overrides::default()
-        },
-    )
-    .unwrap()
-}
-
-fn put_req<'a>(name: &'a str, value: &'a str) -> strongroom_core::PutRequest<'a> {
-    strongroom_core::PutRequest {
-        owner: "alice",
-        name,
-        value: strongroom_crypto::SecretBytes::from_slice(value.as_bytes()),
-        metadata: None,
-        expected_version: None,
-        created_by: "user:alice",
-    }
 }
 
 fn run(args: &[&str], extra: &[&std::ffi::OsStr]) -> std::process::Output {

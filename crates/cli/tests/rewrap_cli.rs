@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::dev::start_dev;
-use common::strongroom;
+use common::{operator_config, put_req, strongroom};
 use serde_json::json;
-use strongroom_server::config::{Config, Overrides};
 use strongroom_server::testing::TestClient;
 use strongroom_server::Backends;
 
@@ -25,18 +24,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// The configuration operator commands use for the dev layout in `data`.
-fn operator_config(data: &std::path::Path) -> Config {
-    Config::load_for_operator(
-        None,
-        &Overrides {
-            data_dir: Some(data.to_owned()),
-            ..Overrides::default()
-        },
-    )
-    .unwrap()
 }
 
 fn run_ok(args: &[&str], target: &[&std::ffi::OsStr]) -> String {
@@ -91,25 +78,14 @@ fn key_counts(target: &[&std::ffi::OsStr]) -> Vec<(u64, String, u64)> {
 /// `seal` first seals the audit log, as a server's first start does.
 fn put_directly(data: &std::path::Path, seal: bool, puts: &[(String, String)]) {
     rt().block_on(async {
-        let backends = Backends::open(&operator_config(data)).await.unwrap();
+        let backends = Backends::open(&operator_config(None, data)).await.unwrap();
         if seal {
             strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)
                 .await
                 .unwrap();
         }
         for (name, value) in puts {
-            backends
-                .vault()
-                .put(strongroom_core::PutRequest {
-                    owner: "alice",
-                    name,
-                    value: strongroom_crypto::SecretBytes::from_slice(value.as_bytes()),
-                    metadata: None,
-                    expected_version: None,
-                    created_by: "user:alice",
-                })
-                .await
-                .unwrap();
+            backends.vault().put(put_req(name, value)).await.unwrap();
         }
         backends.close().await;
     });
@@ -338,7 +314,7 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
     let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
     const SEEDED: u32 = 4000;
     let rt = rt();
-    let config = operator_config(&data);
+    let config = operator_config(None, &data);
     rt.block_on(async {
         let backends = Backends::open(&config).await.unwrap();
         let vault = backends.vault();
@@ -349,16 +325,7 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
                 for i in (t..SEEDED).step_by(16) {
                     let name = format!("seed-{i}");
                     vault
-                        .put(strongroom_core::PutRequest {
-                            owner: "alice",
-                            name: &name,
-                            value: strongroom_crypto::SecretBytes::from_slice(
-                                format!("seed-value-{i}").as_bytes(),
-                            ),
-                            metadata: None,
-                            expected_version: None,
-                            created_by: "user:alice",
-                        })
+                        .put(put_req(&name, &format!("seed-value-{i}")))
                         .await
                         .unwrap();
                 }

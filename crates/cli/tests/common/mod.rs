@@ -92,3 +92,31 @@ pub fn assert_ends_quietly(out: &std::process::Output, what: &str) {
         "{what}: {stderr}"
     );
 }
+
+/// The configuration operator commands use: `file` (if any) with `data` as the data folder
+/// (the dev layout alone when `file` is `None`).
+pub fn operator_config(
+    file: Option<&std::path::Path>,
+    data: &std::path::Path,
+) -> strongroom_server::config::Config {
+    strongroom_server::config::Config::load_for_operator(
+        file,
+        &strongroom_server::config::Overrides {
+            data_dir: Some(data.to_owned()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Alice's put of `value` as `name`, as the operator's backends take it.
+pub fn put_req<'a>(name: &'a str, value: &'a str) -> strongroom_core::PutRequest<'a> {
+    strongroom_core::PutRequest {
+        owner: "alice",
+        name,
+        value: strongroom_crypto::SecretBytes::from_slice(value.as_bytes()),
+        metadata: None,
+        expected_version: None,
+        created_by: "user:alice",
+    }
+}
