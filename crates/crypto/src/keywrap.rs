@@ -59,38 +59,52 @@ impl KeyWrapper {
         aad: &[u8],
         rng: &dyn SecureRandom,
     ) -> Result<Vec<u8>, WrapError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill(&mut nonce).map_err(WrapError::Random)?;
-        let ct = self
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: key.expose_secret(),
-                    aad,
-                },
-            )
-            .map_err(|_| WrapError::Cipher)?;
-        let mut bytes = Vec::with_capacity(WRAPPED_LEN);
-        bytes.extend_from_slice(&nonce);
-        bytes.extend_from_slice(&ct);
-        Ok(bytes)
+        seal(&self.cipher, key.expose_secret(), aad, rng)
     }
 
     /// Unwraps `wrapped`, or `None` when it does not authenticate under this KEK and `aad`
     /// (tampered, moved, wrong KEK, wrong length). Says no more on purpose.
     pub fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Option<Key256> {
-        if wrapped.len() != WRAPPED_LEN {
-            return None;
-        }
-        let (nonce, ct) = wrapped.split_at(NONCE_LEN);
-        let plain = Zeroizing::new(
-            self.cipher
-                .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-                .ok()?,
-        );
+        let plain = open(&self.cipher, wrapped, Key256::LEN, aad)?;
         Key256::from_slice(&plain)
     }
+}
+
+/// `nonce(12) ‖ ciphertext ‖ tag(16)` of `msg` under `cipher` with a random nonce and `aad`
+/// (the format of a wrapped key, and of [`crate::opaque`]'s tokens).
+pub(crate) fn seal(
+    cipher: &Aes256Gcm,
+    msg: &[u8],
+    aad: &[u8],
+    rng: &dyn SecureRandom,
+) -> Result<Vec<u8>, WrapError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill(&mut nonce).map_err(WrapError::Random)?;
+    let ct = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg, aad })
+        .map_err(|_| WrapError::Cipher)?;
+    let mut bytes = Vec::with_capacity(NONCE_LEN + ct.len());
+    bytes.extend_from_slice(&nonce);
+    bytes.extend_from_slice(&ct);
+    Ok(bytes)
+}
+
+/// The plaintext of [`seal`]'s `sealed` when it holds `len` bytes and authenticates under
+/// `cipher` and `aad`; `None` otherwise, saying no more.
+pub(crate) fn open(
+    cipher: &Aes256Gcm,
+    sealed: &[u8],
+    len: usize,
+    aad: &[u8],
+) -> Option<Zeroizing<Vec<u8>>> {
+    if sealed.len() != NONCE_LEN + len + 16 {
+        return None;
+    }
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .ok()
+        .map(Zeroizing::new)
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 //! associated data (what the token is for: another owner's or credential's token does not
 //! open), as `base64url(nonce(12) ‖ ciphertext(8) ‖ tag(16))`, 48 characters.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
@@ -44,9 +44,6 @@ impl Permutation {
     }
 }
 
-const NONCE_LEN: usize = 12;
-const SEALED_LEN: usize = NONCE_LEN + 8 + 16;
-
 /// Seals and opens numbers under one key.
 pub struct OpaqueSealer {
     cipher: Aes256Gcm,
@@ -77,21 +74,7 @@ impl OpaqueSealer {
         aad: &[u8],
         rng: &dyn SecureRandom,
     ) -> Result<String, WrapError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill(&mut nonce).map_err(WrapError::Random)?;
-        let ct = self
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &n.to_be_bytes(),
-                    aad,
-                },
-            )
-            .map_err(|_| WrapError::Cipher)?;
-        let mut bytes = Vec::with_capacity(SEALED_LEN);
-        bytes.extend_from_slice(&nonce);
-        bytes.extend_from_slice(&ct);
+        let bytes = crate::keywrap::seal(&self.cipher, &n.to_be_bytes(), aad, rng)?;
         Ok(URL_SAFE_NO_PAD.encode(bytes))
     }
 
@@ -99,15 +82,8 @@ impl OpaqueSealer {
     /// key, another purpose, edited, truncated, not base64url).
     pub fn open_u64(&self, token: &str, aad: &[u8]) -> Option<u64> {
         let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
-        if bytes.len() != SEALED_LEN {
-            return None;
-        }
-        let (nonce, ct) = bytes.split_at(NONCE_LEN);
-        let plain = self
-            .cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-            .ok()?;
-        Some(u64::from_be_bytes(plain.try_into().ok()?))
+        let plain = crate::keywrap::open(&self.cipher, &bytes, 8, aad)?;
+        Some(u64::from_be_bytes(plain.as_slice().try_into().ok()?))
     }
 }
 
