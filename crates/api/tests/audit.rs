@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use axum::http::StatusCode;
 use common::*;
 use serde_json::{json, Value};
@@ -665,33 +663,6 @@ impl http_body::Body for Stalled {
             Some(bytes) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes)))),
             None => std::task::Poll::Pending,
         }
-    }
-}
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    /// Captures this thread's log lines up to `level` while the guard lives (the tests'
-    /// runtime runs the router on the test's thread).
-    fn install(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(level)
-            .with_writer(move || writer.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -273,7 +273,12 @@ async fn a_flood_of_probes_checks_the_provider_about_once_a_second() {
     provider.down.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = provider.calls.load(Ordering::SeqCst);
+    let (logs, guard) = Captured::install(tracing::Level::WARN);
     let together = readyz_together(&router, 50).await;
+    drop(guard);
+    // Nor into as many log lines.
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(text.matches("not ready").count(), 1, "{text}");
     assert!(
         together
             .iter()

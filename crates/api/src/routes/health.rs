@@ -22,12 +22,16 @@ const BACKENDS_CHECKED_EVERY: Duration = Duration::from_secs(1);
 /// a Transit key read, a PKCS#11 token scan): anyone who reaches the port could otherwise
 /// multiply probes into calls that throttle the account's real key use, and bill for them.
 #[derive(Default)]
-pub(crate) struct BackendHealth(tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>);
+pub(crate) struct BackendHealth {
+    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    /// When "not ready" was last logged: once a second at most, however many probes ask.
+    logged: std::sync::Mutex<Option<Instant>>,
+}
 
 impl BackendHealth {
     async fn check(&self, vault: &strongroom_core::Vault) -> Result<(), String> {
         // Requests that arrive during a check wait for its verdict rather than start another.
-        let mut last = self.0.lock().await;
+        let mut last = self.last.lock().await;
         if let Some((at, verdict)) = last.as_ref() {
             if at.elapsed() < BACKENDS_CHECKED_EVERY {
                 return verdict.clone();
@@ -44,6 +48,16 @@ impl BackendHealth {
         };
         *last = Some((Instant::now(), verdict.clone()));
         verdict
+    }
+
+    /// Whether a "not ready" line may be logged now (and notes that it is).
+    fn may_log(&self) -> bool {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.is_some_and(|at| at.elapsed() < BACKENDS_CHECKED_EVERY) {
+            return false;
+        }
+        *logged = Some(Instant::now());
+        true
     }
 }
 
@@ -104,7 +118,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
     match ready {
         Ok(()) => (StatusCode::OK, Json(HealthResponse { status: "ok" })),
         Err(e) => {
-            tracing::warn!(error = %e, "not ready");
+            if state.backend_health().may_log() {
+                tracing::warn!(error = %e, "not ready");
+            }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(HealthResponse {
