@@ -96,43 +96,25 @@ async fn readyz_fails_while_the_jwks_is_older_than_its_allowed_staleness() {
     assert_eq!(state, (StatusCode::OK, "ok".into()));
 }
 
-/// A key provider whose health check never answers (`Hung`), or answers as the test says
-/// and counts the calls (`Probed`).
-#[derive(Debug)]
-struct Hung(strongroom_crypto::testing::FakeProvider);
-
+/// A key provider whose health check counts its calls and answers as the test says, or
+/// never answers (`hang`).
 #[derive(Debug)]
 struct Probed {
     inner: strongroom_crypto::testing::FakeProvider,
     calls: std::sync::atomic::AtomicUsize,
     down: std::sync::atomic::AtomicBool,
+    /// Never answers its health check.
+    hang: bool,
 }
 
-#[async_trait::async_trait]
-impl strongroom_crypto::KeyProvider for Hung {
-    fn kind(&self) -> &str {
-        self.0.kind()
-    }
-    fn active_kek(&self) -> Result<strongroom_crypto::KekRef, strongroom_crypto::ProviderError> {
-        self.0.active_kek()
-    }
-    async fn wrap(
-        &self,
-        kek: &strongroom_crypto::KekRef,
-        key: &strongroom_crypto::Key256,
-        aad: &[u8],
-    ) -> Result<strongroom_crypto::WrappedKey, strongroom_crypto::ProviderError> {
-        self.0.wrap(kek, key, aad).await
-    }
-    async fn unwrap(
-        &self,
-        wrapped: &strongroom_crypto::WrappedKey,
-        aad: &[u8],
-    ) -> Result<strongroom_crypto::Key256, strongroom_crypto::UnwrapError> {
-        self.0.unwrap(wrapped, aad).await
-    }
-    async fn health(&self) -> Result<(), strongroom_crypto::ProviderError> {
-        std::future::pending().await
+impl Probed {
+    fn new(hang: bool) -> Self {
+        Self {
+            inner: strongroom_crypto::testing::FakeProvider::new("probed", 1),
+            calls: Default::default(),
+            down: Default::default(),
+            hang,
+        }
     }
 }
 
@@ -162,6 +144,9 @@ impl strongroom_crypto::KeyProvider for Probed {
     async fn health(&self) -> Result<(), strongroom_crypto::ProviderError> {
         use std::sync::atomic::Ordering;
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.hang {
+            return std::future::pending().await;
+        }
         // As long as a remote call takes: probes that arrive meanwhile wait for it.
         tokio::time::sleep(Duration::from_millis(50)).await;
         if self.down.load(Ordering::SeqCst) {
@@ -247,11 +232,7 @@ async fn readyz_status(router: &axum::Router) -> StatusCode {
 async fn a_flood_of_probes_checks_the_provider_about_once_a_second() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let provider = Arc::new(Probed {
-        inner: strongroom_crypto::testing::FakeProvider::new("probed", 1),
-        calls: Default::default(),
-        down: Default::default(),
-    });
+    let provider = Arc::new(Probed::new(false));
     let router = router_over(dir.path(), provider.clone()).await;
 
     let together = readyz_together(&router, 50).await;
@@ -297,8 +278,7 @@ async fn a_flood_of_probes_checks_the_provider_about_once_a_second() {
 #[tokio::test]
 async fn readyz_answers_unavailable_in_time_when_a_backend_hangs() {
     let dir = tempfile::tempdir().unwrap();
-    let hung = Hung(strongroom_crypto::testing::FakeProvider::new("hung", 1));
-    let router = router_over(dir.path(), Arc::new(hung)).await;
+    let router = router_over(dir.path(), Arc::new(Probed::new(true))).await;
     let started = std::time::Instant::now();
     assert_eq!(
         readyz_status(&router).await,
