@@ -88,6 +88,25 @@ impl Metrics {
         self.unrecorded.inc();
     }
 
+    /// Adds a counter that lives outside this crate as a number `read` returns at each
+    /// scrape (the server's dropped log lines, the audit copy's unwritten records); `name`
+    /// gets the `strongroom_` prefix and, being a counter, the `_total` suffix.
+    pub fn register_counter_fn(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(Box::new(CounterFn {
+                name,
+                help,
+                read: Box::new(read),
+            }));
+    }
+
     pub(crate) fn jwks(&self) -> &crate::jwks::JwksMetrics {
         &self.jwks
     }
@@ -99,6 +118,34 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+/// See [`Metrics::register_counter_fn`].
+struct CounterFn {
+    name: &'static str,
+    help: &'static str,
+    read: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for CounterFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CounterFn")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for CounterFn {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counter = prometheus_client::metrics::counter::ConstCounter::new((self.read)());
+        let metric =
+            encoder.encode_descriptor(self.name, self.help, None, counter.metric_type())?;
+        counter.encode(metric)
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::dev::{start_dev, start_dev_env};
+use common::dev::{start_dev, start_dev_env, start_dev_unwritable_stderr};
 use common::{stdout_of, strongroom};
 use serde_json::json;
 
@@ -531,6 +531,102 @@ fn keys_work_on_the_dev_layout_while_the_server_runs() {
     let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(keys.as_array().unwrap().len(), 2);
     assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// Log lines that cannot be written (stderr on a full disk) are dropped and counted, never a
+/// panic: the server starts, takes a rotation (the watcher's log line), a SIGHUP and a
+/// SIGTERM. It used to die at its "ready" line; a server started with a working stderr that
+/// later filled lost its keyring watcher at its first line, and went on sealing under the
+/// key `keys retire` then erased.
+#[test]
+fn a_log_that_cannot_be_written_stops_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev_unwritable_stderr(&data);
+    let alice = mint(&data, "alice");
+    let pid = server.child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let versions_under = |version: u64| {
+        let out = stdout_of(
+            strongroom()
+                .args(["keys", "list", "--json", "--data-dir"])
+                .arg(&data),
+        );
+        let keys: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["version"] == version)
+            .and_then(|k| k["credential_versions"].as_u64())
+            .unwrap_or(0)
+    };
+    strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+    rt().block_on(async {
+        let client = server.client(&data);
+        let put = |i: u32| {
+            let (client, alice) = (&client, &alice);
+            async move {
+                client
+                    .json(
+                        "PUT",
+                        &format!("/v1/me/credentials/after-rotation-{i}"),
+                        Some(alice),
+                        &json!({"value": "v"}),
+                    )
+                    .await
+                    .unwrap()
+                    .status
+            }
+        };
+        // The watcher takes the rotation (and logs it, into the full disk): puts are sealed
+        // under version 2.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut i = 0;
+        while versions_under(2) == 0 {
+            assert!(Instant::now() < deadline, "never sealed under version 2");
+            assert_eq!(put(i).await, 201);
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let dropped_now = || async {
+            let r = client.get("/metrics", None).await.unwrap();
+            assert_eq!(r.status, 200);
+            let page = String::from_utf8(r.body).unwrap();
+            dropped(&page).unwrap_or_else(|| panic!("no dropped-lines counter in {page}"))
+        };
+        let before = dropped_now().await;
+        assert!(
+            before > 0,
+            "the start's and the rotation's lines were dropped"
+        );
+        // The reload logs, into the full disk: the counter moves, and the server still
+        // answers.
+        signal("-HUP");
+        while dropped_now().await == before {
+            assert!(Instant::now() < deadline, "SIGHUP logged nothing");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(put(i).await, 201);
+    });
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// `strongroom_log_lines_dropped_total` in a metrics page.
+fn dropped(metrics: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("strongroom_log_lines_dropped_total "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// Versions sealed by a key provider this server does not use (left behind by a move between

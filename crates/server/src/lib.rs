@@ -1129,6 +1129,11 @@ impl Server {
             },
         ));
         let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());
+        state.metrics().register_counter_fn(
+            "log_lines_dropped",
+            "Log lines that could not be written to stderr (a full disk, a reader gone)",
+            || logging::LOG_LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
+        );
         state.set_broker(Arc::new(broker));
         let rotation = match (&local_keyring, &hierarchy) {
             (Some(keyring), _) => rotation::ServerRotation::Local {

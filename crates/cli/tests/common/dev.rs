@@ -28,6 +28,32 @@ pub fn start_dev(data: &Path, extra: &[&str]) -> DevServer {
 
 pub fn start_dev_env(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> DevServer {
     let stderr = data.with_extension("stderr.log");
+    spawn_dev(
+        data,
+        extra,
+        envs,
+        std::fs::File::create(&stderr).unwrap(),
+        stderr,
+    )
+}
+
+/// A dev server whose stderr cannot be written (`/dev/full`: every write fails with "no
+/// space left on device"), as when its log file's disk is full.
+pub fn start_dev_unwritable_stderr(data: &Path) -> DevServer {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    spawn_dev(data, &[], &[], full, data.with_extension("no-stderr"))
+}
+
+fn spawn_dev(
+    data: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    stderr_file: std::fs::File,
+    stderr: std::path::PathBuf,
+) -> DevServer {
     let mut child = Command::new(binary())
         .envs(envs.iter().copied())
         .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -38,7 +64,7 @@ pub fn start_dev_env(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> DevS
         .env_remove("STRONGROOM_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap())
+        .stderr(stderr_file)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
