@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::dev::{start_dev, start_dev_env, start_dev_unwritable_stderr};
+use common::dev::{
+    start_dev, start_dev_env, start_dev_unwritable_stderr, start_dev_with_open_files,
+};
 use common::{stdout_of, strongroom};
 use serde_json::json;
 
@@ -552,20 +554,6 @@ fn a_log_that_cannot_be_written_stops_nothing() {
             .unwrap()
             .success());
     };
-    let versions_under = |version: u64| {
-        let out = stdout_of(
-            strongroom()
-                .args(["keys", "list", "--json", "--data-dir"])
-                .arg(&data),
-        );
-        let keys: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        keys.as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["version"] == version)
-            .and_then(|k| k["credential_versions"].as_u64())
-            .unwrap_or(0)
-    };
     strongroom()
         .args(["keys", "rotate", "--data-dir"])
         .arg(&data)
@@ -592,7 +580,7 @@ fn a_log_that_cannot_be_written_stops_nothing() {
         // under version 2.
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut i = 0;
-        while versions_under(2) == 0 {
+        while versions_under(&data, 2) == 0 {
             assert!(Instant::now() < deadline, "never sealed under version 2");
             assert_eq!(put(i).await, 201);
             i += 1;
@@ -619,6 +607,105 @@ fn a_log_that_cannot_be_written_stops_nothing() {
         assert_eq!(put(i).await, 201);
     });
     assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// How many active credential versions `keys list` counts under keyring version `version`.
+fn versions_under(data: &Path, version: u64) -> u64 {
+    let out = stdout_of(
+        strongroom()
+            .args(["keys", "list", "--json", "--data-dir"])
+            .arg(data),
+    );
+    let keys: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["version"] == version)
+        .and_then(|k| k["credential_versions"].as_u64())
+        .unwrap_or(0)
+}
+
+/// A keyring file the server cannot read for a while (out of file descriptors when a
+/// rotation lands) is read again at the next check: writes used to stop (503
+/// `key_unavailable`) until a SIGHUP, the file having been noted as seen.
+#[test]
+fn a_keyring_reload_that_failed_for_want_of_files_is_tried_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev_with_open_files(&data, 64, 64);
+    assert!(
+        server.stderr().contains("exceed the open-file limit"),
+        "no warning that 1024 connections do not fit in 64 files:\n{}",
+        server.stderr()
+    );
+    let alice = mint(&data, "alice");
+    // Connections that never say a word take every descriptor left (the rest wait in the
+    // listen queue, taking the place of any the server closes).
+    let held: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(server.addr).ok())
+        .collect();
+    strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.stderr().contains("does not load") {
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not fail:\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
+    rt().block_on(async {
+        let client = server.client(&data);
+        let mut i = 0;
+        loop {
+            let r = client
+                .json(
+                    "PUT",
+                    &format!("/v1/me/credentials/after-rotation-{i}"),
+                    Some(&alice),
+                    &json!({"value": "v"}),
+                )
+                .await;
+            if r.is_ok_and(|r| r.status == 201) && versions_under(&data, 2) > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writes did not resume under version 2:\n{}",
+                server.stderr()
+            );
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// The server raises its open-file soft limit to the hard one (a soft limit of 1024 did not
+/// hold the default 1024 connections and the server's own files), and says nothing then.
+#[test]
+fn the_open_file_soft_limit_is_raised_to_the_hard_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev_with_open_files(&data, 256, 4096);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(open_files[3..5], ["4096", "4096"], "{limits}");
+    assert!(
+        !server.stderr().contains("open-file limit"),
+        "{}",
+        server.stderr()
+    );
 }
 
 /// `strongroom_log_lines_dropped_total` in a metrics page.

@@ -1057,6 +1057,7 @@ impl Server {
     pub async fn start_with_policy(config: Config, fallback: Policy) -> Result<Self, ServerError> {
         config.validate()?;
         config.check_files()?;
+        raise_open_file_limit(config.limits.max_connections);
         let tls_config = config
             .tls
             .clone()
@@ -1286,11 +1287,14 @@ impl Server {
         // A `keys rotate` on this host (or a shared keyring file) takes effect within a
         // second, without SIGHUP: new writes use the new KEK at once.
         let keyring_watch = match (&reloader.inner.keyring, keyring_path) {
-            (Some(ring), Some(path)) => Some(tokio::spawn(watch_keyring(
-                ring.clone(),
-                path,
-                KEYRING_POLL,
-            ))),
+            (Some(ring), Some(path)) => {
+                let ring = ring.clone();
+                Some(tokio::spawn(keep_watching(
+                    "keyring file",
+                    KEYRING_POLL,
+                    move || watch_keyring(ring.clone(), path.clone(), KEYRING_POLL),
+                )))
+            }
             _ => None,
         };
         let foreign_check = tokio::spawn(warn_about_foreign_versions(
@@ -1301,8 +1305,16 @@ impl Server {
         // Likewise a `keys rotate` of the KEK hierarchy, on any node sharing the store.
         // In strict mode, the provider's own versions.
         let ring_watch = match (hierarchy, strict_provider) {
-            (Some(h), _) => Some(tokio::spawn(watch_ring(h, KEYRING_POLL))),
-            (None, Some(p)) => Some(tokio::spawn(watch_provider(p, KEYRING_POLL))),
+            (Some(h), _) => Some(tokio::spawn(keep_watching(
+                "key hierarchy",
+                KEYRING_POLL,
+                move || watch_ring(h.clone(), KEYRING_POLL),
+            ))),
+            (None, Some(p)) => Some(tokio::spawn(keep_watching(
+                "key provider",
+                KEYRING_POLL,
+                move || watch_provider(p.clone(), KEYRING_POLL),
+            ))),
             (None, None) => None,
         };
         let pruning = tokio::spawn(prune_rate_limits(state.clone(), RATE_LIMIT_PRUNE));
@@ -1800,26 +1812,108 @@ fn file_stamp(path: &Path) -> Option<FileStamp> {
     ))
 }
 
-/// Reloads `keyring` whenever its file changes or goes (checked every `every`). A file that
-/// fails to load is logged and the keys loaded before stay in force for what they sealed, as
-/// for SIGHUP; nothing new is sealed until the file holds them again.
-async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duration) {
-    let mut seen = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || file_stamp(&path))
-            .await
-            .ok()
-            .flatten()
+/// Files a server keeps open besides its connections: store and log files, the database
+/// pools, a keyring read, the broker's and JWKS fetches' outbound connections.
+const FILES_BESIDES_CONNECTIONS: u64 = 128;
+
+/// Raises the open-file soft limit to the hard one (as Go and nginx servers do), and warns
+/// when `limits.max_connections` still does not fit under it: the usual soft limit of 1024
+/// was below the default of 1024 connections plus the server's own files, so a burst of
+/// idle connections took the descriptors a keyring reload or a database file needed.
+fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit is not one the kernel takes for open files.
+    let ceiling = limit.maximum.unwrap_or(1 << 20);
+    if limit.current.is_some_and(|soft| soft < ceiling) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(ceiling),
+                maximum: limit.maximum,
+            },
+        );
+    }
+    let Some(files) = getrlimit(Resource::Nofile).current else {
+        return;
     };
+    let wanted = max_connections as u64 + FILES_BESIDES_CONNECTIONS;
+    if files < wanted {
+        tracing::warn!(
+            open_files = files,
+            max_connections,
+            "limits.max_connections plus the server's own files ({wanted}) exceed the open-file \
+             limit: when connections take them all, new ones wait and a keyring reload or a \
+             database file can fail; raise the limit (`ulimit -n`, systemd LimitNOFILE=) or \
+             lower limits.max_connections"
+        );
+    }
+}
+
+/// Runs the watcher `start` makes, and a new one after a panic: a server whose keyring
+/// watcher died went on sealing under the key it had, and after `keys rotate`, `rewrap` and
+/// `keys retire` of that key its acknowledged writes were lost at the next start. Each
+/// watcher begins with a reload. Aborting this task stops the watcher.
+async fn keep_watching<F, W>(what: &'static str, every: Duration, start: F)
+where
+    F: Fn() -> W,
+    W: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match AbortOnDrop(tokio::spawn(start())).await {
+            Err(e) if e.is_panic() => {
+                tracing::error!(
+                    watcher = what,
+                    "a key watcher stopped (a panic); starting it again"
+                );
+                tokio::time::sleep(every).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// A task aborted when its handle is dropped (here: when the task awaiting it is aborted).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+/// Reloads `keyring` at once, then whenever its file changes or goes (checked every `every`):
+/// the first reload catches a rotation made between the start's load and the watcher's
+/// start. A file that fails to load is logged once per change, and the keys loaded before
+/// stay in force for what they sealed, as for SIGHUP; nothing new is sealed until the file
+/// holds them again. A failure is tried again at every check, since some pass without the
+/// file changing (too many open files: a burst of connections at the moment of a rotation
+/// used to stop every write until SIGHUP).
+async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duration) {
+    // The stamp of the file last loaded (`None`: none yet), and of the last one whose
+    // failure was logged.
+    let mut loaded: Option<Option<FileStamp>> = None;
+    let mut reported: Option<Option<FileStamp>> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (ring, p, before) = (keyring.clone(), path.clone(), seen);
+        let (ring, p, before) = (keyring.clone(), path.clone(), loaded);
         let checked = tokio::task::spawn_blocking(move || {
             // A file gone (`None`) is a change too: the keyring stops sealing until it is back.
             let now = file_stamp(&p);
-            if now == before {
+            if before == Some(now) {
                 return (now, None);
             }
             (now, Some(ring.reload()))
@@ -1831,17 +1925,21 @@ async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duratio
         match reloaded {
             None => {}
             Some(Ok(())) => {
-                seen = stamp;
-                tracing::info!(
-                    versions = keyring.list().len(),
-                    active = ?keyring.active_kek().ok().map(|k| k.version),
-                    "keyring file changed; reloaded"
-                );
+                if loaded.is_some() || reported.is_some() {
+                    tracing::info!(
+                        versions = keyring.list().len(),
+                        active = ?keyring.active_kek().ok().map(|k| k.version),
+                        "keyring file changed; reloaded"
+                    );
+                }
+                loaded = Some(stamp);
+                reported = None;
             }
             Some(Err(e)) => {
-                // Logged once per change of the file; the keys loaded before stay in force.
-                seen = stamp;
-                tracing::error!(error = %e, "keyring file changed but does not load; keeping the keys loaded before");
+                if reported != Some(stamp) {
+                    reported = Some(stamp);
+                    tracing::error!(error = %e, "keyring file changed but does not load; keeping the keys loaded before");
+                }
             }
         }
     }
@@ -2037,5 +2135,50 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A key watcher that panics is started again, and aborting the task that keeps it
+    /// stops the watcher too (shutdown).
+    #[tokio::test]
+    async fn a_key_watcher_that_panics_is_started_again() {
+        let starts = Arc::new(AtomicU32::new(0));
+        let ticks = Arc::new(AtomicU32::new(0));
+        let (s, t) = (starts.clone(), ticks.clone());
+        let keeper = tokio::spawn(keep_watching(
+            "test",
+            Duration::from_millis(10),
+            move || {
+                let first = s.fetch_add(1, Ordering::SeqCst) == 0;
+                let t = t.clone();
+                async move {
+                    assert!(!first, "the first watcher dies");
+                    loop {
+                        t.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            },
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ticks.load(Ordering::SeqCst) < 3 {
+            assert!(std::time::Instant::now() < deadline, "no second watcher");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
+        keeper.abort();
+        assert!(keeper.await.unwrap_err().is_cancelled());
+        let stopped_at = ticks.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            ticks.load(Ordering::SeqCst),
+            stopped_at,
+            "the watcher outlived its keeper"
+        );
     }
 }

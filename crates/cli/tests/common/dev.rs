@@ -37,6 +37,21 @@ pub fn start_dev_env(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> DevS
     )
 }
 
+/// A dev server started with the open-file limits `soft` and `hard`.
+pub fn start_dev_with_open_files(data: &Path, soft: u32, hard: u32) -> DevServer {
+    let stderr = data.with_extension("stderr.log");
+    let mut command = Command::new("prlimit");
+    command.arg(format!("--nofile={soft}:{hard}")).arg(binary());
+    spawn_command(
+        command,
+        data,
+        &[],
+        &[],
+        std::fs::File::create(&stderr).unwrap(),
+        stderr,
+    )
+}
+
 /// A dev server whose stderr cannot be written (`/dev/full`: every write fails with "no
 /// space left on device"), as when its log file's disk is full.
 pub fn start_dev_unwritable_stderr(data: &Path) -> DevServer {
@@ -54,7 +69,26 @@ fn spawn_dev(
     stderr_file: std::fs::File,
     stderr: std::path::PathBuf,
 ) -> DevServer {
-    let mut child = Command::new(binary())
+    spawn_command(
+        Command::new(binary()),
+        data,
+        extra,
+        envs,
+        stderr_file,
+        stderr,
+    )
+}
+
+/// Runs `command` (the binary, or a wrapper that execs it) as `serve --dev`.
+fn spawn_command(
+    mut command: Command,
+    data: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    stderr_file: std::fs::File,
+    stderr: std::path::PathBuf,
+) -> DevServer {
+    let mut child = command
         .envs(envs.iter().copied())
         .args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
