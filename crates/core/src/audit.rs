@@ -258,7 +258,9 @@ pub type RecordSink = Box<dyn Write + Send>;
 pub struct Auditor {
     route: Route,
     key: Arc<HeadKey>,
-    sink: Option<Arc<Mutex<RecordSink>>>,
+    sink: Option<Arc<Mutex<SinkWriter>>>,
+    /// Records the sink could not take, since the start.
+    sink_dropped: Arc<std::sync::atomic::AtomicU64>,
     /// False since an append found the log changed outside Strongroom, until one succeeds.
     intact: Arc<std::sync::atomic::AtomicBool>,
     /// When the last append failed for want of the store (a full disk, an outage), in
@@ -295,7 +297,15 @@ impl Auditor {
     /// written to `sink` (if any) as a JSON line, after the commit.
     pub fn start(log: Arc<dyn AuditLog>, key: HeadKey, sink: Option<RecordSink>) -> Self {
         let key = Arc::new(key);
-        let sink = sink.map(|s| Arc::new(Mutex::new(s)));
+        let sink_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sink = sink.map(|out| {
+            Arc::new(Mutex::new(SinkWriter {
+                out,
+                mid_line: false,
+                missing: None,
+                dropped: sink_dropped.clone(),
+            }))
+        });
         let route = if log.groups_appends() {
             Route::Direct(log)
         } else {
@@ -307,6 +317,7 @@ impl Auditor {
             route,
             key,
             sink,
+            sink_dropped,
             intact: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             failed_at: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             started: std::time::Instant::now(),
@@ -368,6 +379,12 @@ impl Auditor {
             Err(StoreError::Unavailable(_)) => self.set_failed(true),
             Err(_) => {}
         }
+    }
+
+    /// How many committed records the sink (`[audit] jsonl`) could not take since the start
+    /// (a full disk): they are in the log, not in the copy.
+    pub fn sink_dropped(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.sink_dropped.clone()
     }
 
     /// The key that MACs the chain head, for a write that commits its own record in its
@@ -448,7 +465,7 @@ async fn run(
     log: Arc<dyn AuditLog>,
     key: Arc<HeadKey>,
     mut rx: mpsc::Receiver<Pending>,
-    sink: Option<Arc<Mutex<RecordSink>>>,
+    sink: Option<Arc<Mutex<SinkWriter>>>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     let mut flights: VecDeque<InFlight> = VecDeque::with_capacity(PIPELINE);
@@ -480,7 +497,7 @@ async fn run(
 }
 
 /// Acknowledges the callers of a finished append and copies its records to the sink.
-fn finish(done: InFlight, sink: Option<&Mutex<RecordSink>>) {
+fn finish(done: InFlight, sink: Option<&Mutex<SinkWriter>>) {
     match done.outcome {
         Some(Ok(records)) => {
             for (ack, r) in done.acks.into_iter().zip(&records) {
@@ -503,14 +520,89 @@ fn finish(done: InFlight, sink: Option<&Mutex<RecordSink>>) {
 }
 
 /// Writes `records` to the sink as JSON lines, in one locked run.
-fn write_lines(sink: &Mutex<RecordSink>, records: &[Record]) {
+fn write_lines(sink: &Mutex<SinkWriter>, records: &[Record]) {
     let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
     for r in records {
-        if let Ok(line) = serde_json::to_string(r) {
-            let _ = writeln!(w, "{line}");
+        if let Ok(mut line) = serde_json::to_vec(r) {
+            line.push(b'\n');
+            w.write_line(r.seq, &line);
         }
     }
-    let _ = w.flush();
+    let _ = w.out.flush();
+}
+
+/// The sink, and what became of the lines it could not take: a full disk used to drop them
+/// without a word and glue the lines on either side of the gap into one, so the copy was
+/// no longer JSON lines.
+struct SinkWriter {
+    out: RecordSink,
+    /// The sink took part of a line and then failed: the next line starts with a newline,
+    /// so that only the cut line is broken.
+    mid_line: bool,
+    /// Records not written since the last one that was: (how many, the first's seq).
+    missing: Option<(u64, u64)>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SinkWriter {
+    fn write_line(&mut self, seq: u64, line: &[u8]) {
+        let mut written = 0;
+        let mut result = Ok(());
+        if self.mid_line {
+            result = write_counting(&mut self.out, b"\n", &mut 0);
+            self.mid_line = result.is_err();
+        }
+        if result.is_ok() {
+            result = write_counting(&mut self.out, line, &mut written);
+        }
+        match result {
+            Ok(()) => {
+                if let Some((records, from_seq)) = self.missing.take() {
+                    tracing::warn!(
+                        records,
+                        from_seq,
+                        "the [audit] jsonl copy takes records again; those it could not take \
+                         are in the audit log (strongroom audit export)"
+                    );
+                }
+            }
+            Err(e) => {
+                self.mid_line |= written > 0;
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match &mut self.missing {
+                    Some((records, _)) => *records += 1,
+                    None => {
+                        self.missing = Some((1, seq));
+                        tracing::error!(
+                            seq,
+                            error = %e,
+                            "the [audit] jsonl copy could not take a record; it is in the audit \
+                             log (strongroom audit export), and the copy misses records from \
+                             here until one is written \
+                             (strongroom_audit_jsonl_records_dropped_total)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `write_all`, counting the bytes the writer took before an error.
+fn write_counting(out: &mut dyn Write, mut buf: &[u8], written: &mut usize) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match out.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                *written += n;
+                buf = &buf[n..];
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Re-wraps the stored head key under the provider's active KEK (for `rewrap` after a
@@ -795,6 +887,79 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A sink that takes `room` more bytes, then fails as a full disk does (`None`: any).
+    #[derive(Clone, Default)]
+    struct FillingSink {
+        taken: Arc<Mutex<Vec<u8>>>,
+        room: Arc<Mutex<Option<usize>>>,
+    }
+
+    impl Write for FillingSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut room = self.room.lock().unwrap();
+            let n = room.map_or(buf.len(), |r| r.min(buf.len()));
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            if let Some(r) = room.as_mut() {
+                *r -= n;
+            }
+            self.taken.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Records the sink cannot take (a full disk) are counted, and the one it took part of
+    /// does not swallow the next: every line but the cut one is a whole record, and the
+    /// records after the gap are all there. They used to go without a word, and the lines
+    /// on either side of the gap ran together into one.
+    #[tokio::test]
+    async fn a_sink_that_fills_up_keeps_whole_lines_and_counts_what_it_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+        let keys = FakeProvider::new("audit-tests", 1);
+        let key = load_or_create_head_key(&*store, &keys, &OsRandom)
+            .await
+            .unwrap();
+        let sink = FillingSink::default();
+        let auditor = Auditor::start(
+            Arc::new((*store).clone()),
+            key,
+            Some(Box::new(sink.clone())),
+        );
+        let dropped = auditor.sink_dropped();
+        for i in 1..=2 {
+            auditor.record(reveal_event(i)).await.unwrap();
+        }
+        // Room for part of the third line only.
+        *sink.room.lock().unwrap() = Some(20);
+        for i in 3..=5 {
+            auditor.record(reveal_event(i)).await.unwrap();
+        }
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 3);
+        *sink.room.lock().unwrap() = None;
+        for i in 6..=7 {
+            auditor.record(reveal_event(i)).await.unwrap();
+        }
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 3);
+        let text = String::from_utf8(sink.taken.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(serde_json::from_str::<serde_json::Value>(lines[2]).is_err());
+        let seqs: Vec<u64> = [0, 1, 3, 4]
+            .iter()
+            .map(|&i| {
+                serde_json::from_str::<serde_json::Value>(lines[i]).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 6, 7]);
     }
 
     /// Through the batching task (a log that does not group-commit by itself) with several

@@ -709,41 +709,40 @@ pub async fn audit_operator_action_with(
 #[derive(Clone)]
 struct AuditFile {
     path: PathBuf,
-    file: Arc<Mutex<std::io::LineWriter<std::fs::File>>>,
+    file: Arc<Mutex<std::fs::File>>,
 }
 
 impl AuditFile {
     fn open(path: &Path) -> Result<Self, ServerError> {
         Ok(Self {
             path: path.to_owned(),
-            file: Arc::new(Mutex::new(std::io::LineWriter::new(trusted::open_append(
-                path,
-                "audit jsonl file",
-            )?))),
+            file: Arc::new(Mutex::new(trusted::open_append(path, "audit jsonl file")?)),
         })
     }
 
-    /// Continues in a file opened anew under the configured name (after the lines written
-    /// so far are flushed to the old one).
+    /// Continues in a file opened anew under the configured name.
     fn reopen(&self) -> Result<(), ServerError> {
         let fresh = trusted::open_append(&self.path, "audit jsonl file")?;
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = std::io::Write::flush(&mut *file);
-        *file = std::io::LineWriter::new(fresh);
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
     }
 }
 
 impl std::io::Write for AuditFile {
+    /// Writes all of `buf` (one line) or none of it: a line the disk took only part of is
+    /// cut off again, so the file holds whole lines only.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.file
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(buf)
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let before = file.metadata()?.len();
+        if let Err(e) = file.write_all(buf) {
+            let _ = file.set_len(before);
+            return Err(e);
+        }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.file.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        Ok(())
     }
 }
 
@@ -781,7 +780,15 @@ async fn start_auditor(
         .await
         .map_err(err)?;
     let (sink, file) = open_audit_sink(config)?;
-    state.set_auditor(strongroom_core::audit::Auditor::start(log, key, sink));
+    let auditor = strongroom_core::audit::Auditor::start(log, key, sink);
+    let dropped = auditor.sink_dropped();
+    state.metrics().register_counter_fn(
+        "audit_jsonl_records_dropped",
+        "Committed audit records the [audit] jsonl copy could not take (a full disk): they are \
+         in the audit log, not in the copy",
+        move || dropped.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    state.set_auditor(auditor);
     Ok(file)
 }
 
