@@ -411,8 +411,12 @@ pub(crate) async fn track(State(state): State<AppState>, mut req: Request, next:
     }
     if let Err(e) = auditor.record(event).await {
         // The request already happened (a write is committed): answer as it went, and
-        // raise the operator alarm. Only reveal is fail-closed (see `AuditSlot::record_now`).
-        tracing::error!(error = %e, "audit record not written");
+        // raise the operator alarm, once per 10 s at most (a full disk fails every request;
+        // one line each filled the log's disk too). Only reveal is fail-closed (see
+        // `AuditSlot::record_now`).
+        if let Some(similar) = crate::error::admit_error_line("audit record not written") {
+            tracing::error!(error = %e, similar_not_logged = similar, "audit record not written");
+        }
     }
     response
 }

@@ -158,7 +158,7 @@ impl From<CoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Some(cause) = &self.internal {
-            if let Some(similar) = ERROR_LINES.admit(self.code, std::time::Instant::now()) {
+            if let Some(similar) = admit_error_line(self.code) {
                 tracing::error!(status = self.status.as_u16(), code = self.code, cause = %cause,
                     similar_not_logged = similar, "request failed");
             }
@@ -196,6 +196,13 @@ impl IntoResponse for ApiError {
 const ERROR_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 static ERROR_LINES: ErrorLines = ErrorLines(std::sync::Mutex::new(Vec::new()));
+
+/// Whether a line about `kind` (one of a few fixed kinds of failure, such as an error code)
+/// may be logged now, at most one per [`ERROR_LINE_EVERY`]: `Some(n)` with `n` lines of its
+/// kind not logged since the last one.
+pub(crate) fn admit_error_line(kind: &'static str) -> Option<u64> {
+    ERROR_LINES.admit(kind, std::time::Instant::now())
+}
 
 /// Per error code: when its last line was logged, and how many were not logged since.
 struct ErrorLines(std::sync::Mutex<Vec<(&'static str, std::time::Instant, u64)>>);
