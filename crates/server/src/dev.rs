@@ -174,7 +174,7 @@ pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
         tls_dir.join("cert.pem"),
         tls_dir.join("key.pem"),
     );
-    if !(ca_cert.exists() && key.exists() && cert_valid_for_a_day(&cert)) {
+    if !(ca_cert.exists() && key.exists() && dev_certificate_usable(&ca_cert, &cert, &key)) {
         let (ca_pem, cert_pem, key_pem) = generate_certificates(&data_dir)?;
         write_private(&key, key_pem.as_bytes())?;
         write_private(&cert, cert_pem.as_bytes())?;
@@ -467,6 +467,52 @@ fn random_hex(bytes: usize) -> Result<Zeroizing<String>, ServerError> {
 }
 
 /// Whether `path` holds a certificate that is valid for at least another day.
+/// Whether the dev certificate may be served again: valid for a day yet, its key fits it,
+/// and `ca.pem` signs it for localhost. The three files are written one after the other: a
+/// rewrite cut short (a full disk) left a certificate the printed `--cacert` did not sign,
+/// which every later start served.
+fn dev_certificate_usable(ca: &Path, cert: &Path, key: &Path) -> bool {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::{ServerName, UnixTime};
+    if !cert_valid_for_a_day(cert) {
+        return false;
+    }
+    let (Ok(chain), Ok(ca_certs), Ok(private)) = (
+        crate::tls::load_certs("TLS certificate", cert),
+        crate::tls::load_certs("dev CA certificate", ca),
+        crate::tls::load_key(key),
+    ) else {
+        return false;
+    };
+    let provider = crate::tls::provider();
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return false;
+    };
+    let leaf = leaf.clone();
+    let fits = rustls::sign::CertifiedKey::from_der(chain.clone(), private, &provider).is_ok();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(ca_certs);
+    if !fits || added == 0 {
+        return false;
+    }
+    let (Ok(verifier), Ok(name)) = (
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider,
+        )
+        .build(),
+        ServerName::try_from(DEV_HOST_NAME),
+    ) else {
+        return false;
+    };
+    verifier
+        .verify_server_cert(&leaf, intermediates, &name, &[], UnixTime::now())
+        .is_ok()
+}
+
+/// The name the dev certificate is for (besides `127.0.0.1` and `::1`).
+const DEV_HOST_NAME: &str = "localhost";
+
 fn cert_valid_for_a_day(path: &Path) -> bool {
     let Ok(certs) = crate::tls::load_certs("TLS certificate", path) else {
         return false;
@@ -509,13 +555,13 @@ fn generate_certificates(
     let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
 
     let mut leaf = CertificateParams::new(vec![
-        "localhost".to_owned(),
+        DEV_HOST_NAME.to_owned(),
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
     ])
     .map_err(err)?;
     leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
+        .push(DnType::CommonName, DEV_HOST_NAME);
     leaf.is_ca = IsCa::ExplicitNoCa;
     leaf.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,

@@ -115,6 +115,57 @@ fn bootstraps_racing_on_a_new_folder_agree_on_one_layout() {
     }
 }
 
+/// A certificate `ca.pem` does not sign, or a key of another pair (a rewrite of the three
+/// files cut short, as by a full disk), is made again at the next start: the certificate
+/// served was the new one and `ca.pem` the old, so every `curl --cacert` failed.
+#[test]
+fn a_certificate_set_left_half_rewritten_is_made_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let other = tmp.path().join("other");
+    dev::bootstrap(&options(&dir)).unwrap();
+    dev::bootstrap(&options(&other)).unwrap();
+    let tls = |d: &Path, f: &str| d.join("tls").join(f);
+    let signs = |d: &Path| {
+        use rustls::client::danger::ServerCertVerifier as _;
+        let leaf = strongroom_server::tls::load_certs("cert", &tls(d, "cert.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in strongroom_server::tls::load_certs("ca", &tls(d, "ca.pem")).unwrap() {
+            roots.add(c).unwrap();
+        }
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            strongroom_server::tls::provider(),
+        )
+        .build()
+        .unwrap()
+        .verify_server_cert(
+            &leaf[0],
+            &[],
+            &rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .is_ok()
+    };
+    assert!(signs(&dir));
+    for (file, what) in [("cert.pem", "the certificate"), ("key.pem", "the key")] {
+        // One file of a new set written, the rest of the set not.
+        std::fs::copy(tls(&other, file), tls(&dir, file)).unwrap();
+        let again = dev::bootstrap(&options(&dir)).unwrap();
+        assert!(!again.created.is_empty(), "{what} of another set was kept");
+        assert!(signs(&dir), "{what}: ca.pem does not sign the certificate");
+        let config = again.config("127.0.0.1:0".parse().unwrap()).unwrap();
+        strongroom_server::tls::load_certified_key(
+            config.tls.as_ref().unwrap(),
+            &strongroom_server::tls::provider(),
+        )
+        .expect("the certificate fits its key");
+    }
+    // An intact set is kept.
+    assert!(dev::bootstrap(&options(&dir)).unwrap().created.is_empty());
+}
+
 /// A keyring gone from beside a store is not silently replaced by a new one (which could
 /// open nothing in it, and would sit where the real one must be restored).
 #[test]
