@@ -228,7 +228,8 @@ fn rotate_fails_before_touching_the_keyring_when_the_store_cannot_open() {
     );
 }
 
-fn rotations_recorded(dir: &std::path::Path) -> usize {
+/// The `keys.rotate` records: (outcome, version).
+fn rotations_recorded(dir: &std::path::Path) -> Vec<(String, serde_json::Value)> {
     let out = stdout_of(
         strongroom()
             .current_dir(dir)
@@ -238,8 +239,15 @@ fn rotations_recorded(dir: &std::path::Path) -> usize {
     String::from_utf8(out)
         .unwrap()
         .lines()
-        .filter(|l| l.contains("\"keys.rotate\""))
-        .count()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["action"] == "keys.rotate")
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["version"].clone(),
+            )
+        })
+        .collect()
 }
 
 /// With no flag at all, `keys rotate` works on the default data dir, the store included:
@@ -260,11 +268,18 @@ fn rotate_without_flags_is_audited_in_the_default_data_dir() {
     };
     assert!(bare(&["keys", "generate"]).status.success());
     assert!(bare(&["rewrap"]).status.success(), "makes the store");
-    assert_eq!(rotations_recorded(dir.path()), 0);
+    assert_eq!(rotations_recorded(dir.path()), []);
 
     let out = bare(&["keys", "rotate"]);
     assert!(out.status.success());
-    assert_eq!(rotations_recorded(dir.path()), 1);
+    // As it starts, and as it ends with the version it made (as through the API).
+    assert_eq!(
+        rotations_recorded(dir.path()),
+        [
+            ("started".to_owned(), serde_json::Value::Null),
+            ("ok".to_owned(), serde_json::json!(2))
+        ]
+    );
     // Named by user id, even where the environment has no user name (cron, containers).
     let export = stdout_of(
         strongroom()
@@ -311,7 +326,11 @@ fn rotate_without_flags_is_audited_in_the_default_data_dir() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--keyring alone names no store"), "{err}");
-    assert_eq!(rotations_recorded(dir.path()), 1);
+    assert_eq!(
+        rotations_recorded(dir.path()).len(),
+        2,
+        "no record for a keyring alone"
+    );
 }
 
 /// `keys list | head -1`: a reader that has gone away ends it quietly with 141, as it would

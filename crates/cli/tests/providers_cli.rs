@@ -83,7 +83,7 @@ fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
     rt.block_on(async {
         let b = Backends::open(&operator_config(None, &data)).await.unwrap();
         // The audit log begins before any version, as under a server.
-        strongroom_server::audit_operator_action(&b, "test-setup", "ok", None)
+        strongroom_server::audit_operator_action(&b, "test-setup", "ok", None, None)
             .await
             .unwrap();
         let vault = b.vault();

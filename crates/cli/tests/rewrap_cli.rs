@@ -80,7 +80,7 @@ fn put_directly(data: &std::path::Path, seal: bool, puts: &[(String, String)]) {
     rt().block_on(async {
         let backends = Backends::open(&operator_config(None, data)).await.unwrap();
         if seal {
-            strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None)
+            strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None, None)
                 .await
                 .unwrap();
         }

@@ -505,6 +505,7 @@ impl Reloader {
                 "reload",
                 if failed.is_empty() { "ok" } else { "error" },
                 (!failed.is_empty()).then_some("reload_failed"),
+                None,
             );
             let auditor = auditor.clone();
             runtime.spawn(async move {
@@ -632,6 +633,7 @@ fn operator_event(
     action: &str,
     outcome: &str,
     error_code: Option<&str>,
+    version: Option<u32>,
 ) -> strongroom_store::audit::Event {
     strongroom_store::audit::Event {
         time: time::OffsetDateTime::now_utc(),
@@ -640,7 +642,7 @@ fn operator_event(
         action: action.into(),
         owner: None,
         name: None,
-        version: None,
+        version,
         outcome: outcome.into(),
         status: 0,
         request_id: None,
@@ -653,7 +655,8 @@ fn operator_event(
 
 /// Appends one audit record for an operator action run outside a server (`keys rotate`,
 /// `rewrap`, `keys retire`, `import`, ...): principal `operator` (the OS user), `action` as
-/// given (e.g. `"keys.rotate"`), `outcome` `ok` or `error` with a stable `error_code`. The
+/// given (e.g. `"keys.rotate"`), `outcome` `started`, `ok` or `error` with a stable
+/// `error_code`, and the key version it made or retired, if any. The
 /// record is durable when this returns. Creates the audit head key on first use.
 ///
 /// # Errors
@@ -664,6 +667,7 @@ pub async fn audit_operator_action(
     action: &str,
     outcome: &str,
     error_code: Option<&str>,
+    version: Option<u32>,
 ) -> Result<(), ServerError> {
     audit_operator_action_with(
         backends,
@@ -671,6 +675,7 @@ pub async fn audit_operator_action(
         action,
         outcome,
         error_code,
+        version,
     )
     .await
 }
@@ -687,6 +692,7 @@ pub async fn audit_operator_action_with(
     action: &str,
     outcome: &str,
     error_code: Option<&str>,
+    version: Option<u32>,
 ) -> Result<(), ServerError> {
     let err = |e: strongroom_core::CoreError| ServerError::Runtime(format!("audit: {e}"));
     let log = strongroom_core::audit::audit_log(backends.store.as_ref()).map_err(err)?;
@@ -696,7 +702,7 @@ pub async fn audit_operator_action_with(
             .map_err(err)?;
     log.audit_append(
         Arc::new(key),
-        vec![operator_event(action, outcome, error_code)],
+        vec![operator_event(action, outcome, error_code, version)],
     )
     .await
     .map_err(|e| ServerError::Runtime(format!("audit: {e}")))?;

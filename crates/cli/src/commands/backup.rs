@@ -50,7 +50,7 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
             Ok(_) => ("ok", None),
             Err(_) => ("error", Some("failed")),
         };
-        super::rewrap::audit_action(&backends, "backup", outcome, code).await;
+        super::rewrap::audit_action(&backends, "backup", outcome, code, None).await;
         backends.close().await;
         let report = copied.map_err(|e| CliError::Operation(format!("backup: {e}")))?;
         outln!(

@@ -264,7 +264,7 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
             Ok(_) => ("error", Some("rows_failed")),
             Err(_) => ("error", Some("import_failed")),
         };
-        super::rewrap::audit_action(&b, "import.django-fernet-fields", outcome, code).await;
+        super::rewrap::audit_action(&b, "import.django-fernet-fields", outcome, code, None).await;
         b.close().await;
     }
     let report = result.map_err(Failure::Import)?;

@@ -247,8 +247,9 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                         backends.close().await;
                         return Err(e);
                     }
+                    audit_rotation_start(&backends).await;
                     let rotated = local::rotate(&path, now, &OsRandom).map_err(Failure::from);
-                    audit_rotation(backends, &rotated).await;
+                    audit_rotation(backends, &rotated, |k| k.version).await;
                     rotated
                 })?
             } else {
@@ -535,6 +536,7 @@ async fn remote_rotate(config: Config) -> Result<(), Failure> {
     // The store first: the rotation is audited there, and a configuration that names no
     // existing store is refused before the provider changes anything.
     let backends = strongroom_server::Backends::open_existing(&config).await?;
+    audit_rotation_start(&backends).await;
     let rotated: Result<_, Failure> = async {
         let kek = match config.keys.provider {
             K::Pkcs11 => {
@@ -566,7 +568,7 @@ async fn remote_rotate(config: Config) -> Result<(), Failure> {
         Ok(kek.map_err(ServerError::from)?)
     }
     .await;
-    audit_rotation(backends, &rotated).await;
+    audit_rotation(backends, &rotated, |k| k.version).await;
     outln!(
         "{} is now active; run `strongroom rewrap` to move stored data keys to it",
         rotated?
@@ -574,13 +576,24 @@ async fn remote_rotate(config: Config) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Records a `keys rotate` and how it ended in the audit log, then closes the store.
-async fn audit_rotation<T>(backends: strongroom_server::Backends, result: &Result<T, Failure>) {
-    let (outcome, code) = match result {
-        Ok(_) => ("ok", None),
-        Err(_) => ("error", Some("failed")),
+/// Records that a `keys rotate` starts (outcome `started`), before anything changes, as a
+/// rotation through the API is. A log that does not take it is a warning, not a refusal, as
+/// for `rewrap`: moving off a compromised key must not wait for the log to be repaired.
+async fn audit_rotation_start(backends: &strongroom_server::Backends) {
+    super::rewrap::audit_action(backends, "keys.rotate", "started", None, None).await;
+}
+
+/// Records how a `keys rotate` ended (with the version it made), then closes the store.
+async fn audit_rotation<T>(
+    backends: strongroom_server::Backends,
+    result: &Result<T, Failure>,
+    version: impl Fn(&T) -> u32,
+) {
+    let (outcome, code, made) = match result {
+        Ok(done) => ("ok", None, Some(version(done))),
+        Err(_) => ("error", Some("failed"), None),
     };
-    super::rewrap::audit_action(&backends, "keys.rotate", outcome, code).await;
+    super::rewrap::audit_action(&backends, "keys.rotate", outcome, code, made).await;
     backends.close().await;
 }
 
@@ -602,6 +615,7 @@ async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
         remote_rotate(config.clone()).await?;
     }
     let backends = strongroom_server::Backends::open_existing(&config).await?;
+    audit_rotation_start(&backends).await;
     let result = async {
         let ring = ring_of(&backends)?;
         let version = hierarchy::rotate(
@@ -618,7 +632,7 @@ async fn ring_rotate(config: Config, root: bool) -> Result<(), Failure> {
         ))
     }
     .await;
-    audit_rotation(backends, &result).await;
+    audit_rotation(backends, &result, |(version, _)| *version).await;
     let (version, root_kek) = result?;
     outln!(
         "{}:{}:v{version} is now active (wrapped by {root_kek}); running servers use it within \
@@ -780,7 +794,7 @@ async fn retire_audited(
         Ok(()) => ("ok", None),
         Err(_) => ("error", Some("refused")),
     };
-    super::rewrap::audit_action(&backends, "keys.retire", outcome, code).await;
+    super::rewrap::audit_action(&backends, "keys.retire", outcome, code, Some(kek.version)).await;
     backends.close().await;
     result
 }

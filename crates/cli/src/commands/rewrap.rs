@@ -136,6 +136,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
                 "rewrap",
                 outcome,
                 code,
+                None,
             )
             .await;
             let result = match first {
@@ -146,6 +147,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
                         "rewrap",
                         outcome,
                         code,
+                        None,
                     )
                     .await
                 }
@@ -261,8 +263,10 @@ pub(crate) async fn audit_action(
     action: &str,
     outcome: &str,
     code: Option<&str>,
+    version: Option<u32>,
 ) {
-    if let Err(e) = strongroom_server::audit_operator_action(backends, action, outcome, code).await
+    if let Err(e) =
+        strongroom_server::audit_operator_action(backends, action, outcome, code, version).await
     {
         eprintln!("strongroom: warning: {action} not recorded in the audit log: {e}");
     }
