@@ -83,7 +83,8 @@ impl ApiError {
         e
     }
 
-    /// A server-side fault: the client sees only the status and a generic message.
+    /// A server-side fault: the client sees only the status and a generic message; a 503
+    /// says when to retry (`Retry-After: 1`), as its message does.
     pub fn internal(status: StatusCode, code: &'static str, cause: impl Into<String>) -> Self {
         Self {
             status,
@@ -95,7 +96,7 @@ impl ApiError {
                 _ => "internal error".into(),
             },
             internal: Some(cause.into()),
-            retry_after: None,
+            retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
         }
     }
 

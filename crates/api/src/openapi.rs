@@ -120,7 +120,8 @@ impl Modify for CommonResponses {
                 add(
                     "503",
                     "unavailable, key_unavailable, audit_unavailable or timeout: a backing service \
-                     (store, key provider, audit log) did not answer or refused; retry later",
+                     (store, key provider, audit log) did not answer or refused; retry after \
+                     Retry-After (seconds)",
                 );
             }
         }

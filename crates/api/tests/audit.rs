@@ -391,6 +391,7 @@ async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
     let r = reveal().await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "audit_unavailable");
+    assert_eq!(r.headers["retry-after"], "1");
     assert!(!r.body.contains(CANARY));
     let alice = user_token("alice");
     let key = "/v1/me/credentials/zoom.api-key";
