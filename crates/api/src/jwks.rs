@@ -519,6 +519,16 @@ mod tests {
         );
     }
 
+    /// Polls `done` until it holds, for at most 30 s (the background task runs on the same
+    /// runtime, whenever a slow machine lets it).
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
     async fn the_background_refresh_picks_up_new_keys_and_stale_keys_expire() {
         let calls = Arc::new(AtomicU64::new(0));
@@ -533,10 +543,12 @@ mod tests {
             calls: calls.clone(),
             doc: doc.clone(),
         };
+        // max_stale is 60 refresh periods: the check that the keys outlive a few failed
+        // refreshes has seconds to spare however slow the machine.
         let options = JwksOptions {
             refresh: Duration::from_millis(50),
             unknown_kid_cooldown: Duration::from_secs(3600),
-            max_stale: Duration::from_millis(400),
+            max_stale: Duration::from_secs(3),
         };
         let jwks = RemoteJwks::connect(
             Box::new(fetcher),
@@ -546,19 +558,21 @@ mod tests {
         .await
         .unwrap();
         *doc.lock().unwrap() = Ok(two);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            calls.load(Ordering::SeqCst) >= 3,
-            "refreshed in the background"
-        );
+        until("refreshed in the background", || {
+            calls.load(Ordering::SeqCst) >= 3
+        })
+        .await;
         assert_eq!(jwks.keys().map(|k| k.len()), Some(2));
 
         // Failures keep the keys until they are older than max_stale; then none is trusted.
         *doc.lock().unwrap() = Err("down".into());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = calls.load(Ordering::SeqCst);
+        until("refreshes failed", || {
+            calls.load(Ordering::SeqCst) >= before + 2
+        })
+        .await;
         assert_eq!(jwks.keys().map(|k| k.len()), Some(2));
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(jwks.keys().is_none(), "stale keys are not trusted");
+        until("stale keys are not trusted", || jwks.keys().is_none()).await;
 
         // Dropping the last reference stops the refresh task.
         drop(jwks);

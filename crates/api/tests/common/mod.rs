@@ -296,6 +296,31 @@ impl TestApi {
     }
 }
 
+/// How long [`eventually`] waits: far more than anything it waits for takes, even on a slow,
+/// busy machine (it returns as soon as the condition holds).
+pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Calls `check` every 50 ms until it returns `Some`, and returns that; panics naming `what`
+/// after [`EVENTUALLY`]. For what a background task does (a refresh, a record written after
+/// the answer): poll for it rather than sleep a fixed time and look once.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {EVENTUALLY:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Log lines written while a [`Captured::install`] guard lives.
 #[derive(Clone, Default)]
 pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
