@@ -523,10 +523,12 @@ async fn verify_is_rate_limited_per_owner() {
 /// allowance has refilled and keeps the one still limited, whose budget is not reset.
 #[tokio::test]
 async fn pruning_the_verify_limiter_forgets_only_refilled_owners() {
-    // 60 a minute: one call's allowance refills in a second, so each step below has a
-    // second to spare on a slow machine (at 600 a minute, 100 ms was not always enough).
+    // 20 a minute: one call's allowance refills in 3 s, and an owner is forgotten once
+    // their state is that of a fresh one, 6 s after their call. The 50 calls below (a tenth
+    // of a second here) have those 6 s, and the busy owner's last two steps 3 s, however
+    // slow the machine (at 60 a minute, the 1 s of the last steps was once not enough).
     let api = api_with(ApiLimits {
-        verify_per_minute: 60,
+        verify_per_minute: 20,
         ..ApiLimits::default()
     })
     .await;
@@ -541,17 +543,18 @@ async fn pruning_the_verify_limiter_forgets_only_refilled_owners() {
         );
     }
     assert_eq!(api.state.prune_rate_limits(), 50, "none has refilled yet");
-    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    // Past the 6 s after which each of them is forgotten.
+    tokio::time::sleep(std::time::Duration::from_millis(6500)).await;
     // One owner spends their whole allowance just before the pass.
     let busy = user_token("busy");
     let mut limited = false;
-    for _ in 0..70 {
+    for _ in 0..40 {
         if verify(busy.clone()).await == StatusCode::TOO_MANY_REQUESTS {
             limited = true;
             break;
         }
     }
-    assert!(limited, "60 a minute was never reached");
+    assert!(limited, "20 a minute was never reached");
     assert_eq!(
         api.state.prune_rate_limits(),
         1,
