@@ -246,19 +246,16 @@ async fn owners_see_who_used_their_credential_and_nothing_of_others() {
 
     // last_used_at stays in the metadata (written in the background, within about a second
     // of a reveal).
-    let mut last_used = Value::Null;
-    for _ in 0..200 {
-        last_used = api
-            .call("GET", "/v1/me/credentials/zoom.api-key", Some(&alice), None)
+    let (api, alice) = (&api, &alice);
+    let last_used = eventually("last_used_at set", move || async move {
+        let meta = api
+            .call("GET", "/v1/me/credentials/zoom.api-key", Some(alice), None)
             .await
-            .json()["last_used_at"]
-            .clone();
-        if !last_used.is_null() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(last_used.is_string(), "last_used_at not set");
+            .json();
+        (!meta["last_used_at"].is_null()).then(|| meta["last_used_at"].clone())
+    })
+    .await;
+    assert!(last_used.is_string(), "last_used_at: {last_used}");
 }
 
 /// A usage page's cursor is sealed: it does not tell the user the record's number in the
@@ -641,14 +638,12 @@ async fn a_request_past_its_timeout_is_answered_and_logged_with_its_route() {
     // The records say what was answered (the timeout drops the request: not a 499 that
     // blamed the client for the store's delay).
     // Recorded from a task of its own as the request is dropped: wait for it.
-    let mut items = Vec::new();
-    for _ in 0..40 {
-        items = audit_items(&api, "?name=zoom.slow").await;
-        if !items.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let api = &api;
+    let items = eventually("the record of the stalled put", move || async move {
+        let items = audit_items(api, "?name=zoom.slow").await;
+        (!items.is_empty()).then_some(items)
+    })
+    .await;
     assert_eq!(
         (&items[0]["status"], &items[0]["error_code"]),
         (&json!(408), &json!("request_timeout")),
@@ -656,7 +651,7 @@ async fn a_request_past_its_timeout_is_answered_and_logged_with_its_route() {
     );
     // The put cut short by the locked store was queued with its record, and committed once
     // the lock went: its record says what the store did, never that the client gave up.
-    let items = audit_items(&api, "?name=zoom.api-key").await;
+    let items = audit_items(api, "?name=zoom.api-key").await;
     assert!(!items.iter().any(|r| r["status"] == 499), "{items:?}");
 }
 

@@ -184,8 +184,10 @@ async fn handle(
             .header("location", "https://elsewhere.example/landing")
             .body(Full::new(Bytes::from_static(b"moved"))),
         "/big" => response(200).body(Full::new(Bytes::from(vec![b'x'; 2 * 1024 * 1024]))),
+        // Far past every timeout the tests set (a few seconds), so an answer that came
+        // in time never depends on how fast the machine is.
         "/slow" => {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
             response(200).body(Full::new(Bytes::from_static(b"late")))
         }
         "/gzip" => response(200)
