@@ -248,17 +248,13 @@ async fn two_nodes_write_one_audit_chain() {
     // SIGHUP's reload is an operator action with a record of its own.
     a.reloader.reload().unwrap();
     let log = a.state.vault().store().audit_log().unwrap();
-    let mut reload = None;
-    for _ in 0..100 {
+    let log_ref = &log;
+    let reload = common::eventually("the reload was audited", move || async move {
         let mut f = strongroom_store::AuditFilter::default();
         f.actions = vec!["reload".into()];
-        reload = log.audit_query(&f, None, 10).await.unwrap().pop();
-        if reload.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let reload = reload.expect("the reload was audited");
+        log_ref.audit_query(&f, None, 10).await.unwrap().pop()
+    })
+    .await;
     assert_eq!(reload.event.principal_kind, "operator");
     assert_eq!(reload.event.outcome, "ok");
     drop(log);

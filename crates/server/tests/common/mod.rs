@@ -322,26 +322,50 @@ impl LogCapture {
     }
 }
 
+/// How long [`eventually`] waits: far more than anything it waits for takes, even on a slow,
+/// busy machine (it returns as soon as the condition holds).
+pub const EVENTUALLY: Duration = Duration::from_secs(30);
+
+/// Calls `check` every 50 ms until it returns `Some`, and returns that; panics naming `what`
+/// after [`EVENTUALLY`]. For what a background task does (a watcher, a record written after
+/// the answer): poll for it rather than sleep a fixed time and look once.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {EVENTUALLY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The audit records about credentials named `name`, newest first, once there are at least
 /// `want` of them (records of requests cut short are written by a task of their own), or
-/// what there is after about 2.5 s.
+/// what there is after [`EVENTUALLY`].
 pub async fn wait_for_records(
     client: &strongroom_server::testing::TestClient,
     name: &str,
     want: usize,
 ) -> Vec<serde_json::Value> {
-    let mut records = Vec::new();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    loop {
         let page = client
             .get(&format!("/v1/audit?name={name}"), Some(ADMIN_TOKEN))
             .await
             .unwrap()
             .json();
-        records = page["items"].as_array().cloned().unwrap_or_default();
-        if records.len() >= want {
-            break;
+        let records = page["items"].as_array().cloned().unwrap_or_default();
+        if records.len() >= want || std::time::Instant::now() >= deadline {
+            return records;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    records
 }
