@@ -1021,13 +1021,11 @@ mod tests {
         assert!(key2.check(&check));
         assert_eq!(v.finish(&head, &key2).unwrap(), 2000);
         // The sink is written after the callers are answered: wait for the last lines.
-        let mut text = String::new();
-        for _ in 0..250 {
-            text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-            if text.lines().count() >= 2000 {
-                break;
-            }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        while text.lines().count() < 2000 && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         }
         let mut sunk: Vec<u64> = text
             .lines()

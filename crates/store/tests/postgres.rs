@@ -487,13 +487,11 @@ async fn a_read_only_server_is_not_writable() {
         admin.batch_execute(&sql).await.unwrap();
     }
     // The pool notices the cut connection on its next use, then reconnects.
-    let mut readable = false;
-    for _ in 0..20 {
-        if store.get_provider_state("x").await.is_ok() {
-            readable = true;
-            break;
-        }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut readable = store.get_provider_state("x").await.is_ok();
+    while !readable && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        readable = store.get_provider_state("x").await.is_ok();
     }
     assert!(readable, "reads go on");
     let e = store.check_writable().await.unwrap_err();

@@ -236,8 +236,10 @@ async fn concurrent_touches_are_batched_and_each_answered() {
 async fn the_writer_waits_for_a_held_lock_then_gives_up_after_busy_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(DB_FILE_NAME);
+    // A second: twenty times the 50 ms the lock is held below, for a slow machine to wake
+    // the thread that lets it go (300 ms was six times).
     let mut options = SqliteOptions::default();
-    options.busy_timeout = std::time::Duration::from_millis(300);
+    options.busy_timeout = std::time::Duration::from_secs(1);
     let store = SqliteStore::open(&path, options).await.unwrap();
     let nv = |v: u32| {
         NewVersion::new(
@@ -270,7 +272,7 @@ async fn the_writer_waits_for_a_held_lock_then_gives_up_after_busy_timeout() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     let waited = started.elapsed();
     assert!(
-        waited >= std::time::Duration::from_millis(250),
+        waited >= std::time::Duration::from_millis(950),
         "gave up after {waited:?}"
     );
     other.execute_batch("COMMIT").unwrap();
@@ -386,13 +388,11 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
         .map(|i| audit_event(100 + i, Some("carol"), Some("k")))
         .collect();
     store.audit_append(key.clone(), more).await.unwrap();
-    let mut left = u64::MAX;
-    for _ in 0..200 {
-        left = store.testing_audit_unindexed().await.unwrap();
-        if left == 0 {
-            break;
-        }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut left = store.testing_audit_unindexed().await.unwrap();
+    while left != 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        left = store.testing_audit_unindexed().await.unwrap();
     }
     assert_eq!(left, 0, "the background index job did not run");
 
