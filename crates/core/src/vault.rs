@@ -24,11 +24,14 @@ use crate::CoreError;
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// Largest metadata document (serialized JSON), in bytes.
 pub const MAX_METADATA_LEN: usize = 8 * 1024;
-/// How often a put re-seals after losing the version-number race to a writer on another node
-/// (writers on this node queue on a stripe lock instead). Each round one racer wins, so with
-/// four nodes writing one credential nonstop a put loses a round with odds 3/4: 64 rounds
-/// leave about one put in 10^8 to answer `Contended` (16 rounds left one in a hundred).
-const PUT_ATTEMPTS: u32 = 64;
+/// How long a put keeps re-sealing after losing the version-number race to writers on other
+/// nodes (writers on this node queue on a stripe lock instead) before it answers
+/// `Contended`. A count of 64 immediate retries was not enough under load: a writer the
+/// scheduler starved lost round after round to racers that were always quicker.
+const PUT_CONTENTION_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+/// The longest random pause before a retry after losing a race; the pause's range doubles
+/// from 50 µs with each round lost until it reaches this.
+const PUT_BACKOFF_MAX_MICROS: u64 = 6_400;
 /// Stripe locks serialising puts to one credential within this process.
 const PUT_STRIPES: usize = 256;
 /// Credentials whose latest version numbers a node remembers before it starts over.
@@ -366,7 +369,9 @@ impl Vault {
             Some(v) => v,
             None => self.store.latest_version(req.owner, req.name).await?,
         };
-        for _ in 0..PUT_ATTEMPTS {
+        let started = std::time::Instant::now();
+        let mut lost = 0u32;
+        loop {
             let version = latest
                 .checked_add(1)
                 .filter(|v| *v <= i32::MAX as u32)
@@ -416,15 +421,34 @@ impl Vault {
                     return Ok((outcome, record));
                 }
                 // Another writer took this version number (or the guess was stale): seal
-                // again for the one after the store's latest.
+                // again for the one after the store's latest, at once the first time (a
+                // stale guess), then after a random pause, so that racers stop colliding.
                 Err(StoreError::Conflict { latest: actual }) => {
                     latest = actual;
-                    continue;
+                    if started.elapsed() >= PUT_CONTENTION_BUDGET {
+                        return Err(CoreError::Contended);
+                    }
+                    if lost > 0 {
+                        tokio::time::sleep(self.backoff(lost)).await;
+                    }
+                    lost += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(CoreError::Contended)
+    }
+
+    /// A random pause before a put's retry after `lost` races lost: up to 50 µs × 2^(lost-1),
+    /// at most [`PUT_BACKOFF_MAX_MICROS`].
+    fn backoff(&self, lost: u32) -> std::time::Duration {
+        let range = (50u64 << (lost - 1).min(16)).min(PUT_BACKOFF_MAX_MICROS);
+        let mut random = [0u8; 8];
+        // Without randomness the pause is the whole range (still a back-off).
+        let micros = match self.rng.fill(&mut random) {
+            Ok(()) => u64::from_le_bytes(random) % (range + 1),
+            Err(_) => range,
+        };
+        std::time::Duration::from_micros(micros)
     }
 
     /// One page of `owner`'s credentials, metadata only.
