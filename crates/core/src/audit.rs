@@ -889,6 +889,18 @@ mod tests {
         }
     }
 
+    /// An SQLite store in a temp dir (kept while the first value lives), the provider that
+    /// wraps its head key, and the key.
+    async fn store_with_head_key() -> (tempfile::TempDir, Arc<SqliteStore>, FakeProvider, HeadKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+        let keys = FakeProvider::new("audit-tests", 1);
+        let key = load_or_create_head_key(&*store, &keys, &OsRandom)
+            .await
+            .unwrap();
+        (dir, store, keys, key)
+    }
+
     /// A sink that takes `room` more bytes, then fails as a full disk does (`None`: any).
     #[derive(Clone, Default)]
     struct FillingSink {
@@ -920,12 +932,7 @@ mod tests {
     /// on either side of the gap ran together into one.
     #[tokio::test]
     async fn a_sink_that_fills_up_keeps_whole_lines_and_counts_what_it_missed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
-        let keys = FakeProvider::new("audit-tests", 1);
-        let key = load_or_create_head_key(&*store, &keys, &OsRandom)
-            .await
-            .unwrap();
+        let (_dir, store, _keys, key) = store_with_head_key().await;
         let sink = FillingSink::default();
         let auditor = Auditor::start(
             Arc::new((*store).clone()),
@@ -973,12 +980,7 @@ mod tests {
     }
 
     async fn concurrent_appends(grouped: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
-        let keys = FakeProvider::new("audit-tests", 1);
-        let key = load_or_create_head_key(&*store, &keys, &OsRandom)
-            .await
-            .unwrap();
+        let (_dir, store, keys, key) = store_with_head_key().await;
         let check = key.head(1, [9; 32]);
         let sink = SharedSink::default();
         let log: Arc<dyn AuditLog> = if grouped {

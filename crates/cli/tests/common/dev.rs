@@ -28,7 +28,8 @@ pub fn start_dev(data: &Path, extra: &[&str]) -> DevServer {
 
 pub fn start_dev_env(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> DevServer {
     let stderr = data.with_extension("stderr.log");
-    spawn_dev(
+    spawn_command(
+        Command::new(binary()),
         data,
         extra,
         envs,
@@ -59,23 +60,13 @@ pub fn start_dev_unwritable_stderr(data: &Path) -> DevServer {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    spawn_dev(data, &[], &[], full, data.with_extension("no-stderr"))
-}
-
-fn spawn_dev(
-    data: &Path,
-    extra: &[&str],
-    envs: &[(&str, &str)],
-    stderr_file: std::fs::File,
-    stderr: std::path::PathBuf,
-) -> DevServer {
     spawn_command(
         Command::new(binary()),
         data,
-        extra,
-        envs,
-        stderr_file,
-        stderr,
+        &[],
+        &[],
+        full,
+        data.with_extension("no-stderr"),
     )
 }
 
