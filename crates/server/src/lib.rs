@@ -1948,12 +1948,12 @@ async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duratio
                 loaded = Some(stamp);
                 reported = None;
             }
-            Some(Err(e)) => {
-                if reported != Some(stamp) {
-                    reported = Some(stamp);
-                    tracing::error!(error = %e, "keyring file changed but does not load; keeping the keys loaded before");
-                }
+            Some(Err(e)) if reported != Some(stamp) => {
+                reported = Some(stamp);
+                tracing::error!(error = %e, "keyring file changed but does not load; keeping the keys loaded before");
             }
+            // Logged already for this state of the file.
+            Some(Err(_)) => {}
         }
     }
 }

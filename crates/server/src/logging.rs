@@ -122,6 +122,32 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Log lines that could not be written to stderr (a full disk under `2>>file`, a reader
+/// that went away), since the start: `strongroom_log_lines_dropped_total`.
+pub static LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Stderr for log lines, where a line that cannot be written is counted and dropped.
+/// `tracing` reported such a line with `eprintln!`, which panics when stderr cannot be
+/// written either: with stderr on a full disk, the keyring watcher, the SIGHUP and SIGTERM
+/// handlers and requests died at their first log line, and a server whose watcher had died
+/// went on sealing under a key that `keys retire` then erased.
+struct DroppingStderr;
+
+impl std::io::Write for DroppingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One `write_all` per formatted line (`tracing` hands over whole lines).
+        if std::io::stderr().lock().write_all(buf).is_err() {
+            LOG_LINES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().lock().flush();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,31 +216,5 @@ mod tests {
         assert!(!text.contains("KEY-CANARY"), "{text}");
         assert!(text.contains("our own trace event"), "{text}");
         assert!(text.contains("an info line"), "{text}");
-    }
-}
-
-/// Log lines that could not be written to stderr (a full disk under `2>>file`, a reader
-/// that went away), since the start: `strongroom_log_lines_dropped_total`.
-pub static LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Stderr for log lines, where a line that cannot be written is counted and dropped.
-/// `tracing` reported such a line with `eprintln!`, which panics when stderr cannot be
-/// written either: with stderr on a full disk, the keyring watcher, the SIGHUP and SIGTERM
-/// handlers and requests died at their first log line, and a server whose watcher had died
-/// went on sealing under a key that `keys retire` then erased.
-struct DroppingStderr;
-
-impl std::io::Write for DroppingStderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // One `write_all` per formatted line (`tracing` hands over whole lines).
-        if std::io::stderr().lock().write_all(buf).is_err() {
-            LOG_LINES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let _ = std::io::stderr().lock().flush();
-        Ok(())
     }
 }
