@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::dev::{
-    start_dev, start_dev_env, start_dev_unwritable_stderr, start_dev_with_open_files,
+    start_dev, start_dev_env, start_dev_stalled_stderr, start_dev_unwritable_stderr,
+    start_dev_with_open_files,
 };
 use common::{stdout_of, strongroom};
 use serde_json::json;
@@ -633,10 +634,10 @@ fn a_keyring_reload_that_failed_for_want_of_files_is_tried_again() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let server = start_dev_with_open_files(&data, 64, 64);
+    let stderr = server.stderr_with("strongroom ready");
     assert!(
-        server.stderr().contains("exceed the open-file limit"),
-        "no warning that 1024 connections do not fit in 64 files:\n{}",
-        server.stderr()
+        stderr.contains("exceed the open-file limit"),
+        "no warning that 1024 connections do not fit in 64 files:\n{stderr}"
     );
     let alice = mint(&data, "alice");
     // Connections that never say a word take every descriptor left (the rest wait in the
@@ -701,11 +702,40 @@ fn the_open_file_soft_limit_is_raised_to_the_hard_one() {
         .split_whitespace()
         .collect();
     assert_eq!(open_files[3..5], ["4096", "4096"], "{limits}");
-    assert!(
-        !server.stderr().contains("open-file limit"),
-        "{}",
-        server.stderr()
-    );
+    let stderr = server.stderr_with("strongroom ready");
+    assert!(!stderr.contains("open-file limit"), "{stderr}");
+}
+
+/// A reader of stderr that stalls (a log shipper, journald under pressure) does not stop the
+/// server: once the pipe was full, every thread that logged waited on it and nothing was
+/// answered, `/healthz` included. Lines past the queue are dropped and counted.
+#[test]
+fn a_stalled_log_reader_stops_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (server, _unread) = start_dev_stalled_stderr(&data);
+    rt().block_on(async {
+        let client = server.client(&data);
+        // Each request logs at debug: far more than a pipe's 64 KiB, and than the queue.
+        let mut i = 0;
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(10), client.get("/healthz", None))
+                .await
+                .expect("no answer within 10 s: the server waits for its log")
+                .unwrap();
+            assert_eq!(r.status, 200);
+            i += 1;
+            if i % 500 == 0 {
+                let page = client.get("/metrics", None).await.unwrap();
+                let page = String::from_utf8(page.body).unwrap();
+                if dropped(&page).is_some_and(|n| n > 0) {
+                    break;
+                }
+                assert!(i < 100_000, "no line dropped after {i} requests");
+            }
+        }
+    });
+    assert_eq!(server.terminate().code(), Some(0));
 }
 
 /// `strongroom_log_lines_dropped_total` in a metrics page.

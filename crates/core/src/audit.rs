@@ -300,8 +300,7 @@ impl Auditor {
         let sink_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let sink = sink.map(|out| {
             Arc::new(Mutex::new(SinkWriter {
-                out,
-                mid_line: false,
+                out: crate::lines::LineSink::new(out),
                 missing: None,
                 dropped: sink_dropped.clone(),
             }))
@@ -535,10 +534,7 @@ fn write_lines(sink: &Mutex<SinkWriter>, records: &[Record]) {
 /// without a word and glue the lines on either side of the gap into one, so the copy was
 /// no longer JSON lines.
 struct SinkWriter {
-    out: RecordSink,
-    /// The sink took part of a line and then failed: the next line starts with a newline,
-    /// so that only the cut line is broken.
-    mid_line: bool,
+    out: crate::lines::LineSink<RecordSink>,
     /// Records not written since the last one that was: (how many, the first's seq).
     missing: Option<(u64, u64)>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
@@ -546,16 +542,7 @@ struct SinkWriter {
 
 impl SinkWriter {
     fn write_line(&mut self, seq: u64, line: &[u8]) {
-        let mut written = 0;
-        let mut result = Ok(());
-        if self.mid_line {
-            result = write_counting(&mut self.out, b"\n", &mut 0);
-            self.mid_line = result.is_err();
-        }
-        if result.is_ok() {
-            result = write_counting(&mut self.out, line, &mut written);
-        }
-        match result {
+        match self.out.write_line(line) {
             Ok(()) => {
                 if let Some((records, from_seq)) = self.missing.take() {
                     tracing::warn!(
@@ -567,7 +554,6 @@ impl SinkWriter {
                 }
             }
             Err(e) => {
-                self.mid_line |= written > 0;
                 self.dropped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match &mut self.missing {
@@ -587,22 +573,6 @@ impl SinkWriter {
             }
         }
     }
-}
-
-/// `write_all`, counting the bytes the writer took before an error.
-fn write_counting(out: &mut dyn Write, mut buf: &[u8], written: &mut usize) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match out.write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                *written += n;
-                buf = &buf[n..];
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Re-wraps the stored head key under the provider's active KEK (for `rewrap` after a

@@ -1146,7 +1146,7 @@ impl Server {
         state.metrics().register_counter_fn(
             "log_lines_dropped",
             "Log lines that could not be written to stderr (a full disk, a reader gone)",
-            || logging::LOG_LINES_DROPPED.load(std::sync::atomic::Ordering::Relaxed),
+            logging::lines_dropped,
         );
         state.set_broker(Arc::new(broker));
         let rotation = match (&local_keyring, &hierarchy) {

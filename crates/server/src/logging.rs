@@ -94,17 +94,40 @@ pub(crate) fn filter(level: &str) -> Result<EnvFilter, String> {
         .map_err(|e| format!("{e} (use a level such as \"info\", or directives such as \"info,strongroom_api=debug\")"))
 }
 
-/// Installs the global subscriber. A second call (tests start several servers in one
-/// process) keeps the first subscriber and returns `Ok`.
+/// Lines waiting for stderr, past which new lines are dropped (and counted) rather than wait.
+const QUEUED_LINES: usize = 4_096;
+
+/// Keeps the log's writer thread; dropping it writes out the lines still queued (waiting a
+/// second at most).
+pub struct LogGuard {
+    _worker: tracing_appender::non_blocking::WorkerGuard,
+}
+
+/// Installs the global subscriber; keep the guard while the server runs. A second call
+/// (tests start several servers in one process) keeps the first subscriber.
+///
+/// Lines go to stderr through a queue and a writer thread of their own: a reader of stderr
+/// that stalls (a log shipper, journald under pressure) made every thread that logged wait
+/// for it, and the whole server stopped answering once the pipe's buffer was full. Lines the
+/// queue cannot take, or stderr does not, are dropped and counted
+/// (`strongroom_log_lines_dropped_total`).
 ///
 /// # Errors
 ///
 /// A message when `log.level` does not parse.
-pub fn init(config: &LogConfig) -> Result<(), String> {
+pub fn init(config: &LogConfig) -> Result<LogGuard, String> {
     let filter = filter(&config.level)?;
+    let (queue, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("strongroom-log")
+        .finish(DroppingStderr(strongroom_core::lines::LineSink::new(
+            std::io::stderr(),
+        )));
+    let _ = QUEUE_DROPPED.set(queue.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| DroppingStderr)
+        .with_writer(queue)
         // By default a line that cannot be written is reported with `eprintln!`, which
         // panics when stderr cannot be written either.
         .log_internal_errors(false)
@@ -119,31 +142,45 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
             .try_init(),
         LogFormat::Text => builder.compact().try_init(),
     };
-    Ok(())
+    Ok(LogGuard { _worker: guard })
 }
 
-/// Log lines that could not be written to stderr (a full disk under `2>>file`, a reader
-/// that went away), since the start: `strongroom_log_lines_dropped_total`.
-pub static LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Log lines that stderr did not take (a full disk under `2>>file`, a reader that went
+/// away), since the start.
+static STDERR_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Stderr for log lines, where a line that cannot be written is counted and dropped.
-/// `tracing` reported such a line with `eprintln!`, which panics when stderr cannot be
-/// written either: with stderr on a full disk, the keyring watcher, the SIGHUP and SIGTERM
-/// handlers and requests died at their first log line, and a server whose watcher had died
-/// went on sealing under a key that `keys retire` then erased.
-struct DroppingStderr;
+/// Counts the lines the queue to the writer thread had no room for.
+static QUEUE_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Log lines dropped since the start, for want of room in the queue or because stderr did
+/// not take them: `strongroom_log_lines_dropped_total`.
+pub fn lines_dropped() -> u64 {
+    let queued = QUEUE_DROPPED.get().map_or(
+        0,
+        tracing_appender::non_blocking::ErrorCounter::dropped_lines,
+    );
+    STDERR_DROPPED.load(std::sync::atomic::Ordering::Relaxed) + queued as u64
+}
+
+/// Stderr for the writer thread, where a line that cannot be written is counted and
+/// dropped. `tracing` reported such a line with `eprintln!`, which panics when stderr cannot
+/// be written either: with stderr on a full disk, the keyring watcher, the SIGHUP and
+/// SIGTERM handlers and requests died at their first log line, and a server whose watcher
+/// had died went on sealing under a key that `keys retire` then erased. Each write is one
+/// whole line (the queue carries formatted lines).
+struct DroppingStderr(strongroom_core::lines::LineSink<std::io::Stderr>);
 
 impl std::io::Write for DroppingStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // One `write_all` per formatted line (`tracing` hands over whole lines).
-        if std::io::stderr().lock().write_all(buf).is_err() {
-            LOG_LINES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.0.write_line(buf).is_err() {
+            STDERR_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        let _ = std::io::stderr().lock().flush();
+        let _ = self.0.flush();
         Ok(())
     }
 }

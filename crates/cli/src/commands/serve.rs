@@ -118,7 +118,9 @@ async fn serve_config(args: ServeArgs) -> Result<(), Failure> {
         ..Overrides::default()
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
+    // Held while the server runs; dropped, it writes out the lines still queued.
+    let _log = logging::init(&config.log)
+        .map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
     let sqlite_dir = (config.store.kind == strongroom_server::config::StoreKind::Sqlite)
         .then(|| config.data_dir.clone());
     let server = Server::start(config).await?;
@@ -173,7 +175,9 @@ async fn serve_dev(args: ServeArgs) -> Result<(), Failure> {
     })?;
     let setup = dev::bootstrap(&options)?;
     let config = setup.config(listen)?;
-    logging::init(&config.log).map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
+    // Held while the server runs; dropped, it writes out the lines still queued.
+    let _log = logging::init(&config.log)
+        .map_err(|e| ServerError::Config(format!("key `log.level`: {e}")))?;
     let server = Server::start_with_policy(config, dev::policy()).await?;
     let user_token = dev::mint_user_token(&setup.data_dir, DEV_USER, DEV_USER_TOKEN_TTL)?;
     let banner = dev::banner(&setup, server.local_addr(), &user_token, DEV_USER);

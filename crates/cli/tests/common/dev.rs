@@ -53,6 +53,21 @@ pub fn start_dev_with_open_files(data: &Path, soft: u32, hard: u32) -> DevServer
     )
 }
 
+/// A dev server (logging every request, at trace) whose stderr is a pipe nobody reads, as a log
+/// shipper that stalled; the pipe's reading end, to keep while the server runs.
+pub fn start_dev_stalled_stderr(data: &Path) -> (DevServer, std::io::PipeReader) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let server = spawn_command(
+        Command::new(binary()),
+        data,
+        &[],
+        &[("STRONGROOM_LOG__LEVEL", "trace")],
+        writer,
+        data.with_extension("unread-stderr"),
+    );
+    (server, reader)
+}
+
 /// A dev server whose stderr cannot be written (`/dev/full`: every write fails with "no
 /// space left on device"), as when its log file's disk is full.
 pub fn start_dev_unwritable_stderr(data: &Path) -> DevServer {
@@ -76,7 +91,7 @@ fn spawn_command(
     data: &Path,
     extra: &[&str],
     envs: &[(&str, &str)],
-    stderr_file: std::fs::File,
+    stderr_file: impl Into<Stdio>,
     stderr: std::path::PathBuf,
 ) -> DevServer {
     let mut child = command
@@ -177,6 +192,23 @@ impl DevServer {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Stderr once it holds `needle` (the log is written by a thread of its own, after the
+    /// banner): within 30 s, or a panic.
+    pub fn stderr_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.stderr();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in stderr:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
