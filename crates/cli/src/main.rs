@@ -7,7 +7,6 @@ mod commands;
 mod error;
 mod output;
 
-use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -92,8 +91,7 @@ fn main() -> ExitCode {
         Err(err) => {
             // One line on stderr, never a secret (the error types' messages are built to
             // hold none).
-            // `eprintln!` would panic (status 101) where stderr cannot be written.
-            let _ = writeln!(std::io::stderr(), "strongroom: error: {err}");
+            output::errln!("strongroom: error: {err}");
             err.exit_code()
         }
     }

@@ -1,4 +1,4 @@
-//! Writing to standard output.
+//! Writing to standard output, and notes to standard error.
 //!
 //! Rust ignores SIGPIPE, so when the reader of a pipe has gone (`strongroom audit export |
 //! head -2`) a write fails with EPIPE, and `println!` panics on it. Every command writes
@@ -20,6 +20,40 @@ macro_rules! outln {
     };
 }
 pub(crate) use outln;
+
+/// `eprintln!` for notes, warnings and progress: a line standard error does not take (a
+/// full disk, `2>/dev/full`, a reader gone) is dropped. `eprintln!` panicked there (status
+/// 101), often after the work was done: a `rewrap` or `import` finished, a `keys rotate`
+/// made, with its closing audit record and its report never written.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::note(format_args!($($arg)*), true)
+    };
+}
+pub(crate) use errln;
+
+/// [`errln!`] without the newline (a prompt).
+macro_rules! errprint {
+    ($($arg:tt)*) => {
+        $crate::output::note(format_args!($($arg)*), false)
+    };
+}
+pub(crate) use errprint;
+
+/// Writes a note to standard error, dropping it if it cannot be written.
+pub(crate) fn note(args: std::fmt::Arguments<'_>, newline: bool) {
+    let mut err = std::io::stderr().lock();
+    let _ = err
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                err.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| err.flush());
+}
 
 /// Writes one line (with `\n`) and flushes it.
 pub(crate) fn line(args: std::fmt::Arguments<'_>) -> Result<(), CliError> {

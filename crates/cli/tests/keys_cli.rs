@@ -412,3 +412,62 @@ fn the_table_header_is_aligned_with_its_rows() {
         assert!(!row.ends_with(' '), "{row:?}");
     }
 }
+
+/// Notes on stderr that cannot be written (`2>/dev/full`: a full disk) are dropped: the
+/// command ends with its own status. `eprintln!` panicked there with 101, after a rewrap had
+/// finished (its summary and closing record never written), and before a rotation through
+/// `--keyring` alone said it was not recorded.
+#[test]
+fn notes_stderr_cannot_take_do_not_change_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        common::strongroom_process()
+            .args(args)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .unwrap(),
+            )
+            .output()
+            .unwrap()
+    };
+    let data_arg = data.to_str().unwrap();
+    for args in [
+        &["keys", "generate", "--data-dir", data_arg][..],
+        // Makes the store.
+        &["rewrap", "--data-dir", data_arg],
+        &["keys", "rotate", "--data-dir", data_arg],
+        // The first rewrap after a rotation notes that the audit head key moved too.
+        &["rewrap", "--data-dir", data_arg],
+        // A keyring named alone: noted as not recorded in any audit log.
+        &[
+            "keys",
+            "rotate",
+            "--keyring",
+            data.join("keyring.json").to_str().unwrap(),
+        ],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+    }
+    let out = run(&["keys", "retire", "99", "--data-dir", data_arg]);
+    assert_eq!(out.status.code(), Some(1), "a failure stays a failure");
+    // The rewrap's closing record was written.
+    let export = String::from_utf8(stdout_of(strongroom().args([
+        "audit",
+        "export",
+        "--data-dir",
+        data_arg,
+    ])))
+    .unwrap();
+    let rewraps: Vec<&str> = export
+        .lines()
+        .filter(|l| l.contains("\"rewrap\""))
+        .collect();
+    assert!(
+        rewraps.last().is_some_and(|l| l.contains("\"ok\"")),
+        "{export}"
+    );
+}

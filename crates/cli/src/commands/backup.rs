@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
-use crate::output::outln;
+use crate::output::{errln, outln};
 
 /// Copy the SQLite store (credentials, versions, the audit log) into one new file, while
 /// the server runs, and check the copy.
@@ -60,7 +60,7 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
             report.versions,
             report.audit_records
         )?;
-        eprintln!(
+        errln!(
             "note: the backup holds no key; back the keyring (or the key provider's keys) up \
              apart, and keep them apart"
         );

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use super::Failure;
 use crate::error::CliError;
-use crate::output::outln;
+use crate::output::{errprint, outln};
 
 /// Largest value read from standard input (the server's limit).
 const MAX_VALUE_LEN: u64 = 64 * 1024;
@@ -613,7 +613,7 @@ fn confirm_destroy(name: &str, version: Option<u32>) -> Result<(), Failure> {
         ))
         .into());
     }
-    eprint!("Destroy {what}? Its data keys are erased; this cannot be undone. Type the name to confirm: ");
+    errprint!("Destroy {what}? Its data keys are erased; this cannot be undone. Type the name to confirm: ");
     let mut answer = String::new();
     std::io::stdin()
         .lock()

@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 
 use super::{Failure, OperatorTarget, SecretArg};
 use crate::error::CliError;
+use crate::output::errln;
 
 /// Importers from other systems.
 #[derive(clap::Subcommand, Debug)]
@@ -236,7 +237,7 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
-                eprintln!("\ninterrupted: stopping after this batch (Ctrl-C again to quit now)");
+                errln!("\ninterrupted: stopping after this batch (Ctrl-C again to quit now)");
                 if tokio::signal::ctrl_c().await.is_ok() {
                     std::process::exit(130);
                 }
@@ -345,9 +346,12 @@ impl Bar {
                 bar.set_position(p.rows_done);
                 bar.set_message(format!("{} imported, {} failed", p.imported, p.failed));
             }
-            None => eprintln!(
+            None => errln!(
                 "import: {}/{} rows, {} imported, {} failed",
-                p.rows_done, p.rows_total, p.imported, p.failed
+                p.rows_done,
+                p.rows_total,
+                p.imported,
+                p.failed
             ),
         }
     }

@@ -19,7 +19,7 @@ use strongroom_store::{KekFilter, KekRef};
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
-use crate::output::outln;
+use crate::output::{errln, outln};
 
 /// Where the keyring is: `--keyring`, else the `keys.keyring` of `--config`, else
 /// `DATA_DIR/keyring.json` (the `serve --dev` layout).
@@ -52,7 +52,7 @@ impl KeyringLocation {
     /// looks just like a keyring that no server has used yet.
     fn names_a_store(&self, skipped: &str) -> Result<bool, Failure> {
         if self.config.is_none() && self.data_dir.is_none() && self.keyring.is_some() {
-            eprintln!(
+            errln!(
                 "note: --keyring alone names no store: {skipped} (name it with --data-dir or --config)"
             );
             return Ok(false);
@@ -66,7 +66,7 @@ impl KeyringLocation {
         if db.exists() {
             return Ok(true);
         }
-        eprintln!(
+        errln!(
             "note: no Strongroom database at {} (no server has used this data dir yet, or it is mistyped): {skipped}",
             db.display()
         );

@@ -13,6 +13,7 @@ pub mod token;
 use std::process::ExitCode;
 
 use crate::error::CliError;
+use crate::output::errln;
 
 /// A secret flag value: `Debug` never shows it.
 #[derive(Clone)]
@@ -92,7 +93,7 @@ pub(crate) fn warn_unknown_env_names() {
     ONCE.call_once(|| {
         let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
         for name in strongroom_server::config::unknown_env_names(names) {
-            eprintln!(
+            errln!(
                 "strongroom: warning: {name} names no setting and is ignored (a typo? nested \
                  keys use two underscores: STRONGROOM_TLS__CLIENT_AUTH)"
             );
@@ -107,7 +108,7 @@ pub(crate) fn warn_if_readable_by_others(path: &std::path::Path, flag: &str) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         if meta.permissions().mode() & 0o044 != 0 {
-            eprintln!(
+            errln!(
                 "strongroom: warning: {flag} {} is readable by group or others (chmod 600 it)",
                 path.display()
             );

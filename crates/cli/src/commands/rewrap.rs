@@ -14,7 +14,7 @@ use strongroom_server::config::{KeyMode, KeyProviderKind};
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
-use crate::output::outln;
+use crate::output::{errln, outln};
 
 /// `strongroom rewrap` options.
 #[derive(Args, Debug)]
@@ -102,7 +102,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
                             .await
                             .map_err(strongroom_server::ServerError::from)?;
                     if moved > 0 {
-                        eprintln!(
+                        errln!(
                             "rewrap: the KEK ring moved to key provider '{}' ({moved} KEK versions re-wrapped)",
                             target.keys.provider.as_str()
                         );
@@ -154,7 +154,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
                 other => other,
             };
             if let Err(e) = result {
-                eprintln!("strongroom: warning: rewrap not recorded in the audit log: {e}");
+                errln!("strongroom: warning: rewrap not recorded in the audit log: {e}");
             }
         }
     };
@@ -185,7 +185,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
         // retiring the old KEK never strands the audit chain.
         let moving = strongroom_core::rewrap::Moving { from, to };
         match strongroom_core::audit::rewrap_head_key(backends.store.as_ref(), &moving).await {
-            Ok(true) => eprintln!("rewrap: the audit head key moved to the target KEK too"),
+            Ok(true) => errln!("rewrap: the audit head key moved to the target KEK too"),
             Ok(false) => {}
             Err(e) => {
                 backends.close().await;
@@ -268,7 +268,7 @@ pub(crate) async fn audit_action(
     if let Err(e) =
         strongroom_server::audit_operator_action(backends, action, outcome, code, version).await
     {
-        eprintln!("strongroom: warning: {action} not recorded in the audit log: {e}");
+        errln!("strongroom: warning: {action} not recorded in the audit log: {e}");
     }
 }
 
@@ -309,7 +309,7 @@ impl Progress {
             None if self.last_line.elapsed() >= Duration::from_secs(2) => {
                 self.last_line = Instant::now();
                 let secs = self.started.elapsed().as_secs_f64().max(0.001);
-                eprintln!(
+                errln!(
                     "rewrap: {done}/{} ({:.0}/s): rewrapped {}, skipped {}, failed {}",
                     r.total.max(done),
                     done as f64 / secs,

@@ -161,8 +161,7 @@ async fn serve_dev(args: ServeArgs) -> Result<(), Failure> {
         service_token: args.dev_service_token.map(|t| t.expose().clone()),
     };
     if !listen.ip().to_canonical().is_loopback() {
-        let _ = writeln!(
-            std::io::stderr(),
+        crate::output::errln!(
             "strongroom: warning: --dev listens on {listen}, reachable from other hosts, with \
              printed tokens that reach every credential; use it on 127.0.0.1 or ::1 only"
         );
