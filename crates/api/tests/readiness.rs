@@ -215,15 +215,21 @@ async fn readyz_together(router: &axum::Router, n: usize) -> Vec<StatusCode> {
 }
 
 async fn readyz_status(router: &axum::Router) -> StatusCode {
-    tower::ServiceExt::oneshot(
+    let response = tower::ServiceExt::oneshot(
         router.clone(),
         axum::http::Request::get("/readyz")
             .body(axum::body::Body::empty())
             .unwrap(),
     )
     .await
-    .unwrap()
-    .status()
+    .unwrap();
+    // Not ready says when to ask again, as every 503 does.
+    let retry_after = response.headers().get("retry-after");
+    match response.status() {
+        StatusCode::SERVICE_UNAVAILABLE => assert_eq!(retry_after.unwrap(), "1"),
+        _ => assert!(retry_after.is_none()),
+    }
+    response.status()
 }
 
 /// `/readyz` is unauthenticated: a flood of probes must not become a flood of key provider

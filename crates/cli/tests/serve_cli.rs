@@ -659,6 +659,12 @@ fn a_keyring_reload_that_failed_for_want_of_files_is_tried_again() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Said as it is: the file is fine, the server is out of descriptors.
+    let stderr = server.stderr();
+    assert!(
+        stderr.contains("Too many open files") && !stderr.contains("is not a valid keyring"),
+        "{stderr}"
+    );
     drop(held);
     rt().block_on(async {
         let client = server.client(&data);

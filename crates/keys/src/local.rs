@@ -257,6 +257,12 @@ impl LocalKeyring {
         // sealed now would be lost at the next start, which refuses such a file.
         let model = match read_file(&self.path) {
             Ok(model) => model,
+            // Unreadable for now (too many open files, say): said as it is, not as a
+            // damaged keyring, which an operator might go and "repair".
+            Err(e @ KeyringError::Io { .. }) => {
+                *self.diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                return Err(e);
+            }
             Err(e) => return Err(self.diverge(format!("the file cannot be loaded: {e}"))),
         };
         if model.key_id != self.key_id {

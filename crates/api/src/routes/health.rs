@@ -72,8 +72,10 @@ pub(crate) async fn healthz() -> Json<HealthResponse> {
 /// URL, the key set in force is not older than `jwks_max_stale_seconds` (past that, every user
 /// token is refused, so the server is not ready to serve users).
 #[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
-pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
+    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse,
+        headers(("Retry-After" = u64, description = "seconds before asking again (the verdict stands that long)")))))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let backends = state.backend_health().check(state.vault()).await;
     // The log's head names its last record (one deleted or rewritten is an alarm now, not at
     // the next write). A read of this server's own store, made by every request.
@@ -116,17 +118,20 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
         },
     };
     match ready {
-        Ok(()) => (StatusCode::OK, Json(HealthResponse { status: "ok" })),
+        Ok(()) => (StatusCode::OK, Json(HealthResponse { status: "ok" })).into_response(),
         Err(e) => {
             if state.backend_health().may_log() {
                 tracing::warn!(error = %e, "not ready");
             }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
+                // As every 503 of this server: the verdict is checked again after a second.
+                [(axum::http::header::RETRY_AFTER, "1")],
                 Json(HealthResponse {
                     status: "unavailable",
                 }),
             )
+                .into_response()
         }
     }
 }
