@@ -793,6 +793,79 @@ async fn the_wal_shrinks_back_after_a_long_reader() {
     store.close().await;
 }
 
+/// A reader that keeps an old snapshot (a backup's `VACUUM INTO`, a long audit query) does
+/// not hold up writes: the `RESTART` checkpoint that must wait for it gives up after a few
+/// milliseconds and is tried again later. It used to wait the whole busy limit (5 s) while
+/// holding every writer back, again and again for as long as the reader read. Once the
+/// reader is done, the WAL is reset and cut back.
+#[tokio::test]
+async fn a_long_reader_does_not_hold_up_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = SqliteOptions::default();
+    options.wal_restart_frames = 64;
+    options.wal_size_limit = 256 << 10;
+    let store = SqliteStore::open_dir_with(dir.path(), options)
+        .await
+        .unwrap();
+    let wal = dir.path().join(format!("{DB_FILE_NAME}-wal"));
+    let put = |i: u32| {
+        let store = store.clone();
+        async move {
+            let nv = NewVersion::new(
+                "alice",
+                format!("big-{i}"),
+                1,
+                test_value("alice", "big", i, 16 << 10),
+                vec![1; 40],
+                KekRef::new("local", "k1", 1),
+                "user:test",
+                t0(),
+            );
+            let started = std::time::Instant::now();
+            store.put_version(nv).await.unwrap();
+            started.elapsed()
+        }
+    };
+    let reader = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))
+        .unwrap();
+    let mut slowest = std::time::Duration::ZERO;
+    for i in 0..150 {
+        slowest = slowest.max(put(i).await);
+        // Time for the checkpointer to try (it runs at most every 50 ms).
+        if i % 10 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        }
+    }
+    // Each wait was 5 s before; a slow machine takes well under 2 s for one put.
+    assert!(
+        slowest < std::time::Duration::from_secs(2),
+        "a put waited {slowest:?} behind a checkpoint"
+    );
+    let grown = std::fs::metadata(&wal).unwrap().len();
+    assert!(grown > 1 << 20, "the WAL did not grow: {grown}");
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut i = 1000;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        put(i).await;
+        i += 1;
+        let now = std::fs::metadata(&wal).unwrap().len();
+        if now <= 512 << 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL stayed at {now} bytes (grew to {grown})"
+        );
+    }
+    store.close().await;
+}
+
 /// A file another process holds locked reads fine and takes no write: `check_writable` says
 /// so (for readiness) within the busy timeout, and says it is writable again once released.
 #[tokio::test]

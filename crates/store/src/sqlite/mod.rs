@@ -117,6 +117,10 @@ pub struct SqliteOptions {
     /// time). A reader that held a snapshot for long (a backup, `audit verify`) lets the WAL
     /// grow by every write meanwhile; without a limit the file kept that size for good.
     pub wal_size_limit: u64,
+    /// WAL frames (4 KiB pages) past which the checkpointer also resets the WAL with a
+    /// `RESTART` checkpoint (default 16,384: 64 MiB), because passive checkpoints alone did
+    /// not keep up.
+    pub wal_restart_frames: i64,
 }
 
 impl Default for SqliteOptions {
@@ -129,6 +133,7 @@ impl Default for SqliteOptions {
             reveal_cache_bytes: 32 << 20,
             create: true,
             wal_size_limit: 96 << 20,
+            wal_restart_frames: 16 * 1024,
         }
     }
 }
@@ -315,7 +320,14 @@ impl SqliteStore {
         let (poke, pokes) = mpsc::sync_channel::<()>(1);
         let ckpt = std::thread::Builder::new()
             .name("strongroom-sqlite-checkpoint".into())
-            .spawn(move || writer::checkpointer(ckpt_conn, pokes, options.busy_timeout))
+            .spawn(move || {
+                writer::checkpointer(
+                    ckpt_conn,
+                    pokes,
+                    options.busy_timeout,
+                    options.wal_restart_frames,
+                )
+            })
             .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
 
         let (tx, rx) = mpsc::channel::<Box<dyn WriteJob>>();

@@ -182,9 +182,19 @@ pub(super) fn run(
     drop(conn);
 }
 
-/// WAL size (in 4 KiB frames, so 64 MiB) past which the checkpointer also resets the WAL,
-/// briefly holding up the writer, because passive checkpoints alone did not keep up.
-const WAL_RESTART_FRAMES: i64 = 16 * 1024;
+/// How long a `RESTART` checkpoint may wait for readers to move to the latest snapshot. It
+/// holds up every writer while it waits: with the connection's busy limit (5 s), a reader
+/// that kept an old snapshot for long (`backup`'s `VACUUM INTO`, a long audit query) held
+/// every write and reveal 5.5 s at a time for as long as it read, and some failed with
+/// "database is locked".
+const RESTART_WAIT: Duration = Duration::from_millis(20);
+/// After a `RESTART` that gave up, the next one waits at least this long, twice as long
+/// after each further one up to [`RESTART_BACKOFF_MAX`]: while a long reader lasts, writers
+/// are held up at most 20 ms a second, then less. The WAL grows meanwhile (passive
+/// checkpoints go on up to the reader's snapshot), and is cut back once it starts over.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// See [`RESTART_BACKOFF_MIN`].
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// Least time between two checkpoints. Short, so each one writes and fsyncs a small burst of
 /// database pages: a 200 ms interval made bursts that WAL fsyncs queued behind (put p99 about
 /// 6 ms against under 5 ms at 50 ms, 4 runs each, BENCHMARKS.md).
@@ -193,17 +203,36 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 /// The checkpointer thread: copies committed WAL frames into the database file on its own
 /// connection, so the writer (whose `wal_autocheckpoint` is off) never stalls on the
 /// checkpoint's random writes and fsync. Passive checkpoints never block the writer; if the
-/// WAL still grows past [`WAL_RESTART_FRAMES`], a `RESTART` checkpoint resets it. Returns
-/// when the writer stops poking.
-pub(super) fn checkpointer(conn: Connection, pokes: mpsc::Receiver<()>, busy_limit: Duration) {
+/// WAL still grows past `restart_frames`, a `RESTART` checkpoint resets it, waiting for
+/// readers [`RESTART_WAIT`] at most. Returns when the writer stops poking.
+pub(super) fn checkpointer(
+    conn: Connection,
+    pokes: mpsc::Receiver<()>,
+    busy_limit: Duration,
+    restart_frames: i64,
+) {
     BUSY_LIMIT.with(|l| l.set(busy_limit));
+    let mut restart_after = std::time::Instant::now();
+    let mut backoff = RESTART_BACKOFF_MIN;
     while pokes.recv().is_ok() {
         let started = std::time::Instant::now();
         let frames = conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
             .unwrap_or(0);
-        if frames > WAL_RESTART_FRAMES {
-            let _ = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+        if frames > restart_frames && started >= restart_after {
+            BUSY_LIMIT.with(|l| l.set(RESTART_WAIT));
+            // The first column says whether readers (or a writer) kept it from finishing.
+            let gave_up = !matches!(
+                conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)),
+                Ok(0)
+            );
+            BUSY_LIMIT.with(|l| l.set(busy_limit));
+            if gave_up {
+                restart_after = std::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+            } else {
+                backoff = RESTART_BACKOFF_MIN;
+            }
         }
         if let Some(rest) = CHECKPOINT_INTERVAL.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);
