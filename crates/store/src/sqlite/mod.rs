@@ -138,6 +138,48 @@ impl Default for SqliteOptions {
     }
 }
 
+/// A read running on a blocking thread, which its caller may abandon.
+#[derive(Default)]
+struct RunningRead {
+    /// The running statement's interrupt handle, while the read runs.
+    handle: Mutex<Option<rusqlite::InterruptHandle>>,
+    abandoned: AtomicBool,
+}
+
+impl RunningRead {
+    /// Notes that the read starts on `conn`; false when it was abandoned already.
+    fn start(&self, conn: &Connection) -> bool {
+        let mut handle = self.handle.lock().unwrap_or_else(|e| e.into_inner());
+        *handle = Some(conn.get_interrupt_handle());
+        !self.abandoned.load(Ordering::SeqCst)
+    }
+
+    /// Notes that the read is over: an interrupt from now on would reach the connection's
+    /// next user.
+    fn finish(&self) {
+        *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        if let Some(handle) = &*self.handle.lock().unwrap_or_else(|e| e.into_inner()) {
+            handle.interrupt();
+        }
+    }
+}
+
+/// Abandons its read when dropped before the read finished (its future was dropped); `None`
+/// once it finished.
+struct AbandonOnDrop(Option<Arc<RunningRead>>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(read) = &self.0 {
+            read.abandon();
+        }
+    }
+}
+
 /// The SQLite [`Store`]. Cheap to clone (all clones share one writer thread).
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -493,15 +535,31 @@ impl SqliteStore {
             .acquire_owned()
             .await
             .map_err(|_| StoreError::unavailable("sqlite store closed"))?;
-        tokio::task::spawn_blocking(move || {
+        // A read whose caller went away (its request timed out, its client hung up) is
+        // interrupted: it went on to the end, holding a read slot and an old snapshot, so
+        // that a few abandoned long audit queries made every read wait (scale review).
+        let running = Arc::new(RunningRead::default());
+        let mut abandon = AbandonOnDrop(Some(Arc::clone(&running)));
+        let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut conn = inner.take_reader()?;
-            let result = f(&mut conn);
+            let result = if running.start(&conn) {
+                f(&mut conn)
+            } else {
+                Err(StoreError::unavailable("the read was abandoned"))
+            };
+            running.finish();
+            // An interrupted read may leave its transaction open: not for the next one.
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
             inner.give_reader(conn);
             result
         })
         .await
-        .map_err(join_err)?
+        .map_err(join_err);
+        abandon.0 = None; // finished: nothing to abandon
+        result?
     }
 
     /// A short point read on the calling thread, with a pooled connection (see the module
@@ -2404,5 +2462,45 @@ impl crate::audit::AuditLog for SqliteStore {
                 .map_err(db_err)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read whose caller went away (a request timed out) is interrupted and gives its slot
+    /// back: it ran to the end, and a few long ones made every other read wait.
+    #[tokio::test]
+    async fn an_abandoned_read_is_interrupted_and_frees_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions {
+            max_readers: 1,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open_dir_with(dir.path(), options)
+            .await
+            .unwrap();
+        // Seconds of counting, unless interrupted.
+        let long = |conn: &mut Connection| {
+            conn.query_row(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1e8) \
+                 SELECT count(*) FROM c",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(db_err)
+        };
+        let abandoned = tokio::time::timeout(Duration::from_millis(200), store.read(long)).await;
+        assert!(abandoned.is_err(), "the long read finished: {abandoned:?}");
+        let one = |conn: &mut Connection| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map_err(db_err)
+        };
+        let next = tokio::time::timeout(Duration::from_secs(10), store.read(one))
+            .await
+            .expect("the abandoned read still holds the only read slot");
+        assert_eq!(next.unwrap(), 1);
+        store.close().await;
     }
 }
