@@ -746,42 +746,55 @@ async fn the_wal_shrinks_back_after_a_long_reader() {
         .await
         .unwrap();
     let wal = dir.path().join(format!("{DB_FILE_NAME}-wal"));
-    let put = |i: u32| {
-        let store = store.clone();
-        async move {
-            let nv = NewVersion::new(
-                "alice",
-                format!("big-{i}"),
-                1,
-                test_value("alice", "big", i, 16 << 10),
-                vec![1; 40],
-                KekRef::new("local", "k1", 1),
-                "user:test",
-                t0(),
-            );
-            store.put_version(nv).await.unwrap();
-        }
-    };
-    let reader = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
-    reader.execute_batch("BEGIN").unwrap();
-    let _: i64 = reader
-        .query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))
-        .unwrap();
+    let reader = hold_a_snapshot(dir.path());
     for i in 0..200 {
-        put(i).await;
+        put_big(&store, i).await;
     }
     let grown = std::fs::metadata(&wal).unwrap().len();
     assert!(grown > 2 << 20, "the WAL did not grow: {grown}");
     reader.execute_batch("COMMIT").unwrap();
     drop(reader);
-    // Checkpoints catch up, then the next writes start the WAL over and cut it back.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut i = 1000;
+    wait_for_the_wal_cut_back(&store, &wal, grown).await;
+    store.close().await;
+}
+
+/// Puts a 16 KiB value under `big-{i}`; how long the put took.
+async fn put_big(store: &SqliteStore, i: u32) -> std::time::Duration {
+    let nv = NewVersion::new(
+        "alice",
+        format!("big-{i}"),
+        1,
+        test_value("alice", "big", i, 16 << 10),
+        vec![1; 40],
+        KekRef::new("local", "k1", 1),
+        "user:test",
+        t0(),
+    );
+    let started = std::time::Instant::now();
+    store.put_version(nv).await.unwrap();
+    started.elapsed()
+}
+
+/// A connection of its own holding a read snapshot of the store in `dir` until it commits.
+fn hold_a_snapshot(dir: &std::path::Path) -> rusqlite::Connection {
+    let reader = rusqlite::Connection::open(dir.join(DB_FILE_NAME)).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))
+        .unwrap();
+    reader
+}
+
+/// Puts until checkpoints have caught up and a write started the WAL over, cutting it back
+/// (30 s at most).
+async fn wait_for_the_wal_cut_back(store: &SqliteStore, wal: &std::path::Path, grown: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut i = 100_000;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        put(i).await;
+        put_big(store, i).await;
         i += 1;
-        let now = std::fs::metadata(&wal).unwrap().len();
+        let now = std::fs::metadata(wal).unwrap().len();
         if now <= 512 << 10 {
             break;
         }
@@ -790,7 +803,6 @@ async fn the_wal_shrinks_back_after_a_long_reader() {
             "the WAL stayed at {now} bytes (grew to {grown})"
         );
     }
-    store.close().await;
 }
 
 /// A reader that keeps an old snapshot (a backup's `VACUUM INTO`, a long audit query) does
@@ -808,32 +820,10 @@ async fn a_long_reader_does_not_hold_up_writes() {
         .await
         .unwrap();
     let wal = dir.path().join(format!("{DB_FILE_NAME}-wal"));
-    let put = |i: u32| {
-        let store = store.clone();
-        async move {
-            let nv = NewVersion::new(
-                "alice",
-                format!("big-{i}"),
-                1,
-                test_value("alice", "big", i, 16 << 10),
-                vec![1; 40],
-                KekRef::new("local", "k1", 1),
-                "user:test",
-                t0(),
-            );
-            let started = std::time::Instant::now();
-            store.put_version(nv).await.unwrap();
-            started.elapsed()
-        }
-    };
-    let reader = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).unwrap();
-    reader.execute_batch("BEGIN").unwrap();
-    let _: i64 = reader
-        .query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))
-        .unwrap();
+    let reader = hold_a_snapshot(dir.path());
     let mut slowest = std::time::Duration::ZERO;
     for i in 0..150 {
-        slowest = slowest.max(put(i).await);
+        slowest = slowest.max(put_big(&store, i).await);
         // Time for the checkpointer to try (it runs at most every 50 ms).
         if i % 10 == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(60)).await;
@@ -848,21 +838,7 @@ async fn a_long_reader_does_not_hold_up_writes() {
     assert!(grown > 1 << 20, "the WAL did not grow: {grown}");
     reader.execute_batch("COMMIT").unwrap();
     drop(reader);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut i = 1000;
-    loop {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        put(i).await;
-        i += 1;
-        let now = std::fs::metadata(&wal).unwrap().len();
-        if now <= 512 << 10 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the WAL stayed at {now} bytes (grew to {grown})"
-        );
-    }
+    wait_for_the_wal_cut_back(&store, &wal, grown).await;
     store.close().await;
 }
 
