@@ -1873,7 +1873,8 @@ where
     W: Future<Output = ()> + Send + 'static,
 {
     loop {
-        match AbortOnDrop(tokio::spawn(start())).await {
+        // Aborting this task drops the handle, which aborts the watcher.
+        match tokio_util::task::AbortOnDropHandle::new(tokio::spawn(start())).await {
             Err(e) if e.is_panic() => {
                 tracing::error!(
                     watcher = what,
@@ -1883,26 +1884,6 @@ where
             }
             _ => return,
         }
-    }
-}
-
-/// A task aborted when its handle is dropped (here: when the task awaiting it is aborted).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }
 
