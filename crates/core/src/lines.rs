@@ -46,8 +46,12 @@ impl<W: Write> LineSink<W> {
     }
 }
 
-/// `write_all`, counting the bytes the writer took before an error.
-fn write_counting(
+/// `write_all`, counting in `written` the bytes the writer took, also before an error.
+///
+/// # Errors
+///
+/// The writer's error (`WriteZero` for a writer that takes nothing).
+pub fn write_counting(
     out: &mut impl Write,
     mut buf: &[u8],
     written: &mut usize,

@@ -739,9 +739,14 @@ impl std::io::Write for AuditFile {
     /// cut off again, so the file holds whole lines only.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let before = file.metadata()?.len();
-        if let Err(e) = file.write_all(buf) {
-            let _ = file.set_len(before);
+        let mut written = 0;
+        if let Err(e) = strongroom_core::lines::write_counting(&mut *file, buf, &mut written) {
+            // The file's length is read only then: nothing is added to each record's write.
+            if written > 0 {
+                if let Ok(meta) = file.metadata() {
+                    let _ = file.set_len(meta.len().saturating_sub(written as u64));
+                }
+            }
             return Err(e);
         }
         Ok(buf.len())
