@@ -107,6 +107,75 @@ pub trait AuditLog: Send + Sync + Debug {
 /// Most records one query page returns.
 pub(crate) const MAX_QUERY_LIMIT: u32 = 1000;
 
+/// How a query by time finds its records without sorting every match: time bounds become
+/// `seq` bounds.
+///
+/// Records are in `seq` order, and their times nearly so: a record carries the time its
+/// request began, and requests finish out of order (a clock stepped back does the same, for
+/// longer). So the store keeps the running maximum `M(s)` of the times of records `1..=s`,
+/// which never decreases, and the largest **lag** seen, `max(M(s - 1) - time(s))`. A
+/// record `r` in `[since, until)` then has `M(r) >= since` and `M(r - 1) < until + lag`. The
+/// store notes, for each second `k` that `M` enters, the first `seq` at which it did (a
+/// [`TimeMark`]; a jump over several seconds notes only the last). So `r` lies between the
+/// mark of the latest second at or before `since` and the mark of the earliest second at or
+/// after `until + lag`: a range that holds the matches plus the lag's worth of records on
+/// either side. The result is exact whatever the clocks did; a large lag only widens the
+/// range scanned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TimeIndex {
+    /// `M` at the last record indexed; `None` before the first.
+    pub max_time_ms: Option<i64>,
+    /// The largest lag seen, in milliseconds (0 if times never went back).
+    pub max_lag_ms: i64,
+}
+
+/// A second that the running maximum time entered, and the first `seq` at which it did.
+pub(crate) type TimeMark = (i64, i64);
+
+/// The second a time in milliseconds falls in (rounded down, also before 1970).
+pub(crate) fn second_of(ms: i64) -> i64 {
+    ms.div_euclid(1000)
+}
+
+impl TimeIndex {
+    /// Takes the record `seq` at `time_ms` (records in `seq` order), noting a mark when the
+    /// running maximum enters a new second.
+    pub(crate) fn advance(&mut self, seq: i64, time_ms: i64, marks: &mut Vec<TimeMark>) {
+        match self.max_time_ms {
+            Some(m) if time_ms <= m => {
+                self.max_lag_ms = self.max_lag_ms.max(m.saturating_sub(time_ms));
+            }
+            Some(m) => {
+                if second_of(time_ms) > second_of(m) {
+                    marks.push((second_of(time_ms), seq));
+                }
+                self.max_time_ms = Some(time_ms);
+            }
+            None => {
+                marks.push((second_of(time_ms), seq));
+                self.max_time_ms = Some(time_ms);
+            }
+        }
+    }
+
+    /// The seconds whose marks bound a query: records at or after `since` lie at or past the
+    /// mark of the latest second `<=` the first; records before `until` lie at or before the
+    /// mark of the earliest second `>=` the second.
+    pub(crate) fn mark_seconds(
+        &self,
+        since: Option<i64>,
+        until: Option<i64>,
+    ) -> (Option<i64>, Option<i64>) {
+        let low = since.map(second_of);
+        // The earliest second whose start is at or after `until + lag`.
+        let high = until.map(|u| {
+            let t = u.saturating_add(self.max_lag_ms);
+            second_of(t) + i64::from(t.rem_euclid(1000) != 0)
+        });
+        (low, high)
+    }
+}
+
 /// The event with its time cut to what the database keeps (milliseconds, UTC).
 pub(crate) fn normalize(mut e: Event) -> Result<(Event, i64), StoreError> {
     let ms = to_millis(e.time)?;
@@ -299,4 +368,46 @@ pub(crate) fn check_batch(n: usize) -> Result<(), StoreError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod time_index_tests {
+    use super::*;
+
+    /// Marks fall where the running maximum enters a new second (once per jump), and the lag
+    /// is the furthest a record fell behind it.
+    #[test]
+    fn marks_and_lag_follow_the_running_maximum() {
+        let mut t = TimeIndex::default();
+        let mut marks = Vec::new();
+        for (seq, ms) in [
+            (1, 1_500),
+            (2, 1_900),
+            (3, 1_200),
+            (4, 2_000),
+            (5, 7_300),
+            (6, -400),
+        ] {
+            t.advance(seq, ms, &mut marks);
+        }
+        assert_eq!(marks, vec![(1, 1), (2, 4), (7, 5)]);
+        assert_eq!(t.max_time_ms, Some(7_300));
+        assert_eq!(t.max_lag_ms, 7_700);
+        assert_eq!(second_of(-400), -1);
+        assert_eq!(second_of(-1_000), -1);
+        assert_eq!(second_of(-1_001), -2);
+    }
+
+    /// `since` rounds down to its second; `until` plus the lag rounds up.
+    #[test]
+    fn query_bounds_widen_by_the_lag() {
+        let t = TimeIndex {
+            max_time_ms: Some(10_000),
+            max_lag_ms: 300,
+        };
+        assert_eq!(t.mark_seconds(Some(5_500), Some(7_200)), (Some(5), Some(8)));
+        assert_eq!(t.mark_seconds(Some(5_000), Some(7_700)), (Some(5), Some(8)));
+        assert_eq!(t.mark_seconds(None, Some(7_701)), (None, Some(9)));
+        assert_eq!(t.mark_seconds(Some(-1), None), (Some(-1), None));
+    }
 }

@@ -416,8 +416,9 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
     store.close().await;
 
     // The index tables are outside the hash chain: rows planted there by a writer of the
-    // database (here: dave's record filed under mallory, and under another principal and
-    // time) return nothing that does not match the record itself.
+    // database (here: dave's record filed under mallory, under another principal and name,
+    // and marked as the first record of 1970's first seconds) return nothing that does not
+    // match the record itself.
     let seq = (12 + AUDIT_INDEX_EVERY + 1) as i64;
     let raw = rusqlite::Connection::open(&path).unwrap();
     raw.execute(
@@ -431,7 +432,12 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
     )
     .unwrap();
     raw.execute(
-        "INSERT INTO audit_by_time (time_ms, seq) VALUES (5, ?1)",
+        "INSERT INTO audit_by_owner (owner, seq) VALUES ('mallory', ?1)",
+        [seq],
+    )
+    .unwrap();
+    raw.execute(
+        "INSERT OR REPLACE INTO audit_time_marks (second, seq) VALUES (0, ?1), (2, ?1)",
         [seq],
     )
     .unwrap();
@@ -445,6 +451,12 @@ async fn audit_index_lags_appends_but_queries_see_every_record() {
         .await
         .unwrap();
     let mut planted = filter(Some("mallory"), None);
+    assert!(store
+        .audit_query(&planted, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    planted = filter(Some("mallory"), Some("k"));
     assert!(store
         .audit_query(&planted, None, 10)
         .await
@@ -531,7 +543,8 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "DROP TABLE audit_by_credential; DROP TABLE audit_index_state;
-         DROP TABLE audit_by_principal; DROP TABLE audit_by_time; DROP TABLE audit_by_name;
+         DROP TABLE audit_by_principal; DROP TABLE audit_by_owner; DROP TABLE audit_by_name;
+         DROP TABLE audit_time_marks;
          CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
          CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);
@@ -559,6 +572,106 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     let mut late = AuditFilter::default();
     late.since = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_020));
     assert_eq!(store.audit_query(&late, None, 100).await.unwrap().len(), 10);
+    store.close().await;
+}
+
+/// A database written at schema 5 (records found by time through `audit_by_time`, by owner
+/// alone through the per-credential index) is migrated: the time marks and the owner index
+/// are filled from the records indexed so far, the later ones are indexed from there on, and
+/// queries by owner and time answer exactly, with times out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration() {
+    use strongroom_store::audit::HeadKey;
+    use strongroom_store::{AuditFilter, AuditLog};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE_NAME);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let key = Arc::new(HeadKey::new([5; 32]));
+    store
+        .audit_seal_genesis(key.head(0, strongroom_store::audit::GENESIS))
+        .await
+        .unwrap();
+    // Seconds 0, 1, ... with every fifth record 3 s late and one an hour late.
+    let second = |i: u64| -> i64 {
+        let late = if i == 17 {
+            3600
+        } else if i.is_multiple_of(5) {
+            3
+        } else {
+            0
+        };
+        i as i64 - late
+    };
+    let events = (0..60u64)
+        .map(|i| {
+            let mut e = audit_event(
+                0,
+                Some(["erin", "frank"][(i % 2) as usize]),
+                Some(["k", "l"][(i % 3 % 2) as usize]),
+            );
+            e.time =
+                OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_000 + second(i));
+            e
+        })
+        .collect();
+    store.audit_append(key, events).await.unwrap();
+    let mut erin = AuditFilter::default();
+    erin.owner = Some("erin".into());
+    store.audit_query(&erin, None, 1).await.unwrap(); // indexes all 60
+    store.close().await;
+    // Back to schema 5's layout, as an older Strongroom left it, with the last 20 records
+    // not indexed yet.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP TABLE audit_by_owner; DROP TABLE audit_time_marks;
+         ALTER TABLE audit_index_state DROP COLUMN max_time_ms;
+         ALTER TABLE audit_index_state DROP COLUMN max_lag_ms;
+         CREATE TABLE audit_by_time (time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
+             PRIMARY KEY (time_ms, seq)) WITHOUT ROWID;
+         INSERT INTO audit_by_time SELECT time_ms, seq FROM audit_records WHERE seq <= 40;
+         UPDATE audit_index_state SET indexed_upto = 40;
+         UPDATE schema_version SET version = 5;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.testing_audit_unindexed().await.unwrap(), 20);
+    let at = |s: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_000 + s);
+    for owner in [None, Some("erin")] {
+        for (since, until) in [
+            (None, Some(10)),
+            (Some(10), Some(30)),
+            (Some(-3600), Some(-3599)),
+            (Some(33), None),
+            (Some(50), Some(51)),
+        ] {
+            let mut f = AuditFilter::default();
+            f.owner = owner.map(String::from);
+            f.since = since.map(at);
+            f.until = until.map(at);
+            let want: Vec<u64> = (0..60u64)
+                .rev()
+                .filter(|&i| owner.is_none_or(|o| o == ["erin", "frank"][(i % 2) as usize]))
+                .filter(|&i| {
+                    since.is_none_or(|s| second(i) >= s) && until.is_none_or(|u| second(i) < u)
+                })
+                .map(|i| i + 1)
+                .collect();
+            let got: Vec<u64> = store
+                .audit_query(&f, None, 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect();
+            assert_eq!(got, want, "{f:?}");
+        }
+    }
+    assert_eq!(store.testing_audit_unindexed().await.unwrap(), 0);
     store.close().await;
 }
 

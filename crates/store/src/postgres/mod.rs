@@ -1607,6 +1607,20 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Test hook: runs `sql` (statements separated by `;`) on one of the store's connections
+    /// (in its schema).
+    ///
+    /// # Errors
+    ///
+    /// As any write.
+    pub async fn testing_batch_execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .batch_execute(sql)
+            .await
+            .map_err(pg_err)
+    }
+
     /// Test hook: drops this store's schema (see [`PostgresOptions::schema`]) and everything
     /// in it.
     ///
@@ -1721,11 +1735,16 @@ async fn audit_append_tx(
     // The row lock serializes appends across every node sharing this database.
     let row = tx
         .query_one(
-            "SELECT count, hash, mac FROM audit_head WHERE id = 1 FOR UPDATE",
+            "SELECT count, hash, mac, max_time_ms, max_lag_ms FROM audit_head
+             WHERE id = 1 FOR UPDATE",
             &[],
         )
         .await
         .map_err(pg_err)?;
+    let mut time_index = crate::audit::TimeIndex {
+        max_time_ms: row.try_get(3).map_err(pg_err)?,
+        max_lag_ms: row.try_get(4).map_err(pg_err)?,
+    };
     let (count, hash) = checked_head(
         key,
         row.try_get(0).map_err(pg_err)?,
@@ -1774,8 +1793,10 @@ async fn audit_append_tx(
     let mut prev = Vec::with_capacity(n);
     let mut hashes = Vec::with_capacity(n);
     let mut records = Vec::with_capacity(n);
+    let mut marks = Vec::new();
     for (r, ms) in chained {
         let e = &r.event;
+        time_index.advance(seq_param(r.seq), ms, &mut marks);
         seq.push(seq_param(r.seq));
         time.push(ms);
         pk.push(e.principal_kind.clone());
@@ -1804,11 +1825,28 @@ async fn audit_append_tx(
     )
     .await
     .map_err(pg_err)?;
+    if !marks.is_empty() {
+        let (seconds, seqs): (Vec<i64>, Vec<i64>) = marks.into_iter().unzip();
+        tx.execute(
+            "INSERT INTO audit_time_marks (second, seq)
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[])",
+            &[&seconds, &seqs],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
     if let Some(last) = records.last() {
         let head = key.head(last.seq, last.hash);
         tx.execute(
-            "UPDATE audit_head SET count = $1, hash = $2, mac = $3 WHERE id = 1",
-            &[&seq_param(head.count), &&head.hash[..], &&head.mac[..]],
+            "UPDATE audit_head SET count = $1, hash = $2, mac = $3, max_time_ms = $4,
+             max_lag_ms = $5 WHERE id = 1",
+            &[
+                &seq_param(head.count),
+                &&head.hash[..],
+                &&head.mac[..],
+                &time_index.max_time_ms,
+                &time_index.max_lag_ms,
+            ],
         )
         .await
         .map_err(pg_err)?;
@@ -1884,6 +1922,24 @@ impl crate::audit::AuditLog for PostgresStore {
         let kinds: Option<&Vec<String>> =
             (!filter.principal_kinds.is_empty()).then_some(&filter.principal_kinds);
         let client = self.client().await?;
+        // A time range narrows `seq` (see `TimeIndex`), so that every filter reads the newest
+        // matches first off an index whose key ends in `seq`.
+        let (low_second, high_second) = if since.is_some() || until.is_some() {
+            let row = client
+                .query_one(
+                    "SELECT max_time_ms, max_lag_ms FROM audit_head WHERE id = 1",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)?;
+            let time = crate::audit::TimeIndex {
+                max_time_ms: row.try_get(0).map_err(pg_err)?,
+                max_lag_ms: row.try_get(1).map_err(pg_err)?,
+            };
+            time.mark_seconds(since, until)
+        } else {
+            (None, None)
+        };
         let rows = client
             .query(
                 &format!(
@@ -1896,6 +1952,12 @@ impl crate::audit::AuditLog for PostgresStore {
                        AND ($6::bigint IS NULL OR seq < $6)
                        AND ($7::text[] IS NULL OR action = ANY($7))
                        AND ($8::text[] IS NULL OR principal_kind = ANY($8))
+                       AND ($10::bigint IS NULL OR seq >= coalesce((SELECT seq
+                            FROM audit_time_marks WHERE second <= $10
+                            ORDER BY second DESC LIMIT 1), 0))
+                       AND ($11::bigint IS NULL OR seq <= coalesce((SELECT seq
+                            FROM audit_time_marks WHERE second >= $11
+                            ORDER BY second LIMIT 1), 9223372036854775807))
                      ORDER BY seq DESC LIMIT $9",
                     crate::audit::COLUMNS
                 ),
@@ -1909,6 +1971,8 @@ impl crate::audit::AuditLog for PostgresStore {
                     &actions,
                     &kinds,
                     &limit,
+                    &low_second,
+                    &high_second,
                 ],
             )
             .await

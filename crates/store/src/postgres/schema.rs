@@ -87,4 +87,40 @@ INSERT INTO audit_head (id, count, hash, mac) VALUES (1, 0, decode(repeat('00', 
     // 5: records by credential name across owners (`GET /v1/audit?name=`): the
     // per-credential index starts with the owner, so a name alone scanned all of it.
     "CREATE INDEX audit_records_by_name ON audit_records (name, seq);",
+    // 6: records by owner alone (`GET /v1/audit?owner=`) newest first off an index, without
+    // sorting all of the owner's records per page. And time bounds become seq bounds
+    // (`crate::audit::TimeIndex`): through `audit_records_by_time`, a page of a day's records
+    // sorted the whole day. The head row carries the running state; appends (under its row
+    // lock) keep it and the marks. `second` is the time's second rounded down.
+    r#"
+CREATE INDEX audit_records_by_owner ON audit_records (owner, seq);
+DROP INDEX audit_records_by_time;
+CREATE TABLE audit_time_marks (
+    second BIGINT PRIMARY KEY,
+    seq    BIGINT NOT NULL
+);
+ALTER TABLE audit_head
+    ADD COLUMN max_time_ms BIGINT,
+    ADD COLUMN max_lag_ms BIGINT NOT NULL DEFAULT 0;
+WITH times AS (
+    SELECT seq, time_ms,
+           max(time_ms) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS prev_max
+    FROM audit_records
+)
+INSERT INTO audit_time_marks (second, seq)
+    SELECT floor(time_ms / 1000.0)::bigint, seq FROM times
+    WHERE prev_max IS NULL
+       OR (time_ms > prev_max AND floor(time_ms / 1000.0) > floor(prev_max / 1000.0));
+WITH times AS (
+    SELECT time_ms,
+           max(time_ms) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS prev_max
+    FROM audit_records
+)
+UPDATE audit_head SET
+    max_time_ms = (SELECT max(time_ms) FROM times),
+    max_lag_ms = coalesce((SELECT max(prev_max - time_ms) FROM times WHERE prev_max > time_ms), 0)
+    WHERE id = 1;
+"#,
 ];

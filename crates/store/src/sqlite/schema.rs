@@ -139,4 +139,57 @@ INSERT INTO audit_by_name (name, seq)
     WHERE name IS NOT NULL
       AND seq <= (SELECT indexed_upto FROM audit_index_state WHERE id = 1);
 "#,
+    // 6: records by owner alone (`GET /v1/audit?owner=`), deferred like the others: read
+    // through `audit_by_credential` they came out in name order and were sorted, all of
+    // them, for every page. And time bounds become seq bounds (`crate::audit::TimeIndex`):
+    // `audit_by_time` gave the matches in time order, so a page of a day's records sorted
+    // the whole day. Its place is taken by one mark per second and the running state, filled
+    // here up to `indexed_upto` (`second` is the time's second rounded down, before 1970 too).
+    r#"
+CREATE TABLE audit_by_owner (
+    owner TEXT NOT NULL,
+    seq   INTEGER NOT NULL,
+    PRIMARY KEY (owner, seq)
+) WITHOUT ROWID;
+INSERT INTO audit_by_owner (owner, seq)
+    SELECT owner, seq FROM audit_records
+    WHERE owner IS NOT NULL
+      AND seq <= (SELECT indexed_upto FROM audit_index_state WHERE id = 1);
+CREATE TABLE audit_time_marks (
+    second INTEGER PRIMARY KEY,
+    seq    INTEGER NOT NULL
+);
+ALTER TABLE audit_index_state ADD COLUMN max_time_ms INTEGER;
+ALTER TABLE audit_index_state ADD COLUMN max_lag_ms INTEGER NOT NULL DEFAULT 0;
+WITH times AS (
+    SELECT seq, time_ms,
+           max(time_ms) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS prev_max
+    FROM audit_records
+    WHERE seq <= (SELECT indexed_upto FROM audit_index_state WHERE id = 1)
+), seconds AS (
+    SELECT seq, time_ms, prev_max,
+           CASE WHEN time_ms >= 0 THEN time_ms / 1000 ELSE -((999 - time_ms) / 1000) END
+               AS second,
+           CASE WHEN prev_max >= 0 THEN prev_max / 1000 ELSE -((999 - prev_max) / 1000) END
+               AS prev_second
+    FROM times
+)
+INSERT INTO audit_time_marks (second, seq)
+    SELECT second, seq FROM seconds
+    WHERE prev_max IS NULL OR (time_ms > prev_max AND second > prev_second)
+    ORDER BY seq;
+WITH times AS (
+    SELECT time_ms,
+           max(time_ms) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS prev_max
+    FROM audit_records
+    WHERE seq <= (SELECT indexed_upto FROM audit_index_state WHERE id = 1)
+)
+UPDATE audit_index_state SET
+    max_time_ms = (SELECT max(time_ms) FROM times),
+    max_lag_ms = coalesce((SELECT max(prev_max - time_ms) FROM times WHERE prev_max > time_ms), 0)
+    WHERE id = 1;
+DROP TABLE audit_by_time;
+"#,
 ];

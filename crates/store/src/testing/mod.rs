@@ -101,6 +101,7 @@ macro_rules! conformance_tests {
             audit_append_chains_and_verifies,
             audit_genesis_is_not_sealed_over_data,
             audit_query_filters_and_pages,
+            audit_query_by_time_and_owner_is_exact,
             audit_head_key_first_wins,
             audit_concurrent_appends_one_chain,
             audited_put_is_one_transaction,
