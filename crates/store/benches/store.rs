@@ -6,11 +6,17 @@
 //!   512-byte values): `get_version` of the current version of a random credential with 1
 //!   and 16 concurrent readers, and single-writer puts to random credentials.
 //!
+//! - audit queries at `--audit` records (appended through the real chain in batches of 4096;
+//!   1,000 owners × 5 credential names, 20 principals, times 5 ms apart with one record in
+//!   eight 0–2.5 s late): the time one page of 100 takes, newest first, by owner alone, by
+//!   owner and name, by principal, by a one-minute window in the middle of the log, by the
+//!   last hour, by an owner within a ten-minute window, and unfiltered.
+//!
 //! Every figure is the median of `--trials` runs.
 //!
 //! ```text
 //! cargo bench -p strongroom-store --bench store -- [--backend sqlite|postgres|all]
-//!     [--secs 5] [--trials 3] [--sizes 10000,1000000] [--dir DIR]
+//!     [--secs 5] [--trials 3] [--sizes 10000,1000000] [--audit 1000000] [--dir DIR]
 //! ```
 //! PostgreSQL runs only when `STRONGROOM_TEST_POSTGRES_URL` is set. SQLite files go under
 //! `--dir` (default: the current directory), which must be on a real disk: on tmpfs an
@@ -35,6 +41,7 @@ struct Args {
     secs: f64,
     trials: usize,
     sizes: Vec<u64>,
+    audit: Vec<u64>,
     dir: PathBuf,
 }
 
@@ -44,6 +51,7 @@ fn args() -> Args {
         secs: 5.0,
         trials: 3,
         sizes: vec![10_000, 1_000_000],
+        audit: vec![1_000_000],
         dir: PathBuf::from("."),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -68,6 +76,13 @@ fn args() -> Args {
             }
             "--sizes" => {
                 a.sizes = match val.as_str() {
+                    "none" => Vec::new(),
+                    v => v.split(',').map(|s| s.parse().unwrap()).collect(),
+                };
+                i += 1;
+            }
+            "--audit" => {
+                a.audit = match val.as_str() {
                     "none" => Vec::new(),
                     v => v.split(',').map(|s| s.parse().unwrap()).collect(),
                 };
@@ -397,6 +412,161 @@ async fn bench_sized(backend: &str, a: &Args, versions: u64) {
     fresh.dispose().await;
 }
 
+type Window = (Option<OffsetDateTime>, Option<OffsetDateTime>);
+
+/// An audit filter (the type is non-exhaustive: built field by field).
+fn filter(
+    owner: Option<String>,
+    name: Option<String>,
+    principal: Option<String>,
+    (since, until): Window,
+) -> strongroom_store::AuditFilter {
+    let mut f = strongroom_store::AuditFilter::default();
+    f.owner = owner;
+    f.name = name;
+    f.principal_id = principal;
+    f.since = since;
+    f.until = until;
+    f
+}
+
+fn owner_of(r: &mut Rng) -> String {
+    format!("owner-{:04}", r.next() % 1000)
+}
+
+fn name_of(r: &mut Rng) -> String {
+    format!("cred-{}", r.next() % 5)
+}
+
+/// Appends `n` audit records, then times pages of 100 for each kind of query (see the
+/// module docs): the median of `--trials` × 20 pages, each with another owner, name,
+/// principal or window.
+async fn bench_audit(backend: &str, a: &Args, n: u64) {
+    use strongroom_store::audit::{Event, HeadKey, GENESIS};
+    let fresh = Fresh::new(backend, a).await;
+    let log = fresh.store().audit_log().unwrap();
+    let key = Arc::new(HeadKey::new([7; 32]));
+    log.audit_seal_genesis(key.head(0, GENESIS)).await.unwrap();
+    let base = OffsetDateTime::now_utc() - time::Duration::milliseconds((n * 5) as i64);
+    let mut rng = Rng(rand_seed() | 1);
+    let started = Instant::now();
+    let mut seq = 0u64;
+    while seq < n {
+        let batch = (n - seq).min(4096);
+        let events = (0..batch)
+            .map(|k| {
+                let i = seq + k;
+                let r = rng.next();
+                let late = if r.is_multiple_of(8) {
+                    (r >> 8) % 2_500
+                } else {
+                    0
+                };
+                let owner = r.wrapping_mul(31) >> 40;
+                Event {
+                    time: base + time::Duration::milliseconds((i * 5) as i64)
+                        - time::Duration::milliseconds(late as i64),
+                    principal_kind: "service".into(),
+                    principal_id: format!("svc-{}", (r >> 16) % 20),
+                    action: "reveal".into(),
+                    owner: Some(format!("owner-{:04}", owner % 1000)),
+                    name: Some(format!("cred-{}", (r >> 24) % 5)),
+                    version: Some(1),
+                    outcome: "ok".into(),
+                    status: 200,
+                    request_id: None,
+                    client_addr: None,
+                    on_behalf_of: None,
+                    destination: None,
+                    error_code: None,
+                }
+            })
+            .collect();
+        log.audit_append(key.clone(), events).await.unwrap();
+        seq += batch;
+    }
+    eprintln!(
+        "{backend}: {n} audit records appended in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // SQLite indexes behind the appends; the first query by owner catches up (not timed).
+    let started = Instant::now();
+    log.audit_query(
+        &filter(Some("owner-0000".into()), None, None, (None, None)),
+        None,
+        1,
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "{backend}: first query (indexes caught up) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let end = base + time::Duration::milliseconds((n * 5) as i64);
+    let span_ms = (n * 5) as i64;
+    type Make = Box<dyn Fn(&mut Rng) -> strongroom_store::AuditFilter>;
+    let window = move |r: &mut Rng, minutes: i64| {
+        let start = base + time::Duration::milliseconds((r.next() % span_ms.max(1) as u64) as i64)
+            - time::Duration::minutes(minutes / 2);
+        (Some(start), Some(start + time::Duration::minutes(minutes)))
+    };
+    let kinds: Vec<(&str, Make)> = vec![
+        (
+            "owner alone",
+            Box::new(|r| filter(Some(owner_of(r)), None, None, (None, None))),
+        ),
+        (
+            "owner and name",
+            Box::new(|r| filter(Some(owner_of(r)), Some(name_of(r)), None, (None, None))),
+        ),
+        (
+            "principal",
+            Box::new(|r| {
+                let principal = format!("svc-{}", r.next() % 20);
+                filter(None, None, Some(principal), (None, None))
+            }),
+        ),
+        (
+            "a minute, mid-log",
+            Box::new(move |r| filter(None, None, None, window(r, 1))),
+        ),
+        (
+            "the last hour",
+            Box::new(move |_| {
+                let since = Some(end - time::Duration::hours(1));
+                filter(None, None, None, (since, None))
+            }),
+        ),
+        (
+            "owner, 10 minutes",
+            Box::new(move |r| filter(Some(owner_of(r)), None, None, window(r, 10))),
+        ),
+        (
+            "unfiltered",
+            Box::new(|_| filter(None, None, None, (None, None))),
+        ),
+    ];
+    for (what, make) in kinds {
+        let mut medians = Vec::new();
+        for _ in 0..a.trials {
+            let mut times = Vec::new();
+            for _ in 0..20 {
+                let f = make(&mut rng);
+                let t = Instant::now();
+                let page = log.audit_query(&f, None, 100).await.unwrap();
+                times.push(t.elapsed().as_secs_f64());
+                assert!(page.windows(2).all(|w| w[0].seq > w[1].seq));
+            }
+            medians.push(median(times));
+        }
+        println!(
+            "| {backend} | audit page of 100 at {n} records: {what} | 1 | — | {} | — |",
+            ms(median(medians))
+        );
+    }
+    fresh.dispose().await;
+}
+
 fn main() {
     let a = args();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -417,6 +587,9 @@ fn main() {
             }
             for &size in &a.sizes {
                 bench_sized(backend, &a, size).await;
+            }
+            for &n in &a.audit {
+                bench_audit(backend, &a, n).await;
             }
         }
     });
