@@ -532,6 +532,7 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     conn.execute_batch(
         "DROP TABLE audit_by_credential; DROP TABLE audit_index_state;
          DROP TABLE audit_by_principal; DROP TABLE audit_by_time; DROP TABLE audit_by_name;
+         DROP TABLE audit_anchor;
          CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
          CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);

@@ -87,4 +87,15 @@ INSERT INTO audit_head (id, count, hash, mac) VALUES (1, 0, decode(repeat('00', 
     // 5: records by credential name across owners (`GET /v1/audit?name=`): the
     // per-credential index starts with the owner, so a name alone scanned all of it.
     "CREATE INDEX audit_records_by_name ON audit_records (name, seq);",
+    // 6: audit retention (see `crate::audit`): the anchor the log starts after once its older
+    // records were archived and removed (no row: none ever was).
+    r#"
+CREATE TABLE audit_anchor (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    seq  BIGINT NOT NULL CHECK (seq > 0),
+    hash BYTEA NOT NULL,
+    puts BIGINT NOT NULL CHECK (puts >= 0),
+    mac  BYTEA NOT NULL
+);
+"#,
 ];
