@@ -52,6 +52,12 @@ fn populate(records: u64) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
+    populate_with(&data, None, records);
+    dir
+}
+
+/// [`populate`] into `data` (which exists), with the configuration file `config` if any.
+fn populate_with(data: &Path, config: Option<&Path>, records: u64) {
     strongroom_keys::local::generate(
         &data.join("keyring.json"),
         time::OffsetDateTime::now_utc(),
@@ -59,7 +65,7 @@ fn populate(records: u64) -> tempfile::TempDir {
     )
     .unwrap();
     rt().block_on(async {
-        let backends = strongroom_server::Backends::open(&operator_config(None, &data))
+        let backends = strongroom_server::Backends::open(&operator_config(config, data))
             .await
             .unwrap();
         strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None, None)
@@ -107,7 +113,6 @@ fn populate(records: u64) -> tempfile::TempDir {
             .unwrap();
         backends.close().await;
     });
-    dir
 }
 
 fn db(data: &Path) -> PathBuf {
@@ -754,4 +759,129 @@ fn archive_runs_beside_a_serving_server() {
     drop(server);
     let (ok, text) = verify(&data);
     assert!(ok, "{text}");
+}
+
+fn postgres_url() -> Option<String> {
+    match std::env::var("STRONGROOM_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("STRONGROOM_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "STRONGROOM_REQUIRE_POSTGRES=1 but STRONGROOM_TEST_POSTGRES_URL is unset"
+            );
+            eprintln!(
+                "SKIPPED (loudly): STRONGROOM_TEST_POSTGRES_URL is unset; the PostgreSQL \
+                 archive test did not run (scripts/lib/postgres.sh pg_start sets it)"
+            );
+            None
+        }
+    }
+}
+
+/// The same on PostgreSQL: archive by time, then by seq past the puts; the log and the files
+/// verify; an edited or removed anchor, or records removed by hand, fail.
+#[test]
+fn archive_on_postgres() {
+    let Some(url) = postgres_url() else { return };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("cli_archive_{}_{nanos}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let config = dir.path().join("strongroom.toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nkind = \"postgres\"\nurl = {url:?}\nschema = \"{schema}\"\n"),
+    )
+    .unwrap();
+    populate_with(&data, Some(&config), 300);
+    let cfg = config.to_str().unwrap().to_owned();
+    let pg = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--config", &cfg]);
+        run(&all, &data)
+    };
+    let verify_pg = || {
+        let (ok, out, err) = pg(&["audit", "verify"]);
+        (ok, format!("{out}{err}"))
+    };
+    let out_dir = tempfile::tempdir().unwrap();
+    let f1 = out_dir.path().join("pg-1.jsonl");
+    let f2 = out_dir.path().join("pg-2.jsonl");
+    let before = rfc3339(BASE + 101);
+    let (ok, out, err) = pg(&[
+        "audit",
+        "archive",
+        "--before",
+        &before,
+        "--output",
+        f1.to_str().unwrap(),
+        "--batch",
+        "7",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archived records 1..151"), "{out}");
+    let (ok, text) = verify_pg();
+    assert!(ok && text.contains("1..151 archived"), "{text}");
+    let (ok, out, err) = pg(&[
+        "audit",
+        "archive",
+        "--before",
+        "312",
+        "--output",
+        f2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let anchor: serde_json::Value = common::read_json(&f2.with_extension("jsonl.anchor.json"));
+    assert_eq!(anchor["seq"], 311);
+    assert_eq!(anchor["puts"], 5);
+    let (ok, text) = verify_pg();
+    assert!(ok, "{text}");
+    for f in [&f1, &f2] {
+        let (ok, out, err) = pg(&["audit", "verify", "--file", f.to_str().unwrap()]);
+        assert!(ok, "{out}{err}");
+    }
+
+    let rt = rt();
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .unwrap();
+    rt.spawn(async move {
+        let _ = conn.await;
+    });
+    let exec = |sql: &str| {
+        rt.block_on(client.batch_execute(&format!("SET search_path TO {schema}; {sql}")))
+            .unwrap()
+    };
+    // Each change committed (verify runs in another process), then undone.
+    exec("UPDATE audit_anchor SET puts = 0");
+    let (ok, text) = verify_pg();
+    assert!(
+        !ok && text.contains("anchor's MAC does not verify"),
+        "{text}"
+    );
+    exec("UPDATE audit_anchor SET puts = 5");
+    assert!(verify_pg().0);
+    exec("CREATE TABLE saved_anchor AS SELECT * FROM audit_anchor; DELETE FROM audit_anchor");
+    let (ok, text) = verify_pg();
+    assert!(
+        !ok && text.contains("record 1: found record numbered 312"),
+        "{text}"
+    );
+    exec("INSERT INTO audit_anchor SELECT * FROM saved_anchor");
+    exec(
+        "CREATE TABLE saved_records AS SELECT * FROM audit_records WHERE seq <= 312; \
+         DELETE FROM audit_records WHERE seq <= 312",
+    );
+    let (ok, text) = verify_pg();
+    assert!(
+        !ok && text.contains("record 312: found record numbered 313"),
+        "{text}"
+    );
+    exec("INSERT INTO audit_records SELECT * FROM saved_records");
+    assert!(verify_pg().0);
+    exec(&format!("RESET search_path; DROP SCHEMA {schema} CASCADE"));
 }
