@@ -432,6 +432,13 @@ fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor,
         ))
     };
     let checked = verify_file(file, key).map_err(|e| refuse(e.to_string()))?;
+    // Durable before the log is anchored after it (the run that wrote it may have stopped
+    // before its directory was synced).
+    let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_all());
+    sync(file)
+        .and_then(|()| sync(&anchor_path(file)))
+        .and_then(|()| sync_dir(file))
+        .map_err(CliError::io("cannot sync the archive file"))?;
     let target = checked.anchor;
     let after = anchor.map_or(0, |a| a.seq);
     if anchor == Some(&target) {
