@@ -15,6 +15,11 @@
 //!   head cannot be forged without the provider. Restoring an older copy of the whole
 //!   database (log and head together) is not caught by the log itself: `audit head` prints
 //!   the head so it can be kept elsewhere and checked with `audit verify --expect-head`.
+//! * Records at the start of the log may be archived and removed (`audit archive`): the
+//!   [`Anchor`] `(seq, hash, puts)` of the last removed record carries an HMAC under the head
+//!   key too (in its own domain, so a head's MAC is never an anchor's), and the log then
+//!   verifies from it ([`Verifier::after`]). Removing records at the start without a genuine
+//!   anchor that covers them breaks the sequence at the first record kept.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
@@ -25,6 +30,7 @@ use time::OffsetDateTime;
 
 const DOMAIN: &[u8] = b"strongroom-audit-v1\0";
 const HEAD_DOMAIN: &[u8] = b"strongroom-audit-head-v1\0";
+const ANCHOR_DOMAIN: &[u8] = b"strongroom-audit-anchor-v1\0";
 /// The domain of keys derived from the head key ([`HeadKey::derive`]).
 const DERIVE_DOMAIN: &[u8] = b"strongroom-audit-derive-v1\0";
 
@@ -132,6 +138,31 @@ pub struct Head {
     pub mac: [u8; 32],
 }
 
+/// Where the log starts once its older records were archived and removed: the last removed
+/// record's `seq` and `hash`, how many `put` records with outcome `ok` the log held up to it
+/// (so that `audit verify` can still count puts against the versions the store holds), and an
+/// HMAC-SHA256 over the three under the head key, in a domain of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Anchor {
+    /// The last removed record's position; the log goes on at `seq + 1`.
+    pub seq: u64,
+    /// The last removed record's hash: the next record's `prev_hash`.
+    #[serde(with = "hex_array")]
+    pub hash: [u8; 32],
+    /// `put` records with outcome `ok` at or before `seq`.
+    pub puts: u64,
+    /// HMAC-SHA256 over `(seq, hash, puts)` under the head key.
+    #[serde(with = "hex_array")]
+    pub mac: [u8; 32],
+}
+
+/// Whether a record counts in [`Anchor::puts`]: a `put` that succeeded (each one wrote a
+/// credential version in the same transaction).
+pub fn is_counted_put(r: &Record) -> bool {
+    r.event.action == "put" && r.event.outcome == "ok"
+}
+
 /// The key that MACs the head. Zeroized on drop; no `Debug` contents.
 pub struct HeadKey(zeroize::Zeroizing<[u8; 32]>);
 
@@ -177,6 +208,39 @@ impl HeadKey {
         }
     }
 
+    fn anchor_mac(&self, seq: u64, hash: &[u8; 32], puts: u64) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+            .unwrap_or_else(|_| unreachable!());
+        m.update(ANCHOR_DOMAIN);
+        m.update(&seq.to_be_bytes());
+        m.update(hash);
+        m.update(&puts.to_be_bytes());
+        m
+    }
+
+    /// The anchor after removing records up to `seq`, the last of which hashes to `hash`,
+    /// `puts` of them counted puts ([`is_counted_put`]).
+    pub fn anchor(&self, seq: u64, hash: [u8; 32], puts: u64) -> Anchor {
+        Anchor {
+            seq,
+            hash,
+            puts,
+            mac: self
+                .anchor_mac(seq, &hash, puts)
+                .finalize()
+                .into_bytes()
+                .into(),
+        }
+    }
+
+    /// Whether `anchor`'s MAC is genuine (constant time).
+    pub fn check_anchor(&self, anchor: &Anchor) -> bool {
+        self.anchor_mac(anchor.seq, &anchor.hash, anchor.puts)
+            .verify_slice(&anchor.mac)
+            .is_ok()
+    }
+
     /// Whether `head`'s MAC is genuine (constant time).
     pub fn check(&self, head: &Head) -> bool {
         self.mac(head.count, &head.hash)
@@ -218,6 +282,11 @@ pub enum VerifyError {
     /// The last record's hash differs from the head's.
     #[error("record {0}: the last record does not match the chain head")]
     HeadHash(u64),
+    /// The anchor's MAC does not verify (forged or edited anchor, or the wrong key).
+    #[error(
+        "the audit anchor's MAC does not verify (a forged or edited anchor, or the wrong key)"
+    )]
+    AnchorMac,
 }
 
 /// Checks records one at a time, in order, then the head.
@@ -240,6 +309,20 @@ impl Verifier {
             count: 0,
             last: GENESIS,
         }
+    }
+
+    /// A verifier that goes on after `seq` records, the last hashing to `hash`: after an
+    /// [`Anchor`] (whose MAC the caller checked), or in an archive file that starts there.
+    pub fn after(seq: u64, hash: [u8; 32]) -> Self {
+        Self {
+            count: seq,
+            last: hash,
+        }
+    }
+
+    /// The hash of the last record checked ([`GENESIS`] or the starting hash before any).
+    pub fn last_hash(&self) -> [u8; 32] {
+        self.last
     }
 
     /// Checks the next record.

@@ -143,3 +143,78 @@ fn derived_keys_depend_on_the_key_and_the_label() {
     assert_ne!(*a, *HeadKey::new([8; 32]).derive(b"usage-cursor/1"));
     assert_ne!(*a, [7; 32]);
 }
+
+/// A log cut at an anchor verifies from it; the anchor's MAC covers seq, hash and puts, in a
+/// domain of its own (a head's MAC is no anchor's); records removed past the anchor, or an
+/// anchor rolled back, break the sequence at the first record kept.
+#[test]
+fn an_anchor_resumes_the_chain_and_cannot_be_forged() {
+    let (records, head, key) = log(10);
+    let anchor = key.anchor(4, records[3].hash, 2);
+    assert!(key.check_anchor(&anchor));
+    let mut v = Verifier::after(anchor.seq, anchor.hash);
+    for r in &records[4..] {
+        v.push(r).unwrap();
+    }
+    assert_eq!(v.finish(&head, &key), Ok(10));
+
+    // Every field is covered.
+    for forged in [
+        Anchor {
+            seq: 5,
+            ..anchor.clone()
+        },
+        Anchor {
+            hash: records[4].hash,
+            ..anchor.clone()
+        },
+        Anchor {
+            puts: 3,
+            ..anchor.clone()
+        },
+    ] {
+        assert!(!key.check_anchor(&forged), "{forged:?}");
+    }
+    assert!(!HeadKey::new([8; 32]).check_anchor(&anchor));
+    // A genuine head over the same (count, hash) is not an anchor, and back.
+    let as_head = key.head(4, records[3].hash);
+    assert!(!key.check_anchor(&Anchor {
+        seq: 4,
+        hash: records[3].hash,
+        puts: 0,
+        mac: as_head.mac,
+    }));
+    assert!(!key.check(&Head {
+        count: 4,
+        hash: records[3].hash,
+        mac: anchor.mac,
+    }));
+
+    // One more record removed than the anchor covers.
+    let mut v = Verifier::after(anchor.seq, anchor.hash);
+    assert_eq!(
+        v.push(&records[5]),
+        Err(VerifyError::Sequence {
+            expected: 5,
+            found: 6
+        })
+    );
+    // An anchor that does not match the record after it (an earlier record's hash).
+    let mut v = Verifier::after(4, records[2].hash);
+    assert_eq!(v.push(&records[4]), Err(VerifyError::Chain(5)));
+}
+
+#[test]
+fn anchors_round_trip_through_json() {
+    let key = HeadKey::new([7; 32]);
+    let anchor = key.anchor(9, [3; 32], 4);
+    let text = serde_json::to_string(&anchor).unwrap();
+    assert_eq!(serde_json::from_str::<Anchor>(&text).unwrap(), anchor);
+    let (records, _, _) = log(2);
+    assert!(!is_counted_put(&records[0]));
+    let mut put = records[0].clone();
+    put.event.action = "put".into();
+    assert!(is_counted_put(&put));
+    put.event.outcome = "denied".into();
+    assert!(!is_counted_put(&put));
+}

@@ -52,7 +52,8 @@ enum Command {
     /// Import credentials from other systems (`import django-fernet-fields`).
     #[command(subcommand)]
     Import(commands::import::ImportCommand),
-    /// The tamper-evident audit log: `verify` it, print its `head`, `export` it.
+    /// The tamper-evident audit log: `verify` it, print its `head`, `export` it, `archive` its
+    /// older part.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
     /// A consistent copy of the SQLite store (values sealed, never a key), taken while the

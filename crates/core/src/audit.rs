@@ -743,6 +743,26 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.store.audit_seal_genesis(genesis).await
         }
+        async fn audit_anchor(
+            &self,
+        ) -> Result<Option<strongroom_store::audit::Anchor>, StoreError> {
+            self.store.audit_anchor().await
+        }
+        async fn audit_set_anchor(
+            &self,
+            key: Arc<HeadKey>,
+            after: u64,
+            anchor: strongroom_store::audit::Anchor,
+        ) -> Result<(), StoreError> {
+            self.store.audit_set_anchor(key, after, anchor).await
+        }
+        async fn audit_prune(
+            &self,
+            key: Arc<HeadKey>,
+            limit: u32,
+        ) -> Result<strongroom_store::audit::Pruned, StoreError> {
+            self.store.audit_prune(key, limit).await
+        }
     }
 
     /// A failed append marks the writer failing (the node reports not ready) until one

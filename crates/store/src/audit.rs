@@ -7,6 +7,13 @@
 //! on PostgreSQL under a row lock on the head (`SELECT ... FOR UPDATE`), so several nodes
 //! sharing one database still write one chain.
 //!
+//! Retention (migration 7): `audit_anchor` (at most one row: `seq`, `hash`, `puts`, `mac`;
+//! on SQLite also `swept_upto`) says where the log starts once its older records were
+//! archived. [`AuditLog::audit_set_anchor`] moves it forward, after the records up to it were
+//! written to an archive file; [`AuditLog::audit_prune`] then removes them, a bounded batch
+//! per call, so that neither backend's writers wait long. Records at or before the anchor that
+//! are still there (a removal cut short) are outside the log: verify starts after the anchor.
+//!
 //! The store never sees a value: an [`Event`] has no field that could hold one.
 
 use std::fmt::Debug;
@@ -14,7 +21,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use strongroom_audit::{
-    record_hash, Event, Head, HeadKey, Record, Verifier, VerifyError, GENESIS,
+    is_counted_put, record_hash, Anchor, Event, Head, HeadKey, Record, Verifier, VerifyError,
+    GENESIS,
 };
 use time::OffsetDateTime;
 
@@ -46,6 +54,17 @@ pub struct AuditFilter {
     pub since: Option<OffsetDateTime>,
     /// Before this time.
     pub until: Option<OffsetDateTime>,
+}
+
+/// What one [`AuditLog::audit_prune`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Pruned {
+    /// Records removed by this call.
+    pub records: u64,
+    /// Whether nothing at or before the anchor is left to remove (records, and on SQLite
+    /// the deferred index entries).
+    pub done: bool,
 }
 
 /// The audit log's storage, beside the credentials in the same database.
@@ -102,6 +121,41 @@ pub trait AuditLog: Send + Sync + Debug {
     /// [`StoreError::Corrupt`] when the head is not sealed but the store holds audit records
     /// or credential versions: the log was reset outside Strongroom.
     async fn audit_seal_genesis(&self, genesis: Head) -> Result<(), StoreError>;
+
+    /// The anchor the log starts after, or `None` while no record was ever removed. Its MAC
+    /// is not checked here.
+    async fn audit_anchor(&self) -> Result<Option<Anchor>, StoreError>;
+
+    /// Moves the anchor to `anchor` (MAC'd with `key`), in one transaction, after checking
+    /// that: the head's MAC verifies; the stored anchor (if any) verifies and is at `after`
+    /// (`0`: none), so two runs never both move it; `anchor` is genuine, past `after` and
+    /// before the head (the record the head names is never removed, so appends keep finding
+    /// it); the stored record at `anchor.seq` has `anchor.hash` and the next one follows it;
+    /// and `anchor.puts` is not below the stored anchor's. Removes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AuditIntegrity`] when the head or the stored anchor does not verify, or
+    /// the records do not match `anchor`; [`StoreError::InvalidInput`] when `anchor` is not
+    /// genuine, out of range, or the stored anchor is no longer at `after`.
+    async fn audit_set_anchor(
+        &self,
+        key: Arc<HeadKey>,
+        after: u64,
+        anchor: Anchor,
+    ) -> Result<(), StoreError>;
+
+    /// Removes up to `limit` (clamped to 1 to [`MAX_APPEND_BATCH`]) of the records at or
+    /// before the anchor, lowest first, in one short transaction, once the anchor's MAC
+    /// verifies under `key`; when none are left, SQLite also removes the deferred index
+    /// entries of `seq` up to the anchor (in short write jobs). Call it until
+    /// [`Pruned::done`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AuditIntegrity`] when the stored anchor does not verify (nothing is
+    /// removed); [`StoreError::Unavailable`] when the backend fails.
+    async fn audit_prune(&self, key: Arc<HeadKey>, limit: u32) -> Result<Pruned, StoreError>;
 }
 
 /// Most records one query page returns.
@@ -358,6 +412,90 @@ pub(crate) fn chain(
         out.push((r, ms));
     }
     Ok(out)
+}
+
+/// The stored anchor, from its columns.
+pub(crate) fn anchor_from(
+    seq: i64,
+    hash: Vec<u8>,
+    puts: i64,
+    mac: Vec<u8>,
+) -> Result<Anchor, StoreError> {
+    Ok(Anchor {
+        seq: seq_from(seq)?,
+        hash: hash_from(hash)?,
+        puts: u64::try_from(puts).map_err(|_| StoreError::corrupt("audit anchor puts range"))?,
+        mac: hash_from(mac)?,
+    })
+}
+
+/// What a write that trusts the anchor says when it does not verify.
+pub(crate) fn forged_anchor() -> StoreError {
+    StoreError::AuditIntegrity {
+        what: "the audit anchor's MAC does not verify (it was changed outside Strongroom): \
+               nothing is removed; run `strongroom audit verify`"
+            .into(),
+    }
+}
+
+/// The stored anchor's `(seq, puts)` (`(0, 0)` for none) once its MAC verifies under `key`.
+pub(crate) fn checked_anchor(
+    key: &HeadKey,
+    stored: Option<&Anchor>,
+) -> Result<(u64, u64), StoreError> {
+    match stored {
+        None => Ok((0, 0)),
+        Some(a) if key.check_anchor(a) => Ok((a.seq, a.puts)),
+        Some(_) => Err(forged_anchor()),
+    }
+}
+
+/// The checks of [`AuditLog::audit_set_anchor`] once the backend has read, in its
+/// transaction: the head (checked already: `head_count`), the stored anchor, and the records
+/// at `anchor.seq` and `anchor.seq + 1` as `(seq, hash, prev_hash)`.
+pub(crate) fn check_new_anchor(
+    key: &HeadKey,
+    head_count: u64,
+    stored: Option<&Anchor>,
+    after: u64,
+    anchor: &Anchor,
+    at: &[(i64, Vec<u8>, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let (stored_seq, stored_puts) = checked_anchor(key, stored)?;
+    if stored_seq != after {
+        return Err(StoreError::InvalidInput(
+            "the audit anchor moved meanwhile (another archive ran): run it again",
+        ));
+    }
+    if !key.check_anchor(anchor) {
+        return Err(StoreError::InvalidInput(
+            "the new audit anchor's MAC is wrong",
+        ));
+    }
+    if anchor.seq <= after || anchor.seq >= head_count || anchor.puts < stored_puts {
+        return Err(StoreError::InvalidInput(
+            "the new audit anchor must lie past the current one and before the chain head",
+        ));
+    }
+    let follows = match at {
+        [(s1, h1, _), (s2, _, p2)] => {
+            u64::try_from(*s1).ok() == Some(anchor.seq)
+                && u64::try_from(*s2).ok() == Some(anchor.seq + 1)
+                && h1.as_slice() == anchor.hash
+                && p2.as_slice() == anchor.hash
+        }
+        _ => false,
+    };
+    if !follows {
+        return Err(StoreError::AuditIntegrity {
+            what: format!(
+                "audit record {} or the one after it is missing or does not match the \
+                 archived chain: nothing is removed; run `strongroom audit verify`",
+                anchor.seq
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Checks a batch size.

@@ -109,7 +109,7 @@ pub use types::{
 };
 
 /// The newest database schema version this build knows (both backends).
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// Where credentials live. Every method is one atomic operation.
 ///

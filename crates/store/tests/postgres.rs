@@ -169,7 +169,7 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
     // Back to schema 5's layout, as an older Strongroom left it.
     let pg = PostgresStore::connect(&b.url, b.options()).await.unwrap();
     pg.testing_batch_execute(
-        "DROP INDEX audit_records_by_owner; DROP TABLE audit_time_marks;
+        "DROP INDEX audit_records_by_owner; DROP TABLE audit_time_marks; DROP TABLE audit_anchor;
          ALTER TABLE audit_head DROP COLUMN max_time_ms, DROP COLUMN max_lag_ms;
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);
          UPDATE schema_version SET version = 5;",

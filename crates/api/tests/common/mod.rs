@@ -135,6 +135,30 @@ impl strongroom_store::AuditLog for FailingLog {
     ) -> Result<(), strongroom_store::StoreError> {
         Ok(())
     }
+    async fn audit_anchor(
+        &self,
+    ) -> Result<Option<strongroom_store::audit::Anchor>, strongroom_store::StoreError> {
+        Ok(None)
+    }
+    async fn audit_set_anchor(
+        &self,
+        _: Arc<strongroom_store::audit::HeadKey>,
+        _: u64,
+        _: strongroom_store::audit::Anchor,
+    ) -> Result<(), strongroom_store::StoreError> {
+        Err(strongroom_store::StoreError::Unavailable(
+            strongroom_store::BackendError::msg("audit log down"),
+        ))
+    }
+    async fn audit_prune(
+        &self,
+        _: Arc<strongroom_store::audit::HeadKey>,
+        _: u32,
+    ) -> Result<strongroom_store::audit::Pruned, strongroom_store::StoreError> {
+        Err(strongroom_store::StoreError::Unavailable(
+            strongroom_store::BackendError::msg("audit log down"),
+        ))
+    }
 }
 
 /// Rotation for the routes' tests: the fake provider's next version (the servers' real

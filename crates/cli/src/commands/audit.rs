@@ -1,15 +1,16 @@
-//! `strongroom audit verify|head|export`: check, pin and stream the tamper-evident audit log.
+//! `strongroom audit verify|head|export|archive`: check, pin, stream and trim the
+//! tamper-evident audit log.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use strongroom_store::audit::{Head, Verifier};
+use strongroom_store::audit::{Head, Record, Verifier};
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
-use crate::output::outln;
+use crate::output::{errln, outln};
 
 /// Records read per batch.
 const BATCH: u32 = 4096;
@@ -21,7 +22,12 @@ pub enum AuditCommand {
     /// first bad record and exits non-zero on any tampering.
     #[command(
         after_help = "Examples:\n  strongroom audit verify --config /etc/strongroom/strongroom.toml\n  \
-        strongroom audit verify --config /etc/strongroom/strongroom.toml --expect-head head.json"
+        strongroom audit verify --config /etc/strongroom/strongroom.toml --expect-head head.json\n  \
+        strongroom audit verify --config /etc/strongroom/strongroom.toml --file audit-2026-01.jsonl\n\n\
+        After `audit archive`, the log starts after its anchor: the last archived record, whose \
+        (seq, hash) and count of puts carry a MAC under the audit head key. Verify checks the \
+        anchor's MAC and the chain from it on; records removed at the start without an anchor \
+        covering them, or an anchor that was edited, fail."
     )]
     Verify {
         /// Where the store and keys are.
@@ -29,8 +35,13 @@ pub enum AuditCommand {
         target: OperatorTarget,
         /// A head saved earlier by `audit head` (a JSON file): also check the log still
         /// contains it, which catches a rollback of the whole log.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "file")]
         expect_head: Option<PathBuf>,
+        /// Check an archive file written by `audit archive` instead of the log: its chain,
+        /// and that it ends at the anchor in FILE.anchor.json, whose MAC the store's audit
+        /// head key must verify.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
     },
     /// Print the chain head (count, hash, mac) as JSON, to keep it somewhere else.
     #[command(after_help = "Example (keep the file away from the store's host):\n  \
@@ -40,6 +51,32 @@ pub enum AuditCommand {
         #[command(flatten)]
         target: OperatorTarget,
     },
+    /// Move the older part of the log to a file and remove it from the store, keeping the
+    /// rest verifiable.
+    #[command(
+        long_about = "Move the older part of the log to a file and remove it from the store, \
+keeping the rest verifiable. Safe while servers run.\n\n\
+Writes every record up to the cut (see --before) to FILE, in the format of `audit export` \
+(one JSON record per line), verifying the chain as it goes, and the anchor (the last \
+archived record's seq and hash, and how many puts the log held up to it, with a MAC under \
+the audit head key) to FILE.anchor.json. Both are fsynced before the store changes. Then the \
+log is anchored after the last archived record, and the archived records are removed from the \
+store in short transactions (--batch records each), with, on SQLite, their entries in the \
+audit query indexes. `audit verify` then checks the log from the anchor on; `audit verify \
+--file FILE` checks the archive on its own. Keep FILE and FILE.anchor.json together.\n\n\
+The cut: --before SEQ archives the records numbered below SEQ. --before TIME archives the \
+newest record older than TIME and every record before it: record times follow their numbers \
+only nearly (several nodes, clock steps), so a few records just before the cut may be at or \
+after TIME; no record older than TIME stays. The newest record is never archived (the chain \
+head names it).\n\n\
+Interrupted (killed, a crash, the store gone), the log still verifies: run the same command \
+again, with the same --output, and it finishes. Recorded in the log as `audit.archive` \
+(started, then ok or error).",
+        after_help = "Examples:\n  strongroom audit archive --config /etc/strongroom/strongroom.toml \
+        --before 2026-01-01T00:00:00Z --output /archive/audit-2025.jsonl\n  \
+        strongroom audit archive --data-dir ./strongroom-data --before 100000 --output old.jsonl --dry-run"
+    )]
+    Archive(super::archive::ArchiveArgs),
     /// Stream records in order (for a SIEM).
     #[command(
         after_help = "Examples:\n  strongroom audit export --data-dir ./strongroom-data | jq .\n  \
@@ -75,8 +112,15 @@ pub fn run(cmd: AuditCommand) -> Result<(), Failure> {
         match cmd {
             AuditCommand::Verify {
                 target,
+                file: Some(file),
+                ..
+            } => super::archive::verify_file_command(&target, &file).await,
+            AuditCommand::Verify {
+                target,
                 expect_head,
+                file: None,
             } => verify(&target, expect_head).await,
+            AuditCommand::Archive(args) => super::archive::run(args).await,
             AuditCommand::Head { target } => head(&target).await,
             AuditCommand::Export {
                 target,
@@ -105,14 +149,85 @@ async fn verify(target: &OperatorTarget, expect_head: Option<PathBuf>) -> Result
     let backends = target.open_existing().await?;
     let result = verify_log(&backends, expected.as_ref()).await;
     backends.close().await;
-    let n = result?;
-    outln!("audit log OK: {n} records, chain and head verified")?;
+    let checked = result?;
+    match checked.anchor {
+        None => outln!(
+            "audit log OK: {} records, chain and head verified",
+            checked.count
+        )?,
+        Some(a) => {
+            if checked.archived_left {
+                errln!(
+                    "note: records up to {a} are archived but not all removed yet (an \
+                     interrupted `audit archive`: run it again); they are not part of the log"
+                );
+            }
+            outln!(
+                "audit log OK: records {}..{} ({} records; 1..{a} archived), anchor, chain and \
+                 head verified",
+                a + 1,
+                checked.count,
+                checked.count - a
+            )?
+        }
+    }
     Ok(())
+}
+
+/// What [`verify_log`] checked.
+struct Checked {
+    /// The last record's `seq`.
+    count: u64,
+    /// The anchor's `seq`, when the log starts after one.
+    anchor: Option<u64>,
+    /// Whether records at or before the anchor are still there.
+    archived_left: bool,
 }
 
 async fn verify_log(
     backends: &strongroom_server::Backends,
     expected: Option<&Head>,
+) -> Result<Checked, Failure> {
+    let log = strongroom_core::audit::audit_log(backends.store.as_ref()).map_err(op)?;
+    // Read before the records (an archive moves it only forward, over records it keeps
+    // until then): the records read after it go on from it.
+    let mut anchor = log.audit_anchor().await.map_err(op)?;
+    let mut tries = 0;
+    let count = loop {
+        match verify_records(backends, expected, anchor.as_ref()).await {
+            Ok(n) => break n,
+            Err(e) => {
+                // An `audit archive` that ran meanwhile moved the anchor and removed records
+                // this read expected: check again from the new anchor (a whole check).
+                let now = log.audit_anchor().await.map_err(op)?;
+                tries += 1;
+                if now == anchor || tries == 3 {
+                    return Err(e);
+                }
+                anchor = now;
+            }
+        }
+    };
+    let archived_left = match &anchor {
+        Some(a) => log
+            .audit_scan(0, 1)
+            .await
+            .map_err(op)?
+            .first()
+            .is_some_and(|r| r.seq <= a.seq),
+        None => false,
+    };
+    Ok(Checked {
+        count,
+        anchor: anchor.map(|a| a.seq),
+        archived_left,
+    })
+}
+
+async fn verify_records(
+    backends: &strongroom_server::Backends,
+    expected: Option<&Head>,
+    anchor: Option<&strongroom_store::audit::Anchor>,
 ) -> Result<u64, Failure> {
     let store = backends.store.as_ref();
     let log = strongroom_core::audit::audit_log(store).map_err(op)?;
@@ -142,12 +257,26 @@ async fn verify_log(
             );
             bar
         });
-    let mut verifier = Verifier::new();
-    let mut pinned_seen = false;
-    // Every credential version is written with its `put` record, in one transaction.
-    let mut puts = 0u64;
     let failed =
         |e: String| -> Failure { CliError::Operation(format!("audit verify FAILED: {e}")).into() };
+    // After an archive the log goes on from its anchor, once the anchor's MAC verifies:
+    // records before it are in the archive file (or about to be removed), and the puts they
+    // held are counted in it.
+    let (mut verifier, mut puts) = match (anchor, &key) {
+        (None, _) => (Verifier::new(), 0u64),
+        (Some(a), Some(key)) if key.check_anchor(a) => (Verifier::after(a.seq, a.hash), a.puts),
+        (Some(_), Some(_)) => {
+            return Err(failed(
+                strongroom_store::audit::VerifyError::AnchorMac.to_string(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(failed(
+                "the log has an anchor but the head key is missing from provider_state".into(),
+            ))
+        }
+    };
+    let mut pinned_seen = false;
     // A saved head is only evidence if this log's key sealed it.
     if let (Some(exp), Some(key)) = (expected, &key) {
         if !key.check(exp) {
@@ -169,6 +298,19 @@ async fn verify_log(
         }
     };
     let mut head_checked = at_head(&verifier)?;
+    // A saved head at or before the anchor names an archived record: the anchor, genuine and
+    // past it, shows the log was not rolled back before it (the same record: the same hash).
+    if let (Some(exp), Some(a)) = (expected, anchor) {
+        if exp.count <= a.seq {
+            if exp.count == a.seq && exp.hash != a.hash {
+                return Err(failed(format!(
+                    "record {}: differs from the expected head (the log was rewritten)",
+                    a.seq
+                )));
+            }
+            pinned_seen = true;
+        }
+    }
     loop {
         let batch = log.audit_scan(verifier.count(), BATCH).await.map_err(op)?;
         if batch.is_empty() {
@@ -177,7 +319,7 @@ async fn verify_log(
         for r in &batch {
             verifier.push(r).map_err(|e| failed(e.to_string()))?;
             head_checked |= at_head(&verifier)?;
-            if r.event.action == "put" && r.event.outcome == "ok" {
+            if strongroom_store::audit::is_counted_put(r) {
                 puts += 1;
             }
             if let Some(exp) = expected {
@@ -313,11 +455,16 @@ async fn export_records(backends: &strongroom_server::Backends, after: u64) -> R
         let Some(last) = batch.last() else { break };
         next = last.seq;
         for r in &batch {
-            let line = serde_json::to_string(r).map_err(op)?;
-            writeln!(out, "{line}").map_err(crate::output::error("cannot write the export"))?;
+            write_record(&mut out, r).map_err(crate::output::error("cannot write the export"))?;
         }
     }
     out.flush()
         .map_err(crate::output::error("cannot write the export"))?;
     Ok(())
+}
+
+/// Writes one record as `audit export` does: its JSON on one line.
+pub(crate) fn write_record(out: &mut impl Write, r: &Record) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, r)?;
+    out.write_all(b"\n")
 }

@@ -1,5 +1,6 @@
 //! One module per top-level subcommand.
 
+pub mod archive;
 pub mod audit;
 pub mod backup;
 pub mod credential;

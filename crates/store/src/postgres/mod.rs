@@ -1854,6 +1854,28 @@ async fn audit_append_tx(
     Ok(records)
 }
 
+/// The stored audit anchor, if any (`FOR UPDATE` when `lock`: an anchor move).
+async fn audit_anchor_tx<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    lock: bool,
+) -> Result<Option<crate::audit::Anchor>, StoreError> {
+    let sql = if lock {
+        "SELECT seq, hash, puts, mac FROM audit_anchor WHERE id = 1 FOR UPDATE"
+    } else {
+        "SELECT seq, hash, puts, mac FROM audit_anchor WHERE id = 1"
+    };
+    let Some(row) = client.query_opt(sql, &[]).await.map_err(pg_err)? else {
+        return Ok(None);
+    };
+    crate::audit::anchor_from(
+        row.try_get(0).map_err(pg_err)?,
+        row.try_get(1).map_err(pg_err)?,
+        row.try_get(2).map_err(pg_err)?,
+        row.try_get(3).map_err(pg_err)?,
+    )
+    .map(Some)
+}
+
 #[async_trait]
 impl crate::audit::AuditLog for PostgresStore {
     async fn audit_append(
@@ -2019,6 +2041,112 @@ impl crate::audit::AuditLog for PostgresStore {
             .await
             .map_err(pg_err)?;
             Ok(())
+        }
+        .await;
+        finish(tx, result).await
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<crate::audit::Anchor>, StoreError> {
+        let client = self.client().await?;
+        audit_anchor_tx(&client, false).await
+    }
+
+    async fn audit_set_anchor(
+        &self,
+        key: std::sync::Arc<crate::audit::HeadKey>,
+        after: u64,
+        anchor: crate::audit::Anchor,
+    ) -> Result<(), StoreError> {
+        use crate::audit::seq_param;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = async {
+            // The head is only read (appends go on meanwhile: it only grows). Two archives
+            // racing: the first to insert or lock the anchor row wins, the other finds it
+            // moved (an empty table has no row to lock: the insert's key conflict decides).
+            let row = tx
+                .query_one("SELECT count, hash, mac FROM audit_head WHERE id = 1", &[])
+                .await
+                .map_err(pg_err)?;
+            let (count, _) = crate::audit::checked_head(
+                &key,
+                row.try_get(0).map_err(pg_err)?,
+                row.try_get(1).map_err(pg_err)?,
+                row.try_get(2).map_err(pg_err)?,
+            )?;
+            let stored = audit_anchor_tx(&tx, true).await?;
+            let at = tx
+                .query(
+                    "SELECT seq, hash, prev_hash FROM audit_records WHERE seq >= $1 \
+                     ORDER BY seq LIMIT 2",
+                    &[&seq_param(anchor.seq)],
+                )
+                .await
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<(i64, Vec<u8>, Vec<u8>)>, tokio_postgres::Error>>()
+                .map_err(pg_err)?;
+            crate::audit::check_new_anchor(&key, count, stored.as_ref(), after, &anchor, &at)?;
+            let (seq, puts) = (seq_param(anchor.seq), seq_param(anchor.puts));
+            let (hash, mac) = (&anchor.hash[..], &anchor.mac[..]);
+            let written = if stored.is_some() {
+                tx.execute(
+                    "UPDATE audit_anchor SET seq = $1, hash = $2, puts = $3, mac = $4 \
+                     WHERE id = 1",
+                    &[&seq, &hash, &puts, &mac],
+                )
+                .await
+            } else {
+                tx.execute(
+                    "INSERT INTO audit_anchor (id, seq, hash, puts, mac) \
+                     VALUES (1, $1, $2, $3, $4)",
+                    &[&seq, &hash, &puts, &mac],
+                )
+                .await
+            };
+            match written {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    Err(StoreError::InvalidInput(
+                        "the audit anchor moved meanwhile (another archive ran): run it again",
+                    ))
+                }
+                Err(e) => Err(pg_err(e)),
+            }
+        }
+        .await;
+        finish(tx, result).await
+    }
+
+    async fn audit_prune(
+        &self,
+        key: std::sync::Arc<crate::audit::HeadKey>,
+        limit: u32,
+    ) -> Result<crate::audit::Pruned, StoreError> {
+        let limit = i64::from(limit.clamp(1, crate::audit::MAX_APPEND_BATCH as u32));
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result = async {
+            let Some(anchor) = audit_anchor_tx(&tx, false).await? else {
+                return Ok(crate::audit::Pruned {
+                    records: 0,
+                    done: true,
+                });
+            };
+            crate::audit::checked_anchor(&key, Some(&anchor))?;
+            let removed = tx
+                .execute(
+                    "DELETE FROM audit_records WHERE seq IN \
+                     (SELECT seq FROM audit_records WHERE seq <= $1 ORDER BY seq LIMIT $2)",
+                    &[&crate::audit::seq_param(anchor.seq), &limit],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(crate::audit::Pruned {
+                records: removed,
+                done: (removed as i64) < limit,
+            })
         }
         .await;
         finish(tx, result).await

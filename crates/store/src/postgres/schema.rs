@@ -123,4 +123,15 @@ UPDATE audit_head SET
     max_lag_ms = coalesce((SELECT max(prev_max - time_ms) FROM times WHERE prev_max > time_ms), 0)
     WHERE id = 1;
 "#,
+    // 7: audit retention (see `crate::audit`): the anchor the log starts after once its older
+    // records were archived and removed (no row: none ever was).
+    r#"
+CREATE TABLE audit_anchor (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    seq  BIGINT NOT NULL CHECK (seq > 0),
+    hash BYTEA NOT NULL,
+    puts BIGINT NOT NULL CHECK (puts >= 0),
+    mac  BYTEA NOT NULL
+);
+"#,
 ];

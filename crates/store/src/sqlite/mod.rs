@@ -2036,6 +2036,123 @@ fn audit_append_tx(
     Ok(records)
 }
 
+/// The stored audit anchor, if any.
+fn audit_anchor_tx(conn: &Connection) -> Result<Option<crate::audit::Anchor>, StoreError> {
+    conn.prepare_cached("SELECT seq, hash, puts, mac FROM audit_anchor WHERE id = 1")
+        .map_err(db_err)?
+        .query_row([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })
+        .optional()
+        .map_err(db_err)?
+        .map(|(seq, hash, puts, mac)| crate::audit::anchor_from(seq, hash, puts, mac))
+        .transpose()
+}
+
+/// Index entries scanned per write job when the deferred audit indexes are swept after a
+/// removal (see [`SqliteStore::sweep_audit_indexes`]).
+const AUDIT_SWEEP_CHUNK: usize = 2048;
+
+/// The deferred audit index tables (`audit_by_*`, every one with a `seq` column) and their
+/// primary key columns, in key order: read from the schema, so that an index table added
+/// later is swept too.
+fn audit_index_tables(conn: &Connection) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+    let names = conn
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' \
+             AND name LIKE 'audit\\_by\\_%' ESCAPE '\\' ORDER BY name",
+        )
+        .map_err(db_err)?
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(db_err)?
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(db_err)?;
+    let mut out = Vec::new();
+    for name in names {
+        let mut columns = conn
+            .prepare("SELECT name, pk FROM pragma_table_info(?1)")
+            .map_err(db_err)?
+            .query_map([&name], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(db_err)?
+            .collect::<Result<Vec<(String, i64)>, _>>()
+            .map_err(db_err)?;
+        if !columns.iter().any(|(c, _)| c == "seq") {
+            continue;
+        }
+        columns.retain(|(_, pk)| *pk > 0);
+        columns.sort_by_key(|(_, pk)| *pk);
+        if !columns.is_empty() {
+            out.push((name, columns.into_iter().map(|(c, _)| c).collect()));
+        }
+    }
+    Ok(out)
+}
+
+/// One sweep step over `table` (key columns `key`): the next [`AUDIT_SWEEP_CHUNK`] entries
+/// after `cursor`, those of them with `seq <= upto` removed; the new cursor, `None` at the end.
+fn sweep_audit_index_tx(
+    conn: &Connection,
+    table: &str,
+    key: &[String],
+    cursor: Option<Vec<rusqlite::types::Value>>,
+    upto: i64,
+) -> Result<Option<Vec<rusqlite::types::Value>>, StoreError> {
+    let cols = key.join(", ");
+    let marks = |from: usize| {
+        (from..from + key.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (sql, args) = match &cursor {
+        None => (
+            format!("SELECT {cols} FROM {table} ORDER BY {cols} LIMIT {AUDIT_SWEEP_CHUNK}"),
+            Vec::new(),
+        ),
+        Some(c) => (
+            format!(
+                "SELECT {cols} FROM {table} WHERE ({cols}) > ({}) ORDER BY {cols} \
+                 LIMIT {AUDIT_SWEEP_CHUNK}",
+                marks(1)
+            ),
+            c.clone(),
+        ),
+    };
+    let mut stmt = conn.prepare(&sql).map_err(db_err)?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            (0..key.len())
+                .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    let Some(last) = rows.last().cloned() else {
+        return Ok(None);
+    };
+    // The entries just read: after the cursor, up to the last of them.
+    let mut args = Vec::new();
+    let mut sql = format!("DELETE FROM {table} WHERE seq <= ?1");
+    args.push(rusqlite::types::Value::Integer(upto));
+    if let Some(c) = cursor {
+        sql.push_str(&format!(" AND ({cols}) > ({})", marks(args.len() + 1)));
+        args.extend(c);
+    }
+    sql.push_str(&format!(" AND ({cols}) <= ({})", marks(args.len() + 1)));
+    args.extend(last.iter().cloned());
+    conn.execute(&sql, rusqlite::params_from_iter(args.iter()))
+        .map_err(db_err)?;
+    Ok((rows.len() == AUDIT_SWEEP_CHUNK).then_some(last))
+}
+
 /// Index entries written per write job: small enough that a job adds little to the commit
 /// it shares with requests, and, sorted by key, many entries per leaf page.
 const AUDIT_INDEX_CHUNK: usize = 512;
@@ -2240,6 +2357,42 @@ impl SqliteStore {
             )
             .map_err(db_err)?
             .execute(params![to, time.max_time_ms, time.max_lag_ms])
+            .map_err(db_err)
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Removes the deferred audit index entries of records up to `upto` (removed already),
+    /// in every `audit_by_*` table: each table walked in key order, [`AUDIT_SWEEP_CHUNK`]
+    /// entries per write job (each shares a group commit with whatever requests are queued),
+    /// then notes `swept_upto`. The tables are keyed by what queries look up, not by `seq`,
+    /// so the entries are found by walking them; an entry that an index run planted after a
+    /// walk passed it (that run read its record before the removal) matches no record, so no
+    /// query returns it, and the next archive's walk removes it.
+    async fn sweep_audit_indexes(&self, upto: i64) -> Result<(), StoreError> {
+        let tables = self.read(|conn| audit_index_tables(conn)).await?;
+        for (table, key) in tables {
+            let (table, key) = (Arc::new(table), Arc::new(key));
+            let mut cursor = None;
+            loop {
+                let (t, k) = (table.clone(), key.clone());
+                cursor = self
+                    .write(Changes::NoCredential, move |conn| {
+                        sweep_audit_index_tx(conn, &t, &k, cursor, upto)
+                    })
+                    .await?;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+        }
+        self.write(Changes::NoCredential, move |conn| {
+            conn.prepare_cached(
+                "UPDATE audit_anchor SET swept_upto = max(swept_upto, ?1) WHERE id = 1",
+            )
+            .map_err(db_err)?
+            .execute([upto])
             .map_err(db_err)
             .map(|_| ())
         })
@@ -2564,6 +2717,107 @@ impl crate::audit::AuditLog for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn audit_anchor(&self) -> Result<Option<crate::audit::Anchor>, StoreError> {
+        self.read(|conn| audit_anchor_tx(conn)).await
+    }
+
+    async fn audit_set_anchor(
+        &self,
+        key: Arc<crate::audit::HeadKey>,
+        after: u64,
+        anchor: crate::audit::Anchor,
+    ) -> Result<(), StoreError> {
+        use crate::audit::seq_param;
+        self.write(Changes::NoCredential, move |conn| {
+            let (count, hash, mac): (i64, Vec<u8>, Vec<u8>) = conn
+                .prepare_cached("SELECT count, hash, mac FROM audit_head WHERE id = 1")
+                .map_err(db_err)?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(db_err)?;
+            let (count, _) = crate::audit::checked_head(&key, count, hash, mac)?;
+            let stored = audit_anchor_tx(conn)?;
+            let at = conn
+                .prepare_cached(
+                    "SELECT seq, hash, prev_hash FROM audit_records WHERE seq >= ?1 \
+                     ORDER BY seq LIMIT 2",
+                )
+                .map_err(db_err)?
+                .query_map(params![seq_param(anchor.seq)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .map_err(db_err)?
+                .collect::<Result<Vec<(i64, Vec<u8>, Vec<u8>)>, _>>()
+                .map_err(db_err)?;
+            crate::audit::check_new_anchor(&key, count, stored.as_ref(), after, &anchor, &at)?;
+            conn.prepare_cached(
+                "INSERT INTO audit_anchor (id, seq, hash, puts, mac) VALUES (1, ?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash,
+                     puts = excluded.puts, mac = excluded.mac",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                seq_param(anchor.seq),
+                &anchor.hash[..],
+                seq_param(anchor.puts),
+                &anchor.mac[..]
+            ])
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit_prune(
+        &self,
+        key: Arc<crate::audit::HeadKey>,
+        limit: u32,
+    ) -> Result<crate::audit::Pruned, StoreError> {
+        let limit = i64::from(limit.clamp(1, crate::audit::MAX_APPEND_BATCH as u32));
+        // `(removed, anchor seq, swept_upto)`; no anchor: nothing to do.
+        let step = self
+            .write(Changes::NoCredential, move |conn| {
+                let Some(anchor) = audit_anchor_tx(conn)? else {
+                    return Ok(None);
+                };
+                crate::audit::checked_anchor(&key, Some(&anchor))?;
+                let upto = crate::audit::seq_param(anchor.seq);
+                let removed = conn
+                    .prepare_cached(
+                        "DELETE FROM audit_records WHERE seq IN \
+                         (SELECT seq FROM audit_records WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
+                    )
+                    .map_err(db_err)?
+                    .execute(params![upto, limit])
+                    .map_err(db_err)?;
+                let swept: i64 = conn
+                    .prepare_cached("SELECT swept_upto FROM audit_anchor WHERE id = 1")
+                    .map_err(db_err)?
+                    .query_row([], |r| r.get(0))
+                    .map_err(db_err)?;
+                Ok(Some((removed as u64, upto, swept)))
+            })
+            .await?;
+        let Some((removed, upto, swept)) = step else {
+            return Ok(crate::audit::Pruned {
+                records: 0,
+                done: true,
+            });
+        };
+        if removed as i64 == limit {
+            return Ok(crate::audit::Pruned {
+                records: removed,
+                done: false,
+            });
+        }
+        if swept < upto {
+            self.sweep_audit_indexes(upto).await?;
+        }
+        Ok(crate::audit::Pruned {
+            records: removed,
+            done: true,
+        })
     }
 
     async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {

@@ -192,4 +192,18 @@ UPDATE audit_index_state SET
     WHERE id = 1;
 DROP TABLE audit_by_time;
 "#,
+    // 7: audit retention (see `crate::audit`): the anchor the log starts after once its older
+    // records were archived and removed (no row: none ever was). `swept_upto`: the deferred
+    // index entries are removed up to there (they are outside the chain; see
+    // `SqliteStore::audit_prune`).
+    r#"
+CREATE TABLE audit_anchor (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    seq        INTEGER NOT NULL CHECK (seq > 0),
+    hash       BLOB NOT NULL,
+    puts       INTEGER NOT NULL CHECK (puts >= 0),
+    mac        BLOB NOT NULL,
+    swept_upto INTEGER NOT NULL DEFAULT 0
+);
+"#,
 ];

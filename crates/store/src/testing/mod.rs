@@ -106,6 +106,7 @@ macro_rules! conformance_tests {
             audit_concurrent_appends_one_chain,
             audited_put_is_one_transaction,
             audited_change_is_one_transaction,
+            audit_archive_anchor_and_prune,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

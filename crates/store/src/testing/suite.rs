@@ -1222,12 +1222,17 @@ fn audit_log(s: &dyn Store) -> Arc<dyn crate::AuditLog> {
     s.audit_log().expect("backend keeps an audit log")
 }
 
-/// Reads the whole log back and verifies it against the head.
+/// Reads the whole log back (from the anchor on, if any) and verifies it against the head.
 pub async fn audit_verify_all(
     log: &dyn crate::AuditLog,
     key: &crate::audit::HeadKey,
 ) -> Result<u64, crate::audit::VerifyError> {
-    let mut v = crate::audit::Verifier::new();
+    // After the anchor, once its MAC verifies (records before it may await removal).
+    let mut v = match log.audit_anchor().await.unwrap() {
+        None => crate::audit::Verifier::new(),
+        Some(a) if key.check_anchor(&a) => crate::audit::Verifier::after(a.seq, a.hash),
+        Some(_) => return Err(crate::audit::VerifyError::AnchorMac),
+    };
     loop {
         let batch = log.audit_scan(v.count(), 1000).await.unwrap();
         if batch.is_empty() {
@@ -1799,4 +1804,148 @@ pub async fn audited_change_is_one_transaction(b: &dyn TestBackend) {
         Err(StoreError::NotFound)
     ));
     assert_eq!(audit_verify_all(&*log, &key).await, Ok(seq + 1));
+}
+
+/// Archiving: the anchor moves forward only over records that are there and chain on, under
+/// a genuine MAC and a head that verifies, by compare-and-swap; it removes nothing itself.
+/// Pruning then removes the records up to it in bounded batches, and the log verifies from
+/// the anchor at every step; appends and queries go on.
+pub async fn audit_archive_anchor_and_prune(b: &dyn TestBackend) {
+    use crate::audit::{is_counted_put, HeadKey, Pruned};
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    let key = sealed_key(&*log, 5).await;
+    assert_eq!(log.audit_anchor().await.unwrap(), None);
+    // Nothing to prune without an anchor.
+    assert_eq!(
+        log.audit_prune(key.clone(), 10).await.unwrap(),
+        Pruned {
+            records: 0,
+            done: true
+        }
+    );
+    let events: Vec<_> = (1..=100)
+        .map(|i| {
+            let action = if i % 3 == 0 { "put" } else { "reveal" };
+            audit_event(i, &format!("o{}", i % 4), &format!("n{}", i % 5), action)
+        })
+        .collect();
+    let records = log.audit_append(key.clone(), events).await.unwrap();
+    let puts_upto = |n: u64| {
+        records
+            .iter()
+            .filter(|r| r.seq <= n && is_counted_put(r))
+            .count() as u64
+    };
+    let at = |n: u64| &records[n as usize - 1];
+    let anchor = key.anchor(40, at(40).hash, puts_upto(40));
+
+    // Refused: another key's anchor, one at or past the head, one whose hash is not the
+    // record's, one that starts after an anchor that is not there.
+    let other = Arc::new(HeadKey::new([6; 32]));
+    let refused = [
+        (other.anchor(40, at(40).hash, puts_upto(40)), 0),
+        (key.anchor(100, at(100).hash, puts_upto(100)), 0),
+        (key.anchor(101, at(100).hash, puts_upto(100)), 0),
+        (key.anchor(40, at(39).hash, puts_upto(40)), 0),
+        (anchor.clone(), 5),
+    ];
+    for (a, after) in refused {
+        let r = log.audit_set_anchor(key.clone(), after, a.clone()).await;
+        assert!(
+            matches!(
+                r,
+                Err(StoreError::InvalidInput(_)) | Err(StoreError::AuditIntegrity { .. })
+            ),
+            "{a:?} after {after}: {r:?}"
+        );
+    }
+    // Under a key the head does not verify with.
+    assert!(matches!(
+        log.audit_set_anchor(other.clone(), 0, other.anchor(40, at(40).hash, 0))
+            .await,
+        Err(StoreError::AuditIntegrity { .. })
+    ));
+    assert_eq!(log.audit_anchor().await.unwrap(), None);
+
+    log.audit_set_anchor(key.clone(), 0, anchor.clone())
+        .await
+        .unwrap();
+    assert_eq!(log.audit_anchor().await.unwrap(), Some(anchor.clone()));
+    // Nothing removed yet, and the log verifies from the anchor.
+    assert_eq!(log.audit_scan(0, 1).await.unwrap()[0].seq, 1);
+    assert_eq!(audit_verify_all(&*log, &key).await, Ok(100));
+    // The anchor only moves from where it is, and forward.
+    for (a, after) in [
+        (anchor.clone(), 0),
+        (key.anchor(30, at(30).hash, puts_upto(30)), 40),
+        (anchor.clone(), 40),
+    ] {
+        assert!(
+            matches!(
+                log.audit_set_anchor(key.clone(), after, a).await,
+                Err(StoreError::InvalidInput(_))
+            ),
+            "after {after}"
+        );
+    }
+    // A prune under another key removes nothing (the anchor does not verify under it).
+    assert!(matches!(
+        log.audit_prune(other, 10).await,
+        Err(StoreError::AuditIntegrity { .. })
+    ));
+    assert_eq!(log.audit_scan(0, 1).await.unwrap()[0].seq, 1);
+
+    // Bounded batches, lowest first; the log verifies between them.
+    let mut removed = 0;
+    loop {
+        let p = log.audit_prune(key.clone(), 16).await.unwrap();
+        assert!(p.records <= 16);
+        removed += p.records;
+        assert_eq!(log.audit_scan(0, 1).await.unwrap()[0].seq, removed + 1);
+        assert_eq!(audit_verify_all(&*log, &key).await, Ok(100));
+        if p.done {
+            break;
+        }
+    }
+    assert_eq!(removed, 40);
+    assert_eq!(
+        log.audit_prune(key.clone(), 16).await.unwrap(),
+        Pruned {
+            records: 0,
+            done: true
+        }
+    );
+    // Appends go on; queries return only kept records.
+    let more = log
+        .audit_append(key.clone(), vec![audit_event(101, "o1", "n1", "reveal")])
+        .await
+        .unwrap();
+    assert_eq!(more[0].seq, 101);
+    assert_eq!(audit_verify_all(&*log, &key).await, Ok(101));
+    let filter = crate::audit::AuditFilter {
+        owner: Some("o1".into()),
+        ..Default::default()
+    };
+    let found = log.audit_query(&filter, None, 1000).await.unwrap();
+    assert!(!found.is_empty());
+    assert!(found.iter().all(|r| r.seq > 40), "{found:?}");
+    let all = log
+        .audit_query(&Default::default(), None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 61);
+
+    // A second archive continues from the first; reopening keeps the anchor.
+    let second = key.anchor(70, at(70).hash, puts_upto(70));
+    log.audit_set_anchor(key.clone(), 40, second.clone())
+        .await
+        .unwrap();
+    while !log.audit_prune(key.clone(), 1000).await.unwrap().done {}
+    drop(log);
+    let s2 = b.open().await.unwrap();
+    let log2 = audit_log(&*s2);
+    assert_eq!(log2.audit_anchor().await.unwrap(), Some(second));
+    assert_eq!(log2.audit_scan(0, 1).await.unwrap()[0].seq, 71);
+    assert_eq!(audit_verify_all(&*log2, &key).await, Ok(101));
 }

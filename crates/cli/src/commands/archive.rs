@@ -1,0 +1,613 @@
+//! `strongroom audit archive`: write the older part of the audit log to a file, anchor the
+//! log after it, and remove it from the store; and `audit verify --file`, which checks such a
+//! file on its own.
+//!
+//! The order is what keeps every acknowledged record somewhere durable and the log
+//! verifiable at every instant:
+//!
+//! 1. an `audit.archive` `started` record is appended (the log must take it);
+//! 2. the cut `N` is chosen (see [`cut`]); always below the head, so the record the head names
+//!    (at least this run's own `started` record) stays;
+//! 3. records after the current anchor up to `N` are read, verified as a chain going on from
+//!    the anchor, and written to `FILE.partial`; the anchor MAC'd by the head key (counting
+//!    the `put`s) to `FILE.anchor.json.partial`; both are fsynced, renamed into place (the
+//!    anchor file first) and the directory fsynced;
+//! 4. only then the store's anchor moves to `N` (one transaction, by compare-and-swap); from
+//!    then on `audit verify` starts after it, so records up to `N` still there are outside
+//!    the log;
+//! 5. they are removed in bounded batches (each a short transaction), then, on SQLite, their
+//!    deferred index entries;
+//! 6. an `audit.archive` `ok` (or `error`) record is appended.
+//!
+//! A crash before 4 leaves the log as it was (the files are only copies); one after 4
+//! leaves records that the next run removes. Run again with the same `--output`, the command
+//! finishes what the interrupted run started (it sets the anchor from `FILE.anchor.json` if
+//! the crash came between 3 and 4, after checking the file again).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use strongroom_store::audit::{is_counted_put, Anchor, HeadKey, Record, Verifier};
+use strongroom_store::AuditLog;
+use time::OffsetDateTime;
+
+use super::{Failure, OperatorTarget};
+use crate::error::CliError;
+use crate::output::outln;
+
+/// Records read per batch.
+const READ_BATCH: u32 = 4096;
+
+/// The audit action this command records.
+const ACTION: &str = "audit.archive";
+
+/// Where the cut lies: records before a time, or before a sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Before {
+    /// Records older than this time (`time < T`).
+    Time(OffsetDateTime),
+    /// Records numbered below this (`seq < S`).
+    Seq(u64),
+}
+
+/// Parses `--before`: a sequence number (digits) or an RFC 3339 time.
+pub fn parse_before(s: &str) -> Result<Before, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map(Before::Seq)
+            .map_err(|_| format!("{s:?}: sequence number out of range"));
+    }
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(Before::Time)
+        .map_err(|_| {
+            format!(
+                "{s:?} is neither a sequence number nor an RFC 3339 time (2026-01-31T00:00:00Z)"
+            )
+        })
+}
+
+/// `audit archive` options.
+#[derive(clap::Args, Debug)]
+pub struct ArchiveArgs {
+    /// Where the store and keys are.
+    #[command(flatten)]
+    pub target: OperatorTarget,
+    /// Archive the records older than this RFC 3339 time (2026-01-31T00:00:00Z), or numbered
+    /// below this sequence number.
+    #[arg(long, value_name = "TIME|SEQ", value_parser = parse_before)]
+    pub before: Before,
+    /// The archive file to write (must not exist, unless it is the one an interrupted run of
+    /// this command left: then that run is finished). Made with mode 0600, beside
+    /// FILE.anchor.json.
+    #[arg(long, visible_alias = "out", value_name = "FILE")]
+    pub output: PathBuf,
+    /// Records removed per transaction (1 to 4096): a server keeps writing in between.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub batch: u32,
+    /// Say what would be archived; write and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn op(e: impl std::fmt::Display) -> Failure {
+    CliError::Operation(format!("audit archive: {e}")).into()
+}
+
+/// `FILE.anchor.json`.
+pub fn anchor_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".anchor.json");
+    PathBuf::from(name)
+}
+
+fn partial_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+fn bar(len: u64, what: &str) -> Option<ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{what} {{bar:40}} {{pos}}/{{len}} records ({{per_sec}}, eta {{eta}})"
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    })
+}
+
+/// Runs `audit archive`.
+pub async fn run(args: ArchiveArgs) -> Result<(), Failure> {
+    if args.batch == 0 || args.batch > 4096 {
+        return Err(CliError::Usage("--batch must be 1 to 4096".into()).into());
+    }
+    let backends = args.target.open_existing().await?;
+    let result = archive(&backends, &args).await;
+    if !args.dry_run {
+        let (outcome, code) = match &result {
+            Ok(_) => ("ok", None),
+            Err(_) => ("error", Some("stopped")),
+        };
+        // The start was recorded (or nothing changed): the end is a warning if it fails.
+        if !matches!(result, Err(Stop::NotStarted(_))) {
+            super::rewrap::audit_action(&backends, ACTION, outcome, code, None).await;
+        }
+    }
+    backends.close().await;
+    match result {
+        Ok(line) => {
+            outln!("{line}")?;
+            Ok(())
+        }
+        Err(Stop::NotStarted(e) | Stop::Failed(e)) => Err(e),
+    }
+}
+
+enum Stop {
+    /// Nothing was recorded or changed.
+    NotStarted(Failure),
+    /// Stopped after the `started` record.
+    Failed(Failure),
+}
+
+async fn archive(
+    backends: &strongroom_server::Backends,
+    args: &ArchiveArgs,
+) -> Result<String, Stop> {
+    let store = backends.store.as_ref();
+    let log = strongroom_core::audit::audit_log(store)
+        .map_err(op)
+        .map_err(Stop::NotStarted)?;
+    let key = strongroom_core::audit::load_head_key(store, backends.keyring.as_ref())
+        .await
+        .map_err(op)
+        .map_err(Stop::NotStarted)?
+        .ok_or_else(|| {
+            Stop::NotStarted(op("the audit log was never started: nothing to archive"))
+        })?;
+    let key = Arc::new(key);
+    let anchor = current_anchor(log.as_ref(), &key)
+        .await
+        .map_err(Stop::NotStarted)?;
+    let file = &args.output;
+    let resuming = file.exists();
+    if args.dry_run {
+        return dry_run(log.as_ref(), &args.before, anchor.as_ref(), resuming, file)
+            .await
+            .map_err(Stop::NotStarted);
+    }
+    // Recorded before anything changes; a log that refuses it is not archived.
+    strongroom_server::audit_operator_action(backends, ACTION, "started", None, None)
+        .await
+        .map_err(|e| Stop::NotStarted(op(format!("the log refused this run's record: {e}"))))?;
+    let fail = Stop::Failed;
+    let after = anchor.as_ref().map_or(0, |a| a.seq);
+    let (target, written) = if resuming {
+        let target = resume(&key, anchor.as_ref(), file).map_err(fail)?;
+        (target, None)
+    } else {
+        let head = log.audit_head().await.map_err(op).map_err(fail)?;
+        let count = head.map_or(0, |h| h.count);
+        let n = cut(log.as_ref(), &args.before, count).await.map_err(fail)?;
+        if n <= after {
+            // Nothing new; finish removing what an earlier run anchored, if anything is left.
+            let removed = prune(log.as_ref(), &key, args.batch, after)
+                .await
+                .map_err(|e| fail(op(e)))?;
+            return Ok(nothing_line(after, removed));
+        }
+        let new = write_archive(log.as_ref(), &key, anchor.as_ref(), n, file)
+            .await
+            .map_err(fail)?;
+        let first = after + 1;
+        (new, Some(first))
+    };
+    if anchor.as_ref() != Some(&target) {
+        log.audit_set_anchor(key.clone(), after, target.clone())
+            .await
+            .map_err(|e| {
+                fail(op(format!(
+                    "{} is written, but the log was not anchored after it ({e}); run the \
+                     same command again",
+                    file.display()
+                )))
+            })?;
+    }
+    let removed = prune(log.as_ref(), &key, args.batch, target.seq)
+        .await
+        .map_err(|e| {
+            fail(op(format!(
+                "records up to {} are in {} and the log is anchored after them, but removing \
+                 them stopped ({e}); run the same command again to finish",
+                target.seq,
+                file.display()
+            )))
+        })?;
+    let what = match written {
+        Some(first) => format!(
+            "archived records {first}..{} to {} ({} records)",
+            target.seq,
+            file.display(),
+            target.seq + 1 - first
+        ),
+        None => format!(
+            "finished the interrupted archive of records up to {} in {}",
+            target.seq,
+            file.display()
+        ),
+    };
+    Ok(format!(
+        "{what}; the log now starts after record {} (anchor hash {}); removed {removed} records \
+         from the store",
+        target.seq,
+        hex::encode(target.hash)
+    ))
+}
+
+fn nothing_line(after: u64, removed: u64) -> String {
+    let mut line = if after == 0 {
+        "nothing to archive before that bound".to_owned()
+    } else {
+        format!("nothing to archive before that bound: the log already starts after record {after}")
+    };
+    if removed > 0 {
+        line.push_str(&format!(
+            " (removed {removed} records left by an interrupted run)"
+        ));
+    }
+    line
+}
+
+/// The stored anchor, once its MAC verifies.
+async fn current_anchor(log: &dyn AuditLog, key: &HeadKey) -> Result<Option<Anchor>, Failure> {
+    match log.audit_anchor().await.map_err(op)? {
+        Some(a) if !key.check_anchor(&a) => Err(op(
+            "the log's anchor does not verify (it was changed outside Strongroom): nothing is \
+             archived; run `strongroom audit verify`",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// The cut: the highest `seq` to archive, below `count` (the head's record stays).
+///
+/// * `--before SEQ`: records numbered below `SEQ`.
+/// * `--before TIME`: the newest record older than `TIME`, and every record before it. Times
+///   follow `seq` only nearly (several nodes, group commits, clock steps), so a record just
+///   before the cut may be at or after `TIME` and is archived with the rest, but no record
+///   older than `TIME` stays (except the head's).
+async fn cut(log: &dyn AuditLog, before: &Before, count: u64) -> Result<u64, Failure> {
+    let n = match before {
+        Before::Seq(s) => s.saturating_sub(1),
+        Before::Time(t) => {
+            let mut filter = strongroom_store::AuditFilter::default();
+            filter.until = Some(*t);
+            log.audit_query(&filter, None, 1)
+                .await
+                .map_err(op)?
+                .first()
+                .map_or(0, |r| r.seq)
+        }
+    };
+    Ok(n.min(count.saturating_sub(1)))
+}
+
+async fn dry_run(
+    log: &dyn AuditLog,
+    before: &Before,
+    anchor: Option<&Anchor>,
+    resuming: bool,
+    file: &Path,
+) -> Result<String, Failure> {
+    let after = anchor.map_or(0, |a| a.seq);
+    if resuming {
+        return Ok(format!(
+            "{} exists: a run would finish the archive it holds (if it is an interrupted run's)",
+            file.display()
+        ));
+    }
+    let count = log.audit_head().await.map_err(op)?.map_or(0, |h| h.count);
+    // A real run's own `started` record adds one to the head first.
+    let n = cut(log, before, count + 1).await?;
+    if n <= after {
+        return Ok(nothing_line(after, 0));
+    }
+    Ok(format!(
+        "would archive records {}..{n} ({} records) to {} and remove them from the store",
+        after + 1,
+        n - after,
+        file.display()
+    ))
+}
+
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn sync_dir(file: &Path) -> std::io::Result<()> {
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Step 3: records `after+1..=n` to `file` and the anchor to `FILE.anchor.json`, both
+/// durable; returns the anchor.
+async fn write_archive(
+    log: &dyn AuditLog,
+    key: &HeadKey,
+    anchor: Option<&Anchor>,
+    n: u64,
+    file: &Path,
+) -> Result<Anchor, Failure> {
+    let io = |what: &'static str| CliError::io(what);
+    let (after, mut puts) = anchor.map_or((0, 0), |a| (a.seq, a.puts));
+    let mut verifier = match anchor {
+        Some(a) => Verifier::after(a.seq, a.hash),
+        None => Verifier::new(),
+    };
+    let partial = partial_path(file);
+    let out = create_private(&partial).map_err(io("cannot create the archive file"))?;
+    let mut out = std::io::BufWriter::new(out);
+    let progress = bar(n - after, "archiving");
+    while verifier.count() < n {
+        let want = u32::try_from(n - verifier.count())
+            .unwrap_or(u32::MAX)
+            .min(READ_BATCH);
+        let batch = log.audit_scan(verifier.count(), want).await.map_err(op)?;
+        if batch.is_empty() {
+            return Err(op(format!(
+                "record {} is missing: run `strongroom audit verify`",
+                verifier.count() + 1
+            )));
+        }
+        for r in batch.iter().take_while(|r| r.seq <= n) {
+            // Nothing is archived, and so laundered, that does not verify.
+            verifier.push(r).map_err(|e| {
+                op(format!(
+                    "the log does not verify ({e}): nothing is archived; run `strongroom audit \
+                     verify`"
+                ))
+            })?;
+            if is_counted_put(r) {
+                puts += 1;
+            }
+            super::audit::write_record(&mut out, r).map_err(io("cannot write the archive file"))?;
+        }
+        if let Some(bar) = &progress {
+            bar.set_position(verifier.count() - after);
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let out = out
+        .into_inner()
+        .map_err(|e| CliError::io("cannot write the archive file")(e.into_error()))?;
+    out.sync_all()
+        .map_err(io("cannot write the archive file (fsync)"))?;
+    drop(out);
+    let new = key.anchor(n, verifier.last_hash(), puts);
+    let anchor_file = anchor_path(file);
+    let anchor_partial = partial_path(&anchor_file);
+    let mut a = create_private(&anchor_partial).map_err(io("cannot create the anchor file"))?;
+    let text = serde_json::to_string(&new).map_err(op)?;
+    writeln!(a, "{text}").map_err(io("cannot write the anchor file"))?;
+    a.sync_all()
+        .map_err(io("cannot write the anchor file (fsync)"))?;
+    drop(a);
+    // The anchor file first: an archive file in place always has its anchor beside it.
+    std::fs::rename(&anchor_partial, &anchor_file)
+        .map_err(io("cannot rename the anchor file into place"))?;
+    sync_dir(file).map_err(io("cannot sync the archive's directory"))?;
+    // Not over a file that appeared meanwhile (hard_link fails if the name exists).
+    std::fs::hard_link(&partial, file).map_err(io("cannot put the archive file in place"))?;
+    std::fs::remove_file(&partial).map_err(io("cannot remove the partial archive file"))?;
+    sync_dir(file).map_err(io("cannot sync the archive's directory"))?;
+    Ok(new)
+}
+
+/// A run with `--output` naming an existing file: finishes the run that wrote it, if it is
+/// that (its anchor file names the stored anchor, or one that goes on from it over records
+/// the file holds and verifies), and refuses otherwise.
+fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor, Failure> {
+    let refuse = |why: String| {
+        op(format!(
+            "{} exists and is not the archive of an interrupted run ({why}): choose another \
+             --output",
+            file.display()
+        ))
+    };
+    let checked = verify_file(file, key).map_err(|e| refuse(e.to_string()))?;
+    // Durable before the log is anchored after it (the run that wrote it may have stopped
+    // before its directory was synced).
+    let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_all());
+    sync(file)
+        .and_then(|()| sync(&anchor_path(file)))
+        .and_then(|()| sync_dir(file))
+        .map_err(CliError::io("cannot sync the archive file"))?;
+    let target = checked.anchor;
+    let after = anchor.map_or(0, |a| a.seq);
+    if anchor == Some(&target) {
+        return Ok(target);
+    }
+    if target.seq <= after {
+        return Err(refuse(format!(
+            "the log already starts after record {after}; the file ends at record {}",
+            target.seq
+        )));
+    }
+    // The anchor was never set: the file must go on from the stored one.
+    let (start_seq, start_hash) =
+        anchor.map_or((0, strongroom_store::audit::GENESIS), |a| (a.seq, a.hash));
+    let start_puts = anchor.map_or(0, |a| a.puts);
+    if checked.first_after != (start_seq, start_hash) || start_puts + checked.puts != target.puts {
+        return Err(refuse(format!(
+            "it does not start where the log does, after record {start_seq}"
+        )));
+    }
+    Ok(target)
+}
+
+/// Step 5: removes records up to the anchor, and their index entries; how many records.
+async fn prune(
+    log: &dyn AuditLog,
+    key: &Arc<HeadKey>,
+    batch: u32,
+    upto: u64,
+) -> Result<u64, strongroom_store::StoreError> {
+    if upto == 0 {
+        return Ok(0);
+    }
+    let first = log
+        .audit_scan(0, 1)
+        .await?
+        .first()
+        .map_or(upto + 1, |r| r.seq);
+    let progress = (first <= upto)
+        .then(|| bar(upto + 1 - first, "removing"))
+        .flatten();
+    let mut removed = 0;
+    loop {
+        let p = log.audit_prune(key.clone(), batch).await?;
+        removed += p.records;
+        if let Some(bar) = &progress {
+            bar.set_position(removed);
+        }
+        if p.done {
+            break;
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    Ok(removed)
+}
+
+/// What [`verify_file`] found.
+#[derive(Debug)]
+pub struct CheckedFile {
+    /// The anchor beside the file (MAC verified; the file ends at it).
+    pub anchor: Anchor,
+    /// Where the file starts: after this record, with this hash (`(0, GENESIS)` from the
+    /// start of the log).
+    pub first_after: (u64, [u8; 32]),
+    /// Records in the file.
+    pub records: u64,
+    /// Counted puts in the file.
+    pub puts: u64,
+}
+
+/// Checks an archive file on its own: one record per line, numbered without gaps, each
+/// hashing to its hash and chained to the one before (from the start of the log: the first
+/// follows [`GENESIS`](strongroom_store::audit::GENESIS)), and ending at the anchor in
+/// `FILE.anchor.json`, whose MAC verifies under the log's head key.
+///
+/// # Errors
+///
+/// A message naming the first problem (line and record).
+pub fn verify_file(file: &Path, key: &HeadKey) -> Result<CheckedFile, String> {
+    let anchor_file = anchor_path(file);
+    let text = std::fs::read_to_string(&anchor_file)
+        .map_err(|e| format!("{}: {e}", anchor_file.display()))?;
+    let anchor: Anchor = serde_json::from_str(text.trim()).map_err(|_| {
+        format!(
+            "{}: not an anchor written by `audit archive`",
+            anchor_file.display()
+        )
+    })?;
+    if !key.check_anchor(&anchor) {
+        return Err(format!(
+            "{}: the anchor's MAC does not verify (forged or edited, or another log's)",
+            anchor_file.display()
+        ));
+    }
+    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut verifier: Option<Verifier> = None;
+    let mut first_after = (0, strongroom_store::audit::GENESIS);
+    let (mut records, mut puts) = (0u64, 0u64);
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", file.display()))?;
+        let r: Record = serde_json::from_str(&line)
+            .map_err(|_| format!("line {}: not an audit record", i + 1))?;
+        let v = verifier.get_or_insert_with(|| {
+            let start = r.seq.saturating_sub(1);
+            first_after = (start, r.prev_hash);
+            if start == 0 {
+                Verifier::new()
+            } else {
+                Verifier::after(start, r.prev_hash)
+            }
+        });
+        v.push(&r).map_err(|e| format!("line {}: {e}", i + 1))?;
+        records += 1;
+        if is_counted_put(&r) {
+            puts += 1;
+        }
+    }
+    let Some(v) = verifier else {
+        return Err(format!("{}: holds no record", file.display()));
+    };
+    if v.count() != anchor.seq || v.last_hash() != anchor.hash {
+        return Err(format!(
+            "the file ends at record {} but its anchor names record {} (truncated, extended or \
+             rewritten)",
+            v.count(),
+            anchor.seq
+        ));
+    }
+    if puts > anchor.puts {
+        return Err("the file holds more puts than its anchor counts".into());
+    }
+    Ok(CheckedFile {
+        anchor,
+        first_after,
+        records,
+        puts,
+    })
+}
+
+/// `audit verify --file FILE`.
+pub async fn verify_file_command(target: &OperatorTarget, file: &Path) -> Result<(), Failure> {
+    let backends = target.open_existing().await?;
+    let key =
+        strongroom_core::audit::load_head_key(backends.store.as_ref(), backends.keyring.as_ref())
+            .await;
+    backends.close().await;
+    let key = key.map_err(op)?.ok_or_else(|| {
+        op("this store has no audit head key: the file's anchor cannot be checked")
+    })?;
+    let checked = verify_file(file, &key)
+        .map_err(|e| Failure::from(CliError::Operation(format!("audit verify FAILED: {e}"))))?;
+    let (start, hash) = checked.first_after;
+    let origin = if start == 0 {
+        "from the start of the log".to_owned()
+    } else {
+        format!(
+            "going on after record {start} (hash {}: the previous archive's anchor)",
+            hex::encode(hash)
+        )
+    };
+    outln!(
+        "archive OK: {} records, {}..{}, {origin}; chain verified and ends at its anchor \
+         (hash {}, MAC verified)",
+        checked.records,
+        start + 1,
+        checked.anchor.seq,
+        hex::encode(checked.anchor.hash)
+    )?;
+    Ok(())
+}

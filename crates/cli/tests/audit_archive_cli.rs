@@ -1,0 +1,887 @@
+//! `strongroom audit archive` and `audit verify --file`: the older part of the log moves to a
+//! file, the log is anchored after it and still verifies; a forged or rolled-back anchor,
+//! records removed by hand, a tampered archive file and a crash at any point are caught or
+//! survived.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use common::{operator_config, put_req};
+use strongroom_crypto::OsRandom;
+use strongroom_store::audit::Event;
+
+const BASE: i64 = 1_700_000_000;
+
+fn event(i: u64, t: i64) -> Event {
+    Event {
+        time: time::OffsetDateTime::from_unix_timestamp(BASE + t).unwrap(),
+        principal_kind: "service".into(),
+        principal_id: format!("svc-{}", i % 3),
+        action: "reveal".into(),
+        owner: Some(format!("owner-{}", i % 4)),
+        name: Some(format!("cred-{}", i % 5)),
+        version: Some(1),
+        outcome: "ok".into(),
+        status: 200,
+        request_id: Some(format!("req-{i}")),
+        client_addr: Some("127.0.0.1:5000".into()),
+        on_behalf_of: None,
+        destination: None,
+        error_code: None,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A dev-layout data dir with a keyring and a log of `1 + records + 5 + 10 + 1` records:
+/// a setup record, `records` events at `BASE + i` s (record `i + 1`), except that record 151
+/// (when `records > 150`) is at `BASE + 50` s, as a node with a slow clock would write it;
+/// then 5 real puts of alice's credentials (at `BASE + 500` s), 10 events at `BASE + 1000 + j` s, and one
+/// more setup record.
+fn populate(records: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    populate_with(&data, None, records);
+    dir
+}
+
+/// [`populate`] into `data` (which exists), with the configuration file `config` if any.
+fn populate_with(data: &Path, config: Option<&Path>, records: u64) {
+    strongroom_keys::local::generate(
+        &data.join("keyring.json"),
+        time::OffsetDateTime::now_utc(),
+        &OsRandom,
+    )
+    .unwrap();
+    rt().block_on(async {
+        let backends = strongroom_server::Backends::open(&operator_config(config, data))
+            .await
+            .unwrap();
+        strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None, None)
+            .await
+            .unwrap();
+        let key = Arc::new(
+            strongroom_core::audit::load_or_create_head_key(
+                backends.store.as_ref(),
+                backends.keyring.as_ref(),
+                &OsRandom,
+            )
+            .await
+            .unwrap(),
+        );
+        let log = backends.store.audit_log().unwrap();
+        let events: Vec<Event> = (1..=records)
+            .map(|i| event(i, if i == 150 { 50 } else { i as i64 }))
+            .collect();
+        for chunk in events.chunks(4000) {
+            log.audit_append(key.clone(), chunk.to_vec()).await.unwrap();
+        }
+        for i in 0..5u64 {
+            let mut put = event(20_000 + i, 500);
+            put.principal_kind = "user".into();
+            put.principal_id = "alice".into();
+            put.action = "put".into();
+            put.owner = Some("alice".into());
+            put.name = Some(format!("k{i}"));
+            backends
+                .vault()
+                .put_audited(put_req(&format!("k{i}"), "value"), key.clone(), put)
+                .await
+                .unwrap();
+        }
+        log.audit_append(
+            key.clone(),
+            (0..10)
+                .map(|j| event(10_000 + j, 1000 + j as i64))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None, None)
+            .await
+            .unwrap();
+        backends.close().await;
+    });
+}
+
+fn db(data: &Path) -> PathBuf {
+    data.join("strongroom.db")
+}
+
+fn sql(data: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(db(data)).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+fn query_i64(data: &Path, sql: &str) -> i64 {
+    let conn = rusqlite::Connection::open(db(data)).unwrap();
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+fn strongroom() -> Command {
+    let mut c = Command::cargo_bin("strongroom").unwrap();
+    c.env_remove("STRONGROOM_CONFIG")
+        .env_remove("STRONGROOM_DATA_DIR");
+    c
+}
+
+fn run(args: &[&str], data: &Path) -> (bool, String, String) {
+    let out = strongroom()
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn archive(data: &Path, before: &str, out: &Path) -> (bool, String, String) {
+    run(
+        &[
+            "audit",
+            "archive",
+            "--before",
+            before,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        data,
+    )
+}
+
+fn verify(data: &Path) -> (bool, String) {
+    let (ok, out, err) = run(&["audit", "verify"], data);
+    (ok, format!("{out}{err}"))
+}
+
+fn verify_file(data: &Path, file: &Path) -> (bool, String) {
+    let (ok, out, err) = run(&["audit", "verify", "--file", file.to_str().unwrap()], data);
+    (ok, format!("{out}{err}"))
+}
+
+fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The index entries at or before `seq`, in every deferred index table.
+fn index_entries_upto(data: &Path, seq: i64) -> i64 {
+    [
+        "audit_by_credential",
+        "audit_by_name",
+        "audit_by_principal",
+        "audit_by_time",
+    ]
+    .iter()
+    .map(|t| {
+        query_i64(
+            data,
+            &format!("SELECT count(*) FROM {t} WHERE seq <= {seq}"),
+        )
+    })
+    .sum()
+}
+
+#[test]
+fn help_explains_the_cut_the_anchor_and_resuming() {
+    let out = strongroom()
+        .args(["audit", "archive", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--before",
+        "--output",
+        "--batch",
+        "--dry-run",
+        "anchor",
+        "older than TIME",
+        "same command",
+        "Safe while servers run",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    let out = strongroom()
+        .args([
+            "audit",
+            "archive",
+            "--before",
+            "last tuesday",
+            "--output",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// By time: the cut is the newest record older than the bound (record 151, written by a slow
+/// clock, pulls records 102..150 along); the file is what `audit export` wrote for them; the
+/// store keeps the rest, with its index entries gone and its puts still counted; `audit
+/// verify` and `audit verify --file` pass; the run is recorded; a second archive goes on
+/// from the first.
+#[test]
+fn archive_by_time_keeps_the_log_verifiable() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let file = out_dir.path().join("audit-1.jsonl");
+    let export = {
+        let (ok, out, err) = run(&["audit", "export"], &data);
+        assert!(ok, "{err}");
+        out.lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    // A planted index entry (outside the chain) at or before the cut goes too.
+    sql(
+        &data,
+        "INSERT INTO audit_by_name (name, seq) VALUES ('planted', 7)",
+    );
+    let before = rfc3339(BASE + 101); // older: records 2..=101 (times BASE+1..=BASE+100) and 151
+    let (ok, out, err) = run(
+        &[
+            "audit",
+            "archive",
+            "--before",
+            &before,
+            "--output",
+            file.to_str().unwrap(),
+            "--dry-run",
+        ],
+        &data,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("would archive records 1..151"), "{out}");
+    assert!(!file.exists());
+
+    let (ok, out, err) = archive(&data, &before, &file);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archived records 1..151"), "{out}");
+    let archived = lines(&file);
+    assert_eq!(archived, export[..151].to_vec());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    let anchor: serde_json::Value = common::read_json(&file.with_extension("jsonl.anchor.json"));
+    assert_eq!(anchor["seq"], 151);
+    assert_eq!(anchor["puts"], 0);
+    assert_eq!(query_i64(&data, "SELECT min(seq) FROM audit_records"), 152);
+    assert_eq!(index_entries_upto(&data, 151), 0);
+    assert!(index_entries_upto(&data, 1_000_000) > 0);
+
+    let (ok, text) = verify(&data);
+    assert!(ok, "{text}");
+    assert!(text.contains("1..151 archived"), "{text}");
+    let (ok, text) = verify_file(&data, &file);
+    assert!(ok, "{text}");
+    assert!(text.contains("archive OK: 151 records"), "{text}");
+    // Recorded: started and ok, in the kept log.
+    let (_, out, _) = run(&["audit", "export"], &data);
+    let actions: Vec<(String, String)> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["action"] == "audit.archive")
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["principal_kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("started".to_owned(), "operator".to_owned()),
+            ("ok".to_owned(), "operator".to_owned())
+        ]
+    );
+
+    // By seq, past the puts: the anchor counts them, and verify still counts every version.
+    let head = query_i64(&data, "SELECT count FROM audit_head");
+    let file2 = out_dir.path().join("audit-2.jsonl");
+    let (ok, out, err) = archive(&data, &(head - 3).to_string(), &file2);
+    assert!(ok, "{out}{err}");
+    let anchor: serde_json::Value = common::read_json(&file2.with_extension("jsonl.anchor.json"));
+    assert_eq!(anchor["seq"], head - 4);
+    assert_eq!(anchor["puts"], 5);
+    let (ok, text) = verify(&data);
+    assert!(ok, "{text}");
+    let (ok, text) = verify_file(&data, &file2);
+    assert!(ok, "{text}");
+    assert!(text.contains("going on after record 151"), "{text}");
+    // The two files chain: the second starts where the first's anchor ends.
+    let first_of_2: serde_json::Value = serde_json::from_str(&lines(&file2)[0]).unwrap();
+    let a1: serde_json::Value = common::read_json(&file.with_extension("jsonl.anchor.json"));
+    assert_eq!(first_of_2["prev_hash"], a1["hash"]);
+
+    // Nothing older than the bound is left: nothing to do.
+    let file3 = out_dir.path().join("audit-3.jsonl");
+    let (ok, out, err) = archive(&data, "5", &file3);
+    assert!(ok, "{err}");
+    assert!(out.contains("nothing to archive"), "{out}");
+    assert!(!file3.exists());
+    // An existing file that is no interrupted run's is never overwritten.
+    let (ok, out, err) = archive(&data, &head.to_string(), &file);
+    assert!(!ok, "{out}");
+    assert!(err.contains("choose another --output"), "{err}");
+    assert_eq!(lines(&file), archived);
+
+    // Puts counted in the anchor are part of its MAC: lowering them breaks it.
+    let copy = copy_dir(&data);
+    sql(copy.path(), "UPDATE audit_anchor SET puts = 0");
+    let (ok, text) = verify(copy.path());
+    assert!(!ok && text.contains("anchor's MAC"), "{text}");
+}
+
+/// Tampering with the anchor or with the start of the log is caught by `audit verify`, and
+/// `audit archive` refuses to run over it (removing nothing).
+#[test]
+fn forged_anchors_and_records_removed_by_hand_are_caught() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+
+    // Without any archive: records removed at the start by hand.
+    let copy = copy_dir(&data);
+    sql(copy.path(), "DELETE FROM audit_records WHERE seq <= 10");
+    let (ok, text) = verify(copy.path());
+    assert!(
+        !ok && text.contains("record 1: found record numbered 11"),
+        "{text}"
+    );
+    // ... and an anchor planted over them without the key (the head's MAC reused).
+    sql(
+        copy.path(),
+        "INSERT INTO audit_anchor (id, seq, hash, puts, mac)
+         SELECT 1, 10, (SELECT prev_hash FROM audit_records WHERE seq = 11), 0, mac
+         FROM audit_head",
+    );
+    let (ok, text) = verify(copy.path());
+    assert!(
+        !ok && text.contains("anchor's MAC does not verify"),
+        "{text}"
+    );
+    let f = out_dir.path().join("refused.jsonl");
+    let (ok, _, err) = archive(copy.path(), "100", &f);
+    assert!(!ok && err.contains("anchor does not verify"), "{err}");
+    assert!(!f.exists());
+
+    // A tampered record is never archived (and so never laundered into a file).
+    let copy = copy_dir(&data);
+    sql(
+        copy.path(),
+        "UPDATE audit_records SET principal_id = 'mallory' WHERE seq = 5",
+    );
+    let (ok, _, err) = archive(copy.path(), "100", &f);
+    assert!(
+        !ok && err.contains("record 5: contents do not match"),
+        "{err}"
+    );
+    assert_eq!(
+        query_i64(copy.path(), "SELECT min(seq) FROM audit_records"),
+        1
+    );
+    assert_eq!(
+        query_i64(copy.path(), "SELECT count(*) FROM audit_anchor"),
+        0
+    );
+
+    // Two genuine archives; then every change to the anchor or the start is caught.
+    let f1 = out_dir.path().join("a1.jsonl");
+    let f2 = out_dir.path().join("a2.jsonl");
+    assert!(archive(&data, "101", &f1).0);
+    let first_anchor: (i64, Vec<u8>, i64, Vec<u8>) = {
+        let conn = rusqlite::Connection::open(db(&data)).unwrap();
+        conn.query_row("SELECT seq, hash, puts, mac FROM audit_anchor", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .unwrap()
+    };
+    assert!(archive(&data, "201", &f2).0);
+    assert!(verify(&data).0);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "UPDATE audit_anchor SET seq = seq + 1".into(),
+            "anchor's MAC does not verify",
+        ),
+        (
+            "UPDATE audit_anchor SET hash = (SELECT hash FROM audit_records WHERE seq = 201)"
+                .into(),
+            "anchor's MAC does not verify",
+        ),
+        (
+            "UPDATE audit_anchor SET mac = zeroblob(32)".into(),
+            "anchor's MAC does not verify",
+        ),
+        // The anchor removed: the log seems to start at 1, and does not.
+        (
+            "DELETE FROM audit_anchor".into(),
+            "record 1: found record numbered 201",
+        ),
+        // Rolled back to the first, genuine, anchor: records 101..200 are missing.
+        (
+            format!(
+                "UPDATE audit_anchor SET seq = {}, hash = X'{}', puts = {}, mac = X'{}'",
+                first_anchor.0,
+                hex::encode(&first_anchor.1),
+                first_anchor.2,
+                hex::encode(&first_anchor.3)
+            ),
+            "record 101: found record numbered 201",
+        ),
+        // Records after the anchor removed by hand.
+        (
+            "DELETE FROM audit_records WHERE seq <= 210".into(),
+            "record 201: found record numbered 211",
+        ),
+        // The first kept record edited.
+        (
+            "UPDATE audit_records SET owner = 'eve' WHERE seq = 201".into(),
+            "record 201: contents do not match",
+        ),
+    ];
+    for (tamper, needle) in cases {
+        let copy = copy_dir(&data);
+        sql(copy.path(), &tamper);
+        let (ok, text) = verify(copy.path());
+        assert!(!ok, "verify passed after `{tamper}`: {text}");
+        assert!(
+            text.contains(needle),
+            "after `{tamper}` expected {needle:?} in: {text}"
+        );
+    }
+}
+
+/// An archive file checks on its own against its anchor: an edited, removed or added record,
+/// a cut end, or an edited anchor file fails.
+#[test]
+fn a_tampered_archive_file_fails_verify_file() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let file = out_dir.path().join("a.jsonl");
+    assert!(archive(&data, "201", &file).0);
+    assert!(verify_file(&data, &file).0);
+    let anchor_file = file.with_extension("jsonl.anchor.json");
+    let good = lines(&file);
+    let good_anchor = std::fs::read_to_string(&anchor_file).unwrap();
+    let write = |l: &[String]| std::fs::write(&file, l.join("\n") + "\n").unwrap();
+
+    let mut edited = good.clone();
+    edited[50] = edited[50].replace("svc-", "svx-");
+    let mut removed = good.clone();
+    removed.remove(50);
+    let mut cut = good.clone();
+    cut.pop();
+    let mut added = good.clone();
+    added.push(good[199].clone());
+    for (what, l, needle) in [
+        (
+            "edited",
+            edited,
+            "line 51: record 51: contents do not match",
+        ),
+        (
+            "removed",
+            removed,
+            "line 51: record 51: found record numbered 52",
+        ),
+        (
+            "cut",
+            cut,
+            "ends at record 199 but its anchor names record 200",
+        ),
+        (
+            "added",
+            added,
+            "line 201: record 201: found record numbered 200",
+        ),
+    ] {
+        write(&l);
+        let (ok, text) = verify_file(&data, &file);
+        assert!(!ok, "{what}: {text}");
+        assert!(
+            text.contains(needle),
+            "{what}: expected {needle:?} in {text}"
+        );
+    }
+    write(&good);
+    assert!(verify_file(&data, &file).0);
+    let mut a: serde_json::Value = serde_json::from_str(&good_anchor).unwrap();
+    a["puts"] = 7.into();
+    std::fs::write(&anchor_file, a.to_string()).unwrap();
+    let (ok, text) = verify_file(&data, &file);
+    assert!(
+        !ok && text.contains("anchor's MAC does not verify"),
+        "{text}"
+    );
+    std::fs::remove_file(&anchor_file).unwrap();
+    let (ok, text) = verify_file(&data, &file);
+    assert!(!ok && text.contains("anchor.json"), "{text}");
+}
+
+/// The archive killed (SIGKILL) while it removes records: the log verifies (records at or
+/// before the anchor are outside it), and the same command run again finishes. Killed while
+/// it writes the file: nothing changed, and a run again archives. Killed after the files are
+/// written but before the anchor is set (the store copied back from before the run): a run
+/// again sets the anchor from the files and finishes.
+#[test]
+fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
+    let dir = populate(20_000);
+    let data = dir.path().join("data");
+    let pristine = copy_dir(&data);
+    let export = {
+        let (ok, out, err) = run(&["audit", "export"], &data);
+        assert!(ok, "{err}");
+        out.lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let out_dir = tempfile::tempdir().unwrap();
+    let file = out_dir.path().join("crash.jsonl");
+    let spawn = |data: &Path| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
+            .env_remove("STRONGROOM_CONFIG")
+            .env_remove("STRONGROOM_DATA_DIR")
+            .args([
+                "audit", "archive", "--before", "15001", "--batch", "1", "--output",
+            ])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    // 1. Killed mid-removal: once the anchor is set and some records are gone.
+    let mut child = spawn(&data);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "the removal never started");
+        let conn = rusqlite::Connection::open_with_flags(
+            db(&data),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let min: Option<i64> = conn
+            .query_row("SELECT min(seq) FROM audit_records", [], |r| r.get(0))
+            .unwrap_or(None);
+        if min.is_some_and(|m| m > 20) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let min = query_i64(&data, "SELECT min(seq) FROM audit_records");
+    assert!(
+        min > 1 && min <= 15_000,
+        "not killed mid-removal: first record {min}"
+    );
+    assert_eq!(query_i64(&data, "SELECT seq FROM audit_anchor"), 15_000);
+    let (ok, text) = verify(&data);
+    assert!(ok, "{text}");
+    assert!(text.contains("not all removed yet"), "{text}");
+    let (ok, out, err) = archive(&data, "15001", &file);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("finished the interrupted archive"), "{out}");
+    assert_eq!(
+        query_i64(&data, "SELECT min(seq) FROM audit_records"),
+        15_001
+    );
+    assert_eq!(index_entries_upto(&data, 15_000), 0);
+    assert_eq!(lines(&file), export[..15_000].to_vec());
+    let (ok, text) = verify(&data);
+    assert!(ok && !text.contains("not all removed"), "{text}");
+    assert!(verify_file(&data, &file).0);
+
+    // 2. Killed while writing the file (or whenever it got to): the log verifies, and a run
+    //    again completes with every record in the file or the store.
+    let data2 = copy_dir(pristine.path());
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_file(file.with_extension("jsonl.anchor.json")).unwrap();
+    let mut child = spawn(data2.path());
+    let partial = out_dir.path().join("crash.jsonl.partial");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !partial.exists() && !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the archive never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (ok, text) = verify(data2.path());
+    assert!(ok, "{text}");
+    let (ok, out, err) = archive(data2.path(), "15001", &file);
+    assert!(ok, "{out}{err}");
+    assert_eq!(lines(&file), export[..15_000].to_vec());
+    assert_eq!(
+        query_i64(data2.path(), "SELECT min(seq) FROM audit_records"),
+        15_001
+    );
+    assert!(verify(data2.path()).0);
+
+    // 3. The files written, the anchor never set: another copy archived into `fresh`, and
+    //    the store as it was before that run.
+    let data3 = copy_dir(pristine.path());
+    let data4 = copy_dir(pristine.path());
+    let fresh = out_dir.path().join("fresh.jsonl");
+    let (ok, out, err) = archive(data4.path(), "15001", &fresh);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = archive(data3.path(), "15001", &fresh);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("finished the interrupted archive"), "{out}");
+    assert_eq!(
+        query_i64(data3.path(), "SELECT min(seq) FROM audit_records"),
+        15_001
+    );
+    assert_eq!(
+        query_i64(data3.path(), "SELECT seq FROM audit_anchor"),
+        15_000
+    );
+    assert!(verify(data3.path()).0);
+}
+
+/// Archives run while a server appends (puts and reveals): each removal batch is a short
+/// transaction, the server's requests all succeed, and the log verifies throughout.
+#[test]
+fn archive_runs_beside_a_serving_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = common::dev::start_dev(&data, &[]);
+    let service = server.export("SERVICE");
+    let alice = server.export("ALICE");
+    let client = server.client(&data);
+    let rt = rt();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, client) = (stop.clone(), client.clone());
+            let (alice, service) = (alice.clone(), service.clone());
+            rt.spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let name = format!("k{w}-{}", n % 10);
+                    let r = client
+                        .json(
+                            "PUT",
+                            &format!("/v1/me/credentials/{name}"),
+                            Some(&alice),
+                            &serde_json::json!({"value": "v"}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 201, "{}", r.text());
+                    let r = client
+                        .json(
+                            "POST",
+                            &format!("/v1/owners/alice/credentials/{name}/reveal"),
+                            Some(&service),
+                            &serde_json::json!({}),
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let out_dir = tempfile::tempdir().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    for round in 0..3 {
+        let head = query_i64(&data, "SELECT count FROM audit_head");
+        let file = out_dir.path().join(format!("live-{round}.jsonl"));
+        let (ok, out, err) = run(
+            &[
+                "audit",
+                "archive",
+                "--before",
+                &(head / 2 + 1).to_string(),
+                "--batch",
+                "50",
+                "--output",
+                file.to_str().unwrap(),
+            ],
+            &data,
+        );
+        assert!(ok, "round {round}: {out}{err}");
+        let (ok, text) = verify(&data);
+        assert!(ok, "round {round}: {text}");
+        assert!(verify_file(&data, &file).0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds: u64 = load.into_iter().map(|t| rt.block_on(t).unwrap()).sum();
+    assert!(rounds > 0);
+    // The server still reports ready and its log verifies.
+    let r = rt.block_on(client.get("/readyz", None)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(server);
+    let (ok, text) = verify(&data);
+    assert!(ok, "{text}");
+}
+
+fn postgres_url() -> Option<String> {
+    match std::env::var("STRONGROOM_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("STRONGROOM_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "STRONGROOM_REQUIRE_POSTGRES=1 but STRONGROOM_TEST_POSTGRES_URL is unset"
+            );
+            eprintln!(
+                "SKIPPED (loudly): STRONGROOM_TEST_POSTGRES_URL is unset; the PostgreSQL \
+                 archive test did not run (scripts/lib/postgres.sh pg_start sets it)"
+            );
+            None
+        }
+    }
+}
+
+/// The same on PostgreSQL: archive by time, then by seq past the puts; the log and the files
+/// verify; an edited or removed anchor, or records removed by hand, fail.
+#[test]
+fn archive_on_postgres() {
+    let Some(url) = postgres_url() else { return };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("cli_archive_{}_{nanos}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let config = dir.path().join("strongroom.toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nkind = \"postgres\"\nurl = {url:?}\nschema = \"{schema}\"\n"),
+    )
+    .unwrap();
+    populate_with(&data, Some(&config), 300);
+    let cfg = config.to_str().unwrap().to_owned();
+    let pg = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--config", &cfg]);
+        run(&all, &data)
+    };
+    let verify_pg = || {
+        let (ok, out, err) = pg(&["audit", "verify"]);
+        (ok, format!("{out}{err}"))
+    };
+    let out_dir = tempfile::tempdir().unwrap();
+    let f1 = out_dir.path().join("pg-1.jsonl");
+    let f2 = out_dir.path().join("pg-2.jsonl");
+    let before = rfc3339(BASE + 101);
+    let (ok, out, err) = pg(&[
+        "audit",
+        "archive",
+        "--before",
+        &before,
+        "--output",
+        f1.to_str().unwrap(),
+        "--batch",
+        "7",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archived records 1..151"), "{out}");
+    let (ok, text) = verify_pg();
+    assert!(ok && text.contains("1..151 archived"), "{text}");
+    let (ok, out, err) = pg(&[
+        "audit",
+        "archive",
+        "--before",
+        "312",
+        "--output",
+        f2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let anchor: serde_json::Value = common::read_json(&f2.with_extension("jsonl.anchor.json"));
+    assert_eq!(anchor["seq"], 311);
+    assert_eq!(anchor["puts"], 5);
+    let (ok, text) = verify_pg();
+    assert!(ok, "{text}");
+    for f in [&f1, &f2] {
+        let (ok, out, err) = pg(&["audit", "verify", "--file", f.to_str().unwrap()]);
+        assert!(ok, "{out}{err}");
+    }
+
+    let rt = rt();
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .unwrap();
+    rt.spawn(async move {
+        let _ = conn.await;
+    });
+    let exec = |sql: &str| {
+        rt.block_on(client.batch_execute(&format!("SET search_path TO {schema}; {sql}")))
+            .unwrap()
+    };
+    // Each change committed (verify runs in another process), then undone.
+    exec("UPDATE audit_anchor SET puts = 0");
+    let (ok, text) = verify_pg();
+    assert!(
+        !ok && text.contains("anchor's MAC does not verify"),
+        "{text}"
+    );
+    exec("UPDATE audit_anchor SET puts = 5");
+    assert!(verify_pg().0);
+    exec("CREATE TABLE saved_anchor AS SELECT * FROM audit_anchor; DELETE FROM audit_anchor");
+    let (ok, text) = verify_pg();
+    assert!(
+        !ok && text.contains("record 1: found record numbered 312"),
+        "{text}"
+    );
+    exec("INSERT INTO audit_anchor SELECT * FROM saved_anchor");
+    exec(
+        "CREATE TABLE saved_records AS SELECT * FROM audit_records WHERE seq <= 312; \
+         DELETE FROM audit_records WHERE seq <= 312",
+    );
+    let (ok, text) = verify_pg();
+    assert!(
+        !ok && text.contains("record 312: found record numbered 313"),
+        "{text}"
+    );
+    exec("INSERT INTO audit_records SELECT * FROM saved_records");
+    assert!(verify_pg().0);
+    exec(&format!("RESET search_path; DROP SCHEMA {schema} CASCADE"));
+}
