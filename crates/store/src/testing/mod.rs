@@ -105,6 +105,9 @@ macro_rules! conformance_tests {
             audit_concurrent_appends_one_chain,
             audited_put_is_one_transaction,
             audited_change_is_one_transaction,
+            quota_counts_live_credentials_per_owner,
+            quota_holds_under_racing_creates,
+            credential_versions_come_in_pages,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
