@@ -1329,3 +1329,119 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
         operator.close().await;
     }
 }
+
+/// A put that would create one credential past the owner's quota is a 409 `quota_exceeded`
+/// on the user's and the service's route alike, writes nothing and is audited as a failed
+/// put; new versions, other owners and a freed slot are not refused.
+#[tokio::test]
+async fn the_credential_quota_refuses_new_credentials_only() {
+    let api = api_with_vault(strongroom_core::VaultConfig {
+        max_credentials_per_owner: Some(2),
+        ..strongroom_core::VaultConfig::default()
+    })
+    .await;
+    let alice = user_token("alice");
+    let put = |path: String, token: String| {
+        let api = &api;
+        async move {
+            api.call("PUT", &path, Some(&token), Some(json!({"value": "v"})))
+                .await
+        }
+    };
+    let mine = |name: &str| format!("/v1/me/credentials/{name}");
+    for name in ["zoom.a", "zoom.b"] {
+        let r = put(mine(name), alice.clone()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let refused = put(mine("zoom.c"), alice.clone()).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert_eq!(code(&refused), "quota_exceeded");
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("quota") && message.contains('2'),
+        "{message}"
+    );
+    // The service's route counts the same credentials.
+    let by_service = put(
+        "/v1/owners/alice/credentials/zoom.c".into(),
+        ALLOWED_SERVICE_TOKEN.into(),
+    )
+    .await;
+    assert_eq!(
+        by_service.status,
+        StatusCode::CONFLICT,
+        "{}",
+        by_service.body
+    );
+    assert_eq!(code(&by_service), "quota_exceeded");
+    // Nothing was written.
+    let gone = api.call("GET", &mine("zoom.c"), Some(&alice), None).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND, "{}", gone.body);
+    let list = api
+        .call("GET", "/v1/me/credentials", Some(&alice), None)
+        .await
+        .json();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    // New versions of existing credentials, and other owners, are not limited.
+    let again = put(mine("zoom.a"), alice.clone()).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(again.json()["version"], 2);
+    let bob = put(mine("zoom.c"), user_token("bob")).await;
+    assert_eq!(bob.status, StatusCode::CREATED, "{}", bob.body);
+    // Both refusals are in the audit log as failed puts, with their code.
+    let records = api
+        .call(
+            "GET",
+            "/v1/audit?owner=alice&name=zoom.c",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json();
+    let seen: Vec<_> = records["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["principal_kind"].as_str().unwrap().to_owned(),
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["status"].as_u64().unwrap(),
+                r["error_code"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .filter(|r| r.0 == "put")
+        .collect();
+    let failed = |kind: &str| {
+        (
+            "put".to_owned(),
+            kind.to_owned(),
+            "error".to_owned(),
+            409,
+            "quota_exceeded".to_owned(),
+        )
+    };
+    assert_eq!(seen, vec![failed("service"), failed("user")]);
+    // Destroying a credential frees its slot.
+    let r = api
+        .call("DELETE", &mine("zoom.b"), Some(&alice), None)
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = put(mine("zoom.c"), alice.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    // And the document lists the refusal on both put routes.
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    for path in [
+        "/v1/me/credentials/{name}",
+        "/v1/owners/{owner}/credentials/{name}",
+    ] {
+        let text = doc["paths"][path]["put"]["responses"]["409"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.contains("quota_exceeded"), "{path}: {text}");
+    }
+}

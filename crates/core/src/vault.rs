@@ -58,12 +58,16 @@ impl Clock for SystemClock {
 pub struct VaultConfig {
     /// Active versions kept per credential; older ones are destroyed on put.
     pub max_versions: u32,
+    /// Live credentials an owner may have: a put that would create one more is refused
+    /// ([`CoreError::QuotaExceeded`]). `None`: no quota (the server always sets one).
+    pub max_credentials_per_owner: Option<u32>,
 }
 
 impl Default for VaultConfig {
     fn default() -> Self {
         Self {
             max_versions: strongroom_store::DEFAULT_MAX_VERSIONS,
+            max_credentials_per_owner: Some(strongroom_store::DEFAULT_MAX_CREDENTIALS_PER_OWNER),
         }
     }
 }
@@ -300,7 +304,8 @@ impl Vault {
     /// # Errors
     ///
     /// Input errors, [`CoreError::VersionConflict`] when `expected_version` is stale,
-    /// [`CoreError::Contended`], store and provider errors.
+    /// [`CoreError::QuotaExceeded`] when it would create a credential beyond the owner's
+    /// quota, [`CoreError::Contended`], store and provider errors.
     pub async fn put(&self, req: PutRequest<'_>) -> Result<PutOutcome, CoreError> {
         self.put_inner(req, None).await.map(|(outcome, _)| outcome)
     }
@@ -400,6 +405,7 @@ impl Vault {
             new.expected_current = req.expected_version;
             new.metadata = metadata.clone();
             new.max_versions = self.config.max_versions;
+            new.max_credentials = self.config.max_credentials_per_owner;
             let stored = match &audit {
                 None => self.store.put_version(new).await.map(|o| (o, None)),
                 Some((key, event)) => {
