@@ -1445,3 +1445,127 @@ async fn the_credential_quota_refuses_new_credentials_only() {
         assert!(text.contains("quota_exceeded"), "{path}: {text}");
     }
 }
+
+/// A description pages its versions, newest first, from `versions_next_cursor`; bad limits
+/// and cursors are a 400, and another owner gets the 404 of a missing credential.
+#[tokio::test]
+async fn a_description_pages_its_versions() {
+    let api = api().await;
+    let alice = user_token("alice");
+    for i in 1..=102 {
+        let r = api
+            .call(
+                "PUT",
+                KEY,
+                Some(&alice),
+                Some(json!({"value": format!("v{i}")})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let get = |query: &str| {
+        let (api, alice) = (&api, alice.clone());
+        let uri = format!("{KEY}{query}");
+        async move { api.call("GET", &uri, Some(&alice), None).await }
+    };
+    let numbers = |d: &serde_json::Value| -> Vec<u64> {
+        d["versions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no versions in {d}"))
+            .iter()
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect()
+    };
+    // By default 100, newest first, with the cursor of the rest.
+    let d = get("").await.json();
+    assert_eq!(numbers(&d), (3..=102).rev().collect::<Vec<_>>());
+    assert_eq!(d["versions_next_cursor"], "3");
+    assert_eq!(d["current_version"], 102);
+    assert_eq!(d["state"], "enabled");
+    let rest = get("?cursor=3").await.json();
+    assert_eq!(numbers(&rest), [2, 1]);
+    assert_eq!(rest["versions_next_cursor"], serde_json::Value::Null);
+    assert_eq!(rest["current_version"], 102);
+    // Retention destroyed the old ones: the tombstones are listed.
+    assert_eq!(rest["versions"][0]["state"], "destroyed");
+    // A smaller page; the pages follow each other without a gap or an overlap.
+    let mut seen = Vec::new();
+    let mut query = "?limit=7".to_owned();
+    loop {
+        let page = get(&query).await.json();
+        let n = numbers(&page);
+        assert!(n.len() <= 7);
+        seen.extend(n);
+        match page["versions_next_cursor"].as_str() {
+            Some(c) => query = format!("?limit=7&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=102).rev().collect::<Vec<_>>());
+    let most = get("?limit=1000").await.json();
+    assert_eq!(numbers(&most).len(), 102);
+    assert_eq!(most["versions_next_cursor"], serde_json::Value::Null);
+    // Only canonical numbers, in range.
+    for bad in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=07",
+        "?limit=-1",
+        "?cursor=0",
+        "?cursor=03",
+        "?cursor=+3",
+        "?cursor=3.0",
+        "?cursor=abc",
+        "?cursor=",
+        "?cursor=2147483648",
+        "?cursor=99999999999999999999",
+        "?cursor=3&cursor=4",
+        "?page=2",
+    ] {
+        let r = get(bad).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+        assert!(!code(&r).is_empty(), "{bad}: {}", r.body);
+    }
+    // The path's put and destroy still read no query.
+    let r = api
+        .call(
+            "PUT",
+            &format!("{KEY}?limit=2"),
+            Some(&alice),
+            Some(json!({"value": "x"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = api
+        .call("DELETE", &format!("{KEY}?cursor=3"), Some(&alice), None)
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert_eq!(get("?limit=1").await.json()["current_version"], 102);
+    // Another owner, with or without a cursor: not found, as for a missing credential.
+    for query in ["", "?cursor=3", "?limit=1"] {
+        let r = api
+            .call(
+                "GET",
+                &format!("{KEY}{query}"),
+                Some(&user_token("bob")),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{query}: {}", r.body);
+    }
+    // The document describes the parameters and the cursor.
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    let params: Vec<&str> = doc["paths"]["/v1/me/credentials/{name}"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["in"] == "query")
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(params, ["cursor", "limit"]);
+    assert!(
+        doc["components"]["schemas"]["CredentialDetail"]["properties"]
+            .get("versions_next_cursor")
+            .is_some()
+    );
+}

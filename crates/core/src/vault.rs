@@ -484,7 +484,9 @@ impl Vault {
             .await?)
     }
 
-    /// A credential's metadata and versions, no values.
+    /// A credential's metadata and **every** version it ever had, no values. For operator
+    /// tools that must see the whole history (an import looking for what it wrote); what
+    /// answers a client is [`Vault::describe_page`].
     ///
     /// # Errors
     ///
@@ -492,6 +494,37 @@ impl Vault {
     pub async fn describe(&self, owner: &str, name: &str) -> Result<Credential, CoreError> {
         check_place(owner, name)?;
         Ok(self.store.get_credential(owner, name).await?)
+    }
+
+    /// A credential's metadata and one page of its versions, newest first, no values: at
+    /// most `limit` (1 to [`strongroom_store::MAX_PAGE_LIMIT`]) versions numbered below
+    /// `before` (the newest when `None`); [`Credential::versions_next`] is the next page's
+    /// `before` when older versions remain.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::InvalidInput`] for a limit or `before` out of range,
+    /// [`CoreError::NotFound`], and input/store errors.
+    pub async fn describe_page(
+        &self,
+        owner: &str,
+        name: &str,
+        before: Option<u32>,
+        limit: u32,
+    ) -> Result<Credential, CoreError> {
+        check_place(owner, name)?;
+        if limit == 0 || limit > strongroom_store::MAX_PAGE_LIMIT {
+            return Err(CoreError::InvalidInput("limit must be 1 to 1000"));
+        }
+        if let Some(v) = before {
+            check_version(v).map_err(|_| {
+                CoreError::InvalidInput("cursor must be a version number, 1 to 2147483647")
+            })?;
+        }
+        Ok(self
+            .store
+            .get_credential_page(owner, name, before, limit)
+            .await?)
     }
 
     /// Chooses the current version.

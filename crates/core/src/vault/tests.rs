@@ -524,3 +524,31 @@ async fn the_owner_quota_refuses_only_new_credentials() {
     v.destroy_credential("alice", "b").await.unwrap();
     v.put(put("alice", "c", b"1")).await.unwrap();
 }
+
+#[tokio::test]
+async fn describe_pages_check_their_bounds() {
+    let (_d, v) = vault().await;
+    for i in 0..5 {
+        v.put(put("alice", "k", format!("v{i}").as_bytes()))
+            .await
+            .unwrap();
+    }
+    let page = v.describe_page("alice", "k", None, 2).await.unwrap();
+    let numbers: Vec<u32> = page.versions.iter().map(|x| x.version).collect();
+    assert_eq!((numbers, page.versions_next), (vec![5, 4], Some(4)));
+    let page = v.describe_page("alice", "k", Some(4), 1000).await.unwrap();
+    assert_eq!(page.versions.len(), 3);
+    for (before, limit) in [(None, 0), (None, 1001), (Some(0), 10), (Some(1 << 31), 10)] {
+        assert!(
+            matches!(
+                v.describe_page("alice", "k", before, limit).await,
+                Err(CoreError::InvalidInput(_))
+            ),
+            "{before:?} {limit}"
+        );
+    }
+    assert!(matches!(
+        v.describe_page("bob", "k", None, 10).await,
+        Err(CoreError::NotFound)
+    ));
+}
