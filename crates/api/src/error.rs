@@ -134,6 +134,13 @@ impl From<CoreError> for ApiError {
                 e
             }
             CoreError::Disabled => Self::new(S::CONFLICT, "credential_disabled", e.to_string()),
+            // 409, not 403: the caller is allowed to write here, and the request is refused
+            // for the owner's present state (as many credentials as the quota allows), which
+            // the caller can change (destroy one) and then retry; a 403 reads as a permission
+            // problem, and is what a policy refusal answers on these routes.
+            CoreError::QuotaExceeded { .. } => {
+                Self::new(S::CONFLICT, "quota_exceeded", e.to_string())
+            }
             CoreError::Unavailable(cause) => {
                 Self::internal(S::SERVICE_UNAVAILABLE, "unavailable", cause)
             }

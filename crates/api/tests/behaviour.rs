@@ -1329,3 +1329,243 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
         operator.close().await;
     }
 }
+
+/// A put that would create one credential past the owner's quota is a 409 `quota_exceeded`
+/// on the user's and the service's route alike, writes nothing and is audited as a failed
+/// put; new versions, other owners and a freed slot are not refused.
+#[tokio::test]
+async fn the_credential_quota_refuses_new_credentials_only() {
+    let api = api_with_vault(strongroom_core::VaultConfig {
+        max_credentials_per_owner: Some(2),
+        ..strongroom_core::VaultConfig::default()
+    })
+    .await;
+    let alice = user_token("alice");
+    let put = |path: String, token: String| {
+        let api = &api;
+        async move {
+            api.call("PUT", &path, Some(&token), Some(json!({"value": "v"})))
+                .await
+        }
+    };
+    let mine = |name: &str| format!("/v1/me/credentials/{name}");
+    for name in ["zoom.a", "zoom.b"] {
+        let r = put(mine(name), alice.clone()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let refused = put(mine("zoom.c"), alice.clone()).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert_eq!(code(&refused), "quota_exceeded");
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("quota") && message.contains('2'),
+        "{message}"
+    );
+    // The service's route counts the same credentials.
+    let by_service = put(
+        "/v1/owners/alice/credentials/zoom.c".into(),
+        ALLOWED_SERVICE_TOKEN.into(),
+    )
+    .await;
+    assert_eq!(
+        by_service.status,
+        StatusCode::CONFLICT,
+        "{}",
+        by_service.body
+    );
+    assert_eq!(code(&by_service), "quota_exceeded");
+    // Nothing was written.
+    let gone = api.call("GET", &mine("zoom.c"), Some(&alice), None).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND, "{}", gone.body);
+    let list = api
+        .call("GET", "/v1/me/credentials", Some(&alice), None)
+        .await
+        .json();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    // New versions of existing credentials, and other owners, are not limited.
+    let again = put(mine("zoom.a"), alice.clone()).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(again.json()["version"], 2);
+    let bob = put(mine("zoom.c"), user_token("bob")).await;
+    assert_eq!(bob.status, StatusCode::CREATED, "{}", bob.body);
+    // Both refusals are in the audit log as failed puts, with their code.
+    let records = api
+        .call(
+            "GET",
+            "/v1/audit?owner=alice&name=zoom.c",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json();
+    let seen: Vec<_> = records["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["principal_kind"].as_str().unwrap().to_owned(),
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["status"].as_u64().unwrap(),
+                r["error_code"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .filter(|r| r.0 == "put")
+        .collect();
+    let failed = |kind: &str| {
+        (
+            "put".to_owned(),
+            kind.to_owned(),
+            "error".to_owned(),
+            409,
+            "quota_exceeded".to_owned(),
+        )
+    };
+    assert_eq!(seen, vec![failed("service"), failed("user")]);
+    // Destroying a credential frees its slot.
+    let r = api
+        .call("DELETE", &mine("zoom.b"), Some(&alice), None)
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = put(mine("zoom.c"), alice.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    // And the document lists the refusal on both put routes.
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    for path in [
+        "/v1/me/credentials/{name}",
+        "/v1/owners/{owner}/credentials/{name}",
+    ] {
+        let text = doc["paths"][path]["put"]["responses"]["409"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.contains("quota_exceeded"), "{path}: {text}");
+    }
+}
+
+/// A description pages its versions, newest first, from `versions_next_cursor`; bad limits
+/// and cursors are a 400, and another owner gets the 404 of a missing credential.
+#[tokio::test]
+async fn a_description_pages_its_versions() {
+    let api = api().await;
+    let alice = user_token("alice");
+    for i in 1..=102 {
+        let r = api
+            .call(
+                "PUT",
+                KEY,
+                Some(&alice),
+                Some(json!({"value": format!("v{i}")})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let get = |query: &str| {
+        let (api, alice) = (&api, alice.clone());
+        let uri = format!("{KEY}{query}");
+        async move { api.call("GET", &uri, Some(&alice), None).await }
+    };
+    let numbers = |d: &serde_json::Value| -> Vec<u64> {
+        d["versions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no versions in {d}"))
+            .iter()
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect()
+    };
+    // By default 100, newest first, with the cursor of the rest.
+    let d = get("").await.json();
+    assert_eq!(numbers(&d), (3..=102).rev().collect::<Vec<_>>());
+    assert_eq!(d["versions_next_cursor"], "3");
+    assert_eq!(d["current_version"], 102);
+    assert_eq!(d["state"], "enabled");
+    let rest = get("?cursor=3").await.json();
+    assert_eq!(numbers(&rest), [2, 1]);
+    assert_eq!(rest["versions_next_cursor"], serde_json::Value::Null);
+    assert_eq!(rest["current_version"], 102);
+    // Retention destroyed the old ones: the tombstones are listed.
+    assert_eq!(rest["versions"][0]["state"], "destroyed");
+    // A smaller page; the pages follow each other without a gap or an overlap.
+    let mut seen = Vec::new();
+    let mut query = "?limit=7".to_owned();
+    loop {
+        let page = get(&query).await.json();
+        let n = numbers(&page);
+        assert!(n.len() <= 7);
+        seen.extend(n);
+        match page["versions_next_cursor"].as_str() {
+            Some(c) => query = format!("?limit=7&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=102).rev().collect::<Vec<_>>());
+    let most = get("?limit=1000").await.json();
+    assert_eq!(numbers(&most).len(), 102);
+    assert_eq!(most["versions_next_cursor"], serde_json::Value::Null);
+    // Only canonical numbers, in range.
+    for bad in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=07",
+        "?limit=-1",
+        "?cursor=0",
+        "?cursor=03",
+        "?cursor=+3",
+        "?cursor=3.0",
+        "?cursor=abc",
+        "?cursor=",
+        "?cursor=2147483648",
+        "?cursor=99999999999999999999",
+        "?cursor=3&cursor=4",
+        "?page=2",
+    ] {
+        let r = get(bad).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+        assert!(!code(&r).is_empty(), "{bad}: {}", r.body);
+    }
+    // The path's put and destroy still read no query.
+    let r = api
+        .call(
+            "PUT",
+            &format!("{KEY}?limit=2"),
+            Some(&alice),
+            Some(json!({"value": "x"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = api
+        .call("DELETE", &format!("{KEY}?cursor=3"), Some(&alice), None)
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert_eq!(get("?limit=1").await.json()["current_version"], 102);
+    // Another owner, with or without a cursor: not found, as for a missing credential.
+    for query in ["", "?cursor=3", "?limit=1"] {
+        let r = api
+            .call(
+                "GET",
+                &format!("{KEY}{query}"),
+                Some(&user_token("bob")),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{query}: {}", r.body);
+    }
+    // The document describes the parameters and the cursor.
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    let params: Vec<&str> = doc["paths"]["/v1/me/credentials/{name}"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["in"] == "query")
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(params, ["cursor", "limit"]);
+    assert!(
+        doc["components"]["schemas"]["CredentialDetail"]["properties"]
+            .get("versions_next_cursor")
+            .is_some()
+    );
+}

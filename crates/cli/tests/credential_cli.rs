@@ -94,6 +94,27 @@ fn a_user_stores_and_manages_and_the_service_reveals() {
     .unwrap();
     assert_eq!(show["current_version"], 2, "{show}");
     assert_eq!(show["versions"].as_array().unwrap().len(), 2, "{show}");
+    assert_eq!(
+        show["versions_next_cursor"],
+        serde_json::Value::Null,
+        "{show}"
+    );
+    // A page at a time: the newest, then from its cursor the rest.
+    let page = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["credential", "show", "zoom.api-key"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(client(&data, addr, &alice).args(&args))).unwrap()
+    };
+    let first = page(&["--limit", "1"]);
+    assert_eq!(first["versions"][0]["version"], 2, "{first}");
+    assert_eq!(first["versions_next_cursor"], "2", "{first}");
+    let rest = page(&["--limit", "1", "--cursor", "2"]);
+    assert_eq!(rest["versions"][0]["version"], 1, "{rest}");
+    assert_eq!(
+        rest["versions_next_cursor"],
+        serde_json::Value::Null,
+        "{rest}"
+    );
 
     ok(client(&data, addr, &alice).args(["credential", "current", "zoom.api-key", "1"]));
 

@@ -1168,3 +1168,91 @@ fn imports_the_vectors_from_postgres_bytea_and_text_columns() {
     rt.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")))
         .unwrap();
 }
+
+/// An owner at `store.max_credentials_per_owner` gets no new credential from an import: the
+/// value is listed as not created, the other values (other owners, and new versions of what
+/// the owner has) go on, the command fails saying why, and a re-run under a larger quota
+/// imports what was left.
+#[test]
+fn an_import_reports_the_values_its_quota_refuses_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.sqlite3");
+    let fernet = strongroom_crypto::django::keys_from_strings(&["app passphrase"], true).unwrap();
+    let rng = strongroom_crypto::OsRandom;
+    let enc = |s: &str| fernet.encrypt(s.as_bytes(), 1_700_000_000, &rng).unwrap();
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE accounts (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL,
+                 service TEXT, token TEXT)",
+        )
+        .unwrap();
+        let rows = [
+            (1, 42, "zoom.api-key", "s1"),
+            (2, 42, "slack.token", "s2"),
+            (3, 42, "github.token", "s3"),
+            (4, 7, "zoom.api-key", "s4"),
+        ];
+        for (id, user, service, token) in rows {
+            conn.execute(
+                "INSERT INTO accounts VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![id, user, service, enc(token)],
+            )
+            .unwrap();
+        }
+    }
+    let database = format!("sqlite:{}", db.display());
+    let data = new_target(tmp.path());
+    let run = |quota: &str| {
+        let out = strongroom()
+            .env("STRONGROOM_STORE__MAX_CREDENTIALS_PER_OWNER", quota)
+            .args(["import", "django-fernet-fields", "--data-dir"])
+            .arg(&data)
+            .args(["--database", &database, "--table", "accounts"])
+            .args(["--owner-column", "user_id", "--name-column", "service"])
+            .args(["--value-column", "token", "--key", "app passphrase"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run("2");
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert_eq!(count(&stdout, "values imported:"), 3, "{stdout}");
+    assert_eq!(
+        count(&stdout, "not created, owner at its credential quota:"),
+        1
+    );
+    assert_eq!(count(&stdout, "rows failed:"), 0);
+    assert!(
+        stdout.contains("row 3 column token: not created: the owner already has"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("1 value(s) not imported") && stderr.contains("max_credentials_per_owner"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("s3") && !stderr.contains("s3"));
+    let names = ["zoom.api-key", "slack.token", "github.token"].map(str::to_owned);
+    let found = contents(&data, &["42".to_owned(), "7".to_owned()], &names);
+    let keys: Vec<_> = found.keys().map(|(o, n)| format!("{o}/{n}")).collect();
+    assert_eq!(
+        keys,
+        ["42/slack.token", "42/zoom.api-key", "7/zoom.api-key"]
+    );
+
+    // A larger quota: the rest comes in, nothing twice.
+    let (code, stdout, stderr) = run("3");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert_eq!(count(&stdout, "values imported:"), 1, "{stdout}");
+    assert_eq!(count(&stdout, "already imported:"), 3, "{stdout}");
+    assert_eq!(
+        count(&stdout, "not created, owner at its credential quota:"),
+        0
+    );
+    let found = contents(&data, &["42".to_owned()], &names);
+    assert_eq!(found.len(), 3);
+}

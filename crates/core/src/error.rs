@@ -28,6 +28,17 @@ pub enum CoreError {
         /// The actual current version.
         current: Option<u32>,
     },
+    /// The put would create a credential, and its owner already has as many live
+    /// credentials as the quota allows. Nothing was written.
+    #[error(
+        "credential quota reached: the owner already has {limit} credentials, the most \
+         allowed; delete one before creating another (new versions of existing credentials \
+         are not limited)"
+    )]
+    QuotaExceeded {
+        /// The quota in force.
+        limit: u32,
+    },
     /// Too many concurrent writers kept winning the race; retry.
     #[error("too many concurrent writes to this credential; retry")]
     Contended,
@@ -61,6 +72,7 @@ impl From<strongroom_store::StoreError> for CoreError {
             S::NotFound => CoreError::NotFound,
             S::VersionDestroyed => CoreError::VersionDestroyed,
             S::CurrentMismatch { current } => CoreError::VersionConflict { current },
+            S::QuotaExceeded { limit } => CoreError::QuotaExceeded { limit },
             S::Conflict { .. } => CoreError::Contended,
             S::InvalidInput(what) => CoreError::InvalidInput(what),
             S::Unavailable(_) | S::Overtaken => CoreError::Unavailable(e.to_string()),

@@ -58,12 +58,16 @@ impl Clock for SystemClock {
 pub struct VaultConfig {
     /// Active versions kept per credential; older ones are destroyed on put.
     pub max_versions: u32,
+    /// Live credentials an owner may have: a put that would create one more is refused
+    /// ([`CoreError::QuotaExceeded`]). `None`: no quota (the server always sets one).
+    pub max_credentials_per_owner: Option<u32>,
 }
 
 impl Default for VaultConfig {
     fn default() -> Self {
         Self {
             max_versions: strongroom_store::DEFAULT_MAX_VERSIONS,
+            max_credentials_per_owner: Some(strongroom_store::DEFAULT_MAX_CREDENTIALS_PER_OWNER),
         }
     }
 }
@@ -300,7 +304,8 @@ impl Vault {
     /// # Errors
     ///
     /// Input errors, [`CoreError::VersionConflict`] when `expected_version` is stale,
-    /// [`CoreError::Contended`], store and provider errors.
+    /// [`CoreError::QuotaExceeded`] when it would create a credential beyond the owner's
+    /// quota, [`CoreError::Contended`], store and provider errors.
     pub async fn put(&self, req: PutRequest<'_>) -> Result<PutOutcome, CoreError> {
         self.put_inner(req, None).await.map(|(outcome, _)| outcome)
     }
@@ -400,6 +405,7 @@ impl Vault {
             new.expected_current = req.expected_version;
             new.metadata = metadata.clone();
             new.max_versions = self.config.max_versions;
+            new.max_credentials = self.config.max_credentials_per_owner;
             let stored = match &audit {
                 None => self.store.put_version(new).await.map(|o| (o, None)),
                 Some((key, event)) => {
@@ -478,7 +484,9 @@ impl Vault {
             .await?)
     }
 
-    /// A credential's metadata and versions, no values.
+    /// A credential's metadata and **every** version it ever had, no values. For operator
+    /// tools that must see the whole history (an import looking for what it wrote); what
+    /// answers a client is [`Vault::describe_page`].
     ///
     /// # Errors
     ///
@@ -486,6 +494,37 @@ impl Vault {
     pub async fn describe(&self, owner: &str, name: &str) -> Result<Credential, CoreError> {
         check_place(owner, name)?;
         Ok(self.store.get_credential(owner, name).await?)
+    }
+
+    /// A credential's metadata and one page of its versions, newest first, no values: at
+    /// most `limit` (1 to [`strongroom_store::MAX_PAGE_LIMIT`]) versions numbered below
+    /// `before` (the newest when `None`); [`Credential::versions_next`] is the next page's
+    /// `before` when older versions remain.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError::InvalidInput`] for a limit or `before` out of range,
+    /// [`CoreError::NotFound`], and input/store errors.
+    pub async fn describe_page(
+        &self,
+        owner: &str,
+        name: &str,
+        before: Option<u32>,
+        limit: u32,
+    ) -> Result<Credential, CoreError> {
+        check_place(owner, name)?;
+        if limit == 0 || limit > strongroom_store::MAX_PAGE_LIMIT {
+            return Err(CoreError::InvalidInput("limit must be 1 to 1000"));
+        }
+        if let Some(v) = before {
+            check_version(v).map_err(|_| {
+                CoreError::InvalidInput("cursor must be a version number, 1 to 2147483647")
+            })?;
+        }
+        Ok(self
+            .store
+            .get_credential_page(owner, name, before, limit)
+            .await?)
     }
 
     /// Chooses the current version.

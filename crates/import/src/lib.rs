@@ -55,6 +55,14 @@ pub enum ImportError {
         "{0} row(s) could not be imported (listed in the report); nothing was written for them"
     )]
     RowsFailed(u64),
+    /// Some values were not written because their owner holds as many credentials as the
+    /// quota allows (the report lists them); the other values were imported.
+    #[error(
+        "{0} value(s) not imported: their owner already has store.max_credentials_per_owner \
+         credentials (listed in the report); raise it, or have the owner delete credentials, \
+         and run the same command again"
+    )]
+    OverQuota(u64),
     /// Stopped when asked to, after a whole batch.
     #[error(
         "interrupted after {0} row(s); run the same command again to go on (values already \
@@ -192,6 +200,10 @@ pub struct Report {
     pub deleted_in_strongroom: u64,
     /// Rows that failed (none of their values was written).
     pub rows_failed: u64,
+    /// Values not written because the put would have created a credential beyond its
+    /// owner's quota (`store.max_credentials_per_owner`); each is also in `failures`. Other
+    /// values of the same row may have been imported.
+    pub over_quota: u64,
     /// Each failing value, by row id and column.
     pub failures: Vec<RowFailure>,
     /// Whether the import stopped early, when asked to, after a whole batch.
@@ -379,7 +391,13 @@ enum Put {
     KeptInStrongroom,
     /// The credential was deleted in Strongroom since: not re-created.
     DeletedInStrongroom,
+    /// Creating the credential would take its owner past the quota: not written.
+    OverQuota,
 }
+
+/// Why a value was left out when its owner is at the quota.
+pub const OVER_QUOTA_REASON: &str =
+    "not created: the owner already has store.max_credentials_per_owner credentials";
 
 async fn put_once(
     target: &Target<'_>,
@@ -457,6 +475,8 @@ async fn put_once(
         {
             Ok(_) => return Ok(Put::Imported),
             Err(CoreError::VersionConflict { .. }) | Err(CoreError::Contended) => continue,
+            // The owner's business, not the import's: the other values go on.
+            Err(CoreError::QuotaExceeded { .. }) => return Ok(Put::OverQuota),
             Err(e) => return Err(e.into()),
         }
     }
@@ -509,6 +529,14 @@ pub async fn run(
                     Put::AlreadyThere => report.already_imported += 1,
                     Put::KeptInStrongroom => report.kept_in_strongroom += 1,
                     Put::DeletedInStrongroom => report.deleted_in_strongroom += 1,
+                    Put::OverQuota => {
+                        report.over_quota += 1;
+                        report.failures.push(RowFailure {
+                            row_id: row_id.clone(),
+                            column: v.column.clone(),
+                            reason: OVER_QUOTA_REASON,
+                        });
+                    }
                 }
             }
         }

@@ -130,6 +130,9 @@ pub struct Backends {
     pub hierarchy: Option<Arc<KekHierarchy>>,
     /// `store.max_versions`, for the [`Vault`] made over these backends.
     max_versions: u32,
+    /// `store.max_credentials_per_owner`, likewise (operator commands that write, such as
+    /// an import, keep the server's quota).
+    max_credentials_per_owner: u32,
     handle: StoreHandle,
 }
 
@@ -183,6 +186,7 @@ impl Backends {
             local_keyring: keys.local_keyring,
             hierarchy: keys.hierarchy,
             max_versions: config.store.max_versions(),
+            max_credentials_per_owner: config.store.max_credentials_per_owner(),
             handle,
         })
     }
@@ -196,6 +200,7 @@ impl Backends {
             Arc::new(SystemClock),
             VaultConfig {
                 max_versions: self.max_versions,
+                max_credentials_per_owner: Some(self.max_credentials_per_owner),
             },
         ))
     }
@@ -1145,6 +1150,7 @@ impl Server {
             Arc::new(SystemClock),
             VaultConfig {
                 max_versions: config.store.max_versions(),
+                max_credentials_per_owner: Some(config.store.max_credentials_per_owner()),
             },
         ));
         let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());

@@ -732,3 +732,34 @@ fn empty_text_settings_are_refused() {
         Ok(())
     });
 }
+
+/// `store.max_credentials_per_owner`: 1000 unless set, from the file or the environment
+/// like every key, and refused out of range (0 would let no owner store anything).
+#[test]
+fn the_credential_quota_has_a_default_and_a_range() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        jail.create_file("s.toml", MINIMAL)?;
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.store.max_credentials_per_owner(), 1000);
+        jail.create_file(
+            "q.toml",
+            &format!("{MINIMAL}[store]\nmax_credentials_per_owner = 10\n"),
+        )?;
+        let c = load("q.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.store.max_credentials_per_owner(), 10);
+        jail.set_env("STRONGROOM_STORE__MAX_CREDENTIALS_PER_OWNER", "25");
+        let c = load("q.toml", &Overrides::default()).unwrap();
+        assert_eq!(c.store.max_credentials_per_owner(), 25, "env beats file");
+        for bad in ["0", "100001", "-1"] {
+            jail.set_env("STRONGROOM_STORE__MAX_CREDENTIALS_PER_OWNER", bad);
+            let e = err_of(load("q.toml", &Overrides::default()));
+            assert!(
+                e.contains("max_credentials_per_owner")
+                    || e.contains("STRONGROOM_STORE__MAX_CREDENTIALS_PER_OWNER"),
+                "{bad}: {e}"
+            );
+        }
+        Ok(())
+    });
+}

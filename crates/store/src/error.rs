@@ -36,6 +36,15 @@ pub enum StoreError {
         current: Option<u32>,
     },
 
+    /// The put would create a credential, but its owner already has as many live credentials
+    /// as [`NewVersion::max_credentials`](crate::NewVersion::max_credentials) allows. Nothing
+    /// was written. Not retryable as such: the owner must destroy a credential first.
+    #[error("the owner already has {limit} credentials, the most allowed")]
+    QuotaExceeded {
+        /// The quota in force.
+        limit: u32,
+    },
+
     /// The version exists but was destroyed (its sealed value and wrapped key are erased).
     #[error("version destroyed")]
     VersionDestroyed,

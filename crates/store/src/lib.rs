@@ -18,6 +18,11 @@
 //! credential, not even after [`Store::destroy_credential`] (numbering continues), so a stale
 //! ciphertext can never be replayed into a reused slot.
 //!
+//! A put may carry a per-owner quota ([`NewVersion::max_credentials`]): a put that would
+//! create a credential (or bring one destroyed as a whole back) while its owner already has
+//! that many live ones fails with [`StoreError::QuotaExceeded`], checked in the put's own
+//! transaction so that racing creators, on one node or several, never overshoot.
+//!
 //! Errors and `Debug` output never contain sealed values or wrapped keys.
 //!
 //! # Durability
@@ -104,8 +109,8 @@ pub use error::{BackendError, StoreError};
 pub use types::{
     Change, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
     ReadMark, RewrapItem, SealedVersion, ServedVersion, VersionInfo, VersionState,
-    DEFAULT_MAX_VERSIONS, MAX_NAME_LEN, MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN,
-    MAX_WRAPPED_KEY_LEN,
+    DEFAULT_MAX_CREDENTIALS_PER_OWNER, DEFAULT_MAX_VERSIONS, MAX_NAME_LEN, MAX_OWNER_LEN,
+    MAX_PAGE_LIMIT, MAX_SEALED_LEN, MAX_WRAPPED_KEY_LEN,
 };
 
 /// The newest database schema version this build knows (both backends).
@@ -170,11 +175,32 @@ pub trait Store: Send + Sync + Debug {
     ) -> Result<Page<CredentialSummary>, StoreError>;
 
     /// A credential's facts and all its versions (newest first), without secret bytes.
+    /// Destroyed versions stay listed as tombstones, so this grows with every put the
+    /// credential ever had: for answers to clients, use
+    /// [`get_credential_page`](Store::get_credential_page).
     ///
     /// # Errors
     ///
     /// [`StoreError::NotFound`].
     async fn get_credential(&self, owner: &str, name: &str) -> Result<Credential, StoreError>;
+
+    /// A credential's facts and one page of its versions, newest first: at most `limit`
+    /// versions (clamped to [`MAX_PAGE_LIMIT`]) numbered below `before` (from the newest when
+    /// `None`). [`Credential::versions_next`] is the `before` of the next page when older
+    /// versions remain. The facts and the page come from one snapshot, and the versions are
+    /// read as one bounded index range, however many the credential has.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`]; [`StoreError::InvalidInput`] for `limit` 0 or a `before`
+    /// that is no version number (0, or above 2^31 − 1).
+    async fn get_credential_page(
+        &self,
+        owner: &str,
+        name: &str,
+        before: Option<u32>,
+        limit: u32,
+    ) -> Result<Credential, StoreError>;
 
     /// A version's sealed value and wrapped key; `version: None` means the current one.
     ///

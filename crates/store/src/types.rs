@@ -8,6 +8,12 @@ use crate::StoreError;
 
 /// Default for [`NewVersion::max_versions`]: how many active versions a credential keeps.
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
+/// The usual per-owner quota of live credentials (see [`NewVersion::max_credentials`]): far
+/// above what one user keeps (a credential per third-party service), low enough that one
+/// owner cannot fill the store (at most about 640 MiB of sealed values with the product's
+/// 64 KiB values and the default 10 versions kept), and a create's count stays a short index
+/// range.
+pub const DEFAULT_MAX_CREDENTIALS_PER_OWNER: u32 = 1000;
 /// Longest owner id, in bytes (owners are any non-empty UTF-8 up to this length).
 pub const MAX_OWNER_LEN: usize = 255;
 /// Longest credential name, in bytes. The name grammar itself is checked by the caller.
@@ -97,6 +103,12 @@ pub struct NewVersion {
     /// versions, its oldest non-current active version is destroyed. Must be at least 1;
     /// [`DEFAULT_MAX_VERSIONS`] unless the caller says otherwise.
     pub max_versions: u32,
+    /// Per-owner quota: when this put creates the credential (or re-creates one destroyed as
+    /// a whole) and the owner already has this many live credentials, the put fails with
+    /// [`StoreError::QuotaExceeded`] and writes nothing. New versions of a live credential
+    /// are never refused by it. `None` (the default here) = no quota; `Some(0)` refuses
+    /// every new credential.
+    pub max_credentials: Option<u32>,
 }
 
 impl NewVersion {
@@ -124,6 +136,7 @@ impl NewVersion {
             created_by: created_by.into(),
             created_at,
             max_versions: DEFAULT_MAX_VERSIONS,
+            max_credentials: None,
         }
     }
 
@@ -167,6 +180,7 @@ impl fmt::Debug for NewVersion {
             .field("created_by", &self.created_by)
             .field("created_at", &self.created_at)
             .field("max_versions", &self.max_versions)
+            .field("max_credentials", &self.max_credentials)
             .finish()
     }
 }
@@ -255,14 +269,33 @@ pub struct CredentialSummary {
 }
 
 /// A credential with all its versions (newest first), as returned by
-/// [`Store::get_credential`](crate::Store::get_credential). Holds no secret bytes.
+/// [`Store::get_credential`](crate::Store::get_credential), or with one page of them
+/// ([`Store::get_credential_page`](crate::Store::get_credential_page)). Holds no secret bytes.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Credential {
     /// Everything [`list_credentials`](crate::Store::list_credentials) shows.
     pub summary: CredentialSummary,
-    /// Every version, active or destroyed, newest first.
+    /// Every version, active or destroyed, newest first; from
+    /// [`Store::get_credential_page`](crate::Store::get_credential_page), one page of them.
     pub versions: Vec<VersionInfo>,
+    /// When versions older than this page remain: the `before` that asks for the next page
+    /// (the number of this page's oldest version). `None` on the last page.
+    pub versions_next: Option<u32>,
+}
+
+/// Cuts `versions`, read with one row more than `limit`, to the page, and says where the next
+/// page starts (the page's oldest version) if that extra row was there.
+pub(crate) fn cut_page(versions: &mut Vec<VersionInfo>, limit: Option<u32>) -> Option<u32> {
+    let limit = limit? as usize;
+    // The query stops one row past the page: reading all and cutting here is the unbounded
+    // read this replaces.
+    debug_assert!(versions.len() <= limit + 1, "the page read was not bounded");
+    if versions.len() <= limit {
+        return None;
+    }
+    versions.truncate(limit);
+    versions.last().map(|v| v.version)
 }
 
 /// A version's sealed bytes, as returned by [`Store::get_version`](crate::Store::get_version).

@@ -10,8 +10,9 @@ use strongroom_crypto::SecretBytes;
 use strongroom_store::AuditFilter;
 
 use super::views::{
-    detail, item, CredentialDetail, CredentialList, CurrentBody, ListQuery, PathVersion, PutBody,
-    PutResponse, StateResponse, UsageItem, UsageQuery, UsageResponse, VerifyBody, VerifyResponse,
+    detail, item, parse_versions_cursor, CredentialDetail, CredentialList, CurrentBody,
+    DescribeQuery, ListQuery, PathVersion, PutBody, PutResponse, StateResponse, UsageItem,
+    UsageQuery, UsageResponse, VerifyBody, VerifyResponse,
 };
 use crate::audit::Audit;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, NoBody, User};
@@ -26,7 +27,7 @@ type ApiResult<T> = Result<T, ApiError>;
     responses(
         (status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed", body = PutResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 409, description = "expected_version is stale", body = ErrorBody),
+        (status = 409, description = "version_conflict: expected_version is stale; or quota_exceeded: the put would create a credential, and the owner already has store.max_credentials_per_owner (default 1000) live ones (nothing is written; new versions of existing credentials are never refused, and destroying a credential frees its slot)", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 503, description = "contended: writers on other nodes kept taking the next version number; retry after Retry-After", body = ErrorBody)),
     security(("user_jwt" = [])))]
@@ -60,18 +61,29 @@ pub(crate) async fn list(
     }))
 }
 
-/// One credential's metadata and versions (never values).
+/// One credential's metadata and a page of its versions, newest first (never values).
 #[utoipa::path(get, path = "/v1/me/credentials/{name}", tag = "user",
-    params(("name" = String, Path, description = "Credential name")),
-    responses((status = 200, body = CredentialDetail), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    params(("name" = String, Path, description = "Credential name"), DescribeQuery),
+    responses((status = 200, description = "The credential, with one page of its versions; `versions_next_cursor` is set when older ones remain", body = CredentialDetail),
+        (status = 400, description = "bad_request: a limit other than 1 to 1000, or a cursor that is not a versions_next_cursor (a version number, 1 to 2147483647, without sign or leading zeros)", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("user_jwt" = [])))]
 pub(crate) async fn describe(
     State(state): State<AppState>,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DescribeQuery>,
 ) -> ApiResult<Json<CredentialDetail>> {
-    Ok(Json(detail(state.vault().describe(&owner, &name).await?)))
+    let before = parse_versions_cursor(q.cursor.as_deref())?;
+    let credential = state
+        .vault()
+        .describe_page(&owner, &name, before, q.limit.unwrap_or(DESCRIBE_PAGE))
+        .await?;
+    Ok(Json(detail(credential)))
 }
+
+/// Versions in a description when the request does not say.
+const DESCRIBE_PAGE: u32 = 100;
 
 /// The credential's state after a change that committed. A request racing it (a destroy)
 /// may have removed the credential since: the change still happened, and is answered as
@@ -82,7 +94,8 @@ async fn state_response(
     name: &str,
     enabled_if_gone: bool,
 ) -> ApiResult<Json<StateResponse>> {
-    let (enabled, current_version) = match state.vault().describe(owner, name).await {
+    // The facts only: one version is the least a page holds.
+    let (enabled, current_version) = match state.vault().describe_page(owner, name, None, 1).await {
         Ok(c) => (c.summary.enabled, c.summary.current_version),
         Err(strongroom_core::CoreError::NotFound) => (enabled_if_gone, None),
         Err(e) => return Err(e.into()),
@@ -210,7 +223,7 @@ pub(crate) async fn usage(
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> ApiResult<Json<UsageResponse>> {
     // Existence first, so another owner still gets the 404 a missing credential gets.
-    let credential = state.vault().describe(&owner, &name).await?;
+    let credential = state.vault().describe_page(&owner, &name, None, 1).await?;
     let mut filter = AuditFilter::default();
     filter.owner = Some(owner.clone());
     filter.name = Some(name.clone());

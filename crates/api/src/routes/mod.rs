@@ -93,6 +93,14 @@ const QUERY_ROUTES: &[&str] = &[
     "/v1/audit",
 ];
 
+/// Whether the route a request matched reads a query string: the [`QUERY_ROUTES`], and a
+/// description's paging (the same path puts and destroys, which read none).
+fn reads_query(method: &http::Method, route: &str) -> bool {
+    QUERY_ROUTES.contains(&route)
+        || (route == "/v1/me/credentials/{name}"
+            && (method == http::Method::GET || method == http::Method::HEAD))
+}
+
 /// What is refused from the request line and headers alone, before any handler runs (one
 /// layer for both, as they run for every request):
 ///
@@ -118,7 +126,7 @@ async fn check_request_shape(
         let reads_query = req
             .extensions()
             .get::<axum::extract::MatchedPath>()
-            .is_some_and(|p| QUERY_ROUTES.contains(&p.as_str()));
+            .is_some_and(|p| reads_query(req.method(), p.as_str()));
         if !reads_query {
             return axum::response::IntoResponse::into_response(ApiError::bad_request(
                 "this route takes no query parameters",
@@ -229,7 +237,13 @@ pub(super) async fn name_a_missing_version(
     name: &str,
     e: ApiError,
 ) -> ApiError {
-    if e.code() == "not_found" && state.vault().describe(owner, name).await.is_ok() {
+    if e.code() == "not_found"
+        && state
+            .vault()
+            .describe_page(owner, name, None, 1)
+            .await
+            .is_ok()
+    {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such version");
     }
     e

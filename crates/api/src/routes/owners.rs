@@ -66,7 +66,7 @@ fn authorize(
     request_body = PutBody,
     responses((status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed", body = PutResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 409, description = "expected_version is stale", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, description = "version_conflict: expected_version is stale; or quota_exceeded: the put would create a credential, and the owner already has store.max_credentials_per_owner (default 1000) live ones (nothing is written; new versions of existing credentials are never refused, and destroying a credential frees its slot)", body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 503, description = "contended: writers on other nodes kept taking the next version number; retry after Retry-After", body = ErrorBody)),
     security(("service_token" = [])))]
 pub(crate) async fn put(

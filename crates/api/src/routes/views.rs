@@ -297,8 +297,40 @@ pub struct CredentialDetail {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
-    /// Versions, newest first.
+    /// One page of versions, newest first, destroyed ones included (at most `limit`, default
+    /// 100).
     pub versions: Vec<VersionView>,
+    /// When older versions remain: pass as `cursor` for the next page of `versions`; `null`
+    /// on the last page.
+    pub versions_next_cursor: Option<String>,
+}
+
+/// Paging of a credential's versions.
+#[derive(Deserialize, IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DescribeQuery {
+    /// The `versions_next_cursor` of the previous page (versions older than it follow).
+    pub cursor: Option<String>,
+    /// Versions per page, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "canonical_limit")]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+}
+
+/// A `versions_next_cursor`: the number of the page's oldest version, the next page holding
+/// those below it. Canonical spelling only, and a version number (1 to 2^31 − 1).
+pub(crate) fn parse_versions_cursor(c: Option<&str>) -> Result<Option<u32>, crate::ApiError> {
+    c.map(|c| {
+        canonical_number::<u32>(c)
+            .filter(|v| (1..=i32::MAX as u32).contains(v))
+            .ok_or_else(|| {
+                crate::ApiError::bad_request(
+                    "malformed cursor: pass a versions_next_cursor this view gave",
+                )
+            })
+    })
+    .transpose()
 }
 
 /// A credential's enabled state after disable/enable, or its current version after a choice.
@@ -405,6 +437,7 @@ pub fn detail(c: Credential) -> CredentialDetail {
         updated_at: s.updated_at,
         last_used_at: s.last_used_at,
         versions: c.versions.into_iter().map(version_view).collect(),
+        versions_next_cursor: c.versions_next.map(|v| v.to_string()),
     }
 }
 

@@ -186,6 +186,19 @@ pub async fn api_audited(auditing: Auditing) -> TestApi {
 }
 
 pub async fn api_full(limits: ApiLimits, auditing: Auditing) -> TestApi {
+    api_configured(limits, auditing, VaultConfig::default()).await
+}
+
+/// An audited API whose vault has `config` (a small quota, say).
+pub async fn api_with_vault(config: VaultConfig) -> TestApi {
+    api_configured(ApiLimits::default(), Auditing::On, config).await
+}
+
+pub async fn api_configured(
+    limits: ApiLimits,
+    auditing: Auditing,
+    vault_config: VaultConfig,
+) -> TestApi {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
     let keys = Arc::new(FakeProvider::new("api-tests", 1));
@@ -209,7 +222,7 @@ pub async fn api_full(limits: ApiLimits, auditing: Auditing) -> TestApi {
         keys,
         Arc::new(OsRandom),
         Arc::new(SystemClock),
-        VaultConfig::default(),
+        vault_config,
     ));
     let entry = |name: &str, token: &str| TokenEntry {
         name: name.into(),

@@ -76,12 +76,18 @@ pub enum CredentialCommand {
         #[command(flatten)]
         paging: Paging,
     },
-    /// Show one credential: its state and versions (never values).
+    /// Show one credential: its state and a page of its versions, newest first (never values).
     Show {
         #[command(flatten)]
         client: ClientOptions,
         /// Credential name.
         name: String,
+        /// Start at this page of versions: the `versions_next_cursor` of the previous one.
+        #[arg(long, value_name = "CURSOR")]
+        cursor: Option<String>,
+        /// Versions per page, 1 to 1000 (the server's default is 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
     },
     /// Choose the current version.
     Current {
@@ -441,12 +447,24 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                     .await?,
             )?;
         }
-        CredentialCommand::Show { client, name } => {
-            print_json(
-                &Client::new(&client)?
-                    .call(Method::GET, &me(&name), None)
-                    .await?,
-            )?;
+        CredentialCommand::Show {
+            client,
+            name,
+            cursor,
+            limit,
+        } => {
+            let mut query = Vec::new();
+            if let Some(c) = &cursor {
+                query.push(format!("cursor={}", segment(c)));
+            }
+            if let Some(n) = limit {
+                query.push(format!("limit={n}"));
+            }
+            let mut path = me(&name);
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            print_json(&Client::new(&client)?.call(Method::GET, &path, None).await?)?;
         }
         CredentialCommand::Current {
             client,

@@ -261,8 +261,9 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
     if let Some(b) = backends {
         let (outcome, code) = match &result {
             Ok(r) if r.interrupted => ("error", Some("interrupted")),
-            Ok(r) if r.rows_failed == 0 => ("ok", None),
-            Ok(_) => ("error", Some("rows_failed")),
+            Ok(r) if r.rows_failed > 0 => ("error", Some("rows_failed")),
+            Ok(r) if r.over_quota > 0 => ("error", Some("quota_exceeded")),
+            Ok(_) => ("ok", None),
             Err(_) => ("error", Some("import_failed")),
         };
         super::rewrap::audit_action(&b, "import.django-fernet-fields", outcome, code, None).await;
@@ -276,6 +277,9 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
     }
     if report.rows_failed > 0 {
         return Err(Failure::Import(ImportError::RowsFailed(report.rows_failed)));
+    }
+    if report.over_quota > 0 {
+        return Err(Failure::Import(ImportError::OverQuota(report.over_quota)));
     }
     Ok(printed?)
 }
@@ -306,6 +310,10 @@ fn print_report(r: &Report) -> Result<(), CliError> {
         out.push_str(&format!(
             "deleted in Strongroom since, not re-created: {}\n",
             r.deleted_in_strongroom
+        ));
+        out.push_str(&format!(
+            "not created, owner at its credential quota: {}\n",
+            r.over_quota
         ));
     }
     out.push_str(&format!("NULL or empty, skipped:   {}\n", r.nulls_skipped));

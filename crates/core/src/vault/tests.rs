@@ -395,7 +395,10 @@ async fn puts_racing_from_several_nodes_all_land() {
                 Arc::new(FakeProvider::new("core", 1)),
                 Arc::new(OsRandom),
                 Arc::new(SystemClock),
-                VaultConfig { max_versions: 1000 },
+                VaultConfig {
+                    max_versions: 1000,
+                    ..VaultConfig::default()
+                },
             ))
         })
         .collect();
@@ -488,4 +491,64 @@ async fn put_hints_are_bounded_by_credentials() {
     // The hints are guesses: puts after starting over still number versions right.
     let r = v.put(put("alice", "k0", b"x")).await.unwrap();
     assert_eq!(r.version, 3);
+}
+
+/// The configured quota reaches the store: a put creating one credential too many is
+/// refused, new versions and other owners are not, and a destroy frees a slot.
+#[tokio::test]
+async fn the_owner_quota_refuses_only_new_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let v = Vault::new(
+        store,
+        Arc::new(FakeProvider::new("core", 1)),
+        Arc::new(OsRandom),
+        Arc::new(SystemClock),
+        VaultConfig {
+            max_credentials_per_owner: Some(2),
+            ..VaultConfig::default()
+        },
+    );
+    v.put(put("alice", "a", b"1")).await.unwrap();
+    v.put(put("alice", "b", b"1")).await.unwrap();
+    assert!(matches!(
+        v.put(put("alice", "c", b"1")).await,
+        Err(CoreError::QuotaExceeded { limit: 2 })
+    ));
+    assert!(matches!(
+        v.describe("alice", "c").await,
+        Err(CoreError::NotFound)
+    ));
+    assert_eq!(v.put(put("alice", "a", b"2")).await.unwrap().version, 2);
+    v.put(put("bob", "c", b"1")).await.unwrap();
+    v.destroy_credential("alice", "b").await.unwrap();
+    v.put(put("alice", "c", b"1")).await.unwrap();
+}
+
+#[tokio::test]
+async fn describe_pages_check_their_bounds() {
+    let (_d, v) = vault().await;
+    for i in 0..5 {
+        v.put(put("alice", "k", format!("v{i}").as_bytes()))
+            .await
+            .unwrap();
+    }
+    let page = v.describe_page("alice", "k", None, 2).await.unwrap();
+    let numbers: Vec<u32> = page.versions.iter().map(|x| x.version).collect();
+    assert_eq!((numbers, page.versions_next), (vec![5, 4], Some(4)));
+    let page = v.describe_page("alice", "k", Some(4), 1000).await.unwrap();
+    assert_eq!(page.versions.len(), 3);
+    for (before, limit) in [(None, 0), (None, 1001), (Some(0), 10), (Some(1 << 31), 10)] {
+        assert!(
+            matches!(
+                v.describe_page("alice", "k", before, limit).await,
+                Err(CoreError::InvalidInput(_))
+            ),
+            "{before:?} {limit}"
+        );
+    }
+    assert!(matches!(
+        v.describe_page("bob", "k", None, 10).await,
+        Err(CoreError::NotFound)
+    ));
 }

@@ -12,6 +12,10 @@
 //!   with `INSERT ... ON CONFLICT DO NOTHING`), so racing writers serialize on that row and
 //!   the loser sees the winner's version number. `UNIQUE (credential_id, version)` backs it
 //!   up: a unique violation is reported as [`StoreError::Conflict`].
+//! - A put that creates a credential under a quota
+//!   ([`NewVersion::max_credentials`](crate::NewVersion::max_credentials)) then takes a
+//!   transaction-scoped advisory lock for its owner and counts the owner's live credentials
+//!   under it, so creators racing on several nodes never overshoot.
 //! - A write is acknowledged when its `COMMIT` returns. With the server's default
 //!   `synchronous_commit = on` and `fsync = on`, that means flushed to the server's WAL.
 //!   PostgreSQL group-commits concurrent transactions by itself.
@@ -49,6 +53,11 @@ const _: () = assert!(schema::MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
 /// The advisory lock key that serializes migrations ("strongrm" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7374_726f_6e67_726d;
+
+/// The first key of the per-owner advisory locks that serialize credential creation for the
+/// quota (`check_quota`); the second is the owner's hash. Two-key locks never meet the
+/// one-key migration lock.
+const QUOTA_LOCK_CLASS: i32 = 0x7371_7461; // "sqta"
 
 /// Tuning for [`PostgresStore::connect`].
 #[derive(Debug, Clone)]
@@ -523,6 +532,74 @@ impl PostgresStore {
         Ok(warnings)
     }
 
+    /// A credential and its versions numbered below `before` (all: `None`), newest first, at
+    /// most `limit` of them (all: `None`). One statement, so the credential and its versions
+    /// come from one snapshot; the versions are one backward range of the
+    /// `(credential_id, version)` index, stopped after `limit + 1` rows (the extra one only
+    /// says whether more remain).
+    async fn read_credential(
+        &self,
+        owner: &str,
+        name: &str,
+        before: Option<u32>,
+        limit: Option<u32>,
+    ) -> Result<Credential, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {SUMMARY_COLS}, v.version, v.state, v.kek_provider, v.kek_key_id,
+                        v.kek_version, v.metadata, v.created_by, v.created_at, v.destroyed_at
+                 {SUMMARY_FROM}
+                 LEFT JOIN LATERAL (
+                     SELECT * FROM versions
+                     WHERE credential_id = c.id AND version < $3::bigint
+                     ORDER BY version DESC LIMIT $4::bigint
+                 ) v ON TRUE
+                 WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted
+                 ORDER BY v.version DESC"
+            ))
+            .await
+            .map_err(pg_err)?;
+        let below = before.map_or(i64::MAX, i64::from);
+        // LIMIT NULL is no limit.
+        let rows_wanted = limit.map(|l| i64::from(l) + 1);
+        let rows = client
+            .query(&stmt, &[&owner, &name, &below, &rows_wanted])
+            .await
+            .map_err(pg_err)?;
+        let first = rows.first().ok_or(StoreError::NotFound)?;
+        let summary = summary(first)?;
+        let mut versions = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let Some(v) = r.try_get::<_, Option<i32>>(9).map_err(pg_err)? else {
+                continue;
+            };
+            versions.push(VersionInfo {
+                version: ver_from(v)?,
+                state: VersionState::from_db(i64::from(r.try_get::<_, i16>(10).map_err(pg_err)?))?,
+                kek: kek_from(
+                    r.try_get(11).map_err(pg_err)?,
+                    r.try_get(12).map_err(pg_err)?,
+                    r.try_get(13).map_err(pg_err)?,
+                )?,
+                metadata: r.try_get(14).map_err(pg_err)?,
+                created_by: r.try_get(15).map_err(pg_err)?,
+                created_at: from_millis(r.try_get(16).map_err(pg_err)?)?,
+                destroyed_at: r
+                    .try_get::<_, Option<i64>>(17)
+                    .map_err(pg_err)?
+                    .map(from_millis)
+                    .transpose()?,
+            });
+        }
+        let versions_next = crate::types::cut_page(&mut versions, limit);
+        Ok(Credential {
+            summary,
+            versions,
+            versions_next,
+        })
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
@@ -718,6 +795,8 @@ async fn put_tx(
         .map_err(pg_err)?
         .map(|r| cred_row(&r))
         .transpose()?;
+    // Whether this transaction inserted the credential row (a new credential).
+    let mut inserted_here = false;
     loop {
         let (latest, current) = match &existing {
             Some(c) if c.deleted => (c.latest, None),
@@ -754,6 +833,7 @@ async fn put_tx(
         {
             Some(r) => {
                 existing = Some(cred_row(&r)?);
+                inserted_here = true;
             }
             None => {
                 existing = tx
@@ -775,6 +855,9 @@ async fn put_tx(
             "credential row vanished during put",
         ));
     };
+    if let Some(limit) = nv.max_credentials.filter(|_| inserted_here || cred.deleted) {
+        check_quota(tx, &nv.owner, cred.id, limit).await?;
+    }
     let latest = cred.latest;
     let update = tx
         .prepare_cached(
@@ -846,6 +929,49 @@ async fn put_tx(
         version: nv.version,
         retired,
     })
+}
+
+/// Refuses a put that makes credential `id` live when `owner` already has `limit` other live
+/// credentials.
+///
+/// Creators of one owner's credentials, on every node, take turns on a transaction-scoped
+/// advisory lock for that owner, held to their commit; each counts only once it holds it,
+/// with a statement that (at READ COMMITTED, the isolation every transaction here relies on)
+/// sees what the previous holder committed. So racing creators never overshoot. Lock order:
+/// the credential row (inserted or locked above), then this lock, then the audit head; no
+/// transaction waits for a credential row while holding it, so there is no deadlock. Owners
+/// whose hashes collide only share turns.
+async fn check_quota(
+    tx: &deadpool_postgres::Transaction<'_>,
+    owner: &str,
+    id: i64,
+    limit: u32,
+) -> Result<(), StoreError> {
+    let lock = tx
+        .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .await
+        .map_err(pg_err)?;
+    tx.execute(&lock, &[&QUOTA_LOCK_CLASS, &owner])
+        .await
+        .map_err(pg_err)?;
+    // At most `limit` rows of the (owner, name) index are visited, whatever the owner has.
+    let count = tx
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM credentials
+                                   WHERE owner = $1 AND NOT deleted AND id <> $2 LIMIT $3) q",
+        )
+        .await
+        .map_err(pg_err)?;
+    let others: i64 = tx
+        .query_one(&count, &[&owner, &id, &i64::from(limit)])
+        .await
+        .map_err(pg_err)?
+        .try_get(0)
+        .map_err(pg_err)?;
+    if others >= i64::from(limit) {
+        return Err(StoreError::QuotaExceeded { limit });
+    }
+    Ok(())
 }
 
 /// Commits on `Ok`, rolls back on `Err` (dropping the transaction would roll back too, but
@@ -1069,49 +1195,22 @@ impl Store for PostgresStore {
 
     async fn get_credential(&self, owner: &str, name: &str) -> Result<Credential, StoreError> {
         validate_owner_name(owner, name)?;
-        let client = self.client().await?;
-        // One statement, so the credential and its versions come from one snapshot.
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {SUMMARY_COLS}, v.version, v.state, v.kek_provider, v.kek_key_id,
-                        v.kek_version, v.metadata, v.created_by, v.created_at, v.destroyed_at
-                 {SUMMARY_FROM}
-                 LEFT JOIN versions v ON v.credential_id = c.id
-                 WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted
-                 ORDER BY v.version DESC"
-            ))
-            .await
-            .map_err(pg_err)?;
-        let rows = client
-            .query(&stmt, &[&owner, &name])
-            .await
-            .map_err(pg_err)?;
-        let first = rows.first().ok_or(StoreError::NotFound)?;
-        let summary = summary(first)?;
-        let mut versions = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let Some(v) = r.try_get::<_, Option<i32>>(9).map_err(pg_err)? else {
-                continue;
-            };
-            versions.push(VersionInfo {
-                version: ver_from(v)?,
-                state: VersionState::from_db(i64::from(r.try_get::<_, i16>(10).map_err(pg_err)?))?,
-                kek: kek_from(
-                    r.try_get(11).map_err(pg_err)?,
-                    r.try_get(12).map_err(pg_err)?,
-                    r.try_get(13).map_err(pg_err)?,
-                )?,
-                metadata: r.try_get(14).map_err(pg_err)?,
-                created_by: r.try_get(15).map_err(pg_err)?,
-                created_at: from_millis(r.try_get(16).map_err(pg_err)?)?,
-                destroyed_at: r
-                    .try_get::<_, Option<i64>>(17)
-                    .map_err(pg_err)?
-                    .map(from_millis)
-                    .transpose()?,
-            });
+        self.read_credential(owner, name, None, None).await
+    }
+
+    async fn get_credential_page(
+        &self,
+        owner: &str,
+        name: &str,
+        before: Option<u32>,
+        limit: u32,
+    ) -> Result<Credential, StoreError> {
+        validate_owner_name(owner, name)?;
+        if let Some(v) = before {
+            validate_version(v)?;
         }
-        Ok(Credential { summary, versions })
+        let limit = clamp_limit(limit)?;
+        self.read_credential(owner, name, before, Some(limit)).await
     }
 
     async fn get_version(

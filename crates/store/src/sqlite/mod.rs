@@ -949,6 +949,15 @@ fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutco
     if u64::from(nv.version) != u64::from(latest) + 1 {
         return Err(StoreError::Conflict { latest });
     }
+    // A put that makes a credential live counts against its owner's quota. The writer holds
+    // the database's write lock (`BEGIN IMMEDIATE`, other processes included) from this count
+    // to the commit, so no other create slips in between.
+    let creates = existing.as_ref().is_none_or(|c| c.deleted);
+    if let Some(limit) = nv.max_credentials.filter(|_| creates) {
+        if live_credentials_reach(conn, &nv.owner, limit)? {
+            return Err(StoreError::QuotaExceeded { limit });
+        }
+    }
     let id = match &existing {
         None => {
             conn.prepare_cached(
@@ -1037,6 +1046,21 @@ fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutco
         version: nv.version,
         retired,
     })
+}
+
+const COUNT_LIVE_UP_TO: &str = "SELECT count(*) FROM (SELECT 1 FROM credentials
+                                   WHERE owner = ?1 AND deleted = 0 LIMIT ?2)";
+
+/// Whether `owner` has at least `limit` live credentials. Counts at most `limit` entries of
+/// the `(owner, name)` index, so a create costs no more than the quota, however many
+/// credentials the owner has.
+fn live_credentials_reach(conn: &Connection, owner: &str, limit: u32) -> Result<bool, StoreError> {
+    let n: i64 = conn
+        .prepare_cached(COUNT_LIVE_UP_TO)
+        .map_err(db_err)?
+        .query_row(params![owner, limit], |r| r.get(0))
+        .map_err(db_err)?;
+    Ok(n >= i64::from(limit))
 }
 
 fn version_state(
@@ -1226,6 +1250,76 @@ fn read_version(
     })
 }
 
+const VERSIONS_PAGE: &str = "SELECT version, state, kek_provider, kek_key_id, kek_version,
+        metadata, created_by, created_at, destroyed_at
+    FROM versions WHERE credential_id = ?1 AND version < ?2
+    ORDER BY version DESC LIMIT ?3";
+
+/// A credential and its versions numbered below `before` (all: `None`), newest first, at
+/// most `limit` of them (all: `None`), from one snapshot. The versions are one range of the
+/// `(credential_id, version)` index read backwards, stopped after `limit + 1` rows (the
+/// extra one only says whether more remain).
+fn read_credential(
+    conn: &mut Connection,
+    owner: &str,
+    name: &str,
+    before: Option<u32>,
+    limit: Option<u32>,
+) -> Result<Credential, StoreError> {
+    let tx = conn.transaction().map_err(db_err)?;
+    let raw = tx
+        .prepare_cached(&format!(
+            "{SUMMARY_SELECT} WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0"
+        ))
+        .map_err(db_err)?
+        .query_row(params![owner, name], RawSummary::from_row)
+        .optional()
+        .map_err(db_err)?
+        .ok_or(StoreError::NotFound)?;
+    let id = raw.id;
+    let summary = raw.into_summary()?;
+    let mut stmt = tx.prepare_cached(VERSIONS_PAGE).map_err(db_err)?;
+    let below = before.map_or(i64::MAX, i64::from);
+    let rows_wanted = limit.map_or(-1, |l| i64::from(l) + 1);
+    let rows = stmt
+        .query_map(params![id, below, rows_wanted], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, Option<i64>>(8)?,
+            ))
+        })
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    let mut versions = rows
+        .into_iter()
+        .map(|(v, st, p, k, kv, md, by, at, dat)| {
+            Ok(VersionInfo {
+                version: version_from_db(v)?,
+                state: VersionState::from_db(st)?,
+                kek: kek_from_db(p, k, kv)?,
+                metadata: parse_json(&md)?,
+                created_by: by,
+                created_at: from_millis(at)?,
+                destroyed_at: dat.map(from_millis).transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let versions_next = crate::types::cut_page(&mut versions, limit);
+    Ok(Credential {
+        summary,
+        versions,
+        versions_next,
+    })
+}
+
 // ---- the Store implementation ------------------------------------------------------------
 
 #[async_trait]
@@ -1307,60 +1401,25 @@ impl Store for SqliteStore {
     async fn get_credential(&self, owner: &str, name: &str) -> Result<Credential, StoreError> {
         validate_owner_name(owner, name)?;
         let (owner, name) = (owner.to_owned(), name.to_owned());
-        self.read(move |conn| {
-            let tx = conn.transaction().map_err(db_err)?;
-            let raw = tx
-                .prepare_cached(&format!(
-                    "{SUMMARY_SELECT} WHERE c.owner = ?1 AND c.name = ?2 AND c.deleted = 0"
-                ))
-                .map_err(db_err)?
-                .query_row(params![owner, name], RawSummary::from_row)
-                .optional()
-                .map_err(db_err)?
-                .ok_or(StoreError::NotFound)?;
-            let id = raw.id;
-            let summary = raw.into_summary()?;
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT version, state, kek_provider, kek_key_id, kek_version, metadata,
-                            created_by, created_at, destroyed_at
-                     FROM versions WHERE credential_id = ?1 ORDER BY version DESC",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map([id], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, String>(6)?,
-                        r.get::<_, i64>(7)?,
-                        r.get::<_, Option<i64>>(8)?,
-                    ))
-                })
-                .map_err(db_err)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db_err)?;
-            let versions = rows
-                .into_iter()
-                .map(|(v, st, p, k, kv, md, by, at, dat)| {
-                    Ok(VersionInfo {
-                        version: version_from_db(v)?,
-                        state: VersionState::from_db(st)?,
-                        kek: kek_from_db(p, k, kv)?,
-                        metadata: parse_json(&md)?,
-                        created_by: by,
-                        created_at: from_millis(at)?,
-                        destroyed_at: dat.map(from_millis).transpose()?,
-                    })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            Ok(Credential { summary, versions })
-        })
-        .await
+        self.read(move |conn| read_credential(conn, &owner, &name, None, None))
+            .await
+    }
+
+    async fn get_credential_page(
+        &self,
+        owner: &str,
+        name: &str,
+        before: Option<u32>,
+        limit: u32,
+    ) -> Result<Credential, StoreError> {
+        validate_owner_name(owner, name)?;
+        if let Some(v) = before {
+            validate_version(v)?;
+        }
+        let limit = clamp_limit(limit)?;
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.read(move |conn| read_credential(conn, &owner, &name, before, Some(limit)))
+            .await
     }
 
     async fn get_version(
@@ -2841,6 +2900,47 @@ impl crate::audit::AuditLog for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLite's plan for `sql`, one line per step.
+    async fn plan(store: &SqliteStore, sql: &'static str) -> String {
+        store
+            .read(move |conn| {
+                let mut stmt = conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .map_err(db_err)?;
+                // The plan does not depend on the values: bind NULLs.
+                let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)?;
+                Ok(rows.join("\n"))
+            })
+            .await
+            .unwrap()
+    }
+
+    /// A page of versions is one range of the `(credential_id, version)` index, in index
+    /// order (no sort, so the LIMIT stops the scan), and a create's quota count walks the
+    /// owner's part of the `(owner, name)` index: neither reads what it does not answer.
+    #[tokio::test]
+    async fn bounded_reads_use_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+        let page = plan(&store, VERSIONS_PAGE).await;
+        assert!(
+            page.contains("SEARCH versions USING")
+                && page.contains("(credential_id=? AND version<?)")
+                && !page.contains("TEMP B-TREE"),
+            "{page}"
+        );
+        let count = plan(&store, COUNT_LIVE_UP_TO).await;
+        assert!(
+            count.contains("SEARCH credentials USING INDEX") && count.contains("(owner=?)"),
+            "{count}"
+        );
+    }
 
     /// A read whose caller went away (a request timed out) is interrupted and gives its slot
     /// back: it ran to the end, and a few long ones made every other read wait.

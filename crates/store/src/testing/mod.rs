@@ -107,6 +107,9 @@ macro_rules! conformance_tests {
             audited_put_is_one_transaction,
             audited_change_is_one_transaction,
             audit_archive_anchor_and_prune,
+            quota_counts_live_credentials_per_owner,
+            quota_holds_under_racing_creates,
+            credential_versions_come_in_pages,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

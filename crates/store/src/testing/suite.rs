@@ -1949,3 +1949,187 @@ pub async fn audit_archive_anchor_and_prune(b: &dyn TestBackend) {
     assert_eq!(log2.audit_scan(0, 1).await.unwrap()[0].seq, 71);
     assert_eq!(audit_verify_all(&*log2, &key).await, Ok(101));
 }
+
+fn with_quota(owner: &str, name: &str, version: u32, limit: u32) -> NewVersion {
+    let mut nv = new_version(owner, name, version);
+    nv.max_credentials = Some(limit);
+    nv
+}
+
+fn assert_over_quota(r: Result<impl std::fmt::Debug, StoreError>, want_limit: u32) {
+    match r {
+        Err(StoreError::QuotaExceeded { limit }) => assert_eq!(limit, want_limit),
+        other => panic!("expected QuotaExceeded {{ limit: {want_limit} }}, got {other:?}"),
+    }
+}
+
+async fn live_names(s: &dyn Store, owner: &str) -> Vec<String> {
+    let page = s.list_credentials(owner, None, 1000).await.unwrap();
+    assert!(page.next.is_none());
+    page.items.into_iter().map(|c| c.name).collect()
+}
+
+pub async fn quota_counts_live_credentials_per_owner(b: &dyn TestBackend) {
+    let s = open(b).await;
+    // An audited put refused by the quota writes neither the version nor its record.
+    let log = audit_log(&*s);
+    let key = sealed_key(&*log, 5).await;
+    let mut event = audit_event(1, "q", "a", "put");
+    event.version = Some(1);
+    s.put_version_audited(with_quota("q", "a", 1, 1), key.clone(), event.clone())
+        .await
+        .unwrap();
+    assert_over_quota(
+        s.put_version_audited(with_quota("q", "b", 1, 1), key, event)
+            .await,
+        1,
+    );
+    assert_eq!(s.latest_version("q", "b").await.unwrap(), 0);
+    assert_eq!(log.audit_head().await.unwrap().unwrap().count, 1);
+
+    for name in ["a", "b", "c"] {
+        s.put_version(with_quota("o", name, 1, 3)).await.unwrap();
+    }
+    // A fourth credential is refused, and nothing of it is written.
+    assert_over_quota(s.put_version(with_quota("o", "d", 1, 3)).await, 3);
+    assert_eq!(s.latest_version("o", "d").await.unwrap(), 0);
+    assert_not_found(s.get_credential("o", "d").await);
+    assert_eq!(live_names(&*s, "o").await, ["a", "b", "c"]);
+    // New versions of a live credential are not creations.
+    s.put_version(with_quota("o", "a", 2, 3)).await.unwrap();
+    // Another owner has a quota of their own.
+    s.put_version(with_quota("p", "a", 1, 3)).await.unwrap();
+    // A larger quota (the operator raised it) lets more in; the check is per put.
+    s.put_version(with_quota("o", "d", 1, 4)).await.unwrap();
+    assert_over_quota(s.put_version(with_quota("o", "e", 1, 4)).await, 4);
+    // Destroying a credential frees its slot ...
+    s.destroy_credential("o", "b", t0()).await.unwrap();
+    s.put_version(with_quota("o", "e", 1, 4)).await.unwrap();
+    // ... and bringing a destroyed one back is a creation like any other (numbering goes on).
+    assert_over_quota(s.put_version(with_quota("o", "b", 2, 4)).await, 4);
+    assert_eq!(s.latest_version("o", "b").await.unwrap(), 1);
+    assert_not_found(s.get_credential("o", "b").await);
+    s.destroy_credential("o", "a", t0()).await.unwrap();
+    s.put_version(with_quota("o", "b", 2, 4)).await.unwrap();
+    assert_eq!(live_names(&*s, "o").await, ["b", "c", "d", "e"]);
+    // Disabled credentials and destroyed versions still hold their slot.
+    s.set_enabled("o", "c", false, t0()).await.unwrap();
+    s.destroy_version("o", "d", 1, t0()).await.unwrap();
+    assert_over_quota(s.put_version(with_quota("o", "f", 1, 4)).await, 4);
+    // Without a quota (the store's default) nothing is counted.
+    s.put_version(new_version("o", "f", 1)).await.unwrap();
+}
+
+/// Creators racing from several stores on one database (several nodes, or a server and an
+/// operator command) never take an owner past the quota: of `N` racing creates against a
+/// quota of `K`, exactly `K` succeed.
+pub async fn quota_holds_under_racing_creates(b: &dyn TestBackend) {
+    const RACERS: u32 = 24;
+    let stores = [open(b).await, open(b).await, open(b).await];
+    for (round, limit) in [(0u32, 5u32), (1, 1), (2, 17)] {
+        let owner = format!("racer-{round}");
+        let bystander = format!("bystander-{round}");
+        let mut racers = Vec::new();
+        let mut bystanders = Vec::new();
+        for i in 0..RACERS {
+            let s = Arc::clone(&stores[i as usize % stores.len()]);
+            let nv = with_quota(&owner, &format!("n{i:02}"), 1, limit);
+            racers.push(tokio::spawn(async move { s.put_version(nv).await }));
+            // Another owner's creates in the same race take none of this owner's slots.
+            if i < limit {
+                let s = Arc::clone(&stores[(i as usize + 1) % stores.len()]);
+                let nv = with_quota(&bystander, &format!("n{i:02}"), 1, limit);
+                bystanders.push(tokio::spawn(async move { s.put_version(nv).await }));
+            }
+        }
+        let (mut won, mut refused) = (0u32, 0u32);
+        for t in racers {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(StoreError::QuotaExceeded { limit: l }) => {
+                    assert_eq!(l, limit);
+                    refused += 1;
+                }
+                Err(e) => panic!("unexpected error in a quota race: {e}"),
+            }
+        }
+        for t in bystanders {
+            t.await.unwrap().expect("a bystander's create");
+        }
+        assert_eq!((won, refused), (limit, RACERS - limit), "round {round}");
+        assert_eq!(live_names(&*stores[0], &owner).await.len(), limit as usize);
+        assert_eq!(
+            live_names(&*stores[0], &bystander).await.len(),
+            limit as usize
+        );
+    }
+}
+
+pub async fn credential_versions_come_in_pages(b: &dyn TestBackend) {
+    let s = open(b).await;
+    for v in 1..=7 {
+        put(&*s, "o", "n", v).await;
+    }
+    put(&*s, "o", "other", 1).await;
+    put(&*s, "p", "n", 1).await;
+    assert!(s.destroy_version("o", "n", 3, t0()).await.unwrap());
+    let whole = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(whole.versions.len(), 7);
+    assert_eq!(whole.versions_next, None);
+
+    let numbers = |c: &crate::Credential| c.versions.iter().map(|v| v.version).collect::<Vec<_>>();
+    // Newest first, each page below the one before, tombstones included.
+    let first = s.get_credential_page("o", "n", None, 3).await.unwrap();
+    assert_eq!(numbers(&first), [7, 6, 5]);
+    assert_eq!(first.versions_next, Some(5));
+    assert_eq!(first.summary, whole.summary);
+    assert_eq!(first.versions[..], whole.versions[..3]);
+    let second = s.get_credential_page("o", "n", Some(5), 3).await.unwrap();
+    assert_eq!(numbers(&second), [4, 3, 2]);
+    assert_eq!(second.versions[1].state, VersionState::Destroyed);
+    assert_eq!(second.versions_next, Some(2));
+    let last = s.get_credential_page("o", "n", Some(2), 3).await.unwrap();
+    assert_eq!(numbers(&last), [1]);
+    assert_eq!(last.versions_next, None);
+    // A page that ends exactly at the oldest version is the last one.
+    let exact = s.get_credential_page("o", "n", None, 7).await.unwrap();
+    assert_eq!(exact.versions, whole.versions);
+    assert_eq!(exact.versions_next, None);
+    let exact = s.get_credential_page("o", "n", Some(4), 3).await.unwrap();
+    assert_eq!(
+        (numbers(&exact), exact.versions_next),
+        (vec![3, 2, 1], None)
+    );
+    // Below the oldest: an empty page, the credential's facts still there.
+    let past = s.get_credential_page("o", "n", Some(1), 5).await.unwrap();
+    assert!(past.versions.is_empty() && past.versions_next.is_none());
+    assert_eq!(past.summary, whole.summary);
+    // Above the newest: from the newest.
+    let above = s
+        .get_credential_page("o", "n", Some(1000), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        (numbers(&above), above.versions_next),
+        (vec![7, 6], Some(6))
+    );
+    // Limits over the maximum are clamped; 0 and non-version cursors are refused.
+    let big = s
+        .get_credential_page("o", "n", None, 1_000_000)
+        .await
+        .unwrap();
+    assert_eq!(big.versions, whole.versions);
+    assert_invalid(s.get_credential_page("o", "n", None, 0).await);
+    assert_invalid(s.get_credential_page("o", "n", Some(0), 3).await);
+    assert_invalid(
+        s.get_credential_page("o", "n", Some(i32::MAX as u32 + 1), 3)
+            .await,
+    );
+    assert_invalid(s.get_credential_page("", "n", None, 3).await);
+    // Only this owner's credential; gone once destroyed as a whole.
+    let theirs = s.get_credential_page("p", "n", None, 10).await.unwrap();
+    assert_eq!(numbers(&theirs), [1]);
+    assert_not_found(s.get_credential_page("q", "n", None, 10).await);
+    s.destroy_credential("o", "n", t0()).await.unwrap();
+    assert_not_found(s.get_credential_page("o", "n", None, 10).await);
+}
