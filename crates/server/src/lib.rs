@@ -1048,6 +1048,10 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             }
             options.schema = config.store.schema.clone();
             options.create = first_start == FirstStart::Allowed;
+            // No statement outlives the request it serves: one whose request timed out would
+            // otherwise run on at the server, holding a backend and a pooled connection.
+            options.statement_timeout =
+                Some(Duration::from_secs(config.limits.request_timeout_seconds));
             if let Some(ca) = &config.store.tls_ca_file {
                 options.tls = PostgresTls::CaFile(ca.clone());
             }

@@ -214,6 +214,26 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
     }
 }
 
+/// With a statement timeout, a statement that runs longer is cancelled at the server (its
+/// caller may be long gone), and the connection serves the next one; migrations, which read
+/// whole tables, are exempt (a fresh schema migrates under a 1 ms limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_timeout_cancels_long_statements_at_the_server() {
+    let Some(b) = pg_backend() else { return };
+    let mut o = b.options();
+    o.max_connections = 1;
+    o.statement_timeout = Some(std::time::Duration::from_millis(1));
+    PostgresStore::connect(&b.url, o.clone()).await.unwrap();
+    o.statement_timeout = Some(std::time::Duration::from_millis(300));
+    let store = PostgresStore::connect(&b.url, o).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = store.testing_sleep(30.0).await.unwrap_err();
+    assert!(err.to_string().contains("57014"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    store.testing_sleep(0.01).await.unwrap();
+    store.testing_drop_schema().await.unwrap();
+}
+
 #[tokio::test]
 async fn malformed_urls_and_schema_names_are_configuration_errors() {
     let err = PostgresStore::connect("postgresql://[bad", PostgresOptions::default())

@@ -76,6 +76,12 @@ pub struct PostgresOptions {
     /// With `false` a database (or schema) without them is an error, so an operator command
     /// pointed at the wrong database does not start an empty store there.
     pub create: bool,
+    /// Longest a statement may run at the server before it cancels it (default: none, the
+    /// server's own `statement_timeout`). A caller that stops waiting (a request that timed
+    /// out, a client that hung up) drops its query, but the server would run it to the end,
+    /// holding a backend and the pooled connection; the server sets this to its request
+    /// timeout. Migrations are exempt.
+    pub statement_timeout: Option<Duration>,
 }
 
 /// Whom the PostgreSQL connections trust for the server's certificate.
@@ -266,6 +272,7 @@ impl Default for PostgresOptions {
             timeout: Duration::from_secs(10),
             tls: PostgresTls::default(),
             create: true,
+            statement_timeout: None,
         }
     }
 }
@@ -447,13 +454,18 @@ impl PostgresStore {
                 }
             }
         }
+        // After any options the connection string gives (`options=-c ...`), not instead.
+        let mut settings: Vec<String> =
+            config.get_options().map(String::from).into_iter().collect();
         if let Some(schema) = &options.schema {
-            // After any options the connection string gives (`options=-c ...`), not instead.
-            let given = config
-                .get_options()
-                .map(|o| format!("{o} "))
-                .unwrap_or_default();
-            config.options(format!("{given}-c search_path={schema}"));
+            settings.push(format!("-c search_path={schema}"));
+        }
+        if let Some(t) = options.statement_timeout {
+            // At least 1 ms: 0 would mean no limit.
+            settings.push(format!("-c statement_timeout={}", t.as_millis().max(1)));
+        }
+        if !settings.is_empty() {
+            config.options(settings.join(" "));
         }
         config.connect_timeout(options.timeout);
         let manager = Manager::from_config(
@@ -607,6 +619,11 @@ impl PostgresStore {
     async fn migrate(&self, create: bool) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
+        // A migration rewrites whole tables (the audit time marks read every record): it
+        // runs as long as it takes, and waits as long as another node's does.
+        tx.batch_execute("SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(pg_err)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(pg_err)?;
@@ -1704,6 +1721,20 @@ impl PostgresStore {
             .await
             .map_err(pg_err)?;
         Ok(())
+    }
+
+    /// Test hook: the server's answer to `SELECT pg_sleep(seconds)` on a pooled connection.
+    ///
+    /// # Errors
+    ///
+    /// As any read; [`StoreError::Unavailable`] when the statement timeout cancels it.
+    pub async fn testing_sleep(&self, seconds: f64) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute("SELECT pg_sleep($1)", &[&seconds])
+            .await
+            .map(|_| ())
+            .map_err(pg_err)
     }
 
     /// Test hook: runs `sql` (statements separated by `;`) on one of the store's connections
