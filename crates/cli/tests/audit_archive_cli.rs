@@ -202,20 +202,36 @@ fn lines(path: &Path) -> Vec<String> {
 
 /// The index entries at or before `seq`, in every deferred index table.
 fn index_entries_upto(data: &Path, seq: i64) -> i64 {
-    [
-        "audit_by_credential",
-        "audit_by_name",
-        "audit_by_principal",
-        "audit_by_time",
-    ]
-    .iter()
-    .map(|t| {
-        query_i64(
-            data,
-            &format!("SELECT count(*) FROM {t} WHERE seq <= {seq}"),
+    // Every deferred audit index there is (a new one is covered without a change here).
+    let conn = rusqlite::Connection::open(db(data)).unwrap();
+    let tables: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' \
+             AND name LIKE 'audit\\_by\\_%' ESCAPE '\\' ORDER BY name",
         )
-    })
-    .sum()
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "audit_by_credential",
+            "audit_by_name",
+            "audit_by_owner",
+            "audit_by_principal"
+        ]
+    );
+    tables
+        .iter()
+        .map(|t| {
+            query_i64(
+                data,
+                &format!("SELECT count(*) FROM {t} WHERE seq <= {seq}"),
+            )
+        })
+        .sum()
 }
 
 #[test]

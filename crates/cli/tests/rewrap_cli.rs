@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::dev::start_dev;
+use common::dev::{start_dev, start_dev_env};
 use common::{operator_config, put_req, strongroom};
 use serde_json::json;
 use strongroom_server::testing::TestClient;
@@ -310,11 +310,19 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
     let mut rng = Lcg(seed);
 
     // Seed the store in-process (the dev server creates the data dir and keyring).
-    let server = start_dev(&data, &["--dev-admin-token", ADMIN]);
-    let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
+    // Alice holds them all, and the server's writer adds 50 more: above the default quota of
+    // live credentials per owner.
     const SEEDED: u32 = 4000;
+    let quota = (SEEDED + 100).to_string();
+    let server = start_dev_env(
+        &data,
+        &["--dev-admin-token", ADMIN],
+        &[("STRONGROOM_STORE__MAX_CREDENTIALS_PER_OWNER", &quota)],
+    );
+    let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
     let rt = rt();
-    let config = operator_config(None, &data);
+    let mut config = operator_config(None, &data);
+    config.store.max_credentials_per_owner = Some(SEEDED + 100);
     rt.block_on(async {
         let backends = Backends::open(&config).await.unwrap();
         let vault = backends.vault();
