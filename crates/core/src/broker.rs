@@ -585,19 +585,31 @@ impl Broker {
         if let Some(v) = prepared.version {
             crate::vault::check_version(v)?;
         }
-        let credential = vault.describe(owner, name).await?;
-        if !credential.summary.enabled {
+        // One version at a time, never the whole history: a credential may hold thousands
+        // of destroyed versions, and every brokered call reads this.
+        let newest = vault.describe_page(owner, name, None, 1).await?;
+        if !newest.summary.enabled {
             return Err(CoreError::Disabled.into());
         }
         // No current version: every version was destroyed (410, as a reveal answers).
-        let version = prepared
-            .version
-            .or(credential.summary.current_version)
-            .ok_or(if credential.versions.is_empty() {
+        let version = prepared.version.or(newest.summary.current_version).ok_or(
+            if newest.versions.is_empty() {
                 CoreError::NotFound
             } else {
                 CoreError::VersionDestroyed
-            })?;
+            },
+        )?;
+        let credential = if newest
+            .versions
+            .first()
+            .is_some_and(|v| v.version == version)
+        {
+            newest
+        } else {
+            // The page below `version + 1` starts with `version` if it exists.
+            let below = version.checked_add(1).ok_or(CoreError::NotFound)?;
+            vault.describe_page(owner, name, Some(below), 1).await?
+        };
         let info = credential
             .versions
             .iter()
