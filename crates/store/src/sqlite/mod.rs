@@ -2834,6 +2834,11 @@ impl crate::audit::AuditLog for SqliteStore {
         limit: u32,
     ) -> Result<crate::audit::Pruned, StoreError> {
         let limit = i64::from(limit.clamp(1, crate::audit::MAX_APPEND_BATCH as u32));
+        // The deferred indexes (the time marks and lag above all) are computed from the
+        // records in order: an index run must never see some of the records it indexes
+        // removed and others not. So every record up to the anchor is indexed first, and
+        // only indexed records are removed.
+        self.index_audit().await?;
         // `(removed, anchor seq, swept_upto)`; no anchor: nothing to do.
         let step = self
             .write(Changes::NoCredential, move |conn| {
@@ -2841,7 +2846,12 @@ impl crate::audit::AuditLog for SqliteStore {
                     return Ok(None);
                 };
                 crate::audit::checked_anchor(&key, Some(&anchor))?;
-                let upto = crate::audit::seq_param(anchor.seq);
+                let indexed: i64 = conn
+                    .prepare_cached("SELECT indexed_upto FROM audit_index_state WHERE id = 1")
+                    .map_err(db_err)?
+                    .query_row([], |r| r.get(0))
+                    .map_err(db_err)?;
+                let upto = crate::audit::seq_param(anchor.seq).min(indexed);
                 let removed = conn
                     .prepare_cached(
                         "DELETE FROM audit_records WHERE seq IN \
