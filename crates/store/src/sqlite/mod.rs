@@ -2147,6 +2147,16 @@ fn audit_index_tables(conn: &Connection) -> Result<Vec<(String, Vec<String>)>, S
         }
         columns.retain(|(_, pk)| *pk > 0);
         columns.sort_by_key(|(_, pk)| *pk);
+        // The names go into SQL text: only the plain names Strongroom gives its tables. A
+        // table someone else added to the file under another kind of name is refused.
+        let plain =
+            |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        if !plain(&name) || !columns.iter().all(|(c, _)| plain(c)) {
+            return Err(StoreError::corrupt(
+                "an audit_by_* table with an unexpected name is in the database: it was not \
+                 made by Strongroom; remove it",
+            ));
+        }
         if !columns.is_empty() {
             out.push((name, columns.into_iter().map(|(c, _)| c).collect()));
         }
@@ -3036,5 +3046,35 @@ mod tests {
             assert!(!plan.starts_with("SCAN x"), "{f:?}: {plan}");
         }
         store.close().await;
+    }
+
+    /// The archive's sweep finds the deferred audit indexes from the schema and puts their
+    /// names into SQL: it takes Strongroom's own, and refuses a table whose name is not a
+    /// plain one (planted by someone who could write the file).
+    #[test]
+    fn the_audit_index_sweep_takes_only_plain_table_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        migrate(&conn).unwrap();
+        let tables: Vec<String> = audit_index_tables(&conn)
+            .unwrap()
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        assert_eq!(
+            tables,
+            [
+                "audit_by_credential",
+                "audit_by_name",
+                "audit_by_owner",
+                "audit_by_principal"
+            ]
+        );
+        conn.execute_batch(
+            "CREATE TABLE \"audit_by_x; DROP TABLE versions\" (seq INTEGER PRIMARY KEY)",
+        )
+        .unwrap();
+        let err = audit_index_tables(&conn).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
     }
 }
