@@ -4,8 +4,9 @@
 Usage: report.py RESULTS.tsv META.txt
 
 RESULTS.tsv: one line per wrk run, tab-separated:
-  target op conc rep requests duration_us rps p50_us p99_us errors bad_status socket_errors
-(errors = -1 when wrk itself failed). META.txt: "key<TAB>value" lines shown in the header
+  target op conc rep requests duration_us rps p50_us p99_us errors bad_status socket_errors cpu_us
+(errors = -1 when wrk itself failed; cpu_us = the target server's CPU time per request, user +
+system, all its processes and threads; "-" when unknown). META.txt: "key<TAB>value" lines shown in the header
 ("note" lines are shown as bullets). Prints the report on stdout; exits 1 if any run had an
 error (or did not produce a result), 0 otherwise.
 """
@@ -32,6 +33,10 @@ def fmt_rps(x):
     return "n/a" if x is None else f"{x:,.0f}"
 
 
+def fmt_cpu(us):
+    return "n/a" if us is None else f"{us:,.0f}"
+
+
 def fmt_ms(us):
     return "n/a" if us is None else f"{us / 1000:.2f}"
 
@@ -52,6 +57,7 @@ def main() -> int:
                 "p99": float(f[8]) if f[8] not in ("", "-") else None,
                 "errors": int(f[9]),
                 "bad": f[10],
+                "cpu": float(f[12]) if len(f) > 12 and f[12] not in ("", "-") else None,
             }
         )
     meta, notes = [], []
@@ -66,8 +72,10 @@ def main() -> int:
         return statistics.median(vals) if vals else None
 
     out = []
-    out.append("| target and operation | conns | req/s (median) | p50 ms | p99 ms | errors | req/s per repeat |")
-    out.append("|---|--:|--:|--:|--:|--:|---|")
+    out.append(
+        "| target and operation | conns | req/s (median) | p50 ms | p99 ms | server CPU µs/req | errors | req/s per repeat |"
+    )
+    out.append("|---|--:|--:|--:|--:|--:|--:|---|")
     failed = False
     concs = sorted({k[2] for k in runs})
     for t_op in ORDER:
@@ -90,7 +98,7 @@ def main() -> int:
             per = " / ".join(fmt_rps(r["rps"]) for r in rs)
             out.append(
                 f"| {LABELS[t_op]} | {c} | {fmt_rps(med(key, 'rps'))} | {fmt_ms(med(key, 'p50'))}"
-                f" | {fmt_ms(med(key, 'p99'))} | {err_txt} | {per} |"
+                f" | {fmt_ms(med(key, 'p99'))} | {fmt_cpu(med(key, 'cpu'))} | {err_txt} | {per} |"
             )
 
     def rps16(t, op):
@@ -129,6 +137,11 @@ def main() -> int:
         if need == 0.5:
             g = f"within 2× of nginx, i.e. ≥ 0.5× ({goal(r, need)})"
         out.append(f"| {name} | {val} | {g} |")
+    cpu_reveal, cpu_nginx = med(("strongroom", "reveal", 16), "cpu"), med(("nginx", "static", 16), "cpu")
+    if cpu_reveal and cpu_nginx:
+        out.append(
+            f"| server CPU per request, Strongroom reveal / nginx static (reference) | {cpu_reveal / cpu_nginx:.2f}× | — |"
+        )
     for op in ("put", "reveal"):
         p99 = med(("strongroom", op, 16), "p99")
         if p99 is None:
