@@ -51,6 +51,9 @@ pub struct ApiLimits {
     pub request_timeout: Duration,
     /// `verify` calls allowed per owner per minute.
     pub verify_per_minute: u32,
+    /// Writes (puts, current-version changes, disables, enables, destroys) allowed per owner
+    /// per minute, whoever makes them (the user or a service).
+    pub writes_per_owner_per_minute: u32,
 }
 
 impl Default for ApiLimits {
@@ -59,11 +62,20 @@ impl Default for ApiLimits {
             max_body_bytes: 512 * 1024,
             request_timeout: Duration::from_secs(30),
             verify_per_minute: 30,
+            writes_per_owner_per_minute: 600,
         }
     }
 }
 
 type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+/// One more request for `owner` under `limiter`, or 429 `rate_limited` with when to retry.
+fn admit(limiter: &KeyedLimiter, owner: &str) -> Result<(), ApiError> {
+    use governor::clock::Clock;
+    limiter.check_key(&owner.to_owned()).map_err(|not_until| {
+        ApiError::rate_limited(not_until.wait_time_from(limiter.clock().now()))
+    })
+}
 
 /// Audit records of requests without valid credentials: per client address (an IPv6 /64 as
 /// one) and in all. Each such record is a durable write anyone who reaches the port could
@@ -95,6 +107,10 @@ struct Shared {
     limits: ApiLimits,
     metrics: Metrics,
     verify_limiter: KeyedLimiter,
+    /// Every put adds a version row, and a destroyed one stays as a tombstone: without a
+    /// bound on the rate, one owner replacing a value in a loop grows the database and the
+    /// audit log without end, and takes the single writer's time from everyone else.
+    write_limiter: KeyedLimiter,
     anonymous_audit: AnonymousAudit,
     auditor: std::sync::OnceLock<Auditor>,
     broker: RwLock<Option<Arc<Broker>>>,
@@ -111,9 +127,13 @@ pub struct AppState(Arc<Shared>);
 impl AppState {
     /// State over `vault`, authenticating with `auth` and authorising services with `policy`.
     pub fn new(vault: Arc<Vault>, auth: Authenticator, policy: Policy, limits: ApiLimits) -> Self {
-        let per_minute = std::num::NonZeroU32::new(limits.verify_per_minute.max(1))
-            .unwrap_or(std::num::NonZeroU32::MIN);
-        let verify_limiter = governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute));
+        let per_owner = |per_minute: u32| -> KeyedLimiter {
+            let per_minute =
+                std::num::NonZeroU32::new(per_minute).unwrap_or(std::num::NonZeroU32::MIN);
+            governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))
+        };
+        let verify_limiter = per_owner(limits.verify_per_minute);
+        let write_limiter = per_owner(limits.writes_per_owner_per_minute);
         let metrics = Metrics::new();
         auth.bind_metrics(metrics.jwks());
         Self(Arc::new(Shared {
@@ -123,6 +143,7 @@ impl AppState {
             limits,
             metrics,
             verify_limiter,
+            write_limiter,
             anonymous_audit: AnonymousAudit {
                 per_address: governor::RateLimiter::keyed(governor::Quota::per_minute(
                     std::num::NonZeroU32::new(ANONYMOUS_PER_ADDRESS_PER_MINUTE)
@@ -273,16 +294,22 @@ impl AppState {
         &self.0.limits
     }
 
-    pub(crate) fn verify_limiter(&self) -> &KeyedLimiter {
-        &self.0.verify_limiter
+    /// One more `verify` for `owner`, or 429 with when to retry.
+    pub(crate) fn admit_verify(&self, owner: &str) -> Result<(), ApiError> {
+        admit(&self.0.verify_limiter, owner)
     }
 
-    /// The server's once-a-minute upkeep of its rate limiters: forgets the owners (verify)
-    /// and client addresses (unauthenticated audit records) whose allowance has refilled
-    /// (the state a newcomer starts with) and gives the memory back, and warns about the
-    /// unauthenticated requests counted instead of recorded since the last call. Without
+    /// One more write to `owner`'s credentials, or 429 with when to retry.
+    pub(crate) fn admit_write(&self, owner: &str) -> Result<(), ApiError> {
+        admit(&self.0.write_limiter, owner)
+    }
+
+    /// The server's once-a-minute upkeep of its rate limiters: forgets the owners (verify,
+    /// writes) and client addresses (unauthenticated audit records) whose allowance has
+    /// refilled (the state a newcomer starts with) and gives the memory back, and warns about
+    /// the unauthenticated requests counted instead of recorded since the last call. Without
     /// it the limiters grew with every owner and address ever seen. Returns how many owners
-    /// the verify limiter still tracks.
+    /// the verify and write limiters still track (an owner in both counts twice).
     pub fn prune_rate_limits(&self) -> usize {
         let anonymous = &self.0.anonymous_audit.per_address;
         anonymous.retain_recent();
@@ -314,10 +341,14 @@ impl AppState {
                 "requests without valid credentials past the audit allowance were counted, not recorded one by one (strongroom_audit_unrecorded_anonymous_total)"
             );
         }
-        let limiter = &self.0.verify_limiter;
-        limiter.retain_recent();
-        limiter.shrink_to_fit();
-        limiter.len()
+        [&self.0.verify_limiter, &self.0.write_limiter]
+            .into_iter()
+            .map(|limiter| {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+                limiter.len()
+            })
+            .sum()
     }
 
     /// Whether to record one more request without valid credentials from `client` (see

@@ -519,6 +519,139 @@ async fn verify_is_rate_limited_per_owner() {
     );
 }
 
+/// Writes to one owner's credentials, by the user and services together, are limited per
+/// minute: the one past the allowance gets 429 with Retry-After, writes nothing and is
+/// audited as refused; other owners, reads and reveals are not held back.
+#[tokio::test]
+async fn writes_are_rate_limited_per_owner() {
+    let api = api_with(ApiLimits {
+        writes_per_owner_per_minute: 4,
+        ..ApiLimits::default()
+    })
+    .await;
+    let alice = user_token("alice");
+    let call = |method: &'static str,
+                path: &'static str,
+                token: String,
+                body: Option<serde_json::Value>| {
+        let api = &api;
+        async move { api.call(method, path, Some(&token), body).await }
+    };
+    let put = |token: String| call("PUT", KEY, token, Some(json!({"value": CANARY})));
+    // Four writes of three kinds, through both routes, share alice's allowance.
+    for _ in 0..2 {
+        let r = put(alice.clone()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let r = call(
+        "POST",
+        "/v1/me/credentials/zoom.api-key/disable",
+        alice.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = call(
+        "PUT",
+        "/v1/owners/alice/credentials/zoom.api-key",
+        ALLOWED_SERVICE_TOKEN.into(),
+        Some(json!({"value": CANARY})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    // The fifth, whichever route and kind, is refused.
+    for limited in [
+        put(alice.clone()).await,
+        call(
+            "PUT",
+            "/v1/owners/alice/credentials/zoom.api-key",
+            ALLOWED_SERVICE_TOKEN.into(),
+            Some(json!({"value": CANARY})),
+        )
+        .await,
+        call(
+            "POST",
+            "/v1/me/credentials/zoom.api-key/enable",
+            alice.clone(),
+            None,
+        )
+        .await,
+        call("DELETE", KEY, alice.clone(), None).await,
+    ] {
+        assert_eq!(
+            (limited.status, code(&limited).as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            "{}",
+            limited.body
+        );
+        // 4 a minute: the next one is due within 15 s.
+        let retry: u64 = limited.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=15).contains(&retry), "Retry-After: {retry}");
+        assert!(!limited.body.contains(CANARY), "{}", limited.body);
+    }
+    // Nothing was written: still three versions, still disabled, not destroyed.
+    let described = call("GET", KEY, alice.clone(), None).await;
+    assert_eq!(described.status, StatusCode::OK, "{}", described.body);
+    let described = described.json();
+    assert_eq!(described["current_version"], 3, "{described}");
+    assert_eq!(described["state"], "disabled", "{described}");
+    // Reads are not writes; another owner has their own allowance.
+    let list = call("GET", "/v1/me/credentials", alice.clone(), None).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
+    let r = put(user_token("bob")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    // Each refusal is in the audit log as a failed write, with its code.
+    let records = api
+        .call(
+            "GET",
+            "/v1/audit?owner=alice&name=zoom.api-key",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json();
+    let refused: Vec<(String, u64)> = records["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["error_code"] == "rate_limited")
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(refused.len(), 4, "{records}");
+    assert!(
+        refused.iter().all(|(_, status)| *status == 429),
+        "{refused:?}"
+    );
+    // And the document lists the 429 on every write route.
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    for (path, method) in [
+        ("/v1/me/credentials/{name}", "put"),
+        ("/v1/me/credentials/{name}", "delete"),
+        ("/v1/me/credentials/{name}/current", "post"),
+        ("/v1/me/credentials/{name}/disable", "post"),
+        ("/v1/me/credentials/{name}/enable", "post"),
+        ("/v1/me/credentials/{name}/versions/{version}", "delete"),
+        ("/v1/owners/{owner}/credentials/{name}", "put"),
+    ] {
+        let text = doc["paths"][path][method]["responses"]["429"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            text.contains("writes_per_owner_per_minute"),
+            "{method} {path}: {text}"
+        );
+    }
+}
+
 /// The limiter keeps an entry per owner until pruned: pruning forgets the owners whose
 /// allowance has refilled and keeps the one still limited, whose budget is not reset.
 #[tokio::test]

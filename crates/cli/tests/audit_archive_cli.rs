@@ -702,7 +702,13 @@ fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
 fn archive_runs_beside_a_serving_server() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let server = common::dev::start_dev(&data, &[]);
+    // One owner writes as fast as four clients can: on a fast machine, past the default
+    // write allowance.
+    let server = common::dev::start_dev_env(
+        &data,
+        &[],
+        &[("STRONGROOM_LIMITS__WRITES_PER_OWNER_PER_MINUTE", "1000000")],
+    );
     let service = server.export("SERVICE");
     let alice = server.export("ALICE");
     let client = server.client(&data);

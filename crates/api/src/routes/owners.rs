@@ -65,7 +65,7 @@ fn authorize(
         ("X-Strongroom-On-Behalf-Of" = Option<String>, Header, description = "Delegated mode: the owner's user token (a JWT whose sub is the owner, with auth.jwt.on_behalf_of_audience when set), required where the policy rule says delegated = true")),
     request_body = PutBody,
     responses((status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed", body = PutResponse),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.writes_per_owner_per_minute (default 600) writes to this owner's credentials in the last minute; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may write again"))), 
         (status = 403, body = ErrorBody), (status = 409, description = "version_conflict: expected_version is stale; or quota_exceeded: the put would create a credential, and the owner already has store.max_credentials_per_owner (default 1000) live ones (nothing is written; new versions of existing credentials are never refused, and destroying a credential frees its slot)", body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 503, description = "contended: writers on other nodes kept taking the next version number; retry after Retry-After", body = ErrorBody)),
     security(("service_token" = [])))]
