@@ -1984,6 +1984,78 @@ async fn audit_append_tx(
     Ok(records)
 }
 
+/// [`Store::audit_query`]'s parameters, read by [`audit_query_tx`].
+struct AuditQuery<'a> {
+    filter: &'a crate::audit::AuditFilter,
+    since: Option<i64>,
+    until: Option<i64>,
+    before: Option<i64>,
+    actions: Option<&'a Vec<String>>,
+    kinds: Option<&'a Vec<String>>,
+    limit: i64,
+}
+
+/// The rows of an audit query; with a time range, its `seq` bounds first (see `TimeIndex`),
+/// so that every filter reads the newest matches first off an index whose key ends in `seq`.
+async fn audit_query_tx<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    q: &AuditQuery<'_>,
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let (low_second, high_second) = if q.since.is_some() || q.until.is_some() {
+        let row = client
+            .query_one(
+                "SELECT max_time_ms, max_lag_ms FROM audit_head WHERE id = 1",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        let time = crate::audit::TimeIndex {
+            max_time_ms: row.try_get(0).map_err(pg_err)?,
+            max_lag_ms: row.try_get(1).map_err(pg_err)?,
+        };
+        time.mark_seconds(q.since, q.until)
+    } else {
+        (None, None)
+    };
+    client
+        .query(
+            &format!(
+                "SELECT {} FROM audit_records
+                 WHERE ($1::text IS NULL OR owner = $1)
+                   AND ($2::text IS NULL OR name = $2)
+                   AND ($3::text IS NULL OR principal_id = $3)
+                   AND ($4::bigint IS NULL OR time_ms >= $4)
+                   AND ($5::bigint IS NULL OR time_ms < $5)
+                   AND ($6::bigint IS NULL OR seq < $6)
+                   AND ($7::text[] IS NULL OR action = ANY($7))
+                   AND ($8::text[] IS NULL OR principal_kind = ANY($8))
+                   AND ($10::bigint IS NULL OR seq >= coalesce((SELECT seq
+                        FROM audit_time_marks WHERE second <= $10
+                        ORDER BY second DESC LIMIT 1), 0))
+                   AND ($11::bigint IS NULL OR seq <= coalesce((SELECT seq
+                        FROM audit_time_marks WHERE second >= $11
+                        ORDER BY second LIMIT 1), 9223372036854775807))
+                 ORDER BY seq DESC LIMIT $9",
+                crate::audit::COLUMNS
+            ),
+            &[
+                &q.filter.owner,
+                &q.filter.name,
+                &q.filter.principal_id,
+                &q.since,
+                &q.until,
+                &q.before,
+                &q.actions,
+                &q.kinds,
+                &q.limit,
+                &low_second,
+                &high_second,
+            ],
+        )
+        .await
+        .map_err(pg_err)
+}
+
 /// The stored audit anchor, if any (`FOR UPDATE` when `lock`: an anchor move).
 async fn audit_anchor_tx<C: deadpool_postgres::GenericClient>(
     client: &C,
@@ -2073,62 +2145,31 @@ impl crate::audit::AuditLog for PostgresStore {
         let actions: Option<&Vec<String>> = (!filter.actions.is_empty()).then_some(&filter.actions);
         let kinds: Option<&Vec<String>> =
             (!filter.principal_kinds.is_empty()).then_some(&filter.principal_kinds);
-        let client = self.client().await?;
-        // A time range narrows `seq` (see `TimeIndex`), so that every filter reads the newest
-        // matches first off an index whose key ends in `seq`.
-        let (low_second, high_second) = if since.is_some() || until.is_some() {
-            let row = client
-                .query_one(
-                    "SELECT max_time_ms, max_lag_ms FROM audit_head WHERE id = 1",
-                    &[],
-                )
+        let mut client = self.client().await?;
+        let query = AuditQuery {
+            filter,
+            since,
+            until,
+            before,
+            actions,
+            kinds,
+            limit,
+        };
+        let rows = if since.is_some() || until.is_some() {
+            // The time bounds come from the head's lag: read it and the records in one
+            // snapshot, so that a batch appended in between is seen whole or not at all.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
                 .await
                 .map_err(pg_err)?;
-            let time = crate::audit::TimeIndex {
-                max_time_ms: row.try_get(0).map_err(pg_err)?,
-                max_lag_ms: row.try_get(1).map_err(pg_err)?,
-            };
-            time.mark_seconds(since, until)
+            let rows = audit_query_tx(&tx, &query).await;
+            finish(tx, rows).await?
         } else {
-            (None, None)
+            audit_query_tx(&client, &query).await?
         };
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {} FROM audit_records
-                     WHERE ($1::text IS NULL OR owner = $1)
-                       AND ($2::text IS NULL OR name = $2)
-                       AND ($3::text IS NULL OR principal_id = $3)
-                       AND ($4::bigint IS NULL OR time_ms >= $4)
-                       AND ($5::bigint IS NULL OR time_ms < $5)
-                       AND ($6::bigint IS NULL OR seq < $6)
-                       AND ($7::text[] IS NULL OR action = ANY($7))
-                       AND ($8::text[] IS NULL OR principal_kind = ANY($8))
-                       AND ($10::bigint IS NULL OR seq >= coalesce((SELECT seq
-                            FROM audit_time_marks WHERE second <= $10
-                            ORDER BY second DESC LIMIT 1), 0))
-                       AND ($11::bigint IS NULL OR seq <= coalesce((SELECT seq
-                            FROM audit_time_marks WHERE second >= $11
-                            ORDER BY second LIMIT 1), 9223372036854775807))
-                     ORDER BY seq DESC LIMIT $9",
-                    crate::audit::COLUMNS
-                ),
-                &[
-                    &filter.owner,
-                    &filter.name,
-                    &filter.principal_id,
-                    &since,
-                    &until,
-                    &before,
-                    &actions,
-                    &kinds,
-                    &limit,
-                    &low_second,
-                    &high_second,
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
         rows.iter()
             .map(|r| raw_audit_row(r)?.into_record())
             .collect()
