@@ -11,6 +11,25 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Keeps this process's memory out of core dumps and away from other processes of the same
+/// user, before anything secret is in it: values, data keys, keyrings, Fernet keys and
+/// tokens all pass through it, and a crash (a panic aborts) would otherwise write them to
+/// disk, or to `systemd-coredump`'s store, which ignores `RLIMIT_CORE`. Not dumpable also
+/// means that no process of the same user can attach a debugger or read `/proc/PID/mem`
+/// (root still can). Swap is the operator's to disable or encrypt (SECURITY.md).
+fn protect_memory() -> std::io::Result<()> {
+    use rustix::process::{set_dumpable_behavior, setrlimit, DumpableBehavior, Resource, Rlimit};
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
+}
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -74,6 +93,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    if let Err(e) = protect_memory() {
+        eprintln!("strongroom: warning: could not keep this process out of core dumps: {e}");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),
@@ -105,5 +127,15 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    /// The test process itself becomes undumpable: harmless, and what main does first.
+    #[test]
+    fn memory_is_kept_out_of_core_dumps() {
+        use rustix::process::{dumpable_behavior, getrlimit, DumpableBehavior, Resource};
+        super::protect_memory().unwrap();
+        assert_eq!(dumpable_behavior().unwrap(), DumpableBehavior::NotDumpable);
+        let core = getrlimit(Resource::Core);
+        assert_eq!((core.current, core.maximum), (Some(0), Some(0)));
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::dev::{
     start_dev, start_dev_env, start_dev_stalled_stderr, start_dev_unwritable_stderr,
-    start_dev_with_open_files,
+    start_dev_with_limits, start_dev_with_open_files,
 };
 use common::{stdout_of, strongroom};
 use serde_json::json;
@@ -710,6 +710,23 @@ fn the_open_file_soft_limit_is_raised_to_the_hard_one() {
     assert_eq!(open_files[3..5], ["4096", "4096"], "{limits}");
     let stderr = server.stderr_with("strongroom ready");
     assert!(!stderr.contains("open-file limit"), "{stderr}");
+}
+
+/// The server keeps its memory out of core dumps: started where they are allowed, it lowers
+/// its own `RLIMIT_CORE` to 0 (and makes itself not dumpable, which main's unit test checks).
+#[test]
+fn the_server_writes_no_core_dump() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = start_dev_with_limits(&data, &["--core=unlimited:unlimited"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let core: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(core[4..6], ["0", "0"], "{limits}");
 }
 
 /// A reader of stderr that stalls (a log shipper, journald under pressure) does not stop the

@@ -40,9 +40,14 @@ pub fn start_dev_env(data: &Path, extra: &[&str], envs: &[(&str, &str)]) -> DevS
 
 /// A dev server started with the open-file limits `soft` and `hard`.
 pub fn start_dev_with_open_files(data: &Path, soft: u32, hard: u32) -> DevServer {
+    start_dev_with_limits(data, &[&format!("--nofile={soft}:{hard}")])
+}
+
+/// A dev server started under `prlimit` with `limits` (`--core=unlimited`, …).
+pub fn start_dev_with_limits(data: &Path, limits: &[&str]) -> DevServer {
     let stderr = data.with_extension("stderr.log");
     let mut command = Command::new("prlimit");
-    command.arg(format!("--nofile={soft}:{hard}")).arg(binary());
+    command.args(limits).arg(binary());
     spawn_command(
         command,
         data,
