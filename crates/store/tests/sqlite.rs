@@ -582,6 +582,7 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration() {
     use strongroom_store::audit::HeadKey;
+    use strongroom_store::testing::Schema5Log;
     use strongroom_store::{AuditFilter, AuditLog};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(DB_FILE_NAME);
@@ -593,30 +594,13 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
         .audit_seal_genesis(key.head(0, strongroom_store::audit::GENESIS))
         .await
         .unwrap();
-    // Seconds 0, 1, ... with every fifth record 3 s late and one an hour late.
-    let second = |i: u64| -> i64 {
-        let late = if i == 17 {
-            3600
-        } else if i.is_multiple_of(5) {
-            3
-        } else {
-            0
-        };
-        i as i64 - late
-    };
-    let events = (0..60u64)
-        .map(|i| {
-            let mut e = audit_event(
-                0,
-                Some(["erin", "frank"][(i % 2) as usize]),
-                Some(["k", "l"][(i % 3 % 2) as usize]),
-            );
-            e.time =
-                OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_000 + second(i));
-            e
-        })
-        .collect();
-    store.audit_append(key, events).await.unwrap();
+    store
+        .audit_append(
+            key,
+            (0..Schema5Log::RECORDS).map(Schema5Log::event).collect(),
+        )
+        .await
+        .unwrap();
     let mut erin = AuditFilter::default();
     erin.owner = Some("erin".into());
     store.audit_query(&erin, None, 1).await.unwrap(); // indexes all 60
@@ -640,37 +624,7 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
         .await
         .unwrap();
     assert_eq!(store.testing_audit_unindexed().await.unwrap(), 20);
-    let at = |s: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_000 + s);
-    for owner in [None, Some("erin")] {
-        for (since, until) in [
-            (None, Some(10)),
-            (Some(10), Some(30)),
-            (Some(-3600), Some(-3599)),
-            (Some(33), None),
-            (Some(50), Some(51)),
-        ] {
-            let mut f = AuditFilter::default();
-            f.owner = owner.map(String::from);
-            f.since = since.map(at);
-            f.until = until.map(at);
-            let want: Vec<u64> = (0..60u64)
-                .rev()
-                .filter(|&i| owner.is_none_or(|o| o == ["erin", "frank"][(i % 2) as usize]))
-                .filter(|&i| {
-                    since.is_none_or(|s| second(i) >= s) && until.is_none_or(|u| second(i) < u)
-                })
-                .map(|i| i + 1)
-                .collect();
-            let got: Vec<u64> = store
-                .audit_query(&f, None, 100)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.seq)
-                .collect();
-            assert_eq!(got, want, "{f:?}");
-        }
-    }
+    Schema5Log::check_queries(&store).await;
     assert_eq!(store.testing_audit_unindexed().await.unwrap(), 0);
     store.close().await;
 }
