@@ -315,6 +315,9 @@ fn archive_by_time_keeps_the_log_verifiable() {
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "{mode:o}");
     let anchor: serde_json::Value = common::read_json(&file.with_extension("jsonl.anchor.json"));
+    assert_eq!(anchor["version"], 2);
+    assert_eq!(anchor["from_seq"], 1);
+    assert_eq!(anchor["from_hash"], "0".repeat(64));
     assert_eq!(anchor["seq"], 151);
     assert_eq!(anchor["puts"], 0);
     assert_eq!(query_i64(&data, "SELECT min(seq) FROM audit_records"), 152);
@@ -365,6 +368,10 @@ fn archive_by_time_keeps_the_log_verifiable() {
     let first_of_2: serde_json::Value = serde_json::from_str(&lines(&file2)[0]).unwrap();
     let a1: serde_json::Value = common::read_json(&file.with_extension("jsonl.anchor.json"));
     assert_eq!(first_of_2["prev_hash"], a1["hash"]);
+    // ... and the second's anchor says so.
+    let a2: serde_json::Value = common::read_json(&file2.with_extension("jsonl.anchor.json"));
+    assert_eq!(a2["from_seq"], 152);
+    assert_eq!(a2["from_hash"], a1["hash"]);
 
     // Nothing older than the bound is left: nothing to do.
     let file3 = out_dir.path().join("audit-3.jsonl");
@@ -570,6 +577,225 @@ fn a_tampered_archive_file_fails_verify_file() {
     std::fs::remove_file(&anchor_file).unwrap();
     let (ok, text) = verify_file(&data, &file);
     assert!(!ok && text.contains("anchor.json"), "{text}");
+}
+
+/// The store's anchor row (a version 1 anchor: the end only) as an anchor file.
+fn store_anchor_json(data: &Path) -> String {
+    let conn = rusqlite::Connection::open(db(data)).unwrap();
+    let (seq, hash, puts, mac): (i64, Vec<u8>, i64, Vec<u8>) = conn
+        .query_row("SELECT seq, hash, puts, mac FROM audit_anchor", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .unwrap();
+    serde_json::json!({
+        "seq": seq,
+        "hash": hex::encode(hash),
+        "puts": puts,
+        "mac": hex::encode(mac),
+    })
+    .to_string()
+}
+
+/// An archive's anchor (version 2) MACs where the file starts: a first or later archive with
+/// its first records cut off, another archive's records put before it, its first record's
+/// link replaced, or the start edited in the anchor file, all fail `verify --file` (non-zero
+/// exit, a message naming the start); a file cut at the start and an anchor edited to match
+/// fails on the MAC.
+#[test]
+fn the_start_of_an_archive_is_checked_against_its_anchor() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let f1 = out_dir.path().join("s1.jsonl");
+    let f2 = out_dir.path().join("s2.jsonl");
+    assert!(archive(&data, "101", &f1).0);
+    assert!(archive(&data, "201", &f2).0);
+    let (ok, text) = verify_file(&data, &f1);
+    assert!(ok && text.contains("from the start of the log"), "{text}");
+    assert!(text.contains("chain verified from the start"), "{text}");
+    assert!(!text.contains("warning"), "{text}");
+    let (ok, text) = verify_file(&data, &f2);
+    assert!(ok && text.contains("going on after record 100"), "{text}");
+    let (l1, l2) = (lines(&f1), lines(&f2));
+    let (a1_file, a2_file) = (
+        f1.with_extension("jsonl.anchor.json"),
+        f2.with_extension("jsonl.anchor.json"),
+    );
+    let a2_text = std::fs::read_to_string(&a2_file).unwrap();
+    let write = |f: &Path, l: &[String]| std::fs::write(f, l.join("\n") + "\n").unwrap();
+
+    // The first archive with its first records cut off (under a v1 anchor, this verified as
+    // "going on after record 5").
+    write(&f1, &l1[5..]);
+    let (ok, text) = verify_file(&data, &f1);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(
+            "line 1: the file starts at record 6 but its anchor says it starts at record 1"
+        ),
+        "{text}"
+    );
+    write(&f1, &l1);
+    assert!(verify_file(&data, &f1).0);
+
+    // A later archive: cut at the start; the earlier archive's records put before it (a
+    // whole chain from record 1 to its end); one record of the earlier archive before it.
+    let mut joined = l1.clone();
+    joined.extend(l2.iter().cloned());
+    let mut one_more = vec![l1[99].clone()];
+    one_more.extend(l2.iter().cloned());
+    // Its first record rehashed over another link: the chain from there on is intact, its
+    // start is not the one its anchor names.
+    let mut relinked: Vec<serde_json::Value> = l2
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first_l1: serde_json::Value = serde_json::from_str(&l1[0]).unwrap();
+    relinked[0]["prev_hash"] = first_l1["hash"].clone();
+    let relinked: Vec<String> = relinked.iter().map(|v| v.to_string()).collect();
+    for (what, l, needle) in [
+        (
+            "cut",
+            l2[3..].to_vec(),
+            "line 1: the file starts at record 104 but its anchor says it starts at record 101",
+        ),
+        (
+            "prepended",
+            joined,
+            "line 1: the file starts at record 1 but its anchor says it starts at record 101",
+        ),
+        (
+            "one prepended",
+            one_more,
+            "line 1: the file starts at record 100 but its anchor says it starts at record 101",
+        ),
+        (
+            "relinked",
+            relinked,
+            "line 1: record 101 does not chain from the hash its anchor starts from",
+        ),
+    ] {
+        write(&f2, &l);
+        let (ok, text) = verify_file(&data, &f2);
+        assert!(!ok, "{what}: {text}");
+        assert!(
+            text.contains(needle),
+            "{what}: expected {needle:?} in {text}"
+        );
+    }
+    write(&f2, &l2);
+    assert!(verify_file(&data, &f2).0);
+
+    // The start edited in the anchor file, alone or with the file cut to match it.
+    let a2: serde_json::Value = serde_json::from_str(&a2_text).unwrap();
+    let a1: serde_json::Value = common::read_json(&a1_file);
+    let mut from_seq = a2.clone();
+    from_seq["from_seq"] = 104.into();
+    let mut from_hash = a2.clone();
+    from_hash["from_hash"] = a1["from_hash"].clone();
+    let mut unversioned = a2.clone();
+    unversioned.as_object_mut().unwrap().remove("version");
+    let mut v3 = a2.clone();
+    v3["version"] = 3.into();
+    for (what, anchor, file, needle) in [
+        (
+            "from_seq",
+            &from_seq,
+            &l2[..],
+            "anchor's MAC does not verify",
+        ),
+        (
+            "from_seq and cut",
+            &from_seq,
+            &l2[3..],
+            "anchor's MAC does not verify",
+        ),
+        (
+            "from_hash",
+            &from_hash,
+            &l2[..],
+            "anchor's MAC does not verify",
+        ),
+        (
+            "no version",
+            &unversioned,
+            &l2[..],
+            "not an anchor written by `audit archive`",
+        ),
+        ("version 3", &v3, &l2[..], "an anchor version this build"),
+    ] {
+        write(&f2, file);
+        std::fs::write(&a2_file, anchor.to_string()).unwrap();
+        let (ok, text) = verify_file(&data, &f2);
+        assert!(!ok, "{what}: {text}");
+        assert!(
+            text.contains(needle),
+            "{what}: expected {needle:?} in {text}"
+        );
+    }
+    // Its start removed altogether: read as a version 1 anchor, whose MAC it is not.
+    let mut stripped = a2.clone();
+    for field in ["version", "from_seq", "from_hash"] {
+        stripped.as_object_mut().unwrap().remove(field);
+    }
+    write(&f2, &l2);
+    std::fs::write(&a2_file, stripped.to_string()).unwrap();
+    let (ok, text) = verify_file(&data, &f2);
+    assert!(
+        !ok && text.contains("anchor's MAC does not verify"),
+        "{text}"
+    );
+    std::fs::write(&a2_file, &a2_text).unwrap();
+    assert!(verify_file(&data, &f2).0);
+}
+
+/// Archives written before anchors covered the start (version 1 anchor files: the store's
+/// anchor row has that form) still verify, with a warning that the start is not checked;
+/// and an interrupted run that left one is still finished by running it again.
+#[test]
+fn version_1_anchor_files_still_verify_with_a_warning() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let f1 = out_dir.path().join("old-1.jsonl");
+    assert!(archive(&data, "101", &f1).0);
+    let after_first = copy_dir(&data);
+    let f2 = out_dir.path().join("old-2.jsonl");
+    assert!(archive(&data, "201", &f2).0);
+    let a2_file = f2.with_extension("jsonl.anchor.json");
+    std::fs::write(&a2_file, store_anchor_json(&data)).unwrap();
+    let (ok, out, err) = run(&["audit", "verify", "--file", f2.to_str().unwrap()], &data);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archive OK: 100 records, 101..200"), "{out}");
+    assert!(out.contains("going on after record 100"), "{out}");
+    assert!(
+        out.contains("version 1 anchor, which does not cover the start"),
+        "{out}"
+    );
+    assert!(
+        err.contains("warning") && err.contains("version 1 anchor"),
+        "{err}"
+    );
+    // What a version 1 anchor cannot show: its file cut at the start still verifies.
+    let l2 = lines(&f2);
+    std::fs::write(&f2, l2[5..].join("\n") + "\n").unwrap();
+    let (ok, out, err) = run(&["audit", "verify", "--file", f2.to_str().unwrap()], &data);
+    assert!(
+        ok && out.contains("going on after record 105"),
+        "{out}{err}"
+    );
+    assert!(err.contains("warning"), "{err}");
+    std::fs::write(&f2, l2.join("\n") + "\n").unwrap();
+    // A run that wrote these files (with a version 1 anchor) and stopped before it anchored
+    // the store is finished by running it again.
+    let (ok, out, err) = archive(after_first.path(), "201", &f2);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("finished the interrupted archive"), "{out}");
+    assert_eq!(
+        query_i64(after_first.path(), "SELECT min(seq) FROM audit_records"),
+        201
+    );
+    assert!(verify(after_first.path()).0);
 }
 
 /// The archive killed (SIGKILL) while it removes records: the log verifies (records at or

@@ -13,6 +13,10 @@
 //! written to an archive file; [`AuditLog::audit_prune`] then removes them, a bounded batch
 //! per call, so that neither backend's writers wait long. Records at or before the anchor that
 //! are still there (a removal cut short) are outside the log: verify starts after the anchor.
+//! The stored anchor is an [`Anchor`] (version 1: the end only). It does not need the start
+//! that an archive file's [`ArchiveAnchor`] carries: it marks where the kept log starts, which
+//! is all `audit verify` asks of it, and each move goes on from the one before by
+//! compare-and-swap; the archived records it once followed are gone from the store anyway.
 //!
 //! The store never sees a value: an [`Event`] has no field that could hold one.
 
@@ -21,8 +25,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use strongroom_audit::{
-    is_counted_put, record_hash, Anchor, Event, Head, HeadKey, Record, Verifier, VerifyError,
-    GENESIS,
+    is_counted_put, record_hash, Anchor, ArchiveAnchor, Event, Head, HeadKey, Record, Verifier,
+    VerifyError, GENESIS,
 };
 use time::OffsetDateTime;
 
