@@ -251,6 +251,7 @@ fn help_explains_the_cut_the_anchor_and_resuming() {
         "older than TIME",
         "same command",
         "Safe while servers run",
+        "FILE.lock",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
@@ -798,6 +799,93 @@ fn version_1_anchor_files_still_verify_with_a_warning() {
     assert!(verify(after_first.path()).0);
 }
 
+/// Holds the exclusive lock a run takes on `FILE.lock`, as a run in progress would.
+fn hold_lock(file: &Path) -> std::fs::File {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(PathBuf::from(name))
+        .unwrap();
+    f.try_lock().unwrap();
+    f
+}
+
+/// A run whose output another run is writing (its lock held) stops at once, naming the
+/// output, and records and writes nothing; once the lock is free the same command archives,
+/// over a leftover lock file and `.partial` as a crashed run leaves them, and removes its
+/// lock file at the end.
+#[test]
+fn a_second_run_on_the_same_output_stops_at_once_and_writes_nothing() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let file = out_dir.path().join("locked.jsonl");
+    let lock_file = out_dir.path().join("locked.jsonl.lock");
+    let head = query_i64(&data, "SELECT count FROM audit_head");
+    let held = hold_lock(&file);
+    let started = Instant::now();
+    let out = strongroom()
+        .args(["audit", "archive", "--before", "101", "--output"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited");
+    assert!(
+        err.contains(&format!(
+            "another `audit archive` run is writing {}",
+            file.display()
+        )),
+        "{err}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["locked.jsonl.lock"], "only the lock held here");
+    assert_eq!(query_i64(&data, "SELECT count FROM audit_head"), head);
+    assert_eq!(query_i64(&data, "SELECT count(*) FROM audit_anchor"), 0);
+    assert_eq!(query_i64(&data, "SELECT min(seq) FROM audit_records"), 1);
+    // A dry run takes no lock: it writes nothing.
+    let (ok, out, err) = run(
+        &[
+            "audit",
+            "archive",
+            "--before",
+            "101",
+            "--dry-run",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+        &data,
+    );
+    assert!(
+        ok && out.contains("would archive records 1..100"),
+        "{out}{err}"
+    );
+
+    // The holder gone (as a killed run's lock goes), leaving its lock file and a partial
+    // archive behind: the same command archives.
+    drop(held);
+    std::fs::write(out_dir.path().join("locked.jsonl.partial"), "half a line").unwrap();
+    let (ok, out, err) = archive(&data, "101", &file);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archived records 1..100"), "{out}");
+    assert!(verify_file(&data, &file).0);
+    assert!(verify(&data).0);
+    assert!(!lock_file.exists(), "the lock file is removed at the end");
+    assert!(!out_dir.path().join("locked.jsonl.partial").exists());
+}
+
 /// The archive killed (SIGKILL) while it removes records: the log verifies (records at or
 /// before the anchor are outside it), and the same command run again finishes. Killed while
 /// it writes the file: nothing changed, and a run again archives. Killed after the files are
@@ -833,6 +921,23 @@ fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
 
     // 1. Killed mid-removal: once the anchor is set and some records are gone.
     let mut child = spawn(&data);
+    // Meanwhile, a second run on the same output stops at once: the first holds the lock
+    // from before it writes the partial file until it ends.
+    let partial = out_dir.path().join("crash.jsonl.partial");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !partial.exists() && !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (ok, out, err) = archive(&data, "15001", &file);
+    assert!(!ok, "a second run went ahead: {out}");
+    assert!(
+        err.contains("another `audit archive` run is writing"),
+        "{err}"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < deadline, "the removal never started");
@@ -879,7 +984,6 @@ fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
     std::fs::remove_file(&file).unwrap();
     std::fs::remove_file(file.with_extension("jsonl.anchor.json")).unwrap();
     let mut child = spawn(data2.path());
-    let partial = out_dir.path().join("crash.jsonl.partial");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !partial.exists() && !file.exists() {
         assert!(
@@ -890,6 +994,8 @@ fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    // Its lock file stays behind, unlocked: it does not stop the run that finishes.
+    assert!(out_dir.path().join("crash.jsonl.lock").exists());
     let (ok, text) = verify(data2.path());
     assert!(ok, "{text}");
     let (ok, out, err) = archive(data2.path(), "15001", &file);

@@ -20,6 +20,11 @@
 //!    deferred index entries;
 //! 6. an `audit.archive` `ok` (or `error`) record is appended.
 //!
+//! The whole run holds an exclusive lock (`flock`) on `FILE.lock` beside the output, so that
+//! two runs with the same `--output` never write the same `FILE.partial`: the second stops
+//! before it records or writes anything. The kernel drops the lock when a run dies, so a
+//! crashed run's leftovers never block the run that finishes it.
+//!
 //! A crash before 4 leaves the log as it was (the files are only copies); one after 4
 //! leaves records that the next run removes. Run again with the same `--output`, the command
 //! finishes what the interrupted run started (it sets the anchor from `FILE.anchor.json` if
@@ -113,6 +118,81 @@ fn partial_path(file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// `FILE.lock`: a run that writes `FILE` holds an exclusive lock on it throughout.
+pub fn lock_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// The lock of a run on its output; the lock file goes when the run ends.
+struct OutputLock {
+    path: PathBuf,
+    // Held (and so locked) until dropped.
+    _file: std::fs::File,
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked: a run that opened it meanwhile either fails to lock it
+        // now or, once it gets the lock, finds it no longer at the path and takes a new one
+        // (see `lock_output`). A crash leaves it; the next run locks it as any other.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes the exclusive lock on `FILE.lock`, or fails at once when another run holds it.
+fn lock_output(file: &Path) -> Result<OutputLock, Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let path = lock_path(file);
+    let io = |e: std::io::Error| {
+        op(format!(
+            "cannot lock {} for {}: {e}",
+            path.display(),
+            file.display()
+        ))
+    };
+    // A few tries: each one can only lose to a run that ended (and removed the file)
+    // between our open and our lock.
+    for _ in 0..5 {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(op(format!(
+                    "another `audit archive` run is writing {} (it holds {}): nothing was \
+                     done; wait for it to end (if it stops, run the same command again)",
+                    file.display(),
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // Still the file at the path (not one a finished run removed after we opened it)?
+        let held = f.metadata().map_err(io)?;
+        match std::fs::metadata(&path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                return Ok(OutputLock { path, _file: f });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Err(op(format!(
+        "cannot lock {} for {}: other runs keep replacing it",
+        path.display(),
+        file.display()
+    )))
+}
+
 fn bar(len: u64, what: &str) -> Option<ProgressBar> {
     std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(len);
@@ -131,6 +211,12 @@ pub async fn run(args: ArchiveArgs) -> Result<(), Failure> {
     if args.batch == 0 || args.batch > 4096 {
         return Err(CliError::Usage("--batch must be 1 to 4096".into()).into());
     }
+    // Before anything is recorded or written; held until the run's last record is in.
+    let _lock = if args.dry_run {
+        None
+    } else {
+        Some(lock_output(&args.output)?)
+    };
     let backends = args.target.open_existing().await?;
     let result = archive(&backends, &args).await;
     if !args.dry_run {

@@ -74,8 +74,9 @@ only nearly (several nodes, clock steps), so a few records just before the cut m
 after TIME; no record older than TIME stays. The newest record is never archived (the chain \
 head names it).\n\n\
 Interrupted (killed, a crash, the store gone), the log still verifies: run the same command \
-again, with the same --output, and it finishes. Recorded in the log as `audit.archive` \
-(started, then ok or error).",
+again, with the same --output, and it finishes. A run holds a lock on FILE.lock throughout: \
+a second run with the same --output meanwhile stops at once, recording and writing nothing. \
+Recorded in the log as `audit.archive` (started, then ok or error).",
         after_help = "Examples:\n  strongroom audit archive --config /etc/strongroom/strongroom.toml \
         --before 2026-01-01T00:00:00Z --output /archive/audit-2025.jsonl\n  \
         strongroom audit archive --data-dir ./strongroom-data --before 100000 --output old.jsonl --dry-run"
