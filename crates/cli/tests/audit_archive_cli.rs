@@ -324,6 +324,15 @@ fn archive_by_time_keeps_the_log_verifiable() {
     assert_eq!(query_i64(&data, "SELECT min(seq) FROM audit_records"), 152);
     assert_eq!(index_entries_upto(&data, 151), 0);
     assert!(index_entries_upto(&data, 1_000_000) > 0);
+    // The time marks of the archived records went with them (here the first record's, at
+    // the setup's time, which no record passes until the head's).
+    assert_eq!(
+        query_i64(
+            &data,
+            "SELECT count(*) FROM audit_time_marks WHERE seq <= 151"
+        ),
+        0
+    );
 
     let (ok, text) = verify(&data);
     assert!(ok, "{text}");
@@ -1204,6 +1213,15 @@ fn archive_on_postgres() {
         rt.block_on(client.batch_execute(&format!("SET search_path TO {schema}; {sql}")))
             .unwrap()
     };
+    // The archived records' time marks went with them.
+    let marks: i64 = rt
+        .block_on(client.query_one(
+            &format!("SELECT count(*) FROM {schema}.audit_time_marks WHERE seq <= 311"),
+            &[],
+        ))
+        .unwrap()
+        .get(0);
+    assert_eq!(marks, 0);
     // Each change committed (verify runs in another process), then undone.
     exec("UPDATE audit_anchor SET puts = 0");
     let (ok, text) = verify_pg();
