@@ -20,6 +20,9 @@
 //!   key too (in its own domain, so a head's MAC is never an anchor's), and the log then
 //!   verifies from it ([`Verifier::after`]). Removing records at the start without a genuine
 //!   anchor that covers them breaks the sequence at the first record kept.
+//! * The archive file gets an [`ArchiveAnchor`]: the same end, and also where the file starts
+//!   (its first record's `seq` and the hash that record chains from), under a MAC in a third
+//!   domain, so that a file cut or extended at the start no longer matches its anchor.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
@@ -31,6 +34,8 @@ use time::OffsetDateTime;
 const DOMAIN: &[u8] = b"strongroom-audit-v1\0";
 const HEAD_DOMAIN: &[u8] = b"strongroom-audit-head-v1\0";
 const ANCHOR_DOMAIN: &[u8] = b"strongroom-audit-anchor-v1\0";
+/// The archive file's anchor, which also covers where the file starts ([`ArchiveAnchor`]).
+const ARCHIVE_ANCHOR_DOMAIN: &[u8] = b"strongroom-audit-anchor-v2\0";
 /// The domain of keys derived from the head key ([`HeadKey::derive`]).
 const DERIVE_DOMAIN: &[u8] = b"strongroom-audit-derive-v1\0";
 
@@ -157,6 +162,39 @@ pub struct Anchor {
     pub mac: [u8; 32],
 }
 
+/// The anchor written beside an archive file (`FILE.anchor.json`, version 2): where the file
+/// starts as well as where it ends. Its first record is `from_seq` and chains from
+/// `from_hash` (the previous archive's last hash, or [`GENESIS`] for the first archive); its
+/// last is `seq` with `hash`, as in [`Anchor`]. The MAC covers all five, in a domain of its
+/// own: it is never a head's MAC, nor an [`Anchor`]'s (version 1, which covers only the end
+/// and is what the store keeps).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveAnchor {
+    /// The format: [`ArchiveAnchor::VERSION`].
+    pub version: u32,
+    /// The file's first record.
+    pub from_seq: u64,
+    /// The hash the file's first record chains from (its `prev_hash`).
+    #[serde(with = "hex_array")]
+    pub from_hash: [u8; 32],
+    /// The file's last record.
+    pub seq: u64,
+    /// The file's last record's hash.
+    #[serde(with = "hex_array")]
+    pub hash: [u8; 32],
+    /// `put` records with outcome `ok` at or before `seq` (in this file and every earlier one).
+    pub puts: u64,
+    /// HMAC-SHA256 over `(from_seq, from_hash, seq, hash, puts)` under the head key.
+    #[serde(with = "hex_array")]
+    pub mac: [u8; 32],
+}
+
+impl ArchiveAnchor {
+    /// The only version this crate writes and reads (an [`Anchor`] is version 1).
+    pub const VERSION: u32 = 2;
+}
+
 /// Whether a record counts in [`Anchor::puts`]: a `put` that succeeded (each one wrote a
 /// credential version in the same transaction).
 pub fn is_counted_put(r: &Record) -> bool {
@@ -239,6 +277,66 @@ impl HeadKey {
         self.anchor_mac(anchor.seq, &anchor.hash, anchor.puts)
             .verify_slice(&anchor.mac)
             .is_ok()
+    }
+
+    fn archive_anchor_mac(
+        &self,
+        from_seq: u64,
+        from_hash: &[u8; 32],
+        seq: u64,
+        hash: &[u8; 32],
+        puts: u64,
+    ) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length. Every field has a fixed length, so the input
+        // encodes one tuple only.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref())
+            .unwrap_or_else(|_| unreachable!());
+        m.update(ARCHIVE_ANCHOR_DOMAIN);
+        m.update(&from_seq.to_be_bytes());
+        m.update(from_hash);
+        m.update(&seq.to_be_bytes());
+        m.update(hash);
+        m.update(&puts.to_be_bytes());
+        m
+    }
+
+    /// The anchor of an archive file holding records `from_seq..=end.seq`, the first of
+    /// which chains from `from_hash`, ending at `end` (whose MAC is not needed here).
+    pub fn archive_anchor(
+        &self,
+        from_seq: u64,
+        from_hash: [u8; 32],
+        end: &Anchor,
+    ) -> ArchiveAnchor {
+        ArchiveAnchor {
+            version: ArchiveAnchor::VERSION,
+            from_seq,
+            from_hash,
+            seq: end.seq,
+            hash: end.hash,
+            puts: end.puts,
+            mac: self
+                .archive_anchor_mac(from_seq, &from_hash, end.seq, &end.hash, end.puts)
+                .finalize()
+                .into_bytes()
+                .into(),
+        }
+    }
+
+    /// Whether `anchor` is of [`ArchiveAnchor::VERSION`] and its MAC is genuine (constant
+    /// time).
+    pub fn check_archive_anchor(&self, anchor: &ArchiveAnchor) -> bool {
+        anchor.version == ArchiveAnchor::VERSION
+            && self
+                .archive_anchor_mac(
+                    anchor.from_seq,
+                    &anchor.from_hash,
+                    anchor.seq,
+                    &anchor.hash,
+                    anchor.puts,
+                )
+                .verify_slice(&anchor.mac)
+                .is_ok()
     }
 
     /// Whether `head`'s MAC is genuine (constant time).

@@ -218,3 +218,116 @@ fn anchors_round_trip_through_json() {
     put.event.outcome = "denied".into();
     assert!(!is_counted_put(&put));
 }
+
+/// An archive file's anchor covers where the file starts as well as where it ends: every
+/// field is in its MAC, and its version must be 2.
+#[test]
+fn an_archive_anchor_covers_the_start_and_the_end() {
+    let (records, _, key) = log(10);
+    let end = key.anchor(8, records[7].hash, 3);
+    let a = key.archive_anchor(5, records[3].hash, &end);
+    assert_eq!(
+        (a.version, a.from_seq, a.from_hash, a.seq, a.hash, a.puts),
+        (2, 5, records[3].hash, 8, records[7].hash, 3)
+    );
+    assert!(key.check_archive_anchor(&a));
+    for forged in [
+        ArchiveAnchor {
+            from_seq: 4,
+            ..a.clone()
+        },
+        ArchiveAnchor {
+            from_seq: 6,
+            ..a.clone()
+        },
+        ArchiveAnchor {
+            from_hash: records[2].hash,
+            ..a.clone()
+        },
+        ArchiveAnchor {
+            from_hash: GENESIS,
+            ..a.clone()
+        },
+        ArchiveAnchor {
+            seq: 9,
+            ..a.clone()
+        },
+        ArchiveAnchor {
+            hash: records[8].hash,
+            ..a.clone()
+        },
+        ArchiveAnchor {
+            puts: 4,
+            ..a.clone()
+        },
+        ArchiveAnchor {
+            version: 3,
+            ..a.clone()
+        },
+    ] {
+        assert!(!key.check_archive_anchor(&forged), "{forged:?}");
+    }
+    assert!(!HeadKey::new([8; 32]).check_archive_anchor(&a));
+    // The first archive starts at record 1, after the genesis hash.
+    let first = key.archive_anchor(1, GENESIS, &end);
+    assert!(key.check_archive_anchor(&first));
+    assert_ne!(first.mac, a.mac);
+}
+
+/// Heads, store anchors (v1) and archive anchors (v2) are MAC'd in three domains: no MAC of
+/// one verifies as another's over the same numbers, either way.
+#[test]
+fn heads_and_both_anchor_versions_never_verify_as_one_another() {
+    let (records, _, key) = log(10);
+    let hash = records[5].hash;
+    let head = key.head(6, hash);
+    let v1 = key.anchor(6, hash, 0);
+    // A v2 anchor whose extra fields are zero, so its numbers are as close to the others'
+    // as they can be.
+    let v2 = key.archive_anchor(0, [0; 32], &v1);
+    let v2_genuine = key.archive_anchor(1, GENESIS, &v1);
+    assert!(key.check(&head) && key.check_anchor(&v1));
+    assert!(key.check_archive_anchor(&v2) && key.check_archive_anchor(&v2_genuine));
+    for mac in [head.mac, v2.mac, v2_genuine.mac] {
+        assert!(!key.check_anchor(&Anchor { mac, ..v1.clone() }));
+    }
+    for mac in [v1.mac, v2.mac, v2_genuine.mac] {
+        assert!(!key.check(&Head {
+            mac,
+            ..head.clone()
+        }));
+    }
+    for mac in [head.mac, v1.mac] {
+        assert!(!key.check_archive_anchor(&ArchiveAnchor { mac, ..v2.clone() }));
+        assert!(!key.check_archive_anchor(&ArchiveAnchor {
+            mac,
+            ..v2_genuine.clone()
+        }));
+    }
+    // The three MACs differ pairwise, and none is a derived key.
+    assert_ne!(head.mac, v1.mac);
+    assert_ne!(v1.mac, v2.mac);
+    assert_ne!(head.mac, v2.mac);
+    assert_ne!(*key.derive(b"strongroom-audit-anchor-v2"), v2.mac);
+}
+
+/// The two anchor files never parse as each other: a v2 anchor with its start removed is
+/// not a v1 anchor unless its version goes too (and then its MAC, v2's, fails as v1's).
+#[test]
+fn archive_anchors_round_trip_and_never_parse_as_v1() {
+    let (records, _, key) = log(4);
+    let end = key.anchor(4, records[3].hash, 0);
+    let a = key.archive_anchor(1, GENESIS, &end);
+    let text = serde_json::to_string(&a).unwrap();
+    assert!(text.contains("\"version\":2"), "{text}");
+    assert_eq!(serde_json::from_str::<ArchiveAnchor>(&text).unwrap(), a);
+    assert!(serde_json::from_str::<Anchor>(&text).is_err());
+    let v1 = serde_json::to_string(&end).unwrap();
+    assert!(serde_json::from_str::<ArchiveAnchor>(&v1).is_err());
+    let mut stripped: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for field in ["version", "from_seq", "from_hash"] {
+        stripped.as_object_mut().unwrap().remove(field);
+    }
+    let downgraded: Anchor = serde_json::from_value(stripped).unwrap();
+    assert!(!key.check_anchor(&downgraded));
+}

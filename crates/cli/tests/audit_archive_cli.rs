@@ -251,6 +251,7 @@ fn help_explains_the_cut_the_anchor_and_resuming() {
         "older than TIME",
         "same command",
         "Safe while servers run",
+        "FILE.lock",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
@@ -315,11 +316,23 @@ fn archive_by_time_keeps_the_log_verifiable() {
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "{mode:o}");
     let anchor: serde_json::Value = common::read_json(&file.with_extension("jsonl.anchor.json"));
+    assert_eq!(anchor["version"], 2);
+    assert_eq!(anchor["from_seq"], 1);
+    assert_eq!(anchor["from_hash"], "0".repeat(64));
     assert_eq!(anchor["seq"], 151);
     assert_eq!(anchor["puts"], 0);
     assert_eq!(query_i64(&data, "SELECT min(seq) FROM audit_records"), 152);
     assert_eq!(index_entries_upto(&data, 151), 0);
     assert!(index_entries_upto(&data, 1_000_000) > 0);
+    // The time marks of the archived records went with them (here the first record's, at
+    // the setup's time, which no record passes until the head's).
+    assert_eq!(
+        query_i64(
+            &data,
+            "SELECT count(*) FROM audit_time_marks WHERE seq <= 151"
+        ),
+        0
+    );
 
     let (ok, text) = verify(&data);
     assert!(ok, "{text}");
@@ -365,6 +378,10 @@ fn archive_by_time_keeps_the_log_verifiable() {
     let first_of_2: serde_json::Value = serde_json::from_str(&lines(&file2)[0]).unwrap();
     let a1: serde_json::Value = common::read_json(&file.with_extension("jsonl.anchor.json"));
     assert_eq!(first_of_2["prev_hash"], a1["hash"]);
+    // ... and the second's anchor says so.
+    let a2: serde_json::Value = common::read_json(&file2.with_extension("jsonl.anchor.json"));
+    assert_eq!(a2["from_seq"], 152);
+    assert_eq!(a2["from_hash"], a1["hash"]);
 
     // Nothing older than the bound is left: nothing to do.
     let file3 = out_dir.path().join("audit-3.jsonl");
@@ -572,6 +589,312 @@ fn a_tampered_archive_file_fails_verify_file() {
     assert!(!ok && text.contains("anchor.json"), "{text}");
 }
 
+/// The store's anchor row (a version 1 anchor: the end only) as an anchor file.
+fn store_anchor_json(data: &Path) -> String {
+    let conn = rusqlite::Connection::open(db(data)).unwrap();
+    let (seq, hash, puts, mac): (i64, Vec<u8>, i64, Vec<u8>) = conn
+        .query_row("SELECT seq, hash, puts, mac FROM audit_anchor", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .unwrap();
+    serde_json::json!({
+        "seq": seq,
+        "hash": hex::encode(hash),
+        "puts": puts,
+        "mac": hex::encode(mac),
+    })
+    .to_string()
+}
+
+/// An archive's anchor (version 2) MACs where the file starts: a first or later archive with
+/// its first records cut off, another archive's records put before it, its first record's
+/// link replaced, or the start edited in the anchor file, all fail `verify --file` (non-zero
+/// exit, a message naming the start); a file cut at the start and an anchor edited to match
+/// fails on the MAC.
+#[test]
+fn the_start_of_an_archive_is_checked_against_its_anchor() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let f1 = out_dir.path().join("s1.jsonl");
+    let f2 = out_dir.path().join("s2.jsonl");
+    assert!(archive(&data, "101", &f1).0);
+    assert!(archive(&data, "201", &f2).0);
+    let (ok, text) = verify_file(&data, &f1);
+    assert!(ok && text.contains("from the start of the log"), "{text}");
+    assert!(text.contains("chain verified from the start"), "{text}");
+    assert!(!text.contains("warning"), "{text}");
+    let (ok, text) = verify_file(&data, &f2);
+    assert!(ok && text.contains("going on after record 100"), "{text}");
+    let (l1, l2) = (lines(&f1), lines(&f2));
+    let (a1_file, a2_file) = (
+        f1.with_extension("jsonl.anchor.json"),
+        f2.with_extension("jsonl.anchor.json"),
+    );
+    let a2_text = std::fs::read_to_string(&a2_file).unwrap();
+    let write = |f: &Path, l: &[String]| std::fs::write(f, l.join("\n") + "\n").unwrap();
+
+    // The first archive with its first records cut off (under a v1 anchor, this verified as
+    // "going on after record 5").
+    write(&f1, &l1[5..]);
+    let (ok, text) = verify_file(&data, &f1);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(
+            "line 1: the file starts at record 6 but its anchor says it starts at record 1"
+        ),
+        "{text}"
+    );
+    write(&f1, &l1);
+    assert!(verify_file(&data, &f1).0);
+
+    // A later archive: cut at the start; the earlier archive's records put before it (a
+    // whole chain from record 1 to its end); one record of the earlier archive before it.
+    let mut joined = l1.clone();
+    joined.extend(l2.iter().cloned());
+    let mut one_more = vec![l1[99].clone()];
+    one_more.extend(l2.iter().cloned());
+    // Its first record rehashed over another link: the chain from there on is intact, its
+    // start is not the one its anchor names.
+    let mut relinked: Vec<serde_json::Value> = l2
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first_l1: serde_json::Value = serde_json::from_str(&l1[0]).unwrap();
+    relinked[0]["prev_hash"] = first_l1["hash"].clone();
+    let relinked: Vec<String> = relinked.iter().map(|v| v.to_string()).collect();
+    for (what, l, needle) in [
+        (
+            "cut",
+            l2[3..].to_vec(),
+            "line 1: the file starts at record 104 but its anchor says it starts at record 101",
+        ),
+        (
+            "prepended",
+            joined,
+            "line 1: the file starts at record 1 but its anchor says it starts at record 101",
+        ),
+        (
+            "one prepended",
+            one_more,
+            "line 1: the file starts at record 100 but its anchor says it starts at record 101",
+        ),
+        (
+            "relinked",
+            relinked,
+            "line 1: record 101 does not chain from the hash its anchor starts from",
+        ),
+    ] {
+        write(&f2, &l);
+        let (ok, text) = verify_file(&data, &f2);
+        assert!(!ok, "{what}: {text}");
+        assert!(
+            text.contains(needle),
+            "{what}: expected {needle:?} in {text}"
+        );
+    }
+    write(&f2, &l2);
+    assert!(verify_file(&data, &f2).0);
+
+    // The start edited in the anchor file, alone or with the file cut to match it.
+    let a2: serde_json::Value = serde_json::from_str(&a2_text).unwrap();
+    let a1: serde_json::Value = common::read_json(&a1_file);
+    let mut from_seq = a2.clone();
+    from_seq["from_seq"] = 104.into();
+    let mut from_hash = a2.clone();
+    from_hash["from_hash"] = a1["from_hash"].clone();
+    let mut unversioned = a2.clone();
+    unversioned.as_object_mut().unwrap().remove("version");
+    let mut v3 = a2.clone();
+    v3["version"] = 3.into();
+    for (what, anchor, file, needle) in [
+        (
+            "from_seq",
+            &from_seq,
+            &l2[..],
+            "anchor's MAC does not verify",
+        ),
+        (
+            "from_seq and cut",
+            &from_seq,
+            &l2[3..],
+            "anchor's MAC does not verify",
+        ),
+        (
+            "from_hash",
+            &from_hash,
+            &l2[..],
+            "anchor's MAC does not verify",
+        ),
+        (
+            "no version",
+            &unversioned,
+            &l2[..],
+            "not an anchor written by `audit archive`",
+        ),
+        ("version 3", &v3, &l2[..], "an anchor version this build"),
+    ] {
+        write(&f2, file);
+        std::fs::write(&a2_file, anchor.to_string()).unwrap();
+        let (ok, text) = verify_file(&data, &f2);
+        assert!(!ok, "{what}: {text}");
+        assert!(
+            text.contains(needle),
+            "{what}: expected {needle:?} in {text}"
+        );
+    }
+    // Its start removed altogether: read as a version 1 anchor, whose MAC it is not.
+    let mut stripped = a2.clone();
+    for field in ["version", "from_seq", "from_hash"] {
+        stripped.as_object_mut().unwrap().remove(field);
+    }
+    write(&f2, &l2);
+    std::fs::write(&a2_file, stripped.to_string()).unwrap();
+    let (ok, text) = verify_file(&data, &f2);
+    assert!(
+        !ok && text.contains("anchor's MAC does not verify"),
+        "{text}"
+    );
+    std::fs::write(&a2_file, &a2_text).unwrap();
+    assert!(verify_file(&data, &f2).0);
+}
+
+/// Archives written before anchors covered the start (version 1 anchor files: the store's
+/// anchor row has that form) still verify, with a warning that the start is not checked;
+/// and an interrupted run that left one is still finished by running it again.
+#[test]
+fn version_1_anchor_files_still_verify_with_a_warning() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let f1 = out_dir.path().join("old-1.jsonl");
+    assert!(archive(&data, "101", &f1).0);
+    let after_first = copy_dir(&data);
+    let f2 = out_dir.path().join("old-2.jsonl");
+    assert!(archive(&data, "201", &f2).0);
+    let a2_file = f2.with_extension("jsonl.anchor.json");
+    std::fs::write(&a2_file, store_anchor_json(&data)).unwrap();
+    let (ok, out, err) = run(&["audit", "verify", "--file", f2.to_str().unwrap()], &data);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archive OK: 100 records, 101..200"), "{out}");
+    assert!(out.contains("going on after record 100"), "{out}");
+    assert!(
+        out.contains("version 1 anchor, which does not cover the start"),
+        "{out}"
+    );
+    assert!(
+        err.contains("warning") && err.contains("version 1 anchor"),
+        "{err}"
+    );
+    // What a version 1 anchor cannot show: its file cut at the start still verifies.
+    let l2 = lines(&f2);
+    std::fs::write(&f2, l2[5..].join("\n") + "\n").unwrap();
+    let (ok, out, err) = run(&["audit", "verify", "--file", f2.to_str().unwrap()], &data);
+    assert!(
+        ok && out.contains("going on after record 105"),
+        "{out}{err}"
+    );
+    assert!(err.contains("warning"), "{err}");
+    std::fs::write(&f2, l2.join("\n") + "\n").unwrap();
+    // A run that wrote these files (with a version 1 anchor) and stopped before it anchored
+    // the store is finished by running it again.
+    let (ok, out, err) = archive(after_first.path(), "201", &f2);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("finished the interrupted archive"), "{out}");
+    assert_eq!(
+        query_i64(after_first.path(), "SELECT min(seq) FROM audit_records"),
+        201
+    );
+    assert!(verify(after_first.path()).0);
+}
+
+/// Holds the exclusive lock a run takes on `FILE.lock`, as a run in progress would.
+fn hold_lock(file: &Path) -> std::fs::File {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(PathBuf::from(name))
+        .unwrap();
+    f.try_lock().unwrap();
+    f
+}
+
+/// A run whose output another run is writing (its lock held) stops at once, naming the
+/// output, and records and writes nothing; once the lock is free the same command archives,
+/// over a leftover lock file and `.partial` as a crashed run leaves them, and removes its
+/// lock file at the end.
+#[test]
+fn a_second_run_on_the_same_output_stops_at_once_and_writes_nothing() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let file = out_dir.path().join("locked.jsonl");
+    let lock_file = out_dir.path().join("locked.jsonl.lock");
+    let head = query_i64(&data, "SELECT count FROM audit_head");
+    let held = hold_lock(&file);
+    let started = Instant::now();
+    let out = strongroom()
+        .args(["audit", "archive", "--before", "101", "--output"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited");
+    assert!(
+        err.contains(&format!(
+            "another `audit archive` run is writing {}",
+            file.display()
+        )),
+        "{err}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["locked.jsonl.lock"], "only the lock held here");
+    assert_eq!(query_i64(&data, "SELECT count FROM audit_head"), head);
+    assert_eq!(query_i64(&data, "SELECT count(*) FROM audit_anchor"), 0);
+    assert_eq!(query_i64(&data, "SELECT min(seq) FROM audit_records"), 1);
+    // A dry run takes no lock: it writes nothing.
+    let (ok, out, err) = run(
+        &[
+            "audit",
+            "archive",
+            "--before",
+            "101",
+            "--dry-run",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+        &data,
+    );
+    assert!(
+        ok && out.contains("would archive records 1..100"),
+        "{out}{err}"
+    );
+
+    // The holder gone (as a killed run's lock goes), leaving its lock file and a partial
+    // archive behind: the same command archives.
+    drop(held);
+    std::fs::write(out_dir.path().join("locked.jsonl.partial"), "half a line").unwrap();
+    let (ok, out, err) = archive(&data, "101", &file);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archived records 1..100"), "{out}");
+    assert!(verify_file(&data, &file).0);
+    assert!(verify(&data).0);
+    assert!(!lock_file.exists(), "the lock file is removed at the end");
+    assert!(!out_dir.path().join("locked.jsonl.partial").exists());
+}
+
 /// The archive killed (SIGKILL) while it removes records: the log verifies (records at or
 /// before the anchor are outside it), and the same command run again finishes. Killed while
 /// it writes the file: nothing changed, and a run again archives. Killed after the files are
@@ -607,6 +930,23 @@ fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
 
     // 1. Killed mid-removal: once the anchor is set and some records are gone.
     let mut child = spawn(&data);
+    // Meanwhile, a second run on the same output stops at once: the first holds the lock
+    // from before it writes the partial file until it ends.
+    let partial = out_dir.path().join("crash.jsonl.partial");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !partial.exists() && !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (ok, out, err) = archive(&data, "15001", &file);
+    assert!(!ok, "a second run went ahead: {out}");
+    assert!(
+        err.contains("another `audit archive` run is writing"),
+        "{err}"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < deadline, "the removal never started");
@@ -653,7 +993,6 @@ fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
     std::fs::remove_file(&file).unwrap();
     std::fs::remove_file(file.with_extension("jsonl.anchor.json")).unwrap();
     let mut child = spawn(data2.path());
-    let partial = out_dir.path().join("crash.jsonl.partial");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !partial.exists() && !file.exists() {
         assert!(
@@ -664,6 +1003,8 @@ fn a_crash_at_any_point_leaves_a_verifiable_log_and_a_rerun_finishes() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    // Its lock file stays behind, unlocked: it does not stop the run that finishes.
+    assert!(out_dir.path().join("crash.jsonl.lock").exists());
     let (ok, text) = verify(data2.path());
     assert!(ok, "{text}");
     let (ok, out, err) = archive(data2.path(), "15001", &file);
@@ -878,6 +1219,15 @@ fn archive_on_postgres() {
         rt.block_on(client.batch_execute(&format!("SET search_path TO {schema}; {sql}")))
             .unwrap()
     };
+    // The archived records' time marks went with them.
+    let marks: i64 = rt
+        .block_on(client.query_one(
+            &format!("SELECT count(*) FROM {schema}.audit_time_marks WHERE seq <= 311"),
+            &[],
+        ))
+        .unwrap()
+        .get(0);
+    assert_eq!(marks, 0);
     // Each change committed (verify runs in another process), then undone.
     exec("UPDATE audit_anchor SET puts = 0");
     let (ok, text) = verify_pg();

@@ -13,6 +13,10 @@
 //! written to an archive file; [`AuditLog::audit_prune`] then removes them, a bounded batch
 //! per call, so that neither backend's writers wait long. Records at or before the anchor that
 //! are still there (a removal cut short) are outside the log: verify starts after the anchor.
+//! The stored anchor is an [`Anchor`] (version 1: the end only). It does not need the start
+//! that an archive file's [`ArchiveAnchor`] carries: it marks where the kept log starts, which
+//! is all `audit verify` asks of it, and each move goes on from the one before by
+//! compare-and-swap; the archived records it once followed are gone from the store anyway.
 //!
 //! The store never sees a value: an [`Event`] has no field that could hold one.
 
@@ -21,8 +25,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use strongroom_audit::{
-    is_counted_put, record_hash, Anchor, Event, Head, HeadKey, Record, Verifier, VerifyError,
-    GENESIS,
+    is_counted_put, record_hash, Anchor, ArchiveAnchor, Event, Head, HeadKey, Record, Verifier,
+    VerifyError, GENESIS,
 };
 use time::OffsetDateTime;
 
@@ -62,8 +66,8 @@ pub struct AuditFilter {
 pub struct Pruned {
     /// Records removed by this call.
     pub records: u64,
-    /// Whether nothing at or before the anchor is left to remove (records, and on SQLite
-    /// the deferred index entries).
+    /// Whether nothing at or before the anchor is left to remove (records, their time
+    /// marks, and on SQLite the deferred index entries).
     pub done: bool,
 }
 
@@ -146,7 +150,8 @@ pub trait AuditLog: Send + Sync + Debug {
     ) -> Result<(), StoreError>;
 
     /// Removes up to `limit` (clamped to 1 to [`MAX_APPEND_BATCH`]) of the records at or
-    /// before the anchor, lowest first, in one short transaction, once the anchor's MAC
+    /// before the anchor, lowest first, and up to `limit` of the time marks at or before the
+    /// last record removed (see `TimeIndex`), in one short transaction, once the anchor's MAC
     /// verifies under `key`; when none are left, SQLite also removes the deferred index
     /// entries of `seq` up to the anchor (in short write jobs). Call it until
     /// [`Pruned::done`].
@@ -175,6 +180,14 @@ pub(crate) const MAX_QUERY_LIMIT: u32 = 1000;
 /// after `until + lag`: a range that holds the matches plus the lag's worth of records on
 /// either side. The result is exact whatever the clocks did; a large lag only widens the
 /// range scanned.
+///
+/// Any mark bounds exactly, not only the nearest: for a mark `(k, s)`, the records before `s`
+/// all have `M` before second `k`, and those from `s` on have `M` in `k` or later. So a
+/// query with no mark at or before `since` starts at `seq` 0, and one with no mark at or
+/// after `until + lag` ends at the last `seq` (both backends): wider, never missing a
+/// record. That is why [`AuditLog::audit_prune`] may remove the marks of the records it
+/// removes (a mark there can only bound a range that holds no stored record) in the same
+/// transactions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct TimeIndex {
     /// `M` at the last record indexed; `None` before the first.

@@ -65,6 +65,10 @@ impl TestBackend for PgBackend {
             .testing_set_schema_version(version)
             .await
     }
+
+    async fn raw_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.helper().await?.testing_audit_time_marks().await
+    }
 }
 
 static SKIP_NOTICE: Once = Once::new();

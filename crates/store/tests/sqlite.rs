@@ -49,6 +49,13 @@ impl TestBackend for SqliteBackend {
         }
         SqliteStore::testing_set_schema_version(&self.path(), version)
     }
+
+    async fn raw_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        let store = SqliteStore::open(self.path(), SqliteOptions::default()).await?;
+        let marks = store.testing_audit_time_marks().await;
+        store.close().await;
+        marks
+    }
 }
 
 async fn backend() -> Option<Box<dyn TestBackend>> {

@@ -9,15 +9,21 @@
 //! 2. the cut `N` is chosen (see [`cut`]); always below the head, so the record the head names
 //!    (at least this run's own `started` record) stays;
 //! 3. records after the current anchor up to `N` are read, verified as a chain going on from
-//!    the anchor, and written to `FILE.partial`; the anchor MAC'd by the head key (counting
-//!    the `put`s) to `FILE.anchor.json.partial`; both are fsynced, renamed into place (the
-//!    anchor file first) and the directory fsynced;
+//!    the anchor, and written to `FILE.partial`; the file's anchor (version 2: where the file
+//!    starts and ends, counting the `put`s, MAC'd by the head key) to
+//!    `FILE.anchor.json.partial`; both are fsynced, renamed into place (the anchor file
+//!    first) and the directory fsynced;
 //! 4. only then the store's anchor moves to `N` (one transaction, by compare-and-swap); from
 //!    then on `audit verify` starts after it, so records up to `N` still there are outside
 //!    the log;
 //! 5. they are removed in bounded batches (each a short transaction), then, on SQLite, their
 //!    deferred index entries;
 //! 6. an `audit.archive` `ok` (or `error`) record is appended.
+//!
+//! The whole run holds an exclusive lock (`flock`) on `FILE.lock` beside the output, so that
+//! two runs with the same `--output` never write the same `FILE.partial`: the second stops
+//! before it records or writes anything. The kernel drops the lock when a run dies, so a
+//! crashed run's leftovers never block the run that finishes it.
 //!
 //! A crash before 4 leaves the log as it was (the files are only copies); one after 4
 //! leaves records that the next run removes. Run again with the same `--output`, the command
@@ -30,13 +36,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use strongroom_store::audit::{is_counted_put, Anchor, HeadKey, Record, Verifier};
+use strongroom_store::audit::{
+    is_counted_put, Anchor, ArchiveAnchor, HeadKey, Record, Verifier, GENESIS,
+};
 use strongroom_store::AuditLog;
 use time::OffsetDateTime;
 
 use super::{Failure, OperatorTarget};
 use crate::error::CliError;
-use crate::output::outln;
+use crate::output::{errln, outln};
 
 /// Records read per batch.
 const READ_BATCH: u32 = 4096;
@@ -110,6 +118,81 @@ fn partial_path(file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// `FILE.lock`: a run that writes `FILE` holds an exclusive lock on it throughout.
+pub fn lock_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// The lock of a run on its output; the lock file goes when the run ends.
+struct OutputLock {
+    path: PathBuf,
+    // Held (and so locked) until dropped.
+    _file: std::fs::File,
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked: a run that opened it meanwhile either fails to lock it
+        // now or, once it gets the lock, finds it no longer at the path and takes a new one
+        // (see `lock_output`). A crash leaves it; the next run locks it as any other.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes the exclusive lock on `FILE.lock`, or fails at once when another run holds it.
+fn lock_output(file: &Path) -> Result<OutputLock, Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let path = lock_path(file);
+    let io = |e: std::io::Error| {
+        op(format!(
+            "cannot lock {} for {}: {e}",
+            path.display(),
+            file.display()
+        ))
+    };
+    // A few tries: each one can only lose to a run that ended (and removed the file)
+    // between our open and our lock.
+    for _ in 0..5 {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(op(format!(
+                    "another `audit archive` run is writing {} (it holds {}): nothing was \
+                     done; wait for it to end (if it stops, run the same command again)",
+                    file.display(),
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // Still the file at the path (not one a finished run removed after we opened it)?
+        let held = f.metadata().map_err(io)?;
+        match std::fs::metadata(&path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                return Ok(OutputLock { path, _file: f });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Err(op(format!(
+        "cannot lock {} for {}: other runs keep replacing it",
+        path.display(),
+        file.display()
+    )))
+}
+
 fn bar(len: u64, what: &str) -> Option<ProgressBar> {
     std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(len);
@@ -128,6 +211,12 @@ pub async fn run(args: ArchiveArgs) -> Result<(), Failure> {
     if args.batch == 0 || args.batch > 4096 {
         return Err(CliError::Usage("--batch must be 1 to 4096".into()).into());
     }
+    // Before anything is recorded or written; held until the run's last record is in.
+    let _lock = if args.dry_run {
+        None
+    } else {
+        Some(lock_output(&args.output)?)
+    };
     let backends = args.target.open_existing().await?;
     let result = archive(&backends, &args).await;
     if !args.dry_run {
@@ -401,10 +490,13 @@ async fn write_archive(
         .map_err(io("cannot write the archive file (fsync)"))?;
     drop(out);
     let new = key.anchor(n, verifier.last_hash(), puts);
+    // The file's anchor also MACs where the file starts: after the stored anchor.
+    let from_hash = anchor.map_or(GENESIS, |a| a.hash);
+    let file_anchor = key.archive_anchor(after + 1, from_hash, &new);
     let anchor_file = anchor_path(file);
     let anchor_partial = partial_path(&anchor_file);
     let mut a = create_private(&anchor_partial).map_err(io("cannot create the anchor file"))?;
-    let text = serde_json::to_string(&new).map_err(op)?;
+    let text = serde_json::to_string(&file_anchor).map_err(op)?;
     writeln!(a, "{text}").map_err(io("cannot write the anchor file"))?;
     a.sync_all()
         .map_err(io("cannot write the anchor file (fsync)"))?;
@@ -439,7 +531,7 @@ fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor,
         .and_then(|()| sync(&anchor_path(file)))
         .and_then(|()| sync_dir(file))
         .map_err(CliError::io("cannot sync the archive file"))?;
-    let target = checked.anchor;
+    let target = checked.end;
     let after = anchor.map_or(0, |a| a.seq);
     if anchor == Some(&target) {
         return Ok(target);
@@ -451,8 +543,7 @@ fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor,
         )));
     }
     // The anchor was never set: the file must go on from the stored one.
-    let (start_seq, start_hash) =
-        anchor.map_or((0, strongroom_store::audit::GENESIS), |a| (a.seq, a.hash));
+    let (start_seq, start_hash) = anchor.map_or((0, GENESIS), |a| (a.seq, a.hash));
     let start_puts = anchor.map_or(0, |a| a.puts);
     if checked.first_after != (start_seq, start_hash) || start_puts + checked.puts != target.puts {
         return Err(refuse(format!(
@@ -500,8 +591,12 @@ async fn prune(
 /// What [`verify_file`] found.
 #[derive(Debug)]
 pub struct CheckedFile {
-    /// The anchor beside the file (MAC verified; the file ends at it).
-    pub anchor: Anchor,
+    /// Where the file ends, as the store keeps it (a version 1 anchor under the head key):
+    /// the file's own anchor when it is version 1, else made from its version 2 anchor once
+    /// that verified.
+    pub end: Anchor,
+    /// Whether the anchor file also MACs where the file starts (version 2).
+    pub start_checked: bool,
     /// Where the file starts: after this record, with this hash (`(0, GENESIS)` from the
     /// start of the log).
     pub first_after: (u64, [u8; 32]),
@@ -511,47 +606,107 @@ pub struct CheckedFile {
     pub puts: u64,
 }
 
-/// Checks an archive file on its own: one record per line, numbered without gaps, each
-/// hashing to its hash and chained to the one before (from the start of the log: the first
-/// follows [`GENESIS`](strongroom_store::audit::GENESIS)), and ending at the anchor in
-/// `FILE.anchor.json`, whose MAC verifies under the log's head key.
-///
-/// # Errors
-///
-/// A message naming the first problem (line and record).
-pub fn verify_file(file: &Path, key: &HeadKey) -> Result<CheckedFile, String> {
-    let anchor_file = anchor_path(file);
-    let text = std::fs::read_to_string(&anchor_file)
+/// An anchor file as `audit archive` wrote it: version 2 now, version 1 before anchors
+/// covered the start (still read, so that older archives stay verifiable).
+enum FileAnchor {
+    V1(Anchor),
+    V2(ArchiveAnchor),
+}
+
+fn read_anchor_file(anchor_file: &Path, key: &HeadKey) -> Result<FileAnchor, String> {
+    let text = std::fs::read_to_string(anchor_file)
         .map_err(|e| format!("{}: {e}", anchor_file.display()))?;
-    let anchor: Anchor = serde_json::from_str(text.trim()).map_err(|_| {
+    let not_ours = || {
         format!(
             "{}: not an anchor written by `audit archive`",
             anchor_file.display()
         )
-    })?;
-    if !key.check_anchor(&anchor) {
+    };
+    let value: serde_json::Value = serde_json::from_str(text.trim()).map_err(|_| not_ours())?;
+    // Each version refuses the other's fields, so a file is read as one of them only.
+    let anchor = match value.get("version") {
+        None => FileAnchor::V1(serde_json::from_value(value).map_err(|_| not_ours())?),
+        Some(v) if v.as_u64() == Some(u64::from(ArchiveAnchor::VERSION)) => {
+            FileAnchor::V2(serde_json::from_value(value).map_err(|_| not_ours())?)
+        }
+        Some(_) => {
+            return Err(format!(
+                "{}: an anchor version this build of Strongroom does not read",
+                anchor_file.display()
+            ))
+        }
+    };
+    let genuine = match &anchor {
+        FileAnchor::V1(a) => key.check_anchor(a),
+        FileAnchor::V2(a) => key.check_archive_anchor(a),
+    };
+    if !genuine {
         return Err(format!(
             "{}: the anchor's MAC does not verify (forged or edited, or another log's)",
             anchor_file.display()
         ));
     }
+    Ok(anchor)
+}
+
+/// Checks an archive file on its own: one record per line, numbered without gaps, each
+/// hashing to its hash and chained to the one before, and ending at the anchor in
+/// `FILE.anchor.json`, whose MAC verifies under the log's head key. A version 2 anchor also
+/// names where the file starts: the first record must be the one it names and chain from
+/// the hash it names. A version 1 anchor does not: the file starts wherever its first line
+/// says ([`CheckedFile::start_checked`] is false).
+///
+/// # Errors
+///
+/// A message naming the first problem (line and record).
+pub fn verify_file(file: &Path, key: &HeadKey) -> Result<CheckedFile, String> {
+    let anchor = read_anchor_file(&anchor_path(file), key)?;
+    let (end, start) = match anchor {
+        FileAnchor::V1(a) => (a, None),
+        FileAnchor::V2(a) => {
+            // Genuine, so written by `audit archive`; still never trusted to be sane.
+            if a.from_seq == 0 || a.from_seq > a.seq {
+                return Err(format!(
+                    "{}: the anchor names no record",
+                    anchor_path(file).display()
+                ));
+            }
+            (
+                key.anchor(a.seq, a.hash, a.puts),
+                Some((a.from_seq - 1, a.from_hash)),
+            )
+        }
+    };
     let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut verifier: Option<Verifier> = None;
-    let mut first_after = (0, strongroom_store::audit::GENESIS);
+    let mut first_after = start.unwrap_or((0, GENESIS));
     let (mut records, mut puts) = (0u64, 0u64);
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| format!("{}: {e}", file.display()))?;
         let r: Record = serde_json::from_str(&line)
             .map_err(|_| format!("line {}: not an audit record", i + 1))?;
-        let v = verifier.get_or_insert_with(|| {
-            let start = r.seq.saturating_sub(1);
-            first_after = (start, r.prev_hash);
-            if start == 0 {
-                Verifier::new()
+        if verifier.is_none() {
+            if let Some((after, hash)) = start {
+                if r.seq != after + 1 {
+                    return Err(format!(
+                        "line 1: the file starts at record {} but its anchor says it starts at \
+                         record {} (records cut off or added at the start)",
+                        r.seq,
+                        after + 1
+                    ));
+                }
+                if r.prev_hash != hash {
+                    return Err(format!(
+                        "line 1: record {} does not chain from the hash its anchor starts from \
+                         (the start was replaced, e.g. by another archive's records)",
+                        r.seq
+                    ));
+                }
             } else {
-                Verifier::after(start, r.prev_hash)
+                first_after = (r.seq.saturating_sub(1), r.prev_hash);
             }
-        });
+        }
+        let v = verifier.get_or_insert_with(|| Verifier::after(first_after.0, first_after.1));
         v.push(&r).map_err(|e| format!("line {}: {e}", i + 1))?;
         records += 1;
         if is_counted_put(&r) {
@@ -561,19 +716,20 @@ pub fn verify_file(file: &Path, key: &HeadKey) -> Result<CheckedFile, String> {
     let Some(v) = verifier else {
         return Err(format!("{}: holds no record", file.display()));
     };
-    if v.count() != anchor.seq || v.last_hash() != anchor.hash {
+    if v.count() != end.seq || v.last_hash() != end.hash {
         return Err(format!(
             "the file ends at record {} but its anchor names record {} (truncated, extended or \
              rewritten)",
             v.count(),
-            anchor.seq
+            end.seq
         ));
     }
-    if puts > anchor.puts {
+    if puts > end.puts {
         return Err("the file holds more puts than its anchor counts".into());
     }
     Ok(CheckedFile {
-        anchor,
+        end,
+        start_checked: start.is_some(),
         first_after,
         records,
         puts,
@@ -601,13 +757,28 @@ pub async fn verify_file_command(target: &OperatorTarget, file: &Path) -> Result
             hex::encode(hash)
         )
     };
+    let checks = if checked.start_checked {
+        "chain verified from the start to the end its anchor names (MAC verified)"
+    } else {
+        "chain verified and ends at its anchor (MAC verified; a version 1 anchor, which does \
+         not cover the start)"
+    };
     outln!(
-        "archive OK: {} records, {}..{}, {origin}; chain verified and ends at its anchor \
-         (hash {}, MAC verified)",
+        "archive OK: {} records, {}..{}, {origin}; {checks}, anchor hash {}",
         checked.records,
         start + 1,
-        checked.anchor.seq,
-        hex::encode(checked.anchor.hash)
+        checked.end.seq,
+        hex::encode(checked.end.hash)
     )?;
+    if !checked.start_checked {
+        errln!(
+            "warning: {} is a version 1 anchor (written before anchors covered the start of \
+             the file): a file with its first records cut off still verifies. Check that the \
+             file goes on after record 0 if it is the first archive, else after the seq and \
+             hash in the previous archive's anchor file. `audit archive` now writes version 2 \
+             anchors: a version 1 anchor beside a newer archive was replaced.",
+            anchor_path(file).display()
+        );
+    }
     Ok(())
 }

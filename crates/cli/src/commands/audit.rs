@@ -38,8 +38,10 @@ pub enum AuditCommand {
         #[arg(long, value_name = "FILE", conflicts_with = "file")]
         expect_head: Option<PathBuf>,
         /// Check an archive file written by `audit archive` instead of the log: its chain,
-        /// and that it ends at the anchor in FILE.anchor.json, whose MAC the store's audit
-        /// head key must verify.
+        /// and that it starts and ends where the anchor in FILE.anchor.json says (its first
+        /// record and the hash that record chains from, its last record), whose MAC the
+        /// store's audit head key must verify. An anchor written before anchors covered the
+        /// start (version 1) names only the end: a warning says so.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
     },
@@ -57,9 +59,11 @@ pub enum AuditCommand {
         long_about = "Move the older part of the log to a file and remove it from the store, \
 keeping the rest verifiable. Safe while servers run.\n\n\
 Writes every record up to the cut (see --before) to FILE, in the format of `audit export` \
-(one JSON record per line), verifying the chain as it goes, and the anchor (the last \
-archived record's seq and hash, and how many puts the log held up to it, with a MAC under \
-the audit head key) to FILE.anchor.json. Both are fsynced before the store changes. Then the \
+(one JSON record per line), verifying the chain as it goes, and the anchor to \
+FILE.anchor.json: where the file starts (its first record's seq and the hash that record \
+chains from: the previous archive's last hash) and ends (the last archived record's seq and \
+hash), and how many puts the log held up to its end, with a MAC under the audit head key over \
+all of them. Both are fsynced before the store changes. Then the \
 log is anchored after the last archived record, and the archived records are removed from the \
 store in short transactions (--batch records each), with, on SQLite, their entries in the \
 audit query indexes. `audit verify` then checks the log from the anchor on; `audit verify \
@@ -70,8 +74,9 @@ only nearly (several nodes, clock steps), so a few records just before the cut m
 after TIME; no record older than TIME stays. The newest record is never archived (the chain \
 head names it).\n\n\
 Interrupted (killed, a crash, the store gone), the log still verifies: run the same command \
-again, with the same --output, and it finishes. Recorded in the log as `audit.archive` \
-(started, then ok or error).",
+again, with the same --output, and it finishes. A run holds a lock on FILE.lock throughout: \
+a second run with the same --output meanwhile stops at once, recording and writing nothing. \
+Recorded in the log as `audit.archive` (started, then ok or error).",
         after_help = "Examples:\n  strongroom audit archive --config /etc/strongroom/strongroom.toml \
         --before 2026-01-01T00:00:00Z --output /archive/audit-2025.jsonl\n  \
         strongroom audit archive --data-dir ./strongroom-data --before 100000 --output old.jsonl --dry-run"

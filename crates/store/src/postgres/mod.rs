@@ -1650,6 +1650,25 @@ impl Store for PostgresStore {
 
 #[cfg(feature = "testing")]
 impl PostgresStore {
+    /// Test hook: every audit time mark `(second, seq)`, in `second` order.
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        let client = self.client().await?;
+        client
+            .query(
+                "SELECT second, seq FROM audit_time_marks ORDER BY second",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
+            .collect()
+    }
+
     /// Test hook: reads a version's `(sealed_value, wrapped_key)` columns straight from the
     /// table (`None` if there is no such row).
     ///
@@ -2306,17 +2325,38 @@ impl crate::audit::AuditLog for PostgresStore {
                 });
             };
             crate::audit::checked_anchor(&key, Some(&anchor))?;
-            let removed = tx
+            let upto = crate::audit::seq_param(anchor.seq);
+            let row = tx
+                .query_one(
+                    "WITH gone AS (DELETE FROM audit_records WHERE seq IN \
+                     (SELECT seq FROM audit_records WHERE seq <= $1 ORDER BY seq LIMIT $2) \
+                     RETURNING seq) SELECT count(*), max(seq) FROM gone",
+                    &[&upto, &limit],
+                )
+                .await
+                .map_err(pg_err)?;
+            let removed: i64 = row.try_get(0).map_err(pg_err)?;
+            let highest: Option<i64> = row.try_get(1).map_err(pg_err)?;
+            // The removed records' time marks, in the same transaction: records go lowest
+            // first, so none is left below the highest removed, and none at or before the
+            // anchor after a short batch. (Not `min(seq)` of the rest: it would walk the
+            // index entries of every record removed since the last vacuum.)
+            let gone = match highest {
+                Some(h) if removed == limit => h,
+                _ => upto,
+            };
+            let marks = tx
                 .execute(
-                    "DELETE FROM audit_records WHERE seq IN \
-                     (SELECT seq FROM audit_records WHERE seq <= $1 ORDER BY seq LIMIT $2)",
-                    &[&crate::audit::seq_param(anchor.seq), &limit],
+                    "DELETE FROM audit_time_marks WHERE seq <= $1 AND second <= \
+                     (SELECT max(second) FROM \
+                      (SELECT second FROM audit_time_marks ORDER BY second LIMIT $2) AS oldest)",
+                    &[&gone, &limit],
                 )
                 .await
                 .map_err(pg_err)?;
             Ok(crate::audit::Pruned {
-                records: removed,
-                done: (removed as i64) < limit,
+                records: u64::try_from(removed).unwrap_or(0),
+                done: removed < limit && (marks as i64) < limit,
             })
         }
         .await;

@@ -1896,6 +1896,31 @@ impl SqliteStore {
         .map_err(join_err)?
     }
 
+    /// Test hook: every audit time mark `(second, seq)`, in `second` order, read straight
+    /// from the file.
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(db_err)?;
+            let mut stmt = conn
+                .prepare("SELECT second, seq FROM audit_time_marks ORDER BY second")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db_err)?
+                .collect::<Result<Vec<(i64, i64)>, _>>()
+                .map_err(db_err);
+            rows
+        })
+        .await
+        .map_err(join_err)?
+    }
+
     /// Test hook: overwrites the recorded schema version of the database at `path` (to test
     /// the refusal of a schema that is too new).
     ///
@@ -2626,6 +2651,19 @@ impl AuditQuerySql {
     }
 }
 
+/// Removes the oldest time marks, at most `?2`, of records at or before `?1`: a range of the
+/// key (`second`, the rowid), read in order, never the whole table.
+const PRUNE_TIME_MARKS: &str = "DELETE FROM audit_time_marks WHERE seq <= ?1 AND second <= \
+     (SELECT max(second) FROM (SELECT second FROM audit_time_marks ORDER BY second LIMIT ?2))";
+
+/// How far a prune has removed records, from how far it may (`upto`) and the lowest record
+/// still stored (`kept`): records go lowest first, so every record below `kept` is gone. The
+/// time marks at or before it go with them: they can only bound ranges that hold no stored
+/// record (see [`crate::audit::TimeIndex`]).
+fn removed_upto(upto: i64, kept: Option<i64>) -> i64 {
+    kept.map_or(upto, |k| upto.min(k.saturating_sub(1)))
+}
+
 /// The `seq` range that holds every indexed record in `[since, until)` (see
 /// [`crate::audit::TimeIndex`]).
 fn time_seq_bounds(
@@ -2870,21 +2908,35 @@ impl crate::audit::AuditLog for SqliteStore {
                     .map_err(db_err)?
                     .execute(params![upto, limit])
                     .map_err(db_err)?;
+                // The removed records' time marks, in the same transaction. (An index run that
+                // read the records before they went may plant some again: they still bound
+                // queries exactly, and the next prune removes them.)
+                let kept: Option<i64> = conn
+                    .prepare_cached("SELECT min(seq) FROM audit_records")
+                    .map_err(db_err)?
+                    .query_row([], |r| r.get(0))
+                    .map_err(db_err)?;
+                let gone = removed_upto(upto, kept);
+                let marks = conn
+                    .prepare_cached(PRUNE_TIME_MARKS)
+                    .map_err(db_err)?
+                    .execute(params![gone, limit])
+                    .map_err(db_err)?;
                 let swept: i64 = conn
                     .prepare_cached("SELECT swept_upto FROM audit_anchor WHERE id = 1")
                     .map_err(db_err)?
                     .query_row([], |r| r.get(0))
                     .map_err(db_err)?;
-                Ok(Some((removed as u64, upto, swept)))
+                Ok(Some((removed as u64, marks as i64, upto, swept)))
             })
             .await?;
-        let Some((removed, upto, swept)) = step else {
+        let Some((removed, marks, upto, swept)) = step else {
             return Ok(crate::audit::Pruned {
                 records: 0,
                 done: true,
             });
         };
-        if removed as i64 == limit {
+        if removed as i64 == limit || marks == limit {
             return Ok(crate::audit::Pruned {
                 records: removed,
                 done: false,
@@ -2959,6 +3011,13 @@ mod tests {
         assert!(
             count.contains("SEARCH credentials USING INDEX") && count.contains("(owner=?)"),
             "{count}"
+        );
+        // A prune's time marks: a range of the key, its bound read off the key in order.
+        let marks = plan(&store, PRUNE_TIME_MARKS).await;
+        assert!(
+            marks.contains("SEARCH audit_time_marks USING INTEGER PRIMARY KEY (rowid<?)")
+                && !marks.contains("TEMP B-TREE"),
+            "{marks}"
         );
     }
 

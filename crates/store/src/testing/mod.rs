@@ -41,6 +41,10 @@ pub trait TestBackend: Send + Sync {
     /// Overwrites the schema version recorded in the database (every store opened before
     /// has been dropped).
     async fn set_schema_version(&self, version: u32) -> Result<(), StoreError>;
+
+    /// Every audit time mark `(second, seq)` in the database, in `second` order, read
+    /// straight from its table.
+    async fn raw_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError>;
 }
 
 /// What a backend's `testing_bulk_load` inserts: credential `i` (for `i` in
@@ -107,6 +111,7 @@ macro_rules! conformance_tests {
             audited_put_is_one_transaction,
             audited_change_is_one_transaction,
             audit_archive_anchor_and_prune,
+            audit_prune_removes_time_marks_and_queries_stay_exact,
             quota_counts_live_credentials_per_owner,
             quota_holds_under_racing_creates,
             credential_versions_come_in_pages,

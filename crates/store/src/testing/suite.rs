@@ -1484,14 +1484,8 @@ pub async fn audit_query_by_time_and_owner_is_exact(b: &dyn TestBackend) {
     check_queries(&*log, &times, base, 6).await;
 }
 
-/// Compares pages of `audit_query` with a filter over every record, for windows around
-/// `times` (milliseconds after `base`) and owner, name and principal filters.
-async fn check_queries(
-    log: &dyn crate::AuditLog,
-    times: &[i64],
-    base: OffsetDateTime,
-    round: usize,
-) {
+/// Every stored record, in `seq` order.
+async fn audit_scan_all(log: &dyn crate::AuditLog) -> Vec<crate::audit::Record> {
     let mut all = Vec::new();
     let mut after = 0;
     loop {
@@ -1500,7 +1494,20 @@ async fn check_queries(
         after = last.seq;
         all.extend(page);
     }
-    all.reverse(); // newest first
+    all
+}
+
+/// A time window of an audit query: `(since, until)`.
+type Window = (Option<OffsetDateTime>, Option<OffsetDateTime>);
+
+/// Compares pages of `audit_query` with a filter over every record, for windows around
+/// `times` (milliseconds after `base`) and owner, name and principal filters.
+async fn check_queries(
+    log: &dyn crate::AuditLog,
+    times: &[i64],
+    base: OffsetDateTime,
+    round: usize,
+) {
     let at = |ms: i64| base + Duration::milliseconds(ms);
     let mut windows = vec![(None, None)];
     for (k, &t) in times.iter().enumerate().step_by(61 + round) {
@@ -1512,7 +1519,15 @@ async fn check_queries(
         windows.push((Some(at(t - t.rem_euclid(1000))), Some(at(t + 1))));
         windows.push((Some(at(t)), Some(at(t))));
     }
-    for (since, until) in windows {
+    check_windows(log, &windows, round).await;
+}
+
+/// Compares pages of `audit_query` with a filter over every stored record, for `windows`
+/// and owner, name and principal filters.
+async fn check_windows(log: &dyn crate::AuditLog, windows: &[Window], round: usize) {
+    let mut all = audit_scan_all(log).await;
+    all.reverse(); // newest first
+    for &(since, until) in windows {
         for (owner, name, principal) in [
             (None, None, None),
             (Some("alice"), None, None),
@@ -1948,6 +1963,176 @@ pub async fn audit_archive_anchor_and_prune(b: &dyn TestBackend) {
     assert_eq!(log2.audit_anchor().await.unwrap(), Some(second));
     assert_eq!(log2.audit_scan(0, 1).await.unwrap()[0].seq, 71);
     assert_eq!(audit_verify_all(&*log2, &key).await, Ok(101));
+}
+
+/// Asserts two lists of time marks are equal, saying briefly how they differ.
+#[track_caller]
+fn assert_marks(got: &[(i64, i64)], want: &[(i64, i64)], what: &str) {
+    let differ = got.iter().zip(want).position(|(g, w)| g != w);
+    assert!(
+        got == want,
+        "{what}: {} marks, want {}; first {:?} and {:?}; first difference at {differ:?}",
+        got.len(),
+        want.len(),
+        got.first(),
+        want.first()
+    );
+}
+
+/// Pruning removes the time marks of the records it removes, in the same transactions, and
+/// time-bounded queries stay exact: before, inside and after the pruned range, part-way
+/// through and at the end, with kept records whose times lie in the pruned range (a clock
+/// stepped back, requests that finished late) and queries whose bounds find no mark.
+pub async fn audit_prune_removes_time_marks_and_queries_stay_exact(b: &dyn TestBackend) {
+    use crate::audit::{is_counted_put, TimeIndex};
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    let key = sealed_key(&*log, 9).await;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let owners = ["alice", "bob", "carol"];
+    let names = ["zoom.key", "github.token"];
+    let base = t0();
+    let (mut clock_ms, mut times) = (0i64, Vec::new());
+    let event = |i: u64, t: i64, next: &mut dyn FnMut(u64) -> u64| {
+        let action = if next(5) == 0 { "put" } else { "reveal" };
+        let mut e = audit_event(i, owners[next(3) as usize], names[next(2) as usize], action);
+        e.time = base + Duration::milliseconds(t);
+        e
+    };
+    // Many seconds: about one record a second, a late one now and then, quiet stretches.
+    for _ in 0..3 {
+        let mut events = Vec::new();
+        for _ in 0..300 {
+            clock_ms += next(1_500) as i64;
+            if next(50) == 0 {
+                clock_ms += 5_000 + next(20_000) as i64;
+            }
+            let mut t = clock_ms;
+            if next(8) == 0 {
+                t -= next(3_000) as i64;
+            }
+            times.push(t);
+            events.push(event(times.len() as u64, t, &mut next));
+        }
+        log.audit_append(key.clone(), events).await.unwrap();
+    }
+    check_queries(&*log, &times, base, 0).await; // also brings SQLite's marks up to date
+    let records = audit_scan_all(&*log).await;
+    // The marks are those of the records, one per second the running maximum entered.
+    let mut index = TimeIndex::default();
+    let mut want = Vec::new();
+    for r in &records {
+        let ms = crate::types::to_millis(r.event.time).unwrap();
+        index.advance(r.seq as i64, ms, &mut want);
+    }
+    let before = b.raw_audit_time_marks().await.unwrap();
+    assert_marks(&before, &want, "before pruning");
+    assert!(before.len() > 300, "{} marks", before.len());
+
+    let cut = 450u64;
+    let puts = records[..cut as usize]
+        .iter()
+        .filter(|r| is_counted_put(r))
+        .count() as u64;
+    log.audit_set_anchor(
+        key.clone(),
+        0,
+        key.anchor(cut, records[cut as usize - 1].hash, puts),
+    )
+    .await
+    .unwrap();
+    // Setting the anchor removes nothing.
+    assert_marks(&b.raw_audit_time_marks().await.unwrap(), &want, "anchored");
+    let kept_marks = |upto: i64| -> Vec<(i64, i64)> {
+        want.iter().copied().filter(|&(_, s)| s > upto).collect()
+    };
+    let at = |ms: i64| Some(base + Duration::milliseconds(ms));
+    let t_cut = times[cut as usize - 1];
+    let (first, last) = (times[0], *times.last().unwrap());
+    // Before, across and after the cut, and bounds with no mark on their side.
+    let windows: Vec<Window> = vec![
+        (None, at(t_cut)),
+        (at(first), at(t_cut - 60_000)),
+        (at(t_cut - 10_000), at(t_cut + 10_000)),
+        (at(t_cut), None),
+        (at(t_cut + 1), at(last)),
+        (at(first - 3_600_000), at(first - 1)),
+        (at(last + 60_000), None),
+        (None, at(first - 1)),
+        (at(first - 1), at(last + 3_600_000)),
+    ];
+
+    // Part-way: the first batch's records and their marks go together.
+    let mut pruned = 0;
+    let p = log.audit_prune(key.clone(), 16).await.unwrap();
+    assert_eq!(p.records, 16);
+    assert!(!p.done);
+    pruned += p.records;
+    let marks = b.raw_audit_time_marks().await.unwrap();
+    assert_marks(&marks, &kept_marks(16), "after one batch");
+    assert!(marks.len() < before.len());
+    check_windows(&*log, &windows, 1).await;
+    check_queries(&*log, &times, base, 1).await;
+    loop {
+        let p = log.audit_prune(key.clone(), 16).await.unwrap();
+        pruned += p.records;
+        if p.done {
+            break;
+        }
+    }
+    assert_eq!(pruned, cut);
+    assert_eq!(log.audit_scan(0, 1).await.unwrap()[0].seq, cut + 1);
+    let after = b.raw_audit_time_marks().await.unwrap();
+    assert_marks(&after, &kept_marks(cut as i64), "after pruning");
+    assert!(
+        after.len() < before.len() && !after.is_empty(),
+        "{} marks of {}",
+        after.len(),
+        before.len()
+    );
+    check_windows(&*log, &windows, 2).await;
+    check_queries(&*log, &times, base, 2).await;
+
+    // Appends go on: some at times inside the pruned range (a clock stepped back), some
+    // late, some after a jump; every query stays exact.
+    let mut events = Vec::new();
+    for k in 0..120u64 {
+        let t = match k {
+            0 => times[100],
+            1 => first - 10_000,
+            60 => {
+                clock_ms += 30_000;
+                clock_ms
+            }
+            _ => {
+                clock_ms += next(1_500) as i64;
+                clock_ms - next(2) as i64 * next(3_000) as i64
+            }
+        };
+        times.push(t);
+        events.push(event(times.len() as u64, t, &mut next));
+    }
+    log.audit_append(key.clone(), events).await.unwrap();
+    check_windows(&*log, &windows, 3).await;
+    check_queries(&*log, &times, base, 3).await;
+    // The new records' marks are kept beside the old ones (none reappear for pruned ones).
+    let now = b.raw_audit_time_marks().await.unwrap();
+    assert_marks(&now[..after.len()], &after, "after appending");
+    assert!(now.iter().all(|&(_, s)| s > cut as i64));
+    // A prune with nothing left to remove changes nothing.
+    assert!(log.audit_prune(key.clone(), 16).await.unwrap().done);
+    assert_marks(
+        &b.raw_audit_time_marks().await.unwrap(),
+        &now,
+        "pruned again",
+    );
+    assert_eq!(audit_verify_all(&*log, &key).await, Ok(900 + 120));
 }
 
 fn with_quota(owner: &str, name: &str, version: u32, limit: u32) -> NewVersion {
