@@ -339,6 +339,26 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
+/// One row of `sql`, exempt from the session's `statement_timeout`: the pool's and the
+/// connect's own checks must not fail because a limit meant for requests is short and the
+/// database host busy (a 1 ms limit failed them under load).
+async fn query_one_untimed(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    client
+        .batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = 0")
+        .await?;
+    let row = client.query_one(sql, &[]).await;
+    // On an error the transaction is rolled back; the caller's error is the one to report.
+    let end = client
+        .batch_execute(if row.is_ok() { "COMMIT" } else { "ROLLBACK" })
+        .await;
+    let row = row?;
+    end?;
+    Ok(row)
+}
+
 /// A commit with `synchronous_commit = off` is answered before it reaches the server's WAL on
 /// disk, so a crash of the PostgreSQL server could lose a put already answered 201. The
 /// database, the role or the connection string may set it off; each new connection turns it
@@ -348,11 +368,11 @@ fn durable_commits(raised: Arc<std::sync::atomic::AtomicBool>) -> deadpool_postg
     deadpool_postgres::Hook::async_fn(move |client, _| {
         let raised = raised.clone();
         Box::pin(async move {
-            let level: String = client
-                .query_one("SELECT current_setting('synchronous_commit')", &[])
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(deadpool_postgres::HookError::Backend)?;
+            let level: String =
+                query_one_untimed(client, "SELECT current_setting('synchronous_commit')")
+                    .await
+                    .and_then(|row| row.try_get(0))
+                    .map_err(deadpool_postgres::HookError::Backend)?;
             if level == "off" {
                 client
                     .batch_execute("SET synchronous_commit = on")
@@ -505,13 +525,12 @@ impl PostgresStore {
         raised: &std::sync::atomic::AtomicBool,
     ) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT current_setting('fsync'), current_setting('full_page_writes')",
-                &[],
-            )
-            .await
-            .map_err(pg_err)?;
+        let row = query_one_untimed(
+            &client,
+            "SELECT current_setting('fsync'), current_setting('full_page_writes')",
+        )
+        .await
+        .map_err(pg_err)?;
         let (fsync, full_pages): (String, String) = (
             row.try_get(0).map_err(pg_err)?,
             row.try_get(1).map_err(pg_err)?,
