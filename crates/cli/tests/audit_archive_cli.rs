@@ -759,11 +759,13 @@ fn the_start_of_an_archive_is_checked_against_its_anchor() {
     assert!(verify_file(&data, &f2).0);
 }
 
-/// Archives written before anchors covered the start (version 1 anchor files: the store's
-/// anchor row has that form) still verify, with a warning that the start is not checked;
-/// and an interrupted run that left one is still finished by running it again.
+/// A version 1 anchor file (written before anchors covered the start; the store's anchor
+/// row has that form, so anyone who reads the database can make one) is refused by default.
+/// With --accept-version-1-anchor such an archive still verifies, with a warning that the
+/// start is not checked; and an interrupted run that left one is still finished by running
+/// it again.
 #[test]
-fn version_1_anchor_files_still_verify_with_a_warning() {
+fn version_1_anchor_files_are_refused_unless_accepted() {
     let dir = populate(300);
     let data = dir.path().join("data");
     let out_dir = tempfile::tempdir().unwrap();
@@ -775,6 +777,25 @@ fn version_1_anchor_files_still_verify_with_a_warning() {
     let a2_file = f2.with_extension("jsonl.anchor.json");
     std::fs::write(&a2_file, store_anchor_json(&data)).unwrap();
     let (ok, out, err) = run(&["audit", "verify", "--file", f2.to_str().unwrap()], &data);
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("version 1 anchor") && err.contains("--accept-version-1-anchor"),
+        "{err}"
+    );
+    assert!(!out.contains("archive OK"), "{out}");
+    let accepted = |f: &Path| {
+        run(
+            &[
+                "audit",
+                "verify",
+                "--file",
+                f.to_str().unwrap(),
+                "--accept-version-1-anchor",
+            ],
+            &data,
+        )
+    };
+    let (ok, out, err) = accepted(&f2);
     assert!(ok, "{out}{err}");
     assert!(out.contains("archive OK: 100 records, 101..200"), "{out}");
     assert!(out.contains("going on after record 100"), "{out}");
@@ -790,6 +811,8 @@ fn version_1_anchor_files_still_verify_with_a_warning() {
     let l2 = lines(&f2);
     std::fs::write(&f2, l2[5..].join("\n") + "\n").unwrap();
     let (ok, out, err) = run(&["audit", "verify", "--file", f2.to_str().unwrap()], &data);
+    assert!(!ok, "{out}{err}");
+    let (ok, out, err) = accepted(&f2);
     assert!(
         ok && out.contains("going on after record 105"),
         "{out}{err}"

@@ -736,8 +736,14 @@ pub fn verify_file(file: &Path, key: &HeadKey) -> Result<CheckedFile, String> {
     })
 }
 
-/// `audit verify --file FILE`.
-pub async fn verify_file_command(target: &OperatorTarget, file: &Path) -> Result<(), Failure> {
+/// `audit verify --file FILE`. A version 1 anchor is refused unless `accept_version_1`: the
+/// store's own anchor row is a genuine one, so anyone who can read the database could put it
+/// beside an archive whose first records they cut, and only a version 2 anchor shows that.
+pub async fn verify_file_command(
+    target: &OperatorTarget,
+    file: &Path,
+    accept_version_1: bool,
+) -> Result<(), Failure> {
     let backends = target.open_existing().await?;
     let key =
         strongroom_core::audit::load_head_key(backends.store.as_ref(), backends.keyring.as_ref())
@@ -748,6 +754,17 @@ pub async fn verify_file_command(target: &OperatorTarget, file: &Path) -> Result
     })?;
     let checked = verify_file(file, &key)
         .map_err(|e| Failure::from(CliError::Operation(format!("audit verify FAILED: {e}"))))?;
+    if !checked.start_checked && !accept_version_1 {
+        return Err(CliError::Operation(format!(
+            "audit verify FAILED: {} is a version 1 anchor, which does not cover the start of \
+             the file (written before anchors did, or made from the store's own anchor row): \
+             a file with its first records cut off would pass. `audit archive` writes version \
+             2 anchors. To check an archive written before them, pass \
+             --accept-version-1-anchor and check its start by hand",
+            anchor_path(file).display()
+        ))
+        .into());
+    }
     let (start, hash) = checked.first_after;
     let origin = if start == 0 {
         "from the start of the log".to_owned()

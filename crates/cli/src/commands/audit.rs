@@ -41,9 +41,17 @@ pub enum AuditCommand {
         /// and that it starts and ends where the anchor in FILE.anchor.json says (its first
         /// record and the hash that record chains from, its last record), whose MAC the
         /// store's audit head key must verify. An anchor written before anchors covered the
-        /// start (version 1) names only the end: a warning says so.
+        /// start (version 1) names only the end, and is refused unless
+        /// --accept-version-1-anchor is given.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+        /// With --file: also check an archive whose anchor file is version 1 (written before
+        /// anchors covered the start, or made from the store's own anchor row, which has that
+        /// form). Its end and chain are checked; its start is not, so check by hand that the
+        /// file goes on after record 0 (the first archive) or after the seq in the previous
+        /// archive's anchor file.
+        #[arg(long, requires = "file")]
+        accept_version_1_anchor: bool,
     },
     /// Print the chain head (count, hash, mac) as JSON, to keep it somewhere else.
     #[command(after_help = "Example (keep the file away from the store's host):\n  \
@@ -118,12 +126,14 @@ pub fn run(cmd: AuditCommand) -> Result<(), Failure> {
             AuditCommand::Verify {
                 target,
                 file: Some(file),
+                accept_version_1_anchor,
                 ..
-            } => super::archive::verify_file_command(&target, &file).await,
+            } => super::archive::verify_file_command(&target, &file, accept_version_1_anchor).await,
             AuditCommand::Verify {
                 target,
                 expect_head,
                 file: None,
+                ..
             } => verify(&target, expect_head).await,
             AuditCommand::Archive(args) => super::archive::run(args).await,
             AuditCommand::Head { target } => head(&target).await,
