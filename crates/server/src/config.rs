@@ -60,7 +60,7 @@
 //! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
 //! | `limits.max_body_bytes` | 524288 | request body |
 //! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute, counted by each server process (N nodes allow N times this; a restart resets the count) |
-//! | `limits.writes_per_owner_per_minute` | 600 | writes to one owner's credentials per minute (puts, current-version changes, disables, enables, destroys), by the user and services together; more get 429 `rate_limited` with `Retry-After` and write nothing. Bounds how fast one owner can grow the database (every put adds a version row) and take the writer's time from the others. Counted by each server process, as `verify_per_minute`; reveals are not limited (policy governs them) |
+//! | `limits.writes_per_owner_per_minute` | 600 | writes to one owner's credentials per minute (puts, current-version changes, disables, enables, destroys), by the user and services together; more get 429 `rate_limited` with `Retry-After` and write nothing. Bounds how fast one owner can add version rows (a refused write is still recorded in the audit log, as every authenticated request is). Counted by each server process, as `verify_per_minute`; reveals are not limited (policy governs them) |
 //! | `limits.handshake_timeout_seconds` | 10 | TLS handshake; then the start of the first request; then each HTTP/1 head, from its first byte |
 //! | `limits.idle_timeout_seconds` | 60 | a connection with no request in flight for this long is closed (HTTP/1.1 keep-alive and HTTP/2 alike) |
 //! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
