@@ -339,50 +339,99 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
-/// One row of `sql`, exempt from the session's `statement_timeout`: the pool's and the
-/// connect's own checks must not fail because a limit meant for requests is short and the
-/// database host busy (a 1 ms limit failed them under load).
-async fn query_one_untimed(
-    client: &tokio_postgres::Client,
-    sql: &str,
-) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-    client
-        .batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = 0")
-        .await?;
-    let row = client.query_one(sql, &[]).await;
-    // On an error the transaction is rolled back; the caller's error is the one to report.
-    let end = client
-        .batch_execute(if row.is_ok() { "COMMIT" } else { "ROLLBACK" })
-        .await;
-    let row = row?;
-    end?;
-    Ok(row)
+/// What the new connections' setup saw of the server's settings (see [`session_setup`]).
+#[derive(Default)]
+struct SettingsSeen {
+    /// `synchronous_commit` was off, and this store set it on.
+    synchronous_commit_raised: std::sync::atomic::AtomicBool,
+    /// `fsync` is off.
+    fsync_off: std::sync::atomic::AtomicBool,
+    /// `full_page_writes` is off.
+    full_page_writes_off: std::sync::atomic::AtomicBool,
 }
 
-/// A commit with `synchronous_commit = off` is answered before it reaches the server's WAL on
-/// disk, so a crash of the PostgreSQL server could lose a put already answered 201. The
-/// database, the role or the connection string may set it off; each new connection turns it
-/// back on (and sets `raised`). Stronger settings (`remote_write`, `remote_apply`) and
-/// `local` stay as they are.
-fn durable_commits(raised: Arc<std::sync::atomic::AtomicBool>) -> deadpool_postgres::Hook {
+/// Each new connection's setup, before the pool hands it out.
+///
+/// - A commit with `synchronous_commit = off` is answered before it reaches the server's WAL
+///   on disk, so a crash of the PostgreSQL server could lose a put already answered 201. The
+///   database, the role or the connection string may set it off; each new connection turns
+///   it back on. Stronger settings (`remote_write`, `remote_apply`) and `local` stay as they
+///   are. What was seen goes to `seen`, for [`PostgresStore::durability_warnings`].
+/// - `statement_timeout` is set last, so that a short limit meant for requests never fails
+///   the setup itself on a busy host (it once failed a 1 ms limit's connect under load).
+fn session_setup(
+    seen: Arc<SettingsSeen>,
+    statement_timeout: Option<Duration>,
+) -> deadpool_postgres::Hook {
+    use std::sync::atomic::Ordering::Release;
     deadpool_postgres::Hook::async_fn(move |client, _| {
-        let raised = raised.clone();
+        let seen = seen.clone();
         Box::pin(async move {
-            let level: String =
-                query_one_untimed(client, "SELECT current_setting('synchronous_commit')")
-                    .await
-                    .and_then(|row| row.try_get(0))
-                    .map_err(deadpool_postgres::HookError::Backend)?;
-            if level == "off" {
+            let row = client
+                .query_one(
+                    "SELECT current_setting('synchronous_commit'), current_setting('fsync'), \
+                     current_setting('full_page_writes')",
+                    &[],
+                )
+                .await
+                .map_err(deadpool_postgres::HookError::Backend)?;
+            let setting = |i: usize| -> Result<String, deadpool_postgres::HookError> {
+                row.try_get(i)
+                    .map_err(deadpool_postgres::HookError::Backend)
+            };
+            let (sync, fsync, full_pages) = (setting(0)?, setting(1)?, setting(2)?);
+            if sync == "off" {
                 client
                     .batch_execute("SET synchronous_commit = on")
                     .await
                     .map_err(deadpool_postgres::HookError::Backend)?;
-                raised.store(true, std::sync::atomic::Ordering::Release);
+                seen.synchronous_commit_raised.store(true, Release);
+            }
+            seen.fsync_off.store(fsync == "off", Release);
+            seen.full_page_writes_off
+                .store(full_pages == "off", Release);
+            if let Some(t) = statement_timeout {
+                // At least 1 ms: 0 would mean no limit.
+                client
+                    .batch_execute(&format!("SET statement_timeout = {}", t.as_millis().max(1)))
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)?;
             }
             Ok(())
         })
     })
+}
+
+/// What in the server's settings, as the connections' setup saw them, would lose
+/// acknowledged writes on a crash, in words for the operator.
+fn durability_warnings(seen: &SettingsSeen) -> Vec<String> {
+    use std::sync::atomic::Ordering::Acquire;
+    let mut warnings = Vec::new();
+    if seen.synchronous_commit_raised.load(Acquire) {
+        warnings.push(
+            "the PostgreSQL server's synchronous_commit is off for this database, role or \
+             connection string; Strongroom sets it on for each of its sessions, so a write \
+             is acknowledged only once it is in the server's WAL on disk (a transaction \
+             pooler such as pgbouncer hands transactions to other sessions: set it on for \
+             the role or database instead)"
+                .to_owned(),
+        );
+    }
+    if seen.fsync_off.load(Acquire) {
+        warnings.push(
+            "the PostgreSQL server runs with fsync = off: a crash of its host can lose \
+             acknowledged credential versions and audit records, or corrupt the database"
+                .to_owned(),
+        );
+    }
+    if seen.full_page_writes_off.load(Acquire) {
+        warnings.push(
+            "the PostgreSQL server runs with full_page_writes = off: a crash of its host \
+             can corrupt the database"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// The servers a configuration names, as `host:port` (or the socket folder), for errors.
@@ -480,10 +529,6 @@ impl PostgresStore {
         if let Some(schema) = &options.schema {
             settings.push(format!("-c search_path={schema}"));
         }
-        if let Some(t) = options.statement_timeout {
-            // At least 1 ms: 0 would mean no limit.
-            settings.push(format!("-c statement_timeout={}", t.as_millis().max(1)));
-        }
         if !settings.is_empty() {
             config.options(settings.join(" "));
         }
@@ -495,9 +540,9 @@ impl PostgresStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let raised = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(SettingsSeen::default());
         let pool = Pool::builder(manager)
-            .post_create(durable_commits(raised.clone()))
+            .post_create(session_setup(seen.clone(), options.statement_timeout))
             .max_size(options.max_connections.max(1))
             .wait_timeout(Some(options.timeout))
             .create_timeout(Some(options.timeout))
@@ -510,7 +555,8 @@ impl PostgresStore {
             durability: Arc::default(),
         };
         store.migrate(options.create).await.map_err(naming)?;
-        store.durability = Arc::new(store.durability_check(&raised).await?);
+        // The migration took a connection: its setup has seen the settings.
+        store.durability = Arc::new(durability_warnings(&seen));
         Ok(store)
     }
 
@@ -518,49 +564,6 @@ impl PostgresStore {
     /// for the operator (empty when nothing does). Read at connect.
     pub fn durability_warnings(&self) -> &[String] {
         &self.durability
-    }
-
-    async fn durability_check(
-        &self,
-        raised: &std::sync::atomic::AtomicBool,
-    ) -> Result<Vec<String>, StoreError> {
-        let client = self.client().await?;
-        let row = query_one_untimed(
-            &client,
-            "SELECT current_setting('fsync'), current_setting('full_page_writes')",
-        )
-        .await
-        .map_err(pg_err)?;
-        let (fsync, full_pages): (String, String) = (
-            row.try_get(0).map_err(pg_err)?,
-            row.try_get(1).map_err(pg_err)?,
-        );
-        let mut warnings = Vec::new();
-        if raised.load(std::sync::atomic::Ordering::Acquire) {
-            warnings.push(
-                "the PostgreSQL server's synchronous_commit is off for this database, role or \
-                 connection string; Strongroom sets it on for each of its sessions, so a write \
-                 is acknowledged only once it is in the server's WAL on disk (a transaction \
-                 pooler such as pgbouncer hands transactions to other sessions: set it on for \
-                 the role or database instead)"
-                    .to_owned(),
-            );
-        }
-        if fsync == "off" {
-            warnings.push(
-                "the PostgreSQL server runs with fsync = off: a crash of its host can lose \
-                 acknowledged credential versions and audit records, or corrupt the database"
-                    .to_owned(),
-            );
-        }
-        if full_pages == "off" {
-            warnings.push(
-                "the PostgreSQL server runs with full_page_writes = off: a crash of its host \
-                 can corrupt the database"
-                    .to_owned(),
-            );
-        }
-        Ok(warnings)
     }
 
     /// A credential and its versions numbered below `before` (all: `None`), newest first, at
