@@ -17,16 +17,20 @@ use clap::{Parser, Subcommand};
 /// disk, or to `systemd-coredump`'s store, which ignores `RLIMIT_CORE`. Not dumpable also
 /// means that no process of the same user can attach a debugger or read `/proc/PID/mem`
 /// (root still can). Swap is the operator's to disable or encrypt (SECURITY.md).
+/// Both steps are taken whatever the other's outcome (a sandbox may refuse one); the first
+/// error is returned.
 fn protect_memory() -> std::io::Result<()> {
     use rustix::process::{set_dumpable_behavior, setrlimit, DumpableBehavior, Resource, Rlimit};
-    setrlimit(
+    let not_dumpable = set_dumpable_behavior(DumpableBehavior::NotDumpable);
+    let no_core = setrlimit(
         Resource::Core,
         Rlimit {
             current: Some(0),
             maximum: Some(0),
         },
-    )?;
-    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    );
+    not_dumpable?;
+    no_core?;
     Ok(())
 }
 
