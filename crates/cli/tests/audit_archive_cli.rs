@@ -829,6 +829,23 @@ fn version_1_anchor_files_are_refused_unless_accepted() {
         201
     );
     assert!(verify(after_first.path()).0);
+    // Its start checked against the store's anchor, the finished archive now has a version 2
+    // anchor: it verifies without the option, and its start is covered again.
+    let rewritten: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&a2_file).unwrap()).unwrap();
+    assert_eq!(rewritten["version"], 2, "{rewritten}");
+    assert_eq!(rewritten["from_seq"], 101, "{rewritten}");
+    let (ok, out, err) = run(
+        &["audit", "verify", "--file", f2.to_str().unwrap()],
+        after_first.path(),
+    );
+    assert!(ok && !err.contains("warning"), "{out}{err}");
+    std::fs::write(&f2, l2[5..].join("\n") + "\n").unwrap();
+    let (ok, _, err) = run(
+        &["audit", "verify", "--file", f2.to_str().unwrap()],
+        after_first.path(),
+    );
+    assert!(!ok && err.contains("cut off"), "{err}");
 }
 
 /// Holds the exclusive lock a run takes on `FILE.lock`, as a run in progress would.
@@ -1067,11 +1084,11 @@ fn archive_runs_beside_a_serving_server() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     // One owner writes as fast as four clients can: on a fast machine, past the default
-    // write allowance.
+    // put allowance.
     let server = common::dev::start_dev_env(
         &data,
         &[],
-        &[("STRONGROOM_LIMITS__WRITES_PER_OWNER_PER_MINUTE", "1000000")],
+        &[("STRONGROOM_LIMITS__PUTS_PER_OWNER_PER_MINUTE", "1000000")],
     );
     let service = server.export("SERVICE");
     let alice = server.export("ALICE");

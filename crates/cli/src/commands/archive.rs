@@ -492,24 +492,31 @@ async fn write_archive(
     let new = key.anchor(n, verifier.last_hash(), puts);
     // The file's anchor also MACs where the file starts: after the stored anchor.
     let from_hash = anchor.map_or(GENESIS, |a| a.hash);
-    let file_anchor = key.archive_anchor(after + 1, from_hash, &new);
-    let anchor_file = anchor_path(file);
-    let anchor_partial = partial_path(&anchor_file);
-    let mut a = create_private(&anchor_partial).map_err(io("cannot create the anchor file"))?;
-    let text = serde_json::to_string(&file_anchor).map_err(op)?;
-    writeln!(a, "{text}").map_err(io("cannot write the anchor file"))?;
-    a.sync_all()
-        .map_err(io("cannot write the anchor file (fsync)"))?;
-    drop(a);
     // The anchor file first: an archive file in place always has its anchor beside it.
-    std::fs::rename(&anchor_partial, &anchor_file)
-        .map_err(io("cannot rename the anchor file into place"))?;
-    sync_dir(file).map_err(io("cannot sync the archive's directory"))?;
+    write_anchor_file(file, &key.archive_anchor(after + 1, from_hash, &new))?;
     // Not over a file that appeared meanwhile (hard_link fails if the name exists).
     std::fs::hard_link(&partial, file).map_err(io("cannot put the archive file in place"))?;
     std::fs::remove_file(&partial).map_err(io("cannot remove the partial archive file"))?;
     sync_dir(file).map_err(io("cannot sync the archive's directory"))?;
     Ok(new)
+}
+
+/// Writes `anchor` to FILE.anchor.json durably: a partial file, fsynced, renamed into place
+/// (over an older anchor file, if any), and the directory fsynced.
+fn write_anchor_file(file: &Path, anchor: &ArchiveAnchor) -> Result<(), Failure> {
+    let io = |what: &'static str| CliError::io(what);
+    let anchor_file = anchor_path(file);
+    let anchor_partial = partial_path(&anchor_file);
+    let mut a = create_private(&anchor_partial).map_err(io("cannot create the anchor file"))?;
+    let text = serde_json::to_string(anchor).map_err(op)?;
+    writeln!(a, "{text}").map_err(io("cannot write the anchor file"))?;
+    a.sync_all()
+        .map_err(io("cannot write the anchor file (fsync)"))?;
+    drop(a);
+    std::fs::rename(&anchor_partial, &anchor_file)
+        .map_err(io("cannot rename the anchor file into place"))?;
+    sync_dir(file).map_err(io("cannot sync the archive's directory"))?;
+    Ok(())
 }
 
 /// A run with `--output` naming an existing file: finishes the run that wrote it, if it is
@@ -549,6 +556,16 @@ fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor,
         return Err(refuse(format!(
             "it does not start where the log does, after record {start_seq}"
         )));
+    }
+    if !checked.start_checked {
+        // An older build wrote a version 1 anchor, which names only the end. The start has
+        // just been checked against the stored anchor, so the file gets the version 2 anchor
+        // this build would have written, before the log is anchored after it (afterwards
+        // nothing could check the start any more).
+        write_anchor_file(
+            file,
+            &key.archive_anchor(start_seq + 1, start_hash, &target),
+        )?;
     }
     Ok(target)
 }
