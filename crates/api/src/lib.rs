@@ -51,9 +51,10 @@ pub struct ApiLimits {
     pub request_timeout: Duration,
     /// `verify` calls allowed per owner per minute.
     pub verify_per_minute: u32,
-    /// Writes (puts, current-version changes, disables, enables, destroys) allowed per owner
-    /// per minute, whoever makes them (the user or a service).
-    pub writes_per_owner_per_minute: u32,
+    /// Puts allowed per owner per minute, whoever makes them (the user or a service). Only
+    /// puts: they are what adds rows, and an owner's disable and destroys (the kill switch)
+    /// must work however many puts a service has made.
+    pub puts_per_owner_per_minute: u32,
 }
 
 impl Default for ApiLimits {
@@ -62,7 +63,7 @@ impl Default for ApiLimits {
             max_body_bytes: 512 * 1024,
             request_timeout: Duration::from_secs(30),
             verify_per_minute: 30,
-            writes_per_owner_per_minute: 600,
+            puts_per_owner_per_minute: 600,
         }
     }
 }
@@ -111,7 +112,7 @@ struct Shared {
     /// bound on the rate, one owner replacing a value in a loop grows the database without
     /// end. (A refused write is still recorded in the audit log, as every request with valid
     /// credentials is, but a record is smaller and cheaper than a put.)
-    write_limiter: KeyedLimiter,
+    put_limiter: KeyedLimiter,
     anonymous_audit: AnonymousAudit,
     auditor: std::sync::OnceLock<Auditor>,
     broker: RwLock<Option<Arc<Broker>>>,
@@ -134,7 +135,7 @@ impl AppState {
             governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))
         };
         let verify_limiter = per_owner(limits.verify_per_minute);
-        let write_limiter = per_owner(limits.writes_per_owner_per_minute);
+        let put_limiter = per_owner(limits.puts_per_owner_per_minute);
         let metrics = Metrics::new();
         auth.bind_metrics(metrics.jwks());
         Self(Arc::new(Shared {
@@ -144,7 +145,7 @@ impl AppState {
             limits,
             metrics,
             verify_limiter,
-            write_limiter,
+            put_limiter,
             anonymous_audit: AnonymousAudit {
                 per_address: governor::RateLimiter::keyed(governor::Quota::per_minute(
                     std::num::NonZeroU32::new(ANONYMOUS_PER_ADDRESS_PER_MINUTE)
@@ -300,9 +301,9 @@ impl AppState {
         admit(&self.0.verify_limiter, owner)
     }
 
-    /// One more write to `owner`'s credentials, or 429 with when to retry.
-    pub(crate) fn admit_write(&self, owner: &str) -> Result<(), ApiError> {
-        admit(&self.0.write_limiter, owner)
+    /// One more put to `owner`'s credentials, or 429 with when to retry.
+    pub(crate) fn admit_put(&self, owner: &str) -> Result<(), ApiError> {
+        admit(&self.0.put_limiter, owner)
     }
 
     /// The server's once-a-minute upkeep of its rate limiters: forgets the owners (verify,
@@ -310,7 +311,7 @@ impl AppState {
     /// refilled (the state a newcomer starts with) and gives the memory back, and warns about
     /// the unauthenticated requests counted instead of recorded since the last call. Without
     /// it the limiters grew with every owner and address ever seen. Returns how many owners
-    /// the verify and write limiters still track (an owner in both counts twice).
+    /// the verify and put limiters still track (an owner in both counts twice).
     pub fn prune_rate_limits(&self) -> usize {
         let anonymous = &self.0.anonymous_audit.per_address;
         anonymous.retain_recent();
@@ -342,7 +343,7 @@ impl AppState {
                 "requests without valid credentials past the audit allowance were counted, not recorded one by one (strongroom_audit_unrecorded_anonymous_total)"
             );
         }
-        [&self.0.verify_limiter, &self.0.write_limiter]
+        [&self.0.verify_limiter, &self.0.put_limiter]
             .into_iter()
             .map(|limiter| {
                 limiter.retain_recent();

@@ -60,7 +60,7 @@
 //! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
 //! | `limits.max_body_bytes` | 524288 | request body |
 //! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute, counted by each server process (N nodes allow N times this; a restart resets the count) |
-//! | `limits.writes_per_owner_per_minute` | 600 | writes to one owner's credentials per minute (puts, current-version changes, disables, enables, destroys), by the user and services together; more get 429 `rate_limited` with `Retry-After` and write nothing. Bounds how fast one owner can add version rows (a refused write is still recorded in the audit log, as every authenticated request is). Counted by each server process, as `verify_per_minute`; reveals are not limited (policy governs them) |
+//! | `limits.puts_per_owner_per_minute` | 600 | puts to one owner's credentials per minute, by the user and services together; more get 429 `rate_limited` with `Retry-After` and write nothing. Bounds how fast one owner's version rows grow (a refused put is still recorded in the audit log, as every authenticated request is). Disables, enables, current-version changes and destroys are not limited, so that a service that spends the allowance cannot keep the owner from the kill switch. Counted by each server process, as `verify_per_minute`; reveals are not limited (policy governs them) |
 //! | `limits.handshake_timeout_seconds` | 10 | TLS handshake; then the start of the first request; then each HTTP/1 head, from its first byte |
 //! | `limits.idle_timeout_seconds` | 60 | a connection with no request in flight for this long is closed (HTTP/1.1 keep-alive and HTTP/2 alike) |
 //! | `limits.shutdown_grace_seconds` | 30 | how long in-flight requests may finish after SIGTERM |
@@ -704,8 +704,8 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// `verify` calls per owner per minute.
     pub verify_per_minute: u32,
-    /// Writes to one owner's credentials per minute.
-    pub writes_per_owner_per_minute: u32,
+    /// Puts to one owner's credentials per minute.
+    pub puts_per_owner_per_minute: u32,
     /// TLS handshake, first-request (after the handshake) and request-header read timeout, in
     /// seconds.
     pub handshake_timeout_seconds: u64,
@@ -723,7 +723,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 16 * 1024,
             max_body_bytes: 512 * 1024,
             verify_per_minute: 30,
-            writes_per_owner_per_minute: 600,
+            puts_per_owner_per_minute: 600,
             handshake_timeout_seconds: 10,
             idle_timeout_seconds: 60,
             shutdown_grace_seconds: 30,
@@ -738,7 +738,7 @@ impl LimitsConfig {
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs(self.request_timeout_seconds),
             verify_per_minute: self.verify_per_minute,
-            writes_per_owner_per_minute: self.writes_per_owner_per_minute,
+            puts_per_owner_per_minute: self.puts_per_owner_per_minute,
         }
     }
 }
@@ -1300,8 +1300,8 @@ impl Config {
         if l.verify_per_minute == 0 {
             return bad("limits.verify_per_minute", "must be at least 1");
         }
-        if l.writes_per_owner_per_minute == 0 {
-            return bad("limits.writes_per_owner_per_minute", "must be at least 1");
+        if l.puts_per_owner_per_minute == 0 {
+            return bad("limits.puts_per_owner_per_minute", "must be at least 1");
         }
         if !(1..=300).contains(&l.handshake_timeout_seconds) {
             return bad("limits.handshake_timeout_seconds", "must be 1 to 300");

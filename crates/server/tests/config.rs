@@ -64,7 +64,7 @@ fn environment_overrides_the_file_and_flags_override_both() {
             ),
         )?;
         jail.set_env("STRONGROOM_LIMITS__MAX_CONNECTIONS", "77");
-        jail.set_env("STRONGROOM_LIMITS__WRITES_PER_OWNER_PER_MINUTE", "1200");
+        jail.set_env("STRONGROOM_LIMITS__PUTS_PER_OWNER_PER_MINUTE", "1200");
         jail.set_env("STRONGROOM_DATA_DIR", "/var/lib/b");
         jail.set_env("STRONGROOM_KEYS__KEYRING", "/etc/strongroom/ring.json");
         jail.set_env("STRONGROOM_TLS__CLIENT_CA", "ca.pem");
@@ -90,8 +90,8 @@ fn environment_overrides_the_file_and_flags_override_both() {
             c.limits.verify_per_minute, 5,
             "file kept where env is silent"
         );
-        assert_eq!(c.limits.writes_per_owner_per_minute, 1200, "env");
-        assert_eq!(c.limits.api_limits().writes_per_owner_per_minute, 1200);
+        assert_eq!(c.limits.puts_per_owner_per_minute, 1200, "env");
+        assert_eq!(c.limits.api_limits().puts_per_owner_per_minute, 1200);
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/b"));
         assert_eq!(c.keyring_path(), PathBuf::from("/etc/strongroom/ring.json"));
         assert_eq!(
@@ -166,8 +166,8 @@ fn mistakes_are_named_by_key_and_source() {
                 "key `limits.max_header_bytes`: must be 8192",
             ),
             (
-                "[limits]\nwrites_per_owner_per_minute = 0",
-                "key `limits.writes_per_owner_per_minute`: must be at least 1",
+                "[limits]\nputs_per_owner_per_minute = 0",
+                "key `limits.puts_per_owner_per_minute`: must be at least 1",
             ),
             (
                 "[store]\nkind = \"postgres\"",

@@ -26,7 +26,7 @@ type ApiResult<T> = Result<T, ApiError>;
     request_body = PutBody,
     responses(
         (status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed", body = PutResponse),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.writes_per_owner_per_minute (default 600) writes to this owner's credentials in the last minute; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may write again"))), 
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.puts_per_owner_per_minute (default 600) puts to this owner's credentials in the last minute, by the user and services together; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may put again"))), 
         (status = 409, description = "version_conflict: expected_version is stale; or quota_exceeded: the put would create a credential, and the owner already has store.max_credentials_per_owner (default 1000) live ones (nothing is written; new versions of existing credentials are never refused, and destroying a credential frees its slot)", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 503, description = "contended: writers on other nodes kept taking the next version number; retry after Retry-After", body = ErrorBody)),
@@ -110,7 +110,7 @@ async fn state_response(
 /// Choose which version is current.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/current", tag = "user",
     params(("name" = String, Path, description = "Credential name")), request_body = CurrentBody,
-    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.writes_per_owner_per_minute (default 600) writes to this owner's credentials in the last minute; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may write again"))),  (status = 404, body = ErrorBody), (status = 410, description = "that version was destroyed", body = ErrorBody)),
+    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),  (status = 404, body = ErrorBody), (status = 410, description = "that version was destroyed", body = ErrorBody)),
     security(("user_jwt" = [])))]
 pub(crate) async fn set_current(
     State(state): State<AppState>,
@@ -120,7 +120,6 @@ pub(crate) async fn set_current(
     ApiJson(body): ApiJson<CurrentBody>,
 ) -> ApiResult<Json<StateResponse>> {
     audit.version(body.version);
-    state.admit_write(&owner)?;
     if let Err(e) = audit
         .change(
             &state,
@@ -139,7 +138,7 @@ pub(crate) async fn set_current(
 /// Kill switch: keep every version but let no service use the credential.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/disable", tag = "user",
     params(("name" = String, Path, description = "Credential name")),
-    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.writes_per_owner_per_minute (default 600) writes to this owner's credentials in the last minute; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may write again"))),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn disable(
     State(state): State<AppState>,
     audit: Audit,
@@ -147,7 +146,6 @@ pub(crate) async fn disable(
     ApiPath(name): ApiPath<String>,
     _: NoBody,
 ) -> ApiResult<Json<StateResponse>> {
-    state.admit_write(&owner)?;
     audit
         .change(
             &state,
@@ -163,7 +161,7 @@ pub(crate) async fn disable(
 /// Undo a disable.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/enable", tag = "user",
     params(("name" = String, Path, description = "Credential name")),
-    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.writes_per_owner_per_minute (default 600) writes to this owner's credentials in the last minute; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may write again"))),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 200, body = StateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn enable(
     State(state): State<AppState>,
     audit: Audit,
@@ -171,7 +169,6 @@ pub(crate) async fn enable(
     ApiPath(name): ApiPath<String>,
     _: NoBody,
 ) -> ApiResult<Json<StateResponse>> {
-    state.admit_write(&owner)?;
     audit
         .change(
             &state,
@@ -280,7 +277,7 @@ fn usage_cursor_aad(owner: &str, name: &str) -> Vec<u8> {
 /// Destroy one version (its data key is erased: crypto-shredding).
 #[utoipa::path(delete, path = "/v1/me/credentials/{name}/versions/{version}", tag = "user",
     params(("name" = String, Path, description = "Credential name"), ("version" = u32, Path, minimum = 1, maximum = 2147483647, description = "Version")),
-    responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.writes_per_owner_per_minute (default 600) writes to this owner's credentials in the last minute; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may write again"))),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn destroy_version(
     State(state): State<AppState>,
     audit: Audit,
@@ -288,7 +285,6 @@ pub(crate) async fn destroy_version(
     ApiPath((name, version)): ApiPath<(String, PathVersion)>,
     _: NoBody,
 ) -> ApiResult<StatusCode> {
-    state.admit_write(&owner)?;
     if let Err(e) = audit
         .change(
             &state,
@@ -307,7 +303,7 @@ pub(crate) async fn destroy_version(
 /// Destroy a credential and every version.
 #[utoipa::path(delete, path = "/v1/me/credentials/{name}", tag = "user",
     params(("name" = String, Path, description = "Credential name")),
-    responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.writes_per_owner_per_minute (default 600) writes to this owner's credentials in the last minute; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may write again"))),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
+    responses((status = 204, description = "Destroyed"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),  (status = 404, body = ErrorBody)), security(("user_jwt" = [])))]
 pub(crate) async fn destroy(
     State(state): State<AppState>,
     audit: Audit,
@@ -317,7 +313,6 @@ pub(crate) async fn destroy(
     // every version.
     _: NoBody,
 ) -> ApiResult<StatusCode> {
-    state.admit_write(&owner)?;
     audit
         .change(
             &state,

@@ -67,7 +67,7 @@ pub(crate) async fn put_version(
 ) -> Result<(StatusCode, axum::Json<views::PutResponse>), ApiError> {
     strongroom_core::broker::check_bound_host(body.metadata.as_ref())
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
-    state.admit_write(owner)?;
+    state.admit_put(owner)?;
     let request = strongroom_core::PutRequest {
         owner,
         name: &name,
