@@ -848,6 +848,60 @@ fn version_1_anchor_files_are_refused_unless_accepted() {
     assert!(!ok && err.contains("cut off"), "{err}");
 }
 
+/// Several archives given together, oldest first, are checked to follow one another (none
+/// missing, swapped or out of order), and the report says where the store's log goes on.
+#[test]
+fn several_archives_are_checked_to_follow_one_another() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let f: Vec<PathBuf> = ["a.jsonl", "b.jsonl", "c.jsonl"]
+        .iter()
+        .map(|n| out_dir.path().join(n))
+        .collect();
+    for (before, file) in ["101", "201", "251"].iter().zip(&f) {
+        let (ok, out, err) = archive(&data, before, file);
+        assert!(ok, "{out}{err}");
+    }
+    let check = |files: &[&PathBuf]| {
+        let mut args = vec!["audit", "verify"];
+        for file in files {
+            args.extend(["--file", file.to_str().unwrap()]);
+        }
+        run(&args, &data)
+    };
+    let (ok, out, err) = check(&[&f[0], &f[1], &f[2]]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("archives OK: 3 files follow one another without a gap, records 1..250"),
+        "{out}"
+    );
+    assert!(out.contains("the store's log goes on from"), "{out}");
+    // A later run of them.
+    let (ok, out, err) = check(&[&f[1], &f[2]]);
+    assert!(ok && out.contains("records 101..250"), "{out}{err}");
+    // One alone, older than the store's anchor.
+    let (ok, out, err) = check(&[&f[0]]);
+    assert!(
+        ok && out.contains("the store's log starts after record 250"),
+        "{out}{err}"
+    );
+    // One missing, two swapped, one given twice: each fails, naming the file.
+    for files in [
+        vec![&f[0], &f[2]],
+        vec![&f[1], &f[0]],
+        vec![&f[0], &f[1], &f[1]],
+    ] {
+        let (ok, out, err) = check(&files);
+        assert!(!ok, "{files:?}: {out}");
+        assert!(
+            err.contains("does not go on where") && err.contains("missing, swapped"),
+            "{err}"
+        );
+        assert!(!out.contains("archives OK"), "{out}");
+    }
+}
+
 /// Holds the exclusive lock a run takes on `FILE.lock`, as a run in progress would.
 fn hold_lock(file: &Path) -> std::fs::File {
     let mut name = file.as_os_str().to_owned();

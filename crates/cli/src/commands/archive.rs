@@ -753,23 +753,105 @@ pub fn verify_file(file: &Path, key: &HeadKey) -> Result<CheckedFile, String> {
     })
 }
 
-/// `audit verify --file FILE`. A version 1 anchor is refused unless `accept_version_1`: the
-/// store's own anchor row is a genuine one, so anyone who can read the database could put it
-/// beside an archive whose first records they cut, and only a version 2 anchor shows that.
-pub async fn verify_file_command(
+/// `audit verify --file FILE...`: each file on its own ([`verify_file`]), then, given several,
+/// that each goes on where the one before ends (its start, MAC'd in a version 2 anchor,
+/// against the previous end), and how the last relates to the store's anchor. A version 1
+/// anchor is refused unless `accept_version_1`: the store's own anchor row is a genuine one,
+/// so anyone who can read the database could put it beside an archive whose first records
+/// they cut, and only a version 2 anchor shows that.
+pub async fn verify_files_command(
     target: &OperatorTarget,
-    file: &Path,
+    files: &[std::path::PathBuf],
     accept_version_1: bool,
 ) -> Result<(), Failure> {
     let backends = target.open_existing().await?;
     let key =
         strongroom_core::audit::load_head_key(backends.store.as_ref(), backends.keyring.as_ref())
             .await;
+    let stored = match backends.store.audit_log() {
+        Some(log) => log.audit_anchor().await.map_err(op),
+        None => Ok(None),
+    };
     backends.close().await;
     let key = key.map_err(op)?.ok_or_else(|| {
         op("this store has no audit head key: the file's anchor cannot be checked")
     })?;
-    let checked = verify_file(file, &key)
+    let stored = stored?;
+    let failed =
+        |e: String| Failure::from(CliError::Operation(format!("audit verify FAILED: {e}")));
+    if stored.as_ref().is_some_and(|a| !key.check_anchor(a)) {
+        return Err(failed(
+            "the store's anchor does not verify (it was changed outside Strongroom): run \
+             `strongroom audit verify`"
+                .into(),
+        ));
+    }
+    let mut previous: Option<(&std::path::PathBuf, CheckedFile)> = None;
+    let mut first_start = 0;
+    for file in files {
+        let checked = verify_file_and_report(file, &key, accept_version_1)?;
+        if previous.is_none() {
+            first_start = checked.first_after.0;
+        }
+        if let Some((before, prev)) = &previous {
+            if checked.first_after != (prev.end.seq, prev.end.hash)
+                || prev.end.puts + checked.puts != checked.end.puts
+            {
+                return Err(failed(format!(
+                    "{} does not go on where {} ends: it starts after record {}, the one before \
+                     ends at record {} (an archive missing, swapped or given out of order)",
+                    file.display(),
+                    before.display(),
+                    checked.first_after.0,
+                    prev.end.seq
+                )));
+            }
+        }
+        previous = Some((file, checked));
+    }
+    let Some((last, last_checked)) = previous else {
+        return Ok(());
+    };
+    if files.len() > 1 {
+        outln!(
+            "archives OK: {} files follow one another without a gap, records {}..{}",
+            files.len(),
+            first_start + 1,
+            last_checked.end.seq
+        )?;
+    }
+    match stored {
+        Some(a) if a == last_checked.end => outln!(
+            "the store's log goes on from {}: its anchor is that file's end",
+            last.display()
+        )?,
+        Some(a) if a.seq > last_checked.end.seq => outln!(
+            "the store's log starts after record {}: archives after {} hold records {}..{}",
+            a.seq,
+            last.display(),
+            last_checked.end.seq + 1,
+            a.seq
+        )?,
+        Some(a) => outln!(
+            "the store's anchor is at record {}, before this archive's end: the run that wrote \
+             it has not anchored the log yet (running it again finishes it)",
+            a.seq
+        )?,
+        None => outln!(
+            "the store has no anchor: no archive of it has been finished (these files are of \
+             another copy of the log, or their run has not anchored it yet)"
+        )?,
+    }
+    Ok(())
+}
+
+/// One file's check and its report (see [`verify_files_command`]).
+fn verify_file_and_report(
+    file: &Path,
+    key: &HeadKey,
+    accept_version_1: bool,
+) -> Result<CheckedFile, Failure> {
+    let checked = verify_file(file, key)
         .map_err(|e| Failure::from(CliError::Operation(format!("audit verify FAILED: {e}"))))?;
     if !checked.start_checked && !accept_version_1 {
         return Err(CliError::Operation(format!(
@@ -814,5 +896,5 @@ pub async fn verify_file_command(
             anchor_path(file).display()
         );
     }
-    Ok(())
+    Ok(checked)
 }

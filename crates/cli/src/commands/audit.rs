@@ -23,7 +23,8 @@ pub enum AuditCommand {
     #[command(
         after_help = "Examples:\n  strongroom audit verify --config /etc/strongroom/strongroom.toml\n  \
         strongroom audit verify --config /etc/strongroom/strongroom.toml --expect-head head.json\n  \
-        strongroom audit verify --config /etc/strongroom/strongroom.toml --file audit-2026-01.jsonl\n\n\
+        strongroom audit verify --config /etc/strongroom/strongroom.toml --file audit-2026-01.jsonl\n  \
+        strongroom audit verify --config /etc/strongroom/strongroom.toml --file audit-2026-01.jsonl --file audit-2026-02.jsonl\n\n\
         After `audit archive`, the log starts after its anchor: the last archived record, whose \
         (seq, hash) and count of puts carry a MAC under the audit head key. Verify checks the \
         anchor's MAC and the chain from it on; records removed at the start without an anchor \
@@ -42,9 +43,11 @@ pub enum AuditCommand {
         /// record and the hash that record chains from, its last record), whose MAC the
         /// store's audit head key must verify. An anchor written before anchors covered the
         /// start (version 1) names only the end, and is refused unless
-        /// --accept-version-1-anchor is given.
+        /// --accept-version-1-anchor is given. Give it once per archive, oldest first, to
+        /// also check that they follow one another without a gap (none missing, swapped or
+        /// out of order), and see where the store's log goes on.
         #[arg(long, value_name = "FILE")]
-        file: Option<PathBuf>,
+        file: Vec<PathBuf>,
         /// With --file: also check an archive whose anchor file is version 1 (written before
         /// anchors covered the start, or made from the store's own anchor row, which has that
         /// form). Its end and chain are checked; its start is not, so check by hand that the
@@ -125,16 +128,17 @@ pub fn run(cmd: AuditCommand) -> Result<(), Failure> {
         match cmd {
             AuditCommand::Verify {
                 target,
-                file: Some(file),
-                accept_version_1_anchor,
-                ..
-            } => super::archive::verify_file_command(&target, &file, accept_version_1_anchor).await,
-            AuditCommand::Verify {
-                target,
                 expect_head,
-                file: None,
-                ..
-            } => verify(&target, expect_head).await,
+                file,
+                accept_version_1_anchor,
+            } => {
+                if file.is_empty() {
+                    verify(&target, expect_head).await
+                } else {
+                    super::archive::verify_files_command(&target, &file, accept_version_1_anchor)
+                        .await
+                }
+            }
             AuditCommand::Archive(args) => super::archive::run(args).await,
             AuditCommand::Head { target } => head(&target).await,
             AuditCommand::Export {
