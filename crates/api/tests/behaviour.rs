@@ -646,19 +646,7 @@ async fn puts_are_rate_limited_per_owner_and_the_kill_switch_never_is() {
         "{records}"
     );
     // And the document lists the 429 on both put routes, and on no other write.
-    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
-    for path in [
-        "/v1/me/credentials/{name}",
-        "/v1/owners/{owner}/credentials/{name}",
-    ] {
-        let text = doc["paths"][path]["put"]["responses"]["429"]["description"]
-            .as_str()
-            .unwrap_or_default();
-        assert!(
-            text.contains("puts_per_owner_per_minute"),
-            "put {path}: {text}"
-        );
-    }
+    let doc = put_routes_document(&api, "429", "puts_per_owner_per_minute").await;
     for (path, method) in [
         ("/v1/me/credentials/{name}", "delete"),
         ("/v1/me/credentials/{name}/current", "post"),
@@ -671,6 +659,22 @@ async fn puts_are_rate_limited_per_owner_and_the_kill_switch_never_is() {
             "{method} {path}"
         );
     }
+}
+
+/// Checks that both put routes (the user's and the service's) document `status` with a
+/// description naming `needle`; returns the OpenAPI document.
+async fn put_routes_document(api: &TestApi, status: &str, needle: &str) -> serde_json::Value {
+    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
+    for path in [
+        "/v1/me/credentials/{name}",
+        "/v1/owners/{owner}/credentials/{name}",
+    ] {
+        let text = doc["paths"][path]["put"]["responses"][status]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.contains(needle), "put {path} {status}: {text}");
+    }
+    doc
 }
 
 /// The limiter keeps an entry per owner until pruned: pruning forgets the owners whose
@@ -1588,16 +1592,7 @@ async fn the_credential_quota_refuses_new_credentials_only() {
     let r = put(mine("zoom.c"), alice.clone()).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     // And the document lists the refusal on both put routes.
-    let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
-    for path in [
-        "/v1/me/credentials/{name}",
-        "/v1/owners/{owner}/credentials/{name}",
-    ] {
-        let text = doc["paths"][path]["put"]["responses"]["409"]["description"]
-            .as_str()
-            .unwrap_or_default();
-        assert!(text.contains("quota_exceeded"), "{path}: {text}");
-    }
+    put_routes_document(&api, "409", "quota_exceeded").await;
 }
 
 /// A description pages its versions, newest first, from `versions_next_cursor`; bad limits
