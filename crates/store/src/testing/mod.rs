@@ -166,22 +166,9 @@ impl Schema5Log {
     /// Record `i`'s event: a reveal of the owner's `k` at its second.
     #[must_use]
     pub fn event(i: u64) -> crate::audit::Event {
-        crate::audit::Event {
-            time: Self::at(Self::second(i)),
-            principal_kind: "service".into(),
-            principal_id: "billing".into(),
-            action: "reveal".into(),
-            owner: Some(Self::owner(i).into()),
-            name: Some("k".into()),
-            version: Some(1),
-            outcome: "ok".into(),
-            status: 200,
-            request_id: None,
-            client_addr: None,
-            on_behalf_of: None,
-            destination: None,
-            error_code: None,
-        }
+        let mut e = audit_event(i, Self::owner(i), "k", "reveal");
+        e.time = Self::at(Self::second(i));
+        e
     }
 
     /// Checks that queries by time, alone and with an owner, over windows before, across and

@@ -1197,6 +1197,18 @@ pub async fn random_operations_match_a_model(b: &dyn TestBackend) {
 
 // ---- the audit log -----------------------------------------------------------------------
 
+/// A small deterministic generator of numbers below `n` (xorshift; no dependency on a seeded
+/// RNG's stream, so a test's sequence never changes under it).
+fn xorshift(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut state = seed;
+    move |n| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    }
+}
+
 /// An audit event for the suite.
 pub fn audit_event(i: u64, owner: &str, name: &str, action: &str) -> crate::audit::Event {
     crate::audit::Event {
@@ -1428,14 +1440,7 @@ pub async fn audit_query_by_time_and_owner_is_exact(b: &dyn TestBackend) {
     let s = open(b).await;
     let log = audit_log(&*s);
     let key = sealed_key(&*log, 1).await;
-    // A small deterministic generator (no dependency on a seeded RNG's stream).
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let owners = ["alice", "bob", "carol"];
     let names = ["zoom.key", "github.token", "smtp.password"];
     let mut clock_ms: i64 = 0;
@@ -1988,13 +1993,7 @@ pub async fn audit_prune_removes_time_marks_and_queries_stay_exact(b: &dyn TestB
     let s = open(b).await;
     let log = audit_log(&*s);
     let key = sealed_key(&*log, 9).await;
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut next = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     let owners = ["alice", "bob", "carol"];
     let names = ["zoom.key", "github.token"];
     let base = t0();
