@@ -108,9 +108,9 @@ struct Shared {
     limits: ApiLimits,
     metrics: Metrics,
     verify_limiter: KeyedLimiter,
-    /// Every put adds a version row, and a destroyed one stays as a tombstone: without a
-    /// bound on the rate, one owner replacing a value in a loop grows the database without
-    /// end. (A refused write is still recorded in the audit log, as every request with valid
+    /// Every put adds a version row and an audit record; tombstones are trimmed per
+    /// credential, but without a bound on the rate, one owner replacing values (or creating
+    /// and destroying credentials) in a loop still grows the database fast. (A refused write is still recorded in the audit log, as every request with valid
     /// credentials is, but a record is smaller and cheaper than a put.)
     put_limiter: KeyedLimiter,
     anonymous_audit: AnonymousAudit,

@@ -58,6 +58,9 @@ impl Clock for SystemClock {
 pub struct VaultConfig {
     /// Active versions kept per credential; older ones are destroyed on put.
     pub max_versions: u32,
+    /// How far behind the newest version a destroyed version stays listed; a put deletes
+    /// the older tombstones (see `NewVersion::keep_destroyed`).
+    pub keep_destroyed: u32,
     /// Live credentials an owner may have: a put that would create one more is refused
     /// ([`CoreError::QuotaExceeded`]). `None`: no quota (the server always sets one).
     pub max_credentials_per_owner: Option<u32>,
@@ -67,6 +70,7 @@ impl Default for VaultConfig {
     fn default() -> Self {
         Self {
             max_versions: strongroom_store::DEFAULT_MAX_VERSIONS,
+            keep_destroyed: strongroom_store::DEFAULT_KEEP_DESTROYED,
             max_credentials_per_owner: Some(strongroom_store::DEFAULT_MAX_CREDENTIALS_PER_OWNER),
         }
     }
@@ -405,6 +409,7 @@ impl Vault {
             new.expected_current = req.expected_version;
             new.metadata = metadata.clone();
             new.max_versions = self.config.max_versions;
+            new.keep_destroyed = self.config.keep_destroyed;
             new.max_credentials = self.config.max_credentials_per_owner;
             let stored = match &audit {
                 None => self.store.put_version(new).await.map(|o| (o, None)),

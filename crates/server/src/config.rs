@@ -17,6 +17,7 @@
 //! | `store.tls_ca_file` | — | PostgreSQL: CA certificates (PEM) the server's certificate must chain to, instead of the platform's trust store. A server that is not on this host is reached over verified TLS only (`sslmode=disable` is refused for it); on this host `sslmode=require` in `store.url` asks for TLS too. `require`, `verify-ca` and `verify-full` all verify the certificate chain and the host name |
 //! | `store.sync` | `"full"` | SQLite only. `"full"`: every commit (each put, each audit record a reveal waits for) is fsynced before it is acknowledged, so it survives power loss. `"normal"`: **relaxed**, commits are only written to the WAL (fsynced at checkpoints): survives a crash of the process (kill -9), but the last acknowledged writes and audit records **can be lost on power loss or an OS crash** |
 //! | `store.max_versions` | 10 | active versions kept per credential; a put beyond it destroys (crypto-shreds) the oldest version that is not current, recorded by that put's audit record. 1 to 1000 |
+//! | `store.keep_destroyed_versions` | 100 | how far behind a credential's newest version a destroyed version stays listed (a tombstone: number, dates, metadata, no value). A put deletes the rows of destroyed versions more than this many numbers behind it, so a credential's tombstones stay bounded; reads of a removed version answer 404, and numbers are never reused (the audit log keeps every put and destroy). `0` removes them at the next put. 0 to 100000 |
 //! | `store.max_credentials_per_owner` | 1000 | live (not destroyed) credentials one owner may have, whoever writes them (the user, a service, an import); a put that would create one more is refused with 409 `quota_exceeded` and writes nothing. New versions of existing credentials are not limited, and destroying a credential frees its slot. Checked atomically with the insert on both stores (on PostgreSQL, creators of one owner take turns on an advisory lock). 1 to 100000 (each create counts up to this many index entries); lowering it below what owners hold keeps their credentials, and refuses their new ones until they are under it |
 //! | `store.reveal_cache_mb` | 32 | SQLite only. MiB of sealed current versions kept in memory so a reveal needs no database read; it holds what the file holds (never a plaintext), every write of this server drops what it changed before it is acknowledged, and a write by another process (an operator command) is caught before a value leaves. `0` turns it off |
 //! | `keys.provider` | `"local"` | key provider: `"local"` (keyring file), `"aws-kms"`, `"pkcs11"` or `"transit"` |
@@ -282,11 +283,19 @@ pub struct StoreConfig {
     /// (crypto-shreds) the oldest version that is not current.
     #[serde(default)]
     pub max_versions: Option<u32>,
+    /// How far behind a credential's newest version a destroyed version stays listed as a
+    /// tombstone (default 100); a put deletes the older ones.
+    #[serde(default)]
+    pub keep_destroyed_versions: Option<u32>,
     /// Live credentials one owner may have (default 1000): a put that would create one more
     /// is refused with 409 `quota_exceeded`.
     #[serde(default)]
     pub max_credentials_per_owner: Option<u32>,
 }
+
+/// The largest `store.keep_destroyed_versions`: a bound on a credential's tombstones is the
+/// point of the setting.
+pub const MAX_KEEP_DESTROYED_VERSIONS: u32 = 100_000;
 
 /// The largest `store.max_credentials_per_owner`: each create counts the owner's live
 /// credentials up to the quota, so the quota bounds that count too.
@@ -303,6 +312,18 @@ impl StoreConfig {
     pub fn max_credentials_per_owner(&self) -> u32 {
         self.max_credentials_per_owner
             .unwrap_or(strongroom_store::DEFAULT_MAX_CREDENTIALS_PER_OWNER)
+    }
+
+    /// The [`VaultConfig`](strongroom_core::VaultConfig) these settings ask for (retention,
+    /// tombstones, quota): the server's and every operator command's that writes.
+    pub fn vault_config(&self) -> strongroom_core::VaultConfig {
+        strongroom_core::VaultConfig {
+            max_versions: self.max_versions(),
+            keep_destroyed: self
+                .keep_destroyed_versions
+                .unwrap_or(strongroom_store::DEFAULT_KEEP_DESTROYED),
+            max_credentials_per_owner: Some(self.max_credentials_per_owner()),
+        }
     }
 }
 
@@ -329,6 +350,7 @@ impl fmt::Debug for StoreConfig {
             .field("sync", &self.sync)
             .field("reveal_cache_mb", &self.reveal_cache_mb)
             .field("max_versions", &self.max_versions)
+            .field("keep_destroyed_versions", &self.keep_destroyed_versions)
             .field("max_credentials_per_owner", &self.max_credentials_per_owner)
             .finish()
     }
@@ -1007,6 +1029,16 @@ impl Config {
             .is_some_and(|n| !(1..=1000).contains(&n))
         {
             return bad("store.max_versions", "must be 1 to 1000");
+        }
+        if self
+            .store
+            .keep_destroyed_versions
+            .is_some_and(|n| n > MAX_KEEP_DESTROYED_VERSIONS)
+        {
+            return bad(
+                "store.keep_destroyed_versions",
+                "must be 0 to 100000 (tombstones kept per credential)",
+            );
         }
         // 0 has no use (no owner could store anything) and "unlimited" is the hole the quota
         // closes: a deployment that needs more sets a larger number.

@@ -292,7 +292,7 @@ impl DevSetup {
         config.validate()?;
         if config.store.kind != crate::config::StoreKind::Sqlite {
             return Err(ServerError::Config(
-                "--dev always uses SQLite under the data dir (only `store.sync`, `store.reveal_cache_mb` and `store.max_versions` may be set)".into(),
+                "--dev always uses SQLite under the data dir (only `store.sync`, `store.reveal_cache_mb`, `store.max_versions`, `store.keep_destroyed_versions` and `store.max_credentials_per_owner` may be set)".into(),
             ));
         }
         Ok(config)

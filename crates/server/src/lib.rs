@@ -128,11 +128,9 @@ pub struct Backends {
     /// The KEK hierarchy, when a remote provider wraps Strongroom's KEKs (`keys.mode =
     /// "hierarchy"`); its root is the remote provider.
     pub hierarchy: Option<Arc<KekHierarchy>>,
-    /// `store.max_versions`, for the [`Vault`] made over these backends.
-    max_versions: u32,
-    /// `store.max_credentials_per_owner`, likewise (operator commands that write, such as
-    /// an import, keep the server's quota).
-    max_credentials_per_owner: u32,
+    /// The store settings' retention and quota, for the [`Vault`] made over these backends
+    /// (operator commands that write, such as an import, keep the server's).
+    vault_config: VaultConfig,
     handle: StoreHandle,
 }
 
@@ -185,8 +183,7 @@ impl Backends {
             keyring: keys.provider,
             local_keyring: keys.local_keyring,
             hierarchy: keys.hierarchy,
-            max_versions: config.store.max_versions(),
-            max_credentials_per_owner: config.store.max_credentials_per_owner(),
+            vault_config: config.store.vault_config(),
             handle,
         })
     }
@@ -198,10 +195,7 @@ impl Backends {
             self.keyring.clone(),
             Arc::new(OsRandom),
             Arc::new(SystemClock),
-            VaultConfig {
-                max_versions: self.max_versions,
-                max_credentials_per_owner: Some(self.max_credentials_per_owner),
-            },
+            self.vault_config.clone(),
         ))
     }
 
@@ -1152,10 +1146,7 @@ impl Server {
             keyring.clone(),
             Arc::new(OsRandom),
             Arc::new(SystemClock),
-            VaultConfig {
-                max_versions: config.store.max_versions(),
-                max_credentials_per_owner: Some(config.store.max_credentials_per_owner()),
-            },
+            config.store.vault_config(),
         ));
         let state = AppState::new(vault, authenticator, policy, config.limits.api_limits());
         state.metrics().register_counter_fn(

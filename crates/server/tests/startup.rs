@@ -852,14 +852,20 @@ async fn a_keyring_file_gone_stops_new_writes_until_it_is_back() {
 }
 
 /// `store.max_versions` is what a credential keeps: with 2, the third put destroys the
-/// first version. Out of range, the server does not start.
+/// first version. `store.keep_destroyed_versions` is how long its tombstone stays listed:
+/// with 2, the fourth put deletes version 1's row and keeps version 2's. Out of range, the
+/// server does not start.
 #[tokio::test]
-async fn store_max_versions_sets_retention() {
+async fn store_max_versions_and_keep_destroyed_versions_set_retention() {
     let fx = Fixture::new();
-    let server = spawn(fx.config_from(&fx.toml("", "[store]\nmax_versions = 2\n"))).await;
+    let server = spawn(fx.config_from(&fx.toml(
+        "",
+        "[store]\nmax_versions = 2\nkeep_destroyed_versions = 2\n",
+    )))
+    .await;
     let client = server.client(fx.client_options());
     let alice = fx.user_token("alice");
-    for i in 1..=3 {
+    for i in 1..=4 {
         let r = client
             .json(
                 "PUT",
@@ -887,16 +893,22 @@ async fn store_max_versions_sets_retention() {
             )
         })
         .collect();
-    assert!(
-        states.contains(&(1, "destroyed".into()))
-            && states.contains(&(2, "active".into()))
-            && states.contains(&(3, "active".into())),
-        "{states:?}"
+    assert_eq!(
+        states,
+        [
+            (4, "active".to_owned()),
+            (3, "active".to_owned()),
+            (2, "destroyed".to_owned())
+        ],
     );
     server.stop().await.unwrap();
 
-    for bad in [0, 1001] {
-        let text = fx.toml("", &format!("[store]\nmax_versions = {bad}\n"));
+    for (setting, bad) in [
+        ("max_versions", 0),
+        ("max_versions", 1001),
+        ("keep_destroyed_versions", 100_001),
+    ] {
+        let text = fx.toml("", &format!("[store]\n{setting} = {bad}\n"));
         let config = Config::from_figment(
             figment::Figment::from(
                 <figment::providers::Toml as figment::providers::Format>::string(&text),
@@ -905,7 +917,7 @@ async fn store_max_versions_sets_retention() {
         )
         .unwrap();
         let e = config.validate().unwrap_err().to_string();
-        assert!(e.contains("store.max_versions"), "{e}");
+        assert!(e.contains(&format!("store.{setting}")), "{e}");
     }
 }
 

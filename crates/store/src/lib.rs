@@ -109,8 +109,8 @@ pub use error::{BackendError, StoreError};
 pub use types::{
     Change, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
     ReadMark, RewrapItem, SealedVersion, ServedVersion, VersionInfo, VersionState,
-    DEFAULT_MAX_CREDENTIALS_PER_OWNER, DEFAULT_MAX_VERSIONS, MAX_NAME_LEN, MAX_OWNER_LEN,
-    MAX_PAGE_LIMIT, MAX_SEALED_LEN, MAX_WRAPPED_KEY_LEN,
+    DEFAULT_KEEP_DESTROYED, DEFAULT_MAX_CREDENTIALS_PER_OWNER, DEFAULT_MAX_VERSIONS, MAX_NAME_LEN,
+    MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN, MAX_WRAPPED_KEY_LEN,
 };
 
 /// The newest database schema version this build knows (both backends).
@@ -130,7 +130,10 @@ pub trait Store: Send + Sync + Debug {
     ///
     /// In the same transaction, retention: while the credential has more than
     /// `new.max_versions` active versions, its oldest non-current active version is
-    /// destroyed (listed in [`PutOutcome::retired`]).
+    /// destroyed (listed in [`PutOutcome::retired`]). Then the rows of destroyed versions
+    /// more than `new.keep_destroyed` numbers behind the new one are deleted (their
+    /// tombstones, metadata included, no longer listed; reads of them are
+    /// [`StoreError::NotFound`]).
     ///
     /// # Errors
     ///
@@ -175,8 +178,8 @@ pub trait Store: Send + Sync + Debug {
     ) -> Result<Page<CredentialSummary>, StoreError>;
 
     /// A credential's facts and all its versions (newest first), without secret bytes.
-    /// Destroyed versions stay listed as tombstones, so this grows with every put the
-    /// credential ever had: for answers to clients, use
+    /// Destroyed versions stay listed as tombstones until a put removes them (see
+    /// [`NewVersion::keep_destroyed`]), so this can hold hundreds of versions: for answers to clients, use
     /// [`get_credential_page`](Store::get_credential_page).
     ///
     /// # Errors
@@ -286,7 +289,8 @@ pub trait Store: Send + Sync + Debug {
     ///
     /// # Errors
     ///
-    /// [`StoreError::NotFound`].
+    /// [`StoreError::NotFound`], also for a destroyed version whose tombstone a later put
+    /// removed.
     async fn destroy_version(
         &self,
         owner: &str,

@@ -8,6 +8,10 @@ use crate::StoreError;
 
 /// Default for [`NewVersion::max_versions`]: how many active versions a credential keeps.
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
+/// Default for [`NewVersion::keep_destroyed`]: how far behind the newest version a destroyed
+/// version stays listed as a tombstone. With the product's 8 KiB of metadata per version,
+/// a credential's tombstones stay under 1 MiB.
+pub const DEFAULT_KEEP_DESTROYED: u32 = 100;
 /// The usual per-owner quota of live credentials (see [`NewVersion::max_credentials`]): far
 /// above what one user keeps (a credential per third-party service), low enough that one
 /// owner cannot fill the store (at most about 640 MiB of sealed values with the product's
@@ -103,6 +107,13 @@ pub struct NewVersion {
     /// versions, its oldest non-current active version is destroyed. Must be at least 1;
     /// [`DEFAULT_MAX_VERSIONS`] unless the caller says otherwise.
     pub max_versions: u32,
+    /// Tombstone retention: after the insert (and the retention above), the rows of destroyed
+    /// versions more than this many numbers behind the new version are deleted, metadata
+    /// and all: a destroyed version `v` goes once `version - v > keep_destroyed`. Active
+    /// versions are never deleted, and numbering never reuses a number (the credential row
+    /// keeps the latest). [`DEFAULT_KEEP_DESTROYED`] unless the caller says otherwise; 0
+    /// deletes every destroyed version's row at the next put.
+    pub keep_destroyed: u32,
     /// Per-owner quota: when this put creates the credential (or re-creates one destroyed as
     /// a whole) and the owner already has this many live credentials, the put fails with
     /// [`StoreError::QuotaExceeded`] and writes nothing. New versions of a live credential
@@ -136,6 +147,7 @@ impl NewVersion {
             created_by: created_by.into(),
             created_at,
             max_versions: DEFAULT_MAX_VERSIONS,
+            keep_destroyed: DEFAULT_KEEP_DESTROYED,
             max_credentials: None,
         }
     }
@@ -180,6 +192,7 @@ impl fmt::Debug for NewVersion {
             .field("created_by", &self.created_by)
             .field("created_at", &self.created_at)
             .field("max_versions", &self.max_versions)
+            .field("keep_destroyed", &self.keep_destroyed)
             .field("max_credentials", &self.max_credentials)
             .finish()
     }

@@ -298,7 +298,8 @@ pub struct CredentialDetail {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
     /// One page of versions, newest first, destroyed ones included (at most `limit`, default
-    /// 100).
+    /// 100). A destroyed version is listed until it is more than
+    /// `store.keep_destroyed_versions` (default 100) behind the newest.
     pub versions: Vec<VersionView>,
     /// When older versions remain: pass as `cursor` for the next page of `versions`; `null`
     /// on the last page.

@@ -928,10 +928,21 @@ async fn put_tx(
         ))
         .await
         .map_err(pg_err)?;
+    // Tombstone retention: deletes the destroyed versions more than `keep_destroyed` numbers
+    // behind this one, after the retirement (so a version retired just now counts too).
+    let trim = tx
+        .prepare_cached(
+            "DELETE FROM versions WHERE credential_id = $1 AND version < $2 AND state = 1",
+        )
+        .await
+        .map_err(pg_err)?;
+    let trim_bound = i64::from(nv.version) - i64::from(nv.keep_destroyed);
+    let trim_bound_param = i32::try_from(trim_bound).unwrap_or(i32::MAX);
     let kek_version = i64::from(nv.kek.version);
     let keep = i64::from(nv.max_versions) - 1;
-    // The three statements are independent of each other's results: send them pipelined
-    // (tokio-postgres keeps their order on the wire) and wait once.
+    // The four statements are independent of each other's results: send them pipelined
+    // (tokio-postgres keeps their order on the wire: each is sent when `join!` first polls
+    // it, in the order written) and wait once.
     let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&cred.id, &version, &now];
     let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
         &cred.id,
@@ -947,10 +958,19 @@ async fn put_tx(
     ];
     let retain_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
         [&now, &cred.id, &version, &keep];
-    let (updated, inserted, retired) = tokio::join!(
+    let trim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+        [&cred.id, &trim_bound_param];
+    let (updated, inserted, retired, trimmed) = tokio::join!(
         tx.execute(&update, &update_params),
         tx.execute(&insert, &insert_params),
         tx.query(&retain, &retain_params),
+        async {
+            if trim_bound > 1 {
+                tx.execute(&trim, &trim_params).await.map(|_| ())
+            } else {
+                Ok(())
+            }
+        },
     );
     updated.map_err(pg_err)?;
     match inserted {
@@ -958,6 +978,7 @@ async fn put_tx(
         Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict { latest }),
         Err(e) => return Err(pg_err(e)),
     }
+    trimmed.map_err(pg_err)?;
     let mut retired = retired
         .map_err(pg_err)?
         .iter()

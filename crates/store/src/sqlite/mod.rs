@@ -1041,12 +1041,26 @@ fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutco
             retired.push(version_from_db(version)?);
         }
     }
+    // Tombstone retention, after the retirements so that a version retired just now counts
+    // too. A range of the (credential, version) index: the rows below the bound are the
+    // tombstones that became due with this put and any old version still active.
+    let bound = i64::from(nv.version) - i64::from(nv.keep_destroyed);
+    if bound > 1 {
+        conn.prepare_cached(TRIM_TOMBSTONES)
+            .map_err(db_err)?
+            .execute(params![id, bound])
+            .map_err(db_err)?;
+    }
     retired.sort_unstable();
     Ok(PutOutcome {
         version: nv.version,
         retired,
     })
 }
+
+/// A put's tombstone retention (see [`NewVersion::keep_destroyed`]).
+const TRIM_TOMBSTONES: &str =
+    "DELETE FROM versions WHERE credential_id = ?1 AND version < ?2 AND state = 1";
 
 const COUNT_LIVE_UP_TO: &str = "SELECT count(*) FROM (SELECT 1 FROM credentials
                                    WHERE owner = ?1 AND deleted = 0 LIMIT ?2)";
@@ -2994,7 +3008,8 @@ mod tests {
     }
 
     /// A page of versions is one range of the `(credential_id, version)` index, in index
-    /// order (no sort, so the LIMIT stops the scan), and a create's quota count walks the
+    /// order (no sort, so the LIMIT stops the scan), so is a put's tombstone trim, and a
+    /// create's quota count walks the
     /// owner's part of the `(owner, name)` index: neither reads what it does not answer.
     #[tokio::test]
     async fn bounded_reads_use_their_index() {
@@ -3006,6 +3021,13 @@ mod tests {
                 && page.contains("(credential_id=? AND version<?)")
                 && !page.contains("TEMP B-TREE"),
             "{page}"
+        );
+        // A put's tombstone retention: the rows below its bound, not the credential's all.
+        let trim = plan(&store, TRIM_TOMBSTONES).await;
+        assert!(
+            trim.contains("SEARCH versions USING")
+                && trim.contains("(credential_id=? AND version<?)"),
+            "{trim}"
         );
         let count = plan(&store, COUNT_LIVE_UP_TO).await;
         assert!(

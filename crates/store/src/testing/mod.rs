@@ -90,6 +90,7 @@ macro_rules! conformance_tests {
             destroy_version_erases_bytes,
             destroy_credential_continues_numbering,
             retention_destroys_oldest_first,
+            tombstones_beyond_the_window_are_deleted,
             rewrap_iteration_and_compare_and_swap,
             counts_by_kek_cover_active_versions_only,
             schema_too_new_is_refused,

@@ -575,6 +575,99 @@ pub async fn retention_destroys_oldest_first(b: &dyn TestBackend) {
     );
 }
 
+/// A put deletes the rows of destroyed versions more than `keep_destroyed` numbers behind
+/// it, whoever destroyed them (retention, the owner, a whole destroy), in the same
+/// transaction, and never an active version; numbers are still never reused.
+pub async fn tombstones_beyond_the_window_are_deleted(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let put_with = |version: u32, max_versions: u32, keep_destroyed: u32| {
+        let mut nv = new_version("o", "n", version);
+        nv.max_versions = max_versions;
+        nv.keep_destroyed = keep_destroyed;
+        nv
+    };
+    let listed = |c: &crate::Credential| -> Vec<(u32, VersionState)> {
+        c.versions.iter().map(|v| (v.version, v.state)).collect()
+    };
+    use VersionState::{Active, Destroyed};
+    // Retention destroys 1, 2, 3; the window of 2 behind v5 keeps 3 only.
+    for v in 1..=5 {
+        s.put_version(put_with(v, 2, 2)).await.unwrap();
+    }
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(listed(&c), [(5, Active), (4, Active), (3, Destroyed)]);
+    assert!(matches!(
+        s.get_version("o", "n", Some(3)).await,
+        Err(StoreError::VersionDestroyed)
+    ));
+    for gone in [1, 2] {
+        assert_eq!(b.raw_secret_columns("o", "n", gone).await.unwrap(), None);
+        assert_not_found(s.get_version("o", "n", Some(gone)).await);
+        assert_not_found(s.destroy_version("o", "n", gone, t0()).await);
+        assert_not_found(s.set_current("o", "n", gone, t0()).await);
+    }
+    let page = s.get_credential_page("o", "n", None, 10).await.unwrap();
+    assert_eq!(page.versions.len(), 3);
+    assert_eq!(s.latest_version("o", "n").await.unwrap(), 5);
+    assert_conflict(s.put_version(new_version("o", "n", 1)).await, 5);
+
+    // Active versions stay however old; a version the owner destroyed goes at the next put
+    // past its window, and one retired by this very put counts too (window 0).
+    s.put_version(put_with(6, 10, 100)).await.unwrap();
+    assert!(s.destroy_version("o", "n", 5, t0()).await.unwrap());
+    let out = s.put_version(put_with(7, 3, 0)).await.unwrap();
+    assert_eq!(out.retired, Vec::<u32>::new(), "7, 6 and 4 fit in 3");
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(listed(&c), [(7, Active), (6, Active), (4, Active)]);
+    let out = s.put_version(put_with(8, 2, 0)).await.unwrap();
+    assert_eq!(out.retired, vec![4, 6]);
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(listed(&c), [(8, Active), (7, Active)]);
+    for gone in [3, 4, 5, 6] {
+        assert_eq!(b.raw_secret_columns("o", "n", gone).await.unwrap(), None);
+    }
+
+    // A credential destroyed as a whole keeps its tombstones (no put runs) until it is
+    // created again; the re-creating put trims them like any other.
+    s.destroy_credential("o", "n", t0()).await.unwrap();
+    assert_eq!(
+        b.raw_secret_columns("o", "n", 8).await.unwrap(),
+        Some((Vec::new(), Vec::new()))
+    );
+    s.put_version(put_with(9, 10, 1)).await.unwrap();
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(listed(&c), [(9, Active), (8, Destroyed)]);
+    assert_eq!(c.summary.current_version, Some(9));
+
+    // Another credential of the same owner, and the same name of another owner, are not
+    // touched by these puts.
+    for v in 1..=3 {
+        let mut nv = new_version("o", "other", v);
+        nv.max_versions = 1;
+        s.put_version(nv).await.unwrap();
+        let mut nv = new_version("p", "n", v);
+        nv.max_versions = 1;
+        s.put_version(nv).await.unwrap();
+    }
+    s.put_version(put_with(10, 1, 0)).await.unwrap();
+    for (owner, name) in [("o", "other"), ("p", "n")] {
+        let c = s.get_credential(owner, name).await.unwrap();
+        assert_eq!(c.versions.len(), 3, "{owner}/{name}: {:?}", listed(&c));
+    }
+    let c = s.get_credential("o", "n").await.unwrap();
+    assert_eq!(listed(&c), [(10, Active)]);
+
+    // The default keeps DEFAULT_KEEP_DESTROYED numbers of history.
+    let n = crate::DEFAULT_KEEP_DESTROYED + 5;
+    for v in 1..=n {
+        put(&*s, "o", "default", v).await;
+    }
+    let c = s.get_credential("o", "default").await.unwrap();
+    assert_eq!(c.versions.len(), crate::DEFAULT_KEEP_DESTROYED as usize + 1);
+    assert_eq!(c.versions.last().unwrap().version, 5);
+    assert_eq!(c.versions.last().unwrap().state, Destroyed);
+}
+
 pub async fn rewrap_iteration_and_compare_and_swap(b: &dyn TestBackend) {
     let s = open(b).await;
     let (a1, a2, b1) = (kek(1), kek(2), KekRef::new("transit", "k9", 1));
@@ -1039,9 +1132,11 @@ pub async fn random_operations_match_a_model(b: &dyn TestBackend) {
                     _ => None,
                 };
                 let max_versions = 1 + next(4) as u32;
+                let keep_destroyed = [0, 1, 3, 8, 100][next(5) as usize];
                 let mut nv = new_version(owner, name, version);
                 nv.expected_current = expected;
                 nv.max_versions = max_versions;
+                nv.keep_destroyed = keep_destroyed;
                 let got = outcome(s.put_version(nv).await, |o| Outcome::Retired(o.retired));
                 let want = if expected.is_some_and(|e| e != current.unwrap_or(0)) {
                     Outcome::Mismatch(current)
@@ -1071,6 +1166,8 @@ pub async fn random_operations_match_a_model(b: &dyn TestBackend) {
                     for v in &retired {
                         m.versions.insert(*v, false);
                     }
+                    m.versions
+                        .retain(|v, active| *active || *v + keep_destroyed >= version);
                     Outcome::Retired(retired)
                 };
                 (got, want)
@@ -1180,19 +1277,23 @@ pub async fn random_operations_match_a_model(b: &dyn TestBackend) {
             (got, want) => panic!("step {step}: current {want:?}, store says {got:?}"),
         }
     }
-    // Destroyed versions hold no bytes.
+    // Destroyed versions hold no bytes, and the tombstones trimmed away have no row.
+    let mut trimmed = 0;
     for (k, m) in model.iter().enumerate() {
         let (owner, name) = keys[k];
-        for (v, active) in &m.versions {
-            let raw = b
-                .raw_secret_columns(owner, name, *v)
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(raw.0.is_empty(), !active, "{owner}/{name} v{v}");
-            assert_eq!(raw.1.is_empty(), !active, "{owner}/{name} v{v}");
+        for v in 1..=m.latest {
+            let raw = b.raw_secret_columns(owner, name, v).await.unwrap();
+            match (m.versions.get(&v), raw) {
+                (Some(active), Some(raw)) => {
+                    assert_eq!(raw.0.is_empty(), !active, "{owner}/{name} v{v}");
+                    assert_eq!(raw.1.is_empty(), !active, "{owner}/{name} v{v}");
+                }
+                (None, None) => trimmed += 1,
+                (want, got) => panic!("{owner}/{name} v{v}: model {want:?}, row {got:?}"),
+            }
         }
     }
+    assert!(trimmed > 0, "the walk never trimmed a tombstone");
 }
 
 // ---- the audit log -----------------------------------------------------------------------
