@@ -1351,3 +1351,137 @@ fn archive_on_postgres() {
     assert!(verify_pg().0);
     exec(&format!("RESET search_path; DROP SCHEMA {schema} CASCADE"));
 }
+
+/// `--before AGE` is that long before now: a year back, the cut is what the same time
+/// written out gives (every record of the 2023 setup, none of the ones written today); an
+/// age past every record archives nothing; a malformed one is a usage error.
+#[test]
+fn archive_by_age_is_the_time_that_long_ago() {
+    let dir = populate(40);
+    let data = dir.path().join("data");
+    let out_dir = tempfile::tempdir().unwrap();
+    let file = out_dir.path().join("audit.jsonl");
+    let dry = |before: &str| {
+        let (ok, out, err) = run(
+            &[
+                "audit",
+                "archive",
+                "--before",
+                before,
+                "--output",
+                file.to_str().unwrap(),
+                "--dry-run",
+            ],
+            &data,
+        );
+        assert!(ok, "{before}: {err}");
+        out
+    };
+    let year_ago = time::OffsetDateTime::now_utc() - time::Duration::days(365);
+    let by_age = dry("365d");
+    let by_time = dry(&rfc3339(year_ago.unix_timestamp()));
+    assert!(by_age.contains("would archive records 1.."), "{by_age}");
+    assert_eq!(by_age, by_time);
+    // The newest record older than a year, and every record before it.
+    let cut = query_i64(
+        &data,
+        &format!(
+            "SELECT max(seq) FROM audit_records WHERE time_ms < {}",
+            year_ago.unix_timestamp() * 1000
+        ),
+    );
+    let last = query_i64(&data, "SELECT max(seq) FROM audit_records");
+    assert!(cut > 1 && cut < last, "{cut} of {last}");
+    assert!(
+        by_age.contains(&format!("would archive records 1..{cut} ")),
+        "{by_age}"
+    );
+    // Older than every record: nothing.
+    let out = dry("1000w");
+    assert!(out.contains("nothing to archive"), "{out}");
+    let out = strongroom()
+        .args(["audit", "archive", "--before", "0d", "--output"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("age of 0"));
+    assert!(!file.exists());
+}
+
+/// The command `deploy/systemd/strongroom-audit-archive.service` runs every day, as systemd
+/// would run it (its `%%` unescaped, its environment set, the paths moved under temporary
+/// directories): it archives what is older than 90 days into today's file, which verifies,
+/// and the store's log verifies from there on.
+#[test]
+fn the_daily_archive_unit_runs_an_archive_that_verifies() {
+    let dir = populate(40);
+    let data = dir.path().join("data");
+    let archives = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/systemd/strongroom-audit-archive.service"),
+    )
+    .unwrap();
+    let moved = |s: &str| {
+        s.replace("%%", "%")
+            .replace(
+                "/usr/local/bin/strongroom",
+                env!("CARGO_BIN_EXE_strongroom"),
+            )
+            .replace(
+                "/var/lib/strongroom-audit",
+                archives.path().to_str().unwrap(),
+            )
+            .replace("/var/lib/strongroom", data.to_str().unwrap())
+    };
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let mut command = Command::new("/bin/sh");
+    command.arg("-c").arg(moved(exec));
+    command.env_clear().env("PATH", "/usr/bin:/bin");
+    for (key, value) in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+    {
+        // No configuration file here: the data directory's dev layout stands for it.
+        if key != "STRONGROOM_CONFIG" {
+            command.env(key, moved(value));
+        }
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("archived records 1.."), "{stdout}");
+    let today = time::OffsetDateTime::now_utc().date();
+    let file = archives.path().join(format!("audit-{today}.jsonl"));
+    assert!(file.exists(), "{stdout}");
+    let (ok, out, err) = run(
+        &["audit", "verify", "--file", file.to_str().unwrap()],
+        &data,
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run(&["audit", "verify"], &data);
+    assert!(ok, "{out}{err}");
+    // Nothing older than 90 days is left in the store.
+    let cutoff = (time::OffsetDateTime::now_utc() - time::Duration::days(90)).unix_timestamp();
+    assert_eq!(
+        query_i64(
+            &data,
+            &format!(
+                "SELECT count(*) FROM audit_records WHERE time_ms < {}",
+                cutoff * 1000
+            )
+        ),
+        0
+    );
+}

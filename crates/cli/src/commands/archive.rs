@@ -61,21 +61,64 @@ pub enum Before {
     Seq(u64),
 }
 
-/// Parses `--before`: a sequence number (digits) or an RFC 3339 time.
+/// Parses `--before`: a sequence number (digits), an RFC 3339 time, or an age (digits and a
+/// unit: `90d` is 90 days before now), so that a timer can run the same command every day.
 pub fn parse_before(s: &str) -> Result<Before, String> {
+    parse_before_at(s, OffsetDateTime::now_utc())
+}
+
+fn parse_before_at(s: &str, now: OffsetDateTime) -> Result<Before, String> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return s
             .parse::<u64>()
             .map(Before::Seq)
             .map_err(|_| format!("{s:?}: sequence number out of range"));
     }
+    if let Some(age) = parse_age(s)? {
+        return now
+            .checked_sub(age)
+            .map(Before::Time)
+            .ok_or_else(|| format!("{s:?}: age out of range"));
+    }
     OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map(Before::Time)
         .map_err(|_| {
             format!(
-                "{s:?} is neither a sequence number nor an RFC 3339 time (2026-01-31T00:00:00Z)"
+                "{s:?} is neither a sequence number, an RFC 3339 time (2026-01-31T00:00:00Z) nor \
+                 an age (90d, 12h, 2w)"
             )
         })
+}
+
+/// `Some(age)` for digits followed by one of `s`, `m`, `h`, `d`, `w` (at least 1), `None` for
+/// anything else (then it may be a time).
+fn parse_age(s: &str) -> Result<Option<time::Duration>, String> {
+    let Some((unit_at, unit)) = s.char_indices().last() else {
+        return Ok(None);
+    };
+    let digits = &s[..unit_at];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    let seconds_per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        'w' => 604_800,
+        _ => return Ok(None),
+    };
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: age out of range"))?;
+    if n == 0 {
+        return Err(format!(
+            "{s:?}: an age of 0 would archive up to now; give a sequence number or a time to mean that"
+        ));
+    }
+    n.checked_mul(seconds_per)
+        .map(|secs| Some(time::Duration::seconds(secs)))
+        .ok_or_else(|| format!("{s:?}: age out of range"))
 }
 
 /// `audit archive` options.
@@ -84,9 +127,10 @@ pub struct ArchiveArgs {
     /// Where the store and keys are.
     #[command(flatten)]
     pub target: OperatorTarget,
-    /// Archive the records older than this RFC 3339 time (2026-01-31T00:00:00Z), or numbered
-    /// below this sequence number.
-    #[arg(long, value_name = "TIME|SEQ", value_parser = parse_before)]
+    /// Archive the records older than this RFC 3339 time (2026-01-31T00:00:00Z) or this age
+    /// (digits and s, m, h, d or w: `90d` is 90 days before now, for a daily timer), or
+    /// numbered below this sequence number.
+    #[arg(long, value_name = "TIME|AGE|SEQ", value_parser = parse_before)]
     pub before: Before,
     /// The archive file to write (must not exist, unless it is the one an interrupted run of
     /// this command left: then that run is finished). Made with mode 0600, beside
@@ -897,4 +941,66 @@ fn verify_file_and_report(
         );
     }
     Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> Result<Before, String> {
+        parse_before_at(
+            s,
+            OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap(),
+        )
+    }
+
+    fn time(unix: i64) -> Before {
+        Before::Time(OffsetDateTime::from_unix_timestamp(unix).unwrap())
+    }
+
+    #[test]
+    fn before_takes_a_seq_a_time_or_an_age() {
+        assert_eq!(at("101"), Ok(Before::Seq(101)));
+        assert_eq!(at("2026-01-31T00:00:00Z"), Ok(time(1_769_817_600)));
+        assert_eq!(at("90d"), Ok(time(2_000_000_000 - 90 * 86_400)));
+        assert_eq!(at("2w"), Ok(time(2_000_000_000 - 2 * 604_800)));
+        assert_eq!(at("12h"), Ok(time(2_000_000_000 - 12 * 3_600)));
+        assert_eq!(at("30m"), Ok(time(2_000_000_000 - 1_800)));
+        assert_eq!(at("45s"), Ok(time(2_000_000_000 - 45)));
+        // The clock is read when the command starts.
+        let Ok(Before::Time(t)) = parse_before("1d") else {
+            panic!("1d")
+        };
+        let age = OffsetDateTime::now_utc() - t;
+        assert!(
+            age >= time::Duration::days(1)
+                && age < time::Duration::days(1) + time::Duration::minutes(1),
+            "{age}"
+        );
+    }
+
+    #[test]
+    fn before_refuses_what_it_cannot_read() {
+        for bad in [
+            "",
+            "0d",
+            "d",
+            "-5d",
+            "5 d",
+            "5D",
+            "5y",
+            "1.5d",
+            "d5",
+            "90dd",
+            "99999999999999999999d",
+            "9223372036854775807w",
+            "2026-01-31",
+        ] {
+            let e = at(bad).expect_err(bad);
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        assert!(at("0d").unwrap_err().contains("age of 0"));
+        // An age that reaches before the year -9999 is out of range, not a panic.
+        assert!(at("99999999w").unwrap_err().contains("out of range"));
+    }
 }
