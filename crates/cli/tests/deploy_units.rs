@@ -3,8 +3,10 @@
 //! check fails only where the service needs it to (listed below, with the reason), so a
 //! hardening line removed or weakened fails this test.
 //!
-//! Needs `systemd-analyze` (Debian's `systemd` package, which `scripts/test` installs); without
-//! it the tests say so and pass, unless `STRONGROOM_REQUIRE_SYSTEMD_ANALYZE=1`.
+//! Needs `systemd-analyze` from systemd 250 or later (`security --offline`; Debian 12's
+//! `systemd` package, which `scripts/test` installs); without it the tests say so and pass,
+//! unless `STRONGROOM_REQUIRE_SYSTEMD_ANALYZE=1`. Analysed only: nothing here runs under
+//! systemd.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -110,7 +110,7 @@ pub use types::{
     Change, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion, Page, PutOutcome,
     ReadMark, RewrapItem, SealedVersion, ServedVersion, VersionInfo, VersionState,
     DEFAULT_KEEP_DESTROYED, DEFAULT_MAX_CREDENTIALS_PER_OWNER, DEFAULT_MAX_VERSIONS, MAX_NAME_LEN,
-    MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN, MAX_WRAPPED_KEY_LEN,
+    MAX_OWNER_LEN, MAX_PAGE_LIMIT, MAX_SEALED_LEN, MAX_WRAPPED_KEY_LEN, TRIM_TOMBSTONES_PER_PUT,
 };
 
 /// The newest database schema version this build knows (both backends).
@@ -131,9 +131,9 @@ pub trait Store: Send + Sync + Debug {
     /// In the same transaction, retention: while the credential has more than
     /// `new.max_versions` active versions, its oldest non-current active version is
     /// destroyed (listed in [`PutOutcome::retired`]). Then the rows of destroyed versions
-    /// more than `new.keep_destroyed` numbers behind the new one are deleted (their
-    /// tombstones, metadata included, no longer listed; reads of them are
-    /// [`StoreError::NotFound`]).
+    /// more than `new.keep_destroyed` numbers behind the new one are deleted, oldest first,
+    /// at most [`TRIM_TOMBSTONES_PER_PUT`] (their tombstones, metadata included, no longer
+    /// listed; reads of them are [`StoreError::NotFound`]).
     ///
     /// # Errors
     ///
@@ -179,7 +179,8 @@ pub trait Store: Send + Sync + Debug {
 
     /// A credential's facts and all its versions (newest first), without secret bytes.
     /// Destroyed versions stay listed as tombstones until a put removes them (see
-    /// [`NewVersion::keep_destroyed`]), so this can hold hundreds of versions: for answers to clients, use
+    /// [`NewVersion::keep_destroyed`], up to 100,000 behind the newest), so this can hold
+    /// that many versions: for answers to clients, use
     /// [`get_credential_page`](Store::get_credential_page).
     ///
     /// # Errors

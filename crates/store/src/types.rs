@@ -12,6 +12,10 @@ pub const DEFAULT_MAX_VERSIONS: u32 = 10;
 /// version stays listed as a tombstone. With the product's 8 KiB of metadata per version,
 /// a credential's tombstones stay under 1 MiB.
 pub const DEFAULT_KEEP_DESTROYED: u32 = 100;
+/// The most tombstones one put deletes (see [`NewVersion::keep_destroyed`]): a backlog (the
+/// first puts after an upgrade, or after the window was lowered) goes over the following
+/// puts instead of in one long transaction that would hold the writer.
+pub const TRIM_TOMBSTONES_PER_PUT: u32 = 256;
 /// The usual per-owner quota of live credentials (see [`NewVersion::max_credentials`]): far
 /// above what one user keeps (a credential per third-party service), low enough that one
 /// owner cannot fill the store (at most about 640 MiB of sealed values with the product's
@@ -109,10 +113,11 @@ pub struct NewVersion {
     pub max_versions: u32,
     /// Tombstone retention: after the insert (and the retention above), the rows of destroyed
     /// versions more than this many numbers behind the new version are deleted, metadata
-    /// and all: a destroyed version `v` goes once `version - v > keep_destroyed`. Active
-    /// versions are never deleted, and numbering never reuses a number (the credential row
-    /// keeps the latest). [`DEFAULT_KEEP_DESTROYED`] unless the caller says otherwise; 0
-    /// deletes every destroyed version's row at the next put.
+    /// and all: a destroyed version `v` goes once `version - v > keep_destroyed`, the oldest
+    /// first and at most [`TRIM_TOMBSTONES_PER_PUT`] per put. Active versions are never
+    /// deleted, and numbering never reuses a number (the credential row keeps the latest).
+    /// [`DEFAULT_KEEP_DESTROYED`] unless the caller says otherwise; 0 deletes every destroyed
+    /// version's row at the next put.
     pub keep_destroyed: u32,
     /// Per-owner quota: when this put creates the credential (or re-creates one destroyed as
     /// a whole) and the owner already has this many live credentials, the put fails with

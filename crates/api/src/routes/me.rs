@@ -25,7 +25,7 @@ type ApiResult<T> = Result<T, ApiError>;
     params(("name" = String, Path, description = "Credential name, [a-z0-9][a-z0-9._-]{0,127}")),
     request_body = PutBody,
     responses(
-        (status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed; destroyed versions more than store.keep_destroyed_versions (default 100) behind this one are no longer listed", body = PutResponse),
+        (status = 201, description = "Stored; the value is never returned. Beyond store.max_versions (default 10) active versions, the oldest one that is not current is destroyed; destroyed versions more than store.keep_destroyed_versions (default 100) behind this one are no longer listed or readable (404)", body = PutResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 429, description = "rate_limited: more than limits.puts_per_owner_per_minute (default 600) puts to this owner's credentials in the last minute, by the user and services together; nothing is written", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may put again"))), 
         (status = 409, description = "version_conflict: expected_version is stale; or quota_exceeded: the put would create a credential, and the owner already has store.max_credentials_per_owner (default 1000) live ones (nothing is written; new versions of existing credentials are never refused, and destroying a credential frees its slot)", body = ErrorBody),
         (status = 413, body = ErrorBody),

@@ -85,29 +85,31 @@ fn parse_before_at(s: &str, now: OffsetDateTime) -> Result<Before, String> {
         .map_err(|_| {
             format!(
                 "{s:?} is neither a sequence number, an RFC 3339 time (2026-01-31T00:00:00Z) nor \
-                 an age (90d, 12h, 2w)"
+                 an age (90d, 12h, 2w, 30min, 45s)"
             )
         })
 }
 
-/// `Some(age)` for digits followed by one of `s`, `m`, `h`, `d`, `w` (at least 1), `None` for
-/// anything else (then it may be a time).
+/// `Some(age)` for digits followed by a unit (`s`, `min`, `h`, `d`, `w`; at least 1), `None`
+/// for anything else (then it may be a time). Not `m`: read as months, it would archive
+/// nearly everything.
 fn parse_age(s: &str) -> Result<Option<time::Duration>, String> {
-    let Some((unit_at, unit)) = s.char_indices().last() else {
+    let units: [(&str, i64); 5] = [
+        ("min", 60),
+        ("s", 1),
+        ("h", 3_600),
+        ("d", 86_400),
+        ("w", 604_800),
+    ];
+    let Some((digits, seconds_per)) = units
+        .iter()
+        .find_map(|(unit, per)| s.strip_suffix(unit).map(|digits| (digits, *per)))
+    else {
         return Ok(None);
     };
-    let digits = &s[..unit_at];
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Ok(None);
     }
-    let seconds_per = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3_600,
-        'd' => 86_400,
-        'w' => 604_800,
-        _ => return Ok(None),
-    };
     let n: i64 = digits
         .parse()
         .map_err(|_| format!("{s:?}: age out of range"))?;
@@ -128,7 +130,7 @@ pub struct ArchiveArgs {
     #[command(flatten)]
     pub target: OperatorTarget,
     /// Archive the records older than this RFC 3339 time (2026-01-31T00:00:00Z) or this age
-    /// (digits and s, m, h, d or w: `90d` is 90 days before now, for a daily timer), or
+    /// (digits and s, min, h, d or w: `90d` is 90 days before now, for a daily timer), or
     /// numbered below this sequence number.
     #[arg(long, value_name = "TIME|AGE|SEQ", value_parser = parse_before)]
     pub before: Before,
@@ -965,7 +967,7 @@ mod tests {
         assert_eq!(at("90d"), Ok(time(2_000_000_000 - 90 * 86_400)));
         assert_eq!(at("2w"), Ok(time(2_000_000_000 - 2 * 604_800)));
         assert_eq!(at("12h"), Ok(time(2_000_000_000 - 12 * 3_600)));
-        assert_eq!(at("30m"), Ok(time(2_000_000_000 - 1_800)));
+        assert_eq!(at("30min"), Ok(time(2_000_000_000 - 1_800)));
         assert_eq!(at("45s"), Ok(time(2_000_000_000 - 45)));
         // The clock is read when the command starts.
         let Ok(Before::Time(t)) = parse_before("1d") else {
@@ -989,6 +991,9 @@ mod tests {
             "5 d",
             "5D",
             "5y",
+            "6m",
+            "5mins",
+            "min",
             "1.5d",
             "d5",
             "90dd",

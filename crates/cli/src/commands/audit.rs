@@ -83,7 +83,7 @@ The cut: --before SEQ archives the records numbered below SEQ. --before TIME arc
 newest record older than TIME and every record before it: record times follow their numbers \
 only nearly (several nodes, clock steps), so a few records just before the cut may be at or \
 after TIME; no record older than TIME stays. The newest record is never archived (the chain \
-head names it). --before AGE (90d, 12h, 2w) is the time that long before now, so that a \
+head names it). --before AGE (90d, 12h, 2w, 30min) is the time that long before now, so that a \
 daily timer can run the same command (deploy/systemd has one).\n\n\
 Interrupted (killed, a crash, the store gone), the log still verifies: run the same command \
 again, with the same --output, and it finishes. A run holds a lock on FILE.lock throughout: \

@@ -46,7 +46,7 @@ use crate::types::{
 use crate::{
     validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
     Page, PutOutcome, RewrapItem, SealedVersion, Store, StoreError, VersionInfo, VersionState,
-    MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
+    MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION, TRIM_TOMBSTONES_PER_PUT,
 };
 
 const _: () = assert!(schema::MIGRATIONS.len() == SCHEMA_VERSION as usize);
@@ -929,10 +929,14 @@ async fn put_tx(
         .await
         .map_err(pg_err)?;
     // Tombstone retention: deletes the destroyed versions more than `keep_destroyed` numbers
-    // behind this one, after the retirement (so a version retired just now counts too).
+    // behind this one, oldest first and at most TRIM_TOMBSTONES_PER_PUT (a backlog after an
+    // upgrade goes over the following puts), after the retirement (so a version retired
+    // just now counts too).
     let trim = tx
         .prepare_cached(
-            "DELETE FROM versions WHERE credential_id = $1 AND version < $2 AND state = 1",
+            "DELETE FROM versions WHERE id IN (
+                 SELECT id FROM versions WHERE credential_id = $1 AND version < $2 AND state = 1
+                 ORDER BY version LIMIT $3)",
         )
         .await
         .map_err(pg_err)?;
@@ -940,9 +944,10 @@ async fn put_tx(
     let trim_bound_param = i32::try_from(trim_bound).unwrap_or(i32::MAX);
     let kek_version = i64::from(nv.kek.version);
     let keep = i64::from(nv.max_versions) - 1;
-    // The four statements are independent of each other's results: send them pipelined
-    // (tokio-postgres keeps their order on the wire: each is sent when `join!` first polls
-    // it, in the order written) and wait once.
+    // Send the four statements pipelined and wait once. None needs another's result, but
+    // the trim must run after the retirement: tokio-postgres sends each statement when
+    // `join!` first polls it, in the order written, and the server runs them in that order
+    // (the suite's window-0 case fails if they are swapped).
     let update_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&cred.id, &version, &now];
     let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
         &cred.id,
@@ -958,8 +963,9 @@ async fn put_tx(
     ];
     let retain_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
         [&now, &cred.id, &version, &keep];
-    let trim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-        [&cred.id, &trim_bound_param];
+    let trim_limit = i64::from(TRIM_TOMBSTONES_PER_PUT);
+    let trim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&cred.id, &trim_bound_param, &trim_limit];
     let (updated, inserted, retired, trimmed) = tokio::join!(
         tx.execute(&update, &update_params),
         tx.execute(&insert, &insert_params),
@@ -978,12 +984,14 @@ async fn put_tx(
         Err(e) if is_unique_violation(&e) => return Err(StoreError::Conflict { latest }),
         Err(e) => return Err(pg_err(e)),
     }
-    trimmed.map_err(pg_err)?;
+    // In the order sent: a failed retirement aborts the transaction, and the trim's error
+    // would only say so.
     let mut retired = retired
         .map_err(pg_err)?
         .iter()
         .map(|r| r.try_get::<_, i32>(0).map_err(pg_err).and_then(ver_from))
         .collect::<Result<Vec<u32>, _>>()?;
+    trimmed.map_err(pg_err)?;
     retired.sort_unstable();
     Ok(PutOutcome {
         version: nv.version,

@@ -57,6 +57,7 @@ use crate::{
     validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
     Page, PutOutcome, ReadMark, RewrapItem, SealedVersion, ServedVersion, Store, StoreError,
     VersionInfo, VersionState, MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
+    TRIM_TOMBSTONES_PER_PUT,
 };
 use cache::{Changes, Freshness, VersionCache};
 use writer::{Job, WriteJob};
@@ -1042,14 +1043,28 @@ fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutco
         }
     }
     // Tombstone retention, after the retirements so that a version retired just now counts
-    // too. A range of the (credential, version) index: the rows below the bound are the
-    // tombstones that became due with this put and any old version still active.
+    // too. A range of the (credential, version) index, oldest first: the rows below the bound
+    // are the tombstones that became due with this put (more after an upgrade: hence the
+    // cap) and any old version still active. Read, then deleted by rowid, as retention does.
     let bound = i64::from(nv.version) - i64::from(nv.keep_destroyed);
     if bound > 1 {
-        conn.prepare_cached(TRIM_TOMBSTONES)
+        let due = conn
+            .prepare_cached(DUE_TOMBSTONES)
             .map_err(db_err)?
-            .execute(params![id, bound])
+            .query_map(params![id, bound, TRIM_TOMBSTONES_PER_PUT], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(db_err)?
+            .collect::<Result<Vec<i64>, _>>()
             .map_err(db_err)?;
+        if !due.is_empty() {
+            let mut delete = conn
+                .prepare_cached("DELETE FROM versions WHERE id = ?1")
+                .map_err(db_err)?;
+            for row in due {
+                delete.execute([row]).map_err(db_err)?;
+            }
+        }
     }
     retired.sort_unstable();
     Ok(PutOutcome {
@@ -1058,9 +1073,10 @@ fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutco
     })
 }
 
-/// A put's tombstone retention (see [`NewVersion::keep_destroyed`]).
-const TRIM_TOMBSTONES: &str =
-    "DELETE FROM versions WHERE credential_id = ?1 AND version < ?2 AND state = 1";
+/// A put's tombstone retention (see [`NewVersion::keep_destroyed`]): the rows it deletes.
+const DUE_TOMBSTONES: &str = "SELECT id FROM versions
+                              WHERE credential_id = ?1 AND version < ?2 AND state = 1
+                              ORDER BY version LIMIT ?3";
 
 const COUNT_LIVE_UP_TO: &str = "SELECT count(*) FROM (SELECT 1 FROM credentials
                                    WHERE owner = ?1 AND deleted = 0 LIMIT ?2)";
@@ -3023,10 +3039,11 @@ mod tests {
             "{page}"
         );
         // A put's tombstone retention: the rows below its bound, not the credential's all.
-        let trim = plan(&store, TRIM_TOMBSTONES).await;
+        let trim = plan(&store, DUE_TOMBSTONES).await;
         assert!(
             trim.contains("SEARCH versions USING")
-                && trim.contains("(credential_id=? AND version<?)"),
+                && trim.contains("(credential_id=? AND version<?)")
+                && !trim.contains("TEMP B-TREE"),
             "{trim}"
         );
         let count = plan(&store, COUNT_LIVE_UP_TO).await;

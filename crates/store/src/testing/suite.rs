@@ -657,6 +657,35 @@ pub async fn tombstones_beyond_the_window_are_deleted(b: &dyn TestBackend) {
     let c = s.get_credential("o", "n").await.unwrap();
     assert_eq!(listed(&c), [(10, Active)]);
 
+    // A backlog (tombstones kept by an older release, or under a larger window) goes at most
+    // TRIM_TOMBSTONES_PER_PUT a put, oldest first, so no put holds the store for long.
+    let per_put = crate::TRIM_TOMBSTONES_PER_PUT;
+    let backlog = |version: u32, keep_destroyed: u32| {
+        let mut nv = new_version("o", "backlog", version);
+        nv.max_versions = 1;
+        nv.keep_destroyed = keep_destroyed;
+        nv
+    };
+    let n = per_put + 44;
+    for v in 1..=n {
+        s.put_version(backlog(v, 100_000)).await.unwrap();
+    }
+    s.put_version(backlog(n + 1, 0)).await.unwrap();
+    let c = s.get_credential("o", "backlog").await.unwrap();
+    assert_eq!(
+        c.versions.len(),
+        45,
+        "the newest, and 44 tombstones left over"
+    );
+    assert_eq!(c.versions.last().unwrap().version, per_put + 1);
+    assert_eq!(
+        b.raw_secret_columns("o", "backlog", per_put).await.unwrap(),
+        None
+    );
+    s.put_version(backlog(n + 2, 0)).await.unwrap();
+    let c = s.get_credential("o", "backlog").await.unwrap();
+    assert_eq!(listed(&c), [(n + 2, Active)]);
+
     // The default keeps DEFAULT_KEEP_DESTROYED numbers of history.
     let n = crate::DEFAULT_KEEP_DESTROYED + 5;
     for v in 1..=n {
