@@ -45,9 +45,15 @@ pub fn start_dev_with_open_files(data: &Path, soft: u32, hard: u32) -> DevServer
 
 /// A dev server started under `prlimit` with `limits` (`--core=unlimited`, …).
 pub fn start_dev_with_limits(data: &Path, limits: &[&str]) -> DevServer {
+    start_dev_under(data, "prlimit", limits)
+}
+
+/// A dev server started by `program` with `args` before the binary (a wrapper that runs it:
+/// `prlimit`, `strace`, …).
+pub fn start_dev_under(data: &Path, program: &str, args: &[&str]) -> DevServer {
     let stderr = data.with_extension("stderr.log");
-    let mut command = Command::new("prlimit");
-    command.args(limits).arg(binary());
+    let mut command = Command::new(program);
+    command.args(args).arg(binary());
     spawn_command(
         command,
         data,
