@@ -182,10 +182,12 @@ fn syscall_group(group: &str) -> BTreeSet<String> {
     calls
 }
 
-/// The filter the server unit sets, read from it: its allowed groups minus its denied ones.
-fn unit_filter() -> BTreeSet<String> {
+/// The filter `unit` sets, read from it: its allowed groups minus its denied ones.
+fn unit_filter(unit: &str) -> BTreeSet<String> {
     let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd/strongroom.service"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/systemd")
+            .join(unit),
     )
     .unwrap();
     let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
@@ -304,7 +306,45 @@ fn the_server_needs_no_system_call_or_mapping_the_unit_forbids() {
     // strace exits with its child's status: the server stopped cleanly.
     assert!(status.success(), "{status}");
 
-    let text = std::fs::read_to_string(&trace).unwrap();
+    let used = assert_within_filter(&trace, "strongroom.service");
+    assert!(
+        used.contains("accept4") && used.contains("fsync"),
+        "{used:?}"
+    );
+
+    // An archive (the daily unit's command, cut by seq: every record here is seconds old)
+    // over what the server wrote.
+    let archive = dir.path().join("trace-archive.out");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-o", archive.to_str().unwrap()])
+        .arg(env!("CARGO_BIN_EXE_strongroom"))
+        .args(["audit", "archive", "--before", "3", "--output"])
+        .arg(dir.path().join("audit.jsonl"))
+        .env_remove("STRONGROOM_CONFIG")
+        .env("STRONGROOM_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("archived records 1.."),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let used = assert_within_filter(&archive, "strongroom-audit-archive.service");
+    assert!(
+        used.contains("flock") && used.contains("rename"),
+        "{used:?}"
+    );
+}
+
+/// The system calls an `strace -f` output shows, after checking them against `unit`'s filter
+/// and that no mapping was both writable and executable (`MemoryDenyWriteExecute=yes`).
+fn assert_within_filter(trace: &Path, unit: &str) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(trace).unwrap();
     let mut used = BTreeSet::new();
     for line in text.lines() {
         // "PID name(args) = result", or "PID <... name resumed>".
@@ -318,13 +358,9 @@ fn the_server_needs_no_system_call_or_mapping_the_unit_forbids() {
             used.insert(name);
         }
     }
-    assert!(
-        used.contains("accept4") && used.contains("fsync"),
-        "{used:?}"
-    );
-    let allowed = unit_filter();
+    let allowed = unit_filter(unit);
     // SQLite gives a new journal file the database's owner when it runs as root (this test
-    // may, the unit never does) and ignores a refusal.
+    // may, the units never do) and ignores a refusal.
     let running_as_root = rustix::process::geteuid().is_root();
     let outside: Vec<&String> = used
         .iter()
@@ -333,12 +369,12 @@ fn the_server_needs_no_system_call_or_mapping_the_unit_forbids() {
         .collect();
     assert!(
         outside.is_empty(),
-        "system calls the unit's filter refuses: {outside:?}"
+        "system calls {unit}'s filter refuses: {outside:?}"
     );
-    // MemoryDenyWriteExecute=yes: no mapping both writable and executable.
     let wx: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("PROT_EXEC") && l.contains("PROT_WRITE"))
         .collect();
     assert!(wx.is_empty(), "writable and executable mappings: {wx:?}");
+    used
 }
