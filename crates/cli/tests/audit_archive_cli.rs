@@ -1413,8 +1413,8 @@ fn archive_by_age_is_the_time_that_long_ago() {
 
 /// The command `deploy/systemd/strongroom-audit-archive.service` runs every day, as systemd
 /// would run it (its `%%` unescaped, its environment set, the paths moved under temporary
-/// directories): it archives what is older than 90 days into today's file, which verifies,
-/// and the store's log verifies from there on.
+/// directories): it archives what is older than 90 days into the directory's first file,
+/// which verifies, and the store's log verifies from there on.
 #[test]
 fn the_daily_archive_unit_runs_an_archive_that_verifies() {
     let dir = populate(40);
@@ -1462,8 +1462,7 @@ fn the_daily_archive_unit_runs_an_archive_that_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("archived records 1.."), "{stdout}");
-    let today = time::OffsetDateTime::now_utc().date();
-    let file = archives.path().join(format!("audit-{today}.jsonl"));
+    let file = archives.path().join("audit-000000000001.jsonl");
     assert!(file.exists(), "{stdout}");
     let (ok, out, err) = run(
         &["audit", "verify", "--file", file.to_str().unwrap()],
@@ -1484,4 +1483,122 @@ fn the_daily_archive_unit_runs_an_archive_that_verifies() {
         ),
         0
     );
+}
+
+/// `--output-dir`: each archive is named by its first record, so a later run writes the next
+/// file, a run with nothing new writes none, the files verify in name order, a run stopped
+/// before it anchored is finished by the same command whatever the day, and runs into one
+/// directory take turns.
+#[test]
+fn archive_into_a_directory_names_files_by_their_first_record() {
+    let dir = populate(300);
+    let data = dir.path().join("data");
+    // A copy of the store as it is now: below, a run on it "crashes" after writing its
+    // files but before anchoring the log (its files are the first run's).
+    let crashed = copy_dir(&data);
+    let archives = tempfile::tempdir().unwrap();
+    let into = |data: &Path, before: &str, dir: &Path| {
+        run(
+            &[
+                "audit",
+                "archive",
+                "--before",
+                before,
+                "--output-dir",
+                dir.to_str().unwrap(),
+            ],
+            data,
+        )
+    };
+    let files = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".jsonl"))
+            .collect();
+        names.sort();
+        names
+    };
+
+    let (ok, out, err) = into(&data, "101", archives.path());
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archived records 1..100"), "{out}");
+    assert_eq!(files(archives.path()), ["audit-000000000001.jsonl"]);
+
+    // The crashed copy: its files are there, its log is not anchored. The same command
+    // finishes that archive under the same name.
+    let crashed_archives = tempfile::tempdir().unwrap();
+    for name in [
+        "audit-000000000001.jsonl",
+        "audit-000000000001.jsonl.anchor.json",
+    ] {
+        std::fs::copy(
+            archives.path().join(name),
+            crashed_archives.path().join(name),
+        )
+        .unwrap();
+    }
+    let (ok, out, err) = into(crashed.path(), "101", crashed_archives.path());
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("finished the interrupted archive"), "{out}");
+    assert_eq!(files(crashed_archives.path()), ["audit-000000000001.jsonl"]);
+    assert!(verify(crashed.path()).0);
+
+    // The next run writes the next file; one with nothing new writes none.
+    let (ok, out, err) = into(&data, "201", archives.path());
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("archived records 101..200"), "{out}");
+    let (ok, out, err) = into(&data, "201", archives.path());
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("nothing to archive"), "{out}");
+    let names = files(archives.path());
+    assert_eq!(
+        names,
+        ["audit-000000000001.jsonl", "audit-000000000101.jsonl"]
+    );
+    // In name order they are oldest first, as `verify --file` wants them.
+    let mut args = vec!["audit".to_owned(), "verify".to_owned()];
+    for name in &names {
+        args.push("--file".into());
+        args.push(archives.path().join(name).to_str().unwrap().to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = run(&args, &data);
+    assert!(ok, "{out}{err}");
+    // One --file takes them all, as a shell glob gives them; swapped, they fail.
+    let paths: Vec<String> = names
+        .iter()
+        .map(|n| archives.path().join(n).to_str().unwrap().to_owned())
+        .collect();
+    let (ok, glob_out, err) = run(&["audit", "verify", "--file", &paths[0], &paths[1]], &data);
+    assert!(ok, "{glob_out}{err}");
+    assert_eq!(glob_out, out);
+    let (ok, swapped, err) = run(&["audit", "verify", "--file", &paths[1], &paths[0]], &data);
+    assert!(!ok, "{swapped}{err}");
+    assert!(verify(&data).0);
+
+    // Runs into one directory take turns.
+    let held = hold_lock(&archives.path().join("audit-archive"));
+    let (ok, out, err) = into(&data, "301", archives.path());
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("another `audit archive` run is writing"),
+        "{err}"
+    );
+    drop(held);
+
+    // One of --output and --output-dir, not both, not neither.
+    for extra in [
+        vec!["--output-dir", "/tmp", "--output", "/tmp/x.jsonl"],
+        vec![],
+    ] {
+        let out = strongroom()
+            .args(["audit", "archive", "--before", "301"])
+            .args(&extra)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+    }
 }

@@ -137,8 +137,21 @@ pub struct ArchiveArgs {
     /// The archive file to write (must not exist, unless it is the one an interrupted run of
     /// this command left: then that run is finished). Made with mode 0600, beside
     /// FILE.anchor.json.
-    #[arg(long, visible_alias = "out", value_name = "FILE")]
-    pub output: PathBuf,
+    #[arg(
+        long,
+        visible_alias = "out",
+        value_name = "FILE",
+        required_unless_present = "output_dir",
+        conflicts_with = "output_dir"
+    )]
+    pub output: Option<PathBuf>,
+    /// Instead of --output: write the archive into this existing directory, named by the
+    /// first record it holds (`audit-000000000001.jsonl`), so that the same command run again,
+    /// on any day, finishes an interrupted run's file, a later run writes the next one, and
+    /// `audit verify --file DIR/audit-*.jsonl` takes them oldest first. Runs into one
+    /// directory take turns (`DIR/audit-archive.lock`).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
     /// Records removed per transaction (1 to 4096): a server keeps writing in between.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub batch: u32,
@@ -149,6 +162,20 @@ pub struct ArchiveArgs {
 
 fn op(e: impl std::fmt::Display) -> Failure {
     CliError::Operation(format!("audit archive: {e}")).into()
+}
+
+/// The archive file: `--output`, or in `--output-dir` the name of the first record after the
+/// store's anchor (where this run's file starts), zero-padded so that names sort in order.
+fn output_file(args: &ArchiveArgs, anchor: Option<&Anchor>) -> PathBuf {
+    match (&args.output, &args.output_dir) {
+        (Some(file), _) => file.clone(),
+        (None, dir) => {
+            let first = anchor.map_or(0, |a| a.seq) + 1;
+            dir.as_deref()
+                .unwrap_or(Path::new("."))
+                .join(format!("audit-{first:012}.jsonl"))
+        }
+    }
 }
 
 /// `FILE.anchor.json`.
@@ -257,11 +284,15 @@ pub async fn run(args: ArchiveArgs) -> Result<(), Failure> {
     if args.batch == 0 || args.batch > 4096 {
         return Err(CliError::Usage("--batch must be 1 to 4096".into()).into());
     }
-    // Before anything is recorded or written; held until the run's last record is in.
-    let _lock = if args.dry_run {
-        None
-    } else {
-        Some(lock_output(&args.output)?)
+    // Before anything is recorded or written; held until the run's last record is in. With
+    // --output-dir the file's name depends on the store, so the lock is the directory's.
+    let _lock = match (&args.output, &args.output_dir) {
+        _ if args.dry_run => None,
+        (Some(file), _) => Some(lock_output(file)?),
+        (None, Some(dir)) => Some(lock_output(&dir.join("audit-archive"))?),
+        (None, None) => {
+            return Err(CliError::Usage("--output or --output-dir is needed".into()).into())
+        }
     };
     let backends = args.target.open_existing().await?;
     let result = archive(&backends, &args).await;
@@ -311,7 +342,7 @@ async fn archive(
     let anchor = current_anchor(log.as_ref(), &key)
         .await
         .map_err(Stop::NotStarted)?;
-    let file = &args.output;
+    let file = &output_file(args, anchor.as_ref());
     let resuming = file.exists();
     if args.dry_run {
         return dry_run(log.as_ref(), &args.before, anchor.as_ref(), resuming, file)

@@ -45,8 +45,10 @@ pub enum AuditCommand {
         /// start (version 1) names only the end, and is refused unless
         /// --accept-version-1-anchor is given. Give it once per archive, oldest first, to
         /// also check that they follow one another without a gap (none missing, swapped or
-        /// out of order), and see where the store's log goes on.
-        #[arg(long, value_name = "FILE")]
+        /// out of order), and see where the store's log goes on. One --file may take several
+        /// files: `--file DIR/audit-*.jsonl` for what `audit archive --output-dir DIR` wrote
+        /// (their names sort oldest first).
+        #[arg(long, value_name = "FILE", num_args = 1..)]
         file: Vec<PathBuf>,
         /// With --file: also check an archive whose anchor file is version 1 (written before
         /// anchors covered the start, or made from the store's own anchor row, which has that
@@ -86,7 +88,8 @@ after TIME; no record older than TIME stays. The newest record is never archived
 head names it). --before AGE (90d, 12h, 2w, 30min) is the time that long before now, so that a \
 daily timer can run the same command (deploy/systemd has one).\n\n\
 Interrupted (killed, a crash, the store gone), the log still verifies: run the same command \
-again, with the same --output, and it finishes. A run holds a lock on FILE.lock throughout: \
+again, with the same --output (or --output-dir), and it finishes. --output-dir DIR names each \
+file by its first record, so a scheduled run needs no date in the name. A run holds a lock on FILE.lock throughout: \
 a second run with the same --output meanwhile stops at once, recording and writing nothing. \
 Recorded in the log as `audit.archive` (started, then ok or error).",
         after_help = "Examples:\n  strongroom audit archive --config /etc/strongroom/strongroom.toml \
