@@ -3023,10 +3023,10 @@ mod tests {
             .unwrap()
     }
 
-    /// A page of versions is one range of the `(credential_id, version)` index, in index
-    /// order (no sort, so the LIMIT stops the scan), so is a put's tombstone trim, and a
-    /// create's quota count walks the
-    /// owner's part of the `(owner, name)` index: neither reads what it does not answer.
+    /// A page of versions and a put's tombstone trim are each one range of the
+    /// `(credential_id, version)` index, in index order (no sort, so the LIMIT stops the
+    /// scan), and a create's quota count walks the owner's part of the `(owner, name)` index:
+    /// none reads what it does not answer.
     #[tokio::test]
     async fn bounded_reads_use_their_index() {
         let dir = tempfile::tempdir().unwrap();
