@@ -220,6 +220,17 @@ fn the_server_needs_no_system_call_or_mapping_the_unit_forbids() {
         "strace",
         &["-f", "-qq", "-o", trace.to_str().unwrap()],
     );
+    // Signals go to the server, strace's child (strace itself would not pass them on); and
+    // if this test fails half-way, the server goes too (dropping `server` stops strace only).
+    let tracer = server.child.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
+    let pid = children
+        .split_whitespace()
+        .next()
+        .expect("strace's child")
+        .to_owned();
+    let _reaper = KillOnDrop(pid.clone());
     let client = server.client(&data);
     let (user, service, admin) = (
         server.export("ALICE"),
@@ -272,15 +283,6 @@ fn the_server_needs_no_system_call_or_mapping_the_unit_forbids() {
     // No connection left open for the graceful stop to wait for.
     drop(client);
     drop(rt);
-    // Signals go to the server, strace's child (strace itself would not pass them on).
-    let tracer = server.child.id();
-    let children =
-        std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
-    let pid = children
-        .split_whitespace()
-        .next()
-        .expect("strace's child")
-        .to_owned();
     let signal = |name: &str| {
         assert!(Command::new("kill")
             .args([name, &pid])
@@ -339,6 +341,18 @@ fn the_server_needs_no_system_call_or_mapping_the_unit_forbids() {
         used.contains("flock") && used.contains("rename"),
         "{used:?}"
     );
+}
+
+/// Sends SIGKILL to a process when dropped (a no-op once it has exited).
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// The system calls an `strace -f` output shows, after checking them against `unit`'s filter
