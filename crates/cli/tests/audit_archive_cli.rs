@@ -1587,6 +1587,16 @@ fn archive_into_a_directory_names_files_by_their_first_record() {
     );
     drop(held);
 
+    // A directory that is not there is a usage error, and nothing is recorded.
+    let records = query_i64(&data, "SELECT count(*) FROM audit_records");
+    let (ok, out, err) = into(&data, "301", &archives.path().join("missing"));
+    assert!(!ok, "{out}");
+    assert!(err.contains("no such directory"), "{err}");
+    assert_eq!(
+        query_i64(&data, "SELECT count(*) FROM audit_records"),
+        records
+    );
+
     // One of --output and --output-dir, not both, not neither.
     for extra in [
         vec!["--output-dir", "/tmp", "--output", "/tmp/x.jsonl"],

@@ -50,10 +50,6 @@ const ACCEPTED: [(&str, &str); 7] = [
     ),
 ];
 
-fn analyzer() -> Option<()> {
-    tools(&["systemd-analyze"])
-}
-
 /// `Some` when every one of `programs` runs here; else skipped, or a failure when required.
 fn tools(programs: &[&str]) -> Option<()> {
     for program in programs {
@@ -73,10 +69,15 @@ fn tools(programs: &[&str]) -> Option<()> {
     Some(())
 }
 
+/// `deploy/systemd` in the repository.
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd")
+}
+
 /// The units, copied with their binary path pointed at the one under test (verify checks
 /// that the program exists).
 fn units() -> (tempfile::TempDir, Vec<PathBuf>) {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd");
+    let source = deploy_dir();
     let dir = tempfile::tempdir().unwrap();
     let paths = UNITS
         .iter()
@@ -96,7 +97,7 @@ fn units() -> (tempfile::TempDir, Vec<PathBuf>) {
 
 #[test]
 fn systemd_reads_the_units_without_a_warning() {
-    if analyzer().is_none() {
+    if tools(&["systemd-analyze"]).is_none() {
         return;
     }
     let (_dir, paths) = units();
@@ -112,7 +113,7 @@ fn systemd_reads_the_units_without_a_warning() {
 
 #[test]
 fn the_services_fail_no_sandbox_check_they_do_not_need_to() {
-    if analyzer().is_none() {
+    if tools(&["systemd-analyze"]).is_none() {
         return;
     }
     let (_dir, paths) = units();
@@ -184,12 +185,7 @@ fn syscall_group(group: &str) -> BTreeSet<String> {
 
 /// The filter `unit` sets, read from it: its allowed groups minus its denied ones.
 fn unit_filter(unit: &str) -> BTreeSet<String> {
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/systemd")
-            .join(unit),
-    )
-    .unwrap();
+    let unit = std::fs::read_to_string(deploy_dir().join(unit)).unwrap();
     let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
     for value in unit
         .lines()
@@ -293,18 +289,7 @@ fn the_server_needs_no_system_call_or_mapping_the_unit_forbids() {
     signal("-HUP");
     server.stderr_with("SIGHUP");
     signal("-TERM");
-    let mut server = server;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let status = server.wait();
     // strace exits with its child's status: the server stopped cleanly.
     assert!(status.success(), "{status}");
 

@@ -157,6 +157,14 @@ impl NewVersion {
         }
     }
 
+    /// Tombstone retention's bound: destroyed versions numbered below it are due (see
+    /// [`NewVersion::keep_destroyed`]); `None` when no version can be.
+    pub(crate) fn tombstones_due_below(&self) -> Option<u32> {
+        self.version
+            .checked_sub(self.keep_destroyed)
+            .filter(|&bound| bound > 1)
+    }
+
     pub(crate) fn validate(&self) -> Result<(), StoreError> {
         validate_owner_name(&self.owner, &self.name)?;
         if self.version == 0 {

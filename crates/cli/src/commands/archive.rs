@@ -164,16 +164,42 @@ fn op(e: impl std::fmt::Display) -> Failure {
     CliError::Operation(format!("audit archive: {e}")).into()
 }
 
-/// The archive file: `--output`, or in `--output-dir` the name of the first record after the
-/// store's anchor (where this run's file starts), zero-padded so that names sort in order.
-fn output_file(args: &ArchiveArgs, anchor: Option<&Anchor>) -> PathBuf {
-    match (&args.output, &args.output_dir) {
-        (Some(file), _) => file.clone(),
-        (None, dir) => {
-            let first = anchor.map_or(0, |a| a.seq) + 1;
-            dir.as_deref()
-                .unwrap_or(Path::new("."))
-                .join(format!("audit-{first:012}.jsonl"))
+/// Where a run writes: `--output`, or a file in `--output-dir` (clap requires exactly one).
+enum Destination<'a> {
+    File(&'a Path),
+    Dir(&'a Path),
+}
+
+impl ArchiveArgs {
+    fn destination(&self) -> Destination<'_> {
+        match (&self.output, &self.output_dir) {
+            (Some(file), _) => Destination::File(file),
+            (None, Some(dir)) => Destination::Dir(dir),
+            (None, None) => unreachable!("clap requires --output or --output-dir"),
+        }
+    }
+}
+
+impl Destination<'_> {
+    /// What the run locks before it records or writes anything: the file's lock, or with
+    /// --output-dir (whose file name depends on the store) the directory's.
+    fn lock_target(&self) -> PathBuf {
+        match self {
+            Destination::File(file) => file.to_path_buf(),
+            Destination::Dir(dir) => dir.join("audit-archive"),
+        }
+    }
+
+    /// The archive file: `--output`, or in `--output-dir` the name of the first record after
+    /// the store's anchor (where this run's file starts), zero-padded so that names sort in
+    /// order.
+    fn file(&self, anchor: Option<&Anchor>) -> PathBuf {
+        match self {
+            Destination::File(file) => file.to_path_buf(),
+            Destination::Dir(dir) => {
+                let first = anchor.map_or(0, |a| a.seq) + 1;
+                dir.join(format!("audit-{first:012}.jsonl"))
+            }
         }
     }
 }
@@ -284,15 +310,20 @@ pub async fn run(args: ArchiveArgs) -> Result<(), Failure> {
     if args.batch == 0 || args.batch > 4096 {
         return Err(CliError::Usage("--batch must be 1 to 4096".into()).into());
     }
-    // Before anything is recorded or written; held until the run's last record is in. With
-    // --output-dir the file's name depends on the store, so the lock is the directory's.
-    let _lock = match (&args.output, &args.output_dir) {
-        _ if args.dry_run => None,
-        (Some(file), _) => Some(lock_output(file)?),
-        (None, Some(dir)) => Some(lock_output(&dir.join("audit-archive"))?),
-        (None, None) => {
-            return Err(CliError::Usage("--output or --output-dir is needed".into()).into())
+    if let Destination::Dir(dir) = args.destination() {
+        if !dir.is_dir() {
+            return Err(CliError::Usage(format!(
+                "--output-dir {}: no such directory (create it first, owner-only)",
+                dir.display()
+            ))
+            .into());
         }
+    }
+    // Before anything is recorded or written; held until the run's last record is in.
+    let _lock = if args.dry_run {
+        None
+    } else {
+        Some(lock_output(&args.destination().lock_target())?)
     };
     let backends = args.target.open_existing().await?;
     let result = archive(&backends, &args).await;
@@ -342,7 +373,7 @@ async fn archive(
     let anchor = current_anchor(log.as_ref(), &key)
         .await
         .map_err(Stop::NotStarted)?;
-    let file = &output_file(args, anchor.as_ref());
+    let file = &args.destination().file(anchor.as_ref());
     let resuming = file.exists();
     if args.dry_run {
         return dry_run(log.as_ref(), &args.before, anchor.as_ref(), resuming, file)

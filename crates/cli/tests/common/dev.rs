@@ -181,13 +181,18 @@ impl DevServer {
     }
 
     /// SIGTERM, then the exit status (within 30 s).
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap()
             .success());
+        self.wait()
+    }
+
+    /// The exit status, once the process ends (within 30 s of this call).
+    pub fn wait(mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -195,7 +200,7 @@ impl DevServer {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("no exit within 30 s of SIGTERM");
+                panic!("no exit within 30 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }

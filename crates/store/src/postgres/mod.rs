@@ -940,8 +940,8 @@ async fn put_tx(
         )
         .await
         .map_err(pg_err)?;
-    let trim_bound = i64::from(nv.version) - i64::from(nv.keep_destroyed);
-    let trim_bound_param = i32::try_from(trim_bound).unwrap_or(i32::MAX);
+    let trim_bound = nv.tombstones_due_below();
+    let trim_bound_param = ver_param(trim_bound.unwrap_or(0));
     let kek_version = i64::from(nv.kek.version);
     let keep = i64::from(nv.max_versions) - 1;
     // Send the four statements pipelined and wait once. None needs another's result, but
@@ -971,7 +971,7 @@ async fn put_tx(
         tx.execute(&insert, &insert_params),
         tx.query(&retain, &retain_params),
         async {
-            if trim_bound > 1 {
+            if trim_bound.is_some() {
                 tx.execute(&trim, &trim_params).await.map(|_| ())
             } else {
                 Ok(())

@@ -1046,8 +1046,7 @@ fn put_tx(conn: &Connection, nv: &NewVersion, metadata: &str) -> Result<PutOutco
     // too. A range of the (credential, version) index, oldest first: the rows below the bound
     // are the tombstones that became due with this put (more after an upgrade: hence the
     // cap) and any old version still active. Read, then deleted by rowid, as retention does.
-    let bound = i64::from(nv.version) - i64::from(nv.keep_destroyed);
-    if bound > 1 {
+    if let Some(bound) = nv.tombstones_due_below() {
         let due = conn
             .prepare_cached(DUE_TOMBSTONES)
             .map_err(db_err)?
