@@ -107,7 +107,6 @@ struct Shared {
     policy: RwLock<Arc<Policy>>,
     limits: ApiLimits,
     metrics: Metrics,
-    verify_limiter: KeyedLimiter,
     /// Every put adds a version row and an audit record; tombstones are trimmed per
     /// credential, but without a bound on the rate, one owner replacing values (or creating
     /// and destroying credentials) in a loop still grows the database fast. (A refused write is still recorded in the audit log, as every request with valid
@@ -134,7 +133,6 @@ impl AppState {
                 std::num::NonZeroU32::new(per_minute).unwrap_or(std::num::NonZeroU32::MIN);
             governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))
         };
-        let verify_limiter = per_owner(limits.verify_per_minute);
         let put_limiter = per_owner(limits.puts_per_owner_per_minute);
         let metrics = Metrics::new();
         auth.bind_metrics(metrics.jwks());
@@ -144,7 +142,6 @@ impl AppState {
             policy: RwLock::new(Arc::new(policy)),
             limits,
             metrics,
-            verify_limiter,
             put_limiter,
             anonymous_audit: AnonymousAudit {
                 per_address: governor::RateLimiter::keyed(governor::Quota::per_minute(
@@ -296,9 +293,20 @@ impl AppState {
         &self.0.limits
     }
 
-    /// One more `verify` for `owner`, or 429 with when to retry.
-    pub(crate) fn admit_verify(&self, owner: &str) -> Result<(), ApiError> {
-        admit(&self.0.verify_limiter, owner)
+    /// One more `verify` for `owner`, or 429 with when to retry. Counted in the store (every
+    /// node shares the allowance, and a restart does not refill it): each call answers
+    /// whether a guess is the value, and N nodes counting apart would allow N times the guesses.
+    pub(crate) async fn admit_verify(&self, owner: &str) -> Result<(), ApiError> {
+        let per_minute = std::num::NonZeroU32::new(self.0.limits.verify_per_minute)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        match self
+            .vault()
+            .take_verify_allowance(owner, per_minute)
+            .await?
+        {
+            None => Ok(()),
+            Some(wait) => Err(ApiError::rate_limited(wait)),
+        }
     }
 
     /// One more put to `owner`'s credentials, or 429 with when to retry.
@@ -306,12 +314,13 @@ impl AppState {
         admit(&self.0.put_limiter, owner)
     }
 
-    /// The server's once-a-minute upkeep of its rate limiters: forgets the owners (verify,
-    /// writes) and client addresses (unauthenticated audit records) whose allowance has
+    /// The server's once-a-minute upkeep of its in-memory rate limiters: forgets the owners
+    /// (puts) and client addresses (unauthenticated audit records) whose allowance has
     /// refilled (the state a newcomer starts with) and gives the memory back, and warns about
     /// the unauthenticated requests counted instead of recorded since the last call. Without
     /// it the limiters grew with every owner and address ever seen. Returns how many owners
-    /// the verify and put limiters still track (an owner in both counts twice).
+    /// the put limiter still tracks. (Verify allowances live in the store, which deletes
+    /// refilled ones as it goes.)
     pub fn prune_rate_limits(&self) -> usize {
         let anonymous = &self.0.anonymous_audit.per_address;
         anonymous.retain_recent();
@@ -343,14 +352,10 @@ impl AppState {
                 "requests without valid credentials past the audit allowance were counted, not recorded one by one (strongroom_audit_unrecorded_anonymous_total)"
             );
         }
-        [&self.0.verify_limiter, &self.0.put_limiter]
-            .into_iter()
-            .map(|limiter| {
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
-                limiter.len()
-            })
-            .sum()
+        let puts = &self.0.put_limiter;
+        puts.retain_recent();
+        puts.shrink_to_fit();
+        puts.len()
     }
 
     /// Whether to record one more request without valid credentials from `client` (see

@@ -478,6 +478,18 @@ async fn verify_as(api: &TestApi, who: String, value: &str) -> Reply {
     .await
 }
 
+/// Asserts that `r` is 429 `rate_limited` and that its Retry-After is 1..=`at_most` seconds.
+fn assert_rate_limited(r: &Reply, at_most: u64) {
+    assert_eq!(
+        (r.status, code(r).as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "{}",
+        r.body
+    );
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=at_most).contains(&retry), "Retry-After: {retry}");
+}
+
 #[tokio::test]
 async fn verify_is_rate_limited_per_owner() {
     let api = api_with(ApiLimits {
@@ -500,18 +512,8 @@ async fn verify_is_rate_limited_per_owner() {
         verify(alice.clone(), "").await.json(),
         json!({"matches": false})
     );
-    let limited = verify(alice.clone(), CANARY).await;
-    assert_eq!(
-        (limited.status, code(&limited).as_str()),
-        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
-    );
     // 3 a minute: the next one is due within 20 s.
-    let retry: u64 = limited.headers["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=20).contains(&retry), "Retry-After: {retry}");
+    assert_rate_limited(&verify(alice.clone(), CANARY).await, 20);
     // Another owner has their own budget.
     assert_eq!(
         verify(user_token("bob"), "x").await.status,
@@ -558,19 +560,8 @@ async fn puts_are_rate_limited_per_owner_and_the_kill_switch_never_is() {
     }
     // The fourth, whichever route, is refused.
     for limited in [put(alice.clone()).await, service_put().await] {
-        assert_eq!(
-            (limited.status, code(&limited).as_str()),
-            (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            "{}",
-            limited.body
-        );
         // 3 a minute: the next one is due within 20 s.
-        let retry: u64 = limited.headers["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!((1..=20).contains(&retry), "Retry-After: {retry}");
+        assert_rate_limited(&limited, 20);
         assert!(!limited.body.contains(CANARY), "{}", limited.body);
     }
     // Nothing was written.
@@ -677,27 +668,36 @@ async fn put_routes_document(api: &TestApi, status: &str, needle: &str) -> serde
     doc
 }
 
-/// The limiter keeps an entry per owner until pruned: pruning forgets the owners whose
+/// The put limiter keeps an entry per owner until pruned: pruning forgets the owners whose
 /// allowance has refilled and keeps the one still limited, whose budget is not reset.
 #[tokio::test]
-async fn pruning_the_verify_limiter_forgets_only_refilled_owners() {
-    // 20 a minute: one call's allowance refills in 3 s, and an owner is forgotten once
-    // their state is that of a fresh one, 6 s after their call. The 50 calls below (a tenth
-    // of a second here) have those 6 s, and the busy owner's last two steps 3 s, however
-    // slow the machine (at 60 a minute, the 1 s of the last steps was once not enough).
+async fn pruning_the_put_limiter_forgets_only_refilled_owners() {
+    // 20 a minute: one put's allowance refills in 3 s, and an owner is forgotten once their
+    // state is that of a fresh one, 6 s after their put. The 50 puts below (well under a
+    // second here) have those 6 s, and the busy owner's last two steps 3 s, however slow
+    // the machine.
     let api = api_with(ApiLimits {
-        verify_per_minute: 20,
+        puts_per_owner_per_minute: 20,
         ..ApiLimits::default()
     })
     .await;
-    let verify = |who: String| {
+    let put = |who: String| {
         let api = &api;
-        async move { verify_as(api, who, "x").await.status }
+        async move {
+            api.call(
+                "PUT",
+                "/v1/me/credentials/k",
+                Some(&who),
+                Some(json!({"value": "v"})),
+            )
+            .await
+            .status
+        }
     };
     for i in 0..50 {
         assert_eq!(
-            verify(user_token(&format!("user-{i}"))).await,
-            StatusCode::NOT_FOUND
+            put(user_token(&format!("user-{i}"))).await,
+            StatusCode::CREATED
         );
     }
     assert_eq!(api.state.prune_rate_limits(), 50, "none has refilled yet");
@@ -707,7 +707,7 @@ async fn pruning_the_verify_limiter_forgets_only_refilled_owners() {
     let busy = user_token("busy");
     let mut limited = false;
     for _ in 0..40 {
-        if verify(busy.clone()).await == StatusCode::TOO_MANY_REQUESTS {
+        if put(busy.clone()).await == StatusCode::TOO_MANY_REQUESTS {
             limited = true;
             break;
         }
@@ -718,7 +718,45 @@ async fn pruning_the_verify_limiter_forgets_only_refilled_owners() {
         1,
         "only the busy owner is kept"
     );
-    assert_eq!(verify(busy).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(put(busy).await, StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// The verify allowance is kept in the store: another node over the same database draws on
+/// the same one, and so does a restarted server. (Counted per process, N nodes would allow
+/// N times the guesses at a value, and every restart would refill them.)
+#[tokio::test]
+async fn the_verify_allowance_is_shared_by_nodes_and_kept_across_restarts() {
+    let limits = ApiLimits {
+        verify_per_minute: 4,
+        ..ApiLimits::default()
+    };
+    let first = api_with(limits.clone()).await;
+    first.seed().await;
+    let second = first.another_node(limits.clone()).await;
+    let alice = user_token("alice");
+    for (i, node) in [&first, &second, &first, &second].into_iter().enumerate() {
+        assert_eq!(
+            verify_as(node, alice.clone(), "guess").await.json(),
+            json!({"matches": false}),
+            "guess {i}"
+        );
+    }
+    for node in [&first, &second] {
+        // 4 a minute: the next one is due within 15 s.
+        assert_rate_limited(&verify_as(node, alice.clone(), CANARY).await, 15);
+    }
+    drop(second);
+    let restarted = first.another_node(limits).await;
+    assert_eq!(
+        verify_as(&restarted, alice.clone(), CANARY).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a restart does not refill the allowance"
+    );
+    // Another owner has their own.
+    assert_eq!(
+        verify_as(&restarted, user_token("bob"), "x").await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]

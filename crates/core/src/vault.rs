@@ -11,8 +11,8 @@ use strongroom_crypto::{
 };
 use strongroom_store::audit::{Event, HeadKey, Record};
 use strongroom_store::{
-    Change, Credential, CredentialSummary, Cursor, NewVersion, Page, ReadMark, ServedVersion,
-    Store, StoreError,
+    Change, Credential, CredentialSummary, Cursor, NewVersion, Page, RateLimit, RateScope,
+    ReadMark, ServedVersion, Store, StoreError,
 };
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
@@ -706,6 +706,25 @@ impl Vault {
             }
             retried = true;
         }
+    }
+
+    /// Takes one `verify` from `owner`'s allowance of `per_minute` a minute: `Ok(None)` when
+    /// taken, else how long until one is free. The allowance is kept in the store, so every
+    /// node of a deployment draws on the same one and a restart does not refill it.
+    ///
+    /// # Errors
+    ///
+    /// Store errors.
+    pub async fn take_verify_allowance(
+        &self,
+        owner: &str,
+        per_minute: std::num::NonZeroU32,
+    ) -> Result<Option<std::time::Duration>, CoreError> {
+        let limit = RateLimit::per_minute(RateScope::Verify, per_minute);
+        Ok(self
+            .store
+            .take_allowance(limit, owner, self.clock.now())
+            .await?)
     }
 
     /// Decrypts a version (`None`: the current one) for a service that policy allows.

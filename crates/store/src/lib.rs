@@ -58,8 +58,9 @@
 //! records the schema. A database written by a newer Strongroom is refused with
 //! [`StoreError::SchemaTooNew`]. Tables: `credentials`, `versions`, `provider_state`
 //! (what key providers keep, see [`Store::put_provider_state`]) and `schema_version`
-//! (schema 1), and the audit log's `audit_records` and `audit_head` (schema 2, see
-//! [`audit`]). The table name prefix `audit` is **reserved** for the audit log.
+//! (schema 1), the audit log's `audit_records` and `audit_head` (schema 2, see
+//! [`audit`]), and `rate_allowances` (schema 8, see [`Store::take_allowance`]). The table
+//! name prefix `audit` is **reserved** for the audit log.
 //!
 //! # Example
 //!
@@ -87,6 +88,7 @@
 // Without a backend only the trait and types remain; their helpers go unused.
 #![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 
+mod allowance;
 pub mod audit;
 mod error;
 mod types;
@@ -104,6 +106,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+pub use allowance::{RateLimit, RateScope};
 pub use audit::{AuditFilter, AuditLog};
 pub use error::{BackendError, StoreError};
 pub use types::{
@@ -114,7 +117,7 @@ pub use types::{
 };
 
 /// The newest database schema version this build knows (both backends).
-pub const SCHEMA_VERSION: u32 = 7;
+pub const SCHEMA_VERSION: u32 = 8;
 
 /// Where credentials live. Every method is one atomic operation.
 ///
@@ -404,6 +407,23 @@ pub trait Store: Send + Sync + Debug {
         expected: Option<&[u8]>,
         value: Vec<u8>,
     ) -> Result<bool, StoreError>;
+
+    /// Takes one request from `key`'s allowance under `limit` at `now`: `Ok(None)` when
+    /// taken, `Ok(Some(wait))` when none is left (nothing taken; `wait` is how long until one
+    /// is). The allowance lives in the store, so every process sharing it (the nodes of a
+    /// PostgreSQL deployment) draws on the same one, and a restart does not refill it. The
+    /// rule is GCRA (see the `allowance` module); takes racing on one key, from any
+    /// process, are applied one after the other.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] for a key that is not a valid owner id.
+    async fn take_allowance(
+        &self,
+        limit: RateLimit,
+        key: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<std::time::Duration>, StoreError>;
 
     /// The audit log kept in the same database, if this store keeps one (both built-in
     /// backends do; see [`audit`]).

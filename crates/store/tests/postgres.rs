@@ -69,6 +69,10 @@ impl TestBackend for PgBackend {
     async fn raw_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
         self.helper().await?.testing_audit_time_marks().await
     }
+
+    async fn raw_allowance_rows(&self) -> Result<u64, StoreError> {
+        self.helper().await?.testing_allowance_rows().await
+    }
 }
 
 static SKIP_NOTICE: Once = Once::new();
@@ -149,6 +153,7 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
         "DROP INDEX audit_records_by_owner; DROP TABLE audit_time_marks; DROP TABLE audit_anchor;
          ALTER TABLE audit_head DROP COLUMN max_time_ms, DROP COLUMN max_lag_ms;
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);
+         DROP TABLE rate_allowances;
          UPDATE schema_version SET version = 5;",
     )
     .await

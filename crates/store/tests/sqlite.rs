@@ -56,6 +56,13 @@ impl TestBackend for SqliteBackend {
         store.close().await;
         marks
     }
+
+    async fn raw_allowance_rows(&self) -> Result<u64, StoreError> {
+        let store = SqliteStore::open(self.path(), SqliteOptions::default()).await?;
+        let rows = store.testing_allowance_rows().await;
+        store.close().await;
+        rows
+    }
 }
 
 async fn backend() -> Option<Box<dyn TestBackend>> {
@@ -551,7 +558,7 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
     conn.execute_batch(
         "DROP TABLE audit_by_credential; DROP TABLE audit_index_state;
          DROP TABLE audit_by_principal; DROP TABLE audit_by_owner; DROP TABLE audit_by_name;
-         DROP TABLE audit_time_marks; DROP TABLE audit_anchor;
+         DROP TABLE audit_time_marks; DROP TABLE audit_anchor; DROP TABLE rate_allowances;
          CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
          CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);
@@ -617,6 +624,7 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "DROP TABLE audit_by_owner; DROP TABLE audit_time_marks; DROP TABLE audit_anchor;
+         DROP TABLE rate_allowances;
          ALTER TABLE audit_index_state DROP COLUMN max_time_ms;
          ALTER TABLE audit_index_state DROP COLUMN max_lag_ms;
          CREATE TABLE audit_by_time (time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,

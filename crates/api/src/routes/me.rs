@@ -184,7 +184,7 @@ pub(crate) async fn enable(
 /// Check a candidate against the current value, in constant time. Rate-limited per owner.
 #[utoipa::path(post, path = "/v1/me/credentials/{name}/verify", tag = "user",
     params(("name" = String, Path, description = "Credential name")), request_body = VerifyBody,
-    responses((status = 200, body = VerifyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, description = "version_destroyed: no version is left to compare with", body = ErrorBody), (status = 429, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may verify again")))),
+    responses((status = 200, body = VerifyResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, description = "version_destroyed: no version is left to compare with", body = ErrorBody), (status = 429, description = "rate_limited: more than limits.verify_per_minute (default 30) verify calls for this owner in the last minute, counted across every node of the deployment", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until the owner may verify again")))),
     security(("user_jwt" = [])))]
 pub(crate) async fn verify(
     State(state): State<AppState>,
@@ -193,7 +193,7 @@ pub(crate) async fn verify(
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<VerifyBody>,
 ) -> ApiResult<Json<VerifyResponse>> {
-    state.admit_verify(&owner)?;
+    state.admit_verify(&owner).await?;
     let candidate = SecretBytes::new(body.value.into_bytes());
     let matches = state.vault().verify(&owner, &name, &candidate).await?;
     // An answer about the value is recorded before it leaves, as a reveal is: a guess

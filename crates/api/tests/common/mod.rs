@@ -46,13 +46,25 @@ delegated = true
 pub struct TestApi {
     pub state: AppState,
     pub router: axum::Router,
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
 }
 
 impl TestApi {
     /// The SQLite database file.
     pub fn db_path(&self) -> std::path::PathBuf {
         self._dir.path().join("strongroom.db")
+    }
+
+    /// Another node of the same deployment (or this one restarted): an audited API with
+    /// `limits` and a store of its own over the same database.
+    pub async fn another_node(&self, limits: ApiLimits) -> TestApi {
+        api_in(
+            Arc::clone(&self._dir),
+            limits,
+            Auditing::On,
+            VaultConfig::default(),
+        )
+        .await
     }
 }
 
@@ -199,7 +211,21 @@ pub async fn api_configured(
     auditing: Auditing,
     vault_config: VaultConfig,
 ) -> TestApi {
-    let dir = tempfile::tempdir().unwrap();
+    api_in(
+        Arc::new(tempfile::tempdir().unwrap()),
+        limits,
+        auditing,
+        vault_config,
+    )
+    .await
+}
+
+async fn api_in(
+    dir: Arc<tempfile::TempDir>,
+    limits: ApiLimits,
+    auditing: Auditing,
+    vault_config: VaultConfig,
+) -> TestApi {
     let store = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
     let keys = Arc::new(FakeProvider::new("api-tests", 1));
     let rotating = keys.clone();

@@ -44,9 +44,10 @@ use crate::types::{
     validate_version, version_from_db, Change,
 };
 use crate::{
-    validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
-    Page, PutOutcome, RewrapItem, SealedVersion, Store, StoreError, VersionInfo, VersionState,
-    MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION, TRIM_TOMBSTONES_PER_PUT,
+    allowance, validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef,
+    NewVersion, Page, PutOutcome, RateLimit, RewrapItem, SealedVersion, Store, StoreError,
+    VersionInfo, VersionState, MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
+    TRIM_TOMBSTONES_PER_PUT,
 };
 
 const _: () = assert!(schema::MIGRATIONS.len() == SCHEMA_VERSION as usize);
@@ -1692,6 +1693,65 @@ impl Store for PostgresStore {
         Ok(changed == 1)
     }
 
+    async fn take_allowance(
+        &self,
+        limit: RateLimit,
+        key: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<std::time::Duration>, StoreError> {
+        validate_owner(key)?;
+        let now_us = allowance::to_micros(now)?;
+        let scope = limit.scope.as_str();
+        let client = self.client().await?;
+        // Full allowances go, a few per take (pipelined with the read). `tat_us` is checked
+        // again on the row found: a node that moved it forward meanwhile keeps it.
+        let (interval, tolerance) = (limit.interval_us(), limit.tolerance_us());
+        // One statement under the row's lock, so racing nodes queue on the key instead of
+        // losing compare-and-swap races: the rule of `RateLimit::take`, in SQL (a fresh row is
+        // a full allowance: always taken). No row back: refused, nothing changed.
+        let take_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&scope, &key, &now_us, &interval, &tolerance];
+        let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&now_us, &allowance::PRUNE_PER_TAKE];
+        // Full allowances go, a few per take (pipelined with it). `tat_us` is checked again
+        // on the row found: a take that moved it forward meanwhile keeps it.
+        let (pruned, taken) = tokio::join!(
+            client.execute(
+                "DELETE FROM rate_allowances WHERE tat_us <= $1 AND ctid IN (
+                     SELECT ctid FROM rate_allowances WHERE tat_us <= $1 ORDER BY tat_us LIMIT $2)",
+                &prune_params,
+            ),
+            client.query_opt(
+                "INSERT INTO rate_allowances AS a (scope, key, tat_us)
+                     VALUES ($1, $2, $3::bigint + $4::bigint)
+                 ON CONFLICT (scope, key) DO UPDATE
+                     SET tat_us = greatest(a.tat_us, $3::bigint) + $4::bigint
+                     WHERE greatest(a.tat_us, $3::bigint) + $4::bigint - $3::bigint
+                         <= $5::bigint
+                 RETURNING tat_us",
+                &take_params,
+            )
+        );
+        pruned.map_err(pg_err)?;
+        if taken.map_err(pg_err)?.is_some() {
+            return Ok(None);
+        }
+        let tat: Option<i64> = client
+            .query_opt(
+                "SELECT tat_us FROM rate_allowances WHERE scope = $1 AND key = $2",
+                &[&scope, &key],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(pg_err)?;
+        // Refused: the wait from the state now (had it refilled meanwhile, one interval).
+        Ok(Some(limit.take(tat, now_us).err().unwrap_or(
+            std::time::Duration::from_micros(u64::try_from(interval).unwrap_or(1)),
+        )))
+    }
+
     fn audit_log(&self) -> Option<std::sync::Arc<dyn crate::audit::AuditLog>> {
         Some(std::sync::Arc::new(self.clone()))
     }
@@ -1718,6 +1778,22 @@ impl PostgresStore {
             .iter()
             .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
             .collect()
+    }
+
+    /// Test hook: how many keys have allowance state (rows of `rate_allowances`).
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_allowance_rows(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM rate_allowances", &[])
+            .await
+            .map_err(pg_err)?
+            .try_get(0)
+            .map_err(pg_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Test hook: reads a version's `(sealed_value, wrapped_key)` columns straight from the

@@ -134,4 +134,14 @@ CREATE TABLE audit_anchor (
     mac  BYTEA NOT NULL
 );
 "#,
+    // 8: request allowances (`crate::allowance`), as in SQLite's schema 8.
+    r#"
+CREATE TABLE rate_allowances (
+    scope  TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    tat_us BIGINT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX rate_allowances_by_tat ON rate_allowances (tat_us);
+"#,
 ];

@@ -54,10 +54,10 @@ use crate::types::{
     validate_version, version_from_db, Change,
 };
 use crate::{
-    validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef, NewVersion,
-    Page, PutOutcome, ReadMark, RewrapItem, SealedVersion, ServedVersion, Store, StoreError,
-    VersionInfo, VersionState, MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN, SCHEMA_VERSION,
-    TRIM_TOMBSTONES_PER_PUT,
+    allowance, validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef,
+    NewVersion, Page, PutOutcome, RateLimit, ReadMark, RewrapItem, SealedVersion, ServedVersion,
+    Store, StoreError, VersionInfo, VersionState, MAX_PROVIDER_STATE_LEN, MAX_WRAPPED_KEY_LEN,
+    SCHEMA_VERSION, TRIM_TOMBSTONES_PER_PUT,
 };
 use cache::{Changes, Freshness, VersionCache};
 use writer::{Job, WriteJob};
@@ -1885,6 +1885,49 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn take_allowance(
+        &self,
+        limit: RateLimit,
+        key: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<Duration>, StoreError> {
+        validate_owner(key)?;
+        let now_us = allowance::to_micros(now)?;
+        let key = key.to_owned();
+        // The one writer thread serialises this read-compute-write with every other take,
+        // this process's; other processes wait for the write lock (`BEGIN IMMEDIATE`).
+        self.write(Changes::NoCredential, move |conn| {
+            let scope = limit.scope.as_str();
+            let tat = conn
+                .prepare_cached("SELECT tat_us FROM rate_allowances WHERE scope = ?1 AND key = ?2")
+                .map_err(db_err)?
+                .query_row(params![scope, key], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(db_err)?;
+            conn.prepare_cached(
+                "DELETE FROM rate_allowances WHERE rowid IN (
+                     SELECT rowid FROM rate_allowances WHERE tat_us <= ?1 ORDER BY tat_us LIMIT ?2)",
+            )
+            .map_err(db_err)?
+            .execute(params![now_us, allowance::PRUNE_PER_TAKE])
+            .map_err(db_err)?;
+            match limit.take(tat, now_us) {
+                Ok(next) => {
+                    conn.prepare_cached(
+                        "INSERT INTO rate_allowances (scope, key, tat_us) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (scope, key) DO UPDATE SET tat_us = excluded.tat_us",
+                    )
+                    .map_err(db_err)?
+                    .execute(params![scope, key, next])
+                    .map_err(db_err)?;
+                    Ok(None)
+                }
+                Err(wait) => Ok(Some(wait)),
+            }
+        })
+        .await
+    }
+
     fn audit_log(&self) -> Option<Arc<dyn crate::audit::AuditLog>> {
         Some(Arc::new(self.clone()))
     }
@@ -1948,6 +1991,22 @@ impl SqliteStore {
         })
         .await
         .map_err(join_err)?
+    }
+
+    /// Test hook: how many keys have allowance state (rows of `rate_allowances`).
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_allowance_rows(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT count(*) FROM rate_allowances", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(db_err)
+        })
+        .await
     }
 
     /// Test hook: overwrites the recorded schema version of the database at `path` (to test

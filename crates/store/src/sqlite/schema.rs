@@ -206,4 +206,16 @@ CREATE TABLE audit_anchor (
     swept_upto INTEGER NOT NULL DEFAULT 0
 );
 "#,
+    // 8: request allowances (`crate::allowance`): a key's state is its theoretical arrival
+    // time in Unix microseconds; rows at or before now are full allowances and get deleted,
+    // oldest first, off the index.
+    r#"
+CREATE TABLE rate_allowances (
+    scope  TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    tat_us INTEGER NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX rate_allowances_by_tat ON rate_allowances (tat_us);
+"#,
 ];

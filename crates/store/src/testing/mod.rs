@@ -45,6 +45,10 @@ pub trait TestBackend: Send + Sync {
     /// Every audit time mark `(second, seq)` in the database, in `second` order, read
     /// straight from its table.
     async fn raw_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError>;
+
+    /// How many keys have allowance state in the database (see
+    /// [`Store::take_allowance`]).
+    async fn raw_allowance_rows(&self) -> Result<u64, StoreError>;
 }
 
 /// What a backend's `testing_bulk_load` inserts: credential `i` (for `i` in
@@ -116,6 +120,8 @@ macro_rules! conformance_tests {
             quota_counts_live_credentials_per_owner,
             quota_holds_under_racing_creates,
             credential_versions_come_in_pages,
+            allowances_are_shared_kept_and_refilled,
+            allowance_holds_under_racing_takes,
         );
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {

@@ -2447,3 +2447,122 @@ pub async fn credential_versions_come_in_pages(b: &dyn TestBackend) {
     s.destroy_credential("o", "n", t0()).await.unwrap();
     assert_not_found(s.get_credential_page("o", "n", None, 10).await);
 }
+
+fn allowance(per_minute: u32) -> crate::RateLimit {
+    crate::RateLimit::per_minute(
+        crate::RateScope::Verify,
+        std::num::NonZeroU32::new(per_minute).unwrap(),
+    )
+}
+
+/// Takes `n` from `key`'s allowance at `at`, each on the next of `stores` in turn; panics on
+/// a refusal.
+async fn take_all(
+    stores: &[Arc<dyn Store>],
+    key: &str,
+    limit: crate::RateLimit,
+    n: usize,
+    at: OffsetDateTime,
+) {
+    for i in 0..n {
+        let wait = stores[i % stores.len()]
+            .take_allowance(limit, key, at)
+            .await
+            .unwrap();
+        assert_eq!(wait, None, "take {i} of {n} for {key} was refused");
+    }
+}
+
+/// An allowance is one per key across every store handle (the nodes of a deployment), a
+/// reopened store keeps it, it refills one request per interval, and spent-and-refilled
+/// state is deleted as takes go on.
+pub async fn allowances_are_shared_kept_and_refilled(b: &dyn TestBackend) {
+    let five = allowance(5); // one every 12 s
+    let nodes = [open(b).await, open(b).await, open(b).await];
+    take_all(&nodes, "alice", five, 5, t0()).await;
+    for node in &nodes {
+        assert_eq!(
+            node.take_allowance(five, "alice", t0()).await.unwrap(),
+            Some(std::time::Duration::from_secs(12)),
+            "spent on every node"
+        );
+    }
+    // Another key has its own allowance.
+    take_all(&nodes, "bob", five, 5, t0()).await;
+    drop(nodes);
+
+    // A restart does not refill it.
+    let store = open(b).await;
+    assert_eq!(
+        store
+            .take_allowance(five, "alice", t0() + Duration::seconds(2))
+            .await
+            .unwrap(),
+        Some(std::time::Duration::from_secs(10))
+    );
+    // One more each 12 s, not more.
+    let later = t0() + Duration::seconds(12);
+    assert_eq!(
+        store.take_allowance(five, "alice", later).await.unwrap(),
+        None
+    );
+    assert!(store
+        .take_allowance(five, "alice", later)
+        .await
+        .unwrap()
+        .is_some());
+    // A refusal takes nothing: still due at 24 s.
+    let due = t0() + Duration::seconds(24);
+    assert_eq!(
+        store.take_allowance(five, "alice", due).await.unwrap(),
+        None
+    );
+
+    // An hour on, both are full again: five at once, and the rows of full allowances go.
+    assert_eq!(b.raw_allowance_rows().await.unwrap(), 2);
+    let hour = t0() + Duration::hours(1);
+    take_all(&[Arc::clone(&store)], "carol", five, 1, hour).await;
+    assert_eq!(
+        b.raw_allowance_rows().await.unwrap(),
+        1,
+        "alice's and bob's full allowances deleted, carol's kept"
+    );
+    take_all(&[Arc::clone(&store)], "alice", five, 5, hour).await;
+    assert!(store
+        .take_allowance(five, "alice", hour)
+        .await
+        .unwrap()
+        .is_some());
+
+    // A key is an owner id.
+    for bad in ["", &"x".repeat(MAX_OWNER_LEN + 1)] {
+        assert!(matches!(
+            store.take_allowance(five, bad, hour).await,
+            Err(StoreError::InvalidInput(_))
+        ));
+    }
+}
+
+/// Takes racing on several handles never let more through than the allowance.
+pub async fn allowance_holds_under_racing_takes(b: &dyn TestBackend) {
+    const RACERS: usize = 30;
+    let nodes = [open(b).await, open(b).await, open(b).await];
+    for (round, per_minute) in [(0u32, 7u32), (1, 1), (2, 29)] {
+        let key = format!("racer-{round}");
+        let limit = allowance(per_minute);
+        let takes: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let node = Arc::clone(&nodes[i % nodes.len()]);
+                let key = key.clone();
+                tokio::spawn(async move { node.take_allowance(limit, &key, t0()).await })
+            })
+            .collect();
+        let mut taken = 0;
+        for t in takes {
+            if t.await.unwrap().unwrap().is_none() {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, per_minute as usize, "round {round}");
+    }
+}
