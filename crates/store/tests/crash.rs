@@ -4,6 +4,10 @@
 //! every acknowledged version must be present with exactly its bytes. Half the writers put
 //! with the audit record in the same transaction (`put_version_audited`): after each kill
 //! the audit chain must verify, and their versions and put records must match one for one.
+//! A quarter of the credentials keep 3 active versions and their tombstones 4 numbers back
+//! (`max_versions`, `keep_destroyed`): each put on them also destroys a version and deletes
+//! a row in its transaction, and after each kill their rows must be exactly the window
+//! behind their latest version, which no acknowledged version is ahead of.
 //!
 //! The child is this test binary re-invoked with `STRONGROOM_CRASH_CHILD` set (the test
 //! `crash_child_entry_point` is a no-op otherwise).
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 use strongroom_store::postgres::{PostgresOptions, PostgresStore};
 use strongroom_store::sqlite::{SqliteOptions, SqliteStore};
 use strongroom_store::testing::test_value;
-use strongroom_store::{KekRef, NewVersion, Store, StoreError};
+use strongroom_store::{KekRef, NewVersion, Store, StoreError, VersionState};
 use time::OffsetDateTime;
 
 const CHILD_ENV: &str = "STRONGROOM_CRASH_CHILD";
@@ -47,6 +51,18 @@ fn owner_of(i: u64) -> String {
 
 fn name_of(i: u64) -> String {
     format!("cred.{i}")
+}
+
+/// Active versions a retained credential keeps (see [`retained`]).
+const RETAINED_ACTIVE: u32 = 3;
+/// How many numbers behind its latest version a retained credential keeps tombstones.
+const RETAINED_TOMBSTONES: u32 = 4;
+
+/// Whether credential `i` is put under retention and tombstone trimming. Its puts carry no
+/// audit record, so that the audited ones still match their records one for one (trimming
+/// deletes rows their records outlive).
+fn retained(i: u64) -> bool {
+    i.is_multiple_of(4)
 }
 
 struct Rng(u64);
@@ -143,9 +159,14 @@ fn crash_child_entry_point() {
                         format!("writer{w}"),
                         OffsetDateTime::now_utc(),
                     );
-                    nv.max_versions = 1_000_000;
+                    if retained(i) {
+                        nv.max_versions = RETAINED_ACTIVE;
+                        nv.keep_destroyed = RETAINED_TOMBSTONES;
+                    } else {
+                        nv.max_versions = 1_000_000;
+                    }
                     // Odd writers put with the audit record in the same transaction.
-                    let put = if w % 2 == 1 {
+                    let put = if w % 2 == 1 && !retained(i) {
                         let mut e = audit_event(&owner, &name, version);
                         e.principal_id = format!("writer{w}");
                         store
@@ -302,7 +323,7 @@ async fn verify_audited_puts(store: &dyn Store) {
     }
     assert_eq!(recorded.len() as u64, records);
     let mut stored = std::collections::BTreeSet::new();
-    for i in 0..CREDENTIALS {
+    for i in (0..CREDENTIALS).filter(|&i| !retained(i)) {
         let (owner, name) = (owner_of(i), name_of(i));
         let Ok(c) = store.get_credential(&owner, &name).await else {
             continue;
@@ -317,9 +338,73 @@ async fn verify_audited_puts(store: &dyn Store) {
     assert_eq!(stored, recorded, "audited puts and their records differ");
 }
 
+/// A retained credential's rows are exactly the window behind its latest version: the newest
+/// [`RETAINED_ACTIVE`] active, tombstones back to [`RETAINED_TOMBSTONES`] numbers behind, none
+/// older; no acknowledged version is past the latest. Returns the versions still active
+/// (`None`: the credential has none, and no version of it was acknowledged).
+async fn verify_retained(
+    store: &dyn Store,
+    i: u64,
+    acks: &[Ack],
+) -> Option<std::ops::RangeInclusive<u32>> {
+    let (owner, name) = (owner_of(i), name_of(i));
+    let acked = acks
+        .iter()
+        .filter(|a| a.owner == owner && a.name == name)
+        .map(|a| a.version)
+        .max();
+    let c = match store.get_credential(&owner, &name).await {
+        Ok(c) => c,
+        Err(StoreError::NotFound) => {
+            assert_eq!(
+                acked, None,
+                "LOST: {name} is gone, but versions were acknowledged"
+            );
+            return None;
+        }
+        Err(e) => panic!("{name}: {e}"),
+    };
+    let latest = c.summary.latest_version;
+    assert!(
+        acked <= Some(latest),
+        "LOST: {name} acknowledged {acked:?}, latest {latest}"
+    );
+    assert_eq!(c.summary.current_version, Some(latest), "{name}");
+    let active = latest.saturating_sub(RETAINED_ACTIVE - 1).max(1)..=latest;
+    let kept = latest.saturating_sub(RETAINED_TOMBSTONES).max(1)..=latest;
+    let mut rows: Vec<(u32, VersionState)> =
+        c.versions.iter().map(|v| (v.version, v.state)).collect();
+    let want: Vec<(u32, VersionState)> = kept
+        .rev()
+        .map(|v| {
+            let state = if active.contains(&v) {
+                VersionState::Active
+            } else {
+                VersionState::Destroyed
+            };
+            (v, state)
+        })
+        .collect();
+    rows.sort_by_key(|&(v, _)| std::cmp::Reverse(v));
+    assert_eq!(rows, want, "{name}: rows after the kill (latest {latest})");
+    Some(active)
+}
+
 async fn verify(store: &dyn Store, acks: &[Ack]) {
     verify_audited_puts(store).await;
+    let mut active = BTreeMap::new();
+    for i in (0..CREDENTIALS).filter(|&i| retained(i)) {
+        active.insert(name_of(i), verify_retained(store, i, acks).await);
+    }
     for a in acks {
+        // Retention may have destroyed an acknowledged version of a retained credential
+        // since (by a later put); what is still active must hold its bytes.
+        if active
+            .get(&a.name)
+            .is_some_and(|live| !live.as_ref().is_some_and(|l| l.contains(&a.version)))
+        {
+            continue;
+        }
         let got = store
             .get_version(&a.owner, &a.name, Some(a.version))
             .await
@@ -356,7 +441,8 @@ fn report(backend: &str, kills: usize, all: &BTreeMap<(String, String, u32), u64
     let _ = writeln!(
         std::io::stderr(),
         "crash test ({backend}): {kills} SIGKILLs, {} acknowledged versions verified, 0 lost, \
-         audit chain verified, audited puts and their records one for one, {:.1} s",
+         audit chain verified, audited puts and their records one for one, retained \
+         credentials' rows exactly their window, {:.1} s",
         all.len(),
         t.elapsed().as_secs_f64()
     );
