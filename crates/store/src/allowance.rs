@@ -6,7 +6,8 @@
 //! key's whole state is one instant, its *theoretical arrival time* (TAT). A request at `now`
 //! moves it to `max(TAT, now) + interval`, and is refused, moving nothing, if that lands more
 //! than `burst × interval` after `now`. A TAT at or before `now` is a full allowance, the
-//! same as no row at all, so the backends delete such rows as they go.
+//! same as no row at all, so the backends delete such rows as they go, once they have been
+//! full for [`PRUNE_IDLE_US`] (a key in steady use keeps its row, updated in place).
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -78,8 +79,19 @@ impl RateLimit {
 }
 
 /// How many rows of spent-and-refilled state one take deletes at most: each take adds at most
-/// one row, so the table stays near the number of keys whose allowance is not full.
+/// one row, so the table stays near the number of keys used in the last minute or so.
 pub(crate) const PRUNE_PER_TAKE: i64 = 16;
+
+/// How long a row stays after its allowance is full again before a take deletes it. Without
+/// the wait, a key whose allowance refills between two of its requests (a generous limit)
+/// lost its row to another key's take each time and inserted it again: a delete and an
+/// insert per request instead of an update in place.
+pub(crate) const PRUNE_IDLE_US: i64 = 60_000_000;
+
+/// The TAT at or before which rows are deleted by a take at `now_us`.
+pub(crate) fn prune_before(now_us: i64) -> i64 {
+    now_us.saturating_sub(PRUNE_IDLE_US)
+}
 
 /// Unix microseconds, the stored form of a TAT.
 pub(crate) fn to_micros(t: OffsetDateTime) -> Result<i64, StoreError> {

@@ -1703,8 +1703,6 @@ impl Store for PostgresStore {
         let now_us = allowance::to_micros(now)?;
         let scope = limit.scope.as_str();
         let client = self.client().await?;
-        // Full allowances go, a few per take (pipelined with the read). `tat_us` is checked
-        // again on the row found: a node that moved it forward meanwhile keeps it.
         let (interval, tolerance) = (limit.interval_us(), limit.tolerance_us());
         // One statement under the row's lock, so racing nodes queue on the key instead of
         // losing compare-and-swap races: the rule of `RateLimit::take`, in SQL (a fresh row is
@@ -1712,9 +1710,9 @@ impl Store for PostgresStore {
         let take_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&scope, &key, &now_us, &interval, &tolerance];
         let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&now_us, &allowance::PRUNE_PER_TAKE];
-        // Full allowances go, a few per take (pipelined with it). `tat_us` is checked again
-        // on the row found: a take that moved it forward meanwhile keeps it.
+            [&allowance::prune_before(now_us), &allowance::PRUNE_PER_TAKE];
+        // Allowances full for a minute go, a few per take (pipelined with it). `tat_us` is
+        // checked again on the row found: a take that moved it forward meanwhile keeps it.
         let (pruned, taken) = tokio::join!(
             client.execute(
                 "DELETE FROM rate_allowances WHERE tat_us <= $1 AND ctid IN (

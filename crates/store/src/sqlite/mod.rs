@@ -338,7 +338,11 @@ impl SqliteStore {
             options.wal_size_limit
         ))
         .map_err(db_err)?;
-        conn.set_prepared_statement_cache_capacity(64);
+        // Room for every statement the writer runs (about 70 call sites, some with variants):
+        // past the cache's capacity they are compiled again on every use. A throwaway build
+        // whose puts ran four more statements spent 13 % of the writer's time compiling SQL
+        // at 64 (BENCHMARKS.md, sixteenth session).
+        conn.set_prepared_statement_cache_capacity(256);
         migrate(&conn)?;
 
         // Checkpoints run on their own thread and connection (see `writer::checkpointer`).
@@ -1904,13 +1908,28 @@ impl Store for SqliteStore {
                 .query_row(params![scope, key], |r| r.get::<_, i64>(0))
                 .optional()
                 .map_err(db_err)?;
-            conn.prepare_cached(
-                "DELETE FROM rate_allowances WHERE rowid IN (
-                     SELECT rowid FROM rate_allowances WHERE tat_us <= ?1 ORDER BY tat_us LIMIT ?2)",
-            )
-            .map_err(db_err)?
-            .execute(params![now_us, allowance::PRUNE_PER_TAKE])
-            .map_err(db_err)?;
+            // Read, then deleted by rowid (none, mostly), as retention does: `DELETE ...
+            // WHERE rowid IN (SELECT ...)` builds a temporary table every time.
+            let idle = conn
+                .prepare_cached(
+                    "SELECT rowid FROM rate_allowances WHERE tat_us <= ?1 ORDER BY tat_us LIMIT ?2",
+                )
+                .map_err(db_err)?
+                .query_map(
+                    params![allowance::prune_before(now_us), allowance::PRUNE_PER_TAKE],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(db_err)?
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(db_err)?;
+            if !idle.is_empty() {
+                let mut delete = conn
+                    .prepare_cached("DELETE FROM rate_allowances WHERE rowid = ?1")
+                    .map_err(db_err)?;
+                for row in idle {
+                    delete.execute([row]).map_err(db_err)?;
+                }
+            }
             match limit.take(tat, now_us) {
                 Ok(next) => {
                     conn.prepare_cached(
