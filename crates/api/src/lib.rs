@@ -112,6 +112,10 @@ struct Shared {
     /// and destroying credentials) in a loop still grows the database fast. (A refused write is still recorded in the audit log, as every request with valid
     /// credentials is, but a record is smaller and cheaper than a put.)
     put_limiter: KeyedLimiter,
+    /// This process's own count of `verify` calls, in front of the store's shared one: the
+    /// store counts every node's calls, so whatever this one refuses the store would refuse
+    /// too, and a client hammering verify past its allowance costs no database write.
+    verify_front: KeyedLimiter,
     anonymous_audit: AnonymousAudit,
     auditor: std::sync::OnceLock<Auditor>,
     broker: RwLock<Option<Arc<Broker>>>,
@@ -134,6 +138,7 @@ impl AppState {
             governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))
         };
         let put_limiter = per_owner(limits.puts_per_owner_per_minute);
+        let verify_front = per_owner(limits.verify_per_minute);
         let metrics = Metrics::new();
         auth.bind_metrics(metrics.jwks());
         Self(Arc::new(Shared {
@@ -143,6 +148,7 @@ impl AppState {
             limits,
             metrics,
             put_limiter,
+            verify_front,
             anonymous_audit: AnonymousAudit {
                 per_address: governor::RateLimiter::keyed(governor::Quota::per_minute(
                     std::num::NonZeroU32::new(ANONYMOUS_PER_ADDRESS_PER_MINUTE)
@@ -297,6 +303,7 @@ impl AppState {
     /// node shares the allowance, and a restart does not refill it): each call answers
     /// whether a guess is the value, and N nodes counting apart would allow N times the guesses.
     pub(crate) async fn admit_verify(&self, owner: &str) -> Result<(), ApiError> {
+        admit(&self.0.verify_front, owner)?;
         let per_minute = std::num::NonZeroU32::new(self.0.limits.verify_per_minute)
             .unwrap_or(std::num::NonZeroU32::MIN);
         match self
@@ -319,8 +326,9 @@ impl AppState {
     /// refilled (the state a newcomer starts with) and gives the memory back, and warns about
     /// the unauthenticated requests counted instead of recorded since the last call. Without
     /// it the limiters grew with every owner and address ever seen. Returns how many owners
-    /// the put limiter still tracks. (Verify allowances live in the store, which deletes
-    /// refilled ones as it goes.)
+    /// the put limiter and verify's front limiter still track (an owner in both counts
+    /// twice). (Verify's shared allowances live in the store, which deletes refilled ones as
+    /// it goes.)
     pub fn prune_rate_limits(&self) -> usize {
         let anonymous = &self.0.anonymous_audit.per_address;
         anonymous.retain_recent();
@@ -352,10 +360,14 @@ impl AppState {
                 "requests without valid credentials past the audit allowance were counted, not recorded one by one (strongroom_audit_unrecorded_anonymous_total)"
             );
         }
-        let puts = &self.0.put_limiter;
-        puts.retain_recent();
-        puts.shrink_to_fit();
-        puts.len()
+        [&self.0.put_limiter, &self.0.verify_front]
+            .into_iter()
+            .map(|limiter| {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+                limiter.len()
+            })
+            .sum()
     }
 
     /// Whether to record one more request without valid credentials from `client` (see

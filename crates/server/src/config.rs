@@ -60,7 +60,7 @@
 //! | `limits.request_timeout_seconds` | 30 | longest time a request may take |
 //! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
 //! | `limits.max_body_bytes` | 524288 | request body |
-//! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute, counted in the store: every node shares the allowance, and a restart does not refill it |
+//! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute, counted in the store: every node shares the allowance, and a restart does not refill it (keep the nodes' clocks synchronised) |
 //! | `limits.puts_per_owner_per_minute` | 600 | puts to one owner's credentials per minute, by the user and services together; more get 429 `rate_limited` with `Retry-After` and write nothing. Bounds how fast one owner's version rows grow (a refused put is still recorded in the audit log, as every authenticated request is). Disables, enables, current-version changes and destroys are not limited, so that a service that spends the allowance cannot keep the owner from the kill switch. Counted by each server process (N nodes allow N times this; a restart resets the count); reveals are not limited (policy governs them) |
 //! | `limits.handshake_timeout_seconds` | 10 | TLS handshake; then the start of the first request; then each HTTP/1 head, from its first byte |
 //! | `limits.idle_timeout_seconds` | 60 | a connection with no request in flight for this long is closed (HTTP/1.1 keep-alive and HTTP/2 alike) |

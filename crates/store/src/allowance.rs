@@ -62,10 +62,15 @@ impl RateLimit {
 
     /// One request at `now_us` against a key whose TAT is `tat_us` (`None`: no state, a full
     /// allowance): the new TAT to store, or how long until one request is free again.
+    ///
+    /// A TAT more than the tolerance ahead can only come from a clock that ran ahead (another
+    /// node's, or this one's before it was stepped back); it counts as a spent allowance, not
+    /// as a lock-out for as long as the clock was off.
     pub(crate) fn take(self, tat_us: Option<i64>, now_us: i64) -> Result<i64, Duration> {
         let (interval, tolerance) = (self.interval_us(), self.tolerance_us());
         let next = tat_us
             .unwrap_or(now_us)
+            .min(now_us.saturating_add(tolerance))
             .max(now_us)
             .saturating_add(interval);
         let ahead = next.saturating_sub(now_us);
@@ -149,10 +154,13 @@ mod tests {
         assert_eq!(limit.take(None, i64::MAX), Ok(i64::MAX));
         assert_eq!(limit.take(None, 0), Ok(1));
         let one = RateLimit::per_minute(RateScope::Verify, NonZeroU32::MIN);
-        assert!(
-            one.take(Some(i64::MAX), 0).is_err(),
-            "a TAT far ahead refuses"
-        );
         assert_eq!(one.take(Some(60_000_000), 0), Err(Duration::from_secs(60)));
+        // A TAT far ahead (a clock that ran ahead) is a spent allowance, not a lock-out.
+        assert_eq!(one.take(Some(i64::MAX), 0), Err(Duration::from_secs(60)));
+        let three = three_a_minute();
+        assert_eq!(
+            three.take(Some(3_600_000_000), 0),
+            Err(Duration::from_secs(20))
+        );
     }
 }

@@ -1706,7 +1706,8 @@ impl Store for PostgresStore {
         let (interval, tolerance) = (limit.interval_us(), limit.tolerance_us());
         // One statement under the row's lock, so racing nodes queue on the key instead of
         // losing compare-and-swap races: the rule of `RateLimit::take`, in SQL (a fresh row is
-        // a full allowance: always taken). No row back: refused, nothing changed.
+        // a full allowance: always taken; a TAT past the tolerance counts as at it). No row
+        // back: refused, nothing changed.
         let take_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&scope, &key, &now_us, &interval, &tolerance];
         let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
@@ -1723,14 +1724,17 @@ impl Store for PostgresStore {
                 "INSERT INTO rate_allowances AS a (scope, key, tat_us)
                      VALUES ($1, $2, $3::bigint + $4::bigint)
                  ON CONFLICT (scope, key) DO UPDATE
-                     SET tat_us = greatest(a.tat_us, $3::bigint) + $4::bigint
-                     WHERE greatest(a.tat_us, $3::bigint) + $4::bigint - $3::bigint
-                         <= $5::bigint
+                     SET tat_us = greatest(least(a.tat_us, $3::bigint + $5::bigint), $3::bigint)
+                         + $4::bigint
+                     WHERE greatest(least(a.tat_us, $3::bigint + $5::bigint), $3::bigint)
+                         + $4::bigint - $3::bigint <= $5::bigint
                  RETURNING tat_us",
                 &take_params,
             )
         );
-        pruned.map_err(pg_err)?;
+        // A prune that failed (a lock wait cut short, say) is left to the next take: the
+        // take's own answer stands.
+        let _ = pruned;
         if taken.map_err(pg_err)?.is_some() {
             return Ok(None);
         }

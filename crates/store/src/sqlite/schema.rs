@@ -207,8 +207,8 @@ CREATE TABLE audit_anchor (
 );
 "#,
     // 8: request allowances (`crate::allowance`): a key's state is its theoretical arrival
-    // time in Unix microseconds; rows at or before now are full allowances and get deleted,
-    // oldest first, off the index.
+    // time in Unix microseconds; rows at or before now are full allowances, and takes delete
+    // those full for a minute, oldest first, off the index.
     r#"
 CREATE TABLE rate_allowances (
     scope  TEXT NOT NULL,

@@ -2534,6 +2534,26 @@ pub async fn allowances_are_shared_kept_and_refilled(b: &dyn TestBackend) {
         .unwrap()
         .is_some());
 
+    // A row goes once its allowance has been full for a minute, not before: erin's is full
+    // from 12 s after her take.
+    let t = t0() + Duration::hours(2);
+    take_all(&[Arc::clone(&store)], "erin", five, 1, t).await;
+    assert_eq!(
+        b.raw_allowance_rows().await.unwrap(),
+        1,
+        "the others' rows went"
+    );
+    let full_59_s = t + Duration::seconds(12 + 59);
+    take_all(&[Arc::clone(&store)], "frank", five, 1, full_59_s).await;
+    assert_eq!(b.raw_allowance_rows().await.unwrap(), 2, "erin's row kept");
+    let full_61_s = t + Duration::seconds(12 + 61);
+    take_all(&[Arc::clone(&store)], "gina", five, 1, full_61_s).await;
+    assert_eq!(
+        b.raw_allowance_rows().await.unwrap(),
+        2,
+        "erin's row went, frank's and gina's kept"
+    );
+
     // A key is an owner id.
     for bad in ["", &"x".repeat(MAX_OWNER_LEN + 1)] {
         assert!(matches!(
@@ -2543,18 +2563,27 @@ pub async fn allowances_are_shared_kept_and_refilled(b: &dyn TestBackend) {
     }
 }
 
-/// Takes racing on several handles never let more through than the allowance.
+/// Takes racing on several handles never let more through than the allowance, while the
+/// same takes delete old rows (the racing key's own among them).
 pub async fn allowance_holds_under_racing_takes(b: &dyn TestBackend) {
     const RACERS: usize = 30;
     let nodes = [open(b).await, open(b).await, open(b).await];
     for (round, per_minute) in [(0u32, 7u32), (1, 1), (2, 29)] {
         let key = format!("racer-{round}");
         let limit = allowance(per_minute);
+        // Rows full for an hour by the race: every take of it may delete some.
+        let then = t0() + Duration::hours(i64::from(round) * 2);
+        let old: Vec<String> = (0..40).map(|i| format!("old-{round}-{i}")).collect();
+        take_all(&nodes, &key, limit, 1, then).await;
+        for k in &old {
+            take_all(&nodes, k, limit, 1, then).await;
+        }
+        let at = then + Duration::hours(1);
         let takes: Vec<_> = (0..RACERS)
             .map(|i| {
                 let node = Arc::clone(&nodes[i % nodes.len()]);
                 let key = key.clone();
-                tokio::spawn(async move { node.take_allowance(limit, &key, t0()).await })
+                tokio::spawn(async move { node.take_allowance(limit, &key, at).await })
             })
             .collect();
         let mut taken = 0;
