@@ -301,7 +301,8 @@ impl AppState {
 
     /// One more `verify` for `owner`, or 429 with when to retry. Counted in the store (every
     /// node shares the allowance, and a restart does not refill it): each call answers
-    /// whether a guess is the value, and N nodes counting apart would allow N times the guesses.
+    /// whether a guess is the value, and N nodes counting apart would allow N times the
+    /// guesses. This process's own count goes first, so a refusal it can make costs no write.
     pub(crate) async fn admit_verify(&self, owner: &str) -> Result<(), ApiError> {
         admit(&self.0.verify_front, owner)?;
         let per_minute = std::num::NonZeroU32::new(self.0.limits.verify_per_minute)
@@ -322,7 +323,7 @@ impl AppState {
     }
 
     /// The server's once-a-minute upkeep of its in-memory rate limiters: forgets the owners
-    /// (puts) and client addresses (unauthenticated audit records) whose allowance has
+    /// (puts, verify's front count) and client addresses (unauthenticated audit records) whose allowance has
     /// refilled (the state a newcomer starts with) and gives the memory back, and warns about
     /// the unauthenticated requests counted instead of recorded since the last call. Without
     /// it the limiters grew with every owner and address ever seen. Returns how many owners
