@@ -35,14 +35,6 @@ fn event(i: u64, t: i64) -> Event {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A dev-layout data dir with a keyring and a log of `1 + records + 5 + 10 + 1` records:
 /// a setup record, `records` events at `BASE + i` s (record `i + 1`), except that record 151
 /// (when `records > 150`) is at `BASE + 50` s, as a node with a slow clock would write it;
@@ -64,7 +56,7 @@ fn populate_with(data: &Path, config: Option<&Path>, records: u64) {
         &OsRandom,
     )
     .unwrap();
-    rt().block_on(async {
+    common::rt().block_on(async {
         let backends = strongroom_server::Backends::open(&operator_config(config, data))
             .await
             .unwrap();
@@ -1147,7 +1139,7 @@ fn archive_runs_beside_a_serving_server() {
     let service = server.export("SERVICE");
     let alice = server.export("ALICE");
     let client = server.client(&data);
-    let rt = rt();
+    let rt = common::rt();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = (0..4)
         .map(|w| {
@@ -1302,7 +1294,7 @@ fn archive_on_postgres() {
         assert!(ok, "{out}{err}");
     }
 
-    let rt = rt();
+    let rt = common::rt();
     let (client, conn) = rt
         .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
         .unwrap();

@@ -35,14 +35,6 @@ fn cred_name(column: &str) -> String {
     column.replace('_', "-")
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// `--key ...`/`--secret-key`/`--no-hkdf` for a setup's final settings.
 fn key_args(settings: &Value) -> Vec<String> {
     let mut args = Vec::new();
@@ -127,7 +119,7 @@ fn contents(
     names: &[String],
 ) -> BTreeMap<(String, String), (usize, Vec<u8>, Value)> {
     let mut found = BTreeMap::new();
-    rt().block_on(async {
+    common::rt().block_on(async {
         let b = backends(data).await;
         let vault = b.vault();
         for owner in owners {
@@ -571,7 +563,7 @@ fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
 
     // Once the value is set in Strongroom, the Django copy is the stale one: a later run
     // (after the app saved the field once more) keeps Strongroom's.
-    rt().block_on(async {
+    common::rt().block_on(async {
         // As the API writes it: the version with its put record.
         let b = backends(&data).await;
         let key = strongroom_core::audit::load_or_create_head_key(
@@ -669,7 +661,7 @@ fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
     assert!(err.contains("--id-column dup is not unique"), "{err}");
 
     // Deleted in Strongroom (its owner deleted it): a later run does not bring it back.
-    rt().block_on(async {
+    common::rt().block_on(async {
         let b = backends(&data).await;
         b.vault()
             .destroy_credential("42", "zoom.api-key")
@@ -866,7 +858,7 @@ fn an_interrupted_import_continues_without_duplicates() {
     assert_eq!(imported + already, ROWS as u64, "{stdout}");
 
     // Every row's value is a version of its owner's credential, exactly once.
-    rt().block_on(async {
+    common::rt().block_on(async {
         let b = backends(&data).await;
         let vault = b.vault();
         let mut seen = std::collections::BTreeSet::new();
@@ -1018,7 +1010,7 @@ fn imports_into_a_running_server_and_reveals_over_https() {
 
     let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
     let client = TestClient::new(server.addr, ClientOptions::new(ca)).unwrap();
-    rt().block_on(async {
+    common::rt().block_on(async {
         for x in v.json["vectors"].as_array().unwrap() {
             let (label, column) = (x["label"].as_str().unwrap(), x["column"].as_str().unwrap());
             let path = format!(
@@ -1072,7 +1064,7 @@ fn imports_the_vectors_from_postgres_bytea_and_text_columns() {
         .unwrap()
         .as_nanos();
     let schema = format!("dff_import_{}_{nanos}", std::process::id());
-    let rt = rt();
+    let rt = common::rt();
     let (client, conn) = rt
         .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
         .unwrap();

@@ -36,14 +36,6 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{:x}-{}", nanos, std::process::id())
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn run(args: &[&str], extra: &[&std::ffi::OsStr]) -> std::process::Output {
     strongroom()
         .args(args)
@@ -78,7 +70,7 @@ fn move_to(provider: &str, keys_section: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::create_dir(&data).unwrap();
     let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
     assert!(run(&["keys", "generate"], &dd).status.success());
-    let rt = rt();
+    let rt = common::rt();
     const N: usize = 30;
     rt.block_on(async {
         let b = Backends::open(&operator_config(None, &data)).await.unwrap();
@@ -266,7 +258,7 @@ fn rotate_rewrap_retire_ring(remote: &Path, provider: &str) {
     }
     // Everything still opens through the provider, from a fresh start.
     let data = remote.parent().unwrap().join("data");
-    rt().block_on(async {
+    common::rt().block_on(async {
         let b = Backends::open(&operator_config(Some(remote), &data))
             .await
             .unwrap();
@@ -279,7 +271,7 @@ fn rotate_rewrap_retire_ring(remote: &Path, provider: &str) {
     let section = std::fs::read_to_string(remote).unwrap();
     let strict_cfg = remote.with_file_name("strict.toml");
     std::fs::write(&strict_cfg, strict(&section)).unwrap();
-    rt().block_on(async {
+    common::rt().block_on(async {
         let b = Backends::open(&operator_config(Some(&strict_cfg), &data))
             .await
             .unwrap();
@@ -431,7 +423,7 @@ fn operator_commands_never_make_a_store_or_a_ring() {
 
     // A store without a ring: strict mode puts data keys under the provider itself.
     std::fs::create_dir(&data).unwrap();
-    let rt = rt();
+    let rt = common::rt();
     let ring_versions = || {
         rt.block_on(async {
             let b = Backends::open(&operator_config(Some(&strict_cfg), &data))
@@ -641,7 +633,7 @@ fn rotate_strict_through_the_api(provider: &str, keys_section: &str, key_id: &st
     )
     .unwrap();
     const CRED: &str = "/v1/owners/alice/credentials/api.key";
-    let result = rt().block_on(async {
+    let result = common::rt().block_on(async {
         wait_ready(&client).await?;
         let put = |value: &'static str| {
             let client = &client;
@@ -758,7 +750,7 @@ fn serve_with_transit_as_the_key_provider() {
         strongroom_server::testing::ClientOptions::new(ca),
     )
     .unwrap();
-    let result = rt().block_on(async {
+    let result = common::rt().block_on(async {
         wait_ready(&client).await?;
         let first = client.get("/v1/keys", Some(admin)).await?.json();
         // `keys rotate` beside the running server: it wraps new data keys with the new KEK

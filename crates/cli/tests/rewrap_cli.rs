@@ -18,14 +18,6 @@ use strongroom_server::Backends;
 
 const ADMIN: &str = "admin-token-for-rewrap-tests";
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn run_ok(args: &[&str], target: &[&std::ffi::OsStr]) -> String {
     let out = strongroom()
         .args(args)
@@ -77,7 +69,7 @@ fn key_counts(target: &[&std::ffi::OsStr]) -> Vec<(u64, String, u64)> {
 /// Puts alice's `(name, value)` pairs through the operator's backends, as an import would;
 /// `seal` first seals the audit log, as a server's first start does.
 fn put_directly(data: &std::path::Path, seal: bool, puts: &[(String, String)]) {
-    rt().block_on(async {
+    common::rt().block_on(async {
         let backends = Backends::open(&operator_config(None, data)).await.unwrap();
         if seal {
             strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None, None)
@@ -143,7 +135,7 @@ fn rotate_rewrap_retire_through_data_dir_and_config_while_the_server_runs() {
     let server = start_dev(&data, &["--dev-admin-token", ADMIN]);
     let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
     let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
-    let rt = rt();
+    let rt = common::rt();
     let client = server.client(&data);
     rt.block_on(async {
         for i in 0..20 {
@@ -320,7 +312,7 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
         &[("STRONGROOM_STORE__MAX_CREDENTIALS_PER_OWNER", &quota)],
     );
     let (alice, service) = (server.export("ALICE"), server.export("SERVICE"));
-    let rt = rt();
+    let rt = common::rt();
     let mut config = operator_config(None, &data);
     config.store.max_credentials_per_owner = Some(SEEDED + 100);
     rt.block_on(async {
@@ -354,7 +346,7 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
         let client = server.client(&data);
         let alice = alice.clone();
         std::thread::spawn(move || {
-            self::rt().block_on(async {
+            common::rt().block_on(async {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let name = format!("live-{}", i % 50);

@@ -24,13 +24,6 @@ fn mint(data: &Path, subject: &str) -> String {
     String::from_utf8(out).unwrap().trim().to_owned()
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn dev_server_end_to_end_then_sigterm_exits_zero() {
     let tmp = tempfile::tempdir().unwrap();
@@ -58,7 +51,7 @@ fn dev_server_end_to_end_then_sigterm_exits_zero() {
     let bob = mint(&data, "bob");
     let canary = "canary-e2e-7f3a9c";
 
-    rt().block_on(async {
+    common::rt().block_on(async {
         // As the user: store, then list (metadata only).
         let r = client
             .json(
@@ -155,7 +148,7 @@ fn a_restart_reuses_the_certificate_tokens_and_data() {
     let service = first.export("SERVICE");
     let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
     let alice = mint(&data, "alice");
-    rt().block_on(async {
+    common::rt().block_on(async {
         let r = first
             .client(&data)
             .json(
@@ -177,7 +170,7 @@ fn a_restart_reuses_the_certificate_tokens_and_data() {
         "certificate reused"
     );
     assert_eq!(second.export("SERVICE"), service, "token reused");
-    rt().block_on(async {
+    common::rt().block_on(async {
         // A token minted before the restart still works, and the value survived.
         let client = second.client(&data);
         let r = client
@@ -213,7 +206,7 @@ fn fixed_dev_tokens_from_flags() {
         ],
     );
     assert_eq!(server.export("SERVICE"), "service-token-for-tests");
-    rt().block_on(async {
+    common::rt().block_on(async {
         let client = server.client(&data);
         let r = client
             .get("/v1/keys", Some("admin-token-for-tests"))
@@ -498,7 +491,7 @@ fn keys_work_on_the_dev_layout_while_the_server_runs() {
         .success());
     let alice = mint(&data, "alice");
     let service = server.export("SERVICE");
-    rt().block_on(async {
+    common::rt().block_on(async {
         let client = server.client(&data);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -560,7 +553,7 @@ fn a_log_that_cannot_be_written_stops_nothing() {
         .arg(&data)
         .assert()
         .success();
-    rt().block_on(async {
+    common::rt().block_on(async {
         let client = server.client(&data);
         let put = |i: u32| {
             let (client, alice) = (&client, &alice);
@@ -666,7 +659,7 @@ fn a_keyring_reload_that_failed_for_want_of_files_is_tried_again() {
         "{stderr}"
     );
     drop(held);
-    rt().block_on(async {
+    common::rt().block_on(async {
         let client = server.client(&data);
         let mut i = 0;
         loop {
@@ -737,7 +730,7 @@ fn a_stalled_log_reader_stops_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let (server, _unread) = start_dev_stalled_stderr(&data);
-    rt().block_on(async {
+    common::rt().block_on(async {
         let client = server.client(&data);
         // Each request logs at debug: far more than a pipe's 64 KiB, and than the queue.
         let mut i = 0;
@@ -779,7 +772,7 @@ fn versions_under_another_key_provider_are_pointed_out() {
     let data = tmp.path().join("data");
     let server = start_dev(&data, &[]);
     let alice = mint(&data, "alice");
-    rt().block_on(async {
+    common::rt().block_on(async {
         let r = server
             .client(&data)
             .json(
@@ -794,7 +787,7 @@ fn versions_under_another_key_provider_are_pointed_out() {
     });
     assert_eq!(server.terminate().code(), Some(0));
     assert!(!server_warned_of_other_providers(&data));
-    rt().block_on(async {
+    common::rt().block_on(async {
         let store = strongroom_store::sqlite::SqliteStore::open_dir(&data)
             .await
             .unwrap();
@@ -1020,7 +1013,7 @@ fn sighup_reloads_the_auth_settings_of_the_config_file() {
     let put = |token: &str| {
         let client = client.clone();
         let token = token.to_owned();
-        rt().block_on(async move {
+        common::rt().block_on(async move {
             client
                 .json(
                     "PUT",

@@ -5,6 +5,15 @@ pub mod dev;
 
 use std::path::PathBuf;
 
+/// A runtime for a test that drives a store or a server in process.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// `../shared/vectors` beside the clone (or `STRONGROOM_VECTORS_DIR`). Missing vectors fail the
 /// test: they are the point of it.
 pub fn vectors_dir() -> PathBuf {
