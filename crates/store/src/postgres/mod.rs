@@ -1704,23 +1704,25 @@ impl Store for PostgresStore {
         let scope = limit.scope.as_str();
         let client = self.client().await?;
         let (interval, tolerance) = (limit.interval_us(), limit.tolerance_us());
-        // One statement under the row's lock, so racing nodes queue on the key instead of
-        // losing compare-and-swap races: the rule of `RateLimit::take`, in SQL (a fresh row is
-        // a full allowance: always taken; a TAT past the tolerance counts as at it). No row
-        // back: refused, nothing changed.
+        // One statement under the row's lock, so racing nodes queue on the key (a read then
+        // a compare-and-swap lost races under contention): the rule of `RateLimit::take`, in
+        // SQL (a fresh row is a full allowance: always taken; a TAT past the tolerance counts
+        // as at it). No row back: refused, nothing changed.
         let take_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&scope, &key, &now_us, &interval, &tolerance];
         let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
             [&allowance::prune_before(now_us), &allowance::PRUNE_PER_TAKE];
-        // Allowances full for a minute go, a few per take (pipelined with it). `tat_us` is
-        // checked again on the row found: a take that moved it forward meanwhile keeps it.
-        let (pruned, taken) = tokio::join!(
-            client.execute(
+        // Prepared once per connection, as the other hot statements are (a plain string is
+        // parsed again on every call).
+        let prune = client
+            .prepare_cached(
                 "DELETE FROM rate_allowances WHERE tat_us <= $1 AND ctid IN (
                      SELECT ctid FROM rate_allowances WHERE tat_us <= $1 ORDER BY tat_us LIMIT $2)",
-                &prune_params,
-            ),
-            client.query_opt(
+            )
+            .await
+            .map_err(pg_err)?;
+        let take = client
+            .prepare_cached(
                 "INSERT INTO rate_allowances AS a (scope, key, tat_us)
                      VALUES ($1, $2, $3::bigint + $4::bigint)
                  ON CONFLICT (scope, key) DO UPDATE
@@ -1729,8 +1731,14 @@ impl Store for PostgresStore {
                      WHERE greatest(least(a.tat_us, $3::bigint + $5::bigint), $3::bigint)
                          + $4::bigint - $3::bigint <= $5::bigint
                  RETURNING tat_us",
-                &take_params,
             )
+            .await
+            .map_err(pg_err)?;
+        // Allowances full for a minute go, a few per take (pipelined with it). `tat_us` is
+        // checked again on the row found: a take that moved it forward meanwhile keeps it.
+        let (pruned, taken) = tokio::join!(
+            client.execute(&prune, &prune_params),
+            client.query_opt(&take, &take_params)
         );
         // A prune that failed (a lock wait cut short, say) is left to the next take: the
         // take's own answer stands.
