@@ -45,6 +45,10 @@ pub use strongroom_core::audit::Auditor;
 /// Limits the router enforces itself (the server adds connection and header limits).
 #[derive(Clone, Debug)]
 pub struct ApiLimits {
+    /// Largest request line plus headers, in bytes, counted as HTTP/1.1 sends them (HTTP/2
+    /// requests too); more is answered 431. The server's HTTP layer refuses heads past
+    /// twice this on its own, without a JSON body (see `strongroom-server`).
+    pub max_header_bytes: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Longest time a request may take before it is answered 408/503.
@@ -60,6 +64,7 @@ pub struct ApiLimits {
 impl Default for ApiLimits {
     fn default() -> Self {
         Self {
+            max_header_bytes: 16 * 1024,
             max_body_bytes: 512 * 1024,
             request_timeout: Duration::from_secs(30),
             verify_per_minute: 30,

@@ -94,6 +94,11 @@ impl Modify for CommonResponses {
                     "413",
                     "payload_too_large: the body is over limits.max_body_bytes",
                 );
+                add(
+                    "431",
+                    "headers_too_large: the request line and headers (counted as HTTP/1.1 \
+                     sends them) are over limits.max_header_bytes",
+                );
                 if opens_a_value {
                     add(
                         "500",

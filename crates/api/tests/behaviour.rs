@@ -992,6 +992,100 @@ async fn every_body_over_the_limit_gets_the_json_413() {
     }
 }
 
+/// A head over `limits.max_header_bytes` (a large token or cookie, say) is answered 431
+/// with a JSON error naming the limit, before authentication or any handler: nothing is
+/// written, the header's content is not echoed, and the refusal is counted in the metrics.
+#[tokio::test]
+async fn a_head_over_the_limit_gets_the_json_431_and_writes_nothing() {
+    let api = api_with(ApiLimits {
+        max_header_bytes: 8192,
+        ..ApiLimits::default()
+    })
+    .await;
+    let alice = user_token("alice");
+    let put = |padding: usize| {
+        Request::builder()
+            .method("PUT")
+            .uri(KEY)
+            .header("authorization", format!("Bearer {alice}"))
+            .header("content-type", "application/json")
+            .header("x-padding", "p".repeat(padding))
+            .body(Body::from(json!({"value": CANARY}).to_string()))
+            .unwrap()
+    };
+    let r = api.send(put(9 * 1024)).await;
+    assert_eq!(
+        r.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "{}",
+        r.body
+    );
+    assert_eq!(code(&r), "headers_too_large");
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("allows 8192"), "{message}");
+    assert!(
+        !r.body.contains("ppp") && !r.body.contains(&alice),
+        "{}",
+        r.body
+    );
+    let r = api.call("GET", KEY, Some(&alice), None).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "the refused put wrote: {}",
+        r.body
+    );
+
+    // A token too large is refused the same way, not taken for a forged one (401).
+    let huge_token = format!("Bearer {}", "t".repeat(9 * 1024));
+    let req = Request::builder()
+        .method("GET")
+        .uri("/v1/me/credentials")
+        .header("authorization", huge_token)
+        .body(Body::empty())
+        .unwrap();
+    let r = api.send(req).await;
+    assert_eq!(
+        r.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("ttt"), "{}", r.body);
+
+    // The limit counts the request target too, and holds for routes outside /v1.
+    let r = api
+        .call(
+            "GET",
+            &format!("/healthz?{}", "q".repeat(9 * 1024)),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "{}",
+        r.body
+    );
+
+    // Under the limit, the same put goes through.
+    let r = api.send(put(6 * 1024)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+
+    let m = api.call("GET", "/metrics", None, None).await;
+    let refused = m
+        .body
+        .lines()
+        .find(|l| {
+            l.starts_with("strongroom_http_requests_total")
+                && l.contains(r#"route="/v1/me/credentials/{name}""#)
+                && l.contains(r#"status="431""#)
+        })
+        .unwrap_or_else(|| panic!("no 431 counted for the put route:\n{}", m.body));
+    assert!(refused.ends_with(" 1"), "{refused}");
+}
+
 /// An owner id has one spelling in a path: a `%` that starts no escape is refused rather
 /// than taken literally, where it would alias the escaped `%25` form.
 #[tokio::test]
@@ -1216,7 +1310,7 @@ async fn openapi_parameters_and_error_responses_match_the_routes() {
             // What every route of a kind can answer, whatever its handler does.
             let mut must = Vec::new();
             if path.starts_with("/v1/") && path != "/v1/openapi.json" {
-                must.push("503");
+                must.extend(["431", "503"]);
             }
             if path.starts_with("/v1/me/") {
                 must.push("403");

@@ -58,7 +58,7 @@
 //! | `policy_file` | — (deny all) | service policy (TOML, see `policy.example.toml`); reloaded on SIGHUP |
 //! | `limits.max_connections` | 1024 | concurrent connections; more wait in the listen backlog |
 //! | `limits.request_timeout_seconds` | 30 | longest time a request may take |
-//! | `limits.max_header_bytes` | 16384 | request line plus headers (8192 to 1048576) |
+//! | `limits.max_header_bytes` | 16384 | request line plus headers, counted as HTTP/1.1 sends them, for HTTP/2 too (8192 to 1048576); over it: 431 `headers_too_large`. Heads over twice this, or with over 100 header fields, are refused by the HTTP layer, with no JSON body |
 //! | `limits.max_body_bytes` | 524288 | request body |
 //! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute, counted in the store: every node shares the allowance, and a restart does not refill it (keep the nodes' clocks synchronised) |
 //! | `limits.puts_per_owner_per_minute` | 600 | puts to one owner's credentials per minute, by the user and services together; more get 429 `rate_limited` with `Retry-After` and write nothing. Bounds how fast one owner's version rows grow (a refused put is still recorded in the audit log, as every authenticated request is). Disables, enables, current-version changes and destroys are not limited, so that a service that spends the allowance cannot keep the owner from the kill switch. Counted by each server process (N nodes allow N times this; a restart resets the count); reveals are not limited (policy governs them) |
@@ -757,6 +757,7 @@ impl LimitsConfig {
     /// The limits the router enforces.
     pub fn api_limits(&self) -> strongroom_api::ApiLimits {
         strongroom_api::ApiLimits {
+            max_header_bytes: self.max_header_bytes,
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs(self.request_timeout_seconds),
             verify_per_minute: self.verify_per_minute,

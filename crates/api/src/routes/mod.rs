@@ -137,6 +137,45 @@ async fn check_request_shape(
     next.run(req).await
 }
 
+/// The request line and headers are over `limits.max_header_bytes`: 431 with a JSON error
+/// that gives the sizes (never a header's content: it may be a token). Heads up to twice the
+/// limit reach this far (the server sets its HTTP layer's own limits there), so a client
+/// that sends a large token or cookie learns which limit it hit; past that, the HTTP layer
+/// answers 431 alone.
+async fn check_head_size(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let limit = state.limits().max_header_bytes;
+    let size = head_size(&req);
+    if size > limit {
+        return axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request line and headers take {size} bytes; limits.max_header_bytes \
+                 allows {limit}"
+            ),
+        ));
+    }
+    next.run(req).await
+}
+
+/// A request's line and headers in bytes as HTTP/1.1 writes them (`METHOD target
+/// HTTP/1.1`, `name: value` lines, CRLFs), whichever protocol carried it: one measure for
+/// the one limit.
+fn head_size(req: &axum::extract::Request) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    line + headers + 2
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     // A key the OS cannot give (it cannot fail on Linux) leaves an unkeyed but still
     // unique permutation: request ids are not secrets, only not counters.
@@ -202,6 +241,11 @@ pub(crate) fn router(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
+        // Before any handler or authentication, and counted in the metrics.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_head_size,
+        ))
         // Inside the router: it labels requests by the matched route template.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
