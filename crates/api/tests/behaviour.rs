@@ -1462,21 +1462,7 @@ async fn a_new_version_by_another_process_is_what_the_next_reveal_answers() {
     for _ in 0..2 {
         assert_eq!(api.reveal_alices_key().await.json()["value"], "old-value");
     }
-    let operator = std::sync::Arc::new(
-        strongroom_store::sqlite::SqliteStore::open_dir(api.db_path().parent().unwrap())
-            .await
-            .unwrap(),
-    );
-    let operator_vault = strongroom_core::Vault::new(
-        operator.clone(),
-        std::sync::Arc::new(strongroom_crypto::testing::FakeProvider::new(
-            "api-tests",
-            1,
-        )),
-        std::sync::Arc::new(strongroom_crypto::OsRandom),
-        std::sync::Arc::new(strongroom_core::SystemClock),
-        strongroom_core::VaultConfig::default(),
-    );
+    let (operator, operator_vault) = api.operator().await;
     let operator_put = |value: &'static str| {
         operator_vault.put(strongroom_core::PutRequest {
             owner: "alice",
@@ -1549,12 +1535,9 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
         for _ in 0..2 {
             assert_eq!(reveal().await.json()["value"], VALUE);
         }
-        let operator =
-            strongroom_store::sqlite::SqliteStore::open_dir(api.db_path().parent().unwrap())
-                .await
-                .unwrap();
+        let (operator, _) = api.operator().await;
         strongroom_store::Store::set_enabled(
-            &operator,
+            &*operator,
             "alice",
             "zoom.api-key",
             false,
@@ -1586,7 +1569,7 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
         // The owner's verify answers about the current value, not a remembered one: after
         // the operator destroys it, the old value no longer "matches".
         strongroom_store::Store::set_enabled(
-            &operator,
+            &*operator,
             "alice",
             "zoom.api-key",
             true,
@@ -1606,7 +1589,7 @@ async fn a_disable_by_another_process_stops_the_next_reveal() {
         assert_eq!(verify().await.json()["matches"], true);
         assert_eq!(verify().await.json()["matches"], true);
         strongroom_store::Store::destroy_version(
-            &operator,
+            &*operator,
             "alice",
             "zoom.api-key",
             1,

@@ -696,6 +696,73 @@ async fn an_unusable_value_is_refused_before_the_call_is_recorded() {
     );
 }
 
+/// An operator's put (another process on the same database file) makes a new version of a
+/// credential the server has brokered from memory: the next call sends the new value, and
+/// is recorded once, with the new version (a call reads the credential's state from the
+/// database before it opens a version, so the new one is what it opens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_by_another_process_is_what_the_next_call_sends() {
+    let (api, up) = setup().await;
+    let call = || broker(&api, bearer(&up.url("/echo")));
+    let sent = || {
+        up.last().headers["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    for _ in 0..2 {
+        let r = call().await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(sent(), format!("Bearer {CANARY}"));
+    }
+    let (operator, operator_vault) = api.operator().await;
+    operator_vault
+        .put(strongroom_core::PutRequest {
+            owner: "alice",
+            name: "zoom.api-key",
+            value: strongroom_crypto::SecretBytes::new(b"sk_live_newer_value".to_vec()),
+            metadata: Some(json!({"host": "localhost:*"})),
+            expected_version: None,
+            created_by: "operator:import",
+        })
+        .await
+        .unwrap();
+
+    let r = call().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["version"], 2);
+    assert_eq!(sent(), "Bearer sk_live_newer_value");
+    let id = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let mine: Vec<(Value, Value)> = broker_records(&api, "zoom.api-key", 3)
+        .await
+        .into_iter()
+        .filter(|i| i["request_id"] == id.as_str())
+        .map(|i| (i["version"].clone(), i["status"].clone()))
+        .collect();
+    assert_eq!(mine, [(json!(2), json!(200))]);
+
+    // Disabled by the operator: the next call is refused before anything is sent.
+    strongroom_store::Store::set_enabled(
+        &*operator,
+        "alice",
+        "zoom.api-key",
+        false,
+        time::OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap();
+    let hits = up.hits();
+    let r = call().await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::CONFLICT, "credential_disabled"),
+        "{}",
+        r.body
+    );
+    assert_eq!(up.hits(), hits);
+    operator.close().await;
+}
+
 /// The broker records of `name`, newest first, once there are `n` of them (a request cut
 /// short is recorded from a task of its own as it is dropped).
 async fn broker_records(api: &TestApi, name: &str, n: usize) -> Vec<Value> {

@@ -55,6 +55,21 @@ impl TestApi {
         self._dir.path().join("strongroom.db")
     }
 
+    /// An operator command's view of the same database: another process's store handle
+    /// (close it when done) and a vault over it with the server's keys, for writes the
+    /// server learns of only through the database.
+    pub async fn operator(&self) -> (Arc<SqliteStore>, Vault) {
+        let store = Arc::new(SqliteStore::open_dir(self._dir.path()).await.unwrap());
+        let vault = Vault::new(
+            store.clone(),
+            Arc::new(FakeProvider::new("api-tests", 1)),
+            Arc::new(OsRandom),
+            Arc::new(SystemClock),
+            VaultConfig::default(),
+        );
+        (store, vault)
+    }
+
     /// Another node of the same deployment (or this one restarted): an audited API with
     /// `limits` and a store of its own over the same database.
     pub async fn another_node(&self, limits: ApiLimits) -> TestApi {
