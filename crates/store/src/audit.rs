@@ -172,32 +172,48 @@ pub(crate) const MAX_QUERY_LIMIT: u32 = 1000;
 /// Records are in `seq` order, and their times nearly so: a record carries the time its
 /// request began, and requests finish out of order (a clock stepped back does the same, for
 /// longer). So the store keeps the running maximum `M(s)` of the times of records `1..=s`,
-/// which never decreases, and the largest **lag** seen, `max(M(s - 1) - time(s))`. A
-/// record `r` in `[since, until)` then has `M(r) >= since` and `M(r - 1) < until + lag`. The
-/// store notes, for each second `k` that `M` enters, the first `seq` at which it did (a
-/// [`TimeMark`]; a jump over several seconds notes only the last). So `r` lies between the
-/// mark of the latest second at or before `since` and the mark of the earliest second at or
-/// after `until + lag`: a range that holds the matches plus the lag's worth of records on
-/// either side. The result is exact whatever the clocks did; a large lag only widens the
-/// range scanned.
+/// which never decreases, and notes, for each second `k` that `M` enters, the first `seq` at
+/// which it did (a [`TimeMark`]; a jump over several seconds notes only the last).
+///
+/// - **Since.** A record `r` at or after `since` has `M(r) >= since`, so it lies at or past
+///   the mark of the latest second at or before `since`.
+/// - **Until.** A record `r` before `until` whose second is `M(r - 1)`'s or later (most
+///   records) has `M(r)` in a second before `until`'s round-up `h`, so it lies before the
+///   mark of the earliest second at or after `h`. The others, **late** records (their second
+///   is before `M(r - 1)`'s: a request that finished after one begun in a later second, or a
+///   clock stepped back), are noted as [`LateMark`]s: the range also reaches the latest late
+///   record whose second is at or before `until`'s (the second of `until - 1 ms`).
+///
+/// The result is exact whatever the clocks did. A late record widens only the queries whose
+/// `until` falls after its time and before the records around it, and only to itself: a
+/// clock stepped back once, an hour, does not widen every later query by an hour.
+///
+/// Not every late record is kept: of two, one at `(k1, s1)` and a later one at `(k2, s2)`
+/// with `k2 <= k1`, every query that needs the first needs the second, which reaches
+/// further. The store keeps only the records no later one so covers (the **frontier**):
+/// sorted by second, their `seq`s rise, so the latest late record at or before a second is
+/// the frontier's last entry at or before it, one index lookup. Adding a late record skips
+/// one already covered and removes those it covers, so adding the same records again, in
+/// any order (a rerun after a crash, two index runs at once), leaves the same frontier.
 ///
 /// Any mark bounds exactly, not only the nearest: for a mark `(k, s)`, the records before `s`
 /// all have `M` before second `k`, and those from `s` on have `M` in `k` or later. So a
 /// query with no mark at or before `since` starts at `seq` 0, and one with no mark at or
-/// after `until + lag` ends at the last `seq` (both backends): wider, never missing a
-/// record. That is why [`AuditLog::audit_prune`] may remove the marks of the records it
-/// removes (a mark there can only bound a range that holds no stored record) in the same
+/// after `h` ends at the last `seq` (both backends): wider, never missing a record. That is
+/// why [`AuditLog::audit_prune`] may remove the marks and late marks of the records it
+/// removes (they can only bound ranges that hold no stored record) in the same
 /// transactions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct TimeIndex {
     /// `M` at the last record indexed; `None` before the first.
     pub max_time_ms: Option<i64>,
-    /// The largest lag seen, in milliseconds (0 if times never went back).
-    pub max_lag_ms: i64,
 }
 
 /// A second that the running maximum time entered, and the first `seq` at which it did.
 pub(crate) type TimeMark = (i64, i64);
+
+/// A late record: its second, and its `seq` (see [`TimeIndex`]).
+pub(crate) type LateMark = (i64, i64);
 
 /// The second a time in milliseconds falls in (rounded down, also before 1970).
 pub(crate) fn second_of(ms: i64) -> i64 {
@@ -206,11 +222,20 @@ pub(crate) fn second_of(ms: i64) -> i64 {
 
 impl TimeIndex {
     /// Takes the record `seq` at `time_ms` (records in `seq` order), noting a mark when the
-    /// running maximum enters a new second.
-    pub(crate) fn advance(&mut self, seq: i64, time_ms: i64, marks: &mut Vec<TimeMark>) {
+    /// running maximum enters a new second, and a late mark when the record's second is
+    /// before the running maximum's.
+    pub(crate) fn advance(
+        &mut self,
+        seq: i64,
+        time_ms: i64,
+        marks: &mut Vec<TimeMark>,
+        late: &mut Vec<LateMark>,
+    ) {
         match self.max_time_ms {
             Some(m) if time_ms <= m => {
-                self.max_lag_ms = self.max_lag_ms.max(m.saturating_sub(time_ms));
+                if second_of(time_ms) < second_of(m) {
+                    late.push((second_of(time_ms), seq));
+                }
             }
             Some(m) => {
                 if second_of(time_ms) > second_of(m) {
@@ -225,22 +250,37 @@ impl TimeIndex {
         }
     }
 
-    /// The seconds whose marks bound a query: records at or after `since` lie at or past the
-    /// mark of the latest second `<=` the first; records before `until` lie at or before the
-    /// mark of the earliest second `>=` the second.
-    pub(crate) fn mark_seconds(
-        &self,
+    /// The seconds that bound a query, in the order of the lookups: the mark of the latest
+    /// second `<=` the first (records at or after `since` lie at or past it); the mark of
+    /// the earliest second `>=` the second, and the late mark of the latest second `<=` the
+    /// third (records before `until` lie at or before one of the two).
+    pub(crate) fn bound_seconds(
         since: Option<i64>,
         until: Option<i64>,
-    ) -> (Option<i64>, Option<i64>) {
+    ) -> (Option<i64>, Option<(i64, i64)>) {
         let low = since.map(second_of);
-        // The earliest second whose start is at or after `until + lag`.
         let high = until.map(|u| {
-            let t = u.saturating_add(self.max_lag_ms);
-            second_of(t) + i64::from(t.rem_euclid(1000) != 0)
+            // The earliest second whose start is at or after `until`, and the second of the
+            // last millisecond before it.
+            let round_up = second_of(u) + i64::from(u.rem_euclid(1000) != 0);
+            (round_up, second_of(u.saturating_sub(1)))
         });
         (low, high)
     }
+}
+
+/// Reduces late marks (in `seq` order) to the ones no later one covers (see [`TimeIndex`]):
+/// what one batch adds to the stored frontier, in `seq` order, seconds rising.
+pub(crate) fn late_frontier(late: &[LateMark]) -> Vec<LateMark> {
+    let mut kept: Vec<LateMark> = Vec::with_capacity(late.len());
+    for &(second, seq) in late {
+        // A later mark covers every earlier one at its second or later.
+        while kept.last().is_some_and(|&(k, _)| k >= second) {
+            kept.pop();
+        }
+        kept.push((second, seq));
+    }
+    kept
 }
 
 /// The event with its time cut to what the database keeps (milliseconds, UTC).
@@ -525,40 +565,53 @@ pub(crate) fn check_batch(n: usize) -> Result<(), StoreError> {
 mod time_index_tests {
     use super::*;
 
-    /// Marks fall where the running maximum enters a new second (once per jump), and the lag
-    /// is the furthest a record fell behind it.
+    /// Marks fall where the running maximum enters a new second (once per jump); late marks
+    /// name the records whose second is before the running maximum's.
     #[test]
-    fn marks_and_lag_follow_the_running_maximum() {
+    fn marks_and_late_marks_follow_the_running_maximum() {
         let mut t = TimeIndex::default();
-        let mut marks = Vec::new();
+        let (mut marks, mut late) = (Vec::new(), Vec::new());
         for (seq, ms) in [
             (1, 1_500),
             (2, 1_900),
-            (3, 1_200),
+            (3, 1_200), // behind, in the same second: not late
             (4, 2_000),
             (5, 7_300),
-            (6, -400),
+            (6, -400),  // a clock stepped back
+            (7, 6_999), // a request begun in an earlier second
+            (8, 7_000), // behind, in the same second
         ] {
-            t.advance(seq, ms, &mut marks);
+            t.advance(seq, ms, &mut marks, &mut late);
         }
         assert_eq!(marks, vec![(1, 1), (2, 4), (7, 5)]);
+        assert_eq!(late, vec![(-1, 6), (6, 7)]);
         assert_eq!(t.max_time_ms, Some(7_300));
-        assert_eq!(t.max_lag_ms, 7_700);
         assert_eq!(second_of(-400), -1);
         assert_eq!(second_of(-1_000), -1);
         assert_eq!(second_of(-1_001), -2);
     }
 
-    /// `since` rounds down to its second; `until` plus the lag rounds up.
+    /// A later late mark at the same or an earlier second covers an earlier one.
     #[test]
-    fn query_bounds_widen_by_the_lag() {
-        let t = TimeIndex {
-            max_time_ms: Some(10_000),
-            max_lag_ms: 300,
-        };
-        assert_eq!(t.mark_seconds(Some(5_500), Some(7_200)), (Some(5), Some(8)));
-        assert_eq!(t.mark_seconds(Some(5_000), Some(7_700)), (Some(5), Some(8)));
-        assert_eq!(t.mark_seconds(None, Some(7_701)), (None, Some(9)));
-        assert_eq!(t.mark_seconds(Some(-1), None), (Some(-1), None));
+    fn the_frontier_keeps_what_no_later_mark_covers() {
+        assert_eq!(late_frontier(&[]), vec![]);
+        assert_eq!(
+            late_frontier(&[(5, 10), (7, 11), (9, 12), (7, 13), (8, 14)]),
+            vec![(5, 10), (7, 13), (8, 14)]
+        );
+        assert_eq!(late_frontier(&[(5, 10), (3, 11)]), vec![(3, 11)]);
+        assert_eq!(late_frontier(&[(5, 10), (5, 11)]), vec![(5, 11)]);
+    }
+
+    /// `since` rounds down to its second; `until` rounds up for the marks, and to the
+    /// second of its last millisecond before for the late marks.
+    #[test]
+    fn query_bound_seconds() {
+        let b = TimeIndex::bound_seconds;
+        assert_eq!(b(Some(5_500), Some(7_200)), (Some(5), Some((8, 7))));
+        assert_eq!(b(Some(5_000), Some(7_000)), (Some(5), Some((7, 6))));
+        assert_eq!(b(None, Some(7_001)), (None, Some((8, 7))));
+        assert_eq!(b(Some(-1), None), (Some(-1), None));
+        assert_eq!(b(None, Some(0)), (None, Some((0, -1))));
     }
 }

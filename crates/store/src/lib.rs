@@ -117,7 +117,7 @@ pub use types::{
 };
 
 /// The newest database schema version this build knows (both backends).
-pub const SCHEMA_VERSION: u32 = 8;
+pub const SCHEMA_VERSION: u32 = 9;
 
 /// Where credentials live. Every method is one atomic operation.
 ///

@@ -70,6 +70,21 @@ impl TestBackend for PgBackend {
         self.helper().await?.testing_audit_time_marks().await
     }
 
+    async fn raw_audit_late_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.helper().await?.testing_audit_late_marks().await
+    }
+
+    async fn audit_seq_bounds(
+        &self,
+        since: Option<i64>,
+        until: Option<i64>,
+    ) -> Result<(i64, i64), StoreError> {
+        self.helper()
+            .await?
+            .testing_audit_seq_bounds(since, until)
+            .await
+    }
+
     async fn raw_allowance_rows(&self) -> Result<u64, StoreError> {
         self.helper().await?.testing_allowance_rows().await
     }
@@ -151,7 +166,7 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
     let pg = PostgresStore::connect(&b.url, b.options()).await.unwrap();
     pg.testing_batch_execute(
         "DROP INDEX audit_records_by_owner; DROP TABLE audit_time_marks; DROP TABLE audit_anchor;
-         ALTER TABLE audit_head DROP COLUMN max_time_ms, DROP COLUMN max_lag_ms;
+         ALTER TABLE audit_head DROP COLUMN max_time_ms; DROP TABLE audit_time_late;
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);
          DROP TABLE rate_allowances;
          UPDATE schema_version SET version = 5;",

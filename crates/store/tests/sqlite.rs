@@ -57,6 +57,24 @@ impl TestBackend for SqliteBackend {
         marks
     }
 
+    async fn raw_audit_late_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        let store = SqliteStore::open(self.path(), SqliteOptions::default()).await?;
+        let marks = store.testing_audit_late_marks().await;
+        store.close().await;
+        marks
+    }
+
+    async fn audit_seq_bounds(
+        &self,
+        since: Option<i64>,
+        until: Option<i64>,
+    ) -> Result<(i64, i64), StoreError> {
+        let store = SqliteStore::open(self.path(), SqliteOptions::default()).await?;
+        let bounds = store.testing_audit_seq_bounds(since, until).await;
+        store.close().await;
+        bounds
+    }
+
     async fn raw_allowance_rows(&self) -> Result<u64, StoreError> {
         let store = SqliteStore::open(self.path(), SqliteOptions::default()).await?;
         let rows = store.testing_allowance_rows().await;
@@ -559,6 +577,7 @@ async fn schema_2_audit_records_are_indexed_by_the_migration() {
         "DROP TABLE audit_by_credential; DROP TABLE audit_index_state;
          DROP TABLE audit_by_principal; DROP TABLE audit_by_owner; DROP TABLE audit_by_name;
          DROP TABLE audit_time_marks; DROP TABLE audit_anchor; DROP TABLE rate_allowances;
+         DROP TABLE audit_time_late;
          CREATE INDEX audit_records_by_credential ON audit_records (owner, name, seq);
          CREATE INDEX audit_records_by_principal ON audit_records (principal_id, seq);
          CREATE INDEX audit_records_by_time ON audit_records (time_ms);
@@ -624,9 +643,8 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "DROP TABLE audit_by_owner; DROP TABLE audit_time_marks; DROP TABLE audit_anchor;
-         DROP TABLE rate_allowances;
+         DROP TABLE rate_allowances; DROP TABLE audit_time_late;
          ALTER TABLE audit_index_state DROP COLUMN max_time_ms;
-         ALTER TABLE audit_index_state DROP COLUMN max_lag_ms;
          CREATE TABLE audit_by_time (time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
              PRIMARY KEY (time_ms, seq)) WITHOUT ROWID;
          INSERT INTO audit_by_time SELECT time_ms, seq FROM audit_records WHERE seq <= 40;

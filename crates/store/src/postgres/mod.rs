@@ -1777,12 +1777,40 @@ impl PostgresStore {
     ///
     /// As any read.
     pub async fn testing_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.testing_pairs("SELECT second, seq FROM audit_time_marks ORDER BY second")
+            .await
+    }
+
+    /// Test hook: every stored late mark `(second, seq)`, in `second` order.
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_audit_late_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.testing_pairs("SELECT second, seq FROM audit_time_late ORDER BY second")
+            .await
+    }
+
+    /// Test hook: the `seq` range a query by time scans (`i64::MAX` for no upper end, 0
+    /// for no lower one).
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_audit_seq_bounds(
+        &self,
+        since: Option<i64>,
+        until: Option<i64>,
+    ) -> Result<(i64, i64), StoreError> {
+        let client = self.client().await?;
+        let (low, high) = time_seq_bounds(&client, since, until).await?;
+        Ok((low.unwrap_or(0), high.unwrap_or(i64::MAX)))
+    }
+
+    async fn testing_pairs(&self, sql: &str) -> Result<Vec<(i64, i64)>, StoreError> {
         let client = self.client().await?;
         client
-            .query(
-                "SELECT second, seq FROM audit_time_marks ORDER BY second",
-                &[],
-            )
+            .query(sql, &[])
             .await
             .map_err(pg_err)?
             .iter()
@@ -2021,15 +2049,13 @@ async fn audit_append_tx(
     // The row lock serializes appends across every node sharing this database.
     let row = tx
         .query_one(
-            "SELECT count, hash, mac, max_time_ms, max_lag_ms FROM audit_head
-             WHERE id = 1 FOR UPDATE",
+            "SELECT count, hash, mac, max_time_ms FROM audit_head WHERE id = 1 FOR UPDATE",
             &[],
         )
         .await
         .map_err(pg_err)?;
     let mut time_index = crate::audit::TimeIndex {
         max_time_ms: row.try_get(3).map_err(pg_err)?,
-        max_lag_ms: row.try_get(4).map_err(pg_err)?,
     };
     let (count, hash) = checked_head(
         key,
@@ -2079,10 +2105,10 @@ async fn audit_append_tx(
     let mut prev = Vec::with_capacity(n);
     let mut hashes = Vec::with_capacity(n);
     let mut records = Vec::with_capacity(n);
-    let mut marks = Vec::new();
+    let (mut marks, mut late) = (Vec::new(), Vec::new());
     for (r, ms) in chained {
         let e = &r.event;
-        time_index.advance(seq_param(r.seq), ms, &mut marks);
+        time_index.advance(seq_param(r.seq), ms, &mut marks, &mut late);
         seq.push(seq_param(r.seq));
         time.push(ms);
         pk.push(e.principal_kind.clone());
@@ -2121,17 +2147,36 @@ async fn audit_append_tx(
         .await
         .map_err(pg_err)?;
     }
+    // Late marks join the frontier (see `TimeIndex`). Appends hold the head's lock, so every
+    // stored mark is older than this batch's: each stored at the batch's earliest second or
+    // later is covered, and none covers the batch's.
+    let late = crate::audit::late_frontier(&late);
+    if let Some(&(earliest, _)) = late.first() {
+        let (seconds, seqs): (Vec<i64>, Vec<i64>) = late.into_iter().unzip();
+        tx.execute(
+            "DELETE FROM audit_time_late WHERE second >= $1",
+            &[&earliest],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute(
+            "INSERT INTO audit_time_late (second, seq)
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[])",
+            &[&seconds, &seqs],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
     if let Some(last) = records.last() {
         let head = key.head(last.seq, last.hash);
         tx.execute(
-            "UPDATE audit_head SET count = $1, hash = $2, mac = $3, max_time_ms = $4,
-             max_lag_ms = $5 WHERE id = 1",
+            "UPDATE audit_head SET count = $1, hash = $2, mac = $3, max_time_ms = $4
+             WHERE id = 1",
             &[
                 &seq_param(head.count),
                 &&head.hash[..],
                 &&head.mac[..],
                 &time_index.max_time_ms,
-                &time_index.max_lag_ms,
             ],
         )
         .await
@@ -2151,25 +2196,43 @@ struct AuditQuery<'a> {
     limit: i64,
 }
 
+/// The `seq` range that holds every record in `[since, until)` (see `TimeIndex`); `None`
+/// for an open end.
+async fn time_seq_bounds<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    since: Option<i64>,
+    until: Option<i64>,
+) -> Result<(Option<i64>, Option<i64>), StoreError> {
+    let (low, high) = crate::audit::TimeIndex::bound_seconds(since, until);
+    let (mark_second, late_second) = high.unzip();
+    let row = client
+        .query_one(
+            "SELECT
+                 CASE WHEN $1::bigint IS NOT NULL THEN coalesce((SELECT seq FROM audit_time_marks
+                     WHERE second <= $1 ORDER BY second DESC LIMIT 1), 0) END,
+                 CASE WHEN $2::bigint IS NOT NULL THEN greatest(
+                     coalesce((SELECT seq FROM audit_time_marks
+                         WHERE second >= $2 ORDER BY second LIMIT 1), 9223372036854775807),
+                     coalesce((SELECT seq FROM audit_time_late
+                         WHERE second <= $3 ORDER BY second DESC LIMIT 1), 0)) END",
+            &[&low, &mark_second, &late_second],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok((
+        row.try_get(0).map_err(pg_err)?,
+        row.try_get(1).map_err(pg_err)?,
+    ))
+}
+
 /// The rows of an audit query; with a time range, its `seq` bounds first (see `TimeIndex`),
 /// so that every filter reads the newest matches first off an index whose key ends in `seq`.
 async fn audit_query_tx<C: deadpool_postgres::GenericClient>(
     client: &C,
     q: &AuditQuery<'_>,
 ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-    let (low_second, high_second) = if q.since.is_some() || q.until.is_some() {
-        let row = client
-            .query_one(
-                "SELECT max_time_ms, max_lag_ms FROM audit_head WHERE id = 1",
-                &[],
-            )
-            .await
-            .map_err(pg_err)?;
-        let time = crate::audit::TimeIndex {
-            max_time_ms: row.try_get(0).map_err(pg_err)?,
-            max_lag_ms: row.try_get(1).map_err(pg_err)?,
-        };
-        time.mark_seconds(q.since, q.until)
+    let (low_seq, high_seq) = if q.since.is_some() || q.until.is_some() {
+        time_seq_bounds(client, q.since, q.until).await?
     } else {
         (None, None)
     };
@@ -2185,12 +2248,8 @@ async fn audit_query_tx<C: deadpool_postgres::GenericClient>(
                    AND ($6::bigint IS NULL OR seq < $6)
                    AND ($7::text[] IS NULL OR action = ANY($7))
                    AND ($8::text[] IS NULL OR principal_kind = ANY($8))
-                   AND ($10::bigint IS NULL OR seq >= coalesce((SELECT seq
-                        FROM audit_time_marks WHERE second <= $10
-                        ORDER BY second DESC LIMIT 1), 0))
-                   AND ($11::bigint IS NULL OR seq <= coalesce((SELECT seq
-                        FROM audit_time_marks WHERE second >= $11
-                        ORDER BY second LIMIT 1), 9223372036854775807))
+                   AND ($10::bigint IS NULL OR seq >= $10)
+                   AND ($11::bigint IS NULL OR seq <= $11)
                  ORDER BY seq DESC LIMIT $9",
                 crate::audit::COLUMNS
             ),
@@ -2204,8 +2263,8 @@ async fn audit_query_tx<C: deadpool_postgres::GenericClient>(
                 &q.actions,
                 &q.kinds,
                 &q.limit,
-                &low_second,
-                &high_second,
+                &low_seq,
+                &high_seq,
             ],
         )
         .await
@@ -2491,6 +2550,18 @@ impl crate::audit::AuditLog for PostgresStore {
                 )
                 .await
                 .map_err(pg_err)?;
+            // Late marks' `seq`s rise with their seconds (a frontier): those of removed
+            // records are the oldest.
+            let late = tx
+                .execute(
+                    "DELETE FROM audit_time_late WHERE seq <= $1 AND second <= \
+                     (SELECT max(second) FROM \
+                      (SELECT second FROM audit_time_late ORDER BY second LIMIT $2) AS oldest)",
+                    &[&gone, &limit],
+                )
+                .await
+                .map_err(pg_err)?;
+            let marks = marks.max(late);
             Ok(crate::audit::Pruned {
                 records: u64::try_from(removed).unwrap_or(0),
                 done: removed < limit && (marks as i64) < limit,

@@ -144,4 +144,28 @@ CREATE TABLE rate_allowances (
 );
 CREATE INDEX rate_allowances_by_tat ON rate_allowances (tat_us);
 "#,
+    // 9: late records instead of the largest lag, as in SQLite's schema 9.
+    r#"
+CREATE TABLE audit_time_late (
+    second BIGINT PRIMARY KEY,
+    seq    BIGINT NOT NULL
+);
+WITH times AS (
+    SELECT seq, time_ms,
+           max(time_ms) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS prev_max
+    FROM audit_records
+), late AS (
+    SELECT floor(time_ms / 1000.0)::bigint AS second, seq FROM times
+    WHERE prev_max IS NOT NULL AND floor(time_ms / 1000.0) < floor(prev_max / 1000.0)
+), frontier AS (
+    SELECT second, seq,
+           min(second) OVER (ORDER BY seq ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING)
+               AS later_min
+    FROM late
+)
+INSERT INTO audit_time_late (second, seq)
+    SELECT second, seq FROM frontier WHERE later_min IS NULL OR later_min > second;
+ALTER TABLE audit_head DROP COLUMN max_lag_ms;
+"#,
 ];

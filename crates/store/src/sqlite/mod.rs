@@ -1994,13 +1994,42 @@ impl SqliteStore {
     ///
     /// As any read.
     pub async fn testing_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.testing_pairs("SELECT second, seq FROM audit_time_marks ORDER BY second")
+            .await
+    }
+
+    /// Test hook: every stored late mark `(second, seq)`, in `second` order, read straight
+    /// from the file.
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_audit_late_marks(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.testing_pairs("SELECT second, seq FROM audit_time_late ORDER BY second")
+            .await
+    }
+
+    /// Test hook: the `seq` range a query by time scans, after indexing every record.
+    ///
+    /// # Errors
+    ///
+    /// As any read.
+    pub async fn testing_audit_seq_bounds(
+        &self,
+        since: Option<i64>,
+        until: Option<i64>,
+    ) -> Result<(i64, i64), StoreError> {
+        self.index_audit().await?;
+        self.read(move |conn| time_seq_bounds(conn, since, until))
+            .await
+    }
+
+    async fn testing_pairs(&self, sql: &'static str) -> Result<Vec<(i64, i64)>, StoreError> {
         let path = self.inner.path.clone();
         tokio::task::spawn_blocking(move || {
             let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .map_err(db_err)?;
-            let mut stmt = conn
-                .prepare("SELECT second, seq FROM audit_time_marks ORDER BY second")
-                .map_err(db_err)?;
+            let mut stmt = conn.prepare(sql).map_err(db_err)?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(db_err)?
@@ -2374,6 +2403,8 @@ enum IndexEntries {
     Name(Vec<(String, i64)>),
     Principal(Vec<(String, i64)>),
     TimeMarks(Vec<crate::audit::TimeMark>),
+    /// A run's late marks, reduced to its frontier (see [`crate::audit::TimeIndex`]).
+    LateMarks(Vec<crate::audit::LateMark>),
 }
 
 impl IndexEntries {
@@ -2381,11 +2412,12 @@ impl IndexEntries {
         match self {
             IndexEntries::Credential(v) => v.len(),
             IndexEntries::Owner(v) | IndexEntries::Name(v) | IndexEntries::Principal(v) => v.len(),
-            IndexEntries::TimeMarks(v) => v.len(),
+            IndexEntries::TimeMarks(v) | IndexEntries::LateMarks(v) => v.len(),
         }
     }
 
-    /// Writes entries `range` (each `INSERT OR IGNORE`, so a rerun after a crash is harmless).
+    /// Writes entries `range` (each `INSERT OR IGNORE`, or for late marks the frontier's
+    /// own rule, so a rerun after a crash is harmless).
     fn insert(&self, conn: &Connection, range: std::ops::Range<usize>) -> Result<(), StoreError> {
         match self {
             IndexEntries::Credential(v) => {
@@ -2442,6 +2474,38 @@ impl IndexEntries {
                     stmt.execute(params![second, seq]).map_err(db_err)?;
                 }
             }
+            IndexEntries::LateMarks(v) => {
+                // Added to the stored frontier: skipped when a stored mark at its second or
+                // before is as late (the frontier's latest at or before its second is the
+                // latest of them all), else stored, and the marks it covers removed. The
+                // same marks added again, in any order, leave the same frontier, so a rerun
+                // or two runs at once agree.
+                let mut covered = conn
+                    .prepare_cached(
+                        "SELECT seq FROM audit_time_late WHERE second <= ?1
+                         ORDER BY second DESC LIMIT 1",
+                    )
+                    .map_err(db_err)?;
+                let mut remove = conn
+                    .prepare_cached("DELETE FROM audit_time_late WHERE second >= ?1 AND seq <= ?2")
+                    .map_err(db_err)?;
+                let mut add = conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO audit_time_late (second, seq) VALUES (?1, ?2)",
+                    )
+                    .map_err(db_err)?;
+                for &(second, seq) in &v[range] {
+                    let latest: Option<i64> = covered
+                        .query_row([second], |r| r.get(0))
+                        .optional()
+                        .map_err(db_err)?;
+                    if latest.is_some_and(|latest| latest >= seq) {
+                        continue;
+                    }
+                    remove.execute(params![second, seq]).map_err(db_err)?;
+                    add.execute(params![second, seq]).map_err(db_err)?;
+                }
+            }
         }
         Ok(())
     }
@@ -2474,13 +2538,13 @@ impl SqliteStore {
     async fn index_audit(&self) -> Result<(), StoreError> {
         let (upto, to, mut time, rows) = self
             .read(|conn| {
-                let (upto, to, max_time_ms, max_lag_ms): (i64, i64, Option<i64>, i64) = conn
+                let (upto, to, max_time_ms): (i64, i64, Option<i64>) = conn
                     .prepare_cached(
-                        "SELECT s.indexed_upto, h.count, s.max_time_ms, s.max_lag_ms
+                        "SELECT s.indexed_upto, h.count, s.max_time_ms
                          FROM audit_index_state s, audit_head h WHERE s.id = 1 AND h.id = 1",
                     )
                     .map_err(db_err)?
-                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .map_err(db_err)?;
                 let rows = conn
                     .prepare_cached(
@@ -2500,10 +2564,7 @@ impl SqliteStore {
                     .map_err(db_err)?
                     .collect::<Result<Vec<IndexRow>, _>>()
                     .map_err(db_err)?;
-                let time = crate::audit::TimeIndex {
-                    max_time_ms,
-                    max_lag_ms,
-                };
+                let time = crate::audit::TimeIndex { max_time_ms };
                 Ok((upto, to, time, rows))
             })
             .await?;
@@ -2514,9 +2575,9 @@ impl SqliteStore {
         let mut by_owner = Vec::with_capacity(rows.len());
         let mut by_name = Vec::with_capacity(rows.len());
         let mut by_principal = Vec::with_capacity(rows.len());
-        let mut marks = Vec::new();
+        let (mut marks, mut late) = (Vec::new(), Vec::new());
         for r in rows {
-            time.advance(r.seq, r.time_ms, &mut marks);
+            time.advance(r.seq, r.time_ms, &mut marks, &mut late);
             if let Some(owner) = r.owner {
                 let name = r.name.clone().unwrap_or_default();
                 by_owner.push((owner.clone(), r.seq));
@@ -2537,6 +2598,7 @@ impl SqliteStore {
             IndexEntries::Name(by_name),
             IndexEntries::Principal(by_principal),
             IndexEntries::TimeMarks(marks),
+            IndexEntries::LateMarks(crate::audit::late_frontier(&late)),
         ]);
         for i in 0..indexes.len() {
             let len = indexes[i].len();
@@ -2553,11 +2615,11 @@ impl SqliteStore {
         // up to `indexed_upto`.
         self.write(Changes::NoCredential, move |conn| {
             conn.prepare_cached(
-                "UPDATE audit_index_state SET indexed_upto = ?1, max_time_ms = ?2, max_lag_ms = ?3
+                "UPDATE audit_index_state SET indexed_upto = ?1, max_time_ms = ?2
                  WHERE id = 1 AND indexed_upto < ?1",
             )
             .map_err(db_err)?
-            .execute(params![to, time.max_time_ms, time.max_lag_ms])
+            .execute(params![to, time.max_time_ms])
             .map_err(db_err)
             .map(|_| ())
         })
@@ -2763,6 +2825,11 @@ impl AuditQuerySql {
 const PRUNE_TIME_MARKS: &str = "DELETE FROM audit_time_marks WHERE seq <= ?1 AND second <= \
      (SELECT max(second) FROM (SELECT second FROM audit_time_marks ORDER BY second LIMIT ?2))";
 
+/// The same for late marks: their `seq`s rise with their seconds (a frontier), so those of
+/// removed records are the oldest.
+const PRUNE_LATE_MARKS: &str = "DELETE FROM audit_time_late WHERE seq <= ?1 AND second <= \
+     (SELECT max(second) FROM (SELECT second FROM audit_time_late ORDER BY second LIMIT ?2))";
+
 /// How far a prune has removed records, from how far it may (`upto`) and the lowest record
 /// still stored (`kept`): records go lowest first, so every record below `kept` is gone. The
 /// time marks at or before it go with them: they can only bound ranges that hold no stored
@@ -2778,38 +2845,36 @@ fn time_seq_bounds(
     since: Option<i64>,
     until: Option<i64>,
 ) -> Result<(i64, i64), StoreError> {
-    let (max_time_ms, max_lag_ms): (Option<i64>, i64) = conn
-        .prepare_cached("SELECT max_time_ms, max_lag_ms FROM audit_index_state WHERE id = 1")
-        .map_err(db_err)?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(db_err)?;
-    let time = crate::audit::TimeIndex {
-        max_time_ms,
-        max_lag_ms,
-    };
-    let (low, high) = time.mark_seconds(since, until);
-    let low = match low {
-        Some(second) => conn
-            .prepare_cached(
-                "SELECT seq FROM audit_time_marks WHERE second <= ?1 ORDER BY second DESC LIMIT 1",
-            )
+    let lookup = |sql: &str, second: i64| -> Result<Option<i64>, StoreError> {
+        conn.prepare_cached(sql)
             .map_err(db_err)?
             .query_row([second], |r| r.get(0))
             .optional()
-            .map_err(db_err)?
-            .unwrap_or(0),
+            .map_err(db_err)
+    };
+    let (low, high) = crate::audit::TimeIndex::bound_seconds(since, until);
+    let low = match low {
+        Some(second) => lookup(
+            "SELECT seq FROM audit_time_marks WHERE second <= ?1 ORDER BY second DESC LIMIT 1",
+            second,
+        )?
+        .unwrap_or(0),
         None => 0,
     };
     let high = match high {
-        Some(second) => conn
-            .prepare_cached(
+        Some((mark_second, late_second)) => {
+            let mark = lookup(
                 "SELECT seq FROM audit_time_marks WHERE second >= ?1 ORDER BY second LIMIT 1",
-            )
-            .map_err(db_err)?
-            .query_row([second], |r| r.get(0))
-            .optional()
-            .map_err(db_err)?
-            .unwrap_or(i64::MAX),
+                mark_second,
+            )?
+            .unwrap_or(i64::MAX);
+            let late = lookup(
+                "SELECT seq FROM audit_time_late WHERE second <= ?1 ORDER BY second DESC LIMIT 1",
+                late_second,
+            )?
+            .unwrap_or(0);
+            mark.max(late)
+        }
         None => i64::MAX,
     };
     Ok((low, high))
@@ -3029,6 +3094,12 @@ impl crate::audit::AuditLog for SqliteStore {
                     .map_err(db_err)?
                     .execute(params![gone, limit])
                     .map_err(db_err)?;
+                let late = conn
+                    .prepare_cached(PRUNE_LATE_MARKS)
+                    .map_err(db_err)?
+                    .execute(params![gone, limit])
+                    .map_err(db_err)?;
+                let marks = marks.max(late);
                 let swept: i64 = conn
                     .prepare_cached("SELECT swept_upto FROM audit_anchor WHERE id = 1")
                     .map_err(db_err)?
@@ -3134,6 +3205,12 @@ mod tests {
             marks.contains("SEARCH audit_time_marks USING INTEGER PRIMARY KEY (rowid<?)")
                 && !marks.contains("TEMP B-TREE"),
             "{marks}"
+        );
+        let late = plan(&store, PRUNE_LATE_MARKS).await;
+        assert!(
+            late.contains("SEARCH audit_time_late USING INTEGER PRIMARY KEY (rowid<?)")
+                && !late.contains("TEMP B-TREE"),
+            "{late}"
         );
     }
 

@@ -218,4 +218,38 @@ CREATE TABLE rate_allowances (
 );
 CREATE INDEX rate_allowances_by_tat ON rate_allowances (tat_us);
 "#,
+    // 9: late records instead of the largest lag (`crate::audit::TimeIndex`): one request
+    // that finished late, or one clock step back, widened every later query by time as far
+    // as it lagged. Filled here from the records indexed so far, as the frontier: a late
+    // record is kept unless a later one lies at its second or before.
+    r#"
+CREATE TABLE audit_time_late (
+    second INTEGER PRIMARY KEY,
+    seq    INTEGER NOT NULL
+);
+WITH times AS (
+    SELECT seq, time_ms,
+           max(time_ms) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+               AS prev_max
+    FROM audit_records
+    WHERE seq <= (SELECT indexed_upto FROM audit_index_state WHERE id = 1)
+), seconds AS (
+    SELECT seq,
+           CASE WHEN time_ms >= 0 THEN time_ms / 1000 ELSE -((999 - time_ms) / 1000) END
+               AS second,
+           CASE WHEN prev_max >= 0 THEN prev_max / 1000 ELSE -((999 - prev_max) / 1000) END
+               AS prev_second
+    FROM times
+    WHERE prev_max IS NOT NULL
+), late AS (
+    SELECT second, seq,
+           min(second) OVER (ORDER BY seq ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING)
+               AS later_min
+    FROM seconds
+    WHERE second < prev_second
+)
+INSERT INTO audit_time_late (second, seq)
+    SELECT second, seq FROM late WHERE later_min IS NULL OR later_min > second;
+ALTER TABLE audit_index_state DROP COLUMN max_lag_ms;
+"#,
 ];

@@ -46,6 +46,18 @@ pub trait TestBackend: Send + Sync {
     /// straight from its table.
     async fn raw_audit_time_marks(&self) -> Result<Vec<(i64, i64)>, StoreError>;
 
+    /// Every stored late mark `(second, seq)`, in `second` order, read straight from its
+    /// table (see [`crate::audit`]'s time index).
+    async fn raw_audit_late_marks(&self) -> Result<Vec<(i64, i64)>, StoreError>;
+
+    /// The `seq` range a query by time in milliseconds scans, once every record is indexed
+    /// (`0` and `i64::MAX` for open ends).
+    async fn audit_seq_bounds(
+        &self,
+        since: Option<i64>,
+        until: Option<i64>,
+    ) -> Result<(i64, i64), StoreError>;
+
     /// How many keys have allowance state in the database (see
     /// [`Store::take_allowance`]).
     async fn raw_allowance_rows(&self) -> Result<u64, StoreError>;
@@ -111,6 +123,7 @@ macro_rules! conformance_tests {
             audit_genesis_is_not_sealed_over_data,
             audit_query_filters_and_pages,
             audit_query_by_time_and_owner_is_exact,
+            a_late_record_widens_only_the_queries_that_need_it,
             audit_head_key_first_wins,
             audit_concurrent_appends_one_chain,
             audited_put_is_one_transaction,

@@ -1619,6 +1619,70 @@ pub async fn audit_query_by_time_and_owner_is_exact(b: &dyn TestBackend) {
     check_queries(&*log, &times, base, 6).await;
 }
 
+/// A clock stepped back an hour once, and a request that finished late once: queries by
+/// time still find them, and each widens only the queries whose `until` falls after its
+/// time and before the records around it, only as far as itself. (A bound on how far any
+/// record ever lagged widened every later query by that much: past the last record here.)
+pub async fn a_late_record_widens_only_the_queries_that_need_it(b: &dyn TestBackend) {
+    let s = open(b).await;
+    let log = audit_log(&*s);
+    let key = sealed_key(&*log, 3).await;
+    let base = t0();
+    let base_ms = crate::types::to_millis(base).unwrap();
+    // Record `i` (seq `i + 1`) at second `i` and a half; seq 101 an hour earlier, seq 151
+    // begun 30 s before the records around it.
+    let ms = |i: i64| match i {
+        100 => 100_500 - 3_600_000,
+        150 => 120_500,
+        _ => i * 1_000 + 500,
+    };
+    let events = (0..200)
+        .map(|i| {
+            let mut e = audit_event(i as u64, "alice", "zoom.key", "reveal");
+            e.time = base + Duration::milliseconds(ms(i));
+            e
+        })
+        .collect();
+    log.audit_append(key.clone(), events).await.unwrap();
+    let bounds = |since: Option<i64>, until: Option<i64>| {
+        b.audit_seq_bounds(since.map(|t| base_ms + t), until.map(|t| base_ms + t))
+    };
+    // Until second 180: up to the mark of second 180 (seq 181), not to the end.
+    assert_eq!(bounds(None, Some(180_000)).await.unwrap(), (0, 181));
+    assert_eq!(
+        bounds(Some(170_000), Some(180_000)).await.unwrap(),
+        (171, 181)
+    );
+    // Until just after the stepped-back record: the range reaches it, and no further.
+    let after_step = 100_501 - 3_600_000;
+    assert_eq!(bounds(None, Some(after_step)).await.unwrap(), (0, 101));
+    // Until second 121, after the late request's time: it reaches that record (seq 151),
+    // past the mark of second 121 (seq 122); until second 120, not.
+    assert_eq!(bounds(None, Some(121_000)).await.unwrap(), (0, 151));
+    assert_eq!(bounds(None, Some(120_000)).await.unwrap(), (0, 121));
+    // And the queries answer exactly.
+    let seqs = |since: Option<i64>, until: Option<i64>| {
+        let f = crate::AuditFilter {
+            since: since.map(|t| base + Duration::milliseconds(t)),
+            until: until.map(|t| base + Duration::milliseconds(t)),
+            ..Default::default()
+        };
+        let log = log.clone();
+        async move {
+            log.audit_query(&f, None, 1000)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<u64>>()
+        }
+    };
+    assert_eq!(seqs(None, Some(after_step)).await, vec![101]);
+    assert_eq!(seqs(Some(120_000), Some(121_000)).await, vec![151, 121]);
+    let until_180: Vec<u64> = (1..=180).rev().collect();
+    assert_eq!(seqs(None, Some(180_000)).await, until_180);
+}
+
 /// Every stored record, in `seq` order.
 async fn audit_scan_all(log: &dyn crate::AuditLog) -> Vec<crate::audit::Record> {
     let mut all = Vec::new();
@@ -2119,7 +2183,7 @@ fn assert_marks(got: &[(i64, i64)], want: &[(i64, i64)], what: &str) {
 /// through and at the end, with kept records whose times lie in the pruned range (a clock
 /// stepped back, requests that finished late) and queries whose bounds find no mark.
 pub async fn audit_prune_removes_time_marks_and_queries_stay_exact(b: &dyn TestBackend) {
-    use crate::audit::{is_counted_put, TimeIndex};
+    use crate::audit::{is_counted_put, late_frontier, TimeIndex};
     let s = open(b).await;
     let log = audit_log(&*s);
     let key = sealed_key(&*log, 9).await;
@@ -2154,15 +2218,27 @@ pub async fn audit_prune_removes_time_marks_and_queries_stay_exact(b: &dyn TestB
     check_queries(&*log, &times, base, 0).await; // also brings SQLite's marks up to date
     let records = audit_scan_all(&*log).await;
     // The marks are those of the records, one per second the running maximum entered.
+    // The late marks are the frontier of the records behind the running maximum's second.
     let mut index = TimeIndex::default();
-    let mut want = Vec::new();
+    let (mut want, mut late) = (Vec::new(), Vec::new());
     for r in &records {
         let ms = crate::types::to_millis(r.event.time).unwrap();
-        index.advance(r.seq as i64, ms, &mut want);
+        index.advance(r.seq as i64, ms, &mut want, &mut late);
     }
+    let want_late = late_frontier(&late);
     let before = b.raw_audit_time_marks().await.unwrap();
     assert_marks(&before, &want, "before pruning");
     assert!(before.len() > 300, "{} marks", before.len());
+    let late_before = b.raw_audit_late_marks().await.unwrap();
+    assert_marks(&late_before, &want_late, "late marks before pruning");
+    assert!(late_before.len() > 20, "{} late marks", late_before.len());
+    let kept_late = |upto: i64| -> Vec<(i64, i64)> {
+        want_late
+            .iter()
+            .copied()
+            .filter(|&(_, s)| s > upto)
+            .collect()
+    };
 
     let cut = 450u64;
     let puts = records[..cut as usize]
@@ -2206,6 +2282,8 @@ pub async fn audit_prune_removes_time_marks_and_queries_stay_exact(b: &dyn TestB
     let marks = b.raw_audit_time_marks().await.unwrap();
     assert_marks(&marks, &kept_marks(16), "after one batch");
     assert!(marks.len() < before.len());
+    let late_marks = b.raw_audit_late_marks().await.unwrap();
+    assert_marks(&late_marks, &kept_late(16), "late marks after one batch");
     check_windows(&*log, &windows, 1).await;
     check_queries(&*log, &times, base, 1).await;
     loop {
@@ -2219,6 +2297,13 @@ pub async fn audit_prune_removes_time_marks_and_queries_stay_exact(b: &dyn TestB
     assert_eq!(log.audit_scan(0, 1).await.unwrap()[0].seq, cut + 1);
     let after = b.raw_audit_time_marks().await.unwrap();
     assert_marks(&after, &kept_marks(cut as i64), "after pruning");
+    let late_after = b.raw_audit_late_marks().await.unwrap();
+    assert_marks(
+        &late_after,
+        &kept_late(cut as i64),
+        "late marks after pruning",
+    );
+    assert!(late_after.len() < late_before.len() && !late_after.is_empty());
     assert!(
         after.len() < before.len() && !after.is_empty(),
         "{} marks of {}",
@@ -2254,6 +2339,11 @@ pub async fn audit_prune_removes_time_marks_and_queries_stay_exact(b: &dyn TestB
     let now = b.raw_audit_time_marks().await.unwrap();
     assert_marks(&now[..after.len()], &after, "after appending");
     assert!(now.iter().all(|&(_, s)| s > cut as i64));
+    let late_now = b.raw_audit_late_marks().await.unwrap();
+    assert!(
+        late_now.iter().all(|&(_, s)| s > cut as i64),
+        "{late_now:?}"
+    );
     // A prune with nothing left to remove changes nothing.
     assert!(log.audit_prune(key.clone(), 16).await.unwrap().done);
     assert_marks(
