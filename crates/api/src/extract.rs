@@ -295,7 +295,27 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(v)| ApiPath(v))
-            .map_err(|_| malformed())
+            .map_err(|rejection| match rejection {
+                // A parameter that decoded but is not what the route takes (a version
+                // number): serde's message says which and why.
+                axum::extract::rejection::PathRejection::FailedToDeserializePathParams(e)
+                    if !matches!(
+                        e.kind(),
+                        axum::extract::path::ErrorKind::InvalidUtf8InPathParam { .. }
+                    ) =>
+                {
+                    ApiError::bad_request(format!(
+                        "malformed path parameter: {}",
+                        e.body_text()
+                            .strip_prefix("Invalid URL: ")
+                            .unwrap_or(&e.body_text())
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    ))
+                }
+                _ => malformed(),
+            })
     }
 }
 
@@ -316,10 +336,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // The decoder replaces bytes that are not UTF-8 (`owner=%FF` would filter by U+FFFD
+        // and find nothing) and passes a stray `%` through: refused, as in a path.
+        let query = parts.uri.query().unwrap_or_default();
+        if !well_formed_escapes(query.as_bytes())
+            || query.split(['&', '=']).any(|part| {
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8()
+                    .is_err()
+            })
+        {
+            return Err(ApiError::bad_request(
+                "malformed query string: percent-encode parameters as UTF-8 (each % followed \
+                 by two hex digits)",
+            ));
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(v)| ApiQuery(v))
-            .map_err(|_| ApiError::bad_request("malformed query string"))
+            .map_err(|rejection| {
+                // serde names the parameter and what is wrong with it (an unknown or repeated
+                // name, a number that does not parse); a query carries no secret.
+                let why = rejection.body_text();
+                let why = why
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&why);
+                ApiError::bad_request(format!(
+                    "malformed query string: {}",
+                    why.chars().take(200).collect::<String>()
+                ))
+            })
     }
 }
 

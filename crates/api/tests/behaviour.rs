@@ -179,9 +179,21 @@ async fn numbers_bodies_and_values_are_validated_one_way_everywhere() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {}", r.body);
         assert!(r.json()["error"]["code"].is_string(), "{what}: {}", r.body);
     };
-    for v in ["+1", "01", "0", "1.0", "-1", "4294967296", "2147483648"] {
+    for v in [
+        "+1",
+        "01",
+        "0",
+        "1.0",
+        "-1",
+        "4294967296",
+        "2147483648",
+        "abc",
+    ] {
         let path = format!("{KEY}/versions/{}", v.replace('+', "%2B"));
-        bad(&api.call("DELETE", &path, Some(&alice), None).await, v);
+        let r = api.call("DELETE", &path, Some(&alice), None).await;
+        bad(&r, v);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("version"), "{v}: {message}");
     }
     for (what, body) in [
         ("reveal 0", json!({"version": 0})),
@@ -223,6 +235,21 @@ async fn numbers_bodies_and_values_are_validated_one_way_everywhere() {
             )
             .await;
         bad(&r, q);
+    }
+    // A query that does not decode to UTF-8, or has a stray `%`, is refused (not read as
+    // U+FFFD, which matches nothing); a bad parameter is named.
+    for (q, says) in [
+        ("owner=%FF", "UTF-8"),
+        ("owner=a%zz", "UTF-8"),
+        ("nme=alice", "nme"),
+        ("limit=ten", "limit"),
+    ] {
+        let r = api
+            .call("GET", &format!("/v1/audit?{q}"), Some(ADMIN_TOKEN), None)
+            .await;
+        bad(&r, q);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "{q}: {message}");
     }
     // Arrays are not objects, whatever serde would make of them.
     for body in [json!(["v3"]), json!(["v3", {"label": "x"}, null])] {
@@ -508,9 +535,13 @@ async fn verify_is_rate_limited_per_owner() {
         verify(alice.clone(), "wrong").await.json(),
         json!({"matches": false})
     );
+    // An empty value is refused, as a put of it is (and still counts).
+    let empty = verify(alice.clone(), "").await;
     assert_eq!(
-        verify(alice.clone(), "").await.json(),
-        json!({"matches": false})
+        (empty.status, code(&empty).as_str()),
+        (StatusCode::BAD_REQUEST, "bad_request"),
+        "{}",
+        empty.body
     );
     // 3 a minute: the next one is due within 20 s.
     assert_rate_limited(&verify(alice.clone(), CANARY).await, 20);

@@ -447,6 +447,31 @@ async fn missing_foreign_disabled_and_destroyed_credentials_are_refused_like_rev
         )
         .await;
     assert_eq!((reveal.status, code(&reveal)), (r.status, code(&r)));
+    // A version that never existed: "no such version", as a reveal says, for a credential
+    // the service may reach; another owner's still gets the plain 404.
+    let mut req = bearer(&up.url("/echo"));
+    req["version"] = json!(5);
+    let r = broker(&api, req.clone()).await;
+    let reveal = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(json!({"version": 5})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert_eq!((&r.status, &r.body), (&reveal.status, &reveal.body));
+    assert!(r.body.contains("no such version"), "{}", r.body);
+    let foreign = api
+        .call(
+            "POST",
+            "/v1/owners/bob/credentials/zoom.api-key/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(req),
+        )
+        .await;
+    assert_eq!((foreign.status, &foreign.body), (other.status, &other.body));
     assert_eq!(up.hits(), hits);
 }
 

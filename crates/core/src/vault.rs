@@ -689,6 +689,10 @@ impl Vault {
         if candidate.len() > MAX_VALUE_LEN {
             return Err(CoreError::ValueTooLarge(MAX_VALUE_LEN));
         }
+        // No stored value is empty: refused as a put of it is, not answered "no match".
+        if candidate.is_empty() {
+            return Err(CoreError::InvalidInput("value must not be empty"));
+        }
         // The answer says something about the value: it must be about the current one even
         // when another process changed it behind a read from memory (no audit record
         // precedes this answer, so the store may run an empty write transaction to know).

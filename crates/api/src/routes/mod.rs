@@ -137,7 +137,12 @@ async fn check_request_shape(
     next.run(req).await
 }
 
-/// The request line and headers are over `limits.max_header_bytes`: 431 with a JSON error
+/// Most header fields a request may have: HTTP/1's parser refuses more on its own (431
+/// without a body); HTTP/2 bounds only their size, so this holds it to the same count.
+const MAX_HEADER_FIELDS: usize = 100;
+
+/// The request line and headers are over `limits.max_header_bytes`, or there are over
+/// [`MAX_HEADER_FIELDS`] header fields: 431 with a JSON error
 /// that gives the sizes (never a header's content: it may be a token). Heads up to twice the
 /// limit reach this far (the server sets its HTTP layer's own limits there), so a client
 /// that sends a large token or cookie learns which limit it hit; past that, the HTTP layer
@@ -147,6 +152,14 @@ async fn check_head_size(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let fields = req.headers().len();
+    if fields > MAX_HEADER_FIELDS {
+        return axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request has {fields} header fields; at most {MAX_HEADER_FIELDS} are read"),
+        ));
+    }
     let limit = state.limits().max_header_bytes;
     let size = head_size(&req);
     if size > limit {

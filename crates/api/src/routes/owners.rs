@@ -195,6 +195,7 @@ pub(crate) async fn broker(
             "the JSON body has missing, unknown or mistyped fields for this endpoint (method, url and inject are required)",
         )
     })?;
+    let asked_for_a_version = body.version.is_some();
     let broker = state.broker().ok_or_else(|| {
         ApiError::internal(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -223,10 +224,14 @@ pub(crate) async fn broker(
             ),
         ));
     }
-    let loaded = broker
-        .load(state.vault(), &owner, &name, &prepared)
-        .await
-        .map_err(broker_error)?;
+    let loaded = match broker.load(state.vault(), &owner, &name, &prepared).await {
+        Ok(loaded) => loaded,
+        // As a reveal says: "no such version" where the credential exists.
+        Err(e) if asked_for_a_version => {
+            return Err(super::name_a_missing_version(&state, &owner, &name, broker_error(e)).await)
+        }
+        Err(e) => return Err(broker_error(e)),
+    };
     audit.version(loaded.version());
     let target = broker.resolve(&prepared).await.map_err(broker_error)?;
     let call = broker.inject(prepared, loaded).map_err(broker_error)?;

@@ -21,16 +21,24 @@ pub struct PathVersion(pub u32);
 impl<'de> Deserialize<'de> for PathVersion {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        canonical_number(&text)
-            .map(PathVersion)
-            .ok_or_else(|| serde::de::Error::custom("not a version number"))
+        canonical_number(&text).map(PathVersion).ok_or_else(|| {
+            serde::de::Error::custom(
+                "the version is a decimal number from 1, without a sign or leading zeros",
+            )
+        })
     }
 }
 
 /// An optional `limit` in a query string ([`canonical_number`]).
 fn canonical_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     Option::<String>::deserialize(d)?
-        .map(|text| canonical_number(&text).ok_or_else(|| serde::de::Error::custom("not a number")))
+        .map(|text| {
+            canonical_number(&text).ok_or_else(|| {
+                serde::de::Error::custom(
+                    "limit is a decimal number, without a sign or leading zeros",
+                )
+            })
+        })
         .transpose()
 }
 

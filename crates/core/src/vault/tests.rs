@@ -135,10 +135,11 @@ async fn disabled_is_never_revealed_and_verify_compares() {
         .verify("alice", "n", &SecretBytes::from_slice(b"secreT"))
         .await
         .unwrap());
-    assert!(!v
-        .verify("alice", "n", &SecretBytes::from_slice(b""))
-        .await
-        .unwrap());
+    // No stored value is empty: an empty candidate is refused, as a put of it is.
+    assert!(matches!(
+        v.verify("alice", "n", &SecretBytes::from_slice(b"")).await,
+        Err(CoreError::InvalidInput(_))
+    ));
     v.set_enabled("alice", "n", false).await.unwrap();
     assert!(matches!(
         v.reveal("alice", "n", None).await,
