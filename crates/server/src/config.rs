@@ -58,7 +58,7 @@
 //! | `policy_file` | — (deny all) | service policy (TOML, see `policy.example.toml`); reloaded on SIGHUP |
 //! | `limits.max_connections` | 1024 | concurrent connections; more wait in the listen backlog |
 //! | `limits.request_timeout_seconds` | 30 | longest time a request may take |
-//! | `limits.max_header_bytes` | 16384 | request line plus headers, counted as HTTP/1.1 sends them, for HTTP/2 too (8192 to 1048576); over it: 431 `headers_too_large`. Heads over twice this, or with over 100 header fields, are refused by the HTTP layer, with no JSON body |
+//! | `limits.max_header_bytes` | 16384 | request line plus headers, counted as HTTP/1.1 sends them, for HTTP/2 too (8192 to 1048576); over it: 431 `headers_too_large`. Heads over twice this are refused by the HTTP layer with no JSON body, as are HTTP/1.1 heads with over 100 header fields (HTTP/2 ones get the JSON 431) |
 //! | `limits.max_body_bytes` | 524288 | request body |
 //! | `limits.verify_per_minute` | 30 | `verify` calls per owner per minute, counted in the store: every node shares the allowance, and a restart does not refill it (keep the nodes' clocks synchronised) |
 //! | `limits.puts_per_owner_per_minute` | 600 | puts to one owner's credentials per minute, by the user and services together; more get 429 `rate_limited` with `Retry-After` and write nothing. Bounds how fast one owner's version rows grow (a refused put is still recorded in the audit log, as every authenticated request is). Disables, enables, current-version changes and destroys are not limited, so that a service that spends the allowance cannot keep the owner from the kill switch. Counted by each server process (N nodes allow N times this; a restart resets the count); reveals are not limited (policy governs them) |
@@ -1429,6 +1429,50 @@ const OTHER_ENV: &[&str] = &[
     "VECTORS_DIR",
 ];
 const OTHER_ENV_PREFIXES: &[&str] = &["TEST_", "REQUIRE_", "BENCH_"];
+
+/// The settings that both `file` and a `STRONGROOM_*` variable set, to different values:
+/// `(variable, key)` pairs, the variable winning. An exported `STRONGROOM_DATA_DIR` (the dev
+/// server suggests one) would otherwise move a `serve --config` onto another store without
+/// a word. Only names: a value may be a secret.
+#[must_use]
+pub fn environment_overrides(file: &Path) -> Vec<(String, String)> {
+    fn leaves(prefix: &str, value: &figment::value::Value, out: &mut Vec<String>) {
+        match value {
+            figment::value::Value::Dict(_, dict) => {
+                for (k, v) in dict {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(&key, v, out);
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+    let from_file = Figment::from(Toml::file_exact(file));
+    let from_env = merge_env(Figment::new(), ENV_KEYS);
+    let Ok(env_values) = from_env.extract::<figment::value::Value>() else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    leaves("", &env_values, &mut keys);
+    // Compared as plain data: figment's values carry their source in a tag.
+    let plain = |v: &figment::value::Value| v.deserialize::<serde_json::Value>().ok();
+    keys.into_iter()
+        .filter(|key| {
+            matches!(
+                (from_file.find_value(key), from_env.find_value(key)),
+                (Ok(f), Ok(e)) if plain(&f) != plain(&e)
+            )
+        })
+        .map(|key| {
+            let variable = format!("STRONGROOM_{}", key.replace('.', "__").to_ascii_uppercase());
+            (variable, key)
+        })
+        .collect()
+}
 
 /// The `STRONGROOM_*` variables in `vars` that name no setting (a typo such as
 /// `STRONGROOM_LISTN` or `STRONGROOM_TLS_CLIENT_AUTH` with one underscore), which the

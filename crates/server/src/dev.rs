@@ -616,7 +616,7 @@ Try it (paste into a shell):
   export ALICE='{user_token}'
   export SERVICE='{service}'
   export ADMIN='{admin}'
-  export STRONGROOM_DATA_DIR={absolute_dir}   # for `strongroom credential`, `keys`, `audit`
+  export STRONGROOM_DATA_DIR={absolute_dir}   # for `strongroom credential`, `keys`, `audit` (not for `serve --config`)
 
   # 1. store a credential as {user} (write-only: {user} can never read it back)
   curl -sS -w '\\n' --cacert \"$CA\" -X PUT \"$SR/v1/me/credentials/zoom.api-key\" -H \"Authorization: Bearer $ALICE\" -H 'Content-Type: application/json' -d '{{\"value\": \"zoom-secret-123\"}}'

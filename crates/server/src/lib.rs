@@ -1194,6 +1194,7 @@ impl Server {
         })?;
         tracing::info!(
             listen = %local_addr,
+            data_dir = %config.data_dir.display(),
             store = ?config.store.kind,
             key_provider = config.keys.provider.as_str(),
             key_mode = if hierarchy.is_some() { "hierarchy" } else { "direct" },

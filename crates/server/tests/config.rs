@@ -105,6 +105,21 @@ fn environment_overrides_the_file_and_flags_override_both() {
         );
         assert_eq!(c.auth.service.len(), 1);
         assert_eq!(c.log.format, LogFormat::Text);
+        // What the environment overrides in the file is named (not its value): the keys
+        // both set, to different values; not those only one sets, nor equal ones.
+        jail.set_env("STRONGROOM_LIMITS__VERIFY_PER_MINUTE", "5");
+        let mut named = strongroom_server::config::environment_overrides(Path::new("s.toml"));
+        named.sort();
+        assert_eq!(
+            named,
+            [
+                ("STRONGROOM_DATA_DIR".to_owned(), "data_dir".to_owned()),
+                (
+                    "STRONGROOM_LIMITS__MAX_CONNECTIONS".to_owned(),
+                    "limits.max_connections".to_owned()
+                ),
+            ]
+        );
 
         let mut flags = Overrides {
             listen: Some("127.0.0.1:1234".parse().unwrap()),

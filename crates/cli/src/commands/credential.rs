@@ -224,6 +224,20 @@ impl Paging {
     }
 }
 
+/// An owner id as a path segment. `.` and `..` are valid owner ids, but URL parsers (this
+/// client's too) read them, escaped or not, as steps of the path: refused here with a
+/// reason, not sent to the wrong route.
+fn owner_segment(owner: &str) -> Result<String, CliError> {
+    if owner == "." || owner == ".." {
+        return Err(CliError::Usage(format!(
+            "owner id '{owner}' cannot be sent in a URL path: URL parsers, this client's \
+             included, read it as a step of the path; call the API with a client that sends \
+             the path as it is (curl --path-as-is, with it written %2E)"
+        )));
+    }
+    Ok(segment(owner))
+}
+
 fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -427,7 +441,11 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                 body["expected_version"] = v.into();
             }
             let path = match &owner {
-                Some(o) => format!("/v1/owners/{}/credentials/{}", segment(o), segment(&name)),
+                Some(o) => format!(
+                    "/v1/owners/{}/credentials/{}",
+                    owner_segment(o)?,
+                    segment(&name)
+                ),
                 None => me(&name),
             };
             // The value goes into the body last, in a buffer zeroized when dropped.
@@ -539,7 +557,7 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
         } => {
             let path = format!(
                 "/v1/owners/{}/credentials/{}/reveal",
-                segment(&owner),
+                owner_segment(&owner)?,
                 segment(&name)
             );
             let body = match version {
@@ -641,4 +659,22 @@ fn confirm_destroy(name: &str, version: Option<u32>) -> Result<(), Failure> {
         return Err(CliError::Usage("not confirmed; nothing was destroyed".into()).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_ids_are_escaped_and_dot_segments_refused() {
+        assert_eq!(owner_segment("alice").unwrap(), "alice");
+        assert_eq!(owner_segment("a/b c").unwrap(), "a%2Fb%20c");
+        assert_eq!(owner_segment("...").unwrap(), "...");
+        for dots in [".", ".."] {
+            match owner_segment(dots) {
+                Err(CliError::Usage(m)) => assert!(m.contains("URL path"), "{m}"),
+                other => panic!("{dots}: {other:?}"),
+            }
+        }
+    }
 }

@@ -102,6 +102,23 @@ pub(crate) fn warn_unknown_env_names() {
     });
 }
 
+/// Warns on standard error, once, for each setting of the configuration `file` that a
+/// `STRONGROOM_*` variable overrides (say an exported `STRONGROOM_DATA_DIR` left from a dev
+/// server): the variable wins, and the file's value is not what runs.
+pub(crate) fn warn_environment_overrides(file: Option<&std::path::Path>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let Some(file) = file else { return };
+    ONCE.call_once(|| {
+        for (variable, key) in strongroom_server::config::environment_overrides(file) {
+            errln!(
+                "strongroom: warning: {variable} overrides `{key}` in {} (the environment \
+                 wins; unset it to use the file's)",
+                file.display()
+            );
+        }
+    });
+}
+
 /// Warns on standard error when group or others may read a file holding a secret (a token
 /// or keys): whoever reads it holds the secret too. A warning, not a refusal, as the file is
 /// the caller's own choice and the harm is already done; the server refuses its own.
@@ -138,6 +155,7 @@ impl OperatorTarget {
     /// The server configuration these flags name.
     pub fn load(&self) -> Result<strongroom_server::config::Config, Failure> {
         warn_unknown_env_names();
+        warn_environment_overrides(self.config.as_deref());
         let overrides = strongroom_server::config::Overrides {
             data_dir: self.data_dir.clone(),
             keyring: self.keyring.clone(),

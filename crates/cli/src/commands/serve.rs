@@ -117,6 +117,7 @@ async fn serve_config(args: ServeArgs) -> Result<(), Failure> {
         data_dir: args.data_dir,
         ..Overrides::default()
     };
+    super::warn_environment_overrides(args.config.as_deref());
     let config = Config::load(args.config.as_deref(), &overrides)?;
     // Held while the server runs; dropped, it writes out the lines still queued.
     let _log = logging::init(&config.log)
