@@ -123,6 +123,9 @@ impl From<CoreError> for ApiError {
             }
             CoreError::NotFound => Self::not_found(),
             CoreError::VersionDestroyed => Self::new(S::GONE, "version_destroyed", e.to_string()),
+            CoreError::VersionExpired { .. } => {
+                Self::new(S::GONE, "version_expired", e.to_string())
+            }
             CoreError::VersionConflict { .. } => {
                 Self::new(S::CONFLICT, "version_conflict", e.to_string())
             }

@@ -788,6 +788,66 @@ async fn a_new_version_by_another_process_is_what_the_next_call_sends() {
     operator.close().await;
 }
 
+/// A version past its `metadata.expires_at` is neither revealed nor brokered (410
+/// `version_expired`, nothing sent), its owner's verify still answers, a later version
+/// without one is used, and an expiry that is no RFC 3339 time is refused when stored.
+#[tokio::test]
+async fn an_expired_version_is_neither_revealed_nor_brokered() {
+    let (api, up) = setup().await;
+    let alice = user_token("alice");
+    let put = |metadata: Value| {
+        api.call(
+            "PUT",
+            "/v1/me/credentials/zoom.api-key",
+            Some(&alice),
+            Some(json!({"value": "sk_live_expired", "metadata": metadata})),
+        )
+    };
+    for bad in [json!("tomorrow"), json!("2027-01-31"), json!(1_900_000_000)] {
+        let r = put(json!({"host": "localhost:*", "expires_at": bad})).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+        assert_eq!(code(&r), "invalid_metadata");
+        assert!(!r.body.contains("tomorrow"), "{}", r.body);
+    }
+    let r = put(json!({"host": "localhost:*", "expires_at": "2001-01-01T00:00:00Z"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let hits = up.hits();
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::GONE, "version_expired"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("2001-01-01T00:00:00Z"), "{}", r.body);
+    assert_eq!(up.hits(), hits);
+    let reveal = api.reveal_alices_key().await;
+    assert_eq!((reveal.status, code(&reveal)), (r.status, code(&r)));
+    assert!(!reveal.body.contains("sk_live_expired"));
+    let verify = api
+        .call(
+            "POST",
+            "/v1/me/credentials/zoom.api-key/verify",
+            Some(&alice),
+            Some(json!({"value": "sk_live_expired"})),
+        )
+        .await;
+    assert_eq!(verify.json()["matches"], true, "{}", verify.body);
+    // The version before it has no expiry: named, it is still used.
+    let mut req = bearer(&up.url("/echo"));
+    req["version"] = json!(1);
+    let r = broker(&api, req).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // A new version with an expiry ahead is used.
+    let r = put(json!({"host": "localhost:*", "expires_at": "2999-01-01T00:00:00Z"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(
+        (r.status, r.json()["version"].clone()),
+        (StatusCode::OK, json!(3))
+    );
+}
+
 /// The broker records of `name`, newest first, once there are `n` of them (a request cut
 /// short is recorded from a task of its own as it is dropped).
 async fn broker_records(api: &TestApi, name: &str, n: usize) -> Vec<Value> {

@@ -22,6 +22,15 @@ pub enum CoreError {
     /// The version was destroyed.
     #[error("that version was destroyed")]
     VersionDestroyed,
+    /// The version's `metadata.expires_at` has passed: it is not used (the owner sets a new
+    /// version).
+    #[error("version {version} expired at {expired_at} (metadata.expires_at); the owner must set a new one")]
+    VersionExpired {
+        /// The version.
+        version: u32,
+        /// When it expired (RFC 3339).
+        expired_at: String,
+    },
     /// Check-and-set failed: the current version is not the expected one.
     #[error("the credential changed: current version is {}", .current.map_or("none".to_owned(), |v| v.to_string()))]
     VersionConflict {

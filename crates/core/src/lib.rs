@@ -26,6 +26,6 @@ pub use error::CoreError;
 pub use rewrap::{rewrap, FailedVersion, RewrapOptions, RewrapReport, MAX_FAILURES_LISTED};
 pub use strongroom_store::Change;
 pub use vault::{
-    check_place, Clock, PutOutcome, PutRequest, ReadCheck, Revealed, SystemClock, Vault,
-    VaultConfig, MAX_METADATA_LEN, MAX_VALUE_LEN,
+    check_place, expiry_of, Clock, PutOutcome, PutRequest, ReadCheck, Revealed, SystemClock, Vault,
+    VaultConfig, EXPIRES_AT_KEY, MAX_METADATA_LEN, MAX_VALUE_LEN,
 };

@@ -37,6 +37,14 @@ const PUT_STRIPES: usize = 256;
 /// Credentials whose latest version numbers a node remembers before it starts over.
 const MAX_LATEST_HINTS: usize = if cfg!(test) { 64 } else { 65_536 };
 
+/// Why a version is opened: to use it (reveal, broker: an expired one is refused), or to
+/// compare the owner's guess with it (verify: it is still the owner's value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Open {
+    ToUse,
+    ToCompare,
+}
+
 /// The time source, injected so tests can pin it.
 pub trait Clock: Send + Sync + fmt::Debug {
     /// Now, in UTC.
@@ -183,6 +191,34 @@ pub(crate) fn check_version(version: u32) -> Result<(), CoreError> {
         ));
     }
     Ok(())
+}
+
+/// The metadata key of a version's expiry: an RFC 3339 time after which the version is
+/// neither revealed nor brokered (the third party's key has run out; the owner sets a new
+/// one). The owner's `verify` still answers about it.
+pub const EXPIRES_AT_KEY: &str = "expires_at";
+
+/// A new version's expiry (`metadata.expires_at`), when it has one.
+///
+/// # Errors
+///
+/// A message naming the key and the expected form (never quoting the caller's text).
+pub fn expiry_of(metadata: Option<&serde_json::Value>) -> Result<Option<OffsetDateTime>, String> {
+    let bad = || {
+        format!(
+            "metadata.{EXPIRES_AT_KEY} must be an RFC 3339 time such as \
+             \"2027-01-31T00:00:00Z\""
+        )
+    };
+    match metadata.and_then(|m| m.get(EXPIRES_AT_KEY)) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map(Some)
+                .map_err(|_| bad())
+        }
+        Some(_) => Err(bad()),
+    }
 }
 
 /// The associated data of a version: its place, plus the third-party host its metadata binds
@@ -646,11 +682,27 @@ impl Vault {
         owner: &str,
         name: &str,
         version: Option<u32>,
+        purpose: Open,
     ) -> Result<(Revealed, bool), CoreError> {
         check_place(owner, name)?;
         version.map(check_version).transpose()?;
         let mark = self.store.read_mark();
         let row = self.store.get_version(owner, name, version).await?;
+        // Refused before it is decrypted. A disabled credential is refused as such by the
+        // caller; a version stored before expiries were checked may hold another text
+        // under the key, which is no expiry.
+        if purpose == Open::ToUse && row.credential_enabled {
+            if let Ok(Some(at)) = expiry_of(Some(&row.metadata)) {
+                if at <= self.clock.now() {
+                    return Err(CoreError::VersionExpired {
+                        version: row.version,
+                        expired_at: at
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default(),
+                    });
+                }
+            }
+        }
         let read = ReadCheck {
             mark,
             served: row.served(version),
@@ -699,7 +751,7 @@ impl Vault {
         // Overtaken once (an operator's import or put just before), it reads again.
         let mut retried = false;
         loop {
-            let (revealed, _) = self.open(owner, name, None).await?;
+            let (revealed, _) = self.open(owner, name, None, Open::ToCompare).await?;
             let stored: [u8; 32] = Sha256::digest(revealed.value.expose_secret()).into();
             let given: [u8; 32] = Sha256::digest(candidate.expose_secret()).into();
             if self.read_still_holds(&revealed.read).await? {
@@ -744,7 +796,7 @@ impl Vault {
         name: &str,
         version: Option<u32>,
     ) -> Result<Revealed, CoreError> {
-        let (revealed, enabled) = self.open(owner, name, version).await?;
+        let (revealed, enabled) = self.open(owner, name, version, Open::ToUse).await?;
         if !enabled {
             return Err(CoreError::Disabled);
         }

@@ -54,7 +54,7 @@ impl MakeRequestId for Ids {
     }
 }
 
-/// A put through either route (user or service): the bound-host check, then the new version
+/// A put through either route (user or service): the metadata checks (bound host, expiry), then the new version
 /// with its audit record in one commit ([`crate::audit::Audit::put`]); 201 with the version,
 /// never the value.
 pub(crate) async fn put_version(
@@ -66,6 +66,7 @@ pub(crate) async fn put_version(
     created_by: &str,
 ) -> Result<(StatusCode, axum::Json<views::PutResponse>), ApiError> {
     strongroom_core::broker::check_bound_host(body.metadata.as_ref())
+        .and_then(|()| strongroom_core::expiry_of(body.metadata.as_ref()).map(|_| ()))
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
     state.admit_put(owner)?;
     let request = strongroom_core::PutRequest {

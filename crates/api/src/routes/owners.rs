@@ -88,7 +88,7 @@ pub(crate) async fn put(
     request_body(content = RevealBody, description = "Optional (no body, or {}, reveals the current version): {\"version\": n}"),
     responses((status = 200, body = RevealResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "credential disabled", body = ErrorBody),
-        (status = 410, description = "version destroyed", body = ErrorBody),
+        (status = 410, description = "version destroyed (version_destroyed), or past its metadata.expires_at (version_expired)", body = ErrorBody),
         (status = 503, description = "the audit record could not be written; no value is returned", body = ErrorBody)),
     security(("service_token" = [])))]
 pub(crate) async fn reveal(
@@ -174,7 +174,7 @@ fn secret_json<T: serde::Serialize>(body: &T, secret_len: usize) -> ApiResult<Re
         (status = 401, body = ErrorBody),
         (status = 403, description = "policy, destination, bound host or address refused", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "credential disabled", body = ErrorBody),
-        (status = 410, description = "version destroyed", body = ErrorBody),
+        (status = 410, description = "version destroyed (version_destroyed), or past its metadata.expires_at (version_expired)", body = ErrorBody),
         (status = 413, description = "body to forward too large", body = ErrorBody),
         (status = 422, description = "the value cannot be injected as asked", body = ErrorBody),
         (status = 502, description = "upstream unreachable, TLS failure, broken HTTP, response too large, content-encoded, or too costly to check for the value", body = ErrorBody),

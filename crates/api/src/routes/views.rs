@@ -146,8 +146,11 @@ pub struct PutBody {
     /// The secret value (1 byte to 64 KiB of UTF-8). Never returned by user routes.
     #[schema(min_length = 1)]
     pub value: String,
-    /// Non-secret metadata (labels, the third-party host, an expiry...): a JSON object, each
-    /// key once.
+    /// Non-secret metadata: a JSON object, each key once, at most 8 KiB. Two keys mean
+    /// something to Strongroom: `host` binds the version to the third-party host brokered
+    /// calls may send it to (`api.zoom.us`, `host:port`, `*.domain`); `expires_at` (RFC 3339)
+    /// is when the version stops being revealed or brokered (410 `version_expired`). Others
+    /// are the caller's (labels).
     #[schema(value_type = Option<Object>)]
     #[serde(default, deserialize_with = "unique_keys")]
     pub metadata: Option<serde_json::Value>,

@@ -553,3 +553,119 @@ async fn describe_pages_check_their_bounds() {
         Err(CoreError::NotFound)
     ));
 }
+
+/// A clock the test moves.
+#[derive(Debug)]
+struct SetClock(std::sync::Mutex<time::OffsetDateTime>);
+
+impl Clock for SetClock {
+    fn now(&self) -> time::OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// A version past its `metadata.expires_at` is neither revealed nor brokered (the broker
+/// reveals through the same call), from the instant named on; before it, and for another
+/// version or the owner's verify, nothing changes. Text under the key that is no time (from
+/// before expiries were checked) is no expiry.
+#[tokio::test]
+async fn an_expired_version_is_not_revealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_dir(dir.path()).await.unwrap());
+    let start = time::macros::datetime!(2027-01-31 00:00 UTC);
+    let clock = Arc::new(SetClock(std::sync::Mutex::new(
+        start - time::Duration::seconds(1),
+    )));
+    let v = Vault::new(
+        store,
+        Arc::new(FakeProvider::new("core", 1)),
+        Arc::new(OsRandom),
+        clock.clone(),
+        VaultConfig::default(),
+    );
+    let with = |value: &'static [u8], metadata: serde_json::Value| PutRequest {
+        metadata: Some(metadata),
+        ..put("alice", "n", value)
+    };
+    v.put(with(b"old", serde_json::json!({"label": "x"})))
+        .await
+        .unwrap();
+    v.put(with(
+        b"expiring",
+        serde_json::json!({"expires_at": "2027-01-31T00:00:00Z"}),
+    ))
+    .await
+    .unwrap();
+    let revealed = v.reveal("alice", "n", None).await.unwrap();
+    assert_eq!(revealed.value.expose_secret(), b"expiring");
+
+    *clock.0.lock().unwrap() = start;
+    match v.reveal("alice", "n", None).await {
+        Err(CoreError::VersionExpired {
+            version,
+            expired_at,
+        }) => assert_eq!((version, expired_at.as_str()), (2, "2027-01-31T00:00:00Z")),
+        other => panic!("{:?}", other.map(|r| r.version)),
+    }
+    assert!(matches!(
+        v.reveal("alice", "n", Some(2)).await,
+        Err(CoreError::VersionExpired { .. })
+    ));
+    // Version 1 has no expiry; the owner's verify still answers about version 2.
+    assert_eq!(
+        v.reveal("alice", "n", Some(1))
+            .await
+            .unwrap()
+            .value
+            .expose_secret(),
+        b"old"
+    );
+    assert!(v
+        .verify("alice", "n", &SecretBytes::from_slice(b"expiring"))
+        .await
+        .unwrap());
+    // A disabled credential is refused as disabled, expired or not.
+    v.set_enabled("alice", "n", false).await.unwrap();
+    assert!(matches!(
+        v.reveal("alice", "n", None).await,
+        Err(CoreError::Disabled)
+    ));
+    v.set_enabled("alice", "n", true).await.unwrap();
+    // A new version without an expiry is revealed; one with another text under the key too.
+    v.put(with(b"legacy", serde_json::json!({"expires_at": "soon"})))
+        .await
+        .unwrap();
+    assert_eq!(
+        v.reveal("alice", "n", None)
+            .await
+            .unwrap()
+            .value
+            .expose_secret(),
+        b"legacy"
+    );
+}
+
+#[test]
+fn expiries_are_rfc_3339_times() {
+    use crate::expiry_of;
+    assert_eq!(expiry_of(None), Ok(None));
+    assert_eq!(expiry_of(Some(&serde_json::json!({}))), Ok(None));
+    assert_eq!(
+        expiry_of(Some(&serde_json::json!({"expires_at": null}))),
+        Ok(None)
+    );
+    assert_eq!(
+        expiry_of(Some(
+            &serde_json::json!({"expires_at": "2027-01-31T01:00:00+01:00"})
+        )),
+        Ok(Some(time::macros::datetime!(2027-01-31 00:00 UTC)))
+    );
+    for bad in [
+        serde_json::json!("2027-01-31"),
+        serde_json::json!("soon"),
+        serde_json::json!(1_800_000_000),
+    ] {
+        let e = expiry_of(Some(&serde_json::json!({ "expires_at": bad }))).unwrap_err();
+        assert!(e.contains("RFC 3339") && !e.contains("soon"), "{e}");
+    }
+}
