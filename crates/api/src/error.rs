@@ -118,6 +118,9 @@ impl From<CoreError> for ApiError {
             CoreError::InvalidName => Self::new(S::BAD_REQUEST, "invalid_name", e.to_string()),
             CoreError::InvalidOwner => Self::new(S::BAD_REQUEST, "invalid_owner", e.to_string()),
             CoreError::InvalidInput(_) => Self::new(S::BAD_REQUEST, "bad_request", e.to_string()),
+            CoreError::InvalidMetadata(_) => {
+                Self::new(S::BAD_REQUEST, "invalid_metadata", e.to_string())
+            }
             CoreError::ValueTooLarge(_) => {
                 Self::new(S::PAYLOAD_TOO_LARGE, "value_too_large", e.to_string())
             }

@@ -1,6 +1,5 @@
 //! Request extractors: who is calling, and JSON/path/query input with JSON errors.
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -209,10 +208,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         }
         let ApiBytes(body) = ApiBytes::from_request(req, state).await?;
         require_object(&body)?;
-        match axum::Json::<T>::from_bytes(&body) {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_rejection(&rejection)),
-        }
+        parse_json(&body).map(ApiJson)
     }
 }
 
@@ -242,21 +238,57 @@ pub(crate) fn require_object(body: &[u8]) -> Result<(), ApiError> {
     }
 }
 
-fn json_rejection(r: &JsonRejection) -> ApiError {
-    // serde's messages can quote the offending input (which may be a value), so they are
-    // never passed on; the category is enough to fix the request.
-    match r {
-        JsonRejection::MissingJsonContentType(_) => unsupported_media_type(),
+/// A JSON object body as `T`, or a 400 that names the field at fault. serde's own messages
+/// can quote the offending input (which may be a value, or a key a client made of one), so
+/// only the field's place is passed on, and only for fields the endpoint has: what is wrong
+/// with it is said in words of ours.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let syntax = || {
         // serde_json also stops at 128 levels of nesting, with the same kind of error.
-        JsonRejection::JsonSyntaxError(_) => ApiError::bad_request(
-            "the body is not valid JSON, or nests arrays and objects more than 128 levels deep",
-        ),
-        JsonRejection::JsonDataError(_) => ApiError::bad_request(
-            "the JSON body has missing, unknown or mistyped fields for this endpoint",
-        ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
-        _ => ApiError::bad_request("could not read the request body"),
-    }
+        ApiError::bad_request(
+            "the body is not valid JSON (UTF-8), or nests arrays and objects more than 128 \
+             levels deep",
+        )
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => v,
+        Err(e) if e.inner().classify() != serde_json::error::Category::Data => return Err(syntax()),
+        Err(e) => return Err(data_error(&e)),
+    };
+    de.end().map_err(|_| syntax())?;
+    Ok(value)
+}
+
+fn data_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let text = e.inner().to_string();
+    // The fields above the one at fault are the endpoint's own (an unknown one is refused
+    // where it appears, before anything under it is read).
+    let segments: Vec<String> = e.path().iter().map(ToString::to_string).collect();
+    let known = |n: usize| segments[..n.min(segments.len())].join(".");
+    let message = if text.starts_with("unknown field") {
+        match known(segments.len().saturating_sub(1)) {
+            at if at.is_empty() => "the body has a field this endpoint does not take".to_owned(),
+            at => format!("{at} has a field this endpoint does not take"),
+        }
+    } else if text.starts_with("missing field") || text.starts_with("duplicate field") {
+        // Names one of the endpoint's own fields.
+        let what = text.split(" at line ").next().unwrap_or(&text);
+        match known(segments.len()) {
+            at if at.is_empty() || at == "?" => what.to_owned(),
+            at => format!("{at}: {what}"),
+        }
+    } else if text.starts_with("invalid type") || text.starts_with("invalid value") {
+        // The top-level field only: below it may be a map of the client's own keys
+        // (`metadata`, a brokered call's `headers`).
+        format!("{} has the wrong type or value for this endpoint", known(1))
+    } else {
+        // Our own deserializers' words (a repeated key, a non-canonical number): they quote
+        // nothing.
+        let what = text.split(" at line ").next().unwrap_or(&text);
+        format!("{}: {what}", known(1))
+    };
+    ApiError::bad_request(message)
 }
 
 fn unsupported_media_type() -> ApiError {
@@ -420,9 +452,5 @@ pub fn optional_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Ap
         return Ok(T::default());
     }
     require_object(body)?;
-    serde_json::from_slice(body).map_err(|_| {
-        ApiError::bad_request(
-            "the JSON body has missing, unknown or mistyped fields for this endpoint",
-        )
-    })
+    parse_json(body)
 }

@@ -90,7 +90,15 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
                 Some("application/json"),
             ),
             400,
-            "bad_request",
+            "invalid_metadata",
+        ),
+        (
+            raw(
+                &json!({"value": CANARY, "metadata": {"k": "x".repeat(9 * 1024)}}).to_string(),
+                Some("application/json"),
+            ),
+            400,
+            "invalid_metadata",
         ),
         (
             raw(
@@ -1115,6 +1123,61 @@ async fn a_head_over_the_limit_gets_the_json_431_and_writes_nothing() {
         })
         .unwrap_or_else(|| panic!("no 431 counted for the put route:\n{}", m.body));
     assert!(refused.ends_with(" 1"), "{refused}");
+}
+
+/// A body the endpoint cannot take is refused with the field at fault named, in words that
+/// quote nothing the client sent (a value, or a key made of one).
+#[tokio::test]
+async fn body_errors_name_the_field_and_quote_nothing() {
+    let api = api().await;
+    let alice = user_token("alice");
+    let raw = |body: &'static [u8]| {
+        Request::builder()
+            .method("PUT")
+            .uri(KEY)
+            .header("authorization", format!("Bearer {alice}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    for (body, says) in [
+        (
+            &br#"{"value":"sk_a","value":"sk_b"}"#[..],
+            "duplicate field `value`",
+        ),
+        (
+            br#"{"value":"sk_a","metadata":{"k":1,"k":2}}"#,
+            "metadata: a key appears twice",
+        ),
+        (
+            br#"{"value":"sk_a","sk_live_key":1}"#,
+            "the body has a field this endpoint does not take",
+        ),
+        (br#"{"value":5}"#, "value has the wrong type or value"),
+        (
+            br#"{"value":"sk_a","expected_version":"sk_live_b"}"#,
+            "expected_version has the wrong type or value",
+        ),
+        (
+            br#"{"value":"sk_a","expected_version":-1}"#,
+            "expected_version has the wrong type or value",
+        ),
+        (br#"{"metadata":{}}"#, "missing field `value`"),
+        (b"{\"value\":\"\xff\xfe\"}", "UTF-8"),
+        (br#"{"value":"sk_a"} {}"#, "not valid JSON"),
+    ] {
+        let r = api.send(raw(body)).await;
+        let what = String::from_utf8_lossy(body);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {}", r.body);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "{what}: {message}");
+        for secret in ["sk_a", "sk_b", "sk_live"] {
+            assert!(!r.body.contains(secret), "{what}: {}", r.body);
+        }
+    }
+    // Nothing was written.
+    let r = api.call("GET", KEY, Some(&alice), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
 }
 
 /// An owner id has one spelling in a path: a `%` that starts no escape is refused rather

@@ -610,6 +610,26 @@ async fn malformed_requests_are_400_before_anything_is_called() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.body);
         assert_no_value(&r.body);
     }
+    // The field at fault is named, nested ones by their place.
+    for (body, says) in [
+        (
+            json!({"method": "GET", "url": url}),
+            "missing field `inject`",
+        ),
+        (
+            json!({"method": "GET", "url": url, "inject": {"header": "X-Key", "sk_x": 1}}),
+            "inject has a field this endpoint does not take",
+        ),
+        (
+            json!({"method": "GET", "url": url, "inject": {"header": 7}}),
+            "inject has the wrong type or value",
+        ),
+    ] {
+        let r = broker(&api, body.clone()).await;
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "{body}: {message}");
+        assert!(!message.contains("sk_x"), "{message}");
+    }
     let r = broker(
         &api,
         json!({"method": "POST", "url": url, "inject": {"header": "X-Key"}, "body": "x".repeat(65 * 1024)}),

@@ -13,6 +13,10 @@ pub enum CoreError {
     /// Another malformed input; the message names the field.
     #[error("{0}")]
     InvalidInput(&'static str),
+    /// A new version's metadata is not what Strongroom stores (not an object, too large, a
+    /// bound host or expiry it cannot read).
+    #[error("{0}")]
+    InvalidMetadata(&'static str),
     /// The value is larger than the limit.
     #[error("value larger than {0} bytes")]
     ValueTooLarge(usize),

@@ -390,10 +390,10 @@ impl Vault {
         let metadata = match req.metadata {
             None => serde_json::Value::Object(serde_json::Map::new()),
             Some(m @ serde_json::Value::Object(_)) => m,
-            Some(_) => return Err(CoreError::InvalidInput("metadata must be a JSON object")),
+            Some(_) => return Err(CoreError::InvalidMetadata("metadata must be a JSON object")),
         };
         if holds_nul(&metadata) {
-            return Err(CoreError::InvalidInput(
+            return Err(CoreError::InvalidMetadata(
                 "metadata must not hold the character U+0000",
             ));
         }
@@ -402,7 +402,7 @@ impl Vault {
             .unwrap_or(usize::MAX)
             > MAX_METADATA_LEN
         {
-            return Err(CoreError::InvalidInput("metadata larger than 8 KiB"));
+            return Err(CoreError::InvalidMetadata("metadata larger than 8 KiB"));
         }
         // Writers to one credential on this node take turns, so they never race each other
         // for a version number; the retry below settles races with other nodes.
@@ -423,7 +423,7 @@ impl Vault {
                 .ok_or(CoreError::InvalidInput("version numbers exhausted"))?;
             // The owner and name are checked above: only the bound host can fail here.
             let binding = binding_for(req.owner, req.name, version, &metadata)
-                .map_err(|_| CoreError::InvalidInput("metadata.host is too long"))?;
+                .map_err(|_| CoreError::InvalidMetadata("metadata.host is too long"))?;
             let sealed =
                 envelope::seal(self.keys.as_ref(), &binding, &req.value, self.rng.as_ref()).await?;
             // At the precision the stores keep, so that the put's answer and every later

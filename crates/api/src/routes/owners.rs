@@ -190,11 +190,7 @@ pub(crate) async fn broker(
 ) -> ApiResult<Json<BrokerResponseView>> {
     authorize(&state, &service, Operation::Broker, &owner, &name)?;
     crate::extract::require_object(&body)?;
-    let body: BrokerBody = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::bad_request(
-            "the JSON body has missing, unknown or mistyped fields for this endpoint (method, url and inject are required)",
-        )
-    })?;
+    let body: BrokerBody = crate::extract::parse_json(&body)?;
     let asked_for_a_version = body.version.is_some();
     let broker = state.broker().ok_or_else(|| {
         ApiError::internal(

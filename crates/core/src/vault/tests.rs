@@ -224,10 +224,16 @@ async fn bad_input_is_refused_before_any_write() {
     ));
     let mut arr = put("alice", "n", b"x");
     arr.metadata = Some(serde_json::json!([1, 2]));
-    assert!(matches!(v.put(arr).await, Err(CoreError::InvalidInput(_))));
+    assert!(matches!(
+        v.put(arr).await,
+        Err(CoreError::InvalidMetadata(_))
+    ));
     let mut huge = put("alice", "n", b"x");
     huge.metadata = Some(serde_json::json!({"k": "x".repeat(MAX_METADATA_LEN)}));
-    assert!(matches!(v.put(huge).await, Err(CoreError::InvalidInput(_))));
+    assert!(matches!(
+        v.put(huge).await,
+        Err(CoreError::InvalidMetadata(_))
+    ));
     for nul in [
         serde_json::json!({"k": "a\0b"}),
         serde_json::json!({"k\0": 1}),
@@ -236,7 +242,7 @@ async fn bad_input_is_refused_before_any_write() {
         let mut m = put("alice", "n", b"x");
         m.metadata = Some(nul.clone());
         assert!(
-            matches!(v.put(m).await, Err(CoreError::InvalidInput(_))),
+            matches!(v.put(m).await, Err(CoreError::InvalidMetadata(_))),
             "{nul}"
         );
     }
