@@ -683,9 +683,9 @@ fn reruns_follow_the_app_audit_each_version_and_refuse_what_they_cannot_keep() {
     );
 }
 
-/// A mistyped column fails the import with SQLite's "no such column" before anything is
-/// written: SQLite would otherwise read `"uid"` as the string 'uid' (one owner for every
-/// row, or every credential named after the typo).
+/// A mistyped column fails the import, named with its flag, before anything is written:
+/// SQLite would otherwise read `"uid"` as the string 'uid' (one owner for every row, or
+/// every credential named after the typo).
 #[test]
 fn a_mistyped_column_is_an_error_not_a_string() {
     let tmp = tempfile::tempdir().unwrap();
@@ -745,10 +745,22 @@ fn a_mistyped_column_is_an_error_not_a_string() {
         );
         assert!(!out.status.success(), "{flag} {typo}: {text}");
         assert!(
-            text.contains(&format!("no such column: \"{typo}\"")),
+            text.contains(&format!("{typo}: table accounts has no such column")),
             "{flag} {typo}: {text}"
         );
     }
+    // A mistyped table is named as such.
+    let out = strongroom()
+        .args(["import", "django-fernet-fields", "--data-dir"])
+        .arg(&data)
+        .args(["--database", &database, "--table", "acounts"])
+        .args(good)
+        .args(["--key", "app passphrase"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("--table acounts: no such table"), "{text}");
     let names = ["zoom.api-key".to_owned(), "cnme".to_owned()];
     let owners = ["42".to_owned(), "7".to_owned(), "uid".to_owned()];
     assert!(

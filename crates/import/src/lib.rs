@@ -151,8 +151,10 @@ impl Plan {
         ] {
             if values.iter().any(|v| v.eq_ignore_ascii_case(column)) {
                 return Err(ImportError::Usage(format!(
-                    "{flag} {column} is an encrypted column; name the table's primary key or \
-                     owner column"
+                    "{flag} {column} is also given as a column of tokens (--map or \
+                     --value-column): the id and owner columns are copied into each version's \
+                     metadata, which its owner reads, so they never hold tokens; map another \
+                     column, or name the table's primary key or owner column"
                 )));
             }
         }

@@ -235,6 +235,7 @@ impl Source {
     ///
     /// [`ImportError::Source`], e.g. for a missing table.
     pub async fn count(&mut self, cols: &Columns) -> Result<u64, ImportError> {
+        self.check_names(cols).await?;
         // Rows are paged by id (`WHERE id > last`): rows sharing an id, or with none, would
         // be skipped at a page boundary, so such an id column is refused up front.
         let sql = format!(
@@ -271,6 +272,59 @@ impl Source {
             )));
         }
         Ok(u64::try_from(rows).unwrap_or(0))
+    }
+
+    /// Refuses a table or column the source does not have, by its name and flag (the
+    /// database's own message quotes the whole query): each is read alone, no rows.
+    async fn check_names(&mut self, cols: &Columns) -> Result<(), ImportError> {
+        let table = quote_path(&cols.table);
+        if !self.reads(&format!("SELECT 1 FROM {table} LIMIT 0")).await {
+            return Err(ImportError::Usage(format!(
+                "--table {}: no such table in the source database (or it cannot be read)",
+                cols.table
+            )));
+        }
+        let mut named = vec![("--id-column", &cols.id), ("--owner-column", &cols.owner)];
+        if let Some(name) = &cols.name {
+            named.push(("--name-column", name));
+        }
+        named.extend(cols.values.iter().map(|v| ("--map or --value-column", v)));
+        for (flag, column) in named {
+            if !self
+                .reads(&format!("SELECT {} FROM {table} LIMIT 0", quote(column)))
+                .await
+            {
+                return Err(ImportError::Usage(format!(
+                    "{flag} {column}: table {} has no such column",
+                    cols.table
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `sql` runs (its rows unread).
+    async fn reads(&mut self, sql: &str) -> bool {
+        match self {
+            Source::Sqlite { conn, .. } => {
+                let Some(c) = conn.take() else { return false };
+                let sql = sql.to_owned();
+                let Ok((c, ok)) = tokio::task::spawn_blocking(move || {
+                    let ok = c
+                        .prepare(&sql)
+                        .and_then(|mut s| s.query([]).map(|_| ()))
+                        .is_ok();
+                    (c, ok)
+                })
+                .await
+                else {
+                    return false;
+                };
+                *conn = Some(c);
+                ok
+            }
+            Source::Postgres { client, .. } => client.query(sql, &[]).await.is_ok(),
+        }
     }
 
     /// The next at most `limit` rows in row-id order; empty at the end.
