@@ -662,6 +662,76 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
     store.close().await;
 }
 
+/// A schema 8 store whose prune left a removed record's time mark behind (an index run
+/// that read the record before it went plants it again): migration 9 drops such marks
+/// before it finds the late records among the stored ones, so a query by time still finds
+/// a record that came after the removed one but before it in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_8_marks_of_removed_records_do_not_hide_records_after_the_migration() {
+    use strongroom_store::audit::HeadKey;
+    use strongroom_store::{AuditFilter, AuditLog};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE_NAME);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let key = Arc::new(HeadKey::new([8; 32]));
+    store
+        .audit_seal_genesis(key.head(0, strongroom_store::audit::GENESIS))
+        .await
+        .unwrap();
+    // Seconds 100, 50 and 200 after the epoch of `audit_event`.
+    let events = [(1, 100), (2, 50), (3, 200)]
+        .map(|(i, second)| {
+            let mut e = audit_event(i, Some("erin"), Some("k"));
+            e.time = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_000 + second);
+            e
+        })
+        .to_vec();
+    store.audit_append(key, events).await.unwrap();
+    let mut erin = AuditFilter::default();
+    erin.owner = Some("erin".into());
+    store.audit_query(&erin, None, 10).await.unwrap(); // indexes all 3
+    assert_eq!(
+        store.testing_audit_time_marks().await.unwrap(),
+        [(1_700_000_100, 1), (1_700_000_200, 3)]
+    );
+    store.close().await;
+    // Back to schema 8, with record 1 removed and its mark left behind.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DELETE FROM audit_records WHERE seq = 1; DROP TABLE audit_time_late;
+         ALTER TABLE audit_index_state ADD COLUMN max_lag_ms INTEGER NOT NULL DEFAULT 50000;
+         UPDATE schema_version SET version = 8;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let until = |second: i64| {
+        let mut f = AuditFilter::default();
+        f.until =
+            Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_700_000_000 + second));
+        f
+    };
+    let seqs = |f: AuditFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .audit_query(&f, None, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<u64>>()
+        }
+    };
+    assert_eq!(seqs(until(51)).await, [2]);
+    assert_eq!(seqs(until(201)).await, [3, 2]);
+    store.close().await;
+}
+
 fn cached_version(owner: &str, name: &str, version: u32) -> NewVersion {
     NewVersion::new(
         owner,

@@ -144,8 +144,12 @@ CREATE TABLE rate_allowances (
 );
 CREATE INDEX rate_allowances_by_tat ON rate_allowances (tat_us);
 "#,
-    // 9: late records instead of the largest lag, as in SQLite's schema 9.
+    // 9: late records instead of the largest lag, as in SQLite's schema 9 (marks of removed
+    // records go first: a prune cut short between its batches leaves some).
     r#"
+DELETE FROM audit_time_marks WHERE seq < coalesce(
+    (SELECT min(seq) FROM audit_records),
+    (SELECT count FROM audit_head WHERE id = 1) + 1);
 CREATE TABLE audit_time_late (
     second BIGINT PRIMARY KEY,
     seq    BIGINT NOT NULL

@@ -222,7 +222,14 @@ CREATE INDEX rate_allowances_by_tat ON rate_allowances (tat_us);
     // that finished late, or one clock step back, widened every later query by time as far
     // as it lagged. Filled here from the records indexed so far, as the frontier: a late
     // record is kept unless a later one lies at its second or before.
+    // First, the marks of records already removed go (an index run that read them before
+    // a prune may have planted them again): the frontier is computed from the stored
+    // records, and a mark of a removed one, later than all of them, could end a query before
+    // a stored record it does not count as late. Removing marks only widens queries.
     r#"
+DELETE FROM audit_time_marks WHERE seq < coalesce(
+    (SELECT min(seq) FROM audit_records),
+    (SELECT indexed_upto FROM audit_index_state WHERE id = 1) + 1);
 CREATE TABLE audit_time_late (
     second INTEGER PRIMARY KEY,
     seq    INTEGER NOT NULL
