@@ -329,22 +329,15 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
             .map(|axum::extract::Path(v)| ApiPath(v))
             .map_err(|rejection| match rejection {
                 // A parameter that decoded but is not what the route takes (a version
-                // number): serde's message says which and why.
-                axum::extract::rejection::PathRejection::FailedToDeserializePathParams(e)
-                    if !matches!(
-                        e.kind(),
-                        axum::extract::path::ErrorKind::InvalidUtf8InPathParam { .. }
-                    ) =>
-                {
-                    ApiError::bad_request(format!(
-                        "malformed path parameter: {}",
-                        e.body_text()
-                            .strip_prefix("Invalid URL: ")
-                            .unwrap_or(&e.body_text())
-                            .chars()
-                            .take(200)
-                            .collect::<String>()
-                    ))
+                // number): our deserializer's words say why. axum's other kinds quote the
+                // parameter, which may be an owner id: never passed on.
+                axum::extract::rejection::PathRejection::FailedToDeserializePathParams(e) => {
+                    match e.into_kind() {
+                        axum::extract::path::ErrorKind::Message(why) => {
+                            ApiError::bad_request(format!("malformed path parameter: {why}"))
+                        }
+                        _ => malformed(),
+                    }
                 }
                 _ => malformed(),
             })
@@ -387,16 +380,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             .await
             .map(|axum::extract::Query(v)| ApiQuery(v))
             .map_err(|rejection| {
-                // serde names the parameter and what is wrong with it (an unknown or repeated
-                // name, a number that does not parse); a query carries no secret.
-                let why = rejection.body_text();
-                let why = why
+                // As for bodies, nothing the client wrote is quoted back: serde's words are
+                // passed on only where they name the endpoint's own parameters (a missing or
+                // repeated one) or are ours (a number's form); an unknown name may be
+                // anything, a secret pasted in the wrong place included.
+                let text = rejection.body_text();
+                let why = text
                     .strip_prefix("Failed to deserialize query string: ")
-                    .unwrap_or(&why);
-                ApiError::bad_request(format!(
-                    "malformed query string: {}",
-                    why.chars().take(200).collect::<String>()
-                ))
+                    .unwrap_or(&text);
+                // axum puts the parameter's name in front (`name: reason`): for an unknown
+                // one, that is the client's text too.
+                let reason = why.split_once(": ").map_or(why, |(_, reason)| reason);
+                let why = if why.contains("unknown field") {
+                    "a parameter this endpoint does not take".to_owned()
+                } else if reason.starts_with("missing field")
+                    || reason.starts_with("duplicate field")
+                    || reason.starts_with("limit is a decimal number")
+                {
+                    why.to_owned()
+                } else {
+                    "a parameter has a value this endpoint does not take".to_owned()
+                };
+                ApiError::bad_request(format!("malformed query string: {why}"))
             })
     }
 }

@@ -46,8 +46,8 @@ pub use strongroom_core::audit::Auditor;
 #[derive(Clone, Debug)]
 pub struct ApiLimits {
     /// Largest request line plus headers, in bytes, counted as HTTP/1.1 sends them (HTTP/2
-    /// requests too); more is answered 431. The server's HTTP layer refuses heads past
-    /// twice this on its own, without a JSON body (see `strongroom-server`).
+    /// requests too); more is answered 431. The server's HTTP layer refuses heads more than
+    /// 16 KiB past this on its own, without a JSON body (see `strongroom-server`).
     pub max_header_bytes: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,

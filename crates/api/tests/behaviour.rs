@@ -249,7 +249,10 @@ async fn numbers_bodies_and_values_are_validated_one_way_everywhere() {
     for (q, says) in [
         ("owner=%FF", "UTF-8"),
         ("owner=a%zz", "UTF-8"),
-        ("nme=alice", "nme"),
+        (
+            "sk_live_pasted=1",
+            "a parameter this endpoint does not take",
+        ),
         ("limit=ten", "limit"),
     ] {
         let r = api
@@ -258,6 +261,7 @@ async fn numbers_bodies_and_values_are_validated_one_way_everywhere() {
         bad(&r, q);
         let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
         assert!(message.contains(says), "{q}: {message}");
+        assert!(!message.contains("sk_live"), "{q}: {message}");
     }
     // Arrays are not objects, whatever serde would make of them.
     for body in [json!(["v3"]), json!(["v3", {"label": "x"}, null])] {

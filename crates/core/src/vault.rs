@@ -392,6 +392,13 @@ impl Vault {
             Some(m @ serde_json::Value::Object(_)) => m,
             Some(_) => return Err(CoreError::InvalidMetadata("metadata must be a JSON object")),
         };
+        // Checked here, so every writer (the API, an import, an operator) stores an expiry
+        // the reveal path can read, or none.
+        if expiry_of(Some(&metadata)).is_err() {
+            return Err(CoreError::InvalidMetadata(
+                "metadata.expires_at must be an RFC 3339 time such as \"2027-01-31T00:00:00Z\"",
+            ));
+        }
         if holds_nul(&metadata) {
             return Err(CoreError::InvalidMetadata(
                 "metadata must not hold the character U+0000",

@@ -278,9 +278,12 @@ impl Source {
     /// database's own message quotes the whole query): each is read alone, no rows.
     async fn check_names(&mut self, cols: &Columns) -> Result<(), ImportError> {
         let table = quote_path(&cols.table);
-        if !self.reads(&format!("SELECT 1 FROM {table} LIMIT 0")).await {
+        if !self
+            .reads(&format!("SELECT 1 FROM {table} LIMIT 0"))
+            .await?
+        {
             return Err(ImportError::Usage(format!(
-                "--table {}: no such table in the source database (or it cannot be read)",
+                "--table {}: no such table in the source database",
                 cols.table
             )));
         }
@@ -292,7 +295,7 @@ impl Source {
         for (flag, column) in named {
             if !self
                 .reads(&format!("SELECT {} FROM {table} LIMIT 0", quote(column)))
-                .await
+                .await?
             {
                 return Err(ImportError::Usage(format!(
                     "{flag} {column}: table {} has no such column",
@@ -303,27 +306,39 @@ impl Source {
         Ok(())
     }
 
-    /// Whether `sql` runs (its rows unread).
-    async fn reads(&mut self, sql: &str) -> bool {
+    /// Whether `sql` runs (its rows unread): `false` when it names a table or column the
+    /// source does not have; any other failure (a lost connection) is an error.
+    async fn reads(&mut self, sql: &str) -> Result<bool, ImportError> {
         match self {
             Source::Sqlite { conn, .. } => {
-                let Some(c) = conn.take() else { return false };
+                let c = conn.take().ok_or_else(|| src_err("connection lost"))?;
                 let sql = sql.to_owned();
-                let Ok((c, ok)) = tokio::task::spawn_blocking(move || {
-                    let ok = c
-                        .prepare(&sql)
-                        .and_then(|mut s| s.query([]).map(|_| ()))
-                        .is_ok();
-                    (c, ok)
+                let (c, ran) = tokio::task::spawn_blocking(move || {
+                    let ran = c.prepare(&sql).and_then(|mut s| s.query([]).map(|_| ()));
+                    (c, ran)
                 })
                 .await
-                else {
-                    return false;
-                };
+                .map_err(src_err)?;
                 *conn = Some(c);
-                ok
+                match ran {
+                    Ok(()) => Ok(true),
+                    // SQLite says so in its message only.
+                    Err(e) if e.to_string().contains("no such ") => Ok(false),
+                    Err(e) => Err(src_err(e)),
+                }
             }
-            Source::Postgres { client, .. } => client.query(sql, &[]).await.is_ok(),
+            Source::Postgres { client, .. } => match client.query(sql, &[]).await {
+                Ok(_) => Ok(true),
+                Err(e)
+                    if e.code().is_some_and(|c| {
+                        *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
+                            || *c == tokio_postgres::error::SqlState::UNDEFINED_COLUMN
+                    }) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(src_err(e)),
+            },
         }
     }
 

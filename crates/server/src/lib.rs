@@ -1958,8 +1958,8 @@ fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         // out and recorded: by default hyper dropped a request whose connection reached end
         // of file before its handler first ran, leaving no audit record of it.
         .half_close(true)
-        // Bounds the request line plus headers at twice `limits.max_header_bytes`: the
-        // router answers heads over the limit itself, 431 with a JSON error saying which
+        // Bounds the request line plus headers at 16 KiB over `limits.max_header_bytes`:
+        // the router answers heads over the limit itself, 431 with a JSON error saying which
         // limit (hyper's own 431 has no body); past this backstop hyper answers alone.
         // (`validate` keeps the limit >= 8192, hyper's floor.)
         .max_buf_size(head_backstop(limits));
@@ -1974,10 +1974,13 @@ fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// How large a request head the HTTP layer reads before refusing it on its own: the router
-/// refuses those over `limits.max_header_bytes`, with a JSON error (an HTTP/2 header list
-/// counts 32 bytes more per field than HTTP/1.1's lines, which twice the limit also covers).
+/// refuses those over `limits.max_header_bytes`, with a JSON error. A fixed margin, not a
+/// multiple: every open connection (and each of an HTTP/2 connection's streams) may hold
+/// this much. 16 KiB covers what an HTTP/2 header list counts beyond HTTP/1.1's lines
+/// (32 bytes more per field, for up to 100 fields the router takes) and a head a little
+/// over the limit, a large token, say, which gets the JSON answer.
 fn head_backstop(limits: &LimitsConfig) -> usize {
-    limits.max_header_bytes.saturating_mul(2)
+    limits.max_header_bytes.saturating_add(16 * 1024)
 }
 
 struct Connection {

@@ -54,7 +54,7 @@ impl MakeRequestId for Ids {
     }
 }
 
-/// A put through either route (user or service): the metadata checks (bound host, expiry), then the new version
+/// A put through either route (user or service): the bound-host check, then the new version
 /// with its audit record in one commit ([`crate::audit::Audit::put`]); 201 with the version,
 /// never the value.
 pub(crate) async fn put_version(
@@ -66,7 +66,6 @@ pub(crate) async fn put_version(
     created_by: &str,
 ) -> Result<(StatusCode, axum::Json<views::PutResponse>), ApiError> {
     strongroom_core::broker::check_bound_host(body.metadata.as_ref())
-        .and_then(|()| strongroom_core::expiry_of(body.metadata.as_ref()).map(|_| ()))
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", m))?;
     state.admit_put(owner)?;
     let request = strongroom_core::PutRequest {
@@ -143,11 +142,10 @@ async fn check_request_shape(
 const MAX_HEADER_FIELDS: usize = 100;
 
 /// The request line and headers are over `limits.max_header_bytes`, or there are over
-/// [`MAX_HEADER_FIELDS`] header fields: 431 with a JSON error
-/// that gives the sizes (never a header's content: it may be a token). Heads up to twice the
-/// limit reach this far (the server sets its HTTP layer's own limits there), so a client
-/// that sends a large token or cookie learns which limit it hit; past that, the HTTP layer
-/// answers 431 alone.
+/// [`MAX_HEADER_FIELDS`] header fields: 431 with a JSON error that gives the sizes (never a
+/// header's content: it may be a token). Heads up to 16 KiB over the limit reach this far
+/// (the server sets its HTTP layer's own limits there), so a client that sends a large
+/// token or cookie learns which limit it hit; past that, the HTTP layer answers 431 alone.
 async fn check_head_size(
     axum::extract::State(state): axum::extract::State<AppState>,
     req: axum::extract::Request,
@@ -180,7 +178,10 @@ async fn check_head_size(
 /// HTTP/1.1`, `name: value` lines, CRLFs), whichever protocol carried it: one measure for
 /// the one limit.
 fn head_size(req: &axum::extract::Request) -> usize {
-    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    // An authority in the target (HTTP/2's `:authority`, an HTTP/1.1 absolute-form target)
+    // counts too.
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len());
     let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
     let headers: usize = req
         .headers()

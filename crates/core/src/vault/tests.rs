@@ -637,9 +637,23 @@ async fn an_expired_version_is_not_revealed() {
         Err(CoreError::Disabled)
     ));
     v.set_enabled("alice", "n", true).await.unwrap();
-    // A new version without an expiry is revealed; one with another text under the key too.
-    v.put(with(b"legacy", serde_json::json!({"expires_at": "soon"})))
+    // An expiry that is no RFC 3339 time is refused when stored...
+    assert!(matches!(
+        v.put(with(b"bad", serde_json::json!({"expires_at": "soon"})))
+            .await,
+        Err(CoreError::InvalidMetadata(_))
+    ));
+    // ...and one stored before expiries were checked is no expiry: a new version, given such
+    // text behind the vault (its metadata is not in its associated data), is revealed.
+    v.put(with(b"legacy", serde_json::json!({"label": "x"})))
         .await
+        .unwrap();
+    rusqlite::Connection::open(dir.path().join(strongroom_store::sqlite::DB_FILE_NAME))
+        .unwrap()
+        .execute(
+            "UPDATE versions SET metadata = '{\"expires_at\": \"soon\"}' WHERE version = 3",
+            [],
+        )
         .unwrap();
     assert_eq!(
         v.reveal("alice", "n", None)
