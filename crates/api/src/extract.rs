@@ -278,13 +278,17 @@ fn data_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
             at if at.is_empty() || at == "?" => what.to_owned(),
             at => format!("{at}: {what}"),
         }
-    } else if text.starts_with("invalid type") || text.starts_with("invalid value") {
+    } else if text.starts_with("invalid type")
+        || text.starts_with("invalid value")
+        // serde quotes what it read in backticks or quotes (`unknown variant \`…\``).
+        || text.contains(['`', '"'])
+    {
         // The top-level field only: below it may be a map of the client's own keys
         // (`metadata`, a brokered call's `headers`).
         format!("{} has the wrong type or value for this endpoint", known(1))
     } else {
-        // Our own deserializers' words (a repeated key, a non-canonical number): they quote
-        // nothing.
+        // Our own deserializers' words (a repeated key, a non-canonical number), or serde's
+        // that quote nothing (an array's length).
         let what = text.split(" at line ").next().unwrap_or(&text);
         format!("{}: {what}", known(1))
     };
