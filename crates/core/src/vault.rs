@@ -198,18 +198,17 @@ pub(crate) fn check_version(version: u32) -> Result<(), CoreError> {
 /// one). The owner's `verify` still answers about it.
 pub const EXPIRES_AT_KEY: &str = "expires_at";
 
+/// What a bad expiry is told (never quoting the caller's text).
+const EXPIRY_FORM: &str =
+    "metadata.expires_at must be an RFC 3339 time such as \"2027-01-31T00:00:00Z\"";
+
 /// A new version's expiry (`metadata.expires_at`), when it has one.
 ///
 /// # Errors
 ///
 /// A message naming the key and the expected form (never quoting the caller's text).
 pub fn expiry_of(metadata: Option<&serde_json::Value>) -> Result<Option<OffsetDateTime>, String> {
-    let bad = || {
-        format!(
-            "metadata.{EXPIRES_AT_KEY} must be an RFC 3339 time such as \
-             \"2027-01-31T00:00:00Z\""
-        )
-    };
+    let bad = || EXPIRY_FORM.to_owned();
     match metadata.and_then(|m| m.get(EXPIRES_AT_KEY)) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => {
@@ -395,9 +394,7 @@ impl Vault {
         // Checked here, so every writer (the API, an import, an operator) stores an expiry
         // the reveal path can read, or none.
         if expiry_of(Some(&metadata)).is_err() {
-            return Err(CoreError::InvalidMetadata(
-                "metadata.expires_at must be an RFC 3339 time such as \"2027-01-31T00:00:00Z\"",
-            ));
+            return Err(CoreError::InvalidMetadata(EXPIRY_FORM));
         }
         if holds_nul(&metadata) {
             return Err(CoreError::InvalidMetadata(
