@@ -2541,27 +2541,23 @@ impl crate::audit::AuditLog for PostgresStore {
                 Some(h) if removed == limit => h,
                 _ => upto,
             };
-            let marks = tx
-                .execute(
-                    "DELETE FROM audit_time_marks WHERE seq <= $1 AND second <= \
-                     (SELECT max(second) FROM \
-                      (SELECT second FROM audit_time_marks ORDER BY second LIMIT $2) AS oldest)",
-                    &[&gone, &limit],
-                )
-                .await
-                .map_err(pg_err)?;
-            // Late marks' `seq`s rise with their seconds (a frontier): those of removed
-            // records are the oldest.
-            let late = tx
-                .execute(
-                    "DELETE FROM audit_time_late WHERE seq <= $1 AND second <= \
-                     (SELECT max(second) FROM \
-                      (SELECT second FROM audit_time_late ORDER BY second LIMIT $2) AS oldest)",
-                    &[&gone, &limit],
-                )
-                .await
-                .map_err(pg_err)?;
-            let marks = marks.max(late);
+            // And their late marks: `seq`s rise with seconds there too (a frontier), so
+            // those of removed records are the oldest.
+            let mut marks = 0;
+            for table in ["audit_time_marks", "audit_time_late"] {
+                let n = tx
+                    .execute(
+                        &format!(
+                            "DELETE FROM {table} WHERE seq <= $1 AND second <= \
+                             (SELECT max(second) FROM \
+                              (SELECT second FROM {table} ORDER BY second LIMIT $2) AS oldest)"
+                        ),
+                        &[&gone, &limit],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                marks = marks.max(n);
+            }
             Ok(crate::audit::Pruned {
                 records: u64::try_from(removed).unwrap_or(0),
                 done: removed < limit && (marks as i64) < limit,

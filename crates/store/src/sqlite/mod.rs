@@ -2820,15 +2820,16 @@ impl AuditQuerySql {
     }
 }
 
-/// Removes the oldest time marks, at most `?2`, of records at or before `?1`: a range of the
-/// key (`second`, the rowid), read in order, never the whole table.
-const PRUNE_TIME_MARKS: &str = "DELETE FROM audit_time_marks WHERE seq <= ?1 AND second <= \
-     (SELECT max(second) FROM (SELECT second FROM audit_time_marks ORDER BY second LIMIT ?2))";
-
-/// The same for late marks: their `seq`s rise with their seconds (a frontier), so those of
-/// removed records are the oldest.
-const PRUNE_LATE_MARKS: &str = "DELETE FROM audit_time_late WHERE seq <= ?1 AND second <= \
-     (SELECT max(second) FROM (SELECT second FROM audit_time_late ORDER BY second LIMIT ?2))";
+/// Remove the oldest time marks and late marks, at most `?2` of each, of records at or
+/// before `?1`: a range of each table's key (`second`, the rowid), read in order, never the
+/// whole table. (Late marks' `seq`s rise with their seconds, a frontier, so those of removed
+/// records are the oldest too.)
+const PRUNE_MARKS: [&str; 2] = [
+    "DELETE FROM audit_time_marks WHERE seq <= ?1 AND second <= \
+     (SELECT max(second) FROM (SELECT second FROM audit_time_marks ORDER BY second LIMIT ?2))",
+    "DELETE FROM audit_time_late WHERE seq <= ?1 AND second <= \
+     (SELECT max(second) FROM (SELECT second FROM audit_time_late ORDER BY second LIMIT ?2))",
+];
 
 /// How far a prune has removed records, from how far it may (`upto`) and the lowest record
 /// still stored (`kept`): records go lowest first, so every record below `kept` is gone. The
@@ -3089,17 +3090,15 @@ impl crate::audit::AuditLog for SqliteStore {
                     .query_row([], |r| r.get(0))
                     .map_err(db_err)?;
                 let gone = removed_upto(upto, kept);
-                let marks = conn
-                    .prepare_cached(PRUNE_TIME_MARKS)
-                    .map_err(db_err)?
-                    .execute(params![gone, limit])
-                    .map_err(db_err)?;
-                let late = conn
-                    .prepare_cached(PRUNE_LATE_MARKS)
-                    .map_err(db_err)?
-                    .execute(params![gone, limit])
-                    .map_err(db_err)?;
-                let marks = marks.max(late);
+                let mut marks = 0;
+                for sql in PRUNE_MARKS {
+                    let n = conn
+                        .prepare_cached(sql)
+                        .map_err(db_err)?
+                        .execute(params![gone, limit])
+                        .map_err(db_err)?;
+                    marks = marks.max(n);
+                }
                 let swept: i64 = conn
                     .prepare_cached("SELECT swept_upto FROM audit_anchor WHERE id = 1")
                     .map_err(db_err)?
@@ -3200,18 +3199,18 @@ mod tests {
             "{count}"
         );
         // A prune's time marks: a range of the key, its bound read off the key in order.
-        let marks = plan(&store, PRUNE_TIME_MARKS).await;
-        assert!(
-            marks.contains("SEARCH audit_time_marks USING INTEGER PRIMARY KEY (rowid<?)")
-                && !marks.contains("TEMP B-TREE"),
-            "{marks}"
-        );
-        let late = plan(&store, PRUNE_LATE_MARKS).await;
-        assert!(
-            late.contains("SEARCH audit_time_late USING INTEGER PRIMARY KEY (rowid<?)")
-                && !late.contains("TEMP B-TREE"),
-            "{late}"
-        );
+        for (sql, table) in PRUNE_MARKS
+            .into_iter()
+            .zip(["audit_time_marks", "audit_time_late"])
+        {
+            let marks = plan(&store, sql).await;
+            assert!(
+                marks.contains(&format!(
+                    "SEARCH {table} USING INTEGER PRIMARY KEY (rowid<?)"
+                )) && !marks.contains("TEMP B-TREE"),
+                "{marks}"
+            );
+        }
     }
 
     /// A read whose caller went away (a request timed out) is interrupted and gives its slot
