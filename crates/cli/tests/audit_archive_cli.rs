@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
-use common::{operator_config, put_req};
+use common::{manifest_dir, operator_config, put_req};
 use strongroom_crypto::OsRandom;
 use strongroom_store::audit::Event;
 
@@ -1413,8 +1413,7 @@ fn the_daily_archive_unit_runs_an_archive_that_verifies() {
     let data = dir.path().join("data");
     let archives = tempfile::tempdir().unwrap();
     let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/systemd/strongroom-audit-archive.service"),
+        manifest_dir().join("../../deploy/systemd/strongroom-audit-archive.service"),
     )
     .unwrap();
     let moved = |s: &str| {

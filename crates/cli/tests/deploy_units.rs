@@ -14,6 +14,7 @@
 //! systemd itself.
 
 mod common;
+use common::manifest_dir;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -71,7 +72,7 @@ fn tools(programs: &[&str]) -> Option<()> {
 
 /// `deploy/systemd` in the repository.
 fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd")
+    manifest_dir().join("../../deploy/systemd")
 }
 
 /// The units, copied with their binary path pointed at the one under test (verify checks

@@ -292,10 +292,15 @@ mod vectors {
     use super::*;
     use serde::{Deserialize, Serialize};
 
-    const FILE: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/vectors/envelope-v1.json"
-    );
+    /// Read when the test runs (cargo sets `CARGO_MANIFEST_DIR` for the tests it runs): a
+    /// test binary reused from another checkout (a shared `CARGO_TARGET_DIR`) would otherwise
+    /// read that checkout's file through its compiled-in path.
+    fn vector_file() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+            .join("tests/vectors/envelope-v1.json")
+    }
 
     #[derive(Serialize, Deserialize)]
     struct VectorFile {
@@ -486,10 +491,14 @@ mod vectors {
     async fn committed_vectors_hold() {
         if std::env::var_os("STRONGROOM_WRITE_VECTORS").is_some() {
             let file = generate().await;
-            std::fs::write(FILE, serde_json::to_string_pretty(&file).unwrap() + "\n").unwrap();
+            std::fs::write(
+                vector_file(),
+                serde_json::to_string_pretty(&file).unwrap() + "\n",
+            )
+            .unwrap();
         }
         let file: VectorFile =
-            serde_json::from_str(&std::fs::read_to_string(FILE).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(vector_file()).unwrap()).unwrap();
         assert_eq!(file.format, "strongroom-envelope-vectors/1");
         assert!(file.valid.len() >= 3 && file.invalid.len() >= 15);
         for v in &file.valid {

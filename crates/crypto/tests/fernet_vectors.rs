@@ -17,13 +17,19 @@ use strongroom_crypto::fernet::{Fernet, FernetError, FernetKey, MultiFernet, Tok
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+/// This package's directory, read when the test runs: cargo sets `CARGO_MANIFEST_DIR` for the
+/// tests it runs, and a test binary that cargo reused from another checkout (a shared
+/// `CARGO_TARGET_DIR`) would otherwise read that checkout's files through its compiled-in path.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn vectors_dir() -> PathBuf {
     let dir = match std::env::var_os("STRONGROOM_VECTORS_DIR") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/vectors"
-        )),
+        None => manifest_dir().join("../../../shared/vectors"),
     };
     assert!(
         dir.join("fernet-spec").is_dir() && dir.join("django-fernet-fields").is_dir(),

@@ -313,9 +313,18 @@ fn a_bad_environment_value_names_the_variable() {
     });
 }
 
+/// This package's directory, read when the test runs: cargo sets `CARGO_MANIFEST_DIR` for the
+/// tests it runs, and a test binary that cargo reused from another checkout (a shared
+/// `CARGO_TARGET_DIR`) would otherwise read that checkout's files through its compiled-in path.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 #[test]
 fn the_example_config_at_the_repository_root_loads() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = manifest_dir().join("../..");
     Jail::expect_with(|jail| {
         jail.clear_env();
         let c = Config::load(

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -555,8 +556,17 @@ struct OwnCluster {
     url: String,
 }
 
-fn postgres_sh() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lib/postgres.sh")
+/// This package's directory, read when the test runs: cargo sets `CARGO_MANIFEST_DIR` for the
+/// tests it runs, and a test binary that cargo reused from another checkout (a shared
+/// `CARGO_TARGET_DIR`) would otherwise read that checkout's files through its compiled-in path.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+fn postgres_sh() -> PathBuf {
+    manifest_dir().join("../../scripts/lib/postgres.sh")
 }
 
 fn bash(script: &str, args: &[&str]) -> String {

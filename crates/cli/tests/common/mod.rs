@@ -14,17 +14,21 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// This package's directory, read when the test runs: cargo sets `CARGO_MANIFEST_DIR` for the
+/// tests it runs, and a test binary that cargo reused from another checkout (a shared
+/// `CARGO_TARGET_DIR`) would otherwise read that checkout's files through its compiled-in path.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// `../shared/vectors` beside the clone (or `STRONGROOM_VECTORS_DIR`). Missing vectors fail the
 /// test: they are the point of it.
 pub fn vectors_dir() -> PathBuf {
     let dir = std::env::var_os("STRONGROOM_VECTORS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/vectors"
-            ))
-        });
+        .unwrap_or_else(|| manifest_dir().join("../../../shared/vectors"));
     assert!(
         dir.join("README.md").is_file(),
         "test vectors not found at {} (set STRONGROOM_VECTORS_DIR)",
