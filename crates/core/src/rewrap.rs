@@ -139,11 +139,6 @@ async fn rewrap_one(
             kek: kek_text(&item.kek),
         })
     };
-    let Ok(binding) =
-        crate::vault::binding_for(&item.owner, &item.name, item.version, &item.metadata)
-    else {
-        return Ok(failed(&item));
-    };
     // Only the wrapped key matters to a rewrap: the value layer is left as it is, so an
     // empty stand-in replaces it (the store never hands the sealed value to a rewrap).
     let sealed = Sealed {
@@ -155,7 +150,18 @@ async fn rewrap_one(
         nonce: [0; 12],
         ciphertext: Vec::new(),
     };
-    let new = match envelope::rewrap(from, to, &binding, &sealed).await {
+    let rewrapped = crate::vault::open_bound(
+        &item.owner,
+        &item.name,
+        item.version,
+        &item.metadata,
+        |binding| {
+            let sealed = &sealed;
+            async move { envelope::rewrap(from, to, &binding, sealed).await }
+        },
+    )
+    .await;
+    let new = match rewrapped {
         Ok(new) => new,
         Err(EnvelopeError::Provider(e))
             if matches!(

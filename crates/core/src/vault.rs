@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use strongroom_crypto::binding::{is_valid_name, is_valid_owner};
 use strongroom_crypto::{
-    envelope, Binding, KeyProvider, Sealed, SecretBytes, SecureRandom, WrappedKey,
+    envelope, Binding, EnvelopeError, KeyProvider, Sealed, SecretBytes, SecureRandom, WrappedKey,
 };
 use strongroom_store::audit::{Event, HeadKey, Record};
 use strongroom_store::{
@@ -220,10 +220,29 @@ pub fn expiry_of(metadata: Option<&serde_json::Value>) -> Result<Option<OffsetDa
     }
 }
 
-/// The associated data of a version: its place, plus the third-party host its metadata binds
-/// it to (`metadata.host`, where brokered calls may take it). So a host edited in the
-/// database makes the version fail to open instead of sending the value elsewhere.
+/// The associated data of a version: its place, plus what its metadata says about where and
+/// until when it may be used: the third-party host (`metadata.host`, where brokered calls may
+/// take it) and the expiry (`metadata.expires_at`). So a host or an expiry edited in the
+/// database makes the version fail to open, instead of sending the value elsewhere or using
+/// it past its time.
 pub(crate) fn binding_for(
+    owner: &str,
+    name: &str,
+    version: u32,
+    metadata: &serde_json::Value,
+) -> Result<Binding, strongroom_crypto::BindingError> {
+    let binding = binding_without_expiry(owner, name, version, metadata)?;
+    match metadata.get(EXPIRES_AT_KEY) {
+        None | Some(serde_json::Value::Null) => Ok(binding),
+        Some(serde_json::Value::String(at)) => binding.with_field("expires-at", at.as_bytes()),
+        // Not a string: a put refuses it; a stored one no longer matches what was bound.
+        Some(other) => binding.with_field("expires-at-json", other.to_string().as_bytes()),
+    }
+}
+
+/// The associated data versions were sealed with before their expiry was bound: place and
+/// host only.
+fn binding_without_expiry(
     owner: &str,
     name: &str,
     version: u32,
@@ -235,6 +254,40 @@ pub(crate) fn binding_for(
         // Not a string: a put refuses it; a stored one no longer matches what was bound.
         Some(other) => binding.with_field("host-json", other.to_string().as_bytes()),
         None => Ok(binding),
+    }
+}
+
+/// Runs `open` (a decryption or a rewrap) under a version's associated data. A version whose
+/// metadata names an expiry and that does not open so gets one more try without the expiry:
+/// it was sealed before expiries were bound. That try cannot move a later version's expiry:
+/// sealed with its expiry, such a version opens under no binding that lacks it.
+pub(crate) async fn open_bound<T, F, Fut>(
+    owner: &str,
+    name: &str,
+    version: u32,
+    metadata: &serde_json::Value,
+    open: F,
+) -> Result<T, EnvelopeError>
+where
+    F: Fn(Binding) -> Fut,
+    Fut: std::future::Future<Output = Result<T, EnvelopeError>>,
+{
+    // A binding that cannot be made is a place or metadata nothing was sealed for.
+    let first = match binding_for(owner, name, version, metadata) {
+        Ok(binding) => open(binding).await,
+        Err(_) => Err(EnvelopeError::Decrypt),
+    };
+    let names_an_expiry = !matches!(
+        metadata.get(EXPIRES_AT_KEY),
+        None | Some(serde_json::Value::Null)
+    );
+    match first {
+        Err(EnvelopeError::Decrypt) if names_an_expiry => {
+            let binding = binding_without_expiry(owner, name, version, metadata)
+                .map_err(|_| EnvelopeError::Decrypt)?;
+            open(binding).await
+        }
+        other => other,
     }
 }
 
@@ -425,7 +478,8 @@ impl Vault {
                 .checked_add(1)
                 .filter(|v| *v <= i32::MAX as u32)
                 .ok_or(CoreError::InvalidInput("version numbers exhausted"))?;
-            // The owner and name are checked above: only the bound host can fail here.
+            // The owner and name are checked above, the expiry's form too: only the bound
+            // host can fail here.
             let binding = binding_for(req.owner, req.name, version, &metadata)
                 .map_err(|_| CoreError::InvalidMetadata("metadata.host is too long"))?;
             let sealed =
@@ -716,9 +770,12 @@ impl Vault {
             bytes: row.wrapped_key,
         };
         let sealed = Sealed::from_parts(&row.sealed_value, wrapped)?;
-        let binding = binding_for(owner, name, row.version, &row.metadata)
-            .map_err(|_| CoreError::Integrity)?;
-        let value = envelope::open(self.keys.as_ref(), &binding, &sealed).await?;
+        let keys = self.keys.as_ref();
+        let value = open_bound(owner, name, row.version, &row.metadata, |binding| {
+            let sealed = &sealed;
+            async move { envelope::open(keys, &binding, sealed).await }
+        })
+        .await?;
         Ok((
             Revealed {
                 value,

@@ -321,6 +321,143 @@ async fn the_bound_host_is_part_of_the_associated_data() {
     assert_eq!(r.value.expose_secret(), b"zoom secret");
 }
 
+/// The expiry (`metadata.expires_at`) is in the associated data too: a version whose expiry
+/// was moved, removed or nulled in the database does not open, so editing the database cannot
+/// keep a dead key in use. A version sealed before expiries were bound (no expiry in its
+/// associated data, one in its metadata) still opens, and still expires. Rewrap keeps each
+/// version's binding.
+#[tokio::test]
+async fn the_expiry_is_part_of_the_associated_data() {
+    let (source_dir, source) = vault().await;
+    let far = "2099-01-01T00:00:00Z";
+    let mut req = put("alice", "bound", b"bound secret");
+    req.metadata = Some(serde_json::json!({"expires_at": far, "label": "work"}));
+    source.put(req).await.unwrap();
+    let mut req = put("alice", "legacy", b"legacy secret");
+    req.metadata = Some(serde_json::json!({"label": "work"}));
+    source.put(req).await.unwrap();
+    let row_of = |name: &'static str| {
+        let source = source.clone();
+        async move {
+            source
+                .store()
+                .get_version("alice", name, None)
+                .await
+                .unwrap()
+        }
+    };
+    let (bound, legacy) = (row_of("bound").await, row_of("legacy").await);
+
+    // A row copied into another store (same provider) under the metadata given.
+    let graft = |row: &strongroom_store::SealedVersion, metadata: serde_json::Value| {
+        let row = row.clone();
+        async move {
+            let (dir, copy) = vault().await;
+            let mut new = NewVersion::new(
+                "alice",
+                &row.name,
+                1,
+                row.sealed_value.clone(),
+                row.wrapped_key.clone(),
+                row.kek.clone(),
+                "attacker",
+                copy.now(),
+            );
+            new.metadata = metadata;
+            copy.store().put_version(new).await.unwrap();
+            let revealed = copy.reveal("alice", &row.name, None).await;
+            (dir, revealed)
+        }
+    };
+    let opened = |r: Result<Revealed, CoreError>| r.map(|r| r.value.expose_secret().to_vec());
+
+    let (_d, r) = graft(
+        &bound,
+        serde_json::json!({"expires_at": far, "label": "work"}),
+    )
+    .await;
+    assert_eq!(opened(r).unwrap(), b"bound secret");
+    for edited in [
+        serde_json::json!({"expires_at": "2100-01-01T00:00:00Z", "label": "work"}),
+        serde_json::json!({"expires_at": "2099-01-01T00:00:00+00:00", "label": "work"}),
+        serde_json::json!({"label": "work"}),
+        serde_json::json!({"expires_at": null, "label": "work"}),
+        serde_json::json!({"expires_at": 4_070_908_800_i64, "label": "work"}),
+    ] {
+        let (_d, r) = graft(&bound, edited.clone()).await;
+        assert!(
+            matches!(r, Err(CoreError::Integrity)),
+            "{edited}: {:?}",
+            opened(r)
+        );
+    }
+
+    // Sealed without an expiry: opens under one added later, which still applies (text that
+    // is no time is no expiry).
+    for (metadata, value) in [
+        (
+            serde_json::json!({"label": "work"}),
+            Some(&b"legacy secret"[..]),
+        ),
+        (
+            serde_json::json!({"expires_at": far}),
+            Some(b"legacy secret"),
+        ),
+        (
+            serde_json::json!({"expires_at": "soon"}),
+            Some(b"legacy secret"),
+        ),
+        (
+            serde_json::json!({"expires_at": "2000-01-01T00:00:00Z"}),
+            None,
+        ),
+    ] {
+        let (_d, r) = graft(&legacy, metadata.clone()).await;
+        match (value, r) {
+            (Some(v), Ok(r)) => assert_eq!(r.value.expose_secret(), v, "{metadata}"),
+            (None, Err(CoreError::VersionExpired { .. })) => {}
+            (_, r) => panic!("{metadata}: {:?}", opened(r)),
+        }
+    }
+
+    // A rewrap (here to another provider) moves both kinds, each under the binding it was
+    // sealed with: the version sealed without an expiry is given one first.
+    rusqlite::Connection::open(
+        source_dir
+            .path()
+            .join(strongroom_store::sqlite::DB_FILE_NAME),
+    )
+    .unwrap()
+    .execute(
+        "UPDATE versions SET metadata = ?1 WHERE credential_id = \
+             (SELECT id FROM credentials WHERE name = 'legacy')",
+        [serde_json::json!({"expires_at": far}).to_string()],
+    )
+    .unwrap();
+    let to: Arc<dyn strongroom_crypto::KeyProvider> = Arc::new(FakeProvider::new("other", 1));
+    let report = crate::rewrap(
+        source.store().clone(),
+        source.keys().clone(),
+        to.clone(),
+        &crate::RewrapOptions::default(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.rewrapped, report.failed), (2, 0));
+    let moved = Vault::new(
+        source.store().clone(),
+        to,
+        Arc::new(OsRandom),
+        Arc::new(SystemClock),
+        VaultConfig::default(),
+    );
+    let r = moved.reveal("alice", "bound", None).await.unwrap();
+    assert_eq!(r.value.expose_secret(), b"bound secret");
+    let r = moved.reveal("alice", "legacy", None).await.unwrap();
+    assert_eq!(r.value.expose_secret(), b"legacy secret");
+}
+
 #[tokio::test]
 async fn reveals_note_last_use_and_one_flush_writes_the_newest() {
     let (_d, v) = vault().await;
@@ -643,8 +780,9 @@ async fn an_expired_version_is_not_revealed() {
             .await,
         Err(CoreError::InvalidMetadata(_))
     ));
-    // ...and one stored before expiries were checked is no expiry: a new version, given such
-    // text behind the vault (its metadata is not in its associated data), is revealed.
+    // ...and one stored before expiries were checked is no expiry: a version sealed without
+    // an expiry (before expiries were bound) and given such text behind the vault is
+    // revealed.
     v.put(with(b"legacy", serde_json::json!({"label": "x"})))
         .await
         .unwrap();
