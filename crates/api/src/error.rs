@@ -22,8 +22,8 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// An API failure. The internal cause of a 5xx is logged once, by [`IntoResponse`], and not
-/// sent to the client.
+/// An API failure. The internal cause of a 5xx is not sent to the client: the response
+/// carries it to [`log_failure`], which logs it once with the request's id.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -171,12 +171,6 @@ impl From<CoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Some(cause) = &self.internal {
-            if let Some(similar) = admit_error_line(self.code) {
-                tracing::error!(status = self.status.as_u16(), code = self.code, cause = %cause,
-                    similar_not_logged = similar, "request failed");
-            }
-        }
         let mut response = (
             self.status,
             axum::Json(ErrorBody {
@@ -190,6 +184,12 @@ impl IntoResponse for ApiError {
         response
             .extensions_mut()
             .insert(crate::audit::ErrorCode(self.code));
+        if let Some(cause) = self.internal {
+            response.extensions_mut().insert(FailureCause {
+                code: self.code,
+                cause,
+            });
+        }
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
@@ -202,6 +202,34 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The internal cause of a failed request, from the [`ApiError`] that answered it to
+/// [`log_failure`].
+#[derive(Clone)]
+struct FailureCause {
+    code: &'static str,
+    cause: String,
+}
+
+/// Logs the internal cause of a failed request (a 5xx), at most one line per error code a
+/// second, with the request's id (`x-request-id`): an operator finds the request's audit
+/// record by it, and there its owner, credential and version (an integrity error names no
+/// row of its own). Runs around the router, once the response carries the id.
+pub(crate) fn log_failure<B>(mut response: Response<B>) -> Response<B> {
+    if let Some(failure) = response.extensions_mut().remove::<FailureCause>() {
+        if let Some(similar) = admit_error_line(failure.code) {
+            let request_id = response
+                .headers()
+                .get(crate::routes::REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::error!(request_id, status = response.status().as_u16(),
+                code = failure.code, cause = %failure.cause, similar_not_logged = similar,
+                "request failed");
+        }
+    }
+    response
 }
 
 /// At most one "request failed" line per error code per this interval: an outage (a key

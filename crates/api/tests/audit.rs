@@ -1057,3 +1057,58 @@ async fn a_refusal_for_the_wrong_kind_of_caller_names_the_caller() {
     assert!(items.is_empty(), "{}", usage.body);
     assert!(!usage.body.contains("alice"), "{}", usage.body);
 }
+
+/// A sealed value changed in the database answers 500 `integrity_error` (nothing of the value
+/// or the cause in the body) and logs one line with the request's id; by that id the
+/// operator finds the request's audit record, which names the owner and the credential.
+#[tokio::test]
+async fn an_integrity_error_is_logged_with_the_request_id() {
+    let api = api().await;
+    api.seed().await;
+    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+    let mut sealed: Vec<u8> = raw
+        .query_row("SELECT sealed_value FROM versions", [], |r| r.get(0))
+        .unwrap();
+    *sealed.last_mut().unwrap() ^= 1;
+    raw.execute("UPDATE versions SET sealed_value = ?1", [&sealed])
+        .unwrap();
+
+    let (logs, guard) = Captured::install(tracing::Level::ERROR);
+    let r = api.reveal_alices_key().await;
+    drop(guard);
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "integrity_error");
+    assert!(
+        !r.body.contains(CANARY) && !r.body.contains("check"),
+        "{}",
+        r.body
+    );
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("request failed"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0].contains(&format!("request_id=\"{rid}\"")) && lines[0].contains("integrity_error"),
+        "{text}"
+    );
+    assert!(!text.contains(CANARY), "{text}");
+
+    let record = eventually("the reveal's audit record", || async {
+        audit_items(&api, "?owner=alice&name=zoom.api-key")
+            .await
+            .into_iter()
+            .find(|i| i["request_id"] == rid.as_str())
+    })
+    .await;
+    assert_eq!(
+        (&record["owner"], &record["name"], &record["error_code"]),
+        (
+            &json!("alice"),
+            &json!("zoom.api-key"),
+            &json!("integrity_error")
+        )
+    );
+}

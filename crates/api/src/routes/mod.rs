@@ -20,7 +20,8 @@ use tower_http::trace::TraceLayer;
 use crate::extract::ON_BEHALF_OF;
 use crate::{ApiError, AppState};
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The header that carries a request's id (the server's own: see [`CLIENT_REQUEST_ID`]).
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Where a client's own `x-request-id` is kept: every request gets an id of the server's
 /// (returned in `x-request-id`), so a client cannot choose the id its audit record carries.
 pub(crate) const CLIENT_REQUEST_ID: &str = "x-strongroom-client-request-id";
@@ -279,6 +280,10 @@ pub(crate) fn router(state: AppState) -> Router {
             set_client_request_id_aside,
         ))
         .layer(SetRequestIdLayer::new(REQUEST_ID, ids))
+        // Outside the next layer: it sees the response's request id.
+        .layer(tower::util::MapResponseLayer::new(
+            crate::error::log_failure,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         // No failure line of its own: a 5xx is logged once, with its cause, where it is
         // made (`ApiError`), not three times per request through an outage.

@@ -411,6 +411,7 @@ impl Captured {
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(level)
+            .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
         (logs, tracing::subscriber::set_default(subscriber))
