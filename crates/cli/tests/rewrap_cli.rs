@@ -583,3 +583,70 @@ fn rewrap_names_the_versions_that_did_not_unwrap() {
         "{err}"
     );
 }
+
+/// A row damaged past reading (a wrapped key that is no blob, metadata that is no JSON) is
+/// named among the versions that did not unwrap, and the rewrap moves the rest: it used to
+/// stop at that row's page with an integrity error on every run, and the old KEK could never
+/// be retired.
+#[test]
+fn rewrap_names_a_row_that_does_not_read_and_moves_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    run_ok(&["keys", "generate"], &dd);
+    let puts: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("cred-{i:02}"), format!("secret-value-{i}")))
+        .collect();
+    put_directly(&data, true, &puts);
+    let conn = rusqlite::Connection::open(data.join("strongroom.db")).unwrap();
+    let row =
+        |name: &str| format!("credential_id = (SELECT id FROM credentials WHERE name = '{name}')");
+    conn.execute_batch(&format!(
+        "UPDATE versions SET wrapped_key = 'not a blob' WHERE {};
+         UPDATE versions SET metadata = '{{not json' WHERE {};",
+        row("cred-03"),
+        row("cred-05")
+    ))
+    .unwrap();
+    drop(conn);
+    run_ok(&["keys", "rotate"], &dd);
+    for args in [
+        &["rewrap", "--dry-run", "--batch", "2"][..],
+        &["rewrap", "--batch", "2"],
+    ] {
+        let out = strongroom()
+            .args(args)
+            .args(dd)
+            .env_remove("STRONGROOM_DATA_DIR")
+            .env_remove("STRONGROOM_CONFIG")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+        assert!(
+            stdout.contains("6, skipped 0, failed 2"),
+            "{args:?}: {stdout}{stderr}"
+        );
+        for name in ["cred-03", "cred-05"] {
+            assert!(
+                stderr.contains(&format!("credential \"{name}\" version 1")),
+                "{stderr}"
+            );
+        }
+        assert!(!stderr.contains("integrity"), "{stderr}");
+    }
+    // Moved: the six readable versions are under the new KEK, the two damaged ones where
+    // they were.
+    let counts = key_counts(&dd);
+    assert_eq!(
+        counts,
+        vec![
+            (1, "decrypt-only".to_owned(), 2),
+            (2, "active".to_owned(), 6)
+        ],
+        "{counts:?}"
+    );
+}

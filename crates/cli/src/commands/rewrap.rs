@@ -239,9 +239,19 @@ fn failed_message(report: &RewrapReport) -> String {
         listed.push(format!("and {more} more"));
     }
     let (versions, their, they) = if report.failed == 1 {
-        ("version", "its KEK is", "it is damaged); it was")
+        (
+            "version",
+            "its KEK is",
+            "it is damaged: restore it from a backup, or its owner destroys it, before the KEK \
+             is retired); it was",
+        )
     } else {
-        ("versions", "their KEK is", "they are damaged); they were")
+        (
+            "versions",
+            "their KEK is",
+            "they are damaged: restore them from a backup, or their owners destroy them, \
+             before the KEK is retired); they were",
+        )
     };
     format!(
         "{} {versions} did not unwrap ({their} retired or unknown to this provider, or {they} \
@@ -355,7 +365,8 @@ mod tests {
         assert_eq!(
             super::failed_message(&report),
             "1 version did not unwrap (its KEK is retired or unknown to this provider, or it is \
-             damaged); it was left as it is: owner \"alice\" credential \"cred-00\" version 1 \
+             damaged: restore it from a backup, or its owner destroys it, before the KEK is \
+             retired); it was left as it is: owner \"alice\" credential \"cred-00\" version 1 \
              (under local:kr-1:v1)"
         );
         report.failed = 25;

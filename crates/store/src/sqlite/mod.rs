@@ -919,6 +919,27 @@ impl RawSummary {
     }
 }
 
+/// A rewrap's wrapped key and metadata, as read. A row whose key is no blob or whose metadata
+/// is no JSON text (damaged, or edited outside Strongroom) is listed with an empty wrapped
+/// key, which no provider unwraps: the rewrap names it among the versions that did not
+/// unwrap and goes on, where an error would stop it at that row's page on every run.
+fn readable_key_and_metadata(
+    key: rusqlite::types::ValueRef<'_>,
+    metadata: rusqlite::types::ValueRef<'_>,
+) -> (Vec<u8>, serde_json::Value) {
+    use rusqlite::types::ValueRef;
+    let metadata = match metadata {
+        ValueRef::Text(text) => std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| parse_json(t).ok()),
+        _ => None,
+    };
+    match (key, metadata) {
+        (ValueRef::Blob(key), Some(metadata)) => (key.to_vec(), metadata),
+        _ => (Vec::new(), serde_json::Value::Null),
+    }
+}
+
 fn parse_json(s: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::from_str(s).map_err(|_| StoreError::corrupt("metadata is not valid JSON"))
 }
@@ -1713,8 +1734,7 @@ impl Store for SqliteStore {
                         r.get::<_, String>(4)?,
                         r.get::<_, String>(5)?,
                         r.get::<_, i64>(6)?,
-                        r.get::<_, Vec<u8>>(7)?,
-                        r.get::<_, String>(8)?,
+                        readable_key_and_metadata(r.get_ref(7)?, r.get_ref(8)?),
                     ))
                 })
                 .map_err(db_err)?
@@ -1723,14 +1743,14 @@ impl Store for SqliteStore {
             let last_id = rows.last().map(|r| r.0);
             let items = rows
                 .into_iter()
-                .map(|(_, owner, name, v, p, k, kv, wrapped, md)| {
+                .map(|(_, owner, name, v, p, k, kv, (wrapped_key, metadata))| {
                     Ok(RewrapItem {
                         owner,
                         name,
                         version: version_from_db(v)?,
-                        wrapped_key: wrapped,
+                        wrapped_key,
                         kek: kek_from_db(p, k, kv)?,
-                        metadata: parse_json(&md)?,
+                        metadata,
                     })
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
