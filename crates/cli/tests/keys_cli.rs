@@ -4,7 +4,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::{stdout_of, strongroom};
+use common::{make_store, stdout_of, strongroom};
 use serde_json::Value;
 
 fn list_json(dir: &std::path::Path) -> Vec<Value> {
@@ -267,7 +267,7 @@ fn rotate_without_flags_is_audited_in_the_default_data_dir() {
             .unwrap()
     };
     assert!(bare(&["keys", "generate"]).status.success());
-    assert!(bare(&["rewrap"]).status.success(), "makes the store");
+    make_store(&dir.path().join("strongroom-data"));
     assert_eq!(rotations_recorded(dir.path()), []);
 
     let out = bare(&["keys", "rotate"]);
@@ -434,10 +434,11 @@ fn notes_stderr_cannot_take_do_not_change_the_outcome() {
             .unwrap()
     };
     let data_arg = data.to_str().unwrap();
+    let out = run(&["keys", "generate", "--data-dir", data_arg]);
+    assert_eq!(out.status.code(), Some(0), "keys generate");
+    make_store(&data);
     for args in [
-        &["keys", "generate", "--data-dir", data_arg][..],
-        // Makes the store.
-        &["rewrap", "--data-dir", data_arg],
+        &["rewrap", "--data-dir", data_arg][..],
         &["keys", "rotate", "--data-dir", data_arg],
         // The first rewrap after a rotation notes that the audit head key moved too.
         &["rewrap", "--data-dir", data_arg],
@@ -469,5 +470,44 @@ fn notes_stderr_cannot_take_do_not_change_the_outcome() {
     assert!(
         rewraps.last().is_some_and(|l| l.contains("\"ok\"")),
         "{export}"
+    );
+}
+
+/// A keyring generated beside a store made with another one (its own lost, or a mistyped
+/// path): `keys generate` notes it, and what opens the store then says the keyring is not
+/// the store's, not only that a key is "not held".
+#[test]
+fn a_new_keyring_beside_an_existing_store_is_called_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = ["--data-dir", data.to_str().unwrap()];
+    let run = |args: &[&str]| {
+        strongroom()
+            .args(args)
+            .args(dd)
+            .env_remove("STRONGROOM_DATA_DIR")
+            .env_remove("STRONGROOM_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["keys", "generate"]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    make_store(&data);
+    std::fs::remove_file(data.join("keyring.json")).unwrap();
+
+    let out = run(&["keys", "generate"]);
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("note: a store already exists at") && err.contains("put that one back"),
+        "{err}"
+    );
+    let out = run(&["audit", "verify"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("is this the keyring (or provider) the store was made with?"),
+        "{err}"
     );
 }

@@ -464,7 +464,7 @@ fn rotating_a_restored_older_keyring_is_refused() {
     let data = tmp.path().join("data");
     let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
     run_ok(&["keys", "generate"], &dd);
-    run_ok(&["rewrap"], &dd); // makes the store
+    put_directly(&data, true, &[]); // makes the store
     let keyring = data.join("keyring.json");
     let backup = std::fs::read(&keyring).unwrap();
     run_ok(&["keys", "rotate"], &dd);
@@ -495,7 +495,7 @@ fn retiring_the_active_version_says_to_rotate_first() {
     let data = tmp.path().join("data");
     let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
     run_ok(&["keys", "generate"], &dd);
-    run_ok(&["rewrap"], &dd); // makes the store and seals its audit log
+    put_directly(&data, true, &[]); // makes the store and seals its audit log
     let active = |version: &str| {
         let err = run_err(&["keys", "retire", version], &dd);
         assert!(
@@ -649,4 +649,33 @@ fn rewrap_names_a_row_that_does_not_read_and_moves_the_rest() {
         ],
         "{counts:?}"
     );
+}
+
+/// A data dir that holds no store (a mistyped `--data-dir`) is refused, by a dry run too,
+/// and left without one: a rewrap used to make an empty store there and report success. A
+/// folder with neither keyring nor database is called what it most often is.
+#[test]
+fn rewrap_refuses_a_data_dir_without_a_store_and_makes_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    let e = run_err(&["rewrap"], &dd);
+    assert!(
+        e.contains("no keyring at")
+            && e.contains("no database at")
+            && e.contains("data directory right"),
+        "{e}"
+    );
+    assert!(!e.contains("  "), "{e}");
+    assert!(!data.exists());
+
+    run_ok(&["keys", "generate"], &dd);
+    for args in [&["rewrap", "--dry-run"][..], &["rewrap"]] {
+        let e = run_err(args, &dd);
+        assert!(e.contains("strongroom.db"), "{args:?}: {e}");
+        assert!(
+            !data.join("strongroom.db").exists(),
+            "{args:?} made a store"
+        );
+    }
 }

@@ -90,6 +90,17 @@ async fn unwrap_head_key(keys: &dyn KeyProvider, stored: &[u8]) -> Result<HeadKe
                     ),
                 )
             }
+            // Most often a keyring made anew (or an older copy restored) beside a store
+            // sealed under the lost one.
+            strongroom_crypto::UnwrapError::NotMine(_) => unavailable(
+                "head key unwrap",
+                format!(
+                    "the store's audit head key is sealed under {kek}, which this key provider \
+                     does not hold: is this the keyring (or provider) the store was made with? \
+                     A keyring generated anew, or an older copy, cannot open what the store \
+                     holds; put the store's own keyring back"
+                ),
+            ),
             _ => unavailable("head key unwrap", e),
         })?;
     Ok(HeadKey::new(*key.expose_secret()))

@@ -169,6 +169,23 @@ impl Backends {
     async fn open_as(config: &Config, first_start: FirstStart) -> Result<Self, ServerError> {
         config.validate_backends()?;
         config.check_backend_files()?;
+        // A folder that holds nothing of Strongroom's is most often a mistyped data dir: said
+        // so, rather than only "make a keyring" (which would start a new, empty vault there).
+        if config.store.kind == StoreKind::Sqlite
+            && config.keys.provider == config::KeyProviderKind::Local
+        {
+            let keyring = config.keyring_path();
+            let database = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
+            if !keyring.exists() && !database.exists() {
+                return Err(ServerError::Config(format!(
+                    "no keyring at {} and no database at {}: is the data directory right \
+                     (--data-dir, or data_dir in the configuration)? For a new one, \
+                     `strongroom keys generate` makes its keyring (or `serve --dev` all of it)",
+                    keyring.display(),
+                    database.display()
+                )));
+            }
+        }
         let opened = open_key_provider(config).await?;
         let handle = open_store(config, first_start).await?;
         let keys = match open_keys_as(config, handle.as_dyn(), opened, first_start).await {

@@ -73,6 +73,29 @@ impl KeyringLocation {
         Ok(false)
     }
 
+    /// After `keys generate`: a SQLite store already there was made with other keys, which
+    /// this new keyring is not, so it opens nothing the store holds (a server over both
+    /// fails at its audit log). Most often the store's keyring was lost or mistyped; a move
+    /// to this keyring is `rewrap --to-config`.
+    fn note_a_store_made_with_other_keys(&self) {
+        if self.config.is_none() && self.data_dir.is_none() && self.keyring.is_some() {
+            return;
+        }
+        let Ok(config) = self.operator_target().load() else {
+            return;
+        };
+        let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
+        if config.store.kind == strongroom_server::config::StoreKind::Sqlite && db.exists() {
+            errln!(
+                "note: a store already exists at {}: what it holds is sealed under the keys it \
+                 was made with, which this new keyring does not hold. If its keyring was lost \
+                 or is elsewhere, put that one back instead; to move the store to this one, use \
+                 `strongroom rewrap --to-config`",
+                db.display()
+            );
+        }
+    }
+
     /// The configuration, when --config names a provider other than the local keyring.
     fn remote(&self) -> Result<Option<Config>, Failure> {
         let Some(file) = &self.config else {
@@ -226,6 +249,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 info.key_id,
                 info.version
             )?;
+            location.note_a_store_made_with_other_keys();
         }
         KeysCommand::Rotate { location, root } => {
             if root {

@@ -168,7 +168,7 @@ impl OperatorTarget {
     }
 
     /// Opens the store and key provider, making them as a server's first start would when
-    /// missing (`import` and `rewrap` may run before the server ever started).
+    /// missing (`import` and `rewrap --to-config` may run before the server ever started).
     pub async fn open(&self) -> Result<strongroom_server::Backends, Failure> {
         let config = self.load()?;
         Ok(strongroom_server::Backends::open(&config).await?)

@@ -75,7 +75,14 @@ pub fn run(args: RewrapArgs) -> Result<(), Failure> {
 }
 
 async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
-    let backends = args.target.open().await?;
+    // Only a move to another provider may come before the server's first start (and make
+    // the store); otherwise a data dir without a store is a mistyped one, and a dry run
+    // changes nothing.
+    let backends = if args.to_config.is_some() && !args.dry_run {
+        args.target.open().await?
+    } else {
+        args.target.open_existing().await?
+    };
     let from: Arc<dyn KeyProvider> = backends.keyring.clone();
     let to: Arc<dyn KeyProvider> = match &args.to_config {
         None => from.clone(),

@@ -122,6 +122,20 @@ pub fn operator_config(
     .unwrap()
 }
 
+/// Makes the store of the dev layout at `data` (its keyring there already) and seals its
+/// audit log, as a server's first start does.
+pub fn make_store(data: &std::path::Path) {
+    rt().block_on(async {
+        let backends = strongroom_server::Backends::open(&operator_config(None, data))
+            .await
+            .unwrap();
+        strongroom_server::audit_operator_action(&backends, "test-setup", "ok", None, None)
+            .await
+            .unwrap();
+        backends.close().await;
+    });
+}
+
 /// Alice's put of `value` as `name`, as the operator's backends take it.
 pub fn put_req<'a>(name: &'a str, value: &'a str) -> strongroom_core::PutRequest<'a> {
     strongroom_core::PutRequest {
