@@ -212,6 +212,15 @@ struct FailureCause {
     cause: String,
 }
 
+/// The error code of a response that failed on the server's side (one with an internal
+/// cause), for the failure counter.
+pub(crate) fn failure_code<B>(response: &Response<B>) -> Option<&'static str> {
+    response
+        .extensions()
+        .get::<FailureCause>()
+        .map(|failure| failure.code)
+}
+
 /// Logs the internal cause of a failed request (a 5xx), at most one line per error code a
 /// second, with the request's id (`x-request-id`): an operator finds the request's audit
 /// record by it, and there its owner, credential and version (an integrity error names no

@@ -30,10 +30,16 @@ struct RouteLabels {
     route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
 /// The registry and the API's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
+    failures: Family<CodeLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
     jwks: crate::jwks::JwksMetrics,
     unrecorded: Counter,
@@ -65,6 +71,15 @@ impl Metrics {
             "HTTP request latency by route template",
             latency.clone(),
         );
+        // Every failure counted, where the log has a line for the first of a second only.
+        let failures = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "http_request_failures",
+            "Requests that failed on the server's side (5xx), by error code: integrity_error \
+             (stored data failed its integrity check), unavailable, key_unavailable, \
+             audit_unavailable, timeout, internal",
+            failures.clone(),
+        );
         let jwks = crate::jwks::JwksMetrics::default();
         jwks.register(&mut registry);
         let unrecorded = Counter::default();
@@ -77,6 +92,7 @@ impl Metrics {
         Self {
             registry: Mutex::new(registry),
             requests,
+            failures,
             latency,
             jwks,
             unrecorded,
@@ -187,6 +203,9 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
         )),
     };
     let m = state.metrics();
+    if let Some(code) = crate::error::failure_code(&response) {
+        m.failures.get_or_create(&CodeLabels { code }).inc();
+    }
     m.requests
         .get_or_create(&RequestLabels {
             method,

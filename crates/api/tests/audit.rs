@@ -1075,7 +1075,27 @@ async fn an_integrity_error_is_logged_with_the_request_id() {
 
     let (logs, guard) = Captured::install(tracing::Level::ERROR);
     let r = api.reveal_alices_key().await;
+    // A second within the second: counted, not logged; recorded with the version it named.
+    let named = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.api-key/reveal",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(json!({"version": 1})),
+        )
+        .await;
     drop(guard);
+    assert_eq!(
+        named.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        named.body
+    );
+    let metrics = api.call("GET", "/metrics", None, None).await.body;
+    assert!(
+        metrics.contains("strongroom_http_request_failures_total{code=\"integrity_error\"} 2"),
+        "{metrics}"
+    );
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "integrity_error");
     assert!(
@@ -1111,4 +1131,13 @@ async fn an_integrity_error_is_logged_with_the_request_id() {
             &json!("integrity_error")
         )
     );
+    let named_rid = named.headers["x-request-id"].to_str().unwrap().to_owned();
+    let record = eventually("the second reveal's audit record", || async {
+        audit_items(&api, "?owner=alice&name=zoom.api-key")
+            .await
+            .into_iter()
+            .find(|i| i["request_id"] == named_rid.as_str())
+    })
+    .await;
+    assert_eq!(record["version"], 1);
 }

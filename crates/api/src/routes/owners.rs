@@ -100,6 +100,10 @@ pub(crate) async fn reveal(
 ) -> ApiResult<Response> {
     authorize(&state, &service, Operation::Reveal, &owner, &name)?;
     let version = crate::extract::optional_json::<RevealBody>(&body)?.version;
+    // Recorded as asked, so that a failure to open it (an integrity error) names it too.
+    if let Some(v) = version {
+        audit.version(v);
+    }
     let mut retried = false;
     loop {
         let revealed = match state.vault().reveal(&owner, &name, version).await {
@@ -192,6 +196,10 @@ pub(crate) async fn broker(
     crate::extract::require_object(&body)?;
     let body: BrokerBody = crate::extract::parse_json(&body)?;
     let asked_for_a_version = body.version.is_some();
+    // Recorded as asked, so that a failure to open it (an integrity error) names it too.
+    if let Some(v) = body.version {
+        audit.version(v);
+    }
     let broker = state.broker().ok_or_else(|| {
         ApiError::internal(
             StatusCode::SERVICE_UNAVAILABLE,
