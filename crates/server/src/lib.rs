@@ -1126,8 +1126,21 @@ impl Server {
             ),
             Some(_) => {}
         }
-        if config.policy_file.is_none() && policy.rules().is_empty() {
-            tracing::warn!("no policy_file: services are denied every operation");
+        match &config.policy_file {
+            None if policy.rules().is_empty() => {
+                tracing::warn!("no policy_file: services are denied every operation");
+            }
+            // As at a reload: an empty file (a save cut short) fails closed, loudly.
+            Some(path) if policy.rules().is_empty() => tracing::warn!(
+                path = %path.display(),
+                "the policy has no rules: every service is denied every operation"
+            ),
+            Some(path) => tracing::info!(
+                path = %path.display(),
+                rules = policy.rules().len(),
+                "policy loaded"
+            ),
+            None => {}
         }
         warn_unknown_services(&policy, &config.auth);
         let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());

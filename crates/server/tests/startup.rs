@@ -612,7 +612,7 @@ async fn requests_cut_short_by_the_client_are_recorded() {
 }
 
 /// User keys without an issuer or an audience to check accept tokens those keys signed for
-/// other applications: said at start.
+/// other applications: said at start; so is a policy file without rules.
 #[tokio::test]
 async fn a_jwt_section_without_issuer_or_audience_is_warned_about() {
     let fx = Fixture::new();
@@ -635,6 +635,13 @@ async fn a_jwt_section_without_issuer_or_audience_is_warned_about() {
          delegated = true\n",
     )
     .unwrap();
+    drop(Server::start(fx.config()).await.unwrap());
+    assert!(logs.text().contains(warning), "{}", logs.text());
+
+    // A policy file without rules (a save cut short) is said at start, as at a reload.
+    let warning = "the policy has no rules";
+    assert!(!logs.text().contains(warning), "{}", logs.text());
+    std::fs::write(&fx.policy, "").unwrap();
     drop(Server::start(fx.config()).await.unwrap());
     assert!(logs.text().contains(warning), "{}", logs.text());
 }
