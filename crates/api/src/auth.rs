@@ -320,7 +320,18 @@ impl Authenticator {
                             ))
                         }
                     }
-                    .map_err(|e| AuthConfigError(format!("public key: {e}")))?;
+                    // jsonwebtoken names the failure by its variant (`InvalidKeyFormat`).
+                    .map_err(|e| {
+                        AuthConfigError(format!(
+                            "public key: the file is not a PEM {} public key, as `algorithm` \
+                             says it must be ({e})",
+                            match algorithm {
+                                JwtAlgorithm::Rs256 => "RSA",
+                                JwtAlgorithm::Es256 => "EC P-256",
+                                _ => "Ed25519",
+                            }
+                        ))
+                    })?;
                     keys.push(VerifyKey {
                         kid: None,
                         algorithm: algorithm.to_jwt(),

@@ -354,14 +354,20 @@ fn honest_log_verifies_and_every_tampering_is_named() {
         err.contains("30 records but the expected head counts 50"),
         "{err}"
     );
-    // And against the honest log the pinned head is fine.
-    strongroom()
+    // And against the honest log the pinned head is fine, and said to be checked.
+    let out = strongroom()
         .args(["audit", "verify", "--data-dir"])
         .arg(&data)
         .arg("--expect-head")
         .arg(&pinned)
-        .assert()
-        .success();
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the head given by --expect-head (record 50) is part of the verified chain"),
+        "{text}"
+    );
     // A head file that is not there is named.
     let missing = copy.path().join("no-such-head.json");
     let out = strongroom()

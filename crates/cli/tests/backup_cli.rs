@@ -81,7 +81,11 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
     // Never over an existing file.
     let again = run(&["backup", "--output"], &[output.as_os_str(), dd[0], dd[1]]);
     assert_eq!(again.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("already exists") && err.contains(output.to_str().unwrap()),
+        "{err}"
+    );
     assert_eq!(server.terminate().code(), Some(0));
     // The backup itself is in the audit log.
     let export = run(&["audit", "export"], &dd);

@@ -512,7 +512,7 @@ fn retiring_the_active_version_says_to_rotate_first() {
     run_ok(&["keys", "rotate"], &dd);
     let err = run_err(&["keys", "retire", "1"], &dd);
     assert!(
-        err.contains("1 active credential versions still use it")
+        err.contains("1 active credential version still uses it")
             && err.contains("run `strongroom rewrap` first"),
         "{err}"
     );

@@ -864,7 +864,7 @@ fn versions_under_another_key_provider_are_pointed_out() {
     let text = list(false);
     assert!(
         text.contains(
-            "transit:app-key:v3: 1 active credential versions sealed by another key provider"
+            "transit:app-key:v3: 1 active credential version sealed by another key provider"
         ),
         "{text}"
     );
@@ -884,7 +884,7 @@ fn versions_under_another_key_provider_are_pointed_out() {
         .filter(|r| r["state"] == "not-in-this-file")
         .count();
     assert_eq!(unheld, 2, "{rows}");
-    assert!(text.contains(":v7: 1 active credential versions sealed under a keyring version this file does not hold"), "{text}");
+    assert!(text.contains(":v7: 1 active credential version sealed under a keyring version this file does not hold"), "{text}");
     assert_eq!(server.terminate().code(), Some(0));
 }
 

@@ -263,6 +263,10 @@ impl LocalKeyring {
                 *self.diverged.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 return Err(e);
             }
+            // Not "keyring X is not a valid keyring" twice over.
+            Err(KeyringError::Invalid { detail, .. }) => {
+                return Err(self.diverge(format!("the file cannot be loaded: {detail}")))
+            }
             Err(e) => return Err(self.diverge(format!("the file cannot be loaded: {e}"))),
         };
         if model.key_id != self.key_id {
@@ -272,6 +276,9 @@ impl LocalKeyring {
         // a version twice or 0, retired with material) are a damaged file as well.
         let keks = match build_keks(&self.path, &model) {
             Ok(keks) => keks,
+            Err(KeyringError::Invalid { detail, .. }) => {
+                return Err(self.diverge(format!("the file cannot be loaded: {detail}")))
+            }
             Err(e) => return Err(self.diverge(format!("the file cannot be loaded: {e}"))),
         };
         let mut loaded = self.keks.write().unwrap_or_else(|e| e.into_inner());

@@ -1601,7 +1601,7 @@ async fn watch_ring(hierarchy: Arc<KekHierarchy>, every: Duration) {
             Ok(true) => {
                 failing = false;
                 tracing::info!(
-                    active = ?hierarchy.active_kek().ok().map(|k| k.version),
+                    active = hierarchy.active_kek().ok().map(|k| k.version),
                     "KEK ring changed; reloaded"
                 );
             }
@@ -1709,7 +1709,7 @@ async fn watch_provider(provider: Arc<dyn KeyProvider>, every: Duration) {
                 failing = false;
                 if changed {
                     tracing::info!(
-                        active = ?provider.active_kek().ok().map(|k| k.to_string()),
+                        active = provider.active_kek().ok().map(|k| k.to_string()),
                         "the key provider's active KEK changed"
                     );
                 }
@@ -1959,7 +1959,7 @@ async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duratio
                 if loaded.is_some() || reported.is_some() {
                     tracing::info!(
                         versions = keyring.list().len(),
-                        active = ?keyring.active_kek().ok().map(|k| k.version),
+                        active = keyring.active_kek().ok().map(|k| k.version),
                         "keyring file changed; reloaded"
                     );
                 }

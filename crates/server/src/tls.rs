@@ -112,8 +112,17 @@ pub fn load_certified_key(
     }
     let key = load_key(&tls.key)?;
     let ck = CertifiedKey::from_der(certs, key, provider).map_err(|e| {
+        // rustls names these by their variant (`KeyMismatch`): said in words.
+        let why = match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                "the certificate holds another public key (a key and certificate from \
+                 different pairs)"
+                    .to_owned()
+            }
+            other => other.to_string(),
+        };
         ServerError::Tls(format!(
-            "TLS key {} does not fit certificate {}: {e}",
+            "TLS key {} does not fit certificate {}: {why}",
             tls.key.display(),
             tls.cert.display()
         ))

@@ -103,7 +103,10 @@ async fn missing_or_broken_files_are_named() {
     let mut c = fx.config();
     c.tls.as_mut().unwrap().key = wrong;
     let e = start_err(c).await;
-    assert!(e.contains("does not fit certificate"), "{e}");
+    assert!(
+        e.contains("does not fit certificate") && e.contains("holds another public key"),
+        "{e}"
+    );
 
     // A certificate outside its validity period: every client would refuse it.
     for (name, from, until) in [
@@ -246,6 +249,12 @@ async fn files_others_could_change_stop_the_start() {
             "{e}"
         );
     }
+    // An RSA key where `algorithm` says ES256: named in words, not by a library's variant.
+    let e = start_err(fx.config_from(&text)).await;
+    assert!(
+        e.contains("not a PEM EC P-256 public key") && e.contains("`algorithm`"),
+        "{e}"
+    );
 
     // A folder above the policy that others may write: they could swap the file between
     // the check and the read. With the sticky bit (as /tmp) they cannot.

@@ -194,6 +194,12 @@ async fn verify(target: &OperatorTarget, expect_head: Option<PathBuf>) -> Result
             )?
         }
     }
+    if let Some(head) = &expected {
+        outln!(
+            "the head given by --expect-head (record {}) is part of the verified chain",
+            head.count
+        )?;
+    }
     Ok(())
 }
 

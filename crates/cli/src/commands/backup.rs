@@ -52,7 +52,9 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
         };
         super::rewrap::audit_action(&backends, "backup", outcome, code, None).await;
         backends.close().await;
-        let report = copied.map_err(|e| CliError::Operation(format!("backup: {e}")))?;
+        let report = copied.map_err(|e| {
+            CliError::Operation(format!("backup to {}: {e}", args.output.display()))
+        })?;
         outln!(
             "backup written to {} and checked: {} credentials, {} versions, {} audit records",
             args.output.display(),

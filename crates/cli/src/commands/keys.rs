@@ -340,9 +340,9 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 if counts.is_some() {
                     for k in &keys {
                         outln!(
-                            "version {}: {} active credential versions",
+                            "version {}: {}",
                             k.version,
-                            count_of(k).unwrap_or(0)
+                            active_versions(count_of(k).unwrap_or(0))
                         )?;
                     }
                 }
@@ -351,12 +351,13 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 }
                 for (k, n) in &unheld {
                     outln!(
-                        "{}:{}:v{}: {n} active credential versions sealed under a keyring \
+                        "{}:{}:v{}: {} sealed under a keyring \
                          version this file does not hold (an older copy restored, or another \
                          keyring?): they cannot be opened until the file that holds it is back",
                         k.provider,
                         k.key_id,
-                        k.version
+                        k.version,
+                        active_versions(*n)
                     )?;
                 }
             }
@@ -488,10 +489,20 @@ fn other_provider_row((k, n): &(KekRef, u64)) -> serde_json::Value {
 
 fn other_provider_line(k: &KekRef, n: u64) -> String {
     format!(
-        "{}:{}:v{}: {n} active credential versions sealed by another key provider, which this \
-         configuration cannot open (move them with `strongroom rewrap --config OLD.toml \
-         --to-config THIS.toml`)",
-        k.provider, k.key_id, k.version
+        "{}:{}:v{}: {} sealed by another key provider, which this configuration cannot open \
+         (move them with `strongroom rewrap --config OLD.toml --to-config THIS.toml`)",
+        k.provider,
+        k.key_id,
+        k.version,
+        active_versions(n)
+    )
+}
+
+/// "1 active credential version", "2 active credential versions".
+fn active_versions(n: u64) -> String {
+    format!(
+        "{n} active credential version{}",
+        if n == 1 { "" } else { "s" }
     )
 }
 
@@ -539,9 +550,11 @@ async fn remote_retire(config: Config, version: u32) -> Result<(), Failure> {
         .sum();
     if in_use > 0 {
         return Err(CliError::Operation(format!(
-            "refusing to retire key {} version {version}: {in_use} active credential versions \
-             still use it; run `strongroom rewrap` first, then retire again",
-            kek.key_id
+            "refusing to retire key {} version {version}: {} still {} it; run `strongroom \
+             rewrap` first, then retire again",
+            kek.key_id,
+            active_versions(in_use),
+            if in_use == 1 { "uses" } else { "use" }
         ))
         .into());
     }
@@ -846,8 +859,11 @@ async fn retire_checked(
         .sum();
     if in_use > 0 {
         return Err(CliError::Operation(format!(
-            "refusing to retire key {} version {}: {in_use} active credential versions still use it; run `strongroom rewrap` first (it moves them to the active version), then retire again",
-            kek.key_id, kek.version
+            "refusing to retire key {} version {}: {} still {} it; run `strongroom rewrap` first (it moves them to the active version), then retire again",
+            kek.key_id,
+            kek.version,
+            active_versions(in_use),
+            if in_use == 1 { "uses" } else { "use" }
         ))
         .into());
     }
