@@ -60,11 +60,13 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
     // (a `ssl-cert` group), and whoever reads it can impersonate the server, not the users.
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o006 != 0 {
+        // (A key others may write is refused by the read below.)
+        if mode & 0o004 != 0 {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{mode:04o}"),
-                "every local user can read or replace the TLS private key; run `chmod 600` on it"
+                "every local user can read the TLS private key (and so pose as this server); \
+                 run `chmod 600` on it"
             );
         }
     }

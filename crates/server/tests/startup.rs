@@ -208,6 +208,24 @@ async fn files_others_could_change_stop_the_start() {
         drop(server);
     }
 
+    // The TLS key: others writing it is refused; reading it only warned about (certificate
+    // tooling leaves keys group- or world-readable on purpose), in words that say so.
+    let tls_key = fx.config().tls.unwrap().key;
+    mode(&tls_key, 0o666);
+    let e = start_err(fx.config()).await;
+    assert!(e.contains("chmod go-w"), "{e}");
+    mode(&tls_key, 0o644);
+    let logs = common::LogCapture::default();
+    let guard = logs.install();
+    drop(Server::start(fx.config()).await.unwrap());
+    drop(guard);
+    assert!(
+        logs.text().contains("can read the TLS private key") && !logs.text().contains("replace"),
+        "{}",
+        logs.text()
+    );
+    mode(&tls_key, 0o600);
+
     // The client CA decides which certificates pass for mapped services and admins.
     mode(&fx.client_ca, 0o666);
     let e = start_err(fx.mtls_config("optional")).await;
