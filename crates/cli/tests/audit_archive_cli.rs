@@ -332,8 +332,16 @@ fn archive_by_time_keeps_the_log_verifiable() {
     let (ok, text) = verify_file(&data, &file);
     assert!(ok, "{text}");
     assert!(text.contains("archive OK: 151 records"), "{text}");
-    // Recorded: started and ok, in the kept log.
-    let (_, out, _) = run(&["audit", "export"], &data);
+    // Recorded: started and ok, in the kept log. An export from before the anchor says
+    // where the records in between went; one from after it says nothing.
+    let (_, out, err) = run(&["audit", "export"], &data);
+    assert!(
+        err.contains("note: records 1..151 were archived")
+            && err.contains("starts after record 151"),
+        "{err}"
+    );
+    let (_, _, quiet) = run(&["audit", "export", "--after", "151"], &data);
+    assert!(!quiet.contains("archived"), "{quiet}");
     let actions: Vec<(String, String)> = out
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
@@ -379,7 +387,10 @@ fn archive_by_time_keeps_the_log_verifiable() {
     let file3 = out_dir.path().join("audit-3.jsonl");
     let (ok, out, err) = archive(&data, "5", &file3);
     assert!(ok, "{err}");
-    assert!(out.contains("nothing to archive"), "{out}");
+    assert!(
+        out.contains("nothing to archive before that bound: the log holds no record before it (it starts after record "),
+        "{out}"
+    );
     assert!(!file3.exists());
     // An existing file that is no interrupted run's is never overwritten.
     let (ok, out, err) = archive(&data, &head.to_string(), &file);

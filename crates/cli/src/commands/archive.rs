@@ -450,9 +450,12 @@ async fn archive(
 
 fn nothing_line(after: u64, removed: u64) -> String {
     let mut line = if after == 0 {
-        "nothing to archive before that bound".to_owned()
+        "nothing to archive before that bound: the log holds no record before it".to_owned()
     } else {
-        format!("nothing to archive before that bound: the log already starts after record {after}")
+        format!(
+            "nothing to archive before that bound: the log holds no record before it (it \
+             starts after record {after}; the records up to there were archived)"
+        )
     };
     if removed > 0 {
         line.push_str(&format!(

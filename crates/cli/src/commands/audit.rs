@@ -476,6 +476,20 @@ async fn export(target: &OperatorTarget, after: u64) -> Result<(), Failure> {
 
 async fn export_records(backends: &strongroom_server::Backends, after: u64) -> Result<(), Failure> {
     let log = strongroom_core::audit::audit_log(backends.store.as_ref()).map_err(op)?;
+    // A consumer resuming after a record that was archived since would otherwise miss the
+    // records between without a word.
+    if let Some(anchor) = log.audit_anchor().await.map_err(op)? {
+        if anchor.seq > after {
+            errln!(
+                "note: records {}..{} were archived (`audit archive`) and are no longer in the \
+                 store: the export starts after record {}; take the earlier ones from the \
+                 archive files",
+                after + 1,
+                anchor.seq,
+                anchor.seq
+            );
+        }
+    }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut next = after;
