@@ -150,13 +150,26 @@ impl FromRequestParts<AppState> for Service {
         let on_behalf_of = match single_header(parts, ON_BEHALF_OF)? {
             None => None,
             Some(v) => {
-                let t = v.to_str().map_err(|_| ApiError::unauthenticated())?;
+                // The service itself is authenticated by now: it is told which of its two
+                // credentials was refused (as much as a bad token's holder may learn).
+                let refused = || {
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthenticated",
+                        format!(
+                            "the user token in {ON_BEHALF_OF} was refused: malformed, expired, \
+                             not signed by a key this server trusts, or not issued for \
+                             delegation (auth.jwt.on_behalf_of_audience)"
+                        ),
+                    )
+                };
+                let t = v.to_str().map_err(|_| refused())?;
                 Some(
                     state
                         .auth()
                         .authenticate_on_behalf_of(t.trim())
                         .await
-                        .map_err(|_| ApiError::unauthenticated())?,
+                        .map_err(|_| refused())?,
                 )
             }
         };
