@@ -258,6 +258,29 @@ async fn bad_input_is_refused_before_any_write() {
     v.put(put("alice", "n", &exact)).await.unwrap();
 }
 
+/// Rewraps every version of `source` to another provider; the report, and a vault over the
+/// same store with that provider.
+async fn rewrap_to_another_provider(source: &Vault) -> (crate::RewrapReport, Vault) {
+    let to: Arc<dyn strongroom_crypto::KeyProvider> = Arc::new(FakeProvider::new("other", 1));
+    let report = crate::rewrap(
+        source.store().clone(),
+        source.keys().clone(),
+        to.clone(),
+        &crate::RewrapOptions::default(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let moved = Vault::new(
+        source.store().clone(),
+        to,
+        Arc::new(OsRandom),
+        Arc::new(SystemClock),
+        VaultConfig::default(),
+    );
+    (report, moved)
+}
+
 /// The host a version is bound to (`metadata.host`, where brokered calls may send it) is in
 /// the associated data: the same bytes under an edited host do not open, so editing the
 /// database cannot redirect a value. Rewrap keeps the binding.
@@ -299,24 +322,8 @@ async fn the_bound_host_is_part_of_the_associated_data() {
     }
 
     // A rewrap (here to another provider) re-wraps hosted versions under the same binding.
-    let to: Arc<dyn strongroom_crypto::KeyProvider> = Arc::new(FakeProvider::new("other", 1));
-    let report = crate::rewrap(
-        source.store().clone(),
-        source.keys().clone(),
-        to.clone(),
-        &crate::RewrapOptions::default(),
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
+    let (report, moved) = rewrap_to_another_provider(&source).await;
     assert_eq!((report.rewrapped, report.failed), (1, 0));
-    let moved = Vault::new(
-        source.store().clone(),
-        to,
-        Arc::new(OsRandom),
-        Arc::new(SystemClock),
-        VaultConfig::default(),
-    );
     let r = moved.reveal("alice", "zoom.api-key", None).await.unwrap();
     assert_eq!(r.value.expose_secret(), b"zoom secret");
 }
@@ -434,24 +441,8 @@ async fn the_expiry_is_part_of_the_associated_data() {
         [serde_json::json!({"expires_at": far}).to_string()],
     )
     .unwrap();
-    let to: Arc<dyn strongroom_crypto::KeyProvider> = Arc::new(FakeProvider::new("other", 1));
-    let report = crate::rewrap(
-        source.store().clone(),
-        source.keys().clone(),
-        to.clone(),
-        &crate::RewrapOptions::default(),
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
+    let (report, moved) = rewrap_to_another_provider(&source).await;
     assert_eq!((report.rewrapped, report.failed), (2, 0));
-    let moved = Vault::new(
-        source.store().clone(),
-        to,
-        Arc::new(OsRandom),
-        Arc::new(SystemClock),
-        VaultConfig::default(),
-    );
     let r = moved.reveal("alice", "bound", None).await.unwrap();
     assert_eq!(r.value.expose_secret(), b"bound secret");
     let r = moved.reveal("alice", "legacy", None).await.unwrap();
