@@ -76,8 +76,9 @@ impl Metrics {
         registry.register(
             "http_request_failures",
             "Requests that failed on the server's side (5xx), by error code: integrity_error \
-             (stored data failed its integrity check), unavailable, key_unavailable, \
-             audit_unavailable, timeout, internal",
+             (stored data failed its integrity check: alert on it); the others name what did \
+             not answer (unavailable, key_unavailable, audit_unavailable, broker_unavailable, \
+             timeout) or internal",
             failures.clone(),
         );
         let jwks = crate::jwks::JwksMetrics::default();

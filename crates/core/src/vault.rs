@@ -211,6 +211,9 @@ pub fn expiry_of(metadata: Option<&serde_json::Value>) -> Result<Option<OffsetDa
     let bad = || EXPIRY_FORM.to_owned();
     match metadata.and_then(|m| m.get(EXPIRES_AT_KEY)) {
         None | Some(serde_json::Value::Null) => Ok(None),
+        // RFC 3339 allows any number of fraction digits; a time needs no more than these
+        // (and what is bound into the associated data stays small).
+        Some(serde_json::Value::String(s)) if s.len() > 64 => Err(bad()),
         Some(serde_json::Value::String(s)) => {
             OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map(Some)

@@ -176,7 +176,9 @@ impl Backends {
         {
             let keyring = config.keyring_path();
             let database = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
-            if !keyring.exists() && !database.exists() {
+            // Both known to be absent (`exists` would say "no" for a folder it may not read).
+            let absent = |p: &std::path::Path| matches!(p.try_exists(), Ok(false));
+            if absent(&keyring) && absent(&database) {
                 return Err(ServerError::Config(format!(
                     "no keyring at {} and no database at {}: is the data directory right \
                      (--data-dir, or data_dir in the configuration)? For a new one, \

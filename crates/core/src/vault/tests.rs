@@ -812,6 +812,8 @@ fn expiries_are_rfc_3339_times() {
     for bad in [
         serde_json::json!("2027-01-31"),
         serde_json::json!("soon"),
+        // A valid time, but with 5000 fraction digits.
+        serde_json::json!(format!("2027-01-31T00:00:00.{}Z", "0".repeat(5000))),
         serde_json::json!(1_800_000_000),
     ] {
         let e = expiry_of(Some(&serde_json::json!({ "expires_at": bad }))).unwrap_err();
