@@ -128,7 +128,7 @@ async fn rewrap_one(
     store: &dyn Store,
     from: &dyn KeyProvider,
     to: &dyn KeyProvider,
-    mut item: RewrapItem,
+    item: RewrapItem,
     dry_run: bool,
 ) -> Result<Outcome, CoreError> {
     let failed = |item: &RewrapItem| {
@@ -145,7 +145,7 @@ async fn rewrap_one(
         alg: Algorithm::Aes256Gcm,
         wrapped_key: WrappedKey {
             kek: to_crypto_kek(&item.kek),
-            bytes: std::mem::take(&mut item.wrapped_key),
+            bytes: item.wrapped_key.clone(),
         },
         nonce: [0; 12],
         ciphertext: Vec::new(),
@@ -184,6 +184,7 @@ async fn rewrap_one(
             &item.name,
             item.version,
             &item.kek,
+            &item.wrapped_key,
             new.wrapped_key.bytes,
             &to_store_kek(&new.wrapped_key.kek),
         )

@@ -364,15 +364,19 @@ pub trait Store: Send + Sync + Debug {
     ) -> Result<Page<RewrapItem>, StoreError>;
 
     /// Compare-and-swap of a version's wrapped key: replaces it with `new_wrapped_key`
-    /// (wrapped by `new_kek`) only if the version is still active and still wrapped by
-    /// `expected_old_kek`. Returns `false`, changing nothing, if it changed meanwhile (or was
-    /// destroyed, or does not exist).
+    /// (wrapped by `new_kek`) only if the version is still active and still holds
+    /// `expected_old_key` wrapped by `expected_old_kek`, the key the caller unwrapped. Returns
+    /// `false`, changing nothing, if it changed meanwhile (or was destroyed, or does not
+    /// exist). The old key's bytes pin the row: a credential destroyed and made again under
+    /// the same name can hold the same version number under the same KEK.
+    #[allow(clippy::too_many_arguments)]
     async fn replace_wrapped_key(
         &self,
         owner: &str,
         name: &str,
         version: u32,
         expected_old_kek: &KekRef,
+        expected_old_key: &[u8],
         new_wrapped_key: Vec<u8>,
         new_kek: &KekRef,
     ) -> Result<bool, StoreError>;

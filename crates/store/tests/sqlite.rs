@@ -772,7 +772,7 @@ async fn the_reveal_cache_follows_every_write_of_this_process() {
     let old = KekRef::new("local", "k1", 1);
     let new = KekRef::new("local", "k1", 2);
     assert!(s
-        .replace_wrapped_key("alice", "k", 1, &old, vec![9; 40], &new)
+        .replace_wrapped_key("alice", "k", 1, &old, &[1; 40], vec![9; 40], &new)
         .await
         .unwrap());
     let rewrapped = get(None).await.unwrap();
@@ -834,7 +834,7 @@ async fn a_read_from_memory_is_confirmed_against_other_processes_writes() {
     let (mark, served, _) = marked_read(&server, None).await;
     let (old, new) = (KekRef::new("local", "k1", 1), KekRef::new("local", "k1", 2));
     assert!(operator
-        .replace_wrapped_key("alice", "k", 1, &old, vec![7; 40], &new)
+        .replace_wrapped_key("alice", "k", 1, &old, &[1; 40], vec![7; 40], &new)
         .await
         .unwrap());
     server.confirm_unchanged(mark, &served).await.unwrap();

@@ -1548,6 +1548,7 @@ impl Store for PostgresStore {
         name: &str,
         version: u32,
         expected_old_kek: &KekRef,
+        expected_old_key: &[u8],
         new_wrapped_key: Vec<u8>,
         new_kek: &KekRef,
     ) -> Result<bool, StoreError> {
@@ -1565,7 +1566,8 @@ impl Store for PostgresStore {
                  WHERE credential_id = (SELECT id FROM credentials
                                         WHERE owner = $5 AND name = $6 AND NOT deleted)
                    AND version = $7 AND state = 0
-                   AND kek_provider = $8 AND kek_key_id = $9 AND kek_version = $10",
+                   AND kek_provider = $8 AND kek_key_id = $9 AND kek_version = $10
+                   AND wrapped_key = $11",
             )
             .await
             .map_err(pg_err)?;
@@ -1583,6 +1585,7 @@ impl Store for PostgresStore {
                     &expected_old_kek.provider,
                     &expected_old_kek.key_id,
                     &i64::from(expected_old_kek.version),
+                    &expected_old_key,
                 ],
             )
             .await

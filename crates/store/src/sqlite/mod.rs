@@ -1769,6 +1769,7 @@ impl Store for SqliteStore {
         name: &str,
         version: u32,
         expected_old_kek: &KekRef,
+        expected_old_key: &[u8],
         new_wrapped_key: Vec<u8>,
         new_kek: &KekRef,
     ) -> Result<bool, StoreError> {
@@ -1780,6 +1781,7 @@ impl Store for SqliteStore {
         }
         let (owner, name) = (owner.to_owned(), name.to_owned());
         let (old, new) = (expected_old_kek.clone(), new_kek.clone());
+        let old_key = expected_old_key.to_vec();
         self.write(changed(&owner, &name), move |conn| {
             let n = conn
                 .prepare_cached(
@@ -1788,7 +1790,8 @@ impl Store for SqliteStore {
                      WHERE credential_id = (SELECT id FROM credentials
                                             WHERE owner = ?5 AND name = ?6 AND deleted = 0)
                        AND version = ?7 AND state = 0
-                       AND kek_provider = ?8 AND kek_key_id = ?9 AND kek_version = ?10",
+                       AND kek_provider = ?8 AND kek_key_id = ?9 AND kek_version = ?10
+                       AND wrapped_key = ?11",
                 )
                 .map_err(db_err)?
                 .execute(params![
@@ -1801,7 +1804,8 @@ impl Store for SqliteStore {
                     version,
                     old.provider,
                     old.key_id,
-                    old.version
+                    old.version,
+                    old_key
                 ])
                 .map_err(db_err)?;
             Ok(n == 1)

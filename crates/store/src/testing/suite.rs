@@ -765,6 +765,20 @@ pub async fn rewrap_iteration_and_compare_and_swap(b: &dyn TestBackend) {
                 &item.name,
                 item.version,
                 &item.kek,
+                &[7; 48],
+                vec![2],
+                &a2,
+            )
+            .await
+            .unwrap();
+        assert!(!ok, "swapped a key the version does not hold");
+        let ok = s
+            .replace_wrapped_key(
+                &item.owner,
+                &item.name,
+                item.version,
+                &item.kek,
+                &item.wrapped_key,
                 new_wrapped,
                 &a2,
             )
@@ -778,6 +792,7 @@ pub async fn rewrap_iteration_and_compare_and_swap(b: &dyn TestBackend) {
                 &item.name,
                 item.version,
                 &item.kek,
+                &item.wrapped_key,
                 vec![1],
                 &a2,
             )
@@ -803,11 +818,11 @@ pub async fn rewrap_iteration_and_compare_and_swap(b: &dyn TestBackend) {
     let (o, n) = all.iter().next().unwrap();
     s.destroy_version(o, n, 1, t0()).await.unwrap();
     assert!(!s
-        .replace_wrapped_key(o, n, 1, &a2, vec![1], &a1)
+        .replace_wrapped_key(o, n, 1, &a2, &[], vec![1], &a1)
         .await
         .unwrap());
     assert!(!s
-        .replace_wrapped_key("ghost", "n", 1, &a2, vec![1], &a1)
+        .replace_wrapped_key("ghost", "n", 1, &a2, &[], vec![1], &a1)
         .await
         .unwrap());
     assert_eq!(
@@ -1053,7 +1068,7 @@ pub async fn missing_credentials_are_not_found(b: &dyn TestBackend) {
         assert_not_found(s.touch_last_used(owner, "n", t0()).await);
         assert_eq!(s.latest_version(owner, "n").await.unwrap(), 0);
         assert!(!s
-            .replace_wrapped_key(owner, "n", 1, &kek(1), vec![1], &kek(2))
+            .replace_wrapped_key(owner, "n", 1, &kek(1), &[], vec![1], &kek(2))
             .await
             .unwrap());
     }
