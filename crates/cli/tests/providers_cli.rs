@@ -411,6 +411,8 @@ fn operator_commands_never_make_a_store_or_a_ring() {
         &["keys", "list"][..],
         &["keys", "rotate"],
         &["audit", "verify"],
+        &["rewrap"],
+        &["rewrap", "--dry-run"],
     ] {
         for cfg in [&cfg, &strict_cfg] {
             let out = with_cfg(args, cfg);
@@ -442,6 +444,8 @@ fn operator_commands_never_make_a_store_or_a_ring() {
         &["keys", "list"][..],
         &["keys", "rotate"],
         &["audit", "verify"],
+        &["rewrap"],
+        &["rewrap", "--dry-run"],
     ] {
         let out = with_cfg(args, &cfg);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -449,6 +453,20 @@ fn operator_commands_never_make_a_store_or_a_ring() {
         assert!(err.contains("no KEK ring yet"), "{args:?}: {err}");
         assert_eq!(ring_versions(), 0, "{args:?} made a ring");
     }
+    // A dry run of a move to the ring makes no ring for the target either (the real run
+    // does).
+    let out = run(
+        &["rewrap", "--dry-run", "--to-config"],
+        &[
+            cfg.as_os_str(),
+            std::ffi::OsStr::new("--config"),
+            strict_cfg.as_os_str(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no KEK ring yet"), "{err}");
+    assert_eq!(ring_versions(), 0, "a dry run made a ring");
 
     let out = stdout_ok(&["keys", "generate"], &cfg);
     assert!(
@@ -458,6 +476,32 @@ fn operator_commands_never_make_a_store_or_a_ring() {
     assert_eq!(ring_versions(), 1);
     let out = stdout_ok(&["keys", "list"], &cfg);
     assert!(out.contains("kek:strongroom"), "{out}");
+
+    // A dry run of a move of the ring to another root moves nothing: the ring still opens
+    // under its root, not under the other.
+    let other_key = unique("other-root");
+    bao(&["write", "-f", &format!("transit/keys/{other_key}")]);
+    let other_cfg = write_cfg("other.toml", &transit_section(&other_key));
+    let out = run(
+        &["rewrap", "--dry-run", "--to-config"],
+        &[
+            other_cfg.as_os_str(),
+            std::ffi::OsStr::new("--config"),
+            cfg.as_os_str(),
+        ],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("dry run: the KEK ring would move to key provider 'transit'"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("would rewrap 0"), "{stdout}");
+    assert!(with_cfg(&["keys", "list"], &cfg).status.success());
+    assert!(!with_cfg(&["keys", "list"], &other_cfg).status.success());
 }
 
 fn kms_section(key_id: &str) -> String {

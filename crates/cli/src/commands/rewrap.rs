@@ -92,6 +92,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
                 data_dir: None,
                 keyring: None,
             };
+            let mut ring_stays = false;
             if let Some(ring) = &backends.hierarchy {
                 // Both sides keep a KEK ring: move the ring itself to the new provider first
                 // (a handful of KEKs); data keys under the ring's KEKs then need no change.
@@ -100,26 +101,49 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
                     && target.keys.provider != KeyProviderKind::Local
                 {
                     let (new_root, _) = strongroom_server::open_key_provider(&target).await?;
-                    let moving = strongroom_core::rewrap::Moving {
-                        from: ring.root().clone(),
-                        to: new_root,
-                    };
-                    let moved =
-                        strongroom_core::hierarchy::rewrap_ring(backends.store.as_ref(), &moving)
-                            .await
-                            .map_err(strongroom_server::ServerError::from)?;
-                    if moved > 0 {
+                    if args.dry_run {
+                        // Nothing moves: servers still configured for the old root would
+                        // lose their KEKs. Reaching the new root is what it checks.
                         errln!(
-                            "rewrap: the KEK ring moved to key provider '{}' ({moved} KEK versions re-wrapped)",
+                            "rewrap: dry run: the KEK ring would move to key provider '{}' \
+                             first (nothing moved)",
                             target.keys.provider.as_str()
                         );
+                        ring_stays = true;
+                    } else {
+                        let moving = strongroom_core::rewrap::Moving {
+                            from: ring.root().clone(),
+                            to: new_root,
+                        };
+                        let moved = strongroom_core::hierarchy::rewrap_ring(
+                            backends.store.as_ref(),
+                            &moving,
+                        )
+                        .await
+                        .map_err(strongroom_server::ServerError::from)?;
+                        if moved > 0 {
+                            errln!(
+                                "rewrap: the KEK ring moved to key provider '{}' ({moved} KEK versions re-wrapped)",
+                                target.keys.provider.as_str()
+                            );
+                        }
                     }
                 }
             }
-            let other = other.open().await?;
-            let keys: Arc<dyn KeyProvider> = other.keyring.clone();
-            other.close().await;
-            keys
+            if ring_stays {
+                // Once moved, the ring holds the same KEKs: data keys are counted against it.
+                from.clone()
+            } else {
+                // A dry run makes nothing for the target either (no tables, no ring).
+                let other = if args.dry_run {
+                    other.open_existing().await?
+                } else {
+                    other.open().await?
+                };
+                let keys: Arc<dyn KeyProvider> = other.keyring.clone();
+                other.close().await;
+                keys
+            }
         }
     };
     let options = RewrapOptions {
