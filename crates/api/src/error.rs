@@ -222,9 +222,10 @@ pub(crate) fn failure_code<B>(response: &Response<B>) -> Option<&'static str> {
 }
 
 /// Logs the internal cause of a failed request (a 5xx), at most one line per error code per
-/// [`ERROR_LINE_EVERY`] (the metric counts every one), with the request's id (`x-request-id`): an operator finds the request's audit
-/// record by it, and there its owner, credential and version (an integrity error names no
-/// row of its own). Runs around the router, once the response carries the id.
+/// [`ERROR_LINE_EVERY`] (the metric counts every one), with the request's id
+/// (`x-request-id`): an operator finds the request's audit record by it, and there its
+/// owner, credential and version (an integrity error names no row of its own). Runs around
+/// the router, once the response carries the id.
 pub(crate) fn log_failure<B>(mut response: Response<B>) -> Response<B> {
     if let Some(failure) = response.extensions_mut().remove::<FailureCause>() {
         if let Some(similar) = admit_error_line(failure.code) {

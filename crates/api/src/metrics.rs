@@ -71,7 +71,7 @@ impl Metrics {
             "HTTP request latency by route template",
             latency.clone(),
         );
-        // Every failure counted, where the log has a line for the first of a second only.
+        // Every failure counted, where the log has a line for the first of each code in 10 s.
         let failures = Family::<CodeLabels, Counter>::default();
         registry.register(
             "http_request_failures",

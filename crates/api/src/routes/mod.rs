@@ -285,8 +285,8 @@ pub(crate) fn router(state: AppState) -> Router {
             crate::error::log_failure,
         ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        // No failure line of its own: a 5xx is logged once, with its cause, where it is
-        // made (`ApiError`), not three times per request through an outage.
+        // No failure line of its own: a 5xx is logged once, with its cause and request id,
+        // by `log_failure` above, not three times per request through an outage.
         .layer(TraceLayer::new_for_http().on_failure(()))
         .layer(DefaultBodyLimit::max(body_limit))
         .service(routes.with_state(state));
