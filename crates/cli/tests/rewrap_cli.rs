@@ -670,6 +670,10 @@ fn rewrap_refuses_a_data_dir_without_a_store_and_makes_none() {
     assert!(!data.exists());
 
     run_ok(&["keys", "generate"], &dd);
+    // A move to a configuration that does not load makes nothing either.
+    let missing = tmp.path().join("no-such.toml");
+    let e = run_err(&["rewrap", "--to-config", missing.to_str().unwrap()], &dd);
+    assert!(e.contains("no-such.toml"), "{e}");
     for args in [&["rewrap", "--dry-run"][..], &["rewrap"]] {
         let e = run_err(args, &dd);
         assert!(e.contains("strongroom.db"), "{args:?}: {e}");
@@ -678,4 +682,24 @@ fn rewrap_refuses_a_data_dir_without_a_store_and_makes_none() {
             "{args:?} made a store"
         );
     }
+
+    // An empty database file (a copy or restore cut short) is no store: refused, by `keys
+    // retire` above all, which would otherwise find nothing using the key and erase it.
+    let keyring = || std::fs::read_to_string(data.join("keyring.json")).unwrap();
+    let before = keyring();
+    std::fs::write(data.join("strongroom.db"), b"").unwrap();
+    for args in [
+        &["rewrap"][..],
+        &["keys", "rotate"],
+        &["keys", "retire", "1"],
+        &["audit", "verify"],
+    ] {
+        let e = run_err(args, &dd);
+        assert!(e.contains("is empty (0 bytes)"), "{args:?}: {e}");
+    }
+    assert_eq!(
+        std::fs::metadata(data.join("strongroom.db")).unwrap().len(),
+        0
+    );
+    assert_eq!(keyring(), before, "the keyring changed");
 }

@@ -199,8 +199,8 @@ pub(crate) fn check_version(version: u32) -> Result<(), CoreError> {
 pub const EXPIRES_AT_KEY: &str = "expires_at";
 
 /// What a bad expiry is told (never quoting the caller's text).
-const EXPIRY_FORM: &str =
-    "metadata.expires_at must be an RFC 3339 time such as \"2027-01-31T00:00:00Z\"";
+const EXPIRY_FORM: &str = "metadata.expires_at must be an RFC 3339 time of at most 64 bytes \
+     such as \"2027-01-31T00:00:00Z\"";
 
 /// A new version's expiry (`metadata.expires_at`), when it has one.
 ///

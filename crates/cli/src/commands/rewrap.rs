@@ -78,6 +78,15 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
     // Only a move to another provider may come before the server's first start (and make
     // the store); otherwise a data dir without a store is a mistyped one, and a dry run
     // changes nothing.
+    // A target configuration that does not load is said before anything is opened or made.
+    if let Some(file) = &args.to_config {
+        OperatorTarget {
+            config: Some(file.clone()),
+            data_dir: None,
+            keyring: None,
+        }
+        .load()?;
+    }
     let backends = if args.to_config.is_some() && !args.dry_run {
         args.target.open().await?
     } else {

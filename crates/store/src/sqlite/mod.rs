@@ -318,6 +318,15 @@ impl SqliteStore {
                  server makes it on its first start)",
                 path.display()
             )));
+        } else if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            // SQLite takes an empty file for an empty database: an operator command would
+            // then answer "nothing uses this key" (and retire it) over a restore that did
+            // not finish.
+            return Err(StoreError::unavailable(format!(
+                "the database file {} is empty (0 bytes): no Strongroom store (a copy or restore \
+                 that did not finish?); this command works on an existing store",
+                path.display()
+            )));
         }
         let conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
         restrict_file_mode(&path)?;
