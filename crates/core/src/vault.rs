@@ -749,21 +749,22 @@ impl Vault {
         version.map(check_version).transpose()?;
         let mark = self.store.read_mark();
         let row = self.store.get_version(owner, name, version).await?;
-        // Refused before it is decrypted. A disabled credential is refused as such by the
+        // Refused without being decrypted. A disabled credential is refused as such by the
         // caller; a version stored before expiries were checked may hold another text
         // under the key, which is no expiry.
-        if purpose == Open::ToUse && row.credential_enabled {
-            if let Ok(Some(at)) = expiry_of(Some(&row.metadata)) {
-                if at <= self.clock.now() {
-                    return Err(CoreError::VersionExpired {
-                        version: row.version,
-                        expired_at: at
-                            .format(&time::format_description::well_known::Rfc3339)
-                            .unwrap_or_default(),
-                    });
-                }
+        let expired = match expiry_of(Some(&row.metadata)) {
+            Ok(Some(at))
+                if purpose == Open::ToUse && row.credential_enabled && at <= self.clock.now() =>
+            {
+                Some(CoreError::VersionExpired {
+                    version: row.version,
+                    expired_at: at
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                })
             }
-        }
+            _ => None,
+        };
         let read = ReadCheck {
             mark,
             served: row.served(version),
@@ -774,6 +775,16 @@ impl Vault {
         };
         let sealed = Sealed::from_parts(&row.sealed_value, wrapped)?;
         let keys = self.keys.as_ref();
+        if let Some(expired) = expired {
+            // Only its data key is unwrapped, which authenticates the expiry: one moved
+            // earlier in the database is tampering (an integrity error), not an expiry.
+            open_bound(owner, name, row.version, &row.metadata, |binding| {
+                let sealed = &sealed;
+                async move { envelope::check_binding(keys, &binding, sealed).await }
+            })
+            .await?;
+            return Err(expired);
+        }
         let value = open_bound(owner, name, row.version, &row.metadata, |binding| {
             let sealed = &sealed;
             async move { envelope::open(keys, &binding, sealed).await }

@@ -312,6 +312,22 @@ pub async fn open(
     Ok(SecretBytes::new(std::mem::take(&mut *buffer)))
 }
 
+/// Checks that `sealed`'s data key unwraps for exactly `binding`, and decrypts nothing. The
+/// key layer's associated data carries every bound field, so this authenticates them: a
+/// value that must not be used (past its expiry) is told apart from a tampered one without
+/// being opened.
+///
+/// # Errors
+///
+/// As [`open`] for the unwrap.
+pub async fn check_binding(
+    provider: &dyn KeyProvider,
+    binding: &Binding,
+    sealed: &Sealed,
+) -> Result<(), EnvelopeError> {
+    unwrap_data_key(provider, binding, sealed).await.map(drop)
+}
+
 async fn unwrap_data_key(
     provider: &dyn KeyProvider,
     binding: &Binding,

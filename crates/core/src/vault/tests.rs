@@ -386,6 +386,8 @@ async fn the_expiry_is_part_of_the_associated_data() {
     assert_eq!(opened(r).unwrap(), b"bound secret");
     for edited in [
         serde_json::json!({"expires_at": "2100-01-01T00:00:00Z", "label": "work"}),
+        // Moved into the past: tampering too, not an expiry.
+        serde_json::json!({"expires_at": "2000-01-01T00:00:00Z", "label": "work"}),
         serde_json::json!({"expires_at": "2099-01-01T00:00:00+00:00", "label": "work"}),
         serde_json::json!({"label": "work"}),
         serde_json::json!({"expires_at": null, "label": "work"}),
