@@ -473,9 +473,9 @@ fn notes_stderr_cannot_take_do_not_change_the_outcome() {
     );
 }
 
-/// A keyring generated beside a store made with another one (its own lost, or a mistyped
-/// path): `keys generate` notes it, and what opens the store then says the keyring is not
-/// the store's, not only that a key is "not held".
+/// A store whose keyring is gone: commands say to put that keyring back; one generated
+/// anew beside it is noted by `keys generate`, and what opens the store then says the
+/// keyring is not the store's, not only that a key is "not held".
 #[test]
 fn a_new_keyring_beside_an_existing_store_is_called_out() {
     let tmp = tempfile::tempdir().unwrap();
@@ -496,11 +496,23 @@ fn a_new_keyring_beside_an_existing_store_is_called_out() {
     make_store(&data);
     std::fs::remove_file(data.join("keyring.json")).unwrap();
 
+    // Before a new one is made, commands say the store needs its own keyring back (not
+    // "create one").
+    for args in [&["audit", "verify"][..], &["rewrap"], &["keys", "rotate"]] {
+        let out = run(args);
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains("it needs the keyring it was made with") && !err.contains("create one"),
+            "{args:?}: {err}"
+        );
+    }
+
     let out = run(&["keys", "generate"]);
     assert!(out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
-        err.contains("note: a store already exists at") && err.contains("put that one back"),
+        err.contains("note: a store already exists at") && err.contains("put it back instead"),
         "{err}"
     );
     let out = run(&["audit", "verify"]);

@@ -178,6 +178,15 @@ impl Backends {
             let database = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
             // Both known to be absent (`exists` would say "no" for a folder it may not read).
             let absent = |p: &std::path::Path| matches!(p.try_exists(), Ok(false));
+            if absent(&keyring) && database.exists() {
+                return Err(ServerError::Config(format!(
+                    "no keyring at {}, but a store at {}: it needs the keyring it was made with \
+                     (put that file back, from a backup if it was lost); a new keyring would \
+                     open nothing it holds",
+                    keyring.display(),
+                    database.display()
+                )));
+            }
             if absent(&keyring) && absent(&database) {
                 return Err(ServerError::Config(format!(
                     "no keyring at {} and no database at {}: is the data directory right \

@@ -75,8 +75,7 @@ impl KeyringLocation {
 
     /// After `keys generate`: a SQLite store already there was made with other keys, which
     /// this new keyring is not, so it opens nothing the store holds (a server over both
-    /// fails at its audit log). Most often the store's keyring was lost or mistyped; a move
-    /// to this keyring is `rewrap --to-config`.
+    /// fails at its audit log). Most often the store's keyring was lost or mistyped.
     fn note_a_store_made_with_other_keys(&self) {
         if self.config.is_none() && self.data_dir.is_none() && self.keyring.is_some() {
             return;
@@ -87,10 +86,9 @@ impl KeyringLocation {
         let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
         if config.store.kind == strongroom_server::config::StoreKind::Sqlite && db.exists() {
             errln!(
-                "note: a store already exists at {}: what it holds is sealed under the keys it \
-                 was made with, which this new keyring does not hold. If its keyring was lost \
-                 or is elsewhere, put that one back instead; to move the store to this one, use \
-                 `strongroom rewrap --to-config`",
+                "note: a store already exists at {}: what it holds is sealed under the keyring \
+                 it was made with, which this new one is not, so it opens nothing there. If that \
+                 keyring was lost or is elsewhere, put it back instead of this one",
                 db.display()
             );
         }
