@@ -185,6 +185,42 @@ fn bad_tokens_certificates_and_input_are_one_clear_line() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401"), "{err}");
+    assert!(!err.contains("request id"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // A server-side failure (a sealed value damaged in the database) names the request, by
+    // which the server's log line and audit record are found.
+    ok(client(&data, addr, &server.export("ALICE"))
+        .args(["credential", "put", "damaged"])
+        .write_stdin(VALUE));
+    let db = rusqlite::Connection::open(data.join("strongroom.db")).unwrap();
+    let sealed: Vec<u8> = db
+        .query_row(
+            "SELECT sealed_value FROM versions WHERE credential_id = \
+             (SELECT id FROM credentials WHERE name = 'damaged')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let mut flipped = sealed.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    db.execute(
+        "UPDATE versions SET sealed_value = ?1 WHERE sealed_value = ?2",
+        [&flipped, &sealed],
+    )
+    .unwrap();
+    drop(db);
+    let out = client(&data, addr, &server.export("SERVICE"))
+        .args(["credential", "reveal", "alice", "damaged"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("500 integrity_error") && err.contains("(request id "),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 
     // Without the dev CA the server's certificate is not trusted.

@@ -349,6 +349,16 @@ impl Client {
             CliError::Operation(msg)
         })?;
         let status = resp.status();
+        // A server-side failure is found in the server's log and audit by this id; only the
+        // server's own form (hex) is echoed.
+        let request_id = resp
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| {
+                !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .map(str::to_owned);
         // Whole seconds only (the server's form); anything else is not echoed.
         let retry_after = resp
             .headers()
@@ -370,6 +380,11 @@ impl Client {
         let code = json["error"]["code"].as_str().unwrap_or("error");
         let message = json["error"]["message"].as_str().unwrap_or("");
         let mut line = format!("{} {code}: {message}", status.as_u16());
+        if let (true, Some(id)) = (status.is_server_error(), &request_id) {
+            line.push_str(&format!(
+                " (request id {id}: the server's log and audit name it)"
+            ));
+        }
         // 429 (too many `verify` calls) and 503 say when to try again.
         if let Some(wait) = retry_after {
             line.push_str(&format!(
