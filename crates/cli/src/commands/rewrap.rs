@@ -75,41 +75,39 @@ pub fn run(args: RewrapArgs) -> Result<(), Failure> {
 }
 
 async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
+    // Loaded once, first: a target that does not load is said before anything is opened or
+    // made (and its environment warnings are said once).
+    let target = match &args.to_config {
+        None => None,
+        Some(file) => Some(
+            OperatorTarget {
+                config: Some(file.clone()),
+                data_dir: None,
+                keyring: None,
+            }
+            .load()?,
+        ),
+    };
     // Only a move to another provider may come before the server's first start (and make
     // the store); otherwise a data dir without a store is a mistyped one, and a dry run
     // changes nothing.
-    // A target configuration that does not load is said before anything is opened or made.
-    if let Some(file) = &args.to_config {
-        OperatorTarget {
-            config: Some(file.clone()),
-            data_dir: None,
-            keyring: None,
-        }
-        .load()?;
-    }
-    let backends = if args.to_config.is_some() && !args.dry_run {
+    let backends = if target.is_some() && !args.dry_run {
         args.target.open().await?
     } else {
         args.target.open_existing().await?
     };
     let from: Arc<dyn KeyProvider> = backends.keyring.clone();
-    let to: Arc<dyn KeyProvider> = match &args.to_config {
+    let to: Arc<dyn KeyProvider> = match &target {
         None => from.clone(),
-        Some(file) => {
-            let other = OperatorTarget {
-                config: Some(file.clone()),
-                data_dir: None,
-                keyring: None,
-            };
+        Some(target) => {
             let mut ring_stays = false;
             if let Some(ring) = &backends.hierarchy {
                 // Both sides keep a KEK ring: move the ring itself to the new provider first
                 // (a handful of KEKs); data keys under the ring's KEKs then need no change.
-                let target = other.load()?;
                 if target.keys.mode == KeyMode::Hierarchy
                     && target.keys.provider != KeyProviderKind::Local
                 {
-                    let (new_root, _) = strongroom_server::open_key_provider(&target).await?;
+                    let (new_root, _) = strongroom_server::open_key_provider(target).await?;
                     if args.dry_run {
                         // Nothing moves: servers still configured for the old root would
                         // lose their KEKs. Reaching the new root is what it checks.
@@ -145,9 +143,9 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
             } else {
                 // A dry run makes nothing for the target either (no tables, no ring).
                 let other = if args.dry_run {
-                    other.open_existing().await?
+                    strongroom_server::Backends::open_existing(target).await?
                 } else {
-                    other.open().await?
+                    strongroom_server::Backends::open(target).await?
                 };
                 let keys: Arc<dyn KeyProvider> = other.keyring.clone();
                 other.close().await;
