@@ -159,7 +159,7 @@ impl From<CoreError> for ApiError {
             CoreError::AuditIntegrity(cause) => {
                 Self::internal(S::SERVICE_UNAVAILABLE, "audit_unavailable", cause)
             }
-            CoreError::Integrity => Self::internal(
+            CoreError::Integrity { .. } => Self::internal(
                 S::INTERNAL_SERVER_ERROR,
                 "integrity_error",
                 "stored data failed its integrity check",

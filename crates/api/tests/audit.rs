@@ -1123,12 +1123,19 @@ async fn an_integrity_error_is_logged_with_the_request_id() {
             .find(|i| i["request_id"] == rid.as_str())
     })
     .await;
+    // The current version, though the request named none.
     assert_eq!(
-        (&record["owner"], &record["name"], &record["error_code"]),
+        (
+            &record["owner"],
+            &record["name"],
+            &record["error_code"],
+            &record["version"]
+        ),
         (
             &json!("alice"),
             &json!("zoom.api-key"),
-            &json!("integrity_error")
+            &json!("integrity_error"),
+            &json!(1)
         )
     );
     let named_rid = named.headers["x-request-id"].to_str().unwrap().to_owned();

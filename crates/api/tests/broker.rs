@@ -539,6 +539,11 @@ async fn redirects_come_back_unfollowed_and_bad_upstreams_are_gateway_errors() {
     let r = broker(&api, bearer(&format!("https://localhost:{port}/"))).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
     assert_eq!(code(&r), "upstream_unreachable");
+    // Which step failed, without the socket's own words.
+    assert_eq!(
+        r.json()["error"]["message"],
+        "the upstream did not accept a connection"
+    );
     assert_no_value(&r.body);
 }
 
@@ -552,7 +557,68 @@ async fn an_untrusted_upstream_certificate_is_refused() {
     store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
     let r = broker(&api, bearer(&up.url("/echo"))).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the upstream failed TLS"),
+        "{}",
+        r.body
+    );
     assert_eq!(up.hits(), 0);
+}
+
+/// A version whose metadata no longer reads (the database edited by hand) is an integrity
+/// error to the broker, recorded with its version: not a version without a bound host (a
+/// 403 that would blame its owner). Its owner's listing still answers and points at it.
+#[tokio::test]
+async fn a_version_whose_metadata_does_not_read_is_an_integrity_error() {
+    let (api, up) = setup().await;
+    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+    raw.execute("UPDATE versions SET metadata = '{\"host\": '", [])
+        .unwrap();
+    drop(raw);
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, "integrity_error"),
+        "{}",
+        r.body
+    );
+    assert_eq!(up.hits(), 0);
+    let records = broker_records(&api, "zoom.api-key", 1).await;
+    assert_eq!(
+        (&records[0]["error_code"], &records[0]["version"]),
+        (&json!("integrity_error"), &json!(1))
+    );
+    let alice = user_token("alice");
+    let list = api
+        .call("GET", "/v1/me/credentials", Some(&alice), None)
+        .await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
+    let item = &list.json()["items"][0];
+    assert_eq!(
+        (&item["metadata_unreadable"], &item["metadata"]),
+        (&json!(true), &Value::Null)
+    );
+    let detail = api
+        .call("GET", "/v1/me/credentials/zoom.api-key", Some(&alice), None)
+        .await;
+    assert_eq!(detail.status, StatusCode::OK, "{}", detail.body);
+    assert_eq!(detail.json()["versions"][0]["metadata_unreadable"], true);
+    // Its owner destroys it, and puts a new one.
+    let r = api
+        .call(
+            "DELETE",
+            "/v1/me/credentials/zoom.api-key/versions/1",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    store(&api, "zoom.api-key", json!({"host": "localhost:*"})).await;
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
 
 #[tokio::test]
@@ -853,6 +919,55 @@ async fn an_expired_version_is_neither_revealed_nor_brokered() {
         )
         .await;
     assert_eq!(verify.json()["matches"], true, "{}", verify.body);
+    // Its owner sees it as expired, in the listing and among the versions.
+    let expiries = || async {
+        let list = api
+            .call("GET", "/v1/me/credentials", Some(&alice), None)
+            .await
+            .json();
+        let detail = api
+            .call("GET", "/v1/me/credentials/zoom.api-key", Some(&alice), None)
+            .await
+            .json();
+        let versions: Vec<Value> = detail["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| json!([v["version"], v["expired"]]))
+            .collect();
+        (list["items"][0]["expired"].clone(), versions)
+    };
+    assert_eq!(
+        expiries().await,
+        (json!(true), vec![json!([2, true]), json!([1, false])])
+    );
+    // The refused reveal and broker call name the expired version, though neither asked
+    // for one.
+    let records = broker_records(&api, "zoom.api-key", 1).await;
+    assert_eq!(
+        (&records[0]["error_code"], &records[0]["version"]),
+        (&json!("version_expired"), &json!(2))
+    );
+    let reveal_record = eventually("the refused reveal's record", || async {
+        api.call(
+            "GET",
+            "/v1/audit?name=zoom.api-key&limit=20",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["action"] == "reveal")
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        (&reveal_record["error_code"], &reveal_record["version"]),
+        (&json!("version_expired"), &json!(2))
+    );
     // The version before it has no expiry: named, it is still used.
     let mut req = bearer(&up.url("/echo"));
     req["version"] = json!(1);
@@ -865,6 +980,13 @@ async fn an_expired_version_is_neither_revealed_nor_brokered() {
     assert_eq!(
         (r.status, r.json()["version"].clone()),
         (StatusCode::OK, json!(3))
+    );
+    assert_eq!(
+        expiries().await,
+        (
+            json!(false),
+            vec![json!([3, false]), json!([2, true]), json!([1, false])]
+        )
     );
 }
 

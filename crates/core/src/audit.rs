@@ -63,7 +63,8 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> CoreError {
 }
 
 async fn unwrap_head_key(keys: &dyn KeyProvider, stored: &[u8]) -> Result<HeadKey, CoreError> {
-    let s: StoredHeadKey = serde_json::from_slice(stored).map_err(|_| CoreError::Integrity)?;
+    let s: StoredHeadKey =
+        serde_json::from_slice(stored).map_err(|_| CoreError::Integrity { version: None })?;
     let wrapped = WrappedKey {
         kek: KekRef {
             provider: s.provider,
@@ -601,7 +602,8 @@ pub async fn rewrap_head_key(store: &dyn Store, keys: &dyn KeyProvider) -> Resul
     else {
         return Ok(false);
     };
-    let s: StoredHeadKey = serde_json::from_slice(&stored).map_err(|_| CoreError::Integrity)?;
+    let s: StoredHeadKey =
+        serde_json::from_slice(&stored).map_err(|_| CoreError::Integrity { version: None })?;
     let active = keys
         .active_kek()
         .map_err(|e| unavailable("head key wrap", e))?;

@@ -104,9 +104,15 @@ pub enum BrokerError {
     /// The credential could not be used (not found, disabled, destroyed, unavailable).
     #[error(transparent)]
     Core(#[from] CoreError),
-    /// The upstream could not be reached or broke HTTP.
-    #[error("upstream: {0}")]
-    Upstream(String),
+    /// The upstream could not be reached or broke HTTP: at which step, and the cause (for
+    /// the server's log: it may name addresses and the upstream's own words).
+    #[error("upstream: {cause}")]
+    Upstream {
+        /// Where the call failed.
+        stage: UpstreamStage,
+        /// What failed, in the resolver's, socket's, TLS library's or HTTP parser's words.
+        cause: String,
+    },
     /// The upstream took too long.
     #[error("upstream timed out")]
     Timeout,
@@ -123,6 +129,49 @@ pub enum BrokerError {
     /// passed back partly checked.
     #[error("upstream response could not be checked for the value within its budget (it holds too many near misses of it)")]
     Unchecked,
+}
+
+impl BrokerError {
+    /// The version this error is about, where it names one ([`CoreError::version`]).
+    #[must_use]
+    pub fn version(&self) -> Option<u32> {
+        match self {
+            BrokerError::Core(e) => e.version(),
+            _ => None,
+        }
+    }
+}
+
+/// Where a brokered call to the upstream failed. The calling service is told this much; the
+/// cause itself goes to the server's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpstreamStage {
+    /// The destination's name did not resolve, or to no address.
+    Resolve,
+    /// No address accepted a connection.
+    Connect,
+    /// The TLS handshake failed: the certificate is not trusted or not for that name, or
+    /// no protocol was agreed.
+    Tls,
+    /// The upstream broke HTTP.
+    Http,
+}
+
+impl UpstreamStage {
+    /// What the calling service is told.
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            UpstreamStage::Resolve => "the upstream's name does not resolve",
+            UpstreamStage::Connect => "the upstream did not accept a connection",
+            UpstreamStage::Tls => {
+                "the upstream failed TLS: its certificate is not trusted or not for its name, \
+                 or no protocol was agreed"
+            }
+            UpstreamStage::Http => "the upstream broke HTTP",
+        }
+    }
 }
 
 /// How the value goes into the request.
@@ -618,6 +667,13 @@ impl Broker {
         if info.state == VersionState::Destroyed {
             return Err(CoreError::VersionDestroyed.into());
         }
+        // Metadata that does not read names no host, but not because its owner bound none.
+        if info.metadata_unreadable {
+            return Err(CoreError::Integrity {
+                version: Some(version),
+            }
+            .into());
+        }
         let bound = match info.metadata.get(BOUND_HOST_KEY) {
             None | Some(serde_json::Value::Null) => {
                 return Err(BrokerError::Unbound(format!(
@@ -685,16 +741,17 @@ impl Broker {
                 tokio::time::timeout(limit, lookup)
                     .await
                     .map_err(|_| BrokerError::Timeout)?
-                    .map_err(|e| {
-                        BrokerError::Upstream(format!("{} does not resolve: {e}", dest.host()))
+                    .map_err(|e| BrokerError::Upstream {
+                        stage: UpstreamStage::Resolve,
+                        cause: format!("{} does not resolve: {e}", dest.host()),
                     })?
             }
         };
         if addrs.is_empty() {
-            return Err(BrokerError::Upstream(format!(
-                "{} has no address",
-                dest.host()
-            )));
+            return Err(BrokerError::Upstream {
+                stage: UpstreamStage::Resolve,
+                cause: format!("{} has no address", dest.host()),
+            });
         }
         // Every address must pass: a name that also points inside is refused as a whole.
         for a in &addrs {
@@ -860,7 +917,18 @@ impl Broker {
         .map_err(|e| match e {
             TransportError::Timeout => BrokerError::Timeout,
             TransportError::TooLarge(n) => BrokerError::TooLarge(n),
-            other => BrokerError::Upstream(other.to_string()),
+            TransportError::Connect(cause) => BrokerError::Upstream {
+                stage: UpstreamStage::Connect,
+                cause,
+            },
+            TransportError::Tls(cause) => BrokerError::Upstream {
+                stage: UpstreamStage::Tls,
+                cause,
+            },
+            TransportError::Protocol(cause) => BrokerError::Upstream {
+                stage: UpstreamStage::Http,
+                cause,
+            },
         })?;
 
         // The body must be what it looks like, or the value inside it cannot be found: every
@@ -922,7 +990,7 @@ impl Broker {
             })
         })
         .await
-        .map_err(|_| BrokerError::Upstream("scrubbing the response failed".into()))?
+        .map_err(|_| CoreError::Internal("scrubbing the response failed".into()))?
         .map_err(|_: scrub::Unchecked| BrokerError::Unchecked)
     }
 }

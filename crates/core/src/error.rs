@@ -68,7 +68,10 @@ pub enum CoreError {
     KeyUnavailable(String),
     /// Stored data failed to decrypt or parse: tampering or corruption. A server-side fault.
     #[error("stored data failed its integrity check")]
-    Integrity,
+    Integrity {
+        /// The version that failed, when one was read (its audit record names it).
+        version: Option<u32>,
+    },
     /// The audit log was changed outside Strongroom (a forged or unsealed head, a removed
     /// head key): nothing is appended to it until an operator restores it.
     #[error("the audit log failed its integrity check: {0}")]
@@ -76,6 +79,29 @@ pub enum CoreError {
     /// Another server-side fault.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl CoreError {
+    /// The version this error is about, when it names one: an expired version, or one that
+    /// failed its integrity check. A request's audit record takes it, so a failed reveal
+    /// of the current version still says which version that was.
+    #[must_use]
+    pub fn version(&self) -> Option<u32> {
+        match self {
+            CoreError::VersionExpired { version, .. } => Some(*version),
+            CoreError::Integrity { version } => *version,
+            _ => None,
+        }
+    }
+
+    /// This error, about `version`: an integrity failure that names no version yet names it.
+    #[must_use]
+    pub(crate) fn at_version(self, at: u32) -> Self {
+        match self {
+            CoreError::Integrity { version: None } => CoreError::Integrity { version: Some(at) },
+            other => other,
+        }
+    }
 }
 
 impl From<strongroom_store::StoreError> for CoreError {
@@ -89,7 +115,7 @@ impl From<strongroom_store::StoreError> for CoreError {
             S::Conflict { .. } => CoreError::Contended,
             S::InvalidInput(what) => CoreError::InvalidInput(what),
             S::Unavailable(_) | S::Overtaken => CoreError::Unavailable(e.to_string()),
-            S::Corrupt { .. } => CoreError::Integrity,
+            S::Corrupt { .. } => CoreError::Integrity { version: None },
             S::AuditIntegrity { what } => CoreError::AuditIntegrity(what),
             other => CoreError::Internal(other.to_string()),
         }
@@ -101,7 +127,7 @@ impl From<strongroom_crypto::EnvelopeError> for CoreError {
         use strongroom_crypto::{EnvelopeError as E, ProviderErrorKind as K};
         match e {
             E::Decrypt | E::Malformed(_) | E::UnsupportedFormat(_) | E::UnsupportedAlgorithm(_) => {
-                CoreError::Integrity
+                CoreError::Integrity { version: None }
             }
             E::TooLarge => CoreError::ValueTooLarge(crate::MAX_VALUE_LEN),
             E::Provider(p) if matches!(p.kind(), K::Unavailable | K::Denied) => {
@@ -114,7 +140,9 @@ impl From<strongroom_crypto::EnvelopeError> for CoreError {
                 CoreError::KeyUnavailable(p.to_string())
             }
             // A wrapped key that does not authenticate was tampered with or moved.
-            E::Provider(p) if p.kind() == K::AuthenticationFailed => CoreError::Integrity,
+            E::Provider(p) if p.kind() == K::AuthenticationFailed => {
+                CoreError::Integrity { version: None }
+            }
             // Rotated between choosing the KEK and wrapping, or a provider's passing fault
             // (an HSM session error): the caller may retry, and no 500 claims a bug of ours.
             E::Provider(p) if matches!(p.kind(), K::KekNotActive | K::Other) => {
@@ -142,6 +170,9 @@ mod tests {
         for kind in [K::KekRetired, K::UnknownKek, K::Misconfigured] {
             assert!(matches!(of(kind), CoreError::KeyUnavailable(_)), "{kind:?}");
         }
-        assert!(matches!(of(K::AuthenticationFailed), CoreError::Integrity));
+        assert!(matches!(
+            of(K::AuthenticationFailed),
+            CoreError::Integrity { .. }
+        ));
     }
 }

@@ -773,7 +773,8 @@ impl Vault {
             kek: to_crypto_kek(&row.kek),
             bytes: row.wrapped_key,
         };
-        let sealed = Sealed::from_parts(&row.sealed_value, wrapped)?;
+        let sealed = Sealed::from_parts(&row.sealed_value, wrapped)
+            .map_err(|e| CoreError::from(e).at_version(row.version))?;
         let keys = self.keys.as_ref();
         if let Some(expired) = expired {
             // Only its data key is unwrapped, which authenticates the expiry: one moved
@@ -782,14 +783,16 @@ impl Vault {
                 let sealed = &sealed;
                 async move { envelope::check_binding(keys, &binding, sealed).await }
             })
-            .await?;
+            .await
+            .map_err(|e| CoreError::from(e).at_version(row.version))?;
             return Err(expired);
         }
         let value = open_bound(owner, name, row.version, &row.metadata, |binding| {
             let sealed = &sealed;
             async move { envelope::open(keys, &binding, sealed).await }
         })
-        .await?;
+        .await
+        .map_err(|e| CoreError::from(e).at_version(row.version))?;
         Ok((
             Revealed {
                 value,

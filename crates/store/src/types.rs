@@ -259,8 +259,11 @@ pub struct VersionInfo {
     pub state: VersionState,
     /// The KEK that wrapped (or had wrapped, if destroyed) its data key.
     pub kek: KekRef,
-    /// Non-secret metadata.
+    /// Non-secret metadata (`null` when it no longer reads: see `metadata_unreadable`).
     pub metadata: serde_json::Value,
+    /// The stored metadata is no JSON (damaged, or edited outside Strongroom). The listing
+    /// goes on and says so, so the owner can find the version; it does not reveal.
+    pub metadata_unreadable: bool,
     /// Who wrote it.
     pub created_by: String,
     /// When it was written.
@@ -284,8 +287,11 @@ pub struct CredentialSummary {
     pub current_version: Option<u32>,
     /// The highest version number ever allocated (the next put must use `latest_version + 1`).
     pub latest_version: u32,
-    /// The current version's metadata, if there is a current version.
+    /// The current version's metadata, if there is a current version and it reads.
     pub current_metadata: Option<serde_json::Value>,
+    /// The current version's stored metadata is no JSON (damaged, or edited outside
+    /// Strongroom): `current_metadata` is then `None`, and the listing goes on.
+    pub current_metadata_unreadable: bool,
     /// When the credential was first created (or re-created after a whole destroy).
     pub created_at: OffsetDateTime,
     /// When it last changed (put, set current, enable/disable, destroy).

@@ -55,8 +55,9 @@ pub(crate) async fn list(
         .vault()
         .list(&owner, q.cursor.as_deref(), q.limit.unwrap_or(100))
         .await?;
+    let now = state.vault().now();
     Ok(Json(CredentialList {
-        items: page.items.into_iter().map(item).collect(),
+        items: page.items.into_iter().map(|s| item(s, now)).collect(),
         next_cursor: page.next.map(|c| c.as_str().to_owned()),
     }))
 }
@@ -79,7 +80,7 @@ pub(crate) async fn describe(
         .vault()
         .describe_page(&owner, &name, before, q.limit.unwrap_or(DESCRIBE_PAGE))
         .await?;
-    Ok(Json(detail(credential)))
+    Ok(Json(detail(credential, state.vault().now())))
 }
 
 /// Versions in a description when the request does not say.

@@ -111,7 +111,13 @@ pub(crate) async fn reveal(
             Err(e) if version.is_some() => {
                 return Err(super::name_a_missing_version(&state, &owner, &name, e.into()).await)
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The current version, expired or failing its integrity check: named.
+                if let Some(v) = e.version() {
+                    audit.version(v);
+                }
+                return Err(e.into());
+            }
         };
         // Checked in place: no copy of the value is made (or dropped unzeroized) here.
         let value = std::str::from_utf8(revealed.value.expose_secret()).map_err(|_| {
@@ -234,7 +240,12 @@ pub(crate) async fn broker(
         Err(e) if asked_for_a_version => {
             return Err(super::name_a_missing_version(&state, &owner, &name, broker_error(e)).await)
         }
-        Err(e) => return Err(broker_error(e)),
+        Err(e) => {
+            if let Some(v) = e.version() {
+                audit.version(v);
+            }
+            return Err(broker_error(e));
+        }
     };
     audit.version(loaded.version());
     let target = broker.resolve(&prepared).await.map_err(broker_error)?;
@@ -334,13 +345,9 @@ fn broker_error(e: BrokerError) -> ApiError {
             ApiError::new(S::UNPROCESSABLE_ENTITY, "value_unusable", m)
         }
         BrokerError::Core(c) => c.into(),
-        BrokerError::Upstream(cause) => {
+        BrokerError::Upstream { stage, cause } => {
             tracing::warn!(cause = %cause, "brokered call failed");
-            ApiError::new(
-                S::BAD_GATEWAY,
-                "upstream_unreachable",
-                "the upstream could not be reached, failed TLS verification or broke HTTP",
-            )
+            ApiError::new(S::BAD_GATEWAY, "upstream_unreachable", stage.describe())
         }
         BrokerError::Timeout => ApiError::new(
             S::GATEWAY_TIMEOUT,

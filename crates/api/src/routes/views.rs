@@ -239,9 +239,16 @@ pub struct CredentialItem {
     pub state: &'static str,
     /// The current version, if any.
     pub current_version: Option<u32>,
-    /// The current version's metadata.
+    /// The current version's metadata (`null` when `metadata_unreadable`).
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// The current version's `metadata.expires_at` has passed: it is no longer revealed or
+    /// brokered (410 `version_expired`) until a new version is put.
+    pub expired: bool,
+    /// The current version's stored metadata does not read (the database was damaged or
+    /// edited outside Strongroom): `metadata` is `null`, and the version is not revealed
+    /// (500 `integrity_error`). Restore the database, or put a new version.
+    pub metadata_unreadable: bool,
     /// Created (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -280,9 +287,16 @@ pub struct VersionView {
     pub created_at: OffsetDateTime,
     /// Who stored it (`user:...` or `service:...`).
     pub created_by: String,
-    /// Non-secret metadata.
+    /// Non-secret metadata (`null` when `metadata_unreadable`).
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
+    /// An active version whose `metadata.expires_at` has passed: it is no longer revealed or
+    /// brokered (410 `version_expired`).
+    pub expired: bool,
+    /// Its stored metadata does not read (the database was damaged or edited outside
+    /// Strongroom): `metadata` is `null`, and it is not revealed (500 `integrity_error`).
+    /// Restore the database, or destroy this version.
+    pub metadata_unreadable: bool,
 }
 
 /// A credential with its versions (no values).
@@ -413,11 +427,19 @@ pub fn state_of(enabled: bool) -> &'static str {
     }
 }
 
-pub fn item(s: CredentialSummary) -> CredentialItem {
+/// Whether metadata names an expiry at or before `now`. Text under the key that is no time
+/// (stored before expiries were checked) is no expiry, as for a reveal.
+fn expired(metadata: Option<&serde_json::Value>, now: OffsetDateTime) -> bool {
+    matches!(strongroom_core::expiry_of(metadata), Ok(Some(at)) if at <= now)
+}
+
+pub fn item(s: CredentialSummary, now: OffsetDateTime) -> CredentialItem {
     CredentialItem {
         state: state_of(s.enabled),
         name: s.name,
         current_version: s.current_version,
+        expired: expired(s.current_metadata.as_ref(), now),
+        metadata_unreadable: s.current_metadata_unreadable,
         metadata: s.current_metadata,
         created_at: s.created_at,
         updated_at: s.updated_at,
@@ -425,21 +447,20 @@ pub fn item(s: CredentialSummary) -> CredentialItem {
     }
 }
 
-fn version_view(v: VersionInfo) -> VersionView {
+fn version_view(v: VersionInfo, now: OffsetDateTime) -> VersionView {
+    let active = v.state == VersionState::Active;
     VersionView {
         version: v.version,
-        state: if v.state == VersionState::Active {
-            "active"
-        } else {
-            "destroyed"
-        },
+        state: if active { "active" } else { "destroyed" },
         created_at: v.created_at,
         created_by: v.created_by,
+        expired: active && expired(Some(&v.metadata), now),
+        metadata_unreadable: v.metadata_unreadable,
         metadata: v.metadata,
     }
 }
 
-pub fn detail(c: Credential) -> CredentialDetail {
+pub fn detail(c: Credential, now: OffsetDateTime) -> CredentialDetail {
     let s = c.summary;
     CredentialDetail {
         state: state_of(s.enabled),
@@ -448,7 +469,11 @@ pub fn detail(c: Credential) -> CredentialDetail {
         created_at: s.created_at,
         updated_at: s.updated_at,
         last_used_at: s.last_used_at,
-        versions: c.versions.into_iter().map(version_view).collect(),
+        versions: c
+            .versions
+            .into_iter()
+            .map(|v| version_view(v, now))
+            .collect(),
         versions_next_cursor: c.versions_next.map(|v| v.to_string()),
     }
 }

@@ -202,7 +202,7 @@ async fn a_value_moved_to_another_row_fails_its_integrity_check() {
     v.store().put_version(graft).await.unwrap();
     assert!(matches!(
         v.reveal("bob", "n", None).await,
-        Err(CoreError::Integrity)
+        Err(CoreError::Integrity { .. })
     ));
 }
 
@@ -316,7 +316,7 @@ async fn the_bound_host_is_part_of_the_associated_data() {
         let revealed = copy.reveal("alice", "zoom.api-key", None).await;
         match (opens, revealed) {
             (true, Ok(r)) => assert_eq!(r.value.expose_secret(), b"zoom secret"),
-            (false, Err(CoreError::Integrity)) => {}
+            (false, Err(CoreError::Integrity { .. })) => {}
             (_, other) => panic!("host {host}: {:?}", other.map(|r| r.version)),
         }
     }
@@ -395,7 +395,7 @@ async fn the_expiry_is_part_of_the_associated_data() {
     ] {
         let (_d, r) = graft(&bound, edited.clone()).await;
         assert!(
-            matches!(r, Err(CoreError::Integrity)),
+            matches!(r, Err(CoreError::Integrity { .. })),
             "{edited}: {:?}",
             opened(r)
         );

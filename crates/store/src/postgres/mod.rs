@@ -618,6 +618,8 @@ impl PostgresStore {
                     r.try_get(13).map_err(pg_err)?,
                 )?,
                 metadata: r.try_get(14).map_err(pg_err)?,
+                // JSONB: PostgreSQL holds nothing else in the column.
+                metadata_unreadable: false,
                 created_by: r.try_get(15).map_err(pg_err)?,
                 created_at: from_millis(r.try_get(16).map_err(pg_err)?)?,
                 destroyed_at: r
@@ -816,6 +818,7 @@ fn summary(r: &Row) -> Result<CredentialSummary, StoreError> {
             .map(from_millis)
             .transpose()?,
         current_metadata: r.try_get(8).map_err(pg_err)?,
+        current_metadata_unreadable: false,
     })
 }
 

@@ -893,7 +893,8 @@ struct RawSummary {
     created: i64,
     updated: i64,
     last_used: Option<i64>,
-    metadata: Option<String>,
+    /// `None` without a current version.
+    metadata: Option<ListedMetadata>,
     id: i64,
 }
 
@@ -908,23 +909,50 @@ impl RawSummary {
             created: r.get(5)?,
             updated: r.get(6)?,
             last_used: r.get(7)?,
-            metadata: r.get(8)?,
+            metadata: match r.get_ref(8)? {
+                rusqlite::types::ValueRef::Null => None,
+                stored => Some(listed_metadata(stored)),
+            },
             id: r.get(9)?,
         })
     }
 
     fn into_summary(self) -> Result<CredentialSummary, StoreError> {
+        let (current_metadata, current_metadata_unreadable) = match self.metadata {
+            None => (None, false),
+            Some(ListedMetadata::Read(m)) => (Some(m), false),
+            Some(ListedMetadata::Unreadable) => (None, true),
+        };
         Ok(CredentialSummary {
             owner: self.owner,
             name: self.name,
             enabled: self.enabled,
             current_version: self.current.map(version_from_db).transpose()?,
             latest_version: version_from_db(self.latest)?,
-            current_metadata: self.metadata.as_deref().map(parse_json).transpose()?,
+            current_metadata,
+            current_metadata_unreadable,
             created_at: from_millis(self.created)?,
             updated_at: from_millis(self.updated)?,
             last_used_at: self.last_used.map(from_millis).transpose()?,
         })
+    }
+}
+
+/// A version's metadata as a listing reads it: a row whose metadata is no JSON text
+/// (damaged, or edited outside Strongroom) is listed as such, so that one such row does not
+/// make its owner's whole listing fail, naming nothing. Reveals still refuse it.
+enum ListedMetadata {
+    Read(serde_json::Value),
+    Unreadable,
+}
+
+fn listed_metadata(stored: rusqlite::types::ValueRef<'_>) -> ListedMetadata {
+    match stored {
+        rusqlite::types::ValueRef::Text(text) => std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| parse_json(t).ok())
+            .map_or(ListedMetadata::Unreadable, ListedMetadata::Read),
+        _ => ListedMetadata::Unreadable,
     }
 }
 
@@ -937,14 +965,8 @@ fn readable_key_and_metadata(
     metadata: rusqlite::types::ValueRef<'_>,
 ) -> (Vec<u8>, serde_json::Value) {
     use rusqlite::types::ValueRef;
-    let metadata = match metadata {
-        ValueRef::Text(text) => std::str::from_utf8(text)
-            .ok()
-            .and_then(|t| parse_json(t).ok()),
-        _ => None,
-    };
-    match (key, metadata) {
-        (ValueRef::Blob(key), Some(metadata)) => (key.to_vec(), metadata),
+    match (key, listed_metadata(metadata)) {
+        (ValueRef::Blob(key), ListedMetadata::Read(metadata)) => (key.to_vec(), metadata),
         _ => (Vec::new(), serde_json::Value::Null),
     }
 }
@@ -1352,7 +1374,7 @@ fn read_credential(
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
+                listed_metadata(r.get_ref(5)?),
                 r.get::<_, String>(6)?,
                 r.get::<_, i64>(7)?,
                 r.get::<_, Option<i64>>(8)?,
@@ -1364,11 +1386,16 @@ fn read_credential(
     let mut versions = rows
         .into_iter()
         .map(|(v, st, p, k, kv, md, by, at, dat)| {
+            let (metadata, metadata_unreadable) = match md {
+                ListedMetadata::Read(m) => (m, false),
+                ListedMetadata::Unreadable => (serde_json::Value::Null, true),
+            };
             Ok(VersionInfo {
                 version: version_from_db(v)?,
                 state: VersionState::from_db(st)?,
                 kek: kek_from_db(p, k, kv)?,
-                metadata: parse_json(&md)?,
+                metadata,
+                metadata_unreadable,
                 created_by: by,
                 created_at: from_millis(at)?,
                 destroyed_at: dat.map(from_millis).transpose()?,
@@ -3329,6 +3356,70 @@ mod tests {
             assert!(!plan.contains("TEMP B-TREE"), "{f:?}: {plan}");
             assert!(!plan.starts_with("SCAN x"), "{f:?}: {plan}");
         }
+        store.close().await;
+    }
+
+    /// A version whose stored metadata is no JSON (the file damaged, or edited by hand) is
+    /// listed as unreadable, with the rest of its owner's credentials and its credential's
+    /// other versions, where it made the whole listing fail naming nothing; it still does not
+    /// reveal.
+    #[tokio::test]
+    async fn a_version_whose_metadata_does_not_read_is_listed_as_such() {
+        use crate::testing::suite::new_version;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+        for (name, version) in [("a", 1), ("a", 2), ("b", 1), ("c", 1)] {
+            store
+                .put_version(new_version("alice", name, version))
+                .await
+                .unwrap();
+        }
+        store.close().await;
+        let conn = Connection::open(dir.path().join("strongroom.db")).unwrap();
+        conn.execute_batch(
+            "UPDATE versions SET metadata = '{not json' WHERE version = 2 AND credential_id =
+                 (SELECT id FROM credentials WHERE name = 'a');
+             UPDATE versions SET metadata = X'00' WHERE credential_id =
+                 (SELECT id FROM credentials WHERE name = 'b');",
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+        let page = store.list_credentials("alice", None, 10).await.unwrap();
+        let listed: Vec<_> = page
+            .items
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    s.current_metadata_unreadable,
+                    s.current_metadata.is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [("a", true, false), ("b", true, false), ("c", false, true)]
+        );
+        let a = store.get_credential("alice", "a").await.unwrap();
+        let versions: Vec<_> = a
+            .versions
+            .iter()
+            .map(|v| (v.version, v.metadata_unreadable, v.metadata.is_null()))
+            .collect();
+        assert_eq!(versions, [(2, true, true), (1, false, false)]);
+        for (name, version) in [("a", None), ("a", Some(2)), ("b", None)] {
+            let err = store.get_version("alice", name, version).await.unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        }
+        assert_eq!(
+            store
+                .get_version("alice", "a", Some(1))
+                .await
+                .unwrap()
+                .version,
+            1
+        );
         store.close().await;
     }
 

@@ -12,7 +12,7 @@
 //!
 //! Each suite function panics (with a message) on a violation, like any test.
 
-mod suite;
+pub(crate) mod suite;
 
 use std::sync::Arc;
 

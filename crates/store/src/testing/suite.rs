@@ -38,7 +38,7 @@ fn kek(n: u32) -> KekRef {
     KekRef::new("local", "k1", n)
 }
 
-fn new_version(owner: &str, name: &str, version: u32) -> NewVersion {
+pub(crate) fn new_version(owner: &str, name: &str, version: u32) -> NewVersion {
     let mut nv = NewVersion::new(
         owner,
         name,
