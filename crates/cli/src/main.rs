@@ -79,9 +79,10 @@ enum Command {
     /// older part.
     #[command(subcommand)]
     Audit(commands::audit::AuditCommand),
-    /// A consistent copy of the SQLite store (values sealed, never a key), taken while the
-    /// server runs, and checked.
+    // Backup and Restore take their help from their arguments' documentation, which goes on
+    // past the first paragraph.
     Backup(commands::backup::BackupArgs),
+    Restore(commands::backup::RestoreArgs),
     /// A client of a running server: put, list, show, verify, current, disable, enable,
     /// destroy and usage of your credentials; reveal one as a service. The token comes from
     /// STRONGROOM_TOKEN or --token-file.
@@ -110,6 +111,7 @@ fn main() -> ExitCode {
         Command::Import(cmd) => commands::import::run(cmd),
         Command::Audit(cmd) => commands::audit::run(cmd),
         Command::Backup(args) => commands::backup::run(args),
+        Command::Restore(args) => commands::backup::run_restore(args),
         Command::Credential(cmd) => commands::credential::run(cmd),
     };
     match result {

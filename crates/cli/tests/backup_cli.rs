@@ -1,5 +1,6 @@
-//! `strongroom backup` end to end: taken while the server runs and writes, restored into a
-//! new data dir beside the keyring, where the audit log verifies and every value reveals.
+//! `strongroom backup` end to end: taken while the server runs and writes, and `strongroom
+//! restore` of it once the server stopped, after which the audit log verifies, every value
+//! written before reveals, and what was written after is gone (kept in the replaced copy).
 
 mod common;
 
@@ -78,6 +79,20 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
         0o600
     );
     rt.block_on(writer).unwrap();
+    rt.block_on(put("after-backup".into(), "later".into()));
+    // Not while the server has the database open: nothing changes.
+    let busy = run(&["restore", "--from"], &[output.as_os_str(), dd[0], dd[1]]);
+    assert_eq!(busy.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(err.contains("in use: stop the server"), "{err}");
+    let kept_files = || {
+        std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains("before-restore"))
+            .collect::<Vec<_>>()
+    };
+    assert!(kept_files().is_empty());
     // Never over an existing file.
     let again = run(&["backup", "--output"], &[output.as_os_str(), dd[0], dd[1]]);
     assert_eq!(again.status.code(), Some(1));
@@ -91,37 +106,68 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
     let export = run(&["audit", "export"], &dd);
     assert!(String::from_utf8_lossy(&export.stdout).contains("\"backup\""));
 
-    // Restored beside the keyring: the log verifies, every value written before reveals.
-    let restored = tmp.path().join("restored");
-    std::fs::create_dir(&restored).unwrap();
-    std::fs::set_permissions(&restored, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::copy(&output, restored.join("strongroom.db")).unwrap();
-    std::fs::copy(data.join("keyring.json"), restored.join("keyring.json")).unwrap();
-    let rd = [std::ffi::OsStr::new("--data-dir"), restored.as_os_str()];
-    let verify = run(&["audit", "verify"], &rd);
+    // Restored in place; a log left beside the database is not replayed into the copy.
+    std::fs::write(data.join("strongroom.db-wal"), b"stale").unwrap();
+    let out = run(&["restore", "--from"], &[output.as_os_str(), dd[0], dd[1]]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("restored") && stdout.contains("audit log verified"),
+        "{stdout}"
+    );
+    let kept = kept_files();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(stdout.contains(&kept[0]), "{stdout}");
+    assert_eq!(
+        std::fs::metadata(data.join(&kept[0]))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let verify = run(&["audit", "verify"], &dd);
     assert!(
         verify.status.success(),
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
-    rt.block_on(async {
-        let config = Config::load_for_operator(
-            None,
-            &Overrides {
-                data_dir: Some(restored.clone()),
-                ..Overrides::default()
-            },
-        )
-        .unwrap();
-        let backends = Backends::open_existing(&config).await.unwrap();
-        let vault = backends.vault();
-        for i in 0..30 {
-            let r = vault
-                .reveal("alice", &format!("cred-{i}"), None)
-                .await
-                .unwrap();
-            assert_eq!(r.value.expose_secret(), format!("value-{i}").as_bytes());
-        }
-        backends.close().await;
-    });
+    let export = run(&["audit", "export"], &dd);
+    assert!(String::from_utf8_lossy(&export.stdout).contains("\"restore\""));
+    let reveal_all = |dir: std::path::PathBuf, after_backup: bool| {
+        rt.block_on(async move {
+            let config = Config::load_for_operator(
+                None,
+                &Overrides {
+                    data_dir: Some(dir),
+                    ..Overrides::default()
+                },
+            )
+            .unwrap();
+            let backends = Backends::open_existing(&config).await.unwrap();
+            let vault = backends.vault();
+            for i in 0..30 {
+                let r = vault
+                    .reveal("alice", &format!("cred-{i}"), None)
+                    .await
+                    .unwrap();
+                assert_eq!(r.value.expose_secret(), format!("value-{i}").as_bytes());
+            }
+            let later = vault.reveal("alice", "after-backup", None).await;
+            assert_eq!(later.is_ok(), after_backup, "{:?}", later.err());
+            backends.close().await;
+        });
+    };
+    reveal_all(data.clone(), false);
+    // The replaced database, beside the keyring, still has what came after.
+    let replaced = tmp.path().join("replaced");
+    std::fs::create_dir(&replaced).unwrap();
+    std::fs::set_permissions(&replaced, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(data.join(&kept[0]), replaced.join("strongroom.db")).unwrap();
+    std::fs::copy(data.join("keyring.json"), replaced.join("keyring.json")).unwrap();
+    reveal_all(replaced, true);
 }

@@ -204,16 +204,16 @@ async fn verify(target: &OperatorTarget, expect_head: Option<PathBuf>) -> Result
 }
 
 /// What [`verify_log`] checked.
-struct Checked {
+pub(crate) struct Checked {
     /// The last record's `seq`.
-    count: u64,
+    pub(crate) count: u64,
     /// The anchor's `seq`, when the log starts after one.
     anchor: Option<u64>,
     /// Whether records at or before the anchor are still there.
     archived_left: bool,
 }
 
-async fn verify_log(
+pub(crate) async fn verify_log(
     backends: &strongroom_server::Backends,
     expected: Option<&Head>,
 ) -> Result<Checked, Failure> {

@@ -33,6 +33,7 @@
 //!   [`SqliteStore::open_dir`] creates the data dir with mode 0700.
 
 mod cache;
+pub mod restore;
 mod schema;
 mod writer;
 
