@@ -289,6 +289,39 @@ fn imports_every_vector_setup_idempotently() {
     }
 }
 
+/// A version whose metadata no longer reads (the target's database edited by hand) may be
+/// an earlier run's import: a rerun cannot tell "already imported" from "set in Strongroom",
+/// so it stops naming an integrity failure, and writes nothing over it.
+#[test]
+fn a_rerun_stops_at_a_version_whose_metadata_does_not_read() {
+    let v = vectors(FOLDERS[0], SETUPS[0]);
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("django.sqlite3");
+    std::fs::copy(&v.sqlite, &db).unwrap();
+    let database = format!("sqlite:{}", db.display());
+    let data = new_target(tmp.path());
+    let mut args = key_args(&v.json["settings"]);
+    args.extend(map_args());
+    let (ok, out, err) = import(&data, &database, "vault_secret", &args);
+    assert!(ok, "{out}\n{err}");
+    let target = rusqlite::Connection::open(data.join("strongroom.db")).unwrap();
+    let versions = |conn: &rusqlite::Connection| -> i64 {
+        conn.query_row("SELECT count(*) FROM versions", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = versions(&target);
+    target
+        .execute(
+            "UPDATE versions SET metadata = 'not json' WHERE id = (SELECT min(id) FROM versions)",
+            [],
+        )
+        .unwrap();
+    let (ok, out, err) = import(&data, &database, "vault_secret", &args);
+    assert!(!ok, "{out}\n{err}");
+    assert!(err.contains("integrity"), "{out}\n{err}");
+    assert_eq!(versions(&target), before);
+}
+
 #[test]
 fn rotation_with_only_the_new_key_fails_the_old_rows_and_writes_none_of_them() {
     for folder in FOLDERS {

@@ -412,6 +412,15 @@ async fn put_once(
     for _ in 0..PUT_ATTEMPTS {
         let current = match vault.describe(owner, name).await {
             Ok(cred) => {
+                // A version whose metadata does not read may be this very import's: neither
+                // "already there" nor "set here" can be told. Stopped, as before such a
+                // version was listed at all.
+                if let Some(v) = cred.versions.iter().find(|v| v.metadata_unreadable) {
+                    return Err(CoreError::Integrity {
+                        version: Some(v.version),
+                    }
+                    .into());
+                }
                 // The same source, or the same token reached by another row id (a run with
                 // another --id-column): already there either way.
                 let token = &record["token_sha256"];
