@@ -100,6 +100,14 @@ impl ApiError {
         }
     }
 
+    /// The same answer, with `cause` for the server's failure log (see [`log_failure`]),
+    /// never sent to the client.
+    #[must_use]
+    pub fn with_cause(mut self, cause: impl Into<String>) -> Self {
+        self.internal = Some(cause.into());
+        self
+    }
+
     /// The status.
     pub fn status(&self) -> StatusCode {
         self.status

@@ -43,6 +43,7 @@ pub struct Metrics {
     latency: Family<RouteLabels, Histogram>,
     jwks: crate::jwks::JwksMetrics,
     unrecorded: Counter,
+    unreadable_metadata: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -90,6 +91,13 @@ impl Metrics {
              here and in a warning, not recorded one by one",
             unrecorded.clone(),
         );
+        let unreadable_metadata = Counter::default();
+        registry.register(
+            "unreadable_metadata_listed",
+            "Versions listed (to their owner) whose stored metadata does not read: the database \
+             was damaged or edited outside Strongroom; alert on it, as on integrity_error",
+            unreadable_metadata.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -97,7 +105,13 @@ impl Metrics {
             latency,
             jwks,
             unrecorded,
+            unreadable_metadata,
         }
+    }
+
+    /// Counts versions listed whose stored metadata does not read.
+    pub(crate) fn unreadable_metadata_listed(&self, versions: u64) {
+        self.unreadable_metadata.inc_by(versions);
     }
 
     /// Counts a request without valid credentials that was not recorded in the audit log.

@@ -561,7 +561,7 @@ async fn an_untrusted_upstream_certificate_is_refused() {
         r.json()["error"]["message"]
             .as_str()
             .unwrap()
-            .starts_with("the upstream failed TLS"),
+            .starts_with("the upstream failed the TLS handshake"),
         "{}",
         r.body
     );
@@ -591,6 +591,32 @@ async fn a_version_whose_metadata_does_not_read_is_an_integrity_error() {
         (&records[0]["error_code"], &records[0]["version"]),
         (&json!("integrity_error"), &json!(1))
     );
+    // A reveal of the current version: refused too, its record naming the version.
+    let r = api.reveal_alices_key().await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, "integrity_error"),
+        "{}",
+        r.body
+    );
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let record = eventually("the refused reveal's record", || async {
+        api.call(
+            "GET",
+            "/v1/audit?name=zoom.api-key&limit=20",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["request_id"] == rid.as_str())
+            .cloned()
+    })
+    .await;
+    assert_eq!(record["version"], 1);
     let alice = user_token("alice");
     let list = api
         .call("GET", "/v1/me/credentials", Some(&alice), None)
@@ -606,6 +632,12 @@ async fn a_version_whose_metadata_does_not_read_is_an_integrity_error() {
         .await;
     assert_eq!(detail.status, StatusCode::OK, "{}", detail.body);
     assert_eq!(detail.json()["versions"][0]["metadata_unreadable"], true);
+    // Counted (and logged) as the integrity failure it is.
+    let metrics = api.call("GET", "/metrics", None, None).await.body;
+    assert!(
+        metrics.contains("strongroom_unreadable_metadata_listed_total 2"),
+        "{metrics}"
+    );
     // Its owner destroys it, and puts a new one.
     let r = api
         .call(

@@ -106,6 +106,71 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
     let export = run(&["audit", "export"], &dd);
     assert!(String::from_utf8_lossy(&export.stdout).contains("\"backup\""));
 
+    // Protective changes since the backup: a dry run names what the restore undoes, and
+    // changes nothing.
+    rt.block_on(async {
+        let config = common::operator_config(None, &data);
+        let backends = Backends::open_existing(&config).await.unwrap();
+        let vault = backends.vault();
+        vault.set_enabled("alice", "cred-0", false).await.unwrap();
+        vault.destroy_version("alice", "cred-1", 1).await.unwrap();
+        backends.close().await;
+    });
+    let db_before = std::fs::read(data.join("strongroom.db")).unwrap();
+    let dry = run(
+        &["restore", "--dry-run", "--from"],
+        &[output.as_os_str(), dd[0], dd[1]],
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&dry.stdout),
+        String::from_utf8_lossy(&dry.stderr),
+    );
+    assert!(dry.status.success(), "{out}{err}");
+    assert!(out.contains("dry run: nothing was changed"), "{out}");
+    assert!(
+        err.contains("1 credential(s) disabled since the backup")
+            && err.contains("credential cred-0")
+            && err.contains("1 version(s) destroyed since the backup")
+            && err.contains("credential cred-1 version 1"),
+        "{err}"
+    );
+    assert!(kept_files().is_empty());
+    assert_eq!(
+        std::fs::read(data.join("strongroom.db")).unwrap(),
+        db_before
+    );
+    // A backup of another vault (another keyring) changes nothing.
+    let other = tmp.path().join("other");
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(&other)
+        .assert()
+        .success();
+    common::make_store(&other);
+    let other_backup = tmp.path().join("other.db");
+    let od = [std::ffi::OsStr::new("--data-dir"), other.as_os_str()];
+    assert!(run(
+        &["backup", "--output"],
+        &[other_backup.as_os_str(), od[0], od[1]]
+    )
+    .status
+    .success());
+    let foreign = run(
+        &["restore", "--from"],
+        &[other_backup.as_os_str(), dd[0], dd[1]],
+    );
+    let err = String::from_utf8_lossy(&foreign.stderr);
+    assert_eq!(foreign.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("this store's keys") && err.contains("othing was changed"),
+        "{err}"
+    );
+    assert!(kept_files().is_empty());
+    assert_eq!(
+        std::fs::read(data.join("strongroom.db")).unwrap(),
+        db_before
+    );
+
     // Restored in place; a log left beside the database is not replayed into the copy.
     std::fs::write(data.join("strongroom.db-wal"), b"stale").unwrap();
     let out = run(&["restore", "--from"], &[output.as_os_str(), dd[0], dd[1]]);
@@ -116,7 +181,9 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("restored") && stdout.contains("audit log verified"),
+        stdout.contains("restored")
+            && stdout.contains("its audit log verifies")
+            && stdout.contains("recorded in the audit log"),
         "{stdout}"
     );
     let kept = kept_files();
@@ -150,7 +217,9 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
             .unwrap();
             let backends = Backends::open_existing(&config).await.unwrap();
             let vault = backends.vault();
-            for i in 0..30 {
+            // The replaced copy holds cred-0 disabled and cred-1 destroyed.
+            let first = if after_backup { 2 } else { 0 };
+            for i in first..30 {
                 let r = vault
                     .reveal("alice", &format!("cred-{i}"), None)
                     .await

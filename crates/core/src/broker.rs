@@ -166,8 +166,8 @@ impl UpstreamStage {
             UpstreamStage::Resolve => "the upstream's name does not resolve",
             UpstreamStage::Connect => "the upstream did not accept a connection",
             UpstreamStage::Tls => {
-                "the upstream failed TLS: its certificate is not trusted or not for its name, \
-                 or no protocol was agreed"
+                "the upstream failed the TLS handshake: its certificate is not trusted or not \
+                 for its name, no protocol was agreed, or it does not speak TLS there"
             }
             UpstreamStage::Http => "the upstream broke HTTP",
         }

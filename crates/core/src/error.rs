@@ -115,7 +115,7 @@ impl From<strongroom_store::StoreError> for CoreError {
             S::Conflict { .. } => CoreError::Contended,
             S::InvalidInput(what) => CoreError::InvalidInput(what),
             S::Unavailable(_) | S::Overtaken => CoreError::Unavailable(e.to_string()),
-            S::Corrupt { .. } => CoreError::Integrity { version: None },
+            S::Corrupt { version, .. } => CoreError::Integrity { version },
             S::AuditIntegrity { what } => CoreError::AuditIntegrity(what),
             other => CoreError::Internal(other.to_string()),
         }

@@ -335,7 +335,7 @@ impl RawRecord {
     pub(crate) fn into_record(self) -> Result<Record, StoreError> {
         let seq = self.seq;
         self.decode().map_err(|e| match e {
-            StoreError::Corrupt { what } => {
+            StoreError::Corrupt { what, .. } => {
                 StoreError::corrupt(format!("audit record {seq}: {what}"))
             }
             other => other,

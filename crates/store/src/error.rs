@@ -101,6 +101,8 @@ pub enum StoreError {
     Corrupt {
         /// What was found to be corrupt.
         what: String,
+        /// The credential version it was found in, when one was being read.
+        version: Option<u32>,
     },
 }
 
@@ -163,8 +165,20 @@ impl StoreError {
         StoreError::Unavailable(BackendError::msg(m))
     }
 
+    /// A version read to be opened whose metadata is no JSON object (every put stores one:
+    /// the row was written around Strongroom).
+    pub(crate) fn unreadable_metadata(version: u32) -> Self {
+        StoreError::Corrupt {
+            what: format!("the metadata of version {version} is not a JSON object"),
+            version: Some(version),
+        }
+    }
+
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {
-        StoreError::Corrupt { what: what.into() }
+        StoreError::Corrupt {
+            what: what.into(),
+            version: None,
+        }
     }
 
     /// Whether retrying the same call later may succeed (the backend was unavailable).

@@ -185,6 +185,66 @@ async fn schema_5_audit_records_are_found_by_time_and_owner_after_the_migration(
     Schema5Log::check_queries(&*log).await;
 }
 
+/// Metadata that is no JSON object (JSONB always parses; every put stores an object) was
+/// written around Strongroom: listed as unreadable, and refused naming its version when read
+/// to be opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_that_is_no_object_is_listed_as_unreadable() {
+    let Some(b) = pg_backend() else { return };
+    let store = b.open().await.unwrap();
+    for version in 1..=2 {
+        let mut nv = strongroom_store::NewVersion::new(
+            "alice",
+            "zoom.api-key",
+            version,
+            vec![1; 40],
+            vec![2; 40],
+            strongroom_store::KekRef::new("local", "k", 1),
+            "user:alice",
+            time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(i64::from(version)),
+        );
+        nv.metadata = serde_json::json!({ "v": version });
+        store.put_version(nv).await.unwrap();
+    }
+    let pg = PostgresStore::connect(&b.url, b.options()).await.unwrap();
+    pg.testing_batch_execute("UPDATE versions SET metadata = '[]'::jsonb WHERE version = 2")
+        .await
+        .unwrap();
+    drop(pg);
+    let page = store.list_credentials("alice", None, 10).await.unwrap();
+    assert!(page.items[0].current_metadata_unreadable);
+    assert_eq!(page.items[0].current_metadata, None);
+    let c = store.get_credential("alice", "zoom.api-key").await.unwrap();
+    let flags: Vec<_> = c
+        .versions
+        .iter()
+        .map(|v| (v.version, v.metadata_unreadable))
+        .collect();
+    assert_eq!(flags, [(2, true), (1, false)]);
+    let err = store
+        .get_version("alice", "zoom.api-key", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                version: Some(2),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        store
+            .get_version("alice", "zoom.api-key", Some(1))
+            .await
+            .unwrap()
+            .metadata,
+        serde_json::json!({ "v": 1 })
+    );
+}
+
 /// With a statement timeout, a statement that runs longer is cancelled at the server (its
 /// caller may be long gone), and the connection serves the next one; migrations, which read
 /// whole tables, are exempt (a fresh schema migrates under a 1 ms limit).

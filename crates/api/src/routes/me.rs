@@ -48,6 +48,7 @@ pub(crate) async fn put(
     security(("user_jwt" = [])))]
 pub(crate) async fn list(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     User(owner): User,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<CredentialList>> {
@@ -55,6 +56,9 @@ pub(crate) async fn list(
         .vault()
         .list(&owner, q.cursor.as_deref(), q.limit.unwrap_or(100))
         .await?;
+    for s in page.items.iter().filter(|s| s.current_metadata_unreadable) {
+        note_unreadable(&state, &headers, &s.name, s.current_version);
+    }
     let now = state.vault().now();
     Ok(Json(CredentialList {
         items: page.items.into_iter().map(|s| item(s, now)).collect(),
@@ -71,6 +75,7 @@ pub(crate) async fn list(
     security(("user_jwt" = [])))]
 pub(crate) async fn describe(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     User(owner): User,
     ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<DescribeQuery>,
@@ -80,7 +85,33 @@ pub(crate) async fn describe(
         .vault()
         .describe_page(&owner, &name, before, q.limit.unwrap_or(DESCRIBE_PAGE))
         .await?;
+    for v in credential.versions.iter().filter(|v| v.metadata_unreadable) {
+        note_unreadable(&state, &headers, &name, Some(v.version));
+    }
     Ok(Json(detail(credential, state.vault().now())))
+}
+
+/// A listing answers beside a version whose stored metadata does not read: counted and
+/// logged, as the integrity error it would have been (the request's audit record names the
+/// owner; the log does not).
+fn note_unreadable(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    name: &str,
+    version: Option<u32>,
+) {
+    state.metrics().unreadable_metadata_listed(1);
+    let request_id = headers
+        .get(super::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::warn!(
+        request_id,
+        credential = name,
+        version,
+        "listed a version whose stored metadata does not read (the database was damaged or \
+         edited outside Strongroom)"
+    );
 }
 
 /// Versions in a description when the request does not say.

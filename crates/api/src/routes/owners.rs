@@ -345,9 +345,10 @@ fn broker_error(e: BrokerError) -> ApiError {
             ApiError::new(S::UNPROCESSABLE_ENTITY, "value_unusable", m)
         }
         BrokerError::Core(c) => c.into(),
+        // The cause goes to the failure log, with the request's id.
         BrokerError::Upstream { stage, cause } => {
-            tracing::warn!(cause = %cause, "brokered call failed");
             ApiError::new(S::BAD_GATEWAY, "upstream_unreachable", stage.describe())
+                .with_cause(cause)
         }
         BrokerError::Timeout => ApiError::new(
             S::GATEWAY_TIMEOUT,

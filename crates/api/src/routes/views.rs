@@ -243,7 +243,8 @@ pub struct CredentialItem {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
     /// The current version's `metadata.expires_at` has passed: it is no longer revealed or
-    /// brokered (410 `version_expired`) until a new version is put.
+    /// brokered (410 `version_expired`) until a new version is put. Read from the stored
+    /// metadata; a reveal also checks the expiry against the version's ciphertext.
     pub expired: bool,
     /// The current version's stored metadata does not read (the database was damaged or
     /// edited outside Strongroom): `metadata` is `null`, and the version is not revealed
@@ -288,10 +289,11 @@ pub struct VersionView {
     /// Who stored it (`user:...` or `service:...`).
     pub created_by: String,
     /// Non-secret metadata (`null` when `metadata_unreadable`).
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: serde_json::Value,
     /// An active version whose `metadata.expires_at` has passed: it is no longer revealed or
-    /// brokered (410 `version_expired`).
+    /// brokered (410 `version_expired`). Read from the stored metadata; a reveal also checks
+    /// the expiry against the version's ciphertext.
     pub expired: bool,
     /// Its stored metadata does not read (the database was damaged or edited outside
     /// Strongroom): `metadata` is `null`, and it is not revealed (500 `integrity_error`).

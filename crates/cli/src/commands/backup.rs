@@ -71,17 +71,20 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
 /// Put a backup (`strongroom backup`) back in place of the SQLite store, with the server
 /// stopped.
 ///
-/// Refused while anything has the database open (a server, another strongroom command).
-/// The backup is checked first (a sound Strongroom database this build can open); the
-/// database it replaces is kept (--keep, by default beside it as
-/// strongroom.db.before-restore-TIME), and no -wal or -shm file of the old database is
-/// left to be replayed into the copy. Then the restored audit log is verified and the
-/// restore recorded in it. Everything written since the backup was taken is gone, and an
-/// `audit head` saved since no longer matches: the log went back with the copy. The
-/// keyring must hold every key the backup's versions were wrapped with (keep keyring
-/// backups from the same time or later).
+/// Refused while anything has the store open (a server, another strongroom command), and
+/// no server starts while it runs. First the backup is copied beside the database and
+/// checked: a sound Strongroom database this build can open, whose audit log verifies under
+/// this store's keys (a backup of another vault, or one the keyring cannot open, changes
+/// nothing). It says what the restore would undo: credentials disabled and versions
+/// destroyed since the backup was taken, which come back with it (disable or destroy them
+/// again). Then the database is replaced; what it replaces is kept (--keep, by default
+/// DATA_DIR/strongroom.db.before-restore-TIME), no -wal or -shm file of the old database is
+/// left to be replayed into the copy, and the restore is recorded in the audit log.
+/// Everything written since the backup was taken is gone (it is in the kept copy), and an
+/// `audit head` saved since no longer matches: the log went back with the copy.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  systemctl stop strongroom\n  \
+    strongroom restore --config /etc/strongroom/strongroom.toml --from /backups/strongroom-2026-11-27.db --dry-run\n  \
     strongroom restore --config /etc/strongroom/strongroom.toml --from /backups/strongroom-2026-11-27.db\n  \
     systemctl start strongroom")]
 pub struct RestoreArgs {
@@ -95,10 +98,18 @@ pub struct RestoreArgs {
     /// [default: DATA_DIR/strongroom.db.before-restore-TIME]
     #[arg(long, value_name = "FILE")]
     keep: Option<PathBuf>,
+    /// Check the backup and say what the restore would undo; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn restore_error(from: &std::path::Path) -> impl Fn(strongroom_store::StoreError) -> Failure + '_ {
+    move |e| CliError::Operation(format!("restore from {}: {e}", from.display())).into()
 }
 
 pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
-    use strongroom_server::config::StoreKind;
+    use strongroom_server::config::{Config, Overrides, StoreKind};
+    use strongroom_store::sqlite::restore;
     let config = args.target.load()?;
     if config.store.kind != StoreKind::Sqlite {
         return Err(CliError::Usage(
@@ -115,58 +126,160 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         .into());
     }
     let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
-    let keep = args.keep.clone().unwrap_or_else(|| {
-        let now = time::OffsetDateTime::now_utc();
-        let stamp = format!(
-            "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            now.hour(),
-            now.minute(),
-            now.second()
-        );
-        config
-            .data_dir
-            .join(format!("strongroom.db.before-restore-{stamp}"))
-    });
-    let report = strongroom_store::sqlite::restore::restore(&db, &args.from, &keep)
-        .map_err(|e| CliError::Operation(format!("restore from {}: {e}", args.from.display())))?;
-    outln!(
-        "restored {} from {}: {} credentials, {} versions, {} audit records",
-        db.display(),
-        args.from.display(),
-        report.restored.credentials,
-        report.restored.versions,
-        report.restored.audit_records
-    )?;
-    for kept in &report.kept {
-        outln!("the database it replaced is kept as {}", kept.display())?;
-    }
+    let staged = restore::stage(&db, &args.from).map_err(restore_error(&args.from))?;
+    let checked = staged.report().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(CliError::io("cannot start the async runtime"))?;
+    // Its audit log, under this store's keys, before anything changes: a backup of another
+    // vault (or one this keyring cannot open) stops here.
+    let staged_config = Config::load_for_operator(
+        args.target.config.as_deref(),
+        &Overrides {
+            data_dir: staged.path().parent().map(std::path::Path::to_owned),
+            keyring: Some(config.keyring_path()),
+            ..Overrides::default()
+        },
+    )?;
+    let records = runtime.block_on(async {
+        let backends = strongroom_server::Backends::open_existing(&staged_config)
+            .await
+            .map_err(|e| {
+                CliError::Operation(format!(
+                    "restore from {}: the backup does not open with this store's keys: {e}; \
+                     nothing was changed",
+                    args.from.display()
+                ))
+            })?;
+        let verified = super::audit::verify_log(&backends, None).await;
+        backends.close().await;
+        verified.map(|c| c.count).map_err(|e| {
+            Failure::from(CliError::Operation(format!(
+                "restore from {}: the backup's audit log does not verify under this store's \
+                 keys ({e}); is it a backup of this vault, with the keyring it was made with? \
+                 Nothing was changed",
+                args.from.display()
+            )))
+        })
+    })?;
+    outln!(
+        "backup checked: {} credentials, {} versions; its audit log verifies under this \
+         store's keys (through record {records})",
+        checked.credentials,
+        checked.versions,
+    )?;
+    if let Some(undone) = staged.undone() {
+        report_undone(&undone)?;
+    }
+    if args.dry_run {
+        outln!("dry run: nothing was changed")?;
+        return Ok(());
+    }
+    let keep = match &args.keep {
+        Some(keep) => keep.clone(),
+        None => default_keep(&config.data_dir),
+    };
+    if let Some(dir) = keep.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(CliError::Usage(format!(
+                "--keep {}: there is no folder {}; nothing was changed",
+                keep.display(),
+                dir.display()
+            ))
+            .into());
+        }
+    }
+    let report = staged.replace(&keep).map_err(|e| {
+        CliError::Operation(format!(
+            "restore from {} (keeping the replaced database as {}): {e}",
+            args.from.display(),
+            keep.display()
+        ))
+    })?;
+    outln!("restored {} from {}", db.display(), args.from.display())?;
+    for kept in &report.kept {
+        outln!("the database it replaced is kept as {}", kept.display())?;
+    }
     runtime.block_on(async move {
         let backends = args.target.open_existing().await?;
-        let verified = super::audit::verify_log(&backends, None).await;
-        let outcome = if verified.is_ok() { "ok" } else { "error" };
-        let code = verified.is_err().then_some("audit_integrity");
-        if verified.is_ok() {
-            super::rewrap::audit_action(&backends, "restore", outcome, code, None).await;
-        }
+        let recorded =
+            strongroom_server::audit_operator_action(&backends, "restore", "ok", None, None).await;
         backends.close().await;
-        let checked = verified.map_err(|e| {
+        recorded.map_err(|e| {
             CliError::Operation(format!(
-                "the restored audit log does not verify ({e}); the database it replaced is \
-                 kept, as listed above"
+                "restored, but the restore could not be recorded in the audit log: {e}"
             ))
         })?;
         outln!(
-            "audit log verified ({} records) and the restore recorded in it; an `audit head` \
-             saved after the backup was taken no longer matches",
-            checked.count
+            "the restore is recorded in the audit log; an `audit head` saved after the backup \
+             was taken no longer matches (the log went back with the copy)"
         )?;
         Ok(())
     })
+}
+
+/// `DATA_DIR/strongroom.db.before-restore-TIME`, with a number after it when a restore in
+/// the same second kept one already.
+fn default_keep(data_dir: &std::path::Path) -> PathBuf {
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let base = format!("strongroom.db.before-restore-{stamp}");
+    let taken = |p: &std::path::Path| {
+        ["", "-wal", "-shm"].iter().any(|suffix| {
+            let mut name = p.as_os_str().to_owned();
+            name.push(suffix);
+            std::path::Path::new(&name).exists()
+        })
+    };
+    let mut keep = data_dir.join(&base);
+    let mut n = 2;
+    while taken(&keep) {
+        keep = data_dir.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    keep
+}
+
+/// Says what a restore undoes (protective changes made since the backup).
+fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) -> Result<(), Failure> {
+    let more = |listed: usize, all: u64| {
+        let rest = all.saturating_sub(listed as u64);
+        if rest > 0 {
+            format!(" (and {rest} more)")
+        } else {
+            String::new()
+        }
+    };
+    if undone.enabled_again_count > 0 {
+        errln!(
+            "warning: {} credential(s) disabled since the backup are enabled in it; disable \
+             them again after the restore{}:",
+            undone.enabled_again_count,
+            more(undone.enabled_again.len(), undone.enabled_again_count)
+        );
+        for (owner, name) in &undone.enabled_again {
+            errln!("  owner {owner:?} credential {name}");
+        }
+    }
+    if undone.readable_again_count > 0 {
+        errln!(
+            "warning: {} version(s) destroyed since the backup are readable in it; destroy \
+             them again after the restore{}:",
+            undone.readable_again_count,
+            more(undone.readable_again.len(), undone.readable_again_count)
+        );
+        for (owner, name, version) in &undone.readable_again {
+            errln!("  owner {owner:?} credential {name} version {version}");
+        }
+    }
+    Ok(())
 }

@@ -609,6 +609,7 @@ impl PostgresStore {
             let Some(v) = r.try_get::<_, Option<i32>>(9).map_err(pg_err)? else {
                 continue;
             };
+            let (metadata, metadata_unreadable) = listed(r.try_get(14).map_err(pg_err)?);
             versions.push(VersionInfo {
                 version: ver_from(v)?,
                 state: VersionState::from_db(i64::from(r.try_get::<_, i16>(10).map_err(pg_err)?))?,
@@ -617,9 +618,8 @@ impl PostgresStore {
                     r.try_get(12).map_err(pg_err)?,
                     r.try_get(13).map_err(pg_err)?,
                 )?,
-                metadata: r.try_get(14).map_err(pg_err)?,
-                // JSONB: PostgreSQL holds nothing else in the column.
-                metadata_unreadable: false,
+                metadata,
+                metadata_unreadable,
                 created_by: r.try_get(15).map_err(pg_err)?,
                 created_at: from_millis(r.try_get(16).map_err(pg_err)?)?,
                 destroyed_at: r
@@ -799,7 +799,19 @@ const SUMMARY_COLS: &str = "c.owner, c.name, c.enabled, c.current_version, c.lat
 const SUMMARY_FROM: &str = "FROM credentials c
      LEFT JOIN versions cv ON cv.credential_id = c.id AND cv.version = c.current_version";
 
+/// Metadata as a listing shows it: an object, or `null` and `true` when the row holds
+/// anything else (JSONB always parses, but every put stores an object).
+fn listed(metadata: serde_json::Value) -> (serde_json::Value, bool) {
+    if metadata.is_object() {
+        (metadata, false)
+    } else {
+        (serde_json::Value::Null, true)
+    }
+}
+
 fn summary(r: &Row) -> Result<CredentialSummary, StoreError> {
+    let current_metadata: Option<serde_json::Value> = r.try_get(8).map_err(pg_err)?;
+    let current_metadata_unreadable = current_metadata.as_ref().is_some_and(|m| !m.is_object());
     Ok(CredentialSummary {
         owner: r.try_get(0).map_err(pg_err)?,
         name: r.try_get(1).map_err(pg_err)?,
@@ -817,8 +829,8 @@ fn summary(r: &Row) -> Result<CredentialSummary, StoreError> {
             .map_err(pg_err)?
             .map(from_millis)
             .transpose()?,
-        current_metadata: r.try_get(8).map_err(pg_err)?,
-        current_metadata_unreadable: false,
+        current_metadata: current_metadata.filter(serde_json::Value::is_object),
+        current_metadata_unreadable,
     })
 }
 
@@ -1336,6 +1348,11 @@ impl Store for PostgresStore {
         }
         let current: Option<i32> = r.try_get(1).map_err(pg_err)?;
         let v: i32 = r.try_get(2).map_err(pg_err)?;
+        let metadata: serde_json::Value = r.try_get(7).map_err(pg_err)?;
+        // Every put stores an object: anything else was written around Strongroom.
+        if !metadata.is_object() {
+            return Err(StoreError::unreadable_metadata(ver_from(v)?));
+        }
         Ok(SealedVersion {
             owner: owner.to_owned(),
             name: name.to_owned(),
@@ -1347,7 +1364,7 @@ impl Store for PostgresStore {
                 r.try_get(5).map_err(pg_err)?,
                 r.try_get(6).map_err(pg_err)?,
             )?,
-            metadata: r.try_get(7).map_err(pg_err)?,
+            metadata,
             created_by: r.try_get(8).map_err(pg_err)?,
             created_at: from_millis(r.try_get(9).map_err(pg_err)?)?,
             wrapped_key: r.try_get(10).map_err(pg_err)?,

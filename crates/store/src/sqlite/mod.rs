@@ -202,6 +202,9 @@ struct Inner {
     audit_indexing: AtomicBool,
     /// Current versions of recently read credentials (see the `cache` module).
     cache: Arc<VersionCache>,
+    /// Held shared while the store is open, so `restore` (which takes it exclusively) never
+    /// runs under it (see [`restore::share_lock`]).
+    _lock: std::fs::File,
 }
 
 /// Records appended before a background job indexes them by credential.
@@ -329,6 +332,7 @@ impl SqliteStore {
                 path.display()
             )));
         }
+        let lock = restore::share_lock(&path)?;
         let conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
         restrict_file_mode(&path)?;
         writer::set_busy_handler(&conn, options.busy_timeout).map_err(db_err)?;
@@ -421,6 +425,7 @@ impl SqliteStore {
                 audit_indexing: AtomicBool::new(false),
                 cache,
                 options,
+                _lock: lock,
             }),
         })
     }
@@ -952,6 +957,8 @@ fn listed_metadata(stored: rusqlite::types::ValueRef<'_>) -> ListedMetadata {
         rusqlite::types::ValueRef::Text(text) => std::str::from_utf8(text)
             .ok()
             .and_then(|t| parse_json(t).ok())
+            // Every put stores an object: anything else was written around Strongroom.
+            .filter(serde_json::Value::is_object)
             .map_or(ListedMetadata::Unreadable, ListedMetadata::Read),
         _ => ListedMetadata::Unreadable,
     }
@@ -1305,7 +1312,7 @@ fn read_version(
                 r.get::<_, String>(4)?,
                 r.get::<_, String>(5)?,
                 r.get::<_, i64>(6)?,
-                r.get::<_, String>(7)?,
+                listed_metadata(r.get_ref(7)?),
                 r.get::<_, String>(8)?,
                 r.get::<_, i64>(9)?,
                 r.get::<_, Vec<u8>>(10)?,
@@ -1321,6 +1328,9 @@ fn read_version(
     if VersionState::from_db(state)? == VersionState::Destroyed {
         return Err(StoreError::VersionDestroyed);
     }
+    let ListedMetadata::Read(metadata) = md else {
+        return Err(StoreError::unreadable_metadata(version_from_db(v)?));
+    };
     Ok(SealedVersion {
         owner: owner.to_owned(),
         name: name.to_owned(),
@@ -1330,7 +1340,7 @@ fn read_version(
         sealed_value: sealed,
         wrapped_key: wrapped,
         kek: kek_from_db(p, k, kv)?,
-        metadata: parse_json(&md)?,
+        metadata,
         created_by: by,
         created_at: from_millis(at)?,
     })
@@ -3369,7 +3379,7 @@ mod tests {
         use crate::testing::suite::new_version;
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_dir(dir.path()).await.unwrap();
-        for (name, version) in [("a", 1), ("a", 2), ("b", 1), ("c", 1)] {
+        for (name, version) in [("a", 1), ("a", 2), ("b", 1), ("c", 1), ("d", 1)] {
             store
                 .put_version(new_version("alice", name, version))
                 .await
@@ -3381,7 +3391,9 @@ mod tests {
             "UPDATE versions SET metadata = '{not json' WHERE version = 2 AND credential_id =
                  (SELECT id FROM credentials WHERE name = 'a');
              UPDATE versions SET metadata = X'00' WHERE credential_id =
-                 (SELECT id FROM credentials WHERE name = 'b');",
+                 (SELECT id FROM credentials WHERE name = 'b');
+             UPDATE versions SET metadata = '[]' WHERE credential_id =
+                 (SELECT id FROM credentials WHERE name = 'd');",
         )
         .unwrap();
         drop(conn);
@@ -3400,7 +3412,12 @@ mod tests {
             .collect();
         assert_eq!(
             listed,
-            [("a", true, false), ("b", true, false), ("c", false, true)]
+            [
+                ("a", true, false),
+                ("b", true, false),
+                ("c", false, true),
+                ("d", true, false)
+            ]
         );
         let a = store.get_credential("alice", "a").await.unwrap();
         let versions: Vec<_> = a
@@ -3409,9 +3426,13 @@ mod tests {
             .map(|v| (v.version, v.metadata_unreadable, v.metadata.is_null()))
             .collect();
         assert_eq!(versions, [(2, true, true), (1, false, false)]);
-        for (name, version) in [("a", None), ("a", Some(2)), ("b", None)] {
+        for (name, version) in [("a", None), ("a", Some(2)), ("b", None), ("d", None)] {
             let err = store.get_version("alice", name, version).await.unwrap_err();
-            assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+            let named = if name == "a" { 2 } else { 1 };
+            assert!(
+                matches!(err, StoreError::Corrupt { version: Some(v), .. } if v == named),
+                "{err:?}"
+            );
         }
         assert_eq!(
             store

@@ -1,21 +1,89 @@
 //! Putting a backup back in place of the database (`strongroom restore`).
 //!
-//! The hand-made way (copy the file over `strongroom.db`) goes wrong in two quiet ways: a
-//! server still running keeps writing to the file it has open, and a `strongroom.db-wal`
-//! left beside the copy is replayed into it on the next open (an audit integrity failure at
-//! best). Here the database is taken with an exclusive lock first (which no other
-//! connection may hold meanwhile), a copy of it is kept, and the backup's pages are
-//! written through SQLite itself (its backup API) into the locked database, so its own
-//! write-ahead log is part of the change and nothing stale is left to replay.
+//! The hand-made way (copy the file over `strongroom.db`) goes wrong in quiet ways: a server
+//! still running keeps writing to the file it has open, a `strongroom.db-wal` left beside
+//! the copy is replayed into it on the next open, and a backup of another vault replaces
+//! this one before anyone checks it. Here:
+//!
+//! 1. [`stage`] takes the data dir's lock file exclusively for the whole run (every process
+//!    that opens the store holds it shared: [`share_lock`]), and copies the backup into a
+//!    private staging folder beside the database, where it is checked. What is put in place
+//!    is that copy, whatever happens to the backup file meanwhile; the caller checks it
+//!    further (its audit log, under this vault's keys) before anything changes.
+//! 2. [`Staged::replace`] takes SQLite's exclusive lock on the database too (a process of
+//!    an older release takes no lock file), keeps a copy of it, and writes the staged pages
+//!    through SQLite itself (its backup API) into the locked database, so its write-ahead
+//!    log is part of the change and nothing stale is left to replay. A database that is
+//!    missing or that SQLite cannot open is set aside as found, with its `-wal` and `-shm`,
+//!    and the staged copy renamed into place.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{check_backup, db_err, BackupReport, SCHEMA_VERSION};
+use super::{check_backup, db_err, BackupReport, DB_FILE_NAME, SCHEMA_VERSION};
 use crate::error::{BackendError, StoreError};
 
-/// What [`restore`] did.
+/// The folder beside the database where [`stage`] puts its copy.
+pub const STAGING_DIR: &str = "restore-staging";
+
+/// At most this many credentials and versions are named in [`Undone`] (all are counted).
+pub const UNDONE_LISTED: usize = 100;
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Unavailable(BackendError::new(e))
+}
+
+const IN_USE: &str = "the database is in use: stop the server (and any other strongroom \
+                      command using this store) first";
+
+fn lock_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+fn open_lock_file(db: &Path) -> Result<File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock_path(db))
+        .map_err(io)
+}
+
+/// The lock every process holds (shared) while it has the store at `db` open: a restore
+/// takes it exclusively, so none opens the store during one, and none is open when one
+/// starts. SQLite's own locks cannot say that about a database that is missing or no longer
+/// opens, which is when a restore is most needed.
+pub(super) fn share_lock(db: &Path) -> Result<File, StoreError> {
+    let file = open_lock_file(db)?;
+    match file.try_lock_shared() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::unavailable(format!(
+            "a `strongroom restore` is replacing the database at {}: start again once it is \
+             done",
+            db.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+/// A backup copied beside the database and checked, with the store locked against every
+/// other process until it is dropped (the copy is then removed, unless it was put in place).
+#[derive(Debug)]
+pub struct Staged {
+    db: PathBuf,
+    dir: PathBuf,
+    report: BackupReport,
+    _lock: File,
+}
+
+/// What [`Staged::replace`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RestoreReport {
@@ -27,51 +95,204 @@ pub struct RestoreReport {
     pub kept: Vec<PathBuf>,
 }
 
-fn io(e: std::io::Error) -> StoreError {
-    StoreError::Unavailable(BackendError::new(e))
+/// What putting the backup back undoes: owners' and admins' protective changes made since
+/// it was taken, which come back with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Undone {
+    /// Credentials disabled since (the kill switch), enabled in the backup: `(owner, name)`,
+    /// at most [`UNDONE_LISTED`].
+    pub enabled_again: Vec<(String, String)>,
+    /// How many credentials that is in all.
+    pub enabled_again_count: u64,
+    /// Versions destroyed since (or their credential deleted), active in the backup:
+    /// `(owner, name, version)`, at most [`UNDONE_LISTED`].
+    pub readable_again: Vec<(String, String, u32)>,
+    /// How many versions that is in all.
+    pub readable_again_count: u64,
 }
 
-/// Replaces the database at `db` with the backup `from` (a file `strongroom backup`
-/// wrote), keeping what it replaces at `keep` (which must not exist). Blocking: run it off
-/// the async workers.
+/// Takes the store at `db` (a file named [`DB_FILE_NAME`]) for a restore, and copies the
+/// backup `from` (a file `strongroom backup` wrote) into a staging folder beside it, where
+/// it is checked. Blocking: run it off the async workers. Nothing of the store changes.
 ///
 /// # Errors
 ///
-/// Nothing is changed on any error before the backup's pages are written:
-/// [`StoreError::InvalidInput`] when `keep` exists, `from` is `db` itself, or the database
-/// is in use (a server or another command has it open); [`StoreError::Corrupt`] when `from`
-/// is no sound Strongroom database; [`StoreError::SchemaTooNew`] when a newer Strongroom
-/// wrote it; [`StoreError::Unavailable`] for I/O failures.
-pub fn restore(db: &Path, from: &Path, keep: &Path) -> Result<RestoreReport, StoreError> {
+/// [`StoreError::InvalidInput`] when the store is in use (a server or another command has
+/// it open), `from` is the database itself or does not exist; [`StoreError::Corrupt`] when
+/// `from` is no sound Strongroom database; [`StoreError::SchemaTooNew`] when a newer
+/// Strongroom wrote it; [`StoreError::Unavailable`] for I/O failures.
+pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
+    let lock = open_lock_file(db)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InvalidInput(IN_USE)),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
     if same_file(db, from) {
         return Err(StoreError::InvalidInput(
             "the backup is the database itself",
         ));
     }
-    let restored = check_source(from)?;
-    if keep.exists() {
-        return Err(StoreError::InvalidInput(
-            "the file to keep the replaced database in already exists",
-        ));
+    if !from.is_file() {
+        return Err(StoreError::InvalidInput("the backup file does not exist"));
     }
-    let kept = if db.exists() {
-        match lock(db) {
-            Ok(conn) => replace_locked(conn, db, from, keep)?,
-            // No SQLite connection can use it: nothing runs on it. Set aside as found.
-            Err(StoreError::Corrupt { .. }) => {
-                let kept = set_aside(db, keep)?;
-                place_copy(from, db)?;
-                kept
-            }
-            Err(e) => return Err(e),
-        }
-    } else {
-        // A log or index left without its database would be replayed into the copy.
-        let kept = set_aside(db, keep)?;
-        place_copy(from, db)?;
-        kept
+    let dir = db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(STAGING_DIR);
+    // Left by a restore cut short: never anything but a copy.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io)?;
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io)?;
+    }
+    let mut staged = Staged {
+        db: db.to_owned(),
+        dir,
+        report: BackupReport {
+            credentials: 0,
+            versions: 0,
+            audit_records: 0,
+        },
+        _lock: lock,
     };
-    Ok(RestoreReport { restored, kept })
+    copy_new(from, &staged.path())?;
+    staged.report = check_source(&staged.path())?;
+    owned_like_its_folder(&staged.path())?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// The checked copy: a database file named [`DB_FILE_NAME`] in a folder of its own, which
+    /// the caller may open as a store to check it further before [`Staged::replace`].
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(DB_FILE_NAME)
+    }
+
+    /// What the copy holds.
+    #[must_use]
+    pub fn report(&self) -> &BackupReport {
+        &self.report
+    }
+
+    /// What putting the copy in place would undo (see [`Undone`]); `None` when there is no
+    /// database, or it cannot be read.
+    #[must_use]
+    pub fn undone(&self) -> Option<Undone> {
+        if !self.db.is_file() {
+            return None;
+        }
+        undone_between(&self.path(), &self.db).ok()
+    }
+
+    /// Puts the copy in place of the database, keeping what it replaces at `keep` (which must
+    /// not exist, nor its `-wal` or `-shm`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidInput`] when `keep` exists or the database is in use (an older
+    /// release's process holding it open); nothing is changed then, nor on any error before
+    /// the kept copy is complete. [`StoreError::Unavailable`] for I/O failures;
+    /// [`StoreError::Corrupt`] when the database written fails its check (the kept copy is
+    /// named in the error).
+    pub fn replace(self, keep: &Path) -> Result<RestoreReport, StoreError> {
+        if self.owns(keep) {
+            return Err(StoreError::InvalidInput(
+                "the replaced database cannot be kept as one of the store's own files",
+            ));
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            if with_suffix(keep, suffix).exists() {
+                return Err(StoreError::InvalidInput(
+                    "the file to keep the replaced database in already exists",
+                ));
+            }
+        }
+        let kept = if self.db.exists() {
+            match lock_database(&self.db) {
+                Ok(conn) => {
+                    write_locked(conn, &self.db, &self.path(), keep)?;
+                    vec![keep.to_owned()]
+                }
+                // No SQLite connection can use it: set aside as found.
+                Err(StoreError::Corrupt { .. }) => self.rename_into_place(keep)?,
+                Err(e) => return Err(e),
+            }
+        } else {
+            // A log or index left without its database would be replayed into the copy.
+            self.rename_into_place(keep)?
+        };
+        Ok(RestoreReport {
+            restored: self.report.clone(),
+            kept,
+        })
+    }
+
+    /// Whether `path` is one of the files SQLite or the store keep beside the database (which
+    /// they may remove or overwrite), or in the staging folder.
+    fn owns(&self, path: &Path) -> bool {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return false;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let db_dir = self
+            .db
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if same_file(dir, &self.dir) {
+            return true;
+        }
+        same_file(dir, db_dir)
+            && ["", "-wal", "-shm", "-journal", ".lock", ".restoring"]
+                .iter()
+                .any(|suffix| with_suffix(&self.db, suffix).file_name() == Some(name))
+    }
+
+    /// Sets the database's files aside to `keep` and renames the staged copy into place.
+    fn rename_into_place(&self, keep: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let kept = set_aside(&self.db, keep)?;
+        std::fs::rename(self.path(), &self.db).map_err(|e| {
+            StoreError::unavailable(format!(
+                "putting the backup in place failed ({e}); the replaced files are kept as {}",
+                list(&kept)
+            ))
+        })?;
+        sync_parent(&self.db)?;
+        Ok(kept)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -82,13 +303,10 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// The backup must be a sound Strongroom database this build can open.
-fn check_source(from: &Path) -> Result<BackupReport, StoreError> {
-    if !from.is_file() {
-        return Err(StoreError::InvalidInput("the backup file does not exist"));
-    }
+/// The copy must be a sound Strongroom database this build can open.
+fn check_source(copy: &Path) -> Result<BackupReport, StoreError> {
     let conn = Connection::open_with_flags(
-        from,
+        copy,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(db_err)?;
@@ -110,12 +328,27 @@ fn check_source(from: &Path) -> Result<BackupReport, StoreError> {
         });
     }
     drop(conn);
-    check_backup(from)
+    check_backup(copy)
 }
 
-/// The database, opened and locked against every other connection for as long as the
+/// A file made by this process (run as root, say) belongs to whoever owns its folder, so
+/// that the server, running as that user, can open it.
+fn owned_like_its_folder(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let (dir_meta, meta) = (
+        std::fs::metadata(dir).map_err(io)?,
+        std::fs::metadata(path).map_err(io)?,
+    );
+    if (dir_meta.uid(), dir_meta.gid()) != (meta.uid(), meta.gid()) {
+        std::os::unix::fs::chown(path, Some(dir_meta.uid()), Some(dir_meta.gid())).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The database, opened and locked against every other SQLite connection for as long as the
 /// connection lives (exclusive locking mode keeps the lock past the transaction).
-fn lock(db: &Path) -> Result<Connection, StoreError> {
+fn lock_database(db: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         db,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -137,51 +370,82 @@ fn lock(db: &Path) -> Result<Connection, StoreError> {
                 rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
             ) =>
         {
-            Err(StoreError::InvalidInput(
-                "the database is in use: stop the server (and any other strongroom command \
-                 using this store) first",
-            ))
+            Err(StoreError::InvalidInput(IN_USE))
         }
         Err(e) => Err(db_err(e)),
     }
 }
 
-/// With the lock held: keeps a copy of the database, then writes the backup's pages into
-/// it through SQLite.
-fn replace_locked(
+/// Folds the write-ahead log into the database file; refuses when it could not all be.
+fn checkpoint_all(conn: &Connection) -> Result<(), StoreError> {
+    let (busy, log, done): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .map_err(db_err)?;
+    if busy != 0 || log != done {
+        return Err(StoreError::InvalidInput(IN_USE));
+    }
+    Ok(())
+}
+
+/// With the lock held: keeps a copy of the database, then writes the staged pages into it
+/// through SQLite.
+fn write_locked(
     mut conn: Connection,
     db: &Path,
-    from: &Path,
+    staged: &Path,
     keep: &Path,
-) -> Result<Vec<PathBuf>, StoreError> {
+) -> Result<(), StoreError> {
     // Everything committed is in the main file after this, so a copy of that file alone is
     // the whole database (and SQLite's own copy would refuse a damaged one).
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .map_err(db_err)?;
-    copy_new(db, keep)?;
+    checkpoint_all(&conn)?;
+    // Under a temporary name until whole: a copy cut short never looks like the kept one.
+    let partial = with_suffix(keep, ".partial");
+    let _ = std::fs::remove_file(&partial);
+    copy_new(db, &partial)?;
+    std::fs::hard_link(&partial, keep).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            StoreError::InvalidInput("the file to keep the replaced database in already exists")
+        }
+        _ => io(e),
+    })?;
+    std::fs::remove_file(&partial).map_err(io)?;
+    sync_parent(keep)?;
+    let after_kept = |e: StoreError| {
+        StoreError::unavailable(format!(
+            "{e}; the database as it was is kept as {}",
+            keep.display()
+        ))
+    };
     let source = Connection::open_with_flags(
-        from,
+        staged,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(db_err)?;
+    .map_err(db_err)
+    .map_err(after_kept)?;
     {
-        let backup = rusqlite::backup::Backup::new(&source, &mut conn).map_err(db_err)?;
+        let backup = rusqlite::backup::Backup::new(&source, &mut conn)
+            .map_err(db_err)
+            .map_err(after_kept)?;
         backup
             .run_to_completion(256, std::time::Duration::ZERO, None)
-            .map_err(db_err)?;
+            .map_err(db_err)
+            .map_err(after_kept)?;
     }
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .map_err(db_err)?;
+    checkpoint_all(&conn).map_err(after_kept)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(db_err)?;
+        .map_err(db_err)
+        .map_err(after_kept)?;
     if check != "ok" {
         return Err(StoreError::corrupt(format!(
-            "the restored database fails its check: {check}"
+            "the restored database fails its check: {check}; the database as it was is kept \
+             as {}",
+            keep.display()
         )));
     }
-    drop(conn);
-    Ok(vec![keep.to_owned()])
+    Ok(())
 }
 
 /// Copies `from` to a new file `to` (mode 0600) and makes it durable.
@@ -192,8 +456,13 @@ fn copy_new(from: &Path, to: &Path) -> Result<(), StoreError> {
         .create_new(true)
         .mode(0o600)
         .open(to)
-        .map_err(io)?;
-    let mut input = std::fs::File::open(from).map_err(io)?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                StoreError::InvalidInput("the file to keep the replaced database in already exists")
+            }
+            _ => io(e),
+        })?;
+    let mut input = File::open(from).map_err(io)?;
     std::io::copy(&mut input, &mut out).map_err(io)?;
     out.sync_all().map_err(io)?;
     sync_parent(to)
@@ -201,31 +470,27 @@ fn copy_new(from: &Path, to: &Path) -> Result<(), StoreError> {
 
 fn sync_parent(path: &Path) -> Result<(), StoreError> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io),
+        Some(dir) => File::open(dir).and_then(|d| d.sync_all()).map_err(io),
         None => Ok(()),
     }
 }
 
-/// The database file and its `-wal` and `-shm`, each that exists, renamed to `keep` and
-/// `keep-wal`, `keep-shm` (so they still open together).
+/// The database file and its `-wal` and `-shm`, each that exists, moved to `keep` and
+/// `keep-wal`, `keep-shm` (so they still open together); never over an existing file (a
+/// hard link, then the old name removed).
 fn set_aside(db: &Path, keep: &Path) -> Result<Vec<PathBuf>, StoreError> {
     let mut kept = Vec::new();
     for suffix in ["", "-wal", "-shm"] {
-        let mut name = db.as_os_str().to_owned();
-        name.push(suffix);
-        let path = PathBuf::from(name);
+        let path = with_suffix(db, suffix);
         if path.exists() {
-            let mut target = keep.as_os_str().to_owned();
-            target.push(suffix);
-            let target = PathBuf::from(target);
-            if target.exists() {
-                return Err(StoreError::InvalidInput(
+            let target = with_suffix(keep, suffix);
+            std::fs::hard_link(&path, &target).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StoreError::InvalidInput(
                     "the file to keep the replaced database in already exists",
-                ));
-            }
-            std::fs::rename(&path, &target).map_err(io)?;
+                ),
+                _ => io(e),
+            })?;
+            std::fs::remove_file(&path).map_err(io)?;
             kept.push(target);
         }
     }
@@ -233,16 +498,60 @@ fn set_aside(db: &Path, keep: &Path) -> Result<Vec<PathBuf>, StoreError> {
     Ok(kept)
 }
 
-/// Puts a copy of `from` at `db`, whole or not at all (a temporary name, then a rename).
-fn place_copy(from: &Path, db: &Path) -> Result<(), StoreError> {
-    let mut name = db.as_os_str().to_owned();
-    name.push(".restoring");
-    let partial = PathBuf::from(name);
-    // Left by a restore cut short: never the database.
-    let _ = std::fs::remove_file(&partial);
-    copy_new(from, &partial)?;
-    std::fs::rename(&partial, db).map_err(io)?;
-    sync_parent(db)
+/// What replacing `live` by `restored` undoes (see [`Undone`]).
+fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
+    let conn = Connection::open_with_flags(
+        restored,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err)?;
+    let name = live
+        .to_str()
+        .ok_or(StoreError::InvalidInput("the database path is not UTF-8"))?;
+    conn.execute("ATTACH DATABASE ?1 AS live", [name])
+        .map_err(db_err)?;
+    let mut undone = Undone::default();
+    let enabled_again = "FROM main.credentials r JOIN live.credentials l
+             ON l.owner = r.owner AND l.name = r.name
+         WHERE r.deleted = 0 AND r.enabled = 1 AND l.deleted = 0 AND l.enabled = 0";
+    undone.enabled_again_count = count(&conn, enabled_again)?;
+    undone.enabled_again = conn
+        .prepare(&format!(
+            "SELECT r.owner, r.name {enabled_again} ORDER BY r.owner, r.name LIMIT ?1"
+        ))
+        .map_err(db_err)?
+        .query_map([UNDONE_LISTED as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    let readable_again = "FROM main.versions rv
+         JOIN main.credentials rc ON rc.id = rv.credential_id
+         JOIN live.credentials lc ON lc.owner = rc.owner AND lc.name = rc.name
+         LEFT JOIN live.versions lv ON lv.credential_id = lc.id AND lv.version = rv.version
+         WHERE rc.deleted = 0 AND rv.state = 0
+           AND (lv.state = 1 OR (lv.version IS NULL AND lc.latest_version >= rv.version))";
+    undone.readable_again_count = count(&conn, readable_again)?;
+    undone.readable_again = conn
+        .prepare(&format!(
+            "SELECT rc.owner, rc.name, rv.version {readable_again}
+             ORDER BY rc.owner, rc.name, rv.version LIMIT ?1"
+        ))
+        .map_err(db_err)?
+        .query_map([UNDONE_LISTED as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    Ok(undone)
+}
+
+fn count(conn: &Connection, from_where: &str) -> Result<u64, StoreError> {
+    conn.query_row(&format!("SELECT count(*) {from_where}"), [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(db_err)
+    .map(|n| u64::try_from(n).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -270,45 +579,109 @@ mod tests {
         page.items.into_iter().map(|s| s.name).collect()
     }
 
-    /// The backup replaces the database; what it replaced is kept and still opens; and a
-    /// database some connection holds open is refused, with nothing changed.
+    fn restore(db: &Path, from: &Path, keep: &Path) -> Result<RestoreReport, StoreError> {
+        stage(db, from)?.replace(keep)
+    }
+
+    async fn backup_of(live: &Path, to: &Path) {
+        let store = SqliteStore::open_dir(live).await.unwrap();
+        store.backup_to(to).await.unwrap();
+        store.close().await;
+    }
+
+    /// The backup replaces the database; what it replaced is kept and still opens; a
+    /// database a store holds open is refused, and a store does not open during a restore;
+    /// what the restore undoes is named.
     #[tokio::test]
     async fn a_backup_replaces_the_database_and_the_old_one_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let live = dir.path().join("live");
-        store_with(&live, &["before"]).await;
+        store_with(&live, &["before", "shredded", "switched-off"]).await;
         let backup = dir.path().join("backup.db");
+        backup_of(&live, &backup).await;
+        let db = live.join("strongroom.db");
+        let keep = dir.path().join("kept.db");
         {
             let store = SqliteStore::open_dir(&live).await.unwrap();
-            store.backup_to(&backup).await.unwrap();
             store
                 .put_version(new_version("alice", "after", 1))
                 .await
                 .unwrap();
+            let t = crate::testing::suite::t0();
+            store
+                .destroy_version("alice", "shredded", 1, t)
+                .await
+                .unwrap();
+            store
+                .set_enabled("alice", "switched-off", false, t)
+                .await
+                .unwrap();
             // Open: refused, and nothing moves.
-            let db = live.join("strongroom.db");
-            let err = restore(&db, &backup, &dir.path().join("kept.db")).unwrap_err();
+            let err = restore(&db, &backup, &keep).unwrap_err();
             assert!(err.to_string().contains("in use: stop the server"), "{err}");
-            assert!(!dir.path().join("kept.db").exists());
+            assert!(!keep.exists());
+            assert!(!live.join(STAGING_DIR).exists());
             store.close().await;
         }
-        assert_eq!(names(&live).await, ["after", "before"]);
-        let db = live.join("strongroom.db");
-        let keep = dir.path().join("kept.db");
-        let report = restore(&db, &backup, &keep).unwrap();
-        assert_eq!(report.restored.credentials, 1);
+        assert_eq!(
+            names(&live).await,
+            ["after", "before", "shredded", "switched-off"]
+        );
+        // A process that takes no lock file (an older release) but has the database open.
+        let older = Connection::open(&db).unwrap();
+        older
+            .query_row("SELECT count(*) FROM credentials", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap();
+        let err = stage(&db, &backup).unwrap().replace(&keep).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+        assert!(!keep.exists());
+        drop(older);
+        let staged = stage(&db, &backup).unwrap();
+        // A store does not open while a restore holds it.
+        let err = SqliteStore::open_dir(&live).await.unwrap_err();
+        assert!(err.to_string().contains("restore"), "{err}");
+        let undone = staged.undone().unwrap();
+        assert_eq!(
+            undone.enabled_again,
+            [("alice".to_owned(), "switched-off".to_owned())]
+        );
+        assert_eq!(
+            undone.readable_again,
+            [("alice".to_owned(), "shredded".to_owned(), 1)]
+        );
+        let report = staged.replace(&keep).unwrap();
+        assert_eq!(report.restored.credentials, 3);
         assert_eq!(report.kept, std::slice::from_ref(&keep));
-        assert_eq!(names(&live).await, ["before"]);
+        assert!(!live.join(STAGING_DIR).exists());
+        assert_eq!(names(&live).await, ["before", "shredded", "switched-off"]);
         // The replaced database, as it was.
         let kept_dir = dir.path().join("kept");
         std::fs::create_dir(&kept_dir).unwrap();
         std::fs::rename(&keep, kept_dir.join("strongroom.db")).unwrap();
-        assert_eq!(names(&kept_dir).await, ["after", "before"]);
-        // Never over an existing file.
-        std::fs::write(&keep, b"mine").unwrap();
-        let err = restore(&db, &backup, &keep).unwrap_err();
-        assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
-        assert_eq!(std::fs::read(&keep).unwrap(), b"mine");
+        assert_eq!(
+            names(&kept_dir).await,
+            ["after", "before", "shredded", "switched-off"]
+        );
+        // Never as one of the store's own files.
+        for own in [
+            "strongroom.db-shm",
+            "strongroom.db-wal",
+            "strongroom.db.lock",
+        ] {
+            let err = restore(&db, &backup, &live.join(own)).unwrap_err();
+            assert!(err.to_string().contains("own files"), "{own}: {err}");
+        }
+        // Never over an existing file, nor beside a log of that name.
+        for suffix in ["", "-wal"] {
+            let taken = with_suffix(&keep, suffix);
+            std::fs::write(&taken, b"mine").unwrap();
+            let err = restore(&db, &backup, &keep).unwrap_err();
+            assert!(matches!(err, StoreError::InvalidInput(_)), "{err:?}");
+            assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
+            std::fs::remove_file(&taken).unwrap();
+        }
     }
 
     /// A `-wal` left beside a missing database is set aside, not replayed into the copy; a
@@ -319,11 +692,7 @@ mod tests {
         let live = dir.path().join("live");
         store_with(&live, &["a"]).await;
         let backup = dir.path().join("backup.db");
-        {
-            let store = SqliteStore::open_dir(&live).await.unwrap();
-            store.backup_to(&backup).await.unwrap();
-            store.close().await;
-        }
+        backup_of(&live, &backup).await;
         let db = live.join("strongroom.db");
         std::fs::remove_file(&db).unwrap();
         std::fs::write(live.join("strongroom.db-wal"), b"stale log").unwrap();
@@ -359,11 +728,7 @@ mod tests {
             .execute_batch("CREATE TABLE t (x)")
             .unwrap();
         let newer = dir.path().join("newer.db");
-        {
-            let store = SqliteStore::open_dir(&live).await.unwrap();
-            store.backup_to(&newer).await.unwrap();
-            store.close().await;
-        }
+        backup_of(&live, &newer).await;
         Connection::open(&newer)
             .unwrap()
             .execute("UPDATE schema_version SET version = version + 1", [])
@@ -381,6 +746,7 @@ mod tests {
             let err = restore(&db, from, &keep).unwrap_err();
             assert!(err.to_string().contains(want), "{from:?}: {err}");
             assert!(!keep.exists(), "{from:?}");
+            assert!(!live.join(STAGING_DIR).exists(), "{from:?}");
         }
         assert_eq!(names(&live).await, ["a"]);
     }
