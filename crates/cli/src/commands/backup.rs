@@ -103,10 +103,6 @@ pub struct RestoreArgs {
     dry_run: bool,
 }
 
-fn restore_error(from: &std::path::Path) -> impl Fn(strongroom_store::StoreError) -> Failure + '_ {
-    move |e| CliError::Operation(format!("restore from {}: {e}", from.display())).into()
-}
-
 pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
     use strongroom_server::config::{Config, Overrides, StoreKind};
     use strongroom_store::sqlite::restore;
@@ -126,7 +122,8 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         .into());
     }
     let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
-    let staged = restore::stage(&db, &args.from).map_err(restore_error(&args.from))?;
+    let staged = restore::stage(&db, &args.from)
+        .map_err(|e| CliError::Operation(format!("restore from {}: {e}", args.from.display())))?;
     let checked = staged.report().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -170,7 +167,7 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         checked.versions,
     )?;
     if let Some(undone) = staged.undone() {
-        report_undone(&undone)?;
+        report_undone(&undone);
     }
     if args.dry_run {
         outln!("dry run: nothing was changed")?;
@@ -250,7 +247,7 @@ fn default_keep(data_dir: &std::path::Path) -> PathBuf {
 }
 
 /// Says what a restore undoes (protective changes made since the backup).
-fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) -> Result<(), Failure> {
+fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) {
     let more = |listed: usize, all: u64| {
         let rest = all.saturating_sub(listed as u64);
         if rest > 0 {
@@ -281,5 +278,4 @@ fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) -> Result<(
             errln!("  owner {owner:?} credential {name} version {version}");
         }
     }
-    Ok(())
 }

@@ -46,14 +46,30 @@ fn lock_path(db: &Path) -> PathBuf {
 
 fn open_lock_file(db: &Path) -> Result<File, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let path = lock_path(db);
+    // `flock` needs no write access.
+    match File::open(&path) {
+        Ok(file) => return Ok(file),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        Err(_) => {}
+    }
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(lock_path(db))
-        .map_err(io)
+        .open(&path)
+        .map_err(io)?;
+    // Made by an operator command run as root, it must still open for the server.
+    owned_like(&path, folder_of(db))?;
+    Ok(file)
+}
+
+fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// The lock every process holds (shared) while it has the store at `db` open: a restore
@@ -137,11 +153,7 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
     if !from.is_file() {
         return Err(StoreError::InvalidInput("the backup file does not exist"));
     }
-    let dir = db
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .join(STAGING_DIR);
+    let dir = folder_of(db).join(STAGING_DIR);
     // Left by a restore cut short: never anything but a copy.
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io)?;
@@ -165,7 +177,10 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
     };
     copy_new(from, &staged.path())?;
     staged.report = check_source(&staged.path())?;
-    owned_like_its_folder(&staged.path())?;
+    // It may become the database: the data dir's owner's, as the database is.
+    let data_dir = folder_of(db);
+    owned_like(&staged.dir, data_dir)?;
+    owned_like(&staged.path(), data_dir)?;
     Ok(staged)
 }
 
@@ -247,11 +262,7 @@ impl Staged {
         } else {
             dir
         };
-        let db_dir = self
-            .db
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let db_dir = folder_of(&self.db);
         if same_file(dir, &self.dir) {
             return true;
         }
@@ -331,19 +342,23 @@ fn check_source(copy: &Path) -> Result<BackupReport, StoreError> {
     check_backup(copy)
 }
 
-/// A file made by this process (run as root, say) belongs to whoever owns its folder, so
-/// that the server, running as that user, can open it.
-fn owned_like_its_folder(path: &Path) -> Result<(), StoreError> {
+/// A file made by this process (run as root, say) belongs to whoever owns the data dir
+/// `dir`, so that the server, running as that user, can open it. Not root, this process can
+/// only have made it in a folder of its own (or one it may write to, which the server's
+/// checks refuse): left as it is then.
+fn owned_like(path: &Path, dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::MetadataExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
     let (dir_meta, meta) = (
         std::fs::metadata(dir).map_err(io)?,
         std::fs::metadata(path).map_err(io)?,
     );
-    if (dir_meta.uid(), dir_meta.gid()) != (meta.uid(), meta.gid()) {
-        std::os::unix::fs::chown(path, Some(dir_meta.uid()), Some(dir_meta.gid())).map_err(io)?;
+    if (dir_meta.uid(), dir_meta.gid()) == (meta.uid(), meta.gid()) {
+        return Ok(());
     }
-    Ok(())
+    match std::os::unix::fs::chown(path, Some(dir_meta.uid()), Some(dir_meta.gid())) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
+        other => other.map_err(io),
+    }
 }
 
 /// The database, opened and locked against every other SQLite connection for as long as the
@@ -712,6 +727,34 @@ mod tests {
         assert_eq!(report.kept, std::slice::from_ref(&keep));
         assert!(std::fs::read(&keep).unwrap().starts_with(b"not a database"));
         assert_eq!(names(&live).await, ["a"]);
+    }
+
+    /// Run as root on a data dir of another user (an operator command under sudo), the lock
+    /// file and the copy that becomes the database are that user's, so that the server,
+    /// running as that user, still opens them. (Needs root: skipped otherwise.)
+    #[tokio::test]
+    async fn files_made_as_root_belong_to_the_data_dirs_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(1)
+            != 0
+        {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        store_with(&live, &["a"]).await;
+        let backup = dir.path().join("backup.db");
+        backup_of(&live, &backup).await;
+        let db = live.join("strongroom.db");
+        std::fs::remove_file(lock_path(&db)).unwrap();
+        std::os::unix::fs::chown(&live, Some(65534), Some(65534)).unwrap();
+        let staged = stage(&db, &backup).unwrap();
+        for made in [lock_path(&db), staged.path(), staged.dir.clone()] {
+            let m = std::fs::metadata(&made).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{made:?}");
+        }
     }
 
     /// What is no Strongroom backup is refused before anything is touched.
