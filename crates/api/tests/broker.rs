@@ -600,22 +600,7 @@ async fn a_version_whose_metadata_does_not_read_is_an_integrity_error() {
         r.body
     );
     let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
-    let record = eventually("the refused reveal's record", || async {
-        api.call(
-            "GET",
-            "/v1/audit?name=zoom.api-key&limit=20",
-            Some(ADMIN_TOKEN),
-            None,
-        )
-        .await
-        .json()["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["request_id"] == rid.as_str())
-            .cloned()
-    })
-    .await;
+    let record = audit_record(&api, "zoom.api-key", |i| i["request_id"] == rid.as_str()).await;
     assert_eq!(record["version"], 1);
     let alice = user_token("alice");
     let list = api
@@ -980,22 +965,7 @@ async fn an_expired_version_is_neither_revealed_nor_brokered() {
         (&records[0]["error_code"], &records[0]["version"]),
         (&json!("version_expired"), &json!(2))
     );
-    let reveal_record = eventually("the refused reveal's record", || async {
-        api.call(
-            "GET",
-            "/v1/audit?name=zoom.api-key&limit=20",
-            Some(ADMIN_TOKEN),
-            None,
-        )
-        .await
-        .json()["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["action"] == "reveal")
-            .cloned()
-    })
-    .await;
+    let reveal_record = audit_record(&api, "zoom.api-key", |i| i["action"] == "reveal").await;
     assert_eq!(
         (&reveal_record["error_code"], &reveal_record["version"]),
         (&json!("version_expired"), &json!(2))
@@ -1020,6 +990,27 @@ async fn an_expired_version_is_neither_revealed_nor_brokered() {
             vec![json!([3, false]), json!([2, true]), json!([1, false])]
         )
     );
+}
+
+/// The newest of `name`'s last 20 audit records that `pick` takes, once there is one.
+async fn audit_record(api: &TestApi, name: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let pick = &pick;
+    eventually(&format!("an audit record of {name}"), || async move {
+        api.call(
+            "GET",
+            &format!("/v1/audit?name={name}&limit=20"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| pick(i))
+            .cloned()
+    })
+    .await
 }
 
 /// The broker records of `name`, newest first, once there are `n` of them (a request cut
