@@ -131,7 +131,8 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
         err.contains("1 credential(s) disabled since the backup")
             && err.contains("credential cred-0")
             && err.contains("1 version(s) destroyed since the backup")
-            && err.contains("credential cred-1 version 1"),
+            && err.contains("credential cred-1 version 1")
+            && err.contains("written since the backup are not in it"),
         "{err}"
     );
     assert!(kept_files().is_empty());
@@ -183,7 +184,7 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
     assert!(
         stdout.contains("restored")
             && stdout.contains("its audit log verifies")
-            && stdout.contains("recorded in the audit log"),
+            && stdout.contains("records this restore"),
         "{stdout}"
     );
     let kept = kept_files();
@@ -239,4 +240,52 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
     std::fs::copy(data.join(&kept[0]), replaced.join("strongroom.db")).unwrap();
     std::fs::copy(data.join("keyring.json"), replaced.join("keyring.json")).unwrap();
     reveal_all(replaced, true);
+}
+
+/// Run as root on a data dir another user owns (and so could fill with symlinks), a restore
+/// is refused before it makes or changes anything there, as every command that opens the
+/// store is. (Needs root to hand the folder to another user: skipped otherwise.)
+#[test]
+fn a_restore_into_a_data_dir_of_another_user_is_refused_before_anything() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(&data)
+        .assert()
+        .success();
+    common::make_store(&data);
+    let backup = tmp.path().join("backup.db");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    assert!(
+        run(&["backup", "--output"], &[backup.as_os_str(), dd[0], dd[1]])
+            .status
+            .success()
+    );
+    let listing = || {
+        let mut names: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    // As after an upgrade from a release without one: a lock file made by root would keep
+    // the owner's server out.
+    std::fs::remove_file(data.join("strongroom.db.lock")).unwrap();
+    let before = listing();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    let out = run(&["restore", "--from"], &[backup.as_os_str(), dd[0], dd[1]]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("owned by"), "{err}");
+    assert_eq!(listing(), before);
 }

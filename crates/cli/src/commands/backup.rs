@@ -77,9 +77,10 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
 /// this store's keys (a backup of another vault, or one the keyring cannot open, changes
 /// nothing). It says what the restore would undo: credentials disabled and versions
 /// destroyed since the backup was taken, which come back with it (disable or destroy them
-/// again). Then the database is replaced; what it replaces is kept (--keep, by default
-/// DATA_DIR/strongroom.db.before-restore-TIME), no -wal or -shm file of the old database is
-/// left to be replayed into the copy, and the restore is recorded in the audit log.
+/// again), and the versions written since, which go. The restore is recorded in the copy's
+/// audit log. Then the database is replaced; what it replaces is kept (--keep, by default
+/// DATA_DIR/strongroom.db.before-restore-TIME), and no -wal or -shm file of the old
+/// database is left to be replayed into the copy.
 /// Everything written since the backup was taken is gone (it is in the kept copy), and an
 /// `audit head` saved since no longer matches: the log went back with the copy.
 #[derive(Args, Debug)]
@@ -121,16 +122,27 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         ))
         .into());
     }
+    // The data dir and the key files are trusted (owned by root or this user, writable by
+    // their owner only) before anything is made in them: as for every command that opens
+    // the store.
+    config.check_backend_files()?;
     let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
-    let staged = restore::stage(&db, &args.from)
-        .map_err(|e| CliError::Operation(format!("restore from {}: {e}", args.from.display())))?;
+    let failed = |e: &dyn std::fmt::Display| -> Failure {
+        CliError::Operation(format!(
+            "restore from {}: {e}; nothing was changed",
+            args.from.display()
+        ))
+        .into()
+    };
+    let staged = restore::stage(&db, &args.from).map_err(|e| failed(&e))?;
     let checked = staged.report().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(CliError::io("cannot start the async runtime"))?;
     // Its audit log, under this store's keys, before anything changes: a backup of another
-    // vault (or one this keyring cannot open) stops here.
+    // vault (or one this keyring cannot open) stops here. The restore is recorded in it
+    // there, so the database put in place holds its own record, whatever happens next.
     let staged_config = Config::load_for_operator(
         args.target.config.as_deref(),
         &Overrides {
@@ -143,22 +155,28 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         let backends = strongroom_server::Backends::open_existing(&staged_config)
             .await
             .map_err(|e| {
-                CliError::Operation(format!(
-                    "restore from {}: the backup does not open with this store's keys: {e}; \
-                     nothing was changed",
-                    args.from.display()
+                failed(&format!(
+                    "the backup does not open with this store's keys: {e}"
                 ))
             })?;
         let verified = super::audit::verify_log(&backends, None).await;
+        let recorded = match (&verified, args.dry_run) {
+            (Ok(_), false) => {
+                strongroom_server::audit_operator_action(&backends, "restore", "ok", None, None)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        };
         backends.close().await;
-        verified.map(|c| c.count).map_err(|e| {
-            Failure::from(CliError::Operation(format!(
-                "restore from {}: the backup's audit log does not verify under this store's \
-                 keys ({e}); is it a backup of this vault, with the keyring it was made with? \
-                 Nothing was changed",
-                args.from.display()
-            )))
-        })
+        let count = verified.map(|c| c.count).map_err(|e| {
+            failed(&format!(
+                "the backup's audit log does not verify under this store's keys ({e}); is it \
+                 a backup of this vault, with the keyring it was made with?"
+            ))
+        })?;
+        recorded.map_err(|e| failed(&format!("the restore could not be recorded in it: {e}")))?;
+        Ok::<_, Failure>(count)
     })?;
     outln!(
         "backup checked: {} credentials, {} versions; its audit log verifies under this \
@@ -166,8 +184,22 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         checked.credentials,
         checked.versions,
     )?;
-    if let Some(undone) = staged.undone() {
-        report_undone(&undone);
+    match staged.current() {
+        restore::Current::Database => match staged.undone() {
+            Some(undone) => report_undone(&undone),
+            None => errln!(
+                "warning: the database does not read; what the restore undoes cannot be \
+                 listed (it is kept as it is)"
+            ),
+        },
+        restore::Current::NotADatabase => errln!(
+            "note: {} is no SQLite database: it is kept as found, with its -wal and -shm",
+            db.display()
+        ),
+        _ => errln!(
+            "note: there is no database at {}; the backup becomes it",
+            db.display()
+        ),
     }
     if args.dry_run {
         outln!("dry run: nothing was changed")?;
@@ -194,26 +226,23 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
             keep.display()
         ))
     })?;
-    outln!("restored {} from {}", db.display(), args.from.display())?;
+    outln!(
+        "restored {} from {}: {} credentials, {} versions, {} audit records (the last one \
+         records this restore)",
+        db.display(),
+        args.from.display(),
+        report.restored.credentials,
+        report.restored.versions,
+        report.restored.audit_records
+    )?;
     for kept in &report.kept {
         outln!("the database it replaced is kept as {}", kept.display())?;
     }
-    runtime.block_on(async move {
-        let backends = args.target.open_existing().await?;
-        let recorded =
-            strongroom_server::audit_operator_action(&backends, "restore", "ok", None, None).await;
-        backends.close().await;
-        recorded.map_err(|e| {
-            CliError::Operation(format!(
-                "restored, but the restore could not be recorded in the audit log: {e}"
-            ))
-        })?;
-        outln!(
-            "the restore is recorded in the audit log; an `audit head` saved after the backup \
-             was taken no longer matches (the log went back with the copy)"
-        )?;
-        Ok(())
-    })
+    outln!(
+        "an `audit head` saved after the backup was taken no longer matches (the log went \
+         back with the copy)"
+    )?;
+    Ok(())
 }
 
 /// `DATA_DIR/strongroom.db.before-restore-TIME`, with a number after it when a restore in
@@ -266,6 +295,13 @@ fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) {
         for (owner, name) in &undone.enabled_again {
             errln!("  owner {owner:?} credential {name}");
         }
+    }
+    if undone.versions_gone > 0 {
+        errln!(
+            "note: {} version(s) written since the backup are not in it: they will be gone \
+             (in the kept copy only)",
+            undone.versions_gone
+        );
     }
     if undone.readable_again_count > 0 {
         errln!(

@@ -9,13 +9,18 @@
 //!    that opens the store holds it shared: [`share_lock`]), and copies the backup into a
 //!    private staging folder beside the database, where it is checked. What is put in place
 //!    is that copy, whatever happens to the backup file meanwhile; the caller checks it
-//!    further (its audit log, under this vault's keys) before anything changes.
+//!    further (its audit log, under this vault's keys), and records the restore in it,
+//!    before anything changes.
 //! 2. [`Staged::replace`] takes SQLite's exclusive lock on the database too (a process of
 //!    an older release takes no lock file), keeps a copy of it, and writes the staged pages
 //!    through SQLite itself (its backup API) into the locked database, so its write-ahead
 //!    log is part of the change and nothing stale is left to replay. A database that is
-//!    missing or that SQLite cannot open is set aside as found, with its `-wal` and `-shm`,
-//!    and the staged copy renamed into place.
+//!    missing, or that is no SQLite file, is kept as found (hard links, with its `-wal` and
+//!    `-shm`), its log and index removed, and the staged copy renamed over it: at no point
+//!    is there no database where there was one.
+//!
+//! The data dir must be trusted (owned by root or this user, writable by its owner only):
+//! the caller checks it, as every command that opens the store does.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -29,41 +34,37 @@ use crate::error::{BackendError, StoreError};
 pub const STAGING_DIR: &str = "restore-staging";
 
 /// At most this many credentials and versions are named in [`Undone`] (all are counted).
-pub const UNDONE_LISTED: usize = 100;
+pub const UNDONE_LISTED: usize = 1000;
 
 fn io(e: std::io::Error) -> StoreError {
     StoreError::Unavailable(BackendError::new(e))
 }
 
+/// An I/O failure, naming what was being done and to which file.
+fn io_at<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> StoreError + 'a {
+    move |e| StoreError::unavailable(format!("{what} {}: {e}", path.display()))
+}
+
 const IN_USE: &str = "the database is in use: stop the server (and any other strongroom \
                       command using this store) first";
 
+const KEEP_EXISTS: &str = "the file to keep the replaced database in already exists";
+
 fn lock_path(db: &Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
+    with_suffix(db, ".lock")
 }
 
 fn open_lock_file(db: &Path) -> Result<File, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = lock_path(db);
-    // `flock` needs no write access.
-    match File::open(&path) {
-        Ok(file) => return Ok(file),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        Err(_) => {}
-    }
-    let file = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(&path)
-        .map_err(io)?;
-    // Made by an operator command run as root, it must still open for the server.
-    owned_like(&path, folder_of(db))?;
-    Ok(file)
+        .map_err(io_at("cannot open the lock file", &path))
 }
 
 fn folder_of(path: &Path) -> &Path {
@@ -106,13 +107,25 @@ pub struct RestoreReport {
     /// What the restored database holds.
     pub restored: BackupReport,
     /// The database that was replaced, as it was: a copy of it (after its write-ahead log
-    /// was folded in), or the files set aside as found (with their `-wal` and `-shm`) when
-    /// SQLite could not open it. Empty when there was none.
+    /// was folded in), or its files as found (with their `-wal` and `-shm`) when it was no
+    /// SQLite file. Empty when there was none.
     pub kept: Vec<PathBuf>,
 }
 
+/// What the database holds now, as far as a restore is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Current {
+    /// No database file (a `-wal` or `-shm` left alone is kept aside).
+    Missing,
+    /// A file that is no SQLite database: kept as found.
+    NotADatabase,
+    /// A database: kept as a copy, then overwritten in place.
+    Database,
+}
+
 /// What putting the backup back undoes: owners' and admins' protective changes made since
-/// it was taken, which come back with it.
+/// it was taken, which come back with it, and what was written since, which goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Undone {
@@ -126,6 +139,9 @@ pub struct Undone {
     pub readable_again: Vec<(String, String, u32)>,
     /// How many versions that is in all.
     pub readable_again_count: u64,
+    /// Active versions written since, which the backup does not hold (they stay in the kept
+    /// copy only).
+    pub versions_gone: u64,
 }
 
 /// Takes the store at `db` (a file named [`DB_FILE_NAME`]) for a restore, and copies the
@@ -135,9 +151,10 @@ pub struct Undone {
 /// # Errors
 ///
 /// [`StoreError::InvalidInput`] when the store is in use (a server or another command has
-/// it open), `from` is the database itself or does not exist; [`StoreError::Corrupt`] when
-/// `from` is no sound Strongroom database; [`StoreError::SchemaTooNew`] when a newer
-/// Strongroom wrote it; [`StoreError::Unavailable`] for I/O failures.
+/// it open), `from` is the database itself, lies in the staging folder, or does not exist;
+/// [`StoreError::Corrupt`] when `from` is no sound Strongroom database;
+/// [`StoreError::SchemaTooNew`] when a newer Strongroom wrote it; [`StoreError::Unavailable`]
+/// for I/O failures (naming the file).
 pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
     let lock = open_lock_file(db)?;
     match lock.try_lock() {
@@ -150,20 +167,31 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
             "the backup is the database itself",
         ));
     }
+    let dir = folder_of(db).join(STAGING_DIR);
+    if folder_of(from) == dir || same_file(folder_of(from), &dir) {
+        return Err(StoreError::InvalidInput(
+            "the backup is in the folder a restore stages its copy in (restore-staging), which \
+             the restore empties first: move it elsewhere",
+        ));
+    }
     if !from.is_file() {
         return Err(StoreError::InvalidInput("the backup file does not exist"));
     }
-    let dir = folder_of(db).join(STAGING_DIR);
     // Left by a restore cut short: never anything but a copy.
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(io)?;
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            std::fs::remove_dir_all(&dir)
+        } else {
+            std::fs::remove_file(&dir)
+        }
+        .map_err(io_at("cannot remove the staging folder", &dir))?;
     }
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
-            .map_err(io)?;
+            .map_err(io_at("cannot make the staging folder", &dir))?;
     }
     let mut staged = Staged {
         db: db.to_owned(),
@@ -177,32 +205,39 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
     };
     copy_new(from, &staged.path())?;
     staged.report = check_source(&staged.path())?;
-    // It may become the database: the data dir's owner's, as the database is.
-    let data_dir = folder_of(db);
-    owned_like(&staged.dir, data_dir)?;
-    owned_like(&staged.path(), data_dir)?;
     Ok(staged)
 }
 
 impl Staged {
     /// The checked copy: a database file named [`DB_FILE_NAME`] in a folder of its own, which
-    /// the caller may open as a store to check it further before [`Staged::replace`].
+    /// the caller may open as a store (to check it further, and to record the restore in its
+    /// audit log) before [`Staged::replace`].
     #[must_use]
     pub fn path(&self) -> PathBuf {
         self.dir.join(DB_FILE_NAME)
     }
 
-    /// What the copy holds.
+    /// What the copy holds (as staged).
     #[must_use]
     pub fn report(&self) -> &BackupReport {
         &self.report
     }
 
-    /// What putting the copy in place would undo (see [`Undone`]); `None` when there is no
-    /// database, or it cannot be read.
+    /// What is there now.
+    #[must_use]
+    pub fn current(&self) -> Current {
+        match std::fs::symlink_metadata(&self.db) {
+            Err(_) => Current::Missing,
+            Ok(_) if has_sqlite_header(&self.db) => Current::Database,
+            Ok(_) => Current::NotADatabase,
+        }
+    }
+
+    /// What putting the copy in place would undo (see [`Undone`]), read without writing to
+    /// the database; `None` when there is no database or it cannot be read.
     #[must_use]
     pub fn undone(&self) -> Option<Undone> {
-        if !self.db.is_file() {
+        if self.current() != Current::Database {
             return None;
         }
         undone_between(&self.path(), &self.db).ok()
@@ -213,11 +248,11 @@ impl Staged {
     ///
     /// # Errors
     ///
-    /// [`StoreError::InvalidInput`] when `keep` exists or the database is in use (an older
-    /// release's process holding it open); nothing is changed then, nor on any error before
-    /// the kept copy is complete. [`StoreError::Unavailable`] for I/O failures;
-    /// [`StoreError::Corrupt`] when the database written fails its check (the kept copy is
-    /// named in the error).
+    /// [`StoreError::InvalidInput`] when `keep` exists or is one of the store's own files,
+    /// or the database is in use (an older release's process holding it open); nothing is
+    /// changed then, nor on any error before the kept copy is complete (later errors name
+    /// it). [`StoreError::Unavailable`] for I/O failures; [`StoreError::Corrupt`] when the
+    /// database written fails its check.
     pub fn replace(self, keep: &Path) -> Result<RestoreReport, StoreError> {
         if self.owns(keep) {
             return Err(StoreError::InvalidInput(
@@ -225,28 +260,24 @@ impl Staged {
             ));
         }
         for suffix in ["", "-wal", "-shm"] {
-            if with_suffix(keep, suffix).exists() {
-                return Err(StoreError::InvalidInput(
-                    "the file to keep the replaced database in already exists",
-                ));
+            if std::fs::symlink_metadata(with_suffix(keep, suffix)).is_ok() {
+                return Err(StoreError::InvalidInput(KEEP_EXISTS));
             }
         }
-        let kept = if self.db.exists() {
-            match lock_database(&self.db) {
+        let kept = match self.current() {
+            Current::Database => match lock_database(&self.db) {
                 Ok(conn) => {
-                    write_locked(conn, &self.db, &self.path(), keep)?;
+                    self.write_locked(conn, keep)?;
                     vec![keep.to_owned()]
                 }
-                // No SQLite connection can use it: set aside as found.
+                // Not a database after all, past its first page: kept as found.
                 Err(StoreError::Corrupt { .. }) => self.rename_into_place(keep)?,
                 Err(e) => return Err(e),
-            }
-        } else {
-            // A log or index left without its database would be replayed into the copy.
-            self.rename_into_place(keep)?
+            },
+            Current::NotADatabase | Current::Missing => self.rename_into_place(keep)?,
         };
         Ok(RestoreReport {
-            restored: self.report.clone(),
+            restored: check_backup(&self.db)?,
             kept,
         })
     }
@@ -262,19 +293,81 @@ impl Staged {
         } else {
             dir
         };
-        let db_dir = folder_of(&self.db);
         if same_file(dir, &self.dir) {
             return true;
         }
-        same_file(dir, db_dir)
-            && ["", "-wal", "-shm", "-journal", ".lock", ".restoring"]
+        same_file(dir, folder_of(&self.db))
+            && ["", "-wal", "-shm", "-journal", ".lock"]
                 .iter()
                 .any(|suffix| with_suffix(&self.db, suffix).file_name() == Some(name))
     }
 
-    /// Sets the database's files aside to `keep` and renames the staged copy into place.
+    /// With SQLite's lock held: keeps a copy of the database, then writes the staged pages
+    /// into it through SQLite.
+    fn write_locked(&self, mut conn: Connection, keep: &Path) -> Result<(), StoreError> {
+        // Everything committed is in the main file after this, so a copy of that file alone
+        // is the whole database (and SQLite's own copy would refuse a damaged one).
+        checkpoint_all(&conn)?;
+        // Whole before it has its name: a copy cut short never looks like the kept one.
+        let partial = self.dir.join("kept.partial");
+        copy_new(&self.db, &partial)?;
+        keep_file(&partial, keep)?;
+        let after_kept = |e: StoreError| {
+            StoreError::unavailable(format!(
+                "{e}; the database as it was is kept as {}",
+                keep.display()
+            ))
+        };
+        let source = Connection::open_with_flags(
+            self.path(),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)
+        .map_err(after_kept)?;
+        {
+            let backup = rusqlite::backup::Backup::new(&source, &mut conn)
+                .map_err(db_err)
+                .map_err(after_kept)?;
+            backup
+                .run_to_completion(256, std::time::Duration::ZERO, None)
+                .map_err(db_err)
+                .map_err(after_kept)?;
+        }
+        checkpoint_all(&conn).map_err(after_kept)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(db_err)
+            .map_err(after_kept)?;
+        if check != "ok" {
+            return Err(StoreError::corrupt(format!(
+                "the restored database fails its check: {check}; the database as it was is \
+                 kept as {}",
+                keep.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Keeps the database's files as found (hard links: `keep`, `keep-wal`, `keep-shm`, so
+    /// they still open together), removes its log and index (which would be replayed into
+    /// the copy), and renames the staged copy over the database. A database that was there
+    /// is never missing on the way.
     fn rename_into_place(&self, keep: &Path) -> Result<Vec<PathBuf>, StoreError> {
-        let kept = set_aside(&self.db, keep)?;
+        let mut kept = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let path = with_suffix(&self.db, suffix);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                let target = with_suffix(keep, suffix);
+                keep_file(&path, &target)?;
+                kept.push(target);
+            }
+        }
+        for suffix in ["-wal", "-shm"] {
+            let path = with_suffix(&self.db, suffix);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                std::fs::remove_file(&path).map_err(io_at("cannot remove", &path))?;
+            }
+        }
         std::fs::rename(self.path(), &self.db).map_err(|e| {
             StoreError::unavailable(format!(
                 "putting the backup in place failed ({e}); the replaced files are kept as {}",
@@ -314,6 +407,16 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Whether the file starts as every SQLite database does (read without SQLite, which would
+/// fold a write-ahead log into a file it then finds damaged).
+fn has_sqlite_header(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 16];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"SQLite format 3\0")
+}
+
 /// The copy must be a sound Strongroom database this build can open.
 fn check_source(copy: &Path) -> Result<BackupReport, StoreError> {
     let conn = Connection::open_with_flags(
@@ -340,25 +443,6 @@ fn check_source(copy: &Path) -> Result<BackupReport, StoreError> {
     }
     drop(conn);
     check_backup(copy)
-}
-
-/// A file made by this process (run as root, say) belongs to whoever owns the data dir
-/// `dir`, so that the server, running as that user, can open it. Not root, this process can
-/// only have made it in a folder of its own (or one it may write to, which the server's
-/// checks refuse): left as it is then.
-fn owned_like(path: &Path, dir: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::MetadataExt;
-    let (dir_meta, meta) = (
-        std::fs::metadata(dir).map_err(io)?,
-        std::fs::metadata(path).map_err(io)?,
-    );
-    if (dir_meta.uid(), dir_meta.gid()) == (meta.uid(), meta.gid()) {
-        return Ok(());
-    }
-    match std::os::unix::fs::chown(path, Some(dir_meta.uid()), Some(dir_meta.gid())) {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
-        other => other.map_err(io),
-    }
 }
 
 /// The database, opened and locked against every other SQLite connection for as long as the
@@ -404,63 +488,30 @@ fn checkpoint_all(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// With the lock held: keeps a copy of the database, then writes the staged pages into it
-/// through SQLite.
-fn write_locked(
-    mut conn: Connection,
-    db: &Path,
-    staged: &Path,
-    keep: &Path,
-) -> Result<(), StoreError> {
-    // Everything committed is in the main file after this, so a copy of that file alone is
-    // the whole database (and SQLite's own copy would refuse a damaged one).
-    checkpoint_all(&conn)?;
-    // Under a temporary name until whole: a copy cut short never looks like the kept one.
-    let partial = with_suffix(keep, ".partial");
-    let _ = std::fs::remove_file(&partial);
-    copy_new(db, &partial)?;
-    std::fs::hard_link(&partial, keep).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => {
-            StoreError::InvalidInput("the file to keep the replaced database in already exists")
+/// Gives the file at `from` the name `to` too, never over an existing file (or symlink): a
+/// hard link. Across file systems, a copy, whole under `to.partial` before it takes its
+/// name.
+fn keep_file(from: &Path, to: &Path) -> Result<(), StoreError> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => sync_parent(to),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(StoreError::InvalidInput(KEEP_EXISTS))
         }
-        _ => io(e),
-    })?;
-    std::fs::remove_file(&partial).map_err(io)?;
-    sync_parent(keep)?;
-    let after_kept = |e: StoreError| {
-        StoreError::unavailable(format!(
-            "{e}; the database as it was is kept as {}",
-            keep.display()
-        ))
-    };
-    let source = Connection::open_with_flags(
-        staged,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(db_err)
-    .map_err(after_kept)?;
-    {
-        let backup = rusqlite::backup::Backup::new(&source, &mut conn)
-            .map_err(db_err)
-            .map_err(after_kept)?;
-        backup
-            .run_to_completion(256, std::time::Duration::ZERO, None)
-            .map_err(db_err)
-            .map_err(after_kept)?;
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            let partial = with_suffix(to, ".partial");
+            copy_new(from, &partial)?;
+            let linked = std::fs::hard_link(&partial, to);
+            let _ = std::fs::remove_file(&partial);
+            match linked {
+                Ok(()) => sync_parent(to),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Err(StoreError::InvalidInput(KEEP_EXISTS))
+                }
+                Err(e) => Err(io_at("cannot keep the database as", to)(e)),
+            }
+        }
+        Err(e) => Err(io_at("cannot keep the database as", to)(e)),
     }
-    checkpoint_all(&conn).map_err(after_kept)?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(db_err)
-        .map_err(after_kept)?;
-    if check != "ok" {
-        return Err(StoreError::corrupt(format!(
-            "the restored database fails its check: {check}; the database as it was is kept \
-             as {}",
-            keep.display()
-        )));
-    }
-    Ok(())
 }
 
 /// Copies `from` to a new file `to` (mode 0600) and makes it durable.
@@ -472,61 +523,38 @@ fn copy_new(from: &Path, to: &Path) -> Result<(), StoreError> {
         .mode(0o600)
         .open(to)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => {
-                StoreError::InvalidInput("the file to keep the replaced database in already exists")
-            }
-            _ => io(e),
+            std::io::ErrorKind::AlreadyExists => StoreError::InvalidInput(KEEP_EXISTS),
+            _ => io_at("cannot create", to)(e),
         })?;
-    let mut input = File::open(from).map_err(io)?;
-    std::io::copy(&mut input, &mut out).map_err(io)?;
-    out.sync_all().map_err(io)?;
+    let mut input = File::open(from).map_err(io_at("cannot read", from))?;
+    std::io::copy(&mut input, &mut out).map_err(io_at("cannot write", to))?;
+    out.sync_all().map_err(io_at("cannot write", to))?;
     sync_parent(to)
 }
 
 fn sync_parent(path: &Path) -> Result<(), StoreError> {
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => File::open(dir).and_then(|d| d.sync_all()).map_err(io),
-        None => Ok(()),
-    }
+    let dir = folder_of(path);
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at("cannot sync the folder", dir))
 }
 
-/// The database file and its `-wal` and `-shm`, each that exists, moved to `keep` and
-/// `keep-wal`, `keep-shm` (so they still open together); never over an existing file (a
-/// hard link, then the old name removed).
-fn set_aside(db: &Path, keep: &Path) -> Result<Vec<PathBuf>, StoreError> {
-    let mut kept = Vec::new();
-    for suffix in ["", "-wal", "-shm"] {
-        let path = with_suffix(db, suffix);
-        if path.exists() {
-            let target = with_suffix(keep, suffix);
-            std::fs::hard_link(&path, &target).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => StoreError::InvalidInput(
-                    "the file to keep the replaced database in already exists",
-                ),
-                _ => io(e),
-            })?;
-            std::fs::remove_file(&path).map_err(io)?;
-            kept.push(target);
-        }
-    }
-    sync_parent(db)?;
-    Ok(kept)
-}
-
-/// What replacing `live` by `restored` undoes (see [`Undone`]).
+/// What replacing `live` by `restored` undoes (see [`Undone`]). The live database is opened
+/// read-only: it is neither checkpointed nor changed.
 fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
     let conn = Connection::open_with_flags(
-        restored,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        live,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(db_err)?;
-    let name = live
+    let name = restored
         .to_str()
         .ok_or(StoreError::InvalidInput("the database path is not UTF-8"))?;
-    conn.execute("ATTACH DATABASE ?1 AS live", [name])
+    conn.execute("ATTACH DATABASE ?1 AS restored", [name])
         .map_err(db_err)?;
+    let limit = i64::try_from(UNDONE_LISTED).unwrap_or(i64::MAX);
     let mut undone = Undone::default();
-    let enabled_again = "FROM main.credentials r JOIN live.credentials l
+    let enabled_again = "FROM restored.credentials r JOIN main.credentials l
              ON l.owner = r.owner AND l.name = r.name
          WHERE r.deleted = 0 AND r.enabled = 1 AND l.deleted = 0 AND l.enabled = 0";
     undone.enabled_again_count = count(&conn, enabled_again)?;
@@ -535,14 +563,14 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
             "SELECT r.owner, r.name {enabled_again} ORDER BY r.owner, r.name LIMIT ?1"
         ))
         .map_err(db_err)?
-        .query_map([UNDONE_LISTED as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))
         .map_err(db_err)?
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
-    let readable_again = "FROM main.versions rv
-         JOIN main.credentials rc ON rc.id = rv.credential_id
-         JOIN live.credentials lc ON lc.owner = rc.owner AND lc.name = rc.name
-         LEFT JOIN live.versions lv ON lv.credential_id = lc.id AND lv.version = rv.version
+    let readable_again = "FROM restored.versions rv
+         JOIN restored.credentials rc ON rc.id = rv.credential_id
+         JOIN main.credentials lc ON lc.owner = rc.owner AND lc.name = rc.name
+         LEFT JOIN main.versions lv ON lv.credential_id = lc.id AND lv.version = rv.version
          WHERE rc.deleted = 0 AND rv.state = 0
            AND (lv.state = 1 OR (lv.version IS NULL AND lc.latest_version >= rv.version))";
     undone.readable_again_count = count(&conn, readable_again)?;
@@ -552,12 +580,18 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
              ORDER BY rc.owner, rc.name, rv.version LIMIT ?1"
         ))
         .map_err(db_err)?
-        .query_map([UNDONE_LISTED as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .map_err(db_err)?
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
+    undone.versions_gone = count(
+        &conn,
+        "FROM main.versions lv
+         JOIN main.credentials lc ON lc.id = lv.credential_id
+         LEFT JOIN restored.credentials rc ON rc.owner = lc.owner AND rc.name = lc.name
+         LEFT JOIN restored.versions rv ON rv.credential_id = rc.id AND rv.version = lv.version
+         WHERE lc.deleted = 0 AND lv.state = 0 AND rv.version IS NULL",
+    )?;
     Ok(undone)
 }
 
@@ -666,6 +700,8 @@ mod tests {
             undone.readable_again,
             [("alice".to_owned(), "shredded".to_owned(), 1)]
         );
+        assert_eq!(undone.versions_gone, 1);
+        assert_eq!(staged.current(), Current::Database);
         let report = staged.replace(&keep).unwrap();
         assert_eq!(report.restored.credentials, 3);
         assert_eq!(report.kept, std::slice::from_ref(&keep));
@@ -717,44 +753,42 @@ mod tests {
         assert!(!live.join("strongroom.db-wal").exists());
         assert_eq!(names(&live).await, ["a"]);
 
-        std::fs::write(
-            &db,
-            b"not a database at all, but long enough to be read as one",
-        )
-        .unwrap();
+        // No SQLite file (its header overwritten), with a log beside it: nothing reads or
+        // folds the log in, not even what the restore would undo; both are kept as found.
+        let damaged = b"not a database at all, but long enough to be read as one".repeat(100);
+        std::fs::write(&db, &damaged).unwrap();
+        std::fs::write(live.join("strongroom.db-wal"), b"its log").unwrap();
         let keep = dir.path().join("kept-2.db");
-        let report = restore(&db, &backup, &keep).unwrap();
-        assert_eq!(report.kept, std::slice::from_ref(&keep));
-        assert!(std::fs::read(&keep).unwrap().starts_with(b"not a database"));
-        assert_eq!(names(&live).await, ["a"]);
-    }
-
-    /// Run as root on a data dir of another user (an operator command under sudo), the lock
-    /// file and the copy that becomes the database are that user's, so that the server,
-    /// running as that user, still opens them. (Needs root: skipped otherwise.)
-    #[tokio::test]
-    async fn files_made_as_root_belong_to_the_data_dirs_owner() {
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::metadata("/proc/self")
-            .map(|m| m.uid())
-            .unwrap_or(1)
-            != 0
-        {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let live = dir.path().join("live");
-        store_with(&live, &["a"]).await;
-        let backup = dir.path().join("backup.db");
-        backup_of(&live, &backup).await;
-        let db = live.join("strongroom.db");
-        std::fs::remove_file(lock_path(&db)).unwrap();
-        std::os::unix::fs::chown(&live, Some(65534), Some(65534)).unwrap();
         let staged = stage(&db, &backup).unwrap();
-        for made in [lock_path(&db), staged.path(), staged.dir.clone()] {
-            let m = std::fs::metadata(&made).unwrap();
-            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{made:?}");
-        }
+        assert_eq!(staged.current(), Current::NotADatabase);
+        assert_eq!(staged.undone(), None);
+        assert_eq!(std::fs::read(&db).unwrap(), damaged);
+        assert_eq!(
+            std::fs::read(live.join("strongroom.db-wal")).unwrap(),
+            b"its log"
+        );
+        let report = staged.replace(&keep).unwrap();
+        assert_eq!(report.kept, [keep.clone(), with_suffix(&keep, "-wal")]);
+        assert_eq!(std::fs::read(&keep).unwrap(), damaged);
+        assert_eq!(
+            std::fs::read(with_suffix(&keep, "-wal")).unwrap(),
+            b"its log"
+        );
+        assert!(!live.join("strongroom.db-wal").exists());
+        assert_eq!(names(&live).await, ["a"]);
+        // A backup in the staging folder (a copy a restore cut short left) is refused, not
+        // emptied away.
+        let staging = live.join(STAGING_DIR);
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::copy(&backup, staging.join("strongroom.db")).unwrap();
+        let err = restore(
+            &db,
+            &staging.join("strongroom.db"),
+            &dir.path().join("k3.db"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("restore-staging"), "{err}");
+        assert!(staging.join("strongroom.db").exists());
     }
 
     /// What is no Strongroom backup is refused before anything is touched.
