@@ -944,9 +944,10 @@ impl RawSummary {
     }
 }
 
-/// A version's metadata as a listing reads it: a row whose metadata is no JSON text
-/// (damaged, or edited outside Strongroom) is listed as such, so that one such row does not
-/// make its owner's whole listing fail, naming nothing. Reveals still refuse it.
+/// A version's metadata as a listing reads it: a row whose metadata is no JSON object
+/// (damaged, or edited outside Strongroom: every put stores an object) is listed as such, so
+/// that one such row does not make its owner's whole listing fail, naming nothing. Reveals
+/// still refuse it, naming its version.
 enum ListedMetadata {
     Read(serde_json::Value),
     Unreadable,
