@@ -132,7 +132,8 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
             && err.contains("credential cred-0")
             && err.contains("1 version(s) destroyed since the backup")
             && err.contains("credential cred-1 version 1")
-            && err.contains("written since the backup are not in it"),
+            && err.contains("written since the backup are not in it")
+            && err.contains("credential cred-1: current version none now, 1 after"),
         "{err}"
     );
     assert!(kept_files().is_empty());
@@ -189,7 +190,13 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
     );
     let kept = kept_files();
     assert_eq!(kept.len(), 1, "{kept:?}");
-    assert!(stdout.contains(&kept[0]), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "replacing {}",
+            data.join("strongroom.db").display()
+        )) && stdout.contains(&kept[0]),
+        "{stdout}"
+    );
     assert_eq!(
         std::fs::metadata(data.join(&kept[0]))
             .unwrap()

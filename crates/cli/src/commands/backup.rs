@@ -129,12 +129,25 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
     let db = config.data_dir.join(strongroom_store::sqlite::DB_FILE_NAME);
     let failed = |e: &dyn std::fmt::Display| -> Failure {
         CliError::Operation(format!(
-            "restore from {}: {e}; nothing was changed",
+            "restore of {} from {}: {e}; nothing was changed",
+            db.display(),
             args.from.display()
         ))
         .into()
     };
     let staged = restore::stage(&db, &args.from).map_err(|e| failed(&e))?;
+    if staged.after_an_interrupted_restore() {
+        errln!(
+            "warning: a restore was cut short here before (it left {}): it may have replaced \
+             the database already, keeping the one before as {}/strongroom.db.before-restore-*; \
+             check those before you delete any",
+            staged
+                .path()
+                .parent()
+                .map_or(String::new(), |p| p.display().to_string()),
+            config.data_dir.display()
+        );
+    }
     let checked = staged.report().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -219,9 +232,16 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
             .into());
         }
     }
+    // Said first: a run cut short from here on has kept the database there.
+    outln!(
+        "replacing {}; the database it replaces is kept as {}",
+        db.display(),
+        keep.display()
+    )?;
     let report = staged.replace(&keep).map_err(|e| {
         CliError::Operation(format!(
-            "restore from {} (keeping the replaced database as {}): {e}",
+            "restore of {} from {} (keeping the replaced database as {}): {e}",
+            db.display(),
             args.from.display(),
             keep.display()
         ))
@@ -294,6 +314,32 @@ fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) {
         );
         for (owner, name) in &undone.enabled_again {
             errln!("  owner {owner:?} credential {name}");
+        }
+    }
+    if !undone.disabled_again.is_empty() {
+        errln!(
+            "note: {} credential(s) enabled since the backup are disabled in it; enable them \
+             again after the restore if they should be:",
+            undone.disabled_again.len()
+        );
+        for (owner, name) in &undone.disabled_again {
+            errln!("  owner {owner:?} credential {name}");
+        }
+    }
+    if undone.current_back_count > 0 {
+        errln!(
+            "note: {} credential(s) whose current version changed since the backup go back to \
+             the backup's{}:",
+            undone.current_back_count,
+            more(undone.current_back.len(), undone.current_back_count)
+        );
+        let shown = |v: &Option<u32>| v.map_or("none".to_owned(), |v| v.to_string());
+        for (owner, name, now, then) in &undone.current_back {
+            errln!(
+                "  owner {owner:?} credential {name}: current version {} now, {} after",
+                shown(now),
+                shown(then)
+            );
         }
     }
     if undone.versions_gone > 0 {

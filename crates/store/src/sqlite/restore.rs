@@ -96,6 +96,7 @@ pub(super) fn share_lock(db: &Path) -> Result<File, StoreError> {
 pub struct Staged {
     db: PathBuf,
     dir: PathBuf,
+    interrupted: bool,
     report: BackupReport,
     _lock: File,
 }
@@ -139,6 +140,15 @@ pub struct Undone {
     pub readable_again: Vec<(String, String, u32)>,
     /// How many versions that is in all.
     pub readable_again_count: u64,
+    /// Credentials enabled since, disabled in the backup: `(owner, name)`, at most
+    /// [`UNDONE_LISTED`].
+    pub disabled_again: Vec<(String, String)>,
+    /// Credentials whose current version was chosen since (a put, or a choice of an older
+    /// one), which go back to the backup's: `(owner, name, now, in the backup)`, at most
+    /// [`UNDONE_LISTED`].
+    pub current_back: Vec<(String, String, Option<u32>, Option<u32>)>,
+    /// How many credentials that is in all.
+    pub current_back_count: u64,
     /// Active versions written since, which the backup does not hold (they stay in the kept
     /// copy only).
     pub versions_gone: u64,
@@ -168,7 +178,11 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
         ));
     }
     let dir = folder_of(db).join(STAGING_DIR);
-    if folder_of(from) == dir || same_file(folder_of(from), &dir) {
+    let resolved = std::fs::canonicalize(from).unwrap_or_else(|_| from.to_owned());
+    if [from, resolved.as_path()]
+        .iter()
+        .any(|f| folder_of(f) == dir || same_file(folder_of(f), &dir))
+    {
         return Err(StoreError::InvalidInput(
             "the backup is in the folder a restore stages its copy in (restore-staging), which \
              the restore empties first: move it elsewhere",
@@ -178,7 +192,8 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
         return Err(StoreError::InvalidInput("the backup file does not exist"));
     }
     // Left by a restore cut short: never anything but a copy.
-    if std::fs::symlink_metadata(&dir).is_ok() {
+    let interrupted = std::fs::symlink_metadata(&dir).is_ok();
+    if interrupted {
         if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
             std::fs::remove_dir_all(&dir)
         } else {
@@ -196,6 +211,7 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
     let mut staged = Staged {
         db: db.to_owned(),
         dir,
+        interrupted,
         report: BackupReport {
             credentials: 0,
             versions: 0,
@@ -221,6 +237,13 @@ impl Staged {
     #[must_use]
     pub fn report(&self) -> &BackupReport {
         &self.report
+    }
+
+    /// Whether a restore cut short left its staging folder: it may have replaced the
+    /// database already, keeping the one before under a name this run does not know.
+    #[must_use]
+    pub fn after_an_interrupted_restore(&self) -> bool {
+        self.interrupted
     }
 
     /// What is there now.
@@ -358,7 +381,15 @@ impl Staged {
             let path = with_suffix(&self.db, suffix);
             if std::fs::symlink_metadata(&path).is_ok() {
                 let target = with_suffix(keep, suffix);
-                keep_file(&path, &target)?;
+                if suffix.is_empty() {
+                    // Replaced by a rename below: the kept name alone holds it then.
+                    keep_file(&path, &target)?;
+                } else {
+                    // Removed below, but until then shared with whatever opens it: a copy.
+                    let partial = self.dir.join(format!("kept{suffix}.partial"));
+                    copy_new(&path, &partial)?;
+                    keep_file(&partial, &target)?;
+                }
                 kept.push(target);
             }
         }
@@ -499,7 +530,17 @@ fn keep_file(from: &Path, to: &Path) -> Result<(), StoreError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
             let partial = with_suffix(to, ".partial");
-            copy_new(from, &partial)?;
+            if std::fs::symlink_metadata(&partial).is_ok() {
+                return Err(StoreError::unavailable(format!(
+                    "{} exists (a copy a restore cut short?): remove it, or keep the database \
+                     elsewhere",
+                    partial.display()
+                )));
+            }
+            if let Err(e) = copy_new(from, &partial) {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
             let linked = std::fs::hard_link(&partial, to);
             let _ = std::fs::remove_file(&partial);
             match linked {
@@ -581,6 +622,34 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
         ))
         .map_err(db_err)?
         .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    undone.disabled_again = conn
+        .prepare(
+            "SELECT r.owner, r.name FROM restored.credentials r JOIN main.credentials l
+                 ON l.owner = r.owner AND l.name = r.name
+             WHERE r.deleted = 0 AND r.enabled = 0 AND l.deleted = 0 AND l.enabled = 1
+             ORDER BY r.owner, r.name LIMIT ?1",
+        )
+        .map_err(db_err)?
+        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    let current_back = "FROM restored.credentials r JOIN main.credentials l
+             ON l.owner = r.owner AND l.name = r.name
+         WHERE r.deleted = 0 AND l.deleted = 0 AND r.current_version IS NOT l.current_version";
+    undone.current_back_count = count(&conn, current_back)?;
+    undone.current_back = conn
+        .prepare(&format!(
+            "SELECT r.owner, r.name, l.current_version, r.current_version {current_back}
+             ORDER BY r.owner, r.name LIMIT ?1"
+        ))
+        .map_err(db_err)?
+        .query_map([limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .map_err(db_err)?
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
@@ -701,6 +770,12 @@ mod tests {
             [("alice".to_owned(), "shredded".to_owned(), 1)]
         );
         assert_eq!(undone.versions_gone, 1);
+        assert!(undone.disabled_again.is_empty());
+        assert_eq!(
+            undone.current_back,
+            [("alice".to_owned(), "shredded".to_owned(), None, Some(1))]
+        );
+        assert!(!staged.after_an_interrupted_restore());
         assert_eq!(staged.current(), Current::Database);
         let report = staged.replace(&keep).unwrap();
         assert_eq!(report.restored.credentials, 3);
@@ -788,7 +863,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("restore-staging"), "{err}");
+        // Also by a symlink to it.
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(staging.join("strongroom.db"), &link).unwrap();
+        let err = restore(&db, &link, &dir.path().join("k3.db")).unwrap_err();
+        assert!(err.to_string().contains("restore-staging"), "{err}");
         assert!(staging.join("strongroom.db").exists());
+        // Left there, the folder says a restore was cut short.
+        std::fs::remove_file(staging.join("strongroom.db")).unwrap();
+        let staged = stage(&db, &backup).unwrap();
+        assert!(staged.after_an_interrupted_restore());
     }
 
     /// What is no Strongroom backup is refused before anything is touched.
