@@ -173,9 +173,25 @@ fn a_backup_taken_while_the_server_writes_restores_whole() {
         db_before
     );
 
+    // What it would make usable again needs --yes.
+    let unasked = run(&["restore", "--from"], &[output.as_os_str(), dd[0], dd[1]]);
+    let err = String::from_utf8_lossy(&unasked.stderr);
+    assert_eq!(unasked.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--yes") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(kept_files().is_empty());
+    assert_eq!(
+        std::fs::read(data.join("strongroom.db")).unwrap(),
+        db_before
+    );
     // Restored in place; a log left beside the database is not replayed into the copy.
     std::fs::write(data.join("strongroom.db-wal"), b"stale").unwrap();
-    let out = run(&["restore", "--from"], &[output.as_os_str(), dd[0], dd[1]]);
+    let out = run(
+        &["restore", "--yes", "--from"],
+        &[output.as_os_str(), dd[0], dd[1]],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

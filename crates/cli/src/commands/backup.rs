@@ -73,11 +73,13 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
 ///
 /// Refused while anything has the store open (a server, another strongroom command), and
 /// no server starts while it runs. First the backup is copied beside the database and
-/// checked: a sound Strongroom database this build can open, whose audit log verifies under
-/// this store's keys (a backup of another vault, or one the keyring cannot open, changes
-/// nothing). It says what the restore would undo: credentials disabled and versions
-/// destroyed since the backup was taken, which come back with it (disable or destroy them
-/// again), and the versions written since, which go. The restore is recorded in the copy's
+/// checked: a sound Strongroom database this build can open, holding only what Strongroom
+/// makes (no trigger or table added), whose sealed audit log verifies under this store's
+/// keys (a backup of another vault, or one the keyring cannot open, changes nothing). It
+/// says what the restore would undo: credentials disabled and versions destroyed since the
+/// backup was taken, which come back with it (it goes on then only with --yes: disable or
+/// destroy them again after), credentials enabled and current versions chosen since, and
+/// the versions written since, which go. The restore is recorded in the copy's
 /// audit log. Then the database is replaced; what it replaces is kept (--keep, by default
 /// DATA_DIR/strongroom.db.before-restore-TIME), and no -wal or -shm file of the old
 /// database is left to be replayed into the copy.
@@ -102,6 +104,10 @@ pub struct RestoreArgs {
     /// Check the backup and say what the restore would undo; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Restore even though credentials disabled or versions destroyed since the backup would
+    /// be usable again (listed first; disable or destroy them again after).
+    #[arg(long)]
+    yes: bool,
 }
 
 pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
@@ -197,12 +203,18 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         checked.credentials,
         checked.versions,
     )?;
+    let mut protections_undone = false;
     match staged.current() {
         restore::Current::Database => match staged.undone() {
-            Some(undone) => report_undone(&undone),
-            None => errln!(
-                "warning: the database does not read; what the restore undoes cannot be \
-                 listed (it is kept as it is)"
+            Ok(Some(undone)) => {
+                report_undone(&undone);
+                protections_undone =
+                    undone.enabled_again_count > 0 || undone.readable_again_count > 0;
+            }
+            Ok(None) => {}
+            Err(e) => errln!(
+                "warning: what the restore undoes could not be listed ({e}); the database is \
+                 kept as it is"
             ),
         },
         restore::Current::NotADatabase => errln!(
@@ -217,6 +229,17 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
     if args.dry_run {
         outln!("dry run: nothing was changed")?;
         return Ok(());
+    }
+    // Secrets destroyed, or credentials switched off, since the backup would be usable again
+    // from the server's next start: only when asked for by name.
+    if protections_undone && !args.yes {
+        return Err(CliError::Usage(
+            "the restore would make usable again what was disabled or destroyed since the \
+             backup (listed above); nothing was changed. Run it again with --yes to restore \
+             anyway, then disable or destroy them again"
+                .into(),
+        )
+        .into());
     }
     let keep = match &args.keep {
         Some(keep) => keep.clone(),
@@ -316,11 +339,12 @@ fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) {
             errln!("  owner {owner:?} credential {name}");
         }
     }
-    if !undone.disabled_again.is_empty() {
+    if undone.disabled_again_count > 0 {
         errln!(
             "note: {} credential(s) enabled since the backup are disabled in it; enable them \
-             again after the restore if they should be:",
-            undone.disabled_again.len()
+             again after the restore if they should be{}:",
+            undone.disabled_again_count,
+            more(undone.disabled_again.len(), undone.disabled_again_count)
         );
         for (owner, name) in &undone.disabled_again {
             errln!("  owner {owner:?} credential {name}");
@@ -344,8 +368,8 @@ fn report_undone(undone: &strongroom_store::sqlite::restore::Undone) {
     }
     if undone.versions_gone > 0 {
         errln!(
-            "note: {} version(s) written since the backup are not in it: they will be gone \
-             (in the kept copy only)",
+            "note: {} version(s) written since the backup are not in it (or it holds another \
+             of the same number): they will be gone (in the kept copy only)",
             undone.versions_gone
         );
     }

@@ -56,15 +56,23 @@ fn lock_path(db: &Path) -> PathBuf {
 
 fn open_lock_file(db: &Path) -> Result<File, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
     let path = lock_path(db);
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(&path)
-        .map_err(io_at("cannot open the lock file", &path))
+        .map_err(io_at("cannot open the lock file", &path))?;
+    // Whoever else could open it could hold it, and keep every server out.
+    let mode = file.metadata().map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io_at("cannot make the lock file private", &path))?;
+    }
+    Ok(file)
 }
 
 fn folder_of(path: &Path) -> &Path {
@@ -143,14 +151,16 @@ pub struct Undone {
     /// Credentials enabled since, disabled in the backup: `(owner, name)`, at most
     /// [`UNDONE_LISTED`].
     pub disabled_again: Vec<(String, String)>,
+    /// How many credentials that is in all.
+    pub disabled_again_count: u64,
     /// Credentials whose current version was chosen since (a put, or a choice of an older
     /// one), which go back to the backup's: `(owner, name, now, in the backup)`, at most
     /// [`UNDONE_LISTED`].
     pub current_back: Vec<(String, String, Option<u32>, Option<u32>)>,
     /// How many credentials that is in all.
     pub current_back_count: u64,
-    /// Active versions written since, which the backup does not hold (they stay in the kept
-    /// copy only).
+    /// Active versions written since, which the backup does not hold, or holds another
+    /// version of the same number for (they stay in the kept copy only).
     pub versions_gone: u64,
 }
 
@@ -257,13 +267,16 @@ impl Staged {
     }
 
     /// What putting the copy in place would undo (see [`Undone`]), read without writing to
-    /// the database; `None` when there is no database or it cannot be read.
-    #[must_use]
-    pub fn undone(&self) -> Option<Undone> {
+    /// the database; `None` when there is no database.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be read (damaged, say).
+    pub fn undone(&self) -> Result<Option<Undone>, StoreError> {
         if self.current() != Current::Database {
-            return None;
+            return Ok(None);
         }
-        undone_between(&self.path(), &self.db).ok()
+        undone_between(&self.path(), &self.db).map(Some)
     }
 
     /// Puts the copy in place of the database, keeping what it replaces at `keep` (which must
@@ -282,7 +295,7 @@ impl Staged {
                 "the replaced database cannot be kept as one of the store's own files",
             ));
         }
-        for suffix in ["", "-wal", "-shm"] {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
             if std::fs::symlink_metadata(with_suffix(keep, suffix)).is_ok() {
                 return Err(StoreError::InvalidInput(KEEP_EXISTS));
             }
@@ -356,15 +369,23 @@ impl Staged {
                 .map_err(db_err)
                 .map_err(after_kept)?;
         }
-        checkpoint_all(&conn).map_err(after_kept)?;
+        // Committed: from here on the database holds the backup.
+        let replaced = |e: StoreError| {
+            StoreError::unavailable(format!(
+                "the database was replaced by the backup, but {e}; the database as it was is \
+                 kept as {}",
+                keep.display()
+            ))
+        };
+        checkpoint_all(&conn).map_err(replaced)?;
         let check: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(db_err)
-            .map_err(after_kept)?;
+            .map_err(replaced)?;
         if check != "ok" {
             return Err(StoreError::corrupt(format!(
-                "the restored database fails its check: {check}; the database as it was is \
-                 kept as {}",
+                "the database was replaced by the backup, but it fails its check: {check}; the \
+                 database as it was is kept as {}",
                 keep.display()
             )));
         }
@@ -376,8 +397,16 @@ impl Staged {
     /// the copy), and renames the staged copy over the database. A database that was there
     /// is never missing on the way.
     fn rename_into_place(&self, keep: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        // The copy whole in its main file: the rename moves no log with it.
+        let staged = Connection::open_with_flags(
+            self.path(),
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)?;
+        checkpoint_all(&staged)?;
+        drop(staged);
         let mut kept = Vec::new();
-        for suffix in ["", "-wal", "-shm"] {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
             let path = with_suffix(&self.db, suffix);
             if std::fs::symlink_metadata(&path).is_ok() {
                 let target = with_suffix(keep, suffix);
@@ -393,7 +422,7 @@ impl Staged {
                 kept.push(target);
             }
         }
-        for suffix in ["-wal", "-shm"] {
+        for suffix in ["-wal", "-shm", "-journal"] {
             let path = with_suffix(&self.db, suffix);
             if std::fs::symlink_metadata(&path).is_ok() {
                 std::fs::remove_file(&path).map_err(io_at("cannot remove", &path))?;
@@ -473,7 +502,67 @@ fn check_source(copy: &Path) -> Result<BackupReport, StoreError> {
         });
     }
     drop(conn);
-    check_backup(copy)
+    let report = check_backup(copy)?;
+    let conn = Connection::open_with_flags(
+        copy,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err)?;
+    // Whoever holds a backup file but no key can still add to it: a trigger would run in
+    // the restored store on every write (a kill switch that switches itself back on, a
+    // destroy that copies the value aside first). Only what Strongroom's migrations make
+    // may come back.
+    let allowed = schema_objects()?;
+    let objects = conn
+        .prepare("SELECT type, name FROM sqlite_schema")
+        .map_err(db_err)?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    for (kind, name) in objects {
+        let known = allowed.contains(&(kind.clone(), name.clone()))
+            || (matches!(kind.as_str(), "table" | "index") && name.starts_with("sqlite_"));
+        if !known {
+            return Err(StoreError::corrupt(format!(
+                "the backup holds a {kind} named {name:?}, which Strongroom never makes: it was \
+                 changed outside Strongroom, and is not restored"
+            )));
+        }
+    }
+    // Every store a server ran on has a sealed audit log.
+    let heads: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit_head WHERE length(mac) > 0",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    if heads == 0 {
+        return Err(StoreError::corrupt(
+            "the backup holds no sealed audit log: it is no copy of a store a server ran on",
+        ));
+    }
+    Ok(report)
+}
+
+/// Every table and index Strongroom's migrations make, at any schema version.
+fn schema_objects() -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+    let conn = Connection::open_in_memory().map_err(db_err)?;
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(("table".to_owned(), "schema_version".to_owned()));
+    for sql in super::schema::MIGRATIONS {
+        conn.execute_batch(sql).map_err(db_err)?;
+        let objects = conn
+            .prepare("SELECT type, name FROM sqlite_schema")
+            .map_err(db_err)?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(db_err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        seen.extend(objects);
+    }
+    Ok(seen)
 }
 
 /// The database, opened and locked against every other SQLite connection for as long as the
@@ -625,13 +714,14 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
         .map_err(db_err)?
         .collect::<Result<_, _>>()
         .map_err(db_err)?;
+    let disabled_again = "FROM restored.credentials r JOIN main.credentials l
+             ON l.owner = r.owner AND l.name = r.name
+         WHERE r.deleted = 0 AND r.enabled = 0 AND l.deleted = 0 AND l.enabled = 1";
+    undone.disabled_again_count = count(&conn, disabled_again)?;
     undone.disabled_again = conn
-        .prepare(
-            "SELECT r.owner, r.name FROM restored.credentials r JOIN main.credentials l
-                 ON l.owner = r.owner AND l.name = r.name
-             WHERE r.deleted = 0 AND r.enabled = 0 AND l.deleted = 0 AND l.enabled = 1
-             ORDER BY r.owner, r.name LIMIT ?1",
-        )
+        .prepare(&format!(
+            "SELECT r.owner, r.name {disabled_again} ORDER BY r.owner, r.name LIMIT ?1"
+        ))
         .map_err(db_err)?
         .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))
         .map_err(db_err)?
@@ -659,7 +749,8 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
          JOIN main.credentials lc ON lc.id = lv.credential_id
          LEFT JOIN restored.credentials rc ON rc.owner = lc.owner AND rc.name = lc.name
          LEFT JOIN restored.versions rv ON rv.credential_id = rc.id AND rv.version = lv.version
-         WHERE lc.deleted = 0 AND lv.state = 0 AND rv.version IS NULL",
+         WHERE lc.deleted = 0 AND lv.state = 0
+           AND (rv.version IS NULL OR rv.created_at IS NOT lv.created_at)",
     )?;
     Ok(undone)
 }
@@ -679,8 +770,16 @@ mod tests {
     use crate::testing::suite::new_version;
     use crate::Store;
 
+    /// A store as a server leaves it (its audit log sealed), holding `names`.
     async fn store_with(dir: &Path, names: &[&str]) {
         let store = SqliteStore::open_dir(dir).await.unwrap();
+        let key = crate::audit::HeadKey::new([5; 32]);
+        store
+            .audit_log()
+            .unwrap()
+            .audit_seal_genesis(key.head(0, crate::audit::GENESIS))
+            .await
+            .unwrap();
         for name in names {
             store
                 .put_version(new_version("alice", name, 1))
@@ -760,7 +859,7 @@ mod tests {
         // A store does not open while a restore holds it.
         let err = SqliteStore::open_dir(&live).await.unwrap_err();
         assert!(err.to_string().contains("restore"), "{err}");
-        let undone = staged.undone().unwrap();
+        let undone = staged.undone().unwrap().unwrap();
         assert_eq!(
             undone.enabled_again,
             [("alice".to_owned(), "switched-off".to_owned())]
@@ -836,7 +935,7 @@ mod tests {
         let keep = dir.path().join("kept-2.db");
         let staged = stage(&db, &backup).unwrap();
         assert_eq!(staged.current(), Current::NotADatabase);
-        assert_eq!(staged.undone(), None);
+        assert_eq!(staged.undone().unwrap(), None);
         assert_eq!(std::fs::read(&db).unwrap(), damaged);
         assert_eq!(
             std::fs::read(live.join("strongroom.db-wal")).unwrap(),
@@ -894,12 +993,39 @@ mod tests {
             .unwrap()
             .execute("UPDATE schema_version SET version = version + 1", [])
             .unwrap();
+        // What Strongroom never makes: a trigger (or any object it does not know) planted in
+        // a backup by whoever held the file.
+        let planted = dir.path().join("planted.db");
+        backup_of(&live, &planted).await;
+        Connection::open(&planted)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER keep_on AFTER UPDATE OF enabled ON credentials
+                 BEGIN UPDATE credentials SET enabled = 1 WHERE id = NEW.id; END",
+            )
+            .unwrap();
+        let extra = dir.path().join("extra.db");
+        backup_of(&live, &extra).await;
+        Connection::open(&extra)
+            .unwrap()
+            .execute_batch("CREATE TABLE copies (v BLOB)")
+            .unwrap();
+        // A store no server ran on: no sealed audit log to check it by.
+        let unsealed = dir.path().join("unsealed.db");
+        backup_of(&live, &unsealed).await;
+        Connection::open(&unsealed)
+            .unwrap()
+            .execute_batch("UPDATE audit_head SET mac = X''")
+            .unwrap();
         let garbage = dir.path().join("garbage.db");
         std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
         let missing = dir.path().join("missing.db");
         for (from, want) in [
             (other.as_path(), "no Strongroom database"),
             (newer.as_path(), "schema version"),
+            (planted.as_path(), "trigger named \"keep_on\""),
+            (extra.as_path(), "table named \"copies\""),
+            (unsealed.as_path(), "no sealed audit log"),
             (garbage.as_path(), ""),
             (missing.as_path(), "does not exist"),
             (db.as_path(), "the database itself"),
