@@ -682,67 +682,46 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
         .ok_or(StoreError::InvalidInput("the database path is not UTF-8"))?;
     conn.execute("ATTACH DATABASE ?1 AS restored", [name])
         .map_err(db_err)?;
-    let limit = i64::try_from(UNDONE_LISTED).unwrap_or(i64::MAX);
     let mut undone = Undone::default();
-    let enabled_again = "FROM restored.credentials r JOIN main.credentials l
+    (undone.enabled_again_count, undone.enabled_again) = counted(
+        &conn,
+        "r.owner, r.name",
+        "FROM restored.credentials r JOIN main.credentials l
              ON l.owner = r.owner AND l.name = r.name
-         WHERE r.deleted = 0 AND r.enabled = 1 AND l.deleted = 0 AND l.enabled = 0";
-    undone.enabled_again_count = count(&conn, enabled_again)?;
-    undone.enabled_again = conn
-        .prepare(&format!(
-            "SELECT r.owner, r.name {enabled_again} ORDER BY r.owner, r.name LIMIT ?1"
-        ))
-        .map_err(db_err)?
-        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(db_err)?
-        .collect::<Result<_, _>>()
-        .map_err(db_err)?;
-    let readable_again = "FROM restored.versions rv
+         WHERE r.deleted = 0 AND r.enabled = 1 AND l.deleted = 0 AND l.enabled = 0",
+        "r.owner, r.name",
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    (undone.readable_again_count, undone.readable_again) = counted(
+        &conn,
+        "rc.owner, rc.name, rv.version",
+        "FROM restored.versions rv
          JOIN restored.credentials rc ON rc.id = rv.credential_id
          JOIN main.credentials lc ON lc.owner = rc.owner AND lc.name = rc.name
          LEFT JOIN main.versions lv ON lv.credential_id = lc.id AND lv.version = rv.version
          WHERE rc.deleted = 0 AND rv.state = 0
-           AND (lv.state = 1 OR (lv.version IS NULL AND lc.latest_version >= rv.version))";
-    undone.readable_again_count = count(&conn, readable_again)?;
-    undone.readable_again = conn
-        .prepare(&format!(
-            "SELECT rc.owner, rc.name, rv.version {readable_again}
-             ORDER BY rc.owner, rc.name, rv.version LIMIT ?1"
-        ))
-        .map_err(db_err)?
-        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .map_err(db_err)?
-        .collect::<Result<_, _>>()
-        .map_err(db_err)?;
-    let disabled_again = "FROM restored.credentials r JOIN main.credentials l
+           AND (lv.state = 1 OR (lv.version IS NULL AND lc.latest_version >= rv.version))",
+        "rc.owner, rc.name, rv.version",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    (undone.disabled_again_count, undone.disabled_again) = counted(
+        &conn,
+        "r.owner, r.name",
+        "FROM restored.credentials r JOIN main.credentials l
              ON l.owner = r.owner AND l.name = r.name
-         WHERE r.deleted = 0 AND r.enabled = 0 AND l.deleted = 0 AND l.enabled = 1";
-    undone.disabled_again_count = count(&conn, disabled_again)?;
-    undone.disabled_again = conn
-        .prepare(&format!(
-            "SELECT r.owner, r.name {disabled_again} ORDER BY r.owner, r.name LIMIT ?1"
-        ))
-        .map_err(db_err)?
-        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(db_err)?
-        .collect::<Result<_, _>>()
-        .map_err(db_err)?;
-    let current_back = "FROM restored.credentials r JOIN main.credentials l
+         WHERE r.deleted = 0 AND r.enabled = 0 AND l.deleted = 0 AND l.enabled = 1",
+        "r.owner, r.name",
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    (undone.current_back_count, undone.current_back) = counted(
+        &conn,
+        "r.owner, r.name, l.current_version, r.current_version",
+        "FROM restored.credentials r JOIN main.credentials l
              ON l.owner = r.owner AND l.name = r.name
-         WHERE r.deleted = 0 AND l.deleted = 0 AND r.current_version IS NOT l.current_version";
-    undone.current_back_count = count(&conn, current_back)?;
-    undone.current_back = conn
-        .prepare(&format!(
-            "SELECT r.owner, r.name, l.current_version, r.current_version {current_back}
-             ORDER BY r.owner, r.name LIMIT ?1"
-        ))
-        .map_err(db_err)?
-        .query_map([limit], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
-        .map_err(db_err)?
-        .collect::<Result<_, _>>()
-        .map_err(db_err)?;
+         WHERE r.deleted = 0 AND l.deleted = 0 AND r.current_version IS NOT l.current_version",
+        "r.owner, r.name",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     undone.versions_gone = count(
         &conn,
         "FROM main.versions lv
@@ -753,6 +732,29 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
            AND (rv.version IS NULL OR rv.created_at IS NOT lv.created_at)",
     )?;
     Ok(undone)
+}
+
+/// How many rows `from_where` finds, and the first [`UNDONE_LISTED`] of them (`columns`,
+/// ordered by `order`).
+fn counted<T>(
+    conn: &Connection,
+    columns: &str,
+    from_where: &str,
+    order: &str,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<(u64, Vec<T>), StoreError> {
+    let all = count(conn, from_where)?;
+    let limit = i64::try_from(UNDONE_LISTED).unwrap_or(i64::MAX);
+    let listed = conn
+        .prepare(&format!(
+            "SELECT {columns} {from_where} ORDER BY {order} LIMIT ?1"
+        ))
+        .map_err(db_err)?
+        .query_map([limit], row)
+        .map_err(db_err)?
+        .collect::<Result<_, _>>()
+        .map_err(db_err)?;
+    Ok((all, listed))
 }
 
 fn count(conn: &Connection, from_where: &str) -> Result<u64, StoreError> {
