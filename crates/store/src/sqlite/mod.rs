@@ -770,8 +770,13 @@ fn check_backup(dest: &Path) -> Result<BackupReport, StoreError> {
             "the backup copy fails its integrity check: {check}"
         )));
     }
+    held(&copy)
+}
+
+/// What a database holds, as a backup reports it.
+fn held(conn: &Connection) -> Result<BackupReport, StoreError> {
     let count = |table: &str| -> Result<u64, StoreError> {
-        copy.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
             r.get::<_, i64>(0)
         })
         .map_err(db_err)

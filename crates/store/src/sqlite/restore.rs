@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{check_backup, db_err, BackupReport, DB_FILE_NAME, SCHEMA_VERSION};
+use super::{check_backup, db_err, held, BackupReport, DB_FILE_NAME, SCHEMA_VERSION};
 use crate::error::{BackendError, StoreError};
 
 /// The folder beside the database where [`stage`] puts its copy.
@@ -312,10 +312,14 @@ impl Staged {
             },
             Current::NotADatabase | Current::Missing => self.rename_into_place(keep)?,
         };
-        Ok(RestoreReport {
-            restored: check_backup(&self.db)?,
-            kept,
-        })
+        // Checked when staged (and, written in place, checked again there): counted only.
+        let conn = Connection::open_with_flags(
+            &self.db,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)?;
+        let restored = held(&conn)?;
+        Ok(RestoreReport { restored, kept })
     }
 
     /// Whether `path` is one of the files SQLite or the store keep beside the database (which
@@ -501,13 +505,6 @@ fn check_source(copy: &Path) -> Result<BackupReport, StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
-    drop(conn);
-    let report = check_backup(copy)?;
-    let conn = Connection::open_with_flags(
-        copy,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(db_err)?;
     // Whoever holds a backup file but no key can still add to it: a trigger would run in
     // the restored store on every write (a kill switch that switches itself back on, a
     // destroy that copies the value aside first). Only what Strongroom's migrations make
@@ -543,7 +540,8 @@ fn check_source(copy: &Path) -> Result<BackupReport, StoreError> {
             "the backup holds no sealed audit log: it is no copy of a store a server ran on",
         ));
     }
-    Ok(report)
+    drop(conn);
+    check_backup(copy)
 }
 
 /// Every table and index Strongroom's migrations make, at any schema version.
@@ -682,13 +680,19 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
         .ok_or(StoreError::InvalidInput("the database path is not UTF-8"))?;
     conn.execute("ATTACH DATABASE ?1 AS restored", [name])
         .map_err(db_err)?;
+    // A credential live in both: `r` as restored, `l` as it is now.
+    let in_both = |condition: &str| {
+        format!(
+            "FROM restored.credentials r JOIN main.credentials l
+                 ON l.owner = r.owner AND l.name = r.name
+             WHERE r.deleted = 0 AND l.deleted = 0 AND {condition}"
+        )
+    };
     let mut undone = Undone::default();
     (undone.enabled_again_count, undone.enabled_again) = counted(
         &conn,
         "r.owner, r.name",
-        "FROM restored.credentials r JOIN main.credentials l
-             ON l.owner = r.owner AND l.name = r.name
-         WHERE r.deleted = 0 AND r.enabled = 1 AND l.deleted = 0 AND l.enabled = 0",
+        &in_both("r.enabled = 1 AND l.enabled = 0"),
         "r.owner, r.name",
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -707,18 +711,14 @@ fn undone_between(restored: &Path, live: &Path) -> Result<Undone, StoreError> {
     (undone.disabled_again_count, undone.disabled_again) = counted(
         &conn,
         "r.owner, r.name",
-        "FROM restored.credentials r JOIN main.credentials l
-             ON l.owner = r.owner AND l.name = r.name
-         WHERE r.deleted = 0 AND r.enabled = 0 AND l.deleted = 0 AND l.enabled = 1",
+        &in_both("r.enabled = 0 AND l.enabled = 1"),
         "r.owner, r.name",
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     (undone.current_back_count, undone.current_back) = counted(
         &conn,
         "r.owner, r.name, l.current_version, r.current_version",
-        "FROM restored.credentials r JOIN main.credentials l
-             ON l.owner = r.owner AND l.name = r.name
-         WHERE r.deleted = 0 AND l.deleted = 0 AND r.current_version IS NOT l.current_version",
+        &in_both("r.current_version IS NOT l.current_version"),
         "r.owner, r.name",
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
