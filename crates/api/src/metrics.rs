@@ -109,9 +109,9 @@ impl Metrics {
         }
     }
 
-    /// Counts versions listed whose stored metadata does not read.
-    pub(crate) fn unreadable_metadata_listed(&self, versions: u64) {
-        self.unreadable_metadata.inc_by(versions);
+    /// Counts a version listed whose stored metadata does not read.
+    pub(crate) fn unreadable_metadata_listed(&self) {
+        self.unreadable_metadata.inc();
     }
 
     /// Counts a request without valid credentials that was not recorded in the audit log.

@@ -151,8 +151,8 @@ pub enum UpstreamStage {
     Resolve,
     /// No address accepted a connection.
     Connect,
-    /// The TLS handshake failed: the certificate is not trusted or not for that name, or
-    /// no protocol was agreed.
+    /// The TLS handshake failed: the certificate is not trusted or not for that name, no
+    /// protocol was agreed, or the peer does not speak TLS.
     Tls,
     /// The upstream broke HTTP.
     Http,

@@ -100,7 +100,7 @@ fn note_unreadable(
     name: &str,
     version: Option<u32>,
 ) {
-    state.metrics().unreadable_metadata_listed(1);
+    state.metrics().unreadable_metadata_listed();
     let request_id = headers
         .get(super::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
