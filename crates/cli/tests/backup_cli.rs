@@ -312,3 +312,80 @@ fn a_restore_into_a_data_dir_of_another_user_is_refused_before_anything() {
     assert!(err.contains("owned by"), "{err}");
     assert_eq!(listing(), before);
 }
+
+/// A backup whose versions are under a KEK the store's keyring lacks (here an older copy of
+/// the keyring, from before the rotation those versions were sealed under) is named before
+/// anything changes, and restoring it needs --yes: those values would never open again.
+#[test]
+fn a_backup_holding_versions_these_keys_do_not_open_needs_yes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    let keyring = data.join("keyring.json");
+    let before_rotation = tmp.path().join("keyring-v1.json");
+    // A put through a dev server (so that its audit log records it), stopped after.
+    let put = |name: &str| {
+        let server = start_dev(&data, &[]);
+        let (alice, client) = (server.export("ALICE"), server.client(&data));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = rt
+            .block_on(client.json(
+                "PUT",
+                &format!("/v1/me/credentials/{name}"),
+                Some(&alice),
+                &json!({ "value": "sk_test_1234" }),
+            ))
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(server.terminate().code(), Some(0));
+    };
+    put("early");
+    std::fs::copy(&keyring, &before_rotation).unwrap();
+    assert!(run(&["keys", "rotate"], &dd).status.success());
+    put("later");
+    let backup = tmp.path().join("backup.db");
+    assert!(
+        run(&["backup", "--output"], &[backup.as_os_str(), dd[0], dd[1]])
+            .status
+            .success()
+    );
+    let db_before = std::fs::read(data.join("strongroom.db")).unwrap();
+    let from = [std::ffi::OsStr::new("--from"), backup.as_os_str()];
+
+    // With the full keyring: nothing to say.
+    let dry = run(&["restore", "--dry-run"], &[from[0], from[1], dd[0], dd[1]]);
+    let err = String::from_utf8_lossy(&dry.stderr);
+    assert!(dry.status.success(), "{err}");
+    assert!(!err.contains("do not open"), "{err}");
+
+    // The keyring from before the rotation: version 2 is missing.
+    std::fs::copy(&before_rotation, &keyring).unwrap();
+    let dry = run(&["restore", "--dry-run"], &[from[0], from[1], dd[0], dd[1]]);
+    let err = String::from_utf8_lossy(&dry.stderr);
+    assert!(dry.status.success(), "{err}");
+    assert!(
+        err.contains("do not open the versions of the backup")
+            && err.contains(":v2: 1 active credential version\n")
+            && !err.contains(":v1:"),
+        "{err}"
+    );
+    let unasked = run(&["restore"], &[from[0], from[1], dd[0], dd[1]]);
+    let err = String::from_utf8_lossy(&unasked.stderr);
+    assert_eq!(unasked.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("put back versions that this store's keys do not open")
+            && err.contains("nothing was changed")
+            && !err.contains("disable or destroy them again"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(data.join("strongroom.db")).unwrap(),
+        db_before
+    );
+    let asked = run(&["restore", "--yes"], &[from[0], from[1], dd[0], dd[1]]);
+    assert!(
+        asked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asked.stderr)
+    );
+}

@@ -121,6 +121,105 @@ enum Outcome {
     Failed(FailedVersion),
 }
 
+/// The version's envelope with only its data key: a rewrap leaves the value layer as it is,
+/// so an empty stand-in replaces it (the store never hands the sealed value to a rewrap).
+fn key_only(item: &RewrapItem) -> Sealed {
+    Sealed {
+        alg: Algorithm::Aes256Gcm,
+        wrapped_key: WrappedKey {
+            kek: to_crypto_kek(&item.kek),
+            bytes: item.wrapped_key.clone(),
+        },
+        nonce: [0; 12],
+        ciphertext: Vec::new(),
+    }
+}
+
+/// A data key that did not unwrap: an error when the provider could not be asked (out of
+/// reach, refused, misconfigured), which stops the run; `Ok` when it answered that the key
+/// does not open under it (a KEK it does not hold, a tampered key).
+fn outage(e: EnvelopeError) -> Result<(), CoreError> {
+    match e {
+        EnvelopeError::Provider(e)
+            if matches!(
+                e.kind(),
+                ProviderErrorKind::Unavailable
+                    | ProviderErrorKind::Denied
+                    | ProviderErrorKind::Misconfigured
+            ) =>
+        {
+            Err(CoreError::Unavailable(e.to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A KEK that active versions use, and whether a provider opened a data key under it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KekSample {
+    /// The KEK.
+    pub kek: KekRef,
+    /// The active versions under it.
+    pub versions: u64,
+    /// Whether the provider unwrapped the data key of the first of them, in store order.
+    pub opens: bool,
+}
+
+impl KekSample {
+    /// `provider:key_id:vN`.
+    pub fn kek_text(&self) -> String {
+        kek_text(&self.kek)
+    }
+}
+
+/// For every KEK the store's active versions use: whether `keys` unwraps the data key of one
+/// version under it (the data key only; no value is decrypted). A KEK retired since, or one
+/// of another keyring or provider, does not, and no version under it opens again:
+/// `strongroom restore` asks this of a backup before it becomes the store. One unwrap per
+/// KEK: a single damaged version is for `rewrap --dry-run` to find.
+///
+/// # Errors
+///
+/// [`CoreError::Unavailable`] when the store fails or the provider cannot be asked.
+pub async fn sample_keks(
+    store: &dyn Store,
+    keys: &dyn KeyProvider,
+) -> Result<Vec<KekSample>, CoreError> {
+    let mut samples = Vec::new();
+    for (kek, versions) in store.count_versions_by_kek().await? {
+        let first = store
+            .versions_for_rewrap(&KekFilter::Exactly(kek.clone()), None, 1)
+            .await?
+            .items
+            .into_iter()
+            .next();
+        // None: destroyed since it was counted.
+        let Some(item) = first else { continue };
+        let sealed = key_only(&item);
+        let opened = crate::vault::open_bound(
+            &item.owner,
+            &item.name,
+            item.version,
+            &item.metadata,
+            |binding| {
+                let sealed = &sealed;
+                async move { envelope::check_binding(keys, &binding, sealed).await }
+            },
+        )
+        .await;
+        let opens = match opened {
+            Ok(()) => true,
+            Err(e) => outage(e).map(|()| false)?,
+        };
+        samples.push(KekSample {
+            kek,
+            versions,
+            opens,
+        });
+    }
+    Ok(samples)
+}
+
 /// Re-wraps one version's data key from `from` to `to`'s active KEK and stores it by
 /// compare-and-swap. Provider outages and store failures are errors (the run stops);
 /// a key that does not unwrap is `Failed`.
@@ -139,17 +238,7 @@ async fn rewrap_one(
             kek: kek_text(&item.kek),
         })
     };
-    // Only the wrapped key matters to a rewrap: the value layer is left as it is, so an
-    // empty stand-in replaces it (the store never hands the sealed value to a rewrap).
-    let sealed = Sealed {
-        alg: Algorithm::Aes256Gcm,
-        wrapped_key: WrappedKey {
-            kek: to_crypto_kek(&item.kek),
-            bytes: item.wrapped_key.clone(),
-        },
-        nonce: [0; 12],
-        ciphertext: Vec::new(),
-    };
+    let sealed = key_only(&item);
     let rewrapped = crate::vault::open_bound(
         &item.owner,
         &item.name,
@@ -163,17 +252,7 @@ async fn rewrap_one(
     .await;
     let new = match rewrapped {
         Ok(new) => new,
-        Err(EnvelopeError::Provider(e))
-            if matches!(
-                e.kind(),
-                ProviderErrorKind::Unavailable
-                    | ProviderErrorKind::Denied
-                    | ProviderErrorKind::Misconfigured
-            ) =>
-        {
-            return Err(CoreError::Unavailable(e.to_string()))
-        }
-        Err(_) => return Ok(failed(&item)),
+        Err(e) => return outage(e).map(|()| failed(&item)),
     };
     if dry_run {
         return Ok(Outcome::Rewrapped);

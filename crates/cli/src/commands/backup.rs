@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{Failure, OperatorTarget};
+use strongroom_core::rewrap::KekSample;
+
 use crate::error::CliError;
 use crate::output::{errln, outln};
 
@@ -79,7 +81,9 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
 /// says what the restore would undo: credentials disabled and versions destroyed since the
 /// backup was taken, which come back with it (it goes on then only with --yes: disable or
 /// destroy them again after), credentials enabled and current versions chosen since, and
-/// the versions written since, which go. The restore is recorded in the copy's
+/// the versions written since, which go. It tries one data key under each KEK the backup
+/// uses: versions under a KEK these keys no longer hold (retired since) would never open
+/// again, and they need --yes too. The restore is recorded in the copy's
 /// audit log. Then the database is replaced; what it replaces is kept (--keep, by default
 /// DATA_DIR/strongroom.db.before-restore-TIME), and no -wal or -shm file of the old
 /// database is left to be replayed into the copy.
@@ -105,7 +109,8 @@ pub struct RestoreArgs {
     #[arg(long)]
     dry_run: bool,
     /// Restore even though credentials disabled or versions destroyed since the backup would
-    /// be usable again (listed first; disable or destroy them again after).
+    /// be usable again (listed first; disable or destroy them again after), or the backup
+    /// holds versions under a KEK these keys do not open (listed first).
     #[arg(long)]
     yes: bool,
 }
@@ -170,7 +175,7 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
             ..Overrides::default()
         },
     )?;
-    let records = runtime.block_on(async {
+    let (records, unopened) = runtime.block_on(async {
         let backends = strongroom_server::Backends::open_existing(&staged_config)
             .await
             .map_err(|e| {
@@ -179,8 +184,21 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
                 ))
             })?;
         let verified = super::audit::verify_log(&backends, None).await;
-        let recorded = match (&verified, args.dry_run) {
-            (Ok(_), false) => {
+        // Whether these keys open the backup's versions: one data key per KEK. A KEK retired
+        // since the backup was taken is gone, and so is every version under it.
+        let sampled = match &verified {
+            Ok(_) => Some(
+                strongroom_core::rewrap::sample_keks(
+                    backends.store.as_ref(),
+                    backends.keyring.as_ref(),
+                )
+                .await,
+            ),
+            Err(_) => None,
+        };
+        let recorded = match (&verified, &sampled, args.dry_run) {
+            (Ok(_), Some(Err(_)), _) => Ok(()),
+            (Ok(_), _, false) => {
                 strongroom_server::audit_operator_action(&backends, "restore", "ok", None, None)
                     .await
                     .map_err(|e| e.to_string())
@@ -191,11 +209,23 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         let count = verified.map(|c| c.count).map_err(|e| {
             failed(&format!(
                 "the backup's audit log does not verify under this store's keys ({e}); is it \
-                 a backup of this vault, with the keyring it was made with?"
+                 a backup of this vault, with the keyring it was made with? A KEK version \
+                 retired since the backup was taken no longer opens it"
             ))
         })?;
+        let unopened: Vec<KekSample> = sampled
+            .unwrap_or_else(|| Ok(Vec::new()))
+            .map_err(|e| {
+                failed(&format!(
+                    "whether this store's keys open the backup's versions could not be \
+                     checked: {e}"
+                ))
+            })?
+            .into_iter()
+            .filter(|s| !s.opens)
+            .collect();
         recorded.map_err(|e| failed(&format!("the restore could not be recorded in it: {e}")))?;
-        Ok::<_, Failure>(count)
+        Ok::<_, Failure>((count, unopened))
     })?;
     outln!(
         "backup checked: {} credentials, {} versions; its audit log verifies under this \
@@ -226,19 +256,34 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
             db.display()
         ),
     }
+    if !unopened.is_empty() {
+        report_unopened(&unopened);
+    }
     if args.dry_run {
         outln!("dry run: nothing was changed")?;
         return Ok(());
     }
     // Secrets destroyed, or credentials switched off, since the backup would be usable again
-    // from the server's next start: only when asked for by name.
-    if protections_undone && !args.yes {
-        return Err(CliError::Usage(
-            "the restore would make usable again what was disabled or destroyed since the \
-             backup (listed above); nothing was changed. Run it again with --yes to restore \
-             anyway, then disable or destroy them again"
-                .into(),
-        )
+    // from the server's next start; values would come back that no key opens: only when
+    // asked for by name.
+    let mut would = Vec::new();
+    if protections_undone {
+        would.push("make usable again what was disabled or destroyed since the backup");
+    }
+    if !unopened.is_empty() {
+        would.push("put back versions that this store's keys do not open");
+    }
+    if !would.is_empty() && !args.yes {
+        return Err(CliError::Usage(format!(
+            "the restore would {} (listed above); nothing was changed. Run it again with --yes \
+             to restore anyway{}",
+            would.join(", and "),
+            if protections_undone {
+                ", then disable or destroy them again"
+            } else {
+                ""
+            }
+        ))
         .into());
     }
     let keep = match &args.keep {
@@ -316,6 +361,24 @@ fn default_keep(data_dir: &std::path::Path) -> PathBuf {
         n += 1;
     }
     keep
+}
+
+/// Names the KEKs of the backup whose data keys this store's keys did not open.
+fn report_unopened(unopened: &[KekSample]) {
+    errln!(
+        "warning: this store's keys do not open the versions of the backup under these KEKs \
+         (retired since the backup was taken, or another keyring's or key provider's); after \
+         the restore they would not be revealed. Put the key back first (a copy of the \
+         keyring from before the retirement), or restore and destroy them:"
+    );
+    for sample in unopened {
+        errln!(
+            "  {}: {} active credential version{}",
+            sample.kek_text(),
+            sample.versions,
+            if sample.versions == 1 { "" } else { "s" }
+        );
+    }
 }
 
 /// Says what a restore undoes (protective changes made since the backup).

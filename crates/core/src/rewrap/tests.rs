@@ -243,3 +243,91 @@ async fn throttle_waits_between_batches() {
         started.elapsed()
     );
 }
+
+/// A provider that cannot be reached: every unwrap fails `Unavailable`.
+#[derive(Debug)]
+struct Unreachable(FakeProvider);
+
+#[async_trait::async_trait]
+impl KeyProvider for Unreachable {
+    fn kind(&self) -> &str {
+        self.0.kind()
+    }
+    fn active_kek(&self) -> Result<strongroom_crypto::KekRef, strongroom_crypto::ProviderError> {
+        self.0.active_kek()
+    }
+    async fn wrap(
+        &self,
+        kek: &strongroom_crypto::KekRef,
+        key: &strongroom_crypto::Key256,
+        aad: &[u8],
+    ) -> Result<WrappedKey, strongroom_crypto::ProviderError> {
+        self.0.wrap(kek, key, aad).await
+    }
+    async fn unwrap(
+        &self,
+        _wrapped: &WrappedKey,
+        _aad: &[u8],
+    ) -> Result<strongroom_crypto::Key256, strongroom_crypto::UnwrapError> {
+        Err(strongroom_crypto::ProviderError::new(
+            ProviderErrorKind::Unavailable,
+            FakeProvider::KIND,
+            "connection refused",
+        )
+        .into())
+    }
+    async fn health(&self) -> Result<(), strongroom_crypto::ProviderError> {
+        self.0.health().await
+    }
+}
+
+/// Each KEK in use is tried once: a retired one, and every one of another keyring, does not
+/// open; a provider out of reach is an error, not "does not open".
+#[tokio::test]
+async fn a_sample_per_kek_says_which_ones_these_keys_open() {
+    let provider = Arc::new(FakeProvider::new("core", 1));
+    let (_d, store, vault) = setup(provider.clone()).await;
+    put_many(&vault, 4).await;
+    provider.rotate();
+    vault
+        .put(PutRequest {
+            owner: "bob",
+            name: "later",
+            value: SecretBytes::from_slice(b"v2 value"),
+            metadata: None,
+            expected_version: None,
+            created_by: "user:bob",
+        })
+        .await
+        .unwrap();
+    let summary = |samples: Vec<KekSample>| {
+        samples
+            .iter()
+            .map(|s| (s.kek_text(), s.versions, s.opens))
+            .collect::<Vec<_>>()
+    };
+    let sampled = sample_keks(store.as_ref(), provider.as_ref()).await;
+    assert_eq!(
+        summary(sampled.unwrap()),
+        [
+            ("fake:core:v1".to_owned(), 4, true),
+            ("fake:core:v2".to_owned(), 1, true)
+        ]
+    );
+    provider.retire(1);
+    let sampled = sample_keks(store.as_ref(), provider.as_ref()).await;
+    assert_eq!(
+        summary(sampled.unwrap()),
+        [
+            ("fake:core:v1".to_owned(), 4, false),
+            ("fake:core:v2".to_owned(), 1, true)
+        ]
+    );
+    // A provider of another key holds none of the KEKs these versions name.
+    let other = FakeProvider::new("other", 2);
+    let sampled = sample_keks(store.as_ref(), &other).await.unwrap();
+    assert!(sampled.iter().all(|s| !s.opens), "{sampled:?}");
+    let down = Unreachable(FakeProvider::new("core", 2));
+    let err = sample_keks(store.as_ref(), &down).await.unwrap_err();
+    assert!(matches!(err, CoreError::Unavailable(_)), "{err:?}");
+}
