@@ -40,12 +40,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Strongroom keeps users' third-party credentials (API keys, passwords, tokens) encrypted,
 /// bound to their owner, write-only for people and usable only by the services policy allows.
 #[derive(Parser, Debug)]
-#[command(
-    name = "strongroom",
-    version,
-    propagate_version = true,
-    max_term_width = 100
-)]
+#[command(name = "strongroom", version, max_term_width = 100)]
 #[command(
     after_help = "Run `strongroom <COMMAND> --help` for each command's options and examples."
 )]

@@ -194,6 +194,36 @@ fn help_explains_every_command() {
     }
 }
 
+/// `--version` prints the release on `strongroom` alone. On a subcommand it is no flag: `keys
+/// retire --version 1` printed the release and exited 0, having retired nothing, to an
+/// operator who meant KEK version 1.
+#[test]
+fn version_is_a_flag_of_strongroom_alone() {
+    let out = strongroom().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("strongroom "));
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["keys", "retire", "--version", "1"][..],
+        &["keys", "rotate", "--version"],
+        &["serve", "--version"],
+    ] {
+        let out = strongroom()
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("unexpected argument '--version'"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 /// A store that cannot be opened fails `keys rotate` before the keyring changes (it rotated
 /// first and then reported the store's error, so each retry added a version).
 #[test]

@@ -114,7 +114,6 @@ pub enum CredentialCommand {
         name: String,
     },
     /// Destroy a credential, or one version of it (crypto-shredding: its data key is erased).
-    #[command(disable_version_flag = true)]
     Destroy {
         #[command(flatten)]
         client: ClientOptions,
