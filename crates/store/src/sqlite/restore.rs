@@ -171,7 +171,8 @@ pub struct Undone {
 /// # Errors
 ///
 /// [`StoreError::InvalidInput`] when the store is in use (a server or another command has
-/// it open), `from` is the database itself, lies in the staging folder, or does not exist;
+/// it open), `from` is the database itself, lies in the staging folder, does not exist, or
+/// is no regular file;
 /// [`StoreError::Corrupt`] when `from` is no sound Strongroom database;
 /// [`StoreError::SchemaTooNew`] when a newer Strongroom wrote it; [`StoreError::Unavailable`]
 /// for I/O failures (naming the file).
@@ -182,7 +183,8 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
         Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InvalidInput(IN_USE)),
         Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
     }
-    if same_file(db, from) {
+    let mut source = open_backup(from)?;
+    if is_file(&source, db) {
         return Err(StoreError::InvalidInput(
             "the backup is the database itself",
         ));
@@ -197,9 +199,6 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
             "the backup is in the folder a restore stages its copy in (restore-staging), which \
              the restore empties first: move it elsewhere",
         ));
-    }
-    if !from.is_file() {
-        return Err(StoreError::InvalidInput("the backup file does not exist"));
     }
     // Left by a restore cut short: never anything but a copy.
     let interrupted = std::fs::symlink_metadata(&dir).is_ok();
@@ -229,7 +228,7 @@ pub fn stage(db: &Path, from: &Path) -> Result<Staged, StoreError> {
         },
         _lock: lock,
     };
-    copy_new(from, &staged.path())?;
+    write_new(&mut source, from, &staged.path())?;
     staged.report = check_source(&staged.path())?;
     Ok(staged)
 }
@@ -463,6 +462,39 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The backup, opened once: the checks by file that follow and the copy all read this
+/// file, whatever its path names meanwhile. Opened without blocking, so that a FIFO there
+/// is refused rather than waited on.
+fn open_backup(from: &Path) -> Result<File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(from)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                StoreError::InvalidInput("the backup file does not exist")
+            }
+            _ => io_at("cannot read", from)(e),
+        })?;
+    let meta = file.metadata().map_err(io_at("cannot read", from))?;
+    if !meta.is_file() {
+        return Err(StoreError::InvalidInput(
+            "the backup is no regular file (a folder, a device or a FIFO)",
+        ));
+    }
+    Ok(file)
+}
+
+/// Whether the open `file` is the one at `path`.
+fn is_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -644,6 +676,13 @@ fn keep_file(from: &Path, to: &Path) -> Result<(), StoreError> {
 
 /// Copies `from` to a new file `to` (mode 0600) and makes it durable.
 fn copy_new(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let mut input = File::open(from).map_err(io_at("cannot read", from))?;
+    write_new(&mut input, from, to)
+}
+
+/// Copies what is left to read of `input` (the file at `from`) to a new file `to` (mode
+/// 0600) and makes it durable.
+fn write_new(input: &mut File, from: &Path, to: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut out = std::fs::OpenOptions::new()
         .write(true)
@@ -654,8 +693,13 @@ fn copy_new(from: &Path, to: &Path) -> Result<(), StoreError> {
             std::io::ErrorKind::AlreadyExists => StoreError::InvalidInput(KEEP_EXISTS),
             _ => io_at("cannot create", to)(e),
         })?;
-    let mut input = File::open(from).map_err(io_at("cannot read", from))?;
-    std::io::copy(&mut input, &mut out).map_err(io_at("cannot write", to))?;
+    std::io::copy(input, &mut out).map_err(|e| {
+        StoreError::unavailable(format!(
+            "cannot copy {} into {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })?;
     out.sync_all().map_err(io_at("cannot write", to))?;
     sync_parent(to)
 }
@@ -1022,7 +1066,21 @@ mod tests {
         let garbage = dir.path().join("garbage.db");
         std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
         let missing = dir.path().join("missing.db");
+        // Refused at once, not waited on until something writes to it.
+        let fifo = dir.path().join("fifo.db");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let folder = dir.path().join("folder.db");
+        std::fs::create_dir(&folder).unwrap();
+        let linked_db = dir.path().join("linked.db");
+        std::os::unix::fs::symlink(&db, &linked_db).unwrap();
         for (from, want) in [
+            (fifo.as_path(), "no regular file"),
+            (folder.as_path(), "no regular file"),
+            (linked_db.as_path(), "the database itself"),
             (other.as_path(), "no Strongroom database"),
             (newer.as_path(), "schema version"),
             (planted.as_path(), "trigger named \"keep_on\""),
