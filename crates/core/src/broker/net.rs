@@ -77,9 +77,15 @@ fn v6_class(a: Ipv6Addr) -> Class {
         // IPv4-translated (::ffff:0:0/96, RFC 2765).
         return v4_class(embedded(s[6], s[7]));
     }
-    if s[0] == 0x64 && s[1] == 0xff9b {
-        // NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48).
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        // NAT64's well-known prefix 64:ff9b::/96: the IPv4 address is the last 32 bits.
         return v4_class(embedded(s[6], s[7]));
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b {
+        // The rest of 64:ff9b::/32, the local-use 64:ff9b:1::/48 among them (RFC 8215): a
+        // translator's own prefix, shorter than /96 (RFC 6052 puts the IPv4 address at
+        // other bits then), reaching whatever IPv4 network it serves.
+        return Class::Private("a local NAT64 (64:ff9b::/32) address");
     }
     if s[0] == 0x2002 {
         // 6to4.
@@ -141,6 +147,11 @@ mod tests {
             "::ffff:0:7f00:1",
             "::ffff:0:a9fe:a9fe",
             "64:ff9b::a00:1",
+            // Local-use NAT64 with a /48 prefix: 127.0.0.1 and 169.254.169.254 at bits
+            // 48-63 and 72-87, which a /96 reading took for 8.8.8.8.
+            "64:ff9b:1:7f00:0:100:808:808",
+            "64:ff9b:1:a9fe:a9:fe00:808:808",
+            "64:ff9b:1::808:808",
             "2002:7f00:1::",
             "2001::1",
         ] {
