@@ -100,6 +100,13 @@ impl ApiError {
         }
     }
 
+    /// The same answer, with a `Retry-After` of `seconds`.
+    #[must_use]
+    pub fn retry_in(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     /// The same answer, with `cause` for the server's failure log (see [`log_failure`]),
     /// never sent to the client.
     #[must_use]

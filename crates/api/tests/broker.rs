@@ -1175,3 +1175,44 @@ async fn the_binding_is_per_version() {
     assert_eq!(r.json()["version"], 1);
     assert_eq!(up.hits(), 1);
 }
+
+/// While a call is in flight (to `/slow`), one more over the service's share is 429 and one
+/// more over the server's is 503, both `broker_busy` with `Retry-After`, before any value
+/// is read or call made; once it has ended, the next call goes.
+#[tokio::test]
+async fn calls_in_flight_are_bounded() {
+    for (per_service, in_all, status) in [
+        (1, 16, StatusCode::TOO_MANY_REQUESTS),
+        (16, 1, StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let (api, up) = setup().await;
+        // The first call ends at the broker's timeout (`/slow` answers far later).
+        let mut settings = up.settings();
+        settings.timeout = Duration::from_secs(8);
+        settings.max_concurrent_calls = in_all;
+        settings.max_concurrent_calls_per_service = per_service;
+        api.state.set_broker(up.broker(settings));
+        let slow = broker(&api, bearer(&up.url("/slow")));
+        let up_ref = &up;
+        let api_ref = &api;
+        let second = async move {
+            eventually("the first call reached the upstream", move || async move {
+                (up_ref.hits() > 0).then_some(())
+            })
+            .await;
+            broker(api_ref, bearer(&up_ref.url("/echo"))).await
+        };
+        let (first, second) = tokio::join!(slow, second);
+        assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT, "{}", first.body);
+        assert_eq!(second.status, status, "{}", second.body);
+        assert_eq!(code(&second), "broker_busy");
+        assert_eq!(second.headers["retry-after"], "1");
+        assert_eq!(up.hits(), 1, "the refused call reached the upstream");
+        // Its record says it was refused, and names no version (none was read).
+        let refused = audit_record(&api, "zoom.api-key", |r| r["status"] == status.as_u16()).await;
+        assert_eq!(refused["error_code"], "broker_busy");
+        assert_eq!(refused["version"], Value::Null);
+        let r = broker(&api, bearer(&up.url("/echo"))).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+}

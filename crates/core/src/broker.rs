@@ -66,6 +66,12 @@ pub struct BrokerSettings {
     pub max_request_body_bytes: usize,
     /// Response headers passed back besides the default ones ([`PASSED_BACK`]).
     pub pass_response_headers: Vec<PassedHeader>,
+    /// Calls in flight at once, all services together (each holds up to
+    /// `max_response_bytes` of answer, and copies of it while it is searched and sent on);
+    /// also the most name lookups in flight, which can outlast the call that started them.
+    pub max_concurrent_calls: usize,
+    /// Calls in flight at once for one service, so that one cannot take every place.
+    pub max_concurrent_calls_per_service: usize,
 }
 
 impl Default for BrokerSettings {
@@ -78,6 +84,8 @@ impl Default for BrokerSettings {
             max_response_bytes: 1024 * 1024,
             max_request_body_bytes: 256 * 1024,
             pass_response_headers: Vec::new(),
+            max_concurrent_calls: 64,
+            max_concurrent_calls_per_service: 16,
         }
     }
 }
@@ -129,6 +137,76 @@ pub enum BrokerError {
     /// passed back partly checked.
     #[error("upstream response could not be checked for the value within its budget (it holds too many near misses of it)")]
     Unchecked,
+    /// As many calls (or name lookups) are in flight as the settings allow.
+    #[error("{0}")]
+    Busy(Busy),
+}
+
+/// Which bound on calls in flight a call met ([`BrokerError::Busy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Busy {
+    /// The service's own (`max_concurrent_calls_per_service`).
+    Service(usize),
+    /// The server's, for all services (`max_concurrent_calls`).
+    Server(usize),
+    /// Name lookups in flight, some of them left over from calls that timed out.
+    Lookups(usize),
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Busy::Service(n) => write!(
+                f,
+                "this service has {n} brokered calls in flight, as many as it may \
+                 (broker.max_concurrent_calls_per_service); retry when one has ended"
+            ),
+            Busy::Server(n) => write!(
+                f,
+                "{n} brokered calls are in flight, as many as this server makes at once \
+                 (broker.max_concurrent_calls); retry shortly"
+            ),
+            Busy::Lookups(n) => write!(
+                f,
+                "{n} name lookups are in flight, as many as this server makes at once; \
+                 retry shortly"
+            ),
+        }
+    }
+}
+
+/// Calls and name lookups in flight, bounded by the settings.
+#[derive(Debug)]
+struct InFlight {
+    calls: Arc<tokio::sync::Semaphore>,
+    by_service: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    lookups: Arc<tokio::sync::Semaphore>,
+}
+
+/// A brokered call's place among those in flight ([`Broker::admit`]), given back when
+/// dropped.
+#[must_use = "the place is given back when this is dropped"]
+pub struct CallSlot {
+    in_flight: Arc<InFlight>,
+    service: String,
+    _call: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut by_service = self
+            .in_flight
+            .by_service
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = by_service.get_mut(&self.service) {
+            *n -= 1;
+            if *n == 0 {
+                by_service.remove(&self.service);
+            }
+        }
+    }
 }
 
 impl BrokerError {
@@ -475,6 +553,7 @@ fn passed_back(name: &str, extra: &[PassedHeader]) -> bool {
 pub struct Broker {
     settings: BrokerSettings,
     transport: Arc<dyn Transport>,
+    in_flight: Arc<InFlight>,
 }
 
 impl Broker {
@@ -490,15 +569,54 @@ impl Broker {
 
     /// A broker over another transport.
     pub fn with_transport(settings: BrokerSettings, transport: Arc<dyn Transport>) -> Self {
+        let calls = settings.max_concurrent_calls.max(1);
+        let in_flight = Arc::new(InFlight {
+            calls: Arc::new(tokio::sync::Semaphore::new(calls)),
+            by_service: std::sync::Mutex::default(),
+            lookups: Arc::new(tokio::sync::Semaphore::new(calls)),
+        });
         Self {
             settings,
             transport,
+            in_flight,
         }
     }
 
     /// The settings.
     pub fn settings(&self) -> &BrokerSettings {
         &self.settings
+    }
+
+    /// A place for one call of `service` among those in flight (step 0, before the value is
+    /// read), or [`BrokerError::Busy`] at once: waiting would hold the request, and its
+    /// connection, for a place that may not come before the caller's own timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerError::Busy`].
+    pub fn admit(&self, service: &str) -> Result<CallSlot, BrokerError> {
+        let per_service = self.settings.max_concurrent_calls_per_service.max(1);
+        let mut by_service = self
+            .in_flight
+            .by_service
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = by_service.get(service).copied().unwrap_or(0);
+        if mine >= per_service {
+            return Err(BrokerError::Busy(Busy::Service(per_service)));
+        }
+        let call = self
+            .in_flight
+            .calls
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| BrokerError::Busy(Busy::Server(self.settings.max_concurrent_calls)))?;
+        by_service.insert(service.to_owned(), mine + 1);
+        Ok(CallSlot {
+            in_flight: self.in_flight.clone(),
+            service: service.to_owned(),
+            _call: call,
+        })
     }
 
     /// Checks the request's shape (step 1).
@@ -712,10 +830,30 @@ impl Broker {
     /// [`BrokerError::Upstream`] when the name does not resolve, [`BrokerError::Timeout`].
     pub async fn resolve(&self, prepared: &Prepared) -> Result<Target, BrokerError> {
         let dest = &prepared.destination;
-        let lookup = async {
-            tokio::net::lookup_host((dest.bare_host(), dest.port()))
-                .await
-                .map(Iterator::collect)
+        // The system resolver cannot be cancelled: a lookup that times out goes on in its
+        // thread. Its place is given back only when it ends, so that names whose servers
+        // never answer cannot fill the blocking pool the searches of answers need too.
+        let place = match dest.ip() {
+            Some(_) => None,
+            None => Some(
+                self.in_flight
+                    .lookups
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| {
+                        BrokerError::Busy(Busy::Lookups(self.settings.max_concurrent_calls))
+                    })?,
+            ),
+        };
+        let (host, port) = (dest.bare_host().to_owned(), dest.port());
+        let lookup = async move {
+            tokio::task::spawn_blocking(move || {
+                let _place = place;
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                    .map(Iterator::collect)
+            })
+            .await
+            .map_err(std::io::Error::other)?
         };
         self.resolve_with(prepared, lookup).await
     }
@@ -1185,5 +1323,87 @@ mod tests {
             .await
             .unwrap();
         assert!(target.time_left <= Duration::from_millis(600), "{target:?}");
+    }
+
+    /// Places for calls: one service cannot take more than its share, all together no more
+    /// than the server's, and a place dropped is free again.
+    #[test]
+    fn calls_in_flight_are_bounded_per_service_and_in_all() {
+        let settings = BrokerSettings {
+            max_concurrent_calls: 3,
+            max_concurrent_calls_per_service: 2,
+            ..BrokerSettings::default()
+        };
+        let broker = Broker::with_transport(settings, Arc::new(NoTransport));
+        let a1 = broker.admit("billing").unwrap();
+        let a2 = broker.admit("billing").unwrap();
+        let busy = |r: Result<CallSlot, BrokerError>| match r {
+            Err(BrokerError::Busy(b)) => b,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("admitted"),
+        };
+        assert_eq!(busy(broker.admit("billing")), Busy::Service(2));
+        let b1 = broker.admit("reports").unwrap();
+        assert_eq!(busy(broker.admit("reports")), Busy::Server(3));
+        // A refusal by the server's bound took no place of the service's.
+        drop(a1);
+        let b2 = broker.admit("reports").unwrap();
+        assert_eq!(busy(broker.admit("billing")), Busy::Server(3));
+        drop((a2, b1, b2));
+        let again: Vec<_> = (0..2).map(|_| broker.admit("billing").unwrap()).collect();
+        assert_eq!(again.len(), 2);
+        assert!(broker.in_flight.by_service.lock().unwrap()["billing"] == 2);
+        drop(again);
+        assert!(broker.in_flight.by_service.lock().unwrap().is_empty());
+    }
+
+    /// A name lookup holds its place until the resolver returns, not until the call gave up
+    /// on it: once every place is held, a call to a name is refused at once, and one to an
+    /// address (no lookup) is not.
+    #[tokio::test]
+    async fn name_lookups_in_flight_are_bounded() {
+        let settings = BrokerSettings {
+            max_concurrent_calls: 2,
+            allow_private_networks: true,
+            ..BrokerSettings::default()
+        };
+        let broker = Broker::with_transport(settings, Arc::new(NoTransport));
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                broker
+                    .in_flight
+                    .lookups
+                    .clone()
+                    .try_acquire_owned()
+                    .unwrap()
+            })
+            .collect();
+        let request = |url: &str| {
+            broker
+                .prepare(BrokerRequest {
+                    method: "GET".into(),
+                    url: url.into(),
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                    inject: Injection::Header {
+                        name: "X-Api-Key".into(),
+                        format: None,
+                    },
+                    version: None,
+                })
+                .unwrap()
+        };
+        let by_name = request("https://localhost/");
+        let r = broker.resolve(&by_name).await;
+        assert!(
+            matches!(r, Err(BrokerError::Busy(Busy::Lookups(2)))),
+            "{r:?}"
+        );
+        let by_address = request("https://127.0.0.1/");
+        broker.resolve(&by_address).await.unwrap();
+        drop(held);
+        broker.resolve(&by_name).await.unwrap();
+        // Given back once the lookup ended.
+        assert_eq!(broker.in_flight.lookups.available_permits(), 2);
     }
 }

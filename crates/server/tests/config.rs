@@ -185,6 +185,15 @@ fn mistakes_are_named_by_key_and_source() {
                 "key `limits.puts_per_owner_per_minute`: must be at least 1",
             ),
             (
+                "[broker]\nmax_concurrent_calls = 0",
+                "key `broker.max_concurrent_calls`: must be 1 to 4096",
+            ),
+            (
+                "[broker]\nmax_concurrent_calls = 8\nmax_concurrent_calls_per_service = 9",
+                "key `broker.max_concurrent_calls_per_service`: must be 1 to \
+                 broker.max_concurrent_calls",
+            ),
+            (
                 "[store]\nkind = \"postgres\"",
                 "key `store.url`: is required",
             ),

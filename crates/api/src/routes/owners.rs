@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
-use strongroom_core::broker::{BrokerError, BrokerRequest, Injection};
+use strongroom_core::broker::{BrokerError, BrokerRequest, Busy, Injection};
 use strongroom_core::policy::{Decision, Operation};
 use strongroom_core::CoreError;
 use strongroom_store::StoreError;
@@ -187,8 +187,9 @@ fn secret_json<T: serde::Serialize>(body: &T, secret_len: usize) -> ApiResult<Re
         (status = 410, description = "version destroyed (version_destroyed), or past its metadata.expires_at (version_expired)", body = ErrorBody),
         (status = 413, description = "body to forward too large", body = ErrorBody),
         (status = 422, description = "the value cannot be injected as asked", body = ErrorBody),
+        (status = 429, description = "broker_busy: this service has broker.max_concurrent_calls_per_service (default 16) calls in flight", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
         (status = 502, description = "upstream unreachable, TLS failure, broken HTTP, response too large, content-encoded, or too costly to check for the value", body = ErrorBody),
-        (status = 503, description = "the audit record could not be written; no call was made", body = ErrorBody),
+        (status = 503, description = "the audit record could not be written, or broker_busy: broker.max_concurrent_calls (default 64) calls, or as many name lookups, are in flight; no call was made", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
         (status = 504, description = "upstream timed out", body = ErrorBody)),
     security(("service_token" = [])))]
 pub(crate) async fn broker(
@@ -213,6 +214,8 @@ pub(crate) async fn broker(
             "brokered use is not configured on this server",
         )
     })?;
+    // Held until the answer is built: a call's answer and its copies count against it.
+    let _slot = broker.admit(&service.name).map_err(broker_error)?;
     let prepared = broker
         .prepare(broker_request(body)?)
         .map_err(broker_error)?;
@@ -363,6 +366,13 @@ fn broker_error(e: BrokerError) -> ApiError {
         }
         BrokerError::Unchecked => {
             ApiError::new(S::BAD_GATEWAY, "upstream_response_unchecked", e.to_string())
+        }
+        // Over the service's own share: it slows down. Over the server's: it is busy.
+        BrokerError::Busy(busy @ Busy::Service(_)) => {
+            ApiError::new(S::TOO_MANY_REQUESTS, "broker_busy", busy.to_string()).retry_in(1)
+        }
+        BrokerError::Busy(busy) => {
+            ApiError::new(S::SERVICE_UNAVAILABLE, "broker_busy", busy.to_string()).retry_in(1)
         }
         other => ApiError::internal(S::INTERNAL_SERVER_ERROR, "internal", other.to_string()),
     }

@@ -6,7 +6,7 @@
 //!   `Authorization` header again in `x-echo-authorization` and base64 in the body;
 //! * `/redirect`: 302 to `https://elsewhere.example/`;
 //! * `/big`: a 2 MiB body; `/big-chunked`: the same without a `Content-Length`;
-//! * `/slow`: answers after 5 s;
+//! * `/slow`: answers after 60 s, past every timeout the tests set;
 //! * `/gzip`: a `Content-Encoding: gzip` body; `/gzip2`: the same behind a first
 //!   `Content-Encoding: identity`; `/tegzip`: `Transfer-Encoding: gzip, chunked`;
 //! * `/binary`: non-UTF-8 bytes;
@@ -80,6 +80,7 @@ impl Upstream {
                 "x-echo-authorization",
             )
             .unwrap()],
+            ..strongroom_core::broker::BrokerSettings::default()
         }
     }
 
