@@ -553,3 +553,94 @@ fn a_new_keyring_beside_an_existing_store_is_called_out() {
         "{err}"
     );
 }
+
+/// Operator commands' backends follow the keyring file as a server does: a `keys rotate`
+/// made while one runs (a long import) is taken up within a second or two, and what it
+/// seals next goes under the new version, not under the old one for the rest of its run
+/// (where a `keys retire` of that version would lose it).
+#[test]
+fn operator_backends_take_up_a_rotation_made_while_they_are_open() {
+    let dir = tempfile::tempdir().unwrap();
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(dir.path())
+        .assert()
+        .success();
+    make_store(dir.path());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = common::operator_config(None, dir.path());
+    let backends = rt.block_on(strongroom_server::Backends::open_existing(&config));
+    let backends = backends.unwrap();
+    assert_eq!(backends.keyring.active_kek().unwrap().version, 1);
+    strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(dir.path())
+        .assert()
+        .success();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while backends.keyring.active_kek().unwrap().version != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotation was not taken up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    rt.block_on(async {
+        backends
+            .vault()
+            .put(strongroom_core::PutRequest {
+                owner: "alice",
+                name: "imported",
+                value: strongroom_crypto::SecretBytes::from_slice(b"sk_test_1234"),
+                metadata: None,
+                expected_version: None,
+                created_by: "import",
+            })
+            .await
+            .unwrap();
+        let counts = backends.store.count_versions_by_kek().await.unwrap();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        assert_eq!(counts[0].0.version, 2, "{counts:?}");
+        backends.close().await;
+    });
+}
+
+/// A version that stopped being active a moment ago is retired only once servers and
+/// operator commands have had time to take up the rotation (and to commit what they sealed
+/// under it just before): the retire waits, says so, then goes on.
+#[test]
+fn a_retire_right_after_a_rotation_waits_for_writers_to_take_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(dir.path())
+        .assert()
+        .success();
+    make_store(dir.path());
+    let run = |args: &[&str]| {
+        strongroom()
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["keys", "rotate"]).status.success());
+    let started = std::time::Instant::now();
+    let out = run(&["keys", "retire", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("stopped being active") && err.contains("waiting"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -132,6 +132,11 @@ pub struct Backends {
     /// (operator commands that write, such as an import, keep the server's).
     vault_config: VaultConfig,
     handle: StoreHandle,
+    /// Reload the keyring file and the KEK ring as a server does, for as long as these
+    /// backends live: an import started before a `keys rotate` seals under the new KEK
+    /// within a second, not under the old one for the rest of its run (and after a
+    /// `keys retire` of it, under a key that no longer exists).
+    _followers: Vec<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 impl Backends {
@@ -206,6 +211,23 @@ impl Backends {
                 return Err(e);
             }
         };
+        let mut followers = Vec::new();
+        if let Some(ring) = &keys.local_keyring {
+            let (ring, path) = (ring.clone(), config.keyring_path());
+            followers.push(tokio::spawn(keep_watching(
+                "keyring file",
+                KEYRING_POLL,
+                move || watch_keyring(ring.clone(), path.clone(), KEYRING_POLL),
+            )));
+        }
+        if let Some(h) = &keys.hierarchy {
+            let h = h.clone();
+            followers.push(tokio::spawn(keep_watching(
+                "key hierarchy",
+                KEYRING_POLL,
+                move || watch_ring(h.clone(), KEYRING_POLL),
+            )));
+        }
         Ok(Self {
             store: handle.as_dyn(),
             keyring: keys.provider,
@@ -213,6 +235,10 @@ impl Backends {
             hierarchy: keys.hierarchy,
             vault_config: config.store.vault_config(),
             handle,
+            _followers: followers
+                .into_iter()
+                .map(tokio_util::task::AbortOnDropHandle::new)
+                .collect(),
         })
     }
 
@@ -229,6 +255,8 @@ impl Backends {
 
     /// Flushes and closes the store.
     pub async fn close(self) {
+        // The ring's reloads read the store: they stop first.
+        drop(self._followers);
         self.handle.close().await;
     }
 }

@@ -382,6 +382,25 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 .list()
                 .iter()
                 .any(|k| k.version == version && k.state == local::KeyState::Active);
+            // Servers and operator commands take up a rotation within a second; until then
+            // they may still seal under the version it replaced, and a put sealed so may
+            // commit a little later. Counted only once that is over, so that it is counted.
+            let since = ring
+                .list()
+                .iter()
+                .find(|k| k.version == version && k.state == local::KeyState::DecryptOnly)
+                .map_or(RETIRE_SETTLE, |k| now - k.state_changed_at);
+            let wait = std::time::Duration::try_from(RETIRE_SETTLE - since).unwrap_or_default();
+            if !wait.is_zero() {
+                errln!(
+                    "note: version {version} stopped being active {:.0} s ago; waiting {} s for \
+                     servers and imports still sealing under it to finish",
+                    since.as_seconds_f64().max(0.0),
+                    wait.as_secs_f64().ceil()
+                );
+                std::thread::sleep(wait);
+            }
+            let now = now + wait;
             block_on(retire(&location, &path, kek, active, now))?;
         }
     }
@@ -432,6 +451,12 @@ async fn remote_generate(config: Config) -> Result<(), Failure> {
         .into()),
     }
 }
+
+/// How long a keyring version must have been decrypt-only before `keys retire` counts what
+/// still uses it: the time servers and operator commands take to reload the keyring (a
+/// second), and a put's seal-to-commit, with room to spare. (Whatever lands later still
+/// shows in the full scan after the erase.)
+const RETIRE_SETTLE: time::Duration = time::Duration::seconds(5);
 
 /// Active KEK and the KEKs in use, with counts, for a remote provider.
 async fn remote_list(config: Config, json: bool) -> Result<(), Failure> {
