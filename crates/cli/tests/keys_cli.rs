@@ -644,3 +644,62 @@ fn a_retire_right_after_a_rotation_waits_for_writers_to_take_it_up() {
         started.elapsed()
     );
 }
+
+/// `--keyring` (or `STRONGROOM_KEYRING`) naming another vault's keyring beside `--data-dir`
+/// is refused before either keyring changes: rotated, it would report done while this
+/// store's key stayed as it was.
+#[test]
+fn rotating_another_vaults_keyring_against_this_store_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mine, other) = (tmp.path().join("mine"), tmp.path().join("other"));
+    for dir in [&mine, &other] {
+        strongroom()
+            .args(["keys", "generate", "--data-dir"])
+            .arg(dir)
+            .assert()
+            .success();
+        make_store(dir);
+    }
+    let (my_ring, other_ring) = (mine.join("keyring.json"), other.join("keyring.json"));
+    let before = (
+        std::fs::read(&my_ring).unwrap(),
+        std::fs::read(&other_ring).unwrap(),
+    );
+    let by_flag = strongroom()
+        .args(["keys", "rotate", "--keyring"])
+        .arg(&other_ring)
+        .arg("--data-dir")
+        .arg(&mine)
+        .output()
+        .unwrap();
+    let by_env = strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(&mine)
+        .env("STRONGROOM_KEYRING", &other_ring)
+        .output()
+        .unwrap();
+    for out in [by_flag, by_env] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("refusing to rotate") && err.contains("audit head key"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        (
+            std::fs::read(&my_ring).unwrap(),
+            std::fs::read(&other_ring).unwrap()
+        ),
+        before
+    );
+    // Its own keyring, named the same way, rotates.
+    strongroom()
+        .args(["keys", "rotate", "--keyring"])
+        .arg(&my_ring)
+        .arg("--data-dir")
+        .arg(&mine)
+        .assert()
+        .success();
+    assert_eq!(list_json(&mine).len(), 2);
+}

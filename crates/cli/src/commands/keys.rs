@@ -265,7 +265,11 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 // command fails before the keyring changes, not after.
                 block_on(async {
                     let backends = location.operator_target().open_existing().await?;
-                    if let Err(e) = refuse_a_version_the_store_uses(&backends, &path).await {
+                    let refused = match refuse_another_keyring(&backends, &path).await {
+                        Ok(()) => refuse_a_version_the_store_uses(&backends, &path).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = refused {
                         backends.close().await;
                         return Err(e);
                     }
@@ -782,6 +786,46 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Resu
         .build()
         .map_err(CliError::io("cannot start the async runtime"))?
         .block_on(f)
+}
+
+/// Refuses to rotate a keyring file that is not the store's (`--keyring` or
+/// `STRONGROOM_KEYRING` naming another vault's): the store's credential versions are under
+/// another key id, or its audit head key does not open with it. Rotated, that file would
+/// change while the store's own key stayed as it was, the rotation reported done.
+async fn refuse_another_keyring(
+    backends: &strongroom_server::Backends,
+    path: &std::path::Path,
+) -> Result<(), Failure> {
+    let ring = LocalKeyring::open(path)?;
+    let counts = backends
+        .store
+        .count_versions_by_kek()
+        .await
+        .map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?;
+    let local_ids: std::collections::BTreeSet<&str> = counts
+        .iter()
+        .filter(|(k, _)| k.provider == local::KIND)
+        .map(|(k, _)| k.key_id.as_str())
+        .collect();
+    let refuse = |why: String| -> Failure {
+        CliError::Operation(format!(
+            "refusing to rotate {}: {why}. Is it this store's keyring? --keyring and \
+             STRONGROOM_KEYRING name the file to rotate",
+            path.display()
+        ))
+        .into()
+    };
+    if !local_ids.is_empty() && !local_ids.contains(ring.key_id()) {
+        return Err(refuse(format!(
+            "the store's credential versions are under key {}, and this keyring is key {}",
+            local_ids.into_iter().collect::<Vec<_>>().join(", "),
+            ring.key_id()
+        )));
+    }
+    strongroom_core::audit::load_head_key(backends.store.as_ref(), &ring)
+        .await
+        .map_err(|e| refuse(format!("it does not open the store's audit head key ({e})")))?;
+    Ok(())
 }
 
 /// Refuses to rotate a keyring file that lacks versions the store already uses: a restored
