@@ -397,6 +397,28 @@ fn archive_by_time_keeps_the_log_verifiable() {
     assert!(!ok, "{out}");
     assert!(err.contains("choose another --output"), "{err}");
     assert_eq!(lines(&file), archived);
+    // Nor the last archive, finished: named again (with a later bound) it archived nothing,
+    // exited 0 and said it had finished an interrupted run. The dry run says the same.
+    let records_before = query_i64(&data, "SELECT count(*) FROM audit_records");
+    let file2_lines = lines(&file2);
+    for dry in [false, true] {
+        let mut args = vec!["audit", "archive", "--before", "1000000", "--output"];
+        args.push(file2.to_str().unwrap());
+        if dry {
+            args.push("--dry-run");
+        }
+        let (ok, out, err) = run(&args, &data);
+        assert!(!ok, "{out}");
+        assert!(
+            err.contains("is a finished archive") && err.contains("choose another --output"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        query_i64(&data, "SELECT count(*) FROM audit_records"),
+        records_before
+    );
+    assert_eq!(lines(&file2), file2_lines);
 
     // Puts counted in the anchor are part of its MAC: lowering them breaks it.
     let copy = copy_dir(&data);

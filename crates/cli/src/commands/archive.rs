@@ -375,8 +375,27 @@ async fn archive(
         .map_err(Stop::NotStarted)?;
     let file = &args.destination().file(anchor.as_ref());
     let resuming = file.exists();
+    // An existing file is checked before the run is recorded: an interrupted run's archive
+    // is finished, anything else refused (a finished archive among them: naming it again
+    // would archive nothing and say it finished something).
+    let resumed = match resuming {
+        true => Some(
+            resume_checked(log.as_ref(), &key, anchor.as_ref(), file)
+                .await
+                .map_err(Stop::NotStarted)?,
+        ),
+        false => None,
+    };
     if args.dry_run {
-        return dry_run(log.as_ref(), &args.before, anchor.as_ref(), resuming, file)
+        if let Some(target) = &resumed {
+            return Ok(format!(
+                "{} holds an interrupted run's archive of records up to {}: a run would finish \
+                 it (by its own bound, not --before's) and remove them from the store",
+                file.display(),
+                target.seq
+            ));
+        }
+        return dry_run(log.as_ref(), &args.before, anchor.as_ref(), file)
             .await
             .map_err(Stop::NotStarted);
     }
@@ -386,8 +405,7 @@ async fn archive(
         .map_err(|e| Stop::NotStarted(op(format!("the log refused this run's record: {e}"))))?;
     let fail = Stop::Failed;
     let after = anchor.as_ref().map_or(0, |a| a.seq);
-    let (target, written) = if resuming {
-        let target = resume(&key, anchor.as_ref(), file).map_err(fail)?;
+    let (target, written) = if let Some(target) = resumed {
         (target, None)
     } else {
         let head = log.audit_head().await.map_err(op).map_err(fail)?;
@@ -435,7 +453,8 @@ async fn archive(
             target.seq + 1 - first
         ),
         None => format!(
-            "finished the interrupted archive of records up to {} in {}",
+            "finished the interrupted archive of records up to {} in {} (by its own bound; \
+             --before applies to the next run)",
             target.seq,
             file.display()
         ),
@@ -503,16 +522,9 @@ async fn dry_run(
     log: &dyn AuditLog,
     before: &Before,
     anchor: Option<&Anchor>,
-    resuming: bool,
     file: &Path,
 ) -> Result<String, Failure> {
     let after = anchor.map_or(0, |a| a.seq);
-    if resuming {
-        return Ok(format!(
-            "{} exists: a run would finish the archive it holds (if it is an interrupted run's)",
-            file.display()
-        ));
-    }
     let count = log.audit_head().await.map_err(op)?.map_or(0, |h| h.count);
     // A real run's own `started` record adds one to the head first.
     let n = cut(log, before, count + 1).await?;
@@ -628,6 +640,34 @@ fn write_anchor_file(file: &Path, anchor: &ArchiveAnchor) -> Result<(), Failure>
         .map_err(io("cannot rename the anchor file into place"))?;
     sync_dir(file).map_err(io("cannot sync the archive's directory"))?;
     Ok(())
+}
+
+/// [`resume`], refusing a finished archive too: the log anchored after its end and none of
+/// its records left in the store.
+async fn resume_checked(
+    log: &dyn AuditLog,
+    key: &HeadKey,
+    anchor: Option<&Anchor>,
+    file: &Path,
+) -> Result<Anchor, Failure> {
+    let target = resume(key, anchor, file)?;
+    if anchor == Some(&target) {
+        let first = log
+            .audit_scan(0, 1)
+            .await
+            .map_err(op)?
+            .first()
+            .map(|r| r.seq);
+        if first.is_none_or(|seq| seq > target.seq) {
+            return Err(op(format!(
+                "{} is a finished archive (records up to {}, removed from the store): choose \
+                 another --output, or leave it out (each run names its own file)",
+                file.display(),
+                target.seq
+            )));
+        }
+    }
+    Ok(target)
 }
 
 /// A run with `--output` naming an existing file: finishes the run that wrote it, if it is
