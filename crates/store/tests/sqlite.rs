@@ -1032,3 +1032,44 @@ async fn a_file_locked_by_another_process_is_not_writable() {
     store.check_writable().await.unwrap();
     store.close().await;
 }
+
+/// A backup takes its name only once written, checked and durable: it is written as
+/// `FILE.partial`, which a run cut short leaves behind (and the next run names), never a
+/// file at FILE that looks like a backup. Never over an existing file or into a folder.
+#[tokio::test]
+async fn a_backup_is_named_only_once_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_dir(dir.path()).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("backup.db");
+    let partial = out.path().join("backup.db.partial");
+    let report = store.backup_to(&dest).await.unwrap();
+    assert_eq!(report.credentials, 0);
+    assert_eq!(
+        std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!partial.exists());
+    let written = std::fs::read(&dest).unwrap();
+
+    let invalid = |r: Result<_, StoreError>| match r {
+        Err(StoreError::InvalidInput(m)) => m,
+        other => panic!("{other:?}"),
+    };
+    assert!(invalid(store.backup_to(&dest).await).contains("already exists"));
+    assert_eq!(std::fs::read(&dest).unwrap(), written);
+    assert!(!partial.exists());
+    assert!(invalid(store.backup_to(out.path()).await).contains("folder"));
+    // What a run killed mid-copy leaves: named, and nothing at the final name.
+    let again = out.path().join("again.db");
+    let left = out.path().join("again.db.partial");
+    std::fs::write(&left, b"half a copy").unwrap();
+    assert!(invalid(store.backup_to(&again).await).contains(".partial exists"));
+    assert!(!again.exists());
+    assert_eq!(std::fs::read(&left).unwrap(), b"half a copy");
+    std::fs::remove_file(&left).unwrap();
+    store.backup_to(&again).await.unwrap();
+    assert!(again.exists() && !left.exists());
+    store.close().await;
+}

@@ -477,32 +477,49 @@ impl SqliteStore {
     /// Writes a consistent copy of the database to `dest` (`VACUUM INTO` a new file of mode
     /// 0600), while writers go on, and checks the copy (`PRAGMA integrity_check`). The copy
     /// holds what the store holds: sealed values, wrapped data keys, the audit log; never a
-    /// key that opens them.
+    /// key that opens them. It is written as `DEST.partial` and takes the name `dest` only
+    /// once checked and durable: a run cut short never leaves a file at `dest` that looks like
+    /// a backup.
     ///
     /// # Errors
     ///
-    /// [`StoreError::InvalidInput`] if `dest` exists; [`StoreError::Unavailable`] for an I/O
-    /// failure (the partial copy is removed); [`StoreError::Corrupt`] if the copy does not pass
-    /// the check (it is kept, for inspection).
+    /// [`StoreError::InvalidInput`] if `dest` or `DEST.partial` exists, or `dest` is a
+    /// folder; [`StoreError::Unavailable`] for an I/O failure (the partial copy is removed);
+    /// [`StoreError::Corrupt`] if the copy does not pass the check (it is kept as
+    /// `DEST.partial`, for inspection).
     pub async fn backup_to(&self, dest: &Path) -> Result<BackupReport, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
         let io = |e: std::io::Error| StoreError::Unavailable(BackendError::new(e));
+        if dest.is_dir() {
+            return Err(StoreError::InvalidInput(
+                "the backup path is a folder: name the file to write",
+            ));
+        }
+        if std::fs::symlink_metadata(dest).is_ok() {
+            return Err(StoreError::InvalidInput("the backup file already exists"));
+        }
+        let partial = {
+            let mut name = dest.as_os_str().to_owned();
+            name.push(".partial");
+            PathBuf::from(name)
+        };
         // Made here, empty and private, so the copy is never readable by others, and never
         // over an existing file.
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(dest)
+            .open(&partial)
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => {
-                    StoreError::InvalidInput("the backup file already exists")
-                }
+                std::io::ErrorKind::AlreadyExists => StoreError::InvalidInput(
+                    "the backup file's .partial exists: left by a backup cut short (or one \
+                     running now); remove it first",
+                ),
                 _ => io(e),
             })?;
         // On a connection of its own: the pooled readers are `query_only`, which refuses
         // even a VACUUM INTO another file.
-        let (source, target) = (self.inner.path.clone(), dest.to_owned());
+        let (source, target) = (self.inner.path.clone(), partial.clone());
         let busy = self.inner.options.busy_timeout;
         let copied = tokio::task::spawn_blocking(move || {
             let name = target
@@ -521,13 +538,37 @@ impl SqliteStore {
         .map_err(|e| StoreError::Unavailable(BackendError::new(e)))
         .and_then(|r| r);
         if let Err(e) = copied {
-            let _ = std::fs::remove_file(dest);
+            let _ = std::fs::remove_file(&partial);
             return Err(e);
         }
-        let target = dest.to_owned();
-        tokio::task::spawn_blocking(move || check_backup(&target))
-            .await
-            .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?
+        let (checked, dest) = (partial.clone(), dest.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let report = check_backup(&checked)?;
+            std::fs::File::open(&checked)
+                .and_then(|f| f.sync_all())
+                .map_err(io)?;
+            // Never over a file that appeared meanwhile: a hard link fails if the name exists
+            // (a file system without hard links gets a rename, checked just before).
+            match std::fs::hard_link(&checked, &dest) {
+                Ok(()) => std::fs::remove_file(&checked).map_err(io)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let _ = std::fs::remove_file(&checked);
+                    return Err(StoreError::InvalidInput("the backup file already exists"));
+                }
+                Err(_) if std::fs::symlink_metadata(&dest).is_err() => {
+                    std::fs::rename(&checked, &dest).map_err(io)?;
+                }
+                Err(e) => return Err(io(e)),
+            }
+            if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io)?;
+            }
+            Ok(report)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?
     }
 
     /// Runs `f` on the writer thread in the next group commit; `changes` names what it may
