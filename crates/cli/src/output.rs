@@ -80,3 +80,33 @@ pub(crate) fn error(context: &'static str) -> impl FnOnce(std::io::Error) -> Cli
         _ => CliError::Io { context, source },
     }
 }
+
+/// Writes a secret value (a revealed credential, a decrypted Fernet token) to standard
+/// output: its exact bytes to a pipe or a file; to a terminal, followed by a newline, and
+/// only when it is text without control characters.
+pub(crate) fn write_value(value: &[u8]) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return write_all(value, "cannot write the value");
+    }
+    // Refused rather than shown escaped: whoever set the value chose its bytes, and escape
+    // sequences written to a terminal act on it (retitle it, rewrite what is on screen,
+    // answer queries as typed input). An escaped rendering would be safe to show but is not
+    // the value: `\x1b` on screen cannot be told from those four characters in a value, and
+    // one copied from the screen is wrong without a sign. Refusing keeps one rule, what is
+    // printed is the value byte for byte, and the way out is one redirect. Bytes that are
+    // not UTF-8 are refused too: a terminal reads some of them as controls (C1).
+    let printable =
+        std::str::from_utf8(value).is_ok_and(|text| !text.chars().any(char::is_control));
+    if !printable {
+        return Err(CliError::Operation(
+            "the value holds control characters (a newline, a tab or an escape sequence) or \
+             bytes that are not UTF-8, which a terminal would act on rather than show: \
+             nothing was printed; redirect standard output to a file or a pipe to get its \
+             exact bytes (`... > value.bin`, `... | od -c`)"
+                .into(),
+        ));
+    }
+    write_all(value, "cannot write the value")?;
+    write_all(b"\n", "cannot write the value")
+}

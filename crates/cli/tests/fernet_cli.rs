@@ -370,3 +370,54 @@ fn a_closed_stdout_ends_quietly() {
         common::assert_ends_quietly(&out, &args[..2].join(" "));
     }
 }
+
+/// `fernet decrypt` of a token from an application's database (its plaintext is whatever a
+/// user stored) writes the exact bytes to a pipe, and to a terminal only text without
+/// control characters, as `credential reveal` does: an escape sequence in it would act on
+/// the operator's terminal.
+#[test]
+fn decrypt_keeps_control_characters_off_a_terminal() {
+    let key = String::from_utf8(stdout_of(strongroom().args(["fernet", "generate-key"])))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let token = |plaintext: &[u8]| {
+        String::from_utf8(stdout_of(
+            strongroom()
+                .args(["fernet", "encrypt", "--key", &key])
+                .write_stdin(plaintext.to_vec()),
+        ))
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    let tricky = token(b"x\x1b]0;pwned\x07y");
+    let piped = decrypt(&[&key], false, &[], &tricky, false);
+    assert_ok(&piped, b"x\x1b]0;pwned\x07y", "to a pipe");
+    let bin = assert_cmd::cargo::cargo_bin("strongroom");
+    let on_a_terminal = |token: &str| {
+        let line = format!(
+            "'{}' fernet decrypt --key '{key}' -- '{token}'",
+            bin.display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, screen) = on_a_terminal(&tricky);
+    assert_eq!(code, Some(1), "{screen:?}");
+    assert!(screen.contains("control characters"), "{screen:?}");
+    assert!(
+        !screen.contains("pwned") && !screen.contains('\x1b'),
+        "part of the plaintext reached the terminal: {screen:?}"
+    );
+    let (code, screen) = on_a_terminal(&token(b"plain-secret"));
+    assert_eq!(code, Some(0), "{screen:?}");
+    assert_eq!(screen, "plain-secret\r\n");
+}

@@ -587,7 +587,7 @@ async fn run_async(cmd: CredentialCommand) -> Result<(), Failure> {
                 );
             };
             let value = Zeroizing::new(std::mem::take(v));
-            write_value(&value)?;
+            crate::output::write_value(value.as_bytes())?;
         }
     }
     Ok(())
@@ -617,36 +617,6 @@ async fn verify(client: &ClientOptions, path: &str) -> Result<(), Failure> {
         }
         None => Err(CliError::Operation("the server's answer holds no `matches`".into()).into()),
     }
-}
-
-/// Writes a revealed value to standard output: its exact bytes to a pipe or a file; to a
-/// terminal, followed by a newline, and only when it holds no control character.
-fn write_value(value: &str) -> Result<(), Failure> {
-    use std::io::IsTerminal;
-    if !std::io::stdout().is_terminal() {
-        return Ok(crate::output::write_all(
-            value.as_bytes(),
-            "cannot write the value",
-        )?);
-    }
-    // Refused rather than shown escaped: whoever set the value chose its bytes, and escape
-    // sequences written to a terminal act on it (retitle it, rewrite what is on screen,
-    // answer queries as typed input). An escaped rendering would be safe to show but is not
-    // the value: `\x1b` on screen cannot be told from those four characters in a value, and
-    // one copied from the screen is wrong without a sign. Refusing keeps one rule, what
-    // `reveal` prints is the value byte for byte, and the way out is one redirect.
-    if value.chars().any(char::is_control) {
-        return Err(CliError::Operation(
-            "the value holds control characters (a newline, a tab or an escape sequence), \
-             which a terminal would act on rather than show: nothing was printed; redirect \
-             standard output to a file or a pipe to get its exact bytes (`... > value.bin`, \
-             `... | od -c`)"
-                .into(),
-        )
-        .into());
-    }
-    crate::output::write_all(value.as_bytes(), "cannot write the value")?;
-    Ok(crate::output::write_all(b"\n", "cannot write the value")?)
 }
 
 /// Asks for the credential's name on a terminal before an irreversible destroy; elsewhere

@@ -35,7 +35,8 @@ pub struct FernetKeys {
 
 #[derive(Subcommand, Debug)]
 pub enum FernetCommand {
-    /// Decrypt one token and write exactly the plaintext bytes to stdout.
+    /// Decrypt one token and write exactly the plaintext bytes to stdout (to a terminal:
+    /// with a newline, and only text without control characters; redirect for the bytes).
     ///
     /// The token comes from the argument or, when absent, from stdin (surrounding whitespace
     /// is ignored; the token itself must be canonical urlsafe base64 with padding). An invalid
@@ -90,7 +91,7 @@ pub fn run(cmd: FernetCommand) -> Result<(), CliError> {
             };
             let now = at.unwrap_or_else(now_unix);
             let plaintext = fernet.decrypt(token.trim_ascii(), ttl, now)?;
-            crate::output::write_all(plaintext.expose_secret(), "writing the plaintext")?;
+            crate::output::write_value(plaintext.expose_secret())?;
         }
         FernetCommand::Encrypt { keys } => {
             let fernet = build(&keys)?;
