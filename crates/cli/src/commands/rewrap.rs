@@ -199,7 +199,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
     if !args.dry_run {
         record("started", None).await;
     }
-    let mut progress = Progress::new();
+    let mut progress = Progress::new(args.dry_run);
     let result = strongroom_core::rewrap(
         backends.store.clone(),
         from.clone(),
@@ -325,10 +325,12 @@ struct Progress {
     bar: Option<ProgressBar>,
     last_line: Instant,
     started: Instant,
+    /// "rewrapped", or in a dry run "would rewrap".
+    verb: &'static str,
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(dry_run: bool) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
@@ -343,6 +345,7 @@ impl Progress {
             bar,
             last_line: Instant::now(),
             started: Instant::now(),
+            verb: if dry_run { "would rewrap" } else { "rewrapped" },
         }
     }
 
@@ -358,9 +361,10 @@ impl Progress {
                 self.last_line = Instant::now();
                 let secs = self.started.elapsed().as_secs_f64().max(0.001);
                 errln!(
-                    "rewrap: {done}/{} ({:.0}/s): rewrapped {}, skipped {}, failed {}",
+                    "rewrap: {done}/{} ({:.0}/s): {} {}, skipped {}, failed {}",
                     r.total.max(done),
                     done as f64 / secs,
+                    self.verb,
                     r.rewrapped,
                     r.skipped,
                     r.failed
