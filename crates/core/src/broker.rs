@@ -67,8 +67,9 @@ pub struct BrokerSettings {
     /// Response headers passed back besides the default ones ([`PASSED_BACK`]).
     pub pass_response_headers: Vec<PassedHeader>,
     /// Calls in flight at once, all services together (each holds up to
-    /// `max_response_bytes` of answer, and copies of it while it is searched and sent on);
-    /// also the most name lookups in flight, which can outlast the call that started them.
+    /// `max_response_bytes` of answer, and copies of it while it is searched and sent on).
+    /// A call keeps its place while its name lookup or the search of its answer goes on
+    /// ([`CallSlot`]).
     pub max_concurrent_calls: usize,
     /// Calls in flight at once for one service, so that one cannot take every place.
     pub max_concurrent_calls_per_service: usize,
@@ -137,7 +138,7 @@ pub enum BrokerError {
     /// passed back partly checked.
     #[error("upstream response could not be checked for the value within its budget (it holds too many near misses of it)")]
     Unchecked,
-    /// As many calls (or name lookups) are in flight as the settings allow.
+    /// As many calls are in flight as the settings allow.
     #[error("{0}")]
     Busy(Busy),
 }
@@ -150,8 +151,6 @@ pub enum Busy {
     Service(usize),
     /// The server's, for all services (`max_concurrent_calls`).
     Server(usize),
-    /// Name lookups in flight, some of them left over from calls that timed out.
-    Lookups(usize),
 }
 
 impl std::fmt::Display for Busy {
@@ -167,33 +166,36 @@ impl std::fmt::Display for Busy {
                 "{n} brokered calls are in flight, as many as this server makes at once \
                  (broker.max_concurrent_calls); retry shortly"
             ),
-            Busy::Lookups(n) => write!(
-                f,
-                "{n} name lookups are in flight, as many as this server makes at once; \
-                 retry shortly"
-            ),
         }
     }
 }
 
-/// Calls and name lookups in flight, bounded by the settings.
+/// Calls in flight, bounded by the settings.
 #[derive(Debug)]
 struct InFlight {
     calls: Arc<tokio::sync::Semaphore>,
     by_service: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-    lookups: Arc<tokio::sync::Semaphore>,
 }
 
-/// A brokered call's place among those in flight ([`Broker::admit`]), given back when
-/// dropped.
+/// A brokered call's place among those in flight ([`Broker::admit`]). Clones share it: it
+/// is given back when the last one is dropped. The call's name lookup, which the system
+/// resolver cannot cancel, and the search of its answer each hold a clone until they end,
+/// and the answer's body until it is sent, so that a call timed out or hung up on keeps
+/// its place while any of its work goes on.
+#[derive(Clone, Debug)]
 #[must_use = "the place is given back when this is dropped"]
 pub struct CallSlot {
+    _place: Arc<Place>,
+}
+
+#[derive(Debug)]
+struct Place {
     in_flight: Arc<InFlight>,
     service: String,
     _call: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for CallSlot {
+impl Drop for Place {
     fn drop(&mut self) {
         let mut by_service = self
             .in_flight
@@ -303,12 +305,18 @@ pub struct Prepared {
     body: Bytes,
     inject: Injection,
     version: Option<u32>,
+    slot: Option<CallSlot>,
 }
 
 impl Prepared {
     /// Where it goes.
     pub fn destination(&self) -> &Destination {
         &self.destination
+    }
+
+    /// Makes the call's name lookup and the search of its answer hold `slot` until they end.
+    pub fn hold(&mut self, slot: &CallSlot) {
+        self.slot = Some(slot.clone());
     }
 }
 
@@ -345,6 +353,7 @@ pub struct Call {
     needles: scrub::Needles,
     version: u32,
     read: ReadCheck,
+    slot: Option<CallSlot>,
 }
 
 impl Call {
@@ -569,11 +578,11 @@ impl Broker {
 
     /// A broker over another transport.
     pub fn with_transport(settings: BrokerSettings, transport: Arc<dyn Transport>) -> Self {
-        let calls = settings.max_concurrent_calls.max(1);
         let in_flight = Arc::new(InFlight {
-            calls: Arc::new(tokio::sync::Semaphore::new(calls)),
+            calls: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_calls.max(1),
+            )),
             by_service: std::sync::Mutex::default(),
-            lookups: Arc::new(tokio::sync::Semaphore::new(calls)),
         });
         Self {
             settings,
@@ -610,12 +619,16 @@ impl Broker {
             .calls
             .clone()
             .try_acquire_owned()
-            .map_err(|_| BrokerError::Busy(Busy::Server(self.settings.max_concurrent_calls)))?;
+            .map_err(|_| {
+                BrokerError::Busy(Busy::Server(self.settings.max_concurrent_calls.max(1)))
+            })?;
         by_service.insert(service.to_owned(), mine + 1);
         Ok(CallSlot {
-            in_flight: self.in_flight.clone(),
-            service: service.to_owned(),
-            _call: call,
+            _place: Arc::new(Place {
+                in_flight: self.in_flight.clone(),
+                service: service.to_owned(),
+                _call: call,
+            }),
         })
     }
 
@@ -731,6 +744,7 @@ impl Broker {
             body: Bytes::from(req.body),
             inject: req.inject,
             version: req.version,
+            slot: None,
         })
     }
 
@@ -831,20 +845,9 @@ impl Broker {
     pub async fn resolve(&self, prepared: &Prepared) -> Result<Target, BrokerError> {
         let dest = &prepared.destination;
         // The system resolver cannot be cancelled: a lookup that times out goes on in its
-        // thread. Its place is given back only when it ends, so that names whose servers
-        // never answer cannot fill the blocking pool the searches of answers need too.
-        let place = match dest.ip() {
-            Some(_) => None,
-            None => Some(
-                self.in_flight
-                    .lookups
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| {
-                        BrokerError::Busy(Busy::Lookups(self.settings.max_concurrent_calls))
-                    })?,
-            ),
-        };
+        // thread, holding the call's place until it ends, so that names whose servers never
+        // answer fill their service's share of places, not the blocking pool.
+        let place = prepared.slot.clone();
         let (host, port) = (dest.bare_host().to_owned(), dest.port());
         let lookup = async move {
             tokio::task::spawn_blocking(move || {
@@ -1029,6 +1032,7 @@ impl Broker {
             needles,
             version,
             read: loaded.read,
+            slot: prepared.slot,
         })
     }
 
@@ -1043,6 +1047,7 @@ impl Broker {
             request,
             needles,
             version,
+            slot,
             ..
         } = call;
         let response = tokio::time::timeout(
@@ -1096,6 +1101,8 @@ impl Broker {
         let status = response.status.as_u16();
         let pass_response_headers = self.settings.pass_response_headers.clone();
         tokio::task::spawn_blocking(move || {
+            // Held until the search ends, even if the call was given up meanwhile.
+            let _place = slot;
             let mut redacted = false;
             let mut out_headers: Vec<(String, String)> = Vec::new();
             for name in response.headers.keys() {
@@ -1357,53 +1364,42 @@ mod tests {
         assert!(broker.in_flight.by_service.lock().unwrap().is_empty());
     }
 
-    /// A name lookup holds its place until the resolver returns, not until the call gave up
-    /// on it: once every place is held, a call to a name is refused at once, and one to an
-    /// address (no lookup) is not.
+    /// A place is shared by the call's parts: held by the prepared request (and from it by
+    /// the name lookup, the call and the search of its answer), it stays taken after the
+    /// handler's own handle is gone, and is given back with the last one.
     #[tokio::test]
-    async fn name_lookups_in_flight_are_bounded() {
+    async fn a_call_keeps_its_place_while_any_part_of_it_runs() {
         let settings = BrokerSettings {
-            max_concurrent_calls: 2,
+            max_concurrent_calls: 1,
             allow_private_networks: true,
             ..BrokerSettings::default()
         };
         let broker = Broker::with_transport(settings, Arc::new(NoTransport));
-        let held: Vec<_> = (0..2)
-            .map(|_| {
-                broker
-                    .in_flight
-                    .lookups
-                    .clone()
-                    .try_acquire_owned()
-                    .unwrap()
+        let slot = broker.admit("billing").unwrap();
+        let mut prepared = broker
+            .prepare(BrokerRequest {
+                method: "GET".into(),
+                url: "https://localhost/".into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+                inject: Injection::Header {
+                    name: "X-Api-Key".into(),
+                    format: None,
+                },
+                version: None,
             })
-            .collect();
-        let request = |url: &str| {
-            broker
-                .prepare(BrokerRequest {
-                    method: "GET".into(),
-                    url: url.into(),
-                    headers: Vec::new(),
-                    body: Vec::new(),
-                    inject: Injection::Header {
-                        name: "X-Api-Key".into(),
-                        format: None,
-                    },
-                    version: None,
-                })
-                .unwrap()
-        };
-        let by_name = request("https://localhost/");
-        let r = broker.resolve(&by_name).await;
-        assert!(
-            matches!(r, Err(BrokerError::Busy(Busy::Lookups(2)))),
-            "{r:?}"
-        );
-        let by_address = request("https://127.0.0.1/");
-        broker.resolve(&by_address).await.unwrap();
-        drop(held);
-        broker.resolve(&by_name).await.unwrap();
-        // Given back once the lookup ended.
-        assert_eq!(broker.in_flight.lookups.available_permits(), 2);
+            .unwrap();
+        prepared.hold(&slot);
+        drop(slot);
+        assert!(matches!(
+            broker.admit("reports"),
+            Err(BrokerError::Busy(Busy::Server(1)))
+        ));
+        // The lookup holds a share of it while it runs, and gives it back when it ends.
+        broker.resolve(&prepared).await.unwrap();
+        assert_eq!(broker.in_flight.by_service.lock().unwrap()["billing"], 1);
+        drop(prepared);
+        assert!(broker.in_flight.by_service.lock().unwrap().is_empty());
+        drop(broker.admit("reports").unwrap());
     }
 }

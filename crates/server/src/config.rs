@@ -71,7 +71,7 @@
 //! | `broker.timeout_seconds` | 20 (at most `limits.request_timeout_seconds` − 1) | a whole brokered call, DNS included; must be below `limits.request_timeout_seconds` |
 //! | `broker.max_response_bytes` | 1048576 | largest upstream response body (502 beyond) |
 //! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
-//! | `broker.max_concurrent_calls` | 64 | brokered calls in flight at once, all services together (1 to 4096); one more gets 503 `broker_busy` with `Retry-After: 1`. Each holds up to `max_response_bytes` of answer and copies of it while it is searched and sent on. Also the most name lookups in flight: the system resolver cannot be cancelled, so a lookup that timed out keeps its place until it ends |
+//! | `broker.max_concurrent_calls` | 64 | brokered calls in flight at once, all services together (1 to 256); one more gets 503 `broker_busy` with `Retry-After: 1`. Each holds up to `max_response_bytes` of answer and copies of it while it is searched and sent on, and keeps its place until its answer has gone out; its name lookup (the system resolver cannot be cancelled) and the search of its answer keep it too, should they outlast the request. At most 256: each may hold a thread of the blocking pool (512) |
 //! | `broker.max_concurrent_calls_per_service` | 16 | brokered calls in flight at once for one service (1 to `max_concurrent_calls`); one more gets 429 `broker_busy` with `Retry-After: 1`, so that one service cannot take every place |
 //! | `broker.pass_response_headers` | `[]` | upstream response headers handed back besides the default ones, each by its name (`["x-github-request-id", "stripe-version"]`; no patterns); hop-by-hop headers and names that speak of a length, hash, checksum, digest, signature or time are refused |
 //! | `audit.jsonl` | — | also append each committed audit record as a JSON line to this file (mode 0600), or `"-"` for stdout |
@@ -194,8 +194,8 @@ pub struct BrokerConfig {
     pub max_request_body_bytes: usize,
     /// Upstream response headers handed back besides the default ones, each by its name.
     pub pass_response_headers: Vec<String>,
-    /// Brokered calls in flight at once, all services together (also the most name lookups
-    /// in flight).
+    /// Brokered calls in flight at once, all services together (a call keeps its place while
+    /// its name lookup, the search of its answer or the sending of it goes on).
     pub max_concurrent_calls: usize,
     /// Brokered calls in flight at once for one service.
     pub max_concurrent_calls_per_service: usize,
@@ -1374,8 +1374,8 @@ impl Config {
         if b.max_request_body_bytes > 64 * 1024 * 1024 {
             return bad("broker.max_request_body_bytes", "must be at most 67108864");
         }
-        if !(1..=4096).contains(&b.max_concurrent_calls) {
-            return bad("broker.max_concurrent_calls", "must be 1 to 4096");
+        if !(1..=256).contains(&b.max_concurrent_calls) {
+            return bad("broker.max_concurrent_calls", "must be 1 to 256");
         }
         if !(1..=b.max_concurrent_calls).contains(&b.max_concurrent_calls_per_service) {
             return bad(

@@ -186,7 +186,7 @@ fn mistakes_are_named_by_key_and_source() {
             ),
             (
                 "[broker]\nmax_concurrent_calls = 0",
-                "key `broker.max_concurrent_calls`: must be 1 to 4096",
+                "key `broker.max_concurrent_calls`: must be 1 to 256",
             ),
             (
                 "[broker]\nmax_concurrent_calls = 8\nmax_concurrent_calls_per_service = 9",

@@ -189,7 +189,7 @@ fn secret_json<T: serde::Serialize>(body: &T, secret_len: usize) -> ApiResult<Re
         (status = 422, description = "the value cannot be injected as asked", body = ErrorBody),
         (status = 429, description = "broker_busy: this service has broker.max_concurrent_calls_per_service (default 16) calls in flight", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
         (status = 502, description = "upstream unreachable, TLS failure, broken HTTP, response too large, content-encoded, or too costly to check for the value", body = ErrorBody),
-        (status = 503, description = "the audit record could not be written, or broker_busy: broker.max_concurrent_calls (default 64) calls, or as many name lookups, are in flight; no call was made", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
+        (status = 503, description = "the audit record could not be written, or broker_busy: broker.max_concurrent_calls (default 64) calls are in flight; no call was made", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
         (status = 504, description = "upstream timed out", body = ErrorBody)),
     security(("service_token" = [])))]
 pub(crate) async fn broker(
@@ -198,7 +198,7 @@ pub(crate) async fn broker(
     service: Service,
     ApiPath((owner, name)): ApiPath<(String, String)>,
     ApiBytes(body): ApiBytes,
-) -> ApiResult<Json<BrokerResponseView>> {
+) -> ApiResult<Response> {
     authorize(&state, &service, Operation::Broker, &owner, &name)?;
     crate::extract::require_object(&body)?;
     let body: BrokerBody = crate::extract::parse_json(&body)?;
@@ -214,11 +214,14 @@ pub(crate) async fn broker(
             "brokered use is not configured on this server",
         )
     })?;
-    // Held until the answer is built: a call's answer and its copies count against it.
-    let _slot = broker.admit(&service.name).map_err(broker_error)?;
-    let prepared = broker
+    // Held until the answer has been sent (it goes with the body): a call's answer and its
+    // copies count against it; the lookup and the search hold it too, should they outlast
+    // the request.
+    let slot = broker.admit(&service.name).map_err(broker_error)?;
+    let mut prepared = broker
         .prepare(broker_request(body)?)
         .map_err(broker_error)?;
+    prepared.hold(&slot);
     audit.destination(&prepared.destination().to_string());
     if !state.policy().allows_destination(
         &service.name,
@@ -272,16 +275,66 @@ pub(crate) async fn broker(
                     (None, Some(b64))
                 }
             };
-            Ok(Json(BrokerResponseView {
+            let view = BrokerResponseView {
                 status: r.status,
                 headers: r.headers.into_iter().collect(),
                 body,
                 body_base64,
                 version: r.version,
                 redacted: r.redacted,
-            }))
+            };
+            let json = serde_json::to_vec(&view).map_err(|e| {
+                ApiError::internal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+            Ok(Response::builder()
+                .header(
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("application/json"),
+                )
+                .body(axum::body::Body::new(Held {
+                    rest: axum::body::Bytes::from(json),
+                    _slot: slot,
+                }))
+                .unwrap_or_else(|_| unreachable!("a fixed header")))
         }
         Err(e) => Err(broker_error(e)),
+    }
+}
+
+/// A brokered call's answer, handed to the HTTP layer a chunk at a time while it holds the
+/// call's place. The layer asks for the next chunk only once it has written the last one
+/// out, so the place is given back once (all but the last chunk of) the answer has gone to
+/// a reader, however slowly it reads, not when the handler returns.
+struct Held {
+    rest: axum::body::Bytes,
+    _slot: strongroom_core::broker::CallSlot,
+}
+
+/// The chunk size of [`Held`].
+const HELD_CHUNK: usize = 64 * 1024;
+
+impl http_body::Body for Held {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let rest = &mut self.get_mut().rest;
+        if rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let chunk = rest.split_to(rest.len().min(HELD_CHUNK));
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
@@ -375,5 +428,43 @@ fn broker_error(e: BrokerError) -> ApiError {
             ApiError::new(S::SERVICE_UNAVAILABLE, "broker_busy", busy.to_string()).retry_in(1)
         }
         other => ApiError::internal(S::INTERNAL_SERVER_ERROR, "internal", other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod held_tests {
+    use http_body_util::BodyExt;
+    use strongroom_core::broker::{Broker, BrokerSettings};
+
+    use super::*;
+
+    /// The answer goes out in chunks, and the call's place is taken until the body is done
+    /// with (sent, or dropped with its connection), not when the handler returned it.
+    #[tokio::test]
+    async fn an_answer_keeps_its_call_place_until_it_is_sent() {
+        let broker = Broker::new(BrokerSettings {
+            max_concurrent_calls: 1,
+            max_concurrent_calls_per_service: 1,
+            ..BrokerSettings::default()
+        })
+        .unwrap();
+        let answer = vec![b'x'; 3 * HELD_CHUNK + 5];
+        let mut body = Held {
+            rest: axum::body::Bytes::from(answer.clone()),
+            _slot: broker.admit("billing").unwrap(),
+        };
+        let mut sent = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            assert!(chunk.len() <= HELD_CHUNK);
+            assert!(
+                matches!(broker.admit("reports"), Err(BrokerError::Busy(_))),
+                "the place was given back before the answer had gone"
+            );
+            sent.extend_from_slice(&chunk);
+        }
+        assert_eq!(sent, answer);
+        drop(body);
+        drop(broker.admit("reports").unwrap());
     }
 }
