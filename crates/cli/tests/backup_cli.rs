@@ -364,7 +364,7 @@ fn a_backup_holding_versions_these_keys_do_not_open_needs_yes() {
     let err = String::from_utf8_lossy(&dry.stderr);
     assert!(dry.status.success(), "{err}");
     assert!(
-        err.contains("do not open the versions of the backup")
+        err.contains("did not open the data key of the version of the backup")
             && err.contains(":v2: 1 active credential version\n")
             && !err.contains(":v1:"),
         "{err}"

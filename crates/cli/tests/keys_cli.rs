@@ -703,3 +703,48 @@ fn rotating_another_vaults_keyring_against_this_store_is_refused() {
         .success();
     assert_eq!(list_json(&mine).len(), 2);
 }
+
+/// The wait is bounded by the settling time, whatever the file says: a version whose change
+/// time lies in the future (the keyring rotated on a host whose clock runs ahead) does not
+/// make `keys retire` wait until then.
+#[test]
+fn a_change_time_in_the_future_does_not_stretch_the_retire_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(dir.path())
+        .assert()
+        .success();
+    make_store(dir.path());
+    strongroom()
+        .args(["keys", "rotate", "--data-dir"])
+        .arg(dir.path())
+        .assert()
+        .success();
+    let path = dir.path().join("keyring.json");
+    let mut ring: Value = common::read_json(&path);
+    for key in ring["keys"].as_array_mut().unwrap() {
+        if key["version"] == 1 {
+            key["state_changed_at"] = "2100-01-01T00:00:00Z".into();
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&ring).unwrap()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let started = std::time::Instant::now();
+    let out = strongroom()
+        .args(["keys", "retire", "1", "--data-dir"])
+        .arg(dir.path())
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}

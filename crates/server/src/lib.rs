@@ -256,7 +256,11 @@ impl Backends {
     /// Flushes and closes the store.
     pub async fn close(self) {
         // The ring's reloads read the store: they stop first.
-        drop(self._followers);
+        for follower in self._followers {
+            let task = follower.detach();
+            task.abort();
+            let _ = task.await;
+        }
         self.handle.close().await;
     }
 }

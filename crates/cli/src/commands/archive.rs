@@ -380,7 +380,7 @@ async fn archive(
     // would archive nothing and say it finished something).
     let resumed = match resuming {
         true => Some(
-            resume_checked(log.as_ref(), &key, anchor.as_ref(), file)
+            resume_checked(log.as_ref(), &key, anchor.as_ref(), file, args.dry_run)
                 .await
                 .map_err(Stop::NotStarted)?,
         ),
@@ -649,8 +649,9 @@ async fn resume_checked(
     key: &HeadKey,
     anchor: Option<&Anchor>,
     file: &Path,
+    dry_run: bool,
 ) -> Result<Anchor, Failure> {
-    let target = resume(key, anchor, file)?;
+    let target = resume(key, anchor, file, dry_run)?;
     if anchor == Some(&target) {
         let first = log
             .audit_scan(0, 1)
@@ -672,8 +673,14 @@ async fn resume_checked(
 
 /// A run with `--output` naming an existing file: finishes the run that wrote it, if it is
 /// that (its anchor file names the stored anchor, or one that goes on from it over records
-/// the file holds and verifies), and refuses otherwise.
-fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor, Failure> {
+/// the file holds and verifies), and refuses otherwise. A dry run only checks: it syncs and
+/// upgrades nothing.
+fn resume(
+    key: &HeadKey,
+    anchor: Option<&Anchor>,
+    file: &Path,
+    dry_run: bool,
+) -> Result<Anchor, Failure> {
     let refuse = |why: String| {
         op(format!(
             "{} exists and is not the archive of an interrupted run ({why}): choose another \
@@ -685,10 +692,12 @@ fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor,
     // Durable before the log is anchored after it (the run that wrote it may have stopped
     // before its directory was synced).
     let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_all());
-    sync(file)
-        .and_then(|()| sync(&anchor_path(file)))
-        .and_then(|()| sync_dir(file))
-        .map_err(CliError::io("cannot sync the archive file"))?;
+    if !dry_run {
+        sync(file)
+            .and_then(|()| sync(&anchor_path(file)))
+            .and_then(|()| sync_dir(file))
+            .map_err(CliError::io("cannot sync the archive file"))?;
+    }
     let target = checked.end;
     let after = anchor.map_or(0, |a| a.seq);
     if anchor == Some(&target) {
@@ -708,7 +717,7 @@ fn resume(key: &HeadKey, anchor: Option<&Anchor>, file: &Path) -> Result<Anchor,
             "it does not start where the log does, after record {start_seq}"
         )));
     }
-    if !checked.start_checked {
+    if !checked.start_checked && !dry_run {
         // An older build wrote a version 1 anchor, which names only the end. The start has
         // just been checked against the stored anchor, so the file gets the version 2 anchor
         // this build would have written, before the log is anchored after it (afterwards

@@ -366,10 +366,12 @@ fn default_keep(data_dir: &std::path::Path) -> PathBuf {
 /// Names the KEKs of the backup whose data keys this store's keys did not open.
 fn report_unopened(unopened: &[KekSample]) {
     errln!(
-        "warning: this store's keys do not open the versions of the backup under these KEKs \
-         (retired since the backup was taken, or another keyring's or key provider's); after \
-         the restore they would not be revealed. Put the key back first (a copy of the \
-         keyring from before the retirement), or restore and destroy them:"
+        "warning: this store's keys did not open the data key of the version of the backup \
+         tried under each of these KEKs (retired since the backup was taken, another \
+         keyring's or key provider's, or that one version damaged: `strongroom rewrap \
+         --dry-run` over the restored store names each one that does not open); after the \
+         restore they would not be revealed. Put the key back first (a copy of the keyring \
+         from before the retirement), or restore and destroy them:"
     );
     for sample in unopened {
         errln!(

@@ -394,7 +394,11 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 .iter()
                 .find(|k| k.version == version && k.state == local::KeyState::DecryptOnly)
                 .map_or(RETIRE_SETTLE, |k| now - k.state_changed_at);
-            let wait = std::time::Duration::try_from(RETIRE_SETTLE - since).unwrap_or_default();
+            // At most the settling time: a change time in the future (a clock ahead where the
+            // file was rotated, an edited file) must not make this wait for it.
+            let wait =
+                std::time::Duration::try_from(RETIRE_SETTLE - since.max(time::Duration::ZERO))
+                    .unwrap_or_default();
             if !wait.is_zero() {
                 errln!(
                     "note: version {version} stopped being active {:.0} s ago; waiting {} s for \

@@ -555,16 +555,27 @@ impl SqliteStore {
                     let _ = std::fs::remove_file(&checked);
                     return Err(StoreError::InvalidInput("the backup file already exists"));
                 }
-                Err(_) if std::fs::symlink_metadata(&dest).is_err() => {
-                    std::fs::rename(&checked, &dest).map_err(io)?;
-                }
-                Err(e) => return Err(io(e)),
+                Err(_) => rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &checked,
+                    rustix::fs::CWD,
+                    &dest,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+                .map_err(|e| match e {
+                    rustix::io::Errno::EXIST => {
+                        StoreError::InvalidInput("the backup file already exists")
+                    }
+                    e => io(e.into()),
+                })?,
             }
-            if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io)?;
-            }
+            let dir = match dest.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
             Ok(report)
         })
         .await
