@@ -20,6 +20,16 @@ fn list_json(dir: &std::path::Path) -> Vec<Value> {
         .clone()
 }
 
+/// A keyring and a store at `dir`, its audit log sealed, as a first server start leaves them.
+fn new_vault(dir: &std::path::Path) {
+    strongroom()
+        .args(["keys", "generate", "--data-dir"])
+        .arg(dir)
+        .assert()
+        .success();
+    make_store(dir);
+}
+
 fn material(path: &std::path::Path) -> Vec<String> {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v["keys"]
@@ -561,12 +571,7 @@ fn a_new_keyring_beside_an_existing_store_is_called_out() {
 #[test]
 fn operator_backends_take_up_a_rotation_made_while_they_are_open() {
     let dir = tempfile::tempdir().unwrap();
-    strongroom()
-        .args(["keys", "generate", "--data-dir"])
-        .arg(dir.path())
-        .assert()
-        .success();
-    make_store(dir.path());
+    new_vault(dir.path());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -615,12 +620,7 @@ fn operator_backends_take_up_a_rotation_made_while_they_are_open() {
 #[test]
 fn a_retire_right_after_a_rotation_waits_for_writers_to_take_it_up() {
     let dir = tempfile::tempdir().unwrap();
-    strongroom()
-        .args(["keys", "generate", "--data-dir"])
-        .arg(dir.path())
-        .assert()
-        .success();
-    make_store(dir.path());
+    new_vault(dir.path());
     let run = |args: &[&str]| {
         strongroom()
             .args(args)
@@ -653,12 +653,7 @@ fn rotating_another_vaults_keyring_against_this_store_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (mine, other) = (tmp.path().join("mine"), tmp.path().join("other"));
     for dir in [&mine, &other] {
-        strongroom()
-            .args(["keys", "generate", "--data-dir"])
-            .arg(dir)
-            .assert()
-            .success();
-        make_store(dir);
+        new_vault(dir);
     }
     let (my_ring, other_ring) = (mine.join("keyring.json"), other.join("keyring.json"));
     let before = (
@@ -710,12 +705,7 @@ fn rotating_another_vaults_keyring_against_this_store_is_refused() {
 #[test]
 fn a_change_time_in_the_future_does_not_stretch_the_retire_wait() {
     let dir = tempfile::tempdir().unwrap();
-    strongroom()
-        .args(["keys", "generate", "--data-dir"])
-        .arg(dir.path())
-        .assert()
-        .success();
-    make_store(dir.path());
+    new_vault(dir.path());
     strongroom()
         .args(["keys", "rotate", "--data-dir"])
         .arg(dir.path())

@@ -1291,20 +1291,23 @@ mod tests {
             ..BrokerSettings::default()
         };
         let broker = Broker::with_transport(settings, Arc::new(NoTransport));
-        let prepared = broker
-            .prepare(BrokerRequest {
-                method: "GET".into(),
-                url: "https://api.example.com/".into(),
-                headers: Vec::new(),
-                body: Vec::new(),
-                inject: Injection::Header {
-                    name: "X-Api-Key".into(),
-                    format: None,
-                },
-                version: None,
-            })
-            .unwrap();
+        let prepared = broker.prepare(get("https://api.example.com/")).unwrap();
         (broker, prepared)
+    }
+
+    /// A GET of `url` with the value in `X-Api-Key`.
+    fn get(url: &str) -> BrokerRequest {
+        BrokerRequest {
+            method: "GET".into(),
+            url: url.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            inject: Injection::Header {
+                name: "X-Api-Key".into(),
+                format: None,
+            },
+            version: None,
+        }
     }
 
     async fn slow_lookup(delay: Duration) -> std::io::Result<Vec<SocketAddr>> {
@@ -1376,19 +1379,7 @@ mod tests {
         };
         let broker = Broker::with_transport(settings, Arc::new(NoTransport));
         let slot = broker.admit("billing").unwrap();
-        let mut prepared = broker
-            .prepare(BrokerRequest {
-                method: "GET".into(),
-                url: "https://localhost/".into(),
-                headers: Vec::new(),
-                body: Vec::new(),
-                inject: Injection::Header {
-                    name: "X-Api-Key".into(),
-                    format: None,
-                },
-                version: None,
-            })
-            .unwrap();
+        let mut prepared = broker.prepare(get("https://localhost/")).unwrap();
         prepared.hold(&slot);
         drop(slot);
         assert!(matches!(
