@@ -703,3 +703,50 @@ fn rewrap_refuses_a_data_dir_without_a_store_and_makes_none() {
     );
     assert_eq!(keyring(), before, "the keyring changed");
 }
+
+/// Ctrl-C stops a rewrap where it is: exit 130, a line saying how far it got and how to go
+/// on, and a record in the audit log that it stopped (it left only `started` before); the
+/// next run goes on and finishes.
+#[test]
+fn an_interrupted_rewrap_says_so_and_the_next_run_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    run_ok(&["keys", "generate"], &dd);
+    let puts: Vec<_> = (0..40)
+        .map(|i| (format!("cred-{i}"), format!("value-{i}")))
+        .collect();
+    put_directly(&data, true, &puts);
+    run_ok(&["keys", "rotate"], &dd);
+    // Slow enough to be cut short: 4 per second, 4 per batch.
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("strongroom"))
+        .args(["rewrap", "--batch", "4", "--rate", "4/s", "--data-dir"])
+        .arg(&data)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("rewrap interrupted after") && err.contains("run it again"),
+        "{err}"
+    );
+    let export = run_ok(&["audit", "export"], &dd);
+    assert!(
+        export.contains("\"interrupted\"") && export.contains("\"rewrap\""),
+        "{export}"
+    );
+    let out = run_ok(&["rewrap"], &dd);
+    assert!(out.contains("failed 0"), "{out}");
+    assert_eq!(key_counts(&dd)[0].2, 0);
+}

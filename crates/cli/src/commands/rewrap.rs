@@ -200,15 +200,35 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
         record("started", None).await;
     }
     let mut progress = Progress::new(args.dry_run);
-    let result = strongroom_core::rewrap(
-        backends.store.clone(),
-        from.clone(),
-        to.clone(),
-        &options,
-        &mut |r| progress.update(r),
-    )
-    .await;
+    let mut so_far = 0;
+    // Ctrl-C stops the run where it is: the batches finished are kept (their cursor saved),
+    // the one under way is done again by the next run, and the log says the run stopped.
+    let mut on_batch = |r: &strongroom_core::rewrap::RewrapReport| {
+        so_far = r.rewrapped;
+        progress.update(r);
+    };
+    let result = tokio::select! {
+        result = strongroom_core::rewrap(
+            backends.store.clone(),
+            from.clone(),
+            to.clone(),
+            &options,
+            &mut on_batch,
+        ) => Some(result),
+        Ok(()) = tokio::signal::ctrl_c() => None,
+    };
     progress.finish();
+    let Some(result) = result else {
+        if !args.dry_run {
+            record("error", Some("interrupted")).await;
+        }
+        backends.close().await;
+        errln!(
+            "rewrap interrupted after {so_far} data keys; run it again to continue (it goes on \
+             after the last finished batch)"
+        );
+        return Err(CliError::Answer(130).into());
+    };
     if !args.dry_run {
         let (outcome, code) = match &result {
             Ok(r) if r.failed == 0 => ("ok", None),
