@@ -364,6 +364,11 @@ fn a_backup_holding_versions_these_keys_do_not_open_needs_yes() {
     let err = String::from_utf8_lossy(&dry.stderr);
     assert!(dry.status.success(), "{err}");
     assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("it needs --yes"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert!(
         err.contains("did not open the data key of the version of the backup")
             && err.contains(":v2: 1 active credential version\n")
             && !err.contains(":v1:"),
@@ -378,6 +383,23 @@ fn a_backup_holding_versions_these_keys_do_not_open_needs_yes() {
             && !err.contains("disable or destroy them again"),
         "{err}"
     );
+    assert_eq!(
+        std::fs::read(data.join("strongroom.db")).unwrap(),
+        db_before
+    );
+    // A --keep that exists stops the run before the backup is even copied.
+    let keep = [std::ffi::OsStr::new("--keep"), before_rotation.as_os_str()];
+    let taken = run(
+        &["restore", "--yes"],
+        &[from[0], from[1], dd[0], dd[1], keep[0], keep[1]],
+    );
+    let err = String::from_utf8_lossy(&taken.stderr);
+    assert_eq!(taken.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("it exists") && !err.contains("replacing"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&taken.stdout).contains("replacing"));
     assert_eq!(
         std::fs::read(data.join("strongroom.db")).unwrap(),
         db_before

@@ -170,11 +170,23 @@ impl std::fmt::Display for Busy {
     }
 }
 
-/// Calls in flight, bounded by the settings.
-#[derive(Debug)]
-struct InFlight {
-    calls: Arc<tokio::sync::Semaphore>,
-    by_service: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+/// Calls in flight, counted in all and by service. Shared by the brokers a reload makes
+/// ([`Broker::keeping_calls_of`]): calls under way keep counting against the new settings.
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    by_service: std::collections::HashMap<String, usize>,
+}
+
+impl InFlight {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A brokered call's place among those in flight ([`Broker::admit`]). Clones share it: it
@@ -192,20 +204,16 @@ pub struct CallSlot {
 struct Place {
     in_flight: Arc<InFlight>,
     service: String,
-    _call: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut by_service = self
-            .in_flight
-            .by_service
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = by_service.get_mut(&self.service) {
+        let mut counts = self.in_flight.counts();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(n) = counts.by_service.get_mut(&self.service) {
             *n -= 1;
             if *n == 0 {
-                by_service.remove(&self.service);
+                counts.by_service.remove(&self.service);
             }
         }
     }
@@ -578,17 +586,20 @@ impl Broker {
 
     /// A broker over another transport.
     pub fn with_transport(settings: BrokerSettings, transport: Arc<dyn Transport>) -> Self {
-        let in_flight = Arc::new(InFlight {
-            calls: Arc::new(tokio::sync::Semaphore::new(
-                settings.max_concurrent_calls.max(1),
-            )),
-            by_service: std::sync::Mutex::default(),
-        });
         Self {
             settings,
             transport,
-            in_flight,
+            in_flight: Arc::default(),
         }
+    }
+
+    /// This broker, counting the calls `previous` has in flight as its own: a reload's new
+    /// broker, so that calls under way still count against the limits (a reload with fresh
+    /// counts would let as many calls again through each time).
+    #[must_use]
+    pub fn keeping_calls_of(mut self, previous: &Broker) -> Self {
+        self.in_flight = previous.in_flight.clone();
+        self
     }
 
     /// The settings.
@@ -605,29 +616,21 @@ impl Broker {
     /// [`BrokerError::Busy`].
     pub fn admit(&self, service: &str) -> Result<CallSlot, BrokerError> {
         let per_service = self.settings.max_concurrent_calls_per_service.max(1);
-        let mut by_service = self
-            .in_flight
-            .by_service
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mine = by_service.get(service).copied().unwrap_or(0);
+        let in_all = self.settings.max_concurrent_calls.max(1);
+        let mut counts = self.in_flight.counts();
+        let mine = counts.by_service.get(service).copied().unwrap_or(0);
         if mine >= per_service {
             return Err(BrokerError::Busy(Busy::Service(per_service)));
         }
-        let call = self
-            .in_flight
-            .calls
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                BrokerError::Busy(Busy::Server(self.settings.max_concurrent_calls.max(1)))
-            })?;
-        by_service.insert(service.to_owned(), mine + 1);
+        if counts.total >= in_all {
+            return Err(BrokerError::Busy(Busy::Server(in_all)));
+        }
+        counts.total += 1;
+        counts.by_service.insert(service.to_owned(), mine + 1);
         Ok(CallSlot {
             _place: Arc::new(Place {
                 in_flight: self.in_flight.clone(),
                 service: service.to_owned(),
-                _call: call,
             }),
         })
     }
@@ -1362,9 +1365,36 @@ mod tests {
         drop((a2, b1, b2));
         let again: Vec<_> = (0..2).map(|_| broker.admit("billing").unwrap()).collect();
         assert_eq!(again.len(), 2);
-        assert!(broker.in_flight.by_service.lock().unwrap()["billing"] == 2);
+        assert!(broker.in_flight.counts().by_service["billing"] == 2);
         drop(again);
-        assert!(broker.in_flight.by_service.lock().unwrap().is_empty());
+        assert!(broker.in_flight.counts().by_service.is_empty());
+    }
+
+    /// A reload's new broker counts the calls the old one has in flight: they hold their
+    /// places against the new limits, and give them back to it.
+    #[test]
+    fn a_reloaded_broker_counts_the_calls_already_in_flight() {
+        let limits = |in_all, per_service| BrokerSettings {
+            max_concurrent_calls: in_all,
+            max_concurrent_calls_per_service: per_service,
+            ..BrokerSettings::default()
+        };
+        let old = Broker::with_transport(limits(3, 2), Arc::new(NoTransport));
+        let running = [old.admit("billing").unwrap(), old.admit("billing").unwrap()];
+        let new =
+            Broker::with_transport(limits(3, 2), Arc::new(NoTransport)).keeping_calls_of(&old);
+        assert!(matches!(
+            new.admit("billing"),
+            Err(BrokerError::Busy(Busy::Service(2)))
+        ));
+        let lower =
+            Broker::with_transport(limits(2, 2), Arc::new(NoTransport)).keeping_calls_of(&new);
+        assert!(matches!(
+            lower.admit("reports"),
+            Err(BrokerError::Busy(Busy::Server(2)))
+        ));
+        drop(running);
+        drop(lower.admit("billing").unwrap());
     }
 
     /// A place is shared by the call's parts: held by the prepared request (and from it by
@@ -1388,9 +1418,9 @@ mod tests {
         ));
         // The lookup holds a share of it while it runs, and gives it back when it ends.
         broker.resolve(&prepared).await.unwrap();
-        assert_eq!(broker.in_flight.by_service.lock().unwrap()["billing"], 1);
+        assert_eq!(broker.in_flight.counts().by_service["billing"], 1);
         drop(prepared);
-        assert!(broker.in_flight.by_service.lock().unwrap().is_empty());
+        assert!(broker.in_flight.counts().by_service.is_empty());
         drop(broker.admit("reports").unwrap());
     }
 }

@@ -161,7 +161,8 @@ pub struct KekSample {
     pub kek: KekRef,
     /// The active versions under it.
     pub versions: u64,
-    /// Whether the provider unwrapped the data key of the first of them, in store order.
+    /// Whether the provider unwrapped the data key of one of the first few of them, in
+    /// store order ([`SAMPLES_PER_KEK`]).
     pub opens: bool,
 }
 
@@ -172,11 +173,16 @@ impl KekSample {
     }
 }
 
+/// How many versions [`sample_keks`] tries under each KEK before it says the KEK does not
+/// open: one damaged version does not make a whole KEK look lost.
+pub const SAMPLES_PER_KEK: u32 = 3;
+
 /// For every KEK the store's active versions use: whether `keys` unwraps the data key of one
-/// version under it (the data key only; no value is decrypted). A KEK retired since, or one
-/// of another keyring or provider, does not, and no version under it opens again:
-/// `strongroom restore` asks this of a backup before it becomes the store. One unwrap per
-/// KEK: a single damaged version is for `rewrap --dry-run` to find.
+/// of the first [`SAMPLES_PER_KEK`] versions under it (the data key only; no value is
+/// decrypted). A KEK retired since, or one of another keyring or provider, does not, and no
+/// version under it opens again: `strongroom restore` asks this of a backup before it
+/// becomes the store. A few unwraps per KEK, not one per version: single damaged versions
+/// are for `rewrap --dry-run` to find.
 ///
 /// # Errors
 ///
@@ -187,30 +193,36 @@ pub async fn sample_keks(
 ) -> Result<Vec<KekSample>, CoreError> {
     let mut samples = Vec::new();
     for (kek, versions) in store.count_versions_by_kek().await? {
-        let first = store
-            .versions_for_rewrap(&KekFilter::Exactly(kek.clone()), None, 1)
+        let tried = store
+            .versions_for_rewrap(&KekFilter::Exactly(kek.clone()), None, SAMPLES_PER_KEK)
             .await?
-            .items
-            .into_iter()
-            .next();
-        // None: destroyed since it was counted.
-        let Some(item) = first else { continue };
-        let sealed = key_only(&item);
-        let opened = crate::vault::open_bound(
-            &item.owner,
-            &item.name,
-            item.version,
-            &item.metadata,
-            |binding| {
-                let sealed = &sealed;
-                async move { envelope::check_binding(keys, &binding, sealed).await }
-            },
-        )
-        .await;
-        let opens = match opened {
-            Ok(()) => true,
-            Err(e) => outage(e).map(|()| false)?,
-        };
+            .items;
+        // None: destroyed since they were counted.
+        if tried.is_empty() {
+            continue;
+        }
+        let mut opens = false;
+        for item in tried {
+            let sealed = key_only(&item);
+            let opened = crate::vault::open_bound(
+                &item.owner,
+                &item.name,
+                item.version,
+                &item.metadata,
+                |binding| {
+                    let sealed = &sealed;
+                    async move { envelope::check_binding(keys, &binding, sealed).await }
+                },
+            )
+            .await;
+            match opened {
+                Ok(()) => {
+                    opens = true;
+                    break;
+                }
+                Err(e) => outage(e)?,
+            }
+        }
         samples.push(KekSample {
             kek,
             versions,

@@ -72,7 +72,7 @@
 //! | `broker.max_response_bytes` | 1048576 | largest upstream response body (502 beyond) |
 //! | `broker.max_request_body_bytes` | 262144 | largest body a service may have forwarded (413 beyond) |
 //! | `broker.max_concurrent_calls` | 64 | brokered calls in flight at once, all services together (1 to 256); one more gets 503 `broker_busy` with `Retry-After: 1`. Each holds up to `max_response_bytes` of answer and copies of it while it is searched and sent on, and keeps its place until its answer has gone out; its name lookup (the system resolver cannot be cancelled) and the search of its answer keep it too, should they outlast the request. At most 256: each may hold a thread of the blocking pool (512) |
-//! | `broker.max_concurrent_calls_per_service` | 16 | brokered calls in flight at once for one service (1 to `max_concurrent_calls`); one more gets 429 `broker_busy` with `Retry-After: 1`, so that one service cannot take every place |
+//! | `broker.max_concurrent_calls_per_service` | 16 (or `max_concurrent_calls`, if lower) | brokered calls in flight at once for one service (1 to `max_concurrent_calls`); one more gets 429 `broker_busy` with `Retry-After: 1`, so that one service cannot take every place |
 //! | `broker.pass_response_headers` | `[]` | upstream response headers handed back besides the default ones, each by its name (`["x-github-request-id", "stripe-version"]`; no patterns); hop-by-hop headers and names that speak of a length, hash, checksum, digest, signature or time are refused |
 //! | `audit.jsonl` | — | also append each committed audit record as a JSON line to this file (mode 0600), or `"-"` for stdout |
 //! | `log.format` | `"json"` | `"json"` or `"text"` (logs go to stderr) |
@@ -197,8 +197,9 @@ pub struct BrokerConfig {
     /// Brokered calls in flight at once, all services together (a call keeps its place while
     /// its name lookup, the search of its answer or the sending of it goes on).
     pub max_concurrent_calls: usize,
-    /// Brokered calls in flight at once for one service.
-    pub max_concurrent_calls_per_service: usize,
+    /// Brokered calls in flight at once for one service (default: 16, or
+    /// `max_concurrent_calls` if that is lower).
+    pub max_concurrent_calls_per_service: Option<usize>,
 }
 
 impl Default for BrokerConfig {
@@ -212,7 +213,7 @@ impl Default for BrokerConfig {
             max_request_body_bytes: 256 * 1024,
             pass_response_headers: Vec::new(),
             max_concurrent_calls: 64,
-            max_concurrent_calls_per_service: 16,
+            max_concurrent_calls_per_service: None,
         }
     }
 }
@@ -238,7 +239,9 @@ impl BrokerConfig {
                 .filter_map(|e| PassedHeader::parse(e).ok())
                 .collect(),
             max_concurrent_calls: self.max_concurrent_calls,
-            max_concurrent_calls_per_service: self.max_concurrent_calls_per_service,
+            max_concurrent_calls_per_service: self
+                .max_concurrent_calls_per_service
+                .unwrap_or(16.min(self.max_concurrent_calls)),
         }
     }
 }
@@ -1377,7 +1380,9 @@ impl Config {
         if !(1..=256).contains(&b.max_concurrent_calls) {
             return bad("broker.max_concurrent_calls", "must be 1 to 256");
         }
-        if !(1..=b.max_concurrent_calls).contains(&b.max_concurrent_calls_per_service) {
+        if b.max_concurrent_calls_per_service
+            .is_some_and(|n| !(1..=b.max_concurrent_calls).contains(&n))
+        {
             return bad(
                 "broker.max_concurrent_calls_per_service",
                 "must be 1 to broker.max_concurrent_calls",

@@ -395,7 +395,10 @@ impl Reloader {
     }
 
     fn apply_broker(&self, config: &Config) -> Result<(), ServerError> {
-        let broker = build_broker(config)?;
+        let mut broker = build_broker(config)?;
+        if let Some(previous) = self.inner.state.broker() {
+            broker = broker.keeping_calls_of(&previous);
+        }
         let allow_private = broker.settings().allow_private_networks;
         self.inner.state.set_broker(Arc::new(broker));
         tracing::info!(

@@ -441,6 +441,22 @@ fn the_broker_section_has_defaults_and_reads_the_environment() {
         assert_eq!(s.timeout.as_secs(), 20);
         assert_eq!(s.connect_timeout.as_secs(), 5);
         assert_eq!(s.max_response_bytes, 1024 * 1024);
+        assert_eq!(
+            (s.max_concurrent_calls, s.max_concurrent_calls_per_service),
+            (64, 16)
+        );
+        // A lower bound in all lowers the per-service default with it (rather than refusing
+        // a default the operator never set).
+        jail.create_file(
+            "few.toml",
+            &format!("{MINIMAL}[broker]\nmax_concurrent_calls = 8\n"),
+        )?;
+        let c = load("few.toml", &Overrides::default()).unwrap();
+        let s = c.broker.settings(&c.limits);
+        assert_eq!(
+            (s.max_concurrent_calls, s.max_concurrent_calls_per_service),
+            (8, 8)
+        );
 
         jail.create_file(
             "b.toml",

@@ -662,7 +662,7 @@ async fn resume_checked(
         if first.is_none_or(|seq| seq > target.seq) {
             return Err(op(format!(
                 "{} is a finished archive (records up to {}, removed from the store): choose \
-                 another --output, or leave it out (each run names its own file)",
+                 another --output, or --output-dir (each run names its own file there)",
                 file.display(),
                 target.seq
             )));

@@ -146,6 +146,29 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
         ))
         .into()
     };
+    // Checked before the backup is: a `--keep` that cannot be used stops the run at once.
+    let keep = match &args.keep {
+        Some(keep) => keep.clone(),
+        None => default_keep(&config.data_dir),
+    };
+    if let Some(dir) = keep.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(CliError::Usage(format!(
+                "--keep {}: there is no folder {}; nothing was changed",
+                keep.display(),
+                dir.display()
+            ))
+            .into());
+        }
+    }
+    if std::fs::symlink_metadata(&keep).is_ok() {
+        return Err(CliError::Usage(format!(
+            "--keep {}: it exists (the replaced database is kept only in a new file); \
+             nothing was changed",
+            keep.display()
+        ))
+        .into());
+    }
     let staged = restore::stage(&db, &args.from).map_err(|e| failed(&e))?;
     if staged.after_an_interrupted_restore() {
         errln!(
@@ -259,10 +282,6 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
     if !unopened.is_empty() {
         report_unopened(&unopened);
     }
-    if args.dry_run {
-        outln!("dry run: nothing was changed")?;
-        return Ok(());
-    }
     // Secrets destroyed, or credentials switched off, since the backup would be usable again
     // from the server's next start; values would come back that no key opens: only when
     // asked for by name.
@@ -272,6 +291,16 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
     }
     if !unopened.is_empty() {
         would.push("put back versions that this store's keys do not open");
+    }
+    if args.dry_run {
+        if !would.is_empty() {
+            outln!(
+                "the restore would {} (listed above): it needs --yes",
+                would.join(", and ")
+            )?;
+        }
+        outln!("dry run: nothing was changed")?;
+        return Ok(());
     }
     if !would.is_empty() && !args.yes {
         return Err(CliError::Usage(format!(
@@ -285,20 +314,6 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
             }
         ))
         .into());
-    }
-    let keep = match &args.keep {
-        Some(keep) => keep.clone(),
-        None => default_keep(&config.data_dir),
-    };
-    if let Some(dir) = keep.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(CliError::Usage(format!(
-                "--keep {}: there is no folder {}; nothing was changed",
-                keep.display(),
-                dir.display()
-            ))
-            .into());
-        }
     }
     // Said first: a run cut short from here on has kept the database there.
     outln!(

@@ -314,6 +314,33 @@ async fn a_sample_per_kek_says_which_ones_these_keys_open() {
             ("fake:core:v2".to_owned(), 1, true)
         ]
     );
+    // One damaged data key under v1 does not make v1 look lost: the next version opens.
+    let first = store
+        .versions_for_rewrap(&KekFilter::Exactly(KekRef::new("fake", "core", 1)), None, 1)
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    assert!(store
+        .replace_wrapped_key(
+            &first.owner,
+            &first.name,
+            first.version,
+            &first.kek,
+            &first.wrapped_key,
+            vec![7; first.wrapped_key.len()],
+            &first.kek,
+        )
+        .await
+        .unwrap());
+    let sampled = sample_keks(store.as_ref(), provider.as_ref()).await;
+    assert_eq!(
+        summary(sampled.unwrap()),
+        [
+            ("fake:core:v1".to_owned(), 4, true),
+            ("fake:core:v2".to_owned(), 1, true)
+        ]
+    );
     provider.retire(1);
     let sampled = sample_keks(store.as_ref(), provider.as_ref()).await;
     assert_eq!(

@@ -483,6 +483,17 @@ fn open_backup(from: &Path) -> Result<File, StoreError> {
             "the backup is no regular file (a folder, a device or a FIFO)",
         ));
     }
+    // Before anything is copied: a wrong file (a tarball, a disk image) would otherwise be
+    // copied whole beside the database first, however large, dry run or not.
+    let mut magic = [0u8; 16];
+    let header = std::io::Read::read_exact(&mut &file, &mut magic);
+    if header.is_err() || &magic != b"SQLite format 3\0" {
+        return Err(StoreError::corrupt(
+            "the backup is no SQLite database (its first bytes are not SQLite's): no \
+             Strongroom database",
+        ));
+    }
+    std::io::Seek::rewind(&mut &file).map_err(io_at("cannot read", from))?;
     Ok(file)
 }
 
@@ -1086,7 +1097,8 @@ mod tests {
             (planted.as_path(), "trigger named \"keep_on\""),
             (extra.as_path(), "table named \"copies\""),
             (unsealed.as_path(), "no sealed audit log"),
-            (garbage.as_path(), ""),
+            // Refused on its first bytes, before it is copied beside the database.
+            (garbage.as_path(), "first bytes are not SQLite's"),
             (missing.as_path(), "does not exist"),
             (db.as_path(), "the database itself"),
         ] {
