@@ -411,3 +411,23 @@ fn a_backup_holding_versions_these_keys_do_not_open_needs_yes() {
         String::from_utf8_lossy(&asked.stderr)
     );
 }
+
+/// `--output -` is no file: refused as a usage error before the store is opened, and no
+/// file named `-` is made (it used to be, with exit 0).
+#[test]
+fn a_backup_to_standard_output_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = strongroom()
+        .current_dir(tmp.path())
+        .args(["backup", "--output", "-", "--data-dir"])
+        .arg(&data)
+        .env_remove("STRONGROOM_DATA_DIR")
+        .env_remove("STRONGROOM_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not to standard output"), "{err}");
+    assert!(!tmp.path().join("-").exists());
+}

@@ -737,4 +737,6 @@ fn a_change_time_in_the_future_does_not_stretch_the_retire_wait() {
         "{:?}",
         started.elapsed()
     );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at a time still to come"), "{err}");
 }

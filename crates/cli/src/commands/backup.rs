@@ -36,6 +36,16 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(CliError::io("cannot start the async runtime"))?;
+    // `-` is standard output to most commands; a backup is checked and fsynced where it
+    // lies, so it is written to a file only.
+    if args.output.as_os_str() == "-" {
+        return Err(CliError::Usage(
+            "--output -: a backup is written to a file (checked and made durable there), not \
+             to standard output; name the file"
+                .into(),
+        )
+        .into());
+    }
     runtime.block_on(async move {
         let backends = args.target.open_existing().await?;
         let Some(store) = backends.sqlite() else {

@@ -400,10 +400,14 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 std::time::Duration::try_from(RETIRE_SETTLE - since.max(time::Duration::ZERO))
                     .unwrap_or_default();
             if !wait.is_zero() {
+                let when = if since.is_negative() {
+                    "at a time still to come by this host's clock".to_owned()
+                } else {
+                    format!("{:.0} s ago", since.as_seconds_f64())
+                };
                 errln!(
-                    "note: version {version} stopped being active {:.0} s ago; waiting {} s for \
+                    "note: version {version} stopped being active {when}; waiting {} s for \
                      servers and imports still sealing under it to finish",
-                    since.as_seconds_f64().max(0.0),
                     wait.as_secs_f64().ceil()
                 );
                 std::thread::sleep(wait);
