@@ -46,7 +46,7 @@
 //! | `auth.jwt.public_key_file` | — | PEM public key; needs `auth.jwt.algorithm` |
 //! | `auth.jwt.algorithm` | — | `"RS256"`, `"ES256"` or `"EdDSA"` (with `public_key_file`) |
 //! | `auth.jwt.jwks_file` | — | a JWKS document (JSON) |
-//! | `auth.jwt.jwks_url` | — | an `https://` URL of the identity provider's JWKS: fetched at start (the server does not start without it), cached, refreshed in the background and when a token names an unknown `kid` |
+//! | `auth.jwt.jwks_url` | — | an `https://` URL of the identity provider's JWKS: fetched at start (the server does not start without it), cached, refreshed in the background and when a token names an unknown `kid`; through the proxy `HTTPS_PROXY`/`ALL_PROXY` name unless `NO_PROXY` lists the host (TLS end to end) |
 //! | `auth.jwt.jwks_ca_file` | system roots | PEM CA certificate(s) to trust, alone, for `jwks_url` |
 //! | `auth.jwt.jwks_refresh_seconds` | 300 | background refresh interval (60 to 86400); after a failure, retried every 30 s |
 //! | `auth.jwt.jwks_unknown_kid_cooldown_seconds` | 30 | least time between refreshes caused by unknown `kid`s (1 to 3600) |
