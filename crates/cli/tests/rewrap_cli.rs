@@ -750,3 +750,23 @@ fn an_interrupted_rewrap_says_so_and_the_next_run_finishes() {
     assert!(out.contains("failed 0"), "{out}");
     assert_eq!(key_counts(&dd)[0].2, 0);
 }
+
+/// `--concurrency 0` is a usage error (it was taken as 1 without a word), as is a value
+/// past 1024.
+#[test]
+fn concurrency_out_of_range_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for n in ["0", "1025"] {
+        let out = strongroom()
+            .args(["rewrap", "--concurrency", n, "--data-dir"])
+            .arg(tmp.path())
+            .env_remove("STRONGROOM_DATA_DIR")
+            .env_remove("STRONGROOM_CONFIG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{n}: {err}");
+        assert!(err.contains("--concurrency"), "{n}: {err}");
+    }
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}

@@ -47,9 +47,10 @@ pub struct RewrapArgs {
     /// Count what would be rewrapped (checking each data key unwraps); change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Data keys re-wrapped at once (raise it for remote providers).
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    concurrency: usize,
+    /// Data keys re-wrapped at once (raise it for remote providers; 1 to 1024).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrency: u16,
     /// Wrap with the key provider of this configuration instead (moving providers).
     #[arg(long, value_name = "FILE")]
     to_config: Option<PathBuf>,
@@ -157,7 +158,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
         batch_size: args.batch,
         max_per_second: args.rate,
         dry_run: args.dry_run,
-        concurrency: args.concurrency.max(1),
+        concurrency: usize::from(args.concurrency),
     };
     // Recorded before any key moves too: a run cut short (the store gone mid-way) then
     // still leaves its mark, though its closing record cannot be written. As for every
