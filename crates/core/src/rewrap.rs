@@ -135,6 +135,25 @@ fn key_only(item: &RewrapItem) -> Sealed {
     }
 }
 
+/// Runs `op` on the version's data key ([`key_only`]) under the version's binding (see
+/// `vault::open_bound`: it may be tried twice, for a version sealed before expiries were
+/// bound).
+async fn on_data_key<T, F, Fut>(item: &RewrapItem, op: F) -> Result<T, EnvelopeError>
+where
+    F: Fn(strongroom_crypto::Binding, Sealed) -> Fut,
+    Fut: std::future::Future<Output = Result<T, EnvelopeError>>,
+{
+    let sealed = key_only(item);
+    crate::vault::open_bound(
+        &item.owner,
+        &item.name,
+        item.version,
+        &item.metadata,
+        |binding| op(binding, sealed.clone()),
+    )
+    .await
+}
+
 /// A data key that did not unwrap: an error when the provider could not be asked (out of
 /// reach, refused, misconfigured), which stops the run; `Ok` when it answered that the key
 /// does not open under it (a KEK it does not hold, a tampered key).
@@ -203,17 +222,9 @@ pub async fn sample_keks(
         }
         let mut opens = false;
         for item in tried {
-            let sealed = key_only(&item);
-            let opened = crate::vault::open_bound(
-                &item.owner,
-                &item.name,
-                item.version,
-                &item.metadata,
-                |binding| {
-                    let sealed = &sealed;
-                    async move { envelope::check_binding(keys, &binding, sealed).await }
-                },
-            )
+            let opened = on_data_key(&item, |binding, sealed| async move {
+                envelope::check_binding(keys, &binding, &sealed).await
+            })
             .await;
             match opened {
                 Ok(()) => {
@@ -250,17 +261,9 @@ async fn rewrap_one(
             kek: kek_text(&item.kek),
         })
     };
-    let sealed = key_only(&item);
-    let rewrapped = crate::vault::open_bound(
-        &item.owner,
-        &item.name,
-        item.version,
-        &item.metadata,
-        |binding| {
-            let sealed = &sealed;
-            async move { envelope::rewrap(from, to, &binding, sealed).await }
-        },
-    )
+    let rewrapped = on_data_key(&item, |binding, sealed| async move {
+        envelope::rewrap(from, to, &binding, &sealed).await
+    })
     .await;
     let new = match rewrapped {
         Ok(new) => new,
