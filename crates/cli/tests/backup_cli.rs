@@ -369,7 +369,7 @@ fn a_backup_holding_versions_these_keys_do_not_open_needs_yes() {
         String::from_utf8_lossy(&dry.stdout)
     );
     assert!(
-        err.contains("did not open the data key of the version of the backup")
+        err.contains("did not open the data key of any of the versions of the backup")
             && err.contains(":v2: 1 active credential version\n")
             && !err.contains(":v1:"),
         "{err}"

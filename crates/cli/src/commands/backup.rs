@@ -32,10 +32,6 @@ pub struct BackupArgs {
 }
 
 pub fn run(args: BackupArgs) -> Result<(), Failure> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(CliError::io("cannot start the async runtime"))?;
     // `-` is standard output to most commands; a backup is checked and fsynced where it
     // lies, so it is written to a file only.
     if args.output.as_os_str() == "-" {
@@ -46,6 +42,10 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
         )
         .into());
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::io("cannot start the async runtime"))?;
     runtime.block_on(async move {
         let backends = args.target.open_existing().await?;
         let Some(store) = backends.sqlite() else {
@@ -91,7 +91,7 @@ pub fn run(args: BackupArgs) -> Result<(), Failure> {
 /// says what the restore would undo: credentials disabled and versions destroyed since the
 /// backup was taken, which come back with it (it goes on then only with --yes: disable or
 /// destroy them again after), credentials enabled and current versions chosen since, and
-/// the versions written since, which go. It tries one data key under each KEK the backup
+/// the versions written since, which go. It tries a few data keys under each KEK the backup
 /// uses: versions under a KEK these keys no longer hold (retired since) would never open
 /// again, and they need --yes too. The restore is recorded in the copy's
 /// audit log. Then the database is replaced; what it replaces is kept (--keep, by default
@@ -217,8 +217,8 @@ pub fn run_restore(args: RestoreArgs) -> Result<(), Failure> {
                 ))
             })?;
         let verified = super::audit::verify_log(&backends, None).await;
-        // Whether these keys open the backup's versions: one data key per KEK. A KEK retired
-        // since the backup was taken is gone, and so is every version under it.
+        // Whether these keys open the backup's versions: a few data keys per KEK. A KEK
+        // retired since the backup was taken is gone, and so is every version under it.
         let sampled = match &verified {
             Ok(_) => Some(
                 strongroom_core::rewrap::sample_keks(
@@ -391,19 +391,19 @@ fn default_keep(data_dir: &std::path::Path) -> PathBuf {
 /// Names the KEKs of the backup whose data keys this store's keys did not open.
 fn report_unopened(unopened: &[KekSample]) {
     errln!(
-        "warning: this store's keys did not open the data key of the version of the backup \
-         tried under each of these KEKs (retired since the backup was taken, another \
-         keyring's or key provider's, or that one version damaged: `strongroom rewrap \
-         --dry-run` over the restored store names each one that does not open); after the \
-         restore they would not be revealed. Put the key back first (a copy of the keyring \
-         from before the retirement), or restore and destroy them:"
+        "warning: this store's keys did not open the data key of any of the versions of the \
+         backup tried under each of these KEKs (up to three each: the KEK was retired since \
+         the backup was taken, is another keyring's or key provider's, or those versions are \
+         damaged; `strongroom rewrap --dry-run` over the restored store names each one that \
+         does not open); after the restore they would not be revealed. Put the key back \
+         first (a copy of the keyring from before the retirement), or restore and destroy \
+         them:"
     );
     for sample in unopened {
         errln!(
-            "  {}: {} active credential version{}",
+            "  {}: {}",
             sample.kek_text(),
-            sample.versions,
-            if sample.versions == 1 { "" } else { "s" }
+            super::keys::active_versions(sample.versions)
         );
     }
 }

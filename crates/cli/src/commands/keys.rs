@@ -265,11 +265,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                 // command fails before the keyring changes, not after.
                 block_on(async {
                     let backends = location.operator_target().open_existing().await?;
-                    let refused = match refuse_another_keyring(&backends, &path).await {
-                        Ok(()) => refuse_a_version_the_store_uses(&backends, &path).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = refused {
+                    if let Err(e) = refuse_a_keyring_not_the_stores(&backends, &path).await {
                         backends.close().await;
                         return Err(e);
                     }
@@ -534,7 +530,7 @@ fn other_provider_line(k: &KekRef, n: u64) -> String {
 }
 
 /// "1 active credential version", "2 active credential versions".
-fn active_versions(n: u64) -> String {
+pub(super) fn active_versions(n: u64) -> String {
     format!(
         "{n} active credential version{}",
         if n == 1 { "" } else { "s" }
@@ -796,11 +792,16 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Resu
         .block_on(f)
 }
 
-/// Refuses to rotate a keyring file that is not the store's (`--keyring` or
-/// `STRONGROOM_KEYRING` naming another vault's): the store's credential versions are under
-/// another key id, or its audit head key does not open with it. Rotated, that file would
-/// change while the store's own key stayed as it was, the rotation reported done.
-async fn refuse_another_keyring(
+/// Refuses to rotate a keyring file that is not the store's, or not all of it, before
+/// either changes:
+/// * another vault's (`--keyring` or `STRONGROOM_KEYRING` naming it): the store's credential
+///   versions are under another key id, or its audit head key does not open with it.
+///   Rotated, that file would change while the store's own key stayed as it was, the
+///   rotation reported done;
+/// * a restored older copy, lacking versions the store already uses: its rotation would make
+///   a second version of a number in use, with other material, and a server would seal
+///   under it what no good copy opens.
+async fn refuse_a_keyring_not_the_stores(
     backends: &strongroom_server::Backends,
     path: &std::path::Path,
 ) -> Result<(), Failure> {
@@ -810,10 +811,10 @@ async fn refuse_another_keyring(
         .count_versions_by_kek()
         .await
         .map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?;
-    let local_ids: std::collections::BTreeSet<&str> = counts
+    let local: Vec<&KekRef> = counts
         .iter()
-        .filter(|(k, _)| k.provider == local::KIND)
-        .map(|(k, _)| k.key_id.as_str())
+        .filter(|(k, n)| *n > 0 && k.provider == local::KIND)
+        .map(|(k, _)| k)
         .collect();
     let refuse = |why: String| -> Failure {
         CliError::Operation(format!(
@@ -823,42 +824,23 @@ async fn refuse_another_keyring(
         ))
         .into()
     };
-    if !local_ids.is_empty() && !local_ids.contains(ring.key_id()) {
+    if !local.is_empty() && !local.iter().any(|k| k.key_id == ring.key_id()) {
+        let ids: std::collections::BTreeSet<&str> =
+            local.iter().map(|k| k.key_id.as_str()).collect();
         return Err(refuse(format!(
             "the store's credential versions are under key {}, and this keyring is key {}",
-            local_ids.into_iter().collect::<Vec<_>>().join(", "),
+            ids.into_iter().collect::<Vec<_>>().join(", "),
             ring.key_id()
         )));
     }
-    strongroom_core::audit::load_head_key(backends.store.as_ref(), &ring)
-        .await
-        .map_err(|e| refuse(format!("it does not open the store's audit head key ({e})")))?;
-    Ok(())
-}
-
-/// Refuses to rotate a keyring file that lacks versions the store already uses: a restored
-/// older copy. Its rotation would make a second version of a number in use, with other
-/// material, and a server would seal under it what no good copy opens.
-async fn refuse_a_version_the_store_uses(
-    backends: &strongroom_server::Backends,
-    path: &std::path::Path,
-) -> Result<(), Failure> {
-    let ring = LocalKeyring::open(path)?;
     let newest = ring.list().iter().map(|k| k.version).max().unwrap_or(0);
-    let counts = backends
-        .store
-        .count_versions_by_kek()
-        .await
-        .map_err(|e| CliError::Operation(format!("counting versions by KEK: {e}")))?;
-    let missing = counts
+    let missing = local
         .iter()
-        .filter(|(k, n)| {
-            *n > 0 && k.provider == local::KIND && k.key_id == ring.key_id() && k.version > newest
-        })
-        .map(|(k, _)| k.version)
+        .filter(|k| k.key_id == ring.key_id() && k.version > newest)
+        .map(|k| k.version)
         .max();
-    match missing {
-        Some(version) => Err(CliError::Operation(format!(
+    if let Some(version) = missing {
+        return Err(CliError::Operation(format!(
             "the store holds credential versions sealed under version {version} of key {}, which \
              {} does not have (a restored older copy?): restore the newest keyring file instead; \
              rotating this one would make another version {} with other material",
@@ -866,9 +848,12 @@ async fn refuse_a_version_the_store_uses(
             path.display(),
             newest + 1
         ))
-        .into()),
-        None => Ok(()),
+        .into());
     }
+    strongroom_core::audit::load_head_key(backends.store.as_ref(), &ring)
+        .await
+        .map_err(|e| refuse(format!("it does not open the store's audit head key ({e})")))?;
+    Ok(())
 }
 
 async fn kek_counts(target: OperatorTarget) -> Result<Vec<(KekRef, u64)>, Failure> {
