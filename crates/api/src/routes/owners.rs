@@ -286,16 +286,15 @@ pub(crate) async fn broker(
             let json = serde_json::to_vec(&view).map_err(|e| {
                 ApiError::internal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             })?;
-            Ok(Response::builder()
-                .header(
-                    axum::http::header::CONTENT_TYPE,
-                    axum::http::HeaderValue::from_static("application/json"),
-                )
-                .body(axum::body::Body::new(Held {
-                    rest: axum::body::Bytes::from(json),
-                    _slot: slot,
-                }))
-                .unwrap_or_else(|_| unreachable!("a fixed header")))
+            let mut response = Response::new(axum::body::Body::new(Held {
+                rest: axum::body::Bytes::from(json),
+                _slot: slot,
+            }));
+            response.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            );
+            Ok(response)
         }
         Err(e) => Err(broker_error(e)),
     }

@@ -378,13 +378,14 @@ async fn archive(
     // An existing file is checked before the run is recorded: an interrupted run's archive
     // is finished, anything else refused (a finished archive among them: naming it again
     // would archive nothing and say it finished something).
-    let resumed = match resuming {
-        true => Some(
+    let resumed = if resuming {
+        Some(
             resume_checked(log.as_ref(), &key, anchor.as_ref(), file, args.dry_run)
                 .await
                 .map_err(Stop::NotStarted)?,
-        ),
-        false => None,
+        )
+    } else {
+        None
     };
     if args.dry_run {
         if let Some(target) = &resumed {

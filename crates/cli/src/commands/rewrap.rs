@@ -259,11 +259,7 @@ async fn rewrap(args: RewrapArgs) -> Result<(), Failure> {
     let report = result.map_err(|e| {
         CliError::Operation(format!("rewrap stopped: {e}; run it again to continue"))
     })?;
-    let verb = if args.dry_run {
-        "would rewrap"
-    } else {
-        "rewrapped"
-    };
+    let verb = progress.verb;
     outln!(
         "{verb} {}, skipped {}, failed {} (target {}{})",
         report.rewrapped,

@@ -547,8 +547,9 @@ impl SqliteStore {
             std::fs::File::open(&checked)
                 .and_then(|f| f.sync_all())
                 .map_err(io)?;
-            // Never over a file that appeared meanwhile: a hard link fails if the name exists
-            // (a file system without hard links gets a rename, checked just before).
+            // Never over a file that appeared meanwhile: a hard link fails if the name exists,
+            // and so does the rename without replacing that a file system without hard
+            // links gets.
             match std::fs::hard_link(&checked, &dest) {
                 Ok(()) => std::fs::remove_file(&checked).map_err(io)?,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
