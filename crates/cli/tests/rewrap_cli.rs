@@ -455,9 +455,10 @@ fn rewrap_killed_at_random_points_resumes_and_loses_nothing() {
     });
 }
 
-/// A restored older copy of the keyring (it lacks version 2, which the store uses) is not
-/// rotated: that would make another version 2, with other material, and a server would seal
-/// under it what no good copy opens. The newest copy rotates.
+/// A restored older copy of the keyring (it lacks version 2, which the store uses, or a
+/// version 3 an earlier rotation made and nothing uses yet) is not rotated: that would make
+/// another version of that number, with other material, and a server would seal under it
+/// what no good copy opens. The newest copy rotates.
 #[test]
 fn rotating_a_restored_older_keyring_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -471,19 +472,32 @@ fn rotating_a_restored_older_keyring_is_refused() {
     put_directly(&data, true, &[("under-v2".into(), "v".into())]);
     let newest = std::fs::read(&keyring).unwrap();
     std::fs::write(&keyring, &backup).unwrap();
-    let err = run_err(&["keys", "rotate"], &dd);
-    assert!(
-        err.contains("sealed under version 2") && err.contains("restored older copy"),
-        "{err}"
-    );
-    assert_eq!(
-        std::fs::read(&keyring).unwrap(),
-        backup,
-        "the copy was rotated"
-    );
+    let refused = |copy: &[u8], version: u32| {
+        std::fs::write(&keyring, copy).unwrap();
+        let err = run_err(&["keys", "rotate"], &dd);
+        assert!(
+            err.contains(&format!("this store uses version {version} of key"))
+                && err.contains("restored older copy"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&keyring).unwrap(),
+            copy,
+            "the copy was rotated"
+        );
+    };
+    refused(&backup, 2);
     std::fs::write(&keyring, &newest).unwrap();
     let out = run_ok(&["keys", "rotate"], &dd);
     assert!(out.contains("version 3 is now active"), "{out}");
+    // Version 3 seals nothing yet: the store's record of the rotation is what refuses the
+    // copy of versions 1 and 2 that lacks it.
+    let with_v3 = std::fs::read(&keyring).unwrap();
+    refused(&newest, 3);
+    refused(&backup, 3);
+    std::fs::write(&keyring, &with_v3).unwrap();
+    let out = run_ok(&["keys", "rotate"], &dd);
+    assert!(out.contains("version 4 is now active"), "{out}");
 }
 
 /// `keys retire` of the active version says that the active version cannot be retired and to

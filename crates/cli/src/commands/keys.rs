@@ -271,6 +271,9 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                     }
                     audit_rotation_start(&backends).await;
                     let rotated = local::rotate(&path, now, &OsRandom).map_err(Failure::from);
+                    if let Ok(made) = &rotated {
+                        record_newest_version(&backends, made).await;
+                    }
                     audit_rotation(backends, &rotated, |k| k.version).await;
                     rotated
                 })?
@@ -798,9 +801,9 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Resu
 ///   versions are under another key id, or its audit head key does not open with it.
 ///   Rotated, that file would change while the store's own key stayed as it was, the
 ///   rotation reported done;
-/// * a restored older copy, lacking versions the store already uses: its rotation would make
-///   a second version of a number in use, with other material, and a server would seal
-///   under it what no good copy opens.
+/// * a restored older copy, lacking versions the store already uses or an earlier rotation
+///   made (recorded in the store): its rotation would make a second version of that number,
+///   with other material, and a server would seal under it what no good copy opens.
 async fn refuse_a_keyring_not_the_stores(
     backends: &strongroom_server::Backends,
     path: &std::path::Path,
@@ -839,11 +842,16 @@ async fn refuse_a_keyring_not_the_stores(
         .filter(|k| k.key_id == ring.key_id() && k.version > newest)
         .map(|k| k.version)
         .max();
+    // The versions in use say nothing of a version made since and not used yet: the store
+    // also keeps the newest version its rotations made.
+    let recorded = newest_version_recorded(backends, ring.key_id()).await?;
+    let missing = missing.max(recorded.filter(|v| *v > newest));
     if let Some(version) = missing {
         return Err(CliError::Operation(format!(
-            "the store holds credential versions sealed under version {version} of key {}, which \
-             {} does not have (a restored older copy?): restore the newest keyring file instead; \
-             rotating this one would make another version {} with other material",
+            "this store uses version {version} of key {} (credential versions are sealed under \
+             it, or a rotation made it), which {} does not have (a restored older copy?): \
+             restore the newest keyring file instead; rotating this one would make another \
+             version {} with other material",
             ring.key_id(),
             path.display(),
             newest + 1
@@ -854,6 +862,59 @@ async fn refuse_a_keyring_not_the_stores(
         .await
         .map_err(|e| refuse(format!("it does not open the store's audit head key ({e})")))?;
     Ok(())
+}
+
+/// Where the store keeps the newest version `keys rotate` made of a local keyring.
+fn newest_version_key(key_id: &str) -> String {
+    format!("keyring/{key_id}/newest-version")
+}
+
+/// The newest version of `key_id` a rotation recorded in the store, if any.
+async fn newest_version_recorded(
+    backends: &strongroom_server::Backends,
+    key_id: &str,
+) -> Result<Option<u32>, Failure> {
+    let raw = backends
+        .store
+        .get_provider_state(&newest_version_key(key_id))
+        .await
+        .map_err(|e| CliError::Operation(format!("reading the keyring's newest version: {e}")))?;
+    Ok(raw.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()))
+}
+
+/// Records `made` as the keyring's newest version, unless a newer one is recorded already
+/// (compare-and-swap: another rotation may record at the same time). A failure is a warning:
+/// the rotation is done, and only a later refusal of an older copy depends on the record.
+async fn record_newest_version(backends: &strongroom_server::Backends, made: &KeyInfo) {
+    let key = newest_version_key(&made.key_id);
+    for _ in 0..8 {
+        let store = backends.store.as_ref();
+        let current = match store.get_provider_state(&key).await {
+            Ok(c) => c,
+            Err(e) => {
+                errln!("warning: the rotation is not recorded in the store: {e}");
+                return;
+            }
+        };
+        let recorded = current
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u32>().ok());
+        if recorded.is_some_and(|v| v >= made.version) {
+            return;
+        }
+        let value = made.version.to_string().into_bytes();
+        match store
+            .swap_provider_state(&key, current.as_deref(), value)
+            .await
+        {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                errln!("warning: the rotation is not recorded in the store: {e}");
+                return;
+            }
+        }
+    }
 }
 
 async fn kek_counts(target: OperatorTarget) -> Result<Vec<(KekRef, u64)>, Failure> {
