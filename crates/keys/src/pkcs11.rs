@@ -35,8 +35,12 @@
 //! * The token is found by its **label** (slot numbers change between boots and devices).
 //! * The token must offer `CKM_AES_GCM` and `CKM_AES_KEY_GEN`.
 //! * A first key: [`Pkcs11Provider::generate`] (`strongroom keys generate`). Keys made
-//!   elsewhere are accepted only if they are AES-256, sensitive, non-extractable, and may
-//!   encrypt and decrypt.
+//!   elsewhere are accepted only if they are AES-256, private, sensitive, non-extractable,
+//!   have always been so (`CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`: made inside a
+//!   token, or cloned between tokens by the vendor's means, never imported as a value), and
+//!   may encrypt and decrypt. A key failing this stops the provider (`Misconfigured`) rather
+//!   than being skipped: the newest version becomes the active KEK, and one planted by
+//!   whoever can make objects on the token must not seal new data keys.
 //!
 //! # Failure modes
 //!
@@ -480,6 +484,7 @@ struct FoundKey {
     info: Pkcs11KeyInfo,
     encrypt: bool,
     decrypt: bool,
+    private: bool,
     value_len: Option<u64>,
 }
 
@@ -527,6 +532,7 @@ fn find_keys(session: &Session, key_label: &str) -> Result<Vec<FoundKey>, CkErro
             },
             encrypt: false,
             decrypt: false,
+            private: false,
             value_len: None,
         };
         let attrs = match session.get_attributes(
@@ -538,6 +544,7 @@ fn find_keys(session: &Session, key_label: &str) -> Result<Vec<FoundKey>, CkErro
                 AttributeType::NeverExtractable,
                 AttributeType::Encrypt,
                 AttributeType::Decrypt,
+                AttributeType::Private,
                 AttributeType::ValueLen,
             ],
         ) {
@@ -552,6 +559,7 @@ fn find_keys(session: &Session, key_label: &str) -> Result<Vec<FoundKey>, CkErro
                 Attribute::NeverExtractable(b) => key.info.never_extractable = b,
                 Attribute::Encrypt(b) => key.encrypt = b,
                 Attribute::Decrypt(b) => key.decrypt = b,
+                Attribute::Private(b) => key.private = b,
                 Attribute::ValueLen(n) => key.value_len = Some(u64::from(n)),
                 _ => {}
             }
@@ -562,7 +570,11 @@ fn find_keys(session: &Session, key_label: &str) -> Result<Vec<FoundKey>, CkErro
     Ok(found)
 }
 
-/// Checks the keys found and maps version → handle.
+/// Checks the keys found and maps version → handle. The newest version becomes the active
+/// KEK, so a key that anyone but the token could know is refused, not skipped: one made
+/// in a session without the PIN (a public object) or made outside the token and imported
+/// (`C_CreateObject`, `C_UnwrapKey`: never `CKA_ALWAYS_SENSITIVE` and
+/// `CKA_NEVER_EXTRACTABLE`) would otherwise seal every new data key under a known value.
 fn key_table(
     found: &[FoundKey],
     token_label: &str,
@@ -572,6 +584,17 @@ fn key_table(
         let label = &k.info.label;
         let problem = if !k.info.sensitive || k.info.extractable {
             Some("can leave the token (it must be CKA_SENSITIVE and not CKA_EXTRACTABLE)")
+        } else if !k.private {
+            Some(
+                "is a public object (CKA_PRIVATE false), which a session without the PIN can \
+                 make: remove it; `strongroom keys rotate` makes new versions",
+            )
+        } else if !k.info.always_sensitive || !k.info.never_extractable {
+            Some(
+                "was not made inside the token, or could once leave it (CKA_ALWAYS_SENSITIVE \
+                 and CKA_NEVER_EXTRACTABLE must be true), so its value may be known: remove \
+                 it; `strongroom keys rotate` makes new versions",
+            )
         } else if !k.encrypt || !k.decrypt {
             Some("may not encrypt and decrypt")
         } else if k.value_len != Some(32) {
@@ -751,10 +774,13 @@ impl Inner {
             .fill(&mut iv)
             .map_err(|e| error(ProviderErrorKind::Other, "random source failed").with_source(e))?;
         let what = format!("wrap with '{}' failed", self.label_of(version));
-        let ct = self.with_session(&what, ck_kind, |s| {
+        // A token may write an IV of its own into the buffer (FIPS-mode HSMs generate it
+        // inside): what is stored is what the buffer holds after the call.
+        let (iv, ct) = self.with_session(&what, ck_kind, |s| {
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, aad, Ulong::from(TAG_LEN as u64 * 8))?;
-            s.encrypt(&Mechanism::AesGcm(params), handle, key.expose_secret())
+            let ct = s.encrypt(&Mechanism::AesGcm(params), handle, key.expose_secret())?;
+            Ok((iv, ct))
         })?;
         if ct.len() != Key256::LEN + TAG_LEN {
             return Err(error(

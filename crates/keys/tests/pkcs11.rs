@@ -235,3 +235,86 @@ async fn wrapped_keys_are_bound_to_their_version() {
         _ => panic!("unknown version"),
     }
 }
+
+/// Makes an AES-256 key with a value this test knows on the token, as whoever can create
+/// objects there could: a public object (made without the PIN on tokens that allow it), or
+/// a private one imported with `C_CreateObject`. Sensitive and not extractable, so only the
+/// way it was made tells it from a key the token generated.
+fn plant_key(t: &Token, label: &str, private: bool) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::{Error, RvError};
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+
+    let ctx = Pkcs11::new(&t.module).unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == t.label)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let pin = std::fs::read_to_string(&t.pin_file).unwrap();
+    match session.login(UserType::User, Some(&AuthPin::from(pin.trim().to_owned()))) {
+        Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![0x42; 32]),
+            Attribute::Token(true),
+            Attribute::Private(private),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .unwrap();
+    drop(session);
+    // Dropping the last handle on a context finalises the module, under the providers of
+    // the other tests in this process: keep it.
+    std::mem::forget(ctx);
+}
+
+/// A key whose value may be known (a public object, or one imported rather than generated
+/// on the token) is never taken for the next KEK version: a provider refuses to start, or
+/// to go on once it sees one, and names the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_planted_on_the_token_never_becomes_the_active_kek() {
+    let t = token!();
+    for (private, says) in [
+        (false, "is a public object"),
+        (true, "was not made inside the token"),
+    ] {
+        let label = common::unique("planted");
+        let running = Pkcs11Provider::generate(config(&t, &label)).await.unwrap();
+        plant_key(&t, &format!("{label}.v2"), private);
+
+        let e = Pkcs11Provider::connect(config(&t, &label))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ProviderErrorKind::Misconfigured, "{e}");
+        assert!(
+            e.to_string().contains(&format!("'{label}.v2'")) && e.to_string().contains(says),
+            "{e}"
+        );
+        // A provider already running does not move to it either.
+        let e = running.health().await.unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+        assert_eq!(running.active_kek().unwrap().version, 1);
+        let key = Key256::generate(&OsRandom).unwrap();
+        let w = running
+            .wrap(&running.active_kek().unwrap(), &key, b"a")
+            .await
+            .unwrap();
+        assert_eq!(w.kek.version, 1);
+    }
+}
