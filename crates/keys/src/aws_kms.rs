@@ -91,7 +91,8 @@ pub struct AwsKmsConfig {
     /// The AWS region; `None` takes it from the default chain (`AWS_REGION`, profile).
     pub region: Option<String>,
     /// Another endpoint than the region's default: a VPC endpoint, or an emulator such as
-    /// `http://127.0.0.1:PORT` for moto.
+    /// `http://127.0.0.1:PORT` for moto. `https://`, or `http://` to a loopback address only:
+    /// data keys and KEKs cross this connection.
     pub endpoint_url: Option<String>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
@@ -169,6 +170,9 @@ impl AwsKmsProvider {
                 ProviderErrorKind::Misconfigured,
                 "max_attempts must be at least 1",
             ));
+        }
+        if let Some(url) = &config.endpoint_url {
+            check_endpoint(url)?;
         }
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
@@ -341,6 +345,41 @@ impl AwsKmsProvider {
 }
 
 /// Kinds for error codes the SDK leaves unmodelled (common AWS errors).
+/// `endpoint_url` must be `https://`, or `http://` to this machine (an emulator): plain
+/// HTTP elsewhere would carry data keys and KEKs readable on the wire. No user name or
+/// password in it either: the SDK takes credentials from its chain.
+fn check_endpoint(url: &str) -> Result<(), ProviderError> {
+    let bad = |why: &str| {
+        error(
+            ProviderErrorKind::Misconfigured,
+            format!("endpoint_url '{url}': {why}"),
+        )
+    };
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("must be https://host[:port][/path]"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(bad("must not hold a user name or password"));
+    }
+    // host[:port], or [v6][:port]
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    if host.is_empty() {
+        return Err(bad("names no host"));
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => Ok(()),
+        "http" if crate::loopback_host(host) => Ok(()),
+        "http" => Err(bad(
+            "plain http is allowed to a loopback address only (an emulator); use https://",
+        )),
+        _ => Err(bad("must be https://")),
+    }
+}
+
 fn code_kind(code: Option<&str>) -> ProviderErrorKind {
     match code {
         Some(
@@ -522,6 +561,33 @@ mod tests {
         assert_eq!(v.len(), 44);
         assert_ne!(a, AwsKmsProvider::context(b"owner/name/v2"));
         assert_eq!(AwsKmsProvider::context(b"").len(), 1);
+    }
+
+    #[test]
+    fn endpoints_are_https_or_plain_http_to_this_machine() {
+        for ok in [
+            "https://kms.eu-west-1.amazonaws.com",
+            "https://vpce-1.kms.eu-west-1.vpce.amazonaws.com:443/",
+            "http://127.0.0.1:4566",
+            "http://localhost:4566/",
+            "HTTP://[::1]:5000",
+            "http://[::ffff:127.0.0.1]:5000",
+        ] {
+            check_endpoint(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, says) in [
+            ("http://kms.internal:4566", "loopback address only"),
+            ("http://10.0.0.5", "loopback address only"),
+            ("http://127.0.0.1.evil.example", "loopback address only"),
+            ("http://user:pw@127.0.0.1:4566", "user name or password"),
+            ("ftp://127.0.0.1", "must be https://"),
+            ("kms.eu-west-1.amazonaws.com", "must be https://"),
+            ("https://", "names no host"),
+        ] {
+            let e = check_endpoint(bad).unwrap_err();
+            assert_eq!(e.kind(), ProviderErrorKind::Misconfigured);
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -73,6 +73,19 @@ pub use transit::{TransitAuth, TransitConfig, TransitProvider};
 #[cfg(any(feature = "pkcs11", feature = "transit"))]
 pub use secret_source::SecretSource;
 
+/// Whether a URL's host (`localhost`, an IP literal, IPv6 in brackets or not) is this
+/// machine: the one place a remote provider may be reached over plain HTTP (an emulator, a
+/// development server), since nothing else on the path can read the keys it carries.
+#[cfg(any(feature = "aws-kms", feature = "transit"))]
+fn loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 #[cfg(any(feature = "pkcs11", feature = "transit"))]
 mod secret_source {
     use std::io::Read;

@@ -422,16 +422,7 @@ impl TransitProvider {
         match base.scheme() {
             "https" => {}
             "http" if config.danger_allow_plain_http => {
-                let loopback = match base.host_str() {
-                    Some("localhost") => true,
-                    Some(h) => h
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback()),
-                    None => false,
-                };
-                if !loopback {
+                if !base.host_str().is_some_and(crate::loopback_host) {
                     return Err(misconfigured(format!(
                         "address '{}': plain http is allowed for loopback addresses only",
                         config.address
