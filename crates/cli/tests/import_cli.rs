@@ -1005,6 +1005,44 @@ fn usage_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("cannot be used with"), "{err}");
     assert!(!err.contains("env-secret-canary"), "{err}");
+    // ...while --secret-key beside --key or --key-file is refused, not dropped.
+    for other in [["--key", "k"], ["--key-file", "/nonexistent/keys"]] {
+        let out = strongroom()
+            .args(["import", "django-fernet-fields", "--dry-run"])
+            .args(["--database", "sqlite:/nonexistent.sqlite3", "--table", "t"])
+            .args(["--owner-column", "o", "--map", "c=n"])
+            .args(other)
+            .args(["--secret-key", "flag-secret-canary"])
+            .env_remove("STRONGROOM_IMPORT_SECRET_KEY")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot be used with"), "{err}");
+        assert!(!err.contains("flag-secret-canary"), "{err}");
+    }
+    // The variable alone is a key (the run goes on to fail on the missing source); with
+    // nothing, the error names every way to give one.
+    let keyless = |env: Option<&str>| {
+        let mut cmd = strongroom();
+        cmd.args(["import", "django-fernet-fields", "--dry-run"])
+            .args(["--database", "sqlite:/nonexistent.sqlite3", "--table", "t"])
+            .args(["--owner-column", "o", "--map", "c=n"])
+            .env_remove("STRONGROOM_IMPORT_SECRET_KEY");
+        if let Some(v) = env {
+            cmd.env("STRONGROOM_IMPORT_SECRET_KEY", v);
+        }
+        String::from_utf8_lossy(&cmd.output().unwrap().stderr).into_owned()
+    };
+    let err = keyless(Some("env-secret-canary"));
+    assert!(!err.contains("give the Django keys"), "{err}");
+    assert!(err.contains("nonexistent.sqlite3"), "{err}");
+    assert!(!err.contains("env-secret-canary"), "{err}");
+    let err = keyless(None);
+    assert!(
+        err.contains("give the Django keys") && err.contains("STRONGROOM_IMPORT_SECRET_KEY"),
+        "{err}"
+    );
     // An unreachable PostgreSQL source says why.
     let out = base(&[
         "--database",

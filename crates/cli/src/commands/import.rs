@@ -97,15 +97,16 @@ pub struct DjangoArgs {
     /// A file holding the FERNET_KEYS entries, one per line, in order (`-`: standard input).
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
-    /// Django's SECRET_KEY, for apps without FERNET_KEYS (the library's fallback). Used only
-    /// when neither --key nor --key-file is given (so the environment variable never gets in
-    /// their way).
+    /// Django's SECRET_KEY, for apps without FERNET_KEYS (the library's fallback). Not with
+    /// --key or --key-file. Without any of the three, the environment variable
+    /// STRONGROOM_IMPORT_SECRET_KEY is taken (which never gets in their way).
+    // Not clap's `env`: clap counts a value from the environment as given, so it could not
+    // refuse `--secret-key` beside `--key` without refusing the variable there too.
     #[arg(
         long,
         value_name = "KEY",
         allow_hyphen_values = true,
-        env = "STRONGROOM_IMPORT_SECRET_KEY",
-        hide_env_values = true
+        conflicts_with_all = ["keys", "key_file"]
     )]
     secret_key: Option<SecretArg>,
     /// FERNET_USE_HKDF = False: the keys are Fernet keys, used as they are.
@@ -160,6 +161,9 @@ fn read_key_file(path: &std::path::Path) -> Result<Vec<Zeroizing<String>>, Failu
         .collect())
 }
 
+/// Django's SECRET_KEY from the environment, when no key is given on the command line.
+const SECRET_KEY_ENV: &str = "STRONGROOM_IMPORT_SECRET_KEY";
+
 async fn django(args: DjangoArgs) -> Result<(), Failure> {
     let entries: Vec<Zeroizing<String>> = if let Some(path) = &args.key_file {
         read_key_file(path)?
@@ -167,12 +171,16 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
         args.keys.iter().map(|k| k.expose().clone()).collect()
     } else if let Some(secret) = &args.secret_key {
         vec![secret.expose().clone()]
+    } else if let Some(secret) = std::env::var_os(SECRET_KEY_ENV) {
+        let secret = secret
+            .into_string()
+            .map_err(|_| CliError::Usage(format!("{SECRET_KEY_ENV} is not valid UTF-8")))?;
+        vec![Zeroizing::new(secret)]
     } else {
-        return Err(CliError::Usage(
-            "give the Django keys: --key (repeat in FERNET_KEYS order), --key-file or \
-             --secret-key"
-                .into(),
-        )
+        return Err(CliError::Usage(format!(
+            "give the Django keys: --key (repeat in FERNET_KEYS order), --key-file, \
+             --secret-key or {SECRET_KEY_ENV}"
+        ))
         .into());
     };
     let refs: Vec<&str> = entries.iter().map(|e| e.as_str()).collect();
