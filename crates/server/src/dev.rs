@@ -20,7 +20,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -584,11 +584,28 @@ fn generate_certificates(
 /// The lines `serve --dev` prints on start: where it listens, what to trust, the tokens, and
 /// curl commands to paste.
 pub fn banner(setup: &DevSetup, addr: SocketAddr, user_token: &str, user: &str) -> String {
-    let host = match addr {
-        SocketAddr::V4(_) => format!("127.0.0.1:{}", addr.port()),
-        SocketAddr::V6(_) => format!("[::1]:{}", addr.port()),
+    // All addresses (0.0.0.0, ::) include this machine's loopback, which the certificate
+    // names; any other is called as it is.
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
     };
-    let url = format!("https://{host}");
+    let url = format!("https://{}", SocketAddr::new(ip, addr.port()));
+    let named = [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    let not_named = if named.contains(&ip) {
+        String::new()
+    } else {
+        format!(
+            "  note            the dev certificate names {DEV_HOST_NAME}, 127.0.0.1 and ::1 \
+             only: for {ip}, curl needs `--resolve {DEV_HOST_NAME}:{port}:{ip}` and \
+             https://{DEV_HOST_NAME}:{port}\n",
+            port = addr.port()
+        )
+    };
     let ca = shell_quote(&setup.ca_cert.display().to_string());
     let dir = shell_quote(&setup.data_dir.display().to_string());
     // Absolute in the paste block, so the `strongroom` commands it sets up for work from any
@@ -604,7 +621,7 @@ pub fn banner(setup: &DevSetup, addr: SocketAddr, user_token: &str, user: &str) 
 Strongroom dev server — for trying things out only: keys, tokens and certificates live in {dir}
 
   listening on    {url}   (HTTPS only; TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2)
-  CA certificate  {ca}
+{not_named}  CA certificate  {ca}
   admin token     {admin}   (admin \"{DEV_ADMIN}\")
   service token   {service}   (service \"{DEV_SERVICE}\": may write, reveal and broker any credential)
   user token      {user_token}

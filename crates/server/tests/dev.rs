@@ -238,6 +238,33 @@ async fn the_dev_server_accepts_its_tokens_and_serves_the_dev_policy() {
     let alice = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(60)).unwrap();
     let banner = dev::banner(&setup, addr, &alice, "alice");
     assert!(banner.contains(&format!("https://127.0.0.1:{}", addr.port())));
+    assert!(!banner.contains("note "), "{banner}");
+    // Where it listens, as called: all addresses through loopback, any other as it is, with
+    // how to reach it under the certificate's name.
+    for (listen, url, note) in [
+        ("0.0.0.0:8443", "https://127.0.0.1:8443", false),
+        ("[::]:8443", "https://[::1]:8443", false),
+        ("[::1]:8443", "https://[::1]:8443", false),
+        ("127.0.0.2:8443", "https://127.0.0.2:8443", true),
+        ("10.1.2.3:8443", "https://10.1.2.3:8443", true),
+    ] {
+        let b = dev::banner(&setup, listen.parse().unwrap(), &alice, "alice");
+        assert!(
+            b.contains(&format!("listening on    {url} ")),
+            "{listen}: {b}"
+        );
+        assert!(b.contains(&format!("export SR={url} ")), "{listen}: {b}");
+        let ip = url
+            .trim_start_matches("https://")
+            .rsplit_once(':')
+            .unwrap()
+            .0;
+        assert_eq!(
+            b.contains(&format!("--resolve localhost:8443:{ip}")),
+            note,
+            "{listen}: {b}"
+        );
+    }
     assert!(banner.contains("--cacert") && banner.contains(setup.service_token.as_str()));
     // The paste block sets up every token and the data folder the CLI reads.
     let canonical = std::fs::canonicalize(tmp.path()).unwrap();
