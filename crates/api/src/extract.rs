@@ -316,6 +316,47 @@ fn unsupported_media_type() -> ApiError {
     )
 }
 
+/// Whether a body stopped because its client went away (an HTTP/1.1 connection closed
+/// before the body's end, an HTTP/2 stream reset by the client) rather than because what came
+/// was malformed: the request's record then says `client_closed`, as for a client that hangs
+/// up at any other moment, not that it sent a bad request.
+fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            if e.is_reset() && e.is_remote() || e.is_go_away() && e.is_remote() {
+                return true;
+            }
+        }
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            if matches!(
+                e.kind(),
+                K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The answer to a request whose client went away: nobody reads it; its status (nginx's 499)
+/// and code are what its audit record and metrics say.
+fn client_closed() -> ApiError {
+    ApiError::new(
+        StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        "client_closed",
+        "the client closed the request before its body's end",
+    )
+}
+
 pub(crate) fn payload_too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -438,6 +479,7 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
             Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 return Err(payload_too_large())
             }
+            Err(r) if client_went_away(&r) => return Err(client_closed()),
             Err(_) => return Err(ApiError::bad_request("could not read the request body")),
         };
         if !json && !bytes.iter().all(u8::is_ascii_whitespace) {

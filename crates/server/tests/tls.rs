@@ -1128,8 +1128,9 @@ async fn a_refused_expect_continue_request_is_not_invited_to_send_its_body() {
 }
 
 /// An HTTP/2 request the client resets while its handler waits (here for the body) is
-/// still recorded, under the caller its credentials name: as the 400 of its cut body, or as
-/// 499 `client_closed` when the server drops it mid-way.
+/// still recorded, under the caller its credentials name, as 499 `client_closed`: whether the
+/// server drops it mid-way or its body read fails, the client went away; it sent nothing
+/// malformed.
 #[tokio::test]
 async fn an_http2_request_reset_by_the_client_is_recorded() {
     let fx = Fixture::new();
@@ -1149,11 +1150,57 @@ async fn an_http2_request_reset_by_the_client_is_recorded() {
     let client = server.client(fx.client_options());
     let records = common::wait_for_records(&client, "zoom.reset", 1).await;
     let record = records.first().expect("the reset request left no record");
-    assert!(
-        (record["status"] == 400 && record["error_code"] == "bad_request")
-            || (record["status"] == 499 && record["error_code"] == "client_closed"),
-        "{record}"
-    );
+    assert_eq!(record["status"], 499, "{record}");
+    assert_eq!(record["error_code"], "client_closed", "{record}");
     assert_eq!(record["principal_id"], "billing", "{record}");
+    server.stop().await.unwrap();
+}
+
+/// An HTTP/1.1 client that closes its connection before the body it announced has come is
+/// recorded as 499 `client_closed`, as it is counted in the metrics, not as a bad request.
+#[tokio::test]
+async fn an_http1_body_cut_short_by_its_client_is_recorded_as_client_closed() {
+    use tokio::io::AsyncWriteExt;
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let alice = fx.user_token("alice");
+    let mut tls = server
+        .client(fx.client_options())
+        .connect_raw()
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT /v1/me/credentials/zoom.cut HTTP/1.1\r\nhost: localhost\r\n\
+         authorization: Bearer {alice}\r\ncontent-type: application/json\r\n\
+         content-length: 100\r\n\r\n{{\"value\":"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.shutdown().await.unwrap();
+    drop(tls);
+    let client = server.client(fx.client_options());
+    let records = common::wait_for_records(&client, "zoom.cut", 1).await;
+    let record = records.first().expect("the cut request left no record");
+    assert_eq!(record["status"], 499, "{record}");
+    assert_eq!(record["error_code"], "client_closed", "{record}");
+    assert_eq!(record["principal_id"], "alice", "{record}");
+    let metrics = client.get("/metrics", None).await.unwrap();
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("strongroom_http_requests_total{")
+                && l.contains("method=\"PUT\"")
+                && l.contains("status=\"499\"")),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("strongroom_http_requests_total{")
+                && l.contains("method=\"PUT\"")
+                && l.contains("status=\"400\"")),
+        "{text}"
+    );
     server.stop().await.unwrap();
 }
