@@ -17,6 +17,13 @@ fn code(r: &Reply) -> String {
         .to_owned()
 }
 
+/// `req` with one more `name` field (beside any already there).
+fn with_header(mut req: Request<Body>, name: &'static str, value: &'static str) -> Request<Body> {
+    req.headers_mut()
+        .append(name, axum::http::HeaderValue::from_static(value));
+    req
+}
+
 #[tokio::test]
 async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
     let api = api().await;
@@ -83,6 +90,43 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
             raw(&json!({"value": CANARY}).to_string(), None),
             415,
             "unsupported_media_type",
+        ),
+        // The body is plain JSON, said once.
+        (
+            with_header(
+                raw(
+                    &json!({"value": CANARY}).to_string(),
+                    Some("application/json"),
+                ),
+                "content-type",
+                "text/plain",
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            with_header(
+                raw(
+                    &json!({"value": CANARY}).to_string(),
+                    Some("application/json"),
+                ),
+                "content-encoding",
+                "gzip",
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            with_header(
+                raw(
+                    &json!({"value": CANARY}).to_string(),
+                    Some("application/json"),
+                ),
+                "transfer-encoding",
+                "gzip, chunked",
+            ),
+            400,
+            "bad_request",
         ),
         (
             raw(

@@ -110,7 +110,11 @@ fn reads_query(method: &http::Method, route: &str) -> bool {
 ///   extractor would first read up to the limit, or wait out the request timeout for bytes
 ///   a client declared and never sends;
 /// - a query string on a route that reads none is refused: `reveal?version=2` would
-///   otherwise answer with the current version, not the one asked for.
+///   otherwise answer with the current version, not the one asked for;
+/// - a body is plain JSON, said once: two `Content-Type` fields (a proxy and this server may
+///   each read another one), a `Content-Encoding` (a compressed body would be read as the
+///   value itself), or a transfer coding other than `chunked` (HTTP/1.1's parser drops the
+///   others and reads the body as if they were not there) are refused.
 async fn check_request_shape(
     axum::extract::State(state): axum::extract::State<AppState>,
     req: axum::extract::Request,
@@ -124,6 +128,9 @@ async fn check_request_shape(
     if declared.is_some_and(|n| n > state.limits().max_body_bytes as u64) {
         return axum::response::IntoResponse::into_response(crate::extract::payload_too_large());
     }
+    if let Some(refused) = body_coding_refusal(req.headers()) {
+        return axum::response::IntoResponse::into_response(refused);
+    }
     if req.uri().query().is_some_and(|q| !q.is_empty()) {
         let reads_query = req
             .extensions()
@@ -136,6 +143,45 @@ async fn check_request_shape(
         }
     }
     next.run(req).await
+}
+
+/// What is wrong with how a request says its body is encoded, if anything (see
+/// [`check_request_shape`]).
+fn body_coding_refusal(headers: &http::HeaderMap) -> Option<ApiError> {
+    if headers.get_all(header::CONTENT_TYPE).iter().count() > 1 {
+        return Some(ApiError::bad_request(
+            "the request has more than one Content-Type field",
+        ));
+    }
+    let codings = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(|c| c.trim().to_ascii_lowercase())
+            .filter(|c| !c.is_empty())
+            .collect::<Vec<_>>()
+    };
+    if codings(header::CONTENT_ENCODING)
+        .iter()
+        .any(|c| c != "identity")
+    {
+        return Some(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must not be encoded (Content-Encoding): send it as plain JSON",
+        ));
+    }
+    if codings(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|c| c != "chunked")
+    {
+        // A 400, not RFC 9112's 501: the client's doing, and no server failure to alert on.
+        return Some(ApiError::bad_request(
+            "the only transfer coding taken is chunked",
+        ));
+    }
+    None
 }
 
 /// Most header fields a request may have: HTTP/1's parser refuses more on its own (431
