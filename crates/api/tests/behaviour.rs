@@ -136,6 +136,17 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
             400,
             "invalid_metadata",
         ),
+        // A number that would be stored with other digits.
+        (
+            raw(
+                &format!(
+                    r#"{{"value": "{CANARY}", "metadata": {{"n": 123456789012345678901234567890}}}}"#
+                ),
+                Some("application/json"),
+            ),
+            400,
+            "invalid_metadata",
+        ),
         (
             raw(
                 &json!({"value": CANARY, "metadata": {"k": "x".repeat(9 * 1024)}}).to_string(),

@@ -171,15 +171,34 @@ pub fn check_place(owner: &str, name: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
-/// Whether a JSON value holds U+0000 in a key or string: PostgreSQL's JSONB refuses it, so
-/// both stores refuse it up front (one rule, and a 400 rather than a store error).
-fn holds_nul(value: &serde_json::Value) -> bool {
+/// What in a metadata value could not be stored as it was written, if anything:
+/// * U+0000 in a key or string: PostgreSQL's JSONB refuses it, so both stores refuse it up
+///   front (one rule, and a 400 rather than a store error);
+/// * a whole number past 64 bits (or past 2^53 written as a double): it is read as a double,
+///   and would come back with other digits (2^64 as `1.8446744073709552e19`).
+fn metadata_fault(value: &serde_json::Value) -> Option<&'static str> {
     use serde_json::Value;
     match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+        Value::String(s) if s.contains('\0') => Some("metadata must not hold the character U+0000"),
+        Value::Number(n)
+            if n.as_f64().is_some_and(|f| {
+                n.is_f64() && f.fract() == 0.0 && f.abs() >= 9_007_199_254_740_992.0
+            }) =>
+        {
+            Some(
+                "a metadata number is a whole number too large to keep exactly (past 64 \
+                 bits, or past 2^53 with a fraction or exponent): send it as a string",
+            )
+        }
+        Value::Array(items) => items.iter().find_map(metadata_fault),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some("metadata must not hold the character U+0000")
+            } else {
+                metadata_fault(v)
+            }
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => None,
     }
 }
 
@@ -452,10 +471,8 @@ impl Vault {
         if expiry_of(Some(&metadata)).is_err() {
             return Err(CoreError::InvalidMetadata(EXPIRY_FORM));
         }
-        if holds_nul(&metadata) {
-            return Err(CoreError::InvalidMetadata(
-                "metadata must not hold the character U+0000",
-            ));
+        if let Some(fault) = metadata_fault(&metadata) {
+            return Err(CoreError::InvalidMetadata(fault));
         }
         if serde_json::to_vec(&metadata)
             .map(|v| v.len())

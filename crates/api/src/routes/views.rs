@@ -146,7 +146,8 @@ pub struct PutBody {
     /// The secret value (1 byte to 64 KiB of UTF-8). Never returned by user routes.
     #[schema(min_length = 1)]
     pub value: String,
-    /// Non-secret metadata: a JSON object, each key once, at most 8 KiB. Two keys mean
+    /// Non-secret metadata: a JSON object, each key once, at most 8 KiB, no whole number
+    /// past 64 bits (it would come back with other digits: send it as a string). Two keys mean
     /// something to Strongroom: `host` binds the version to the third-party host brokered
     /// calls may send it to (`api.zoom.us`, `host:port`, `*.domain`); `expires_at` (RFC 3339)
     /// is when the version stops being revealed or brokered (410 `version_expired`). Others

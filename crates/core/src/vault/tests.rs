@@ -246,6 +246,38 @@ async fn bad_input_is_refused_before_any_write() {
             "{nul}"
         );
     }
+    // Whole numbers that would come back with other digits.
+    for inexact in [
+        "{\"n\": 123456789012345678901234567890}",
+        "{\"n\": 18446744073709551616}",
+        "{\"n\": [-18446744073709551617]}",
+        "{\"n\": 9007199254740993.0}",
+        "{\"n\": 1e300}",
+    ] {
+        let mut m = put("alice", "n", b"x");
+        m.metadata = Some(serde_json::from_str(inexact).unwrap());
+        match v.put(m).await {
+            Err(CoreError::InvalidMetadata(why)) => assert!(why.contains("as a string"), "{why}"),
+            other => panic!("{inexact}: {:?}", other.map(|_| ())),
+        }
+    }
+    // What a double or 64 bits keep exactly is stored as written.
+    let exact = "{\"max\": 18446744073709551615, \"min\": -9223372036854775808, \
+                 \"f\": 0.1, \"big\": 9007199254740991.0, \"e\": 1e2}";
+    let mut m = put("alice", "numbers", b"x");
+    m.metadata = Some(serde_json::from_str(exact).unwrap());
+    v.put(m).await.unwrap();
+    let d = v.describe("alice", "numbers").await.unwrap();
+    let kept = &d.versions[0].metadata;
+    assert_eq!(kept["max"].as_u64(), Some(u64::MAX), "{kept}");
+    assert_eq!(kept["min"].as_i64(), Some(i64::MIN), "{kept}");
+    assert_eq!(kept["f"].as_f64(), Some(0.1), "{kept}");
+    assert_eq!(
+        kept["big"].as_f64(),
+        Some(9_007_199_254_740_991.0),
+        "{kept}"
+    );
+    v.destroy_credential("alice", "numbers").await.unwrap();
     let mut escaped = put("alice", "n2", b"x");
     escaped.metadata = Some(serde_json::json!({"k": "a backslash then u0000: \\u0000"}));
     v.put(escaped).await.unwrap();
