@@ -369,6 +369,7 @@ async fn unknown_routes_and_methods_answer_json() {
         (r.status, code(&r).as_str()),
         (StatusCode::NOT_FOUND, "not_found")
     );
+    assert_eq!(r.headers["cache-control"], "no-store");
     let r = api
         .call("PATCH", KEY, Some(&user_token("alice")), None)
         .await;
@@ -376,6 +377,7 @@ async fn unknown_routes_and_methods_answer_json() {
         (r.status, code(&r).as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
     );
+    assert_eq!(r.headers["cache-control"], "no-store");
     let r = api
         .call("GET", "/v1/me/credentials", Some("Basic abc"), None)
         .await;

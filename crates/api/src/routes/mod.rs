@@ -283,11 +283,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::audit::track,
-        ))
-        // Nothing under /v1 may be cached by a proxy or browser.
-        .layer(SetResponseHeaderLayer::overriding(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
         ));
     let routes = Router::new()
         .merge(v1)
@@ -334,6 +329,12 @@ pub(crate) fn router(state: AppState) -> Router {
         // No failure line of its own: a 5xx is logged once, with its cause and request id,
         // by `log_failure` above, not three times per request through an outage.
         .layer(TraceLayer::new_for_http().on_failure(()))
+        // No answer may be cached by a proxy or browser: those of /v1, and the refusals and
+        // probes around them.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .service(routes.with_state(state));
     Router::new().fallback_service(around)
