@@ -164,3 +164,93 @@ async fn by_default_private_addresses_are_refused() {
     assert_eq!(r.json()["error"]["code"], "destination_not_allowed");
     running.stop().await.unwrap();
 }
+
+/// A reload (SIGHUP) builds a new broker that still counts the calls the old one let in:
+/// with one place and a call holding it, a call after the reload is refused as before,
+/// instead of being handed a fresh allowance.
+#[tokio::test]
+async fn a_reload_keeps_counting_the_calls_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let setup = dev::bootstrap(&DevOptions {
+        data_dir: tmp.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_token: None,
+        service_token: None,
+    })
+    .unwrap();
+    let mut config = setup.config("127.0.0.1:0".parse().unwrap()).unwrap();
+    config.broker.allow_private_networks = true;
+    config.broker.max_concurrent_calls = 1;
+    config.broker.max_concurrent_calls_per_service = Some(1);
+    // Longer than this test: the first call must not give its place back on its own.
+    config.broker.connect_timeout_seconds = 15;
+    let server = Server::start_with_policy(config, dev::policy())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let reloader = server.reloader();
+    let running = common::spawn_started(server);
+    let client = TestClient::new(
+        addr,
+        ClientOptions::new(std::fs::read(&setup.ca_cert).unwrap()),
+    )
+    .unwrap();
+    let alice = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(600)).unwrap();
+    let r = client
+        .json(
+            "PUT",
+            "/v1/me/credentials/slow.key",
+            Some(&alice),
+            &json!({"value": "v-123456789", "metadata": {"host": "localhost:*"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // An upstream that takes the connection and never answers the TLS handshake: the first
+    // call holds the only place until its connect timeout (or the end of the test).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let call = json!({"method": "GET", "url": format!("https://localhost:{port}/x"),
+                      "inject": {"header": "X-Key"}});
+    let broker = move |client: TestClient, token: String, call: serde_json::Value| async move {
+        client
+            .json(
+                "POST",
+                "/v1/owners/alice/credentials/slow.key/broker",
+                Some(&token),
+                &call,
+            )
+            .await
+    };
+    let token = setup.service_token.as_str().to_owned();
+    let first = tokio::spawn(broker(client.clone(), token.clone(), call.clone()));
+    // A refused call answers at once; one let in waits on the silent upstream.
+    let refused = |when: &'static str| {
+        let (client, token, call) = (&client, &token, &call);
+        async move {
+            let r = tokio::time::timeout(
+                Duration::from_secs(3),
+                broker(client.clone(), token.clone(), call.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{when}: a second call was let in"))
+            .unwrap();
+            assert!(r.status == 429 || r.status == 503, "{when}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "broker_busy", "{}", r.text());
+        }
+    };
+    // For the first call to take the place (nothing shows when it has).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    refused("before the reload").await;
+    reloader.reload_broker().unwrap();
+    refused("after the reload").await;
+    first.abort();
+    running.stop().await.unwrap();
+}
