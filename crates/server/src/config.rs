@@ -11,7 +11,7 @@
 //! | `listen` | `127.0.0.1:8443` | address and port to serve HTTPS on |
 //! | `data_dir` | `strongroom-data` | folder for the SQLite database and the default keyring |
 //! | `store.kind` | `"sqlite"` | `"sqlite"` (`DATA_DIR/strongroom.db`) or `"postgres"` |
-//! | `store.url` | — | PostgreSQL connection string (`kind = "postgres"` only) |
+//! | `store.url` | — | PostgreSQL connection string (`kind = "postgres"` only). Each session's `statement_timeout` is `limits.request_timeout_seconds`, and an operation that has no answer 5 s after it gives up on its connection (closed, not reused); TCP keepalives (30 s idle, then every 10 s, 3 tries) and a 30 s `tcp_user_timeout` notice a server host that stopped answering. The string's own `keepalives_*`/`tcp_user_timeout` win |
 //! | `store.max_connections` | 16 | PostgreSQL pool size |
 //! | `store.schema` | — | PostgreSQL schema for the tables (created if absent) |
 //! | `store.tls_ca_file` | — | PostgreSQL: CA certificates (PEM) the server's certificate must chain to, instead of the platform's trust store. A server that is not on this host is reached over verified TLS only (`sslmode=disable` is refused for it); on this host `sslmode=require` in `store.url` asks for TLS too. `require`, `verify-ca` and `verify-full` all verify the certificate chain and the host name |

@@ -604,7 +604,8 @@ async fn commits_are_durable_whatever_the_connection_defaults_say() {
 
 /// A server that takes no writes after a failover (here: its database made read-only and
 /// the pool's connections cut, as a failover to a standby does) reads fine: `check_writable`
-/// says it is not writable, for readiness.
+/// says it is not writable, for readiness. Once it takes writes again, so does the store:
+/// the sessions opened read-only are closed.
 #[tokio::test]
 async fn a_read_only_server_is_not_writable() {
     let Some(url) = postgres_url() else { return };
@@ -648,9 +649,157 @@ async fn a_read_only_server_is_not_writable() {
         matches!(&e, StoreError::Unavailable(_)) && e.to_string().contains("takes no writes"),
         "{e:?}"
     );
+    // Writable again: a connection opened while the server was read-only keeps that
+    // session, and goes, so that the store takes writes again without a restart. Seen by a
+    // write refused as read-only:
+    store.get_provider_state("x").await.unwrap(); // a read-only session in the pool
+    let writable = format!("ALTER DATABASE {db} RESET default_transaction_read_only");
+    admin.batch_execute(&writable).await.unwrap();
+    let e = store
+        .put_provider_state("x", b"1".to_vec())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("25006"), "{e}");
+    store.put_provider_state("x", b"1".to_vec()).await.unwrap();
+    store.check_writable().await.unwrap();
+    // ...or by the readiness check alone.
+    for sql in [
+        format!("ALTER DATABASE {db} SET default_transaction_read_only = on"),
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.get_provider_state("x").await.is_err() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    admin.batch_execute(&writable).await.unwrap();
+    assert!(
+        store.check_writable().await.is_err(),
+        "the read-only session"
+    );
+    store.check_writable().await.unwrap();
+    store.put_provider_state("x", b"2".to_vec()).await.unwrap();
     drop(store);
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+/// A TCP relay to the test server that can stop relaying on the connections it has, as a
+/// host gone in a partition (or a backend that stopped) looks to the client: what is sent
+/// is taken and never answered. Connections made after a [`Relay::cut`] are relayed.
+struct Relay {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicU64>,
+    cut_below: Arc<AtomicU64>,
+}
+
+impl Relay {
+    async fn to(server: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut_below = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (cut, count) = (cut_below.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let generation = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(upstream) = tokio::net::TcpStream::connect(server).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::spawn(Self::pump(cr, uw, generation, cut.clone()));
+                tokio::spawn(Self::pump(ur, cw, generation, cut.clone()));
+            }
+        });
+        Relay {
+            addr,
+            accepted,
+            cut_below,
+        }
+    }
+
+    /// Stops relaying on every connection made so far.
+    fn cut(&self) {
+        self.cut_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        generation: u64,
+        cut_below: Arc<AtomicU64>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if generation < cut_below.load(Ordering::SeqCst) {
+                // Holds both sockets open and answers nothing, for good.
+                std::future::pending::<()>().await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A server that stops answering (a host gone in a partition, a backend stopped) holds no
+/// one up for long: an operation given up on mid-way (its request timed out) closes its
+/// connection instead of handing it to the next caller, and one that gets no answer within
+/// the statement timeout and a margin fails as unavailable and closes it too. Either way the
+/// next operation runs on a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_holds_no_one_up() {
+    use std::time::{Duration, Instant};
+    let Some(url) = postgres_url() else { return };
+    let (head, rest) = url.split_once("@127.0.0.1:").expect("a URL to 127.0.0.1");
+    let port: u16 = rest.split('/').next().unwrap().parse().unwrap();
+    let relay = Relay::to(([127, 0, 0, 1], port).into()).await;
+    let path = &rest[rest.find('/').unwrap()..];
+    let relayed = format!("{head}@127.0.0.1:{}{path}", relay.addr.port());
+    let mut o = schema_options("frozen");
+    o.max_connections = 1;
+    o.statement_timeout = Some(Duration::from_secs(1));
+    let store = PostgresStore::connect(&relayed, o).await.unwrap();
+    store.get_provider_state("x").await.unwrap();
+
+    relay.cut();
+    let given_up = tokio::time::timeout(Duration::from_millis(500), store.get_provider_state("x"));
+    assert!(given_up.await.is_err(), "a cut connection answered");
+    tokio::time::timeout(Duration::from_secs(5), store.get_provider_state("x"))
+        .await
+        .expect("the next operation waited behind the cut connection")
+        .unwrap();
+
+    relay.cut();
+    let started = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(20), store.get_provider_state("x"))
+        .await
+        .expect("no deadline")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("no answer from the PostgreSQL server within 6 s"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::timeout(Duration::from_secs(5), store.get_provider_state("x"))
+        .await
+        .expect("the next operation waited behind the cut connection")
+        .unwrap();
+    store.testing_drop_schema().await.unwrap();
 }

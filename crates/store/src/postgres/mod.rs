@@ -284,6 +284,84 @@ pub struct PostgresStore {
     pool: Pool,
     schema: Option<String>,
     durability: Arc<Vec<String>>,
+    /// Longest an operation waits for the server (see [`PostgresStore::bounded`]).
+    deadline: Option<Duration>,
+}
+
+/// How much longer than the statement timeout an operation waits for the server before it
+/// gives up on the connection: the server's own cancel comes first when it can.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
+/// TCP settings of every connection: a server host that stops answering (a network
+/// partition, a host gone during a failover) is noticed in tens of seconds, not after the
+/// kernel's defaults (two hours idle, about fifteen minutes with data unacknowledged). The
+/// connection string's own settings win.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// SQLSTATE `read_only_sql_transaction`, as [`describe`] writes it into an error.
+const READ_ONLY_SQLSTATE: &str = " 25006:";
+
+/// A pooled connection, taken for one operation. It goes back to the pool only once the
+/// operation has run to its end ([`Conn::settle`]). Dropped before (the operation's future
+/// was dropped: its request timed out, its client went away) or past its deadline, it is
+/// closed instead: a statement may still be running on it, or stuck behind a server that
+/// stopped answering, and whoever took the connection next would wait behind it.
+struct Conn<'p> {
+    obj: Option<deadpool_postgres::Object>,
+    pool: &'p Pool,
+    deadline: Option<Duration>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        // Taken out only by `settle` and `drop`, which end the `Conn`.
+        self.obj.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.obj.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Conn<'_> {
+    /// Ends the operation with its outcome (`None`: it ran past its deadline). The
+    /// connection goes back to the pool, except:
+    /// * past the deadline, it is closed, and the operation fails as unavailable;
+    /// * when the server refused a write as read-only, it is closed, and every idle one
+    ///   with it: each keeps the read-only session it was opened with (a standby, or
+    ///   `default_transaction_read_only`), so the store would never take writes again
+    ///   once the server does.
+    fn settle<T>(mut self, out: Option<Result<T, StoreError>>) -> Result<T, StoreError> {
+        match out {
+            None => Err(StoreError::unavailable(format!(
+                "no answer from the PostgreSQL server within {} s; the connection was closed",
+                self.deadline.unwrap_or_default().as_secs()
+            ))),
+            Some(Err(e)) if e.to_string().contains(READ_ONLY_SQLSTATE) => {
+                self.pool.retain(|_, _| false);
+                Err(e)
+            }
+            Some(out) => {
+                drop(self.obj.take());
+                out
+            }
+        }
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(obj) = self.obj.take() {
+            // Out of the pool, then dropped: the connection closes.
+            drop(deadpool_postgres::Object::take(obj));
+        }
+    }
 }
 
 impl fmt::Debug for PostgresStore {
@@ -534,6 +612,16 @@ impl PostgresStore {
             config.options(settings.join(" "));
         }
         config.connect_timeout(options.timeout);
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_idle(KEEPALIVE_IDLE);
+            config.keepalives_interval(KEEPALIVE_INTERVAL);
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
         let manager = Manager::from_config(
             config,
             tls,
@@ -554,6 +642,7 @@ impl PostgresStore {
             pool,
             schema: options.schema,
             durability: Arc::default(),
+            deadline: options.statement_timeout.map(|t| t + DEADLINE_MARGIN),
         };
         store.migrate(options.create).await.map_err(naming)?;
         // The migration took a connection: its setup has seen the settings.
@@ -580,129 +669,162 @@ impl PostgresStore {
         limit: Option<u32>,
     ) -> Result<Credential, StoreError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {SUMMARY_COLS}, v.version, v.state, v.kek_provider, v.kek_key_id,
-                        v.kek_version, v.metadata, v.created_by, v.created_at, v.destroyed_at
-                 {SUMMARY_FROM}
-                 LEFT JOIN LATERAL (
-                     SELECT * FROM versions
-                     WHERE credential_id = c.id AND version < $3::bigint
-                     ORDER BY version DESC LIMIT $4::bigint
-                 ) v ON TRUE
-                 WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted
-                 ORDER BY v.version DESC"
-            ))
-            .await
-            .map_err(pg_err)?;
-        let below = before.map_or(i64::MAX, i64::from);
-        // LIMIT NULL is no limit.
-        let rows_wanted = limit.map(|l| i64::from(l) + 1);
-        let rows = client
-            .query(&stmt, &[&owner, &name, &below, &rows_wanted])
-            .await
-            .map_err(pg_err)?;
-        let first = rows.first().ok_or(StoreError::NotFound)?;
-        let summary = summary(first)?;
-        let mut versions = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let Some(v) = r.try_get::<_, Option<i32>>(9).map_err(pg_err)? else {
-                continue;
-            };
-            let (metadata, metadata_unreadable) = listed(r.try_get(14).map_err(pg_err)?);
-            versions.push(VersionInfo {
-                version: ver_from(v)?,
-                state: VersionState::from_db(i64::from(r.try_get::<_, i16>(10).map_err(pg_err)?))?,
-                kek: kek_from(
-                    r.try_get(11).map_err(pg_err)?,
-                    r.try_get(12).map_err(pg_err)?,
-                    r.try_get(13).map_err(pg_err)?,
-                )?,
-                metadata,
-                metadata_unreadable,
-                created_by: r.try_get(15).map_err(pg_err)?,
-                created_at: from_millis(r.try_get(16).map_err(pg_err)?)?,
-                destroyed_at: r
-                    .try_get::<_, Option<i64>>(17)
-                    .map_err(pg_err)?
-                    .map(from_millis)
-                    .transpose()?,
-            });
-        }
-        let versions_next = crate::types::cut_page(&mut versions, limit);
-        Ok(Credential {
-            summary,
-            versions,
-            versions_next,
+        let out = self
+            .bounded(async {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT {SUMMARY_COLS}, v.version, v.state, v.kek_provider, v.kek_key_id,
+                            v.kek_version, v.metadata, v.created_by, v.created_at, v.destroyed_at
+                     {SUMMARY_FROM}
+                     LEFT JOIN LATERAL (
+                         SELECT * FROM versions
+                         WHERE credential_id = c.id AND version < $3::bigint
+                         ORDER BY version DESC LIMIT $4::bigint
+                     ) v ON TRUE
+                     WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted
+                     ORDER BY v.version DESC"
+                    ))
+                    .await
+                    .map_err(pg_err)?;
+                let below = before.map_or(i64::MAX, i64::from);
+                // LIMIT NULL is no limit.
+                let rows_wanted = limit.map(|l| i64::from(l) + 1);
+                let rows = client
+                    .query(&stmt, &[&owner, &name, &below, &rows_wanted])
+                    .await
+                    .map_err(pg_err)?;
+                let first = rows.first().ok_or(StoreError::NotFound)?;
+                let summary = summary(first)?;
+                let mut versions = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let Some(v) = r.try_get::<_, Option<i32>>(9).map_err(pg_err)? else {
+                        continue;
+                    };
+                    let (metadata, metadata_unreadable) = listed(r.try_get(14).map_err(pg_err)?);
+                    versions.push(VersionInfo {
+                        version: ver_from(v)?,
+                        state: VersionState::from_db(i64::from(
+                            r.try_get::<_, i16>(10).map_err(pg_err)?,
+                        ))?,
+                        kek: kek_from(
+                            r.try_get(11).map_err(pg_err)?,
+                            r.try_get(12).map_err(pg_err)?,
+                            r.try_get(13).map_err(pg_err)?,
+                        )?,
+                        metadata,
+                        metadata_unreadable,
+                        created_by: r.try_get(15).map_err(pg_err)?,
+                        created_at: from_millis(r.try_get(16).map_err(pg_err)?)?,
+                        destroyed_at: r
+                            .try_get::<_, Option<i64>>(17)
+                            .map_err(pg_err)?
+                            .map(from_millis)
+                            .transpose()?,
+                    });
+                }
+                let versions_next = crate::types::cut_page(&mut versions, limit);
+                Ok(Credential {
+                    summary,
+                    versions,
+                    versions_next,
+                })
+            })
+            .await;
+        client.settle(out)
+    }
+
+    async fn client(&self) -> Result<Conn<'_>, StoreError> {
+        let obj = self.pool.get().await.map_err(pool_err)?;
+        Ok(Conn {
+            obj: Some(obj),
+            pool: &self.pool,
+            deadline: self.deadline,
         })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(pool_err)
+    /// Runs one operation on a connection within the store's deadline (the statement timeout
+    /// and a margin; none when there is no statement timeout): `None` when it ran past it.
+    /// The server cancels a statement at its timeout; this bounds what it cannot cancel (a
+    /// backend or host that stopped answering), for every caller, the audit writer too.
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Option<Result<T, StoreError>> {
+        match self.deadline {
+            Some(d) => tokio::time::timeout(d, op).await.ok(),
+            None => Some(op.await),
+        }
     }
 
     async fn migrate(&self, create: bool) -> Result<(), StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        // A migration rewrites whole tables (the audit time marks read every record): it
-        // runs as long as it takes, and waits as long as another node's does.
-        tx.batch_execute("SET LOCAL statement_timeout = 0")
-            .await
-            .map_err(pg_err)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(pg_err)?;
-        if !create {
-            // Looked up through the search path, as every later query is.
-            let found: bool = tx
-                .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+        // Not bounded by the store's deadline: a migration runs as long as it takes.
+        let out = Some(
+            async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                // A migration rewrites whole tables (the audit time marks read every record): it
+                // runs as long as it takes, and waits as long as another node's does.
+                tx.batch_execute("SET LOCAL statement_timeout = 0")
+                    .await
+                    .map_err(pg_err)?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                    .await
+                    .map_err(pg_err)?;
+                if !create {
+                    // Looked up through the search path, as every later query is.
+                    let found: bool = tx
+                        .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+                        .await
+                        .map_err(pg_err)?
+                        .try_get(0)
+                        .map_err(pg_err)?;
+                    if !found {
+                        return Err(StoreError::unavailable(
+                        "no Strongroom tables in this database (or schema); this command works on \
+                         an existing store (the server makes them on its first start)",
+                    ));
+                    }
+                }
+                tx.batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (
+                     id      INTEGER PRIMARY KEY CHECK (id = 1),
+                     version INTEGER NOT NULL
+                 )",
+                )
                 .await
-                .map_err(pg_err)?
-                .try_get(0)
                 .map_err(pg_err)?;
-            if !found {
-                return Err(StoreError::unavailable(
-                    "no Strongroom tables in this database (or schema); this command works on \
-                     an existing store (the server makes them on its first start)",
-                ));
+                let found: i32 = tx
+                    .query_opt("SELECT version FROM schema_version WHERE id = 1", &[])
+                    .await
+                    .map_err(pg_err)?
+                    .map(|r| r.try_get(0))
+                    .transpose()
+                    .map_err(pg_err)?
+                    .unwrap_or(0);
+                let found = u32::try_from(found)
+                    .map_err(|_| StoreError::corrupt("schema version out of range"))?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::SchemaTooNew {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                for sql in schema::MIGRATIONS.iter().skip(found as usize) {
+                    tx.batch_execute(sql).await.map_err(pg_err)?;
+                }
+                let v = SCHEMA_VERSION as i32;
+                tx.execute(
+                    "INSERT INTO schema_version (id, version) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                    &[&v],
+                )
+                .await
+                .map_err(pg_err)?;
+                tx.commit().await.map_err(pg_err)
             }
-        }
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (
-                 id      INTEGER PRIMARY KEY CHECK (id = 1),
-                 version INTEGER NOT NULL
-             )",
-        )
-        .await
-        .map_err(pg_err)?;
-        let found: i32 = tx
-            .query_opt("SELECT version FROM schema_version WHERE id = 1", &[])
-            .await
-            .map_err(pg_err)?
-            .map(|r| r.try_get(0))
-            .transpose()
-            .map_err(pg_err)?
-            .unwrap_or(0);
-        let found =
-            u32::try_from(found).map_err(|_| StoreError::corrupt("schema version out of range"))?;
-        if found > SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew {
-                found,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        for sql in schema::MIGRATIONS.iter().skip(found as usize) {
-            tx.batch_execute(sql).await.map_err(pg_err)?;
-        }
-        let v = SCHEMA_VERSION as i32;
-        tx.execute(
-            "INSERT INTO schema_version (id, version) VALUES (1, $1)
-             ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-            &[&v],
-        )
-        .await
-        .map_err(pg_err)?;
-        tx.commit().await.map_err(pg_err)
+            .await,
+        );
+        client.settle(out)
     }
 }
 
@@ -1202,9 +1324,14 @@ impl Store for PostgresStore {
     async fn put_version(&self, new: NewVersion) -> Result<PutOutcome, StoreError> {
         new.validate()?;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = put_tx(&tx, &new).await;
-        finish(tx, result).await
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                let result = put_tx(&tx, &new).await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn put_version_audited(
@@ -1215,33 +1342,45 @@ impl Store for PostgresStore {
     ) -> Result<(PutOutcome, crate::audit::Record), StoreError> {
         new.validate()?;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        // The version row first, then the audit head's row lock: the lock is held only
-        // for the rest of this transaction, as for any other append.
-        let result = async {
-            let outcome = put_tx(&tx, &new).await?;
-            let record = audit_append_one(&tx, &key, event).await?;
-            Ok((outcome, record))
-        }
-        .await;
-        finish(tx, result).await
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                // The version row first, then the audit head's row lock: the lock is held only
+                // for the rest of this transaction, as for any other append.
+                let result = async {
+                    let outcome = put_tx(&tx, &new).await?;
+                    let record = audit_append_one(&tx, &key, event).await?;
+                    Ok((outcome, record))
+                }
+                .await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn latest_version(&self, owner: &str, name: &str) -> Result<u32, StoreError> {
         validate_owner_name(owner, name)?;
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT latest_version FROM credentials WHERE owner = $1 AND name = $2")
-            .await
-            .map_err(pg_err)?;
-        match client
-            .query_opt(&stmt, &[&owner, &name])
-            .await
-            .map_err(pg_err)?
-        {
-            Some(r) => ver_from(r.try_get(0).map_err(pg_err)?),
-            None => Ok(0),
-        }
+        let out = self
+            .bounded(async {
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT latest_version FROM credentials WHERE owner = $1 AND name = $2",
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                match client
+                    .query_opt(&stmt, &[&owner, &name])
+                    .await
+                    .map_err(pg_err)?
+                {
+                    Some(r) => ver_from(r.try_get(0).map_err(pg_err)?),
+                    None => Ok(0),
+                }
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn list_credentials(
@@ -1257,24 +1396,31 @@ impl Store for PostgresStore {
             .transpose()?
             .unwrap_or_default();
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {SUMMARY_COLS} {SUMMARY_FROM}
-                 WHERE c.owner = $1 AND NOT c.deleted AND c.name > $2
-                 ORDER BY c.name LIMIT $3"
-            ))
-            .await
-            .map_err(pg_err)?;
-        let rows = client
-            .query(&stmt, &[&owner, &after, &i64::from(limit)])
-            .await
-            .map_err(pg_err)?;
-        let items = rows.iter().map(summary).collect::<Result<Vec<_>, _>>()?;
-        let next = match items.last() {
-            Some(last) if items.len() == limit as usize => Some(Cursor::for_list(&last.name)),
-            _ => None,
-        };
-        Ok(Page { items, next })
+        let out = self
+            .bounded(async {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT {SUMMARY_COLS} {SUMMARY_FROM}
+                     WHERE c.owner = $1 AND NOT c.deleted AND c.name > $2
+                     ORDER BY c.name LIMIT $3"
+                    ))
+                    .await
+                    .map_err(pg_err)?;
+                let rows = client
+                    .query(&stmt, &[&owner, &after, &i64::from(limit)])
+                    .await
+                    .map_err(pg_err)?;
+                let items = rows.iter().map(summary).collect::<Result<Vec<_>, _>>()?;
+                let next = match items.last() {
+                    Some(last) if items.len() == limit as usize => {
+                        Some(Cursor::for_list(&last.name))
+                    }
+                    _ => None,
+                };
+                Ok(Page { items, next })
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn get_credential(&self, owner: &str, name: &str) -> Result<Credential, StoreError> {
@@ -1309,67 +1455,71 @@ impl Store for PostgresStore {
         }
         let asked: Option<i32> = version.map(ver_param);
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
-                        v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
-                        v.wrapped_key, v.sealed_value
-                 FROM credentials c
-                 JOIN versions v ON v.credential_id = c.id
-                      AND v.version = coalesce($3::integer, c.current_version)
-                 WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted",
-            )
-            .await
-            .map_err(pg_err)?;
-        let row = client
-            .query_opt(&stmt, &[&owner, &name, &asked])
-            .await
-            .map_err(pg_err)?;
-        let Some(r) = row else {
-            // No current version of a credential that exists: every version is destroyed.
-            if version.is_none() {
-                let exists = client
-                    .query_opt(
-                        "SELECT 1 FROM credentials WHERE owner = $1 AND name = $2 AND NOT deleted",
-                        &[&owner, &name],
-                    )
-                    .await
-                    .map_err(pg_err)?
-                    .is_some();
-                if exists {
-                    return Err(StoreError::VersionDestroyed);
+        let out = self.bounded(async {
+            let stmt = client
+                .prepare_cached(
+                    "SELECT c.enabled, c.current_version, v.version, v.state, v.kek_provider,
+                            v.kek_key_id, v.kek_version, v.metadata, v.created_by, v.created_at,
+                            v.wrapped_key, v.sealed_value
+                     FROM credentials c
+                     JOIN versions v ON v.credential_id = c.id
+                          AND v.version = coalesce($3::integer, c.current_version)
+                     WHERE c.owner = $1 AND c.name = $2 AND NOT c.deleted",
+                )
+                .await
+                .map_err(pg_err)?;
+            let row = client
+                .query_opt(&stmt, &[&owner, &name, &asked])
+                .await
+                .map_err(pg_err)?;
+            let Some(r) = row else {
+                // No current version of a credential that exists: every version is destroyed.
+                if version.is_none() {
+                    let exists = client
+                        .query_opt(
+                            "SELECT 1 FROM credentials WHERE owner = $1 AND name = $2 AND NOT deleted",
+                            &[&owner, &name],
+                        )
+                        .await
+                        .map_err(pg_err)?
+                        .is_some();
+                    if exists {
+                        return Err(StoreError::VersionDestroyed);
+                    }
                 }
+                return Err(StoreError::NotFound);
+            };
+            let state = VersionState::from_db(i64::from(r.try_get::<_, i16>(3).map_err(pg_err)?))?;
+            if state == VersionState::Destroyed {
+                return Err(StoreError::VersionDestroyed);
             }
-            return Err(StoreError::NotFound);
-        };
-        let state = VersionState::from_db(i64::from(r.try_get::<_, i16>(3).map_err(pg_err)?))?;
-        if state == VersionState::Destroyed {
-            return Err(StoreError::VersionDestroyed);
-        }
-        let current: Option<i32> = r.try_get(1).map_err(pg_err)?;
-        let v: i32 = r.try_get(2).map_err(pg_err)?;
-        let metadata: serde_json::Value = r.try_get(7).map_err(pg_err)?;
-        // Every put stores an object: anything else was written around Strongroom.
-        if !metadata.is_object() {
-            return Err(StoreError::unreadable_metadata(ver_from(v)?));
-        }
-        Ok(SealedVersion {
-            owner: owner.to_owned(),
-            name: name.to_owned(),
-            version: ver_from(v)?,
-            credential_enabled: r.try_get(0).map_err(pg_err)?,
-            is_current: current == Some(v),
-            kek: kek_from(
-                r.try_get(4).map_err(pg_err)?,
-                r.try_get(5).map_err(pg_err)?,
-                r.try_get(6).map_err(pg_err)?,
-            )?,
-            metadata,
-            created_by: r.try_get(8).map_err(pg_err)?,
-            created_at: from_millis(r.try_get(9).map_err(pg_err)?)?,
-            wrapped_key: r.try_get(10).map_err(pg_err)?,
-            sealed_value: r.try_get(11).map_err(pg_err)?,
+            let current: Option<i32> = r.try_get(1).map_err(pg_err)?;
+            let v: i32 = r.try_get(2).map_err(pg_err)?;
+            let metadata: serde_json::Value = r.try_get(7).map_err(pg_err)?;
+            // Every put stores an object: anything else was written around Strongroom.
+            if !metadata.is_object() {
+                return Err(StoreError::unreadable_metadata(ver_from(v)?));
+            }
+            Ok(SealedVersion {
+                owner: owner.to_owned(),
+                name: name.to_owned(),
+                version: ver_from(v)?,
+                credential_enabled: r.try_get(0).map_err(pg_err)?,
+                is_current: current == Some(v),
+                kek: kek_from(
+                    r.try_get(4).map_err(pg_err)?,
+                    r.try_get(5).map_err(pg_err)?,
+                    r.try_get(6).map_err(pg_err)?,
+                )?,
+                metadata,
+                created_by: r.try_get(8).map_err(pg_err)?,
+                created_at: from_millis(r.try_get(9).map_err(pg_err)?)?,
+                wrapped_key: r.try_get(10).map_err(pg_err)?,
+                sealed_value: r.try_get(11).map_err(pg_err)?,
+            })
         })
+        .await;
+        client.settle(out)
     }
 
     async fn set_current(
@@ -1383,9 +1533,14 @@ impl Store for PostgresStore {
         validate_version(version)?;
         let at = to_millis(at)?;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = set_current_tx(&tx, owner, name, version, at).await;
-        finish(tx, result).await
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                let result = set_current_tx(&tx, owner, name, version, at).await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn set_enabled(
@@ -1398,7 +1553,10 @@ impl Store for PostgresStore {
         validate_owner_name(owner, name)?;
         let at = to_millis(at)?;
         let client = self.client().await?;
-        set_enabled_tx(&client, owner, name, enabled, at).await
+        let out = self
+            .bounded(async { set_enabled_tx(&*client, owner, name, enabled, at).await })
+            .await;
+        client.settle(out)
     }
 
     async fn change_audited(
@@ -1416,26 +1574,33 @@ impl Store for PostgresStore {
         }
         let at = to_millis(at)?;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        // The change first, then the audit head's row lock, as for a put.
-        let result = async {
-            let done = match change {
-                Change::SetCurrent(v) => {
-                    set_current_tx(&tx, owner, name, v, at).await.map(|()| true)
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                // The change first, then the audit head's row lock, as for a put.
+                let result = async {
+                    let done = match change {
+                        Change::SetCurrent(v) => {
+                            set_current_tx(&tx, owner, name, v, at).await.map(|()| true)
+                        }
+                        Change::SetEnabled(e) => {
+                            set_enabled_tx(&tx, owner, name, e, at).await.map(|()| true)
+                        }
+                        Change::DestroyVersion(v) => {
+                            destroy_version_tx(&tx, owner, name, v, at).await
+                        }
+                        Change::DestroyCredential => destroy_credential_tx(&tx, owner, name, at)
+                            .await
+                            .map(|()| true),
+                    }?;
+                    let record = audit_append_one(&tx, &key, event).await?;
+                    Ok((done, record))
                 }
-                Change::SetEnabled(e) => {
-                    set_enabled_tx(&tx, owner, name, e, at).await.map(|()| true)
-                }
-                Change::DestroyVersion(v) => destroy_version_tx(&tx, owner, name, v, at).await,
-                Change::DestroyCredential => destroy_credential_tx(&tx, owner, name, at)
-                    .await
-                    .map(|()| true),
-            }?;
-            let record = audit_append_one(&tx, &key, event).await?;
-            Ok((done, record))
-        }
-        .await;
-        finish(tx, result).await
+                .await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn destroy_version(
@@ -1449,9 +1614,14 @@ impl Store for PostgresStore {
         validate_version(version)?;
         let at = to_millis(at)?;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = destroy_version_tx(&tx, owner, name, version, at).await;
-        finish(tx, result).await
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                let result = destroy_version_tx(&tx, owner, name, version, at).await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn destroy_credential(
@@ -1463,9 +1633,14 @@ impl Store for PostgresStore {
         validate_owner_name(owner, name)?;
         let at = to_millis(at)?;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = destroy_credential_tx(&tx, owner, name, at).await;
-        finish(tx, result).await
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                let result = destroy_credential_tx(&tx, owner, name, at).await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn touch_last_used(
@@ -1477,22 +1652,27 @@ impl Store for PostgresStore {
         validate_owner_name(owner, name)?;
         let at = to_millis(at)?;
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE credentials SET last_used_at = greatest(last_used_at, $3)
-                 WHERE owner = $1 AND name = $2 AND NOT deleted",
-            )
-            .await
-            .map_err(pg_err)?;
-        let n = client
-            .execute(&stmt, &[&owner, &name, &at])
-            .await
-            .map_err(pg_err)?;
-        if n == 0 {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
-        }
+        let out = self
+            .bounded(async {
+                let stmt = client
+                    .prepare_cached(
+                        "UPDATE credentials SET last_used_at = greatest(last_used_at, $3)
+                     WHERE owner = $1 AND name = $2 AND NOT deleted",
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let n = client
+                    .execute(&stmt, &[&owner, &name, &at])
+                    .await
+                    .map_err(pg_err)?;
+                if n == 0 {
+                    Err(StoreError::NotFound)
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn versions_for_rewrap(
@@ -1524,42 +1704,47 @@ impl Store for PostgresStore {
             ),
         };
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT v.id, c.owner, c.name, v.version, v.kek_provider, v.kek_key_id,
-                        v.kek_version, v.wrapped_key, v.metadata
-                 FROM versions v JOIN credentials c ON c.id = v.credential_id
-                 WHERE v.state = 0 AND v.id > $1 AND {cond}
-                 ORDER BY v.id LIMIT $2"
-            ))
-            .await
-            .map_err(pg_err)?;
-        let rows = client
-            .query(&stmt, &[&after, &i64::from(limit), &p, &k, &kv])
-            .await
-            .map_err(pg_err)?;
-        let mut last_id = None;
-        let mut items = Vec::with_capacity(rows.len());
-        for r in &rows {
-            last_id = Some(r.try_get::<_, i64>(0).map_err(pg_err)?);
-            items.push(RewrapItem {
-                owner: r.try_get(1).map_err(pg_err)?,
-                name: r.try_get(2).map_err(pg_err)?,
-                version: ver_from(r.try_get(3).map_err(pg_err)?)?,
-                kek: kek_from(
-                    r.try_get(4).map_err(pg_err)?,
-                    r.try_get(5).map_err(pg_err)?,
-                    r.try_get(6).map_err(pg_err)?,
-                )?,
-                wrapped_key: r.try_get(7).map_err(pg_err)?,
-                metadata: r.try_get(8).map_err(pg_err)?,
-            });
-        }
-        let next = match last_id {
-            Some(id) if items.len() == limit as usize => Some(Cursor::for_rewrap(id)),
-            _ => None,
-        };
-        Ok(Page { items, next })
+        let out = self
+            .bounded(async {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT v.id, c.owner, c.name, v.version, v.kek_provider, v.kek_key_id,
+                            v.kek_version, v.wrapped_key, v.metadata
+                     FROM versions v JOIN credentials c ON c.id = v.credential_id
+                     WHERE v.state = 0 AND v.id > $1 AND {cond}
+                     ORDER BY v.id LIMIT $2"
+                    ))
+                    .await
+                    .map_err(pg_err)?;
+                let rows = client
+                    .query(&stmt, &[&after, &i64::from(limit), &p, &k, &kv])
+                    .await
+                    .map_err(pg_err)?;
+                let mut last_id = None;
+                let mut items = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    last_id = Some(r.try_get::<_, i64>(0).map_err(pg_err)?);
+                    items.push(RewrapItem {
+                        owner: r.try_get(1).map_err(pg_err)?,
+                        name: r.try_get(2).map_err(pg_err)?,
+                        version: ver_from(r.try_get(3).map_err(pg_err)?)?,
+                        kek: kek_from(
+                            r.try_get(4).map_err(pg_err)?,
+                            r.try_get(5).map_err(pg_err)?,
+                            r.try_get(6).map_err(pg_err)?,
+                        )?,
+                        wrapped_key: r.try_get(7).map_err(pg_err)?,
+                        metadata: r.try_get(8).map_err(pg_err)?,
+                    });
+                }
+                let next = match last_id {
+                    Some(id) if items.len() == limit as usize => Some(Cursor::for_rewrap(id)),
+                    _ => None,
+                };
+                Ok(Page { items, next })
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn replace_wrapped_key(
@@ -1579,76 +1764,95 @@ impl Store for PostgresStore {
             return Err(StoreError::InvalidInput("wrapped key too large"));
         }
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE versions SET wrapped_key = $1, kek_provider = $2, kek_key_id = $3,
-                        kek_version = $4
-                 WHERE credential_id = (SELECT id FROM credentials
-                                        WHERE owner = $5 AND name = $6 AND NOT deleted)
-                   AND version = $7 AND state = 0
-                   AND kek_provider = $8 AND kek_key_id = $9 AND kek_version = $10
-                   AND wrapped_key = $11",
-            )
-            .await
-            .map_err(pg_err)?;
-        let n = client
-            .execute(
-                &stmt,
-                &[
-                    &new_wrapped_key,
-                    &new_kek.provider,
-                    &new_kek.key_id,
-                    &i64::from(new_kek.version),
-                    &owner,
-                    &name,
-                    &ver_param(version),
-                    &expected_old_kek.provider,
-                    &expected_old_kek.key_id,
-                    &i64::from(expected_old_kek.version),
-                    &expected_old_key,
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
-        Ok(n == 1)
+        let out = self
+            .bounded(async {
+                let stmt = client
+                    .prepare_cached(
+                        "UPDATE versions SET wrapped_key = $1, kek_provider = $2, kek_key_id = $3,
+                            kek_version = $4
+                     WHERE credential_id = (SELECT id FROM credentials
+                                            WHERE owner = $5 AND name = $6 AND NOT deleted)
+                       AND version = $7 AND state = 0
+                       AND kek_provider = $8 AND kek_key_id = $9 AND kek_version = $10
+                       AND wrapped_key = $11",
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let n = client
+                    .execute(
+                        &stmt,
+                        &[
+                            &new_wrapped_key,
+                            &new_kek.provider,
+                            &new_kek.key_id,
+                            &i64::from(new_kek.version),
+                            &owner,
+                            &name,
+                            &ver_param(version),
+                            &expected_old_kek.provider,
+                            &expected_old_kek.key_id,
+                            &i64::from(expected_old_kek.version),
+                            &expected_old_key,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(n == 1)
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn count_versions_by_kek(&self) -> Result<Vec<(KekRef, u64)>, StoreError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT kek_provider, kek_key_id, kek_version, count(*) FROM versions
-                 WHERE state = 0
-                 GROUP BY kek_provider, kek_key_id, kek_version
-                 ORDER BY kek_provider, kek_key_id, kek_version",
-                &[],
-            )
-            .await
-            .map_err(pg_err)?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    kek_from(
-                        r.try_get(0).map_err(pg_err)?,
-                        r.try_get(1).map_err(pg_err)?,
-                        r.try_get(2).map_err(pg_err)?,
-                    )?,
-                    u64::try_from(r.try_get::<_, i64>(3).map_err(pg_err)?)
-                        .map_err(|_| StoreError::corrupt("negative count"))?,
-                ))
+        let out = self
+            .bounded(async {
+                let rows = client
+                    .query(
+                        "SELECT kek_provider, kek_key_id, kek_version, count(*) FROM versions
+                     WHERE state = 0
+                     GROUP BY kek_provider, kek_key_id, kek_version
+                     ORDER BY kek_provider, kek_key_id, kek_version",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            kek_from(
+                                r.try_get(0).map_err(pg_err)?,
+                                r.try_get(1).map_err(pg_err)?,
+                                r.try_get(2).map_err(pg_err)?,
+                            )?,
+                            u64::try_from(r.try_get::<_, i64>(3).map_err(pg_err)?)
+                                .map_err(|_| StoreError::corrupt("negative count"))?,
+                        ))
+                    })
+                    .collect()
             })
-            .collect()
+            .await;
+        client.settle(out)
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
-        let read_only: String = client
-            .query_one("SHOW transaction_read_only", &[])
-            .await
-            .map_err(pg_err)?
-            .try_get(0)
-            .map_err(pg_err)?;
-        if read_only == "on" {
+        let out = self
+            .bounded(async {
+                let read_only: String = client
+                    .query_one("SHOW transaction_read_only", &[])
+                    .await
+                    .map_err(pg_err)?
+                    .try_get(0)
+                    .map_err(pg_err)?;
+                Ok(read_only == "on")
+            })
+            .await;
+        if client.settle(out)? {
+            // Each connection keeps the session it was opened with: the idle ones go, so
+            // that the store takes writes again as soon as the server does (as `settle`
+            // does for a write refused as read-only).
+            self.pool.retain(|_, _| false);
             return Err(StoreError::unavailable(
                 "the PostgreSQL server takes no writes (transaction_read_only is on: a standby, \
                  or default_transaction_read_only)",
@@ -1660,12 +1864,17 @@ impl Store for PostgresStore {
     async fn get_provider_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         validate_provider_key(key)?;
         let client = self.client().await?;
-        client
-            .query_opt("SELECT value FROM provider_state WHERE key = $1", &[&key])
-            .await
-            .map_err(pg_err)?
-            .map(|r| r.try_get(0).map_err(pg_err))
-            .transpose()
+        let out = self
+            .bounded(async {
+                client
+                    .query_opt("SELECT value FROM provider_state WHERE key = $1", &[&key])
+                    .await
+                    .map_err(pg_err)?
+                    .map(|r| r.try_get(0).map_err(pg_err))
+                    .transpose()
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn put_provider_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
@@ -1674,15 +1883,20 @@ impl Store for PostgresStore {
             return Err(StoreError::InvalidInput("provider state value too large"));
         }
         let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO provider_state (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                &[&key, &value],
-            )
-            .await
-            .map_err(pg_err)?;
-        Ok(())
+        let out = self
+            .bounded(async {
+                client
+                    .execute(
+                        "INSERT INTO provider_state (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        &[&key, &value],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(())
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn swap_provider_state(
@@ -1696,24 +1910,29 @@ impl Store for PostgresStore {
             return Err(StoreError::InvalidInput("provider state value too large"));
         }
         let client = self.client().await?;
-        let changed = match expected {
-            None => client
-                .execute(
-                    "INSERT INTO provider_state (key, value) VALUES ($1, $2)
-                     ON CONFLICT (key) DO NOTHING",
-                    &[&key, &value],
-                )
-                .await
-                .map_err(pg_err)?,
-            Some(old) => client
-                .execute(
-                    "UPDATE provider_state SET value = $3 WHERE key = $1 AND value = $2",
-                    &[&key, &old, &value],
-                )
-                .await
-                .map_err(pg_err)?,
-        };
-        Ok(changed == 1)
+        let out = self
+            .bounded(async {
+                let changed = match expected {
+                    None => client
+                        .execute(
+                            "INSERT INTO provider_state (key, value) VALUES ($1, $2)
+                         ON CONFLICT (key) DO NOTHING",
+                            &[&key, &value],
+                        )
+                        .await
+                        .map_err(pg_err)?,
+                    Some(old) => client
+                        .execute(
+                            "UPDATE provider_state SET value = $3 WHERE key = $1 AND value = $2",
+                            &[&key, &old, &value],
+                        )
+                        .await
+                        .map_err(pg_err)?,
+                };
+                Ok(changed == 1)
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn take_allowance(
@@ -1726,63 +1945,67 @@ impl Store for PostgresStore {
         let now_us = allowance::to_micros(now)?;
         let scope = limit.scope.as_str();
         let client = self.client().await?;
-        let (interval, tolerance) = (limit.interval_us(), limit.tolerance_us());
-        // One statement under the row's lock, so racing nodes queue on the key (a read then
-        // a compare-and-swap lost races under contention): the rule of `RateLimit::take`, in
-        // SQL (a fresh row is a full allowance: always taken; a TAT past the tolerance counts
-        // as at it). No row back: refused, nothing changed.
-        let take_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&scope, &key, &now_us, &interval, &tolerance];
-        let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&allowance::prune_before(now_us), &allowance::PRUNE_PER_TAKE];
-        // Prepared once per connection, as the other hot statements are (a plain string is
-        // parsed again on every call).
-        let prune = client
-            .prepare_cached(
-                "DELETE FROM rate_allowances WHERE tat_us <= $1 AND ctid IN (
-                     SELECT ctid FROM rate_allowances WHERE tat_us <= $1 ORDER BY tat_us LIMIT $2)",
-            )
-            .await
-            .map_err(pg_err)?;
-        let take = client
-            .prepare_cached(
-                "INSERT INTO rate_allowances AS a (scope, key, tat_us)
-                     VALUES ($1, $2, $3::bigint + $4::bigint)
-                 ON CONFLICT (scope, key) DO UPDATE
-                     SET tat_us = greatest(least(a.tat_us, $3::bigint + $5::bigint), $3::bigint)
-                         + $4::bigint
-                     WHERE greatest(least(a.tat_us, $3::bigint + $5::bigint), $3::bigint)
-                         + $4::bigint - $3::bigint <= $5::bigint
-                 RETURNING tat_us",
-            )
-            .await
-            .map_err(pg_err)?;
-        // Allowances full for a minute go, a few per take (pipelined with it). `tat_us` is
-        // checked again on the row found: a take that moved it forward meanwhile keeps it.
-        let (pruned, taken) = tokio::join!(
-            client.execute(&prune, &prune_params),
-            client.query_opt(&take, &take_params)
-        );
-        // A prune that failed (a lock wait cut short, say) is left to the next take: the
-        // take's own answer stands.
-        let _ = pruned;
-        if taken.map_err(pg_err)?.is_some() {
-            return Ok(None);
-        }
-        let tat: Option<i64> = client
-            .query_opt(
-                "SELECT tat_us FROM rate_allowances WHERE scope = $1 AND key = $2",
-                &[&scope, &key],
-            )
-            .await
-            .map_err(pg_err)?
-            .map(|r| r.try_get(0))
-            .transpose()
-            .map_err(pg_err)?;
-        // Refused: the wait from the state now (had it refilled meanwhile, one interval).
-        Ok(Some(limit.take(tat, now_us).err().unwrap_or(
-            std::time::Duration::from_micros(u64::try_from(interval).unwrap_or(1)),
-        )))
+        let out = self.bounded(async {
+            let (interval, tolerance) = (limit.interval_us(), limit.tolerance_us());
+            // One statement under the row's lock, so racing nodes queue on the key (a read then
+            // a compare-and-swap lost races under contention): the rule of `RateLimit::take`, in
+            // SQL (a fresh row is a full allowance: always taken; a TAT past the tolerance counts
+            // as at it). No row back: refused, nothing changed.
+            let take_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&scope, &key, &now_us, &interval, &tolerance];
+            let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                [&allowance::prune_before(now_us), &allowance::PRUNE_PER_TAKE];
+            // Prepared once per connection, as the other hot statements are (a plain string is
+            // parsed again on every call).
+            let prune = client
+                .prepare_cached(
+                    "DELETE FROM rate_allowances WHERE tat_us <= $1 AND ctid IN (
+                         SELECT ctid FROM rate_allowances WHERE tat_us <= $1 ORDER BY tat_us LIMIT $2)",
+                )
+                .await
+                .map_err(pg_err)?;
+            let take = client
+                .prepare_cached(
+                    "INSERT INTO rate_allowances AS a (scope, key, tat_us)
+                         VALUES ($1, $2, $3::bigint + $4::bigint)
+                     ON CONFLICT (scope, key) DO UPDATE
+                         SET tat_us = greatest(least(a.tat_us, $3::bigint + $5::bigint), $3::bigint)
+                             + $4::bigint
+                         WHERE greatest(least(a.tat_us, $3::bigint + $5::bigint), $3::bigint)
+                             + $4::bigint - $3::bigint <= $5::bigint
+                     RETURNING tat_us",
+                )
+                .await
+                .map_err(pg_err)?;
+            // Allowances full for a minute go, a few per take (pipelined with it). `tat_us` is
+            // checked again on the row found: a take that moved it forward meanwhile keeps it.
+            let (pruned, taken) = tokio::join!(
+                client.execute(&prune, &prune_params),
+                client.query_opt(&take, &take_params)
+            );
+            // A prune that failed (a lock wait cut short, say) is left to the next take: the
+            // take's own answer stands.
+            let _ = pruned;
+            if taken.map_err(pg_err)?.is_some() {
+                return Ok(None);
+            }
+            let tat: Option<i64> = client
+                .query_opt(
+                    "SELECT tat_us FROM rate_allowances WHERE scope = $1 AND key = $2",
+                    &[&scope, &key],
+                )
+                .await
+                .map_err(pg_err)?
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(pg_err)?;
+            // Refused: the wait from the state now (had it refilled meanwhile, one interval).
+            Ok(Some(limit.take(tat, now_us).err().unwrap_or(
+                std::time::Duration::from_micros(u64::try_from(interval).unwrap_or(1)),
+            )))
+        })
+        .await;
+        client.settle(out)
     }
 
     fn audit_log(&self) -> Option<std::sync::Arc<dyn crate::audit::AuditLog>> {
@@ -1826,19 +2049,29 @@ impl PostgresStore {
         until: Option<i64>,
     ) -> Result<(i64, i64), StoreError> {
         let client = self.client().await?;
-        let (low, high) = time_seq_bounds(&client, since, until).await?;
-        Ok((low.unwrap_or(0), high.unwrap_or(i64::MAX)))
+        let out = self
+            .bounded(async {
+                let (low, high) = time_seq_bounds(&*client, since, until).await?;
+                Ok((low.unwrap_or(0), high.unwrap_or(i64::MAX)))
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn testing_pairs(&self, sql: &str) -> Result<Vec<(i64, i64)>, StoreError> {
         let client = self.client().await?;
-        client
-            .query(sql, &[])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
-            .collect()
+        let out = self
+            .bounded(async {
+                client
+                    .query(sql, &[])
+                    .await
+                    .map_err(pg_err)?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
+                    .collect()
+            })
+            .await;
+        client.settle(out)
     }
 
     /// Test hook: how many keys have allowance state (rows of `rate_allowances`).
@@ -1848,13 +2081,18 @@ impl PostgresStore {
     /// As any read.
     pub async fn testing_allowance_rows(&self) -> Result<u64, StoreError> {
         let client = self.client().await?;
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM rate_allowances", &[])
-            .await
-            .map_err(pg_err)?
-            .try_get(0)
-            .map_err(pg_err)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        let out = self
+            .bounded(async {
+                let n: i64 = client
+                    .query_one("SELECT count(*) FROM rate_allowances", &[])
+                    .await
+                    .map_err(pg_err)?
+                    .try_get(0)
+                    .map_err(pg_err)?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await;
+        client.settle(out)
     }
 
     /// Test hook: reads a version's `(sealed_value, wrapped_key)` columns straight from the
@@ -1870,17 +2108,22 @@ impl PostgresStore {
         version: u32,
     ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
         let client = self.client().await?;
-        client
-            .query_opt(
-                "SELECT v.sealed_value, v.wrapped_key FROM versions v
-                 JOIN credentials c ON c.id = v.credential_id
-                 WHERE c.owner = $1 AND c.name = $2 AND v.version = $3",
-                &[&owner, &name, &ver_param(version)],
-            )
-            .await
-            .map_err(pg_err)?
-            .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
-            .transpose()
+        let out = self
+            .bounded(async {
+                client
+                    .query_opt(
+                        "SELECT v.sealed_value, v.wrapped_key FROM versions v
+                     JOIN credentials c ON c.id = v.credential_id
+                     WHERE c.owner = $1 AND c.name = $2 AND v.version = $3",
+                        &[&owner, &name, &ver_param(version)],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
+                    .transpose()
+            })
+            .await;
+        client.settle(out)
     }
 
     /// Test hook: whether a pooled connection runs over TLS (`pg_stat_ssl`).
@@ -1890,15 +2133,19 @@ impl PostgresStore {
     /// As any read.
     pub async fn testing_connection_is_tls(&self) -> Result<bool, StoreError> {
         let client = self.client().await?;
-        client
-            .query_one(
-                "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
-                &[],
-            )
-            .await
-            .map_err(pg_err)?
-            .try_get(0)
-            .map_err(pg_err)
+        let out = self.bounded(async {
+            client
+                .query_one(
+                    "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)?
+                .try_get(0)
+                .map_err(pg_err)
+        })
+        .await;
+        client.settle(out)
     }
 
     /// Test hook: a server setting as one of the pool's connections sees it.
@@ -1923,11 +2170,16 @@ impl PostgresStore {
     pub async fn testing_set_schema_version(&self, version: u32) -> Result<(), StoreError> {
         let v = i32::try_from(version).map_err(|_| StoreError::InvalidInput("version"))?;
         let client = self.client().await?;
-        client
-            .execute("UPDATE schema_version SET version = $1 WHERE id = 1", &[&v])
-            .await
-            .map_err(pg_err)?;
-        Ok(())
+        let out = self
+            .bounded(async {
+                client
+                    .execute("UPDATE schema_version SET version = $1 WHERE id = 1", &[&v])
+                    .await
+                    .map_err(pg_err)?;
+                Ok(())
+            })
+            .await;
+        client.settle(out)
     }
 
     /// Test hook: the server's answer to `SELECT pg_sleep(seconds)` on a pooled connection.
@@ -1970,10 +2222,15 @@ impl PostgresStore {
             .as_deref()
             .ok_or(StoreError::InvalidInput("no schema of its own"))?;
         let client = self.client().await?;
-        client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-            .await
-            .map_err(pg_err)
+        let out = self
+            .bounded(async {
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                    .await
+                    .map_err(pg_err)
+            })
+            .await;
+        client.settle(out)
     }
 
     /// Benchmark hook: inserts `spec.credentials` synthetic credentials with
@@ -1996,33 +2253,38 @@ impl PostgresStore {
         let value = vec![0xA5u8; spec.value_len];
         let wrapped = vec![0x5Au8; 40];
         let client = self.client().await?;
-        let mut start = 0i64;
-        while start < total {
-            let end = (start + CHUNK).min(total);
-            client
-                .execute(
-                    "WITH c AS (
-                         INSERT INTO credentials (owner, name, enabled, deleted,
-                             current_version, latest_version, created_at, updated_at)
-                         SELECT 'bench-owner-' || (g / 100), 'cred-' || lpad(g::text, 8, '0'),
-                                TRUE, FALSE, $3, $3, 0, 0
-                         FROM generate_series($1::bigint, $2::bigint - 1) g
-                         RETURNING id)
-                     INSERT INTO versions (credential_id, version, state, kek_provider,
-                         kek_key_id, kek_version, metadata, created_by, created_at,
-                         wrapped_key, sealed_value)
-                     SELECT c.id, v, 0, 'bench', 'k1', 1, '{}'::jsonb, 'bench', 0, $4, $5
-                     FROM c CROSS JOIN generate_series(1, $3::integer) v",
-                    &[&start, &end, &per, &wrapped, &value],
-                )
-                .await
-                .map_err(pg_err)?;
-            start = end;
-        }
-        client
-            .batch_execute("ANALYZE credentials; ANALYZE versions;")
-            .await
-            .map_err(pg_err)
+        let out = self
+            .bounded(async {
+                let mut start = 0i64;
+                while start < total {
+                    let end = (start + CHUNK).min(total);
+                    client
+                        .execute(
+                            "WITH c AS (
+                             INSERT INTO credentials (owner, name, enabled, deleted,
+                                 current_version, latest_version, created_at, updated_at)
+                             SELECT 'bench-owner-' || (g / 100), 'cred-' || lpad(g::text, 8, '0'),
+                                    TRUE, FALSE, $3, $3, 0, 0
+                             FROM generate_series($1::bigint, $2::bigint - 1) g
+                             RETURNING id)
+                         INSERT INTO versions (credential_id, version, state, kek_provider,
+                             kek_key_id, kek_version, metadata, created_by, created_at,
+                             wrapped_key, sealed_value)
+                         SELECT c.id, v, 0, 'bench', 'k1', 1, '{}'::jsonb, 'bench', 0, $4, $5
+                         FROM c CROSS JOIN generate_series(1, $3::integer) v",
+                            &[&start, &end, &per, &wrapped, &value],
+                        )
+                        .await
+                        .map_err(pg_err)?;
+                    start = end;
+                }
+                client
+                    .batch_execute("ANALYZE credentials; ANALYZE versions;")
+                    .await
+                    .map_err(pg_err)
+            })
+            .await;
+        client.settle(out)
     }
 }
 
@@ -2328,23 +2590,33 @@ impl crate::audit::AuditLog for PostgresStore {
             return Ok(Vec::new());
         }
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = audit_append_tx(&tx, &key, events).await;
-        finish(tx, result).await
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                let result = audit_append_tx(&tx, &key, events).await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn audit_head(&self) -> Result<Option<crate::audit::Head>, StoreError> {
         let client = self.client().await?;
-        let row = client
-            .query_opt("SELECT count, hash, mac FROM audit_head WHERE id = 1", &[])
-            .await
-            .map_err(pg_err)?
-            .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
-        crate::audit::head_from(
-            row.try_get(0).map_err(pg_err)?,
-            row.try_get(1).map_err(pg_err)?,
-            row.try_get(2).map_err(pg_err)?,
-        )
+        let out = self
+            .bounded(async {
+                let row = client
+                    .query_opt("SELECT count, hash, mac FROM audit_head WHERE id = 1", &[])
+                    .await
+                    .map_err(pg_err)?
+                    .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
+                crate::audit::head_from(
+                    row.try_get(0).map_err(pg_err)?,
+                    row.try_get(1).map_err(pg_err)?,
+                    row.try_get(2).map_err(pg_err)?,
+                )
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn audit_scan(
@@ -2355,19 +2627,24 @@ impl crate::audit::AuditLog for PostgresStore {
         let limit = i64::from(limit.clamp(1, crate::audit::MAX_APPEND_BATCH as u32));
         let after = crate::audit::seq_param(after);
         let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {} FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2",
-                    crate::audit::COLUMNS
-                ),
-                &[&after, &limit],
-            )
-            .await
-            .map_err(pg_err)?;
-        rows.iter()
-            .map(|r| raw_audit_row(r)?.into_record())
-            .collect()
+        let out = self
+            .bounded(async {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {} FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2",
+                            crate::audit::COLUMNS
+                        ),
+                        &[&after, &limit],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter()
+                    .map(|r| raw_audit_row(r)?.into_record())
+                    .collect()
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn audit_query(
@@ -2384,80 +2661,93 @@ impl crate::audit::AuditLog for PostgresStore {
         let kinds: Option<&Vec<String>> =
             (!filter.principal_kinds.is_empty()).then_some(&filter.principal_kinds);
         let mut client = self.client().await?;
-        let query = AuditQuery {
-            filter,
-            since,
-            until,
-            before,
-            actions,
-            kinds,
-            limit,
-        };
-        let rows = if since.is_some() || until.is_some() {
-            // The time bounds come from the head's lag: read it and the records in one
-            // snapshot, so that a batch appended in between is seen whole or not at all.
-            let tx = client
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(pg_err)?;
-            let rows = audit_query_tx(&tx, &query).await;
-            finish(tx, rows).await?
-        } else {
-            audit_query_tx(&client, &query).await?
-        };
-        rows.iter()
-            .map(|r| raw_audit_row(r)?.into_record())
-            .collect()
+        let out = self
+            .bounded(async {
+                let query = AuditQuery {
+                    filter,
+                    since,
+                    until,
+                    before,
+                    actions,
+                    kinds,
+                    limit,
+                };
+                let rows = if since.is_some() || until.is_some() {
+                    // The time bounds come from the head's lag: read it and the records in one
+                    // snapshot, so that a batch appended in between is seen whole or not at all.
+                    let tx = client
+                        .build_transaction()
+                        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                        .read_only(true)
+                        .start()
+                        .await
+                        .map_err(pg_err)?;
+                    let rows = audit_query_tx(&tx, &query).await;
+                    finish(tx, rows).await?
+                } else {
+                    audit_query_tx(&*client, &query).await?
+                };
+                rows.iter()
+                    .map(|r| raw_audit_row(r)?.into_record())
+                    .collect()
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn audit_seal_genesis(&self, genesis: crate::audit::Head) -> Result<(), StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = async {
-            let row = tx
-                .query_opt(
-                    "SELECT count, mac FROM audit_head WHERE id = 1 FOR UPDATE",
-                    &[],
-                )
-                .await
-                .map_err(pg_err)?
-                .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
-            let count: i64 = row.try_get(0).map_err(pg_err)?;
-            let mac: Vec<u8> = row.try_get(1).map_err(pg_err)?;
-            if !mac.is_empty() {
-                return Ok(());
-            }
-            let has_data: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM audit_records) \
-                     OR EXISTS (SELECT 1 FROM versions)",
-                    &[],
-                )
-                .await
-                .map_err(pg_err)?
-                .try_get(0)
-                .map_err(pg_err)?;
-            if count != 0 || has_data {
-                return Err(crate::audit::reset_log());
-            }
-            tx.execute(
-                "UPDATE audit_head SET hash = $1, mac = $2 WHERE id = 1",
-                &[&&genesis.hash[..], &&genesis.mac[..]],
-            )
-            .await
-            .map_err(pg_err)?;
-            Ok(())
-        }
-        .await;
-        finish(tx, result).await
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                let result = async {
+                    let row = tx
+                        .query_opt(
+                            "SELECT count, mac FROM audit_head WHERE id = 1 FOR UPDATE",
+                            &[],
+                        )
+                        .await
+                        .map_err(pg_err)?
+                        .ok_or_else(|| StoreError::corrupt("audit head row missing"))?;
+                    let count: i64 = row.try_get(0).map_err(pg_err)?;
+                    let mac: Vec<u8> = row.try_get(1).map_err(pg_err)?;
+                    if !mac.is_empty() {
+                        return Ok(());
+                    }
+                    let has_data: bool = tx
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM audit_records) \
+                         OR EXISTS (SELECT 1 FROM versions)",
+                            &[],
+                        )
+                        .await
+                        .map_err(pg_err)?
+                        .try_get(0)
+                        .map_err(pg_err)?;
+                    if count != 0 || has_data {
+                        return Err(crate::audit::reset_log());
+                    }
+                    tx.execute(
+                        "UPDATE audit_head SET hash = $1, mac = $2 WHERE id = 1",
+                        &[&&genesis.hash[..], &&genesis.mac[..]],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                    Ok(())
+                }
+                .await;
+                finish(tx, result).await
+            })
+            .await;
+        client.settle(out)
     }
 
     async fn audit_anchor(&self) -> Result<Option<crate::audit::Anchor>, StoreError> {
         let client = self.client().await?;
-        audit_anchor_tx(&client, false).await
+        let out = self
+            .bounded(async { audit_anchor_tx(&*client, false).await })
+            .await;
+        client.settle(out)
     }
 
     async fn audit_set_anchor(
@@ -2468,64 +2758,68 @@ impl crate::audit::AuditLog for PostgresStore {
     ) -> Result<(), StoreError> {
         use crate::audit::seq_param;
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = async {
-            // The head is only read (appends go on meanwhile: it only grows). Two archives
-            // racing: the first to insert or lock the anchor row wins, the other finds it
-            // moved (an empty table has no row to lock: the insert's key conflict decides).
-            let row = tx
-                .query_one("SELECT count, hash, mac FROM audit_head WHERE id = 1", &[])
-                .await
-                .map_err(pg_err)?;
-            let (count, _) = crate::audit::checked_head(
-                &key,
-                row.try_get(0).map_err(pg_err)?,
-                row.try_get(1).map_err(pg_err)?,
-                row.try_get(2).map_err(pg_err)?,
-            )?;
-            let stored = audit_anchor_tx(&tx, true).await?;
-            let at = tx
-                .query(
-                    "SELECT seq, hash, prev_hash FROM audit_records WHERE seq >= $1 \
-                     ORDER BY seq LIMIT 2",
-                    &[&seq_param(anchor.seq)],
-                )
-                .await
-                .map_err(pg_err)?
-                .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                .collect::<Result<Vec<(i64, Vec<u8>, Vec<u8>)>, tokio_postgres::Error>>()
-                .map_err(pg_err)?;
-            crate::audit::check_new_anchor(&key, count, stored.as_ref(), after, &anchor, &at)?;
-            let (seq, puts) = (seq_param(anchor.seq), seq_param(anchor.puts));
-            let (hash, mac) = (&anchor.hash[..], &anchor.mac[..]);
-            let written = if stored.is_some() {
-                tx.execute(
-                    "UPDATE audit_anchor SET seq = $1, hash = $2, puts = $3, mac = $4 \
-                     WHERE id = 1",
-                    &[&seq, &hash, &puts, &mac],
-                )
-                .await
-            } else {
-                tx.execute(
-                    "INSERT INTO audit_anchor (id, seq, hash, puts, mac) \
-                     VALUES (1, $1, $2, $3, $4)",
-                    &[&seq, &hash, &puts, &mac],
-                )
-                .await
-            };
-            match written {
-                Ok(_) => Ok(()),
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                    Err(StoreError::InvalidInput(
-                        "the audit anchor moved meanwhile (another archive ran): run it again",
-                    ))
+        let out = self.bounded(async {
+            let tx = client.transaction().await.map_err(pg_err)?;
+            let result = async {
+                // The head is only read (appends go on meanwhile: it only grows). Two archives
+                // racing: the first to insert or lock the anchor row wins, the other finds it
+                // moved (an empty table has no row to lock: the insert's key conflict decides).
+                let row = tx
+                    .query_one("SELECT count, hash, mac FROM audit_head WHERE id = 1", &[])
+                    .await
+                    .map_err(pg_err)?;
+                let (count, _) = crate::audit::checked_head(
+                    &key,
+                    row.try_get(0).map_err(pg_err)?,
+                    row.try_get(1).map_err(pg_err)?,
+                    row.try_get(2).map_err(pg_err)?,
+                )?;
+                let stored = audit_anchor_tx(&tx, true).await?;
+                let at = tx
+                    .query(
+                        "SELECT seq, hash, prev_hash FROM audit_records WHERE seq >= $1 \
+                         ORDER BY seq LIMIT 2",
+                        &[&seq_param(anchor.seq)],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                    .collect::<Result<Vec<(i64, Vec<u8>, Vec<u8>)>, tokio_postgres::Error>>()
+                    .map_err(pg_err)?;
+                crate::audit::check_new_anchor(&key, count, stored.as_ref(), after, &anchor, &at)?;
+                let (seq, puts) = (seq_param(anchor.seq), seq_param(anchor.puts));
+                let (hash, mac) = (&anchor.hash[..], &anchor.mac[..]);
+                let written = if stored.is_some() {
+                    tx.execute(
+                        "UPDATE audit_anchor SET seq = $1, hash = $2, puts = $3, mac = $4 \
+                         WHERE id = 1",
+                        &[&seq, &hash, &puts, &mac],
+                    )
+                    .await
+                } else {
+                    tx.execute(
+                        "INSERT INTO audit_anchor (id, seq, hash, puts, mac) \
+                         VALUES (1, $1, $2, $3, $4)",
+                        &[&seq, &hash, &puts, &mac],
+                    )
+                    .await
+                };
+                match written {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                        Err(StoreError::InvalidInput(
+                            "the audit anchor moved meanwhile (another archive ran): run it again",
+                        ))
+                    }
+                    Err(e) => Err(pg_err(e)),
                 }
-                Err(e) => Err(pg_err(e)),
             }
-        }
+            .await;
+            finish(tx, result).await
+        })
         .await;
-        finish(tx, result).await
+        client.settle(out)
     }
 
     async fn audit_prune(
@@ -2535,80 +2829,90 @@ impl crate::audit::AuditLog for PostgresStore {
     ) -> Result<crate::audit::Pruned, StoreError> {
         let limit = i64::from(limit.clamp(1, crate::audit::MAX_APPEND_BATCH as u32));
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_err)?;
-        let result = async {
-            let Some(anchor) = audit_anchor_tx(&tx, false).await? else {
-                return Ok(crate::audit::Pruned {
-                    records: 0,
-                    done: true,
-                });
-            };
-            crate::audit::checked_anchor(&key, Some(&anchor))?;
-            let upto = crate::audit::seq_param(anchor.seq);
-            let row = tx
-                .query_one(
-                    "WITH gone AS (DELETE FROM audit_records WHERE seq IN \
-                     (SELECT seq FROM audit_records WHERE seq <= $1 ORDER BY seq LIMIT $2) \
-                     RETURNING seq) SELECT count(*), max(seq) FROM gone",
-                    &[&upto, &limit],
-                )
-                .await
-                .map_err(pg_err)?;
-            let removed: i64 = row.try_get(0).map_err(pg_err)?;
-            let highest: Option<i64> = row.try_get(1).map_err(pg_err)?;
-            // The removed records' time marks, in the same transaction: records go lowest
-            // first, so none is left below the highest removed, and none at or before the
-            // anchor after a short batch. (Not `min(seq)` of the rest: it would walk the
-            // index entries of every record removed since the last vacuum.)
-            let gone = match highest {
-                Some(h) if removed == limit => h,
-                _ => upto,
-            };
-            // And their late marks: `seq`s rise with seconds there too (a frontier), so
-            // those of removed records are the oldest.
-            let mut marks = 0;
-            for table in ["audit_time_marks", "audit_time_late"] {
-                let n = tx
-                    .execute(
-                        &format!(
-                            "DELETE FROM {table} WHERE seq <= $1 AND second <= \
-                             (SELECT max(second) FROM \
-                              (SELECT second FROM {table} ORDER BY second LIMIT $2) AS oldest)"
-                        ),
-                        &[&gone, &limit],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                marks = marks.max(n);
-            }
-            Ok(crate::audit::Pruned {
-                records: u64::try_from(removed).unwrap_or(0),
-                done: removed < limit && (marks as i64) < limit,
+        let out = self
+            .bounded(async {
+                let tx = client.transaction().await.map_err(pg_err)?;
+                let result = async {
+                    let Some(anchor) = audit_anchor_tx(&tx, false).await? else {
+                        return Ok(crate::audit::Pruned {
+                            records: 0,
+                            done: true,
+                        });
+                    };
+                    crate::audit::checked_anchor(&key, Some(&anchor))?;
+                    let upto = crate::audit::seq_param(anchor.seq);
+                    let row = tx
+                        .query_one(
+                            "WITH gone AS (DELETE FROM audit_records WHERE seq IN \
+                         (SELECT seq FROM audit_records WHERE seq <= $1 ORDER BY seq LIMIT $2) \
+                         RETURNING seq) SELECT count(*), max(seq) FROM gone",
+                            &[&upto, &limit],
+                        )
+                        .await
+                        .map_err(pg_err)?;
+                    let removed: i64 = row.try_get(0).map_err(pg_err)?;
+                    let highest: Option<i64> = row.try_get(1).map_err(pg_err)?;
+                    // The removed records' time marks, in the same transaction: records go lowest
+                    // first, so none is left below the highest removed, and none at or before the
+                    // anchor after a short batch. (Not `min(seq)` of the rest: it would walk the
+                    // index entries of every record removed since the last vacuum.)
+                    let gone = match highest {
+                        Some(h) if removed == limit => h,
+                        _ => upto,
+                    };
+                    // And their late marks: `seq`s rise with seconds there too (a frontier), so
+                    // those of removed records are the oldest.
+                    let mut marks = 0;
+                    for table in ["audit_time_marks", "audit_time_late"] {
+                        let n = tx
+                            .execute(
+                                &format!(
+                                    "DELETE FROM {table} WHERE seq <= $1 AND second <= \
+                                 (SELECT max(second) FROM \
+                                  (SELECT second FROM {table} ORDER BY second LIMIT $2) AS oldest)"
+                                ),
+                                &[&gone, &limit],
+                            )
+                            .await
+                            .map_err(pg_err)?;
+                        marks = marks.max(n);
+                    }
+                    Ok(crate::audit::Pruned {
+                        records: u64::try_from(removed).unwrap_or(0),
+                        done: removed < limit && (marks as i64) < limit,
+                    })
+                }
+                .await;
+                finish(tx, result).await
             })
-        }
-        .await;
-        finish(tx, result).await
+            .await;
+        client.settle(out)
     }
 
     async fn audit_init_head_key(&self, wrapped: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO provider_state (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO NOTHING",
-                &[&crate::audit::HEAD_KEY_STATE, &wrapped],
-            )
-            .await
-            .map_err(pg_err)?;
-        client
-            .query_one(
-                "SELECT value FROM provider_state WHERE key = $1",
-                &[&crate::audit::HEAD_KEY_STATE],
-            )
-            .await
-            .map_err(pg_err)?
-            .try_get(0)
-            .map_err(pg_err)
+        let out = self
+            .bounded(async {
+                client
+                    .execute(
+                        "INSERT INTO provider_state (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                        &[&crate::audit::HEAD_KEY_STATE, &wrapped],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                client
+                    .query_one(
+                        "SELECT value FROM provider_state WHERE key = $1",
+                        &[&crate::audit::HEAD_KEY_STATE],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .try_get(0)
+                    .map_err(pg_err)
+            })
+            .await;
+        client.settle(out)
     }
 }
 
