@@ -14,7 +14,8 @@ pub trait KeyRotation: Send + Sync {
     /// # Errors
     ///
     /// [`RotationError::Unsupported`] where the provider rotates by itself (AWS KMS),
-    /// [`RotationError::Failed`] when the provider or the store refused.
+    /// [`RotationError::Refused`] when rotating here would do harm, [`RotationError::Failed`]
+    /// when the provider or the store refused.
     async fn rotate(&self) -> Result<KekRef, RotationError>;
 }
 
@@ -28,4 +29,8 @@ pub enum RotationError {
     /// reported by the next key listing).
     #[error("{0}")]
     Failed(String),
+    /// Refused before anything changed, for a reason the admin can act on (this server's
+    /// keyring file is a copy left behind); the message says which.
+    #[error("{0}")]
+    Refused(String),
 }

@@ -16,6 +16,7 @@ pub mod audit;
 pub mod broker;
 mod error;
 pub mod hierarchy;
+pub mod keyring_record;
 pub mod lines;
 pub mod policy;
 pub mod rewrap;

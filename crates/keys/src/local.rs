@@ -179,6 +179,9 @@ pub struct LocalKeyring {
     /// Why the file no longer holds the keys loaded (set by a refused [`LocalKeyring::reload`],
     /// cleared by one that loads): while set, no new write is sealed (see `active_kek`).
     diverged: std::sync::Mutex<Option<String>>,
+    /// The newest version a rotation is known to have made ([`LocalKeyring::require_version`]):
+    /// while the file lacks it, no new write is sealed.
+    required: std::sync::atomic::AtomicU32,
 }
 
 /// At most one re-read of the keyring file per this interval for versions it does not know,
@@ -224,7 +227,32 @@ impl LocalKeyring {
             keks: RwLock::new(keks),
             last_miss_reload: std::sync::Mutex::new(None),
             diverged: std::sync::Mutex::new(None),
+            required: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// Notes that a rotation made `version` (the store records each one): until the file
+    /// holds it, this keyring is a copy left behind (another host's, a restored older one)
+    /// and seals nothing new. Its active version is already decrypt-only elsewhere, soon
+    /// retired, and what it sealed would then be lost. Versions only grow: a lower one is
+    /// ignored.
+    pub fn require_version(&self, version: u32) {
+        self.required
+            .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The newest version a rotation made that the file lacks, if any.
+    pub fn missing_version(&self) -> Option<u32> {
+        let required = self.required.load(std::sync::atomic::Ordering::Acquire);
+        let newest = self
+            .keks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0);
+        (required > newest).then_some(required)
     }
 
     /// A version met in the store that this keyring does not hold was most likely made by
@@ -465,6 +493,18 @@ impl KeyProvider for LocalKeyring {
                     "the keyring file {} no longer holds the keys this server loaded ({why}): \
                      no new write is sealed until it does",
                     self.path.display()
+                ),
+            ));
+        }
+        if let Some(version) = self.missing_version() {
+            return Err(Self::error(
+                ProviderErrorKind::Misconfigured,
+                format!(
+                    "the keyring file {} lacks version {version} of key {}, which a rotation \
+                     made (a copy left behind on this host, or an older one restored): no new \
+                     write is sealed until it holds it (copy the newest keyring file here)",
+                    self.path.display(),
+                    self.key_id
                 ),
             ));
         }

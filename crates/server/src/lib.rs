@@ -213,11 +213,11 @@ impl Backends {
         };
         let mut followers = Vec::new();
         if let Some(ring) = &keys.local_keyring {
-            let (ring, path) = (ring.clone(), config.keyring_path());
+            let (ring, path, store) = (ring.clone(), config.keyring_path(), handle.as_dyn());
             followers.push(tokio::spawn(keep_watching(
                 "keyring file",
                 KEYRING_POLL,
-                move || watch_keyring(ring.clone(), path.clone(), KEYRING_POLL),
+                move || watch_keyring(ring.clone(), path.clone(), store.clone(), KEYRING_POLL),
             )));
         }
         if let Some(h) = &keys.hierarchy {
@@ -1235,6 +1235,7 @@ impl Server {
             (Some(keyring), _) => rotation::ServerRotation::Local {
                 path: config.keyring_path(),
                 keyring: keyring.clone(),
+                store: store.as_dyn(),
             },
             (None, Some(ring)) => rotation::ServerRotation::Ring {
                 store: store.as_dyn(),
@@ -1384,11 +1385,11 @@ impl Server {
         // second, without SIGHUP: new writes use the new KEK at once.
         let keyring_watch = match (&reloader.inner.keyring, keyring_path) {
             (Some(ring), Some(path)) => {
-                let ring = ring.clone();
+                let (ring, store) = (ring.clone(), state.vault().store().clone());
                 Some(tokio::spawn(keep_watching(
                     "keyring file",
                     KEYRING_POLL,
-                    move || watch_keyring(ring.clone(), path.clone(), KEYRING_POLL),
+                    move || watch_keyring(ring.clone(), path.clone(), store.clone(), KEYRING_POLL),
                 )))
             }
             _ => None,
@@ -1977,15 +1978,33 @@ where
 /// holds them again. A failure is tried again at every check, since some pass without the
 /// file changing (too many open files: a burst of connections at the moment of a rotation
 /// used to stop every write until SIGHUP).
-async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duration) {
+///
+/// At every check it also reads the newest version a rotation recorded in the store
+/// ([`strongroom_core::keyring_record`]): a file that lacks it is a copy left behind (this
+/// host's, when the rotation ran on another), and the keyring seals nothing new until the
+/// file holds it.
+async fn watch_keyring(
+    keyring: Arc<LocalKeyring>,
+    path: PathBuf,
+    store: Arc<dyn strongroom_store::Store>,
+    every: Duration,
+) {
     // The stamp of the file last loaded (`None`: none yet), and of the last one whose
     // failure was logged.
     let mut loaded: Option<Option<FileStamp>> = None;
     let mut reported: Option<Option<FileStamp>> = None;
+    let mut missing: Option<u32> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Unreadable (the store down): the next check tries again; the store's own
+        // failures are reported where they happen.
+        if let Ok(Some(version)) =
+            strongroom_core::keyring_record::newest_recorded(store.as_ref(), keyring.key_id()).await
+        {
+            keyring.require_version(version);
+        }
         let (ring, p, before) = (keyring.clone(), path.clone(), loaded);
         let checked = tokio::task::spawn_blocking(move || {
             // A file gone (`None`) is a change too: the keyring stops sealing until it is back.
@@ -2018,6 +2037,23 @@ async fn watch_keyring(keyring: Arc<LocalKeyring>, path: PathBuf, every: Duratio
             }
             // Logged already for this state of the file.
             Some(Err(_)) => {}
+        }
+        let now_missing = keyring.missing_version();
+        if now_missing != missing {
+            match now_missing {
+                Some(version) => tracing::error!(
+                    path = %path.display(),
+                    version,
+                    "the keyring file lacks a version a rotation made (a copy left behind, or \
+                     an older one restored): sealing nothing new until it holds it; copy the \
+                     newest keyring file here"
+                ),
+                None => tracing::info!(
+                    path = %path.display(),
+                    "the keyring file holds the newest version again; sealing"
+                ),
+            }
+            missing = now_missing;
         }
     }
 }

@@ -15,10 +15,12 @@ use crate::config::{Config, KeyProviderKind};
 
 /// How this server rotates, by its key configuration.
 pub(crate) enum ServerRotation {
-    /// The local keyring file: a new version, loaded at once.
+    /// The local keyring file: a new version, loaded at once, and recorded in the store
+    /// (see [`strongroom_core::keyring_record`]).
     Local {
         path: PathBuf,
         keyring: Arc<LocalKeyring>,
+        store: Arc<dyn Store>,
     },
     /// Strongroom's KEK ring under a remote provider (`keys.mode = "hierarchy"`).
     Ring {
@@ -38,7 +40,18 @@ impl KeyRotation for ServerRotation {
     async fn rotate(&self) -> Result<KekRef, RotationError> {
         let failed = |e: &dyn std::fmt::Display| RotationError::Failed(e.to_string());
         match self {
-            Self::Local { path, keyring } => {
+            Self::Local {
+                path,
+                keyring,
+                store,
+            } => {
+                // A copy left behind would make a second version of a number in use.
+                if let Some(version) = keyring.missing_version() {
+                    return Err(RotationError::Refused(format!(
+                        "this server's keyring file lacks version {version}, which a rotation \
+                         made: copy the newest keyring file here before rotating"
+                    )));
+                }
                 let path = path.clone();
                 let info = tokio::task::spawn_blocking(move || {
                     strongroom_keys::local::rotate(&path, OffsetDateTime::now_utc(), &OsRandom)
@@ -49,6 +62,17 @@ impl KeyRotation for ServerRotation {
                 // New data keys go under it from the next request on this server (others
                 // read the file within a second).
                 keyring.reload().map_err(|e| failed(&e))?;
+                // Copies of the file on other hosts stop sealing once they see it. Done, the
+                // rotation stands even when the record fails: said in the log.
+                if let Err(e) = strongroom_core::keyring_record::record_newest(
+                    store.as_ref(),
+                    &info.key_id,
+                    info.version,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "the rotation is not recorded in the store");
+                }
                 Ok(KekRef {
                     provider: strongroom_keys::local::KIND.to_owned(),
                     key_id: info.key_id,

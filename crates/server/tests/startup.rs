@@ -885,6 +885,114 @@ async fn a_keyring_file_gone_stops_new_writes_until_it_is_back() {
     server.stop().await.unwrap();
 }
 
+/// A keyring file left behind by a rotation made elsewhere (another host's copy of the file,
+/// rotated there; the store records the version it made) seals nothing new: what it sealed
+/// under its old version would be lost once that version is retired. The node says it is not
+/// ready and refuses to rotate its copy into a second version of that number, until the
+/// newest file is copied in.
+#[tokio::test]
+async fn a_keyring_copy_left_behind_by_a_rotation_elsewhere_seals_nothing_new() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options());
+    let alice = fx.user_token("alice");
+    let put = |name: &'static str| {
+        let (client, alice) = (&client, &alice);
+        async move {
+            let r = client
+                .json(
+                    "PUT",
+                    &format!("/v1/me/credentials/{name}"),
+                    Some(alice),
+                    &json!({"value": name}),
+                )
+                .await
+                .unwrap();
+            (r.status, r.json()["error"]["code"].clone())
+        }
+    };
+    assert_eq!(put("zoom.a").await.0, 201);
+
+    // Another host's copy, rotated there.
+    let path = fx.data_dir.join("keyring.json");
+    let elsewhere = fx.data_dir.join("other-host-keyring.json");
+    std::fs::copy(&path, &elsewhere).unwrap();
+    let made = strongroom_keys::local::rotate(
+        &elsewhere,
+        time::OffsetDateTime::now_utc(),
+        &strongroom_crypto::OsRandom,
+    )
+    .unwrap();
+    let store = strongroom_store::sqlite::SqliteStore::open_dir(&fx.data_dir)
+        .await
+        .unwrap();
+    strongroom_core::keyring_record::record_newest(&store, &made.key_id, made.version)
+        .await
+        .unwrap();
+
+    let put = &put;
+    let refused = common::eventually(
+        "writes refused once the rotation is seen",
+        move || async move {
+            let r = put("zoom.b").await;
+            (r.0 != 201).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(refused, (503, json!("key_unavailable")));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(client.get("/readyz", None).await.unwrap().status, 503);
+    let before = std::fs::read(&path).unwrap();
+    let r = client
+        .json(
+            "POST",
+            "/v1/keys/rotate",
+            Some(common::ADMIN_TOKEN),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["code"],
+        "rotation_refused",
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("lacks version 2"), "{}", r.text());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the copy was rotated"
+    );
+
+    // The newest file copied in.
+    std::fs::copy(&elsewhere, &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    common::eventually("writes resume with the newest file", move || async move {
+        (put("zoom.b").await.0 == 201).then_some(())
+    })
+    .await;
+    for name in ["zoom.a", "zoom.b"] {
+        let r = client
+            .json(
+                "POST",
+                &format!("/v1/owners/alice/credentials/{name}/reveal"),
+                Some(SERVICE_TOKEN),
+                &json!({}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.json()["value"], name, "{}", r.text());
+    }
+    let keys = client
+        .get("/v1/keys", Some(common::ADMIN_TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(keys.json()["active"]["version"], 2, "{}", keys.text());
+    server.stop().await.unwrap();
+}
+
 /// `store.max_versions` is what a credential keeps: with 2, the third put destroys the
 /// first version. `store.keep_destroyed_versions` is how long its tombstone stays listed:
 /// with 2, the fourth put deletes version 1's row and keeps version 2's. Out of range, the
@@ -1011,6 +1119,17 @@ async fn admins_rotate_the_key_through_the_api() {
     let rotated = r.json();
     assert_eq!(rotated["active"]["version"].as_u64(), Some(before + 1));
     assert_eq!(rotated["active"]["provider"], keys["active"]["provider"]);
+    // Recorded in the store, for copies of the keyring file elsewhere.
+    let store = strongroom_store::sqlite::SqliteStore::open_dir(&fx.data_dir)
+        .await
+        .unwrap();
+    let key_id = rotated["active"]["key_id"].as_str().unwrap();
+    assert_eq!(
+        strongroom_core::keyring_record::newest_recorded(&store, key_id)
+            .await
+            .unwrap(),
+        Some(u32::try_from(before + 1).unwrap())
+    );
 
     put("zoom.after").await;
     let keys = client

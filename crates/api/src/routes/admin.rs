@@ -66,7 +66,7 @@ pub(crate) async fn keys(
 /// rewrap` moves it, then `strongroom keys retire` retires them).
 #[utoipa::path(post, path = "/v1/keys/rotate", tag = "admin",
     responses((status = 200, body = RotatedKey), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, description = "rotation_unsupported: this key provider rotates by itself (AWS KMS)", body = ErrorBody),
+        (status = 409, description = "rotation_unsupported: this key provider rotates by itself (AWS KMS); rotation_refused: this server's keyring file lacks a version a rotation made (a copy left behind: copy the newest file here)", body = ErrorBody),
         (status = 503, description = "the key provider or the store refused or is unavailable", body = ErrorBody)),
     security(("admin_token" = [])))]
 pub(crate) async fn rotate(
@@ -107,6 +107,9 @@ pub(crate) async fn rotate(
             "rotation_unsupported",
             m,
         )),
+        Err(crate::RotationError::Refused(m)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "rotation_refused", m))
+        }
         Err(crate::RotationError::Failed(m)) => Err(ApiError::internal(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

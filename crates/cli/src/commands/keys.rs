@@ -844,7 +844,12 @@ async fn refuse_a_keyring_not_the_stores(
         .max();
     // The versions in use say nothing of a version made since and not used yet: the store
     // also keeps the newest version its rotations made.
-    let recorded = newest_version_recorded(backends, ring.key_id()).await?;
+    let recorded =
+        strongroom_core::keyring_record::newest_recorded(backends.store.as_ref(), ring.key_id())
+            .await
+            .map_err(|e| {
+                CliError::Operation(format!("reading the keyring's newest version: {e}"))
+            })?;
     let missing = missing.max(recorded.filter(|v| *v > newest));
     if let Some(version) = missing {
         return Err(CliError::Operation(format!(
@@ -864,56 +869,18 @@ async fn refuse_a_keyring_not_the_stores(
     Ok(())
 }
 
-/// Where the store keeps the newest version `keys rotate` made of a local keyring.
-fn newest_version_key(key_id: &str) -> String {
-    format!("keyring/{key_id}/newest-version")
-}
-
-/// The newest version of `key_id` a rotation recorded in the store, if any.
-async fn newest_version_recorded(
-    backends: &strongroom_server::Backends,
-    key_id: &str,
-) -> Result<Option<u32>, Failure> {
-    let raw = backends
-        .store
-        .get_provider_state(&newest_version_key(key_id))
-        .await
-        .map_err(|e| CliError::Operation(format!("reading the keyring's newest version: {e}")))?;
-    Ok(raw.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok()))
-}
-
-/// Records `made` as the keyring's newest version, unless a newer one is recorded already
-/// (compare-and-swap: another rotation may record at the same time). A failure is a warning:
-/// the rotation is done, and only a later refusal of an older copy depends on the record.
+/// Records the version a rotation made in the store ([`strongroom_core::keyring_record`]).
+/// A failure is a warning: the rotation is done, and only the refusal of copies left behind
+/// depends on the record.
 async fn record_newest_version(backends: &strongroom_server::Backends, made: &KeyInfo) {
-    let key = newest_version_key(&made.key_id);
-    for _ in 0..8 {
-        let store = backends.store.as_ref();
-        let current = match store.get_provider_state(&key).await {
-            Ok(c) => c,
-            Err(e) => {
-                errln!("warning: the rotation is not recorded in the store: {e}");
-                return;
-            }
-        };
-        let recorded = current
-            .as_deref()
-            .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u32>().ok());
-        if recorded.is_some_and(|v| v >= made.version) {
-            return;
-        }
-        let value = made.version.to_string().into_bytes();
-        match store
-            .swap_provider_state(&key, current.as_deref(), value)
-            .await
-        {
-            Ok(true) => return,
-            Ok(false) => {}
-            Err(e) => {
-                errln!("warning: the rotation is not recorded in the store: {e}");
-                return;
-            }
-        }
+    let recorded = strongroom_core::keyring_record::record_newest(
+        backends.store.as_ref(),
+        &made.key_id,
+        made.version,
+    )
+    .await;
+    if let Err(e) = recorded {
+        errln!("warning: the rotation is not recorded in the store: {e}");
     }
 }
 

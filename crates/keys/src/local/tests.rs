@@ -399,3 +399,32 @@ async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
     let e = ring.reload().unwrap_err().to_string();
     assert!(e.contains("was retired and has material again"), "{e}");
 }
+
+/// A keyring told that a rotation made a version its file lacks (a copy left behind) seals
+/// nothing new, and still opens what it sealed; once the file holds that version it seals
+/// under it. A lower version changes nothing.
+#[tokio::test]
+async fn a_copy_left_behind_by_a_rotation_seals_nothing_new() {
+    let (_dir, path) = fresh();
+    let ring = LocalKeyring::open(&path).unwrap();
+    let v1 = ring.active_kek().unwrap();
+    let key = Key256::generate(&OsRandom).unwrap();
+    let wrapped = ring.wrap(&v1, &key, b"aad").await.unwrap();
+    ring.require_version(1);
+    assert_eq!(ring.missing_version(), None);
+    ring.require_version(2);
+    ring.require_version(1);
+    assert_eq!(ring.missing_version(), Some(2));
+    let e = ring.active_kek().unwrap_err();
+    assert_eq!(e.kind(), ProviderErrorKind::Misconfigured);
+    assert!(e.to_string().contains("lacks version 2"), "{e}");
+    assert!(ring.health().await.is_err());
+    let back = ring.unwrap(&wrapped, b"aad").await.unwrap();
+    assert_eq!(back.expose_secret(), key.expose_secret());
+
+    rotate(&path, T0, &OsRandom).unwrap();
+    ring.reload().unwrap();
+    assert_eq!(ring.missing_version(), None);
+    assert_eq!(ring.active_kek().unwrap().version, 2);
+    ring.health().await.unwrap();
+}
