@@ -12,31 +12,68 @@ use strongroom_server::dev::{self, DevOptions};
 use strongroom_server::testing::{ClientOptions, TestClient};
 use strongroom_server::Server;
 
-#[tokio::test]
-async fn the_dev_service_brokers_to_a_bound_host_and_never_sees_the_value() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A dev server with its data folder in `dir`, `tweak` applied to its configuration.
+struct DevServer {
+    running: common::Running,
+    client: TestClient,
+    setup: dev::DevSetup,
+    addr: std::net::SocketAddr,
+    reloader: strongroom_server::Reloader,
+    /// alice's user token.
+    alice: zeroize::Zeroizing<String>,
+}
+
+async fn dev_server(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut strongroom_server::config::Config, &dev::DevSetup),
+) -> DevServer {
     let setup = dev::bootstrap(&DevOptions {
-        data_dir: tmp.path().to_owned(),
+        data_dir: dir.to_owned(),
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_token: None,
         service_token: None,
     })
     .unwrap();
     let mut config = setup.config("127.0.0.1:0".parse().unwrap()).unwrap();
-    // The upstream is on 127.0.0.1 and signed by the dev CA.
-    config.broker.allow_private_networks = true;
-    config.broker.ca_file = Some(setup.ca_cert.clone());
+    tweak(&mut config, &setup);
     let server = Server::start_with_policy(config, dev::policy())
         .await
         .unwrap();
     let addr = server.local_addr();
+    let reloader = server.reloader();
     let running = common::spawn_started(server);
     let client = TestClient::new(
         addr,
         ClientOptions::new(std::fs::read(&setup.ca_cert).unwrap()),
     )
     .unwrap();
-    let alice = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(600)).unwrap();
+    let alice = dev::mint_user_token(dir, "alice", Duration::from_secs(600)).unwrap();
+    DevServer {
+        running,
+        client,
+        setup,
+        addr,
+        reloader,
+        alice,
+    }
+}
+
+#[tokio::test]
+async fn the_dev_service_brokers_to_a_bound_host_and_never_sees_the_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The upstream is on 127.0.0.1 and signed by the dev CA.
+    let DevServer {
+        running,
+        client,
+        setup,
+        addr,
+        alice,
+        ..
+    } = dev_server(tmp.path(), |config, setup| {
+        config.broker.allow_private_networks = true;
+        config.broker.ca_file = Some(setup.ca_cert.clone());
+    })
+    .await;
     let service = setup.service_token.as_str();
 
     let r = client
@@ -120,26 +157,17 @@ async fn the_dev_service_brokers_to_a_bound_host_and_never_sees_the_value() {
 #[tokio::test]
 async fn by_default_private_addresses_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let setup = dev::bootstrap(&DevOptions {
-        data_dir: tmp.path().to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: None,
-        service_token: None,
-    })
-    .unwrap();
-    let config = setup.config("127.0.0.1:0".parse().unwrap()).unwrap();
-    assert!(!config.broker.allow_private_networks);
-    let server = Server::start_with_policy(config, dev::policy())
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let running = common::spawn_started(server);
-    let client = TestClient::new(
+    let DevServer {
+        running,
+        client,
+        setup,
         addr,
-        ClientOptions::new(std::fs::read(&setup.ca_cert).unwrap()),
-    )
-    .unwrap();
-    let alice = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(600)).unwrap();
+        alice,
+        ..
+    } = dev_server(tmp.path(), |config, _| {
+        assert!(!config.broker.allow_private_networks);
+    })
+    .await;
     let r = client
         .json(
             "PUT",
@@ -171,31 +199,21 @@ async fn by_default_private_addresses_are_refused() {
 #[tokio::test]
 async fn a_reload_keeps_counting_the_calls_in_flight() {
     let tmp = tempfile::tempdir().unwrap();
-    let setup = dev::bootstrap(&DevOptions {
-        data_dir: tmp.path().to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_token: None,
-        service_token: None,
+    let DevServer {
+        running,
+        client,
+        setup,
+        reloader,
+        alice,
+        ..
+    } = dev_server(tmp.path(), |config, _| {
+        config.broker.allow_private_networks = true;
+        config.broker.max_concurrent_calls = 1;
+        config.broker.max_concurrent_calls_per_service = Some(1);
+        // Longer than this test: the first call must not give its place back on its own.
+        config.broker.connect_timeout_seconds = 15;
     })
-    .unwrap();
-    let mut config = setup.config("127.0.0.1:0".parse().unwrap()).unwrap();
-    config.broker.allow_private_networks = true;
-    config.broker.max_concurrent_calls = 1;
-    config.broker.max_concurrent_calls_per_service = Some(1);
-    // Longer than this test: the first call must not give its place back on its own.
-    config.broker.connect_timeout_seconds = 15;
-    let server = Server::start_with_policy(config, dev::policy())
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let reloader = server.reloader();
-    let running = common::spawn_started(server);
-    let client = TestClient::new(
-        addr,
-        ClientOptions::new(std::fs::read(&setup.ca_cert).unwrap()),
-    )
-    .unwrap();
-    let alice = dev::mint_user_token(tmp.path(), "alice", Duration::from_secs(600)).unwrap();
+    .await;
     let r = client
         .json(
             "PUT",
