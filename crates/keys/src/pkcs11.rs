@@ -168,7 +168,14 @@ struct Inner {
     next: AtomicUsize,
     /// Version → key object, as last scanned.
     keys: RwLock<BTreeMap<u32, ObjectHandle>>,
+    /// When a version newer than any known last made the token be scanned again.
+    last_miss_rescan: Mutex<Option<std::time::Instant>>,
 }
+
+/// At most one scan of the token per this interval for versions newer than any known: a row
+/// naming a version that never existed (written around Strongroom) must not make every
+/// request search the token.
+const MISS_RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl std::fmt::Debug for Pkcs11Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -619,6 +626,20 @@ fn key_table(
 }
 
 impl Inner {
+    /// Whether a miss may scan the token now ([`MISS_RESCAN_INTERVAL`]); notes it if so.
+    fn may_rescan_for_a_miss(&self) -> bool {
+        let mut last = self
+            .last_miss_rescan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < MISS_RESCAN_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
     fn label_of(&self, version: u32) -> String {
         format!("{}.v{version}", self.key_label)
     }
@@ -928,6 +949,7 @@ impl Pkcs11Provider {
                 pool,
                 next: AtomicUsize::new(0),
                 keys: RwLock::new(BTreeMap::new()),
+                last_miss_rescan: Mutex::new(None),
             };
             inner.rescan()?;
             Ok(inner)
@@ -996,7 +1018,7 @@ impl Pkcs11Provider {
             return Ok(h);
         }
         let newest = self.inner.active_version().unwrap_or(0);
-        if kek.version > newest {
+        if kek.version > newest && self.inner.may_rescan_for_a_miss() {
             let inner = self.inner.clone();
             blocking(move || inner.rescan().map(|_| ())).await?;
             if let Some(h) = self.inner.handle(kek.version) {

@@ -89,6 +89,10 @@ const CIPHERTEXT_LEN: usize = 12 + Key256::LEN + 16;
 const AEAD_KEY_TYPES: [&str; 3] = ["aes256-gcm96", "aes128-gcm96", "chacha20-poly1305"];
 /// After a failed decrypt, key facts older than this are re-read.
 const STALE_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// A version outside the range known re-reads the key's facts only when they are older than
+/// this: a row naming a version that never existed (written around Strongroom) must not make
+/// every request a round trip to the server.
+const MISS_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How the provider authenticates to Vault/OpenBao.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1090,7 +1094,9 @@ impl KeyProvider for TransitProvider {
             )
         };
         let mut facts = self.facts();
-        if kek.version > facts.latest || kek.version < facts.min_decryption {
+        if (kek.version > facts.latest || kek.version < facts.min_decryption)
+            && facts.read_at.elapsed() >= MISS_REFRESH_INTERVAL
+        {
             facts = self.refresh_facts(false).await?;
         }
         if kek.version == 0 || kek.version > facts.latest {
