@@ -271,6 +271,22 @@ fn archive_by_time_keeps_the_log_verifiable() {
     let dir = populate(300);
     let data = dir.path().join("data");
     let out_dir = tempfile::tempdir().unwrap();
+    // A head saved before anything is archived, to check the log against later.
+    let saved_head = out_dir.path().join("head.json");
+    let (ok, out, err) = run(&["audit", "head"], &data);
+    assert!(ok, "{err}");
+    std::fs::write(&saved_head, out).unwrap();
+    let expect_saved_head = |data: &Path| {
+        run(
+            &[
+                "audit",
+                "verify",
+                "--expect-head",
+                saved_head.to_str().unwrap(),
+            ],
+            data,
+        )
+    };
     let file = out_dir.path().join("audit-1.jsonl");
     let export = {
         let (ok, out, err) = run(&["audit", "export"], &data);
@@ -419,6 +435,24 @@ fn archive_by_time_keeps_the_log_verifiable() {
         records_before
     );
     assert_eq!(lines(&file2), file2_lines);
+
+    // The saved head is past the first archives: checked against its record.
+    let (ok, out, err) = expect_saved_head(&data);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("is part of the verified chain"), "{out}");
+    // Archived since (the archives' own records came after it): the anchor vouches for the
+    // log up to there, and the answer says the record itself is in the archive.
+    let head = query_i64(&data, "SELECT count FROM audit_head");
+    let file4 = out_dir.path().join("audit-4.jsonl");
+    let (ok, out, err) = archive(&data, &head.to_string(), &file4);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = expect_saved_head(&data);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("is archived (records 1..") && out.contains("audit verify --file"),
+        "{out}"
+    );
+    assert!(!out.contains("is part of the verified chain"), "{out}");
 
     // Puts counted in the anchor are part of its MAC: lowering them breaks it.
     let copy = copy_dir(&data);

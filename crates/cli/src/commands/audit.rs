@@ -195,10 +195,20 @@ async fn verify(target: &OperatorTarget, expect_head: Option<PathBuf>) -> Result
         }
     }
     if let Some(head) = &expected {
-        outln!(
-            "the head given by --expect-head (record {}) is part of the verified chain",
-            head.count
-        )?;
+        match checked.anchor {
+            // Gone from the log: the genuine anchor past it shows the log was not rolled back
+            // before it, but its own hash is only in the archive.
+            Some(a) if head.count < a => outln!(
+                "the head given by --expect-head (record {}) is archived (records 1..{a}): the \
+                 anchor shows the log was not rolled back before it; check the record itself \
+                 against the archive files (`audit verify --file ARCHIVE`)",
+                head.count
+            )?,
+            _ => outln!(
+                "the head given by --expect-head (record {}) is part of the verified chain",
+                head.count
+            )?,
+        }
     }
     Ok(())
 }
