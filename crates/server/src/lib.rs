@@ -1106,9 +1106,16 @@ async fn open_store(config: &Config, first_start: FirstStart) -> Result<StoreHan
             options.schema = config.store.schema.clone();
             options.create = first_start == FirstStart::Allowed;
             // No statement outlives the request it serves: one whose request timed out would
-            // otherwise run on at the server, holding a backend and a pooled connection.
-            options.statement_timeout =
-                Some(Duration::from_secs(config.limits.request_timeout_seconds));
+            // otherwise run on at the server, holding a backend and a pooled connection. A
+            // second under the request's own limit, so that the server cancels a slow
+            // statement and the request fails with its error, its connection pooled again.
+            options.statement_timeout = Some(Duration::from_secs(
+                config
+                    .limits
+                    .request_timeout_seconds
+                    .saturating_sub(1)
+                    .max(1),
+            ));
             if let Some(ca) = &config.store.tls_ca_file {
                 options.tls = PostgresTls::CaFile(ca.clone());
             }

@@ -753,10 +753,11 @@ impl Relay {
 }
 
 /// A server that stops answering (a host gone in a partition, a backend stopped) holds no
-/// one up for long: an operation given up on mid-way (its request timed out) closes its
-/// connection instead of handing it to the next caller, and one that gets no answer within
-/// the statement timeout and a margin fails as unavailable and closes it too. Either way the
-/// next operation runs on a fresh connection.
+/// one up for long: an operation given up on mid-way (its request timed out) has its
+/// connection closed when it does not answer within 2 s instead of handing it to the next
+/// caller, and one that gets no answer within the statement timeout and a margin fails as
+/// unavailable and closes it too. Either way the next operation runs on a fresh connection;
+/// while the server answers, a caller gone mid-way costs no new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_answering_holds_no_one_up() {
     use std::time::{Duration, Instant};
@@ -771,6 +772,18 @@ async fn a_server_that_stops_answering_holds_no_one_up() {
     o.statement_timeout = Some(Duration::from_secs(1));
     let store = PostgresStore::connect(&relayed, o).await.unwrap();
     store.get_provider_state("x").await.unwrap();
+
+    // A caller gone mid-statement on a server that answers (a client that hung up) costs no
+    // new connection: its connection is pooled again once the statement ends.
+    let made = relay.accepted.load(Ordering::SeqCst);
+    let given_up = tokio::time::timeout(Duration::from_millis(100), store.testing_sleep(0.5));
+    assert!(given_up.await.is_err());
+    store.get_provider_state("x").await.unwrap();
+    assert_eq!(
+        relay.accepted.load(Ordering::SeqCst),
+        made,
+        "a new connection"
+    );
 
     relay.cut();
     let given_up = tokio::time::timeout(Duration::from_millis(500), store.get_provider_state("x"));

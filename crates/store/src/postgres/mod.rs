@@ -304,11 +304,17 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// SQLSTATE `read_only_sql_transaction`, as [`describe`] writes it into an error.
 const READ_ONLY_SQLSTATE: &str = " 25006:";
 
-/// A pooled connection, taken for one operation. It goes back to the pool only once the
-/// operation has run to its end ([`Conn::settle`]). Dropped before (the operation's future
-/// was dropped: its request timed out, its client went away) or past its deadline, it is
-/// closed instead: a statement may still be running on it, or stuck behind a server that
-/// stopped answering, and whoever took the connection next would wait behind it.
+/// How long a connection whose operation was given up on mid-way may take to answer a
+/// trivial query before it is closed rather than pooled again.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// A pooled connection, taken for one operation. It goes back to the pool at once only when
+/// the operation ran to its end ([`Conn::settle`]). Dropped before (the operation's future
+/// was dropped: its request timed out, its client went away), a statement may still be
+/// running on it, or stuck behind a server that stopped answering, and whoever took the
+/// connection next would wait behind it: a task of its own waits up to [`DRAIN_WAIT`] for
+/// the connection to answer (after the rollback of any transaction left open, which
+/// tokio-postgres queues), then pools it, or closes it. Past its deadline, it is closed.
 struct Conn<'p> {
     obj: Option<deadpool_postgres::Object>,
     pool: &'p Pool,
@@ -339,11 +345,20 @@ impl Conn<'_> {
     ///   once the server does.
     fn settle<T>(mut self, out: Option<Result<T, StoreError>>) -> Result<T, StoreError> {
         match out {
-            None => Err(StoreError::unavailable(format!(
-                "no answer from the PostgreSQL server within {} s; the connection was closed",
-                self.deadline.unwrap_or_default().as_secs()
-            ))),
+            None => {
+                if let Some(obj) = self.obj.take() {
+                    Self::close(obj);
+                }
+                Err(StoreError::unavailable(format!(
+                    "no answer from the PostgreSQL server within {} s; the connection was \
+                     closed (whether the operation took effect is not known)",
+                    self.deadline.unwrap_or_default().as_secs()
+                )))
+            }
             Some(Err(e)) if e.to_string().contains(READ_ONLY_SQLSTATE) => {
+                if let Some(obj) = self.obj.take() {
+                    Self::close(obj);
+                }
                 self.pool.retain(|_, _| false);
                 Err(e)
             }
@@ -355,11 +370,29 @@ impl Conn<'_> {
     }
 }
 
+impl Conn<'_> {
+    /// Closes the connection: out of the pool, then dropped.
+    fn close(obj: deadpool_postgres::Object) {
+        drop(deadpool_postgres::Object::take(obj));
+    }
+}
+
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
-        if let Some(obj) = self.obj.take() {
-            // Out of the pool, then dropped: the connection closes.
-            drop(deadpool_postgres::Object::take(obj));
+        let Some(obj) = self.obj.take() else { return };
+        // The common case, a client gone mid-query, keeps its connection: closing it would
+        // make every hang-up cost a new connection (a fork, TLS and authentication at the
+        // server), which anyone can cause.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    match tokio::time::timeout(DRAIN_WAIT, obj.simple_query("")).await {
+                        Ok(Ok(_)) => drop(obj),
+                        _ => Self::close(obj),
+                    }
+                });
+            }
+            Err(_) => Self::close(obj),
         }
     }
 }
