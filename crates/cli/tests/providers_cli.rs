@@ -861,3 +861,43 @@ fn serve_with_transit_as_the_key_provider() {
         "{err}"
     );
 }
+
+/// Without `keys.aws_kms.endpoint_url`, the AWS SDK takes an endpoint from the environment
+/// (or the profile): plain HTTP to another host is refused there too, before any call, and
+/// the endpoint is named without the user name and password it held.
+#[test]
+fn an_endpoint_from_the_environment_is_held_to_the_same_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("kms.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[keys]\nprovider = \"aws-kms\"\n[keys.aws_kms]\n\
+             key_id = \"alias/strongroom\"\nregion = \"us-east-1\"\nmax_attempts = 1\n",
+            tmp.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    for var in ["AWS_ENDPOINT_URL_KMS", "AWS_ENDPOINT_URL"] {
+        let out = strongroom()
+            .args(["rewrap", "--config"])
+            .arg(&cfg)
+            .env_remove("STRONGROOM_DATA_DIR")
+            .env_remove("STRONGROOM_CONFIG")
+            .env_remove("AWS_ENDPOINT_URL_KMS")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env(var, "http://AKIA:secret-canary@10.0.0.1:4566")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{var}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL or the AWS profile")
+                && err.contains("user name or password"),
+            "{var}: {err}"
+        );
+        assert!(!err.contains("secret-canary"), "{var}: {err}");
+    }
+}

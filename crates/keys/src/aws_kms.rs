@@ -172,7 +172,7 @@ impl AwsKmsProvider {
             ));
         }
         if let Some(url) = &config.endpoint_url {
-            check_endpoint(url)?;
+            check_endpoint(url, "endpoint_url")?;
         }
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
@@ -197,6 +197,17 @@ impl AwsKmsProvider {
             loader = loader.endpoint_url(url.clone());
         }
         let sdk_config = loader.load().await;
+        // Without `endpoint_url`, the SDK takes one from AWS_ENDPOINT_URL_KMS,
+        // AWS_ENDPOINT_URL or the profile: held to the same rule.
+        if config.endpoint_url.is_none() {
+            if let Some(url) = configured_endpoint(&sdk_config) {
+                check_endpoint(
+                    &url,
+                    "the endpoint from AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL or the AWS \
+                     profile's endpoint_url",
+                )?;
+            }
+        }
         let region = sdk_config.region().map(|r| r.to_string()).ok_or_else(|| {
             error(
                 ProviderErrorKind::Misconfigured,
@@ -345,14 +356,36 @@ impl AwsKmsProvider {
 }
 
 /// Kinds for error codes the SDK leaves unmodelled (common AWS errors).
+/// The endpoint the SDK would take from the environment or the profile, as the KMS client
+/// resolves it: the service's own setting first, then the global one.
+fn configured_endpoint(sdk: &aws_config::SdkConfig) -> Option<String> {
+    let key = aws_types::service_config::ServiceConfigKey::builder()
+        .service_id("KMS")
+        .env("AWS_ENDPOINT_URL")
+        .profile("endpoint_url")
+        .build()
+        .ok()?;
+    sdk.service_config()
+        .and_then(|c| c.load_config(key))
+        .or_else(|| sdk.endpoint_url().map(str::to_owned))
+}
+
 /// `endpoint_url` must be `https://`, or `http://` to this machine (an emulator): plain
 /// HTTP elsewhere would carry data keys and KEKs readable on the wire. No user name or
 /// password in it either: the SDK takes credentials from its chain.
-fn check_endpoint(url: &str) -> Result<(), ProviderError> {
+fn check_endpoint(url: &str, what: &str) -> Result<(), ProviderError> {
+    // Shown without anything before an `@`: a user name and password must not reach a log.
+    let shown = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://…@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    };
     let bad = |why: &str| {
         error(
             ProviderErrorKind::Misconfigured,
-            format!("endpoint_url '{url}': {why}"),
+            format!("{what} '{shown}': {why}"),
         )
     };
     let (scheme, rest) = url
@@ -573,20 +606,25 @@ mod tests {
             "HTTP://[::1]:5000",
             "http://[::ffff:127.0.0.1]:5000",
         ] {
-            check_endpoint(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            check_endpoint(ok, "endpoint_url").unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for (bad, says) in [
             ("http://kms.internal:4566", "loopback address only"),
             ("http://10.0.0.5", "loopback address only"),
             ("http://127.0.0.1.evil.example", "loopback address only"),
             ("http://user:pw@127.0.0.1:4566", "user name or password"),
+            (
+                "https://AKIA:secret-canary@kms.example",
+                "user name or password",
+            ),
             ("ftp://127.0.0.1", "must be https://"),
             ("kms.eu-west-1.amazonaws.com", "must be https://"),
             ("https://", "names no host"),
         ] {
-            let e = check_endpoint(bad).unwrap_err();
+            let e = check_endpoint(bad, "endpoint_url").unwrap_err();
             assert_eq!(e.kind(), ProviderErrorKind::Misconfigured);
             assert!(e.to_string().contains(says), "{bad}: {e}");
+            assert!(!e.to_string().contains("secret-canary"), "{e}");
         }
     }
 
