@@ -233,6 +233,11 @@ fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
     else {
         return false;
     };
+    // One media type: `application/a, text/b+json` is two, which readers take apart
+    // differently.
+    if value.contains(',') {
+        return false;
+    }
     let essence = value.split(';').next().unwrap_or("").trim();
     let Some((kind, subtype)) = essence.split_once('/') else {
         return false;

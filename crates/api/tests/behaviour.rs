@@ -105,6 +105,14 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
             "bad_request",
         ),
         (
+            raw(
+                &json!({"value": CANARY}).to_string(),
+                Some("application/a, text/b+json"),
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
             with_header(
                 raw(
                     &json!({"value": CANARY}).to_string(),

@@ -648,8 +648,11 @@ impl PostgresStore {
         if config.get_tcp_user_timeout().is_none() {
             config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
-        if config.get_keepalives_interval().is_none() {
+        // tokio-postgres's own idle default (two hours) stands for "not set".
+        if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
             config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if config.get_keepalives_interval().is_none() {
             config.keepalives_interval(KEEPALIVE_INTERVAL);
         }
         if config.get_keepalives_retries().is_none() {
