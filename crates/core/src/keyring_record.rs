@@ -1,22 +1,68 @@
-//! What the store keeps of a local keyring's rotations: the newest version one made.
+//! What the store keeps of a local keyring's rotations: the newest version one made, and a
+//! fingerprint of its material.
 //!
 //! Every host (and every operator command) reads the keyring from a file of its own. A copy
 //! left behind by a rotation (another host's, or a restored older one) goes on sealing
-//! under the version it has; once that version is retired, what it sealed is lost. The
-//! store is the one place every node and command shares, so each rotation records the
-//! version it made there (`keys rotate`, `POST /v1/keys/rotate`): a keyring that lacks it
-//! seals nothing new, and `keys rotate` refuses to rotate it into a second version of that
-//! number.
+//! under the version it has; once that version is retired, what it sealed is lost. Two
+//! copies rotated at once each make a version of the same number with other material, and
+//! what either sealed opens only with its own file. The store is the one place every node
+//! and command shares, so each rotation records the version it made there, with the
+//! fingerprint of its material (`keys rotate`, `POST /v1/keys/rotate`), and the first to
+//! record a number keeps it: a keyring that lacks the version, or holds other material under
+//! its number, seals nothing new (`LocalKeyring::require_version` in `strongroom-keys`), and
+//! `keys rotate` refuses to rotate it.
 
 use strongroom_store::{Store, StoreError};
+
+/// The newest version a rotation recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    /// The version.
+    pub version: u32,
+    /// The fingerprint of its material (`LocalKeyring::fingerprint`; none in a record
+    /// without one).
+    pub fingerprint: Option<[u8; 32]>,
+}
+
+/// Why a rotation could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Another rotation recorded this version (with other material) or a newer one first.
+    #[error(
+        "another rotation recorded version {recorded} first: this keyring file's version \
+         {made} is not the one in use"
+    )]
+    Conflict {
+        /// The version this rotation made.
+        made: u32,
+        /// The version recorded.
+        recorded: u32,
+    },
+    /// The store's error.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// The `provider_state` key of `key_id`'s newest version.
 fn state_key(key_id: &str) -> String {
     format!("keyring/{key_id}/newest-version")
 }
 
-fn parse(raw: Option<&[u8]>) -> Option<u32> {
-    std::str::from_utf8(raw?).ok()?.parse().ok()
+/// `N` or `N:<fingerprint in hex>`.
+fn parse(raw: Option<&[u8]>) -> Option<Recorded> {
+    let text = std::str::from_utf8(raw?).ok()?;
+    let (version, fingerprint) = match text.split_once(':') {
+        Some((v, f)) => {
+            let mut fp = [0u8; 32];
+            hex::decode_to_slice(f, &mut fp).ok()?;
+            (v, Some(fp))
+        }
+        None => (text, None),
+    };
+    Some(Recorded {
+        version: version.parse().ok()?,
+        fingerprint,
+    })
 }
 
 /// The newest version of `key_id` a rotation recorded, if any.
@@ -24,29 +70,44 @@ fn parse(raw: Option<&[u8]>) -> Option<u32> {
 /// # Errors
 ///
 /// The store's.
-pub async fn newest_recorded(store: &dyn Store, key_id: &str) -> Result<Option<u32>, StoreError> {
+pub async fn newest_recorded(
+    store: &dyn Store,
+    key_id: &str,
+) -> Result<Option<Recorded>, StoreError> {
     let raw = store.get_provider_state(&state_key(key_id)).await?;
     Ok(parse(raw.as_deref()))
 }
 
-/// Records `version` as `key_id`'s newest, unless a newer one is recorded already (a
-/// compare-and-swap: another rotation may record at the same moment).
+/// Records `version`, whose material has `fingerprint`, as `key_id`'s newest (a
+/// compare-and-swap: another rotation may record at the same moment). Recording the same
+/// version and material again is no change.
 ///
 /// # Errors
 ///
-/// The store's.
+/// [`RecordError::Conflict`] when a newer version is recorded, or this one with other
+/// material; the store's error.
 pub async fn record_newest(
     store: &dyn Store,
     key_id: &str,
     version: u32,
-) -> Result<(), StoreError> {
+    fingerprint: [u8; 32],
+) -> Result<(), RecordError> {
     let key = state_key(key_id);
     loop {
         let current = store.get_provider_state(&key).await?;
-        if parse(current.as_deref()).is_some_and(|v| v >= version) {
-            return Ok(());
+        if let Some(r) = parse(current.as_deref()) {
+            let same = r.version == version && r.fingerprint.is_none_or(|f| f == fingerprint);
+            if same && r.fingerprint.is_some() {
+                return Ok(());
+            }
+            if r.version > version || (r.version == version && !same) {
+                return Err(RecordError::Conflict {
+                    made: version,
+                    recorded: r.version,
+                });
+            }
         }
-        let value = version.to_string().into_bytes();
+        let value = format!("{version}:{}", hex::encode(fingerprint)).into_bytes();
         if store
             .swap_provider_state(&key, current.as_deref(), value)
             .await?
@@ -61,17 +122,44 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_newest_version_only_grows() {
+    async fn the_first_rotation_to_record_a_version_keeps_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = strongroom_store::sqlite::SqliteStore::open_dir(dir.path())
             .await
             .unwrap();
         assert_eq!(newest_recorded(&store, "kr-1").await.unwrap(), None);
-        record_newest(&store, "kr-1", 3).await.unwrap();
-        record_newest(&store, "kr-1", 2).await.unwrap();
-        assert_eq!(newest_recorded(&store, "kr-1").await.unwrap(), Some(3));
-        record_newest(&store, "kr-1", 4).await.unwrap();
-        assert_eq!(newest_recorded(&store, "kr-1").await.unwrap(), Some(4));
+        record_newest(&store, "kr-1", 3, [3; 32]).await.unwrap();
+        // Again, the same: no change.
+        record_newest(&store, "kr-1", 3, [3; 32]).await.unwrap();
+        let conflict = |e: RecordError| match e {
+            RecordError::Conflict { made, recorded } => (made, recorded),
+            other => panic!("{other}"),
+        };
+        // The same number with other material, or an older one: refused.
+        assert_eq!(
+            conflict(record_newest(&store, "kr-1", 3, [9; 32]).await.unwrap_err()),
+            (3, 3)
+        );
+        assert_eq!(
+            conflict(record_newest(&store, "kr-1", 2, [2; 32]).await.unwrap_err()),
+            (2, 3)
+        );
+        assert_eq!(
+            newest_recorded(&store, "kr-1").await.unwrap(),
+            Some(Recorded {
+                version: 3,
+                fingerprint: Some([3; 32])
+            })
+        );
+        record_newest(&store, "kr-1", 4, [4; 32]).await.unwrap();
+        assert_eq!(
+            newest_recorded(&store, "kr-1")
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            4
+        );
         assert_eq!(newest_recorded(&store, "kr-2").await.unwrap(), None);
     }
 }

@@ -179,9 +179,38 @@ pub struct LocalKeyring {
     /// Why the file no longer holds the keys loaded (set by a refused [`LocalKeyring::reload`],
     /// cleared by one that loads): while set, no new write is sealed (see `active_kek`).
     diverged: std::sync::Mutex<Option<String>>,
-    /// The newest version a rotation is known to have made ([`LocalKeyring::require_version`]):
-    /// while the file lacks it, no new write is sealed.
-    required: std::sync::atomic::AtomicU32,
+    /// The newest version a rotation is known to have made, and its fingerprint when known
+    /// ([`LocalKeyring::require_version`]): while the file lacks it, or holds other material
+    /// under its number, no new write is sealed.
+    required: std::sync::Mutex<Option<(u32, Option<[u8; 32]>)>>,
+}
+
+/// How a keyring file falls behind the rotations recorded in the store (see
+/// [`LocalKeyring::require_version`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeftBehind {
+    /// The file lacks this version: a copy left behind, or an older one restored.
+    Lacks(u32),
+    /// The file holds other material under this version than the rotation recorded: two
+    /// copies of the file were rotated at once.
+    OtherMaterial(u32),
+}
+
+impl std::fmt::Display for LeftBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Lacks(v) => write!(
+                f,
+                "lacks version {v}, which a rotation made (a copy left behind on this host, or \
+                 an older one restored)"
+            ),
+            Self::OtherMaterial(v) => write!(
+                f,
+                "holds another version {v} than the one a rotation recorded (two copies of the \
+                 file rotated at once)"
+            ),
+        }
+    }
 }
 
 /// At most one re-read of the keyring file per this interval for versions it does not know,
@@ -227,32 +256,47 @@ impl LocalKeyring {
             keks: RwLock::new(keks),
             last_miss_reload: std::sync::Mutex::new(None),
             diverged: std::sync::Mutex::new(None),
-            required: std::sync::atomic::AtomicU32::new(0),
+            required: std::sync::Mutex::new(None),
         })
     }
 
-    /// Notes that a rotation made `version` (the store records each one): until the file
-    /// holds it, this keyring is a copy left behind (another host's, a restored older one)
-    /// and seals nothing new. Its active version is already decrypt-only elsewhere, soon
-    /// retired, and what it sealed would then be lost. Versions only grow: a lower one is
-    /// ignored.
-    pub fn require_version(&self, version: u32) {
-        self.required
-            .fetch_max(version, std::sync::atomic::Ordering::AcqRel);
+    /// Notes that a rotation made `version`, with material of this `fingerprint` when known
+    /// (the store records each one): until the file holds that version with that material,
+    /// this keyring is a copy left behind (another host's, a restored older one) and seals
+    /// nothing new. Its active version is already decrypt-only elsewhere, soon retired, and
+    /// what it sealed would then be lost. Versions only grow: a lower one is ignored.
+    pub fn require_version(&self, version: u32, fingerprint: Option<[u8; 32]>) {
+        let mut required = self.required.lock().unwrap_or_else(|e| e.into_inner());
+        match *required {
+            Some((v, _)) if v > version => {}
+            Some((v, Some(_))) if v == version && fingerprint.is_none() => {}
+            _ => *required = Some((version, fingerprint)),
+        }
     }
 
-    /// The newest version a rotation made that the file lacks, if any.
-    pub fn missing_version(&self) -> Option<u32> {
-        let required = self.required.load(std::sync::atomic::Ordering::Acquire);
-        let newest = self
-            .keks
+    /// How the file falls behind the newest rotation recorded, if it does.
+    pub fn left_behind(&self) -> Option<LeftBehind> {
+        let (version, wanted) = (*self.required.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
+        match keks.get(&version) {
+            // Retired here: its material is gone, and it is not the newest either.
+            Some(k) => match (wanted, k.fingerprint) {
+                (Some(w), Some(have)) if w != have => Some(LeftBehind::OtherMaterial(version)),
+                _ => None,
+            },
+            None if keks.keys().next_back().is_some_and(|&n| n > version) => None,
+            None => Some(LeftBehind::Lacks(version)),
+        }
+    }
+
+    /// The fingerprint of `version`'s material (a one-way digest, as the store records it),
+    /// if this keyring holds its material.
+    pub fn fingerprint(&self, version: u32) -> Option<[u8; 32]> {
+        self.keks
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(0);
-        (required > newest).then_some(required)
+            .get(&version)
+            .and_then(|k| k.fingerprint)
     }
 
     /// A version met in the store that this keyring does not hold was most likely made by
@@ -496,13 +540,12 @@ impl KeyProvider for LocalKeyring {
                 ),
             ));
         }
-        if let Some(version) = self.missing_version() {
+        if let Some(behind) = self.left_behind() {
             return Err(Self::error(
                 ProviderErrorKind::Misconfigured,
                 format!(
-                    "the keyring file {} lacks version {version} of key {}, which a rotation \
-                     made (a copy left behind on this host, or an older one restored): no new \
-                     write is sealed until it holds it (copy the newest keyring file here)",
+                    "the keyring file {} (key {}) {behind}: no new write is sealed until it \
+                     holds the newest keyring file (copy it here)",
                     self.path.display(),
                     self.key_id
                 ),

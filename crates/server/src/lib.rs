@@ -2000,17 +2000,17 @@ async fn watch_keyring(
     // failure was logged.
     let mut loaded: Option<Option<FileStamp>> = None;
     let mut reported: Option<Option<FileStamp>> = None;
-    let mut missing: Option<u32> = None;
+    let mut missing: Option<strongroom_keys::local::LeftBehind> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         // Unreadable (the store down): the next check tries again; the store's own
         // failures are reported where they happen.
-        if let Ok(Some(version)) =
+        if let Ok(Some(r)) =
             strongroom_core::keyring_record::newest_recorded(store.as_ref(), keyring.key_id()).await
         {
-            keyring.require_version(version);
+            keyring.require_version(r.version, r.fingerprint);
         }
         let (ring, p, before) = (keyring.clone(), path.clone(), loaded);
         let checked = tokio::task::spawn_blocking(move || {
@@ -2045,15 +2045,13 @@ async fn watch_keyring(
             // Logged already for this state of the file.
             Some(Err(_)) => {}
         }
-        let now_missing = keyring.missing_version();
+        let now_missing = keyring.left_behind();
         if now_missing != missing {
             match now_missing {
-                Some(version) => tracing::error!(
+                Some(behind) => tracing::error!(
                     path = %path.display(),
-                    version,
-                    "the keyring file lacks a version a rotation made (a copy left behind, or \
-                     an older one restored): sealing nothing new until it holds it; copy the \
-                     newest keyring file here"
+                    "the keyring file {behind}: sealing nothing new until it holds the \
+                     newest keyring file; copy it here"
                 ),
                 None => tracing::info!(
                     path = %path.display(),

@@ -45,34 +45,63 @@ impl KeyRotation for ServerRotation {
                 keyring,
                 store,
             } => {
-                // A copy left behind would make a second version of a number in use.
-                if let Some(version) = keyring.missing_version() {
+                // A copy left behind would make a second version of a number in use: the
+                // store read now, not the watcher's view of a second ago.
+                let recorded = strongroom_core::keyring_record::newest_recorded(
+                    store.as_ref(),
+                    keyring.key_id(),
+                )
+                .await
+                .map_err(|e| failed(&e))?;
+                if let Some(r) = recorded {
+                    keyring.require_version(r.version, r.fingerprint);
+                }
+                if let Some(behind) = keyring.left_behind() {
                     return Err(RotationError::Refused(format!(
-                        "this server's keyring file lacks version {version}, which a rotation \
-                         made: copy the newest keyring file here before rotating"
+                        "this server's keyring file {behind}: copy the newest keyring file \
+                         here before rotating"
                     )));
                 }
-                let path = path.clone();
-                let info = tokio::task::spawn_blocking(move || {
-                    strongroom_keys::local::rotate(&path, OffsetDateTime::now_utc(), &OsRandom)
+                let file = path.clone();
+                let (info, made) = tokio::task::spawn_blocking(move || {
+                    let info = strongroom_keys::local::rotate(
+                        &file,
+                        OffsetDateTime::now_utc(),
+                        &OsRandom,
+                    )?;
+                    // The fingerprint of what was just written, for the store's record.
+                    let made = LocalKeyring::open(&file)?.fingerprint(info.version);
+                    Ok::<_, strongroom_keys::local::KeyringError>((info, made))
                 })
                 .await
                 .map_err(|e| failed(&e))?
                 .map_err(|e| failed(&e))?;
+                // First recorded, first kept: another copy rotated at the same moment may have
+                // made this number with other material.
+                use strongroom_core::keyring_record::{record_newest, RecordError};
+                let recorded = match made {
+                    Some(fp) => record_newest(store.as_ref(), &info.key_id, info.version, fp)
+                        .await
+                        .map_err(|e| match e {
+                            RecordError::Conflict { .. } => RotationError::Refused(format!(
+                                "the keyring file was rotated, but {e}: this server seals \
+                                 nothing new until the newest keyring file is copied here"
+                            )),
+                            RecordError::Store(e) => failed(&e),
+                        }),
+                    None => Err(failed(&"the new version's material could not be read back")),
+                };
+                match recorded {
+                    Ok(()) => {}
+                    Err(refused @ RotationError::Refused(_)) => return Err(refused),
+                    // Done, the rotation stands: said in the log.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the rotation is not recorded in the store")
+                    }
+                }
                 // New data keys go under it from the next request on this server (others
                 // read the file within a second).
                 keyring.reload().map_err(|e| failed(&e))?;
-                // Copies of the file on other hosts stop sealing once they see it. Done, the
-                // rotation stands even when the record fails: said in the log.
-                if let Err(e) = strongroom_core::keyring_record::record_newest(
-                    store.as_ref(),
-                    &info.key_id,
-                    info.version,
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "the rotation is not recorded in the store");
-                }
                 Ok(KekRef {
                     provider: strongroom_keys::local::KIND.to_owned(),
                     key_id: info.key_id,

@@ -270,9 +270,11 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                         return Err(e);
                     }
                     audit_rotation_start(&backends).await;
-                    let rotated = local::rotate(&path, now, &OsRandom).map_err(Failure::from);
+                    let mut rotated = local::rotate(&path, now, &OsRandom).map_err(Failure::from);
                     if let Ok(made) = &rotated {
-                        record_newest_version(&backends, made).await;
+                        if let Err(e) = record_newest_version(&backends, &path, made).await {
+                            rotated = Err(e);
+                        }
                     }
                     audit_rotation(backends, &rotated, |k| k.version).await;
                     rotated
@@ -850,14 +852,24 @@ async fn refuse_a_keyring_not_the_stores(
             .map_err(|e| {
                 CliError::Operation(format!("reading the keyring's newest version: {e}"))
             })?;
-    let missing = missing.max(recorded.filter(|v| *v > newest));
     if let Some(version) = missing {
         return Err(CliError::Operation(format!(
             "this store uses version {version} of key {} (credential versions are sealed under \
-             it, or a rotation made it), which {} does not have (a restored older copy?): \
-             restore the newest keyring file instead; rotating this one would make another \
-             version {} with other material",
+             it), which {} does not have (a restored older copy?): restore the newest keyring \
+             file instead; rotating this one would make another version {} with other material",
             ring.key_id(),
+            path.display(),
+            newest + 1
+        ))
+        .into());
+    }
+    if let Some(r) = recorded {
+        ring.require_version(r.version, r.fingerprint);
+    }
+    if let Some(behind) = ring.left_behind() {
+        return Err(CliError::Operation(format!(
+            "refusing to rotate {}: it {behind}; restore the newest keyring file instead \
+             (rotating this one would make a version {} with other material than the one in use)",
             path.display(),
             newest + 1
         ))
@@ -869,18 +881,38 @@ async fn refuse_a_keyring_not_the_stores(
     Ok(())
 }
 
-/// Records the version a rotation made in the store ([`strongroom_core::keyring_record`]).
-/// A failure is a warning: the rotation is done, and only the refusal of copies left behind
-/// depends on the record.
-async fn record_newest_version(backends: &strongroom_server::Backends, made: &KeyInfo) {
-    let recorded = strongroom_core::keyring_record::record_newest(
-        backends.store.as_ref(),
-        &made.key_id,
-        made.version,
-    )
-    .await;
-    if let Err(e) = recorded {
-        errln!("warning: the rotation is not recorded in the store: {e}");
+/// Records the version a rotation made in the store ([`strongroom_core::keyring_record`]),
+/// with the fingerprint of its material. Another rotation that recorded this number (with
+/// other material) or a newer one first is an error: this file's new version is not the one
+/// in use, and servers reading it seal nothing new. Any other failure is a warning: the
+/// rotation is done, and only the refusal of copies left behind depends on the record.
+async fn record_newest_version(
+    backends: &strongroom_server::Backends,
+    path: &std::path::Path,
+    made: &KeyInfo,
+) -> Result<(), Failure> {
+    use strongroom_core::keyring_record::{record_newest, RecordError};
+    let Some(fp) = LocalKeyring::open(path)
+        .ok()
+        .and_then(|ring| ring.fingerprint(made.version))
+    else {
+        errln!("warning: the rotation is not recorded in the store: the new version's material could not be read back");
+        return Ok(());
+    };
+    match record_newest(backends.store.as_ref(), &made.key_id, made.version, fp).await {
+        Ok(()) => Ok(()),
+        Err(e @ RecordError::Conflict { .. }) => Err(CliError::Operation(format!(
+            "{} was rotated to version {}, but {e}: copy the newest keyring file from the host \
+             whose rotation was recorded here (servers reading this file seal nothing new \
+             until then)",
+            path.display(),
+            made.version
+        ))
+        .into()),
+        Err(e) => {
+            errln!("warning: the rotation is not recorded in the store: {e}");
+            Ok(())
+        }
     }
 }
 

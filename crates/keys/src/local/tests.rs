@@ -400,21 +400,22 @@ async fn a_reload_keeps_the_keys_when_the_file_changes_a_loaded_version() {
     assert!(e.contains("was retired and has material again"), "{e}");
 }
 
-/// A keyring told that a rotation made a version its file lacks (a copy left behind) seals
-/// nothing new, and still opens what it sealed; once the file holds that version it seals
-/// under it. A lower version changes nothing.
+/// A keyring told that a rotation made a version its file lacks (a copy left behind), or
+/// that holds other material under that version (two copies rotated at once), seals nothing
+/// new, and still opens what it sealed; once the file holds that version with that material
+/// it seals under it. A lower version changes nothing.
 #[tokio::test]
 async fn a_copy_left_behind_by_a_rotation_seals_nothing_new() {
-    let (_dir, path) = fresh();
+    let (dir, path) = fresh();
     let ring = LocalKeyring::open(&path).unwrap();
     let v1 = ring.active_kek().unwrap();
     let key = Key256::generate(&OsRandom).unwrap();
     let wrapped = ring.wrap(&v1, &key, b"aad").await.unwrap();
-    ring.require_version(1);
-    assert_eq!(ring.missing_version(), None);
-    ring.require_version(2);
-    ring.require_version(1);
-    assert_eq!(ring.missing_version(), Some(2));
+    ring.require_version(1, ring.fingerprint(1));
+    assert_eq!(ring.left_behind(), None);
+    ring.require_version(2, None);
+    ring.require_version(1, None);
+    assert_eq!(ring.left_behind(), Some(LeftBehind::Lacks(2)));
     let e = ring.active_kek().unwrap_err();
     assert_eq!(e.kind(), ProviderErrorKind::Misconfigured);
     assert!(e.to_string().contains("lacks version 2"), "{e}");
@@ -422,9 +423,23 @@ async fn a_copy_left_behind_by_a_rotation_seals_nothing_new() {
     let back = ring.unwrap(&wrapped, b"aad").await.unwrap();
     assert_eq!(back.expose_secret(), key.expose_secret());
 
+    // Another copy rotated to its own version 2 at the same moment, and recorded first.
+    let other = dir.path().join("other.json");
+    std::fs::copy(&path, &other).unwrap();
+    rotate(&other, T0, &OsRandom).unwrap();
+    let recorded = LocalKeyring::open(&other).unwrap().fingerprint(2);
+    ring.require_version(2, recorded);
     rotate(&path, T0, &OsRandom).unwrap();
     ring.reload().unwrap();
-    assert_eq!(ring.missing_version(), None);
+    assert_eq!(ring.left_behind(), Some(LeftBehind::OtherMaterial(2)));
+    let e = ring.active_kek().unwrap_err();
+    assert!(e.to_string().contains("holds another version 2"), "{e}");
+
+    // The recorded file copied in: sealing again, under version 2.
+    std::fs::copy(&other, &path).unwrap();
+    let ring = LocalKeyring::open(&path).unwrap();
+    ring.require_version(2, recorded);
+    assert_eq!(ring.left_behind(), None);
     assert_eq!(ring.active_kek().unwrap().version, 2);
     ring.health().await.unwrap();
 }
