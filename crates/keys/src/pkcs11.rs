@@ -38,7 +38,8 @@
 //!   elsewhere are accepted only if they are AES-256, private, sensitive, non-extractable,
 //!   have always been so (`CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE`: made inside a
 //!   token, or cloned between tokens by the vendor's means, never imported as a value), and
-//!   may encrypt and decrypt. A key failing this stops the provider (`Misconfigured`) rather
+//!   may encrypt and decrypt. Public objects are not looked at (a session without the PIN
+//!   can make them); a private key failing this stops the provider (`Misconfigured`) rather
 //!   than being skipped: the newest version becomes the active KEK, and one planted by
 //!   whoever can make objects on the token must not seal new data keys.
 //!
@@ -504,11 +505,15 @@ fn parse_version(label: &str, prefix: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// Every AES secret key on the token whose label is `key_label.vN`.
+/// Every private AES secret key on the token whose label is `key_label.vN`. Public objects
+/// are not looked at: a session without the PIN can make them (on tokens that allow it), so
+/// one labelled as the next version must neither become the active KEK nor stop the
+/// provider.
 fn find_keys(session: &Session, key_label: &str) -> Result<Vec<FoundKey>, CkError> {
     let handles = session.find_objects(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
+        Attribute::Private(true),
     ])?;
     let mut found = Vec::new();
     for handle in handles {

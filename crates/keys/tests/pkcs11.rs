@@ -284,37 +284,45 @@ fn plant_key(t: &Token, label: &str, private: bool) {
     std::mem::forget(ctx);
 }
 
-/// A key whose value may be known (a public object, or one imported rather than generated
-/// on the token) is never taken for the next KEK version: a provider refuses to start, or
-/// to go on once it sees one, and names the key.
+/// A key whose value may be known is never taken for the next KEK version: a public object
+/// (which a session without the PIN can make) is not looked at, so it neither becomes the
+/// active KEK nor stops the provider; a private one imported rather than generated on the
+/// token (only a PIN holder can make it) makes a provider refuse to start, or to go on once
+/// it sees one, naming the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_planted_on_the_token_never_becomes_the_active_kek() {
     let t = token!();
-    for (private, says) in [
-        (false, "is a public object"),
-        (true, "was not made inside the token"),
-    ] {
-        let label = common::unique("planted");
-        let running = Pkcs11Provider::generate(config(&t, &label)).await.unwrap();
-        plant_key(&t, &format!("{label}.v2"), private);
+    let key = Key256::generate(&OsRandom).unwrap();
 
-        let e = Pkcs11Provider::connect(config(&t, &label))
-            .await
-            .unwrap_err();
-        assert_eq!(e.kind(), ProviderErrorKind::Misconfigured, "{e}");
-        assert!(
-            e.to_string().contains(&format!("'{label}.v2'")) && e.to_string().contains(says),
-            "{e}"
-        );
-        // A provider already running does not move to it either.
-        let e = running.health().await.unwrap_err();
-        assert!(e.to_string().contains(says), "{e}");
-        assert_eq!(running.active_kek().unwrap().version, 1);
-        let key = Key256::generate(&OsRandom).unwrap();
-        let w = running
-            .wrap(&running.active_kek().unwrap(), &key, b"a")
-            .await
-            .unwrap();
+    let label = common::unique("planted");
+    let running = Pkcs11Provider::generate(config(&t, &label)).await.unwrap();
+    plant_key(&t, &format!("{label}.v2"), false);
+    let fresh = Pkcs11Provider::connect(config(&t, &label)).await.unwrap();
+    for p in [&running, &fresh] {
+        p.health().await.unwrap();
+        assert_eq!(p.active_kek().unwrap().version, 1);
+        let w = p.wrap(&p.active_kek().unwrap(), &key, b"a").await.unwrap();
         assert_eq!(w.kek.version, 1);
     }
+
+    let label = common::unique("imported");
+    let running = Pkcs11Provider::generate(config(&t, &label)).await.unwrap();
+    plant_key(&t, &format!("{label}.v2"), true);
+    let e = Pkcs11Provider::connect(config(&t, &label))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ProviderErrorKind::Misconfigured, "{e}");
+    let says = "was not made inside the token";
+    assert!(
+        e.to_string().contains(&format!("'{label}.v2'")) && e.to_string().contains(says),
+        "{e}"
+    );
+    let e = running.health().await.unwrap_err();
+    assert!(e.to_string().contains(says), "{e}");
+    assert_eq!(running.active_kek().unwrap().version, 1);
+    let w = running
+        .wrap(&running.active_kek().unwrap(), &key, b"a")
+        .await
+        .unwrap();
+    assert_eq!(w.kek.version, 1);
 }
