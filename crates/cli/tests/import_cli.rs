@@ -1038,11 +1038,13 @@ fn usage_errors() {
     assert!(!err.contains("give the Django keys"), "{err}");
     assert!(err.contains("nonexistent.sqlite3"), "{err}");
     assert!(!err.contains("env-secret-canary"), "{err}");
-    let err = keyless(None);
-    assert!(
-        err.contains("give the Django keys") && err.contains("STRONGROOM_IMPORT_SECRET_KEY"),
-        "{err}"
-    );
+    for unset in [None, Some("")] {
+        let err = keyless(unset);
+        assert!(
+            err.contains("give the Django keys") && err.contains("STRONGROOM_IMPORT_SECRET_KEY"),
+            "{unset:?}: {err}"
+        );
+    }
     // An unreachable PostgreSQL source says why.
     let out = base(&[
         "--database",

@@ -171,7 +171,8 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
         args.keys.iter().map(|k| k.expose().clone()).collect()
     } else if let Some(secret) = &args.secret_key {
         vec![secret.expose().clone()]
-    } else if let Some(secret) = std::env::var_os(SECRET_KEY_ENV) {
+    } else if let Some(secret) = std::env::var_os(SECRET_KEY_ENV).filter(|v| !v.is_empty()) {
+        // Empty is unset, as clap reads its own variables.
         let secret = secret
             .into_string()
             .map_err(|_| CliError::Usage(format!("{SECRET_KEY_ENV} is not valid UTF-8")))?;

@@ -281,7 +281,7 @@ impl Default for PostgresOptions {
 /// The PostgreSQL [`Store`]. Cheap to clone (clones share the pool).
 #[derive(Clone)]
 pub struct PostgresStore {
-    pool: Pool,
+    sessions: Arc<Sessions>,
     schema: Option<String>,
     durability: Arc<Vec<String>>,
     /// Longest an operation waits for the server (see [`PostgresStore::bounded`]).
@@ -317,7 +317,7 @@ const DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// tokio-postgres queues), then pools it, or closes it. Past its deadline, it is closed.
 struct Conn<'p> {
     obj: Option<deadpool_postgres::Object>,
-    pool: &'p Pool,
+    sessions: &'p Sessions,
     deadline: Option<Duration>,
 }
 
@@ -359,7 +359,7 @@ impl Conn<'_> {
                 if let Some(obj) = self.obj.take() {
                     Self::close(obj);
                 }
-                self.pool.retain(|_, _| false);
+                self.sessions.close_idle();
                 Err(e)
             }
             Some(out) => {
@@ -374,6 +374,34 @@ impl Conn<'_> {
     /// Closes the connection: out of the pool, then dropped.
     fn close(obj: deadpool_postgres::Object) {
         drop(deadpool_postgres::Object::take(obj));
+    }
+
+    /// Ends the operation and closes the connection rather than pooling it again.
+    fn discard(mut self) {
+        if let Some(obj) = self.obj.take() {
+            Self::close(obj);
+        }
+    }
+}
+
+/// The pool, and when its idle connections were last closed for being read-only.
+struct Sessions {
+    pool: Pool,
+    last_closed: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Sessions {
+    /// Closes the pool's idle connections: each keeps the session it was opened with,
+    /// read-only after a failover to a standby. At most once a second, so that a burst of
+    /// refused writes during a failover does not turn into a burst of reconnections (the
+    /// connection that met the refusal is closed by its caller in any case).
+    fn close_idle(&self) {
+        let mut last = self.last_closed.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        self.pool.retain(|_, _| false);
     }
 }
 
@@ -402,7 +430,7 @@ impl fmt::Debug for PostgresStore {
         // Never print the connection string: it may hold a password.
         f.debug_struct("PostgresStore")
             .field("schema", &self.schema)
-            .field("pool", &self.pool.status())
+            .field("pool", &self.sessions.pool.status())
             .finish_non_exhaustive()
     }
 }
@@ -675,7 +703,10 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Unavailable(BackendError::new(e)))?;
         let mut store = PostgresStore {
-            pool,
+            sessions: Arc::new(Sessions {
+                pool,
+                last_closed: std::sync::Mutex::new(None),
+            }),
             schema: options.schema,
             durability: Arc::default(),
             deadline: options.statement_timeout.map(|t| t + DEADLINE_MARGIN),
@@ -770,10 +801,10 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<Conn<'_>, StoreError> {
-        let obj = self.pool.get().await.map_err(pool_err)?;
+        let obj = self.sessions.pool.get().await.map_err(pool_err)?;
         Ok(Conn {
             obj: Some(obj),
-            pool: &self.pool,
+            sessions: &self.sessions,
             deadline: self.deadline,
         })
     }
@@ -1884,17 +1915,18 @@ impl Store for PostgresStore {
                 Ok(read_only == "on")
             })
             .await;
-        if client.settle(out)? {
-            // Each connection keeps the session it was opened with: the idle ones go, so
-            // that the store takes writes again as soon as the server does (as `settle`
-            // does for a write refused as read-only).
-            self.pool.retain(|_, _| false);
+        if let Some(Ok(true)) = out {
+            // Each connection keeps the session it was opened with: this one and the idle
+            // ones go, so that the store takes writes again as soon as the server does (as
+            // `settle` does for a write refused as read-only).
+            client.discard();
+            self.sessions.close_idle();
             return Err(StoreError::unavailable(
                 "the PostgreSQL server takes no writes (transaction_read_only is on: a standby, \
                  or default_transaction_read_only)",
             ));
         }
-        Ok(())
+        client.settle(out).map(|_| ())
     }
 
     async fn get_provider_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
