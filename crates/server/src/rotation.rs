@@ -93,7 +93,19 @@ impl KeyRotation for ServerRotation {
                 };
                 match recorded {
                     Ok(()) => {}
-                    Err(refused @ RotationError::Refused(_)) => return Err(refused),
+                    Err(refused @ RotationError::Refused(_)) => {
+                        // The file now holds the losing version: this server stops sealing
+                        // before its watcher would notice.
+                        if let Ok(Some(r)) = strongroom_core::keyring_record::newest_recorded(
+                            store.as_ref(),
+                            keyring.key_id(),
+                        )
+                        .await
+                        {
+                            keyring.require_version(r.version, r.fingerprint);
+                        }
+                        return Err(refused);
+                    }
                     // Done, the rotation stands: said in the log.
                     Err(e) => {
                         tracing::warn!(error = %e, "the rotation is not recorded in the store")

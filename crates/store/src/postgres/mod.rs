@@ -324,7 +324,7 @@ struct Conn<'p> {
 impl std::ops::Deref for Conn<'_> {
     type Target = deadpool_postgres::Object;
     fn deref(&self) -> &Self::Target {
-        // Taken out only by `settle` and `drop`, which end the `Conn`.
+        // Taken out only by `settle`, `discard` and `drop`, which end the `Conn`.
         self.obj.as_ref().unwrap_or_else(|| unreachable!())
     }
 }
@@ -339,16 +339,14 @@ impl Conn<'_> {
     /// Ends the operation with its outcome (`None`: it ran past its deadline). The
     /// connection goes back to the pool, except:
     /// * past the deadline, it is closed, and the operation fails as unavailable;
-    /// * when the server refused a write as read-only, it is closed, and every idle one
-    ///   with it: each keeps the read-only session it was opened with (a standby, or
-    ///   `default_transaction_read_only`), so the store would never take writes again
-    ///   once the server does.
+    /// * when the server refused a write as read-only, it is closed, and the idle ones
+    ///   with it ([`Sessions::close_idle`]): each keeps the read-only session it was opened
+    ///   with (a standby, or `default_transaction_read_only`), so the store would never
+    ///   take writes again once the server does.
     fn settle<T>(mut self, out: Option<Result<T, StoreError>>) -> Result<T, StoreError> {
         match out {
             None => {
-                if let Some(obj) = self.obj.take() {
-                    Self::close(obj);
-                }
+                self.close_now();
                 Err(StoreError::unavailable(format!(
                     "no answer from the PostgreSQL server within {} s; the connection was \
                      closed (whether the operation took effect is not known)",
@@ -356,9 +354,7 @@ impl Conn<'_> {
                 )))
             }
             Some(Err(e)) if e.to_string().contains(READ_ONLY_SQLSTATE) => {
-                if let Some(obj) = self.obj.take() {
-                    Self::close(obj);
-                }
+                self.close_now();
                 self.sessions.close_idle();
                 Err(e)
             }
@@ -368,19 +364,21 @@ impl Conn<'_> {
             }
         }
     }
-}
-
-impl Conn<'_> {
-    /// Closes the connection: out of the pool, then dropped.
-    fn close(obj: deadpool_postgres::Object) {
-        drop(deadpool_postgres::Object::take(obj));
-    }
 
     /// Ends the operation and closes the connection rather than pooling it again.
     fn discard(mut self) {
+        self.close_now();
+    }
+
+    fn close_now(&mut self) {
         if let Some(obj) = self.obj.take() {
             Self::close(obj);
         }
+    }
+
+    /// Closes the connection: out of the pool, then dropped.
+    fn close(obj: deadpool_postgres::Object) {
+        drop(deadpool_postgres::Object::take(obj));
     }
 }
 
