@@ -816,3 +816,29 @@ async fn a_server_that_stops_answering_holds_no_one_up() {
         .unwrap();
     store.testing_drop_schema().await.unwrap();
 }
+
+/// The server ends a session's transaction left idle (its client gone in a partition, its
+/// COMMIT lost) within seconds, releasing its locks (every put takes the audit head's row),
+/// and notices a client that stopped answering within about a minute: every session is set
+/// so.
+#[tokio::test]
+async fn sessions_left_by_their_client_are_ended_at_the_server() {
+    let Some(url) = postgres_url() else { return };
+    let store = PostgresStore::connect(&url, schema_options("idle"))
+        .await
+        .unwrap();
+    for (setting, want) in [
+        ("idle_in_transaction_session_timeout", "5s"),
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "30000"),
+    ] {
+        assert_eq!(
+            store.testing_setting(setting).await.unwrap(),
+            want,
+            "{setting}"
+        );
+    }
+    store.testing_drop_schema().await.unwrap();
+}

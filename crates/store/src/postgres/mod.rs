@@ -301,6 +301,13 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 3;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Each session's own limits at the server (see `session_setup`): a transaction idle for
+/// 5 s is ended (its locks released), and a client that stopped answering is noticed within
+/// about a minute.
+const SERVER_SIDE_TIMEOUTS: &str = "SET idle_in_transaction_session_timeout = '5s'; \
+     SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000";
+
 /// SQLSTATE `read_only_sql_transaction`, as [`describe`] writes it into an error.
 const READ_ONLY_SQLSTATE: &str = " 25006:";
 
@@ -528,6 +535,15 @@ fn session_setup(
             seen.fsync_off.store(fsync == "off", Release);
             seen.full_page_writes_off
                 .store(full_pages == "off", Release);
+            // The server's side of a connection whose client is gone (a partition, a host
+            // lost in a failover): a transaction it left open holds its locks (every put
+            // takes the audit head's row) until the server notices, by default after two
+            // hours of TCP keepalives. Strongroom's transactions send their statements back
+            // to back, so one idle for seconds has lost its client.
+            client
+                .batch_execute(SERVER_SIDE_TIMEOUTS)
+                .await
+                .map_err(deadpool_postgres::HookError::Backend)?;
             if let Some(t) = statement_timeout {
                 // At least 1 ms: 0 would mean no limit.
                 client
