@@ -334,22 +334,32 @@ fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
             }
         }
         if let Some(e) = e.downcast_ref::<h2::Error>() {
-            if e.is_reset() && e.is_remote() || e.is_go_away() && e.is_remote() {
+            // A connection gone under its streams shows as the h2 error's I/O error, which
+            // it does not give as its source.
+            if e.is_reset() && e.is_remote()
+                || e.is_go_away() && e.is_remote()
+                || e.get_io().is_some_and(connection_gone)
+            {
                 return true;
             }
         }
-        if let Some(e) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind as K;
-            if matches!(
-                e.kind(),
-                K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
-            ) {
-                return true;
-            }
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(connection_gone)
+        {
+            return true;
         }
         cause = e.source();
     }
     false
+}
+
+/// An I/O error that says the peer closed or dropped the connection.
+fn connection_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+    )
 }
 
 /// The answer to a request whose client went away: nobody reads it; its status (nginx's 499)

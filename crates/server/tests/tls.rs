@@ -1156,6 +1156,45 @@ async fn an_http2_request_reset_by_the_client_is_recorded() {
     server.stop().await.unwrap();
 }
 
+/// An HTTP/2 client that closes its whole connection (no stream reset) before the body it
+/// announced has come is recorded as 499 `client_closed` too.
+#[tokio::test]
+async fn an_http2_body_cut_short_by_closing_the_connection_is_recorded_as_client_closed() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let tls = server
+        .client(fx.client_options().http2())
+        .connect_raw()
+        .await
+        .unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method("PUT")
+        .uri("https://localhost/v1/me/credentials/zoom.h2cut")
+        .header("content-type", "application/json")
+        .header("content-length", "100")
+        .header(
+            "authorization",
+            format!("Bearer {}", fx.user_token("alice")),
+        )
+        .body(())
+        .unwrap();
+    let (_response, mut body) = h2.send_request(request, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"{\"value\":"), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The whole connection goes: the TCP socket closes without a RST_STREAM.
+    connection.abort();
+    let _ = connection.await;
+    let client = server.client(fx.client_options());
+    let records = common::wait_for_records(&client, "zoom.h2cut", 1).await;
+    let record = records.first().expect("the cut request left no record");
+    assert_eq!(record["status"], 499, "{record}");
+    assert_eq!(record["error_code"], "client_closed", "{record}");
+    server.stop().await.unwrap();
+}
+
 /// An HTTP/1.1 client that closes its connection before the body it announced has come is
 /// recorded as 499 `client_closed`, as it is counted in the metrics, not as a bad request.
 #[tokio::test]
