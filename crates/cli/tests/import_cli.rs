@@ -1038,6 +1038,15 @@ fn usage_errors() {
     assert!(!err.contains("give the Django keys"), "{err}");
     assert!(err.contains("nonexistent.sqlite3"), "{err}");
     assert!(!err.contains("env-secret-canary"), "{err}");
+    let out = strongroom()
+        .args(["import", "django-fernet-fields", "--dry-run"])
+        .args(["--database", "sqlite:/nonexistent.sqlite3", "--table", "t"])
+        .args(["--owner-column", "o", "--map", "c=n", "--secret-key", ""])
+        .env_remove("STRONGROOM_IMPORT_SECRET_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--secret-key is empty"));
     for unset in [None, Some("")] {
         let err = keyless(unset);
         assert!(

@@ -174,8 +174,9 @@ pub fn check_place(owner: &str, name: &str) -> Result<(), CoreError> {
 /// What in a metadata value could not be stored as it was written, if anything:
 /// * U+0000 in a key or string: PostgreSQL's JSONB refuses it, so both stores refuse it up
 ///   front (one rule, and a 400 rather than a store error);
-/// * a whole number past 64 bits (or past 2^53 written as a double): it is read as a double,
-///   and would come back with other digits (2^64 as `1.8446744073709552e19`).
+/// * a whole number past 64 bits (or from 2^53 on written as a double, where doubles no
+///   longer hold every whole number): it is read as a double, and would come back with
+///   other digits (2^64 as `1.8446744073709552e19`).
 fn metadata_fault(value: &serde_json::Value) -> Option<&'static str> {
     use serde_json::Value;
     match value {
@@ -187,7 +188,7 @@ fn metadata_fault(value: &serde_json::Value) -> Option<&'static str> {
         {
             Some(
                 "a metadata number is a whole number too large to keep exactly (past 64 \
-                 bits, or past 2^53 with a fraction or exponent): send it as a string",
+                 bits, or from 2^53 on with a fraction or exponent): send it as a string",
             )
         }
         Value::Array(items) => items.iter().find_map(metadata_fault),

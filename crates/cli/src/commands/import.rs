@@ -170,6 +170,9 @@ async fn django(args: DjangoArgs) -> Result<(), Failure> {
     } else if !args.keys.is_empty() {
         args.keys.iter().map(|k| k.expose().clone()).collect()
     } else if let Some(secret) = &args.secret_key {
+        if secret.expose().is_empty() {
+            return Err(CliError::Usage("--secret-key is empty".into()).into());
+        }
         vec![secret.expose().clone()]
     } else if let Some(secret) = std::env::var_os(SECRET_KEY_ENV).filter(|v| !v.is_empty()) {
         // Empty is unset, as clap reads its own variables.
