@@ -297,3 +297,117 @@ async fn two_nodes_write_one_audit_chain() {
     }
     backends.close().await;
 }
+
+/// Two nodes on one PostgreSQL, each with its own copy of the keyring file, rotated through
+/// the API at the same moment: the first to record its version keeps it; the other answers
+/// 409 `rotation_refused` (or refuses before rotating, having seen the record) and seals
+/// nothing new until the winner's file is copied to it, so that no acknowledged write is
+/// sealed under a version no good copy holds. Every value then reveals on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(url) = postgres_url() else { return };
+    let fx = Fixture::new();
+    let schema = format!("srv_rot_{}", std::process::id());
+    let store = format!(
+        "[store]\nkind = \"postgres\"\nurl = {url:?}\nschema = \"{schema}\"\nmax_connections = 4\n"
+    );
+    let a_ring = fx.data_dir.join("keyring.json");
+    let b_ring = fx.data_dir.join("keyring-b.json");
+    std::fs::copy(&a_ring, &b_ring).unwrap();
+    let a = spawn(fx.config_from(&fx.toml("", &store))).await;
+    let b = spawn(fx.config_from(&fx.toml(
+        "",
+        &format!(
+            "{store}\n[keys]\nkeyring = {:?}\n",
+            b_ring.display().to_string()
+        ),
+    )))
+    .await;
+    let (ca, cb) = (a.client(fx.client_options()), b.client(fx.client_options()));
+    let alice = fx.user_token("alice");
+    let put = |client: &strongroom_server::testing::TestClient, name: String| {
+        let (client, alice) = (client.clone(), alice.clone());
+        async move {
+            let r = client
+                .json(
+                    "PUT",
+                    &format!("/v1/me/credentials/{name}"),
+                    Some(&alice),
+                    &json!({"value": name}),
+                )
+                .await
+                .unwrap();
+            (r.status, name)
+        }
+    };
+    assert_eq!(put(&ca, "zoom.a0".into()).await.0, 201);
+    assert_eq!(put(&cb, "zoom.b0".into()).await.0, 201);
+
+    let rotate = |client: &strongroom_server::testing::TestClient| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .json(
+                    "POST",
+                    "/v1/keys/rotate",
+                    Some(common::ADMIN_TOKEN),
+                    &json!({}),
+                )
+                .await
+                .unwrap();
+            (r.status, r.json())
+        }
+    };
+    let (ra, rb) = tokio::join!(rotate(&ca), rotate(&cb));
+    let outcomes = [ra.0, rb.0];
+    assert!(
+        outcomes.contains(&200) && outcomes.contains(&409),
+        "{ra:?} {rb:?}"
+    );
+    let (winner, loser, winner_ring, loser_ring) = if ra.0 == 200 {
+        (&ca, &cb, &a_ring, &b_ring)
+    } else {
+        (&cb, &ca, &b_ring, &a_ring)
+    };
+    let loser_answer = if ra.0 == 409 { &ra.1 } else { &rb.1 };
+    assert_eq!(
+        loser_answer["error"]["code"], "rotation_refused",
+        "{loser_answer}"
+    );
+
+    // The loser seals nothing new; the winner goes on under the new version.
+    let acknowledged = std::sync::Mutex::new(vec!["zoom.a0".to_owned(), "zoom.b0".to_owned()]);
+    let (status, name) = put(loser, "zoom.loser1".into()).await;
+    assert_eq!(status, 503, "the losing copy sealed {name}");
+    let (status, name) = put(winner, "zoom.winner1".into()).await;
+    assert_eq!(status, 201);
+    acknowledged.lock().unwrap().push(name);
+    // The winner's file copied to the loser: it seals again.
+    std::fs::copy(winner_ring, loser_ring).unwrap();
+    std::fs::set_permissions(loser_ring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let loser_put = || put(loser, "zoom.loser2".into());
+    let (_, name) = common::eventually("the loser seals again with the newest file", || async {
+        let r = loser_put().await;
+        (r.0 == 201).then_some(r)
+    })
+    .await;
+    acknowledged.lock().unwrap().push(name);
+    for name in acknowledged.into_inner().unwrap() {
+        for node in [&ca, &cb] {
+            let r = node
+                .json(
+                    "POST",
+                    &format!("/v1/owners/alice/credentials/{name}/reveal"),
+                    Some(SERVICE_TOKEN),
+                    &json!({}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{name}: {}", r.text());
+            assert_eq!(r.json()["value"], name.as_str());
+        }
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
