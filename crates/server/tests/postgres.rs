@@ -326,23 +326,9 @@ async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() 
     .await;
     let (ca, cb) = (a.client(fx.client_options()), b.client(fx.client_options()));
     let alice = fx.user_token("alice");
-    let put = |client: &strongroom_server::testing::TestClient, name: String| {
-        let (client, alice) = (client.clone(), alice.clone());
-        async move {
-            let r = client
-                .json(
-                    "PUT",
-                    &format!("/v1/me/credentials/{name}"),
-                    Some(&alice),
-                    &json!({"value": name}),
-                )
-                .await
-                .unwrap();
-            (r.status, name)
-        }
-    };
-    assert_eq!(put(&ca, "zoom.a0".into()).await.0, 201);
-    assert_eq!(put(&cb, "zoom.b0".into()).await.0, 201);
+    let put = |client, name: &'static str| common::user_put(client, &alice, name);
+    assert_eq!(put(&ca, "zoom.a0").await.0, 201);
+    assert_eq!(put(&cb, "zoom.b0").await.0, 201);
 
     let rotate = |client: &strongroom_server::testing::TestClient| {
         let client = client.clone();
@@ -378,21 +364,21 @@ async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() 
 
     // The loser seals nothing new; the winner goes on under the new version.
     let acknowledged = std::sync::Mutex::new(vec!["zoom.a0".to_owned(), "zoom.b0".to_owned()]);
-    let (status, name) = put(loser, "zoom.loser1".into()).await;
-    assert_eq!(status, 503, "the losing copy sealed {name}");
-    let (status, name) = put(winner, "zoom.winner1".into()).await;
-    assert_eq!(status, 201);
-    acknowledged.lock().unwrap().push(name);
+    assert_eq!(
+        put(loser, "zoom.loser1").await.0,
+        503,
+        "the losing copy sealed"
+    );
+    assert_eq!(put(winner, "zoom.winner1").await.0, 201);
+    acknowledged.lock().unwrap().push("zoom.winner1".to_owned());
     // The winner's file copied to the loser: it seals again.
     std::fs::copy(winner_ring, loser_ring).unwrap();
     std::fs::set_permissions(loser_ring, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let loser_put = || put(loser, "zoom.loser2".into());
-    let (_, name) = common::eventually("the loser seals again with the newest file", || async {
-        let r = loser_put().await;
-        (r.0 == 201).then_some(r)
+    common::eventually("the loser seals again with the newest file", || async {
+        (put(loser, "zoom.loser2").await.0 == 201).then_some(())
     })
     .await;
-    acknowledged.lock().unwrap().push(name);
+    acknowledged.lock().unwrap().push("zoom.loser2".to_owned());
     for name in acknowledged.into_inner().unwrap() {
         for node in [&ca, &cb] {
             let r = node

@@ -35,24 +35,6 @@ async fn service_put(client: &strongroom_server::testing::TestClient, name: &str
         .status
 }
 
-/// A user puts their credential `name`, its value its name: the status and error code.
-async fn user_put(
-    client: &strongroom_server::testing::TestClient,
-    token: &str,
-    name: &str,
-) -> (u16, serde_json::Value) {
-    let r = client
-        .json(
-            "PUT",
-            &format!("/v1/me/credentials/{name}"),
-            Some(token),
-            &json!({"value": name}),
-        )
-        .await
-        .unwrap();
-    (r.status, r.json()["error"]["code"].clone())
-}
-
 #[tokio::test]
 async fn a_port_in_use_is_one_clear_error() {
     let fx = Fixture::new();
@@ -843,7 +825,7 @@ async fn a_keyring_file_gone_stops_new_writes_until_it_is_back() {
     let server = spawn(fx.config()).await;
     let client = server.client(fx.client_options());
     let alice = fx.user_token("alice");
-    let put = |name: &'static str| user_put(&client, &alice, name);
+    let put = |name: &'static str| common::user_put(&client, &alice, name);
     assert_eq!(put("zoom.a").await.0, 201);
     let path = fx.data_dir.join("keyring.json");
     let kept = std::fs::read(&path).unwrap();
@@ -900,7 +882,7 @@ async fn a_keyring_copy_left_behind_by_a_rotation_elsewhere_seals_nothing_new() 
     let server = spawn(fx.config()).await;
     let client = server.client(fx.client_options());
     let alice = fx.user_token("alice");
-    let put = |name: &'static str| user_put(&client, &alice, name);
+    let put = |name: &'static str| common::user_put(&client, &alice, name);
     assert_eq!(put("zoom.a").await.0, 201);
 
     // Another host's copy, rotated there.

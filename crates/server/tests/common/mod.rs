@@ -369,3 +369,21 @@ pub async fn wait_for_records(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A user puts their credential `name`, its value its name: the status and error code.
+pub async fn user_put(
+    client: &strongroom_server::testing::TestClient,
+    token: &str,
+    name: &str,
+) -> (u16, serde_json::Value) {
+    let r = client
+        .json(
+            "PUT",
+            &format!("/v1/me/credentials/{name}"),
+            Some(token),
+            &serde_json::json!({"value": name}),
+        )
+        .await
+        .unwrap();
+    (r.status, r.json()["error"]["code"].clone())
+}
