@@ -6,9 +6,10 @@
 //! under the version it has; once that version is retired, what it sealed is lost. Two
 //! copies rotated at once each make a version of the same number with other material, and
 //! what either sealed opens only with its own file. The store is the one place every node
-//! and command shares, so each rotation records the version it made there, with the
-//! fingerprint of its material (`keys rotate`, `POST /v1/keys/rotate`), and the first to
-//! record a number keeps it: a keyring that lacks the version, or holds other material under
+//! and command shares, so each rotation records the version it makes there, with the
+//! fingerprint of its material, before it writes its file (`keys rotate`,
+//! `POST /v1/keys/rotate`), and the first to record a number keeps it (the others leave
+//! their file as it was): a keyring that lacks the version, or holds other material under
 //! its number, seals nothing new (`LocalKeyring::require_version` in `strongroom-keys`), and
 //! `keys rotate` refuses to rotate it.
 
@@ -78,9 +79,14 @@ pub async fn newest_recorded(
     Ok(parse(raw.as_deref()))
 }
 
+fn encode(version: u32, fingerprint: [u8; 32]) -> Vec<u8> {
+    format!("{version}:{}", hex::encode(fingerprint)).into_bytes()
+}
+
 /// Records `version`, whose material has `fingerprint`, as `key_id`'s newest (a
-/// compare-and-swap: another rotation may record at the same moment). Recording the same
-/// version and material again is no change.
+/// compare-and-swap: another rotation may record at the same moment), before the rotation
+/// writes its file. Recording the same version and material again is no change. Returns the
+/// record it replaced, for [`take_back`].
 ///
 /// # Errors
 ///
@@ -91,14 +97,14 @@ pub async fn record_newest(
     key_id: &str,
     version: u32,
     fingerprint: [u8; 32],
-) -> Result<(), RecordError> {
+) -> Result<Option<Vec<u8>>, RecordError> {
     let key = state_key(key_id);
     loop {
         let current = store.get_provider_state(&key).await?;
         if let Some(r) = parse(current.as_deref()) {
             let same = r.version == version && r.fingerprint.is_none_or(|f| f == fingerprint);
             if same && r.fingerprint.is_some() {
-                return Ok(());
+                return Ok(current);
             }
             if r.version > version || (r.version == version && !same) {
                 return Err(RecordError::Conflict {
@@ -107,14 +113,40 @@ pub async fn record_newest(
                 });
             }
         }
-        let value = format!("{version}:{}", hex::encode(fingerprint)).into_bytes();
         if store
-            .swap_provider_state(&key, current.as_deref(), value)
+            .swap_provider_state(&key, current.as_deref(), encode(version, fingerprint))
             .await?
         {
-            return Ok(());
+            return Ok(current);
         }
     }
+}
+
+/// Puts back the record `previous` that [`record_newest`] replaced with `version` and
+/// `fingerprint`, when the rotation could not write its file after all: only if the record
+/// is still that one. Returns whether the record is back as it was.
+///
+/// # Errors
+///
+/// The store's.
+pub async fn take_back(
+    store: &dyn Store,
+    key_id: &str,
+    version: u32,
+    fingerprint: [u8; 32],
+    previous: Option<Vec<u8>>,
+) -> Result<bool, StoreError> {
+    let ours = encode(version, fingerprint);
+    if previous.as_deref() == Some(ours.as_slice()) {
+        return Ok(true);
+    }
+    store
+        .swap_provider_state(
+            &state_key(key_id),
+            Some(&ours),
+            previous.unwrap_or_default(),
+        )
+        .await
 }
 
 #[cfg(test)]
@@ -151,15 +183,18 @@ mod tests {
                 fingerprint: Some([3; 32])
             })
         );
-        record_newest(&store, "kr-1", 4, [4; 32]).await.unwrap();
-        assert_eq!(
-            newest_recorded(&store, "kr-1")
-                .await
-                .unwrap()
-                .unwrap()
-                .version,
-            4
-        );
+        let previous = record_newest(&store, "kr-1", 4, [4; 32]).await.unwrap();
+        let newest = async || newest_recorded(&store, "kr-1").await.unwrap().unwrap();
+        assert_eq!(newest().await.version, 4);
+        // Its file could not be written: the record it replaced comes back.
+        assert!(take_back(&store, "kr-1", 4, [4; 32], previous)
+            .await
+            .unwrap());
+        assert_eq!(newest().await.version, 3);
+        // Taking back a record another rotation has replaced since changes nothing.
+        record_newest(&store, "kr-1", 4, [5; 32]).await.unwrap();
+        assert!(!take_back(&store, "kr-1", 4, [4; 32], None).await.unwrap());
+        assert_eq!(newest().await.fingerprint, Some([5; 32]));
         assert_eq!(newest_recorded(&store, "kr-2").await.unwrap(), None);
     }
 }

@@ -684,7 +684,69 @@ pub fn rotate(
     now: OffsetDateTime,
     rng: &dyn SecureRandom,
 ) -> Result<KeyInfo, KeyringError> {
-    let _lock = lock(path)?;
+    begin_rotation(path, now, rng)?.commit()
+}
+
+/// A rotation made in memory, the keyring file locked ([`begin_rotation`]): nothing is
+/// written until [`PendingRotation::commit`]; dropped, it leaves the file as it was. What a
+/// caller that must record the new version elsewhere first (the store, which every copy of
+/// the file is checked against) uses, so that a version whose record was refused is never
+/// written where a server could load it.
+pub struct PendingRotation {
+    _lock: LockGuard,
+    path: PathBuf,
+    model: FileModel,
+    version: u32,
+    fingerprint: [u8; 32],
+}
+
+impl std::fmt::Debug for PendingRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRotation")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingRotation {
+    /// The keyring's key id.
+    pub fn key_id(&self) -> &str {
+        &self.model.key_id
+    }
+
+    /// The version the rotation makes.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The fingerprint of the new version's material (as [`LocalKeyring::fingerprint`]).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// Writes the rotation to the file, and releases the lock.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors writing the file (which then stays as it was).
+    pub fn commit(self) -> Result<KeyInfo, KeyringError> {
+        write_file(&self.path, &self.model)?;
+        info_of(&self.model, self.version)
+    }
+}
+
+/// Prepares a rotation of the keyring at `path`: see [`PendingRotation`].
+///
+/// # Errors
+///
+/// As [`LocalKeyring::open`], and the random source's.
+pub fn begin_rotation(
+    path: &Path,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<PendingRotation, KeyringError> {
+    let lock = lock(path)?;
     let mut model = read_file(path)?;
     build_keks(path, &model)?;
     let next = model.keys.iter().map(|k| k.version).max().unwrap_or(0) + 1;
@@ -694,9 +756,15 @@ pub fn rotate(
             k.state_changed_at = now;
         }
     }
-    model.keys.push(new_version(next, now, rng)?);
-    write_file(path, &model)?;
-    info_of(&model, next)
+    let (key, fingerprint) = new_version_with_fingerprint(next, now, rng)?;
+    model.keys.push(key);
+    Ok(PendingRotation {
+        _lock: lock,
+        path: path.to_owned(),
+        model,
+        version: next,
+        fingerprint,
+    })
 }
 
 /// Retires `version`: erases its material from the file, so nothing it wrapped opens again.
@@ -740,14 +808,23 @@ fn new_version(
     now: OffsetDateTime,
     rng: &dyn SecureRandom,
 ) -> Result<FileKey, KeyringError> {
+    new_version_with_fingerprint(version, now, rng).map(|(key, _)| key)
+}
+
+fn new_version_with_fingerprint(
+    version: u32,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<(FileKey, [u8; 32]), KeyringError> {
     let key = Key256::generate(rng)?;
-    Ok(FileKey {
+    let file_key = FileKey {
         version,
         state: KeyState::Active,
         created_at: now,
         state_changed_at: now,
         material: Some(Zeroizing::new(STANDARD.encode(key.expose_secret()))),
-    })
+    };
+    Ok((file_key, fingerprint(key.expose_secret())))
 }
 
 fn info_of(model: &FileModel, version: u32) -> Result<KeyInfo, KeyringError> {

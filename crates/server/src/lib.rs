@@ -1597,7 +1597,14 @@ async fn open_keys_as(
     (provider, local_keyring): (Arc<dyn KeyProvider>, Option<Arc<LocalKeyring>>),
     first_start: FirstStart,
 ) -> Result<Keys, ServerError> {
-    if local_keyring.is_some() {
+    if let Some(ring) = &local_keyring {
+        // Before anything is sealed, not at the watcher's first look: a copy left behind
+        // seals nothing from the start (see `keyring_record`).
+        if let Ok(Some(r)) =
+            strongroom_core::keyring_record::newest_recorded(store.as_ref(), ring.key_id()).await
+        {
+            ring.require_version(r.version, r.fingerprint);
+        }
         return Ok(Keys {
             provider,
             local_keyring,

@@ -62,55 +62,71 @@ impl KeyRotation for ServerRotation {
                          here before rotating"
                     )));
                 }
+                // Made in memory, the file locked; recorded in the store first (the first
+                // rotation to record a number keeps it), and written only then, so that a
+                // version that lost the race is never where a server could load it.
+                use strongroom_core::keyring_record::{record_newest, take_back, RecordError};
                 let file = path.clone();
-                let (info, made) = tokio::task::spawn_blocking(move || {
-                    let info = strongroom_keys::local::rotate(
+                let pending = tokio::task::spawn_blocking(move || {
+                    strongroom_keys::local::begin_rotation(
                         &file,
                         OffsetDateTime::now_utc(),
                         &OsRandom,
-                    )?;
-                    // The fingerprint of what was just written, for the store's record.
-                    let made = LocalKeyring::open(&file)?.fingerprint(info.version);
-                    Ok::<_, strongroom_keys::local::KeyringError>((info, made))
+                    )
                 })
                 .await
                 .map_err(|e| failed(&e))?
                 .map_err(|e| failed(&e))?;
-                // First recorded, first kept: another copy rotated at the same moment may have
-                // made this number with other material.
-                use strongroom_core::keyring_record::{record_newest, RecordError};
-                let recorded = match made {
-                    Some(fp) => record_newest(store.as_ref(), &info.key_id, info.version, fp)
-                        .await
-                        .map_err(|e| match e {
-                            RecordError::Conflict { .. } => RotationError::Refused(format!(
-                                "the keyring file was rotated, but {e}: this server seals \
-                                 nothing new until the newest keyring file is copied here"
-                            )),
-                            RecordError::Store(e) => failed(&e),
-                        }),
-                    None => Err(failed(&"the new version's material could not be read back")),
-                };
-                match recorded {
-                    Ok(()) => {}
-                    Err(refused @ RotationError::Refused(_)) => {
-                        // The file now holds the losing version: this server stops sealing
-                        // before its watcher would notice.
-                        if let Ok(Some(r)) = strongroom_core::keyring_record::newest_recorded(
-                            store.as_ref(),
-                            keyring.key_id(),
-                        )
-                        .await
-                        {
-                            keyring.require_version(r.version, r.fingerprint);
+                let (version, fp) = (pending.version(), pending.fingerprint());
+                let previous =
+                    match record_newest(store.as_ref(), pending.key_id(), version, fp).await {
+                        Ok(previous) => previous,
+                        Err(e @ RecordError::Conflict { .. }) => {
+                            drop(pending);
+                            // This server's file is now behind: it stops sealing at once.
+                            if let Ok(Some(r)) = strongroom_core::keyring_record::newest_recorded(
+                                store.as_ref(),
+                                keyring.key_id(),
+                            )
+                            .await
+                            {
+                                keyring.require_version(r.version, r.fingerprint);
+                            }
+                            return Err(RotationError::Refused(format!(
+                                "{e}; this server's keyring file is unchanged, and seals nothing \
+                             new until the newest keyring file is copied here"
+                            )));
                         }
-                        return Err(refused);
-                    }
-                    // Done, the rotation stands: said in the log.
+                        Err(RecordError::Store(e)) => {
+                            return Err(failed(&format_args!(
+                            "the rotation cannot be recorded in the store ({e}); nothing changed"
+                        )))
+                        }
+                    };
+                let key_id = pending.key_id().to_owned();
+                let written = tokio::task::spawn_blocking(move || pending.commit())
+                    .await
+                    .map_err(|e| failed(&e))
+                    .and_then(|r| r.map_err(|e| failed(&e)));
+                let info = match written {
+                    Ok(info) => info,
                     Err(e) => {
-                        tracing::warn!(error = %e, "the rotation is not recorded in the store")
+                        if !take_back(store.as_ref(), &key_id, version, fp, previous)
+                            .await
+                            .unwrap_or(false)
+                        {
+                            tracing::error!(
+                                version,
+                                key_id = %key_id,
+                                "the rotation was recorded but its keyring file not written, \
+                                 and the record could not be taken back: no server seals until \
+                                 the store's provider_state row keyring/<key id>/newest-version \
+                                 is set back to the version the files hold"
+                            );
+                        }
+                        return Err(e);
                     }
-                }
+                };
                 // New data keys go under it from the next request on this server (others
                 // read the file within a second).
                 keyring.reload().map_err(|e| failed(&e))?;

@@ -300,9 +300,10 @@ async fn two_nodes_write_one_audit_chain() {
 
 /// Two nodes on one PostgreSQL, each with its own copy of the keyring file, rotated through
 /// the API at the same moment: the first to record its version keeps it; the other answers
-/// 409 `rotation_refused` (or refuses before rotating, having seen the record) and seals
-/// nothing new until the winner's file is copied to it, so that no acknowledged write is
-/// sealed under a version no good copy holds. Every value then reveals on both nodes.
+/// 409 `rotation_refused` (or refuses before rotating, having seen the record), leaves its
+/// file as it was, and seals nothing new until the winner's file is copied to it, so that no
+/// acknowledged write is sealed under a version no good copy holds. Every value then reveals
+/// on both nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() {
     use std::os::unix::fs::PermissionsExt;
@@ -345,6 +346,7 @@ async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() 
             (r.status, r.json())
         }
     };
+    let before = std::fs::read(&a_ring).unwrap();
     let (ra, rb) = tokio::join!(rotate(&ca), rotate(&cb));
     let outcomes = [ra.0, rb.0];
     assert!(
@@ -361,6 +363,9 @@ async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() 
         loser_answer["error"]["code"], "rotation_refused",
         "{loser_answer}"
     );
+    // The loser's file is as it was: its version of that number was never written where a
+    // server could load it.
+    assert_eq!(std::fs::read(loser_ring).unwrap(), before);
 
     // The loser seals nothing new; the winner goes on under the new version.
     let acknowledged = std::sync::Mutex::new(vec!["zoom.a0".to_owned(), "zoom.b0".to_owned()]);
@@ -371,7 +376,10 @@ async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() 
     );
     assert_eq!(put(winner, "zoom.winner1").await.0, 201);
     acknowledged.lock().unwrap().push("zoom.winner1".to_owned());
-    // The winner's file copied to the loser: it seals again.
+    // The winner's file copied to the loser, after its watcher has looked again (an
+    // operator takes longer than a second): it seals again.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(put(loser, "zoom.loser1").await.0, 503);
     std::fs::copy(winner_ring, loser_ring).unwrap();
     std::fs::set_permissions(loser_ring, std::fs::Permissions::from_mode(0o600)).unwrap();
     common::eventually("the loser seals again with the newest file", || async {

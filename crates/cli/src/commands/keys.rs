@@ -270,12 +270,7 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                         return Err(e);
                     }
                     audit_rotation_start(&backends).await;
-                    let mut rotated = local::rotate(&path, now, &OsRandom).map_err(Failure::from);
-                    if let Ok(made) = &rotated {
-                        if let Err(e) = record_newest_version(&backends, &path, made).await {
-                            rotated = Err(e);
-                        }
-                    }
+                    let rotated = rotate_recorded(&backends, &path, now).await;
                     audit_rotation(backends, &rotated, |k| k.version).await;
                     rotated
                 })?
@@ -881,37 +876,55 @@ async fn refuse_a_keyring_not_the_stores(
     Ok(())
 }
 
-/// Records the version a rotation made in the store ([`strongroom_core::keyring_record`]),
-/// with the fingerprint of its material. Another rotation that recorded this number (with
-/// other material) or a newer one first is an error: this file's new version is not the one
-/// in use, and servers reading it seal nothing new. Any other failure is a warning: the
-/// rotation is done, and only the refusal of copies left behind depends on the record.
-async fn record_newest_version(
+/// Rotates the keyring at `path`, recording the new version in the store
+/// ([`strongroom_core::keyring_record`]) before the file is written: the first rotation to
+/// record a number keeps it, and one that lost the race leaves the file as it was, so that
+/// no server loads a version no other copy holds. A record that cannot be made refuses the
+/// rotation; a file that cannot be written takes the record back.
+async fn rotate_recorded(
     backends: &strongroom_server::Backends,
     path: &std::path::Path,
-    made: &KeyInfo,
-) -> Result<(), Failure> {
-    use strongroom_core::keyring_record::{record_newest, RecordError};
-    let Some(fp) = LocalKeyring::open(path)
-        .ok()
-        .and_then(|ring| ring.fingerprint(made.version))
-    else {
-        errln!("warning: the rotation is not recorded in the store: the new version's material could not be read back");
-        return Ok(());
+    now: OffsetDateTime,
+) -> Result<KeyInfo, Failure> {
+    use strongroom_core::keyring_record::{record_newest, take_back, RecordError};
+    let pending = local::begin_rotation(path, now, &OsRandom)?;
+    let (version, fp) = (pending.version(), pending.fingerprint());
+    let key_id = pending.key_id().to_owned();
+    let previous = match record_newest(backends.store.as_ref(), &key_id, version, fp).await {
+        Ok(previous) => previous,
+        Err(e @ RecordError::Conflict { .. }) => {
+            return Err(CliError::Operation(format!(
+                "{e}; {} is unchanged: copy the newest keyring file from the host whose \
+                 rotation was recorded here (servers reading this file seal nothing new until \
+                 then)",
+                path.display()
+            ))
+            .into())
+        }
+        Err(RecordError::Store(e)) => {
+            return Err(CliError::Operation(format!(
+                "the rotation cannot be recorded in the store ({e}); {} is unchanged",
+                path.display()
+            ))
+            .into())
+        }
     };
-    match record_newest(backends.store.as_ref(), &made.key_id, made.version, fp).await {
-        Ok(()) => Ok(()),
-        Err(e @ RecordError::Conflict { .. }) => Err(CliError::Operation(format!(
-            "{} was rotated to version {}, but {e}: copy the newest keyring file from the host \
-             whose rotation was recorded here (servers reading this file seal nothing new \
-             until then)",
-            path.display(),
-            made.version
-        ))
-        .into()),
+    match pending.commit() {
+        Ok(info) => Ok(info),
         Err(e) => {
-            errln!("warning: the rotation is not recorded in the store: {e}");
-            Ok(())
+            if !take_back(backends.store.as_ref(), &key_id, version, fp, previous)
+                .await
+                .unwrap_or(false)
+            {
+                errln!(
+                    "error: version {version} was recorded in the store but {} was not \
+                     written, and the record could not be taken back: no server seals until \
+                     the store's provider_state row keyring/{key_id}/newest-version is set \
+                     back to the version the file holds",
+                    path.display()
+                );
+            }
+            Err(e.into())
         }
     }
 }
