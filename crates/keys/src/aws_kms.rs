@@ -374,13 +374,20 @@ fn configured_endpoint(sdk: &aws_config::SdkConfig) -> Option<String> {
 /// HTTP elsewhere would carry data keys and KEKs readable on the wire. No user name or
 /// password in it either: the SDK takes credentials from its chain.
 fn check_endpoint(url: &str, what: &str) -> Result<(), ProviderError> {
-    // Shown without anything before an `@`: a user name and password must not reach a log.
-    let shown = match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://…@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+    // Shown without anything before an `@` (a user name and password), with or without a
+    // scheme, and without a query or fragment (a token): none may reach a log.
+    let shown = {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let rest = rest.split(['?', '#']).next().unwrap_or_default();
+        let rest = match rest.rsplit_once('@') {
+            Some((_, host)) => format!("…@{host}"),
+            None => rest.to_owned(),
+        };
+        if scheme.is_empty() {
+            rest
+        } else {
+            format!("{scheme}://{rest}")
+        }
     };
     let bad = |why: &str| {
         error(
@@ -618,6 +625,11 @@ mod tests {
                 "user name or password",
             ),
             ("ftp://127.0.0.1", "must be https://"),
+            ("AKIA:secret-canary@kms.example", "must be https://"),
+            (
+                "http://kms.example/?token=secret-canary",
+                "loopback address only",
+            ),
             ("kms.eu-west-1.amazonaws.com", "must be https://"),
             ("https://", "names no host"),
         ] {
