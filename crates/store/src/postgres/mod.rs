@@ -419,7 +419,12 @@ impl Drop for Conn<'_> {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    match tokio::time::timeout(DRAIN_WAIT, obj.simple_query("")).await {
+                    // A statement prepared mid-way (its Parse sent, its answer never read)
+                    // has no handle to close it: every prepared statement goes, with the
+                    // cache that names them.
+                    obj.statement_cache.clear();
+                    let drained = obj.simple_query("DEALLOCATE ALL");
+                    match tokio::time::timeout(DRAIN_WAIT, drained).await {
                         Ok(Ok(_)) => drop(obj),
                         _ => Self::close(obj),
                     }
