@@ -821,12 +821,12 @@ async fn a_server_that_stops_answering_holds_no_one_up() {
 /// COMMIT lost) within seconds, releasing its locks (every put takes the audit head's row),
 /// and notices a client that stopped answering within about a minute: every session is set
 /// so.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_left_by_their_client_are_ended_at_the_server() {
+    use std::time::{Duration, Instant};
     let Some(url) = postgres_url() else { return };
-    let store = PostgresStore::connect(&url, schema_options("idle"))
-        .await
-        .unwrap();
+    let options = schema_options("idle");
+    let store = PostgresStore::connect(&url, options.clone()).await.unwrap();
     for (setting, want) in [
         ("idle_in_transaction_session_timeout", "5s"),
         ("tcp_keepalives_idle", "30"),
@@ -840,5 +840,37 @@ async fn sessions_left_by_their_client_are_ended_at_the_server() {
             "{setting}"
         );
     }
+    // A node cut off in a partition with a row locked in a transaction whose COMMIT never
+    // arrives (here: a transaction left open, then the relay cut): the lock goes with the
+    // session within seconds, and another node's write to that row goes through.
+    store.put_provider_state("x", b"0".to_vec()).await.unwrap();
+    let (head, rest) = url.split_once("@127.0.0.1:").expect("a URL to 127.0.0.1");
+    let port: u16 = rest.split('/').next().unwrap().parse().unwrap();
+    let relay = Relay::to(([127, 0, 0, 1], port).into()).await;
+    let path = &rest[rest.find('/').unwrap()..];
+    let relayed = format!("{head}@127.0.0.1:{}{path}", relay.addr.port());
+    let cut_off = PostgresStore::connect(&relayed, options).await.unwrap();
+    cut_off
+        .testing_batch_execute("BEGIN; UPDATE provider_state SET value = '\\x31' WHERE key = 'x'")
+        .await
+        .unwrap();
+    relay.cut();
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        store.put_provider_state("x", b"2".to_vec()),
+    )
+    .await
+    .expect("the cut-off session kept its lock")
+    .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}: no lock was held",
+        started.elapsed()
+    );
+    assert_eq!(
+        store.get_provider_state("x").await.unwrap(),
+        Some(b"2".to_vec())
+    );
     store.testing_drop_schema().await.unwrap();
 }
