@@ -89,6 +89,7 @@ use crate::config::{Config, JwtAlgorithmName, LimitsConfig, Overrides, StoreKind
 pub use crate::error::ServerError;
 use crate::idle::{Activity, Watched};
 use crate::jwks::JwksSpec;
+pub use crate::rotation::{rotate_local_recorded, LocalRotationError};
 use crate::tls::CertSlot;
 use crate::unread_body::SharedBody;
 

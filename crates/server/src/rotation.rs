@@ -62,70 +62,21 @@ impl KeyRotation for ServerRotation {
                          here before rotating"
                     )));
                 }
-                // Made in memory, the file locked; recorded in the store first (the first
-                // rotation to record a number keeps it), and written only then, so that a
-                // version that lost the race is never where a server could load it.
-                use strongroom_core::keyring_record::{record_newest, take_back, RecordError};
-                let file = path.clone();
-                let pending = tokio::task::spawn_blocking(move || {
-                    strongroom_keys::local::begin_rotation(
-                        &file,
-                        OffsetDateTime::now_utc(),
-                        &OsRandom,
-                    )
-                })
-                .await
-                .map_err(|e| failed(&e))?
-                .map_err(|e| failed(&e))?;
-                let (version, fp) = (pending.version(), pending.fingerprint());
-                let previous =
-                    match record_newest(store.as_ref(), pending.key_id(), version, fp).await {
-                        Ok(previous) => previous,
-                        Err(e @ RecordError::Conflict { .. }) => {
-                            drop(pending);
-                            // This server's file is now behind: it stops sealing at once.
-                            if let Ok(Some(r)) = strongroom_core::keyring_record::newest_recorded(
-                                store.as_ref(),
-                                keyring.key_id(),
-                            )
-                            .await
-                            {
-                                keyring.require_version(r.version, r.fingerprint);
-                            }
-                            return Err(RotationError::Refused(format!(
-                                "{e}; this server's keyring file is unchanged, and seals nothing \
-                             new until the newest keyring file is copied here"
-                            )));
-                        }
-                        Err(RecordError::Store(e)) => {
-                            return Err(failed(&format_args!(
-                            "the rotation cannot be recorded in the store ({e}); nothing changed"
-                        )))
-                        }
-                    };
-                let key_id = pending.key_id().to_owned();
-                let written = tokio::task::spawn_blocking(move || pending.commit())
-                    .await
-                    .map_err(|e| failed(&e))
-                    .and_then(|r| r.map_err(|e| failed(&e)));
-                let info = match written {
+                let info = match rotate_local_recorded(store.as_ref(), path).await {
                     Ok(info) => info,
-                    Err(e) => {
-                        if !take_back(store.as_ref(), &key_id, version, fp, previous)
-                            .await
-                            .unwrap_or(false)
+                    Err(LocalRotationError::Lost(why)) => {
+                        // This server's file is now behind: it stops sealing at once.
+                        if let Ok(Some(r)) = strongroom_core::keyring_record::newest_recorded(
+                            store.as_ref(),
+                            keyring.key_id(),
+                        )
+                        .await
                         {
-                            tracing::error!(
-                                version,
-                                key_id = %key_id,
-                                "the rotation was recorded but its keyring file not written, \
-                                 and the record could not be taken back: no server seals until \
-                                 the store's provider_state row keyring/<key id>/newest-version \
-                                 is set back to the version the files hold"
-                            );
+                            keyring.require_version(r.version, r.fingerprint);
                         }
-                        return Err(e);
+                        return Err(RotationError::Refused(why));
                     }
+                    Err(LocalRotationError::Failed(why)) => return Err(RotationError::Failed(why)),
                 };
                 // New data keys go under it from the next request on this server (others
                 // read the file within a second).
@@ -191,6 +142,83 @@ impl KeyRotation for ServerRotation {
                 Ok(rotated)
             }
         }
+    }
+}
+
+/// Why [`rotate_local_recorded`] did not rotate.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalRotationError {
+    /// Another rotation recorded this version (with other material) or a newer one first;
+    /// the file is as it was.
+    #[error("{0}")]
+    Lost(String),
+    /// Anything else: the keyring file, or the store (the message says what changed).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Rotates the local keyring at `path`, recording the new version in the store
+/// ([`strongroom_core::keyring_record`]) before the file is written: the version is made in
+/// memory with the file locked ([`strongroom_keys::local::begin_rotation`]), and the first
+/// rotation to record a number keeps it, so that one that lost the race leaves its file as
+/// it was and no server loads a version no other copy holds. A record that cannot be made
+/// refuses the rotation; a file that cannot be written takes the record back. What
+/// `strongroom keys rotate` and `POST /v1/keys/rotate` both do.
+///
+/// # Errors
+///
+/// See [`LocalRotationError`].
+pub async fn rotate_local_recorded(
+    store: &dyn Store,
+    path: &std::path::Path,
+) -> Result<strongroom_keys::local::KeyInfo, LocalRotationError> {
+    use strongroom_core::keyring_record::{record_newest, take_back, RecordError};
+    let failed = |e: &dyn std::fmt::Display| LocalRotationError::Failed(e.to_string());
+    let file = path.to_owned();
+    let pending = tokio::task::spawn_blocking(move || {
+        strongroom_keys::local::begin_rotation(&file, OffsetDateTime::now_utc(), &OsRandom)
+    })
+    .await
+    .map_err(|e| failed(&e))?
+    .map_err(|e| failed(&e))?;
+    let (version, fp) = (pending.version(), pending.fingerprint());
+    let key_id = pending.key_id().to_owned();
+    let previous = match record_newest(store, &key_id, version, fp).await {
+        Ok(previous) => previous,
+        Err(e @ RecordError::Conflict { .. }) => {
+            return Err(LocalRotationError::Lost(format!(
+                "{e}; {} is unchanged: copy the newest keyring file from the host whose \
+                 rotation was recorded here (servers reading this file seal nothing new until \
+                 then)",
+                path.display()
+            )))
+        }
+        Err(RecordError::Store(e)) => {
+            return Err(failed(&format_args!(
+                "the rotation cannot be recorded in the store ({e}); {} is unchanged",
+                path.display()
+            )))
+        }
+    };
+    let written = tokio::task::spawn_blocking(move || pending.commit())
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match written {
+        Ok(info) => Ok(info),
+        Err(e)
+            if take_back(store, &key_id, version, fp, previous)
+                .await
+                .unwrap_or(false) =>
+        {
+            Err(failed(&e))
+        }
+        Err(e) => Err(failed(&format_args!(
+            "{e}; version {version} was recorded in the store but {} was not written, and the \
+             record could not be taken back: no server seals until the store's provider_state \
+             row keyring/{key_id}/newest-version is set back to the version the files hold",
+            path.display()
+        ))),
     }
 }
 

@@ -270,7 +270,10 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
                         return Err(e);
                     }
                     audit_rotation_start(&backends).await;
-                    let rotated = rotate_recorded(&backends, &path, now).await;
+                    let rotated =
+                        strongroom_server::rotate_local_recorded(backends.store.as_ref(), &path)
+                            .await
+                            .map_err(|e| Failure::from(CliError::Operation(e.to_string())));
                     audit_rotation(backends, &rotated, |k| k.version).await;
                     rotated
                 })?
@@ -874,59 +877,6 @@ async fn refuse_a_keyring_not_the_stores(
         .await
         .map_err(|e| refuse(format!("it does not open the store's audit head key ({e})")))?;
     Ok(())
-}
-
-/// Rotates the keyring at `path`, recording the new version in the store
-/// ([`strongroom_core::keyring_record`]) before the file is written: the first rotation to
-/// record a number keeps it, and one that lost the race leaves the file as it was, so that
-/// no server loads a version no other copy holds. A record that cannot be made refuses the
-/// rotation; a file that cannot be written takes the record back.
-async fn rotate_recorded(
-    backends: &strongroom_server::Backends,
-    path: &std::path::Path,
-    now: OffsetDateTime,
-) -> Result<KeyInfo, Failure> {
-    use strongroom_core::keyring_record::{record_newest, take_back, RecordError};
-    let pending = local::begin_rotation(path, now, &OsRandom)?;
-    let (version, fp) = (pending.version(), pending.fingerprint());
-    let key_id = pending.key_id().to_owned();
-    let previous = match record_newest(backends.store.as_ref(), &key_id, version, fp).await {
-        Ok(previous) => previous,
-        Err(e @ RecordError::Conflict { .. }) => {
-            return Err(CliError::Operation(format!(
-                "{e}; {} is unchanged: copy the newest keyring file from the host whose \
-                 rotation was recorded here (servers reading this file seal nothing new until \
-                 then)",
-                path.display()
-            ))
-            .into())
-        }
-        Err(RecordError::Store(e)) => {
-            return Err(CliError::Operation(format!(
-                "the rotation cannot be recorded in the store ({e}); {} is unchanged",
-                path.display()
-            ))
-            .into())
-        }
-    };
-    match pending.commit() {
-        Ok(info) => Ok(info),
-        Err(e) => {
-            if !take_back(backends.store.as_ref(), &key_id, version, fp, previous)
-                .await
-                .unwrap_or(false)
-            {
-                errln!(
-                    "error: version {version} was recorded in the store but {} was not \
-                     written, and the record could not be taken back: no server seals until \
-                     the store's provider_state row keyring/{key_id}/newest-version is set \
-                     back to the version the file holds",
-                    path.display()
-                );
-            }
-            Err(e.into())
-        }
-    }
 }
 
 async fn kek_counts(target: OperatorTarget) -> Result<Vec<(KekRef, u64)>, Failure> {
