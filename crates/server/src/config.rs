@@ -38,8 +38,10 @@
 //! | `tls.key` | **required** | PEM private key (PKCS#8, PKCS#1 or SEC1) |
 //! | `tls.client_ca` | — | PEM CA certificate(s) for client certificates: turns on mutual TLS |
 //! | `tls.client_auth` | `"optional"` | with `client_ca`: `"optional"` or `"required"` |
-//! | `auth.jwt.issuer` | — | required `iss` of user tokens |
-//! | `auth.jwt.audience` | — | required `aud` of user tokens |
+//! | `auth.jwt.issuer` | **required** | the `iss` user tokens must carry |
+//! | `auth.jwt.accept_any_issuer` | false | instead of `issuer`: accept any `iss` (keys that sign for this issuer alone) |
+//! | `auth.jwt.audience` | **required** | the `aud` user tokens must carry |
+//! | `auth.jwt.accept_any_audience` | false | instead of `audience`: accept any `aud` (keys that sign for Strongroom alone) |
 //! | `auth.jwt.on_behalf_of_audience` | — | the `aud` a user token presented by a delegated service (`X-Strongroom-On-Behalf-Of`) must carry instead; tokens carrying it are refused on the user's own routes, so the service reaches only what its policy rule allows. Unset, delegated services present the user's own tokens (a warning when the policy has delegated rules) |
 //! | `auth.jwt.leeway_seconds` | 30 | clock leeway for `exp`, `nbf` and `iat` (a token issued further in the future is refused) |
 //! | `auth.jwt.hs256_secret_file` | — | HS256 secret (the file's bytes, trailing whitespace removed; 32+ bytes) |
@@ -610,9 +612,17 @@ pub struct JwtConfig {
     /// Required `iss`.
     #[serde(default)]
     pub issuer: Option<String>,
+    /// Accept user tokens of any `iss` (instead of setting `issuer`): only for keys that
+    /// sign for this one issuer alone.
+    #[serde(default)]
+    pub accept_any_issuer: bool,
     /// Required `aud`.
     #[serde(default)]
     pub audience: Option<String>,
+    /// Accept user tokens of any `aud` (instead of setting `audience`): only for keys that
+    /// sign tokens for Strongroom alone.
+    #[serde(default)]
+    pub accept_any_audience: bool,
     /// The `aud` of user tokens delegated services present (`X-Strongroom-On-Behalf-Of`),
     /// refused on the user's own routes.
     #[serde(default)]
@@ -946,8 +956,13 @@ impl Config {
                         },
                         None => String::new(),
                     };
+                    // Two settings have no default to fall back on.
+                    let advice = match *setting {
+                        "auth.jwt.issuer" | "auth.jwt.audience" => "",
+                        _ => " (leave it out for the default)",
+                    };
                     return Err(ServerError::Config(format!(
-                        "key `{setting}`{from}: must not be empty (leave it out for the default)"
+                        "key `{setting}`{from}: must not be empty{advice}"
                     )));
                 }
             }
@@ -1236,17 +1251,41 @@ impl Config {
             if jwt.leeway_seconds > 300 {
                 return bad("auth.jwt.leeway_seconds", "must be at most 300");
             }
-            if matches!(&jwt.issuer, Some(s) if s.is_empty()) {
-                return bad(
-                    "auth.jwt.issuer",
-                    "must not be empty (leave it out to accept any issuer)",
-                );
-            }
-            if matches!(&jwt.audience, Some(s) if s.is_empty()) {
-                return bad(
-                    "auth.jwt.audience",
-                    "must not be empty (leave it out to accept any audience)",
-                );
+            // Keys an identity provider holds sign tokens for every application it serves
+            // (and, multi-tenant, for every tenant): without both checks a token another
+            // application was given would open this one. Accepting any is said explicitly.
+            for (key, value, any, claim) in [
+                ("issuer", &jwt.issuer, jwt.accept_any_issuer, "iss"),
+                ("audience", &jwt.audience, jwt.accept_any_audience, "aud"),
+            ] {
+                match (value, any) {
+                    (Some(s), _) if s.is_empty() => {
+                        return bad(
+                            &format!("auth.jwt.{key}"),
+                            &format!(
+                                "must not be empty (set accept_any_{key} = true to accept any)"
+                            ),
+                        )
+                    }
+                    (Some(_), true) => {
+                        return bad(
+                            &format!("auth.jwt.accept_any_{key}"),
+                            &format!("cannot be set with auth.jwt.{key}"),
+                        )
+                    }
+                    (None, false) => {
+                        return bad(
+                            &format!("auth.jwt.{key}"),
+                            &format!(
+                                "is required: the `{claim}` user tokens must carry, so that \
+                                 tokens the same keys signed for other applications are refused \
+                                 (or accept_any_{key} = true, when these keys sign for \
+                                 Strongroom alone)"
+                            ),
+                        )
+                    }
+                    _ => {}
+                }
             }
             if jwt.on_behalf_of_audience.is_some() && jwt.on_behalf_of_audience == jwt.audience {
                 return bad(

@@ -1174,9 +1174,11 @@ impl Server {
         let authenticator = Authenticator::new(auth_settings(&config, remote.clone())?)?;
         match &config.auth.jwt {
             None => tracing::warn!("no [auth.jwt]: users cannot authenticate"),
-            Some(j) if j.issuer.is_none() || j.audience.is_none() => tracing::warn!(
-                "[auth.jwt] sets no issuer or no audience: tokens the same keys signed for \
-                 other applications are accepted as users; set both"
+            Some(j) if j.accept_any_issuer || j.accept_any_audience => tracing::warn!(
+                accept_any_issuer = j.accept_any_issuer,
+                accept_any_audience = j.accept_any_audience,
+                "[auth.jwt] accepts user tokens of any issuer or audience: tokens the same keys \
+                 signed for other applications are accepted as users"
             ),
             Some(_) => {}
         }

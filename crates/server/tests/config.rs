@@ -228,7 +228,8 @@ fn mistakes_are_named_by_key_and_source() {
             ),
             ("[auth.jwt]\nissuer = \"x\"", "key `auth.jwt`: set one of"),
             (
-                "[auth.jwt]\njwks_file = \"j\"\naudience = \"a\"\non_behalf_of_audience = \"a\"",
+                "[auth.jwt]\njwks_file = \"j\"\nissuer = \"i\"\naudience = \"a\"\n\
+                 on_behalf_of_audience = \"a\"",
                 "key `auth.jwt.on_behalf_of_audience`: must differ from auth.jwt.audience",
             ),
             (
@@ -556,13 +557,76 @@ fn extra_response_headers_are_read_and_body_derived_ones_refused() {
     });
 }
 
+/// An identity provider's keys sign tokens for every application it serves: user tokens are
+/// held to an issuer and an audience unless the configuration says, key by key, that any
+/// will do.
+#[test]
+fn user_tokens_are_held_to_an_issuer_and_an_audience_unless_told_otherwise() {
+    Jail::expect_with(|jail| {
+        jail.clear_env();
+        let jwt = |lines: &str| format!("{MINIMAL}[auth.jwt]\njwks_file = \"k.json\"\n{lines}\n");
+        for (lines, want) in [
+            ("audience = \"a\"", "key `auth.jwt.issuer`: is required"),
+            ("issuer = \"i\"", "key `auth.jwt.audience`: is required"),
+            (
+                "issuer = \"\"\naudience = \"a\"",
+                "key `auth.jwt.issuer` (in bad.toml): must not be empty",
+            ),
+            (
+                "issuer = \"i\"\naudience = \"\"",
+                "key `auth.jwt.audience` (in bad.toml): must not be empty",
+            ),
+            (
+                "issuer = \"i\"\naccept_any_issuer = true\naudience = \"a\"",
+                "key `auth.jwt.accept_any_issuer`: cannot be set with auth.jwt.issuer",
+            ),
+            (
+                "issuer = \"i\"\naudience = \"a\"\naccept_any_audience = true",
+                "key `auth.jwt.accept_any_audience`: cannot be set with auth.jwt.audience",
+            ),
+            (
+                "issuer = \"i\"\naccept_any_audience = false",
+                "key `auth.jwt.audience`: is required",
+            ),
+        ] {
+            jail.create_file("bad.toml", &jwt(lines))?;
+            let e = err_of(load("bad.toml", &Overrides::default()));
+            assert!(e.contains(want), "{lines}: {e}");
+        }
+
+        jail.create_file(
+            "s.toml",
+            &jwt("accept_any_issuer = true\naccept_any_audience = true"),
+        )?;
+        let c = load("s.toml", &Overrides::default()).unwrap();
+        let j = c.auth.jwt.as_ref().unwrap();
+        assert!(j.accept_any_issuer && j.accept_any_audience);
+        assert_eq!((j.issuer.as_deref(), j.audience.as_deref()), (None, None));
+
+        // From the environment as well.
+        jail.create_file("env.toml", &jwt(""))?;
+        let e = err_of(load("env.toml", &Overrides::default()));
+        assert!(e.contains("key `auth.jwt.issuer`: is required"), "{e}");
+        jail.set_env("STRONGROOM_AUTH__JWT__ISSUER", "https://idp.test/");
+        jail.set_env("STRONGROOM_AUTH__JWT__ACCEPT_ANY_AUDIENCE", "true");
+        let c = load("env.toml", &Overrides::default()).unwrap();
+        let j = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(j.issuer.as_deref(), Some("https://idp.test/"));
+        assert!(j.accept_any_audience && !j.accept_any_issuer);
+        Ok(())
+    });
+}
+
 #[test]
 fn jwks_url_settings_come_from_the_file_or_the_environment_and_mistakes_are_named() {
     Jail::expect_with(|jail| {
         jail.clear_env();
         jail.create_file(
             "s.toml",
-            &format!("{MINIMAL}[auth.jwt]\njwks_url = \"https://idp.test/jwks\"\n"),
+            &format!(
+                "{MINIMAL}[auth.jwt]\njwks_url = \"https://idp.test/jwks\"\nissuer = \"i\"\n\
+                 audience = \"a\"\n"
+            ),
         )?;
         let c = load("s.toml", &Overrides::default()).unwrap();
         let jwt = c.auth.jwt.as_ref().unwrap();

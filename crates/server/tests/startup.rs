@@ -638,17 +638,20 @@ async fn requests_cut_short_by_the_client_are_recorded() {
     server.stop().await.unwrap();
 }
 
-/// User keys without an issuer or an audience to check accept tokens those keys signed for
-/// other applications: said at start; so is a policy file without rules.
+/// User keys that accept any audience accept tokens those keys signed for other
+/// applications: said at start; so is a policy file without rules.
 #[tokio::test]
-async fn a_jwt_section_without_issuer_or_audience_is_warned_about() {
+async fn a_jwt_section_accepting_any_audience_is_warned_about() {
     let fx = Fixture::new();
     let logs = common::LogCapture::default();
     let _guard = logs.install();
-    let warning = "sets no issuer or no audience";
+    let warning = "accepts user tokens of any issuer or audience";
     drop(Server::start(fx.config()).await.unwrap());
     assert!(!logs.text().contains(warning), "{}", logs.text());
-    let text = fx.toml("", "").replace("audience = \"strongroom\"\n", "");
+    let text = fx.toml("", "").replace(
+        "audience = \"strongroom\"\n",
+        "accept_any_audience = true\n",
+    );
     drop(Server::start(fx.config_from(&text)).await.unwrap());
     assert!(logs.text().contains(warning), "{}", logs.text());
 
