@@ -435,6 +435,8 @@ async fn a_log_changed_behind_the_server_stops_writes_until_it_is_restored() {
         api.call("DELETE", key, Some(&alice), None).await.status,
         StatusCode::NO_CONTENT
     );
+    // Once the verdict on the head read while it was changed has stood its second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(
         api.call("GET", "/readyz", None, None).await.status,
         StatusCode::OK

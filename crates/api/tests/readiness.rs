@@ -280,6 +280,30 @@ async fn a_flood_of_probes_checks_the_provider_about_once_a_second() {
     );
 }
 
+/// A probe that hangs up while the check runs does not throw the check away: its verdict
+/// stands for the next probes, so clients that cancel in a loop cannot make the provider
+/// checks run back to back.
+#[tokio::test]
+async fn a_probe_that_hangs_up_mid_check_leaves_its_verdict_for_the_next() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(Probed::new(false));
+    let router = router_over(dir.path(), provider.clone()).await;
+    // The check takes 50 ms; these probes give up after 10 (the last ones may find the
+    // verdict already).
+    for _ in 0..5 {
+        let _ = tokio::time::timeout(Duration::from_millis(10), readyz_status(&router)).await;
+    }
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(readyz_status(&router).await, StatusCode::OK);
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        1,
+        "the check the first probe started answered the last"
+    );
+}
+
 /// A hung provider (or store) makes `/readyz` answer "unavailable" within its own deadline,
 /// not time out with the request 30 s later.
 #[tokio::test]

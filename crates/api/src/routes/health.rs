@@ -13,41 +13,58 @@ use crate::AppState;
 /// How long `/readyz` waits for the store and the key provider.
 const READY_WITHIN: Duration = Duration::from_secs(5);
 
-/// How long a verdict on the store and the key provider stands for `/readyz`.
+/// How long a verdict on the store, the key provider and the log's head stands for `/readyz`.
 const BACKENDS_CHECKED_EVERY: Duration = Duration::from_secs(1);
 
-/// The last verdict on the store and the key provider, shared by `/readyz` requests: at most
-/// one check runs at a time, and one at most [`BACKENDS_CHECKED_EVERY`] old answers for all.
-/// `/readyz` is unauthenticated and each check calls the key provider (a KMS `DescribeKey`,
-/// a Transit key read, a PKCS#11 token scan): anyone who reaches the port could otherwise
-/// multiply probes into calls that throttle the account's real key use, and bill for them.
+/// The last verdict on the store, the key provider and the audit log's head, shared by
+/// `/readyz` requests: at most one check runs at a time, and one at most
+/// [`BACKENDS_CHECKED_EVERY`] old answers for all. `/readyz` is unauthenticated and each
+/// check calls the key provider (a KMS `DescribeKey`, a Transit key read, a PKCS#11 token
+/// scan) and reads the store: anyone who reaches the port could otherwise multiply probes
+/// into calls that throttle the account's real key use, and bill for them.
 #[derive(Default)]
 pub(crate) struct BackendHealth {
-    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    last: std::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Held by the check in progress, which runs as a task of its own: a probe that hangs up
+    /// mid-way does not throw its work away, and the next one waits for its verdict instead
+    /// of starting another.
+    running: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// When "not ready" was last logged: once a second at most, however many probes ask.
     logged: std::sync::Mutex<Option<Instant>>,
 }
 
 impl BackendHealth {
-    async fn check(&self, vault: &strongroom_core::Vault) -> Result<(), String> {
-        // Requests that arrive during a check wait for its verdict rather than start another.
-        let mut last = self.last.lock().await;
-        if let Some((at, verdict)) = last.as_ref() {
-            if at.elapsed() < BACKENDS_CHECKED_EVERY {
-                return verdict.clone();
-            }
+    fn fresh(&self) -> Option<Result<(), String>> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_ref() {
+            Some((at, verdict)) if at.elapsed() < BACKENDS_CHECKED_EVERY => Some(verdict.clone()),
+            _ => None,
         }
-        // A hung store or provider is "not ready" within a probe's usual timeout, not a
-        // request timeout 30 s later; that verdict stands like any other.
-        let verdict = match tokio::time::timeout(READY_WITHIN, vault.health()).await {
-            Ok(checked) => checked.map_err(|e| e.to_string()),
-            Err(_) => Err(format!(
-                "the store or the key provider did not answer within {} s",
-                READY_WITHIN.as_secs()
-            )),
-        };
-        *last = Some((Instant::now(), verdict.clone()));
-        verdict
+    }
+
+    async fn check(state: &AppState) -> Result<(), String> {
+        let health = state.backend_health();
+        if let Some(verdict) = health.fresh() {
+            return verdict;
+        }
+        let running = health.running.clone().lock_owned().await;
+        // The check this one waited for has answered.
+        if let Some(verdict) = health.fresh() {
+            return verdict;
+        }
+        let state = state.clone();
+        let task = tokio::spawn(async move {
+            let verdict = backends_and_head(&state).await;
+            *state
+                .backend_health()
+                .last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), verdict.clone()));
+            drop(running);
+            verdict
+        });
+        task.await
+            .unwrap_or_else(|_| Err("the readiness check failed".to_owned()))
     }
 
     /// Whether a "not ready" line may be logged now (and notes that it is).
@@ -61,24 +78,20 @@ impl BackendHealth {
     }
 }
 
-/// The process is up.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = HealthResponse)))]
-pub(crate) async fn healthz() -> Json<HealthResponse> {
-    Json(HealthResponse { status: "ok" })
-}
-
-/// The store and the key provider are reachable (checked at most once a second, whatever
-/// the number of probes), and, when user-token keys come from a JWKS
-/// URL, the key set in force is not older than `jwks_max_stale_seconds` (past that, every user
-/// token is refused, so the server is not ready to serve users).
-#[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse,
-        headers(("Retry-After" = u64, description = "seconds before asking again (the verdict stands that long)")))))]
-pub(crate) async fn readyz(State(state): State<AppState>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let backends = state.backend_health().check(state.vault()).await;
-    // The log's head names its last record (one deleted or rewritten is an alarm now, not at
-    // the next write). A read of this server's own store, made by every request.
+/// The store and the key provider answer, and the audit log's head names its last record
+/// (one deleted or rewritten is an alarm now, not at the next write); each within
+/// [`READY_WITHIN`]: a hung store or provider is "not ready" within a probe's usual timeout,
+/// not a request timeout 30 s later.
+async fn backends_and_head(state: &AppState) -> Result<(), String> {
+    match tokio::time::timeout(READY_WITHIN, state.vault().health()).await {
+        Ok(checked) => checked.map_err(|e| e.to_string())?,
+        Err(_) => {
+            return Err(format!(
+                "the store or the key provider did not answer within {} s",
+                READY_WITHIN.as_secs()
+            ))
+        }
+    }
     let head = async {
         if let Some(auditor) = state.auditor() {
             let log = strongroom_core::audit::audit_log(state.vault().store().as_ref())?;
@@ -87,16 +100,32 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> axum::response::Res
         }
         Ok::<_, strongroom_core::CoreError>(())
     };
-    let checked = match backends {
-        Err(e) => Err(e),
-        Ok(()) => match tokio::time::timeout(READY_WITHIN, head).await {
-            Ok(head) => head.map_err(|e| e.to_string()),
-            Err(_) => Err(format!(
-                "the store did not answer within {} s",
-                READY_WITHIN.as_secs()
-            )),
-        },
-    };
+    match tokio::time::timeout(READY_WITHIN, head).await {
+        Ok(head) => head.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the store did not answer within {} s",
+            READY_WITHIN.as_secs()
+        )),
+    }
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = HealthResponse)))]
+pub(crate) async fn healthz() -> Json<HealthResponse> {
+    Json(HealthResponse { status: "ok" })
+}
+
+/// The store and the key provider are reachable and the audit log's head names its last
+/// record (checked at most once a second, whatever the number of probes), and, when
+/// user-token keys come from a JWKS URL, the key set in force is not older than
+/// `jwks_max_stale_seconds` (past that, every user token is refused, so the server is not
+/// ready to serve users).
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse,
+        headers(("Retry-After" = u64, description = "seconds before asking again (the verdict stands that long)")))))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let checked = BackendHealth::check(&state).await;
     let ready = match checked {
         Err(e) => Err(e),
         Ok(()) if state.auditor().is_some_and(|a| !a.intact()) => Err(
