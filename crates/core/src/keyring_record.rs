@@ -49,20 +49,40 @@ fn state_key(key_id: &str) -> String {
     format!("keyring/{key_id}/newest-version")
 }
 
-/// `N` or `N:<fingerprint in hex>`.
-fn parse(raw: Option<&[u8]>) -> Option<Recorded> {
-    let text = std::str::from_utf8(raw?).ok()?;
-    let (version, fingerprint) = match text.split_once(':') {
-        Some((v, f)) => {
-            let mut fp = [0u8; 32];
-            hex::decode_to_slice(f, &mut fp).ok()?;
-            (v, Some(fp))
-        }
-        None => (text, None),
+/// `N` or `N:<fingerprint in hex>`; none when there is no record (or an empty one, as
+/// [`take_back`] leaves). Anything else was written outside Strongroom (or by a newer
+/// version): an error, so that a keyring seals nothing rather than go unchecked.
+fn parse(key_id: &str, raw: Option<&[u8]>) -> Result<Option<Recorded>, StoreError> {
+    let raw = match raw {
+        None | Some([]) => return Ok(None),
+        Some(raw) => raw,
     };
-    Some(Recorded {
-        version: version.parse().ok()?,
-        fingerprint,
+    let read = || {
+        let text = std::str::from_utf8(raw).ok()?;
+        let (version, fingerprint) = match text.split_once(':') {
+            Some((v, f)) => {
+                let mut fp = [0u8; 32];
+                hex::decode_to_slice(f, &mut fp).ok()?;
+                (v, Some(fp))
+            }
+            None => (text, None),
+        };
+        // Digits only: `+3` or ` 3` is not what Strongroom writes.
+        if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Recorded {
+            version: version.parse().ok()?,
+            fingerprint,
+        })
+    };
+    read().map(Some).ok_or_else(|| StoreError::Corrupt {
+        what: format!(
+            "the store's record of key {key_id:?}'s newest version ({}) is not `N:<SHA-256 in \
+             hex>`",
+            state_key(key_id)
+        ),
+        version: None,
     })
 }
 
@@ -70,13 +90,13 @@ fn parse(raw: Option<&[u8]>) -> Option<Recorded> {
 ///
 /// # Errors
 ///
-/// The store's.
+/// The store's; [`StoreError::Corrupt`] for a record that does not read.
 pub async fn newest_recorded(
     store: &dyn Store,
     key_id: &str,
 ) -> Result<Option<Recorded>, StoreError> {
     let raw = store.get_provider_state(&state_key(key_id)).await?;
-    Ok(parse(raw.as_deref()))
+    parse(key_id, raw.as_deref())
 }
 
 fn encode(version: u32, fingerprint: [u8; 32]) -> Vec<u8> {
@@ -91,7 +111,7 @@ fn encode(version: u32, fingerprint: [u8; 32]) -> Vec<u8> {
 /// # Errors
 ///
 /// [`RecordError::Conflict`] when a newer version is recorded, or this one with other
-/// material; the store's error.
+/// material; the store's error ([`StoreError::Corrupt`] for a record that does not read).
 pub async fn record_newest(
     store: &dyn Store,
     key_id: &str,
@@ -101,7 +121,9 @@ pub async fn record_newest(
     let key = state_key(key_id);
     loop {
         let current = store.get_provider_state(&key).await?;
-        if let Some(r) = parse(current.as_deref()) {
+        // A record that does not read is not replaced: whichever rotation it stands for
+        // would be lost sight of.
+        if let Some(r) = parse(key_id, current.as_deref())? {
             let same = r.version == version && r.fingerprint.is_none_or(|f| f == fingerprint);
             if same && r.fingerprint.is_some() {
                 return Ok(current);
@@ -196,5 +218,62 @@ mod tests {
         assert!(!take_back(&store, "kr-1", 4, [4; 32], None).await.unwrap());
         assert_eq!(newest().await.fingerprint, Some([5; 32]));
         assert_eq!(newest_recorded(&store, "kr-2").await.unwrap(), None);
+    }
+
+    /// A record that does not read (written outside Strongroom, or by a newer version) is an
+    /// error, not "no record": a copy left behind would otherwise go on sealing. No rotation
+    /// replaces it.
+    #[tokio::test]
+    async fn a_record_that_does_not_read_is_an_error_not_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = strongroom_store::sqlite::SqliteStore::open_dir(dir.path())
+            .await
+            .unwrap();
+        let fp = hex::encode([7u8; 32]);
+        for bad in [
+            "x".to_owned(),
+            "3:".to_owned(),
+            format!("3:{}", &fp[..62]),
+            format!("3:{fp}:more"),
+            format!("+3:{fp}"),
+            format!(":{fp}"),
+            "99999999999".to_owned(),
+        ] {
+            let key = state_key("kr-1");
+            let now = store.get_provider_state(&key).await.unwrap();
+            assert!(store
+                .swap_provider_state(&key, now.as_deref(), bad.clone().into_bytes())
+                .await
+                .unwrap());
+            let e = newest_recorded(&store, "kr-1").await.unwrap_err();
+            assert!(
+                matches!(&e, StoreError::Corrupt { what, .. } if what.contains("keyring/kr-1/newest-version")),
+                "{bad}: {e}"
+            );
+            let e = record_newest(&store, "kr-1", 1_000, [1; 32])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, RecordError::Store(StoreError::Corrupt { .. })),
+                "{bad}: {e}"
+            );
+            assert_eq!(
+                store.get_provider_state(&key).await.unwrap().unwrap(),
+                bad.as_bytes()
+            );
+        }
+        // Empty, as a rotation taken back leaves it: no record.
+        let key = state_key("kr-1");
+        let now = store.get_provider_state(&key).await.unwrap();
+        assert!(store
+            .swap_provider_state(&key, now.as_deref(), Vec::new())
+            .await
+            .unwrap());
+        assert_eq!(newest_recorded(&store, "kr-1").await.unwrap(), None);
+        assert_eq!(
+            newest_recorded(&store, "kr-3").await.unwrap(),
+            None,
+            "no record at all"
+        );
     }
 }

@@ -182,7 +182,16 @@ pub struct LocalKeyring {
     /// The newest version a rotation is known to have made, and its fingerprint when known
     /// ([`LocalKeyring::require_version`]): while the file lacks it, or holds other material
     /// under its number, no new write is sealed.
-    required: std::sync::Mutex<Option<(u32, Option<[u8; 32]>)>>,
+    required: std::sync::Mutex<Option<Required>>,
+}
+
+/// What the store's record of rotations requires of the file.
+#[derive(Clone, Copy, Debug)]
+enum Required {
+    /// This version, with material of this fingerprint when known.
+    Version(u32, Option<[u8; 32]>),
+    /// Nothing can be told: the record does not read.
+    Unknown,
 }
 
 /// How a keyring file falls behind the rotations recorded in the store (see
@@ -194,6 +203,9 @@ pub enum LeftBehind {
     /// The file holds other material under this version than the rotation recorded: two
     /// copies of the file were rotated at once.
     OtherMaterial(u32),
+    /// The store's record of rotations does not read, so whether the file is the newest
+    /// cannot be told ([`LocalKeyring::record_unreadable`]).
+    RecordUnreadable,
 }
 
 impl std::fmt::Display for LeftBehind {
@@ -208,6 +220,11 @@ impl std::fmt::Display for LeftBehind {
                 f,
                 "holds another version {v} than the one a rotation recorded (two copies of the \
                  file rotated at once)"
+            ),
+            Self::RecordUnreadable => write!(
+                f,
+                "cannot be checked against the store's record of rotations, which does not \
+                 read (changed outside Strongroom, or written by a newer version)"
             ),
         }
     }
@@ -265,18 +282,30 @@ impl LocalKeyring {
     /// this keyring is a copy left behind (another host's, a restored older one) and seals
     /// nothing new. Its active version is already decrypt-only elsewhere, soon retired, and
     /// what it sealed would then be lost. Versions only grow: a lower one is ignored.
+    /// A record read again after [`Self::record_unreadable`] holds from then on.
     pub fn require_version(&self, version: u32, fingerprint: Option<[u8; 32]>) {
         let mut required = self.required.lock().unwrap_or_else(|e| e.into_inner());
         match *required {
-            Some((v, _)) if v > version => {}
-            Some((v, Some(_))) if v == version && fingerprint.is_none() => {}
-            _ => *required = Some((version, fingerprint)),
+            Some(Required::Version(v, _)) if v > version => {}
+            Some(Required::Version(v, Some(_))) if v == version && fingerprint.is_none() => {}
+            _ => *required = Some(Required::Version(version, fingerprint)),
         }
+    }
+
+    /// Notes that the store's record of rotations does not read: whether this file is the
+    /// newest cannot be told, so it seals nothing new (fail closed) until a record reads
+    /// again ([`Self::require_version`]).
+    pub fn record_unreadable(&self) {
+        *self.required.lock().unwrap_or_else(|e| e.into_inner()) = Some(Required::Unknown);
     }
 
     /// How the file falls behind the newest rotation recorded, if it does.
     pub fn left_behind(&self) -> Option<LeftBehind> {
-        let (version, wanted) = (*self.required.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let required = *self.required.lock().unwrap_or_else(|e| e.into_inner());
+        let (version, wanted) = match required? {
+            Required::Version(version, wanted) => (version, wanted),
+            Required::Unknown => return Some(LeftBehind::RecordUnreadable),
+        };
         let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
         match keks.get(&version) {
             // Retired here: its material is gone, and it is not the newest either.

@@ -78,7 +78,7 @@ use strongroom_crypto::{KeyProvider, OsRandom};
 use strongroom_keys::local::LocalKeyring;
 use strongroom_store::postgres::{PostgresOptions, PostgresStore, PostgresTls};
 use strongroom_store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
-use strongroom_store::{KekRef, Store};
+use strongroom_store::{KekRef, Store, StoreError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -1603,11 +1603,7 @@ async fn open_keys_as(
     if let Some(ring) = &local_keyring {
         // Before anything is sealed, not at the watcher's first look: a copy left behind
         // seals nothing from the start (see `keyring_record`).
-        if let Ok(Some(r)) =
-            strongroom_core::keyring_record::newest_recorded(store.as_ref(), ring.key_id()).await
-        {
-            ring.require_version(r.version, r.fingerprint);
-        }
+        apply_keyring_record(store.as_ref(), ring).await;
         return Ok(Keys {
             provider,
             local_keyring,
@@ -2015,13 +2011,7 @@ async fn watch_keyring(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        // Unreadable (the store down): the next check tries again; the store's own
-        // failures are reported where they happen.
-        if let Ok(Some(r)) =
-            strongroom_core::keyring_record::newest_recorded(store.as_ref(), keyring.key_id()).await
-        {
-            keyring.require_version(r.version, r.fingerprint);
-        }
+        apply_keyring_record(store.as_ref(), &keyring).await;
         let (ring, p, before) = (keyring.clone(), path.clone(), loaded);
         let checked = tokio::task::spawn_blocking(move || {
             // A file gone (`None`) is a change too: the keyring stops sealing until it is back.
@@ -2070,6 +2060,19 @@ async fn watch_keyring(
             }
             missing = now_missing;
         }
+    }
+}
+
+/// Holds `keyring` to the newest version the store's record of rotations names (see
+/// `keyring_record`); a record that does not read makes it seal nothing. A store that does
+/// not answer changes nothing: the next look tries again, and the store's own failures are
+/// reported where they happen.
+pub(crate) async fn apply_keyring_record(store: &dyn Store, keyring: &LocalKeyring) {
+    match strongroom_core::keyring_record::newest_recorded(store, keyring.key_id()).await {
+        Ok(Some(r)) => keyring.require_version(r.version, r.fingerprint),
+        Ok(None) => {}
+        Err(StoreError::Corrupt { .. }) => keyring.record_unreadable(),
+        Err(_) => {}
     }
 }
 

@@ -51,10 +51,15 @@ impl KeyRotation for ServerRotation {
                     store.as_ref(),
                     keyring.key_id(),
                 )
-                .await
-                .map_err(|e| failed(&e))?;
-                if let Some(r) = recorded {
-                    keyring.require_version(r.version, r.fingerprint);
+                .await;
+                match recorded {
+                    Ok(Some(r)) => keyring.require_version(r.version, r.fingerprint),
+                    Ok(None) => {}
+                    Err(e @ strongroom_store::StoreError::Corrupt { .. }) => {
+                        keyring.record_unreadable();
+                        return Err(RotationError::Refused(e.to_string()));
+                    }
+                    Err(e) => return Err(failed(&e)),
                 }
                 if let Some(behind) = keyring.left_behind() {
                     return Err(RotationError::Refused(format!(
@@ -66,14 +71,7 @@ impl KeyRotation for ServerRotation {
                     Ok(info) => info,
                     Err(LocalRotationError::Lost(why)) => {
                         // This server's file is now behind: it stops sealing at once.
-                        if let Ok(Some(r)) = strongroom_core::keyring_record::newest_recorded(
-                            store.as_ref(),
-                            keyring.key_id(),
-                        )
-                        .await
-                        {
-                            keyring.require_version(r.version, r.fingerprint);
-                        }
+                        crate::apply_keyring_record(store.as_ref(), keyring).await;
                         return Err(RotationError::Refused(why));
                     }
                     Err(LocalRotationError::Failed(why)) => return Err(RotationError::Failed(why)),

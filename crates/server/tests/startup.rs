@@ -874,6 +874,80 @@ async fn a_keyring_file_gone_stops_new_writes_until_it_is_back() {
     server.stop().await.unwrap();
 }
 
+/// A record of rotations that does not read (changed outside Strongroom, or written by a
+/// newer version) cannot tell whether this keyring file is the newest: nothing new is
+/// sealed, rotation is refused, what was sealed still opens; a record that reads again lifts
+/// it.
+#[tokio::test]
+async fn a_keyring_record_that_does_not_read_seals_nothing_new() {
+    let fx = Fixture::new();
+    let server = spawn(fx.config()).await;
+    let client = server.client(fx.client_options());
+    let alice = fx.user_token("alice");
+    let put = |name: &'static str| common::user_put(&client, &alice, name);
+    assert_eq!(put("zoom.a").await.0, 201);
+
+    let path = fx.data_dir.join("keyring.json");
+    let ring = strongroom_keys::local::LocalKeyring::open(&path).unwrap();
+    let key = format!("keyring/{}/newest-version", ring.key_id());
+    let store = strongroom_store::sqlite::SqliteStore::open_dir(&fx.data_dir)
+        .await
+        .unwrap();
+    let set = |value: Vec<u8>| {
+        use strongroom_store::Store;
+        let (store, key) = (&store, &key);
+        async move {
+            let now = store.get_provider_state(key).await.unwrap();
+            assert!(store
+                .swap_provider_state(key, now.as_deref(), value)
+                .await
+                .unwrap());
+        }
+    };
+    set(b"1:not a fingerprint".to_vec()).await;
+
+    let put = &put;
+    let refused = common::eventually(
+        "writes refused once the record is read",
+        move || async move {
+            let r = put("zoom.b").await;
+            (r.0 != 201).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(refused, (503, json!("key_unavailable")));
+    let r = client
+        .json(
+            "POST",
+            "/v1/keys/rotate",
+            Some(common::ADMIN_TOKEN),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("newest-version"), "{}", r.text());
+    let reveal = client
+        .json(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.a/reveal",
+            Some(SERVICE_TOKEN),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reveal.json()["value"], "zoom.a", "{}", reveal.text());
+
+    // Put right (here, the version this file holds).
+    let fingerprint = hex::encode(ring.fingerprint(1).unwrap());
+    set(format!("1:{fingerprint}").into_bytes()).await;
+    common::eventually("writes resume once the record reads", move || async move {
+        (put("zoom.b").await.0 == 201).then_some(())
+    })
+    .await;
+    server.stop().await.unwrap();
+}
+
 /// A keyring file left behind by a rotation made elsewhere (another host's copy of the file,
 /// rotated there; the store records the version it made) seals nothing new: what it sealed
 /// under its old version would be lost once that version is retired. The node says it is not
