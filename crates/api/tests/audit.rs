@@ -108,6 +108,19 @@ async fn every_request_is_recorded_with_who_what_and_outcome() {
     let next = audit_items(&api, &format!("?owner=alice&limit=2&cursor={cursor}")).await;
     assert_eq!(next.len(), 2);
     assert!(next[0]["seq"].as_u64() < alice[1]["seq"].as_u64());
+    // A page that holds exactly what is left is the last.
+    let all = audit_items(&api, "?owner=alice&limit=1000").await.len();
+    let exact = api
+        .call(
+            "GET",
+            &format!("/v1/audit?owner=alice&limit={all}"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(exact["items"].as_array().unwrap().len(), all);
+    assert_eq!(exact["next_cursor"], serde_json::Value::Null, "{exact}");
     let by_service = audit_items(&api, "?principal=allowed").await;
     assert_eq!(by_service.len(), 1);
     let future = audit_items(&api, "?since=2999-01-01T00:00:00Z").await;
@@ -306,6 +319,8 @@ async fn usage_cursors_are_opaque_and_bound_to_their_view() {
         let page = usage("zoom.api-key", format!("?limit=1&cursor={c}")).await;
         assert_eq!(page.status, StatusCode::OK, "{}", page.body);
         let page = page.json();
+        // The last page says it is the last: no cursor to an empty one.
+        assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
         seen.extend(
             page["items"]
                 .as_array()

@@ -163,8 +163,9 @@ pub trait AuditLog: Send + Sync + Debug {
     async fn audit_prune(&self, key: Arc<HeadKey>, limit: u32) -> Result<Pruned, StoreError>;
 }
 
-/// Most records one query page returns.
-pub(crate) const MAX_QUERY_LIMIT: u32 = 1000;
+/// Most records one query returns: a page of 1,000 and one more, which tells whether the
+/// page is the last.
+pub(crate) const MAX_QUERY_LIMIT: u32 = 1001;
 
 /// How a query by time finds its records without sorting every match: time bounds become
 /// `seq` bounds.

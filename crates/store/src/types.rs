@@ -460,6 +460,22 @@ pub struct Page<T> {
     pub next: Option<Cursor>,
 }
 
+impl<T> Page<T> {
+    /// A page of at most `limit` from `items`, read with a limit of `limit + 1`: the cursor
+    /// (of the page's last item) only when there was one more, so that the last page says
+    /// it is the last.
+    pub(crate) fn of_one_more(
+        mut items: Vec<T>,
+        limit: u32,
+        cursor: impl FnOnce(&T) -> Cursor,
+    ) -> Self {
+        let more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        let next = if more { items.last().map(cursor) } else { None };
+        Self { items, next }
+    }
+}
+
 /// An opaque pagination cursor. Its text form ([`Cursor::as_str`]) is safe to hand to a
 /// client or persist (for a resumable rewrap) and to parse back with [`Cursor::parse`].
 /// A cursor from one operation is rejected by the other.

@@ -150,11 +150,14 @@ pub(crate) async fn audit_page(
         return Err(ApiError::bad_request("limit must be 1 to 1000"));
     }
     let log = strongroom_core::audit::audit_log(state.vault().store().as_ref())?;
-    let records = log
-        .audit_query(filter, before, limit)
+    // One more than the page: the last page says so (no cursor to an empty one).
+    let mut records = log
+        .audit_query(filter, before, limit + 1)
         .await
         .map_err(|e| ApiError::from(strongroom_core::CoreError::from(e)))?;
-    let next = if records.len() == limit as usize {
+    let more = records.len() > limit as usize;
+    records.truncate(limit as usize);
+    let next = if more {
         records.last().map(|r| r.seq)
     } else {
         None

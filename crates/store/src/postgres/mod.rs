@@ -1492,18 +1492,15 @@ impl Store for PostgresStore {
                     ))
                     .await
                     .map_err(pg_err)?;
+                // One more than the page: the last page says so (no cursor to an empty one).
                 let rows = client
-                    .query(&stmt, &[&owner, &after, &i64::from(limit)])
+                    .query(&stmt, &[&owner, &after, &(i64::from(limit) + 1)])
                     .await
                     .map_err(pg_err)?;
                 let items = rows.iter().map(summary).collect::<Result<Vec<_>, _>>()?;
-                let next = match items.last() {
-                    Some(last) if items.len() == limit as usize => {
-                        Some(Cursor::for_list(&last.name))
-                    }
-                    _ => None,
-                };
-                Ok(Page { items, next })
+                Ok(Page::of_one_more(items, limit, |last| {
+                    Cursor::for_list(&last.name)
+                }))
             })
             .await;
         client.settle(out)

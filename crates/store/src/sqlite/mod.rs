@@ -1541,7 +1541,8 @@ impl Store for SqliteStore {
                      ORDER BY c.name LIMIT ?3"
                 ))
                 .map_err(db_err)?
-                .query_map(params![owner, after, limit], RawSummary::from_row)
+                // One more than the page: the last page says so (no cursor to an empty one).
+                .query_map(params![owner, after, limit + 1], RawSummary::from_row)
                 .map_err(db_err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(db_err)?;
@@ -1549,11 +1550,9 @@ impl Store for SqliteStore {
                 .into_iter()
                 .map(RawSummary::into_summary)
                 .collect::<Result<Vec<_>, _>>()?;
-            let next = match items.last() {
-                Some(last) if items.len() == limit as usize => Some(Cursor::for_list(&last.name)),
-                _ => None,
-            };
-            Ok(Page { items, next })
+            Ok(Page::of_one_more(items, limit, |last| {
+                Cursor::for_list(&last.name)
+            }))
         })
         .await
     }

@@ -309,13 +309,16 @@ pub async fn pagination_is_stable_and_owner_isolated(b: &dyn TestBackend) {
         .unwrap()
         .items
         .is_empty());
-    // Exact fit: a full last page may return a cursor to an empty page, never an error.
+    // Exact fit: a full last page has no cursor.
     let page = s.list_credentials("alic", None, 1).await.unwrap();
     assert_eq!(page.items.len(), 1);
-    if let Some(c) = page.next {
-        let rest = s.list_credentials("alic", Some(&c), 1).await.unwrap();
-        assert!(rest.items.is_empty() && rest.next.is_none());
-    }
+    assert!(page.next.is_none());
+    let page = s.list_credentials("bob", None, 10).await.unwrap();
+    let page = s
+        .list_credentials("bob", page.next.as_ref(), 10)
+        .await
+        .unwrap();
+    assert_eq!((page.items.len(), page.next.is_none()), (10, true));
     // A rewrap cursor is not a list cursor.
     let bogus = Cursor::parse("r1.5").unwrap();
     assert_invalid(s.list_credentials("alice", Some(&bogus), 5).await);
