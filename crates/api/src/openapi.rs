@@ -34,6 +34,13 @@ impl Modify for Security {
     }
 }
 
+const HEADERS_TOO_LARGE: &str = "headers_too_large: the request line and headers (counted as \
+     HTTP/1.1 sends them) are over limits.max_header_bytes";
+
+const UNAVAILABLE: &str = "unavailable, key_unavailable, audit_unavailable or timeout: a \
+     backing service (store, key provider, audit log) did not answer or refused; retry after \
+     Retry-After (seconds)";
+
 /// The responses every route of a kind can give, whatever its handler's own list says: added
 /// once here, so the document cannot forget one on a route (the behaviour tests check it).
 struct CommonResponses;
@@ -53,6 +60,21 @@ impl Modify for CommonResponses {
                 .build()
         };
         for (path, item) in &mut openapi.paths.paths {
+            // The head limit holds on every route, probes and this document included.
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("431".to_owned())
+                    .or_insert_with(|| error(HEADERS_TOO_LARGE).into());
+            }
             if !path.starts_with("/v1/") || path == "/v1/openapi.json" {
                 continue;
             }
@@ -94,11 +116,6 @@ impl Modify for CommonResponses {
                     "413",
                     "payload_too_large: the body is over limits.max_body_bytes",
                 );
-                add(
-                    "431",
-                    "headers_too_large: the request line and headers (counted as HTTP/1.1 \
-                     sends them) are over limits.max_header_bytes",
-                );
                 if opens_a_value {
                     add(
                         "500",
@@ -122,12 +139,24 @@ impl Modify for CommonResponses {
                         "unsupported_media_type: a body is sent as JSON, with Content-Type: application/json",
                     );
                 }
-                add(
-                    "503",
-                    "unavailable, key_unavailable, audit_unavailable or timeout: a backing service \
-                     (store, key provider, audit log) did not answer or refused; retry after \
-                     Retry-After (seconds)",
-                );
+                add("503", UNAVAILABLE);
+                // A route's own 503 (a contended put, a busy broker) can also be any of the
+                // common ones, and every 503 says when to retry.
+                if let Some(utoipa::openapi::RefOr::T(r)) = responses.get_mut("503") {
+                    if r.description != UNAVAILABLE {
+                        r.description = format!("{}; or {UNAVAILABLE}", r.description);
+                    }
+                    r.headers
+                        .entry("Retry-After".to_owned())
+                        .or_insert_with(|| {
+                            utoipa::openapi::header::HeaderBuilder::new()
+                                .schema(utoipa::openapi::Object::with_type(
+                                    utoipa::openapi::Type::Integer,
+                                ))
+                                .description(Some("seconds before trying again"))
+                                .build()
+                        });
+                }
             }
         }
     }
@@ -152,7 +181,7 @@ impl Modify for OptionalBodies {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Strongroom API", description = "A vault for users' third-party credentials: write-only for people, usable by the services policy allows. Errors are `{\"error\": {\"code\", \"message\"}}`. A method a path does not offer answers 405 `method_not_allowed` with an `Allow` header; a query string on a `/v1` route that reads none, 400."),
+    info(title = "Strongroom API", description = "A vault for users' third-party credentials: write-only for people, usable by the services policy allows. Errors are `{\"error\": {\"code\", \"message\"}}`. A method a path does not offer answers 405 `method_not_allowed` with an `Allow` header; a query string on a `/v1` API route that reads none, 400 (this document ignores one)."),
     paths(
         me::put, me::list, me::describe, me::set_current, me::disable, me::enable, me::verify, me::usage,
         me::destroy_version, me::destroy,

@@ -52,7 +52,7 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
                 Some("application/json"),
             ),
             400,
-            "bad_request",
+            "invalid_metadata",
         ),
         (
             raw(
@@ -60,7 +60,7 @@ async fn malformed_requests_get_clear_json_errors_and_write_nothing() {
                 Some("application/json"),
             ),
             400,
-            "bad_request",
+            "invalid_metadata",
         ),
         (
             raw(
@@ -404,7 +404,8 @@ async fn versions_check_and_set_current_and_destroy() {
         (r.json()["name"].as_str(), r.json()["version"].as_u64()),
         (Some("zoom.api-key"), Some(1))
     );
-    assert!(r.json()["created_at"].is_string() && r.json().get("value").is_none());
+    assert!(r.json().get("value").is_none());
+    assert!(fixed_width_time(&r.json()["created_at"]), "{}", r.body);
     // A version that does not exist, of a credential that does, is named as such.
     for (method, path, body) in [
         ("DELETE", format!("{KEY}/versions/99"), None),
@@ -461,7 +462,7 @@ async fn versions_check_and_set_current_and_destroy() {
         assert!(
             v["version"].is_u64()
                 && v["state"] == "active"
-                && v["created_at"].is_string()
+                && fixed_width_time(&v["created_at"])
                 && v["metadata"].is_object()
         );
     }
@@ -1240,6 +1241,13 @@ async fn body_errors_name_the_field_and_quote_nothing() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {}", r.body);
         let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
         assert!(message.contains(says), "{what}: {message}");
+        // Faults inside metadata have the metadata checks' code.
+        let code = if says.starts_with("metadata") {
+            "invalid_metadata"
+        } else {
+            "bad_request"
+        };
+        assert_eq!(r.json()["error"]["code"], code, "{what}");
         for secret in ["sk_a", "sk_b", "sk_live"] {
             assert!(!r.body.contains(secret), "{what}: {}", r.body);
         }
@@ -1426,11 +1434,27 @@ async fn every_status_bad_input_gets_is_documented() {
     assert_eq!(kept.json()["current_version"], 1, "{}", kept.body);
 }
 
+/// RFC 3339 in UTC with exactly three fraction digits (`2026-11-29T05:07:45.090Z`): times
+/// sort as text.
+fn fixed_width_time(v: &serde_json::Value) -> bool {
+    let Some(t) = v.as_str() else { return false };
+    let shape = "0000-00-00T00:00:00.000Z";
+    t.len() == shape.len()
+        && t.bytes().zip(shape.bytes()).all(|(c, s)| {
+            if s == b'0' {
+                c.is_ascii_digit()
+            } else {
+                c == s
+            }
+        })
+}
+
 #[tokio::test]
 async fn openapi_parameters_and_error_responses_match_the_routes() {
     let api = api().await;
     let doc = api.call("GET", "/v1/openapi.json", None, None).await.json();
     let mut problems = Vec::new();
+    let mut operation_ids = std::collections::HashSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         let vars: Vec<&str> = path
             .split('{')
@@ -1461,6 +1485,13 @@ async fn openapi_parameters_and_error_responses_match_the_routes() {
                     "{method} {path}: path parameters {got:?}, want {want:?}"
                 ));
             }
+            // OpenAPI requires them unique (code generators name functions after them).
+            if !operation_ids.insert(op["operationId"].as_str().unwrap_or_default()) {
+                problems.push(format!(
+                    "{method} {path}: operationId {} used twice",
+                    op["operationId"]
+                ));
+            }
             let responses = op["responses"].as_object().unwrap();
             let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
             if secured && !responses.contains_key("401") {
@@ -1471,9 +1502,17 @@ async fn openapi_parameters_and_error_responses_match_the_routes() {
                 problems.push(format!("{method} {path}: no 400"));
             }
             // What every route of a kind can answer, whatever its handler does.
-            let mut must = Vec::new();
+            let mut must = vec!["431"];
             if path.starts_with("/v1/") && path != "/v1/openapi.json" {
-                must.extend(["431", "503"]);
+                must.push("503");
+                let retry = &responses["503"]["headers"]["Retry-After"];
+                if retry.is_null() {
+                    problems.push(format!("{method} {path}: a 503 without Retry-After"));
+                }
+                let said = responses["503"]["description"].as_str().unwrap_or_default();
+                if !said.contains("key_unavailable") {
+                    problems.push(format!("{method} {path}: a 503 without the common causes"));
+                }
             }
             if path.starts_with("/v1/me/") {
                 must.push("403");

@@ -132,6 +132,25 @@ struct TokenFile {
 /// [`ServerError::File`] for I/O problems, [`ServerError::Dev`] for a file open to group or
 /// others or malformed, [`ServerError::Keyring`], [`ServerError::Tls`].
 pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
+    // Refused before anything is made: a bad flag left a new folder with a keyring and
+    // tokens behind.
+    for (flag, which) in [
+        (&options.admin_token, "admin"),
+        (&options.service_token, "service"),
+    ] {
+        if flag.as_ref().is_some_and(|t| {
+            t.trim().len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control())
+        }) {
+            return Err(ServerError::Dev(format!(
+                "--dev-{which}-token must be at least 16 characters without spaces"
+            )));
+        }
+    }
+    if options.admin_token.is_some() && options.admin_token == options.service_token {
+        return Err(ServerError::Dev(
+            "the dev admin and service tokens must differ".into(),
+        ));
+    }
     let data_dir = absolute(&options.data_dir)?;
     create_private_dir(&data_dir)?;
     // Servers started together on a new folder take turns: the first makes the layout, the
@@ -217,20 +236,12 @@ pub fn bootstrap(options: &DevOptions) -> Result<DevSetup, ServerError> {
         created.push(tokens_path.clone());
         t
     };
-    let pick = |flag: &Option<Zeroizing<String>>, stored: Zeroizing<String>, which: &str| match flag
-    {
-        Some(t)
-            if t.trim().len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) =>
-        {
-            Err(ServerError::Dev(format!(
-                "--dev-{which}-token must be at least 16 characters without spaces"
-            )))
-        }
-        Some(t) => Ok(t.clone()),
-        None => Ok(stored),
+    let pick = |flag: &Option<Zeroizing<String>>, stored: Zeroizing<String>| match flag {
+        Some(t) => t.clone(),
+        None => stored,
     };
-    let admin_token = pick(&options.admin_token, stored.admin_token, "admin")?;
-    let service_token = pick(&options.service_token, stored.service_token, "service")?;
+    let admin_token = pick(&options.admin_token, stored.admin_token);
+    let service_token = pick(&options.service_token, stored.service_token);
     if admin_token == service_token {
         return Err(ServerError::Dev(
             "the dev admin and service tokens must differ".into(),

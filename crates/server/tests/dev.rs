@@ -86,6 +86,30 @@ fn bootstrap_writes_private_files_and_reuses_them() {
     assert!(e.contains("--dev-service-token"), "{e}");
 }
 
+/// A token flag that will be refused is refused before the data folder, its keyring and
+/// tokens are made.
+#[test]
+fn a_bad_token_flag_leaves_no_folder_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    for (admin, service, says) in [
+        (None, Some("has space in it 123"), "--dev-service-token"),
+        (Some("short"), None, "--dev-admin-token"),
+        (
+            Some("the-same-token-1234"),
+            Some("the-same-token-1234"),
+            "must differ",
+        ),
+    ] {
+        let mut bad = options(&dir);
+        bad.admin_token = admin.map(|t| Zeroizing::new(t.to_owned()));
+        bad.service_token = service.map(|t| Zeroizing::new(t.to_owned()));
+        let e = dev::bootstrap(&bad).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+        assert!(!dir.exists(), "{says}: the folder was made");
+    }
+}
+
 /// Servers started together on a new folder take turns making the layout: all of them
 /// start, with one keyring, and the certificate fits its key.
 #[test]

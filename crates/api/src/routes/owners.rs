@@ -60,7 +60,7 @@ fn authorize(
 }
 
 /// Store a new version on the owner's behalf.
-#[utoipa::path(put, path = "/v1/owners/{owner}/credentials/{name}", tag = "service",
+#[utoipa::path(put, path = "/v1/owners/{owner}/credentials/{name}", tag = "service", operation_id = "put_for_owner",
     params(("owner" = String, Path, description = "Owner id, percent-encoded"), ("name" = String, Path, description = "Credential name"),
         ("X-Strongroom-On-Behalf-Of" = Option<String>, Header, description = "Delegated mode: the owner's user token (a JWT whose sub is the owner, with auth.jwt.on_behalf_of_audience when set), required where the policy rule says delegated = true")),
     request_body = PutBody,

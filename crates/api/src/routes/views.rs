@@ -3,6 +3,38 @@
 use serde::{Deserialize, Serialize};
 use strongroom_store::{Credential, CredentialSummary, VersionInfo, VersionState};
 use time::OffsetDateTime;
+
+/// Times in answers: RFC 3339 in UTC with exactly three fraction digits
+/// (`2026-11-29T05:07:45.090Z`), the store's precision. Fixed width, so that they sort as
+/// text (`time`'s own RFC 3339 drops trailing zeros: `...:45Z`, `...:45.09Z`).
+mod millis {
+    use serde::Serializer;
+    use time::format_description::BorrowedFormatItem;
+    use time::OffsetDateTime;
+
+    const FORMAT: &[BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+
+    pub(super) fn text(t: OffsetDateTime) -> Result<String, time::error::Format> {
+        t.to_offset(time::UtcOffset::UTC).format(FORMAT)
+    }
+
+    pub(super) fn one<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&text(*t).map_err(serde::ser::Error::custom)?)
+    }
+
+    #[allow(clippy::ref_option)] // the signature `serialize_with` calls
+    pub(super) fn option<S: Serializer>(
+        t: &Option<OffsetDateTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => one(t, s),
+            None => s.serialize_none(),
+        }
+    }
+}
 use utoipa::{IntoParams, ToSchema};
 
 /// A number in a path or a query string: decimal digits only, without a sign or leading
@@ -170,7 +202,7 @@ pub struct PutResponse {
     /// The new version, now current.
     pub version: u32,
     /// When it was stored (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
 }
@@ -188,7 +220,8 @@ pub struct CurrentBody {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyBody {
-    /// The candidate value.
+    /// The candidate value (not empty).
+    #[schema(min_length = 1)]
     pub value: String,
 }
 
@@ -252,17 +285,17 @@ pub struct CredentialItem {
     /// (500 `integrity_error`). Restore the database, or put a new version.
     pub metadata_unreadable: bool,
     /// Created (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     /// Last changed (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
     /// Last revealed or brokered (RFC 3339): a reveal or brokered call, whatever the
     /// upstream answered; written within about a second of it (the audit log and the usage
     /// view have each use at once).
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(serialize_with = "millis::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
 }
@@ -284,7 +317,7 @@ pub struct VersionView {
     /// `active` or `destroyed`.
     pub state: &'static str,
     /// Created (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     /// Who stored it (`user:...` or `service:...`).
@@ -312,17 +345,17 @@ pub struct CredentialDetail {
     /// The current version, if any.
     pub current_version: Option<u32>,
     /// Created (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     /// Last changed (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
     /// Last revealed or brokered (RFC 3339): a reveal or brokered call, whatever the
     /// upstream answered; written within about a second of it (the audit log and the usage
     /// view have each use at once).
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(serialize_with = "millis::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
     /// One page of versions, newest first, destroyed ones included (at most `limit`, default
@@ -523,7 +556,7 @@ pub struct AuditRecordView {
     /// Position in the log, from 1.
     pub seq: u64,
     /// When (RFC 3339, millisecond precision).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub time: OffsetDateTime,
     /// `user`, `service`, `admin`, `operator` or `anonymous`.
@@ -548,7 +581,7 @@ pub struct AuditRecordView {
     pub client_addr: Option<String>,
     /// For service use: the user the service acted for.
     pub on_behalf_of: Option<String>,
-    /// For brokered use: the destination host.
+    /// For brokered use: where the call went (`https://host[:port]`).
     pub destination: Option<String>,
     /// The stable error code when the outcome is not `ok`.
     pub error_code: Option<String>,
@@ -596,18 +629,18 @@ pub struct AuditPage {
 #[derive(Serialize, ToSchema)]
 pub struct UsageItem {
     /// When (RFC 3339).
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(serialize_with = "millis::one")]
     #[schema(value_type = String, format = DateTime)]
     pub time: OffsetDateTime,
     /// `reveal` or `broker`.
     pub action: String,
     /// Who: `service`, `user`, ... and their id.
     pub principal_kind: String,
-    /// The service (or other principal) id; empty for another user (a refused attempt).
+    /// The service's id (the view lists services' uses and attempts only).
     pub principal_id: String,
     /// The user the service acted for (delegated mode): only ever the owner.
     pub on_behalf_of: Option<String>,
-    /// For brokered use: the destination host.
+    /// For brokered use: where the call went (`https://host[:port]`).
     pub destination: Option<String>,
     /// The version used.
     pub version: Option<u32>,
@@ -624,7 +657,7 @@ pub struct UsageResponse {
     pub name: String,
     /// When a value was last used (also in the credential's metadata): written within about
     /// a second of a use, so the newest item below may be newer.
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(serialize_with = "millis::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
     /// The uses.
@@ -704,4 +737,32 @@ pub struct BrokerResponseView {
     pub version: u32,
     /// Whether anything was redacted from the headers or body.
     pub redacted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_have_three_fraction_digits_in_utc() {
+        use time::macros::datetime;
+        for (t, want) in [
+            (
+                datetime!(2026-11-29 05:07:45 UTC),
+                "2026-11-29T05:07:45.000Z",
+            ),
+            (
+                datetime!(2026-11-29 05:07:45.09 UTC),
+                "2026-11-29T05:07:45.090Z",
+            ),
+            (
+                datetime!(2026-11-29 05:07:45.123456 UTC),
+                "2026-11-29T05:07:45.123Z",
+            ),
+            (
+                datetime!(2026-11-29 06:07:45.5 +01:00),
+                "2026-11-29T05:07:45.500Z",
+            ),
+        ] {
+            assert_eq!(super::millis::text(t).unwrap(), want);
+        }
+    }
 }
