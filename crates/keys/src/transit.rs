@@ -30,7 +30,8 @@
 //! # What the operator sets up
 //!
 //! * The transit engine at a mount (default `transit`) and a key of type `aes256-gcm96`
-//!   (default), `aes128-gcm96` or `chacha20-poly1305`, neither `exportable` nor
+//!   (default) or `chacha20-poly1305` (256-bit keys, as every other KEK here: an
+//!   `aes128-gcm96` key is refused), neither `exportable` nor
 //!   `allow_plaintext_backup` (the provider refuses keys that could leave Transit).
 //! * A policy granting `update` on `MOUNT/encrypt/KEY` and `MOUNT/decrypt/KEY`, `read` on
 //!   `MOUNT/keys/KEY`, and (for `strongroom keys rotate`) `update` on `MOUNT/keys/KEY/rotate`.
@@ -86,7 +87,7 @@ const MAX_RESPONSE_LEN: usize = 1 << 20;
 /// Nonce, data key and tag of an AEAD Transit ciphertext.
 const CIPHERTEXT_LEN: usize = 12 + Key256::LEN + 16;
 /// Key types whose ciphertexts authenticate `associated_data`.
-const AEAD_KEY_TYPES: [&str; 3] = ["aes256-gcm96", "aes128-gcm96", "chacha20-poly1305"];
+const AEAD_KEY_TYPES: [&str; 2] = ["aes256-gcm96", "chacha20-poly1305"];
 /// After a failed decrypt, key facts older than this are re-read.
 const STALE_AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// A version outside the range known re-reads the key's facts only when they are older than
@@ -565,8 +566,8 @@ impl TransitProvider {
             return Err(error(
                 ProviderErrorKind::Misconfigured,
                 format!(
-                    "transit key {} has type {}; use aes256-gcm96, aes128-gcm96 or \
-                     chacha20-poly1305 (keys whose ciphertexts authenticate associated data)",
+                    "transit key {} has type {}; use aes256-gcm96 or chacha20-poly1305 \
+                     (256-bit keys whose ciphertexts authenticate associated data)",
                     self.key_id, data.key_type
                 ),
             ));

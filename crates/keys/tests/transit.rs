@@ -410,6 +410,14 @@ async fn misconfigurations_are_named() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("rsa-2048"), "{e}");
+    // A 128-bit key would be the weakest link under 256-bit data keys.
+    let key = common::unique("aes128");
+    bao.create_key(&key, json!({"type": "aes128-gcm96"})).await;
+    let e = TransitProvider::connect(bao.config(&key, bao.root_auth()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ProviderErrorKind::Misconfigured, "{e}");
+    assert!(e.to_string().contains("aes128-gcm96"), "{e}");
 
     // Token variable unset.
     let e = TransitProvider::connect(bao.config(
