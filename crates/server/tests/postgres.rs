@@ -334,15 +334,7 @@ async fn two_nodes_rotating_their_own_keyring_copies_at_once_keep_one_version() 
     let rotate = |client: &strongroom_server::testing::TestClient| {
         let client = client.clone();
         async move {
-            let r = client
-                .json(
-                    "POST",
-                    "/v1/keys/rotate",
-                    Some(common::ADMIN_TOKEN),
-                    &json!({}),
-                )
-                .await
-                .unwrap();
+            let r = common::admin_rotate(&client).await;
             (r.status, r.json())
         }
     };

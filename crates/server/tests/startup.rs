@@ -916,15 +916,7 @@ async fn a_keyring_record_that_does_not_read_seals_nothing_new() {
     )
     .await;
     assert_eq!(refused, (503, json!("key_unavailable")));
-    let r = client
-        .json(
-            "POST",
-            "/v1/keys/rotate",
-            Some(common::ADMIN_TOKEN),
-            &json!({}),
-        )
-        .await
-        .unwrap();
+    let r = common::admin_rotate(&client).await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("newest-version"), "{}", r.text());
     let reveal = client
@@ -996,15 +988,7 @@ async fn a_keyring_copy_left_behind_by_a_rotation_elsewhere_seals_nothing_new() 
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(client.get("/readyz", None).await.unwrap().status, 503);
     let before = std::fs::read(&path).unwrap();
-    let r = client
-        .json(
-            "POST",
-            "/v1/keys/rotate",
-            Some(common::ADMIN_TOKEN),
-            &json!({}),
-        )
-        .await
-        .unwrap();
+    let r = common::admin_rotate(&client).await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(
         r.json()["error"]["code"],
@@ -1159,15 +1143,7 @@ async fn admins_rotate_the_key_through_the_api() {
             r.status
         );
     }
-    let r = client
-        .json(
-            "POST",
-            "/v1/keys/rotate",
-            Some(common::ADMIN_TOKEN),
-            &json!({}),
-        )
-        .await
-        .unwrap();
+    let r = common::admin_rotate(&client).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let rotated = r.json();
     assert_eq!(rotated["active"]["version"].as_u64(), Some(before + 1));

@@ -370,6 +370,21 @@ pub async fn wait_for_records(
     }
 }
 
+/// An admin rotates the key through the API: the answer.
+pub async fn admin_rotate(
+    client: &strongroom_server::testing::TestClient,
+) -> strongroom_server::testing::TestResponse {
+    client
+        .json(
+            "POST",
+            "/v1/keys/rotate",
+            Some(ADMIN_TOKEN),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap()
+}
+
 /// A user puts their credential `name`, its value its name: the status and error code.
 pub async fn user_put(
     client: &strongroom_server::testing::TestClient,
