@@ -83,6 +83,17 @@ impl RateLimit {
     }
 }
 
+impl RateLimit {
+    /// The TAT to store for a refused request at `now_us` whose key's TAT is `tat_us`: a TAT
+    /// past the tolerance (a clock that ran ahead) comes back to it, so that the allowance
+    /// refills from now on; without it, every request was refused (each clamping what it
+    /// read, none saving it) until real time caught up with the clock that ran ahead.
+    pub(crate) fn pulled_back(self, tat_us: Option<i64>, now_us: i64) -> Option<i64> {
+        let most = now_us.saturating_add(self.tolerance_us());
+        tat_us.filter(|&t| t > most).map(|_| most)
+    }
+}
+
 /// How many rows of spent-and-refilled state one take deletes at most: each take adds at most
 /// one row, so the table stays near the number of keys used in the last minute or so.
 pub(crate) const PRUNE_PER_TAKE: i64 = 16;

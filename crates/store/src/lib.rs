@@ -119,6 +119,11 @@ pub use types::{
 /// The newest database schema version this build knows (both backends).
 pub const SCHEMA_VERSION: u32 = 9;
 
+/// How far after a use the last-used time may already be and stay (see
+/// [`Store::touch_last_used`]): clocks of nodes a few seconds apart keep the latest; a time
+/// further ahead came from a clock that ran ahead, and the use replaces it.
+pub const LAST_USED_AHEAD_MS: i64 = 5 * 60 * 1000;
+
 /// Where credentials live. Every method is one atomic operation.
 ///
 /// Every method fails with [`StoreError::InvalidInput`] for an empty or over-long owner or
@@ -337,7 +342,10 @@ pub trait Store: Send + Sync + Debug {
         event: audit::Event,
     ) -> Result<(bool, audit::Record), StoreError>;
 
-    /// Records that a value of the credential was used at `at` (never moves it backwards).
+    /// Records that a value of the credential was used at `at`. It never moves backwards
+    /// (nodes report uses out of order), except from a time more than
+    /// [`LAST_USED_AHEAD_MS`] after `at`: one a clock that ran ahead wrote, which would
+    /// otherwise hide every later use.
     ///
     /// # Errors
     ///

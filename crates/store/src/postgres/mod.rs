@@ -1739,13 +1739,16 @@ impl Store for PostgresStore {
             .bounded(async {
                 let stmt = client
                     .prepare_cached(
-                        "UPDATE credentials SET last_used_at = greatest(last_used_at, $3)
+                        "UPDATE credentials SET last_used_at = CASE
+                         WHEN last_used_at IS NULL OR last_used_at < $3
+                             OR last_used_at > $3::bigint + $4::bigint
+                         THEN $3 ELSE last_used_at END
                      WHERE owner = $1 AND name = $2 AND NOT deleted",
                     )
                     .await
                     .map_err(pg_err)?;
                 let n = client
-                    .execute(&stmt, &[&owner, &name, &at])
+                    .execute(&stmt, &[&owner, &name, &at, &crate::LAST_USED_AHEAD_MS])
                     .await
                     .map_err(pg_err)?;
                 if n == 0 {
@@ -2073,6 +2076,17 @@ impl Store for PostgresStore {
             if taken.map_err(pg_err)?.is_some() {
                 return Ok(None);
             }
+            // Refused. A TAT past the tolerance (a clock that ran ahead, this node's or
+            // another's) comes back to it, so that the allowance refills from now on (see
+            // `RateLimit::pulled_back`).
+            client
+                .execute(
+                    "UPDATE rate_allowances SET tat_us = $3::bigint + $4::bigint
+                     WHERE scope = $1 AND key = $2 AND tat_us > $3::bigint + $4::bigint",
+                    &[&scope, &key, &now_us, &tolerance],
+                )
+                .await
+                .map_err(pg_err)?;
             let tat: Option<i64> = client
                 .query_opt(
                     "SELECT tat_us FROM rate_allowances WHERE scope = $1 AND key = $2",

@@ -699,14 +699,18 @@ impl writer::WriteJob for TouchJob {
         let outcome = writer::in_savepoint(conn, |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "UPDATE credentials SET last_used_at = max(coalesce(last_used_at, ?3), ?3)
+                    "UPDATE credentials SET last_used_at = CASE
+                         WHEN last_used_at IS NULL OR last_used_at < ?3 OR last_used_at > ?3 + ?4
+                         THEN ?3 ELSE last_used_at END
                      WHERE owner = ?1 AND name = ?2 AND deleted = 0",
                 )
                 .map_err(db_err)?;
             items
                 .iter()
                 .map(|(owner, name, at)| {
-                    let n = stmt.execute(params![owner, name, at]).map_err(db_err)?;
+                    let n = stmt
+                        .execute(params![owner, name, at, crate::LAST_USED_AHEAD_MS])
+                        .map_err(db_err)?;
                     Ok(if n == 0 {
                         Err(StoreError::NotFound)
                     } else {
@@ -2070,7 +2074,17 @@ impl Store for SqliteStore {
                     .map_err(db_err)?;
                     Ok(None)
                 }
-                Err(wait) => Ok(Some(wait)),
+                Err(wait) => {
+                    if let Some(back) = limit.pulled_back(tat, now_us) {
+                        conn.prepare_cached(
+                            "UPDATE rate_allowances SET tat_us = ?3 WHERE scope = ?1 AND key = ?2",
+                        )
+                        .map_err(db_err)?
+                        .execute(params![scope, key, back])
+                        .map_err(db_err)?;
+                    }
+                    Ok(Some(wait))
+                }
             }
         })
         .await

@@ -113,7 +113,7 @@ macro_rules! conformance_tests {
             reopen_keeps_everything,
             unicode_and_long_owner_ids,
             values_of_64_kib_round_trip,
-            touch_last_used_never_goes_back,
+            touch_last_used_keeps_the_latest_but_not_a_clock_far_ahead,
             provider_state_round_trips,
             provider_state_compare_and_swap,
             missing_credentials_are_not_found,

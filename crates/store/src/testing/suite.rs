@@ -966,17 +966,36 @@ pub async fn values_of_64_kib_round_trip(b: &dyn TestBackend) {
     );
 }
 
-pub async fn touch_last_used_never_goes_back(b: &dyn TestBackend) {
+/// Uses reported out of order (nodes a few seconds apart) keep the latest; a time far
+/// ahead of a use (written under a clock that ran ahead) does not hide the uses after it.
+pub async fn touch_last_used_keeps_the_latest_but_not_a_clock_far_ahead(b: &dyn TestBackend) {
     let s = open(b).await;
     put(&*s, "o", "n", 1).await;
+    let last_used = async || {
+        s.get_credential("o", "n")
+            .await
+            .unwrap()
+            .summary
+            .last_used_at
+    };
+    let at = t0() + Duration::hours(1);
+    s.touch_last_used("o", "n", at + Duration::seconds(30))
+        .await
+        .unwrap();
+    s.touch_last_used("o", "n", at).await.unwrap();
+    assert_eq!(last_used().await, Some(at + Duration::seconds(30)));
+    // Five minutes ahead still counts as a node's clock; past that, the use replaces it.
+    let at = at + Duration::seconds(30) - Duration::minutes(5);
+    s.touch_last_used("o", "n", at).await.unwrap();
+    assert_eq!(last_used().await, Some(at + Duration::minutes(5)));
+    s.touch_last_used("o", "n", t0() + Duration::days(365))
+        .await
+        .unwrap();
     s.touch_last_used("o", "n", t0() + Duration::hours(2))
         .await
         .unwrap();
-    s.touch_last_used("o", "n", t0() + Duration::hours(1))
-        .await
-        .unwrap();
+    assert_eq!(last_used().await, Some(t0() + Duration::hours(2)));
     let c = s.get_credential("o", "n").await.unwrap();
-    assert_eq!(c.summary.last_used_at, Some(t0() + Duration::hours(2)));
     // Using a value is not a change of the credential.
     assert_eq!(c.summary.updated_at, t0() + Duration::seconds(1));
     assert_not_found(s.touch_last_used("o", "missing", t0()).await);
@@ -2661,6 +2680,37 @@ pub async fn allowances_are_shared_kept_and_refilled(b: &dyn TestBackend) {
         2,
         "erin's row went, frank's and gina's kept"
     );
+
+    // A take on a clock an hour ahead (another node's, or this one's before it was set
+    // right) spends the allowance, but does not lock the key out for that hour: one more
+    // request each interval from the right time on, on every node.
+    let now = t0() + Duration::hours(3);
+    take_all(
+        &[Arc::clone(&store)],
+        "hank",
+        five,
+        5,
+        now + Duration::hours(1),
+    )
+    .await;
+    assert_eq!(
+        store.take_allowance(five, "hank", now).await.unwrap(),
+        Some(std::time::Duration::from_secs(12))
+    );
+    let other = open(b).await;
+    assert_eq!(
+        other
+            .take_allowance(five, "hank", now + Duration::seconds(12))
+            .await
+            .unwrap(),
+        None,
+        "locked out for the hour the clock was ahead"
+    );
+    assert!(store
+        .take_allowance(five, "hank", now + Duration::seconds(12))
+        .await
+        .unwrap()
+        .is_some());
 
     // A key is an owner id.
     for bad in ["", &"x".repeat(MAX_OWNER_LEN + 1)] {
