@@ -252,6 +252,27 @@ async fn only_the_bound_host_and_https_are_called() {
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
     assert_eq!(code(&r), "destination_not_bound");
+    // A host written into its metadata in the database: not sealed with it, so not bound
+    // (a reveal still opens it: it is the value its owner stored).
+    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+    raw.execute(
+        "UPDATE versions SET metadata = '{\"label\": \"x\", \"host\": \"localhost:*\"}'
+         WHERE credential_id = (SELECT id FROM credentials WHERE name = 'zoom.unbound')",
+        [],
+    )
+    .unwrap();
+    drop(raw);
+    let r = api
+        .call(
+            "POST",
+            "/v1/owners/alice/credentials/zoom.unbound/broker",
+            Some(ALLOWED_SERVICE_TOKEN),
+            Some(bearer(&up.url("/echo"))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(code(&r), "destination_not_bound", "{}", r.body);
+    assert!(r.body.contains("sealed without its host"), "{}", r.body);
     // Plain HTTP, user info, other schemes: malformed.
     for url in [
         format!("http://localhost:{}/echo", up.port()),

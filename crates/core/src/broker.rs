@@ -832,6 +832,13 @@ impl Broker {
         }
         // Versions are immutable: the one checked is the one opened.
         let revealed = vault.reveal(owner, name, Some(version)).await?;
+        if !revealed.host_bound {
+            return Err(BrokerError::Unbound(format!(
+                "version {version} was sealed without its host (before hosts were bound, or \
+                 its metadata.{BOUND_HOST_KEY} was added in the database since): put it again \
+                 to broker it"
+            )));
+        }
         Ok(Loaded {
             value: revealed.value,
             version: revealed.version,

@@ -136,8 +136,8 @@ fn key_only(item: &RewrapItem) -> Sealed {
 }
 
 /// Runs `op` on the version's data key ([`key_only`]) under the version's binding (see
-/// `vault::open_bound`: it may be tried twice, for a version sealed before expiries were
-/// bound).
+/// `vault::open_bound`: it may be tried again, for a version sealed before expiries or hosts
+/// were bound; a version moved so keeps the binding it was sealed with).
 async fn on_data_key<T, F, Fut>(item: &RewrapItem, op: F) -> Result<T, EnvelopeError>
 where
     F: Fn(strongroom_crypto::Binding, Sealed) -> Fut,
@@ -152,6 +152,7 @@ where
         |binding| op(binding, sealed.clone()),
     )
     .await
+    .map(|(value, _)| value)
 }
 
 /// A data key that did not unwrap: an error when the provider could not be asked (out of

@@ -118,6 +118,11 @@ pub struct Revealed {
     pub version: u32,
     /// What the read saw; pass it to [`Vault::confirm_read`] before the value leaves.
     pub read: ReadCheck,
+    /// Whether the host its metadata names (if any) is bound into its ciphertext. Not for a
+    /// version sealed before hosts were bound (the first day's builds), whose `host` was a
+    /// label then; nor for one whose host was added in the database since: neither is
+    /// brokered to it.
+    pub host_bound: bool,
 }
 
 /// What a reveal read, for [`Vault::confirm_read`]. No secret bytes.
@@ -280,17 +285,21 @@ fn binding_without_expiry(
     }
 }
 
-/// Runs `open` (a decryption or a rewrap) under a version's associated data. A version whose
-/// metadata names an expiry and that does not open so gets one more try without the expiry:
-/// it was sealed before expiries were bound. That try cannot move a later version's expiry:
-/// sealed with its expiry, such a version opens under no binding that lacks it.
+/// Runs `open` (a decryption or a rewrap) under a version's associated data; also says
+/// whether the host its metadata names (if any) was part of it. A version whose metadata
+/// names an expiry and that does not open so gets one more try without the expiry: it was
+/// sealed before expiries were bound. One that names a host gets a last try under its place
+/// alone: it was sealed before hosts were bound (its `host` a label then). Neither try can
+/// move a later version's expiry or host: sealed with them, a version opens under no binding
+/// that lacks them. A host added in the database to a version sealed without one opens so
+/// too, and is reported as not bound: nothing is brokered to it.
 pub(crate) async fn open_bound<T, F, Fut>(
     owner: &str,
     name: &str,
     version: u32,
     metadata: &serde_json::Value,
     open: F,
-) -> Result<T, EnvelopeError>
+) -> Result<(T, bool), EnvelopeError>
 where
     F: Fn(Binding) -> Fut,
     Fut: std::future::Future<Output = Result<T, EnvelopeError>>,
@@ -304,13 +313,25 @@ where
         metadata.get(EXPIRES_AT_KEY),
         None | Some(serde_json::Value::Null)
     );
-    match first {
+    let second = match first {
         Err(EnvelopeError::Decrypt) if names_an_expiry => {
-            let binding = binding_without_expiry(owner, name, version, metadata)
-                .map_err(|_| EnvelopeError::Decrypt)?;
-            open(binding).await
+            match binding_without_expiry(owner, name, version, metadata) {
+                Ok(binding) => open(binding).await,
+                Err(_) => Err(EnvelopeError::Decrypt),
+            }
         }
         other => other,
+    };
+    let names_a_host = !matches!(
+        metadata.get(crate::broker::BOUND_HOST_KEY),
+        None | Some(serde_json::Value::Null)
+    );
+    match second {
+        Err(EnvelopeError::Decrypt) if names_a_host => {
+            let binding = Binding::new(owner, name, version).map_err(|_| EnvelopeError::Decrypt)?;
+            Ok((open(binding).await?, false))
+        }
+        other => other.map(|value| (value, true)),
     }
 }
 
@@ -805,7 +826,7 @@ impl Vault {
             .map_err(|e| CoreError::from(e).at_version(row.version))?;
             return Err(expired);
         }
-        let value = open_bound(owner, name, row.version, &row.metadata, |binding| {
+        let (value, host_bound) = open_bound(owner, name, row.version, &row.metadata, |binding| {
             let sealed = &sealed;
             async move { envelope::open(keys, &binding, sealed).await }
         })
@@ -816,6 +837,7 @@ impl Vault {
                 value,
                 version: row.version,
                 read,
+                host_bound,
             },
             row.credential_enabled,
         ))

@@ -358,6 +358,54 @@ async fn the_bound_host_is_part_of_the_associated_data() {
     assert_eq!((report.rewrapped, report.failed), (1, 0));
     let r = moved.reveal("alice", "zoom.api-key", None).await.unwrap();
     assert_eq!(r.value.expose_secret(), b"zoom secret");
+    assert!(r.host_bound);
+}
+
+/// A version sealed under its place alone whose metadata names a host (sealed before hosts
+/// were bound, when `host` was a label; or a host added in the database since) opens, and
+/// says its host is not bound: the broker refuses it. A bound host is never lost that way:
+/// a version sealed with one opens under no binding without it.
+#[tokio::test]
+async fn a_host_not_sealed_with_the_version_opens_but_is_not_bound() {
+    let (_a, source) = vault().await;
+    let mut req = put("alice", "zoom.api-key", b"zoom secret");
+    req.metadata = Some(serde_json::json!({"label": "work"}));
+    source.put(req).await.unwrap();
+    let row = source
+        .store()
+        .get_version("alice", "zoom.api-key", None)
+        .await
+        .unwrap();
+    let graft = |metadata: serde_json::Value| {
+        let row = row.clone();
+        async move {
+            let (dir, copy) = vault().await;
+            let mut new = NewVersion::new(
+                "alice",
+                "zoom.api-key",
+                1,
+                row.sealed_value.clone(),
+                row.wrapped_key.clone(),
+                row.kek.clone(),
+                "attacker",
+                copy.now(),
+            );
+            new.metadata = metadata;
+            copy.store().put_version(new).await.unwrap();
+            (dir, copy)
+        }
+    };
+    let (_b, copy) = graft(serde_json::json!({"host": "evil.example", "label": "work"})).await;
+    let r = copy.reveal("alice", "zoom.api-key", None).await.unwrap();
+    assert_eq!(r.value.expose_secret(), b"zoom secret");
+    assert!(!r.host_bound);
+    let (_c, copy) = graft(serde_json::json!({"label": "work"})).await;
+    assert!(
+        copy.reveal("alice", "zoom.api-key", None)
+            .await
+            .unwrap()
+            .host_bound
+    );
 }
 
 /// The expiry (`metadata.expires_at`) is in the associated data too: a version whose expiry
