@@ -160,9 +160,7 @@ fn audit_upto(up: &Upgraded, query: &str, upto: u64) -> Vec<Value> {
     records
 }
 
-/// `unreadable`: credentials ("owner/name") whose old values are not revealed (a known
-/// defect, tested on its own); everything else about them is.
-fn check_credentials(up: &Upgraded, manifest: &Value, fixture: &str, unreadable: &[&str]) {
+fn check_credentials(up: &Upgraded, manifest: &Value, fixture: &str) {
     let credentials = manifest["credentials"].as_array().unwrap();
     let old_views = &manifest["old_views"];
     for c in credentials {
@@ -250,9 +248,6 @@ fn check_credentials(up: &Upgraded, manifest: &Value, fixture: &str, unreadable:
         }
 
         // Every value reveals to exactly what was written; nothing else does.
-        if unreadable.contains(&format!("{owner}/{name}").as_str()) {
-            continue;
-        }
         let disabled = c["state"] == "disabled";
         let r = up.reveal(owner, name, None);
         if disabled {
@@ -378,11 +373,6 @@ fn audit_verify(data: &Path) -> u64 {
 }
 
 fn upgrade(fixture: &str) {
-    upgrade_but(fixture, &[]);
-}
-
-/// [`upgrade`], but not revealing the old values of `unreadable` (see [`check_credentials`]).
-fn upgrade_but(fixture: &str, unreadable: &[&str]) {
     let manifest = read_json(&fixture_dir(fixture).join("manifest.json"));
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
@@ -396,7 +386,7 @@ fn upgrade_but(fixture: &str, unreadable: &[&str]) {
         .unwrap();
 
     let up = Upgraded::start(&data);
-    check_credentials(&up, &manifest, fixture, unreadable);
+    check_credentials(&up, &manifest, fixture);
     check_old_audit(&up, &manifest, fixture);
 
     // Writes go on: a new credential, a new version of an old one, the disabled one enabled.
@@ -491,24 +481,16 @@ fn upgrade_but(fixture: &str, unreadable: &[&str]) {
 
     // A second start of the upgraded directory: nothing left to migrate, the same values.
     let again = Upgraded::start(&data);
-    check_credentials_after_restart(&again, &manifest, fixture, unreadable);
+    check_credentials_after_restart(&again, &manifest, fixture);
     assert!(again.server.terminate().success());
     assert!(audit_verify(&data) > records);
 }
 
-fn check_credentials_after_restart(
-    up: &Upgraded,
-    manifest: &Value,
-    fixture: &str,
-    unreadable: &[&str],
-) {
+fn check_credentials_after_restart(up: &Upgraded, manifest: &Value, fixture: &str) {
     for c in manifest["credentials"].as_array().unwrap() {
         let (owner, name) = (c["owner"].as_str().unwrap(), c["name"].as_str().unwrap());
         for (v, want) in c["versions"].as_object().unwrap() {
-            if want["state"] != "active"
-                || c["state"] == "deleted"
-                || unreadable.contains(&format!("{owner}/{name}").as_str())
-            {
+            if want["state"] != "active" || c["state"] == "deleted" {
                 continue;
             }
             let r = up.reveal(owner, name, Some(v.parse().unwrap()));
@@ -539,21 +521,10 @@ fn every_fixture_has_a_test() {
     assert_eq!(found, FIXTURES);
 }
 
-/// The credentials of `schema2-5c1361c` whose versions name a `host` in their metadata.
-const HOST_BEFORE_IT_WAS_BOUND: &[&str] = &["alice/zoom.api-key", "bob/zoom.api-key"];
-
+/// 5c1361c sealed values under their place alone, before hosts were bound (13daf9e): its
+/// versions whose metadata names a host (alice's and bob's `zoom.api-key`) reveal too.
 #[test]
 fn upgrade_from_schema_2_5c1361c() {
-    upgrade_but("schema2-5c1361c", HOST_BEFORE_IT_WAS_BOUND);
-}
-
-/// Known defect: 5c1361c sealed values under their place alone; the bound host came later
-/// (13daf9e), and this build opens a version whose metadata names a host only under a
-/// binding with that host, so such a version stored before it no longer reveals (500
-/// `integrity_error`; `rewrap` leaves it and advises destroying it). Run with `--ignored`.
-#[test]
-#[ignore = "known upgrade defect: values stored before 13daf9e with metadata.host no longer open"]
-fn upgrade_from_schema_2_5c1361c_values_with_a_host() {
     upgrade("schema2-5c1361c");
 }
 
