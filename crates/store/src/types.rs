@@ -601,6 +601,16 @@ pub(crate) fn clamp_limit(limit: u32) -> Result<u32, StoreError> {
     Ok(limit.min(MAX_PAGE_LIMIT))
 }
 
+/// A time bound of a query in Unix milliseconds, rounded up: times are stored to the
+/// millisecond, so a bound between two (`since` inclusive, `until` exclusive) takes exactly
+/// the stored times at or after it (truncated, `since` took one before it and `until` left
+/// out one before it).
+pub(crate) fn bound_millis(t: OffsetDateTime) -> Result<i64, StoreError> {
+    let nanos = t.unix_timestamp_nanos();
+    i64::try_from(nanos.div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0))
+        .map_err(|_| StoreError::InvalidInput("timestamp out of range"))
+}
+
 /// Unix milliseconds, the storage form of every timestamp.
 pub(crate) fn to_millis(t: OffsetDateTime) -> Result<i64, StoreError> {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000)

@@ -40,8 +40,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::BackendError;
 use crate::types::{
-    clamp_limit, from_millis, to_millis, validate_kek, validate_owner, validate_owner_name,
-    validate_version, version_from_db, Change,
+    bound_millis, clamp_limit, from_millis, to_millis, validate_kek, validate_owner,
+    validate_owner_name, validate_version, version_from_db, Change,
 };
 use crate::{
     allowance, validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef,
@@ -2752,8 +2752,8 @@ impl crate::audit::AuditLog for PostgresStore {
         limit: u32,
     ) -> Result<Vec<crate::audit::Record>, StoreError> {
         let limit = i64::from(limit.clamp(1, crate::audit::MAX_QUERY_LIMIT));
-        let since = filter.since.map(to_millis).transpose()?;
-        let until = filter.until.map(to_millis).transpose()?;
+        let since = filter.since.map(bound_millis).transpose()?;
+        let until = filter.until.map(bound_millis).transpose()?;
         let before = before.map(crate::audit::seq_param);
         let actions: Option<&Vec<String>> = (!filter.actions.is_empty()).then_some(&filter.actions);
         let kinds: Option<&Vec<String>> =

@@ -51,8 +51,8 @@ use tokio::sync::oneshot;
 
 use crate::error::BackendError;
 use crate::types::{
-    clamp_limit, from_millis, to_millis, validate_kek, validate_owner, validate_owner_name,
-    validate_version, version_from_db, Change,
+    bound_millis, clamp_limit, from_millis, to_millis, validate_kek, validate_owner,
+    validate_owner_name, validate_version, version_from_db, Change,
 };
 use crate::{
     allowance, validate_provider_key, Credential, CredentialSummary, Cursor, KekFilter, KekRef,
@@ -2898,8 +2898,8 @@ impl AuditQuerySql {
                 sql.push_str(&format!(" AND {}", on(column, args.len(), indexed)));
             }
         }
-        let since = filter.since.map(to_millis).transpose()?;
-        let until = filter.until.map(to_millis).transpose()?;
+        let since = filter.since.map(bound_millis).transpose()?;
+        let until = filter.until.map(bound_millis).transpose()?;
         if let Some(t) = since {
             args.push(Value::Integer(t));
             sql.push_str(&format!(" AND r.time_ms >= ?{}", args.len()));

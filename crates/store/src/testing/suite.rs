@@ -1591,6 +1591,29 @@ pub async fn audit_query_filters_and_pages(b: &dyn TestBackend) {
     };
     let window = log.audit_query(&h, None, 1000).await.unwrap();
     assert_eq!(window.len(), 10, "{window:?}");
+    // Bounds finer than the stored milliseconds: `since` takes no time before it, `until`
+    // leaves out none before it.
+    let fine = crate::AuditFilter {
+        since: Some(t0() + Duration::microseconds(9_100)),
+        until: Some(t0() + Duration::microseconds(19_100)),
+        ..Default::default()
+    };
+    let times: Vec<OffsetDateTime> = log
+        .audit_query(&fine, None, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.event.time)
+        .collect();
+    assert_eq!(
+        (times.first(), times.last(), times.len()),
+        (
+            Some(&(t0() + Duration::milliseconds(19))),
+            Some(&(t0() + Duration::milliseconds(10))),
+            10
+        ),
+        "{times:?}"
+    );
     let none = crate::AuditFilter {
         owner: Some("carol".into()),
         ..Default::default()
