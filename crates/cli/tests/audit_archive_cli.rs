@@ -313,11 +313,35 @@ fn archive_by_time_keeps_the_log_verifiable() {
     );
     assert!(ok, "{err}");
     assert!(out.contains("would archive records 1..151"), "{out}");
+    // The setup record (record 1, made now) is years newer than the bound: said.
+    assert!(
+        err.contains("takes out of the store record 1 more than an hour newer than --before"),
+        "{err}"
+    );
     assert!(!file.exists());
 
     let (ok, out, err) = archive(&data, &before, &file);
     assert!(ok, "{out}{err}");
     assert!(out.contains("archived records 1..151"), "{out}");
+    assert!(err.contains("warning: the cut (record 151"), "{err}");
+    // Records seconds out of order are no cause for it.
+    let (ok, out, err) = run(
+        &[
+            "audit",
+            "archive",
+            "--before",
+            &rfc3339(BASE + 160),
+            "--output",
+            out_dir.path().join("unused.jsonl").to_str().unwrap(),
+            "--dry-run",
+        ],
+        &data,
+    );
+    assert!(
+        ok && out.contains("would archive records 152..160"),
+        "{out}{err}"
+    );
+    assert!(!err.contains("warning"), "{err}");
     let archived = lines(&file);
     assert_eq!(archived, export[..151].to_vec());
     use std::os::unix::fs::PermissionsExt;

@@ -103,7 +103,8 @@ pub trait AuditLog: Send + Sync + Debug {
     async fn audit_scan(&self, after: u64, limit: u32) -> Result<Vec<Record>, StoreError>;
 
     /// Up to `limit` records matching `filter`, newest first, with `seq < before` when set
-    /// (pass the last `seq` of a page to get the next). `limit` is clamped to 1000.
+    /// (pass the last `seq` of a page to get the next). `limit` is clamped to 1001 (a page of
+    /// 1000, and one more that tells whether it is the last).
     async fn audit_query(
         &self,
         filter: &AuditFilter,

@@ -509,14 +509,55 @@ async fn cut(log: &dyn AuditLog, before: &Before, count: u64) -> Result<u64, Fai
         Before::Time(t) => {
             let mut filter = strongroom_store::AuditFilter::default();
             filter.until = Some(*t);
-            log.audit_query(&filter, None, 1)
+            let n = log
+                .audit_query(&filter, None, 1)
                 .await
                 .map_err(op)?
                 .first()
-                .map_or(0, |r| r.seq)
+                .map_or(0, |r| r.seq);
+            warn_of_newer_records(log, *t, n.min(count.saturating_sub(1))).await?;
+            n
         }
     };
     Ok(n.min(count.saturating_sub(1)))
+}
+
+/// How much newer than `--before TIME` a record before the cut may be before it is said:
+/// nodes' clocks and group commits put records seconds out of order, a clock set back puts
+/// them hours or years.
+const NEWER_WARNING_MARGIN: time::Duration = time::Duration::hours(1);
+
+/// Says so when records well after `before` lie before the cut `n`: a record written under a
+/// clock set back (a node whose clock reset) makes the cut take every newer record before it
+/// out of the store, and out of the usage views (into the archive: nothing is lost).
+async fn warn_of_newer_records(
+    log: &dyn AuditLog,
+    before: time::OffsetDateTime,
+    n: u64,
+) -> Result<(), Failure> {
+    if n == 0 {
+        return Ok(());
+    }
+    let mut newer = strongroom_store::AuditFilter::default();
+    newer.since = Some(before + NEWER_WARNING_MARGIN);
+    let page = log
+        .audit_query(&newer, Some(n + 1), 1000)
+        .await
+        .map_err(op)?;
+    if let (Some(newest), Some(oldest)) = (page.first(), page.last()) {
+        let which = match page.len() {
+            1 => format!("record {}", oldest.seq),
+            1000 => format!("at least 1000 records, {}..{}", oldest.seq, newest.seq),
+            k => format!("{k} records, {}..{}", oldest.seq, newest.seq),
+        };
+        errln!(
+            "warning: the cut (record {n}, the newest older than --before) takes out of the \
+             store {which} more than an hour newer than --before: record times go back after \
+             them (a clock set back?). They go into the archive; --dry-run shows the cut, \
+             --before SEQ chooses another."
+        );
+    }
+    Ok(())
 }
 
 async fn dry_run(

@@ -84,7 +84,9 @@ audit query indexes. `audit verify` then checks the log from the anchor on; `aud
 The cut: --before SEQ archives the records numbered below SEQ. --before TIME archives the \
 newest record older than TIME and every record before it: record times follow their numbers \
 only nearly (several nodes, clock steps), so a few records just before the cut may be at or \
-after TIME; no record older than TIME stays. The newest record is never archived (the chain \
+after TIME; no record older than TIME stays. Records more than an hour after TIME before the \
+cut (times that go back after them: a clock set back) are named in a warning, as they leave \
+the store (and the usage views) with the rest. The newest record is never archived (the chain \
 head names it). --before AGE (90d, 12h, 2w, 30min) is the time that long before now, so that a \
 daily timer can run the same command (deploy/systemd has one).\n\n\
 Interrupted (killed, a crash, the store gone), the log still verifies: run the same command \
