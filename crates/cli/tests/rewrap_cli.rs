@@ -499,6 +499,66 @@ fn rotating_a_restored_older_keyring_is_refused() {
     assert!(out.contains("version 4 is now active"), "{out}");
 }
 
+/// `keys record` shows the store's record of the keyring's rotations and how this file
+/// compares; a record that does not read stops rotations (and all sealing) until `keys
+/// record --set-from-this-file` sets it from the newest file, which is recorded in the audit
+/// log.
+#[test]
+fn keys_record_shows_the_record_and_sets_it_from_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dd = [std::ffi::OsStr::new("--data-dir"), data.as_os_str()];
+    run_ok(&["keys", "generate"], &dd);
+    put_directly(&data, true, &[]); // makes the store
+    let keyring = data.join("keyring.json");
+    let v1_only = std::fs::read(&keyring).unwrap();
+    run_ok(&["keys", "rotate"], &dd);
+    let out = run_ok(&["keys", "record"], &dd);
+    assert!(
+        out.contains("record of key") && out.contains(": version 2 (material "),
+        "{out}"
+    );
+    assert!(out.contains("this file holds it"), "{out}");
+
+    let db = rusqlite::Connection::open(data.join(strongroom_store::sqlite::DB_FILE_NAME)).unwrap();
+    db.execute(
+        "UPDATE provider_state SET value = CAST('garbage' AS BLOB) WHERE key LIKE 'keyring/%'",
+        [],
+    )
+    .unwrap();
+    let out = run_ok(&["keys", "record"], &dd);
+    assert!(
+        out.contains("does not read") && out.contains("--set-from-this-file"),
+        "{out}"
+    );
+    let err = run_err(&["keys", "rotate"], &dd);
+    assert!(err.contains("newest-version"), "{err}");
+
+    let out = run_ok(&["keys", "record", "--set-from-this-file"], &dd);
+    assert!(out.contains("recorded version 2 of key"), "{out}");
+    let out = run_ok(&["keys", "record", "--set-from-this-file"], &dd);
+    assert!(out.contains("nothing changed"), "{out}");
+    let out = run_ok(&["keys", "rotate"], &dd);
+    assert!(out.contains("version 3 is now active"), "{out}");
+    let audit = run_ok(&["audit", "export"], &dd);
+    assert_eq!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"action\":\"keys.record\""))
+            .count(),
+        1,
+        "{audit}"
+    );
+
+    // An older copy, compared.
+    std::fs::write(&keyring, &v1_only).unwrap();
+    let out = run_ok(&["keys", "record"], &dd);
+    assert!(
+        out.contains("newest version 1") && out.contains("lacks version 3"),
+        "{out}"
+    );
+}
+
 /// `keys retire` of the active version says that the active version cannot be retired and to
 /// rotate first (rewrap alone moves nothing off it), whether or not data keys use it; a
 /// decrypt-only version still in use is still refused with "rewrap first".

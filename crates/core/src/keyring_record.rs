@@ -171,6 +171,32 @@ pub async fn take_back(
         .await
 }
 
+/// Sets the record to `version` with `fingerprint`, whatever it held (one that does not
+/// read, or one a failed rotation left naming a version no file holds): an operator's
+/// decision (`strongroom keys record --set-from-this-file`), not a rotation's. Returns what
+/// it replaced.
+///
+/// # Errors
+///
+/// The store's.
+pub async fn replace(
+    store: &dyn Store,
+    key_id: &str,
+    version: u32,
+    fingerprint: [u8; 32],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let key = state_key(key_id);
+    loop {
+        let current = store.get_provider_state(&key).await?;
+        if store
+            .swap_provider_state(&key, current.as_deref(), encode(version, fingerprint))
+            .await?
+        {
+            return Ok(current);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +288,16 @@ mod tests {
                 bad.as_bytes()
             );
         }
+        // An operator sets it from a keyring file: it reads again.
+        let replaced = replace(&store, "kr-1", 3, [7; 32]).await.unwrap();
+        assert_eq!(replaced.as_deref(), Some(b"99999999999".as_slice()));
+        assert_eq!(
+            newest_recorded(&store, "kr-1").await.unwrap(),
+            Some(Recorded {
+                version: 3,
+                fingerprint: Some([7; 32])
+            })
+        );
         // Empty, as a rotation taken back leaves it: no record.
         let key = state_key("kr-1");
         let now = store.get_provider_state(&key).await.unwrap();

@@ -224,7 +224,8 @@ impl std::fmt::Display for LeftBehind {
             Self::RecordUnreadable => write!(
                 f,
                 "cannot be checked against the store's record of rotations, which does not \
-                 read (changed outside Strongroom, or written by a newer version)"
+                 read (changed outside Strongroom, or written by a newer version; `strongroom \
+                 keys record --set-from-this-file` with the newest keyring file sets it)"
             ),
         }
     }

@@ -213,8 +213,8 @@ pub async fn rotate_local_recorded(
         }
         Err(e) => Err(failed(&format_args!(
             "{e}; version {version} was recorded in the store but {} was not written, and the \
-             record could not be taken back: no server seals until the store's provider_state \
-             row keyring/{key_id}/newest-version is set back to the version the files hold",
+             record could not be taken back: no server seals until it names the version the \
+             files hold (`strongroom keys record --set-from-this-file` with the newest file)",
             path.display()
         ))),
     }

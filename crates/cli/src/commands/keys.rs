@@ -202,6 +202,27 @@ pub enum KeysCommand {
         #[arg(value_name = "VERSION")]
         kek_version: u32,
     },
+    /// Show the store's record of the local keyring's rotations (the newest version one made,
+    /// and a fingerprint of its material), which every server and command holds its keyring
+    /// file to, and how this file compares; or set it from this file.
+    ///
+    /// A keyring file that lacks the recorded version, or holds other material under its
+    /// number, seals nothing new; so does every file while the record does not read.
+    /// `--set-from-this-file` makes the record name this file's newest version: after a
+    /// record that does not read (changed outside Strongroom), or one that a rotation whose
+    /// file could not be written left naming a version no file holds. Hosts whose keyring
+    /// file is not this one's newest then seal nothing new until it is copied to them.
+    #[command(
+        after_help = "Examples:\n  strongroom keys record --config /etc/strongroom/strongroom.toml\n  \
+        strongroom keys record --config /etc/strongroom/strongroom.toml --set-from-this-file"
+    )]
+    Record {
+        #[command(flatten)]
+        location: KeyringLocation,
+        /// Make the record name this keyring file's newest version and its material.
+        #[arg(long)]
+        set_from_this_file: bool,
+    },
 }
 
 pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
@@ -237,6 +258,29 @@ pub fn run(cmd: KeysCommand) -> Result<(), Failure> {
             } else {
                 block_on(remote_retire(config, kek_version))?;
             }
+        }
+        KeysCommand::Record { location, .. } if location.remote()?.is_some() => {
+            return Err(CliError::Usage(
+                "keys record is the local keyring's: a remote provider (and the KEK ring in \
+                 the store) keeps its own versions"
+                    .into(),
+            )
+            .into());
+        }
+        KeysCommand::Record {
+            location,
+            set_from_this_file,
+        } => {
+            let path = location.path()?;
+            if !location.names_a_store("there is no record to show")? {
+                return Err(CliError::Usage(
+                    "keys record reads the store's record, and there is no store there (see the \
+                     note above)"
+                        .into(),
+                )
+                .into());
+            }
+            block_on(keyring_record(&location, &path, set_from_this_file))?;
         }
         KeysCommand::Generate { location } => {
             let path = location.path()?;
@@ -877,6 +921,101 @@ async fn refuse_a_keyring_not_the_stores(
         .await
         .map_err(|e| refuse(format!("it does not open the store's audit head key ({e})")))?;
     Ok(())
+}
+
+/// `keys record`: the store's record of the keyring's rotations against the file at `path`;
+/// with `set`, the record made to name the file's newest version.
+async fn keyring_record(
+    location: &KeyringLocation,
+    path: &std::path::Path,
+    set: bool,
+) -> Result<(), Failure> {
+    use strongroom_core::keyring_record::{newest_recorded, replace};
+    let short = |fp: [u8; 32]| hex::encode(&fp[..8]);
+    let ring = LocalKeyring::open(path)?;
+    let newest = ring
+        .active_kek()
+        .map_err(|e| CliError::Operation(e.to_string()))?;
+    let fingerprint = ring.fingerprint(newest.version).ok_or_else(|| {
+        CliError::Operation(format!(
+            "{} holds no material for its version {}",
+            path.display(),
+            newest.version
+        ))
+    })?;
+    let backends = location.operator_target().open_existing().await?;
+    let done = async {
+        let recorded = match newest_recorded(backends.store.as_ref(), ring.key_id()).await {
+            Ok(r) => Ok(r),
+            Err(e @ strongroom_store::StoreError::Corrupt { .. }) => Err(e.to_string()),
+            Err(e) => {
+                return Err(Failure::from(CliError::Operation(format!(
+                    "reading the record: {e}"
+                ))))
+            }
+        };
+        let said = match &recorded {
+            Ok(Some(r)) => format!(
+                "version {} (material {})",
+                r.version,
+                r.fingerprint.map_or("not recorded".to_owned(), short)
+            ),
+            Ok(None) => "none (no rotation recorded yet)".to_owned(),
+            Err(why) => format!("does not read: {why}"),
+        };
+        outln!("the store's record of key {}: {said}", ring.key_id())?;
+        outln!(
+            "{}: newest version {} (material {})",
+            path.display(),
+            newest.version,
+            short(fingerprint)
+        )?;
+        let same = matches!(&recorded, Ok(Some(r))
+            if r.version == newest.version && r.fingerprint == Some(fingerprint));
+        if !set {
+            match &recorded {
+                Ok(Some(r)) => {
+                    ring.require_version(r.version, r.fingerprint);
+                    match ring.left_behind() {
+                        Some(behind) => outln!("this file {behind}: it seals nothing new")?,
+                        None if same => outln!("this file holds it")?,
+                        None => outln!("this file holds it, and newer versions")?,
+                    }
+                }
+                Ok(None) => outln!("nothing to hold this file to")?,
+                Err(_) => outln!(
+                    "no keyring file seals anything new until the record reads: \
+                     `strongroom keys record --set-from-this-file` with the newest keyring file"
+                )?,
+            }
+            return Ok(());
+        }
+        if same {
+            outln!("the record already names this file's newest version: nothing changed")?;
+            return Ok(());
+        }
+        replace(
+            backends.store.as_ref(),
+            ring.key_id(),
+            newest.version,
+            fingerprint,
+        )
+        .await
+        .map_err(|e| CliError::Operation(format!("setting the record: {e}")))?;
+        super::rewrap::audit_action(&backends, "keys.record", "ok", None, Some(newest.version))
+            .await;
+        outln!(
+            "recorded version {} of key {} from {}: hosts whose keyring file is not this one's \
+             newest seal nothing new until it is copied to them",
+            newest.version,
+            ring.key_id(),
+            path.display()
+        )?;
+        Ok(())
+    }
+    .await;
+    backends.close().await;
+    done
 }
 
 async fn kek_counts(target: OperatorTarget) -> Result<Vec<(KekRef, u64)>, Failure> {
