@@ -592,6 +592,36 @@ async fn an_untrusted_upstream_certificate_is_refused() {
 /// A version whose metadata no longer reads (the database edited by hand) is an integrity
 /// error to the broker, recorded with its version: not a version without a bound host (a
 /// 403 that would blame its owner). Its owner's listing still answers and points at it.
+/// A host edited in the database while the store's reveal cache holds the genuine row: the
+/// check of the destination reads the database, the opening may use the cached row, which
+/// opens under its genuine binding. The call goes only where the host sealed with the value
+/// opened says; here nowhere (it was redirected to the upstream before).
+#[tokio::test]
+async fn a_host_edited_behind_a_cached_row_redirects_nothing() {
+    let up = upstream::start().await;
+    let api = api().await;
+    api.state.set_broker(up.broker(up.settings()));
+    store(&api, "zoom.api-key", json!({"host": "api.zoom.us"})).await;
+    // The reveal cache holds the genuine row now.
+    assert_eq!(api.reveal_alices_key().await.status, StatusCode::OK);
+    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
+    raw.execute(
+        "UPDATE versions SET metadata = '{\"host\": \"localhost:*\"}'",
+        [],
+    )
+    .unwrap();
+    drop(raw);
+    let r = broker(&api, bearer(&up.url("/echo"))).await;
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, "integrity_error"),
+        "{}",
+        r.body
+    );
+    assert_eq!(up.hits(), 0, "the value went to the edited host");
+    assert_no_value(&r.body);
+}
+
 #[tokio::test]
 async fn a_version_whose_metadata_does_not_read_is_an_integrity_error() {
     let (api, up) = setup().await;

@@ -809,15 +809,20 @@ impl Broker {
             }
             .into());
         }
-        let bound = match info.metadata.get(BOUND_HOST_KEY) {
+        let (bound, bound_text) = match info.metadata.get(BOUND_HOST_KEY) {
             None | Some(serde_json::Value::Null) => {
                 return Err(BrokerError::Unbound(format!(
                     "version {version} names no host it is for (metadata.{BOUND_HOST_KEY}); a credential is brokered only to the host its owner bound it to"
                 )))
             }
-            Some(serde_json::Value::String(s)) => DestinationPattern::parse(s).map_err(|e| {
-                BrokerError::Unbound(format!("version {version}: metadata.{BOUND_HOST_KEY}: {e}"))
-            })?,
+            Some(serde_json::Value::String(s)) => (
+                DestinationPattern::parse(s).map_err(|e| {
+                    BrokerError::Unbound(format!(
+                        "version {version}: metadata.{BOUND_HOST_KEY}: {e}"
+                    ))
+                })?,
+                s.clone(),
+            ),
             Some(_) => {
                 return Err(BrokerError::Unbound(format!(
                     "version {version}: metadata.{BOUND_HOST_KEY} must be a string such as \"api.zoom.us\""
@@ -832,12 +837,25 @@ impl Broker {
         }
         // Versions are immutable: the one checked is the one opened.
         let revealed = vault.reveal(owner, name, Some(version)).await?;
-        if !revealed.host_bound {
-            return Err(BrokerError::Unbound(format!(
-                "version {version} was sealed without its host (before hosts were bound, or \
-                 its metadata.{BOUND_HOST_KEY} was added in the database since): put it again \
-                 to broker it"
-            )));
+        // The host checked above was read apart from the row opened (the row may come from
+        // the store's cache): the call goes ahead only if the host sealed with the value is
+        // that one. A host edited in the database otherwise passed the check while the
+        // genuine row, cached, opened.
+        match revealed.bound_host.as_deref() {
+            Some(sealed) if sealed == bound_text => {}
+            Some(_) => {
+                return Err(CoreError::Integrity {
+                    version: Some(version),
+                }
+                .into())
+            }
+            None => {
+                return Err(BrokerError::Unbound(format!(
+                    "version {version} was sealed without its host (before hosts were bound, \
+                     or its metadata.{BOUND_HOST_KEY} was added in the database since): put it \
+                     again to broker it"
+                )))
+            }
         }
         Ok(Loaded {
             value: revealed.value,

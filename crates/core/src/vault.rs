@@ -118,11 +118,11 @@ pub struct Revealed {
     pub version: u32,
     /// What the read saw; pass it to [`Vault::confirm_read`] before the value leaves.
     pub read: ReadCheck,
-    /// Whether the host its metadata names (if any) is bound into its ciphertext. Not for a
-    /// version sealed before hosts were bound (the first day's builds), whose `host` was a
-    /// label then; nor for one whose host was added in the database since: neither is
-    /// brokered to it.
-    pub host_bound: bool,
+    /// The host its metadata names, when it is bound into the ciphertext just opened: what
+    /// a brokered call may go to. `None` for a version sealed before hosts were bound (the
+    /// first day's builds, when `host` was a label), for one whose host was added in the
+    /// database since, and for one that names none: none is brokered.
+    pub bound_host: Option<String>,
 }
 
 /// What a reveal read, for [`Vault::confirm_read`]. No secret bytes.
@@ -826,18 +826,25 @@ impl Vault {
             .map_err(|e| CoreError::from(e).at_version(row.version))?;
             return Err(expired);
         }
-        let (value, host_bound) = open_bound(owner, name, row.version, &row.metadata, |binding| {
-            let sealed = &sealed;
-            async move { envelope::open(keys, &binding, sealed).await }
-        })
-        .await
-        .map_err(|e| CoreError::from(e).at_version(row.version))?;
+        let (value, host_in_binding) =
+            open_bound(owner, name, row.version, &row.metadata, |binding| {
+                let sealed = &sealed;
+                async move { envelope::open(keys, &binding, sealed).await }
+            })
+            .await
+            .map_err(|e| CoreError::from(e).at_version(row.version))?;
         Ok((
             Revealed {
                 value,
                 version: row.version,
                 read,
-                host_bound,
+                // The row opened, which may be a cached copy of what the database held:
+                // the host to hold a brokered call to is this one, not one read before.
+                bound_host: host_in_binding
+                    .then(|| row.metadata.get(crate::broker::BOUND_HOST_KEY))
+                    .flatten()
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned),
             },
             row.credential_enabled,
         ))
