@@ -190,8 +190,9 @@ pub struct LocalKeyring {
 enum Required {
     /// This version, with material of this fingerprint when known.
     Version(u32, Option<[u8; 32]>),
-    /// Nothing can be told: the record does not read.
-    Unknown,
+    /// Nothing can be told: the record does not read. Holds what it required before, as the
+    /// floor for a record that reads again.
+    Unknown(Option<(u32, Option<[u8; 32]>)>),
 }
 
 /// How a keyring file falls behind the rotations recorded in the store (see
@@ -286,18 +287,30 @@ impl LocalKeyring {
     /// A record read again after [`Self::record_unreadable`] holds from then on.
     pub fn require_version(&self, version: u32, fingerprint: Option<[u8; 32]>) {
         let mut required = self.required.lock().unwrap_or_else(|e| e.into_inner());
-        match *required {
-            Some(Required::Version(v, _)) if v > version => {}
-            Some(Required::Version(v, Some(_))) if v == version && fingerprint.is_none() => {}
-            _ => *required = Some(Required::Version(version, fingerprint)),
-        }
+        // Versions only grow, across a spell of a record that did not read too.
+        let before = match *required {
+            Some(Required::Version(v, f)) | Some(Required::Unknown(Some((v, f)))) => Some((v, f)),
+            _ => None,
+        };
+        *required = Some(match before {
+            Some((v, f)) if v > version => Required::Version(v, f),
+            Some((v, Some(f))) if v == version && fingerprint.is_none() => {
+                Required::Version(v, Some(f))
+            }
+            _ => Required::Version(version, fingerprint),
+        });
     }
 
     /// Notes that the store's record of rotations does not read: whether this file is the
     /// newest cannot be told, so it seals nothing new (fail closed) until a record reads
     /// again ([`Self::require_version`]).
     pub fn record_unreadable(&self) {
-        *self.required.lock().unwrap_or_else(|e| e.into_inner()) = Some(Required::Unknown);
+        let mut required = self.required.lock().unwrap_or_else(|e| e.into_inner());
+        let before = match *required {
+            Some(Required::Version(v, f)) | Some(Required::Unknown(Some((v, f)))) => Some((v, f)),
+            _ => None,
+        };
+        *required = Some(Required::Unknown(before));
     }
 
     /// How the file falls behind the newest rotation recorded, if it does.
@@ -305,7 +318,7 @@ impl LocalKeyring {
         let required = *self.required.lock().unwrap_or_else(|e| e.into_inner());
         let (version, wanted) = match required? {
             Required::Version(version, wanted) => (version, wanted),
-            Required::Unknown => return Some(LeftBehind::RecordUnreadable),
+            Required::Unknown(_) => return Some(LeftBehind::RecordUnreadable),
         };
         let keks = self.keks.read().unwrap_or_else(|e| e.into_inner());
         match keks.get(&version) {

@@ -83,13 +83,21 @@ impl RateLimit {
     }
 }
 
+/// How far past the tolerance a TAT may be before a refused request pulls it back: nodes'
+/// clocks minutes apart leave it as it is (a node running behind would otherwise pull back
+/// what the others took, and grant more than one allowance across them).
+pub(crate) const PULL_BACK_MARGIN_US: i64 = 5 * 60 * 1_000_000;
+
 impl RateLimit {
     /// The TAT to store for a refused request at `now_us` whose key's TAT is `tat_us`: a TAT
-    /// past the tolerance (a clock that ran ahead) comes back to it, so that the allowance
-    /// refills from now on; without it, every request was refused (each clamping what it
-    /// read, none saving it) until real time caught up with the clock that ran ahead.
+    /// more than [`PULL_BACK_MARGIN_US`] past the tolerance (a clock that ran ahead) comes
+    /// back to that, so that the allowance refills within minutes; without it, every request
+    /// was refused (each clamping what it read, none saving it) until real time caught up
+    /// with the clock that ran ahead.
     pub(crate) fn pulled_back(self, tat_us: Option<i64>, now_us: i64) -> Option<i64> {
-        let most = now_us.saturating_add(self.tolerance_us());
+        let most = now_us
+            .saturating_add(self.tolerance_us())
+            .saturating_add(PULL_BACK_MARGIN_US);
         tat_us.filter(|&t| t > most).map(|_| most)
     }
 }

@@ -211,7 +211,9 @@ pub enum KeysCommand {
     /// `--set-from-this-file` makes the record name this file's newest version: after a
     /// record that does not read (changed outside Strongroom), or one that a rotation whose
     /// file could not be written left naming a version no file holds. Hosts whose keyring
-    /// file is not this one's newest then seal nothing new until it is copied to them.
+    /// file is not this one's newest then seal nothing new until it is copied to them; a
+    /// running server that saw a higher version recorded keeps to it until it restarts
+    /// (versions only grow, so that whoever writes the database cannot lower them).
     #[command(
         after_help = "Examples:\n  strongroom keys record --config /etc/strongroom/strongroom.toml\n  \
         strongroom keys record --config /etc/strongroom/strongroom.toml --set-from-this-file"

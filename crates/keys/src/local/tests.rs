@@ -435,6 +435,13 @@ async fn a_copy_left_behind_by_a_rotation_seals_nothing_new() {
     let e = ring.active_kek().unwrap_err();
     assert!(e.to_string().contains("holds another version 2"), "{e}");
 
+    // A record that does not read seals nothing; one that reads again lower than before
+    // (written by whoever could write the database) does not lift the floor.
+    ring.record_unreadable();
+    assert_eq!(ring.left_behind(), Some(LeftBehind::RecordUnreadable));
+    ring.require_version(1, None);
+    assert_eq!(ring.left_behind(), Some(LeftBehind::OtherMaterial(2)));
+
     // The recorded file copied in: sealing again, under version 2.
     std::fs::copy(&other, &path).unwrap();
     let ring = LocalKeyring::open(&path).unwrap();

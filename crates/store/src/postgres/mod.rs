@@ -2079,11 +2079,12 @@ impl Store for PostgresStore {
             // Refused. A TAT past the tolerance (a clock that ran ahead, this node's or
             // another's) comes back to it, so that the allowance refills from now on (see
             // `RateLimit::pulled_back`).
+            let most = tolerance.saturating_add(allowance::PULL_BACK_MARGIN_US);
             client
                 .execute(
                     "UPDATE rate_allowances SET tat_us = $3::bigint + $4::bigint
                      WHERE scope = $1 AND key = $2 AND tat_us > $3::bigint + $4::bigint",
-                    &[&scope, &key, &now_us, &tolerance],
+                    &[&scope, &key, &now_us, &most],
                 )
                 .await
                 .map_err(pg_err)?;
