@@ -342,6 +342,23 @@ fn archive_by_time_keeps_the_log_verifiable() {
         "{out}{err}"
     );
     assert!(!err.contains("warning"), "{err}");
+    // At the end of time: no hour after it to look for newer records in.
+    let (ok, out, err) = run(
+        &[
+            "audit",
+            "archive",
+            "--before",
+            "9999-12-31T23:30:00Z",
+            "--output",
+            out_dir.path().join("unused.jsonl").to_str().unwrap(),
+            "--dry-run",
+        ],
+        &data,
+    );
+    assert!(
+        ok && out.contains("would archive records 152.."),
+        "{out}{err}"
+    );
     let archived = lines(&file);
     assert_eq!(archived, export[..151].to_vec());
     use std::os::unix::fs::PermissionsExt;

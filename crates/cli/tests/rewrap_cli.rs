@@ -522,7 +522,8 @@ fn keys_record_shows_the_record_and_sets_it_from_a_file() {
 
     let db = rusqlite::Connection::open(data.join(strongroom_store::sqlite::DB_FILE_NAME)).unwrap();
     db.execute(
-        "UPDATE provider_state SET value = CAST('garbage' AS BLOB) WHERE key LIKE 'keyring/%'",
+        // As text, as a hand-written UPDATE stores it.
+        "UPDATE provider_state SET value = 'garbage' WHERE key LIKE 'keyring/%'",
         [],
     )
     .unwrap();

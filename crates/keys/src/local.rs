@@ -313,6 +313,15 @@ impl LocalKeyring {
         *required = Some(Required::Unknown(before));
     }
 
+    /// Notes that the store holds no record of rotations (an empty one, or none): a record
+    /// that did not read is gone, so the floor from before it holds again.
+    pub fn record_absent(&self) {
+        let mut required = self.required.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Required::Unknown(before)) = *required {
+            *required = before.map(|(v, f)| Required::Version(v, f));
+        }
+    }
+
     /// How the file falls behind the newest rotation recorded, if it does.
     pub fn left_behind(&self) -> Option<LeftBehind> {
         let required = *self.required.lock().unwrap_or_else(|e| e.into_inner());

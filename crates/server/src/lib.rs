@@ -475,6 +475,9 @@ impl Reloader {
         let (services, admins) = (config.auth.service.len(), config.auth.admin.len());
         inner.state.replace_auth(authenticator);
         *inner.jwks.lock().unwrap_or_else(|e| e.into_inner()) = spec.zip(remote);
+        if let Some(j) = &config.auth.jwt {
+            warn_if_any_token_issuer_or_audience(j);
+        }
         tracing::info!(
             services,
             admins,
@@ -1174,13 +1177,7 @@ impl Server {
         let authenticator = Authenticator::new(auth_settings(&config, remote.clone())?)?;
         match &config.auth.jwt {
             None => tracing::warn!("no [auth.jwt]: users cannot authenticate"),
-            Some(j) if j.accept_any_issuer || j.accept_any_audience => tracing::warn!(
-                accept_any_issuer = j.accept_any_issuer,
-                accept_any_audience = j.accept_any_audience,
-                "[auth.jwt] accepts user tokens of any issuer or audience: tokens the same keys \
-                 signed for other applications are accepted as users"
-            ),
-            Some(_) => {}
+            Some(j) => warn_if_any_token_issuer_or_audience(j),
         }
         match &config.policy_file {
             None if policy.rules().is_empty() => {
@@ -2048,6 +2045,12 @@ async fn watch_keyring(
         let now_missing = keyring.left_behind();
         if now_missing != missing {
             match now_missing {
+                Some(behind @ strongroom_keys::local::LeftBehind::RecordUnreadable) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        "the keyring file {behind}: sealing nothing new until it reads"
+                    )
+                }
                 Some(behind) => tracing::error!(
                     path = %path.display(),
                     "the keyring file {behind}: sealing nothing new until it holds the \
@@ -2063,6 +2066,18 @@ async fn watch_keyring(
     }
 }
 
+/// Said at start and at every reload that keeps it: user tokens of any issuer or audience.
+fn warn_if_any_token_issuer_or_audience(j: &crate::config::JwtConfig) {
+    if j.accept_any_issuer || j.accept_any_audience {
+        tracing::warn!(
+            accept_any_issuer = j.accept_any_issuer,
+            accept_any_audience = j.accept_any_audience,
+            "[auth.jwt] accepts user tokens of any issuer or audience: tokens the same keys \
+             signed for other applications are accepted as users"
+        );
+    }
+}
+
 /// Holds `keyring` to the newest version the store's record of rotations names (see
 /// `keyring_record`); a record that does not read makes it seal nothing. A store that does
 /// not answer changes nothing: the next look tries again, and the store's own failures are
@@ -2070,7 +2085,7 @@ async fn watch_keyring(
 pub(crate) async fn apply_keyring_record(store: &dyn Store, keyring: &LocalKeyring) {
     match strongroom_core::keyring_record::newest_recorded(store, keyring.key_id()).await {
         Ok(Some(r)) => keyring.require_version(r.version, r.fingerprint),
-        Ok(None) => {}
+        Ok(None) => keyring.record_absent(),
         Err(StoreError::Corrupt { .. }) => keyring.record_unreadable(),
         Err(_) => {}
     }

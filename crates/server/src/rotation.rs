@@ -54,18 +54,26 @@ impl KeyRotation for ServerRotation {
                 .await;
                 match recorded {
                     Ok(Some(r)) => keyring.require_version(r.version, r.fingerprint),
-                    Ok(None) => {}
+                    Ok(None) => keyring.record_absent(),
                     Err(e @ strongroom_store::StoreError::Corrupt { .. }) => {
                         keyring.record_unreadable();
                         return Err(RotationError::Refused(e.to_string()));
                     }
                     Err(e) => return Err(failed(&e)),
                 }
-                if let Some(behind) = keyring.left_behind() {
-                    return Err(RotationError::Refused(format!(
-                        "this server's keyring file {behind}: copy the newest keyring file \
-                         here before rotating"
-                    )));
+                match keyring.left_behind() {
+                    None => {}
+                    Some(behind @ strongroom_keys::local::LeftBehind::RecordUnreadable) => {
+                        return Err(RotationError::Refused(format!(
+                            "this server's keyring file {behind}"
+                        )))
+                    }
+                    Some(behind) => {
+                        return Err(RotationError::Refused(format!(
+                            "this server's keyring file {behind}: copy the newest keyring \
+                             file here before rotating"
+                        )))
+                    }
                 }
                 let info = match rotate_local_recorded(store.as_ref(), path).await {
                     Ok(info) => info,

@@ -734,6 +734,21 @@ async fn reload_follows_a_moved_policy_file_and_warns_about_what_it_cannot_apply
         "{text_now}"
     );
 
+    // User tokens of any audience, from a reload: said as at a start.
+    let warning = "accepts user tokens of any issuer or audience";
+    assert!(!logs.text().contains(warning));
+    std::fs::write(
+        &path,
+        moved_text.replace(
+            "audience = \"strongroom\"\n",
+            "accept_any_audience = true\n",
+        ),
+    )
+    .unwrap();
+    server.reloader.reload().unwrap();
+    assert!(logs.text().contains(warning), "{}", logs.text());
+    std::fs::write(&path, &moved_text).unwrap();
+
     // A policy emptied (a save cut short): in force, fail closed, and said loudly.
     std::fs::write(&moved, "").unwrap();
     server.reloader.reload().unwrap();
@@ -936,6 +951,19 @@ async fn a_keyring_record_that_does_not_read_seals_nothing_new() {
     common::eventually("writes resume once the record reads", move || async move {
         (put("zoom.b").await.0 == 201).then_some(())
     })
+    .await;
+
+    // Spoiled again, then emptied (no record): writes resume too.
+    set(b"x".to_vec()).await;
+    common::eventually("writes refused again", move || async move {
+        (put("zoom.c").await.0 == 503).then_some(())
+    })
+    .await;
+    set(Vec::new()).await;
+    common::eventually(
+        "writes resume once the record is gone",
+        move || async move { (put("zoom.c").await.0 == 201).then_some(()) },
+    )
     .await;
     server.stop().await.unwrap();
 }

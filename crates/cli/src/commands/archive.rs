@@ -538,8 +538,12 @@ async fn warn_of_newer_records(
     if n == 0 {
         return Ok(());
     }
+    // An hour after the end of time: no record can be newer.
+    let Some(since) = before.checked_add(NEWER_WARNING_MARGIN) else {
+        return Ok(());
+    };
     let mut newer = strongroom_store::AuditFilter::default();
-    newer.since = Some(before + NEWER_WARNING_MARGIN);
+    newer.since = Some(since);
     let page = log
         .audit_query(&newer, Some(n + 1), 1000)
         .await

@@ -1959,7 +1959,9 @@ impl Store for SqliteStore {
         validate_provider_key(key)?;
         let key = key.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached("SELECT value FROM provider_state WHERE key = ?1")
+            // Text (as a hand-written `UPDATE` stores it) reads as its bytes: what the
+            // caller makes of them, not a column type error.
+            conn.prepare_cached("SELECT CAST(value AS BLOB) FROM provider_state WHERE key = ?1")
                 .map_err(db_err)?
                 .query_row([key], |r| r.get::<_, Vec<u8>>(0))
                 .optional()
@@ -2002,7 +2004,7 @@ impl Store for SqliteStore {
         // The one writer thread serialises this read-compare-write with every other write.
         self.write(Changes::NoCredential, move |conn| {
             let current = conn
-                .prepare_cached("SELECT value FROM provider_state WHERE key = ?1")
+                .prepare_cached("SELECT CAST(value AS BLOB) FROM provider_state WHERE key = ?1")
                 .map_err(db_err)?
                 .query_row([&key], |r| r.get::<_, Vec<u8>>(0))
                 .optional()
