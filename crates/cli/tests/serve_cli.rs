@@ -8,21 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::dev::{
-    start_dev, start_dev_env, start_dev_stalled_stderr, start_dev_unwritable_stderr,
+    mint, start_dev, start_dev_env, start_dev_stalled_stderr, start_dev_unwritable_stderr,
     start_dev_with_limits, start_dev_with_open_files,
 };
 use common::{stdout_of, strongroom};
 use serde_json::json;
-
-fn mint(data: &Path, subject: &str) -> String {
-    let out = stdout_of(
-        strongroom()
-            .args(["token", "mint", "--dev", "--ttl", "600", "--data-dir"])
-            .arg(data)
-            .arg(subject),
-    );
-    String::from_utf8(out).unwrap().trim().to_owned()
-}
 
 #[test]
 fn dev_server_end_to_end_then_sigterm_exits_zero() {

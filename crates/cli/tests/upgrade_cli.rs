@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::dev::{start_dev, DevServer};
+use common::dev::{mint, start_dev, DevServer};
 use common::{manifest_dir, read_json, rt, stdout_of, strongroom};
 use serde_json::{json, Value};
 use strongroom_server::testing::{TestClient, TestResponse};
@@ -38,16 +38,6 @@ fn copy_data(name: &str, to: &Path) {
         std::fs::copy(entry.path(), &dest).unwrap();
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-}
-
-fn mint(data: &Path, subject: &str) -> String {
-    let out = stdout_of(
-        strongroom()
-            .args(["token", "mint", "--dev", "--ttl", "600", "--data-dir"])
-            .arg(data)
-            .arg(subject),
-    );
-    String::from_utf8(out).unwrap().trim().to_owned()
 }
 
 /// A running upgraded server and its callers' tokens.

@@ -22,6 +22,18 @@ fn binary() -> std::path::PathBuf {
     assert_cmd::cargo::cargo_bin("strongroom")
 }
 
+/// A user token for `subject` that a dev server over `data` accepts (`token mint --dev`,
+/// ten minutes).
+pub fn mint(data: &Path, subject: &str) -> String {
+    let out = super::stdout_of(
+        super::strongroom()
+            .args(["token", "mint", "--dev", "--ttl", "600", "--data-dir"])
+            .arg(data)
+            .arg(subject),
+    );
+    String::from_utf8(out).unwrap().trim().to_owned()
+}
+
 pub fn start_dev(data: &Path, extra: &[&str]) -> DevServer {
     start_dev_env(data, extra, &[])
 }

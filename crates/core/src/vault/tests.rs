@@ -313,6 +313,28 @@ async fn rewrap_to_another_provider(source: &Vault) -> (crate::RewrapReport, Vau
     (report, moved)
 }
 
+/// Alice's `row` copied, as version 1 of the same name, into a fresh store (same provider)
+/// under `metadata`, as whoever writes the database could plant it: the vault over it.
+async fn graft(
+    row: &strongroom_store::SealedVersion,
+    metadata: serde_json::Value,
+) -> (tempfile::TempDir, Arc<Vault>) {
+    let (dir, copy) = vault().await;
+    let mut new = NewVersion::new(
+        "alice",
+        &row.name,
+        1,
+        row.sealed_value.clone(),
+        row.wrapped_key.clone(),
+        row.kek.clone(),
+        "attacker",
+        copy.now(),
+    );
+    new.metadata = metadata;
+    copy.store().put_version(new).await.unwrap();
+    (dir, copy)
+}
+
 /// The host a version is bound to (`metadata.host`, where brokered calls may send it) is in
 /// the associated data: the same bytes under an edited host do not open, so editing the
 /// database cannot redirect a value. Rewrap keeps the binding.
@@ -332,19 +354,7 @@ async fn the_bound_host_is_part_of_the_associated_data() {
     // The same row copied into another store (same provider), once as it was and once with
     // only the host edited.
     for (host, opens) in [("api.zoom.us", true), ("evil.example", false)] {
-        let (_b, copy) = vault().await;
-        let mut graft = NewVersion::new(
-            "alice",
-            "zoom.api-key",
-            1,
-            row.sealed_value.clone(),
-            row.wrapped_key.clone(),
-            row.kek.clone(),
-            "attacker",
-            copy.now(),
-        );
-        graft.metadata = serde_json::json!({"host": host, "label": "work"});
-        copy.store().put_version(graft).await.unwrap();
+        let (_b, copy) = graft(&row, serde_json::json!({"host": host, "label": "work"})).await;
         let revealed = copy.reveal("alice", "zoom.api-key", None).await;
         match (opens, revealed) {
             (true, Ok(r)) => assert_eq!(r.value.expose_secret(), b"zoom secret"),
@@ -376,30 +386,15 @@ async fn a_host_not_sealed_with_the_version_opens_but_is_not_bound() {
         .get_version("alice", "zoom.api-key", None)
         .await
         .unwrap();
-    let graft = |metadata: serde_json::Value| {
-        let row = row.clone();
-        async move {
-            let (dir, copy) = vault().await;
-            let mut new = NewVersion::new(
-                "alice",
-                "zoom.api-key",
-                1,
-                row.sealed_value.clone(),
-                row.wrapped_key.clone(),
-                row.kek.clone(),
-                "attacker",
-                copy.now(),
-            );
-            new.metadata = metadata;
-            copy.store().put_version(new).await.unwrap();
-            (dir, copy)
-        }
-    };
-    let (_b, copy) = graft(serde_json::json!({"host": "evil.example", "label": "work"})).await;
+    let (_b, copy) = graft(
+        &row,
+        serde_json::json!({"host": "evil.example", "label": "work"}),
+    )
+    .await;
     let r = copy.reveal("alice", "zoom.api-key", None).await.unwrap();
     assert_eq!(r.value.expose_secret(), b"zoom secret");
     assert_eq!(r.bound_host, None);
-    let (_c, copy) = graft(serde_json::json!({"label": "work"})).await;
+    let (_c, copy) = graft(&row, serde_json::json!({"label": "work"})).await;
     let r = copy.reveal("alice", "zoom.api-key", None).await.unwrap();
     assert_eq!(
         (r.value.expose_secret(), r.bound_host),
@@ -434,30 +429,18 @@ async fn the_expiry_is_part_of_the_associated_data() {
     };
     let (bound, legacy) = (row_of("bound").await, row_of("legacy").await);
 
-    // A row copied into another store (same provider) under the metadata given.
-    let graft = |row: &strongroom_store::SealedVersion, metadata: serde_json::Value| {
+    // A row copied into another store (same provider) under the metadata given, revealed.
+    let graft_revealed = |row: &strongroom_store::SealedVersion, metadata: serde_json::Value| {
         let row = row.clone();
         async move {
-            let (dir, copy) = vault().await;
-            let mut new = NewVersion::new(
-                "alice",
-                &row.name,
-                1,
-                row.sealed_value.clone(),
-                row.wrapped_key.clone(),
-                row.kek.clone(),
-                "attacker",
-                copy.now(),
-            );
-            new.metadata = metadata;
-            copy.store().put_version(new).await.unwrap();
+            let (dir, copy) = graft(&row, metadata).await;
             let revealed = copy.reveal("alice", &row.name, None).await;
             (dir, revealed)
         }
     };
     let opened = |r: Result<Revealed, CoreError>| r.map(|r| r.value.expose_secret().to_vec());
 
-    let (_d, r) = graft(
+    let (_d, r) = graft_revealed(
         &bound,
         serde_json::json!({"expires_at": far, "label": "work"}),
     )
@@ -472,7 +455,7 @@ async fn the_expiry_is_part_of_the_associated_data() {
         serde_json::json!({"expires_at": null, "label": "work"}),
         serde_json::json!({"expires_at": 4_070_908_800_i64, "label": "work"}),
     ] {
-        let (_d, r) = graft(&bound, edited.clone()).await;
+        let (_d, r) = graft_revealed(&bound, edited.clone()).await;
         assert!(
             matches!(r, Err(CoreError::Integrity { .. })),
             "{edited}: {:?}",
@@ -500,7 +483,7 @@ async fn the_expiry_is_part_of_the_associated_data() {
             None,
         ),
     ] {
-        let (_d, r) = graft(&legacy, metadata.clone()).await;
+        let (_d, r) = graft_revealed(&legacy, metadata.clone()).await;
         match (value, r) {
             (Some(v), Ok(r)) => assert_eq!(r.value.expose_secret(), v, "{metadata}"),
             (None, Err(CoreError::VersionExpired { .. })) => {}
