@@ -31,7 +31,8 @@
 //!
 //! * The transit engine at a mount (default `transit`) and a key of type `aes256-gcm96`
 //!   (default) or `chacha20-poly1305` (256-bit keys, as every other KEK here: an
-//!   `aes128-gcm96` key is refused), neither `exportable` nor
+//!   `aes128-gcm96` key is refused unless [`TransitConfig::allow_128_bit_key`] is set, to
+//!   move off it), neither `exportable` nor
 //!   `allow_plaintext_backup` (the provider refuses keys that could leave Transit).
 //! * A policy granting `update` on `MOUNT/encrypt/KEY` and `MOUNT/decrypt/KEY`, `read` on
 //!   `MOUNT/keys/KEY`, and (for `strongroom keys rotate`) `update` on `MOUNT/keys/KEY/rotate`.
@@ -146,6 +147,9 @@ pub struct TransitConfig {
     /// Allows `http://` for a loopback address (development only): data keys and the token
     /// would otherwise cross the network in clear.
     pub danger_allow_plain_http: bool,
+    /// Allows an `aes128-gcm96` key: for moving off one (`rewrap --to-config`), since a
+    /// 128-bit KEK is the weakest link over 256-bit data keys.
+    pub allow_128_bit_key: bool,
 }
 
 impl TransitConfig {
@@ -162,6 +166,7 @@ impl TransitConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             danger_allow_plain_http: false,
+            allow_128_bit_key: false,
         }
     }
 }
@@ -195,6 +200,8 @@ pub struct TransitProvider {
     auth: TransitAuth,
     token: tokio::sync::RwLock<TokenState>,
     facts: RwLock<KeyFacts>,
+    /// [`TransitConfig::allow_128_bit_key`].
+    allow_128_bit_key: bool,
 }
 
 impl std::fmt::Debug for TransitProvider {
@@ -478,6 +485,7 @@ impl TransitProvider {
                 derived: false,
                 read_at: Instant::now(),
             }),
+            allow_128_bit_key: config.allow_128_bit_key,
         };
         let state = provider.authenticate().await?;
         *provider.token.write().await = state;
@@ -562,12 +570,15 @@ impl TransitProvider {
             }
         };
         let data: KeyData = parse::<KeyData>(&body, "key information")?.0;
-        if !AEAD_KEY_TYPES.contains(&data.key_type.as_str()) {
+        let allowed_128 = self.allow_128_bit_key && data.key_type == "aes128-gcm96";
+        if !allowed_128 && !AEAD_KEY_TYPES.contains(&data.key_type.as_str()) {
             return Err(error(
                 ProviderErrorKind::Misconfigured,
                 format!(
                     "transit key {} has type {}; use aes256-gcm96 or chacha20-poly1305 \
-                     (256-bit keys whose ciphertexts authenticate associated data)",
+                     (256-bit keys whose ciphertexts authenticate associated data); to move off \
+                     an aes128-gcm96 key, allow_128_bit_key = true opens it for `rewrap \
+                     --to-config`",
                     self.key_id, data.key_type
                 ),
             ));

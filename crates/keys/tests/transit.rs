@@ -418,6 +418,16 @@ async fn misconfigurations_are_named() {
         .unwrap_err();
     assert_eq!(e.kind(), ProviderErrorKind::Misconfigured, "{e}");
     assert!(e.to_string().contains("aes128-gcm96"), "{e}");
+    // Allowed by name, to move what it wraps to another key.
+    let mut c = bao.config(&key, bao.root_auth());
+    c.allow_128_bit_key = true;
+    let p = TransitProvider::connect(c).await.unwrap();
+    let k = Key256::generate(&OsRandom).unwrap();
+    let w = p.wrap(&p.active_kek().unwrap(), &k, b"aad").await.unwrap();
+    assert_eq!(
+        p.unwrap(&w, b"aad").await.unwrap().expose_secret(),
+        k.expose_secret()
+    );
 
     // Token variable unset.
     let e = TransitProvider::connect(bao.config(

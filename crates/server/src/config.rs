@@ -34,6 +34,7 @@
 //! | `keys.transit.ca_file`, `.namespace` | —, — | CA to trust; namespace |
 //! | `keys.transit.connect_timeout_seconds`, `.request_timeout_seconds` | 5, 10 | client limits (below `limits.request_timeout_seconds`, so that a slow server is reported as such) |
 //! | `keys.transit.danger_allow_plain_http` | false | allow `http://` to loopback (development only) |
+//! | `keys.transit.allow_128_bit_key` | false | open an `aes128-gcm96` key (refused otherwise: a 128-bit KEK over 256-bit data keys), to move off it with `rewrap --to-config` |
 //! | `tls.cert` | **required** | PEM certificate chain, leaf first |
 //! | `tls.key` | **required** | PEM private key (PKCS#8, PKCS#1 or SEC1) |
 //! | `tls.client_ca` | — | PEM CA certificate(s) for client certificates: turns on mutual TLS |
@@ -555,6 +556,9 @@ pub struct TransitSettings {
     /// Allow `http://` to a loopback address (development only).
     #[serde(default)]
     pub danger_allow_plain_http: bool,
+    /// Allow an `aes128-gcm96` key (to move off it with `rewrap --to-config`).
+    #[serde(default)]
+    pub allow_128_bit_key: bool,
 }
 
 /// `[tls]`.

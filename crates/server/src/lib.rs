@@ -1877,6 +1877,7 @@ pub fn transit_config(config: &Config) -> Result<strongroom_keys::TransitConfig,
     c.connect_timeout = seconds(s.connect_timeout_seconds, 5);
     c.request_timeout = seconds(s.request_timeout_seconds, 10);
     c.danger_allow_plain_http = s.danger_allow_plain_http;
+    c.allow_128_bit_key = s.allow_128_bit_key;
     Ok(c)
 }
 

@@ -226,12 +226,14 @@ async fn concurrent_touches_are_batched_and_each_answered() {
         );
         store.put_version(nv).await.unwrap();
     }
+    // Uses out of order, within the few minutes nodes' clocks may differ by (a time further
+    // ahead of a use is replaced by it: `LAST_USED_AHEAD_MS`).
     let mut tasks = Vec::new();
     for k in 0..400i64 {
         let s = store.clone();
         tasks.push(tokio::spawn(async move {
             let name = format!("n{}", k % 10); // n8 and n9 do not exist
-            let at = t0() + time::Duration::seconds(k);
+            let at = t0() + time::Duration::milliseconds(k * 500);
             (k, s.touch_last_used("o", &name, at).await)
         }));
     }
@@ -252,7 +254,7 @@ async fn concurrent_touches_are_batched_and_each_answered() {
         let last = 390 + i;
         assert_eq!(
             c.summary.last_used_at,
-            Some(t0() + time::Duration::seconds(last))
+            Some(t0() + time::Duration::milliseconds(last * 500))
         );
     }
     store.close().await;
