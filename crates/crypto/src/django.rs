@@ -96,7 +96,8 @@ fn effective_keys_from_strings(
             if use_hkdf {
                 Ok(derive_key(entry.as_bytes()))
             } else {
-                FernetKey::from_base64(entry)
+                // As django-fernet-fields hands each entry to pyca's `Fernet`.
+                FernetKey::from_pyca_base64(entry)
             }
         })
         .collect()
@@ -159,6 +160,13 @@ mod tests {
         );
         // With HKDF on, anything (even the empty string) is a passphrase.
         assert_eq!(keys_from_strings(&["", "x"], true).unwrap().len(), 2);
+        // With it off, a key in the standard base64 alphabet (`openssl rand -base64 32`) is
+        // the key pyca's Fernet takes it for.
+        use secrecy::ExposeSecret;
+        let url_safe = "-_-_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let standard = "+/+/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let keys = effective_keys_from_strings(&[standard], false).unwrap();
+        assert_eq!(keys[0].to_base64().expose_secret(), url_safe);
     }
 
     #[test]

@@ -128,6 +128,30 @@ impl FernetKey {
         Ok(key)
     }
 
+    /// Parses a key as pyca's `Fernet(key)` takes it: URL-safe base64, or the standard
+    /// alphabet (`+` and `/`), which `base64.urlsafe_b64decode` takes too. For keys from a
+    /// Django project's settings (`FERNET_USE_HKDF = False`), which may have been made with
+    /// `openssl rand -base64 32`; [`Self::from_base64`] takes pyca's own spelling only.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::from_base64`].
+    pub fn from_pyca_base64(s: &str) -> Result<Self, FernetError> {
+        if s.len() > 64 {
+            return Err(FernetError::InvalidKey);
+        }
+        let url_safe: Zeroizing<String> = Zeroizing::new(
+            s.chars()
+                .map(|c| match c {
+                    '+' => '-',
+                    '/' => '_',
+                    c => c,
+                })
+                .collect(),
+        );
+        Self::from_base64(&url_safe)
+    }
+
     /// Wraps raw key bytes. The caller should zeroize its own copy.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         let mut bytes = bytes;
@@ -660,10 +684,19 @@ mod tests {
             FernetKey::from_base64(s.trim_end_matches('=')).unwrap_err(),
             FernetError::InvalidKey
         );
+        let standard = s.replace('-', "+").replace('_', "/");
+        assert_ne!(&standard, s, "the key has a '-' or '_' to spell otherwise");
         assert_eq!(
-            FernetKey::from_base64(&s.replace('-', "+").replace('_', "/")).unwrap_err(),
+            FernetKey::from_base64(&standard).unwrap_err(),
             FernetError::InvalidKey
         );
+        // As pyca's Fernet(key) takes it: the same key.
+        let pyca = FernetKey::from_pyca_base64(&standard).unwrap();
+        assert_eq!(
+            pyca.to_base64().expose_secret(),
+            k.to_base64().expose_secret()
+        );
+        assert!(FernetKey::from_pyca_base64(s.trim_end_matches('=')).is_err());
         // 31 and 33 bytes.
         assert!(FernetKey::from_base64(&URL_SAFE.encode([1u8; 31])).is_err());
         assert!(FernetKey::from_base64(&URL_SAFE.encode([1u8; 33])).is_err());
