@@ -311,7 +311,7 @@ fn data_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         format!("{}: {what}", known(1))
     };
     // A fault inside `metadata` gets the code the metadata checks after parsing give.
-    if segments.len() > 1 && segments[0] == "metadata" || known(1) == "metadata" {
+    if known(1) == "metadata" {
         return ApiError::new(StatusCode::BAD_REQUEST, "invalid_metadata", message);
     }
     ApiError::bad_request(message)

@@ -62,6 +62,14 @@ fn assert_no_value(text: &str) {
     }
 }
 
+/// Runs `sql` on the store's database behind the server, as whoever can write it could.
+fn tamper(api: &TestApi, sql: &str) {
+    rusqlite::Connection::open(api.db_path())
+        .unwrap()
+        .execute(sql, [])
+        .unwrap();
+}
+
 fn code(r: &Reply) -> String {
     r.json()["error"]["code"]
         .as_str()
@@ -254,14 +262,11 @@ async fn only_the_bound_host_and_https_are_called() {
     assert_eq!(code(&r), "destination_not_bound");
     // A host written into its metadata in the database: not sealed with it, so not bound
     // (a reveal still opens it: it is the value its owner stored).
-    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
-    raw.execute(
+    tamper(
+        &api,
         "UPDATE versions SET metadata = '{\"label\": \"x\", \"host\": \"localhost:*\"}'
          WHERE credential_id = (SELECT id FROM credentials WHERE name = 'zoom.unbound')",
-        [],
-    )
-    .unwrap();
-    drop(raw);
+    );
     let r = api
         .call(
             "POST",
@@ -604,13 +609,10 @@ async fn a_host_edited_behind_a_cached_row_redirects_nothing() {
     store(&api, "zoom.api-key", json!({"host": "api.zoom.us"})).await;
     // The reveal cache holds the genuine row now.
     assert_eq!(api.reveal_alices_key().await.status, StatusCode::OK);
-    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
-    raw.execute(
+    tamper(
+        &api,
         "UPDATE versions SET metadata = '{\"host\": \"localhost:*\"}'",
-        [],
-    )
-    .unwrap();
-    drop(raw);
+    );
     let r = broker(&api, bearer(&up.url("/echo"))).await;
     assert_eq!(
         (r.status, code(&r).as_str()),
@@ -625,10 +627,7 @@ async fn a_host_edited_behind_a_cached_row_redirects_nothing() {
 #[tokio::test]
 async fn a_version_whose_metadata_does_not_read_is_an_integrity_error() {
     let (api, up) = setup().await;
-    let raw = rusqlite::Connection::open(api.db_path()).unwrap();
-    raw.execute("UPDATE versions SET metadata = '{\"host\": '", [])
-        .unwrap();
-    drop(raw);
+    tamper(&api, "UPDATE versions SET metadata = '{\"host\": '");
     let r = broker(&api, bearer(&up.url("/echo"))).await;
     assert_eq!(
         (r.status, code(&r).as_str()),

@@ -67,18 +67,8 @@ fn generate_list_rotate() {
         .arg(&data)
         .assert()
         .success();
-    let keys = list_json(&data);
-    let states: Vec<_> = keys
-        .iter()
-        .map(|k| {
-            (
-                k["version"].as_u64().unwrap(),
-                k["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
     assert_eq!(
-        states,
+        common::key_states(&Value::from(list_json(&data))),
         [(1, "decrypt-only".to_owned()), (2, "active".to_owned())]
     );
     assert_eq!(

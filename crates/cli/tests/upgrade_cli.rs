@@ -452,19 +452,8 @@ fn upgrade(fixture: &str) {
             .arg(&data),
     ))
     .unwrap();
-    let states: Vec<(u64, String)> = keys
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| {
-            (
-                k["version"].as_u64().unwrap(),
-                k["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
     assert_eq!(
-        states,
+        common::key_states(&keys),
         [(1, "decrypt-only".to_owned()), (2, "active".to_owned())],
         "{fixture}: {keys}"
     );

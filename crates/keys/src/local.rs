@@ -195,6 +195,16 @@ enum Required {
     Unknown(Option<(u32, Option<[u8; 32]>)>),
 }
 
+impl Required {
+    /// The version (and fingerprint) last required, whether the record reads now or not.
+    fn floor(required: Option<Self>) -> Option<(u32, Option<[u8; 32]>)> {
+        match required? {
+            Self::Version(v, f) => Some((v, f)),
+            Self::Unknown(before) => before,
+        }
+    }
+}
+
 /// How a keyring file falls behind the rotations recorded in the store (see
 /// [`LocalKeyring::require_version`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,11 +298,7 @@ impl LocalKeyring {
     pub fn require_version(&self, version: u32, fingerprint: Option<[u8; 32]>) {
         let mut required = self.required.lock().unwrap_or_else(|e| e.into_inner());
         // Versions only grow, across a spell of a record that did not read too.
-        let before = match *required {
-            Some(Required::Version(v, f)) | Some(Required::Unknown(Some((v, f)))) => Some((v, f)),
-            _ => None,
-        };
-        *required = Some(match before {
+        *required = Some(match Required::floor(*required) {
             Some((v, f)) if v > version => Required::Version(v, f),
             Some((v, Some(f))) if v == version && fingerprint.is_none() => {
                 Required::Version(v, Some(f))
@@ -306,11 +312,7 @@ impl LocalKeyring {
     /// again ([`Self::require_version`]).
     pub fn record_unreadable(&self) {
         let mut required = self.required.lock().unwrap_or_else(|e| e.into_inner());
-        let before = match *required {
-            Some(Required::Version(v, f)) | Some(Required::Unknown(Some((v, f)))) => Some((v, f)),
-            _ => None,
-        };
-        *required = Some(Required::Unknown(before));
+        *required = Some(Required::Unknown(Required::floor(*required)));
     }
 
     /// Notes that the store holds no record of rotations (an empty one, or none): a record

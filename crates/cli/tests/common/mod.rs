@@ -147,3 +147,17 @@ pub fn put_req<'a>(name: &'a str, value: &'a str) -> strongroom_core::PutRequest
         created_by: "user:alice",
     }
 }
+
+/// `(version, state)` of each key in `keys list --json` output.
+pub fn key_states(keys: &serde_json::Value) -> Vec<(u64, String)> {
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["version"].as_u64().unwrap(),
+                k["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
