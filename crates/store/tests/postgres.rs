@@ -738,6 +738,13 @@ impl Relay {
         let mut buf = vec![0; 16 * 1024];
         loop {
             let n = match from.read(&mut buf).await {
+                // Cut off, a side that closes is not heard of either: the other keeps its
+                // socket, as across a partition (closing passed the client's close of a
+                // given-up connection on to the server, which then ended the session).
+                Ok(0) | Err(_) if generation < cut_below.load(Ordering::SeqCst) => {
+                    std::future::pending::<()>().await;
+                    return;
+                }
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
